@@ -1,0 +1,259 @@
+//! The agent's TOML config (DESIGN.md §2, §5).
+//!
+//! One file per agent, every key with a documented default (see
+//! `agent/example-config.toml`); unknown keys are an error so a typo never
+//! silently falls back to a default. `validate` turns it into the checked
+//! values the rest of the agent uses, so nothing else re-derives defaults.
+
+use rebound_common::tls::TlsFiles;
+use serde::Deserialize;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::AgentError;
+
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/rebound/agent";
+/// Default NBD TCP listen address (loopback only).
+pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
+
+/// The whole config file.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// The protected machine's id; must match the agent certificate's id.
+    /// Default: the host name.
+    pub machine_id: String,
+    /// The replication this agent streams; default: `machine_id`.
+    pub replication_id: String,
+    /// Where the dirty-extent log, markers, sockets and status live.
+    pub state_dir: PathBuf,
+    /// NBD TCP listen address (`host:port`); the binary binds it.
+    pub nbd_listen: String,
+    /// NBD unix socket; default `<state_dir>/nbd.sock`.
+    pub nbd_socket: Option<PathBuf>,
+    /// Crash-consistent recovery point interval, in milliseconds.
+    pub crash_interval_ms: u64,
+    /// Change buffer size in bytes (data mode); full → bitmap mode.
+    pub buffer_bytes: u64,
+    /// PS unreachable this long (seconds) → bitmap mode.
+    pub bitmap_after_secs: u64,
+    /// On SIGTERM, how long to wait for the PS to acknowledge the buffer.
+    pub shutdown_drain_secs: u64,
+    /// The protected disks, in stream order (index = position).
+    pub disks: Vec<DiskConfig>,
+    /// The process server this agent streams to.
+    pub ps: PsConfig,
+    /// mTLS files (CA, our certificate and key).
+    pub tls: TlsFiles,
+}
+
+/// One protected disk.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiskConfig {
+    /// NBD export name and disk name in the replication; default `disk<index>`.
+    pub name: String,
+    /// Backing file or block device.
+    pub path: PathBuf,
+}
+
+/// `[ps]`: where the change stream goes.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PsConfig {
+    /// `host:port` of the process server.
+    pub addr: String,
+    /// Name in the PS certificate (TLS server name).
+    pub server_name: String,
+}
+
+impl Default for PsConfig {
+    fn default() -> Self {
+        PsConfig {
+            addr: "127.0.0.1:9443".into(),
+            server_name: "localhost".into(),
+        }
+    }
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            machine_id: String::new(),
+            replication_id: String::new(),
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            nbd_listen: DEFAULT_NBD_LISTEN.into(),
+            nbd_socket: None,
+            crash_interval_ms: 5000,
+            buffer_bytes: 256 << 20,
+            bitmap_after_secs: 30,
+            shutdown_drain_secs: 30,
+            disks: Vec::new(),
+            ps: PsConfig::default(),
+            tls: TlsFiles::default(),
+        }
+    }
+}
+
+/// The config after defaults and checks; what the agent runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub machine_id: String,
+    pub replication_id: String,
+    pub state_dir: PathBuf,
+    pub nbd_socket: PathBuf,
+    pub crash_interval: Duration,
+    pub buffer_limit: u64,
+    pub bitmap_after: Duration,
+    pub shutdown_drain: Duration,
+    pub disks: Vec<DiskConfig>,
+    pub ps: PsConfig,
+    pub tls: TlsFiles,
+}
+
+impl Settings {
+    pub fn dirty_log_path(&self) -> PathBuf {
+        self.state_dir.join("dirty.log")
+    }
+    pub fn initialized_marker(&self) -> PathBuf {
+        self.state_dir.join("initialized")
+    }
+    pub fn clean_marker(&self) -> PathBuf {
+        self.state_dir.join("clean-shutdown")
+    }
+    pub fn admin_socket(&self) -> PathBuf {
+        self.state_dir.join("admin.sock")
+    }
+    pub fn status_path(&self) -> PathBuf {
+        self.state_dir.join("status.json")
+    }
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates
+    // when the name fits, and we stop at the first NUL or the buffer end.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return String::new();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+impl AgentConfig {
+    /// Applies the defaults that depend on other keys and checks the rest.
+    pub fn validate(&self) -> Result<Settings, AgentError> {
+        let bad = |m: String| AgentError::Config(m);
+        let machine_id = if self.machine_id.is_empty() {
+            hostname()
+        } else {
+            self.machine_id.clone()
+        };
+        if machine_id.is_empty() {
+            return Err(bad("machine_id is not set and the host name is unknown; set machine_id".into()));
+        }
+        let replication_id = if self.replication_id.is_empty() {
+            machine_id.clone()
+        } else {
+            self.replication_id.clone()
+        };
+        if self.disks.is_empty() {
+            return Err(bad("no [[disks]] configured: add at least one with name and path".into()));
+        }
+        let mut disks = self.disks.clone();
+        let mut names = std::collections::HashSet::new();
+        for (i, d) in disks.iter_mut().enumerate() {
+            if d.name.is_empty() {
+                d.name = format!("disk{i}");
+            }
+            if d.path.as_os_str().is_empty() {
+                return Err(bad(format!("disk {i} ({}) has no path", d.name)));
+            }
+            if !names.insert(d.name.clone()) {
+                return Err(bad(format!("disk name {:?} is used twice; names must be unique", d.name)));
+            }
+        }
+        if self.crash_interval_ms == 0 {
+            return Err(bad("crash_interval_ms must be > 0".into()));
+        }
+        if self.buffer_bytes < (8 << 20) {
+            return Err(bad(format!(
+                "buffer_bytes = {} is too small; use at least 8 MiB (8388608)",
+                self.buffer_bytes
+            )));
+        }
+        if self.ps.addr.is_empty() {
+            return Err(bad("[ps] addr is not set".into()));
+        }
+        let nbd_socket = self
+            .nbd_socket
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("nbd.sock"));
+        Ok(Settings {
+            machine_id,
+            replication_id,
+            state_dir: self.state_dir.clone(),
+            nbd_socket,
+            crash_interval: Duration::from_millis(self.crash_interval_ms),
+            buffer_limit: self.buffer_bytes,
+            bitmap_after: Duration::from_secs(self.bitmap_after_secs),
+            shutdown_drain: Duration::from_secs(self.shutdown_drain_secs),
+            disks,
+            ps: self.ps.clone(),
+            tls: self.tls.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn defaults_and_derived_values() {
+        let text = r#"
+machine_id = "m1"
+[[disks]]
+path = "/tmp/d0.img"
+[[disks]]
+name = "data"
+path = "/tmp/d1.img"
+"#;
+        let c: AgentConfig = rebound_common::config::parse(text, Path::new("t.toml")).unwrap();
+        let s = c.validate().unwrap();
+        assert_eq!(s.replication_id, "m1");
+        assert_eq!(s.disks[0].name, "disk0");
+        assert_eq!(s.disks[1].name, "data");
+        assert_eq!(s.nbd_socket, Path::new(DEFAULT_STATE_DIR).join("nbd.sock"));
+        assert_eq!(s.buffer_limit, 256 << 20);
+        assert_eq!(s.crash_interval, Duration::from_secs(5));
+        assert_eq!(c.nbd_listen, DEFAULT_NBD_LISTEN);
+    }
+
+    #[test]
+    fn unknown_keys_and_duplicates_are_refused() {
+        let e = rebound_common::config::parse::<AgentConfig>("machine = 'x'", Path::new("t.toml"));
+        assert!(e.is_err());
+        let text = r#"
+machine_id = "m1"
+[[disks]]
+name = "a"
+path = "/x"
+[[disks]]
+name = "a"
+path = "/y"
+"#;
+        let c: AgentConfig = rebound_common::config::parse(text, Path::new("t.toml")).unwrap();
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../example-config.toml");
+        let c: AgentConfig = rebound_common::config::parse(text, Path::new("example")).unwrap();
+        c.validate().unwrap();
+    }
+}

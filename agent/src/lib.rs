@@ -1,0 +1,1 @@
+//! The protected-machine agent: NBD front end, write capture, change stream

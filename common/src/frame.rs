@@ -1,0 +1,588 @@
+//! The change-frame codec (DESIGN.md §4).
+//!
+//! Records of one replication's change stream travel in frames of about
+//! 1–4 MiB. The agent builds a frame and hashes its uncompressed body; the
+//! process server may compress the body and stores and forwards the frame as
+//! it is; the master target decompresses, checks the hash and refuses a frame
+//! that does not match. The format is a small versioned binary layout carried
+//! inside a protobuf `bytes` field, so nobody in between re-encodes it.
+//!
+//! Layout (little endian):
+//! ```text
+//! magic "RBF1" | version u8 | flags u8 | rid_len u16 | replication id
+//! | first_seq u64 | last_seq u64 | uncompressed_len u32 | body_len u32
+//! | blake3(uncompressed body) [32] | body
+//! ```
+//! The body is a sequence of records; record `i` has seq `first_seq + i`.
+
+use thiserror::Error;
+
+pub const MAGIC: [u8; 4] = *b"RBF1";
+pub const VERSION: u8 = 1;
+/// Flag bit: the body is zstd-compressed.
+pub const FLAG_COMPRESSED: u8 = 1;
+/// Largest uncompressed body a decoder accepts (guards allocations).
+pub const MAX_BODY: usize = 64 << 20;
+
+const REC_WRITE: u8 = 1;
+const REC_ZERO: u8 = 2;
+const REC_TAG: u8 = 3;
+const REC_RESYNC_BEGIN: u8 = 4;
+const REC_RESYNC_END: u8 = 5;
+
+#[derive(Debug, Error)]
+pub enum FrameError {
+    #[error("frame truncated: needed {needed} bytes at offset {at}, have {have}")]
+    Truncated { at: usize, needed: usize, have: usize },
+    #[error("not a Rebound frame (bad magic {0:02x?})")]
+    BadMagic([u8; 4]),
+    #[error("frame version {0} is not supported (this build reads version {VERSION})")]
+    BadVersion(u8),
+    #[error("frame {first}..={last} of replication {replication}: body hash mismatch (expected {expected}, got {actual}); the frame is corrupt and was refused")]
+    HashMismatch {
+        replication: String,
+        first: u64,
+        last: u64,
+        expected: String,
+        actual: String,
+    },
+    #[error("frame body of {0} bytes exceeds the limit of {MAX_BODY}")]
+    TooLarge(usize),
+    #[error("frame decompression failed: {0}")]
+    Decompress(String),
+    #[error("unknown record type {kind} at body offset {at}")]
+    UnknownRecord { kind: u8, at: usize },
+    #[error("frame says seq {first}..={last} ({expected} records) but its body holds {actual}")]
+    CountMismatch {
+        first: u64,
+        last: u64,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("invalid record at body offset {at}: {what}")]
+    Invalid { at: usize, what: String },
+}
+
+/// Kind of a recovery point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TagKind {
+    Crash,
+    App,
+    Shutdown,
+}
+
+impl TagKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TagKind::Crash => "crash",
+            TagKind::App => "app",
+            TagKind::Shutdown => "shutdown",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "crash" => Some(TagKind::Crash),
+            "app" => Some(TagKind::App),
+            "shutdown" => Some(TagKind::Shutdown),
+            _ => None,
+        }
+    }
+    fn code(self) -> u8 {
+        match self {
+            TagKind::Crash => 0,
+            TagKind::App => 1,
+            TagKind::Shutdown => 2,
+        }
+    }
+    fn from_code(c: u8) -> Option<Self> {
+        match c {
+            0 => Some(TagKind::Crash),
+            1 => Some(TagKind::App),
+            2 => Some(TagKind::Shutdown),
+            _ => None,
+        }
+    }
+}
+
+/// A recovery-point tag in the change stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tag {
+    pub id: String,
+    pub kind: TagKind,
+    pub time_ms: u64,
+    /// Consistency-group tag id, empty when not a group point.
+    pub group: String,
+}
+
+/// One record of the change stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    Write {
+        disk: u32,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Zero {
+        disk: u32,
+        offset: u64,
+        len: u64,
+    },
+    Tag(Tag),
+    ResyncBegin {
+        disks: Vec<u32>,
+        reason: String,
+    },
+    ResyncEnd,
+}
+
+impl Record {
+    /// Bytes this record takes in a frame body.
+    pub fn encoded_len(&self) -> usize {
+        match self {
+            Record::Write { data, .. } => 1 + 4 + 8 + 4 + data.len(),
+            Record::Zero { .. } => 1 + 4 + 8 + 8,
+            Record::Tag(t) => 1 + 1 + 8 + 2 + t.id.len() + 2 + t.group.len(),
+            Record::ResyncBegin { disks, reason } => 1 + 4 + 4 * disks.len() + 2 + reason.len(),
+            Record::ResyncEnd => 1,
+        }
+    }
+}
+
+/// Appends records to a frame body; `finish` seals it with the hash.
+#[derive(Debug)]
+pub struct FrameBuilder {
+    replication_id: String,
+    first_seq: u64,
+    count: u64,
+    body: Vec<u8>,
+}
+
+impl FrameBuilder {
+    pub fn new(replication_id: &str, first_seq: u64) -> Self {
+        FrameBuilder {
+            replication_id: replication_id.to_string(),
+            first_seq,
+            count: 0,
+            body: Vec::with_capacity(1 << 20),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.body.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+    /// Seq the next pushed record gets.
+    pub fn next_seq(&self) -> u64 {
+        self.first_seq + self.count
+    }
+
+    pub fn push(&mut self, rec: &Record) {
+        encode_record(&mut self.body, rec);
+        self.count += 1;
+    }
+
+    /// Pushes a write record from borrowed data (no intermediate copy).
+    pub fn push_write(&mut self, disk: u32, offset: u64, data: &[u8]) {
+        let b = &mut self.body;
+        b.push(REC_WRITE);
+        b.extend_from_slice(&disk.to_le_bytes());
+        b.extend_from_slice(&offset.to_le_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        b.extend_from_slice(data);
+        self.count += 1;
+    }
+
+    /// Seals the frame. Panics on an empty builder (a caller bug).
+    pub fn finish(self) -> Frame {
+        assert!(self.count > 0, "empty frame");
+        let hash = *blake3::hash(&self.body).as_bytes();
+        Frame {
+            header: FrameHeader {
+                replication_id: self.replication_id,
+                first_seq: self.first_seq,
+                last_seq: self.first_seq + self.count - 1,
+                flags: 0,
+                uncompressed_len: self.body.len() as u32,
+                hash,
+            },
+            body: self.body,
+        }
+    }
+}
+
+fn encode_record(b: &mut Vec<u8>, rec: &Record) {
+    match rec {
+        Record::Write { disk, offset, data } => {
+            b.push(REC_WRITE);
+            b.extend_from_slice(&disk.to_le_bytes());
+            b.extend_from_slice(&offset.to_le_bytes());
+            b.extend_from_slice(&(data.len() as u32).to_le_bytes());
+            b.extend_from_slice(data);
+        }
+        Record::Zero { disk, offset, len } => {
+            b.push(REC_ZERO);
+            b.extend_from_slice(&disk.to_le_bytes());
+            b.extend_from_slice(&offset.to_le_bytes());
+            b.extend_from_slice(&len.to_le_bytes());
+        }
+        Record::Tag(t) => {
+            b.push(REC_TAG);
+            b.push(t.kind.code());
+            b.extend_from_slice(&t.time_ms.to_le_bytes());
+            put_str(b, &t.id);
+            put_str(b, &t.group);
+        }
+        Record::ResyncBegin { disks, reason } => {
+            b.push(REC_RESYNC_BEGIN);
+            b.extend_from_slice(&(disks.len() as u32).to_le_bytes());
+            for d in disks {
+                b.extend_from_slice(&d.to_le_bytes());
+            }
+            put_str(b, reason);
+        }
+        Record::ResyncEnd => b.push(REC_RESYNC_END),
+    }
+}
+
+fn put_str(b: &mut Vec<u8>, s: &str) {
+    let bytes = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+    b.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+    b.extend_from_slice(bytes);
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub replication_id: String,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub flags: u8,
+    pub uncompressed_len: u32,
+    pub hash: [u8; 32],
+}
+
+/// A frame as it travels and is stored: header plus (maybe compressed) body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub header: FrameHeader,
+    pub body: Vec<u8>,
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], FrameError> {
+        if self.buf.len() - self.pos < n {
+            return Err(FrameError::Truncated {
+                at: self.pos,
+                needed: n,
+                have: self.buf.len() - self.pos,
+            });
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, FrameError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, FrameError> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
+    }
+    fn u32(&mut self) -> Result<u32, FrameError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Result<u64, FrameError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    fn string(&mut self) -> Result<String, FrameError> {
+        let at = self.pos;
+        let n = self.u16()? as usize;
+        let s = self.take(n)?;
+        String::from_utf8(s.to_vec()).map_err(|_| FrameError::Invalid {
+            at,
+            what: "string is not UTF-8".into(),
+        })
+    }
+}
+
+impl Frame {
+    /// Encodes the frame to its wire/storage bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let h = &self.header;
+        let mut out = Vec::with_capacity(64 + h.replication_id.len() + self.body.len());
+        out.extend_from_slice(&MAGIC);
+        out.push(VERSION);
+        out.push(h.flags);
+        put_str(&mut out, &h.replication_id);
+        out.extend_from_slice(&h.first_seq.to_le_bytes());
+        out.extend_from_slice(&h.last_seq.to_le_bytes());
+        out.extend_from_slice(&h.uncompressed_len.to_le_bytes());
+        out.extend_from_slice(&(self.body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&h.hash);
+        out.extend_from_slice(&self.body);
+        out
+    }
+
+    /// Parses the header and takes the body as stored. Does not verify the
+    /// hash (see [`Frame::records`]).
+    pub fn parse(bytes: &[u8]) -> Result<Frame, FrameError> {
+        let mut r = Reader { buf: bytes, pos: 0 };
+        let magic: [u8; 4] = r.take(4)?.try_into().expect("4 bytes");
+        if magic != MAGIC {
+            return Err(FrameError::BadMagic(magic));
+        }
+        let version = r.u8()?;
+        if version != VERSION {
+            return Err(FrameError::BadVersion(version));
+        }
+        let flags = r.u8()?;
+        let replication_id = r.string()?;
+        let first_seq = r.u64()?;
+        let last_seq = r.u64()?;
+        let uncompressed_len = r.u32()?;
+        let body_len = r.u32()? as usize;
+        let hash: [u8; 32] = r.take(32)?.try_into().expect("32 bytes");
+        if uncompressed_len as usize > MAX_BODY || body_len > MAX_BODY {
+            return Err(FrameError::TooLarge(body_len.max(uncompressed_len as usize)));
+        }
+        if last_seq < first_seq {
+            return Err(FrameError::Invalid {
+                at: 0,
+                what: format!("seq range {first_seq}..={last_seq} is reversed"),
+            });
+        }
+        let body = r.take(body_len)?.to_vec();
+        if r.pos != bytes.len() {
+            return Err(FrameError::Invalid {
+                at: r.pos,
+                what: format!("{} trailing bytes after the body", bytes.len() - r.pos),
+            });
+        }
+        Ok(Frame {
+            header: FrameHeader {
+                replication_id,
+                first_seq,
+                last_seq,
+                flags,
+                uncompressed_len,
+                hash,
+            },
+            body,
+        })
+    }
+
+    pub fn is_compressed(&self) -> bool {
+        self.header.flags & FLAG_COMPRESSED != 0
+    }
+
+    /// Compresses the body with zstd at `level` when that makes it smaller;
+    /// a frame that does not shrink stays raw. Returns whether it compressed.
+    pub fn compress(&mut self, level: i32) -> bool {
+        if self.is_compressed() {
+            return true;
+        }
+        match zstd::bulk::compress(&self.body, level) {
+            Ok(c) if c.len() + 64 < self.body.len() => {
+                self.body = c;
+                self.header.flags |= FLAG_COMPRESSED;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The uncompressed body, checked against the header's hash.
+    pub fn verified_body(&self) -> Result<std::borrow::Cow<'_, [u8]>, FrameError> {
+        let body: std::borrow::Cow<'_, [u8]> = if self.is_compressed() {
+            let raw =
+                zstd::bulk::decompress(&self.body, self.header.uncompressed_len as usize)
+                    .map_err(|e| FrameError::Decompress(e.to_string()))?;
+            raw.into()
+        } else {
+            (&self.body[..]).into()
+        };
+        let actual = blake3::hash(&body);
+        if actual.as_bytes() != &self.header.hash || body.len() != self.header.uncompressed_len as usize {
+            return Err(FrameError::HashMismatch {
+                replication: self.header.replication_id.clone(),
+                first: self.header.first_seq,
+                last: self.header.last_seq,
+                expected: hex(&self.header.hash),
+                actual: actual.to_hex().to_string(),
+            });
+        }
+        Ok(body)
+    }
+
+    /// Decompresses, verifies the hash and decodes every record, in seq
+    /// order (record `i` has seq `first_seq + i`).
+    pub fn records(&self) -> Result<Vec<Record>, FrameError> {
+        let body = self.verified_body()?;
+        let recs = decode_records(&body)?;
+        let expected = self.header.last_seq - self.header.first_seq + 1;
+        if recs.len() as u64 != expected {
+            return Err(FrameError::CountMismatch {
+                first: self.header.first_seq,
+                last: self.header.last_seq,
+                expected,
+                actual: recs.len() as u64,
+            });
+        }
+        Ok(recs)
+    }
+}
+
+/// Decodes a body into records.
+pub fn decode_records(body: &[u8]) -> Result<Vec<Record>, FrameError> {
+    let mut r = Reader { buf: body, pos: 0 };
+    let mut out = Vec::new();
+    while r.pos < body.len() {
+        let at = r.pos;
+        let kind = r.u8()?;
+        let rec = match kind {
+            REC_WRITE => {
+                let disk = r.u32()?;
+                let offset = r.u64()?;
+                let len = r.u32()? as usize;
+                let data = r.take(len)?.to_vec();
+                Record::Write { disk, offset, data }
+            }
+            REC_ZERO => Record::Zero {
+                disk: r.u32()?,
+                offset: r.u64()?,
+                len: r.u64()?,
+            },
+            REC_TAG => {
+                let code = r.u8()?;
+                let kind = TagKind::from_code(code).ok_or(FrameError::Invalid {
+                    at,
+                    what: format!("unknown tag kind {code}"),
+                })?;
+                let time_ms = r.u64()?;
+                let id = r.string()?;
+                let group = r.string()?;
+                Record::Tag(Tag {
+                    id,
+                    kind,
+                    time_ms,
+                    group,
+                })
+            }
+            REC_RESYNC_BEGIN => {
+                let n = r.u32()? as usize;
+                if n > 4096 {
+                    return Err(FrameError::Invalid {
+                        at,
+                        what: format!("resync of {n} disks"),
+                    });
+                }
+                let mut disks = Vec::with_capacity(n);
+                for _ in 0..n {
+                    disks.push(r.u32()?);
+                }
+                Record::ResyncBegin {
+                    disks,
+                    reason: r.string()?,
+                }
+            }
+            REC_RESYNC_END => Record::ResyncEnd,
+            other => return Err(FrameError::UnknownRecord { kind: other, at }),
+        };
+        out.push(rec);
+    }
+    Ok(out)
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Frame {
+        let mut b = FrameBuilder::new("m1-ab", 7);
+        b.push_write(0, 4096, &[7u8; 8192]);
+        b.push(&Record::Zero {
+            disk: 1,
+            offset: 0,
+            len: 1 << 20,
+        });
+        b.push(&Record::ResyncBegin {
+            disks: vec![0, 1],
+            reason: "dirty".into(),
+        });
+        b.push(&Record::ResyncEnd);
+        b.push(&Record::Tag(Tag {
+            id: "p1".into(),
+            kind: TagKind::App,
+            time_ms: 42,
+            group: "g".into(),
+        }));
+        b.finish()
+    }
+
+    #[test]
+    fn roundtrip_raw_and_compressed() {
+        let f = sample();
+        assert_eq!(f.header.first_seq, 7);
+        assert_eq!(f.header.last_seq, 11);
+        let mut g = Frame::parse(&f.to_bytes()).unwrap();
+        assert_eq!(g, f);
+        assert!(g.compress(1));
+        let h = Frame::parse(&g.to_bytes()).unwrap();
+        let recs = h.records().unwrap();
+        assert_eq!(recs.len(), 5);
+        assert_eq!(
+            recs[0],
+            Record::Write {
+                disk: 0,
+                offset: 4096,
+                data: vec![7u8; 8192]
+            }
+        );
+        for r in &recs {
+            let mut v = Vec::new();
+            encode_record(&mut v, r);
+            assert_eq!(v.len(), r.encoded_len());
+        }
+    }
+
+    #[test]
+    fn corrupt_body_is_refused() {
+        let f = sample();
+        let mut bytes = f.to_bytes();
+        let n = bytes.len();
+        bytes[n - 20] ^= 0xff;
+        let g = Frame::parse(&bytes).unwrap();
+        assert!(matches!(g.records(), Err(FrameError::HashMismatch { .. })));
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let f = sample().to_bytes();
+        for cut in 0..f.len() {
+            let _ = Frame::parse(&f[..cut]).map(|g| g.records());
+        }
+        let mut x = 12345u64;
+        for _ in 0..2000 {
+            let mut b = f.clone();
+            for _ in 0..4 {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                let i = (x >> 33) as usize % b.len();
+                b[i] = (x >> 20) as u8;
+            }
+            let _ = Frame::parse(&b).map(|g| g.records());
+            let _ = decode_records(&b);
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! PKI: the deployment's CA and the certificates it issues (DESIGN.md §3).
+//!
+//! Every gRPC connection is mutual TLS, and authorisation goes by the peer
+//! certificate. A certificate's subject common name carries the component's
+//! role and id as `"<role>:<id>"` (for agents the id is the machine id), so
+//! a server learns who is calling from the handshake alone. Enrollment with
+//! the configuration server will issue the same kind of certificate from a
+//! CSR; until then `write_dev_bundle` makes a whole PKI on disk.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
+use std::fmt;
+use std::path::Path;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum PkiError {
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("peer certificate cannot be parsed: {0}")]
+    Parse(String),
+    #[error("peer certificate subject {0:?} is not a Rebound identity (expected CN \"<role>:<id>\")")]
+    NotRebound(String),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// What a certificate's holder is allowed to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    Agent,
+    Ps,
+    Mt,
+    Cs,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Ps => "ps",
+            Role::Mt => "mt",
+            Role::Cs => "cs",
+            Role::Admin => "admin",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Role> {
+        Some(match s {
+            "agent" => Role::Agent,
+            "ps" => Role::Ps,
+            "mt" => Role::Mt,
+            "cs" => Role::Cs,
+            "admin" => Role::Admin,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Who is on the other end of a connection, from its certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    pub role: Role,
+    pub id: String,
+}
+
+impl fmt::Display for PeerIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.role, self.id)
+    }
+}
+
+/// A certificate and its private key, PEM encoded.
+#[derive(Debug, Clone)]
+pub struct CertKeyPem {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// The deployment's certificate authority.
+pub struct Ca {
+    cert_pem: String,
+    key_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Ca {
+    /// Makes a new self-signed CA.
+    pub fn generate(name: &str) -> Result<Ca, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("Rebound CA {name}"));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key)?;
+        let cert_pem = cert.pem();
+        let key_pem = key.serialize_pem();
+        Ca::from_pem(&cert_pem, &key_pem)
+    }
+
+    /// Loads a CA from its certificate and key.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Ca, PkiError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
+        Ok(Ca {
+            cert_pem: cert_pem.to_string(),
+            key_pem: key_pem.to_string(),
+            issuer,
+        })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    /// Issues a certificate for `role:id`, usable as a TLS client and (with
+    /// `server_names`) as a TLS server.
+    pub fn issue(&self, role: Role, id: &str, server_names: &[String]) -> Result<CertKeyPem, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(server_names.to_vec())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("{role}:{id}"));
+        params.distinguished_name = dn;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        if !server_names.is_empty() {
+            params.extended_key_usages.push(ExtendedKeyUsagePurpose::ServerAuth);
+        }
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(CertKeyPem {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+/// Reads the Rebound identity (`CN = "<role>:<id>"`) from a DER certificate.
+pub fn peer_identity(der: &[u8]) -> Result<PeerIdentity, PkiError> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::Parse(e.to_string()))?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|a| a.as_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let (role, id) = cn
+        .split_once(':')
+        .ok_or_else(|| PkiError::NotRebound(cn.clone()))?;
+    let role = Role::parse(role).ok_or_else(|| PkiError::NotRebound(cn.clone()))?;
+    if id.is_empty() {
+        return Err(PkiError::NotRebound(cn));
+    }
+    Ok(PeerIdentity {
+        role,
+        id: id.to_string(),
+    })
+}
+
+fn write_file(path: &Path, text: &str, private: bool) -> Result<(), PkiError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |source| PkiError::Write {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    if private {
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).map_err(err)?;
+    f.write_all(text.as_bytes()).map_err(err)?;
+    f.sync_all().map_err(err)
+}
+
+/// Writes `<name>.pem` and `<name>.key` into `dir`.
+pub fn write_cert(dir: &Path, name: &str, ck: &CertKeyPem) -> Result<(), PkiError> {
+    write_file(&dir.join(format!("{name}.pem")), &ck.cert_pem, false)?;
+    write_file(&dir.join(format!("{name}.key")), &ck.key_pem, true)
+}
+
+/// Writes a complete PKI for a lab deployment into `dir`: `ca.pem`/`ca.key`,
+/// `ps.pem`/`.key`, `mt.pem`/`.key` (servers for `localhost` and 127.0.0.1),
+/// `admin.pem`/`.key`, and `agent-<machine>.pem`/`.key` per machine.
+pub fn write_dev_bundle(dir: &Path, machines: &[String]) -> Result<(), PkiError> {
+    std::fs::create_dir_all(dir).map_err(|source| PkiError::Write {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let ca = Ca::generate("lab")?;
+    write_cert(
+        dir,
+        "ca",
+        &CertKeyPem {
+            cert_pem: ca.cert_pem().into(),
+            key_pem: ca.key_pem().into(),
+        },
+    )?;
+    let servers = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    write_cert(dir, "ps", &ca.issue(Role::Ps, "ps1", &servers)?)?;
+    write_cert(dir, "mt", &ca.issue(Role::Mt, "mt1", &servers)?)?;
+    write_cert(dir, "admin", &ca.issue(Role::Admin, "admin", &[])?)?;
+    for m in machines {
+        write_cert(dir, &format!("agent-{m}"), &ca.issue(Role::Agent, m, &[])?)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_roundtrip() {
+        let ca = Ca::generate("t").unwrap();
+        let ck = ca.issue(Role::Agent, "m1", &[]).unwrap();
+        let der = rustls_pemfile_der(&ck.cert_pem);
+        let id = peer_identity(&der).unwrap();
+        assert_eq!(id, PeerIdentity { role: Role::Agent, id: "m1".into() });
+        let again = Ca::from_pem(ca.cert_pem(), ca.key_pem()).unwrap();
+        again.issue(Role::Ps, "p", &["localhost".into()]).unwrap();
+    }
+
+    fn rustls_pemfile_der(pem: &str) -> Vec<u8> {
+        let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        p.contents
+    }
+}

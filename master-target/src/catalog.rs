@@ -1,0 +1,208 @@
+//! The recovery-point catalog `points.log` (DESIGN.md §7 "Recovery points").
+//!
+//! One line per point, appended and fsynced when a tag closes an interval:
+//! `<16 hex digits of blake3(json)> <json>\n`. The checksum makes a torn last
+//! line (a crash mid-append) recognisable; it is cut off on open. Retention
+//! rewrites the whole file atomically when it drops the oldest points.
+
+use crate::error::{io_err, MtError, Result};
+use rebound_common::durable::{fsync_dir, write_atomic};
+use serde::{Deserialize, Serialize};
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::Path;
+use tracing::{error, warn};
+
+/// A recovery point as the MT keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointEntry {
+    pub id: String,
+    /// "crash", "app" or "shutdown".
+    pub kind: String,
+    /// Milliseconds since the Unix epoch, from the agent's clock.
+    pub time_ms: u64,
+    /// Seq of the tag record.
+    pub seq: u64,
+    /// Consistency-group tag id, empty when not a group point.
+    pub group: String,
+    /// Number of the interval this point closes. The content at this point
+    /// is reconstructed from the journals of the intervals after it.
+    pub interval: u64,
+}
+
+impl PointEntry {
+    pub fn to_proto(&self) -> rebound_proto::RecoveryPoint {
+        rebound_proto::RecoveryPoint {
+            id: self.id.clone(),
+            kind: self.kind.clone(),
+            time_ms: self.time_ms,
+            seq: self.seq,
+            group: self.group.clone(),
+        }
+    }
+}
+
+fn line_sum(json: &str) -> String {
+    blake3::hash(json.as_bytes()).to_hex()[..16].to_string()
+}
+
+pub fn encode_line(p: &PointEntry) -> String {
+    let json = serde_json::to_string(p).expect("point serializes");
+    format!("{} {}\n", line_sum(&json), json)
+}
+
+fn decode_line(line: &str) -> Option<PointEntry> {
+    let (sum, json) = line.split_once(' ')?;
+    if sum != line_sum(json) {
+        return None;
+    }
+    serde_json::from_str(json).ok()
+}
+
+/// Loads the catalog. With `repair`, a torn or corrupt tail is truncated
+/// away (and fsynced); without it (offline listing) the file is untouched.
+/// A corrupt line in the middle is skipped with an error log: the points
+/// around it stay restorable.
+pub fn load(path: &Path, repair: bool) -> Result<Vec<PointEntry>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(MtError::io(
+                format!("cannot read recovery-point catalog {}", path.display()),
+                e,
+            ))
+        }
+    };
+    let mut points = Vec::new();
+    let mut pos = 0usize;
+    let mut good_end = 0usize;
+    let mut bad_tail: Option<usize> = None;
+    let mut lineno = 0;
+    while pos < bytes.len() {
+        lineno += 1;
+        let Some(nl) = bytes[pos..].iter().position(|&b| b == b'\n') else {
+            bad_tail.get_or_insert(pos);
+            break;
+        };
+        let line = &bytes[pos..pos + nl];
+        match std::str::from_utf8(line).ok().and_then(decode_line) {
+            Some(p) => {
+                if bad_tail.take().is_some() {
+                    error!(
+                        catalog = %path.display(),
+                        line = lineno - 1,
+                        "recovery-point catalog has a corrupt line in the middle; that point is lost, the others stay restorable"
+                    );
+                }
+                points.push(p);
+                good_end = pos + nl + 1;
+            }
+            None => {
+                if bad_tail.is_some() {
+                    error!(catalog = %path.display(), line = lineno, "corrupt line in recovery-point catalog");
+                }
+                bad_tail.get_or_insert(pos);
+            }
+        }
+        pos += nl + 1;
+    }
+    if bad_tail.is_some() && repair {
+        warn!(
+            catalog = %path.display(),
+            cut_at = good_end,
+            len = bytes.len(),
+            "recovery-point catalog has a torn tail (crash while cutting a point); cutting it off"
+        );
+        let f = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(io_err(|| format!("cannot open {}", path.display())))?;
+        f.set_len(good_end as u64)
+            .and_then(|_| f.sync_all())
+            .map_err(io_err(|| format!("cannot truncate {}", path.display())))?;
+    }
+    // Points are appended in seq order; keep it so even after a repair.
+    points.sort_by_key(|p| p.seq);
+    Ok(points)
+}
+
+/// Appends one point and fsyncs it.
+pub fn append(path: &Path, p: &PointEntry) -> Result<()> {
+    let existed = path.exists();
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io_err(|| format!("cannot open recovery-point catalog {}", path.display())))?;
+    f.write_all(encode_line(p).as_bytes())
+        .and_then(|_| f.sync_data())
+        .map_err(io_err(|| {
+            format!("cannot append point {} to catalog {}", p.id, path.display())
+        }))?;
+    if !existed {
+        if let Some(dir) = path.parent() {
+            fsync_dir(dir).map_err(io_err(|| format!("cannot fsync {}", dir.display())))?;
+        }
+    }
+    Ok(())
+}
+
+/// Replaces the catalog with `points`, atomically.
+pub fn rewrite(path: &Path, points: &[PointEntry]) -> Result<()> {
+    let text: String = points.iter().map(encode_line).collect();
+    write_atomic(path, text.as_bytes()).map_err(io_err(|| {
+        format!("cannot rewrite recovery-point catalog {}", path.display())
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(i: u64) -> PointEntry {
+        PointEntry {
+            id: format!("p{i}"),
+            kind: "crash".into(),
+            time_ms: 1000 * i,
+            seq: 10 * i,
+            group: String::new(),
+            interval: i,
+        }
+    }
+
+    #[test]
+    fn append_load_and_torn_tail() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("points.log");
+        assert!(load(&path, true).unwrap().is_empty());
+        for i in 0..3 {
+            append(&path, &p(i)).unwrap();
+        }
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        let line = encode_line(&p(3));
+        f.write_all(&line.as_bytes()[..line.len() - 5]).unwrap();
+        drop(f);
+        assert_eq!(load(&path, false).unwrap().len(), 3);
+        let before = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(load(&path, true).unwrap(), vec![p(0), p(1), p(2)]);
+        assert!(std::fs::metadata(&path).unwrap().len() < before);
+        append(&path, &p(3)).unwrap();
+        assert_eq!(load(&path, true).unwrap().len(), 4);
+        rewrite(&path, &[p(2), p(3)]).unwrap();
+        assert_eq!(load(&path, true).unwrap(), vec![p(2), p(3)]);
+    }
+
+    #[test]
+    fn corrupt_middle_line_is_skipped() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("points.log");
+        let mut text = String::new();
+        for i in 0..3 {
+            text.push_str(&encode_line(&p(i)));
+        }
+        let bad = text.replacen("\"p1\"", "\"pX\"", 1);
+        std::fs::write(&path, bad).unwrap();
+        assert_eq!(load(&path, true).unwrap(), vec![p(0), p(2)]);
+    }
+}

@@ -1,0 +1,80 @@
+//! The `rebound-mt` config file (DESIGN.md §2): one TOML file, documented
+//! defaults, unknown keys are an error. `example-config.toml` documents every
+//! key.
+
+use rebound_common::tls::TlsFiles;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// gRPC address (mutual TLS).
+    pub listen: String,
+    /// NBD address for read-only recovery-point views (loopback).
+    pub nbd_listen: String,
+    /// Replicas, retention journals and recovery-point catalogs.
+    pub data_dir: PathBuf,
+    pub tls: TlsFiles,
+    pub retention: RetentionConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:9444".into(),
+            nbd_listen: "127.0.0.1:10810".into(),
+            data_dir: PathBuf::from("/var/lib/rebound/mt"),
+            tls: TlsFiles::default(),
+            retention: RetentionConfig::default(),
+        }
+    }
+}
+
+/// The `[retention]` section (DESIGN.md §7 "Retention").
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Recovery points older than this many seconds are dropped, oldest
+    /// first. The newest point is always kept.
+    pub window_secs: u64,
+    /// Cap on the retention journal per replication, in bytes; 0 = no cap.
+    /// Over the cap the oldest points are dropped (the window shrinks).
+    pub max_bytes: u64,
+    /// How often the retention task runs, in seconds.
+    pub check_secs: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            window_secs: 24 * 3600,
+            max_bytes: 0,
+            check_secs: 5,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn example_config_parses_and_matches_defaults() {
+        let text = include_str!("../example-config.toml");
+        let c: Config = rebound_common::config::parse(text, Path::new("example-config.toml"))
+            .expect("example config parses");
+        let d = Config::default();
+        assert_eq!(c.listen, d.listen);
+        assert_eq!(c.nbd_listen, d.nbd_listen);
+        assert_eq!(c.data_dir, d.data_dir);
+        assert_eq!(c.retention, d.retention);
+        let e = rebound_common::config::parse::<Config>(
+            "[retention]\nwindow = 3",
+            Path::new("bad.toml"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("window"), "{e}");
+    }
+}

@@ -1,0 +1,72 @@
+//! Errors of the master target library and their gRPC status codes.
+//!
+//! One error type for every operation so the gRPC layer maps each failure to
+//! the right status code in one place (`From<MtError> for Status`). Messages
+//! name the replication, disk, offset or point involved and what to do.
+
+use thiserror::Error;
+use tonic::Status;
+
+#[derive(Debug, Error)]
+pub enum MtError {
+    /// An unknown replication, disk or recovery point.
+    #[error("{0}")]
+    NotFound(String),
+    /// A request or frame that can never succeed as sent.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The replication is not in a state that allows this (rolled back,
+    /// a seq gap, a mismatching hello).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// Corrupt data: a frame whose hash does not match, a damaged journal.
+    #[error("{0}")]
+    DataLoss(String),
+    /// Try again later (waiting for applied seq timed out).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A filesystem operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Anything else (a bug, a poisoned lock, a failed task).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl MtError {
+    /// Wraps an IO error with a description of what was being done.
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> MtError {
+        MtError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+/// `map_err(io_err(|| format!(...)))` shorthand.
+pub(crate) fn io_err<F: FnOnce() -> String>(what: F) -> impl FnOnce(std::io::Error) -> MtError {
+    move |source| MtError::Io {
+        what: what(),
+        source,
+    }
+}
+
+impl From<MtError> for Status {
+    fn from(e: MtError) -> Status {
+        let msg = e.to_string();
+        match e {
+            MtError::NotFound(_) => Status::not_found(msg),
+            MtError::InvalidArgument(_) => Status::invalid_argument(msg),
+            MtError::FailedPrecondition(_) => Status::failed_precondition(msg),
+            MtError::DataLoss(_) => Status::data_loss(msg),
+            MtError::Unavailable(_) => Status::unavailable(msg),
+            MtError::Io { .. } | MtError::Internal(_) => Status::internal(msg),
+        }
+    }
+}
+
+pub type Result<T, E = MtError> = std::result::Result<T, E>;

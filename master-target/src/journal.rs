@@ -1,0 +1,359 @@
+//! The retention journal: undo records and their in-memory index
+//! (DESIGN.md §7 "Apply").
+//!
+//! Before a 4 KiB block is overwritten for the first time in an interval, its
+//! old content is appended to that interval's journal file as an undo record.
+//! The same record format stores rollback pre-images. Records are
+//! self-describing and checksummed, so on restart the journal itself tells
+//! which blocks the interval already saved; a torn or corrupt tail (a crash
+//! mid-append) is cut off, which is safe because the replica is written only
+//! after the journal is synced.
+//!
+//! Record layout (little endian, 32-byte header):
+//! ```text
+//! magic "RBU1" | disk u32 | block u64 | kind u8 | reserved [7] | checksum u64 | data
+//! ```
+//! `kind` 1 = data (4096 bytes follow), 2 = zero (the old block was all
+//! zeroes; no data). `checksum` is the first 8 bytes of blake3 over the first
+//! 24 header bytes and the data.
+
+use rebound_common::chunk::is_zero;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+
+/// Size of a block, the unit of undo records.
+pub const BLOCK: usize = 4096;
+/// Size of a record header.
+pub const HEADER_LEN: usize = 32;
+const MAGIC: [u8; 4] = *b"RBU1";
+const KIND_DATA: u8 = 1;
+const KIND_ZERO: u8 = 2;
+
+/// A block's key in indexes: disk index in the top 16 bits, block number in
+/// the low 48 (disks up to 1 EiB).
+pub fn key(disk: u32, block: u64) -> u64 {
+    ((disk as u64) << 48) | (block & ((1 << 48) - 1))
+}
+
+pub fn key_disk(key: u64) -> u32 {
+    (key >> 48) as u32
+}
+
+pub fn key_block(key: u64) -> u64 {
+    key & ((1 << 48) - 1)
+}
+
+fn checksum(head: &[u8], data: &[u8]) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(head);
+    h.update(data);
+    let out = h.finalize();
+    u64::from_le_bytes(out.as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+/// Appends one undo record for `data` (exactly one block) and returns the
+/// record's length.
+pub fn encode(out: &mut Vec<u8>, disk: u32, block: u64, data: &[u8]) -> usize {
+    debug_assert_eq!(data.len(), BLOCK);
+    let zero = is_zero(data);
+    let start = out.len();
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&disk.to_le_bytes());
+    out.extend_from_slice(&block.to_le_bytes());
+    out.push(if zero { KIND_ZERO } else { KIND_DATA });
+    out.extend_from_slice(&[0u8; 7]);
+    let payload: &[u8] = if zero { &[] } else { data };
+    let sum = checksum(&out[start..start + 24], payload);
+    out.extend_from_slice(&sum.to_le_bytes());
+    out.extend_from_slice(payload);
+    out.len() - start
+}
+
+/// A decoded record header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub disk: u32,
+    pub block: u64,
+    pub zero: bool,
+    pub checksum: u64,
+}
+
+impl Header {
+    /// Bytes of data that follow the header.
+    pub fn data_len(&self) -> usize {
+        if self.zero {
+            0
+        } else {
+            BLOCK
+        }
+    }
+}
+
+pub fn decode_header(h: &[u8; HEADER_LEN]) -> Result<Header, String> {
+    if h[..4] != MAGIC {
+        return Err(format!("bad record magic {:02x?}", &h[..4]));
+    }
+    let disk = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes"));
+    let block = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
+    let zero = match h[16] {
+        KIND_DATA => false,
+        KIND_ZERO => true,
+        k => return Err(format!("unknown record kind {k}")),
+    };
+    let checksum = u64::from_le_bytes(h[24..32].try_into().expect("8 bytes"));
+    Ok(Header {
+        disk,
+        block,
+        zero,
+        checksum,
+    })
+}
+
+fn verify(h: &[u8; HEADER_LEN], hdr: &Header, data: &[u8]) -> bool {
+    checksum(&h[..24], data) == hdr.checksum
+}
+
+/// Reads the block saved by the record at `offset` into `out` (one block),
+/// checking that it is the record of `expect_key` and that its checksum holds.
+pub fn read_block(file: &File, offset: u64, expect_key: u64, out: &mut [u8]) -> Result<(), String> {
+    debug_assert_eq!(out.len(), BLOCK);
+    let mut h = [0u8; HEADER_LEN];
+    file.read_exact_at(&mut h, offset)
+        .map_err(|e| format!("cannot read undo record at offset {offset}: {e}"))?;
+    let hdr = decode_header(&h).map_err(|e| format!("undo record at offset {offset}: {e}"))?;
+    if key(hdr.disk, hdr.block) != expect_key {
+        return Err(format!(
+            "undo record at offset {offset} is for disk {} block {}, expected disk {} block {}",
+            hdr.disk,
+            hdr.block,
+            key_disk(expect_key),
+            key_block(expect_key)
+        ));
+    }
+    if hdr.zero {
+        out.fill(0);
+        if !verify(&h, &hdr, &[]) {
+            return Err(format!("undo record at offset {offset}: checksum mismatch"));
+        }
+    } else {
+        file.read_exact_at(out, offset + HEADER_LEN as u64)
+            .map_err(|e| format!("cannot read undo data at offset {offset}: {e}"))?;
+        if !verify(&h, &hdr, out) {
+            return Err(format!("undo record at offset {offset}: checksum mismatch"));
+        }
+    }
+    Ok(())
+}
+
+/// What a scan of a journal (or pre-image) file found.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// (key, record offset) of every valid record, in file order.
+    pub entries: Vec<(u64, u64)>,
+    /// End of the last valid record; everything after it is a torn or
+    /// corrupt tail.
+    pub valid_len: u64,
+    pub file_len: u64,
+    /// Why the scan stopped before the end of the file, if it did.
+    pub problem: Option<String>,
+}
+
+/// Scans records from `start` to the end of the file, verifying checksums,
+/// and stops at the first invalid one. `disk_ok` rejects records for disks
+/// the replication does not have (garbage that happens to parse).
+pub fn scan(file: &File, start: u64, disk_ok: impl Fn(u32) -> bool) -> io::Result<Scan> {
+    let file_len = file.metadata()?.len();
+    let mut scan = Scan {
+        valid_len: start,
+        file_len,
+        ..Scan::default()
+    };
+    let mut f = file;
+    f.seek(SeekFrom::Start(start))?;
+    let mut r = BufReader::with_capacity(1 << 20, f);
+    let mut pos = start;
+    let mut h = [0u8; HEADER_LEN];
+    let mut data = vec![0u8; BLOCK];
+    while pos < file_len {
+        if file_len - pos < HEADER_LEN as u64 {
+            scan.problem = Some(format!("torn record header at offset {pos}"));
+            break;
+        }
+        r.read_exact(&mut h)?;
+        let hdr = match decode_header(&h) {
+            Ok(hdr) => hdr,
+            Err(e) => {
+                scan.problem = Some(format!("offset {pos}: {e}"));
+                break;
+            }
+        };
+        if !disk_ok(hdr.disk) || hdr.block >= 1 << 48 {
+            scan.problem = Some(format!(
+                "offset {pos}: record for unknown disk {} block {}",
+                hdr.disk, hdr.block
+            ));
+            break;
+        }
+        let n = hdr.data_len();
+        if file_len - pos - (HEADER_LEN as u64) < n as u64 {
+            scan.problem = Some(format!("torn record data at offset {pos}"));
+            break;
+        }
+        r.read_exact(&mut data[..n])?;
+        if !verify(&h, &hdr, &data[..n]) {
+            scan.problem = Some(format!("checksum mismatch in record at offset {pos}"));
+            break;
+        }
+        scan.entries.push((key(hdr.disk, hdr.block), pos));
+        pos += (HEADER_LEN + n) as u64;
+        scan.valid_len = pos;
+    }
+    Ok(scan)
+}
+
+/// The blocks one interval's journal has saved, and where.
+///
+/// The current interval needs a membership test per written block (a hash
+/// map); a closed interval is only ever enumerated (to build point maps and
+/// pick blocks for rollback), so it shrinks to a plain vector: 16 bytes per
+/// retained block.
+#[derive(Debug)]
+pub struct IntervalIndex {
+    /// Length of the journal file (bytes of valid records).
+    pub len: u64,
+    blocks: Blocks,
+}
+
+#[derive(Debug)]
+enum Blocks {
+    Open(HashMap<u64, u64>),
+    Closed(Vec<(u64, u64)>),
+}
+
+impl IntervalIndex {
+    pub fn new_open() -> IntervalIndex {
+        IntervalIndex {
+            len: 0,
+            blocks: Blocks::Open(HashMap::new()),
+        }
+    }
+
+    /// An index from scanned entries; duplicates (never written by this
+    /// code) keep their first record.
+    pub fn from_scan(entries: Vec<(u64, u64)>, len: u64, open: bool) -> IntervalIndex {
+        if open {
+            let mut m = HashMap::with_capacity(entries.len());
+            for (k, off) in entries {
+                m.entry(k).or_insert(off);
+            }
+            IntervalIndex {
+                len,
+                blocks: Blocks::Open(m),
+            }
+        } else {
+            let mut v = entries;
+            v.shrink_to_fit();
+            IntervalIndex {
+                len,
+                blocks: Blocks::Closed(v),
+            }
+        }
+    }
+
+    pub fn contains(&self, key: u64) -> bool {
+        match &self.blocks {
+            Blocks::Open(m) => m.contains_key(&key),
+            Blocks::Closed(v) => v.iter().any(|&(k, _)| k == key),
+        }
+    }
+
+    pub fn insert(&mut self, key: u64, offset: u64) {
+        match &mut self.blocks {
+            Blocks::Open(m) => {
+                m.entry(key).or_insert(offset);
+            }
+            Blocks::Closed(v) => v.push((key, offset)),
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        match &self.blocks {
+            Blocks::Open(m) => m.len(),
+            Blocks::Closed(v) => v.len(),
+        }
+    }
+
+    /// Every (key, record offset), in no particular order.
+    pub fn for_each(&self, mut f: impl FnMut(u64, u64)) {
+        match &self.blocks {
+            Blocks::Open(m) => m.iter().for_each(|(&k, &o)| f(k, o)),
+            Blocks::Closed(v) => v.iter().for_each(|&(k, o)| f(k, o)),
+        }
+    }
+
+    /// The interval ended (a tag): turn the map into a compact vector.
+    pub fn close(&mut self) {
+        if let Blocks::Open(m) = &mut self.blocks {
+            let mut v: Vec<(u64, u64)> = m.drain().collect();
+            v.sort_unstable_by_key(|&(_, off)| off);
+            v.shrink_to_fit();
+            self.blocks = Blocks::Closed(v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn records_roundtrip_and_torn_tail_is_found() {
+        let mut buf = Vec::new();
+        let a = vec![7u8; BLOCK];
+        let z = vec![0u8; BLOCK];
+        assert_eq!(encode(&mut buf, 0, 5, &a), HEADER_LEN + BLOCK);
+        assert_eq!(encode(&mut buf, 1, 9, &z), HEADER_LEN);
+        let good = buf.len() as u64;
+        encode(&mut buf, 0, 6, &a);
+        buf.truncate(buf.len() - 100); // torn
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&buf).unwrap();
+        let s = scan(&f, 0, |d| d < 2).unwrap();
+        assert_eq!(s.entries, vec![(key(0, 5), 0), (key(1, 9), (HEADER_LEN + BLOCK) as u64)]);
+        assert_eq!(s.valid_len, good);
+        assert!(s.problem.is_some());
+        let mut out = vec![1u8; BLOCK];
+        read_block(&f, 0, key(0, 5), &mut out).unwrap();
+        assert_eq!(out, a);
+        read_block(&f, s.entries[1].1, key(1, 9), &mut out).unwrap();
+        assert_eq!(out, z);
+        assert!(read_block(&f, 0, key(0, 6), &mut out).is_err());
+        // Unknown disk stops the scan.
+        let s = scan(&f, 0, |d| d < 1).unwrap();
+        assert_eq!(s.entries.len(), 1);
+    }
+
+    #[test]
+    fn corrupt_data_stops_scan() {
+        let mut buf = Vec::new();
+        encode(&mut buf, 0, 1, &[3u8; BLOCK]);
+        encode(&mut buf, 0, 2, &[4u8; BLOCK]);
+        let n = buf.len();
+        buf[n - 10] ^= 1;
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&buf).unwrap();
+        let s = scan(&f, 0, |_| true).unwrap();
+        assert_eq!(s.entries.len(), 1);
+        assert!(s.problem.unwrap().contains("checksum"));
+    }
+
+    #[test]
+    fn key_parts() {
+        let k = key(3, 123456789);
+        assert_eq!(key_disk(k), 3);
+        assert_eq!(key_block(k), 123456789);
+    }
+}

@@ -1,0 +1,1 @@
+//! The master target: apply, retention journal, recovery points, views, rollback

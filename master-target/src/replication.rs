@@ -1,0 +1,670 @@
+//! A replication's storage: creating it, opening it, and recovering its
+//! in-memory state from disk after a crash (DESIGN.md §7).
+//!
+//! Recovery rebuilds everything from the files themselves: the point
+//! catalog (torn tail cut), `state.json` (reconciled with the catalog, since
+//! a crash can fall between appending a point and persisting the state), and
+//! the block index of every retained interval, scanned from its journal with
+//! a torn or corrupt tail cut off. Journals that retention had already given
+//! up (a crash mid-drop) are deleted.
+
+use crate::catalog::{self, PointEntry};
+use crate::error::{io_err, MtError, Result};
+use crate::journal::{self, IntervalIndex};
+use crate::layout::{parse_journal_name, valid_name, Layout};
+use crate::rollback::PreImages;
+use crate::state::{load_json, save_json, PersistedState, PointRef, StoredDisk, StoredInfo};
+use crate::view::MapCache;
+use rebound_common::durable::fsync_dir;
+use rebound_proto::ReplicationInfo;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+/// Open journal files kept for reads (views, rollback).
+const MAX_JOURNAL_FDS: usize = 256;
+
+/// One replica disk.
+#[derive(Debug)]
+pub(crate) struct Disk {
+    pub index: u32,
+    pub name: String,
+    pub size: u64,
+    pub file: File,
+    pub path: PathBuf,
+}
+
+/// One replication (machine × direction) at this master target.
+pub struct Replication {
+    pub(crate) id: String,
+    pub(crate) info: StoredInfo,
+    pub(crate) layout: Layout,
+    pub(crate) disks: Vec<Disk>,
+    /// Apply takes the write side per frame; views and chunk hashes take the
+    /// read side, so they always see the replica at a frame boundary.
+    pub(crate) inner: RwLock<Inner>,
+    pub(crate) journal_fds: Mutex<HashMap<u64, Arc<File>>>,
+    pub(crate) applied_tx: watch::Sender<u64>,
+}
+
+/// The mutable state of a replication, behind its lock.
+pub(crate) struct Inner {
+    pub st: PersistedState,
+    /// Retained recovery points, oldest first (ascending seq and interval).
+    pub points: Vec<PointEntry>,
+    /// Block index of every retained interval that has a journal, plus the
+    /// current interval.
+    pub intervals: BTreeMap<u64, IntervalIndex>,
+    /// Append handle of the current interval's journal, opened on first use.
+    pub journal: Option<File>,
+    /// Cached block maps of recovery points (see `view`).
+    pub maps: Mutex<MapCache>,
+    /// Rollback pre-images, when they are complete.
+    pub pre: Option<PreImages>,
+}
+
+impl Inner {
+    pub fn point_by_id(&self, id: &str) -> Option<&PointEntry> {
+        self.points.iter().rev().find(|p| p.id == id)
+    }
+
+    pub fn point_by_interval(&self, interval: u64) -> Option<&PointEntry> {
+        self.points
+            .binary_search_by_key(&interval, |p| p.interval)
+            .ok()
+            .map(|i| &self.points[i])
+    }
+
+    /// The point the replica is (being) rolled back to, if any.
+    pub fn rollback_point(&self) -> Option<&PointRef> {
+        self.st
+            .rolled_back_to
+            .as_ref()
+            .or(self.st.rollback.as_ref().map(|r| &r.point))
+    }
+
+    /// Undo records are needed only when a retained point precedes the
+    /// current interval (the first interval has nothing to roll back to).
+    pub fn journaling(&self) -> bool {
+        !self.points.is_empty()
+    }
+
+    pub fn journal_bytes(&self) -> u64 {
+        self.intervals.values().map(|i| i.len).sum()
+    }
+}
+
+/// A summary for listings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicationStatus {
+    pub applied_seq: u64,
+    pub points: usize,
+    /// Id of the point the replica is rolled back to.
+    pub rolled_back_to: Option<String>,
+    /// An interrupted rollback awaits a re-run or RestorePreImages.
+    pub rollback_pending: Option<String>,
+    pub journal_bytes: u64,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn validate_info(info: &StoredInfo) -> Result<()> {
+    let bad = |m: String| Err(MtError::InvalidArgument(m));
+    if !valid_name(&info.replication_id) {
+        return bad(format!(
+            "replication id {:?} is not usable: use 1-200 characters of A-Z a-z 0-9 - _ . : +, not starting with a dot",
+            info.replication_id
+        ));
+    }
+    if !valid_name(&info.machine_id) {
+        return bad(format!(
+            "machine id {:?} of replication {} is not usable: use 1-200 characters of A-Z a-z 0-9 - _ . : +",
+            info.machine_id, info.replication_id
+        ));
+    }
+    if info.disks.is_empty() {
+        return bad(format!(
+            "replication {} has no disks; the hello must list the machine's disks",
+            info.replication_id
+        ));
+    }
+    for (i, d) in info.disks.iter().enumerate() {
+        if !valid_name(&d.name) {
+            return bad(format!(
+                "disk {} of replication {} has an unusable name {:?}",
+                d.index, info.replication_id, d.name
+            ));
+        }
+        if d.index >= 1 << 16 {
+            return bad(format!(
+                "disk index {} of replication {} is too large (at most 65535)",
+                d.index, info.replication_id
+            ));
+        }
+        if d.size == 0 || d.size >= 1 << 60 {
+            return bad(format!(
+                "disk {} ({}) of replication {} has an unusable size {}",
+                d.index, d.name, info.replication_id, d.size
+            ));
+        }
+        if info.disks[..i]
+            .iter()
+            .any(|e| e.index == d.index || e.name == d.name)
+        {
+            return bad(format!(
+                "replication {} lists disk {} ({}) twice",
+                info.replication_id, d.index, d.name
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn info_from_proto(p: &ReplicationInfo) -> StoredInfo {
+    StoredInfo {
+        replication_id: p.replication_id.clone(),
+        machine_id: p.machine_id.clone(),
+        disks: p
+            .disks
+            .iter()
+            .map(|d| StoredDisk {
+                index: d.index,
+                name: if d.name.is_empty() {
+                    format!("disk{}", d.index)
+                } else {
+                    d.name.clone()
+                },
+                size: d.size,
+            })
+            .collect(),
+        created_ms: now_ms(),
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    fsync_dir(dir).map_err(io_err(|| format!("cannot fsync directory {}", dir.display())))
+}
+
+fn mkdir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .map_err(io_err(|| format!("cannot create directory {}", dir.display())))
+}
+
+impl Replication {
+    /// Creates the replication's directory and sparse replica files, then
+    /// opens it. `info.json` is written last: a directory without it is an
+    /// interrupted creation and is redone.
+    pub(crate) fn create(data_dir: &Path, p: &ReplicationInfo) -> Result<Replication> {
+        let info = info_from_proto(p);
+        validate_info(&info)?;
+        let layout = Layout::new(data_dir.join(&info.replication_id));
+        for d in [
+            layout.root().to_path_buf(),
+            layout.replica_dir(),
+            layout.retention_dir(),
+            layout.rollback_dir(),
+        ] {
+            mkdir(&d)?;
+        }
+        for d in &info.disks {
+            let path = layout.replica(&d.name);
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(io_err(|| format!("cannot create replica {}", path.display())))?;
+            f.set_len(d.size)
+                .and_then(|_| f.sync_all())
+                .map_err(io_err(|| {
+                    format!("cannot size replica {} to {} bytes", path.display(), d.size)
+                }))?;
+        }
+        sync_dir(&layout.replica_dir())?;
+        save_json(&layout.state(), &PersistedState::default())?;
+        save_json(&layout.info(), &info)?;
+        sync_dir(data_dir)?;
+        Replication::open(layout.root())
+    }
+
+    /// Opens an existing replication directory and recovers its state.
+    pub fn open(root: &Path) -> Result<Replication> {
+        let layout = Layout::new(root.to_path_buf());
+        let info: StoredInfo = load_json(&layout.info())?;
+        validate_info(&info)?;
+        let mut disks = Vec::with_capacity(info.disks.len());
+        for d in &info.disks {
+            let path = layout.replica(&d.name);
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(io_err(|| {
+                    format!(
+                        "cannot open replica {} of disk {} of replication {}",
+                        path.display(),
+                        d.index,
+                        info.replication_id
+                    )
+                }))?;
+            let len = file
+                .metadata()
+                .map_err(io_err(|| format!("cannot stat {}", path.display())))?
+                .len();
+            if len != d.size {
+                warn!(
+                    replication = %info.replication_id,
+                    replica = %path.display(),
+                    len,
+                    size = d.size,
+                    "replica file has the wrong length; resizing it to the disk size"
+                );
+                file.set_len(d.size)
+                    .and_then(|_| file.sync_all())
+                    .map_err(io_err(|| format!("cannot resize {}", path.display())))?;
+            }
+            disks.push(Disk {
+                index: d.index,
+                name: d.name.clone(),
+                size: d.size,
+                file,
+                path,
+            });
+        }
+        let inner = recover(&layout, &info)?;
+        let (applied_tx, _) = watch::channel(inner.st.applied_seq);
+        Ok(Replication {
+            id: info.replication_id.clone(),
+            info,
+            layout,
+            disks,
+            inner: RwLock::new(inner),
+            journal_fds: Mutex::new(HashMap::new()),
+            applied_tx,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn machine_id(&self) -> &str {
+        &self.info.machine_id
+    }
+
+    pub fn root(&self) -> &Path {
+        self.layout.root()
+    }
+
+    pub fn created_ms(&self) -> u64 {
+        self.info.created_ms
+    }
+
+    pub fn info(&self) -> ReplicationInfo {
+        self.info.to_proto()
+    }
+
+    /// Disks as (index, name, size, replica path).
+    pub fn disks(&self) -> Vec<(u32, String, u64, PathBuf)> {
+        self.disks
+            .iter()
+            .map(|d| (d.index, d.name.clone(), d.size, d.path.clone()))
+            .collect()
+    }
+
+    pub(crate) fn disk(&self, index: u32) -> Result<&Disk> {
+        self.disks.iter().find(|d| d.index == index).ok_or_else(|| {
+            MtError::NotFound(format!(
+                "replication {} has no disk {index} (it has {})",
+                self.id,
+                self.disks
+                    .iter()
+                    .map(|d| format!("{} ({})", d.index, d.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })
+    }
+
+    pub(crate) fn disk_by_name(&self, name: &str) -> Option<&Disk> {
+        self.disks.iter().find(|d| d.name == name)
+    }
+
+    pub fn applied_seq(&self) -> u64 {
+        *self.applied_tx.borrow()
+    }
+
+    /// Watches the applied seq (for ChunkHashes' wait).
+    pub fn subscribe_applied(&self) -> watch::Receiver<u64> {
+        self.applied_tx.subscribe()
+    }
+
+    /// The retained recovery points, oldest first.
+    pub fn points(&self) -> Vec<PointEntry> {
+        self.read_inner().points.clone()
+    }
+
+    pub fn status(&self) -> ReplicationStatus {
+        let inner = self.read_inner();
+        ReplicationStatus {
+            applied_seq: inner.st.applied_seq,
+            points: inner.points.len(),
+            rolled_back_to: inner.st.rolled_back_to.as_ref().map(|p| p.id.clone()),
+            rollback_pending: inner.st.rollback.as_ref().map(|r| r.point.id.clone()),
+            journal_bytes: inner.journal_bytes(),
+        }
+    }
+
+    /// Checks that a hello describes this replication.
+    pub fn check_hello(&self, p: &ReplicationInfo) -> Result<()> {
+        if !p.machine_id.is_empty() && p.machine_id != self.info.machine_id {
+            return Err(MtError::FailedPrecondition(format!(
+                "replication {} belongs to machine {} at this MT, but the hello says machine {}; use a new replication id for another machine",
+                self.id, self.info.machine_id, p.machine_id
+            )));
+        }
+        if p.disks.is_empty() {
+            return Ok(());
+        }
+        let given = info_from_proto(p).disks;
+        let mut a = given.clone();
+        let mut b = self.info.disks.clone();
+        a.sort_by_key(|d| d.index);
+        b.sort_by_key(|d| d.index);
+        if a != b {
+            let show = |v: &[StoredDisk]| {
+                v.iter()
+                    .map(|d| format!("{}:{}:{}", d.index, d.name, d.size))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return Err(MtError::FailedPrecondition(format!(
+                "replication {} has disks [{}] at this MT but the hello says [{}]; the disks of a replication cannot change: protect the machine again as a new replication",
+                self.id,
+                show(&b),
+                show(&a)
+            )));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn read_inner(&self) -> RwLockReadGuard<'_, Inner> {
+        self.inner
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The write side. A lock poisoned by a panic mid-update is healed by
+    /// recovering the state from disk, exactly as after a crash.
+    pub(crate) fn write_inner(&self) -> Result<RwLockWriteGuard<'_, Inner>> {
+        match self.inner.write() {
+            Ok(g) => Ok(g),
+            Err(poisoned) => {
+                let mut g = poisoned.into_inner();
+                self.reload(&mut g)?;
+                self.inner.clear_poison();
+                Ok(g)
+            }
+        }
+    }
+
+    /// Rebuilds the in-memory state from disk, as a restart would. Used
+    /// after an IO error left memory and disk possibly out of step.
+    pub(crate) fn reload(&self, inner: &mut Inner) -> Result<()> {
+        warn!(replication = %self.id, "recovering replication state from disk after an error");
+        self.journal_fds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+        *inner = recover(&self.layout, &self.info)?;
+        self.applied_tx.send_replace(inner.st.applied_seq);
+        Ok(())
+    }
+
+    /// A read handle on interval `n`'s journal.
+    pub(crate) fn journal_file(&self, n: u64) -> Result<Arc<File>> {
+        let mut fds = self
+            .journal_fds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(f) = fds.get(&n) {
+            return Ok(f.clone());
+        }
+        let path = self.layout.journal(n);
+        let f = Arc::new(File::open(&path).map_err(io_err(|| {
+            format!(
+                "cannot open retention journal {} of replication {}",
+                path.display(),
+                self.id
+            )
+        }))?);
+        if fds.len() >= MAX_JOURNAL_FDS {
+            fds.clear();
+        }
+        fds.insert(n, f.clone());
+        Ok(f)
+    }
+
+    pub(crate) fn forget_journal_fd(&self, n: u64) {
+        self.journal_fds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&n);
+    }
+}
+
+/// Rebuilds a replication's in-memory state from its files.
+fn recover(layout: &Layout, info: &StoredInfo) -> Result<Inner> {
+    let rid = &info.replication_id;
+    let mut st: PersistedState = if layout.state().exists() {
+        load_json(&layout.state())?
+    } else {
+        warn!(replication = %rid, "state.json is missing; starting from applied seq 0");
+        PersistedState::default()
+    };
+    let points = catalog::load(&layout.catalog(), true)?;
+    // A crash between appending a point and persisting the state leaves the
+    // catalog ahead: the tag's interval is closed and its seq applied.
+    if let Some(last) = points.last() {
+        let mut changed = false;
+        if last.interval >= st.interval {
+            st.interval = last.interval + 1;
+            changed = true;
+        }
+        if last.seq > st.applied_seq {
+            st.applied_seq = last.seq;
+            changed = true;
+        }
+        if changed {
+            info!(replication = %rid, point = %last.id, "completing a recovery point cut interrupted by a restart");
+            save_json(&layout.state(), &st)?;
+        }
+    }
+    let current = st.interval;
+    // Intervals the retained points need: after the oldest point.
+    let lo = points.first().map(|p| p.interval + 1).unwrap_or(current);
+    mkdir(&layout.retention_dir())?;
+    mkdir(&layout.rollback_dir())?;
+    let disk_ok = |d: u32| info.disks.iter().any(|x| x.index == d);
+    let mut intervals = BTreeMap::new();
+    let mut removed = false;
+    let dir = layout.retention_dir();
+    let entries = std::fs::read_dir(&dir)
+        .map_err(io_err(|| format!("cannot list {}", dir.display())))?;
+    for entry in entries {
+        let entry = entry.map_err(io_err(|| format!("cannot list {}", dir.display())))?;
+        let name = entry.file_name();
+        let Some(n) = name.to_str().and_then(parse_journal_name) else {
+            continue;
+        };
+        let path = layout.journal(n);
+        if n < lo {
+            // Retention gave it up (crash between catalog rewrite and unlink).
+            std::fs::remove_file(&path)
+                .map_err(io_err(|| format!("cannot remove {}", path.display())))?;
+            removed = true;
+            continue;
+        }
+        if n > current {
+            warn!(replication = %rid, journal = %path.display(), current, "journal of a future interval; ignoring it");
+            continue;
+        }
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(|| format!("cannot open {}", path.display())))?;
+        let scan = journal::scan(&f, 0, disk_ok)
+            .map_err(io_err(|| format!("cannot read retention journal {}", path.display())))?;
+        if scan.valid_len < scan.file_len {
+            let why = scan.problem.clone().unwrap_or_default();
+            if n == current {
+                warn!(replication = %rid, journal = %path.display(), valid = scan.valid_len, len = scan.file_len, problem = %why,
+                    "cutting the torn tail of the current interval's journal (crash mid-append)");
+            } else {
+                error!(replication = %rid, journal = %path.display(), valid = scan.valid_len, len = scan.file_len, problem = %why,
+                    "a closed interval's journal is damaged; cutting it at the damage: points before interval {n} may be inexact");
+            }
+            f.set_len(scan.valid_len)
+                .and_then(|_| f.sync_all())
+                .map_err(io_err(|| format!("cannot truncate {}", path.display())))?;
+        }
+        intervals.insert(
+            n,
+            IntervalIndex::from_scan(scan.entries, scan.valid_len, n == current),
+        );
+    }
+    if removed {
+        sync_dir(&dir)?;
+    }
+    intervals.entry(current).or_insert_with(IntervalIndex::new_open);
+    let pre_complete = st.rolled_back_to.is_some()
+        || st.rollback.as_ref().is_some_and(|r| r.preimages_complete);
+    let mut pre = None;
+    if pre_complete {
+        let point = st
+            .rolled_back_to
+            .clone()
+            .or(st.rollback.as_ref().map(|r| r.point.clone()))
+            .expect("a rollback point");
+        match PreImages::open(layout, &point, disk_ok) {
+            Ok(p) => pre = Some(p),
+            Err(e) => error!(replication = %rid, error = %e,
+                "rollback pre-images cannot be read: views of points after the rollback point and RestorePreImages will fail"),
+        }
+    } else if st.rollback.is_none() && layout.preimages().exists() {
+        let p = layout.preimages();
+        std::fs::remove_file(&p).map_err(io_err(|| format!("cannot remove {}", p.display())))?;
+        sync_dir(&layout.rollback_dir())?;
+    }
+    Ok(Inner {
+        st,
+        points,
+        intervals,
+        journal: None,
+        maps: Mutex::new(MapCache::default()),
+        pre,
+    })
+}
+
+/// Every replication at this MT.
+pub struct Store {
+    data_dir: PathBuf,
+    repls: RwLock<BTreeMap<String, Arc<Replication>>>,
+    create: Mutex<()>,
+}
+
+impl Store {
+    /// Opens every replication under `data_dir` (creating the directory).
+    /// A replication that cannot be opened is logged and left out, so one
+    /// damaged replication does not stop the others.
+    pub fn open(data_dir: &Path) -> Result<Store> {
+        mkdir(data_dir)?;
+        let mut repls = BTreeMap::new();
+        let entries = std::fs::read_dir(data_dir)
+            .map_err(io_err(|| format!("cannot list data dir {}", data_dir.display())))?;
+        for entry in entries {
+            let entry =
+                entry.map_err(io_err(|| format!("cannot list {}", data_dir.display())))?;
+            let root = entry.path();
+            if !root.join("info.json").exists() {
+                continue;
+            }
+            match Replication::open(&root) {
+                Ok(r) => {
+                    info!(replication = %r.id, machine = %r.info.machine_id, applied_seq = r.applied_seq(),
+                        points = r.read_inner().points.len(), "replication opened");
+                    repls.insert(r.id.clone(), Arc::new(r));
+                }
+                Err(e) => error!(dir = %root.display(), error = %e,
+                    "cannot open replication; it is left out until the problem is fixed and the MT restarted"),
+            }
+        }
+        Ok(Store {
+            data_dir: data_dir.to_path_buf(),
+            repls: RwLock::new(repls),
+            create: Mutex::new(()),
+        })
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Replication>> {
+        self.repls
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(id)
+            .cloned()
+    }
+
+    /// Every replication, ordered by id.
+    pub fn list(&self) -> Vec<Arc<Replication>> {
+        self.repls
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The replication named by `info`, created (empty sparse replicas of
+    /// the given sizes) if this MT does not have it yet.
+    pub fn get_or_create(&self, info: &ReplicationInfo) -> Result<Arc<Replication>> {
+        if let Some(r) = self.get(&info.replication_id) {
+            r.check_hello(info)?;
+            return Ok(r);
+        }
+        let _g = self
+            .create
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(r) = self.get(&info.replication_id) {
+            r.check_hello(info)?;
+            return Ok(r);
+        }
+        let r = Arc::new(Replication::create(&self.data_dir, info)?);
+        info!(
+            replication = %r.id,
+            machine = %r.info.machine_id,
+            disks = %r.info.disks.iter().map(|d| format!("{}:{}:{}", d.index, d.name, d.size)).collect::<Vec<_>>().join(","),
+            dir = %r.layout.root().display(),
+            "replication created"
+        );
+        self.repls
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(r.id.clone(), r.clone());
+        Ok(r)
+    }
+}

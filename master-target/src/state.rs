@@ -1,0 +1,104 @@
+//! Small persisted files of a replication: `info.json` (what is replicated)
+//! and `state.json` (how far apply got, rollback progress).
+//!
+//! `state.json` is replaced atomically (tmp + fsync + rename + fsync dir)
+//! after every frame, so the applied seq the MT acknowledges is never ahead
+//! of what a restart finds.
+
+use crate::error::{io_err, MtError, Result};
+use rebound_common::durable::write_atomic;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::path::Path;
+
+/// `info.json`: the replication and its disks, fixed at creation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredInfo {
+    pub replication_id: String,
+    pub machine_id: String,
+    pub disks: Vec<StoredDisk>,
+    /// When the MT created the replication (ms since the epoch).
+    #[serde(default)]
+    pub created_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredDisk {
+    pub index: u32,
+    pub name: String,
+    pub size: u64,
+}
+
+impl StoredInfo {
+    pub fn to_proto(&self) -> rebound_proto::ReplicationInfo {
+        rebound_proto::ReplicationInfo {
+            replication_id: self.replication_id.clone(),
+            machine_id: self.machine_id.clone(),
+            disks: self
+                .disks
+                .iter()
+                .map(|d| rebound_proto::DiskInfo {
+                    index: d.index,
+                    name: d.name.clone(),
+                    size: d.size,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A reference to a recovery point that survives catalog rewrites.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointRef {
+    pub id: String,
+    pub seq: u64,
+    /// The interval the point closes.
+    pub interval: u64,
+}
+
+/// A rollback that has started but not finished (DESIGN.md §7 "Rollback").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackProgress {
+    pub point: PointRef,
+    /// Phase 1 is done: `rollback/preimages` holds the content of every
+    /// affected block before the rollback. A re-run must not save again.
+    pub preimages_complete: bool,
+}
+
+/// An open resync window (between ResyncBegin and ResyncEnd).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncWindow {
+    pub begin_seq: u64,
+    pub disks: Vec<u32>,
+    pub reason: String,
+}
+
+/// `state.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PersistedState {
+    /// Every record up to this seq is applied durably.
+    pub applied_seq: u64,
+    /// The current (open) interval.
+    pub interval: u64,
+    /// The replica is at this point (a finished rollback).
+    pub rolled_back_to: Option<PointRef>,
+    /// A rollback in progress (or interrupted by a crash).
+    pub rollback: Option<RollbackProgress>,
+    pub resync: Option<ResyncWindow>,
+}
+
+pub fn load_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let bytes =
+        std::fs::read(path).map_err(io_err(|| format!("cannot read {}", path.display())))?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        MtError::DataLoss(format!(
+            "{} is corrupt ({e}); restore it from a backup or remove the replication directory and resync",
+            path.display()
+        ))
+    })
+}
+
+pub fn save_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(value).expect("state serializes");
+    write_atomic(path, &bytes).map_err(io_err(|| format!("cannot write {}", path.display())))
+}

@@ -1,0 +1,410 @@
+//! Reading a disk as it was at a recovery point, and serving that as
+//! read-only NBD exports (DESIGN.md §7 "Recovery points", "Views").
+//!
+//! The content of block b at point P is the undo record of the earliest
+//! interval after P that saved b; if no interval after P saved it, it is the
+//! replica's current content. While the replica is rolled back to a point Q,
+//! the latest content of the blocks the rollback changed lives in the
+//! pre-image file, so for points after Q "the replica" is replaced by the
+//! pre-image where there is one.
+//!
+//! Resolving that rule block by block across thousands of intervals would be
+//! slow, so each point gets a *point map*: for every block saved after P, the
+//! interval and journal offset of its earliest undo record. Maps are built on
+//! first use, cached (a few per replication), and kept current by apply,
+//! which adds each newly saved block to every cached map that lacks it.
+//! Every read holds the replication's read lock, so a view always sees a
+//! frame boundary while apply goes on.
+
+use crate::error::{MtError, Result};
+use crate::journal::{self, IntervalIndex, BLOCK};
+use crate::replication::{Disk, Inner, Replication, Store};
+use rebound_common::chunk::read_full_at;
+use rebound_common::nbd::{BlockDevice, ExportRegistry, NbdError};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+const BS: u64 = BLOCK as u64;
+/// Point maps cached per replication.
+const MAX_MAPS: usize = 8;
+
+/// Block key → (interval, journal offset) of its earliest undo record after
+/// the point.
+pub(crate) type PointMap = HashMap<u64, (u64, u64)>;
+
+/// Builds the map of the point that closes interval `k`.
+pub(crate) fn build_map(intervals: &BTreeMap<u64, IntervalIndex>, k: u64) -> PointMap {
+    let mut map = PointMap::new();
+    for (&n, idx) in intervals.range(k + 1..) {
+        idx.for_each(|key, off| {
+            map.entry(key).or_insert((n, off));
+        });
+    }
+    map
+}
+
+/// Cached point maps of one replication, keyed by the interval the point
+/// closes.
+#[derive(Default)]
+pub(crate) struct MapCache {
+    maps: HashMap<u64, (u64, PointMap)>,
+    tick: u64,
+}
+
+impl MapCache {
+    fn get_or_build(&mut self, intervals: &BTreeMap<u64, IntervalIndex>, k: u64) -> &PointMap {
+        self.tick += 1;
+        let tick = self.tick;
+        if !self.maps.contains_key(&k) && self.maps.len() >= MAX_MAPS {
+            if let Some(&old) = self
+                .maps
+                .iter()
+                .min_by_key(|(_, (used, _))| *used)
+                .map(|(k, _)| k)
+            {
+                self.maps.remove(&old);
+            }
+        }
+        let e = self
+            .maps
+            .entry(k)
+            .or_insert_with(|| (tick, build_map(intervals, k)));
+        e.0 = tick;
+        &e.1
+    }
+
+    /// Apply saved these blocks in interval `n` (newer than every cached
+    /// point): a map that has no earlier record of a block takes this one.
+    pub fn note_saved(&mut self, n: u64, saved: impl Iterator<Item = (u64, u64)> + Clone) {
+        for (&k, (_, map)) in self.maps.iter_mut() {
+            debug_assert!(k < n);
+            for (key, off) in saved.clone() {
+                map.entry(key).or_insert((n, off));
+            }
+        }
+    }
+
+    /// Retention dropped the points closing intervals before `k`.
+    pub fn forget_before(&mut self, k: u64) {
+        self.maps.retain(|&pk, _| pk >= k);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Src {
+    Replica,
+    Journal(u64, u64),
+    Pre(u64),
+}
+
+impl Replication {
+    /// Reads `buf.len()` bytes of disk `disk` at `offset` as they were at
+    /// recovery point `point` (`None`: the replica as it is now).
+    pub fn read_at_point(
+        &self,
+        disk: u32,
+        offset: u64,
+        buf: &mut [u8],
+        point: Option<&str>,
+    ) -> Result<()> {
+        let inner = self.read_inner();
+        let d = self.disk(disk)?;
+        self.check_range(d, offset, buf.len())?;
+        match point {
+            None => self.read_replica(d, offset, buf),
+            Some(id) => {
+                let p = inner.point_by_id(id).ok_or_else(|| self.no_point(id))?;
+                let (k, id) = (p.interval, p.id.clone());
+                self.read_at_interval(&inner, d, offset, buf, k, &id)
+            }
+        }
+    }
+
+    /// Like `read_at_point`, for a view that holds the point it was opened
+    /// at (id and interval), so a point cut later under the same id does not
+    /// change what an open view shows.
+    fn read_view(&self, disk: u32, offset: u64, buf: &mut [u8], point: Option<&(String, u64)>) -> Result<()> {
+        let inner = self.read_inner();
+        let d = self.disk(disk)?;
+        self.check_range(d, offset, buf.len())?;
+        match point {
+            None => self.read_replica(d, offset, buf),
+            Some((id, k)) => match inner.point_by_interval(*k) {
+                Some(p) if &p.id == id => self.read_at_interval(&inner, d, offset, buf, *k, id),
+                _ => Err(MtError::NotFound(format!(
+                    "recovery point {id} of machine {} (replication {}) has expired from retention; reconnect to a newer point",
+                    self.info.machine_id, self.id
+                ))),
+            },
+        }
+    }
+
+    fn no_point(&self, id: &str) -> MtError {
+        MtError::NotFound(format!(
+            "replication {} (machine {}) has no recovery point {id:?}; it may have expired from retention: list the points with ListPoints",
+            self.id, self.info.machine_id
+        ))
+    }
+
+    fn check_range(&self, d: &Disk, offset: u64, len: usize) -> Result<()> {
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= d.size => Ok(()),
+            _ => Err(MtError::InvalidArgument(format!(
+                "read of {len} bytes at offset {offset} is outside disk {} ({}) of replication {}, which has {} bytes",
+                d.index, d.name, self.id, d.size
+            ))),
+        }
+    }
+
+    fn read_replica(&self, d: &Disk, offset: u64, buf: &mut [u8]) -> Result<()> {
+        read_full_at(&d.file, buf, offset).map_err(|e| {
+            MtError::io(
+                format!(
+                    "cannot read replica {} of replication {} at offset {offset}",
+                    d.path.display(),
+                    self.id
+                ),
+                e,
+            )
+        })
+    }
+
+    /// Reads at the point closing interval `k`; `buf` is inside the disk.
+    pub(crate) fn read_at_interval(
+        &self,
+        inner: &Inner,
+        d: &Disk,
+        offset: u64,
+        buf: &mut [u8],
+        k: u64,
+        point_id: &str,
+    ) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let end = offset + buf.len() as u64;
+        let first = offset / BS;
+        let last = (end - 1) / BS;
+        // After a rollback to Q, points after Q need the pre-images.
+        let pre_point = inner.st.rolled_back_to.as_ref().or(inner
+            .st
+            .rollback
+            .as_ref()
+            .filter(|r| r.preimages_complete)
+            .map(|r| &r.point));
+        let pre = match pre_point {
+            Some(q) if k > q.interval => Some(inner.pre.as_ref().ok_or_else(|| {
+                MtError::DataLoss(format!(
+                    "the replica of machine {} is rolled back to {} and its pre-images cannot be read, so point {point_id} (after it) cannot be shown",
+                    self.info.machine_id, q.id
+                ))
+            })?),
+            _ => None,
+        };
+        let srcs: Vec<Src> = {
+            let mut cache = inner
+                .maps
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let map = cache.get_or_build(&inner.intervals, k);
+            (first..=last)
+                .map(|b| {
+                    let key = journal::key(d.index, b);
+                    if let Some(&(n, off)) = map.get(&key) {
+                        Src::Journal(n, off)
+                    } else if let Some(&off) = pre.and_then(|p| p.blocks.get(&key)) {
+                        Src::Pre(off)
+                    } else {
+                        Src::Replica
+                    }
+                })
+                .collect()
+        };
+        let mut tmp = vec![0u8; BLOCK];
+        let mut i = 0usize;
+        while i < srcs.len() {
+            let b = first + i as u64;
+            let bstart = (b * BS).max(offset);
+            match srcs[i] {
+                Src::Replica => {
+                    let mut j = i;
+                    while j + 1 < srcs.len() && srcs[j + 1] == Src::Replica {
+                        j += 1;
+                    }
+                    let rend = ((first + j as u64 + 1) * BS).min(end);
+                    let s = (bstart - offset) as usize;
+                    let e = (rend - offset) as usize;
+                    self.read_replica(d, bstart, &mut buf[s..e])?;
+                    i = j + 1;
+                    continue;
+                }
+                Src::Journal(n, off) => {
+                    let f = self.journal_file(n)?;
+                    journal::read_block(&f, off, journal::key(d.index, b), &mut tmp).map_err(|e| {
+                        MtError::DataLoss(format!(
+                            "replication {} disk {} block {b} at point {point_id}: retention journal {}: {e}",
+                            self.id,
+                            d.name,
+                            self.layout.journal(n).display()
+                        ))
+                    })?;
+                }
+                Src::Pre(off) => {
+                    let p = pre.expect("pre-images present");
+                    journal::read_block(&p.file, off, journal::key(d.index, b), &mut tmp).map_err(|e| {
+                        MtError::DataLoss(format!(
+                            "replication {} disk {} block {b} at point {point_id}: pre-image file {}: {e}",
+                            self.id,
+                            d.name,
+                            self.layout.preimages().display()
+                        ))
+                    })?;
+                }
+            }
+            let bend = ((b + 1) * BS).min(end);
+            let from = (bstart - b * BS) as usize;
+            let to = (bend - b * BS) as usize;
+            buf[(bstart - offset) as usize..(bend - offset) as usize].copy_from_slice(&tmp[from..to]);
+            i += 1;
+        }
+        Ok(())
+    }
+}
+
+/// The NBD export registry of recovery-point views:
+/// `<machine>/<disk name>@<point id>` and `<machine>/<disk name>@latest`.
+pub struct Views {
+    store: Arc<Store>,
+}
+
+impl Views {
+    pub fn new(store: Arc<Store>) -> Views {
+        Views { store }
+    }
+
+    /// Resolves an export name to a replication, disk and point. The
+    /// machine part may also be a replication id. When several replications
+    /// of a machine are here (after a failback), the newest one that has the
+    /// point wins.
+    fn resolve(&self, name: &str) -> Result<ViewDevice, String> {
+        let usage = "export names look like <machine>/<disk name>@<point id> or <machine>/<disk name>@latest";
+        let (path, point) = name
+            .split_once('@')
+            .ok_or_else(|| format!("no export {name:?}: {usage}"))?;
+        let (machine, disk) = path
+            .split_once('/')
+            .ok_or_else(|| format!("no export {name:?}: {usage}"))?;
+        let mut cands: Vec<_> = self
+            .store
+            .list()
+            .into_iter()
+            .filter(|r| r.machine_id() == machine || r.id() == machine)
+            .collect();
+        if cands.is_empty() {
+            return Err(format!("no export {name:?}: this MT has no replication of machine {machine:?}"));
+        }
+        cands.sort_by_key(|r| Reverse(r.created_ms()));
+        for r in cands {
+            let Some(d) = r.disk_by_name(disk) else {
+                continue;
+            };
+            let (index, size) = (d.index, d.size);
+            let point = if point == "latest" {
+                None
+            } else {
+                let inner = r.read_inner();
+                match inner.point_by_id(point) {
+                    Some(p) => Some((p.id.clone(), p.interval)),
+                    None => continue,
+                }
+            };
+            return Ok(ViewDevice {
+                repl: r.clone(),
+                disk: index,
+                size,
+                point,
+                name: name.to_string(),
+            });
+        }
+        Err(format!(
+            "no export {name:?}: machine {machine:?} has no disk {disk:?} with a recovery point {point:?} (it may have expired from retention)"
+        ))
+    }
+
+    /// Every export name, `@latest` first per disk, then points newest first.
+    pub fn export_names(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut repls = self.store.list();
+        repls.sort_by_key(|r| Reverse(r.created_ms()));
+        for r in repls {
+            let points = r.points();
+            for d in &r.disks {
+                let mut push = |n: String| {
+                    if seen.insert(n.clone()) {
+                        names.push(n);
+                    }
+                };
+                push(format!("{}/{}@latest", r.machine_id(), d.name));
+                for p in points.iter().rev() {
+                    push(format!("{}/{}@{}", r.machine_id(), d.name, p.id));
+                }
+            }
+        }
+        names
+    }
+}
+
+impl ExportRegistry for Views {
+    fn list(&self) -> Vec<String> {
+        self.export_names()
+    }
+
+    fn open(&self, name: &str) -> Result<Arc<dyn BlockDevice>, NbdError> {
+        let dev = self.resolve(name).map_err(NbdError::einval)?;
+        tracing::debug!(export = %name, "view opened");
+        Ok(Arc::new(dev))
+    }
+}
+
+/// One read-only view of a disk at a point (or at latest).
+struct ViewDevice {
+    repl: Arc<Replication>,
+    disk: u32,
+    size: u64,
+    point: Option<(String, u64)>,
+    name: String,
+}
+
+impl ViewDevice {
+    fn refuse(&self) -> NbdError {
+        NbdError::eperm(format!("view {} is read-only", self.name))
+    }
+}
+
+impl BlockDevice for ViewDevice {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_only(&self) -> bool {
+        true
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), NbdError> {
+        self.repl
+            .read_view(self.disk, offset, buf, self.point.as_ref())
+            .map_err(|e| NbdError::eio(format!("view {}: {e}", self.name)))
+    }
+    fn write(&self, _offset: u64, _data: &[u8], _fua: bool) -> Result<(), NbdError> {
+        Err(self.refuse())
+    }
+    fn flush(&self) -> Result<(), NbdError> {
+        Ok(())
+    }
+    fn trim(&self, _offset: u64, _len: u64, _fua: bool) -> Result<(), NbdError> {
+        Err(self.refuse())
+    }
+    fn write_zeroes(&self, _offset: u64, _len: u64, _fua: bool) -> Result<(), NbdError> {
+        Err(self.refuse())
+    }
+}

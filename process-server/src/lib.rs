@@ -1,0 +1,1 @@
+//! The process server: durable frame cache and forwarding to the master target
