@@ -90,14 +90,16 @@ pub trait ExportRegistry: Send + Sync {
 
 /// Serves NBD on a bound TCP listener until `shutdown` becomes true.
 ///
-/// Returns the accept thread's handle. The accept loop polls the listener
-/// (non-blocking, every 50 ms) so it notices `shutdown`; each connection runs
-/// on its own thread with TCP_NODELAY and blocking IO. When `shutdown` is
-/// set, the server stops accepting, shuts the read side of every connection
-/// so that requests already received are answered, and after a grace period
-/// (5 s) closes whatever is left. The handle finishes once the connections
-/// are gone (at most about 10 s; a connection stuck inside a device call is
-/// detached with a warning).
+/// Returns the accept thread's handle. The accept loop waits for clients
+/// with poll(2) and a 50 ms timeout, so it accepts at once and notices
+/// `shutdown` within 50 ms. Each connection runs on its own thread with
+/// TCP_NODELAY and blocking IO. When `shutdown` is set, the server stops
+/// accepting, shuts the read side of every connection so that requests
+/// already received are still answered, and after a grace period (5 s)
+/// closes whatever is left. The handle finishes once the connections are
+/// gone (at most about 10 s; a connection stuck inside a device call is
+/// detached with a warning). The listener is closed when the handle
+/// finishes; a unix socket's path is not removed.
 pub fn serve_tcp(
     listener: TcpListener,
     registry: Arc<dyn ExportRegistry>,

@@ -2,13 +2,14 @@
 //!
 //! The NBD server uses plain std threads and blocking IO: one thread per
 //! connection keeps requests of a connection in order without any locking,
-//! and a non-blocking accept polled every 50 ms lets the loop notice the
-//! shutdown flag without a self-pipe. Every live connection is kept in a
+//! and a non-blocking listener watched with poll(2) and a 50 ms timeout
+//! accepts at once yet notices the shutdown flag without a self-pipe. Every live connection is kept in a
 //! table so that shutdown can close its socket and wake its thread.
 
 use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -40,7 +41,7 @@ pub(crate) trait Conn: Read + Write + Send + Sized + 'static {
 }
 
 /// A bound listener the accept loop can poll.
-pub(crate) trait Listener: Send + 'static {
+pub(crate) trait Listener: AsRawFd + Send + 'static {
     type Stream: Conn;
     fn set_nonblocking_listener(&self) -> io::Result<()>;
     fn accept_conn(&self) -> io::Result<(Self::Stream, String)>;
@@ -182,7 +183,9 @@ fn accept_loop<L: Listener>(
                     threads.push((next_id, h));
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(ACCEPT_POLL),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                wait_readable(listener.as_raw_fd(), ACCEPT_POLL)
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 // EMFILE and friends: keep serving the connections we have.
@@ -312,6 +315,21 @@ fn stop_connections<S: Conn>(
         }
     }
     info!(listen = %local, "NBD server stopped");
+}
+
+/// Waits until `fd` is readable (a connection is pending) or `timeout`.
+fn wait_readable(fd: RawFd, timeout: Duration) {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `pfd` is a valid pollfd for the duration of the call and the
+    // count is 1. Errors (EINTR) just end the wait early; the caller retries.
+    unsafe {
+        libc::poll(&mut pfd, 1, ms);
+    }
 }
 
 fn wait_empty<S>(table: &ConnTable<S>, within: Duration) -> bool {

@@ -130,8 +130,8 @@ fn in_range(offset: u64, len: u64, size: u64) -> bool {
 /// except that the last block of a device whose size is not a multiple of
 /// the block size can be reached.
 fn aligned(offset: u64, len: u64, size: u64) -> bool {
-    let bs = u64::from(MIN_BLOCK_SIZE);
-    offset % bs == 0 && (len % bs == 0 || offset + len == size)
+    let mask = u64::from(MIN_BLOCK_SIZE) - 1; // a power of two
+    offset & mask == 0 && (len & mask == 0 || offset + len == size)
 }
 
 impl<R: Read, W: Write> Session<'_, R, W> {

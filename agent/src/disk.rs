@@ -1,0 +1,216 @@
+//! A protected disk: its backing file or block device, and the NBD face the
+//! machine writes through (DESIGN.md §5 "NBD front end").
+//!
+//! Reads go straight to the backing file. Writes, trims and zeroes go through
+//! the machine's ordering point in [`crate::capture`], which does the IO and
+//! records the change in the same critical section.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rebound_common::nbd::{BlockDevice, ExportRegistry, NbdError};
+
+use crate::capture::Capture;
+use crate::AgentError;
+
+/// The backing store of one protected disk.
+#[derive(Debug)]
+pub struct Disk {
+    pub index: u32,
+    pub name: String,
+    pub path: PathBuf,
+    file: File,
+    size: u64,
+    block_device: bool,
+}
+
+impl Disk {
+    /// Opens the backing file or block device read-write; its size is the
+    /// disk's size.
+    pub fn open(index: u32, name: &str, path: &Path) -> Result<Disk, AgentError> {
+        let err = |message: String| AgentError::Disk {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            message,
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| err(format!("cannot open read-write: {e} (create the file, e.g. `truncate -s 10G {}`)", path.display())))?;
+        let meta = file.metadata().map_err(|e| err(format!("cannot stat: {e}")))?;
+        let block_device = meta.file_type().is_block_device();
+        if !block_device && !meta.is_file() {
+            return Err(err("is neither a regular file nor a block device".into()));
+        }
+        let size = file
+            .seek(SeekFrom::End(0))
+            .map_err(|e| err(format!("cannot find the size: {e}")))?;
+        if size == 0 {
+            return Err(err("has size 0; give it a size first".into()));
+        }
+        Ok(Disk {
+            index,
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            file,
+            size,
+            block_device,
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn is_block_device(&self) -> bool {
+        self.block_device
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        rebound_common::chunk::read_full_at(&self.file, buf, offset)
+    }
+
+    pub fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(data, offset)
+    }
+
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Makes `len` bytes at `offset` read as zeroes: punches a hole where
+    /// the file system or device supports it, writes zeroes otherwise.
+    pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        let fd = self.file.as_raw_fd();
+        for mode in [
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        ] {
+            // SAFETY: plain syscall on a valid fd with integer arguments.
+            let rc = unsafe { libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) };
+            if rc == 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENODEV | libc::ENOSYS) => continue,
+                _ => return Err(e),
+            }
+        }
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64) as usize;
+            self.file.write_all_at(&zeros[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// The NBD face of one disk.
+pub struct DiskDevice {
+    disk: Arc<Disk>,
+    capture: Arc<Capture>,
+}
+
+impl BlockDevice for DiskDevice {
+    fn size(&self) -> u64 {
+        self.disk.size
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), NbdError> {
+        self.disk
+            .read_at(buf, offset)
+            .map_err(|e| NbdError::from_io(&e, format!("read of disk {} at offset {offset}", self.disk.name)))
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), NbdError> {
+        self.capture.write(self.disk.index, offset, data, fua)
+    }
+    fn flush(&self) -> Result<(), NbdError> {
+        self.disk
+            .sync()
+            .map_err(|e| NbdError::from_io(&e, format!("flush of disk {}", self.disk.name)))
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), NbdError> {
+        self.capture.zero(self.disk.index, offset, len, fua)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), NbdError> {
+        self.capture.zero(self.disk.index, offset, len, fua)
+    }
+}
+
+/// The agent's exports: one per protected disk, named after the disk.
+pub struct Exports {
+    devices: Vec<(String, Arc<DiskDevice>)>,
+}
+
+impl Exports {
+    pub fn new(capture: &Arc<Capture>) -> Exports {
+        Exports {
+            devices: capture
+                .disks()
+                .iter()
+                .map(|d| {
+                    (
+                        d.name.clone(),
+                        Arc::new(DiskDevice {
+                            disk: d.clone(),
+                            capture: capture.clone(),
+                        }),
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
+impl ExportRegistry for Exports {
+    fn list(&self) -> Vec<String> {
+        self.devices.iter().map(|(n, _)| n.clone()).collect()
+    }
+    fn open(&self, name: &str) -> Result<Arc<dyn BlockDevice>, NbdError> {
+        self.devices
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, d)| d.clone() as Arc<dyn BlockDevice>)
+            .ok_or_else(|| {
+                NbdError::einval(format!(
+                    "no export named {name:?}; this agent exports {}",
+                    self.list().join(", ")
+                ))
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_range_zeroes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.img");
+        std::fs::write(&p, vec![0xabu8; 3 << 20]).unwrap();
+        let d = Disk::open(0, "d", &p).unwrap();
+        assert_eq!(d.size(), 3 << 20);
+        d.zero_range(4096, (1 << 20) + 512).unwrap();
+        let mut buf = vec![0u8; 3 << 20];
+        d.read_at(&mut buf, 0).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 0xab));
+        assert!(buf[4096..4096 + (1 << 20) + 512].iter().all(|&b| b == 0));
+        assert!(buf[4096 + (1 << 20) + 512..].iter().all(|&b| b == 0xab));
+    }
+}

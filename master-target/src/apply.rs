@@ -1,0 +1,476 @@
+//! Applying frames to the replica (DESIGN.md §7 "Apply").
+//!
+//! Per frame, in stream order: verify the hash; skip records already
+//! applied; for every 4 KiB block written for the first time in the current
+//! interval, append its old content to the interval's journal; fdatasync the
+//! journal; write the new data to the replica; fdatasync the replicas;
+//! persist the applied seq; only then does the caller acknowledge. A tag
+//! closes the interval and becomes a recovery point in the catalog.
+//!
+//! A frame is validated whole before anything of it is applied. An IO error
+//! halfway through leaves the applied seq where it was; the in-memory state
+//! is then rebuilt from disk (as after a crash), and re-applying the frame
+//! is harmless because blocks already saved in the interval are not saved
+//! again and writes are idempotent.
+
+use crate::catalog::{self, PointEntry};
+use crate::error::{io_err, MtError, Result};
+use crate::journal::{self, IntervalIndex, BLOCK};
+use crate::replication::{Inner, Replication};
+use crate::state::{save_json, ResyncWindow};
+use rebound_common::chunk::read_full_at;
+use rebound_common::durable::fsync_dir;
+use rebound_common::frame::{Frame, FrameError, Record, Tag};
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use tracing::{error, info, warn};
+
+const BS: u64 = BLOCK as u64;
+/// Undo bytes or data bytes gathered before they are written out.
+const BATCH_BYTES: usize = 32 << 20;
+/// Zero records are applied in pieces of this size (their undo can be large).
+const ZERO_PIECE: u64 = 16 << 20;
+
+enum Op<'a> {
+    Data {
+        disk: usize,
+        offset: u64,
+        data: &'a [u8],
+    },
+    Zero {
+        disk: usize,
+        offset: u64,
+        len: u64,
+    },
+}
+
+/// Writes gathered for one fdatasync of the journal.
+#[derive(Default)]
+struct Batch<'a> {
+    ops: Vec<Op<'a>>,
+    data_bytes: usize,
+    /// Encoded undo records, appended to the journal at flush.
+    undo: Vec<u8>,
+    /// (key, offset in `undo`) of the blocks saved by this batch.
+    saved: Vec<(u64, u64)>,
+    saved_set: HashSet<u64>,
+}
+
+impl Batch<'_> {
+    fn full(&self) -> bool {
+        self.undo.len() >= BATCH_BYTES || self.data_bytes >= BATCH_BYTES
+    }
+}
+
+impl Replication {
+    /// Parses, verifies and applies one encoded frame. Returns the applied
+    /// seq to acknowledge.
+    pub fn apply_frame(&self, bytes: &[u8]) -> Result<u64> {
+        let frame = Frame::parse(bytes).map_err(|e| {
+            MtError::InvalidArgument(format!(
+                "replication {}: refused a frame that cannot be parsed ({e}); nothing of it was applied",
+                self.id
+            ))
+        })?;
+        self.apply(&frame)
+    }
+
+    /// Verifies and applies one frame. Returns the applied seq.
+    pub fn apply(&self, frame: &Frame) -> Result<u64> {
+        let h = &frame.header;
+        let range = format!("{}..={}", h.first_seq, h.last_seq);
+        if h.replication_id != self.id {
+            return Err(MtError::InvalidArgument(format!(
+                "frame seq {range} belongs to replication {} but was sent on the stream of replication {}; nothing of it was applied",
+                h.replication_id, self.id
+            )));
+        }
+        let records = frame.records().map_err(|e| {
+            let msg = format!(
+                "replication {} frame seq {range} refused: {e}; nothing of it was applied; the process server must resend it",
+                self.id
+            );
+            warn!(replication = %self.id, seq = %range, error = %e, "frame refused");
+            match e {
+                FrameError::HashMismatch { .. } | FrameError::Decompress(_) => MtError::DataLoss(msg),
+                _ => MtError::InvalidArgument(msg),
+            }
+        })?;
+        let mut inner = self.write_inner()?;
+        if let Some(msg) = self.rolled_back_refusal(&inner) {
+            return Err(MtError::FailedPrecondition(msg));
+        }
+        let applied = inner.st.applied_seq;
+        if h.last_seq <= applied {
+            return Ok(applied);
+        }
+        if h.first_seq > applied + 1 {
+            return Err(MtError::FailedPrecondition(format!(
+                "replication {} frame seq {range} leaves a gap: this MT has applied up to seq {applied}; resend from seq {}",
+                self.id,
+                applied + 1
+            )));
+        }
+        let skip = (applied + 1 - h.first_seq) as usize;
+        let first_seq = h.first_seq + skip as u64;
+        let todo = &records[skip..];
+        self.validate(first_seq, todo)?;
+        match self.apply_records(&mut inner, first_seq, todo) {
+            Ok(()) => Ok(h.last_seq),
+            Err(e) => {
+                error!(replication = %self.id, seq = %range, error = %e,
+                    "applying a frame failed; it was not acknowledged and can be resent");
+                if let Err(e2) = self.reload(&mut inner) {
+                    error!(replication = %self.id, error = %e2, "cannot recover the replication state from disk");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Why apply must refuse frames now, if it must.
+    pub(crate) fn rolled_back_refusal(&self, inner: &Inner) -> Option<String> {
+        if let Some(p) = &inner.st.rolled_back_to {
+            return Some(format!(
+                "replica of {} is rolled back to {}; restore pre-images first",
+                self.info.machine_id, p.id
+            ));
+        }
+        if let Some(r) = &inner.st.rollback {
+            return Some(format!(
+                "replica of {} is being rolled back to {} (or that rollback was interrupted); re-run the rollback or restore pre-images first",
+                self.info.machine_id, r.point.id
+            ));
+        }
+        None
+    }
+
+    fn disk_pos(&self, index: u32) -> Option<usize> {
+        self.disks.iter().position(|d| d.index == index)
+    }
+
+    /// Checks every record before anything is applied.
+    fn validate(&self, first_seq: u64, recs: &[Record]) -> Result<()> {
+        for (i, rec) in recs.iter().enumerate() {
+            let seq = first_seq + i as u64;
+            let (disk, offset, len) = match rec {
+                Record::Write { disk, offset, data } => (*disk, *offset, data.len() as u64),
+                Record::Zero { disk, offset, len } => (*disk, *offset, *len),
+                _ => continue,
+            };
+            let Some(pos) = self.disk_pos(disk) else {
+                return Err(MtError::InvalidArgument(format!(
+                    "replication {} record seq {seq} is for disk {disk}, which this replication does not have; nothing of the frame was applied",
+                    self.id
+                )));
+            };
+            let d = &self.disks[pos];
+            if offset.checked_add(len).is_none_or(|end| end > d.size) {
+                return Err(MtError::InvalidArgument(format!(
+                    "replication {} record seq {seq} writes {len} bytes at offset {offset} of disk {disk} ({}), past its end at {}; nothing of the frame was applied",
+                    self.id, d.name, d.size
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_records(&self, inner: &mut Inner, first_seq: u64, recs: &[Record]) -> Result<()> {
+        let mut batch = Batch::default();
+        let mut touched = vec![false; self.disks.len()];
+        for (i, rec) in recs.iter().enumerate() {
+            let seq = first_seq + i as u64;
+            match rec {
+                Record::Write { disk, offset, data } => {
+                    if data.is_empty() {
+                        continue;
+                    }
+                    let pos = self.disk_pos(*disk).expect("validated");
+                    self.stage(inner, &mut batch, pos, *offset, data.len() as u64)?;
+                    batch.data_bytes += data.len();
+                    batch.ops.push(Op::Data {
+                        disk: pos,
+                        offset: *offset,
+                        data,
+                    });
+                    if batch.full() {
+                        self.flush(inner, &mut batch, &mut touched)?;
+                    }
+                }
+                Record::Zero { disk, offset, len } => {
+                    let pos = self.disk_pos(*disk).expect("validated");
+                    let end = offset + len;
+                    let mut o = *offset;
+                    while o < end {
+                        let n = ZERO_PIECE.min(end - o);
+                        self.stage(inner, &mut batch, pos, o, n)?;
+                        batch.ops.push(Op::Zero {
+                            disk: pos,
+                            offset: o,
+                            len: n,
+                        });
+                        if batch.full() {
+                            self.flush(inner, &mut batch, &mut touched)?;
+                        }
+                        o += n;
+                    }
+                }
+                Record::Tag(tag) => {
+                    self.flush(inner, &mut batch, &mut touched)?;
+                    self.sync_replicas(&mut touched)?;
+                    self.cut_point(inner, seq, tag)?;
+                }
+                Record::ResyncBegin { disks, reason } => {
+                    info!(replication = %self.id, seq, disks = ?disks, reason = %reason, "resync window opened");
+                    inner.st.resync = Some(ResyncWindow {
+                        begin_seq: seq,
+                        disks: disks.clone(),
+                        reason: reason.clone(),
+                    });
+                }
+                Record::ResyncEnd => {
+                    let begin = inner.st.resync.take().map(|w| w.begin_seq);
+                    info!(replication = %self.id, seq, begin_seq = ?begin, "resync window closed");
+                }
+            }
+        }
+        self.flush(inner, &mut batch, &mut touched)?;
+        self.sync_replicas(&mut touched)?;
+        let last = first_seq + recs.len() as u64 - 1;
+        inner.st.applied_seq = last;
+        save_json(&self.layout.state(), &inner.st)?;
+        self.applied_tx.send_replace(last);
+        Ok(())
+    }
+
+    /// Saves the old content of every block of `offset..offset+len` that the
+    /// current interval has not saved yet (into the batch's undo buffer).
+    fn stage(&self, inner: &Inner, batch: &mut Batch<'_>, pos: usize, offset: u64, len: u64) -> Result<()> {
+        if len == 0 || !inner.journaling() {
+            return Ok(());
+        }
+        let d = &self.disks[pos];
+        let cur = inner.intervals.get(&inner.st.interval);
+        let needs = |b: u64, batch: &Batch<'_>| {
+            let k = journal::key(d.index, b);
+            !batch.saved_set.contains(&k) && !cur.is_some_and(|c| c.contains(k))
+        };
+        let first = offset / BS;
+        let last = (offset + len - 1) / BS;
+        let mut b = first;
+        while b <= last {
+            if !needs(b, batch) {
+                b += 1;
+                continue;
+            }
+            let mut e = b;
+            while e < last && needs(e + 1, batch) {
+                e += 1;
+            }
+            // None of these blocks is touched by a pending op of the batch
+            // (those are all saved), so the replica holds their old content.
+            let mut old = vec![0u8; ((e - b + 1) * BS) as usize];
+            read_full_at(&d.file, &mut old, b * BS).map_err(io_err(|| {
+                format!(
+                    "cannot read old content of disk {} ({}) of replication {} at offset {}",
+                    d.index,
+                    d.name,
+                    self.id,
+                    b * BS
+                )
+            }))?;
+            for (j, chunk) in old.chunks_exact(BLOCK).enumerate() {
+                let blk = b + j as u64;
+                let rel = batch.undo.len() as u64;
+                journal::encode(&mut batch.undo, d.index, blk, chunk);
+                let k = journal::key(d.index, blk);
+                batch.saved.push((k, rel));
+                batch.saved_set.insert(k);
+            }
+            b = e + 1;
+        }
+        Ok(())
+    }
+
+    /// Writes the batch's undo records, fdatasyncs the journal, then writes
+    /// the batch's data to the replicas.
+    fn flush(&self, inner: &mut Inner, batch: &mut Batch<'_>, touched: &mut [bool]) -> Result<()> {
+        if !batch.undo.is_empty() {
+            let cur = inner.st.interval;
+            if inner.journal.is_none() {
+                inner.journal = Some(self.open_journal(cur)?);
+            }
+            let f = inner.journal.as_ref().expect("journal open");
+            let idx = inner
+                .intervals
+                .entry(cur)
+                .or_insert_with(IntervalIndex::new_open);
+            let base = idx.len;
+            if let Err(e) = f.write_all_at(&batch.undo, base).and_then(|_| f.sync_data()) {
+                let _ = f.set_len(base);
+                return Err(MtError::io(
+                    format!(
+                        "cannot append to retention journal {} of replication {} (is the disk full?)",
+                        self.layout.journal(cur).display(),
+                        self.id
+                    ),
+                    e,
+                ));
+            }
+            idx.len += batch.undo.len() as u64;
+            for &(k, rel) in &batch.saved {
+                idx.insert(k, base + rel);
+            }
+            inner
+                .maps
+                .get_mut()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .note_saved(cur, batch.saved.iter().map(|&(k, rel)| (k, base + rel)));
+            batch.undo.clear();
+            batch.saved.clear();
+            batch.saved_set.clear();
+        }
+        for op in batch.ops.drain(..) {
+            match op {
+                Op::Data { disk, offset, data } => {
+                    let d = &self.disks[disk];
+                    d.file.write_all_at(data, offset).map_err(io_err(|| {
+                        format!(
+                            "cannot write {} bytes to replica {} of replication {} at offset {offset}",
+                            data.len(),
+                            d.path.display(),
+                            self.id
+                        )
+                    }))?;
+                    touched[disk] = true;
+                }
+                Op::Zero { disk, offset, len } => {
+                    let d = &self.disks[disk];
+                    zero_range(&d.file, offset, len).map_err(io_err(|| {
+                        format!(
+                            "cannot zero {len} bytes of replica {} of replication {} at offset {offset}",
+                            d.path.display(),
+                            self.id
+                        )
+                    }))?;
+                    touched[disk] = true;
+                }
+            }
+        }
+        batch.data_bytes = 0;
+        Ok(())
+    }
+
+    fn open_journal(&self, n: u64) -> Result<File> {
+        let path = self.layout.journal(n);
+        let existed = path.exists();
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err(|| format!("cannot open retention journal {}", path.display())))?;
+        if !existed {
+            let dir = self.layout.retention_dir();
+            fsync_dir(&dir).map_err(io_err(|| format!("cannot fsync {}", dir.display())))?;
+        }
+        Ok(f)
+    }
+
+    fn sync_replicas(&self, touched: &mut [bool]) -> Result<()> {
+        for (i, t) in touched.iter_mut().enumerate() {
+            if *t {
+                let d = &self.disks[i];
+                d.file.sync_data().map_err(io_err(|| {
+                    format!("cannot fdatasync replica {} of replication {}", d.path.display(), self.id)
+                }))?;
+                *t = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// A tag: the current interval becomes a recovery point.
+    fn cut_point(&self, inner: &mut Inner, seq: u64, tag: &Tag) -> Result<()> {
+        if inner.points.iter().rev().any(|p| p.seq == seq) {
+            return Ok(());
+        }
+        let cur = inner.st.interval;
+        let entry = PointEntry {
+            id: if tag.id.is_empty() {
+                format!("seq-{seq}")
+            } else {
+                tag.id.clone()
+            },
+            kind: tag.kind.as_str().to_string(),
+            time_ms: tag.time_ms,
+            seq,
+            group: tag.group.clone(),
+            interval: cur,
+        };
+        if let Some(w) = &inner.st.resync {
+            warn!(replication = %self.id, point = %entry.id, resync_begin_seq = w.begin_seq,
+                "recovery point cut inside a resync window; it may not be consistent");
+        }
+        catalog::append(&self.layout.catalog(), &entry)?;
+        inner.journal = None;
+        if let Some(idx) = inner.intervals.get_mut(&cur) {
+            if idx.count() == 0 {
+                inner.intervals.remove(&cur);
+            } else {
+                idx.close();
+            }
+        }
+        inner.st.interval = cur + 1;
+        inner.intervals.insert(cur + 1, IntervalIndex::new_open());
+        inner.st.applied_seq = seq;
+        save_json(&self.layout.state(), &inner.st)?;
+        self.applied_tx.send_replace(seq);
+        info!(
+            replication = %self.id,
+            point = %entry.id,
+            kind = %entry.kind,
+            seq,
+            interval = cur,
+            group = %entry.group,
+            "recovery point cut"
+        );
+        inner.points.push(entry);
+        Ok(())
+    }
+}
+
+/// Makes `len` bytes at `offset` read as zeroes: punches a hole (keeping
+/// the size), or writes zeroes where the filesystem cannot punch.
+fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    // SAFETY: fallocate on a valid open descriptor with plain integer args.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => {
+            let zeros = vec![0u8; (1 << 20).min(len as usize)];
+            let mut o = offset;
+            let end = offset + len;
+            while o < end {
+                let n = (end - o).min(zeros.len() as u64) as usize;
+                file.write_all_at(&zeros[..n], o)?;
+                o += n as u64;
+            }
+            Ok(())
+        }
+        _ => Err(err),
+    }
+}

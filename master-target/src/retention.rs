@@ -1,0 +1,194 @@
+//! Retention: dropping the oldest recovery points (DESIGN.md §7 "Retention").
+//!
+//! A point closing interval k needs the journals of the intervals after k.
+//! Dropping the oldest point P therefore frees the journals up to and
+//! including the interval the next point closes; the remaining points never
+//! need those. Points older than the window are dropped; when the journals
+//! of a replication exceed the size cap, the oldest points go too and the
+//! window shrinks. The newest point is always kept, so a replication that
+//! had a point keeps one. Rolled-back replications are left alone: their
+//! journals may still be needed to choose another point.
+//!
+//! Order on disk: the catalog is rewritten first (atomically), then the
+//! freed journals are deleted; journals a crash left behind are deleted on
+//! the next open.
+
+use crate::catalog;
+use crate::config::RetentionConfig;
+use crate::error::Result;
+use crate::replication::{Replication, Store};
+use rebound_common::durable::fsync_dir;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// What one retention pass did to a replication.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetentionOutcome {
+    pub dropped: usize,
+    pub oldest: Option<String>,
+    /// The size cap (not the window) forced some of the drops.
+    pub size_capped: bool,
+    pub journal_bytes: u64,
+}
+
+/// "1d2h3m4s"-style rendering of a duration in milliseconds.
+pub fn human_duration(ms: u64) -> String {
+    let s = ms / 1000;
+    let (d, h, m, s) = (s / 86400, s / 3600 % 24, s / 60 % 60, s % 60);
+    let mut out = String::new();
+    if d > 0 {
+        out.push_str(&format!("{d}d"));
+    }
+    if h > 0 {
+        out.push_str(&format!("{h}h"));
+    }
+    if m > 0 {
+        out.push_str(&format!("{m}m"));
+    }
+    if s > 0 || out.is_empty() {
+        out.push_str(&format!("{s}s"));
+    }
+    out
+}
+
+impl Replication {
+    /// One retention pass at time `now_ms`.
+    pub fn enforce_retention(&self, cfg: &RetentionConfig, now_ms: u64) -> Result<RetentionOutcome> {
+        let mut inner = self.write_inner()?;
+        let mut out = RetentionOutcome {
+            journal_bytes: inner.journal_bytes(),
+            oldest: inner.points.first().map(|p| p.id.clone()),
+            ..Default::default()
+        };
+        if inner.rollback_point().is_some() || inner.points.len() <= 1 {
+            return Ok(out);
+        }
+        let points = &inner.points;
+        let n = points.len();
+        let window_ms = cfg.window_secs.saturating_mul(1000);
+        let mut d = 0;
+        while d < n - 1 && now_ms.saturating_sub(points[d].time_ms) > window_ms {
+            d += 1;
+        }
+        let by_window = d;
+        if cfg.max_bytes > 0 {
+            let lens: Vec<(u64, u64)> = inner.intervals.iter().map(|(&k, i)| (k, i.len)).collect();
+            let mut it = 0;
+            let mut total: u64 = lens.iter().map(|&(_, l)| l).sum();
+            let mut advance = |d: usize, it: &mut usize, total: &mut u64| {
+                while *it < lens.len() && lens[*it].0 <= points[d].interval {
+                    *total -= lens[*it].1;
+                    *it += 1;
+                }
+            };
+            advance(d, &mut it, &mut total);
+            while d < n - 1 && total > cfg.max_bytes {
+                d += 1;
+                advance(d, &mut it, &mut total);
+            }
+            if total > cfg.max_bytes && d > 0 {
+                warn!(replication = %self.id, journal_bytes = total, max_bytes = cfg.max_bytes,
+                    "retention size cap is smaller than the journal the newest point needs; keeping the newest point");
+            }
+        }
+        if d == 0 {
+            return Ok(out);
+        }
+        let keep = inner.points[d..].to_vec();
+        catalog::rewrite(&self.layout.catalog(), &keep)?;
+        let oldest = keep[0].clone();
+        inner.points = keep;
+        let freed: Vec<u64> = inner
+            .intervals
+            .range(..=oldest.interval)
+            .map(|(&k, _)| k)
+            .collect();
+        for k in &freed {
+            inner.intervals.remove(k);
+            self.forget_journal_fd(*k);
+            let path = self.layout.journal(*k);
+            if let Err(e) = std::fs::remove_file(&path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    warn!(replication = %self.id, journal = %path.display(), error = %e,
+                        "cannot delete a dropped journal; it is deleted at the next start");
+                }
+            }
+        }
+        if let Err(e) = fsync_dir(&self.layout.retention_dir()) {
+            warn!(replication = %self.id, error = %e, "cannot fsync the retention directory");
+        }
+        inner
+            .maps
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .forget_before(oldest.interval);
+        out.dropped = d;
+        out.size_capped = d > by_window;
+        out.oldest = Some(oldest.id.clone());
+        out.journal_bytes = inner.journal_bytes();
+        if out.size_capped {
+            info!(
+                replication = %self.id,
+                max_bytes = cfg.max_bytes,
+                journal_bytes = out.journal_bytes,
+                "retention size cap reached: window shrank to {}, oldest point now {}",
+                human_duration(now_ms.saturating_sub(oldest.time_ms)),
+                oldest.id
+            );
+        }
+        info!(
+            replication = %self.id,
+            dropped = d,
+            by_window,
+            oldest_point = %oldest.id,
+            points = inner.points.len(),
+            journal_bytes = out.journal_bytes,
+            "retention dropped the oldest recovery points"
+        );
+        Ok(out)
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Runs retention over every replication every `check_secs` until `stop`.
+pub async fn run_task(store: Arc<Store>, cfg: RetentionConfig, mut stop: watch::Receiver<bool>) {
+    let period = Duration::from_secs(cfg.check_secs.max(1));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let store = store.clone();
+        let cfg = cfg.clone();
+        let pass = tokio::task::spawn_blocking(move || {
+            let now = now_ms();
+            for r in store.list() {
+                if let Err(e) = r.enforce_retention(&cfg, now) {
+                    warn!(replication = %r.id(), error = %e, "retention pass failed; retrying later");
+                }
+            }
+        });
+        if let Err(e) = pass.await {
+            warn!(error = %e, "retention task failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn durations() {
+        assert_eq!(super::human_duration(0), "0s");
+        assert_eq!(super::human_duration(61_000), "1m1s");
+        assert_eq!(super::human_duration(90_061_000), "1d1h1m1s");
+        assert_eq!(super::human_duration(3_600_000), "1h");
+    }
+}

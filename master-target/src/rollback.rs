@@ -1,0 +1,413 @@
+//! Rolling a replica back to a recovery point, and undoing that
+//! (DESIGN.md §7 "Rollback").
+//!
+//! The affected blocks are those saved by any interval after the point P.
+//! 1. Their current content goes to `rollback/preimages` (a header naming
+//!    P, then undo-format records), which is fsynced; then state.json marks
+//!    the pre-images complete.
+//! 2. Each affected block gets its content at P; the replicas are fsynced.
+//! 3. state.json records `rolled_back_to = P`.
+//!
+//! Re-running after a crash at any moment ends at exactly P: before step 1
+//! completes the replica is untouched and the pre-images are saved again;
+//! after it they are not (they would capture half-rolled-back content), and
+//! step 2 is idempotent. `RestorePreImages` writes the pre-images back so a
+//! different point can be chosen.
+
+use crate::catalog::PointEntry;
+use crate::error::{io_err, MtError, Result};
+use crate::journal::{self, key_block, key_disk, BLOCK};
+use crate::layout::Layout;
+use crate::replication::Replication;
+use crate::state::{save_json, PointRef, RollbackProgress};
+use crate::view::build_map;
+use rebound_common::chunk::read_full_at;
+use rebound_common::durable::fsync_dir;
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+const BS: u64 = BLOCK as u64;
+const PRE_MAGIC: [u8; 4] = *b"RBP1";
+const PRE_VERSION: u8 = 1;
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// The pre-image file of a rollback, indexed.
+pub(crate) struct PreImages {
+    pub point: PointRef,
+    pub file: File,
+    /// Block key → record offset.
+    pub blocks: HashMap<u64, u64>,
+}
+
+fn encode_header(point: &PointRef, count: u64) -> Vec<u8> {
+    let mut h = Vec::with_capacity(64 + point.id.len());
+    h.extend_from_slice(&PRE_MAGIC);
+    h.push(PRE_VERSION);
+    h.extend_from_slice(&[0u8; 3]);
+    h.extend_from_slice(&point.interval.to_le_bytes());
+    h.extend_from_slice(&point.seq.to_le_bytes());
+    h.extend_from_slice(&count.to_le_bytes());
+    let id = &point.id.as_bytes()[..point.id.len().min(u16::MAX as usize)];
+    h.extend_from_slice(&(id.len() as u16).to_le_bytes());
+    h.extend_from_slice(id);
+    let sum = blake3::hash(&h);
+    h.extend_from_slice(&sum.as_bytes()[..8]);
+    h
+}
+
+/// Parses a pre-image header: (point, record count, header length).
+fn parse_header(f: &File) -> Result<(PointRef, u64, u64), String> {
+    let mut fixed = [0u8; 34];
+    f.read_exact_at(&mut fixed, 0)
+        .map_err(|e| format!("cannot read the header: {e}"))?;
+    if fixed[..4] != PRE_MAGIC || fixed[4] != PRE_VERSION {
+        return Err("not a pre-image file (bad magic or version)".into());
+    }
+    let interval = u64::from_le_bytes(fixed[8..16].try_into().expect("8"));
+    let seq = u64::from_le_bytes(fixed[16..24].try_into().expect("8"));
+    let count = u64::from_le_bytes(fixed[24..32].try_into().expect("8"));
+    let id_len = u16::from_le_bytes(fixed[32..34].try_into().expect("2")) as usize;
+    let mut rest = vec![0u8; id_len + 8];
+    f.read_exact_at(&mut rest, 34)
+        .map_err(|e| format!("cannot read the header: {e}"))?;
+    let mut all = fixed.to_vec();
+    all.extend_from_slice(&rest[..id_len]);
+    if blake3::hash(&all).as_bytes()[..8] != rest[id_len..] {
+        return Err("header checksum mismatch".into());
+    }
+    let id = String::from_utf8(rest[..id_len].to_vec()).map_err(|_| "point id is not UTF-8")?;
+    Ok((PointRef { id, seq, interval }, count, (34 + id_len + 8) as u64))
+}
+
+impl PreImages {
+    /// Opens and indexes the pre-image file, which must be complete and
+    /// belong to `point`.
+    pub fn open(layout: &Layout, point: &PointRef, disk_ok: impl Fn(u32) -> bool) -> Result<PreImages> {
+        let path = layout.preimages();
+        let bad = |m: String| MtError::DataLoss(format!("pre-image file {}: {m}", path.display()));
+        let file = OpenOptions::new()
+            .read(true)
+            .open(&path)
+            .map_err(io_err(|| format!("cannot open pre-image file {}", path.display())))?;
+        let (p, count, hlen) = parse_header(&file).map_err(bad)?;
+        if &p != point {
+            return Err(bad(format!(
+                "it belongs to a rollback to {} (seq {}) but the replica state names {} (seq {})",
+                p.id, p.seq, point.id, point.seq
+            )));
+        }
+        let scan = journal::scan(&file, hlen, disk_ok)
+            .map_err(io_err(|| format!("cannot read pre-image file {}", path.display())))?;
+        if scan.entries.len() as u64 != count || scan.valid_len != scan.file_len {
+            return Err(bad(format!(
+                "it should hold {count} blocks but {} are readable ({})",
+                scan.entries.len(),
+                scan.problem.unwrap_or_else(|| "short file".into())
+            )));
+        }
+        Ok(PreImages {
+            point: p,
+            file,
+            blocks: scan.entries.into_iter().collect(),
+        })
+    }
+}
+
+/// What a rollback did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RollbackReport {
+    pub point: PointEntry,
+    /// Blocks written to bring the replica to the point.
+    pub blocks_restored: u64,
+    /// Bytes of undo content read from the retention journal.
+    pub undo_bytes: u64,
+}
+
+/// Where a test makes a rollback stop, as a crash would.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CrashAt {
+    Never,
+    /// Halfway through writing the pre-images.
+    DuringPreImages,
+    /// Right after the pre-images are complete.
+    AfterPreImages,
+    /// Halfway through writing the point's content.
+    MidWrite,
+}
+
+fn simulated_crash() -> MtError {
+    MtError::Internal("simulated crash (test hook)".into())
+}
+
+impl Replication {
+    /// Rolls the replica back to recovery point `point` (an id). Idempotent:
+    /// re-running after an interruption, or when already at the point,
+    /// ends at exactly the point.
+    pub fn rollback(&self, point: &str) -> Result<RollbackReport> {
+        self.rollback_inner(point, CrashAt::Never)
+    }
+
+    pub(crate) fn rollback_inner(&self, point: &str, crash: CrashAt) -> Result<RollbackReport> {
+        let mut inner = self.write_inner()?;
+        let machine = self.info.machine_id.clone();
+        let p = inner
+            .point_by_id(point)
+            .cloned()
+            .ok_or_else(|| {
+                MtError::NotFound(format!(
+                    "replication {} (machine {machine}) has no recovery point {point:?}; it may have expired from retention: list the points with ListPoints",
+                    self.id
+                ))
+            })?;
+        let pref = PointRef {
+            id: p.id.clone(),
+            seq: p.seq,
+            interval: p.interval,
+        };
+        if let Some(rb) = &inner.st.rolled_back_to {
+            if *rb == pref {
+                info!(replication = %self.id, point = %p.id, "replica is already rolled back to this point");
+                return Ok(RollbackReport {
+                    point: p,
+                    blocks_restored: 0,
+                    undo_bytes: 0,
+                });
+            }
+            return Err(MtError::FailedPrecondition(format!(
+                "replica of {machine} is rolled back to {}; restore pre-images first (RestorePreImages), then roll back to {}",
+                rb.id, p.id
+            )));
+        }
+        if let Some(r) = &inner.st.rollback {
+            if r.point != pref {
+                return Err(MtError::FailedPrecondition(format!(
+                    "an interrupted rollback of {machine} to {} is pending; re-run the rollback to {} or restore pre-images first",
+                    r.point.id, r.point.id
+                )));
+            }
+        }
+        // Affected blocks and where their content at P is, in disk order.
+        let mut blocks: Vec<(u64, (u64, u64))> =
+            build_map(&inner.intervals, p.interval).into_iter().collect();
+        blocks.sort_unstable_by_key(|&(k, _)| k);
+        info!(replication = %self.id, machine = %machine, point = %p.id, seq = p.seq, blocks = blocks.len(), "rollback started");
+
+        let result = (|| -> Result<RollbackReport> {
+            // 1. Pre-images.
+            let complete = inner
+                .st
+                .rollback
+                .as_ref()
+                .is_some_and(|r| r.preimages_complete);
+            if complete {
+                info!(replication = %self.id, point = %p.id, "rollback resumes: pre-images are already complete, not saving them again");
+            } else {
+                inner.st.rollback = Some(RollbackProgress {
+                    point: pref.clone(),
+                    preimages_complete: false,
+                });
+                inner.pre = None;
+                save_json(&self.layout.state(), &inner.st)?;
+                let pre = self.write_preimages(&pref, &blocks, crash)?;
+                inner.st.rollback = Some(RollbackProgress {
+                    point: pref.clone(),
+                    preimages_complete: true,
+                });
+                save_json(&self.layout.state(), &inner.st)?;
+                inner.pre = Some(pre);
+                info!(replication = %self.id, point = %p.id, blocks = blocks.len(), "rollback: pre-images saved");
+            }
+            if crash == CrashAt::AfterPreImages {
+                return Err(simulated_crash());
+            }
+            // 2. The content at P.
+            let mut tmp = vec![0u8; BLOCK];
+            let mut undo_bytes = 0u64;
+            let mut last_log = Instant::now();
+            for (i, &(key, (n, off))) in blocks.iter().enumerate() {
+                if crash == CrashAt::MidWrite && i == blocks.len() / 2 {
+                    return Err(simulated_crash());
+                }
+                let f = self.journal_file(n)?;
+                journal::read_block(&f, off, key, &mut tmp).map_err(|e| {
+                    MtError::DataLoss(format!(
+                        "rollback of {machine} to {}: retention journal {}: {e}; the replica is partly rolled back: fix the journal or restore pre-images",
+                        p.id,
+                        self.layout.journal(n).display()
+                    ))
+                })?;
+                undo_bytes += BS;
+                let d = self.disk(key_disk(key))?;
+                let start = key_block(key) * BS;
+                let len = BS.min(d.size - start) as usize;
+                d.file.write_all_at(&tmp[..len], start).map_err(io_err(|| {
+                    format!(
+                        "rollback of {machine}: cannot write replica {} at offset {start}",
+                        d.path.display()
+                    )
+                }))?;
+                if last_log.elapsed() >= PROGRESS_EVERY {
+                    info!(replication = %self.id, point = %p.id, done = i + 1, of = blocks.len(), "rollback progress");
+                    last_log = Instant::now();
+                }
+            }
+            for d in &self.disks {
+                d.file.sync_data().map_err(io_err(|| {
+                    format!("cannot fdatasync replica {}", d.path.display())
+                }))?;
+            }
+            // 3. The replica is at P.
+            inner.st.rolled_back_to = Some(pref.clone());
+            inner.st.rollback = None;
+            save_json(&self.layout.state(), &inner.st)?;
+            info!(replication = %self.id, machine = %machine, point = %p.id, seq = p.seq, blocks = blocks.len(),
+                "replica rolled back to the recovery point");
+            Ok(RollbackReport {
+                point: p.clone(),
+                blocks_restored: blocks.len() as u64,
+                undo_bytes,
+            })
+        })();
+        if result.is_err() {
+            // Memory may be ahead of disk; take the state from disk.
+            if let Err(e) = self.reload(&mut inner) {
+                warn!(replication = %self.id, error = %e, "cannot recover replication state after a failed rollback");
+            }
+        }
+        result
+    }
+
+    fn write_preimages(&self, point: &PointRef, blocks: &[(u64, (u64, u64))], crash: CrashAt) -> Result<PreImages> {
+        let path = self.layout.preimages();
+        let ctx = || format!("cannot write pre-image file {}", path.display());
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(io_err(ctx))?;
+        let header = encode_header(point, blocks.len() as u64);
+        let mut w = BufWriter::with_capacity(8 << 20, &file);
+        w.write_all(&header).map_err(io_err(ctx))?;
+        let mut pos = header.len() as u64;
+        let mut offsets = HashMap::with_capacity(blocks.len());
+        let mut buf = vec![0u8; BLOCK];
+        let mut rec = Vec::with_capacity(BLOCK + journal::HEADER_LEN);
+        for (i, &(key, _)) in blocks.iter().enumerate() {
+            if crash == CrashAt::DuringPreImages && i == blocks.len() / 2 {
+                w.flush().map_err(io_err(ctx))?;
+                return Err(simulated_crash());
+            }
+            let d = self.disk(key_disk(key))?;
+            let start = key_block(key) * BS;
+            read_full_at(&d.file, &mut buf, start).map_err(io_err(|| {
+                format!("cannot read replica {} at offset {start}", d.path.display())
+            }))?;
+            rec.clear();
+            journal::encode(&mut rec, d.index, key_block(key), &buf);
+            w.write_all(&rec).map_err(io_err(ctx))?;
+            offsets.insert(key, pos);
+            pos += rec.len() as u64;
+        }
+        w.flush().map_err(io_err(ctx))?;
+        drop(w);
+        file.sync_all().map_err(io_err(ctx))?;
+        let dir = self.layout.rollback_dir();
+        fsync_dir(&dir).map_err(io_err(|| format!("cannot fsync {}", dir.display())))?;
+        Ok(PreImages {
+            point: point.clone(),
+            file,
+            blocks: offsets,
+        })
+    }
+
+    /// Writes the pre-images of a rollback back, returning the replica to
+    /// where it was before (latest), and forgets the rollback. Returns the
+    /// number of blocks written. Idempotent; 0 when nothing is rolled back.
+    pub fn restore_pre_images(&self) -> Result<u64> {
+        let mut inner = self.write_inner()?;
+        let machine = self.info.machine_id.clone();
+        let result = (|| -> Result<u64> {
+            let point = match (&inner.st.rolled_back_to, &inner.st.rollback) {
+                (Some(p), _) => p.clone(),
+                (None, Some(r)) if r.preimages_complete => r.point.clone(),
+                (None, Some(r)) => {
+                    // Interrupted while saving pre-images: the replica was
+                    // never touched.
+                    let point = r.point.id.clone();
+                    self.remove_preimages()?;
+                    inner.st.rollback = None;
+                    save_json(&self.layout.state(), &inner.st)?;
+                    info!(replication = %self.id, point = %point, "interrupted rollback abandoned; the replica was not changed");
+                    return Ok(0);
+                }
+                (None, None) => {
+                    info!(replication = %self.id, "restore pre-images: the replica is not rolled back; nothing to do");
+                    return Ok(0);
+                }
+            };
+            if inner.pre.is_none() {
+                let disk_ok = |d: u32| self.disks.iter().any(|x| x.index == d);
+                inner.pre = Some(PreImages::open(&self.layout, &point, disk_ok).map_err(|e| {
+                    MtError::DataLoss(format!(
+                        "cannot restore the pre-images of {machine} (rolled back to {}): {e}; the replica stays at that point",
+                        point.id
+                    ))
+                })?);
+            }
+            let pre = inner.pre.as_ref().expect("pre-images loaded");
+            let mut entries: Vec<(u64, u64)> = pre.blocks.iter().map(|(&k, &o)| (k, o)).collect();
+            entries.sort_unstable_by_key(|&(_, off)| off);
+            let mut tmp = vec![0u8; BLOCK];
+            for &(key, off) in &entries {
+                journal::read_block(&pre.file, off, key, &mut tmp).map_err(|e| {
+                    MtError::DataLoss(format!(
+                        "cannot restore the pre-images of {machine}: {}: {e}",
+                        self.layout.preimages().display()
+                    ))
+                })?;
+                let d = self.disk(key_disk(key))?;
+                let start = key_block(key) * BS;
+                let len = BS.min(d.size - start) as usize;
+                d.file.write_all_at(&tmp[..len], start).map_err(io_err(|| {
+                    format!("cannot write replica {} at offset {start}", d.path.display())
+                }))?;
+            }
+            for d in &self.disks {
+                d.file.sync_data().map_err(io_err(|| {
+                    format!("cannot fdatasync replica {}", d.path.display())
+                }))?;
+            }
+            inner.st.rolled_back_to = None;
+            inner.st.rollback = None;
+            save_json(&self.layout.state(), &inner.st)?;
+            inner.pre = None;
+            self.remove_preimages()?;
+            info!(replication = %self.id, machine = %machine, point = %point.id, blocks = entries.len(),
+                "pre-images restored: the replica is back at latest and apply may resume");
+            Ok(entries.len() as u64)
+        })();
+        if result.is_err() {
+            if let Err(e) = self.reload(&mut inner) {
+                warn!(replication = %self.id, error = %e, "cannot recover replication state after a failed restore");
+            }
+        }
+        result
+    }
+
+    fn remove_preimages(&self) -> Result<()> {
+        let path = self.layout.preimages();
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(MtError::io(format!("cannot remove {}", path.display()), e)),
+        }
+        let dir = self.layout.rollback_dir();
+        fsync_dir(&dir).map_err(io_err(|| format!("cannot fsync {}", dir.display())))
+    }
+}

@@ -1,0 +1,90 @@
+//! The process server's TOML config (DESIGN.md §2, §6).
+//!
+//! One file per process, every key with a documented default (see
+//! `example-config.toml`), unknown keys refused so a typo never silently
+//! falls back to a default.
+
+use rebound_common::tls::TlsFiles;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Default cache cap: 8 GiB.
+pub const DEFAULT_CACHE_MAX_BYTES: u64 = 8 << 30;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the gRPC server listens on (`host:port`).
+    pub listen: String,
+    /// Directory of the durable frame cache (one subdirectory per replication).
+    pub cache_dir: PathBuf,
+    /// Total segment bytes at which the cache stops reading agent streams.
+    pub cache_max_bytes: u64,
+    /// zstd level for frames the PS compresses; 0 stores every frame raw.
+    pub compression_level: i32,
+    /// mTLS files of this process server.
+    pub tls: TlsFiles,
+    /// The master target frames are forwarded to.
+    pub mt: MtConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:9443".into(),
+            cache_dir: PathBuf::from("/var/lib/rebound/ps"),
+            cache_max_bytes: DEFAULT_CACHE_MAX_BYTES,
+            compression_level: 1,
+            tls: TlsFiles::default(),
+            mt: MtConfig::default(),
+        }
+    }
+}
+
+/// The `[mt]` section: where the master target listens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MtConfig {
+    /// `host:port` of the master target's gRPC server.
+    pub addr: String,
+    /// Name the master target's certificate is checked against.
+    pub server_name: String,
+}
+
+impl Default for MtConfig {
+    fn default() -> Self {
+        MtConfig {
+            addr: "127.0.0.1:9444".into(),
+            server_name: "localhost".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn example_config_parses_and_matches_defaults_where_documented() {
+        let text = include_str!("../example-config.toml");
+        let c: Config = rebound_common::config::parse(text, Path::new("example-config.toml"))
+            .expect("example config parses");
+        let d = Config::default();
+        assert_eq!(c.listen, d.listen);
+        assert_eq!(c.cache_dir, d.cache_dir);
+        assert_eq!(c.cache_max_bytes, d.cache_max_bytes);
+        assert_eq!(c.compression_level, d.compression_level);
+        assert_eq!(c.mt, d.mt);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let e = rebound_common::config::parse::<Config>("cache_max = 1", Path::new("ps.toml"))
+            .unwrap_err();
+        assert!(e.to_string().contains("cache_max"), "{e}");
+        let e = rebound_common::config::parse::<Config>("[mt]\nadress = 'x'", Path::new("ps.toml"))
+            .unwrap_err();
+        assert!(e.to_string().contains("adress"), "{e}");
+    }
+}

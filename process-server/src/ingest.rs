@@ -1,0 +1,370 @@
+//! The agent side of the process server: the `Ingest` stream (DESIGN.md §6).
+//!
+//! An agent says hello with its replication, learns the last durable seq and
+//! streams frames from there. Each frame's header is checked, its body hash
+//! verified (so a frame damaged on the way is refused here, where the agent
+//! can still resend it, instead of poisoning the cache), it is compressed
+//! when that pays, and handed to the replication's writer. Answers go back
+//! in order, each only after the group commit holding the frame is synced.
+//! While the cache is at its cap the stream is not read at all, so the
+//! agent's buffer fills and it falls back to bitmap mode.
+
+use crate::cache::{Cache, CacheError, Replication};
+use crate::forward::Forwarders;
+use futures::stream::FuturesOrdered;
+use futures::StreamExt;
+use rebound_common::frame::Frame;
+use rebound_common::pki::Role;
+use rebound_common::tls;
+use rebound_proto::{ingest_request, ingest_response, IngestRequest, IngestResponse};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info};
+
+/// Frames read from one stream and not yet answered.
+const MAX_PENDING: usize = 32;
+/// After this many frames in a row that did not shrink, compression is
+/// skipped ...
+const INCOMPRESSIBLE_RUN: u32 = 4;
+/// ... for this many frames, then probed again.
+const PROBE_EVERY: u32 = 32;
+
+pub type IngestStream = ReceiverStream<Result<IngestResponse, Status>>;
+
+/// What the ingest streams share.
+#[derive(Debug, Clone)]
+pub struct IngestContext {
+    pub cache: Arc<Cache>,
+    pub forwarders: Arc<Forwarders>,
+    pub compression_level: i32,
+    /// Turns true when the process server shuts down.
+    pub stopping: watch::Receiver<bool>,
+}
+
+/// Adaptive compression: skip zstd while recent frames did not shrink,
+/// probing again every `PROBE_EVERY` frames.
+#[derive(Debug)]
+pub struct Compressor {
+    level: i32,
+    failures: u32,
+    skip: u32,
+}
+
+impl Compressor {
+    pub fn new(level: i32) -> Compressor {
+        Compressor {
+            level,
+            failures: 0,
+            skip: 0,
+        }
+    }
+    /// Whether to try compressing the next frame.
+    pub fn should_try(&mut self) -> bool {
+        if self.level == 0 {
+            return false;
+        }
+        if self.skip > 0 {
+            self.skip -= 1;
+            return false;
+        }
+        true
+    }
+    /// Records whether a tried frame shrank.
+    pub fn record(&mut self, shrank: bool) {
+        if shrank {
+            self.failures = 0;
+        } else {
+            self.failures += 1;
+            if self.failures >= INCOMPRESSIBLE_RUN {
+                self.skip = PROBE_EVERY;
+                // One more failed probe skips again at once.
+                self.failures = INCOMPRESSIBLE_RUN - 1;
+            }
+        }
+    }
+    pub fn level(&self) -> i32 {
+        self.level
+    }
+}
+
+fn cache_status(e: CacheError) -> Status {
+    match e {
+        CacheError::BadReplicationId { .. } => Status::invalid_argument(e.to_string()),
+        CacheError::WrongMachine { .. } => Status::permission_denied(e.to_string()),
+        CacheError::Io { .. } => Status::internal(e.to_string()),
+    }
+}
+
+/// Handles `ProcessServer.Ingest`.
+pub async fn ingest(
+    ctx: IngestContext,
+    request: Request<Streaming<IngestRequest>>,
+) -> Result<Response<IngestStream>, Status> {
+    let peer = tls::require_role(&request, &[Role::Agent])?;
+    let mut inbound = request.into_inner();
+    let hello = match inbound.message().await? {
+        Some(IngestRequest {
+            msg: Some(ingest_request::Msg::Hello(h)),
+        }) => h,
+        Some(_) => {
+            return Err(Status::invalid_argument(
+                "the first message of an ingest stream must be the hello (ReplicationInfo)",
+            ))
+        }
+        None => return Err(Status::cancelled("the agent closed the stream before its hello")),
+    };
+    if hello.machine_id != peer.id {
+        return Err(Status::permission_denied(format!(
+            "certificate {peer} may stream only for machine {}, not for machine {:?} (replication {:?})",
+            peer.id, hello.machine_id, hello.replication_id
+        )));
+    }
+    let cache = ctx.cache.clone();
+    let h = hello.clone();
+    let (rep, created) = tokio::task::spawn_blocking(move || cache.hello(&h))
+        .await
+        .map_err(|e| Status::internal(format!("cache task failed: {e}")))?
+        .map_err(cache_status)?;
+    if created {
+        info!(replication = %rep.id(), machine = %hello.machine_id, disks = hello.disks.len(), "new replication");
+    }
+    ctx.forwarders.ensure(&rep);
+
+    let resume = rep.durable();
+    let (tx, rx) = mpsc::channel(MAX_PENDING * 2);
+    tx.send(Ok(IngestResponse {
+        msg: Some(ingest_response::Msg::ResumeSeq(resume)),
+    }))
+    .await
+    .map_err(|_| Status::cancelled("the agent went away"))?;
+    info!(
+        replication = %rep.id(),
+        agent = %peer.id,
+        resume_seq = resume,
+        "agent stream connected"
+    );
+    let agent = peer.id.clone();
+    tokio::spawn(async move {
+        let frames = stream_loop(&ctx, &rep, inbound, tx).await;
+        info!(
+            replication = %rep.id(),
+            agent = %agent,
+            durable_seq = rep.durable(),
+            frames,
+            "agent stream disconnected"
+        );
+    });
+    Ok(Response::new(ReceiverStream::new(rx)))
+}
+
+type Pending = std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, Status>> + Send>>;
+
+/// Reads frames until the agent stops, the stream fails or the server shuts
+/// down. Returns the number of frames read.
+async fn stream_loop(
+    ctx: &IngestContext,
+    rep: &Arc<Replication>,
+    mut inbound: Streaming<IngestRequest>,
+    tx: mpsc::Sender<Result<IngestResponse, Status>>,
+) -> u64 {
+    let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
+    let mut compressor = Compressor::new(ctx.compression_level);
+    let mut stopping = ctx.stopping.clone();
+    let account = ctx.cache.account().clone();
+    let mut position = 0u64;
+    let mut acked = 0u64;
+    let send_ack = |acked: &mut u64, seq: u64| {
+        *acked = (*acked).max(seq);
+        IngestResponse {
+            msg: Some(ingest_response::Msg::DurableSeq(*acked)),
+        }
+    };
+    loop {
+        let room = pending.len() < MAX_PENDING;
+        let full = account.is_full();
+        tokio::select! {
+            biased;
+            _ = stopping.wait_for(|s| *s) => {
+                drain(&mut pending, &tx, &mut acked).await;
+                let _ = tx
+                    .send(Err(Status::unavailable("the process server is shutting down; reconnect and resume")))
+                    .await;
+                return position;
+            }
+            Some(r) = pending.next(), if !pending.is_empty() => match r {
+                Ok(seq) => {
+                    if tx.send(Ok(send_ack(&mut acked, seq))).await.is_err() {
+                        return position;
+                    }
+                }
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
+                    return position;
+                }
+            },
+            _ = account.wait_below_cap(), if room && full => {}
+            msg = inbound.message(), if room && !full => match msg {
+                Ok(Some(req)) => {
+                    position += 1;
+                    match accept(ctx, rep, req, position, &mut compressor).await {
+                        Ok(p) => pending.push_back(p),
+                        Err(status) => {
+                            drain(&mut pending, &tx, &mut acked).await;
+                            let _ = tx.send(Err(status)).await;
+                            return position;
+                        }
+                    }
+                }
+                Ok(None) => {
+                    drain(&mut pending, &tx, &mut acked).await;
+                    return position;
+                }
+                Err(status) => {
+                    debug!(replication = %rep.id(), "agent stream broken: {status}");
+                    return position;
+                }
+            },
+        }
+    }
+}
+
+/// Answers every pending frame (the stream is about to end).
+async fn drain(
+    pending: &mut FuturesOrdered<Pending>,
+    tx: &mpsc::Sender<Result<IngestResponse, Status>>,
+    acked: &mut u64,
+) {
+    while let Some(r) = pending.next().await {
+        match r {
+            Ok(seq) => {
+                *acked = (*acked).max(seq);
+                let ack = IngestResponse {
+                    msg: Some(ingest_response::Msg::DurableSeq(*acked)),
+                };
+                if tx.send(Ok(ack)).await.is_err() {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Checks one request and queues its frame; the returned future answers
+/// with the durable seq once it is synced.
+async fn accept(
+    ctx: &IngestContext,
+    rep: &Arc<Replication>,
+    req: IngestRequest,
+    position: u64,
+    compressor: &mut Compressor,
+) -> Result<Pending, Status> {
+    let bytes = match req.msg {
+        Some(ingest_request::Msg::Frame(b)) => b,
+        Some(ingest_request::Msg::Hello(_)) => {
+            return Err(Status::invalid_argument(format!(
+                "replication {}: a second hello at stream position {position}; one stream carries one replication",
+                rep.id()
+            )))
+        }
+        None => {
+            return Err(Status::invalid_argument(format!(
+                "replication {}: empty message at stream position {position}",
+                rep.id()
+            )))
+        }
+    };
+    let stats = rep.stats();
+    stats.frames_in.fetch_add(1, Ordering::Relaxed);
+    stats
+        .bytes_in
+        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    let durable = rep.durable();
+    let mut frame = Frame::parse(&bytes).map_err(|e| {
+        Status::invalid_argument(format!(
+            "replication {}: frame at stream position {position} (after durable seq {durable}) has a corrupt header: {e}; the frame was refused",
+            rep.id()
+        ))
+    })?;
+    let (first, last) = (frame.header.first_seq, frame.header.last_seq);
+    if frame.header.replication_id != rep.id() {
+        return Err(Status::invalid_argument(format!(
+            "replication {}: frame at stream position {position} (seq {first}..={last}) belongs to replication {:?}",
+            rep.id(),
+            frame.header.replication_id
+        )));
+    }
+    if last <= durable {
+        // Already held: answered without touching the disk.
+        stats.frames_duplicate.fetch_add(1, Ordering::Relaxed);
+        return Ok(Box::pin(async move { Ok(durable) }));
+    }
+
+    let try_compress = compressor.should_try() && !frame.is_compressed();
+    let level = compressor.level();
+    let rid = rep.id().to_string();
+    let checked = tokio::task::spawn_blocking(move || {
+        if let Err(e) = frame.verified_body() {
+            return Err(Status::invalid_argument(format!(
+                "replication {rid}: frame at stream position {position} (seq {first}..={last}) is corrupt: {e}"
+            )));
+        }
+        if try_compress {
+            let shrank = frame.compress(level);
+            Ok((frame.to_bytes(), Some(shrank)))
+        } else {
+            Ok((bytes, None))
+        }
+    })
+    .await
+    .map_err(|e| Status::internal(format!("frame task failed: {e}")))??;
+    let (stored, shrank) = checked;
+    if let Some(s) = shrank {
+        compressor.record(s);
+    }
+    let rx = rep.append(stored, first, last).await.map_err(Status::from)?;
+    let rid = rep.id().to_string();
+    Ok(Box::pin(async move {
+        match rx.await {
+            Ok(r) => r.map_err(Status::from),
+            Err(_) => Err(Status::unavailable(format!(
+                "replication {rid}: the cache writer stopped before the frame was durable; reconnect and resume"
+            ))),
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compression_backs_off_and_reprobes() {
+        let mut c = Compressor::new(1);
+        for _ in 0..INCOMPRESSIBLE_RUN {
+            assert!(c.should_try());
+            c.record(false);
+        }
+        for _ in 0..PROBE_EVERY {
+            assert!(!c.should_try());
+        }
+        // The probe fails: skip again straight away.
+        assert!(c.should_try());
+        c.record(false);
+        assert!(!c.should_try());
+        for _ in 1..PROBE_EVERY {
+            assert!(!c.should_try());
+        }
+        // The probe succeeds: compress every frame again.
+        assert!(c.should_try());
+        c.record(true);
+        for _ in 0..10 {
+            assert!(c.should_try());
+            c.record(true);
+        }
+        assert!(!Compressor::new(0).should_try());
+    }
+}
