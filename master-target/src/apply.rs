@@ -46,9 +46,19 @@ enum Op<'a> {
     },
 }
 
+/// Where a test makes apply stop, as a crash would.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) enum ApplyCrash {
+    #[default]
+    Never,
+    /// After the journal is synced and half of a batch's data is written.
+    MidData,
+}
+
 /// Writes gathered for one fdatasync of the journal.
 #[derive(Default)]
 struct Batch<'a> {
+    crash: ApplyCrash,
     ops: Vec<Op<'a>>,
     data_bytes: usize,
     /// Encoded undo records, appended to the journal at flush.
@@ -79,6 +89,10 @@ impl Replication {
 
     /// Verifies and applies one frame. Returns the applied seq.
     pub fn apply(&self, frame: &Frame) -> Result<u64> {
+        self.apply_inner(frame, ApplyCrash::Never)
+    }
+
+    pub(crate) fn apply_inner(&self, frame: &Frame, crash: ApplyCrash) -> Result<u64> {
         let h = &frame.header;
         let range = format!("{}..={}", h.first_seq, h.last_seq);
         if h.replication_id != self.id {
@@ -117,7 +131,7 @@ impl Replication {
         let first_seq = h.first_seq + skip as u64;
         let todo = &records[skip..];
         self.validate(first_seq, todo)?;
-        match self.apply_records(&mut inner, first_seq, todo) {
+        match self.apply_records(&mut inner, first_seq, todo, crash) {
             Ok(()) => Ok(h.last_seq),
             Err(e) => {
                 error!(replication = %self.id, seq = %range, error = %e,
@@ -177,8 +191,11 @@ impl Replication {
         Ok(())
     }
 
-    fn apply_records(&self, inner: &mut Inner, first_seq: u64, recs: &[Record]) -> Result<()> {
-        let mut batch = Batch::default();
+    fn apply_records(&self, inner: &mut Inner, first_seq: u64, recs: &[Record], crash: ApplyCrash) -> Result<()> {
+        let mut batch = Batch {
+            crash,
+            ..Batch::default()
+        };
         let mut touched = vec![false; self.disks.len()];
         for (i, rec) in recs.iter().enumerate() {
             let seq = first_seq + i as u64;
@@ -332,7 +349,11 @@ impl Replication {
             batch.saved.clear();
             batch.saved_set.clear();
         }
-        for op in batch.ops.drain(..) {
+        let half = batch.ops.len() / 2;
+        for (i, op) in batch.ops.drain(..).enumerate() {
+            if batch.crash == ApplyCrash::MidData && i == half && i > 0 {
+                return Err(MtError::Internal("simulated crash (test hook)".into()));
+            }
             match op {
                 Op::Data { disk, offset, data } => {
                     let d = &self.disks[disk];

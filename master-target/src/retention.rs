@@ -77,7 +77,7 @@ impl Replication {
             let lens: Vec<(u64, u64)> = inner.intervals.iter().map(|(&k, i)| (k, i.len)).collect();
             let mut it = 0;
             let mut total: u64 = lens.iter().map(|&(_, l)| l).sum();
-            let mut advance = |d: usize, it: &mut usize, total: &mut u64| {
+            let advance = |d: usize, it: &mut usize, total: &mut u64| {
                 while *it < lens.len() && lens[*it].0 <= points[d].interval {
                     *total -= lens[*it].1;
                     *it += 1;

@@ -37,7 +37,6 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// The pre-image file of a rollback, indexed.
 pub(crate) struct PreImages {
-    pub point: PointRef,
     pub file: File,
     /// Block key → record offset.
     pub blocks: HashMap<u64, u64>,
@@ -110,7 +109,6 @@ impl PreImages {
             )));
         }
         Ok(PreImages {
-            point: p,
             file,
             blocks: scan.entries.into_iter().collect(),
         })
@@ -320,7 +318,6 @@ impl Replication {
         let dir = self.layout.rollback_dir();
         fsync_dir(&dir).map_err(io_err(|| format!("cannot fsync {}", dir.display())))?;
         Ok(PreImages {
-            point: point.clone(),
             file,
             blocks: offsets,
         })

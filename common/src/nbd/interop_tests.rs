@@ -250,21 +250,3 @@ fn fio_randwrite_with_verify() {
     assert!(t.contains("issued rwts: total=2048,2048,"), "{t}");
     eprintln!("fio finished in {:?}", started.elapsed());
 }
-
-#[test]
-fn zz_perf_tmp() {
-    let dev = MemDevice::new(256 * MIB, false);
-    let srv = TestServer::start(vec![("disk0", dev)]);
-    for rw in ["randwrite", "randread", "write"] {
-        let bs = if rw == "write" { "1M" } else { "4k" };
-        let out = run(
-            Command::new("/usr/bin/fio").args([
-                "--name=perf", "--ioengine=nbd", &format!("--uri={}", srv.uri("disk0")),
-                &format!("--rw={rw}"), &format!("--bs={bs}"), "--iodepth=32", "--size=256M", "--time_based=0",
-            ]),
-            TIMEOUT,
-        );
-        let t = text(&out);
-        for l in t.lines().filter(|l| l.contains("IOPS=")) { eprintln!("{rw}: {l}"); }
-    }
-}
