@@ -20,7 +20,7 @@ pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
 /// The whole config file.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
-pub struct AgentConfig {
+pub struct Config {
     /// The protected machine's id; must match the agent certificate's id.
     /// Default: the host name.
     pub machine_id: String,
@@ -77,9 +77,9 @@ impl Default for PsConfig {
     }
 }
 
-impl Default for AgentConfig {
+impl Default for Config {
     fn default() -> Self {
-        AgentConfig {
+        Config {
             machine_id: String::new(),
             replication_id: String::new(),
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
@@ -142,7 +142,7 @@ fn hostname() -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
-impl AgentConfig {
+impl Config {
     /// Applies the defaults that depend on other keys and checks the rest.
     pub fn validate(&self) -> Result<Settings, AgentError> {
         let bad = |m: String| AgentError::Config(m);
@@ -152,7 +152,9 @@ impl AgentConfig {
             self.machine_id.clone()
         };
         if machine_id.is_empty() {
-            return Err(bad("machine_id is not set and the host name is unknown; set machine_id".into()));
+            return Err(bad(
+                "machine_id is not set and the host name is unknown; set machine_id".into(),
+            ));
         }
         let replication_id = if self.replication_id.is_empty() {
             machine_id.clone()
@@ -160,7 +162,9 @@ impl AgentConfig {
             self.replication_id.clone()
         };
         if self.disks.is_empty() {
-            return Err(bad("no [[disks]] configured: add at least one with name and path".into()));
+            return Err(bad(
+                "no [[disks]] configured: add at least one with name and path".into(),
+            ));
         }
         let mut disks = self.disks.clone();
         let mut names = std::collections::HashSet::new();
@@ -172,7 +176,10 @@ impl AgentConfig {
                 return Err(bad(format!("disk {i} ({}) has no path", d.name)));
             }
             if !names.insert(d.name.clone()) {
-                return Err(bad(format!("disk name {:?} is used twice; names must be unique", d.name)));
+                return Err(bad(format!(
+                    "disk name {:?} is used twice; names must be unique",
+                    d.name
+                )));
             }
         }
         if self.crash_interval_ms == 0 {
@@ -222,7 +229,7 @@ path = "/tmp/d0.img"
 name = "data"
 path = "/tmp/d1.img"
 "#;
-        let c: AgentConfig = rebound_common::config::parse(text, Path::new("t.toml")).unwrap();
+        let c: Config = rebound_common::config::parse(text, Path::new("t.toml")).unwrap();
         let s = c.validate().unwrap();
         assert_eq!(s.replication_id, "m1");
         assert_eq!(s.disks[0].name, "disk0");
@@ -235,7 +242,7 @@ path = "/tmp/d1.img"
 
     #[test]
     fn unknown_keys_and_duplicates_are_refused() {
-        let e = rebound_common::config::parse::<AgentConfig>("machine = 'x'", Path::new("t.toml"));
+        let e = rebound_common::config::parse::<Config>("machine = 'x'", Path::new("t.toml"));
         assert!(e.is_err());
         let text = r#"
 machine_id = "m1"
@@ -246,14 +253,14 @@ path = "/x"
 name = "a"
 path = "/y"
 "#;
-        let c: AgentConfig = rebound_common::config::parse(text, Path::new("t.toml")).unwrap();
+        let c: Config = rebound_common::config::parse(text, Path::new("t.toml")).unwrap();
         assert!(c.validate().is_err());
     }
 
     #[test]
     fn example_config_parses() {
         let text = include_str!("../example-config.toml");
-        let c: AgentConfig = rebound_common::config::parse(text, Path::new("example")).unwrap();
+        let c: Config = rebound_common::config::parse(text, Path::new("example")).unwrap();
         c.validate().unwrap();
     }
 }

@@ -224,7 +224,11 @@ impl DirtyLog {
             for (i, w) in d.words.iter().enumerate() {
                 let first = i as u64 * 64;
                 let valid = (d.extents - first).min(64);
-                let mask = if valid == 64 { u64::MAX } else { (1u64 << valid) - 1 };
+                let mask = if valid == 64 {
+                    u64::MAX
+                } else {
+                    (1u64 << valid) - 1
+                };
                 let v = w.load(Ordering::Relaxed) & mask;
                 w.store(v, Ordering::Relaxed);
                 count += v.count_ones() as u64;
@@ -265,7 +269,8 @@ impl DirtyLog {
         let Some(d) = self.disks.get(disk as usize) else {
             return false;
         };
-        ext < d.extents && d.words[(ext / 64) as usize].load(Ordering::SeqCst) & (1 << (ext % 64)) != 0
+        ext < d.extents
+            && d.words[(ext / 64) as usize].load(Ordering::SeqCst) & (1 << (ext % 64)) != 0
     }
 
     /// Whether the bit is set and known to be on disk: no set is in flight.
@@ -307,7 +312,8 @@ impl DirtyLog {
             for &w in &idx[i..j] {
                 buf.extend_from_slice(&d.words[w].load(Ordering::SeqCst).to_le_bytes());
             }
-            self.file.write_all_at(&buf, d.file_off + idx[i] as u64 * 8)?;
+            self.file
+                .write_all_at(&buf, d.file_off + idx[i] as u64 * 8)?;
             i = j;
         }
         Ok(())
@@ -317,7 +323,10 @@ impl DirtyLog {
     /// running at the same time share one fdatasync (group commit).
     pub fn set_and_sync(&self, disk: u32, exts: &[u64]) -> io::Result<()> {
         let Some(d) = self.disks.get(disk as usize) else {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("no disk {disk}")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("no disk {disk}"),
+            ));
         };
         self.pending.fetch_add(1, Ordering::SeqCst);
         let r = (|| {

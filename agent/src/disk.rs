@@ -41,8 +41,15 @@ impl Disk {
             .read(true)
             .write(true)
             .open(path)
-            .map_err(|e| err(format!("cannot open read-write: {e} (create the file, e.g. `truncate -s 10G {}`)", path.display())))?;
-        let meta = file.metadata().map_err(|e| err(format!("cannot stat: {e}")))?;
+            .map_err(|e| {
+                err(format!(
+                    "cannot open read-write: {e} (create the file, e.g. `truncate -s 10G {}`)",
+                    path.display()
+                ))
+            })?;
+        let meta = file
+            .metadata()
+            .map_err(|e| err(format!("cannot stat: {e}")))?;
         let block_device = meta.file_type().is_block_device();
         if !block_device && !meta.is_file() {
             return Err(err("is neither a regular file nor a block device".into()));
@@ -97,7 +104,8 @@ impl Disk {
             libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
         ] {
             // SAFETY: plain syscall on a valid fd with integer arguments.
-            let rc = unsafe { libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) };
+            let rc =
+                unsafe { libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) };
             if rc == 0 {
                 return Ok(());
             }
@@ -132,9 +140,12 @@ impl BlockDevice for DiskDevice {
         false
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), NbdError> {
-        self.disk
-            .read_at(buf, offset)
-            .map_err(|e| NbdError::from_io(&e, format!("read of disk {} at offset {offset}", self.disk.name)))
+        self.disk.read_at(buf, offset).map_err(|e| {
+            NbdError::from_io(
+                &e,
+                format!("read of disk {} at offset {offset}", self.disk.name),
+            )
+        })
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), NbdError> {
         self.capture.write(self.disk.index, offset, data, fua)

@@ -1,1 +1,388 @@
-//! The protected-machine agent: NBD front end, write capture, change stream
+//! The protected-machine agent (DESIGN.md §5): NBD front end, write capture,
+//! change stream to the process server, resync, recovery-point tags.
+//!
+//! The binary is a thin `main` over [`run`], which takes an already bound
+//! NBD TCP listener and a shutdown future, so tests can run agents on port 0
+//! in-process or as child processes.
+//!
+//! Modules, in the order a write travels:
+//! - [`disk`]: backing files and the NBD [`BlockDevice`](rebound_common::nbd::BlockDevice);
+//! - [`capture`]: the machine-wide ordering point, seq and change buffer;
+//! - [`dirty_log`]: the dirty-extent log synced before acknowledgements;
+//! - [`sender`]: the `Ingest` stream to the PS, frames and resume;
+//! - [`resync`]: hash-compare resync windows (initial, crash, bitmap);
+//! - [`tags`]: recovery points;
+//! - [`admin`]: the local admin socket and status.json;
+//! - [`config`]: the TOML config.
+
+pub mod admin;
+pub mod capture;
+pub mod config;
+pub mod dirty_log;
+pub mod disk;
+pub mod resync;
+pub mod sender;
+pub mod tags;
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rebound_common::chunk::EXTENT_SIZE;
+use rebound_proto::{DiskInfo, ReplicationInfo};
+use thiserror::Error;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+pub use config::{Config, Settings};
+
+/// The agent's config file (alias of [`config::Config`]).
+pub type AgentConfig = Config;
+
+use crate::admin::Admin;
+use crate::capture::Capture;
+use crate::dirty_log::{DirtyLog, Opened};
+use crate::disk::{Disk, Exports};
+use crate::sender::Link;
+
+/// Errors that stop the agent.
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error("invalid config: {0}")]
+    Config(String),
+    #[error("disk {name} ({path}): {message}")]
+    Disk {
+        name: String,
+        path: PathBuf,
+        message: String,
+    },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn io_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> AgentError + 'a {
+    move |source| AgentError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Binds a unix socket at `path`, replacing a stale one.
+fn bind_unix_std(path: &Path) -> Result<std::os::unix::net::UnixListener, AgentError> {
+    if path.exists() {
+        std::fs::remove_file(path).map_err(io_err("cannot remove the stale socket", path))?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io_err("cannot create the directory of", path))?;
+    }
+    std::os::unix::net::UnixListener::bind(path).map_err(io_err("cannot listen on", path))
+}
+
+/// Runs the agent until `shutdown` completes, then stops cleanly: closes the
+/// NBD exports, drains the change buffer (bounded by `shutdown_drain_secs`),
+/// persists the dirty-extent log and writes the clean-shutdown marker.
+pub async fn run(
+    config: Config,
+    nbd_listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let settings = Arc::new(config.validate()?);
+    let s = &settings;
+    std::fs::create_dir_all(&s.state_dir)
+        .map_err(io_err("cannot create the state directory", &s.state_dir))?;
+
+    // Disks and the dirty-extent log.
+    let mut disks = Vec::new();
+    for (i, d) in s.disks.iter().enumerate() {
+        disks.push(Arc::new(Disk::open(i as u32, &d.name, &d.path)?));
+    }
+    let extents: Vec<u64> = disks
+        .iter()
+        .map(|d| d.size().div_ceil(EXTENT_SIZE))
+        .collect();
+    let dlog_path = s.dirty_log_path();
+    let (dlog, opened) = DirtyLog::open(&dlog_path, &extents)
+        .map_err(io_err("cannot open the dirty-extent log", &dlog_path))?;
+    let dlog = Arc::new(dlog);
+    let initialized = s.initialized_marker().exists();
+    let clean_marker = s.clean_marker();
+    let clean = clean_marker.exists();
+    if clean {
+        std::fs::remove_file(&clean_marker).map_err(io_err("cannot remove", &clean_marker))?;
+        rebound_common::durable::fsync_dir(&s.state_dir)
+            .map_err(io_err("cannot sync", &s.state_dir))?;
+    }
+    let capture = Arc::new(Capture::new(
+        &s.replication_id,
+        disks.clone(),
+        dlog.clone(),
+        s.buffer_limit,
+    ));
+
+    // What must be resynced before the first recovery point.
+    if !initialized {
+        info!("no initialized marker: initial replication compares every chunk of every disk with the replica");
+        capture.mark_need_all("initial");
+    } else if let Opened::GeometryChanged(why) = &opened {
+        warn!("{why}: resyncing every disk");
+        capture.mark_need_all("disk-layout-changed");
+    } else if dlog.count() > 0 {
+        let reason = if clean { "undrained" } else { "crash-recovery" };
+        info!(
+            dirty_extents = dlog.count(),
+            reason,
+            "{}: {} dirty extents will be resynced before the next recovery point",
+            if clean {
+                "the last stop left records undrained"
+            } else {
+                "the agent did not stop cleanly"
+            },
+            dlog.count()
+        );
+        for d in 0..disks.len() as u32 {
+            capture.mark_need(d, &dlog.set_extents(d), reason);
+        }
+    }
+
+    let info = ReplicationInfo {
+        replication_id: s.replication_id.clone(),
+        machine_id: s.machine_id.clone(),
+        disks: disks
+            .iter()
+            .map(|d| DiskInfo {
+                index: d.index,
+                name: d.name.clone(),
+                size: d.size(),
+            })
+            .collect(),
+    };
+
+    // Sockets.
+    let admin_path = s.admin_socket();
+    let admin_std = bind_unix_std(&admin_path)?;
+    admin_std
+        .set_nonblocking(true)
+        .map_err(io_err("cannot configure", &admin_path))?;
+    let admin_listener = tokio::net::UnixListener::from_std(admin_std)
+        .map_err(io_err("cannot listen on", &admin_path))?;
+    let nbd_unix = bind_unix_std(&s.nbd_socket)?;
+    let nbd_tcp_addr = nbd_listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
+
+    // Background tasks.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let link = Arc::new(Link::default());
+    let admin = Arc::new(Admin {
+        capture: capture.clone(),
+        link: link.clone(),
+        settings: settings.clone(),
+    });
+    let tasks = vec![
+        tokio::spawn(sender::run(
+            capture.clone(),
+            settings.clone(),
+            link.clone(),
+            info.clone(),
+            stop_rx.clone(),
+        )),
+        tokio::spawn(resync::driver(
+            capture.clone(),
+            link.clone(),
+            info.clone(),
+            s.initialized_marker(),
+            stop_rx.clone(),
+        )),
+        tokio::spawn(tags::crash_tag_loop(
+            capture.clone(),
+            s.crash_interval,
+            stop_rx.clone(),
+        )),
+        tokio::spawn(admin::serve(admin_listener, admin.clone(), stop_rx.clone())),
+        tokio::spawn(admin::status_writer(
+            admin.clone(),
+            s.status_path(),
+            stop_rx.clone(),
+        )),
+        tokio::spawn(clear_loop(capture.clone(), stop_rx.clone())),
+        tokio::spawn(summary_loop(admin.clone(), stop_rx.clone())),
+    ];
+
+    // NBD.
+    let nbd_stop = Arc::new(AtomicBool::new(false));
+    let exports: Arc<dyn rebound_common::nbd::ExportRegistry> = Arc::new(Exports::new(&capture));
+    let nbd_handles = vec![
+        rebound_common::nbd::serve_tcp(nbd_listener, exports.clone(), nbd_stop.clone()),
+        rebound_common::nbd::serve_unix(nbd_unix, exports, nbd_stop.clone()),
+    ];
+
+    let disk_desc: Vec<String> = disks
+        .iter()
+        .map(|d| format!("{}={} ({} bytes)", d.name, d.path.display(), d.size()))
+        .collect();
+    info!(
+        machine_id = %s.machine_id,
+        replication_id = %s.replication_id,
+        disks = %disk_desc.join(", "),
+        nbd_tcp = %nbd_tcp_addr,
+        nbd_unix = %s.nbd_socket.display(),
+        ps = %s.ps.addr,
+        admin = %admin_path.display(),
+        "rebound-agent started"
+    );
+
+    shutdown.await;
+
+    // Clean stop.
+    info!("stopping: closing the NBD exports, then draining the change buffer");
+    nbd_stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let joined = tokio::task::spawn_blocking(move || {
+        for h in nbd_handles {
+            let _ = h.join();
+        }
+    });
+    if tokio::time::timeout(Duration::from_secs(15), joined)
+        .await
+        .is_err()
+    {
+        warn!("NBD connections did not close within 15 s; fencing writes anyway");
+    }
+    capture.fence();
+    let drained = drain(&capture, s.shutdown_drain).await;
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
+    let c = capture.clone();
+    let persisted = tokio::task::spawn_blocking(move || {
+        c.clear_durable_extents()?;
+        c.dirty_log().persist()
+    })
+    .await
+    .map_err(|e| std::io::Error::other(e.to_string()))
+    .and_then(|r| r);
+    persisted.map_err(io_err("cannot persist the dirty-extent log", &dlog_path))?;
+    let snap = capture.snapshot();
+    let marker = format!(
+        "{{\"seq\":{},\"durable_seq\":{},\"dirty_extents\":{}}}\n",
+        snap.seq, snap.durable_seq, snap.dirty_extents
+    );
+    rebound_common::durable::write_atomic(&clean_marker, marker.as_bytes()).map_err(io_err(
+        "cannot write the clean-shutdown marker",
+        &clean_marker,
+    ))?;
+    let mut status = admin.status().to_string();
+    status.push('\n');
+    let _ = rebound_common::durable::write_atomic(&s.status_path(), status.as_bytes());
+    let _ = std::fs::remove_file(&admin_path);
+    let _ = std::fs::remove_file(&s.nbd_socket);
+    if drained {
+        info!(
+            seq = snap.seq,
+            durable_seq = snap.durable_seq,
+            dirty_extents = snap.dirty_extents,
+            "stopped cleanly: the process server holds every record"
+        );
+    } else {
+        warn!(
+            seq = snap.seq,
+            durable_seq = snap.durable_seq,
+            dirty_extents = snap.dirty_extents,
+            "stopped with records the process server does not hold; their extents stay dirty and are resynced at the next start"
+        );
+    }
+    Ok(())
+}
+
+/// Waits until the PS holds every record cut so far, up to `limit`.
+async fn drain(capture: &Capture, limit: Duration) -> bool {
+    let target = capture.handed_over_seq();
+    capture.request_flush();
+    let deadline = Instant::now() + limit;
+    let mut rx = capture.durable_watch();
+    loop {
+        if *rx.borrow_and_update() >= target {
+            return true;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        let _ = tokio::time::timeout(
+            (deadline - now).min(Duration::from_millis(200)),
+            rx.changed(),
+        )
+        .await;
+    }
+}
+
+/// Clears durable extents from the dirty log every second.
+async fn clear_loop(capture: Arc<Capture>, mut stop: watch::Receiver<bool>) {
+    let mut warned = false;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => if *stop.borrow() { return },
+        }
+        let c = capture.clone();
+        match tokio::task::spawn_blocking(move || c.clear_durable_extents()).await {
+            Ok(Err(e)) if !warned => {
+                warned = true;
+                warn!("cannot update the dirty-extent log: {e}");
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Logs a replication summary at most every 10 s, when something changed.
+async fn summary_loop(admin: Arc<Admin>, mut stop: watch::Receiver<bool>) {
+    let mut last = (u64::MAX, u64::MAX, "");
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            _ = stop.changed() => if *stop.borrow() { return },
+        }
+        let s = admin.capture.snapshot();
+        let now = (s.seq, s.durable_seq, s.mode.as_str());
+        if now == last && s.lag_ms == 0 {
+            continue;
+        }
+        last = now;
+        info!(
+            mode = s.mode.as_str(),
+            seq = s.seq,
+            durable_seq = s.durable_seq,
+            lag_ms = s.lag_ms,
+            buffer_bytes = s.buffer_bytes,
+            dirty_extents = s.dirty_extents,
+            resync_pending_extents = s.resync_pending_extents,
+            connected = admin.link.is_connected(),
+            "replication status"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Embedders (the demo, tests) spawn `run` on a multi-threaded runtime.
+    #[test]
+    fn run_future_is_send() {
+        fn assert_send<T: Send>(_: &T) {}
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let f = super::run(super::Config::default(), l, async {});
+        assert_send(&f);
+    }
+}

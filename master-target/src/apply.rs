@@ -191,7 +191,13 @@ impl Replication {
         Ok(())
     }
 
-    fn apply_records(&self, inner: &mut Inner, first_seq: u64, recs: &[Record], crash: ApplyCrash) -> Result<()> {
+    fn apply_records(
+        &self,
+        inner: &mut Inner,
+        first_seq: u64,
+        recs: &[Record],
+        crash: ApplyCrash,
+    ) -> Result<()> {
         let mut batch = Batch {
             crash,
             ..Batch::default()
@@ -264,7 +270,14 @@ impl Replication {
 
     /// Saves the old content of every block of `offset..offset+len` that the
     /// current interval has not saved yet (into the batch's undo buffer).
-    fn stage(&self, inner: &Inner, batch: &mut Batch<'_>, pos: usize, offset: u64, len: u64) -> Result<()> {
+    fn stage(
+        &self,
+        inner: &Inner,
+        batch: &mut Batch<'_>,
+        pos: usize,
+        offset: u64,
+        len: u64,
+    ) -> Result<()> {
         if len == 0 || !inner.journaling() {
             return Ok(());
         }
@@ -325,7 +338,10 @@ impl Replication {
                 .entry(cur)
                 .or_insert_with(IntervalIndex::new_open);
             let base = idx.len;
-            if let Err(e) = f.write_all_at(&batch.undo, base).and_then(|_| f.sync_data()) {
+            if let Err(e) = f
+                .write_all_at(&batch.undo, base)
+                .and_then(|_| f.sync_data())
+            {
                 let _ = f.set_len(base);
                 return Err(MtError::io(
                     format!(
@@ -393,7 +409,9 @@ impl Replication {
             .create(true)
             .truncate(false)
             .open(&path)
-            .map_err(io_err(|| format!("cannot open retention journal {}", path.display())))?;
+            .map_err(io_err(|| {
+                format!("cannot open retention journal {}", path.display())
+            }))?;
         if !existed {
             let dir = self.layout.retention_dir();
             fsync_dir(&dir).map_err(io_err(|| format!("cannot fsync {}", dir.display())))?;
@@ -406,7 +424,11 @@ impl Replication {
             if *t {
                 let d = &self.disks[i];
                 d.file.sync_data().map_err(io_err(|| {
-                    format!("cannot fdatasync replica {} of replication {}", d.path.display(), self.id)
+                    format!(
+                        "cannot fdatasync replica {} of replication {}",
+                        d.path.display(),
+                        self.id
+                    )
                 }))?;
                 *t = false;
             }

@@ -134,7 +134,9 @@ pub fn append(path: &Path, p: &PointEntry) -> Result<()> {
         .create(true)
         .append(true)
         .open(path)
-        .map_err(io_err(|| format!("cannot open recovery-point catalog {}", path.display())))?;
+        .map_err(io_err(|| {
+            format!("cannot open recovery-point catalog {}", path.display())
+        }))?;
     f.write_all(encode_line(p).as_bytes())
         .and_then(|_| f.sync_data())
         .map_err(io_err(|| {

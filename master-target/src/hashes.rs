@@ -19,7 +19,13 @@ pub const MAX_COUNT: u32 = 1 << 16;
 impl Replication {
     /// blake3 of `count` chunks of `chunk_size` bytes of disk `disk` from
     /// `offset` (the last chunk short at the end of the disk).
-    pub fn chunk_hashes(&self, disk: u32, offset: u64, chunk_size: u32, count: u32) -> Result<Vec<u8>> {
+    pub fn chunk_hashes(
+        &self,
+        disk: u32,
+        offset: u64,
+        chunk_size: u32,
+        count: u32,
+    ) -> Result<Vec<u8>> {
         let _inner = self.read_inner();
         let d = self.disk(disk)?;
         if chunk_size == 0 || chunk_size > MAX_CHUNK {
@@ -38,13 +44,15 @@ impl Replication {
                 d.index, d.name, self.id, d.size
             )));
         }
-        rebound_common::chunk::chunk_hashes(&d.file, d.size, offset, chunk_size, count).map_err(io_err(|| {
-            format!(
-                "cannot hash replica {} of replication {} at offset {offset}",
-                d.path.display(),
-                self.id
-            )
-        }))
+        rebound_common::chunk::chunk_hashes(&d.file, d.size, offset, chunk_size, count).map_err(
+            io_err(|| {
+                format!(
+                    "cannot hash replica {} of replication {} at offset {offset}",
+                    d.path.display(),
+                    self.id
+                )
+            }),
+        )
     }
 
     /// Waits until the applied seq reaches `min`; UNAVAILABLE after `timeout`.

@@ -322,7 +322,10 @@ mod tests {
         let mut f = tempfile::tempfile().unwrap();
         f.write_all(&buf).unwrap();
         let s = scan(&f, 0, |d| d < 2).unwrap();
-        assert_eq!(s.entries, vec![(key(0, 5), 0), (key(1, 9), (HEADER_LEN + BLOCK) as u64)]);
+        assert_eq!(
+            s.entries,
+            vec![(key(0, 5), 0), (key(1, 9), (HEADER_LEN + BLOCK) as u64)]
+        );
         assert_eq!(s.valid_len, good);
         assert!(s.problem.is_some());
         let mut out = vec![1u8; BLOCK];

@@ -43,7 +43,8 @@ impl Layout {
         self.root.join("retention")
     }
     pub fn journal(&self, interval: u64) -> PathBuf {
-        self.retention_dir().join(format!("interval-{interval}.undo"))
+        self.retention_dir()
+            .join(format!("interval-{interval}.undo"))
     }
     pub fn rollback_dir(&self) -> PathBuf {
         self.root.join("rollback")
@@ -67,8 +68,7 @@ pub fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 200
         && !s.starts_with('.')
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '+'))
 }
 

@@ -7,7 +7,11 @@ use rebound_common::telemetry::{self, LogFormat};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "rebound-mt", version, about = "Rebound master target: replicas, retention journal, recovery points, views, rollback")]
+#[command(
+    name = "rebound-mt",
+    version,
+    about = "Rebound master target: replicas, retention journal, recovery points, views, rollback"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -39,8 +43,31 @@ enum Cmd {
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
-    let cli = Cli::parse();
+async fn main() -> std::process::ExitCode {
+    match real_main(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rebound-mt: error: {}", error_text(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes, each cause once (many messages already embed
+/// their cause).
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+    }
+    text
+}
+
+async fn real_main(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Run { config, log_format } => {
             rebound_common::tls::install_crypto_provider();
@@ -49,8 +76,12 @@ async fn main() -> Result<()> {
             let listener = tokio::net::TcpListener::bind(&cfg.listen)
                 .await
                 .with_context(|| format!("cannot listen on {} (config key listen)", cfg.listen))?;
-            let nbd = std::net::TcpListener::bind(&cfg.nbd_listen)
-                .with_context(|| format!("cannot listen on {} (config key nbd_listen)", cfg.nbd_listen))?;
+            let nbd = std::net::TcpListener::bind(&cfg.nbd_listen).with_context(|| {
+                format!(
+                    "cannot listen on {} (config key nbd_listen)",
+                    cfg.nbd_listen
+                )
+            })?;
             rebound_mt::run(cfg, listener, nbd, shutdown_signal()).await?;
             Ok(())
         }
@@ -68,7 +99,10 @@ async fn main() -> Result<()> {
                 if json {
                     println!("{}", serde_json::to_string(&p)?);
                 } else {
-                    println!("{}\t{}\t{}\t{}\t{}", p.id, p.kind, p.time_ms, p.seq, p.group);
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}",
+                        p.id, p.kind, p.time_ms, p.seq, p.group
+                    );
                 }
             }
             Ok(())

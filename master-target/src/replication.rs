@@ -190,12 +190,15 @@ fn info_from_proto(p: &ReplicationInfo) -> StoredInfo {
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    fsync_dir(dir).map_err(io_err(|| format!("cannot fsync directory {}", dir.display())))
+    fsync_dir(dir).map_err(io_err(|| {
+        format!("cannot fsync directory {}", dir.display())
+    }))
 }
 
 fn mkdir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir)
-        .map_err(io_err(|| format!("cannot create directory {}", dir.display())))
+    std::fs::create_dir_all(dir).map_err(io_err(|| {
+        format!("cannot create directory {}", dir.display())
+    }))
 }
 
 impl Replication {
@@ -222,7 +225,9 @@ impl Replication {
                 .create(true)
                 .truncate(false)
                 .open(&path)
-                .map_err(io_err(|| format!("cannot create replica {}", path.display())))?;
+                .map_err(io_err(|| {
+                    format!("cannot create replica {}", path.display())
+                }))?;
             f.set_len(d.size)
                 .and_then(|_| f.sync_all())
                 .map_err(io_err(|| {
@@ -498,8 +503,8 @@ fn recover(layout: &Layout, info: &StoredInfo) -> Result<Inner> {
     let mut intervals = BTreeMap::new();
     let mut removed = false;
     let dir = layout.retention_dir();
-    let entries = std::fs::read_dir(&dir)
-        .map_err(io_err(|| format!("cannot list {}", dir.display())))?;
+    let entries =
+        std::fs::read_dir(&dir).map_err(io_err(|| format!("cannot list {}", dir.display())))?;
     for entry in entries {
         let entry = entry.map_err(io_err(|| format!("cannot list {}", dir.display())))?;
         let name = entry.file_name();
@@ -523,8 +528,9 @@ fn recover(layout: &Layout, info: &StoredInfo) -> Result<Inner> {
             .write(true)
             .open(&path)
             .map_err(io_err(|| format!("cannot open {}", path.display())))?;
-        let scan = journal::scan(&f, 0, disk_ok)
-            .map_err(io_err(|| format!("cannot read retention journal {}", path.display())))?;
+        let scan = journal::scan(&f, 0, disk_ok).map_err(io_err(|| {
+            format!("cannot read retention journal {}", path.display())
+        }))?;
         if scan.valid_len < scan.file_len {
             let why = scan.problem.clone().unwrap_or_default();
             if n == current {
@@ -546,9 +552,11 @@ fn recover(layout: &Layout, info: &StoredInfo) -> Result<Inner> {
     if removed {
         sync_dir(&dir)?;
     }
-    intervals.entry(current).or_insert_with(IntervalIndex::new_open);
-    let pre_complete = st.rolled_back_to.is_some()
-        || st.rollback.as_ref().is_some_and(|r| r.preimages_complete);
+    intervals
+        .entry(current)
+        .or_insert_with(IntervalIndex::new_open);
+    let pre_complete =
+        st.rolled_back_to.is_some() || st.rollback.as_ref().is_some_and(|r| r.preimages_complete);
     let mut pre = None;
     if pre_complete {
         let point = st
@@ -590,11 +598,11 @@ impl Store {
     pub fn open(data_dir: &Path) -> Result<Store> {
         mkdir(data_dir)?;
         let mut repls = BTreeMap::new();
-        let entries = std::fs::read_dir(data_dir)
-            .map_err(io_err(|| format!("cannot list data dir {}", data_dir.display())))?;
+        let entries = std::fs::read_dir(data_dir).map_err(io_err(|| {
+            format!("cannot list data dir {}", data_dir.display())
+        }))?;
         for entry in entries {
-            let entry =
-                entry.map_err(io_err(|| format!("cannot list {}", data_dir.display())))?;
+            let entry = entry.map_err(io_err(|| format!("cannot list {}", data_dir.display())))?;
             let root = entry.path();
             if !root.join("info.json").exists() {
                 continue;

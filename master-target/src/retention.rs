@@ -55,7 +55,11 @@ pub fn human_duration(ms: u64) -> String {
 
 impl Replication {
     /// One retention pass at time `now_ms`.
-    pub fn enforce_retention(&self, cfg: &RetentionConfig, now_ms: u64) -> Result<RetentionOutcome> {
+    pub fn enforce_retention(
+        &self,
+        cfg: &RetentionConfig,
+        now_ms: u64,
+    ) -> Result<RetentionOutcome> {
         let mut inner = self.write_inner()?;
         let mut out = RetentionOutcome {
             journal_bytes: inner.journal_bytes(),

@@ -79,19 +79,29 @@ fn parse_header(f: &File) -> Result<(PointRef, u64, u64), String> {
         return Err("header checksum mismatch".into());
     }
     let id = String::from_utf8(rest[..id_len].to_vec()).map_err(|_| "point id is not UTF-8")?;
-    Ok((PointRef { id, seq, interval }, count, (34 + id_len + 8) as u64))
+    Ok((
+        PointRef { id, seq, interval },
+        count,
+        (34 + id_len + 8) as u64,
+    ))
 }
 
 impl PreImages {
     /// Opens and indexes the pre-image file, which must be complete and
     /// belong to `point`.
-    pub fn open(layout: &Layout, point: &PointRef, disk_ok: impl Fn(u32) -> bool) -> Result<PreImages> {
+    pub fn open(
+        layout: &Layout,
+        point: &PointRef,
+        disk_ok: impl Fn(u32) -> bool,
+    ) -> Result<PreImages> {
         let path = layout.preimages();
         let bad = |m: String| MtError::DataLoss(format!("pre-image file {}: {m}", path.display()));
         let file = OpenOptions::new()
             .read(true)
             .open(&path)
-            .map_err(io_err(|| format!("cannot open pre-image file {}", path.display())))?;
+            .map_err(io_err(|| {
+                format!("cannot open pre-image file {}", path.display())
+            }))?;
         let (p, count, hlen) = parse_header(&file).map_err(bad)?;
         if &p != point {
             return Err(bad(format!(
@@ -99,8 +109,9 @@ impl PreImages {
                 p.id, p.seq, point.id, point.seq
             )));
         }
-        let scan = journal::scan(&file, hlen, disk_ok)
-            .map_err(io_err(|| format!("cannot read pre-image file {}", path.display())))?;
+        let scan = journal::scan(&file, hlen, disk_ok).map_err(io_err(|| {
+            format!("cannot read pre-image file {}", path.display())
+        }))?;
         if scan.entries.len() as u64 != count || scan.valid_len != scan.file_len {
             return Err(bad(format!(
                 "it should hold {count} blocks but {} are readable ({})",
@@ -189,8 +200,9 @@ impl Replication {
             }
         }
         // Affected blocks and where their content at P is, in disk order.
-        let mut blocks: Vec<(u64, (u64, u64))> =
-            build_map(&inner.intervals, p.interval).into_iter().collect();
+        let mut blocks: Vec<(u64, (u64, u64))> = build_map(&inner.intervals, p.interval)
+            .into_iter()
+            .collect();
         blocks.sort_unstable_by_key(|&(k, _)| k);
         info!(replication = %self.id, machine = %machine, point = %p.id, seq = p.seq, blocks = blocks.len(), "rollback started");
 
@@ -279,7 +291,12 @@ impl Replication {
         result
     }
 
-    fn write_preimages(&self, point: &PointRef, blocks: &[(u64, (u64, u64))], crash: CrashAt) -> Result<PreImages> {
+    fn write_preimages(
+        &self,
+        point: &PointRef,
+        blocks: &[(u64, (u64, u64))],
+        crash: CrashAt,
+    ) -> Result<PreImages> {
         let path = self.layout.preimages();
         let ctx = || format!("cannot write pre-image file {}", path.display());
         let file = OpenOptions::new()
@@ -372,7 +389,10 @@ impl Replication {
                 let start = key_block(key) * BS;
                 let len = BS.min(d.size - start) as usize;
                 d.file.write_all_at(&tmp[..len], start).map_err(io_err(|| {
-                    format!("cannot write replica {} at offset {start}", d.path.display())
+                    format!(
+                        "cannot write replica {} at offset {start}",
+                        d.path.display()
+                    )
                 }))?;
             }
             for d in &self.disks {

@@ -10,9 +10,10 @@ use rebound_common::pki::Role;
 use rebound_common::tls::require_role;
 use rebound_proto::master_target_server::MasterTarget;
 use rebound_proto::{
-    apply_request, apply_response, ApplyRequest, ApplyResponse, ChunkHashesRequest, ChunkHashesResponse,
-    ListPointsRequest, ListPointsResponse, ReplicationSummary, ReplicationsRequest, ReplicationsResponse,
-    RestorePreImagesRequest, RestorePreImagesResponse, RollbackRequest, RollbackResponse,
+    apply_request, apply_response, ApplyRequest, ApplyResponse, ChunkHashesRequest,
+    ChunkHashesResponse, ListPointsRequest, ListPointsResponse, ReplicationSummary,
+    ReplicationsRequest, ReplicationsResponse, RestorePreImagesRequest, RestorePreImagesResponse,
+    RollbackRequest, RollbackResponse,
 };
 use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
@@ -140,7 +141,9 @@ impl MasterTarget for MtService {
         let store = self.store.clone();
         let stop = self.stop.clone();
         tokio::spawn(async move {
-            if let Err(status) = apply_session(store, stream, tx.clone(), stop, who.to_string()).await {
+            if let Err(status) =
+                apply_session(store, stream, tx.clone(), stop, who.to_string()).await
+            {
                 let _ = tx.send(Err(status)).await;
             }
         });
@@ -169,10 +172,17 @@ impl MasterTarget for MtService {
                 let store = self.store.clone();
                 blocking(move || store.get_or_create(&info)).await?
             }
-            (None, None) => return Err(self.replication(&req.replication_id).err().expect("missing")),
+            (None, None) => {
+                return Err(self
+                    .replication(&req.replication_id)
+                    .err()
+                    .expect("missing"))
+            }
         };
         let applied = repl.wait_applied(req.min_applied_seq, WAIT_APPLIED).await?;
-        let hashes = blocking(move || repl.chunk_hashes(req.disk, req.offset, req.chunk_size, req.count)).await?;
+        let hashes =
+            blocking(move || repl.chunk_hashes(req.disk, req.offset, req.chunk_size, req.count))
+                .await?;
         Ok(Response::new(ChunkHashesResponse {
             hashes,
             applied_seq: applied,
@@ -185,9 +195,10 @@ impl MasterTarget for MtService {
     ) -> Result<Response<ListPointsResponse>, Status> {
         require_role(&request, READERS)?;
         let repl = self.replication(&request.get_ref().replication_id)?;
-        let status = repl.status();
+        // The replication lock may be held by a long rollback: off the runtime.
+        let (points, status) = blocking(move || Ok((repl.points(), repl.status()))).await?;
         Ok(Response::new(ListPointsResponse {
-            points: repl.points().iter().map(|p| p.to_proto()).collect(),
+            points: points.iter().map(|p| p.to_proto()).collect(),
             applied_seq: status.applied_seq,
             rolled_back_to: status.rolled_back_to.unwrap_or_default(),
         }))
@@ -198,20 +209,23 @@ impl MasterTarget for MtService {
         request: Request<ReplicationsRequest>,
     ) -> Result<Response<ReplicationsResponse>, Status> {
         require_role(&request, READERS)?;
-        let replications = self
-            .store
-            .list()
-            .iter()
-            .map(|r| {
-                let s = r.status();
-                ReplicationSummary {
-                    info: Some(r.info()),
-                    applied_seq: s.applied_seq,
-                    points: s.points as u32,
-                    rolled_back_to: s.rolled_back_to.unwrap_or_default(),
-                }
-            })
-            .collect();
+        let store = self.store.clone();
+        let replications = blocking(move || {
+            Ok(store
+                .list()
+                .iter()
+                .map(|r| {
+                    let s = r.status();
+                    ReplicationSummary {
+                        info: Some(r.info()),
+                        applied_seq: s.applied_seq,
+                        points: s.points as u32,
+                        rolled_back_to: s.rolled_back_to.unwrap_or_default(),
+                    }
+                })
+                .collect())
+        })
+        .await?;
         Ok(Response::new(ReplicationsResponse { replications }))
     }
 

@@ -124,7 +124,13 @@ impl Replication {
     /// Like `read_at_point`, for a view that holds the point it was opened
     /// at (id and interval), so a point cut later under the same id does not
     /// change what an open view shows.
-    fn read_view(&self, disk: u32, offset: u64, buf: &mut [u8], point: Option<&(String, u64)>) -> Result<()> {
+    fn read_view(
+        &self,
+        disk: u32,
+        offset: u64,
+        buf: &mut [u8],
+        point: Option<&(String, u64)>,
+    ) -> Result<()> {
         let inner = self.read_inner();
         let d = self.disk(disk)?;
         self.check_range(d, offset, buf.len())?;
@@ -265,7 +271,8 @@ impl Replication {
             let bend = ((b + 1) * BS).min(end);
             let from = (bstart - b * BS) as usize;
             let to = (bend - b * BS) as usize;
-            buf[(bstart - offset) as usize..(bend - offset) as usize].copy_from_slice(&tmp[from..to]);
+            buf[(bstart - offset) as usize..(bend - offset) as usize]
+                .copy_from_slice(&tmp[from..to]);
             i += 1;
         }
         Ok(())
@@ -302,7 +309,9 @@ impl Views {
             .filter(|r| r.machine_id() == machine || r.id() == machine)
             .collect();
         if cands.is_empty() {
-            return Err(format!("no export {name:?}: this MT has no replication of machine {machine:?}"));
+            return Err(format!(
+                "no export {name:?}: this MT has no replication of machine {machine:?}"
+            ));
         }
         cands.sort_by_key(|r| Reverse(r.created_ms()));
         for r in cands {

@@ -117,63 +117,83 @@ pub fn check_replication_id(id: &str) -> Result<(), CacheError> {
 // ------------------------------------------------------------------ account
 
 /// Total segment bytes of all replications against the cap. Ingest streams
-/// stop reading while the total is at or over the cap (backpressure).
+/// stop reading while the total is at or over the cap (backpressure). A
+/// frame read from a stream reserves its size until the writer has stored
+/// it, so frames queued for the writer count against the cap too.
 #[derive(Debug)]
 pub struct Account {
     cap: u64,
-    total: watch::Sender<u64>,
+    usage: watch::Sender<Usage>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Usage {
+    /// Bytes of segment files.
+    stored: u64,
+    /// Bytes of frames read and not yet stored.
+    reserved: u64,
+}
+
+impl Usage {
+    fn used(&self) -> u64 {
+        self.stored.saturating_add(self.reserved)
+    }
 }
 
 impl Account {
     pub fn new(cap: u64) -> Account {
         Account {
             cap,
-            total: watch::Sender::new(0),
+            usage: watch::Sender::new(Usage::default()),
         }
     }
     pub fn cap(&self) -> u64 {
         self.cap
     }
+    /// Bytes of all segment files.
     pub fn total(&self) -> u64 {
-        *self.total.borrow()
+        self.usage.borrow().stored
     }
+    /// Whether stored plus reserved bytes reach the cap.
     pub fn is_full(&self) -> bool {
-        self.total() >= self.cap
+        self.usage.borrow().used() >= self.cap
     }
-    /// Resolves once the total is below the cap.
+    /// Resolves once stored plus reserved bytes are below the cap.
     pub async fn wait_below_cap(&self) {
-        let mut rx = self.total.subscribe();
+        let mut rx = self.usage.subscribe();
         let cap = self.cap;
-        let _ = rx.wait_for(|t| *t < cap).await;
+        let _ = rx.wait_for(|u| u.used() < cap).await;
+    }
+    /// Counts `n` bytes of a frame that is on its way to the writer.
+    pub fn reserve(&self, n: u64) {
+        self.update(|u| u.reserved = u.reserved.saturating_add(n));
+    }
+    /// Drops a reservation (the frame was stored, dropped or refused).
+    pub fn release(&self, n: u64) {
+        self.update(|u| u.reserved = u.reserved.saturating_sub(n));
     }
     fn add(&self, n: u64) {
-        if n == 0 {
-            return;
-        }
+        self.update(|u| u.stored = u.stored.saturating_add(n));
+    }
+    fn sub(&self, n: u64) {
+        self.update(|u| u.stored = u.stored.saturating_sub(n));
+    }
+    fn update(&self, f: impl FnOnce(&mut Usage)) {
         let cap = self.cap;
-        self.total.send_modify(|t| {
-            let was_full = *t >= cap;
-            *t = t.saturating_add(n);
-            if !was_full && *t >= cap {
+        self.usage.send_modify(|u| {
+            let was_full = u.used() >= cap;
+            f(u);
+            let full = u.used() >= cap;
+            if full && !was_full {
                 info!(
-                    cache_bytes = *t,
+                    cache_bytes = u.stored,
+                    queued_bytes = u.reserved,
                     cache_max_bytes = cap,
                     "cache full: backpressure on, agent streams paused until applied segments are trimmed"
                 );
-            }
-        });
-    }
-    fn sub(&self, n: u64) {
-        if n == 0 {
-            return;
-        }
-        let cap = self.cap;
-        self.total.send_modify(|t| {
-            let was_full = *t >= cap;
-            *t = t.saturating_sub(n);
-            if was_full && *t < cap {
+            } else if was_full && !full {
                 info!(
-                    cache_bytes = *t,
+                    cache_bytes = u.stored,
                     cache_max_bytes = cap,
                     "cache below its cap: backpressure off, agent streams resumed"
                 );
@@ -246,6 +266,8 @@ struct Append {
     bytes: Vec<u8>,
     first_seq: u64,
     last_seq: u64,
+    /// Bytes reserved in the account for this frame, released once done.
+    reserved: u64,
     reply: oneshot::Sender<Result<u64, AppendError>>,
 }
 
@@ -323,26 +345,39 @@ impl Replication {
 
     /// Queues a frame (already in its stored form) for the writer. The
     /// returned receiver answers with the durable seq once the batch holding
-    /// the frame is fsynced, or with why it was refused.
+    /// the frame is fsynced, or with why it was refused. `reserved` bytes,
+    /// reserved in the account by the caller, are released once the frame
+    /// is done with.
     pub async fn append(
         &self,
         bytes: Vec<u8>,
         first_seq: u64,
         last_seq: u64,
+        reserved: u64,
     ) -> Result<oneshot::Receiver<Result<u64, AppendError>>, AppendError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
+        let sent = self
+            .tx
             .send(WriterMsg::Append(Append {
                 bytes,
                 first_seq,
                 last_seq,
+                reserved,
                 reply,
             }))
-            .await
-            .map_err(|_| AppendError::Closed {
+            .await;
+        if sent.is_err() {
+            self.sh.account.release(reserved);
+            return Err(AppendError::Closed {
                 replication: self.sh.id.clone(),
-            })?;
+            });
+        }
         Ok(rx)
+    }
+
+    /// The account of the cache this replication belongs to.
+    pub fn account(&self) -> &Arc<Account> {
+        &self.sh.account
     }
 
     /// Asks the writer to re-check trimming.
@@ -661,6 +696,7 @@ impl Writer {
 
     /// Appends a batch, syncs once, then answers every frame of it.
     fn commit(&mut self, batch: Vec<Append>) {
+        let reserved: u64 = batch.iter().map(|a| a.reserved).sum();
         let mut replies = Vec::with_capacity(batch.len());
         let result = self.write_batch(batch, &mut replies);
         let result = result.and_then(|()| {
@@ -672,6 +708,7 @@ impl Writer {
         match result {
             Ok(()) => {
                 self.publish();
+                self.sh.account.release(reserved);
                 let durable = self.durable;
                 for (reply, outcome) in replies {
                     let _ = reply.send(match outcome {
@@ -687,6 +724,7 @@ impl Writer {
                 );
                 error!(replication = %self.sh.id, "cannot write the cache: {message}; the frames were not acknowledged");
                 self.undo();
+                self.sh.account.release(reserved);
                 for (reply, _) in replies {
                     let _ = reply.send(Err(AppendError::Io {
                         replication: self.sh.id.clone(),
@@ -702,7 +740,8 @@ impl Writer {
         batch: Vec<Append>,
         replies: &mut Vec<(oneshot::Sender<Result<u64, AppendError>>, Outcome)>,
     ) -> io::Result<()> {
-        let stats = &self.sh.stats;
+        let sh = self.sh.clone();
+        let stats = &sh.stats;
         for a in batch {
             if let Some(why) = &self.broken {
                 let e = AppendError::Io {
@@ -1009,7 +1048,7 @@ mod tests {
 
     async fn put(rep: &Replication, first: u64, last: u64) -> Result<u64, AppendError> {
         let bytes = frame_bytes(rep.id(), first, last);
-        rep.append(bytes, first, last).await?.await.expect("writer answers")
+        rep.append(bytes, first, last, 0).await?.await.expect("writer answers")
     }
 
     async fn open(root: &Path, cap: u64, seg_max: u64) -> Cache {
@@ -1128,6 +1167,17 @@ mod tests {
         assert_eq!(rep.cache_bytes(), frame_len * 8);
         let names: Vec<u64> = rep.segments().keys().copied().collect();
         assert_eq!(names, vec![1, 4, 7]);
+
+        // Reserved bytes count against the cap but are not cache bytes.
+        account.release(0);
+        let small = Account::new(100);
+        small.reserve(60);
+        assert!(!small.is_full());
+        small.add(40);
+        assert!(small.is_full());
+        assert_eq!(small.total(), 40);
+        small.release(60);
+        assert!(!small.is_full());
 
         // Waiters are released once trimming brings the total under the cap.
         let waiter = {

@@ -187,7 +187,7 @@ async fn stream_loop(
         let full = account.is_full();
         tokio::select! {
             biased;
-            _ = stopping.wait_for(|s| *s) => {
+            _ = stopped(&mut stopping) => {
                 drain(&mut pending, &tx, &mut acked).await;
                 let _ = tx
                     .send(Err(Status::unavailable("the process server is shutting down; reconnect and resume")))
@@ -209,7 +209,7 @@ async fn stream_loop(
             msg = inbound.message(), if room && !full => match msg {
                 Ok(Some(req)) => {
                     position += 1;
-                    match accept(ctx, rep, req, position, &mut compressor).await {
+                    match accept(rep, req, position, &mut compressor).await {
                         Ok(p) => pending.push_back(p),
                         Err(status) => {
                             drain(&mut pending, &tx, &mut acked).await;
@@ -229,6 +229,11 @@ async fn stream_loop(
             },
         }
     }
+}
+
+/// Resolves once the server shuts down (or its stop signal is gone).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
 }
 
 /// Answers every pending frame (the stream is about to end).
@@ -256,7 +261,6 @@ async fn drain(
 /// Checks one request and queues its frame; the returned future answers
 /// with the durable seq once it is synced.
 async fn accept(
-    ctx: &IngestContext,
     rep: &Arc<Replication>,
     req: IngestRequest,
     position: u64,
@@ -303,6 +307,11 @@ async fn accept(
         return Ok(Box::pin(async move { Ok(durable) }));
     }
 
+    // Counted against the cap from now on, so frames queued for the writer
+    // cannot overshoot it.
+    let reserved = bytes.len() as u64;
+    let account = rep.account().clone();
+    account.reserve(reserved);
     let try_compress = compressor.should_try() && !frame.is_compressed();
     let level = compressor.level();
     let rid = rep.id().to_string();
@@ -320,12 +329,19 @@ async fn accept(
         }
     })
     .await
-    .map_err(|e| Status::internal(format!("frame task failed: {e}")))??;
-    let (stored, shrank) = checked;
+    .map_err(|e| Status::internal(format!("frame task failed: {e}")))
+    .and_then(|r| r);
+    let (stored, shrank) = match checked {
+        Ok(c) => c,
+        Err(status) => {
+            account.release(reserved);
+            return Err(status);
+        }
+    };
     if let Some(s) = shrank {
         compressor.record(s);
     }
-    let rx = rep.append(stored, first, last).await.map_err(Status::from)?;
+    let rx = rep.append(stored, first, last, reserved).await.map_err(Status::from)?;
     let rid = rep.id().to_string();
     Ok(Box::pin(async move {
         match rx.await {

@@ -1,1 +1,198 @@
-//! The process server: durable frame cache and forwarding to the master target
+//! The process server (DESIGN.md §6): takes the agents' change streams,
+//! caches every frame durably (group commit, torn-tail recovery, a size cap
+//! with backpressure), compresses it, and forwards it in order to the master
+//! target over one apply stream per replication. It also proxies the agents'
+//! resync chunk-hash requests and reports cache use and lag.
+//!
+//! The binary is a thin `main` over [`run`], which takes a bound listener and
+//! a shutdown future so tests can run many instances on port 0.
+
+pub mod cache;
+pub mod config;
+pub mod forward;
+pub mod ingest;
+pub mod segment;
+pub mod service;
+#[cfg(test)]
+mod tests;
+
+pub use config::{Config, MtConfig};
+
+use cache::{Cache, CacheError};
+use forward::{Forwarders, MtLink, MAX_MESSAGE};
+use ingest::IngestContext;
+use rebound_common::tls::{error_chain, TlsError};
+use rebound_proto::process_server_server::ProcessServerServer;
+use service::PsService;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
+use tracing::{info, warn};
+
+/// Period of the per-replication throughput/lag summary.
+pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
+/// How long open connections may take to finish after shutdown starts.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Error)]
+pub enum PsError {
+    #[error("TLS setup failed: {0}")]
+    Tls(#[from] TlsError),
+    #[error("cannot open the cache: {0}")]
+    Cache(#[from] CacheError),
+    #[error("gRPC server failed: {0}")]
+    Serve(String),
+    #[error("internal task failed: {0}")]
+    Task(String),
+}
+
+/// Runs the process server on `listener` until `shutdown` resolves. Every
+/// frame it acknowledged is durable in the cache by then.
+pub async fn run<F>(config: Config, listener: TcpListener, shutdown: F) -> Result<(), PsError>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let tls = config.tls.server_config()?;
+    let root = config.cache_dir.clone();
+    let cap = config.cache_max_bytes;
+    let cache = Arc::new(
+        tokio::task::spawn_blocking(move || Cache::open(&root, cap))
+            .await
+            .map_err(|e| PsError::Task(e.to_string()))??,
+    );
+    let link = Arc::new(MtLink::new(
+        config.tls.clone(),
+        config.mt.addr.clone(),
+        config.mt.server_name.clone(),
+    ));
+    let forwarders = Arc::new(Forwarders::new(link.clone()));
+    for rep in cache.replications() {
+        forwarders.ensure(&rep);
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let summary = tokio::spawn(summary_loop(cache.clone()));
+
+    let ctx = IngestContext {
+        cache: cache.clone(),
+        forwarders: forwarders.clone(),
+        compression_level: config.compression_level,
+        stopping: stop_rx.clone(),
+    };
+    let svc = ProcessServerServer::new(PsService::new(ctx, link))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+
+    let local = listener.local_addr().ok();
+    info!(
+        listen = ?local,
+        cache_dir = %config.cache_dir.display(),
+        cache_bytes = cache.account().total(),
+        cache_max_bytes = cap,
+        replications = cache.replications().len(),
+        mt = %config.mt.addr,
+        "process server listening"
+    );
+    let incoming = TcpListenerStream::new(listener).map(|s| {
+        if let Ok(s) = &s {
+            let _ = s.set_nodelay(true);
+        }
+        s
+    });
+    let signal = async move {
+        shutdown.await;
+        info!("process server shutting down");
+        stop_tx.send_replace(true);
+    };
+    let server = tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(16 << 20))
+        .initial_connection_window_size(Some(32 << 20))
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .tls_config(tls)
+        .map_err(|e| PsError::Serve(error_chain(&e)))?
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming, signal);
+    let mut stopping = stop_rx.clone();
+    let result = tokio::select! {
+        r = server => r.map_err(|e| PsError::Serve(error_chain(&e))),
+        _ = async {
+            let _ = stopping.wait_for(|s| *s).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            warn!("connections still open {} s after shutdown began; closing them", SHUTDOWN_GRACE.as_secs());
+            Ok(())
+        }
+    };
+
+    forwarders.shutdown();
+    summary.abort();
+    let c = cache.clone();
+    tokio::task::spawn_blocking(move || c.shutdown())
+        .await
+        .map_err(|e| PsError::Task(e.to_string()))?;
+    info!("process server stopped");
+    result
+}
+
+#[derive(Default, Clone, Copy)]
+struct Snapshot {
+    frames_in: u64,
+    bytes_in: u64,
+    bytes_stored: u64,
+    frames_forwarded: u64,
+    bytes_forwarded: u64,
+}
+
+/// Logs a throughput/lag line per active replication every
+/// `SUMMARY_INTERVAL` (never a line per frame).
+async fn summary_loop(cache: Arc<Cache>) {
+    let mut last: HashMap<String, Snapshot> = HashMap::new();
+    let mut tick = tokio::time::interval(SUMMARY_INTERVAL);
+    tick.tick().await;
+    let mut at = Instant::now();
+    loop {
+        tick.tick().await;
+        let secs = at.elapsed().as_secs_f64().max(0.001);
+        at = Instant::now();
+        for rep in cache.replications() {
+            let s = rep.stats();
+            let now = Snapshot {
+                frames_in: s.frames_in.load(Ordering::Relaxed),
+                bytes_in: s.bytes_in.load(Ordering::Relaxed),
+                bytes_stored: s.bytes_stored.load(Ordering::Relaxed),
+                frames_forwarded: s.frames_forwarded.load(Ordering::Relaxed),
+                bytes_forwarded: s.bytes_forwarded.load(Ordering::Relaxed),
+            };
+            let prev = last.insert(rep.id().to_string(), now).unwrap_or_default();
+            let frames_in = now.frames_in - prev.frames_in;
+            let frames_forwarded = now.frames_forwarded - prev.frames_forwarded;
+            if frames_in == 0 && frames_forwarded == 0 {
+                continue;
+            }
+            let mib = |b: u64| b as f64 / (1 << 20) as f64 / secs;
+            let bytes_in = now.bytes_in - prev.bytes_in;
+            let stored = now.bytes_stored - prev.bytes_stored;
+            let (durable, applied) = (rep.durable(), rep.applied());
+            info!(
+                replication = %rep.id(),
+                durable_seq = durable,
+                applied_seq = applied,
+                lag_seqs = durable.saturating_sub(applied),
+                frames_in,
+                in_mib_s = format!("{:.1}", mib(bytes_in)),
+                stored_ratio = format!("{:.2}", if bytes_in > 0 { stored as f64 / bytes_in as f64 } else { 1.0 }),
+                frames_forwarded,
+                forwarded_mib_s = format!("{:.1}", mib(now.bytes_forwarded - prev.bytes_forwarded)),
+                cache_bytes = rep.cache_bytes(),
+                "replication throughput"
+            );
+        }
+    }
+}

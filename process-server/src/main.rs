@@ -1,1 +1,61 @@
-fn main() {}
+//! `rebound-ps`: the process server binary, a thin shell over the library.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use rebound_common::telemetry::{self, LogFormat};
+use rebound_common::{config, tls};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(name = "rebound-ps", version, about = "Rebound process server: durable frame cache and forwarding to the master target")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Runs the process server until SIGTERM or ctrl-c.
+    Run {
+        /// TOML config file (see process-server/example-config.toml);
+        /// without it every key has its default.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Log as `text` or `json` lines.
+        #[arg(long, default_value = "text")]
+        log_format: LogFormat,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run { config, log_format } => {
+            telemetry::init(log_format);
+            tls::install_crypto_provider();
+            let cfg: rebound_ps::Config = config::load(config.as_deref())?;
+            let listener = tokio::net::TcpListener::bind(&cfg.listen)
+                .await
+                .with_context(|| format!("cannot listen on {} (the `listen` key)", cfg.listen))?;
+            rebound_ps::run(cfg, listener, shutdown_signal()).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or ctrl-c.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

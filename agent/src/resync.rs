@@ -1,0 +1,625 @@
+//! Resync by hash comparison (DESIGN.md §4 "ResyncBegin … ResyncEnd",
+//! §5 "Resync source").
+//!
+//! Used for initial replication (every chunk), after a crash (the dirty
+//! extents) and after bitmap mode (the extents written meanwhile). For each
+//! run of extents the agent asks the replica's 1 MiB chunk hashes (through
+//! the PS, which proxies to the MT), compares them with its own, asks 64 KiB
+//! sub-chunk hashes for the chunks that differ, and sends only the differing
+//! sub-chunks: read and appended under the ordering point, `Zero` when all
+//! zero. A chunk the replica holds as all zeroes needs no second round trip.
+//!
+//! The hash request carries `min_applied_seq` = the last seq handed to the
+//! stream, so the replica's hashes include every record appended before the
+//! extents were taken; local hashes are computed after the answer. Then equal
+//! hashes mean the replica, after the records still in flight, equals the
+//! source there (a later write is in the stream after the comparison).
+//!
+//! The driver runs windows while the link is up and the buffer has room; a
+//! failure gives the unfinished extents back and retries, the window stays
+//! open (no tag) until everything is through.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rebound_common::chunk::{chunk_hashes, CHUNK_SIZE, SUB_CHUNK_SIZE};
+use rebound_proto::process_server_client::ProcessServerClient;
+use rebound_proto::{ChunkHashesRequest, ReplicationInfo};
+use thiserror::Error;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+use crate::capture::{Capture, CaptureError};
+use crate::sender::Link;
+
+/// Chunks per first-level hash request (64 MiB of disk).
+const HASH_BATCH: u64 = 64;
+/// Chunks per sub-chunk hash request.
+const SUB_BATCH_CHUNKS: u64 = 16;
+/// How often a long resync logs its progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Error)]
+pub enum ResyncError {
+    #[error("chunk hashes of disk {disk} at offset {offset} from the process server: {message}")]
+    Rpc {
+        disk: u32,
+        offset: u64,
+        message: String,
+    },
+    #[error("the replica answered {got} bytes of hashes for {count} chunks of disk {disk} at offset {offset}")]
+    BadAnswer {
+        disk: u32,
+        offset: u64,
+        got: usize,
+        count: u64,
+    },
+    #[error("hashing disk {disk} at offset {offset}: {source}")]
+    LocalHash {
+        disk: String,
+        offset: u64,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    #[error("not connected to the process server")]
+    NotConnected,
+    #[error("stopping")]
+    Stopped,
+}
+
+/// Where the replica's chunk hashes come from (the PS in production, a local
+/// file in tests).
+pub trait HashSource {
+    /// `count * 32` bytes of blake3 hashes of the replica's chunks, once it
+    /// has applied at least `min_applied_seq`.
+    fn chunk_hashes(
+        &self,
+        disk: u32,
+        offset: u64,
+        chunk_size: u32,
+        count: u32,
+        min_applied_seq: u64,
+    ) -> impl Future<Output = Result<Vec<u8>, ResyncError>> + Send;
+}
+
+/// The replica's hashes through the process server's `ChunkHashes`.
+pub struct PsHashSource {
+    client: ProcessServerClient<Channel>,
+    info: ReplicationInfo,
+}
+
+impl PsHashSource {
+    pub fn new(channel: Channel, info: ReplicationInfo) -> Self {
+        PsHashSource {
+            client: ProcessServerClient::new(channel),
+            info,
+        }
+    }
+}
+
+impl HashSource for PsHashSource {
+    fn chunk_hashes(
+        &self,
+        disk: u32,
+        offset: u64,
+        chunk_size: u32,
+        count: u32,
+        min_applied_seq: u64,
+    ) -> impl Future<Output = Result<Vec<u8>, ResyncError>> + Send {
+        let mut client = self.client.clone();
+        let mut req = tonic::Request::new(ChunkHashesRequest {
+            replication_id: self.info.replication_id.clone(),
+            disk,
+            offset,
+            chunk_size,
+            count,
+            min_applied_seq,
+            info: Some(self.info.clone()),
+        });
+        req.set_timeout(Duration::from_secs(120));
+        async move {
+            let resp = client
+                .chunk_hashes(req)
+                .await
+                .map_err(|s| ResyncError::Rpc {
+                    disk,
+                    offset,
+                    message: format!("{}: {}", s.code(), s.message()),
+                })?;
+            Ok(resp.into_inner().hashes)
+        }
+    }
+}
+
+/// Running totals of one driver, for progress lines.
+#[derive(Debug)]
+pub struct Progress {
+    pub compared: u64,
+    pub total: u64,
+    last_log: Instant,
+}
+
+impl Progress {
+    pub fn new(total: u64) -> Self {
+        Progress {
+            compared: 0,
+            total,
+            last_log: Instant::now(),
+        }
+    }
+    fn advance(&mut self, cap: &Capture, bytes: u64) {
+        self.compared += bytes;
+        if self.last_log.elapsed() >= PROGRESS_EVERY {
+            self.last_log = Instant::now();
+            let s = cap.snapshot();
+            info!(
+                compared_mib = self.compared >> 20,
+                total_mib = self.total >> 20,
+                resync_bytes_sent = s.resync_bytes_sent,
+                "resync progress: {} of {} MiB compared",
+                self.compared >> 20,
+                self.total >> 20
+            );
+        }
+    }
+}
+
+fn zero_hash(len: u64) -> [u8; 32] {
+    static ZEROS: [u8; SUB_CHUNK_SIZE as usize] = [0; SUB_CHUNK_SIZE as usize];
+    let mut h = blake3::Hasher::new();
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(SUB_CHUNK_SIZE) as usize;
+        h.update(&ZEROS[..n]);
+        left -= n as u64;
+    }
+    *h.finalize().as_bytes()
+}
+
+async fn local_hashes(
+    cap: &Arc<Capture>,
+    disk: u32,
+    offset: u64,
+    chunk: u64,
+    count: u64,
+) -> Result<Vec<u8>, ResyncError> {
+    let d = cap.disks()[disk as usize].clone();
+    tokio::task::spawn_blocking(move || {
+        chunk_hashes(d.file(), d.size(), offset, chunk as u32, count as u32).map_err(|source| {
+            ResyncError::LocalHash {
+                disk: d.name.clone(),
+                offset,
+                source,
+            }
+        })
+    })
+    .await
+    .map_err(|e| ResyncError::LocalHash {
+        disk: disk.to_string(),
+        offset,
+        source: std::io::Error::other(e.to_string()),
+    })?
+}
+
+async fn remote_hashes<H: HashSource>(
+    cap: &Capture,
+    src: &H,
+    disk: u32,
+    offset: u64,
+    chunk: u64,
+    count: u64,
+) -> Result<Vec<u8>, ResyncError> {
+    // Hand the partial frame over now: the replica waits for these records.
+    cap.request_flush();
+    let min = cap.handed_over_seq();
+    let h = src
+        .chunk_hashes(disk, offset, chunk as u32, count as u32, min)
+        .await?;
+    if h.len() as u64 != count * 32 {
+        return Err(ResyncError::BadAnswer {
+            disk,
+            offset,
+            got: h.len(),
+            count,
+        });
+    }
+    Ok(h)
+}
+
+/// Waits until the buffer has room for `bytes` of resync records (resync
+/// never pushes the agent into bitmap mode; it waits for the link).
+async fn wait_for_space(cap: &Capture, bytes: u64) {
+    let mut rx = cap.durable_watch();
+    loop {
+        let b = cap.buffer_bytes();
+        if b == 0 || b + bytes <= cap.buffer_limit() * 3 / 4 {
+            return;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
+    }
+}
+
+async fn copy(
+    cap: &Arc<Capture>,
+    disk: u32,
+    offset: u64,
+    len: u64,
+    skip_zero: bool,
+) -> Result<(), ResyncError> {
+    wait_for_space(cap, len + 64).await;
+    let c = cap.clone();
+    tokio::task::spawn_blocking(move || c.resync_copy(disk, offset, len, skip_zero))
+        .await
+        .map_err(|e| ResyncError::LocalHash {
+            disk: disk.to_string(),
+            offset,
+            source: std::io::Error::other(e.to_string()),
+        })??;
+    Ok(())
+}
+
+/// Splits ascending `items` into runs of consecutive values, at most `max`
+/// long: (first, length).
+fn runs(items: &[u64], max: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &i in items {
+        match out.last_mut() {
+            Some((s, n)) if *s + *n == i && *n < max => *n += 1,
+            _ => out.push((i, 1)),
+        }
+    }
+    out
+}
+
+/// Compares `exts` (ascending extent numbers) of `disk` with the replica and
+/// appends resync records for what differs. On error, says how many of
+/// `exts` were completely done.
+pub async fn resync_extents<H: HashSource>(
+    cap: &Arc<Capture>,
+    src: &H,
+    disk: u32,
+    exts: &[u64],
+    progress: &mut Progress,
+    stop: &watch::Receiver<bool>,
+) -> Result<(), (usize, ResyncError)> {
+    let size = cap.disks()[disk as usize].size();
+    let mut done = 0usize;
+    for (first, count) in runs(exts, HASH_BATCH) {
+        if *stop.borrow() {
+            return Err((done, ResyncError::Stopped));
+        }
+        resync_run(cap, src, disk, size, first, count)
+            .await
+            .map_err(|e| (done, e))?;
+        done += count as usize;
+        progress.advance(cap, count * CHUNK_SIZE);
+    }
+    Ok(())
+}
+
+async fn resync_run<H: HashSource>(
+    cap: &Arc<Capture>,
+    src: &H,
+    disk: u32,
+    size: u64,
+    first: u64,
+    count: u64,
+) -> Result<(), ResyncError> {
+    let offset = first * CHUNK_SIZE;
+    if offset >= size {
+        return Ok(());
+    }
+    let count = count.min((size - offset).div_ceil(CHUNK_SIZE));
+    let remote = remote_hashes(cap, src, disk, offset, CHUNK_SIZE, count).await?;
+    let local = local_hashes(cap, disk, offset, CHUNK_SIZE, count).await?;
+    let full_zero = zero_hash(CHUNK_SIZE);
+    let mut differing = Vec::new();
+    for i in 0..count {
+        let r = &remote[i as usize * 32..i as usize * 32 + 32];
+        if r == &local[i as usize * 32..i as usize * 32 + 32] {
+            continue;
+        }
+        let c_off = offset + i * CHUNK_SIZE;
+        let c_len = CHUNK_SIZE.min(size - c_off);
+        let zero = if c_len == CHUNK_SIZE {
+            full_zero
+        } else {
+            zero_hash(c_len)
+        };
+        if r == zero {
+            // The replica is all zeroes here: send the non-zero sub-chunks.
+            copy(cap, disk, c_off, c_len, true).await?;
+        } else {
+            differing.push(first + i);
+        }
+    }
+    for (g_first, g_count) in runs(&differing, SUB_BATCH_CHUNKS) {
+        let g_off = g_first * CHUNK_SIZE;
+        let g_len = (g_count * CHUNK_SIZE).min(size - g_off);
+        let n_sub = g_len.div_ceil(SUB_CHUNK_SIZE);
+        let remote = remote_hashes(cap, src, disk, g_off, SUB_CHUNK_SIZE, n_sub).await?;
+        let local = local_hashes(cap, disk, g_off, SUB_CHUNK_SIZE, n_sub).await?;
+        let subs: Vec<u64> = (0..n_sub)
+            .filter(|&j| {
+                remote[j as usize * 32..j as usize * 32 + 32]
+                    != local[j as usize * 32..j as usize * 32 + 32]
+            })
+            .collect();
+        for (s_first, s_count) in runs(&subs, CHUNK_SIZE / SUB_CHUNK_SIZE) {
+            let s_off = g_off + s_first * SUB_CHUNK_SIZE;
+            let s_len = (s_count * SUB_CHUNK_SIZE).min(size - s_off);
+            copy(cap, disk, s_off, s_len, false).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes the `initialized` marker once the PS holds the end of the initial
+/// replication (`seq`); until then a restart runs the initial resync again.
+async fn mark_initialized(
+    cap: Arc<Capture>,
+    marker: PathBuf,
+    seq: u64,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut rx = cap.durable_watch();
+    loop {
+        if *rx.borrow_and_update() >= seq {
+            break;
+        }
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            _ = stop.changed() => if *stop.borrow() { return },
+        }
+    }
+    let r = tokio::task::spawn_blocking(move || {
+        rebound_common::durable::write_atomic(&marker, format!("{{\"seq\":{seq}}}\n").as_bytes())
+            .map_err(|e| format!("{}: {e}", marker.display()))
+    })
+    .await;
+    match r {
+        Ok(Ok(())) => info!(seq, "initial replication is durable at the process server"),
+        Ok(Err(e)) => warn!("cannot write the initialized marker {e}; the next start will compare every chunk again"),
+        Err(e) => warn!("cannot write the initialized marker: {e}"),
+    }
+}
+
+/// Runs resync windows whenever the stream needs one, until `stop`.
+pub async fn driver(
+    cap: Arc<Capture>,
+    link: Arc<Link>,
+    info: ReplicationInfo,
+    initialized_marker: PathBuf,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut progress = Progress::new(0);
+    loop {
+        // Wait for work, a live link and room in the buffer.
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            if link.is_connected()
+                && cap.resync_wanted()
+                && cap.buffer_bytes() < cap.buffer_limit() / 2
+            {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = stop.changed() => {}
+            }
+        }
+        if let Some(batch) = cap.next_resync_batch() {
+            if batch.full {
+                let m = initialized_marker.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    if m.exists() {
+                        let _ = std::fs::remove_file(&m);
+                        if let Some(dir) = m.parent() {
+                            let _ = rebound_common::durable::fsync_dir(dir);
+                        }
+                    }
+                })
+                .await;
+            }
+            let total: u64 = batch
+                .disks
+                .iter()
+                .map(|(_, e)| e.len() as u64 * CHUNK_SIZE)
+                .sum();
+            if batch.opened {
+                progress = Progress::new(total);
+            } else {
+                progress.total += total;
+            }
+            let failed = match link.channel() {
+                None => Some((0, ResyncError::NotConnected)),
+                Some(ch) => {
+                    let src = PsHashSource::new(ch, info.clone());
+                    let mut failed = None;
+                    for (i, (disk, exts)) in batch.disks.iter().enumerate() {
+                        if let Err((done, e)) =
+                            resync_extents(&cap, &src, *disk, exts, &mut progress, &stop).await
+                        {
+                            cap.requeue(*disk, &exts[done..]);
+                            failed = Some((i + 1, e));
+                            break;
+                        }
+                    }
+                    failed
+                }
+            };
+            if let Some((from, e)) = failed {
+                for (disk, exts) in &batch.disks[from..] {
+                    cap.requeue(*disk, exts);
+                }
+                if matches!(e, ResyncError::Stopped) {
+                    return;
+                }
+                warn!("resync paused: {e}; retrying in 2 s (the window stays open, no recovery point until it ends)");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
+            }
+        }
+        if let Some(end) = cap.finish_window() {
+            info!(
+                mode = "data",
+                reason = %end.reason,
+                resync_bytes = end.bytes,
+                resync_chunks = end.chunks,
+                elapsed_ms = end.elapsed.as_millis() as u64,
+                end_seq = end.end_seq,
+                tag = %end.tag,
+                "resync end: {} bytes in {} sub-chunks sent; back to data mode",
+                end.bytes,
+                end.chunks
+            );
+            if end.full {
+                tokio::spawn(mark_initialized(
+                    cap.clone(),
+                    initialized_marker.clone(),
+                    end.tag_seq,
+                    stop.clone(),
+                ));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::tests::{drain, make_capture};
+    use rebound_common::frame::Record;
+    use std::fs::File;
+    use std::os::unix::fs::FileExt;
+
+    /// The "replica": a local file hashed like the MT would.
+    struct LocalReplica {
+        file: File,
+        size: u64,
+    }
+
+    impl HashSource for LocalReplica {
+        fn chunk_hashes(
+            &self,
+            _disk: u32,
+            offset: u64,
+            chunk_size: u32,
+            count: u32,
+            _min: u64,
+        ) -> impl Future<Output = Result<Vec<u8>, ResyncError>> + Send {
+            let r =
+                chunk_hashes(&self.file, self.size, offset, chunk_size, count).map_err(|source| {
+                    ResyncError::LocalHash {
+                        disk: "replica".into(),
+                        offset,
+                        source,
+                    }
+                });
+            async move { r }
+        }
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+            .collect()
+    }
+
+    /// Runs one full window against `replica` and applies its records to it.
+    async fn resync_once(cap: &Arc<Capture>, replica: &File, size: u64) -> (u64, u64) {
+        let src = LocalReplica {
+            file: replica.try_clone().unwrap(),
+            size,
+        };
+        let (_tx, stop) = watch::channel(false);
+        let b = cap.next_resync_batch().unwrap();
+        let mut p = Progress::new(0);
+        for (d, exts) in &b.disks {
+            resync_extents(cap, &src, *d, exts, &mut p, &stop)
+                .await
+                .map_err(|e| e.1)
+                .unwrap();
+        }
+        let end = cap.finish_window().unwrap();
+        let recs = drain(cap);
+        assert!(matches!(recs[0].1, Record::ResyncBegin { .. }));
+        for (_, r) in recs {
+            match r {
+                Record::Write { offset, data, .. } => replica.write_all_at(&data, offset).unwrap(),
+                Record::Zero { offset, len, .. } => replica
+                    .write_all_at(&vec![0u8; len as usize], offset)
+                    .unwrap(),
+                _ => {}
+            }
+        }
+        (end.bytes, end.chunks)
+    }
+
+    fn read_all(f: &File, size: u64) -> Vec<u8> {
+        let mut v = vec![0u8; size as usize];
+        f.read_exact_at(&mut v, 0).unwrap();
+        v
+    }
+
+    #[tokio::test]
+    async fn empty_replica_gets_a_full_copy_then_only_differences() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = (5 << 20) + 3 * 4096; // short last chunk
+        let cap = make_capture(dir.path(), &[size], 64 << 20);
+        let disk = cap.disks()[0].clone();
+        // Source: data in chunk 0 and in the short tail chunk, chunk 2 half.
+        disk.write_at(&pattern(1 << 20, 1), 0).unwrap();
+        disk.write_at(&pattern(512 << 10, 2), 2 << 20).unwrap();
+        disk.write_at(&pattern(3 * 4096, 3), 5 << 20).unwrap();
+        let replica = tempfile::tempfile().unwrap();
+        replica.set_len(size).unwrap();
+
+        assert_eq!(cap.on_resume(0), crate::capture::ResumeOutcome::Fresh);
+        cap.mark_need_all("initial");
+        let (bytes, _) = resync_once(&cap, &replica, size).await;
+        // Only non-zero data travelled: 1 MiB + 512 KiB + the 12 KiB tail.
+        assert_eq!(bytes, (1 << 20) + (512 << 10) + 3 * 4096);
+        assert_eq!(read_all(&replica, size), read_all(disk.file(), size));
+
+        // Now near-identical: a few bytes differ in two sub-chunks.
+        replica
+            .write_all_at(&[0xee; 100], (2 << 20) + 70_000)
+            .unwrap();
+        replica.write_all_at(&[0xee; 1], 17).unwrap();
+        cap.mark_need(0, &[0, 1, 2, 3, 4, 5], "crash-recovery");
+        let (bytes, chunks) = resync_once(&cap, &replica, size).await;
+        assert_eq!(chunks, 2);
+        assert_eq!(bytes, 2 * SUB_CHUNK_SIZE);
+        assert_eq!(read_all(&replica, size), read_all(disk.file(), size));
+
+        // The replica holds data where the source is zero: sent as Zero.
+        replica.write_all_at(&pattern(8192, 9), 4 << 20).unwrap();
+        cap.mark_need(0, &[4], "crash-recovery");
+        let (bytes, chunks) = resync_once(&cap, &replica, size).await;
+        assert_eq!((bytes, chunks), (0, 1));
+        assert_eq!(read_all(&replica, size), read_all(disk.file(), size));
+    }
+
+    #[test]
+    fn runs_split() {
+        assert_eq!(
+            runs(&[1, 2, 3, 7, 8, 10], 2),
+            vec![(1, 2), (3, 1), (7, 2), (10, 1)]
+        );
+        assert_eq!(zero_hash(3), *blake3::hash(&[0, 0, 0]).as_bytes());
+        assert_eq!(
+            zero_hash(CHUNK_SIZE),
+            *blake3::hash(&vec![0u8; 1 << 20]).as_bytes()
+        );
+    }
+}

@@ -1,0 +1,347 @@
+//! The change stream to the process server (DESIGN.md §4 "Frames", §6;
+//! INTERFACES.md "Seq, resume, durability").
+//!
+//! One task owns the `Ingest` stream: it connects with mutual TLS, sends the
+//! hello, learns `resume_seq`, re-sends whatever the PS does not hold yet,
+//! then seals frames from the change buffer and sends them while reading
+//! `durable_seq` answers. Frames stay in memory until the PS says they are
+//! durable, so a reconnect loses nothing. While the PS is unreachable for
+//! longer than `bitmap_after`, the agent switches to bitmap mode.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use rebound_common::frame::{Frame, FrameBuilder};
+use rebound_proto::ingest_request::Msg as ReqMsg;
+use rebound_proto::ingest_response::Msg as RespMsg;
+use rebound_proto::process_server_client::ProcessServerClient;
+use rebound_proto::{IngestRequest, ReplicationInfo};
+use thiserror::Error;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tracing::{debug, info, warn};
+
+use crate::capture::{Capture, PendingFrame, ResumeOutcome, IDLE_FLUSH};
+use crate::config::Settings;
+
+/// Largest message we accept from the PS (answers are tiny).
+const MAX_MESSAGE: usize = 64 << 20;
+
+#[derive(Debug, Error)]
+pub enum SenderError {
+    #[error("{0}")]
+    Connect(String),
+    #[error("Ingest stream: {0}")]
+    Stream(String),
+    #[error("the process server closed the Ingest stream")]
+    Closed,
+    #[error("the process server broke the protocol: {0}")]
+    Protocol(String),
+}
+
+/// The state of the link to the PS, shared with the resync driver.
+#[derive(Default)]
+pub struct Link {
+    connected: AtomicBool,
+    channel: Mutex<Option<Channel>>,
+}
+
+impl Link {
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
+    }
+    /// The live channel, for unary calls (ChunkHashes).
+    pub fn channel(&self) -> Option<Channel> {
+        self.channel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+    fn set(&self, ch: Option<Channel>) {
+        self.connected.store(ch.is_some(), Ordering::SeqCst);
+        *self.channel.lock().unwrap_or_else(|p| p.into_inner()) = ch;
+    }
+}
+
+/// A sealed frame kept until the PS holds it.
+struct Sealed {
+    first: u64,
+    last: u64,
+    bytes: Vec<u8>,
+    /// Uncompressed body length = the change-buffer bytes it accounts for.
+    body_len: u64,
+}
+
+fn seal(b: FrameBuilder) -> Sealed {
+    let f = b.finish();
+    Sealed {
+        first: f.header.first_seq,
+        last: f.header.last_seq,
+        body_len: f.header.uncompressed_len as u64,
+        bytes: f.to_bytes(),
+    }
+}
+
+/// Re-encodes the records of `s` from `from` on (a reconnect resumed in the
+/// middle of a frame), so the PS never sees a frame starting before its
+/// resume point.
+fn tail(rid: &str, s: &Sealed, from: u64) -> Result<Sealed, SenderError> {
+    let f = Frame::parse(&s.bytes)
+        .map_err(|e| SenderError::Protocol(format!("re-reading our own frame: {e}")))?;
+    let recs = f
+        .records()
+        .map_err(|e| SenderError::Protocol(format!("re-reading our own frame: {e}")))?;
+    let mut b = FrameBuilder::new(rid, from);
+    for r in recs.iter().skip((from - s.first) as usize) {
+        b.push(r);
+    }
+    Ok(seal(b))
+}
+
+/// Frames not yet durable at the PS, oldest first.
+struct Outbox {
+    frames: VecDeque<Sealed>,
+    /// Index of the first frame not sent on the current stream.
+    next: usize,
+}
+
+impl Outbox {
+    /// Drops what `durable` covers; returns the buffer bytes freed.
+    fn ack(&mut self, durable: u64) -> u64 {
+        let mut freed = 0;
+        while self.frames.front().is_some_and(|f| f.last <= durable) {
+            if let Some(f) = self.frames.pop_front() {
+                freed += f.body_len;
+            }
+            self.next = self.next.saturating_sub(1);
+        }
+        freed
+    }
+}
+
+/// Runs the stream until `stop`: connect, resume, send, reconnect.
+pub async fn run(
+    cap: Arc<Capture>,
+    settings: Arc<Settings>,
+    link: Arc<Link>,
+    info: ReplicationInfo,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut outbox = Outbox {
+        frames: VecDeque::new(),
+        next: 0,
+    };
+    let mut down_since = Instant::now();
+    let mut bitmap_for_outage = false;
+    let mut failures: u32 = 0;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let r = session(&cap, &settings, &link, &info, &mut outbox, &mut stop).await;
+        let was_connected = link.is_connected();
+        link.set(None);
+        match r {
+            Ok(()) => return,
+            Err(e) => {
+                if was_connected {
+                    warn!(addr = %settings.ps.addr, "lost the process server: {e}; reconnecting");
+                    down_since = Instant::now();
+                    bitmap_for_outage = false;
+                    failures = 0;
+                } else if failures == 0 || failures.is_multiple_of(30) {
+                    warn!(addr = %settings.ps.addr, "cannot reach the process server: {e}; retrying");
+                } else {
+                    debug!(addr = %settings.ps.addr, "cannot reach the process server: {e}");
+                }
+                failures += 1;
+            }
+        }
+        if !bitmap_for_outage && down_since.elapsed() >= settings.bitmap_after {
+            bitmap_for_outage = true;
+            cap.enter_bitmap(&format!(
+                "the process server has been unreachable for {} s",
+                down_since.elapsed().as_secs()
+            ));
+        }
+        let backoff = Duration::from_millis((200u64 << failures.min(4)).min(2000));
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
+async fn session(
+    cap: &Arc<Capture>,
+    settings: &Settings,
+    link: &Link,
+    info: &ReplicationInfo,
+    outbox: &mut Outbox,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), SenderError> {
+    let addr = &settings.ps.addr;
+    let channel = settings
+        .tls
+        .connect(addr, &settings.ps.server_name)
+        .await
+        .map_err(|e| SenderError::Connect(e.to_string()))?;
+    let mut client =
+        ProcessServerClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE);
+    let (tx, rx) = mpsc::channel::<IngestRequest>(4);
+    tx.send(IngestRequest {
+        msg: Some(ReqMsg::Hello(info.clone())),
+    })
+    .await
+    .map_err(|_| SenderError::Closed)?;
+    let resp = client
+        .ingest(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| SenderError::Stream(format!("{}: {}", s.code(), s.message())))?;
+    let mut inbound = resp.into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(60), inbound.next())
+        .await
+        .map_err(|_| SenderError::Protocol("no answer to hello within 60 s".into()))?;
+    let resume = match first {
+        Some(Ok(m)) => match m.msg {
+            Some(RespMsg::ResumeSeq(r)) => r,
+            other => {
+                return Err(SenderError::Protocol(format!(
+                    "expected resume_seq first, got {other:?}"
+                )))
+            }
+        },
+        Some(Err(s)) => {
+            return Err(SenderError::Stream(format!(
+                "{}: {}",
+                s.code(),
+                s.message()
+            )))
+        }
+        None => return Err(SenderError::Closed),
+    };
+
+    // Fit the PS's resume point to what we hold.
+    match cap.on_resume(resume) {
+        ResumeOutcome::Fresh => {
+            outbox.frames.clear();
+            if resume == 0 && settings.initialized_marker().exists() {
+                warn!(
+                    "the process server has no record of replication {} although this agent finished its initial \
+                     replication; running a full resync",
+                    info.replication_id
+                );
+                cap.mark_need_all("initial");
+            }
+        }
+        ResumeOutcome::Reset => outbox.frames.clear(),
+        ResumeOutcome::Continue => {
+            let freed = outbox.ack(resume);
+            if let Some(f) = outbox.frames.front() {
+                if f.first <= resume {
+                    let t = tail(cap.replication_id(), f, resume + 1)?;
+                    let freed_tail = f.body_len - t.body_len;
+                    outbox.frames[0] = t;
+                    cap.on_durable(resume, freed + freed_tail);
+                } else {
+                    cap.on_durable(resume, freed);
+                }
+            } else {
+                cap.on_durable(resume, freed);
+            }
+        }
+    }
+    outbox.next = 0;
+    link.set(Some(channel));
+    let snap = cap.snapshot();
+    info!(
+        addr = %addr,
+        resume_seq = resume,
+        seq = snap.seq,
+        resend_frames = outbox.frames.len(),
+        mode = snap.mode.as_str(),
+        "connected to the process server; resuming after seq {resume}"
+    );
+
+    loop {
+        let (frames, open_pending) = cap.take_frames(false);
+        for f in frames {
+            let PendingFrame { builder, .. } = f;
+            if builder.is_empty() {
+                continue;
+            }
+            outbox.frames.push_back(seal(builder));
+        }
+        let has_unsent = outbox.next < outbox.frames.len();
+        tokio::select! {
+            biased;
+            _ = stop.changed() => {
+                if *stop.borrow() {
+                    return Ok(());
+                }
+            }
+            m = inbound.next() => match m {
+                Some(Ok(m)) => match m.msg {
+                    Some(RespMsg::DurableSeq(d)) => {
+                        let freed = outbox.ack(d);
+                        cap.on_durable(d, freed);
+                    }
+                    Some(RespMsg::ResumeSeq(r)) => {
+                        return Err(SenderError::Protocol(format!("unexpected resume_seq {r} mid-stream")));
+                    }
+                    None => {}
+                },
+                Some(Err(s)) => return Err(SenderError::Stream(format!("{}: {}", s.code(), s.message()))),
+                None => return Err(SenderError::Closed),
+            },
+            permit = tx.reserve(), if has_unsent => {
+                let permit = permit.map_err(|_| SenderError::Closed)?;
+                let f = &outbox.frames[outbox.next];
+                permit.send(IngestRequest { msg: Some(ReqMsg::Frame(f.bytes.clone())) });
+                outbox.next += 1;
+            }
+            _ = cap.sender_wake().notified() => {}
+            _ = tokio::time::sleep(IDLE_FLUSH), if open_pending => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rebound_common::frame::Record;
+
+    #[test]
+    fn tail_reencodes_from_the_resume_point() {
+        let mut b = FrameBuilder::new("m1", 10);
+        for i in 0..5u64 {
+            b.push_write(0, i * 512, &[i as u8; 512]);
+        }
+        let s = seal(b);
+        assert_eq!((s.first, s.last), (10, 14));
+        let t = tail("m1", &s, 13).unwrap();
+        assert_eq!((t.first, t.last), (13, 14));
+        let recs = Frame::parse(&t.bytes).unwrap().records().unwrap();
+        assert_eq!(
+            recs[0],
+            Record::Write {
+                disk: 0,
+                offset: 3 * 512,
+                data: vec![3u8; 512]
+            }
+        );
+        let mut o = Outbox {
+            frames: VecDeque::from(vec![s, t]),
+            next: 2,
+        };
+        assert_eq!(o.ack(9), 0);
+        let freed = o.ack(14);
+        assert!(freed > 5 * 512);
+        assert_eq!(o.next, 0);
+        assert!(o.frames.is_empty());
+    }
+}
