@@ -73,7 +73,10 @@ pub enum AppendError {
         held: u64,
     },
     #[error("replication {replication}: cannot write the cache: {message}")]
-    Io { replication: String, message: String },
+    Io {
+        replication: String,
+        message: String,
+    },
     #[error("replication {replication}: the cache writer has stopped (the process server is shutting down)")]
     Closed { replication: String },
 }
@@ -117,7 +120,9 @@ pub fn check_replication_id(id: &str) -> Result<(), CacheError> {
 // ------------------------------------------------------------------ account
 
 /// Total segment bytes of all replications against the cap. Ingest streams
-/// stop reading while the total is at or over the cap (backpressure). A
+/// stop reading once the total reaches the cap (backpressure) and resume
+/// once trimming brings it below the low watermark (cap - cap/16), so a
+/// full cache does not flap between paused and running on every trim. A
 /// frame read from a stream reserves its size until the writer has stored
 /// it, so frames queued for the writer count against the cap too.
 #[derive(Debug)]
@@ -132,6 +137,8 @@ struct Usage {
     stored: u64,
     /// Bytes of frames read and not yet stored.
     reserved: u64,
+    /// Backpressure is on.
+    paused: bool,
 }
 
 impl Usage {
@@ -154,15 +161,19 @@ impl Account {
     pub fn total(&self) -> u64 {
         self.usage.borrow().stored
     }
-    /// Whether stored plus reserved bytes reach the cap.
+    /// Whether backpressure is on: stored plus reserved bytes reached the
+    /// cap and have not yet dropped below the low watermark.
     pub fn is_full(&self) -> bool {
-        self.usage.borrow().used() >= self.cap
+        self.usage.borrow().paused
     }
-    /// Resolves once stored plus reserved bytes are below the cap.
+    /// Resolves once backpressure is off.
     pub async fn wait_below_cap(&self) {
         let mut rx = self.usage.subscribe();
-        let cap = self.cap;
-        let _ = rx.wait_for(|u| u.used() < cap).await;
+        let _ = rx.wait_for(|u| !u.paused).await;
+    }
+    /// Where backpressure ends.
+    pub fn low_watermark(&self) -> u64 {
+        self.cap - self.cap / 16
     }
     /// Counts `n` bytes of a frame that is on its way to the writer.
     pub fn reserve(&self, n: u64) {
@@ -180,18 +191,19 @@ impl Account {
     }
     fn update(&self, f: impl FnOnce(&mut Usage)) {
         let cap = self.cap;
+        let low = self.low_watermark();
         self.usage.send_modify(|u| {
-            let was_full = u.used() >= cap;
             f(u);
-            let full = u.used() >= cap;
-            if full && !was_full {
+            if !u.paused && u.used() >= cap {
+                u.paused = true;
                 info!(
                     cache_bytes = u.stored,
                     queued_bytes = u.reserved,
                     cache_max_bytes = cap,
                     "cache full: backpressure on, agent streams paused until applied segments are trimmed"
                 );
-            } else if was_full && !full {
+            } else if u.paused && u.used() < low {
+                u.paused = false;
                 info!(
                     cache_bytes = u.stored,
                     cache_max_bytes = cap,
@@ -243,7 +255,8 @@ struct Shared {
     info: watch::Sender<Option<ReplicationInfo>>,
     segments: Mutex<Segments>,
     durable: watch::Sender<u64>,
-    applied: watch::Sender<u64>,
+    /// The master target's applied seq; `None` until it said so.
+    applied: watch::Sender<Option<u64>>,
     account: Arc<Account>,
     stats: Stats,
 }
@@ -315,13 +328,17 @@ impl Replication {
     }
     /// Last seq the master target said it applied (0 until it said so).
     pub fn applied(&self) -> u64 {
-        *self.sh.applied.borrow()
+        self.sh.applied.borrow().unwrap_or(0)
+    }
+    /// The master target's applied seq, `None` until it said so.
+    pub fn applied_watch(&self) -> watch::Receiver<Option<u64>> {
+        self.sh.applied.subscribe()
     }
     /// Records the master target's applied seq and lets the writer trim.
     pub fn set_applied(&self, seq: u64) {
         if self.sh.applied.send_if_modified(|a| {
-            let changed = *a != seq;
-            *a = seq;
+            let changed = *a != Some(seq);
+            *a = Some(seq);
             changed
         }) {
             self.wake();
@@ -400,10 +417,11 @@ impl Replication {
             return Ok(());
         }
         let path = self.sh.dir.join("info.json");
-        let text = serde_json::to_vec_pretty(&StoredInfo::from(info)).map_err(|e| CacheError::Io {
-            path: path.clone(),
-            source: io::Error::other(e),
-        })?;
+        let text =
+            serde_json::to_vec_pretty(&StoredInfo::from(info)).map_err(|e| CacheError::Io {
+                path: path.clone(),
+                source: io::Error::other(e),
+            })?;
         write_atomic(&path, &text).map_err(io_err(&path))?;
         self.sh.info.send_replace(Some(info.clone()));
         Ok(())
@@ -411,7 +429,12 @@ impl Replication {
 
     /// Recovers a replication's cache from disk (blocking): scans its
     /// segments, cuts a torn tail, and starts its writer.
-    fn open(dir: PathBuf, id: String, account: Arc<Account>, seg_max: u64) -> Result<Replication, CacheError> {
+    fn open(
+        dir: PathBuf,
+        id: String,
+        account: Arc<Account>,
+        seg_max: u64,
+    ) -> Result<Replication, CacheError> {
         let seg_dir = dir.join("segments");
         fs::create_dir_all(&seg_dir).map_err(io_err(&seg_dir))?;
         let info = load_info(&dir, &id);
@@ -467,7 +490,10 @@ impl Replication {
                     );
                     set_aside_from = Some(i + 1);
                 }
-                let f = OpenOptions::new().write(true).open(&path).map_err(io_err(&path))?;
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(io_err(&path))?;
                 f.set_len(scan.valid_len).map_err(io_err(&path))?;
                 f.sync_all().map_err(io_err(&path))?;
             }
@@ -495,7 +521,13 @@ impl Replication {
             let path = seg_dir.join(segment::file_name(1));
             File::create(&path).map_err(io_err(&path))?;
             fsync_dir(&seg_dir).map_err(io_err(&seg_dir))?;
-            map.insert(1, SegMeta { len: 0, last_seq: 0 });
+            map.insert(
+                1,
+                SegMeta {
+                    len: 0,
+                    last_seq: 0,
+                },
+            );
         }
         let (&active, &meta) = map.iter().next_back().expect("at least one segment");
         let active_path = seg_dir.join(segment::file_name(active));
@@ -522,7 +554,7 @@ impl Replication {
             info: watch::Sender::new(info),
             segments: Mutex::new(Segments { map, bytes }),
             durable: watch::Sender::new(durable),
-            applied: watch::Sender::new(0),
+            applied: watch::Sender::new(None),
             account,
             stats: Stats::default(),
         });
@@ -859,8 +891,31 @@ impl Writer {
     /// Deletes segments the master target has applied. The newest segment
     /// is replaced by a fresh one first when it is fully applied.
     fn trim(&mut self) {
-        let applied = *self.sh.applied.borrow();
-        if self.broken.is_none() && self.len > 0 && self.len == self.synced_len && self.durable <= applied {
+        let Some(applied) = *self.sh.applied.borrow() else {
+            return;
+        };
+        if self.broken.is_none() && applied > self.held && self.len == self.synced_len {
+            // The MT holds more than this cache (the cache was lost or set
+            // aside, or the replication moved to this PS): nothing cached is
+            // needed any more, and the agent must resume after the MT's seq,
+            // not ours.
+            info!(
+                replication = %self.sh.id,
+                applied_seq = applied,
+                durable_seq = self.durable,
+                "the master target has applied more than this cache holds; the cache skips ahead to its seq"
+            );
+            self.held = applied;
+            self.durable = applied;
+            if let Err(e) = self.rotate() {
+                warn!(replication = %self.sh.id, "cannot start a new segment: {e}");
+            }
+        }
+        if self.broken.is_none()
+            && self.len > 0
+            && self.len == self.synced_len
+            && self.durable <= applied
+        {
             if let Err(e) = self.rotate() {
                 warn!(replication = %self.sh.id, "cannot start a new segment: {e}; the applied one is kept");
             }
@@ -887,7 +942,9 @@ impl Writer {
             match fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => warn!(replication = %self.sh.id, "cannot delete applied segment {}: {e}", path.display()),
+                Err(e) => {
+                    warn!(replication = %self.sh.id, "cannot delete applied segment {}: {e}", path.display())
+                }
             }
             freed += meta.len;
         }
@@ -979,7 +1036,12 @@ impl Cache {
             Some(r) => (r.clone(), false),
             None => {
                 let dir = self.root.join(id);
-                let rep = Arc::new(Replication::open(dir, id.clone(), self.account.clone(), self.seg_max)?);
+                let rep = Arc::new(Replication::open(
+                    dir,
+                    id.clone(),
+                    self.account.clone(),
+                    self.seg_max,
+                )?);
                 fsync_dir(&self.root).map_err(io_err(&self.root))?;
                 reps.insert(id.clone(), rep.clone());
                 (rep, true)
@@ -1048,7 +1110,10 @@ mod tests {
 
     async fn put(rep: &Replication, first: u64, last: u64) -> Result<u64, AppendError> {
         let bytes = frame_bytes(rep.id(), first, last);
-        rep.append(bytes, first, last, 0).await?.await.expect("writer answers")
+        rep.append(bytes, first, last, 0)
+            .await?
+            .await
+            .expect("writer answers")
     }
 
     async fn open(root: &Path, cap: u64, seg_max: u64) -> Cache {
@@ -1059,7 +1124,11 @@ mod tests {
             .unwrap()
     }
 
-    async fn hello(cache: &Arc<Cache>, rid: &str, machine: &str) -> Result<Arc<Replication>, CacheError> {
+    async fn hello(
+        cache: &Arc<Cache>,
+        rid: &str,
+        machine: &str,
+    ) -> Result<Arc<Replication>, CacheError> {
         let c = cache.clone();
         let i = info(rid, machine);
         tokio::task::spawn_blocking(move || c.hello(&i).map(|(r, _)| r))
@@ -1068,7 +1137,9 @@ mod tests {
     }
 
     async fn shutdown(cache: Arc<Cache>) {
-        tokio::task::spawn_blocking(move || cache.shutdown()).await.unwrap();
+        tokio::task::spawn_blocking(move || cache.shutdown())
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
@@ -1086,8 +1157,21 @@ mod tests {
         assert_eq!(put(&rep, 5, 8).await.unwrap(), 8);
         // Gap: refused, nothing stored.
         let e = put(&rep, 10, 12).await.unwrap_err();
-        assert!(matches!(e, AppendError::Gap { first_seq: 10, held: 8, .. }), "{e}");
-        assert_eq!(tonic::Status::from(e).code(), tonic::Code::FailedPrecondition);
+        assert!(
+            matches!(
+                e,
+                AppendError::Gap {
+                    first_seq: 10,
+                    held: 8,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(
+            tonic::Status::from(e).code(),
+            tonic::Code::FailedPrecondition
+        );
         assert_eq!(put(&rep, 9, 9).await.unwrap(), 9);
 
         let seqs: Vec<(u64, u64)> = read_all(&rep)
@@ -1140,7 +1224,11 @@ mod tests {
             let cache = Arc::new(open(d.path(), 1 << 30, 1 << 20).await);
             let rep = cache.get("r").unwrap();
             assert_eq!(rep.durable(), 4, "{damage}");
-            assert_eq!(fs::metadata(&seg).unwrap().len(), (entry * 4) as u64, "{damage}");
+            assert_eq!(
+                fs::metadata(&seg).unwrap().len(),
+                (entry * 4) as u64,
+                "{damage}"
+            );
             assert_eq!(read_all(&rep).unwrap().len(), 4);
             // The agent resends seq 5 and appending carries on from the cut.
             assert_eq!(put(&rep, 5, 6).await.unwrap(), 6);
@@ -1170,13 +1258,16 @@ mod tests {
 
         // Reserved bytes count against the cap but are not cache bytes.
         account.release(0);
-        let small = Account::new(100);
-        small.reserve(60);
+        let small = Account::new(160);
+        small.reserve(100);
         assert!(!small.is_full());
-        small.add(40);
+        small.add(60);
         assert!(small.is_full());
-        assert_eq!(small.total(), 40);
-        small.release(60);
+        assert_eq!(small.total(), 60);
+        // Backpressure ends below the low watermark (150), not at the cap.
+        small.release(5);
+        assert!(small.is_full());
+        small.release(10);
         assert!(!small.is_full());
 
         // Waiters are released once trimming brings the total under the cap.
@@ -1217,6 +1308,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn cache_skips_ahead_to_the_mt() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Arc::new(open(d.path(), 1 << 30, 1 << 20).await);
+        let rep = hello(&cache, "r", "m").await.unwrap();
+        put(&rep, 1, 2).await.unwrap();
+        let mut durable = rep.durable_watch();
+        rep.set_applied(10);
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            durable.wait_for(|d| *d == 10),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(put(&rep, 5, 10).await.unwrap(), 10);
+        assert!(put(&rep, 12, 12).await.is_err());
+        assert_eq!(put(&rep, 11, 11).await.unwrap(), 11);
+        let seqs: Vec<u64> = read_all(&rep)
+            .unwrap()
+            .iter()
+            .map(|(m, _)| m.first_seq)
+            .collect();
+        assert_eq!(seqs, vec![11]);
+        shutdown(cache.clone()).await;
+        drop(rep);
+        let cache = Arc::new(open(d.path(), 1 << 30, 1 << 20).await);
+        assert_eq!(cache.get("r").unwrap().durable(), 11);
+        shutdown(cache).await;
+    }
+
+    #[tokio::test]
     async fn corrupt_middle_segment_sets_later_ones_aside() {
         let d = tempfile::tempdir().unwrap();
         let frame_len = frame_bytes("r", 1, 1).len() as u64 + segment::ENTRY_HEADER as u64;
@@ -1237,7 +1359,9 @@ mod tests {
         let cache = Arc::new(open(d.path(), 1 << 30, frame_len * 2).await);
         let rep = cache.get("r").unwrap();
         assert_eq!(rep.durable(), 3);
-        assert!(dir.join(format!("{}.corrupt", segment::file_name(5))).exists());
+        assert!(dir
+            .join(format!("{}.corrupt", segment::file_name(5)))
+            .exists());
         assert_eq!(put(&rep, 4, 4).await.unwrap(), 4);
         shutdown(cache).await;
     }

@@ -41,6 +41,23 @@ impl Default for Config {
     }
 }
 
+impl Config {
+    /// Checks values serde cannot: the cap must be positive and the zstd
+    /// level one zstd knows.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.cache_max_bytes == 0 {
+            return Err("cache_max_bytes must be greater than 0".into());
+        }
+        if !(-7..=22).contains(&self.compression_level) {
+            return Err(format!(
+                "compression_level {} is out of range: use 1..=22 (fast levels down to -7), or 0 to store frames raw",
+                self.compression_level
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The `[mt]` section: where the master target listens.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -76,6 +93,12 @@ mod tests {
         assert_eq!(c.cache_max_bytes, d.cache_max_bytes);
         assert_eq!(c.compression_level, d.compression_level);
         assert_eq!(c.mt, d.mt);
+        assert!(c.validate().is_ok());
+        let bad = Config {
+            cache_max_bytes: 0,
+            ..Config::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("cache_max_bytes"));
     }
 
     #[test]

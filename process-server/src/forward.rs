@@ -16,8 +16,8 @@ use crate::segment;
 use rebound_common::tls::{error_chain, TlsFiles};
 use rebound_proto::master_target_client::MasterTargetClient;
 use rebound_proto::{
-    apply_request, apply_response, ApplyRequest, ApplyResponse, ChunkHashesRequest, ChunkHashesResponse,
-    ReplicationInfo,
+    apply_request, apply_response, ApplyRequest, ApplyResponse, ChunkHashesRequest,
+    ChunkHashesResponse, ReplicationInfo,
 };
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -118,14 +118,20 @@ impl MtLink {
     }
 
     /// Proxies a chunk-hash request to the MT and returns its answer.
-    pub async fn chunk_hashes(&self, req: ChunkHashesRequest) -> Result<ChunkHashesResponse, Status> {
+    pub async fn chunk_hashes(
+        &self,
+        req: ChunkHashesRequest,
+    ) -> Result<ChunkHashesResponse, Status> {
         let channel = {
             let mut shared = self.shared.lock().await;
             match shared.as_ref() {
                 Some(c) => c.clone(),
                 None => {
                     let c = self.connect().await.map_err(|e| {
-                        Status::unavailable(format!("master target {}: {e}; retry later", self.addr))
+                        Status::unavailable(format!(
+                            "master target {}: {e}; retry later",
+                            self.addr
+                        ))
                     })?;
                     *shared = Some(c.clone());
                     c
@@ -516,7 +522,10 @@ impl Cursor {
                 Err(e) => {
                     return Err(ForwardError::Cache(format!(
                         "segment {}: {e}",
-                        self.rep.segments_dir().join(segment::file_name(name)).display()
+                        self.rep
+                            .segments_dir()
+                            .join(segment::file_name(name))
+                            .display()
                     )))
                 }
             }
@@ -538,10 +547,12 @@ mod tests {
         let entry = frame_bytes("r", 1, 1).len() as u64 + segment::ENTRY_HEADER as u64;
         let root = d.path().to_path_buf();
         let cache = Arc::new(
-            tokio::task::spawn_blocking(move || Cache::open_with_segment_max(&root, 1 << 30, entry * 2))
-                .await
-                .unwrap()
-                .unwrap(),
+            tokio::task::spawn_blocking(move || {
+                Cache::open_with_segment_max(&root, 1 << 30, entry * 2)
+            })
+            .await
+            .unwrap()
+            .unwrap(),
         );
         let c = cache.clone();
         let rep = tokio::task::spawn_blocking(move || {
@@ -571,7 +582,10 @@ mod tests {
         }
         // From the start, across segments 1, 3, 5.
         let mut cur = Cursor::new(rep.clone(), 1);
-        assert_eq!(seqs(cur.read(1 << 30)), vec![(1, 1), (2, 2), (3, 3), (4, 4), (5, 5)]);
+        assert_eq!(
+            seqs(cur.read(1 << 30)),
+            vec![(1, 1), (2, 2), (3, 3), (4, 4), (5, 5)]
+        );
         assert!(seqs(cur.read(1 << 30)).is_empty());
         // Tailing: new frames, including an overlapping one.
         put(5, 7).await;
@@ -591,12 +605,31 @@ mod tests {
         assert_eq!(seqs(mid.read(1 << 30)), vec![(5, 5), (5, 7)]);
         // The MT needs a seq the cache no longer holds.
         let mut old = Cursor::new(rep.clone(), 2);
-        assert!(matches!(old.read(1 << 30), Err(ForwardError::Gap { need: 2, have: 5 })));
+        assert!(matches!(
+            old.read(1 << 30),
+            Err(ForwardError::Gap { need: 2, have: 5 })
+        ));
         let c = cache.clone();
-        tokio::task::spawn_blocking(move || c.shutdown()).await.unwrap();
+        tokio::task::spawn_blocking(move || c.shutdown())
+            .await
+            .unwrap();
+    }
+
+    #[test]
+    fn corrupt_refusals_are_not_retried_quickly() {
+        assert!(ForwardError::Refused(Status::data_loss("hash")).is_severe());
+        assert!(ForwardError::Refused(Status::invalid_argument("header")).is_severe());
+        assert!(ForwardError::Gap { need: 1, have: 5 }.is_severe());
+        assert!(!ForwardError::Refused(Status::unavailable("down")).is_severe());
+        assert!(!ForwardError::Connect("refused".into()).is_severe());
+        assert!(!ForwardError::Ended.is_severe());
     }
 
     fn seqs(items: Result<Vec<Item>, ForwardError>) -> Vec<(u64, u64)> {
-        items.unwrap().iter().map(|i| (i.first_seq, i.last_seq)).collect()
+        items
+            .unwrap()
+            .iter()
+            .map(|i| (i.first_seq, i.last_seq))
+            .collect()
     }
 }

@@ -19,11 +19,16 @@ use rebound_common::tls;
 use rebound_proto::{ingest_request, ingest_response, IngestRequest, IngestResponse};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
+/// How long a hello for an empty cache waits to learn the MT's applied seq.
+const EMPTY_CACHE_MT_WAIT: Duration = Duration::from_secs(5);
+/// How long a new stream may take to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Frames read from one stream and not yet answered.
 const MAX_PENDING: usize = 32;
 /// After this many frames in a row that did not shrink, compression is
@@ -98,6 +103,20 @@ fn cache_status(e: CacheError) -> Status {
     }
 }
 
+/// Resolves once the MT's applied seq is known and the cache's durable seq
+/// has caught up with it.
+async fn caught_up_with_mt(rep: &Replication) {
+    let mut applied = rep.applied_watch();
+    let Ok(a) = applied
+        .wait_for(|a| a.is_some())
+        .await
+        .map(|a| a.unwrap_or(0))
+    else {
+        return;
+    };
+    let _ = rep.durable_watch().wait_for(|d| *d >= a).await;
+}
+
 /// Handles `ProcessServer.Ingest`.
 pub async fn ingest(
     ctx: IngestContext,
@@ -105,7 +124,10 @@ pub async fn ingest(
 ) -> Result<Response<IngestStream>, Status> {
     let peer = tls::require_role(&request, &[Role::Agent])?;
     let mut inbound = request.into_inner();
-    let hello = match inbound.message().await? {
+    let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+        .await
+        .map_err(|_| Status::deadline_exceeded("no hello within 30 s"))??;
+    let hello = match first {
         Some(IngestRequest {
             msg: Some(ingest_request::Msg::Hello(h)),
         }) => h,
@@ -114,7 +136,11 @@ pub async fn ingest(
                 "the first message of an ingest stream must be the hello (ReplicationInfo)",
             ))
         }
-        None => return Err(Status::cancelled("the agent closed the stream before its hello")),
+        None => {
+            return Err(Status::cancelled(
+                "the agent closed the stream before its hello",
+            ))
+        }
     };
     if hello.machine_id != peer.id {
         return Err(Status::permission_denied(format!(
@@ -132,6 +158,12 @@ pub async fn ingest(
         info!(replication = %rep.id(), machine = %hello.machine_id, disks = hello.disks.len(), "new replication");
     }
     ctx.forwarders.ensure(&rep);
+    if rep.durable() == 0 {
+        // An empty cache: the master target may already hold this
+        // replication (a new or wiped PS), so learn its applied seq first
+        // and resume the agent after it rather than at 1.
+        let _ = tokio::time::timeout(EMPTY_CACHE_MT_WAIT, caught_up_with_mt(&rep)).await;
+    }
 
     let resume = rep.durable();
     let (tx, rx) = mpsc::channel(MAX_PENDING * 2);
@@ -201,6 +233,7 @@ async fn stream_loop(
                     }
                 }
                 Err(status) => {
+                    warn!(replication = %rep.id(), code = ?status.code(), "agent stream refused: {}", status.message());
                     let _ = tx.send(Err(status)).await;
                     return position;
                 }
@@ -212,6 +245,7 @@ async fn stream_loop(
                     match accept(rep, req, position, &mut compressor).await {
                         Ok(p) => pending.push_back(p),
                         Err(status) => {
+                            warn!(replication = %rep.id(), code = ?status.code(), "agent stream refused: {}", status.message());
                             drain(&mut pending, &tx, &mut acked).await;
                             let _ = tx.send(Err(status)).await;
                             return position;
@@ -341,7 +375,10 @@ async fn accept(
     if let Some(s) = shrank {
         compressor.record(s);
     }
-    let rx = rep.append(stored, first, last, reserved).await.map_err(Status::from)?;
+    let rx = rep
+        .append(stored, first, last, reserved)
+        .await
+        .map_err(Status::from)?;
     let rid = rep.id().to_string();
     Ok(Box::pin(async move {
         match rx.await {

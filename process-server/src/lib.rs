@@ -43,10 +43,12 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Error)]
 pub enum PsError {
+    #[error("invalid config: {0}")]
+    Config(String),
     #[error("TLS setup failed: {0}")]
-    Tls(#[from] TlsError),
+    Tls(TlsError),
     #[error("cannot open the cache: {0}")]
-    Cache(#[from] CacheError),
+    Cache(CacheError),
     #[error("gRPC server failed: {0}")]
     Serve(String),
     #[error("internal task failed: {0}")]
@@ -59,13 +61,15 @@ pub async fn run<F>(config: Config, listener: TcpListener, shutdown: F) -> Resul
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    let tls = config.tls.server_config()?;
+    config.validate().map_err(PsError::Config)?;
+    let tls = config.tls.server_config().map_err(PsError::Tls)?;
     let root = config.cache_dir.clone();
     let cap = config.cache_max_bytes;
     let cache = Arc::new(
         tokio::task::spawn_blocking(move || Cache::open(&root, cap))
             .await
-            .map_err(|e| PsError::Task(e.to_string()))??,
+            .map_err(|e| PsError::Task(e.to_string()))?
+            .map_err(PsError::Cache)?,
     );
     let link = Arc::new(MtLink::new(
         config.tls.clone(),
@@ -89,9 +93,12 @@ where
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
 
-    let local = listener.local_addr().ok();
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| config.listen.clone());
     info!(
-        listen = ?local,
+        listen = %local,
         cache_dir = %config.cache_dir.display(),
         cache_bytes = cache.account().total(),
         cache_max_bytes = cap,

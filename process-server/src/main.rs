@@ -7,7 +7,11 @@ use rebound_common::{config, tls};
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
-#[command(name = "rebound-ps", version, about = "Rebound process server: durable frame cache and forwarding to the master target")]
+#[command(
+    name = "rebound-ps",
+    version,
+    about = "Rebound process server: durable frame cache and forwarding to the master target"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -103,7 +103,11 @@ pub enum EntryError {
 
 /// Reads the entry at `offset`, where the valid data of the file ends at
 /// `end`. `Ok(None)` at `end`. The checksum is verified.
-pub fn read_entry(file: &File, offset: u64, end: u64) -> Result<Option<(EntryMeta, Vec<u8>)>, EntryError> {
+pub fn read_entry(
+    file: &File,
+    offset: u64,
+    end: u64,
+) -> Result<Option<(EntryMeta, Vec<u8>)>, EntryError> {
     if offset >= end {
         return Ok(None);
     }
@@ -138,7 +142,8 @@ pub fn read_entry(file: &File, offset: u64, end: u64) -> Result<Option<(EntryMet
     if header[4..] != checksum(&bytes) {
         return Err(EntryError::Checksum { offset });
     }
-    let (first_seq, last_seq) = frame_seqs(&bytes).map_err(|source| EntryError::BadFrame { offset, source })?;
+    let (first_seq, last_seq) =
+        frame_seqs(&bytes).map_err(|source| EntryError::BadFrame { offset, source })?;
     Ok(Some((
         EntryMeta {
             offset,
@@ -250,7 +255,11 @@ pub(crate) mod tests {
     fn write_and_scan_roundtrip() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join(file_name(1));
-        let frames = vec![frame_bytes("r", 1, 3), frame_bytes("r", 4, 4), frame_bytes("r", 3, 9)];
+        let frames = vec![
+            frame_bytes("r", 1, 3),
+            frame_bytes("r", 4, 4),
+            frame_bytes("r", 3, 9),
+        ];
         write_segment(&p, &frames);
         let s = scan(&p, 0).unwrap();
         assert!(s.cut.is_none(), "{:?}", s.cut);
@@ -274,7 +283,10 @@ pub(crate) mod tests {
         let p = d.path().join(file_name(8));
         write_segment(&p, &[]);
         let s = scan(&p, 7).unwrap();
-        assert_eq!((s.entries, s.last_seq, s.valid_len, s.cut.is_none()), (0, 7, 0, true));
+        assert_eq!(
+            (s.entries, s.last_seq, s.valid_len, s.cut.is_none()),
+            (0, 7, 0, true)
+        );
     }
 
     #[test]
@@ -285,12 +297,21 @@ pub(crate) mod tests {
         write_segment(&p, &frames);
         let full = std::fs::read(&p).unwrap();
         let first_end = entry_len(frames[0].len());
-        for cut in [first_end + 1, first_end + 11, first_end + 12, full.len() as u64 - 1] {
+        for cut in [
+            first_end + 1,
+            first_end + 11,
+            first_end + 12,
+            full.len() as u64 - 1,
+        ] {
             std::fs::write(&p, &full[..cut as usize]).unwrap();
             let s = scan(&p, 0).unwrap();
             assert_eq!(s.valid_len, first_end, "cut at {cut}");
             assert_eq!(s.last_seq, 2);
-            assert!(s.cut.as_deref().unwrap_or("").contains("torn"), "{:?}", s.cut);
+            assert!(
+                s.cut.as_deref().unwrap_or("").contains("torn"),
+                "{:?}",
+                s.cut
+            );
         }
     }
 

@@ -8,7 +8,8 @@ use rebound_common::pki::Role;
 use rebound_common::tls;
 use rebound_proto::process_server_server::ProcessServer;
 use rebound_proto::{
-    ChunkHashesRequest, ChunkHashesResponse, IngestRequest, PsReplicationStatus, PsStatusRequest, PsStatusResponse,
+    ChunkHashesRequest, ChunkHashesResponse, IngestRequest, PsReplicationStatus, PsStatusRequest,
+    PsStatusResponse,
 };
 use std::sync::Arc;
 use tonic::{Request, Response, Status, Streaming};
@@ -77,7 +78,10 @@ impl ProcessServer for PsService {
         self.link.chunk_hashes(req).await.map(Response::new)
     }
 
-    async fn status(&self, _request: Request<PsStatusRequest>) -> Result<Response<PsStatusResponse>, Status> {
+    async fn status(
+        &self,
+        _request: Request<PsStatusRequest>,
+    ) -> Result<Response<PsStatusResponse>, Status> {
         let replications = self
             .cache()
             .replications()

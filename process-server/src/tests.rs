@@ -51,7 +51,13 @@ impl Default for FakeMt {
 
 impl FakeMt {
     fn applied(&self, rid: &str) -> u64 {
-        self.state.lock().unwrap().applied.get(rid).copied().unwrap_or(0)
+        self.state
+            .lock()
+            .unwrap()
+            .applied
+            .get(rid)
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -59,7 +65,10 @@ impl FakeMt {
 impl MasterTarget for FakeMt {
     type ApplyStream = ReceiverStream<Result<ApplyResponse, Status>>;
 
-    async fn apply(&self, req: Request<Streaming<ApplyRequest>>) -> Result<Response<Self::ApplyStream>, Status> {
+    async fn apply(
+        &self,
+        req: Request<Streaming<ApplyRequest>>,
+    ) -> Result<Response<Self::ApplyStream>, Status> {
         tls::require_role(&req, &[Role::Ps])?;
         let mut inbound = req.into_inner();
         let hello = match inbound.message().await? {
@@ -91,9 +100,12 @@ impl MasterTarget for FakeMt {
                         _ => break,
                     },
                 };
-                let Some(apply_request::Msg::Frame(b)) = m.msg else { continue };
+                let Some(apply_request::Msg::Frame(b)) = m.msg else {
+                    continue;
+                };
                 let answer = (|| {
-                    let f = Frame::parse(&b).map_err(|e| Status::invalid_argument(e.to_string()))?;
+                    let f =
+                        Frame::parse(&b).map_err(|e| Status::invalid_argument(e.to_string()))?;
                     let recs = f.records().map_err(|e| Status::data_loss(e.to_string()))?;
                     let mut s = state.lock().unwrap();
                     let applied = s.applied.get(&rid).copied().unwrap_or(0);
@@ -129,7 +141,10 @@ impl MasterTarget for FakeMt {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    async fn chunk_hashes(&self, req: Request<ChunkHashesRequest>) -> Result<Response<ChunkHashesResponse>, Status> {
+    async fn chunk_hashes(
+        &self,
+        req: Request<ChunkHashesRequest>,
+    ) -> Result<Response<ChunkHashesResponse>, Status> {
         tls::require_role(&req, &[Role::Ps])?;
         let r = req.into_inner();
         Ok(Response::new(ChunkHashesResponse {
@@ -137,13 +152,22 @@ impl MasterTarget for FakeMt {
             applied_seq: self.applied(&r.replication_id),
         }))
     }
-    async fn list_points(&self, _: Request<ListPointsRequest>) -> Result<Response<ListPointsResponse>, Status> {
+    async fn list_points(
+        &self,
+        _: Request<ListPointsRequest>,
+    ) -> Result<Response<ListPointsResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
-    async fn replications(&self, _: Request<ReplicationsRequest>) -> Result<Response<ReplicationsResponse>, Status> {
+    async fn replications(
+        &self,
+        _: Request<ReplicationsRequest>,
+    ) -> Result<Response<ReplicationsResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
-    async fn rollback(&self, _: Request<RollbackRequest>) -> Result<Response<RollbackResponse>, Status> {
+    async fn rollback(
+        &self,
+        _: Request<RollbackRequest>,
+    ) -> Result<Response<RollbackResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
     async fn restore_pre_images(
@@ -231,7 +255,9 @@ fn info(rid: &str, machine: &str) -> ReplicationInfo {
 fn frame(rid: &str, first: u64, n: u64) -> Vec<u8> {
     let mut b = FrameBuilder::new(rid, first);
     for s in first..first + n {
-        let data: Vec<u8> = (0..65536u32).map(|i| ((i / 512) as u64 + s) as u8).collect();
+        let data: Vec<u8> = (0..65536u32)
+            .map(|i| ((i / 512) as u64 + s) as u8)
+            .collect();
         b.push_write(0, (s % 1000) * 65536, &data);
     }
     b.finish().to_bytes()
@@ -250,7 +276,11 @@ struct AgentStream {
     resume: u64,
 }
 
-async fn open_stream(tls: &TlsFiles, addr: SocketAddr, hello: ReplicationInfo) -> Result<AgentStream, Status> {
+async fn open_stream(
+    tls: &TlsFiles,
+    addr: SocketAddr,
+    hello: ReplicationInfo,
+) -> Result<AgentStream, Status> {
     let mut c = client(tls, addr).await;
     let (tx, rx) = mpsc::channel(16);
     tx.send(IngestRequest {
@@ -316,7 +346,10 @@ impl AgentStream {
 async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !f() {
-        assert!(t0.elapsed() < Duration::from_secs(20), "timed out waiting for {what}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -393,9 +426,15 @@ async fn ingest_forward_restart_over_mtls() {
     let ps = start_ps(config.clone()).await;
 
     // An agent may stream only for its own machine.
-    let e = open_stream(&agent2, ps.addr, info("r1", "m1")).await.err().unwrap();
+    let e = open_stream(&agent2, ps.addr, info("r1", "m1"))
+        .await
+        .err()
+        .unwrap();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
-    assert!(e.message().contains("m1") && e.message().contains("m2"), "{e:?}");
+    assert!(
+        e.message().contains("m1") && e.message().contains("m2"),
+        "{e:?}"
+    );
     // Other roles may not stream at all.
     let e = open_stream(&TlsFiles::in_dir(&certs, "mt"), ps.addr, info("r1", "m1"))
         .await
@@ -404,7 +443,9 @@ async fn ingest_forward_restart_over_mtls() {
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
 
     // Stream 40 records in 10 frames; all are acked and applied in order.
-    let mut s = open_stream(&agent1, ps.addr, info("r1", "m1")).await.unwrap();
+    let mut s = open_stream(&agent1, ps.addr, info("r1", "m1"))
+        .await
+        .unwrap();
     assert_eq!(s.resume, 0);
     for i in 0..10 {
         s.send(frame("r1", 1 + i * 4, 4)).await;
@@ -420,7 +461,10 @@ async fn ingest_forward_restart_over_mtls() {
         let st = mt.state.lock().unwrap();
         let recs = &st.records["r1"];
         assert_eq!(recs.len(), 42);
-        let expected = Frame::parse(&frame("r1", 41, 2)).unwrap().records().unwrap();
+        let expected = Frame::parse(&frame("r1", 41, 2))
+            .unwrap()
+            .records()
+            .unwrap();
         assert_eq!(&recs[40..], &expected[..]);
     }
     // A gap is refused.
@@ -429,7 +473,9 @@ async fn ingest_forward_restart_over_mtls() {
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
 
     // A corrupt header is refused, naming the replication.
-    let s = open_stream(&agent1, ps.addr, info("r1", "m1")).await.unwrap();
+    let s = open_stream(&agent1, ps.addr, info("r1", "m1"))
+        .await
+        .unwrap();
     assert_eq!(s.resume, 42);
     let mut bad = frame("r1", 43, 1);
     bad[0] = b'X';
@@ -439,7 +485,9 @@ async fn ingest_forward_restart_over_mtls() {
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("r1"), "{e:?}");
     // So is a frame whose body does not match its hash.
-    let s = open_stream(&agent1, ps.addr, info("r1", "m1")).await.unwrap();
+    let s = open_stream(&agent1, ps.addr, info("r1", "m1"))
+        .await
+        .unwrap();
     let mut bad = frame("r1", 43, 1);
     let n = bad.len();
     bad[n - 100] ^= 1;
@@ -464,15 +512,26 @@ async fn ingest_forward_restart_over_mtls() {
         min_applied_seq: 42,
         info: None,
     };
-    let r = client(&agent1, ps.addr).await.chunk_hashes(req.clone()).await.unwrap().into_inner();
+    let r = client(&agent1, ps.addr)
+        .await
+        .chunk_hashes(req.clone())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!((r.hashes.len(), r.applied_seq), (96, 42));
-    let e = client(&agent2, ps.addr).await.chunk_hashes(req.clone()).await.unwrap_err();
+    let e = client(&agent2, ps.addr)
+        .await
+        .chunk_hashes(req.clone())
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
 
     // The MT goes away: frames are still cached and acked, then forwarded
     // once it is back.
     mt_task.stop().await;
-    let mut s = open_stream(&agent1, ps.addr, info("r1", "m1")).await.unwrap();
+    let mut s = open_stream(&agent1, ps.addr, info("r1", "m1"))
+        .await
+        .unwrap();
     for i in 0..5 {
         s.send(frame("r1", 43 + i * 2, 2)).await;
     }
@@ -490,7 +549,9 @@ async fn ingest_forward_restart_over_mtls() {
     // The PS restarts with frames the MT has not seen; nothing is lost.
     ps.stop().await;
     let ps = start_ps(config.clone()).await;
-    let s = open_stream(&agent1, ps.addr, info("r1", "m1")).await.unwrap();
+    let s = open_stream(&agent1, ps.addr, info("r1", "m1"))
+        .await
+        .unwrap();
     assert_eq!(s.resume, 52);
     drop(s);
     let mt_listener = TcpListener::bind(mt_addr).await.unwrap();
@@ -505,7 +566,10 @@ async fn ingest_forward_restart_over_mtls() {
             assert_eq!(st.replications[0].applied_seq, 52);
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(10), "cache not trimmed: {st:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "cache not trimmed: {st:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     ps.stop().await;
@@ -541,7 +605,9 @@ async fn backpressure_stops_acks_until_trimmed() {
         },
     };
     let ps = start_ps(config).await;
-    let mut s = open_stream(&agent1, ps.addr, info("r1", "m1")).await.unwrap();
+    let mut s = open_stream(&agent1, ps.addr, info("r1", "m1"))
+        .await
+        .unwrap();
     // Each frame is ~256 KiB raw: the cap is hit after four.
     for i in 0..12 {
         s.send(frame("r1", 1 + i * 4, 4)).await;
@@ -564,7 +630,12 @@ async fn backpressure_stops_acks_until_trimmed() {
 
     // The MT appears: applied segments are trimmed and the stream resumes.
     let mt = FakeMt::default();
-    let mt_task = start_mt(mt.clone(), &mt_tls, TcpListener::bind(mt_addr).await.unwrap()).await;
+    let mt_task = start_mt(
+        mt.clone(),
+        &mt_tls,
+        TcpListener::bind(mt_addr).await.unwrap(),
+    )
+    .await;
     s.wait_durable(48).await.unwrap();
     wait_for("MT applied 48", || mt.applied("r1") == 48).await;
     drop(s);
