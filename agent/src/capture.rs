@@ -120,6 +120,9 @@ pub struct Batch {
     pub full: bool,
     /// This call opened the window (appended ResyncBegin).
     pub opened: bool,
+    /// Last seq in the stream when the extents were taken: the replica's
+    /// hashes for them must include at least this seq.
+    pub min_seq: u64,
     pub disks: Vec<(u32, Vec<u64>)>,
 }
 
@@ -757,6 +760,7 @@ impl Capture {
             reason,
             full,
             opened,
+            min_seq: st.next_seq - 1,
             disks,
         })
     }

@@ -276,7 +276,9 @@ impl DirtyLog {
     /// Whether the bit is set and known to be on disk: no set is in flight.
     /// A `false` answer is conservative: the caller takes the slow path.
     pub fn is_durably_set(&self, disk: u32, ext: u64) -> bool {
-        self.pending.load(Ordering::SeqCst) == 0 && self.is_set(disk, ext)
+        // Bit first, then `pending`: a setter raises `pending` before it sets
+        // the bit, so a bit seen set with `pending == 0` has been synced.
+        self.is_set(disk, ext) && self.pending.load(Ordering::SeqCst) == 0
     }
 
     /// The set bits of one disk, ascending.

@@ -59,6 +59,8 @@ pub enum AgentError {
         path: PathBuf,
         message: String,
     },
+    #[error("another rebound-agent is running with this state_dir (it holds {0}); stop it first")]
+    AlreadyRunning(PathBuf),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -76,6 +78,24 @@ fn io_err<'a>(
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// Takes an exclusive lock on `<state_dir>/lock` for the life of the agent,
+/// so two agents never share a dirty log (and never both write the disks).
+fn lock_state_dir(dir: &Path) -> Result<std::fs::File, AgentError> {
+    use std::os::unix::io::AsRawFd;
+    let path = dir.join("lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err("cannot open", &path))?;
+    // SAFETY: flock on a valid fd owned by `f`.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(AgentError::AlreadyRunning(path));
+    }
+    Ok(f)
 }
 
 /// Binds a unix socket at `path`, replacing a stale one.
@@ -101,6 +121,7 @@ pub async fn run(
     let s = &settings;
     std::fs::create_dir_all(&s.state_dir)
         .map_err(io_err("cannot create the state directory", &s.state_dir))?;
+    let _lock = lock_state_dir(&s.state_dir)?;
 
     // Disks and the dirty-extent log.
     let mut disks = Vec::new();
@@ -216,6 +237,12 @@ pub async fn run(
             s.status_path(),
             stop_rx.clone(),
         )),
+        tokio::spawn(sender::outage_watch(
+            capture.clone(),
+            link.clone(),
+            s.bitmap_after,
+            stop_rx.clone(),
+        )),
         tokio::spawn(clear_loop(capture.clone(), stop_rx.clone())),
         tokio::spawn(summary_loop(admin.clone(), stop_rx.clone())),
     ];
@@ -288,7 +315,16 @@ pub async fn run(
     let _ = rebound_common::durable::write_atomic(&s.status_path(), status.as_bytes());
     let _ = std::fs::remove_file(&admin_path);
     let _ = std::fs::remove_file(&s.nbd_socket);
-    if drained {
+    if drained && snap.resync_pending_extents > 0 {
+        info!(
+            seq = snap.seq,
+            durable_seq = snap.durable_seq,
+            dirty_extents = snap.dirty_extents,
+            resync_pending_extents = snap.resync_pending_extents,
+            "stopped cleanly; {} extents still need a resync, which runs at the next start",
+            snap.resync_pending_extents
+        );
+    } else if drained {
         info!(
             seq = snap.seq,
             durable_seq = snap.durable_seq,

@@ -9,11 +9,13 @@
 //! sub-chunks: read and appended under the ordering point, `Zero` when all
 //! zero. A chunk the replica holds as all zeroes needs no second round trip.
 //!
-//! The hash request carries `min_applied_seq` = the last seq handed to the
-//! stream, so the replica's hashes include every record appended before the
-//! extents were taken; local hashes are computed after the answer. Then equal
-//! hashes mean the replica, after the records still in flight, equals the
-//! source there (a later write is in the stream after the comparison).
+//! The hash requests of a batch carry `min_applied_seq` = the last seq in
+//! the stream when the batch's extents were taken, and local hashes are
+//! computed after the answer. Every change missing from the stream is older
+//! than that seq, so every record the replica has not applied yet is newer
+//! than all of them: equal hashes then mean the replica, once it applies the
+//! records in flight, equals the source there. (Waiting only for the batch
+//! start, not for the resync records just sent, keeps the pipeline full.)
 //!
 //! The driver runs windows while the link is up and the buffer has room; a
 //! failure gives the unfinished extents back and retries, the window stays
@@ -30,7 +32,7 @@ use rebound_proto::{ChunkHashesRequest, ReplicationInfo};
 use thiserror::Error;
 use tokio::sync::watch;
 use tonic::transport::Channel;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::capture::{Capture, CaptureError};
 use crate::sender::Link;
@@ -208,14 +210,14 @@ async fn local_hashes(
 async fn remote_hashes<H: HashSource>(
     cap: &Capture,
     src: &H,
-    disk: u32,
+    target: &Target,
     offset: u64,
     chunk: u64,
     count: u64,
 ) -> Result<Vec<u8>, ResyncError> {
-    // Hand the partial frame over now: the replica waits for these records.
+    let (disk, min) = (target.disk, target.min_seq);
+    // Hand the partial frame over now: the replica may wait for its records.
     cap.request_flush();
-    let min = cap.handed_over_seq();
     let h = src
         .chunk_hashes(disk, offset, chunk as u32, count as u32, min)
         .await?;
@@ -275,24 +277,36 @@ fn runs(items: &[u64], max: u64) -> Vec<(u64, u64)> {
     out
 }
 
+/// What a hash request is about: the disk, and the seq the replica must
+/// have applied before it answers.
+struct Target {
+    disk: u32,
+    min_seq: u64,
+}
+
 /// Compares `exts` (ascending extent numbers) of `disk` with the replica and
-/// appends resync records for what differs. On error, says how many of
-/// `exts` were completely done.
+/// appends resync records for what differs. `min_seq` is the seq handed to
+/// the stream when the extents were taken ([`crate::capture::Batch`]): the
+/// replica's hashes must include every record up to it, so that every
+/// change missing from the stream is older than the records it has not
+/// applied yet. On error, says how many of `exts` were completely done.
 pub async fn resync_extents<H: HashSource>(
     cap: &Arc<Capture>,
     src: &H,
     disk: u32,
+    min_seq: u64,
     exts: &[u64],
     progress: &mut Progress,
     stop: &watch::Receiver<bool>,
 ) -> Result<(), (usize, ResyncError)> {
     let size = cap.disks()[disk as usize].size();
+    let t = Target { disk, min_seq };
     let mut done = 0usize;
     for (first, count) in runs(exts, HASH_BATCH) {
         if *stop.borrow() {
             return Err((done, ResyncError::Stopped));
         }
-        resync_run(cap, src, disk, size, first, count)
+        resync_run(cap, src, &t, size, first, count)
             .await
             .map_err(|e| (done, e))?;
         done += count as usize;
@@ -304,17 +318,18 @@ pub async fn resync_extents<H: HashSource>(
 async fn resync_run<H: HashSource>(
     cap: &Arc<Capture>,
     src: &H,
-    disk: u32,
+    t: &Target,
     size: u64,
     first: u64,
     count: u64,
 ) -> Result<(), ResyncError> {
+    let disk = t.disk;
     let offset = first * CHUNK_SIZE;
     if offset >= size {
         return Ok(());
     }
     let count = count.min((size - offset).div_ceil(CHUNK_SIZE));
-    let remote = remote_hashes(cap, src, disk, offset, CHUNK_SIZE, count).await?;
+    let remote = remote_hashes(cap, src, t, offset, CHUNK_SIZE, count).await?;
     let local = local_hashes(cap, disk, offset, CHUNK_SIZE, count).await?;
     let full_zero = zero_hash(CHUNK_SIZE);
     let mut differing = Vec::new();
@@ -341,7 +356,7 @@ async fn resync_run<H: HashSource>(
         let g_off = g_first * CHUNK_SIZE;
         let g_len = (g_count * CHUNK_SIZE).min(size - g_off);
         let n_sub = g_len.div_ceil(SUB_CHUNK_SIZE);
-        let remote = remote_hashes(cap, src, disk, g_off, SUB_CHUNK_SIZE, n_sub).await?;
+        let remote = remote_hashes(cap, src, t, g_off, SUB_CHUNK_SIZE, n_sub).await?;
         let local = local_hashes(cap, disk, g_off, SUB_CHUNK_SIZE, n_sub).await?;
         let subs: Vec<u64> = (0..n_sub)
             .filter(|&j| {
@@ -443,8 +458,16 @@ pub async fn driver(
                     let src = PsHashSource::new(ch, info.clone());
                     let mut failed = None;
                     for (i, (disk, exts)) in batch.disks.iter().enumerate() {
-                        if let Err((done, e)) =
-                            resync_extents(&cap, &src, *disk, exts, &mut progress, &stop).await
+                        if let Err((done, e)) = resync_extents(
+                            &cap,
+                            &src,
+                            *disk,
+                            batch.min_seq,
+                            exts,
+                            &mut progress,
+                            &stop,
+                        )
+                        .await
                         {
                             cap.requeue(*disk, &exts[done..]);
                             failed = Some((i + 1, e));
@@ -460,6 +483,15 @@ pub async fn driver(
                 }
                 if matches!(e, ResyncError::Stopped) {
                     return;
+                }
+                if matches!(e, ResyncError::Capture(CaptureError::NotStreaming)) {
+                    // Fenced (stopping): nothing more may enter the stream.
+                    debug!("resync stopped: {e}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stop.changed() => {}
+                    }
+                    continue;
                 }
                 warn!("resync paused: {e}; retrying in 2 s (the window stays open, no recovery point until it ends)");
                 tokio::select! {
@@ -545,7 +577,7 @@ mod tests {
         let b = cap.next_resync_batch().unwrap();
         let mut p = Progress::new(0);
         for (d, exts) in &b.disks {
-            resync_extents(cap, &src, *d, exts, &mut p, &stop)
+            resync_extents(cap, &src, *d, b.min_seq, exts, &mut p, &stop)
                 .await
                 .map_err(|e| e.1)
                 .unwrap();

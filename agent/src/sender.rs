@@ -44,10 +44,21 @@ pub enum SenderError {
 }
 
 /// The state of the link to the PS, shared with the resync driver.
-#[derive(Default)]
 pub struct Link {
     connected: AtomicBool,
     channel: Mutex<Option<Channel>>,
+    /// Since when the PS has been unreachable (the agent's start at first).
+    down_since: Mutex<Option<Instant>>,
+}
+
+impl Default for Link {
+    fn default() -> Self {
+        Link {
+            connected: AtomicBool::new(false),
+            channel: Mutex::new(None),
+            down_since: Mutex::new(Some(Instant::now())),
+        }
+    }
 }
 
 impl Link {
@@ -62,8 +73,49 @@ impl Link {
             .clone()
     }
     fn set(&self, ch: Option<Channel>) {
+        let mut down = self.down_since.lock().unwrap_or_else(|p| p.into_inner());
+        if ch.is_some() {
+            *down = None;
+        } else if down.is_none() {
+            *down = Some(Instant::now());
+        }
         self.connected.store(ch.is_some(), Ordering::SeqCst);
         *self.channel.lock().unwrap_or_else(|p| p.into_inner()) = ch;
+    }
+    /// How long the PS has been unreachable (None while connected).
+    pub fn down_for(&self) -> Option<Duration> {
+        self.down_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|t| t.elapsed())
+    }
+}
+
+/// Switches to bitmap mode once per outage when the PS has been unreachable
+/// for `bitmap_after`, until `stop`.
+pub async fn outage_watch(
+    cap: Arc<Capture>,
+    link: Arc<Link>,
+    bitmap_after: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut done_for_this_outage = false;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = stop.changed() => if *stop.borrow() { return },
+        }
+        match link.down_for() {
+            None => done_for_this_outage = false,
+            Some(d) if d >= bitmap_after && !done_for_this_outage => {
+                done_for_this_outage = true;
+                cap.enter_bitmap(&format!(
+                    "the process server has been unreachable for {} s",
+                    d.as_secs()
+                ));
+            }
+            Some(_) => {}
+        }
     }
 }
 
@@ -135,8 +187,6 @@ pub async fn run(
         frames: VecDeque::new(),
         next: 0,
     };
-    let mut down_since = Instant::now();
-    let mut bitmap_for_outage = false;
     let mut failures: u32 = 0;
     loop {
         if *stop.borrow() {
@@ -150,8 +200,6 @@ pub async fn run(
             Err(e) => {
                 if was_connected {
                     warn!(addr = %settings.ps.addr, "lost the process server: {e}; reconnecting");
-                    down_since = Instant::now();
-                    bitmap_for_outage = false;
                     failures = 0;
                 } else if failures == 0 || failures.is_multiple_of(30) {
                     warn!(addr = %settings.ps.addr, "cannot reach the process server: {e}; retrying");
@@ -160,13 +208,6 @@ pub async fn run(
                 }
                 failures += 1;
             }
-        }
-        if !bitmap_for_outage && down_since.elapsed() >= settings.bitmap_after {
-            bitmap_for_outage = true;
-            cap.enter_bitmap(&format!(
-                "the process server has been unreachable for {} s",
-                down_since.elapsed().as_secs()
-            ));
         }
         let backoff = Duration::from_millis((200u64 << failures.min(4)).min(2000));
         tokio::select! {
