@@ -176,7 +176,7 @@ impl Lab {
     fn write_configs(&self) -> Result<()> {
         let o = &self.opts;
         let mut agent = format!(
-            "machine_id = {:?}\nstate_dir = {:?}\nnbd_listen = \"127.0.0.1:{}\"\ncrash_interval_ms = {}\nbuffer_bytes = {}\nbitmap_after_secs = {}\n",
+            "machine_id = {:?}\nstate_dir = {:?}\nnbd_listen = \"127.0.0.1:{}\"\ncrash_interval_ms = {}\nshutdown_drain_secs = 10\nbuffer_bytes = {}\nbitmap_after_secs = {}\n",
             o.machine,
             self.agent_state_dir(),
             self.agent_nbd_port,

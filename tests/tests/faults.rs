@@ -126,7 +126,7 @@ fn kill9_agent_resyncs_only_dirty_extents() {
 fn ps_outage_overflows_buffer_into_bitmap_mode_and_catches_up() {
     let mut lab = Lab::new(LabOptions {
         disks: vec![("disk0".into(), 64 << 20)],
-        agent_buffer_bytes: 4 << 20,
+        agent_buffer_bytes: 8 << 20,
         ..Default::default()
     })
     .unwrap();
@@ -136,8 +136,8 @@ fn ps_outage_overflows_buffer_into_bitmap_mode_and_catches_up() {
     lab.kill9(Component::Ps).unwrap();
     let uri = lab.agent_uri("disk0");
     let mut rng = Lcg(21);
-    // ~16 MiB of writes against a 4 MiB buffer.
-    for _ in 0..4 {
+    // ~40 MiB of writes against an 8 MiB buffer.
+    for _ in 0..10 {
         qemu_io(&uri, &random_writes(&mut rng, 64 << 20, 32)).unwrap();
     }
     let st = lab.agent_status().unwrap();
