@@ -82,7 +82,15 @@ fn hash_export(uri: &str, scratch: &Path) -> Result<String> {
     let _ = std::fs::remove_file(scratch);
     tool(
         "qemu-img",
-        &["convert", "-f", "raw", "-O", "raw", uri, &scratch.to_string_lossy()],
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            uri,
+            &scratch.to_string_lossy(),
+        ],
     )?;
     let h = hash_file(scratch)?;
     std::fs::remove_file(scratch)?;
@@ -192,7 +200,10 @@ async fn start(dir: &Path, certs: &Path) -> Result<Started> {
     let t0 = Instant::now();
     while UnixStream::connect(&sock).is_err() {
         if t0.elapsed() > Duration::from_secs(30) {
-            bail!("the agent did not open its admin socket {} within 30 s", sock.display());
+            bail!(
+                "the agent did not open its admin socket {} within 30 s",
+                sock.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -260,7 +271,9 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     for round in 0..opts.points {
         let mut args: Vec<String> = vec!["-f".into(), "raw".into()];
         for _ in 0..64 {
-            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let len = ((rng >> 40) % 256 + 1) * 512;
             let off = ((rng >> 8) % ((disk_size - len) / 512)) * 512;
             args.push("-c".into());
@@ -306,7 +319,11 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         t.await??;
     }
     let latest = hash_file(&src)?;
-    let replica = dir.join("mt").join(MACHINE).join("replica").join(format!("{DISK}.img"));
+    let replica = dir
+        .join("mt")
+        .join(MACHINE)
+        .join("replica")
+        .join(format!("{DISK}.img"));
 
     let (target, target_hash) = &points[points.len() / 2];
     step(&format!("rolling the replica back to {target}"));
@@ -358,7 +375,10 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         rollback_secs * 1000.0,
         rb.blocks_restored
     );
-    println!("  total                              : {:.1} s", started.elapsed().as_secs_f64());
+    println!(
+        "  total                              : {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     if opts.keep {
         let kept = tmp.keep();
         println!("  directory kept at {}", kept.display());

@@ -5,7 +5,11 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "rebound", version, about = "Rebound disaster-recovery replication: operator CLI")]
+#[command(
+    name = "rebound",
+    version,
+    about = "Rebound disaster-recovery replication: operator CLI"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -119,7 +123,9 @@ async fn main() -> Result<()> {
         Cmd::RestorePreImages { replication, mt } => {
             let mut c = rebound_cli::mt_admin::connect(&mt.mt, &mt.certs).await?;
             let n = rebound_cli::mt_admin::restore_pre_images(&mut c, &replication).await?;
-            println!("{replication}: {n} blocks restored from pre-images; the replica is at latest");
+            println!(
+                "{replication}: {n} blocks restored from pre-images; the replica is at latest"
+            );
             Ok(())
         }
     }

@@ -20,14 +20,16 @@ pub async fn connect(addr: &str, certs: &Path) -> Result<MasterTargetClient<Chan
     Ok(MasterTargetClient::new(ch))
 }
 
-pub async fn points(c: &mut MasterTargetClient<Channel>, replication: &str) -> Result<ListPointsResponse> {
-    Ok(c
-        .list_points(ListPointsRequest {
-            replication_id: replication.into(),
-        })
-        .await
-        .with_context(|| format!("listing the recovery points of {replication}"))?
-        .into_inner())
+pub async fn points(
+    c: &mut MasterTargetClient<Channel>,
+    replication: &str,
+) -> Result<ListPointsResponse> {
+    Ok(c.list_points(ListPointsRequest {
+        replication_id: replication.into(),
+    })
+    .await
+    .with_context(|| format!("listing the recovery points of {replication}"))?
+    .into_inner())
 }
 
 pub async fn rollback(
@@ -35,25 +37,26 @@ pub async fn rollback(
     replication: &str,
     point: &str,
 ) -> Result<RollbackResponse> {
-    Ok(c
-        .rollback(RollbackRequest {
-            replication_id: replication.into(),
-            point: point.into(),
-        })
-        .await
-        .with_context(|| format!("rolling {replication} back to {point}"))?
-        .into_inner())
+    Ok(c.rollback(RollbackRequest {
+        replication_id: replication.into(),
+        point: point.into(),
+    })
+    .await
+    .with_context(|| format!("rolling {replication} back to {point}"))?
+    .into_inner())
 }
 
-pub async fn restore_pre_images(c: &mut MasterTargetClient<Channel>, replication: &str) -> Result<u64> {
-    Ok(c
-        .restore_pre_images(RestorePreImagesRequest {
-            replication_id: replication.into(),
-        })
-        .await
-        .with_context(|| format!("restoring the pre-images of {replication}"))?
-        .into_inner()
-        .blocks_restored)
+pub async fn restore_pre_images(
+    c: &mut MasterTargetClient<Channel>,
+    replication: &str,
+) -> Result<u64> {
+    Ok(c.restore_pre_images(RestorePreImagesRequest {
+        replication_id: replication.into(),
+    })
+    .await
+    .with_context(|| format!("restoring the pre-images of {replication}"))?
+    .into_inner()
+    .blocks_restored)
 }
 
 /// Prints points as a table or as JSON.
@@ -70,7 +73,10 @@ pub fn print_points(r: &ListPointsResponse, json: bool) {
         println!("{v}");
         return;
     }
-    println!("{:<24} {:<9} {:<24} {:>12} GROUP", "ID", "KIND", "TIME (UTC)", "SEQ");
+    println!(
+        "{:<24} {:<9} {:<24} {:>12} GROUP",
+        "ID", "KIND", "TIME (UTC)", "SEQ"
+    );
     for p in &r.points {
         println!(
             "{:<24} {:<9} {:<24} {:>12} {}",
@@ -115,6 +121,9 @@ mod tests {
     #[test]
     fn formats_epoch_times() {
         assert_eq!(super::format_time(0), "1970-01-01 00:00:00.000");
-        assert_eq!(super::format_time(1_795_000_000_123), "2026-11-18 11:06:40.123");
+        assert_eq!(
+            super::format_time(1_795_000_000_123),
+            "2026-11-18 11:06:40.123"
+        );
     }
 }

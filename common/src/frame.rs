@@ -33,7 +33,11 @@ const REC_RESYNC_END: u8 = 5;
 #[derive(Debug, Error)]
 pub enum FrameError {
     #[error("frame truncated: needed {needed} bytes at offset {at}, have {have}")]
-    Truncated { at: usize, needed: usize, have: usize },
+    Truncated {
+        at: usize,
+        needed: usize,
+        have: usize,
+    },
     #[error("not a Rebound frame (bad magic {0:02x?})")]
     BadMagic([u8; 4]),
     #[error("frame version {0} is not supported (this build reads version {VERSION})")]
@@ -294,13 +298,19 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
     fn u16(&mut self) -> Result<u16, FrameError> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
     }
     fn u32(&mut self) -> Result<u32, FrameError> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     fn u64(&mut self) -> Result<u64, FrameError> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
     fn string(&mut self) -> Result<String, FrameError> {
         let at = self.pos;
@@ -351,7 +361,9 @@ impl Frame {
         let body_len = r.u32()? as usize;
         let hash: [u8; 32] = r.take(32)?.try_into().expect("32 bytes");
         if uncompressed_len as usize > MAX_BODY || body_len > MAX_BODY {
-            return Err(FrameError::TooLarge(body_len.max(uncompressed_len as usize)));
+            return Err(FrameError::TooLarge(
+                body_len.max(uncompressed_len as usize),
+            ));
         }
         if last_seq < first_seq {
             return Err(FrameError::Invalid {
@@ -402,15 +414,16 @@ impl Frame {
     /// The uncompressed body, checked against the header's hash.
     pub fn verified_body(&self) -> Result<std::borrow::Cow<'_, [u8]>, FrameError> {
         let body: std::borrow::Cow<'_, [u8]> = if self.is_compressed() {
-            let raw =
-                zstd::bulk::decompress(&self.body, self.header.uncompressed_len as usize)
-                    .map_err(|e| FrameError::Decompress(e.to_string()))?;
+            let raw = zstd::bulk::decompress(&self.body, self.header.uncompressed_len as usize)
+                .map_err(|e| FrameError::Decompress(e.to_string()))?;
             raw.into()
         } else {
             (&self.body[..]).into()
         };
         let actual = blake3::hash(&body);
-        if actual.as_bytes() != &self.header.hash || body.len() != self.header.uncompressed_len as usize {
+        if actual.as_bytes() != &self.header.hash
+            || body.len() != self.header.uncompressed_len as usize
+        {
             return Err(FrameError::HashMismatch {
                 replication: self.header.replication_id.clone(),
                 first: self.header.first_seq,

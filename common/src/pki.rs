@@ -8,8 +8,8 @@
 //! CSR; until then `write_dev_bundle` makes a whole PKI on disk.
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
 use std::fmt;
 use std::path::Path;
@@ -21,7 +21,9 @@ pub enum PkiError {
     Rcgen(#[from] rcgen::Error),
     #[error("peer certificate cannot be parsed: {0}")]
     Parse(String),
-    #[error("peer certificate subject {0:?} is not a Rebound identity (expected CN \"<role>:<id>\")")]
+    #[error(
+        "peer certificate subject {0:?} is not a Rebound identity (expected CN \"<role>:<id>\")"
+    )]
     NotRebound(String),
     #[error("cannot write {path}: {source}")]
     Write {
@@ -135,16 +137,26 @@ impl Ca {
 
     /// Issues a certificate for `role:id`, usable as a TLS client and (with
     /// `server_names`) as a TLS server.
-    pub fn issue(&self, role: Role, id: &str, server_names: &[String]) -> Result<CertKeyPem, PkiError> {
+    pub fn issue(
+        &self,
+        role: Role,
+        id: &str,
+        server_names: &[String],
+    ) -> Result<CertKeyPem, PkiError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(server_names.to_vec())?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, format!("{role}:{id}"));
         params.distinguished_name = dn;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         if !server_names.is_empty() {
-            params.extended_key_usages.push(ExtendedKeyUsagePurpose::ServerAuth);
+            params
+                .extended_key_usages
+                .push(ExtendedKeyUsagePurpose::ServerAuth);
         }
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &self.issuer)?;
@@ -239,7 +251,13 @@ mod tests {
         let ck = ca.issue(Role::Agent, "m1", &[]).unwrap();
         let der = rustls_pemfile_der(&ck.cert_pem);
         let id = peer_identity(&der).unwrap();
-        assert_eq!(id, PeerIdentity { role: Role::Agent, id: "m1".into() });
+        assert_eq!(
+            id,
+            PeerIdentity {
+                role: Role::Agent,
+                id: "m1".into()
+            }
+        );
         let again = Ca::from_pem(ca.cert_pem(), ca.key_pem()).unwrap();
         again.issue(Role::Ps, "p", &["localhost".into()]).unwrap();
     }

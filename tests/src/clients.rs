@@ -89,7 +89,7 @@ pub fn blake3_export(uri: &str, scratch: &Path) -> Result<String> {
 pub struct Lcg(pub u64);
 
 impl Lcg {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self
             .0
             .wrapping_mul(6364136223846793005)
@@ -97,7 +97,7 @@ impl Lcg {
         self.0 >> 17
     }
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.next_u64() % n
     }
 }
 

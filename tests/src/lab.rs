@@ -128,7 +128,10 @@ impl Lab {
         let certs = dir.path().join("certs");
         rebound_common::pki::write_dev_bundle(&certs, std::slice::from_ref(&opts.machine))?;
         // A second, unrelated CA for the wrong-certificate tests.
-        rebound_common::pki::write_dev_bundle(&dir.path().join("other-ca"), &[opts.machine.clone()])?;
+        rebound_common::pki::write_dev_bundle(
+            &dir.path().join("other-ca"),
+            std::slice::from_ref(&opts.machine),
+        )?;
         std::fs::create_dir_all(dir.path().join("source"))?;
         for (name, size) in &opts.disks {
             let f = std::fs::File::create(dir.path().join("source").join(format!("{name}.img")))?;
@@ -308,7 +311,11 @@ impl Lab {
         loop {
             if let Some(st) = child.try_wait()? {
                 if !st.success() {
-                    bail!("{} exited with {st} on SIGTERM:\n{}", c.name(), self.log_tail(c, 30));
+                    bail!(
+                        "{} exited with {st} on SIGTERM:\n{}",
+                        c.name(),
+                        self.log_tail(c, 30)
+                    );
                 }
                 return Ok(());
             }
@@ -321,8 +328,8 @@ impl Lab {
     }
 
     pub fn log_tail(&self, c: Component, lines: usize) -> String {
-        let text = std::fs::read_to_string(self.path(&format!("{}.log", c.name())))
-            .unwrap_or_default();
+        let text =
+            std::fs::read_to_string(self.path(&format!("{}.log", c.name()))).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
     }
@@ -357,8 +364,12 @@ impl Lab {
     /// Cuts a tag now; returns its id and seq.
     pub fn tag(&self, kind: &str) -> Result<(String, u64)> {
         let v = self.agent_admin(serde_json::json!({"cmd": "tag", "kind": kind}))?;
-        let id = v["id"].as_str().ok_or_else(|| anyhow!("tag answer {v} has no id"))?;
-        let seq = v["seq"].as_u64().ok_or_else(|| anyhow!("tag answer {v} has no seq"))?;
+        let id = v["id"]
+            .as_str()
+            .ok_or_else(|| anyhow!("tag answer {v} has no id"))?;
+        let seq = v["seq"]
+            .as_u64()
+            .ok_or_else(|| anyhow!("tag answer {v} has no seq"))?;
         Ok((id.to_string(), seq))
     }
 
@@ -455,14 +466,21 @@ impl Drop for Lab {
         }
         if std::thread::panicking() {
             for c in [Component::Agent, Component::Ps, Component::Mt] {
-                eprintln!("----- {} log tail -----\n{}", c.name(), self.log_tail(c, 40));
+                eprintln!(
+                    "----- {} log tail -----\n{}",
+                    c.name(),
+                    self.log_tail(c, 40)
+                );
             }
             // Keep the lab dir for a post-mortem.
             let path = self.dir.path().to_path_buf();
             eprintln!("lab dir kept at {}", path.display());
             let _ = std::mem::replace(
                 &mut self.dir,
-                tempfile::Builder::new().prefix("rebound-drop-").tempdir().expect("tempdir"),
+                tempfile::Builder::new()
+                    .prefix("rebound-drop-")
+                    .tempdir()
+                    .expect("tempdir"),
             )
             .keep();
         }

@@ -4,7 +4,9 @@
 
 use rebound_common::frame::{FrameBuilder, Record};
 use rebound_common::tls::TlsFiles;
-use rebound_proto::{apply_request, ingest_request, ApplyRequest, DiskInfo, IngestRequest, ReplicationInfo};
+use rebound_proto::{
+    apply_request, ingest_request, ApplyRequest, DiskInfo, IngestRequest, ReplicationInfo,
+};
 use rebound_tests::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -32,7 +34,14 @@ fn nbd_connect(port: u16, export: &str) -> (TcpStream, u64) {
     (s, u64::from_be_bytes(info[..8].try_into().unwrap()))
 }
 
-fn nbd_request(s: &mut TcpStream, kind: u16, handle: u64, offset: u64, len: u32, payload: &[u8]) -> (u32, Vec<u8>) {
+fn nbd_request(
+    s: &mut TcpStream,
+    kind: u16,
+    handle: u64,
+    offset: u64,
+    len: u32,
+    payload: &[u8],
+) -> (u32, Vec<u8>) {
     let mut req = Vec::new();
     req.extend_from_slice(&NBD_REQUEST_MAGIC.to_be_bytes());
     req.extend_from_slice(&0u16.to_be_bytes());
@@ -44,9 +53,16 @@ fn nbd_request(s: &mut TcpStream, kind: u16, handle: u64, offset: u64, len: u32,
     s.write_all(&req).unwrap();
     let mut reply = [0u8; 16];
     s.read_exact(&mut reply).unwrap();
-    assert_eq!(u32::from_be_bytes(reply[..4].try_into().unwrap()), NBD_REPLY_MAGIC);
+    assert_eq!(
+        u32::from_be_bytes(reply[..4].try_into().unwrap()),
+        NBD_REPLY_MAGIC
+    );
     let err = u32::from_be_bytes(reply[4..8].try_into().unwrap());
-    assert_eq!(u64::from_be_bytes(reply[8..].try_into().unwrap()), handle, "reply handle");
+    assert_eq!(
+        u64::from_be_bytes(reply[8..].try_into().unwrap()),
+        handle,
+        "reply handle"
+    );
     let mut data = Vec::new();
     if kind == 0 && err == 0 {
         data = vec![0u8; len as usize];
@@ -65,7 +81,10 @@ fn malformed_nbd_requests_get_errors_and_the_connection_keeps_working() {
     // Read past the end → EINVAL.
     assert_eq!(nbd_request(&mut s, 0, 1, size, 4096, &[]).0, 22);
     // Write past the end → ENOSPC (payload consumed, stream stays in sync).
-    assert_eq!(nbd_request(&mut s, 1, 2, size - 512, 4096, &[7u8; 4096]).0, 28);
+    assert_eq!(
+        nbd_request(&mut s, 1, 2, size - 512, 4096, &[7u8; 4096]).0,
+        28
+    );
     // Unknown command → EINVAL.
     assert_eq!(nbd_request(&mut s, 77, 3, 0, 0, &[]).0, 22);
     // A valid read on the same connection returns the data.
@@ -81,7 +100,11 @@ fn info(lab: &Lab) -> ReplicationInfo {
     ReplicationInfo {
         replication_id: lab.opts.machine.clone(),
         machine_id: lab.opts.machine.clone(),
-        disks: vec![DiskInfo { index: 0, name: "disk0".into(), size: 64 << 20 }],
+        disks: vec![DiskInfo {
+            index: 0,
+            name: "disk0".into(),
+            size: 64 << 20,
+        }],
     }
 }
 
@@ -89,15 +112,25 @@ fn info(lab: &Lab) -> ReplicationInfo {
 fn frame_with_wrong_hash_is_refused_and_nothing_applied() {
     let mut lab = Lab::new(LabOptions::default()).unwrap();
     lab.start(Component::Mt).unwrap();
-    let mut mt = lab.mt_client_as(&TlsFiles::in_dir(&lab.certs, "ps")).unwrap();
+    let mut mt = lab
+        .mt_client_as(&TlsFiles::in_dir(&lab.certs, "ps"))
+        .unwrap();
     let mut b = FrameBuilder::new(&lab.opts.machine, 1);
-    b.push(&Record::Write { disk: 0, offset: 0, data: vec![0xee; 65536] });
+    b.push(&Record::Write {
+        disk: 0,
+        offset: 0,
+        data: vec![0xee; 65536],
+    });
     let mut bytes = b.finish().to_bytes();
     let n = bytes.len();
     bytes[n - 100] ^= 0x01; // corrupt the body
     let reqs = vec![
-        ApplyRequest { msg: Some(apply_request::Msg::Hello(info(&lab))) },
-        ApplyRequest { msg: Some(apply_request::Msg::Frame(bytes)) },
+        ApplyRequest {
+            msg: Some(apply_request::Msg::Hello(info(&lab))),
+        },
+        ApplyRequest {
+            msg: Some(apply_request::Msg::Frame(bytes)),
+        },
     ];
     let res = lab.block_on(async {
         let mut stream = mt.apply(tokio_stream::iter(reqs)).await?.into_inner();
@@ -111,11 +144,17 @@ fn frame_with_wrong_hash_is_refused_and_nothing_applied() {
         }
     });
     let err = res.expect_err("the MT must refuse a frame whose hash does not match");
-    assert!(err.message().contains("hash"), "error should name the hash mismatch: {err:?}");
+    assert!(
+        err.message().contains("hash"),
+        "error should name the hash mismatch: {err:?}"
+    );
     let (_, applied) = lab.points().unwrap();
     assert_eq!(applied, 0, "nothing of the corrupt frame may be applied");
     let replica = std::fs::read(lab.replica_path("disk0")).unwrap_or_default();
-    assert!(replica.iter().all(|&b| b == 0), "replica was written by a refused frame");
+    assert!(
+        replica.iter().all(|&b| b == 0),
+        "replica was written by a refused frame"
+    );
 }
 
 #[test]
@@ -132,15 +171,30 @@ fn wrong_certificates_are_refused() {
         lab.block_on(c.replications(rebound_proto::ReplicationsRequest {}))
             .map_err(anyhow::Error::from)
     });
-    assert!(refused.is_err(), "a certificate from another CA must be refused");
+    assert!(
+        refused.is_err(),
+        "a certificate from another CA must be refused"
+    );
 
     // An agent certificate may not call the MT's apply stream.
     let mut as_agent = lab
-        .mt_client_as(&TlsFiles::in_dir(&lab.certs, &format!("agent-{}", lab.opts.machine)))
+        .mt_client_as(&TlsFiles::in_dir(
+            &lab.certs,
+            &format!("agent-{}", lab.opts.machine),
+        ))
         .unwrap();
-    let reqs = vec![ApplyRequest { msg: Some(apply_request::Msg::Hello(info(&lab))) }];
+    let reqs = vec![ApplyRequest {
+        msg: Some(apply_request::Msg::Hello(info(&lab))),
+    }];
     let err = lab
-        .block_on(async { as_agent.apply(tokio_stream::iter(reqs)).await?.into_inner().message().await })
+        .block_on(async {
+            as_agent
+                .apply(tokio_stream::iter(reqs))
+                .await?
+                .into_inner()
+                .message()
+                .await
+        })
         .expect_err("agent certificate must not apply");
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
 
@@ -153,9 +207,17 @@ fn wrong_certificates_are_refused() {
     let mut other_machine = info(&lab);
     other_machine.machine_id = "m2".into();
     other_machine.replication_id = "m2".into();
-    let reqs = vec![IngestRequest { msg: Some(ingest_request::Msg::Hello(other_machine)) }];
+    let reqs = vec![IngestRequest {
+        msg: Some(ingest_request::Msg::Hello(other_machine)),
+    }];
     let err = lab
-        .block_on(async { ps.ingest(tokio_stream::iter(reqs)).await?.into_inner().message().await })
+        .block_on(async {
+            ps.ingest(tokio_stream::iter(reqs))
+                .await?
+                .into_inner()
+                .message()
+                .await
+        })
         .expect_err("agent of m1 must not stream for m2");
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
 }

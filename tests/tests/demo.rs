@@ -11,8 +11,19 @@ fn rebound_demo_passes_and_prints_its_summary() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "rebound demo failed:\n{stdout}\n{stderr}");
-    for line in ["Rebound demo summary", "recovery points verified by blake3 : 5", "tag-to-applied lag", "demo passed"] {
-        assert!(stdout.contains(line), "demo output lacks {line:?}:\n{stdout}");
+    assert!(
+        out.status.success(),
+        "rebound demo failed:\n{stdout}\n{stderr}"
+    );
+    for line in [
+        "Rebound demo summary",
+        "recovery points verified by blake3 : 5",
+        "tag-to-applied lag",
+        "demo passed",
+    ] {
+        assert!(
+            stdout.contains(line),
+            "demo output lacks {line:?}:\n{stdout}"
+        );
     }
 }

@@ -11,7 +11,12 @@ type Captured = Arc<Mutex<Vec<(String, u64, String)>>>;
 
 /// Background load: rounds of random writes through the agent, each ended by
 /// a tag whose source hash is recorded. Stops when `stop` is set.
-fn load(lab: &Lab, rng_seed: u64, stop: Arc<AtomicBool>, captured: Captured) -> std::thread::JoinHandle<()> {
+fn load(
+    lab: &Lab,
+    rng_seed: u64,
+    stop: Arc<AtomicBool>,
+    captured: Captured,
+) -> std::thread::JoinHandle<()> {
     let uri = lab.agent_uri("disk0");
     let size = lab.opts.disks[0].1;
     let sock = lab.agent_state_dir().join("admin.sock");
@@ -22,10 +27,11 @@ fn load(lab: &Lab, rng_seed: u64, stop: Arc<AtomicBool>, captured: Captured) -> 
             qemu_io(&uri, &random_writes(&mut rng, size, 60)).expect("writes through the agent");
             let v = admin(&sock, r#"{"cmd":"tag","kind":"crash"}"#);
             let h = blake3_file(&src).unwrap();
-            captured
-                .lock()
-                .unwrap()
-                .push((v["id"].as_str().unwrap().to_string(), v["seq"].as_u64().unwrap(), h));
+            captured.lock().unwrap().push((
+                v["id"].as_str().unwrap().to_string(),
+                v["seq"].as_u64().unwrap(),
+                h,
+            ));
         }
     })
 }
@@ -48,11 +54,21 @@ fn check_all(lab: &Lab, captured: &Captured) {
     lab.wait_applied(last, Duration::from_secs(180)).unwrap();
     let (points, _) = lab.points().unwrap();
     for (id, seq, h) in &caps {
-        let p = points.iter().find(|p| &p.id == id).unwrap_or_else(|| panic!("point {id} lost"));
+        let p = points
+            .iter()
+            .find(|p| &p.id == id)
+            .unwrap_or_else(|| panic!("point {id} lost"));
         assert_eq!(p.seq, *seq);
-        assert_eq!(&lab.point_hash("disk0", id).unwrap(), h, "point {id} is not exact");
+        assert_eq!(
+            &lab.point_hash("disk0", id).unwrap(),
+            h,
+            "point {id} is not exact"
+        );
     }
-    assert_eq!(lab.point_hash("disk0", "latest").unwrap(), lab.source_hash(0).unwrap());
+    assert_eq!(
+        lab.point_hash("disk0", "latest").unwrap(),
+        lab.source_hash(0).unwrap()
+    );
 }
 
 #[test]
@@ -64,7 +80,11 @@ fn kill9_ps_and_mt_under_load() {
     let t = load(&lab, 11, stop.clone(), captured.clone());
     for (i, delay) in [300u64, 900, 50, 1500].into_iter().enumerate() {
         std::thread::sleep(Duration::from_millis(delay));
-        let victim = if i % 2 == 0 { Component::Ps } else { Component::Mt };
+        let victim = if i % 2 == 0 {
+            Component::Ps
+        } else {
+            Component::Mt
+        };
         lab.kill9(victim).unwrap();
         std::thread::sleep(Duration::from_millis(200));
         lab.start(victim).unwrap();
@@ -112,13 +132,20 @@ fn kill9_agent_resyncs_only_dirty_extents() {
     let (id, seq) = lab.tag("crash").unwrap();
     let h = lab.source_hash(0).unwrap();
     lab.wait_applied(seq, Duration::from_secs(120)).unwrap();
-    assert_eq!(lab.point_hash("disk0", &id).unwrap(), h, "replica did not converge after the agent crash");
+    assert_eq!(
+        lab.point_hash("disk0", &id).unwrap(),
+        h,
+        "replica did not converge after the agent crash"
+    );
     let st = lab.agent_status().unwrap();
     let resent = st["resync_bytes_sent"].as_u64().unwrap();
     // The counter starts at zero with the new process, so it holds only the
     // crash-recovery resync: bounded by the 16 extents the load could dirty
     // (16 MiB), far below the 256 MiB disk.
-    assert!(resent <= 16 << 20, "agent resent {resent} bytes after the crash; the dirty extents hold at most 16 MiB");
+    assert!(
+        resent <= 16 << 20,
+        "agent resent {resent} bytes after the crash; the dirty extents hold at most 16 MiB"
+    );
     eprintln!("after kill -9: resync sent {resent} bytes (disk {disk_size})");
 }
 
@@ -144,7 +171,9 @@ fn ps_outage_overflows_buffer_into_bitmap_mode_and_catches_up() {
     assert_eq!(st["mode"], "bitmap", "agent should be in bitmap mode: {st}");
     lab.start(Component::Ps).unwrap();
     wait_until("agent back in data mode", Duration::from_secs(120), || {
-        lab.agent_status().map(|s| s["mode"] == "data").unwrap_or(false)
+        lab.agent_status()
+            .map(|s| s["mode"] == "data")
+            .unwrap_or(false)
     })
     .unwrap();
     let (id, seq) = lab.tag("crash").unwrap();

@@ -29,7 +29,10 @@ fn assert_points_exact(lab: &Lab, captured: &[(String, u64, Vec<String>)]) {
         assert_eq!(p.seq, *seq, "point {id} seq");
         for (i, (disk, _)) in lab.opts.disks.iter().enumerate() {
             let got = lab.point_hash(disk, id).expect("view hash");
-            assert_eq!(&got, &hashes[i], "content of {disk}@{id} differs from the source at that tag");
+            assert_eq!(
+                &got, &hashes[i],
+                "content of {disk}@{id} differs from the source at that tag"
+            );
         }
     }
 }
@@ -57,7 +60,10 @@ fn qemu_io_writes_make_exact_points_on_two_disks() {
             // A zeroed range and a trim travel as Zero records.
             qemu_io(
                 &lab.agent_uri("disk0"),
-                &["write -z 1048576 262144".into(), "discard 4194304 65536".into()],
+                &[
+                    "write -z 1048576 262144".into(),
+                    "discard 4194304 65536".into(),
+                ],
             )
             .unwrap();
         }
@@ -66,10 +72,20 @@ fn qemu_io_writes_make_exact_points_on_two_disks() {
     assert_points_exact(&lab, &captured);
     // `@latest` equals the source now.
     for (i, (disk, _)) in lab.opts.disks.iter().enumerate() {
-        assert_eq!(lab.point_hash(disk, "latest").unwrap(), lab.source_hash(i).unwrap());
+        assert_eq!(
+            lab.point_hash(disk, "latest").unwrap(),
+            lab.source_hash(i).unwrap()
+        );
     }
     // And the agent reads back what was written.
-    qemu_io(&lab.agent_uri("disk0"), &["write -P 0x5a 0 65536".into(), "read -P 0x5a 0 65536".into()]).unwrap();
+    qemu_io(
+        &lab.agent_uri("disk0"),
+        &[
+            "write -P 0x5a 0 65536".into(),
+            "read -P 0x5a 0 65536".into(),
+        ],
+    )
+    .unwrap();
 }
 
 #[test]
@@ -87,12 +103,16 @@ fn nbdcopy_writes_make_exact_points() {
         for _ in 0..8 {
             let at = rng.below(size / (1 << 20)) * (1 << 20);
             for b in &mut data[at as usize..at as usize + (1 << 20)] {
-                *b = (rng.next() as u8) | 1;
+                *b = (rng.next_u64() as u8) | 1;
             }
         }
         let src = lab.path(&format!("nbdcopy-src-{round}.img"));
         std::fs::write(&src, &data).unwrap();
-        run_tool("nbdcopy", &[&src.to_string_lossy(), &lab.agent_uri("disk0")]).unwrap();
+        run_tool(
+            "nbdcopy",
+            &[&src.to_string_lossy(), &lab.agent_uri("disk0")],
+        )
+        .unwrap();
         std::fs::remove_file(&src).unwrap();
         captured.push(tag_and_capture(&lab, "crash"));
     }

@@ -23,7 +23,7 @@ fn initial_sync_of_1gib_full_then_one_percent_differential() {
             continue;
         }
         for w in chunk.chunks_mut(8) {
-            w.copy_from_slice(&rng.next().to_le_bytes());
+            w.copy_from_slice(&rng.next_u64().to_le_bytes());
         }
         write_at(&lab.source_disk(0), c * MIB, &chunk).unwrap();
     }
@@ -31,10 +31,17 @@ fn initial_sync_of_1gib_full_then_one_percent_differential() {
     let (id, seq) = lab.tag("crash").unwrap();
     let h = lab.source_hash(0).unwrap();
     lab.wait_applied(seq, Duration::from_secs(300)).unwrap();
-    assert_eq!(lab.point_hash("disk0", &id).unwrap(), h, "full initial sync is not exact");
+    assert_eq!(
+        lab.point_hash("disk0", &id).unwrap(),
+        h,
+        "full initial sync is not exact"
+    );
     let st = lab.agent_status().unwrap();
     let full = st["resync_bytes_sent"].as_u64().unwrap();
-    assert!(full >= GIB * 3 / 4 && full <= GIB, "initial sync sent {full} bytes for 768 MiB of data");
+    assert!(
+        (GIB * 3 / 4..=GIB).contains(&full),
+        "initial sync sent {full} bytes for 768 MiB of data"
+    );
 
     // Change 1% of the chunks while the agent is stopped, then protect again
     // with a fresh agent install: only the differing chunks travel.
@@ -43,7 +50,7 @@ fn initial_sync_of_1gib_full_then_one_percent_differential() {
     let changed = GIB / MIB / 100; // 10 chunks
     for i in 0..changed {
         for w in chunk.chunks_mut(8) {
-            w.copy_from_slice(&rng.next().to_le_bytes());
+            w.copy_from_slice(&rng.next_u64().to_le_bytes());
         }
         write_at(&lab.source_disk(0), (i * 97 + 5) * MIB, &chunk).unwrap();
     }
@@ -51,12 +58,16 @@ fn initial_sync_of_1gib_full_then_one_percent_differential() {
     let (id, seq) = lab.tag("crash").unwrap();
     let h = lab.source_hash(0).unwrap();
     lab.wait_applied(seq, Duration::from_secs(300)).unwrap();
-    assert_eq!(lab.point_hash("disk0", &id).unwrap(), h, "differential sync is not exact");
+    assert_eq!(
+        lab.point_hash("disk0", &id).unwrap(),
+        h,
+        "differential sync is not exact"
+    );
     let st = lab.agent_status().unwrap();
     let diff = st["resync_bytes_sent"].as_u64().unwrap();
     eprintln!("full sync sent {full} bytes; 1% differential sync sent {diff} bytes");
     assert!(
-        diff >= changed * MIB && diff <= changed * MIB + MIB,
+        (changed * MIB..=changed * MIB + MIB).contains(&diff),
         "differential sync sent {diff} bytes for {changed} changed chunks of 1 MiB"
     );
 }

@@ -23,9 +23,15 @@ fn window_drops_old_points() {
     let (new, s) = lab.tag("crash").unwrap();
     let h = lab.source_hash(0).unwrap();
     lab.wait_applied(s, Duration::from_secs(60)).unwrap();
-    wait_until("the old point to leave the window", Duration::from_secs(30), || {
-        lab.points().map(|(p, _)| !p.iter().any(|p| p.id == old)).unwrap_or(false)
-    })
+    wait_until(
+        "the old point to leave the window",
+        Duration::from_secs(30),
+        || {
+            lab.points()
+                .map(|(p, _)| !p.iter().any(|p| p.id == old))
+                .unwrap_or(false)
+        },
+    )
     .unwrap();
     assert_eq!(lab.point_hash("disk0", &new).unwrap(), h);
 }
@@ -43,7 +49,9 @@ fn size_cap_shrinks_the_window_and_logs_it() {
     let mut hashes = Vec::new();
     for i in 0..6u64 {
         // 4 MiB of overwrites per interval → ~4 MiB of undo each.
-        let cmds: Vec<String> = (0..4).map(|k| format!("write -P {} {} 1048576", i + 1, k << 20)).collect();
+        let cmds: Vec<String> = (0..4)
+            .map(|k| format!("write -P {} {} 1048576", i + 1, k << 20))
+            .collect();
         qemu_io(&uri, &cmds).unwrap();
         let (id, _) = lab.tag("crash").unwrap();
         ids.push(id);
@@ -51,18 +59,32 @@ fn size_cap_shrinks_the_window_and_logs_it() {
     }
     let (_, s) = lab.tag("crash").unwrap();
     lab.wait_applied(s, Duration::from_secs(60)).unwrap();
-    wait_until("the size cap to drop old points", Duration::from_secs(30), || {
-        lab.points().map(|(p, _)| !p.iter().any(|p| p.id == ids[0])).unwrap_or(false)
-    })
+    wait_until(
+        "the size cap to drop old points",
+        Duration::from_secs(30),
+        || {
+            lab.points()
+                .map(|(p, _)| !p.iter().any(|p| p.id == ids[0]))
+                .unwrap_or(false)
+        },
+    )
     .unwrap();
     let log = lab.log(Component::Mt);
-    assert!(log.contains("window shrank"), "MT log should say the window shrank:\n{}", lab.log_tail(Component::Mt, 20));
+    assert!(
+        log.contains("window shrank"),
+        "MT log should say the window shrank:\n{}",
+        lab.log_tail(Component::Mt, 20)
+    );
     // Whatever survived is still exact.
     let (points, _) = lab.points().unwrap();
     let mut kept = 0;
     for (id, h) in ids.iter().zip(&hashes) {
         if points.iter().any(|p| &p.id == id) {
-            assert_eq!(&lab.point_hash("disk0", id).unwrap(), h, "surviving point {id}");
+            assert_eq!(
+                &lab.point_hash("disk0", id).unwrap(),
+                h,
+                "surviving point {id}"
+            );
             kept += 1;
         }
     }

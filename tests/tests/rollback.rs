@@ -52,9 +52,17 @@ fn rollback_restore_and_rerun_after_kill() {
     lab.stop(Component::Agent).unwrap();
 
     rollback(&lab, &p2).unwrap();
-    assert_eq!(lab.replica_hash("disk0").unwrap(), h2, "replica after rollback to {p2}");
+    assert_eq!(
+        lab.replica_hash("disk0").unwrap(),
+        h2,
+        "replica after rollback to {p2}"
+    );
     restore(&lab).unwrap();
-    assert_eq!(lab.replica_hash("disk0").unwrap(), h3, "replica after restoring pre-images");
+    assert_eq!(
+        lab.replica_hash("disk0").unwrap(),
+        h3,
+        "replica after restoring pre-images"
+    );
 
     // Kill the MT at varied moments of a rollback to p1, then re-run it.
     for delay_ms in [5u64, 40, 150] {
@@ -69,7 +77,11 @@ fn rollback_restore_and_rerun_after_kill() {
         lab.kill9(Component::Mt).unwrap();
         lab.start(Component::Mt).unwrap();
         rollback(&lab, &p1).unwrap();
-        assert_eq!(lab.replica_hash("disk0").unwrap(), h1, "replica after re-run rollback to {p1} (killed after {delay_ms} ms)");
+        assert_eq!(
+            lab.replica_hash("disk0").unwrap(),
+            h1,
+            "replica after re-run rollback to {p1} (killed after {delay_ms} ms)"
+        );
         // The view of p1 is still exact too.
         assert_eq!(lab.point_hash("disk0", &p1).unwrap(), h1);
         restore(&lab).unwrap();
