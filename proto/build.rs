@@ -1,10 +1,13 @@
-//! Generates the gRPC code from `proto/rebound.proto` with a vendored protoc,
+//! Generates the gRPC code from `proto/rebound.proto` (data plane) and
+//! `proto/control.proto` (control plane) with a vendored protoc,
 //! so a fresh machine builds with cargo alone.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     // SAFETY: build scripts are single-threaded; nothing else reads the env now.
     unsafe { std::env::set_var("PROTOC", protoc) };
     println!("cargo:rerun-if-changed=proto/rebound.proto");
-    tonic_prost_build::configure().compile_protos(&["proto/rebound.proto"], &["proto"])?;
+    println!("cargo:rerun-if-changed=proto/control.proto");
+    tonic_prost_build::configure()
+        .compile_protos(&["proto/rebound.proto", "proto/control.proto"], &["proto"])?;
     Ok(())
 }

@@ -1,0 +1,97 @@
+//! The `rebound-cs` config file (DESIGN.md §2): one TOML file, documented
+//! defaults, unknown keys are an error. `example-config.toml` documents every
+//! key; `rebound-cs init --dir D` writes a ready one as `D/config.toml`.
+
+use rebound_common::tls::TlsFiles;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where `rebound-cs` keeps its state by default.
+pub const DEFAULT_DIR: &str = "/var/lib/rebound/cs";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// gRPC address (TLS; client certificates required except for enrollment).
+    pub listen: String,
+    /// The SQLite database file.
+    pub db: PathBuf,
+    /// The CA's private key (PEM), used to sign enrolled components.
+    pub ca_key: PathBuf,
+    /// Components send a heartbeat this often (seconds, fractions allowed);
+    /// three missed heartbeats make a component offline.
+    pub heartbeat_secs: f64,
+    /// How long a reprotect waits for the machine's agent to register
+    /// (seconds), unless the operator gives `--wait-agent`.
+    pub wait_agent_secs: u64,
+    /// How long the CS waits for a component to answer one command (seconds).
+    pub command_timeout_secs: u64,
+    /// How long a planned failover waits for the source to drain (seconds).
+    pub drain_timeout_secs: u64,
+    /// How long a protect or reprotect waits for the first recovery point.
+    pub initial_sync_timeout_secs: u64,
+    /// Keep the source copy at commit (faster reprotect), unless the operator
+    /// says otherwise on `rebound commit`.
+    pub keep_source_copy: bool,
+    /// The CS server certificate and the CA certificate; `cert` must carry
+    /// the names components use to reach the CS.
+    pub tls: TlsFiles,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let dir = Path::new(DEFAULT_DIR);
+        Config::in_dir(dir)
+    }
+}
+
+impl Config {
+    /// The defaults with every file inside `dir` (what `init --dir` writes).
+    pub fn in_dir(dir: &Path) -> Config {
+        Config {
+            listen: "127.0.0.1:7443".into(),
+            db: dir.join("cs.db"),
+            ca_key: dir.join("ca.key"),
+            heartbeat_secs: 2.0,
+            wait_agent_secs: 30 * 60,
+            command_timeout_secs: 60,
+            drain_timeout_secs: 10 * 60,
+            initial_sync_timeout_secs: 24 * 3600,
+            keep_source_copy: true,
+            tls: TlsFiles::in_dir(dir, "cs"),
+        }
+    }
+
+    /// The heartbeat interval, checked (at least 10 ms, at most 1 h).
+    pub fn heartbeat(&self) -> Result<Duration, String> {
+        let s = self.heartbeat_secs;
+        if !(0.01..=3600.0).contains(&s) {
+            return Err(format!(
+                "heartbeat_secs = {s} is out of range: use a value from 0.01 to 3600"
+            ));
+        }
+        Ok(Duration::from_secs_f64(s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_matches_defaults() {
+        let text = include_str!("../example-config.toml");
+        let c: Config = rebound_common::config::parse(text, Path::new("example-config.toml"))
+            .expect("example config parses");
+        assert_eq!(c, Config::default());
+        assert_eq!(c.listen, "127.0.0.1:7443");
+        assert_eq!(c.heartbeat().unwrap(), Duration::from_secs(2));
+        let e = rebound_common::config::parse::<Config>("hearbeat_secs = 3", Path::new("bad.toml"))
+            .unwrap_err();
+        assert!(e.to_string().contains("hearbeat_secs"), "{e}");
+        let c: Config =
+            rebound_common::config::parse("heartbeat_secs = 0", Path::new("x.toml")).unwrap();
+        assert!(c.heartbeat().unwrap_err().contains("heartbeat_secs"));
+    }
+}

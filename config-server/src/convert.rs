@@ -1,0 +1,199 @@
+//! Conversions between the control-plane protobuf messages and the store's
+//! records, in one place so the services and the lifecycle agree on them.
+
+use crate::lifecycle::PointSpec;
+use crate::store::{Disk, Group, Job, Plan, PlanGroup, Point, PointSummary, Policy};
+use rebound_proto::control as pb;
+use rebound_proto::control::point_choice::Choice;
+
+pub fn disk_from_proto(d: &pb::Disk) -> Disk {
+    Disk {
+        index: d.index,
+        name: d.name.clone(),
+        size: d.size,
+    }
+}
+
+pub fn disk_to_proto(d: &Disk) -> pb::Disk {
+    pb::Disk {
+        index: d.index,
+        name: d.name.clone(),
+        size: d.size,
+    }
+}
+
+pub fn point_from_proto(p: &pb::Point) -> Point {
+    Point {
+        id: p.id.clone(),
+        kind: p.kind.clone(),
+        time_ms: p.time_ms,
+        seq: p.seq,
+        group: p.group.clone(),
+    }
+}
+
+pub fn point_to_proto(p: &Point) -> pb::Point {
+    pb::Point {
+        id: p.id.clone(),
+        kind: p.kind.clone(),
+        time_ms: p.time_ms,
+        seq: p.seq,
+        group: p.group.clone(),
+    }
+}
+
+pub fn summary_from_proto(s: Option<&pb::PointSummary>) -> PointSummary {
+    let Some(s) = s else {
+        return PointSummary::default();
+    };
+    PointSummary {
+        applied_seq: s.applied_seq,
+        count: s.count,
+        oldest: s.oldest.as_ref().map(point_from_proto),
+        latest: s.latest.as_ref().map(point_from_proto),
+        latest_app: s.latest_app.as_ref().map(point_from_proto),
+        rolled_back_to: s.rolled_back_to.clone(),
+        group_points: s.group_points.iter().map(point_from_proto).collect(),
+        reported_ms: 0,
+        mt: String::new(),
+    }
+}
+
+/// Zero fields take the default.
+pub fn policy_from_proto(p: Option<&pb::Policy>) -> Policy {
+    let d = Policy::default();
+    let Some(p) = p else {
+        return d;
+    };
+    let or = |v: u32, def: u32| if v == 0 { def } else { v };
+    Policy {
+        crash_interval_ms: or(p.crash_interval_ms, d.crash_interval_ms),
+        app_interval_secs: or(p.app_interval_secs, d.app_interval_secs),
+        freeze_timeout_ms: or(p.freeze_timeout_ms, d.freeze_timeout_ms),
+    }
+}
+
+pub fn policy_to_proto(p: &Policy) -> pb::Policy {
+    pb::Policy {
+        crash_interval_ms: p.crash_interval_ms,
+        app_interval_secs: p.app_interval_secs,
+        freeze_timeout_ms: p.freeze_timeout_ms,
+    }
+}
+
+/// A missing choice means `latest`.
+pub fn point_spec_from_proto(c: Option<&pb::PointChoice>) -> Result<PointSpec, String> {
+    Ok(match c.and_then(|c| c.choice.as_ref()) {
+        None | Some(Choice::Latest(_)) => PointSpec::Latest,
+        Some(Choice::LatestProcessed(_)) => PointSpec::LatestProcessed,
+        Some(Choice::LatestApp(_)) => PointSpec::LatestApp,
+        Some(Choice::LatestMulti(_)) => PointSpec::LatestMulti,
+        Some(Choice::LatestMultiApp(_)) => PointSpec::LatestMultiApp,
+        Some(Choice::Id(id)) if id.is_empty() => return Err("empty point id".into()),
+        Some(Choice::Id(id)) => PointSpec::Id(id.clone()),
+        Some(Choice::AtOrBeforeMs(ms)) => PointSpec::AtOrBefore(*ms),
+        Some(Choice::GroupTag(t)) => PointSpec::GroupTag(t.clone()),
+    })
+}
+
+pub fn point_spec_to_proto(p: &PointSpec) -> pb::PointChoice {
+    let e = pb::Empty {};
+    pb::PointChoice {
+        choice: Some(match p {
+            PointSpec::Latest => Choice::Latest(e),
+            PointSpec::LatestProcessed => Choice::LatestProcessed(e),
+            PointSpec::LatestApp => Choice::LatestApp(e),
+            PointSpec::LatestMulti => Choice::LatestMulti(e),
+            PointSpec::LatestMultiApp => Choice::LatestMultiApp(e),
+            PointSpec::Id(id) => Choice::Id(id.clone()),
+            PointSpec::AtOrBefore(ms) => Choice::AtOrBeforeMs(*ms),
+            PointSpec::GroupTag(t) => Choice::GroupTag(t.clone()),
+        }),
+    }
+}
+
+pub fn job_to_proto(j: &Job) -> pb::Job {
+    pb::Job {
+        id: j.id.clone(),
+        kind: j.kind.clone(),
+        machines: j.machines.clone(),
+        plan: j.plan.clone(),
+        state: j.state.as_str().into(),
+        progress: j.progress,
+        status: j.status.clone(),
+        error: j.error.clone(),
+        warnings: j.warnings.clone(),
+        created_ms: j.created_ms,
+        started_ms: j.started_ms,
+        ended_ms: j.ended_ms,
+        steps: j
+            .steps
+            .iter()
+            .map(|s| pb::JobStep {
+                index: s.index,
+                name: s.name.clone(),
+                state: s.state.as_str().into(),
+                detail: s.detail.clone(),
+                error: s.error.clone(),
+                started_ms: s.started_ms,
+                ended_ms: s.ended_ms,
+            })
+            .collect(),
+    }
+}
+
+pub fn plan_from_proto(p: &pb::Plan) -> Plan {
+    Plan {
+        name: p.name.clone(),
+        groups: p
+            .groups
+            .iter()
+            .map(|g| PlanGroup {
+                machines: g.machines.clone(),
+                pre_hook: g.pre_hook.clone(),
+                post_hook: g.post_hook.clone(),
+            })
+            .collect(),
+        consistency_group: p.consistency_group.clone(),
+    }
+}
+
+pub fn plan_to_proto(p: &Plan) -> pb::Plan {
+    pb::Plan {
+        name: p.name.clone(),
+        groups: p
+            .groups
+            .iter()
+            .map(|g| pb::PlanGroup {
+                machines: g.machines.clone(),
+                pre_hook: g.pre_hook.clone(),
+                post_hook: g.post_hook.clone(),
+            })
+            .collect(),
+        consistency_group: p.consistency_group.clone(),
+    }
+}
+
+pub fn group_from_proto(g: &pb::Group) -> Group {
+    Group {
+        name: g.name.clone(),
+        machines: g.machines.clone(),
+        hold_ms: if g.hold_ms == 0 {
+            crate::lifecycle::group::DEFAULT_HOLD_MS
+        } else {
+            g.hold_ms
+        },
+        interval_secs: g.interval_secs,
+        app: g.app,
+    }
+}
+
+pub fn group_to_proto(g: &Group) -> pb::Group {
+    pb::Group {
+        name: g.name.clone(),
+        machines: g.machines.clone(),
+        hold_ms: g.hold_ms,
+        interval_secs: g.interval_secs,
+        app: g.app,
+    }
+}

@@ -1,0 +1,297 @@
+//! Enrollment (DESIGN.md §3): how a component gets its certificate.
+//!
+//! A fresh agent, PS or MT has a key pair it makes itself and the deployment
+//! passphrase, and nothing else: no certificate and no CA to check the CS
+//! against. Enrollment therefore rests on the passphrase, used in both
+//! directions:
+//!
+//! 1. The client connects with TLS but accepts whatever certificate the CS
+//!    presents, remembering it (`client.rs`, a custom rustls verifier). The
+//!    handshake signature is still checked, so the peer owns that
+//!    certificate's key.
+//! 2. `Params` gives the salt; the client derives the passphrase key
+//!    ([`passphrase_key`]) and sends its CSR with a proof: a keyed hash over
+//!    the request *and the fingerprint of the server certificate it saw*
+//!    ([`client_proof`]). A man in the middle presenting its own certificate
+//!    cannot forward that proof (the CS finds another fingerprint), nor make
+//!    one (it lacks the key).
+//! 3. The CS checks the proof against the key it stored at `init`, signs the
+//!    CSR with CN `"<role>:<id>"` ([`sign_csr`]) and answers with the
+//!    certificate, the CA and its own proof ([`server_proof`]).
+//! 4. The client checks the server proof (so the CA came from someone who
+//!    knows the passphrase), that this CA signed the server certificate it
+//!    saw (so later mutual-TLS connections reach the same CS), and that the
+//!    issued certificate carries its identity and its key. Only then does it
+//!    write `ca.pem`, `<role>.pem` and `<role>.key`.
+//!
+//! The CS stores only the derived key (a salted hash of the passphrase),
+//! never the passphrase. A wrong proof is refused before anything is signed
+//! or stored.
+
+pub mod client;
+pub mod server;
+
+pub use client::{enroll, enroll_with, EnrollError, EnrollOptions, Enrolled};
+pub use server::EnrollmentService;
+
+use crate::error::CsError;
+use crate::store::Store;
+use rand::RngCore;
+use rcgen::{
+    CertificateSigningRequestParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
+};
+use rebound_common::pki::Role;
+
+/// Settings keys in the store.
+pub const SALT_KEY: &str = "enrollment.salt";
+pub const VERIFIER_KEY: &str = "enrollment.key";
+/// The key derivation named in `EnrollParamsResponse.kdf`.
+pub const KDF: &str = "blake3-derive-key-v1";
+
+/// The passphrase key: `blake3::derive_key(context, salt || passphrase)`.
+///
+/// Why a fast hash is enough here: the passphrase is machine-generated at
+/// `init` with 128 bits of entropy, so guessing it from a stolen database is
+/// infeasible however cheap one guess is; a slow, memory-hard KDF (argon2)
+/// only helps for human-chosen passwords. The salt makes the stored key
+/// differ between deployments even for an equal passphrase. Surrounding
+/// whitespace (a trailing newline in the passphrase file) is ignored.
+pub fn passphrase_key(salt: &[u8], passphrase: &str) -> [u8; 32] {
+    let mut m = Vec::with_capacity(salt.len() + passphrase.len() + 8);
+    m.extend_from_slice(&(salt.len() as u64).to_le_bytes());
+    m.extend_from_slice(salt);
+    m.extend_from_slice(passphrase.trim().as_bytes());
+    blake3::derive_key("rebound enrollment passphrase v1", &m)
+}
+
+/// A new random passphrase: 32 hex digits in four groups (128 bits).
+pub fn new_passphrase() -> String {
+    let mut b = [0u8; 16];
+    rand::rng().fill_bytes(&mut b);
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..16],
+        &hex[16..24],
+        &hex[24..32]
+    )
+}
+
+/// Sets (or rotates) the deployment passphrase: a fresh salt and the derived
+/// key go to the store. Enrolled certificates stay valid (DESIGN.md §3).
+pub async fn set_passphrase(store: &dyn Store, passphrase: &str) -> Result<(), CsError> {
+    if passphrase.trim().len() < 16 {
+        return Err(CsError::InvalidArgument(
+            "the passphrase must have at least 16 characters".into(),
+        ));
+    }
+    let mut salt = [0u8; 32];
+    rand::rng().fill_bytes(&mut salt);
+    let key = passphrase_key(&salt, passphrase);
+    store.put_setting(SALT_KEY, &salt).await?;
+    store.put_setting(VERIFIER_KEY, &key).await?;
+    Ok(())
+}
+
+/// Hashes length-prefixed fields, so no two field lists hash alike.
+fn transcript(label: &str, fields: &[&[u8]]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(label.as_bytes());
+    for f in fields {
+        h.update(&(f.len() as u64).to_le_bytes());
+        h.update(f);
+    }
+    *h.finalize().as_bytes()
+}
+
+/// The client's proof of the passphrase, bound to the request and to the
+/// server certificate it saw (`server_cert_fp` = blake3 of its DER).
+pub fn client_proof(
+    key: &[u8; 32],
+    role: &str,
+    id: &str,
+    csr_pem: &str,
+    client_nonce: &[u8],
+    server_cert_fp: &[u8; 32],
+) -> [u8; 32] {
+    let t = transcript(
+        "rebound enroll client v1",
+        &[
+            role.as_bytes(),
+            id.as_bytes(),
+            csr_pem.as_bytes(),
+            client_nonce,
+            server_cert_fp,
+        ],
+    );
+    *blake3::keyed_hash(key, &t).as_bytes()
+}
+
+/// The CS's proof of the passphrase, bound to the client's proof (so it is
+/// fresh: the client nonce is inside) and to what the CS hands out.
+pub fn server_proof(
+    key: &[u8; 32],
+    client_proof: &[u8],
+    cert_pem: &str,
+    ca_pem: &str,
+    server_cert_fp: &[u8; 32],
+) -> [u8; 32] {
+    let t = transcript(
+        "rebound enroll server v1",
+        &[
+            client_proof,
+            cert_pem.as_bytes(),
+            ca_pem.as_bytes(),
+            server_cert_fp,
+        ],
+    );
+    *blake3::keyed_hash(key, &t).as_bytes()
+}
+
+/// Constant-time comparison of two proofs.
+pub fn proofs_equal(a: &[u8], b: &[u8; 32]) -> bool {
+    match <[u8; 32]>::try_from(a) {
+        Ok(a) => blake3::Hash::from(a) == blake3::Hash::from(*b),
+        Err(_) => false,
+    }
+}
+
+/// Roles that may enroll.
+pub fn enrollable(role: Role) -> bool {
+    matches!(role, Role::Agent | Role::Ps | Role::Mt)
+}
+
+/// Checks a component id: 1–128 characters of `[A-Za-z0-9._-]`.
+pub fn check_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 128 {
+        return Err(format!("id {id:?} must have 1 to 128 characters"));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "id {id:?} contains {c:?}: use letters, digits, '.', '_' and '-' only"
+        ));
+    }
+    Ok(())
+}
+
+/// An issued certificate and what the CS records about it.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub serial_hex: String,
+    pub fingerprint_hex: String,
+}
+
+/// Signs a CSR with the CA. The subject is replaced by CN `"<role>:<id>"`
+/// (how every server authorises peers), the certificate is never a CA, and
+/// it may serve TLS for the DNS names/IPs the CSR asks for (PS and MT are
+/// servers) as well as act as a client.
+pub fn sign_csr(
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+    csr_pem: &str,
+    role: Role,
+    id: &str,
+) -> Result<Issued, CsError> {
+    let mut csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
+        CsError::InvalidArgument(format!(
+            "the certificate request for {role}:{id} is not a valid signed PKCS#10 request: {e}"
+        ))
+    })?;
+    let p = &mut csr.params;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, format!("{role}:{id}"));
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    if !p.subject_alt_names.is_empty() {
+        p.extended_key_usages
+            .push(ExtendedKeyUsagePurpose::ServerAuth);
+    }
+    p.custom_extensions.clear();
+    p.use_authority_key_identifier_extension = true;
+    let mut serial = [0u8; 16];
+    rand::rng().fill_bytes(&mut serial);
+    serial[0] &= 0x7f;
+    p.serial_number = Some(SerialNumber::from_slice(&serial));
+    let pki = |e: rcgen::Error| CsError::Pki(format!("cannot sign {role}:{id}: {e}"));
+    let key = KeyPair::from_pem(ca_key_pem).map_err(pki)?;
+    let issuer = Issuer::from_ca_cert_pem(ca_cert_pem, key).map_err(pki)?;
+    let cert = csr.signed_by(&issuer).map_err(pki)?;
+    Ok(Issued {
+        fingerprint_hex: hex(blake3::hash(cert.der()).as_bytes()),
+        cert_pem: cert.pem(),
+        serial_hex: hex(&serial),
+    })
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The DER of the first certificate in a PEM text.
+pub fn first_cert_der(pem: &str) -> Result<Vec<u8>, String> {
+    let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|e| format!("no PEM certificate: {e}"))?;
+    if p.label != "CERTIFICATE" {
+        return Err(format!("expected a CERTIFICATE, found {}", p.label));
+    }
+    Ok(p.contents)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::CertificateParams;
+    use rebound_common::pki::{peer_identity, Ca};
+
+    #[test]
+    fn signed_csr_carries_role_and_id_whatever_the_csr_asked() {
+        let ca = Ca::generate("t").unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "admin:admin");
+        params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        let issued = sign_csr(ca.cert_pem(), ca.key_pem(), &csr, Role::Ps, "ps1").unwrap();
+        let der = first_cert_der(&issued.cert_pem).unwrap();
+        let who = peer_identity(&der).unwrap();
+        assert_eq!((who.role, who.id.as_str()), (Role::Ps, "ps1"));
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        assert!(!cert.is_ca(), "a CSR must not get a CA certificate");
+        assert_eq!(
+            cert.public_key().subject_public_key.data.as_ref(),
+            key.public_key_raw()
+        );
+        let bad = sign_csr(ca.cert_pem(), ca.key_pem(), "junk", Role::Ps, "ps1").unwrap_err();
+        assert!(bad.to_string().contains("ps:ps1"), "{bad}");
+    }
+
+    #[test]
+    fn proofs_depend_on_every_input() {
+        let k = passphrase_key(b"salt", "pass\n");
+        assert_eq!(k, passphrase_key(b"salt", "pass"));
+        assert_ne!(k, passphrase_key(b"salt2", "pass"));
+        let fp = [1u8; 32];
+        let p = client_proof(&k, "agent", "m1", "csr", b"n", &fp);
+        assert!(proofs_equal(&p, &p));
+        assert_ne!(p, client_proof(&k, "agent", "m2", "csr", b"n", &fp));
+        assert_ne!(p, client_proof(&k, "agent", "m1", "csr", b"n", &[2u8; 32]));
+        assert!(!proofs_equal(&p[..31], &p));
+        assert!(check_id("m1.a-b_c").is_ok());
+        assert!(check_id("a:b").is_err());
+        assert!(check_id("").is_err());
+        assert_eq!(new_passphrase().len(), 35);
+    }
+}

@@ -1,0 +1,73 @@
+//! The error type of the configuration server library and its gRPC mapping.
+//!
+//! One error for every operation so the gRPC layer maps each failure to the
+//! right status code in one place (`From<CsError> for Status`). Messages name
+//! the machine, component, job or file involved and say what to do.
+
+use crate::store::StoreError;
+use thiserror::Error;
+use tonic::Status;
+
+#[derive(Debug, Error)]
+pub enum CsError {
+    /// An unknown machine, component, job, plan, group or point.
+    #[error("{0}")]
+    NotFound(String),
+    /// A request that can never succeed as sent.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The state does not allow this now (wrong replication state, wrong
+    /// direction, no recovery point, a second agent).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The caller may not do this (wrong certificate role, wrong passphrase).
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// A component did not answer or is offline.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A file could not be read or written.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Certificates could not be made or parsed.
+    #[error("{0}")]
+    Pki(String),
+    /// Anything else (a bug, a failed task).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl CsError {
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> CsError {
+        CsError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+impl From<CsError> for Status {
+    fn from(e: CsError) -> Status {
+        let msg = e.to_string();
+        match e {
+            CsError::NotFound(_) => Status::not_found(msg),
+            CsError::InvalidArgument(_) => Status::invalid_argument(msg),
+            CsError::FailedPrecondition(_) => Status::failed_precondition(msg),
+            CsError::PermissionDenied(_) => Status::permission_denied(msg),
+            CsError::Unavailable(_) => Status::unavailable(msg),
+            CsError::AlreadyExists(_) => Status::already_exists(msg),
+            CsError::Store(_) | CsError::Io { .. } | CsError::Pki(_) | CsError::Internal(_) => {
+                Status::internal(msg)
+            }
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! The job engine with a scripted runner: steps run in order and are
+//! persisted; a failing step fails the job with its error; after a "restart"
+//! (a new engine over the same database) an interrupted resumable step runs
+//! again, and an interrupted unsafe one fails the job cleanly.
+
+use super::*;
+use crate::store::SqliteStore;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+/// Actions: "ok", "fail", "unsafe", "data" (stores and reads job data).
+struct Script {
+    ran: Mutex<Vec<String>>,
+}
+
+impl StepRunner for Script {
+    fn run_step<'a>(
+        &'a self,
+        ctx: &'a mut JobCtx,
+        action: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<(), CsError>> + Send + 'a>> {
+        Box::pin(async move {
+            self.ran.lock().unwrap().push(action.to_string());
+            match action {
+                "fail" => Err(CsError::Unavailable("mt:mt1 did not answer".into())),
+                "data" => {
+                    ctx.set("x", &41u32).await?;
+                    ctx.status("working").await?;
+                    ctx.warn("careful").await?;
+                    assert_eq!(ctx.get::<u32>("x"), Some(41));
+                    Ok(())
+                }
+                _ => Ok(()),
+            }
+        })
+    }
+    fn resumable(&self, action: &str) -> bool {
+        action != "unsafe"
+    }
+}
+
+fn steps(actions: &[&str]) -> Vec<NewStep> {
+    actions
+        .iter()
+        .enumerate()
+        .map(|(i, a)| NewStep {
+            name: format!("step {i} ({a})"),
+            action: a.to_string(),
+        })
+        .collect()
+}
+
+async fn engine(path: &std::path::Path) -> (Arc<JobEngine>, Arc<Script>, Arc<dyn Store>) {
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(path).await.unwrap());
+    let e = JobEngine::new(store.clone());
+    let s = Arc::new(Script {
+        ran: Mutex::new(Vec::new()),
+    });
+    e.set_runner(s.clone());
+    (e, s, store)
+}
+
+async fn wait(e: &JobEngine, id: &str) -> Job {
+    tokio::time::timeout(Duration::from_secs(10), e.wait(id))
+        .await
+        .expect("job finished in time")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn steps_run_in_order_and_failures_are_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (e, script, store) = engine(&dir.path().join("cs.db")).await;
+    let mut updates = e.subscribe();
+    let j = e
+        .create(
+            "test",
+            vec!["m1".into()],
+            "",
+            "{}".into(),
+            steps(&["ok", "data", "ok"]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(j.state, JobState::Pending);
+    e.start(&j.id);
+    let done = wait(&e, &j.id).await;
+    assert_eq!(done.state, JobState::Succeeded);
+    assert_eq!(done.progress, 100);
+    assert_eq!(done.warnings, vec!["careful"]);
+    assert!(done
+        .steps
+        .iter()
+        .all(|s| s.state == StepState::Done && s.ended_ms >= s.started_ms));
+    assert_eq!(done.steps[1].detail, "working");
+    assert_eq!(*script.ran.lock().unwrap(), vec!["ok", "data", "ok"]);
+    assert!(updates.try_recv().is_ok(), "changes are broadcast");
+    assert_eq!(store.get_job(&j.id).await.unwrap().unwrap(), done);
+
+    let j = e
+        .create(
+            "test",
+            vec!["m1".into()],
+            "",
+            "{}".into(),
+            steps(&["ok", "fail", "ok"]),
+        )
+        .await
+        .unwrap();
+    e.start(&j.id);
+    let failed = wait(&e, &j.id).await;
+    assert_eq!(failed.state, JobState::Failed);
+    assert_eq!(failed.steps[1].state, StepState::Failed);
+    assert_eq!(failed.steps[2].state, StepState::Pending);
+    assert!(
+        failed.error.contains("step 1 (fail)") && failed.error.contains("mt:mt1"),
+        "{}",
+        failed.error
+    );
+    assert!(failed.ended_ms > 0);
+}
+
+#[tokio::test]
+async fn restart_resumes_or_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cs.db");
+    let (resumable, unsafe_id) = {
+        let (e, _, store) = engine(&path).await;
+        // Jobs as a CS that died mid-step left them.
+        let mut a = e
+            .create("test", vec![], "", "{}".into(), steps(&["ok", "ok", "ok"]))
+            .await
+            .unwrap();
+        a.state = JobState::Running;
+        a.steps[0].state = StepState::Done;
+        a.steps[1].state = StepState::Running;
+        store.put_job(&a).await.unwrap();
+        let mut b = e
+            .create(
+                "test",
+                vec![],
+                "",
+                "{}".into(),
+                steps(&["ok", "unsafe", "ok"]),
+            )
+            .await
+            .unwrap();
+        b.state = JobState::Running;
+        b.steps[0].state = StepState::Done;
+        b.steps[1].state = StepState::Running;
+        store.put_job(&b).await.unwrap();
+        (a.id, b.id)
+    };
+    let (e, script, _) = engine(&path).await;
+    assert_eq!(e.resume_all().await.unwrap(), 2);
+    let a = wait(&e, &resumable).await;
+    assert_eq!(a.state, JobState::Succeeded);
+    let b = wait(&e, &unsafe_id).await;
+    assert_eq!(b.state, JobState::Failed);
+    assert!(
+        b.error.contains("stopped while step 'step 1 (unsafe)'"),
+        "{}",
+        b.error
+    );
+    // The done step was not repeated; the unsafe step never ran again.
+    let ran = script.ran.lock().unwrap().clone();
+    assert_eq!(ran, vec!["ok", "ok"], "resumed job ran steps 1 and 2 only");
+}

@@ -1,0 +1,163 @@
+//! The configuration server (DESIGN.md §3, §8): enrollment of components,
+//! the control channel every component holds, the state of the deployment
+//! (SQLite behind one storage trait), the job engine, and the DR lifecycle
+//! (protect, failover, change-point, commit, reprotect) driven over the
+//! control channel.
+//!
+//! `main.rs` is a thin wrapper over [`init::init`] and [`run`]; tests call
+//! [`run`] with a listener bound to port 0.
+
+pub mod bus;
+pub mod config;
+pub mod control;
+pub mod convert;
+pub mod enrollment;
+pub mod error;
+pub mod init;
+pub mod jobs;
+pub mod lifecycle;
+pub mod service;
+pub mod store;
+
+#[cfg(test)]
+mod tests;
+
+pub use bus::{Bus, BusError, CommandBus, ComponentKey, Reply};
+pub use config::Config;
+pub use enrollment::{enroll, enroll_with, EnrollError, EnrollOptions, Enrolled};
+pub use error::CsError;
+pub use jobs::JobEngine;
+pub use lifecycle::{Lifecycle, PointSpec, Settings, Targets};
+pub use store::{SqliteStore, Store};
+
+use rebound_proto::control::admin_server::AdminServer;
+use rebound_proto::control::control_server::ControlServer;
+use rebound_proto::control::enrollment_server::EnrollmentServer;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{info, warn};
+
+/// How long shutdown waits for gRPC streams (control channels) to close.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+fn read(what: &str, path: &std::path::Path) -> Result<String, CsError> {
+    std::fs::read_to_string(path).map_err(|e| {
+        CsError::io(
+            format!(
+                "cannot read the {what} {} (run `rebound-cs init --dir D` and use D/config.toml)",
+                path.display()
+            ),
+            e,
+        )
+    })
+}
+
+/// The lifecycle settings a config gives.
+pub fn settings(config: &Config) -> Settings {
+    Settings {
+        command_timeout: Duration::from_secs(config.command_timeout_secs.max(1)),
+        drain_timeout: Duration::from_secs(config.drain_timeout_secs.max(1)),
+        initial_sync_timeout: Duration::from_secs(config.initial_sync_timeout_secs.max(1)),
+        wait_agent: Duration::from_secs(config.wait_agent_secs.max(1)),
+        keep_source_copy: config.keep_source_copy,
+        ..Settings::default()
+    }
+}
+
+/// Runs the configuration server on `listener` until `shutdown` completes.
+/// Every state change is in the database when it is acknowledged, so
+/// stopping at any moment loses nothing; jobs that were running resume at
+/// the next start.
+pub async fn run<F>(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: F,
+) -> Result<(), CsError>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let heartbeat = config.heartbeat().map_err(CsError::InvalidArgument)?;
+    // Enrollment needs TLS without a client certificate; every other RPC
+    // checks the certificate's role itself (require_role).
+    let tls = config
+        .tls
+        .server_config()
+        .map_err(|e| CsError::InvalidArgument(format!("[tls]: {e}")))?
+        .client_auth_optional(true);
+    let ca_pem = read("CA certificate ([tls] ca)", &config.tls.ca)?;
+    let ca_key = read("CA key (ca_key)", &config.ca_key)?;
+    let server_cert = read("CS certificate ([tls] cert)", &config.tls.cert)?;
+
+    let sqlite = SqliteStore::open(&config.db).await?;
+    let store: Arc<dyn Store> = Arc::new(sqlite.clone());
+    let bus = Arc::new(CommandBus::new());
+    let jobs = JobEngine::new(store.clone());
+    let lifecycle = Lifecycle::new(store.clone(), bus.clone(), jobs.clone(), settings(&config));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let bus_at_stop = bus.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        // Control streams never end by themselves: end them so the server
+        // can stop. Components reconnect to the next CS process.
+        for (key, conn) in bus_at_stop.connections() {
+            bus_at_stop.kick(&key, conn.conn_id);
+        }
+    });
+
+    let addr = listener
+        .local_addr()
+        .map_err(|e| CsError::io("cannot read the listener address", e))?;
+    let resumed = jobs.resume_all().await?;
+    let monitor = tokio::spawn(control::health_monitor(
+        store.clone(),
+        bus.clone(),
+        heartbeat,
+        stop_rx.clone(),
+    ));
+    let groups = tokio::spawn(lifecycle::group::scheduler(
+        store.clone(),
+        bus.clone(),
+        lifecycle.settings().command_timeout,
+        stop_rx.clone(),
+    ));
+    info!(listen = %addr, db = %config.db.display(), resumed_jobs = resumed, "configuration server started");
+
+    let enrollment =
+        enrollment::EnrollmentService::new(store.clone(), ca_pem, ca_key, &server_cert)?;
+    let control = control::ControlService::new(store.clone(), bus.clone(), heartbeat);
+    let admin =
+        service::AdminService::new(store.clone(), bus.clone(), jobs.clone(), lifecycle.clone());
+    let mut stop_server = stop_rx.clone();
+    let server = tonic::transport::Server::builder()
+        .tls_config(tls)
+        .map_err(|e| CsError::InvalidArgument(format!("[tls]: {e}")))?
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(EnrollmentServer::new(enrollment))
+        .add_service(ControlServer::new(control))
+        .add_service(AdminServer::new(admin))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = stop_server.wait_for(|s| *s).await;
+        });
+    let mut stop_grace = stop_rx.clone();
+    let served = tokio::select! {
+        r = server => r.map_err(|e| CsError::Internal(format!("gRPC server on {addr} failed: {e}"))),
+        _ = async {
+            let _ = stop_grace.wait_for(|s| *s).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            warn!("control streams did not close within {} s of shutdown; exiting anyway", SHUTDOWN_GRACE.as_secs());
+            Ok(())
+        }
+    };
+    monitor.abort();
+    groups.abort();
+    sqlite.close().await;
+    info!("configuration server stopped");
+    served
+}

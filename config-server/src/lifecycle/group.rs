@@ -1,0 +1,182 @@
+//! Multi-machine consistent points: the two-phase barrier of DESIGN.md §8.
+//!
+//! 1. `GroupPrepare(tag)` to every member agent; each holds new writes (for
+//!    at most `hold_ms`) and answers.
+//! 2. When all answered within `hold_ms`, `GroupCommit(tag)`: each cuts a
+//!    tag whose id and group are the common tag and releases its writes.
+//! 3. Otherwise `GroupAbort(tag)` releases the writes and no point is cut.
+//!
+//! Because every member held its writes while all of them cut the tag, no
+//! member's point contains a write that was issued after a write missing
+//! from another member's point: the points form one consistent cut.
+//! [`scheduler`] runs the barrier every `interval_secs` of each group.
+
+use crate::bus::{Bus, ComponentKey};
+use crate::error::CsError;
+use crate::store::{now_ms, Group, Store};
+use futures::future::join_all;
+use rebound_proto::control as pb;
+use rebound_proto::control::command::Cmd;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// The default longest write hold of a barrier.
+pub const DEFAULT_HOLD_MS: u32 = 100;
+
+/// A group point that was cut.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupPoint {
+    pub tag: String,
+    pub members: u32,
+    pub warnings: Vec<String>,
+}
+
+/// Runs one barrier over the group's members.
+pub async fn cut_group_point(
+    bus: &dyn Bus,
+    group: &Group,
+    commit_timeout: Duration,
+) -> Result<GroupPoint, CsError> {
+    if group.machines.is_empty() {
+        return Err(CsError::FailedPrecondition(format!(
+            "consistency group {} has no machines",
+            group.name
+        )));
+    }
+    let hold_ms = if group.hold_ms == 0 {
+        DEFAULT_HOLD_MS
+    } else {
+        group.hold_ms
+    };
+    let tag = format!("{}@{}", group.name, now_ms());
+    let hold = Duration::from_millis(hold_ms as u64);
+    let started = Instant::now();
+    let prepares = group.machines.iter().map(|m| {
+        bus.send(
+            ComponentKey::agent(m),
+            Cmd::GroupPrepare(pb::GroupPrepare {
+                group: group.name.clone(),
+                tag_id: tag.clone(),
+                hold_ms,
+            }),
+            hold,
+        )
+    });
+    let answers = join_all(prepares).await;
+    let failed: Vec<String> = group
+        .machines
+        .iter()
+        .zip(&answers)
+        .filter_map(|(m, a)| a.as_ref().err().map(|e| format!("{m}: {e}")))
+        .collect();
+    if !failed.is_empty() || started.elapsed() > hold {
+        let aborts = group.machines.iter().map(|m| {
+            bus.send(
+                ComponentKey::agent(m),
+                Cmd::GroupAbort(pb::GroupAbort {
+                    group: group.name.clone(),
+                    tag_id: tag.clone(),
+                }),
+                commit_timeout,
+            )
+        });
+        let _ = join_all(aborts).await;
+        let why = if failed.is_empty() {
+            format!("the members took longer than the {hold_ms} ms write hold")
+        } else {
+            failed.join("; ")
+        };
+        return Err(CsError::Unavailable(format!(
+            "group point {tag} of consistency group {} aborted, writes released: {why}",
+            group.name
+        )));
+    }
+    let kind = if group.app { "app" } else { "crash" };
+    let commits = group.machines.iter().map(|m| {
+        bus.send(
+            ComponentKey::agent(m),
+            Cmd::GroupCommit(pb::GroupCommit {
+                group: group.name.clone(),
+                tag_id: tag.clone(),
+                kind: kind.into(),
+            }),
+            commit_timeout,
+        )
+    });
+    let results = join_all(commits).await;
+    let mut warnings = Vec::new();
+    let mut errors = Vec::new();
+    for (m, r) in group.machines.iter().zip(results) {
+        match r {
+            Ok(reply) if !reply.warning.is_empty() => {
+                warnings.push(format!("{m}: {}", reply.warning))
+            }
+            Ok(_) => {}
+            Err(e) => errors.push(format!("{m}: {e}")),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(CsError::Unavailable(format!(
+            "group point {tag} of consistency group {} is incomplete (not every member cut it, so \
+             latest-multi will not choose it): {}",
+            group.name,
+            errors.join("; ")
+        )));
+    }
+    Ok(GroupPoint {
+        tag,
+        members: group.machines.len() as u32,
+        warnings,
+    })
+}
+
+/// Cuts a group point for every group whose `interval_secs` has passed.
+pub async fn scheduler(
+    store: Arc<dyn Store>,
+    bus: Arc<dyn Bus>,
+    commit_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut last: HashMap<String, Instant> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let groups = match store.list_groups().await {
+            Ok(g) => g,
+            Err(e) => {
+                warn!(error = %e, "cannot list consistency groups");
+                continue;
+            }
+        };
+        for g in groups {
+            if g.interval_secs == 0 || g.machines.is_empty() {
+                continue;
+            }
+            let due = last
+                .get(&g.name)
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(g.interval_secs as u64));
+            if !due {
+                continue;
+            }
+            last.insert(g.name.clone(), Instant::now());
+            // Only when every member is connected; otherwise it would abort.
+            if g.machines
+                .iter()
+                .any(|m| bus.connection(&ComponentKey::agent(m)).is_none())
+            {
+                continue;
+            }
+            match cut_group_point(bus.as_ref(), &g, commit_timeout).await {
+                Ok(p) => info!(group = %g.name, tag = %p.tag, "group point cut"),
+                Err(e) => warn!(group = %g.name, error = %e, "group point not cut"),
+            }
+        }
+    }
+}

@@ -1,0 +1,754 @@
+//! The disaster-recovery lifecycle (DESIGN.md §1, §8): protect, failover,
+//! change-point, commit and reprotect, each a job of steps driven over the
+//! [`Bus`] (commands to agents, PSs and MTs, and waiting for their results
+//! and status).
+//!
+//! - `state.rs`: the replication state machine and its error messages;
+//! - `checks.rs`: direction, at-least-one-point and group-point checks;
+//! - this file: the requests ([`JobSpec`]), their validation and the step
+//!   lists they become;
+//! - `steps.rs`: what each step does (the job engine's `StepRunner`);
+//! - `group.rs`: the consistency-group barrier.
+//!
+//! Requests are validated before a job is created, so an operator error
+//! (wrong direction, no point yet, wrong state) comes back from the RPC at
+//! once; the job's first step validates again in case something changed.
+
+pub mod checks;
+pub mod group;
+pub mod state;
+pub mod steps;
+
+use crate::bus::{Bus, ComponentKey};
+use crate::error::CsError;
+use crate::jobs::{JobEngine, NewStep};
+use crate::store::{
+    Component, Job, JobFilter, Machine, Plan, PointSummary, Policy, ReplState, Replication, Store,
+};
+use rebound_common::pki::Role;
+use serde::{Deserialize, Serialize};
+use state::Op;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Which recovery point (DESIGN.md §8 `--point`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PointSpec {
+    Latest,
+    LatestProcessed,
+    LatestApp,
+    LatestMulti,
+    LatestMultiApp,
+    Id(String),
+    AtOrBefore(u64),
+    GroupTag(String),
+}
+
+impl PointSpec {
+    fn multi(&self) -> bool {
+        matches!(self, PointSpec::LatestMulti | PointSpec::LatestMultiApp)
+    }
+}
+
+impl fmt::Display for PointSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PointSpec::Latest => f.write_str("latest"),
+            PointSpec::LatestProcessed => f.write_str("latest-processed"),
+            PointSpec::LatestApp => f.write_str("latest-app"),
+            PointSpec::LatestMulti => f.write_str("latest-multi"),
+            PointSpec::LatestMultiApp => f.write_str("latest-multi-app"),
+            PointSpec::Id(id) => write!(f, "point {id}"),
+            PointSpec::AtOrBefore(ms) => write!(f, "the newest point at or before {ms} ms"),
+            PointSpec::GroupTag(t) => write!(f, "group point {t}"),
+        }
+    }
+}
+
+/// A lifecycle request, as stored in its job (so a resumed job knows it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum JobSpec {
+    Protect {
+        machine: String,
+        to_site: String,
+        ps: String,
+        mt: String,
+        group: String,
+        policy: Policy,
+    },
+    Failover {
+        machines: Vec<String>,
+        plan: String,
+        from_site: String,
+        to_site: String,
+        point: PointSpec,
+        unplanned: bool,
+    },
+    ChangePoint {
+        machine: String,
+        point: PointSpec,
+    },
+    Commit {
+        machines: Vec<String>,
+        plan: String,
+        keep_source_copy: bool,
+    },
+    Reprotect {
+        machines: Vec<String>,
+        plan: String,
+        ps: String,
+        mt: String,
+        wait_agent_secs: u64,
+    },
+}
+
+impl JobSpec {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            JobSpec::Protect { .. } => "protect",
+            JobSpec::Failover { .. } => "failover",
+            JobSpec::ChangePoint { .. } => "change-point",
+            JobSpec::Commit { .. } => "commit",
+            JobSpec::Reprotect { .. } => "reprotect",
+        }
+    }
+    pub fn machines(&self) -> Vec<String> {
+        match self {
+            JobSpec::Protect { machine, .. } | JobSpec::ChangePoint { machine, .. } => {
+                vec![machine.clone()]
+            }
+            JobSpec::Failover { machines, .. }
+            | JobSpec::Commit { machines, .. }
+            | JobSpec::Reprotect { machines, .. } => machines.clone(),
+        }
+    }
+    pub fn plan(&self) -> &str {
+        match self {
+            JobSpec::Failover { plan, .. }
+            | JobSpec::Commit { plan, .. }
+            | JobSpec::Reprotect { plan, .. } => plan,
+            _ => "",
+        }
+    }
+}
+
+/// One step of a lifecycle job (the job engine stores it as JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "kebab-case")]
+pub enum Step {
+    Check,
+    CreateReplication { machine: String },
+    WaitAgent { machine: String },
+    AddToPs { machine: String },
+    PrepareMt { machine: String },
+    StartAgent { machine: String },
+    WaitFirstPoint { machine: String },
+    BeginFailover,
+    Fence { machine: String },
+    Drain { machine: String },
+    CatchUp { machine: String },
+    ChoosePoints,
+    Hook { command: String, label: String },
+    Rollback { machine: String },
+    HandOver { machine: String },
+    RestorePreImages { machine: String },
+    EndReplication { machine: String },
+    RemoveFromPs { machine: String },
+    RetireSource { machine: String },
+}
+
+impl Step {
+    /// The step's name as `rebound jobs` shows it.
+    pub fn name(&self) -> String {
+        match self {
+            Step::Check => "check".into(),
+            Step::CreateReplication { machine } => format!("create replication for {machine}"),
+            Step::WaitAgent { machine } => format!("wait for agent on {machine} to register"),
+            Step::AddToPs { machine } => format!("add {machine} to its process server"),
+            Step::PrepareMt { machine } => {
+                format!("prepare {machine}'s replica at the master target")
+            }
+            Step::StartAgent { machine } => format!("start replication on {machine}'s agent"),
+            Step::WaitFirstPoint { machine } => format!("initial sync of {machine}"),
+            Step::BeginFailover => "begin failover".into(),
+            Step::Fence { machine } => format!("fence {machine} at the source"),
+            Step::Drain { machine } => format!("drain {machine}"),
+            Step::CatchUp { machine } => format!("apply everything pending for {machine}"),
+            Step::ChoosePoints => "choose recovery points".into(),
+            Step::Hook { label, .. } => format!("run {label}"),
+            Step::Rollback { machine } => format!("roll {machine} back to its recovery point"),
+            Step::HandOver { machine } => format!("hand {machine} over (power on)"),
+            Step::RestorePreImages { machine } => format!("undo {machine}'s rollback"),
+            Step::EndReplication { machine } => {
+                format!("end {machine}'s replication at the master target")
+            }
+            Step::RemoveFromPs { machine } => format!("remove {machine} from its process server"),
+            Step::RetireSource { machine } => format!("retire {machine}'s source copy"),
+        }
+    }
+
+    fn new_step(&self) -> NewStep {
+        NewStep {
+            name: self.name(),
+            // Serializing our own enum cannot fail.
+            action: serde_json::to_string(self).unwrap_or_default(),
+        }
+    }
+}
+
+/// Timeouts and defaults of the lifecycle.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub command_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub initial_sync_timeout: Duration,
+    pub wait_agent: Duration,
+    /// How often waiting steps look at the store again.
+    pub poll: Duration,
+    pub keep_source_copy: bool,
+    /// How long a hook may run.
+    pub hook_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            command_timeout: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(600),
+            initial_sync_timeout: Duration::from_secs(24 * 3600),
+            wait_agent: Duration::from_secs(30 * 60),
+            poll: Duration::from_millis(200),
+            keep_source_copy: true,
+            hook_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Machines or a plan.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Targets {
+    pub machines: Vec<String>,
+    pub plan: String,
+}
+
+/// The lifecycle: validates requests, turns them into jobs, runs their steps.
+pub struct Lifecycle {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) bus: Arc<dyn Bus>,
+    pub(crate) jobs: Arc<JobEngine>,
+    pub(crate) settings: Settings,
+    submit: tokio::sync::Mutex<()>,
+}
+
+impl Lifecycle {
+    /// Makes the lifecycle and registers it as the job engine's step runner.
+    pub fn new(
+        store: Arc<dyn Store>,
+        bus: Arc<dyn Bus>,
+        jobs: Arc<JobEngine>,
+        settings: Settings,
+    ) -> Arc<Lifecycle> {
+        let l = Arc::new(Lifecycle {
+            store,
+            bus,
+            jobs: jobs.clone(),
+            settings,
+            submit: tokio::sync::Mutex::new(()),
+        });
+        jobs.set_runner(l.clone());
+        l
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub async fn protect(
+        &self,
+        machine: &str,
+        to_site: &str,
+        ps: &str,
+        mt: &str,
+        group: &str,
+        policy: Policy,
+    ) -> Result<Job, CsError> {
+        self.submit(JobSpec::Protect {
+            machine: machine.into(),
+            to_site: to_site.into(),
+            ps: ps.into(),
+            mt: mt.into(),
+            group: group.into(),
+            policy,
+        })
+        .await
+    }
+
+    pub async fn failover(
+        &self,
+        targets: &Targets,
+        from_site: &str,
+        to_site: &str,
+        point: PointSpec,
+        unplanned: bool,
+    ) -> Result<Job, CsError> {
+        let (machines, plan) = self.resolve(targets).await?;
+        self.submit(JobSpec::Failover {
+            machines,
+            plan: plan.map(|p| p.name).unwrap_or_default(),
+            from_site: from_site.into(),
+            to_site: to_site.into(),
+            point,
+            unplanned,
+        })
+        .await
+    }
+
+    pub async fn change_point(&self, machine: &str, point: PointSpec) -> Result<Job, CsError> {
+        self.submit(JobSpec::ChangePoint {
+            machine: machine.into(),
+            point,
+        })
+        .await
+    }
+
+    pub async fn commit(
+        &self,
+        targets: &Targets,
+        keep_source_copy: Option<bool>,
+    ) -> Result<Job, CsError> {
+        let (machines, plan) = self.resolve(targets).await?;
+        self.submit(JobSpec::Commit {
+            machines,
+            plan: plan.map(|p| p.name).unwrap_or_default(),
+            keep_source_copy: keep_source_copy.unwrap_or(self.settings.keep_source_copy),
+        })
+        .await
+    }
+
+    pub async fn reprotect(
+        &self,
+        targets: &Targets,
+        ps: &str,
+        mt: &str,
+        wait_agent: Option<Duration>,
+    ) -> Result<Job, CsError> {
+        let (machines, plan) = self.resolve(targets).await?;
+        self.submit(JobSpec::Reprotect {
+            machines,
+            plan: plan.map(|p| p.name).unwrap_or_default(),
+            ps: ps.into(),
+            mt: mt.into(),
+            wait_agent_secs: wait_agent
+                .unwrap_or(self.settings.wait_agent)
+                .as_secs()
+                .max(1),
+        })
+        .await
+    }
+
+    /// Validates, creates and starts the job for `spec`.
+    pub async fn submit(&self, spec: JobSpec) -> Result<Job, CsError> {
+        let _one_at_a_time = self.submit.lock().await;
+        self.validate(&spec, None).await?;
+        let steps = self.steps(&spec).await?;
+        let spec_json = serde_json::to_string(&spec)
+            .map_err(|e| CsError::Internal(format!("job spec: {e}")))?;
+        let job = self
+            .jobs
+            .create(
+                spec.kind(),
+                spec.machines(),
+                spec.plan(),
+                spec_json,
+                steps.iter().map(Step::new_step).collect(),
+            )
+            .await?;
+        self.jobs.start(&job.id);
+        Ok(job)
+    }
+
+    /// Machines (in plan order) and the plan, from targets.
+    async fn resolve(&self, t: &Targets) -> Result<(Vec<String>, Option<Plan>), CsError> {
+        match (t.machines.is_empty(), t.plan.is_empty()) {
+            (false, true) => {
+                let mut ms = t.machines.clone();
+                ms.dedup();
+                Ok((ms, None))
+            }
+            (true, false) => {
+                let plan = self.store.get_plan(&t.plan).await?.ok_or_else(|| {
+                    CsError::NotFound(format!(
+                        "no recovery plan {}: `rebound plan show` lists the plans",
+                        t.plan
+                    ))
+                })?;
+                let ms = plan.machines();
+                if ms.is_empty() {
+                    return Err(CsError::FailedPrecondition(format!(
+                        "recovery plan {} has no machines",
+                        t.plan
+                    )));
+                }
+                Ok((ms, Some(plan)))
+            }
+            (true, true) => Err(CsError::InvalidArgument(
+                "name the machines or a plan (--plan P)".into(),
+            )),
+            (false, false) => Err(CsError::InvalidArgument(
+                "name either machines or a plan, not both".into(),
+            )),
+        }
+    }
+
+    pub(crate) async fn machine(&self, id: &str) -> Result<Machine, CsError> {
+        self.store.get_machine(id).await?.ok_or_else(|| {
+            CsError::NotFound(format!(
+                "machine {id} is unknown: install and enroll its agent (`rebound-agent enroll`), \
+                 start it pointing at this CS, then retry"
+            ))
+        })
+    }
+
+    pub(crate) async fn state_of(
+        &self,
+        id: &str,
+    ) -> Result<(ReplState, Option<Replication>), CsError> {
+        let r = self.store.current_replication(id).await?;
+        Ok((
+            r.as_ref()
+                .map(|r| r.state)
+                .unwrap_or(ReplState::Unprotected),
+            r,
+        ))
+    }
+
+    pub(crate) async fn component(&self, role: Role, id: &str) -> Result<Component, CsError> {
+        self.store.get_component(role, id).await?.ok_or_else(|| {
+            CsError::NotFound(format!(
+                "no {role} {id:?} is known: enroll it and start it pointing at this CS \
+                 (`rebound status` lists the components)"
+            ))
+        })
+    }
+
+    /// The MT at `site`: `wanted` when given (checked), else the only one.
+    pub(crate) async fn mt_at(&self, site: &str, wanted: &str) -> Result<String, CsError> {
+        if !wanted.is_empty() {
+            let c = self.component(Role::Mt, wanted).await?;
+            if c.site != site {
+                return Err(CsError::FailedPrecondition(format!(
+                    "MT {wanted} is at site {:?}, but the target site is {site}: choose an MT at {site}",
+                    c.site
+                )));
+            }
+            return Ok(wanted.to_string());
+        }
+        let mts: Vec<String> = self
+            .store
+            .list_components()
+            .await?
+            .into_iter()
+            .filter(|c| c.role == Role::Mt && c.site == site && !c.revoked)
+            .map(|c| c.id)
+            .collect();
+        match mts.as_slice() {
+            [one] => Ok(one.clone()),
+            [] => Err(CsError::FailedPrecondition(format!(
+                "no master target at site {site} is registered: start rebound-mt there, or name one with --mt"
+            ))),
+            many => Err(CsError::FailedPrecondition(format!(
+                "several master targets at site {site} ({}): choose one with --mt",
+                many.join(", ")
+            ))),
+        }
+    }
+
+    async fn not_busy(&self, machine: &str, own_job: Option<&str>) -> Result<(), CsError> {
+        let active = self
+            .store
+            .list_jobs(&JobFilter {
+                active_only: true,
+                machine: Some(machine.to_string()),
+                limit: 10,
+            })
+            .await?;
+        if let Some(j) = active.iter().find(|j| Some(j.id.as_str()) != own_job) {
+            return Err(CsError::FailedPrecondition(format!(
+                "machine {machine} is busy with job {} ({}, {}): wait for it (`rebound jobs {} --watch`)",
+                j.id,
+                j.kind,
+                j.state.as_str(),
+                j.id
+            )));
+        }
+        Ok(())
+    }
+
+    async fn summaries(
+        &self,
+        machines: &[String],
+    ) -> Result<Vec<(String, Option<PointSummary>)>, CsError> {
+        let mut out = Vec::new();
+        for m in machines {
+            let s = match self.store.current_replication(m).await? {
+                Some(r) => self.store.get_point_summary(&r.id).await?,
+                None => None,
+            };
+            out.push((m.clone(), s));
+        }
+        Ok(out)
+    }
+
+    /// The consistency group `latest-multi` uses: the plan's, else the one
+    /// all machines share.
+    pub(crate) async fn multi_group(
+        &self,
+        machines: &[String],
+        plan: &str,
+    ) -> Result<String, CsError> {
+        if !plan.is_empty() {
+            if let Some(p) = self.store.get_plan(plan).await? {
+                if !p.consistency_group.is_empty() {
+                    return Ok(p.consistency_group);
+                }
+            }
+        }
+        let mut group: Option<String> = None;
+        for m in machines {
+            let g = self.machine(m).await?.group;
+            match &group {
+                None => group = Some(g),
+                Some(x) if *x == g => {}
+                Some(_) => group = Some(String::new()),
+            }
+        }
+        match group {
+            Some(g) if !g.is_empty() => Ok(g),
+            _ => Err(CsError::FailedPrecondition(format!(
+                "latest-multi needs machines of one consistency group, and {} are not: \
+                 put them in a group (`rebound group create`) or use --point latest",
+                machines.join(", ")
+            ))),
+        }
+    }
+
+    /// The checks of a request; `own_job` is the job re-checking itself.
+    pub async fn validate(&self, spec: &JobSpec, own_job: Option<&str>) -> Result<(), CsError> {
+        let machines = spec.machines();
+        if machines.is_empty() {
+            return Err(CsError::InvalidArgument("no machines given".into()));
+        }
+        for m in &machines {
+            self.not_busy(m, own_job).await?;
+        }
+        match spec {
+            JobSpec::Protect {
+                machine,
+                to_site,
+                ps,
+                mt,
+                group,
+                ..
+            } => {
+                let m = self.machine(machine).await?;
+                let (st, _) = self.state_of(machine).await?;
+                state::next(machine, st, Op::Protect)?;
+                if to_site.is_empty() || *to_site == m.site {
+                    return Err(CsError::InvalidArgument(format!(
+                        "{machine} runs at site {}: protect it --to another site",
+                        m.site
+                    )));
+                }
+                let p = self.component(Role::Ps, ps).await?;
+                if p.site != m.site {
+                    return Err(CsError::FailedPrecondition(format!(
+                        "PS {ps} is at site {:?}, but {machine} runs at {}: choose a PS at {}",
+                        p.site, m.site, m.site
+                    )));
+                }
+                self.mt_at(to_site, mt).await?;
+                if !group.is_empty() && self.store.get_group(group).await?.is_none() {
+                    return Err(CsError::NotFound(format!(
+                        "no consistency group {group}: create it first (`rebound group create {group}`)"
+                    )));
+                }
+            }
+            JobSpec::Failover {
+                machines,
+                plan,
+                from_site,
+                to_site,
+                point,
+                ..
+            } => {
+                let mut repls = Vec::new();
+                for m in machines {
+                    self.machine(m).await?;
+                    let (st, r) = self.state_of(m).await?;
+                    let Some(r) = r else {
+                        return Err(state::next(m, st, Op::Failover).unwrap_err());
+                    };
+                    checks::direction(&r, from_site, to_site)?;
+                    repls.push((m, st));
+                }
+                let sums = self.summaries(machines).await?;
+                let plan_name = (!plan.is_empty()).then_some(plan.as_str());
+                checks::have_points(&sums, plan_name)?;
+                for (m, st) in repls {
+                    state::next(m, st, Op::Failover)?;
+                }
+                if point.multi() {
+                    self.multi_group(machines, plan).await?;
+                }
+            }
+            JobSpec::ChangePoint { machine, point } => {
+                let (st, _) = self.state_of(machine).await?;
+                state::next(machine, st, Op::ChangePoint)?;
+                if point.multi() {
+                    return Err(CsError::InvalidArgument(format!(
+                        "change-point works on one machine: {point} is for plans; give a point id or time"
+                    )));
+                }
+            }
+            JobSpec::Commit { machines, .. } => {
+                for m in machines {
+                    let (st, _) = self.state_of(m).await?;
+                    state::next(m, st, Op::Commit)?;
+                }
+            }
+            JobSpec::Reprotect {
+                machines, ps, mt, ..
+            } => {
+                let p = self.component(Role::Ps, ps).await?;
+                for m in machines {
+                    let mach = self.machine(m).await?;
+                    let (st, r) = self.state_of(m).await?;
+                    state::next(m, st, Op::Reprotect)?;
+                    if p.site != mach.site {
+                        return Err(CsError::FailedPrecondition(format!(
+                            "PS {ps} is at site {:?}, but {m} now runs at {}: choose a PS at {}",
+                            p.site, mach.site, mach.site
+                        )));
+                    }
+                    let back_to = self.reverse_target(m, r.as_ref()).await?;
+                    self.mt_at(&back_to, mt).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The site a reprotect of `machine` replicates to: where its committed
+    /// replication came from.
+    pub(crate) async fn reverse_target(
+        &self,
+        machine: &str,
+        current: Option<&Replication>,
+    ) -> Result<String, CsError> {
+        let Some(r) = current else {
+            return Err(CsError::FailedPrecondition(format!(
+                "{machine} has no replication to reverse"
+            )));
+        };
+        if r.state == ReplState::WaitingForAgent {
+            return Ok(r.to_site.clone());
+        }
+        Ok(r.from_site.clone())
+    }
+
+    /// The step list of a request.
+    async fn steps(&self, spec: &JobSpec) -> Result<Vec<Step>, CsError> {
+        let mut s = vec![Step::Check];
+        let each = |f: fn(String) -> Step, ms: &[String], s: &mut Vec<Step>| {
+            for m in ms {
+                s.push(f(m.clone()));
+            }
+        };
+        match spec {
+            JobSpec::Protect { machine, .. } => {
+                let m = machine.clone();
+                s.push(Step::CreateReplication { machine: m.clone() });
+                s.push(Step::AddToPs { machine: m.clone() });
+                s.push(Step::PrepareMt { machine: m.clone() });
+                s.push(Step::StartAgent { machine: m.clone() });
+                s.push(Step::WaitFirstPoint { machine: m });
+            }
+            JobSpec::Failover {
+                machines,
+                plan,
+                point,
+                unplanned,
+                ..
+            } => {
+                s.push(Step::BeginFailover);
+                if !unplanned {
+                    each(|machine| Step::Fence { machine }, machines, &mut s);
+                    each(|machine| Step::Drain { machine }, machines, &mut s);
+                }
+                if matches!(point, PointSpec::Latest) {
+                    each(|machine| Step::CatchUp { machine }, machines, &mut s);
+                }
+                s.push(Step::ChoosePoints);
+                let groups = match self.store.get_plan(plan).await? {
+                    Some(p) if !plan.is_empty() => p.groups,
+                    _ => vec![crate::store::PlanGroup {
+                        machines: machines.clone(),
+                        ..Default::default()
+                    }],
+                };
+                for (i, g) in groups.iter().enumerate() {
+                    if !g.pre_hook.is_empty() {
+                        s.push(Step::Hook {
+                            command: g.pre_hook.clone(),
+                            label: format!("pre-hook of plan group {}", i + 1),
+                        });
+                    }
+                    each(|machine| Step::Rollback { machine }, &g.machines, &mut s);
+                    each(|machine| Step::HandOver { machine }, &g.machines, &mut s);
+                    if !g.post_hook.is_empty() {
+                        s.push(Step::Hook {
+                            command: g.post_hook.clone(),
+                            label: format!("post-hook of plan group {}", i + 1),
+                        });
+                    }
+                }
+            }
+            JobSpec::ChangePoint { machine, .. } => {
+                let m = machine.clone();
+                s.push(Step::RestorePreImages { machine: m.clone() });
+                s.push(Step::Rollback { machine: m.clone() });
+                s.push(Step::HandOver { machine: m });
+            }
+            JobSpec::Commit { machines, .. } => {
+                each(|machine| Step::EndReplication { machine }, machines, &mut s);
+                each(|machine| Step::RemoveFromPs { machine }, machines, &mut s);
+                each(|machine| Step::RetireSource { machine }, machines, &mut s);
+            }
+            JobSpec::Reprotect { machines, .. } => {
+                each(
+                    |machine| Step::CreateReplication { machine },
+                    machines,
+                    &mut s,
+                );
+                each(|machine| Step::WaitAgent { machine }, machines, &mut s);
+                for m in machines {
+                    s.push(Step::AddToPs { machine: m.clone() });
+                    s.push(Step::PrepareMt { machine: m.clone() });
+                    s.push(Step::StartAgent { machine: m.clone() });
+                }
+                each(|machine| Step::WaitFirstPoint { machine }, machines, &mut s);
+            }
+        }
+        Ok(s)
+    }
+
+    pub(crate) fn agent(machine: &str) -> ComponentKey {
+        ComponentKey::agent(machine)
+    }
+}
+
+#[cfg(test)]
+mod tests;

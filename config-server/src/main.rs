@@ -1,0 +1,168 @@
+//! `rebound-cs`: the configuration server binary, a thin wrapper over the
+//! `rebound_cs` library (DESIGN.md §2).
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use rebound_common::telemetry::{self, LogFormat};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "rebound-cs",
+    version,
+    about = "Rebound configuration server: enrollment, control channel, jobs and the DR lifecycle"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a deployment: CA, CS server certificate, admin certificate for
+    /// the CLI, enrollment passphrase, database and config.toml, all in DIR.
+    /// The passphrase is printed once and kept in DIR/passphrase (mode 0600).
+    Init {
+        /// Directory for the deployment's files (created; must not hold one).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Extra DNS name or IP for the CS certificate (repeatable); the
+        /// certificate always covers localhost and 127.0.0.1.
+        #[arg(long = "name")]
+        names: Vec<String>,
+        /// Listen address written to the config (default 127.0.0.1:7443).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Run the configuration server.
+    Run {
+        /// Config file (TOML); see example-config.toml. Without it, defaults.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Log format: text or json.
+        #[arg(long, default_value = "text")]
+        log_format: LogFormat,
+    },
+    /// Replace the enrollment passphrase (enrolled components stay valid).
+    /// Prints the new one and writes it to FILE (mode 0600).
+    RotatePassphrase {
+        /// Config file of the CS (for the database path).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Where to write the new passphrase.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match real_main(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rebound-cs: error: {}", error_text(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes, each cause once.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+    }
+    text
+}
+
+async fn real_main(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Init { dir, names, listen } => {
+            let out = rebound_cs::init::init(&dir, &names, listen.as_deref()).await?;
+            println!("Deployment created in {}.", out.dir.display());
+            println!();
+            println!(
+                "Enrollment passphrase (shown once; also in {}):",
+                out.passphrase_file.display()
+            );
+            println!();
+            println!("    {}", out.passphrase);
+            println!();
+            println!(
+                "Start the server:   rebound-cs run --config {}",
+                out.config_file.display()
+            );
+            println!(
+                "Enroll components:  rebound-agent enroll --cs {} --passphrase-file {}",
+                out.listen,
+                out.passphrase_file.display()
+            );
+            println!(
+                "CLI certificate:    {} / {} (CA {})",
+                out.admin_cert.display(),
+                out.admin_key.display(),
+                out.ca_cert.display()
+            );
+            Ok(())
+        }
+        Cmd::Run { config, log_format } => {
+            rebound_common::tls::install_crypto_provider();
+            telemetry::init(log_format);
+            let cfg: rebound_cs::Config = rebound_common::config::load(config.as_deref())?;
+            let listener = tokio::net::TcpListener::bind(&cfg.listen)
+                .await
+                .with_context(|| format!("cannot listen on {} (config key listen)", cfg.listen))?;
+            rebound_cs::run(cfg, listener, shutdown_signal()).await?;
+            Ok(())
+        }
+        Cmd::RotatePassphrase { config, out } => {
+            let cfg: rebound_cs::Config = rebound_common::config::load(config.as_deref())?;
+            let store = rebound_cs::SqliteStore::open(&cfg.db).await?;
+            let pass = rebound_cs::enrollment::new_passphrase();
+            rebound_cs::enrollment::set_passphrase(&store, &pass).await?;
+            store.close().await;
+            write_private(&out, &format!("{pass}\n"))
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            println!(
+                "New enrollment passphrase (also in {}):\n\n    {pass}\n",
+                out.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()
+}
+
+/// Completes on SIGTERM or ctrl-c.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+    tracing::info!("shutdown signal received");
+}

@@ -1,0 +1,599 @@
+//! The operator RPCs (`Admin` service) the `rebound` CLI calls (DESIGN.md
+//! §9). Only admin certificates may call them: every method starts with
+//! `require_role(Admin)`, so an agent, PS or MT certificate gets
+//! PERMISSION_DENIED.
+//!
+//! Reads come from the store (what components last reported); lifecycle
+//! operations validate and start jobs and return at once with the job, which
+//! the CLI then watches (`WatchJob`).
+
+use crate::bus::{Bus, CommandBus, ComponentKey};
+use crate::convert;
+use crate::error::CsError;
+use crate::jobs::JobEngine;
+use crate::lifecycle::group::cut_group_point;
+use crate::lifecycle::{Lifecycle, Targets};
+use crate::store::{Health, JobFilter, ReplState, Store};
+use prost::Message;
+use rebound_common::pki::Role;
+use rebound_common::tls::require_role;
+use rebound_proto::control as pb;
+use rebound_proto::control::admin_server::Admin;
+use rebound_proto::control::command::Cmd;
+use rebound_proto::control::command_result::Detail;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+pub struct AdminService {
+    store: Arc<dyn Store>,
+    bus: Arc<CommandBus>,
+    jobs: Arc<JobEngine>,
+    lifecycle: Arc<Lifecycle>,
+}
+
+type Res<T> = Result<Response<T>, Status>;
+
+fn admin<T>(req: &Request<T>) -> Result<(), Status> {
+    require_role(req, &[Role::Admin]).map(|_| ())
+}
+
+fn targets(t: Option<pb::Targets>) -> Targets {
+    let t = t.unwrap_or_default();
+    Targets {
+        machines: t.machines,
+        plan: t.plan,
+    }
+}
+
+fn point(c: Option<&pb::PointChoice>) -> Result<crate::lifecycle::PointSpec, Status> {
+    convert::point_spec_from_proto(c).map_err(|e| Status::invalid_argument(format!("--point: {e}")))
+}
+
+fn started(j: crate::store::Job) -> Res<pb::JobStarted> {
+    Ok(Response::new(pb::JobStarted {
+        job: Some(convert::job_to_proto(&j)),
+    }))
+}
+
+impl AdminService {
+    pub fn new(
+        store: Arc<dyn Store>,
+        bus: Arc<CommandBus>,
+        jobs: Arc<JobEngine>,
+        lifecycle: Arc<Lifecycle>,
+    ) -> AdminService {
+        AdminService {
+            store,
+            bus,
+            jobs,
+            lifecycle,
+        }
+    }
+
+    async fn component_info(&self, c: &crate::store::Component) -> pb::ComponentInfo {
+        let key = ComponentKey {
+            role: c.role,
+            id: c.id.clone(),
+        };
+        let health = if self.bus.connection(&key).is_some() {
+            Health::Online
+        } else if c.health == Health::Enrolled {
+            Health::Enrolled
+        } else {
+            Health::Offline
+        };
+        pb::ComponentInfo {
+            role: c.role.as_str().into(),
+            id: c.id.clone(),
+            site: c.site.clone(),
+            version: c.version.clone(),
+            addresses: c.addresses.clone(),
+            health: health.as_str().into(),
+            last_heartbeat_ms: c.last_heartbeat_ms,
+            cert_fingerprint: c.cert_fingerprint.clone(),
+            status: pb::Status::decode(c.status.as_slice()).ok(),
+        }
+    }
+
+    async fn machine_info(&self, m: &crate::store::Machine) -> Result<pb::MachineInfo, CsError> {
+        let r = self.store.current_replication(&m.id).await?;
+        let summary = match &r {
+            Some(r) => self.store.get_point_summary(&r.id).await?,
+            None => None,
+        };
+        let agent = self.store.get_component(Role::Agent, &m.id).await?;
+        let connected = self.bus.connection(&ComponentKey::agent(&m.id)).is_some();
+        let status = agent
+            .as_ref()
+            .and_then(|a| pb::Status::decode(a.status.as_slice()).ok())
+            .and_then(|s| match s.status {
+                Some(pb::status::Status::Agent(a)) => Some(a),
+                _ => None,
+            })
+            .unwrap_or_default();
+        let job = self
+            .store
+            .list_jobs(&JobFilter {
+                active_only: true,
+                machine: Some(m.id.clone()),
+                limit: 1,
+            })
+            .await?;
+        let health = match (&agent, connected) {
+            (_, true) => "online",
+            (Some(_), false) => "offline",
+            (None, false) => "unknown",
+        };
+        Ok(pb::MachineInfo {
+            id: m.id.clone(),
+            site: m.site.clone(),
+            state: r
+                .as_ref()
+                .map(|r| r.state)
+                .unwrap_or(ReplState::Unprotected)
+                .as_str()
+                .into(),
+            replication_id: r.as_ref().map(|r| r.id.clone()).unwrap_or_default(),
+            from_site: r.as_ref().map(|r| r.from_site.clone()).unwrap_or_default(),
+            to_site: r.as_ref().map(|r| r.to_site.clone()).unwrap_or_default(),
+            ps: r.as_ref().map(|r| r.ps.clone()).unwrap_or_default(),
+            mt: r.as_ref().map(|r| r.mt.clone()).unwrap_or_default(),
+            disks: m.disks.iter().map(convert::disk_to_proto).collect(),
+            agent_health: health.into(),
+            agent_mode: status.mode.clone(),
+            rpo_ms: status.rpo_ms,
+            buffer_bytes: status.buffer_bytes,
+            buffer_limit: status.buffer_limit,
+            last_point: summary
+                .as_ref()
+                .and_then(|s| s.latest.as_ref())
+                .map(convert::point_to_proto),
+            last_app_point: summary
+                .as_ref()
+                .and_then(|s| s.latest_app.as_ref())
+                .map(convert::point_to_proto),
+            point_count: summary.as_ref().map(|s| s.count).unwrap_or(0),
+            group: m.group.clone(),
+            failover_point: r
+                .as_ref()
+                .and_then(|r| r.failover_point.as_ref())
+                .map(convert::point_to_proto),
+            job_id: job.first().map(|j| j.id.clone()).unwrap_or_default(),
+        })
+    }
+
+    async fn check_machines_exist(&self, machines: &[String]) -> Result<(), Status> {
+        let mut unknown = Vec::new();
+        for m in machines {
+            if self
+                .store
+                .get_machine(m)
+                .await
+                .map_err(CsError::from)?
+                .is_none()
+            {
+                unknown.push(m.as_str());
+            }
+        }
+        if unknown.is_empty() {
+            Ok(())
+        } else {
+            Err(Status::not_found(format!(
+                "unknown machines: {} (a machine is known once its agent registered; `rebound machines` lists them)",
+                unknown.join(", ")
+            )))
+        }
+    }
+}
+
+fn check_name(what: &str, name: &str) -> Result<(), Status> {
+    crate::enrollment::check_id(name)
+        .map_err(|e| Status::invalid_argument(format!("{what} name: {e}")))
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn status(&self, req: Request<pb::StatusRequest>) -> Res<pb::StatusResponse> {
+        admin(&req)?;
+        let comps = self.store.list_components().await.map_err(CsError::from)?;
+        let mut components = Vec::new();
+        for c in comps
+            .iter()
+            .filter(|c| matches!(c.role, Role::Agent | Role::Ps | Role::Mt))
+        {
+            components.push(self.component_info(c).await);
+        }
+        let machines = self.store.list_machines().await.map_err(CsError::from)?;
+        let mut protected = 0;
+        for m in &machines {
+            if let Some(r) = self
+                .store
+                .current_replication(&m.id)
+                .await
+                .map_err(CsError::from)?
+            {
+                if r.state == ReplState::Protected {
+                    protected += 1;
+                }
+            }
+        }
+        let running = self
+            .store
+            .list_jobs(&JobFilter {
+                active_only: true,
+                machine: None,
+                limit: 10_000,
+            })
+            .await
+            .map_err(CsError::from)?
+            .len();
+        let events = self
+            .store
+            .recent_events(20)
+            .await
+            .map_err(CsError::from)?
+            .into_iter()
+            .map(|e| pb::Event {
+                severity: e.severity,
+                kind: e.kind,
+                message: e.message,
+                replication_id: e.replication,
+                time_ms: e.time_ms,
+                component: e.component,
+            })
+            .collect();
+        Ok(Response::new(pb::StatusResponse {
+            sites: self.store.list_sites().await.map_err(CsError::from)?,
+            components,
+            machines: machines.len() as u32,
+            protected_machines: protected,
+            running_jobs: running as u32,
+            cs_version: env!("CARGO_PKG_VERSION").into(),
+            events,
+        }))
+    }
+
+    async fn machines(&self, req: Request<pb::MachinesRequest>) -> Res<pb::MachinesResponse> {
+        admin(&req)?;
+        let mut out = Vec::new();
+        for m in self.store.list_machines().await.map_err(CsError::from)? {
+            out.push(self.machine_info(&m).await?);
+        }
+        Ok(Response::new(pb::MachinesResponse { machines: out }))
+    }
+
+    async fn points(&self, req: Request<pb::PointsRequest>) -> Res<pb::PointsResponse> {
+        admin(&req)?;
+        let machine = req.into_inner().machine;
+        let r = self
+            .store
+            .current_replication(&machine)
+            .await
+            .map_err(CsError::from)?
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "{machine} has no replication, so no recovery points: protect it first"
+                ))
+            })?;
+        let timeout = self
+            .lifecycle
+            .settings()
+            .command_timeout
+            .min(Duration::from_secs(30));
+        let reply = self
+            .bus
+            .send(
+                ComponentKey::mt(&r.mt),
+                Cmd::ListPoints(pb::ListPoints {
+                    replication_id: r.id.clone(),
+                }),
+                timeout,
+            )
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let list = match reply.detail {
+            Some(Detail::PointList(l)) => l,
+            _ => pb::PointList::default(),
+        };
+        Ok(Response::new(pb::PointsResponse {
+            machine,
+            replication_id: r.id,
+            points: list.points,
+            applied_seq: list.applied_seq,
+            rolled_back_to: list.rolled_back_to,
+        }))
+    }
+
+    async fn protect(&self, req: Request<pb::ProtectRequest>) -> Res<pb::JobStarted> {
+        admin(&req)?;
+        let r = req.into_inner();
+        let policy = convert::policy_from_proto(r.policy.as_ref());
+        started(
+            self.lifecycle
+                .protect(&r.machine, &r.to_site, &r.ps, &r.mt, &r.group, policy)
+                .await?,
+        )
+    }
+
+    async fn failover(&self, req: Request<pb::FailoverRequest>) -> Res<pb::JobStarted> {
+        admin(&req)?;
+        let r = req.into_inner();
+        let p = point(r.point.as_ref())?;
+        started(
+            self.lifecycle
+                .failover(
+                    &targets(r.targets),
+                    &r.from_site,
+                    &r.to_site,
+                    p,
+                    r.unplanned,
+                )
+                .await?,
+        )
+    }
+
+    async fn change_point(&self, req: Request<pb::ChangePointRequest>) -> Res<pb::JobStarted> {
+        admin(&req)?;
+        let r = req.into_inner();
+        let p = point(r.point.as_ref())?;
+        started(self.lifecycle.change_point(&r.machine, p).await?)
+    }
+
+    async fn commit(&self, req: Request<pb::CommitRequest>) -> Res<pb::JobStarted> {
+        admin(&req)?;
+        let r = req.into_inner();
+        started(
+            self.lifecycle
+                .commit(&targets(r.targets), r.keep_source_copy)
+                .await?,
+        )
+    }
+
+    async fn reprotect(&self, req: Request<pb::ReprotectRequest>) -> Res<pb::JobStarted> {
+        admin(&req)?;
+        let r = req.into_inner();
+        let wait = (r.wait_agent_secs > 0).then(|| Duration::from_secs(r.wait_agent_secs));
+        started(
+            self.lifecycle
+                .reprotect(&targets(r.targets), &r.ps, &r.mt, wait)
+                .await?,
+        )
+    }
+
+    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Res<pb::Job> {
+        admin(&req)?;
+        let id = req.into_inner().id;
+        let j = self
+            .store
+            .get_job(&id)
+            .await
+            .map_err(CsError::from)?
+            .ok_or_else(|| {
+                Status::not_found(format!("no job {id}: `rebound jobs` lists the jobs"))
+            })?;
+        Ok(Response::new(convert::job_to_proto(&j)))
+    }
+
+    async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Res<pb::ListJobsResponse> {
+        admin(&req)?;
+        let r = req.into_inner();
+        let jobs = self
+            .store
+            .list_jobs(&JobFilter {
+                active_only: r.active_only,
+                machine: (!r.machine.is_empty()).then_some(r.machine),
+                limit: r.limit,
+            })
+            .await
+            .map_err(CsError::from)?;
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: jobs.iter().map(convert::job_to_proto).collect(),
+        }))
+    }
+
+    type WatchJobStream = ReceiverStream<Result<pb::Job, Status>>;
+
+    async fn watch_job(&self, req: Request<pb::WatchJobRequest>) -> Res<Self::WatchJobStream> {
+        admin(&req)?;
+        let id = req.into_inner().id;
+        // Subscribe before reading, so no change falls in between.
+        let mut updates = self.jobs.subscribe();
+        let first = self
+            .store
+            .get_job(&id)
+            .await
+            .map_err(CsError::from)?
+            .ok_or_else(|| {
+                Status::not_found(format!("no job {id}: `rebound jobs` lists the jobs"))
+            })?;
+        let (tx, rx) = mpsc::channel(64);
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            let done = first.state.finished();
+            if tx.send(Ok(convert::job_to_proto(&first))).await.is_err() || done {
+                return;
+            }
+            loop {
+                let job = match updates.recv().await {
+                    Ok(j) if j.id == id => j,
+                    Ok(_) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        match store.get_job(&id).await {
+                            Ok(Some(j)) => j,
+                            _ => return,
+                        }
+                    }
+                    Err(_) => return,
+                };
+                let done = job.state.finished();
+                if tx.send(Ok(convert::job_to_proto(&job))).await.is_err() || done {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn create_plan(&self, req: Request<pb::CreatePlanRequest>) -> Res<pb::Plan> {
+        admin(&req)?;
+        let p = convert::plan_from_proto(&req.into_inner().plan.unwrap_or_default());
+        check_name("plan", &p.name)?;
+        let machines = p.machines();
+        if machines.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "plan {} has no machines: give at least one group of machines",
+                p.name
+            )));
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = machines.iter().find(|m| !seen.insert(m.as_str())) {
+            return Err(Status::invalid_argument(format!(
+                "machine {dup} is in plan {} twice",
+                p.name
+            )));
+        }
+        self.check_machines_exist(&machines).await?;
+        if !p.consistency_group.is_empty()
+            && self
+                .store
+                .get_group(&p.consistency_group)
+                .await
+                .map_err(CsError::from)?
+                .is_none()
+        {
+            return Err(Status::not_found(format!(
+                "no consistency group {}: create it first",
+                p.consistency_group
+            )));
+        }
+        self.store.put_plan(&p).await.map_err(CsError::from)?;
+        Ok(Response::new(convert::plan_to_proto(&p)))
+    }
+
+    async fn show_plan(&self, req: Request<pb::PlanRequest>) -> Res<pb::Plan> {
+        admin(&req)?;
+        let name = req.into_inner().name;
+        let p = self
+            .store
+            .get_plan(&name)
+            .await
+            .map_err(CsError::from)?
+            .ok_or_else(|| Status::not_found(format!("no recovery plan {name}")))?;
+        Ok(Response::new(convert::plan_to_proto(&p)))
+    }
+
+    async fn delete_plan(&self, req: Request<pb::PlanRequest>) -> Res<pb::Empty> {
+        admin(&req)?;
+        let name = req.into_inner().name;
+        let running = self
+            .store
+            .list_jobs(&JobFilter {
+                active_only: true,
+                machine: None,
+                limit: 10_000,
+            })
+            .await
+            .map_err(CsError::from)?;
+        if let Some(j) = running.iter().find(|j| j.plan == name) {
+            return Err(Status::failed_precondition(format!(
+                "plan {name} is used by running job {}: wait for it",
+                j.id
+            )));
+        }
+        if !self.store.delete_plan(&name).await.map_err(CsError::from)? {
+            return Err(Status::not_found(format!("no recovery plan {name}")));
+        }
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn list_plans(&self, req: Request<pb::ListPlansRequest>) -> Res<pb::ListPlansResponse> {
+        admin(&req)?;
+        let plans = self.store.list_plans().await.map_err(CsError::from)?;
+        Ok(Response::new(pb::ListPlansResponse {
+            plans: plans.iter().map(convert::plan_to_proto).collect(),
+        }))
+    }
+
+    async fn create_group(&self, req: Request<pb::CreateGroupRequest>) -> Res<pb::Group> {
+        admin(&req)?;
+        let g = convert::group_from_proto(&req.into_inner().group.unwrap_or_default());
+        check_name("group", &g.name)?;
+        self.check_machines_exist(&g.machines).await?;
+        for m in &g.machines {
+            if let Some(mut mach) = self.store.get_machine(m).await.map_err(CsError::from)? {
+                if !mach.group.is_empty() && mach.group != g.name {
+                    return Err(Status::failed_precondition(format!(
+                        "machine {m} is already in consistency group {}: remove it there first",
+                        mach.group
+                    )));
+                }
+                mach.group = g.name.clone();
+                self.store.put_machine(&mach).await.map_err(CsError::from)?;
+            }
+        }
+        self.store.put_group(&g).await.map_err(CsError::from)?;
+        Ok(Response::new(convert::group_to_proto(&g)))
+    }
+
+    async fn delete_group(&self, req: Request<pb::GroupRequest>) -> Res<pb::Empty> {
+        admin(&req)?;
+        let name = req.into_inner().name;
+        let g = self
+            .store
+            .get_group(&name)
+            .await
+            .map_err(CsError::from)?
+            .ok_or_else(|| Status::not_found(format!("no consistency group {name}")))?;
+        for m in &g.machines {
+            if let Some(mut mach) = self.store.get_machine(m).await.map_err(CsError::from)? {
+                if mach.group == name {
+                    mach.group.clear();
+                    self.store.put_machine(&mach).await.map_err(CsError::from)?;
+                }
+            }
+        }
+        self.store
+            .delete_group(&name)
+            .await
+            .map_err(CsError::from)?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn list_groups(
+        &self,
+        req: Request<pb::ListGroupsRequest>,
+    ) -> Res<pb::ListGroupsResponse> {
+        admin(&req)?;
+        let groups = self.store.list_groups().await.map_err(CsError::from)?;
+        Ok(Response::new(pb::ListGroupsResponse {
+            groups: groups.iter().map(convert::group_to_proto).collect(),
+        }))
+    }
+
+    async fn cut_group_point(
+        &self,
+        req: Request<pb::GroupRequest>,
+    ) -> Res<pb::CutGroupPointResponse> {
+        admin(&req)?;
+        let name = req.into_inner().name;
+        let g = self
+            .store
+            .get_group(&name)
+            .await
+            .map_err(CsError::from)?
+            .ok_or_else(|| Status::not_found(format!("no consistency group {name}")))?;
+        let p = cut_group_point(
+            self.bus.as_ref(),
+            &g,
+            self.lifecycle.settings().command_timeout,
+        )
+        .await?;
+        Ok(Response::new(pb::CutGroupPointResponse {
+            tag_id: p.tag,
+            members: p.members,
+        }))
+    }
+}

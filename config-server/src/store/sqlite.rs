@@ -1,0 +1,806 @@
+//! The SQLite engine of [`Store`] (the default; DESIGN.md §8 "State").
+//!
+//! One database file opened in WAL mode with `synchronous=FULL`, so every
+//! committed write has reached the disk before the call returns and a CS
+//! crash or power loss loses nothing it acknowledged. The schema lives in
+//! `migrations/` and is embedded with `sqlx::migrate!`, applied at open.
+//! Queries are plain runtime SQL (no compile-time checking), so building the
+//! crate needs no database.
+
+use super::*;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::Row;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The SQLite store. Cheap to clone (a connection pool).
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    path: PathBuf,
+}
+
+fn q(what: &str) -> impl FnOnce(sqlx::Error) -> StoreError + '_ {
+    move |e| StoreError::Query {
+        what: what.to_string(),
+        message: e.to_string(),
+    }
+}
+
+fn corrupt(what: &str, message: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        what: what.to_string(),
+        message: message.into(),
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> String {
+    // Serializing our own plain structs cannot fail.
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T, StoreError> {
+    serde_json::from_str(s).map_err(|e| corrupt(what, format!("{e} in {s:?}")))
+}
+
+fn get<'r, T>(row: &'r SqliteRow, col: &str, what: &str) -> Result<T, StoreError>
+where
+    T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
+{
+    row.try_get(col)
+        .map_err(|e| corrupt(what, format!("column {col}: {e}")))
+}
+
+fn get_u64(row: &SqliteRow, col: &str, what: &str) -> Result<u64, StoreError> {
+    Ok(get::<i64>(row, col, what)? as u64)
+}
+
+fn role_of(s: &str, what: &str) -> Result<Role, StoreError> {
+    Role::parse(s).ok_or_else(|| corrupt(what, format!("unknown role {s:?}")))
+}
+
+impl SqliteStore {
+    /// Opens (creating when missing) the database at `path` and migrates it.
+    pub async fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let shown = path.display().to_string();
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await
+            .map_err(|e| StoreError::Open {
+                path: shown.clone(),
+                message: e.to_string(),
+            })?;
+        sqlx::migrate!("./migrations")
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Migrate {
+                path: shown,
+                message: e.to_string(),
+            })?;
+        Ok(SqliteStore {
+            pool,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Closes the pool (waits for connections to return).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    fn component_row(row: &SqliteRow) -> Result<Component, StoreError> {
+        let w = "reading a component";
+        let addresses: String = get(row, "addresses", w)?;
+        Ok(Component {
+            role: role_of(&get::<String>(row, "role", w)?, w)?,
+            id: get(row, "id", w)?,
+            site: get(row, "site", w)?,
+            version: get(row, "version", w)?,
+            addresses: from_json(w, &addresses)?,
+            cert_serial: get(row, "cert_serial", w)?,
+            cert_fingerprint: get(row, "cert_fingerprint", w)?,
+            enrolled_ms: get_u64(row, "enrolled_ms", w)?,
+            last_heartbeat_ms: get_u64(row, "last_heartbeat_ms", w)?,
+            health: Health::parse(&get::<String>(row, "health", w)?)
+                .ok_or_else(|| corrupt(w, "unknown health"))?,
+            status: get(row, "status", w)?,
+            status_ms: get_u64(row, "status_ms", w)?,
+            revoked: get::<i64>(row, "revoked", w)? != 0,
+        })
+    }
+
+    async fn machine_from_row(&self, row: &SqliteRow) -> Result<Machine, StoreError> {
+        let w = "reading a machine";
+        let id: String = get(row, "id", w)?;
+        let disks = sqlx::query("SELECT idx, name, size FROM disks WHERE machine = ? ORDER BY idx")
+            .bind(&id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("reading a machine's disks"))?
+            .iter()
+            .map(|r| {
+                Ok(Disk {
+                    index: get::<i64>(r, "idx", w)? as u32,
+                    name: get(r, "name", w)?,
+                    size: get_u64(r, "size", w)?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(Machine {
+            policy: from_json(w, &get::<String>(row, "policy", w)?)?,
+            site: get(row, "site", w)?,
+            group: get(row, "grp", w)?,
+            created_ms: get_u64(row, "created_ms", w)?,
+            disks,
+            id,
+        })
+    }
+
+    fn replication_row(row: &SqliteRow) -> Result<Replication, StoreError> {
+        let w = "reading a replication";
+        let state: String = get(row, "state", w)?;
+        let fp: Option<String> = get(row, "failover_point", w)?;
+        Ok(Replication {
+            id: get(row, "id", w)?,
+            machine: get(row, "machine", w)?,
+            from_site: get(row, "from_site", w)?,
+            to_site: get(row, "to_site", w)?,
+            ps: get(row, "ps", w)?,
+            mt: get(row, "mt", w)?,
+            policy: from_json(w, &get::<String>(row, "policy", w)?)?,
+            state: ReplState::parse(&state)
+                .ok_or_else(|| corrupt(w, format!("unknown state {state:?}")))?,
+            previous: get(row, "previous", w)?,
+            failover_point: match fp {
+                Some(s) => Some(from_json(w, &s)?),
+                None => None,
+            },
+            created_ms: get_u64(row, "created_ms", w)?,
+            updated_ms: get_u64(row, "updated_ms", w)?,
+        })
+    }
+
+    fn group_row(row: &SqliteRow) -> Result<Group, StoreError> {
+        let w = "reading a consistency group";
+        Ok(Group {
+            name: get(row, "name", w)?,
+            machines: from_json(w, &get::<String>(row, "machines", w)?)?,
+            hold_ms: get::<i64>(row, "hold_ms", w)? as u32,
+            interval_secs: get::<i64>(row, "interval_secs", w)? as u32,
+            app: get::<i64>(row, "app", w)? != 0,
+        })
+    }
+
+    async fn job_from_row(&self, row: &SqliteRow) -> Result<Job, StoreError> {
+        let w = "reading a job";
+        let id: String = get(row, "id", w)?;
+        let steps = sqlx::query("SELECT * FROM job_steps WHERE job = ? ORDER BY idx")
+            .bind(&id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("reading a job's steps"))?
+            .iter()
+            .map(|r| {
+                let state: String = get(r, "state", w)?;
+                Ok(JobStep {
+                    index: get::<i64>(r, "idx", w)? as u32,
+                    name: get(r, "name", w)?,
+                    action: get(r, "action", w)?,
+                    state: StepState::parse(&state)
+                        .ok_or_else(|| corrupt(w, format!("unknown step state {state:?}")))?,
+                    detail: get(r, "detail", w)?,
+                    error: get(r, "error", w)?,
+                    started_ms: get_u64(r, "started_ms", w)?,
+                    ended_ms: get_u64(r, "ended_ms", w)?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let state: String = get(row, "state", w)?;
+        Ok(Job {
+            kind: get(row, "kind", w)?,
+            machines: from_json(w, &get::<String>(row, "machines", w)?)?,
+            plan: get(row, "plan", w)?,
+            spec: get(row, "spec", w)?,
+            data: get(row, "data", w)?,
+            state: JobState::parse(&state)
+                .ok_or_else(|| corrupt(w, format!("unknown job state {state:?}")))?,
+            progress: get::<i64>(row, "progress", w)? as u32,
+            status: get(row, "status", w)?,
+            error: get(row, "error", w)?,
+            warnings: from_json(w, &get::<String>(row, "warnings", w)?)?,
+            created_ms: get_u64(row, "created_ms", w)?,
+            started_ms: get_u64(row, "started_ms", w)?,
+            ended_ms: get_u64(row, "ended_ms", w)?,
+            steps,
+            id,
+        })
+    }
+}
+
+impl Store for SqliteStore {
+    fn get_setting<'a>(&'a self, key: &'a str) -> BoxFut<'a, Option<Vec<u8>>> {
+        Box::pin(async move {
+            let row = sqlx::query("SELECT value FROM settings WHERE key = ?")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(q("reading a setting"))?;
+            row.map(|r| get::<Vec<u8>>(&r, "value", "reading a setting"))
+                .transpose()
+        })
+    }
+
+    fn put_setting<'a>(&'a self, key: &'a str, value: &'a [u8]) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            sqlx::query(
+                "INSERT INTO settings (key, value) VALUES (?, ?)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            )
+            .bind(key)
+            .bind(value)
+            .execute(&self.pool)
+            .await
+            .map_err(q("writing a setting"))?;
+            Ok(())
+        })
+    }
+
+    fn add_site<'a>(&'a self, name: &'a str) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            sqlx::query("INSERT OR IGNORE INTO sites (name, created_ms) VALUES (?, ?)")
+                .bind(name)
+                .bind(now_ms() as i64)
+                .execute(&self.pool)
+                .await
+                .map_err(q("adding a site"))?;
+            Ok(())
+        })
+    }
+
+    fn list_sites(&self) -> BoxFut<'_, Vec<String>> {
+        Box::pin(async move {
+            sqlx::query("SELECT name FROM sites ORDER BY name")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(q("listing sites"))?
+                .iter()
+                .map(|r| get(r, "name", "listing sites"))
+                .collect()
+        })
+    }
+
+    fn put_component<'a>(&'a self, c: &'a Component) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            sqlx::query(
+                "INSERT OR REPLACE INTO components (role, id, site, version, addresses,
+                   cert_serial, cert_fingerprint, enrolled_ms, last_heartbeat_ms, health,
+                   status, status_ms, revoked)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(c.role.as_str())
+            .bind(&c.id)
+            .bind(&c.site)
+            .bind(&c.version)
+            .bind(json(&c.addresses))
+            .bind(&c.cert_serial)
+            .bind(&c.cert_fingerprint)
+            .bind(c.enrolled_ms as i64)
+            .bind(c.last_heartbeat_ms as i64)
+            .bind(c.health.as_str())
+            .bind(&c.status)
+            .bind(c.status_ms as i64)
+            .bind(c.revoked as i64)
+            .execute(&self.pool)
+            .await
+            .map_err(q("writing a component"))?;
+            Ok(())
+        })
+    }
+
+    fn get_component<'a>(&'a self, role: Role, id: &'a str) -> BoxFut<'a, Option<Component>> {
+        Box::pin(async move {
+            let row = sqlx::query("SELECT * FROM components WHERE role = ? AND id = ?")
+                .bind(role.as_str())
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(q("reading a component"))?;
+            row.as_ref().map(Self::component_row).transpose()
+        })
+    }
+
+    fn list_components(&self) -> BoxFut<'_, Vec<Component>> {
+        Box::pin(async move {
+            sqlx::query("SELECT * FROM components ORDER BY role, id")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(q("listing components"))?
+                .iter()
+                .map(Self::component_row)
+                .collect()
+        })
+    }
+
+    fn set_heartbeat<'a>(&'a self, role: Role, id: &'a str, time_ms: u64) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            sqlx::query("UPDATE components SET last_heartbeat_ms = ? WHERE role = ? AND id = ?")
+                .bind(time_ms as i64)
+                .bind(role.as_str())
+                .bind(id)
+                .execute(&self.pool)
+                .await
+                .map_err(q("recording a heartbeat"))?;
+            Ok(())
+        })
+    }
+
+    fn set_health<'a>(&'a self, role: Role, id: &'a str, health: Health) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            sqlx::query("UPDATE components SET health = ? WHERE role = ? AND id = ?")
+                .bind(health.as_str())
+                .bind(role.as_str())
+                .bind(id)
+                .execute(&self.pool)
+                .await
+                .map_err(q("recording a component's health"))?;
+            Ok(())
+        })
+    }
+
+    fn set_status<'a>(
+        &'a self,
+        role: Role,
+        id: &'a str,
+        status: &'a [u8],
+        time_ms: u64,
+    ) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            sqlx::query(
+                "UPDATE components SET status = ?, status_ms = ?, last_heartbeat_ms = ?
+                 WHERE role = ? AND id = ?",
+            )
+            .bind(status)
+            .bind(time_ms as i64)
+            .bind(time_ms as i64)
+            .bind(role.as_str())
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("recording a component's status"))?;
+            Ok(())
+        })
+    }
+
+    fn put_machine<'a>(&'a self, m: &'a Machine) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            let w = "writing a machine";
+            let mut tx = self.pool.begin().await.map_err(q(w))?;
+            sqlx::query(
+                "INSERT INTO machines (id, site, policy, grp, created_ms) VALUES (?, ?, ?, ?, ?)
+                 ON CONFLICT(id) DO UPDATE SET site = excluded.site, policy = excluded.policy,
+                   grp = excluded.grp",
+            )
+            .bind(&m.id)
+            .bind(&m.site)
+            .bind(json(&m.policy))
+            .bind(&m.group)
+            .bind(m.created_ms as i64)
+            .execute(&mut *tx)
+            .await
+            .map_err(q(w))?;
+            sqlx::query("DELETE FROM disks WHERE machine = ?")
+                .bind(&m.id)
+                .execute(&mut *tx)
+                .await
+                .map_err(q(w))?;
+            for d in &m.disks {
+                sqlx::query("INSERT INTO disks (machine, idx, name, size) VALUES (?, ?, ?, ?)")
+                    .bind(&m.id)
+                    .bind(d.index as i64)
+                    .bind(&d.name)
+                    .bind(d.size as i64)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(q(w))?;
+            }
+            tx.commit().await.map_err(q(w))
+        })
+    }
+
+    fn get_machine<'a>(&'a self, id: &'a str) -> BoxFut<'a, Option<Machine>> {
+        Box::pin(async move {
+            let row = sqlx::query("SELECT * FROM machines WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(q("reading a machine"))?;
+            match row {
+                Some(r) => Ok(Some(self.machine_from_row(&r).await?)),
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn list_machines(&self) -> BoxFut<'_, Vec<Machine>> {
+        Box::pin(async move {
+            let rows = sqlx::query("SELECT * FROM machines ORDER BY id")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(q("listing machines"))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in &rows {
+                out.push(self.machine_from_row(r).await?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn put_replication<'a>(&'a self, r: &'a Replication) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            sqlx::query(
+                "INSERT INTO replications (id, machine, from_site, to_site, ps, mt, policy, state,
+                   previous, failover_point, created_ms, updated_ms, ord)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
+                   (SELECT COALESCE(MAX(ord), 0) + 1 FROM replications))
+                 ON CONFLICT(id) DO UPDATE SET from_site = excluded.from_site,
+                   to_site = excluded.to_site, ps = excluded.ps, mt = excluded.mt,
+                   policy = excluded.policy, state = excluded.state,
+                   previous = excluded.previous, failover_point = excluded.failover_point,
+                   updated_ms = excluded.updated_ms",
+            )
+            .bind(&r.id)
+            .bind(&r.machine)
+            .bind(&r.from_site)
+            .bind(&r.to_site)
+            .bind(&r.ps)
+            .bind(&r.mt)
+            .bind(json(&r.policy))
+            .bind(r.state.as_str())
+            .bind(&r.previous)
+            .bind(r.failover_point.as_ref().map(json))
+            .bind(r.created_ms as i64)
+            .bind(r.updated_ms as i64)
+            .execute(&self.pool)
+            .await
+            .map_err(q("writing a replication"))?;
+            Ok(())
+        })
+    }
+
+    fn get_replication<'a>(&'a self, id: &'a str) -> BoxFut<'a, Option<Replication>> {
+        Box::pin(async move {
+            let row = sqlx::query("SELECT * FROM replications WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(q("reading a replication"))?;
+            row.as_ref().map(Self::replication_row).transpose()
+        })
+    }
+
+    fn current_replication<'a>(&'a self, machine: &'a str) -> BoxFut<'a, Option<Replication>> {
+        Box::pin(async move {
+            let row = sqlx::query(
+                "SELECT * FROM replications WHERE machine = ? ORDER BY ord DESC LIMIT 1",
+            )
+            .bind(machine)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("reading a machine's replication"))?;
+            row.as_ref().map(Self::replication_row).transpose()
+        })
+    }
+
+    fn list_replications<'a>(&'a self, machine: Option<&'a str>) -> BoxFut<'a, Vec<Replication>> {
+        Box::pin(async move {
+            let rows = match machine {
+                Some(m) => {
+                    sqlx::query("SELECT * FROM replications WHERE machine = ? ORDER BY ord")
+                        .bind(m)
+                        .fetch_all(&self.pool)
+                        .await
+                }
+                None => {
+                    sqlx::query("SELECT * FROM replications ORDER BY ord")
+                        .fetch_all(&self.pool)
+                        .await
+                }
+            }
+            .map_err(q("listing replications"))?;
+            rows.iter().map(Self::replication_row).collect()
+        })
+    }
+
+    fn put_group<'a>(&'a self, g: &'a Group) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            sqlx::query(
+                "INSERT OR REPLACE INTO consistency_groups (name, machines, hold_ms, interval_secs, app)
+                 VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(&g.name)
+            .bind(json(&g.machines))
+            .bind(g.hold_ms as i64)
+            .bind(g.interval_secs as i64)
+            .bind(g.app as i64)
+            .execute(&self.pool)
+            .await
+            .map_err(q("writing a consistency group"))?;
+            Ok(())
+        })
+    }
+
+    fn get_group<'a>(&'a self, name: &'a str) -> BoxFut<'a, Option<Group>> {
+        Box::pin(async move {
+            let row = sqlx::query("SELECT * FROM consistency_groups WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(q("reading a consistency group"))?;
+            row.as_ref().map(Self::group_row).transpose()
+        })
+    }
+
+    fn list_groups(&self) -> BoxFut<'_, Vec<Group>> {
+        Box::pin(async move {
+            sqlx::query("SELECT * FROM consistency_groups ORDER BY name")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(q("listing consistency groups"))?
+                .iter()
+                .map(Self::group_row)
+                .collect()
+        })
+    }
+
+    fn delete_group<'a>(&'a self, name: &'a str) -> BoxFut<'a, bool> {
+        Box::pin(async move {
+            let r = sqlx::query("DELETE FROM consistency_groups WHERE name = ?")
+                .bind(name)
+                .execute(&self.pool)
+                .await
+                .map_err(q("deleting a consistency group"))?;
+            Ok(r.rows_affected() > 0)
+        })
+    }
+
+    fn put_plan<'a>(&'a self, p: &'a Plan) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            sqlx::query("INSERT OR REPLACE INTO plans (name, body) VALUES (?, ?)")
+                .bind(&p.name)
+                .bind(json(p))
+                .execute(&self.pool)
+                .await
+                .map_err(q("writing a recovery plan"))?;
+            Ok(())
+        })
+    }
+
+    fn get_plan<'a>(&'a self, name: &'a str) -> BoxFut<'a, Option<Plan>> {
+        Box::pin(async move {
+            let row = sqlx::query("SELECT body FROM plans WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(q("reading a recovery plan"))?;
+            let w = "reading a recovery plan";
+            row.map(|r| from_json(w, &get::<String>(&r, "body", w)?))
+                .transpose()
+        })
+    }
+
+    fn list_plans(&self) -> BoxFut<'_, Vec<Plan>> {
+        Box::pin(async move {
+            let w = "listing recovery plans";
+            sqlx::query("SELECT body FROM plans ORDER BY name")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(q(w))?
+                .iter()
+                .map(|r| from_json(w, &get::<String>(r, "body", w)?))
+                .collect()
+        })
+    }
+
+    fn delete_plan<'a>(&'a self, name: &'a str) -> BoxFut<'a, bool> {
+        Box::pin(async move {
+            let r = sqlx::query("DELETE FROM plans WHERE name = ?")
+                .bind(name)
+                .execute(&self.pool)
+                .await
+                .map_err(q("deleting a recovery plan"))?;
+            Ok(r.rows_affected() > 0)
+        })
+    }
+
+    fn put_job<'a>(&'a self, j: &'a Job) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            let w = "writing a job";
+            let mut tx = self.pool.begin().await.map_err(q(w))?;
+            sqlx::query(
+                "INSERT INTO jobs (id, kind, machines, plan, spec, data, state, progress, status,
+                   error, warnings, created_ms, started_ms, ended_ms, ord)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
+                   (SELECT COALESCE(MAX(ord), 0) + 1 FROM jobs))
+                 ON CONFLICT(id) DO UPDATE SET data = excluded.data, state = excluded.state,
+                   progress = excluded.progress, status = excluded.status,
+                   error = excluded.error, warnings = excluded.warnings,
+                   started_ms = excluded.started_ms, ended_ms = excluded.ended_ms",
+            )
+            .bind(&j.id)
+            .bind(&j.kind)
+            .bind(json(&j.machines))
+            .bind(&j.plan)
+            .bind(&j.spec)
+            .bind(&j.data)
+            .bind(j.state.as_str())
+            .bind(j.progress as i64)
+            .bind(&j.status)
+            .bind(&j.error)
+            .bind(json(&j.warnings))
+            .bind(j.created_ms as i64)
+            .bind(j.started_ms as i64)
+            .bind(j.ended_ms as i64)
+            .execute(&mut *tx)
+            .await
+            .map_err(q(w))?;
+            sqlx::query("DELETE FROM job_steps WHERE job = ?")
+                .bind(&j.id)
+                .execute(&mut *tx)
+                .await
+                .map_err(q(w))?;
+            for s in &j.steps {
+                sqlx::query(
+                    "INSERT INTO job_steps (job, idx, name, action, state, detail, error,
+                       started_ms, ended_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(&j.id)
+                .bind(s.index as i64)
+                .bind(&s.name)
+                .bind(&s.action)
+                .bind(s.state.as_str())
+                .bind(&s.detail)
+                .bind(&s.error)
+                .bind(s.started_ms as i64)
+                .bind(s.ended_ms as i64)
+                .execute(&mut *tx)
+                .await
+                .map_err(q(w))?;
+            }
+            tx.commit().await.map_err(q(w))
+        })
+    }
+
+    fn get_job<'a>(&'a self, id: &'a str) -> BoxFut<'a, Option<Job>> {
+        Box::pin(async move {
+            let row = sqlx::query("SELECT * FROM jobs WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(q("reading a job"))?;
+            match row {
+                Some(r) => Ok(Some(self.job_from_row(&r).await?)),
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn list_jobs<'a>(&'a self, filter: &'a JobFilter) -> BoxFut<'a, Vec<Job>> {
+        Box::pin(async move {
+            let limit = if filter.limit == 0 { 100 } else { filter.limit };
+            let rows = sqlx::query(
+                "SELECT * FROM jobs
+                 WHERE (? = 0 OR state IN ('pending', 'running'))
+                   AND (? IS NULL OR EXISTS (SELECT 1 FROM json_each(jobs.machines) WHERE value = ?))
+                 ORDER BY ord DESC LIMIT ?",
+            )
+            .bind(filter.active_only as i64)
+            .bind(filter.machine.as_deref())
+            .bind(filter.machine.as_deref())
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("listing jobs"))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in &rows {
+                out.push(self.job_from_row(r).await?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn put_point_summary<'a>(
+        &'a self,
+        replication: &'a str,
+        s: &'a PointSummary,
+    ) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            sqlx::query("INSERT OR REPLACE INTO point_summaries (replication, body) VALUES (?, ?)")
+                .bind(replication)
+                .bind(json(s))
+                .execute(&self.pool)
+                .await
+                .map_err(q("writing a recovery-point summary"))?;
+            Ok(())
+        })
+    }
+
+    fn get_point_summary<'a>(&'a self, replication: &'a str) -> BoxFut<'a, Option<PointSummary>> {
+        Box::pin(async move {
+            let w = "reading a recovery-point summary";
+            let row = sqlx::query("SELECT body FROM point_summaries WHERE replication = ?")
+                .bind(replication)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(q(w))?;
+            row.map(|r| from_json(w, &get::<String>(&r, "body", w)?))
+                .transpose()
+        })
+    }
+
+    fn add_event<'a>(&'a self, e: &'a Event) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            let w = "recording an event";
+            let mut tx = self.pool.begin().await.map_err(q(w))?;
+            sqlx::query(
+                "INSERT INTO events (time_ms, component, severity, kind, message, replication)
+                 VALUES (?, ?, ?, ?, ?, ?)",
+            )
+            .bind(e.time_ms as i64)
+            .bind(&e.component)
+            .bind(&e.severity)
+            .bind(&e.kind)
+            .bind(&e.message)
+            .bind(&e.replication)
+            .execute(&mut *tx)
+            .await
+            .map_err(q(w))?;
+            // Keep the newest 10 000 events.
+            sqlx::query("DELETE FROM events WHERE seq <= (SELECT MAX(seq) FROM events) - 10000")
+                .execute(&mut *tx)
+                .await
+                .map_err(q(w))?;
+            tx.commit().await.map_err(q(w))
+        })
+    }
+
+    fn recent_events(&self, limit: u32) -> BoxFut<'_, Vec<Event>> {
+        Box::pin(async move {
+            let w = "listing events";
+            sqlx::query("SELECT * FROM events ORDER BY seq DESC LIMIT ?")
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(q(w))?
+                .iter()
+                .map(|r| {
+                    Ok(Event {
+                        time_ms: get_u64(r, "time_ms", w)?,
+                        component: get(r, "component", w)?,
+                        severity: get(r, "severity", w)?,
+                        kind: get(r, "kind", w)?,
+                        message: get(r, "message", w)?,
+                        replication: get(r, "replication", w)?,
+                    })
+                })
+                .collect()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

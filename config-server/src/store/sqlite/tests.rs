@@ -1,0 +1,243 @@
+//! Round trips through a real SQLite file, and persistence across a reopen
+//! (what a CS restart sees).
+
+use super::*;
+
+fn component(role: Role, id: &str) -> Component {
+    let mut c = Component::new(role, id);
+    c.site = "onprem".into();
+    c.addresses = vec!["127.0.0.1:9443".into()];
+    c.cert_serial = "0a0b".into();
+    c.cert_fingerprint = "ff".into();
+    c.enrolled_ms = 5;
+    c
+}
+
+fn machine(id: &str) -> Machine {
+    Machine {
+        id: id.into(),
+        site: "onprem".into(),
+        disks: vec![
+            Disk {
+                index: 0,
+                name: "disk0".into(),
+                size: 1 << 30,
+            },
+            Disk {
+                index: 1,
+                name: "log".into(),
+                size: u64::MAX - 1,
+            },
+        ],
+        policy: Policy::default(),
+        group: "g1".into(),
+        created_ms: 7,
+    }
+}
+
+fn replication(id: &str, machine: &str) -> Replication {
+    Replication {
+        id: id.into(),
+        machine: machine.into(),
+        from_site: "onprem".into(),
+        to_site: "azure".into(),
+        ps: "ps1".into(),
+        mt: "mt1".into(),
+        policy: Policy::default(),
+        state: ReplState::InitialSync,
+        previous: String::new(),
+        failover_point: None,
+        created_ms: 1,
+        updated_ms: 1,
+    }
+}
+
+fn job(id: &str) -> Job {
+    Job {
+        id: id.into(),
+        kind: "failover".into(),
+        machines: vec!["m1".into(), "m2".into()],
+        plan: String::new(),
+        spec: "{}".into(),
+        data: "{}".into(),
+        state: JobState::Running,
+        progress: 50,
+        status: "rolling back m1".into(),
+        error: String::new(),
+        warnings: vec!["freeze failed".into()],
+        created_ms: 1,
+        started_ms: 2,
+        ended_ms: 0,
+        steps: vec![
+            JobStep {
+                index: 0,
+                name: "check".into(),
+                action: "\"Check\"".into(),
+                state: StepState::Done,
+                detail: String::new(),
+                error: String::new(),
+                started_ms: 2,
+                ended_ms: 3,
+            },
+            JobStep {
+                index: 1,
+                name: "rollback m1".into(),
+                action: "{}".into(),
+                state: StepState::Running,
+                detail: "x".into(),
+                error: String::new(),
+                started_ms: 3,
+                ended_ms: 0,
+            },
+        ],
+    }
+}
+
+#[tokio::test]
+async fn roundtrips_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cs.db");
+    {
+        let s = SqliteStore::open(&path).await.unwrap();
+        s.put_setting("salt", b"abc").await.unwrap();
+        s.add_site("onprem").await.unwrap();
+        s.add_site("azure").await.unwrap();
+        s.add_site("azure").await.unwrap();
+        s.put_component(&component(Role::Agent, "m1"))
+            .await
+            .unwrap();
+        s.put_component(&component(Role::Ps, "ps1")).await.unwrap();
+        s.set_heartbeat(Role::Agent, "m1", 99).await.unwrap();
+        s.set_health(Role::Agent, "m1", Health::Online)
+            .await
+            .unwrap();
+        s.set_status(Role::Ps, "ps1", &[1, 2, 3], 100)
+            .await
+            .unwrap();
+        s.put_machine(&machine("m1")).await.unwrap();
+        s.put_replication(&replication("r1", "m1")).await.unwrap();
+        let mut r2 = replication("r2", "m1");
+        r2.state = ReplState::WaitingForAgent;
+        r2.previous = "r1".into();
+        r2.failover_point = Some(Point {
+            id: "p1".into(),
+            kind: "app".into(),
+            time_ms: 3,
+            seq: u64::MAX,
+            group: String::new(),
+        });
+        s.put_replication(&r2).await.unwrap();
+        s.put_group(&Group {
+            name: "g1".into(),
+            machines: vec!["m1".into()],
+            hold_ms: 100,
+            interval_secs: 60,
+            app: false,
+        })
+        .await
+        .unwrap();
+        s.put_plan(&Plan {
+            name: "p".into(),
+            groups: vec![PlanGroup {
+                machines: vec!["m1".into()],
+                pre_hook: "true".into(),
+                post_hook: String::new(),
+            }],
+            consistency_group: "g1".into(),
+        })
+        .await
+        .unwrap();
+        s.put_job(&job("j1")).await.unwrap();
+        let mut j2 = job("j2");
+        j2.machines = vec!["m3".into()];
+        j2.state = JobState::Succeeded;
+        s.put_job(&j2).await.unwrap();
+        s.put_point_summary(
+            "r1",
+            &PointSummary {
+                applied_seq: 10,
+                count: 2,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        s.add_event(&Event {
+            time_ms: 1,
+            component: "agent:m1".into(),
+            severity: "warning".into(),
+            kind: "freeze-failed".into(),
+            message: "freeze timed out".into(),
+            replication: "r1".into(),
+        })
+        .await
+        .unwrap();
+        s.close().await;
+    }
+    // A restart: everything is still there.
+    let s = SqliteStore::open(&path).await.unwrap();
+    assert_eq!(s.get_setting("salt").await.unwrap().unwrap(), b"abc");
+    assert_eq!(s.get_setting("nope").await.unwrap(), None);
+    assert_eq!(s.list_sites().await.unwrap(), vec!["azure", "onprem"]);
+    let a = s.get_component(Role::Agent, "m1").await.unwrap().unwrap();
+    assert_eq!(a.last_heartbeat_ms, 99);
+    assert_eq!(a.health, Health::Online);
+    assert_eq!(a.addresses, vec!["127.0.0.1:9443"]);
+    let p = s.get_component(Role::Ps, "ps1").await.unwrap().unwrap();
+    assert_eq!(p.status, vec![1, 2, 3]);
+    assert_eq!(p.status_ms, 100);
+    assert_eq!(s.list_components().await.unwrap().len(), 2);
+    assert_eq!(s.get_machine("m1").await.unwrap().unwrap(), machine("m1"));
+    assert_eq!(s.list_machines().await.unwrap().len(), 1);
+    let cur = s.current_replication("m1").await.unwrap().unwrap();
+    assert_eq!(cur.id, "r2");
+    assert_eq!(cur.state, ReplState::WaitingForAgent);
+    assert_eq!(cur.failover_point.unwrap().seq, u64::MAX);
+    assert_eq!(s.list_replications(Some("m1")).await.unwrap().len(), 2);
+    assert_eq!(
+        s.get_replication("r1").await.unwrap().unwrap(),
+        replication("r1", "m1")
+    );
+    assert_eq!(s.list_groups().await.unwrap()[0].hold_ms, 100);
+    assert_eq!(
+        s.get_plan("p").await.unwrap().unwrap().machines(),
+        vec!["m1"]
+    );
+    assert_eq!(s.get_job("j1").await.unwrap().unwrap(), job("j1"));
+    let active = s
+        .list_jobs(&JobFilter {
+            active_only: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(active.len(), 1);
+    let all = s.list_jobs(&JobFilter::default()).await.unwrap();
+    assert_eq!(all[0].id, "j2", "newest first");
+    let m3 = s
+        .list_jobs(&JobFilter {
+            machine: Some("m3".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(m3.len(), 1);
+    assert_eq!(s.get_point_summary("r1").await.unwrap().unwrap().count, 2);
+    assert_eq!(s.recent_events(10).await.unwrap()[0].kind, "freeze-failed");
+    assert!(s.delete_plan("p").await.unwrap());
+    assert!(!s.delete_plan("p").await.unwrap());
+    assert!(s.delete_group("g1").await.unwrap());
+}
+
+#[tokio::test]
+async fn open_in_a_missing_dir_says_what_to_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let Err(e) = SqliteStore::open(&dir.path().join("no/such/dir/cs.db")).await else {
+        panic!("opened a database in a missing directory");
+    };
+    let msg = e.to_string();
+    assert!(
+        msg.contains("no/such/dir/cs.db") && msg.contains("config key db"),
+        "{msg}"
+    );
+}

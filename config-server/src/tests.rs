@@ -1,0 +1,544 @@
+//! The configuration server in-process over real TLS: `init`, then [`run`]
+//! on port 0, then enrollment, the control channel and operator RPCs as the
+//! components and the CLI use them.
+
+use crate::store::{now_ms, Health, Machine, Policy, ReplState, Replication, SqliteStore, Store};
+use crate::{enroll, init, run, Config};
+use rebound_common::pki::{peer_identity, Role};
+use rebound_common::tls::TlsFiles;
+use rebound_proto::control as pb;
+use rebound_proto::control::admin_client::AdminClient;
+use rebound_proto::control::control_client::ControlClient;
+use rebound_proto::control::{component_message, server_message, ComponentMessage, ServerMessage};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
+
+struct Cs {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    addr: String,
+    passphrase: String,
+    db: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), crate::CsError>>,
+}
+
+impl Cs {
+    async fn start() -> Cs {
+        rebound_common::tls::install_crypto_provider();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("cs");
+        let out = init::init(&dir, &[], None).await.unwrap();
+        let mut cfg: Config = rebound_common::config::load(Some(&out.config_file)).unwrap();
+        cfg.heartbeat_secs = 0.1;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let db = cfg.db.clone();
+        let task = tokio::spawn(run(cfg, listener, async move {
+            let _ = stopped.await;
+        }));
+        Cs {
+            _tmp: tmp,
+            dir,
+            addr,
+            passphrase: out.passphrase,
+            db,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Stops the CS; the returned dir keeps its files alive.
+    async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let r = tokio::time::timeout(Duration::from_secs(10), &mut self.task)
+            .await
+            .expect("CS stopped in time");
+        r.unwrap().unwrap();
+        self._tmp
+    }
+
+    /// A second handle on the CS database (WAL allows it).
+    async fn store(&self) -> SqliteStore {
+        SqliteStore::open(&self.db).await.unwrap()
+    }
+
+    async fn channel(&self, files: &TlsFiles) -> Channel {
+        files.connect(&self.addr, "localhost").await.unwrap()
+    }
+
+    async fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::new(self.channel(&TlsFiles::in_dir(&self.dir, "admin")).await)
+    }
+
+    /// Enrolls `role:id` into `<tmp>/<role>-<id>` and returns its TLS files.
+    async fn enrolled(&self, role: Role, id: &str) -> TlsFiles {
+        let out = self.dir.parent().unwrap().join(format!("{role}-{id}"));
+        enroll(&self.addr, &self.passphrase, role, id, &out)
+            .await
+            .unwrap();
+        TlsFiles::in_dir(&out, role.as_str())
+    }
+}
+
+fn hello(role: &str, id: &str, site: &str, instance: &str) -> pb::Hello {
+    pb::Hello {
+        role: role.into(),
+        id: id.into(),
+        version: "test".into(),
+        site: site.into(),
+        addresses: vec![],
+        disks: vec![pb::Disk {
+            index: 0,
+            name: "disk0".into(),
+            size: 1 << 20,
+        }],
+        writable: true,
+        replication_id: String::new(),
+        instance: instance.into(),
+    }
+}
+
+fn up(msg: component_message::Msg) -> ComponentMessage {
+    ComponentMessage { msg: Some(msg) }
+}
+
+/// Opens a control stream and reads the welcome.
+async fn connect(
+    ch: Channel,
+    h: pb::Hello,
+) -> Result<(mpsc::Sender<ComponentMessage>, Streaming<ServerMessage>), tonic::Status> {
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(up(component_message::Msg::Hello(h))).await.unwrap();
+    let mut down = ControlClient::new(ch)
+        .channel(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    match down.message().await? {
+        Some(ServerMessage {
+            msg: Some(server_message::Msg::Welcome(w)),
+        }) => assert_eq!(w.heartbeat_ms, 100),
+        other => panic!("expected a welcome, got {other:?}"),
+    }
+    Ok((tx, down))
+}
+
+async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let t0 = Instant::now();
+    while !f().await {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn files_in(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
+
+#[tokio::test]
+async fn enrollment_over_tls_with_right_and_wrong_passphrase() {
+    let cs = Cs::start().await;
+    let out = cs.dir.parent().unwrap().join("agent-m1");
+    let e = enroll(&cs.addr, &cs.passphrase, Role::Agent, "m1", &out)
+        .await
+        .unwrap();
+    let ca = std::fs::read_to_string(&e.ca).unwrap();
+    assert_eq!(ca, std::fs::read_to_string(cs.dir.join("ca.pem")).unwrap());
+    let pem = std::fs::read_to_string(&e.cert).unwrap();
+    let der = crate::enrollment::first_cert_der(&pem).unwrap();
+    let who = peer_identity(&der).unwrap();
+    assert_eq!((who.role, who.id.as_str()), (Role::Agent, "m1"));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&e.key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let store = cs.store().await;
+    let c = store
+        .get_component(Role::Agent, "m1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.health, Health::Enrolled);
+    assert_eq!(
+        c.cert_fingerprint,
+        crate::enrollment::hex(blake3::hash(&der).as_bytes())
+    );
+    // The enrolled certificate works for mutual TLS right away.
+    let files = TlsFiles {
+        ca: e.ca.clone(),
+        cert: e.cert.clone(),
+        key: e.key.clone(),
+    };
+    connect(
+        cs.channel(&files).await,
+        hello("agent", "m1", "onprem", "a"),
+    )
+    .await
+    .unwrap();
+
+    // Wrong passphrase: a clear refusal, nothing stored, nothing written.
+    let bad = cs.dir.parent().unwrap().join("agent-m9");
+    let err = enroll(&cs.addr, "0000-1111-2222-3333", Role::Agent, "m9", &bad)
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, crate::EnrollError::Refused { .. }), "{msg}");
+    assert!(
+        msg.contains("passphrase is wrong") && msg.contains("agent:m9"),
+        "{msg}"
+    );
+    assert!(store
+        .get_component(Role::Agent, "m9")
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(files_in(&bad), 0);
+    // Roles that must not enroll, and bad ids, are refused by the client.
+    let e = enroll(&cs.addr, &cs.passphrase, Role::Admin, "x", &bad)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("only agent, ps and mt"), "{e}");
+    let e = enroll(&cs.addr, &cs.passphrase, Role::Agent, "a:b", &bad)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("contains ':'"), "{e}");
+    store.close().await;
+    cs.stop().await;
+}
+
+#[tokio::test]
+async fn operator_rpcs_need_an_admin_certificate() {
+    let cs = Cs::start().await;
+    let agent = cs.enrolled(Role::Agent, "m1").await;
+    let mut as_agent = AdminClient::new(cs.channel(&agent).await);
+    let e = as_agent.status(pb::StatusRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    assert!(
+        e.message().contains("agent:m1") && e.message().contains("admin"),
+        "{e}"
+    );
+    let e = as_agent
+        .failover(pb::FailoverRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    // Components may not call the control channel as admin, and vice versa.
+    let admin = TlsFiles::in_dir(&cs.dir, "admin");
+    let e = connect(cs.channel(&admin).await, hello("admin", "admin", "x", "a"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let mut a = cs.admin().await;
+    let s = a.status(pb::StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(s.machines, 0);
+    let e = a
+        .protect(pb::ProtectRequest {
+            machine: "m7".into(),
+            to_site: "azure".into(),
+            ps: "ps1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(e.message().contains("machine m7 is unknown"), "{e}");
+    cs.stop().await;
+}
+
+#[tokio::test]
+async fn split_brain_guard_and_identity_checks() {
+    let cs = Cs::start().await;
+    let m1 = cs.enrolled(Role::Agent, "m1").await;
+    // An agent registers only its own machine.
+    let e = connect(cs.channel(&m1).await, hello("agent", "m2", "onprem", "a"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("may not register as agent:m2"), "{e}");
+
+    let (tx_a, mut down_a) = connect(cs.channel(&m1).await, hello("agent", "m1", "onprem", "a"))
+        .await
+        .unwrap();
+    let hb = tokio::spawn(async move {
+        loop {
+            let m = up(component_message::Msg::Heartbeat(pb::Heartbeat {
+                time_ms: now_ms(),
+            }));
+            if tx_a.send(m).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    });
+    // A second agent for the same machine is refused while the first lives.
+    let e = connect(cs.channel(&m1).await, hello("agent", "m1", "onprem", "b"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(
+        e.message().contains("already has an agent connected"),
+        "{e}"
+    );
+    // An agent at another site is refused while the machine is protected there.
+    let store = cs.store().await;
+    let now = now_ms();
+    let mut r = Replication {
+        id: "m1".into(),
+        machine: "m1".into(),
+        from_site: "onprem".into(),
+        to_site: "azure".into(),
+        ps: "ps1".into(),
+        mt: "mt1".into(),
+        policy: Policy::default(),
+        state: ReplState::Protected,
+        previous: String::new(),
+        failover_point: None,
+        created_ms: now,
+        updated_ms: now,
+    };
+    store.put_replication(&r).await.unwrap();
+    let e = connect(cs.channel(&m1).await, hello("agent", "m1", "azure", "c"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(
+        e.message().contains("only after a failover to azure"),
+        "{e}"
+    );
+    // After the failover moved it, the agent at azure is admitted and the
+    // one at onprem is fenced and dropped.
+    r.state = ReplState::FailedOver;
+    store.put_replication(&r).await.unwrap();
+    let mut m: Machine = store.get_machine("m1").await.unwrap().unwrap();
+    m.site = "azure".into();
+    store.put_machine(&m).await.unwrap();
+    let (_tx_c, _down_c) = connect(cs.channel(&m1).await, hello("agent", "m1", "azure", "c"))
+        .await
+        .unwrap();
+    let fenced = tokio::time::timeout(Duration::from_secs(5), down_a.message())
+        .await
+        .expect("old agent told");
+    match fenced {
+        Ok(Some(ServerMessage {
+            msg: Some(server_message::Msg::Command(c)),
+        })) => assert!(matches!(c.cmd, Some(pb::command::Cmd::Fence(_)))),
+        other => panic!("old agent should get a fence, got {other:?}"),
+    }
+    let end = tokio::time::timeout(Duration::from_secs(5), down_a.message())
+        .await
+        .expect("old stream ends");
+    assert!(
+        !matches!(end, Ok(Some(_))),
+        "old stream should end: {end:?}"
+    );
+    hb.abort();
+    // The old side may not come back.
+    let e = connect(cs.channel(&m1).await, hello("agent", "m1", "onprem", "d"))
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("has moved to site azure"), "{e}");
+    store.close().await;
+    cs.stop().await;
+}
+
+#[tokio::test]
+async fn missed_heartbeats_make_a_component_offline() {
+    let cs = Cs::start().await;
+    let ps = cs.enrolled(Role::Ps, "ps1").await;
+    let mut h = hello("ps", "ps1", "onprem", "a");
+    h.addresses = vec!["127.0.0.1:9443".into()];
+    let (tx, mut down) = connect(cs.channel(&ps).await, h).await.unwrap();
+    let store = cs.store().await;
+    let c = store.get_component(Role::Ps, "ps1").await.unwrap().unwrap();
+    assert_eq!(c.health, Health::Online);
+    assert_eq!(c.addresses, vec!["127.0.0.1:9443"]);
+    // Silence (the stream stays open): offline after 3 × 100 ms.
+    let t0 = Instant::now();
+    eventually("ps1 offline", || async {
+        store
+            .get_component(Role::Ps, "ps1")
+            .await
+            .unwrap()
+            .unwrap()
+            .health
+            == Health::Offline
+    })
+    .await;
+    assert!(
+        t0.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t0.elapsed()
+    );
+    let end = tokio::time::timeout(Duration::from_secs(5), down.message())
+        .await
+        .expect("stream ends");
+    assert!(!matches!(end, Ok(Some(_))));
+    let mut a = cs.admin().await;
+    let s = a.status(pb::StatusRequest {}).await.unwrap().into_inner();
+    let info = s.components.iter().find(|c| c.id == "ps1").unwrap();
+    assert_eq!(info.health, "offline");
+    assert!(s
+        .events
+        .iter()
+        .any(|e| e.kind == "offline" && e.component == "ps:ps1"));
+    drop(tx);
+    store.close().await;
+    cs.stop().await;
+}
+
+#[tokio::test]
+async fn mt_status_and_a_command_round_trip() {
+    let cs = Cs::start().await;
+    let mt = cs.enrolled(Role::Mt, "mt1").await;
+    let store = cs.store().await;
+    let now = now_ms();
+    store
+        .put_machine(&Machine {
+            id: "m1".into(),
+            site: "onprem".into(),
+            disks: vec![],
+            policy: Policy::default(),
+            group: String::new(),
+            created_ms: now,
+        })
+        .await
+        .unwrap();
+    store
+        .put_replication(&Replication {
+            id: "m1".into(),
+            machine: "m1".into(),
+            from_site: "onprem".into(),
+            to_site: "azure".into(),
+            ps: "ps1".into(),
+            mt: "mt1".into(),
+            policy: Policy::default(),
+            state: ReplState::Protected,
+            previous: String::new(),
+            failover_point: None,
+            created_ms: now,
+            updated_ms: now,
+        })
+        .await
+        .unwrap();
+    let (tx, mut down) = connect(cs.channel(&mt).await, hello("mt", "mt1", "azure", "a"))
+        .await
+        .unwrap();
+    let p = |id: &str, seq| pb::Point {
+        id: id.into(),
+        kind: "crash".into(),
+        time_ms: seq,
+        seq,
+        group: String::new(),
+    };
+    tx.send(up(component_message::Msg::Status(pb::Status {
+        status: Some(pb::status::Status::Mt(pb::MtStatus {
+            replications: vec![pb::MtReplicationStatus {
+                replication_id: "m1".into(),
+                machine_id: "m1".into(),
+                points: Some(pb::PointSummary {
+                    applied_seq: 12,
+                    count: 2,
+                    latest: Some(p("t2", 12)),
+                    ..Default::default()
+                }),
+                state: "applying".into(),
+            }],
+            retention_bytes: 0,
+        })),
+    })))
+    .await
+    .unwrap();
+    eventually("summary stored", || async {
+        store
+            .get_point_summary("m1")
+            .await
+            .unwrap()
+            .is_some_and(|s| s.count == 2)
+    })
+    .await;
+    // `rebound points m1`: the CS asks the MT over its control stream.
+    let mut a = cs.admin().await;
+    let ask = tokio::spawn(async move {
+        a.points(pb::PointsRequest {
+            machine: "m1".into(),
+        })
+        .await
+    });
+    let cmd = match tokio::time::timeout(Duration::from_secs(5), down.message()).await {
+        Ok(Ok(Some(ServerMessage {
+            msg: Some(server_message::Msg::Command(c)),
+        }))) => c,
+        other => panic!("expected a command, got {other:?}"),
+    };
+    assert!(matches!(&cmd.cmd, Some(pb::command::Cmd::ListPoints(l)) if l.replication_id == "m1"));
+    tx.send(up(component_message::Msg::Result(pb::CommandResult {
+        id: cmd.id.clone(),
+        ok: true,
+        detail: Some(pb::command_result::Detail::PointList(pb::PointList {
+            points: vec![p("t1", 5), p("t2", 12)],
+            applied_seq: 12,
+            rolled_back_to: String::new(),
+        })),
+        ..Default::default()
+    })))
+    .await
+    .unwrap();
+    let pts = ask.await.unwrap().unwrap().into_inner();
+    assert_eq!(pts.points.len(), 2);
+    assert_eq!(pts.applied_seq, 12);
+    // `rebound machines` shows state and last point.
+    let mut a = cs.admin().await;
+    let ms = a
+        .machines(pb::MachinesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ms.machines[0].state, "Protected");
+    assert_eq!(ms.machines[0].last_point.as_ref().unwrap().id, "t2");
+    store.close().await;
+    cs.stop().await;
+}
+
+#[tokio::test]
+async fn restart_keeps_everything() {
+    let cs = Cs::start().await;
+    cs.enrolled(Role::Agent, "m1").await;
+    let mut a = cs.admin().await;
+    a.create_group(pb::CreateGroupRequest {
+        group: Some(pb::Group {
+            name: "g".into(),
+            machines: vec![],
+            hold_ms: 0,
+            interval_secs: 0,
+            app: false,
+        }),
+    })
+    .await
+    .unwrap();
+    let dir = cs.dir.clone();
+    let db = cs.db.clone();
+    let _files = cs.stop().await;
+    let store = SqliteStore::open(&db).await.unwrap();
+    assert!(store
+        .get_component(Role::Agent, "m1")
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(store.get_group("g").await.unwrap().unwrap().hold_ms, 100);
+    assert!(dir.join("passphrase").exists());
+}
