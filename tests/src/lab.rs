@@ -54,7 +54,7 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     let path = profile_dir.join(name);
     if !path.exists() {
         bail!(
-            "{} not found: run the tests with `cargo test --workspace` so the binaries are built",
+            "{} not found: build the binaries first: `cargo build --workspace --bins && cargo test --workspace`",
             path.display()
         );
     }
