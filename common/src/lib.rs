@@ -1,9 +1,13 @@
 //! Common pieces shared by every Rebound component (DESIGN.md §2): the
 //! change-frame codec, block hashing, PKI and TLS loading, config loading,
-//! telemetry init, durable-file helpers and the NBD server.
+//! telemetry init, durable-file helpers, the NBD server, and the component
+//! side of the control plane: the control-channel client ([`control`]) and
+//! the enrollment client ([`enrollment`]).
 pub mod chunk;
 pub mod config;
+pub mod control;
 pub mod durable;
+pub mod enrollment;
 pub mod frame;
 pub mod nbd;
 pub mod pki;

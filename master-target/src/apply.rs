@@ -146,6 +146,18 @@ impl Replication {
 
     /// Why apply must refuse frames now, if it must.
     pub(crate) fn rolled_back_refusal(&self, inner: &Inner) -> Option<String> {
+        if inner.st.ended.is_some() {
+            return Some(format!(
+                "replication {} of {} has ended (committed); it no longer accepts changes",
+                self.id, self.info.machine_id
+            ));
+        }
+        if let Some(h) = &inner.st.handed_over {
+            return Some(format!(
+                "replication {} was handed over at point {}; it no longer accepts changes",
+                self.id, h.point
+            ));
+        }
         if let Some(p) = &inner.st.rolled_back_to {
             return Some(format!(
                 "replica of {} is rolled back to {}; restore pre-images first",

@@ -2,6 +2,7 @@
 //! defaults, unknown keys are an error. `example-config.toml` documents every
 //! key.
 
+use rebound_common::control::CsConfig;
 use rebound_common::tls::TlsFiles;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -11,22 +12,54 @@ use std::path::PathBuf;
 pub struct Config {
     /// gRPC address (mutual TLS).
     pub listen: String,
+    /// The gRPC address others dial, told to the CS; empty = the address
+    /// `listen` bound.
+    pub advertise: String,
     /// NBD address for read-only recovery-point views (loopback).
     pub nbd_listen: String,
     /// Replicas, retention journals and recovery-point catalogs.
     pub data_dir: PathBuf,
     pub tls: TlsFiles,
     pub retention: RetentionConfig,
+    /// The site this MT runs at (the user's name, e.g. "azure").
+    pub site: String,
+    /// The configuration server; empty `addr` = standalone.
+    pub cs: CsConfig,
+    pub hooks: HooksConfig,
+}
+
+/// The `[hooks]` section (DESIGN.md §7 "Hand-over").
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HooksConfig {
+    /// Shell command (`sh -c`) run at hand-over to boot the machine at this
+    /// site; empty = none.
+    pub power_on: String,
+    /// How long a hook may run before it is killed, in seconds.
+    pub hook_timeout_secs: u64,
+}
+
+impl Default for HooksConfig {
+    fn default() -> Self {
+        HooksConfig {
+            power_on: String::new(),
+            hook_timeout_secs: 300,
+        }
+    }
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:9444".into(),
+            advertise: String::new(),
             nbd_listen: "127.0.0.1:10810".into(),
             data_dir: PathBuf::from("/var/lib/rebound/mt"),
             tls: TlsFiles::default(),
             retention: RetentionConfig::default(),
+            site: String::new(),
+            cs: CsConfig::default(),
+            hooks: HooksConfig::default(),
         }
     }
 }
@@ -70,6 +103,9 @@ mod tests {
         assert_eq!(c.nbd_listen, d.nbd_listen);
         assert_eq!(c.data_dir, d.data_dir);
         assert_eq!(c.retention, d.retention);
+        assert_eq!(c.site, d.site);
+        assert_eq!(c.cs, d.cs);
+        assert_eq!(c.hooks, d.hooks);
         let e = rebound_common::config::parse::<Config>(
             "[retention]\nwindow = 3",
             Path::new("bad.toml"),

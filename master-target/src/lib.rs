@@ -9,7 +9,9 @@
 pub mod apply;
 pub mod catalog;
 pub mod config;
+pub mod control;
 pub mod error;
+pub mod handover;
 pub mod hashes;
 pub mod journal;
 pub mod layout;
@@ -24,13 +26,16 @@ pub mod view;
 mod tests;
 
 pub use catalog::PointEntry;
-pub use config::{Config, RetentionConfig};
+pub use config::{Config, HooksConfig, RetentionConfig};
 pub use error::MtError;
+pub use handover::HandOverReport;
 pub use replication::{Replication, ReplicationStatus, Store};
 pub use rollback::RollbackReport;
 pub use view::Views;
 
 use rebound_common::nbd;
+use rebound_common::pki::Role;
+use rebound_common::tls::TlsFiles;
 use rebound_proto::master_target_server::MasterTargetServer;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,6 +47,8 @@ use tracing::{info, warn};
 
 /// Largest gRPC message accepted: a frame body of up to 64 MiB plus header.
 const MAX_MESSAGE: usize = (64 << 20) + (1 << 20);
+/// How often the status reported to the CS is refreshed.
+const STATUS_PERIOD: Duration = Duration::from_secs(1);
 /// How long shutdown waits for gRPC connections to close.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -99,6 +106,40 @@ where
         "master target started"
     );
 
+    let control = if config.cs.enabled() {
+        let id = own_id(&config.tls, Role::Mt)?;
+        let grpc = if config.advertise.is_empty() {
+            grpc_addr.to_string()
+        } else {
+            config.advertise.clone()
+        };
+        let ctl = Arc::new(control::MtControl {
+            store: store.clone(),
+            hooks: config.hooks.clone(),
+            identity: control::Identity {
+                id: id.clone(),
+                site: config.site.clone(),
+                addresses: vec![grpc, format!("nbd://{nbd_addr}")],
+                instance: instance_id(),
+            },
+            status: std::sync::Mutex::new(None),
+        });
+        tokio::spawn(control::status_task(
+            ctl.clone(),
+            STATUS_PERIOD,
+            stop_rx.clone(),
+        ));
+        info!(cs = %config.cs.addr, id = %id, site = %config.site, "control channel to the configuration server starting");
+        Some(rebound_common::control::spawn(
+            config.cs.clone(),
+            config.tls.clone(),
+            Arc::new(control::Handler(ctl)),
+            stop_rx.clone(),
+        ))
+    } else {
+        None
+    };
+
     let svc = MasterTargetServer::new(service::MtService::new(store.clone(), stop_rx.clone()))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
@@ -121,10 +162,47 @@ where
             Ok(())
         }
     };
+    drop(control);
     info!("master target stopping");
     nbd_stop.store(true, Ordering::SeqCst);
     retention.abort();
     let _ = tokio::task::spawn_blocking(move || nbd_thread.join()).await;
     info!("master target stopped");
     served
+}
+
+/// This component's id, from its certificate (CN `"<role>:<id>"`): the
+/// hello to the CS must carry the certificate's id.
+pub fn own_id(tls: &TlsFiles, role: Role) -> Result<String, MtError> {
+    let pem = std::fs::read_to_string(&tls.cert).map_err(|e| {
+        MtError::InvalidArgument(format!(
+            "[tls] cert {}: cannot read it ({e}); enroll first: rebound-mt enroll --cs ADDR --passphrase-file F --id ID --out DIR",
+            tls.cert.display()
+        ))
+    })?;
+    let der = rebound_common::enrollment::first_cert_der(&pem)
+        .map_err(|e| MtError::InvalidArgument(format!("[tls] cert {}: {e}", tls.cert.display())))?;
+    let who = rebound_common::pki::peer_identity(&der)
+        .map_err(|e| MtError::InvalidArgument(format!("[tls] cert {}: {e}", tls.cert.display())))?;
+    if who.role != role {
+        return Err(MtError::InvalidArgument(format!(
+            "[tls] cert {} is a {} certificate ({who}); a master target needs an mt certificate: enroll with rebound-mt enroll",
+            tls.cert.display(),
+            who.role.as_str()
+        )));
+    }
+    Ok(who.id)
+}
+
+/// Random per process start, so the CS tells a restart from a duplicate.
+pub fn instance_id() -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(&std::process::id().to_le_bytes());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    h.update(&now.to_le_bytes());
+    h.update(format!("{:p}", &now).as_bytes());
+    h.finalize().to_hex()[..16].to_string()
 }

@@ -28,6 +28,22 @@ enum Cmd {
         #[arg(long, default_value = "text")]
         log_format: LogFormat,
     },
+    /// Enroll with the configuration server: generates this MT's key, gets
+    /// its certificate (role mt) and writes ca.pem, mt.pem and mt.key.
+    Enroll {
+        /// The configuration server, host:port.
+        #[arg(long)]
+        cs: String,
+        /// File holding the deployment passphrase (`rebound-cs init` printed it).
+        #[arg(long)]
+        passphrase_file: PathBuf,
+        /// This MT's id (the CS and operators name it by this).
+        #[arg(long)]
+        id: String,
+        /// Where to write the files (point [tls] at them).
+        #[arg(long, default_value = "/etc/rebound/mt")]
+        out: PathBuf,
+    },
     /// List the recovery points of a replication from its files (offline).
     Points {
         /// The MT's data dir.
@@ -83,6 +99,36 @@ async fn real_main(cli: Cli) -> Result<()> {
                 )
             })?;
             rebound_mt::run(cfg, listener, nbd, shutdown_signal()).await?;
+            Ok(())
+        }
+        Cmd::Enroll {
+            cs,
+            passphrase_file,
+            id,
+            out,
+        } => {
+            rebound_common::tls::install_crypto_provider();
+            let pass = std::fs::read_to_string(&passphrase_file).with_context(|| {
+                format!(
+                    "cannot read the passphrase file {}",
+                    passphrase_file.display()
+                )
+            })?;
+            let e = rebound_common::enrollment::enroll(
+                &cs,
+                pass.trim(),
+                rebound_common::pki::Role::Mt,
+                &id,
+                &out,
+            )
+            .await?;
+            println!("enrolled as mt:{id} with the configuration server at {cs}");
+            println!("CA fingerprint (blake3): {}", e.ca_fingerprint);
+            println!(
+                "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}",
+                e.ca, e.cert, e.key
+            );
+            println!("[cs]\naddr = {cs:?}");
             Ok(())
         }
         Cmd::Points {

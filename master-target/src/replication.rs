@@ -604,6 +604,17 @@ impl Store {
         for entry in entries {
             let entry = entry.map_err(io_err(|| format!("cannot list {}", data_dir.display())))?;
             let root = entry.path();
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".deleting-")
+            {
+                // A deletion interrupted by a crash (EndReplication).
+                if let Err(e) = std::fs::remove_dir_all(&root) {
+                    warn!(dir = %root.display(), error = %e, "cannot finish deleting an ended replication");
+                }
+                continue;
+            }
             if !root.join("info.json").exists() {
                 continue;
             }
@@ -644,6 +655,13 @@ impl Store {
             .values()
             .cloned()
             .collect()
+    }
+
+    pub(crate) fn remove_entry(&self, id: &str) {
+        self.repls
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(id);
     }
 
     /// The replication named by `info`, created (empty sparse replicas of

@@ -191,6 +191,18 @@ impl Replication {
                 rb.id, p.id
             )));
         }
+        if inner.st.ended.is_some() {
+            return Err(MtError::FailedPrecondition(format!(
+                "replication {} of {machine} has ended (committed); it has no recovery points to roll back to",
+                self.id
+            )));
+        }
+        if let Some(h) = &inner.st.handed_over {
+            return Err(MtError::FailedPrecondition(format!(
+                "replica of {machine} was handed over at {}; stop the machine and restore pre-images (RestorePreImages) first, then roll back to {}",
+                h.point, p.id
+            )));
+        }
         if let Some(r) = &inner.st.rollback {
             if r.point != pref {
                 return Err(MtError::FailedPrecondition(format!(
@@ -346,6 +358,15 @@ impl Replication {
     pub fn restore_pre_images(&self) -> Result<u64> {
         let mut inner = self.write_inner()?;
         let machine = self.info.machine_id.clone();
+        if inner.st.ended.is_some() {
+            return Err(MtError::FailedPrecondition(format!(
+                "replication {} of {machine} has ended (committed); its pre-images are gone",
+                self.id
+            )));
+        }
+        // Undoing a hand-over (the CS stopped the machine first): the
+        // replica is the MT's again once the pre-images are back.
+        let handed_over = inner.st.handed_over.take();
         let result = (|| -> Result<u64> {
             let point = match (&inner.st.rolled_back_to, &inner.st.rollback) {
                 (Some(p), _) => p.clone(),
@@ -361,6 +382,9 @@ impl Replication {
                     return Ok(0);
                 }
                 (None, None) => {
+                    if handed_over.is_some() {
+                        save_json(&self.layout.state(), &inner.st)?;
+                    }
                     info!(replication = %self.id, "restore pre-images: the replica is not rolled back; nothing to do");
                     return Ok(0);
                 }

@@ -85,6 +85,42 @@ pub struct PersistedState {
     /// A rollback in progress (or interrupted by a crash).
     pub rollback: Option<RollbackProgress>,
     pub resync: Option<ResyncWindow>,
+    /// The replica was handed over (DESIGN.md §7 "Hand-over"): apply is
+    /// refused from then on.
+    pub handed_over: Option<HandOverState>,
+    /// The replication ended (commit): its retention and catalog are gone.
+    pub ended: Option<EndedState>,
+}
+
+/// A hand-over: the point the replica was handed over at, and the power-on
+/// hook's outcome once it ran.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandOverState {
+    /// The point id, or "latest" when there was no point.
+    pub point: String,
+    pub seq: u64,
+    pub time_ms: u64,
+    /// The last run of the power_on hook; a successful run is not repeated.
+    #[serde(default)]
+    pub power_on: Option<HookOutcome>,
+}
+
+/// What a hook run did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookOutcome {
+    pub command: String,
+    pub success: bool,
+    /// "exit status 0", "killed by signal 9", "timed out after 60 s", ...
+    pub status: String,
+    /// The last lines of its stdout and stderr.
+    pub output_tail: String,
+}
+
+/// The replication ended (EndReplication).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndedState {
+    pub time_ms: u64,
+    pub keep_replica: bool,
 }
 
 pub fn load_json<T: DeserializeOwned>(path: &Path) -> Result<T> {

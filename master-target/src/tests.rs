@@ -83,12 +83,16 @@ impl Gen {
     }
 
     pub fn tag(&mut self, id: &str) {
+        self.tag_with(id, TagKind::Crash, "");
+    }
+
+    pub fn tag_with(&mut self, id: &str, kind: TagKind, group: &str) {
         self.time_ms += 1000;
         self.records.push(Record::Tag(Tag {
             id: id.into(),
-            kind: TagKind::Crash,
+            kind,
             time_ms: self.time_ms,
-            group: String::new(),
+            group: group.into(),
         }));
         self.snaps.push((id.to_string(), self.disks.clone()));
     }
@@ -670,3 +674,4 @@ fn index_memory_is_compact() {
 }
 
 mod grpc;
+mod lifecycle;

@@ -991,6 +991,11 @@ impl Cache {
             let Some(id) = ent.file_name().to_str().map(str::to_string) else {
                 continue;
             };
+            if id.starts_with(".removed-") {
+                // A RemoveReplication interrupted by a crash.
+                let _ = fs::remove_dir_all(ent.path());
+                continue;
+            }
             if check_replication_id(&id).is_err() {
                 continue;
             }
@@ -1059,6 +1064,45 @@ impl Cache {
         }
         rep.store_info(info)?;
         Ok((rep, created))
+    }
+
+    /// The replication `id`, created empty (no info until the agent's
+    /// hello) on first use (blocking). For the CS's AddReplication.
+    pub fn ensure(&self, id: &str) -> Result<Arc<Replication>, CacheError> {
+        check_replication_id(id)?;
+        let mut reps = self.reps();
+        if let Some(r) = reps.get(id) {
+            return Ok(r.clone());
+        }
+        let rep = Arc::new(Replication::open(
+            self.root.join(id),
+            id.to_string(),
+            self.account.clone(),
+            self.seg_max,
+        )?);
+        fsync_dir(&self.root).map_err(io_err(&self.root))?;
+        reps.insert(id.to_string(), rep.clone());
+        Ok(rep)
+    }
+
+    /// Forgets replication `id`: stops its writer, deletes its cached
+    /// frames and files (blocking). Returns whether it existed. Agents still
+    /// streaming it get refusals until they stop or say hello again.
+    pub fn remove(&self, id: &str) -> Result<bool, CacheError> {
+        let Some(rep) = self.reps().remove(id) else {
+            return Ok(false);
+        };
+        rep.stop_blocking();
+        let bytes = rep.cache_bytes();
+        let dir = rep.dir().to_path_buf();
+        // Renamed first, so a crash mid-delete leaves no half replication
+        // (`open` skips names that are not replication ids).
+        let gone = self.root.join(format!(".removed-{id}"));
+        fs::rename(&dir, &gone).map_err(io_err(&dir))?;
+        fsync_dir(&self.root).map_err(io_err(&self.root))?;
+        fs::remove_dir_all(&gone).map_err(io_err(&gone))?;
+        self.account.sub(bytes);
+        Ok(true)
     }
 
     /// Stops every writer after what is queued (blocking).

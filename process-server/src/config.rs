@@ -4,6 +4,7 @@
 //! `example-config.toml`), unknown keys refused so a typo never silently
 //! falls back to a default.
 
+use rebound_common::control::CsConfig;
 use rebound_common::tls::TlsFiles;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -24,8 +25,16 @@ pub struct Config {
     pub compression_level: i32,
     /// mTLS files of this process server.
     pub tls: TlsFiles,
-    /// The master target frames are forwarded to.
+    /// The master target frames are forwarded to, unless the CS names
+    /// another for a replication (AddReplication).
     pub mt: MtConfig,
+    /// The gRPC address agents dial, as told to the CS; empty = the address
+    /// `listen` bound.
+    pub advertise: String,
+    /// The site this PS runs at (the user's name, e.g. "onprem").
+    pub site: String,
+    /// The configuration server; empty `addr` = standalone.
+    pub cs: CsConfig,
 }
 
 impl Default for Config {
@@ -37,6 +46,9 @@ impl Default for Config {
             compression_level: 1,
             tls: TlsFiles::default(),
             mt: MtConfig::default(),
+            advertise: String::new(),
+            site: String::new(),
+            cs: CsConfig::default(),
         }
     }
 }
@@ -93,6 +105,9 @@ mod tests {
         assert_eq!(c.cache_max_bytes, d.cache_max_bytes);
         assert_eq!(c.compression_level, d.compression_level);
         assert_eq!(c.mt, d.mt);
+        assert_eq!(c.advertise, d.advertise);
+        assert_eq!(c.site, d.site);
+        assert_eq!(c.cs, d.cs);
         assert!(c.validate().is_ok());
         let bad = Config {
             cache_max_bytes: 0,

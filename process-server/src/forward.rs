@@ -157,10 +157,41 @@ impl MtLink {
 
 // ----------------------------------------------------------------- forwarders
 
-/// The forwarding tasks, one per replication.
+/// Where one replication is forwarded to, set by the CS's AddReplication
+/// and kept in `<cache_dir>/<replication>/route.json` so a restart forwards
+/// to the same MT before the CS says anything.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Route {
+    pub machine_id: String,
+    pub mt_address: String,
+    pub mt_server_name: String,
+}
+
+/// The route file of a replication's cache directory.
+pub fn route_path(dir: &std::path::Path) -> std::path::PathBuf {
+    dir.join("route.json")
+}
+
+/// Reads a replication's route, if it has one.
+pub fn load_route(dir: &std::path::Path) -> Option<Route> {
+    let path = route_path(dir);
+    let bytes = std::fs::read(&path).ok()?;
+    match serde_json::from_slice(&bytes) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            warn!(file = %path.display(), "route file is invalid ({e}); forwarding to the default [mt] until the CS sends AddReplication again");
+            None
+        }
+    }
+}
+
+/// The forwarding tasks, one per replication, each to its replication's
+/// MT (its route), or to the default `[mt]` of the config.
 #[derive(Debug)]
 pub struct Forwarders {
     link: Arc<MtLink>,
+    tls: TlsFiles,
+    links: Mutex<HashMap<String, Arc<MtLink>>>,
     tasks: Mutex<HashMap<String, JoinHandle<()>>>,
     closed: AtomicBool,
 }
@@ -168,14 +199,48 @@ pub struct Forwarders {
 impl Forwarders {
     pub fn new(link: Arc<MtLink>) -> Forwarders {
         Forwarders {
+            tls: link.tls.clone(),
             link,
+            links: Mutex::new(HashMap::new()),
             tasks: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
         }
     }
 
+    /// The default link (`[mt]`).
     pub fn link(&self) -> &Arc<MtLink> {
         &self.link
+    }
+
+    /// The MT link of replication `id`: its route, else the default.
+    pub fn link_for(&self, id: &str) -> Arc<MtLink> {
+        self.links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| self.link.clone())
+    }
+
+    /// Sets replication `id`'s route. Returns true when it changed (the
+    /// caller restarts its forwarder).
+    pub fn set_route(&self, id: &str, route: &Route) -> bool {
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        if links
+            .get(id)
+            .is_some_and(|l| l.addr == route.mt_address && l.server_name == route.mt_server_name)
+        {
+            return false;
+        }
+        links.insert(
+            id.to_string(),
+            Arc::new(MtLink::new(
+                self.tls.clone(),
+                route.mt_address.clone(),
+                route.mt_server_name.clone(),
+            )),
+        );
+        true
     }
 
     /// Starts the replication's forwarder unless it runs already.
@@ -187,8 +252,29 @@ impl Forwarders {
         if tasks.get(rep.id()).is_some_and(|h| !h.is_finished()) {
             return;
         }
-        let task = tokio::spawn(forward_loop(rep.clone(), self.link.clone()));
+        let task = tokio::spawn(forward_loop(rep.clone(), self.link_for(rep.id())));
         tasks.insert(rep.id().to_string(), task);
+    }
+
+    /// Stops replication `id`'s forwarder (a route change or RemoveReplication).
+    pub fn stop(&self, id: &str) {
+        let task = self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        if let Some(t) = task {
+            t.abort();
+        }
+    }
+
+    /// Forgets replication `id` entirely.
+    pub fn remove(&self, id: &str) {
+        self.stop(id);
+        self.links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
     }
 
     /// Stops every forwarder (nothing they hold needs flushing: the cache

@@ -9,6 +9,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod control;
 pub mod forward;
 pub mod ingest;
 pub mod segment;
@@ -78,6 +79,9 @@ where
     ));
     let forwarders = Arc::new(Forwarders::new(link.clone()));
     for rep in cache.replications() {
+        if let Some(route) = forward::load_route(rep.dir()) {
+            forwarders.set_route(rep.id(), &route);
+        }
         forwarders.ensure(&rep);
     }
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -89,7 +93,7 @@ where
         compression_level: config.compression_level,
         stopping: stop_rx.clone(),
     };
-    let svc = ProcessServerServer::new(PsService::new(ctx, link))
+    let svc = ProcessServerServer::new(PsService::new(ctx))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
 
@@ -106,6 +110,34 @@ where
         mt = %config.mt.addr,
         "process server listening"
     );
+    let control = if config.cs.enabled() {
+        let id = own_id(&config.tls)?;
+        let ctl = Arc::new(control::PsControl {
+            cache: cache.clone(),
+            forwarders: forwarders.clone(),
+            identity: control::Identity {
+                id: id.clone(),
+                site: config.site.clone(),
+                addresses: vec![if config.advertise.is_empty() {
+                    local.clone()
+                } else {
+                    config.advertise.clone()
+                }],
+                instance: instance_id(),
+            },
+            status: std::sync::Mutex::new(None),
+        });
+        tokio::spawn(control::status_task(ctl.clone(), stop_rx.clone()));
+        info!(cs = %config.cs.addr, id = %id, site = %config.site, "control channel to the configuration server starting");
+        Some(rebound_common::control::spawn(
+            config.cs.clone(),
+            config.tls.clone(),
+            Arc::new(control::Handler(ctl)),
+            stop_rx.clone(),
+        ))
+    } else {
+        None
+    };
     let incoming = TcpListenerStream::new(listener).map(|s| {
         if let Ok(s) = &s {
             let _ = s.set_nodelay(true);
@@ -138,6 +170,7 @@ where
         }
     };
 
+    drop(control);
     forwarders.shutdown();
     summary.abort();
     let c = cache.clone();
@@ -202,4 +235,36 @@ async fn summary_loop(cache: Arc<Cache>) {
             );
         }
     }
+}
+
+/// This PS's id, from its certificate (CN `"ps:<id>"`): the hello to the CS
+/// must carry the certificate's id.
+pub fn own_id(tls: &rebound_common::tls::TlsFiles) -> Result<String, PsError> {
+    let bad = |m: String| PsError::Config(format!("[tls] cert {}: {m}", tls.cert.display()));
+    let pem = std::fs::read_to_string(&tls.cert).map_err(|e| {
+        bad(format!(
+            "cannot read it ({e}); enroll first: rebound-ps enroll --cs ADDR --passphrase-file F --id ID --out DIR"
+        ))
+    })?;
+    let der = rebound_common::enrollment::first_cert_der(&pem).map_err(bad)?;
+    let who = rebound_common::pki::peer_identity(&der).map_err(|e| bad(e.to_string()))?;
+    if who.role != rebound_common::pki::Role::Ps {
+        return Err(bad(format!(
+            "it is the certificate of {who}; a process server needs a ps certificate: enroll with rebound-ps enroll"
+        )));
+    }
+    Ok(who.id)
+}
+
+/// Random per process start, so the CS tells a restart from a duplicate.
+pub fn instance_id() -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(&std::process::id().to_le_bytes());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    h.update(&now.to_le_bytes());
+    h.update(format!("{:p}", &now).as_bytes());
+    h.finalize().to_hex()[..16].to_string()
 }

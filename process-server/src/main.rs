@@ -29,6 +29,22 @@ enum Cmd {
         #[arg(long, default_value = "text")]
         log_format: LogFormat,
     },
+    /// Enrolls with the configuration server: generates this PS's key, gets
+    /// its certificate (role ps) and writes ca.pem, ps.pem and ps.key.
+    Enroll {
+        /// The configuration server, host:port.
+        #[arg(long)]
+        cs: String,
+        /// File holding the deployment passphrase (`rebound-cs init` printed it).
+        #[arg(long)]
+        passphrase_file: PathBuf,
+        /// This PS's id (the CS and operators name it by this).
+        #[arg(long)]
+        id: String,
+        /// Where to write the files (point [tls] at them).
+        #[arg(long, default_value = "/etc/rebound/ps")]
+        out: PathBuf,
+    },
 }
 
 #[tokio::main]
@@ -43,6 +59,35 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {} (the `listen` key)", cfg.listen))?;
             rebound_ps::run(cfg, listener, shutdown_signal()).await?;
+        }
+        Cmd::Enroll {
+            cs,
+            passphrase_file,
+            id,
+            out,
+        } => {
+            tls::install_crypto_provider();
+            let pass = std::fs::read_to_string(&passphrase_file).with_context(|| {
+                format!(
+                    "cannot read the passphrase file {}",
+                    passphrase_file.display()
+                )
+            })?;
+            let e = rebound_common::enrollment::enroll(
+                &cs,
+                pass.trim(),
+                rebound_common::pki::Role::Ps,
+                &id,
+                &out,
+            )
+            .await?;
+            println!("enrolled as ps:{id} with the configuration server at {cs}");
+            println!("CA fingerprint (blake3): {}", e.ca_fingerprint);
+            println!(
+                "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}",
+                e.ca, e.cert, e.key
+            );
+            println!("[cs]\naddr = {cs:?}");
         }
     }
     Ok(())

@@ -2,7 +2,6 @@
 //! Status to the cache and the forwarders, and enforces who may call what.
 
 use crate::cache::Cache;
-use crate::forward::MtLink;
 use crate::ingest::{self, IngestContext, IngestStream};
 use rebound_common::pki::Role;
 use rebound_common::tls;
@@ -17,12 +16,11 @@ use tonic::{Request, Response, Status, Streaming};
 #[derive(Debug, Clone)]
 pub struct PsService {
     ctx: IngestContext,
-    link: Arc<MtLink>,
 }
 
 impl PsService {
-    pub fn new(ctx: IngestContext, link: Arc<MtLink>) -> PsService {
-        PsService { ctx, link }
+    pub fn new(ctx: IngestContext) -> PsService {
+        PsService { ctx }
     }
     fn cache(&self) -> &Arc<Cache> {
         &self.ctx.cache
@@ -75,7 +73,8 @@ impl ProcessServer for PsService {
             }
             _ => {}
         }
-        self.link.chunk_hashes(req).await.map(Response::new)
+        let link = self.ctx.forwarders.link_for(rid);
+        link.chunk_hashes(req).await.map(Response::new)
     }
 
     async fn status(

@@ -422,6 +422,7 @@ async fn ingest_forward_restart_over_mtls() {
             addr: mt_addr.to_string(),
             server_name: "localhost".into(),
         },
+        ..Config::default()
     };
     let ps = start_ps(config.clone()).await;
 
@@ -603,6 +604,7 @@ async fn backpressure_stops_acks_until_trimmed() {
             addr: mt_addr.to_string(),
             server_name: "localhost".into(),
         },
+        ..Config::default()
     };
     let ps = start_ps(config).await;
     let mut s = open_stream(&agent1, ps.addr, info("r1", "m1"))
@@ -641,4 +643,189 @@ async fn backpressure_stops_acks_until_trimmed() {
     drop(s);
     ps.stop().await;
     mt_task.stop().await;
+}
+
+/// AddReplication names each replication's MT; the route is persisted in the
+/// cache dir, so a restarted PS forwards there (not to the default `[mt]`);
+/// RemoveReplication stops forwarding and drops the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_replication_mt_route_survives_restart_and_remove_drops_it() {
+    use crate::cache::Cache;
+    use crate::control::{add_replication, remove_replication};
+    use crate::forward::{Forwarders, MtLink};
+    use rebound_proto::control::AddReplication;
+
+    tls::install_crypto_provider();
+    let d = tempfile::tempdir().unwrap();
+    let certs = d.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    pki(&certs);
+    let mt_tls = TlsFiles::in_dir(&certs, "mt");
+    let ps_tls = TlsFiles::in_dir(&certs, "ps");
+    let (mt1, mt2) = (FakeMt::default(), FakeMt::default());
+    let l1 = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let l2 = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (a1, a2) = (l1.local_addr().unwrap(), l2.local_addr().unwrap());
+    let run1 = start_mt(mt1.clone(), &mt_tls, l1).await;
+    let run2 = start_mt(mt2.clone(), &mt_tls, l2).await;
+    let cache_dir = d.path().join("cache");
+
+    // The CS adds r1 with MT 2 (while the PS's default is MT 1).
+    {
+        let cache = Cache::open(&cache_dir, 1 << 30).unwrap();
+        let fw = Forwarders::new(Arc::new(MtLink::new(
+            ps_tls.clone(),
+            a1.to_string(),
+            "localhost".into(),
+        )));
+        let add = AddReplication {
+            replication_id: "r1".into(),
+            machine_id: "m1".into(),
+            mt_address: a2.to_string(),
+            mt_server_name: "localhost".into(),
+        };
+        add_replication(&cache, &fw, &add).unwrap();
+        add_replication(&cache, &fw, &add).unwrap(); // idempotent
+        assert_eq!(fw.link_for("r1").addr(), a2.to_string());
+        assert_eq!(fw.link_for("r2").addr(), a1.to_string());
+        assert!(cache_dir.join("r1/route.json").exists());
+        fw.shutdown();
+        tokio::task::spawn_blocking(move || cache.shutdown())
+            .await
+            .unwrap();
+    }
+
+    // A restarted PS forwards r1 to MT 2 and r2 (no route) to MT 1.
+    let config = Config {
+        listen: "unused".into(),
+        cache_dir: cache_dir.clone(),
+        cache_max_bytes: 1 << 30,
+        compression_level: 1,
+        tls: ps_tls.clone(),
+        mt: MtConfig {
+            addr: a1.to_string(),
+            server_name: "localhost".into(),
+        },
+        ..Config::default()
+    };
+    let ps = start_ps(config).await;
+    let agent1 = TlsFiles::in_dir(&certs, "agent-m1");
+    let agent2 = TlsFiles::in_dir(&certs, "agent-m2");
+    let mut s1 = open_stream(&agent1, ps.addr, info("r1", "m1"))
+        .await
+        .unwrap();
+    let mut s2 = open_stream(&agent2, ps.addr, info("r2", "m2"))
+        .await
+        .unwrap();
+    s1.send(frame("r1", 1, 4)).await;
+    s2.send(frame("r2", 1, 3)).await;
+    s1.wait_durable(4).await.unwrap();
+    s2.wait_durable(3).await.unwrap();
+    wait_for("MT 2 applied r1", || mt2.applied("r1") == 4).await;
+    wait_for("MT 1 applied r2", || mt1.applied("r2") == 3).await;
+    assert_eq!(mt1.applied("r1"), 0);
+    assert_eq!(mt2.applied("r2"), 0);
+    drop((s1, s2));
+    ps.stop().await;
+
+    // RemoveReplication: the cache and the route go; idempotent.
+    let fw = Forwarders::new(Arc::new(MtLink::new(
+        ps_tls.clone(),
+        a1.to_string(),
+        "localhost".into(),
+    )));
+    let a2s = a2.to_string();
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        let _rt = handle.enter();
+        let cache = Cache::open(&cache_dir, 1 << 30).unwrap();
+        assert!(cache.get("r1").is_some());
+        remove_replication(&cache, &fw, "r1").unwrap();
+        remove_replication(&cache, &fw, "r1").unwrap();
+        assert!(cache.get("r1").is_none());
+        assert!(!cache_dir.join("r1").exists());
+        assert!(cache.get("r2").is_some());
+        // Another machine's replication id is refused.
+        let e = add_replication(
+            &cache,
+            &fw,
+            &AddReplication {
+                replication_id: "r2".into(),
+                machine_id: "m1".into(),
+                mt_address: a2s,
+                mt_server_name: String::new(),
+            },
+        )
+        .unwrap_err();
+        assert!(e.contains("m2"), "{e}");
+        fw.shutdown();
+        cache.shutdown();
+    })
+    .await
+    .unwrap();
+    run1.stop().await;
+    run2.stop().await;
+}
+
+/// The hello carries the certificate's id; the status is sampled from the
+/// cache (durable/applied seqs, lag, cache use and cap).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_hello_and_status() {
+    use crate::cache::Cache;
+    use crate::control::{status_task, Handler, Identity, PsControl};
+    use crate::forward::{Forwarders, MtLink};
+    use rebound_common::control::ControlHandler;
+    use rebound_proto::control::status::Status as St;
+
+    let d = tempfile::tempdir().unwrap();
+    let certs = d.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    pki(&certs);
+    let ps_tls = TlsFiles::in_dir(&certs, "ps");
+    assert_eq!(crate::own_id(&ps_tls).unwrap(), "ps1");
+    let e = crate::own_id(&TlsFiles::in_dir(&certs, "mt")).unwrap_err();
+    assert!(e.to_string().contains("ps certificate"), "{e}");
+
+    let cache = Arc::new(Cache::open(&d.path().join("cache"), 1 << 30).unwrap());
+    cache.ensure("r1").unwrap();
+    let fw = Arc::new(Forwarders::new(Arc::new(MtLink::new(
+        ps_tls,
+        "127.0.0.1:1".into(),
+        "localhost".into(),
+    ))));
+    let ctl = Arc::new(PsControl {
+        cache: cache.clone(),
+        forwarders: fw.clone(),
+        identity: Identity {
+            id: "ps1".into(),
+            site: "onprem".into(),
+            addresses: vec!["127.0.0.1:9443".into()],
+            instance: crate::instance_id(),
+        },
+        status: Mutex::new(None),
+    });
+    let h = Handler(ctl.clone());
+    let hello = h.hello();
+    assert_eq!(
+        (hello.role.as_str(), hello.id.as_str(), hello.site.as_str()),
+        ("ps", "ps1", "onprem")
+    );
+    assert_eq!(hello.addresses, vec!["127.0.0.1:9443".to_string()]);
+    assert_eq!(hello.instance.len(), 16);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(status_task(ctl.clone(), stop_rx));
+    wait_for("first status", || h.status().is_some()).await;
+    let Some(St::Ps(st)) = h.status().unwrap().status else {
+        panic!("not a PS status")
+    };
+    assert_eq!(st.cache_limit, 1 << 30);
+    assert_eq!(st.replications.len(), 1);
+    assert_eq!(st.replications[0].replication_id, "r1");
+    assert_eq!(st.replications[0].lag_ms, 0);
+    stop_tx.send_replace(true);
+    task.await.unwrap();
+    fw.shutdown();
+    tokio::task::spawn_blocking(move || cache.shutdown())
+        .await
+        .unwrap();
 }

@@ -32,6 +32,12 @@ pub mod client;
 pub mod server;
 
 pub use client::{enroll, enroll_with, EnrollError, EnrollOptions, Enrolled};
+// The proof primitives live in `rebound_common::enrollment`, shared with the
+// client every component links.
+pub use rebound_common::enrollment::{
+    check_id, client_proof, enrollable, first_cert_der, hex, passphrase_key, proofs_equal,
+    server_proof, KDF,
+};
 pub use server::EnrollmentService;
 
 use crate::error::CsError;
@@ -46,25 +52,6 @@ use rebound_common::pki::Role;
 /// Settings keys in the store.
 pub const SALT_KEY: &str = "enrollment.salt";
 pub const VERIFIER_KEY: &str = "enrollment.key";
-/// The key derivation named in `EnrollParamsResponse.kdf`.
-pub const KDF: &str = "blake3-derive-key-v1";
-
-/// The passphrase key: `blake3::derive_key(context, salt || passphrase)`.
-///
-/// Why a fast hash is enough here: the passphrase is machine-generated at
-/// `init` with 128 bits of entropy, so guessing it from a stolen database is
-/// infeasible however cheap one guess is; a slow, memory-hard KDF (argon2)
-/// only helps for human-chosen passwords. The salt makes the stored key
-/// differ between deployments even for an equal passphrase. Surrounding
-/// whitespace (a trailing newline in the passphrase file) is ignored.
-pub fn passphrase_key(salt: &[u8], passphrase: &str) -> [u8; 32] {
-    let mut m = Vec::with_capacity(salt.len() + passphrase.len() + 8);
-    m.extend_from_slice(&(salt.len() as u64).to_le_bytes());
-    m.extend_from_slice(salt);
-    m.extend_from_slice(passphrase.trim().as_bytes());
-    blake3::derive_key("rebound enrollment passphrase v1", &m)
-}
-
 /// A new random passphrase: 32 hex digits in four groups (128 bits).
 pub fn new_passphrase() -> String {
     let mut b = [0u8; 16];
@@ -92,90 +79,6 @@ pub async fn set_passphrase(store: &dyn Store, passphrase: &str) -> Result<(), C
     let key = passphrase_key(&salt, passphrase);
     store.put_setting(SALT_KEY, &salt).await?;
     store.put_setting(VERIFIER_KEY, &key).await?;
-    Ok(())
-}
-
-/// Hashes length-prefixed fields, so no two field lists hash alike.
-fn transcript(label: &str, fields: &[&[u8]]) -> [u8; 32] {
-    let mut h = blake3::Hasher::new();
-    h.update(label.as_bytes());
-    for f in fields {
-        h.update(&(f.len() as u64).to_le_bytes());
-        h.update(f);
-    }
-    *h.finalize().as_bytes()
-}
-
-/// The client's proof of the passphrase, bound to the request and to the
-/// server certificate it saw (`server_cert_fp` = blake3 of its DER).
-pub fn client_proof(
-    key: &[u8; 32],
-    role: &str,
-    id: &str,
-    csr_pem: &str,
-    client_nonce: &[u8],
-    server_cert_fp: &[u8; 32],
-) -> [u8; 32] {
-    let t = transcript(
-        "rebound enroll client v1",
-        &[
-            role.as_bytes(),
-            id.as_bytes(),
-            csr_pem.as_bytes(),
-            client_nonce,
-            server_cert_fp,
-        ],
-    );
-    *blake3::keyed_hash(key, &t).as_bytes()
-}
-
-/// The CS's proof of the passphrase, bound to the client's proof (so it is
-/// fresh: the client nonce is inside) and to what the CS hands out.
-pub fn server_proof(
-    key: &[u8; 32],
-    client_proof: &[u8],
-    cert_pem: &str,
-    ca_pem: &str,
-    server_cert_fp: &[u8; 32],
-) -> [u8; 32] {
-    let t = transcript(
-        "rebound enroll server v1",
-        &[
-            client_proof,
-            cert_pem.as_bytes(),
-            ca_pem.as_bytes(),
-            server_cert_fp,
-        ],
-    );
-    *blake3::keyed_hash(key, &t).as_bytes()
-}
-
-/// Constant-time comparison of two proofs.
-pub fn proofs_equal(a: &[u8], b: &[u8; 32]) -> bool {
-    match <[u8; 32]>::try_from(a) {
-        Ok(a) => blake3::Hash::from(a) == blake3::Hash::from(*b),
-        Err(_) => false,
-    }
-}
-
-/// Roles that may enroll.
-pub fn enrollable(role: Role) -> bool {
-    matches!(role, Role::Agent | Role::Ps | Role::Mt)
-}
-
-/// Checks a component id: 1–128 characters of `[A-Za-z0-9._-]`.
-pub fn check_id(id: &str) -> Result<(), String> {
-    if id.is_empty() || id.len() > 128 {
-        return Err(format!("id {id:?} must have 1 to 128 characters"));
-    }
-    if let Some(c) = id
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return Err(format!(
-            "id {id:?} contains {c:?}: use letters, digits, '.', '_' and '-' only"
-        ));
-    }
     Ok(())
 }
 
@@ -232,20 +135,6 @@ pub fn sign_csr(
         cert_pem: cert.pem(),
         serial_hex: hex(&serial),
     })
-}
-
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// The DER of the first certificate in a PEM text.
-pub fn first_cert_der(pem: &str) -> Result<Vec<u8>, String> {
-    let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
-        .map_err(|e| format!("no PEM certificate: {e}"))?;
-    if p.label != "CERTIFICATE" {
-        return Err(format!("expected a CERTIFICATE, found {}", p.label));
-    }
-    Ok(p.contents)
 }
 
 #[cfg(test)]

@@ -1,0 +1,413 @@
+//! The component side of the control channel (DESIGN.md §8): the one
+//! long-lived `Control.Channel` stream every agent, PS and MT holds open to
+//! the configuration server (CS).
+//!
+//! [`spawn`] runs a task that connects with mutual TLS, sends the component's
+//! [`Hello`](rebound_proto::control::Hello), reads the `Welcome` (which sets
+//! the heartbeat period), then sends a heartbeat and the current status every
+//! period, runs every command it receives concurrently through the
+//! [`ControlHandler`] and answers with its `CommandResult`, and forwards the
+//! events given to [`ControlHandle::event`]. Commands are deduplicated by
+//! id: a repeated id is answered with the cached result (or, while the first
+//! run is still going, by that run's result when it ends).
+//!
+//! Any error ends the stream; the task logs it at warn (once per kind of
+//! failure, not on every retry) and reconnects with backoff from 200 ms to
+//! 5 s. A refusal at hello time (the CS answered the stream with e.g.
+//! `PERMISSION_DENIED` from the split-brain guard) is logged at error with
+//! the CS's message and retried every 5 s.
+
+use crate::tls::{error_chain, TlsFiles};
+use rebound_proto::control::control_client::ControlClient;
+use rebound_proto::control::{
+    component_message, server_message, Command, CommandResult, ComponentMessage, Event, Heartbeat,
+    Hello, ServerMessage, Status,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tracing::{debug, error, info, warn};
+
+/// `[cs]` section of agent/PS/MT configs. Empty `addr` = no configuration
+/// server (standalone).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CsConfig {
+    /// The CS, `host:port`.
+    pub addr: String,
+    /// TLS server name of the CS; "" means "localhost".
+    pub server_name: String,
+}
+
+impl CsConfig {
+    pub fn enabled(&self) -> bool {
+        !self.addr.is_empty()
+    }
+
+    fn server_name(&self) -> &str {
+        if self.server_name.is_empty() {
+            "localhost"
+        } else {
+            &self.server_name
+        }
+    }
+}
+
+/// What a component does on its control channel.
+pub trait ControlHandler: Send + Sync + 'static {
+    /// Sent on every (re)connect.
+    fn hello(&self) -> Hello;
+    /// Sent with each heartbeat.
+    fn status(&self) -> Option<Status>;
+    /// Runs one command. Called at most once per command id by this client
+    /// (repeats get the cached result), but should be idempotent anyway.
+    fn handle(&self, cmd: Command) -> Pin<Box<dyn Future<Output = CommandResult> + Send>>;
+}
+
+/// Talks to the control task.
+#[derive(Clone)]
+pub struct ControlHandle {
+    events: Option<mpsc::Sender<Event>>,
+    connected: Arc<AtomicBool>,
+}
+
+impl ControlHandle {
+    /// A handle with no CS behind it: events are dropped.
+    pub fn disabled() -> ControlHandle {
+        ControlHandle {
+            events: None,
+            connected: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Queues an event for the CS (sent when connected; dropped when the
+    /// queue of [`EVENT_QUEUE`] events is full). `time_ms` 0 = now.
+    pub fn event(&self, mut ev: Event) {
+        if ev.time_ms == 0 {
+            ev.time_ms = now_ms();
+        }
+        if let Some(tx) = &self.events {
+            if tx.try_send(ev).is_err() {
+                debug!("control event dropped: queue full or control task ended");
+            }
+        }
+    }
+
+    /// The stream is up and the CS welcomed us.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+}
+
+/// Events kept while the CS is unreachable.
+pub const EVENT_QUEUE: usize = 1024;
+/// Command results remembered for deduplication.
+const RESULT_CACHE: usize = 1024;
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Retry period after the CS refused the hello.
+const REFUSED_RETRY: Duration = Duration::from_secs(5);
+/// How long the CS has to answer the hello with a welcome.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Starts the control task (nothing when `cs.addr` is empty). It runs until
+/// `shutdown` turns true.
+pub fn spawn(
+    cs: CsConfig,
+    tls: TlsFiles,
+    handler: Arc<dyn ControlHandler>,
+    shutdown: watch::Receiver<bool>,
+) -> ControlHandle {
+    if !cs.enabled() {
+        return ControlHandle::disabled();
+    }
+    let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
+    let connected = Arc::new(AtomicBool::new(false));
+    let task = Task {
+        cs,
+        tls,
+        handler,
+        connected: connected.clone(),
+        results: Arc::new(Mutex::new(Results::default())),
+    };
+    tokio::spawn(task.run(ev_rx, shutdown));
+    ControlHandle {
+        events: Some(ev_tx),
+        connected,
+    }
+}
+
+enum Entry {
+    Running,
+    Done(CommandResult),
+}
+
+#[derive(Default)]
+struct Results {
+    map: HashMap<String, Entry>,
+    order: VecDeque<String>,
+}
+
+impl Results {
+    fn finish(&mut self, r: &CommandResult) {
+        if let Some(e) = self.map.get_mut(&r.id) {
+            *e = Entry::Done(r.clone());
+        }
+        while self.order.len() > RESULT_CACHE {
+            if let Some(old) = self.order.pop_front() {
+                if matches!(self.map.get(&old), Some(Entry::Done(_))) {
+                    self.map.remove(&old);
+                } else {
+                    // Still running: keep it, look again later.
+                    self.order.push_back(old);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+struct Task {
+    cs: CsConfig,
+    tls: TlsFiles,
+    handler: Arc<dyn ControlHandler>,
+    connected: Arc<AtomicBool>,
+    results: Arc<Mutex<Results>>,
+}
+
+/// Why a session ended.
+enum End {
+    Shutdown,
+    /// The CS refused the hello (its message).
+    Refused(String),
+    Error(String),
+}
+
+impl Task {
+    async fn run(self, mut events: mpsc::Receiver<Event>, mut shutdown: watch::Receiver<bool>) {
+        let (res_tx, mut res_rx) = mpsc::unbounded_channel::<CommandResult>();
+        let mut backoff = BACKOFF_MIN;
+        let mut last_logged = String::new();
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let end = self
+                .session(
+                    &mut events,
+                    &mut shutdown,
+                    &res_tx,
+                    &mut res_rx,
+                    &mut backoff,
+                )
+                .await;
+            self.connected.store(false, Ordering::Relaxed);
+            let wait = match end {
+                End::Shutdown => return,
+                End::Refused(msg) => {
+                    error!(cs = %self.cs.addr, "the configuration server refused this component: {msg}; retrying every {} s", REFUSED_RETRY.as_secs());
+                    last_logged.clear();
+                    REFUSED_RETRY
+                }
+                End::Error(msg) => {
+                    if msg != last_logged {
+                        warn!(cs = %self.cs.addr, "control channel: {msg}; reconnecting");
+                        last_logged = msg;
+                    } else {
+                        debug!(cs = %self.cs.addr, "control channel: {msg}; reconnecting");
+                    }
+                    let w = backoff;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    w
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    /// One connection, from connect to the end of the stream.
+    async fn session(
+        &self,
+        events: &mut mpsc::Receiver<Event>,
+        shutdown: &mut watch::Receiver<bool>,
+        res_tx: &mpsc::UnboundedSender<CommandResult>,
+        res_rx: &mut mpsc::UnboundedReceiver<CommandResult>,
+        backoff: &mut Duration,
+    ) -> End {
+        let channel = tokio::select! {
+            c = self.tls.connect(&self.cs.addr, self.cs.server_name()) => match c {
+                Ok(c) => c,
+                Err(e) => return End::Error(e.to_string()),
+            },
+            _ = shutdown.wait_for(|s| *s) => return End::Shutdown,
+        };
+        let mut client = ControlClient::new(channel);
+        let (up, up_rx) = mpsc::unbounded_channel::<ComponentMessage>();
+        let send =
+            |msg: component_message::Msg| up.send(ComponentMessage { msg: Some(msg) }).is_ok();
+        send(component_message::Msg::Hello(self.handler.hello()));
+        let call = client.channel(UnboundedReceiverStream::new(up_rx));
+        let resp = tokio::select! {
+            r = tokio::time::timeout(WELCOME_TIMEOUT, call) => r,
+            _ = shutdown.wait_for(|s| *s) => return End::Shutdown,
+        };
+        let mut down = match resp {
+            Err(_) => return End::Error("no answer to the hello".into()),
+            Ok(Err(s)) => return classify(s),
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        let first = tokio::select! {
+            m = tokio::time::timeout(WELCOME_TIMEOUT, down.message()) => m,
+            _ = shutdown.wait_for(|s| *s) => return End::Shutdown,
+        };
+        let heartbeat = match first {
+            Err(_) => return End::Error("no welcome from the configuration server".into()),
+            Ok(Err(s)) => return classify(s),
+            Ok(Ok(None)) => return End::Error("stream closed before the welcome".into()),
+            Ok(Ok(Some(ServerMessage {
+                msg: Some(server_message::Msg::Welcome(w)),
+            }))) => Duration::from_millis(u64::from(w.heartbeat_ms.max(10))),
+            Ok(Ok(Some(_))) => return End::Error("the first message was not a welcome".into()),
+        };
+        self.connected.store(true, Ordering::Relaxed);
+        *backoff = BACKOFF_MIN;
+        info!(cs = %self.cs.addr, heartbeat_ms = heartbeat.as_millis() as u64, "connected to the configuration server");
+        let mut tick = tokio::time::interval(heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return End::Shutdown,
+                _ = tick.tick() => {
+                    let mut ok = send(component_message::Msg::Heartbeat(Heartbeat { time_ms: now_ms() }));
+                    if let Some(s) = self.handler.status() {
+                        ok &= send(component_message::Msg::Status(s));
+                    }
+                    if !ok {
+                        return End::Error("control stream closed".into());
+                    }
+                }
+                m = down.message() => match m {
+                    Ok(Some(ServerMessage { msg: Some(server_message::Msg::Command(cmd)) })) => {
+                        if let Some(cached) = self.dispatch(cmd, res_tx) {
+                            send(component_message::Msg::Result(cached));
+                        }
+                    }
+                    Ok(Some(_)) => debug!("unexpected message on the control stream ignored"),
+                    Ok(None) => return End::Error("the configuration server closed the control stream".into()),
+                    Err(s) => return End::Error(format!("control stream broke: {}", s.message())),
+                },
+                Some(r) = res_rx.recv() => {
+                    if let Ok(mut c) = self.results.lock() {
+                        c.finish(&r);
+                    }
+                    if !send(component_message::Msg::Result(r)) {
+                        return End::Error("control stream closed".into());
+                    }
+                }
+                Some(ev) = events.recv() => {
+                    if !send(component_message::Msg::Event(ev)) {
+                        return End::Error("control stream closed".into());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts a command, or answers a repeat: `Some` = the cached result to
+    /// send now.
+    fn dispatch(
+        &self,
+        cmd: Command,
+        res_tx: &mpsc::UnboundedSender<CommandResult>,
+    ) -> Option<CommandResult> {
+        let id = cmd.id.clone();
+        {
+            let mut c = self.results.lock().ok()?;
+            match c.map.get(&id) {
+                Some(Entry::Done(r)) => return Some(r.clone()),
+                Some(Entry::Running) => {
+                    debug!(%id, "repeated command still running; its result follows");
+                    return None;
+                }
+                None => {
+                    c.map.insert(id.clone(), Entry::Running);
+                    c.order.push_back(id.clone());
+                }
+            }
+        }
+        let timeout = cmd.timeout_ms;
+        let fut = self.handler.handle(cmd);
+        let tx = res_tx.clone();
+        tokio::spawn(async move {
+            let mut r = if timeout > 0 {
+                match tokio::time::timeout(Duration::from_millis(u64::from(timeout)), fut).await {
+                    Ok(r) => r,
+                    Err(_) => CommandResult {
+                        ok: false,
+                        error: format!("command timed out after {timeout} ms"),
+                        ..Default::default()
+                    },
+                }
+            } else {
+                fut.await
+            };
+            r.id = id;
+            let _ = tx.send(r);
+        });
+        None
+    }
+}
+
+fn classify(s: tonic::Status) -> End {
+    use tonic::Code;
+    match s.code() {
+        Code::PermissionDenied
+        | Code::FailedPrecondition
+        | Code::InvalidArgument
+        | Code::Unauthenticated
+        | Code::AlreadyExists => End::Refused(format!("{:?}: {}", s.code(), s.message())),
+        _ => End::Error(format!(
+            "{}{}",
+            s.message(),
+            std::error::Error::source(&s)
+                .map(|e| format!(": {}", error_chain(e)))
+                .unwrap_or_default()
+        )),
+    }
+}
+
+/// A successful result with no detail.
+pub fn ok_result() -> CommandResult {
+    CommandResult {
+        ok: true,
+        ..Default::default()
+    }
+}
+
+/// A failed result carrying `error`.
+pub fn err_result(error: impl Into<String>) -> CommandResult {
+    CommandResult {
+        ok: false,
+        error: error.into(),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests;

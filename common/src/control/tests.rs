@@ -1,0 +1,359 @@
+//! The control client against a tiny in-process Control server over real
+//! mutual TLS.
+
+use super::*;
+use crate::pki::{write_cert, Ca, Role};
+use rebound_proto::control::command::Cmd;
+use rebound_proto::control::control_server::{Control, ControlServer};
+use rebound_proto::control::{AgentStatus, Tag, TagCut, Welcome};
+use std::sync::atomic::AtomicU32;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Streaming};
+
+/// What the fake CS saw.
+#[derive(Debug)]
+enum Seen {
+    Hello(Hello),
+    Heartbeat,
+    Status,
+    Event(Event),
+    Result(CommandResult),
+}
+
+struct FakeCs {
+    seen: mpsc::UnboundedSender<Seen>,
+    /// Refuse hellos while true.
+    refuse: Arc<AtomicBool>,
+    /// Commands to send after the welcome on each stream.
+    commands: Vec<Command>,
+    /// Close the first stream after this many results (0 = never).
+    close_after: usize,
+    streams: Arc<AtomicU32>,
+}
+
+#[tonic::async_trait]
+impl Control for FakeCs {
+    type ChannelStream = UnboundedReceiverStream<Result<ServerMessage, tonic::Status>>;
+
+    async fn channel(
+        &self,
+        req: Request<Streaming<ComponentMessage>>,
+    ) -> Result<Response<Self::ChannelStream>, tonic::Status> {
+        let who = crate::tls::require_role(&req, &[Role::Agent])?;
+        let mut up = req.into_inner();
+        let hello = match up.message().await? {
+            Some(ComponentMessage {
+                msg: Some(component_message::Msg::Hello(h)),
+            }) => h,
+            _ => return Err(tonic::Status::invalid_argument("hello first")),
+        };
+        assert_eq!(hello.id, who.id);
+        let _ = self.seen.send(Seen::Hello(hello));
+        if self.refuse.load(Ordering::SeqCst) {
+            return Err(tonic::Status::permission_denied("second writable agent"));
+        }
+        let n = self.streams.fetch_add(1, Ordering::SeqCst);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(Ok(ServerMessage {
+            msg: Some(server_message::Msg::Welcome(Welcome {
+                heartbeat_ms: 50,
+                cs_version: "test".into(),
+            })),
+        }));
+        for c in &self.commands {
+            let _ = tx.send(Ok(ServerMessage {
+                msg: Some(server_message::Msg::Command(c.clone())),
+            }));
+        }
+        let seen = self.seen.clone();
+        let close_after = if n == 0 { self.close_after } else { 0 };
+        tokio::spawn(async move {
+            let mut results = 0;
+            while let Ok(Some(m)) = up.message().await {
+                let s = match m.msg {
+                    Some(component_message::Msg::Heartbeat(_)) => Seen::Heartbeat,
+                    Some(component_message::Msg::Status(_)) => Seen::Status,
+                    Some(component_message::Msg::Event(e)) => Seen::Event(e),
+                    Some(component_message::Msg::Result(r)) => {
+                        results += 1;
+                        Seen::Result(r)
+                    }
+                    _ => continue,
+                };
+                let _ = seen.send(s);
+                if close_after > 0 && results >= close_after {
+                    drop(tx);
+                    return;
+                }
+            }
+            drop(tx);
+        });
+        Ok(Response::new(UnboundedReceiverStream::new(rx)))
+    }
+}
+
+struct Pki {
+    _dir: tempfile::TempDir,
+    server: TlsFiles,
+    agent: TlsFiles,
+}
+
+fn pki() -> Pki {
+    crate::tls::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::generate("test").unwrap();
+    std::fs::write(dir.path().join("ca.pem"), ca.cert_pem()).unwrap();
+    let cs = ca
+        .issue(Role::Cs, "cs", &["localhost".to_string()])
+        .unwrap();
+    write_cert(dir.path(), "cs", &cs).unwrap();
+    let agent = ca.issue(Role::Agent, "m1", &[]).unwrap();
+    write_cert(dir.path(), "agent", &agent).unwrap();
+    Pki {
+        server: TlsFiles::in_dir(dir.path(), "cs"),
+        agent: TlsFiles::in_dir(dir.path(), "agent"),
+        _dir: dir,
+    }
+}
+
+async fn serve(tls: &TlsFiles, cs: FakeCs) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server = tonic::transport::Server::builder()
+        .tls_config(tls.server_config().unwrap())
+        .unwrap()
+        .add_service(ControlServer::new(cs))
+        .serve_with_incoming(TcpListenerStream::new(listener));
+    tokio::spawn(server);
+    addr
+}
+
+struct Handler {
+    calls: AtomicU32,
+}
+
+impl ControlHandler for Handler {
+    fn hello(&self) -> Hello {
+        Hello {
+            role: "agent".into(),
+            id: "m1".into(),
+            site: "a".into(),
+            writable: true,
+            ..Default::default()
+        }
+    }
+    fn status(&self) -> Option<Status> {
+        Some(Status {
+            status: Some(rebound_proto::control::status::Status::Agent(AgentStatus {
+                mode: "data".into(),
+                ..Default::default()
+            })),
+        })
+    }
+    fn handle(&self, cmd: Command) -> Pin<Box<dyn Future<Output = CommandResult> + Send>> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        Box::pin(async move {
+            match cmd.cmd {
+                Some(Cmd::Tag(t)) => {
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    CommandResult {
+                        ok: true,
+                        detail: Some(rebound_proto::control::command_result::Detail::TagCut(
+                            TagCut {
+                                id: t.id,
+                                seq: u64::from(n),
+                                kind: t.kind,
+                                warning: String::new(),
+                            },
+                        )),
+                        ..Default::default()
+                    }
+                }
+                Some(Cmd::Unfence(_)) => {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    ok_result()
+                }
+                _ => err_result("unsupported"),
+            }
+        })
+    }
+}
+
+fn tag_cmd(id: &str) -> Command {
+    Command {
+        id: id.into(),
+        timeout_ms: 0,
+        cmd: Some(Cmd::Tag(Tag {
+            id: format!("tag-{id}"),
+            kind: "crash".into(),
+            group: String::new(),
+        })),
+    }
+}
+
+async fn next(rx: &mut mpsc::UnboundedReceiver<Seen>) -> Seen {
+    tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .expect("fake CS saw nothing in 20 s")
+        .expect("fake CS gone")
+}
+
+#[tokio::test]
+async fn hello_heartbeat_status_commands_dedup_events_and_reconnect() {
+    let pki = pki();
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let mut timed_out = tag_cmd("c3");
+    timed_out.cmd = Some(Cmd::Unfence(Default::default()));
+    timed_out.timeout_ms = 100;
+    let cs = FakeCs {
+        seen: seen_tx,
+        refuse: Arc::new(AtomicBool::new(false)),
+        // c1 twice (the repeat arrives while the first still runs: one run,
+        // one answer), c2 once, c3 times out.
+        commands: vec![tag_cmd("c1"), tag_cmd("c1"), tag_cmd("c2"), timed_out],
+        close_after: 3,
+        streams: Arc::new(AtomicU32::new(0)),
+    };
+    let streams = cs.streams.clone();
+    let addr = serve(&pki.server, cs).await;
+    let handler = Arc::new(Handler {
+        calls: AtomicU32::new(0),
+    });
+    let (stop_tx, stop) = watch::channel(false);
+    let handle = spawn(
+        CsConfig {
+            addr,
+            server_name: String::new(),
+        },
+        pki.agent.clone(),
+        handler.clone(),
+        stop,
+    );
+    match next(&mut seen).await {
+        Seen::Hello(h) => assert_eq!((h.role.as_str(), h.site.as_str()), ("agent", "a")),
+        other => panic!("expected hello, got {other:?}"),
+    }
+    handle.event(Event {
+        severity: "warning".into(),
+        kind: "freeze-failed".into(),
+        message: "freeze exited 1".into(),
+        ..Default::default()
+    });
+    let (mut results, mut hb, mut status, mut events) = (Vec::new(), 0, 0, Vec::new());
+    while results.len() < 3 || hb < 2 || status < 2 || events.is_empty() {
+        match next(&mut seen).await {
+            Seen::Result(r) => results.push(r),
+            Seen::Heartbeat => hb += 1,
+            Seen::Status => status += 1,
+            Seen::Event(e) => events.push(e),
+            Seen::Hello(_) => break,
+        }
+    }
+    assert!(handle.connected() || streams.load(Ordering::SeqCst) >= 1);
+    assert_eq!(events[0].kind, "freeze-failed");
+    assert!(events[0].time_ms > 0);
+    let c1: Vec<_> = results.iter().filter(|r| r.id == "c1").collect();
+    assert_eq!(c1.len(), 1, "{results:?}");
+    assert!(c1[0].ok);
+    let c1_first = c1[0].clone();
+    assert!(results.iter().any(|r| r.id == "c2" && r.ok));
+    let c3 = results.iter().find(|r| r.id == "c3").unwrap();
+    assert!(!c3.ok && c3.error.contains("timed out"), "{c3:?}");
+
+    // The fake CS closed the first stream after 3 results: the client comes
+    // back with a new hello, and the commands re-sent on the new stream are
+    // answered from the cache (nothing runs again).
+    loop {
+        if let Seen::Hello(_) = next(&mut seen).await {
+            break;
+        }
+    }
+    let mut again = Vec::new();
+    while again.len() < 4 {
+        if let Seen::Result(r) = next(&mut seen).await {
+            again.push(r);
+        }
+    }
+    for id in ["c1", "c2"] {
+        assert!(again.iter().any(|r| r.id == id && r.ok), "{again:?}");
+    }
+    assert!(again
+        .iter()
+        .filter(|r| r.id == "c1")
+        .all(|r| *r == c1_first));
+    assert!(again.iter().any(|r| r.id == "c3" && !r.ok));
+    // c1, c2 and c3 ran exactly once each.
+    assert_eq!(handler.calls.load(Ordering::SeqCst), 3);
+    assert!(streams.load(Ordering::SeqCst) >= 2);
+    let _ = stop_tx.send(true);
+}
+
+#[tokio::test]
+async fn refused_hello_is_retried_slowly_and_not_connected() {
+    let pki = pki();
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let refuse = Arc::new(AtomicBool::new(true));
+    let cs = FakeCs {
+        seen: seen_tx,
+        refuse: refuse.clone(),
+        commands: Vec::new(),
+        close_after: 0,
+        streams: Arc::new(AtomicU32::new(0)),
+    };
+    let addr = serve(&pki.server, cs).await;
+    let (stop_tx, stop) = watch::channel(false);
+    let handle = spawn(
+        CsConfig {
+            addr,
+            server_name: "localhost".into(),
+        },
+        pki.agent.clone(),
+        Arc::new(Handler {
+            calls: AtomicU32::new(0),
+        }),
+        stop,
+    );
+    assert!(matches!(next(&mut seen).await, Seen::Hello(_)));
+    // A refusal waits 5 s, not the 200 ms error backoff.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!handle.connected());
+    let mut hellos = 0;
+    while let Ok(s) = seen.try_recv() {
+        if matches!(s, Seen::Hello(_)) {
+            hellos += 1;
+        }
+    }
+    assert_eq!(hellos, 0, "a refused hello must not be retried at once");
+    // Once the CS accepts, the next retry connects.
+    refuse.store(false, Ordering::SeqCst);
+    assert!(matches!(next(&mut seen).await, Seen::Hello(_)));
+    let t0 = std::time::Instant::now();
+    while !handle.connected() {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop_tx.send(true);
+}
+
+#[tokio::test]
+async fn no_cs_configured_is_standalone() {
+    let (_tx, stop) = watch::channel(false);
+    let h = spawn(
+        CsConfig::default(),
+        TlsFiles::default(),
+        Arc::new(Handler {
+            calls: AtomicU32::new(0),
+        }),
+        stop,
+    );
+    assert!(!h.connected());
+    h.event(Event::default());
+}
+
+#[test]
+fn cs_config_parses_and_rejects_unknown_keys() {
+    let c: CsConfig = toml::from_str("addr = \"cs:7000\"").unwrap();
+    assert_eq!(c.server_name(), "localhost");
+    assert!(c.enabled());
+    assert!(toml::from_str::<CsConfig>("adr = \"x\"").is_err());
+}

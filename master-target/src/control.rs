@@ -1,0 +1,381 @@
+//! The master target on the control channel (DESIGN.md §8): its hello, its
+//! status (a recovery-point summary per replication every heartbeat), and
+//! the lifecycle commands the configuration server sends it: Rollback (by a
+//! `PointChoice`), RestorePreImages, HandOver, EndReplication, ListPoints
+//! and PrepareReplication. Every command is idempotent, since a command id
+//! may arrive twice after a reconnect.
+
+use crate::catalog::PointEntry;
+use crate::config::HooksConfig;
+use crate::error::MtError;
+use crate::replication::{Replication, Store};
+use rebound_common::control::{err_result, ok_result, ControlHandler};
+use rebound_proto::control as pb;
+use rebound_proto::control::command::Cmd;
+use rebound_proto::control::command_result::Detail;
+use rebound_proto::control::point_choice::Choice;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use tracing::info;
+
+/// Group points reported per replication, newest last.
+const MAX_GROUP_POINTS: usize = 256;
+
+pub fn point_to_proto(p: &PointEntry) -> pb::Point {
+    pb::Point {
+        id: p.id.clone(),
+        kind: p.kind.clone(),
+        time_ms: p.time_ms,
+        seq: p.seq,
+        group: p.group.clone(),
+    }
+}
+
+/// What a choice means, for errors.
+fn describe(c: &Choice) -> String {
+    match c {
+        Choice::Latest(_) => "latest".into(),
+        Choice::LatestProcessed(_) => "latest-processed".into(),
+        Choice::LatestApp(_) => "latest-app".into(),
+        Choice::LatestMulti(_) => "latest-multi".into(),
+        Choice::LatestMultiApp(_) => "latest-multi-app".into(),
+        Choice::Id(id) => format!("point {id:?}"),
+        Choice::AtOrBeforeMs(t) => format!("the newest point at or before {t} ms"),
+        Choice::GroupTag(g) => format!("group point {g:?}"),
+    }
+}
+
+/// Picks the point `choice` names among `points` (oldest first). `latest`
+/// and `latest-processed` are both the newest applied point: draining what
+/// is pending is the CS's job before it asks.
+pub fn resolve_point<'a>(points: &'a [PointEntry], choice: &Choice) -> Option<&'a PointEntry> {
+    let mut newest = points.iter().rev();
+    match choice {
+        Choice::Latest(_) | Choice::LatestProcessed(_) => points.last(),
+        Choice::LatestApp(_) => newest.find(|p| p.kind == "app"),
+        Choice::LatestMulti(_) => newest.find(|p| !p.group.is_empty()),
+        Choice::LatestMultiApp(_) => newest.find(|p| !p.group.is_empty() && p.kind == "app"),
+        Choice::Id(id) => newest.find(|p| &p.id == id),
+        Choice::AtOrBeforeMs(t) => newest.find(|p| p.time_ms <= *t),
+        Choice::GroupTag(g) => newest.find(|p| &p.group == g),
+    }
+}
+
+impl Replication {
+    /// Resolves `choice` against the catalog and rolls back to that point.
+    pub fn rollback_to(&self, choice: &Choice) -> Result<crate::RollbackReport, MtError> {
+        let points = self.points();
+        let p = resolve_point(&points, choice).ok_or_else(|| {
+            let have = match (points.first(), points.last()) {
+                (Some(a), Some(b)) => format!(
+                    "it has {} points, from {} ({} ms) to {} ({} ms)",
+                    points.len(),
+                    a.id,
+                    a.time_ms,
+                    b.id,
+                    b.time_ms
+                ),
+                _ => "it has no recovery point yet".into(),
+            };
+            MtError::NotFound(format!(
+                "machine {} (replication {}) has no recovery point matching {}: {have}",
+                self.machine_id(),
+                self.id(),
+                describe(choice)
+            ))
+        })?;
+        self.rollback(&p.id)
+    }
+
+    /// The state the MT reports: "applying", "rolled-back", "handed-over"
+    /// or "ended".
+    pub fn state_name(&self) -> &'static str {
+        let inner = self.read_inner();
+        if inner.st.ended.is_some() {
+            "ended"
+        } else if inner.st.handed_over.is_some() {
+            "handed-over"
+        } else if inner.rollback_point().is_some() {
+            "rolled-back"
+        } else {
+            "applying"
+        }
+    }
+
+    /// The recovery-point summary the MT reports to the CS.
+    pub fn point_summary(&self) -> pb::PointSummary {
+        let inner = self.read_inner();
+        let points = &inner.points;
+        let mut group: Vec<pb::Point> = points
+            .iter()
+            .filter(|p| !p.group.is_empty())
+            .map(point_to_proto)
+            .collect();
+        if group.len() > MAX_GROUP_POINTS {
+            group.drain(..group.len() - MAX_GROUP_POINTS);
+        }
+        pb::PointSummary {
+            applied_seq: inner.st.applied_seq,
+            count: points.len() as u32,
+            oldest: points.first().map(point_to_proto),
+            latest: points.last().map(point_to_proto),
+            latest_app: points
+                .iter()
+                .rev()
+                .find(|p| p.kind == "app")
+                .map(point_to_proto),
+            rolled_back_to: inner
+                .st
+                .rolled_back_to
+                .as_ref()
+                .map(|p| p.id.clone())
+                .unwrap_or_default(),
+            group_points: group,
+        }
+    }
+}
+
+/// The MT's status message.
+pub fn mt_status(store: &Store) -> pb::MtStatus {
+    let mut retention_bytes = 0;
+    let replications = store
+        .list()
+        .iter()
+        .map(|r| {
+            retention_bytes += r.status().journal_bytes;
+            pb::MtReplicationStatus {
+                replication_id: r.id().to_string(),
+                machine_id: r.machine_id().to_string(),
+                points: Some(r.point_summary()),
+                state: r.state_name().to_string(),
+            }
+        })
+        .collect();
+    pb::MtStatus {
+        replications,
+        retention_bytes,
+    }
+}
+
+/// Identity and addresses for the hello.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub id: String,
+    pub site: String,
+    pub addresses: Vec<String>,
+    pub instance: String,
+}
+
+/// The MT's [`ControlHandler`].
+pub struct MtControl {
+    pub store: Arc<Store>,
+    pub hooks: HooksConfig,
+    pub identity: Identity,
+    /// The last status, refreshed by [`status_task`] off the runtime (a long
+    /// rollback holds its replication's lock; heartbeats must not wait).
+    pub status: std::sync::Mutex<Option<pb::MtStatus>>,
+}
+
+/// Refreshes `control.status` every `period` until `stop` turns true.
+pub async fn status_task(
+    control: Arc<MtControl>,
+    period: std::time::Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let c = control.clone();
+        if let Ok(st) = tokio::task::spawn_blocking(move || mt_status(&c.store)).await {
+            *control
+                .status
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(st);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+fn disk_info(d: &pb::Disk) -> rebound_proto::DiskInfo {
+    rebound_proto::DiskInfo {
+        index: d.index,
+        name: d.name.clone(),
+        size: d.size,
+    }
+}
+
+impl MtControl {
+    fn replication(&self, id: &str) -> Result<Arc<Replication>, MtError> {
+        self.store.get(id).ok_or_else(|| {
+            MtError::NotFound(format!(
+                "MT {} has no replication {id:?} (it has {})",
+                self.identity.id,
+                self.store
+                    .list()
+                    .iter()
+                    .map(|r| r.id().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })
+    }
+
+    /// Runs one command (blocking: storage work and hooks).
+    pub fn run(&self, cmd: Cmd) -> Result<pb::CommandResult, MtError> {
+        let ok = ok_result();
+        match cmd {
+            Cmd::Rollback(c) => {
+                let r = self.replication(&c.replication_id)?;
+                let choice = c.point.and_then(|p| p.choice).ok_or_else(|| {
+                    MtError::InvalidArgument(format!(
+                        "Rollback of replication {} names no point",
+                        c.replication_id
+                    ))
+                })?;
+                let rep = r.rollback_to(&choice)?;
+                Ok(pb::CommandResult {
+                    detail: Some(Detail::RolledBack(pb::RolledBack {
+                        point: Some(point_to_proto(&rep.point)),
+                        blocks_restored: rep.blocks_restored,
+                    })),
+                    ..ok
+                })
+            }
+            Cmd::RestorePreImages(c) => {
+                let r = self.replication(&c.replication_id)?;
+                let n = r.restore_pre_images()?;
+                info!(replication = %c.replication_id, blocks = n, "pre-images restored (control channel)");
+                Ok(ok)
+            }
+            Cmd::HandOver(c) => {
+                let r = self.replication(&c.replication_id)?;
+                let rep = r.hand_over(c.run_power_on, &self.hooks)?;
+                match &rep.power_on {
+                    Some(o) if !o.success => Ok(err_result(format!(
+                        "{} was handed over at point {}, but its power_on hook `{}` failed ({}): {}",
+                        r.machine_id(),
+                        rep.point,
+                        o.command,
+                        o.status,
+                        o.output_tail
+                    ))),
+                    _ => Ok(ok),
+                }
+            }
+            Cmd::EndReplication(c) => {
+                self.store
+                    .end_replication(&c.replication_id, c.keep_replica)?;
+                Ok(ok)
+            }
+            Cmd::ListPoints(c) => {
+                let r = self.replication(&c.replication_id)?;
+                let s = r.status();
+                Ok(pb::CommandResult {
+                    detail: Some(Detail::PointList(pb::PointList {
+                        points: r.points().iter().map(point_to_proto).collect(),
+                        applied_seq: s.applied_seq,
+                        rolled_back_to: s.rolled_back_to.unwrap_or_default(),
+                    })),
+                    ..ok
+                })
+            }
+            Cmd::PrepareReplication(c) => {
+                let info = rebound_proto::ReplicationInfo {
+                    replication_id: c.replication_id.clone(),
+                    machine_id: c.machine_id.clone(),
+                    disks: c.disks.iter().map(disk_info).collect(),
+                };
+                let (_, adopted) = self.store.prepare(&info, &c.adopt_from)?;
+                Ok(pb::CommandResult {
+                    warning: match (adopted, c.adopt_from.is_empty()) {
+                        (None, false) => format!(
+                            "MT {} holds no replica of {} to adopt (from {}): the resync sends the whole disks",
+                            self.identity.id, c.machine_id, c.adopt_from
+                        ),
+                        _ => String::new(),
+                    },
+                    ..ok
+                })
+            }
+            other => Err(MtError::InvalidArgument(format!(
+                "a master target does not take the command {}",
+                cmd_name(&other)
+            ))),
+        }
+    }
+}
+
+fn cmd_name(c: &Cmd) -> &'static str {
+    match c {
+        Cmd::Fence(_) => "Fence",
+        Cmd::Unfence(_) => "Unfence",
+        Cmd::Drain(_) => "Drain",
+        Cmd::Tag(_) => "Tag",
+        Cmd::GroupPrepare(_) => "GroupPrepare",
+        Cmd::GroupCommit(_) => "GroupCommit",
+        Cmd::GroupAbort(_) => "GroupAbort",
+        Cmd::SetPolicy(_) => "SetPolicy",
+        Cmd::Resync(_) => "Resync",
+        Cmd::StartReplication(_) => "StartReplication",
+        Cmd::StopReplication(_) => "StopReplication",
+        Cmd::Rollback(_) => "Rollback",
+        Cmd::RestorePreImages(_) => "RestorePreImages",
+        Cmd::HandOver(_) => "HandOver",
+        Cmd::EndReplication(_) => "EndReplication",
+        Cmd::ListPoints(_) => "ListPoints",
+        Cmd::PrepareReplication(_) => "PrepareReplication",
+        Cmd::AddReplication(_) => "AddReplication",
+        Cmd::RemoveReplication(_) => "RemoveReplication",
+    }
+}
+
+/// Runs a command off the runtime and shapes its result.
+pub async fn handle_command(this: Arc<MtControl>, cmd: pb::Command) -> pb::CommandResult {
+    let id = cmd.id.clone();
+    let mut res = match cmd.cmd {
+        None => err_result("empty command: this MT may be older than the CS; upgrade it"),
+        Some(c) => match tokio::task::spawn_blocking(move || this.run(c)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => err_result(e.to_string()),
+            Err(e) => err_result(format!("the command's task failed: {e}")),
+        },
+    };
+    res.id = id;
+    res
+}
+
+/// Adapter so the control task can hold the handler as a trait object.
+pub struct Handler(pub Arc<MtControl>);
+
+impl ControlHandler for Handler {
+    fn hello(&self) -> pb::Hello {
+        let i = &self.0.identity;
+        pb::Hello {
+            role: "mt".into(),
+            id: i.id.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            site: i.site.clone(),
+            addresses: i.addresses.clone(),
+            instance: i.instance.clone(),
+            ..Default::default()
+        }
+    }
+
+    fn status(&self) -> Option<pb::Status> {
+        let st = self
+            .0
+            .status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()?;
+        Some(pb::Status {
+            status: Some(pb::status::Status::Mt(st)),
+        })
+    }
+
+    fn handle(&self, cmd: pb::Command) -> Pin<Box<dyn Future<Output = pb::CommandResult> + Send>> {
+        Box::pin(handle_command(self.0.clone(), cmd))
+    }
+}

@@ -1,0 +1,229 @@
+//! The process server on the control channel (DESIGN.md §6, §8): its hello,
+//! its status (cache use, throughput, per-replication lag) every heartbeat,
+//! and the CS's commands: `AddReplication` (accept a replication and forward
+//! it to the MT the CS names, persisted as the replication's route) and
+//! `RemoveReplication` (stop forwarding and drop its cache). Both are
+//! idempotent, since a command id may arrive twice after a reconnect.
+
+use crate::cache::{Cache, CacheError};
+use crate::forward::{route_path, Forwarders, Route};
+use rebound_common::control::{err_result, ok_result, ControlHandler};
+use rebound_common::durable::write_atomic;
+use rebound_proto::control as pb;
+use rebound_proto::control::command::Cmd;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::info;
+
+/// How often the status is sampled.
+pub const SAMPLE_PERIOD: Duration = Duration::from_millis(500);
+/// Throughput is averaged over this many samples.
+const THROUGHPUT_SAMPLES: usize = 10;
+
+/// Identity and addresses for the hello.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub id: String,
+    pub site: String,
+    pub addresses: Vec<String>,
+    pub instance: String,
+}
+
+/// The PS's control-channel state.
+pub struct PsControl {
+    pub cache: Arc<Cache>,
+    pub forwarders: Arc<Forwarders>,
+    pub identity: Identity,
+    pub status: Mutex<Option<pb::PsStatus>>,
+}
+
+/// Adds (or re-points) a replication: its cache, its persisted route, and a
+/// forwarder to its MT (blocking).
+pub fn add_replication(
+    cache: &Cache,
+    forwarders: &Forwarders,
+    c: &pb::AddReplication,
+) -> Result<(), String> {
+    if c.mt_address.is_empty() {
+        return Err(format!(
+            "AddReplication of {} names no master target address",
+            c.replication_id
+        ));
+    }
+    let rep = cache.ensure(&c.replication_id).map_err(|e| e.to_string())?;
+    if let Some(info) = rep.info() {
+        if !c.machine_id.is_empty() && info.machine_id != c.machine_id {
+            return Err(CacheError::WrongMachine {
+                replication: c.replication_id.clone(),
+                stored: info.machine_id,
+                claimed: c.machine_id.clone(),
+            }
+            .to_string());
+        }
+    }
+    let route = Route {
+        machine_id: c.machine_id.clone(),
+        mt_address: c.mt_address.clone(),
+        mt_server_name: if c.mt_server_name.is_empty() {
+            "localhost".into()
+        } else {
+            c.mt_server_name.clone()
+        },
+    };
+    let path = route_path(rep.dir());
+    let text = serde_json::to_vec_pretty(&route).map_err(|e| e.to_string())?;
+    write_atomic(&path, &text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    if forwarders.set_route(&c.replication_id, &route) {
+        info!(replication = %c.replication_id, machine = %c.machine_id, mt = %route.mt_address,
+            "replication added: forwarding to this master target");
+        forwarders.stop(&c.replication_id);
+    }
+    forwarders.ensure(&rep);
+    Ok(())
+}
+
+/// Stops forwarding a replication and drops its cache (blocking).
+pub fn remove_replication(cache: &Cache, forwarders: &Forwarders, id: &str) -> Result<(), String> {
+    forwarders.remove(id);
+    let existed = cache.remove(id).map_err(|e| e.to_string())?;
+    info!(replication = %id, existed, "replication removed: forwarding stopped, cache dropped");
+    Ok(())
+}
+
+impl PsControl {
+    fn run(&self, cmd: Cmd) -> Result<pb::CommandResult, String> {
+        match cmd {
+            Cmd::AddReplication(c) => {
+                add_replication(&self.cache, &self.forwarders, &c)?;
+                Ok(ok_result())
+            }
+            Cmd::RemoveReplication(c) => {
+                remove_replication(&self.cache, &self.forwarders, &c.replication_id)?;
+                Ok(ok_result())
+            }
+            _ => Err("a process server takes only AddReplication and RemoveReplication".into()),
+        }
+    }
+}
+
+/// Runs a command off the runtime.
+pub async fn handle_command(this: Arc<PsControl>, cmd: pb::Command) -> pb::CommandResult {
+    let id = cmd.id.clone();
+    let mut res = match cmd.cmd {
+        None => err_result("empty command: this PS may be older than the CS; upgrade it"),
+        Some(c) => match tokio::task::spawn_blocking(move || this.run(c)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => err_result(e),
+            Err(e) => err_result(format!("the command's task failed: {e}")),
+        },
+    };
+    res.id = id;
+    res
+}
+
+/// Per-replication lag tracking: durable seqs with when they were first
+/// seen, dropped once applied.
+#[derive(Default)]
+struct Lag {
+    pending: VecDeque<(u64, Instant)>,
+    last_durable: u64,
+}
+
+/// Samples the cache every [`SAMPLE_PERIOD`] into `control.status` until
+/// `stop` turns true: cache use, input throughput, and per replication the
+/// durable and applied seqs and the age of the oldest record not applied.
+pub async fn status_task(control: Arc<PsControl>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut lags: HashMap<String, Lag> = HashMap::new();
+    let mut bytes: VecDeque<(u64, Instant)> = VecDeque::new();
+    loop {
+        let now = Instant::now();
+        let mut total_in = 0u64;
+        let mut reps = Vec::new();
+        let current = control.cache.replications();
+        lags.retain(|id, _| current.iter().any(|r| r.id() == id));
+        for r in current {
+            total_in += r.stats().bytes_in.load(Ordering::Relaxed);
+            let (durable, applied) = (r.durable(), r.applied());
+            let lag = lags.entry(r.id().to_string()).or_default();
+            if durable > lag.last_durable {
+                lag.pending.push_back((durable, now));
+                lag.last_durable = durable;
+            }
+            while lag.pending.front().is_some_and(|&(s, _)| s <= applied) {
+                lag.pending.pop_front();
+            }
+            let lag_ms = lag
+                .pending
+                .front()
+                .map(|&(_, t)| now.duration_since(t).as_millis() as u64)
+                .unwrap_or(0);
+            reps.push(pb::PsReplicationLag {
+                replication_id: r.id().to_string(),
+                durable_seq: durable,
+                applied_seq: applied,
+                cache_bytes: r.cache_bytes(),
+                lag_ms,
+            });
+        }
+        bytes.push_back((total_in, now));
+        while bytes.len() > THROUGHPUT_SAMPLES {
+            bytes.pop_front();
+        }
+        let throughput = match (bytes.front(), bytes.back()) {
+            (Some(&(b0, t0)), Some(&(b1, t1))) if t1 > t0 => {
+                (b1.saturating_sub(b0) as f64 / t1.duration_since(t0).as_secs_f64()) as u64
+            }
+            _ => 0,
+        };
+        let account = control.cache.account();
+        let st = pb::PsStatus {
+            cache_bytes: account.total(),
+            cache_limit: account.cap(),
+            throughput_bytes_per_sec: throughput,
+            replications: reps,
+        };
+        *control.status.lock().unwrap_or_else(|p| p.into_inner()) = Some(st);
+        tokio::select! {
+            _ = tokio::time::sleep(SAMPLE_PERIOD) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Adapter so the control task can hold the handler as a trait object.
+pub struct Handler(pub Arc<PsControl>);
+
+impl ControlHandler for Handler {
+    fn hello(&self) -> pb::Hello {
+        let i = &self.0.identity;
+        pb::Hello {
+            role: "ps".into(),
+            id: i.id.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            site: i.site.clone(),
+            addresses: i.addresses.clone(),
+            instance: i.instance.clone(),
+            ..Default::default()
+        }
+    }
+
+    fn status(&self) -> Option<pb::Status> {
+        let st = self
+            .0
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        Some(pb::Status {
+            status: Some(pb::status::Status::Ps(st)),
+        })
+    }
+
+    fn handle(&self, cmd: pb::Command) -> Pin<Box<dyn Future<Output = pb::CommandResult> + Send>> {
+        Box::pin(handle_command(self.0.clone(), cmd))
+    }
+}
