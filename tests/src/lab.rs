@@ -61,12 +61,27 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// A free loopback port (bound, then released).
+/// A free loopback port for a server the test starts.
+///
+/// Ports come from 20000–32767, below Linux's ephemeral range, so neither a
+/// client connection's source port nor another lab's port-0 bind can take
+/// one between this call and the server's bind; a per-process counter keeps
+/// the labs of one test binary (its tests run in parallel) apart, and the
+/// pid spreads test binaries.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free loopback port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 20000;
+    const SPAN: u32 = 12700;
+    let base = std::process::id().wrapping_mul(997) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (base + n * 7) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in 20000-32767")
 }
 
 /// Polls `cond` until it is true or `timeout` passes.
@@ -250,9 +265,10 @@ impl Lab {
         let res = wait_until(&what, Duration::from_secs(30), || {
             TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
-        if res.is_err() {
-            self.check_alive(c)?;
-        }
+        // A port answering is not enough: it must be our child answering
+        // (a process that failed to bind exits at once).
+        std::thread::sleep(Duration::from_millis(100));
+        self.check_alive(c)?;
         res?;
         if c == Component::Agent {
             let sock = self.agent_state_dir().join("admin.sock");
