@@ -44,7 +44,10 @@ impl Admin {
         if let Value::Object(m) = &mut v {
             m.insert("connected".into(), json!(self.link.is_connected()));
             m.insert("machine_id".into(), json!(self.settings.machine_id));
-            m.insert("replication_id".into(), json!(self.settings.replication_id));
+            m.insert(
+                "replication_id".into(),
+                json!(self.capture.replication_id()),
+            );
         }
         v
     }

@@ -22,7 +22,7 @@
 //! any change is missing from the stream.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rebound_common::chunk::{is_zero, EXTENT_SIZE, SUB_CHUNK_SIZE};
@@ -204,7 +204,11 @@ struct State {
 
 /// The ordering point and change buffer of one machine.
 pub struct Capture {
-    rid: String,
+    rid: Mutex<String>,
+    /// Token of the write hold in force (consistency-group barrier, app
+    /// tag): new writes wait at the ordering point while it is set.
+    hold: Mutex<Option<String>>,
+    hold_cv: Condvar,
     disks: Vec<Arc<Disk>>,
     dlog: Arc<DirtyLog>,
     buffer_limit: u64,
@@ -260,7 +264,9 @@ impl Capture {
             bytes_captured: 0,
         };
         Capture {
-            rid: rid.to_string(),
+            rid: Mutex::new(rid.to_string()),
+            hold: Mutex::new(None),
+            hold_cv: Condvar::new(),
             disks,
             dlog,
             buffer_limit,
@@ -274,8 +280,8 @@ impl Capture {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn replication_id(&self) -> &str {
-        &self.rid
+    pub fn replication_id(&self) -> String {
+        self.rid.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
     pub fn disks(&self) -> &[Arc<Disk>] {
         &self.disks
@@ -337,6 +343,7 @@ impl Capture {
     fn modify(&self, disk: u32, offset: u64, len: u64, change: Change<'_>) -> Result<(), NbdError> {
         let d = self.disk(disk)?.clone();
         let exts = extents_of(offset, len);
+        self.wait_hold();
         let mut st = self.lock();
         if st.fenced {
             return Err(NbdError::eperm(
@@ -466,7 +473,7 @@ impl Capture {
             self.wake.notify_one();
         }
         let open = st.open.get_or_insert_with(|| PendingFrame {
-            builder: FrameBuilder::new(&self.rid, seq),
+            builder: FrameBuilder::new(&self.replication_id(), seq),
             started: now,
             last_append: now,
         });
@@ -520,6 +527,84 @@ impl Capture {
     pub fn enter_bitmap(&self, reason: &str) {
         let mut st = self.lock();
         self.enter_bitmap_locked(&mut st, reason);
+    }
+
+    // ------------------------------------------------------------ write hold
+
+    fn wait_hold(&self) {
+        let mut h = self.hold.lock().unwrap_or_else(|p| p.into_inner());
+        while h.is_some() {
+            h = self.hold_cv.wait(h).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Holds new writes (they wait before the ordering point) under `token`.
+    /// False when another hold is in force.
+    pub fn hold_writes(&self, token: &str) -> bool {
+        let mut h = self.hold.lock().unwrap_or_else(|p| p.into_inner());
+        match h.as_deref() {
+            Some(t) => t == token,
+            None => {
+                *h = Some(token.to_string());
+                true
+            }
+        }
+    }
+
+    /// Releases the hold `token` (false when that hold is not in force).
+    pub fn release_writes(&self, token: &str) -> bool {
+        let mut h = self.hold.lock().unwrap_or_else(|p| p.into_inner());
+        if h.as_deref() == Some(token) {
+            *h = None;
+            self.hold_cv.notify_all();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The token of the hold in force.
+    pub fn held_by(&self) -> Option<String> {
+        self.hold.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Accepts writes again after [`Capture::fence`].
+    pub fn unfence(&self) {
+        self.lock().fenced = false;
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        self.lock().fenced
+    }
+
+    /// Starts a new stream for replication `rid` (the configuration server
+    /// moved this agent to another replication/PS): drops the change buffer
+    /// and the stream position (the new PS says where to resume) and marks
+    /// every disk for a differential resync against the new target replica.
+    pub fn switch_replication(&self, rid: &str) {
+        *self.rid.lock().unwrap_or_else(|p| p.into_inner()) = rid.to_string();
+        let mut st = self.lock();
+        st.open = None;
+        st.ready.clear();
+        st.frame_starts.clear();
+        st.buffer_bytes = 0;
+        st.next_seq = 0;
+        st.recording = false;
+        st.durable_seq = 0;
+        st.last_tag_seq = 0;
+        st.last_change_seq = 0;
+        st.window = None;
+        for t in st.taken.iter_mut() {
+            t.clear_all();
+        }
+        for h in st.hi_seq.iter_mut() {
+            h.iter_mut().for_each(|x| *x = 0);
+        }
+        st.last_tag.clear();
+        st.window_end_tag_seq = 0;
+        drop(st);
+        self.durable.send_replace(0);
+        self.mark_need_all("initial");
     }
 
     /// Stops accepting writes: later writes get EPERM.
@@ -905,13 +990,25 @@ impl Capture {
     // ----------------------------------------------------------------- tags
 
     fn push_tag_locked(&self, st: &mut State, kind: TagKind) -> (String, u64) {
+        self.push_named_tag_locked(st, kind, None, String::new())
+    }
+
+    fn push_named_tag_locked(
+        &self,
+        st: &mut State,
+        kind: TagKind,
+        id: Option<String>,
+        group: String,
+    ) -> (String, u64) {
         let seq = st.next_seq;
-        let id = tags::tag_id(kind, seq);
+        let id = id
+            .filter(|i| !i.is_empty())
+            .unwrap_or_else(|| tags::tag_id(kind, seq));
         let rec = Record::Tag(Tag {
             id: id.clone(),
             kind,
             time_ms: tags::now_ms(),
-            group: String::new(),
+            group,
         });
         self.push_locked(st, |b| b.push(&rec));
         st.last_tag = id.clone();
@@ -943,6 +1040,27 @@ impl Capture {
             return Ok(None);
         }
         Ok(Some(self.push_tag_locked(&mut st, kind)))
+    }
+
+    /// Cuts a recovery point now with this id (generated when empty) and
+    /// consistency-group tag, whether or not anything changed.
+    pub fn cut_named_tag(
+        &self,
+        kind: TagKind,
+        id: &str,
+        group: &str,
+    ) -> Result<(String, u64), TagError> {
+        let mut st = self.lock();
+        if st.next_seq == 0 {
+            return Err(TagError::NotConnected);
+        }
+        if st.fenced && kind != TagKind::Shutdown {
+            return Err(TagError::Fenced);
+        }
+        if !Self::consistent_locked(&st) {
+            return Err(TagError::Inconsistent(Self::mode_locked(&st).as_str()));
+        }
+        Ok(self.push_named_tag_locked(&mut st, kind, Some(id.to_string()), group.to_string()))
     }
 
     // ---------------------------------------------------- dirty-log clearing

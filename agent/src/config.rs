@@ -5,6 +5,7 @@
 //! silently falls back to a default. `validate` turns it into the checked
 //! values the rest of the agent uses, so nothing else re-derives defaults.
 
+use rebound_common::control::CsConfig;
 use rebound_common::tls::TlsFiles;
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -46,6 +47,30 @@ pub struct Config {
     pub ps: PsConfig,
     /// mTLS files (CA, our certificate and key).
     pub tls: TlsFiles,
+    /// The site this machine runs at (sent to the configuration server).
+    pub site: String,
+    /// `[cs]`: the configuration server; empty `addr` = standalone.
+    pub cs: CsConfig,
+    /// `[hooks]`: commands run via `sh -c`.
+    pub hooks: HooksConfig,
+    /// How long a hook may run, in seconds.
+    pub hook_timeout_secs: u64,
+    /// App-consistent recovery point interval, in seconds; 0 = off.
+    pub app_interval_secs: u64,
+}
+
+/// `[hooks]`: shell commands (run with `sh -c`, `REBOUND_MACHINE`,
+/// `REBOUND_SITE`, `REBOUND_REPLICATION` and `REBOUND_HOOK` in the
+/// environment). Empty = none.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HooksConfig {
+    /// Run after a planned failover's drain (fence asked for it).
+    pub shutdown: String,
+    /// Quiesce the application before an app-consistent point.
+    pub freeze: String,
+    /// Resume the application after the point (always run after a freeze).
+    pub thaw: String,
 }
 
 /// One protected disk.
@@ -92,6 +117,11 @@ impl Default for Config {
             disks: Vec::new(),
             ps: PsConfig::default(),
             tls: TlsFiles::default(),
+            site: String::new(),
+            cs: CsConfig::default(),
+            hooks: HooksConfig::default(),
+            hook_timeout_secs: 60,
+            app_interval_secs: 3600,
         }
     }
 }
@@ -110,9 +140,20 @@ pub struct Settings {
     pub disks: Vec<DiskConfig>,
     pub ps: PsConfig,
     pub tls: TlsFiles,
+    pub site: String,
+    pub cs: CsConfig,
+    pub hooks: HooksConfig,
+    pub hook_timeout: Duration,
+    /// Zero = no periodic app-consistent points.
+    pub app_interval: Duration,
 }
 
 impl Settings {
+    /// The replication the configuration server assigned (`StartReplication`),
+    /// kept across restarts.
+    pub fn assigned_path(&self) -> PathBuf {
+        self.state_dir.join("replication.json")
+    }
     pub fn dirty_log_path(&self) -> PathBuf {
         self.state_dir.join("dirty.log")
     }
@@ -191,6 +232,11 @@ impl Config {
                 self.buffer_bytes
             )));
         }
+        if self.cs.enabled() && self.site.is_empty() {
+            return Err(bad(
+                "[cs] is set but `site` is not: set site = \"<name of this site>\"".into(),
+            ));
+        }
         if self.ps.addr.is_empty() {
             return Err(bad("[ps] addr is not set".into()));
         }
@@ -210,6 +256,11 @@ impl Config {
             disks,
             ps: self.ps.clone(),
             tls: self.tls.clone(),
+            site: self.site.clone(),
+            cs: self.cs.clone(),
+            hooks: self.hooks.clone(),
+            hook_timeout: Duration::from_secs(self.hook_timeout_secs.max(1)),
+            app_interval: Duration::from_secs(self.app_interval_secs),
         })
     }
 }

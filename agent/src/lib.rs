@@ -18,6 +18,7 @@
 pub mod admin;
 pub mod capture;
 pub mod config;
+pub mod control;
 pub mod dirty_log;
 pub mod disk;
 pub mod resync;
@@ -32,7 +33,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rebound_common::chunk::EXTENT_SIZE;
-use rebound_proto::{DiskInfo, ReplicationInfo};
 use thiserror::Error;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -144,8 +144,18 @@ pub async fn run(
         rebound_common::durable::fsync_dir(&s.state_dir)
             .map_err(io_err("cannot sync", &s.state_dir))?;
     }
+    // Under a configuration server the agent streams only what the CS
+    // assigned (kept across restarts); standalone, the configured replication.
+    let assignment = if s.cs.enabled() {
+        control::Runtime::load_assignment(s)
+    } else {
+        Some(control::Runtime::configured(s))
+    };
     let capture = Arc::new(Capture::new(
-        &s.replication_id,
+        assignment
+            .as_ref()
+            .map(|a| a.replication_id.as_str())
+            .unwrap_or(&s.replication_id),
         disks.clone(),
         dlog.clone(),
         s.buffer_limit,
@@ -176,19 +186,6 @@ pub async fn run(
         }
     }
 
-    let info = ReplicationInfo {
-        replication_id: s.replication_id.clone(),
-        machine_id: s.machine_id.clone(),
-        disks: disks
-            .iter()
-            .map(|d| DiskInfo {
-                index: d.index,
-                name: d.name.clone(),
-                size: d.size(),
-            })
-            .collect(),
-    };
-
     // Sockets.
     let admin_path = s.admin_socket();
     let admin_std = bind_unix_std(&admin_path)?;
@@ -211,26 +208,14 @@ pub async fn run(
         link: link.clone(),
         settings: settings.clone(),
     });
-    let tasks = vec![
-        tokio::spawn(sender::run(
-            capture.clone(),
-            settings.clone(),
-            link.clone(),
-            info.clone(),
-            stop_rx.clone(),
-        )),
-        tokio::spawn(resync::driver(
-            capture.clone(),
-            link.clone(),
-            info.clone(),
-            s.initialized_marker(),
-            stop_rx.clone(),
-        )),
-        tokio::spawn(tags::crash_tag_loop(
-            capture.clone(),
-            s.crash_interval,
-            stop_rx.clone(),
-        )),
+    let runtime = control::Runtime::new(capture.clone(), link.clone(), settings.clone());
+    if let Some(a) = assignment {
+        runtime.start_pipeline(a).await;
+    } else {
+        info!("no replication assigned yet: waiting for the configuration server");
+    }
+    let mut tasks = vec![
+        tokio::spawn(control::crash_tag_loop(runtime.clone(), stop_rx.clone())),
         tokio::spawn(admin::serve(admin_listener, admin.clone(), stop_rx.clone())),
         tokio::spawn(admin::status_writer(
             admin.clone(),
@@ -246,6 +231,22 @@ pub async fn run(
         tokio::spawn(clear_loop(capture.clone(), stop_rx.clone())),
         tokio::spawn(summary_loop(admin.clone(), stop_rx.clone())),
     ];
+    if s.cs.enabled() || !s.hooks.freeze.is_empty() {
+        tasks.push(tokio::spawn(control::app_tag_loop(
+            runtime.clone(),
+            stop_rx.clone(),
+        )));
+    }
+    if s.cs.enabled() {
+        let handle = rebound_common::control::spawn(
+            s.cs.clone(),
+            s.tls.clone(),
+            Arc::new(control::AgentControl(runtime.clone())),
+            stop_rx.clone(),
+        );
+        runtime.set_events(handle);
+        info!(cs = %s.cs.addr, site = %s.site, "control channel to the configuration server started");
+    }
 
     // NBD.
     let nbd_stop = Arc::new(AtomicBool::new(false));
@@ -289,6 +290,7 @@ pub async fn run(
     capture.fence();
     let drained = drain(&capture, s.shutdown_drain).await;
     let _ = stop_tx.send(true);
+    runtime.stop_pipeline().await;
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }
@@ -343,7 +345,7 @@ pub async fn run(
 }
 
 /// Waits until the PS holds every record cut so far, up to `limit`.
-async fn drain(capture: &Capture, limit: Duration) -> bool {
+pub(crate) async fn drain(capture: &Capture, limit: Duration) -> bool {
     let target = capture.handed_over_seq();
     capture.request_flush();
     let deadline = Instant::now() + limit;

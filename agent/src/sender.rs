@@ -284,7 +284,7 @@ async fn session(
             let freed = outbox.ack(resume);
             if let Some(f) = outbox.frames.front() {
                 if f.first <= resume {
-                    let t = tail(cap.replication_id(), f, resume + 1)?;
+                    let t = tail(&cap.replication_id(), f, resume + 1)?;
                     let freed_tail = f.body_len - t.body_len;
                     outbox.frames[0] = t;
                     cap.on_durable(resume, freed + freed_tail);

@@ -1,0 +1,398 @@
+//! The agent's control commands against a real capture (no PS, no CS).
+
+use super::*;
+use crate::capture::tests::{drain, make_capture, start};
+use crate::config::{Config, DiskConfig, HooksConfig};
+use rebound_common::frame::Record;
+use std::time::Instant;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    rt: Arc<Runtime>,
+}
+
+fn fixture(hooks: HooksConfig) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = make_capture(dir.path(), &[4 << 20], 64 << 20);
+    start(&cap, 10);
+    let cfg = Config {
+        machine_id: "m1".into(),
+        site: "a".into(),
+        state_dir: dir.path().join("state"),
+        disks: vec![DiskConfig {
+            name: "disk0".into(),
+            path: dir.path().join("d0.img"),
+        }],
+        hooks,
+        hook_timeout_secs: 5,
+        ..Config::default()
+    };
+    std::fs::create_dir_all(&cfg.state_dir).unwrap();
+    let settings = Arc::new(cfg.validate().unwrap());
+    let rt = Runtime::new(cap, Arc::new(Link::default()), settings);
+    Fixture { _dir: dir, rt }
+}
+
+fn cmd(c: Cmd) -> Command {
+    Command {
+        id: "x".into(),
+        timeout_ms: 0,
+        cmd: Some(c),
+    }
+}
+
+fn tags(cap: &Capture) -> Vec<(u64, rebound_common::frame::Tag)> {
+    drain(cap)
+        .into_iter()
+        .filter_map(|(s, r)| match r {
+            Record::Tag(t) => Some((s, t)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn tag_cut(r: &CommandResult) -> TagCut {
+    assert!(r.ok, "{r:?}");
+    match &r.detail {
+        Some(Detail::TagCut(t)) => t.clone(),
+        other => panic!("expected TagCut, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn fence_gives_eperm_and_cuts_a_shutdown_tag_unfence_releases() {
+    let f = fixture(HooksConfig::default());
+    let cap = f.rt.capture.clone();
+    cap.write(0, 0, &[1u8; 4096], false).unwrap();
+    let r =
+        f.rt.handle_cmd(cmd(Cmd::Fence(pb::Fence {
+            tag_id: "shutdown-job1".into(),
+            run_shutdown_hook: false,
+        })))
+        .await;
+    assert!(r.ok && r.warning.is_empty(), "{r:?}");
+    let e = cap.write(0, 0, &[2u8; 4096], false).unwrap_err();
+    assert_eq!(e.errno, 1, "EPERM");
+    assert!(!f.rt.hello().writable);
+    assert!(f.rt.status().fenced);
+    let t = tags(&cap);
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].1.id, "shutdown-job1");
+    assert_eq!(t[0].1.kind, TagKind::Shutdown);
+    // The fence is idempotent: no second tag.
+    let again =
+        f.rt.handle_cmd(cmd(Cmd::Fence(pb::Fence {
+            tag_id: "shutdown-job1".into(),
+            run_shutdown_hook: false,
+        })))
+        .await;
+    assert!(again.ok);
+    assert!(tags(&cap).is_empty());
+    assert!(f.rt.handle_cmd(cmd(Cmd::Unfence(pb::Unfence {}))).await.ok);
+    cap.write(0, 0, &[3u8; 4096], false).unwrap();
+    assert!(f.rt.hello().writable);
+}
+
+#[tokio::test]
+async fn drain_without_ps_times_out_with_a_clear_error() {
+    let f = fixture(HooksConfig::default());
+    f.rt.capture.write(0, 0, &[1u8; 4096], false).unwrap();
+    let r =
+        f.rt.handle_cmd(cmd(Cmd::Drain(pb::Drain { timeout_ms: 200 })))
+            .await;
+    assert!(!r.ok);
+    assert!(r.error.contains("not drained"), "{}", r.error);
+}
+
+#[tokio::test]
+async fn drain_when_everything_is_durable_runs_the_shutdown_hook() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("hook-ran");
+    let f = fixture(HooksConfig {
+        shutdown: format!("echo $REBOUND_MACHINE > {}", marker.display()),
+        ..Default::default()
+    });
+    let r =
+        f.rt.handle_cmd(cmd(Cmd::Fence(pb::Fence {
+            tag_id: "s1".into(),
+            run_shutdown_hook: true,
+        })))
+        .await;
+    assert!(r.ok);
+    // Pretend the PS acknowledged everything.
+    let s = f.rt.capture.snapshot();
+    let _ = drain(&f.rt.capture);
+    f.rt.capture.on_durable(s.seq, u64::MAX);
+    let r =
+        f.rt.handle_cmd(cmd(Cmd::Drain(pb::Drain { timeout_ms: 2000 })))
+            .await;
+    assert!(r.ok, "{r:?}");
+    match r.detail {
+        Some(Detail::Drained(d)) => {
+            assert_eq!(d.shutdown_tag_seq, s.seq);
+            assert_eq!(d.durable_seq, s.seq);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(std::fs::read_to_string(&marker).unwrap().trim(), "m1");
+}
+
+#[tokio::test]
+async fn group_hold_blocks_writes_until_commit_and_tags_with_the_group() {
+    let f = fixture(HooksConfig::default());
+    let cap = f.rt.capture.clone();
+    let r =
+        f.rt.handle_cmd(cmd(Cmd::GroupPrepare(pb::GroupPrepare {
+            group: "g".into(),
+            tag_id: "grp-1".into(),
+            hold_ms: 5000,
+        })))
+        .await;
+    assert!(r.ok, "{r:?}");
+    // A write during the hold waits at the ordering point.
+    let c2 = cap.clone();
+    let writer = std::thread::spawn(move || {
+        c2.write(0, 4096, &[7u8; 4096], false).unwrap();
+        Instant::now()
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(!writer.is_finished(), "a held write must wait");
+    let released_at = Instant::now();
+    let t = tag_cut(
+        &f.rt
+            .handle_cmd(cmd(Cmd::GroupCommit(pb::GroupCommit {
+                group: "g".into(),
+                tag_id: "grp-1".into(),
+                kind: "crash".into(),
+            })))
+            .await,
+    );
+    assert_eq!(t.id, "grp-1");
+    let done = tokio::task::spawn_blocking(move || writer.join().unwrap())
+        .await
+        .unwrap();
+    assert!(done >= released_at);
+    // The tag comes before the held write in the stream.
+    let recs = drain(&cap);
+    let tag_pos = recs
+        .iter()
+        .position(|(_, r)| matches!(r, Record::Tag(t) if t.id == "grp-1" && t.group == "grp-1"))
+        .expect("group tag in the stream");
+    assert!(recs[tag_pos + 1..]
+        .iter()
+        .any(|(_, r)| matches!(r, Record::Write { .. })));
+}
+
+#[tokio::test]
+async fn group_hold_expires_on_its_own_and_late_commit_fails() {
+    let f = fixture(HooksConfig::default());
+    let cap = f.rt.capture.clone();
+    let t0 = Instant::now();
+    assert!(
+        f.rt.handle_cmd(cmd(Cmd::GroupPrepare(pb::GroupPrepare {
+            group: "g".into(),
+            tag_id: "grp-2".into(),
+            hold_ms: 0, // default 100 ms
+        })))
+        .await
+        .ok
+    );
+    let c2 = cap.clone();
+    tokio::task::spawn_blocking(move || c2.write(0, 0, &[1u8; 512], false).unwrap())
+        .await
+        .unwrap();
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(80) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    assert!(cap.held_by().is_none());
+    let r =
+        f.rt.handle_cmd(cmd(Cmd::GroupCommit(pb::GroupCommit {
+            group: "g".into(),
+            tag_id: "grp-2".into(),
+            kind: "crash".into(),
+        })))
+        .await;
+    assert!(!r.ok && r.error.contains("not in force"), "{r:?}");
+    assert!(tags(&cap).is_empty());
+}
+
+#[tokio::test]
+async fn group_abort_releases_at_once() {
+    let f = fixture(HooksConfig::default());
+    let cap = f.rt.capture.clone();
+    assert!(
+        f.rt.handle_cmd(cmd(Cmd::GroupPrepare(pb::GroupPrepare {
+            group: "g".into(),
+            tag_id: "grp-3".into(),
+            hold_ms: 10_000,
+        })))
+        .await
+        .ok
+    );
+    assert_eq!(cap.held_by().as_deref(), Some("grp-3"));
+    assert!(
+        f.rt.handle_cmd(cmd(Cmd::GroupAbort(pb::GroupAbort {
+            group: "g".into(),
+            tag_id: "grp-3".into(),
+        })))
+        .await
+        .ok
+    );
+    let t0 = Instant::now();
+    let c2 = cap.clone();
+    tokio::task::spawn_blocking(move || c2.write(0, 0, &[1u8; 512], false).unwrap())
+        .await
+        .unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert!(tags(&cap).is_empty());
+}
+
+#[tokio::test]
+async fn app_tag_runs_freeze_and_thaw() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let f = fixture(HooksConfig {
+        freeze: format!("echo freeze >> {}", log.display()),
+        thaw: format!("echo thaw >> {}", log.display()),
+        ..Default::default()
+    });
+    f.rt.capture.write(0, 0, &[1u8; 512], false).unwrap();
+    let t = tag_cut(
+        &f.rt
+            .handle_cmd(cmd(Cmd::Tag(pb::Tag {
+                id: "app-a".into(),
+                kind: "app".into(),
+                group: String::new(),
+            })))
+            .await,
+    );
+    assert_eq!((t.id.as_str(), t.kind.as_str()), ("app-a", "app"));
+    assert!(t.warning.is_empty());
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "freeze\nthaw\n");
+    let tg = tags(&f.rt.capture);
+    assert_eq!(tg[0].1.kind, TagKind::App);
+}
+
+#[tokio::test]
+async fn app_tag_with_failing_freeze_cuts_a_crash_point_and_warns() {
+    let f = fixture(HooksConfig {
+        freeze: "echo db busy >&2; exit 3".into(),
+        ..Default::default()
+    });
+    let (tx, _stop) = watch::channel(false);
+    let r =
+        f.rt.handle_cmd(cmd(Cmd::Tag(pb::Tag {
+            id: "app-b".into(),
+            kind: "app".into(),
+            group: String::new(),
+        })))
+        .await;
+    let t = tag_cut(&r);
+    assert_eq!(t.kind, "crash");
+    assert!(t.warning.contains("freeze failed"), "{t:?}");
+    assert!(t.warning.contains("db busy"), "{t:?}");
+    assert_eq!(r.warning, t.warning);
+    let tg = tags(&f.rt.capture);
+    assert_eq!(tg.len(), 1);
+    assert_eq!(tg[0].1.kind, TagKind::Crash);
+    assert_eq!(tg[0].1.id, "app-b");
+    drop(tx);
+}
+
+#[tokio::test]
+async fn app_tag_freeze_timeout_is_a_failed_freeze() {
+    let f = fixture(HooksConfig {
+        freeze: "sleep 30".into(),
+        ..Default::default()
+    });
+    f.rt.hook_timeout_ms.store(200, Ordering::Relaxed);
+    let t0 = Instant::now();
+    let t = f.rt.app_tag("", "").await.unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert_eq!(t.kind, "crash");
+    assert!(t.warning.contains("did not finish"), "{t:?}");
+}
+
+#[tokio::test]
+async fn set_policy_and_status_and_hello() {
+    let f = fixture(HooksConfig::default());
+    let r =
+        f.rt.handle_cmd(cmd(Cmd::SetPolicy(pb::SetPolicy {
+            policy: Some(pb::Policy {
+                crash_interval_ms: 250,
+                app_interval_secs: 0,
+                freeze_timeout_ms: 1500,
+            }),
+        })))
+        .await;
+    assert!(r.ok);
+    assert_eq!(f.rt.crash_interval_ms.load(Ordering::Relaxed), 250);
+    assert_eq!(f.rt.app_interval_secs.load(Ordering::Relaxed), 0);
+    assert_eq!(f.rt.hook_timeout_ms.load(Ordering::Relaxed), 1500);
+    let h = f.rt.hello();
+    assert_eq!(
+        (h.role.as_str(), h.id.as_str(), h.site.as_str()),
+        ("agent", "m1", "a")
+    );
+    assert_eq!(h.disks.len(), 1);
+    assert!(h.writable);
+    assert_eq!(h.instance.len(), 16);
+    let s = f.rt.status();
+    assert_eq!(s.mode, "data");
+    assert_eq!(s.seq, 10);
+    let bad =
+        f.rt.handle_cmd(cmd(Cmd::Rollback(pb::Rollback::default())))
+            .await;
+    assert!(!bad.ok);
+}
+
+#[tokio::test]
+async fn start_replication_switches_the_stream_and_resyncs() {
+    let f = fixture(HooksConfig::default());
+    let cap = f.rt.capture.clone();
+    cap.write(0, 0, &[1u8; 512], false).unwrap();
+    let r =
+        f.rt.handle_cmd(cmd(Cmd::StartReplication(pb::StartReplication {
+            replication_id: "r2".into(),
+            // Nothing listens there: the sender keeps retrying.
+            ps_address: "127.0.0.1:1".into(),
+            ps_server_name: "localhost".into(),
+            resync: true,
+            policy: None,
+        })))
+        .await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(cap.replication_id(), "r2");
+    assert_eq!(f.rt.replication_id(), "r2");
+    assert_eq!(f.rt.hello().replication_id, "r2");
+    // The stream restarts from what the new PS says, with a full resync.
+    let s = cap.snapshot();
+    assert_eq!(s.buffer_bytes, 0);
+    assert!(s.resync_pending_extents > 0);
+    let saved = Runtime::load_assignment(&f.rt.settings).unwrap();
+    assert_eq!(saved.replication_id, "r2");
+    // A repeat is a no-op.
+    assert!(
+        f.rt.handle_cmd(cmd(Cmd::StartReplication(pb::StartReplication {
+            replication_id: "r2".into(),
+            ps_address: "127.0.0.1:1".into(),
+            ps_server_name: "localhost".into(),
+            resync: true,
+            policy: None,
+        })))
+        .await
+        .ok
+    );
+    let r =
+        f.rt.handle_cmd(cmd(Cmd::StopReplication(pb::StopReplication {
+            replication_id: "r2".into(),
+            remove_source_copy: false,
+        })))
+        .await;
+    assert!(r.ok);
+    assert_eq!(f.rt.replication_id(), "");
+    assert!(cap.is_fenced());
+    assert!(Runtime::load_assignment(&f.rt.settings).is_none());
+}
