@@ -1,9 +1,12 @@
 //! The operator CLI `rebound`.
 //!
-//! Until the configuration server exists (issue 3), the CLI talks to a master
-//! target directly with the admin certificate: list recovery points, roll a
-//! replica back and restore its pre-images. It also writes a lab PKI and runs
-//! the demo.
+//! The operator subcommands (`status`, `machines`, `protect`, `failover`,
+//! `commit`, `reprotect`, `jobs`, `plan`, `group`, ...) talk to the
+//! configuration server with the admin certificate ([`operator`]). The CLI
+//! can also talk to a master target directly (`points --mt`, `rollback`,
+//! `restore-pre-images`), write a lab PKI and run the demo.
+pub mod bench;
 pub mod certs;
 pub mod demo;
 pub mod mt_admin;
+pub mod operator;

@@ -17,6 +17,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Operator commands over the configuration server.
+    #[command(flatten)]
+    Operator(rebound_cli::operator::OperatorCmd),
     /// Run the data path end to end on loopback with no setup, checking every
     /// recovery point by blake3, and print a summary.
     Demo {
@@ -30,6 +33,19 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         points: usize,
     },
+    /// Measure replication cost, throughput, RPO, resync and RTO on this
+    /// machine beside its own limits and peer tools; print one table (issue 4).
+    Bench {
+        /// Smaller sizes and durations (under 2 minutes): same rows, rougher figures.
+        #[arg(long)]
+        quick: bool,
+        /// Also write the table as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Work in this directory (kept) instead of a temporary one.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Write a lab PKI (CA, PS, MT, admin and agent certificates) into a directory.
     Certs {
         /// Directory to write into (created if missing).
@@ -39,12 +55,23 @@ enum Cmd {
         #[arg(long = "machine", default_value = "m1")]
         machines: Vec<String>,
     },
-    /// List the recovery points of a replication at a master target.
+    /// List the recovery points of a machine: from the configuration server
+    /// when --cs (or REBOUND_CS) is given, else straight from a master target
+    /// (--mt, default 127.0.0.1:9444, with --certs holding admin.pem).
     Points {
-        /// Replication id (by default the machine id).
+        /// Machine id (at a master target: the replication id, by default
+        /// the machine id).
         replication: String,
-        #[command(flatten)]
-        mt: MtArgs,
+        /// Ask this configuration server [env REBOUND_CS].
+        #[arg(long = "cs", value_name = "ADDR", conflicts_with = "mt")]
+        cs: Option<String>,
+        /// Ask this master target directly.
+        #[arg(long, value_name = "ADDR")]
+        mt: Option<String>,
+        /// Directory with ca.pem, admin.pem and admin.key [CS: env
+        /// REBOUND_CERTS or ~/.config/rebound; MT: /etc/rebound/certs].
+        #[arg(long, value_name = "DIR")]
+        certs: Option<PathBuf>,
         /// Output format: table or json.
         #[arg(long, default_value = "table")]
         output: String,
@@ -81,6 +108,7 @@ async fn main() -> Result<()> {
     rebound_common::tls::install_crypto_provider();
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Operator(cmd) => rebound_cli::operator::run(cmd).await,
         Cmd::Demo {
             keep,
             disk_mib,
@@ -96,12 +124,30 @@ async fn main() -> Result<()> {
             })
             .await
         }
+        Cmd::Bench { quick, json, dir } => {
+            rebound_cli::bench::run(rebound_cli::bench::BenchOptions { quick, json, dir }).await
+        }
         Cmd::Certs { out, machines } => rebound_cli::certs::write(&out, &machines),
         Cmd::Points {
             replication,
+            cs,
             mt,
+            certs,
             output,
         } => {
+            let cs = rebound_cli::operator::CsArgs { cs, certs };
+            if mt.is_none() && cs.given() {
+                let out = if output == "json" {
+                    rebound_cli::operator::Output::Json
+                } else {
+                    rebound_cli::operator::Output::Table
+                };
+                return rebound_cli::operator::points_via_cs(&replication, &cs, out).await;
+            }
+            let mt = MtArgs {
+                mt: mt.unwrap_or_else(|| "127.0.0.1:9444".into()),
+                certs: cs.certs.unwrap_or_else(|| "/etc/rebound/certs".into()),
+            };
             let mut c = rebound_cli::mt_admin::connect(&mt.mt, &mt.certs).await?;
             let r = rebound_cli::mt_admin::points(&mut c, &replication).await?;
             rebound_cli::mt_admin::print_points(&r, output == "json");

@@ -8,6 +8,7 @@
 
 pub mod clients;
 pub mod lab;
+pub mod sites;
 
 pub use clients::*;
 pub use lab::*;

@@ -1,0 +1,405 @@
+//! Section 1, the machine's own limits measured in the same run: blake3 on
+//! one core, zstd level 1 on the bench's data profiles, the data directory's
+//! sequential write + fdatasync rate and fsync latency, and loopback mutual
+//! TLS (raw rustls, and a tonic gRPC stream as the components use it).
+//!
+//! Every replication figure is bounded by these (the agent hashes, the
+//! process server compresses and fsyncs, every hop is mTLS), so they are
+//! what the bottleneck analysis compares against.
+
+use anyhow::{anyhow, Context, Result};
+use rebound_common::tls::TlsFiles;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::profiles::Profile;
+use super::sampler::quantile;
+use super::{mb, Bench};
+
+pub fn run(b: &mut Bench) -> Result<()> {
+    let p = b.plan.clone();
+    // blake3, one core.
+    let data = Profile::Random.pool(16 << 20);
+    let rate = repeat_rate(p.limit_secs, data.len(), || {
+        let mut h = blake3::Hasher::new();
+        h.update(&data);
+        std::hint::black_box(h.finalize());
+    });
+    b.set(
+        "limits.blake3",
+        mb(rate),
+        "16 MiB buffers, Hasher::update (no rayon)",
+    );
+
+    // zstd level 1 on 2 MiB frames of each profile (the PS's frame size).
+    for prof in Profile::ALL {
+        let frame = prof.pool(2 << 20);
+        let comp = zstd::bulk::compress(&frame, 1).context("zstd compress")?;
+        let c_rate = repeat_rate(p.limit_secs, frame.len(), || {
+            std::hint::black_box(zstd::bulk::compress(&frame, 1).map(|v| v.len()).ok());
+        });
+        let d_rate = repeat_rate(p.limit_secs, frame.len(), || {
+            std::hint::black_box(
+                zstd::bulk::decompress(&comp, frame.len())
+                    .map(|v| v.len())
+                    .ok(),
+            );
+        });
+        let ratio = frame.len() as f64 / comp.len() as f64;
+        let note = format!("2 MiB frames, ratio {ratio:.2}");
+        b.set(
+            &format!("limits.zstd.{}.compress", prof.id()),
+            mb(c_rate),
+            &note,
+        );
+        b.set(
+            &format!("limits.zstd.{}.decompress", prof.id()),
+            mb(d_rate),
+            "MB/s of uncompressed output",
+        );
+    }
+
+    // The data directory: sequential write with an fdatasync every 4 MiB,
+    // then 4 KiB write + fdatasync latency.
+    let path = b.dir.join("limits-disk.tmp");
+    let (rate, lat) = disk(&path, p.disk_write_bytes, p.fsync_samples)?;
+    let _ = std::fs::remove_file(&path);
+    b.set(
+        "limits.disk.seq_write_fsync",
+        mb(rate),
+        format!(
+            "{} MiB in 1 MiB writes, fdatasync every 4 MiB, {}",
+            p.disk_write_bytes >> 20,
+            b.dir.display()
+        ),
+    );
+    b.set(
+        "limits.disk.fsync_p50",
+        quantile(&lat, 0.5),
+        format!("{} samples", lat.len()),
+    );
+    b.set(
+        "limits.disk.fsync_p99",
+        quantile(&lat, 0.99),
+        format!("max {:.1} ms", quantile(&lat, 1.0)),
+    );
+
+    // Loopback mTLS.
+    let certs = b.dir.join("limits-certs");
+    rebound_common::pki::write_dev_bundle(&certs, &["bench".to_string()])?;
+    let rate = rustls_rate(&certs, p.tls_bytes)?;
+    b.set(
+        "limits.tls.rustls",
+        mb(rate),
+        format!(
+            "{} MiB, 1 MiB writes, AES-GCM (ring), client certificate",
+            p.tls_bytes >> 20
+        ),
+    );
+    let rate =
+        b.rt.block_on(grpc_rate(certs.clone(), p.tls_bytes, true))
+            .context("gRPC loopback")?;
+    // The same with the server's default HTTP/2 windows (hyper: 1 MiB),
+    // which is what a server gets that does not set them.
+    let default_windows =
+        b.rt.block_on(grpc_rate(certs.clone(), p.tls_bytes / 4, false))
+            .context("gRPC loopback, default windows")?;
+    b.set(
+        "limits.tls.grpc",
+        mb(rate),
+        format!(
+            "Ingest stream, 16/32 MiB HTTP/2 windows as the PS sets them ({:.0} MB/s with the default 1 MiB server windows)",
+            mb(default_windows)
+        ),
+    );
+    b.detail(
+        "limits.grpc",
+        serde_json::json!({"big_windows_mb_s": mb(rate), "default_windows_mb_s": mb(default_windows)}),
+    );
+    let _ = std::fs::remove_dir_all(&certs);
+    Ok(())
+}
+
+/// Runs `f` (which processes `bytes`) repeatedly for about `secs`; bytes/s.
+fn repeat_rate(secs: f64, bytes: usize, mut f: impl FnMut()) -> f64 {
+    f(); // warm up
+    let t = Instant::now();
+    let mut n = 0u64;
+    while t.elapsed().as_secs_f64() < secs || n == 0 {
+        f();
+        n += 1;
+    }
+    (n * bytes as u64) as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Sequential write + fdatasync every 4 MiB (bytes/s) and 4 KiB write +
+/// fdatasync latencies (ms).
+fn disk(path: &Path, total: u64, samples: usize) -> Result<(f64, Vec<f64>)> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    let buf = Profile::Random.pool(1 << 20);
+    let t = Instant::now();
+    let mut off = 0u64;
+    while off < total {
+        f.write_all_at(&buf, off)?;
+        off += buf.len() as u64;
+        if off.is_multiple_of(4 << 20) {
+            f.sync_data()?;
+        }
+    }
+    f.sync_data()?;
+    let rate = total as f64 / t.elapsed().as_secs_f64();
+    let block = &buf[..4096];
+    let mut lat = Vec::with_capacity(samples);
+    for i in 0..samples as u64 {
+        let t = Instant::now();
+        f.write_all_at(block, (i % 256) * 4096)?;
+        f.sync_data()?;
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok((rate, lat))
+}
+
+fn load_certs(path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parsing {}", path.display()))
+}
+
+fn load_key(path: &Path) -> Result<rustls::pki_types::PrivateKeyDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::PrivateKeyDer::from_pem_file(path)
+        .with_context(|| format!("reading {}", path.display()))
+}
+
+/// One mTLS stream over loopback with rustls (server thread + client); bytes/s.
+fn rustls_rate(certs: &Path, total: u64) -> Result<f64> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in load_certs(&certs.join("ca.pem"))? {
+        roots.add(c)?;
+    }
+    let roots = Arc::new(roots);
+    let verifier = rustls::server::WebPkiClientVerifier::builder(roots.clone()).build()?;
+    let server = Arc::new(
+        rustls::ServerConfig::builder()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                load_certs(&certs.join("ps.pem"))?,
+                load_key(&certs.join("ps.key"))?,
+            )?,
+    );
+    let client = Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                load_certs(&certs.join("agent-bench.pem"))?,
+                load_key(&certs.join("agent-bench.key"))?,
+            )?,
+    );
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let srv = std::thread::spawn(move || -> Result<u64> {
+        let (s, _) = listener.accept()?;
+        let conn = rustls::ServerConnection::new(server)?;
+        let mut tls = rustls::StreamOwned::new(conn, s);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0u64;
+        loop {
+            match tls.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got += n as u64,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                Err(e) => return Err(e.into()),
+            }
+            if got >= total {
+                break;
+            }
+        }
+        tls.write_all(b"k")?;
+        tls.flush()?;
+        Ok(got)
+    });
+    let s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    let name = rustls::pki_types::ServerName::try_from("localhost")?;
+    let conn = rustls::ClientConnection::new(client, name)?;
+    let mut tls = rustls::StreamOwned::new(conn, s);
+    let buf = Profile::Random.pool(1 << 20);
+    // Handshake first, so the rate is the data rate.
+    tls.write_all(&buf[..1])?;
+    tls.flush()?;
+    let t = Instant::now();
+    let mut sent = 1u64;
+    while sent < total {
+        let n = (total - sent).min(buf.len() as u64) as usize;
+        tls.write_all(&buf[..n])?;
+        sent += n as u64;
+    }
+    tls.flush()?;
+    let mut ack = [0u8; 1];
+    tls.read_exact(&mut ack)?;
+    let secs = t.elapsed().as_secs_f64();
+    let got = srv
+        .join()
+        .map_err(|_| anyhow!("the TLS server thread panicked"))??;
+    if got < total {
+        anyhow::bail!("the TLS server received {got} of {total} bytes");
+    }
+    Ok((total - 1) as f64 / secs)
+}
+
+/// A gRPC `Ingest` stream with mutual TLS to an in-process ProcessServer that
+/// only counts bytes and acknowledges every frame; bytes/s. The client is
+/// the project's (`TlsFiles::connect`, 16/32 MiB windows); `big_windows`
+/// sets the server's receive windows like rebound-ps does.
+async fn grpc_rate(certs: std::path::PathBuf, total: u64, big_windows: bool) -> Result<f64> {
+    use futures::StreamExt;
+    use rebound_proto::ingest_request::Msg as ReqMsg;
+    use rebound_proto::ingest_response::Msg as RespMsg;
+    use rebound_proto::process_server_client::ProcessServerClient;
+    use rebound_proto::process_server_server::ProcessServerServer;
+    use rebound_proto::IngestRequest;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server_tls = TlsFiles::in_dir(&certs, "ps").server_config()?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut builder = tonic::transport::Server::builder();
+    if big_windows {
+        builder = builder
+            .initial_stream_window_size(Some(16 << 20))
+            .initial_connection_window_size(Some(32 << 20));
+    }
+    let server = tokio::spawn(
+        builder
+            .tls_config(server_tls)?
+            .add_service(ProcessServerServer::new(CountingPs).max_decoding_message_size(64 << 20))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async {
+                    let _ = stop_rx.await;
+                },
+            ),
+    );
+    let ch = TlsFiles::in_dir(&certs, "agent-bench")
+        .connect(&addr.to_string(), "localhost")
+        .await?;
+    let mut client = ProcessServerClient::new(ch).max_decoding_message_size(64 << 20);
+    let frame = Profile::Random.pool(2 << 20);
+    let n = total.div_ceil(frame.len() as u64);
+    let (tx, rx) = tokio::sync::mpsc::channel::<IngestRequest>(4);
+    let t = Instant::now();
+    let feeder = tokio::spawn(async move {
+        for _ in 0..n {
+            if tx
+                .send(IngestRequest {
+                    msg: Some(ReqMsg::Frame(frame.clone())),
+                })
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let mut answers = client
+        .ingest(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let mut acked = 0u64;
+    while acked < n {
+        match tokio::time::timeout(Duration::from_secs(60), answers.next()).await {
+            Ok(Some(Ok(m))) => {
+                if let Some(RespMsg::DurableSeq(d)) = m.msg {
+                    acked = d;
+                }
+            }
+            Ok(Some(Err(s))) => return Err(anyhow!("Ingest: {s}")),
+            Ok(None) => break,
+            Err(_) => return Err(anyhow!("Ingest: no answer within 60 s")),
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let _ = feeder.await;
+    let _ = stop_tx.send(());
+    let _ = server.await;
+    if acked < n {
+        anyhow::bail!("the stream ended after {acked} of {n} frames");
+    }
+    Ok((n * (2 << 20)) as f64 / secs)
+}
+
+/// A ProcessServer that acknowledges frames without storing them.
+struct CountingPs;
+
+#[tonic::async_trait]
+impl rebound_proto::process_server_server::ProcessServer for CountingPs {
+    type IngestStream = std::pin::Pin<
+        Box<
+            dyn futures::Stream<Item = Result<rebound_proto::IngestResponse, tonic::Status>> + Send,
+        >,
+    >;
+
+    async fn ingest(
+        &self,
+        request: tonic::Request<tonic::Streaming<rebound_proto::IngestRequest>>,
+    ) -> Result<tonic::Response<Self::IngestStream>, tonic::Status> {
+        use futures::StreamExt;
+        use rebound_proto::ingest_response::Msg as RespMsg;
+        let mut inbound = request.into_inner();
+        let out = async_stream_acks(move |tx| async move {
+            let mut seq = 0u64;
+            while let Some(Ok(_m)) = inbound.next().await {
+                seq += 1;
+                if tx
+                    .send(Ok(rebound_proto::IngestResponse {
+                        msg: Some(RespMsg::DurableSeq(seq)),
+                    }))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Ok(tonic::Response::new(out))
+    }
+
+    async fn chunk_hashes(
+        &self,
+        _r: tonic::Request<rebound_proto::ChunkHashesRequest>,
+    ) -> Result<tonic::Response<rebound_proto::ChunkHashesResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("bench server"))
+    }
+
+    async fn status(
+        &self,
+        _r: tonic::Request<rebound_proto::PsStatusRequest>,
+    ) -> Result<tonic::Response<rebound_proto::PsStatusResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("bench server"))
+    }
+}
+
+type Ack = Result<rebound_proto::IngestResponse, tonic::Status>;
+
+/// Runs `f` with the sending half of a channel and streams what it sends.
+fn async_stream_acks<F, Fut>(f: F) -> std::pin::Pin<Box<dyn futures::Stream<Item = Ack> + Send>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Ack>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}

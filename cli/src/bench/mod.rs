@@ -1,0 +1,383 @@
+//! `rebound bench` (issue 4): measures, in one run on this machine, what
+//! operators choose a DR product by — the cost of protection, the churn the
+//! path keeps up with, RPO, resync and RTO — beside the machine's own limits
+//! and the tools an operator would otherwise use, and prints one table of
+//! every figure beside its goal (and `--json FILE`).
+//!
+//! The real binaries run as child processes on loopback in a temp dir (or
+//! `--dir`), everything bounded in time. Sections, in run order:
+//! [`limits`] (1), [`cost`] (2), [`sustained`] (3, with peak RSS), [`rpo`]
+//! (4), [`rto`] (6) on one lab, then [`resync`] (5) on its own lab. A
+//! failing section marks its rows `error` and the run continues, so the
+//! table always has every row; the command then exits non-zero.
+
+pub mod cost;
+pub mod lab;
+pub mod limits;
+pub mod profiles;
+pub mod report;
+pub mod resync;
+pub mod rpo;
+pub mod rto;
+pub mod sampler;
+pub mod sustained;
+pub mod tools;
+pub mod writer;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Map, Value};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio::runtime::Handle;
+
+use lab::{Bins, Comp, Lab, LabSpec};
+use report::{Goal, Report};
+
+const MIB: u64 = 1 << 20;
+
+pub struct BenchOptions {
+    /// Smaller sizes and durations (CI smoke test): same rows, rougher figures.
+    pub quick: bool,
+    /// Also write the table as JSON here.
+    pub json: Option<PathBuf>,
+    /// Work here (kept) instead of a temp dir (deleted).
+    pub dir: Option<PathBuf>,
+}
+
+/// Sizes and durations of one run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Plan {
+    pub quick: bool,
+    /// Seconds per machine-limit micro-benchmark.
+    pub limit_secs: f64,
+    pub disk_write_bytes: u64,
+    pub fsync_samples: usize,
+    pub tls_bytes: u64,
+    /// The protected disk of the main lab (cost, sustained, RPO, RTO).
+    pub main_disk: u64,
+    pub agent_buffer: u64,
+    pub retention_max: u64,
+    pub crash_interval_ms: u64,
+    pub fio_secs: u64,
+    pub settle_timeout: Duration,
+    /// Bytes of each data profile the writers cut writes from.
+    pub pool_bytes: usize,
+    pub write_size: usize,
+    pub writer_conns: usize,
+    /// Throughput search: first rate (bytes/s), factor, cap, step length.
+    pub ramp_start: f64,
+    pub ramp_factor: f64,
+    pub ramp_max: f64,
+    pub ramp_step: Duration,
+    /// How long a rate must hold to count as sustained.
+    pub sustain_secs: f64,
+    pub sustain_retries: u32,
+    /// No retry starts after the sustained section has run this long.
+    pub sustain_budget: Duration,
+    pub rpo_secs: f64,
+    pub rto_rate: f64,
+    pub rto_churn_secs: f64,
+    pub resync_disk: u64,
+    pub resync_timeout: Duration,
+}
+
+impl Plan {
+    pub fn new(quick: bool) -> Plan {
+        let full = Plan {
+            quick,
+            limit_secs: 1.0,
+            disk_write_bytes: 256 * MIB,
+            fsync_samples: 200,
+            tls_bytes: 512 * MIB,
+            main_disk: 1024 * MIB,
+            agent_buffer: 256 * MIB,
+            retention_max: 2048 * MIB,
+            crash_interval_ms: 5000,
+            fio_secs: 5,
+            settle_timeout: Duration::from_secs(240),
+            pool_bytes: 32 << 20,
+            write_size: 256 << 10,
+            writer_conns: 2,
+            ramp_start: 40e6,
+            ramp_factor: 1.5,
+            ramp_max: 900e6,
+            ramp_step: Duration::from_millis(2500),
+            sustain_secs: 30.0,
+            sustain_retries: 1,
+            sustain_budget: Duration::from_secs(190),
+            rpo_secs: 12.0,
+            rto_rate: 50e6,
+            rto_churn_secs: 25.0,
+            resync_disk: 4096 * MIB,
+            resync_timeout: Duration::from_secs(600),
+        };
+        if !quick {
+            return full;
+        }
+        Plan {
+            limit_secs: 0.2,
+            disk_write_bytes: 64 * MIB,
+            fsync_samples: 40,
+            tls_bytes: 128 * MIB,
+            main_disk: 256 * MIB,
+            retention_max: 512 * MIB,
+            fio_secs: 2,
+            pool_bytes: 8 << 20,
+            ramp_start: 60e6,
+            ramp_factor: 2.0,
+            ramp_step: Duration::from_secs(1),
+            sustain_secs: 4.0,
+            sustain_retries: 0,
+            sustain_budget: Duration::from_secs(30),
+            rpo_secs: 3.0,
+            rto_churn_secs: 3.0,
+            resync_disk: 256 * MIB,
+            ..full
+        }
+    }
+}
+
+/// The run's context, handed to every section.
+pub struct Bench {
+    pub plan: Plan,
+    pub dir: PathBuf,
+    pub bins: Bins,
+    pub rt: Handle,
+    report: Report,
+    details: Map<String, Value>,
+    started: Instant,
+    max_retained_blocks: u64,
+    load_at_start: String,
+}
+
+/// Bytes per second → MB/s (10^6 bytes).
+pub fn mb(bytes_per_sec: f64) -> f64 {
+    bytes_per_sec / 1e6
+}
+
+impl Bench {
+    pub fn progress(&self, msg: &str) {
+        eprintln!(
+            "[bench {:6.1}s] {msg}",
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+
+    pub fn set(&mut self, id: &str, value: f64, note: impl Into<String>) {
+        self.report.set(id, value, note);
+    }
+
+    pub fn not_available(&mut self, id: &str, value: Option<f64>, note: &str) {
+        self.report.not_available(id, value, note);
+    }
+
+    /// Extra data for the JSON document.
+    pub fn detail(&mut self, key: &str, v: Value) {
+        self.details.insert(key.into(), v);
+    }
+
+    /// Notes the MT's retention journal size (for its memory goal).
+    pub fn track_retained(&mut self, lab: &Lab) {
+        if let Ok(n) = lab.retained_blocks() {
+            self.max_retained_blocks = self.max_retained_blocks.max(n);
+        }
+    }
+
+    /// Records a section's outcome; a failure marks its unmeasured rows.
+    fn outcome(&mut self, prefixes: &[&str], r: Result<()>) {
+        if let Err(e) = r {
+            let msg = format!("{e:#}");
+            self.progress(&format!("FAILED: {msg}"));
+            for p in prefixes {
+                self.report.fail(p, &msg);
+            }
+        }
+    }
+
+    fn memory(&mut self, lab: &Lab) -> Result<()> {
+        let buffer_mib = (self.plan.agent_buffer / MIB) as f64;
+        let agent = lab.peak_rss(Comp::Agent)? as f64 / MIB as f64;
+        let ps = lab.peak_rss(Comp::Ps)? as f64 / MIB as f64;
+        let mt = lab.peak_rss(Comp::Mt)? as f64 / MIB as f64;
+        let blocks = self.max_retained_blocks;
+        let mt_goal = 256.0 + (blocks * 32) as f64 / MIB as f64;
+        self.report
+            .set_goal("mem.agent", Goal::AtMost(buffer_mib + 64.0));
+        self.report.set_goal("mem.mt", Goal::AtMost(mt_goal));
+        self.set(
+            "mem.agent",
+            agent,
+            format!("VmHWM; goal = buffer {buffer_mib:.0} MiB + 64 MiB"),
+        );
+        self.set("mem.ps", ps, "VmHWM over sections 2-6");
+        self.set(
+            "mem.mt",
+            mt,
+            format!("VmHWM; goal = 256 MiB + 32 B x {blocks} retained blocks (max seen)"),
+        );
+        Ok(())
+    }
+
+    fn meta(&self) -> Value {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split(':').nth(1))
+                    .map(|m| m.trim().to_string())
+            })
+            .unwrap_or_default();
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let mem = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|s| s.lines().next().map(|l| l.to_string()))
+            .unwrap_or_default();
+        let load = std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "loadavg_at_start": self.load_at_start,
+            "loadavg_at_end": load,
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "cpu": cpu,
+            "kernel": kernel,
+            "memory": mem,
+            "dir": self.dir,
+            "binaries": self.bins.dir,
+            "duration_s": self.started.elapsed().as_secs_f64(),
+            "plan": self.plan,
+            "details": self.details,
+        })
+    }
+}
+
+/// Runs the bench (the blocking work on a blocking thread; gRPC calls on the
+/// caller's runtime).
+pub async fn run(opts: BenchOptions) -> Result<()> {
+    let rt = Handle::current();
+    tokio::task::spawn_blocking(move || run_blocking(opts, rt))
+        .await
+        .context("the bench thread panicked")?
+}
+
+fn run_blocking(opts: BenchOptions, rt: Handle) -> Result<()> {
+    rebound_common::tls::install_crypto_provider();
+    tools::check_all()?;
+    let bins = Bins::locate()?;
+    let (dir, _tmp) = match &opts.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            (d.clone(), None)
+        }
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("rebound-bench-")
+                .tempdir()?;
+            (t.path().to_path_buf(), Some(t))
+        }
+    };
+    let mut b = Bench {
+        plan: Plan::new(opts.quick),
+        dir,
+        bins,
+        rt,
+        report: Report::default(),
+        details: Map::new(),
+        started: Instant::now(),
+        max_retained_blocks: 0,
+        load_at_start: std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+    };
+    b.progress(&format!(
+        "rebound bench{} in {} with the binaries in {} (load average {})",
+        if opts.quick { " --quick" } else { "" },
+        b.dir.display(),
+        b.bins.dir.display(),
+        b.load_at_start
+    ));
+
+    b.progress("limits: blake3, zstd, disk, loopback TLS");
+    let r = limits::run(&mut b);
+    b.outcome(&["limits."], r);
+
+    let main = main_lab(&mut b);
+    b.outcome(&["cost.", "sustained.", "mem.", "rpo.", "rto."], main);
+
+    let r = resync::run(&mut b);
+    b.outcome(&["resync."], r);
+
+    let table = b.report.table();
+    b.progress(&format!(
+        "done in {:.0} s",
+        b.started.elapsed().as_secs_f64()
+    ));
+    println!(
+        "rebound bench{} ({} CPUs, {}; MB = 10^6 bytes)",
+        if opts.quick { " --quick" } else { "" },
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        b.dir.display()
+    );
+    print!("{table}");
+    if let Some(path) = &opts.json {
+        let doc = b.report.json(b.meta());
+        let text = serde_json::to_string_pretty(&doc)?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    let errors = b.report.errors();
+    if errors > 0 {
+        bail!("{errors} figures could not be measured (see the notes of the rows marked error)");
+    }
+    Ok(())
+}
+
+/// Sections 2, 3, 4 and 6 on one lab (one initial sync instead of four);
+/// memory is read at the end so the peaks cover all of them.
+fn main_lab(b: &mut Bench) -> Result<()> {
+    let p = b.plan.clone();
+    let dir = b.dir.join("main");
+    let mut lab = Lab::new(
+        &dir,
+        LabSpec {
+            disk: dir.join("disk0.img"),
+            disk_size: p.main_disk,
+            agent_buffer_bytes: p.agent_buffer,
+            crash_interval_ms: p.crash_interval_ms,
+            retention_max_bytes: p.retention_max,
+        },
+        &b.bins,
+        b.rt.clone(),
+    )?;
+    b.progress(&format!(
+        "starting rebound-mt, rebound-ps, rebound-agent ({} MiB disk) and waiting for the initial sync",
+        p.main_disk >> 20
+    ));
+    lab.start(Comp::Mt)?;
+    lab.start(Comp::Ps)?;
+    lab.start(Comp::Agent)?;
+    lab.wait_settled(p.settle_timeout)?;
+
+    let r = cost::run(b, &mut lab);
+    b.outcome(&["cost."], r);
+    let r = sustained::run(b, &mut lab);
+    b.outcome(&["sustained."], r);
+    let r = rpo::run(b, &mut lab);
+    b.outcome(&["rpo."], r);
+    let r = rto::run(b, &mut lab, &mut rto::MtDirect);
+    b.outcome(&["rto."], r);
+    b.track_retained(&lab);
+    let r = b.memory(&lab);
+    b.outcome(&["mem."], r);
+    drop(lab);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

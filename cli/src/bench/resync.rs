@@ -1,0 +1,240 @@
+//! Section 5, resync: a full initial sync into an empty replica and a
+//! differential resync of a disk whose replica differs in 1% of its 1 MiB
+//! chunks, beside `cp` and `rsync --inplace --no-whole-file` on the same
+//! files in the same run.
+//!
+//! Both syncs are what a fresh agent install does: initial replication
+//! compares every chunk's hash with the replica and sends the differing ones
+//! (DESIGN.md §5 "Resync source"). So the full sync is an agent with a fresh
+//! state dir over a new MT, and the differential one is another fresh agent
+//! over the now-complete replica after 1% of the source's chunks changed.
+
+use anyhow::{anyhow, Context, Result};
+use serde_json::json;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::lab::{Comp, Lab, LabSpec};
+use super::profiles::Rng;
+use super::{tools, Bench};
+
+const MIB: u64 = 1 << 20;
+
+/// Fills `path` with `size` bytes of random data (the worst case for
+/// compression), in 1 MiB chunks.
+fn make_source(path: &Path, size: u64) -> Result<()> {
+    let f = std::fs::File::create(path)?;
+    let mut rng = Rng(0x5ca1ab1e);
+    let mut buf = vec![0u8; MIB as usize];
+    for c in 0..size / MIB {
+        rng.fill(&mut buf);
+        f.write_all_at(&buf, c * MIB)?;
+    }
+    f.set_len(size)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Starts the agent and waits until its initial replication is complete at
+/// the MT; returns (seconds, resync bytes sent).
+fn sync_with_fresh_agent(lab: &mut Lab, timeout: Duration) -> Result<(f64, u64)> {
+    let _ = std::fs::remove_dir_all(lab.agent_state_dir());
+    let t = Instant::now();
+    lab.start(Comp::Agent)?;
+    let mut admin = lab.admin()?;
+    loop {
+        let s = admin.status()?;
+        if s.consistent && s.mode == "data" && !s.last_tag.is_empty() && s.durable_seq >= s.seq {
+            let applied = lab.applied_seq()?;
+            if applied >= s.seq {
+                return Ok((t.elapsed().as_secs_f64(), s.resync_bytes_sent));
+            }
+        }
+        if t.elapsed() > timeout {
+            anyhow::bail!(
+                "initial replication did not finish within {} s (mode {}, resync bytes sent {})",
+                timeout.as_secs(),
+                s.mode,
+                s.resync_bytes_sent
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// "Total bytes sent: 1,234" from `rsync --stats`.
+fn rsync_bytes_sent(stats: &str) -> Result<u64> {
+    let line = stats
+        .lines()
+        .find(|l| l.starts_with("Total bytes sent:"))
+        .ok_or_else(|| anyhow!("no 'Total bytes sent' in rsync --stats:\n{stats}"))?;
+    let digits: String = line
+        .trim_start_matches("Total bytes sent:")
+        .chars()
+        .filter(char::is_ascii_digit)
+        .collect();
+    digits
+        .parse()
+        .with_context(|| format!("parsing rsync's {line:?}"))
+}
+
+pub fn run(b: &mut Bench) -> Result<()> {
+    let p = b.plan.clone();
+    let size = p.resync_disk;
+    let dir = b.dir.join("resync");
+    std::fs::create_dir_all(&dir)?;
+    let src = dir.join("source.img");
+    let copy = dir.join("copy.img");
+    b.progress(&format!(
+        "resync: writing a {} MiB source disk of random data",
+        size >> 20
+    ));
+    make_source(&src, size)?;
+
+    // cp of the file, with the copy made durable like the replica is.
+    b.progress("resync: cp --reflink=never + fsync of the source");
+    let t = Instant::now();
+    tools::run(
+        "cp",
+        &[
+            "--reflink=never",
+            &src.to_string_lossy(),
+            &copy.to_string_lossy(),
+        ],
+    )?;
+    std::fs::File::open(&copy)?.sync_all()?;
+    let cp_secs = t.elapsed().as_secs_f64();
+
+    // Full initial sync into an empty replica.
+    let mut lab = Lab::new(
+        &dir.join("lab"),
+        LabSpec {
+            disk: src.clone(),
+            disk_size: size,
+            agent_buffer_bytes: 256 * MIB,
+            crash_interval_ms: 5000,
+            retention_max_bytes: 0,
+        },
+        &b.bins,
+        b.rt.clone(),
+    )?;
+    lab.start(Comp::Mt)?;
+    lab.start(Comp::Ps)?;
+    b.progress("resync: full initial sync into an empty replica");
+    let (full_secs, full_bytes) = sync_with_fresh_agent(&mut lab, p.resync_timeout)?;
+    b.progress(&format!(
+        "  {full_secs:.1} s, {} MiB sent (cp: {cp_secs:.1} s)",
+        full_bytes >> 20
+    ));
+    lab.stop(Comp::Agent)?;
+
+    // 1% of the chunks change while the agent is not installed.
+    let chunks = size / MIB;
+    let changed = (chunks / 100).max(1);
+    let stride = chunks / changed;
+    let f = std::fs::OpenOptions::new().write(true).open(&src)?;
+    let mut rng = Rng(0xd1ff);
+    let mut buf = vec![0u8; MIB as usize];
+    for i in 0..changed {
+        rng.fill(&mut buf);
+        f.write_all_at(&buf, (i * stride + stride / 2) * MIB)?;
+    }
+    f.sync_all()?;
+    drop(f);
+
+    b.progress(&format!(
+        "resync: differential resync ({changed} of {chunks} chunks differ) with a fresh agent"
+    ));
+    let (diff_secs, diff_bytes) = sync_with_fresh_agent(&mut lab, p.resync_timeout)?;
+    b.progress(&format!(
+        "  {diff_secs:.1} s, {:.1} MiB sent",
+        diff_bytes as f64 / MIB as f64
+    ));
+    lab.stop(Comp::Agent)?;
+    drop(lab);
+
+    // rsync on the same pair: the source and the replica's old content
+    // (the copy made before the change).
+    b.progress("resync: rsync --inplace --no-whole-file on the same pair");
+    let t = Instant::now();
+    let out = tools::run(
+        "rsync",
+        &[
+            "--inplace",
+            "--no-whole-file",
+            "--stats",
+            &src.to_string_lossy(),
+            &copy.to_string_lossy(),
+        ],
+    )?;
+    std::fs::File::open(&copy)?.sync_all()?;
+    let rsync_secs = t.elapsed().as_secs_f64();
+    let rsync_bytes = rsync_bytes_sent(&String::from_utf8_lossy(&out.stdout))?;
+    b.progress(&format!(
+        "  {rsync_secs:.1} s, {:.1} MiB sent",
+        rsync_bytes as f64 / MIB as f64
+    ));
+
+    let disk = format!("{} MiB disk, random data", size >> 20);
+    b.set(
+        "resync.diff.rebound.secs",
+        diff_secs,
+        format!("{changed} of {chunks} chunks differ; {disk}"),
+    );
+    b.set(
+        "resync.diff.rebound.bytes",
+        diff_bytes as f64 / MIB as f64,
+        "resync_bytes_sent",
+    );
+    b.set(
+        "resync.diff.rsync.secs",
+        rsync_secs,
+        "local delta transfer + fsync",
+    );
+    b.set(
+        "resync.diff.rsync.bytes",
+        rsync_bytes as f64 / MIB as f64,
+        "Total bytes sent (--stats)",
+    );
+    b.set(
+        "resync.diff.speedup",
+        rsync_secs / diff_secs.max(1e-6),
+        format!("{rsync_secs:.1} s / {diff_secs:.1} s"),
+    );
+    b.set("resync.full.rebound.secs", full_secs, disk.clone());
+    b.set(
+        "resync.full.rebound.bytes",
+        full_bytes as f64 / MIB as f64,
+        "resync_bytes_sent",
+    );
+    b.set("resync.full.cp.secs", cp_secs, "");
+    b.set(
+        "resync.full.ratio",
+        cp_secs / full_secs.max(1e-6),
+        format!(
+            "{:.0} MB/s vs {:.0} MB/s",
+            size as f64 / 1e6 / full_secs,
+            size as f64 / 1e6 / cp_secs
+        ),
+    );
+    b.detail(
+        "resync",
+        json!({"disk_bytes": size, "changed_chunks": changed, "chunks": chunks,
+               "full": {"secs": full_secs, "bytes": full_bytes},
+               "cp": {"secs": cp_secs},
+               "diff": {"secs": diff_secs, "bytes": diff_bytes},
+               "rsync": {"secs": rsync_secs, "bytes": rsync_bytes}}),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_rsync_stats() {
+        let s = "Number of files: 1\nTotal bytes sent: 43,001,234\nTotal bytes received: 5\n";
+        assert_eq!(super::rsync_bytes_sent(s).unwrap(), 43_001_234);
+    }
+}

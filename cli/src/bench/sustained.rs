@@ -1,0 +1,232 @@
+//! Section 3, sustained replication: the highest churn the whole path
+//! (agent → PS → MT with mTLS, compression, fsyncs and the retention journal)
+//! keeps up with for the hold duration without the lag growing, per data
+//! profile.
+//!
+//! A search, not a single run, because the answer is a rate: a ramp of short
+//! steps finds where the backlog starts to build (the applied rate in that
+//! step estimates the capacity), then a constant-rate hold at 90% of it must
+//! keep the backlog flat for the whole hold; if it does not, one retry at a
+//! lower rate. "Kept up" means: the writer reached the rate, the agent stayed
+//! in data mode (never fell back to bitmap), and the backlog (captured but
+//! not applied bytes) grew by less than one second of churn over the second
+//! half of the hold.
+
+use anyhow::Result;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::lab::{Lab, DISK};
+use super::profiles::Profile;
+use super::sampler::{quantile, slope, Sampler};
+use super::writer::{Writer, WriterSpec};
+use super::{mb, Bench};
+
+/// Writer settings shared by the churn sections.
+pub fn writer_spec(b: &Bench, lab: &Lab, pool: Arc<Vec<u8>>, rate: f64, seed: u64) -> WriterSpec {
+    WriterSpec {
+        port: lab.agent_nbd_port,
+        export: DISK.into(),
+        write_size: b.plan.write_size,
+        conns: b.plan.writer_conns,
+        rate: rate as u64,
+        pool,
+        seed,
+    }
+}
+
+/// One constant-rate hold and what it showed.
+struct Hold {
+    rate: f64,
+    achieved: f64,
+    applied: f64,
+    consistent: bool,
+    growth: f64,
+    lag_p99_ms: f64,
+    kept_up: bool,
+    /// CPU use of agent, PS, MT and the bench (writer + sampler) during the
+    /// hold, in cores.
+    cpu: [f64; 4],
+}
+
+fn hold(b: &Bench, lab: &mut Lab, pool: &Arc<Vec<u8>>, rate: f64, secs: f64) -> Result<Hold> {
+    lab.wait_settled(b.plan.settle_timeout)?;
+    let sampler = Sampler::start(lab)?;
+    std::thread::sleep(Duration::from_millis(200));
+    let w = Writer::start(writer_spec(b, lab, pool.clone(), rate, rate as u64))?;
+    let t0 = sampler.now();
+    let cpu0 = lab.cpu_all();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let t1 = sampler.now();
+    let cpu1 = lab.cpu_all();
+    let bytes = w.stop()?;
+    // Let the tail drain so the lags of the last samples resolve.
+    let settled = lab.wait_settled(b.plan.settle_timeout);
+    let s = sampler.stop()?;
+    settled?;
+    let achieved = bytes as f64 / (t1 - t0);
+    let consistent = s.all_consistent(t0, t1);
+    let half = t0 + (t1 - t0) / 2.0;
+    let growth = slope(&s.backlog(half, t1)) * (t1 - half);
+    let lags = s.lags_ms(t0, t1);
+    let kept_up = achieved >= 0.95 * rate && consistent && growth <= rate.max(32e6);
+    Ok(Hold {
+        rate,
+        achieved,
+        applied: s.applied_rate(t0 + 1.0, t1),
+        consistent,
+        growth,
+        lag_p99_ms: quantile(&lags, 0.99),
+        kept_up,
+        cpu: [0, 1, 2, 3].map(|i| (cpu1[i] - cpu0[i]) / (t1 - t0)),
+    })
+}
+
+/// Ramps the rate in steps until the backlog builds; returns the capacity
+/// estimate in bytes/s and the steps for the JSON details.
+fn ramp(b: &Bench, lab: &mut Lab, pool: &Arc<Vec<u8>>) -> Result<(f64, Vec<serde_json::Value>)> {
+    let p = &b.plan;
+    lab.wait_settled(p.settle_timeout)?;
+    let sampler = Sampler::start(lab)?;
+    std::thread::sleep(Duration::from_millis(200));
+    let mut rate = p.ramp_start;
+    let w = Writer::start(writer_spec(b, lab, pool.clone(), rate, 7))?;
+    let mut steps = Vec::new();
+    let mut last_good = 0.0f64;
+    let estimate = loop {
+        w.set_rate(rate as u64);
+        let (t0, b0) = (sampler.now(), w.bytes());
+        std::thread::sleep(p.ramp_step);
+        let (t1, b1) = (sampler.now(), w.bytes());
+        let s = sampler.snapshot();
+        let offered = (b1 - b0) as f64 / (t1 - t0);
+        let backlog = s.backlog(t0, t1);
+        let grew = match (backlog.first(), backlog.last()) {
+            (Some(a), Some(z)) => z.1 - a.1,
+            _ => 0.0,
+        };
+        let applied = s.applied_rate(t0, t1);
+        let consistent = s.all_consistent(t0, t1);
+        let ok = offered >= 0.9 * rate && consistent && grew <= 0.25 * offered * (t1 - t0);
+        steps.push(json!({
+            "rate_mb_s": mb(rate), "offered_mb_s": mb(offered), "applied_mb_s": mb(applied),
+            "backlog_growth_mb": grew / 1e6, "consistent": consistent, "ok": ok,
+        }));
+        b.progress(&format!(
+            "  ramp {:.0} MB/s: offered {:.0}, applied {:.0}, backlog {:+.0} MB{}",
+            mb(rate),
+            mb(offered),
+            mb(applied),
+            grew / 1e6,
+            if ok { "" } else { " -> capacity found" }
+        ));
+        if !ok {
+            // Saturated: what got applied is the capacity; if the writer
+            // itself could not reach the rate, what it reached is.
+            let cap = if offered < 0.9 * rate && consistent {
+                offered
+            } else {
+                applied.max(last_good)
+            };
+            break cap;
+        }
+        last_good = offered;
+        if rate >= p.ramp_max {
+            break offered;
+        }
+        rate = (rate * p.ramp_factor).min(p.ramp_max);
+    };
+    w.stop()?;
+    let settled = lab.wait_settled(p.settle_timeout);
+    sampler.stop()?;
+    settled?;
+    Ok((estimate, steps))
+}
+
+pub fn run(b: &mut Bench, lab: &mut Lab) -> Result<()> {
+    let p = b.plan.clone();
+    let started = std::time::Instant::now();
+    for prof in Profile::ALL {
+        b.progress(&format!(
+            "sustained: {prof} profile: ramp in {:.0} s steps from {:.0} MB/s",
+            p.ramp_step.as_secs_f64(),
+            mb(p.ramp_start)
+        ));
+        let pool = Arc::new(prof.pool(p.pool_bytes));
+        let (estimate, steps) = ramp(b, lab, &pool)?;
+        let mut rate = (estimate * 0.9).max(1e6);
+        let mut holds = Vec::new();
+        let mut best: Option<Hold> = None;
+        let mut last: Option<Hold> = None;
+        for attempt in 0..=p.sustain_retries {
+            b.progress(&format!(
+                "sustained: {prof}: holding {:.0} MB/s for {:.0} s (attempt {})",
+                mb(rate),
+                p.sustain_secs,
+                attempt + 1
+            ));
+            let h = hold(b, lab, &pool, rate, p.sustain_secs)?;
+            b.progress(&format!(
+                "  achieved {:.0} MB/s, applied {:.0} MB/s, backlog growth {:+.0} MB, lag p99 {:.0} ms, \
+                 data mode throughout: {}, CPU agent/ps/mt/bench {:.0}/{:.0}/{:.0}/{:.0}% -> {}",
+                mb(h.achieved),
+                mb(h.applied),
+                h.growth / 1e6,
+                h.lag_p99_ms,
+                h.consistent,
+                h.cpu[0] * 100.0,
+                h.cpu[1] * 100.0,
+                h.cpu[2] * 100.0,
+                h.cpu[3] * 100.0,
+                if h.kept_up { "kept up" } else { "fell behind" }
+            ));
+            holds.push(json!({
+                "rate_mb_s": mb(h.rate), "achieved_mb_s": mb(h.achieved), "applied_mb_s": mb(h.applied),
+                "backlog_growth_mb": h.growth / 1e6, "lag_p99_ms": h.lag_p99_ms,
+                "consistent": h.consistent, "kept_up": h.kept_up,
+                "cpu_cores": {"agent": h.cpu[0], "ps": h.cpu[1], "mt": h.cpu[2], "bench": h.cpu[3]},
+            }));
+            b.track_retained(lab);
+            let next = (h.applied.min(h.rate) * 0.9).min(h.rate * 0.8).max(1e6);
+            if h.kept_up {
+                best = Some(h);
+                break;
+            }
+            last = Some(h);
+            rate = next;
+            if started.elapsed() > p.sustain_budget {
+                b.progress("  no time left in this section for a retry at a lower rate");
+                break;
+            }
+        }
+        b.detail(
+            &format!("sustained.{}", prof.id()),
+            json!({"ramp": steps, "estimate_mb_s": mb(estimate), "holds": holds}),
+        );
+        let id = format!("sustained.{}", prof.id());
+        match (best, last) {
+            (Some(h), _) => b.set(
+                &id,
+                mb(h.rate),
+                format!(
+                    "held {:.0} s, lag p99 {:.0} ms (ramp estimate {:.0} MB/s)",
+                    p.sustain_secs,
+                    h.lag_p99_ms,
+                    mb(estimate)
+                ),
+            ),
+            (None, Some(h)) => b.set(
+                &id,
+                mb(h.applied),
+                format!(
+                    "no tried rate held for {:.0} s; figure = applied rate while {:.0} MB/s was offered",
+                    p.sustain_secs,
+                    mb(h.rate)
+                ),
+            ),
+            (None, None) => anyhow::bail!("no hold ran"),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,70 @@
+//! The external tools the bench compares with or drives (fio, qemu-nbd,
+//! rsync, cp), checked before anything runs: a missing tool is an error that
+//! names the package to install, never a skipped row.
+
+use anyhow::{bail, Context, Result};
+use std::process::{Command, Output};
+
+/// (tool, Debian package).
+pub const TOOLS: &[(&str, &str)] = &[
+    ("fio", "fio"),
+    ("qemu-nbd", "qemu-utils"),
+    ("rsync", "rsync"),
+    ("cp", "coreutils"),
+];
+
+fn package_of(tool: &str) -> &'static str {
+    TOOLS
+        .iter()
+        .find(|(t, _)| *t == tool)
+        .map(|(_, p)| *p)
+        .unwrap_or("?")
+}
+
+/// Fails when a tool is missing, naming every missing one and the command
+/// that installs them.
+pub fn check_all() -> Result<()> {
+    let mut missing = Vec::new();
+    for (t, p) in TOOLS {
+        let found = std::env::var_os("PATH")
+            .map(|path| std::env::split_paths(&path).any(|d| d.join(t).is_file()))
+            .unwrap_or(false);
+        if !found {
+            missing.push((*t, *p));
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let tools: Vec<&str> = missing.iter().map(|m| m.0).collect();
+    let mut pkgs: Vec<&str> = missing.iter().map(|m| m.1).collect();
+    pkgs.dedup();
+    bail!(
+        "the bench needs {} which {} not installed; install with `apt-get install -y {}`",
+        tools.join(", "),
+        if tools.len() == 1 { "is" } else { "are" },
+        pkgs.join(" ")
+    )
+}
+
+/// Runs a tool to completion; a failure shows its output.
+pub fn run(tool: &str, args: &[&str]) -> Result<Output> {
+    let out = match Command::new(tool).args(args).output() {
+        Ok(o) => o,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "{tool} is not installed; install it with `apt-get install -y {}`",
+            package_of(tool)
+        ),
+        Err(e) => return Err(e).with_context(|| format!("cannot start {tool}")),
+    };
+    if !out.status.success() {
+        bail!(
+            "{tool} {} failed ({}):\n{}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}

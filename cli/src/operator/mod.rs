@@ -1,0 +1,805 @@
+//! The operator subcommands of `rebound` (DESIGN.md §9) over the
+//! configuration server's `Admin` service, with the admin certificate.
+//!
+//! Where the CS is and which certificate to use: `--cs ADDR` (env
+//! `REBOUND_CS`, default `127.0.0.1:7443`) and `--certs DIR` (env
+//! `REBOUND_CERTS`, default `~/.config/rebound`) holding `ca.pem`,
+//! `admin.pem` and `admin.key` as `rebound-cs init` wrote them.
+
+mod client;
+mod json;
+mod parse;
+mod print;
+mod watch;
+
+pub use client::{connect, CsArgs};
+pub use parse::{parse_duration, parse_point};
+
+use anyhow::{bail, Result};
+use clap::{Subcommand, ValueEnum};
+use rebound_proto::control as pb;
+
+/// How listings are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum Output {
+    /// Aligned columns for people.
+    #[default]
+    Table,
+    /// One JSON document, for scripts.
+    Json,
+}
+
+/// Machines or a plan (exactly one).
+#[derive(clap::Args, Debug, Clone)]
+pub struct TargetArgs {
+    /// Machine ids.
+    #[arg(required_unless_present = "plan", conflicts_with = "plan")]
+    pub machines: Vec<String>,
+    /// A recovery plan instead of machines (`rebound plan create`).
+    #[arg(long)]
+    pub plan: Option<String>,
+}
+
+impl TargetArgs {
+    fn to_proto(&self) -> pb::Targets {
+        pb::Targets {
+            machines: self.machines.clone(),
+            plan: self.plan.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// How a lifecycle command reports its job.
+#[derive(clap::Args, Debug, Clone)]
+pub struct WaitArgs {
+    /// Follow the job until it ends (progress bar on a terminal, plain
+    /// lines otherwise); exit non-zero when it fails.
+    #[arg(long)]
+    pub wait: bool,
+    /// Output format of the job (json prints the job document).
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum OperatorCmd {
+    /// Health of the deployment: sites, components (online/offline, agent
+    /// mode, buffer, RPO), machine counts, running jobs and recent warnings.
+    Status {
+        #[command(flatten)]
+        cs: CsArgs,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Every machine at a glance: where it runs, replication state and
+    /// direction, RPO, last recovery point, agent health, running job.
+    Machines {
+        #[command(flatten)]
+        cs: CsArgs,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Start protecting a machine: replicate it from the site it runs at to
+    /// SITE through process server PS (at its site) and master target MT (at
+    /// SITE). The job runs the initial sync and ends when the first recovery
+    /// point exists.
+    Protect {
+        /// Machine id (its agent must have registered: see `rebound machines`).
+        machine: String,
+        /// Target site.
+        #[arg(long = "to")]
+        to_site: String,
+        /// Process server id at the machine's site.
+        #[arg(long)]
+        ps: String,
+        /// Master target id at the target site.
+        #[arg(long)]
+        mt: String,
+        /// Consistency group to join (`rebound group create`).
+        #[arg(long)]
+        group: Option<String>,
+        /// Crash-consistent point interval, e.g. 5s (default: the CS policy).
+        #[arg(long, value_parser = parse_duration)]
+        crash_interval: Option<std::time::Duration>,
+        /// App-consistent point interval, e.g. 1h (default: the CS policy).
+        #[arg(long, value_parser = parse_duration)]
+        app_interval: Option<std::time::Duration>,
+        #[command(flatten)]
+        cs: CsArgs,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Fail machines (or a plan) over to the other site at a recovery point.
+    /// Planned (default): the source is fenced and drained first, so nothing
+    /// is lost at `latest`. `--unplanned`: the source is gone; use what the
+    /// master target has applied.
+    #[command(after_help = POINT_HELP)]
+    Failover {
+        #[command(flatten)]
+        targets: TargetArgs,
+        /// The site the machines run at now (must match the replication).
+        #[arg(long = "from")]
+        from_site: String,
+        /// The site to fail over to (must match the replication).
+        #[arg(long = "to")]
+        to_site: String,
+        /// Recovery point: latest, latest-processed, latest-app,
+        /// latest-multi, latest-multi-app, a point id, or a time.
+        #[arg(long, default_value = "latest")]
+        point: String,
+        /// The source site is down: skip fence and drain.
+        #[arg(long)]
+        unplanned: bool,
+        #[command(flatten)]
+        cs: CsArgs,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Before commit: move a failed-over machine to another recovery point.
+    #[command(after_help = POINT_HELP)]
+    ChangePoint {
+        machine: String,
+        /// The new recovery point (same choices as failover).
+        #[arg(long)]
+        point: String,
+        #[command(flatten)]
+        cs: CsArgs,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Commit a failover: ends the old replication and removes (or keeps)
+    /// the source copy. After this, `rebound reprotect`.
+    Commit {
+        #[command(flatten)]
+        targets: TargetArgs,
+        /// Keep the copy at the old source site for a faster reprotect.
+        #[arg(long, conflicts_with = "remove_source_copy")]
+        keep_source_copy: bool,
+        /// Remove the copy at the old source site.
+        #[arg(long)]
+        remove_source_copy: bool,
+        #[command(flatten)]
+        cs: CsArgs,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Protect committed machines in the reverse direction. Waits for each
+    /// machine's agent to register from its new site, then runs a
+    /// differential resync by block hashes and streams changes.
+    Reprotect {
+        #[command(flatten)]
+        targets: TargetArgs,
+        /// Process server at the site the machines run at now.
+        #[arg(long)]
+        ps: String,
+        /// Master target at the site they left (default: that site's MT).
+        #[arg(long)]
+        mt: Option<String>,
+        /// How long to wait for the agent to register, e.g. 30m, 90s (default:
+        /// the CS setting, 30 min).
+        #[arg(long, value_parser = parse_duration)]
+        wait_agent: Option<std::time::Duration>,
+        #[command(flatten)]
+        cs: CsArgs,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// List jobs (newest first), show one with its steps, or follow them
+    /// live with --watch.
+    Jobs {
+        /// A job id: show it with its steps.
+        id: Option<String>,
+        /// Follow live: the job given, or every running job.
+        #[arg(long)]
+        watch: bool,
+        /// Only jobs that have not finished.
+        #[arg(long)]
+        active: bool,
+        /// Only jobs of this machine.
+        #[arg(long)]
+        machine: Option<String>,
+        /// At most this many jobs.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[command(flatten)]
+        cs: CsArgs,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Recovery plans: named, ordered groups of machines failed over,
+    /// committed and reprotected together.
+    Plan {
+        #[command(subcommand)]
+        cmd: PlanCmd,
+    },
+    /// Consistency groups: machines whose recovery points are cut together
+    /// (two-phase barrier), for `--point latest-multi`.
+    Group {
+        #[command(subcommand)]
+        cmd: GroupCmd,
+    },
+}
+
+const POINT_HELP: &str = "Recovery points (--point):
+  latest            drain everything pending, then the newest point (lowest RPO)
+  latest-processed  the newest point already applied (lowest RTO)
+  latest-app        the newest app-consistent point; later writes are LOST
+  latest-multi      plans/groups: the newest group point every member has
+  latest-multi-app  the same, app-consistent group points only
+  <point id>        that point (`rebound points M` lists them)
+  <time>            the newest point at or before it: 2026-11-26T12:00:00Z,
+                    a Unix time in ms, or an age like 10m (ten minutes ago)
+  group:<tag>       the point of this consistency-group tag";
+
+#[derive(Subcommand, Debug)]
+pub enum PlanCmd {
+    /// Create (or replace) a plan. Each --group is one ordered step of
+    /// machines; hooks run on the CS host before/after that step.
+    #[command(
+        after_help = "Example:\n  rebound plan create erp --group db1,db2 --group app1 \
+                            --consistency-group erp-cg\n  \
+                            rebound plan create web --group w1 --pre-hook 'echo start' --post-hook ''"
+    )]
+    Create {
+        name: String,
+        /// Comma-separated machines of one step (repeat, in order).
+        #[arg(long = "group", required = true)]
+        groups: Vec<String>,
+        /// Shell command before each step, in step order ('' for none).
+        #[arg(long = "pre-hook")]
+        pre_hooks: Vec<String>,
+        /// Shell command after each step, in step order ('' for none).
+        #[arg(long = "post-hook")]
+        post_hooks: Vec<String>,
+        /// Consistency group the plan's machines share (for latest-multi).
+        #[arg(long)]
+        consistency_group: Option<String>,
+        #[command(flatten)]
+        cs: CsArgs,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Show one plan.
+    Show {
+        name: String,
+        #[command(flatten)]
+        cs: CsArgs,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// List the plans.
+    List {
+        #[command(flatten)]
+        cs: CsArgs,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Delete a plan (the machines stay as they are).
+    Delete {
+        name: String,
+        #[command(flatten)]
+        cs: CsArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GroupCmd {
+    /// Create (or replace) a consistency group.
+    Create {
+        name: String,
+        /// Comma-separated member machines.
+        #[arg(long, required = true, value_delimiter = ',')]
+        machines: Vec<String>,
+        /// Longest time members hold writes during a barrier, in ms (default 100).
+        #[arg(long, default_value_t = 100)]
+        hold_ms: u32,
+        /// Cut a group point this often, e.g. 30s (default: only on demand,
+        /// `rebound group cut`).
+        #[arg(long, value_parser = parse_duration)]
+        interval: Option<std::time::Duration>,
+        /// Cut group points as app-consistent (freeze/thaw on every member).
+        #[arg(long)]
+        app: bool,
+        #[command(flatten)]
+        cs: CsArgs,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Delete a consistency group.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        cs: CsArgs,
+    },
+    /// List the consistency groups.
+    List {
+        #[command(flatten)]
+        cs: CsArgs,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Cut one group point now (a two-phase barrier across the members).
+    Cut {
+        name: String,
+        #[command(flatten)]
+        cs: CsArgs,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+/// Runs one operator subcommand; on error prints it (with its causes, no
+/// backtrace) and exits with status 1.
+pub async fn run(cmd: OperatorCmd) -> Result<()> {
+    if let Err(e) = run_inner(cmd).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+async fn run_inner(cmd: OperatorCmd) -> Result<()> {
+    match cmd {
+        OperatorCmd::Status { cs, output } => {
+            let mut c = connect(&cs).await?;
+            let r = c
+                .status(pb::StatusRequest {})
+                .await
+                .map_err(|e| cs.error(e, "reading the status"))?
+                .into_inner();
+            match output {
+                Output::Json => json::print(&json::status(&r)),
+                Output::Table => print::status(&r),
+            }
+            Ok(())
+        }
+        OperatorCmd::Machines { cs, output } => {
+            let mut c = connect(&cs).await?;
+            let r = c
+                .machines(pb::MachinesRequest {})
+                .await
+                .map_err(|e| cs.error(e, "listing the machines"))?
+                .into_inner();
+            match output {
+                Output::Json => json::print(&json::machines(&r)),
+                Output::Table => print::machines(&r),
+            }
+            Ok(())
+        }
+        OperatorCmd::Protect {
+            machine,
+            to_site,
+            ps,
+            mt,
+            group,
+            crash_interval,
+            app_interval,
+            cs,
+            wait,
+        } => {
+            let mut c = connect(&cs).await?;
+            let policy = (crash_interval.is_some() || app_interval.is_some()).then(|| pb::Policy {
+                crash_interval_ms: crash_interval.map(|d| d.as_millis() as u32).unwrap_or(0),
+                app_interval_secs: app_interval.map(|d| d.as_secs() as u32).unwrap_or(0),
+                freeze_timeout_ms: 0,
+            });
+            let r = c
+                .protect(pb::ProtectRequest {
+                    machine: machine.clone(),
+                    to_site,
+                    ps,
+                    mt,
+                    group: group.unwrap_or_default(),
+                    policy,
+                })
+                .await
+                .map_err(|e| cs.error(e, &format!("protecting {machine}")))?
+                .into_inner();
+            watch::started(&mut c, &cs, r.job, &wait).await
+        }
+        OperatorCmd::Failover {
+            targets,
+            from_site,
+            to_site,
+            point,
+            unplanned,
+            cs,
+            wait,
+        } => {
+            let choice = parse_point(&point)?;
+            warn_point(&point);
+            let mut c = connect(&cs).await?;
+            let r = c
+                .failover(pb::FailoverRequest {
+                    targets: Some(targets.to_proto()),
+                    from_site: from_site.clone(),
+                    to_site: to_site.clone(),
+                    point: Some(choice),
+                    unplanned,
+                })
+                .await
+                .map_err(|e| cs.error(e, &format!("failing over {from_site} → {to_site}")))?
+                .into_inner();
+            watch::started(&mut c, &cs, r.job, &wait).await
+        }
+        OperatorCmd::ChangePoint {
+            machine,
+            point,
+            cs,
+            wait,
+        } => {
+            let choice = parse_point(&point)?;
+            warn_point(&point);
+            let mut c = connect(&cs).await?;
+            let r = c
+                .change_point(pb::ChangePointRequest {
+                    machine: machine.clone(),
+                    point: Some(choice),
+                })
+                .await
+                .map_err(|e| cs.error(e, &format!("changing the point of {machine}")))?
+                .into_inner();
+            watch::started(&mut c, &cs, r.job, &wait).await
+        }
+        OperatorCmd::Commit {
+            targets,
+            keep_source_copy,
+            remove_source_copy,
+            cs,
+            wait,
+        } => {
+            let keep = if keep_source_copy {
+                Some(true)
+            } else if remove_source_copy {
+                Some(false)
+            } else {
+                None
+            };
+            let mut c = connect(&cs).await?;
+            let r = c
+                .commit(pb::CommitRequest {
+                    targets: Some(targets.to_proto()),
+                    keep_source_copy: keep,
+                })
+                .await
+                .map_err(|e| cs.error(e, "committing"))?
+                .into_inner();
+            watch::started(&mut c, &cs, r.job, &wait).await
+        }
+        OperatorCmd::Reprotect {
+            targets,
+            ps,
+            mt,
+            wait_agent,
+            cs,
+            wait,
+        } => {
+            let mut c = connect(&cs).await?;
+            let r = c
+                .reprotect(pb::ReprotectRequest {
+                    targets: Some(targets.to_proto()),
+                    ps,
+                    mt: mt.unwrap_or_default(),
+                    wait_agent_secs: wait_agent.map(|d| d.as_secs().max(1)).unwrap_or(0),
+                })
+                .await
+                .map_err(|e| cs.error(e, "reprotecting"))?
+                .into_inner();
+            watch::started(&mut c, &cs, r.job, &wait).await
+        }
+        OperatorCmd::Jobs {
+            id,
+            watch: follow,
+            active,
+            machine,
+            limit,
+            cs,
+            output,
+        } => {
+            let mut c = connect(&cs).await?;
+            match (id, follow) {
+                (Some(id), true) => watch::follow(&mut c, &cs, &id, output).await,
+                (Some(id), false) => {
+                    let j = c
+                        .get_job(pb::GetJobRequest { id: id.clone() })
+                        .await
+                        .map_err(|e| cs.error(e, &format!("reading job {id}")))?
+                        .into_inner();
+                    match output {
+                        Output::Json => json::print(&json::job(&j)),
+                        Output::Table => print::job_detail(&j),
+                    }
+                    Ok(())
+                }
+                (None, true) => watch::follow_all(&mut c, &cs, machine).await,
+                (None, false) => {
+                    let r = c
+                        .list_jobs(pb::ListJobsRequest {
+                            active_only: active,
+                            limit,
+                            machine: machine.unwrap_or_default(),
+                        })
+                        .await
+                        .map_err(|e| cs.error(e, "listing the jobs"))?
+                        .into_inner();
+                    match output {
+                        Output::Json => json::print(&serde_json::json!({
+                            "jobs": r.jobs.iter().map(json::job).collect::<Vec<_>>()
+                        })),
+                        Output::Table => print::jobs(&r.jobs),
+                    }
+                    Ok(())
+                }
+            }
+        }
+        OperatorCmd::Plan { cmd } => plan(cmd).await,
+        OperatorCmd::Group { cmd } => group(cmd).await,
+    }
+}
+
+/// Warns before a choice that loses writes.
+fn warn_point(point: &str) {
+    let p = point.trim().to_ascii_lowercase();
+    if p == "latest-app" || p == "latest-multi-app" {
+        eprintln!(
+            "warning: --point {p} rolls back to the newest app-consistent point: every write \
+             after it is lost on the recovered machine (use --point latest to keep them)"
+        );
+    }
+}
+
+async fn plan(cmd: PlanCmd) -> Result<()> {
+    match cmd {
+        PlanCmd::Create {
+            name,
+            groups,
+            pre_hooks,
+            post_hooks,
+            consistency_group,
+            cs,
+            output,
+        } => {
+            let steps = plan_steps(&groups);
+            if pre_hooks.len() > steps.len() || post_hooks.len() > steps.len() {
+                bail!(
+                    "more --pre-hook/--post-hook than --group steps ({}): give one hook per \
+                     step, in order, '' for none",
+                    steps.len()
+                );
+            }
+            let plan = pb::Plan {
+                name: name.clone(),
+                groups: steps
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, machines)| pb::PlanGroup {
+                        machines,
+                        pre_hook: pre_hooks.get(i).cloned().unwrap_or_default(),
+                        post_hook: post_hooks.get(i).cloned().unwrap_or_default(),
+                    })
+                    .collect(),
+                consistency_group: consistency_group.unwrap_or_default(),
+            };
+            let mut c = connect(&cs).await?;
+            let p = c
+                .create_plan(pb::CreatePlanRequest { plan: Some(plan) })
+                .await
+                .map_err(|e| cs.error(e, &format!("creating plan {name}")))?
+                .into_inner();
+            match output {
+                Output::Json => json::print(&json::plan(&p)),
+                Output::Table => {
+                    println!("plan {} created", p.name);
+                    print::plan(&p);
+                }
+            }
+            Ok(())
+        }
+        PlanCmd::Show { name, cs, output } => {
+            let mut c = connect(&cs).await?;
+            let p = c
+                .show_plan(pb::PlanRequest { name: name.clone() })
+                .await
+                .map_err(|e| cs.error(e, &format!("reading plan {name}")))?
+                .into_inner();
+            match output {
+                Output::Json => json::print(&json::plan(&p)),
+                Output::Table => print::plan(&p),
+            }
+            Ok(())
+        }
+        PlanCmd::List { cs, output } => {
+            let mut c = connect(&cs).await?;
+            let r = c
+                .list_plans(pb::ListPlansRequest {})
+                .await
+                .map_err(|e| cs.error(e, "listing the plans"))?
+                .into_inner();
+            match output {
+                Output::Json => json::print(&serde_json::json!({
+                    "plans": r.plans.iter().map(json::plan).collect::<Vec<_>>()
+                })),
+                Output::Table => {
+                    if r.plans.is_empty() {
+                        println!("no plans (create one with `rebound plan create`)");
+                    }
+                    for p in &r.plans {
+                        print::plan(p);
+                    }
+                }
+            }
+            Ok(())
+        }
+        PlanCmd::Delete { name, cs } => {
+            let mut c = connect(&cs).await?;
+            c.delete_plan(pb::PlanRequest { name: name.clone() })
+                .await
+                .map_err(|e| cs.error(e, &format!("deleting plan {name}")))?;
+            println!("plan {name} deleted");
+            Ok(())
+        }
+    }
+}
+
+/// The machines of each `--group a,b` occurrence, in order.
+fn plan_steps(groups: &[String]) -> Vec<Vec<String>> {
+    groups
+        .iter()
+        .map(|g| {
+            g.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .filter(|g| !g.is_empty())
+        .collect()
+}
+
+async fn group(cmd: GroupCmd) -> Result<()> {
+    match cmd {
+        GroupCmd::Create {
+            name,
+            machines,
+            hold_ms,
+            interval,
+            app,
+            cs,
+            output,
+        } => {
+            let mut c = connect(&cs).await?;
+            let g = c
+                .create_group(pb::CreateGroupRequest {
+                    group: Some(pb::Group {
+                        name: name.clone(),
+                        machines,
+                        hold_ms,
+                        interval_secs: interval.map(|d| d.as_secs().max(1) as u32).unwrap_or(0),
+                        app,
+                    }),
+                })
+                .await
+                .map_err(|e| cs.error(e, &format!("creating group {name}")))?
+                .into_inner();
+            match output {
+                Output::Json => json::print(&json::group(&g)),
+                Output::Table => {
+                    println!("group {} created", g.name);
+                    print::groups(std::slice::from_ref(&g));
+                }
+            }
+            Ok(())
+        }
+        GroupCmd::Delete { name, cs } => {
+            let mut c = connect(&cs).await?;
+            c.delete_group(pb::GroupRequest { name: name.clone() })
+                .await
+                .map_err(|e| cs.error(e, &format!("deleting group {name}")))?;
+            println!("group {name} deleted");
+            Ok(())
+        }
+        GroupCmd::List { cs, output } => {
+            let mut c = connect(&cs).await?;
+            let r = c
+                .list_groups(pb::ListGroupsRequest {})
+                .await
+                .map_err(|e| cs.error(e, "listing the groups"))?
+                .into_inner();
+            match output {
+                Output::Json => json::print(&serde_json::json!({
+                    "groups": r.groups.iter().map(json::group).collect::<Vec<_>>()
+                })),
+                Output::Table => print::groups(&r.groups),
+            }
+            Ok(())
+        }
+        GroupCmd::Cut { name, cs, output } => {
+            let mut c = connect(&cs).await?;
+            let r = c
+                .cut_group_point(pb::GroupRequest { name: name.clone() })
+                .await
+                .map_err(|e| cs.error(e, &format!("cutting a point of group {name}")))?
+                .into_inner();
+            match output {
+                Output::Json => json::print(&serde_json::json!({
+                    "tag_id": r.tag_id, "members": r.members
+                })),
+                Output::Table => println!(
+                    "group {name}: point {} cut on {} members",
+                    r.tag_id, r.members
+                ),
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `rebound points M`: from the CS when `--cs` (or `REBOUND_CS`) is given
+/// and `--mt` is not; otherwise straight from the master target.
+pub async fn points_via_cs(machine: &str, cs: &CsArgs, output: Output) -> Result<()> {
+    if let Err(e) = points_inner(machine, cs, output).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+async fn points_inner(machine: &str, cs: &CsArgs, output: Output) -> Result<()> {
+    let mut c = connect(cs).await?;
+    let r = c
+        .points(pb::PointsRequest {
+            machine: machine.into(),
+        })
+        .await
+        .map_err(|e| cs.error(e, &format!("listing the recovery points of {machine}")))?
+        .into_inner();
+    match output {
+        Output::Json => json::print(&json::points(&r)),
+        Output::Table => print::points(&r),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(subcommand)]
+        cmd: OperatorCmd,
+    }
+
+    #[test]
+    fn plan_steps_keep_each_group_apart() {
+        let steps = plan_steps(&["db1, db2".into(), "app1".into(), ",".into()]);
+        assert_eq!(
+            steps,
+            vec![
+                vec!["db1".to_string(), "db2".into()],
+                vec!["app1".to_string()]
+            ]
+        );
+    }
+
+    #[test]
+    fn targets_are_machines_or_a_plan() {
+        let t = T::try_parse_from(["t", "commit", "m1", "m2"]).unwrap();
+        assert!(
+            matches!(t.cmd, OperatorCmd::Commit { ref targets, .. } if targets.machines.len() == 2)
+        );
+        let t = T::try_parse_from(["t", "commit", "--plan", "p"]).unwrap();
+        assert!(
+            matches!(t.cmd, OperatorCmd::Commit { ref targets, .. } if targets.plan.as_deref() == Some("p"))
+        );
+        assert!(T::try_parse_from(["t", "commit"]).is_err());
+        assert!(T::try_parse_from(["t", "commit", "m1", "--plan", "p"]).is_err());
+        let t = T::try_parse_from(["t", "reprotect", "m1", "--ps", "ps-b", "--wait-agent", "2m"])
+            .unwrap();
+        assert!(matches!(
+            t.cmd,
+            OperatorCmd::Reprotect { wait_agent: Some(d), .. } if d.as_secs() == 120
+        ));
+    }
+}

@@ -1,0 +1,405 @@
+//! Tables for people.
+
+use rebound_proto::control as pb;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `1.2s`, `3m04s`, `2h05m`.
+pub fn dur(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else if ms < 3_600_000 {
+        format!("{}m{:02}s", ms / 60_000, (ms / 1000) % 60)
+    } else {
+        format!("{}h{:02}m", ms / 3_600_000, (ms / 60_000) % 60)
+    }
+}
+
+/// How long ago a time was, "-" for none.
+pub fn ago(ms: u64) -> String {
+    if ms == 0 {
+        "-".into()
+    } else {
+        format!("{} ago", dur(now_ms().saturating_sub(ms)))
+    }
+}
+
+pub fn bytes(b: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b}B")
+    } else {
+        format!("{v:.1}{}", U[i])
+    }
+}
+
+fn or_dash(s: &str) -> &str {
+    if s.is_empty() {
+        "-"
+    } else {
+        s
+    }
+}
+
+/// Prints rows as aligned columns.
+pub fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if i < w.len() {
+                w[i] = w[i].max(c.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let n = cells.len();
+        let mut s = String::new();
+        for (i, c) in cells.into_iter().enumerate() {
+            if i + 1 == n {
+                s.push_str(&c);
+            } else {
+                let pad = w[i].saturating_sub(c.chars().count());
+                s.push_str(&c);
+                s.push_str(&" ".repeat(pad + 2));
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r.clone());
+    }
+}
+
+fn point_short(p: &Option<pb::Point>) -> String {
+    match p {
+        Some(p) if !p.id.is_empty() => format!("{} ({}, {})", p.id, p.kind, ago(p.time_ms)),
+        _ => "-".into(),
+    }
+}
+
+fn component_detail(c: &pb::ComponentInfo) -> String {
+    match c.status.as_ref().and_then(|s| s.status.as_ref()) {
+        Some(pb::status::Status::Agent(a)) => {
+            let mut s = format!(
+                "{} buffer {}/{} RPO {}",
+                or_dash(&a.mode),
+                bytes(a.buffer_bytes),
+                bytes(a.buffer_limit),
+                dur(a.rpo_ms)
+            );
+            if a.fenced {
+                s.push_str(" fenced");
+            }
+            if a.resync_bytes_total > 0 {
+                s.push_str(&format!(
+                    " resync {}/{}",
+                    bytes(a.resync_bytes_sent),
+                    bytes(a.resync_bytes_total)
+                ));
+            }
+            s
+        }
+        Some(pb::status::Status::Ps(p)) => format!(
+            "cache {}/{} {}/s, {} replications",
+            bytes(p.cache_bytes),
+            bytes(p.cache_limit),
+            bytes(p.throughput_bytes_per_sec),
+            p.replications.len()
+        ),
+        Some(pb::status::Status::Mt(m)) => format!(
+            "{} replications, retention {}",
+            m.replications.len(),
+            bytes(m.retention_bytes)
+        ),
+        None => String::new(),
+    }
+}
+
+pub fn status(r: &pb::StatusResponse) {
+    println!(
+        "configuration server {}: {} sites ({}), {} machines ({} protected), {} running jobs",
+        r.cs_version,
+        r.sites.len(),
+        r.sites.join(", "),
+        r.machines,
+        r.protected_machines,
+        r.running_jobs
+    );
+    println!();
+    if r.components.is_empty() {
+        println!(
+            "no components yet: enroll them with `rebound-agent|rebound-ps|rebound-mt enroll \
+             --cs ADDR --passphrase-file F`"
+        );
+    } else {
+        let rows: Vec<Vec<String>> = r
+            .components
+            .iter()
+            .map(|c| {
+                vec![
+                    c.role.clone(),
+                    c.id.clone(),
+                    or_dash(&c.site).into(),
+                    c.health.clone(),
+                    ago(c.last_heartbeat_ms),
+                    component_detail(c),
+                ]
+            })
+            .collect();
+        table(
+            &["ROLE", "ID", "SITE", "HEALTH", "HEARTBEAT", "DETAIL"],
+            &rows,
+        );
+    }
+    if !r.events.is_empty() {
+        println!();
+        println!("recent events:");
+        for e in &r.events {
+            println!(
+                "  {} {:7} {} {}: {}",
+                ago(e.time_ms),
+                e.severity,
+                or_dash(&e.component),
+                e.kind,
+                e.message
+            );
+        }
+    }
+}
+
+pub fn machines(r: &pb::MachinesResponse) {
+    if r.machines.is_empty() {
+        println!(
+            "no machines yet: a machine appears once its agent is enrolled and connected \
+             (`rebound-agent enroll --cs ADDR --passphrase-file F`, then `rebound-agent run`)"
+        );
+        return;
+    }
+    let rows: Vec<Vec<String>> = r
+        .machines
+        .iter()
+        .map(|m| {
+            let dir = if m.from_site.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{}→{}", m.from_site, m.to_site)
+            };
+            let agent = if m.agent_mode.is_empty() {
+                m.agent_health.clone()
+            } else {
+                format!("{} {}", m.agent_health, m.agent_mode)
+            };
+            let rpo = if m.state == "Protected" || m.state == "InitialSync" {
+                dur(m.rpo_ms)
+            } else {
+                "-".into()
+            };
+            vec![
+                m.id.clone(),
+                or_dash(&m.site).into(),
+                m.state.clone(),
+                dir,
+                rpo,
+                point_short(&m.last_point),
+                m.point_count.to_string(),
+                agent,
+                or_dash(&m.group).into(),
+                or_dash(&m.job_id).into(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "MACHINE",
+            "SITE",
+            "STATE",
+            "DIRECTION",
+            "RPO",
+            "LAST POINT",
+            "POINTS",
+            "AGENT",
+            "GROUP",
+            "JOB",
+        ],
+        &rows,
+    );
+    for m in &r.machines {
+        if let Some(p) = m.failover_point.as_ref().filter(|p| !p.id.is_empty()) {
+            println!("{} runs from point {} ({})", m.id, p.id, p.kind);
+        }
+    }
+}
+
+pub fn points(r: &pb::PointsResponse) {
+    println!(
+        "{} (replication {}): {} points, applied seq {}{}",
+        r.machine,
+        r.replication_id,
+        r.points.len(),
+        r.applied_seq,
+        if r.rolled_back_to.is_empty() {
+            String::new()
+        } else {
+            format!(", rolled back to {}", r.rolled_back_to)
+        }
+    );
+    let rows: Vec<Vec<String>> = r
+        .points
+        .iter()
+        .map(|p| {
+            vec![
+                p.id.clone(),
+                p.kind.clone(),
+                p.seq.to_string(),
+                ago(p.time_ms),
+                or_dash(&p.group).into(),
+            ]
+        })
+        .collect();
+    table(&["POINT", "KIND", "SEQ", "TIME", "GROUP"], &rows);
+}
+
+fn job_took(j: &pb::Job) -> String {
+    match (j.started_ms, j.ended_ms) {
+        (0, _) => "-".into(),
+        (s, 0) => dur(now_ms().saturating_sub(s)),
+        (s, e) => dur(e.saturating_sub(s)),
+    }
+}
+
+pub fn jobs(jobs: &[pb::Job]) {
+    if jobs.is_empty() {
+        println!("no jobs");
+        return;
+    }
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|j| {
+            let what = if j.plan.is_empty() {
+                j.machines.join(",")
+            } else {
+                format!("plan {}", j.plan)
+            };
+            let line = if j.error.is_empty() {
+                j.status.clone()
+            } else {
+                j.error.clone()
+            };
+            vec![
+                j.id.clone(),
+                j.kind.clone(),
+                what,
+                j.state.clone(),
+                format!("{}%", j.progress),
+                job_took(j),
+                line,
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "JOB", "KIND", "TARGET", "STATE", "PROGRESS", "TOOK", "STATUS",
+        ],
+        &rows,
+    );
+}
+
+pub fn job_detail(j: &pb::Job) {
+    let what = if j.plan.is_empty() {
+        j.machines.join(", ")
+    } else {
+        format!("plan {} ({})", j.plan, j.machines.join(", "))
+    };
+    println!(
+        "job {} {} {}: {} {}% (took {})",
+        j.id,
+        j.kind,
+        what,
+        j.state,
+        j.progress,
+        job_took(j)
+    );
+    if !j.status.is_empty() {
+        println!("  {}", j.status);
+    }
+    for s in &j.steps {
+        let took = match (s.started_ms, s.ended_ms) {
+            (0, _) => String::new(),
+            (a, 0) => format!(" ({})", dur(now_ms().saturating_sub(a))),
+            (a, b) => format!(" ({})", dur(b.saturating_sub(a))),
+        };
+        println!("  {:>2}. {:8} {}{}", s.index + 1, s.state, s.name, took);
+        if !s.detail.is_empty() {
+            println!("        {}", s.detail);
+        }
+        if !s.error.is_empty() {
+            println!("        error: {}", s.error);
+        }
+    }
+    for w in &j.warnings {
+        println!("  warning: {w}");
+    }
+    if !j.error.is_empty() {
+        println!("  error: {}", j.error);
+    }
+}
+
+pub fn plan(p: &pb::Plan) {
+    println!(
+        "plan {}{}",
+        p.name,
+        if p.consistency_group.is_empty() {
+            String::new()
+        } else {
+            format!(" (consistency group {})", p.consistency_group)
+        }
+    );
+    for (i, g) in p.groups.iter().enumerate() {
+        println!("  step {}: {}", i + 1, g.machines.join(", "));
+        if !g.pre_hook.is_empty() {
+            println!("    pre-hook:  {}", g.pre_hook);
+        }
+        if !g.post_hook.is_empty() {
+            println!("    post-hook: {}", g.post_hook);
+        }
+    }
+}
+
+pub fn groups(gs: &[pb::Group]) {
+    if gs.is_empty() {
+        println!("no consistency groups (create one with `rebound group create`)");
+        return;
+    }
+    let rows: Vec<Vec<String>> = gs
+        .iter()
+        .map(|g| {
+            vec![
+                g.name.clone(),
+                g.machines.join(","),
+                format!("{}ms", g.hold_ms),
+                if g.interval_secs == 0 {
+                    "on demand".into()
+                } else {
+                    format!("{}s", g.interval_secs)
+                },
+                if g.app { "app" } else { "crash" }.into(),
+            ]
+        })
+        .collect();
+    table(&["GROUP", "MACHINES", "HOLD", "INTERVAL", "KIND"], &rows);
+}

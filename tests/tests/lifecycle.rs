@@ -1,0 +1,532 @@
+//! The DR lifecycle of issue 3 ("done means" 1) against the real CS, PSs,
+//! MTs, agents and the `rebound` CLI on loopback (tests/src/sites.rs), every
+//! step checked by blake3: the full protect → failover → commit → reprotect
+//! → failback loop, failover at latest-app, change-point before commit,
+//! unplanned failover with the source agent killed, a plan of three machines
+//! in one consistency group at latest-multi with cross-machine dependent
+//! writes, and the lifecycle errors (no point yet, wrong direction, a second
+//! agent, a reprotect whose agent never comes).
+
+use rebound_tests::sites::*;
+use rebound_tests::*;
+use serde_json::Value;
+use std::time::Duration;
+
+const JOB: Duration = Duration::from_secs(180);
+const MIB: u64 = 1 << 20;
+
+fn a() -> &'static str {
+    "onprem"
+}
+fn b() -> &'static str {
+    "azure"
+}
+
+fn succeeded(j: &Value) {
+    assert_eq!(j["state"], "succeeded", "job failed: {j:#}");
+    let took = j["ended_ms"].as_u64().unwrap_or(0) - j["started_ms"].as_u64().unwrap_or(0);
+    eprintln!(
+        "job {} {} {}: {took} ms",
+        j["id"].as_str().unwrap_or(""),
+        j["kind"].as_str().unwrap_or(""),
+        j["machines"]
+    );
+}
+
+fn protect(s: &Sites, m: &str, from: &str, to: &str) {
+    let j = s
+        .job(&[
+            "protect",
+            m,
+            "--to",
+            to,
+            "--ps",
+            &ps_id(from),
+            "--mt",
+            &mt_id(to),
+        ])
+        .expect("protect");
+    succeeded(&j);
+    s.wait_state(m, "Protected", JOB).expect("protected");
+}
+
+/// The file the machine's disk lives in while it runs at `site` from the
+/// replica of `replication` (after a hand-over).
+fn replica_hash(s: &Sites, site: &str, replication: &str) -> String {
+    blake3_file(&s.replica_path(site, replication, "disk0")).expect("hash replica")
+}
+
+/// Waits until the machine's last point at the CS has at least `seq`.
+fn wait_point_seq(s: &Sites, m: &str, seq: u64) {
+    let start = std::time::Instant::now();
+    loop {
+        let mm = s.machine(m).expect("machine");
+        if mm["last_point"]["seq"].as_u64().unwrap_or(0) >= seq {
+            return;
+        }
+        assert!(start.elapsed() < JOB, "{m}: no point at seq {seq}: {mm}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn full_loop_protect_failover_commit_reprotect_failback() {
+    let mut s = Sites::start(SitesOptions::default()).expect("sites");
+    let m = "m1";
+
+    // Protect A→B and write.
+    protect(&s, m, a(), b());
+    s.write(m, a(), "disk0", 0, 4 * MIB, 0xa1)
+        .expect("write at A");
+    let h1 = blake3_file(&s.source_disk(m, "disk0")).unwrap();
+
+    // Planned failover at latest: nothing lost.
+    let j = s
+        .job(&[
+            "failover",
+            m,
+            "--from",
+            a(),
+            "--to",
+            b(),
+            "--point",
+            "latest",
+        ])
+        .expect("failover");
+    succeeded(&j);
+    let mm = s.wait_state(m, "FailedOver", JOB).expect("failed over");
+    let r1 = mm["replication_id"].as_str().unwrap().to_string();
+    s.wait_powered_on(m, b(), JOB).expect("powered on at B");
+    assert_eq!(
+        replica_hash(&s, b(), &r1),
+        h1,
+        "failover at latest lost writes"
+    );
+    // The source is down now (its shutdown hook).
+    s.stop_agent(m, a()).expect("stop agent at A");
+
+    // Commit; the agent at B re-registers.
+    succeeded(&s.job(&["commit", m]).expect("commit"));
+    s.wait_state(m, "Committed", JOB).expect("committed");
+    s.wait_online("agent", m, JOB).expect("agent at B online");
+    assert_eq!(s.machine(m).unwrap()["site"], b());
+
+    // Reprotect B→A, the agent started only after the command: the job
+    // waits for it, then succeeds.
+    s.stop_agent(m, b()).expect("stop agent at B");
+    let started = s
+        .cli_json(&[
+            "reprotect",
+            m,
+            "--ps",
+            &ps_id(b()),
+            "--mt",
+            &mt_id(a()),
+            "--wait-agent",
+            "5m",
+        ])
+        .expect("reprotect");
+    let id = started["id"].as_str().unwrap().to_string();
+    s.wait_job_status(&id, &format!("waiting for agent on {m} to register"), JOB)
+        .expect("reprotect waits for the agent");
+    s.start_agent(m, b()).expect("start agent at B");
+    let j = s
+        .cli_json(&["jobs", &id, "--watch"])
+        .expect("watch reprotect");
+    succeeded(&j);
+    let mm = s.wait_state(m, "Protected", JOB).expect("protected B→A");
+    assert_eq!(mm["from_site"], b());
+    assert_eq!(mm["to_site"], a());
+
+    // Write at B, fail back to A at latest.
+    s.write(m, b(), "disk0", 2 * MIB, 4 * MIB, 0xb2)
+        .expect("write at B");
+    let h2 = replica_hash(&s, b(), &r1);
+    assert_ne!(h2, h1);
+    succeeded(
+        &s.job(&[
+            "failover",
+            m,
+            "--from",
+            b(),
+            "--to",
+            a(),
+            "--point",
+            "latest",
+        ])
+        .expect("failback"),
+    );
+    let mm = s.wait_state(m, "FailedOver", JOB).expect("failed back");
+    let r2 = mm["replication_id"].as_str().unwrap().to_string();
+    s.wait_powered_on(m, a(), JOB).expect("powered on at A");
+    assert_eq!(
+        replica_hash(&s, a(), &r2),
+        h2,
+        "failback at latest lost writes"
+    );
+    s.stop_agent(m, b()).expect("stop agent at B");
+    succeeded(&s.job(&["commit", m]).expect("commit failback"));
+    s.wait_online("agent", m, JOB).expect("agent at A online");
+
+    // Reprotect A→B (the agent is already there), write, protected again.
+    succeeded(
+        &s.job(&[
+            "reprotect",
+            m,
+            "--ps",
+            &ps_id(a()),
+            "--mt",
+            &mt_id(b()),
+            "--wait-agent",
+            "2m",
+        ])
+        .expect("reprotect A→B"),
+    );
+    let mm = s.wait_state(m, "Protected", JOB).expect("protected A→B");
+    assert_eq!(mm["from_site"], a());
+    s.write(m, a(), "disk0", 8 * MIB, MIB, 0xc3)
+        .expect("write at A again");
+    let h3 = replica_hash(&s, a(), &r2);
+    let (tag, seq) = s.tag(m, a(), "crash").expect("tag");
+    wait_point_seq(&s, m, seq);
+    s.wait_view_hash(b(), m, "disk0", &tag, &h3, JOB)
+        .expect("the point at B has the new write");
+}
+
+#[test]
+fn failover_at_latest_app_drops_later_writes_and_warns() {
+    let mut s = Sites::start(SitesOptions::default()).expect("sites");
+    let m = "m1";
+    protect(&s, m, a(), b());
+    s.write(m, a(), "disk0", 0, 2 * MIB, 0x11).unwrap();
+    let (app, seq) = s.tag(m, a(), "app").expect("app tag");
+    let h_app = blake3_file(&s.source_disk(m, "disk0")).unwrap();
+    s.write(m, a(), "disk0", 4 * MIB, 2 * MIB, 0x22).unwrap();
+    let h_after = blake3_file(&s.source_disk(m, "disk0")).unwrap();
+    assert_ne!(h_app, h_after);
+    wait_point_seq(&s, m, seq);
+    let r = s
+        .cli(&[
+            "failover",
+            m,
+            "--from",
+            a(),
+            "--to",
+            b(),
+            "--point",
+            "latest-app",
+            "--wait",
+        ])
+        .expect("failover");
+    assert!(r.ok, "{}", r.text());
+    assert!(
+        r.stderr.contains("lost"),
+        "no warning that later writes are lost: {}",
+        r.text()
+    );
+    let mm = s.wait_state(m, "FailedOver", JOB).unwrap();
+    assert_eq!(mm["failover_point"]["id"], app.as_str(), "{mm}");
+    let r1 = mm["replication_id"].as_str().unwrap().to_string();
+    s.wait_powered_on(m, b(), JOB).unwrap();
+    assert_eq!(replica_hash(&s, b(), &r1), h_app, "not the app point");
+}
+
+#[test]
+fn change_point_before_commit_moves_and_back() {
+    let mut s = Sites::start(SitesOptions::default()).expect("sites");
+    let m = "m1";
+    protect(&s, m, a(), b());
+    s.write(m, a(), "disk0", 0, MIB, 0x31).unwrap();
+    let (p1, _) = s.tag(m, a(), "crash").unwrap();
+    let h1 = blake3_file(&s.source_disk(m, "disk0")).unwrap();
+    s.write(m, a(), "disk0", MIB, MIB, 0x32).unwrap();
+    let (p2, seq2) = s.tag(m, a(), "crash").unwrap();
+    let h2 = blake3_file(&s.source_disk(m, "disk0")).unwrap();
+    wait_point_seq(&s, m, seq2);
+    succeeded(
+        &s.job(&["failover", m, "--from", a(), "--to", b(), "--point", &p2])
+            .unwrap(),
+    );
+    let mm = s.wait_state(m, "FailedOver", JOB).unwrap();
+    let r1 = mm["replication_id"].as_str().unwrap().to_string();
+    s.wait_powered_on(m, b(), JOB).unwrap();
+    s.stop_agent(m, b()).unwrap();
+    assert_eq!(replica_hash(&s, b(), &r1), h2);
+    succeeded(&s.job(&["change-point", m, "--point", &p1]).unwrap());
+    assert_eq!(replica_hash(&s, b(), &r1), h1, "change-point to {p1}");
+    assert_eq!(s.machine(m).unwrap()["failover_point"]["id"], p1.as_str());
+    succeeded(&s.job(&["change-point", m, "--point", &p2]).unwrap());
+    assert_eq!(replica_hash(&s, b(), &r1), h2, "change-point back to {p2}");
+    succeeded(&s.job(&["commit", m]).unwrap());
+    s.wait_state(m, "Committed", JOB).unwrap();
+}
+
+#[test]
+fn unplanned_failover_with_the_source_agent_killed() {
+    let mut s = Sites::start(SitesOptions::default()).expect("sites");
+    let m = "m1";
+    protect(&s, m, a(), b());
+    s.write(m, a(), "disk0", 0, 2 * MIB, 0x41).unwrap();
+    let (p, seq) = s.tag(m, a(), "crash").unwrap();
+    let h = blake3_file(&s.source_disk(m, "disk0")).unwrap();
+    wait_point_seq(&s, m, seq);
+    s.kill_agent(m, a()).unwrap();
+    // A planned failover cannot drain a dead source; unplanned proceeds.
+    succeeded(
+        &s.job(&[
+            "failover",
+            m,
+            "--from",
+            a(),
+            "--to",
+            b(),
+            "--point",
+            "latest-processed",
+            "--unplanned",
+        ])
+        .unwrap(),
+    );
+    let mm = s.wait_state(m, "FailedOver", JOB).unwrap();
+    assert_eq!(mm["failover_point"]["id"], p.as_str(), "{mm}");
+    let r1 = mm["replication_id"].as_str().unwrap().to_string();
+    s.wait_powered_on(m, b(), JOB).unwrap();
+    assert_eq!(replica_hash(&s, b(), &r1), h);
+}
+
+#[test]
+fn plan_of_three_in_a_group_fails_over_at_one_group_point_respecting_dependencies() {
+    let ms = ["m1", "m2", "m3"];
+    let mut s = Sites::start(SitesOptions {
+        machines: ms.iter().map(|m| m.to_string()).collect(),
+        ..Default::default()
+    })
+    .expect("sites");
+    s.cli_ok(&["group", "create", "g1", "--machines", "m1,m2,m3"])
+        .unwrap();
+    s.cli_ok(&[
+        "plan",
+        "create",
+        "p1",
+        "--group",
+        "m1,m2,m3",
+        "--consistency-group",
+        "g1",
+    ])
+    .unwrap();
+    for m in ms {
+        let j = s
+            .job(&[
+                "protect",
+                m,
+                "--to",
+                b(),
+                "--ps",
+                &ps_id(a()),
+                "--mt",
+                &mt_id(b()),
+                "--group",
+                "g1",
+            ])
+            .unwrap();
+        succeeded(&j);
+    }
+    // Dependent writes: block k on m2 is written only after block k on m1
+    // completed, while group points are cut concurrently.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cutter = {
+        let stop = stop.clone();
+        let cs = s.cs_addr.clone();
+        let certs = s.cs_dir.clone();
+        std::thread::spawn(move || {
+            let mut tags = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = std::process::Command::new(binary("rebound").unwrap())
+                    .args(["group", "cut", "g1", "--output", "json"])
+                    .env("REBOUND_CS", &cs)
+                    .env("REBOUND_CERTS", &certs)
+                    .output()
+                    .unwrap();
+                if out.status.success() {
+                    tags.push(String::from_utf8_lossy(&out.stdout).to_string());
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            tags
+        })
+    };
+    // m3 is written concurrently, independently.
+    let m3_port = s.agent_port("m3", a()).unwrap();
+    let m3_writer = std::thread::spawn(move || {
+        for k in 0..24u64 {
+            qemu_io(
+                &nbd_uri(m3_port, "disk0"),
+                &[format!("write -P 119 {} 4096", k * 65536)],
+            )
+            .unwrap();
+        }
+    });
+    // Group points are cut only while the first 16 pairs are written, so
+    // the newest group point falls in the middle of the dependent writes.
+    for k in 0..24u64 {
+        if k == 16 {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        s.write("m1", a(), "disk0", k * 65536, 65536, (k + 1) as u8)
+            .unwrap();
+        s.write("m2", a(), "disk0", k * 65536, 65536, (k + 1) as u8)
+            .unwrap();
+    }
+    m3_writer.join().unwrap();
+    let tags = cutter.join().unwrap();
+    assert!(!tags.is_empty(), "no group point was cut");
+    std::thread::sleep(Duration::from_secs(3));
+    succeeded(
+        &s.job(&[
+            "failover",
+            "--plan",
+            "p1",
+            "--from",
+            a(),
+            "--to",
+            b(),
+            "--point",
+            "latest-multi",
+        ])
+        .unwrap(),
+    );
+    let mut group_tags = Vec::new();
+    let mut repls = Vec::new();
+    for m in ms {
+        let mm = s.wait_state(m, "FailedOver", JOB).unwrap();
+        group_tags.push(mm["failover_point"]["group"].as_str().unwrap().to_string());
+        repls.push(mm["replication_id"].as_str().unwrap().to_string());
+        s.wait_powered_on(m, b(), JOB).unwrap();
+    }
+    assert!(!group_tags[0].is_empty(), "not a group point");
+    assert!(
+        group_tags.iter().all(|t| t == &group_tags[0]),
+        "members at different group points: {group_tags:?}"
+    );
+    // No dependent write on m2 without its cause on m1.
+    let read = |site: &str, r: &str| std::fs::read(s.replica_path(site, r, "disk0")).unwrap();
+    let d1 = read(b(), &repls[0]);
+    let d2 = read(b(), &repls[1]);
+    let (mut n1, mut n2) = (0, 0);
+    for k in 0..24usize {
+        let on2 = d2[k * 65536] == (k + 1) as u8;
+        let on1 = d1[k * 65536] == (k + 1) as u8;
+        n1 += on1 as usize;
+        n2 += on2 as usize;
+        assert!(
+            !on2 || on1,
+            "m2 has write {k} but m1 does not have its cause"
+        );
+    }
+    eprintln!(
+        "group point {}: m1 has {n1}/24 writes, m2 {n2}/24; {} points cut",
+        group_tags[0],
+        tags.len()
+    );
+    assert!(
+        n1 > 0 && n1 < 24,
+        "the group point is not in the middle of the writes ({n1}/24 on m1)"
+    );
+}
+
+#[test]
+fn lifecycle_errors_with_a_protected_machine() {
+    let mut s = Sites::start(SitesOptions {
+        machines: vec!["m1".into(), "m2".into()],
+        ..Default::default()
+    })
+    .expect("sites");
+    // No recovery point yet: the error names the machine.
+    let r = s
+        .cli(&["failover", "m2", "--from", a(), "--to", b()])
+        .unwrap();
+    assert!(!r.ok);
+    assert!(r.text().contains("m2"), "{}", r.text());
+    protect(&s, "m1", a(), b());
+    // Wrong direction.
+    let r = s
+        .cli(&["failover", "m1", "--from", b(), "--to", a()])
+        .unwrap();
+    assert!(!r.ok, "a failover in the wrong direction started");
+    assert!(
+        r.text().contains(a()) && r.text().contains(b()),
+        "{}",
+        r.text()
+    );
+    // A second writable agent for the same machine is refused.
+    std::fs::copy(
+        s.path("agents/m1@onprem/agent.toml"),
+        s.path("second-agent.toml"),
+    )
+    .unwrap();
+    // (the lab's second agent: same id and certificate, another state dir)
+    let text = std::fs::read_to_string(s.path("second-agent.toml"))
+        .unwrap()
+        .replace("agents/m1@onprem/state", "second-agent-state");
+    let port = free_port();
+    let text = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("nbd_listen") {
+                format!("nbd_listen = \"127.0.0.1:{port}\"")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(s.path("second-agent.toml"), text).unwrap();
+    let log = std::fs::File::create(s.path("second-agent.log")).unwrap();
+    let mut second = std::process::Command::new(binary("rebound-agent").unwrap())
+        .args(["run", "--config"])
+        .arg(s.path("second-agent.toml"))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    wait_until("second agent refused", Duration::from_secs(30), || {
+        std::fs::read_to_string(s.path("second-agent.log"))
+            .unwrap_or_default()
+            .contains("already has an agent connected")
+    })
+    .expect("the CS refuses a second agent for m1");
+    let _ = second.kill();
+    let _ = second.wait();
+    // Reprotect whose agent never comes: times out with the actionable message.
+    succeeded(
+        &s.job(&["failover", "m1", "--from", a(), "--to", b()])
+            .unwrap(),
+    );
+    s.wait_powered_on("m1", b(), JOB).unwrap();
+    succeeded(&s.job(&["commit", "m1"]).unwrap());
+    s.stop_agent("m1", b()).unwrap();
+    s.stop_agent("m1", a()).unwrap();
+    let r = s
+        .cli(&[
+            "reprotect",
+            "m1",
+            "--ps",
+            &ps_id(b()),
+            "--wait-agent",
+            "3s",
+            "--wait",
+        ])
+        .unwrap();
+    assert!(!r.ok, "reprotect without an agent succeeded");
+    // Not a terminal: the job's progress came as plain lines.
+    assert!(
+        r.stdout.contains("waiting for agent on m1 to register"),
+        "no plain progress line: {}",
+        r.text()
+    );
+    let t = r.text();
+    eprintln!("rebound reprotect --wait printed:\n{t}");
+    assert!(
+        t.contains("did not register") && t.contains("rebound-agent") && t.contains("site"),
+        "the timeout does not say what to check: {t}"
+    );
+}
