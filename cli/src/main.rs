@@ -20,18 +20,27 @@ enum Cmd {
     /// Operator commands over the configuration server.
     #[command(flatten)]
     Operator(rebound_cli::operator::OperatorCmd),
-    /// Run the data path end to end on loopback with no setup, checking every
-    /// recovery point by blake3, and print a summary.
+    /// Run the whole DR story on loopback with no setup (a CS, a PS and an MT
+    /// per site, a demo machine written through NBD): protect, fail over,
+    /// commit, reprotect, fail back, commit, reprotect again, checking every
+    /// step by blake3; print a summary with the measured RPO and RTO.
     Demo {
         /// Keep the throw-away directory and print where it is.
         #[arg(long)]
         keep: bool,
         /// Size of the demo disk in MiB.
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 16)]
         disk_mib: u64,
-        /// Number of recovery points to cut and verify.
+        /// Number of recovery points to cut and verify while protected
+        /// onprem → azure (one more after each reprotect).
         #[arg(long, default_value_t = 5)]
         points: usize,
+    },
+    /// The demo machine's agent, started by the demo's power_on hook.
+    #[command(name = "__demo-agent", hide = true)]
+    DemoAgent {
+        #[arg(long)]
+        config: PathBuf,
     },
     /// Measure replication cost, throughput, RPO, resync and RTO on this
     /// machine beside its own limits and peer tools; print one table (issue 4).
@@ -123,6 +132,10 @@ async fn main() -> Result<()> {
                 points,
             })
             .await
+        }
+        Cmd::DemoAgent { config } => {
+            rebound_common::telemetry::init(Default::default());
+            rebound_cli::demo::agent_main(&config).await
         }
         Cmd::Bench { quick, json, dir } => {
             rebound_cli::bench::run(rebound_cli::bench::BenchOptions { quick, json, dir }).await

@@ -1,5 +1,7 @@
 //! The README's first command, `rebound demo`, is part of the suite: it must
-//! pass on a fresh machine and print its summary.
+//! run the whole DR story (protect, failover, change-point, commit,
+//! reprotect, failback, commit, reprotect) on a fresh machine and print its
+//! summary with every blake3 check counted and the measured RTO.
 
 use rebound_tests::binary;
 
@@ -17,8 +19,14 @@ fn rebound_demo_passes_and_prints_its_summary() {
     );
     for line in [
         "Rebound demo summary",
-        "recovery points verified by blake3 : 5",
+        "recovery points verified by blake3 : 7",
+        "hand-overs verified by blake3      : 2",
+        "change-point checks by blake3      : 2",
         "tag-to-applied lag",
+        "RTO failover onprem→azure",
+        "RTO failover azure→onprem",
+        "reprotect azure→onprem",
+        "reprotect onprem→azure",
         "demo passed",
     ] {
         assert!(
