@@ -46,6 +46,25 @@ pub fn have_points(
     )))
 }
 
+/// `latest-app` needs an app-consistent point on every machine. Checked
+/// before the job starts, so a planned failover never fences and drains a
+/// source only to find there is no point to roll back to.
+pub fn have_app_points(members: &[(String, Option<PointSummary>)]) -> Result<(), CsError> {
+    let missing: Vec<&str> = members
+        .iter()
+        .filter(|(_, s)| s.as_ref().is_none_or(|s| s.latest_app.is_none()))
+        .map(|(m, _)| m.as_str())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(CsError::FailedPrecondition(format!(
+        "no app-consistent recovery point for {}: choose --point latest (crash-consistent), or \
+         wait for the next app point (policy app_interval) and check with `rebound points`",
+        missing.join(", ")
+    )))
+}
+
 /// The newest group point every member has (by its common group tag).
 /// `app_only` restricts to app-consistent group points (`latest-multi-app`).
 pub fn newest_common_group_point(
@@ -111,6 +130,27 @@ pub fn newest_common_group_point(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn latest_app_needs_an_app_point_on_every_machine() {
+        let with_app = PointSummary {
+            count: 1,
+            latest_app: Some(Point::default()),
+            ..Default::default()
+        };
+        let crash_only = PointSummary {
+            count: 1,
+            ..Default::default()
+        };
+        let members = vec![
+            ("m1".to_string(), Some(with_app)),
+            ("m2".to_string(), Some(crash_only)),
+            ("m3".to_string(), None),
+        ];
+        let e = super::have_app_points(&members).unwrap_err().to_string();
+        assert!(e.contains("m2, m3") && !e.contains("m1"), "{e}");
+        assert!(super::have_app_points(&members[..1]).is_ok());
+    }
+
     use super::*;
     use crate::store::{Policy, ReplState};
 

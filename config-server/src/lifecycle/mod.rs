@@ -597,6 +597,9 @@ impl Lifecycle {
                 let sums = self.summaries(machines).await?;
                 let plan_name = (!plan.is_empty()).then_some(plan.as_str());
                 checks::have_points(&sums, plan_name)?;
+                if matches!(point, PointSpec::LatestApp) {
+                    checks::have_app_points(&sums)?;
+                }
                 for (m, st) in repls {
                     state::next(m, st, Op::Failover)?;
                 }
