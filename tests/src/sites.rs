@@ -875,6 +875,28 @@ pub fn mt_id(site: &str) -> String {
     format!("mt-{site}")
 }
 
+/// SIGKILLs every process whose command line names a path under `dir`:
+/// power-on hooks start agents detached (setsid), and a hook that ran twice
+/// (change-point) may have left one its pid file no longer names.
+fn kill_everything_under(dir: &Path) {
+    let needle = dir.to_string_lossy().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&cmdline).contains(&needle) {
+            // SAFETY: kill(2) on a process this lab started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
 impl Drop for Sites {
     fn drop(&mut self) {
         for m in self.opts.machines.clone() {
@@ -882,6 +904,7 @@ impl Drop for Sites {
                 self.kill_hook_agent(&m, &site);
             }
         }
+        kill_everything_under(self.dir.path());
         let names: Vec<String> = self.procs.keys().cloned().collect();
         // Agents first, the CS last.
         let mut order: Vec<String> = names
