@@ -46,21 +46,6 @@ enum Cmd {
     },
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
@@ -115,8 +100,12 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            rt.block_on(rebound_agent::run(cfg, listener, shutdown_signal()))
-                .context("rebound-agent failed")?;
+            rt.block_on(rebound_agent::run(
+                cfg,
+                listener,
+                rebound_common::signal::shutdown_signal(),
+            ))
+            .context("rebound-agent failed")?;
             Ok(())
         }
     }

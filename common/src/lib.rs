@@ -11,5 +11,6 @@ pub mod enrollment;
 pub mod frame;
 pub mod nbd;
 pub mod pki;
+pub mod signal;
 pub mod telemetry;
 pub mod tls;

@@ -116,7 +116,7 @@ async fn real_main(cli: Cli) -> Result<()> {
             let listener = tokio::net::TcpListener::bind(&cfg.listen)
                 .await
                 .with_context(|| format!("cannot listen on {} (config key listen)", cfg.listen))?;
-            rebound_cs::run(cfg, listener, shutdown_signal()).await?;
+            rebound_cs::run(cfg, listener, rebound_common::signal::shutdown_signal()).await?;
             Ok(())
         }
         Cmd::RotatePassphrase { config, out } => {
@@ -148,21 +148,4 @@ fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     f.write_all(text.as_bytes())?;
     f.sync_all()
-}
-
-/// Completes on SIGTERM or ctrl-c.
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
-    tracing::info!("shutdown signal received");
 }

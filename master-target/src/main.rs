@@ -98,7 +98,13 @@ async fn real_main(cli: Cli) -> Result<()> {
                     cfg.nbd_listen
                 )
             })?;
-            rebound_mt::run(cfg, listener, nbd, shutdown_signal()).await?;
+            rebound_mt::run(
+                cfg,
+                listener,
+                nbd,
+                rebound_common::signal::shutdown_signal(),
+            )
+            .await?;
             Ok(())
         }
         Cmd::Enroll {
@@ -154,21 +160,4 @@ async fn real_main(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
-}
-
-/// Completes on SIGTERM or ctrl-c.
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
-    tracing::info!("shutdown signal received");
 }

@@ -58,7 +58,7 @@ async fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(&cfg.listen)
                 .await
                 .with_context(|| format!("cannot listen on {} (the `listen` key)", cfg.listen))?;
-            rebound_ps::run(cfg, listener, shutdown_signal()).await?;
+            rebound_ps::run(cfg, listener, rebound_common::signal::shutdown_signal()).await?;
         }
         Cmd::Enroll {
             cs,
@@ -91,20 +91,4 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Resolves on SIGTERM or ctrl-c.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
