@@ -185,6 +185,8 @@ struct State {
     taken: Vec<Bitset>,
     /// Highest seq of a record touching each extent.
     hi_seq: Vec<Vec<u64>>,
+    /// When each extent was last written, in seconds since `Capture::epoch`.
+    last_write: Vec<Vec<u32>>,
     /// Extents whose dirty bit is being synced by a writer outside the lock.
     inflight: HashMap<(u32, u64), u32>,
     open: Option<PendingFrame>,
@@ -212,6 +214,8 @@ pub struct Capture {
     disks: Vec<Arc<Disk>>,
     dlog: Arc<DirtyLog>,
     buffer_limit: u64,
+    /// Origin of `State::last_write`.
+    epoch: Instant,
     state: Mutex<State>,
     /// Wakes the sender: a frame is ready, or a partial frame was started.
     wake: Notify,
@@ -249,6 +253,7 @@ impl Capture {
             need_full: false,
             taken: extents.iter().map(|&n| Bitset::new(n)).collect(),
             hi_seq: extents.iter().map(|&n| vec![0; n as usize]).collect(),
+            last_write: extents.iter().map(|&n| vec![0; n as usize]).collect(),
             inflight: HashMap::new(),
             open: None,
             ready: VecDeque::new(),
@@ -270,6 +275,7 @@ impl Capture {
             disks,
             dlog,
             buffer_limit,
+            epoch: Instant::now(),
             state: Mutex::new(state),
             wake: Notify::new(),
             durable: watch::channel(0).0,
@@ -404,6 +410,14 @@ impl Capture {
                 &e,
                 format!("disk {} at offset {offset}", d.name),
             ));
+        }
+        let now = self.epoch.elapsed().as_secs() as u32;
+        if let Some(lw) = st.last_write.get_mut(disk as usize) {
+            for e in exts.clone() {
+                if let Some(t) = lw.get_mut(e as usize) {
+                    *t = now;
+                }
+            }
         }
         // Step 3: the record (data mode) or only the mark (bitmap mode).
         self.record_locked(&mut st, disk, offset, len, &change, exts);
@@ -1065,30 +1079,87 @@ impl Capture {
 
     // ---------------------------------------------------- dirty-log clearing
 
-    /// Clears the dirty bits of extents whose every record is durable at the
-    /// PS and that no resync still needs. Returns how many were cleared.
+    /// Clears the dirty bits of every extent whose every record is durable at
+    /// the PS and that no resync still needs (clean shutdown). Returns how
+    /// many were cleared.
     pub fn clear_durable_extents(&self) -> std::io::Result<u64> {
+        self.clear_extents(None)
+    }
+
+    /// The activity-log rule, run every second: among the extents that
+    /// [`Capture::clear_durable_extents`] could clear, clears those with no
+    /// write for `idle`, then, while more than `keep` extents are dirty, the
+    /// least recently written ones. A hot extent thus stays dirty and its
+    /// writes never wait for a dirty-log sync; after a crash the resync
+    /// compares at most the extents whose records the PS did not hold plus
+    /// `keep` extents written in the last `idle`.
+    pub fn clear_cold_extents(&self, idle: Duration, keep: u64) -> std::io::Result<u64> {
+        self.clear_extents(Some((idle, keep)))
+    }
+
+    fn clear_extents(&self, rule: Option<(Duration, u64)>) -> std::io::Result<u64> {
         let st = self.lock();
-        let mut cleared = 0;
+        let now = self.epoch.elapsed().as_secs();
+        // Per disk: (extent, last write) of the clearable extents.
+        let mut clearable: Vec<Vec<(u64, u64)>> = Vec::with_capacity(self.disks.len());
         for disk in 0..self.disks.len() {
             let d = disk as u32;
             let set = self.dlog.set_extents(d);
-            if set.is_empty() {
+            clearable.push(
+                set.into_iter()
+                    .filter(|&e| {
+                        !st.need[disk].get(e)
+                            && !st.taken[disk].get(e)
+                            && !st.inflight.contains_key(&(d, e))
+                            && st.hi_seq[disk]
+                                .get(e as usize)
+                                .is_some_and(|&h| h <= st.durable_seq)
+                    })
+                    .map(|e| (e, st.last_write[disk][e as usize] as u64))
+                    .collect(),
+            );
+        }
+        let mut clear: Vec<Vec<u64>> = vec![Vec::new(); self.disks.len()];
+        match rule {
+            None => {
+                for (c, all) in clear.iter_mut().zip(&clearable) {
+                    c.extend(all.iter().map(|&(e, _)| e));
+                }
+            }
+            Some((idle, keep)) => {
+                let idle = idle.as_secs();
+                let mut warm = Vec::new();
+                for (disk, all) in clearable.iter().enumerate() {
+                    for &(e, t) in all {
+                        if now.saturating_sub(t) >= idle {
+                            clear[disk].push(e);
+                        } else {
+                            warm.push((t, disk, e));
+                        }
+                    }
+                }
+                let cold: u64 = clear.iter().map(|c| c.len() as u64).sum();
+                let mut excess = self.dlog.count().saturating_sub(cold).saturating_sub(keep);
+                if excess > 0 {
+                    warm.sort_unstable();
+                    for (_, disk, e) in warm {
+                        if excess == 0 {
+                            break;
+                        }
+                        clear[disk].push(e);
+                        excess -= 1;
+                    }
+                }
+            }
+        }
+        let mut cleared = 0;
+        for (disk, c) in clear.iter_mut().enumerate() {
+            if c.is_empty() {
                 continue;
             }
-            let clear: Vec<u64> = set
-                .into_iter()
-                .filter(|&e| {
-                    !st.need[disk].get(e)
-                        && !st.taken[disk].get(e)
-                        && !st.inflight.contains_key(&(d, e))
-                        && st.hi_seq[disk]
-                            .get(e as usize)
-                            .is_some_and(|&h| h <= st.durable_seq)
-                })
-                .collect();
-            cleared += clear.len() as u64;
-            self.dlog.clear(d, &clear)?;
+            c.sort_unstable();
+            cleared += c.len() as u64;
+            self.dlog.clear(disk as u32, c)?;
         }
         Ok(cleared)
     }
@@ -1340,6 +1411,38 @@ pub(crate) mod tests {
         cap.on_durable(end.tag_seq, freed);
         cap.clear_durable_extents().unwrap();
         assert_eq!(cap.dirty_log().count(), 0);
+    }
+
+    #[test]
+    fn hot_extents_stay_dirty_until_cold_or_over_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let cap = make_capture(dir.path(), &[8 << 20], 64 << 20);
+        start(&cap, 0);
+        // Extents 0, 2, 4 written; 0 and 2 durable at the PS, 4 not.
+        cap.write(0, 0, &[1u8; 4096], false).unwrap();
+        cap.write(0, 2 << 20, &[2u8; 4096], false).unwrap();
+        let durable = cap.handed_over_seq();
+        cap.write(0, 4 << 20, &[3u8; 4096], false).unwrap();
+        assert_eq!(cap.dirty_log().count(), 3);
+        cap.on_durable(durable, 0);
+        // Hot (written within the idle time) and under the limit: all kept,
+        // and a new write to them does not touch the log.
+        let idle = Duration::from_secs(3600);
+        assert_eq!(cap.clear_cold_extents(idle, 8).unwrap(), 0);
+        assert!(cap.dirty_log().is_durably_set(0, 0));
+        // Over the limit: durable extents are cleared, oldest first; extent 4
+        // (records not durable) is never cleared.
+        assert_eq!(cap.clear_cold_extents(idle, 2).unwrap(), 1);
+        assert_eq!(cap.dirty_log().count(), 2);
+        assert!(cap.dirty_log().is_set(0, 4));
+        assert_eq!(cap.clear_cold_extents(idle, 0).unwrap(), 1);
+        assert_eq!(cap.dirty_log().set_extents(0), vec![4]);
+        // Idle time 0: every durable extent is cold.
+        cap.write(0, 6 << 20, &[4u8; 4096], false).unwrap();
+        cap.on_durable(cap.handed_over_seq(), 0);
+        assert_eq!(cap.clear_cold_extents(Duration::ZERO, 4096).unwrap(), 2);
+        assert_eq!(cap.dirty_log().count(), 0);
+        assert!(!cap.dirty_log().is_durably_set(0, 6));
     }
 
     #[test]

@@ -41,6 +41,14 @@ pub struct Config {
     pub bitmap_after_secs: u64,
     /// On SIGTERM, how long to wait for the PS to acknowledge the buffer.
     pub shutdown_drain_secs: u64,
+    /// An extent whose records the PS holds stays marked in the dirty-extent
+    /// log until no write touched it for this long (seconds), so writes to
+    /// hot extents never wait for a dirty-log sync.
+    pub dirty_keep_secs: u64,
+    /// At most this many extents stay marked only because they are hot; over
+    /// it the least recently written are cleared first. Bounds what a crash
+    /// resync compares beyond the records the PS did not hold.
+    pub dirty_keep_extents: u64,
     /// The protected disks, in stream order (index = position).
     pub disks: Vec<DiskConfig>,
     /// The process server this agent streams to.
@@ -114,6 +122,8 @@ impl Default for Config {
             buffer_bytes: 256 << 20,
             bitmap_after_secs: 30,
             shutdown_drain_secs: 30,
+            dirty_keep_secs: 30,
+            dirty_keep_extents: 4096,
             disks: Vec::new(),
             ps: PsConfig::default(),
             tls: TlsFiles::default(),
@@ -137,6 +147,10 @@ pub struct Settings {
     pub buffer_limit: u64,
     pub bitmap_after: Duration,
     pub shutdown_drain: Duration,
+    /// See [`Config::dirty_keep_secs`].
+    pub dirty_keep: Duration,
+    /// See [`Config::dirty_keep_extents`].
+    pub dirty_keep_extents: u64,
     pub disks: Vec<DiskConfig>,
     pub ps: PsConfig,
     pub tls: TlsFiles,
@@ -253,6 +267,8 @@ impl Config {
             buffer_limit: self.buffer_bytes,
             bitmap_after: Duration::from_secs(self.bitmap_after_secs),
             shutdown_drain: Duration::from_secs(self.shutdown_drain_secs),
+            dirty_keep: Duration::from_secs(self.dirty_keep_secs),
+            dirty_keep_extents: self.dirty_keep_extents,
             disks,
             ps: self.ps.clone(),
             tls: self.tls.clone(),
@@ -288,6 +304,8 @@ path = "/tmp/d1.img"
         assert_eq!(s.nbd_socket, Path::new(DEFAULT_STATE_DIR).join("nbd.sock"));
         assert_eq!(s.buffer_limit, 256 << 20);
         assert_eq!(s.crash_interval, Duration::from_secs(5));
+        assert_eq!(s.dirty_keep, Duration::from_secs(30));
+        assert_eq!(s.dirty_keep_extents, 4096);
         assert_eq!(c.nbd_listen, DEFAULT_NBD_LISTEN);
     }
 

@@ -8,6 +8,14 @@
 //! share one fdatasync); clearing is lazy, because a stale set bit only costs
 //! a hash comparison at the next start.
 //!
+//! Durable order: set the bit in memory, pwrite its word, fdatasync, and only
+//! then mark the bit *durable* in memory; a write to an extent is
+//! acknowledged without touching the log only when its bit is durable
+//! ([`DirtyLog::is_durably_set`]). A bit is marked durable only when the last
+//! pwrite of its word is covered by a completed fdatasync (per-word write
+//! generations), so a concurrent clear or re-set of a neighbour can never make
+//! an unsynced bit look durable. Clearing drops the durable mark first.
+//!
 //! File layout (little endian): a header page
 //! `"RBDL" | version u32 | disks u32 | 0 u32 | extents u64 per disk`, padded
 //! to 4 KiB, then each disk's bitmap as u64 words, disk after disk.
@@ -113,9 +121,20 @@ pub enum Opened {
 
 struct DiskBits {
     words: Vec<AtomicU64>,
+    /// Bits known to be set in the file on disk (a subset of `words`).
+    durable: Vec<AtomicU64>,
     extents: u64,
     /// File offset of word 0.
     file_off: u64,
+}
+
+/// Guarded by `DirtyLog::io`: every change of a bit happens under it,
+/// together with the pwrite of its word.
+struct IoState {
+    /// Bumped by every call that writes words.
+    gen: u64,
+    /// Per disk, per word: the `gen` of the last pwrite of that word.
+    word_gen: Vec<Vec<u64>>,
 }
 
 /// The dirty-extent log of all disks of the machine.
@@ -125,15 +144,11 @@ pub struct DirtyLog {
     disks: Vec<DiskBits>,
     /// Number of set bits over all disks.
     count: AtomicU64,
-    /// Serialises writes of words to the file so the latest in-memory value
-    /// is what lands last.
-    io: Mutex<()>,
-    /// Bumped after every set write (under `io`).
-    gen: AtomicU64,
-    /// Highest `gen` covered by a completed fdatasync.
+    /// Serialises bit changes with the writes of their words to the file, so
+    /// the latest in-memory value is what lands last.
+    io: Mutex<IoState>,
+    /// Highest `IoState::gen` covered by a completed fdatasync.
     synced: AtomicU64,
-    /// Setters that have set bits whose sync has not completed yet.
-    pending: AtomicU64,
     sync_lock: Mutex<()>,
 }
 
@@ -166,6 +181,7 @@ impl DirtyLog {
             let nwords = n.div_ceil(64);
             disks.push(DiskBits {
                 words: (0..nwords).map(|_| AtomicU64::new(0)).collect(),
+                durable: (0..nwords).map(|_| AtomicU64::new(0)).collect(),
                 extents: n,
                 file_off,
             });
@@ -207,15 +223,14 @@ impl DirtyLog {
                 });
             }
         }
+        let word_gen = disks.iter().map(|d| vec![0; d.words.len()]).collect();
         let log = DirtyLog {
             path: path.to_path_buf(),
             file,
             disks,
             count: AtomicU64::new(0),
-            io: Mutex::new(()),
-            gen: AtomicU64::new(0),
+            io: Mutex::new(IoState { gen: 0, word_gen }),
             synced: AtomicU64::new(0),
-            pending: AtomicU64::new(0),
             sync_lock: Mutex::new(()),
         };
         // Mask bits past the last extent (a corrupt file must not count them).
@@ -231,11 +246,18 @@ impl DirtyLog {
                 };
                 let v = w.load(Ordering::Relaxed) & mask;
                 w.store(v, Ordering::Relaxed);
+                // What was read back is on disk.
+                d.durable[i].store(v, Ordering::Relaxed);
                 count += v.count_ones() as u64;
             }
         }
         log.count.store(count, Ordering::Relaxed);
         if opened != Opened::Loaded {
+            for d in &log.disks {
+                d.words.iter().for_each(|w| w.store(0, Ordering::Relaxed));
+                d.durable.iter().for_each(|w| w.store(0, Ordering::Relaxed));
+            }
+            log.count.store(0, Ordering::Relaxed);
             log.file.set_len(0)?;
             log.file.write_all_at(&header, 0)?;
             log.file.set_len(total_len)?;
@@ -273,12 +295,15 @@ impl DirtyLog {
             && d.words[(ext / 64) as usize].load(Ordering::SeqCst) & (1 << (ext % 64)) != 0
     }
 
-    /// Whether the bit is set and known to be on disk: no set is in flight.
-    /// A `false` answer is conservative: the caller takes the slow path.
+    /// Whether the bit is set and known to be on disk (its last pwrite is
+    /// covered by a completed fdatasync). A `false` answer is conservative:
+    /// the caller takes the slow path ([`DirtyLog::set_and_sync`]).
     pub fn is_durably_set(&self, disk: u32, ext: u64) -> bool {
-        // Bit first, then `pending`: a setter raises `pending` before it sets
-        // the bit, so a bit seen set with `pending == 0` has been synced.
-        self.is_set(disk, ext) && self.pending.load(Ordering::SeqCst) == 0
+        let Some(d) = self.disks.get(disk as usize) else {
+            return false;
+        };
+        ext < d.extents
+            && d.durable[(ext / 64) as usize].load(Ordering::SeqCst) & (1 << (ext % 64)) != 0
     }
 
     /// The set bits of one disk, ascending.
@@ -297,12 +322,22 @@ impl DirtyLog {
         out
     }
 
-    /// Writes the words holding `exts` of `disk` from memory to the file.
-    fn write_words(&self, disk: u32, exts: &[u64]) -> io::Result<()> {
+    /// Writes the words holding `exts` of `disk` from memory to the file,
+    /// under `io` (`st`), stamping them with a new generation; returns it.
+    fn write_words(&self, st: &mut IoState, disk: u32, exts: &[u64]) -> io::Result<u64> {
         let d = &self.disks[disk as usize];
-        let mut idx: Vec<usize> = exts.iter().map(|e| (e / 64) as usize).collect();
+        let mut idx: Vec<usize> = exts
+            .iter()
+            .filter(|&&e| e < d.extents)
+            .map(|e| (e / 64) as usize)
+            .collect();
         idx.sort_unstable();
         idx.dedup();
+        st.gen += 1;
+        let gen = st.gen;
+        for &w in &idx {
+            st.word_gen[disk as usize][w] = gen;
+        }
         // Contiguous word runs become one pwrite each.
         let mut i = 0;
         while i < idx.len() {
@@ -318,11 +353,12 @@ impl DirtyLog {
                 .write_all_at(&buf, d.file_off + idx[i] as u64 * 8)?;
             i = j;
         }
-        Ok(())
+        Ok(gen)
     }
 
     /// Sets the bits and returns once they are durable in the file. Setters
-    /// running at the same time share one fdatasync (group commit).
+    /// running at the same time share one fdatasync (group commit): the
+    /// first to reach the sync covers every word written before it.
     pub fn set_and_sync(&self, disk: u32, exts: &[u64]) -> io::Result<()> {
         let Some(d) = self.disks.get(disk as usize) else {
             return Err(io::Error::new(
@@ -330,31 +366,46 @@ impl DirtyLog {
                 format!("no disk {disk}"),
             ));
         };
-        self.pending.fetch_add(1, Ordering::SeqCst);
-        let r = (|| {
-            let my_gen = {
-                let _io = lock(&self.io);
-                for &e in exts.iter().filter(|&&e| e < d.extents) {
-                    let m = 1u64 << (e % 64);
-                    let old = d.words[(e / 64) as usize].fetch_or(m, Ordering::SeqCst);
-                    if old & m == 0 {
-                        self.count.fetch_add(1, Ordering::Relaxed);
-                    }
+        let my_gen = {
+            let mut st = lock(&self.io);
+            for &e in exts.iter().filter(|&&e| e < d.extents) {
+                let w = (e / 64) as usize;
+                let m = 1u64 << (e % 64);
+                if d.words[w].load(Ordering::SeqCst) & m == 0 {
+                    // Not durable until this write is synced.
+                    d.durable[w].fetch_and(!m, Ordering::SeqCst);
+                    d.words[w].fetch_or(m, Ordering::SeqCst);
+                    self.count.fetch_add(1, Ordering::Relaxed);
                 }
-                self.write_words(disk, exts)?;
-                self.gen.fetch_add(1, Ordering::SeqCst) + 1
-            };
-            let _s = lock(&self.sync_lock);
-            if self.synced.load(Ordering::SeqCst) >= my_gen {
-                return Ok(());
             }
-            let target = self.gen.load(Ordering::SeqCst);
-            self.file.sync_data()?;
-            self.synced.store(target, Ordering::SeqCst);
-            Ok(())
-        })();
-        self.pending.fetch_sub(1, Ordering::SeqCst);
-        r
+            self.write_words(&mut st, disk, exts)?
+        };
+        {
+            let _s = lock(&self.sync_lock);
+            if self.synced.load(Ordering::SeqCst) < my_gen {
+                let target = lock(&self.io).gen;
+                self.file.sync_data()?;
+                self.synced.store(target, Ordering::SeqCst);
+            }
+        }
+        self.mark_durable(disk, exts);
+        Ok(())
+    }
+
+    /// Marks the set bits among `exts` durable when the last pwrite of their
+    /// word is covered by a completed fdatasync.
+    fn mark_durable(&self, disk: u32, exts: &[u64]) {
+        let d = &self.disks[disk as usize];
+        let st = lock(&self.io);
+        let synced = self.synced.load(Ordering::SeqCst);
+        for &e in exts.iter().filter(|&&e| e < d.extents) {
+            let w = (e / 64) as usize;
+            let m = 1u64 << (e % 64);
+            if st.word_gen[disk as usize][w] <= synced && d.words[w].load(Ordering::SeqCst) & m != 0
+            {
+                d.durable[w].fetch_or(m, Ordering::SeqCst);
+            }
+        }
     }
 
     /// Clears the bits in memory and writes them to the file without a sync
@@ -366,27 +417,34 @@ impl DirtyLog {
         if exts.is_empty() {
             return Ok(());
         }
-        let _io = lock(&self.io);
+        let mut st = lock(&self.io);
         for &e in exts.iter().filter(|&&e| e < d.extents) {
+            let w = (e / 64) as usize;
             let m = 1u64 << (e % 64);
-            let old = d.words[(e / 64) as usize].fetch_and(!m, Ordering::SeqCst);
+            // The durable mark goes first: it never outlives the bit.
+            d.durable[w].fetch_and(!m, Ordering::SeqCst);
+            let old = d.words[w].fetch_and(!m, Ordering::SeqCst);
             if old & m != 0 {
                 self.count.fetch_sub(1, Ordering::Relaxed);
             }
         }
-        self.write_words(disk, exts)
+        self.write_words(&mut st, disk, exts).map(|_| ())
     }
 
     /// Writes every bit and fdatasyncs (clean shutdown).
     pub fn persist(&self) -> io::Result<()> {
-        {
-            let _io = lock(&self.io);
+        let _s = lock(&self.sync_lock);
+        let target = {
+            let mut st = lock(&self.io);
             for (i, d) in self.disks.iter().enumerate() {
                 let all: Vec<u64> = (0..d.words.len() as u64).map(|w| w * 64).collect();
-                self.write_words(i as u32, &all)?;
+                self.write_words(&mut st, i as u32, &all)?;
             }
-        }
-        self.file.sync_data()
+            st.gen
+        };
+        self.file.sync_data()?;
+        self.synced.store(target, Ordering::SeqCst);
+        Ok(())
     }
 }
 
@@ -444,6 +502,38 @@ mod tests {
         let (log, opened) = DirtyLog::open(&p, &[100, 4]).unwrap();
         assert!(matches!(opened, Opened::GeometryChanged(_)));
         assert_eq!(log.count(), 0);
+    }
+
+    #[test]
+    fn durable_marks_follow_the_sync_and_drop_on_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("dirty.log");
+        let (log, _) = DirtyLog::open(&p, &[128]).unwrap();
+        assert!(!log.is_durably_set(0, 3));
+        log.set_and_sync(0, &[3, 4]).unwrap();
+        assert!(log.is_durably_set(0, 3) && log.is_durably_set(0, 4));
+        // Clearing a neighbour in the same word keeps 4 durable; clearing 3
+        // drops its mark with the bit.
+        log.clear(0, &[3]).unwrap();
+        assert!(!log.is_durably_set(0, 3) && !log.is_set(0, 3));
+        // 4's word was rewritten by the clear (unsynced), with 4 still set:
+        // its mark was given before and stays valid.
+        assert!(log.is_durably_set(0, 4));
+        // A word rewritten after the last sync does not get new marks.
+        {
+            let mut st = lock(&log.io);
+            log.disks[0].words[0].fetch_or(1 << 5, Ordering::SeqCst);
+            log.write_words(&mut st, 0, &[5]).unwrap();
+        }
+        log.mark_durable(0, &[5]);
+        assert!(!log.is_durably_set(0, 5));
+        log.set_and_sync(0, &[5]).unwrap();
+        assert!(log.is_durably_set(0, 5));
+        // Bits read back at open are on disk.
+        drop(log);
+        let (log, _) = DirtyLog::open(&p, &[128]).unwrap();
+        assert!(log.is_durably_set(0, 4) && log.is_durably_set(0, 5));
+        assert!(!log.is_durably_set(0, 3));
     }
 
     #[test]

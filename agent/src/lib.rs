@@ -228,7 +228,12 @@ pub async fn run(
             s.bitmap_after,
             stop_rx.clone(),
         )),
-        tokio::spawn(clear_loop(capture.clone(), stop_rx.clone())),
+        tokio::spawn(clear_loop(
+            capture.clone(),
+            s.dirty_keep,
+            s.dirty_keep_extents,
+            stop_rx.clone(),
+        )),
         tokio::spawn(summary_loop(admin.clone(), stop_rx.clone())),
     ];
     if s.cs.enabled() || !s.hooks.freeze.is_empty() {
@@ -366,8 +371,17 @@ pub(crate) async fn drain(capture: &Capture, limit: Duration) -> bool {
     }
 }
 
-/// Clears durable extents from the dirty log every second.
-async fn clear_loop(capture: Arc<Capture>, mut stop: watch::Receiver<bool>) {
+/// Every second, clears from the dirty log the extents whose records the PS
+/// holds and that went cold ([`Capture::clear_cold_extents`]: no write for
+/// `keep`, or beyond `keep_extents` hot ones). Clearing every durable extent
+/// instead made random writes re-dirty them at once, each paying an
+/// fdatasync of the log before its acknowledgement.
+async fn clear_loop(
+    capture: Arc<Capture>,
+    keep: Duration,
+    keep_extents: u64,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut warned = false;
     loop {
         tokio::select! {
@@ -375,7 +389,7 @@ async fn clear_loop(capture: Arc<Capture>, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => if *stop.borrow() { return },
         }
         let c = capture.clone();
-        match tokio::task::spawn_blocking(move || c.clear_durable_extents()).await {
+        match tokio::task::spawn_blocking(move || c.clear_cold_extents(keep, keep_extents)).await {
             Ok(Err(e)) if !warned => {
                 warned = true;
                 warn!("cannot update the dirty-extent log: {e}");
