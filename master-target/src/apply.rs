@@ -1,22 +1,37 @@
 //! Applying frames to the replica (DESIGN.md §7 "Apply").
 //!
-//! Per frame, in stream order: verify the hash; skip records already
-//! applied; for every 4 KiB block written for the first time in the current
-//! interval, append its old content to the interval's journal; fdatasync the
-//! journal; write the new data to the replica; fdatasync the replicas;
-//! persist the applied seq; only then does the caller acknowledge. A tag
-//! closes the interval and becomes a recovery point in the catalog.
+//! Every frame is verified (hash, replication, seq range, disk bounds) on its
+//! own before anything of it is applied. The frames received so far are then
+//! applied as one sequence of records in one durability cycle, in this order:
+//! 1. for every 4 KiB block written for the first time in the current
+//!    interval, its old content is appended to the interval's journal as an
+//!    undo record; the journal is fdatasynced;
+//! 2. the new data is written to the replicas; the replicas are fdatasynced;
+//! 3. the applied seq (the last record of the cycle) is persisted:
+//!    `applied.seq` with one pwrite + fdatasync (see `seqfile`), or
+//!    `state.json` when a rarely changing field changed too;
+//! 4. only then does the caller acknowledge that seq (acks are cumulative).
 //!
-//! A frame is validated whole before anything of it is applied. An IO error
-//! halfway through leaves the applied seq where it was; the in-memory state
-//! is then rebuilt from disk (as after a crash), and re-applying the frame
-//! is harmless because blocks already saved in the interval are not saved
-//! again and writes are idempotent.
+//! A tag inside the cycle closes the interval exactly where it is in the
+//! sequence: steps 1-2 run for the records before it, the point is appended
+//! to the catalog (fsynced) and the applied seq persisted at the tag, and the
+//! records after it start the next interval (their first write per block
+//! saves an undo record again). Very large cycles are flushed in pieces
+//! (step 1 then 2) before the end; steps 2's fdatasync and 3 are once per
+//! cycle.
+//!
+//! A refused frame (bad hash, gap, wrong disk) stops the cycle before it:
+//! the frames before it are applied and acknowledged, nothing of it is. An
+//! IO error halfway through leaves the applied seq where it was; the
+//! in-memory state is then rebuilt from disk (as after a crash), and
+//! re-applying the frames is harmless because blocks already saved in the
+//! interval are not saved again and writes are idempotent.
 
 use crate::catalog::{self, PointEntry};
 use crate::error::{io_err, MtError, Result};
 use crate::journal::{self, IntervalIndex, BLOCK};
 use crate::replication::{Inner, Replication};
+use crate::seqfile::SeqRecord;
 use crate::state::{save_json, ResyncWindow};
 use rebound_common::chunk::read_full_at;
 use rebound_common::durable::fsync_dir;
@@ -32,6 +47,9 @@ const BS: u64 = BLOCK as u64;
 const BATCH_BYTES: usize = 32 << 20;
 /// Zero records are applied in pieces of this size (their undo can be large).
 const ZERO_PIECE: u64 = 16 << 20;
+/// Decoded record data gathered for one durability cycle (a compressed
+/// frame of zeroes can expand a thousandfold).
+const CYCLE_BYTES: usize = 64 << 20;
 
 enum Op<'a> {
     Data {
@@ -74,17 +92,40 @@ impl Batch<'_> {
     }
 }
 
+/// A verified, decoded frame waiting for its durability cycle.
+struct Prepared {
+    first_seq: u64,
+    last_seq: u64,
+    records: Vec<Record>,
+    /// Bytes of record data it holds in memory.
+    data_bytes: usize,
+}
+
 impl Replication {
     /// Parses, verifies and applies one encoded frame. Returns the applied
     /// seq to acknowledge.
     pub fn apply_frame(&self, bytes: &[u8]) -> Result<u64> {
-        let frame = Frame::parse(bytes).map_err(|e| {
-            MtError::InvalidArgument(format!(
-                "replication {}: refused a frame that cannot be parsed ({e}); nothing of it was applied",
-                self.id
-            ))
-        })?;
-        self.apply(&frame)
+        let (applied, r) = self.apply_frames(&[bytes]);
+        r.map(|()| applied)
+    }
+
+    /// Applies encoded frames in stream order, in as few durability cycles
+    /// as their size allows (one for everything received so far, normally).
+    /// Returns the applied seq to acknowledge (cumulative) and, when a frame
+    /// was refused or applying failed, why: the frames before the refused
+    /// one are applied and covered by the seq; nothing of the refused frame
+    /// or of those after it is.
+    pub fn apply_frames<B: AsRef<[u8]>>(&self, frames: &[B]) -> (u64, Result<()>) {
+        let prepared = frames.iter().map(|b| {
+            let frame = Frame::parse(b.as_ref()).map_err(|e| {
+                MtError::InvalidArgument(format!(
+                    "replication {}: refused a frame that cannot be parsed ({e}); nothing of it was applied",
+                    self.id
+                ))
+            })?;
+            self.prepare(&frame)
+        });
+        self.apply_batch(prepared, ApplyCrash::Never)
     }
 
     /// Verifies and applies one frame. Returns the applied seq.
@@ -93,6 +134,13 @@ impl Replication {
     }
 
     pub(crate) fn apply_inner(&self, frame: &Frame, crash: ApplyCrash) -> Result<u64> {
+        let (applied, r) = self.apply_batch(std::iter::once(self.prepare(frame)), crash);
+        r.map(|()| applied)
+    }
+
+    /// Checks a frame's replication and hash and decodes its records;
+    /// nothing is applied yet, and no lock is held.
+    fn prepare(&self, frame: &Frame) -> Result<Prepared> {
         let h = &frame.header;
         let range = format!("{}..={}", h.first_seq, h.last_seq);
         if h.replication_id != self.id {
@@ -112,36 +160,117 @@ impl Replication {
                 _ => MtError::InvalidArgument(msg),
             }
         })?;
+        let data_bytes = records
+            .iter()
+            .map(|r| match r {
+                Record::Write { data, .. } => data.len(),
+                _ => 0,
+            })
+            .sum();
+        Ok(Prepared {
+            first_seq: h.first_seq,
+            last_seq: h.last_seq,
+            records,
+            data_bytes,
+        })
+    }
+
+    /// Applies prepared frames, at most [`CYCLE_BYTES`] of data per
+    /// durability cycle, stopping at the first refused one.
+    fn apply_batch(
+        &self,
+        frames: impl Iterator<Item = Result<Prepared>>,
+        crash: ApplyCrash,
+    ) -> (u64, Result<()>) {
+        let mut pending = Vec::new();
+        let mut bytes = 0usize;
+        for p in frames {
+            match p {
+                Ok(p) => {
+                    bytes += p.data_bytes;
+                    pending.push(p);
+                    if bytes >= CYCLE_BYTES {
+                        if let Err(e) = self.commit(&mut pending, crash) {
+                            return (self.applied_seq(), Err(e));
+                        }
+                        bytes = 0;
+                    }
+                }
+                Err(e) => {
+                    let r = self.commit(&mut pending, crash).and(Err(e));
+                    return (self.applied_seq(), r);
+                }
+            }
+        }
+        let r = self.commit(&mut pending, crash);
+        (self.applied_seq(), r)
+    }
+
+    /// One durability cycle for `pending` (emptied): the admissible frames'
+    /// records are applied as one sequence; the first frame refused stops
+    /// the admission and its error is returned after the cycle.
+    fn commit(&self, pending: &mut Vec<Prepared>, crash: ApplyCrash) -> Result<()> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let frames = std::mem::take(pending);
         let mut inner = self.write_inner()?;
-        if let Some(msg) = self.rolled_back_refusal(&inner) {
-            return Err(MtError::FailedPrecondition(msg));
+        let mut next = inner.st.applied_seq + 1;
+        let mut first_seq = None;
+        let mut recs: Vec<Record> = Vec::new();
+        let mut refused = None;
+        for f in frames {
+            match self.admit(&inner, next, &f) {
+                Ok(None) => {}
+                Ok(Some(skip)) => {
+                    first_seq.get_or_insert(f.first_seq + skip as u64);
+                    next = f.last_seq + 1;
+                    if recs.is_empty() && skip == 0 {
+                        recs = f.records;
+                    } else {
+                        recs.extend(f.records.into_iter().skip(skip));
+                    }
+                }
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            }
         }
-        let applied = inner.st.applied_seq;
-        if h.last_seq <= applied {
-            return Ok(applied);
-        }
-        if h.first_seq > applied + 1 {
-            return Err(MtError::FailedPrecondition(format!(
-                "replication {} frame seq {range} leaves a gap: this MT has applied up to seq {applied}; resend from seq {}",
-                self.id,
-                applied + 1
-            )));
-        }
-        let skip = (applied + 1 - h.first_seq) as usize;
-        let first_seq = h.first_seq + skip as u64;
-        let todo = &records[skip..];
-        self.validate(first_seq, todo)?;
-        match self.apply_records(&mut inner, first_seq, todo, crash) {
-            Ok(()) => Ok(h.last_seq),
-            Err(e) => {
-                error!(replication = %self.id, seq = %range, error = %e,
-                    "applying a frame failed; it was not acknowledged and can be resent");
+        if let Some(first) = first_seq {
+            if let Err(e) = self.apply_records(&mut inner, first, &recs, crash) {
+                error!(replication = %self.id, seq = %format!("{first}..={}", next - 1), error = %e,
+                    "applying frames failed; they were not acknowledged and can be resent");
                 if let Err(e2) = self.reload(&mut inner) {
                     error!(replication = %self.id, error = %e2, "cannot recover the replication state from disk");
                 }
-                Err(e)
+                return Err(e);
             }
         }
+        refused.map_or(Ok(()), Err)
+    }
+
+    /// Whether frame `f` may follow seq `next - 1`: `None` when everything
+    /// in it is applied already, else how many leading records to skip.
+    fn admit(&self, inner: &Inner, next: u64, f: &Prepared) -> Result<Option<usize>> {
+        if let Some(msg) = self.rolled_back_refusal(inner) {
+            return Err(MtError::FailedPrecondition(msg));
+        }
+        if f.last_seq < next {
+            return Ok(None);
+        }
+        if f.first_seq > next {
+            return Err(MtError::FailedPrecondition(format!(
+                "replication {} frame seq {}..={} leaves a gap: this MT has applied up to seq {}; resend from seq {next}",
+                self.id,
+                f.first_seq,
+                f.last_seq,
+                next - 1
+            )));
+        }
+        let skip = (next - f.first_seq) as usize;
+        self.validate(next, &f.records[skip..])?;
+        Ok(Some(skip))
     }
 
     /// Why apply must refuse frames now, if it must.
@@ -215,6 +344,8 @@ impl Replication {
             ..Batch::default()
         };
         let mut touched = vec![false; self.disks.len()];
+        // A field only state.json holds changed (the resync window).
+        let mut st_dirty = false;
         for (i, rec) in recs.iter().enumerate() {
             let seq = first_seq + i as u64;
             match rec {
@@ -255,7 +386,7 @@ impl Replication {
                 Record::Tag(tag) => {
                     self.flush(inner, &mut batch, &mut touched)?;
                     self.sync_replicas(&mut touched)?;
-                    self.cut_point(inner, seq, tag)?;
+                    self.cut_point(inner, seq, tag, &mut st_dirty)?;
                 }
                 Record::ResyncBegin { disks, reason } => {
                     info!(replication = %self.id, seq, disks = ?disks, reason = %reason, "resync window opened");
@@ -264,9 +395,11 @@ impl Replication {
                         disks: disks.clone(),
                         reason: reason.clone(),
                     });
+                    st_dirty = true;
                 }
                 Record::ResyncEnd => {
                     let begin = inner.st.resync.take().map(|w| w.begin_seq);
+                    st_dirty = true;
                     info!(replication = %self.id, seq, begin_seq = ?begin, "resync window closed");
                 }
             }
@@ -275,9 +408,24 @@ impl Replication {
         self.sync_replicas(&mut touched)?;
         let last = first_seq + recs.len() as u64 - 1;
         inner.st.applied_seq = last;
-        save_json(&self.layout.state(), &inner.st)?;
+        self.persist_applied(inner, &mut st_dirty)?;
         self.applied_tx.send_replace(last);
         Ok(())
+    }
+
+    /// Persists `inner.st` durably: all of state.json when a field only it
+    /// holds changed, else just the applied seq and interval (`applied.seq`).
+    fn persist_applied(&self, inner: &mut Inner, st_dirty: &mut bool) -> Result<()> {
+        if *st_dirty {
+            save_json(&self.layout.state(), &inner.st)?;
+            *st_dirty = false;
+            return Ok(());
+        }
+        let rec = SeqRecord {
+            applied_seq: inner.st.applied_seq,
+            interval: inner.st.interval,
+        };
+        inner.seq.store(rec)
     }
 
     /// Saves the old content of every block of `offset..offset+len` that the
@@ -449,7 +597,7 @@ impl Replication {
     }
 
     /// A tag: the current interval becomes a recovery point.
-    fn cut_point(&self, inner: &mut Inner, seq: u64, tag: &Tag) -> Result<()> {
+    fn cut_point(&self, inner: &mut Inner, seq: u64, tag: &Tag, st_dirty: &mut bool) -> Result<()> {
         if inner.points.iter().rev().any(|p| p.seq == seq) {
             return Ok(());
         }
@@ -482,7 +630,7 @@ impl Replication {
         inner.st.interval = cur + 1;
         inner.intervals.insert(cur + 1, IntervalIndex::new_open());
         inner.st.applied_seq = seq;
-        save_json(&self.layout.state(), &inner.st)?;
+        self.persist_applied(inner, st_dirty)?;
         self.applied_tx.send_replace(seq);
         info!(
             replication = %self.id,

@@ -45,11 +45,22 @@ pub fn key_block(key: u64) -> u64 {
     key & ((1 << 48) - 1)
 }
 
+/// blake3 of `head` (24 bytes) then `data` (at most one block), hashed as
+/// one contiguous input: fed in two pieces, the 24-byte head would keep
+/// most of the block off blake3's SIMD many-chunk path.
 fn checksum(head: &[u8], data: &[u8]) -> u64 {
-    let mut h = blake3::Hasher::new();
-    h.update(head);
-    h.update(data);
-    let out = h.finalize();
+    let mut buf = [0u8; 24 + BLOCK];
+    let n = head.len() + data.len();
+    let out = if n <= buf.len() {
+        buf[..head.len()].copy_from_slice(head);
+        buf[head.len()..n].copy_from_slice(data);
+        blake3::hash(&buf[..n])
+    } else {
+        let mut h = blake3::Hasher::new();
+        h.update(head);
+        h.update(data);
+        h.finalize()
+    };
     u64::from_le_bytes(out.as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
@@ -145,6 +156,34 @@ pub fn read_block(file: &File, offset: u64, expect_key: u64, out: &mut [u8]) -> 
         }
     }
     Ok(())
+}
+
+/// Checks the record at the start of `rec` (which holds at least the whole
+/// record; `offset` is its place in the file, for messages): it must be the
+/// record of `expect_key` and its checksum must hold. Returns the saved
+/// block's data, `None` when the block was all zeroes.
+pub fn check_record(rec: &[u8], offset: u64, expect_key: u64) -> Result<Option<&[u8]>, String> {
+    let h: &[u8; HEADER_LEN] = rec
+        .get(..HEADER_LEN)
+        .and_then(|h| h.try_into().ok())
+        .ok_or_else(|| format!("undo record at offset {offset} is cut short"))?;
+    let hdr = decode_header(h).map_err(|e| format!("undo record at offset {offset}: {e}"))?;
+    if key(hdr.disk, hdr.block) != expect_key {
+        return Err(format!(
+            "undo record at offset {offset} is for disk {} block {}, expected disk {} block {}",
+            hdr.disk,
+            hdr.block,
+            key_disk(expect_key),
+            key_block(expect_key)
+        ));
+    }
+    let data = rec
+        .get(HEADER_LEN..HEADER_LEN + hdr.data_len())
+        .ok_or_else(|| format!("undo data at offset {offset} is cut short"))?;
+    if !verify(h, &hdr, data) {
+        return Err(format!("undo record at offset {offset}: checksum mismatch"));
+    }
+    Ok((!hdr.zero).then_some(data))
 }
 
 /// What a scan of a journal (or pre-image) file found.

@@ -4,6 +4,7 @@
 //! <data_dir>/<replication id>/
 //!   info.json                    the replication: machine, disks (index, name, size)
 //!   state.json                   applied seq, current interval, rollback state
+//!   applied.seq                  applied seq and current interval, two fixed slots (hot path)
 //!   points.log                   recovery-point catalog, one checksummed line per point
 //!   replica/<disk name>.img      the replica disks, sparse, at the disk size
 //!   retention/interval-<n>.undo  undo records of interval n (old content of blocks)
@@ -29,6 +30,9 @@ impl Layout {
     }
     pub fn state(&self) -> PathBuf {
         self.root.join("state.json")
+    }
+    pub fn applied_seq(&self) -> PathBuf {
+        self.root.join("applied.seq")
     }
     pub fn catalog(&self) -> PathBuf {
         self.root.join("points.log")

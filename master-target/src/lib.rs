@@ -10,6 +10,7 @@ pub mod apply;
 pub mod catalog;
 pub mod config;
 pub mod control;
+mod copyback;
 pub mod error;
 pub mod handover;
 pub mod hashes;
@@ -18,6 +19,7 @@ pub mod layout;
 pub mod replication;
 pub mod retention;
 pub mod rollback;
+pub mod seqfile;
 pub mod service;
 pub mod state;
 pub mod view;
@@ -43,6 +45,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
 use tracing::{info, warn};
 
 /// Largest gRPC message accepted: a frame body of up to 64 MiB plus header.
@@ -51,6 +54,14 @@ const MAX_MESSAGE: usize = (64 << 20) + (1 << 20);
 const STATUS_PERIOD: Duration = Duration::from_secs(1);
 /// How long shutdown waits for gRPC connections to close.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// HTTP/2 receive windows: hyper's default 1 MiB per stream lets at most
+/// 1 MiB of a 1-2 MiB frame cross before a window-update round trip; these
+/// (as the PS sets them) keep several frames in flight on the apply stream.
+const STREAM_WINDOW: u32 = 16 << 20;
+const CONNECTION_WINDOW: u32 = 32 << 20;
+/// HTTP/2 keepalive, as the PS: a dead peer is noticed within 30 s.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Runs the master target until `shutdown` completes: gRPC on `listener`
 /// (mutual TLS from `config.tls`), NBD views on `nbd_listener`, and the
@@ -144,11 +155,21 @@ where
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     let mut stop_server = stop_rx.clone();
+    let incoming = TcpListenerStream::new(listener).map(|s| {
+        if let Ok(s) = &s {
+            let _ = s.set_nodelay(true);
+        }
+        s
+    });
     let server = tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(STREAM_WINDOW))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .tls_config(tls)
         .map_err(|e| MtError::InvalidArgument(format!("[tls]: {e}")))?
         .add_service(svc)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop_server.wait_for(|s| *s).await;
         });
     let mut stop_grace = stop_rx.clone();

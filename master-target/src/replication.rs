@@ -2,7 +2,8 @@
 //! in-memory state from disk after a crash (DESIGN.md §7).
 //!
 //! Recovery rebuilds everything from the files themselves: the point
-//! catalog (torn tail cut), `state.json` (reconciled with the catalog, since
+//! catalog (torn tail cut), `state.json` and `applied.seq` (the larger
+//! applied seq and interval win; see `seqfile`), reconciled with the catalog (since
 //! a crash can fall between appending a point and persisting the state), and
 //! the block index of every retained interval, scanned from its journal with
 //! a torn or corrupt tail cut off. Journals that retention had already given
@@ -13,6 +14,7 @@ use crate::error::{io_err, MtError, Result};
 use crate::journal::{self, IntervalIndex};
 use crate::layout::{parse_journal_name, valid_name, Layout};
 use crate::rollback::PreImages;
+use crate::seqfile::{SeqFile, SeqRecord};
 use crate::state::{load_json, save_json, PersistedState, PointRef, StoredDisk, StoredInfo};
 use crate::view::MapCache;
 use rebound_common::durable::fsync_dir;
@@ -64,6 +66,9 @@ pub(crate) struct Inner {
     pub maps: Mutex<MapCache>,
     /// Rollback pre-images, when they are complete.
     pub pre: Option<PreImages>,
+    /// `applied.seq`: where apply persists `st.applied_seq` and
+    /// `st.interval` (see `seqfile`).
+    pub seq: SeqFile,
 }
 
 impl Inner {
@@ -476,6 +481,17 @@ fn recover(layout: &Layout, info: &StoredInfo) -> Result<Inner> {
         warn!(replication = %rid, "state.json is missing; starting from applied seq 0");
         PersistedState::default()
     };
+    // The hot fields live in applied.seq (created from state.json the first
+    // time); both only grow, so the larger value is the durable one.
+    let (seq, hot) = SeqFile::open(
+        &layout.applied_seq(),
+        SeqRecord {
+            applied_seq: st.applied_seq,
+            interval: st.interval,
+        },
+    )?;
+    st.applied_seq = st.applied_seq.max(hot.applied_seq);
+    st.interval = st.interval.max(hot.interval);
     let points = catalog::load(&layout.catalog(), true)?;
     // A crash between appending a point and persisting the state leaves the
     // catalog ahead: the tag's interval is closed and its seq applied.
@@ -581,6 +597,7 @@ fn recover(layout: &Layout, info: &StoredInfo) -> Result<Inner> {
         journal: None,
         maps: Mutex::new(MapCache::default()),
         pre,
+        seq,
     })
 }
 

@@ -5,7 +5,8 @@
 //! 1. Their current content goes to `rollback/preimages` (a header naming
 //!    P, then undo-format records), which is fsynced; then state.json marks
 //!    the pre-images complete.
-//! 2. Each affected block gets its content at P; the replicas are fsynced.
+//! 2. Each affected block gets its content at P (read from the journals and
+//!    written in large IOs, see `copyback`); the replicas are fsynced.
 //! 3. state.json records `rolled_back_to = P`.
 //!
 //! Re-running after a crash at any moment ends at exactly P: before step 1
@@ -15,6 +16,7 @@
 //! different point can be chosen.
 
 use crate::catalog::PointEntry;
+use crate::copyback::{SavedBlock, Source};
 use crate::error::{io_err, MtError, Result};
 use crate::journal::{self, key_block, key_disk, BLOCK};
 use crate::layout::Layout;
@@ -27,6 +29,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
@@ -34,6 +37,10 @@ const BS: u64 = BLOCK as u64;
 const PRE_MAGIC: [u8; 4] = *b"RBP1";
 const PRE_VERSION: u8 = 1;
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// Blocks restored between two looks at the progress clock (256 MiB).
+const PROGRESS_BLOCKS: usize = 1 << 16;
+/// Blocks of the replica read with one pread when saving pre-images.
+const PRE_READ_BLOCKS: usize = 256;
 
 /// The pre-image file of a rollback, indexed.
 pub(crate) struct PreImages {
@@ -246,36 +253,46 @@ impl Replication {
             if crash == CrashAt::AfterPreImages {
                 return Err(simulated_crash());
             }
-            // 2. The content at P.
-            let mut tmp = vec![0u8; BLOCK];
-            let mut undo_bytes = 0u64;
+            // 2. The content at P, in large reads and writes.
+            let mut files: Vec<(u64, Arc<File>, u64)> = Vec::new();
+            let mut saved = Vec::with_capacity(blocks.len());
+            for &(key, (n, off)) in &blocks {
+                let src = match files.iter().position(|(m, _, _)| *m == n) {
+                    Some(i) => i,
+                    None => {
+                        let len = inner.intervals.get(&n).map_or(0, |i| i.len);
+                        files.push((n, self.journal_file(n)?, len));
+                        files.len() - 1
+                    }
+                };
+                saved.push(SavedBlock { key, src, off });
+            }
+            let limit = if crash == CrashAt::MidWrite {
+                saved.len() / 2
+            } else {
+                saved.len()
+            };
+            let sources: Vec<Source<'_>> = files
+                .iter()
+                .map(|(_, f, len)| Source { file: f, len: *len })
+                .collect();
             let mut last_log = Instant::now();
-            for (i, &(key, (n, off))) in blocks.iter().enumerate() {
-                if crash == CrashAt::MidWrite && i == blocks.len() / 2 {
-                    return Err(simulated_crash());
-                }
-                let f = self.journal_file(n)?;
-                journal::read_block(&f, off, key, &mut tmp).map_err(|e| {
+            let mut undo_bytes = 0u64;
+            for (i, part) in saved[..limit].chunks(PROGRESS_BLOCKS).enumerate() {
+                undo_bytes += self.copy_saved_blocks(part, &sources, |src, e| {
                     MtError::DataLoss(format!(
                         "rollback of {machine} to {}: retention journal {}: {e}; the replica is partly rolled back: fix the journal or restore pre-images",
                         p.id,
-                        self.layout.journal(n).display()
+                        self.layout.journal(files[src].0).display()
                     ))
                 })?;
-                undo_bytes += BS;
-                let d = self.disk(key_disk(key))?;
-                let start = key_block(key) * BS;
-                let len = BS.min(d.size - start) as usize;
-                d.file.write_all_at(&tmp[..len], start).map_err(io_err(|| {
-                    format!(
-                        "rollback of {machine}: cannot write replica {} at offset {start}",
-                        d.path.display()
-                    )
-                }))?;
                 if last_log.elapsed() >= PROGRESS_EVERY {
-                    info!(replication = %self.id, point = %p.id, done = i + 1, of = blocks.len(), "rollback progress");
+                    info!(replication = %self.id, point = %p.id, done = (i + 1) * PROGRESS_BLOCKS, of = blocks.len(), "rollback progress");
                     last_log = Instant::now();
                 }
+            }
+            if crash == CrashAt::MidWrite {
+                return Err(simulated_crash());
             }
             for d in &self.disks {
                 d.file.sync_data().map_err(io_err(|| {
@@ -323,23 +340,39 @@ impl Replication {
         w.write_all(&header).map_err(io_err(ctx))?;
         let mut pos = header.len() as u64;
         let mut offsets = HashMap::with_capacity(blocks.len());
-        let mut buf = vec![0u8; BLOCK];
-        let mut rec = Vec::with_capacity(BLOCK + journal::HEADER_LEN);
-        for (i, &(key, _)) in blocks.iter().enumerate() {
-            if crash == CrashAt::DuringPreImages && i == blocks.len() / 2 {
+        let mut buf = vec![0u8; PRE_READ_BLOCKS * BLOCK];
+        let mut rec = Vec::with_capacity(PRE_READ_BLOCKS * (BLOCK + journal::HEADER_LEN));
+        let mut i = 0;
+        while i < blocks.len() {
+            // A run of adjacent blocks of one disk, read with one pread.
+            let disk = key_disk(blocks[i].0);
+            let mut j = i + 1;
+            while j < blocks.len()
+                && j - i < PRE_READ_BLOCKS
+                && blocks[j].0 == blocks[j - 1].0 + 1
+                && key_disk(blocks[j].0) == disk
+            {
+                j += 1;
+            }
+            if crash == CrashAt::DuringPreImages && (i..j).contains(&(blocks.len() / 2)) {
                 w.flush().map_err(io_err(ctx))?;
                 return Err(simulated_crash());
             }
-            let d = self.disk(key_disk(key))?;
-            let start = key_block(key) * BS;
-            read_full_at(&d.file, &mut buf, start).map_err(io_err(|| {
+            let d = self.disk(disk)?;
+            let start = key_block(blocks[i].0) * BS;
+            let run = &mut buf[..(j - i) * BLOCK];
+            read_full_at(&d.file, run, start).map_err(io_err(|| {
                 format!("cannot read replica {} at offset {start}", d.path.display())
             }))?;
             rec.clear();
-            journal::encode(&mut rec, d.index, key_block(key), &buf);
+            for (k, data) in run.chunks_exact(BLOCK).enumerate() {
+                let key = blocks[i + k].0;
+                offsets.insert(key, pos + rec.len() as u64);
+                journal::encode(&mut rec, d.index, key_block(key), data);
+            }
             w.write_all(&rec).map_err(io_err(ctx))?;
-            offsets.insert(key, pos);
             pos += rec.len() as u64;
+            i = j;
         }
         w.flush().map_err(io_err(ctx))?;
         drop(w);
@@ -399,26 +432,32 @@ impl Replication {
                 })?);
             }
             let pre = inner.pre.as_ref().expect("pre-images loaded");
-            let mut entries: Vec<(u64, u64)> = pre.blocks.iter().map(|(&k, &o)| (k, o)).collect();
-            entries.sort_unstable_by_key(|&(_, off)| off);
-            let mut tmp = vec![0u8; BLOCK];
-            for &(key, off) in &entries {
-                journal::read_block(&pre.file, off, key, &mut tmp).map_err(|e| {
+            let mut entries: Vec<SavedBlock> = pre
+                .blocks
+                .iter()
+                .map(|(&key, &off)| SavedBlock { key, src: 0, off })
+                .collect();
+            entries.sort_unstable_by_key(|b| b.key);
+            let len = pre
+                .file
+                .metadata()
+                .map_err(io_err(|| {
+                    format!("cannot stat {}", self.layout.preimages().display())
+                }))?
+                .len();
+            self.copy_saved_blocks(
+                &entries,
+                &[Source {
+                    file: &pre.file,
+                    len,
+                }],
+                |_, e| {
                     MtError::DataLoss(format!(
                         "cannot restore the pre-images of {machine}: {}: {e}",
                         self.layout.preimages().display()
                     ))
-                })?;
-                let d = self.disk(key_disk(key))?;
-                let start = key_block(key) * BS;
-                let len = BS.min(d.size - start) as usize;
-                d.file.write_all_at(&tmp[..len], start).map_err(io_err(|| {
-                    format!(
-                        "cannot write replica {} at offset {start}",
-                        d.path.display()
-                    )
-                }))?;
-            }
+                },
+            )?;
             for d in &self.disks {
                 d.file.sync_data().map_err(io_err(|| {
                     format!("cannot fdatasync replica {}", d.path.display())

@@ -16,7 +16,7 @@ use rebound_proto::{
     RollbackRequest, RollbackResponse,
 };
 use std::sync::Arc;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
@@ -54,8 +54,74 @@ async fn blocking<T: Send + 'static>(
         .map_err(Status::from)
 }
 
-/// One apply stream: hello → resume_seq, then frame → applied_seq, until
-/// the PS closes it, an error, or shutdown (between frames).
+/// Frame bytes received ahead of apply, at most (the PS keeps 64 MiB in
+/// flight): receiving, TLS and decoding go on while a cycle is applied.
+const READ_AHEAD_BYTES: usize = 64 << 20;
+/// Messages received ahead of apply, at most.
+const READ_AHEAD_MSGS: usize = 1024;
+/// Frame bytes applied in one durability cycle, at most: the next cycle's
+/// frames keep arriving meanwhile.
+const CYCLE_BYTES: usize = 32 << 20;
+
+/// A message received ahead, holding its share of the byte budget until
+/// it is applied.
+type Ahead = Result<(ApplyRequest, Option<OwnedSemaphorePermit>), Status>;
+
+/// Aborts the read-ahead task when the session ends, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Pulls messages off the stream into `tx` as long as the byte budget
+/// allows. A stream error is passed on and ends the task; so does the end
+/// of the stream (by dropping `tx`).
+async fn read_ahead(
+    mut stream: Streaming<ApplyRequest>,
+    tx: mpsc::Sender<Ahead>,
+    budget: Arc<Semaphore>,
+) {
+    loop {
+        let msg = match stream.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return,
+            Err(s) => {
+                let _ = tx.send(Err(s)).await;
+                return;
+            }
+        };
+        let n = match &msg.msg {
+            Some(apply_request::Msg::Frame(b)) => b.len().clamp(1, READ_AHEAD_BYTES),
+            _ => 0,
+        };
+        let permit = if n > 0 {
+            match budget.clone().acquire_many_owned(n as u32).await {
+                Ok(p) => Some(p),
+                Err(_) => return,
+            }
+        } else {
+            None
+        };
+        if tx.send(Ok((msg, permit))).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// What ended a gathering of frames, besides the budget or an empty queue.
+enum Stop {
+    /// A message that is not a frame.
+    Other(Option<apply_request::Msg>),
+    Error(Status),
+}
+
+/// One apply stream: hello → resume_seq, then frames → applied_seq, until
+/// the PS closes it, an error, or shutdown (between cycles). A task reads
+/// ahead; every cycle applies the frames already received (up to
+/// [`CYCLE_BYTES`]) and acknowledges the highest seq once.
 async fn apply_session(
     store: Arc<Store>,
     mut stream: Streaming<ApplyRequest>,
@@ -90,24 +156,58 @@ async fn apply_session(
     {
         return Ok(());
     }
+    let (ahead_tx, mut ahead) = mpsc::channel::<Ahead>(READ_AHEAD_MSGS);
+    let budget = Arc::new(Semaphore::new(READ_AHEAD_BYTES));
+    let _reader = AbortOnDrop(tokio::spawn(read_ahead(stream, ahead_tx, budget)));
+    let mut acked = resume;
     loop {
-        let msg = tokio::select! {
-            m = stream.message() => m?,
+        let next = tokio::select! {
+            m = ahead.recv() => m,
             _ = stop.wait_for(|s| *s) => {
                 info!(replication = %repl.id(), "apply stream closed for shutdown");
                 return Ok(());
             }
         };
-        let Some(msg) = msg else {
+        let Some(next) = next else {
             info!(replication = %repl.id(), peer = %peer, applied_seq = repl.applied_seq(), "apply stream closed by the process server");
             return Ok(());
         };
-        match msg.msg {
-            Some(apply_request::Msg::Frame(bytes)) => {
-                let r = repl.clone();
-                let applied = blocking(move || r.apply_frame(&bytes)).await.inspect_err(|s| {
-                    warn!(replication = %repl.id(), code = ?s.code(), error = %s.message(), "frame refused");
-                })?;
+        // Gather the frames already here.
+        let mut frames = Vec::new();
+        let mut permits = Vec::new();
+        let mut bytes = 0usize;
+        let mut stopped = None;
+        let mut item = Some(next);
+        while let Some(it) = item.take() {
+            match it {
+                Ok((msg, permit)) => match msg.msg {
+                    Some(apply_request::Msg::Frame(b)) => {
+                        bytes += b.len();
+                        frames.push(b);
+                        permits.extend(permit);
+                    }
+                    other => {
+                        stopped = Some(Stop::Other(other));
+                        break;
+                    }
+                },
+                Err(s) => {
+                    stopped = Some(Stop::Error(s));
+                    break;
+                }
+            }
+            if bytes < CYCLE_BYTES {
+                item = ahead.try_recv().ok();
+            }
+        }
+        if !frames.is_empty() {
+            let r = repl.clone();
+            let (applied, result) = tokio::task::spawn_blocking(move || r.apply_frames(&frames))
+                .await
+                .map_err(|e| Status::internal(format!("storage task failed: {e}")))?;
+            drop(permits);
+            if result.is_ok() || applied > acked {
+                acked = acked.max(applied);
                 if tx
                     .send(Ok(send(apply_response::Msg::AppliedSeq(applied))))
                     .await
@@ -116,13 +216,22 @@ async fn apply_session(
                     return Ok(());
                 }
             }
-            Some(apply_request::Msg::Hello(_)) => {
+            if let Err(e) = result {
+                let s = Status::from(e);
+                warn!(replication = %repl.id(), code = ?s.code(), error = %s.message(), "frame refused");
+                return Err(s);
+            }
+        }
+        match stopped {
+            None => {}
+            Some(Stop::Error(s)) => return Err(s),
+            Some(Stop::Other(Some(apply_request::Msg::Hello(_)))) => {
                 return Err(Status::invalid_argument(format!(
                     "replication {}: a second hello on one Apply stream; open a new stream instead",
                     repl.id()
                 )))
             }
-            None => return Err(Status::invalid_argument("empty Apply message")),
+            Some(Stop::Other(_)) => return Err(Status::invalid_argument("empty Apply message")),
         }
     }
 }

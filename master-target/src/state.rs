@@ -2,8 +2,11 @@
 //! and `state.json` (how far apply got, rollback progress).
 //!
 //! `state.json` is replaced atomically (tmp + fsync + rename + fsync dir)
-//! after every frame, so the applied seq the MT acknowledges is never ahead
-//! of what a restart finds.
+//! whenever a rarely changing field changes (rollback, resync window,
+//! hand-over). The applied seq and current interval, which change with
+//! every apply cycle, are persisted in `applied.seq` (see `seqfile`);
+//! recovery takes the larger of the two for each, so the applied seq the
+//! MT acknowledges is never ahead of what a restart finds.
 
 use crate::error::{io_err, MtError, Result};
 use rebound_common::durable::write_atomic;

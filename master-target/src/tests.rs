@@ -198,7 +198,7 @@ pub(crate) fn check_latest(r: &Replication, disks: &[Vec<u8>]) {
     }
 }
 
-fn open_store(dir: &Path) -> (Arc<Store>, Arc<Replication>) {
+pub(crate) fn open_store(dir: &Path) -> (Arc<Store>, Arc<Replication>) {
     let store = Arc::new(Store::open(dir).expect("open store"));
     let r = store.get_or_create(&info()).expect("replication");
     (store, r)
@@ -206,7 +206,7 @@ fn open_store(dir: &Path) -> (Arc<Store>, Arc<Replication>) {
 
 /// A standard history: initial sync, then five points with writes between,
 /// and writes after the last point.
-fn history(seed: u64) -> Gen {
+pub(crate) fn history(seed: u64) -> Gen {
     let mut g = Gen::new(seed);
     g.write(0, 0, SIZES[0], false); // initial sync, whole disk 0
     g.random_ops(20);
@@ -673,5 +673,6 @@ fn index_memory_is_compact() {
     assert_eq!(std::mem::size_of::<(u64, u64)>(), 16);
 }
 
+mod batch;
 mod grpc;
 mod lifecycle;

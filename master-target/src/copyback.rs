@@ -1,0 +1,129 @@
+//! Copying saved blocks (undo-format records of retention journals or of
+//! rollback pre-images) onto the replicas in large IOs, for rollback and
+//! RestorePreImages (DESIGN.md §7 "Rollback").
+//!
+//! Blocks come in disk order and are handled in windows of up to
+//! [`WINDOW_BLOCKS`]: within a window the records are read in file order,
+//! records close together with one pread (gaps up to [`READ_GAP`] are read
+//! through, at most [`READ_MAX`] per pread); every record of the window is
+//! checked (its key and checksum) before anything of the window is written;
+//! then each run of adjacent blocks is written with one pwrite. Nothing here
+//! syncs: the caller fdatasyncs the replicas and only then records the new
+//! state, so the durable order of rollback and restore is theirs, unchanged.
+
+use crate::error::{io_err, MtError, Result};
+use crate::journal::{self, key_block, key_disk, BLOCK, HEADER_LEN};
+use crate::replication::Replication;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+const BS: u64 = BLOCK as u64;
+/// Blocks gathered in memory before they are written (16 MiB).
+const WINDOW_BLOCKS: usize = 4096;
+/// A gap between two wanted records read through rather than split.
+const READ_GAP: u64 = 64 << 10;
+/// Largest single read of records.
+const READ_MAX: u64 = 8 << 20;
+/// Largest record.
+const REC_MAX: u64 = (HEADER_LEN + BLOCK) as u64;
+
+/// A file of undo-format records and how much of it is valid.
+pub(crate) struct Source<'a> {
+    pub file: &'a File,
+    pub len: u64,
+}
+
+/// A block to restore: its key, and where its record is.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SavedBlock {
+    pub key: u64,
+    /// Index into the sources.
+    pub src: usize,
+    pub off: u64,
+}
+
+impl Replication {
+    /// Writes the saved content of every block of `blocks` (in key order)
+    /// to the replicas, without syncing. `bad(src, why)` makes the error for
+    /// a record that cannot be read or does not check out. Returns the
+    /// bytes of block content restored.
+    pub(crate) fn copy_saved_blocks(
+        &self,
+        blocks: &[SavedBlock],
+        sources: &[Source<'_>],
+        bad: impl Fn(usize, String) -> MtError,
+    ) -> Result<u64> {
+        let mut content = vec![0u8; WINDOW_BLOCKS.min(blocks.len()) * BLOCK];
+        let mut rbuf = Vec::new();
+        let mut order: Vec<usize> = Vec::with_capacity(WINDOW_BLOCKS.min(blocks.len()));
+        let mut restored = 0u64;
+        for win in blocks.chunks(WINDOW_BLOCKS) {
+            order.clear();
+            order.extend(0..win.len());
+            order.sort_unstable_by_key(|&i| (win[i].src, win[i].off));
+            let mut g = 0;
+            while g < order.len() {
+                let first = win[order[g]];
+                let src = &sources[first.src];
+                let rec_end = |off: u64| (off + REC_MAX).min(src.len);
+                let start = first.off;
+                let mut end = rec_end(start);
+                let mut h = g + 1;
+                while h < order.len() {
+                    let b = win[order[h]];
+                    if b.src != first.src
+                        || b.off > end + READ_GAP
+                        || rec_end(b.off).saturating_sub(start) > READ_MAX
+                    {
+                        break;
+                    }
+                    end = end.max(rec_end(b.off));
+                    h += 1;
+                }
+                rbuf.resize(end.saturating_sub(start) as usize, 0);
+                src.file.read_exact_at(&mut rbuf, start).map_err(|e| {
+                    bad(
+                        first.src,
+                        format!("cannot read undo records at offset {start}: {e}"),
+                    )
+                })?;
+                for &i in &order[g..h] {
+                    let b = win[i];
+                    let rel = (b.off - start) as usize;
+                    let rec = rbuf.get(rel..).unwrap_or_default();
+                    let dst = &mut content[i * BLOCK..(i + 1) * BLOCK];
+                    match journal::check_record(rec, b.off, b.key).map_err(|e| bad(b.src, e))? {
+                        Some(data) => dst.copy_from_slice(data),
+                        None => dst.fill(0),
+                    }
+                }
+                g = h;
+            }
+            restored += win.len() as u64 * BS;
+            let mut i = 0;
+            while i < win.len() {
+                let disk = key_disk(win[i].key);
+                let mut j = i + 1;
+                while j < win.len()
+                    && win[j].key == win[j - 1].key + 1
+                    && key_disk(win[j].key) == disk
+                {
+                    j += 1;
+                }
+                let d = self.disk(disk)?;
+                let at = key_block(win[i].key) * BS;
+                let len = ((j - i) as u64 * BS).min(d.size - at) as usize;
+                d.file
+                    .write_all_at(&content[i * BLOCK..i * BLOCK + len], at)
+                    .map_err(io_err(|| {
+                        format!(
+                            "cannot write {len} bytes to replica {} at offset {at}",
+                            d.path.display()
+                        )
+                    }))?;
+                i = j;
+            }
+        }
+        Ok(restored)
+    }
+}
