@@ -7,11 +7,15 @@
 //! The real binaries run as child processes on loopback in a temp dir (or
 //! `--dir`), everything bounded in time. Sections, in run order:
 //! [`limits`] (1), [`cost`] (2), [`sustained`] (3, with peak RSS), [`rpo`]
-//! (4), [`rto`] (6) on one lab, then [`resync`] (5) on its own lab. A
+//! (4), [`rto`] (6) on one lab, then [`resync`] (5) on its own lab. The
+//! RTO's planned failover is the configuration server's failover job, in
+//! `rebound demo`'s in-process lab (CS, PS + MT per site, agent:
+//! [`failover`]). A
 //! failing section marks its rows `error` and the run continues, so the
 //! table always has every row; the command then exits non-zero.
 
 pub mod cost;
+pub mod failover;
 pub mod lab;
 pub mod limits;
 pub mod profiles;
@@ -77,6 +81,10 @@ pub struct Plan {
     pub rpo_secs: f64,
     pub rto_rate: f64,
     pub rto_churn_secs: f64,
+    /// The disk of the machine failed over through the CS, and how long it
+    /// is churned before the failover command.
+    pub failover_disk: u64,
+    pub failover_churn_secs: f64,
     pub resync_disk: u64,
     pub resync_timeout: Duration,
 }
@@ -108,6 +116,8 @@ impl Plan {
             rpo_secs: 12.0,
             rto_rate: 50e6,
             rto_churn_secs: 25.0,
+            failover_disk: 256 * MIB,
+            failover_churn_secs: 10.0,
             resync_disk: 4096 * MIB,
             resync_timeout: Duration::from_secs(600),
         };
@@ -131,6 +141,8 @@ impl Plan {
             sustain_budget: Duration::from_secs(30),
             rpo_secs: 3.0,
             rto_churn_secs: 3.0,
+            failover_disk: 64 * MIB,
+            failover_churn_secs: 3.0,
             resync_disk: 256 * MIB,
             ..full
         }
@@ -372,7 +384,7 @@ fn main_lab(b: &mut Bench) -> Result<()> {
     b.outcome(&["sustained."], r);
     let r = rpo::run(b, &mut lab);
     b.outcome(&["rpo."], r);
-    let r = rto::run(b, &mut lab, &mut rto::MtDirect);
+    let r = rto::run(b, &mut lab);
     b.outcome(&["rto."], r);
     b.track_retained(&lab);
     let r = b.memory(&lab);

@@ -1,20 +1,28 @@
-//! Section 6, RTO: a planned failover at `latest` of the protected machine
+//! Section 6, RTO: a planned failover at `latest` of a protected machine
 //! under churn, split into drain, rollback and hand-over, and a rollback to
 //! an old point after sustained churn (undo MB/s).
 //!
-//! The failover job (configuration server, issue 3) does not exist yet, so
-//! the steps are driven through a [`FailoverDriver`]: today [`MtDirect`]
-//! does what the job will do with what exists (stop the churn, cut the
-//! shutdown tag, wait until it is applied, stop the agent cleanly, roll back
-//! through the MT's Rollback RPC) and has no hand-over to time. When issue 3
-//! lands, a driver that runs `rebound failover --point latest` and reads the
-//! job's step times replaces it without touching the rest of the section.
+//! The planned failover is the configuration server's real failover job
+//! ([`super::failover`]): asked through the Admin API as `rebound failover
+//! --point latest` asks it, timed from the command to the MT's power_on
+//! hook and split by the job's step records, in `rebound demo`'s in-process
+//! lab (CS, PS + MT per site, agent). "Planned failover excluding drain" is
+//! rollback + hand-over, against its goal of 5 s.
+//!
+//! The old-point rollback runs on the main lab (child processes): a crash
+//! point P, churn, then the failover steps driven directly ([`direct_stop`]:
+//! stop the churn, cut a shutdown point, wait until it is durable at the PS
+//! and applied at the MT, stop the agent, roll back to the shutdown point
+//! with the MT's Rollback RPC), then the pre-images restored and a rollback
+//! to P, whose undo bytes per second is the figure. Those direct drain and
+//! rollback times go to the JSON details beside the job's.
 
 use anyhow::Result;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::failover::{self, JobFailover};
 use super::lab::{Comp, Lab};
 use super::profiles::Profile;
 use super::sustained::writer_spec;
@@ -27,54 +35,99 @@ pub struct FailoverTimes {
     /// The point the replica was rolled to.
     pub point: String,
     /// From the command until the target holds every write (source fenced,
-    /// shutdown point applied, agent stopped).
+    /// shutdown point applied).
     pub drain: Duration,
     pub rollback: Duration,
-    pub rollback_blocks: u64,
-    /// Until the power-on hook ran; None while there is no failover job.
+    /// Blocks the rollback undid, when the driver knows.
+    pub rollback_blocks: Option<u64>,
+    /// Until the power-on hook ran; None when nothing powers the machine on.
     pub hand_over: Option<Duration>,
 }
 
-/// Runs a planned failover at `latest` of the lab's machine while `churn`
-/// writes to it.
-pub trait FailoverDriver {
-    /// What runs the failover, for the notes.
-    fn describe(&self) -> &'static str;
-    fn planned_failover_latest(&mut self, lab: &mut Lab, churn: Writer) -> Result<FailoverTimes>;
+/// The failover steps done directly against the agent and the MT of the
+/// main lab (no CS there): stop the churn, cut the shutdown point, wait
+/// until it is applied, stop the agent cleanly, roll back to it.
+pub fn direct_stop(lab: &mut Lab, churn: Writer) -> Result<FailoverTimes> {
+    let t0 = Instant::now();
+    churn.stop()?;
+    let (point, seq) = lab.tag("shutdown")?;
+    lab.admin()?
+        .call(json!({"cmd": "wait_durable", "timeout_ms": 120_000}))?;
+    lab.wait_applied(seq, Duration::from_secs(180))?;
+    lab.stop(Comp::Agent)?;
+    let drain = t0.elapsed();
+    let t1 = Instant::now();
+    let (blocks, _) = lab.rollback(&point)?;
+    Ok(FailoverTimes {
+        point,
+        drain,
+        rollback: t1.elapsed(),
+        rollback_blocks: Some(blocks),
+        hand_over: None,
+    })
 }
 
-/// The failover steps done directly against the agent and the MT.
-pub struct MtDirect;
+const LATEST_ROWS: [&str; 4] = [
+    "rto.drain",
+    "rto.rollback_latest",
+    "rto.handover",
+    "rto.failover_excl_drain",
+];
 
-impl FailoverDriver for MtDirect {
-    fn describe(&self) -> &'static str {
-        "steps driven directly (agent admin socket, SIGTERM, MT Rollback RPC); no failover job yet"
-    }
-
-    fn planned_failover_latest(&mut self, lab: &mut Lab, churn: Writer) -> Result<FailoverTimes> {
-        let t0 = Instant::now();
-        // Fence: the workload stops, then the final point is cut.
-        churn.stop()?;
-        let (point, seq) = lab.tag("shutdown")?;
-        lab.admin()?
-            .call(json!({"cmd": "wait_durable", "timeout_ms": 120_000}))?;
-        lab.wait_applied(seq, Duration::from_secs(180))?;
-        lab.stop(Comp::Agent)?;
-        let drain = t0.elapsed();
-        let t1 = Instant::now();
-        let (blocks, _) = lab.rollback(&point)?;
-        let rollback = t1.elapsed();
-        Ok(FailoverTimes {
-            point,
-            drain,
-            rollback,
-            rollback_blocks: blocks,
-            hand_over: None,
-        })
-    }
+pub fn run(b: &mut Bench, lab: &mut Lab) -> Result<()> {
+    let r = old_point(b, lab);
+    b.outcome(&["rto.rollback_old."], r);
+    b.progress("rto: planned failover at latest under churn, through the failover job");
+    let r = failover::planned_failover_latest(b).map(|f| latest_rows(b, f));
+    b.outcome(&LATEST_ROWS, r);
+    Ok(())
 }
 
-pub fn run(b: &mut Bench, lab: &mut Lab, driver: &mut dyn FailoverDriver) -> Result<()> {
+fn latest_rows(b: &mut Bench, f: JobFailover) {
+    let t = &f.times;
+    let hand = t.hand_over.unwrap_or_default();
+    b.progress(&format!(
+        "  command → power_on hook {:.2} s: drain {:.2} s, rollback to {} {:.2} s, hand-over {:.2} s",
+        f.total.as_secs_f64(),
+        t.drain.as_secs_f64(),
+        t.point,
+        t.rollback.as_secs_f64(),
+        hand.as_secs_f64()
+    ));
+    b.set(
+        "rto.drain",
+        t.drain.as_secs_f64(),
+        format!(
+            "command → fenced, drained to the PS, MT applied all (catch-up {:.2} s: waits for the MT's status, CS heartbeat {} s); {:.0} MB/s churn, agent RPO {} ms at the command",
+            f.catch_up.as_secs_f64(),
+            f.heartbeat_secs,
+            mb(f.churn_rate),
+            f.rpo_ms
+        ),
+    );
+    b.set(
+        "rto.rollback_latest",
+        t.rollback.as_secs_f64(),
+        format!("choose points + MT rollback to {}", t.point),
+    );
+    b.set(
+        "rto.handover",
+        hand.as_secs_f64(),
+        "MT hand-over until its power_on hook ran",
+    );
+    b.set(
+        "rto.failover_excl_drain",
+        (t.rollback + hand).as_secs_f64(),
+        format!(
+            "rollback + hand-over; command → power_on {:.2} s; CS failover job, in-process lab",
+            f.total.as_secs_f64()
+        ),
+    );
+    b.detail("rto_failover_job", f.detail);
+}
+
+/// Crash point, churn, direct stop, then a rollback to the crash point.
+fn old_point(b: &mut Bench, lab: &mut Lab) -> Result<()> {
     let p = b.plan.clone();
     lab.wait_settled(p.settle_timeout)?;
     let (old_point, old_seq) = lab.tag("crash")?;
@@ -89,55 +142,16 @@ pub fn run(b: &mut Bench, lab: &mut Lab, driver: &mut dyn FailoverDriver) -> Res
     let w = Writer::start(writer_spec(b, lab, pool, p.rto_rate, 50))?;
     std::thread::sleep(Duration::from_secs_f64(p.rto_churn_secs));
     let churned = w.bytes();
-    b.progress("rto: planned failover at latest under churn");
-    let f = driver.planned_failover_latest(lab, w)?;
+    let f = direct_stop(lab, w)?;
     let churn_rate = churned as f64 / p.rto_churn_secs;
     b.progress(&format!(
-        "  drain {:.2} s, rollback to {} {:.2} s ({} blocks), hand-over n/a",
+        "  stopped directly: drain {:.2} s, rollback to {} {:.2} s ({} blocks)",
         f.drain.as_secs_f64(),
         f.point,
         f.rollback.as_secs_f64(),
-        f.rollback_blocks
+        f.rollback_blocks.unwrap_or_default()
     ));
-    b.set(
-        "rto.drain",
-        f.drain.as_secs_f64(),
-        "churn stopped, shutdown point cut, durable at PS, applied at MT, agent stopped",
-    );
-    b.set(
-        "rto.rollback_latest",
-        f.rollback.as_secs_f64(),
-        format!("to {} ({} blocks)", f.point, f.rollback_blocks),
-    );
-    match f.hand_over {
-        Some(h) => {
-            b.set("rto.handover", h.as_secs_f64(), driver.describe());
-            b.set(
-                "rto.failover_excl_drain",
-                (f.rollback + h).as_secs_f64(),
-                "rollback + hand-over",
-            );
-        }
-        None => {
-            b.not_available("rto.handover", None, "n/a (issue 3): no failover job yet");
-            let rb = f.rollback.as_secs_f64();
-            if rb > 5.0 {
-                b.set(
-                    "rto.failover_excl_drain",
-                    rb,
-                    "rollback alone (hand-over n/a, issue 3)",
-                );
-            } else {
-                b.not_available(
-                    "rto.failover_excl_drain",
-                    Some(rb),
-                    "rollback only; hand-over n/a (issue 3)",
-                );
-            }
-        }
-    }
 
-    // Roll back to the old point: undo rate.
     let restored = lab.restore_pre_images()?;
     let age = old_at.elapsed().as_secs_f64();
     b.progress(&format!(
@@ -167,9 +181,10 @@ pub fn run(b: &mut Bench, lab: &mut Lab, driver: &mut dyn FailoverDriver) -> Res
     b.detail(
         "rto",
         json!({
-            "driver": driver.describe(),
-            "drain_s": f.drain.as_secs_f64(), "rollback_latest_s": f.rollback.as_secs_f64(),
-            "hand_over_s": f.hand_over.map(|h| h.as_secs_f64()),
+            "direct_stop": {
+                "drain_s": f.drain.as_secs_f64(), "rollback_latest_s": f.rollback.as_secs_f64(),
+                "rollback_latest_blocks": f.rollback_blocks,
+            },
             "old_point_age_s": age, "churn_mb_s": mb(churn_rate),
             "rollback_old": {"blocks": blocks, "undo_bytes": undo, "secs": secs},
         }),

@@ -220,6 +220,11 @@ impl Writer {
         self.pacer.rate.store(rate, Ordering::Relaxed);
     }
 
+    /// Whether every connection is still writing (none stopped on an error).
+    pub fn running(&self) -> bool {
+        self.threads.iter().all(|t| !t.is_finished())
+    }
+
     /// Bytes acknowledged so far.
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)

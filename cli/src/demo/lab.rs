@@ -78,6 +78,13 @@ impl Lab {
     /// `rebound_cs::init` in `<dir>/cs` (short heartbeats and timeouts for
     /// the demo), the CS task, and an admin client with its admin cert.
     pub async fn start_cs(dir: &Path) -> Result<Lab> {
+        Self::start_cs_with(dir, Some(0.5)).await
+    }
+
+    /// As [`Lab::start_cs`], with the CS's heartbeat (the period of every
+    /// component's status report, which the failover's catch-up waits on):
+    /// `None` keeps the CS's default (the bench measures a default setup).
+    pub async fn start_cs_with(dir: &Path, heartbeat_secs: Option<f64>) -> Result<Lab> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let cs_addr = listener.local_addr()?.to_string();
         let cs_dir = dir.join("cs");
@@ -89,7 +96,8 @@ impl Lab {
             .lines()
             .map(|l| {
                 let set = |k: &str, v: &str| l.starts_with(k).then(|| format!("{k} = {v}"));
-                set("heartbeat_secs", "0.5")
+                heartbeat_secs
+                    .and_then(|h| set("heartbeat_secs", &h.to_string()))
                     .or_else(|| set("command_timeout_secs", "30"))
                     .or_else(|| set("drain_timeout_secs", "60"))
                     .or_else(|| set("initial_sync_timeout_secs", "120"))

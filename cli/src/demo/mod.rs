@@ -16,7 +16,8 @@
 //! executable's hidden `__demo-agent` subcommand ([`agent_main`]).
 
 mod io;
-mod lab;
+/// Also the in-process lab of the bench's failover through the CS.
+pub(crate) mod lab;
 
 use anyhow::{anyhow, bail, Result};
 use io::{hash_export, hash_file, qemu_io};

@@ -1,0 +1,360 @@
+//! The RTO section's planned failover at `latest`, run as the real failover
+//! job of the configuration server (issue 3), timed from the command to the
+//! MT's power_on hook and split by the job's own step records.
+//!
+//! The lab is `rebound demo`'s in-process one ([`crate::demo::lab`]): a CS
+//! (SQLite), a PS and an MT per site (`onprem`, `azure`) and the machine's
+//! agent, as tasks of this process on loopback with mutual TLS, every
+//! component enrolled with the CS's passphrase, and an MT `[hooks] power_on`
+//! that records when it ran and boots the machine at the target. It is the
+//! simplest robust choice: the CS lifecycle (enrollment, control streams,
+//! jobs, hooks) is already wired there and checked by `rebound demo`, and
+//! nothing here reads per-process memory (the main lab's child processes
+//! keep that job). Unlike the demo, the CS keeps its default heartbeat
+//! (2 s): the catch-up step waits for the MT's status report, so the drain
+//! is what a default setup sees. The machine is protected onprem→azure, the bench's churn
+//! writer writes text-like data to the agent's NBD export, and while it
+//! writes the failover is asked through the Admin API's `Failover` RPC —
+//! the one `rebound failover --point latest` sends, with the admin
+//! certificate. Its split, from the CS's step times (`JobStep::started_ms`,
+//! `ended_ms`, same clock as the hook's `date +%s%3N`):
+//!
+//! - drain: command → end of the step before "choose recovery points"
+//!   (begin failover, fence, drain to the PS, MT applied everything);
+//! - rollback: → end of the "roll … back" step (choose points, MT rollback);
+//! - hand-over: → the power_on hook ran (MT hand-over, hook start).
+//!
+//! After the hand-over the replica must equal the source disk as the fence
+//! left it (blake3): a failover at `latest` that loses writes is an error,
+//! not a figure. Every wait is bounded (the demo lab's own limits: jobs
+//! 120 s, states 90 s, the hook 60 s, component stops 20 s).
+
+use anyhow::{anyhow, bail, Context, Result};
+use rebound_proto::control as pb;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::runtime::Handle;
+
+use super::profiles::Profile;
+use super::rto::FailoverTimes;
+use super::writer::{Writer, WriterSpec};
+use super::{mb, Bench};
+use crate::demo::lab::{now_ms, Lab, DISK, MACHINE};
+
+const FROM: &str = "onprem";
+const TO: &str = "azure";
+
+/// The failover job's figures beside the split.
+pub struct JobFailover {
+    pub times: FailoverTimes,
+    /// Command → power_on hook.
+    pub total: Duration,
+    /// The last step of the drain (MT applied everything: it waits for the
+    /// MT's periodic status report).
+    pub catch_up: Duration,
+    /// The CS's heartbeat (status report period), seconds.
+    pub heartbeat_secs: f64,
+    /// Agent-reported RPO (ms) just before the command.
+    pub rpo_ms: u64,
+    /// Churn rate achieved before the command (bytes/s).
+    pub churn_rate: f64,
+    /// For the JSON document: steps, raw times, how the churn ended.
+    pub detail: Value,
+}
+
+/// What the section calls: builds the lab, runs the failover, always stops
+/// the lab (a failed stop is reported in the detail, the figures stand).
+pub fn planned_failover_latest(b: &Bench) -> Result<JobFailover> {
+    let dir = b.dir.join("failover");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let rt = b.rt.clone();
+    b.progress(&format!(
+        "rto: configuration server, PS + MT at {FROM} and at {TO}, agent of {MACHINE} (in this process)"
+    ));
+    // The CS's default heartbeat, not the demo's 0.5 s: the catch-up part of
+    // the drain waits for the MT's next status report.
+    let mut lab = rt.block_on(Lab::start_cs_with(&dir, None))?;
+    let r = run(b, &rt, &mut lab);
+    let stopped = rt.block_on(lab.shutdown(&[FROM, TO]));
+    drop(lab);
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut f = r?;
+    if let Err(e) = stopped {
+        b.progress(&format!("rto: stopping the failover lab failed: {e:#}"));
+        f.detail["lab_stop_error"] = json!(format!("{e:#}"));
+    }
+    Ok(f)
+}
+
+fn run(b: &Bench, rt: &Handle, lab: &mut Lab) -> Result<JobFailover> {
+    let p = b.plan.clone();
+    rt.block_on(async {
+        lab.start_site(FROM).await?;
+        lab.start_site(TO).await
+    })?;
+    let disk = rt.block_on(lab.add_machine(&[FROM, TO], p.failover_disk))?;
+    b.progress(&format!(
+        "rto: protect {MACHINE} {FROM} → {TO} ({} MiB disk, initial sync)",
+        p.failover_disk >> 20
+    ));
+    rt.block_on(protect(lab))?;
+
+    b.progress(&format!(
+        "rto: {:.0} MB/s of text-like churn for {:.0} s, then `failover --point latest` through the CS",
+        mb(p.rto_rate),
+        p.failover_churn_secs
+    ));
+    let w = Writer::start(WriterSpec {
+        port: lab.agent_port(FROM)?,
+        export: DISK.into(),
+        write_size: p.write_size,
+        conns: p.writer_conns,
+        rate: p.rto_rate as u64,
+        pool: Arc::new(Profile::Text.pool(p.pool_bytes)),
+        seed: 61,
+    })?;
+    std::thread::sleep(Duration::from_secs_f64(p.failover_churn_secs));
+    if !w.running() {
+        let e = w.stop().err().map(|e| format!("{e:#}")).unwrap_or_default();
+        bail!("the churn writer stopped before the failover command: {e}");
+    }
+    let churned = w.bytes();
+    let rpo_ms = rt.block_on(lab.machine())?.rpo_ms;
+
+    lab.clear_power_on(TO);
+    let asked = now_ms();
+    let job = rt.block_on(failover(lab));
+    let powered = job
+        .as_ref()
+        .ok()
+        .map(|_| rt.block_on(lab.wait_powered_on(TO)));
+    // The fence refuses the writer's next write; stop it either way.
+    let until_fence = w.bytes() - churned;
+    let churn_end = match w.stop() {
+        Ok(_) => "stopped by the bench after the failover".to_string(),
+        Err(e) => format!("ended by the fence: {e:#}"),
+    };
+    let job = job?;
+    let powered = powered.ok_or_else(|| anyhow!("no power-on after the job"))??;
+
+    let m = rt.block_on(lab.wait_state("FailedOver"))?;
+    let point = m.failover_point.map(|p| p.id).unwrap_or_default();
+    let replica = lab.dir.join(format!(
+        "{TO}/mt/data/{}/replica/{DISK}.img",
+        m.replication_id
+    ));
+    let (want, got) = (hash(&disk)?, hash(&replica)?);
+    if want != got {
+        bail!(
+            "after the failover at latest the replica at {TO} has blake3 {got}, the fenced source {want}: writes were lost"
+        );
+    }
+
+    let s = split(&job, asked, powered)?;
+    let times = FailoverTimes {
+        point,
+        drain: s.drain,
+        rollback: s.rollback,
+        rollback_blocks: None,
+        hand_over: Some(s.hand_over),
+    };
+    let steps: Vec<Value> = job
+        .steps
+        .iter()
+        .map(|st| {
+            json!({
+                "name": st.name, "state": st.state,
+                "ms": st.ended_ms.saturating_sub(st.started_ms),
+                "from_command_ms": st.started_ms.saturating_sub(asked),
+            })
+        })
+        .collect();
+    Ok(JobFailover {
+        total: Duration::from_millis(powered.saturating_sub(asked)),
+        catch_up: s.catch_up,
+        heartbeat_secs: lab_heartbeat(lab),
+        rpo_ms,
+        churn_rate: churned as f64 / p.failover_churn_secs,
+        detail: json!({
+            "lab": "in-process CS + PS/MT per site + agent (demo lab)",
+            "job": job.id, "steps": steps,
+            "command_ms": asked, "power_on_ms": powered,
+            "rpo_ms_at_command": rpo_ms,
+            "churn_bytes_before_command": churned,
+            "churn_bytes_after_command": until_fence,
+            "churn_end": churn_end,
+            "replica_blake3": got,
+        }),
+        times,
+    })
+}
+
+/// The heartbeat the lab's CS runs with (its config file), 0 if unreadable.
+fn lab_heartbeat(lab: &Lab) -> f64 {
+    rebound_common::config::load::<rebound_cs::Config>(Some(&lab.dir.join("cs/config.toml")))
+        .map(|c| c.heartbeat_secs)
+        .unwrap_or(0.0)
+}
+
+fn hash(p: &Path) -> Result<String> {
+    let mut h = blake3::Hasher::new();
+    h.update_mmap(p)
+        .with_context(|| format!("hashing {}", p.display()))?;
+    Ok(h.finalize().to_hex().to_string())
+}
+
+async fn protect(lab: &mut Lab) -> Result<()> {
+    let r = lab
+        .admin
+        .protect(pb::ProtectRequest {
+            machine: MACHINE.into(),
+            to_site: TO.into(),
+            ps: format!("ps-{FROM}"),
+            mt: format!("mt-{TO}"),
+            group: String::new(),
+            policy: None,
+        })
+        .await
+        .context("Admin.Protect")?
+        .into_inner();
+    lab.finish(r.job).await?;
+    lab.wait_state("Protected").await?;
+    Ok(())
+}
+
+/// The Admin `Failover` RPC as `rebound failover --point latest` sends it,
+/// followed to the job's end.
+async fn failover(lab: &mut Lab) -> Result<pb::Job> {
+    let r = lab
+        .admin
+        .failover(pb::FailoverRequest {
+            targets: Some(pb::Targets {
+                machines: vec![MACHINE.into()],
+                plan: String::new(),
+            }),
+            from_site: FROM.into(),
+            to_site: TO.into(),
+            point: Some(crate::operator::parse_point("latest")?),
+            unplanned: false,
+        })
+        .await
+        .context("Admin.Failover")?
+        .into_inner();
+    lab.finish(r.job).await
+}
+
+#[derive(Debug, PartialEq)]
+struct Split {
+    drain: Duration,
+    catch_up: Duration,
+    rollback: Duration,
+    hand_over: Duration,
+}
+
+/// Splits command → power-on by the job's step records (ms since the
+/// epoch): the three parts add up to the whole.
+fn split(job: &pb::Job, asked: u64, powered: u64) -> Result<Split> {
+    let names = || {
+        job.steps
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let choose = job
+        .steps
+        .iter()
+        .position(|s| s.name == "choose recovery points")
+        .filter(|&i| i > 0)
+        .ok_or_else(|| {
+            anyhow!(
+                "no drain before \"choose recovery points\" in [{}]",
+                names()
+            )
+        })?;
+    let last = &job.steps[choose - 1];
+    let drained = last.ended_ms;
+    let rolled = job
+        .steps
+        .iter()
+        .find(|s| s.name.starts_with("roll "))
+        .map(|s| s.ended_ms)
+        .ok_or_else(|| anyhow!("no rollback step in [{}]", names()))?;
+    if !job.steps.iter().any(|s| s.name.starts_with("hand ")) {
+        bail!("no hand-over step in [{}]", names());
+    }
+    if !(asked <= drained && drained <= rolled && rolled <= powered) {
+        bail!(
+            "step times out of order: command {asked}, drained {drained}, rolled back {rolled}, power-on {powered} (ms)"
+        );
+    }
+    let ms = Duration::from_millis;
+    Ok(Split {
+        drain: ms(drained - asked),
+        catch_up: ms(drained.saturating_sub(last.started_ms)),
+        rollback: ms(rolled - drained),
+        hand_over: ms(powered - rolled),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(name: &str, started_ms: u64, ended_ms: u64) -> pb::JobStep {
+        pb::JobStep {
+            name: name.into(),
+            state: "done".into(),
+            started_ms,
+            ended_ms,
+            ..Default::default()
+        }
+    }
+
+    fn job() -> pb::Job {
+        pb::Job {
+            steps: vec![
+                step("begin failover", 1010, 1020),
+                step("fence m1 at the source", 1020, 1100),
+                step("drain m1", 1100, 1500),
+                step("apply everything pending for m1", 1500, 2000),
+                step("choose recovery points", 2010, 2020),
+                step("roll m1 back to its recovery point", 2020, 2300),
+                step("hand m1 over (power on)", 2300, 2600),
+            ],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn split_adds_up_to_command_to_power_on() {
+        let s = split(&job(), 1000, 2450).unwrap();
+        assert_eq!(
+            s,
+            Split {
+                drain: Duration::from_millis(1000),
+                catch_up: Duration::from_millis(500),
+                rollback: Duration::from_millis(300),
+                hand_over: Duration::from_millis(150),
+            }
+        );
+    }
+
+    #[test]
+    fn split_rejects_missing_steps_and_disordered_times() {
+        let mut j = job();
+        j.steps.retain(|s| !s.name.starts_with("hand "));
+        assert!(split(&j, 1000, 2450)
+            .unwrap_err()
+            .to_string()
+            .contains("no hand-over"));
+        assert!(split(&job(), 2100, 2450)
+            .unwrap_err()
+            .to_string()
+            .contains("out of order"));
+        assert!(split(&job(), 1000, 2200).is_err());
+    }
+}
