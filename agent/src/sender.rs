@@ -7,6 +7,12 @@
 //! `durable_seq` answers. Frames stay in memory until the PS says they are
 //! durable, so a reconnect loses nothing. While the PS is unreachable for
 //! longer than `bitmap_after`, the agent switches to bitmap mode.
+//!
+//! Memory: a sealed frame keeps the body its builder wrote the records into
+//! (moved, shrunk to its length: no copy, and the allocation equals what the
+//! change buffer accounts for); the wire bytes are encoded only for the
+//! send and freed once tonic has written them, and at most
+//! [`SEND_QUEUE`] of them wait in the request channel.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +36,8 @@ use crate::config::Settings;
 
 /// Largest message we accept from the PS (answers are tiny).
 const MAX_MESSAGE: usize = 64 << 20;
+/// Encoded frames waiting for tonic: each is a transient copy of a frame.
+const SEND_QUEUE: usize = 2;
 
 #[derive(Debug, Error)]
 pub enum SenderError {
@@ -123,18 +131,21 @@ pub async fn outage_watch(
 struct Sealed {
     first: u64,
     last: u64,
-    bytes: Vec<u8>,
+    frame: Frame,
     /// Uncompressed body length = the change-buffer bytes it accounts for.
     body_len: u64,
 }
 
 fn seal(b: FrameBuilder) -> Sealed {
-    let f = b.finish();
+    let mut frame = b.finish();
+    // The builder's Vec grew by doubling: give the slack back (an in-place
+    // realloc), so what stays allocated is what the buffer accounts for.
+    frame.body.shrink_to_fit();
     Sealed {
-        first: f.header.first_seq,
-        last: f.header.last_seq,
-        body_len: f.header.uncompressed_len as u64,
-        bytes: f.to_bytes(),
+        first: frame.header.first_seq,
+        last: frame.header.last_seq,
+        body_len: frame.header.uncompressed_len as u64,
+        frame,
     }
 }
 
@@ -142,9 +153,8 @@ fn seal(b: FrameBuilder) -> Sealed {
 /// middle of a frame), so the PS never sees a frame starting before its
 /// resume point.
 fn tail(rid: &str, s: &Sealed, from: u64) -> Result<Sealed, SenderError> {
-    let f = Frame::parse(&s.bytes)
-        .map_err(|e| SenderError::Protocol(format!("re-reading our own frame: {e}")))?;
-    let recs = f
+    let recs = s
+        .frame
         .records()
         .map_err(|e| SenderError::Protocol(format!("re-reading our own frame: {e}")))?;
     let mut b = FrameBuilder::new(rid, from);
@@ -233,7 +243,7 @@ async fn session(
         .map_err(|e| SenderError::Connect(e.to_string()))?;
     let mut client =
         ProcessServerClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE);
-    let (tx, rx) = mpsc::channel::<IngestRequest>(4);
+    let (tx, rx) = mpsc::channel::<IngestRequest>(SEND_QUEUE);
     tx.send(IngestRequest {
         msg: Some(ReqMsg::Hello(info.clone())),
     })
@@ -342,7 +352,7 @@ async fn session(
             permit = tx.reserve(), if has_unsent => {
                 let permit = permit.map_err(|_| SenderError::Closed)?;
                 let f = &outbox.frames[outbox.next];
-                permit.send(IngestRequest { msg: Some(ReqMsg::Frame(f.bytes.clone())) });
+                permit.send(IngestRequest { msg: Some(ReqMsg::Frame(f.frame.to_bytes())) });
                 outbox.next += 1;
             }
             _ = cap.sender_wake().notified() => {}
@@ -366,7 +376,10 @@ mod tests {
         assert_eq!((s.first, s.last), (10, 14));
         let t = tail("m1", &s, 13).unwrap();
         assert_eq!((t.first, t.last), (13, 14));
-        let recs = Frame::parse(&t.bytes).unwrap().records().unwrap();
+        let recs = Frame::parse(&t.frame.to_bytes())
+            .unwrap()
+            .records()
+            .unwrap();
         assert_eq!(
             recs[0],
             Record::Write {
