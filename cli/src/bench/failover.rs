@@ -76,9 +76,9 @@ pub fn planned_failover_latest(b: &Bench) -> Result<JobFailover> {
     ));
     // The CS's default heartbeat, not the demo's 0.5 s: the catch-up part of
     // the drain waits for the MT's next status report.
-    let mut lab = rt.block_on(Lab::start_cs_with(&dir, None))?;
+    let mut lab = bounded(&rt, "starting the CS", 60, Lab::start_cs_with(&dir, None))?;
     let r = run(b, &rt, &mut lab);
-    let stopped = rt.block_on(lab.shutdown(&[FROM, TO]));
+    let stopped = bounded(&rt, "stopping the lab", 150, lab.shutdown(&[FROM, TO]));
     drop(lab);
     let _ = std::fs::remove_dir_all(&dir);
     let mut f = r?;
@@ -91,16 +91,21 @@ pub fn planned_failover_latest(b: &Bench) -> Result<JobFailover> {
 
 fn run(b: &Bench, rt: &Handle, lab: &mut Lab) -> Result<JobFailover> {
     let p = b.plan.clone();
-    rt.block_on(async {
+    bounded(rt, "starting the sites", 150, async {
         lab.start_site(FROM).await?;
         lab.start_site(TO).await
     })?;
-    let disk = rt.block_on(lab.add_machine(&[FROM, TO], p.failover_disk))?;
+    let disk = bounded(
+        rt,
+        "adding the machine",
+        90,
+        lab.add_machine(&[FROM, TO], p.failover_disk),
+    )?;
     b.progress(&format!(
         "rto: protect {MACHINE} {FROM} → {TO} ({} MiB disk, initial sync)",
         p.failover_disk >> 20
     ));
-    rt.block_on(protect(lab))?;
+    bounded(rt, "protecting the machine", 240, protect(lab))?;
 
     b.progress(&format!(
         "rto: {:.0} MB/s of text-like churn for {:.0} s, then `failover --point latest` through the CS",
@@ -122,15 +127,15 @@ fn run(b: &Bench, rt: &Handle, lab: &mut Lab) -> Result<JobFailover> {
         bail!("the churn writer stopped before the failover command: {e}");
     }
     let churned = w.bytes();
-    let rpo_ms = rt.block_on(lab.machine())?.rpo_ms;
+    let rpo_ms = bounded(rt, "reading the machine", 30, lab.machine())?.rpo_ms;
 
     lab.clear_power_on(TO);
     let asked = now_ms();
-    let job = rt.block_on(failover(lab));
+    let job = bounded(rt, "the failover job", 180, failover(lab));
     let powered = job
         .as_ref()
         .ok()
-        .map(|_| rt.block_on(lab.wait_powered_on(TO)));
+        .map(|_| bounded(rt, "waiting for the power-on", 90, lab.wait_powered_on(TO)));
     // The fence refuses the writer's next write; stop it either way.
     let until_fence = w.bytes() - churned;
     let churn_end = match w.stop() {
@@ -140,7 +145,12 @@ fn run(b: &Bench, rt: &Handle, lab: &mut Lab) -> Result<JobFailover> {
     let job = job?;
     let powered = powered.ok_or_else(|| anyhow!("no power-on after the job"))??;
 
-    let m = rt.block_on(lab.wait_state("FailedOver"))?;
+    let m = bounded(
+        rt,
+        "waiting for FailedOver",
+        120,
+        lab.wait_state("FailedOver"),
+    )?;
     let point = m.failover_point.map(|p| p.id).unwrap_or_default();
     let replica = lab.dir.join(format!(
         "{TO}/mt/data/{}/replica/{DISK}.img",
@@ -190,6 +200,19 @@ fn run(b: &Bench, rt: &Handle, lab: &mut Lab) -> Result<JobFailover> {
         }),
         times,
     })
+}
+
+/// Runs `fut` on the runtime, at most `secs` seconds (the demo lab's calls
+/// to the CS have no deadline of their own).
+fn bounded<T>(
+    rt: &Handle,
+    what: &str,
+    secs: u64,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    rt.block_on(tokio::time::timeout(Duration::from_secs(secs), fut))
+        .map_err(|_| anyhow!("{what}: no answer within {secs} s"))?
+        .with_context(|| what.to_string())
 }
 
 /// The heartbeat the lab's CS runs with (its config file), 0 if unreadable.
