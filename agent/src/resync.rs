@@ -26,7 +26,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rebound_common::chunk::{chunk_hashes, CHUNK_SIZE, SUB_CHUNK_SIZE};
+use futures::future::Either;
+use futures::StreamExt;
+use rebound_common::chunk::{CHUNK_SIZE, SUB_CHUNK_SIZE};
 use rebound_proto::process_server_client::ProcessServerClient;
 use rebound_proto::{ChunkHashesRequest, ReplicationInfo};
 use thiserror::Error;
@@ -37,8 +39,14 @@ use tracing::{debug, info, warn};
 use crate::capture::{Capture, CaptureError};
 use crate::sender::Link;
 
+mod hash;
+use hash::{chunk_hashes, zero_hash};
+
 /// Chunks per first-level hash request (64 MiB of disk).
 const HASH_BATCH: u64 = 64;
+/// First-level batches in comparison at once: the replica hashes the next
+/// ones while the agent hashes this one (each side on its own core).
+const PIPELINE_DEPTH: usize = 3;
 /// Chunks per sub-chunk hash request.
 const SUB_BATCH_CHUNKS: u64 = 16;
 /// How often a long resync logs its progress.
@@ -170,18 +178,6 @@ impl Progress {
     }
 }
 
-fn zero_hash(len: u64) -> [u8; 32] {
-    static ZEROS: [u8; SUB_CHUNK_SIZE as usize] = [0; SUB_CHUNK_SIZE as usize];
-    let mut h = blake3::Hasher::new();
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(SUB_CHUNK_SIZE) as usize;
-        h.update(&ZEROS[..n]);
-        left -= n as u64;
-    }
-    *h.finalize().as_bytes()
-}
-
 async fn local_hashes(
     cap: &Arc<Capture>,
     disk: u32,
@@ -290,6 +286,12 @@ struct Target {
 /// replica's hashes must include every record up to it, so that every
 /// change missing from the stream is older than the records it has not
 /// applied yet. On error, says how many of `exts` were completely done.
+///
+/// Pipelined: up to [`PIPELINE_DEPTH`] batches are compared at once (the
+/// replica's hashes of the next batches are asked while this one is hashed
+/// locally), and the comparisons run ahead of the records being appended.
+/// Each batch still hashes locally only after its replica answer, and the
+/// records of the batches are appended in order.
 pub async fn resync_extents<H: HashSource>(
     cap: &Arc<Capture>,
     src: &H,
@@ -301,58 +303,108 @@ pub async fn resync_extents<H: HashSource>(
 ) -> Result<(), (usize, ResyncError)> {
     let size = cap.disks()[disk as usize].size();
     let t = Target { disk, min_seq };
-    let mut done = 0usize;
-    for (first, count) in runs(exts, HASH_BATCH) {
-        if *stop.borrow() {
-            return Err((done, ResyncError::Stopped));
+    let batches = runs(exts, HASH_BATCH);
+    let (tx, mut rx) = tokio::sync::mpsc::channel(PIPELINE_DEPTH);
+    let t = &t;
+    let compare = async move {
+        let mut compared = futures::stream::iter(batches.iter().copied())
+            .map(|(first, count)| compare_batch(cap, src, t, size, first, count))
+            .buffered(PIPELINE_DEPTH);
+        while let Some(r) = compared.next().await {
+            let failed = r.is_err();
+            if tx.send(r).await.is_err() || failed {
+                break;
+            }
         }
-        resync_run(cap, src, &t, size, first, count)
-            .await
-            .map_err(|e| (done, e))?;
-        done += count as usize;
-        progress.advance(cap, count * CHUNK_SIZE);
+    };
+    let act = async {
+        let mut done = 0usize;
+        loop {
+            if *stop.borrow() {
+                return Err((done, ResyncError::Stopped));
+            }
+            let c = match rx.recv().await {
+                None => return Ok(()),
+                Some(Err(e)) => return Err((done, e)),
+                Some(Ok(c)) => c,
+            };
+            send_differences(cap, src, t, size, &c)
+                .await
+                .map_err(|e| (done, e))?;
+            done += c.count as usize;
+            progress.advance(cap, c.count * CHUNK_SIZE);
+        }
+    };
+    let (compare, act) = (std::pin::pin!(compare), std::pin::pin!(act));
+    match futures::future::select(act, compare).await {
+        Either::Left((r, _)) => r,
+        Either::Right(((), act)) => act.await,
     }
-    Ok(())
 }
 
-async fn resync_run<H: HashSource>(
+/// One first-level batch, compared.
+struct Compared {
+    /// Extents the batch covers (some may be past the end of the disk).
+    count: u64,
+    /// Chunks the replica holds as all zeroes: (offset, length).
+    zero: Vec<(u64, u64)>,
+    /// Other differing chunks, ascending.
+    differing: Vec<u64>,
+}
+
+/// Asks the replica's hashes of `count` chunks from chunk `first`, then
+/// hashes them locally, and says which differ.
+async fn compare_batch<H: HashSource>(
     cap: &Arc<Capture>,
     src: &H,
     t: &Target,
     size: u64,
     first: u64,
     count: u64,
-) -> Result<(), ResyncError> {
-    let disk = t.disk;
+) -> Result<Compared, ResyncError> {
+    let mut c = Compared {
+        count,
+        zero: Vec::new(),
+        differing: Vec::new(),
+    };
     let offset = first * CHUNK_SIZE;
     if offset >= size {
-        return Ok(());
+        return Ok(c);
     }
-    let count = count.min((size - offset).div_ceil(CHUNK_SIZE));
-    let remote = remote_hashes(cap, src, t, offset, CHUNK_SIZE, count).await?;
-    let local = local_hashes(cap, disk, offset, CHUNK_SIZE, count).await?;
-    let full_zero = zero_hash(CHUNK_SIZE);
-    let mut differing = Vec::new();
-    for i in 0..count {
+    let n = count.min((size - offset).div_ceil(CHUNK_SIZE));
+    let remote = remote_hashes(cap, src, t, offset, CHUNK_SIZE, n).await?;
+    let local = local_hashes(cap, t.disk, offset, CHUNK_SIZE, n).await?;
+    for i in 0..n {
         let r = &remote[i as usize * 32..i as usize * 32 + 32];
         if r == &local[i as usize * 32..i as usize * 32 + 32] {
             continue;
         }
         let c_off = offset + i * CHUNK_SIZE;
         let c_len = CHUNK_SIZE.min(size - c_off);
-        let zero = if c_len == CHUNK_SIZE {
-            full_zero
+        if r == zero_hash(c_len) {
+            c.zero.push((c_off, c_len));
         } else {
-            zero_hash(c_len)
-        };
-        if r == zero {
-            // The replica is all zeroes here: send the non-zero sub-chunks.
-            copy(cap, disk, c_off, c_len, true).await?;
-        } else {
-            differing.push(first + i);
+            c.differing.push(first + i);
         }
     }
-    for (g_first, g_count) in runs(&differing, SUB_BATCH_CHUNKS) {
+    Ok(c)
+}
+
+/// Appends the records for a compared batch: the non-zero sub-chunks of the
+/// chunks the replica holds as zeroes (no second round trip), and for the
+/// other differing chunks the sub-chunks whose 64 KiB hashes differ.
+async fn send_differences<H: HashSource>(
+    cap: &Arc<Capture>,
+    src: &H,
+    t: &Target,
+    size: u64,
+    c: &Compared,
+) -> Result<(), ResyncError> {
+    let disk = t.disk;
+    for &(c_off, c_len) in &c.zero {
+        copy(cap, disk, c_off, c_len, true).await?;
+    }
+    for (g_first, g_count) in runs(&c.differing, SUB_BATCH_CHUNKS) {
         let g_off = g_first * CHUNK_SIZE;
         let g_len = (g_count * CHUNK_SIZE).min(size - g_off);
         let n_sub = g_len.div_ceil(SUB_CHUNK_SIZE);
@@ -549,14 +601,14 @@ mod tests {
             count: u32,
             _min: u64,
         ) -> impl Future<Output = Result<Vec<u8>, ResyncError>> + Send {
-            let r =
-                chunk_hashes(&self.file, self.size, offset, chunk_size, count).map_err(|source| {
-                    ResyncError::LocalHash {
-                        disk: "replica".into(),
-                        offset,
-                        source,
-                    }
-                });
+            let r = rebound_common::chunk::chunk_hashes(
+                &self.file, self.size, offset, chunk_size, count,
+            )
+            .map_err(|source| ResyncError::LocalHash {
+                disk: "replica".into(),
+                offset,
+                source,
+            });
             async move { r }
         }
     }
