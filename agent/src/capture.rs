@@ -9,6 +9,13 @@
 //! outside the mutex (the extent is marked in flight so it cannot be cleared
 //! meanwhile).
 //!
+//! Durable order of a write: (1) every extent it touches is durably marked
+//! in the dirty-extent log (set, pwrite, fdatasync shared with concurrent
+//! setters) unless it already was; (2) pwrite of the data; (3) the record
+//! into the change buffer; (4) the acknowledgement. A mark is cleared only
+//! once every record touching the extent is durable at the PS and the extent
+//! went cold ([`Capture::clear_cold_extents`]), so hot extents skip step 1.
+//!
 //! The change buffer holds records already encoded into frame bodies
 //! ([`FrameBuilder`]), so write data is copied exactly once, from the NBD
 //! request into the frame. The sender takes whole builders, seals them
@@ -391,6 +398,16 @@ impl Capture {
                     &e,
                     format!("dirty-extent log {}", self.dlog.path().display()),
                 ));
+            }
+            // The look-ahead extents count as just written, so the clear
+            // loop keeps them for a sequential writer about to reach them.
+            let now = self.epoch.elapsed().as_secs() as u32;
+            if let Some(lw) = st.last_write.get_mut(disk as usize) {
+                for &e in &to_set {
+                    if let Some(t) = lw.get_mut(e as usize) {
+                        *t = now;
+                    }
+                }
             }
             if st.fenced {
                 return Err(NbdError::eperm(
