@@ -44,12 +44,12 @@ use tracing::{error, info, warn};
 
 const BS: u64 = BLOCK as u64;
 /// Undo bytes or data bytes gathered before they are written out.
-const BATCH_BYTES: usize = 32 << 20;
+const BATCH_BYTES: usize = 16 << 20;
 /// Zero records are applied in pieces of this size (their undo can be large).
 const ZERO_PIECE: u64 = 16 << 20;
 /// Decoded record data gathered for one durability cycle (a compressed
 /// frame of zeroes can expand a thousandfold).
-const CYCLE_BYTES: usize = 64 << 20;
+const CYCLE_BYTES: usize = 32 << 20;
 
 enum Op<'a> {
     Data {
@@ -105,7 +105,7 @@ impl Replication {
     /// Parses, verifies and applies one encoded frame. Returns the applied
     /// seq to acknowledge.
     pub fn apply_frame(&self, bytes: &[u8]) -> Result<u64> {
-        let (applied, r) = self.apply_frames(&[bytes]);
+        let (applied, r) = self.apply_frames([bytes]);
         r.map(|()| applied)
     }
 
@@ -114,9 +114,12 @@ impl Replication {
     /// Returns the applied seq to acknowledge (cumulative) and, when a frame
     /// was refused or applying failed, why: the frames before the refused
     /// one are applied and covered by the seq; nothing of the refused frame
-    /// or of those after it is.
-    pub fn apply_frames<B: AsRef<[u8]>>(&self, frames: &[B]) -> (u64, Result<()>) {
-        let prepared = frames.iter().map(|b| {
+    /// or of those after it is. Each encoded frame is dropped once decoded.
+    pub fn apply_frames<B: AsRef<[u8]>>(
+        &self,
+        frames: impl IntoIterator<Item = B>,
+    ) -> (u64, Result<()>) {
+        let prepared = frames.into_iter().map(|b| {
             let frame = Frame::parse(b.as_ref()).map_err(|e| {
                 MtError::InvalidArgument(format!(
                     "replication {}: refused a frame that cannot be parsed ({e}); nothing of it was applied",

@@ -54,14 +54,15 @@ async fn blocking<T: Send + 'static>(
         .map_err(Status::from)
 }
 
-/// Frame bytes received ahead of apply, at most (the PS keeps 64 MiB in
-/// flight): receiving, TLS and decoding go on while a cycle is applied.
-const READ_AHEAD_BYTES: usize = 64 << 20;
+/// Frame bytes received ahead of apply, at most: receiving, TLS and
+/// decoding go on while a cycle is applied. With the 32 MiB HTTP/2
+/// connection window and the decoded cycle, this bounds the MT's memory.
+const READ_AHEAD_BYTES: usize = 24 << 20;
 /// Messages received ahead of apply, at most.
 const READ_AHEAD_MSGS: usize = 1024;
 /// Frame bytes applied in one durability cycle, at most: the next cycle's
 /// frames keep arriving meanwhile.
-const CYCLE_BYTES: usize = 32 << 20;
+const CYCLE_BYTES: usize = 16 << 20;
 
 /// A message received ahead, holding its share of the byte budget until
 /// it is applied.
@@ -202,7 +203,7 @@ async fn apply_session(
         }
         if !frames.is_empty() {
             let r = repl.clone();
-            let (applied, result) = tokio::task::spawn_blocking(move || r.apply_frames(&frames))
+            let (applied, result) = tokio::task::spawn_blocking(move || r.apply_frames(frames))
                 .await
                 .map_err(|e| Status::internal(format!("storage task failed: {e}")))?;
             drop(permits);

@@ -68,7 +68,7 @@ fn refused_frame_stops_the_batch_after_the_good_ones() {
     let d = g.frame_bytes(mid + 6, g.seq());
     let len = c.len();
     c[len - 20] ^= 0x33;
-    let (applied, res) = r.apply_frames(&[&a, &b, &c, &d]);
+    let (applied, res) = r.apply_frames([&a, &b, &c, &d]);
     assert!(matches!(res, Err(MtError::DataLoss(_))), "{res:?}");
     assert_eq!(applied, mid);
     assert_eq!(r.applied_seq(), mid);
@@ -77,13 +77,13 @@ fn refused_frame_stops_the_batch_after_the_good_ones() {
     // A gap after a good frame: the good one is applied, the gap refused.
     let c = g.frame_bytes(mid + 1, mid + 5);
     let gap = g.frame_bytes(mid + 7, g.seq());
-    let (applied, res) = r.apply_frames(&[&c, &gap]);
+    let (applied, res) = r.apply_frames([&c, &gap]);
     assert!(
         matches!(res, Err(MtError::FailedPrecondition(_))),
         "{res:?}"
     );
     assert_eq!(applied, mid + 5);
-    let (applied, res) = r.apply_frames(&[g.frame_bytes(mid + 6, g.seq())]);
+    let (applied, res) = r.apply_frames([g.frame_bytes(mid + 6, g.seq())]);
     res.expect("the rest applies");
     assert_eq!(applied, g.seq());
     check_all(&r, &g);
