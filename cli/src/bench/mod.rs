@@ -179,10 +179,6 @@ impl Bench {
         self.report.set(id, value, note);
     }
 
-    pub fn not_available(&mut self, id: &str, value: Option<f64>, note: &str) {
-        self.report.not_available(id, value, note);
-    }
-
     /// Extra data for the JSON document.
     pub fn detail(&mut self, key: &str, v: Value) {
         self.details.insert(key.into(), v);

@@ -26,9 +26,6 @@ pub enum Verdict {
     Below,
     /// A figure without a goal.
     Info,
-    /// Cannot be measured yet (the hand-over needs issue 3).
-    #[serde(rename = "n/a")]
-    NotAvailable,
     /// The section failed; the note says why.
     Error,
 }
@@ -39,7 +36,6 @@ impl Verdict {
             Verdict::Meets => "meets",
             Verdict::Below => "below",
             Verdict::Info => "-",
-            Verdict::NotAvailable => "n/a",
             Verdict::Error => "error",
         }
     }
@@ -444,7 +440,6 @@ pub struct Row {
 impl Row {
     fn display_value(&self) -> String {
         match self.value {
-            None if self.verdict == Verdict::NotAvailable => "n/a".into(),
             None => "-".into(),
             Some(v) => format!("{} {}", fmt_num(v, self.unit), self.unit),
         }
@@ -520,14 +515,6 @@ impl Report {
     /// Sets the goal of a row whose goal depends on the run (memory).
     pub fn set_goal(&mut self, id: &str, goal: Goal) {
         self.row_mut(id).goal = goal;
-    }
-
-    /// A figure that cannot be measured yet, with an optional partial value.
-    pub fn not_available(&mut self, id: &str, value: Option<f64>, note: impl Into<String>) {
-        let r = self.row_mut(id);
-        r.value = value;
-        r.verdict = Verdict::NotAvailable;
-        r.note = note.into();
     }
 
     /// Marks every row of `prefix` not yet measured as failed with `err`.
@@ -606,15 +593,15 @@ mod tests {
         r.set("cost.randwrite4k_qd1.ratio", 0.95, "");
         r.set("rpo.54.p99", 1200.0, "");
         r.set("limits.blake3", 1000.0, "");
-        r.not_available("rto.handover", None, "n/a (issue 3)");
+        r.fail("rto.", "no lab");
         let v = |id: &str| r.rows().iter().find(|x| x.id == id).unwrap().verdict;
         assert_eq!(v("cost.randwrite4k_qd1.ratio"), Verdict::Meets);
         assert_eq!(v("rpo.54.p99"), Verdict::Below);
         assert_eq!(v("limits.blake3"), Verdict::Info);
-        assert_eq!(v("rto.handover"), Verdict::NotAvailable);
-        assert_eq!(r.errors(), ROWS.len() - 4);
+        assert_eq!(v("rto.handover"), Verdict::Error);
+        assert_eq!(r.errors(), ROWS.len() - 3);
         let t = r.table();
-        assert!(t.contains("n/a"));
+        assert!(t.contains("failed: no lab"));
         assert!(t.contains(">= 0.90 x"));
     }
 }
