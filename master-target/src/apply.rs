@@ -81,6 +81,8 @@ struct Batch<'a> {
     data_bytes: usize,
     /// Encoded undo records, appended to the journal at flush.
     undo: Vec<u8>,
+    /// Old content read for staging, reused (no fresh pages per read).
+    old: Vec<u8>,
     /// (key, offset in `undo`) of the blocks saved by this batch.
     saved: Vec<(u64, u64)>,
     saved_set: HashSet<u64>,
@@ -344,6 +346,7 @@ impl Replication {
     ) -> Result<()> {
         let mut batch = Batch {
             crash,
+            undo: std::mem::take(&mut inner.scratch),
             ..Batch::default()
         };
         let mut touched = vec![false; self.disks.len()];
@@ -413,6 +416,10 @@ impl Replication {
         inner.st.applied_seq = last;
         self.persist_applied(inner, &mut st_dirty)?;
         self.applied_tx.send_replace(last);
+        if batch.undo.capacity() <= 2 * BATCH_BYTES {
+            batch.undo.clear();
+            inner.scratch = batch.undo;
+        }
         Ok(())
     }
 
@@ -464,7 +471,9 @@ impl Replication {
             }
             // None of these blocks is touched by a pending op of the batch
             // (those are all saved), so the replica holds their old content.
-            let mut old = vec![0u8; ((e - b + 1) * BS) as usize];
+            let mut old = std::mem::take(&mut batch.old);
+            old.clear();
+            old.resize(((e - b + 1) * BS) as usize, 0);
             read_full_at(&d.file, &mut old, b * BS).map_err(io_err(|| {
                 format!(
                     "cannot read old content of disk {} ({}) of replication {} at offset {}",
@@ -482,6 +491,7 @@ impl Replication {
                 batch.saved.push((k, rel));
                 batch.saved_set.insert(k);
             }
+            batch.old = old;
             b = e + 1;
         }
         Ok(())

@@ -69,6 +69,9 @@ pub(crate) struct Inner {
     /// `applied.seq`: where apply persists `st.applied_seq` and
     /// `st.interval` (see `seqfile`).
     pub seq: SeqFile,
+    /// The undo buffer of apply, kept between cycles so each cycle does not
+    /// fault in fresh pages.
+    pub scratch: Vec<u8>,
 }
 
 impl Inner {
@@ -598,6 +601,7 @@ fn recover(layout: &Layout, info: &StoredInfo) -> Result<Inner> {
         maps: Mutex::new(MapCache::default()),
         pre,
         seq,
+        scratch: Vec::new(),
     })
 }
 
