@@ -17,6 +17,13 @@
 //! records in flight, equals the source there. (Waiting only for the batch
 //! start, not for the resync records just sent, keeps the pipeline full.)
 //!
+//! The comparison is pipelined, because each side's blake3 is the work: the
+//! replica's hashes of the next batches are asked while the agent hashes the
+//! current one, and the comparisons run ahead of the sub-chunk round trips
+//! and the records. Each batch is still hashed locally only after its own
+//! answer, and records are appended batch by batch in disk order, so a
+//! failure knows which extents are done. Local hashing is in [`hash`].
+//!
 //! The driver runs windows while the link is up and the buffer has room; a
 //! failure gives the unfinished extents back and retries, the window stays
 //! open (no tag) until everything is through.

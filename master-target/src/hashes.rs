@@ -91,7 +91,7 @@ impl Replication {
 /// chunk is hashed while it is still in cache.
 const READ_SPAN: u64 = 1 << 20;
 /// Most bytes mapped at once.
-const MAP_SPAN: u64 = 16 << 20;
+const MAP_SPAN: u64 = 4 << 20;
 
 /// blake3 of `len` zero bytes; those of a whole chunk and sub-chunk are
 /// computed once.

@@ -26,7 +26,7 @@ use rebound_common::chunk::{is_zero, read_full_at, CHUNK_SIZE, SUB_CHUNK_SIZE};
 /// Most bytes read per `pread` (at least one chunk).
 const READ_SPAN: u64 = 1 << 20;
 /// Most bytes mapped at once.
-const MAP_SPAN: u64 = 16 << 20;
+const MAP_SPAN: u64 = 4 << 20;
 
 /// blake3 of `len` zero bytes; those of a whole chunk and sub-chunk are
 /// computed once.
