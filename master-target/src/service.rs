@@ -1,7 +1,10 @@
 //! The `MasterTarget` gRPC service (proto/rebound.proto): the PS's apply
 //! stream, chunk hashes for resync, point listings and the admin rollback
 //! calls. Authorisation goes by the peer certificate's role (DESIGN.md §3).
-//! Blocking storage work runs on the blocking pool.
+//! Blocking storage work runs on the blocking pool. The apply stream is
+//! read ahead by its own task (bounded in bytes) so that receiving, TLS and
+//! decoding overlap the fsyncs of the apply cycle; acknowledgements are sent
+//! only after a cycle is durable (see `apply`).
 
 use crate::error::MtError;
 use crate::hashes::WAIT_APPLIED;
