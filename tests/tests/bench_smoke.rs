@@ -64,9 +64,6 @@ const ROWS: &[&str] = &[
     "rto.rollback_old.rate",
 ];
 
-/// Rows that may be "n/a" until the failover job exists (issue 3).
-const MAY_BE_NA: &[&str] = &["rto.handover", "rto.failover_excl_drain"];
-
 #[test]
 fn bench_quick_prints_a_complete_table_and_json() {
     let exe = binary("rebound").unwrap();
@@ -97,19 +94,18 @@ fn bench_quick_prints_a_complete_table_and_json() {
         let id = r["id"].as_str().unwrap();
         let verdict = r["verdict"].as_str().unwrap();
         assert!(
-            ["meets", "below", "info", "n/a"].contains(&verdict),
+            ["meets", "below", "info"].contains(&verdict),
             "{id}: verdict {verdict:?} (note: {})",
             r["note"]
         );
-        match r["value"].as_f64() {
-            Some(v) => assert!(v.is_finite() && v >= 0.0, "{id}: value {v}"),
-            None => assert!(
-                verdict == "n/a" && MAY_BE_NA.contains(&id),
-                "{id} has no value: {r}"
-            ),
-        }
+        // Every row has a number, the RTO hand-over included (it comes from
+        // the failover job now).
+        let v = r["value"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{id} has no value: {r}"));
+        assert!(v.is_finite() && v >= 0.0, "{id}: value {v}");
         match r["goal"]["kind"].as_str() {
-            Some("none") => assert_eq!(verdict == "info", r["value"].is_number(), "{id}: {r}"),
+            Some("none") => assert_eq!(verdict, "info", "{id}: {r}"),
             Some("at_least") | Some("at_most") => {
                 assert!(r["goal"]["value"].is_number(), "{id}: goal {r}")
             }
@@ -122,13 +118,9 @@ fn bench_quick_prints_a_complete_table_and_json() {
             .find(|l| l.starts_with(figure) && l[figure.len()..].starts_with("  "))
             .unwrap_or_else(|| panic!("the table has no row {figure:?}:\n{stdout}"));
         let value_text = line[figure.len()..].split_whitespace().next().unwrap();
-        if r["value"].is_number() {
-            value_text
-                .parse::<f64>()
-                .unwrap_or_else(|_| panic!("{id}: printed value {value_text:?} is not a number"));
-        } else {
-            assert_eq!(value_text, "n/a", "{id}: {line}");
-        }
+        value_text
+            .parse::<f64>()
+            .unwrap_or_else(|_| panic!("{id}: printed value {value_text:?} is not a number"));
     }
     assert!(doc["meta"]["plan"]["quick"].as_bool().unwrap());
 }
