@@ -56,6 +56,11 @@ const HASH_BATCH: u64 = 64;
 const PIPELINE_DEPTH: usize = 3;
 /// Chunks per sub-chunk hash request.
 const SUB_BATCH_CHUNKS: u64 = 16;
+/// How often the idle driver checks whether a resync is wanted (a hello or
+/// an acknowledgement wakes it sooner).
+const IDLE_POLL: Duration = Duration::from_millis(100);
+/// How often it checks for the link and buffer room once work is pending.
+const WANTED_POLL: Duration = Duration::from_millis(5);
 /// How often a long resync logs its progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
@@ -471,20 +476,25 @@ pub async fn driver(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut progress = Progress::new(0);
+    let mut durable = cap.durable_watch();
     loop {
-        // Wait for work, a live link and room in the buffer.
+        // Wait for work, a live link and room in the buffer. A hello (the
+        // resume point) and every acknowledgement move the durable seq, so
+        // the wait ends as soon as they come, not at the next poll; the
+        // link is marked up just after the hello, hence the short poll
+        // while work is pending.
         loop {
             if *stop.borrow() {
                 return;
             }
-            if link.is_connected()
-                && cap.resync_wanted()
-                && cap.buffer_bytes() < cap.buffer_limit() / 2
-            {
+            let wanted = cap.resync_wanted();
+            if wanted && link.is_connected() && cap.buffer_bytes() < cap.buffer_limit() / 2 {
                 break;
             }
+            let poll = if wanted { WANTED_POLL } else { IDLE_POLL };
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = tokio::time::sleep(poll) => {}
+                _ = durable.changed() => {}
                 _ = stop.changed() => {}
             }
         }
