@@ -8,6 +8,9 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
+mod hashes;
+pub use hashes::{chunk_hashes, zero_hash};
+
 /// Granularity of the retention journal's undo records.
 pub const BLOCK_SIZE: u64 = 4096;
 /// First-level resync chunk.
@@ -35,27 +38,6 @@ pub fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> 
     Ok(())
 }
 
-/// blake3 of `count` chunks of `chunk_size` starting at `offset`, each
-/// clipped at `disk_size`; `count * 32` bytes. A chunk entirely past the end
-/// of the disk hashes the empty string.
-pub fn chunk_hashes(
-    file: &File,
-    disk_size: u64,
-    offset: u64,
-    chunk_size: u32,
-    count: u32,
-) -> io::Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(count as usize * 32);
-    let mut buf = vec![0u8; chunk_size as usize];
-    for i in 0..count as u64 {
-        let start = offset + i * chunk_size as u64;
-        let len = disk_size.saturating_sub(start).min(chunk_size as u64) as usize;
-        read_full_at(file, &mut buf[..len], start)?;
-        out.extend_from_slice(blake3::hash(&buf[..len]).as_bytes());
-    }
-    Ok(out)
-}
-
 /// True when every byte is zero.
 pub fn is_zero(buf: &[u8]) -> bool {
     let (pre, mid, post) = unsafe { buf.align_to::<u128>() };
@@ -65,18 +47,6 @@ pub fn is_zero(buf: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
-
-    #[test]
-    fn hashes_clip_at_disk_end() {
-        let mut f = tempfile::tempfile().unwrap();
-        f.write_all(&vec![1u8; 3000]).unwrap();
-        let h = chunk_hashes(&f, 3000, 0, 2048, 3).unwrap();
-        assert_eq!(h.len(), 96);
-        assert_eq!(&h[..32], blake3::hash(&[1u8; 2048]).as_bytes());
-        assert_eq!(&h[32..64], blake3::hash(&[1u8; 952]).as_bytes());
-        assert_eq!(&h[64..], blake3::hash(b"").as_bytes());
-    }
 
     #[test]
     fn zero_detection() {

@@ -1,19 +1,21 @@
-//! Chunk hashes of the local disk for resync.
+//! The chunk hashes both sides of a resync compute: the agent over its
+//! disk, the MT over the replica. One implementation, so the two compare
+//! byte for byte (the contract of DESIGN.md §5 "Resync source").
 //!
-//! The same blake3 of fixed chunks, clipped at the end of the disk, as
-//! [`rebound_common::chunk::chunk_hashes`] (the replica's side), so the two
-//! compare byte for byte. A range inside a regular file is hashed through
-//! a read-only mapping (no copy out of the page cache: the copy cost 40% of
-//! the hashing); otherwise (a block device, a range past the end of the
-//! file) small chunks are read several per `pread`, up to [`READ_SPAN`]. An
-//! all-zero chunk (a disk never written there) is answered with the zero
-//! hash of its length, computed once: checking for zeroes is several times
-//! cheaper than blake3.
+//! A range inside a regular file is hashed through a read-only mapping (no
+//! copy out of the page cache: the copy cost 40% of the hashing); otherwise
+//! (a block device, a range past the end of the file) small chunks are read
+//! several per `pread`, up to [`READ_SPAN`]. An all-zero chunk (a disk never
+//! written there, a new sparse replica) is answered with the zero hash of
+//! its length, computed once: checking for zeroes is several times cheaper
+//! than blake3.
 //!
-//! The mapping is read while the disk may be written through the NBD front
-//! end, exactly as a `pread` would be: a torn chunk hashes to a value the
-//! replica does not hold (the chunk is then compared by sub-chunk and sent),
-//! and the write is in the stream after the resync's records anyway.
+//! A mapping is read while the file may be written, exactly as a `pread`
+//! would be: a torn chunk hashes to a value the other side does not hold
+//! (the chunk is then compared by sub-chunk and sent). The agent's writes
+//! are in the stream after the resync's records anyway; the MT holds its
+//! replication's read lock while it hashes. A file truncated under a
+//! mapping would raise SIGBUS: neither side truncates a disk it serves.
 
 use std::fs::File;
 use std::io;
@@ -21,7 +23,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::sync::OnceLock;
 
-use rebound_common::chunk::{is_zero, read_full_at, CHUNK_SIZE, SUB_CHUNK_SIZE};
+use super::{is_zero, read_full_at, CHUNK_SIZE, SUB_CHUNK_SIZE};
 
 /// Most bytes read per `pread` (at least one chunk).
 const READ_SPAN: u64 = 1 << 20;
@@ -206,10 +208,25 @@ mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
 
-    /// Same bytes as the replica's hashing, for every chunk size and
-    /// clipping case: data, zeroes, a short last chunk, chunks past the end.
+    /// The definition: each chunk read whole (clipped at the disk's end,
+    /// bytes past the file's end as zeroes) and hashed.
+    fn reference(file: &File, disk_size: u64, offset: u64, chunk: u32, count: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; chunk as usize];
+        for i in 0..u64::from(count) {
+            let start = offset + i * u64::from(chunk);
+            let len = disk_size.saturating_sub(start).min(u64::from(chunk)) as usize;
+            read_full_at(file, &mut buf[..len], start).unwrap();
+            out.extend_from_slice(blake3::hash(&buf[..len]).as_bytes());
+        }
+        out
+    }
+
+    /// Every path (mapped, pread) gives the definition's bytes, for every
+    /// chunk size and clipping case: data, zeroes, a short last chunk,
+    /// chunks past the end, a file shorter than its disk.
     #[test]
-    fn matches_the_replica_side() {
+    fn every_path_matches_the_definition() {
         let f = tempfile::tempfile().unwrap();
         let size = (3 << 20) + 5000;
         let data: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
@@ -223,8 +240,7 @@ mod tests {
             (3000, 7),
         ] {
             for offset in [0, 1 << 20, (3 << 20) - 4096, size, size + 10] {
-                let want =
-                    rebound_common::chunk::chunk_hashes(&f, size, offset, chunk, count).unwrap();
+                let want = reference(&f, size, offset, chunk, count);
                 let got = chunk_hashes(&f, size, offset, chunk, count).unwrap();
                 assert_eq!(got, want, "chunk {chunk} count {count} offset {offset}");
                 let read = read_hashes(&f, size, offset, u64::from(chunk), count).unwrap();
@@ -245,11 +261,10 @@ mod tests {
                 }
             }
         }
-        // A file shorter than its disk: the rest reads as zeroes.
         let short = size - 8192;
         f.set_len(short).unwrap();
         for offset in [0, 2 << 20, 3 << 20] {
-            let want = rebound_common::chunk::chunk_hashes(&f, size, offset, 1 << 20, 3).unwrap();
+            let want = reference(&f, size, offset, 1 << 20, 3);
             assert_eq!(chunk_hashes(&f, size, offset, 1 << 20, 3).unwrap(), want);
         }
         assert_eq!(zero_hash(3), *blake3::hash(&[0, 0, 0]).as_bytes());
