@@ -224,6 +224,7 @@ impl Replication {
             .collect();
         blocks.sort_unstable_by_key(|&(k, _)| k);
         info!(replication = %self.id, machine = %machine, point = %p.id, seq = p.seq, blocks = blocks.len(), "rollback started");
+        let started = Instant::now();
 
         let result = (|| -> Result<RollbackReport> {
             // 1. Pre-images.
@@ -248,7 +249,8 @@ impl Replication {
                 });
                 save_json(&self.layout.state(), &inner.st)?;
                 inner.pre = Some(pre);
-                info!(replication = %self.id, point = %p.id, blocks = blocks.len(), "rollback: pre-images saved");
+                info!(replication = %self.id, point = %p.id, blocks = blocks.len(),
+                    ms = started.elapsed().as_millis() as u64, "rollback: pre-images saved");
             }
             if crash == CrashAt::AfterPreImages {
                 return Err(simulated_crash());
@@ -294,6 +296,7 @@ impl Replication {
             if crash == CrashAt::MidWrite {
                 return Err(simulated_crash());
             }
+            let copied_ms = started.elapsed().as_millis() as u64;
             for d in &self.disks {
                 d.file.sync_data().map_err(io_err(|| {
                     format!("cannot fdatasync replica {}", d.path.display())
@@ -304,7 +307,7 @@ impl Replication {
             inner.st.rollback = None;
             save_json(&self.layout.state(), &inner.st)?;
             info!(replication = %self.id, machine = %machine, point = %p.id, seq = p.seq, blocks = blocks.len(),
-                "replica rolled back to the recovery point");
+                copied_ms, ms = started.elapsed().as_millis() as u64, "replica rolled back to the recovery point");
             Ok(RollbackReport {
                 point: p.clone(),
                 blocks_restored: blocks.len() as u64,

@@ -80,7 +80,7 @@ pub fn planned_failover_latest(b: &Bench) -> Result<JobFailover> {
     let r = run(b, &rt, &mut lab);
     let stopped = bounded(&rt, "stopping the lab", 150, lab.shutdown(&[FROM, TO]));
     drop(lab);
-    let _ = std::fs::remove_dir_all(&dir);
+    b.clean_section(&dir);
     let mut f = r?;
     if let Err(e) = stopped {
         b.progress(&format!("rto: stopping the failover lab failed: {e:#}"));

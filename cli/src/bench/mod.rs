@@ -30,7 +30,7 @@ pub mod writer;
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::runtime::Handle;
 
@@ -160,6 +160,8 @@ pub struct Bench {
     started: Instant,
     max_retained_blocks: u64,
     load_at_start: String,
+    /// `--dir` was given: sections keep their logs when they clean up.
+    keep_logs: bool,
 }
 
 /// Bytes per second → MB/s (10^6 bytes).
@@ -168,6 +170,31 @@ pub fn mb(bytes_per_sec: f64) -> f64 {
 }
 
 impl Bench {
+    /// Frees a finished section's directory: all of it in a temp dir; with
+    /// `--dir`, everything but the processes' `*.log` files, which the
+    /// post-mortem needs (disks and journals are what take the space).
+    pub fn clean_section(&self, dir: &Path) {
+        if !self.keep_logs {
+            let _ = std::fs::remove_dir_all(dir);
+            return;
+        }
+        fn keep_only_logs(dir: &Path) {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for e in entries.flatten() {
+                let path = e.path();
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    keep_only_logs(&path);
+                    let _ = std::fs::remove_dir(&path);
+                } else if path.extension().is_none_or(|x| x != "log") {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        keep_only_logs(dir);
+    }
+
     pub fn progress(&self, msg: &str) {
         eprintln!(
             "[bench {:6.1}s] {msg}",
@@ -291,6 +318,7 @@ fn run_blocking(opts: BenchOptions, rt: Handle) -> Result<()> {
         }
     };
     let mut b = Bench {
+        keep_logs: opts.dir.is_some(),
         plan: Plan::new(opts.quick),
         dir,
         bins,
@@ -386,6 +414,6 @@ fn main_lab(b: &mut Bench) -> Result<()> {
     let r = b.memory(&lab);
     b.outcome(&["mem."], r);
     drop(lab);
-    let _ = std::fs::remove_dir_all(&dir);
+    b.clean_section(&dir);
     Ok(())
 }

@@ -226,7 +226,7 @@ pub fn run(b: &mut Bench) -> Result<()> {
                "diff": {"secs": diff_secs, "bytes": diff_bytes},
                "rsync": {"secs": rsync_secs, "bytes": rsync_bytes}}),
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    b.clean_section(&dir);
     Ok(())
 }
 
