@@ -16,7 +16,7 @@
 //! different point can be chosen.
 
 use crate::catalog::PointEntry;
-use crate::copyback::{SavedBlock, Source};
+use crate::copyback::{start_writeback, SavedBlock, Source};
 use crate::error::{io_err, MtError, Result};
 use crate::journal::{self, key_block, key_disk, BLOCK};
 use crate::layout::Layout;
@@ -39,6 +39,8 @@ const PRE_VERSION: u8 = 1;
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// Blocks restored between two looks at the progress clock (256 MiB).
 const PROGRESS_BLOCKS: usize = 1 << 16;
+/// Pre-image bytes written between two writeback starts.
+const WRITEBACK_EVERY: u64 = 16 << 20;
 /// Blocks of the replica read with one pread when saving pre-images.
 const PRE_READ_BLOCKS: usize = 256;
 
@@ -342,6 +344,9 @@ impl Replication {
         let mut w = BufWriter::with_capacity(8 << 20, &file);
         w.write_all(&header).map_err(io_err(ctx))?;
         let mut pos = header.len() as u64;
+        // Written back up to here: the device writes the pre-images while
+        // the next replica runs are read, not all at the final fsync.
+        let mut kicked = 0u64;
         let mut offsets = HashMap::with_capacity(blocks.len());
         let mut buf = vec![0u8; PRE_READ_BLOCKS * BLOCK];
         let mut rec = Vec::with_capacity(PRE_READ_BLOCKS * (BLOCK + journal::HEADER_LEN));
@@ -375,6 +380,11 @@ impl Replication {
             }
             w.write_all(&rec).map_err(io_err(ctx))?;
             pos += rec.len() as u64;
+            if pos - kicked >= WRITEBACK_EVERY {
+                w.flush().map_err(io_err(ctx))?;
+                start_writeback(&file, kicked, pos - kicked);
+                kicked = pos;
+            }
             i = j;
         }
         w.flush().map_err(io_err(ctx))?;

@@ -5,12 +5,12 @@
 //! replication; the ratio is the figure.
 
 use anyhow::{anyhow, Context, Result};
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::lab::{free_port, wait_for, Lab, DISK};
+use super::lab::{cpu_secs_of, free_port, machine_busy_secs, wait_for, Lab, DISK};
 use super::{mb, tools, Bench};
 
 /// One fio line.
@@ -47,8 +47,18 @@ const JOBS: &[Job] = &[
     },
 ];
 
-/// Runs fio against `uri`; returns (IOPS, bytes/s).
-fn fio(uri: &str, job: &Job, size: u64, secs: u64) -> Result<(f64, f64)> {
+/// What one fio run measured.
+struct FioRun {
+    iops: f64,
+    bw: f64,
+    /// fio's own CPU (usr + sys), cores.
+    fio_cores: f64,
+    /// Wall seconds of the run, for the cores of the other processes.
+    secs: f64,
+}
+
+/// Runs fio against `uri`.
+fn fio(uri: &str, job: &Job, size: u64, secs: u64) -> Result<FioRun> {
     let args = [
         "--name=bench".to_string(),
         "--ioengine=nbd".into(),
@@ -65,7 +75,9 @@ fn fio(uri: &str, job: &Job, size: u64, secs: u64) -> Result<(f64, f64)> {
         "--output-format=json".into(),
     ];
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let t = std::time::Instant::now();
     let out = tools::run("fio", &argv)?;
+    let wall = t.elapsed().as_secs_f64();
     let text = String::from_utf8_lossy(&out.stdout);
     // fio may print notes before the JSON document.
     let start = text
@@ -79,7 +91,19 @@ fn fio(uri: &str, job: &Job, size: u64, secs: u64) -> Result<(f64, f64)> {
     let bw = w["bw_bytes"]
         .as_f64()
         .ok_or_else(|| anyhow!("no write.bw_bytes in fio's output"))?;
-    Ok((iops, bw))
+    let job0 = &v["jobs"][0];
+    let fio_pct = job0["usr_cpu"].as_f64().unwrap_or(0.0) + job0["sys_cpu"].as_f64().unwrap_or(0.0);
+    Ok(FioRun {
+        iops,
+        bw,
+        fio_cores: fio_pct / 100.0,
+        secs: wall,
+    })
+}
+
+/// Cores used over `secs`, from two CPU-seconds readings.
+fn cores(before: f64, after: f64, secs: f64) -> f64 {
+    (after - before) / secs.max(1e-6)
 }
 
 /// `qemu-nbd` serving a file, killed on drop.
@@ -141,12 +165,36 @@ pub fn run(b: &mut Bench, lab: &mut Lab) -> Result<()> {
         // Between jobs the replication catches up, so every agent job starts
         // from an idle pipeline like the qemu-nbd one.
         lab.wait_settled(p.settle_timeout)?;
-        let (a_iops, a_bw) = fio(&agent_uri, job, size, p.fio_secs)
+        // Cores of every process during each run: on 2 cores, fio and the
+        // server compete with replication (PS, MT) for the same CPUs.
+        let (cpu0, m0) = (lab.cpu_all(), machine_busy_secs().unwrap_or(0.0));
+        let a = fio(&agent_uri, job, size, p.fio_secs)
             .with_context(|| format!("fio {} against the agent", job.id))?;
+        let (cpu1, m1) = (lab.cpu_all(), machine_busy_secs().unwrap_or(0.0));
+        let a_cores: Vec<f64> = (0..3).map(|i| cores(cpu0[i], cpu1[i], a.secs)).collect();
+        let a_machine = cores(m0, m1, a.secs);
         let mode = lab.agent_status()?.mode;
-        let (q_iops, q_bw) = fio(&qemu_uri, job, size, p.fio_secs)
+        let qpid = qemu.child.id().to_string();
+        let (q0, m0) = (
+            cpu_secs_of(&qpid).unwrap_or(0.0),
+            machine_busy_secs().unwrap_or(0.0),
+        );
+        let q = fio(&qemu_uri, job, size, p.fio_secs)
             .with_context(|| format!("fio {} against qemu-nbd", job.id))?;
-        let (a, q) = if job.bandwidth {
+        let q_server = cores(q0, cpu_secs_of(&qpid).unwrap_or(0.0), q.secs);
+        let q_machine = cores(m0, machine_busy_secs().unwrap_or(0.0), q.secs);
+        b.detail(
+            &format!("cost.{}", job.id),
+            json!({
+                "agent": {"iops": a.iops, "bw": a.bw, "secs": a.secs, "cores": {
+                    "fio": a.fio_cores, "agent": a_cores[0], "ps": a_cores[1], "mt": a_cores[2],
+                    "machine": a_machine}},
+                "qemu": {"iops": q.iops, "bw": q.bw, "secs": q.secs, "cores": {
+                    "fio": q.fio_cores, "qemu_nbd": q_server, "machine": q_machine}},
+            }),
+        );
+        let (a_iops, a_bw, q_iops, q_bw) = (a.iops, a.bw, q.iops, q.bw);
+        let (a_val, q_val) = if job.bandwidth {
             (mb(a_bw), mb(q_bw))
         } else {
             (a_iops, q_iops)
@@ -154,18 +202,29 @@ pub fn run(b: &mut Bench, lab: &mut Lab) -> Result<()> {
         let what = if job.bandwidth { "MB/s" } else { "IOPS" };
         b.set(
             &format!("cost.{}.agent", job.id),
-            a,
-            format!("{:.1} MB/s; agent mode after: {mode}", mb(a_bw)),
+            a_val,
+            format!(
+                "{:.1} MB/s; agent mode after: {mode}; cores: fio {:.2}, agent {:.2}, PS {:.2}, MT {:.2}, machine {a_machine:.2} of 2",
+                mb(a_bw),
+                a.fio_cores,
+                a_cores[0],
+                a_cores[1],
+                a_cores[2]
+            ),
         );
         b.set(
             &format!("cost.{}.qemu", job.id),
-            q,
-            format!("{:.1} MB/s", mb(q_bw)),
+            q_val,
+            format!(
+                "{:.1} MB/s; cores: fio {:.2}, qemu-nbd {q_server:.2}, machine {q_machine:.2} of 2",
+                mb(q_bw),
+                q.fio_cores
+            ),
         );
         b.set(
             &format!("cost.{}.ratio", job.id),
-            a / q.max(1e-9),
-            format!("{a:.0} / {q:.0} {what}"),
+            a_val / q_val.max(1e-9),
+            format!("{a_val:.0} / {q_val:.0} {what}"),
         );
     }
     drop(qemu);

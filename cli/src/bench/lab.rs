@@ -568,7 +568,7 @@ impl Drop for Lab {
 }
 
 /// CPU seconds (user + system) of /proc/<pid> ("self" for this process).
-fn cpu_secs_of(pid: &str) -> Option<f64> {
+pub fn cpu_secs_of(pid: &str) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which is in parentheses.
     let rest = &stat[stat.rfind(')')? + 2..];
@@ -577,6 +577,22 @@ fn cpu_secs_of(pid: &str) -> Option<f64> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     Some(ticks / hz.max(1.0))
+}
+
+/// CPU seconds the whole machine has been busy (all CPUs, everything but
+/// idle and iowait), from the first line of /proc/stat.
+pub fn machine_busy_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest is in user).
+    let busy: f64 = f.iter().take(8).sum::<f64>() - f.get(3)? - f.get(4)?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(busy / hz.max(1.0))
 }
 
 /// VmHWM of a process, bytes.

@@ -77,6 +77,18 @@ pub fn run(b: &mut Bench) -> Result<()> {
             b.dir.display()
         ),
     );
+    // Bulk: what a rollback, a cp or an MT batch does (write a lot, then
+    // one fdatasync), so the device's sustained rate, not its cache.
+    let rate = bulk_write(&path, p.disk_bulk_bytes)?;
+    let _ = std::fs::remove_file(&path);
+    b.set(
+        "limits.disk.bulk_write_fsync",
+        mb(rate),
+        format!(
+            "{} MiB in 1 MiB writes, then one fdatasync",
+            p.disk_bulk_bytes >> 20
+        ),
+    );
     b.set(
         "limits.disk.fsync_p50",
         quantile(&lat, 0.5),
@@ -134,6 +146,25 @@ fn repeat_rate(secs: f64, bytes: usize, mut f: impl FnMut()) -> f64 {
         n += 1;
     }
     (n * bytes as u64) as f64 / t.elapsed().as_secs_f64()
+}
+
+/// `total` bytes of sequential 1 MiB writes, then one fdatasync (bytes/s).
+fn bulk_write(path: &Path, total: u64) -> Result<f64> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    let buf = Profile::Random.pool(1 << 20);
+    let t = Instant::now();
+    let mut off = 0u64;
+    while off < total {
+        f.write_all_at(&buf, off)?;
+        off += buf.len() as u64;
+    }
+    f.sync_data()?;
+    Ok(total as f64 / t.elapsed().as_secs_f64())
 }
 
 /// Sequential write + fdatasync every 4 MiB (bytes/s) and 4 KiB write +

@@ -55,6 +55,8 @@ pub struct Plan {
     /// Seconds per machine-limit micro-benchmark.
     pub limit_secs: f64,
     pub disk_write_bytes: u64,
+    /// Written before one fdatasync for the bulk durable write rate.
+    pub disk_bulk_bytes: u64,
     pub fsync_samples: usize,
     pub tls_bytes: u64,
     /// The protected disk of the main lab (cost, sustained, RPO, RTO).
@@ -95,6 +97,7 @@ impl Plan {
             quick,
             limit_secs: 1.0,
             disk_write_bytes: 256 * MIB,
+            disk_bulk_bytes: 1024 * MIB,
             fsync_samples: 200,
             tls_bytes: 512 * MIB,
             main_disk: 1024 * MIB,
@@ -127,6 +130,7 @@ impl Plan {
         Plan {
             limit_secs: 0.2,
             disk_write_bytes: 64 * MIB,
+            disk_bulk_bytes: 128 * MIB,
             fsync_samples: 40,
             tls_bytes: 128 * MIB,
             main_disk: 256 * MIB,
@@ -171,28 +175,31 @@ pub fn mb(bytes_per_sec: f64) -> f64 {
 
 impl Bench {
     /// Frees a finished section's directory: all of it in a temp dir; with
-    /// `--dir`, everything but the processes' `*.log` files, which the
-    /// post-mortem needs (disks and journals are what take the space).
+    /// `--dir`, only the big files (disks, journals, segments, replicas):
+    /// the logs, configs, certificates and state files stay for a
+    /// post-mortem or to start the same processes again by hand.
     pub fn clean_section(&self, dir: &Path) {
         if !self.keep_logs {
             let _ = std::fs::remove_dir_all(dir);
             return;
         }
-        fn keep_only_logs(dir: &Path) {
+        fn remove_big_files(dir: &Path) {
             let Ok(entries) = std::fs::read_dir(dir) else {
                 return;
             };
             for e in entries.flatten() {
                 let path = e.path();
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    keep_only_logs(&path);
-                    let _ = std::fs::remove_dir(&path);
-                } else if path.extension().is_none_or(|x| x != "log") {
+                let Ok(meta) = e.metadata() else { continue };
+                if meta.is_dir() {
+                    remove_big_files(&path);
+                } else if meta.len() > KEEP_MAX && path.extension().is_none_or(|x| x != "log") {
                     let _ = std::fs::remove_file(&path);
                 }
             }
         }
-        keep_only_logs(dir);
+        /// Files up to this size are kept with `--dir` (logs always).
+        const KEEP_MAX: u64 = 1 << 20;
+        remove_big_files(dir);
     }
 
     pub fn progress(&self, msg: &str) {
@@ -204,6 +211,11 @@ impl Bench {
 
     pub fn set(&mut self, id: &str, value: f64, note: impl Into<String>) {
         self.report.set(id, value, note);
+    }
+
+    /// A figure measured earlier in the run (a machine limit), if it was.
+    pub fn value(&self, id: &str) -> Option<f64> {
+        self.report.rows().iter().find(|r| r.id == id)?.value
     }
 
     /// Extra data for the JSON document.

@@ -128,6 +128,13 @@ pub const ROWS: &[RowSpec] = &[
         Goal::None,
     ),
     row(
+        "limits.disk.bulk_write_fsync",
+        LIM,
+        "data dir: bulk write, one fdatasync",
+        "MB/s",
+        Goal::None,
+    ),
+    row(
         "limits.disk.fsync_p50",
         LIM,
         "data dir: 4 KiB write + fdatasync p50",

@@ -36,12 +36,43 @@ fn make_source(path: &Path, size: u64) -> Result<()> {
     Ok(())
 }
 
+/// A sync's time, bytes and the cores each process used meanwhile.
+struct Synced {
+    secs: f64,
+    bytes: u64,
+    /// Agent, PS, MT, bench: CPU seconds over wall seconds.
+    cores: [f64; 4],
+}
+
+impl Synced {
+    fn cores_note(&self) -> String {
+        let c = &self.cores;
+        format!(
+            "cores used: agent {:.2}, PS {:.2}, MT {:.2} (total {:.2} of 2)",
+            c[0],
+            c[1],
+            c[2],
+            c[0] + c[1] + c[2] + c[3]
+        )
+    }
+}
+
 /// Starts the agent and waits until its initial replication is complete at
-/// the MT; returns (seconds, resync bytes sent).
-fn sync_with_fresh_agent(lab: &mut Lab, timeout: Duration) -> Result<(f64, u64)> {
+/// the MT.
+fn sync_with_fresh_agent(lab: &mut Lab, timeout: Duration) -> Result<Synced> {
     let _ = std::fs::remove_dir_all(lab.agent_state_dir());
+    let cpu0 = lab.cpu_all();
     let t = Instant::now();
     lab.start(Comp::Agent)?;
+    let (secs, bytes) = wait_synced(lab, t, timeout)?;
+    let cpu1 = lab.cpu_all();
+    let cores = std::array::from_fn(|i| (cpu1[i] - cpu0[i]) / secs.max(1e-6));
+    Ok(Synced { secs, bytes, cores })
+}
+
+/// Polls until the agent's initial replication is complete at the MT;
+/// (seconds since `t`, resync bytes sent).
+fn wait_synced(lab: &mut Lab, t: Instant, timeout: Duration) -> Result<(f64, u64)> {
     let mut admin = lab.admin()?;
     loop {
         let s = admin.status()?;
@@ -122,7 +153,8 @@ pub fn run(b: &mut Bench) -> Result<()> {
     lab.start(Comp::Mt)?;
     lab.start(Comp::Ps)?;
     b.progress("resync: full initial sync into an empty replica");
-    let (full_secs, full_bytes) = sync_with_fresh_agent(&mut lab, p.resync_timeout)?;
+    let full = sync_with_fresh_agent(&mut lab, p.resync_timeout)?;
+    let (full_secs, full_bytes) = (full.secs, full.bytes);
     b.progress(&format!(
         "  {full_secs:.1} s, {} MiB sent (cp: {cp_secs:.1} s)",
         full_bytes >> 20
@@ -146,7 +178,8 @@ pub fn run(b: &mut Bench) -> Result<()> {
     b.progress(&format!(
         "resync: differential resync ({changed} of {chunks} chunks differ) with a fresh agent"
     ));
-    let (diff_secs, diff_bytes) = sync_with_fresh_agent(&mut lab, p.resync_timeout)?;
+    let diff = sync_with_fresh_agent(&mut lab, p.resync_timeout)?;
+    let (diff_secs, diff_bytes) = (diff.secs, diff.bytes);
     b.progress(&format!(
         "  {diff_secs:.1} s, {:.1} MiB sent",
         diff_bytes as f64 / MIB as f64
@@ -180,7 +213,10 @@ pub fn run(b: &mut Bench) -> Result<()> {
     b.set(
         "resync.diff.rebound.secs",
         diff_secs,
-        format!("{changed} of {chunks} chunks differ; {disk}"),
+        format!(
+            "{changed} of {chunks} chunks differ; {disk}; {}",
+            diff.cores_note()
+        ),
     );
     b.set(
         "resync.diff.rebound.bytes",
@@ -202,7 +238,11 @@ pub fn run(b: &mut Bench) -> Result<()> {
         rsync_secs / diff_secs.max(1e-6),
         format!("{rsync_secs:.1} s / {diff_secs:.1} s"),
     );
-    b.set("resync.full.rebound.secs", full_secs, disk.clone());
+    b.set(
+        "resync.full.rebound.secs",
+        full_secs,
+        format!("{disk}; {}", full.cores_note()),
+    );
     b.set(
         "resync.full.rebound.bytes",
         full_bytes as f64 / MIB as f64,
@@ -213,17 +253,23 @@ pub fn run(b: &mut Bench) -> Result<()> {
         "resync.full.ratio",
         cp_secs / full_secs.max(1e-6),
         format!(
-            "{:.0} MB/s vs {:.0} MB/s",
+            "{:.0} MB/s vs {:.0} MB/s{}",
             size as f64 / 1e6 / full_secs,
-            size as f64 / 1e6 / cp_secs
+            size as f64 / 1e6 / cp_secs,
+            b.value("limits.disk.bulk_write_fsync")
+                .map(|r| format!(
+                    "; every byte is written durably twice (PS cache, replica): disk bound {:.0} MB/s",
+                    r / 2.0
+                ))
+                .unwrap_or_default()
         ),
     );
     b.detail(
         "resync",
         json!({"disk_bytes": size, "changed_chunks": changed, "chunks": chunks,
-               "full": {"secs": full_secs, "bytes": full_bytes},
+               "full": {"secs": full_secs, "bytes": full_bytes, "cores": full.cores},
                "cp": {"secs": cp_secs},
-               "diff": {"secs": diff_secs, "bytes": diff_bytes},
+               "diff": {"secs": diff_secs, "bytes": diff_bytes, "cores": diff.cores},
                "rsync": {"secs": rsync_secs, "bytes": rsync_bytes}}),
     );
     b.clean_section(&dir);
