@@ -19,15 +19,13 @@
 //!   several connections to the same export run on several threads, so a
 //!   device must be internally synchronised (hence `Send + Sync`).
 //!
-//! Threading: one accept thread per listener and, per connection, one std
-//! thread that handles requests plus one that reads them ahead off the
-//! socket (bounded: see `readahead`), blocking IO. Stopping: set the
-//! `shutdown` flag and join the returned handle; see [`serve_tcp`].
+//! Threading: one accept thread per listener and one std thread per
+//! connection, blocking IO. Stopping: set the `shutdown` flag and join the
+//! returned handle; see [`serve_tcp`].
 
 mod error;
 mod handshake;
 mod proto;
-mod readahead;
 mod server;
 mod transmission;
 

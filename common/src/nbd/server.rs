@@ -1,8 +1,7 @@
 //! Accept loop and connection threads, shared by TCP and unix listeners.
 //!
 //! The NBD server uses plain std threads and blocking IO: one thread per
-//! connection keeps requests of a connection in order without any locking
-//! (it reads ahead on a second thread, see `transmission`),
+//! connection keeps requests of a connection in order without any locking,
 //! and a non-blocking listener watched with poll(2) and a 50 ms timeout
 //! accepts at once yet notices the shutdown flag without a self-pipe. Every live connection is kept in a
 //! table so that shutdown can close its socket and wake its thread.
@@ -269,7 +268,7 @@ fn serve_connection<S: Conn>(
         return;
     }
     let export = negotiated.name.clone();
-    match transmission::serve(reader, &mut writer, &negotiated, peer) {
+    match transmission::serve(&mut reader, &mut writer, &negotiated, peer) {
         Ok(()) => info!(peer, export = %export, "NBD client disconnected"),
         Err(e) => info!(peer, export = %export, error = %e, "NBD connection closed"),
     }

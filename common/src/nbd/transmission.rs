@@ -1,43 +1,35 @@
-//! The transmission phase: requests handled in order, simple replies only.
+//! The transmission phase: one request at a time, simple replies only.
 //!
 //! This is where the server keeps its promises to a [`BlockDevice`]: every
 //! request is checked (range, length, alignment, read-only) before the
 //! device sees it, and a bad request gets an errno while the stream stays in
-//! sync (a refused WRITE's payload is read and dropped).
-//!
-//! Two threads per connection: [`super::readahead`] reads headers and WRITE
-//! payloads off the socket ahead of time, and this loop hands the requests
-//! to the device one at a time in the client's order, so the device sees
-//! exactly the sequence it would without read-ahead. Replies are batched in
-//! the writer and flushed once no further request is waiting, so pipelining
-//! clients (fio at iodepth 32, the kernel) get one syscall per batch rather
-//! than per request. Durable order: a WRITE's reply is written only after
-//! the device returned from it (with FUA, once it is durable), and a FLUSH
-//! reaches the device only after every earlier request was handled, so its
-//! reply covers every write whose reply went out before it.
+//! sync (a refused WRITE's payload is read and dropped). Replies are batched
+//! in the writer and flushed once no further request is already buffered,
+//! so pipelining clients (fio at iodepth 32, the kernel) get one syscall per
+//! batch rather than per request.
 
-use std::io::{self, BufReader, BufWriter, Write};
-use std::net::Shutdown;
-use std::sync::mpsc::{self, Receiver, TryRecvError};
-use std::thread;
+use std::io::{self, BufRead, BufReader, Read, Write};
 
 use tracing::{debug, warn};
 
 use super::handshake::Negotiated;
 use super::proto::*;
-use super::readahead::{self, Msg, Payload, Shared};
-use super::server::Conn;
 use super::{BlockDevice, NbdError, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
+
+/// A WRITE longer than the maximum but at most this long has its payload
+/// read and dropped before the EINVAL; anything longer is answered with
+/// EINVAL and the connection is closed (the client is not speaking NBD).
+const DISCARD_LIMIT: u32 = 64 << 20;
 
 enum Next {
     Continue,
     Close,
 }
 
-struct Session<'a, W: Write> {
+struct Session<'a, R: Read, W: Write> {
+    reader: &'a mut BufReader<R>,
     writer: &'a mut W,
     device: &'a dyn BlockDevice,
-    shared: &'a Shared,
     export: &'a str,
     peer: &'a str,
     size: u64,
@@ -46,52 +38,87 @@ struct Session<'a, W: Write> {
 
 /// Serves requests until the client disconnects (`Ok`) or the connection
 /// breaks or violates the protocol (`Err`).
-pub(crate) fn serve<S: Conn>(
-    reader: BufReader<S>,
-    writer: &mut BufWriter<S>,
+pub(crate) fn serve<R: Read, W: Write>(
+    reader: &mut BufReader<R>,
+    writer: &mut W,
     negotiated: &Negotiated,
     peer: &str,
 ) -> io::Result<()> {
     let device = &*negotiated.device;
-    let shared = Shared::new();
-    let control = writer.get_ref().clone_conn()?;
-    thread::scope(|scope| {
-        let (tx, rx) = mpsc::sync_channel(readahead::QUEUED);
-        let shared_ref = &shared;
-        let _stop = StopReader {
-            shared: &shared,
-            control,
+    let mut s = Session {
+        reader,
+        writer,
+        device,
+        export: &negotiated.name,
+        peer,
+        size: device.size(),
+        buf: Vec::new(),
+    };
+    loop {
+        if s.reader.buffer().len() < REQUEST_LEN {
+            // Nothing more to answer without waiting for the client.
+            s.writer.flush()?;
+        }
+        let Some(req) = read_request(s.reader)? else {
+            s.writer.flush()?;
+            return Ok(());
         };
-        thread::Builder::new()
-            .name("nbd-read".to_string())
-            .spawn_scoped(scope, move || readahead::run(reader, tx, shared_ref))?;
-        let mut s = Session {
-            writer,
-            device,
-            shared: &shared,
-            export: &negotiated.name,
-            peer,
-            size: device.size(),
-            buf: Vec::new(),
+        if req.magic != REQUEST_MAGIC {
+            warn!(
+                peer = s.peer,
+                export = s.export,
+                magic = format_args!("{:#x}", req.magic),
+                "NBD request with a bad magic; closing the connection"
+            );
+            s.writer.flush()?;
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad request magic {:#x}", req.magic),
+            ));
+        }
+        debug!(
+            export = s.export,
+            cmd = command_name(req.command),
+            offset = req.offset,
+            length = req.length,
+            flags = req.flags,
+            "NBD request"
+        );
+        let next = match req.command {
+            CMD_READ => s.read(&req)?,
+            CMD_WRITE => s.write(&req)?,
+            CMD_DISC => {
+                s.writer.flush()?;
+                return Ok(());
+            }
+            CMD_FLUSH => s.flush(&req)?,
+            CMD_TRIM => s.trim(&req)?,
+            CMD_WRITE_ZEROES => s.write_zeroes(&req)?,
+            _ => s.bad(&req, EINVAL, "unknown command")?,
         };
-        s.serve_all(&rx)
-        // `_stop` and `rx` drop here, even when unwinding, so the
-        // reader wakes up and the scope can join it.
-    })
-}
-
-/// Stops the read-ahead thread when the handler is done: wherever it
-/// waits (payload budget, a full channel, the socket), it returns.
-struct StopReader<'a, S: Conn> {
-    shared: &'a Shared,
-    control: S,
-}
-
-impl<S: Conn> Drop for StopReader<'_, S> {
-    fn drop(&mut self) {
-        self.shared.close();
-        let _ = self.control.shutdown_conn(Shutdown::Read);
+        if let Next::Close = next {
+            s.writer.flush()?;
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "request not recoverable; connection closed",
+            ));
+        }
     }
+}
+
+/// Reads one request header; `None` on a clean end of stream.
+fn read_request<R: Read>(reader: &mut BufReader<R>) -> io::Result<Option<Request>> {
+    loop {
+        match reader.fill_buf() {
+            Ok([]) => return Ok(None),
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let mut b = [0u8; REQUEST_LEN];
+    reader.read_exact(&mut b)?;
+    Ok(Some(Request::decode(&b)))
 }
 
 /// `offset..offset+len` lies inside a device of `size` bytes.
@@ -107,74 +134,7 @@ fn aligned(offset: u64, len: u64, size: u64) -> bool {
     offset & mask == 0 && (len & mask == 0 || offset + len == size)
 }
 
-impl<W: Write> Session<'_, W> {
-    fn serve_all(&mut self, rx: &Receiver<Msg>) -> io::Result<()> {
-        loop {
-            let msg = match rx.try_recv() {
-                Ok(m) => m,
-                Err(TryRecvError::Empty) => {
-                    // Nothing more to answer without waiting for the client.
-                    self.writer.flush()?;
-                    match rx.recv() {
-                        Ok(m) => m,
-                        Err(_) => return Ok(()),
-                    }
-                }
-                Err(TryRecvError::Disconnected) => {
-                    self.writer.flush()?;
-                    return Ok(());
-                }
-            };
-            let (req, payload) = match msg {
-                Msg::Req(req, payload) => (req, payload),
-                Msg::BadMagic(magic) => {
-                    warn!(
-                        peer = self.peer,
-                        export = self.export,
-                        magic = format_args!("{magic:#x}"),
-                        "NBD request with a bad magic; closing the connection"
-                    );
-                    self.writer.flush()?;
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("bad request magic {magic:#x}"),
-                    ));
-                }
-                Msg::Broken(e) => {
-                    let _ = self.writer.flush();
-                    return Err(e);
-                }
-            };
-            debug!(
-                export = self.export,
-                cmd = command_name(req.command),
-                offset = req.offset,
-                length = req.length,
-                flags = req.flags,
-                "NBD request"
-            );
-            let next = match req.command {
-                CMD_READ => self.read(&req)?,
-                CMD_WRITE => self.write(&req, payload)?,
-                CMD_DISC => {
-                    self.writer.flush()?;
-                    return Ok(());
-                }
-                CMD_FLUSH => self.flush(&req)?,
-                CMD_TRIM => self.trim(&req)?,
-                CMD_WRITE_ZEROES => self.write_zeroes(&req)?,
-                _ => self.bad(&req, EINVAL, "unknown command")?,
-            };
-            if let Next::Close = next {
-                self.writer.flush()?;
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "request not recoverable; connection closed",
-                ));
-            }
-        }
-    }
-
+impl<R: Read, W: Write> Session<'_, R, W> {
     fn reply(&mut self, errno: u32, cookie: u64) -> io::Result<()> {
         self.writer.write_all(&simple_reply(errno, cookie))
     }
@@ -250,27 +210,30 @@ impl<W: Write> Session<'_, W> {
         }
     }
 
-    fn write(&mut self, req: &Request, payload: Payload) -> io::Result<Next> {
-        match payload {
-            Payload::Data(data) => {
-                let next = self.write_data(req, &data);
-                self.shared.recycle(data);
-                next
-            }
-            Payload::Dropped => self.bad(req, EINVAL, "write longer than the maximum block size"),
-            Payload::Unread | Payload::None => {
-                self.bad(
-                    req,
-                    EINVAL,
-                    "write far longer than the maximum block size; closing",
-                )?;
-                Ok(Next::Close)
-            }
+    fn write(&mut self, req: &Request) -> io::Result<Next> {
+        if req.length > DISCARD_LIMIT {
+            self.bad(
+                req,
+                EINVAL,
+                "write far longer than the maximum block size; closing",
+            )?;
+            return Ok(Next::Close);
         }
-    }
-
-    /// A WRITE whose payload was read whole.
-    fn write_data(&mut self, req: &Request, data: &[u8]) -> io::Result<Next> {
+        let n = req.length as usize;
+        if req.length > MAX_BLOCK_SIZE {
+            let dropped = io::copy(
+                &mut (&mut *self.reader).take(u64::from(req.length)),
+                &mut io::sink(),
+            )?;
+            if dropped != u64::from(req.length) {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            return self.bad(req, EINVAL, "write longer than the maximum block size");
+        }
+        if self.buf.len() < n {
+            self.buf.resize(n, 0);
+        }
+        self.reader.read_exact(&mut self.buf[..n])?;
         if Self::unknown_flags(req) {
             return self.bad(req, EINVAL, "unknown command flags");
         }
@@ -288,7 +251,7 @@ impl<W: Write> Session<'_, W> {
             return self.done(req, Ok(()));
         }
         let fua = req.flags & CMD_FLAG_FUA != 0;
-        let result = self.device.write(req.offset, data, fua);
+        let result = self.device.write(req.offset, &self.buf[..n], fua);
         self.done(req, result)
     }
 
