@@ -340,6 +340,9 @@ pub async fn resync_extents<H: HashSource>(
             send_differences(cap, src, t, size, &c)
                 .await
                 .map_err(|e| (done, e))?;
+            // The batch is hashed and what differs is read into the buffer:
+            // its pages need not stay cached (see `Disk::drop_cached`).
+            cap.disks()[disk as usize].drop_cached(c.first * CHUNK_SIZE, c.count * CHUNK_SIZE);
             done += c.count as usize;
             progress.advance(cap, c.count * CHUNK_SIZE);
         }
@@ -353,6 +356,8 @@ pub async fn resync_extents<H: HashSource>(
 
 /// One first-level batch, compared.
 struct Compared {
+    /// First extent of the batch.
+    first: u64,
     /// Extents the batch covers (some may be past the end of the disk).
     count: u64,
     /// Chunks the replica holds as all zeroes: (offset, length).
@@ -372,6 +377,7 @@ async fn compare_batch<H: HashSource>(
     count: u64,
 ) -> Result<Compared, ResyncError> {
     let mut c = Compared {
+        first,
         count,
         zero: Vec::new(),
         differing: Vec::new(),
