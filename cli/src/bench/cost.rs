@@ -174,6 +174,10 @@ pub fn run(b: &mut Bench, lab: &mut Lab) -> Result<()> {
         let a_cores: Vec<f64> = (0..3).map(|i| cores(cpu0[i], cpu1[i], a.secs)).collect();
         let a_machine = cores(m0, m1, a.secs);
         let mode = lab.agent_status()?.mode;
+        // The qemu-nbd job also starts on an idle machine: without this it
+        // ran while the PS and MT were still applying the agent job's
+        // writes (up to 0.9 of the 2 cores), which flattered the ratio.
+        lab.wait_settled(p.settle_timeout)?;
         let qpid = qemu.child.id().to_string();
         let (q0, m0) = (
             cpu_secs_of(&qpid).unwrap_or(0.0),
