@@ -20,6 +20,7 @@ const ROWS: &[&str] = &[
     "limits.zstd.random.decompress",
     "limits.disk.seq_write_fsync",
     "limits.disk.bulk_write_fsync",
+    "limits.disk.bulk_read",
     "limits.disk.fsync_p50",
     "limits.disk.fsync_p99",
     "limits.tls.rustls",

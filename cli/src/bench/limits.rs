@@ -11,6 +11,7 @@ use anyhow::{anyhow, Context, Result};
 use rebound_common::tls::TlsFiles;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -80,12 +81,21 @@ pub fn run(b: &mut Bench) -> Result<()> {
     // Bulk: what a rollback, a cp or an MT batch does (write a lot, then
     // one fdatasync), so the device's sustained rate, not its cache.
     let rate = bulk_write(&path, p.disk_bulk_bytes)?;
+    let read_rate = bulk_read(&path, p.disk_bulk_bytes)?;
     let _ = std::fs::remove_file(&path);
     b.set(
         "limits.disk.bulk_write_fsync",
         mb(rate),
         format!(
             "{} MiB in 1 MiB writes, then one fdatasync",
+            p.disk_bulk_bytes >> 20
+        ),
+    );
+    b.set(
+        "limits.disk.bulk_read",
+        mb(read_rate),
+        format!(
+            "the same {} MiB dropped from the page cache, read back in 4 MiB reads",
             p.disk_bulk_bytes >> 20
         ),
     );
@@ -164,6 +174,30 @@ fn bulk_write(path: &Path, total: u64) -> Result<f64> {
         off += buf.len() as u64;
     }
     f.sync_data()?;
+    Ok(total as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Reads `total` bytes of `path` from the device (its cached pages dropped
+/// first with `posix_fadvise(DONTNEED)`) in 4 MiB reads (bytes/s): what a
+/// scan of a disk that is not in the page cache gets.
+fn bulk_read(path: &Path, total: u64) -> Result<f64> {
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: posix_fadvise on our own open fd; it reads no memory of ours.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if rc != 0 {
+        anyhow::bail!(
+            "posix_fadvise(DONTNEED) on {} failed: errno {rc}",
+            path.display()
+        );
+    }
+    let mut buf = vec![0u8; 4 << 20];
+    let t = Instant::now();
+    let mut off = 0u64;
+    while off < total {
+        let n = (total - off).min(buf.len() as u64) as usize;
+        f.read_exact_at(&mut buf[..n], off)?;
+        off += n as u64;
+    }
     Ok(total as f64 / t.elapsed().as_secs_f64())
 }
 

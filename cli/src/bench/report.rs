@@ -135,6 +135,13 @@ pub const ROWS: &[RowSpec] = &[
         Goal::None,
     ),
     row(
+        "limits.disk.bulk_read",
+        LIM,
+        "data dir: bulk read, not cached",
+        "MB/s",
+        Goal::None,
+    ),
+    row(
         "limits.disk.fsync_p50",
         LIM,
         "data dir: 4 KiB write + fdatasync p50",
