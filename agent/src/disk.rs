@@ -82,28 +82,6 @@ impl Disk {
         &self.file
     }
 
-    /// Lets the kernel drop the clean cached pages of `len` bytes from
-    /// `offset` (`posix_fadvise(DONTNEED)`), once a resync has hashed them
-    /// and read what differs.
-    ///
-    /// Hashing is one pass over the disk; the page cache it leaves behind
-    /// (large folios, from the mapping and read-ahead) made the machine's
-    /// later 4 KiB writes much dearer: fio 4k QD32 through the agent did
-    /// 8-10k IOPS after an initial sync and 15-19k once those pages were
-    /// dropped (docs/BENCHMARKS.md). Only advice: dirty pages are written
-    /// back first, nothing is lost, and a failure changes nothing.
-    pub fn drop_cached(&self, offset: u64, len: u64) {
-        // SAFETY: posix_fadvise on our own open fd; it reads no memory of ours.
-        unsafe {
-            libc::posix_fadvise(
-                self.file.as_raw_fd(),
-                offset as libc::off_t,
-                len as libc::off_t,
-                libc::POSIX_FADV_DONTNEED,
-            );
-        }
-    }
-
     /// Reads exactly `buf.len()` bytes at `offset`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         rebound_common::chunk::read_full_at(&self.file, buf, offset)

@@ -44,6 +44,7 @@ use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use crate::capture::{Capture, CaptureError};
+use crate::page_cache::Residency;
 use crate::sender::Link;
 
 /// Chunks per first-level hash request (64 MiB of disk).
@@ -187,22 +188,26 @@ impl Progress {
     }
 }
 
+/// The local disk's hashes of `count` chunks from `offset`, and which of
+/// those pages were cached before they were read (see [`Residency`]).
 async fn local_hashes(
     cap: &Arc<Capture>,
     disk: u32,
     offset: u64,
     chunk: u64,
     count: u64,
-) -> Result<Vec<u8>, ResyncError> {
+) -> Result<(Vec<u8>, Option<Residency>), ResyncError> {
     let d = cap.disks()[disk as usize].clone();
     tokio::task::spawn_blocking(move || {
-        chunk_hashes(d.file(), d.size(), offset, chunk as u32, count as u32).map_err(|source| {
-            ResyncError::LocalHash {
+        let len = (chunk * count).min(d.size() - offset);
+        let residency = Residency::take(d.file(), offset, len);
+        chunk_hashes(d.file(), d.size(), offset, chunk as u32, count as u32)
+            .map(|h| (h, residency))
+            .map_err(|source| ResyncError::LocalHash {
                 disk: d.name.clone(),
                 offset,
                 source,
-            }
-        })
+            })
     })
     .await
     .map_err(|e| ResyncError::LocalHash {
@@ -341,8 +346,10 @@ pub async fn resync_extents<H: HashSource>(
                 .await
                 .map_err(|e| (done, e))?;
             // The batch is hashed and what differs is read into the buffer:
-            // its pages need not stay cached (see `Disk::drop_cached`).
-            cap.disks()[disk as usize].drop_cached(c.first * CHUNK_SIZE, c.count * CHUNK_SIZE);
+            // the pages the scan brought into the cache go (`page_cache`).
+            if let Some(r) = &c.residency {
+                r.restore(cap.disks()[disk as usize].file());
+            }
             done += c.count as usize;
             progress.advance(cap, c.count * CHUNK_SIZE);
         }
@@ -356,8 +363,8 @@ pub async fn resync_extents<H: HashSource>(
 
 /// One first-level batch, compared.
 struct Compared {
-    /// First extent of the batch.
-    first: u64,
+    /// Which of the batch's pages were cached before it was hashed.
+    residency: Option<Residency>,
     /// Extents the batch covers (some may be past the end of the disk).
     count: u64,
     /// Chunks the replica holds as all zeroes: (offset, length).
@@ -377,7 +384,7 @@ async fn compare_batch<H: HashSource>(
     count: u64,
 ) -> Result<Compared, ResyncError> {
     let mut c = Compared {
-        first,
+        residency: None,
         count,
         zero: Vec::new(),
         differing: Vec::new(),
@@ -388,7 +395,8 @@ async fn compare_batch<H: HashSource>(
     }
     let n = count.min((size - offset).div_ceil(CHUNK_SIZE));
     let remote = remote_hashes(cap, src, t, offset, CHUNK_SIZE, n).await?;
-    let local = local_hashes(cap, t.disk, offset, CHUNK_SIZE, n).await?;
+    let (local, residency) = local_hashes(cap, t.disk, offset, CHUNK_SIZE, n).await?;
+    c.residency = residency;
     for i in 0..n {
         let r = &remote[i as usize * 32..i as usize * 32 + 32];
         if r == &local[i as usize * 32..i as usize * 32 + 32] {
@@ -424,7 +432,7 @@ async fn send_differences<H: HashSource>(
         let g_len = (g_count * CHUNK_SIZE).min(size - g_off);
         let n_sub = g_len.div_ceil(SUB_CHUNK_SIZE);
         let remote = remote_hashes(cap, src, t, g_off, SUB_CHUNK_SIZE, n_sub).await?;
-        let local = local_hashes(cap, disk, g_off, SUB_CHUNK_SIZE, n_sub).await?;
+        let (local, _) = local_hashes(cap, disk, g_off, SUB_CHUNK_SIZE, n_sub).await?;
         let subs: Vec<u64> = (0..n_sub)
             .filter(|&j| {
                 remote[j as usize * 32..j as usize * 32 + 32]
