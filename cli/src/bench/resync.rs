@@ -240,7 +240,7 @@ pub fn run(b: &mut Bench) -> Result<()> {
             "{rsync_secs:.1} s / {diff_secs:.1} s{}",
             b.value("limits.disk.bulk_read")
                 .map(|r| format!(
-                    "; the agent reads the whole source from the device (the full sync dropped its pages): at least {:.1} s at the bulk read rate",
+                    "; reading the whole source from the device would take {:.1} s at the bulk read rate",
                     size as f64 / 1e6 / r
                 ))
                 .unwrap_or_default()
