@@ -158,11 +158,18 @@ fn repeat_rate(secs: f64, bytes: usize, mut f: impl FnMut()) -> f64 {
     (n * bytes as u64) as f64 / t.elapsed().as_secs_f64()
 }
 
-/// `total` bytes of sequential 1 MiB writes, then one fdatasync (bytes/s).
-fn bulk_write(path: &Path, total: u64) -> Result<f64> {
+/// `total` bytes of sequential 1 MiB writes of random data into a new
+/// `path`, an fdatasync every `sync_every` bytes (if any) and one at the
+/// end; the file and bytes/s.
+fn sequential_write(
+    path: &Path,
+    total: u64,
+    sync_every: Option<u64>,
+) -> Result<(std::fs::File, f64)> {
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(true)
+        .read(true)
         .write(true)
         .open(path)
         .with_context(|| format!("creating {}", path.display()))?;
@@ -172,9 +179,17 @@ fn bulk_write(path: &Path, total: u64) -> Result<f64> {
     while off < total {
         f.write_all_at(&buf, off)?;
         off += buf.len() as u64;
+        if sync_every.is_some_and(|n| off.is_multiple_of(n)) {
+            f.sync_data()?;
+        }
     }
     f.sync_data()?;
-    Ok(total as f64 / t.elapsed().as_secs_f64())
+    Ok((f, total as f64 / t.elapsed().as_secs_f64()))
+}
+
+/// `total` bytes of sequential 1 MiB writes, then one fdatasync (bytes/s).
+fn bulk_write(path: &Path, total: u64) -> Result<f64> {
+    Ok(sequential_write(path, total, None)?.1)
 }
 
 /// Reads `total` bytes of `path` from the device (its cached pages dropped
@@ -204,26 +219,9 @@ fn bulk_read(path: &Path, total: u64) -> Result<f64> {
 /// Sequential write + fdatasync every 4 MiB (bytes/s) and 4 KiB write +
 /// fdatasync latencies (ms).
 fn disk(path: &Path, total: u64, samples: usize) -> Result<(f64, Vec<f64>)> {
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    let buf = Profile::Random.pool(1 << 20);
-    let t = Instant::now();
-    let mut off = 0u64;
-    while off < total {
-        f.write_all_at(&buf, off)?;
-        off += buf.len() as u64;
-        if off.is_multiple_of(4 << 20) {
-            f.sync_data()?;
-        }
-    }
-    f.sync_data()?;
-    let rate = total as f64 / t.elapsed().as_secs_f64();
-    let block = &buf[..4096];
+    let (f, rate) = sequential_write(path, total, Some(4 << 20))?;
+    let buf = Profile::Random.pool(4096);
+    let block = &buf[..];
     let mut lat = Vec::with_capacity(samples);
     for i in 0..samples as u64 {
         let t = Instant::now();
