@@ -158,18 +158,11 @@ fn mapped_hashes(
         let start = offset + i * chunk;
         let len = disk_size.saturating_sub(start).min(n * chunk) as usize;
         if len == 0 {
-            // Wholly past the end of the disk: the empty string.
-            for _ in 0..n {
-                out.extend_from_slice(blake3::hash(b"").as_bytes());
-            }
+            // Wholly past the end of the disk: the empty string each.
+            hash_span(&[], chunk, n, &mut out);
         } else {
             let map = Mapping::new(file, start, len)?;
-            let buf = map.bytes();
-            for j in 0..n {
-                let s = ((j * chunk) as usize).min(len);
-                let e = (((j + 1) * chunk) as usize).min(len);
-                out.extend_from_slice(&hash_one(&buf[s..e]));
-            }
+            hash_span(map.bytes(), chunk, n, &mut out);
         }
         i += n;
     }
@@ -193,14 +186,21 @@ fn read_hashes(
         let start = offset + i * chunk;
         let len = disk_size.saturating_sub(start).min(n * chunk) as usize;
         read_full_at(file, &mut buf[..len], start)?;
-        for j in 0..n {
-            let s = ((j * chunk) as usize).min(len);
-            let e = (((j + 1) * chunk) as usize).min(len);
-            out.extend_from_slice(&hash_one(&buf[s..e]));
-        }
+        hash_span(&buf[..len], chunk, n, &mut out);
         i += n;
     }
     Ok(out)
+}
+
+/// Appends the hashes of `n` chunks of `chunk` bytes laid out from the
+/// start of `buf`, each clipped at its end (a chunk wholly past it hashes
+/// the empty string).
+fn hash_span(buf: &[u8], chunk: u64, n: u64, out: &mut Vec<u8>) {
+    for j in 0..n {
+        let s = ((j * chunk) as usize).min(buf.len());
+        let e = (((j + 1) * chunk) as usize).min(buf.len());
+        out.extend_from_slice(&hash_one(&buf[s..e]));
+    }
 }
 
 #[cfg(test)]
