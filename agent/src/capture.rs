@@ -43,6 +43,7 @@ use tracing::{error, info, warn};
 
 use crate::dirty_log::{Bitset, DirtyLog};
 use crate::disk::Disk;
+use crate::frame_pool::FramePool;
 use crate::tags;
 
 /// A frame is handed to the sender once its body reaches this size.
@@ -227,6 +228,8 @@ pub struct Capture {
     /// Wakes the sender: a frame is ready, or a partial frame was started.
     wake: Notify,
     durable: watch::Sender<u64>,
+    /// Bodies of acknowledged frames, reused for new ones.
+    pool: Arc<FramePool>,
 }
 
 enum Change<'a> {
@@ -286,11 +289,18 @@ impl Capture {
             state: Mutex::new(state),
             wake: Notify::new(),
             durable: watch::channel(0).0,
+            pool: Arc::new(FramePool::default()),
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Where the sender takes wire buffers and gives back the bodies of
+    /// acknowledged frames.
+    pub fn frame_pool(&self) -> &Arc<FramePool> {
+        &self.pool
     }
 
     pub fn replication_id(&self) -> String {
@@ -504,7 +514,7 @@ impl Capture {
             self.wake.notify_one();
         }
         let open = st.open.get_or_insert_with(|| PendingFrame {
-            builder: FrameBuilder::new(&self.replication_id(), seq),
+            builder: FrameBuilder::with_body(&self.replication_id(), seq, self.pool.take()),
             started: now,
             last_append: now,
         });

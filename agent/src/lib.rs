@@ -21,6 +21,7 @@ pub mod config;
 pub mod control;
 pub mod dirty_log;
 pub mod disk;
+pub mod frame_pool;
 pub mod page_cache;
 pub mod resync;
 pub mod sender;

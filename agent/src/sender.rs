@@ -33,6 +33,7 @@ use tracing::{debug, info, warn};
 
 use crate::capture::{Capture, PendingFrame, ResumeOutcome, IDLE_FLUSH};
 use crate::config::Settings;
+use crate::frame_pool::{FramePool, BODY_CAPACITY};
 
 /// Largest message we accept from the PS (answers are tiny).
 const MAX_MESSAGE: usize = 64 << 20;
@@ -138,9 +139,14 @@ struct Sealed {
 
 fn seal(b: FrameBuilder) -> Sealed {
     let mut frame = b.finish();
-    // The builder's Vec grew by doubling: give the slack back (an in-place
-    // realloc), so what stays allocated is what the buffer accounts for.
-    frame.body.shrink_to_fit();
+    // A body from the frame pool keeps its capacity, to be reused: the pages
+    // past its length were never written, so they are not resident (and
+    // the pool bounds how many reused ones are in flight). Another body
+    // grew by doubling: give the slack back (an in-place realloc), so what
+    // stays allocated is what the buffer accounts for.
+    if frame.body.capacity() < BODY_CAPACITY {
+        frame.body.shrink_to_fit();
+    }
     Sealed {
         first: frame.header.first_seq,
         last: frame.header.last_seq,
@@ -172,12 +178,14 @@ struct Outbox {
 }
 
 impl Outbox {
-    /// Drops what `durable` covers; returns the buffer bytes freed.
-    fn ack(&mut self, durable: u64) -> u64 {
+    /// Drops what `durable` covers, giving the bodies back to `pool`;
+    /// returns the buffer bytes freed.
+    fn ack(&mut self, durable: u64, pool: &FramePool) -> u64 {
         let mut freed = 0;
         while self.frames.front().is_some_and(|f| f.last <= durable) {
             if let Some(f) = self.frames.pop_front() {
                 freed += f.body_len;
+                pool.give(f.frame.body);
             }
             self.next = self.next.saturating_sub(1);
         }
@@ -291,7 +299,7 @@ async fn session(
         }
         ResumeOutcome::Reset => outbox.frames.clear(),
         ResumeOutcome::Continue => {
-            let freed = outbox.ack(resume);
+            let freed = outbox.ack(resume, cap.frame_pool());
             if let Some(f) = outbox.frames.front() {
                 if f.first <= resume {
                     let t = tail(&cap.replication_id(), f, resume + 1)?;
@@ -338,7 +346,7 @@ async fn session(
             m = inbound.next() => match m {
                 Some(Ok(m)) => match m.msg {
                     Some(RespMsg::DurableSeq(d)) => {
-                        let freed = outbox.ack(d);
+                        let freed = outbox.ack(d, cap.frame_pool());
                         cap.on_durable(d, freed);
                     }
                     Some(RespMsg::ResumeSeq(r)) => {
@@ -352,7 +360,7 @@ async fn session(
             permit = tx.reserve(), if has_unsent => {
                 let permit = permit.map_err(|_| SenderError::Closed)?;
                 let f = &outbox.frames[outbox.next];
-                permit.send(IngestRequest { msg: Some(ReqMsg::Frame(f.frame.to_bytes())) });
+                permit.send(IngestRequest { msg: Some(ReqMsg::Frame(cap.frame_pool().wire(&f.frame))) });
                 outbox.next += 1;
             }
             _ = cap.sender_wake().notified() => {}
@@ -392,8 +400,9 @@ mod tests {
             frames: VecDeque::from(vec![s, t]),
             next: 2,
         };
-        assert_eq!(o.ack(9), 0);
-        let freed = o.ack(14);
+        let pool = FramePool::default();
+        assert_eq!(o.ack(9, &pool), 0);
+        let freed = o.ack(14, &pool);
         assert!(freed > 5 * 512);
         assert_eq!(o.next, 0);
         assert!(o.frames.is_empty());

@@ -163,11 +163,18 @@ pub struct FrameBuilder {
 
 impl FrameBuilder {
     pub fn new(replication_id: &str, first_seq: u64) -> Self {
+        Self::with_body(replication_id, first_seq, Vec::with_capacity(1 << 20))
+    }
+
+    /// A builder that writes into `body` (cleared first), so a caller can
+    /// reuse the allocation of a frame it no longer needs.
+    pub fn with_body(replication_id: &str, first_seq: u64, mut body: Vec<u8>) -> Self {
+        body.clear();
         FrameBuilder {
             replication_id: replication_id.to_string(),
             first_seq,
             count: 0,
-            body: Vec::with_capacity(1 << 20),
+            body,
         }
     }
 
@@ -326,19 +333,29 @@ impl<'a> Reader<'a> {
 impl Frame {
     /// Encodes the frame to its wire/storage bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.encoded_len());
+        self.write_to(&mut out);
+        out
+    }
+
+    /// Length of [`Frame::to_bytes`].
+    pub fn encoded_len(&self) -> usize {
+        64 + self.header.replication_id.len() + self.body.len()
+    }
+
+    /// Appends the wire/storage bytes to `out` (a buffer the caller reuses).
+    pub fn write_to(&self, out: &mut Vec<u8>) {
         let h = &self.header;
-        let mut out = Vec::with_capacity(64 + h.replication_id.len() + self.body.len());
         out.extend_from_slice(&MAGIC);
         out.push(VERSION);
         out.push(h.flags);
-        put_str(&mut out, &h.replication_id);
+        put_str(out, &h.replication_id);
         out.extend_from_slice(&h.first_seq.to_le_bytes());
         out.extend_from_slice(&h.last_seq.to_le_bytes());
         out.extend_from_slice(&h.uncompressed_len.to_le_bytes());
         out.extend_from_slice(&(self.body.len() as u32).to_le_bytes());
         out.extend_from_slice(&h.hash);
         out.extend_from_slice(&self.body);
-        out
     }
 
     /// Parses the header and takes the body as stored. Does not verify the

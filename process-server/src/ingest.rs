@@ -359,7 +359,7 @@ async fn accept(
             let shrank = frame.compress(level);
             Ok((frame.to_bytes(), Some(shrank)))
         } else {
-            Ok((bytes, None))
+            Ok((Vec::from(bytes), None))
         }
     })
     .await

@@ -302,7 +302,7 @@ impl AgentStream {
     async fn send(&self, bytes: Vec<u8>) {
         self.tx
             .send(IngestRequest {
-                msg: Some(ingest_request::Msg::Frame(bytes)),
+                msg: Some(ingest_request::Msg::Frame(bytes.into())),
             })
             .await
             .unwrap();

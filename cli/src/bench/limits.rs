@@ -359,7 +359,8 @@ async fn grpc_rate(certs: std::path::PathBuf, total: u64, big_windows: bool) -> 
         .connect(&addr.to_string(), "localhost")
         .await?;
     let mut client = ProcessServerClient::new(ch).max_decoding_message_size(64 << 20);
-    let frame = Profile::Random.pool(2 << 20);
+    // Shared, not copied per message: the row measures the transport.
+    let frame = tonic::codegen::Bytes::from(Profile::Random.pool(2 << 20));
     let n = total.div_ceil(frame.len() as u64);
     let (tx, rx) = tokio::sync::mpsc::channel::<IngestRequest>(4);
     let t = Instant::now();
