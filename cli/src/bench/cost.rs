@@ -2,7 +2,9 @@
 //! machine's I/O. fio (nbd engine) runs 4 KiB random writes at QD1 and QD32
 //! and 1 MiB sequential writes against the agent's export while replication
 //! runs, and against `qemu-nbd` serving the same kind of file with no
-//! replication; the ratio is the figure.
+//! replication; the ratio is the figure. The protected machine (fio and the
+//! server) and the replication sites (PS, MT) run on separate CPUs, as they
+//! are deployed ([`super::placement`]).
 
 use anyhow::{anyhow, Context, Result};
 use serde_json::{json, Value};
@@ -10,7 +12,8 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::lab::{cpu_secs_of, free_port, machine_busy_secs, wait_for, Lab, DISK};
+use super::lab::{cpu_secs_of, free_port, machine_busy_secs, wait_for, Comp, Lab, DISK};
+use super::placement::{Cpus, Placement};
 use super::{mb, tools, Bench};
 
 /// One fio line.
@@ -57,8 +60,8 @@ struct FioRun {
     secs: f64,
 }
 
-/// Runs fio against `uri`.
-fn fio(uri: &str, job: &Job, size: u64, secs: u64) -> Result<FioRun> {
+/// Runs fio against `uri`, on `cpus` when given.
+fn fio(uri: &str, job: &Job, size: u64, secs: u64, cpus: Option<&Cpus>) -> Result<FioRun> {
     let args = [
         "--name=bench".to_string(),
         "--ioengine=nbd".into(),
@@ -76,7 +79,7 @@ fn fio(uri: &str, job: &Job, size: u64, secs: u64) -> Result<FioRun> {
     ];
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let t = std::time::Instant::now();
-    let out = tools::run("fio", &argv)?;
+    let out = tools::run_on("fio", &argv, cpus)?;
     let wall = t.elapsed().as_secs_f64();
     let text = String::from_utf8_lossy(&out.stdout);
     // fio may print notes before the JSON document.
@@ -113,9 +116,13 @@ struct QemuNbd {
 }
 
 impl QemuNbd {
-    fn start(file: &std::path::Path, export: &str) -> Result<QemuNbd> {
+    fn start(file: &std::path::Path, export: &str, cpus: Option<&Cpus>) -> Result<QemuNbd> {
         let port = free_port()?;
-        let child = Command::new("qemu-nbd")
+        let mut cmd = Command::new("qemu-nbd");
+        if let Some(c) = cpus {
+            c.pin_command(&mut cmd);
+        }
+        let child = cmd
             .args(["-f", "raw", "-t", "-x", export, "--bind", "127.0.0.1", "--port"])
             .arg(port.to_string())
             .arg(file)
@@ -149,12 +156,68 @@ impl Drop for QemuNbd {
     }
 }
 
+/// Binds the lab's processes as [`Placement`] says for the section, and
+/// lets them run anywhere again afterwards (also on an error).
+struct Pinned {
+    pids: Vec<(Comp, u32)>,
+    place: Option<Placement>,
+}
+
+impl Pinned {
+    fn new(lab: &Lab) -> Result<Pinned> {
+        let place = Placement::split()?;
+        let pids = [Comp::Agent, Comp::Ps, Comp::Mt]
+            .into_iter()
+            .filter_map(|c| lab.pid(c).map(|pid| (c, pid)))
+            .collect();
+        let pinned = Pinned { pids, place };
+        if let Some(p) = &pinned.place {
+            pinned.bind(&p.protected, &p.recovery)?;
+        }
+        Ok(pinned)
+    }
+
+    fn bind(&self, protected: &Cpus, recovery: &Cpus) -> Result<()> {
+        for &(c, pid) in &self.pids {
+            let cpus = if c == Comp::Agent {
+                protected
+            } else {
+                recovery
+            };
+            cpus.pin_process(pid)
+                .with_context(|| format!("binding {} to {}", c.name(), cpus.describe()))?;
+        }
+        Ok(())
+    }
+
+    fn protected(&self) -> Option<&Cpus> {
+        self.place.as_ref().map(|p| &p.protected)
+    }
+
+    fn describe(&self) -> String {
+        match &self.place {
+            Some(p) => p.describe(),
+            None => "one CPU: not split".into(),
+        }
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        if let Some(p) = &self.place {
+            let _ = self.bind(&p.all, &p.all);
+        }
+    }
+}
+
 pub fn run(b: &mut Bench, lab: &mut Lab) -> Result<()> {
     let p = b.plan.clone();
     let size = lab.spec.disk_size;
     let file = b.dir.join("qemu-nbd-disk.img");
     std::fs::File::create(&file)?.set_len(size)?;
-    let qemu = QemuNbd::start(&file, DISK)?;
+    let pinned = Pinned::new(lab)?;
+    let placement = pinned.describe();
+    let qemu = QemuNbd::start(&file, DISK, pinned.protected())?;
     let agent_uri = format!("nbd://127.0.0.1:{}/{DISK}", lab.agent_nbd_port);
     let qemu_uri = format!("nbd://127.0.0.1:{}/{DISK}", qemu.port);
     for job in JOBS {
@@ -165,10 +228,10 @@ pub fn run(b: &mut Bench, lab: &mut Lab) -> Result<()> {
         // Between jobs the replication catches up, so every agent job starts
         // from an idle pipeline like the qemu-nbd one.
         lab.wait_settled(p.settle_timeout)?;
-        // Cores of every process during each run: on 2 cores, fio and the
-        // server compete with replication (PS, MT) for the same CPUs.
+        // Cores of every process during each run: fio and the server share
+        // the protected machine's CPU; the PS and MT have the others.
         let (cpu0, m0) = (lab.cpu_all(), machine_busy_secs().unwrap_or(0.0));
-        let a = fio(&agent_uri, job, size, p.fio_secs)
+        let a = fio(&agent_uri, job, size, p.fio_secs, pinned.protected())
             .with_context(|| format!("fio {} against the agent", job.id))?;
         let (cpu1, m1) = (lab.cpu_all(), machine_busy_secs().unwrap_or(0.0));
         let a_cores: Vec<f64> = (0..3).map(|i| cores(cpu0[i], cpu1[i], a.secs)).collect();
@@ -183,7 +246,7 @@ pub fn run(b: &mut Bench, lab: &mut Lab) -> Result<()> {
             cpu_secs_of(&qpid).unwrap_or(0.0),
             machine_busy_secs().unwrap_or(0.0),
         );
-        let q = fio(&qemu_uri, job, size, p.fio_secs)
+        let q = fio(&qemu_uri, job, size, p.fio_secs, pinned.protected())
             .with_context(|| format!("fio {} against qemu-nbd", job.id))?;
         let q_server = cores(q0, cpu_secs_of(&qpid).unwrap_or(0.0), q.secs);
         let q_machine = cores(m0, machine_busy_secs().unwrap_or(0.0), q.secs);
@@ -228,10 +291,11 @@ pub fn run(b: &mut Bench, lab: &mut Lab) -> Result<()> {
         b.set(
             &format!("cost.{}.ratio", job.id),
             a_val / q_val.max(1e-9),
-            format!("{a_val:.0} / {q_val:.0} {what}"),
+            format!("{a_val:.0} / {q_val:.0} {what}; {placement}"),
         );
     }
     drop(qemu);
+    drop(pinned);
     let _ = std::fs::remove_file(&file);
     b.progress("cost: waiting for replication to catch up after fio");
     lab.wait_settled(p.settle_timeout)?;

@@ -18,6 +18,7 @@ pub mod cost;
 pub mod failover;
 pub mod lab;
 pub mod limits;
+pub mod placement;
 pub mod profiles;
 pub mod report;
 pub mod resync;

@@ -5,6 +5,8 @@
 use anyhow::{bail, Context, Result};
 use std::process::{Command, Output};
 
+use super::placement::Cpus;
+
 /// (tool, Debian package).
 pub const TOOLS: &[(&str, &str)] = &[
     ("fio", "fio"),
@@ -49,7 +51,17 @@ pub fn check_all() -> Result<()> {
 
 /// Runs a tool to completion; a failure shows its output.
 pub fn run(tool: &str, args: &[&str]) -> Result<Output> {
-    let out = match Command::new(tool).args(args).output() {
+    run_on(tool, args, None)
+}
+
+/// [`run`], bound to `cpus` when given.
+pub fn run_on(tool: &str, args: &[&str], cpus: Option<&Cpus>) -> Result<Output> {
+    let mut cmd = Command::new(tool);
+    cmd.args(args);
+    if let Some(c) = cpus {
+        c.pin_command(&mut cmd);
+    }
+    let out = match cmd.output() {
         Ok(o) => o,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
             "{tool} is not installed; install it with `apt-get install -y {}`",
