@@ -23,6 +23,7 @@ const ROWS: &[&str] = &[
     "limits.disk.bulk_read",
     "limits.disk.fsync_p50",
     "limits.disk.fsync_p99",
+    "limits.tls.seal",
     "limits.tls.rustls",
     "limits.tls.grpc",
     "cost.randwrite4k_qd1.agent",

@@ -156,6 +156,29 @@ impl Drop for QemuNbd {
     }
 }
 
+/// What one CPU allows the agent at most, for a bandwidth job: every byte
+/// costs what it costs qemu-nbd and fio (receive, write to the page cache),
+/// plus the blake3 of its frame and the TLS sealing of the stream at the
+/// limits section's one-core rates. The agent's further copies are not
+/// counted, so the true ceiling is lower. Returns a note to append.
+fn one_cpu_bound(b: &Bench, q_mb_s: f64, q_cores: f64, a_cores: f64, a_mb_s: f64) -> String {
+    let (Some(hash), Some(seal)) = (b.value("limits.blake3"), b.value("limits.tls.seal")) else {
+        return String::new();
+    };
+    // CPU seconds per MB.
+    let q_cost = q_cores / q_mb_s.max(1e-9);
+    let floor = q_cost + 1.0 / hash.max(1e-9) + 1.0 / seal.max(1e-9);
+    let ceiling = 1.0 / floor;
+    format!(
+        "; one CPU allows the agent at most {ceiling:.0} MB/s = {:.2} x ({:.2} ms/MB as qemu-nbd + fio, + {:.2} blake3, + {:.2} TLS sealing); the agent + fio used {:.2} ms/MB",
+        ceiling / q_mb_s.max(1e-9),
+        q_cost * 1e3,
+        1e3 / hash.max(1e-9),
+        1e3 / seal.max(1e-9),
+        a_cores / a_mb_s.max(1e-9) * 1e3
+    )
+}
+
 /// Binds the lab's processes as [`Placement`] says for the section, and
 /// lets them run anywhere again afterwards (also on an error).
 struct Pinned {
@@ -288,10 +311,21 @@ pub fn run(b: &mut Bench, lab: &mut Lab) -> Result<()> {
                 q.fio_cores
             ),
         );
+        let bound = if job.bandwidth && pinned.protected().is_some() {
+            one_cpu_bound(
+                b,
+                mb(q_bw),
+                q.fio_cores + q_server,
+                a.fio_cores + a_cores[0],
+                mb(a_bw),
+            )
+        } else {
+            String::new()
+        };
         b.set(
             &format!("cost.{}.ratio", job.id),
             a_val / q_val.max(1e-9),
-            format!("{a_val:.0} / {q_val:.0} {what}; {placement}"),
+            format!("{a_val:.0} / {q_val:.0} {what}; {placement}{bound}"),
         );
     }
     drop(qemu);

@@ -110,6 +110,15 @@ pub fn run(b: &mut Bench) -> Result<()> {
         format!("max {:.1} ms", quantile(&lat, 1.0)),
     );
 
+    // TLS record encryption alone, one core: what the agent's stream costs
+    // per byte at least, beside hashing (the cost section's bound uses it).
+    let rate = seal_rate(p.limit_secs)?;
+    b.set(
+        "limits.tls.seal",
+        mb(rate),
+        "16 KiB records, TLS 1.3 AES-256-GCM, one output record allocated per record as rustls does",
+    );
+
     // Loopback mTLS.
     let certs = b.dir.join("limits-certs");
     rebound_common::pki::write_dev_bundle(&certs, &["bench".to_string()])?;
@@ -144,6 +153,44 @@ pub fn run(b: &mut Bench) -> Result<()> {
     );
     let _ = std::fs::remove_dir_all(&certs);
     Ok(())
+}
+
+/// Encrypts 16 KiB TLS 1.3 records with the suite the agent's stream
+/// negotiates first (rustls with ring); bytes of plaintext/s on one core.
+fn seal_rate(secs: f64) -> Result<f64> {
+    use rustls::crypto::cipher::{AeadKey, Iv, OutboundChunks, OutboundPlainMessage};
+    use rustls::{ContentType, ProtocolVersion, SupportedCipherSuite};
+    let SupportedCipherSuite::Tls13(suite) =
+        rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384
+    else {
+        return Err(anyhow!("TLS13_AES_256_GCM_SHA384 is not a TLS 1.3 suite"));
+    };
+    let mut enc = suite
+        .aead_alg
+        .encrypter(AeadKey::from([7u8; 32]), Iv::new([1u8; 12]));
+    let data = Profile::Random.pool(1 << 20);
+    let mut seq = 0u64;
+    let mut err = None;
+    let rate = repeat_rate(secs, data.len(), || {
+        for rec in data.chunks(16 << 10) {
+            let msg = OutboundPlainMessage {
+                typ: ContentType::ApplicationData,
+                version: ProtocolVersion::TLSv1_3,
+                payload: OutboundChunks::Single(rec),
+            };
+            match enc.encrypt(msg, seq) {
+                Ok(m) => {
+                    std::hint::black_box(m);
+                }
+                Err(e) => err = Some(e),
+            }
+            seq += 1;
+        }
+    });
+    match err {
+        Some(e) => Err(anyhow!("TLS record encryption failed: {e}")),
+        None => Ok(rate),
+    }
 }
 
 /// Runs `f` (which processes `bytes`) repeatedly for about `secs`; bytes/s.

@@ -156,6 +156,13 @@ pub const ROWS: &[RowSpec] = &[
         Goal::None,
     ),
     row(
+        "limits.tls.seal",
+        LIM,
+        "TLS record encryption (rustls, ring), 1 core",
+        "MB/s",
+        Goal::None,
+    ),
+    row(
         "limits.tls.rustls",
         LIM,
         "loopback mTLS, rustls, 1 stream",
