@@ -121,7 +121,8 @@ fn bind_unix_std(path: &Path) -> Result<std::os::unix::net::UnixListener, AgentE
 /// buffer it rises to that size (up to 32 MiB), so later buffers come from
 /// per-thread arenas that only shrink from the top, each keeping its own
 /// peak; the agent's RSS then reached the buffer limit plus 120-230 MiB.
-/// The cost is one page fault per 4 KiB of each fresh buffer.
+/// The cost is one page fault per 4 KiB of each fresh buffer, which is why
+/// the agent reuses a few frame-sized buffers ([`frame_pool`]).
 /// Does nothing with another C library or allocator.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -9,10 +9,11 @@
 //! longer than `bitmap_after`, the agent switches to bitmap mode.
 //!
 //! Memory: a sealed frame keeps the body its builder wrote the records into
-//! (moved, shrunk to its length: no copy, and the allocation equals what the
-//! change buffer accounts for); the wire bytes are encoded only for the
-//! send and freed once tonic has written them, and at most
-//! [`SEND_QUEUE`] of them wait in the request channel.
+//! (moved, no copy; a body from the [`crate::frame_pool`] keeps its
+//! capacity and goes back to the pool once the PS holds the frame, any
+//! other is shrunk to its length); the wire bytes are encoded into a pooled
+//! buffer only for the send and return to the pool once tonic has encoded
+//! them, and at most [`SEND_QUEUE`] of them wait in the request channel.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
