@@ -140,9 +140,10 @@ struct Sealed {
 
 fn seal(b: FrameBuilder) -> Sealed {
     let mut frame = b.finish();
-    // A body from the frame pool keeps its capacity, to be reused: the pages
-    // past its length were never written, so they are not resident (and
-    // the pool bounds how many reused ones are in flight). Another body
+    // A body from the frame pool keeps its capacity, to be reused: in a
+    // fresh one the pages past its length were never written, so they are
+    // not resident, and what reused ones hold beyond their length is
+    // bounded by the pool (see its module doc). Another body
     // grew by doubling: give the slack back (an in-place realloc), so what
     // stays allocated is what the buffer accounts for.
     if frame.body.capacity() < BODY_CAPACITY {
