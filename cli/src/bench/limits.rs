@@ -110,8 +110,9 @@ pub fn run(b: &mut Bench) -> Result<()> {
         format!("max {:.1} ms", quantile(&lat, 1.0)),
     );
 
-    // TLS record encryption alone, one core: what the agent's stream costs
-    // per byte at least, beside hashing (the cost section's bound uses it).
+    // TLS record encryption alone, one core: what a stream costs per byte at
+    // least, beside hashing (the 1 MiB cost note and the text-like
+    // sustained note use it).
     let rate = seal_rate(p.limit_secs)?;
     b.set(
         "limits.tls.seal",

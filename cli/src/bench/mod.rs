@@ -219,11 +219,6 @@ impl Bench {
         self.report.rows().iter().find(|r| r.id == id)?.value
     }
 
-    /// Extra data recorded earlier in the run, if any.
-    pub fn detail_of(&self, key: &str) -> Option<&Value> {
-        self.details.get(key)
-    }
-
     /// Extra data for the JSON document.
     pub fn detail(&mut self, key: &str, v: Value) {
         self.details.insert(key.into(), v);

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use super::lab::{Lab, DISK};
 use super::profiles::Profile;
+use super::report::GOAL_TEXT_MB_S;
 use super::sampler::{quantile, slope, Sampler};
 use super::writer::{Writer, WriterSpec};
 use super::{mb, Bench};
@@ -175,9 +176,6 @@ fn cpu_note(b: &Bench, prof: Profile, h: &Hold) -> String {
         floor * GOAL_TEXT_MB_S
     )
 }
-
-/// The goal of the text-like row (issue 4), for its note.
-const GOAL_TEXT_MB_S: f64 = 200.0;
 
 pub fn run(b: &mut Bench, lab: &mut Lab) -> Result<()> {
     let p = b.plan.clone();
