@@ -9,7 +9,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 
 mod hashes;
-pub use hashes::{chunk_hashes, zero_hash};
+pub use hashes::{chunk_hash, chunk_hashes, zero_hash};
 
 /// Granularity of the retention journal's undo records.
 pub const BLOCK_SIZE: u64 = 4096;

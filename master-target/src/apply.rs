@@ -539,6 +539,12 @@ impl Replication {
             batch.saved_set.clear();
         }
         let half = batch.ops.len() / 2;
+        // A chunk is forgotten before it is written, and its new hash kept
+        // only once the write succeeded (see `hash_cache`).
+        let hashes = inner
+            .chunk_hashes
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (i, op) in batch.ops.drain(..).enumerate() {
             if batch.crash == ApplyCrash::MidData && i == half && i > 0 {
                 return Err(MtError::Internal("simulated crash (test hook)".into()));
@@ -546,6 +552,7 @@ impl Replication {
             match op {
                 Op::Data { disk, offset, data } => {
                     let d = &self.disks[disk];
+                    hashes.forget_range(disk, offset, data.len() as u64);
                     d.file.write_all_at(data, offset).map_err(io_err(|| {
                         format!(
                             "cannot write {} bytes to replica {} of replication {} at offset {offset}",
@@ -554,10 +561,12 @@ impl Replication {
                             self.id
                         )
                     }))?;
+                    hashes.wrote(disk, offset, data);
                     touched[disk] = true;
                 }
                 Op::Zero { disk, offset, len } => {
                     let d = &self.disks[disk];
+                    hashes.forget_range(disk, offset, len);
                     zero_range(&d.file, offset, len).map_err(io_err(|| {
                         format!(
                             "cannot zero {len} bytes of replica {} of replication {} at offset {offset}",
@@ -565,6 +574,7 @@ impl Replication {
                             self.id
                         )
                     }))?;
+                    hashes.zeroed(disk, offset, len);
                     touched[disk] = true;
                 }
             }

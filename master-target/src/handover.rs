@@ -97,6 +97,8 @@ impl Replication {
     /// it has not yet succeeded. Blocking (runs the hook).
     pub fn hand_over(&self, run_power_on: bool, hooks: &HooksConfig) -> Result<HandOverReport> {
         let mut inner = self.write_inner()?;
+        // The replica is about to change other than by apply.
+        inner.forget_chunk_hashes();
         let machine = self.info.machine_id.clone();
         if inner.st.ended.is_some() {
             return Err(MtError::FailedPrecondition(format!(
@@ -184,6 +186,8 @@ impl Replication {
     /// replica files stay (the caller deletes them when not kept).
     fn end(&self, keep_replica: bool) -> Result<()> {
         let mut inner = self.write_inner()?;
+        // The replica is about to change other than by apply.
+        inner.forget_chunk_hashes();
         if inner.st.ended.is_none() {
             inner.st.ended = Some(EndedState {
                 time_ms: now_ms(),

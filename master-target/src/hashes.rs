@@ -8,11 +8,13 @@
 //! The hashes are those of [`rebound_common::chunk::chunk_hashes`], the
 //! same code the agent runs over its disk (the contract between them). The
 //! replication's read lock is held throughout, so no apply writes the
-//! replica meanwhile.
+//! replica meanwhile. First-level (1 MiB) chunks come from the replication's
+//! hash cache where it knows them (`hash_cache`); the others are hashed from
+//! the replica and kept there for the next resync.
 
 use crate::error::{io_err, MtError, Result};
 use crate::replication::Replication;
-use rebound_common::chunk::chunk_hashes;
+use rebound_common::chunk::{chunk_hashes, CHUNK_SIZE};
 use std::time::Duration;
 
 /// How long ChunkHashes waits for the applied seq.
@@ -32,7 +34,7 @@ impl Replication {
         chunk_size: u32,
         count: u32,
     ) -> Result<Vec<u8>> {
-        let _inner = self.read_inner();
+        let inner = self.read_inner();
         let d = self.disk(disk)?;
         if chunk_size == 0 || chunk_size > MAX_CHUNK {
             return Err(MtError::InvalidArgument(format!(
@@ -50,13 +52,71 @@ impl Replication {
                 d.index, d.name, self.id, d.size
             )));
         }
-        chunk_hashes(&d.file, d.size, offset, chunk_size, count).map_err(io_err(|| {
-            format!(
-                "cannot hash replica {} of replication {} at offset {offset}",
-                d.path.display(),
-                self.id
-            )
-        }))
+        let hash = |offset: u64, count: u32| {
+            chunk_hashes(&d.file, d.size, offset, chunk_size, count).map_err(io_err(|| {
+                format!(
+                    "cannot hash replica {} of replication {} at offset {offset}",
+                    d.path.display(),
+                    self.id
+                )
+            }))
+        };
+        let pos = self.disks.iter().position(|x| x.index == disk);
+        let cached = u64::from(chunk_size) == CHUNK_SIZE
+            && offset.is_multiple_of(CHUNK_SIZE)
+            && inner.hashes_cacheable();
+        let (Some(pos), true) = (pos, cached) else {
+            return hash(offset, count);
+        };
+        // The cache's lock is not held while hashing, so the requests of a
+        // pipelined resync hash side by side; the read lock keeps apply out.
+        let cache = || {
+            inner
+                .chunk_hashes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        let first = offset / CHUNK_SIZE;
+        let mut out = Vec::with_capacity(count as usize * 32);
+        let mut i = 0u32;
+        while i < count {
+            let known = cache().get(pos, first + u64::from(i));
+            if let Some(h) = known {
+                out.extend_from_slice(&h);
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            {
+                let c = cache();
+                while j < count && c.get(pos, first + u64::from(j)).is_none() {
+                    j += 1;
+                }
+            }
+            let hashed = hash(offset + u64::from(i) * CHUNK_SIZE, j - i)?;
+            let mut c = cache();
+            for (k, h) in hashed.chunks_exact(32).enumerate() {
+                let chunk = first + u64::from(i) + k as u64;
+                if chunk * CHUNK_SIZE < d.size {
+                    c.set(pos, chunk, h.try_into().expect("32-byte hash"));
+                }
+            }
+            drop(c);
+            out.extend_from_slice(&hashed);
+            i = j;
+        }
+        Ok(out)
+    }
+
+    /// How many first-level chunk hashes the cache knows.
+    #[cfg(test)]
+    pub(crate) fn cached_chunk_hashes(&self) -> u64 {
+        let inner = self.read_inner();
+        let c = inner
+            .chunk_hashes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        c.known()
     }
 
     /// Waits until the applied seq reaches `min`; UNAVAILABLE after `timeout`.

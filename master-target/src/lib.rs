@@ -13,6 +13,7 @@ pub mod control;
 mod copyback;
 pub mod error;
 pub mod handover;
+mod hash_cache;
 pub mod hashes;
 pub mod journal;
 pub mod layout;

@@ -11,6 +11,7 @@
 
 use crate::catalog::{self, PointEntry};
 use crate::error::{io_err, MtError, Result};
+use crate::hash_cache::HashCache;
 use crate::journal::{self, IntervalIndex};
 use crate::layout::{parse_journal_name, valid_name, Layout};
 use crate::rollback::PreImages;
@@ -72,6 +73,10 @@ pub(crate) struct Inner {
     /// The undo buffer of apply, kept between cycles so each cycle does not
     /// fault in fresh pages.
     pub scratch: Vec<u8>,
+    /// Chunk hashes known without reading the replica (see `hash_cache`):
+    /// apply updates it under the write lock, ChunkHashes under the read
+    /// lock.
+    pub chunk_hashes: Mutex<HashCache>,
 }
 
 impl Inner {
@@ -98,6 +103,23 @@ impl Inner {
     /// current interval (the first interval has nothing to roll back to).
     pub fn journaling(&self) -> bool {
         !self.points.is_empty()
+    }
+
+    /// Whether cached chunk hashes may answer ChunkHashes: only while apply
+    /// is the one writer of the replica, so not while a rollback is
+    /// unfinished, after a hand-over or after the end (each of those also
+    /// clears the cache when it starts).
+    pub fn hashes_cacheable(&self) -> bool {
+        self.st.rollback.is_none() && self.st.handed_over.is_none() && self.st.ended.is_none()
+    }
+
+    /// Forgets every cached chunk hash: something other than apply is about
+    /// to change the replica.
+    pub fn forget_chunk_hashes(&mut self) {
+        self.chunk_hashes
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
     }
 
     pub fn journal_bytes(&self) -> u64 {
@@ -602,6 +624,7 @@ fn recover(layout: &Layout, info: &StoredInfo) -> Result<Inner> {
         pre,
         seq,
         scratch: Vec::new(),
+        chunk_hashes: Mutex::new(HashCache::new(info.disks.iter().map(|d| d.size))),
     })
 }
 

@@ -171,6 +171,8 @@ impl Replication {
 
     pub(crate) fn rollback_inner(&self, point: &str, crash: CrashAt) -> Result<RollbackReport> {
         let mut inner = self.write_inner()?;
+        // The replica is about to change other than by apply.
+        inner.forget_chunk_hashes();
         let machine = self.info.machine_id.clone();
         let p = inner
             .point_by_id(point)
@@ -403,6 +405,8 @@ impl Replication {
     /// number of blocks written. Idempotent; 0 when nothing is rolled back.
     pub fn restore_pre_images(&self) -> Result<u64> {
         let mut inner = self.write_inner()?;
+        // The replica is about to change other than by apply.
+        inner.forget_chunk_hashes();
         let machine = self.info.machine_id.clone();
         if inner.st.ended.is_some() {
             return Err(MtError::FailedPrecondition(format!(

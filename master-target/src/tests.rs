@@ -7,6 +7,7 @@ use crate::config::RetentionConfig;
 use crate::error::MtError;
 use crate::replication::{Replication, Store};
 use crate::rollback::CrashAt;
+use rebound_common::chunk::{chunk_hash, CHUNK_SIZE, SUB_CHUNK_SIZE};
 use rebound_common::frame::{Frame, FrameBuilder, Record, Tag, TagKind};
 use rebound_proto::{DiskInfo, ReplicationInfo};
 use std::path::Path;
@@ -588,6 +589,80 @@ fn chunk_hashes_and_wait() {
         .block_on(r.wait_applied(n + 1, std::time::Duration::from_millis(50)))
         .unwrap_err();
     assert!(matches!(e, MtError::Unavailable(_)));
+}
+
+/// The first-level chunk hashes of the model's disks.
+fn model_chunk_hashes(disk: &[u8]) -> Vec<u8> {
+    disk.chunks(CHUNK_SIZE as usize)
+        .flat_map(chunk_hash)
+        .collect()
+}
+
+/// Every first-level ChunkHashes answer equals the hashes of what the
+/// replica holds.
+fn check_chunk_hashes(r: &Replication, disks: &[Vec<u8>]) {
+    for (d, want) in disks.iter().enumerate() {
+        let n = want.len().div_ceil(CHUNK_SIZE as usize) as u32;
+        let got = r.chunk_hashes(d as u32, 0, CHUNK_SIZE as u32, n).unwrap();
+        assert_eq!(got, model_chunk_hashes(want), "disk {d}");
+        // From the second chunk, and past the end of the disk.
+        if want.len() as u64 > CHUNK_SIZE {
+            let tail = r
+                .chunk_hashes(d as u32, CHUNK_SIZE, CHUNK_SIZE as u32, 3)
+                .unwrap();
+            let mut expect = model_chunk_hashes(&want[CHUNK_SIZE as usize..]);
+            while expect.len() < 3 * 32 {
+                expect.extend_from_slice(blake3::hash(&[]).as_bytes());
+            }
+            assert_eq!(tail, expect, "disk {d} from chunk 1");
+        }
+    }
+}
+
+#[test]
+fn cached_chunk_hashes_follow_every_change_to_the_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Gen::new(21);
+    let (_s, r) = open_store(dir.path());
+    // An initial sync writes whole chunks: apply learns their hashes.
+    g.write(0, 0, SIZES[0], false);
+    g.write(1, 0, SIZES[1], false);
+    g.tag("p0");
+    apply_range(&r, &g, 1, g.seq(), 10);
+    assert_eq!(r.cached_chunk_hashes(), 3);
+    check_chunk_hashes(&r, &g.disks);
+    for round in 0..6 {
+        let from = g.seq() + 1;
+        g.random_ops(15);
+        match round % 3 {
+            0 => g.write(0, CHUNK_SIZE, SIZES[0] - CHUNK_SIZE, false),
+            1 => g.zero(0, 0, CHUNK_SIZE),
+            _ => g.write(1, 0, SIZES[1], true),
+        }
+        g.random_ops(3);
+        g.tag(&format!("p{}", round + 1));
+        apply_range(&r, &g, from, g.seq(), 7);
+        // Partly written chunks were forgotten and are hashed from the
+        // replica again (and kept): every answer equals the content.
+        check_chunk_hashes(&r, &g.disks);
+        assert_eq!(r.cached_chunk_hashes(), 3);
+    }
+    // A rollback changes the replica other than by apply: all forgotten.
+    let latest = g.disks.clone();
+    r.rollback("p2").unwrap();
+    assert_eq!(r.cached_chunk_hashes(), 0);
+    check_chunk_hashes(&r, g.snap("p2"));
+    r.restore_pre_images().unwrap();
+    assert_eq!(r.cached_chunk_hashes(), 0);
+    check_chunk_hashes(&r, &latest);
+    // Sub-chunk requests are answered from the replica, as before.
+    let subs = r.chunk_hashes(0, 0, SUB_CHUNK_SIZE as u32, 3).unwrap();
+    let want: Vec<u8> = latest[0]
+        .chunks(SUB_CHUNK_SIZE as usize)
+        .take(3)
+        .flat_map(chunk_hash)
+        .collect();
+    assert_eq!(subs, want);
 }
 
 #[test]

@@ -76,8 +76,9 @@ pub fn chunk_hashes(
     read_hashes(file, disk_size, offset, chunk, count)
 }
 
-/// The hash of one chunk's bytes (zero fast path).
-fn hash_one(data: &[u8]) -> [u8; 32] {
+/// The hash of one chunk's bytes, as [`chunk_hashes`] gives it (an all-zero
+/// chunk is answered from [`zero_hash`] without hashing).
+pub fn chunk_hash(data: &[u8]) -> [u8; 32] {
     if !data.is_empty() && is_zero(data) {
         zero_hash(data.len() as u64)
     } else {
@@ -199,7 +200,7 @@ fn hash_span(buf: &[u8], chunk: u64, n: u64, out: &mut Vec<u8>) {
     for j in 0..n {
         let s = ((j * chunk) as usize).min(buf.len());
         let e = (((j + 1) * chunk) as usize).min(buf.len());
-        out.extend_from_slice(&hash_one(&buf[s..e]));
+        out.extend_from_slice(&chunk_hash(&buf[s..e]));
     }
 }
 
