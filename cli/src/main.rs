@@ -54,6 +54,11 @@ enum Cmd {
         /// Work in this directory (kept) instead of a temporary one.
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Run only these parts (comma-separated): `limits` (section 1),
+        /// `main` (sections 2, 3, 4, 6 and memory), `resync` (section 5);
+        /// the other rows say "not run". For working on one figure.
+        #[arg(long, value_enum, value_delimiter = ',')]
+        only: Vec<rebound_cli::bench::Part>,
     },
     /// Write a lab PKI (CA, PS, MT, admin and agent certificates) into a directory.
     Certs {
@@ -137,8 +142,19 @@ async fn main() -> Result<()> {
             rebound_common::telemetry::init(Default::default());
             rebound_cli::demo::agent_main(&config).await
         }
-        Cmd::Bench { quick, json, dir } => {
-            rebound_cli::bench::run(rebound_cli::bench::BenchOptions { quick, json, dir }).await
+        Cmd::Bench {
+            quick,
+            json,
+            dir,
+            only,
+        } => {
+            rebound_cli::bench::run(rebound_cli::bench::BenchOptions {
+                quick,
+                json,
+                dir,
+                only,
+            })
+            .await
         }
         Cmd::Certs { out, machines } => rebound_cli::certs::write(&out, &machines),
         Cmd::Points {

@@ -47,6 +47,26 @@ pub struct BenchOptions {
     pub json: Option<PathBuf>,
     /// Work here (kept) instead of a temp dir (deleted).
     pub dir: Option<PathBuf>,
+    /// Run only these parts (empty: all of them).
+    pub only: Vec<Part>,
+}
+
+/// The parts of a run that `--only` can pick: each is independent of the
+/// others (a note that uses a limits row leaves its share out without it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// Section 1, the machine's limits.
+    Limits,
+    /// Sections 2, 3, 4 and 6 and peak memory, on one lab.
+    Main,
+    /// Section 5, on its own lab.
+    Resync,
+}
+
+impl BenchOptions {
+    fn runs(&self, part: Part) -> bool {
+        self.only.is_empty() || self.only.contains(&part)
+    }
 }
 
 /// Sizes and durations of one run.
@@ -353,15 +373,28 @@ fn run_blocking(opts: BenchOptions, rt: Handle) -> Result<()> {
         b.load_at_start
     ));
 
-    b.progress("limits: blake3, zstd, disk, loopback TLS");
-    let r = limits::run(&mut b);
-    b.outcome(&["limits."], r);
-
-    let main = main_lab(&mut b);
-    b.outcome(&["cost.", "sustained.", "mem.", "rpo.", "rto."], main);
-
-    let r = resync::run(&mut b);
-    b.outcome(&["resync."], r);
+    const PARTS: [(Part, &[&str]); 3] = [
+        (Part::Limits, &["limits."]),
+        (Part::Main, &["cost.", "sustained.", "mem.", "rpo.", "rto."]),
+        (Part::Resync, &["resync."]),
+    ];
+    for (part, prefixes) in PARTS {
+        if !opts.runs(part) {
+            for p in prefixes {
+                b.report.skip(p);
+            }
+            continue;
+        }
+        let r = match part {
+            Part::Limits => {
+                b.progress("limits: blake3, zstd, disk, loopback TLS");
+                limits::run(&mut b)
+            }
+            Part::Main => main_lab(&mut b),
+            Part::Resync => resync::run(&mut b),
+        };
+        b.outcome(prefixes, r);
+    }
 
     let table = b.report.table();
     b.progress(&format!(

@@ -32,6 +32,8 @@ pub enum Verdict {
     Info,
     /// The section failed; the note says why.
     Error,
+    /// The section was left out (`--only`).
+    NotRun,
 }
 
 impl Verdict {
@@ -41,6 +43,7 @@ impl Verdict {
             Verdict::Below => "below",
             Verdict::Info => "-",
             Verdict::Error => "error",
+            Verdict::NotRun => "not run",
         }
     }
 }
@@ -548,6 +551,14 @@ impl Report {
             if r.value.is_none() && r.verdict == Verdict::Error {
                 r.note = format!("failed: {err}");
             }
+        }
+    }
+
+    /// Marks every row of `prefix` as left out of this run.
+    pub fn skip(&mut self, prefix: &str) {
+        for r in self.rows.iter_mut().filter(|r| r.id.starts_with(prefix)) {
+            r.verdict = Verdict::NotRun;
+            r.note = "not run (--only)".into();
         }
     }
 
