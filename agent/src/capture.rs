@@ -210,6 +210,9 @@ struct State {
     resync_bytes: u64,
     resync_chunks: u64,
     bytes_captured: u64,
+    /// The resync copy's read buffer, kept between copies (a fresh one per
+    /// chunk cost page faults on every read).
+    resync_buf: Vec<u8>,
 }
 
 /// The ordering point and change buffer of one machine.
@@ -277,6 +280,7 @@ impl Capture {
             resync_bytes: 0,
             resync_chunks: 0,
             bytes_captured: 0,
+            resync_buf: Vec::new(),
         };
         Capture {
             rid: Mutex::new(rid.to_string()),
@@ -965,11 +969,12 @@ impl Capture {
         if len == 0 {
             return Ok((0, 0));
         }
-        let mut buf = vec![0u8; len as usize];
         let mut st = self.lock();
         if st.next_seq == 0 || st.fenced || st.window.is_none() {
             return Err(CaptureError::NotStreaming);
         }
+        let mut buf = std::mem::take(&mut st.resync_buf);
+        buf.resize(len as usize, 0);
         d.read_at(&mut buf, offset)
             .map_err(|source| CaptureError::Read {
                 disk: d.name.clone(),
@@ -1025,6 +1030,7 @@ impl Capture {
         }
         st.resync_bytes += bytes;
         st.resync_chunks += chunks;
+        st.resync_buf = buf;
         Ok((bytes, chunks))
     }
 

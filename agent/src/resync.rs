@@ -7,7 +7,9 @@
 //! the PS, which proxies to the MT), compares them with its own, asks 64 KiB
 //! sub-chunk hashes for the chunks that differ, and sends only the differing
 //! sub-chunks: read and appended under the ordering point, `Zero` when all
-//! zero. A chunk the replica holds as all zeroes needs no second round trip.
+//! zero. A chunk the replica holds as all zeroes needs no second round trip,
+//! and a batch it holds as all zeroes (an initial replication) no local
+//! hashing: the copy sends the sub-chunks that are not zero.
 //!
 //! The hash requests of a batch carry `min_applied_seq` = the last seq in
 //! the stream when the batch's extents were taken, and local hashes are
@@ -188,19 +190,24 @@ impl Progress {
     }
 }
 
-/// The local disk's hashes of `count` chunks from `offset`, and which of
-/// those pages were cached before they were read (see [`Residency`]).
+/// The local disk's hashes of `count` chunks from `offset` (none unless
+/// `hash`), and which of those pages were cached before they were read (see
+/// [`Residency`]).
 async fn local_hashes(
     cap: &Arc<Capture>,
     disk: u32,
     offset: u64,
     chunk: u64,
     count: u64,
+    hash: bool,
 ) -> Result<(Vec<u8>, Option<Residency>), ResyncError> {
     let d = cap.disks()[disk as usize].clone();
     tokio::task::spawn_blocking(move || {
         let len = (chunk * count).min(d.size() - offset);
         let residency = Residency::take(d.file(), offset, len);
+        if !hash {
+            return Ok((Vec::new(), residency));
+        }
         chunk_hashes(d.file(), d.size(), offset, chunk as u32, count as u32)
             .map(|h| (h, residency))
             .map_err(|source| ResyncError::LocalHash {
@@ -395,15 +402,24 @@ async fn compare_batch<H: HashSource>(
     }
     let n = count.min((size - offset).div_ceil(CHUNK_SIZE));
     let remote = remote_hashes(cap, src, t, offset, CHUNK_SIZE, n).await?;
-    let (local, residency) = local_hashes(cap, t.disk, offset, CHUNK_SIZE, n).await?;
+    let chunk = |i: u64| {
+        let c_off = offset + i * CHUNK_SIZE;
+        (c_off, CHUNK_SIZE.min(size - c_off))
+    };
+    let zero_replica = (0..n).all(|i| remote[i as usize * 32..][..32] == zero_hash(chunk(i).1));
+    // A chunk the replica holds as zeroes differs exactly where the source
+    // is not all zero, which the copy checks sub-chunk by sub-chunk anyway:
+    // a batch the replica holds as zeroes (an initial replication) needs no
+    // local hashes.
+    let (local, residency) =
+        local_hashes(cap, t.disk, offset, CHUNK_SIZE, n, !zero_replica).await?;
     c.residency = residency;
     for i in 0..n {
         let r = &remote[i as usize * 32..i as usize * 32 + 32];
-        if r == &local[i as usize * 32..i as usize * 32 + 32] {
+        if !zero_replica && r == &local[i as usize * 32..i as usize * 32 + 32] {
             continue;
         }
-        let c_off = offset + i * CHUNK_SIZE;
-        let c_len = CHUNK_SIZE.min(size - c_off);
+        let (c_off, c_len) = chunk(i);
         if r == zero_hash(c_len) {
             c.zero.push((c_off, c_len));
         } else {
@@ -432,7 +448,7 @@ async fn send_differences<H: HashSource>(
         let g_len = (g_count * CHUNK_SIZE).min(size - g_off);
         let n_sub = g_len.div_ceil(SUB_CHUNK_SIZE);
         let remote = remote_hashes(cap, src, t, g_off, SUB_CHUNK_SIZE, n_sub).await?;
-        let (local, _) = local_hashes(cap, disk, g_off, SUB_CHUNK_SIZE, n_sub).await?;
+        let (local, _) = local_hashes(cap, disk, g_off, SUB_CHUNK_SIZE, n_sub, true).await?;
         let subs: Vec<u64> = (0..n_sub)
             .filter(|&j| {
                 remote[j as usize * 32..j as usize * 32 + 32]
