@@ -17,6 +17,7 @@ mod hash_cache;
 pub mod hashes;
 pub mod journal;
 pub mod layout;
+mod ordered;
 pub mod replication;
 pub mod retention;
 pub mod rollback;

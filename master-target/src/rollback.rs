@@ -14,12 +14,17 @@
 //! after it they are not (they would capture half-rolled-back content), and
 //! step 2 is idempotent. `RestorePreImages` writes the pre-images back so a
 //! different point can be chosen.
+//!
+//! Steps 1 and 2 read and checksum on worker threads and write on the
+//! calling one, in order (`ordered`): the writes, and which fsync follows
+//! which, are those of a single thread.
 
 use crate::catalog::PointEntry;
 use crate::copyback::{start_writeback, SavedBlock, Source};
 use crate::error::{io_err, MtError, Result};
 use crate::journal::{self, key_block, key_disk, BLOCK};
 use crate::layout::Layout;
+use crate::ordered::{ordered, WORKERS};
 use crate::replication::Replication;
 use crate::state::{save_json, PointRef, RollbackProgress};
 use crate::view::build_map;
@@ -27,7 +32,6 @@ use rebound_common::chunk::read_full_at;
 use rebound_common::durable::fsync_dir;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,6 +47,16 @@ const PROGRESS_BLOCKS: usize = 1 << 16;
 const WRITEBACK_EVERY: u64 = 16 << 20;
 /// Blocks of the replica read with one pread when saving pre-images.
 const PRE_READ_BLOCKS: usize = 256;
+/// Blocks of pre-images read and encoded as one piece of work (4 MiB).
+#[cfg(not(test))]
+const PRE_SEGMENT_BLOCKS: usize = 1024;
+/// Small in tests, so their small disks take many segments on the workers.
+#[cfg(test)]
+const PRE_SEGMENT_BLOCKS: usize = 16;
+
+/// Pre-image records of a segment of blocks, and (block key, offset of its
+/// record in them) for each block.
+type EncodedSegment = (Vec<u8>, Vec<(u64, u64)>);
 
 /// The pre-image file of a rollback, indexed.
 pub(crate) struct PreImages {
@@ -343,15 +357,58 @@ impl Replication {
             .open(&path)
             .map_err(io_err(ctx))?;
         let header = encode_header(point, blocks.len() as u64);
-        let mut w = BufWriter::with_capacity(8 << 20, &file);
-        w.write_all(&header).map_err(io_err(ctx))?;
+        file.write_all_at(&header, 0).map_err(io_err(ctx))?;
         let mut pos = header.len() as u64;
         // Written back up to here: the device writes the pre-images while
-        // the next replica runs are read, not all at the final fsync.
+        // the next segments are read, not all at the final fsync.
         let mut kicked = 0u64;
         let mut offsets = HashMap::with_capacity(blocks.len());
+        // Segments are read and encoded on the workers and appended here in
+        // order (see `ordered`); a simulated crash stops before the segment
+        // holding the middle block, with the ones before it written.
+        let middle = blocks.len() / 2;
+        let segments: Vec<std::ops::Range<usize>> = (0..blocks.len())
+            .step_by(PRE_SEGMENT_BLOCKS)
+            .map(|s| s..(s + PRE_SEGMENT_BLOCKS).min(blocks.len()))
+            .collect();
+        ordered(
+            segments,
+            WORKERS,
+            |seg| {
+                let encoded = self.encode_preimages(&blocks[seg.clone()])?;
+                Ok((seg, encoded))
+            },
+            |(seg, (rec, saved))| {
+                if crash == CrashAt::DuringPreImages && seg.contains(&middle) {
+                    return Err(simulated_crash());
+                }
+                file.write_all_at(&rec, pos).map_err(io_err(ctx))?;
+                for (key, rel) in saved {
+                    offsets.insert(key, pos + rel);
+                }
+                pos += rec.len() as u64;
+                if pos - kicked >= WRITEBACK_EVERY {
+                    start_writeback(&file, kicked, pos - kicked);
+                    kicked = pos;
+                }
+                Ok(())
+            },
+        )?;
+        file.sync_all().map_err(io_err(ctx))?;
+        let dir = self.layout.rollback_dir();
+        fsync_dir(&dir).map_err(io_err(|| format!("cannot fsync {}", dir.display())))?;
+        Ok(PreImages {
+            file,
+            blocks: offsets,
+        })
+    }
+
+    /// The pre-image records of `blocks` (their current content, in
+    /// undo format) and each block's offset in them.
+    fn encode_preimages(&self, blocks: &[(u64, (u64, u64))]) -> Result<EncodedSegment> {
         let mut buf = vec![0u8; PRE_READ_BLOCKS * BLOCK];
-        let mut rec = Vec::with_capacity(PRE_READ_BLOCKS * (BLOCK + journal::HEADER_LEN));
+        let mut rec = Vec::with_capacity(blocks.len() * (BLOCK + journal::HEADER_LEN));
+        let mut saved = Vec::with_capacity(blocks.len());
         let mut i = 0;
         while i < blocks.len() {
             // A run of adjacent blocks of one disk, read with one pread.
@@ -364,40 +421,20 @@ impl Replication {
             {
                 j += 1;
             }
-            if crash == CrashAt::DuringPreImages && (i..j).contains(&(blocks.len() / 2)) {
-                w.flush().map_err(io_err(ctx))?;
-                return Err(simulated_crash());
-            }
             let d = self.disk(disk)?;
             let start = key_block(blocks[i].0) * BS;
             let run = &mut buf[..(j - i) * BLOCK];
             read_full_at(&d.file, run, start).map_err(io_err(|| {
                 format!("cannot read replica {} at offset {start}", d.path.display())
             }))?;
-            rec.clear();
             for (k, data) in run.chunks_exact(BLOCK).enumerate() {
                 let key = blocks[i + k].0;
-                offsets.insert(key, pos + rec.len() as u64);
+                saved.push((key, rec.len() as u64));
                 journal::encode(&mut rec, d.index, key_block(key), data);
-            }
-            w.write_all(&rec).map_err(io_err(ctx))?;
-            pos += rec.len() as u64;
-            if pos - kicked >= WRITEBACK_EVERY {
-                w.flush().map_err(io_err(ctx))?;
-                start_writeback(&file, kicked, pos - kicked);
-                kicked = pos;
             }
             i = j;
         }
-        w.flush().map_err(io_err(ctx))?;
-        drop(w);
-        file.sync_all().map_err(io_err(ctx))?;
-        let dir = self.layout.rollback_dir();
-        fsync_dir(&dir).map_err(io_err(|| format!("cannot fsync {}", dir.display())))?;
-        Ok(PreImages {
-            file,
-            blocks: offsets,
-        })
+        Ok((rec, saved))
     }
 
     /// Writes the pre-images of a rollback back, returning the replica to
