@@ -11,7 +11,8 @@
 //!
 //! Order on disk: the catalog is rewritten first (atomically), then the
 //! freed journals are deleted; journals a crash left behind are deleted on
-//! the next open.
+//! the next open. Only the catalog rewrite holds the replication's lock:
+//! the deletion runs after it, so apply does not wait for it.
 
 use crate::catalog;
 use crate::config::RetentionConfig;
@@ -109,9 +110,28 @@ impl Replication {
             .range(..=oldest.interval)
             .map(|(&k, _)| k)
             .collect();
+        // The freed journals and their block indexes are only forgotten
+        // here; they are deleted (and the indexes freed) once the lock is
+        // released, because unlinking a journal of a few hundred MB takes
+        // hundreds of ms that apply would otherwise wait (RPO).
+        let mut dropped_indexes = Vec::with_capacity(freed.len());
         for k in &freed {
-            inner.intervals.remove(k);
+            dropped_indexes.extend(inner.intervals.remove(k));
             self.forget_journal_fd(*k);
+        }
+        inner
+            .maps
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .forget_before(oldest.interval);
+        out.dropped = d;
+        out.size_capped = d > by_window;
+        out.oldest = Some(oldest.id.clone());
+        out.journal_bytes = inner.journal_bytes();
+        let points_left = inner.points.len();
+        drop(inner);
+        drop(dropped_indexes);
+        for k in &freed {
             let path = self.layout.journal(*k);
             if let Err(e) = std::fs::remove_file(&path) {
                 if e.kind() != std::io::ErrorKind::NotFound {
@@ -123,15 +143,6 @@ impl Replication {
         if let Err(e) = fsync_dir(&self.layout.retention_dir()) {
             warn!(replication = %self.id, error = %e, "cannot fsync the retention directory");
         }
-        inner
-            .maps
-            .get_mut()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .forget_before(oldest.interval);
-        out.dropped = d;
-        out.size_capped = d > by_window;
-        out.oldest = Some(oldest.id.clone());
-        out.journal_bytes = inner.journal_bytes();
         if out.size_capped {
             info!(
                 replication = %self.id,
@@ -147,7 +158,7 @@ impl Replication {
             dropped = d,
             by_window,
             oldest_point = %oldest.id,
-            points = inner.points.len(),
+            points = points_left,
             journal_bytes = out.journal_bytes,
             "retention dropped the oldest recovery points"
         );
