@@ -266,7 +266,7 @@ pub fn run(b: &mut Bench) -> Result<()> {
             size as f64 / 1e6 / cp_secs,
             b.value("limits.disk.bulk_write_fsync")
                 .map(|r| format!(
-                    "; every byte is written durably twice (PS cache, replica): disk bound {:.0} MB/s",
+                    "; every byte is written durably twice (PS cache, replica): about {:.0} MB/s at this run's bulk write rate",
                     r / 2.0
                 ))
                 .unwrap_or_default()
