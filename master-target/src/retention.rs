@@ -128,21 +128,8 @@ impl Replication {
         out.size_capped = d > by_window;
         out.oldest = Some(oldest.id.clone());
         out.journal_bytes = inner.journal_bytes();
-        let points_left = inner.points.len();
-        drop(inner);
-        drop(dropped_indexes);
-        for k in &freed {
-            let path = self.layout.journal(*k);
-            if let Err(e) = std::fs::remove_file(&path) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    warn!(replication = %self.id, journal = %path.display(), error = %e,
-                        "cannot delete a dropped journal; it is deleted at the next start");
-                }
-            }
-        }
-        if let Err(e) = fsync_dir(&self.layout.retention_dir()) {
-            warn!(replication = %self.id, error = %e, "cannot fsync the retention directory");
-        }
+        // Logged under the lock: a reader that sees the points gone finds
+        // the log line too.
         if out.size_capped {
             info!(
                 replication = %self.id,
@@ -158,10 +145,24 @@ impl Replication {
             dropped = d,
             by_window,
             oldest_point = %oldest.id,
-            points = points_left,
+            points = inner.points.len(),
             journal_bytes = out.journal_bytes,
             "retention dropped the oldest recovery points"
         );
+        drop(inner);
+        drop(dropped_indexes);
+        for k in &freed {
+            let path = self.layout.journal(*k);
+            if let Err(e) = std::fs::remove_file(&path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    warn!(replication = %self.id, journal = %path.display(), error = %e,
+                        "cannot delete a dropped journal; it is deleted at the next start");
+                }
+            }
+        }
+        if let Err(e) = fsync_dir(&self.layout.retention_dir()) {
+            warn!(replication = %self.id, error = %e, "cannot fsync the retention directory");
+        }
         Ok(out)
     }
 }
