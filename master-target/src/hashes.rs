@@ -77,26 +77,28 @@ impl Replication {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
         };
         let first = offset / CHUNK_SIZE;
+        let known: Vec<Option<[u8; 32]>> = {
+            let c = cache();
+            (0..u64::from(count))
+                .map(|i| c.get(pos, first + i))
+                .collect()
+        };
         let mut out = Vec::with_capacity(count as usize * 32);
-        let mut i = 0u32;
-        while i < count {
-            let known = cache().get(pos, first + u64::from(i));
-            if let Some(h) = known {
+        let mut i = 0;
+        while i < known.len() {
+            if let Some(h) = known[i] {
                 out.extend_from_slice(&h);
                 i += 1;
                 continue;
             }
-            let mut j = i + 1;
-            {
-                let c = cache();
-                while j < count && c.get(pos, first + u64::from(j)).is_none() {
-                    j += 1;
-                }
-            }
-            let hashed = hash(offset + u64::from(i) * CHUNK_SIZE, j - i)?;
+            // A run of unknown chunks, hashed from the replica and kept.
+            let j = (i..known.len())
+                .find(|&j| known[j].is_some())
+                .unwrap_or(known.len());
+            let hashed = hash(offset + i as u64 * CHUNK_SIZE, (j - i) as u32)?;
             let mut c = cache();
             for (k, h) in hashed.chunks_exact(32).enumerate() {
-                let chunk = first + u64::from(i) + k as u64;
+                let chunk = first + (i + k) as u64;
                 if chunk * CHUNK_SIZE < d.size {
                     c.set(pos, chunk, h.try_into().expect("32-byte hash"));
                 }
