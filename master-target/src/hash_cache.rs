@@ -33,7 +33,7 @@ use rebound_common::chunk::{chunk_hash, zero_hash, CHUNK_SIZE};
 pub const MAX_CHUNKS: u64 = 1 << 18;
 
 /// Known chunk hashes of every disk of one replication, by disk position.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct HashCache {
     disks: Vec<DiskHashes>,
 }
@@ -122,7 +122,8 @@ impl HashCache {
     }
 
     /// Records chunk `chunk`'s hash of the disk at `pos`, read from the
-    /// replica while no write could happen.
+    /// replica while no write could happen (chunks past the end of the disk
+    /// or the cap are not kept).
     pub fn set(&mut self, pos: usize, chunk: u64, hash: [u8; 32]) {
         if let Some(d) = self.disks.get_mut(pos) {
             d.set(chunk, hash);

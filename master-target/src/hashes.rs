@@ -98,10 +98,11 @@ impl Replication {
             let hashed = hash(offset + i as u64 * CHUNK_SIZE, (j - i) as u32)?;
             let mut c = cache();
             for (k, h) in hashed.chunks_exact(32).enumerate() {
-                let chunk = first + (i + k) as u64;
-                if chunk * CHUNK_SIZE < d.size {
-                    c.set(pos, chunk, h.try_into().expect("32-byte hash"));
-                }
+                c.set(
+                    pos,
+                    first + (i + k) as u64,
+                    h.try_into().expect("32-byte hash"),
+                );
             }
             drop(c);
             out.extend_from_slice(&hashed);
