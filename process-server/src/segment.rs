@@ -7,10 +7,16 @@
 //! empty newest segment still records how far the stream got. Each entry is
 //!
 //! ```text
-//! [len u32 LE][blake3(frame bytes), first 8 bytes][frame bytes (len)]
+//! [len u32 LE][crc32c(frame bytes) u32 LE]["CRCC"][frame bytes (len)]
 //! ```
 //!
-//! and the frame bytes are the frame exactly as it is forwarded. A crash can
+//! and the frame bytes are the frame exactly as it is forwarded. The
+//! checksum only has to find a torn or damaged entry: the frame carries its
+//! own blake3, which the MT checks end to end. CRC32C runs at about four
+//! times blake3's speed here (hardware instruction), and the PS checks every
+//! byte twice (written, read back to forward). Entries written before it
+//! carry the first 8 bytes of blake3(frame bytes) instead of the CRC and
+//! its tag; they are still read, so an upgraded PS keeps its cache. A crash can
 //! leave a torn tail (an entry cut short, or never fully written); the scan
 //! stops at the first entry that is short, fails its checksum, does not parse
 //! as a frame or does not continue the seq run, and the cache cuts the file
@@ -44,12 +50,25 @@ pub fn parse_file_name(name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// Marks a checksum field as CRC32C (the older format's blake3 prefix
+/// matches it only by a 2^-32 chance, and then its CRC does not).
+const CRC_TAG: [u8; 4] = *b"CRCC";
+
 /// The 8-byte checksum stored in front of an entry's frame bytes.
 pub fn checksum(frame_bytes: &[u8]) -> [u8; 8] {
-    let h = blake3::hash(frame_bytes);
     let mut out = [0u8; 8];
-    out.copy_from_slice(&h.as_bytes()[..8]);
+    out[..4].copy_from_slice(&crc32c::crc32c(frame_bytes).to_le_bytes());
+    out[4..].copy_from_slice(&CRC_TAG);
     out
+}
+
+/// Whether `stored` is the checksum of `frame_bytes`, in this format or in
+/// the blake3-prefix format of entries written by earlier versions.
+pub fn checksum_matches(stored: &[u8], frame_bytes: &[u8]) -> bool {
+    if stored[4..] == CRC_TAG && stored == checksum(frame_bytes) {
+        return true;
+    }
+    stored == &blake3::hash(frame_bytes).as_bytes()[..8]
 }
 
 /// The header of the entry holding `frame_bytes`.
@@ -139,7 +158,7 @@ pub fn read_entry(
     let mut bytes = vec![0u8; len as usize];
     file.read_exact_at(&mut bytes, offset + ENTRY_HEADER as u64)
         .map_err(|source| EntryError::Io { offset, source })?;
-    if header[4..] != checksum(&bytes) {
+    if !checksum_matches(&header[4..], &bytes) {
         return Err(EntryError::Checksum { offset });
     }
     let (first_seq, last_seq) =
@@ -342,5 +361,34 @@ pub(crate) mod tests {
         let s = scan(&p, 0).unwrap();
         assert_eq!(s.valid_len, 0);
         assert!(s.cut.unwrap().contains("impossible length"));
+    }
+
+    #[test]
+    fn entries_of_the_blake3_format_are_still_read() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(file_name(1));
+        let frames = [frame_bytes("r", 1, 2), frame_bytes("r", 3, 5)];
+        let old_header = |fr: &[u8]| {
+            let mut h = [0u8; ENTRY_HEADER];
+            h[..4].copy_from_slice(&(fr.len() as u32).to_le_bytes());
+            h[4..].copy_from_slice(&blake3::hash(fr).as_bytes()[..8]);
+            h
+        };
+        // An entry of the old format, then one of the new.
+        let mut bytes = old_header(&frames[0]).to_vec();
+        bytes.extend_from_slice(&frames[0]);
+        bytes.extend_from_slice(&entry_header(&frames[1]));
+        bytes.extend_from_slice(&frames[1]);
+        std::fs::write(&p, &bytes).unwrap();
+        let s = scan(&p, 0).unwrap();
+        assert!(s.cut.is_none(), "{:?}", s.cut);
+        assert_eq!((s.entries, s.last_seq), (2, 5));
+
+        // A damaged old-format entry still fails its checksum.
+        bytes[ENTRY_HEADER + 40] ^= 0x55;
+        std::fs::write(&p, &bytes).unwrap();
+        let s = scan(&p, 0).unwrap();
+        assert_eq!(s.valid_len, 0);
+        assert!(s.cut.unwrap().contains("checksum"));
     }
 }
