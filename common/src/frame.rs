@@ -345,22 +345,69 @@ impl Frame {
 
     /// Appends the wire/storage bytes to `out` (a buffer the caller reuses).
     pub fn write_to(&self, out: &mut Vec<u8>) {
-        let h = &self.header;
-        out.extend_from_slice(&MAGIC);
-        out.push(VERSION);
-        out.push(h.flags);
-        put_str(out, &h.replication_id);
-        out.extend_from_slice(&h.first_seq.to_le_bytes());
-        out.extend_from_slice(&h.last_seq.to_le_bytes());
-        out.extend_from_slice(&h.uncompressed_len.to_le_bytes());
-        out.extend_from_slice(&(self.body.len() as u32).to_le_bytes());
-        out.extend_from_slice(&h.hash);
-        out.extend_from_slice(&self.body);
+        encode(&self.header, &self.body, out);
     }
 
-    /// Parses the header and takes the body as stored. Does not verify the
-    /// hash (see [`Frame::records`]).
+    /// The frame as a view that borrows its body.
+    pub fn as_view(&self) -> FrameRef<'_> {
+        FrameRef {
+            header: self.header.clone(),
+            body: &self.body,
+        }
+    }
+
+    /// Parses the header and takes the body as stored (a copy; see
+    /// [`FrameRef::parse`] to borrow it). Does not verify the hash (see
+    /// [`Frame::records`]).
     pub fn parse(bytes: &[u8]) -> Result<Frame, FrameError> {
+        FrameRef::parse(bytes).map(|f| f.to_owned())
+    }
+
+    pub fn is_compressed(&self) -> bool {
+        self.header.flags & FLAG_COMPRESSED != 0
+    }
+
+    /// Compresses the body with zstd at `level` when that makes it smaller;
+    /// a frame that does not shrink stays raw. Returns whether it compressed.
+    pub fn compress(&mut self, level: i32) -> bool {
+        if self.is_compressed() {
+            return true;
+        }
+        match compressed_body(&self.body, level) {
+            Some(c) => {
+                self.body = c;
+                self.header.flags |= FLAG_COMPRESSED;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The uncompressed body, checked against the header's hash.
+    pub fn verified_body(&self) -> Result<std::borrow::Cow<'_, [u8]>, FrameError> {
+        verified_body(&self.header, &self.body)
+    }
+
+    /// Decompresses, verifies the hash and decodes every record, in seq
+    /// order (record `i` has seq `first_seq + i`).
+    pub fn records(&self) -> Result<Vec<Record>, FrameError> {
+        records(&self.header, &self.body)
+    }
+}
+
+/// A frame parsed in place: its header, and its body still in the buffer it
+/// arrived in. The process server and the master target take frames this
+/// way, so the (1-4 MiB) body is not copied just to be checked or stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameRef<'a> {
+    pub header: FrameHeader,
+    pub body: &'a [u8],
+}
+
+impl<'a> FrameRef<'a> {
+    /// Parses the header in place; the body stays in `bytes`. Does not
+    /// verify the hash (see [`FrameRef::records`]).
+    pub fn parse(bytes: &'a [u8]) -> Result<FrameRef<'a>, FrameError> {
         let mut r = Reader { buf: bytes, pos: 0 };
         let magic: [u8; 4] = r.take(4)?.try_into().expect("4 bytes");
         if magic != MAGIC {
@@ -388,14 +435,14 @@ impl Frame {
                 what: format!("seq range {first_seq}..={last_seq} is reversed"),
             });
         }
-        let body = r.take(body_len)?.to_vec();
+        let body = r.take(body_len)?;
         if r.pos != bytes.len() {
             return Err(FrameError::Invalid {
                 at: r.pos,
                 what: format!("{} trailing bytes after the body", bytes.len() - r.pos),
             });
         }
-        Ok(Frame {
+        Ok(FrameRef {
             header: FrameHeader {
                 replication_id,
                 first_seq,
@@ -412,62 +459,103 @@ impl Frame {
         self.header.flags & FLAG_COMPRESSED != 0
     }
 
-    /// Compresses the body with zstd at `level` when that makes it smaller;
-    /// a frame that does not shrink stays raw. Returns whether it compressed.
-    pub fn compress(&mut self, level: i32) -> bool {
-        if self.is_compressed() {
-            return true;
-        }
-        match zstd::bulk::compress(&self.body, level) {
-            Ok(c) if c.len() + 64 < self.body.len() => {
-                self.body = c;
-                self.header.flags |= FLAG_COMPRESSED;
-                true
-            }
-            _ => false,
+    /// The frame with its own copy of the body.
+    pub fn to_owned(&self) -> Frame {
+        Frame {
+            header: self.header.clone(),
+            body: self.body.to_vec(),
         }
     }
 
-    /// The uncompressed body, checked against the header's hash.
-    pub fn verified_body(&self) -> Result<std::borrow::Cow<'_, [u8]>, FrameError> {
-        let body: std::borrow::Cow<'_, [u8]> = if self.is_compressed() {
-            let raw = zstd::bulk::decompress(&self.body, self.header.uncompressed_len as usize)
-                .map_err(|e| FrameError::Decompress(e.to_string()))?;
-            raw.into()
-        } else {
-            (&self.body[..]).into()
-        };
-        let actual = blake3::hash(&body);
-        if actual.as_bytes() != &self.header.hash
-            || body.len() != self.header.uncompressed_len as usize
-        {
-            return Err(FrameError::HashMismatch {
-                replication: self.header.replication_id.clone(),
-                first: self.header.first_seq,
-                last: self.header.last_seq,
-                expected: hex(&self.header.hash),
-                actual: actual.to_hex().to_string(),
-            });
+    /// The encoded bytes of this frame with its body compressed at `level`,
+    /// or `None` when it is compressed already or would not shrink.
+    pub fn compressed(&self, level: i32) -> Option<Vec<u8>> {
+        if self.is_compressed() {
+            return None;
         }
-        Ok(body)
+        let body = compressed_body(self.body, level)?;
+        let header = FrameHeader {
+            flags: self.header.flags | FLAG_COMPRESSED,
+            ..self.header.clone()
+        };
+        let mut out = Vec::with_capacity(64 + header.replication_id.len() + body.len());
+        encode(&header, &body, &mut out);
+        Some(out)
+    }
+
+    /// The uncompressed body, checked against the header's hash.
+    pub fn verified_body(&self) -> Result<std::borrow::Cow<'a, [u8]>, FrameError> {
+        verified_body(&self.header, self.body)
     }
 
     /// Decompresses, verifies the hash and decodes every record, in seq
     /// order (record `i` has seq `first_seq + i`).
     pub fn records(&self) -> Result<Vec<Record>, FrameError> {
-        let body = self.verified_body()?;
-        let recs = decode_records(&body)?;
-        let expected = self.header.last_seq - self.header.first_seq + 1;
-        if recs.len() as u64 != expected {
-            return Err(FrameError::CountMismatch {
-                first: self.header.first_seq,
-                last: self.header.last_seq,
-                expected,
-                actual: recs.len() as u64,
-            });
-        }
-        Ok(recs)
+        records(&self.header, self.body)
     }
+}
+
+/// Appends the wire/storage bytes of a frame to `out`.
+fn encode(h: &FrameHeader, body: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&MAGIC);
+    out.push(VERSION);
+    out.push(h.flags);
+    put_str(out, &h.replication_id);
+    out.extend_from_slice(&h.first_seq.to_le_bytes());
+    out.extend_from_slice(&h.last_seq.to_le_bytes());
+    out.extend_from_slice(&h.uncompressed_len.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&h.hash);
+    out.extend_from_slice(body);
+}
+
+/// `body` compressed with zstd at `level`, when that makes it smaller.
+fn compressed_body(body: &[u8], level: i32) -> Option<Vec<u8>> {
+    match zstd::bulk::compress(body, level) {
+        Ok(c) if c.len() + 64 < body.len() => Some(c),
+        _ => None,
+    }
+}
+
+/// The uncompressed body of a frame, checked against its header's hash.
+fn verified_body<'b>(
+    header: &FrameHeader,
+    body: &'b [u8],
+) -> Result<std::borrow::Cow<'b, [u8]>, FrameError> {
+    let body: std::borrow::Cow<'b, [u8]> = if header.flags & FLAG_COMPRESSED != 0 {
+        let raw = zstd::bulk::decompress(body, header.uncompressed_len as usize)
+            .map_err(|e| FrameError::Decompress(e.to_string()))?;
+        raw.into()
+    } else {
+        body.into()
+    };
+    let actual = blake3::hash(&body);
+    if actual.as_bytes() != &header.hash || body.len() != header.uncompressed_len as usize {
+        return Err(FrameError::HashMismatch {
+            replication: header.replication_id.clone(),
+            first: header.first_seq,
+            last: header.last_seq,
+            expected: hex(&header.hash),
+            actual: actual.to_hex().to_string(),
+        });
+    }
+    Ok(body)
+}
+
+/// Decompresses, verifies the hash and decodes every record of a frame.
+fn records(header: &FrameHeader, body: &[u8]) -> Result<Vec<Record>, FrameError> {
+    let body = verified_body(header, body)?;
+    let recs = decode_records(&body)?;
+    let expected = header.last_seq - header.first_seq + 1;
+    if recs.len() as u64 != expected {
+        return Err(FrameError::CountMismatch {
+            first: header.first_seq,
+            last: header.last_seq,
+            expected,
+            actual: recs.len() as u64,
+        });
+    }
+    Ok(recs)
 }
 
 /// Decodes a body into records.
@@ -588,6 +676,27 @@ mod tests {
     }
 
     #[test]
+    fn a_view_borrows_the_body_and_compresses_like_the_owned_frame() {
+        let f = sample();
+        let bytes = f.to_bytes();
+        let v = FrameRef::parse(&bytes).unwrap();
+        assert_eq!(
+            v.body.as_ptr(),
+            bytes[bytes.len() - f.body.len()..].as_ptr()
+        );
+        assert_eq!(v.to_owned(), f);
+        assert_eq!(v.records().unwrap(), f.records().unwrap());
+        let mut g = f.clone();
+        assert!(g.compress(1));
+        let packed = v.compressed(1).unwrap();
+        assert_eq!(packed, g.to_bytes());
+        let w = FrameRef::parse(&packed).unwrap();
+        assert!(w.is_compressed());
+        assert_eq!(w.compressed(1), None);
+        assert_eq!(w.records().unwrap(), f.records().unwrap());
+    }
+
+    #[test]
     fn corrupt_body_is_refused() {
         let f = sample();
         let mut bytes = f.to_bytes();
@@ -595,6 +704,8 @@ mod tests {
         bytes[n - 20] ^= 0xff;
         let g = Frame::parse(&bytes).unwrap();
         assert!(matches!(g.records(), Err(FrameError::HashMismatch { .. })));
+        let v = FrameRef::parse(&bytes).unwrap();
+        assert!(matches!(v.records(), Err(FrameError::HashMismatch { .. })));
     }
 
     #[test]

@@ -35,7 +35,7 @@ use crate::seqfile::SeqRecord;
 use crate::state::{save_json, ResyncWindow};
 use rebound_common::chunk::read_full_at;
 use rebound_common::durable::fsync_dir;
-use rebound_common::frame::{Frame, FrameError, Record, Tag};
+use rebound_common::frame::{Frame, FrameError, FrameRef, Record, Tag};
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -122,7 +122,7 @@ impl Replication {
         frames: impl IntoIterator<Item = B>,
     ) -> (u64, Result<()>) {
         let prepared = frames.into_iter().map(|b| {
-            let frame = Frame::parse(b.as_ref()).map_err(|e| {
+            let frame = FrameRef::parse(b.as_ref()).map_err(|e| {
                 MtError::InvalidArgument(format!(
                     "replication {}: refused a frame that cannot be parsed ({e}); nothing of it was applied",
                     self.id
@@ -139,13 +139,14 @@ impl Replication {
     }
 
     pub(crate) fn apply_inner(&self, frame: &Frame, crash: ApplyCrash) -> Result<u64> {
-        let (applied, r) = self.apply_batch(std::iter::once(self.prepare(frame)), crash);
+        let prepared = self.prepare(&frame.as_view());
+        let (applied, r) = self.apply_batch(std::iter::once(prepared), crash);
         r.map(|()| applied)
     }
 
     /// Checks a frame's replication and hash and decodes its records;
     /// nothing is applied yet, and no lock is held.
-    fn prepare(&self, frame: &Frame) -> Result<Prepared> {
+    fn prepare(&self, frame: &FrameRef<'_>) -> Result<Prepared> {
         let h = &frame.header;
         let range = format!("{}..={}", h.first_seq, h.last_seq);
         if h.replication_id != self.id {

@@ -19,6 +19,7 @@
 //! was applied and trimmed.
 
 use crate::segment::{self, EntryMeta};
+use prost::bytes::Bytes;
 use rebound_common::durable::{fsync_dir, write_atomic};
 use rebound_proto::{DiskInfo, ReplicationInfo};
 use serde::{Deserialize, Serialize};
@@ -276,7 +277,7 @@ enum WriterMsg {
 }
 
 struct Append {
-    bytes: Vec<u8>,
+    bytes: Bytes,
     first_seq: u64,
     last_seq: u64,
     /// Bytes reserved in the account for this frame, released once done.
@@ -367,7 +368,7 @@ impl Replication {
     /// is done with.
     pub async fn append(
         &self,
-        bytes: Vec<u8>,
+        bytes: Bytes,
         first_seq: u64,
         last_seq: u64,
         reserved: u64,
@@ -1154,7 +1155,7 @@ mod tests {
 
     async fn put(rep: &Replication, first: u64, last: u64) -> Result<u64, AppendError> {
         let bytes = frame_bytes(rep.id(), first, last);
-        rep.append(bytes, first, last, 0)
+        rep.append(bytes.into(), first, last, 0)
             .await?
             .await
             .expect("writer answers")

@@ -655,7 +655,7 @@ mod tests {
         let put = |first: u64, last: u64| {
             let rep = rep.clone();
             async move {
-                rep.append(frame_bytes("r", first, last), first, last, 0)
+                rep.append(frame_bytes("r", first, last).into(), first, last, 0)
                     .await
                     .unwrap()
                     .await

@@ -13,7 +13,8 @@ use crate::cache::{Cache, CacheError, Replication};
 use crate::forward::Forwarders;
 use futures::stream::FuturesOrdered;
 use futures::StreamExt;
-use rebound_common::frame::Frame;
+use prost::bytes::Bytes;
+use rebound_common::frame::FrameRef;
 use rebound_common::pki::Role;
 use rebound_common::tls;
 use rebound_proto::{ingest_request, ingest_response, IngestRequest, IngestResponse};
@@ -321,7 +322,8 @@ async fn accept(
         .bytes_in
         .fetch_add(bytes.len() as u64, Ordering::Relaxed);
     let durable = rep.durable();
-    let mut frame = Frame::parse(&bytes).map_err(|e| {
+    // The header only: the body stays in the received buffer.
+    let frame = FrameRef::parse(&bytes).map_err(|e| {
         Status::invalid_argument(format!(
             "replication {}: frame at stream position {position} (after durable seq {durable}) has a corrupt header: {e}; the frame was refused",
             rep.id()
@@ -350,17 +352,7 @@ async fn accept(
     let level = compressor.level();
     let rid = rep.id().to_string();
     let checked = tokio::task::spawn_blocking(move || {
-        if let Err(e) = frame.verified_body() {
-            return Err(Status::invalid_argument(format!(
-                "replication {rid}: frame at stream position {position} (seq {first}..={last}) is corrupt: {e}"
-            )));
-        }
-        if try_compress {
-            let shrank = frame.compress(level);
-            Ok((frame.to_bytes(), Some(shrank)))
-        } else {
-            Ok((Vec::from(bytes), None))
-        }
+        check_and_pack(&rid, position, bytes, try_compress, level)
     })
     .await
     .map_err(|e| Status::internal(format!("frame task failed: {e}")))
@@ -388,6 +380,36 @@ async fn accept(
             ))),
         }
     }))
+}
+
+/// Verifies a frame's body hash and, when `try_compress`, compresses it.
+/// Returns the bytes to store (the received ones when the frame stays
+/// raw: no copy) and, when compression was tried, whether it shrank.
+fn check_and_pack(
+    rid: &str,
+    position: u64,
+    bytes: Bytes,
+    try_compress: bool,
+    level: i32,
+) -> Result<(Bytes, Option<bool>), Status> {
+    let frame = FrameRef::parse(&bytes).map_err(|e| {
+        Status::internal(format!(
+            "replication {rid}: frame at stream position {position} no longer parses: {e}"
+        ))
+    })?;
+    let (first, last) = (frame.header.first_seq, frame.header.last_seq);
+    if let Err(e) = frame.verified_body() {
+        return Err(Status::invalid_argument(format!(
+            "replication {rid}: frame at stream position {position} (seq {first}..={last}) is corrupt: {e}"
+        )));
+    }
+    if !try_compress {
+        return Ok((bytes, None));
+    }
+    match frame.compressed(level) {
+        Some(packed) => Ok((Bytes::from(packed), Some(true))),
+        None => Ok((bytes, Some(false))),
+    }
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@
 //! as a frame or does not continue the seq run, and the cache cuts the file
 //! there.
 
-use rebound_common::frame::{self, Frame};
+use rebound_common::frame::{self, FrameRef};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -176,7 +176,7 @@ pub fn read_entry(
 
 /// The seq range of encoded frame bytes (header checked, body not hashed).
 pub fn frame_seqs(bytes: &[u8]) -> Result<(u64, u64), frame::FrameError> {
-    let f = Frame::parse(bytes)?;
+    let f = FrameRef::parse(bytes)?;
     Ok((f.header.first_seq, f.header.last_seq))
 }
 
