@@ -111,27 +111,6 @@ fn bind_unix_std(path: &Path) -> Result<std::os::unix::net::UnixListener, AgentE
     std::os::unix::net::UnixListener::bind(path).map_err(io_err("cannot listen on", path))
 }
 
-/// Fixes glibc's mmap threshold at 256 KiB for the whole process, so every
-/// frame buffer of the change buffer (1-4 MiB) is its own mapping, given back
-/// to the kernel when the PS acknowledges the frame.
-///
-/// Why, beside sharing frames instead of copying them ([`sender`]): frame
-/// bodies are allocated on NBD threads and freed on tokio threads. glibc's
-/// default threshold is dynamic: after the first free of a mapped MiB-sized
-/// buffer it rises to that size (up to 32 MiB), so later buffers come from
-/// per-thread arenas that only shrink from the top, each keeping its own
-/// peak; the agent's RSS then reached the buffer limit plus 120-230 MiB.
-/// The cost is one page fault per 4 KiB of each fresh buffer, which is why
-/// the agent reuses a few frame-sized buffers ([`frame_pool`]).
-/// Does nothing with another C library or allocator.
-pub fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; any value is valid.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
-    }
-}
-
 /// Runs the agent until `shutdown` completes, then stops cleanly: closes the
 /// NBD exports, drains the change buffer (bounded by `shutdown_drain_secs`),
 /// persists the dirty-extent log and writes the clean-shutdown marker.
@@ -142,7 +121,9 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let settings = Arc::new(config.validate()?);
     let s = &settings;
-    tune_allocator();
+    // Frame bodies are allocated on NBD threads and freed on tokio threads
+    // once the PS acknowledges them; see the module for why this matters.
+    rebound_common::alloc::tune_allocator();
     std::fs::create_dir_all(&s.state_dir)
         .map_err(io_err("cannot create the state directory", &s.state_dir))?;
     let _lock = lock_state_dir(&s.state_dir)?;

@@ -17,7 +17,7 @@
 
 use crate::error::{io_err, MtError, Result};
 use crate::journal::{self, key_block, key_disk, BLOCK, HEADER_LEN};
-use crate::ordered::{ordered, WORKERS};
+use crate::ordered::{ordered, BufferPool, WORKERS};
 use crate::replication::Replication;
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -85,15 +85,17 @@ impl Replication {
         bad: impl Fn(usize, String) -> MtError + Sync,
     ) -> Result<u64> {
         let mut restored = 0u64;
+        let bufs = BufferPool::default();
         ordered(
             blocks.chunks(WINDOW_BLOCKS).collect(),
             WORKERS,
             |win| {
-                let content = window_content(win, sources, &bad)?;
+                let content = window_content(win, sources, &bad, &bufs)?;
                 Ok((win, content))
             },
             |(win, content)| {
                 self.write_window(win, &content)?;
+                bufs.give(content);
                 restored += win.len() as u64 * BS;
                 Ok(())
             },
@@ -142,14 +144,17 @@ impl Replication {
 }
 
 /// The saved content of a window's blocks, in window order: its records
-/// read in file order and every one of them checked.
+/// read in file order and every one of them checked. The buffers come from
+/// `bufs`; the content's is the caller's to give back.
 fn window_content(
     win: &[SavedBlock],
     sources: &[Source<'_>],
     bad: &impl Fn(usize, String) -> MtError,
+    bufs: &BufferPool,
 ) -> Result<Vec<u8>> {
-    let mut content = vec![0u8; win.len() * BLOCK];
-    let mut rbuf = Vec::new();
+    let mut content = bufs.take();
+    content.resize(win.len() * BLOCK, 0);
+    let mut rbuf = bufs.take();
     let mut order: Vec<usize> = (0..win.len()).collect();
     order.sort_unstable_by_key(|&i| (win[i].src, win[i].off));
     let mut g = 0;
@@ -190,5 +195,6 @@ fn window_content(
         }
         g = h;
     }
+    bufs.give(rbuf);
     Ok(content)
 }

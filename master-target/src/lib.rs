@@ -78,6 +78,9 @@ pub async fn run<F>(
 where
     F: Future<Output = ()> + Send + 'static,
 {
+    // Frames arrive on tokio threads and are applied and freed on blocking
+    // threads; see the module for why this matters.
+    rebound_common::alloc::tune_allocator();
     let tls = config
         .tls
         .server_config()

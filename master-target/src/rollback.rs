@@ -24,7 +24,7 @@ use crate::copyback::{start_writeback, SavedBlock, Source};
 use crate::error::{io_err, MtError, Result};
 use crate::journal::{self, key_block, key_disk, BLOCK};
 use crate::layout::Layout;
-use crate::ordered::{ordered, WORKERS};
+use crate::ordered::{ordered, BufferPool, WORKERS};
 use crate::replication::Replication;
 use crate::state::{save_json, PointRef, RollbackProgress};
 use crate::view::build_map;
@@ -371,11 +371,12 @@ impl Replication {
             .step_by(PRE_SEGMENT_BLOCKS)
             .map(|s| s..(s + PRE_SEGMENT_BLOCKS).min(blocks.len()))
             .collect();
+        let bufs = BufferPool::default();
         ordered(
             segments,
             WORKERS,
             |seg| {
-                let encoded = self.encode_preimages(&blocks[seg.clone()])?;
+                let encoded = self.encode_preimages(&blocks[seg.clone()], &bufs)?;
                 Ok((seg, encoded))
             },
             |(seg, (rec, saved))| {
@@ -387,6 +388,7 @@ impl Replication {
                     offsets.insert(key, pos + rel);
                 }
                 pos += rec.len() as u64;
+                bufs.give(rec);
                 if pos - kicked >= WRITEBACK_EVERY {
                     start_writeback(&file, kicked, pos - kicked);
                     kicked = pos;
@@ -404,10 +406,17 @@ impl Replication {
     }
 
     /// The pre-image records of `blocks` (their current content, in
-    /// undo format) and each block's offset in them.
-    fn encode_preimages(&self, blocks: &[(u64, (u64, u64))]) -> Result<EncodedSegment> {
-        let mut buf = vec![0u8; PRE_READ_BLOCKS * BLOCK];
-        let mut rec = Vec::with_capacity(blocks.len() * (BLOCK + journal::HEADER_LEN));
+    /// undo format) and each block's offset in them. The buffers come from
+    /// `bufs`; the records' buffer is the caller's to give back.
+    fn encode_preimages(
+        &self,
+        blocks: &[(u64, (u64, u64))],
+        bufs: &BufferPool,
+    ) -> Result<EncodedSegment> {
+        let mut buf = bufs.take();
+        buf.resize(PRE_READ_BLOCKS * BLOCK, 0);
+        let mut rec = bufs.take();
+        rec.reserve(blocks.len() * (BLOCK + journal::HEADER_LEN));
         let mut saved = Vec::with_capacity(blocks.len());
         let mut i = 0;
         while i < blocks.len() {
@@ -434,6 +443,7 @@ impl Replication {
             }
             i = j;
         }
+        bufs.give(buf);
         Ok((rec, saved))
     }
 
