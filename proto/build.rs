@@ -9,8 +9,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/control.proto");
     tonic_prost_build::configure()
         // A frame is a few MiB: as `Bytes` the agent sends it from a buffer
-        // it reuses and the PS takes it from the decode buffer without a copy.
+        // it reuses, and the PS and the MT take it from the decode buffer
+        // without a copy.
         .bytes(".rebound.v1.IngestRequest.frame")
+        .bytes(".rebound.v1.ApplyRequest.frame")
         .compile_protos(&["proto/rebound.proto", "proto/control.proto"], &["proto"])?;
     Ok(())
 }

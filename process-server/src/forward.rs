@@ -447,7 +447,7 @@ async fn send_loop(
             inflight.push_back((item.last_seq, n));
             inflight_bytes += n;
             tx.send(ApplyRequest {
-                msg: Some(apply_request::Msg::Frame(item.bytes)),
+                msg: Some(apply_request::Msg::Frame(item.bytes.into())),
             })
             .await
             .map_err(|_| ForwardError::Broken)?;

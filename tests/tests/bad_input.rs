@@ -129,7 +129,7 @@ fn frame_with_wrong_hash_is_refused_and_nothing_applied() {
             msg: Some(apply_request::Msg::Hello(info(&lab))),
         },
         ApplyRequest {
-            msg: Some(apply_request::Msg::Frame(bytes)),
+            msg: Some(apply_request::Msg::Frame(bytes.into())),
         },
     ];
     let res = lab.block_on(async {

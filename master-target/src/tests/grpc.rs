@@ -48,7 +48,7 @@ async fn stream_frames(c: &mut MasterTargetClient<Channel>, g: &Gen, from: u64, 
     while s <= to {
         let e = (s + 9).min(to);
         tx.send(ApplyRequest {
-            msg: Some(apply_request::Msg::Frame(g.frame_bytes(s, e))),
+            msg: Some(apply_request::Msg::Frame(g.frame_bytes(s, e).into())),
         })
         .await
         .unwrap();
@@ -211,7 +211,9 @@ async fn grpc_apply_points_rollback_and_roles() {
     .await
     .unwrap();
     tx.send(ApplyRequest {
-        msg: Some(apply_request::Msg::Frame(g2.frame_bytes(n + 1, g2.seq()))),
+        msg: Some(apply_request::Msg::Frame(
+            g2.frame_bytes(n + 1, g2.seq()).into(),
+        )),
     })
     .await
     .unwrap();
