@@ -8,7 +8,10 @@
 //! several per `pread`, up to [`READ_SPAN`]. An all-zero chunk (a disk never
 //! written there, a new sparse replica) is answered with the zero hash of
 //! its length, computed once: checking for zeroes is several times cheaper
-//! than blake3.
+//! than blake3. A span of a file that is a hole (`SEEK_DATA` finds no data
+//! in it: a new sparse replica) is answered the same way without being
+//! read at all: mapping a hole makes the kernel clear a page-cache page per
+//! 4 KiB, which cost the MT a fifth of its CPU during an initial sync.
 //!
 //! A mapping is read while the file may be written, exactly as a `pread`
 //! would be: a torn chunk hashes to a value the other side does not hold
@@ -161,6 +164,8 @@ fn mapped_hashes(
         if len == 0 {
             // Wholly past the end of the disk: the empty string each.
             hash_span(&[], chunk, n, &mut out);
+        } else if is_hole(file, start, len as u64) {
+            zero_span(len as u64, chunk, n, &mut out);
         } else {
             let map = Mapping::new(file, start, len)?;
             hash_span(map.bytes(), chunk, n, &mut out);
@@ -191,6 +196,41 @@ fn read_hashes(
         i += n;
     }
     Ok(out)
+}
+
+/// Whether `len` bytes of `file` from `start` are all a hole (read as
+/// zeroes). Moves the file offset, which nobody uses: disks and replicas are
+/// read and written at explicit offsets. `false` when unsure (a file system
+/// without `SEEK_DATA`, which then reports everything as data).
+fn is_hole(file: &File, start: u64, len: u64) -> bool {
+    // SAFETY: lseek on an open fd; the result is checked.
+    let next_data = unsafe { libc::lseek(file.as_raw_fd(), start as libc::off_t, libc::SEEK_DATA) };
+    if next_data < 0 {
+        // ENXIO: no data at or after `start`.
+        return io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+    }
+    next_data as u64 >= start.saturating_add(len)
+}
+
+/// Appends the hashes of `n` chunks of `chunk` bytes of zeroes, the span
+/// holding `len` bytes, each chunk clipped at its end, as [`hash_span`]
+/// would give them for `len` zero bytes.
+fn zero_span(len: u64, chunk: u64, n: u64, out: &mut Vec<u8>) {
+    for j in 0..n {
+        let l = ((j + 1) * chunk)
+            .min(len)
+            .saturating_sub((j * chunk).min(len));
+        out.extend_from_slice(&chunk_hash_of_zeros(l));
+    }
+}
+
+/// [`chunk_hash`] of `len` zero bytes.
+fn chunk_hash_of_zeros(len: u64) -> [u8; 32] {
+    if len == 0 {
+        chunk_hash(&[])
+    } else {
+        zero_hash(len)
+    }
 }
 
 /// Appends the hashes of `n` chunks of `chunk` bytes laid out from the
@@ -262,6 +302,28 @@ mod tests {
                 }
             }
         }
+        // Whole mapped spans that are holes, around one that has data.
+        let sparse = tempfile::tempfile().unwrap();
+        let sparse_size = (24 << 20) + 5000;
+        sparse.set_len(sparse_size).unwrap();
+        sparse.write_all_at(&data, 9 << 20).unwrap();
+        assert!(
+            is_hole(&sparse, 0, 8 << 20),
+            "SEEK_DATA finds no hole in a new sparse file: the hole path is not tested"
+        );
+        assert!(!is_hole(&sparse, 8 << 20, 2 << 20));
+        for (chunk, count) in [(CHUNK_SIZE as u32, 30), (SUB_CHUNK_SIZE as u32, 400)] {
+            for offset in [0, 8 << 20, 20 << 20] {
+                let want = reference(&sparse, sparse_size, offset, chunk, count);
+                let m =
+                    mapped_hashes(&sparse, sparse_size, offset, u64::from(chunk), count).unwrap();
+                assert_eq!(
+                    m, want,
+                    "sparse: chunk {chunk} count {count} offset {offset}"
+                );
+            }
+        }
+
         let short = size - 8192;
         f.set_len(short).unwrap();
         for offset in [0, 2 << 20, 3 << 20] {
