@@ -395,7 +395,7 @@ mod tests {
             Record::Write {
                 disk: 0,
                 offset: 3 * 512,
-                data: vec![3u8; 512]
+                data: vec![3u8; 512].into()
             }
         );
         let mut o = Outbox {

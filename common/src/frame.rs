@@ -15,6 +15,7 @@
 //! ```
 //! The body is a sequence of records; record `i` has seq `first_seq + i`.
 
+use prost::bytes::Bytes;
 use thiserror::Error;
 
 pub const MAGIC: [u8; 4] = *b"RBF1";
@@ -124,7 +125,8 @@ pub enum Record {
     Write {
         disk: u32,
         offset: u64,
-        data: Vec<u8>,
+        /// Shares the buffer it was decoded from (see [`decode_shared`]).
+        data: Bytes,
     },
     Zero {
         disk: u32,
@@ -391,7 +393,7 @@ impl Frame {
     /// Decompresses, verifies the hash and decodes every record, in seq
     /// order (record `i` has seq `first_seq + i`).
     pub fn records(&self) -> Result<Vec<Record>, FrameError> {
-        records(&self.header, &self.body)
+        records(&self.header, &self.body, Bytes::copy_from_slice)
     }
 }
 
@@ -491,7 +493,17 @@ impl<'a> FrameRef<'a> {
     /// Decompresses, verifies the hash and decodes every record, in seq
     /// order (record `i` has seq `first_seq + i`).
     pub fn records(&self) -> Result<Vec<Record>, FrameError> {
-        records(&self.header, self.body)
+        records(&self.header, self.body, Bytes::copy_from_slice)
+    }
+
+    /// As [`FrameRef::records`], for a frame parsed from `owner`: the
+    /// records' data are slices of `owner` (or of the decompressed body),
+    /// so no record data is copied.
+    ///
+    /// # Panics
+    /// If this frame was not parsed from `owner`.
+    pub fn shared_records(&self, owner: &Bytes) -> Result<Vec<Record>, FrameError> {
+        records(&self.header, self.body, |raw| owner.slice_ref(raw))
     }
 }
 
@@ -543,9 +555,18 @@ fn verified_body<'b>(
 }
 
 /// Decompresses, verifies the hash and decodes every record of a frame.
-fn records(header: &FrameHeader, body: &[u8]) -> Result<Vec<Record>, FrameError> {
-    let body = verified_body(header, body)?;
-    let recs = decode_records(&body)?;
+/// `share` turns a raw (uncompressed) body into the buffer the records'
+/// data slice; a decompressed body is shared as it is.
+fn records(
+    header: &FrameHeader,
+    body: &[u8],
+    share: impl FnOnce(&[u8]) -> Bytes,
+) -> Result<Vec<Record>, FrameError> {
+    let shared = match verified_body(header, body)? {
+        std::borrow::Cow::Borrowed(raw) => share(raw),
+        std::borrow::Cow::Owned(decompressed) => Bytes::from(decompressed),
+    };
+    let recs = decode_shared(&shared)?;
     let expected = header.last_seq - header.first_seq + 1;
     if recs.len() as u64 != expected {
         return Err(FrameError::CountMismatch {
@@ -558,8 +579,9 @@ fn records(header: &FrameHeader, body: &[u8]) -> Result<Vec<Record>, FrameError>
     Ok(recs)
 }
 
-/// Decodes a body into records.
-pub fn decode_records(body: &[u8]) -> Result<Vec<Record>, FrameError> {
+/// Decodes a body into records whose data are slices of it, not copies.
+pub fn decode_shared(shared: &Bytes) -> Result<Vec<Record>, FrameError> {
+    let body: &[u8] = shared;
     let mut r = Reader { buf: body, pos: 0 };
     let mut out = Vec::new();
     while r.pos < body.len() {
@@ -570,7 +592,7 @@ pub fn decode_records(body: &[u8]) -> Result<Vec<Record>, FrameError> {
                 let disk = r.u32()?;
                 let offset = r.u64()?;
                 let len = r.u32()? as usize;
-                let data = r.take(len)?.to_vec();
+                let data = shared.slice_ref(r.take(len)?);
                 Record::Write { disk, offset, data }
             }
             REC_ZERO => Record::Zero {
@@ -665,7 +687,7 @@ mod tests {
             Record::Write {
                 disk: 0,
                 offset: 4096,
-                data: vec![7u8; 8192]
+                data: vec![7u8; 8192].into()
             }
         );
         for r in &recs {
@@ -686,6 +708,18 @@ mod tests {
         );
         assert_eq!(v.to_owned(), f);
         assert_eq!(v.records().unwrap(), f.records().unwrap());
+        // Shared records point into the buffer the frame came in.
+        let owner = Bytes::from(bytes.clone());
+        let recs = FrameRef::parse(&owner)
+            .unwrap()
+            .shared_records(&owner)
+            .unwrap();
+        assert_eq!(recs, f.records().unwrap());
+        let Record::Write { data, .. } = &recs[0] else {
+            panic!("first record is a write")
+        };
+        let within = owner.as_ptr_range();
+        assert!(within.contains(&data.as_ptr()));
         let mut g = f.clone();
         assert!(g.compress(1));
         let packed = v.compressed(1).unwrap();
@@ -723,7 +757,7 @@ mod tests {
                 b[i] = (x >> 20) as u8;
             }
             let _ = Frame::parse(&b).map(|g| g.records());
-            let _ = decode_records(&b);
+            let _ = decode_shared(&b.into());
         }
     }
 }

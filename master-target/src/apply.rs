@@ -33,6 +33,7 @@ use crate::journal::{self, IntervalIndex, BLOCK};
 use crate::replication::{Inner, Replication};
 use crate::seqfile::SeqRecord;
 use crate::state::{save_json, ResyncWindow};
+use prost::bytes::Bytes;
 use rebound_common::chunk::read_full_at;
 use rebound_common::durable::fsync_dir;
 use rebound_common::frame::{Frame, FrameError, FrameRef, Record, Tag};
@@ -107,7 +108,7 @@ impl Replication {
     /// Parses, verifies and applies one encoded frame. Returns the applied
     /// seq to acknowledge.
     pub fn apply_frame(&self, bytes: &[u8]) -> Result<u64> {
-        let (applied, r) = self.apply_frames([bytes]);
+        let (applied, r) = self.apply_frames([Bytes::copy_from_slice(bytes)]);
         r.map(|()| applied)
     }
 
@@ -116,20 +117,10 @@ impl Replication {
     /// Returns the applied seq to acknowledge (cumulative) and, when a frame
     /// was refused or applying failed, why: the frames before the refused
     /// one are applied and covered by the seq; nothing of the refused frame
-    /// or of those after it is. Each encoded frame is dropped once decoded.
-    pub fn apply_frames<B: AsRef<[u8]>>(
-        &self,
-        frames: impl IntoIterator<Item = B>,
-    ) -> (u64, Result<()>) {
-        let prepared = frames.into_iter().map(|b| {
-            let frame = FrameRef::parse(b.as_ref()).map_err(|e| {
-                MtError::InvalidArgument(format!(
-                    "replication {}: refused a frame that cannot be parsed ({e}); nothing of it was applied",
-                    self.id
-                ))
-            })?;
-            self.prepare(&frame)
-        });
+    /// or of those after it is. The records' data are slices of the frames
+    /// (no copy); each frame's buffer is dropped once its records are.
+    pub fn apply_frames(&self, frames: impl IntoIterator<Item = Bytes>) -> (u64, Result<()>) {
+        let prepared = frames.into_iter().map(|b| self.prepare(&b));
         self.apply_batch(prepared, ApplyCrash::Never)
     }
 
@@ -139,14 +130,20 @@ impl Replication {
     }
 
     pub(crate) fn apply_inner(&self, frame: &Frame, crash: ApplyCrash) -> Result<u64> {
-        let prepared = self.prepare(&frame.as_view());
+        let prepared = self.prepare(&Bytes::from(frame.to_bytes()));
         let (applied, r) = self.apply_batch(std::iter::once(prepared), crash);
         r.map(|()| applied)
     }
 
     /// Checks a frame's replication and hash and decodes its records;
     /// nothing is applied yet, and no lock is held.
-    fn prepare(&self, frame: &FrameRef<'_>) -> Result<Prepared> {
+    fn prepare(&self, bytes: &Bytes) -> Result<Prepared> {
+        let frame = FrameRef::parse(bytes).map_err(|e| {
+            MtError::InvalidArgument(format!(
+                "replication {}: refused a frame that cannot be parsed ({e}); nothing of it was applied",
+                self.id
+            ))
+        })?;
         let h = &frame.header;
         let range = format!("{}..={}", h.first_seq, h.last_seq);
         if h.replication_id != self.id {
@@ -155,7 +152,7 @@ impl Replication {
                 h.replication_id, self.id
             )));
         }
-        let records = frame.records().map_err(|e| {
+        let records = frame.shared_records(bytes).map_err(|e| {
             let msg = format!(
                 "replication {} frame seq {range} refused: {e}; nothing of it was applied; the process server must resend it",
                 self.id

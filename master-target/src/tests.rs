@@ -75,7 +75,11 @@ impl Gen {
             }
         }
         self.disks[disk as usize][offset as usize..(offset + len) as usize].copy_from_slice(&data);
-        self.records.push(Record::Write { disk, offset, data });
+        self.records.push(Record::Write {
+            disk,
+            offset,
+            data: data.into(),
+        });
     }
 
     pub fn zero(&mut self, disk: u32, offset: u64, len: u64) {

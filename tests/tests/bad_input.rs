@@ -119,7 +119,7 @@ fn frame_with_wrong_hash_is_refused_and_nothing_applied() {
     b.push(&Record::Write {
         disk: 0,
         offset: 0,
-        data: vec![0xee; 65536],
+        data: vec![0xee; 65536].into(),
     });
     let mut bytes = b.finish().to_bytes();
     let n = bytes.len();

@@ -5,6 +5,7 @@
 
 use super::{check_all, check_latest, history, open_store, Gen};
 use crate::error::MtError;
+use prost::bytes::Bytes;
 
 /// Frames of `per` records covering `from..=to`.
 fn frames(g: &Gen, from: u64, to: u64, per: u64) -> Vec<Vec<u8>> {
@@ -32,7 +33,8 @@ fn batched_frames_cut_every_point_at_its_seq() {
         while i < all.len() {
             let end = (i + size).min(all.len());
             let from = i.saturating_sub(1);
-            let (applied, res) = r.apply_frames(&all[from..end]);
+            let (applied, res) =
+                r.apply_frames(all[from..end].iter().map(|f| Bytes::copy_from_slice(f)));
             res.expect("batch applies");
             assert_eq!(applied, r.applied_seq());
             i = end;
@@ -68,7 +70,7 @@ fn refused_frame_stops_the_batch_after_the_good_ones() {
     let d = g.frame_bytes(mid + 6, g.seq());
     let len = c.len();
     c[len - 20] ^= 0x33;
-    let (applied, res) = r.apply_frames([&a, &b, &c, &d]);
+    let (applied, res) = r.apply_frames([&a, &b, &c, &d].map(|f| Bytes::copy_from_slice(f)));
     assert!(matches!(res, Err(MtError::DataLoss(_))), "{res:?}");
     assert_eq!(applied, mid);
     assert_eq!(r.applied_seq(), mid);
@@ -77,13 +79,13 @@ fn refused_frame_stops_the_batch_after_the_good_ones() {
     // A gap after a good frame: the good one is applied, the gap refused.
     let c = g.frame_bytes(mid + 1, mid + 5);
     let gap = g.frame_bytes(mid + 7, g.seq());
-    let (applied, res) = r.apply_frames([&c, &gap]);
+    let (applied, res) = r.apply_frames([&c, &gap].map(|f| Bytes::copy_from_slice(f)));
     assert!(
         matches!(res, Err(MtError::FailedPrecondition(_))),
         "{res:?}"
     );
     assert_eq!(applied, mid + 5);
-    let (applied, res) = r.apply_frames([g.frame_bytes(mid + 6, g.seq())]);
+    let (applied, res) = r.apply_frames([g.frame_bytes(mid + 6, g.seq()).into()]);
     res.expect("the rest applies");
     assert_eq!(applied, g.seq());
     check_all(&r, &g);
