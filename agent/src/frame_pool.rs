@@ -14,9 +14,10 @@
 //! most [`POOL_FRAMES`] × [`BODY_CAPACITY`] (12 MiB): the kept buffers, or
 //! the slack of reused ones that hold a smaller frame.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use prost::bytes::Bytes;
+use rebound_common::alloc::BufferPool;
 use rebound_common::frame::Frame;
 
 use crate::capture::{FRAME_TARGET, MAX_RECORD_DATA};
@@ -28,29 +29,33 @@ pub const POOL_FRAMES: usize = 4;
 /// most [`MAX_RECORD_DATA`] plus its header, so a frame never grows it.
 pub const BODY_CAPACITY: usize = FRAME_TARGET + MAX_RECORD_DATA + 4096;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FramePool {
-    free: Mutex<Vec<Vec<u8>>>,
+    free: BufferPool,
+}
+
+impl Default for FramePool {
+    fn default() -> FramePool {
+        FramePool {
+            free: BufferPool::new(POOL_FRAMES),
+        }
+    }
 }
 
 impl FramePool {
     /// A body to build the next frame in: a kept one, or a new allocation of
     /// [`BODY_CAPACITY`] (only the pages written to become resident).
     pub fn take(&self) -> Vec<u8> {
-        let kept = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        kept.unwrap_or_else(|| Vec::with_capacity(BODY_CAPACITY))
+        self.free
+            .take()
+            .unwrap_or_else(|| Vec::with_capacity(BODY_CAPACITY))
     }
 
     /// Gives back the body of an acknowledged frame. It is kept if it still
     /// has the full capacity and the pool is not full; otherwise freed.
-    pub fn give(&self, mut body: Vec<u8>) {
-        if body.capacity() < BODY_CAPACITY {
-            return;
-        }
-        body.clear();
-        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        if free.len() < POOL_FRAMES {
-            free.push(body);
+    pub fn give(&self, body: Vec<u8>) {
+        if body.capacity() >= BODY_CAPACITY {
+            self.free.give(body);
         }
     }
 
@@ -68,7 +73,7 @@ impl FramePool {
 
     /// Buffers kept now.
     pub fn kept(&self) -> usize {
-        self.free.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.free.kept()
     }
 }
 

@@ -17,8 +17,9 @@
 
 use crate::error::{io_err, MtError, Result};
 use crate::journal::{self, key_block, key_disk, BLOCK, HEADER_LEN};
-use crate::ordered::{ordered, BufferPool, WORKERS};
+use crate::ordered::{ordered, window_buffers, WORKERS};
 use crate::replication::Replication;
+use rebound_common::alloc::BufferPool;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -85,7 +86,7 @@ impl Replication {
         bad: impl Fn(usize, String) -> MtError + Sync,
     ) -> Result<u64> {
         let mut restored = 0u64;
-        let bufs = BufferPool::default();
+        let bufs = window_buffers();
         ordered(
             blocks.chunks(WINDOW_BLOCKS).collect(),
             WORKERS,
@@ -152,9 +153,9 @@ fn window_content(
     bad: &impl Fn(usize, String) -> MtError,
     bufs: &BufferPool,
 ) -> Result<Vec<u8>> {
-    let mut content = bufs.take();
+    let mut content = bufs.take().unwrap_or_default();
     content.resize(win.len() * BLOCK, 0);
-    let mut rbuf = bufs.take();
+    let mut rbuf = bufs.take().unwrap_or_default();
     let mut order: Vec<usize> = (0..win.len()).collect();
     order.sort_unstable_by_key(|&i| (win[i].src, win[i].off));
     let mut g = 0;

@@ -14,32 +14,13 @@
 //! `rebound_common::alloc`), so a fresh one per window would cost a page
 //! fault per 4 KiB of every byte rolled back.
 
+use rebound_common::alloc::BufferPool;
 use std::sync::mpsc::sync_channel;
-use std::sync::Mutex;
 
-/// Buffers handed from the workers to the calling thread and back.
-#[derive(Debug, Default)]
-pub struct BufferPool {
-    free: Mutex<Vec<Vec<u8>>>,
-}
-
-impl BufferPool {
-    /// An empty buffer, with the capacity of one given back if any.
-    pub fn take(&self) -> Vec<u8> {
-        let kept = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        kept.unwrap_or_default()
-    }
-
-    /// Keeps `buf` for the next [`BufferPool::take`]. The pool holds at
-    /// most what was in use at once: with [`ordered`], two results per
-    /// worker plus each worker's own buffers.
-    pub fn give(&self, mut buf: Vec<u8>) {
-        buf.clear();
-        self.free
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(buf);
-    }
+/// A pool for the buffers of one [`ordered`] run over [`WORKERS`] threads:
+/// each worker's own buffers and the two results per worker in flight.
+pub fn window_buffers() -> BufferPool {
+    BufferPool::new(4 * WORKERS + 1)
 }
 
 /// Threads doing the reading and checksumming of one rollback: the 2 cores

@@ -24,10 +24,11 @@ use crate::copyback::{start_writeback, SavedBlock, Source};
 use crate::error::{io_err, MtError, Result};
 use crate::journal::{self, key_block, key_disk, BLOCK};
 use crate::layout::Layout;
-use crate::ordered::{ordered, BufferPool, WORKERS};
+use crate::ordered::{ordered, window_buffers, WORKERS};
 use crate::replication::Replication;
 use crate::state::{save_json, PointRef, RollbackProgress};
 use crate::view::build_map;
+use rebound_common::alloc::BufferPool;
 use rebound_common::chunk::read_full_at;
 use rebound_common::durable::fsync_dir;
 use std::collections::HashMap;
@@ -371,7 +372,7 @@ impl Replication {
             .step_by(PRE_SEGMENT_BLOCKS)
             .map(|s| s..(s + PRE_SEGMENT_BLOCKS).min(blocks.len()))
             .collect();
-        let bufs = BufferPool::default();
+        let bufs = window_buffers();
         ordered(
             segments,
             WORKERS,
@@ -413,9 +414,9 @@ impl Replication {
         blocks: &[(u64, (u64, u64))],
         bufs: &BufferPool,
     ) -> Result<EncodedSegment> {
-        let mut buf = bufs.take();
+        let mut buf = bufs.take().unwrap_or_default();
         buf.resize(PRE_READ_BLOCKS * BLOCK, 0);
-        let mut rec = bufs.take();
+        let mut rec = bufs.take().unwrap_or_default();
         rec.reserve(blocks.len() * (BLOCK + journal::HEADER_LEN));
         let mut saved = Vec::with_capacity(blocks.len());
         let mut i = 0;
