@@ -4,16 +4,15 @@
 //!
 //! Blocks come in disk order and are handled in windows of up to
 //! [`WINDOW_BLOCKS`], read and checked on worker threads and written in
-//! order by the caller's thread (`ordered`): within a window the records
-//! are read in file order,
-//! records close together with one pread (gaps up to [`READ_GAP`] are read
-//! through, at most [`READ_MAX`] per pread); every record of the window is
-//! checked (its key and checksum) before anything of the window is written;
-//! then each run of adjacent blocks is written with one pwrite, and the
-//! device starts writing the window back ([`start_writeback`]) while the
-//! next one is read. Nothing here syncs: the caller fdatasyncs the replicas
-//! and only then records the new state, so the durable order of rollback
-//! and restore is theirs, unchanged.
+//! order by the caller's thread (`ordered`). Within a window the records
+//! are read in file order, records close together with one pread (gaps up
+//! to [`READ_GAP`] are read through, at most [`READ_MAX`] per pread); every
+//! record of the window is checked (its key and checksum) before anything
+//! of the window is written; then each run of adjacent blocks is written
+//! with one pwrite, and the device starts writing the window back
+//! ([`start_writeback`]) while the next one is read. Nothing here syncs:
+//! the caller fdatasyncs the replicas and only then records the new state,
+//! so the durable order of rollback and restore is theirs, unchanged.
 
 use crate::error::{io_err, MtError, Result};
 use crate::journal::{self, key_block, key_disk, BLOCK, HEADER_LEN};
