@@ -96,12 +96,19 @@ impl Batch<'_> {
 }
 
 /// A verified, decoded frame waiting for its durability cycle.
-struct Prepared {
+pub(crate) struct Prepared {
     first_seq: u64,
     last_seq: u64,
     records: Vec<Record>,
     /// Bytes of record data it holds in memory.
     data_bytes: usize,
+}
+
+impl Prepared {
+    /// Bytes of record data it holds in memory.
+    pub(crate) fn data_bytes(&self) -> usize {
+        self.data_bytes
+    }
 }
 
 impl Replication {
@@ -120,8 +127,15 @@ impl Replication {
     /// or of those after it is. The records' data are slices of the frames
     /// (no copy); each frame's buffer is dropped once its records are.
     pub fn apply_frames(&self, frames: impl IntoIterator<Item = Bytes>) -> (u64, Result<()>) {
-        let prepared = frames.into_iter().map(|b| self.prepare(&b));
+        let prepared = frames.into_iter().map(|b| self.prepare_frame(&b));
         self.apply_batch(prepared, ApplyCrash::Never)
+    }
+
+    /// Applies frames prepared ahead with [`Replication::prepare_frame`],
+    /// in stream order, as [`Replication::apply_frames`] does: a refused
+    /// one (`Err`) stops the apply after the frames before it.
+    pub(crate) fn apply_prepared(&self, frames: Vec<Result<Prepared>>) -> (u64, Result<()>) {
+        self.apply_batch(frames.into_iter(), ApplyCrash::Never)
     }
 
     /// Verifies and applies one frame. Returns the applied seq.
@@ -130,14 +144,15 @@ impl Replication {
     }
 
     pub(crate) fn apply_inner(&self, frame: &Frame, crash: ApplyCrash) -> Result<u64> {
-        let prepared = self.prepare(&Bytes::from(frame.to_bytes()));
+        let prepared = self.prepare_frame(&Bytes::from(frame.to_bytes()));
         let (applied, r) = self.apply_batch(std::iter::once(prepared), crash);
         r.map(|()| applied)
     }
 
     /// Checks a frame's replication and hash and decodes its records;
-    /// nothing is applied yet, and no lock is held.
-    fn prepare(&self, bytes: &Bytes) -> Result<Prepared> {
+    /// nothing is applied yet, and no lock is held, so this can run while
+    /// another cycle is applied.
+    pub(crate) fn prepare_frame(&self, bytes: &Bytes) -> Result<Prepared> {
         let frame = FrameRef::parse(bytes).map_err(|e| {
             MtError::InvalidArgument(format!(
                 "replication {}: refused a frame that cannot be parsed ({e}); nothing of it was applied",

@@ -7,6 +7,7 @@
 //! listeners bound to port 0, or use [`Store`] and [`Replication`] directly.
 
 pub mod apply;
+mod apply_stream;
 pub mod catalog;
 pub mod config;
 pub mod control;

@@ -1,11 +1,10 @@
 //! The `MasterTarget` gRPC service (proto/rebound.proto): the PS's apply
 //! stream, chunk hashes for resync, point listings and the admin rollback
 //! calls. Authorisation goes by the peer certificate's role (DESIGN.md §3).
-//! Blocking storage work runs on the blocking pool. The apply stream is
-//! read ahead by its own task (bounded in bytes) so that receiving, TLS and
-//! decoding overlap the fsyncs of the apply cycle; acknowledgements are sent
-//! only after a cycle is durable (see `apply`).
+//! Blocking storage work runs on the blocking pool. The apply stream itself
+//! is in `apply_stream`.
 
+use crate::apply_stream::apply_session;
 use crate::error::MtError;
 use crate::hashes::WAIT_APPLIED;
 use crate::replication::{Replication, Store};
@@ -13,16 +12,15 @@ use rebound_common::pki::Role;
 use rebound_common::tls::require_role;
 use rebound_proto::master_target_server::MasterTarget;
 use rebound_proto::{
-    apply_request, apply_response, ApplyRequest, ApplyResponse, ChunkHashesRequest,
-    ChunkHashesResponse, ListPointsRequest, ListPointsResponse, ReplicationSummary,
-    ReplicationsRequest, ReplicationsResponse, RestorePreImagesRequest, RestorePreImagesResponse,
-    RollbackRequest, RollbackResponse,
+    ApplyRequest, ApplyResponse, ChunkHashesRequest, ChunkHashesResponse, ListPointsRequest,
+    ListPointsResponse, ReplicationSummary, ReplicationsRequest, ReplicationsResponse,
+    RestorePreImagesRequest, RestorePreImagesResponse, RollbackRequest, RollbackResponse,
 };
 use std::sync::Arc;
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{info, warn};
+use tracing::info;
 
 /// Roles that may read (list points, replications, hashes).
 const READERS: &[Role] = &[Role::Ps, Role::Cs, Role::Admin];
@@ -48,196 +46,13 @@ impl MtService {
     }
 }
 
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, MtError> + Send + 'static,
 ) -> Result<T, Status> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Status::internal(format!("storage task failed: {e}")))?
         .map_err(Status::from)
-}
-
-/// Frame bytes received ahead of apply, at most: receiving, TLS and
-/// decoding go on while a cycle is applied. With the 32 MiB HTTP/2
-/// connection window and the decoded cycle, this bounds the MT's memory.
-const READ_AHEAD_BYTES: usize = 24 << 20;
-/// Messages received ahead of apply, at most.
-const READ_AHEAD_MSGS: usize = 1024;
-/// Frame bytes applied in one durability cycle, at most: the next cycle's
-/// frames keep arriving meanwhile.
-const CYCLE_BYTES: usize = 16 << 20;
-
-/// A message received ahead, holding its share of the byte budget until
-/// it is applied.
-type Ahead = Result<(ApplyRequest, Option<OwnedSemaphorePermit>), Status>;
-
-/// Aborts the read-ahead task when the session ends, however it ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Pulls messages off the stream into `tx` as long as the byte budget
-/// allows. A stream error is passed on and ends the task; so does the end
-/// of the stream (by dropping `tx`).
-async fn read_ahead(
-    mut stream: Streaming<ApplyRequest>,
-    tx: mpsc::Sender<Ahead>,
-    budget: Arc<Semaphore>,
-) {
-    loop {
-        let msg = match stream.message().await {
-            Ok(Some(m)) => m,
-            Ok(None) => return,
-            Err(s) => {
-                let _ = tx.send(Err(s)).await;
-                return;
-            }
-        };
-        let n = match &msg.msg {
-            Some(apply_request::Msg::Frame(b)) => b.len().clamp(1, READ_AHEAD_BYTES),
-            _ => 0,
-        };
-        let permit = if n > 0 {
-            match budget.clone().acquire_many_owned(n as u32).await {
-                Ok(p) => Some(p),
-                Err(_) => return,
-            }
-        } else {
-            None
-        };
-        if tx.send(Ok((msg, permit))).await.is_err() {
-            return;
-        }
-    }
-}
-
-/// What ended a gathering of frames, besides the budget or an empty queue.
-enum Stop {
-    /// A message that is not a frame.
-    Other(Option<apply_request::Msg>),
-    Error(Status),
-}
-
-/// One apply stream: hello → resume_seq, then frames → applied_seq, until
-/// the PS closes it, an error, or shutdown (between cycles). A task reads
-/// ahead; every cycle applies the frames already received (up to
-/// [`CYCLE_BYTES`]) and acknowledges the highest seq once.
-async fn apply_session(
-    store: Arc<Store>,
-    mut stream: Streaming<ApplyRequest>,
-    tx: mpsc::Sender<Result<ApplyResponse, Status>>,
-    mut stop: watch::Receiver<bool>,
-    peer: String,
-) -> Result<(), Status> {
-    let first = tokio::select! {
-        m = stream.message() => m?,
-        _ = stop.wait_for(|s| *s) => return Ok(()),
-    };
-    let Some(first) = first else {
-        return Ok(());
-    };
-    let Some(apply_request::Msg::Hello(hello)) = first.msg else {
-        return Err(Status::invalid_argument(
-            "the first message of an Apply stream must be a hello naming the replication",
-        ));
-    };
-    let repl = {
-        let store = store.clone();
-        let hello = hello.clone();
-        blocking(move || store.get_or_create(&hello)).await?
-    };
-    let resume = repl.applied_seq();
-    info!(replication = %repl.id(), peer = %peer, resume_seq = resume, "apply stream opened");
-    let send = |m| ApplyResponse { msg: Some(m) };
-    if tx
-        .send(Ok(send(apply_response::Msg::ResumeSeq(resume))))
-        .await
-        .is_err()
-    {
-        return Ok(());
-    }
-    let (ahead_tx, mut ahead) = mpsc::channel::<Ahead>(READ_AHEAD_MSGS);
-    let budget = Arc::new(Semaphore::new(READ_AHEAD_BYTES));
-    let _reader = AbortOnDrop(tokio::spawn(read_ahead(stream, ahead_tx, budget)));
-    let mut acked = resume;
-    loop {
-        let next = tokio::select! {
-            m = ahead.recv() => m,
-            _ = stop.wait_for(|s| *s) => {
-                info!(replication = %repl.id(), "apply stream closed for shutdown");
-                return Ok(());
-            }
-        };
-        let Some(next) = next else {
-            info!(replication = %repl.id(), peer = %peer, applied_seq = repl.applied_seq(), "apply stream closed by the process server");
-            return Ok(());
-        };
-        // Gather the frames already here.
-        let mut frames = Vec::new();
-        let mut permits = Vec::new();
-        let mut bytes = 0usize;
-        let mut stopped = None;
-        let mut item = Some(next);
-        while let Some(it) = item.take() {
-            match it {
-                Ok((msg, permit)) => match msg.msg {
-                    Some(apply_request::Msg::Frame(b)) => {
-                        bytes += b.len();
-                        frames.push(b);
-                        permits.extend(permit);
-                    }
-                    other => {
-                        stopped = Some(Stop::Other(other));
-                        break;
-                    }
-                },
-                Err(s) => {
-                    stopped = Some(Stop::Error(s));
-                    break;
-                }
-            }
-            if bytes < CYCLE_BYTES {
-                item = ahead.try_recv().ok();
-            }
-        }
-        if !frames.is_empty() {
-            let r = repl.clone();
-            let (applied, result) = tokio::task::spawn_blocking(move || r.apply_frames(frames))
-                .await
-                .map_err(|e| Status::internal(format!("storage task failed: {e}")))?;
-            drop(permits);
-            if result.is_ok() || applied > acked {
-                acked = acked.max(applied);
-                if tx
-                    .send(Ok(send(apply_response::Msg::AppliedSeq(applied))))
-                    .await
-                    .is_err()
-                {
-                    return Ok(());
-                }
-            }
-            if let Err(e) = result {
-                let s = Status::from(e);
-                warn!(replication = %repl.id(), code = ?s.code(), error = %s.message(), "frame refused");
-                return Err(s);
-            }
-        }
-        match stopped {
-            None => {}
-            Some(Stop::Error(s)) => return Err(s),
-            Some(Stop::Other(Some(apply_request::Msg::Hello(_)))) => {
-                return Err(Status::invalid_argument(format!(
-                    "replication {}: a second hello on one Apply stream; open a new stream instead",
-                    repl.id()
-                )))
-            }
-            Some(Stop::Other(_)) => return Err(Status::invalid_argument("empty Apply message")),
-        }
-    }
 }
 
 #[tonic::async_trait]

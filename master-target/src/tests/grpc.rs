@@ -2,8 +2,11 @@
 //! client streaming frames, an admin client rolling back, and the role
 //! checks.
 
-use super::{history, info, Gen, RID};
+use super::{check_latest, history, info, Gen, RID, SIZES};
 use crate::config::Config;
+use crate::error::MtError;
+use crate::replication::Store;
+use rebound_common::frame::Record;
 use rebound_common::pki::write_dev_bundle;
 use rebound_common::tls::{install_crypto_provider, TlsFiles};
 use rebound_proto::master_target_client::MasterTargetClient;
@@ -11,11 +14,64 @@ use rebound_proto::{
     apply_request, apply_response, ApplyRequest, ChunkHashesRequest, ListPointsRequest,
     ReplicationsRequest, RestorePreImagesRequest, RollbackRequest,
 };
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::Code;
+
+/// An MT started with `run` on loopback port 0, data and PKI under `dir`.
+struct Server {
+    pki: PathBuf,
+    addr: String,
+    nbd_addr: std::net::SocketAddr,
+    stop_tx: oneshot::Sender<()>,
+    server: JoinHandle<Result<(), MtError>>,
+}
+
+async fn start(dir: &Path) -> Server {
+    install_crypto_provider();
+    let pki = dir.join("pki");
+    write_dev_bundle(&pki, &["m1".to_string()]).unwrap();
+    let cfg = Config {
+        data_dir: dir.join("data"),
+        tls: TlsFiles::in_dir(&pki, "mt"),
+        ..Config::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let nbd = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nbd_addr = nbd.local_addr().unwrap();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(crate::run(cfg, listener, nbd, async move {
+        let _ = stop_rx.await;
+    }));
+    Server {
+        pki,
+        addr,
+        nbd_addr,
+        stop_tx,
+        server,
+    }
+}
+
+/// Reads an export of the MT's NBD server with `nbdcopy` and compares it
+/// with `want`.
+fn nbd_check(nbd_addr: std::net::SocketAddr, export: &str, want: &[u8]) {
+    let uri = format!("nbd://{nbd_addr}/{export}");
+    let out = std::process::Command::new("nbdcopy")
+        .args([uri.as_str(), "-"])
+        .output()
+        .expect("nbdcopy is needed for this test: apt-get install libnbd-bin");
+    assert!(
+        out.status.success(),
+        "{uri}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout == want, "{uri}: content differs from the model");
+}
 
 async fn client(pki: &std::path::Path, name: &str, addr: &str) -> MasterTargetClient<Channel> {
     let ch = TlsFiles::in_dir(pki, name)
@@ -61,23 +117,14 @@ async fn stream_frames(c: &mut MasterTargetClient<Channel>, g: &Gen, from: u64, 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_apply_points_rollback_and_roles() {
-    install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
-    let pki = dir.path().join("pki");
-    write_dev_bundle(&pki, &["m1".to_string()]).unwrap();
-    let cfg = Config {
-        data_dir: dir.path().join("data"),
-        tls: TlsFiles::in_dir(&pki, "mt"),
-        ..Config::default()
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let nbd = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let nbd_addr = nbd.local_addr().unwrap();
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let server = tokio::spawn(crate::run(cfg, listener, nbd, async move {
-        let _ = stop_rx.await;
-    }));
+    let Server {
+        pki,
+        addr,
+        nbd_addr,
+        stop_tx,
+        server,
+    } = start(dir.path()).await;
 
     let g = history(21);
     let mut ps = client(&pki, "ps", &addr).await;
@@ -99,23 +146,10 @@ async fn grpc_apply_points_rollback_and_roles() {
     assert_eq!(pts.points[2].kind, "crash");
 
     // Views through a real NBD client.
-    let nbd_check = move |export: &str, want: Vec<u8>| {
-        let uri = format!("nbd://{nbd_addr}/{export}");
-        let out = std::process::Command::new("nbdcopy")
-            .args([uri.as_str(), "-"])
-            .output()
-            .expect("nbdcopy is needed for this test: apt-get install libnbd-bin");
-        assert!(
-            out.status.success(),
-            "{uri}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.stdout == want, "{uri}: content differs from the model");
-    };
     let (p1, latest) = (g.snap("p1")[0].clone(), g.disks[1].clone());
     tokio::task::spawn_blocking(move || {
-        nbd_check("m1/disk0@p1", p1);
-        nbd_check("m1/disk1@latest", latest);
+        nbd_check(nbd_addr, "m1/disk0@p1", &p1);
+        nbd_check(nbd_addr, "m1/disk1@latest", &latest);
     })
     .await
     .unwrap();
@@ -262,4 +296,139 @@ async fn grpc_apply_points_rollback_and_roles() {
         .expect("shutdown within 8 s")
         .unwrap();
     res.unwrap();
+}
+
+/// The disks of `g` after its records up to `seq`.
+fn disks_at(g: &Gen, seq: u64) -> Vec<Vec<u8>> {
+    let mut disks: Vec<Vec<u8>> = SIZES.iter().map(|&s| vec![0u8; s as usize]).collect();
+    for r in &g.records[..seq as usize] {
+        match r {
+            Record::Write { disk, offset, data } => {
+                let o = *offset as usize;
+                disks[*disk as usize][o..o + data.len()].copy_from_slice(data);
+            }
+            Record::Zero { disk, offset, len } => {
+                disks[*disk as usize][*offset as usize..(*offset + *len) as usize].fill(0)
+            }
+            _ => {}
+        }
+    }
+    disks
+}
+
+/// Sends the hello and then `frames` without waiting for any answer (the
+/// MT reads, prepares and applies them in overlapping stages), then reads
+/// answers until the stream ends. Returns the resume seq, the highest
+/// applied seq acknowledged, and the error that ended the stream.
+async fn pipelined(
+    c: &mut MasterTargetClient<Channel>,
+    frames: Vec<Vec<u8>>,
+) -> (u64, u64, Option<tonic::Status>) {
+    let (tx, rx) = mpsc::channel(frames.len() + 1);
+    tx.send(ApplyRequest {
+        msg: Some(apply_request::Msg::Hello(info())),
+    })
+    .await
+    .unwrap();
+    for f in frames {
+        tx.send(ApplyRequest {
+            msg: Some(apply_request::Msg::Frame(f.into())),
+        })
+        .await
+        .unwrap();
+    }
+    drop(tx);
+    let mut resp = c
+        .apply(ReceiverStream::new(rx))
+        .await
+        .expect("apply")
+        .into_inner();
+    let (mut resume, mut acked) = (None, 0);
+    loop {
+        match resp.message().await {
+            Ok(Some(m)) => match m.msg {
+                Some(apply_response::Msg::ResumeSeq(s)) => resume = Some(s),
+                Some(apply_response::Msg::AppliedSeq(s)) => {
+                    assert!(
+                        s >= acked,
+                        "acknowledgements go backwards: {s} after {acked}"
+                    );
+                    acked = s;
+                }
+                other => panic!("unexpected answer {other:?}"),
+            },
+            Ok(None) => return (resume.expect("resume_seq"), acked, None),
+            Err(e) => return (resume.expect("resume_seq"), acked, Some(e)),
+        }
+    }
+}
+
+/// Frames sent back to back, one of them damaged: every frame before it is
+/// applied and acknowledged, nothing of it or after it is (by the replica's
+/// content), and a new stream resumes right before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_frames_stop_at_a_damaged_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start(dir.path()).await;
+    let mut ps = client(&srv.pki, "ps", &srv.addr).await;
+    let g = history(23);
+    let n = g.seq();
+    let ranges: Vec<(u64, u64)> = (1..=n).step_by(3).map(|s| (s, (s + 2).min(n))).collect();
+    let bad = ranges.len() * 2 / 3;
+    let good_to = ranges[bad].0 - 1;
+    let frames = ranges
+        .iter()
+        .enumerate()
+        .map(|(i, &(s, e))| {
+            let mut f = g.frame_bytes(s, e);
+            if i == bad {
+                *f.last_mut().unwrap() ^= 0x40; // the body no longer matches its hash
+            }
+            f
+        })
+        .collect();
+    let (resume, acked, err) = pipelined(&mut ps, frames).await;
+    assert_eq!(resume, 0);
+    assert_eq!(
+        acked, good_to,
+        "acknowledged up to the frame before the damaged one"
+    );
+    let err = err.expect("the damaged frame ends the stream");
+    assert_eq!(err.code(), Code::DataLoss, "{}", err.message());
+    assert!(
+        err.message()
+            .contains(&format!("seq {}..={}", ranges[bad].0, ranges[bad].1)),
+        "the error names the frame: {}",
+        err.message()
+    );
+
+    // The replica holds exactly the frames before the damaged one.
+    let want = disks_at(&g, good_to);
+    let nbd_addr = srv.nbd_addr;
+    tokio::task::spawn_blocking(move || {
+        nbd_check(nbd_addr, "m1/disk0@latest", &want[0]);
+        nbd_check(nbd_addr, "m1/disk1@latest", &want[1]);
+    })
+    .await
+    .unwrap();
+
+    // The PS resends from the MT's word, back to back again.
+    let rest = ranges[bad..]
+        .iter()
+        .map(|&(s, e)| g.frame_bytes(s, e))
+        .collect();
+    let (resume, acked, err) = pipelined(&mut ps, rest).await;
+    assert_eq!(resume, good_to);
+    assert_eq!(acked, n);
+    assert!(err.is_none(), "{err:?}");
+
+    srv.stop_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(8), srv.server)
+        .await
+        .expect("shutdown within 8 s")
+        .unwrap()
+        .unwrap();
+    let store = Store::open(&dir.path().join("data")).unwrap();
+    let r = store.get(RID).expect("replication");
+    check_latest(&r, &disks_at(&g, n));
 }

@@ -1,0 +1,250 @@
+//! One `Apply` stream from the PS (DESIGN.md §6-7), as three stages that
+//! overlap, so the CPU work of one cycle runs during the fsyncs of another:
+//! 1. **read ahead** (a task): messages come off the stream while the byte
+//!    budget allows, so receiving and TLS go on meanwhile;
+//! 2. **prepare** (a task, each frame on a blocking thread): every frame is
+//!    parsed, its hash verified and its body decompressed into records
+//!    (`Replication::prepare_frame`), in batches of at most
+//!    [`CYCLE_BYTES`] of record data;
+//! 3. **apply** (the session): the prepared batches ready so far go through
+//!    one durability cycle (`Replication::apply_prepared`), and only then is
+//!    the highest applied seq acknowledged.
+//!
+//! Frames keep their stream order through every stage, and a refused frame
+//! stops the stream where it is: the frames before it are applied and
+//! acknowledged, nothing of it or after it is.
+
+use crate::apply::Prepared;
+use crate::error::MtError;
+use crate::replication::{Replication, Store};
+use crate::service::blocking;
+use rebound_proto::{apply_request, apply_response, ApplyRequest, ApplyResponse};
+use std::sync::Arc;
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tonic::{Status, Streaming};
+use tracing::{info, warn};
+
+/// Frame bytes received and not yet prepared, at most: with the 32 MiB
+/// HTTP/2 connection window and the prepared batches, this bounds the
+/// stream's memory.
+const READ_AHEAD_BYTES: usize = 24 << 20;
+/// Messages received and not yet prepared, at most.
+const READ_AHEAD_MSGS: usize = 1024;
+/// Record data of one prepared batch, at most (one frame more). One batch
+/// is applied, one waits and one is prepared, at most: their decoded data
+/// is bounded by three times this.
+const CYCLE_BYTES: usize = 16 << 20;
+
+/// A message received ahead, holding its share of the byte budget until
+/// it is prepared.
+type Ahead = Result<(ApplyRequest, Option<OwnedSemaphorePermit>), Status>;
+
+/// What ended a stream, besides the PS closing it.
+enum Stop {
+    /// A message that is not a frame.
+    Other(Option<apply_request::Msg>),
+    Error(Status),
+}
+
+/// Frames prepared in stream order, and what came after them if it ends
+/// the stream.
+#[derive(Default)]
+struct Batch {
+    frames: Vec<Result<Prepared, MtError>>,
+    data_bytes: usize,
+    stop: Option<Stop>,
+}
+
+/// Aborts a stage's task when the session ends, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Stage 1: pulls messages off the stream into `tx` as long as the byte
+/// budget allows. A stream error is passed on and ends the task; so does
+/// the end of the stream (by dropping `tx`).
+async fn read_ahead(
+    mut stream: Streaming<ApplyRequest>,
+    tx: mpsc::Sender<Ahead>,
+    budget: Arc<Semaphore>,
+) {
+    loop {
+        let msg = match stream.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return,
+            Err(s) => {
+                let _ = tx.send(Err(s)).await;
+                return;
+            }
+        };
+        let n = match &msg.msg {
+            Some(apply_request::Msg::Frame(b)) => b.len().clamp(1, READ_AHEAD_BYTES),
+            _ => 0,
+        };
+        let permit = if n > 0 {
+            match budget.clone().acquire_many_owned(n as u32).await {
+                Ok(p) => Some(p),
+                Err(_) => return,
+            }
+        } else {
+            None
+        };
+        if tx.send(Ok((msg, permit))).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Stage 2: prepares the frames already received, one batch at a time, and
+/// hands each batch on in order. A batch that ends the stream (an error, a
+/// message that is not a frame) is the last; the end of the stream drops
+/// `tx`.
+async fn prepare_ahead(
+    repl: Arc<Replication>,
+    mut ahead: mpsc::Receiver<Ahead>,
+    tx: mpsc::Sender<Batch>,
+) {
+    while let Some(first) = ahead.recv().await {
+        let mut batch = Batch::default();
+        let mut item = Some(first);
+        while let Some(it) = item.take() {
+            match it {
+                Ok((msg, permit)) => match msg.msg {
+                    Some(apply_request::Msg::Frame(bytes)) => {
+                        let r = repl.clone();
+                        let p = tokio::task::spawn_blocking(move || r.prepare_frame(&bytes)).await;
+                        drop(permit);
+                        match p {
+                            Ok(p) => {
+                                batch.data_bytes += p.as_ref().map_or(0, Prepared::data_bytes);
+                                batch.frames.push(p);
+                            }
+                            Err(e) => {
+                                batch.stop = Some(Stop::Error(Status::internal(format!(
+                                    "frame task failed: {e}"
+                                ))))
+                            }
+                        }
+                    }
+                    other => batch.stop = Some(Stop::Other(other)),
+                },
+                Err(s) => batch.stop = Some(Stop::Error(s)),
+            }
+            if batch.stop.is_none() && batch.data_bytes < CYCLE_BYTES {
+                item = ahead.try_recv().ok();
+            }
+        }
+        let last = batch.stop.is_some();
+        if tx.send(batch).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+/// One apply stream: hello → resume_seq, then frames → applied_seq, until
+/// the PS closes it, an error, or shutdown (between cycles). Every cycle
+/// applies the batches prepared so far (each up to [`CYCLE_BYTES`]) and
+/// acknowledges the highest seq once.
+pub(crate) async fn apply_session(
+    store: Arc<Store>,
+    mut stream: Streaming<ApplyRequest>,
+    tx: mpsc::Sender<Result<ApplyResponse, Status>>,
+    mut stop: watch::Receiver<bool>,
+    peer: String,
+) -> Result<(), Status> {
+    let first = tokio::select! {
+        m = stream.message() => m?,
+        _ = stop.wait_for(|s| *s) => return Ok(()),
+    };
+    let Some(first) = first else {
+        return Ok(());
+    };
+    let Some(apply_request::Msg::Hello(hello)) = first.msg else {
+        return Err(Status::invalid_argument(
+            "the first message of an Apply stream must be a hello naming the replication",
+        ));
+    };
+    let repl = {
+        let store = store.clone();
+        let hello = hello.clone();
+        blocking(move || store.get_or_create(&hello)).await?
+    };
+    let resume = repl.applied_seq();
+    info!(replication = %repl.id(), peer = %peer, resume_seq = resume, "apply stream opened");
+    let send = |m| ApplyResponse { msg: Some(m) };
+    if tx
+        .send(Ok(send(apply_response::Msg::ResumeSeq(resume))))
+        .await
+        .is_err()
+    {
+        return Ok(());
+    }
+    let (ahead_tx, ahead) = mpsc::channel::<Ahead>(READ_AHEAD_MSGS);
+    let budget = Arc::new(Semaphore::new(READ_AHEAD_BYTES));
+    let _reader = AbortOnDrop(tokio::spawn(read_ahead(stream, ahead_tx, budget)));
+    let (prepared_tx, mut prepared) = mpsc::channel::<Batch>(1);
+    let _preparer = AbortOnDrop(tokio::spawn(prepare_ahead(
+        repl.clone(),
+        ahead,
+        prepared_tx,
+    )));
+    let mut acked = resume;
+    loop {
+        let next = tokio::select! {
+            m = prepared.recv() => m,
+            _ = stop.wait_for(|s| *s) => {
+                info!(replication = %repl.id(), "apply stream closed for shutdown");
+                return Ok(());
+            }
+        };
+        let Some(mut batch) = next else {
+            info!(replication = %repl.id(), peer = %peer, applied_seq = repl.applied_seq(), "apply stream closed by the process server");
+            return Ok(());
+        };
+        // One cycle for every batch already prepared.
+        while batch.stop.is_none() {
+            let Ok(more) = prepared.try_recv() else {
+                break;
+            };
+            batch.frames.extend(more.frames);
+            batch.stop = more.stop;
+        }
+        if !batch.frames.is_empty() {
+            let r = repl.clone();
+            let frames = std::mem::take(&mut batch.frames);
+            let (applied, result) = tokio::task::spawn_blocking(move || r.apply_prepared(frames))
+                .await
+                .map_err(|e| Status::internal(format!("storage task failed: {e}")))?;
+            if result.is_ok() || applied > acked {
+                acked = acked.max(applied);
+                if tx
+                    .send(Ok(send(apply_response::Msg::AppliedSeq(applied))))
+                    .await
+                    .is_err()
+                {
+                    return Ok(());
+                }
+            }
+            if let Err(e) = result {
+                let s = Status::from(e);
+                warn!(replication = %repl.id(), code = ?s.code(), error = %s.message(), "frame refused");
+                return Err(s);
+            }
+        }
+        match batch.stop {
+            None => {}
+            Some(Stop::Error(s)) => return Err(s),
+            Some(Stop::Other(Some(apply_request::Msg::Hello(_)))) => {
+                return Err(Status::invalid_argument(format!(
+                    "replication {}: a second hello on one Apply stream; open a new stream instead",
+                    repl.id()
+                )))
+            }
+            Some(Stop::Other(_)) => return Err(Status::invalid_argument("empty Apply message")),
+        }
+    }
+}
