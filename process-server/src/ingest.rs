@@ -4,12 +4,16 @@
 //! streams frames from there. Each frame's header is checked, its body hash
 //! verified (so a frame damaged on the way is refused here, where the agent
 //! can still resend it, instead of poisoning the cache), it is compressed
-//! when that pays, and handed to the replication's writer. Answers go back
-//! in order, each only after the group commit holding the frame is synced.
+//! when that pays, and handed to the replication's writer. The check and
+//! compression of up to [`PREPARE_DEPTH`] frames of a stream run at once on
+//! blocking threads; frames still reach the writer in stream order, and a
+//! refused frame is refused after every frame before it is stored. Answers
+//! go back in order, each only after the group commit holding the frame is
+//! synced.
 //! While the cache is at its cap the stream is not read at all, so the
 //! agent's buffer fills and it falls back to bitmap mode.
 
-use crate::cache::{Cache, CacheError, Replication};
+use crate::cache::{Account, Cache, CacheError, Replication};
 use crate::forward::Forwarders;
 use futures::stream::FuturesOrdered;
 use futures::StreamExt;
@@ -32,6 +36,9 @@ const EMPTY_CACHE_MT_WAIT: Duration = Duration::from_secs(5);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Frames read from one stream and not yet answered.
 const MAX_PENDING: usize = 32;
+/// Frames of one stream checked and compressed at once: one per core of
+/// the 2-core reference machine, so zstd is not bound to one core.
+const PREPARE_DEPTH: usize = 2;
 /// After this many frames in a row that did not shrink, compression is
 /// skipped ...
 const INCOMPRESSIBLE_RUN: u32 = 4;
@@ -204,6 +211,7 @@ async fn stream_loop(
     tx: mpsc::Sender<Result<IngestResponse, Status>>,
 ) -> u64 {
     let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
+    let mut preparing: FuturesOrdered<Preparing> = FuturesOrdered::new();
     let mut compressor = Compressor::new(ctx.compression_level);
     let mut stopping = ctx.stopping.clone();
     let account = ctx.cache.account().clone();
@@ -216,7 +224,7 @@ async fn stream_loop(
         }
     };
     loop {
-        let room = pending.len() < MAX_PENDING;
+        let room = pending.len() + preparing.len() < MAX_PENDING && preparing.len() < PREPARE_DEPTH;
         let full = account.is_full();
         tokio::select! {
             biased;
@@ -226,6 +234,17 @@ async fn stream_loop(
                     .send(Err(Status::unavailable("the process server is shutting down; reconnect and resume")))
                     .await;
                 return position;
+            }
+            Some(r) = preparing.next(), if !preparing.is_empty() => {
+                match store(rep, r, &mut compressor).await {
+                    Ok(p) => pending.push_back(p),
+                    Err(status) => {
+                        warn!(replication = %rep.id(), code = ?status.code(), "agent stream refused: {}", status.message());
+                        drain(&mut pending, &tx, &mut acked).await;
+                        let _ = tx.send(Err(status)).await;
+                        return position;
+                    }
+                }
             }
             Some(r) = pending.next(), if !pending.is_empty() => match r {
                 Ok(seq) => {
@@ -243,9 +262,13 @@ async fn stream_loop(
             msg = inbound.message(), if room && !full => match msg {
                 Ok(Some(req)) => {
                     position += 1;
-                    match accept(rep, req, position, &mut compressor).await {
-                        Ok(p) => pending.push_back(p),
+                    match admit(rep, req, position, &mut compressor) {
+                        Ok(p) => preparing.push_back(p),
                         Err(status) => {
+                            // The frames before this one are still stored
+                            // and answered; a refusal among them wins.
+                            let stored = store_all(rep, &mut preparing, &mut pending, &mut compressor).await;
+                            let status = stored.err().unwrap_or(status);
                             warn!(replication = %rep.id(), code = ?status.code(), "agent stream refused: {}", status.message());
                             drain(&mut pending, &tx, &mut acked).await;
                             let _ = tx.send(Err(status)).await;
@@ -254,7 +277,12 @@ async fn stream_loop(
                     }
                 }
                 Ok(None) => {
+                    let stored = store_all(rep, &mut preparing, &mut pending, &mut compressor).await;
                     drain(&mut pending, &tx, &mut acked).await;
+                    if let Err(status) = stored {
+                        warn!(replication = %rep.id(), code = ?status.code(), "agent stream refused: {}", status.message());
+                        let _ = tx.send(Err(status)).await;
+                    }
                     return position;
                 }
                 Err(status) => {
@@ -293,14 +321,62 @@ async fn drain(
     }
 }
 
-/// Checks one request and queues its frame; the returned future answers
-/// with the durable seq once it is synced.
-async fn accept(
+/// A frame's bytes counted against the cache cap until the writer takes
+/// them; dropped unused (a refused frame, a stream that ends while frames
+/// are still prepared), it gives them back.
+struct Reservation {
+    account: Arc<Account>,
+    bytes: u64,
+}
+
+impl Reservation {
+    fn new(account: &Arc<Account>, bytes: u64) -> Reservation {
+        account.reserve(bytes);
+        Reservation {
+            account: account.clone(),
+            bytes,
+        }
+    }
+    /// Hands the reservation to the writer, which releases it once stored.
+    fn into_writer(self) -> u64 {
+        let bytes = self.bytes;
+        std::mem::forget(self);
+        bytes
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.account.release(self.bytes);
+    }
+}
+
+/// A frame checked (and maybe compressed), ready to be stored in order.
+enum Ready {
+    /// Already held: answered with this durable seq without touching the
+    /// disk.
+    Duplicate(u64),
+    Frame {
+        stored: Bytes,
+        first: u64,
+        last: u64,
+        reservation: Reservation,
+        /// Whether compression shrank it, when it was tried.
+        shrank: Option<bool>,
+    },
+}
+
+type Preparing = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Ready, Status>> + Send>>;
+
+/// Checks one request's header and starts its hash check and compression
+/// on a blocking thread; the returned future resolves when the frame is
+/// ready to be stored.
+fn admit(
     rep: &Arc<Replication>,
     req: IngestRequest,
     position: u64,
     compressor: &mut Compressor,
-) -> Result<Pending, Status> {
+) -> Result<Preparing, Status> {
     let bytes = match req.msg {
         Some(ingest_request::Msg::Frame(b)) => b,
         Some(ingest_request::Msg::Hello(_)) => {
@@ -338,37 +414,57 @@ async fn accept(
         )));
     }
     if last <= durable {
-        // Already held: answered without touching the disk.
         stats.frames_duplicate.fetch_add(1, Ordering::Relaxed);
-        return Ok(Box::pin(async move { Ok(durable) }));
+        return Ok(Box::pin(async move { Ok(Ready::Duplicate(durable)) }));
     }
 
-    // Counted against the cap from now on, so frames queued for the writer
-    // cannot overshoot it.
-    let reserved = bytes.len() as u64;
-    let account = rep.account().clone();
-    account.reserve(reserved);
+    // Counted against the cap from now on, so frames being prepared or
+    // queued for the writer cannot overshoot it.
+    let reservation = Reservation::new(rep.account(), bytes.len() as u64);
     let try_compress = compressor.should_try() && !frame.is_compressed();
     let level = compressor.level();
     let rid = rep.id().to_string();
-    let checked = tokio::task::spawn_blocking(move || {
+    let task = tokio::task::spawn_blocking(move || {
         check_and_pack(&rid, position, bytes, try_compress, level)
-    })
-    .await
-    .map_err(|e| Status::internal(format!("frame task failed: {e}")))
-    .and_then(|r| r);
-    let (stored, shrank) = match checked {
-        Ok(c) => c,
-        Err(status) => {
-            account.release(reserved);
-            return Err(status);
+    });
+    Ok(Box::pin(async move {
+        let (stored, shrank) = task
+            .await
+            .map_err(|e| Status::internal(format!("frame task failed: {e}")))??;
+        Ok(Ready::Frame {
+            stored,
+            first,
+            last,
+            reservation,
+            shrank,
+        })
+    }))
+}
+
+/// Hands a prepared frame to the writer (in stream order); the returned
+/// future answers with the durable seq once it is synced.
+async fn store(
+    rep: &Arc<Replication>,
+    ready: Result<Ready, Status>,
+    compressor: &mut Compressor,
+) -> Result<Pending, Status> {
+    let (stored, first, last, reservation) = match ready? {
+        Ready::Duplicate(durable) => return Ok(Box::pin(async move { Ok(durable) })),
+        Ready::Frame {
+            stored,
+            first,
+            last,
+            reservation,
+            shrank,
+        } => {
+            if let Some(s) = shrank {
+                compressor.record(s);
+            }
+            (stored, first, last, reservation)
         }
     };
-    if let Some(s) = shrank {
-        compressor.record(s);
-    }
     let rx = rep
-        .append(stored, first, last, reserved)
+        .append(stored, first, last, reservation.into_writer())
         .await
         .map_err(Status::from)?;
     let rid = rep.id().to_string();
@@ -380,6 +476,20 @@ async fn accept(
             ))),
         }
     }))
+}
+
+/// Stores every frame still being prepared, in order (the stream is about
+/// to end); stops at the first refused one and returns its refusal.
+async fn store_all(
+    rep: &Arc<Replication>,
+    preparing: &mut FuturesOrdered<Preparing>,
+    pending: &mut FuturesOrdered<Pending>,
+    compressor: &mut Compressor,
+) -> Result<(), Status> {
+    while let Some(r) = preparing.next().await {
+        pending.push_back(store(rep, r, compressor).await?);
+    }
+    Ok(())
 }
 
 /// Verifies a frame's body hash and, when `try_compress`, compresses it.

@@ -573,6 +573,53 @@ async fn ingest_forward_restart_over_mtls() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+
+    // Frames sent back to back are checked and compressed two at a time,
+    // yet stored in order: a damaged one in the middle is refused after
+    // the frames before it are durable and acked, and nothing after it is
+    // stored.
+    let mut s = open_stream(&agent1, ps.addr, info("r1", "m1"))
+        .await
+        .unwrap();
+    assert_eq!(s.resume, 52);
+    let mut bad = frame("r1", 61, 4);
+    let n = bad.len();
+    bad[n - 100] ^= 1;
+    for f in [
+        frame("r1", 53, 4),
+        frame("r1", 57, 4),
+        bad,
+        frame("r1", 65, 4),
+    ] {
+        s.send(f).await;
+    }
+    s.wait_durable(60).await.unwrap();
+    let e = s.error().await;
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("seq 61..=64"), "{e:?}");
+    assert_eq!(ps.status(&agent1).await.replications[0].durable_seq, 60);
+    wait_for("MT applied 60", || mt.applied("r1") == 60).await;
+    {
+        let st = mt.state.lock().unwrap();
+        let recs = &st.records["r1"];
+        assert_eq!(recs.len(), 60);
+        let mut want = Frame::parse(&frame("r1", 53, 4))
+            .unwrap()
+            .records()
+            .unwrap();
+        want.extend(
+            Frame::parse(&frame("r1", 57, 4))
+                .unwrap()
+                .records()
+                .unwrap(),
+        );
+        assert_eq!(&recs[52..], &want[..]);
+    }
+    let s = open_stream(&agent1, ps.addr, info("r1", "m1"))
+        .await
+        .unwrap();
+    assert_eq!(s.resume, 60);
+    drop(s);
     ps.stop().await;
     mt_task.stop().await;
 }
