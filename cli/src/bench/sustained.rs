@@ -4,10 +4,10 @@
 //! profile.
 //!
 //! A search, not a single run, because the answer is a rate: a ramp of short
-//! steps finds where the backlog starts to build (the applied rate in that
-//! step estimates the capacity), then a constant-rate hold at 90% of it must
-//! keep the backlog flat for the whole hold; if it does not, one retry at a
-//! lower rate. "Kept up" means: the writer reached the rate, the agent stayed
+//! steps finds where the backlog starts to build or the applied rate falls
+//! behind (the applied rate in that step estimates the capacity), then a
+//! constant-rate hold at 90% of it must keep the backlog flat for the whole
+//! hold; if it does not, one retry at a lower rate. "Kept up" means: the writer reached the rate, the agent stayed
 //! in data mode (never fell back to bitmap), and the backlog (captured but
 //! not applied bytes) grew by less than one second of churn over the second
 //! half of the hold.
@@ -109,7 +109,13 @@ fn ramp(b: &Bench, lab: &mut Lab, pool: &Arc<Vec<u8>>) -> Result<(f64, Vec<serde
         };
         let applied = s.applied_rate(t0, t1);
         let consistent = s.all_consistent(t0, t1);
-        let ok = offered >= 0.9 * rate && consistent && grew <= 0.25 * offered * (t1 - t0);
+        // The agent's buffer absorbs a short step's excess, so the backlog
+        // alone lets a step pass well past the capacity: the applied rate
+        // must keep up too.
+        let ok = offered >= 0.9 * rate
+            && consistent
+            && grew <= 0.25 * offered * (t1 - t0)
+            && applied >= 0.8 * offered;
         steps.push(json!({
             "rate_mb_s": mb(rate), "offered_mb_s": mb(offered), "applied_mb_s": mb(applied),
             "backlog_growth_mb": grew / 1e6, "consistent": consistent, "ok": ok,
@@ -132,7 +138,7 @@ fn ramp(b: &Bench, lab: &mut Lab, pool: &Arc<Vec<u8>>) -> Result<(f64, Vec<serde
             };
             break cap;
         }
-        last_good = offered;
+        last_good = offered.min(applied);
         if rate >= p.ramp_max {
             break offered;
         }
