@@ -5,7 +5,9 @@
 //!
 //! A search, not a single run, because the answer is a rate: a ramp of short
 //! steps finds where the backlog starts to build or the applied rate falls
-//! behind (the applied rate in that step estimates the capacity), then a
+//! behind (a failing step is repeated once per ramp, as the start of a
+//! profile can hit a stall left by the previous one; the applied rate in
+//! the step that fails again estimates the capacity), then a
 //! constant-rate hold at 90% of it must keep the backlog flat for the whole
 //! hold; if it does not, one retry at a lower rate. "Kept up" means: the writer reached the rate, the agent stayed
 //! in data mode (never fell back to bitmap), and the backlog (captured but
@@ -95,6 +97,10 @@ fn ramp(b: &Bench, lab: &mut Lab, pool: &Arc<Vec<u8>>) -> Result<(f64, Vec<serde
     let w = Writer::start(writer_spec(b, lab, pool.clone(), rate, 7))?;
     let mut steps = Vec::new();
     let mut last_good = 0.0f64;
+    // A step that fails is repeated once per ramp: the start of a profile
+    // can hit a stall left by the previous one (write-back of its holds),
+    // which a second step at the same rate does not.
+    let mut repeated = false;
     let estimate = loop {
         w.set_rate(rate as u64);
         let (t0, b0) = (sampler.now(), w.bytes());
@@ -126,8 +132,16 @@ fn ramp(b: &Bench, lab: &mut Lab, pool: &Arc<Vec<u8>>) -> Result<(f64, Vec<serde
             mb(offered),
             mb(applied),
             grew / 1e6,
-            if ok { "" } else { " -> capacity found" }
+            match (ok, repeated) {
+                (true, _) => "",
+                (false, false) => " -> repeated once",
+                (false, true) => " -> capacity found",
+            }
         ));
+        if !ok && !repeated {
+            repeated = true;
+            continue;
+        }
         if !ok {
             // Saturated: what got applied is the capacity; if the writer
             // itself could not reach the rate, what it reached is.
