@@ -100,9 +100,9 @@ async fn read_ahead(
 }
 
 /// Stage 2: prepares the frames already received, one batch at a time, and
-/// hands each batch on in order. A batch that ends the stream (an error, a
-/// message that is not a frame) is the last; the end of the stream drops
-/// `tx`.
+/// hands each batch on in order. A batch that ends the stream (a refused
+/// frame, an error, a message that is not a frame) is the last; the end of
+/// the stream drops `tx`.
 async fn prepare_ahead(
     repl: Arc<Replication>,
     mut ahead: mpsc::Receiver<Ahead>,
@@ -110,6 +110,9 @@ async fn prepare_ahead(
 ) {
     while let Some(first) = ahead.recv().await {
         let mut batch = Batch::default();
+        // A refused frame or a stop ends the stream: nothing after it is
+        // prepared.
+        let mut end = false;
         let mut item = Some(first);
         while let Some(it) = item.take() {
             match it {
@@ -120,26 +123,34 @@ async fn prepare_ahead(
                         drop(permit);
                         match p {
                             Ok(p) => {
+                                end = p.is_err();
                                 batch.data_bytes += p.as_ref().map_or(0, Prepared::data_bytes);
                                 batch.frames.push(p);
                             }
                             Err(e) => {
+                                end = true;
                                 batch.stop = Some(Stop::Error(Status::internal(format!(
-                                    "frame task failed: {e}"
+                                    "replication {}: the task verifying a frame failed ({e}); nothing of it was applied, and the process server resends it on its next stream",
+                                    repl.id()
                                 ))))
                             }
                         }
                     }
-                    other => batch.stop = Some(Stop::Other(other)),
+                    other => {
+                        end = true;
+                        batch.stop = Some(Stop::Other(other));
+                    }
                 },
-                Err(s) => batch.stop = Some(Stop::Error(s)),
+                Err(s) => {
+                    end = true;
+                    batch.stop = Some(Stop::Error(s));
+                }
             }
-            if batch.stop.is_none() && batch.data_bytes < CYCLE_BYTES {
+            if !end && batch.data_bytes < CYCLE_BYTES {
                 item = ahead.try_recv().ok();
             }
         }
-        let last = batch.stop.is_some();
-        if tx.send(batch).await.is_err() || last {
+        if tx.send(batch).await.is_err() || end {
             return;
         }
     }
