@@ -325,7 +325,8 @@ async fn drain(
 /// them; dropped unused (a refused frame, a stream that ends while frames
 /// are still prepared), it gives them back.
 struct Reservation {
-    account: Arc<Account>,
+    /// `None` once handed to the writer.
+    account: Option<Arc<Account>>,
     bytes: u64,
 }
 
@@ -333,21 +334,22 @@ impl Reservation {
     fn new(account: &Arc<Account>, bytes: u64) -> Reservation {
         account.reserve(bytes);
         Reservation {
-            account: account.clone(),
+            account: Some(account.clone()),
             bytes,
         }
     }
     /// Hands the reservation to the writer, which releases it once stored.
-    fn into_writer(self) -> u64 {
-        let bytes = self.bytes;
-        std::mem::forget(self);
-        bytes
+    fn into_writer(mut self) -> u64 {
+        self.account = None;
+        self.bytes
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.account.release(self.bytes);
+        if let Some(account) = &self.account {
+            account.release(self.bytes);
+        }
     }
 }
 
