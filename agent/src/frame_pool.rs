@@ -2,9 +2,9 @@
 //! writes does not pay for fresh memory on every frame.
 //!
 //! Why: the agent maps each frame buffer on its own (see
-//! [`rebound_common::alloc::tune_allocator`]) and unmaps it when it is done with it: the
-//! body when the process server acknowledges the frame, the wire copy once
-//! tonic has encoded it. A profile of fio 1 MiB sequential writes put about
+//! [`rebound_common::alloc::tune_allocator`]) and unmaps it when it is done
+//! with it: the body when the process server acknowledges the frame, the
+//! wire copy once tonic has encoded it. A profile of fio 1 MiB sequential writes put about
 //! a fifth of the agent's CPU in page faults, page clearing and unmapping for
 //! those fresh buffers. A buffer taken from here has its pages already.
 //!

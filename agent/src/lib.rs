@@ -122,7 +122,8 @@ pub async fn run(
     let settings = Arc::new(config.validate()?);
     let s = &settings;
     // Frame bodies are allocated on NBD threads and freed on tokio threads
-    // once the PS acknowledges them; see the module for why this matters.
+    // once the PS acknowledges them; `rebound_common::alloc` says why that
+    // needs a fixed mmap threshold.
     rebound_common::alloc::tune_allocator();
     std::fs::create_dir_all(&s.state_dir)
         .map_err(io_err("cannot create the state directory", &s.state_dir))?;
