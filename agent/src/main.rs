@@ -2,6 +2,11 @@
 
 use std::path::PathBuf;
 
+/// Keeps a few freed large buffers for reuse (see `rebound_common::block_cache`).
+#[global_allocator]
+static ALLOCATOR: rebound_common::block_cache::BlockCache =
+    rebound_common::block_cache::BlockCache::new();
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use rebound_common::telemetry::LogFormat;

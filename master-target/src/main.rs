@@ -6,6 +6,11 @@ use clap::{Parser, Subcommand};
 use rebound_common::telemetry::{self, LogFormat};
 use std::path::PathBuf;
 
+/// Keeps a few freed large buffers for reuse (see `rebound_common::block_cache`).
+#[global_allocator]
+static ALLOCATOR: rebound_common::block_cache::BlockCache =
+    rebound_common::block_cache::BlockCache::new();
+
 #[derive(Parser)]
 #[command(
     name = "rebound-mt",
