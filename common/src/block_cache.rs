@@ -199,18 +199,22 @@ unsafe impl GlobalAlloc for BlockCache {
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         if layout.align() <= MALLOC_ALIGN && new_size >= MMAP_THRESHOLD {
-            // A block from the cache may already be big enough.
-            if new_size <= usable_size(ptr) {
+            // A block from the cache may already be big enough. A block far
+            // larger than the new size is shrunk by the system allocator
+            // instead, so a shrink still gives memory back.
+            let usable = usable_size(ptr);
+            if new_size <= usable && usable <= new_size.saturating_mul(2) {
                 return ptr;
             }
             // SAFETY: same alignment, valid size (the caller's contract).
             let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
             if Self::cacheable(&new_layout) {
                 if let Some(p) = self.take(new_size) {
-                    // SAFETY: `p` holds at least `new_size` > old size bytes
-                    // and is not `ptr` (which is live, not kept).
+                    // SAFETY: `p` holds at least `new_size` bytes and `ptr`
+                    // at least `layout.size()`; `p` is not `ptr` (which is
+                    // live, not kept). A shrink copies only the new size.
                     unsafe {
-                        std::ptr::copy_nonoverlapping(ptr, p, layout.size());
+                        std::ptr::copy_nonoverlapping(ptr, p, layout.size().min(new_size));
                         self.dealloc(ptr, layout);
                     }
                     return p;
@@ -296,7 +300,13 @@ mod tests {
             // Shrinking within the block keeps it in place.
             let r = c.realloc(q, layout(4 << 20), 3 << 20);
             assert_eq!(r, q);
-            c.dealloc(r, layout(3 << 20));
+            // Shrinking to far less gives the rest back.
+            let s = c.realloc(r, layout(3 << 20), MMAP_THRESHOLD);
+            assert!(usable_size(s) < 1 << 20, "{} bytes kept", usable_size(s));
+            for i in 0..MMAP_THRESHOLD {
+                assert_eq!(*s.add(i), (i % 251) as u8);
+            }
+            c.dealloc(s, layout(MMAP_THRESHOLD));
         }
     }
 }
