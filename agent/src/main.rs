@@ -2,14 +2,14 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use rebound_common::telemetry::LogFormat;
+
 /// Keeps a few freed large buffers for reuse (see `rebound_common::block_cache`).
 #[global_allocator]
 static ALLOCATOR: rebound_common::block_cache::BlockCache =
     rebound_common::block_cache::BlockCache::new();
-
-use anyhow::Context;
-use clap::{Parser, Subcommand};
-use rebound_common::telemetry::LogFormat;
 
 #[derive(Parser)]
 #[command(

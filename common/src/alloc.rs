@@ -18,7 +18,9 @@ pub const MMAP_THRESHOLD: usize = 256 << 10;
 /// Fixes glibc's mmap threshold at [`MMAP_THRESHOLD`] for the whole
 /// process, so every buffer that large is given back to the kernel when it
 /// is freed, whichever thread frees it. The cost is one page fault per 4 KiB
-/// of each fresh buffer, which is why hot paths reuse their large buffers.
+/// of each fresh buffer, which is why hot paths reuse their large buffers
+/// and the binaries that call this install
+/// [`crate::block_cache::BlockCache`] for the transient ones.
 /// Does nothing with another C library or allocator.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -1,8 +1,9 @@
 //! Common pieces shared by every Rebound component (DESIGN.md §2): the
-//! allocator setting and large-block cache, the change-frame codec, block hashing, PKI and TLS loading, config loading,
-//! telemetry init, durable-file helpers, the NBD server, and the component
-//! side of the control plane: the control-channel client ([`control`]) and
-//! the enrollment client ([`enrollment`]).
+//! allocator setting and large-block cache, the change-frame codec, block
+//! hashing, PKI and TLS loading, config loading, telemetry init,
+//! durable-file helpers, the NBD server, and the component side of the
+//! control plane: the control-channel client ([`control`]) and the
+//! enrollment client ([`enrollment`]).
 pub mod alloc;
 pub mod block_cache;
 pub mod chunk;
