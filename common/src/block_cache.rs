@@ -17,8 +17,9 @@
 //! [`CACHE_BYTES`] of them in all, and hands one back to the next request
 //! it fits (at most twice the request, so a small request does not pin a
 //! big block). Memory stays bounded: the cache adds at most
-//! [`CACHE_BYTES`] to what the process uses, and everything it does not
-//! keep is freed at once as before. General-purpose allocators (mimalloc
+//! [`CACHE_BYTES`] to what the process uses, everything it does not keep
+//! is freed at once as before, and a shrinking `realloc` goes to the system
+//! allocator, which gives the tail back. General-purpose allocators (mimalloc
 //! was measured) also remove the faults but keep far more memory: the
 //! agent's peak RSS went from 281 to 520 MiB.
 
@@ -198,30 +199,33 @@ unsafe impl GlobalAlloc for BlockCache {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if layout.align() <= MALLOC_ALIGN && new_size >= MMAP_THRESHOLD {
-            // A block from the cache may already be big enough. A block far
-            // larger than the new size is shrunk by the system allocator
-            // instead, so a shrink still gives memory back.
-            let usable = usable_size(ptr);
-            if new_size <= usable && usable <= new_size.saturating_mul(2) {
+        // Only growth is served here. A shrink goes to the system allocator,
+        // which gives the tail of a large block back (the agent's frame
+        // bodies and the MT's closed interval indexes shrink to fit so that
+        // what stays allocated is what they account for).
+        if layout.align() <= MALLOC_ALIGN && new_size > layout.size() && new_size >= MMAP_THRESHOLD
+        {
+            // A block from the cache may already be big enough.
+            if new_size <= usable_size(ptr) {
                 return ptr;
             }
             // SAFETY: same alignment, valid size (the caller's contract).
             let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
             if Self::cacheable(&new_layout) {
                 if let Some(p) = self.take(new_size) {
-                    // SAFETY: `p` holds at least `new_size` bytes and `ptr`
-                    // at least `layout.size()`; `p` is not `ptr` (which is
-                    // live, not kept). A shrink copies only the new size.
+                    // SAFETY: `p` holds at least `new_size` bytes, more than
+                    // the `layout.size()` bytes copied from `ptr`, and is not
+                    // `ptr` (which is live, not kept).
                     unsafe {
-                        std::ptr::copy_nonoverlapping(ptr, p, layout.size().min(new_size));
+                        std::ptr::copy_nonoverlapping(ptr, p, layout.size());
                         self.dealloc(ptr, layout);
                     }
                     return p;
                 }
             }
         }
-        // SAFETY: forwarded unchanged (glibc moves large blocks with mremap).
+        // SAFETY: forwarded unchanged (glibc resizes large blocks with
+        // mremap).
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
@@ -297,11 +301,14 @@ mod tests {
             for i in 0..MMAP_THRESHOLD {
                 assert_eq!(*q.add(i), (i % 251) as u8);
             }
-            // Shrinking within the block keeps it in place.
-            let r = c.realloc(q, layout(4 << 20), 3 << 20);
+            // Growing within the block keeps it in place.
+            let r = c.realloc(q, layout(4 << 20), 5 << 20);
             assert_eq!(r, q);
-            // Shrinking to far less gives the rest back.
-            let s = c.realloc(r, layout(3 << 20), MMAP_THRESHOLD);
+            // A shrink gives the rest back, even with a fitting block kept
+            // (it once copied the old size into that smaller block).
+            let small = c.alloc(layout(MMAP_THRESHOLD));
+            c.dealloc(small, layout(MMAP_THRESHOLD));
+            let s = c.realloc(r, layout(5 << 20), MMAP_THRESHOLD);
             assert!(usable_size(s) < 1 << 20, "{} bytes kept", usable_size(s));
             for i in 0..MMAP_THRESHOLD {
                 assert_eq!(*s.add(i), (i % 251) as u8);
