@@ -4,9 +4,10 @@
 //! Why: the agent maps each frame buffer on its own (see
 //! [`rebound_common::alloc::tune_allocator`]) and unmaps it when it is done
 //! with it: the body when the process server acknowledges the frame, the
-//! wire copy once tonic has encoded it. A profile of fio 1 MiB sequential writes put about
-//! a fifth of the agent's CPU in page faults, page clearing and unmapping for
-//! those fresh buffers. A buffer taken from here has its pages already.
+//! wire copy once tonic has encoded it. A profile of fio 1 MiB sequential
+//! writes put about a fifth of the agent's CPU in page faults, page clearing
+//! and unmapping for those fresh buffers. A buffer taken from here has its
+//! pages already.
 //!
 //! Memory: a buffer given back is kept only while the pool holds fewer than
 //! [`POOL_FRAMES`]. A fresh buffer is resident only as far as it was written,

@@ -117,7 +117,7 @@ impl BlockCache {
     /// Keeps a freed block of `size` ≤ [`MAX_BLOCK`] bytes, evicting the
     /// oldest kept ones to make room; puts those in `evicted` (to be freed
     /// outside the lock) and returns how many.
-    fn keep(&self, ptr: *mut u8, size: usize, evicted: &mut [usize; CACHE_BLOCKS]) -> usize {
+    fn keep(&self, ptr: *mut u8, size: usize, evicted: &mut [Kept; CACHE_BLOCKS]) -> usize {
         let mut n = 0;
         let mut k = self.lock();
         while k.len > 0 && (k.len == CACHE_BLOCKS || k.bytes + size > CACHE_BYTES) {
@@ -126,7 +126,7 @@ impl BlockCache {
             k.blocks.copy_within(1..len, 0);
             k.len -= 1;
             k.bytes -= oldest.size;
-            evicted[n] = oldest.ptr;
+            evicted[n] = oldest;
             n += 1;
         }
         let len = k.len;
@@ -185,11 +185,17 @@ unsafe impl GlobalAlloc for BlockCache {
         if Self::cacheable(&layout) {
             let size = usable_size(ptr);
             if size <= MAX_BLOCK {
-                let mut evicted = [0usize; CACHE_BLOCKS];
+                let mut evicted = [Kept { ptr: 0, size: 0 }; CACHE_BLOCKS];
                 let n = self.keep(ptr, size, &mut evicted);
-                for &p in &evicted[..n] {
-                    // SAFETY: a block from `System` that nobody holds.
-                    unsafe { System.dealloc(p as *mut u8, layout) };
+                for b in &evicted[..n] {
+                    // SAFETY: a block from `System` that nobody holds, with
+                    // at least `b.size` bytes and malloc's alignment.
+                    unsafe {
+                        System.dealloc(
+                            b.ptr as *mut u8,
+                            Layout::from_size_align_unchecked(b.size, 1),
+                        )
+                    };
                 }
                 return;
             }
