@@ -170,6 +170,7 @@ where
     let server = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(STREAM_WINDOW))
         .initial_connection_window_size(Some(CONNECTION_WINDOW))
+        .max_frame_size(Some(rebound_common::tls::HTTP2_MAX_FRAME))
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .tls_config(tls)

@@ -152,6 +152,7 @@ where
     let server = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(16 << 20))
         .initial_connection_window_size(Some(32 << 20))
+        .max_frame_size(Some(rebound_common::tls::HTTP2_MAX_FRAME))
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .tls_config(tls)
