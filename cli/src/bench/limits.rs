@@ -17,6 +17,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::lab::machine_busy_secs;
 use super::profiles::Profile;
 use super::sampler::quantile;
 use super::{mb, Bench};
@@ -80,7 +81,7 @@ pub fn run(b: &mut Bench) -> Result<()> {
     );
     // Bulk: what a rollback, a cp or an MT batch does (write a lot, then
     // one fdatasync), so the device's sustained rate, not its cache.
-    let rate = bulk_write(&path, p.disk_bulk_bytes)?;
+    let (rate, write_cores) = machine_cores(|| bulk_write(&path, p.disk_bulk_bytes))?;
     let read_rate = bulk_read(&path, p.disk_bulk_bytes)?;
     let _ = std::fs::remove_file(&path);
     b.set(
@@ -90,6 +91,11 @@ pub fn run(b: &mut Bench) -> Result<()> {
             "{} MiB in 1 MiB writes, then one fdatasync",
             p.disk_bulk_bytes >> 20
         ),
+    );
+    b.set(
+        "limits.cpu.durable_write",
+        per_100_mb(write_cores, rate),
+        format!("machine CPU ({write_cores:.2} cores) while the bulk write ran: page cache, writeback, fdatasync"),
     );
     b.set(
         "limits.disk.bulk_read",
@@ -123,7 +129,7 @@ pub fn run(b: &mut Bench) -> Result<()> {
     // Loopback mTLS.
     let certs = b.dir.join("limits-certs");
     rebound_common::pki::write_dev_bundle(&certs, &["bench".to_string()])?;
-    let rate = rustls_rate(&certs, p.tls_bytes)?;
+    let (rate, rustls_cores) = machine_cores(|| rustls_rate(&certs, p.tls_bytes))?;
     b.set(
         "limits.tls.rustls",
         mb(rate),
@@ -132,20 +138,29 @@ pub fn run(b: &mut Bench) -> Result<()> {
             p.tls_bytes >> 20
         ),
     );
-    let rate =
+    let rustls_cpu = per_100_mb(rustls_cores, rate);
+    let (rate, grpc_cores) = machine_cores(|| {
         b.rt.block_on(grpc_rate(certs.clone(), p.tls_bytes, true))
-            .context("gRPC loopback")?;
-    // The same with the server's default HTTP/2 windows (hyper: 1 MiB),
+            .context("gRPC loopback")
+    })?;
+    // The same with hyper's server defaults (1 MiB windows, 16 KiB frames),
     // which is what a server gets that does not set them.
     let default_windows =
-        b.rt.block_on(grpc_rate(certs.clone(), p.tls_bytes / 4, false))
-            .context("gRPC loopback, default windows")?;
+        b.rt.block_on(grpc_rate(certs.clone(), p.tls_bytes / 16, false))
+            .context("gRPC loopback, hyper defaults")?;
     b.set(
         "limits.tls.grpc",
         mb(rate),
         format!(
-            "Ingest stream, 16/32 MiB HTTP/2 windows as the PS sets them ({:.0} MB/s with the default 1 MiB server windows)",
+            "Ingest stream, 16/32 MiB HTTP/2 windows and 1 MiB frames as the PS sets them ({:.0} MB/s with hyper's defaults: 1 MiB windows, 16 KiB frames)",
             mb(default_windows)
+        ),
+    );
+    b.set(
+        "limits.cpu.grpc_hop",
+        per_100_mb(grpc_cores, rate),
+        format!(
+            "machine CPU ({grpc_cores:.2} cores) while the gRPC stream ran: both ends, TLS, HTTP/2, TCP ({rustls_cpu:.2} for the raw rustls stream)"
         ),
     );
     b.detail(
@@ -192,6 +207,24 @@ fn seal_rate(secs: f64) -> Result<f64> {
         Some(e) => Err(anyhow!("TLS record encryption failed: {e}")),
         None => Ok(rate),
     }
+}
+
+/// Runs `f` and returns its result with the cores the whole machine was
+/// busy meanwhile (all processes and the kernel: TCP, page cache,
+/// writeback), so a limit row can say what its bytes cost, not only how
+/// fast they went. The machine is otherwise idle while the limits run.
+fn machine_cores<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
+    let busy0 = machine_busy_secs().ok_or_else(|| anyhow!("cannot read /proc/stat"))?;
+    let t = Instant::now();
+    let out = f()?;
+    let secs = t.elapsed().as_secs_f64();
+    let busy1 = machine_busy_secs().ok_or_else(|| anyhow!("cannot read /proc/stat"))?;
+    Ok((out, (busy1 - busy0) / secs.max(1e-6)))
+}
+
+/// Cores at `bytes_per_sec` → cores per 100 MB/s.
+fn per_100_mb(cores: f64, bytes_per_sec: f64) -> f64 {
+    cores / (mb(bytes_per_sec) / 100.0).max(1e-9)
 }
 
 /// Runs `f` (which processes `bytes`) repeatedly for about `secs`; bytes/s.
@@ -372,8 +405,8 @@ fn rustls_rate(certs: &Path, total: u64) -> Result<f64> {
 
 /// A gRPC `Ingest` stream with mutual TLS to an in-process ProcessServer that
 /// only counts bytes and acknowledges every frame; bytes/s. The client is
-/// the project's (`TlsFiles::connect`, 16/32 MiB windows); `big_windows`
-/// sets the server's receive windows like rebound-ps does.
+/// the project's (`TlsFiles::connect`, 16/32 MiB windows, 1 MiB frames); `big_windows`
+/// sets the server's receive windows and frame size like rebound-ps does.
 async fn grpc_rate(certs: std::path::PathBuf, total: u64, big_windows: bool) -> Result<f64> {
     use futures::StreamExt;
     use rebound_proto::ingest_request::Msg as ReqMsg;
@@ -390,7 +423,8 @@ async fn grpc_rate(certs: std::path::PathBuf, total: u64, big_windows: bool) -> 
     if big_windows {
         builder = builder
             .initial_stream_window_size(Some(16 << 20))
-            .initial_connection_window_size(Some(32 << 20));
+            .initial_connection_window_size(Some(32 << 20))
+            .max_frame_size(Some(rebound_common::tls::HTTP2_MAX_FRAME));
     }
     let server = tokio::spawn(
         builder

@@ -16,6 +16,7 @@
 
 pub mod cost;
 pub mod failover;
+pub mod floor;
 pub mod lab;
 pub mod limits;
 pub mod placement;
@@ -120,7 +121,7 @@ impl Plan {
             disk_write_bytes: 256 * MIB,
             disk_bulk_bytes: 1024 * MIB,
             fsync_samples: 200,
-            tls_bytes: 512 * MIB,
+            tls_bytes: 2048 * MIB,
             main_disk: 1024 * MIB,
             agent_buffer: 256 * MIB,
             retention_max: 2048 * MIB,
@@ -232,6 +233,11 @@ impl Bench {
 
     pub fn set(&mut self, id: &str, value: f64, note: impl Into<String>) {
         self.report.set(id, value, note);
+    }
+
+    /// A row this run could not measure (it needs a part left out).
+    pub fn not_run(&mut self, id: &str, why: &str) {
+        self.report.not_run(id, why);
     }
 
     /// A figure measured earlier in the run (a machine limit), if it was.

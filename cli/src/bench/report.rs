@@ -184,6 +184,20 @@ pub const ROWS: &[RowSpec] = &[
         Goal::None,
     ),
     row(
+        "limits.cpu.durable_write",
+        LIM,
+        "CPU of a durable write, per 100 MB/s",
+        "cores",
+        Goal::None,
+    ),
+    row(
+        "limits.cpu.grpc_hop",
+        LIM,
+        "CPU of a gRPC mTLS hop, per 100 MB/s",
+        "cores",
+        Goal::None,
+    ),
+    row(
         "cost.randwrite4k_qd1.agent",
         COST,
         "fio 4k randwrite QD1, agent (replicating)",
@@ -259,6 +273,13 @@ pub const ROWS: &[RowSpec] = &[
         "highest churn kept up with, text-like",
         "MB/s",
         Goal::AtLeast(GOAL_TEXT_MB_S),
+    ),
+    row(
+        "sustained.text.ceiling",
+        SUS,
+        "  most the design's passes allow here",
+        "MB/s",
+        Goal::None,
     ),
     row(
         "sustained.random",
@@ -409,6 +430,13 @@ pub const ROWS: &[RowSpec] = &[
         Goal::AtLeast(0.5),
     ),
     row(
+        "resync.full.ceiling",
+        RES,
+        "  most the design's passes allow / cp",
+        "x",
+        Goal::None,
+    ),
+    row(
         "rto.drain",
         RTO,
         "planned failover at latest: drain",
@@ -488,6 +516,7 @@ fn fmt_num(v: f64, unit: &str) -> String {
         "ms" if v < 10.0 => format!("{v:.2}"),
         "ms" => format!("{v:.0}"),
         "x" => format!("{v:.2}"),
+        "cores" => format!("{v:.3}"),
         "s" => format!("{v:.2}"),
         _ if v.abs() >= 100.0 => format!("{v:.0}"),
         _ => format!("{v:.1}"),
@@ -552,6 +581,13 @@ impl Report {
                 r.note = format!("failed: {err}");
             }
         }
+    }
+
+    /// Marks one row as not measured in this run, saying why.
+    pub fn not_run(&mut self, id: &str, why: &str) {
+        let r = self.row_mut(id);
+        r.verdict = Verdict::NotRun;
+        r.note = format!("not run: {why}");
     }
 
     /// Marks every row of `prefix` as left out of this run.

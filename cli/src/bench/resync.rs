@@ -15,6 +15,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use super::floor;
 use super::lab::{Comp, Lab, LabSpec};
 use super::profiles::Rng;
 use super::{tools, Bench};
@@ -261,16 +262,16 @@ pub fn run(b: &mut Bench) -> Result<()> {
         "resync.full.ratio",
         cp_secs / full_secs.max(1e-6),
         format!(
-            "{:.0} MB/s vs {:.0} MB/s{}",
+            "{:.0} MB/s vs {:.0} MB/s",
             size as f64 / 1e6 / full_secs,
             size as f64 / 1e6 / cp_secs,
-            b.value("limits.disk.bulk_write_fsync")
-                .map(|r| format!(
-                    "; every byte is written durably twice (PS cache, replica): about {:.0} MB/s at this run's bulk write rate",
-                    r / 2.0
-                ))
-                .unwrap_or_default()
         ),
+    );
+    set_ceiling(
+        b,
+        size as f64 / full_secs.max(1e-6),
+        size as f64 / cp_secs.max(1e-6),
+        &full,
     );
     b.detail(
         "resync",
@@ -282,6 +283,35 @@ pub fn run(b: &mut Bench) -> Result<()> {
     );
     b.clean_section(&dir);
     Ok(())
+}
+
+/// The row beside the full sync's ratio: the most the design's passes allow
+/// on this machine (its cores at [`floor::full_sync`], and its disk writing
+/// every byte durably twice), over cp's speed in the same run.
+fn set_ceiling(b: &mut Bench, full_rate: f64, cp_rate: f64, full: &Synced) {
+    let (Some(f), Some(bulk)) = (floor::full_sync(b), b.value("limits.disk.bulk_write_fsync"))
+    else {
+        b.not_run(
+            "resync.full.ceiling",
+            "needs the machine limits (section 1) in the same run",
+        );
+        return;
+    };
+    let cpu = f.ceiling_mb_s();
+    let disk = bulk / 2.0;
+    let used: f64 = full.cores.iter().sum();
+    b.set(
+        "resync.full.ceiling",
+        cpu.min(disk) / (cp_rate / 1e6),
+        format!(
+            "CPU: {} cores / ({}) = {cpu:.0} MB/s; disk: two durable writes at {bulk:.0} MB/s = {disk:.0} MB/s; \
+             cp {:.0} MB/s; the sync used {:.2} cores per 100 MB/s",
+            f.machine_cores,
+            f.describe(),
+            cp_rate / 1e6,
+            used / (full_rate / 1e6 / 100.0).max(1e-9)
+        ),
+    );
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::floor;
 use super::lab::{Lab, DISK};
 use super::profiles::Profile;
 use super::report::GOAL_TEXT_MB_S;
@@ -166,35 +167,42 @@ fn ramp(b: &Bench, lab: &mut Lab, pool: &Arc<Vec<u8>>) -> Result<(f64, Vec<serde
 }
 
 /// For the compressible profile (the one with a goal): the cores the hold
-/// used per 100 MB/s, beside what the compression and hashing that every
-/// byte needs cost at least, at the limits rows' one-core rates: zstd-1
-/// compression (PS) and decompression (MT), blake3 in the agent and in the
-/// MT, TLS sealing on both hops. Receiving, the four page-cache writes,
-/// copies, the other hash passes and TLS opening are not counted: the true
-/// floor is higher. Returns a note to append.
+/// used per 100 MB/s, beside the floor of the passes the design makes every
+/// byte take ([`floor::text_churn`]). Returns a note to append.
 fn cpu_note(b: &Bench, prof: Profile, h: &Hold) -> String {
     if prof != Profile::Text {
         return String::new();
     }
-    let rate = |id: &str| b.value(id).filter(|v| *v > 0.0);
-    let (Some(zc), Some(zd), Some(hash), Some(seal)) = (
-        rate("limits.zstd.text.compress"),
-        rate("limits.zstd.text.decompress"),
-        rate("limits.blake3"),
-        rate("limits.tls.seal"),
-    ) else {
+    let Some(floor) = floor::text_churn(b) else {
         return String::new();
     };
-    // CPU seconds per MB.
-    let floor = 1.0 / zc + 1.0 / zd + 2.0 / hash + 2.0 / seal;
     let used: f64 = h.cpu.iter().sum();
     format!(
-        "; used {used:.2} cores = {:.2} per 100 MB/s; zstd-1 both ways, blake3 x2 and TLS sealing x2 alone \
-         take {:.2} cores per 100 MB/s at this run's limits, {:.2} cores at {GOAL_TEXT_MB_S:.0} MB/s",
+        "; used {used:.2} cores = {:.2} per 100 MB/s, against a floor of {:.2} (next row)",
         used / (mb(h.rate) / 100.0).max(1e-9),
-        floor * 100.0,
-        floor * GOAL_TEXT_MB_S
+        floor.per_100_mb(),
     )
+}
+
+/// The row beside the text-like figure: the most the design's passes allow
+/// on this machine's cores, at this run's limits.
+fn set_ceiling(b: &mut Bench) {
+    match floor::text_churn(b) {
+        Some(f) => b.set(
+            "sustained.text.ceiling",
+            f.ceiling_mb_s(),
+            format!(
+                "{} cores / ({}); {GOAL_TEXT_MB_S:.0} MB/s needs at most {:.3}",
+                f.machine_cores,
+                f.describe(),
+                f.machine_cores / GOAL_TEXT_MB_S * 100.0
+            ),
+        ),
+        None => b.not_run(
+            "sustained.text.ceiling",
+            "needs the machine limits (section 1) in the same run",
+        ),
+    }
 }
 
 pub fn run(b: &mut Bench, lab: &mut Lab) -> Result<()> {
@@ -293,5 +301,6 @@ pub fn run(b: &mut Bench, lab: &mut Lab) -> Result<()> {
             (None, None) => anyhow::bail!("no hold ran"),
         }
     }
+    set_ceiling(b);
     Ok(())
 }
