@@ -152,7 +152,8 @@ pub fn run(b: &mut Bench) -> Result<()> {
         "limits.tls.grpc",
         mb(rate),
         format!(
-            "Ingest stream, 16/32 MiB HTTP/2 windows and 1 MiB frames as the PS sets them ({:.0} MB/s with hyper's defaults: 1 MiB windows, 16 KiB frames)",
+            "Ingest stream, 16/32 MiB HTTP/2 windows and {} KiB frames as the PS sets them ({:.0} MB/s with hyper's defaults: 1 MiB windows, 16 KiB frames)",
+            rebound_common::tls::HTTP2_MAX_FRAME >> 10,
             mb(default_windows)
         ),
     );
@@ -405,8 +406,8 @@ fn rustls_rate(certs: &Path, total: u64) -> Result<f64> {
 
 /// A gRPC `Ingest` stream with mutual TLS to an in-process ProcessServer that
 /// only counts bytes and acknowledges every frame; bytes/s. The client is
-/// the project's (`TlsFiles::connect`, 16/32 MiB windows, 1 MiB frames); `big_windows`
-/// sets the server's receive windows and frame size like rebound-ps does.
+/// the project's (`TlsFiles::connect`: 16/32 MiB windows, `HTTP2_MAX_FRAME`);
+/// `big_windows` sets the server's receive windows and frame size like rebound-ps does.
 async fn grpc_rate(certs: std::path::PathBuf, total: u64, big_windows: bool) -> Result<f64> {
     use futures::StreamExt;
     use rebound_proto::ingest_request::Msg as ReqMsg;
