@@ -100,7 +100,8 @@ pub struct Plan {
     /// How long a rate must hold to count as sustained.
     pub sustain_secs: f64,
     pub sustain_retries: u32,
-    /// No retry starts after the sustained section has run this long.
+    /// No retry or upward hold starts after the sustained section has run
+    /// this long.
     pub sustain_budget: Duration,
     pub rpo_secs: f64,
     pub rto_rate: f64,
@@ -137,7 +138,7 @@ impl Plan {
             ramp_step: Duration::from_millis(2500),
             sustain_secs: 30.0,
             sustain_retries: 1,
-            sustain_budget: Duration::from_secs(190),
+            sustain_budget: Duration::from_secs(300),
             rpo_secs: 12.0,
             rto_rate: 50e6,
             rto_churn_secs: 25.0,
