@@ -1353,6 +1353,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn frames_sent_back_to_back_are_durable_in_order_across_rotations() {
+        // Frames queued faster than the writer syncs them go into group
+        // commits: every answer must still come after its own frame is
+        // synced, in order, also when a group crosses into a new segment.
+        let d = tempfile::tempdir().unwrap();
+        let frame_len = frame_bytes("r", 1, 1).len() as u64 + segment::ENTRY_HEADER as u64;
+        let cache = Arc::new(open(d.path(), 1 << 30, frame_len * 5).await);
+        let rep = hello(&cache, "r", "m").await.unwrap();
+        let mut answers = Vec::new();
+        for s in 1..=200u64 {
+            let bytes = frame_bytes(rep.id(), s, s);
+            answers.push((s, rep.append(bytes.into(), s, s, 0).await.unwrap()));
+        }
+        let mut last = 0;
+        for (s, rx) in answers {
+            let durable = rx.await.expect("writer answers").unwrap();
+            assert!(
+                durable >= s,
+                "frame {s} answered with durable seq {durable}"
+            );
+            assert!(
+                durable >= last,
+                "answers went back from {last} to {durable}"
+            );
+            last = durable;
+        }
+        assert_eq!(rep.durable(), 200);
+        shutdown(cache).await;
+        drop(rep);
+        let cache = Arc::new(open(d.path(), 1 << 30, frame_len * 5).await);
+        let rep = cache.get("r").unwrap();
+        assert_eq!(rep.durable(), 200);
+        assert_eq!(rep.cache_bytes(), frame_len * 200);
+        shutdown(cache).await;
+    }
+
+    #[tokio::test]
     async fn cache_skips_ahead_to_the_mt() {
         let d = tempfile::tempdir().unwrap();
         let cache = Arc::new(open(d.path(), 1 << 30, 1 << 20).await);
