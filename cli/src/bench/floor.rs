@@ -24,6 +24,15 @@ pub struct Floor {
     pub machine_cores: f64,
 }
 
+impl Part {
+    fn new(what: impl Into<String>, cores: f64) -> Part {
+        Part {
+            what: what.into(),
+            cores,
+        }
+    }
+}
+
 impl Floor {
     /// Cores per 100 MB/s, all passes together.
     pub fn per_100_mb(&self) -> f64 {
@@ -88,21 +97,17 @@ pub fn text_churn(b: &Bench) -> Option<Floor> {
     let compress = 100.0 / v("limits.zstd.text.compress")?;
     let decompress = 100.0 / v("limits.zstd.text.decompress")?;
     let ratio = text_ratio()?;
-    let part = |what: &str, cores: f64| Part {
-        what: what.to_string(),
-        cores,
-    };
     Some(Floor {
         parts: vec![
-            part("zstd-1 compress", compress),
-            part("decompress", decompress),
-            part("blake3 x2", 2.0 * c.blake3),
-            part(
-                &format!("gRPC hops 1 + 1/{ratio:.2}"),
+            Part::new("zstd-1 compress", compress),
+            Part::new("decompress", decompress),
+            Part::new("blake3 x2", 2.0 * c.blake3),
+            Part::new(
+                format!("gRPC hops 1 + 1/{ratio:.2}"),
                 c.hop * (1.0 + 1.0 / ratio),
             ),
-            part(
-                &format!("durable writes 2 + 1/{ratio:.2}"),
+            Part::new(
+                format!("durable writes 2 + 1/{ratio:.2}"),
                 c.write * (2.0 + 1.0 / ratio),
             ),
         ],
@@ -115,15 +120,11 @@ pub fn text_churn(b: &Bench) -> Option<Floor> {
 /// PS's cache and the replica are written durably; the MT checks the hash.
 pub fn full_sync(b: &Bench) -> Option<Floor> {
     let c = costs(b)?;
-    let part = |what: &str, cores: f64| Part {
-        what: what.to_string(),
-        cores,
-    };
     Some(Floor {
         parts: vec![
-            part("blake3 x3", 3.0 * c.blake3),
-            part("gRPC hops x2", 2.0 * c.hop),
-            part("durable writes x2", 2.0 * c.write),
+            Part::new("blake3 x3", 3.0 * c.blake3),
+            Part::new("gRPC hops x2", 2.0 * c.hop),
+            Part::new("durable writes x2", 2.0 * c.write),
         ],
         machine_cores: machine_cores(),
     })

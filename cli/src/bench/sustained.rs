@@ -9,7 +9,9 @@
 //! profile can hit a stall left by the previous one; the applied rate in
 //! the step that fails again estimates the capacity), then a constant-rate
 //! hold at 90% of it must keep the backlog flat for the whole hold; if it
-//! does not, one retry at a lower rate. "Kept up" means: the writer reached
+//! does, a second hold tries the estimate itself (the figure is the highest
+//! rate that held), and if it does not, one retry at a lower rate. "Kept
+//! up" means: the writer reached
 //! the rate, the agent stayed in data mode (never fell back to bitmap), and
 //! the backlog (captured but not applied bytes) grew by less than one second
 //! of churn over the second half of the hold.
