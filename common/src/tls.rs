@@ -23,6 +23,27 @@ use tonic::{Request, Status};
 /// 45 MiB (BENCHMARKS.md, "What changed" 28). Servers that receive frames
 /// (PS, MT) and every client endpoint advertise it.
 pub const HTTP2_MAX_FRAME: u32 = 256 << 10;
+/// HTTP/2 receive windows: hyper's default 1 MiB per stream lets at most
+/// 1 MiB of a 1-2 MiB frame cross before a window-update round trip; these
+/// keep several frames in flight on a replication stream.
+pub const HTTP2_STREAM_WINDOW: u32 = 16 << 20;
+pub const HTTP2_CONNECTION_WINDOW: u32 = 32 << 20;
+/// HTTP/2 keepalive: a dead peer is noticed within 30 s.
+pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A gRPC server builder for a component that receives replication frames
+/// (PS, MT): the same windows, frame size and keepalive as every client
+/// endpoint ([`TlsFiles::endpoint`]), so both directions of a stream are
+/// tuned alike. The caller adds TLS and its services.
+pub fn frame_server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(HTTP2_STREAM_WINDOW))
+        .initial_connection_window_size(Some(HTTP2_CONNECTION_WINDOW))
+        .max_frame_size(Some(HTTP2_MAX_FRAME))
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+}
 
 #[derive(Debug, Error)]
 pub enum TlsError {
@@ -103,10 +124,10 @@ impl TlsFiles {
             .map(|e| {
                 e.connect_timeout(Duration::from_secs(5))
                     .tcp_nodelay(true)
-                    .http2_keep_alive_interval(Duration::from_secs(10))
-                    .keep_alive_timeout(Duration::from_secs(20))
-                    .initial_stream_window_size(Some(16 << 20))
-                    .initial_connection_window_size(Some(32 << 20))
+                    .http2_keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
+                    .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT)
+                    .initial_stream_window_size(Some(HTTP2_STREAM_WINDOW))
+                    .initial_connection_window_size(Some(HTTP2_CONNECTION_WINDOW))
                     .max_frame_size(Some(HTTP2_MAX_FRAME))
             })
     }

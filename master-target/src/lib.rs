@@ -57,14 +57,6 @@ const MAX_MESSAGE: usize = (64 << 20) + (1 << 20);
 const STATUS_PERIOD: Duration = Duration::from_secs(1);
 /// How long shutdown waits for gRPC connections to close.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-/// HTTP/2 receive windows: hyper's default 1 MiB per stream lets at most
-/// 1 MiB of a 1-2 MiB frame cross before a window-update round trip; these
-/// (as the PS sets them) keep several frames in flight on the apply stream.
-const STREAM_WINDOW: u32 = 16 << 20;
-const CONNECTION_WINDOW: u32 = 32 << 20;
-/// HTTP/2 keepalive, as the PS: a dead peer is noticed within 30 s.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Runs the master target until `shutdown` completes: gRPC on `listener`
 /// (mutual TLS from `config.tls`), NBD views on `nbd_listener`, and the
@@ -167,12 +159,7 @@ where
         }
         s
     });
-    let server = tonic::transport::Server::builder()
-        .initial_stream_window_size(Some(STREAM_WINDOW))
-        .initial_connection_window_size(Some(CONNECTION_WINDOW))
-        .max_frame_size(Some(rebound_common::tls::HTTP2_MAX_FRAME))
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+    let server = rebound_common::tls::frame_server()
         .tls_config(tls)
         .map_err(|e| MtError::InvalidArgument(format!("[tls]: {e}")))?
         .add_service(svc)

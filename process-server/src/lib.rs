@@ -149,12 +149,7 @@ where
         info!("process server shutting down");
         stop_tx.send_replace(true);
     };
-    let server = tonic::transport::Server::builder()
-        .initial_stream_window_size(Some(16 << 20))
-        .initial_connection_window_size(Some(32 << 20))
-        .max_frame_size(Some(rebound_common::tls::HTTP2_MAX_FRAME))
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+    let server = rebound_common::tls::frame_server()
         .tls_config(tls)
         .map_err(|e| PsError::Serve(error_chain(&e)))?
         .add_service(svc)

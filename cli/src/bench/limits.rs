@@ -407,7 +407,8 @@ fn rustls_rate(certs: &Path, total: u64) -> Result<f64> {
 /// A gRPC `Ingest` stream with mutual TLS to an in-process ProcessServer that
 /// only counts bytes and acknowledges every frame; bytes/s. The client is
 /// the project's (`TlsFiles::connect`: 16/32 MiB windows, `HTTP2_MAX_FRAME`);
-/// `big_windows` sets the server's receive windows and frame size like rebound-ps does.
+/// `big_windows` builds the server as rebound-ps does
+/// (`rebound_common::tls::frame_server`).
 async fn grpc_rate(certs: std::path::PathBuf, total: u64, big_windows: bool) -> Result<f64> {
     use futures::StreamExt;
     use rebound_proto::ingest_request::Msg as ReqMsg;
@@ -420,13 +421,11 @@ async fn grpc_rate(certs: std::path::PathBuf, total: u64, big_windows: bool) -> 
     let addr = listener.local_addr()?;
     let server_tls = TlsFiles::in_dir(&certs, "ps").server_config()?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut builder = tonic::transport::Server::builder();
-    if big_windows {
-        builder = builder
-            .initial_stream_window_size(Some(16 << 20))
-            .initial_connection_window_size(Some(32 << 20))
-            .max_frame_size(Some(rebound_common::tls::HTTP2_MAX_FRAME));
-    }
+    let builder = if big_windows {
+        rebound_common::tls::frame_server()
+    } else {
+        tonic::transport::Server::builder()
+    };
     let server = tokio::spawn(
         builder
             .tls_config(server_tls)?
