@@ -26,9 +26,11 @@ const ACCEPT_POLL: Duration = Duration::from_millis(50);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// A client must finish option haggling within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(120);
-/// Socket buffer sizes: several pipelined 4 KiB requests per read syscall,
-/// and replies batched until the client's queue is drained.
-const READ_BUF: usize = 256 << 10;
+/// Socket buffer sizes: several pipelined 4 KiB requests per read syscall
+/// (15 at 64 KiB), and replies batched until the client's queue is drained.
+/// The read buffer stays small because a WRITE's payload beyond what it
+/// holds is read straight into place (`transmission::read_payload`).
+const READ_BUF: usize = 64 << 10;
 const WRITE_BUF: usize = 256 << 10;
 
 /// A connected stream the server can split and close from another thread.

@@ -36,6 +36,23 @@ struct Session<'a, R: Read, W: Write> {
     buf: Vec<u8>,
 }
 
+/// Reads a WRITE's payload: what the reader already buffered, then the rest
+/// straight from the socket into `out`. `BufReader::read_exact` would refill
+/// its buffer and copy out of it whenever the rest is shorter than the
+/// buffer, which for the common 64 KiB-1 MiB writes is a second copy of
+/// every byte.
+fn read_payload<R: Read>(reader: &mut BufReader<R>, out: &mut [u8]) -> io::Result<()> {
+    let buffered = reader.buffer();
+    let have = buffered.len().min(out.len());
+    out[..have].copy_from_slice(&buffered[..have]);
+    reader.consume(have);
+    if have < out.len() {
+        // The buffer is empty now, so reading past it keeps the order.
+        reader.get_mut().read_exact(&mut out[have..])?;
+    }
+    Ok(())
+}
+
 /// Serves requests until the client disconnects (`Ok`) or the connection
 /// breaks or violates the protocol (`Err`).
 pub(crate) fn serve<R: Read, W: Write>(
@@ -233,7 +250,7 @@ impl<R: Read, W: Write> Session<'_, R, W> {
         if self.buf.len() < n {
             self.buf.resize(n, 0);
         }
-        self.reader.read_exact(&mut self.buf[..n])?;
+        read_payload(self.reader, &mut self.buf[..n])?;
         if Self::unknown_flags(req) {
             return self.bad(req, EINVAL, "unknown command flags");
         }
@@ -312,7 +329,52 @@ impl<R: Read, W: Write> Session<'_, R, W> {
 
 #[cfg(test)]
 mod unit {
-    use super::{aligned, in_range};
+    use super::{aligned, in_range, read_payload};
+    use std::io::{BufReader, Read};
+
+    /// A reader that hands out at most `step` bytes per read, like a
+    /// socket whose data arrives in pieces.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        step: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            let n = out.len().min(self.step).min(self.data.len());
+            out[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn payload_reads_past_the_buffer_in_order() {
+        let stream: Vec<u8> = (0..=255u8).cycle().take(3000).collect();
+        for (cap, step) in [(16, 7), (64, 1000), (4096, 5), (4096, 4096)] {
+            let mut r = BufReader::with_capacity(
+                cap,
+                Trickle {
+                    data: &stream,
+                    step,
+                },
+            );
+            let mut head = [0u8; 10];
+            r.read_exact(&mut head).unwrap();
+            // A payload longer than the buffer, one shorter, then the rest.
+            let mut long = vec![0u8; 1500];
+            read_payload(&mut r, &mut long).unwrap();
+            let mut short = vec![0u8; 9];
+            read_payload(&mut r, &mut short).unwrap();
+            let mut rest = Vec::new();
+            r.read_to_end(&mut rest).unwrap();
+            let got = [&head[..], &long, &short, &rest].concat();
+            assert_eq!(got, stream, "capacity {cap}, step {step}");
+        }
+        // A stream that ends inside the payload is an error, not a short read.
+        let mut r = BufReader::with_capacity(8, &stream[..100]);
+        assert!(read_payload(&mut r, &mut [0u8; 200]).is_err());
+    }
 
     #[test]
     fn range_and_alignment() {
