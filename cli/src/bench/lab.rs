@@ -613,7 +613,8 @@ pub fn vm_hwm(pid: u32) -> Result<u64> {
 }
 
 /// Counts the undo records of one journal file (master-target/src/journal.rs:
-/// 32-byte header "RBU1" … kind at byte 16; kind 1 carries 4096 data bytes).
+/// 32-byte header "RBU2" (or "RBU1" before its CRC32C checksum) … kind at
+/// byte 16; kind 1 carries 4096 data bytes).
 fn count_undo_records(path: &Path) -> Result<u64> {
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::open(path)?;
@@ -623,7 +624,7 @@ fn count_undo_records(path: &Path) -> Result<u64> {
     let mut h = [0u8; 32];
     while off + 32 <= len {
         f.read_exact_at(&mut h, off)?;
-        if &h[0..4] != b"RBU1" {
+        if &h[0..4] != b"RBU2" && &h[0..4] != b"RBU1" {
             break;
         }
         n += 1;
