@@ -484,6 +484,12 @@ impl<'a> FrameRef<'a> {
 
 /// Appends the wire/storage bytes of a frame to `out`.
 fn encode(h: &FrameHeader, body: &[u8], out: &mut Vec<u8>) {
+    encode_head(h, body.len(), out);
+    out.extend_from_slice(body);
+}
+
+/// Appends the bytes of a frame that come before its body.
+fn encode_head(h: &FrameHeader, body_len: usize, out: &mut Vec<u8>) {
     out.extend_from_slice(&MAGIC);
     out.push(VERSION);
     out.push(h.flags);
@@ -491,17 +497,40 @@ fn encode(h: &FrameHeader, body: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&h.first_seq.to_le_bytes());
     out.extend_from_slice(&h.last_seq.to_le_bytes());
     out.extend_from_slice(&h.uncompressed_len.to_le_bytes());
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(body_len as u32).to_le_bytes());
     out.extend_from_slice(&h.hash);
-    out.extend_from_slice(body);
+}
+
+thread_local! {
+    /// One zstd compression context per thread and level: `zstd::bulk::compress`
+    /// creates, sizes and frees a context (and its tables) for every frame.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+    /// One zstd decompression context per thread, for the same reason.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// `body` compressed with zstd at `level`, when that makes it smaller.
 fn compressed_body(body: &[u8], level: i32) -> Option<Vec<u8>> {
-    match zstd::bulk::compress(body, level) {
-        Ok(c) if c.len() + 64 < body.len() => Some(c),
-        _ => None,
-    }
+    let packed = COMPRESSOR.with_borrow_mut(|slot| {
+        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+            *slot = Some((level, zstd::bulk::Compressor::new(level).ok()?));
+        }
+        let (_, c) = slot.as_mut()?;
+        c.compress(body).ok()
+    });
+    packed.filter(|c| c.len() + 64 < body.len())
+}
+
+/// `body` decompressed into a buffer of exactly `len` bytes.
+fn decompressed_body(body: &[u8], len: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with_borrow_mut(|slot| {
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        slot.as_mut().expect("just set").decompress(body, len)
+    })
 }
 
 /// The uncompressed body of a frame, checked against its header's hash.
@@ -510,7 +539,7 @@ fn verified_body<'b>(
     body: &'b [u8],
 ) -> Result<std::borrow::Cow<'b, [u8]>, FrameError> {
     let body: std::borrow::Cow<'b, [u8]> = if header.flags & FLAG_COMPRESSED != 0 {
-        let raw = zstd::bulk::decompress(body, header.uncompressed_len as usize)
+        let raw = decompressed_body(body, header.uncompressed_len as usize)
             .map_err(|e| FrameError::Decompress(e.to_string()))?;
         raw.into()
     } else {
