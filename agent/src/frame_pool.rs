@@ -3,11 +3,11 @@
 //!
 //! Why: the agent maps each frame buffer on its own (see
 //! [`rebound_common::alloc::tune_allocator`]) and unmaps it when it is done
-//! with it: the body when the process server acknowledges the frame, the
-//! wire copy once tonic has encoded it. A profile of fio 1 MiB sequential
-//! writes put about a fifth of the agent's CPU in page faults, page clearing
-//! and unmapping for those fresh buffers. A buffer taken from here has its
-//! pages already.
+//! with it, when the process server acknowledges the frame (tonic encodes
+//! the frame from this body, see [`crate::ingest_codec`]). A profile of fio
+//! 1 MiB sequential writes put about a fifth of the agent's CPU in page
+//! faults, page clearing and unmapping for those fresh buffers. A buffer
+//! taken from here has its pages already.
 //!
 //! Memory: a buffer given back is kept only while the pool holds fewer than
 //! [`POOL_FRAMES`]. A fresh buffer is resident only as far as it was written,
@@ -15,11 +15,7 @@
 //! most [`POOL_FRAMES`] × [`BODY_CAPACITY`] (12 MiB): the kept buffers, or
 //! the slack of reused ones that hold a smaller frame.
 
-use std::sync::Arc;
-
-use prost::bytes::Bytes;
 use rebound_common::alloc::BufferPool;
-use rebound_common::frame::Frame;
 
 use crate::capture::{FRAME_TARGET, MAX_RECORD_DATA};
 
@@ -60,39 +56,9 @@ impl FramePool {
         }
     }
 
-    /// The wire bytes of `frame`, in a pooled buffer that comes back to the
-    /// pool when the last reference (tonic's, after encoding) is dropped.
-    pub fn wire(self: &Arc<Self>, frame: &Frame) -> Bytes {
-        let mut buf = self.take();
-        buf.reserve(frame.encoded_len());
-        frame.write_to(&mut buf);
-        Bytes::from_owner(Wire {
-            buf,
-            pool: Arc::clone(self),
-        })
-    }
-
     /// Buffers kept now.
     pub fn kept(&self) -> usize {
         self.free.kept()
-    }
-}
-
-/// Owner of pooled wire bytes: gives the buffer back when dropped.
-struct Wire {
-    buf: Vec<u8>,
-    pool: Arc<FramePool>,
-}
-
-impl AsRef<[u8]> for Wire {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf
-    }
-}
-
-impl Drop for Wire {
-    fn drop(&mut self) {
-        self.pool.give(std::mem::take(&mut self.buf));
     }
 }
 
@@ -125,18 +91,5 @@ mod tests {
         let again = pool.take();
         assert_eq!(again.as_ptr(), ptr);
         assert!(again.is_empty() && again.capacity() >= BODY_CAPACITY);
-    }
-
-    #[test]
-    fn wire_bytes_are_the_frame_and_come_back() {
-        let pool = Arc::new(FramePool::default());
-        let mut b = rebound_common::frame::FrameBuilder::with_body("m1", 5, pool.take());
-        b.push_write(0, 4096, &[9u8; 8192]);
-        let frame = b.finish();
-        let wire = pool.wire(&frame);
-        assert_eq!(&wire[..], &frame.to_bytes()[..]);
-        assert_eq!(pool.kept(), 0);
-        drop(wire);
-        assert_eq!(pool.kept(), 1);
     }
 }

@@ -11,9 +11,9 @@
 //! Memory: a sealed frame keeps the body its builder wrote the records into
 //! (moved, no copy; a body from the [`crate::frame_pool`] keeps its
 //! capacity and goes back to the pool once the PS holds the frame, any
-//! other is shrunk to its length); the wire bytes are encoded into a pooled
-//! buffer only for the send and return to the pool once tonic has encoded
-//! them, and at most [`SEND_QUEUE`] of them wait in the request channel.
+//! other is shrunk to its length). Sending shares the frame with tonic,
+//! whose encoder copies it into its buffer once ([`crate::ingest_codec`]),
+//! and at most [`SEND_QUEUE`] frames wait in the request channel.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,24 +22,26 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use rebound_common::frame::{Frame, FrameBuilder};
-use rebound_proto::ingest_request::Msg as ReqMsg;
 use rebound_proto::ingest_response::Msg as RespMsg;
-use rebound_proto::process_server_client::ProcessServerClient;
-use rebound_proto::{IngestRequest, ReplicationInfo};
+use rebound_proto::ReplicationInfo;
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use crate::capture::{Capture, PendingFrame, ResumeOutcome, IDLE_FLUSH};
 use crate::config::Settings;
 use crate::frame_pool::{FramePool, BODY_CAPACITY};
+use crate::ingest_codec::{IngestCodec, Outgoing};
 
 /// Largest message we accept from the PS (answers are tiny).
 const MAX_MESSAGE: usize = 64 << 20;
-/// Encoded frames waiting for tonic: each is a transient copy of a frame.
+/// Frames waiting for tonic's encoder (shared with the outbox, no copy).
 const SEND_QUEUE: usize = 2;
+/// The `Ingest` method of the PS's service (proto/rebound.proto).
+const INGEST_PATH: &str = "/rebound.v1.ProcessServer/Ingest";
 
 #[derive(Debug, Error)]
 pub enum SenderError {
@@ -133,7 +135,8 @@ pub async fn outage_watch(
 struct Sealed {
     first: u64,
     last: u64,
-    frame: Frame,
+    /// Shared with tonic's encoder while a send is in flight.
+    frame: Arc<Frame>,
     /// Uncompressed body length = the change-buffer bytes it accounts for.
     body_len: u64,
 }
@@ -153,7 +156,7 @@ fn seal(b: FrameBuilder) -> Sealed {
         first: frame.header.first_seq,
         last: frame.header.last_seq,
         body_len: frame.header.uncompressed_len as u64,
-        frame,
+        frame: Arc::new(frame),
     }
 }
 
@@ -187,7 +190,11 @@ impl Outbox {
         while self.frames.front().is_some_and(|f| f.last <= durable) {
             if let Some(f) = self.frames.pop_front() {
                 freed += f.body_len;
-                pool.give(f.frame.body);
+                // tonic encoded the frame before the PS could answer for
+                // it, so the outbox holds the last reference.
+                if let Ok(frame) = Arc::try_unwrap(f.frame) {
+                    pool.give(frame.body);
+                }
             }
             self.next = self.next.saturating_sub(1);
         }
@@ -252,15 +259,21 @@ async fn session(
         .await
         .map_err(|e| SenderError::Connect(e.to_string()))?;
     let mut client =
-        ProcessServerClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE);
-    let (tx, rx) = mpsc::channel::<IngestRequest>(SEND_QUEUE);
-    tx.send(IngestRequest {
-        msg: Some(ReqMsg::Hello(info.clone())),
-    })
-    .await
-    .map_err(|_| SenderError::Closed)?;
+        tonic::client::Grpc::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE);
+    let (tx, rx) = mpsc::channel::<Outgoing>(SEND_QUEUE);
+    tx.send(Outgoing::Hello(info.clone()))
+        .await
+        .map_err(|_| SenderError::Closed)?;
+    client
+        .ready()
+        .await
+        .map_err(|e| SenderError::Connect(format!("the connection is not ready: {e}")))?;
     let resp = client
-        .ingest(ReceiverStream::new(rx))
+        .streaming(
+            tonic::Request::new(ReceiverStream::new(rx)),
+            PathAndQuery::from_static(INGEST_PATH),
+            IngestCodec,
+        )
         .await
         .map_err(|s| SenderError::Stream(format!("{}: {}", s.code(), s.message())))?;
     let mut inbound = resp.into_inner();
@@ -362,7 +375,7 @@ async fn session(
             permit = tx.reserve(), if has_unsent => {
                 let permit = permit.map_err(|_| SenderError::Closed)?;
                 let f = &outbox.frames[outbox.next];
-                permit.send(IngestRequest { msg: Some(ReqMsg::Frame(cap.frame_pool().wire(&f.frame))) });
+                permit.send(Outgoing::Frame(Arc::clone(&f.frame)));
                 outbox.next += 1;
             }
             _ = cap.sender_wake().notified() => {}

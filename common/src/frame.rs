@@ -344,6 +344,14 @@ impl Frame {
         out
     }
 
+    /// The first bytes of [`Frame::to_bytes`]: everything before the body,
+    /// for a caller that writes the body from where it is.
+    pub fn head_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.header.replication_id.len());
+        encode_head(&self.header, self.body.len(), &mut out);
+        out
+    }
+
     /// Length of [`Frame::to_bytes`].
     pub fn encoded_len(&self) -> usize {
         64 + self.header.replication_id.len() + self.body.len()
