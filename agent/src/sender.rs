@@ -190,8 +190,9 @@ impl Outbox {
         while self.frames.front().is_some_and(|f| f.last <= durable) {
             if let Some(f) = self.frames.pop_front() {
                 freed += f.body_len;
-                // tonic encoded the frame before the PS could answer for
-                // it, so the outbox holds the last reference.
+                // tonic encodes a frame before the PS can answer for it,
+                // so the outbox holds the last reference; if a dead
+                // stream's queue still holds one, the body is just freed.
                 if let Ok(frame) = Arc::try_unwrap(f.frame) {
                     pool.give(frame.body);
                 }

@@ -39,8 +39,7 @@ struct Session<'a, R: Read, W: Write> {
 /// Reads a WRITE's payload: what the reader already buffered, then the rest
 /// straight from the socket into `out`. `BufReader::read_exact` would refill
 /// its buffer and copy out of it whenever the rest is shorter than the
-/// buffer, which for the common 64 KiB-1 MiB writes is a second copy of
-/// every byte.
+/// buffer: a second copy of most of every write up to the buffer's size.
 fn read_payload<R: Read>(reader: &mut BufReader<R>, out: &mut [u8]) -> io::Result<()> {
     let buffered = reader.buffer();
     let have = buffered.len().min(out.len());
