@@ -5,7 +5,9 @@
 //!
 //! Every replication figure is bounded by these (the agent hashes, the
 //! process server compresses and fsyncs, every hop is mTLS), so they are
-//! what the bottleneck analysis compares against.
+//! what the bottleneck analysis compares against. The host's speed moves
+//! within a run, so the rows a floor needs can be measured again beside the
+//! figure the floor stands by ([`again`]).
 
 use anyhow::{anyhow, Context, Result};
 use rebound_common::tls::TlsFiles;
@@ -24,34 +26,15 @@ use super::{mb, Bench};
 
 pub fn run(b: &mut Bench) -> Result<()> {
     let p = b.plan.clone();
-    // blake3, one core.
-    let data = Profile::Random.pool(16 << 20);
-    let rate = repeat_rate(p.limit_secs, data.len(), || {
-        let mut h = blake3::Hasher::new();
-        h.update(&data);
-        std::hint::black_box(h.finalize());
-    });
     b.set(
         "limits.blake3",
-        mb(rate),
+        mb(blake3_rate(p.limit_secs)),
         "16 MiB buffers, Hasher::update (no rayon)",
     );
 
     // zstd level 1 on 2 MiB frames of each profile (the PS's frame size).
     for prof in Profile::ALL {
-        let frame = prof.pool(2 << 20);
-        let comp = zstd::bulk::compress(&frame, 1).context("zstd compress")?;
-        let c_rate = repeat_rate(p.limit_secs, frame.len(), || {
-            std::hint::black_box(zstd::bulk::compress(&frame, 1).map(|v| v.len()).ok());
-        });
-        let d_rate = repeat_rate(p.limit_secs, frame.len(), || {
-            std::hint::black_box(
-                zstd::bulk::decompress(&comp, frame.len())
-                    .map(|v| v.len())
-                    .ok(),
-            );
-        });
-        let ratio = frame.len() as f64 / comp.len() as f64;
+        let (c_rate, d_rate, ratio) = zstd_rates(prof, p.limit_secs)?;
         let note = format!("2 MiB frames, ratio {ratio:.2}");
         b.set(
             &format!("limits.zstd.{}.compress", prof.id()),
@@ -139,10 +122,7 @@ pub fn run(b: &mut Bench) -> Result<()> {
         ),
     );
     let rustls_cpu = per_100_mb(rustls_cores, rate);
-    let (rate, grpc_cores) = machine_cores(|| {
-        b.rt.block_on(grpc_rate(certs.clone(), p.tls_bytes, true))
-            .context("gRPC loopback")
-    })?;
+    let (rate, hop) = grpc_hop(b, &certs, p.tls_bytes)?;
     // The same with hyper's server defaults (1 MiB windows, 16 KiB frames),
     // which is what a server gets that does not set them.
     let default_windows =
@@ -159,9 +139,10 @@ pub fn run(b: &mut Bench) -> Result<()> {
     );
     b.set(
         "limits.cpu.grpc_hop",
-        per_100_mb(grpc_cores, rate),
+        hop,
         format!(
-            "machine CPU ({grpc_cores:.2} cores) while the gRPC stream ran: both ends, TLS, HTTP/2, TCP ({rustls_cpu:.2} for the raw rustls stream)"
+            "machine CPU ({:.2} cores) while the gRPC stream ran: both ends, TLS, HTTP/2, TCP ({rustls_cpu:.2} for the raw rustls stream)",
+            hop * mb(rate) / 100.0
         ),
     );
     b.detail(
@@ -208,6 +189,72 @@ fn seal_rate(secs: f64) -> Result<f64> {
         Some(e) => Err(anyhow!("TLS record encryption failed: {e}")),
         None => Ok(rate),
     }
+}
+
+/// Every limit row a floor is built from (blake3, zstd-1 both ways on
+/// text-like frames, a gRPC mTLS hop's cost, a durable write's cost and
+/// rate), measured again `when` in the run, the same way as in section 1
+/// (see [`Bench::set_again`]). About 10 s on an otherwise idle machine.
+pub fn again(b: &mut Bench, when: &str) -> Result<()> {
+    let p = b.plan.clone();
+    b.set_again("limits.blake3", mb(blake3_rate(p.limit_secs)), when);
+    let (c_rate, d_rate, _) = zstd_rates(Profile::Text, p.limit_secs)?;
+    b.set_again("limits.zstd.text.compress", mb(c_rate), when);
+    b.set_again("limits.zstd.text.decompress", mb(d_rate), when);
+
+    let path = b.dir.join("again-disk.tmp");
+    let write = machine_cores(|| bulk_write(&path, p.disk_bulk_bytes));
+    let _ = std::fs::remove_file(&path);
+    let (rate, cores) = write?;
+    b.set_again("limits.disk.bulk_write_fsync", mb(rate), when);
+    b.set_again("limits.cpu.durable_write", per_100_mb(cores, rate), when);
+
+    let certs = b.dir.join("again-certs");
+    rebound_common::pki::write_dev_bundle(&certs, &["bench".to_string()])?;
+    let hop = grpc_hop(b, &certs, p.tls_bytes);
+    let _ = std::fs::remove_dir_all(&certs);
+    b.set_again("limits.cpu.grpc_hop", hop?.1, when);
+    Ok(())
+}
+
+/// blake3 on one core over 16 MiB buffers for about `secs`; bytes/s.
+fn blake3_rate(secs: f64) -> f64 {
+    let data = Profile::Random.pool(16 << 20);
+    repeat_rate(secs, data.len(), || {
+        let mut h = blake3::Hasher::new();
+        h.update(&data);
+        std::hint::black_box(h.finalize());
+    })
+}
+
+/// zstd level 1 on a 2 MiB frame of `prof` (the PS's frame size), each way
+/// for about `secs`: compress and decompress bytes/s of uncompressed data,
+/// and the ratio.
+fn zstd_rates(prof: Profile, secs: f64) -> Result<(f64, f64, f64)> {
+    let frame = prof.pool(2 << 20);
+    let comp = zstd::bulk::compress(&frame, 1).context("zstd compress")?;
+    let c_rate = repeat_rate(secs, frame.len(), || {
+        std::hint::black_box(zstd::bulk::compress(&frame, 1).map(|v| v.len()).ok());
+    });
+    let d_rate = repeat_rate(secs, frame.len(), || {
+        std::hint::black_box(
+            zstd::bulk::decompress(&comp, frame.len())
+                .map(|v| v.len())
+                .ok(),
+        );
+    });
+    Ok((c_rate, d_rate, frame.len() as f64 / comp.len() as f64))
+}
+
+/// A tonic `Ingest` stream of `total` bytes set up as the PS sets it:
+/// bytes/s, and the whole machine's cores per 100 MB/s meanwhile (both
+/// ends, TLS, HTTP/2, TCP).
+fn grpc_hop(b: &Bench, certs: &Path, total: u64) -> Result<(f64, f64)> {
+    let (rate, cores) = machine_cores(|| {
+        b.rt.block_on(grpc_rate(certs.to_path_buf(), total, true))
+            .context("gRPC loopback")
+    })?;
+    Ok((rate, per_100_mb(cores, rate)))
 }
 
 /// Runs `f` and returns its result with the cores the whole machine was

@@ -32,6 +32,7 @@ pub mod writer;
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::runtime::Handle;
@@ -186,6 +187,8 @@ pub struct Bench {
     details: Map<String, Value>,
     started: Instant,
     max_retained_blocks: u64,
+    /// Limit rows measured again later in the run (see [`Bench::set_again`]).
+    again: BTreeMap<String, f64>,
     load_at_start: String,
     /// `--dir` was given: sections keep their logs when they clean up.
     keep_logs: bool,
@@ -244,6 +247,26 @@ impl Bench {
     /// A figure measured earlier in the run (a machine limit), if it was.
     pub fn value(&self, id: &str) -> Option<f64> {
         self.report.rows().iter().find(|r| r.id == id)?.value
+    }
+
+    /// A limit row measured again, `when` in the run: the host's speed
+    /// moves within a run, so a floor set beside a figure also uses the
+    /// limits as they were at that figure's time. The table keeps section
+    /// 1's value; the JSON lists every re-measurement under `limits.again`.
+    pub fn set_again(&mut self, id: &str, value: f64, when: &str) {
+        self.again.insert(id.into(), value);
+        let entry = self
+            .details
+            .entry("limits.again")
+            .or_insert_with(|| json!({}));
+        if let Some(m) = entry.as_object_mut() {
+            m.insert(format!("{id} ({when})"), json!(value));
+        }
+    }
+
+    /// The latest re-measurement of a limit row, if there was one.
+    pub fn value_again(&self, id: &str) -> Option<f64> {
+        self.again.get(id).copied()
     }
 
     /// Extra data for the JSON document.
@@ -367,6 +390,7 @@ fn run_blocking(opts: BenchOptions, rt: Handle) -> Result<()> {
         details: Map::new(),
         started: Instant::now(),
         max_retained_blocks: 0,
+        again: BTreeMap::new(),
         load_at_start: std::fs::read_to_string("/proc/loadavg")
             .unwrap_or_default()
             .trim()

@@ -15,12 +15,15 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::floor;
+use super::floor::{self, At};
 use super::lab::{Comp, Lab, LabSpec};
 use super::profiles::Rng;
-use super::{tools, Bench};
+use super::{limits, tools, Bench};
 
 const MIB: u64 = 1 << 20;
+
+/// When the full sync's floor limits are measured again.
+const AGAIN_WHEN: &str = "after the full sync";
 
 /// Fills `path` with `size` bytes of random data (the worst case for
 /// compression), in 1 MiB chunks.
@@ -161,6 +164,10 @@ pub fn run(b: &mut Bench) -> Result<()> {
         full_bytes >> 20
     ));
     lab.stop(Comp::Agent)?;
+    b.progress(&format!(
+        "resync: measuring the floor's limits again, {AGAIN_WHEN}"
+    ));
+    limits::again(b, AGAIN_WHEN)?;
 
     // 1% of the chunks change while the agent is not installed.
     let chunks = size / MIB;
@@ -286,11 +293,14 @@ pub fn run(b: &mut Bench) -> Result<()> {
 }
 
 /// The row beside the full sync's ratio: the most the design's passes allow
-/// on this machine (its cores at [`floor::full_sync`], and its disk writing
-/// every byte durably twice), over cp's speed in the same run.
+/// on this machine (its cores at [`floor::full_sync`], each limit at the
+/// faster of section 1 and its re-measurement after the sync, and its disk
+/// writing every byte durably twice), over cp's speed in the same run.
 fn set_ceiling(b: &mut Bench, full_rate: f64, cp_rate: f64, full: &Synced) {
-    let (Some(f), Some(bulk)) = (floor::full_sync(b), b.value("limits.disk.bulk_write_fsync"))
-    else {
+    let (Some(f), Some(bulk)) = (
+        floor::full_sync(b, At::Best),
+        floor::limit(b, "limits.disk.bulk_write_fsync", At::Best, f64::max),
+    ) else {
         b.not_run(
             "resync.full.ceiling",
             "needs the machine limits (section 1) in the same run",
@@ -298,13 +308,23 @@ fn set_ceiling(b: &mut Bench, full_rate: f64, cp_rate: f64, full: &Synced) {
         return;
     };
     let cpu = f.ceiling_mb_s();
+    let again = floor::full_sync(b, At::Again)
+        .map(|a| {
+            format!(
+                " ({AGAIN_WHEN} alone: {:.3} cores per 100 MB/s, {:.0} MB/s)",
+                a.per_100_mb(),
+                a.ceiling_mb_s()
+            )
+        })
+        .unwrap_or_default();
     let disk = bulk / 2.0;
     let used: f64 = full.cores.iter().sum();
     b.set(
         "resync.full.ceiling",
         cpu.min(disk) / (cp_rate / 1e6),
         format!(
-            "CPU: {} cores / ({}) = {cpu:.0} MB/s; disk: two durable writes at {bulk:.0} MB/s = {disk:.0} MB/s; \
+            "CPU: {} cores / ({}) = {cpu:.0} MB/s, each limit the faster of section 1 and {AGAIN_WHEN}{again}; \
+             disk: two durable writes at {bulk:.0} MB/s = {disk:.0} MB/s; \
              cp {:.0} MB/s; the sync used {:.2} cores per 100 MB/s",
             f.machine_cores,
             f.describe(),

@@ -21,8 +21,9 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::floor;
-use super::lab::{Lab, DISK};
+use super::floor::{self, At};
+use super::lab::{machine_busy_secs, Lab, DISK};
+use super::limits;
 use super::profiles::Profile;
 use super::report::GOAL_TEXT_MB_S;
 use super::sampler::{quantile, slope, Sampler};
@@ -54,6 +55,9 @@ struct Hold {
     /// CPU use of agent, PS, MT and the bench (writer + sampler) during the
     /// hold, in cores.
     cpu: [f64; 4],
+    /// The whole machine's busy cores during the hold (`/proc/stat`: the
+    /// kernel's writeback and TCP work too), if it could be read.
+    machine: Option<f64>,
 }
 
 fn hold(b: &Bench, lab: &mut Lab, pool: &Arc<Vec<u8>>, rate: f64, secs: f64) -> Result<Hold> {
@@ -63,9 +67,11 @@ fn hold(b: &Bench, lab: &mut Lab, pool: &Arc<Vec<u8>>, rate: f64, secs: f64) -> 
     let w = Writer::start(writer_spec(b, lab, pool.clone(), rate, rate as u64))?;
     let t0 = sampler.now();
     let cpu0 = lab.cpu_all();
+    let busy0 = machine_busy_secs();
     std::thread::sleep(Duration::from_secs_f64(secs));
     let t1 = sampler.now();
     let cpu1 = lab.cpu_all();
+    let busy1 = machine_busy_secs();
     let bytes = w.stop()?;
     // Let the tail drain so the lags of the last samples resolve.
     let settled = lab.wait_settled(b.plan.settle_timeout);
@@ -86,6 +92,7 @@ fn hold(b: &Bench, lab: &mut Lab, pool: &Arc<Vec<u8>>, rate: f64, secs: f64) -> 
         lag_p99_ms: quantile(&lags, 0.99),
         kept_up,
         cpu: [0, 1, 2, 3].map(|i| (cpu1[i] - cpu0[i]) / (t1 - t0)),
+        machine: busy0.zip(busy1).map(|(a, z)| (z - a) / (t1 - t0).max(1e-6)),
     })
 }
 
@@ -168,35 +175,53 @@ fn ramp(b: &Bench, lab: &mut Lab, pool: &Arc<Vec<u8>>) -> Result<(f64, Vec<serde
     Ok((estimate, steps))
 }
 
+/// When the floor's limits are measured again: right after the
+/// text-like holds, before the next profile's ramp.
+const AGAIN_WHEN: &str = "after the text-like holds";
+
 /// For the compressible profile (the one with a goal): the cores the hold
 /// used per 100 MB/s, beside the floor of the passes the design makes every
-/// byte take ([`floor::text_churn`]). Returns a note to append.
+/// byte take ([`floor::text_churn`]) with the limits measured again right
+/// after the holds, and at section 1's limits. Returns a note to append.
 fn cpu_note(b: &Bench, prof: Profile, h: &Hold) -> String {
     if prof != Profile::Text {
         return String::new();
     }
-    let Some(floor) = floor::text_churn(b) else {
+    let Some(floor) = floor::text_churn(b, At::Again) else {
         return String::new();
     };
     let used: f64 = h.cpu.iter().sum();
+    let machine = h
+        .machine
+        .map(|m| format!(" (machine {m:.2} of {} busy)", floor.machine_cores))
+        .unwrap_or_default();
+    let first = floor::text_churn(b, At::Limits)
+        .map(|f| format!(" ({:.2} at section 1's limits)", f.per_100_mb()))
+        .unwrap_or_default();
     format!(
-        "; used {used:.2} cores = {:.2} per 100 MB/s, against a floor of {:.2} (next row)",
+        "; used {used:.2} cores = {:.2} per 100 MB/s{machine}, against a floor of {:.2} {AGAIN_WHEN}{first}",
         used / (mb(h.rate) / 100.0).max(1e-9),
         floor.per_100_mb(),
     )
 }
 
 /// The row beside the text-like figure: the most the design's passes allow
-/// on this machine's cores, at this run's limits.
+/// on this machine's cores, with each limit at the faster of its two
+/// measurements in this run (section 1 and right after the holds), so the
+/// machine was never faster than this ceiling assumes.
 fn set_ceiling(b: &mut Bench) {
-    match floor::text_churn(b) {
+    let again = floor::text_churn(b, At::Again);
+    match floor::text_churn(b, At::Best) {
         Some(f) => b.set(
             "sustained.text.ceiling",
             f.ceiling_mb_s(),
             format!(
-                "{} cores / ({}); {GOAL_TEXT_MB_S:.0} MB/s needs at most {:.3}",
+                "{} cores / ({}), each limit the faster of section 1 and {AGAIN_WHEN}{}; {GOAL_TEXT_MB_S:.0} MB/s needs at most {:.3}",
                 f.machine_cores,
                 f.describe(),
+                again
+                    .map(|a| format!(" ({AGAIN_WHEN} alone: {:.0} MB/s)", a.ceiling_mb_s()))
+                    .unwrap_or_default(),
                 f.machine_cores / GOAL_TEXT_MB_S * 100.0
             ),
         ),
@@ -251,6 +276,7 @@ pub fn run(b: &mut Bench, lab: &mut Lab) -> Result<()> {
                 "backlog_growth_mb": h.growth / 1e6, "lag_p99_ms": h.lag_p99_ms,
                 "consistent": h.consistent, "kept_up": h.kept_up,
                 "cpu_cores": {"agent": h.cpu[0], "ps": h.cpu[1], "mt": h.cpu[2], "bench": h.cpu[3]},
+                "machine_cores": h.machine,
             }));
             tried.push(format!(
                 "{:.0} {}",
@@ -294,6 +320,12 @@ pub fn run(b: &mut Bench, lab: &mut Lab) -> Result<()> {
                 break;
             }
             lower_tries += 1;
+        }
+        if prof == Profile::Text {
+            b.progress(&format!(
+                "sustained: measuring the floor's limits again, {AGAIN_WHEN}"
+            ));
+            limits::again(b, AGAIN_WHEN)?;
         }
         b.detail(
             &format!("sustained.{}", prof.id()),
