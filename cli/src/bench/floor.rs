@@ -69,9 +69,10 @@ pub enum At {
     /// The re-measurement after the figure (section 1's where a row was not
     /// measured again).
     Again,
-    /// Per row, the faster rate or the lower cost of the two: the most
-    /// generous floor this run measured, so a ceiling from it is one the
-    /// machine did not beat at any time of the run.
+    /// Per row, the faster rate or the lower cost of section 1's
+    /// measurement and the latest re-measurement: the most generous floor
+    /// of the two, so a ceiling from it assumes a machine at least as fast
+    /// as it was at either time.
     Best,
 }
 
