@@ -16,4 +16,5 @@ pub mod nbd;
 pub mod pki;
 pub mod signal;
 pub mod telemetry;
+pub mod time;
 pub mod tls;
