@@ -7,6 +7,7 @@
 pub mod alloc;
 pub mod block_cache;
 pub mod chunk;
+pub mod cli_args;
 pub mod config;
 pub mod control;
 pub mod durable;

@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use rebound_common::telemetry::{self, LogFormat};
+use rebound_common::cli_args::{self, LogArgs};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -39,9 +39,8 @@ enum Cmd {
         /// Config file (TOML); see example-config.toml. Without it, defaults.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Log format: text or json.
-        #[arg(long, default_value = "text")]
-        log_format: LogFormat,
+        #[command(flatten)]
+        log: LogArgs,
     },
     /// Replace the enrollment passphrase (enrolled components stay valid).
     /// Prints the new one and writes it to FILE (mode 0600).
@@ -57,26 +56,7 @@ enum Cmd {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    match real_main(Cli::parse()).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("rebound-cs: error: {}", error_text(&e));
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
-
-/// The error and its causes, each cause once.
-fn error_text(e: &anyhow::Error) -> String {
-    let mut text = e.to_string();
-    for cause in e.chain().skip(1) {
-        let c = cause.to_string();
-        if !text.contains(&c) {
-            text.push_str(": ");
-            text.push_str(&c);
-        }
-    }
-    text
+    cli_args::exit_code("rebound-cs", real_main(Cli::parse()).await)
 }
 
 async fn real_main(cli: Cli) -> Result<()> {
@@ -109,13 +89,10 @@ async fn real_main(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Run { config, log_format } => {
-            rebound_common::tls::install_crypto_provider();
-            telemetry::init(log_format);
+        Cmd::Run { config, log } => {
+            log.start();
             let cfg: rebound_cs::Config = rebound_common::config::load(config.as_deref())?;
-            let listener = tokio::net::TcpListener::bind(&cfg.listen)
-                .await
-                .with_context(|| format!("cannot listen on {} (config key listen)", cfg.listen))?;
+            let listener = cli_args::listen(&cfg.listen, "listen").await?;
             rebound_cs::run(cfg, listener, rebound_common::signal::shutdown_signal()).await?;
             Ok(())
         }
