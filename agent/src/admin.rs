@@ -88,9 +88,9 @@ impl Admin {
                 .unwrap_or(DEFAULT_WAIT_TIMEOUT_MS),
         );
         let deadline = Instant::now() + timeout;
-        let target = self.capture.handed_over_seq();
-        self.capture.request_flush();
-        let mut rx = self.capture.durable_watch();
+        let target = self.capture.stream().handed_over_seq();
+        self.capture.stream().request_flush();
+        let mut rx = self.capture.stream().durable_watch();
         loop {
             let s = self.capture.snapshot();
             let want = target.max(s.window_end_tag_seq);
@@ -106,7 +106,7 @@ impl Admin {
                 )});
             }
             if !s.consistent {
-                self.capture.request_flush();
+                self.capture.stream().request_flush();
             }
             let wait = (deadline - now).min(Duration::from_millis(50));
             let _ = tokio::time::timeout(wait, rx.changed()).await;

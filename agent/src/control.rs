@@ -282,7 +282,7 @@ impl Runtime {
         } else {
             info!("fenced by the configuration server: writes get EPERM");
         }
-        self.capture.request_flush();
+        self.capture.stream().request_flush();
         *st = FenceState {
             tag_id: f.tag_id.clone(),
             shutdown_tag_seq: seq,
@@ -356,10 +356,10 @@ impl Runtime {
             });
         }
         let token = format!("app:{id}");
-        let held = self.capture.hold_writes(&token);
+        let held = self.capture.hold().hold(&token);
         let cut = self.capture.cut_named_tag(TagKind::App, id, group);
         if held {
-            self.capture.release_writes(&token);
+            self.capture.hold().release(&token);
         }
         let thaw = self.hook("thaw", &self.settings.hooks.thaw).await;
         let (id, seq) = cut.map_err(|e| e.to_string())?;
@@ -405,10 +405,10 @@ impl Runtime {
                 self.capture.mode().as_str()
             ));
         }
-        if !self.capture.hold_writes(&g.tag_id) {
+        if !self.capture.hold().hold(&g.tag_id) {
             return err_result(format!(
                 "another write hold is in force ({})",
-                self.capture.held_by().unwrap_or_default()
+                self.capture.hold().held_by().unwrap_or_default()
             ));
         }
         let hold = Duration::from_millis(u64::from(if g.hold_ms == 0 {
@@ -420,7 +420,7 @@ impl Runtime {
         let token = g.tag_id.clone();
         tokio::spawn(async move {
             tokio::time::sleep(hold).await;
-            if me.capture.release_writes(&token) {
+            if me.capture.hold().release(&token) {
                 let msg = format!(
                     "write hold for group point {token} released after {} ms without a commit (aborted)",
                     hold.as_millis()
@@ -434,7 +434,7 @@ impl Runtime {
 
     /// Phase 2: cut the group tag (id = group = `tag_id`) and release.
     pub fn group_commit(&self, g: &pb::GroupCommit) -> CommandResult {
-        if self.capture.held_by().as_deref() != Some(g.tag_id.as_str()) {
+        if self.capture.hold().held_by().as_deref() != Some(g.tag_id.as_str()) {
             return err_result(format!(
                 "the write hold for group point {} is not in force (it expired or was never taken): \
                  the barrier must be retried",
@@ -446,7 +446,7 @@ impl Runtime {
             _ => TagKind::Crash,
         };
         let cut = self.capture.cut_named_tag(kind, &g.tag_id, &g.tag_id);
-        self.capture.release_writes(&g.tag_id);
+        self.capture.hold().release(&g.tag_id);
         tag_result(
             cut.map(|(id, seq)| TagCut {
                 id,
@@ -459,7 +459,7 @@ impl Runtime {
     }
 
     pub fn group_abort(&self, g: &pb::GroupAbort) -> CommandResult {
-        self.capture.release_writes(&g.tag_id);
+        self.capture.hold().release(&g.tag_id);
         ok_result()
     }
 
@@ -484,14 +484,14 @@ impl Runtime {
             r.reason.as_str()
         };
         if r.disks.is_empty() {
-            self.capture.mark_need_all(reason);
+            self.capture.resync().mark_need_all(reason);
         } else {
             for &d in &r.disks {
                 let Some(disk) = self.capture.disks().get(d as usize) else {
                     return err_result(format!("no disk {d}"));
                 };
                 let exts: Vec<u64> = (0..disk.size().div_ceil(EXTENT_SIZE)).collect();
-                self.capture.mark_need(d, &exts, reason);
+                self.capture.resync().mark_need(d, &exts, reason);
             }
         }
         ok_result()

@@ -171,10 +171,10 @@ pub async fn run(
     // What must be resynced before the first recovery point.
     if !initialized {
         info!("no initialized marker: initial replication compares every chunk of every disk with the replica");
-        capture.mark_need_all("initial");
+        capture.resync().mark_need_all("initial");
     } else if let Opened::GeometryChanged(why) = &opened {
         warn!("{why}: resyncing every disk");
-        capture.mark_need_all("disk-layout-changed");
+        capture.resync().mark_need_all("disk-layout-changed");
     } else if dlog.count() > 0 {
         let reason = if clean { "undrained" } else { "crash-recovery" };
         info!(
@@ -189,7 +189,7 @@ pub async fn run(
             dlog.count()
         );
         for d in 0..disks.len() as u32 {
-            capture.mark_need(d, &dlog.set_extents(d), reason);
+            capture.resync().mark_need(d, &dlog.set_extents(d), reason);
         }
     }
 
@@ -308,8 +308,8 @@ pub async fn run(
     }
     let c = capture.clone();
     let persisted = tokio::task::spawn_blocking(move || {
-        c.clear_durable_extents()?;
-        c.dirty_log().persist()
+        c.dirty_extents().clear_durable()?;
+        c.dirty_extents().log().persist()
     })
     .await
     .map_err(|e| std::io::Error::other(e.to_string()))
@@ -358,10 +358,10 @@ pub async fn run(
 
 /// Waits until the PS holds every record cut so far, up to `limit`.
 pub(crate) async fn drain(capture: &Capture, limit: Duration) -> bool {
-    let target = capture.handed_over_seq();
-    capture.request_flush();
+    let target = capture.stream().handed_over_seq();
+    capture.stream().request_flush();
     let deadline = Instant::now() + limit;
-    let mut rx = capture.durable_watch();
+    let mut rx = capture.stream().durable_watch();
     loop {
         if *rx.borrow_and_update() >= target {
             return true;
@@ -379,7 +379,7 @@ pub(crate) async fn drain(capture: &Capture, limit: Duration) -> bool {
 }
 
 /// Every second, clears from the dirty log the extents whose records the PS
-/// holds and that went cold ([`Capture::clear_cold_extents`]: no write for
+/// holds and that went cold ([`crate::capture::DirtyExtents::clear_cold`]: no write for
 /// `keep`, or beyond `keep_extents` hot ones). Clearing every durable extent
 /// instead made random writes re-dirty them at once, each paying an
 /// fdatasync of the log before its acknowledgement.
@@ -396,7 +396,9 @@ async fn clear_loop(
             _ = stop.changed() => if *stop.borrow() { return },
         }
         let c = capture.clone();
-        match tokio::task::spawn_blocking(move || c.clear_cold_extents(keep, keep_extents)).await {
+        match tokio::task::spawn_blocking(move || c.dirty_extents().clear_cold(keep, keep_extents))
+            .await
+        {
             Ok(Err(e)) if !warned => {
                 warned = true;
                 warn!("cannot update the dirty-extent log: {e}");

@@ -234,7 +234,7 @@ async fn remote_hashes<H: HashSource>(
 ) -> Result<Vec<u8>, ResyncError> {
     let (disk, min) = (target.disk, target.min_seq);
     // Hand the partial frame over now: the replica may wait for its records.
-    cap.request_flush();
+    cap.stream().request_flush();
     let h = src
         .chunk_hashes(disk, offset, chunk as u32, count as u32, min)
         .await?;
@@ -252,10 +252,10 @@ async fn remote_hashes<H: HashSource>(
 /// Waits until the buffer has room for `bytes` of resync records (resync
 /// never pushes the agent into bitmap mode; it waits for the link).
 async fn wait_for_space(cap: &Capture, bytes: u64) {
-    let mut rx = cap.durable_watch();
+    let mut rx = cap.stream().durable_watch();
     loop {
-        let b = cap.buffer_bytes();
-        if b == 0 || b + bytes <= cap.buffer_limit() * 3 / 4 {
+        let b = cap.stream().buffer_bytes();
+        if b == 0 || b + bytes <= cap.stream().buffer_limit() * 3 / 4 {
             return;
         }
         let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
@@ -271,7 +271,7 @@ async fn copy(
 ) -> Result<(), ResyncError> {
     wait_for_space(cap, len + 64).await;
     let c = cap.clone();
-    tokio::task::spawn_blocking(move || c.resync_copy(disk, offset, len, skip_zero))
+    tokio::task::spawn_blocking(move || c.resync().copy(disk, offset, len, skip_zero))
         .await
         .map_err(|e| ResyncError::LocalHash {
             disk: disk.to_string(),
@@ -472,7 +472,7 @@ async fn mark_initialized(
     seq: u64,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut rx = cap.durable_watch();
+    let mut rx = cap.stream().durable_watch();
     loop {
         if *rx.borrow_and_update() >= seq {
             break;
@@ -503,7 +503,7 @@ pub async fn driver(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut progress = Progress::new(0);
-    let mut durable = cap.durable_watch();
+    let mut durable = cap.stream().durable_watch();
     loop {
         // Wait for work, a live link and room in the buffer. A hello (the
         // resume point) and every acknowledgement move the durable seq, so
@@ -514,8 +514,11 @@ pub async fn driver(
             if *stop.borrow() {
                 return;
             }
-            let wanted = cap.resync_wanted();
-            if wanted && link.is_connected() && cap.buffer_bytes() < cap.buffer_limit() / 2 {
+            let wanted = cap.resync().wanted();
+            if wanted
+                && link.is_connected()
+                && cap.stream().buffer_bytes() < cap.stream().buffer_limit() / 2
+            {
                 break;
             }
             let poll = if wanted { WANTED_POLL } else { IDLE_POLL };
@@ -525,7 +528,7 @@ pub async fn driver(
                 _ = stop.changed() => {}
             }
         }
-        if let Some(batch) = cap.next_resync_batch() {
+        if let Some(batch) = cap.resync().next_batch() {
             if batch.full {
                 let m = initialized_marker.clone();
                 let _ = tokio::task::spawn_blocking(move || {
@@ -565,7 +568,7 @@ pub async fn driver(
                         )
                         .await
                         {
-                            cap.requeue(*disk, &exts[done..]);
+                            cap.resync().requeue(*disk, &exts[done..]);
                             failed = Some((i + 1, e));
                             break;
                         }
@@ -575,7 +578,7 @@ pub async fn driver(
             };
             if let Some((from, e)) = failed {
                 for (disk, exts) in &batch.disks[from..] {
-                    cap.requeue(*disk, exts);
+                    cap.resync().requeue(*disk, exts);
                 }
                 if matches!(e, ResyncError::Stopped) {
                     return;
@@ -597,7 +600,7 @@ pub async fn driver(
                 continue;
             }
         }
-        if let Some(end) = cap.finish_window() {
+        if let Some(end) = cap.resync().finish() {
             info!(
                 mode = "data",
                 reason = %end.reason,
@@ -670,7 +673,7 @@ mod tests {
             size,
         };
         let (_tx, stop) = watch::channel(false);
-        let b = cap.next_resync_batch().unwrap();
+        let b = cap.resync().next_batch().unwrap();
         let mut p = Progress::new(0);
         for (d, exts) in &b.disks {
             resync_extents(cap, &src, *d, b.min_seq, exts, &mut p, &stop)
@@ -678,7 +681,7 @@ mod tests {
                 .map_err(|e| e.1)
                 .unwrap();
         }
-        let end = cap.finish_window().unwrap();
+        let end = cap.resync().finish().unwrap();
         let recs = drain(cap);
         assert!(matches!(recs[0].1, Record::ResyncBegin { .. }));
         for (_, r) in recs {
@@ -712,8 +715,11 @@ mod tests {
         let replica = tempfile::tempfile().unwrap();
         replica.set_len(size).unwrap();
 
-        assert_eq!(cap.on_resume(0), crate::capture::ResumeOutcome::Fresh);
-        cap.mark_need_all("initial");
+        assert_eq!(
+            cap.stream().on_resume(0),
+            crate::capture::ResumeOutcome::Fresh
+        );
+        cap.resync().mark_need_all("initial");
         let (bytes, _) = resync_once(&cap, &replica, size).await;
         // Only non-zero data travelled: 1 MiB + 512 KiB + the 12 KiB tail.
         assert_eq!(bytes, (1 << 20) + (512 << 10) + 3 * 4096);
@@ -724,7 +730,8 @@ mod tests {
             .write_all_at(&[0xee; 100], (2 << 20) + 70_000)
             .unwrap();
         replica.write_all_at(&[0xee; 1], 17).unwrap();
-        cap.mark_need(0, &[0, 1, 2, 3, 4, 5], "crash-recovery");
+        cap.resync()
+            .mark_need(0, &[0, 1, 2, 3, 4, 5], "crash-recovery");
         let (bytes, chunks) = resync_once(&cap, &replica, size).await;
         assert_eq!(chunks, 2);
         assert_eq!(bytes, 2 * SUB_CHUNK_SIZE);
@@ -732,7 +739,7 @@ mod tests {
 
         // The replica holds data where the source is zero: sent as Zero.
         replica.write_all_at(&pattern(8192, 9), 4 << 20).unwrap();
-        cap.mark_need(0, &[4], "crash-recovery");
+        cap.resync().mark_need(0, &[4], "crash-recovery");
         let (bytes, chunks) = resync_once(&cap, &replica, size).await;
         assert_eq!((bytes, chunks), (0, 1));
         assert_eq!(read_all(&replica, size), read_all(disk.file(), size));

@@ -121,7 +121,7 @@ pub async fn outage_watch(
             None => done_for_this_outage = false,
             Some(d) if d >= bitmap_after && !done_for_this_outage => {
                 done_for_this_outage = true;
-                cap.enter_bitmap(&format!(
+                cap.resync().enter_bitmap(&format!(
                     "the process server has been unreachable for {} s",
                     d.as_secs()
                 ));
@@ -301,7 +301,7 @@ async fn session(
     };
 
     // Fit the PS's resume point to what we hold.
-    match cap.on_resume(resume) {
+    match cap.stream().on_resume(resume) {
         ResumeOutcome::Fresh => {
             outbox.frames.clear();
             if resume == 0 && settings.initialized_marker().exists() {
@@ -310,23 +310,23 @@ async fn session(
                      replication; running a full resync",
                     info.replication_id
                 );
-                cap.mark_need_all("initial");
+                cap.resync().mark_need_all("initial");
             }
         }
         ResumeOutcome::Reset => outbox.frames.clear(),
         ResumeOutcome::Continue => {
-            let freed = outbox.ack(resume, cap.frame_pool());
+            let freed = outbox.ack(resume, cap.stream().frame_pool());
             if let Some(f) = outbox.frames.front() {
                 if f.first <= resume {
                     let t = tail(&cap.replication_id(), f, resume + 1)?;
                     let freed_tail = f.body_len - t.body_len;
                     outbox.frames[0] = t;
-                    cap.on_durable(resume, freed + freed_tail);
+                    cap.stream().on_durable(resume, freed + freed_tail);
                 } else {
-                    cap.on_durable(resume, freed);
+                    cap.stream().on_durable(resume, freed);
                 }
             } else {
-                cap.on_durable(resume, freed);
+                cap.stream().on_durable(resume, freed);
             }
         }
     }
@@ -343,7 +343,7 @@ async fn session(
     );
 
     loop {
-        let (frames, open_pending) = cap.take_frames(false);
+        let (frames, open_pending) = cap.stream().take_frames(false);
         for f in frames {
             let PendingFrame { builder, .. } = f;
             if builder.is_empty() {
@@ -362,8 +362,8 @@ async fn session(
             m = inbound.next() => match m {
                 Some(Ok(m)) => match m.msg {
                     Some(RespMsg::DurableSeq(d)) => {
-                        let freed = outbox.ack(d, cap.frame_pool());
-                        cap.on_durable(d, freed);
+                        let freed = outbox.ack(d, cap.stream().frame_pool());
+                        cap.stream().on_durable(d, freed);
                     }
                     Some(RespMsg::ResumeSeq(r)) => {
                         return Err(SenderError::Protocol(format!("unexpected resume_seq {r} mid-stream")));
@@ -379,7 +379,7 @@ async fn session(
                 permit.send(Outgoing::Frame(Arc::clone(&f.frame)));
                 outbox.next += 1;
             }
-            _ = cap.sender_wake().notified() => {}
+            _ = cap.stream().wake().notified() => {}
             _ = tokio::time::sleep(IDLE_FLUSH), if open_pending => {}
         }
     }

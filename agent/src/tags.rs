@@ -13,7 +13,7 @@
 //! stream (bitmap mode), because no point there is consistent.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rebound_common::frame::TagKind;
 use tokio::sync::watch;
@@ -25,14 +25,6 @@ use crate::capture::Capture;
 /// because seqs are.
 pub fn tag_id(kind: TagKind, seq: u64) -> String {
     format!("{}-{seq}", kind.as_str())
-}
-
-/// Milliseconds since the Unix epoch (the agent's clock).
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Cuts crash tags every `interval` until `stop` turns true.
@@ -68,6 +60,5 @@ mod tests {
     fn ids() {
         assert_eq!(tag_id(TagKind::Crash, 1042), "crash-1042");
         assert_eq!(tag_id(TagKind::App, 7), "app-7");
-        assert!(now_ms() > 1_600_000_000_000);
     }
 }

@@ -122,7 +122,7 @@ async fn drain_when_everything_is_durable_runs_the_shutdown_hook() {
     // Pretend the PS acknowledged everything.
     let s = f.rt.capture.snapshot();
     let _ = drain(&f.rt.capture);
-    f.rt.capture.on_durable(s.seq, u64::MAX);
+    f.rt.capture.stream().on_durable(s.seq, u64::MAX);
     let r =
         f.rt.handle_cmd(cmd(Cmd::Drain(pb::Drain { timeout_ms: 2000 })))
             .await;
@@ -206,7 +206,7 @@ async fn group_hold_expires_on_its_own_and_late_commit_fails() {
         waited >= Duration::from_millis(80) && waited < Duration::from_secs(5),
         "{waited:?}"
     );
-    assert!(cap.held_by().is_none());
+    assert!(cap.hold().held_by().is_none());
     let r =
         f.rt.handle_cmd(cmd(Cmd::GroupCommit(pb::GroupCommit {
             group: "g".into(),
@@ -231,7 +231,7 @@ async fn group_abort_releases_at_once() {
         .await
         .ok
     );
-    assert_eq!(cap.held_by().as_deref(), Some("grp-3"));
+    assert_eq!(cap.hold().held_by().as_deref(), Some("grp-3"));
     assert!(
         f.rt.handle_cmd(cmd(Cmd::GroupAbort(pb::GroupAbort {
             group: "g".into(),
