@@ -23,12 +23,15 @@
 //! connection, blocking IO. Stopping: set the `shutdown` flag and join the
 //! returned handle; see [`serve_tcp`].
 
+pub mod client;
 mod error;
 mod handshake;
 mod proto;
 mod server;
 mod transmission;
 
+#[cfg(test)]
+mod client_tests;
 #[cfg(test)]
 mod interop_tests;
 #[cfg(test)]
