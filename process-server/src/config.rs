@@ -56,18 +56,24 @@ impl Default for Config {
 impl Config {
     /// Checks values serde cannot: the cap must be positive and the zstd
     /// level one zstd knows.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.cache_max_bytes == 0 {
-            return Err("cache_max_bytes must be greater than 0".into());
+            return Err(ConfigError::ZeroCacheCap);
         }
         if !(-7..=22).contains(&self.compression_level) {
-            return Err(format!(
-                "compression_level {} is out of range: use 1..=22 (fast levels down to -7), or 0 to store frames raw",
-                self.compression_level
-            ));
+            return Err(ConfigError::CompressionLevel(self.compression_level));
         }
         Ok(())
     }
+}
+
+/// A config value serde accepted but the process server cannot use.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cache_max_bytes must be greater than 0")]
+    ZeroCacheCap,
+    #[error("compression_level {0} is out of range: use 1..=22 (fast levels down to -7), or 0 to store frames raw")]
+    CompressionLevel(i32),
 }
 
 /// The `[mt]` section: where the master target listens.
@@ -113,7 +119,11 @@ mod tests {
             cache_max_bytes: 0,
             ..Config::default()
         };
-        assert!(bad.validate().unwrap_err().contains("cache_max_bytes"));
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("cache_max_bytes"));
     }
 
     #[test]

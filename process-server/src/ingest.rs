@@ -13,7 +13,7 @@
 //! While the cache is at its cap the stream is not read at all, so the
 //! agent's buffer fills and it falls back to bitmap mode.
 
-use crate::cache::{Account, Cache, CacheError, Replication};
+use crate::cache::{Cache, CacheError, Replication, Reservation};
 use crate::forward::Forwarders;
 use futures::stream::FuturesOrdered;
 use futures::StreamExt;
@@ -107,7 +107,9 @@ fn cache_status(e: CacheError) -> Status {
     match e {
         CacheError::BadReplicationId { .. } => Status::invalid_argument(e.to_string()),
         CacheError::WrongMachine { .. } => Status::permission_denied(e.to_string()),
-        CacheError::Io { .. } => Status::internal(e.to_string()),
+        CacheError::Io { .. }
+        | CacheError::InfoEncoding { .. }
+        | CacheError::WriterThread { .. } => Status::internal(e.to_string()),
     }
 }
 
@@ -317,38 +319,6 @@ async fn drain(
                 }
             }
             Err(_) => return,
-        }
-    }
-}
-
-/// A frame's bytes counted against the cache cap until the writer takes
-/// them; dropped unused (a refused frame, a stream that ends while frames
-/// are still prepared), it gives them back.
-struct Reservation {
-    /// `None` once handed to the writer.
-    account: Option<Arc<Account>>,
-    bytes: u64,
-}
-
-impl Reservation {
-    fn new(account: &Arc<Account>, bytes: u64) -> Reservation {
-        account.reserve(bytes);
-        Reservation {
-            account: Some(account.clone()),
-            bytes,
-        }
-    }
-    /// Hands the reservation to the writer, which releases it once stored.
-    fn into_writer(mut self) -> u64 {
-        self.account = None;
-        self.bytes
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        if let Some(account) = &self.account {
-            account.release(self.bytes);
         }
     }
 }

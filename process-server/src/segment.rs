@@ -193,7 +193,22 @@ pub struct Scan {
     /// (the seq before the segment when it has none).
     pub last_seq: u64,
     /// Why the data ends before the file does (torn or corrupt tail).
-    pub cut: Option<String>,
+    pub cut: Option<Cut>,
+}
+
+/// Why a scan stopped before the end of the file.
+#[derive(Debug, Error)]
+pub enum Cut {
+    /// The entry there is short, damaged or not a frame.
+    #[error(transparent)]
+    Entry(EntryError),
+    #[error("entry at offset {offset} holds seq {first_seq}..={last_seq} which does not continue seq {held}")]
+    Discontinuous {
+        offset: u64,
+        first_seq: u64,
+        last_seq: u64,
+        held: u64,
+    },
 }
 
 /// Scans a segment whose run of seqs continues `prev_seq` (the last seq held
@@ -211,10 +226,12 @@ pub fn scan(path: &Path, prev_seq: u64) -> io::Result<Scan> {
             Ok(None) => break,
             Ok(Some((meta, _))) => {
                 if meta.first_seq > held.saturating_add(1) || meta.last_seq <= held {
-                    cut = Some(format!(
-                        "entry at offset {offset} holds seq {}..={} which does not continue seq {held}",
-                        meta.first_seq, meta.last_seq
-                    ));
+                    cut = Some(Cut::Discontinuous {
+                        offset,
+                        first_seq: meta.first_seq,
+                        last_seq: meta.last_seq,
+                        held,
+                    });
                     break;
                 }
                 held = meta.last_seq;
@@ -223,7 +240,7 @@ pub fn scan(path: &Path, prev_seq: u64) -> io::Result<Scan> {
             }
             Err(EntryError::Io { source, .. }) => return Err(source),
             Err(e) => {
-                cut = Some(e.to_string());
+                cut = Some(Cut::Entry(e));
                 break;
             }
         }
@@ -250,6 +267,20 @@ pub(crate) mod tests {
             b.push_write(0, s * 4096, &[(s % 251) as u8; 4096]);
         }
         b.finish().to_bytes()
+    }
+
+    /// Why the scan stopped, as logged (empty when it did not).
+    fn cut_text(s: &Scan) -> String {
+        s.cut.as_ref().map(|c| c.to_string()).unwrap_or_default()
+    }
+
+    /// A segment of frames 1..=2 and 3..=5 in a temporary directory.
+    fn two_frame_segment() -> (tempfile::TempDir, std::path::PathBuf, Vec<Vec<u8>>) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(file_name(1));
+        let frames = vec![frame_bytes("r", 1, 2), frame_bytes("r", 3, 5)];
+        write_segment(&p, &frames);
+        (d, p, frames)
     }
 
     fn write_segment(path: &Path, frames: &[Vec<u8>]) {
@@ -310,10 +341,7 @@ pub(crate) mod tests {
 
     #[test]
     fn torn_tail_is_found_at_every_cut() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join(file_name(1));
-        let frames = vec![frame_bytes("r", 1, 2), frame_bytes("r", 3, 5)];
-        write_segment(&p, &frames);
+        let (_d, p, frames) = two_frame_segment();
         let full = std::fs::read(&p).unwrap();
         let first_end = entry_len(frames[0].len());
         for cut in [
@@ -326,33 +354,26 @@ pub(crate) mod tests {
             let s = scan(&p, 0).unwrap();
             assert_eq!(s.valid_len, first_end, "cut at {cut}");
             assert_eq!(s.last_seq, 2);
-            assert!(
-                s.cut.as_deref().unwrap_or("").contains("torn"),
-                "{:?}",
-                s.cut
-            );
+            assert!(cut_text(&s).contains("torn"), "{:?}", s.cut);
         }
     }
 
     #[test]
     fn flipped_byte_and_gap_are_found() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join(file_name(1));
-        let frames = vec![frame_bytes("r", 1, 2), frame_bytes("r", 3, 5)];
-        write_segment(&p, &frames);
+        let (_d, p, frames) = two_frame_segment();
         let mut full = std::fs::read(&p).unwrap();
         let first_end = entry_len(frames[0].len()) as usize;
         full[first_end + 40] ^= 0x55;
         std::fs::write(&p, &full).unwrap();
         let s = scan(&p, 0).unwrap();
         assert_eq!((s.valid_len, s.last_seq), (first_end as u64, 2));
-        assert!(s.cut.unwrap().contains("checksum"));
+        assert!(cut_text(&s).contains("checksum"));
 
         // A checksummed entry that skips seqs is not part of the run either.
         write_segment(&p, &[frame_bytes("r", 1, 2), frame_bytes("r", 4, 5)]);
         let s = scan(&p, 0).unwrap();
         assert_eq!((s.entries, s.last_seq), (1, 2));
-        assert!(s.cut.unwrap().contains("does not continue"));
+        assert!(cut_text(&s).contains("does not continue"));
 
         // A huge length is refused before anything is allocated.
         let mut bad = entry_header(&frames[0]).to_vec();
@@ -360,7 +381,7 @@ pub(crate) mod tests {
         std::fs::write(&p, &bad).unwrap();
         let s = scan(&p, 0).unwrap();
         assert_eq!(s.valid_len, 0);
-        assert!(s.cut.unwrap().contains("impossible length"));
+        assert!(cut_text(&s).contains("impossible length"));
     }
 
     #[test]
@@ -389,6 +410,6 @@ pub(crate) mod tests {
         std::fs::write(&p, &bytes).unwrap();
         let s = scan(&p, 0).unwrap();
         assert_eq!(s.valid_len, 0);
-        assert!(s.cut.unwrap().contains("checksum"));
+        assert!(cut_text(&s).contains("checksum"));
     }
 }

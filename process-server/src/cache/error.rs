@@ -1,0 +1,79 @@
+//! Why the cache refused a replication or a frame. Kept apart from the code
+//! that raises them so the ingest stream and the control channel can map
+//! each cause to its gRPC status or command result without reaching into
+//! the writer.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use thiserror::Error;
+
+/// Why the cache could not open, create, describe or remove a replication.
+#[derive(Debug, Error)]
+pub enum CacheError {
+    #[error("cache {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("invalid replication id {id:?}: {why}")]
+    BadReplicationId { id: String, why: &'static str },
+    #[error("replication {replication} belongs to machine {stored}, not to machine {claimed}")]
+    WrongMachine {
+        replication: String,
+        stored: String,
+        claimed: String,
+    },
+    #[error("cache {path}: cannot encode the agent's hello: {source}")]
+    InfoEncoding {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("replication {replication}: cannot start the cache writer thread: {source}")]
+    WriterThread {
+        replication: String,
+        source: io::Error,
+    },
+}
+
+/// The adapter for `map_err` on I/O at `path`.
+pub(crate) fn io_err(path: &std::path::Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
+    move |source| CacheError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Why a frame was not appended. Every variant means "not acknowledged".
+#[derive(Debug, Clone, Error)]
+pub enum AppendError {
+    #[error("replication {replication}: the frame starts at seq {first_seq} but the cache holds seqs only up to {held}; resend from seq {next}", next = held + 1)]
+    Gap {
+        replication: String,
+        first_seq: u64,
+        held: u64,
+    },
+    #[error("replication {replication}: cannot write the cache: segment {}: {source}", segment.display())]
+    Io {
+        replication: String,
+        segment: PathBuf,
+        source: Arc<io::Error>,
+    },
+    #[error("replication {replication}: cannot write the cache: a failed write to segment {} could not be undone ({source}); restart the process server to recover the cache", segment.display())]
+    Broken {
+        replication: String,
+        segment: PathBuf,
+        source: Arc<io::Error>,
+    },
+    #[error("replication {replication}: the cache writer has stopped (the process server is shutting down)")]
+    Closed { replication: String },
+}
+
+impl From<AppendError> for tonic::Status {
+    fn from(e: AppendError) -> Self {
+        match e {
+            AppendError::Gap { .. } => tonic::Status::failed_precondition(e.to_string()),
+            AppendError::Io { .. } | AppendError::Broken { .. } => {
+                tonic::Status::internal(e.to_string())
+            }
+            AppendError::Closed { .. } => tonic::Status::unavailable(e.to_string()),
+        }
+    }
+}

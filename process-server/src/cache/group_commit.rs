@@ -1,0 +1,399 @@
+//! The group-commit writer (DESIGN.md §6: "fsync (with group commit across
+//! streams) before acknowledging the agent"; "segments are dropped once
+//! they are applied").
+//!
+//! Every replication has one writer thread that owns its segment files. The
+//! ingest streams hand it frames; it takes everything queued as one batch,
+//! appends each frame as an entry of the newest segment, fdatasyncs once,
+//! and only then answers each frame with the durable seq, so nothing is
+//! acknowledged before it is on disk. The same thread deletes segments once
+//! the master target has applied them, so file changes never race.
+//!
+//! The newest segment is never deleted: its name (durable seq + 1 when it
+//! was created) keeps the durable seq across restarts even when everything
+//! was applied and trimmed.
+
+use super::error::{AppendError, CacheError};
+use super::recovery::ActiveSegment;
+use super::replication::{SegMeta, Shared};
+use crate::segment;
+use prost::bytes::Bytes;
+use rebound_common::durable::fsync_dir;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, info, warn};
+
+/// Frames the writer takes into one group commit at most.
+const BATCH_MAX_FRAMES: usize = 256;
+/// Frame bytes the writer takes into one group commit at most.
+const BATCH_MAX_BYTES: u64 = 32 << 20;
+/// Queue between the ingest streams and a replication's writer.
+const WRITER_QUEUE: usize = 64;
+
+/// What the replication handle asks of its writer.
+pub(super) enum WriterMsg {
+    Append(Append),
+    /// Re-check what can be trimmed.
+    Wake,
+    /// Finish what is queued before this and exit.
+    Stop,
+}
+
+impl std::fmt::Debug for WriterMsg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WriterMsg::Append(a) => write!(f, "Append({}..={})", a.first_seq, a.last_seq),
+            WriterMsg::Wake => f.write_str("Wake"),
+            WriterMsg::Stop => f.write_str("Stop"),
+        }
+    }
+}
+
+/// One frame to store, in its stored form.
+pub(super) struct Append {
+    pub(super) bytes: Bytes,
+    pub(super) first_seq: u64,
+    pub(super) last_seq: u64,
+    /// Bytes reserved in the account for this frame, released once done.
+    pub(super) reserved: u64,
+    pub(super) reply: oneshot::Sender<Result<u64, AppendError>>,
+}
+
+/// Starts the writer thread of a recovered replication.
+pub(super) fn spawn(
+    sh: Arc<Shared>,
+    seg_dir: PathBuf,
+    seg_max: u64,
+    active: ActiveSegment,
+) -> Result<(mpsc::Sender<WriterMsg>, JoinHandle<()>), CacheError> {
+    let (tx, rx) = mpsc::channel(WRITER_QUEUE);
+    let name = format!("ps-writer-{}", short(&sh.id));
+    let replication = sh.id.clone();
+    let writer = Writer {
+        sh,
+        seg_dir,
+        seg_max,
+        file: active.file,
+        name: active.name,
+        len: active.len,
+        synced_len: active.len,
+        held: active.last_seq,
+        durable: active.last_seq,
+        broken: None,
+    };
+    let handle = std::thread::Builder::new()
+        .name(name)
+        .spawn(move || writer.run(rx))
+        .map_err(|source| CacheError::WriterThread {
+            replication,
+            source,
+        })?;
+    Ok((tx, handle))
+}
+
+/// The first characters of a replication id, for a thread name.
+fn short(id: &str) -> &str {
+    let mut end = id.len().min(6);
+    while !id.is_char_boundary(end) {
+        end -= 1;
+    }
+    &id[..end]
+}
+
+/// Owns a replication's newest segment; appends with group commit and trims.
+struct Writer {
+    sh: Arc<Shared>,
+    seg_dir: PathBuf,
+    seg_max: u64,
+    /// The newest segment, which entries are appended to.
+    file: File,
+    name: u64,
+    /// Bytes written to `file` (maybe not yet synced).
+    len: u64,
+    synced_len: u64,
+    /// Last seq written (maybe not yet synced).
+    held: u64,
+    /// Last seq synced.
+    durable: u64,
+    /// Set when a failed write could not be undone; every append is refused.
+    broken: Option<AppendError>,
+}
+
+enum Outcome {
+    /// Acknowledge with the durable seq once the batch is synced.
+    Ack,
+    Refuse(AppendError),
+}
+
+type Reply = oneshot::Sender<Result<u64, AppendError>>;
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<WriterMsg>) {
+        while let Some(msg) = rx.blocking_recv() {
+            let mut batch = Vec::new();
+            let mut bytes = 0u64;
+            let mut stop = false;
+            let mut next = Some(msg);
+            while let Some(m) = next.take() {
+                match m {
+                    WriterMsg::Append(a) => {
+                        bytes += a.bytes.len() as u64;
+                        batch.push(a);
+                    }
+                    WriterMsg::Wake => {}
+                    WriterMsg::Stop => {
+                        stop = true;
+                        break;
+                    }
+                }
+                if batch.len() < BATCH_MAX_FRAMES && bytes < BATCH_MAX_BYTES {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if !batch.is_empty() {
+                self.commit(batch);
+            }
+            self.trim();
+            if stop {
+                break;
+            }
+        }
+    }
+
+    fn segment_path(&self) -> PathBuf {
+        self.seg_dir.join(segment::file_name(self.name))
+    }
+
+    /// Appends a batch, syncs once, then answers every frame of it.
+    fn commit(&mut self, batch: Vec<Append>) {
+        let reserved: u64 = batch.iter().map(|a| a.reserved).sum();
+        let mut replies = Vec::with_capacity(batch.len());
+        let result = self.write_batch(batch, &mut replies);
+        let result = result.and_then(|()| {
+            if self.len != self.synced_len {
+                self.sync()?;
+            }
+            Ok(())
+        });
+        match result {
+            Ok(()) => {
+                self.publish();
+                self.sh.account.release(reserved);
+                let durable = self.durable;
+                for (reply, outcome) in replies {
+                    let _ = reply.send(match outcome {
+                        Outcome::Ack => Ok(durable),
+                        Outcome::Refuse(e) => Err(e),
+                    });
+                }
+            }
+            Err(e) => {
+                let e = AppendError::Io {
+                    replication: self.sh.id.clone(),
+                    segment: self.segment_path(),
+                    source: Arc::new(e),
+                };
+                error!(replication = %self.sh.id, "{e}; the frames were not acknowledged");
+                self.undo();
+                self.sh.account.release(reserved);
+                for (reply, _) in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    fn write_batch(
+        &mut self,
+        batch: Vec<Append>,
+        replies: &mut Vec<(Reply, Outcome)>,
+    ) -> io::Result<()> {
+        let sh = self.sh.clone();
+        let stats = &sh.stats;
+        for a in batch {
+            if let Some(e) = &self.broken {
+                replies.push((a.reply, Outcome::Refuse(e.clone())));
+                continue;
+            }
+            if a.last_seq <= self.held {
+                stats.frames_duplicate.fetch_add(1, Ordering::Relaxed);
+                replies.push((a.reply, Outcome::Ack));
+                continue;
+            }
+            if a.first_seq > self.held + 1 {
+                let e = AppendError::Gap {
+                    replication: self.sh.id.clone(),
+                    first_seq: a.first_seq,
+                    held: self.held,
+                };
+                replies.push((a.reply, Outcome::Refuse(e)));
+                continue;
+            }
+            // Registered before the write, so a failed write answers it too.
+            replies.push((a.reply, Outcome::Ack));
+            let n = segment::entry_len(a.bytes.len());
+            if self.len > 0 && self.len + n > self.seg_max {
+                self.sync()?;
+                self.publish();
+                self.rotate()?;
+            }
+            let header = segment::entry_header(&a.bytes);
+            self.file.write_all_at(&header, self.len)?;
+            self.file
+                .write_all_at(&a.bytes, self.len + segment::ENTRY_HEADER as u64)?;
+            self.len += n;
+            self.held = a.last_seq;
+            stats
+                .bytes_stored
+                .fetch_add(a.bytes.len() as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.file.sync_data()?;
+        self.synced_len = self.len;
+        self.durable = self.held;
+        Ok(())
+    }
+
+    /// Makes synced data visible: segment table, cache bytes, durable seq.
+    fn publish(&self) {
+        let added = {
+            let mut segs = self.sh.segments();
+            let meta = SegMeta {
+                len: self.synced_len,
+                last_seq: self.durable,
+            };
+            let old = segs.map.insert(self.name, meta).map(|m| m.len).unwrap_or(0);
+            let added = self.synced_len.saturating_sub(old);
+            segs.bytes += added;
+            added
+        };
+        self.sh.account.add(added);
+        let d = self.durable;
+        self.sh.durable.send_if_modified(|v| {
+            let changed = *v != d;
+            *v = d;
+            changed
+        });
+    }
+
+    /// Drops unsynced writes after an error.
+    fn undo(&mut self) {
+        let res = self
+            .file
+            .set_len(self.synced_len)
+            .and_then(|()| self.file.sync_data());
+        match res {
+            Ok(()) => {
+                self.len = self.synced_len;
+                self.held = self.durable;
+            }
+            Err(e) => {
+                let e = AppendError::Broken {
+                    replication: self.sh.id.clone(),
+                    segment: self.segment_path(),
+                    source: Arc::new(e),
+                };
+                error!(replication = %self.sh.id, "{e}");
+                self.broken = Some(e);
+            }
+        }
+    }
+
+    /// Starts a new, empty newest segment named after the next seq. The
+    /// current one must be synced.
+    fn rotate(&mut self) -> io::Result<()> {
+        let name = self.durable + 1;
+        let path = self.seg_dir.join(segment::file_name(name));
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        fsync_dir(&self.seg_dir)?;
+        self.file = file;
+        self.name = name;
+        self.len = 0;
+        self.synced_len = 0;
+        self.publish();
+        Ok(())
+    }
+
+    /// Deletes segments the master target has applied. The newest segment
+    /// is replaced by a fresh one first when it is fully applied.
+    fn trim(&mut self) {
+        let Some(applied) = *self.sh.applied.borrow() else {
+            return;
+        };
+        if self.broken.is_none() && applied > self.held && self.len == self.synced_len {
+            // The MT holds more than this cache (the cache was lost or set
+            // aside, or the replication moved to this PS): nothing cached is
+            // needed any more, and the agent must resume after the MT's seq,
+            // not ours.
+            info!(
+                replication = %self.sh.id,
+                applied_seq = applied,
+                durable_seq = self.durable,
+                "the master target has applied more than this cache holds; the cache skips ahead to its seq"
+            );
+            self.held = applied;
+            self.durable = applied;
+            if let Err(e) = self.rotate() {
+                warn!(replication = %self.sh.id, "cannot start a new segment: {e}");
+            }
+        }
+        if self.broken.is_none()
+            && self.len > 0
+            && self.len == self.synced_len
+            && self.durable <= applied
+        {
+            if let Err(e) = self.rotate() {
+                warn!(replication = %self.sh.id, "cannot start a new segment: {e}; the applied one is kept");
+            }
+        }
+        let victims: Vec<(u64, SegMeta)> = {
+            let mut segs = self.sh.segments();
+            let v: Vec<(u64, SegMeta)> = segs
+                .map
+                .iter()
+                .filter(|(n, m)| **n != self.name && m.last_seq <= applied)
+                .map(|(n, m)| (*n, *m))
+                .collect();
+            for (n, _) in &v {
+                segs.map.remove(n);
+            }
+            v
+        };
+        if victims.is_empty() {
+            return;
+        }
+        let mut freed = 0;
+        for (name, meta) in &victims {
+            let path = self.seg_dir.join(segment::file_name(*name));
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    warn!(replication = %self.sh.id, "cannot delete applied segment {}: {e}", path.display())
+                }
+            }
+            freed += meta.len;
+        }
+        if let Err(e) = fsync_dir(&self.seg_dir) {
+            warn!(replication = %self.sh.id, "cannot sync {}: {e}", self.seg_dir.display());
+        }
+        {
+            let mut segs = self.sh.segments();
+            segs.bytes = segs.bytes.saturating_sub(freed);
+        }
+        self.sh.account.sub(freed);
+    }
+}

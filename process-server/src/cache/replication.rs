@@ -1,0 +1,230 @@
+//! The handle of one replication's cache: what the ingest stream, the
+//! forwarder, the control channel and the status see of it (durable and
+//! applied seqs, the segment table, counters), and the one door to its
+//! writer, [`Replication::append`], whose answer comes only after the
+//! frame's group commit is synced (DESIGN.md §6).
+
+use super::cap::Account;
+use super::error::{AppendError, CacheError};
+use super::group_commit::{self, Append, WriterMsg};
+use super::{info, recovery};
+use prost::bytes::Bytes;
+use rebound_proto::ReplicationInfo;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// One segment as the forwarder and the accounting see it: only synced data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegMeta {
+    /// Synced length of the file.
+    pub len: u64,
+    /// Last seq held once this segment is read (name - 1 when empty).
+    pub last_seq: u64,
+}
+
+/// The segment table of a replication (synced data only).
+#[derive(Debug, Default)]
+pub struct Segments {
+    /// Segments by first seq (file name).
+    pub map: BTreeMap<u64, SegMeta>,
+    /// Sum of `len`.
+    pub bytes: u64,
+}
+
+/// Counters for the periodic summary and Status.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub frames_in: AtomicU64,
+    /// Frame bytes as the agent sent them.
+    pub bytes_in: AtomicU64,
+    /// Frame bytes as stored (after compression).
+    pub bytes_stored: AtomicU64,
+    /// Frames (or their seqs) the cache already held.
+    pub frames_duplicate: AtomicU64,
+    pub frames_forwarded: AtomicU64,
+    pub bytes_forwarded: AtomicU64,
+}
+
+/// State shared between a replication's handle and its writer thread.
+#[derive(Debug)]
+pub(super) struct Shared {
+    pub(super) id: String,
+    pub(super) dir: PathBuf,
+    info: watch::Sender<Option<ReplicationInfo>>,
+    segments: Mutex<Segments>,
+    pub(super) durable: watch::Sender<u64>,
+    /// The master target's applied seq; `None` until it said so.
+    pub(super) applied: watch::Sender<Option<u64>>,
+    pub(super) account: Arc<Account>,
+    pub(super) stats: Stats,
+}
+
+impl Shared {
+    pub(super) fn segments(&self) -> MutexGuard<'_, Segments> {
+        self.segments.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A replication's cache: its info, segments and writer.
+#[derive(Debug)]
+pub struct Replication {
+    sh: Arc<Shared>,
+    tx: mpsc::Sender<WriterMsg>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Replication {
+    pub fn id(&self) -> &str {
+        &self.sh.id
+    }
+    pub fn dir(&self) -> &Path {
+        &self.sh.dir
+    }
+    pub fn segments_dir(&self) -> PathBuf {
+        self.sh.dir.join("segments")
+    }
+    /// The agent's hello as last stored, if any.
+    pub fn info(&self) -> Option<ReplicationInfo> {
+        self.sh.info.borrow().clone()
+    }
+    pub fn info_watch(&self) -> watch::Receiver<Option<ReplicationInfo>> {
+        self.sh.info.subscribe()
+    }
+    /// Last seq that is durable in the cache.
+    pub fn durable(&self) -> u64 {
+        *self.sh.durable.borrow()
+    }
+    pub fn durable_watch(&self) -> watch::Receiver<u64> {
+        self.sh.durable.subscribe()
+    }
+    /// Last seq the master target said it applied (0 until it said so).
+    pub fn applied(&self) -> u64 {
+        self.sh.applied.borrow().unwrap_or(0)
+    }
+    /// The master target's applied seq, `None` until it said so.
+    pub fn applied_watch(&self) -> watch::Receiver<Option<u64>> {
+        self.sh.applied.subscribe()
+    }
+    /// Records the master target's applied seq and lets the writer trim.
+    pub fn set_applied(&self, seq: u64) {
+        if self.sh.applied.send_if_modified(|a| {
+            let changed = *a != Some(seq);
+            *a = Some(seq);
+            changed
+        }) {
+            self.wake();
+        }
+    }
+    /// Segment bytes of this replication.
+    pub fn cache_bytes(&self) -> u64 {
+        self.sh.segments().bytes
+    }
+    pub fn stats(&self) -> &Stats {
+        &self.sh.stats
+    }
+    /// A copy of the segment table (synced data only).
+    pub fn segments(&self) -> BTreeMap<u64, SegMeta> {
+        self.sh.segments().map.clone()
+    }
+    /// Runs `f` on the segment table under its lock.
+    pub fn with_segments<T>(&self, f: impl FnOnce(&Segments) -> T) -> T {
+        f(&self.sh.segments())
+    }
+
+    /// Queues a frame (already in its stored form) for the writer. The
+    /// returned receiver answers with the durable seq once the batch holding
+    /// the frame is fsynced, or with why it was refused. `reserved` bytes,
+    /// reserved in the account by the caller, are released once the frame
+    /// is done with.
+    pub async fn append(
+        &self,
+        bytes: Bytes,
+        first_seq: u64,
+        last_seq: u64,
+        reserved: u64,
+    ) -> Result<oneshot::Receiver<Result<u64, AppendError>>, AppendError> {
+        let (reply, rx) = oneshot::channel();
+        let sent = self
+            .tx
+            .send(WriterMsg::Append(Append {
+                bytes,
+                first_seq,
+                last_seq,
+                reserved,
+                reply,
+            }))
+            .await;
+        if sent.is_err() {
+            self.sh.account.release(reserved);
+            return Err(AppendError::Closed {
+                replication: self.sh.id.clone(),
+            });
+        }
+        Ok(rx)
+    }
+
+    /// The account of the cache this replication belongs to.
+    pub fn account(&self) -> &Arc<Account> {
+        &self.sh.account
+    }
+
+    /// Asks the writer to re-check trimming.
+    pub fn wake(&self) {
+        let _ = self.tx.try_send(WriterMsg::Wake);
+    }
+
+    /// Stops the writer after what is queued and waits for it (blocking).
+    pub fn stop_blocking(&self) {
+        let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = self.tx.blocking_send(WriterMsg::Stop);
+            let _ = h.join();
+        }
+    }
+
+    /// Stores the agent's hello in `info.json` when it changed (blocking).
+    pub(super) fn store_info(&self, hello: &ReplicationInfo) -> Result<(), CacheError> {
+        if self.sh.info.borrow().as_ref() == Some(hello) {
+            return Ok(());
+        }
+        info::store(&self.sh.dir, hello)?;
+        self.sh.info.send_replace(Some(hello.clone()));
+        Ok(())
+    }
+
+    /// Recovers a replication's cache from disk and starts its writer
+    /// (blocking).
+    pub(super) fn open(
+        dir: PathBuf,
+        id: String,
+        account: Arc<Account>,
+        seg_max: u64,
+    ) -> Result<Replication, CacheError> {
+        let seg_dir = dir.join("segments");
+        let recovered = recovery::recover(&seg_dir, &id)?;
+        let stored_info = info::load(&dir, &id);
+        account.add(recovered.bytes);
+        let sh = Arc::new(Shared {
+            id,
+            dir,
+            info: watch::Sender::new(stored_info),
+            segments: Mutex::new(Segments {
+                map: recovered.map,
+                bytes: recovered.bytes,
+            }),
+            durable: watch::Sender::new(recovered.durable),
+            applied: watch::Sender::new(None),
+            account,
+            stats: Stats::default(),
+        });
+        let (tx, handle) = group_commit::spawn(sh.clone(), seg_dir, seg_max, recovered.active)?;
+        Ok(Replication {
+            sh,
+            tx,
+            writer: Mutex::new(Some(handle)),
+        })
+    }
+}

@@ -1,0 +1,218 @@
+//! One agent's stream end to end over mutual TLS: who may stream, acks,
+//! deduplication, refusals, status, the chunk-hash proxy, an MT outage, a
+//! PS restart, trimming, and ordered storage of frames prepared in parallel.
+
+use super::support::*;
+use rebound_common::frame::Frame;
+use rebound_proto::ChunkHashesRequest;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_forward_restart_over_mtls() {
+    let lab = Lab::new();
+    let agent1 = lab.tls("agent-m1");
+    let agent2 = lab.tls("agent-m2");
+    let mt_tls = lab.tls("mt");
+    let (mt, mt_addr, mt_task) = spawn_mt(&mt_tls).await;
+    let config = lab.ps_config(mt_addr, 1 << 30, 1);
+    let ps = start_ps(config.clone()).await;
+
+    // An agent may stream only for its own machine.
+    let e = open_stream(&agent2, ps.addr, info("r1", "m1"))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message().contains("m1") && e.message().contains("m2"),
+        "{e:?}"
+    );
+    // Other roles may not stream at all.
+    let e = open_stream(&mt_tls, ps.addr, info("r1", "m1"))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    // Stream 40 records in 10 frames; all are acked and applied in order.
+    let mut s = open_stream(&agent1, ps.addr, info("r1", "m1"))
+        .await
+        .unwrap();
+    assert_eq!(s.resume, 0);
+    for i in 0..10 {
+        s.send(frame("r1", 1 + i * 4, 4)).await;
+    }
+    s.wait_durable(40).await.unwrap();
+    wait_for("MT applied 40", || mt.applied("r1") == 40).await;
+    // A resent frame is dropped; an overlapping one is fine.
+    s.send(frame("r1", 37, 4)).await;
+    s.send(frame("r1", 39, 4)).await;
+    s.wait_durable(42).await.unwrap();
+    wait_for("MT applied 42", || mt.applied("r1") == 42).await;
+    {
+        let st = mt.state.lock().unwrap();
+        let recs = &st.records["r1"];
+        assert_eq!(recs.len(), 42);
+        let expected = Frame::parse(&frame("r1", 41, 2))
+            .unwrap()
+            .records()
+            .unwrap();
+        assert_eq!(&recs[40..], &expected[..]);
+    }
+    // A gap is refused.
+    s.send(frame("r1", 50, 1)).await;
+    let e = s.error().await;
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+
+    // A corrupt header is refused, naming the replication.
+    let s = open_stream(&agent1, ps.addr, info("r1", "m1"))
+        .await
+        .unwrap();
+    assert_eq!(s.resume, 42);
+    let mut bad = frame("r1", 43, 1);
+    bad[0] = b'X';
+    s.send(bad).await;
+    let mut s = s;
+    let e = s.error().await;
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("r1"), "{e:?}");
+    // So is a frame whose body does not match its hash.
+    let s = open_stream(&agent1, ps.addr, info("r1", "m1"))
+        .await
+        .unwrap();
+    let mut bad = frame("r1", 43, 1);
+    let n = bad.len();
+    bad[n - 100] ^= 1;
+    s.send(bad).await;
+    let mut s = s;
+    assert_eq!(s.error().await.code(), Code::InvalidArgument);
+
+    // Status.
+    let st = ps.status(&agent1).await;
+    assert_eq!(st.cache_limit, 1 << 30);
+    assert_eq!(st.replications.len(), 1);
+    assert_eq!(st.replications[0].durable_seq, 42);
+    assert_eq!(st.replications[0].applied_seq, 42);
+
+    // ChunkHashes is proxied, for the agent's own machine only.
+    let req = ChunkHashesRequest {
+        replication_id: "r1".into(),
+        disk: 0,
+        offset: 0,
+        chunk_size: 1 << 20,
+        count: 3,
+        min_applied_seq: 42,
+        info: None,
+    };
+    let r = client(&agent1, ps.addr)
+        .await
+        .chunk_hashes(req.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.hashes.len(), r.applied_seq), (96, 42));
+    let e = client(&agent2, ps.addr)
+        .await
+        .chunk_hashes(req.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    // The MT goes away: frames are still cached and acked, then forwarded
+    // once it is back.
+    mt_task.stop().await;
+    let mut s = open_stream(&agent1, ps.addr, info("r1", "m1"))
+        .await
+        .unwrap();
+    for i in 0..5 {
+        s.send(frame("r1", 43 + i * 2, 2)).await;
+    }
+    s.wait_durable(52).await.unwrap();
+    let st = ps.status(&agent1).await;
+    assert_eq!(st.replications[0].durable_seq, 52);
+    let raw: usize = (0..5).map(|i| frame("r1", 43 + i * 2, 2).len()).sum();
+    assert!(
+        st.cache_bytes > 0 && (st.cache_bytes as usize) < raw / 2,
+        "cached {} bytes for {raw} raw: not compressed?",
+        st.cache_bytes
+    );
+    drop(s);
+
+    // The PS restarts with frames the MT has not seen; nothing is lost.
+    ps.stop().await;
+    let ps = start_ps(config.clone()).await;
+    let s = open_stream(&agent1, ps.addr, info("r1", "m1"))
+        .await
+        .unwrap();
+    assert_eq!(s.resume, 52);
+    drop(s);
+    let mt_listener = TcpListener::bind(mt_addr).await.unwrap();
+    let mt_task = start_mt(mt.clone(), &mt_tls, mt_listener).await;
+    wait_for("MT applied 52 after coming back", || mt.applied("r1") == 52).await;
+    assert_eq!(mt.state.lock().unwrap().records["r1"].len(), 52);
+    // Applied segments are trimmed.
+    let t0 = Instant::now();
+    loop {
+        let st = ps.status(&agent1).await;
+        if st.cache_bytes == 0 {
+            assert_eq!(st.replications[0].applied_seq, 52);
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "cache not trimmed: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Frames sent back to back are checked and compressed two at a time,
+    // yet stored in order: a damaged one in the middle is refused after
+    // the frames before it are durable and acked, and nothing after it is
+    // stored.
+    let mut s = open_stream(&agent1, ps.addr, info("r1", "m1"))
+        .await
+        .unwrap();
+    assert_eq!(s.resume, 52);
+    let mut bad = frame("r1", 61, 4);
+    let n = bad.len();
+    bad[n - 100] ^= 1;
+    for f in [
+        frame("r1", 53, 4),
+        frame("r1", 57, 4),
+        bad,
+        frame("r1", 65, 4),
+    ] {
+        s.send(f).await;
+    }
+    s.wait_durable(60).await.unwrap();
+    let e = s.error().await;
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("seq 61..=64"), "{e:?}");
+    assert_eq!(ps.status(&agent1).await.replications[0].durable_seq, 60);
+    wait_for("MT applied 60", || mt.applied("r1") == 60).await;
+    {
+        let st = mt.state.lock().unwrap();
+        let recs = &st.records["r1"];
+        assert_eq!(recs.len(), 60);
+        let mut want = Frame::parse(&frame("r1", 53, 4))
+            .unwrap()
+            .records()
+            .unwrap();
+        want.extend(
+            Frame::parse(&frame("r1", 57, 4))
+                .unwrap()
+                .records()
+                .unwrap(),
+        );
+        assert_eq!(&recs[52..], &want[..]);
+    }
+    let s = open_stream(&agent1, ps.addr, info("r1", "m1"))
+        .await
+        .unwrap();
+    assert_eq!(s.resume, 60);
+    drop(s);
+    ps.stop().await;
+    mt_task.stop().await;
+}

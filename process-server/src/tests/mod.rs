@@ -1,0 +1,8 @@
+//! In-process tests of the process server over real mutual TLS, by topic;
+//! [`support`] holds the fake master target, agents and PKI they share.
+
+mod backpressure;
+mod control;
+mod ingest_forward;
+mod routes;
+pub(crate) mod support;
