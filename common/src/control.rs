@@ -17,7 +17,9 @@
 //! `PERMISSION_DENIED` from the split-brain guard) is logged at error with
 //! the CS's message and retried every 5 s.
 
+use crate::pki::Role;
 use crate::tls::{error_chain, TlsFiles};
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use rebound_proto::control::control_client::ControlClient;
 use rebound_proto::control::{
     component_message, server_message, Command, CommandResult, ComponentMessage, Event, Heartbeat,
@@ -59,6 +61,46 @@ impl CsConfig {
             &self.server_name
         }
     }
+}
+
+/// Who a PS or MT says it is in every hello.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The id in its certificate.
+    pub id: String,
+    pub site: String,
+    /// Where the other components reach it.
+    pub addresses: Vec<String>,
+    /// From [`instance_id`]: tells a restart from a duplicate.
+    pub instance: String,
+}
+
+impl Identity {
+    /// The hello of a component of `role` with this identity.
+    pub fn hello(&self, role: Role) -> Hello {
+        Hello {
+            role: role.as_str().into(),
+            id: self.id.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            site: self.site.clone(),
+            addresses: self.addresses.clone(),
+            instance: self.instance.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+/// Random per process start, so the CS tells a restart from a duplicate.
+pub fn instance_id() -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(&std::process::id().to_le_bytes());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    h.update(&now.to_le_bytes());
+    h.update(format!("{:p}", &now).as_bytes());
+    h.finalize().to_hex()[..16].to_string()
 }
 
 /// What a component does on its control channel.
@@ -113,6 +155,13 @@ pub const EVENT_QUEUE: usize = 1024;
 const RESULT_CACHE: usize = 1024;
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Reconnect delays: doubling from [`BACKOFF_MIN`] to [`BACKOFF_MAX`], no
+/// jitter, never giving up; started again after every welcome.
+const BACKOFF: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(BACKOFF_MIN)
+    .with_max_delay(BACKOFF_MAX)
+    .with_factor(2.0)
+    .without_max_times();
 /// Retry period after the CS refused the hello.
 const REFUSED_RETRY: Duration = Duration::from_secs(5);
 /// How long the CS has to answer the hello with a welcome.
@@ -194,7 +243,7 @@ enum End {
 impl Task {
     async fn run(self, mut events: mpsc::Receiver<Event>, mut shutdown: watch::Receiver<bool>) {
         let (res_tx, mut res_rx) = mpsc::unbounded_channel::<CommandResult>();
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = BACKOFF.build();
         let mut last_logged = String::new();
         loop {
             if *shutdown.borrow() {
@@ -224,9 +273,7 @@ impl Task {
                     } else {
                         debug!(cs = %self.cs.addr, "control channel: {msg}; reconnecting");
                     }
-                    let w = backoff;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    w
+                    backoff.next().unwrap_or(BACKOFF_MAX)
                 }
             };
             tokio::select! {
@@ -243,7 +290,7 @@ impl Task {
         shutdown: &mut watch::Receiver<bool>,
         res_tx: &mpsc::UnboundedSender<CommandResult>,
         res_rx: &mut mpsc::UnboundedReceiver<CommandResult>,
-        backoff: &mut Duration,
+        backoff: &mut ExponentialBackoff,
     ) -> End {
         let channel = tokio::select! {
             c = self.tls.connect(&self.cs.addr, self.cs.server_name()) => match c {
@@ -281,7 +328,7 @@ impl Task {
             Ok(Ok(Some(_))) => return End::Error("the first message was not a welcome".into()),
         };
         self.connected.store(true, Ordering::Relaxed);
-        *backoff = BACKOFF_MIN;
+        *backoff = BACKOFF.build();
         info!(cs = %self.cs.addr, heartbeat_ms = heartbeat.as_millis() as u64, "connected to the configuration server");
         let mut tick = tokio::time::interval(heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -158,14 +158,7 @@ pub fn mt_status(store: &Store) -> pb::MtStatus {
     }
 }
 
-/// Identity and addresses for the hello.
-#[derive(Debug, Clone)]
-pub struct Identity {
-    pub id: String,
-    pub site: String,
-    pub addresses: Vec<String>,
-    pub instance: String,
-}
+pub use rebound_common::control::Identity;
 
 /// The MT's [`ControlHandler`].
 pub struct MtControl {
@@ -351,16 +344,7 @@ pub struct Handler(pub Arc<MtControl>);
 
 impl ControlHandler for Handler {
     fn hello(&self) -> pb::Hello {
-        let i = &self.0.identity;
-        pb::Hello {
-            role: "mt".into(),
-            id: i.id.clone(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            site: i.site.clone(),
-            addresses: i.addresses.clone(),
-            instance: i.instance.clone(),
-            ..Default::default()
-        }
+        self.0.identity.hello(rebound_common::pki::Role::Mt)
     }
 
     fn status(&self) -> Option<pb::Status> {

@@ -209,15 +209,4 @@ pub fn own_id(tls: &TlsFiles, role: Role) -> Result<String, MtError> {
     Ok(who.id)
 }
 
-/// Random per process start, so the CS tells a restart from a duplicate.
-pub fn instance_id() -> String {
-    let mut h = blake3::Hasher::new();
-    h.update(&std::process::id().to_le_bytes());
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    h.update(&now.to_le_bytes());
-    h.update(format!("{:p}", &now).as_bytes());
-    h.finalize().to_hex()[..16].to_string()
-}
+pub use rebound_common::control::instance_id;

@@ -24,14 +24,7 @@ pub const SAMPLE_PERIOD: Duration = Duration::from_millis(500);
 /// Throughput is averaged over this many samples.
 const THROUGHPUT_SAMPLES: usize = 10;
 
-/// Identity and addresses for the hello.
-#[derive(Debug, Clone)]
-pub struct Identity {
-    pub id: String,
-    pub site: String,
-    pub addresses: Vec<String>,
-    pub instance: String,
-}
+pub use rebound_common::control::Identity;
 
 /// The PS's control-channel state.
 pub struct PsControl {
@@ -199,16 +192,7 @@ pub struct Handler(pub Arc<PsControl>);
 
 impl ControlHandler for Handler {
     fn hello(&self) -> pb::Hello {
-        let i = &self.0.identity;
-        pb::Hello {
-            role: "ps".into(),
-            id: i.id.clone(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            site: i.site.clone(),
-            addresses: i.addresses.clone(),
-            instance: i.instance.clone(),
-            ..Default::default()
-        }
+        self.0.identity.hello(rebound_common::pki::Role::Ps)
     }
 
     fn status(&self) -> Option<pb::Status> {
