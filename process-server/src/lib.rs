@@ -7,6 +7,8 @@
 //! The binary is a thin `main` over [`run`], which takes a bound listener and
 //! a shutdown future so tests can run many instances on port 0.
 
+#![forbid(unsafe_code)]
+
 pub mod cache;
 pub mod config;
 pub mod control;
@@ -17,7 +19,7 @@ pub mod service;
 #[cfg(test)]
 mod tests;
 
-pub use config::{Config, MtConfig};
+pub use config::{Config, ConfigError, MtConfig};
 
 use cache::{Cache, CacheError};
 use forward::{Forwarders, MtLink, MAX_MESSAGE};
@@ -27,6 +29,7 @@ use rebound_proto::process_server_server::ProcessServerServer;
 use service::PsService;
 use std::collections::HashMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,18 +45,28 @@ pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
 /// How long open connections may take to finish after shutdown starts.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// Why the process server could not start or stopped with an error.
 #[derive(Debug, Error)]
 pub enum PsError {
     #[error("invalid config: {0}")]
-    Config(String),
+    Config(ConfigError),
     #[error("TLS setup failed: {0}")]
     Tls(TlsError),
     #[error("cannot open the cache: {0}")]
     Cache(CacheError),
-    #[error("gRPC server failed: {0}")]
-    Serve(String),
+    #[error("invalid config: [tls] cert {}: cannot read it ({source}); enroll first: rebound-ps enroll --cs ADDR --passphrase-file F --id ID --out DIR", path.display())]
+    CertUnreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config: [tls] cert {}: {why}", path.display())]
+    CertInvalid { path: PathBuf, why: String },
+    #[error("invalid config: [tls] cert {}: it is the certificate of {holder}; a process server needs a ps certificate: enroll with rebound-ps enroll", path.display())]
+    NotPsCert { path: PathBuf, holder: String },
+    #[error("gRPC server failed: {}", error_chain(.0))]
+    Serve(tonic::transport::Error),
     #[error("internal task failed: {0}")]
-    Task(String),
+    Task(tokio::task::JoinError),
 }
 
 /// Runs the process server on `listener` until `shutdown` resolves. Every
@@ -69,7 +82,7 @@ where
     let cache = Arc::new(
         tokio::task::spawn_blocking(move || Cache::open(&root, cap))
             .await
-            .map_err(|e| PsError::Task(e.to_string()))?
+            .map_err(PsError::Task)?
             .map_err(PsError::Cache)?,
     );
     let link = Arc::new(MtLink::new(
@@ -151,12 +164,12 @@ where
     };
     let server = rebound_common::tls::frame_server()
         .tls_config(tls)
-        .map_err(|e| PsError::Serve(error_chain(&e)))?
+        .map_err(PsError::Serve)?
         .add_service(svc)
         .serve_with_incoming_shutdown(incoming, signal);
     let mut stopping = stop_rx.clone();
     let result = tokio::select! {
-        r = server => r.map_err(|e| PsError::Serve(error_chain(&e))),
+        r = server => r.map_err(PsError::Serve),
         _ = async {
             let _ = stopping.wait_for(|s| *s).await;
             tokio::time::sleep(SHUTDOWN_GRACE).await;
@@ -172,7 +185,7 @@ where
     let c = cache.clone();
     tokio::task::spawn_blocking(move || c.shutdown())
         .await
-        .map_err(|e| PsError::Task(e.to_string()))?;
+        .map_err(PsError::Task)?;
     info!("process server stopped");
     result
 }
@@ -236,18 +249,20 @@ async fn summary_loop(cache: Arc<Cache>) {
 /// This PS's id, from its certificate (CN `"ps:<id>"`): the hello to the CS
 /// must carry the certificate's id.
 pub fn own_id(tls: &rebound_common::tls::TlsFiles) -> Result<String, PsError> {
-    let bad = |m: String| PsError::Config(format!("[tls] cert {}: {m}", tls.cert.display()));
-    let pem = std::fs::read_to_string(&tls.cert).map_err(|e| {
-        bad(format!(
-            "cannot read it ({e}); enroll first: rebound-ps enroll --cs ADDR --passphrase-file F --id ID --out DIR"
-        ))
+    let path = || tls.cert.clone();
+    let pem = std::fs::read_to_string(&tls.cert).map_err(|source| PsError::CertUnreadable {
+        path: path(),
+        source,
     })?;
-    let der = rebound_common::enrollment::first_cert_der(&pem).map_err(bad)?;
-    let who = rebound_common::pki::peer_identity(&der).map_err(|e| bad(e.to_string()))?;
+    let invalid = |why: String| PsError::CertInvalid { path: path(), why };
+    let der =
+        rebound_common::enrollment::first_cert_der(&pem).map_err(|e| invalid(e.to_string()))?;
+    let who = rebound_common::pki::peer_identity(&der).map_err(|e| invalid(e.to_string()))?;
     if who.role != rebound_common::pki::Role::Ps {
-        return Err(bad(format!(
-            "it is the certificate of {who}; a process server needs a ps certificate: enroll with rebound-ps enroll"
-        )));
+        return Err(PsError::NotPsCert {
+            path: path(),
+            holder: who.to_string(),
+        });
     }
     Ok(who.id)
 }
