@@ -50,29 +50,28 @@ pub enum AppendError {
         first_seq: u64,
         held: u64,
     },
-    #[error("replication {replication}: cannot write the cache: segment {}: {source}", segment.display())]
-    Io {
-        replication: String,
-        segment: PathBuf,
-        source: Arc<io::Error>,
-    },
-    #[error("replication {replication}: cannot write the cache: a failed write to segment {} could not be undone ({source}); restart the process server to recover the cache", segment.display())]
-    Broken {
-        replication: String,
-        segment: PathBuf,
-        source: Arc<io::Error>,
-    },
+    #[error("replication {}: cannot write the cache: segment {}: {}", .0.replication, .0.segment.display(), .0.source)]
+    Io(SegmentFailure),
+    #[error("replication {}: cannot write the cache: a failed write to segment {} could not be undone ({}); restart the process server to recover the cache", .0.replication, .0.segment.display(), .0.source)]
+    Broken(SegmentFailure),
     #[error("replication {replication}: the cache writer has stopped (the process server is shutting down)")]
     Closed { replication: String },
+}
+
+/// A write or sync of a replication's newest segment that failed.
+#[derive(Debug, Clone)]
+pub struct SegmentFailure {
+    pub replication: String,
+    pub segment: PathBuf,
+    /// Shared, so every frame of the failed batch gets the same answer.
+    pub source: Arc<io::Error>,
 }
 
 impl From<AppendError> for tonic::Status {
     fn from(e: AppendError) -> Self {
         match e {
             AppendError::Gap { .. } => tonic::Status::failed_precondition(e.to_string()),
-            AppendError::Io { .. } | AppendError::Broken { .. } => {
-                tonic::Status::internal(e.to_string())
-            }
+            AppendError::Io(_) | AppendError::Broken(_) => tonic::Status::internal(e.to_string()),
             AppendError::Closed { .. } => tonic::Status::unavailable(e.to_string()),
         }
     }

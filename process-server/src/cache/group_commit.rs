@@ -13,7 +13,7 @@
 //! was created) keeps the durable seq across restarts even when everything
 //! was applied and trimmed.
 
-use super::error::{AppendError, CacheError};
+use super::error::{AppendError, CacheError, SegmentFailure};
 use super::recovery::ActiveSegment;
 use super::replication::{SegMeta, Shared};
 use crate::segment;
@@ -166,8 +166,13 @@ impl Writer {
         }
     }
 
-    fn segment_path(&self) -> PathBuf {
-        self.seg_dir.join(segment::file_name(self.name))
+    /// What failed, where: `e` on the newest segment.
+    fn failure(&self, e: io::Error) -> SegmentFailure {
+        SegmentFailure {
+            replication: self.sh.id.clone(),
+            segment: self.seg_dir.join(segment::file_name(self.name)),
+            source: Arc::new(e),
+        }
     }
 
     /// Appends a batch, syncs once, then answers every frame of it.
@@ -194,11 +199,7 @@ impl Writer {
                 }
             }
             Err(e) => {
-                let e = AppendError::Io {
-                    replication: self.sh.id.clone(),
-                    segment: self.segment_path(),
-                    source: Arc::new(e),
-                };
+                let e = AppendError::Io(self.failure(e));
                 error!(replication = %self.sh.id, "{e}; the frames were not acknowledged");
                 self.undo();
                 self.sh.account.release(reserved);
@@ -297,11 +298,7 @@ impl Writer {
                 self.held = self.durable;
             }
             Err(e) => {
-                let e = AppendError::Broken {
-                    replication: self.sh.id.clone(),
-                    segment: self.segment_path(),
-                    source: Arc::new(e),
-                };
+                let e = AppendError::Broken(self.failure(e));
                 error!(replication = %self.sh.id, "{e}");
                 self.broken = Some(e);
             }

@@ -30,7 +30,7 @@ pub mod replication;
 mod tests;
 
 pub use cap::{Account, Reservation};
-pub use error::{AppendError, CacheError};
+pub use error::{AppendError, CacheError, SegmentFailure};
 pub use reader::{Cursor, Item, ReadError};
 pub use registry::{check_replication_id, Cache};
 pub use replication::{Replication, SegMeta, Segments, Stats};

@@ -17,9 +17,7 @@ async fn backpressure_stops_acks_until_trimmed() {
     drop(mt_listener);
     let config = lab.ps_config(mt_addr, 1 << 20, 0);
     let ps = start_ps(config).await;
-    let mut s = open_stream(&agent1, ps.addr, info("r1", "m1"))
-        .await
-        .unwrap();
+    let mut s = ps.stream(&agent1, "r1", "m1").await;
     // Each frame is ~256 KiB raw: the cap is hit after four.
     for i in 0..12 {
         s.send(frame("r1", 1 + i * 4, 4)).await;

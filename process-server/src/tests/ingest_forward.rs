@@ -37,9 +37,7 @@ async fn ingest_forward_restart_over_mtls() {
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
 
     // Stream 40 records in 10 frames; all are acked and applied in order.
-    let mut s = open_stream(&agent1, ps.addr, info("r1", "m1"))
-        .await
-        .unwrap();
+    let mut s = ps.stream(&agent1, "r1", "m1").await;
     assert_eq!(s.resume, 0);
     for i in 0..10 {
         s.send(frame("r1", 1 + i * 4, 4)).await;
@@ -67,9 +65,7 @@ async fn ingest_forward_restart_over_mtls() {
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
 
     // A corrupt header is refused, naming the replication.
-    let s = open_stream(&agent1, ps.addr, info("r1", "m1"))
-        .await
-        .unwrap();
+    let s = ps.stream(&agent1, "r1", "m1").await;
     assert_eq!(s.resume, 42);
     let mut bad = frame("r1", 43, 1);
     bad[0] = b'X';
@@ -79,9 +75,7 @@ async fn ingest_forward_restart_over_mtls() {
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("r1"), "{e:?}");
     // So is a frame whose body does not match its hash.
-    let s = open_stream(&agent1, ps.addr, info("r1", "m1"))
-        .await
-        .unwrap();
+    let s = ps.stream(&agent1, "r1", "m1").await;
     let mut bad = frame("r1", 43, 1);
     let n = bad.len();
     bad[n - 100] ^= 1;
@@ -123,9 +117,7 @@ async fn ingest_forward_restart_over_mtls() {
     // The MT goes away: frames are still cached and acked, then forwarded
     // once it is back.
     mt_task.stop().await;
-    let mut s = open_stream(&agent1, ps.addr, info("r1", "m1"))
-        .await
-        .unwrap();
+    let mut s = ps.stream(&agent1, "r1", "m1").await;
     for i in 0..5 {
         s.send(frame("r1", 43 + i * 2, 2)).await;
     }
@@ -143,9 +135,7 @@ async fn ingest_forward_restart_over_mtls() {
     // The PS restarts with frames the MT has not seen; nothing is lost.
     ps.stop().await;
     let ps = start_ps(config.clone()).await;
-    let s = open_stream(&agent1, ps.addr, info("r1", "m1"))
-        .await
-        .unwrap();
+    let s = ps.stream(&agent1, "r1", "m1").await;
     assert_eq!(s.resume, 52);
     drop(s);
     let mt_listener = TcpListener::bind(mt_addr).await.unwrap();
@@ -171,9 +161,7 @@ async fn ingest_forward_restart_over_mtls() {
     // yet stored in order: a damaged one in the middle is refused after
     // the frames before it are durable and acked, and nothing after it is
     // stored.
-    let mut s = open_stream(&agent1, ps.addr, info("r1", "m1"))
-        .await
-        .unwrap();
+    let mut s = ps.stream(&agent1, "r1", "m1").await;
     assert_eq!(s.resume, 52);
     let mut bad = frame("r1", 61, 4);
     let n = bad.len();
@@ -208,9 +196,7 @@ async fn ingest_forward_restart_over_mtls() {
         );
         assert_eq!(&recs[52..], &want[..]);
     }
-    let s = open_stream(&agent1, ps.addr, info("r1", "m1"))
-        .await
-        .unwrap();
+    let s = ps.stream(&agent1, "r1", "m1").await;
     assert_eq!(s.resume, 60);
     drop(s);
     ps.stop().await;

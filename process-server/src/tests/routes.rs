@@ -51,12 +51,8 @@ async fn per_replication_mt_route_survives_restart_and_remove_drops_it() {
     let ps = start_ps(config).await;
     let agent1 = lab.tls("agent-m1");
     let agent2 = lab.tls("agent-m2");
-    let mut s1 = open_stream(&agent1, ps.addr, info("r1", "m1"))
-        .await
-        .unwrap();
-    let mut s2 = open_stream(&agent2, ps.addr, info("r2", "m2"))
-        .await
-        .unwrap();
+    let mut s1 = ps.stream(&agent1, "r1", "m1").await;
+    let mut s2 = ps.stream(&agent2, "r2", "m2").await;
     s1.send(frame("r1", 1, 4)).await;
     s2.send(frame("r2", 1, 3)).await;
     s1.wait_durable(4).await.unwrap();

@@ -421,6 +421,12 @@ impl Ps {
             .unwrap()
             .unwrap();
     }
+    /// An agent stream of replication `rid` of `machine`, accepted.
+    pub(crate) async fn stream(&self, tls: &TlsFiles, rid: &str, machine: &str) -> AgentStream {
+        open_stream(tls, self.addr, info(rid, machine))
+            .await
+            .unwrap()
+    }
     pub(crate) async fn status(&self, tls: &TlsFiles) -> PsStatusResponse {
         client(tls, self.addr)
             .await
