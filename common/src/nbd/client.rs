@@ -200,59 +200,31 @@ pub struct BlockSizes {
     pub max_payload: u32,
 }
 
-enum Stream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
+/// A connected socket of either kind.
+trait Conn: Read + Write + Send {}
+impl<T: Read + Write + Send> Conn for T {}
 
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.read(buf),
-            Stream::Unix(s) => s.read(buf),
+fn open(endpoint: &Endpoint) -> io::Result<Box<dyn Conn>> {
+    Ok(match endpoint {
+        Endpoint::Tcp(addr) => {
+            let s = TcpStream::connect(addr.as_str())?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(IO_TIMEOUT))?;
+            s.set_write_timeout(Some(IO_TIMEOUT))?;
+            Box::new(s)
         }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.write(buf),
-            Stream::Unix(s) => s.write(buf),
+        Endpoint::Unix(path) => {
+            let s = UnixStream::connect(path)?;
+            s.set_read_timeout(Some(IO_TIMEOUT))?;
+            s.set_write_timeout(Some(IO_TIMEOUT))?;
+            Box::new(s)
         }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.flush(),
-            Stream::Unix(s) => s.flush(),
-        }
-    }
-}
-
-impl Stream {
-    fn open(endpoint: &Endpoint) -> io::Result<Stream> {
-        let s = match endpoint {
-            Endpoint::Tcp(addr) => {
-                let s = TcpStream::connect(addr.as_str())?;
-                s.set_nodelay(true)?;
-                s.set_read_timeout(Some(IO_TIMEOUT))?;
-                s.set_write_timeout(Some(IO_TIMEOUT))?;
-                Stream::Tcp(s)
-            }
-            Endpoint::Unix(path) => {
-                let s = UnixStream::connect(path)?;
-                s.set_read_timeout(Some(IO_TIMEOUT))?;
-                s.set_write_timeout(Some(IO_TIMEOUT))?;
-                Stream::Unix(s)
-            }
-        };
-        Ok(s)
-    }
+    })
 }
 
 /// One connection to one export.
 pub struct NbdClient {
-    stream: Stream,
+    stream: Box<dyn Conn>,
     export: String,
     size: u64,
     flags: u16,
@@ -278,7 +250,7 @@ impl NbdClient {
     /// Connects to `endpoint` and attaches to `export` (the empty name is
     /// the server's default export).
     pub fn connect(endpoint: &Endpoint, export: &str) -> Result<NbdClient, ClientError> {
-        let stream = Stream::open(endpoint).map_err(|source| ClientError::Connect {
+        let stream = open(endpoint).map_err(|source| ClientError::Connect {
             endpoint: endpoint.clone(),
             source,
         })?;
