@@ -1,43 +1,69 @@
-//! Data-side helpers of `rebound demo`: qemu-io writes and qemu-img reads
-//! through NBD, blake3 of files and exports, and the agent's admin socket.
+//! Data-side helpers of `rebound demo`: writes and reads through NBD with
+//! Rebound's own NBD client (so the demo needs no NBD tools installed),
+//! blake3 of files and exports, and the agent's admin socket.
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
+use rebound_common::nbd::client::NbdClient;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-/// Runs an NBD client tool; its stdout, or an error that says what to install.
-pub fn tool(name: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(name).args(args).output().map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            anyhow!("{name} is not installed: the demo writes and reads through real NBD clients; install them with `apt-get install -y qemu-utils`")
-        } else {
-            anyhow!("cannot run {name}: {e}")
-        }
+/// Bytes per read when hashing an export: a multiple of every block size
+/// an NBD server may demand, well under the maximum payload.
+const HASH_CHUNK: usize = 4 << 20;
+
+/// Runs qemu-io-style commands (`write -P PATTERN OFFSET LENGTH`,
+/// `write -z OFFSET LENGTH`, `flush`) against an NBD URI through
+/// Rebound's own NBD client, then flushes, as qemu-io does on close.
+pub fn qemu_io(uri: &str, cmds: &[String]) -> Result<()> {
+    let mut c = NbdClient::connect_uri(uri).with_context(|| {
+        format!(
+            "opening {uri} to write the demo's data: check that the agent serving it is running"
+        )
     })?;
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    if !out.status.success() || stdout.contains("failed") {
-        bail!(
-            "{name} {} failed: {}{}",
-            args.join(" "),
-            stdout,
-            String::from_utf8_lossy(&out.stderr)
-        );
+    for cmd in cmds {
+        let words: Vec<&str> = cmd.split_whitespace().collect();
+        let done = match words[..] {
+            ["write", "-P", pattern, off, len] => {
+                let byte = number(pattern, cmd)?;
+                let Ok(byte) = u8::try_from(byte) else {
+                    bail!("pattern {pattern} in {cmd:?} is not a byte");
+                };
+                let data = vec![byte; usize::try_from(number(len, cmd)?)?];
+                c.write_at(number(off, cmd)?, &data, false)
+            }
+            ["write", "-z", off, len] => {
+                c.write_zeroes(number(off, cmd)?, number(len, cmd)?, false)
+            }
+            ["flush"] => c.flush(),
+            _ => bail!("{cmd:?} is not a write command the demo knows (write -P, write -z, flush)"),
+        };
+        done.with_context(|| format!("{cmd:?} on {uri}"))?;
     }
-    Ok(stdout)
+    c.flush()
+        .with_context(|| format!("flushing {uri} after the demo's writes"))?;
+    c.disconnect()
+        .with_context(|| format!("disconnecting from {uri}"))?;
+    Ok(())
 }
 
-/// `qemu-io` with several `-c` commands against an NBD URI.
-pub fn qemu_io(uri: &str, cmds: &[String]) -> Result<()> {
-    let mut args: Vec<&str> = vec!["-f", "raw"];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(uri);
-    tool("qemu-io", &args).map(|_| ())
+/// A number as qemu-io writes it: decimal or 0x hex, with an optional
+/// k/M/G suffix (powers of 1024).
+fn number(word: &str, cmd: &str) -> Result<u64> {
+    let (digits, scale) = match word.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&word[..i], 1u64 << 10),
+        Some((i, 'm' | 'M')) => (&word[..i], 1 << 20),
+        Some((i, 'g' | 'G')) => (&word[..i], 1 << 30),
+        _ => (word, 1),
+    };
+    let n = match digits.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => digits.parse(),
+    };
+    n.ok()
+        .and_then(|n| n.checked_mul(scale))
+        .with_context(|| format!("{word:?} in {cmd:?} is not a number"))
 }
 
 pub fn hash_file(p: &Path) -> Result<String> {
@@ -47,24 +73,25 @@ pub fn hash_file(p: &Path) -> Result<String> {
     Ok(h.finalize().to_hex().to_string())
 }
 
-/// blake3 of an NBD export, read with qemu-img into a scratch file.
-pub fn hash_export(uri: &str, scratch: &Path) -> Result<String> {
-    let _ = std::fs::remove_file(scratch);
-    tool(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            uri,
-            &scratch.to_string_lossy(),
-        ],
-    )?;
-    let h = hash_file(scratch)?;
-    std::fs::remove_file(scratch)?;
-    Ok(h)
+/// blake3 of an NBD export, read through Rebound's own NBD client in
+/// chunks as it streams; `_scratch` is not needed, nothing is written.
+pub fn hash_export(uri: &str, _scratch: &Path) -> Result<String> {
+    let mut c = NbdClient::connect_uri(uri).with_context(|| {
+        format!("opening {uri} to hash it: check that the master target serving it is running and lists the point")
+    })?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; HASH_CHUNK];
+    let mut off = 0u64;
+    while off < c.size() {
+        let n = (c.size() - off).min(HASH_CHUNK as u64) as usize;
+        c.read_at(off, &mut buf[..n])
+            .with_context(|| format!("reading {uri} to hash it"))?;
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    c.disconnect()
+        .with_context(|| format!("disconnecting from {uri}"))?;
+    Ok(h.finalize().to_hex().to_string())
 }
 
 /// One request on an agent's admin socket.
