@@ -22,25 +22,24 @@
 //!
 //! A refused frame (bad hash, gap, wrong disk) stops the cycle before it:
 //! the frames before it are applied and acknowledged, nothing of it is. An
-//! IO error halfway through leaves the applied seq where it was; the
-//! in-memory state is then rebuilt from disk (as after a crash), and
-//! re-applying the frames is harmless because blocks already saved in the
-//! interval are not saved again and writes are idempotent.
+//! IO error halfway through leaves the applied seq where it was; after a
+//! failed write the in-memory state is rebuilt from disk (as after a
+//! crash), and re-applying the frames is harmless because blocks already
+//! saved in the interval are not saved again and writes are idempotent.
+//! After a failed fdatasync nothing is rebuilt: the replication is poisoned
+//! and refuses apply until the MT restarts (see `replication`).
 
 use crate::catalog::{self, PointEntry};
 use crate::error::{io_err, MtError, Result};
-use crate::journal::{self, IntervalIndex, BLOCK};
+use crate::journal::{self, BLOCK};
 use crate::replication::{Inner, Replication};
 use crate::seqfile::SeqRecord;
 use crate::state::{save_json, ResyncWindow};
+use crate::storage::Target;
 use prost::bytes::Bytes;
 use rebound_common::chunk::read_full_at;
-use rebound_common::durable::fsync_dir;
 use rebound_common::frame::{Frame, FrameError, FrameRef, Record, Tag};
 use std::collections::HashSet;
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use tracing::{error, info, warn};
 
 const BS: u64 = BLOCK as u64;
@@ -52,6 +51,7 @@ const ZERO_PIECE: u64 = 16 << 20;
 /// frame of zeroes can expand a thousandfold).
 const CYCLE_BYTES: usize = 32 << 20;
 
+#[derive(Clone, Copy)]
 enum Op<'a> {
     Data {
         disk: usize,
@@ -65,19 +65,9 @@ enum Op<'a> {
     },
 }
 
-/// Where a test makes apply stop, as a crash would.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) enum ApplyCrash {
-    #[default]
-    Never,
-    /// After the journal is synced and half of a batch's data is written.
-    MidData,
-}
-
 /// Writes gathered for one fdatasync of the journal.
 #[derive(Default)]
 struct Batch<'a> {
-    crash: ApplyCrash,
     ops: Vec<Op<'a>>,
     data_bytes: usize,
     /// Encoded undo records, appended to the journal at flush.
@@ -128,28 +118,22 @@ impl Replication {
     /// (no copy); each frame's buffer is dropped once its records are.
     pub fn apply_frames(&self, frames: impl IntoIterator<Item = Bytes>) -> (u64, Result<()>) {
         let prepared = frames.into_iter().map(|b| self.prepare_frame(&b));
-        self.apply_batch(prepared, ApplyCrash::Never)
+        self.apply_batch(prepared)
     }
 
     /// Applies frames prepared ahead with [`Replication::prepare_frame`],
     /// in stream order, as [`Replication::apply_frames`] does: a refused
     /// one (`Err`) stops the apply after the frames before it.
     pub(crate) fn apply_prepared(&self, frames: Vec<Result<Prepared>>) -> (u64, Result<()>) {
-        self.apply_batch(frames.into_iter(), ApplyCrash::Never)
+        self.apply_batch(frames.into_iter())
     }
 
     /// Verifies and applies one frame. Returns the applied seq.
     pub fn apply(&self, frame: &Frame) -> Result<u64> {
-        self.apply_inner(frame, ApplyCrash::Never)
+        self.apply_frame(&frame.to_bytes())
     }
 
-    pub(crate) fn apply_inner(&self, frame: &Frame, crash: ApplyCrash) -> Result<u64> {
-        let prepared = self.prepare_frame(&Bytes::from(frame.to_bytes()));
-        let (applied, r) = self.apply_batch(std::iter::once(prepared), crash);
-        r.map(|()| applied)
-    }
-
-    /// Checks a frame's replication and hash and decodes its records;
+    /// Step 1: checks a frame's replication and hash and decodes its records;
     /// nothing is applied yet, and no lock is held, so this can run while
     /// another cycle is applied.
     pub(crate) fn prepare_frame(&self, bytes: &Bytes) -> Result<Prepared> {
@@ -195,11 +179,7 @@ impl Replication {
 
     /// Applies prepared frames, at most [`CYCLE_BYTES`] of data per
     /// durability cycle, stopping at the first refused one.
-    fn apply_batch(
-        &self,
-        frames: impl Iterator<Item = Result<Prepared>>,
-        crash: ApplyCrash,
-    ) -> (u64, Result<()>) {
+    fn apply_batch(&self, frames: impl Iterator<Item = Result<Prepared>>) -> (u64, Result<()>) {
         let mut pending = Vec::new();
         let mut bytes = 0usize;
         for p in frames {
@@ -208,30 +188,31 @@ impl Replication {
                     bytes += p.data_bytes;
                     pending.push(p);
                     if bytes >= CYCLE_BYTES {
-                        if let Err(e) = self.commit(&mut pending, crash) {
+                        if let Err(e) = self.commit(&mut pending) {
                             return (self.applied_seq(), Err(e));
                         }
                         bytes = 0;
                     }
                 }
                 Err(e) => {
-                    let r = self.commit(&mut pending, crash).and(Err(e));
+                    let r = self.commit(&mut pending).and(Err(e));
                     return (self.applied_seq(), r);
                 }
             }
         }
-        let r = self.commit(&mut pending, crash);
+        let r = self.commit(&mut pending);
         (self.applied_seq(), r)
     }
 
     /// One durability cycle for `pending` (emptied): the admissible frames'
     /// records are applied as one sequence; the first frame refused stops
     /// the admission and its error is returned after the cycle.
-    fn commit(&self, pending: &mut Vec<Prepared>, crash: ApplyCrash) -> Result<()> {
+    fn commit(&self, pending: &mut Vec<Prepared>) -> Result<()> {
         if pending.is_empty() {
             return Ok(());
         }
         let frames = std::mem::take(pending);
+        self.check_not_poisoned()?;
         let mut inner = self.write_inner()?;
         let mut next = inner.st.applied_seq + 1;
         let mut first_seq = None;
@@ -256,12 +237,10 @@ impl Replication {
             }
         }
         if let Some(first) = first_seq {
-            if let Err(e) = self.apply_records(&mut inner, first, &recs, crash) {
+            if let Err(e) = self.apply_records(&mut inner, first, &recs) {
                 error!(replication = %self.id, seq = %format!("{first}..={}", next - 1), error = %e,
                     "applying frames failed; they were not acknowledged and can be resent");
-                if let Err(e2) = self.reload(&mut inner) {
-                    error!(replication = %self.id, error = %e2, "cannot recover the replication state from disk");
-                }
+                self.recover_after(&mut inner, &e);
                 return Err(e);
             }
         }
@@ -350,15 +329,9 @@ impl Replication {
         Ok(())
     }
 
-    fn apply_records(
-        &self,
-        inner: &mut Inner,
-        first_seq: u64,
-        recs: &[Record],
-        crash: ApplyCrash,
-    ) -> Result<()> {
+    /// Steps 2-5 for a sequence of admitted records (see the module doc).
+    fn apply_records(&self, inner: &mut Inner, first_seq: u64, recs: &[Record]) -> Result<()> {
         let mut batch = Batch {
-            crash,
             undo: std::mem::take(&mut inner.scratch),
             ..Batch::default()
         };
@@ -423,8 +396,10 @@ impl Replication {
                 }
             }
         }
+        // Steps 2-4 for what is left; the replicas' fdatasync.
         self.flush(inner, &mut batch, &mut touched)?;
         self.sync_replicas(&mut touched)?;
+        // Step 5: persist the applied seq; the caller acknowledges it.
         let last = first_seq + recs.len() as u64 - 1;
         inner.st.applied_seq = last;
         self.persist_applied(inner, &mut st_dirty)?;
@@ -448,11 +423,12 @@ impl Replication {
             applied_seq: inner.st.applied_seq,
             interval: inner.st.interval,
         };
-        inner.seq.store(rec)
+        inner.seq.store(rec, self.env.storage.as_ref())
     }
 
-    /// Saves the old content of every block of `offset..offset+len` that the
-    /// current interval has not saved yet (into the batch's undo buffer).
+    /// Step 2, staging: the old content of every block of
+    /// `offset..offset+len` that the current interval has not saved yet goes
+    /// into the batch's undo buffer.
     fn stage(
         &self,
         inner: &Inner,
@@ -465,10 +441,9 @@ impl Replication {
             return Ok(());
         }
         let d = &self.disks[pos];
-        let cur = inner.intervals.get(&inner.st.interval);
         let needs = |b: u64, batch: &Batch<'_>| {
             let k = journal::key(d.index, b);
-            !batch.saved_set.contains(&k) && !cur.is_some_and(|c| c.contains(k))
+            !batch.saved_set.contains(&k) && !inner.journal.saved(k)
         };
         let first = offset / BS;
         let last = (offset + len - 1) / BS;
@@ -510,122 +485,68 @@ impl Replication {
         Ok(())
     }
 
-    /// Writes the batch's undo records, fdatasyncs the journal, then writes
-    /// the batch's data to the replicas.
+    /// Steps 2-4 for a batch: saves its undo records in the retention
+    /// journal, fdatasyncs the journal, then writes the batch's data to the
+    /// replicas (their fdatasync is [`Replication::sync_replicas`]).
     fn flush(&self, inner: &mut Inner, batch: &mut Batch<'_>, touched: &mut [bool]) -> Result<()> {
-        if !batch.undo.is_empty() {
-            let cur = inner.st.interval;
-            if inner.journal.is_none() {
-                inner.journal = Some(self.open_journal(cur)?);
-            }
-            let f = inner.journal.as_ref().expect("journal open");
-            let idx = inner
-                .intervals
-                .entry(cur)
-                .or_insert_with(IntervalIndex::new_open);
-            let base = idx.len;
-            if let Err(e) = f
-                .write_all_at(&batch.undo, base)
-                .and_then(|_| f.sync_data())
-            {
-                let _ = f.set_len(base);
-                return Err(MtError::io(
-                    format!(
-                        "cannot append to retention journal {} of replication {} (is the disk full?)",
-                        self.layout.journal(cur).display(),
-                        self.id
-                    ),
-                    e,
-                ));
-            }
-            idx.len += batch.undo.len() as u64;
-            for &(k, rel) in &batch.saved {
-                idx.insert(k, base + rel);
-            }
-            inner
-                .maps
-                .get_mut()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .note_saved(cur, batch.saved.iter().map(|&(k, rel)| (k, base + rel)));
-            batch.undo.clear();
-            batch.saved.clear();
-            batch.saved_set.clear();
-        }
-        let half = batch.ops.len() / 2;
-        // A chunk is forgotten before it is written, and its new hash kept
-        // only once the write succeeded (see `hash_cache`).
+        inner.journal.save_undo(&batch.undo, &batch.saved)?;
+        inner.journal.sync()?;
+        batch.undo.clear();
+        batch.saved.clear();
+        batch.saved_set.clear();
+        self.write_replicas(inner, batch, touched)
+    }
+
+    /// Step 4, the writes: the batch's data goes to the replicas. A chunk's
+    /// cached hash is forgotten before it is written, and its new hash kept
+    /// only once the write succeeded (see `hash_cache`).
+    fn write_replicas(
+        &self,
+        inner: &mut Inner,
+        batch: &mut Batch<'_>,
+        touched: &mut [bool],
+    ) -> Result<()> {
         let hashes = inner
             .chunk_hashes
             .get_mut()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for (i, op) in batch.ops.drain(..).enumerate() {
-            if batch.crash == ApplyCrash::MidData && i == half && i > 0 {
-                return Err(MtError::Internal("simulated crash (test hook)".into()));
-            }
+        let storage = self.env.storage.as_ref();
+        for op in batch.ops.drain(..) {
+            let (disk, offset, len) = match op {
+                Op::Data { disk, offset, data } => (disk, offset, data.len() as u64),
+                Op::Zero { disk, offset, len } => (disk, offset, len),
+            };
+            let d = &self.disks[disk];
+            hashes.forget_range(disk, offset, len);
+            let written = match op {
+                Op::Data { data, .. } => {
+                    storage.write_all_at(Target::Replica, &d.file, data, offset)
+                }
+                Op::Zero { .. } => storage.zero_range(Target::Replica, &d.file, offset, len),
+            };
+            written.map_err(io_err(|| {
+                format!(
+                    "cannot write {len} bytes to replica {} of replication {} at offset {offset}",
+                    d.path.display(),
+                    self.id
+                )
+            }))?;
             match op {
-                Op::Data { disk, offset, data } => {
-                    let d = &self.disks[disk];
-                    hashes.forget_range(disk, offset, data.len() as u64);
-                    d.file.write_all_at(data, offset).map_err(io_err(|| {
-                        format!(
-                            "cannot write {} bytes to replica {} of replication {} at offset {offset}",
-                            data.len(),
-                            d.path.display(),
-                            self.id
-                        )
-                    }))?;
-                    hashes.wrote(disk, offset, data);
-                    touched[disk] = true;
-                }
-                Op::Zero { disk, offset, len } => {
-                    let d = &self.disks[disk];
-                    hashes.forget_range(disk, offset, len);
-                    zero_range(&d.file, offset, len).map_err(io_err(|| {
-                        format!(
-                            "cannot zero {len} bytes of replica {} of replication {} at offset {offset}",
-                            d.path.display(),
-                            self.id
-                        )
-                    }))?;
-                    hashes.zeroed(disk, offset, len);
-                    touched[disk] = true;
-                }
+                Op::Data { data, .. } => hashes.wrote(disk, offset, data),
+                Op::Zero { .. } => hashes.zeroed(disk, offset, len),
             }
+            touched[disk] = true;
         }
         batch.data_bytes = 0;
         Ok(())
     }
 
-    fn open_journal(&self, n: u64) -> Result<File> {
-        let path = self.layout.journal(n);
-        let existed = path.exists();
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io_err(|| {
-                format!("cannot open retention journal {}", path.display())
-            }))?;
-        if !existed {
-            let dir = self.layout.retention_dir();
-            fsync_dir(&dir).map_err(io_err(|| format!("cannot fsync {}", dir.display())))?;
-        }
-        Ok(f)
-    }
-
+    /// Step 4, the fdatasync of every replica the cycle wrote.
     fn sync_replicas(&self, touched: &mut [bool]) -> Result<()> {
         for (i, t) in touched.iter_mut().enumerate() {
             if *t {
                 let d = &self.disks[i];
-                d.file.sync_data().map_err(io_err(|| {
-                    format!(
-                        "cannot fdatasync replica {} of replication {}",
-                        d.path.display(),
-                        self.id
-                    )
-                }))?;
+                self.sync_file(Target::Replica, &d.file, &d.path)?;
                 *t = false;
             }
         }
@@ -655,16 +576,7 @@ impl Replication {
                 "recovery point cut inside a resync window; it may not be consistent");
         }
         catalog::append(&self.layout.catalog(), &entry)?;
-        inner.journal = None;
-        if let Some(idx) = inner.intervals.get_mut(&cur) {
-            if idx.count() == 0 {
-                inner.intervals.remove(&cur);
-            } else {
-                idx.close();
-            }
-        }
-        inner.st.interval = cur + 1;
-        inner.intervals.insert(cur + 1, IntervalIndex::new_open());
+        inner.st.interval = inner.journal.close_interval();
         inner.st.applied_seq = seq;
         self.persist_applied(inner, st_dirty)?;
         self.applied_tx.send_replace(seq);
@@ -679,37 +591,5 @@ impl Replication {
         );
         inner.points.push(entry);
         Ok(())
-    }
-}
-
-/// Makes `len` bytes at `offset` read as zeroes: punches a hole (keeping
-/// the size), or writes zeroes where the filesystem cannot punch.
-fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    // SAFETY: fallocate on a valid open descriptor with plain integer args.
-    let r = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if r == 0 {
-        return Ok(());
-    }
-    let err = std::io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => {
-            let zeros = vec![0u8; (1 << 20).min(len as usize)];
-            let mut o = offset;
-            let end = offset + len;
-            while o < end {
-                let n = (end - o).min(zeros.len() as u64) as usize;
-                file.write_all_at(&zeros[..n], o)?;
-                o += n as u64;
-            }
-            Ok(())
-        }
-        _ => Err(err),
     }
 }

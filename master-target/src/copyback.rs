@@ -18,9 +18,9 @@ use crate::error::{io_err, MtError, Result};
 use crate::journal::{self, key_block, key_disk, BLOCK, HEADER_LEN};
 use crate::ordered::{ordered, window_buffers, WORKERS};
 use crate::replication::Replication;
+use crate::storage::{start_writeback, Target};
 use rebound_common::alloc::BufferPool;
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 const BS: u64 = BLOCK as u64;
@@ -37,23 +37,6 @@ const READ_GAP: u64 = 64 << 10;
 const READ_MAX: u64 = 4 << 20;
 /// Largest record.
 const REC_MAX: u64 = (HEADER_LEN + BLOCK) as u64;
-
-/// Asks the kernel to start writing `len` bytes of `file` from `offset` to
-/// the device, without waiting (`sync_file_range(SYNC_FILE_RANGE_WRITE)`).
-/// Not a durability step: the fdatasync that follows still is. It lets the
-/// device write one window while the next is read and checked, instead of
-/// all of it at the fdatasync; a failure only loses that overlap.
-pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) {
-    // SAFETY: sync_file_range on an open fd; it reads no memory of ours.
-    unsafe {
-        libc::sync_file_range(
-            file.as_raw_fd(),
-            offset as libc::off64_t,
-            len as libc::off64_t,
-            libc::SYNC_FILE_RANGE_WRITE,
-        );
-    }
-}
 
 /// A file of undo-format records and how much of it is valid.
 pub(crate) struct Source<'a> {
@@ -97,7 +80,7 @@ impl Replication {
                 self.write_window(win, &content)?;
                 bufs.give(content);
                 restored += win.len() as u64 * BS;
-                Ok(())
+                Ok::<(), MtError>(())
             },
         )?;
         Ok(restored)
@@ -119,8 +102,14 @@ impl Replication {
             let d = self.disk(disk)?;
             let at = key_block(win[i].key) * BS;
             let len = ((j - i) as u64 * BS).min(d.size - at) as usize;
-            d.file
-                .write_all_at(&content[i * BLOCK..i * BLOCK + len], at)
+            self.env
+                .storage
+                .write_all_at(
+                    Target::Replica,
+                    &d.file,
+                    &content[i * BLOCK..i * BLOCK + len],
+                    at,
+                )
                 .map_err(io_err(|| {
                     format!(
                         "cannot write {len} bytes to replica {} at offset {at}",
@@ -188,7 +177,7 @@ fn window_content(
             let rel = (b.off - start) as usize;
             let rec = rbuf.get(rel..).unwrap_or_default();
             let dst = &mut content[i * BLOCK..(i + 1) * BLOCK];
-            match journal::check_record(rec, b.off, b.key).map_err(|e| bad(b.src, e))? {
+            match journal::check_record(rec, b.off, b.key).map_err(|e| bad(b.src, e.to_string()))? {
                 Some(data) => dst.copy_from_slice(data),
                 None => dst.fill(0),
             }

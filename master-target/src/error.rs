@@ -4,6 +4,9 @@
 //! the right status code in one place (`From<MtError> for Status`). Messages
 //! name the replication, disk, offset or point involved and what to do.
 
+use crate::retention_journal::JournalError;
+use crate::storage::Target;
+use std::path::PathBuf;
 use thiserror::Error;
 use tonic::Status;
 
@@ -32,12 +35,38 @@ pub enum MtError {
         #[source]
         source: std::io::Error,
     },
-    /// Anything else (a bug, a poisoned lock, a failed task).
+    /// The retention journal failed (see [`JournalError`]).
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// An fdatasync failed: what the device holds is unknown, and the
+    /// replication is poisoned (see [`MtError::Poisoned`]).
+    #[error("fdatasync of {} {path} failed: {source}", target.as_str())]
+    Sync {
+        target: Target,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An earlier fdatasync of this replication failed, so it applies
+    /// nothing more until the MT restarts and recovers it from the disk.
+    #[error("replication {replication} refuses to apply: {cause}; what the disk holds is unknown, so nothing more is applied: check the disk (kernel log, SMART), then restart rebound-mt, which recovers the replication from what is on disk")]
+    Poisoned { replication: String, cause: String },
+    /// A task or server outside the storage code failed (a panic, a
+    /// listener that stopped).
     #[error("{0}")]
     Internal(String),
 }
 
 impl MtError {
+    /// Whether this is a failed fdatasync, after which the replication must
+    /// not trust its files until it is reopened.
+    pub fn is_failed_sync(&self) -> bool {
+        matches!(
+            self,
+            MtError::Sync { .. } | MtError::Journal(JournalError::Sync { .. })
+        )
+    }
+
     /// Wraps an IO error with a description of what was being done.
     pub fn io(what: impl Into<String>, source: std::io::Error) -> MtError {
         MtError::Io {
@@ -62,9 +91,14 @@ impl From<MtError> for Status {
             MtError::NotFound(_) => Status::not_found(msg),
             MtError::InvalidArgument(_) => Status::invalid_argument(msg),
             MtError::FailedPrecondition(_) => Status::failed_precondition(msg),
-            MtError::DataLoss(_) => Status::data_loss(msg),
-            MtError::Unavailable(_) => Status::unavailable(msg),
-            MtError::Io { .. } | MtError::Internal(_) => Status::internal(msg),
+            MtError::DataLoss(_) | MtError::Journal(JournalError::Record { .. }) => {
+                Status::data_loss(msg)
+            }
+            MtError::Unavailable(_) | MtError::Poisoned { .. } => Status::unavailable(msg),
+            MtError::Io { .. }
+            | MtError::Journal(_)
+            | MtError::Sync { .. }
+            | MtError::Internal(_) => Status::internal(msg),
         }
     }
 }

@@ -15,12 +15,11 @@
 
 use crate::config::HooksConfig;
 use crate::error::{io_err, MtError, Result};
-use crate::journal::IntervalIndex;
 use crate::replication::{Replication, Store};
 use crate::state::{save_json, EndedState, HandOverState, HookOutcome};
 use rebound_common::durable::fsync_dir;
+use rebound_common::time::now_ms;
 use rebound_proto::ReplicationInfo;
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -31,13 +30,6 @@ use tracing::{info, warn};
 
 /// Bytes of hook output kept for the reply.
 const OUTPUT_TAIL: u64 = 2000;
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// What a hand-over did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,11 +110,7 @@ impl Replication {
                 (None, Some(p)) => (p.id.clone(), p.seq),
                 (None, None) => ("latest".to_string(), inner.st.applied_seq),
             };
-            for d in &self.disks {
-                d.file.sync_all().map_err(io_err(|| {
-                    format!("cannot sync replica {}", d.path.display())
-                }))?;
-            }
+            self.sync_all_replicas()?;
             inner.st.handed_over = Some(HandOverState {
                 point,
                 seq,
@@ -195,24 +183,10 @@ impl Replication {
             });
             save_json(&self.layout.state(), &inner.st)?;
         }
-        for d in &self.disks {
-            d.file.sync_all().map_err(io_err(|| {
-                format!("cannot sync replica {}", d.path.display())
-            }))?;
-        }
+        self.sync_all_replicas()?;
         inner.points.clear();
-        inner.journal = None;
+        inner.journal.forget_all();
         inner.pre = None;
-        let current = inner.st.interval;
-        inner.intervals = BTreeMap::from([(current, IntervalIndex::new_open())]);
-        *inner
-            .maps
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Default::default();
-        self.journal_fds
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clear();
         remove_file(&self.layout.catalog())?;
         for dir in [self.layout.retention_dir(), self.layout.rollback_dir()] {
             clear_dir(&dir)?;

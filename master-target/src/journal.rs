@@ -25,10 +25,10 @@
 //! a journal that spans an upgrade stays whole.
 
 use rebound_common::chunk::is_zero;
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
+use thiserror::Error;
 
 /// Size of a block, the unit of undo records.
 pub const BLOCK: usize = 4096;
@@ -97,6 +97,58 @@ pub fn encode(out: &mut Vec<u8>, disk: u32, block: u64, data: &[u8]) -> usize {
     out.len() - start
 }
 
+/// Why a record header does not decode.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum HeaderError {
+    #[error("bad record magic {0:02x?}")]
+    Magic([u8; 4]),
+    #[error("unknown record kind {0}")]
+    Kind(u8),
+}
+
+/// Why an undo record (or pre-image record) cannot be used.
+#[derive(Debug, Error)]
+pub enum RecordError {
+    #[error("cannot read undo record at offset {offset}: {source}")]
+    Read {
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("undo record at offset {offset}: {source}")]
+    Header {
+        offset: u64,
+        #[source]
+        source: HeaderError,
+    },
+    #[error("undo record at offset {offset} is for disk {disk} block {block}, expected disk {expect_disk} block {expect_block}")]
+    WrongBlock {
+        offset: u64,
+        disk: u32,
+        block: u64,
+        expect_disk: u32,
+        expect_block: u64,
+    },
+    #[error("undo record at offset {offset}: checksum mismatch")]
+    Checksum { offset: u64 },
+    #[error("undo record at offset {offset} is cut short")]
+    Short { offset: u64 },
+}
+
+/// Checks that the header `hdr` at `offset` is the record of `expect_key`.
+fn expect_block(hdr: &Header, offset: u64, expect_key: u64) -> Result<(), RecordError> {
+    if key(hdr.disk, hdr.block) == expect_key {
+        return Ok(());
+    }
+    Err(RecordError::WrongBlock {
+        offset,
+        disk: hdr.disk,
+        block: hdr.block,
+        expect_disk: key_disk(expect_key),
+        expect_block: key_block(expect_key),
+    })
+}
+
 /// A decoded record header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
@@ -119,18 +171,18 @@ impl Header {
     }
 }
 
-pub fn decode_header(h: &[u8; HEADER_LEN]) -> Result<Header, String> {
+pub fn decode_header(h: &[u8; HEADER_LEN]) -> Result<Header, HeaderError> {
     let blake3 = match h[..4].try_into().expect("4 bytes") {
         MAGIC => false,
         MAGIC_BLAKE3 => true,
-        m => return Err(format!("bad record magic {m:02x?}")),
+        m => return Err(HeaderError::Magic(m)),
     };
     let disk = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes"));
     let block = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
     let zero = match h[16] {
         KIND_DATA => false,
         KIND_ZERO => true,
-        k => return Err(format!("unknown record kind {k}")),
+        k => return Err(HeaderError::Kind(k)),
     };
     let checksum = u64::from_le_bytes(h[24..32].try_into().expect("8 bytes"));
     Ok(Header {
@@ -153,32 +205,27 @@ fn verify(h: &[u8; HEADER_LEN], hdr: &Header, data: &[u8]) -> bool {
 
 /// Reads the block saved by the record at `offset` into `out` (one block),
 /// checking that it is the record of `expect_key` and that its checksum holds.
-pub fn read_block(file: &File, offset: u64, expect_key: u64, out: &mut [u8]) -> Result<(), String> {
+pub fn read_block(
+    file: &File,
+    offset: u64,
+    expect_key: u64,
+    out: &mut [u8],
+) -> Result<(), RecordError> {
     debug_assert_eq!(out.len(), BLOCK);
+    let read = |source| RecordError::Read { offset, source };
     let mut h = [0u8; HEADER_LEN];
-    file.read_exact_at(&mut h, offset)
-        .map_err(|e| format!("cannot read undo record at offset {offset}: {e}"))?;
-    let hdr = decode_header(&h).map_err(|e| format!("undo record at offset {offset}: {e}"))?;
-    if key(hdr.disk, hdr.block) != expect_key {
-        return Err(format!(
-            "undo record at offset {offset} is for disk {} block {}, expected disk {} block {}",
-            hdr.disk,
-            hdr.block,
-            key_disk(expect_key),
-            key_block(expect_key)
-        ));
-    }
+    file.read_exact_at(&mut h, offset).map_err(read)?;
+    let hdr = decode_header(&h).map_err(|source| RecordError::Header { offset, source })?;
+    expect_block(&hdr, offset, expect_key)?;
     if hdr.zero {
         out.fill(0);
-        if !verify(&h, &hdr, &[]) {
-            return Err(format!("undo record at offset {offset}: checksum mismatch"));
-        }
     } else {
         file.read_exact_at(out, offset + HEADER_LEN as u64)
-            .map_err(|e| format!("cannot read undo data at offset {offset}: {e}"))?;
-        if !verify(&h, &hdr, out) {
-            return Err(format!("undo record at offset {offset}: checksum mismatch"));
-        }
+            .map_err(read)?;
+    }
+    let data: &[u8] = if hdr.zero { &[] } else { out };
+    if !verify(&h, &hdr, data) {
+        return Err(RecordError::Checksum { offset });
     }
     Ok(())
 }
@@ -187,26 +234,22 @@ pub fn read_block(file: &File, offset: u64, expect_key: u64, out: &mut [u8]) -> 
 /// record; `offset` is its place in the file, for messages): it must be the
 /// record of `expect_key` and its checksum must hold. Returns the saved
 /// block's data, `None` when the block was all zeroes.
-pub fn check_record(rec: &[u8], offset: u64, expect_key: u64) -> Result<Option<&[u8]>, String> {
+pub fn check_record(
+    rec: &[u8],
+    offset: u64,
+    expect_key: u64,
+) -> Result<Option<&[u8]>, RecordError> {
     let h: &[u8; HEADER_LEN] = rec
         .get(..HEADER_LEN)
         .and_then(|h| h.try_into().ok())
-        .ok_or_else(|| format!("undo record at offset {offset} is cut short"))?;
-    let hdr = decode_header(h).map_err(|e| format!("undo record at offset {offset}: {e}"))?;
-    if key(hdr.disk, hdr.block) != expect_key {
-        return Err(format!(
-            "undo record at offset {offset} is for disk {} block {}, expected disk {} block {}",
-            hdr.disk,
-            hdr.block,
-            key_disk(expect_key),
-            key_block(expect_key)
-        ));
-    }
+        .ok_or(RecordError::Short { offset })?;
+    let hdr = decode_header(h).map_err(|source| RecordError::Header { offset, source })?;
+    expect_block(&hdr, offset, expect_key)?;
     let data = rec
         .get(HEADER_LEN..HEADER_LEN + hdr.data_len())
-        .ok_or_else(|| format!("undo data at offset {offset} is cut short"))?;
+        .ok_or(RecordError::Short { offset })?;
     if !verify(h, &hdr, data) {
-        return Err(format!("undo record at offset {offset}: checksum mismatch"));
+        return Err(RecordError::Checksum { offset });
     }
     Ok((!hdr.zero).then_some(data))
 }
@@ -275,97 +318,6 @@ pub fn scan(file: &File, start: u64, disk_ok: impl Fn(u32) -> bool) -> io::Resul
         scan.valid_len = pos;
     }
     Ok(scan)
-}
-
-/// The blocks one interval's journal has saved, and where.
-///
-/// The current interval needs a membership test per written block (a hash
-/// map); a closed interval is only ever enumerated (to build point maps and
-/// pick blocks for rollback), so it shrinks to a plain vector: 16 bytes per
-/// retained block.
-#[derive(Debug)]
-pub struct IntervalIndex {
-    /// Length of the journal file (bytes of valid records).
-    pub len: u64,
-    blocks: Blocks,
-}
-
-#[derive(Debug)]
-enum Blocks {
-    Open(HashMap<u64, u64>),
-    Closed(Vec<(u64, u64)>),
-}
-
-impl IntervalIndex {
-    pub fn new_open() -> IntervalIndex {
-        IntervalIndex {
-            len: 0,
-            blocks: Blocks::Open(HashMap::new()),
-        }
-    }
-
-    /// An index from scanned entries; duplicates (never written by this
-    /// code) keep their first record.
-    pub fn from_scan(entries: Vec<(u64, u64)>, len: u64, open: bool) -> IntervalIndex {
-        if open {
-            let mut m = HashMap::with_capacity(entries.len());
-            for (k, off) in entries {
-                m.entry(k).or_insert(off);
-            }
-            IntervalIndex {
-                len,
-                blocks: Blocks::Open(m),
-            }
-        } else {
-            let mut v = entries;
-            v.shrink_to_fit();
-            IntervalIndex {
-                len,
-                blocks: Blocks::Closed(v),
-            }
-        }
-    }
-
-    pub fn contains(&self, key: u64) -> bool {
-        match &self.blocks {
-            Blocks::Open(m) => m.contains_key(&key),
-            Blocks::Closed(v) => v.iter().any(|&(k, _)| k == key),
-        }
-    }
-
-    pub fn insert(&mut self, key: u64, offset: u64) {
-        match &mut self.blocks {
-            Blocks::Open(m) => {
-                m.entry(key).or_insert(offset);
-            }
-            Blocks::Closed(v) => v.push((key, offset)),
-        }
-    }
-
-    pub fn count(&self) -> usize {
-        match &self.blocks {
-            Blocks::Open(m) => m.len(),
-            Blocks::Closed(v) => v.len(),
-        }
-    }
-
-    /// Every (key, record offset), in no particular order.
-    pub fn for_each(&self, mut f: impl FnMut(u64, u64)) {
-        match &self.blocks {
-            Blocks::Open(m) => m.iter().for_each(|(&k, &o)| f(k, o)),
-            Blocks::Closed(v) => v.iter().for_each(|&(k, o)| f(k, o)),
-        }
-    }
-
-    /// The interval ended (a tag): turn the map into a compact vector.
-    pub fn close(&mut self) {
-        if let Blocks::Open(m) = &mut self.blocks {
-            let mut v: Vec<(u64, u64)> = m.drain().collect();
-            v.sort_unstable_by_key(|&(_, off)| off);
-            v.shrink_to_fit();
-            self.blocks = Blocks::Closed(v);
-        }
-    }
 }
 
 #[cfg(test)]

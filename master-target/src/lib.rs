@@ -13,18 +13,23 @@ pub mod config;
 pub mod control;
 mod copyback;
 pub mod error;
+pub mod events;
 pub mod handover;
 mod hash_cache;
 pub mod hashes;
+mod interval;
 pub mod journal;
 pub mod layout;
 mod ordered;
 pub mod replication;
 pub mod retention;
+pub mod retention_journal;
 pub mod rollback;
 pub mod seqfile;
 pub mod service;
 pub mod state;
+pub mod storage;
+mod store;
 pub mod view;
 
 #[cfg(test)]
@@ -34,8 +39,9 @@ pub use catalog::PointEntry;
 pub use config::{Config, HooksConfig, RetentionConfig};
 pub use error::MtError;
 pub use handover::HandOverReport;
-pub use replication::{Replication, ReplicationStatus, Store};
+pub use replication::{Replication, ReplicationStatus};
 pub use rollback::RollbackReport;
+pub use store::Store;
 pub use view::Views;
 
 use rebound_common::nbd;
@@ -139,12 +145,15 @@ where
             stop_rx.clone(),
         ));
         info!(cs = %config.cs.addr, id = %id, site = %config.site, "control channel to the configuration server starting");
-        Some(rebound_common::control::spawn(
+        let handle = rebound_common::control::spawn(
             config.cs.clone(),
             config.tls.clone(),
             Arc::new(control::Handler(ctl)),
             stop_rx.clone(),
-        ))
+        );
+        // Replications raise events (a poisoned replication) through it.
+        store.events().connect(handle.clone());
+        Some(handle)
     } else {
         None
     };

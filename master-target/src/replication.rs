@@ -6,29 +6,49 @@
 //! applied seq and interval win; see `seqfile`), reconciled with the catalog (since
 //! a crash can fall between appending a point and persisting the state), and
 //! the block index of every retained interval, scanned from its journal with
-//! a torn or corrupt tail cut off. Journals that retention had already given
-//! up (a crash mid-drop) are deleted.
+//! a torn or corrupt tail cut off (see `retention_journal`).
+//!
+//! A failed fdatasync poisons the replication: Linux may have dropped the
+//! dirty pages and marked them clean, so neither memory nor a re-read of
+//! the files can be trusted. A poisoned replication refuses every change
+//! until the process restarts and recovers it from what the disk holds.
 
 use crate::catalog::{self, PointEntry};
 use crate::error::{io_err, MtError, Result};
+use crate::events::Events;
 use crate::hash_cache::HashCache;
-use crate::journal::{self, IntervalIndex};
-use crate::layout::{parse_journal_name, valid_name, Layout};
+use crate::layout::{valid_name, Layout};
+use crate::retention_journal::RetentionJournal;
 use crate::rollback::PreImages;
 use crate::seqfile::{SeqFile, SeqRecord};
 use crate::state::{load_json, save_json, PersistedState, PointRef, StoredDisk, StoredInfo};
-use crate::view::MapCache;
+use crate::storage::{Storage, Target};
+pub use crate::store::Store;
 use rebound_common::durable::fsync_dir;
+use rebound_common::time::now_ms;
 use rebound_proto::ReplicationInfo;
-use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-/// Open journal files kept for reads (views, rollback).
-const MAX_JOURNAL_FDS: usize = 256;
+/// What every replication of a store shares: the storage its durable
+/// writes go through and where it raises events.
+#[derive(Clone)]
+pub(crate) struct Env {
+    pub storage: Arc<dyn Storage>,
+    pub events: Events,
+}
+
+impl Default for Env {
+    fn default() -> Env {
+        Env {
+            storage: Arc::new(crate::storage::Disk),
+            events: Events::default(),
+        }
+    }
+}
 
 /// One replica disk.
 #[derive(Debug)]
@@ -49,8 +69,11 @@ pub struct Replication {
     /// Apply takes the write side per frame; views and chunk hashes take the
     /// read side, so they always see the replica at a frame boundary.
     pub(crate) inner: RwLock<Inner>,
-    pub(crate) journal_fds: Mutex<HashMap<u64, Arc<File>>>,
     pub(crate) applied_tx: watch::Sender<u64>,
+    pub(crate) env: Env,
+    /// Why the replication refuses changes until the process restarts: a
+    /// failed fdatasync (see the module doc).
+    poisoned: Mutex<Option<String>>,
 }
 
 /// The mutable state of a replication, behind its lock.
@@ -58,13 +81,8 @@ pub(crate) struct Inner {
     pub st: PersistedState,
     /// Retained recovery points, oldest first (ascending seq and interval).
     pub points: Vec<PointEntry>,
-    /// Block index of every retained interval that has a journal, plus the
-    /// current interval.
-    pub intervals: BTreeMap<u64, IntervalIndex>,
-    /// Append handle of the current interval's journal, opened on first use.
-    pub journal: Option<File>,
-    /// Cached block maps of recovery points (see `view`).
-    pub maps: Mutex<MapCache>,
+    /// The retention journal: undo records of every retained interval.
+    pub journal: RetentionJournal,
     /// Rollback pre-images, when they are complete.
     pub pre: Option<PreImages>,
     /// `applied.seq`: where apply persists `st.applied_seq` and
@@ -123,7 +141,7 @@ impl Inner {
     }
 
     pub fn journal_bytes(&self) -> u64 {
-        self.intervals.values().map(|i| i.len).sum()
+        self.journal.bytes()
     }
 }
 
@@ -137,13 +155,9 @@ pub struct ReplicationStatus {
     /// An interrupted rollback awaits a re-run or RestorePreImages.
     pub rollback_pending: Option<String>,
     pub journal_bytes: u64,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    /// Why the replication refuses changes until the MT restarts (a failed
+    /// fdatasync), if it does.
+    pub poisoned: Option<String>,
 }
 
 fn validate_info(info: &StoredInfo) -> Result<()> {
@@ -235,7 +249,7 @@ impl Replication {
     /// Creates the replication's directory and sparse replica files, then
     /// opens it. `info.json` is written last: a directory without it is an
     /// interrupted creation and is redone.
-    pub(crate) fn create(data_dir: &Path, p: &ReplicationInfo) -> Result<Replication> {
+    pub(crate) fn create(data_dir: &Path, p: &ReplicationInfo, env: &Env) -> Result<Replication> {
         let info = info_from_proto(p);
         validate_info(&info)?;
         let layout = Layout::new(data_dir.join(&info.replication_id));
@@ -268,11 +282,15 @@ impl Replication {
         save_json(&layout.state(), &PersistedState::default())?;
         save_json(&layout.info(), &info)?;
         sync_dir(data_dir)?;
-        Replication::open(layout.root())
+        Replication::open_in(layout.root(), env)
     }
 
     /// Opens an existing replication directory and recovers its state.
     pub fn open(root: &Path) -> Result<Replication> {
+        Replication::open_in(root, &Env::default())
+    }
+
+    pub(crate) fn open_in(root: &Path, env: &Env) -> Result<Replication> {
         let layout = Layout::new(root.to_path_buf());
         let info: StoredInfo = load_json(&layout.info())?;
         validate_info(&info)?;
@@ -315,7 +333,7 @@ impl Replication {
                 path,
             });
         }
-        let inner = recover(&layout, &info)?;
+        let inner = recover(&layout, &info, env.storage.clone())?;
         let (applied_tx, _) = watch::channel(inner.st.applied_seq);
         Ok(Replication {
             id: info.replication_id.clone(),
@@ -323,8 +341,9 @@ impl Replication {
             layout,
             disks,
             inner: RwLock::new(inner),
-            journal_fds: Mutex::new(HashMap::new()),
             applied_tx,
+            env: env.clone(),
+            poisoned: Mutex::new(None),
         })
     }
 
@@ -396,7 +415,79 @@ impl Replication {
             rolled_back_to: inner.st.rolled_back_to.as_ref().map(|p| p.id.clone()),
             rollback_pending: inner.st.rollback.as_ref().map(|r| r.point.id.clone()),
             journal_bytes: inner.journal_bytes(),
+            poisoned: self.poisoned(),
         }
+    }
+
+    /// Why this replication refuses changes until the MT restarts, if it
+    /// does: an fdatasync failed.
+    pub fn poisoned(&self) -> Option<String> {
+        self.poisoned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The refusal of a poisoned replication, if it is.
+    pub(crate) fn check_not_poisoned(&self) -> Result<()> {
+        match self.poisoned() {
+            Some(cause) => Err(MtError::Poisoned {
+                replication: self.id.clone(),
+                cause,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Called with every error of a write path: a failed fdatasync poisons
+    /// the replication (logged, and raised to the CS as an event). Returns
+    /// whether it did, so the caller does not rebuild its state from files
+    /// it can no longer trust.
+    pub(crate) fn poison_on_failed_sync(&self, e: &MtError) -> bool {
+        if !e.is_failed_sync() {
+            return false;
+        }
+        let cause = e.to_string();
+        let first = {
+            let mut p = self.poisoned.lock().unwrap_or_else(PoisonError::into_inner);
+            let first = p.is_none();
+            p.get_or_insert_with(|| cause.clone());
+            first
+        };
+        if first {
+            let err = MtError::Poisoned {
+                replication: self.id.clone(),
+                cause,
+            };
+            error!(replication = %self.id, machine = %self.info.machine_id, error = %err, "replication poisoned");
+            self.env
+                .events
+                .error("replication-poisoned", &self.id, err.to_string());
+        }
+        true
+    }
+
+    /// fdatasyncs every replica (after something other than apply wrote
+    /// them: rollback, restore, hand-over).
+    pub(crate) fn sync_all_replicas(&self) -> Result<()> {
+        for d in &self.disks {
+            self.sync_file(Target::Replica, &d.file, &d.path)?;
+        }
+        Ok(())
+    }
+
+    /// fdatasyncs a file of this replication through the storage; a
+    /// failure poisons the replication.
+    pub(crate) fn sync_file(&self, target: Target, file: &File, path: &Path) -> Result<()> {
+        self.env.storage.sync_data(target, file).map_err(|source| {
+            let e = MtError::Sync {
+                target,
+                path: path.to_path_buf(),
+                source,
+            };
+            self.poison_on_failed_sync(&e);
+            e
+        })
     }
 
     /// Checks that a hello describes this replication.
@@ -452,53 +543,30 @@ impl Replication {
         }
     }
 
-    /// Rebuilds the in-memory state from disk, as a restart would. Used
-    /// after an IO error left memory and disk possibly out of step.
-    pub(crate) fn reload(&self, inner: &mut Inner) -> Result<()> {
+    /// After a failed write path: rebuilds the in-memory state from disk,
+    /// as a restart would, unless an fdatasync failed. Then the files are
+    /// not to be trusted (the replication is poisoned, see the module doc)
+    /// and memory is left as it is until the process restarts.
+    pub(crate) fn recover_after(&self, inner: &mut Inner, e: &MtError) {
+        if self.poison_on_failed_sync(e) {
+            return;
+        }
+        if let Err(e2) = self.reload(inner) {
+            error!(replication = %self.id, error = %e2, "cannot recover the replication state from disk");
+        }
+    }
+
+    /// Rebuilds the in-memory state from disk, as a restart would.
+    fn reload(&self, inner: &mut Inner) -> Result<()> {
         warn!(replication = %self.id, "recovering replication state from disk after an error");
-        self.journal_fds
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clear();
-        *inner = recover(&self.layout, &self.info)?;
+        *inner = recover(&self.layout, &self.info, self.env.storage.clone())?;
         self.applied_tx.send_replace(inner.st.applied_seq);
         Ok(())
-    }
-
-    /// A read handle on interval `n`'s journal.
-    pub(crate) fn journal_file(&self, n: u64) -> Result<Arc<File>> {
-        let mut fds = self
-            .journal_fds
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(f) = fds.get(&n) {
-            return Ok(f.clone());
-        }
-        let path = self.layout.journal(n);
-        let f = Arc::new(File::open(&path).map_err(io_err(|| {
-            format!(
-                "cannot open retention journal {} of replication {}",
-                path.display(),
-                self.id
-            )
-        }))?);
-        if fds.len() >= MAX_JOURNAL_FDS {
-            fds.clear();
-        }
-        fds.insert(n, f.clone());
-        Ok(f)
-    }
-
-    pub(crate) fn forget_journal_fd(&self, n: u64) {
-        self.journal_fds
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&n);
     }
 }
 
 /// Rebuilds a replication's in-memory state from its files.
-fn recover(layout: &Layout, info: &StoredInfo) -> Result<Inner> {
+fn recover(layout: &Layout, info: &StoredInfo, storage: Arc<dyn Storage>) -> Result<Inner> {
     let rid = &info.replication_id;
     let mut st: PersistedState = if layout.state().exists() {
         load_json(&layout.state())?
@@ -541,61 +609,7 @@ fn recover(layout: &Layout, info: &StoredInfo) -> Result<Inner> {
     mkdir(&layout.retention_dir())?;
     mkdir(&layout.rollback_dir())?;
     let disk_ok = |d: u32| info.disks.iter().any(|x| x.index == d);
-    let mut intervals = BTreeMap::new();
-    let mut removed = false;
-    let dir = layout.retention_dir();
-    let entries =
-        std::fs::read_dir(&dir).map_err(io_err(|| format!("cannot list {}", dir.display())))?;
-    for entry in entries {
-        let entry = entry.map_err(io_err(|| format!("cannot list {}", dir.display())))?;
-        let name = entry.file_name();
-        let Some(n) = name.to_str().and_then(parse_journal_name) else {
-            continue;
-        };
-        let path = layout.journal(n);
-        if n < lo {
-            // Retention gave it up (crash between catalog rewrite and unlink).
-            std::fs::remove_file(&path)
-                .map_err(io_err(|| format!("cannot remove {}", path.display())))?;
-            removed = true;
-            continue;
-        }
-        if n > current {
-            warn!(replication = %rid, journal = %path.display(), current, "journal of a future interval; ignoring it");
-            continue;
-        }
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(io_err(|| format!("cannot open {}", path.display())))?;
-        let scan = journal::scan(&f, 0, disk_ok).map_err(io_err(|| {
-            format!("cannot read retention journal {}", path.display())
-        }))?;
-        if scan.valid_len < scan.file_len {
-            let why = scan.problem.clone().unwrap_or_default();
-            if n == current {
-                warn!(replication = %rid, journal = %path.display(), valid = scan.valid_len, len = scan.file_len, problem = %why,
-                    "cutting the torn tail of the current interval's journal (crash mid-append)");
-            } else {
-                error!(replication = %rid, journal = %path.display(), valid = scan.valid_len, len = scan.file_len, problem = %why,
-                    "a closed interval's journal is damaged; cutting it at the damage: points before interval {n} may be inexact");
-            }
-            f.set_len(scan.valid_len)
-                .and_then(|_| f.sync_all())
-                .map_err(io_err(|| format!("cannot truncate {}", path.display())))?;
-        }
-        intervals.insert(
-            n,
-            IntervalIndex::from_scan(scan.entries, scan.valid_len, n == current),
-        );
-    }
-    if removed {
-        sync_dir(&dir)?;
-    }
-    intervals
-        .entry(current)
-        .or_insert_with(IntervalIndex::new_open);
+    let journal = RetentionJournal::open(layout, rid, current, lo, disk_ok, storage)?;
     let pre_complete =
         st.rolled_back_to.is_some() || st.rollback.as_ref().is_some_and(|r| r.preimages_complete);
     let mut pre = None;
@@ -618,123 +632,10 @@ fn recover(layout: &Layout, info: &StoredInfo) -> Result<Inner> {
     Ok(Inner {
         st,
         points,
-        intervals,
-        journal: None,
-        maps: Mutex::new(MapCache::default()),
+        journal,
         pre,
         seq,
         scratch: Vec::new(),
         chunk_hashes: Mutex::new(HashCache::new(info.disks.iter().map(|d| d.size))),
     })
-}
-
-/// Every replication at this MT.
-pub struct Store {
-    data_dir: PathBuf,
-    repls: RwLock<BTreeMap<String, Arc<Replication>>>,
-    create: Mutex<()>,
-}
-
-impl Store {
-    /// Opens every replication under `data_dir` (creating the directory).
-    /// A replication that cannot be opened is logged and left out, so one
-    /// damaged replication does not stop the others.
-    pub fn open(data_dir: &Path) -> Result<Store> {
-        mkdir(data_dir)?;
-        let mut repls = BTreeMap::new();
-        let entries = std::fs::read_dir(data_dir).map_err(io_err(|| {
-            format!("cannot list data dir {}", data_dir.display())
-        }))?;
-        for entry in entries {
-            let entry = entry.map_err(io_err(|| format!("cannot list {}", data_dir.display())))?;
-            let root = entry.path();
-            if entry
-                .file_name()
-                .to_string_lossy()
-                .starts_with(".deleting-")
-            {
-                // A deletion interrupted by a crash (EndReplication).
-                if let Err(e) = std::fs::remove_dir_all(&root) {
-                    warn!(dir = %root.display(), error = %e, "cannot finish deleting an ended replication");
-                }
-                continue;
-            }
-            if !root.join("info.json").exists() {
-                continue;
-            }
-            match Replication::open(&root) {
-                Ok(r) => {
-                    info!(replication = %r.id, machine = %r.info.machine_id, applied_seq = r.applied_seq(),
-                        points = r.read_inner().points.len(), "replication opened");
-                    repls.insert(r.id.clone(), Arc::new(r));
-                }
-                Err(e) => error!(dir = %root.display(), error = %e,
-                    "cannot open replication; it is left out until the problem is fixed and the MT restarted"),
-            }
-        }
-        Ok(Store {
-            data_dir: data_dir.to_path_buf(),
-            repls: RwLock::new(repls),
-            create: Mutex::new(()),
-        })
-    }
-
-    pub fn data_dir(&self) -> &Path {
-        &self.data_dir
-    }
-
-    pub fn get(&self, id: &str) -> Option<Arc<Replication>> {
-        self.repls
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(id)
-            .cloned()
-    }
-
-    /// Every replication, ordered by id.
-    pub fn list(&self) -> Vec<Arc<Replication>> {
-        self.repls
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .values()
-            .cloned()
-            .collect()
-    }
-
-    pub(crate) fn remove_entry(&self, id: &str) {
-        self.repls
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(id);
-    }
-
-    /// The replication named by `info`, created (empty sparse replicas of
-    /// the given sizes) if this MT does not have it yet.
-    pub fn get_or_create(&self, info: &ReplicationInfo) -> Result<Arc<Replication>> {
-        if let Some(r) = self.get(&info.replication_id) {
-            r.check_hello(info)?;
-            return Ok(r);
-        }
-        let _g = self
-            .create
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(r) = self.get(&info.replication_id) {
-            r.check_hello(info)?;
-            return Ok(r);
-        }
-        let r = Arc::new(Replication::create(&self.data_dir, info)?);
-        info!(
-            replication = %r.id,
-            machine = %r.info.machine_id,
-            disks = %r.info.disks.iter().map(|d| format!("{}:{}:{}", d.index, d.name, d.size)).collect::<Vec<_>>().join(","),
-            dir = %r.layout.root().display(),
-            "replication created"
-        );
-        self.repls
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(r.id.clone(), r.clone());
-        Ok(r)
-    }
 }

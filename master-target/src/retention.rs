@@ -18,7 +18,7 @@ use crate::catalog;
 use crate::config::RetentionConfig;
 use crate::error::Result;
 use crate::replication::{Replication, Store};
-use rebound_common::durable::fsync_dir;
+use rebound_common::time::now_ms;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -79,7 +79,7 @@ impl Replication {
         }
         let by_window = d;
         if cfg.max_bytes > 0 {
-            let lens: Vec<(u64, u64)> = inner.intervals.iter().map(|(&k, i)| (k, i.len)).collect();
+            let lens = inner.journal.interval_bytes();
             let mut it = 0;
             let mut total: u64 = lens.iter().map(|&(_, l)| l).sum();
             let advance = |d: usize, it: &mut usize, total: &mut u64| {
@@ -105,25 +105,10 @@ impl Replication {
         catalog::rewrite(&self.layout.catalog(), &keep)?;
         let oldest = keep[0].clone();
         inner.points = keep;
-        let freed: Vec<u64> = inner
-            .intervals
-            .range(..=oldest.interval)
-            .map(|(&k, _)| k)
-            .collect();
-        // The freed journals and their block indexes are only forgotten
-        // here; they are deleted (and the indexes freed) once the lock is
-        // released, because unlinking a journal of a few hundred MB takes
-        // hundreds of ms that apply would otherwise wait (RPO).
-        let mut dropped_indexes = Vec::with_capacity(freed.len());
-        for k in &freed {
-            dropped_indexes.extend(inner.intervals.remove(k));
-            self.forget_journal_fd(*k);
-        }
-        inner
-            .maps
-            .get_mut()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .forget_before(oldest.interval);
+        // The freed journals are only forgotten here; they are deleted once
+        // the lock is released, because unlinking a journal of a few
+        // hundred MB takes hundreds of ms that apply would otherwise wait.
+        let dropped = inner.journal.drop_through(oldest.interval);
         out.dropped = d;
         out.size_capped = d > by_window;
         out.oldest = Some(oldest.id.clone());
@@ -150,28 +135,9 @@ impl Replication {
             "retention dropped the oldest recovery points"
         );
         drop(inner);
-        drop(dropped_indexes);
-        for k in &freed {
-            let path = self.layout.journal(*k);
-            if let Err(e) = std::fs::remove_file(&path) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    warn!(replication = %self.id, journal = %path.display(), error = %e,
-                        "cannot delete a dropped journal; it is deleted at the next start");
-                }
-            }
-        }
-        if let Err(e) = fsync_dir(&self.layout.retention_dir()) {
-            warn!(replication = %self.id, error = %e, "cannot fsync the retention directory");
-        }
+        dropped.delete(&self.id);
         Ok(out)
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Runs retention over every replication every `check_secs` until `stop`.

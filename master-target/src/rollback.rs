@@ -20,14 +20,15 @@
 //! which, are those of a single thread.
 
 use crate::catalog::PointEntry;
-use crate::copyback::{start_writeback, SavedBlock, Source};
+use crate::copyback::{SavedBlock, Source};
 use crate::error::{io_err, MtError, Result};
 use crate::journal::{self, key_block, key_disk, BLOCK};
 use crate::layout::Layout;
 use crate::ordered::{ordered, window_buffers, WORKERS};
 use crate::replication::Replication;
+use crate::retention_journal::Undo;
 use crate::state::{save_json, PointRef, RollbackProgress};
-use crate::view::build_map;
+use crate::storage::{start_writeback, Target};
 use rebound_common::alloc::BufferPool;
 use rebound_common::chunk::read_full_at;
 use rebound_common::durable::fsync_dir;
@@ -36,7 +37,8 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tracing::{info, warn};
+use thiserror::Error;
+use tracing::info;
 
 const BS: u64 = BLOCK as u64;
 const PRE_MAGIC: [u8; 4] = *b"RBP1";
@@ -82,27 +84,38 @@ fn encode_header(point: &PointRef, count: u64) -> Vec<u8> {
     h
 }
 
+/// Why a pre-image file's header cannot be used.
+#[derive(Debug, Error)]
+enum HeaderError {
+    #[error("cannot read the header: {0}")]
+    Read(#[from] std::io::Error),
+    #[error("not a pre-image file (bad magic or version)")]
+    Magic,
+    #[error("header checksum mismatch")]
+    Checksum,
+    #[error("point id is not UTF-8")]
+    PointId,
+}
+
 /// Parses a pre-image header: (point, record count, header length).
-fn parse_header(f: &File) -> Result<(PointRef, u64, u64), String> {
+fn parse_header(f: &File) -> Result<(PointRef, u64, u64), HeaderError> {
     let mut fixed = [0u8; 34];
-    f.read_exact_at(&mut fixed, 0)
-        .map_err(|e| format!("cannot read the header: {e}"))?;
+    f.read_exact_at(&mut fixed, 0)?;
     if fixed[..4] != PRE_MAGIC || fixed[4] != PRE_VERSION {
-        return Err("not a pre-image file (bad magic or version)".into());
+        return Err(HeaderError::Magic);
     }
     let interval = u64::from_le_bytes(fixed[8..16].try_into().expect("8"));
     let seq = u64::from_le_bytes(fixed[16..24].try_into().expect("8"));
     let count = u64::from_le_bytes(fixed[24..32].try_into().expect("8"));
     let id_len = u16::from_le_bytes(fixed[32..34].try_into().expect("2")) as usize;
     let mut rest = vec![0u8; id_len + 8];
-    f.read_exact_at(&mut rest, 34)
-        .map_err(|e| format!("cannot read the header: {e}"))?;
+    f.read_exact_at(&mut rest, 34)?;
     let mut all = fixed.to_vec();
     all.extend_from_slice(&rest[..id_len]);
     if blake3::hash(&all).as_bytes()[..8] != rest[id_len..] {
-        return Err("header checksum mismatch".into());
+        return Err(HeaderError::Checksum);
     }
-    let id = String::from_utf8(rest[..id_len].to_vec()).map_err(|_| "point id is not UTF-8")?;
+    let id = String::from_utf8(rest[..id_len].to_vec()).map_err(|_| HeaderError::PointId)?;
     Ok((
         PointRef { id, seq, interval },
         count,
@@ -126,7 +139,7 @@ impl PreImages {
             .map_err(io_err(|| {
                 format!("cannot open pre-image file {}", path.display())
             }))?;
-        let (p, count, hlen) = parse_header(&file).map_err(bad)?;
+        let (p, count, hlen) = parse_header(&file).map_err(|e| bad(e.to_string()))?;
         if &p != point {
             return Err(bad(format!(
                 "it belongs to a rollback to {} (seq {}) but the replica state names {} (seq {})",
@@ -160,31 +173,12 @@ pub struct RollbackReport {
     pub undo_bytes: u64,
 }
 
-/// Where a test makes a rollback stop, as a crash would.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum CrashAt {
-    Never,
-    /// Halfway through writing the pre-images.
-    DuringPreImages,
-    /// Right after the pre-images are complete.
-    AfterPreImages,
-    /// Halfway through writing the point's content.
-    MidWrite,
-}
-
-fn simulated_crash() -> MtError {
-    MtError::Internal("simulated crash (test hook)".into())
-}
-
 impl Replication {
     /// Rolls the replica back to recovery point `point` (an id). Idempotent:
     /// re-running after an interruption, or when already at the point,
     /// ends at exactly the point.
     pub fn rollback(&self, point: &str) -> Result<RollbackReport> {
-        self.rollback_inner(point, CrashAt::Never)
-    }
-
-    pub(crate) fn rollback_inner(&self, point: &str, crash: CrashAt) -> Result<RollbackReport> {
+        self.check_not_poisoned()?;
         let mut inner = self.write_inner()?;
         // The replica is about to change other than by apply.
         inner.forget_chunk_hashes();
@@ -238,10 +232,7 @@ impl Replication {
             }
         }
         // Affected blocks and where their content at P is, in disk order.
-        let mut blocks: Vec<(u64, (u64, u64))> = build_map(&inner.intervals, p.interval)
-            .into_iter()
-            .collect();
-        blocks.sort_unstable_by_key(|&(k, _)| k);
+        let blocks = inner.journal.point_map(p.interval);
         info!(replication = %self.id, machine = %machine, point = %p.id, seq = p.seq, blocks = blocks.len(), "rollback started");
         let started = Instant::now();
 
@@ -261,7 +252,7 @@ impl Replication {
                 });
                 inner.pre = None;
                 save_json(&self.layout.state(), &inner.st)?;
-                let pre = self.write_preimages(&pref, &blocks, crash)?;
+                let pre = self.write_preimages(&pref, &blocks)?;
                 inner.st.rollback = Some(RollbackProgress {
                     point: pref.clone(),
                     preimages_complete: true,
@@ -271,40 +262,42 @@ impl Replication {
                 info!(replication = %self.id, point = %p.id, blocks = blocks.len(),
                     ms = started.elapsed().as_millis() as u64, "rollback: pre-images saved");
             }
-            if crash == CrashAt::AfterPreImages {
-                return Err(simulated_crash());
-            }
             // 2. The content at P, in large reads and writes.
             let mut files: Vec<(u64, Arc<File>, u64)> = Vec::new();
             let mut saved = Vec::with_capacity(blocks.len());
-            for &(key, (n, off)) in &blocks {
+            for &(
+                key,
+                Undo {
+                    interval: n,
+                    offset,
+                },
+            ) in &blocks
+            {
                 let src = match files.iter().position(|(m, _, _)| *m == n) {
                     Some(i) => i,
                     None => {
-                        let len = inner.intervals.get(&n).map_or(0, |i| i.len);
-                        files.push((n, self.journal_file(n)?, len));
+                        files.push((n, inner.journal.file(n)?, inner.journal.len(n)));
                         files.len() - 1
                     }
                 };
-                saved.push(SavedBlock { key, src, off });
+                saved.push(SavedBlock {
+                    key,
+                    src,
+                    off: offset,
+                });
             }
-            let limit = if crash == CrashAt::MidWrite {
-                saved.len() / 2
-            } else {
-                saved.len()
-            };
             let sources: Vec<Source<'_>> = files
                 .iter()
                 .map(|(_, f, len)| Source { file: f, len: *len })
                 .collect();
             let mut last_log = Instant::now();
             let mut undo_bytes = 0u64;
-            for (i, part) in saved[..limit].chunks(PROGRESS_BLOCKS).enumerate() {
+            for (i, part) in saved.chunks(PROGRESS_BLOCKS).enumerate() {
                 undo_bytes += self.copy_saved_blocks(part, &sources, |src, e| {
                     MtError::DataLoss(format!(
                         "rollback of {machine} to {}: retention journal {}: {e}; the replica is partly rolled back: fix the journal or restore pre-images",
                         p.id,
-                        self.layout.journal(files[src].0).display()
+                        inner.journal.path(files[src].0).display()
                     ))
                 })?;
                 if last_log.elapsed() >= PROGRESS_EVERY {
@@ -312,15 +305,8 @@ impl Replication {
                     last_log = Instant::now();
                 }
             }
-            if crash == CrashAt::MidWrite {
-                return Err(simulated_crash());
-            }
             let copied_ms = started.elapsed().as_millis() as u64;
-            for d in &self.disks {
-                d.file.sync_data().map_err(io_err(|| {
-                    format!("cannot fdatasync replica {}", d.path.display())
-                }))?;
-            }
+            self.sync_all_replicas()?;
             // 3. The replica is at P.
             inner.st.rolled_back_to = Some(pref.clone());
             inner.st.rollback = None;
@@ -333,21 +319,14 @@ impl Replication {
                 undo_bytes,
             })
         })();
-        if result.is_err() {
-            // Memory may be ahead of disk; take the state from disk.
-            if let Err(e) = self.reload(&mut inner) {
-                warn!(replication = %self.id, error = %e, "cannot recover replication state after a failed rollback");
-            }
+        if let Err(e) = &result {
+            // Memory may be ahead of disk.
+            self.recover_after(&mut inner, e);
         }
         result
     }
 
-    fn write_preimages(
-        &self,
-        point: &PointRef,
-        blocks: &[(u64, (u64, u64))],
-        crash: CrashAt,
-    ) -> Result<PreImages> {
+    fn write_preimages(&self, point: &PointRef, blocks: &[(u64, Undo)]) -> Result<PreImages> {
         let path = self.layout.preimages();
         let ctx = || format!("cannot write pre-image file {}", path.display());
         let file = OpenOptions::new()
@@ -357,17 +336,18 @@ impl Replication {
             .truncate(true)
             .open(&path)
             .map_err(io_err(ctx))?;
+        let storage = self.env.storage.as_ref();
         let header = encode_header(point, blocks.len() as u64);
-        file.write_all_at(&header, 0).map_err(io_err(ctx))?;
+        storage
+            .write_all_at(Target::PreImages, &file, &header, 0)
+            .map_err(io_err(ctx))?;
         let mut pos = header.len() as u64;
         // Written back up to here: the device writes the pre-images while
         // the next segments are read, not all at the final fsync.
         let mut kicked = 0u64;
         let mut offsets = HashMap::with_capacity(blocks.len());
         // Segments are read and encoded on the workers and appended here in
-        // order (see `ordered`); a simulated crash stops before the segment
-        // holding the middle block, with the ones before it written.
-        let middle = blocks.len() / 2;
+        // order (see `ordered`).
         let segments: Vec<std::ops::Range<usize>> = (0..blocks.len())
             .step_by(PRE_SEGMENT_BLOCKS)
             .map(|s| s..(s + PRE_SEGMENT_BLOCKS).min(blocks.len()))
@@ -376,15 +356,11 @@ impl Replication {
         ordered(
             segments,
             WORKERS,
-            |seg| {
-                let encoded = self.encode_preimages(&blocks[seg.clone()], &bufs)?;
-                Ok((seg, encoded))
-            },
-            |(seg, (rec, saved))| {
-                if crash == CrashAt::DuringPreImages && seg.contains(&middle) {
-                    return Err(simulated_crash());
-                }
-                file.write_all_at(&rec, pos).map_err(io_err(ctx))?;
+            |seg| self.encode_preimages(&blocks[seg], &bufs),
+            |(rec, saved)| {
+                storage
+                    .write_all_at(Target::PreImages, &file, &rec, pos)
+                    .map_err(io_err(ctx))?;
                 for (key, rel) in saved {
                     offsets.insert(key, pos + rel);
                 }
@@ -394,10 +370,10 @@ impl Replication {
                     start_writeback(&file, kicked, pos - kicked);
                     kicked = pos;
                 }
-                Ok(())
+                Ok::<(), MtError>(())
             },
         )?;
-        file.sync_all().map_err(io_err(ctx))?;
+        self.sync_file(Target::PreImages, &file, &path)?;
         let dir = self.layout.rollback_dir();
         fsync_dir(&dir).map_err(io_err(|| format!("cannot fsync {}", dir.display())))?;
         Ok(PreImages {
@@ -411,7 +387,7 @@ impl Replication {
     /// `bufs`; the records' buffer is the caller's to give back.
     fn encode_preimages(
         &self,
-        blocks: &[(u64, (u64, u64))],
+        blocks: &[(u64, Undo)],
         bufs: &BufferPool,
     ) -> Result<EncodedSegment> {
         let mut buf = bufs.take().unwrap_or_default();
@@ -452,6 +428,7 @@ impl Replication {
     /// where it was before (latest), and forgets the rollback. Returns the
     /// number of blocks written. Idempotent; 0 when nothing is rolled back.
     pub fn restore_pre_images(&self) -> Result<u64> {
+        self.check_not_poisoned()?;
         let mut inner = self.write_inner()?;
         // The replica is about to change other than by apply.
         inner.forget_chunk_hashes();
@@ -523,11 +500,7 @@ impl Replication {
                     ))
                 },
             )?;
-            for d in &self.disks {
-                d.file.sync_data().map_err(io_err(|| {
-                    format!("cannot fdatasync replica {}", d.path.display())
-                }))?;
-            }
+            self.sync_all_replicas()?;
             inner.st.rolled_back_to = None;
             inner.st.rollback = None;
             save_json(&self.layout.state(), &inner.st)?;
@@ -537,10 +510,8 @@ impl Replication {
                 "pre-images restored: the replica is back at latest and apply may resume");
             Ok(entries.len() as u64)
         })();
-        if result.is_err() {
-            if let Err(e) = self.reload(&mut inner) {
-                warn!(replication = %self.id, error = %e, "cannot recover replication state after a failed restore");
-            }
+        if let Err(e) = &result {
+            self.recover_after(&mut inner, e);
         }
         result
     }

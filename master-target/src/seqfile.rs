@@ -24,6 +24,7 @@
 //! `checksum` is the first 8 bytes of blake3 over the first 32 bytes.
 
 use crate::error::{io_err, MtError, Result};
+use crate::storage::{Storage, Target};
 use rebound_common::durable::write_atomic;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -120,14 +121,21 @@ impl SeqFile {
         ))
     }
 
-    /// Persists `rec` durably (pwrite of one slot, fdatasync).
-    pub fn store(&mut self, rec: SeqRecord) -> Result<()> {
+    /// Persists `rec` durably (pwrite of one slot, fdatasync) through
+    /// `storage`.
+    pub fn store(&mut self, rec: SeqRecord, storage: &dyn Storage) -> Result<()> {
         let b = encode(self.counter, rec);
         let at = (self.counter % 2) * SLOT;
-        self.file
-            .write_all_at(&b, at)
-            .and_then(|_| self.file.sync_data())
+        storage
+            .write_all_at(Target::AppliedSeq, &self.file, &b, at)
             .map_err(io_err(|| format!("cannot write {}", self.path.display())))?;
+        storage
+            .sync_data(Target::AppliedSeq, &self.file)
+            .map_err(|source| MtError::Sync {
+                target: Target::AppliedSeq,
+                path: self.path.clone(),
+                source,
+            })?;
         self.counter += 1;
         Ok(())
     }
@@ -136,6 +144,7 @@ impl SeqFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::Disk;
 
     fn rec(a: u64, i: u64) -> SeqRecord {
         SeqRecord {
@@ -150,13 +159,13 @@ mod tests {
         let p = d.path().join("applied.seq");
         let (mut f, r) = SeqFile::open(&p, rec(7, 2)).unwrap();
         assert_eq!(r, rec(7, 2));
-        f.store(rec(9, 2)).unwrap();
-        f.store(rec(12, 3)).unwrap();
+        f.store(rec(9, 2), &Disk).unwrap();
+        f.store(rec(12, 3), &Disk).unwrap();
         drop(f);
         // `initial` is ignored once the file exists.
         let (mut f, r) = SeqFile::open(&p, rec(0, 0)).unwrap();
         assert_eq!(r, rec(12, 3));
-        f.store(rec(13, 3)).unwrap();
+        f.store(rec(13, 3), &Disk).unwrap();
         assert_eq!(SeqFile::open(&p, rec(0, 0)).unwrap().1, rec(13, 3));
     }
 
@@ -165,8 +174,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("applied.seq");
         let (mut f, _) = SeqFile::open(&p, rec(1, 0)).unwrap();
-        f.store(rec(5, 0)).unwrap(); // counter 2 → slot 0
-        f.store(rec(6, 1)).unwrap(); // counter 3 → slot 1
+        f.store(rec(5, 0), &Disk).unwrap(); // counter 2 → slot 0
+        f.store(rec(6, 1), &Disk).unwrap(); // counter 3 → slot 1
         drop(f);
         let raw = OpenOptions::new().write(true).open(&p).unwrap();
         raw.write_all_at(&[0xff; 8], SLOT + 20).unwrap(); // tear slot 1

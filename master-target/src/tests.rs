@@ -2,11 +2,9 @@
 //! recovery point, rollback and retention against an in-memory model of the
 //! disks, by blake3 of their content.
 
-use crate::apply::ApplyCrash;
 use crate::config::RetentionConfig;
 use crate::error::MtError;
 use crate::replication::{Replication, Store};
-use crate::rollback::CrashAt;
 use rebound_common::chunk::{chunk_hash, CHUNK_SIZE, SUB_CHUNK_SIZE};
 use rebound_common::frame::{Frame, FrameBuilder, Record, Tag, TagKind};
 use rebound_proto::{DiskInfo, ReplicationInfo};
@@ -165,6 +163,12 @@ fn h(b: &[u8]) -> blake3::Hash {
 
 /// Every retained point and latest equal the model; plus unaligned reads.
 pub(crate) fn check_all(r: &Replication, g: &Gen) {
+    check_points(r, g);
+    check_latest(r, &g.disks);
+}
+
+/// Every retained point equals the model; plus unaligned reads.
+pub(crate) fn check_points(r: &Replication, g: &Gen) {
     let points = r.points();
     for p in &points {
         let snap = g.snap(&p.id);
@@ -191,7 +195,6 @@ pub(crate) fn check_all(r: &Replication, g: &Gen) {
             }
         }
     }
-    check_latest(r, &g.disks);
 }
 
 pub(crate) fn check_latest(r: &Replication, disks: &[Vec<u8>]) {
@@ -205,6 +208,20 @@ pub(crate) fn check_latest(r: &Replication, disks: &[Vec<u8>]) {
 
 pub(crate) fn open_store(dir: &Path) -> (Arc<Store>, Arc<Replication>) {
     let store = Arc::new(Store::open(dir).expect("open store"));
+    let r = store.get_or_create(&info()).expect("replication");
+    (store, r)
+}
+
+/// Like [`open_store`], with every durable write going through `storage`.
+pub(crate) fn open_store_on(
+    dir: &Path,
+    storage: Arc<dyn crate::storage::Storage>,
+) -> (Arc<Store>, Arc<Replication>) {
+    let env = crate::replication::Env {
+        storage,
+        events: Default::default(),
+    };
+    let store = Arc::new(Store::open_in(dir, env).expect("open store"));
     let r = store.get_or_create(&info()).expect("replication");
     (store, r)
 }
@@ -313,48 +330,6 @@ fn reapplying_frames_is_harmless() {
 }
 
 #[test]
-fn half_applied_frame_and_torn_journal_tail_recover() {
-    let dir = tempfile::tempdir().unwrap();
-    let g = history(4);
-    let n = g.seq();
-    // Stop apply of the last frame after its journal is synced and half its
-    // data is written.
-    let last_frame_start = n - 20;
-    {
-        let (_s, r) = open_store(dir.path());
-        apply_range(&r, &g, 1, last_frame_start - 1, 8);
-        let e = r.apply_inner(&g.frame(last_frame_start, n), ApplyCrash::MidData);
-        assert!(e.is_err());
-        assert_eq!(r.applied_seq(), last_frame_start - 1);
-    }
-    // Plus a torn record at the end of the current interval's journal.
-    let jdir = dir.path().join(RID).join("retention");
-    let cur = std::fs::read_dir(&jdir)
-        .unwrap()
-        .filter_map(|e| crate::layout::parse_journal_name(e.unwrap().file_name().to_str().unwrap()))
-        .max()
-        .unwrap();
-    let jpath = jdir.join(format!("interval-{cur}.undo"));
-    let good_len = std::fs::metadata(&jpath).unwrap().len();
-    let mut torn = Vec::new();
-    crate::journal::encode(&mut torn, 0, 3, &[9u8; 4096]);
-    torn.truncate(1000);
-    let mut bytes = std::fs::read(&jpath).unwrap();
-    bytes.extend_from_slice(&torn);
-    std::fs::write(&jpath, bytes).unwrap();
-    let (_s, r) = open_store(dir.path());
-    assert_eq!(
-        std::fs::metadata(&jpath).unwrap().len(),
-        good_len,
-        "torn tail cut"
-    );
-    assert_eq!(r.applied_seq(), last_frame_start - 1);
-    // The PS resends from resume_seq + 1.
-    apply_range(&r, &g, last_frame_start, n, 100);
-    check_all(&r, &g);
-}
-
-#[test]
 fn bad_frames_are_refused_and_nothing_is_applied() {
     let dir = tempfile::tempdir().unwrap();
     let mut g = history(5);
@@ -450,7 +425,7 @@ fn rollback_and_restore() {
 
 impl Gen {
     /// The model replayed up to seq `n` (for tests that ran ahead).
-    fn clone_disks_at(&self, n: u64) -> Vec<Vec<u8>> {
+    pub(crate) fn clone_disks_at(&self, n: u64) -> Vec<Vec<u8>> {
         let mut disks: Vec<Vec<u8>> = SIZES.iter().map(|&s| vec![0u8; s as usize]).collect();
         for r in &self.records[..n as usize] {
             match r {
@@ -464,48 +439,6 @@ impl Gen {
             }
         }
         disks
-    }
-}
-
-#[test]
-fn interrupted_rollback_reruns_to_the_exact_point() {
-    for crash in [
-        CrashAt::DuringPreImages,
-        CrashAt::AfterPreImages,
-        CrashAt::MidWrite,
-    ] {
-        for then_restore in [false, true] {
-            let dir = tempfile::tempdir().unwrap();
-            let g = history(7);
-            {
-                let (_s, r) = open_store(dir.path());
-                apply_range(&r, &g, 1, g.seq(), 13);
-                assert!(r.rollback_inner("p2", crash).is_err());
-            }
-            // "kill -9": reopen from disk.
-            let (_s, r) = open_store(dir.path());
-            assert!(r.status().rollback_pending.is_some(), "{crash:?}");
-            let mut b = FrameBuilder::new(RID, g.seq() + 1);
-            b.push_write(0, 0, &[1u8; 512]);
-            assert!(matches!(
-                r.apply_frame(&b.finish().to_bytes()),
-                Err(MtError::FailedPrecondition(_))
-            ));
-            assert!(matches!(
-                r.rollback("p3"),
-                Err(MtError::FailedPrecondition(_))
-            ));
-            if then_restore {
-                r.restore_pre_images().unwrap();
-                check_all(&r, &g);
-                assert!(r.status().rollback_pending.is_none());
-            } else {
-                r.rollback("p2").unwrap();
-                check_latest(&r, g.snap("p2"));
-                r.restore_pre_images().unwrap();
-                check_all(&r, &g);
-            }
-        }
     }
 }
 
@@ -743,7 +676,7 @@ fn hello_must_match() {
 #[test]
 fn index_memory_is_compact() {
     // A closed interval holds (key, offset) pairs: 16 bytes per block.
-    let mut idx = crate::journal::IntervalIndex::new_open();
+    let mut idx = crate::interval::IntervalIndex::new_open();
     for i in 0..1000 {
         idx.insert(i, i * 4128);
     }
@@ -753,5 +686,6 @@ fn index_memory_is_compact() {
 }
 
 mod batch;
+mod faults;
 mod grpc;
 mod lifecycle;

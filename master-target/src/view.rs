@@ -1,100 +1,29 @@
 //! Reading a disk as it was at a recovery point, and serving that as
 //! read-only NBD exports (DESIGN.md §7 "Recovery points", "Views").
 //!
-//! The content of block b at point P is the undo record of the earliest
-//! interval after P that saved b; if no interval after P saved it, it is the
-//! replica's current content. While the replica is rolled back to a point Q,
-//! the latest content of the blocks the rollback changed lives in the
+//! The content of a block at a point is the retention journal's to say
+//! (`retention_journal`); where it says "unchanged since", it is the
+//! replica's current content. While the replica is rolled back to a point
+//! Q, the latest content of the blocks the rollback changed lives in the
 //! pre-image file, so for points after Q "the replica" is replaced by the
-//! pre-image where there is one.
-//!
-//! Resolving that rule block by block across thousands of intervals would be
-//! slow, so each point gets a *point map*: for every block saved after P, the
-//! interval and journal offset of its earliest undo record. Maps are built on
-//! first use, cached (a few per replication), and kept current by apply,
-//! which adds each newly saved block to every cached map that lacks it.
-//! Every read holds the replication's read lock, so a view always sees a
-//! frame boundary while apply goes on.
+//! pre-image where there is one. Every read holds the replication's read
+//! lock, so a view always sees a frame boundary while apply goes on.
 
 use crate::error::{MtError, Result};
-use crate::journal::{self, IntervalIndex, BLOCK};
+use crate::journal::{self, BLOCK};
 use crate::replication::{Disk, Inner, Replication, Store};
+use crate::retention_journal::Undo;
 use rebound_common::chunk::read_full_at;
 use rebound_common::nbd::{BlockDevice, ExportRegistry, NbdError};
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 const BS: u64 = BLOCK as u64;
-/// Point maps cached per replication.
-const MAX_MAPS: usize = 8;
-
-/// Block key → (interval, journal offset) of its earliest undo record after
-/// the point.
-pub(crate) type PointMap = HashMap<u64, (u64, u64)>;
-
-/// Builds the map of the point that closes interval `k`.
-pub(crate) fn build_map(intervals: &BTreeMap<u64, IntervalIndex>, k: u64) -> PointMap {
-    let mut map = PointMap::new();
-    for (&n, idx) in intervals.range(k + 1..) {
-        idx.for_each(|key, off| {
-            map.entry(key).or_insert((n, off));
-        });
-    }
-    map
-}
-
-/// Cached point maps of one replication, keyed by the interval the point
-/// closes.
-#[derive(Default)]
-pub(crate) struct MapCache {
-    maps: HashMap<u64, (u64, PointMap)>,
-    tick: u64,
-}
-
-impl MapCache {
-    fn get_or_build(&mut self, intervals: &BTreeMap<u64, IntervalIndex>, k: u64) -> &PointMap {
-        self.tick += 1;
-        let tick = self.tick;
-        if !self.maps.contains_key(&k) && self.maps.len() >= MAX_MAPS {
-            if let Some(&old) = self
-                .maps
-                .iter()
-                .min_by_key(|(_, (used, _))| *used)
-                .map(|(k, _)| k)
-            {
-                self.maps.remove(&old);
-            }
-        }
-        let e = self
-            .maps
-            .entry(k)
-            .or_insert_with(|| (tick, build_map(intervals, k)));
-        e.0 = tick;
-        &e.1
-    }
-
-    /// Apply saved these blocks in interval `n` (newer than every cached
-    /// point): a map that has no earlier record of a block takes this one.
-    pub fn note_saved(&mut self, n: u64, saved: impl Iterator<Item = (u64, u64)> + Clone) {
-        for (&k, (_, map)) in self.maps.iter_mut() {
-            debug_assert!(k < n);
-            for (key, off) in saved.clone() {
-                map.entry(key).or_insert((n, off));
-            }
-        }
-    }
-
-    /// Retention dropped the points closing intervals before `k`.
-    pub fn forget_before(&mut self, k: u64) {
-        self.maps.retain(|&pk, _| pk >= k);
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Src {
     Replica,
-    Journal(u64, u64),
+    Journal(Undo),
     Pre(u64),
 }
 
@@ -208,25 +137,20 @@ impl Replication {
             })?),
             _ => None,
         };
-        let srcs: Vec<Src> = {
-            let mut cache = inner
-                .maps
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let map = cache.get_or_build(&inner.intervals, k);
-            (first..=last)
-                .map(|b| {
-                    let key = journal::key(d.index, b);
-                    if let Some(&(n, off)) = map.get(&key) {
-                        Src::Journal(n, off)
-                    } else if let Some(&off) = pre.and_then(|p| p.blocks.get(&key)) {
-                        Src::Pre(off)
-                    } else {
-                        Src::Replica
-                    }
-                })
-                .collect()
-        };
+        let undo = inner
+            .journal
+            .locate(k, (first..=last).map(|b| journal::key(d.index, b)));
+        let srcs: Vec<Src> = (first..=last)
+            .zip(undo)
+            .map(|(b, undo)| {
+                let key = journal::key(d.index, b);
+                match (undo, pre.and_then(|p| p.blocks.get(&key))) {
+                    (Some(u), _) => Src::Journal(u),
+                    (None, Some(&off)) => Src::Pre(off),
+                    (None, None) => Src::Replica,
+                }
+            })
+            .collect();
         let mut tmp = vec![0u8; BLOCK];
         let mut i = 0usize;
         while i < srcs.len() {
@@ -245,16 +169,16 @@ impl Replication {
                     i = j + 1;
                     continue;
                 }
-                Src::Journal(n, off) => {
-                    let f = self.journal_file(n)?;
-                    journal::read_block(&f, off, journal::key(d.index, b), &mut tmp).map_err(|e| {
-                        MtError::DataLoss(format!(
-                            "replication {} disk {} block {b} at point {point_id}: retention journal {}: {e}",
-                            self.id,
-                            d.name,
-                            self.layout.journal(n).display()
-                        ))
-                    })?;
+                Src::Journal(u) => {
+                    inner
+                        .journal
+                        .read_undo(journal::key(d.index, b), u, &mut tmp)
+                        .map_err(|e| {
+                            MtError::DataLoss(format!(
+                                "replication {} disk {} block {b} at point {point_id}: {e}",
+                                self.id, d.name
+                            ))
+                        })?;
                 }
                 Src::Pre(off) => {
                     let p = pre.expect("pre-images present");

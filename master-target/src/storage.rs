@@ -1,0 +1,217 @@
+//! The writes and syncs that make the MT's data durable, behind one small
+//! trait so tests can make any of them fail.
+//!
+//! Apply and rollback write the retention journal, the replicas, the
+//! pre-images and the applied seq through [`Storage`]; the real
+//! implementation ([`Disk`]) is plain pwrite / fallocate / fdatasync. Tests
+//! substitute a storage that fails the n-th write or fdatasync of one kind
+//! of file, which is how a crash or a failing disk is simulated: the
+//! product code has no test hooks of its own.
+//!
+//! This module also holds the crate's only `unsafe` code (two libc calls
+//! that std does not wrap), each block with its `SAFETY` comment.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+
+/// Which kind of file a write or sync is for (what a test aims a fault at,
+/// and what an error names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// An interval's retention journal.
+    Journal,
+    /// A replica disk.
+    Replica,
+    /// A rollback's pre-image file.
+    PreImages,
+    /// `applied.seq`.
+    AppliedSeq,
+}
+
+impl Target {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Target::Journal => "retention journal",
+            Target::Replica => "replica",
+            Target::PreImages => "pre-image file",
+            Target::AppliedSeq => "applied.seq",
+        }
+    }
+}
+
+/// The durable-write operations of the MT.
+pub trait Storage: Send + Sync + 'static {
+    /// Writes all of `buf` at `offset`.
+    fn write_all_at(&self, target: Target, file: &File, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes `len` bytes at `offset` read as zeroes.
+    fn zero_range(&self, target: Target, file: &File, offset: u64, len: u64) -> io::Result<()>;
+    /// fdatasync. After a failure the file's content on the device is
+    /// unknown (Linux may have dropped the dirty pages and marked them
+    /// clean), so callers must not trust what they read back.
+    fn sync_data(&self, target: Target, file: &File) -> io::Result<()>;
+}
+
+/// The real storage: the files as they are.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Disk;
+
+impl Storage for Disk {
+    fn write_all_at(&self, _: Target, file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
+        file.write_all_at(buf, offset)
+    }
+
+    fn zero_range(&self, _: Target, file: &File, offset: u64, len: u64) -> io::Result<()> {
+        zero_range(file, offset, len)
+    }
+
+    fn sync_data(&self, _: Target, file: &File) -> io::Result<()> {
+        file.sync_data()
+    }
+}
+
+/// Makes `len` bytes at `offset` read as zeroes: punches a hole (keeping
+/// the size), or writes zeroes where the filesystem cannot punch.
+fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate on a valid open descriptor with plain integer args.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => {
+            let zeros = vec![0u8; (1 << 20).min(len as usize)];
+            let mut o = offset;
+            let end = offset + len;
+            while o < end {
+                let n = (end - o).min(zeros.len() as u64) as usize;
+                file.write_all_at(&zeros[..n], o)?;
+                o += n as u64;
+            }
+            Ok(())
+        }
+        _ => Err(err),
+    }
+}
+
+/// Asks the kernel to start writing `len` bytes at `offset` of `file` to
+/// the device, without waiting (`sync_file_range(SYNC_FILE_RANGE_WRITE)`).
+/// Not a durability step: the fdatasync that follows still is. It lets the
+/// device write one window while the next is read and checked, instead of
+/// all of it at the fdatasync; a failure only loses that overlap.
+pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) {
+    // SAFETY: sync_file_range on an open fd; it reads no memory of ours.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
+#[cfg(test)]
+pub(crate) use faulty::{Faulty, Op};
+
+#[cfg(test)]
+mod faulty {
+    use super::{Disk, Storage, Target};
+    use std::fs::File;
+    use std::io;
+    use std::sync::Mutex;
+
+    /// The operation a fault is aimed at.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) enum Op {
+        /// A write or a zeroing.
+        Write,
+        Sync,
+    }
+
+    /// A storage that behaves like [`Disk`] until an armed fault fires:
+    /// the `nth` (1-based) call of `op` on `target` counted from arming
+    /// fails with EIO. With `crash` every call after it fails too, as if
+    /// the process had died there.
+    #[derive(Default)]
+    pub(crate) struct Faulty {
+        plan: Mutex<Option<Plan>>,
+    }
+
+    struct Plan {
+        op: Op,
+        target: Target,
+        left: usize,
+        crash: bool,
+        fired: bool,
+    }
+
+    impl Faulty {
+        pub fn arm(&self, op: Op, target: Target, nth: usize, crash: bool) {
+            *self.plan.lock().unwrap() = Some(Plan {
+                op,
+                target,
+                left: nth,
+                crash,
+                fired: false,
+            });
+        }
+
+        pub fn disarm(&self) {
+            *self.plan.lock().unwrap() = None;
+        }
+
+        /// Whether the armed fault has fired.
+        pub fn fired(&self) -> bool {
+            self.plan.lock().unwrap().as_ref().is_some_and(|p| p.fired)
+        }
+
+        fn check(&self, op: Op, target: Target) -> io::Result<()> {
+            let mut plan = self.plan.lock().unwrap();
+            let Some(p) = plan.as_mut() else {
+                return Ok(());
+            };
+            if p.fired {
+                return if p.crash { Err(eio()) } else { Ok(()) };
+            }
+            if p.op == op && p.target == target {
+                p.left -= 1;
+                if p.left == 0 {
+                    p.fired = true;
+                    return Err(eio());
+                }
+            }
+            Ok(())
+        }
+    }
+
+    fn eio() -> io::Error {
+        io::Error::from_raw_os_error(libc::EIO)
+    }
+
+    impl Storage for Faulty {
+        fn write_all_at(&self, t: Target, file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
+            self.check(Op::Write, t)?;
+            Disk.write_all_at(t, file, buf, offset)
+        }
+
+        fn zero_range(&self, t: Target, file: &File, offset: u64, len: u64) -> io::Result<()> {
+            self.check(Op::Write, t)?;
+            Disk.zero_range(t, file, offset, len)
+        }
+
+        fn sync_data(&self, t: Target, file: &File) -> io::Result<()> {
+            self.check(Op::Sync, t)?;
+            Disk.sync_data(t, file)
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! Failures injected through the storage (`storage::Faulty`): a crash in
+//! the middle of apply or rollback (every write and sync after the fault
+//! fails, then the store is reopened from disk as after `kill -9`), and a
+//! failed fdatasync, which poisons the replication until a restart.
+
+use super::{
+    apply_range, check_all, check_latest, check_points, history, open_store, open_store_on, RID,
+};
+use crate::error::MtError;
+use crate::storage::{Faulty, Op, Target};
+use rebound_common::frame::FrameBuilder;
+use std::sync::Arc;
+
+#[test]
+fn half_applied_frame_and_torn_journal_tail_recover() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = history(4);
+    let n = g.seq();
+    // Stop apply of the last frame after its journal is synced and part of
+    // its data is written, as a crash would.
+    let last_frame_start = n - 20;
+    {
+        let faulty = Arc::new(Faulty::default());
+        let (_s, r) = open_store_on(dir.path(), faulty.clone());
+        apply_range(&r, &g, 1, last_frame_start - 1, 8);
+        faulty.arm(Op::Write, Target::Replica, 5, true);
+        let e = r.apply_frame(&g.frame_bytes(last_frame_start, n));
+        assert!(e.is_err());
+        assert!(faulty.fired());
+        assert_eq!(r.applied_seq(), last_frame_start - 1);
+    }
+    // Plus a torn record at the end of the current interval's journal.
+    let jdir = dir.path().join(RID).join("retention");
+    let cur = std::fs::read_dir(&jdir)
+        .unwrap()
+        .filter_map(|e| crate::layout::parse_journal_name(e.unwrap().file_name().to_str().unwrap()))
+        .max()
+        .unwrap();
+    let jpath = jdir.join(format!("interval-{cur}.undo"));
+    let good_len = std::fs::metadata(&jpath).unwrap().len();
+    let mut torn = Vec::new();
+    crate::journal::encode(&mut torn, 0, 3, &[9u8; 4096]);
+    torn.truncate(1000);
+    let mut bytes = std::fs::read(&jpath).unwrap();
+    bytes.extend_from_slice(&torn);
+    std::fs::write(&jpath, bytes).unwrap();
+    let (_s, r) = open_store(dir.path());
+    assert_eq!(
+        std::fs::metadata(&jpath).unwrap().len(),
+        good_len,
+        "torn tail cut"
+    );
+    assert_eq!(r.applied_seq(), last_frame_start - 1);
+    // The PS resends from resume_seq + 1.
+    apply_range(&r, &g, last_frame_start, n, 100);
+    check_all(&r, &g);
+}
+
+/// Where a rollback is interrupted: (operation, file, which call).
+const ROLLBACK_CRASHES: [(&str, Op, Target, usize); 3] = [
+    // The header is written, then the first segment of pre-images fails.
+    ("during pre-images", Op::Write, Target::PreImages, 2),
+    // Pre-images complete; the first write of the point's content fails.
+    ("after pre-images", Op::Write, Target::Replica, 1),
+    // Part of the point's content is written.
+    ("mid-write", Op::Write, Target::Replica, 2),
+];
+
+#[test]
+fn interrupted_rollback_reruns_to_the_exact_point() {
+    for (name, op, target, nth) in ROLLBACK_CRASHES {
+        for then_restore in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let g = history(7);
+            {
+                let faulty = Arc::new(Faulty::default());
+                let (_s, r) = open_store_on(dir.path(), faulty.clone());
+                apply_range(&r, &g, 1, g.seq(), 13);
+                faulty.arm(op, target, nth, true);
+                assert!(r.rollback("p2").is_err(), "{name}");
+                assert!(faulty.fired(), "{name}");
+            }
+            // "kill -9": reopen from disk.
+            let (_s, r) = open_store(dir.path());
+            assert!(r.status().rollback_pending.is_some(), "{name}");
+            let mut b = FrameBuilder::new(RID, g.seq() + 1);
+            b.push_write(0, 0, &[1u8; 512]);
+            assert!(matches!(
+                r.apply_frame(&b.finish().to_bytes()),
+                Err(MtError::FailedPrecondition(_))
+            ));
+            assert!(matches!(
+                r.rollback("p3"),
+                Err(MtError::FailedPrecondition(_))
+            ));
+            if then_restore {
+                r.restore_pre_images().unwrap();
+                check_all(&r, &g);
+                assert!(r.status().rollback_pending.is_none());
+            } else {
+                r.rollback("p2").unwrap();
+                check_latest(&r, g.snap("p2"));
+                r.restore_pre_images().unwrap();
+                check_all(&r, &g);
+            }
+        }
+    }
+}
+
+/// A failed fdatasync of any file apply syncs poisons the replication: it
+/// refuses apply (and rollback) with an error that says to check the disk
+/// and restart, without rebuilding anything from the page cache. Reopened
+/// from disk ("restart"), everything acknowledged is there (the views at
+/// every point and the replica match the model by blake3) and apply
+/// resumes from the acknowledged seq.
+#[test]
+fn failed_fdatasync_poisons_until_restart_and_loses_nothing_acknowledged() {
+    for (target, nth) in [
+        (Target::Journal, 1),
+        (Target::Replica, 1),
+        (Target::AppliedSeq, 2),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let g = history(11);
+        let n = g.seq();
+        let half = n / 2;
+        let acked;
+        {
+            let faulty = Arc::new(Faulty::default());
+            let (_s, r) = open_store_on(dir.path(), faulty.clone());
+            apply_range(&r, &g, 1, half, 9);
+            acked = r.applied_seq();
+            assert_eq!(acked, half);
+            faulty.arm(Op::Sync, target, nth, false);
+            let mut from = half + 1;
+            let failed = loop {
+                assert!(from <= n, "{target:?}: the fault never fired");
+                let to = (from + 8).min(n);
+                match r.apply_frame(&g.frame_bytes(from, to)) {
+                    Ok(seq) => {
+                        assert_eq!(seq, to);
+                        from = to + 1;
+                    }
+                    Err(e) => break e,
+                }
+            };
+            assert!(faulty.fired(), "{target:?}");
+            assert!(failed.is_failed_sync(), "{target:?}: {failed}");
+            let acked_before = r.applied_seq();
+            assert_eq!(
+                acked_before,
+                from - 1,
+                "{target:?}: nothing of the failed cycle is acknowledged"
+            );
+            // (a) The fault is gone, but the replication stays poisoned.
+            faulty.disarm();
+            let e = r.apply_frame(&g.frame_bytes(from, n)).unwrap_err();
+            let msg = e.to_string();
+            assert!(matches!(e, MtError::Poisoned { .. }), "{target:?}: {msg}");
+            assert!(
+                msg.contains(RID) && msg.contains("restart rebound-mt"),
+                "{msg}"
+            );
+            assert!(matches!(r.rollback("p1"), Err(MtError::Poisoned { .. })));
+            assert!(r.status().poisoned.is_some());
+            assert_eq!(r.applied_seq(), acked_before);
+        }
+        // (b) Restart: reopened from disk, nothing acknowledged is lost.
+        let (_s, r) = open_store(dir.path());
+        assert!(r.status().poisoned.is_none());
+        let resumed = r.applied_seq();
+        assert!(
+            resumed >= acked,
+            "{target:?}: applied seq went back to {resumed} from {acked}"
+        );
+        check_points(&r, &g);
+        if target != Target::Replica {
+            // The replica was synced up to the resume seq. (After a failed
+            // replica fdatasync it may also hold writes never acknowledged,
+            // which the resent frames overwrite.)
+            check_latest(&r, &g.clone_disks_at(resumed));
+        }
+        // The PS resends from the resume seq + 1; apply goes on.
+        apply_range(&r, &g, resumed + 1, n, 9);
+        check_all(&r, &g);
+    }
+}
