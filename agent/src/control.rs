@@ -42,8 +42,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::capture::Capture;
+use crate::capture::{Capture, TagError};
 use crate::config::{PsConfig, Settings};
+use crate::hook::{run_hook, HookError};
 use crate::sender::Link;
 
 /// Default write hold of a consistency-group barrier.
@@ -250,7 +251,7 @@ impl Runtime {
     }
 
     /// Runs a hook; Ok when none is configured.
-    pub async fn hook(&self, name: &str, command: &str) -> Result<(), String> {
+    pub async fn hook(&self, name: &str, command: &str) -> Result<(), HookError> {
         if command.trim().is_empty() {
             return Ok(());
         }
@@ -336,7 +337,7 @@ impl Runtime {
 
     /// Cuts an app-consistent point: freeze → hold → tag → release → thaw.
     /// A failed freeze cuts a crash point with a warning.
-    pub async fn app_tag(&self, id: &str, group: &str) -> Result<TagCut, String> {
+    pub async fn app_tag(&self, id: &str, group: &str) -> Result<TagCut, TagError> {
         let _one = self.app_lock.lock().await;
         if let Err(e) = self.hook("freeze", &self.settings.hooks.freeze).await {
             // Best effort: whatever part of the freeze ran is undone.
@@ -344,10 +345,7 @@ impl Runtime {
             let warning = format!("freeze failed ({e}); cut a crash-consistent point instead");
             warn!("{warning}");
             self.event("warning", "freeze-failed", warning.clone());
-            let (id, seq) = self
-                .capture
-                .cut_named_tag(TagKind::Crash, id, group)
-                .map_err(|e| e.to_string())?;
+            let (id, seq) = self.capture.cut_named_tag(TagKind::Crash, id, group)?;
             return Ok(TagCut {
                 id,
                 seq,
@@ -362,7 +360,7 @@ impl Runtime {
             self.capture.hold().release(&token);
         }
         let thaw = self.hook("thaw", &self.settings.hooks.thaw).await;
-        let (id, seq) = cut.map_err(|e| e.to_string())?;
+        let (id, seq) = cut?;
         let mut warning = String::new();
         if let Err(e) = thaw {
             warning = format!("thaw failed: {e}");
@@ -387,9 +385,12 @@ impl Runtime {
                     seq,
                     kind: "crash".into(),
                     warning: String::new(),
-                })
-                .map_err(|e| e.to_string()),
-            k => Err(format!("unknown tag kind {k:?}: use crash or app")),
+                }),
+            k => {
+                return err_result(format!(
+                    "no recovery point cut: unknown tag kind {k:?}: use crash or app"
+                ))
+            }
         };
         tag_result(cut)
     }
@@ -447,15 +448,12 @@ impl Runtime {
         };
         let cut = self.capture.cut_named_tag(kind, &g.tag_id, &g.tag_id);
         self.capture.hold().release(&g.tag_id);
-        tag_result(
-            cut.map(|(id, seq)| TagCut {
-                id,
-                seq,
-                kind: kind.as_str().into(),
-                warning: String::new(),
-            })
-            .map_err(|e| e.to_string()),
-        )
+        tag_result(cut.map(|(id, seq)| TagCut {
+            id,
+            seq,
+            kind: kind.as_str().into(),
+            warning: String::new(),
+        }))
     }
 
     pub fn group_abort(&self, g: &pb::GroupAbort) -> CommandResult {
@@ -658,7 +656,7 @@ async fn stop(p: Pipeline) {
     }
 }
 
-fn tag_result(cut: Result<TagCut, String>) -> CommandResult {
+fn tag_result(cut: Result<TagCut, TagError>) -> CommandResult {
     match cut {
         Ok(t) => CommandResult {
             ok: true,
@@ -667,57 +665,6 @@ fn tag_result(cut: Result<TagCut, String>) -> CommandResult {
             ..Default::default()
         },
         Err(e) => err_result(format!("no recovery point cut: {e}")),
-    }
-}
-
-/// Runs `sh -c command` with `env`, killed after `timeout`.
-pub async fn run_hook(
-    name: &str,
-    command: &str,
-    env: &[(String, String)],
-    timeout: Duration,
-) -> Result<(), String> {
-    let mut c = tokio::process::Command::new("sh");
-    c.arg("-c")
-        .arg(command)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    let child = c
-        .spawn()
-        .map_err(|e| format!("{name} hook cannot start: {e}"))?;
-    match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Err(_) => Err(format!(
-            "{name} hook did not finish within {} ms",
-            timeout.as_millis()
-        )),
-        Ok(Err(e)) => Err(format!("{name} hook: {e}")),
-        Ok(Ok(out)) if out.status.success() => Ok(()),
-        Ok(Ok(out)) => {
-            let err = String::from_utf8_lossy(&out.stderr);
-            // The last line says most; keep the message short.
-            let err = err
-                .trim()
-                .lines()
-                .last()
-                .unwrap_or("")
-                .chars()
-                .take(300)
-                .collect::<String>();
-            Err(format!(
-                "{name} hook {}{}",
-                out.status,
-                if err.trim().is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", err.trim())
-                }
-            ))
-        }
     }
 }
 

@@ -22,6 +22,7 @@ pub mod control;
 pub mod dirty_log;
 pub mod disk;
 pub mod frame_pool;
+pub mod hook;
 pub mod ingest_codec;
 pub mod page_cache;
 pub mod resync;

@@ -20,8 +20,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use futures::StreamExt;
-use rebound_common::frame::{Frame, FrameBuilder};
+use rebound_common::frame::{Frame, FrameBuilder, FrameError};
+use rebound_common::tls::TlsError;
 use rebound_proto::ingest_response::Msg as RespMsg;
 use rebound_proto::ReplicationInfo;
 use thiserror::Error;
@@ -42,17 +44,37 @@ const MAX_MESSAGE: usize = 64 << 20;
 const SEND_QUEUE: usize = 2;
 /// The `Ingest` method of the PS's service (proto/rebound.proto).
 const INGEST_PATH: &str = "/rebound.v1.ProcessServer/Ingest";
+/// First wait before reconnecting to the PS: short, so a PS restart costs
+/// little lag.
+const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(400);
+/// Longest wait between attempts while the PS stays unreachable.
+const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(2);
 
+/// Why a session with the PS ended; the sender reconnects after each.
 #[derive(Debug, Error)]
 pub enum SenderError {
-    #[error("{0}")]
-    Connect(String),
-    #[error("Ingest stream: {0}")]
-    Stream(String),
+    #[error(transparent)]
+    Connect(#[from] TlsError),
+    #[error("the connection is not ready: {0}")]
+    NotReady(tonic::transport::Error),
+    #[error("Ingest stream: {}: {}", .0.code(), .0.message())]
+    Stream(Box<tonic::Status>),
     #[error("the process server closed the Ingest stream")]
     Closed,
-    #[error("the process server broke the protocol: {0}")]
-    Protocol(String),
+    #[error("the process server broke the protocol: no answer to hello within 60 s")]
+    NoResume,
+    #[error("the process server broke the protocol: expected resume_seq first, got {0}")]
+    NotResumeFirst(String),
+    #[error("the process server broke the protocol: unexpected resume_seq {0} mid-stream")]
+    ResumeMidStream(u64),
+    #[error("re-reading our own frame: {0}")]
+    OwnFrame(#[from] FrameError),
+}
+
+impl From<tonic::Status> for SenderError {
+    fn from(s: tonic::Status) -> Self {
+        SenderError::Stream(Box::new(s))
+    }
 }
 
 /// The state of the link to the PS, shared with the resync driver.
@@ -164,10 +186,7 @@ fn seal(b: FrameBuilder) -> Sealed {
 /// middle of a frame), so the PS never sees a frame starting before its
 /// resume point.
 fn tail(rid: &str, s: &Sealed, from: u64) -> Result<Sealed, SenderError> {
-    let recs = s
-        .frame
-        .records()
-        .map_err(|e| SenderError::Protocol(format!("re-reading our own frame: {e}")))?;
+    let recs = s.frame.records()?;
     let mut b = FrameBuilder::new(rid, from);
     for r in recs.iter().skip((from - s.first) as usize) {
         b.push(r);
@@ -216,6 +235,7 @@ pub async fn run(
         next: 0,
     };
     let mut failures: u32 = 0;
+    let mut backoff = reconnect_backoff();
     loop {
         if *stop.borrow() {
             return;
@@ -229,6 +249,7 @@ pub async fn run(
                 if was_connected {
                     warn!(addr = %settings.ps.addr, "lost the process server: {e}; reconnecting");
                     failures = 0;
+                    backoff = reconnect_backoff();
                 } else if failures == 0 || failures.is_multiple_of(30) {
                     warn!(addr = %settings.ps.addr, "cannot reach the process server: {e}; retrying");
                 } else {
@@ -237,12 +258,24 @@ pub async fn run(
                 failures += 1;
             }
         }
-        let backoff = Duration::from_millis((200u64 << failures.min(4)).min(2000));
+        let delay = backoff.next().unwrap_or(RECONNECT_MAX_DELAY);
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(delay) => {}
             _ = stop.changed() => {}
         }
     }
+}
+
+/// The delays between attempts to reach the PS: doubling from
+/// [`RECONNECT_MIN_DELAY`] to [`RECONNECT_MAX_DELAY`], starting over after
+/// a stream that was connected breaks.
+fn reconnect_backoff() -> ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(RECONNECT_MIN_DELAY)
+        .with_max_delay(RECONNECT_MAX_DELAY)
+        .with_factor(2.0)
+        .without_max_times()
+        .build()
 }
 
 async fn session(
@@ -254,49 +287,31 @@ async fn session(
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), SenderError> {
     let addr = &settings.ps.addr;
-    let channel = settings
-        .tls
-        .connect(addr, &settings.ps.server_name)
-        .await
-        .map_err(|e| SenderError::Connect(e.to_string()))?;
+    let channel = settings.tls.connect(addr, &settings.ps.server_name).await?;
     let mut client =
         tonic::client::Grpc::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE);
     let (tx, rx) = mpsc::channel::<Outgoing>(SEND_QUEUE);
     tx.send(Outgoing::Hello(info.clone()))
         .await
         .map_err(|_| SenderError::Closed)?;
-    client
-        .ready()
-        .await
-        .map_err(|e| SenderError::Connect(format!("the connection is not ready: {e}")))?;
+    client.ready().await.map_err(SenderError::NotReady)?;
     let resp = client
         .streaming(
             tonic::Request::new(ReceiverStream::new(rx)),
             PathAndQuery::from_static(INGEST_PATH),
             IngestCodec,
         )
-        .await
-        .map_err(|s| SenderError::Stream(format!("{}: {}", s.code(), s.message())))?;
+        .await?;
     let mut inbound = resp.into_inner();
     let first = tokio::time::timeout(Duration::from_secs(60), inbound.next())
         .await
-        .map_err(|_| SenderError::Protocol("no answer to hello within 60 s".into()))?;
+        .map_err(|_| SenderError::NoResume)?;
     let resume = match first {
         Some(Ok(m)) => match m.msg {
             Some(RespMsg::ResumeSeq(r)) => r,
-            other => {
-                return Err(SenderError::Protocol(format!(
-                    "expected resume_seq first, got {other:?}"
-                )))
-            }
+            other => return Err(SenderError::NotResumeFirst(format!("{other:?}"))),
         },
-        Some(Err(s)) => {
-            return Err(SenderError::Stream(format!(
-                "{}: {}",
-                s.code(),
-                s.message()
-            )))
-        }
+        Some(Err(s)) => return Err(s.into()),
         None => return Err(SenderError::Closed),
     };
 
@@ -366,11 +381,11 @@ async fn session(
                         cap.stream().on_durable(d, freed);
                     }
                     Some(RespMsg::ResumeSeq(r)) => {
-                        return Err(SenderError::Protocol(format!("unexpected resume_seq {r} mid-stream")));
+                        return Err(SenderError::ResumeMidStream(r));
                     }
                     None => {}
                 },
-                Some(Err(s)) => return Err(SenderError::Stream(format!("{}: {}", s.code(), s.message()))),
+                Some(Err(s)) => return Err(s.into()),
                 None => return Err(SenderError::Closed),
             },
             permit = tx.reserve(), if has_unsent => {
@@ -389,6 +404,15 @@ async fn session(
 mod tests {
     use super::*;
     use rebound_common::frame::Record;
+
+    #[test]
+    fn reconnect_delays_double_up_to_the_maximum() {
+        let d: Vec<u64> = reconnect_backoff()
+            .take(6)
+            .map(|d| d.as_millis() as u64)
+            .collect();
+        assert_eq!(d, vec![400, 800, 1600, 2000, 2000, 2000]);
+    }
 
     #[test]
     fn tail_reencodes_from_the_resume_point() {

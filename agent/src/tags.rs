@@ -2,7 +2,9 @@
 //!
 //! A tag is a record in the change stream, so it is cut under the ordering
 //! point like a write ([`crate::capture::Capture::cut_tag`]); this module
-//! holds the naming rules and the crash-tag timer.
+//! holds the naming rule. The crash-tag timer is
+//! [`crate::control::crash_tag_loop`], because the control plane can change
+//! its interval.
 //!
 //! Choice: the timer cuts a crash tag every `crash_interval` only when some
 //! record went into the stream since the last tag. An idle machine would
@@ -12,44 +14,12 @@
 //! skips while a resync window is open or writes are missing from the
 //! stream (bitmap mode), because no point there is consistent.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use rebound_common::frame::TagKind;
-use tokio::sync::watch;
-use tracing::debug;
-
-use crate::capture::Capture;
 
 /// Tag ids are `"<kind>-<seq>"` (e.g. `crash-1042`), unique per replication
 /// because seqs are.
 pub fn tag_id(kind: TagKind, seq: u64) -> String {
     format!("{}-{seq}", kind.as_str())
-}
-
-/// Cuts crash tags every `interval` until `stop` turns true.
-pub async fn crash_tag_loop(
-    capture: Arc<Capture>,
-    interval: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => return,
-        }
-        if *stop.borrow() {
-            return;
-        }
-        match capture.cut_tag(TagKind::Crash, false) {
-            Ok(Some((id, seq))) => debug!(tag = %id, seq, "crash tag"),
-            Ok(None) => {}
-            Err(e) => debug!("crash tag skipped: {e}"),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -128,7 +128,7 @@ impl Modes {
         }
     }
 
-    /// Records again. True when a resync must follow (a change was missed).
+    /// Records again; a resync follows when a change was missed.
     pub fn leave_bitmap(&mut self) {
         if self.recording {
             return;
