@@ -62,15 +62,15 @@ impl Account {
         let _ = rx.wait_for(|u| !u.paused).await;
     }
     /// Where backpressure ends.
-    pub fn low_watermark(&self) -> u64 {
+    fn low_watermark(&self) -> u64 {
         self.cap - self.cap / 16
     }
     /// Counts `n` bytes of a frame that is on its way to the writer.
-    pub fn reserve(&self, n: u64) {
+    fn reserve(&self, n: u64) {
         self.update(|u| u.reserved = u.reserved.saturating_add(n));
     }
     /// Drops a reservation (the frame was stored, dropped or refused).
-    pub fn release(&self, n: u64) {
+    pub(super) fn release(&self, n: u64) {
         self.update(|u| u.reserved = u.reserved.saturating_sub(n));
     }
     /// Counts `n` bytes that reached a segment file.

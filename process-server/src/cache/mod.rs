@@ -2,38 +2,38 @@
 //! streams and the forwarders to the master target. A frame's way through
 //! it, each step in the module named for it:
 //!
-//! 1. [`registry`]: the agent's hello finds (or creates) its replication,
+//! 1. `registry.rs`: the agent's hello finds (or creates) its replication,
 //!    refused when another machine claims the id;
-//! 2. [`cap`]: the frame's bytes are reserved against the cache cap; a full
+//! 2. `cap.rs`: the frame's bytes are reserved against the cache cap; a full
 //!    cache stops reading the stream (backpressure);
-//! 3. [`replication`]: [`Replication::append`] queues the frame for the
+//! 3. `replication.rs`: [`Replication::append`] queues the frame for the
 //!    replication's writer;
-//! 4. [`group_commit`]: the writer appends it as an entry of the newest
+//! 4. `group_commit.rs`: the writer appends it as an entry of the newest
 //!    segment (format in `crate::segment`), fsyncs once for the whole batch
 //!    queued across streams, and only then acknowledges with the durable
 //!    seq; once the master target has applied a segment it deletes it;
-//! 5. [`reader`]: the forwarder reads synced frames in seq order.
+//! 5. `reader.rs`: the forwarder reads synced frames in seq order.
 //!
-//! On restart [`recovery`] cuts a torn tail off the newest segment and
-//! [`info`] brings back the agent's hello, so forwarding resumes before the
+//! On restart `recovery.rs` cuts a torn tail off the newest segment and
+//! `info.rs` brings back the agent's hello, so forwarding resumes before the
 //! agent reconnects.
 
-pub mod cap;
-pub mod error;
+mod cap;
+mod error;
 mod group_commit;
 mod info;
-pub mod reader;
+mod reader;
 mod recovery;
-pub mod registry;
-pub mod replication;
+mod registry;
+mod replication;
 #[cfg(test)]
 mod tests;
 
 pub use cap::{Account, Reservation};
 pub use error::{AppendError, CacheError, SegmentFailure};
 pub use reader::{Cursor, Item, ReadError};
-pub use registry::{check_replication_id, Cache};
-pub use replication::{Replication, SegMeta, Segments, Stats};
+pub use registry::Cache;
+pub use replication::{Replication, SegMeta, Stats};
 
 /// Largest segment file before the writer starts a new one.
 pub const SEGMENT_MAX_BYTES: u64 = 64 << 20;

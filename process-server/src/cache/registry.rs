@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 const REMOVED_PREFIX: &str = ".removed-";
 
 /// Checks that a replication id is usable as a directory name.
-pub fn check_replication_id(id: &str) -> Result<(), CacheError> {
+fn check_replication_id(id: &str) -> Result<(), CacheError> {
     let bad = |why: &'static str| {
         Err(CacheError::BadReplicationId {
             id: id.to_string(),
@@ -81,9 +81,6 @@ impl Cache {
         })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
     pub fn account(&self) -> &Arc<Account> {
         &self.account
     }

@@ -27,11 +27,11 @@ pub struct SegMeta {
 
 /// The segment table of a replication (synced data only).
 #[derive(Debug, Default)]
-pub struct Segments {
+pub(super) struct Segments {
     /// Segments by first seq (file name).
-    pub map: BTreeMap<u64, SegMeta>,
+    pub(super) map: BTreeMap<u64, SegMeta>,
     /// Sum of `len`.
-    pub bytes: u64,
+    pub(super) bytes: u64,
 }
 
 /// Counters for the periodic summary and Status.
@@ -83,7 +83,7 @@ impl Replication {
     pub fn dir(&self) -> &Path {
         &self.sh.dir
     }
-    pub fn segments_dir(&self) -> PathBuf {
+    pub(super) fn segments_dir(&self) -> PathBuf {
         self.sh.dir.join("segments")
     }
     /// The agent's hello as last stored, if any.
@@ -130,7 +130,7 @@ impl Replication {
         self.sh.segments().map.clone()
     }
     /// Runs `f` on the segment table under its lock.
-    pub fn with_segments<T>(&self, f: impl FnOnce(&Segments) -> T) -> T {
+    pub(super) fn with_segments<T>(&self, f: impl FnOnce(&Segments) -> T) -> T {
         f(&self.sh.segments())
     }
 
