@@ -4,7 +4,8 @@
 //! `commit`, `reprotect`, `jobs`, `plan`, `group`, ...) talk to the
 //! configuration server with the admin certificate ([`operator`]). The CLI
 //! can also talk to a master target directly (`points --mt`, `rollback`,
-//! `restore-pre-images`), write a lab PKI and run the demo.
+//! `restore-pre-images`), write a lab PKI and run the demo; `rebound bench`
+//! runs the separate `rebound-bench` binary ([`bench`]).
 pub mod bench;
 pub mod certs;
 pub mod demo;

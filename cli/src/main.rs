@@ -2,6 +2,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -43,22 +44,15 @@ enum Cmd {
         config: PathBuf,
     },
     /// Measure replication cost, throughput, RPO, resync and RTO on this
-    /// machine beside its own limits and peer tools; print one table (issue 4).
+    /// machine beside its own limits and peer tools; print one table. Runs
+    /// the `rebound-bench` binary beside this one with the same arguments
+    /// (`rebound bench --help` lists them: --quick, --json FILE, --dir DIR,
+    /// --only PARTS).
+    #[command(disable_help_flag = true)]
     Bench {
-        /// Smaller sizes and durations (under 2 minutes): same rows, rougher figures.
-        #[arg(long)]
-        quick: bool,
-        /// Also write the table as JSON to this file.
-        #[arg(long)]
-        json: Option<PathBuf>,
-        /// Work in this directory (kept) instead of a temporary one.
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// Run only these parts (comma-separated): `limits` (section 1),
-        /// `main` (sections 2, 3, 4, 6 and memory), `resync` (section 5);
-        /// the other rows say "not run". For working on one figure.
-        #[arg(long, value_enum, value_delimiter = ',')]
-        only: Vec<rebound_cli::bench::Part>,
+        /// The arguments of `rebound-bench`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
     },
     /// Write a lab PKI (CA, PS, MT, admin and agent certificates) into a directory.
     Certs {
@@ -142,20 +136,7 @@ async fn main() -> Result<()> {
             rebound_common::telemetry::init(Default::default());
             rebound_cli::demo::agent_main(&config).await
         }
-        Cmd::Bench {
-            quick,
-            json,
-            dir,
-            only,
-        } => {
-            rebound_cli::bench::run(rebound_cli::bench::BenchOptions {
-                quick,
-                json,
-                dir,
-                only,
-            })
-            .await
-        }
+        Cmd::Bench { args } => std::process::exit(rebound_cli::bench::run(&args)?),
         Cmd::Certs { out, machines } => rebound_cli::certs::write(&out, &machines),
         Cmd::Points {
             replication,

@@ -17,7 +17,7 @@
 
 mod io;
 /// Also the in-process lab of the bench's failover through the CS.
-pub(crate) mod lab;
+pub mod lab;
 
 use anyhow::{anyhow, bail, Result};
 use io::{hash_export, hash_file, qemu_io};

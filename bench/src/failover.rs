@@ -1,8 +1,8 @@
 //! The RTO section's planned failover at `latest`, run as the real failover
-//! job of the configuration server (issue 3), timed from the command to the
+//! job of the configuration server, timed from the command to the
 //! MT's power_on hook and split by the job's own step records.
 //!
-//! The lab is `rebound demo`'s in-process one ([`crate::demo::lab`]): a CS
+//! The lab is `rebound demo`'s in-process one ([`rebound_cli::demo::lab`]): a CS
 //! (SQLite), a PS and an MT per site (`onprem`, `azure`) and the machine's
 //! agent, as tasks of this process on loopback with mutual TLS, every
 //! component enrolled with the CS's passphrase, and an MT `[hooks] power_on`
@@ -37,11 +37,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::runtime::Handle;
 
-use super::profiles::Profile;
-use super::rto::FailoverTimes;
-use super::writer::{Writer, WriterSpec};
-use super::{mb, Bench};
-use crate::demo::lab::{now_ms, Lab, DISK, MACHINE};
+use crate::profiles::Profile;
+use crate::rto::FailoverTimes;
+use crate::writer::{Writer, WriterSpec};
+use crate::{mb, Bench};
+use rebound_cli::demo::lab::{Lab, DISK, MACHINE};
+use rebound_common::time::now_ms;
 
 const FROM: &str = "onprem";
 const TO: &str = "azure";
@@ -260,7 +261,7 @@ async fn failover(lab: &mut Lab) -> Result<pb::Job> {
             }),
             from_site: FROM.into(),
             to_site: TO.into(),
-            point: Some(crate::operator::parse_point("latest")?),
+            point: Some(rebound_cli::operator::parse_point("latest")?),
             unplanned: false,
         })
         .await

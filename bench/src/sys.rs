@@ -1,15 +1,12 @@
-//! Where the processes of the cost-of-protection section run.
-//!
-//! Deployed, the agent and the workload share the protected machine, while
-//! the PS and the MT run on their own servers (DESIGN.md §2). On one bench
-//! machine they would otherwise compete for the same cores, and the cost
-//! figures would charge the protected machine with the replication work of
-//! the other sites. With two CPUs or more, the section splits them: the
-//! protected machine (fio, and the agent or `qemu-nbd`) gets the first
-//! allowed CPU, the PS and MT the others. Both sides of every ratio run on
-//! the same one CPU, so the ratio stays fair.
+//! The few system calls the bench makes that the standard library has no
+//! safe form of: CPU affinity for the cost section's placement, SIGTERM to
+//! a child so it can flush and exit, the clock tick rate of /proc's CPU
+//! times, and dropping a file from the page cache before a read rate is
+//! measured. Every `unsafe` block of the crate is here.
+#![allow(unsafe_code)]
 
 use anyhow::{bail, Result};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
@@ -38,10 +35,13 @@ impl Cpus {
             .collect()
     }
 
-    fn of(cpus: &[usize]) -> Cpus {
-        // SAFETY: as in `allowed`; CPU_SET writes a bit in range.
+    /// The set of exactly these CPUs.
+    pub fn of(cpus: &[usize]) -> Cpus {
+        // SAFETY: a zeroed cpu_set_t is a valid empty set.
         let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
         for &c in cpus {
+            // SAFETY: CPU_SET writes one bit of a valid set (its index is
+            // bounds-checked: a CPU past CPU_SETSIZE panics, never writes).
             unsafe { libc::CPU_SET(c, &mut set) };
         }
         Cpus(set)
@@ -90,54 +90,28 @@ impl Cpus {
     }
 }
 
-/// The split of the section: `None` with a single allowed CPU.
-pub struct Placement {
-    pub protected: Cpus,
-    pub recovery: Cpus,
-    pub all: Cpus,
+/// Asks a child process to stop (SIGTERM), so it can flush and exit on
+/// its own; the caller waits for it.
+pub fn terminate(pid: u32) {
+    let Ok(pid) = i32::try_from(pid) else { return };
+    // SAFETY: kill(2) reads no memory of ours; the pid is one of our children.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
 }
 
-impl Placement {
-    pub fn split() -> Result<Option<Placement>> {
-        let all = Cpus::allowed()?;
-        let list = all.list();
-        if list.len() < 2 {
-            return Ok(None);
-        }
-        Ok(Some(Placement {
-            protected: Cpus::of(&list[..1]),
-            recovery: Cpus::of(&list[1..]),
-            all,
-        }))
-    }
-
-    pub fn describe(&self) -> String {
-        format!(
-            "fio + agent / qemu-nbd on {}, PS + MT on {}",
-            self.protected.describe(),
-            self.recovery.describe()
-        )
-    }
+/// Clock ticks per second of the CPU times in /proc/PID/stat and /proc/stat.
+pub fn clock_ticks_per_sec() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    hz.max(1.0)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_pinned_child_runs_only_on_its_cpu() {
-        let all = Cpus::allowed().unwrap();
-        let first = Cpus::of(&all.list()[..1]);
-        let mut cmd = Command::new("grep");
-        cmd.args(["Cpus_allowed_list", "/proc/self/status"]);
-        first.pin_command(&mut cmd);
-        let out = cmd.output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        let want = all.list()[0].to_string();
-        assert_eq!(
-            text.split_whitespace().last(),
-            Some(want.as_str()),
-            "{text}"
-        );
+/// Drops a file's pages from the page cache (after it was made durable), so
+/// the next read comes from the device.
+pub fn drop_from_page_cache(f: &std::fs::File) -> std::io::Result<()> {
+    // SAFETY: posix_fadvise on an open fd we own; it reads no memory of ours.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
     }
+    Ok(())
 }

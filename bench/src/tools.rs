@@ -5,7 +5,7 @@
 use anyhow::{bail, Context, Result};
 use std::process::{Command, Output};
 
-use super::placement::Cpus;
+use crate::placement::Cpus;
 
 /// (tool, Debian package).
 pub const TOOLS: &[(&str, &str)] = &[

@@ -15,10 +15,10 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::floor::{self, At};
-use super::lab::{Comp, Lab, LabSpec};
-use super::profiles::Rng;
-use super::{limits, tools, Bench};
+use crate::floor::{self, At};
+use crate::lab::{Comp, Lab, LabSpec};
+use crate::profiles::Rng;
+use crate::{limits, tools, Bench};
 
 const MIB: u64 = 1 << 20;
 
@@ -129,17 +129,7 @@ pub fn run(b: &mut Bench) -> Result<()> {
 
     // cp of the file, with the copy made durable like the replica is.
     b.progress("resync: cp --reflink=never + fsync of the source");
-    let t = Instant::now();
-    tools::run(
-        "cp",
-        &[
-            "--reflink=never",
-            &src.to_string_lossy(),
-            &copy.to_string_lossy(),
-        ],
-    )?;
-    std::fs::File::open(&copy)?.sync_all()?;
-    let cp_secs = t.elapsed().as_secs_f64();
+    let (cp_secs, _) = copy_durably("cp", &["--reflink=never"], &src, &copy)?;
 
     // Full initial sync into an empty replica.
     let mut lab = Lab::new(
@@ -198,19 +188,12 @@ pub fn run(b: &mut Bench) -> Result<()> {
     // rsync on the same pair: the source and the replica's old content
     // (the copy made before the change).
     b.progress("resync: rsync --inplace --no-whole-file on the same pair");
-    let t = Instant::now();
-    let out = tools::run(
+    let (rsync_secs, out) = copy_durably(
         "rsync",
-        &[
-            "--inplace",
-            "--no-whole-file",
-            "--stats",
-            &src.to_string_lossy(),
-            &copy.to_string_lossy(),
-        ],
+        &["--inplace", "--no-whole-file", "--stats"],
+        &src,
+        &copy,
     )?;
-    std::fs::File::open(&copy)?.sync_all()?;
-    let rsync_secs = t.elapsed().as_secs_f64();
     let rsync_bytes = rsync_bytes_sent(&String::from_utf8_lossy(&out.stdout))?;
     b.progress(&format!(
         "  {rsync_secs:.1} s, {:.1} MiB sent",
@@ -332,6 +315,25 @@ fn set_ceiling(b: &mut Bench, full_rate: f64, cp_rate: f64, full: &Synced) {
             used / (full_rate / 1e6 / 100.0).max(1e-9)
         ),
     );
+}
+
+/// Runs `tool OPTIONS SRC DST`, then makes DST durable (as the replica is
+/// when a sync ends): the seconds both took, and the tool's output.
+fn copy_durably(
+    tool: &str,
+    options: &[&str],
+    src: &Path,
+    dst: &Path,
+) -> Result<(f64, std::process::Output)> {
+    let t = Instant::now();
+    let (src_arg, dst_arg) = (src.to_string_lossy(), dst.to_string_lossy());
+    let mut args = options.to_vec();
+    args.extend([&*src_arg, &*dst_arg]);
+    let out = tools::run(tool, &args)?;
+    std::fs::File::open(dst)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("fsync of {} after {tool}", dst.display()))?;
+    Ok((t.elapsed().as_secs_f64(), out))
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! products publish, and 150 MB/s), text-like data.
 //!
 //! Lag is end to end (a write acknowledged by the agent until the master
-//! target has applied it), measured by [`super::sampler`]; the agent's own
+//! target has applied it), measured by [`crate::sampler`]; the agent's own
 //! `lag_ms` (until the PS holds it) is kept in the JSON details.
 
 use anyhow::Result;
@@ -11,12 +11,12 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::lab::Lab;
-use super::profiles::Profile;
-use super::sampler::{quantile, Sampler};
-use super::sustained::writer_spec;
-use super::writer::Writer;
-use super::{mb, Bench};
+use crate::lab::Lab;
+use crate::profiles::Profile;
+use crate::sampler::{quantile, Sampler};
+use crate::sustained::writer_spec;
+use crate::writer::Writer;
+use crate::{mb, Bench};
 
 pub const RATES_MB: [u32; 3] = [20, 54, 150];
 

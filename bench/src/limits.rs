@@ -13,16 +13,15 @@ use anyhow::{anyhow, Context, Result};
 use rebound_common::tls::TlsFiles;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::lab::machine_busy_secs;
-use super::profiles::Profile;
-use super::sampler::quantile;
-use super::{mb, Bench};
+use crate::lab::machine_busy_secs;
+use crate::profiles::Profile;
+use crate::sampler::quantile;
+use crate::{mb, Bench};
 
 pub fn run(b: &mut Bench) -> Result<()> {
     let p = b.plan.clone();
@@ -326,14 +325,8 @@ fn bulk_write(path: &Path, total: u64) -> Result<f64> {
 /// scan of a disk that is not in the page cache gets.
 fn bulk_read(path: &Path, total: u64) -> Result<f64> {
     let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: posix_fadvise on our own open fd; it reads no memory of ours.
-    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    if rc != 0 {
-        anyhow::bail!(
-            "posix_fadvise(DONTNEED) on {} failed: errno {rc}",
-            path.display()
-        );
-    }
+    crate::sys::drop_from_page_cache(&f)
+        .with_context(|| format!("posix_fadvise(DONTNEED) on {}", path.display()))?;
     let mut buf = vec![0u8; 4 << 20];
     let t = Instant::now();
     let mut off = 0u64;
@@ -369,10 +362,19 @@ fn load_certs(path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'stat
         .with_context(|| format!("parsing {}", path.display()))
 }
 
-fn load_key(path: &Path) -> Result<rustls::pki_types::PrivateKeyDer<'static>> {
+/// The certificate chain and key of one lab identity (`NAME.pem`, `NAME.key`).
+fn identity(
+    certs: &Path,
+    name: &str,
+) -> Result<(
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+)> {
     use rustls::pki_types::pem::PemObject;
-    rustls::pki_types::PrivateKeyDer::from_pem_file(path)
-        .with_context(|| format!("reading {}", path.display()))
+    let t = TlsFiles::in_dir(certs, name);
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&t.key)
+        .with_context(|| format!("reading {}", t.key.display()))?;
+    Ok((load_certs(&t.cert)?, key))
 }
 
 /// One mTLS stream over loopback with rustls (server thread + client); bytes/s.
@@ -383,21 +385,17 @@ fn rustls_rate(certs: &Path, total: u64) -> Result<f64> {
     }
     let roots = Arc::new(roots);
     let verifier = rustls::server::WebPkiClientVerifier::builder(roots.clone()).build()?;
+    let (chain, key) = identity(certs, "ps")?;
     let server = Arc::new(
         rustls::ServerConfig::builder()
             .with_client_cert_verifier(verifier)
-            .with_single_cert(
-                load_certs(&certs.join("ps.pem"))?,
-                load_key(&certs.join("ps.key"))?,
-            )?,
+            .with_single_cert(chain, key)?,
     );
+    let (chain, key) = identity(certs, "agent-bench")?;
     let client = Arc::new(
         rustls::ClientConfig::builder()
             .with_root_certificates(roots)
-            .with_client_auth_cert(
-                load_certs(&certs.join("agent-bench.pem"))?,
-                load_key(&certs.join("agent-bench.key"))?,
-            )?,
+            .with_client_auth_cert(chain, key)?,
     );
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;

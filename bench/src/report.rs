@@ -1,5 +1,5 @@
-//! The result table of `rebound bench`: every figure beside its goal from
-//! issue 4 and a verdict, printed on stdout and written as JSON.
+//! The result table of `rebound-bench`: every figure beside its goal and a
+//! verdict, printed on stdout and written as JSON.
 //!
 //! The rows are a fixed list ([`ROWS`]) so a run always prints every row,
 //! even when a section failed (its rows then say `error`): operators compare
@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 
-/// Issue 4's goal for the sustained text-like churn (its row, and the
+/// The goal for the sustained text-like churn (its row, and the
 /// sustained section's note).
 pub const GOAL_TEXT_MB_S: f64 = 200.0;
 

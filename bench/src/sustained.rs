@@ -21,14 +21,14 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::floor::{self, At};
-use super::lab::{machine_busy_secs, Lab, DISK};
-use super::limits;
-use super::profiles::Profile;
-use super::report::GOAL_TEXT_MB_S;
-use super::sampler::{quantile, slope, Sampler};
-use super::writer::{Writer, WriterSpec};
-use super::{mb, Bench};
+use crate::floor::{self, At};
+use crate::lab::{machine_busy_secs, Lab, DISK};
+use crate::limits;
+use crate::profiles::Profile;
+use crate::report::GOAL_TEXT_MB_S;
+use crate::sampler::{quantile, slope, Sampler};
+use crate::writer::{Writer, WriterSpec};
+use crate::{mb, Bench};
 
 /// Writer settings shared by the churn sections.
 pub fn writer_spec(b: &Bench, lab: &Lab, pool: Arc<Vec<u8>>, rate: f64, seed: u64) -> WriterSpec {

@@ -3,14 +3,14 @@
 //! compression, the gRPC mTLS hops, the durable writes), each at the cost
 //! its limit row measured. Dividing the machine's cores by that floor gives
 //! the most any implementation of the design could reach here, which is
-//! what a figure below its goal is measured against (issue 4, done-means 3).
+//! what a figure below its goal is measured against.
 //!
 //! Only passes the design requires are counted, so the true floor is
 //! higher: receiving NBD writes, the PS's own check of each frame, the MT's
 //! undo records, reading the source and every copy are left out.
 
-use super::profiles::Profile;
-use super::Bench;
+use crate::profiles::Profile;
+use crate::Bench;
 
 /// One counted pass: what it is, and its cores per 100 MB/s of churn.
 pub struct Part {

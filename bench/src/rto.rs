@@ -3,7 +3,7 @@
 //! an old point after sustained churn (undo MB/s).
 //!
 //! The planned failover is the configuration server's real failover job
-//! ([`super::failover`]): asked through the Admin API as `rebound failover
+//! ([`crate::failover`]): asked through the Admin API as `rebound failover
 //! --point latest` asks it, timed from the command to the MT's power_on
 //! hook and split by the job's step records, in `rebound demo`'s in-process
 //! lab (CS, PS + MT per site, agent). "Planned failover excluding drain" is
@@ -22,13 +22,13 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::failover::{self, JobFailover};
-use super::floor::{self, At};
-use super::lab::{Comp, Lab};
-use super::profiles::Profile;
-use super::sustained::writer_spec;
-use super::writer::Writer;
-use super::{mb, Bench};
+use crate::failover::{self, JobFailover};
+use crate::floor::{self, At};
+use crate::lab::{Comp, Lab};
+use crate::profiles::Profile;
+use crate::sustained::writer_spec;
+use crate::writer::Writer;
+use crate::{mb, Bench};
 
 /// Step times of one planned failover.
 #[derive(Debug, Clone)]

@@ -4,17 +4,17 @@
 //! runs, and against `qemu-nbd` serving the same kind of file with no
 //! replication; the ratio is the figure. The protected machine (fio and the
 //! server) and the replication sites (PS, MT) run on separate CPUs, as they
-//! are deployed ([`super::placement`]).
+//! are deployed ([`crate::placement`]).
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::lab::{cpu_secs_of, free_port, machine_busy_secs, wait_for, Comp, Lab, DISK};
-use super::placement::{Cpus, Placement};
-use super::{mb, tools, Bench};
+use crate::lab::{cpu_secs_of, free_port, machine_busy_secs, wait_for, Comp, Lab, DISK};
+use crate::placement::{Cpus, Placement};
+use crate::{mb, tools, Bench};
 
 /// One fio line.
 struct Job {
@@ -88,12 +88,9 @@ fn fio(uri: &str, job: &Job, size: u64, secs: u64, cpus: Option<&Cpus>) -> Resul
         .ok_or_else(|| anyhow!("fio printed no JSON: {text}"))?;
     let v: Value = serde_json::from_str(&text[start..]).context("parsing fio's JSON output")?;
     let w = &v["jobs"][0]["write"];
-    let iops = w["iops"]
-        .as_f64()
-        .ok_or_else(|| anyhow!("no write.iops in fio's output"))?;
-    let bw = w["bw_bytes"]
-        .as_f64()
-        .ok_or_else(|| anyhow!("no write.bw_bytes in fio's output"))?;
+    let (Some(iops), Some(bw)) = (w["iops"].as_f64(), w["bw_bytes"].as_f64()) else {
+        bail!("fio's JSON output has no jobs[0].write.iops or .bw_bytes: {w}");
+    };
     let job0 = &v["jobs"][0];
     let fio_pct = job0["usr_cpu"].as_f64().unwrap_or(0.0) + job0["sys_cpu"].as_f64().unwrap_or(0.0);
     Ok(FioRun {
@@ -150,8 +147,7 @@ impl QemuNbd {
 
 impl Drop for QemuNbd {
     fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        crate::sys::terminate(self.child.id());
         let _ = self.child.wait();
     }
 }

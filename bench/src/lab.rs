@@ -5,7 +5,7 @@
 //! Child processes (not in-process tasks as in the demo) because the bench
 //! reports each process's peak RSS (VmHWM in /proc/PID/status) and because
 //! the cost of protection must include the real process boundaries. The
-//! binaries are the ones next to the running `rebound`, so a release bench
+//! binaries are the ones next to the running `rebound-bench`, so a release bench
 //! measures release binaries.
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -51,7 +51,7 @@ impl Comp {
     }
 }
 
-/// Where the data-path binaries are: next to the running `rebound`.
+/// Where the data-path binaries are: next to the running `rebound-bench`.
 #[derive(Debug, Clone)]
 pub struct Bins {
     pub dir: PathBuf,
@@ -59,7 +59,8 @@ pub struct Bins {
 
 impl Bins {
     pub fn locate() -> Result<Bins> {
-        let exe = std::env::current_exe().context("cannot find the running rebound executable")?;
+        let exe =
+            std::env::current_exe().context("cannot find the running rebound-bench executable")?;
         let dir = exe
             .parent()
             .ok_or_else(|| anyhow!("{} has no parent directory", exe.display()))?
@@ -69,7 +70,7 @@ impl Bins {
             if !p.is_file() {
                 bail!(
                     "{} not found next to {}: the bench runs the real binaries; build them with \
-                     `cargo build --release --workspace` and run target/release/rebound bench",
+                     `cargo build --release --workspace --bins` and run target/release/rebound-bench",
                     p.display(),
                     exe.display()
                 );
@@ -247,12 +248,11 @@ impl Lab {
         self.path("agent-state")
     }
 
-    fn tls_toml(&self, name: &str) -> String {
-        let t = TlsFiles::in_dir(&self.certs, name);
-        format!(
-            "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
-            t.ca, t.cert, t.key
-        )
+    /// The `[tls]` section of component `name`'s config (its files in the
+    /// lab's certificate directory).
+    fn tls_toml(&self, name: &str) -> Result<String> {
+        let files = TlsFiles::in_dir(&self.certs, name);
+        Ok(format!("[tls]\n{}", toml::to_string(&files)?))
     }
 
     fn write_configs(&self) -> Result<()> {
@@ -268,14 +268,14 @@ impl Lab {
             s.agent_buffer_bytes,
             s.disk,
             self.ps_port,
-            self.tls_toml(&format!("agent-{MACHINE}"))
+            self.tls_toml(&format!("agent-{MACHINE}"))?
         );
         std::fs::write(self.path("agent.toml"), agent)?;
         let ps = format!(
             "listen = \"127.0.0.1:{}\"\ncache_dir = {:?}\n{}[mt]\naddr = \"127.0.0.1:{}\"\nserver_name = \"localhost\"\n",
             self.ps_port,
             self.path("ps-cache"),
-            self.tls_toml("ps"),
+            self.tls_toml("ps")?,
             self.mt_port
         );
         std::fs::write(self.path("ps.toml"), ps)?;
@@ -285,7 +285,7 @@ impl Lab {
             self.mt_port,
             self.mt_nbd_port,
             self.path("mt-data"),
-            self.tls_toml("mt"),
+            self.tls_toml("mt")?,
             s.retention_max_bytes
         );
         std::fs::write(self.path("mt.toml"), mt)?;
@@ -396,8 +396,7 @@ impl Lab {
             self.exited_peaks.insert(c, peak);
         }
         let t = Instant::now();
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        crate::sys::terminate(pid);
         loop {
             // The last VmHWM before the exit counts too.
             if let Ok(peak) = vm_hwm(pid) {
@@ -501,13 +500,10 @@ impl Lab {
         let v = self
             .admin()?
             .call(serde_json::json!({"cmd": "tag", "kind": kind}))?;
-        let id = v["id"]
-            .as_str()
-            .ok_or_else(|| anyhow!("tag answer {v} has no id"))?;
-        let seq = v["seq"]
-            .as_u64()
-            .ok_or_else(|| anyhow!("tag answer {v} has no seq"))?;
-        Ok((id.to_string(), seq))
+        match (v["id"].as_str(), v["seq"].as_u64()) {
+            (Some(id), Some(seq)) => Ok((id.to_string(), seq)),
+            _ => bail!("the agent's tag answer {v} has no id or no seq"),
+        }
     }
 
     /// Waits until the MT has applied `seq`.
@@ -574,9 +570,7 @@ pub fn cpu_secs_of(pid: &str) -> Option<f64> {
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some(ticks / hz.max(1.0))
+    Some(ticks / crate::sys::clock_ticks_per_sec())
 }
 
 /// CPU seconds the whole machine has been busy (all CPUs, everything but
@@ -590,9 +584,7 @@ pub fn machine_busy_secs() -> Option<f64> {
         .collect();
     // user nice system idle iowait irq softirq steal (guest is in user).
     let busy: f64 = f.iter().take(8).sum::<f64>() - f.get(3)? - f.get(4)?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some(busy / hz.max(1.0))
+    Some(busy / crate::sys::clock_ticks_per_sec())
 }
 
 /// VmHWM of a process, bytes.

@@ -1,8 +1,9 @@
-//! `rebound bench` (issue 4): measures, in one run on this machine, what
-//! operators choose a DR product by — the cost of protection, the churn the
-//! path keeps up with, RPO, resync and RTO — beside the machine's own limits
-//! and the tools an operator would otherwise use, and prints one table of
-//! every figure beside its goal (and `--json FILE`).
+//! `rebound-bench` (also run as `rebound bench`): measures, in one run on
+//! this machine, what operators choose a DR product by — the cost of
+//! protection, the churn the path keeps up with, RPO, resync and RTO —
+//! beside the machine's own limits and the tools an operator would
+//! otherwise use, and prints one table of every figure beside its goal
+//! (and `--json FILE`).
 //!
 //! The real binaries run as child processes on loopback in a temp dir (or
 //! `--dir`), everything bounded in time. Sections, in run order:
@@ -10,9 +11,10 @@
 //! (4), [`rto`] (6) on one lab, then [`resync`] (5) on its own lab. The
 //! RTO's planned failover is the configuration server's failover job, in
 //! `rebound demo`'s in-process lab (CS, PS + MT per site, agent:
-//! [`failover`]). A
-//! failing section marks its rows `error` and the run continues, so the
-//! table always has every row; the command then exits non-zero.
+//! [`failover`]). A failing section marks its rows `error` and the run
+//! continues, so the table always has every row; the command then exits
+//! non-zero.
+#![deny(unsafe_code)]
 
 pub mod cost;
 pub mod failover;
@@ -27,6 +29,7 @@ pub mod rpo;
 pub mod rto;
 pub mod sampler;
 pub mod sustained;
+mod sys;
 pub mod tools;
 pub mod writer;
 
@@ -397,7 +400,7 @@ fn run_blocking(opts: BenchOptions, rt: Handle) -> Result<()> {
             .to_string(),
     };
     b.progress(&format!(
-        "rebound bench{} in {} with the binaries in {} (load average {})",
+        "rebound-bench{} in {} with the binaries in {} (load average {})",
         if opts.quick { " --quick" } else { "" },
         b.dir.display(),
         b.bins.dir.display(),
@@ -433,7 +436,7 @@ fn run_blocking(opts: BenchOptions, rt: Handle) -> Result<()> {
         b.started.elapsed().as_secs_f64()
     ));
     println!(
-        "rebound bench{} ({} CPUs, {}; MB = 10^6 bytes)",
+        "rebound-bench{} ({} CPUs, {}; MB = 10^6 bytes)",
         if opts.quick { " --quick" } else { "" },
         std::thread::available_parallelism()
             .map(|n| n.get())

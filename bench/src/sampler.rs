@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::lab::{Admin, Lab, MACHINE};
+use crate::lab::{Admin, Lab, MACHINE};
 use rebound_proto::ListPointsRequest;
 
 /// The MT is polled this often; the agent every `AGENT_EVERY` polls.
@@ -181,6 +181,11 @@ impl Samples {
         }
     }
 
+    /// The status samples taken in [from, to].
+    fn status_in(&self, from: f64, to: f64) -> impl Iterator<Item = &StatusSample> {
+        self.status.iter().filter(move |s| s.t >= from && s.t <= to)
+    }
+
     fn status_at(&self, t: f64) -> Option<&StatusSample> {
         let i = self.status.partition_point(|s| s.t <= t);
         if i == 0 {
@@ -199,9 +204,7 @@ impl Samples {
 
     /// (t, bytes captured but not yet applied) over [from, to].
     pub fn backlog(&self, from: f64, to: f64) -> Vec<(f64, f64)> {
-        self.status
-            .iter()
-            .filter(|s| s.t >= from && s.t <= to)
+        self.status_in(from, to)
             .map(|s| {
                 let applied = self.captured_upto(self.applied_seq_at(s.t));
                 (s.t, s.captured.saturating_sub(applied) as f64)
@@ -212,10 +215,7 @@ impl Samples {
     /// Every status sample in [from, to] was consistent (data mode, nothing
     /// waiting for a resync).
     pub fn all_consistent(&self, from: f64, to: f64) -> bool {
-        self.status
-            .iter()
-            .filter(|s| s.t >= from && s.t <= to)
-            .all(|s| s.consistent)
+        self.status_in(from, to).all(|s| s.consistent)
     }
 
     /// The agent's mode at time t.
@@ -227,9 +227,7 @@ impl Samples {
 
     /// Largest agent change-buffer fill seen in [from, to].
     pub fn max_buffer(&self, from: f64, to: f64) -> u64 {
-        self.status
-            .iter()
-            .filter(|s| s.t >= from && s.t <= to)
+        self.status_in(from, to)
             .map(|s| s.buffer_bytes)
             .max()
             .unwrap_or(0)
