@@ -219,12 +219,6 @@ async fn stream_loop(
     let account = ctx.cache.account().clone();
     let mut position = 0u64;
     let mut acked = 0u64;
-    let send_ack = |acked: &mut u64, seq: u64| {
-        *acked = (*acked).max(seq);
-        IngestResponse {
-            msg: Some(ingest_response::Msg::DurableSeq(*acked)),
-        }
-    };
     loop {
         let room = pending.len() + preparing.len() < MAX_PENDING && preparing.len() < PREPARE_DEPTH;
         let full = account.is_full();
@@ -241,22 +235,20 @@ async fn stream_loop(
                 match store(rep, r, &mut compressor).await {
                     Ok(p) => pending.push_back(p),
                     Err(status) => {
-                        warn!(replication = %rep.id(), code = ?status.code(), "agent stream refused: {}", status.message());
                         drain(&mut pending, &tx, &mut acked).await;
-                        let _ = tx.send(Err(status)).await;
+                        refuse(rep, &tx, status).await;
                         return position;
                     }
                 }
             }
             Some(r) = pending.next(), if !pending.is_empty() => match r {
                 Ok(seq) => {
-                    if tx.send(Ok(send_ack(&mut acked, seq))).await.is_err() {
+                    if tx.send(Ok(ack(&mut acked, seq))).await.is_err() {
                         return position;
                     }
                 }
                 Err(status) => {
-                    warn!(replication = %rep.id(), code = ?status.code(), "agent stream refused: {}", status.message());
-                    let _ = tx.send(Err(status)).await;
+                    refuse(rep, &tx, status).await;
                     return position;
                 }
             },
@@ -271,9 +263,8 @@ async fn stream_loop(
                             // and answered; a refusal among them wins.
                             let stored = store_all(rep, &mut preparing, &mut pending, &mut compressor).await;
                             let status = stored.err().unwrap_or(status);
-                            warn!(replication = %rep.id(), code = ?status.code(), "agent stream refused: {}", status.message());
                             drain(&mut pending, &tx, &mut acked).await;
-                            let _ = tx.send(Err(status)).await;
+                            refuse(rep, &tx, status).await;
                             return position;
                         }
                     }
@@ -282,8 +273,7 @@ async fn stream_loop(
                     let stored = store_all(rep, &mut preparing, &mut pending, &mut compressor).await;
                     drain(&mut pending, &tx, &mut acked).await;
                     if let Err(status) = stored {
-                        warn!(replication = %rep.id(), code = ?status.code(), "agent stream refused: {}", status.message());
-                        let _ = tx.send(Err(status)).await;
+                        refuse(rep, &tx, status).await;
                     }
                     return position;
                 }
@@ -301,6 +291,25 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
+/// The answer for a frame durable up to `seq`; answers never go back, so
+/// a frame answered late by an earlier batch does not lower `acked`.
+fn ack(acked: &mut u64, seq: u64) -> IngestResponse {
+    *acked = (*acked).max(seq);
+    IngestResponse {
+        msg: Some(ingest_response::Msg::DurableSeq(*acked)),
+    }
+}
+
+/// Ends the stream with `status`, logged once at warn.
+async fn refuse(
+    rep: &Replication,
+    tx: &mpsc::Sender<Result<IngestResponse, Status>>,
+    status: Status,
+) {
+    warn!(replication = %rep.id(), code = ?status.code(), "agent stream refused: {}", status.message());
+    let _ = tx.send(Err(status)).await;
+}
+
 /// Answers every pending frame (the stream is about to end).
 async fn drain(
     pending: &mut FuturesOrdered<Pending>,
@@ -310,11 +319,7 @@ async fn drain(
     while let Some(r) = pending.next().await {
         match r {
             Ok(seq) => {
-                *acked = (*acked).max(seq);
-                let ack = IngestResponse {
-                    msg: Some(ingest_response::Msg::DurableSeq(*acked)),
-                };
-                if tx.send(Ok(ack)).await.is_err() {
+                if tx.send(Ok(ack(acked, seq))).await.is_err() {
                     return;
                 }
             }
