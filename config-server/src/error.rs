@@ -55,19 +55,34 @@ impl CsError {
     }
 }
 
-impl From<CsError> for Status {
-    fn from(e: CsError) -> Status {
-        let msg = e.to_string();
-        match e {
-            CsError::NotFound(_) => Status::not_found(msg),
-            CsError::InvalidArgument(_) => Status::invalid_argument(msg),
-            CsError::FailedPrecondition(_) => Status::failed_precondition(msg),
-            CsError::PermissionDenied(_) => Status::permission_denied(msg),
-            CsError::Unavailable(_) => Status::unavailable(msg),
-            CsError::AlreadyExists(_) => Status::already_exists(msg),
+impl CsError {
+    /// The gRPC status code this failure is answered with.
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            CsError::NotFound(_) => Code::NotFound,
+            CsError::InvalidArgument(_) => Code::InvalidArgument,
+            CsError::FailedPrecondition(_) => Code::FailedPrecondition,
+            CsError::PermissionDenied(_) => Code::PermissionDenied,
+            CsError::Unavailable(_) => Code::Unavailable,
+            CsError::AlreadyExists(_) => Code::AlreadyExists,
             CsError::Store(_) | CsError::Io { .. } | CsError::Pki(_) | CsError::Internal(_) => {
-                Status::internal(msg)
+                Code::Internal
             }
         }
+    }
+}
+
+impl From<CsError> for Status {
+    fn from(e: CsError) -> Status {
+        Status::new(e.code(), e.to_string())
+    }
+}
+
+/// Lets a gRPC handler use `?` on a store call: a database failure is
+/// answered as `INTERNAL`.
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Status {
+        CsError::Store(e).into()
     }
 }

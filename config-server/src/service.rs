@@ -168,13 +168,7 @@ impl AdminService {
     async fn check_machines_exist(&self, machines: &[String]) -> Result<(), Status> {
         let mut unknown = Vec::new();
         for m in machines {
-            if self
-                .store
-                .get_machine(m)
-                .await
-                .map_err(CsError::from)?
-                .is_none()
-            {
+            if self.store.get_machine(m).await?.is_none() {
                 unknown.push(m.as_str());
             }
         }
@@ -198,7 +192,7 @@ fn check_name(what: &str, name: &str) -> Result<(), Status> {
 impl Admin for AdminService {
     async fn status(&self, req: Request<pb::StatusRequest>) -> Res<pb::StatusResponse> {
         admin(&req)?;
-        let comps = self.store.list_components().await.map_err(CsError::from)?;
+        let comps = self.store.list_components().await?;
         let mut components = Vec::new();
         for c in comps
             .iter()
@@ -206,15 +200,10 @@ impl Admin for AdminService {
         {
             components.push(self.component_info(c).await);
         }
-        let machines = self.store.list_machines().await.map_err(CsError::from)?;
+        let machines = self.store.list_machines().await?;
         let mut protected = 0;
         for m in &machines {
-            if let Some(r) = self
-                .store
-                .current_replication(&m.id)
-                .await
-                .map_err(CsError::from)?
-            {
+            if let Some(r) = self.store.current_replication(&m.id).await? {
                 if r.state == ReplState::Protected {
                     protected += 1;
                 }
@@ -227,14 +216,12 @@ impl Admin for AdminService {
                 machine: None,
                 limit: 10_000,
             })
-            .await
-            .map_err(CsError::from)?
+            .await?
             .len();
         let events = self
             .store
             .recent_events(20)
-            .await
-            .map_err(CsError::from)?
+            .await?
             .into_iter()
             .map(|e| pb::Event {
                 severity: e.severity,
@@ -246,7 +233,7 @@ impl Admin for AdminService {
             })
             .collect();
         Ok(Response::new(pb::StatusResponse {
-            sites: self.store.list_sites().await.map_err(CsError::from)?,
+            sites: self.store.list_sites().await?,
             components,
             machines: machines.len() as u32,
             protected_machines: protected,
@@ -259,7 +246,7 @@ impl Admin for AdminService {
     async fn machines(&self, req: Request<pb::MachinesRequest>) -> Res<pb::MachinesResponse> {
         admin(&req)?;
         let mut out = Vec::new();
-        for m in self.store.list_machines().await.map_err(CsError::from)? {
+        for m in self.store.list_machines().await? {
             out.push(self.machine_info(&m).await?);
         }
         Ok(Response::new(pb::MachinesResponse { machines: out }))
@@ -271,8 +258,7 @@ impl Admin for AdminService {
         let r = self
             .store
             .current_replication(&machine)
-            .await
-            .map_err(CsError::from)?
+            .await?
             .ok_or_else(|| {
                 Status::failed_precondition(format!(
                     "{machine} has no replication, so no recovery points: protect it first"
@@ -366,14 +352,9 @@ impl Admin for AdminService {
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Res<pb::Job> {
         admin(&req)?;
         let id = req.into_inner().id;
-        let j = self
-            .store
-            .get_job(&id)
-            .await
-            .map_err(CsError::from)?
-            .ok_or_else(|| {
-                Status::not_found(format!("no job {id}: `rebound jobs` lists the jobs"))
-            })?;
+        let j = self.store.get_job(&id).await?.ok_or_else(|| {
+            Status::not_found(format!("no job {id}: `rebound jobs` lists the jobs"))
+        })?;
         Ok(Response::new(convert::job_to_proto(&j)))
     }
 
@@ -387,8 +368,7 @@ impl Admin for AdminService {
                 machine: (!r.machine.is_empty()).then_some(r.machine),
                 limit: r.limit,
             })
-            .await
-            .map_err(CsError::from)?;
+            .await?;
         Ok(Response::new(pb::ListJobsResponse {
             jobs: jobs.iter().map(convert::job_to_proto).collect(),
         }))
@@ -401,14 +381,9 @@ impl Admin for AdminService {
         let id = req.into_inner().id;
         // Subscribe before reading, so no change falls in between.
         let mut updates = self.jobs.subscribe();
-        let first = self
-            .store
-            .get_job(&id)
-            .await
-            .map_err(CsError::from)?
-            .ok_or_else(|| {
-                Status::not_found(format!("no job {id}: `rebound jobs` lists the jobs"))
-            })?;
+        let first = self.store.get_job(&id).await?.ok_or_else(|| {
+            Status::not_found(format!("no job {id}: `rebound jobs` lists the jobs"))
+        })?;
         let (tx, rx) = mpsc::channel(64);
         let store = self.store.clone();
         tokio::spawn(async move {
@@ -457,19 +432,14 @@ impl Admin for AdminService {
         }
         self.check_machines_exist(&machines).await?;
         if !p.consistency_group.is_empty()
-            && self
-                .store
-                .get_group(&p.consistency_group)
-                .await
-                .map_err(CsError::from)?
-                .is_none()
+            && self.store.get_group(&p.consistency_group).await?.is_none()
         {
             return Err(Status::not_found(format!(
                 "no consistency group {}: create it first",
                 p.consistency_group
             )));
         }
-        self.store.put_plan(&p).await.map_err(CsError::from)?;
+        self.store.put_plan(&p).await?;
         Ok(Response::new(convert::plan_to_proto(&p)))
     }
 
@@ -479,8 +449,7 @@ impl Admin for AdminService {
         let p = self
             .store
             .get_plan(&name)
-            .await
-            .map_err(CsError::from)?
+            .await?
             .ok_or_else(|| Status::not_found(format!("no recovery plan {name}")))?;
         Ok(Response::new(convert::plan_to_proto(&p)))
     }
@@ -495,15 +464,14 @@ impl Admin for AdminService {
                 machine: None,
                 limit: 10_000,
             })
-            .await
-            .map_err(CsError::from)?;
+            .await?;
         if let Some(j) = running.iter().find(|j| j.plan == name) {
             return Err(Status::failed_precondition(format!(
                 "plan {name} is used by running job {}: wait for it",
                 j.id
             )));
         }
-        if !self.store.delete_plan(&name).await.map_err(CsError::from)? {
+        if !self.store.delete_plan(&name).await? {
             return Err(Status::not_found(format!("no recovery plan {name}")));
         }
         Ok(Response::new(pb::Empty {}))
@@ -511,7 +479,7 @@ impl Admin for AdminService {
 
     async fn list_plans(&self, req: Request<pb::ListPlansRequest>) -> Res<pb::ListPlansResponse> {
         admin(&req)?;
-        let plans = self.store.list_plans().await.map_err(CsError::from)?;
+        let plans = self.store.list_plans().await?;
         Ok(Response::new(pb::ListPlansResponse {
             plans: plans.iter().map(convert::plan_to_proto).collect(),
         }))
@@ -523,7 +491,7 @@ impl Admin for AdminService {
         check_name("group", &g.name)?;
         self.check_machines_exist(&g.machines).await?;
         for m in &g.machines {
-            if let Some(mut mach) = self.store.get_machine(m).await.map_err(CsError::from)? {
+            if let Some(mut mach) = self.store.get_machine(m).await? {
                 if !mach.group.is_empty() && mach.group != g.name {
                     return Err(Status::failed_precondition(format!(
                         "machine {m} is already in consistency group {}: remove it there first",
@@ -531,10 +499,10 @@ impl Admin for AdminService {
                     )));
                 }
                 mach.group = g.name.clone();
-                self.store.put_machine(&mach).await.map_err(CsError::from)?;
+                self.store.put_machine(&mach).await?;
             }
         }
-        self.store.put_group(&g).await.map_err(CsError::from)?;
+        self.store.put_group(&g).await?;
         Ok(Response::new(convert::group_to_proto(&g)))
     }
 
@@ -544,21 +512,17 @@ impl Admin for AdminService {
         let g = self
             .store
             .get_group(&name)
-            .await
-            .map_err(CsError::from)?
+            .await?
             .ok_or_else(|| Status::not_found(format!("no consistency group {name}")))?;
         for m in &g.machines {
-            if let Some(mut mach) = self.store.get_machine(m).await.map_err(CsError::from)? {
+            if let Some(mut mach) = self.store.get_machine(m).await? {
                 if mach.group == name {
                     mach.group.clear();
-                    self.store.put_machine(&mach).await.map_err(CsError::from)?;
+                    self.store.put_machine(&mach).await?;
                 }
             }
         }
-        self.store
-            .delete_group(&name)
-            .await
-            .map_err(CsError::from)?;
+        self.store.delete_group(&name).await?;
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -567,7 +531,7 @@ impl Admin for AdminService {
         req: Request<pb::ListGroupsRequest>,
     ) -> Res<pb::ListGroupsResponse> {
         admin(&req)?;
-        let groups = self.store.list_groups().await.map_err(CsError::from)?;
+        let groups = self.store.list_groups().await?;
         Ok(Response::new(pb::ListGroupsResponse {
             groups: groups.iter().map(convert::group_to_proto).collect(),
         }))
@@ -582,8 +546,7 @@ impl Admin for AdminService {
         let g = self
             .store
             .get_group(&name)
-            .await
-            .map_err(CsError::from)?
+            .await?
             .ok_or_else(|| Status::not_found(format!("no consistency group {name}")))?;
         let p = cut_group_point(
             self.bus.as_ref(),

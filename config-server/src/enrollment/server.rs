@@ -52,14 +52,12 @@ impl EnrollmentService {
         let salt = self
             .store
             .get_setting(SALT_KEY)
-            .await
-            .map_err(CsError::from)?
+            .await?
             .ok_or_else(missing)?;
         let key = self
             .store
             .get_setting(VERIFIER_KEY)
-            .await
-            .map_err(CsError::from)?
+            .await?
             .ok_or_else(missing)?;
         let key = <[u8; 32]>::try_from(key.as_slice()).map_err(|_| {
             Status::internal("the stored enrollment key is corrupt: re-set the passphrase")
@@ -127,8 +125,7 @@ impl Enrollment for EnrollmentService {
         let mut c = self
             .store
             .get_component(role, &r.id)
-            .await
-            .map_err(CsError::from)?
+            .await?
             .unwrap_or_else(|| Component::new(role, &r.id));
         if c.health == Health::Online {
             info!(role = %role, id = %r.id, "re-enrolling a component that is online");
@@ -137,7 +134,7 @@ impl Enrollment for EnrollmentService {
         c.cert_fingerprint = issued.fingerprint_hex.clone();
         c.enrolled_ms = now_ms();
         c.revoked = false;
-        self.store.put_component(&c).await.map_err(CsError::from)?;
+        self.store.put_component(&c).await?;
         info!(%remote, role = %role, id = %r.id, serial = %issued.serial_hex, "enrolled");
         let proof = server_proof(
             &key,

@@ -62,7 +62,59 @@ fn role_of(s: &str, what: &str) -> Result<Role, StoreError> {
     Role::parse(s).ok_or_else(|| corrupt(what, format!("unknown role {s:?}")))
 }
 
+/// A statement with its bound values, as the helpers below take it.
+type Sql<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+
+/// A row decoder: the JSON `body` column of the tables that keep one.
+fn body<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+) -> impl Fn(&SqliteRow) -> Result<T, StoreError> + Send {
+    move |r| from_json(what, &get::<String>(r, "body", what)?)
+}
+
 impl SqliteStore {
+    /// Runs a statement that returns no rows; `what` names it in errors.
+    fn run<'a>(&'a self, what: &'static str, sql: Sql<'a>) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            sql.execute(&self.pool).await.map_err(q(what))?;
+            Ok(())
+        })
+    }
+
+    /// Runs a statement that returns no rows: whether it touched any.
+    fn run_counted<'a>(&'a self, what: &'static str, sql: Sql<'a>) -> BoxFut<'a, bool> {
+        Box::pin(async move {
+            let r = sql.execute(&self.pool).await.map_err(q(what))?;
+            Ok(r.rows_affected() > 0)
+        })
+    }
+
+    /// The first row of a query, decoded by `row`.
+    fn one<'a, T: Send + 'a>(
+        &'a self,
+        what: &'static str,
+        sql: Sql<'a>,
+        row: impl Fn(&SqliteRow) -> Result<T, StoreError> + Send + 'a,
+    ) -> BoxFut<'a, Option<T>> {
+        Box::pin(async move {
+            let r = sql.fetch_optional(&self.pool).await.map_err(q(what))?;
+            r.as_ref().map(row).transpose()
+        })
+    }
+
+    /// Every row of a query, decoded by `row`.
+    fn all<'a, T: Send + 'a>(
+        &'a self,
+        what: &'static str,
+        sql: Sql<'a>,
+        row: impl Fn(&SqliteRow) -> Result<T, StoreError> + Send + 'a,
+    ) -> BoxFut<'a, Vec<T>> {
+        Box::pin(async move {
+            let rows = sql.fetch_all(&self.pool).await.map_err(q(what))?;
+            rows.iter().map(row).collect()
+        })
+    }
+
     /// Opens (creating when missing) the database at `path` and migrates it.
     pub async fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         let shown = path.display().to_string();
@@ -234,58 +286,40 @@ impl SqliteStore {
 
 impl Store for SqliteStore {
     fn get_setting<'a>(&'a self, key: &'a str) -> BoxFut<'a, Option<Vec<u8>>> {
-        Box::pin(async move {
-            let row = sqlx::query("SELECT value FROM settings WHERE key = ?")
-                .bind(key)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(q("reading a setting"))?;
-            row.map(|r| get::<Vec<u8>>(&r, "value", "reading a setting"))
-                .transpose()
-        })
+        let w = "reading a setting";
+        let sql = sqlx::query("SELECT value FROM settings WHERE key = ?").bind(key);
+        self.one(w, sql, move |r| get::<Vec<u8>>(r, "value", w))
     }
 
     fn put_setting<'a>(&'a self, key: &'a str, value: &'a [u8]) -> BoxFut<'a, ()> {
-        Box::pin(async move {
+        self.run(
+            "writing a setting",
             sqlx::query(
                 "INSERT INTO settings (key, value) VALUES (?, ?)
                  ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             )
             .bind(key)
-            .bind(value)
-            .execute(&self.pool)
-            .await
-            .map_err(q("writing a setting"))?;
-            Ok(())
-        })
+            .bind(value),
+        )
     }
 
     fn add_site<'a>(&'a self, name: &'a str) -> BoxFut<'a, ()> {
-        Box::pin(async move {
+        self.run(
+            "adding a site",
             sqlx::query("INSERT OR IGNORE INTO sites (name, created_ms) VALUES (?, ?)")
                 .bind(name)
-                .bind(now_ms() as i64)
-                .execute(&self.pool)
-                .await
-                .map_err(q("adding a site"))?;
-            Ok(())
-        })
+                .bind(now_ms() as i64),
+        )
     }
 
     fn list_sites(&self) -> BoxFut<'_, Vec<String>> {
-        Box::pin(async move {
-            sqlx::query("SELECT name FROM sites ORDER BY name")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(q("listing sites"))?
-                .iter()
-                .map(|r| get(r, "name", "listing sites"))
-                .collect()
-        })
+        let sql = sqlx::query("SELECT name FROM sites ORDER BY name");
+        self.all("listing sites", sql, |r| get(r, "name", "listing sites"))
     }
 
     fn put_component<'a>(&'a self, c: &'a Component) -> BoxFut<'a, ()> {
-        Box::pin(async move {
+        self.run(
+            "writing a component",
             sqlx::query(
                 "INSERT OR REPLACE INTO components (role, id, site, version, addresses,
                    cert_serial, cert_fingerprint, enrolled_ms, last_heartbeat_ms, health,
@@ -304,62 +338,46 @@ impl Store for SqliteStore {
             .bind(c.health.as_str())
             .bind(&c.status)
             .bind(c.status_ms as i64)
-            .bind(c.revoked as i64)
-            .execute(&self.pool)
-            .await
-            .map_err(q("writing a component"))?;
-            Ok(())
-        })
+            .bind(c.revoked as i64),
+        )
     }
 
     fn get_component<'a>(&'a self, role: Role, id: &'a str) -> BoxFut<'a, Option<Component>> {
-        Box::pin(async move {
-            let row = sqlx::query("SELECT * FROM components WHERE role = ? AND id = ?")
+        self.one(
+            "reading a component",
+            sqlx::query("SELECT * FROM components WHERE role = ? AND id = ?")
                 .bind(role.as_str())
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(q("reading a component"))?;
-            row.as_ref().map(Self::component_row).transpose()
-        })
+                .bind(id),
+            Self::component_row,
+        )
     }
 
     fn list_components(&self) -> BoxFut<'_, Vec<Component>> {
-        Box::pin(async move {
-            sqlx::query("SELECT * FROM components ORDER BY role, id")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(q("listing components"))?
-                .iter()
-                .map(Self::component_row)
-                .collect()
-        })
+        self.all(
+            "listing components",
+            sqlx::query("SELECT * FROM components ORDER BY role, id"),
+            Self::component_row,
+        )
     }
 
     fn set_heartbeat<'a>(&'a self, role: Role, id: &'a str, time_ms: u64) -> BoxFut<'a, ()> {
-        Box::pin(async move {
+        self.run(
+            "recording a heartbeat",
             sqlx::query("UPDATE components SET last_heartbeat_ms = ? WHERE role = ? AND id = ?")
                 .bind(time_ms as i64)
                 .bind(role.as_str())
-                .bind(id)
-                .execute(&self.pool)
-                .await
-                .map_err(q("recording a heartbeat"))?;
-            Ok(())
-        })
+                .bind(id),
+        )
     }
 
     fn set_health<'a>(&'a self, role: Role, id: &'a str, health: Health) -> BoxFut<'a, ()> {
-        Box::pin(async move {
+        self.run(
+            "recording a component's health",
             sqlx::query("UPDATE components SET health = ? WHERE role = ? AND id = ?")
                 .bind(health.as_str())
                 .bind(role.as_str())
-                .bind(id)
-                .execute(&self.pool)
-                .await
-                .map_err(q("recording a component's health"))?;
-            Ok(())
-        })
+                .bind(id),
+        )
     }
 
     fn set_status<'a>(
@@ -369,7 +387,8 @@ impl Store for SqliteStore {
         status: &'a [u8],
         time_ms: u64,
     ) -> BoxFut<'a, ()> {
-        Box::pin(async move {
+        self.run(
+            "recording a component's status",
             sqlx::query(
                 "UPDATE components SET status = ?, status_ms = ?, last_heartbeat_ms = ?
                  WHERE role = ? AND id = ?",
@@ -378,12 +397,8 @@ impl Store for SqliteStore {
             .bind(time_ms as i64)
             .bind(time_ms as i64)
             .bind(role.as_str())
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(q("recording a component's status"))?;
-            Ok(())
-        })
+            .bind(id),
+        )
     }
 
     fn put_machine<'a>(&'a self, m: &'a Machine) -> BoxFut<'a, ()> {
@@ -451,7 +466,8 @@ impl Store for SqliteStore {
     }
 
     fn put_replication<'a>(&'a self, r: &'a Replication) -> BoxFut<'a, ()> {
-        Box::pin(async move {
+        self.run(
+            "writing a replication",
             sqlx::query(
                 "INSERT INTO replications (id, machine, from_site, to_site, ps, mt, policy, state,
                    previous, failover_point, created_ms, updated_ms, ord)
@@ -474,36 +490,25 @@ impl Store for SqliteStore {
             .bind(&r.previous)
             .bind(r.failover_point.as_ref().map(json))
             .bind(r.created_ms as i64)
-            .bind(r.updated_ms as i64)
-            .execute(&self.pool)
-            .await
-            .map_err(q("writing a replication"))?;
-            Ok(())
-        })
+            .bind(r.updated_ms as i64),
+        )
     }
 
     fn get_replication<'a>(&'a self, id: &'a str) -> BoxFut<'a, Option<Replication>> {
-        Box::pin(async move {
-            let row = sqlx::query("SELECT * FROM replications WHERE id = ?")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(q("reading a replication"))?;
-            row.as_ref().map(Self::replication_row).transpose()
-        })
+        self.one(
+            "reading a replication",
+            sqlx::query("SELECT * FROM replications WHERE id = ?").bind(id),
+            Self::replication_row,
+        )
     }
 
     fn current_replication<'a>(&'a self, machine: &'a str) -> BoxFut<'a, Option<Replication>> {
-        Box::pin(async move {
-            let row = sqlx::query(
-                "SELECT * FROM replications WHERE machine = ? ORDER BY ord DESC LIMIT 1",
-            )
-            .bind(machine)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(q("reading a machine's replication"))?;
-            row.as_ref().map(Self::replication_row).transpose()
-        })
+        self.one(
+            "reading a machine's replication",
+            sqlx::query("SELECT * FROM replications WHERE machine = ? ORDER BY ord DESC LIMIT 1")
+                .bind(machine),
+            Self::replication_row,
+        )
     }
 
     fn list_replications<'a>(&'a self, machine: Option<&'a str>) -> BoxFut<'a, Vec<Replication>> {
@@ -527,8 +532,7 @@ impl Store for SqliteStore {
     }
 
     fn put_group<'a>(&'a self, g: &'a Group) -> BoxFut<'a, ()> {
-        Box::pin(async move {
-            sqlx::query(
+        self.run("writing a consistency group", sqlx::query(
                 "INSERT OR REPLACE INTO consistency_groups (name, machines, hold_ms, interval_secs, app)
                  VALUES (?, ?, ?, ?, ?)",
             )
@@ -536,95 +540,61 @@ impl Store for SqliteStore {
             .bind(json(&g.machines))
             .bind(g.hold_ms as i64)
             .bind(g.interval_secs as i64)
-            .bind(g.app as i64)
-            .execute(&self.pool)
-            .await
-            .map_err(q("writing a consistency group"))?;
-            Ok(())
-        })
+            .bind(g.app as i64))
     }
 
     fn get_group<'a>(&'a self, name: &'a str) -> BoxFut<'a, Option<Group>> {
-        Box::pin(async move {
-            let row = sqlx::query("SELECT * FROM consistency_groups WHERE name = ?")
-                .bind(name)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(q("reading a consistency group"))?;
-            row.as_ref().map(Self::group_row).transpose()
-        })
+        self.one(
+            "reading a consistency group",
+            sqlx::query("SELECT * FROM consistency_groups WHERE name = ?").bind(name),
+            Self::group_row,
+        )
     }
 
     fn list_groups(&self) -> BoxFut<'_, Vec<Group>> {
-        Box::pin(async move {
-            sqlx::query("SELECT * FROM consistency_groups ORDER BY name")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(q("listing consistency groups"))?
-                .iter()
-                .map(Self::group_row)
-                .collect()
-        })
+        self.all(
+            "listing consistency groups",
+            sqlx::query("SELECT * FROM consistency_groups ORDER BY name"),
+            Self::group_row,
+        )
     }
 
     fn delete_group<'a>(&'a self, name: &'a str) -> BoxFut<'a, bool> {
-        Box::pin(async move {
-            let r = sqlx::query("DELETE FROM consistency_groups WHERE name = ?")
-                .bind(name)
-                .execute(&self.pool)
-                .await
-                .map_err(q("deleting a consistency group"))?;
-            Ok(r.rows_affected() > 0)
-        })
+        self.run_counted(
+            "deleting a consistency group",
+            sqlx::query("DELETE FROM consistency_groups WHERE name = ?").bind(name),
+        )
     }
 
     fn put_plan<'a>(&'a self, p: &'a Plan) -> BoxFut<'a, ()> {
-        Box::pin(async move {
+        self.run(
+            "writing a recovery plan",
             sqlx::query("INSERT OR REPLACE INTO plans (name, body) VALUES (?, ?)")
                 .bind(&p.name)
-                .bind(json(p))
-                .execute(&self.pool)
-                .await
-                .map_err(q("writing a recovery plan"))?;
-            Ok(())
-        })
+                .bind(json(p)),
+        )
     }
 
     fn get_plan<'a>(&'a self, name: &'a str) -> BoxFut<'a, Option<Plan>> {
-        Box::pin(async move {
-            let row = sqlx::query("SELECT body FROM plans WHERE name = ?")
-                .bind(name)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(q("reading a recovery plan"))?;
-            let w = "reading a recovery plan";
-            row.map(|r| from_json(w, &get::<String>(&r, "body", w)?))
-                .transpose()
-        })
+        let w = "reading a recovery plan";
+        let sql = sqlx::query("SELECT body FROM plans WHERE name = ?").bind(name);
+        self.one(w, sql, body(w))
     }
 
     fn list_plans(&self) -> BoxFut<'_, Vec<Plan>> {
-        Box::pin(async move {
-            let w = "listing recovery plans";
-            sqlx::query("SELECT body FROM plans ORDER BY name")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(q(w))?
-                .iter()
-                .map(|r| from_json(w, &get::<String>(r, "body", w)?))
-                .collect()
-        })
+        let w = "listing recovery plans";
+        self.all(
+            w,
+            sqlx::query("SELECT body FROM plans ORDER BY name"),
+            body(w),
+        )
     }
 
     fn delete_plan<'a>(&'a self, name: &'a str) -> BoxFut<'a, bool> {
-        Box::pin(async move {
-            let r = sqlx::query("DELETE FROM plans WHERE name = ?")
-                .bind(name)
-                .execute(&self.pool)
-                .await
-                .map_err(q("deleting a recovery plan"))?;
-            Ok(r.rows_affected() > 0)
-        })
+        self.run_counted(
+            "deleting a recovery plan",
+            sqlx::query("DELETE FROM plans WHERE name = ?").bind(name),
+        )
     }
 
     fn put_job<'a>(&'a self, j: &'a Job) -> BoxFut<'a, ()> {
@@ -728,28 +698,18 @@ impl Store for SqliteStore {
         replication: &'a str,
         s: &'a PointSummary,
     ) -> BoxFut<'a, ()> {
-        Box::pin(async move {
+        self.run(
+            "writing a recovery-point summary",
             sqlx::query("INSERT OR REPLACE INTO point_summaries (replication, body) VALUES (?, ?)")
                 .bind(replication)
-                .bind(json(s))
-                .execute(&self.pool)
-                .await
-                .map_err(q("writing a recovery-point summary"))?;
-            Ok(())
-        })
+                .bind(json(s)),
+        )
     }
 
     fn get_point_summary<'a>(&'a self, replication: &'a str) -> BoxFut<'a, Option<PointSummary>> {
-        Box::pin(async move {
-            let w = "reading a recovery-point summary";
-            let row = sqlx::query("SELECT body FROM point_summaries WHERE replication = ?")
-                .bind(replication)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(q(w))?;
-            row.map(|r| from_json(w, &get::<String>(&r, "body", w)?))
-                .transpose()
-        })
+        let w = "reading a recovery-point summary";
+        let sql = sqlx::query("SELECT body FROM point_summaries WHERE replication = ?");
+        self.one(w, sql.bind(replication), body(w))
     }
 
     fn add_event<'a>(&'a self, e: &'a Event) -> BoxFut<'a, ()> {
@@ -779,25 +739,17 @@ impl Store for SqliteStore {
     }
 
     fn recent_events(&self, limit: u32) -> BoxFut<'_, Vec<Event>> {
-        Box::pin(async move {
-            let w = "listing events";
-            sqlx::query("SELECT * FROM events ORDER BY seq DESC LIMIT ?")
-                .bind(limit as i64)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(q(w))?
-                .iter()
-                .map(|r| {
-                    Ok(Event {
-                        time_ms: get_u64(r, "time_ms", w)?,
-                        component: get(r, "component", w)?,
-                        severity: get(r, "severity", w)?,
-                        kind: get(r, "kind", w)?,
-                        message: get(r, "message", w)?,
-                        replication: get(r, "replication", w)?,
-                    })
-                })
-                .collect()
+        let w = "listing events";
+        let sql = sqlx::query("SELECT * FROM events ORDER BY seq DESC LIMIT ?");
+        self.all(w, sql.bind(limit as i64), move |r| {
+            Ok(Event {
+                time_ms: get_u64(r, "time_ms", w)?,
+                component: get(r, "component", w)?,
+                severity: get(r, "severity", w)?,
+                kind: get(r, "kind", w)?,
+                message: get(r, "message", w)?,
+                replication: get(r, "replication", w)?,
+            })
         })
     }
 }
