@@ -272,11 +272,8 @@ impl Replication {
 
     /// Why apply must refuse frames now, if it must.
     pub(crate) fn rolled_back_refusal(&self, inner: &Inner) -> Option<String> {
-        if inner.st.ended.is_some() {
-            return Some(format!(
-                "replication {} of {} has ended (committed); it no longer accepts changes",
-                self.id, self.info.machine_id
-            ));
+        if let Some(msg) = self.ended_refusal(inner, "it no longer accepts changes") {
+            return Some(msg);
         }
         if let Some(h) = &inner.st.handed_over {
             return Some(format!(

@@ -88,16 +88,9 @@ impl Replication {
     /// a re-run reports the first hand-over and runs the hook again only if
     /// it has not yet succeeded. Blocking (runs the hook).
     pub fn hand_over(&self, run_power_on: bool, hooks: &HooksConfig) -> Result<HandOverReport> {
-        let mut inner = self.write_inner()?;
-        // The replica is about to change other than by apply.
-        inner.forget_chunk_hashes();
+        let mut inner = self.write_for_change()?;
         let machine = self.info.machine_id.clone();
-        if inner.st.ended.is_some() {
-            return Err(MtError::FailedPrecondition(format!(
-                "replication {} of {machine} has ended (committed); it cannot be handed over",
-                self.id
-            )));
-        }
+        self.check_not_ended(&inner, "it cannot be handed over")?;
         if let Some(r) = &inner.st.rollback {
             return Err(MtError::FailedPrecondition(format!(
                 "a rollback of {machine} to {} is unfinished; re-run the rollback (or restore pre-images) before hand-over",
@@ -173,8 +166,8 @@ impl Replication {
     /// catalog, the retention journal and any rollback pre-images. The
     /// replica files stay (the caller deletes them when not kept).
     fn end(&self, keep_replica: bool) -> Result<()> {
+        // Ending is allowed even when poisoned: it gives the replica up.
         let mut inner = self.write_inner()?;
-        // The replica is about to change other than by apply.
         inner.forget_chunk_hashes();
         if inner.st.ended.is_none() {
             inner.st.ended = Some(EndedState {
@@ -273,10 +266,7 @@ pub fn run_hook(
         match child.try_wait() {
             Ok(Some(s)) => break Ok(s),
             Ok(None) if start.elapsed() >= timeout => {
-                // SAFETY: kill(2) on the hook's own process group.
-                unsafe {
-                    libc::kill(-(child.id() as i32), libc::SIGKILL);
-                }
+                crate::sys::kill_process_group(child.id());
                 let _ = child.wait();
                 break Err(format!(
                     "timed out after {} s and was killed",

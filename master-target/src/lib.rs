@@ -6,6 +6,10 @@
 //! `main.rs` is a thin wrapper over [`run`]; tests call [`run`] with
 //! listeners bound to port 0, or use [`Store`] and [`Replication`] directly.
 
+// The few libc calls std does not wrap live in `sys`; nothing else may be
+// unsafe.
+#![deny(unsafe_code)]
+
 pub mod apply;
 mod apply_stream;
 pub mod catalog;
@@ -30,6 +34,8 @@ pub mod service;
 pub mod state;
 pub mod storage;
 mod store;
+#[allow(unsafe_code)]
+mod sys;
 pub mod view;
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use crate::retention_journal::RetentionJournal;
 use crate::rollback::PreImages;
 use crate::seqfile::{SeqFile, SeqRecord};
 use crate::state::{load_json, save_json, PersistedState, PointRef, StoredDisk, StoredInfo};
-use crate::storage::{Storage, Target};
+use crate::storage::{open_or_create, Storage, Target};
 pub use crate::store::Store;
 use rebound_common::durable::fsync_dir;
 use rebound_common::time::now_ms;
@@ -263,15 +263,9 @@ impl Replication {
         }
         for d in &info.disks {
             let path = layout.replica(&d.name);
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-                .map_err(io_err(|| {
-                    format!("cannot create replica {}", path.display())
-                }))?;
+            let f = open_or_create(&path).map_err(io_err(|| {
+                format!("cannot create replica {}", path.display())
+            }))?;
             f.set_len(d.size)
                 .and_then(|_| f.sync_all())
                 .map_err(io_err(|| {
@@ -465,6 +459,36 @@ impl Replication {
                 .error("replication-poisoned", &self.id, err.to_string());
         }
         true
+    }
+
+    /// The write side for a change of the replica other than apply
+    /// (rollback, restore, hand-over, end): refused while poisoned, and the
+    /// cached chunk hashes are forgotten first.
+    pub(crate) fn write_for_change(&self) -> Result<RwLockWriteGuard<'_, Inner>> {
+        self.check_not_poisoned()?;
+        let mut inner = self.write_inner()?;
+        inner.forget_chunk_hashes();
+        Ok(inner)
+    }
+
+    /// The refusal of an ended replication, saying what that means for the
+    /// operation (`consequence`).
+    pub(crate) fn ended_refusal(&self, inner: &Inner, consequence: &str) -> Option<String> {
+        inner.st.ended.as_ref().map(|_| {
+            format!(
+                "replication {} of {} has ended (committed); {consequence}",
+                self.id, self.info.machine_id
+            )
+        })
+    }
+
+    /// Fails with [`MtError::FailedPrecondition`] when the replication has
+    /// ended.
+    pub(crate) fn check_not_ended(&self, inner: &Inner, consequence: &str) -> Result<()> {
+        match self.ended_refusal(inner, consequence) {
+            Some(msg) => Err(MtError::FailedPrecondition(msg)),
+            None => Ok(()),
+        }
     }
 
     /// fdatasyncs every replica (after something other than apply wrote

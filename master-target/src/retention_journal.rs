@@ -21,7 +21,7 @@
 use crate::interval::IntervalIndex;
 use crate::journal::{self, RecordError};
 use crate::layout::{parse_journal_name, Layout};
-use crate::storage::{Storage, Target};
+use crate::storage::{open_or_create, Storage, Target};
 use rebound_common::durable::fsync_dir;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -462,13 +462,7 @@ impl RetentionJournal {
     fn open_append(&self) -> Result<File, JournalError> {
         let path = self.layout.journal(self.current);
         let existed = path.exists();
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|source| JournalError::Open { path, source })?;
+        let f = open_or_create(&path).map_err(|source| JournalError::Open { path, source })?;
         if !existed {
             let dir = self.layout.retention_dir();
             fsync_dir(&dir).map_err(|source| JournalError::SyncDir { path: dir, source })?;

@@ -28,7 +28,8 @@ use crate::ordered::{ordered, window_buffers, WORKERS};
 use crate::replication::Replication;
 use crate::retention_journal::Undo;
 use crate::state::{save_json, PointRef, RollbackProgress};
-use crate::storage::{start_writeback, Target};
+use crate::storage::Target;
+use crate::sys::start_writeback;
 use rebound_common::alloc::BufferPool;
 use rebound_common::chunk::read_full_at;
 use rebound_common::durable::fsync_dir;
@@ -178,10 +179,7 @@ impl Replication {
     /// re-running after an interruption, or when already at the point,
     /// ends at exactly the point.
     pub fn rollback(&self, point: &str) -> Result<RollbackReport> {
-        self.check_not_poisoned()?;
-        let mut inner = self.write_inner()?;
-        // The replica is about to change other than by apply.
-        inner.forget_chunk_hashes();
+        let mut inner = self.write_for_change()?;
         let machine = self.info.machine_id.clone();
         let p = inner
             .point_by_id(point)
@@ -211,12 +209,7 @@ impl Replication {
                 rb.id, p.id
             )));
         }
-        if inner.st.ended.is_some() {
-            return Err(MtError::FailedPrecondition(format!(
-                "replication {} of {machine} has ended (committed); it has no recovery points to roll back to",
-                self.id
-            )));
-        }
+        self.check_not_ended(&inner, "it has no recovery points to roll back to")?;
         if let Some(h) = &inner.st.handed_over {
             return Err(MtError::FailedPrecondition(format!(
                 "replica of {machine} was handed over at {}; stop the machine and restore pre-images (RestorePreImages) first, then roll back to {}",
@@ -428,17 +421,9 @@ impl Replication {
     /// where it was before (latest), and forgets the rollback. Returns the
     /// number of blocks written. Idempotent; 0 when nothing is rolled back.
     pub fn restore_pre_images(&self) -> Result<u64> {
-        self.check_not_poisoned()?;
-        let mut inner = self.write_inner()?;
-        // The replica is about to change other than by apply.
-        inner.forget_chunk_hashes();
+        let mut inner = self.write_for_change()?;
         let machine = self.info.machine_id.clone();
-        if inner.st.ended.is_some() {
-            return Err(MtError::FailedPrecondition(format!(
-                "replication {} of {machine} has ended (committed); its pre-images are gone",
-                self.id
-            )));
-        }
+        self.check_not_ended(&inner, "its pre-images are gone")?;
         // Undoing a hand-over (the CS stopped the machine first): the
         // replica is the MT's again once the pre-images are back.
         let handed_over = inner.st.handed_over.take();

@@ -8,13 +8,11 @@
 //! of file, which is how a crash or a failing disk is simulated: the
 //! product code has no test hooks of its own.
 //!
-//! This module also holds the crate's only `unsafe` code (two libc calls
-//! that std does not wrap), each block with its `SAFETY` comment.
-
-use std::fs::File;
+use crate::sys::zero_range;
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
+use std::path::Path;
 
 /// Which kind of file a write or sync is for (what a test aims a fault at,
 /// and what an error names).
@@ -71,53 +69,15 @@ impl Storage for Disk {
     }
 }
 
-/// Makes `len` bytes at `offset` read as zeroes: punches a hole (keeping
-/// the size), or writes zeroes where the filesystem cannot punch.
-fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    // SAFETY: fallocate on a valid open descriptor with plain integer args.
-    let r = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if r == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => {
-            let zeros = vec![0u8; (1 << 20).min(len as usize)];
-            let mut o = offset;
-            let end = offset + len;
-            while o < end {
-                let n = (end - o).min(zeros.len() as u64) as usize;
-                file.write_all_at(&zeros[..n], o)?;
-                o += n as u64;
-            }
-            Ok(())
-        }
-        _ => Err(err),
-    }
-}
-
-/// Asks the kernel to start writing `len` bytes at `offset` of `file` to
-/// the device, without waiting (`sync_file_range(SYNC_FILE_RANGE_WRITE)`).
-/// Not a durability step: the fdatasync that follows still is. It lets the
-/// device write one window while the next is read and checked, instead of
-/// all of it at the fdatasync; a failure only loses that overlap.
-pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) {
-    // SAFETY: sync_file_range on an open fd; it reads no memory of ours.
-    unsafe {
-        libc::sync_file_range(
-            file.as_raw_fd(),
-            offset as libc::off64_t,
-            len as libc::off64_t,
-            libc::SYNC_FILE_RANGE_WRITE,
-        );
-    }
+/// Opens `path` for reading and writing, creating it if it does not exist
+/// (never truncating).
+pub(crate) fn open_or_create(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
 }
 
 #[cfg(test)]

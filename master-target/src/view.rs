@@ -37,17 +37,13 @@ impl Replication {
         buf: &mut [u8],
         point: Option<&str>,
     ) -> Result<()> {
-        let inner = self.read_inner();
-        let d = self.disk(disk)?;
-        self.check_range(d, offset, buf.len())?;
-        match point {
-            None => self.read_replica(d, offset, buf),
-            Some(id) => {
-                let p = inner.point_by_id(id).ok_or_else(|| self.no_point(id))?;
-                let (k, id) = (p.interval, p.id.clone());
-                self.read_at_interval(&inner, d, offset, buf, k, &id)
-            }
-        }
+        self.read_resolved(disk, offset, buf, |inner| match point {
+            None => Ok(None),
+            Some(id) => match inner.point_by_id(id) {
+                Some(p) => Ok(Some((p.interval, p.id.clone()))),
+                None => Err(self.no_point(id)),
+            },
+        })
     }
 
     /// Like `read_at_point`, for a view that holds the point it was opened
@@ -60,18 +56,33 @@ impl Replication {
         buf: &mut [u8],
         point: Option<&(String, u64)>,
     ) -> Result<()> {
-        let inner = self.read_inner();
-        let d = self.disk(disk)?;
-        self.check_range(d, offset, buf.len())?;
-        match point {
-            None => self.read_replica(d, offset, buf),
+        self.read_resolved(disk, offset, buf, |inner| match point {
+            None => Ok(None),
             Some((id, k)) => match inner.point_by_interval(*k) {
-                Some(p) if &p.id == id => self.read_at_interval(&inner, d, offset, buf, *k, id),
+                Some(p) if &p.id == id => Ok(Some((*k, id.clone()))),
                 _ => Err(MtError::NotFound(format!(
                     "recovery point {id} of machine {} (replication {}) has expired from retention; reconnect to a newer point",
                     self.info.machine_id, self.id
                 ))),
             },
+        })
+    }
+
+    /// Reads under the read lock at the point `point` resolves to (its
+    /// interval and id; `None`: the replica as it is now).
+    fn read_resolved(
+        &self,
+        disk: u32,
+        offset: u64,
+        buf: &mut [u8],
+        point: impl FnOnce(&Inner) -> Result<Option<(u64, String)>>,
+    ) -> Result<()> {
+        let inner = self.read_inner();
+        let d = self.disk(disk)?;
+        self.check_range(d, offset, buf.len())?;
+        match point(&inner)? {
+            None => self.read_replica(d, offset, buf),
+            Some((k, id)) => self.read_at_interval(&inner, d, offset, buf, k, &id),
         }
     }
 
