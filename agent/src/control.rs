@@ -46,6 +46,7 @@ use crate::capture::{Capture, TagError};
 use crate::config::{PsConfig, Settings};
 use crate::hook::{run_hook, HookError};
 use crate::sender::Link;
+use crate::sleep_unless_stopped;
 
 /// Default write hold of a consistency-group barrier.
 pub const DEFAULT_HOLD_MS: u32 = 100;
@@ -691,11 +692,7 @@ impl ControlHandler for AgentControl {
 pub async fn crash_tag_loop(rt: Arc<Runtime>, mut stop: watch::Receiver<bool>) {
     loop {
         let ms = rt.crash_interval_ms.load(Ordering::Relaxed).max(10);
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
-            _ = stop.changed() => {}
-        }
-        if *stop.borrow() {
+        if !sleep_unless_stopped(Duration::from_millis(ms), &mut stop).await {
             return;
         }
         match rt.capture.cut_tag(TagKind::Crash, false) {
@@ -716,11 +713,7 @@ pub async fn app_tag_loop(rt: Arc<Runtime>, mut stop: watch::Receiver<bool>) {
         } else {
             Duration::from_secs(secs)
         };
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = stop.changed() => {}
-        }
-        if *stop.borrow() {
+        if !sleep_unless_stopped(wait, &mut stop).await {
             return;
         }
         if secs == 0 || rt.app_interval_secs.load(Ordering::Relaxed) == 0 {

@@ -8,13 +8,13 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rebound_common::nbd::{BlockDevice, ExportRegistry, NbdError};
 
 use crate::capture::Capture;
+use crate::sys;
 use crate::AgentError;
 
 /// The backing store of one protected disk.
@@ -98,18 +98,13 @@ impl Disk {
     /// Makes `len` bytes at `offset` read as zeroes: punches a hole where
     /// the file system or device supports it, writes zeroes otherwise.
     pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        let fd = self.file.as_raw_fd();
         for mode in [
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
         ] {
-            // SAFETY: plain syscall on a valid fd with integer arguments.
-            let rc =
-                unsafe { libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) };
-            if rc == 0 {
+            let Err(e) = sys::fallocate(&self.file, mode, offset, len) else {
                 return Ok(());
-            }
-            let e = io::Error::last_os_error();
+            };
             match e.raw_os_error() {
                 Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENODEV | libc::ENOSYS) => continue,
                 _ => return Err(e),

@@ -27,6 +27,7 @@ pub mod ingest_codec;
 pub mod page_cache;
 pub mod resync;
 pub mod sender;
+mod sys;
 pub mod tags;
 
 use std::future::Future;
@@ -87,7 +88,6 @@ fn io_err<'a>(
 /// Takes an exclusive lock on `<state_dir>/lock` for the life of the agent,
 /// so two agents never share a dirty log (and never both write the disks).
 fn lock_state_dir(dir: &Path) -> Result<std::fs::File, AgentError> {
-    use std::os::unix::io::AsRawFd;
     let path = dir.join("lock");
     let f = std::fs::OpenOptions::new()
         .create(true)
@@ -95,8 +95,7 @@ fn lock_state_dir(dir: &Path) -> Result<std::fs::File, AgentError> {
         .write(true)
         .open(&path)
         .map_err(io_err("cannot open", &path))?;
-    // SAFETY: flock on a valid fd owned by `f`.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    if f.try_lock().is_err() {
         return Err(AgentError::AlreadyRunning(path));
     }
     Ok(f)
@@ -379,6 +378,18 @@ pub(crate) async fn drain(capture: &Capture, limit: Duration) -> bool {
     }
 }
 
+/// Sleeps `period`, or less when `stop` turns true; false once it has.
+pub(crate) async fn sleep_unless_stopped(
+    period: Duration,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(period) => {}
+        _ = stop.changed() => {}
+    }
+    !*stop.borrow()
+}
+
 /// Every second, clears from the dirty log the extents whose records the PS
 /// holds and that went cold ([`crate::capture::DirtyExtents::clear_cold`]: no write for
 /// `keep`, or beyond `keep_extents` hot ones). Clearing every durable extent
@@ -392,9 +403,8 @@ async fn clear_loop(
 ) {
     let mut warned = false;
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = stop.changed() => if *stop.borrow() { return },
+        if !sleep_unless_stopped(Duration::from_secs(1), &mut stop).await {
+            return;
         }
         let c = capture.clone();
         match tokio::task::spawn_blocking(move || c.dirty_extents().clear_cold(keep, keep_extents))
@@ -413,9 +423,8 @@ async fn clear_loop(
 async fn summary_loop(admin: Arc<Admin>, mut stop: watch::Receiver<bool>) {
     let mut last = (u64::MAX, u64::MAX, "");
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
-            _ = stop.changed() => if *stop.borrow() { return },
+        if !sleep_unless_stopped(Duration::from_secs(10), &mut stop).await {
+            return;
         }
         let s = admin.capture.snapshot();
         let now = (s.seq, s.durable_seq, s.mode.as_str());

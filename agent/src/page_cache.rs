@@ -4,7 +4,7 @@
 //! (large folios, from the mapping and read-ahead) made the machine's later
 //! 4 KiB writes much dearer: fio 4k QD32 through the agent did 8-10k IOPS
 //! after an initial sync and 15-19k once those pages were dropped
-//! (docs/BENCHMARKS.md, "What changed" 7). Pages that were cached before the
+//! (docs/BENCHMARKS.md). Pages that were cached before the
 //! scan are the workload's own and stay. So before a batch is hashed the
 //! agent notes which of its pages are cached ([`Residency::take`], `mincore`
 //! over a mapping made without reading anything), and once the batch is
@@ -16,7 +16,8 @@
 //! either call only leaves the cache as it is.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+
+use crate::sys;
 
 const PAGE: u64 = 4096;
 
@@ -37,30 +38,8 @@ impl Residency {
             return None;
         }
         let len = len.div_ceil(PAGE) * PAGE;
-        // SAFETY: a fresh read-only mapping of an open fd, without
-        // MAP_POPULATE: nothing is read, no page is touched; the result is
-        // checked and the mapping is unmapped below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                offset as libc::off_t,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return None;
-        }
-        let mut cached = vec![0u8; (len / PAGE) as usize];
-        // SAFETY: `ptr` maps `len` bytes; `cached` has one byte per page.
-        let rc = unsafe { libc::mincore(ptr, len as usize, cached.as_mut_ptr()) };
-        // SAFETY: unmaps exactly the mapping made above, once.
-        unsafe {
-            libc::munmap(ptr, len as usize);
-        }
-        (rc == 0).then_some(Residency { offset, cached })
+        let cached = sys::resident_pages(file, offset, len, PAGE)?;
+        Some(Residency { offset, cached })
     }
 
     /// Drops from the cache each run of pages that was not cached when
@@ -78,15 +57,7 @@ impl Residency {
             }
             let off = self.offset + start as u64 * PAGE;
             let len = (i - start) as u64 * PAGE;
-            // SAFETY: posix_fadvise on an open fd; it reads no memory of ours.
-            unsafe {
-                libc::posix_fadvise(
-                    file.as_raw_fd(),
-                    off as libc::off_t,
-                    len as libc::off_t,
-                    libc::POSIX_FADV_DONTNEED,
-                );
-            }
+            sys::fadvise(file, off, len, libc::POSIX_FADV_DONTNEED);
         }
     }
 
@@ -97,13 +68,7 @@ impl Residency {
 }
 
 fn page_size() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if p > 0 {
-        p as u64
-    } else {
-        PAGE
-    }
+    sys::page_size().unwrap_or(PAGE)
 }
 
 #[cfg(test)]
@@ -120,8 +85,7 @@ mod tests {
         f.write_all_at(&data, 0).unwrap();
         f.sync_data().unwrap();
         // No read-ahead: a read caches exactly the pages it reads.
-        // SAFETY: posix_fadvise on our own open fd.
-        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+        sys::fadvise(&f, 0, 0, libc::POSIX_FADV_RANDOM);
         // Start from nothing cached, then cache the first MiB.
         Residency {
             offset: 0,

@@ -37,6 +37,7 @@ use crate::capture::{Capture, PendingFrame, ResumeOutcome, IDLE_FLUSH};
 use crate::config::Settings;
 use crate::frame_pool::{FramePool, BODY_CAPACITY};
 use crate::ingest_codec::{IngestCodec, Outgoing};
+use crate::sleep_unless_stopped;
 
 /// Largest message we accept from the PS (answers are tiny).
 const MAX_MESSAGE: usize = 64 << 20;
@@ -135,9 +136,8 @@ pub async fn outage_watch(
 ) {
     let mut done_for_this_outage = false;
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-            _ = stop.changed() => if *stop.borrow() { return },
+        if !sleep_unless_stopped(Duration::from_millis(100), &mut stop).await {
+            return;
         }
         match link.down_for() {
             None => done_for_this_outage = false,
@@ -259,9 +259,8 @@ pub async fn run(
             }
         }
         let delay = backoff.next().unwrap_or(RECONNECT_MAX_DELAY);
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = stop.changed() => {}
+        if !sleep_unless_stopped(delay, &mut stop).await {
+            return;
         }
     }
 }

@@ -1,0 +1,78 @@
+//! The agent's only unsafe code: thin wrappers around the libc calls std
+//! does not offer (hole punching, page-cache residency and advice). Each
+//! wrapper takes safe arguments, so the rest of the crate denies unsafe
+//! code.
+#![allow(unsafe_code)]
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
+/// `fallocate(2)` with `mode` over `len` bytes at `offset`.
+pub fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd (borrowed from `file`) with
+    // integer arguments; it touches no memory of ours.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            mode,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The system's page size, when it can be read.
+pub fn page_size() -> Option<u64> {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    (p > 0).then_some(p as u64)
+}
+
+/// `mincore(2)` over `len` bytes of `file` from the page-aligned `offset`:
+/// one byte per `page` bytes, bit 0 set = cached. `None` when the mapping
+/// or the call fails.
+pub fn resident_pages(file: &File, offset: u64, len: u64, page: u64) -> Option<Vec<u8>> {
+    // SAFETY: a fresh read-only mapping of an open fd, without
+    // MAP_POPULATE: nothing is read, no page is touched; the result is
+    // checked and the mapping is unmapped below.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            offset as libc::off_t,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return None;
+    }
+    let mut cached = vec![0u8; len.div_ceil(page) as usize];
+    // SAFETY: `ptr` maps `len` bytes; `cached` has one byte per page.
+    let rc = unsafe { libc::mincore(ptr, len as usize, cached.as_mut_ptr()) };
+    // SAFETY: unmaps exactly the mapping made above, once.
+    unsafe {
+        libc::munmap(ptr, len as usize);
+    }
+    (rc == 0).then_some(cached)
+}
+
+/// `posix_fadvise(2)`: advice only, so a failure is ignored.
+pub fn fadvise(file: &File, offset: u64, len: u64, advice: libc::c_int) {
+    // SAFETY: posix_fadvise on an open fd; it reads no memory of ours.
+    unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            offset as libc::off_t,
+            len as libc::off_t,
+            advice,
+        );
+    }
+}
