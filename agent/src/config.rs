@@ -7,7 +7,7 @@
 
 use rebound_common::control::CsConfig;
 use rebound_common::tls::TlsFiles;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/rebound/agent";
 pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
 
 /// The whole config file.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// The protected machine's id; must match the agent certificate's id.
@@ -70,7 +70,7 @@ pub struct Config {
 /// `[hooks]`: shell commands (run with `sh -c`, `REBOUND_MACHINE`,
 /// `REBOUND_SITE`, `REBOUND_REPLICATION` and `REBOUND_HOOK` in the
 /// environment). Empty = none.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct HooksConfig {
     /// Run after a planned failover's drain (fence asked for it).
@@ -82,7 +82,7 @@ pub struct HooksConfig {
 }
 
 /// One protected disk.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DiskConfig {
     /// NBD export name and disk name in the replication; default `disk<index>`.
@@ -92,7 +92,7 @@ pub struct DiskConfig {
 }
 
 /// `[ps]`: where the change stream goes.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PsConfig {
     /// `host:port` of the process server.
