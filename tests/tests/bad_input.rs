@@ -4,19 +4,19 @@
 
 use rebound_common::frame::{FrameBuilder, Record};
 use rebound_common::tls::TlsFiles;
+use rebound_lab::*;
 use rebound_proto::{
     apply_request, ingest_request, ApplyRequest, DiskInfo, IngestRequest, ReplicationInfo,
 };
-use rebound_tests::*;
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 const NBD_REQUEST_MAGIC: u32 = 0x2560_9513;
 const NBD_REPLY_MAGIC: u32 = 0x6744_6698;
 
-fn nbd_connect(port: u16, export: &str) -> (TcpStream, u64) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+fn nbd_connect(addr: SocketAddr, export: &str) -> (TcpStream, u64) {
+    let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut hello = [0u8; 18];
     s.read_exact(&mut hello).unwrap();
@@ -73,10 +73,9 @@ fn nbd_request(
 
 #[test]
 fn malformed_nbd_requests_get_errors_and_the_connection_keeps_working() {
-    let mut lab = Lab::new(LabOptions::default()).unwrap();
-    lab.start_all().unwrap();
+    let lab = Lab::started(LabOptions::default()).unwrap();
     qemu_io(&lab.agent_uri("disk0"), &["write -P 0x42 0 4096".into()]).unwrap();
-    let (mut s, size) = nbd_connect(lab.agent_nbd_port, "disk0");
+    let (mut s, size) = nbd_connect(lab.agent_nbd, "disk0");
     assert_eq!(size, 64 << 20);
     // Read past the end → EINVAL.
     assert_eq!(nbd_request(&mut s, 0, 1, size, 4096, &[]).0, 22);
@@ -201,7 +200,7 @@ fn wrong_certificates_are_refused() {
     // An agent may stream only for its own machine.
     let tls = TlsFiles::in_dir(&lab.certs, &format!("agent-{}", lab.opts.machine));
     let ch = lab
-        .block_on(tls.connect(&format!("127.0.0.1:{}", lab.ps_port), "localhost"))
+        .block_on(tls.connect(&lab.ps_addr.to_string(), "localhost"))
         .unwrap();
     let mut ps = rebound_proto::process_server_client::ProcessServerClient::new(ch);
     let mut other_machine = info(&lab);

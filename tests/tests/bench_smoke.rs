@@ -1,11 +1,11 @@
-//! Smoke test of `rebound bench --quick` (issue 4): the command runs the real
+//! Smoke test of `rebound bench --quick`: the command runs the real
 //! binaries end to end and prints a complete table and JSON document — every
 //! row present, every figure a number. Benchmarks are figures, never timed
 //! assertions (DESIGN.md §10), so no value is compared with its goal here.
 //! A missing peer tool (fio, qemu-nbd, rsync) fails the bench with the
 //! apt-get command, which this test shows.
 
-use rebound_tests::binary;
+use rebound_lab::binary;
 use serde_json::Value;
 use std::process::Command;
 

@@ -3,7 +3,7 @@
 //! reprotect, failback, commit, reprotect) on a fresh machine and print its
 //! summary with every blake3 check counted and the measured RTO.
 
-use rebound_tests::binary;
+use rebound_lab::binary;
 
 #[test]
 fn rebound_demo_passes_and_prints_its_summary() {

@@ -2,7 +2,7 @@
 //! write load: nothing acknowledged is lost, every point stays exact, and
 //! replication resumes by itself.
 
-use rebound_tests::*;
+use rebound_lab::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,29 +22,16 @@ fn load(
     let sock = lab.agent_state_dir().join("admin.sock");
     let src = lab.source_disk(0);
     std::thread::spawn(move || {
-        let mut rng = Lcg(rng_seed);
+        let mut rng = Rng::new(rng_seed);
         while !stop.load(Ordering::SeqCst) {
             qemu_io(&uri, &random_writes(&mut rng, size, 60)).expect("writes through the agent");
-            let v = admin(&sock, r#"{"cmd":"tag","kind":"crash"}"#);
+            let (id, seq) = AgentAdmin::connect(&sock)
+                .and_then(|mut a| a.tag("crash"))
+                .expect("tag on the agent");
             let h = blake3_file(&src).unwrap();
-            captured.lock().unwrap().push((
-                v["id"].as_str().unwrap().to_string(),
-                v["seq"].as_u64().unwrap(),
-                h,
-            ));
+            captured.lock().unwrap().push((id, seq, h));
         }
     })
-}
-
-fn admin(sock: &std::path::Path, req: &str) -> serde_json::Value {
-    use std::io::{BufRead, BufReader, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
-    writeln!(s, "{req}").unwrap();
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-    assert!(v.get("error").is_none(), "{v}");
-    v
 }
 
 fn check_all(lab: &Lab, captured: &Captured) {
@@ -73,8 +60,7 @@ fn check_all(lab: &Lab, captured: &Captured) {
 
 #[test]
 fn kill9_ps_and_mt_under_load() {
-    let mut lab = Lab::new(LabOptions::default()).unwrap();
-    lab.start_all().unwrap();
+    let mut lab = Lab::started(LabOptions::default()).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let captured: Captured = Arc::default();
     let t = load(&lab, 11, stop.clone(), captured.clone());
@@ -104,12 +90,7 @@ fn kill9_ps_and_mt_under_load() {
 #[test]
 fn kill9_agent_resyncs_only_dirty_extents() {
     let disk_size = 256u64 << 20;
-    let mut lab = Lab::new(LabOptions {
-        disks: vec![("disk0".into(), disk_size)],
-        ..Default::default()
-    })
-    .unwrap();
-    lab.start_all().unwrap();
+    let mut lab = Lab::started(LabOptions::disk_size(disk_size)).unwrap();
     // Settle the initial replication first.
     let (_, s) = lab.tag("crash").unwrap();
     lab.wait_applied(s, Duration::from_secs(120)).unwrap();
@@ -117,7 +98,7 @@ fn kill9_agent_resyncs_only_dirty_extents() {
     // Load confined to the first 16 MiB, killed in the middle.
     let uri = lab.agent_uri("disk0");
     let loader = std::thread::spawn(move || {
-        let mut rng = Lcg(5);
+        let mut rng = Rng::new(5);
         for _ in 0..20 {
             if qemu_io(&uri, &random_writes(&mut rng, 16 << 20, 50)).is_err() {
                 break; // the agent went away under us
@@ -129,16 +110,14 @@ fn kill9_agent_resyncs_only_dirty_extents() {
     loader.join().unwrap();
     lab.start(Component::Agent).unwrap();
 
-    let (id, seq) = lab.tag("crash").unwrap();
-    let h = lab.source_hash(0).unwrap();
-    lab.wait_applied(seq, Duration::from_secs(120)).unwrap();
+    let (id, seq, h) = lab.tag_hash("crash").unwrap();
     assert_eq!(
-        lab.point_hash("disk0", &id).unwrap(),
+        lab.applied_point_hash(&id, seq, Duration::from_secs(120))
+            .unwrap(),
         h,
         "replica did not converge after the agent crash"
     );
-    let st = lab.agent_status().unwrap();
-    let resent = st["resync_bytes_sent"].as_u64().unwrap();
+    let resent = lab.agent_counter("resync_bytes_sent").unwrap();
     // The counter starts at zero with the new process, so it holds only the
     // crash-recovery resync: bounded by the 16 extents the load could dirty
     // (16 MiB), far below the 256 MiB disk.
@@ -162,7 +141,7 @@ fn ps_outage_overflows_buffer_into_bitmap_mode_and_catches_up() {
     lab.wait_applied(s, Duration::from_secs(60)).unwrap();
     lab.kill9(Component::Ps).unwrap();
     let uri = lab.agent_uri("disk0");
-    let mut rng = Lcg(21);
+    let mut rng = Rng::new(21);
     // ~40 MiB of writes against an 8 MiB buffer.
     for _ in 0..10 {
         qemu_io(&uri, &random_writes(&mut rng, 64 << 20, 32)).unwrap();
@@ -176,8 +155,7 @@ fn ps_outage_overflows_buffer_into_bitmap_mode_and_catches_up() {
             .unwrap_or(false)
     })
     .unwrap();
-    let (id, seq) = lab.tag("crash").unwrap();
-    let h = lab.source_hash(0).unwrap();
+    let (id, seq, h) = lab.tag_hash("crash").unwrap();
     lab.wait_applied(seq, Duration::from_secs(120)).unwrap();
     assert_eq!(lab.point_hash("disk0", &id).unwrap(), h);
 }

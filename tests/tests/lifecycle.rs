@@ -1,5 +1,5 @@
-//! The DR lifecycle of issue 3 ("done means" 1) against the real CS, PSs,
-//! MTs, agents and the `rebound` CLI on loopback (tests/src/sites.rs), every
+//! The DR lifecycle against the real CS, PSs,
+//! MTs, agents and the `rebound` CLI on loopback (`rebound_lab::Sites`), every
 //! step checked by blake3: the full protect → failover → commit → reprotect
 //! → failback loop, failover at latest-app, change-point before commit,
 //! unplanned failover with the source agent killed, a plan of three machines
@@ -7,8 +7,7 @@
 //! writes, and the lifecycle errors (no point yet, wrong direction, a second
 //! agent, a reprotect whose agent never comes).
 
-use rebound_tests::sites::*;
-use rebound_tests::*;
+use rebound_lab::*;
 use serde_json::Value;
 use std::time::Duration;
 
@@ -355,11 +354,11 @@ fn plan_of_three_in_a_group_fails_over_at_one_group_point_respecting_dependencie
         })
     };
     // m3 is written concurrently, independently.
-    let m3_port = s.agent_port("m3", a()).unwrap();
+    let m3_addr = s.agent_addr("m3", a()).unwrap();
     let m3_writer = std::thread::spawn(move || {
         for k in 0..24u64 {
             qemu_io(
-                &nbd_uri(m3_port, "disk0"),
+                &nbd_uri(m3_addr, "disk0"),
                 &[format!("write -P 119 {} 4096", k * 65536)],
             )
             .unwrap();
@@ -457,29 +456,13 @@ fn lifecycle_errors_with_a_protected_machine() {
         "{}",
         r.text()
     );
-    // A second writable agent for the same machine is refused.
-    std::fs::copy(
-        s.path("agents/m1@onprem/agent.toml"),
-        s.path("second-agent.toml"),
-    )
-    .unwrap();
-    // (the lab's second agent: same id and certificate, another state dir)
-    let text = std::fs::read_to_string(s.path("second-agent.toml"))
-        .unwrap()
-        .replace("agents/m1@onprem/state", "second-agent-state");
-    let port = free_port();
-    let text = text
-        .lines()
-        .map(|l| {
-            if l.starts_with("nbd_listen") {
-                format!("nbd_listen = \"127.0.0.1:{port}\"")
-            } else {
-                l.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    std::fs::write(s.path("second-agent.toml"), text).unwrap();
+    // A second writable agent for the same machine is refused (the lab's
+    // second agent: same id and certificate, another state dir and port).
+    let mut second_cfg: AgentConfig =
+        config::read_toml(&s.path("agents/m1@onprem/agent.toml")).unwrap();
+    second_cfg.state_dir = s.path("second-agent-state");
+    second_cfg.nbd_listen = Host::next().addr().to_string();
+    config::write_toml(&s.path("second-agent.toml"), &second_cfg).unwrap();
     let log = std::fs::File::create(s.path("second-agent.log")).unwrap();
     let mut second = std::process::Command::new(binary("rebound-agent").unwrap())
         .args(["run", "--config"])

@@ -1,7 +1,7 @@
 //! The operator CLI's surface: complete help for every subcommand, and the
 //! master-target-direct `points --mt` form still working beside the CS form.
 
-use rebound_tests::*;
+use rebound_lab::*;
 use std::process::Command;
 
 fn rebound(args: &[&str]) -> (bool, String) {
@@ -100,7 +100,7 @@ fn points_with_mt_goes_straight_to_the_master_target() {
     let (id, seq) = lab.tag("crash").expect("tag");
     lab.wait_applied(seq, std::time::Duration::from_secs(60))
         .expect("applied");
-    let mt = format!("127.0.0.1:{}", lab.mt_port);
+    let mt = lab.mt_addr.to_string();
     let certs = lab.certs.to_string_lossy().to_string();
     let (ok, text) = rebound(&[
         "points", "m1", "--mt", &mt, "--certs", &certs, "--output", "json",

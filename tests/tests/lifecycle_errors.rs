@@ -1,11 +1,11 @@
 //! Control-plane errors an operator meets, against the real `rebound-cs`,
-//! components and `rebound` CLI (issue 3 "done means" 1, errors): a wrong
+//! components and `rebound` CLI: a wrong
 //! enrollment passphrase is refused and stores nothing; an operator RPC with
 //! a component's certificate is refused with a message that says to use the
 //! admin certificate; groups and failovers of unknown machines are refused
 //! naming them.
 
-use rebound_tests::sites::*;
+use rebound_lab::*;
 use std::path::Path;
 
 fn copy_as_admin(from: &Path, role: &str, to: &Path) {

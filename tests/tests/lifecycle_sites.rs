@@ -2,7 +2,7 @@
 //! an MT enroll with `enroll --cs --passphrase-file`, open their control
 //! channel and show as online at their site in `rebound status`.
 
-use rebound_tests::sites::*;
+use rebound_lab::*;
 use std::time::Duration;
 
 #[test]

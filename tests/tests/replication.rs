@@ -2,7 +2,7 @@
 //! reach the replica, and every recovery point read back from the master
 //! target equals the source content captured at that tag.
 
-use rebound_tests::*;
+use rebound_lab::*;
 use std::time::Duration;
 
 const APPLY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -49,7 +49,7 @@ fn two_disk_lab() -> Lab {
 fn qemu_io_writes_make_exact_points_on_two_disks() {
     let mut lab = two_disk_lab();
     lab.start_all().unwrap();
-    let mut rng = Lcg(7);
+    let mut rng = Rng::new(7);
     let mut captured = Vec::new();
     for round in 0..6 {
         for (name, size) in lab.opts.disks.clone() {
@@ -90,10 +90,9 @@ fn qemu_io_writes_make_exact_points_on_two_disks() {
 
 #[test]
 fn nbdcopy_writes_make_exact_points() {
-    let mut lab = Lab::new(LabOptions::default()).unwrap();
-    lab.start_all().unwrap();
+    let lab = Lab::started(LabOptions::default()).unwrap();
     let mut captured = Vec::new();
-    let mut rng = Lcg(99);
+    let mut rng = Rng::new(99);
     for round in 0..5u64 {
         let size = lab.opts.disks[0].1;
         let mut data = vec![0u8; size as usize];

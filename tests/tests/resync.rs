@@ -2,7 +2,7 @@
 //! full copy (zero chunks as `Zero`), a replica that differs in 1% of its
 //! chunks gets only about 1% of the disk.
 
-use rebound_tests::*;
+use rebound_lab::*;
 use std::time::Duration;
 
 const GIB: u64 = 1 << 30;
@@ -16,7 +16,7 @@ fn initial_sync_of_1gib_full_then_one_percent_differential() {
     })
     .unwrap();
     // Source: 3/4 random data, 1/4 zero (sparse), written before protection.
-    let mut rng = Lcg(77);
+    let mut rng = Rng::new(77);
     let mut chunk = vec![0u8; MIB as usize];
     for c in 0..(GIB / MIB) {
         if c % 4 == 3 {
@@ -28,16 +28,14 @@ fn initial_sync_of_1gib_full_then_one_percent_differential() {
         write_at(&lab.source_disk(0), c * MIB, &chunk).unwrap();
     }
     lab.start_all().unwrap();
-    let (id, seq) = lab.tag("crash").unwrap();
-    let h = lab.source_hash(0).unwrap();
-    lab.wait_applied(seq, Duration::from_secs(300)).unwrap();
+    let (id, seq, h) = lab.tag_hash("crash").unwrap();
     assert_eq!(
-        lab.point_hash("disk0", &id).unwrap(),
+        lab.applied_point_hash(&id, seq, Duration::from_secs(300))
+            .unwrap(),
         h,
         "full initial sync is not exact"
     );
-    let st = lab.agent_status().unwrap();
-    let full = st["resync_bytes_sent"].as_u64().unwrap();
+    let full = lab.agent_counter("resync_bytes_sent").unwrap();
     assert!(
         (GIB * 3 / 4..=GIB).contains(&full),
         "initial sync sent {full} bytes for 768 MiB of data"
@@ -55,16 +53,14 @@ fn initial_sync_of_1gib_full_then_one_percent_differential() {
         write_at(&lab.source_disk(0), (i * 97 + 5) * MIB, &chunk).unwrap();
     }
     lab.start(Component::Agent).unwrap();
-    let (id, seq) = lab.tag("crash").unwrap();
-    let h = lab.source_hash(0).unwrap();
-    lab.wait_applied(seq, Duration::from_secs(300)).unwrap();
+    let (id, seq, h) = lab.tag_hash("crash").unwrap();
     assert_eq!(
-        lab.point_hash("disk0", &id).unwrap(),
+        lab.applied_point_hash(&id, seq, Duration::from_secs(300))
+            .unwrap(),
         h,
         "differential sync is not exact"
     );
-    let st = lab.agent_status().unwrap();
-    let diff = st["resync_bytes_sent"].as_u64().unwrap();
+    let diff = lab.agent_counter("resync_bytes_sent").unwrap();
     eprintln!("full sync sent {full} bytes; 1% differential sync sent {diff} bytes");
     assert!(
         (changed * MIB..=changed * MIB + MIB).contains(&diff),

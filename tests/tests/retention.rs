@@ -1,27 +1,29 @@
 //! Retention: points older than the window disappear; the size cap shrinks
 //! the window and says so in the log. Older points that remain stay exact.
 
-use rebound_tests::*;
+use rebound_lab::*;
 use std::time::Duration;
 
 #[test]
 fn window_drops_old_points() {
     let mut lab = Lab::new(LabOptions {
-        mt_retention: "window_secs = 3".into(),
+        retention: RetentionConfig {
+            window_secs: 3,
+            ..Default::default()
+        },
         ..Default::default()
     })
     .unwrap();
     lab.start_all().unwrap();
     let uri = lab.agent_uri("disk0");
-    let mut rng = Lcg(1);
+    let mut rng = Rng::new(1);
     qemu_io(&uri, &random_writes(&mut rng, 64 << 20, 20)).unwrap();
     let (old, s) = lab.tag("crash").unwrap();
     lab.wait_applied(s, Duration::from_secs(60)).unwrap();
     assert!(lab.points().unwrap().0.iter().any(|p| p.id == old));
     std::thread::sleep(Duration::from_secs(4));
     qemu_io(&uri, &random_writes(&mut rng, 64 << 20, 20)).unwrap();
-    let (new, s) = lab.tag("crash").unwrap();
-    let h = lab.source_hash(0).unwrap();
+    let (new, s, h) = lab.tag_hash("crash").unwrap();
     lab.wait_applied(s, Duration::from_secs(60)).unwrap();
     wait_until(
         "the old point to leave the window",
@@ -39,7 +41,10 @@ fn window_drops_old_points() {
 #[test]
 fn size_cap_shrinks_the_window_and_logs_it() {
     let mut lab = Lab::new(LabOptions {
-        mt_retention: format!("max_bytes = {}", 6u64 << 20),
+        retention: RetentionConfig {
+            max_bytes: 6 << 20,
+            ..Default::default()
+        },
         ..Default::default()
     })
     .unwrap();

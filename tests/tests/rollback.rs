@@ -2,8 +2,8 @@
 //! content; restoring pre-images returns it to latest; a kill -9 in the
 //! middle of a rollback followed by a re-run still gives the exact point.
 
+use rebound_lab::*;
 use rebound_proto::{RestorePreImagesRequest, RollbackRequest};
-use rebound_tests::*;
 use std::time::Duration;
 
 fn rollback(lab: &Lab, point: &str) -> anyhow::Result<()> {
@@ -25,28 +25,20 @@ fn restore(lab: &Lab) -> anyhow::Result<()> {
 
 #[test]
 fn rollback_restore_and_rerun_after_kill() {
-    let mut lab = Lab::new(LabOptions {
-        disks: vec![("disk0".into(), 96 << 20)],
-        ..Default::default()
-    })
-    .unwrap();
-    lab.start_all().unwrap();
+    let mut lab = Lab::started(LabOptions::disk_size(96 << 20)).unwrap();
     let uri = lab.agent_uri("disk0");
-    let mut rng = Lcg(3);
+    let mut rng = Rng::new(3);
     qemu_io(&uri, &random_writes(&mut rng, 96 << 20, 50)).unwrap();
-    let (p1, _) = lab.tag("crash").unwrap();
-    let h1 = lab.source_hash(0).unwrap();
+    let (p1, _, h1) = lab.tag_hash("crash").unwrap();
     // Rewrite most of the disk so the rollback has a lot to do.
     let mut cmds = Vec::new();
     for i in 0..88u64 {
         cmds.push(format!("write -P {} {} 1048576", (i % 250) + 1, i << 20));
     }
     qemu_io(&uri, &cmds).unwrap();
-    let (p2, _) = lab.tag("crash").unwrap();
-    let h2 = lab.source_hash(0).unwrap();
+    let (p2, _, h2) = lab.tag_hash("crash").unwrap();
     qemu_io(&uri, &random_writes(&mut rng, 96 << 20, 50)).unwrap();
-    let (_p3, s3) = lab.tag("crash").unwrap();
-    let h3 = lab.source_hash(0).unwrap();
+    let (_p3, s3, h3) = lab.tag_hash("crash").unwrap();
     lab.wait_applied(s3, Duration::from_secs(120)).unwrap();
     // The failover flow stops the source before a rollback.
     lab.stop(Component::Agent).unwrap();

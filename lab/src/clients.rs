@@ -1,9 +1,10 @@
-//! Real NBD clients and content hashing for the tests.
+//! Real NBD clients (qemu-io, qemu-img, nbdcopy, fio) and content hashing.
 //!
 //! A missing client is a test failure that names the package to install,
 //! never a silent skip (DESIGN.md §10).
 
 use anyhow::{bail, Context, Result};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -40,9 +41,9 @@ pub fn run_tool(tool: &str, args: &[&str]) -> Result<Output> {
     Ok(out)
 }
 
-/// `nbd://127.0.0.1:PORT/EXPORT`.
-pub fn nbd_uri(port: u16, export: &str) -> String {
-    format!("nbd://127.0.0.1:{port}/{export}")
+/// `nbd://HOST:PORT/EXPORT`.
+pub fn nbd_uri(addr: SocketAddr, export: &str) -> String {
+    format!("nbd://{addr}/{export}")
 }
 
 /// Runs qemu-io commands (`-c`) against an NBD export; qemu-io reports
@@ -85,31 +86,18 @@ pub fn blake3_export(uri: &str, scratch: &Path) -> Result<String> {
     Ok(h)
 }
 
-/// A deterministic pseudo-random generator for test payloads.
-pub struct Lcg(pub u64);
-
-impl Lcg {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 17
-    }
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-}
-
-/// qemu-io commands for `n` random writes of mixed sizes (512 B multiples,
-/// up to 256 KiB) with random byte patterns inside a disk of `size` bytes.
-pub fn random_writes(rng: &mut Lcg, size: u64, n: usize) -> Vec<String> {
-    let mut cmds = Vec::with_capacity(n);
-    for _ in 0..n {
-        let len = (1 + rng.below(512)) * 512;
-        let off = rng.below((size - len) / 512) * 512;
-        let pat = rng.below(255) + 1;
-        cmds.push(format!("write -P {pat} {off} {len}"));
-    }
-    cmds
+/// Writes `data` at `offset` of a file (to prepare or damage replicas).
+pub fn write_at(path: &Path, offset: u64, data: &[u8]) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    f.write_all_at(data, offset).with_context(|| {
+        format!(
+            "cannot write {} bytes at {offset} of {}",
+            data.len(),
+            path.display()
+        )
+    })
 }

@@ -1,0 +1,802 @@
+//! A multi-site lab for the control plane and the DR lifecycle: a
+//! configuration server (`rebound-cs init` + `run`), per site one or more
+//! process servers and a master target, and an agent per machine, all real
+//! child processes, each simulated host on its own loopback address.
+//! Components enroll with `<binary> enroll --cs ADDR --passphrase-file F`;
+//! the CLI (`rebound`) runs as a child process with the admin certificate
+//! `init` wrote.
+//!
+//! Each MT's `[hooks] power_on` is a script that "boots" the machine at
+//! that site: it starts a `rebound-agent` over the replica files the MT
+//! handed over (detached with `setsid`, pid in `agents/<m>@<site>.pid`,
+//! state dir `agents/<m>@<site>/state-<replication>`, the time it ran in
+//! `agents/<m>@<site>/powered_on_ms`), so the agent re-registers with the
+//! CS from the new site. A test that starts that agent itself stops it with
+//! [`Sites::stop_agent`] and starts it again with [`Sites::start_agent`];
+//! [`Sites::set_power_on`] turns the hook off altogether.
+//!
+//! Ids: sites `onprem` and `azure` by default, PS `ps-<site>` (more PSs:
+//! `ps-<site>-2`, …), MT `mt-<site>` ([`ps_id`], [`mt_id`]); the agent of
+//! machine `m` is `m`.
+//!
+//! Layout of the lab dir:
+//! ```text
+//! cs/                        the deployment (`rebound-cs init`); cs.log beside
+//! <site>/<ps id>.toml, <site>/<ps id>/   PS config, enrolled certs, cache
+//! <site>/mt.toml, mt/        MT config, certs, data (mt/data/<repl>/replica/<disk>.img)
+//! agents/<m>/certs           the machine's enrolled agent certificate (moves with it)
+//! agents/<m>@<site>/         agent.in.toml (the hook's template), agent.toml, state dir(s)
+//! disks/<m>/<disk>.img       the machine's disks at its first site
+//! power_on.sh                the MT hook
+//! <name>.log                 logs: cs, ps-<site>, mt-<site>, agent-<m>@<site>
+//! ```
+
+use crate::admin;
+use crate::bin::Bins;
+use crate::cli::{self, CliRun};
+use crate::clients::{blake3_export, blake3_file, nbd_uri, qemu_io};
+use crate::config;
+use crate::net::Host;
+use crate::process::{self, Procs, START_TIMEOUT};
+use crate::wait::{wait_for, wait_until};
+use anyhow::{anyhow, bail, Context, Result};
+use rebound_agent::config::{Config as AgentConfig, DiskConfig};
+use rebound_common::tls::TlsFiles;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+/// The placeholder the power_on hook replaces with the agent's state dir.
+const STATE_DIR_MARK: &str = "@STATE_DIR@";
+
+/// Options for a multi-site lab.
+#[derive(Debug, Clone)]
+pub struct SitesOptions {
+    /// The sites: machines start at the first.
+    pub sites: Vec<String>,
+    /// Process servers per site (`ps-<site>`, `ps-<site>-2`, …).
+    pub ps_per_site: usize,
+    pub machines: Vec<String>,
+    /// Disks of every machine: names and sizes.
+    pub disks: Vec<(String, u64)>,
+    /// The agents' crash-point interval.
+    pub crash_interval_ms: u64,
+    /// The CS heartbeat period (three missed = offline).
+    pub heartbeat_secs: f64,
+}
+
+impl Default for SitesOptions {
+    fn default() -> Self {
+        SitesOptions {
+            sites: vec!["onprem".into(), "azure".into()],
+            ps_per_site: 1,
+            machines: vec!["m1".into()],
+            disks: vec![("disk0".into(), 16 << 20)],
+            crash_interval_ms: 1000,
+            heartbeat_secs: 0.5,
+        }
+    }
+}
+
+/// Addresses of one site's servers.
+#[derive(Debug, Clone)]
+pub struct SiteAddrs {
+    /// The site's process servers, `ps_id(site)` first.
+    pub ps: Vec<(String, SocketAddr)>,
+    pub mt: SocketAddr,
+    pub mt_nbd: SocketAddr,
+}
+
+pub struct Sites {
+    pub dir: PathBuf,
+    temp: Option<tempfile::TempDir>,
+    pub opts: SitesOptions,
+    pub bins: Bins,
+    pub cs_addr: String,
+    /// The deployment dir: ca.pem, admin.pem, admin.key, passphrase, config.toml.
+    pub cs_dir: PathBuf,
+    pub sites: BTreeMap<String, SiteAddrs>,
+    /// The NBD listener of each machine's agent per site ("m1@azure").
+    pub agent_nbd: BTreeMap<String, SocketAddr>,
+    procs: Procs,
+}
+
+/// `<machine>@<site>`.
+fn at(machine: &str, site: &str) -> String {
+    format!("{machine}@{site}")
+}
+
+/// The first PS id of a site in the lab: `ps-<site>`.
+pub fn ps_id(site: &str) -> String {
+    format!("ps-{site}")
+}
+
+/// The MT id of a site in the lab: `mt-<site>`.
+pub fn mt_id(site: &str) -> String {
+    format!("mt-{site}")
+}
+
+/// The id of the `n`th (from 0) PS of a site.
+fn nth_ps_id(site: &str, n: usize) -> String {
+    match n {
+        0 => ps_id(site),
+        n => format!("ps-{site}-{}", n + 1),
+    }
+}
+
+impl Sites {
+    /// Makes the dirs and disks, inits and starts the CS, enrolls and starts
+    /// the PSs and the MT of every site, enrolls every machine's agent and
+    /// starts it at the first site; waits until the CS sees them all online.
+    pub fn start(opts: SitesOptions) -> Result<Sites> {
+        let mut s = Sites::cs_only(opts)?;
+        for site in s.opts.sites.clone() {
+            s.start_site(&site)?;
+        }
+        for m in s.opts.machines.clone() {
+            s.add_machine(&m)?;
+        }
+        Ok(s)
+    }
+
+    /// Only the CS (`rebound-cs init` + `run`) in a new temp dir, nothing
+    /// enrolled yet.
+    pub fn cs_only(opts: SitesOptions) -> Result<Sites> {
+        let temp = tempfile::Builder::new()
+            .prefix("rebound-sites-")
+            .tempdir()?;
+        let mut s = Sites::cs_in_dir(temp.path(), opts)?;
+        s.temp = Some(temp);
+        Ok(s)
+    }
+
+    /// Only the CS, in `dir`.
+    pub fn cs_in_dir(dir: &Path, opts: SitesOptions) -> Result<Sites> {
+        std::fs::create_dir_all(dir)?;
+        let mut s = Sites {
+            dir: dir.to_path_buf(),
+            temp: None,
+            bins: Bins::locate()?,
+            cs_addr: Host::next().addr().to_string(),
+            cs_dir: dir.join("cs"),
+            sites: BTreeMap::new(),
+            agent_nbd: BTreeMap::new(),
+            procs: Procs::new(dir),
+            opts,
+        };
+        s.init_cs()?;
+        s.start_cs()?;
+        s.write_power_on_script()?;
+        Ok(s)
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+
+    pub fn passphrase_file(&self) -> PathBuf {
+        self.cs_dir.join("passphrase")
+    }
+
+    /// The machine's enrolled agent certificates (ca.pem, agent.pem, agent.key).
+    pub fn agent_certs(&self, machine: &str) -> PathBuf {
+        self.path(&format!("agents/{machine}/certs"))
+    }
+
+    // ------------------------------------------------------------ CS
+
+    /// `rebound-cs init` with short heartbeats and waits for tests.
+    fn init_cs(&self) -> Result<()> {
+        let host = self.cs_addr.rsplit_once(':').map_or("", |(h, _)| h);
+        let out = Command::new(self.bins.path("rebound-cs")?)
+            .args(["init", "--dir"])
+            .arg(&self.cs_dir)
+            .args(["--listen", &self.cs_addr, "--name", host])
+            .output()
+            .context("cannot run rebound-cs init")?;
+        if !out.status.success() {
+            bail!(
+                "rebound-cs init failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let path = self.cs_dir.join("config.toml");
+        let mut cfg: rebound_cs::Config = config::read_toml(&path)?;
+        cfg.heartbeat_secs = self.opts.heartbeat_secs;
+        cfg.command_timeout_secs = 30;
+        cfg.drain_timeout_secs = 60;
+        cfg.initial_sync_timeout_secs = 120;
+        config::write_toml(&path, &cfg)
+    }
+
+    fn start_cs(&mut self) -> Result<()> {
+        let addr: SocketAddr = self.cs_addr.parse()?;
+        let bin = self.bins.path("rebound-cs")?;
+        self.procs
+            .start("cs", &bin, &self.cs_dir.join("config.toml"), addr)
+    }
+
+    /// Stops (SIGTERM) and starts the CS again over the same database.
+    pub fn restart_cs(&mut self) -> Result<()> {
+        self.stop("cs")?;
+        self.start_cs()
+    }
+
+    /// `<binary> enroll --cs --passphrase-file --id --out`.
+    pub fn enroll(&self, bin: &str, id: &str, out: &Path) -> Result<()> {
+        crate::pki::enroll(
+            &self.bins,
+            bin,
+            &self.cs_addr,
+            &self.passphrase_file(),
+            id,
+            out,
+        )
+    }
+
+    /// The same with any passphrase file; the raw output.
+    pub fn enroll_with(&self, bin: &str, id: &str, out: &Path, pass: &Path) -> Result<Output> {
+        crate::pki::enroll_output(&self.bins, bin, &self.cs_addr, pass, id, out)
+    }
+
+    // ------------------------------------------------------------ sites
+
+    /// Enrolls and starts a site's PSs and MT, each on a host of its own,
+    /// and waits until all are online at the CS.
+    pub fn start_site(&mut self, site: &str) -> Result<()> {
+        let mt_host = Host::next();
+        let addrs = SiteAddrs {
+            ps: (0..self.opts.ps_per_site.max(1))
+                .map(|n| (nth_ps_id(site, n), Host::next().addr()))
+                .collect(),
+            mt: mt_host.addr(),
+            mt_nbd: mt_host.addr(),
+        };
+        self.sites.insert(site.to_string(), addrs.clone());
+        let mt_certs = self.path(&format!("{site}/mt/certs"));
+        self.enroll("rebound-mt", &mt_id(site), &mt_certs)?;
+        self.write_mt_config(site, true)?;
+        self.start_component(&mt_id(site))?;
+        for (id, addr) in &addrs.ps {
+            let dir = self.path(&format!("{site}/{id}"));
+            self.enroll("rebound-ps", id, &dir.join("certs"))?;
+            let mut cfg = config::ps(
+                *addr,
+                &dir.join("cache"),
+                addrs.mt,
+                TlsFiles::in_dir(&dir.join("certs"), "ps"),
+            );
+            cfg.site = site.into();
+            cfg.cs = config::cs_link(&self.cs_addr);
+            config::write_toml(&self.path(&format!("{site}/{id}.toml")), &cfg)?;
+            self.start_component(id)?;
+        }
+        for (id, _) in &addrs.ps {
+            self.wait_online("ps", id, Duration::from_secs(30))?;
+        }
+        self.wait_online("mt", &mt_id(site), Duration::from_secs(30))
+    }
+
+    fn write_mt_config(&self, site: &str, power_on: bool) -> Result<()> {
+        let a = &self.sites[site];
+        let mut cfg = config::mt(
+            a.mt,
+            a.mt_nbd,
+            &self.path(&format!("{site}/mt/data")),
+            TlsFiles::in_dir(&self.path(&format!("{site}/mt/certs")), "mt"),
+        );
+        cfg.site = site.into();
+        cfg.cs = config::cs_link(&self.cs_addr);
+        cfg.hooks.power_on = if power_on {
+            format!("{} {site}", self.path("power_on.sh").display())
+        } else {
+            String::new()
+        };
+        cfg.hooks.hook_timeout_secs = 30;
+        config::write_toml(&self.path(&format!("{site}/mt.toml")), &cfg)
+    }
+
+    /// Starts a PS or MT of the lab by id (`ps-<site>…`, `mt-<site>`) with
+    /// its config already written.
+    fn start_component(&mut self, id: &str) -> Result<()> {
+        let (site, a) = self
+            .sites
+            .iter()
+            .find(|(site, a)| id == mt_id(site) || a.ps.iter().any(|(p, _)| p == id))
+            .ok_or_else(|| anyhow!("no site runs {id}"))?;
+        let (bin, cfg, ready) = if id == mt_id(site) {
+            ("rebound-mt", self.path(&format!("{site}/mt.toml")), a.mt)
+        } else {
+            let addr = a.ps.iter().find(|(p, _)| p == id).map(|(_, a)| *a);
+            let addr = addr.ok_or_else(|| anyhow!("no PS {id}"))?;
+            ("rebound-ps", self.path(&format!("{site}/{id}.toml")), addr)
+        };
+        let bin = self.bins.path(bin)?;
+        self.procs.start(id, &bin, &cfg, ready)
+    }
+
+    /// Turns the MTs' power_on hook on or off (restarting the MTs). Off: a
+    /// hand-over starts no agent; the test starts it with
+    /// [`Sites::start_agent_on_replica`].
+    pub fn set_power_on(&mut self, on: bool) -> Result<()> {
+        for site in self.opts.sites.clone() {
+            self.write_mt_config(&site, on)?;
+            let id = mt_id(&site);
+            if self.procs.is_running(&id) {
+                self.stop(&id)?;
+            }
+            self.start_component(&id)?;
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ machines
+
+    /// Makes the machine's disks (zero, sparse) at the first site, enrolls
+    /// its agent, writes its agent configs for every site, starts it at the
+    /// first site and waits until it is online.
+    pub fn add_machine(&mut self, m: &str) -> Result<()> {
+        let first = self.opts.sites[0].clone();
+        std::fs::create_dir_all(self.path(&format!("disks/{m}")))?;
+        for (name, size) in &self.opts.disks {
+            let f = std::fs::File::create(self.source_disk(m, name))?;
+            f.set_len(*size)?;
+        }
+        self.enroll("rebound-agent", m, &self.agent_certs(m))?;
+        for site in self.opts.sites.clone() {
+            self.write_agent_template(m, &site)?;
+        }
+        let disks: Vec<PathBuf> = (self.opts.disks.iter())
+            .map(|(n, _)| self.source_disk(m, n))
+            .collect();
+        self.write_agent_config(m, &first, &disks)?;
+        self.start_agent(m, &first)?;
+        self.wait_online("agent", m, Duration::from_secs(30))
+    }
+
+    fn agent_dir(&self, machine: &str, site: &str) -> PathBuf {
+        self.path(&format!("agents/{}", at(machine, site)))
+    }
+
+    /// The agent config of a machine at a site, without disks and with a
+    /// placeholder state dir: what the power_on hook completes.
+    fn write_agent_template(&mut self, machine: &str, site: &str) -> Result<()> {
+        let d = self.agent_dir(machine, site);
+        std::fs::create_dir_all(&d)?;
+        let nbd = *self
+            .agent_nbd
+            .entry(at(machine, site))
+            .or_insert_with(|| Host::next().addr());
+        let cfg = AgentConfig {
+            machine_id: machine.into(),
+            site: site.into(),
+            state_dir: PathBuf::from(STATE_DIR_MARK),
+            nbd_listen: nbd.to_string(),
+            crash_interval_ms: self.opts.crash_interval_ms,
+            shutdown_drain_secs: 10,
+            tls: TlsFiles::in_dir(&self.agent_certs(machine), "agent"),
+            cs: config::cs_link(&self.cs_addr),
+            ..AgentConfig::default()
+        };
+        std::fs::write(d.join("agent.in.toml"), config::agent_without_disks(&cfg)?)?;
+        Ok(())
+    }
+
+    /// The template completed with a state dir of the lab's and `disks`.
+    fn write_agent_config(&mut self, machine: &str, site: &str, disks: &[PathBuf]) -> Result<()> {
+        let d = self.agent_dir(machine, site);
+        let mut cfg: AgentConfig = config::read_toml(&d.join("agent.in.toml"))?;
+        cfg.state_dir = d.join("state");
+        cfg.disks = (self.opts.disks.iter().zip(disks))
+            .map(|((name, _), path)| DiskConfig {
+                name: name.clone(),
+                path: path.clone(),
+            })
+            .collect();
+        std::fs::write(
+            d.join("state_dir"),
+            cfg.state_dir.as_os_str().as_encoded_bytes(),
+        )?;
+        config::write_toml(&d.join("agent.toml"), &cfg)
+    }
+
+    /// The power_on hook: completes the agent template of the machine at
+    /// the MT's site with a fresh state dir and the handed-over replica
+    /// files and starts the agent detached. `$1` is the site; the MT gives
+    /// REBOUND_MACHINE, REBOUND_REPLICATION, REBOUND_POINT, REBOUND_DISKS.
+    fn write_power_on_script(&self) -> Result<()> {
+        let agent = self.bins.path("rebound-agent")?;
+        let script = format!(
+            r#"#!/bin/sh
+# power_on hook of the lab: boot $REBOUND_MACHINE at site $1 from the replica.
+set -e
+site="$1"
+m="$REBOUND_MACHINE"
+base={base:?}
+d="$base/agents/$m@$site"
+date +%s%3N > "$d/powered_on_ms.tmp"
+# A fresh state dir per hand-over (the machine booted from this replica).
+state="$d/state-$REBOUND_REPLICATION"
+mkdir -p "$state"
+echo "$REBOUND_POINT" > "$d/powered_on"
+sed "s|{mark}|$state|" "$d/agent.in.toml" > "$d/agent.toml"
+printf '%s' "$state" > "$d/state_dir"
+for f in $REBOUND_DISKS; do
+  n=$(basename "$f" .img)
+  printf '\n[[disks]]\nname = "%s"\npath = "%s"\n' "$n" "$f" >> "$d/agent.toml"
+done
+RUST_LOG=info setsid {agent:?} run --config "$d/agent.toml" >> "$d/agent.log" 2>&1 < /dev/null &
+echo $! > "$base/agents/$m@$site.pid"
+mv "$d/powered_on_ms.tmp" "$d/powered_on_ms"
+"#,
+            base = self.dir,
+            mark = STATE_DIR_MARK,
+        );
+        let path = self.path("power_on.sh");
+        std::fs::write(&path, script)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        Ok(())
+    }
+
+    /// The state dir of the machine's agent at a site (the lab's, or the
+    /// one the power_on hook chose).
+    pub fn agent_state_dir(&self, machine: &str, site: &str) -> Result<PathBuf> {
+        let f = self.agent_dir(machine, site).join("state_dir");
+        let p = std::fs::read_to_string(&f)
+            .with_context(|| format!("no agent of {machine} was started at {site}"))?;
+        Ok(PathBuf::from(p.trim()))
+    }
+
+    /// The agent's NBD address at a site.
+    pub fn agent_addr(&self, machine: &str, site: &str) -> Result<SocketAddr> {
+        self.agent_nbd
+            .get(&at(machine, site))
+            .copied()
+            .ok_or_else(|| anyhow!("{machine} has no agent config at {site}"))
+    }
+
+    /// Starts the machine's agent at a site (as a lab child) with the config
+    /// already written there, and waits for its NBD port and admin socket.
+    pub fn start_agent(&mut self, machine: &str, site: &str) -> Result<()> {
+        let cfg = self.agent_dir(machine, site).join("agent.toml");
+        let bin = self.bins.path("rebound-agent")?;
+        let ready = self.agent_addr(machine, site)?;
+        let name = format!("agent-{}", at(machine, site));
+        self.procs.start(&name, &bin, &cfg, ready)?;
+        let sock = self.agent_state_dir(machine, site)?.join("admin.sock");
+        wait_until("agent admin socket", START_TIMEOUT, || {
+            UnixStream::connect(&sock).is_ok()
+        })
+    }
+
+    /// With the power_on hook off: start the agent at `site` over the
+    /// replica files the site's MT holds for `replication`.
+    pub fn start_agent_on_replica(
+        &mut self,
+        machine: &str,
+        site: &str,
+        replication: &str,
+    ) -> Result<()> {
+        let disks: Vec<PathBuf> = (self.opts.disks.iter())
+            .map(|(n, _)| self.replica_path(site, replication, n))
+            .collect();
+        self.write_agent_config(machine, site, &disks)?;
+        self.start_agent(machine, site)
+    }
+
+    /// The replica file of a disk at a site's MT.
+    pub fn replica_path(&self, site: &str, replication: &str, disk: &str) -> PathBuf {
+        self.path(&format!("{site}/mt/data/{replication}/replica/{disk}.img"))
+    }
+
+    fn hook_pid_file(&self, machine: &str, site: &str) -> PathBuf {
+        self.path(&format!("agents/{}.pid", at(machine, site)))
+    }
+
+    fn hook_pid(&self, machine: &str, site: &str) -> Option<u32> {
+        let p = std::fs::read_to_string(self.hook_pid_file(machine, site)).ok()?;
+        p.trim().parse().ok()
+    }
+
+    /// Waits until the power_on hook started the agent at `site`, then
+    /// for its NBD port.
+    pub fn wait_powered_on(&mut self, machine: &str, site: &str, timeout: Duration) -> Result<()> {
+        let pid_file = self.hook_pid_file(machine, site);
+        wait_until(&format!("power_on of {machine} at {site}"), timeout, || {
+            pid_file.exists()
+        })?;
+        let addr = self.agent_addr(machine, site)?;
+        wait_until(
+            &format!("the agent of {machine} at {site} to listen on {addr}"),
+            START_TIMEOUT,
+            || TcpStream::connect(addr).is_ok(),
+        )
+    }
+
+    /// Kills (SIGKILL) the agent at a site, whether the lab or the hook
+    /// started it.
+    pub fn kill_agent(&mut self, machine: &str, site: &str) -> Result<()> {
+        let name = format!("agent-{}", at(machine, site));
+        if self.procs.is_running(&name) {
+            self.procs.kill9(&name)?;
+        }
+        if let Some(pid) = self.hook_pid(machine, site) {
+            let _ = process::signal(pid, "KILL");
+        }
+        let _ = std::fs::remove_file(self.hook_pid_file(machine, site));
+        Ok(())
+    }
+
+    /// SIGTERM the agent at a site and wait for it to exit.
+    pub fn stop_agent(&mut self, machine: &str, site: &str) -> Result<()> {
+        let name = format!("agent-{}", at(machine, site));
+        if self.procs.is_running(&name) {
+            return self.stop(&name);
+        }
+        if let Some(pid) = self.hook_pid(machine, site) {
+            process::terminate_pid(pid, Duration::from_secs(30));
+        }
+        let _ = std::fs::remove_file(self.hook_pid_file(machine, site));
+        Ok(())
+    }
+
+    /// SIGTERM a lab child ("cs", "ps-onprem", "mt-azure",
+    /// "agent-m1@onprem") and wait for it.
+    pub fn stop(&mut self, name: &str) -> Result<()> {
+        self.procs.stop(name).map(|_| ())
+    }
+
+    pub fn log_tail(&self, name: &str, lines: usize) -> String {
+        self.procs.log_tail(name, lines)
+    }
+
+    // ------------------------------------------------------------ CLI
+
+    /// Runs `rebound ARGS` against the lab's CS with the admin certificate.
+    pub fn cli(&self, args: &[&str]) -> Result<CliRun> {
+        self.cli_with_certs(args, &self.cs_dir)
+    }
+
+    /// The same with another certificate dir (holding ca.pem, admin.pem,
+    /// admin.key).
+    pub fn cli_with_certs(&self, args: &[&str], certs: &Path) -> Result<CliRun> {
+        cli::run(&self.bins, &self.cs_addr, certs, args)
+    }
+
+    /// A CLI command that must succeed; its stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> Result<String> {
+        let r = self.cli(args)?;
+        if !r.ok {
+            bail!(
+                "rebound {} failed:\n{}\n--- cs log ---\n{}",
+                args.join(" "),
+                r.text(),
+                self.log_tail("cs", 30)
+            );
+        }
+        Ok(r.stdout)
+    }
+
+    /// A listing with `--output json`, parsed.
+    pub fn cli_json(&self, args: &[&str]) -> Result<Value> {
+        let mut a = args.to_vec();
+        a.extend(["--output", "json"]);
+        let out = self.cli_ok(&a)?;
+        serde_json::from_str(&out).with_context(|| format!("rebound {a:?} printed {out:?}"))
+    }
+
+    /// One machine from `rebound machines --output json`.
+    pub fn machine(&self, id: &str) -> Result<Value> {
+        let v = self.cli_json(&["machines"])?;
+        v["machines"]
+            .as_array()
+            .and_then(|ms| ms.iter().find(|m| m["id"] == id).cloned())
+            .ok_or_else(|| anyhow!("machine {id} not in `rebound machines`: {v}"))
+    }
+
+    /// Polls `probe` every 200 ms until it gives a value; the error names
+    /// the last thing seen.
+    fn poll<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut probe: impl FnMut(&mut Value) -> Result<Option<T>>,
+    ) -> Result<T> {
+        let mut last = Value::Null;
+        let mut found = None;
+        let res = wait_for(what, timeout, Duration::from_millis(200), || {
+            found = probe(&mut last)?;
+            Ok(found.is_some())
+        });
+        res.map_err(|e| anyhow!("{e}; last seen: {last}"))?;
+        found.ok_or_else(|| anyhow!("{what}: nothing found"))
+    }
+
+    /// Waits until the machine's replication state is `state`.
+    pub fn wait_state(&self, id: &str, state: &str, timeout: Duration) -> Result<Value> {
+        self.poll(&format!("{id} to be {state}"), timeout, |last| {
+            if let Ok(m) = self.machine(id) {
+                if m["state"] == state {
+                    return Ok(Some(m));
+                }
+                *last = m;
+            }
+            Ok(None)
+        })
+    }
+
+    /// Waits until a component is online at the CS (`rebound status`).
+    pub fn wait_online(&self, role: &str, id: &str, timeout: Duration) -> Result<()> {
+        self.poll(
+            &format!("{role}:{id} to be online at the CS"),
+            timeout,
+            |last| {
+                if let Ok(v) = self.cli_json(&["status"]) {
+                    let found = v["components"].as_array().and_then(|cs| {
+                        cs.iter()
+                            .find(|c| c["role"] == role && c["id"] == id)
+                            .cloned()
+                    });
+                    if found.as_ref().is_some_and(|c| c["health"] == "online") {
+                        return Ok(Some(()));
+                    }
+                    *last = found.unwrap_or(v);
+                }
+                Ok(None)
+            },
+        )
+    }
+
+    /// Runs a lifecycle command with `--wait --output json`; the final job.
+    pub fn job(&self, args: &[&str]) -> Result<Value> {
+        let mut a = args.to_vec();
+        a.push("--wait");
+        self.cli_json(&a)
+    }
+
+    /// The machine's recovery points (`rebound points M --output json`).
+    pub fn points(&self, machine: &str) -> Result<Value> {
+        self.cli_json(&["points", machine])
+    }
+
+    /// A job as `rebound jobs ID --output json` shows it.
+    pub fn get_job(&self, id: &str) -> Result<Value> {
+        self.cli_json(&["jobs", id])
+    }
+
+    /// Waits until the job's status line contains `text`.
+    pub fn wait_job_status(&self, id: &str, text: &str, timeout: Duration) -> Result<Value> {
+        self.poll(
+            &format!("job {id} status to read {text:?}"),
+            timeout,
+            |last| {
+                let j = self.get_job(id)?;
+                if j["status"].as_str().is_some_and(|s| s.contains(text)) {
+                    return Ok(Some(j));
+                }
+                if j["state"] == "failed" || j["state"] == "succeeded" {
+                    bail!("job {id} ended before its status read {text:?}: {j}");
+                }
+                *last = j;
+                Ok(None)
+            },
+        )
+    }
+
+    // ------------------------------------------------------------ data
+
+    /// One request on the agent's admin socket at a site.
+    pub fn agent_admin(&self, machine: &str, site: &str, req: Value) -> Result<Value> {
+        admin::call(
+            &self.agent_state_dir(machine, site)?.join("admin.sock"),
+            req,
+        )
+    }
+
+    /// Cuts a tag on the agent at a site; its id and seq.
+    pub fn tag(&self, machine: &str, site: &str, kind: &str) -> Result<(String, u64)> {
+        let sock = self.agent_state_dir(machine, site)?.join("admin.sock");
+        admin::AgentAdmin::connect(&sock)?.tag(kind)
+    }
+
+    /// Writes `pattern` bytes at `offset` through the agent's NBD export at
+    /// a site (qemu-io).
+    pub fn write(
+        &self,
+        machine: &str,
+        site: &str,
+        disk: &str,
+        offset: u64,
+        len: u64,
+        pattern: u8,
+    ) -> Result<()> {
+        let addr = self.agent_addr(machine, site)?;
+        qemu_io(
+            &nbd_uri(addr, disk),
+            &[format!("write -P {pattern} {offset} {len}")],
+        )?;
+        Ok(())
+    }
+
+    /// blake3 of a file (a disk or a replica).
+    pub fn disk_hash_file(&self, path: &Path) -> Result<String> {
+        blake3_file(path)
+    }
+
+    /// blake3 of the MT's read-only view of a machine's disk at a point
+    /// (`latest` or a point id) at a site.
+    pub fn view_hash(&self, site: &str, machine: &str, disk: &str, point: &str) -> Result<String> {
+        let a = self
+            .sites
+            .get(site)
+            .ok_or_else(|| anyhow!("no site {site} in the lab"))?;
+        let uri = nbd_uri(a.mt_nbd, &format!("{machine}/{disk}@{point}"));
+        blake3_export(&uri, &self.path("scratch-view.img"))
+    }
+
+    /// Waits until the MT view at `point` hashes to `want`.
+    pub fn wait_view_hash(
+        &self,
+        site: &str,
+        machine: &str,
+        disk: &str,
+        point: &str,
+        want: &str,
+        timeout: Duration,
+    ) -> Result<()> {
+        let what = format!("{machine}/{disk}@{point} at {site} to hash to {want}");
+        let mut last = String::new();
+        wait_for(&what, timeout, Duration::from_millis(300), || {
+            if let Ok(h) = self.view_hash(site, machine, disk, point) {
+                last = h;
+            }
+            Ok(last == want)
+        })
+        .map_err(|e| anyhow!("{e}; last hash {last}"))
+    }
+
+    /// The original disk file of a machine (first site).
+    pub fn source_disk(&self, machine: &str, disk: &str) -> PathBuf {
+        self.path(&format!("disks/{machine}/{disk}.img"))
+    }
+}
+
+impl Drop for Sites {
+    fn drop(&mut self) {
+        for key in self.agent_nbd.keys().cloned().collect::<Vec<_>>() {
+            if let Some((m, site)) = key.split_once('@') {
+                if let Some(pid) = self.hook_pid(m, site) {
+                    let _ = process::signal(pid, "KILL");
+                }
+            }
+        }
+        process::kill_everything_under(&self.dir);
+        let names = self.procs.names();
+        // Agents first, the CS last.
+        let mut order: Vec<&str> = names
+            .iter()
+            .filter(|n| n.starts_with("agent"))
+            .map(String::as_str)
+            .collect();
+        order.extend(
+            names
+                .iter()
+                .filter(|n| !n.starts_with("agent") && *n != "cs")
+                .map(String::as_str),
+        );
+        self.procs.kill_all(&order);
+        if std::thread::panicking() {
+            for n in &names {
+                eprintln!("----- {n} log tail -----\n{}", self.log_tail(n, 40));
+            }
+            if let Some(t) = self.temp.take() {
+                eprintln!("sites lab dir kept at {}", t.keep().display());
+            }
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! The integration suite: real Rebound binaries as child processes on
+//! loopback (the `rebound-lab` crate), driven by real NBD clients and the
+//! `rebound` CLI. One test binary with a module per area, so the suite
+//! links once.
+
+mod bad_input;
+mod bench_smoke;
+mod demo;
+mod faults;
+mod lifecycle;
+mod lifecycle_cli;
+mod lifecycle_errors;
+mod lifecycle_sites;
+mod replication;
+mod resync;
+mod retention;
+mod rollback;
