@@ -212,6 +212,15 @@ pub(crate) fn open_store(dir: &Path) -> (Arc<Store>, Arc<Replication>) {
     (store, r)
 }
 
+/// A fresh directory holding replication [`RID`] with all of `g` applied,
+/// in frames of `per` records.
+pub(crate) fn applied(g: &Gen, per: u64) -> (tempfile::TempDir, Arc<Store>, Arc<Replication>) {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, r) = open_store(dir.path());
+    apply_range(&r, g, 1, g.seq(), per);
+    (dir, s, r)
+}
+
 /// Like [`open_store`], with every durable write going through `storage`.
 pub(crate) fn open_store_on(
     dir: &Path,
@@ -374,10 +383,8 @@ fn bad_frames_are_refused_and_nothing_is_applied() {
 
 #[test]
 fn rollback_and_restore() {
-    let dir = tempfile::tempdir().unwrap();
     let mut g = history(6);
-    let (_s, r) = open_store(dir.path());
-    apply_range(&r, &g, 1, g.seq(), 11);
+    let (dir, _s, r) = applied(&g, 11);
     let rep = r.rollback("p1").unwrap();
     assert_eq!(rep.point.id, "p1");
     assert!(rep.blocks_restored > 0);
@@ -444,10 +451,8 @@ impl Gen {
 
 #[test]
 fn retention_by_window() {
-    let dir = tempfile::tempdir().unwrap();
     let g = history(8);
-    let (_s, r) = open_store(dir.path());
-    apply_range(&r, &g, 1, g.seq(), 10);
+    let (dir, _s, r) = applied(&g, 10);
     let journals = |r: &Replication| {
         std::fs::read_dir(r.root().join("retention"))
             .unwrap()
@@ -481,10 +486,8 @@ fn retention_by_window() {
 
 #[test]
 fn retention_by_size_cap() {
-    let dir = tempfile::tempdir().unwrap();
     let g = history(9);
-    let (_s, r) = open_store(dir.path());
-    apply_range(&r, &g, 1, g.seq(), 10);
+    let (_dir, _s, r) = applied(&g, 10);
     let total = r.status().journal_bytes;
     let cfg = RetentionConfig {
         window_secs: 365 * 86400,
@@ -502,10 +505,8 @@ fn retention_by_size_cap() {
 
 #[test]
 fn chunk_hashes_and_wait() {
-    let dir = tempfile::tempdir().unwrap();
     let g = history(10);
-    let (_s, r) = open_store(dir.path());
-    apply_range(&r, &g, 1, g.seq(), 50);
+    let (_dir, _s, r) = applied(&g, 50);
     let hs = r.chunk_hashes(0, 0, 64 << 10, 17).unwrap();
     assert_eq!(hs.len(), 17 * 32);
     let d = &g.disks[0];
@@ -605,10 +606,8 @@ fn cached_chunk_hashes_follow_every_change_to_the_replica() {
 #[test]
 fn nbd_views_resolve_and_read() {
     use rebound_common::nbd::ExportRegistry;
-    let dir = tempfile::tempdir().unwrap();
     let g = history(11);
-    let (s, r) = open_store(dir.path());
-    apply_range(&r, &g, 1, g.seq(), 10);
+    let (_dir, s, r) = applied(&g, 10);
     let views = crate::view::Views::new(s.clone());
     let names = views.list();
     assert_eq!(names[0], "m1/disk0@latest");

@@ -17,6 +17,7 @@ use rebound_common::chunk::read_full_at;
 use rebound_common::nbd::{BlockDevice, ExportRegistry, NbdError};
 use std::cmp::Reverse;
 use std::sync::Arc;
+use thiserror::Error;
 
 const BS: u64 = BLOCK as u64;
 
@@ -214,6 +215,22 @@ impl Replication {
     }
 }
 
+/// Why an export name names no view.
+#[derive(Debug, Error)]
+enum NoExport {
+    #[error("no export {0:?}: export names look like <machine>/<disk name>@<point id> or <machine>/<disk name>@latest")]
+    Malformed(String),
+    #[error("no export {name:?}: this MT has no replication of machine {machine:?}")]
+    Machine { name: String, machine: String },
+    #[error("no export {name:?}: machine {machine:?} has no disk {disk:?} with a recovery point {point:?} (it may have expired from retention)")]
+    DiskOrPoint {
+        name: String,
+        machine: String,
+        disk: String,
+        point: String,
+    },
+}
+
 /// The NBD export registry of recovery-point views:
 /// `<machine>/<disk name>@<point id>` and `<machine>/<disk name>@latest`.
 pub struct Views {
@@ -229,14 +246,10 @@ impl Views {
     /// machine part may also be a replication id. When several replications
     /// of a machine are here (after a failback), the newest one that has the
     /// point wins.
-    fn resolve(&self, name: &str) -> Result<ViewDevice, String> {
-        let usage = "export names look like <machine>/<disk name>@<point id> or <machine>/<disk name>@latest";
-        let (path, point) = name
-            .split_once('@')
-            .ok_or_else(|| format!("no export {name:?}: {usage}"))?;
-        let (machine, disk) = path
-            .split_once('/')
-            .ok_or_else(|| format!("no export {name:?}: {usage}"))?;
+    fn resolve(&self, name: &str) -> Result<ViewDevice, NoExport> {
+        let malformed = || NoExport::Malformed(name.to_string());
+        let (path, point) = name.split_once('@').ok_or_else(malformed)?;
+        let (machine, disk) = path.split_once('/').ok_or_else(malformed)?;
         let mut cands: Vec<_> = self
             .store
             .list()
@@ -244,9 +257,10 @@ impl Views {
             .filter(|r| r.machine_id() == machine || r.id() == machine)
             .collect();
         if cands.is_empty() {
-            return Err(format!(
-                "no export {name:?}: this MT has no replication of machine {machine:?}"
-            ));
+            return Err(NoExport::Machine {
+                name: name.to_string(),
+                machine: machine.to_string(),
+            });
         }
         cands.sort_by_key(|r| Reverse(r.created_ms()));
         for r in cands {
@@ -271,9 +285,12 @@ impl Views {
                 name: name.to_string(),
             });
         }
-        Err(format!(
-            "no export {name:?}: machine {machine:?} has no disk {disk:?} with a recovery point {point:?} (it may have expired from retention)"
-        ))
+        Err(NoExport::DiskOrPoint {
+            name: name.to_string(),
+            machine: machine.to_string(),
+            disk: disk.to_string(),
+            point: point.to_string(),
+        })
     }
 
     /// Every export name, `@latest` first per disk, then points newest first.
@@ -306,7 +323,9 @@ impl ExportRegistry for Views {
     }
 
     fn open(&self, name: &str) -> Result<Arc<dyn BlockDevice>, NbdError> {
-        let dev = self.resolve(name).map_err(NbdError::einval)?;
+        let dev = self
+            .resolve(name)
+            .map_err(|e| NbdError::einval(e.to_string()))?;
         tracing::debug!(export = %name, "view opened");
         Ok(Arc::new(dev))
     }

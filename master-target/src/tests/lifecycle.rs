@@ -3,24 +3,17 @@
 //! every PointChoice, EndReplication, and PrepareReplication adopting the
 //! replica files of an ended replication.
 
-use super::{apply_range, check_latest, info, Gen, RID, SIZES};
+use super::{applied, apply_range, check_latest, info, open_store, Gen, RID, SIZES};
 use crate::config::HooksConfig;
 use crate::control::{resolve_point, Identity, MtControl};
 use crate::error::MtError;
-use crate::replication::{Replication, Store};
+use crate::replication::Store;
 use rebound_common::frame::TagKind;
 use rebound_proto::control as pb;
 use rebound_proto::control::command::Cmd;
 use rebound_proto::control::command_result::Detail;
 use rebound_proto::control::point_choice::Choice;
-use std::path::Path;
 use std::sync::Arc;
-
-fn store(dir: &Path) -> (Arc<Store>, Arc<Replication>) {
-    let store = Arc::new(Store::open(dir).unwrap());
-    let r = store.get_or_create(&info()).unwrap();
-    (store, r)
-}
 
 fn control(store: Arc<Store>, hooks: HooksConfig) -> MtControl {
     MtControl {
@@ -70,7 +63,7 @@ fn hand_over_refuses_apply_runs_the_hook_once_and_restore_undoes_it() {
     let out = dir.path().join("hook");
     std::fs::create_dir(&out).unwrap();
     let mut g = mixed();
-    let (s, r) = store(&dir.path().join("mt"));
+    let (s, r) = open_store(&dir.path().join("mt"));
     apply_range(&r, &g, 1, g.seq(), 7);
     r.rollback("c3").unwrap();
     let cmd = format!(
@@ -107,7 +100,7 @@ fn hand_over_refuses_apply_runs_the_hook_once_and_restore_undoes_it() {
     assert_eq!(e.to_string(), msg);
     drop(r);
     drop(s);
-    let (s, r) = store(&dir.path().join("mt"));
+    let (s, r) = open_store(&dir.path().join("mt"));
     assert_eq!(r.state_name(), "handed-over");
     let e = r.apply_frame(&g.frame_bytes(n + 1, g.seq())).unwrap_err();
     assert_eq!(e.to_string(), msg);
@@ -159,10 +152,8 @@ fn hand_over_refuses_apply_runs_the_hook_once_and_restore_undoes_it() {
 
 #[test]
 fn hand_over_reports_a_failing_or_hanging_hook_and_retries_it() {
-    let dir = tempfile::tempdir().unwrap();
     let g = mixed();
-    let (s, r) = store(dir.path());
-    apply_range(&r, &g, 1, g.seq(), 50);
+    let (_dir, s, r) = applied(&g, 50);
     // At latest (no rollback): the newest point names it.
     let ctl = control(
         s.clone(),
@@ -185,7 +176,7 @@ fn hand_over_reports_a_failing_or_hanging_hook_and_retries_it() {
     assert!(!r.hand_over(false, &hooks("exit 1", 30)).unwrap().hook_ran);
     // A hook over its time is killed.
     let dir2 = tempfile::tempdir().unwrap();
-    let (_s2, r2) = store(dir2.path());
+    let (_s2, r2) = open_store(dir2.path());
     apply_range(&r2, &g, 1, g.seq(), 50);
     let t = std::time::Instant::now();
     let o = r2.hand_over(true, &hooks("sleep 20", 1)).unwrap();
@@ -197,10 +188,8 @@ fn hand_over_reports_a_failing_or_hanging_hook_and_retries_it() {
 
 #[test]
 fn rollback_by_every_point_choice() {
-    let dir = tempfile::tempdir().unwrap();
     let g = mixed();
-    let (s, r) = store(dir.path());
-    apply_range(&r, &g, 1, g.seq(), 9);
+    let (_dir, s, r) = applied(&g, 9);
     let points = r.points();
     let time = |id: &str| points.iter().find(|p| p.id == id).unwrap().time_ms;
     let cases: Vec<(Choice, &str)> = vec![
@@ -268,10 +257,8 @@ fn rollback_by_every_point_choice() {
 
 #[test]
 fn end_replication_keeps_or_deletes_and_prepare_adopts_the_kept_replica() {
-    let dir = tempfile::tempdir().unwrap();
     let mut g = mixed();
-    let (s, r) = store(dir.path());
-    apply_range(&r, &g, 1, g.seq(), 20);
+    let (dir, s, r) = applied(&g, 20);
     let ctl = control(s.clone(), HooksConfig::default());
     let end = |keep| {
         ctl.run(Cmd::EndReplication(pb::EndReplication {
@@ -366,10 +353,8 @@ fn end_replication_keeps_or_deletes_and_prepare_adopts_the_kept_replica() {
 
 #[test]
 fn prepare_adopts_an_ended_replica_of_the_same_machine_by_default() {
-    let dir = tempfile::tempdir().unwrap();
     let g = mixed();
-    let (s, r) = store(dir.path());
-    apply_range(&r, &g, 1, g.seq(), 20);
+    let (_dir, s, r) = applied(&g, 20);
     s.end_replication(RID, true).unwrap();
     drop(r);
     let mut i = info();
@@ -417,7 +402,7 @@ fn hello_id_comes_from_the_certificate_and_status_lists_replications() {
     assert!(e.to_string().contains("mt certificate"), "{e}");
 
     let g = mixed();
-    let (s, r) = store(&dir.path().join("data"));
+    let (s, r) = open_store(&dir.path().join("data"));
     apply_range(&r, &g, 1, g.seq(), 50);
     let h = crate::control::Handler(Arc::new(control(s.clone(), HooksConfig::default())));
     let hello = h.hello();
