@@ -59,17 +59,21 @@ fn tag_cut(r: &CommandResult) -> TagCut {
     }
 }
 
+/// Sends the fence command for `tag_id` to the fixture's runtime.
+async fn fence(f: &Fixture, tag_id: &str, run_shutdown_hook: bool) -> CommandResult {
+    f.rt.handle_cmd(cmd(Cmd::Fence(pb::Fence {
+        tag_id: tag_id.into(),
+        run_shutdown_hook,
+    })))
+    .await
+}
+
 #[tokio::test]
 async fn fence_gives_eperm_and_cuts_a_shutdown_tag_unfence_releases() {
     let f = fixture(HooksConfig::default());
     let cap = f.rt.capture.clone();
     cap.write(0, 0, &[1u8; 4096], false).unwrap();
-    let r =
-        f.rt.handle_cmd(cmd(Cmd::Fence(pb::Fence {
-            tag_id: "shutdown-job1".into(),
-            run_shutdown_hook: false,
-        })))
-        .await;
+    let r = fence(&f, "shutdown-job1", false).await;
     assert!(r.ok && r.warning.is_empty(), "{r:?}");
     let e = cap.write(0, 0, &[2u8; 4096], false).unwrap_err();
     assert_eq!(e.errno, 1, "EPERM");
@@ -80,12 +84,7 @@ async fn fence_gives_eperm_and_cuts_a_shutdown_tag_unfence_releases() {
     assert_eq!(t[0].1.id, "shutdown-job1");
     assert_eq!(t[0].1.kind, TagKind::Shutdown);
     // The fence is idempotent: no second tag.
-    let again =
-        f.rt.handle_cmd(cmd(Cmd::Fence(pb::Fence {
-            tag_id: "shutdown-job1".into(),
-            run_shutdown_hook: false,
-        })))
-        .await;
+    let again = fence(&f, "shutdown-job1", false).await;
     assert!(again.ok);
     assert!(tags(&cap).is_empty());
     assert!(f.rt.handle_cmd(cmd(Cmd::Unfence(pb::Unfence {}))).await.ok);
@@ -112,12 +111,7 @@ async fn drain_when_everything_is_durable_runs_the_shutdown_hook() {
         shutdown: format!("echo $REBOUND_MACHINE > {}", marker.display()),
         ..Default::default()
     });
-    let r =
-        f.rt.handle_cmd(cmd(Cmd::Fence(pb::Fence {
-            tag_id: "s1".into(),
-            run_shutdown_hook: true,
-        })))
-        .await;
+    let r = fence(&f, "s1", true).await;
     assert!(r.ok);
     // Pretend the PS acknowledged everything.
     let s = f.rt.capture.snapshot();
