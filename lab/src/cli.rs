@@ -4,6 +4,7 @@
 
 use crate::bin::Bins;
 use anyhow::{Context, Result};
+use std::ffi::OsStr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -22,17 +23,35 @@ impl CliRun {
     }
 }
 
+/// `rebound ARGS` without a configuration server in the environment (help,
+/// `bench`, `demo`, `--mt` forms).
+pub fn rebound<S: AsRef<OsStr>>(args: &[S]) -> Result<CliRun> {
+    let bins = Bins::locate()?;
+    let mut cmd = Command::new(bins.path("rebound")?);
+    cmd.args(args).env_remove("REBOUND_CS");
+    output(cmd, args)
+}
+
 /// `rebound ARGS` with `REBOUND_CS` and `REBOUND_CERTS` (a dir holding
 /// ca.pem, admin.pem, admin.key).
 pub fn run(bins: &Bins, cs_addr: &str, certs: &Path, args: &[&str]) -> Result<CliRun> {
-    let out = Command::new(bins.path("rebound")?)
-        .args(args)
+    let mut cmd = Command::new(bins.path("rebound")?);
+    cmd.args(args)
         .env("REBOUND_CS", cs_addr)
-        .env("REBOUND_CERTS", certs)
+        .env("REBOUND_CERTS", certs);
+    output(cmd, args)
+}
+
+/// Runs `cmd` to completion with stdin closed and no backtraces.
+fn output<S: AsRef<OsStr>>(mut cmd: Command, args: &[S]) -> Result<CliRun> {
+    let out = cmd
         .env_remove("RUST_BACKTRACE")
         .stdin(Stdio::null())
         .output()
-        .with_context(|| format!("cannot run rebound {}", args.join(" ")))?;
+        .with_context(|| {
+            let a: Vec<_> = args.iter().map(|a| a.as_ref().to_string_lossy()).collect();
+            format!("cannot run rebound {}", a.join(" "))
+        })?;
     Ok(CliRun {
         ok: out.status.success(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

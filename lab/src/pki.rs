@@ -14,42 +14,39 @@ pub fn dev_bundle(dir: &Path, machines: &[String]) -> Result<()> {
         .with_context(|| format!("cannot write the lab PKI in {}", dir.display()))
 }
 
-/// `<bin> enroll --cs CS --passphrase-file PASS --id ID --out OUT`, the raw
-/// output (tests check refusals too).
-pub fn enroll_output(
-    bins: &Bins,
-    bin: &str,
-    cs_addr: &str,
-    pass: &Path,
-    id: &str,
-    out: &Path,
-) -> Result<Output> {
-    std::fs::create_dir_all(out)?;
-    Command::new(bins.path(bin)?)
-        .args(["enroll", "--cs", cs_addr, "--passphrase-file"])
-        .arg(pass)
-        .args(["--id", id, "--out"])
-        .arg(out)
-        .output()
-        .with_context(|| format!("cannot run {bin} enroll"))
+/// Enrollment at one configuration server with one passphrase file.
+pub struct Enroller<'a> {
+    pub bins: &'a Bins,
+    pub cs_addr: &'a str,
+    pub passphrase_file: &'a Path,
 }
 
-/// Enrolls `id` with `bin`; an error with the binary's output when refused.
-pub fn enroll(
-    bins: &Bins,
-    bin: &str,
-    cs_addr: &str,
-    pass: &Path,
-    id: &str,
-    out: &Path,
-) -> Result<()> {
-    let r = enroll_output(bins, bin, cs_addr, pass, id, out)?;
-    if !r.status.success() {
-        bail!(
-            "{bin} enroll --id {id} at {cs_addr} failed: {}{}",
-            String::from_utf8_lossy(&r.stdout),
-            String::from_utf8_lossy(&r.stderr)
-        );
+impl Enroller<'_> {
+    /// `<bin> enroll --cs CS --passphrase-file PASS --id ID --out OUT`, the
+    /// raw output (tests check refusals too).
+    pub fn output(&self, bin: &str, id: &str, out: &Path) -> Result<Output> {
+        std::fs::create_dir_all(out)?;
+        Command::new(self.bins.path(bin)?)
+            .args(["enroll", "--cs", self.cs_addr, "--passphrase-file"])
+            .arg(self.passphrase_file)
+            .args(["--id", id, "--out"])
+            .arg(out)
+            .output()
+            .with_context(|| format!("cannot run {bin} enroll"))
     }
-    Ok(())
+
+    /// Enrolls `id` with `bin`; an error with the binary's output when
+    /// refused.
+    pub fn enroll(&self, bin: &str, id: &str, out: &Path) -> Result<()> {
+        let r = self.output(bin, id, out)?;
+        if !r.status.success() {
+            bail!(
+                "{bin} enroll --id {id} at {} failed: {}{}",
+                self.cs_addr,
+                String::from_utf8_lossy(&r.stdout),
+                String::from_utf8_lossy(&r.stderr)
+            );
+        }
+        Ok(())
+    }
 }

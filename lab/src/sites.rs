@@ -37,6 +37,7 @@ use crate::cli::{self, CliRun};
 use crate::clients::{blake3_export, blake3_file, nbd_uri, qemu_io};
 use crate::config;
 use crate::net::Host;
+use crate::pki::Enroller;
 use crate::process::{self, Procs, START_TIMEOUT};
 use crate::wait::{wait_for, wait_until};
 use anyhow::{anyhow, bail, Context, Result};
@@ -228,19 +229,21 @@ impl Sites {
 
     /// `<binary> enroll --cs --passphrase-file --id --out`.
     pub fn enroll(&self, bin: &str, id: &str, out: &Path) -> Result<()> {
-        crate::pki::enroll(
-            &self.bins,
-            bin,
-            &self.cs_addr,
-            &self.passphrase_file(),
-            id,
-            out,
-        )
+        let pass = self.passphrase_file();
+        self.enroller(&pass).enroll(bin, id, out)
     }
 
     /// The same with any passphrase file; the raw output.
     pub fn enroll_with(&self, bin: &str, id: &str, out: &Path, pass: &Path) -> Result<Output> {
-        crate::pki::enroll_output(&self.bins, bin, &self.cs_addr, pass, id, out)
+        self.enroller(pass).output(bin, id, out)
+    }
+
+    fn enroller<'a>(&'a self, passphrase_file: &'a Path) -> Enroller<'a> {
+        Enroller {
+            bins: &self.bins,
+            cs_addr: &self.cs_addr,
+            passphrase_file,
+        }
     }
 
     // ------------------------------------------------------------ sites

@@ -5,9 +5,8 @@
 //! A missing peer tool (fio, qemu-nbd, rsync) fails the bench with the
 //! apt-get command, which this test shows.
 
-use rebound_lab::binary;
+use rebound_lab::cli;
 use serde_json::Value;
-use std::process::Command;
 
 /// Every row of the table, in order (cli/src/bench/report.rs `ROWS`).
 const ROWS: &[&str] = &[
@@ -73,23 +72,20 @@ const ROWS: &[&str] = &[
 
 #[test]
 fn bench_quick_prints_a_complete_table_and_json() {
-    let exe = binary("rebound").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let json_path = dir.path().join("bench.json");
-    let out = Command::new(&exe)
-        .args(["bench", "--quick", "--json"])
-        .arg(&json_path)
-        .arg("--dir")
-        .arg(dir.path().join("work"))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "rebound bench --quick failed ({}):\nstderr:\n{stderr}\nstdout:\n{stdout}",
-        out.status
-    );
+    let work = dir.path().join("work");
+    let r = cli::rebound(&[
+        "bench".as_ref(),
+        "--quick".as_ref(),
+        "--json".as_ref(),
+        json_path.as_os_str(),
+        "--dir".as_ref(),
+        work.as_os_str(),
+    ])
+    .unwrap();
+    assert!(r.ok, "rebound bench --quick failed:\n{}", r.text());
+    let stdout = &r.stdout;
 
     let doc: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap())
         .expect("--json wrote invalid JSON");

@@ -3,20 +3,13 @@
 //! reprotect, failback, commit, reprotect) on a fresh machine and print its
 //! summary with every blake3 check counted and the measured RTO.
 
-use rebound_lab::binary;
+use rebound_lab::cli;
 
 #[test]
 fn rebound_demo_passes_and_prints_its_summary() {
-    let out = std::process::Command::new(binary("rebound").unwrap())
-        .arg("demo")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "rebound demo failed:\n{stdout}\n{stderr}"
-    );
+    let r = cli::rebound(&["demo"]).unwrap();
+    assert!(r.ok, "rebound demo failed:\n{}", r.text());
+    let stdout = &r.stdout;
     for line in [
         "Rebound demo summary",
         "recovery points verified by blake3 : 7",

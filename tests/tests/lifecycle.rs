@@ -55,6 +55,16 @@ fn replica_hash(s: &Sites, site: &str, replication: &str) -> String {
     blake3_file(&s.replica_path(site, replication, "disk0")).expect("hash replica")
 }
 
+/// Waits until the machine is failed over and powered on at `site`; the
+/// machine as the CLI lists it and its new replication id.
+fn handed_over(s: &mut Sites, m: &str, site: &str) -> (Value, String) {
+    let mm = s.wait_state(m, "FailedOver", JOB).expect("failed over");
+    let repl = mm["replication_id"].as_str().unwrap().to_string();
+    s.wait_powered_on(m, site, JOB)
+        .unwrap_or_else(|e| panic!("{m} not powered on at {site}: {e:#}"));
+    (mm, repl)
+}
+
 /// Waits until the machine's last point at the CS has at least `seq`.
 fn wait_point_seq(s: &Sites, m: &str, seq: u64) {
     let start = std::time::Instant::now();
@@ -93,9 +103,7 @@ fn full_loop_protect_failover_commit_reprotect_failback() {
         ])
         .expect("failover");
     succeeded(&j);
-    let mm = s.wait_state(m, "FailedOver", JOB).expect("failed over");
-    let r1 = mm["replication_id"].as_str().unwrap().to_string();
-    s.wait_powered_on(m, b(), JOB).expect("powered on at B");
+    let (_, r1) = handed_over(&mut s, m, b());
     assert_eq!(
         replica_hash(&s, b(), &r1),
         h1,
@@ -155,9 +163,7 @@ fn full_loop_protect_failover_commit_reprotect_failback() {
         ])
         .expect("failback"),
     );
-    let mm = s.wait_state(m, "FailedOver", JOB).expect("failed back");
-    let r2 = mm["replication_id"].as_str().unwrap().to_string();
-    s.wait_powered_on(m, a(), JOB).expect("powered on at A");
+    let (_, r2) = handed_over(&mut s, m, a());
     assert_eq!(
         replica_hash(&s, a(), &r2),
         h2,
@@ -223,10 +229,8 @@ fn failover_at_latest_app_drops_later_writes_and_warns() {
         "no warning that later writes are lost: {}",
         r.text()
     );
-    let mm = s.wait_state(m, "FailedOver", JOB).unwrap();
+    let (mm, r1) = handed_over(&mut s, m, b());
     assert_eq!(mm["failover_point"]["id"], app.as_str(), "{mm}");
-    let r1 = mm["replication_id"].as_str().unwrap().to_string();
-    s.wait_powered_on(m, b(), JOB).unwrap();
     assert_eq!(replica_hash(&s, b(), &r1), h_app, "not the app point");
 }
 
@@ -246,9 +250,7 @@ fn change_point_before_commit_moves_and_back() {
         &s.job(&["failover", m, "--from", a(), "--to", b(), "--point", &p2])
             .unwrap(),
     );
-    let mm = s.wait_state(m, "FailedOver", JOB).unwrap();
-    let r1 = mm["replication_id"].as_str().unwrap().to_string();
-    s.wait_powered_on(m, b(), JOB).unwrap();
+    let (_, r1) = handed_over(&mut s, m, b());
     s.stop_agent(m, b()).unwrap();
     assert_eq!(replica_hash(&s, b(), &r1), h2);
     succeeded(&s.job(&["change-point", m, "--point", &p1]).unwrap());
@@ -285,10 +287,8 @@ fn unplanned_failover_with_the_source_agent_killed() {
         ])
         .unwrap(),
     );
-    let mm = s.wait_state(m, "FailedOver", JOB).unwrap();
+    let (mm, r1) = handed_over(&mut s, m, b());
     assert_eq!(mm["failover_point"]["id"], p.as_str(), "{mm}");
-    let r1 = mm["replication_id"].as_str().unwrap().to_string();
-    s.wait_powered_on(m, b(), JOB).unwrap();
     assert_eq!(replica_hash(&s, b(), &r1), h);
 }
 

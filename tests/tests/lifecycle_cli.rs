@@ -2,23 +2,10 @@
 //! master-target-direct `points --mt` form still working beside the CS form.
 
 use rebound_lab::*;
-use std::process::Command;
 
 fn rebound(args: &[&str]) -> (bool, String) {
-    let out = Command::new(binary("rebound").unwrap())
-        .args(args)
-        .env_remove("REBOUND_CS")
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    let r = cli::rebound(args).unwrap();
+    (r.ok, r.text())
 }
 
 #[test]
