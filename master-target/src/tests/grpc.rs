@@ -73,6 +73,19 @@ fn nbd_check(nbd_addr: std::net::SocketAddr, export: &str, want: &[u8]) {
     assert!(out.stdout == want, "{uri}: content differs from the model");
 }
 
+/// Rolls replication [`RID`] back to `point` over gRPC.
+async fn rollback(
+    c: &mut MasterTargetClient<Channel>,
+    point: &str,
+) -> Result<rebound_proto::RollbackResponse, tonic::Status> {
+    c.rollback(RollbackRequest {
+        replication_id: RID.into(),
+        point: point.into(),
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
 async fn client(pki: &std::path::Path, name: &str, addr: &str) -> MasterTargetClient<Channel> {
     let ch = TlsFiles::in_dir(pki, name)
         .connect(addr, "localhost")
@@ -155,13 +168,7 @@ async fn grpc_apply_points_rollback_and_roles() {
     .unwrap();
 
     // Roles: a PS may not roll back; an admin may not apply.
-    let e = ps
-        .rollback(RollbackRequest {
-            replication_id: RID.into(),
-            point: "p2".into(),
-        })
-        .await
-        .unwrap_err();
+    let e = rollback(&mut ps, "p2").await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     let mut admin = client(&pki, "admin", &addr).await;
     let (_tx, rx) = mpsc::channel(1);
@@ -209,14 +216,7 @@ async fn grpc_apply_points_rollback_and_roles() {
     assert_eq!(reps.replications.len(), 2);
 
     // Rollback as admin; apply refused; restore.
-    let rb = admin
-        .rollback(RollbackRequest {
-            replication_id: RID.into(),
-            point: "p2".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let rb = rollback(&mut admin, "p2").await.unwrap();
     assert_eq!(rb.point.unwrap().id, "p2");
     assert!(rb.blocks_restored > 0);
     let pts = ps
@@ -227,13 +227,7 @@ async fn grpc_apply_points_rollback_and_roles() {
         .unwrap()
         .into_inner();
     assert_eq!(pts.rolled_back_to, "p2");
-    let e = admin
-        .rollback(RollbackRequest {
-            replication_id: RID.into(),
-            point: "nope".into(),
-        })
-        .await
-        .unwrap_err();
+    let e = rollback(&mut admin, "nope").await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
 
     let mut g2 = history(21);
