@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use thiserror::Error;
+
 use crate::AgentError;
 
 /// Default state directory.
@@ -185,31 +187,37 @@ impl Settings {
     }
 }
 
-fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates
-    // when the name fits, and we stop at the first NUL or the buffer end.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return String::new();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
+/// What is wrong with a config file; each says which key to set or fix.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("machine_id is not set and the host name is unknown; set machine_id")]
+    NoMachineId,
+    #[error("no [[disks]] configured: add at least one with name and path")]
+    NoDisks,
+    #[error("disk {index} ({name}) has no path")]
+    DiskWithoutPath { index: usize, name: String },
+    #[error("disk name {0:?} is used twice; names must be unique")]
+    DuplicateDiskName(String),
+    #[error("crash_interval_ms must be > 0")]
+    ZeroCrashInterval,
+    #[error("buffer_bytes = {0} is too small; use at least 8 MiB (8388608)")]
+    BufferTooSmall(u64),
+    #[error("[cs] is set but `site` is not: set site = \"<name of this site>\"")]
+    NoSite,
+    #[error("[ps] addr is not set")]
+    NoPsAddr,
 }
 
 impl Config {
     /// Applies the defaults that depend on other keys and checks the rest.
     pub fn validate(&self) -> Result<Settings, AgentError> {
-        let bad = |m: String| AgentError::Config(m);
         let machine_id = if self.machine_id.is_empty() {
-            hostname()
+            crate::sys::hostname()
         } else {
             self.machine_id.clone()
         };
         if machine_id.is_empty() {
-            return Err(bad(
-                "machine_id is not set and the host name is unknown; set machine_id".into(),
-            ));
+            return Err(ConfigError::NoMachineId.into());
         }
         let replication_id = if self.replication_id.is_empty() {
             machine_id.clone()
@@ -217,9 +225,7 @@ impl Config {
             self.replication_id.clone()
         };
         if self.disks.is_empty() {
-            return Err(bad(
-                "no [[disks]] configured: add at least one with name and path".into(),
-            ));
+            return Err(ConfigError::NoDisks.into());
         }
         let mut disks = self.disks.clone();
         let mut names = std::collections::HashSet::new();
@@ -228,31 +234,27 @@ impl Config {
                 d.name = format!("disk{i}");
             }
             if d.path.as_os_str().is_empty() {
-                return Err(bad(format!("disk {i} ({}) has no path", d.name)));
+                return Err(ConfigError::DiskWithoutPath {
+                    index: i,
+                    name: d.name.clone(),
+                }
+                .into());
             }
             if !names.insert(d.name.clone()) {
-                return Err(bad(format!(
-                    "disk name {:?} is used twice; names must be unique",
-                    d.name
-                )));
+                return Err(ConfigError::DuplicateDiskName(d.name.clone()).into());
             }
         }
         if self.crash_interval_ms == 0 {
-            return Err(bad("crash_interval_ms must be > 0".into()));
+            return Err(ConfigError::ZeroCrashInterval.into());
         }
         if self.buffer_bytes < (8 << 20) {
-            return Err(bad(format!(
-                "buffer_bytes = {} is too small; use at least 8 MiB (8388608)",
-                self.buffer_bytes
-            )));
+            return Err(ConfigError::BufferTooSmall(self.buffer_bytes).into());
         }
         if self.cs.enabled() && self.site.is_empty() {
-            return Err(bad(
-                "[cs] is set but `site` is not: set site = \"<name of this site>\"".into(),
-            ));
+            return Err(ConfigError::NoSite.into());
         }
         if self.ps.addr.is_empty() {
-            return Err(bad("[ps] addr is not set".into()));
+            return Err(ConfigError::NoPsAddr.into());
         }
         let nbd_socket = self
             .nbd_socket

@@ -14,6 +14,8 @@
 //! - [`tags`]: recovery points;
 //! - [`admin`]: the local admin socket and status.json;
 //! - [`config`]: the TOML config.
+// Unsafe code lives only in `sys`, which allows it.
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod capture;
@@ -57,7 +59,7 @@ use crate::sender::Link;
 #[derive(Debug, Error)]
 pub enum AgentError {
     #[error("invalid config: {0}")]
-    Config(String),
+    Config(#[from] config::ConfigError),
     #[error("disk {name} ({path}): {message}")]
     Disk {
         name: String,

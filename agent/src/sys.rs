@@ -1,7 +1,7 @@
 //! The agent's only unsafe code: thin wrappers around the libc calls std
-//! does not offer (hole punching, page-cache residency and advice). Each
-//! wrapper takes safe arguments, so the rest of the crate denies unsafe
-//! code.
+//! does not offer (hole punching, the host name, page-cache residency and
+//! advice). Each wrapper takes safe arguments, so the rest of the crate
+//! denies unsafe code.
 #![allow(unsafe_code)]
 
 use std::fs::File;
@@ -25,6 +25,19 @@ pub fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::R
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// The host name; empty when it cannot be read.
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates
+    // when the name fits, and we stop at the first NUL or the buffer end.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return String::new();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 /// The system's page size, when it can be read.
