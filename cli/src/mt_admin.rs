@@ -20,16 +20,25 @@ pub async fn connect(addr: &str, certs: &Path) -> Result<MasterTargetClient<Chan
     Ok(MasterTargetClient::new(ch))
 }
 
+/// The answer of an MT RPC, or an error naming what was being done.
+fn answer<T>(
+    r: Result<tonic::Response<T>, tonic::Status>,
+    doing: impl FnOnce() -> String,
+) -> Result<T> {
+    Ok(r.with_context(doing)?.into_inner())
+}
+
 pub async fn points(
     c: &mut MasterTargetClient<Channel>,
     replication: &str,
 ) -> Result<ListPointsResponse> {
-    Ok(c.list_points(ListPointsRequest {
-        replication_id: replication.into(),
-    })
-    .await
-    .with_context(|| format!("listing the recovery points of {replication}"))?
-    .into_inner())
+    answer(
+        c.list_points(ListPointsRequest {
+            replication_id: replication.into(),
+        })
+        .await,
+        || format!("listing the recovery points of {replication}"),
+    )
 }
 
 pub async fn rollback(
@@ -37,25 +46,27 @@ pub async fn rollback(
     replication: &str,
     point: &str,
 ) -> Result<RollbackResponse> {
-    Ok(c.rollback(RollbackRequest {
-        replication_id: replication.into(),
-        point: point.into(),
-    })
-    .await
-    .with_context(|| format!("rolling {replication} back to {point}"))?
-    .into_inner())
+    answer(
+        c.rollback(RollbackRequest {
+            replication_id: replication.into(),
+            point: point.into(),
+        })
+        .await,
+        || format!("rolling {replication} back to {point}"),
+    )
 }
 
 pub async fn restore_pre_images(
     c: &mut MasterTargetClient<Channel>,
     replication: &str,
 ) -> Result<u64> {
-    Ok(c.restore_pre_images(RestorePreImagesRequest {
-        replication_id: replication.into(),
-    })
-    .await
-    .with_context(|| format!("restoring the pre-images of {replication}"))?
-    .into_inner()
+    Ok(answer(
+        c.restore_pre_images(RestorePreImagesRequest {
+            replication_id: replication.into(),
+        })
+        .await,
+        || format!("restoring the pre-images of {replication}"),
+    )?
     .blocks_restored)
 }
 

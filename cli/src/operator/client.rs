@@ -51,6 +51,17 @@ impl CsArgs {
     }
 
     /// An error of an RPC, with what to do about it.
+    /// The answer of an admin RPC, or the error that says what failed
+    /// while `doing` what.
+    pub fn answer<T>(
+        &self,
+        r: Result<tonic::Response<T>, Status>,
+        doing: &str,
+    ) -> anyhow::Result<T> {
+        r.map(tonic::Response::into_inner)
+            .map_err(|e| self.error(e, doing))
+    }
+
     pub fn error(&self, s: Status, doing: &str) -> anyhow::Error {
         let addr = self.addr();
         let msg = s.message();

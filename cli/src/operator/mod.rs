@@ -342,29 +342,16 @@ async fn run_inner(cmd: OperatorCmd) -> Result<()> {
     match cmd {
         OperatorCmd::Status { cs, output } => {
             let mut c = connect(&cs).await?;
-            let r = c
-                .status(pb::StatusRequest {})
-                .await
-                .map_err(|e| cs.error(e, "reading the status"))?
-                .into_inner();
-            match output {
-                Output::Json => json::print(&json::status(&r)),
-                Output::Table => print::status(&r),
-            }
-            Ok(())
+            let r = cs.answer(c.status(pb::StatusRequest {}).await, "reading the status")?;
+            show(output, &r, json::status, print::status)
         }
         OperatorCmd::Machines { cs, output } => {
             let mut c = connect(&cs).await?;
-            let r = c
-                .machines(pb::MachinesRequest {})
-                .await
-                .map_err(|e| cs.error(e, "listing the machines"))?
-                .into_inner();
-            match output {
-                Output::Json => json::print(&json::machines(&r)),
-                Output::Table => print::machines(&r),
-            }
-            Ok(())
+            let r = cs.answer(
+                c.machines(pb::MachinesRequest {}).await,
+                "listing the machines",
+            )?;
+            show(output, &r, json::machines, print::machines)
         }
         OperatorCmd::Protect {
             machine,
@@ -383,8 +370,8 @@ async fn run_inner(cmd: OperatorCmd) -> Result<()> {
                 app_interval_secs: app_interval.map(|d| d.as_secs() as u32).unwrap_or(0),
                 freeze_timeout_ms: 0,
             });
-            let r = c
-                .protect(pb::ProtectRequest {
+            let r = cs.answer(
+                c.protect(pb::ProtectRequest {
                     machine: machine.clone(),
                     to_site,
                     ps,
@@ -392,9 +379,9 @@ async fn run_inner(cmd: OperatorCmd) -> Result<()> {
                     group: group.unwrap_or_default(),
                     policy,
                 })
-                .await
-                .map_err(|e| cs.error(e, &format!("protecting {machine}")))?
-                .into_inner();
+                .await,
+                &format!("protecting {machine}"),
+            )?;
             watch::started(&mut c, &cs, r.job, &wait).await
         }
         OperatorCmd::Failover {
@@ -409,17 +396,17 @@ async fn run_inner(cmd: OperatorCmd) -> Result<()> {
             let choice = parse_point(&point)?;
             warn_point(&point);
             let mut c = connect(&cs).await?;
-            let r = c
-                .failover(pb::FailoverRequest {
+            let r = cs.answer(
+                c.failover(pb::FailoverRequest {
                     targets: Some(targets.to_proto()),
                     from_site: from_site.clone(),
                     to_site: to_site.clone(),
                     point: Some(choice),
                     unplanned,
                 })
-                .await
-                .map_err(|e| cs.error(e, &format!("failing over {from_site} → {to_site}")))?
-                .into_inner();
+                .await,
+                &format!("failing over {from_site} → {to_site}"),
+            )?;
             watch::started(&mut c, &cs, r.job, &wait).await
         }
         OperatorCmd::ChangePoint {
@@ -431,14 +418,14 @@ async fn run_inner(cmd: OperatorCmd) -> Result<()> {
             let choice = parse_point(&point)?;
             warn_point(&point);
             let mut c = connect(&cs).await?;
-            let r = c
-                .change_point(pb::ChangePointRequest {
+            let r = cs.answer(
+                c.change_point(pb::ChangePointRequest {
                     machine: machine.clone(),
                     point: Some(choice),
                 })
-                .await
-                .map_err(|e| cs.error(e, &format!("changing the point of {machine}")))?
-                .into_inner();
+                .await,
+                &format!("changing the point of {machine}"),
+            )?;
             watch::started(&mut c, &cs, r.job, &wait).await
         }
         OperatorCmd::Commit {
@@ -456,14 +443,14 @@ async fn run_inner(cmd: OperatorCmd) -> Result<()> {
                 None
             };
             let mut c = connect(&cs).await?;
-            let r = c
-                .commit(pb::CommitRequest {
+            let r = cs.answer(
+                c.commit(pb::CommitRequest {
                     targets: Some(targets.to_proto()),
                     keep_source_copy: keep,
                 })
-                .await
-                .map_err(|e| cs.error(e, "committing"))?
-                .into_inner();
+                .await,
+                "committing",
+            )?;
             watch::started(&mut c, &cs, r.job, &wait).await
         }
         OperatorCmd::Reprotect {
@@ -475,16 +462,16 @@ async fn run_inner(cmd: OperatorCmd) -> Result<()> {
             wait,
         } => {
             let mut c = connect(&cs).await?;
-            let r = c
-                .reprotect(pb::ReprotectRequest {
+            let r = cs.answer(
+                c.reprotect(pb::ReprotectRequest {
                     targets: Some(targets.to_proto()),
                     ps,
                     mt: mt.unwrap_or_default(),
                     wait_agent_secs: wait_agent.map(|d| d.as_secs().max(1)).unwrap_or(0),
                 })
-                .await
-                .map_err(|e| cs.error(e, "reprotecting"))?
-                .into_inner();
+                .await,
+                "reprotecting",
+            )?;
             watch::started(&mut c, &cs, r.job, &wait).await
         }
         OperatorCmd::Jobs {
@@ -500,28 +487,23 @@ async fn run_inner(cmd: OperatorCmd) -> Result<()> {
             match (id, follow) {
                 (Some(id), true) => watch::follow(&mut c, &cs, &id, output).await,
                 (Some(id), false) => {
-                    let j = c
-                        .get_job(pb::GetJobRequest { id: id.clone() })
-                        .await
-                        .map_err(|e| cs.error(e, &format!("reading job {id}")))?
-                        .into_inner();
-                    match output {
-                        Output::Json => json::print(&json::job(&j)),
-                        Output::Table => print::job_detail(&j),
-                    }
-                    Ok(())
+                    let j = cs.answer(
+                        c.get_job(pb::GetJobRequest { id: id.clone() }).await,
+                        &format!("reading job {id}"),
+                    )?;
+                    show(output, &j, json::job, print::job_detail)
                 }
                 (None, true) => watch::follow_all(&mut c, &cs, machine).await,
                 (None, false) => {
-                    let r = c
-                        .list_jobs(pb::ListJobsRequest {
+                    let r = cs.answer(
+                        c.list_jobs(pb::ListJobsRequest {
                             active_only: active,
                             limit,
                             machine: machine.unwrap_or_default(),
                         })
-                        .await
-                        .map_err(|e| cs.error(e, "listing the jobs"))?
-                        .into_inner();
+                        .await,
+                        "listing the jobs",
+                    )?;
                     match output {
                         Output::Json => json::print(&serde_json::json!({
                             "jobs": r.jobs.iter().map(json::job).collect::<Vec<_>>()
@@ -538,6 +520,20 @@ async fn run_inner(cmd: OperatorCmd) -> Result<()> {
 }
 
 /// Warns before a choice that loses writes.
+/// Prints an answer as JSON (`to_json`) or as a table (`table`).
+fn show<T>(
+    output: Output,
+    r: &T,
+    to_json: fn(&T) -> serde_json::Value,
+    table: fn(&T),
+) -> Result<()> {
+    match output {
+        Output::Json => json::print(&to_json(r)),
+        Output::Table => table(r),
+    }
+    Ok(())
+}
+
 fn warn_point(point: &str) {
     let p = point.trim().to_ascii_lowercase();
     if p == "latest-app" || p == "latest-multi-app" {
@@ -581,11 +577,11 @@ async fn plan(cmd: PlanCmd) -> Result<()> {
                 consistency_group: consistency_group.unwrap_or_default(),
             };
             let mut c = connect(&cs).await?;
-            let p = c
-                .create_plan(pb::CreatePlanRequest { plan: Some(plan) })
-                .await
-                .map_err(|e| cs.error(e, &format!("creating plan {name}")))?
-                .into_inner();
+            let p = cs.answer(
+                c.create_plan(pb::CreatePlanRequest { plan: Some(plan) })
+                    .await,
+                &format!("creating plan {name}"),
+            )?;
             match output {
                 Output::Json => json::print(&json::plan(&p)),
                 Output::Table => {
@@ -597,24 +593,18 @@ async fn plan(cmd: PlanCmd) -> Result<()> {
         }
         PlanCmd::Show { name, cs, output } => {
             let mut c = connect(&cs).await?;
-            let p = c
-                .show_plan(pb::PlanRequest { name: name.clone() })
-                .await
-                .map_err(|e| cs.error(e, &format!("reading plan {name}")))?
-                .into_inner();
-            match output {
-                Output::Json => json::print(&json::plan(&p)),
-                Output::Table => print::plan(&p),
-            }
-            Ok(())
+            let p = cs.answer(
+                c.show_plan(pb::PlanRequest { name: name.clone() }).await,
+                &format!("reading plan {name}"),
+            )?;
+            show(output, &p, json::plan, print::plan)
         }
         PlanCmd::List { cs, output } => {
             let mut c = connect(&cs).await?;
-            let r = c
-                .list_plans(pb::ListPlansRequest {})
-                .await
-                .map_err(|e| cs.error(e, "listing the plans"))?
-                .into_inner();
+            let r = cs.answer(
+                c.list_plans(pb::ListPlansRequest {}).await,
+                "listing the plans",
+            )?;
             match output {
                 Output::Json => json::print(&serde_json::json!({
                     "plans": r.plans.iter().map(json::plan).collect::<Vec<_>>()
@@ -668,8 +658,8 @@ async fn group(cmd: GroupCmd) -> Result<()> {
             output,
         } => {
             let mut c = connect(&cs).await?;
-            let g = c
-                .create_group(pb::CreateGroupRequest {
+            let g = cs.answer(
+                c.create_group(pb::CreateGroupRequest {
                     group: Some(pb::Group {
                         name: name.clone(),
                         machines,
@@ -678,9 +668,9 @@ async fn group(cmd: GroupCmd) -> Result<()> {
                         app,
                     }),
                 })
-                .await
-                .map_err(|e| cs.error(e, &format!("creating group {name}")))?
-                .into_inner();
+                .await,
+                &format!("creating group {name}"),
+            )?;
             match output {
                 Output::Json => json::print(&json::group(&g)),
                 Output::Table => {
@@ -700,11 +690,10 @@ async fn group(cmd: GroupCmd) -> Result<()> {
         }
         GroupCmd::List { cs, output } => {
             let mut c = connect(&cs).await?;
-            let r = c
-                .list_groups(pb::ListGroupsRequest {})
-                .await
-                .map_err(|e| cs.error(e, "listing the groups"))?
-                .into_inner();
+            let r = cs.answer(
+                c.list_groups(pb::ListGroupsRequest {}).await,
+                "listing the groups",
+            )?;
             match output {
                 Output::Json => json::print(&serde_json::json!({
                     "groups": r.groups.iter().map(json::group).collect::<Vec<_>>()
@@ -715,11 +704,11 @@ async fn group(cmd: GroupCmd) -> Result<()> {
         }
         GroupCmd::Cut { name, cs, output } => {
             let mut c = connect(&cs).await?;
-            let r = c
-                .cut_group_point(pb::GroupRequest { name: name.clone() })
-                .await
-                .map_err(|e| cs.error(e, &format!("cutting a point of group {name}")))?
-                .into_inner();
+            let r = cs.answer(
+                c.cut_group_point(pb::GroupRequest { name: name.clone() })
+                    .await,
+                &format!("cutting a point of group {name}"),
+            )?;
             match output {
                 Output::Json => json::print(&serde_json::json!({
                     "tag_id": r.tag_id, "members": r.members
@@ -746,18 +735,14 @@ pub async fn points_via_cs(machine: &str, cs: &CsArgs, output: Output) -> Result
 
 async fn points_inner(machine: &str, cs: &CsArgs, output: Output) -> Result<()> {
     let mut c = connect(cs).await?;
-    let r = c
-        .points(pb::PointsRequest {
+    let r = cs.answer(
+        c.points(pb::PointsRequest {
             machine: machine.into(),
         })
-        .await
-        .map_err(|e| cs.error(e, &format!("listing the recovery points of {machine}")))?
-        .into_inner();
-    match output {
-        Output::Json => json::print(&json::points(&r)),
-        Output::Table => print::points(&r),
-    }
-    Ok(())
+        .await,
+        &format!("listing the recovery points of {machine}"),
+    )?;
+    show(output, &r, json::points, print::points)
 }
 
 #[cfg(test)]

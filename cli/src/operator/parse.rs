@@ -1,8 +1,9 @@
 //! Parsing `--point` choices and durations.
 
 use anyhow::{bail, Result};
+use rebound_common::time::now_ms;
 use rebound_proto::control::{point_choice::Choice, Empty, PointChoice};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 /// A duration like `90s`, `30m`, `1h30m`, `250ms`, `2d`, or plain seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -13,80 +14,23 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if let Ok(n) = s.parse::<u64>() {
         return Ok(Duration::from_secs(n));
     }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(|| format!("{s:?}: a number needs a unit (ms, s, m, h, d)"))?;
-        if digits == 0 {
-            return Err(format!("{s:?} is not a duration: use e.g. 90s, 30m or 1h"));
-        }
-        let n: f64 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("{s:?} is not a duration: use e.g. 90s, 30m or 1h"))?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let secs = match &rest[..unit_len] {
-            "ms" => n / 1000.0,
-            "s" | "sec" | "secs" => n,
-            "m" | "min" | "mins" => n * 60.0,
-            "h" => n * 3600.0,
-            "d" => n * 86400.0,
-            u => return Err(format!("{s:?}: unknown unit {u:?} (use ms, s, m, h or d)")),
-        };
-        total += Duration::from_secs_f64(secs);
-        rest = &rest[unit_len..];
-    }
-    Ok(total)
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Days since 1970-01-01 of a civil date (proleptic Gregorian).
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = y - era * 400;
-    let mp = (m as i64 + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146097 + doe - 719468
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}): use e.g. 90s, 30m or 1h"))
 }
 
 /// `YYYY-MM-DDTHH:MM[:SS][Z]` (UTC; a space may replace the T) → ms.
 fn parse_utc(s: &str) -> Option<u64> {
-    let s = s.trim().trim_end_matches('Z').trim_end_matches('z');
-    let (date, time) = s.split_once(['T', ' '])?;
-    let mut d = date.split('-');
-    let y: i64 = d.next()?.parse().ok()?;
-    let mo: u32 = d.next()?.parse().ok()?;
-    let da: u32 = d.next()?.parse().ok()?;
-    if d.next().is_some() || !(1..=12).contains(&mo) || !(1..=31).contains(&da) {
-        return None;
-    }
-    let mut t = time.split(':');
-    let h: u64 = t.next()?.parse().ok()?;
-    let mi: u64 = t.next()?.parse().ok()?;
-    let sec: f64 = match t.next() {
-        Some(x) => x.parse().ok()?,
-        None => 0.0,
+    let (date, time) = s.trim().split_once(['T', ' '])?;
+    let time = time.trim_end_matches(['Z', 'z']);
+    let seconds = if time.matches(':').count() == 1 {
+        ":00"
+    } else {
+        ""
     };
-    if h > 23 || mi > 59 || !(0.0..61.0).contains(&sec) {
-        return None;
-    }
-    let days = days_from_civil(y, mo, da);
-    if days < 0 {
-        return None;
-    }
-    Some(days as u64 * 86_400_000 + h * 3_600_000 + mi * 60_000 + (sec * 1000.0) as u64)
+    let t = humantime::parse_rfc3339_weak(&format!("{date}T{time}{seconds}Z")).ok()?;
+    t.duration_since(UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_millis() as u64)
 }
 
 /// A `--point` value (see `rebound failover --help`).
@@ -143,6 +87,7 @@ mod tests {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert!(parse_duration("abc").is_err());
         assert!(parse_duration("5x").is_err());
+        assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(172_800));
     }
 
     #[test]
@@ -159,6 +104,7 @@ mod tests {
         );
         assert_eq!(c("1764158400000"), Choice::AtOrBeforeMs(1764158400000));
         assert!(matches!(c("10m"), Choice::AtOrBeforeMs(_)));
+        assert_eq!(c("1970-01-02 00:01"), Choice::AtOrBeforeMs(86_460_000));
         assert!(parse_point("").is_err());
     }
 }

@@ -1,14 +1,7 @@
 //! Tables for people.
 
+use rebound_common::time::now_ms;
 use rebound_proto::control as pb;
-use std::time::{SystemTime, UNIX_EPOCH};
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// `1.2s`, `3m04s`, `2h05m`.
 pub fn dur(ms: u64) -> String {
@@ -57,32 +50,20 @@ fn or_dash(s: &str) -> &str {
 
 /// Prints rows as aligned columns.
 pub fn table(header: &[&str], rows: &[Vec<String>]) {
-    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for r in rows {
-        for (i, c) in r.iter().enumerate() {
-            if i < w.len() {
-                w[i] = w[i].max(c.chars().count());
-            }
-        }
+    println!("{}", table_text(header, rows));
+}
+
+/// Columns two spaces apart, flush left, as `ps` and `kubectl` print them.
+fn table_text(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::NOTHING)
+        .set_header(header.to_vec())
+        .add_rows(rows.iter().cloned());
+    for c in t.column_iter_mut() {
+        c.set_padding((0, 2));
     }
-    let line = |cells: Vec<String>| {
-        let n = cells.len();
-        let mut s = String::new();
-        for (i, c) in cells.into_iter().enumerate() {
-            if i + 1 == n {
-                s.push_str(&c);
-            } else {
-                let pad = w[i].saturating_sub(c.chars().count());
-                s.push_str(&c);
-                s.push_str(&" ".repeat(pad + 2));
-            }
-        }
-        println!("{}", s.trim_end());
-    };
-    line(header.iter().map(|h| h.to_string()).collect());
-    for r in rows {
-        line(r.clone());
-    }
+    let lines: Vec<String> = t.lines().map(|l| l.trim_end().to_string()).collect();
+    lines.join("\n")
 }
 
 fn point_short(p: &Option<pb::Point>) -> String {
@@ -402,4 +383,19 @@ pub fn groups(gs: &[pb::Group]) {
         })
         .collect();
     table(&["GROUP", "MACHINES", "HOLD", "INTERVAL", "KIND"], &rows);
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn table_columns_are_two_spaces_apart() {
+        let rows = vec![
+            vec!["m1".to_string(), "Protected".to_string(), "x".to_string()],
+            vec!["machine-2".to_string(), "-".to_string(), String::new()],
+        ];
+        assert_eq!(
+            super::table_text(&["MACHINE", "STATE", "JOB"], &rows),
+            "MACHINE    STATE      JOB\nm1         Protected  x\nmachine-2  -"
+        );
+    }
 }
