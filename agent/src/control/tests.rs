@@ -347,16 +347,17 @@ async fn start_replication_switches_the_stream_and_resyncs() {
     let f = fixture(HooksConfig::default());
     let cap = f.rt.capture.clone();
     cap.write(0, 0, &[1u8; 512], false).unwrap();
-    let r =
-        f.rt.handle_cmd(cmd(Cmd::StartReplication(pb::StartReplication {
+    // Nothing listens at the PS address: the sender keeps retrying.
+    let start = || {
+        cmd(Cmd::StartReplication(pb::StartReplication {
             replication_id: "r2".into(),
-            // Nothing listens there: the sender keeps retrying.
             ps_address: "127.0.0.1:1".into(),
             ps_server_name: "localhost".into(),
             resync: true,
             policy: None,
-        })))
-        .await;
+        }))
+    };
+    let r = f.rt.handle_cmd(start()).await;
     assert!(r.ok, "{r:?}");
     assert_eq!(cap.replication_id(), "r2");
     assert_eq!(f.rt.replication_id(), "r2");
@@ -368,17 +369,7 @@ async fn start_replication_switches_the_stream_and_resyncs() {
     let saved = Runtime::load_assignment(&f.rt.settings).unwrap();
     assert_eq!(saved.replication_id, "r2");
     // A repeat is a no-op.
-    assert!(
-        f.rt.handle_cmd(cmd(Cmd::StartReplication(pb::StartReplication {
-            replication_id: "r2".into(),
-            ps_address: "127.0.0.1:1".into(),
-            ps_server_name: "localhost".into(),
-            resync: true,
-            policy: None,
-        })))
-        .await
-        .ok
-    );
+    assert!(f.rt.handle_cmd(start()).await.ok);
     let r =
         f.rt.handle_cmd(cmd(Cmd::StopReplication(pb::StopReplication {
             replication_id: "r2".into(),
