@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use rebound_common::cli_args::{self, EnrollArgs, LogArgs};
 use rebound_common::pki::Role;
 
@@ -19,12 +19,6 @@ static ALLOCATOR: rebound_common::block_cache::BlockCache =
     version,
     about = "Rebound protected-machine agent"
 )]
-struct Cli {
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Subcommand)]
 enum Cmd {
     /// Serve the disks over NBD and stream their changes to the process server.
     Run {
@@ -40,13 +34,13 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    cli_args::exit_code("rebound-agent", real_main(Cli::parse()))
+    cli_args::exit_code("rebound-agent", real_main(Cmd::parse()))
 }
 
 /// The runtime is built here rather than with `#[tokio::main]` so that
 /// enrollment runs on one thread and the agent on the multi-threaded one.
-fn real_main(cli: Cli) -> anyhow::Result<()> {
-    match cli.cmd {
+fn real_main(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
         Cmd::Enroll(args) => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -5,6 +5,7 @@
 //! Declared once so every binary spells its flags, messages and exit codes
 //! the same way, and each `main` stays a thin dispatch over its library.
 
+use crate::config::ConfigError;
 use crate::enrollment::{enroll, EnrollError, Enrolled};
 use crate::pki::Role;
 use crate::telemetry::{self, LogFormat};
@@ -26,6 +27,25 @@ impl LogArgs {
     pub fn start(&self) {
         crate::tls::install_crypto_provider();
         telemetry::init(self.log_format);
+    }
+}
+
+/// The flags of the `run` subcommand of the PS, MT and CS.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Config file (TOML; see the binary's example-config.toml). Without it,
+    /// every key has its default.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+impl RunArgs {
+    /// Starts TLS and logging ([`LogArgs::start`]) and loads the config.
+    pub fn start<T: serde::de::DeserializeOwned + Default>(&self) -> Result<T, ConfigError> {
+        self.log.start();
+        crate::config::load(self.config.as_deref())
     }
 }
 

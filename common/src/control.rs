@@ -103,6 +103,21 @@ pub fn instance_id() -> String {
     h.finalize().to_hex()[..16].to_string()
 }
 
+/// The last sampled status in `slot`, wrapped as the heartbeat carries it
+/// (`wrap` is the component's `status::Status` variant).
+pub fn sampled_status<T: Clone>(
+    slot: &Mutex<Option<T>>,
+    wrap: fn(T) -> rebound_proto::control::status::Status,
+) -> Option<Status> {
+    let st = slot
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()?;
+    Some(Status {
+        status: Some(wrap(st)),
+    })
+}
+
 /// What a component does on its control channel.
 pub trait ControlHandler: Send + Sync + 'static {
     /// Sent on every (re)connect.

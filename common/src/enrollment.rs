@@ -206,7 +206,7 @@ pub async fn enroll(
     let server_names = if role == Role::Agent {
         Vec::new()
     } else {
-        vec!["localhost".to_string(), "127.0.0.1".to_string()]
+        crate::pki::local_server_names()
     };
     enroll_with(&EnrollOptions {
         cs_addr: cs_addr.to_string(),

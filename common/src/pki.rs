@@ -135,6 +135,15 @@ impl Ca {
         &self.key_pem
     }
 
+    /// Writes `ca.pem` and `ca.key` into `dir` (the key 0600).
+    pub fn write(&self, dir: &Path) -> Result<(), PkiError> {
+        let pem = CertKeyPem {
+            cert_pem: self.cert_pem().into(),
+            key_pem: self.key_pem().into(),
+        };
+        write_cert(dir, "ca", &pem)
+    }
+
     /// Issues a certificate for `role:id`, usable as a TLS client and (with
     /// `server_names`) as a TLS server.
     pub fn issue(
@@ -214,6 +223,12 @@ pub fn write_cert(dir: &Path, name: &str, ck: &CertKeyPem) -> Result<(), PkiErro
     write_file(&dir.join(format!("{name}.key")), &ck.key_pem, true)
 }
 
+/// The names every server certificate covers, so a one-machine deployment
+/// works without naming any: `localhost` and `127.0.0.1`.
+pub fn local_server_names() -> Vec<String> {
+    vec!["localhost".to_string(), "127.0.0.1".to_string()]
+}
+
 /// Writes a complete PKI for a lab deployment into `dir`: `ca.pem`/`ca.key`,
 /// `ps.pem`/`.key`, `mt.pem`/`.key` (servers for `localhost` and 127.0.0.1),
 /// `admin.pem`/`.key`, and `agent-<machine>.pem`/`.key` per machine.
@@ -223,15 +238,8 @@ pub fn write_dev_bundle(dir: &Path, machines: &[String]) -> Result<(), PkiError>
         source,
     })?;
     let ca = Ca::generate("lab")?;
-    write_cert(
-        dir,
-        "ca",
-        &CertKeyPem {
-            cert_pem: ca.cert_pem().into(),
-            key_pem: ca.key_pem().into(),
-        },
-    )?;
-    let servers = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    ca.write(dir)?;
+    let servers = local_server_names();
     write_cert(dir, "ps", &ca.issue(Role::Ps, "ps1", &servers)?)?;
     write_cert(dir, "mt", &ca.issue(Role::Mt, "mt1", &servers)?)?;
     write_cert(dir, "admin", &ca.issue(Role::Admin, "admin", &[])?)?;

@@ -2,8 +2,8 @@
 //! `rebound_cs` library (DESIGN.md §2).
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
-use rebound_common::cli_args::{self, LogArgs};
+use clap::Parser;
+use rebound_common::cli_args::{self, RunArgs};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -12,12 +12,6 @@ use std::path::PathBuf;
     version,
     about = "Rebound configuration server: enrollment, control channel, jobs and the DR lifecycle"
 )]
-struct Cli {
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Subcommand)]
 enum Cmd {
     /// Create a deployment: CA, CS server certificate, admin certificate for
     /// the CLI, enrollment passphrase, database and config.toml, all in DIR.
@@ -35,13 +29,7 @@ enum Cmd {
         listen: Option<String>,
     },
     /// Run the configuration server.
-    Run {
-        /// Config file (TOML); see example-config.toml. Without it, defaults.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        #[command(flatten)]
-        log: LogArgs,
-    },
+    Run(RunArgs),
     /// Replace the enrollment passphrase (enrolled components stay valid).
     /// Prints the new one and writes it to FILE (mode 0600).
     RotatePassphrase {
@@ -56,11 +44,11 @@ enum Cmd {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    cli_args::exit_code("rebound-cs", real_main(Cli::parse()).await)
+    cli_args::exit_code("rebound-cs", real_main(Cmd::parse()).await)
 }
 
-async fn real_main(cli: Cli) -> Result<()> {
-    match cli.cmd {
+async fn real_main(cmd: Cmd) -> Result<()> {
+    match cmd {
         Cmd::Init { dir, names, listen } => {
             let out = rebound_cs::init::init(&dir, &names, listen.as_deref()).await?;
             println!("Deployment created in {}.", out.dir.display());
@@ -89,9 +77,8 @@ async fn real_main(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Run { config, log } => {
-            log.start();
-            let cfg: rebound_cs::Config = rebound_common::config::load(config.as_deref())?;
+        Cmd::Run(run) => {
+            let cfg: rebound_cs::Config = run.start()?;
             let listener = cli_args::listen(&cfg.listen, "listen").await?;
             rebound_cs::run(cfg, listener, rebound_common::signal::shutdown_signal()).await?;
             Ok(())

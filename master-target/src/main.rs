@@ -2,8 +2,8 @@
 //! `rebound_mt` library (DESIGN.md §2).
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
-use rebound_common::cli_args::{self, EnrollArgs, LogArgs};
+use clap::Parser;
+use rebound_common::cli_args::{self, EnrollArgs, RunArgs};
 use rebound_common::pki::Role;
 use std::path::PathBuf;
 
@@ -18,21 +18,9 @@ static ALLOCATOR: rebound_common::block_cache::BlockCache =
     version,
     about = "Rebound master target: replicas, retention journal, recovery points, views, rollback"
 )]
-struct Cli {
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Subcommand)]
 enum Cmd {
     /// Run the master target.
-    Run {
-        /// Config file (TOML); see example-config.toml. Without it, defaults.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        #[command(flatten)]
-        log: LogArgs,
-    },
+    Run(RunArgs),
     /// Enroll with the configuration server: generates this MT's key, gets
     /// its certificate (role mt) and writes ca.pem, mt.pem and mt.key.
     Enroll(EnrollArgs),
@@ -52,14 +40,13 @@ enum Cmd {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    cli_args::exit_code("rebound-mt", real_main(Cli::parse()).await)
+    cli_args::exit_code("rebound-mt", real_main(Cmd::parse()).await)
 }
 
-async fn real_main(cli: Cli) -> Result<()> {
-    match cli.cmd {
-        Cmd::Run { config, log } => {
-            log.start();
-            let cfg: rebound_mt::Config = rebound_common::config::load(config.as_deref())?;
+async fn real_main(cmd: Cmd) -> Result<()> {
+    match cmd {
+        Cmd::Run(run) => {
+            let cfg: rebound_mt::Config = run.start()?;
             let listener = cli_args::listen(&cfg.listen, "listen").await?;
             let nbd = cli_args::listen_std(&cfg.nbd_listen, "nbd_listen")?;
             rebound_mt::run(

@@ -196,15 +196,7 @@ impl ControlHandler for Handler {
     }
 
     fn status(&self) -> Option<pb::Status> {
-        let st = self
-            .0
-            .status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()?;
-        Some(pb::Status {
-            status: Some(pb::status::Status::Ps(st)),
-        })
+        rebound_common::control::sampled_status(&self.0.status, pb::status::Status::Ps)
     }
 
     fn handle(&self, cmd: pb::Command) -> Pin<Box<dyn Future<Output = pb::CommandResult> + Send>> {

@@ -1,9 +1,8 @@
 //! `rebound-ps`: the process server binary, a thin shell over the library.
 
-use clap::{Parser, Subcommand};
-use rebound_common::cli_args::{self, EnrollArgs, LogArgs};
+use clap::Parser;
+use rebound_common::cli_args::{self, EnrollArgs, RunArgs};
 use rebound_common::pki::Role;
-use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -11,22 +10,9 @@ use std::path::PathBuf;
     version,
     about = "Rebound process server: durable frame cache and forwarding to the master target"
 )]
-struct Cli {
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Debug, Subcommand)]
 enum Cmd {
     /// Runs the process server until SIGTERM or ctrl-c.
-    Run {
-        /// TOML config file (see process-server/example-config.toml);
-        /// without it every key has its default.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        #[command(flatten)]
-        log: LogArgs,
-    },
+    Run(RunArgs),
     /// Enrolls with the configuration server: generates this PS's key, gets
     /// its certificate (role ps) and writes ca.pem, ps.pem and ps.key.
     Enroll(EnrollArgs),
@@ -34,14 +20,13 @@ enum Cmd {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    cli_args::exit_code("rebound-ps", real_main(Cli::parse()).await)
+    cli_args::exit_code("rebound-ps", real_main(Cmd::parse()).await)
 }
 
-async fn real_main(cli: Cli) -> anyhow::Result<()> {
-    match cli.cmd {
-        Cmd::Run { config, log } => {
-            log.start();
-            let cfg: rebound_ps::Config = rebound_common::config::load(config.as_deref())?;
+async fn real_main(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
+        Cmd::Run(run) => {
+            let cfg: rebound_ps::Config = run.start()?;
             let listener = cli_args::listen(&cfg.listen, "listen").await?;
             rebound_ps::run(cfg, listener, rebound_common::signal::shutdown_signal()).await?;
         }
