@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::enrollment::{new_passphrase, set_passphrase};
 use crate::error::CsError;
 use crate::store::SqliteStore;
-use rebound_common::pki::{write_cert, Ca, CertKeyPem, Role};
+use rebound_common::pki::{write_cert, Ca, Role};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -55,16 +55,8 @@ pub async fn init(
         |e: rebound_common::pki::PkiError| CsError::Pki(format!("init in {}: {e}", dir.display()));
 
     let ca = Ca::generate("deployment").map_err(pki)?;
-    write_cert(
-        dir,
-        "ca",
-        &CertKeyPem {
-            cert_pem: ca.cert_pem().into(),
-            key_pem: ca.key_pem().into(),
-        },
-    )
-    .map_err(pki)?;
-    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    ca.write(dir).map_err(pki)?;
+    let mut names = rebound_common::pki::local_server_names();
     for n in server_names {
         if !names.contains(n) {
             names.push(n.clone());

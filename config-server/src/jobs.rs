@@ -19,14 +19,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::broadcast;
 use tracing::{error, info, warn};
 
+/// What running one step returns (boxed so [`StepRunner`] is object safe).
+pub type StepFut<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), CsError>> + Send + 'a>>;
+
 /// Executes steps. Implemented by the lifecycle code.
 pub trait StepRunner: Send + Sync {
     /// Runs one step (`action` is what [`JobEngine::create`] was given).
-    fn run_step<'a>(
-        &'a self,
-        ctx: &'a mut JobCtx,
-        action: &'a str,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), CsError>> + Send + 'a>>;
+    fn run_step<'a>(&'a self, ctx: &'a mut JobCtx, action: &'a str) -> StepFut<'a>;
     /// True when a step that was running when the CS stopped may run again.
     fn resumable(&self, action: &str) -> bool;
 }

@@ -7,6 +7,8 @@
 //! `main.rs` is a thin wrapper over [`init::init`] and [`run`]; tests call
 //! [`run`] with a listener bound to port 0.
 
+#![forbid(unsafe_code)]
+
 pub mod bus;
 pub mod config;
 pub mod control;

@@ -297,20 +297,7 @@ async fn split_brain_guard_and_identity_checks() {
     // An agent at another site is refused while the machine is protected there.
     let store = cs.store().await;
     let now = now_ms();
-    let mut r = Replication {
-        id: "m1".into(),
-        machine: "m1".into(),
-        from_site: "onprem".into(),
-        to_site: "azure".into(),
-        ps: "ps1".into(),
-        mt: "mt1".into(),
-        policy: Policy::default(),
-        state: ReplState::Protected,
-        previous: String::new(),
-        failover_point: None,
-        created_ms: now,
-        updated_ms: now,
-    };
+    let mut r = Replication::test_protected("m1", now);
     store.put_replication(&r).await.unwrap();
     let e = connect(cs.channel(&m1).await, hello("agent", "m1", "azure", "c"))
         .await
@@ -427,20 +414,7 @@ async fn mt_status_and_a_command_round_trip() {
         .await
         .unwrap();
     store
-        .put_replication(&Replication {
-            id: "m1".into(),
-            machine: "m1".into(),
-            from_site: "onprem".into(),
-            to_site: "azure".into(),
-            ps: "ps1".into(),
-            mt: "mt1".into(),
-            policy: Policy::default(),
-            state: ReplState::Protected,
-            previous: String::new(),
-            failover_point: None,
-            created_ms: now,
-            updated_ms: now,
-        })
+        .put_replication(&Replication::test_protected("m1", now))
         .await
         .unwrap();
     let (tx, mut down) = connect(cs.channel(&mt).await, hello("mt", "mt1", "azure", "a"))

@@ -5,8 +5,6 @@
 
 use super::*;
 use crate::store::SqliteStore;
-use std::future::Future;
-use std::pin::Pin;
 use std::time::Duration;
 
 /// Actions: "ok", "fail", "unsafe", "data" (stores and reads job data).
@@ -15,11 +13,7 @@ struct Script {
 }
 
 impl StepRunner for Script {
-    fn run_step<'a>(
-        &'a self,
-        ctx: &'a mut JobCtx,
-        action: &'a str,
-    ) -> Pin<Box<dyn Future<Output = Result<(), CsError>> + Send + 'a>> {
+    fn run_step<'a>(&'a self, ctx: &'a mut JobCtx, action: &'a str) -> StepFut<'a> {
         Box::pin(async move {
             self.ran.lock().unwrap().push(action.to_string());
             match action {
@@ -38,6 +32,13 @@ impl StepRunner for Script {
     fn resumable(&self, action: &str) -> bool {
         action != "unsafe"
     }
+}
+
+/// A "test" job on m1 running `actions`.
+async fn create(e: &JobEngine, actions: &[&str]) -> Job {
+    e.create("test", vec!["m1".into()], "", "{}".into(), steps(actions))
+        .await
+        .unwrap()
 }
 
 fn steps(actions: &[&str]) -> Vec<NewStep> {
@@ -73,16 +74,7 @@ async fn steps_run_in_order_and_failures_are_recorded() {
     let dir = tempfile::tempdir().unwrap();
     let (e, script, store) = engine(&dir.path().join("cs.db")).await;
     let mut updates = e.subscribe();
-    let j = e
-        .create(
-            "test",
-            vec!["m1".into()],
-            "",
-            "{}".into(),
-            steps(&["ok", "data", "ok"]),
-        )
-        .await
-        .unwrap();
+    let j = create(&e, &["ok", "data", "ok"]).await;
     assert_eq!(j.state, JobState::Pending);
     e.start(&j.id);
     let done = wait(&e, &j.id).await;
@@ -98,16 +90,7 @@ async fn steps_run_in_order_and_failures_are_recorded() {
     assert!(updates.try_recv().is_ok(), "changes are broadcast");
     assert_eq!(store.get_job(&j.id).await.unwrap().unwrap(), done);
 
-    let j = e
-        .create(
-            "test",
-            vec!["m1".into()],
-            "",
-            "{}".into(),
-            steps(&["ok", "fail", "ok"]),
-        )
-        .await
-        .unwrap();
+    let j = create(&e, &["ok", "fail", "ok"]).await;
     e.start(&j.id);
     let failed = wait(&e, &j.id).await;
     assert_eq!(failed.state, JobState::Failed);

@@ -152,23 +152,9 @@ mod tests {
     }
 
     use super::*;
-    use crate::store::{Policy, ReplState};
 
     fn repl() -> Replication {
-        Replication {
-            id: "r1".into(),
-            machine: "m1".into(),
-            from_site: "onprem".into(),
-            to_site: "azure".into(),
-            ps: "ps1".into(),
-            mt: "mt1".into(),
-            policy: Policy::default(),
-            state: ReplState::Protected,
-            previous: String::new(),
-            failover_point: None,
-            created_ms: 0,
-            updated_ms: 0,
-        }
+        Replication::test_protected("r1", 0)
     }
 
     fn gp(tag: &str, time: u64, kind: &str) -> Point {

@@ -11,7 +11,7 @@
 //! from another member's point: the points form one consistent cut.
 //! [`scheduler`] runs the barrier every `interval_secs` of each group.
 
-use crate::bus::{Bus, ComponentKey};
+use crate::bus::{Bus, BusError, ComponentKey, Reply};
 use crate::error::CsError;
 use crate::store::{now_ms, Group, Store};
 use futures::future::join_all;
@@ -54,18 +54,14 @@ pub async fn cut_group_point(
     let tag = format!("{}@{}", group.name, now_ms());
     let hold = Duration::from_millis(hold_ms as u64);
     let started = Instant::now();
-    let prepares = group.machines.iter().map(|m| {
-        bus.send(
-            ComponentKey::agent(m),
-            Cmd::GroupPrepare(pb::GroupPrepare {
-                group: group.name.clone(),
-                tag_id: tag.clone(),
-                hold_ms,
-            }),
-            hold,
-        )
-    });
-    let answers = join_all(prepares).await;
+    let answers = to_members(bus, group, hold, || {
+        Cmd::GroupPrepare(pb::GroupPrepare {
+            group: group.name.clone(),
+            tag_id: tag.clone(),
+            hold_ms,
+        })
+    })
+    .await;
     let failed: Vec<String> = group
         .machines
         .iter()
@@ -73,17 +69,13 @@ pub async fn cut_group_point(
         .filter_map(|(m, a)| a.as_ref().err().map(|e| format!("{m}: {e}")))
         .collect();
     if !failed.is_empty() || started.elapsed() > hold {
-        let aborts = group.machines.iter().map(|m| {
-            bus.send(
-                ComponentKey::agent(m),
-                Cmd::GroupAbort(pb::GroupAbort {
-                    group: group.name.clone(),
-                    tag_id: tag.clone(),
-                }),
-                commit_timeout,
-            )
-        });
-        let _ = join_all(aborts).await;
+        to_members(bus, group, commit_timeout, || {
+            Cmd::GroupAbort(pb::GroupAbort {
+                group: group.name.clone(),
+                tag_id: tag.clone(),
+            })
+        })
+        .await;
         let why = if failed.is_empty() {
             format!("the members took longer than the {hold_ms} ms write hold")
         } else {
@@ -95,18 +87,14 @@ pub async fn cut_group_point(
         )));
     }
     let kind = if group.app { "app" } else { "crash" };
-    let commits = group.machines.iter().map(|m| {
-        bus.send(
-            ComponentKey::agent(m),
-            Cmd::GroupCommit(pb::GroupCommit {
-                group: group.name.clone(),
-                tag_id: tag.clone(),
-                kind: kind.into(),
-            }),
-            commit_timeout,
-        )
-    });
-    let results = join_all(commits).await;
+    let results = to_members(bus, group, commit_timeout, || {
+        Cmd::GroupCommit(pb::GroupCommit {
+            group: group.name.clone(),
+            tag_id: tag.clone(),
+            kind: kind.into(),
+        })
+    })
+    .await;
     let mut warnings = Vec::new();
     let mut errors = Vec::new();
     for (m, r) in group.machines.iter().zip(results) {
@@ -131,6 +119,21 @@ pub async fn cut_group_point(
         members: group.machines.len() as u32,
         warnings,
     })
+}
+
+/// Sends `cmd()` to every member's agent at once: the answers in member
+/// order.
+async fn to_members(
+    bus: &dyn Bus,
+    group: &Group,
+    timeout: Duration,
+    cmd: impl Fn() -> Cmd,
+) -> Vec<Result<Reply, BusError>> {
+    let sends = group
+        .machines
+        .iter()
+        .map(|m| bus.send(ComponentKey::agent(m), cmd(), timeout));
+    join_all(sends).await
 }
 
 /// Cuts a group point for every group whose `interval_secs` has passed.

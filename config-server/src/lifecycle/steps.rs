@@ -13,7 +13,7 @@ use super::{JobSpec, Lifecycle, PointSpec, Step};
 use crate::bus::{BusError, ComponentKey, Reply};
 use crate::convert;
 use crate::error::CsError;
-use crate::jobs::{JobCtx, StepRunner};
+use crate::jobs::{JobCtx, StepFut, StepRunner};
 use crate::store::{now_ms, Point, ReplState, Replication};
 use prost::Message;
 use rebound_common::pki::Role;
@@ -21,7 +21,6 @@ use rebound_proto::control as pb;
 use rebound_proto::control::command::Cmd;
 use rebound_proto::control::command_result::Detail;
 use std::future::Future;
-use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 impl From<BusError> for CsError {
@@ -45,11 +44,7 @@ fn key(machine: &str) -> String {
 }
 
 impl StepRunner for Lifecycle {
-    fn run_step<'a>(
-        &'a self,
-        ctx: &'a mut JobCtx,
-        action: &'a str,
-    ) -> Pin<Box<dyn Future<Output = Result<(), CsError>> + Send + 'a>> {
+    fn run_step<'a>(&'a self, ctx: &'a mut JobCtx, action: &'a str) -> StepFut<'a> {
         Box::pin(async move {
             let step: Step = serde_json::from_str(action)
                 .map_err(|e| CsError::Internal(format!("unknown step {action}: {e}")))?;

@@ -238,6 +238,28 @@ pub struct Replication {
     pub updated_ms: u64,
 }
 
+#[cfg(test)]
+impl Replication {
+    /// A protected onprem→azure replication of machine m1 through ps1 and
+    /// mt1, created and updated at `time_ms`: the fixture tests start from.
+    pub(crate) fn test_protected(id: &str, time_ms: u64) -> Replication {
+        Replication {
+            id: id.into(),
+            machine: "m1".into(),
+            from_site: "onprem".into(),
+            to_site: "azure".into(),
+            ps: "ps1".into(),
+            mt: "mt1".into(),
+            policy: Policy::default(),
+            state: ReplState::Protected,
+            previous: String::new(),
+            failover_point: None,
+            created_ms: time_ms,
+            updated_ms: time_ms,
+        }
+    }
+}
+
 /// The latest recovery-point summary an MT reported for a replication.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
