@@ -1,7 +1,8 @@
 //! A multi-site lab for the control plane and the DR lifecycle: a
 //! configuration server (`rebound-cs init` + `run`), per site one or more
 //! process servers and a master target, and an agent per machine, all real
-//! child processes, each simulated host on its own loopback address.
+//! child processes; the CS and each machine on a loopback address of its
+//! own, the enrolled PSs and MTs on 127.0.0.1 (see [`Sites::start_site`]).
 //! Components enroll with `<binary> enroll --cs ADDR --passphrase-file F`;
 //! the CLI (`rebound`) runs as a child process with the admin certificate
 //! `init` wrote.
@@ -248,13 +249,17 @@ impl Sites {
 
     // ------------------------------------------------------------ sites
 
-    /// Enrolls and starts a site's PSs and MT, each on a host of its own,
-    /// and waits until all are online at the CS.
+    /// Enrolls and starts a site's PSs and MT and waits until all are
+    /// online at the CS.
+    ///
+    /// They listen on 127.0.0.1: the CS hands out a server's registered
+    /// address with its host as the TLS name, and an enrolled certificate
+    /// covers only `localhost` and 127.0.0.1 (`enroll` takes no extra names).
     pub fn start_site(&mut self, site: &str) -> Result<()> {
-        let mt_host = Host::next();
+        let mt_host = Host::localhost();
         let addrs = SiteAddrs {
             ps: (0..self.opts.ps_per_site.max(1))
-                .map(|n| (nth_ps_id(site, n), Host::next().addr()))
+                .map(|n| (nth_ps_id(site, n), Host::localhost().addr()))
                 .collect(),
             mt: mt_host.addr(),
             mt_nbd: mt_host.addr(),

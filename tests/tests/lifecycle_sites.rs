@@ -62,3 +62,25 @@ fn ps_and_mt_of_both_sites_enroll_and_come_online() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn two_process_servers_at_a_site_enroll_and_come_online() {
+    let s = Sites::start(SitesOptions {
+        sites: vec!["onprem".into()],
+        ps_per_site: 2,
+        machines: vec![],
+        ..Default::default()
+    })
+    .expect("sites");
+    let ps = &s.sites["onprem"].ps;
+    assert_eq!(ps.len(), 2, "{ps:?}");
+    assert_ne!(ps[0].1, ps[1].1, "the PSs share an address: {ps:?}");
+    let st = s.cli_json(&["status"]).expect("status");
+    for (id, _) in ps {
+        let online = st["components"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["role"] == "ps" && c["id"] == id.as_str() && c["health"] == "online")
+        });
+        assert!(online, "{id} not online: {st}");
+    }
+}
