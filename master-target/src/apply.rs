@@ -29,12 +29,11 @@
 //! After a failed fdatasync nothing is rebuilt: the replication is poisoned
 //! and refuses apply until the MT restarts (see `replication`).
 
-use crate::catalog::{self, PointEntry};
+use crate::catalog::PointEntry;
 use crate::error::{io_err, MtError, Result};
 use crate::journal::{self, BLOCK};
 use crate::replication::{Inner, Replication};
-use crate::seqfile::SeqRecord;
-use crate::state::{save_json, ResyncWindow};
+use crate::state::ResyncWindow;
 use crate::storage::Target;
 use prost::bytes::Bytes;
 use rebound_common::chunk::read_full_at;
@@ -140,23 +139,23 @@ impl Replication {
         let frame = FrameRef::parse(bytes).map_err(|e| {
             MtError::InvalidArgument(format!(
                 "replication {}: refused a frame that cannot be parsed ({e}); nothing of it was applied",
-                self.id
+                self.id()
             ))
         })?;
         let h = &frame.header;
         let range = format!("{}..={}", h.first_seq, h.last_seq);
-        if h.replication_id != self.id {
+        if h.replication_id != self.id() {
             return Err(MtError::InvalidArgument(format!(
                 "frame seq {range} belongs to replication {} but was sent on the stream of replication {}; nothing of it was applied",
-                h.replication_id, self.id
+                h.replication_id, self.id()
             )));
         }
         let records = frame.shared_records(bytes).map_err(|e| {
             let msg = format!(
                 "replication {} frame seq {range} refused: {e}; nothing of it was applied; the process server must resend it",
-                self.id
+                self.id()
             );
-            warn!(replication = %self.id, seq = %range, error = %e, "frame refused");
+            warn!(replication = %self.id(), seq = %range, error = %e, "frame refused");
             match e {
                 FrameError::HashMismatch { .. } | FrameError::Decompress(_) => MtError::DataLoss(msg),
                 _ => MtError::InvalidArgument(msg),
@@ -214,7 +213,7 @@ impl Replication {
         let frames = std::mem::take(pending);
         self.check_not_poisoned()?;
         let mut inner = self.write_inner()?;
-        let mut next = inner.st.applied_seq + 1;
+        let mut next = inner.applied_seq() + 1;
         let mut first_seq = None;
         let mut recs: Vec<Record> = Vec::new();
         let mut refused = None;
@@ -238,7 +237,7 @@ impl Replication {
         }
         if let Some(first) = first_seq {
             if let Err(e) = self.apply_records(&mut inner, first, &recs) {
-                error!(replication = %self.id, seq = %format!("{first}..={}", next - 1), error = %e,
+                error!(replication = %self.id(), seq = %format!("{first}..={}", next - 1), error = %e,
                     "applying frames failed; they were not acknowledged and can be resent");
                 self.recover_after(&mut inner, &e);
                 return Err(e);
@@ -259,7 +258,7 @@ impl Replication {
         if f.first_seq > next {
             return Err(MtError::FailedPrecondition(format!(
                 "replication {} frame seq {}..={} leaves a gap: this MT has applied up to seq {}; resend from seq {next}",
-                self.id,
+                self.id(),
                 f.first_seq,
                 f.last_seq,
                 next - 1
@@ -275,29 +274,31 @@ impl Replication {
         if let Some(msg) = self.ended_refusal(inner, "it no longer accepts changes") {
             return Some(msg);
         }
-        if let Some(h) = &inner.st.handed_over {
+        if let Some(h) = &inner.state().handed_over {
             return Some(format!(
                 "replication {} was handed over at point {}; it no longer accepts changes",
-                self.id, h.point
+                self.id(),
+                h.point
             ));
         }
-        if let Some(p) = &inner.st.rolled_back_to {
+        if let Some(p) = &inner.state().rolled_back_to {
             return Some(format!(
                 "replica of {} is rolled back to {}; restore pre-images first",
-                self.info.machine_id, p.id
+                self.machine_id(),
+                p.id
             ));
         }
-        if let Some(r) = &inner.st.rollback {
+        if let Some(r) = &inner.state().rollback {
             return Some(format!(
                 "replica of {} is being rolled back to {} (or that rollback was interrupted); re-run the rollback or restore pre-images first",
-                self.info.machine_id, r.point.id
+                self.machine_id(), r.point.id
             ));
         }
         None
     }
 
     fn disk_pos(&self, index: u32) -> Option<usize> {
-        self.disks.iter().position(|d| d.index == index)
+        self.replica_disks().iter().position(|d| d.index == index)
     }
 
     /// Checks every record before anything is applied.
@@ -312,14 +313,14 @@ impl Replication {
             let Some(pos) = self.disk_pos(disk) else {
                 return Err(MtError::InvalidArgument(format!(
                     "replication {} record seq {seq} is for disk {disk}, which this replication does not have; nothing of the frame was applied",
-                    self.id
+                    self.id()
                 )));
             };
-            let d = &self.disks[pos];
+            let d = &self.replica_disks()[pos];
             if offset.checked_add(len).is_none_or(|end| end > d.size) {
                 return Err(MtError::InvalidArgument(format!(
                     "replication {} record seq {seq} writes {len} bytes at offset {offset} of disk {disk} ({}), past its end at {}; nothing of the frame was applied",
-                    self.id, d.name, d.size
+                    self.id(), d.name, d.size
                 )));
             }
         }
@@ -329,12 +330,10 @@ impl Replication {
     /// Steps 2-5 for a sequence of admitted records (see the module doc).
     fn apply_records(&self, inner: &mut Inner, first_seq: u64, recs: &[Record]) -> Result<()> {
         let mut batch = Batch {
-            undo: std::mem::take(&mut inner.scratch),
+            undo: inner.take_scratch(),
             ..Batch::default()
         };
-        let mut touched = vec![false; self.disks.len()];
-        // A field only state.json holds changed (the resync window).
-        let mut st_dirty = false;
+        let mut touched = vec![false; self.replica_disks().len()];
         for (i, rec) in recs.iter().enumerate() {
             let seq = first_seq + i as u64;
             match rec {
@@ -375,21 +374,19 @@ impl Replication {
                 Record::Tag(tag) => {
                     self.flush(inner, &mut batch, &mut touched)?;
                     self.sync_replicas(&mut touched)?;
-                    self.cut_point(inner, seq, tag, &mut st_dirty)?;
+                    self.cut_point(inner, seq, tag)?;
                 }
                 Record::ResyncBegin { disks, reason } => {
-                    info!(replication = %self.id, seq, disks = ?disks, reason = %reason, "resync window opened");
-                    inner.st.resync = Some(ResyncWindow {
+                    info!(replication = %self.id(), seq, disks = ?disks, reason = %reason, "resync window opened");
+                    inner.open_resync(ResyncWindow {
                         begin_seq: seq,
                         disks: disks.clone(),
                         reason: reason.clone(),
                     });
-                    st_dirty = true;
                 }
                 Record::ResyncEnd => {
-                    let begin = inner.st.resync.take().map(|w| w.begin_seq);
-                    st_dirty = true;
-                    info!(replication = %self.id, seq, begin_seq = ?begin, "resync window closed");
+                    let begin = inner.close_resync().map(|w| w.begin_seq);
+                    info!(replication = %self.id(), seq, begin_seq = ?begin, "resync window closed");
                 }
             }
         }
@@ -398,29 +395,14 @@ impl Replication {
         self.sync_replicas(&mut touched)?;
         // Step 5: persist the applied seq; the caller acknowledges it.
         let last = first_seq + recs.len() as u64 - 1;
-        inner.st.applied_seq = last;
-        self.persist_applied(inner, &mut st_dirty)?;
-        self.applied_tx.send_replace(last);
+        inner.set_applied(last);
+        inner.persist_applied(self.storage())?;
+        self.publish_applied(last);
         if batch.undo.capacity() <= 2 * BATCH_BYTES {
             batch.undo.clear();
-            inner.scratch = batch.undo;
+            inner.keep_scratch(batch.undo);
         }
         Ok(())
-    }
-
-    /// Persists `inner.st` durably: all of state.json when a field only it
-    /// holds changed, else just the applied seq and interval (`applied.seq`).
-    fn persist_applied(&self, inner: &mut Inner, st_dirty: &mut bool) -> Result<()> {
-        if *st_dirty {
-            save_json(&self.layout.state(), &inner.st)?;
-            *st_dirty = false;
-            return Ok(());
-        }
-        let rec = SeqRecord {
-            applied_seq: inner.st.applied_seq,
-            interval: inner.st.interval,
-        };
-        inner.seq.store(rec, self.env.storage.as_ref())
     }
 
     /// Step 2, staging: the old content of every block of
@@ -437,10 +419,10 @@ impl Replication {
         if len == 0 || !inner.journaling() {
             return Ok(());
         }
-        let d = &self.disks[pos];
+        let d = &self.replica_disks()[pos];
         let needs = |b: u64, batch: &Batch<'_>| {
             let k = journal::key(d.index, b);
-            !batch.saved_set.contains(&k) && !inner.journal.saved(k)
+            !batch.saved_set.contains(&k) && !inner.journal().saved(k)
         };
         let first = offset / BS;
         let last = (offset + len - 1) / BS;
@@ -464,7 +446,7 @@ impl Replication {
                     "cannot read old content of disk {} ({}) of replication {} at offset {}",
                     d.index,
                     d.name,
-                    self.id,
+                    self.id(),
                     b * BS
                 )
             }))?;
@@ -486,8 +468,8 @@ impl Replication {
     /// journal, fdatasyncs the journal, then writes the batch's data to the
     /// replicas (their fdatasync is [`Replication::sync_replicas`]).
     fn flush(&self, inner: &mut Inner, batch: &mut Batch<'_>, touched: &mut [bool]) -> Result<()> {
-        inner.journal.save_undo(&batch.undo, &batch.saved)?;
-        inner.journal.sync()?;
+        inner.journal_mut().save_undo(&batch.undo, &batch.saved)?;
+        inner.journal_mut().sync()?;
         batch.undo.clear();
         batch.saved.clear();
         batch.saved_set.clear();
@@ -503,17 +485,14 @@ impl Replication {
         batch: &mut Batch<'_>,
         touched: &mut [bool],
     ) -> Result<()> {
-        let hashes = inner
-            .chunk_hashes
-            .get_mut()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let storage = self.env.storage.as_ref();
+        let storage = self.storage();
+        let hashes = inner.cached_hashes_mut();
         for op in batch.ops.drain(..) {
             let (disk, offset, len) = match op {
                 Op::Data { disk, offset, data } => (disk, offset, data.len() as u64),
                 Op::Zero { disk, offset, len } => (disk, offset, len),
             };
-            let d = &self.disks[disk];
+            let d = &self.replica_disks()[disk];
             hashes.forget_range(disk, offset, len);
             let written = match op {
                 Op::Data { data, .. } => {
@@ -525,7 +504,7 @@ impl Replication {
                 format!(
                     "cannot write {len} bytes to replica {} of replication {} at offset {offset}",
                     d.path.display(),
-                    self.id
+                    self.id()
                 )
             }))?;
             match op {
@@ -542,7 +521,7 @@ impl Replication {
     fn sync_replicas(&self, touched: &mut [bool]) -> Result<()> {
         for (i, t) in touched.iter_mut().enumerate() {
             if *t {
-                let d = &self.disks[i];
+                let d = &self.replica_disks()[i];
                 self.sync_file(Target::Replica, &d.file, &d.path)?;
                 *t = false;
             }
@@ -551,11 +530,11 @@ impl Replication {
     }
 
     /// A tag: the current interval becomes a recovery point.
-    fn cut_point(&self, inner: &mut Inner, seq: u64, tag: &Tag, st_dirty: &mut bool) -> Result<()> {
-        if inner.points.iter().rev().any(|p| p.seq == seq) {
+    fn cut_point(&self, inner: &mut Inner, seq: u64, tag: &Tag) -> Result<()> {
+        if inner.points().has_seq(seq) {
             return Ok(());
         }
-        let cur = inner.st.interval;
+        let cur = inner.state().interval;
         let entry = PointEntry {
             id: if tag.id.is_empty() {
                 format!("seq-{seq}")
@@ -568,25 +547,22 @@ impl Replication {
             group: tag.group.clone(),
             interval: cur,
         };
-        if let Some(w) = &inner.st.resync {
-            warn!(replication = %self.id, point = %entry.id, resync_begin_seq = w.begin_seq,
+        if let Some(w) = &inner.state().resync {
+            warn!(replication = %self.id(), point = %entry.id, resync_begin_seq = w.begin_seq,
                 "recovery point cut inside a resync window; it may not be consistent");
         }
-        catalog::append(&self.layout.catalog(), &entry)?;
-        inner.st.interval = inner.journal.close_interval();
-        inner.st.applied_seq = seq;
-        self.persist_applied(inner, st_dirty)?;
-        self.applied_tx.send_replace(seq);
+        let (id, kind, group) = (entry.id.clone(), entry.kind.clone(), entry.group.clone());
+        inner.cut_point(entry, self.storage())?;
+        self.publish_applied(seq);
         info!(
-            replication = %self.id,
-            point = %entry.id,
-            kind = %entry.kind,
+            replication = %self.id(),
+            point = %id,
+            kind = %kind,
             seq,
             interval = cur,
-            group = %entry.group,
+            group = %group,
             "recovery point cut"
         );
-        inner.points.push(entry);
         Ok(())
     }
 }

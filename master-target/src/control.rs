@@ -88,13 +88,16 @@ impl Replication {
         self.rollback(&p.id)
     }
 
-    /// The state the MT reports: "applying", "rolled-back", "handed-over"
-    /// or "ended".
+    /// The state the MT reports: "poisoned" (refusing changes until the MT
+    /// restarts), "applying", "rolled-back", "handed-over" or "ended".
     pub fn state_name(&self) -> &'static str {
+        if self.poisoned().is_some() {
+            return "poisoned";
+        }
         let inner = self.read_inner();
-        if inner.st.ended.is_some() {
+        if inner.state().ended.is_some() {
             "ended"
-        } else if inner.st.handed_over.is_some() {
+        } else if inner.state().handed_over.is_some() {
             "handed-over"
         } else if inner.rollback_point().is_some() {
             "rolled-back"
@@ -106,7 +109,7 @@ impl Replication {
     /// The recovery-point summary the MT reports to the CS.
     pub fn point_summary(&self) -> pb::PointSummary {
         let inner = self.read_inner();
-        let points = &inner.points;
+        let points = inner.points().as_slice();
         let mut group: Vec<pb::Point> = points
             .iter()
             .filter(|p| !p.group.is_empty())
@@ -116,7 +119,7 @@ impl Replication {
             group.drain(..group.len() - MAX_GROUP_POINTS);
         }
         pb::PointSummary {
-            applied_seq: inner.st.applied_seq,
+            applied_seq: inner.applied_seq(),
             count: points.len() as u32,
             oldest: points.first().map(point_to_proto),
             latest: points.last().map(point_to_proto),
@@ -126,7 +129,7 @@ impl Replication {
                 .find(|p| p.kind == "app")
                 .map(point_to_proto),
             rolled_back_to: inner
-                .st
+                .state()
                 .rolled_back_to
                 .as_ref()
                 .map(|p| p.id.clone())

@@ -103,8 +103,7 @@ impl Replication {
             let d = self.disk(disk)?;
             let at = key_block(win[i].key) * BS;
             let len = ((j - i) as u64 * BS).min(d.size - at) as usize;
-            self.env
-                .storage
+            self.storage()
                 .write_all_at(
                     Target::Replica,
                     &d.file,

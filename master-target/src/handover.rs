@@ -16,7 +16,7 @@
 use crate::config::HooksConfig;
 use crate::error::{io_err, MtError, Result};
 use crate::replication::{Replication, Store};
-use crate::state::{save_json, EndedState, HandOverState, HookOutcome};
+use crate::state::{EndedState, HandOverState, HookOutcome};
 use rebound_common::durable::fsync_dir;
 use rebound_common::time::now_ms;
 use rebound_proto::ReplicationInfo;
@@ -89,37 +89,36 @@ impl Replication {
     /// it has not yet succeeded. Blocking (runs the hook).
     pub fn hand_over(&self, run_power_on: bool, hooks: &HooksConfig) -> Result<HandOverReport> {
         let mut inner = self.write_for_change()?;
-        let machine = self.info.machine_id.clone();
+        let machine = self.machine_id().to_string();
         self.check_not_ended(&inner, "it cannot be handed over")?;
-        if let Some(r) = &inner.st.rollback {
+        if let Some(r) = &inner.state().rollback {
             return Err(MtError::FailedPrecondition(format!(
                 "a rollback of {machine} to {} is unfinished; re-run the rollback (or restore pre-images) before hand-over",
                 r.point.id
             )));
         }
-        if inner.st.handed_over.is_none() {
-            let (point, seq) = match (&inner.st.rolled_back_to, inner.points.last()) {
+        if inner.state().handed_over.is_none() {
+            let (point, seq) = match (&inner.state().rolled_back_to, inner.points().last()) {
                 (Some(p), _) => (p.id.clone(), p.seq),
                 (None, Some(p)) => (p.id.clone(), p.seq),
-                (None, None) => ("latest".to_string(), inner.st.applied_seq),
+                (None, None) => ("latest".to_string(), inner.applied_seq()),
             };
             self.sync_all_replicas()?;
-            inner.st.handed_over = Some(HandOverState {
+            inner.hand_over(HandOverState {
                 point,
                 seq,
                 time_ms: now_ms(),
                 power_on: None,
-            });
-            save_json(&self.layout.state(), &inner.st)?;
-            let h = inner.st.handed_over.as_ref().expect("just set");
-            info!(replication = %self.id, machine = %machine, point = %h.point, seq = h.seq,
+            })?;
+            let h = inner.state().handed_over.as_ref().expect("just set");
+            info!(replication = %self.id(), machine = %machine, point = %h.point, seq = h.seq,
                 "replica handed over: apply stopped for good, the disks belong to the machine now");
         }
-        let h = inner.st.handed_over.clone().expect("handed over");
+        let h = inner.state().handed_over.clone().expect("handed over");
         let already = h.power_on.as_ref().filter(|o| o.success).cloned();
         if !run_power_on || hooks.power_on.trim().is_empty() || already.is_some() {
             if already.is_some() {
-                info!(replication = %self.id, "power_on hook already succeeded for this hand-over; not running it again");
+                info!(replication = %self.id(), "power_on hook already succeeded for this hand-over; not running it again");
             }
             return Ok(HandOverReport {
                 point: h.point,
@@ -128,7 +127,7 @@ impl Replication {
             });
         }
         let env = self.hook_env(&h.point);
-        let log = self.layout.rollback_dir().join("power_on.log");
+        let log = self.layout().rollback_dir().join("power_on.log");
         let outcome = run_hook(
             &hooks.power_on,
             &env,
@@ -136,15 +135,12 @@ impl Replication {
             &log,
         );
         if outcome.success {
-            info!(replication = %self.id, machine = %machine, command = %outcome.command, status = %outcome.status, "power_on hook succeeded");
+            info!(replication = %self.id(), machine = %machine, command = %outcome.command, status = %outcome.status, "power_on hook succeeded");
         } else {
-            warn!(replication = %self.id, machine = %machine, command = %outcome.command, status = %outcome.status,
+            warn!(replication = %self.id(), machine = %machine, command = %outcome.command, status = %outcome.status,
                 output = %outcome.output_tail, "power_on hook failed");
         }
-        if let Some(ho) = inner.st.handed_over.as_mut() {
-            ho.power_on = Some(outcome.clone());
-        }
-        save_json(&self.layout.state(), &inner.st)?;
+        inner.power_on_ran(outcome.clone())?;
         Ok(HandOverReport {
             point: h.point,
             power_on: Some(outcome),
@@ -154,12 +150,12 @@ impl Replication {
 
     /// The hand-over, if any.
     pub fn handed_over(&self) -> Option<HandOverState> {
-        self.read_inner().st.handed_over.clone()
+        self.read_inner().state().handed_over.clone()
     }
 
     /// The replication ended (EndReplication).
     pub fn ended(&self) -> bool {
-        self.read_inner().st.ended.is_some()
+        self.read_inner().state().ended.is_some()
     }
 
     /// Ends the replication: marks it ended durably, then drops the point
@@ -169,23 +165,20 @@ impl Replication {
         // Ending is allowed even when poisoned: it gives the replica up.
         let mut inner = self.write_inner()?;
         inner.forget_chunk_hashes();
-        if inner.st.ended.is_none() {
-            inner.st.ended = Some(EndedState {
+        if inner.state().ended.is_none() {
+            inner.end(EndedState {
                 time_ms: now_ms(),
                 keep_replica,
-            });
-            save_json(&self.layout.state(), &inner.st)?;
+            })?;
         }
         self.sync_all_replicas()?;
-        inner.points.clear();
-        inner.journal.forget_all();
-        inner.pre = None;
-        remove_file(&self.layout.catalog())?;
-        for dir in [self.layout.retention_dir(), self.layout.rollback_dir()] {
+        inner.forget_retention();
+        remove_file(&self.layout().catalog())?;
+        for dir in [self.layout().retention_dir(), self.layout().rollback_dir()] {
             clear_dir(&dir)?;
         }
-        sync(self.layout.root())?;
-        info!(replication = %self.id, machine = %self.info.machine_id, keep_replica,
+        sync(self.layout().root())?;
+        info!(replication = %self.id(), machine = %self.machine_id(), keep_replica,
             "replication ended: retention journal and recovery points forgotten");
         Ok(())
     }

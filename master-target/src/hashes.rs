@@ -49,7 +49,7 @@ impl Replication {
         if offset > d.size {
             return Err(MtError::InvalidArgument(format!(
                 "offset {offset} is past the end of disk {} ({}) of replication {}, which has {} bytes",
-                d.index, d.name, self.id, d.size
+                d.index, d.name, self.id(), d.size
             )));
         }
         let hash = |offset: u64, count: u32| {
@@ -57,11 +57,11 @@ impl Replication {
                 format!(
                     "cannot hash replica {} of replication {} at offset {offset}",
                     d.path.display(),
-                    self.id
+                    self.id()
                 )
             }))
         };
-        let pos = self.disks.iter().position(|x| x.index == disk);
+        let pos = self.replica_disks().iter().position(|x| x.index == disk);
         let cached = u64::from(chunk_size) == CHUNK_SIZE
             && offset.is_multiple_of(CHUNK_SIZE)
             && inner.hashes_cacheable();
@@ -70,12 +70,7 @@ impl Replication {
         };
         // The cache's lock is not held while hashing, so the requests of a
         // pipelined resync hash side by side; the read lock keeps apply out.
-        let cache = || {
-            inner
-                .chunk_hashes
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-        };
+        let cache = || inner.cached_hashes();
         let first = offset / CHUNK_SIZE;
         let known: Vec<Option<[u8; 32]>> = {
             let c = cache();
@@ -114,12 +109,7 @@ impl Replication {
     /// How many first-level chunk hashes the cache knows.
     #[cfg(test)]
     pub(crate) fn cached_chunk_hashes(&self) -> u64 {
-        let inner = self.read_inner();
-        let c = inner
-            .chunk_hashes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        c.known()
+        self.read_inner().cached_hashes().known()
     }
 
     /// Waits until the applied seq reaches `min`; UNAVAILABLE after `timeout`.
@@ -130,11 +120,11 @@ impl Replication {
             Ok(Ok(s)) => Ok(*s),
             Ok(Err(_)) => Err(MtError::Internal(format!(
                 "replication {} is shutting down",
-                self.id
+                self.id()
             ))),
             Err(_) => Err(MtError::Unavailable(format!(
                 "replication {}: the MT has applied up to seq {} but the hashes were asked for seq {min}; waited {} s: the process server has not forwarded everything yet, check its stream to the MT and retry",
-                self.id,
+                self.id(),
                 self.applied_seq(),
                 timeout.as_secs()
             ))),

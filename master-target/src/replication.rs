@@ -13,15 +13,18 @@
 //! the files can be trusted. A poisoned replication refuses every change
 //! until the process restarts and recovers it from what the disk holds.
 
-use crate::catalog::{self, PointEntry};
+use crate::catalog::PointEntry;
 use crate::error::{io_err, MtError, Result};
 use crate::events::Events;
 use crate::hash_cache::HashCache;
 use crate::layout::{valid_name, Layout};
+use crate::points::RecoveryPoints;
+pub(crate) use crate::replication_state::Inner;
+use crate::replication_state::Recovered;
 use crate::retention_journal::RetentionJournal;
 use crate::rollback::PreImages;
 use crate::seqfile::{SeqFile, SeqRecord};
-use crate::state::{load_json, save_json, PersistedState, PointRef, StoredDisk, StoredInfo};
+use crate::state::{load_json, save_json, PersistedState, StoredDisk, StoredInfo};
 use crate::storage::{open_or_create, Storage, Target};
 pub use crate::store::Store;
 use rebound_common::durable::fsync_dir;
@@ -62,87 +65,18 @@ pub(crate) struct Disk {
 
 /// One replication (machine × direction) at this master target.
 pub struct Replication {
-    pub(crate) id: String,
-    pub(crate) info: StoredInfo,
-    pub(crate) layout: Layout,
-    pub(crate) disks: Vec<Disk>,
+    id: String,
+    info: StoredInfo,
+    layout: Layout,
+    disks: Vec<Disk>,
     /// Apply takes the write side per frame; views and chunk hashes take the
     /// read side, so they always see the replica at a frame boundary.
-    pub(crate) inner: RwLock<Inner>,
-    pub(crate) applied_tx: watch::Sender<u64>,
-    pub(crate) env: Env,
+    inner: RwLock<Inner>,
+    applied_tx: watch::Sender<u64>,
+    env: Env,
     /// Why the replication refuses changes until the process restarts: a
     /// failed fdatasync (see the module doc).
     poisoned: Mutex<Option<String>>,
-}
-
-/// The mutable state of a replication, behind its lock.
-pub(crate) struct Inner {
-    pub st: PersistedState,
-    /// Retained recovery points, oldest first (ascending seq and interval).
-    pub points: Vec<PointEntry>,
-    /// The retention journal: undo records of every retained interval.
-    pub journal: RetentionJournal,
-    /// Rollback pre-images, when they are complete.
-    pub pre: Option<PreImages>,
-    /// `applied.seq`: where apply persists `st.applied_seq` and
-    /// `st.interval` (see `seqfile`).
-    pub seq: SeqFile,
-    /// The undo buffer of apply, kept between cycles so each cycle does not
-    /// fault in fresh pages.
-    pub scratch: Vec<u8>,
-    /// Chunk hashes known without reading the replica (see `hash_cache`):
-    /// apply updates it under the write lock, ChunkHashes under the read
-    /// lock.
-    pub chunk_hashes: Mutex<HashCache>,
-}
-
-impl Inner {
-    pub fn point_by_id(&self, id: &str) -> Option<&PointEntry> {
-        self.points.iter().rev().find(|p| p.id == id)
-    }
-
-    pub fn point_by_interval(&self, interval: u64) -> Option<&PointEntry> {
-        self.points
-            .binary_search_by_key(&interval, |p| p.interval)
-            .ok()
-            .map(|i| &self.points[i])
-    }
-
-    /// The point the replica is (being) rolled back to, if any.
-    pub fn rollback_point(&self) -> Option<&PointRef> {
-        self.st
-            .rolled_back_to
-            .as_ref()
-            .or(self.st.rollback.as_ref().map(|r| &r.point))
-    }
-
-    /// Undo records are needed only when a retained point precedes the
-    /// current interval (the first interval has nothing to roll back to).
-    pub fn journaling(&self) -> bool {
-        !self.points.is_empty()
-    }
-
-    /// Whether cached chunk hashes may answer ChunkHashes: only while apply
-    /// is the one writer of the replica, so not while a rollback is
-    /// unfinished, after a hand-over or after the end (each of those also
-    /// clears the cache when it starts).
-    pub fn hashes_cacheable(&self) -> bool {
-        self.st.rollback.is_none() && self.st.handed_over.is_none() && self.st.ended.is_none()
-    }
-
-    /// Forgets every cached chunk hash: something other than apply is about
-    /// to change the replica.
-    pub fn forget_chunk_hashes(&mut self) {
-        self.chunk_hashes
-            .get_mut()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clear();
-    }
-
-    pub fn journal_bytes(&self) -> u64 {
-        self.journal.bytes()
-    }
 }
 
 /// A summary for listings.
@@ -328,7 +262,7 @@ impl Replication {
             });
         }
         let inner = recover(&layout, &info, env.storage.clone())?;
-        let (applied_tx, _) = watch::channel(inner.st.applied_seq);
+        let (applied_tx, _) = watch::channel(inner.applied_seq());
         Ok(Replication {
             id: info.replication_id.clone(),
             info,
@@ -383,12 +317,32 @@ impl Replication {
         })
     }
 
+    /// The replica disks, in the order of the replication's info.
+    pub(crate) fn replica_disks(&self) -> &[Disk] {
+        &self.disks
+    }
+
+    pub(crate) fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The storage the replication's durable writes go through.
+    pub(crate) fn storage(&self) -> &dyn Storage {
+        self.env.storage.as_ref()
+    }
+
     pub(crate) fn disk_by_name(&self, name: &str) -> Option<&Disk> {
         self.disks.iter().find(|d| d.name == name)
     }
 
     pub fn applied_seq(&self) -> u64 {
         *self.applied_tx.borrow()
+    }
+
+    /// Publishes a newly applied seq to the watchers of
+    /// [`Replication::subscribe_applied`].
+    pub(crate) fn publish_applied(&self, seq: u64) {
+        self.applied_tx.send_replace(seq);
     }
 
     /// Watches the applied seq (for ChunkHashes' wait).
@@ -398,16 +352,16 @@ impl Replication {
 
     /// The retained recovery points, oldest first.
     pub fn points(&self) -> Vec<PointEntry> {
-        self.read_inner().points.clone()
+        self.read_inner().points().as_slice().to_vec()
     }
 
     pub fn status(&self) -> ReplicationStatus {
         let inner = self.read_inner();
         ReplicationStatus {
-            applied_seq: inner.st.applied_seq,
-            points: inner.points.len(),
-            rolled_back_to: inner.st.rolled_back_to.as_ref().map(|p| p.id.clone()),
-            rollback_pending: inner.st.rollback.as_ref().map(|r| r.point.id.clone()),
+            applied_seq: inner.applied_seq(),
+            points: inner.points().len(),
+            rolled_back_to: inner.state().rolled_back_to.as_ref().map(|p| p.id.clone()),
+            rollback_pending: inner.state().rollback.as_ref().map(|r| r.point.id.clone()),
             journal_bytes: inner.journal_bytes(),
             poisoned: self.poisoned(),
         }
@@ -474,7 +428,7 @@ impl Replication {
     /// The refusal of an ended replication, saying what that means for the
     /// operation (`consequence`).
     pub(crate) fn ended_refusal(&self, inner: &Inner, consequence: &str) -> Option<String> {
-        inner.st.ended.as_ref().map(|_| {
+        inner.state().ended.as_ref().map(|_| {
             format!(
                 "replication {} of {} has ended (committed); {consequence}",
                 self.id, self.info.machine_id
@@ -584,7 +538,7 @@ impl Replication {
     fn reload(&self, inner: &mut Inner) -> Result<()> {
         warn!(replication = %self.id, "recovering replication state from disk after an error");
         *inner = recover(&self.layout, &self.info, self.env.storage.clone())?;
-        self.applied_tx.send_replace(inner.st.applied_seq);
+        self.applied_tx.send_replace(inner.applied_seq());
         Ok(())
     }
 }
@@ -609,7 +563,7 @@ fn recover(layout: &Layout, info: &StoredInfo, storage: Arc<dyn Storage>) -> Res
     )?;
     st.applied_seq = st.applied_seq.max(hot.applied_seq);
     st.interval = st.interval.max(hot.interval);
-    let points = catalog::load(&layout.catalog(), true)?;
+    let points = RecoveryPoints::load(&layout.catalog())?;
     // A crash between appending a point and persisting the state leaves the
     // catalog ahead: the tag's interval is closed and its seq applied.
     if let Some(last) = points.last() {
@@ -653,13 +607,13 @@ fn recover(layout: &Layout, info: &StoredInfo, storage: Arc<dyn Storage>) -> Res
         std::fs::remove_file(&p).map_err(io_err(|| format!("cannot remove {}", p.display())))?;
         sync_dir(&layout.rollback_dir())?;
     }
-    Ok(Inner {
+    Ok(Inner::new(Recovered {
         st,
+        state_path: layout.state(),
         points,
         journal,
         pre,
         seq,
-        scratch: Vec::new(),
-        chunk_hashes: Mutex::new(HashCache::new(info.disks.iter().map(|d| d.size))),
-    })
+        hashes: HashCache::new(info.disks.iter().map(|d| d.size)),
+    }))
 }

@@ -14,7 +14,6 @@
 //! the next open. Only the catalog rewrite holds the replication's lock:
 //! the deletion runs after it, so apply does not wait for it.
 
-use crate::catalog;
 use crate::config::RetentionConfig;
 use crate::error::Result;
 use crate::replication::{Replication, Store};
@@ -64,13 +63,13 @@ impl Replication {
         let mut inner = self.write_inner()?;
         let mut out = RetentionOutcome {
             journal_bytes: inner.journal_bytes(),
-            oldest: inner.points.first().map(|p| p.id.clone()),
+            oldest: inner.points().first().map(|p| p.id.clone()),
             ..Default::default()
         };
-        if inner.rollback_point().is_some() || inner.points.len() <= 1 {
+        if inner.rollback_point().is_some() || inner.points().len() <= 1 {
             return Ok(out);
         }
-        let points = &inner.points;
+        let points = inner.points().as_slice();
         let n = points.len();
         let window_ms = cfg.window_secs.saturating_mul(1000);
         let mut d = 0;
@@ -79,7 +78,7 @@ impl Replication {
         }
         let by_window = d;
         if cfg.max_bytes > 0 {
-            let lens = inner.journal.interval_bytes();
+            let lens = inner.journal().interval_bytes();
             let mut it = 0;
             let mut total: u64 = lens.iter().map(|&(_, l)| l).sum();
             let advance = |d: usize, it: &mut usize, total: &mut u64| {
@@ -94,21 +93,17 @@ impl Replication {
                 advance(d, &mut it, &mut total);
             }
             if total > cfg.max_bytes && d > 0 {
-                warn!(replication = %self.id, journal_bytes = total, max_bytes = cfg.max_bytes,
+                warn!(replication = %self.id(), journal_bytes = total, max_bytes = cfg.max_bytes,
                     "retention size cap is smaller than the journal the newest point needs; keeping the newest point");
             }
         }
         if d == 0 {
             return Ok(out);
         }
-        let keep = inner.points[d..].to_vec();
-        catalog::rewrite(&self.layout.catalog(), &keep)?;
-        let oldest = keep[0].clone();
-        inner.points = keep;
         // The freed journals are only forgotten here; they are deleted once
         // the lock is released, because unlinking a journal of a few
         // hundred MB takes hundreds of ms that apply would otherwise wait.
-        let dropped = inner.journal.drop_through(oldest.interval);
+        let (oldest, dropped) = inner.drop_oldest_points(d)?;
         out.dropped = d;
         out.size_capped = d > by_window;
         out.oldest = Some(oldest.id.clone());
@@ -117,7 +112,7 @@ impl Replication {
         // the log line too.
         if out.size_capped {
             info!(
-                replication = %self.id,
+                replication = %self.id(),
                 max_bytes = cfg.max_bytes,
                 journal_bytes = out.journal_bytes,
                 "retention size cap reached: window shrank to {}, oldest point now {}",
@@ -126,16 +121,16 @@ impl Replication {
             );
         }
         info!(
-            replication = %self.id,
+            replication = %self.id(),
             dropped = d,
             by_window,
             oldest_point = %oldest.id,
-            points = inner.points.len(),
+            points = inner.points().len(),
             journal_bytes = out.journal_bytes,
             "retention dropped the oldest recovery points"
         );
         drop(inner);
-        dropped.delete(&self.id);
+        dropped.delete(self.id());
         Ok(out)
     }
 }

@@ -27,7 +27,7 @@ use crate::layout::Layout;
 use crate::ordered::{ordered, window_buffers, WORKERS};
 use crate::replication::Replication;
 use crate::retention_journal::Undo;
-use crate::state::{save_json, PointRef, RollbackProgress};
+use crate::state::PointRef;
 use crate::storage::Target;
 use crate::sys::start_writeback;
 use rebound_common::alloc::BufferPool;
@@ -180,14 +180,15 @@ impl Replication {
     /// ends at exactly the point.
     pub fn rollback(&self, point: &str) -> Result<RollbackReport> {
         let mut inner = self.write_for_change()?;
-        let machine = self.info.machine_id.clone();
+        let machine = self.machine_id().to_string();
         let p = inner
-            .point_by_id(point)
+            .points()
+            .by_id(point)
             .cloned()
             .ok_or_else(|| {
                 MtError::NotFound(format!(
                     "replication {} (machine {machine}) has no recovery point {point:?}; it may have expired from retention: list the points with ListPoints",
-                    self.id
+                    self.id()
                 ))
             })?;
         let pref = PointRef {
@@ -195,9 +196,9 @@ impl Replication {
             seq: p.seq,
             interval: p.interval,
         };
-        if let Some(rb) = &inner.st.rolled_back_to {
+        if let Some(rb) = &inner.state().rolled_back_to {
             if *rb == pref {
-                info!(replication = %self.id, point = %p.id, "replica is already rolled back to this point");
+                info!(replication = %self.id(), point = %p.id, "replica is already rolled back to this point");
                 return Ok(RollbackReport {
                     point: p,
                     blocks_restored: 0,
@@ -210,13 +211,13 @@ impl Replication {
             )));
         }
         self.check_not_ended(&inner, "it has no recovery points to roll back to")?;
-        if let Some(h) = &inner.st.handed_over {
+        if let Some(h) = &inner.state().handed_over {
             return Err(MtError::FailedPrecondition(format!(
                 "replica of {machine} was handed over at {}; stop the machine and restore pre-images (RestorePreImages) first, then roll back to {}",
                 h.point, p.id
             )));
         }
-        if let Some(r) = &inner.st.rollback {
+        if let Some(r) = &inner.state().rollback {
             if r.point != pref {
                 return Err(MtError::FailedPrecondition(format!(
                     "an interrupted rollback of {machine} to {} is pending; re-run the rollback to {} or restore pre-images first",
@@ -225,34 +226,26 @@ impl Replication {
             }
         }
         // Affected blocks and where their content at P is, in disk order.
-        let blocks = inner.journal.point_map(p.interval);
-        info!(replication = %self.id, machine = %machine, point = %p.id, seq = p.seq, blocks = blocks.len(), "rollback started");
+        let blocks = inner.journal().point_map(p.interval);
+        info!(replication = %self.id(), machine = %machine, point = %p.id, seq = p.seq, blocks = blocks.len(), "rollback started");
         let started = Instant::now();
 
         let result = (|| -> Result<RollbackReport> {
             // 1. Pre-images.
             let complete = inner
-                .st
+                .state()
                 .rollback
                 .as_ref()
                 .is_some_and(|r| r.preimages_complete);
             if complete {
-                info!(replication = %self.id, point = %p.id, "rollback resumes: pre-images are already complete, not saving them again");
+                info!(replication = %self.id(), point = %p.id, "rollback resumes: pre-images are already complete, not saving them again");
             } else {
-                inner.st.rollback = Some(RollbackProgress {
-                    point: pref.clone(),
-                    preimages_complete: false,
-                });
-                inner.pre = None;
-                save_json(&self.layout.state(), &inner.st)?;
+                inner.set_pre(None);
+                inner.set_rollback(pref.clone(), false)?;
                 let pre = self.write_preimages(&pref, &blocks)?;
-                inner.st.rollback = Some(RollbackProgress {
-                    point: pref.clone(),
-                    preimages_complete: true,
-                });
-                save_json(&self.layout.state(), &inner.st)?;
-                inner.pre = Some(pre);
-                info!(replication = %self.id, point = %p.id, blocks = blocks.len(),
+                inner.set_rollback(pref.clone(), true)?;
+                inner.set_pre(Some(pre));
+                info!(replication = %self.id(), point = %p.id, blocks = blocks.len(),
                     ms = started.elapsed().as_millis() as u64, "rollback: pre-images saved");
             }
             // 2. The content at P, in large reads and writes.
@@ -269,7 +262,7 @@ impl Replication {
                 let src = match files.iter().position(|(m, _, _)| *m == n) {
                     Some(i) => i,
                     None => {
-                        files.push((n, inner.journal.file(n)?, inner.journal.len(n)));
+                        files.push((n, inner.journal().file(n)?, inner.journal().len(n)));
                         files.len() - 1
                     }
                 };
@@ -290,21 +283,19 @@ impl Replication {
                     MtError::DataLoss(format!(
                         "rollback of {machine} to {}: retention journal {}: {e}; the replica is partly rolled back: fix the journal or restore pre-images",
                         p.id,
-                        inner.journal.path(files[src].0).display()
+                        inner.journal().path(files[src].0).display()
                     ))
                 })?;
                 if last_log.elapsed() >= PROGRESS_EVERY {
-                    info!(replication = %self.id, point = %p.id, done = (i + 1) * PROGRESS_BLOCKS, of = blocks.len(), "rollback progress");
+                    info!(replication = %self.id(), point = %p.id, done = (i + 1) * PROGRESS_BLOCKS, of = blocks.len(), "rollback progress");
                     last_log = Instant::now();
                 }
             }
             let copied_ms = started.elapsed().as_millis() as u64;
             self.sync_all_replicas()?;
             // 3. The replica is at P.
-            inner.st.rolled_back_to = Some(pref.clone());
-            inner.st.rollback = None;
-            save_json(&self.layout.state(), &inner.st)?;
-            info!(replication = %self.id, machine = %machine, point = %p.id, seq = p.seq, blocks = blocks.len(),
+            inner.rolled_back(pref.clone())?;
+            info!(replication = %self.id(), machine = %machine, point = %p.id, seq = p.seq, blocks = blocks.len(),
                 copied_ms, ms = started.elapsed().as_millis() as u64, "replica rolled back to the recovery point");
             Ok(RollbackReport {
                 point: p.clone(),
@@ -320,7 +311,7 @@ impl Replication {
     }
 
     fn write_preimages(&self, point: &PointRef, blocks: &[(u64, Undo)]) -> Result<PreImages> {
-        let path = self.layout.preimages();
+        let path = self.layout().preimages();
         let ctx = || format!("cannot write pre-image file {}", path.display());
         let file = OpenOptions::new()
             .read(true)
@@ -329,7 +320,7 @@ impl Replication {
             .truncate(true)
             .open(&path)
             .map_err(io_err(ctx))?;
-        let storage = self.env.storage.as_ref();
+        let storage = self.storage();
         let header = encode_header(point, blocks.len() as u64);
         storage
             .write_all_at(Target::PreImages, &file, &header, 0)
@@ -367,7 +358,7 @@ impl Replication {
             },
         )?;
         self.sync_file(Target::PreImages, &file, &path)?;
-        let dir = self.layout.rollback_dir();
+        let dir = self.layout().rollback_dir();
         fsync_dir(&dir).map_err(io_err(|| format!("cannot fsync {}", dir.display())))?;
         Ok(PreImages {
             file,
@@ -422,13 +413,13 @@ impl Replication {
     /// number of blocks written. Idempotent; 0 when nothing is rolled back.
     pub fn restore_pre_images(&self) -> Result<u64> {
         let mut inner = self.write_for_change()?;
-        let machine = self.info.machine_id.clone();
+        let machine = self.machine_id().to_string();
         self.check_not_ended(&inner, "its pre-images are gone")?;
         // Undoing a hand-over (the CS stopped the machine first): the
         // replica is the MT's again once the pre-images are back.
-        let handed_over = inner.st.handed_over.take();
+        let handed_over = inner.take_handed_over();
         let result = (|| -> Result<u64> {
-            let point = match (&inner.st.rolled_back_to, &inner.st.rollback) {
+            let point = match (&inner.state().rolled_back_to, &inner.state().rollback) {
                 (Some(p), _) => p.clone(),
                 (None, Some(r)) if r.preimages_complete => r.point.clone(),
                 (None, Some(r)) => {
@@ -436,29 +427,28 @@ impl Replication {
                     // never touched.
                     let point = r.point.id.clone();
                     self.remove_preimages()?;
-                    inner.st.rollback = None;
-                    save_json(&self.layout.state(), &inner.st)?;
-                    info!(replication = %self.id, point = %point, "interrupted rollback abandoned; the replica was not changed");
+                    inner.clear_rollback()?;
+                    info!(replication = %self.id(), point = %point, "interrupted rollback abandoned; the replica was not changed");
                     return Ok(0);
                 }
                 (None, None) => {
                     if handed_over.is_some() {
-                        save_json(&self.layout.state(), &inner.st)?;
+                        inner.save_state()?;
                     }
-                    info!(replication = %self.id, "restore pre-images: the replica is not rolled back; nothing to do");
+                    info!(replication = %self.id(), "restore pre-images: the replica is not rolled back; nothing to do");
                     return Ok(0);
                 }
             };
-            if inner.pre.is_none() {
-                let disk_ok = |d: u32| self.disks.iter().any(|x| x.index == d);
-                inner.pre = Some(PreImages::open(&self.layout, &point, disk_ok).map_err(|e| {
+            if inner.pre().is_none() {
+                let disk_ok = |d: u32| self.replica_disks().iter().any(|x| x.index == d);
+                inner.set_pre(Some(PreImages::open(self.layout(), &point, disk_ok).map_err(|e| {
                     MtError::DataLoss(format!(
                         "cannot restore the pre-images of {machine} (rolled back to {}): {e}; the replica stays at that point",
                         point.id
                     ))
-                })?);
+                })?));
             }
-            let pre = inner.pre.as_ref().expect("pre-images loaded");
+            let pre = inner.pre().expect("pre-images loaded");
             let mut entries: Vec<SavedBlock> = pre
                 .blocks
                 .iter()
@@ -469,7 +459,7 @@ impl Replication {
                 .file
                 .metadata()
                 .map_err(io_err(|| {
-                    format!("cannot stat {}", self.layout.preimages().display())
+                    format!("cannot stat {}", self.layout().preimages().display())
                 }))?
                 .len();
             self.copy_saved_blocks(
@@ -481,17 +471,15 @@ impl Replication {
                 |_, e| {
                     MtError::DataLoss(format!(
                         "cannot restore the pre-images of {machine}: {}: {e}",
-                        self.layout.preimages().display()
+                        self.layout().preimages().display()
                     ))
                 },
             )?;
             self.sync_all_replicas()?;
-            inner.st.rolled_back_to = None;
-            inner.st.rollback = None;
-            save_json(&self.layout.state(), &inner.st)?;
-            inner.pre = None;
+            inner.clear_rollback()?;
+            inner.set_pre(None);
             self.remove_preimages()?;
-            info!(replication = %self.id, machine = %machine, point = %point.id, blocks = entries.len(),
+            info!(replication = %self.id(), machine = %machine, point = %point.id, blocks = entries.len(),
                 "pre-images restored: the replica is back at latest and apply may resume");
             Ok(entries.len() as u64)
         })();
@@ -502,13 +490,13 @@ impl Replication {
     }
 
     fn remove_preimages(&self) -> Result<()> {
-        let path = self.layout.preimages();
+        let path = self.layout().preimages();
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(MtError::io(format!("cannot remove {}", path.display()), e)),
         }
-        let dir = self.layout.rollback_dir();
+        let dir = self.layout().rollback_dir();
         fsync_dir(&dir).map_err(io_err(|| format!("cannot fsync {}", dir.display())))
     }
 }

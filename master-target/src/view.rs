@@ -40,7 +40,7 @@ impl Replication {
     ) -> Result<()> {
         self.read_resolved(disk, offset, buf, |inner| match point {
             None => Ok(None),
-            Some(id) => match inner.point_by_id(id) {
+            Some(id) => match inner.points().by_id(id) {
                 Some(p) => Ok(Some((p.interval, p.id.clone()))),
                 None => Err(self.no_point(id)),
             },
@@ -59,11 +59,11 @@ impl Replication {
     ) -> Result<()> {
         self.read_resolved(disk, offset, buf, |inner| match point {
             None => Ok(None),
-            Some((id, k)) => match inner.point_by_interval(*k) {
+            Some((id, k)) => match inner.points().by_interval(*k) {
                 Some(p) if &p.id == id => Ok(Some((*k, id.clone()))),
                 _ => Err(MtError::NotFound(format!(
                     "recovery point {id} of machine {} (replication {}) has expired from retention; reconnect to a newer point",
-                    self.info.machine_id, self.id
+                    self.machine_id(), self.id()
                 ))),
             },
         })
@@ -90,7 +90,7 @@ impl Replication {
     fn no_point(&self, id: &str) -> MtError {
         MtError::NotFound(format!(
             "replication {} (machine {}) has no recovery point {id:?}; it may have expired from retention: list the points with ListPoints",
-            self.id, self.info.machine_id
+            self.id(), self.machine_id()
         ))
     }
 
@@ -99,7 +99,7 @@ impl Replication {
             Some(end) if end <= d.size => Ok(()),
             _ => Err(MtError::InvalidArgument(format!(
                 "read of {len} bytes at offset {offset} is outside disk {} ({}) of replication {}, which has {} bytes",
-                d.index, d.name, self.id, d.size
+                d.index, d.name, self.id(), d.size
             ))),
         }
     }
@@ -110,7 +110,7 @@ impl Replication {
                 format!(
                     "cannot read replica {} of replication {} at offset {offset}",
                     d.path.display(),
-                    self.id
+                    self.id()
                 ),
                 e,
             )
@@ -134,23 +134,23 @@ impl Replication {
         let first = offset / BS;
         let last = (end - 1) / BS;
         // After a rollback to Q, points after Q need the pre-images.
-        let pre_point = inner.st.rolled_back_to.as_ref().or(inner
-            .st
+        let pre_point = inner.state().rolled_back_to.as_ref().or(inner
+            .state()
             .rollback
             .as_ref()
             .filter(|r| r.preimages_complete)
             .map(|r| &r.point));
         let pre = match pre_point {
-            Some(q) if k > q.interval => Some(inner.pre.as_ref().ok_or_else(|| {
+            Some(q) if k > q.interval => Some(inner.pre().ok_or_else(|| {
                 MtError::DataLoss(format!(
                     "the replica of machine {} is rolled back to {} and its pre-images cannot be read, so point {point_id} (after it) cannot be shown",
-                    self.info.machine_id, q.id
+                    self.machine_id(), q.id
                 ))
             })?),
             _ => None,
         };
         let undo = inner
-            .journal
+            .journal()
             .locate(k, (first..=last).map(|b| journal::key(d.index, b)));
         let srcs: Vec<Src> = (first..=last)
             .zip(undo)
@@ -183,12 +183,13 @@ impl Replication {
                 }
                 Src::Journal(u) => {
                     inner
-                        .journal
+                        .journal()
                         .read_undo(journal::key(d.index, b), u, &mut tmp)
                         .map_err(|e| {
                             MtError::DataLoss(format!(
                                 "replication {} disk {} block {b} at point {point_id}: {e}",
-                                self.id, d.name
+                                self.id(),
+                                d.name
                             ))
                         })?;
                 }
@@ -197,9 +198,9 @@ impl Replication {
                     journal::read_block(&p.file, off, journal::key(d.index, b), &mut tmp).map_err(|e| {
                         MtError::DataLoss(format!(
                             "replication {} disk {} block {b} at point {point_id}: pre-image file {}: {e}",
-                            self.id,
+                            self.id(),
                             d.name,
-                            self.layout.preimages().display()
+                            self.layout().preimages().display()
                         ))
                     })?;
                 }
@@ -272,7 +273,7 @@ impl Views {
                 None
             } else {
                 let inner = r.read_inner();
-                match inner.point_by_id(point) {
+                match inner.points().by_id(point) {
                     Some(p) => Some((p.id.clone(), p.interval)),
                     None => continue,
                 }
@@ -301,7 +302,7 @@ impl Views {
         repls.sort_by_key(|r| Reverse(r.created_ms()));
         for r in repls {
             let points = r.points();
-            for d in &r.disks {
+            for d in r.replica_disks() {
                 let mut push = |n: String| {
                     if seen.insert(n.clone()) {
                         names.push(n);
