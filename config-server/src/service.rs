@@ -13,7 +13,7 @@ use crate::error::CsError;
 use crate::jobs::JobEngine;
 use crate::lifecycle::group::cut_group_point;
 use crate::lifecycle::{Lifecycle, Targets};
-use crate::store::{Health, JobFilter, ReplState, Store};
+use crate::store::{Group, Health, JobFilter, Plan, ReplState, Store};
 use prost::Message;
 use rebound_common::pki::Role;
 use rebound_common::tls::require_role;
@@ -59,6 +59,18 @@ fn started(j: crate::store::Job) -> Res<pb::JobStarted> {
 }
 
 impl AdminService {
+    /// The named consistency group, or `NOT_FOUND`.
+    async fn group(&self, name: &str) -> Result<Group, Status> {
+        let g = self.store.get_group(name).await?;
+        g.ok_or_else(|| Status::not_found(format!("no consistency group {name}")))
+    }
+
+    /// The named recovery plan, or `NOT_FOUND`.
+    async fn plan(&self, name: &str) -> Result<Plan, Status> {
+        let p = self.store.get_plan(name).await?;
+        p.ok_or_else(|| Status::not_found(format!("no recovery plan {name}")))
+    }
+
     pub fn new(
         store: Arc<dyn Store>,
         bus: Arc<CommandBus>,
@@ -446,11 +458,7 @@ impl Admin for AdminService {
     async fn show_plan(&self, req: Request<pb::PlanRequest>) -> Res<pb::Plan> {
         admin(&req)?;
         let name = req.into_inner().name;
-        let p = self
-            .store
-            .get_plan(&name)
-            .await?
-            .ok_or_else(|| Status::not_found(format!("no recovery plan {name}")))?;
+        let p = self.plan(&name).await?;
         Ok(Response::new(convert::plan_to_proto(&p)))
     }
 
@@ -509,11 +517,7 @@ impl Admin for AdminService {
     async fn delete_group(&self, req: Request<pb::GroupRequest>) -> Res<pb::Empty> {
         admin(&req)?;
         let name = req.into_inner().name;
-        let g = self
-            .store
-            .get_group(&name)
-            .await?
-            .ok_or_else(|| Status::not_found(format!("no consistency group {name}")))?;
+        let g = self.group(&name).await?;
         for m in &g.machines {
             if let Some(mut mach) = self.store.get_machine(m).await? {
                 if mach.group == name {
@@ -543,11 +547,7 @@ impl Admin for AdminService {
     ) -> Res<pb::CutGroupPointResponse> {
         admin(&req)?;
         let name = req.into_inner().name;
-        let g = self
-            .store
-            .get_group(&name)
-            .await?
-            .ok_or_else(|| Status::not_found(format!("no consistency group {name}")))?;
+        let g = self.group(&name).await?;
         let p = cut_group_point(
             self.bus.as_ref(),
             &g,

@@ -65,6 +65,10 @@ fn role_of(s: &str, what: &str) -> Result<Role, StoreError> {
 /// A statement with its bound values, as the helpers below take it.
 type Sql<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
 
+/// Turns one row into a value.
+trait Decode<T>: Fn(&SqliteRow) -> Result<T, StoreError> + Send {}
+impl<T, F: Fn(&SqliteRow) -> Result<T, StoreError> + Send> Decode<T> for F {}
+
 /// A row decoder: the JSON `body` column of the tables that keep one.
 fn body<T: serde::de::DeserializeOwned>(
     what: &'static str,
@@ -90,15 +94,20 @@ impl SqliteStore {
     }
 
     /// The first row of a query, decoded by `row`.
-    fn one<'a, T: Send + 'a>(
+    fn one<'a, T>(
         &'a self,
         what: &'static str,
         sql: Sql<'a>,
-        row: impl Fn(&SqliteRow) -> Result<T, StoreError> + Send + 'a,
-    ) -> BoxFut<'a, Option<T>> {
+        row: impl Decode<T> + 'a,
+    ) -> BoxFut<'a, Option<T>>
+    where
+        T: Send + 'a,
+    {
         Box::pin(async move {
-            let r = sql.fetch_optional(&self.pool).await.map_err(q(what))?;
-            r.as_ref().map(row).transpose()
+            match sql.fetch_optional(&self.pool).await.map_err(q(what))? {
+                Some(r) => row(&r).map(Some),
+                None => Ok(None),
+            }
         })
     }
 
@@ -107,7 +116,7 @@ impl SqliteStore {
         &'a self,
         what: &'static str,
         sql: Sql<'a>,
-        row: impl Fn(&SqliteRow) -> Result<T, StoreError> + Send + 'a,
+        row: impl Decode<T> + 'a,
     ) -> BoxFut<'a, Vec<T>> {
         Box::pin(async move {
             let rows = sql.fetch_all(&self.pool).await.map_err(q(what))?;
