@@ -23,6 +23,7 @@ pub mod cli;
 pub mod clients;
 pub mod config;
 pub mod net;
+pub mod operator;
 pub mod pki;
 pub mod process;
 pub mod rng;
