@@ -298,7 +298,7 @@ impl Replication {
     }
 
     fn disk_pos(&self, index: u32) -> Option<usize> {
-        self.replica_disks().iter().position(|d| d.index == index)
+        self.replica_disks().iter().position(|d| d.index() == index)
     }
 
     /// Checks every record before anything is applied.
@@ -317,10 +317,10 @@ impl Replication {
                 )));
             };
             let d = &self.replica_disks()[pos];
-            if offset.checked_add(len).is_none_or(|end| end > d.size) {
+            if offset.checked_add(len).is_none_or(|end| end > d.size()) {
                 return Err(MtError::InvalidArgument(format!(
                     "replication {} record seq {seq} writes {len} bytes at offset {offset} of disk {disk} ({}), past its end at {}; nothing of the frame was applied",
-                    self.id(), d.name, d.size
+                    self.id(), d.name(), d.size()
                 )));
             }
         }
@@ -421,7 +421,7 @@ impl Replication {
         }
         let d = &self.replica_disks()[pos];
         let needs = |b: u64, batch: &Batch<'_>| {
-            let k = journal::key(d.index, b);
+            let k = journal::key(d.index(), b);
             !batch.saved_set.contains(&k) && !inner.journal().saved(k)
         };
         let first = offset / BS;
@@ -441,11 +441,11 @@ impl Replication {
             let mut old = std::mem::take(&mut batch.old);
             old.clear();
             old.resize(((e - b + 1) * BS) as usize, 0);
-            read_full_at(&d.file, &mut old, b * BS).map_err(io_err(|| {
+            read_full_at(d.file(), &mut old, b * BS).map_err(io_err(|| {
                 format!(
                     "cannot read old content of disk {} ({}) of replication {} at offset {}",
-                    d.index,
-                    d.name,
+                    d.index(),
+                    d.name(),
                     self.id(),
                     b * BS
                 )
@@ -453,8 +453,8 @@ impl Replication {
             for (j, chunk) in old.chunks_exact(BLOCK).enumerate() {
                 let blk = b + j as u64;
                 let rel = batch.undo.len() as u64;
-                journal::encode(&mut batch.undo, d.index, blk, chunk);
-                let k = journal::key(d.index, blk);
+                journal::encode(&mut batch.undo, d.index(), blk, chunk);
+                let k = journal::key(d.index(), blk);
                 batch.saved.push((k, rel));
                 batch.saved_set.insert(k);
             }
@@ -496,14 +496,14 @@ impl Replication {
             hashes.forget_range(disk, offset, len);
             let written = match op {
                 Op::Data { data, .. } => {
-                    storage.write_all_at(Target::Replica, &d.file, data, offset)
+                    storage.write_all_at(Target::Replica, d.file(), data, offset)
                 }
-                Op::Zero { .. } => storage.zero_range(Target::Replica, &d.file, offset, len),
+                Op::Zero { .. } => storage.zero_range(Target::Replica, d.file(), offset, len),
             };
             written.map_err(io_err(|| {
                 format!(
                     "cannot write {len} bytes to replica {} of replication {} at offset {offset}",
-                    d.path.display(),
+                    d.path().display(),
                     self.id()
                 )
             }))?;
@@ -522,7 +522,7 @@ impl Replication {
         for (i, t) in touched.iter_mut().enumerate() {
             if *t {
                 let d = &self.replica_disks()[i];
-                self.sync_file(Target::Replica, &d.file, &d.path)?;
+                self.sync_file(Target::Replica, d.file(), d.path())?;
                 *t = false;
             }
         }

@@ -102,18 +102,18 @@ impl Replication {
             }
             let d = self.disk(disk)?;
             let at = key_block(win[i].key) * BS;
-            let len = ((j - i) as u64 * BS).min(d.size - at) as usize;
+            let len = ((j - i) as u64 * BS).min(d.size() - at) as usize;
             self.storage()
                 .write_all_at(
                     Target::Replica,
-                    &d.file,
+                    d.file(),
                     &content[i * BLOCK..i * BLOCK + len],
                     at,
                 )
                 .map_err(io_err(|| {
                     format!(
                         "cannot write {len} bytes to replica {} at offset {at}",
-                        d.path.display()
+                        d.path().display()
                     )
                 }))?;
             match spans.iter_mut().find(|s| s.0 == disk) {
@@ -126,7 +126,7 @@ impl Replication {
             i = j;
         }
         for (disk, start, end) in spans {
-            start_writeback(&self.disk(disk)?.file, start, end - start);
+            start_writeback(self.disk(disk)?.file(), start, end - start);
         }
         Ok(())
     }

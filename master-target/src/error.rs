@@ -51,10 +51,24 @@ pub enum MtError {
     /// nothing more until the MT restarts and recovers it from the disk.
     #[error("replication {replication} refuses to apply: {cause}; what the disk holds is unknown, so nothing more is applied: check the disk (kernel log, SMART), then restart rebound-mt, which recovers the replication from what is on disk")]
     Poisoned { replication: String, cause: String },
-    /// A task or server outside the storage code failed (a panic, a
-    /// listener that stopped).
-    #[error("{0}")]
-    Internal(String),
+    /// A blocking task of the MT panicked or was cancelled.
+    #[error("{what} failed: {source}; see the log for the panic, then restart rebound-mt")]
+    TaskFailed {
+        what: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    /// The gRPC server stopped with an error.
+    #[error("gRPC server on {addr} failed: {source}")]
+    Server {
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The replication is being closed (the MT shuts down) while a request
+    /// waited for it.
+    #[error("replication {replication} is shutting down")]
+    ShuttingDown { replication: String },
 }
 
 impl MtError {
@@ -98,7 +112,9 @@ impl From<MtError> for Status {
             MtError::Io { .. }
             | MtError::Journal(_)
             | MtError::Sync { .. }
-            | MtError::Internal(_) => Status::internal(msg),
+            | MtError::TaskFailed { .. }
+            | MtError::Server { .. }
+            | MtError::ShuttingDown { .. } => Status::internal(msg),
         }
     }
 }

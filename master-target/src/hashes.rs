@@ -46,22 +46,22 @@ impl Replication {
                 "{count} chunks in one request is too many (at most {MAX_COUNT}); split the request"
             )));
         }
-        if offset > d.size {
+        if offset > d.size() {
             return Err(MtError::InvalidArgument(format!(
                 "offset {offset} is past the end of disk {} ({}) of replication {}, which has {} bytes",
-                d.index, d.name, self.id(), d.size
+                d.index(), d.name(), self.id(), d.size()
             )));
         }
         let hash = |offset: u64, count: u32| {
-            chunk_hashes(&d.file, d.size, offset, chunk_size, count).map_err(io_err(|| {
+            chunk_hashes(d.file(), d.size(), offset, chunk_size, count).map_err(io_err(|| {
                 format!(
                     "cannot hash replica {} of replication {} at offset {offset}",
-                    d.path.display(),
+                    d.path().display(),
                     self.id()
                 )
             }))
         };
-        let pos = self.replica_disks().iter().position(|x| x.index == disk);
+        let pos = self.replica_disks().iter().position(|x| x.index() == disk);
         let cached = u64::from(chunk_size) == CHUNK_SIZE
             && offset.is_multiple_of(CHUNK_SIZE)
             && inner.hashes_cacheable();
@@ -118,10 +118,9 @@ impl Replication {
         let waited = tokio::time::timeout(timeout, rx.wait_for(|&s| s >= min)).await;
         match waited {
             Ok(Ok(s)) => Ok(*s),
-            Ok(Err(_)) => Err(MtError::Internal(format!(
-                "replication {} is shutting down",
-                self.id()
-            ))),
+            Ok(Err(_)) => Err(MtError::ShuttingDown {
+                replication: self.id().to_string(),
+            }),
             Err(_) => Err(MtError::Unavailable(format!(
                 "replication {}: the MT has applied up to seq {} but the hashes were asked for seq {min}; waited {} s: the process server has not forwarded everything yet, check its stream to the MT and retry",
                 self.id(),

@@ -26,6 +26,7 @@ pub mod journal;
 pub mod layout;
 mod ordered;
 mod points;
+mod replica;
 pub mod replication;
 mod replication_state;
 pub mod retention;
@@ -96,7 +97,10 @@ where
     let store = Arc::new(
         tokio::task::spawn_blocking(move || Store::open(&data_dir))
             .await
-            .map_err(|e| MtError::Internal(format!("opening the data dir failed: {e}")))??,
+            .map_err(|source| MtError::TaskFailed {
+                what: "opening the data dir",
+                source,
+            })??,
     );
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -185,7 +189,7 @@ where
         });
     let mut stop_grace = stop_rx.clone();
     let served = tokio::select! {
-        r = server => r.map_err(|e| MtError::Internal(format!("gRPC server on {grpc_addr} failed: {e}"))),
+        r = server => r.map_err(|source| MtError::Server { addr: grpc_addr.to_string(), source }),
         _ = async {
             let _ = stop_grace.wait_for(|s| *s).await;
             tokio::time::sleep(SHUTDOWN_GRACE).await;

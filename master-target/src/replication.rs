@@ -19,18 +19,19 @@ use crate::events::Events;
 use crate::hash_cache::HashCache;
 use crate::layout::{valid_name, Layout};
 use crate::points::RecoveryPoints;
+pub(crate) use crate::replica::Disk;
 pub(crate) use crate::replication_state::Inner;
 use crate::replication_state::Recovered;
 use crate::retention_journal::RetentionJournal;
 use crate::rollback::PreImages;
 use crate::seqfile::{SeqFile, SeqRecord};
 use crate::state::{load_json, save_json, PersistedState, StoredDisk, StoredInfo};
-use crate::storage::{open_or_create, Storage, Target};
+use crate::storage::{Storage, Target};
 pub use crate::store::Store;
 use rebound_common::durable::fsync_dir;
 use rebound_common::time::now_ms;
 use rebound_proto::ReplicationInfo;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio::sync::watch;
@@ -51,16 +52,6 @@ impl Default for Env {
             events: Events::default(),
         }
     }
-}
-
-/// One replica disk.
-#[derive(Debug)]
-pub(crate) struct Disk {
-    pub index: u32,
-    pub name: String,
-    pub size: u64,
-    pub file: File,
-    pub path: PathBuf,
 }
 
 /// One replication (machine × direction) at this master target.
@@ -196,15 +187,7 @@ impl Replication {
             mkdir(&d)?;
         }
         for d in &info.disks {
-            let path = layout.replica(&d.name);
-            let f = open_or_create(&path).map_err(io_err(|| {
-                format!("cannot create replica {}", path.display())
-            }))?;
-            f.set_len(d.size)
-                .and_then(|_| f.sync_all())
-                .map_err(io_err(|| {
-                    format!("cannot size replica {} to {} bytes", path.display(), d.size)
-                }))?;
+            Disk::create(&layout.replica(&d.name), d)?;
         }
         sync_dir(&layout.replica_dir())?;
         save_json(&layout.state(), &PersistedState::default())?;
@@ -222,45 +205,11 @@ impl Replication {
         let layout = Layout::new(root.to_path_buf());
         let info: StoredInfo = load_json(&layout.info())?;
         validate_info(&info)?;
-        let mut disks = Vec::with_capacity(info.disks.len());
-        for d in &info.disks {
-            let path = layout.replica(&d.name);
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
-                .map_err(io_err(|| {
-                    format!(
-                        "cannot open replica {} of disk {} of replication {}",
-                        path.display(),
-                        d.index,
-                        info.replication_id
-                    )
-                }))?;
-            let len = file
-                .metadata()
-                .map_err(io_err(|| format!("cannot stat {}", path.display())))?
-                .len();
-            if len != d.size {
-                warn!(
-                    replication = %info.replication_id,
-                    replica = %path.display(),
-                    len,
-                    size = d.size,
-                    "replica file has the wrong length; resizing it to the disk size"
-                );
-                file.set_len(d.size)
-                    .and_then(|_| file.sync_all())
-                    .map_err(io_err(|| format!("cannot resize {}", path.display())))?;
-            }
-            disks.push(Disk {
-                index: d.index,
-                name: d.name.clone(),
-                size: d.size,
-                file,
-                path,
-            });
-        }
+        let disks = info
+            .disks
+            .iter()
+            .map(|d| Disk::open(layout.replica(&d.name), d, &info.replication_id))
+            .collect::<Result<Vec<Disk>>>()?;
         let inner = recover(&layout, &info, env.storage.clone())?;
         let (applied_tx, _) = watch::channel(inner.applied_seq());
         Ok(Replication {
@@ -299,22 +248,32 @@ impl Replication {
     pub fn disks(&self) -> Vec<(u32, String, u64, PathBuf)> {
         self.disks
             .iter()
-            .map(|d| (d.index, d.name.clone(), d.size, d.path.clone()))
+            .map(|d| {
+                (
+                    d.index(),
+                    d.name().to_string(),
+                    d.size(),
+                    d.path().to_path_buf(),
+                )
+            })
             .collect()
     }
 
     pub(crate) fn disk(&self, index: u32) -> Result<&Disk> {
-        self.disks.iter().find(|d| d.index == index).ok_or_else(|| {
-            MtError::NotFound(format!(
-                "replication {} has no disk {index} (it has {})",
-                self.id,
-                self.disks
-                    .iter()
-                    .map(|d| format!("{} ({})", d.index, d.name))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-        })
+        self.disks
+            .iter()
+            .find(|d| d.index() == index)
+            .ok_or_else(|| {
+                MtError::NotFound(format!(
+                    "replication {} has no disk {index} (it has {})",
+                    self.id,
+                    self.disks
+                        .iter()
+                        .map(|d| format!("{} ({})", d.index(), d.name()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })
     }
 
     /// The replica disks, in the order of the replication's info.
@@ -332,7 +291,7 @@ impl Replication {
     }
 
     pub(crate) fn disk_by_name(&self, name: &str) -> Option<&Disk> {
-        self.disks.iter().find(|d| d.name == name)
+        self.disks.iter().find(|d| d.name() == name)
     }
 
     pub fn applied_seq(&self) -> u64 {
@@ -449,7 +408,7 @@ impl Replication {
     /// them: rollback, restore, hand-over).
     pub(crate) fn sync_all_replicas(&self) -> Result<()> {
         for d in &self.disks {
-            self.sync_file(Target::Replica, &d.file, &d.path)?;
+            self.sync_file(Target::Replica, d.file(), d.path())?;
         }
         Ok(())
     }

@@ -64,9 +64,9 @@ type EncodedSegment = (Vec<u8>, Vec<(u64, u64)>);
 
 /// The pre-image file of a rollback, indexed.
 pub(crate) struct PreImages {
-    pub file: File,
+    file: File,
     /// Block key → record offset.
-    pub blocks: HashMap<u64, u64>,
+    blocks: HashMap<u64, u64>,
 }
 
 fn encode_header(point: &PointRef, count: u64) -> Vec<u8> {
@@ -125,6 +125,18 @@ fn parse_header(f: &File) -> Result<(PointRef, u64, u64), HeaderError> {
 }
 
 impl PreImages {
+    /// The offset of the pre-image record of block `key`, if the rollback
+    /// changed that block.
+    pub fn offset_of(&self, key: u64) -> Option<u64> {
+        self.blocks.get(&key).copied()
+    }
+
+    /// The pre-image file, to read the records [`PreImages::offset_of`]
+    /// locates.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Opens and indexes the pre-image file, which must be complete and
     /// belong to `point`.
     pub fn open(
@@ -394,13 +406,16 @@ impl Replication {
             let d = self.disk(disk)?;
             let start = key_block(blocks[i].0) * BS;
             let run = &mut buf[..(j - i) * BLOCK];
-            read_full_at(&d.file, run, start).map_err(io_err(|| {
-                format!("cannot read replica {} at offset {start}", d.path.display())
+            read_full_at(d.file(), run, start).map_err(io_err(|| {
+                format!(
+                    "cannot read replica {} at offset {start}",
+                    d.path().display()
+                )
             }))?;
             for (k, data) in run.chunks_exact(BLOCK).enumerate() {
                 let key = blocks[i + k].0;
                 saved.push((key, rec.len() as u64));
-                journal::encode(&mut rec, d.index, key_block(key), data);
+                journal::encode(&mut rec, d.index(), key_block(key), data);
             }
             i = j;
         }
@@ -440,7 +455,7 @@ impl Replication {
                 }
             };
             if inner.pre().is_none() {
-                let disk_ok = |d: u32| self.replica_disks().iter().any(|x| x.index == d);
+                let disk_ok = |d: u32| self.replica_disks().iter().any(|x| x.index() == d);
                 inner.set_pre(Some(PreImages::open(self.layout(), &point, disk_ok).map_err(|e| {
                     MtError::DataLoss(format!(
                         "cannot restore the pre-images of {machine} (rolled back to {}): {e}; the replica stays at that point",

@@ -96,20 +96,20 @@ impl Replication {
 
     fn check_range(&self, d: &Disk, offset: u64, len: usize) -> Result<()> {
         match offset.checked_add(len as u64) {
-            Some(end) if end <= d.size => Ok(()),
+            Some(end) if end <= d.size() => Ok(()),
             _ => Err(MtError::InvalidArgument(format!(
                 "read of {len} bytes at offset {offset} is outside disk {} ({}) of replication {}, which has {} bytes",
-                d.index, d.name, self.id(), d.size
+                d.index(), d.name(), self.id(), d.size()
             ))),
         }
     }
 
     fn read_replica(&self, d: &Disk, offset: u64, buf: &mut [u8]) -> Result<()> {
-        read_full_at(&d.file, buf, offset).map_err(|e| {
+        read_full_at(d.file(), buf, offset).map_err(|e| {
             MtError::io(
                 format!(
                     "cannot read replica {} of replication {} at offset {offset}",
-                    d.path.display(),
+                    d.path().display(),
                     self.id()
                 ),
                 e,
@@ -151,14 +151,14 @@ impl Replication {
         };
         let undo = inner
             .journal()
-            .locate(k, (first..=last).map(|b| journal::key(d.index, b)));
+            .locate(k, (first..=last).map(|b| journal::key(d.index(), b)));
         let srcs: Vec<Src> = (first..=last)
             .zip(undo)
             .map(|(b, undo)| {
-                let key = journal::key(d.index, b);
-                match (undo, pre.and_then(|p| p.blocks.get(&key))) {
+                let key = journal::key(d.index(), b);
+                match (undo, pre.and_then(|p| p.offset_of(key))) {
                     (Some(u), _) => Src::Journal(u),
-                    (None, Some(&off)) => Src::Pre(off),
+                    (None, Some(off)) => Src::Pre(off),
                     (None, None) => Src::Replica,
                 }
             })
@@ -184,22 +184,22 @@ impl Replication {
                 Src::Journal(u) => {
                     inner
                         .journal()
-                        .read_undo(journal::key(d.index, b), u, &mut tmp)
+                        .read_undo(journal::key(d.index(), b), u, &mut tmp)
                         .map_err(|e| {
                             MtError::DataLoss(format!(
                                 "replication {} disk {} block {b} at point {point_id}: {e}",
                                 self.id(),
-                                d.name
+                                d.name()
                             ))
                         })?;
                 }
                 Src::Pre(off) => {
                     let p = pre.expect("pre-images present");
-                    journal::read_block(&p.file, off, journal::key(d.index, b), &mut tmp).map_err(|e| {
+                    journal::read_block(p.file(), off, journal::key(d.index(), b), &mut tmp).map_err(|e| {
                         MtError::DataLoss(format!(
                             "replication {} disk {} block {b} at point {point_id}: pre-image file {}: {e}",
                             self.id(),
-                            d.name,
+                            d.name(),
                             self.layout().preimages().display()
                         ))
                     })?;
@@ -268,7 +268,7 @@ impl Views {
             let Some(d) = r.disk_by_name(disk) else {
                 continue;
             };
-            let (index, size) = (d.index, d.size);
+            let (index, size) = (d.index(), d.size());
             let point = if point == "latest" {
                 None
             } else {
@@ -308,9 +308,9 @@ impl Views {
                         names.push(n);
                     }
                 };
-                push(format!("{}/{}@latest", r.machine_id(), d.name));
+                push(format!("{}/{}@latest", r.machine_id(), d.name()));
                 for p in points.iter().rev() {
-                    push(format!("{}/{}@{}", r.machine_id(), d.name, p.id));
+                    push(format!("{}/{}@{}", r.machine_id(), d.name(), p.id));
                 }
             }
         }
