@@ -17,11 +17,10 @@ use tonic::{Request, Status};
 /// The largest HTTP/2 DATA frame a peer may send us (SETTINGS_MAX_FRAME_SIZE).
 /// HTTP/2's default, 16 KiB, cuts every 2 MiB replication message into 128
 /// frames, each with its own header, flow-control step and wakeup on both
-/// ends. Larger frames made the whole path cheaper per byte (a full sync
-/// 0.77 → 0.68 cores per 100 MB/s, text-like churn 1.13 → 1.07); 1 MiB
-/// frames did no better than 256 KiB but raised the PS's peak RSS by about
-/// 45 MiB (BENCHMARKS.md, "What changed" 28). Servers that receive frames
-/// (PS, MT) and every client endpoint advertise it.
+/// ends, so larger frames make the whole path cheaper per byte. 256 KiB is
+/// where that gain ends: 1 MiB frames cost no less CPU but add about 45 MiB
+/// to the PS's peak RSS. Servers that receive frames (PS, MT) and every
+/// client endpoint advertise it.
 pub const HTTP2_MAX_FRAME: u32 = 256 << 10;
 /// HTTP/2 receive windows: hyper's default 1 MiB per stream lets at most
 /// 1 MiB of a 1-2 MiB frame cross before a window-update round trip; these
