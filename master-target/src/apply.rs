@@ -396,7 +396,7 @@ impl Replication {
         // Step 5: persist the applied seq; the caller acknowledges it.
         let last = first_seq + recs.len() as u64 - 1;
         inner.set_applied(last);
-        inner.persist_applied(self.storage())?;
+        inner.persist_applied()?;
         self.publish_applied(last);
         if batch.undo.capacity() <= 2 * BATCH_BYTES {
             batch.undo.clear();
@@ -552,7 +552,7 @@ impl Replication {
                 "recovery point cut inside a resync window; it may not be consistent");
         }
         let (id, kind, group) = (entry.id.clone(), entry.kind.clone(), entry.group.clone());
-        inner.cut_point(entry, self.storage())?;
+        inner.cut_point(entry)?;
         self.publish_applied(seq);
         info!(
             replication = %self.id(),

@@ -6,10 +6,10 @@
 //! rewrites the whole file atomically when it drops the oldest points.
 
 use crate::error::{io_err, MtError, Result};
+use crate::storage::{Storage, Target};
 use rebound_common::durable::{fsync_dir, write_atomic};
 use serde::{Deserialize, Serialize};
 use std::fs::OpenOptions;
-use std::io::Write;
 use std::path::Path;
 use tracing::{error, warn};
 
@@ -127,21 +127,34 @@ pub fn load(path: &Path, repair: bool) -> Result<Vec<PointEntry>> {
     Ok(points)
 }
 
-/// Appends one point and fsyncs it.
-pub fn append(path: &Path, p: &PointEntry) -> Result<()> {
+/// Appends one point and fdatasyncs it, both through `storage`: a failed
+/// fdatasync is [`MtError::Sync`], which poisons the replication.
+pub(crate) fn append(storage: &dyn Storage, path: &Path, p: &PointEntry) -> Result<()> {
     let existed = path.exists();
-    let mut f = OpenOptions::new()
+    let f = OpenOptions::new()
         .create(true)
-        .append(true)
+        .write(true)
+        .truncate(false)
         .open(path)
         .map_err(io_err(|| {
             format!("cannot open recovery-point catalog {}", path.display())
         }))?;
-    f.write_all(encode_line(p).as_bytes())
-        .and_then(|_| f.sync_data())
+    let end = f
+        .metadata()
+        .map_err(io_err(|| format!("cannot stat {}", path.display())))?
+        .len();
+    storage
+        .write_all_at(Target::Catalog, &f, encode_line(p).as_bytes(), end)
         .map_err(io_err(|| {
             format!("cannot append point {} to catalog {}", p.id, path.display())
         }))?;
+    storage
+        .sync_data(Target::Catalog, &f)
+        .map_err(|source| MtError::Sync {
+            target: Target::Catalog,
+            path: path.to_path_buf(),
+            source,
+        })?;
     if !existed {
         if let Some(dir) = path.parent() {
             fsync_dir(dir).map_err(io_err(|| format!("cannot fsync {}", dir.display())))?;
@@ -161,6 +174,8 @@ pub fn rewrite(path: &Path, points: &[PointEntry]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::Disk;
+    use std::io::Write;
 
     fn p(i: u64) -> PointEntry {
         PointEntry {
@@ -179,7 +194,7 @@ mod tests {
         let path = d.path().join("points.log");
         assert!(load(&path, true).unwrap().is_empty());
         for i in 0..3 {
-            append(&path, &p(i)).unwrap();
+            append(&Disk, &path, &p(i)).unwrap();
         }
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         let line = encode_line(&p(3));
@@ -189,7 +204,7 @@ mod tests {
         let before = std::fs::metadata(&path).unwrap().len();
         assert_eq!(load(&path, true).unwrap(), vec![p(0), p(1), p(2)]);
         assert!(std::fs::metadata(&path).unwrap().len() < before);
-        append(&path, &p(3)).unwrap();
+        append(&Disk, &path, &p(3)).unwrap();
         assert_eq!(load(&path, true).unwrap().len(), 4);
         rewrite(&path, &[p(2), p(3)]).unwrap();
         assert_eq!(load(&path, true).unwrap(), vec![p(2), p(3)]);

@@ -104,12 +104,14 @@ impl Replication {
                 (None, None) => ("latest".to_string(), inner.applied_seq()),
             };
             self.sync_all_replicas()?;
-            inner.hand_over(HandOverState {
-                point,
-                seq,
-                time_ms: now_ms(),
-                power_on: None,
-            })?;
+            inner
+                .hand_over(HandOverState {
+                    point,
+                    seq,
+                    time_ms: now_ms(),
+                    power_on: None,
+                })
+                .map_err(|e| self.noting_failed_sync(e))?;
             let h = inner.state().handed_over.as_ref().expect("just set");
             info!(replication = %self.id(), machine = %machine, point = %h.point, seq = h.seq,
                 "replica handed over: apply stopped for good, the disks belong to the machine now");
@@ -140,7 +142,9 @@ impl Replication {
             warn!(replication = %self.id(), machine = %machine, command = %outcome.command, status = %outcome.status,
                 output = %outcome.output_tail, "power_on hook failed");
         }
-        inner.power_on_ran(outcome.clone())?;
+        inner
+            .power_on_ran(outcome.clone())
+            .map_err(|e| self.noting_failed_sync(e))?;
         Ok(HandOverReport {
             point: h.point,
             power_on: Some(outcome),
@@ -166,10 +170,12 @@ impl Replication {
         let mut inner = self.write_inner()?;
         inner.forget_chunk_hashes();
         if inner.state().ended.is_none() {
-            inner.end(EndedState {
-                time_ms: now_ms(),
-                keep_replica,
-            })?;
+            inner
+                .end(EndedState {
+                    time_ms: now_ms(),
+                    keep_replica,
+                })
+                .map_err(|e| self.noting_failed_sync(e))?;
         }
         self.sync_all_replicas()?;
         inner.forget_retention();

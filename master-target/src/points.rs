@@ -4,6 +4,7 @@
 
 use crate::catalog::{self, PointEntry};
 use crate::error::Result;
+use crate::storage::Storage;
 use std::path::{Path, PathBuf};
 
 /// Retained recovery points, oldest first (ascending seq and interval).
@@ -60,9 +61,10 @@ impl RecoveryPoints {
         self.entries.iter().rev().any(|p| p.seq == seq)
     }
 
-    /// Appends a new point to the catalog (fsynced), then to memory.
-    pub fn append(&mut self, entry: PointEntry) -> Result<()> {
-        catalog::append(&self.catalog, &entry)?;
+    /// Appends a new point to the catalog (fdatasynced through `storage`),
+    /// then to memory.
+    pub fn append(&mut self, entry: PointEntry, storage: &dyn Storage) -> Result<()> {
+        catalog::append(storage, &self.catalog, &entry)?;
         self.entries.push(entry);
         Ok(())
     }

@@ -374,6 +374,13 @@ impl Replication {
         true
     }
 
+    /// [`Replication::poison_on_failed_sync`] for a `map_err`: returns the
+    /// error.
+    pub(crate) fn noting_failed_sync(&self, e: MtError) -> MtError {
+        self.poison_on_failed_sync(&e);
+        e
+    }
+
     /// The write side for a change of the replica other than apply
     /// (rollback, restore, hand-over, end): refused while poisoned, and the
     /// cached chunk hashes are forgotten first.
@@ -546,7 +553,7 @@ fn recover(layout: &Layout, info: &StoredInfo, storage: Arc<dyn Storage>) -> Res
     mkdir(&layout.retention_dir())?;
     mkdir(&layout.rollback_dir())?;
     let disk_ok = |d: u32| info.disks.iter().any(|x| x.index == d);
-    let journal = RetentionJournal::open(layout, rid, current, lo, disk_ok, storage)?;
+    let journal = RetentionJournal::open(layout, rid, current, lo, disk_ok, storage.clone())?;
     let pre_complete =
         st.rolled_back_to.is_some() || st.rollback.as_ref().is_some_and(|r| r.preimages_complete);
     let mut pre = None;
@@ -569,6 +576,7 @@ fn recover(layout: &Layout, info: &StoredInfo, storage: Arc<dyn Storage>) -> Res
     Ok(Inner::new(Recovered {
         st,
         state_path: layout.state(),
+        storage: storage.clone(),
         points,
         journal,
         pre,

@@ -17,11 +17,12 @@ use crate::retention_journal::{DroppedJournals, RetentionJournal};
 use crate::rollback::PreImages;
 use crate::seqfile::{SeqFile, SeqRecord};
 use crate::state::{
-    save_json, EndedState, HandOverState, HookOutcome, PersistedState, PointRef, ResyncWindow,
+    save_state, EndedState, HandOverState, HookOutcome, PersistedState, PointRef, ResyncWindow,
     RollbackProgress,
 };
 use crate::storage::Storage;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 /// The mutable state of a replication (see the module doc).
@@ -29,6 +30,8 @@ pub(crate) struct Inner {
     st: PersistedState,
     /// Where `st` is saved.
     state_path: PathBuf,
+    /// What `state.json`, `applied.seq` and the catalog are written through.
+    storage: Arc<dyn Storage>,
     /// A field only `state.json` holds (the resync window) changed since
     /// it was last saved.
     st_dirty: bool,
@@ -53,6 +56,7 @@ pub(crate) struct Inner {
 pub(crate) struct Recovered {
     pub st: PersistedState,
     pub state_path: PathBuf,
+    pub storage: Arc<dyn Storage>,
     pub points: RecoveryPoints,
     pub journal: RetentionJournal,
     pub pre: Option<PreImages>,
@@ -65,6 +69,7 @@ impl Inner {
         Inner {
             st: r.st,
             state_path: r.state_path,
+            storage: r.storage,
             st_dirty: false,
             points: r.points,
             journal: r.journal,
@@ -183,28 +188,26 @@ impl Inner {
     /// Persists the apply cursor durably: all of `state.json` when a field
     /// only it holds changed, else just the applied seq and interval
     /// (`applied.seq`).
-    pub fn persist_applied(&mut self, storage: &dyn Storage) -> Result<()> {
+    pub fn persist_applied(&mut self) -> Result<()> {
         if self.st_dirty {
-            save_json(&self.state_path, &self.st)?;
-            self.st_dirty = false;
-            return Ok(());
+            return self.save_state();
         }
         let rec = SeqRecord {
             applied_seq: self.st.applied_seq,
             interval: self.st.interval,
         };
-        self.seq.store(rec, storage)
+        self.seq.store(rec, self.storage.as_ref())
     }
 
     /// Apply, at a tag: `entry` closes the current interval. The catalog
     /// gets the point first, so a crash before the cursor is persisted is
     /// completed by recovery.
-    pub fn cut_point(&mut self, entry: PointEntry, storage: &dyn Storage) -> Result<()> {
+    pub fn cut_point(&mut self, entry: PointEntry) -> Result<()> {
         let seq = entry.seq;
-        self.points.append(entry)?;
+        self.points.append(entry, self.storage.as_ref())?;
         self.st.interval = self.journal.close_interval();
         self.st.applied_seq = seq;
-        self.persist_applied(storage)
+        self.persist_applied()
     }
 
     /// Retention: drops the `n` oldest points (the catalog first) and the
@@ -279,9 +282,10 @@ impl Inner {
         self.pre = None;
     }
 
-    /// Saves the persisted state to `state.json` atomically.
+    /// Saves the persisted state to `state.json` atomically, through the
+    /// storage (a failed fdatasync poisons the replication).
     pub fn save_state(&mut self) -> Result<()> {
-        save_json(&self.state_path, &self.st)?;
+        save_state(self.storage.as_ref(), &self.state_path, &self.st)?;
         self.st_dirty = false;
         Ok(())
     }

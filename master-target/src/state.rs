@@ -9,8 +9,10 @@
 //! MT acknowledges is never ahead of what a restart finds.
 
 use crate::error::{io_err, MtError, Result};
-use rebound_common::durable::write_atomic;
+use crate::storage::{Storage, Target};
+use rebound_common::durable::{fsync_dir, write_atomic};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::fs::OpenOptions;
 use std::path::Path;
 
 /// `info.json`: the replication and its disks, fixed at creation.
@@ -140,4 +142,36 @@ pub fn load_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
 pub fn save_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let bytes = serde_json::to_vec_pretty(value).expect("state serializes");
     write_atomic(path, &bytes).map_err(io_err(|| format!("cannot write {}", path.display())))
+}
+
+/// Saves `state` to `path` like [`save_json`] (tmp, fdatasync, rename,
+/// fsync of the directory), with the write and the fdatasync of the new
+/// copy going through `storage`: a failed fdatasync is [`MtError::Sync`],
+/// which poisons the replication.
+pub(crate) fn save_state(storage: &dyn Storage, path: &Path, state: &PersistedState) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(state).expect("state serializes");
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let tmp = dir.join(".state.json.tmp");
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(io_err(|| format!("cannot create {}", tmp.display())))?;
+    storage
+        .write_all_at(Target::State, &f, &bytes, 0)
+        .map_err(io_err(|| format!("cannot write {}", tmp.display())))?;
+    storage
+        .sync_data(Target::State, &f)
+        .map_err(|source| MtError::Sync {
+            target: Target::State,
+            path: tmp.clone(),
+            source,
+        })?;
+    std::fs::rename(&tmp, path).map_err(io_err(|| {
+        format!("cannot rename {} to {}", tmp.display(), path.display())
+    }))?;
+    fsync_dir(dir).map_err(io_err(|| {
+        format!("cannot fsync directory {}", dir.display())
+    }))
 }

@@ -2,7 +2,8 @@
 //! trait so tests can make any of them fail.
 //!
 //! Apply and rollback write the retention journal, the replicas, the
-//! pre-images and the applied seq through [`Storage`]; the real
+//! pre-images, the applied seq, `state.json` and the catalog appends
+//! through [`Storage`]; the real
 //! implementation ([`Disk`]) is plain pwrite / fallocate / fdatasync. Tests
 //! substitute a storage that fails the n-th write or fdatasync of one kind
 //! of file, which is how a crash or a failing disk is simulated: the
@@ -26,6 +27,10 @@ pub enum Target {
     PreImages,
     /// `applied.seq`.
     AppliedSeq,
+    /// `state.json` (its new copy, before the rename).
+    State,
+    /// The recovery-point catalog `points.log`.
+    Catalog,
 }
 
 impl Target {
@@ -35,6 +40,8 @@ impl Target {
             Target::Replica => "replica",
             Target::PreImages => "pre-image file",
             Target::AppliedSeq => "applied.seq",
+            Target::State => "state.json",
+            Target::Catalog => "recovery-point catalog",
         }
     }
 }

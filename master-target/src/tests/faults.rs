@@ -107,6 +107,34 @@ fn interrupted_rollback_reruns_to_the_exact_point() {
     }
 }
 
+/// A failed fdatasync of `state.json` (here when a rollback records its
+/// progress) poisons the replication like one of apply; after a restart
+/// the rollback runs.
+#[test]
+fn failed_state_fdatasync_poisons_until_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = history(5);
+    {
+        let faulty = Arc::new(Faulty::default());
+        let (_s, r) = open_store_on(dir.path(), faulty.clone());
+        apply_range(&r, &g, 1, g.seq(), 9);
+        faulty.arm(Op::Sync, Target::State, 1, false);
+        let e = r.rollback("p2").unwrap_err();
+        assert!(faulty.fired());
+        assert!(e.is_failed_sync(), "{e}");
+        assert!(e.to_string().contains("state.json"), "{e}");
+        faulty.disarm();
+        assert_eq!(r.state_name(), "poisoned");
+        assert!(matches!(r.rollback("p2"), Err(MtError::Poisoned { .. })));
+    }
+    let (_s, r) = open_store(dir.path());
+    assert!(r.status().poisoned.is_none());
+    r.rollback("p2").unwrap();
+    check_latest(&r, g.snap("p2"));
+    r.restore_pre_images().unwrap();
+    check_all(&r, &g);
+}
+
 /// A failed fdatasync of any file apply syncs poisons the replication: it
 /// refuses apply (and rollback) with an error that says to check the disk
 /// and restart, without rebuilding anything from the page cache. Reopened
@@ -119,6 +147,7 @@ fn failed_fdatasync_poisons_until_restart_and_loses_nothing_acknowledged() {
         (Target::Journal, 1),
         (Target::Replica, 1),
         (Target::AppliedSeq, 2),
+        (Target::Catalog, 1),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let g = history(11);
@@ -163,6 +192,7 @@ fn failed_fdatasync_poisons_until_restart_and_loses_nothing_acknowledged() {
             );
             assert!(matches!(r.rollback("p1"), Err(MtError::Poisoned { .. })));
             assert!(r.status().poisoned.is_some());
+            assert_eq!(r.state_name(), "poisoned");
             assert_eq!(r.applied_seq(), acked_before);
         }
         // (b) Restart: reopened from disk, nothing acknowledged is lost.
