@@ -37,12 +37,6 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         points: usize,
     },
-    /// The demo machine's agent, started by the demo's power_on hook.
-    #[command(name = "__demo-agent", hide = true)]
-    DemoAgent {
-        #[arg(long)]
-        config: PathBuf,
-    },
     /// Measure replication cost, throughput, RPO, resync and RTO on this
     /// machine beside its own limits and peer tools; print one table. Runs
     /// the `rebound-bench` binary beside this one with the same arguments
@@ -131,10 +125,6 @@ async fn main() -> Result<()> {
                 points,
             })
             .await
-        }
-        Cmd::DemoAgent { config } => {
-            rebound_common::telemetry::init(Default::default());
-            rebound_cli::demo::agent_main(&config).await
         }
         Cmd::Bench { args } => std::process::exit(rebound_cli::bench::run(&args)?),
         Cmd::Certs { out, machines } => rebound_cli::certs::write(&out, &machines),

@@ -25,6 +25,7 @@ pub mod config;
 pub mod net;
 pub mod operator;
 pub mod pki;
+pub mod power;
 pub mod process;
 pub mod rng;
 pub mod sites;

@@ -1,27 +1,25 @@
 //! Data-side helpers of `rebound demo`: writes and reads through NBD with
-//! Rebound's own NBD client (so the demo needs no NBD tools installed),
-//! blake3 of files and exports, and the agent's admin socket.
+//! Rebound's own NBD client, so the demo needs no NBD tools installed, and
+//! blake3 of exports.
 
 use anyhow::{bail, Context, Result};
 use rebound_common::nbd::client::NbdClient;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::time::Duration;
 
 /// Bytes per read when hashing an export: a multiple of every block size
 /// an NBD server may demand, well under the maximum payload.
 const HASH_CHUNK: usize = 4 << 20;
 
 /// Runs qemu-io-style commands (`write -P PATTERN OFFSET LENGTH`,
-/// `write -z OFFSET LENGTH`, `flush`) against an NBD URI through
-/// Rebound's own NBD client, then flushes, as qemu-io does on close.
-pub fn qemu_io(uri: &str, cmds: &[String]) -> Result<()> {
+/// `write -z OFFSET LENGTH`, `flush`, as [`rebound_lab::random_writes`]
+/// makes them) against an NBD URI through Rebound's own NBD client, then
+/// flushes, as qemu-io does on close; the bytes written.
+pub fn nbd_io(uri: &str, cmds: &[String]) -> Result<u64> {
     let mut c = NbdClient::connect_uri(uri).with_context(|| {
         format!(
             "opening {uri} to write the demo's data: check that the agent serving it is running"
         )
     })?;
+    let mut written = 0;
     for cmd in cmds {
         let words: Vec<&str> = cmd.split_whitespace().collect();
         let done = match words[..] {
@@ -31,6 +29,7 @@ pub fn qemu_io(uri: &str, cmds: &[String]) -> Result<()> {
                     bail!("pattern {pattern} in {cmd:?} is not a byte");
                 };
                 let data = vec![byte; usize::try_from(number(len, cmd)?)?];
+                written += data.len() as u64;
                 c.write_at(number(off, cmd)?, &data, false)
             }
             ["write", "-z", off, len] => {
@@ -45,7 +44,7 @@ pub fn qemu_io(uri: &str, cmds: &[String]) -> Result<()> {
         .with_context(|| format!("flushing {uri} after the demo's writes"))?;
     c.disconnect()
         .with_context(|| format!("disconnecting from {uri}"))?;
-    Ok(())
+    Ok(written)
 }
 
 /// A number as qemu-io writes it: decimal or 0x hex, with an optional
@@ -66,16 +65,9 @@ fn number(word: &str, cmd: &str) -> Result<u64> {
         .with_context(|| format!("{word:?} in {cmd:?} is not a number"))
 }
 
-pub fn hash_file(p: &Path) -> Result<String> {
-    let mut h = blake3::Hasher::new();
-    h.update_mmap(p)
-        .with_context(|| format!("hashing {}", p.display()))?;
-    Ok(h.finalize().to_hex().to_string())
-}
-
 /// blake3 of an NBD export, read through Rebound's own NBD client in
-/// chunks as it streams; `_scratch` is not needed, nothing is written.
-pub fn hash_export(uri: &str, _scratch: &Path) -> Result<String> {
+/// chunks as it streams.
+pub fn hash_export(uri: &str) -> Result<String> {
     let mut c = NbdClient::connect_uri(uri).with_context(|| {
         format!("opening {uri} to hash it: check that the master target serving it is running and lists the point")
     })?;
@@ -92,20 +84,4 @@ pub fn hash_export(uri: &str, _scratch: &Path) -> Result<String> {
     c.disconnect()
         .with_context(|| format!("disconnecting from {uri}"))?;
     Ok(h.finalize().to_hex().to_string())
-}
-
-/// One request on an agent's admin socket.
-pub fn agent_admin(sock: &Path, req: serde_json::Value) -> Result<serde_json::Value> {
-    let mut s = UnixStream::connect(sock)
-        .with_context(|| format!("connecting to the agent's admin socket {}", sock.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    writeln!(s, "{req}")?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line)?;
-    let v: serde_json::Value = serde_json::from_str(&line)
-        .with_context(|| format!("agent admin answer {line:?} is not JSON"))?;
-    if let Some(e) = v.get("error") {
-        bail!("agent refused {req}: {e}");
-    }
-    Ok(v)
 }

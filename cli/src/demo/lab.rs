@@ -1,17 +1,20 @@
-//! The in-process lab of `rebound demo`: a configuration server (`init` +
-//! `run`, SQLite), per site a process server `ps-<site>` and a master target
-//! `mt-<site>`, and the demo machine's agent, all tasks of this process on
-//! loopback ports with mutual TLS; every component enrolls with the CS's
-//! passphrase. Each MT's `[hooks] power_on` is `power_on.sh <site>`: it
-//! "boots" the machine at that site by starting `rebound __demo-agent` (this
-//! very executable) over the replica files the MT handed over, detached,
-//! with its pid in `agents/<machine>@<site>.pid` and the time it ran (ms) in
-//! `agents/<machine>@<site>/powered_on_ms`. [`Lab::shutdown`] stops them all.
+//! The in-process lab of the bench's failover part: a configuration server
+//! (`init` + `run`, SQLite), per site a process server `ps-<site>` and a
+//! master target `mt-<site>`, and one machine's agent, all tasks of this
+//! process on loopback ports with mutual TLS; every component enrolls with
+//! the CS's passphrase. Each MT's `[hooks] power_on` is `power_on.sh
+//! <site>`: it "boots" the machine at that site by starting this very
+//! executable's hidden `__demo-agent` subcommand ([`agent_main`]) over the
+//! replica files the MT handed over, detached, with its pid in
+//! `agents/<machine>@<site>.pid` and the time it ran (ms) in
+//! `agents/<machine>@<site>/powered_on_ms`. [`Lab::shutdown`] stops them
+//! all. `rebound demo` itself runs on child processes
+//! ([`rebound_lab::Sites`]); this lab stays until the bench does too.
 
-use super::io::agent_admin;
 use anyhow::{anyhow, bail, Context, Result};
 use rebound_common::enrollment::Enrolled;
 use rebound_common::pki::Role;
+use rebound_lab::admin::call as agent_admin;
 use rebound_proto::control as pb;
 use rebound_proto::control::admin_client::AdminClient;
 use std::collections::BTreeMap;
@@ -47,11 +50,19 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
+/// The hidden `__demo-agent --config FILE` of the binary running this lab:
+/// an agent over the config the power_on hook wrote, until SIGTERM.
+pub async fn agent_main(config: &Path) -> Result<()> {
+    let cfg: rebound_agent::config::Config = rebound_common::config::load(Some(config))
+        .map_err(|e| anyhow!("loading the agent config: {e}"))?;
+    let l = std::net::TcpListener::bind(&cfg.nbd_listen)
+        .map_err(|e| anyhow!("cannot listen for NBD on {}: {e}", cfg.nbd_listen))?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    rebound_agent::run(cfg, l, async move {
+        term.recv().await;
+    })
+    .await
+    .map_err(|e| anyhow!("agent: {e}"))
 }
 
 pub struct Lab {
