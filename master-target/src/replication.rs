@@ -1,12 +1,6 @@
-//! A replication's storage: creating it, opening it, and recovering its
-//! in-memory state from disk after a crash (DESIGN.md §7).
-//!
-//! Recovery rebuilds everything from the files themselves: the point
-//! catalog (torn tail cut), `state.json` and `applied.seq` (the larger
-//! applied seq and interval win; see `seqfile`), reconciled with the catalog (since
-//! a crash can fall between appending a point and persisting the state), and
-//! the block index of every retained interval, scanned from its journal with
-//! a torn or corrupt tail cut off (see `retention_journal`).
+//! A replication: creating it, opening it, its replica disks, and the
+//! lock around its mutable state (`replication_state`), which is recovered
+//! from disk on open and after a failed write (DESIGN.md §7).
 //!
 //! A failed fdatasync poisons the replication: Linux may have dropped the
 //! dirty pages and marked them clean, so neither memory nor a re-read of
@@ -16,15 +10,9 @@
 use crate::catalog::PointEntry;
 use crate::error::{io_err, MtError, Result};
 use crate::events::Events;
-use crate::hash_cache::HashCache;
 use crate::layout::{valid_name, Layout};
-use crate::points::RecoveryPoints;
 pub(crate) use crate::replica::Disk;
 pub(crate) use crate::replication_state::Inner;
-use crate::replication_state::Recovered;
-use crate::retention_journal::RetentionJournal;
-use crate::rollback::PreImages;
-use crate::seqfile::{SeqFile, SeqRecord};
 use crate::state::{load_json, save_json, PersistedState, StoredDisk, StoredInfo};
 use crate::storage::{Storage, Target};
 pub use crate::store::Store;
@@ -35,7 +23,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{error, warn};
 
 /// What every replication of a store shares: the storage its durable
 /// writes go through and where it raises events.
@@ -158,13 +146,13 @@ fn info_from_proto(p: &ReplicationInfo) -> StoredInfo {
     }
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     fsync_dir(dir).map_err(io_err(|| {
         format!("cannot fsync directory {}", dir.display())
     }))
 }
 
-fn mkdir(dir: &Path) -> Result<()> {
+pub(crate) fn mkdir(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io_err(|| {
         format!("cannot create directory {}", dir.display())
     }))
@@ -210,7 +198,7 @@ impl Replication {
             .iter()
             .map(|d| Disk::open(layout.replica(&d.name), d, &info.replication_id))
             .collect::<Result<Vec<Disk>>>()?;
-        let inner = recover(&layout, &info, env.storage.clone())?;
+        let inner = Inner::recover(&layout, &info, env.storage.clone())?;
         let (applied_tx, _) = watch::channel(inner.applied_seq());
         Ok(Replication {
             id: info.replication_id.clone(),
@@ -503,84 +491,8 @@ impl Replication {
     /// Rebuilds the in-memory state from disk, as a restart would.
     fn reload(&self, inner: &mut Inner) -> Result<()> {
         warn!(replication = %self.id, "recovering replication state from disk after an error");
-        *inner = recover(&self.layout, &self.info, self.env.storage.clone())?;
+        *inner = Inner::recover(&self.layout, &self.info, self.env.storage.clone())?;
         self.applied_tx.send_replace(inner.applied_seq());
         Ok(())
     }
-}
-
-/// Rebuilds a replication's in-memory state from its files.
-fn recover(layout: &Layout, info: &StoredInfo, storage: Arc<dyn Storage>) -> Result<Inner> {
-    let rid = &info.replication_id;
-    let mut st: PersistedState = if layout.state().exists() {
-        load_json(&layout.state())?
-    } else {
-        warn!(replication = %rid, "state.json is missing; starting from applied seq 0");
-        PersistedState::default()
-    };
-    // The hot fields live in applied.seq (created from state.json the first
-    // time); both only grow, so the larger value is the durable one.
-    let (seq, hot) = SeqFile::open(
-        &layout.applied_seq(),
-        SeqRecord {
-            applied_seq: st.applied_seq,
-            interval: st.interval,
-        },
-    )?;
-    st.applied_seq = st.applied_seq.max(hot.applied_seq);
-    st.interval = st.interval.max(hot.interval);
-    let points = RecoveryPoints::load(&layout.catalog())?;
-    // A crash between appending a point and persisting the state leaves the
-    // catalog ahead: the tag's interval is closed and its seq applied.
-    if let Some(last) = points.last() {
-        let mut changed = false;
-        if last.interval >= st.interval {
-            st.interval = last.interval + 1;
-            changed = true;
-        }
-        if last.seq > st.applied_seq {
-            st.applied_seq = last.seq;
-            changed = true;
-        }
-        if changed {
-            info!(replication = %rid, point = %last.id, "completing a recovery point cut interrupted by a restart");
-            save_json(&layout.state(), &st)?;
-        }
-    }
-    let current = st.interval;
-    // Intervals the retained points need: after the oldest point.
-    let lo = points.first().map(|p| p.interval + 1).unwrap_or(current);
-    mkdir(&layout.retention_dir())?;
-    mkdir(&layout.rollback_dir())?;
-    let disk_ok = |d: u32| info.disks.iter().any(|x| x.index == d);
-    let journal = RetentionJournal::open(layout, rid, current, lo, disk_ok, storage.clone())?;
-    let pre_complete =
-        st.rolled_back_to.is_some() || st.rollback.as_ref().is_some_and(|r| r.preimages_complete);
-    let mut pre = None;
-    if pre_complete {
-        let point = st
-            .rolled_back_to
-            .clone()
-            .or(st.rollback.as_ref().map(|r| r.point.clone()))
-            .expect("a rollback point");
-        match PreImages::open(layout, &point, disk_ok) {
-            Ok(p) => pre = Some(p),
-            Err(e) => error!(replication = %rid, error = %e,
-                "rollback pre-images cannot be read: views of points after the rollback point and RestorePreImages will fail"),
-        }
-    } else if st.rollback.is_none() && layout.preimages().exists() {
-        let p = layout.preimages();
-        std::fs::remove_file(&p).map_err(io_err(|| format!("cannot remove {}", p.display())))?;
-        sync_dir(&layout.rollback_dir())?;
-    }
-    Ok(Inner::new(Recovered {
-        st,
-        state_path: layout.state(),
-        storage: storage.clone(),
-        points,
-        journal,
-        pre,
-        seq,
-        hashes: HashCache::new(info.disks.iter().map(|d| d.size)),
-    }))
 }

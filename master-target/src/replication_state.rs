@@ -8,22 +8,32 @@
 //! (rollback, hand-over, end) is saved to `state.json` at once; the applied
 //! seq and interval are persisted by [`Inner::persist_applied`] at the end
 //! of an apply cycle.
+//!
+//! Recovery ([`Inner::recover`]) rebuilds everything from the files
+//! themselves: the point catalog (torn tail cut), `state.json` and
+//! `applied.seq` (the larger applied seq and interval win; see `seqfile`),
+//! reconciled with the catalog (since a crash can fall between appending a
+//! point and persisting the state), and the block index of every retained
+//! interval, scanned from its journal with a torn or corrupt tail cut off
+//! (see `retention_journal`).
 
 use crate::catalog::PointEntry;
-use crate::error::Result;
+use crate::error::{io_err, Result};
 use crate::hash_cache::HashCache;
+use crate::layout::Layout;
 use crate::points::RecoveryPoints;
+use crate::replication::{mkdir, sync_dir};
 use crate::retention_journal::{DroppedJournals, RetentionJournal};
 use crate::rollback::PreImages;
 use crate::seqfile::{SeqFile, SeqRecord};
 use crate::state::{
-    save_state, EndedState, HandOverState, HookOutcome, PersistedState, PointRef, ResyncWindow,
-    RollbackProgress,
+    load_json, save_json, save_state, EndedState, HandOverState, HookOutcome, PersistedState,
+    PointRef, ResyncWindow, RollbackProgress, StoredInfo,
 };
 use crate::storage::Storage;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use tracing::{error, info, warn};
 
 /// The mutable state of a replication (see the module doc).
 pub(crate) struct Inner {
@@ -52,32 +62,85 @@ pub(crate) struct Inner {
     chunk_hashes: Mutex<HashCache>,
 }
 
-/// What [`Inner::new`] is built from (recovered from the files).
-pub(crate) struct Recovered {
-    pub st: PersistedState,
-    pub state_path: PathBuf,
-    pub storage: Arc<dyn Storage>,
-    pub points: RecoveryPoints,
-    pub journal: RetentionJournal,
-    pub pre: Option<PreImages>,
-    pub seq: SeqFile,
-    pub hashes: HashCache,
-}
-
 impl Inner {
-    pub fn new(r: Recovered) -> Inner {
-        Inner {
-            st: r.st,
-            state_path: r.state_path,
-            storage: r.storage,
-            st_dirty: false,
-            points: r.points,
-            journal: r.journal,
-            pre: r.pre,
-            seq: r.seq,
-            scratch: Vec::new(),
-            chunk_hashes: Mutex::new(r.hashes),
+    /// Rebuilds a replication's in-memory state from its files (see the
+    /// module doc of `replication`).
+    pub fn recover(layout: &Layout, info: &StoredInfo, storage: Arc<dyn Storage>) -> Result<Inner> {
+        let rid = &info.replication_id;
+        let mut st: PersistedState = if layout.state().exists() {
+            load_json(&layout.state())?
+        } else {
+            warn!(replication = %rid, "state.json is missing; starting from applied seq 0");
+            PersistedState::default()
+        };
+        // The hot fields live in applied.seq (created from state.json the first
+        // time); both only grow, so the larger value is the durable one.
+        let (seq, hot) = SeqFile::open(
+            &layout.applied_seq(),
+            SeqRecord {
+                applied_seq: st.applied_seq,
+                interval: st.interval,
+            },
+        )?;
+        st.applied_seq = st.applied_seq.max(hot.applied_seq);
+        st.interval = st.interval.max(hot.interval);
+        let points = RecoveryPoints::load(&layout.catalog())?;
+        // A crash between appending a point and persisting the state leaves the
+        // catalog ahead: the tag's interval is closed and its seq applied.
+        if let Some(last) = points.last() {
+            let mut changed = false;
+            if last.interval >= st.interval {
+                st.interval = last.interval + 1;
+                changed = true;
+            }
+            if last.seq > st.applied_seq {
+                st.applied_seq = last.seq;
+                changed = true;
+            }
+            if changed {
+                info!(replication = %rid, point = %last.id, "completing a recovery point cut interrupted by a restart");
+                save_json(&layout.state(), &st)?;
+            }
         }
+        let current = st.interval;
+        // Intervals the retained points need: after the oldest point.
+        let lo = points.first().map(|p| p.interval + 1).unwrap_or(current);
+        mkdir(&layout.retention_dir())?;
+        mkdir(&layout.rollback_dir())?;
+        let disk_ok = |d: u32| info.disks.iter().any(|x| x.index == d);
+        let journal = RetentionJournal::open(layout, rid, current, lo, disk_ok, storage.clone())?;
+        let pre_complete = st.rolled_back_to.is_some()
+            || st.rollback.as_ref().is_some_and(|r| r.preimages_complete);
+        let mut pre = None;
+        if pre_complete {
+            let point = st
+                .rolled_back_to
+                .clone()
+                .or(st.rollback.as_ref().map(|r| r.point.clone()))
+                .expect("a rollback point");
+            match PreImages::open(layout, &point, disk_ok) {
+                Ok(p) => pre = Some(p),
+                Err(e) => error!(replication = %rid, error = %e,
+                    "rollback pre-images cannot be read: views of points after the rollback point and RestorePreImages will fail"),
+            }
+        } else if st.rollback.is_none() && layout.preimages().exists() {
+            let p = layout.preimages();
+            std::fs::remove_file(&p)
+                .map_err(io_err(|| format!("cannot remove {}", p.display())))?;
+            sync_dir(&layout.rollback_dir())?;
+        }
+        Ok(Inner {
+            st,
+            state_path: layout.state(),
+            storage,
+            st_dirty: false,
+            points,
+            journal,
+            pre,
+            seq,
+            scratch: Vec::new(),
+            chunk_hashes: Mutex::new(HashCache::new(info.disks.iter().map(|d| d.size))),
+        })
     }
 
     /// The persisted state as it is in memory.
