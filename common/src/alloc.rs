@@ -23,11 +23,7 @@ pub const MMAP_THRESHOLD: usize = 256 << 10;
 /// [`crate::block_cache::BlockCache`] for the transient ones.
 /// Does nothing with another C library or allocator.
 pub fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; any value is valid.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as libc::c_int);
-    }
+    crate::sys::set_mmap_threshold(MMAP_THRESHOLD);
 }
 
 /// Large buffers kept for reuse, so a hot path does not pay a page fault

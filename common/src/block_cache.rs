@@ -247,6 +247,8 @@ mod tests {
     #[test]
     fn a_freed_large_block_is_reused_and_small_ones_are_not_kept() {
         let c = BlockCache::new();
+        // SAFETY: each block is used within the layout it was allocated with
+        // and freed once, with that layout.
         unsafe {
             let p = c.alloc(layout(2 << 20));
             p.write_bytes(7, 2 << 20);
@@ -272,6 +274,8 @@ mod tests {
     #[test]
     fn the_cache_stays_within_its_bounds() {
         let c = BlockCache::new();
+        // SAFETY: each block is used within the layout it was allocated with
+        // and freed once, with that layout.
         unsafe {
             let blocks: Vec<*mut u8> = (0..CACHE_BLOCKS + 5)
                 .map(|_| c.alloc(layout(3 << 20)))
@@ -295,6 +299,8 @@ mod tests {
     #[test]
     fn realloc_keeps_the_content_through_the_cache() {
         let c = BlockCache::new();
+        // SAFETY: each block is used within the layout it was allocated with
+        // and freed once, with that layout.
         unsafe {
             let spare = c.alloc(layout(6 << 20));
             c.dealloc(spare, layout(6 << 20));

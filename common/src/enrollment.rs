@@ -20,7 +20,7 @@ use rebound_proto::control::enrollment_client::EnrollmentClient;
 use rebound_proto::control::{EnrollParamsRequest, EnrollRequest};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
-use rustls::crypto::CryptoProvider;
+use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
@@ -223,7 +223,8 @@ pub async fn enroll(
 /// signature. Only for enrollment (see the module doc).
 #[derive(Debug)]
 struct RememberingVerifier {
-    provider: Arc<CryptoProvider>,
+    /// The crypto provider's algorithms, for the handshake signatures.
+    algorithms: WebPkiSupportedAlgorithms,
     seen: Mutex<Option<(CertificateDer<'static>, Vec<CertificateDer<'static>>)>>,
 }
 
@@ -256,12 +257,7 @@ impl ServerCertVerifier for RememberingVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
     }
 
     fn verify_tls13_signature(
@@ -270,18 +266,11 @@ impl ServerCertVerifier for RememberingVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.algorithms.supported_schemes()
     }
 }
 
@@ -325,7 +314,7 @@ pub async fn enroll_with(opts: &EnrollOptions) -> Result<Enrolled, EnrollError> 
 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(RememberingVerifier {
-        provider: provider.clone(),
+        algorithms: provider.signature_verification_algorithms,
         seen: Mutex::new(None),
     });
     let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())

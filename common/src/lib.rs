@@ -4,7 +4,13 @@
 //! durable-file helpers, the NBD server, and the component side of the
 //! control plane: the control-channel client ([`control`]) and the
 //! enrollment client ([`enrollment`]).
+//!
+//! Unsafe code is confined to the allocator ([`block_cache`]) and the libc
+//! wrappers in `sys`.
+#![deny(unsafe_code)]
+
 pub mod alloc;
+#[allow(unsafe_code)]
 pub mod block_cache;
 pub mod chunk;
 pub mod cli_args;
@@ -16,6 +22,8 @@ pub mod frame;
 pub mod nbd;
 pub mod pki;
 pub mod signal;
+#[allow(unsafe_code)]
+mod sys;
 pub mod telemetry;
 pub mod time;
 pub mod tls;

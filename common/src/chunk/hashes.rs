@@ -22,11 +22,11 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::sync::OnceLock;
 
 use super::{is_zero, read_full_at, CHUNK_SIZE, SUB_CHUNK_SIZE};
+use crate::sys::{page_size, seek_data, Mapping};
 
 /// Most bytes read per `pread` (at least one chunk).
 const READ_SPAN: u64 = 1 << 20;
@@ -67,16 +67,17 @@ pub fn chunk_hashes(
     chunk_size: u32,
     count: u32,
 ) -> io::Result<Vec<u8>> {
-    let chunk = u64::from(chunk_size.max(1));
+    let chunks = Chunks::new(disk_size, offset, chunk_size, count);
+    let chunk = chunks.chunk;
     let end = disk_size.min(offset.saturating_add(u64::from(count) * chunk));
     if offset < end && offset.is_multiple_of(page_size()) && chunk.is_multiple_of(page_size()) {
         let meta = file.metadata()?;
         let regular = !meta.file_type().is_block_device() && meta.file_type().is_file();
         if regular && end <= meta.len() {
-            return mapped_hashes(file, disk_size, offset, chunk, count);
+            return mapped_hashes(file, chunks);
         }
     }
-    read_hashes(file, disk_size, offset, chunk, count)
+    read_hashes(file, chunks)
 }
 
 /// The hash of one chunk's bytes, as [`chunk_hashes`] gives it (an all-zero
@@ -89,113 +90,76 @@ pub fn chunk_hash(data: &[u8]) -> [u8; 32] {
     }
 }
 
-fn page_size() -> u64 {
-    static PAGE: OnceLock<u64> = OnceLock::new();
-    *PAGE.get_or_init(|| {
-        // SAFETY: sysconf has no preconditions.
-        let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        if p > 0 {
-            p as u64
-        } else {
-            4096
-        }
-    })
+/// The chunks one [`chunk_hashes`] call hashes: `count` of `chunk` bytes
+/// from `offset`, each clipped at `disk_size`.
+#[derive(Clone, Copy)]
+struct Chunks {
+    disk_size: u64,
+    offset: u64,
+    chunk: u64,
+    count: u32,
 }
 
-/// A read-only shared mapping of part of a file, unmapped on drop.
-struct Mapping {
-    ptr: *mut libc::c_void,
-    len: usize,
-}
-
-impl Mapping {
-    /// Maps `len` (> 0) bytes of `file` from the page-aligned `offset`, all
-    /// inside the file, with the pages populated up front.
-    fn new(file: &File, offset: u64, len: usize) -> io::Result<Mapping> {
-        // SAFETY: a fresh read-only mapping of an open fd; the kernel checks
-        // the arguments and the result is checked below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED | libc::MAP_POPULATE,
-                file.as_raw_fd(),
-                offset as libc::off_t,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
+impl Chunks {
+    fn new(disk_size: u64, offset: u64, chunk_size: u32, count: u32) -> Chunks {
+        Chunks {
+            disk_size,
+            offset,
+            chunk: u64::from(chunk_size.max(1)),
+            count,
         }
-        Ok(Mapping { ptr, len })
     }
 
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: `ptr` is a live mapping of `len` readable bytes until drop.
-        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `new`, once.
-        unsafe {
-            libc::munmap(self.ptr, self.len);
+    /// Walks the chunks in spans of whole chunks, at most `span` bytes (at
+    /// least one chunk) each, calling `hash` with a span's start, its length
+    /// clipped at `disk_size`, its chunk count and the hashes so far, which
+    /// it extends; returns them all.
+    fn hash_spans(
+        self,
+        span: u64,
+        mut hash: impl FnMut(u64, usize, u64, &mut Vec<u8>) -> io::Result<()>,
+    ) -> io::Result<Vec<u8>> {
+        let per_span = (span / self.chunk).max(1);
+        let mut out = Vec::with_capacity(self.count as usize * 32);
+        let mut i = 0u64;
+        while i < u64::from(self.count) {
+            let n = per_span.min(u64::from(self.count) - i);
+            let start = self.offset + i * self.chunk;
+            let len = self.disk_size.saturating_sub(start).min(n * self.chunk) as usize;
+            hash(start, len, n, &mut out)?;
+            i += n;
         }
+        Ok(out)
     }
 }
 
 /// [`chunk_hashes`] through mappings of at most [`MAP_SPAN`]; the caller
 /// checked that every byte below `disk_size` of the range is in the file.
-fn mapped_hashes(
-    file: &File,
-    disk_size: u64,
-    offset: u64,
-    chunk: u64,
-    count: u32,
-) -> io::Result<Vec<u8>> {
-    let per_map = (MAP_SPAN / chunk).max(1);
-    let mut out = Vec::with_capacity(count as usize * 32);
-    let mut i = 0u64;
-    while i < u64::from(count) {
-        let n = per_map.min(u64::from(count) - i);
-        let start = offset + i * chunk;
-        let len = disk_size.saturating_sub(start).min(n * chunk) as usize;
+fn mapped_hashes(file: &File, chunks: Chunks) -> io::Result<Vec<u8>> {
+    let chunk = chunks.chunk;
+    chunks.hash_spans(MAP_SPAN, |start, len, n, out| {
         if len == 0 {
             // Wholly past the end of the disk: the empty string each.
-            hash_span(&[], chunk, n, &mut out);
+            hash_span(&[], chunk, n, out);
         } else if is_hole(file, start, len as u64) {
-            zero_span(len as u64, chunk, n, &mut out);
+            zero_span(len as u64, chunk, n, out);
         } else {
             let map = Mapping::new(file, start, len)?;
-            hash_span(map.bytes(), chunk, n, &mut out);
+            hash_span(map.bytes(), chunk, n, out);
         }
-        i += n;
-    }
-    Ok(out)
+        Ok(())
+    })
 }
 
 /// [`chunk_hashes`] by `pread`, bytes past the end of the file as zeroes.
-fn read_hashes(
-    file: &File,
-    disk_size: u64,
-    offset: u64,
-    chunk: u64,
-    count: u32,
-) -> io::Result<Vec<u8>> {
-    let per_read = (READ_SPAN / chunk).max(1);
-    let mut out = Vec::with_capacity(count as usize * 32);
-    let mut buf = vec![0u8; (per_read * chunk) as usize];
-    let mut i = 0u64;
-    while i < u64::from(count) {
-        let n = per_read.min(u64::from(count) - i);
-        let start = offset + i * chunk;
-        let len = disk_size.saturating_sub(start).min(n * chunk) as usize;
+fn read_hashes(file: &File, chunks: Chunks) -> io::Result<Vec<u8>> {
+    let chunk = chunks.chunk;
+    let mut buf = vec![0u8; ((READ_SPAN / chunk).max(1) * chunk) as usize];
+    chunks.hash_spans(READ_SPAN, |start, len, n, out| {
         read_full_at(file, &mut buf[..len], start)?;
-        hash_span(&buf[..len], chunk, n, &mut out);
-        i += n;
-    }
-    Ok(out)
+        hash_span(&buf[..len], chunk, n, out);
+        Ok(())
+    })
 }
 
 /// Whether `len` bytes of `file` from `start` are all a hole (read as
@@ -203,13 +167,11 @@ fn read_hashes(
 /// read and written at explicit offsets. `false` when unsure (a file system
 /// without `SEEK_DATA`, which then reports everything as data).
 fn is_hole(file: &File, start: u64, len: u64) -> bool {
-    // SAFETY: lseek on an open fd; the result is checked.
-    let next_data = unsafe { libc::lseek(file.as_raw_fd(), start as libc::off_t, libc::SEEK_DATA) };
-    if next_data < 0 {
+    match seek_data(file, start) {
+        Ok(next_data) => next_data >= start.saturating_add(len),
         // ENXIO: no data at or after `start`.
-        return io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+        Err(e) => e.raw_os_error() == Some(libc::ENXIO),
     }
-    next_data as u64 >= start.saturating_add(len)
 }
 
 /// Appends the hashes of `n` chunks of `chunk` bytes of zeroes, the span
@@ -284,7 +246,7 @@ mod tests {
                 let want = reference(&f, size, offset, chunk, count);
                 let got = chunk_hashes(&f, size, offset, chunk, count).unwrap();
                 assert_eq!(got, want, "chunk {chunk} count {count} offset {offset}");
-                let read = read_hashes(&f, size, offset, u64::from(chunk), count).unwrap();
+                let read = read_hashes(&f, Chunks::new(size, offset, chunk, count)).unwrap();
                 assert_eq!(
                     read, want,
                     "pread: chunk {chunk} count {count} offset {offset}"
@@ -294,7 +256,7 @@ mod tests {
                     && offset.is_multiple_of(page_size())
                     && u64::from(chunk).is_multiple_of(page_size())
                 {
-                    let m = mapped_hashes(&f, size, offset, u64::from(chunk), count).unwrap();
+                    let m = mapped_hashes(&f, Chunks::new(size, offset, chunk, count)).unwrap();
                     assert_eq!(
                         m, want,
                         "mapped: chunk {chunk} count {count} offset {offset}"
@@ -315,8 +277,8 @@ mod tests {
         for (chunk, count) in [(CHUNK_SIZE as u32, 30), (SUB_CHUNK_SIZE as u32, 400)] {
             for offset in [0, 8 << 20, 20 << 20] {
                 let want = reference(&sparse, sparse_size, offset, chunk, count);
-                let m =
-                    mapped_hashes(&sparse, sparse_size, offset, u64::from(chunk), count).unwrap();
+                let chunks = Chunks::new(sparse_size, offset, chunk, count);
+                let m = mapped_hashes(&sparse, chunks).unwrap();
                 assert_eq!(
                     m, want,
                     "sparse: chunk {chunk} count {count} offset {offset}"

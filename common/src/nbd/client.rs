@@ -377,7 +377,7 @@ impl NbdClient {
         }
         self.broken = true;
         let cookie = self.cookie();
-        let hdr = request_header(CMD_DISC, 0, cookie, 0, 0);
+        let hdr = Request::new(CMD_DISC, 0, cookie, 0, 0).encode();
         self.stream
             .write_all(&hdr)
             .and_then(|()| self.stream.flush())
@@ -508,7 +508,7 @@ impl NbdClient {
             return Err(self.protocol("a request longer than 4 GiB was about to be sent"));
         };
         let cookie = self.cookie();
-        let hdr = request_header(cmd, flags, cookie, offset, len32);
+        let hdr = Request::new(cmd, flags, cookie, offset, len32).encode();
         let sent = self
             .stream
             .write_all(&hdr)
@@ -737,17 +737,6 @@ impl Drop for NbdClient {
             let _ = self.send_disc();
         }
     }
-}
-
-fn request_header(cmd: u16, flags: u16, cookie: u64, offset: u64, length: u32) -> [u8; 28] {
-    let mut b = [0u8; REQUEST_LEN];
-    b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    b[4..6].copy_from_slice(&flags.to_be_bytes());
-    b[6..8].copy_from_slice(&cmd.to_be_bytes());
-    b[8..16].copy_from_slice(&cookie.to_be_bytes());
-    b[16..24].copy_from_slice(&offset.to_be_bytes());
-    b[24..28].copy_from_slice(&length.to_be_bytes());
-    b
 }
 
 fn option_during(opt: u32) -> &'static str {

@@ -27,39 +27,6 @@ impl NbdError {
             message: message.into(),
         }
     }
-    /// EPERM: not permitted (read-only export, fenced writes).
-    pub fn eperm(message: impl Into<String>) -> Self {
-        Self::new(proto::EPERM, message)
-    }
-    /// EIO: the backing storage failed.
-    pub fn eio(message: impl Into<String>) -> Self {
-        Self::new(proto::EIO, message)
-    }
-    /// ENOMEM: out of memory (the protocol asks servers to avoid it).
-    pub fn enomem(message: impl Into<String>) -> Self {
-        Self::new(proto::ENOMEM, message)
-    }
-    /// EINVAL: invalid request.
-    pub fn einval(message: impl Into<String>) -> Self {
-        Self::new(proto::EINVAL, message)
-    }
-    /// ENOSPC: no space left (also for EDQUOT and EFBIG).
-    pub fn enospc(message: impl Into<String>) -> Self {
-        Self::new(proto::ENOSPC, message)
-    }
-    /// EOVERFLOW: value too large.
-    pub fn eoverflow(message: impl Into<String>) -> Self {
-        Self::new(proto::EOVERFLOW, message)
-    }
-    /// ENOTSUP: operation not supported.
-    pub fn enotsup(message: impl Into<String>) -> Self {
-        Self::new(proto::ENOTSUP, message)
-    }
-    /// ESHUTDOWN: the server is shutting down; the client disconnects.
-    pub fn eshutdown(message: impl Into<String>) -> Self {
-        Self::new(proto::ESHUTDOWN, message)
-    }
-
     /// Maps an IO error to the NBD error set, keeping its text.
     pub fn from_io(err: &io::Error, context: impl fmt::Display) -> Self {
         let errno = match err.raw_os_error() {
@@ -78,18 +45,45 @@ impl NbdError {
     /// The errno to put on the wire: undefined values (and 0, which would
     /// read as success) become EIO.
     pub(crate) fn wire_errno(&self) -> u32 {
-        match self.errno {
-            proto::EPERM
-            | proto::EIO
-            | proto::ENOMEM
-            | proto::EINVAL
-            | proto::ENOSPC
-            | proto::EOVERFLOW
-            | proto::ENOTSUP
-            | proto::ESHUTDOWN => self.errno,
-            _ => proto::EIO,
+        if proto::is_wire_errno(self.errno) {
+            self.errno
+        } else {
+            proto::EIO
         }
     }
+}
+
+/// The constructors named after an errno, taking the message.
+macro_rules! errno_constructors {
+    ($($(#[$doc:meta])* $constructor:ident => $errno:ident;)*) => {
+        impl NbdError {
+            $(
+                $(#[$doc])*
+                pub fn $constructor(message: impl Into<String>) -> Self {
+                    Self::new(proto::$errno, message)
+                }
+            )*
+        }
+    };
+}
+
+errno_constructors! {
+    /// EPERM: not permitted (read-only export, fenced writes).
+    eperm => EPERM;
+    /// EIO: the backing storage failed.
+    eio => EIO;
+    /// ENOMEM: out of memory (the protocol asks servers to avoid it).
+    enomem => ENOMEM;
+    /// EINVAL: invalid request.
+    einval => EINVAL;
+    /// ENOSPC: no space left (also for EDQUOT and EFBIG).
+    enospc => ENOSPC;
+    /// EOVERFLOW: value too large.
+    eoverflow => EOVERFLOW;
+    /// ENOTSUP: operation not supported.
+    enotsup => ENOTSUP;
+    /// ESHUTDOWN: the server is shutting down; the client disconnects.
+    eshutdown => ESHUTDOWN;
 }
 
 impl fmt::Display for NbdError {

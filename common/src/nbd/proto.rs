@@ -1,8 +1,18 @@
-//! NBD wire constants and the fixed-size request decoder.
+//! NBD wire constants and the fixed-size request codec.
 //!
 //! Numbers come from the protocol document (NetworkBlockDevice/nbd
 //! doc/proto.md). Kept apart from the state machines so that the handshake,
 //! the transmission loop and the tests share one spelling of each value.
+
+/// Declares wire values of one kind and a `$table` of them with their
+/// names for logs, so that each value and its name are written once.
+macro_rules! named_values {
+    ($(#[$doc:meta])* $table:ident: $ty:ty { $($value:ident = $number:literal, $name:literal;)* }) => {
+        $(#[$doc])*
+        $(pub(crate) const $value: $ty = $number;)*
+        const $table: &[($ty, &str)] = &[$(($value, $name)),*];
+    };
+}
 
 // Handshake magics.
 pub(crate) const NBDMAGIC: u64 = 0x4e42_444d_4147_4943; // "NBDMAGIC"
@@ -15,17 +25,21 @@ pub(crate) const FLAG_NO_ZEROES: u16 = 1 << 1;
 pub(crate) const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
 pub(crate) const FLAG_C_NO_ZEROES: u32 = 1 << 1;
 
-// Options.
-pub(crate) const OPT_EXPORT_NAME: u32 = 1;
-pub(crate) const OPT_ABORT: u32 = 2;
-pub(crate) const OPT_LIST: u32 = 3;
-pub(crate) const OPT_STARTTLS: u32 = 5;
-pub(crate) const OPT_INFO: u32 = 6;
-pub(crate) const OPT_GO: u32 = 7;
-pub(crate) const OPT_STRUCTURED_REPLY: u32 = 8;
-pub(crate) const OPT_LIST_META_CONTEXT: u32 = 9;
-pub(crate) const OPT_SET_META_CONTEXT: u32 = 10;
-pub(crate) const OPT_EXTENDED_HEADERS: u32 = 11;
+named_values! {
+    /// Options.
+    OPTIONS: u32 {
+        OPT_EXPORT_NAME = 1, "EXPORT_NAME";
+        OPT_ABORT = 2, "ABORT";
+        OPT_LIST = 3, "LIST";
+        OPT_STARTTLS = 5, "STARTTLS";
+        OPT_INFO = 6, "INFO";
+        OPT_GO = 7, "GO";
+        OPT_STRUCTURED_REPLY = 8, "STRUCTURED_REPLY";
+        OPT_LIST_META_CONTEXT = 9, "LIST_META_CONTEXT";
+        OPT_SET_META_CONTEXT = 10, "SET_META_CONTEXT";
+        OPT_EXTENDED_HEADERS = 11, "EXTENDED_HEADERS";
+    }
+}
 
 // Option replies.
 pub(crate) const REP_ACK: u32 = 1;
@@ -55,72 +69,64 @@ pub(crate) const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub(crate) const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 pub(crate) const REQUEST_LEN: usize = 28;
 
-pub(crate) const CMD_READ: u16 = 0;
-pub(crate) const CMD_WRITE: u16 = 1;
-pub(crate) const CMD_DISC: u16 = 2;
-pub(crate) const CMD_FLUSH: u16 = 3;
-pub(crate) const CMD_TRIM: u16 = 4;
-pub(crate) const CMD_WRITE_ZEROES: u16 = 6;
+named_values! {
+    /// Commands; CACHE, BLOCK_STATUS and RESIZE are refused and only named.
+    COMMANDS: u16 {
+        CMD_READ = 0, "READ";
+        CMD_WRITE = 1, "WRITE";
+        CMD_DISC = 2, "DISC";
+        CMD_FLUSH = 3, "FLUSH";
+        CMD_TRIM = 4, "TRIM";
+        CMD_CACHE = 5, "CACHE";
+        CMD_WRITE_ZEROES = 6, "WRITE_ZEROES";
+        CMD_BLOCK_STATUS = 7, "BLOCK_STATUS";
+        CMD_RESIZE = 8, "RESIZE";
+    }
+}
 
 pub(crate) const CMD_FLAG_FUA: u16 = 1 << 0;
 pub(crate) const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 
-// Error values allowed on the wire.
-pub(crate) const EPERM: u32 = 1;
-pub(crate) const EIO: u32 = 5;
-pub(crate) const ENOMEM: u32 = 12;
-pub(crate) const EINVAL: u32 = 22;
-pub(crate) const ENOSPC: u32 = 28;
-pub(crate) const EOVERFLOW: u32 = 75;
-pub(crate) const ENOTSUP: u32 = 95;
-pub(crate) const ESHUTDOWN: u32 = 108;
+named_values! {
+    /// Error values allowed on the wire.
+    ERRNOS: u32 {
+        EPERM = 1, "EPERM";
+        EIO = 5, "EIO";
+        ENOMEM = 12, "ENOMEM";
+        EINVAL = 22, "EINVAL";
+        ENOSPC = 28, "ENOSPC";
+        EOVERFLOW = 75, "EOVERFLOW";
+        ENOTSUP = 95, "ENOTSUP";
+        ESHUTDOWN = 108, "ESHUTDOWN";
+    }
+}
 
 /// Strings in the protocol (names, messages) must not exceed this.
 pub(crate) const MAX_STRING_LEN: usize = 4096;
 
+/// The name of `value` in a table of [`named_values!`].
+fn name_in<T: PartialEq>(table: &[(T, &'static str)], value: T) -> Option<&'static str> {
+    table
+        .iter()
+        .find(|(v, _)| *v == value)
+        .map(|&(_, name)| name)
+}
+
 pub(crate) fn errno_name(errno: u32) -> &'static str {
-    match errno {
-        EPERM => "EPERM",
-        EIO => "EIO",
-        ENOMEM => "ENOMEM",
-        EINVAL => "EINVAL",
-        ENOSPC => "ENOSPC",
-        EOVERFLOW => "EOVERFLOW",
-        ENOTSUP => "ENOTSUP",
-        ESHUTDOWN => "ESHUTDOWN",
-        _ => "errno",
-    }
+    name_in(ERRNOS, errno).unwrap_or("errno")
+}
+
+/// One of the error values the protocol defines.
+pub(crate) fn is_wire_errno(errno: u32) -> bool {
+    name_in(ERRNOS, errno).is_some()
 }
 
 pub(crate) fn option_name(opt: u32) -> &'static str {
-    match opt {
-        OPT_EXPORT_NAME => "EXPORT_NAME",
-        OPT_ABORT => "ABORT",
-        OPT_LIST => "LIST",
-        OPT_STARTTLS => "STARTTLS",
-        OPT_INFO => "INFO",
-        OPT_GO => "GO",
-        OPT_STRUCTURED_REPLY => "STRUCTURED_REPLY",
-        OPT_LIST_META_CONTEXT => "LIST_META_CONTEXT",
-        OPT_SET_META_CONTEXT => "SET_META_CONTEXT",
-        OPT_EXTENDED_HEADERS => "EXTENDED_HEADERS",
-        _ => "unknown",
-    }
+    name_in(OPTIONS, opt).unwrap_or("unknown")
 }
 
 pub(crate) fn command_name(cmd: u16) -> &'static str {
-    match cmd {
-        CMD_READ => "READ",
-        CMD_WRITE => "WRITE",
-        CMD_DISC => "DISC",
-        CMD_FLUSH => "FLUSH",
-        CMD_TRIM => "TRIM",
-        5 => "CACHE",
-        CMD_WRITE_ZEROES => "WRITE_ZEROES",
-        7 => "BLOCK_STATUS",
-        8 => "RESIZE",
-        _ => "unknown",
-    }
+    name_in(COMMANDS, cmd).unwrap_or("unknown")
 }
 
 /// A decoded transmission-phase request header.
@@ -148,7 +154,20 @@ impl Request {
         }
     }
 
-    #[cfg(test)]
+    /// A request with the request magic.
+    pub(crate) fn new(command: u16, flags: u16, cookie: u64, offset: u64, length: u32) -> Request {
+        Request {
+            magic: REQUEST_MAGIC,
+            flags,
+            command,
+            cookie,
+            offset,
+            length,
+        }
+    }
+
+    /// Encodes the fixed 28-byte header (the client's requests, and the
+    /// tests').
     pub(crate) fn encode(&self) -> [u8; REQUEST_LEN] {
         let mut b = [0u8; REQUEST_LEN];
         b[0..4].copy_from_slice(&self.magic.to_be_bytes());

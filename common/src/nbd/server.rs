@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -43,43 +43,38 @@ pub(crate) trait Conn: Read + Write + Send + Sized + 'static {
 }
 
 /// A bound listener the accept loop can poll.
-pub(crate) trait Listener: AsRawFd + Send + 'static {
+pub(crate) trait Listener: AsFd + Send + 'static {
     type Stream: Conn;
     fn set_nonblocking_listener(&self) -> io::Result<()>;
     fn accept_conn(&self) -> io::Result<(Self::Stream, String)>;
     fn local_name(&self) -> String;
 }
 
-impl Conn for TcpStream {
-    fn clone_conn(&self) -> io::Result<Self> {
-        self.try_clone()
-    }
-    fn shutdown_conn(&self, how: Shutdown) -> io::Result<()> {
-        self.shutdown(how)
-    }
-    fn set_read_timeout_conn(&self, timeout: Option<Duration>) -> io::Result<()> {
-        self.set_read_timeout(timeout)
-    }
-    fn prepare(&self) -> io::Result<()> {
-        self.set_nonblocking(false)?;
-        self.set_nodelay(true)
-    }
+/// `TcpStream` and `UnixStream` have these methods under the same names but
+/// share no trait; `prepare` also runs `$tune` (TCP_NODELAY for TCP).
+macro_rules! impl_conn {
+    ($stream:ty $(, $tune:ident($arg:expr))?) => {
+        impl Conn for $stream {
+            fn clone_conn(&self) -> io::Result<Self> {
+                self.try_clone()
+            }
+            fn shutdown_conn(&self, how: Shutdown) -> io::Result<()> {
+                self.shutdown(how)
+            }
+            fn set_read_timeout_conn(&self, timeout: Option<Duration>) -> io::Result<()> {
+                self.set_read_timeout(timeout)
+            }
+            fn prepare(&self) -> io::Result<()> {
+                self.set_nonblocking(false)?;
+                $(self.$tune($arg)?;)?
+                Ok(())
+            }
+        }
+    };
 }
 
-impl Conn for UnixStream {
-    fn clone_conn(&self) -> io::Result<Self> {
-        self.try_clone()
-    }
-    fn shutdown_conn(&self, how: Shutdown) -> io::Result<()> {
-        self.shutdown(how)
-    }
-    fn set_read_timeout_conn(&self, timeout: Option<Duration>) -> io::Result<()> {
-        self.set_read_timeout(timeout)
-    }
-    fn prepare(&self) -> io::Result<()> {
-        self.set_nonblocking(false)
-    }
-}
+impl_conn!(TcpStream, set_nodelay(true));
+impl_conn!(UnixStream);
 
 impl Listener for TcpListener {
     type Stream = TcpStream;
@@ -87,14 +82,11 @@ impl Listener for TcpListener {
         self.set_nonblocking(true)
     }
     fn accept_conn(&self) -> io::Result<(TcpStream, String)> {
-        let (s, addr) = self.accept()?;
-        Ok((s, addr.to_string()))
+        self.accept().map(|(s, peer)| (s, peer.to_string()))
     }
     fn local_name(&self) -> String {
-        match self.local_addr() {
-            Ok(a) => format!("tcp:{a}"),
-            Err(_) => "tcp:?".to_string(),
-        }
+        let addr = self.local_addr().map_or("?".to_string(), |a| a.to_string());
+        format!("tcp:{addr}")
     }
 }
 
@@ -104,18 +96,13 @@ impl Listener for UnixListener {
         self.set_nonblocking(true)
     }
     fn accept_conn(&self) -> io::Result<(UnixStream, String)> {
-        let (s, _) = self.accept()?;
-        Ok((s, "unix".to_string()))
+        self.accept().map(|(s, _)| (s, "unix".to_string()))
     }
     fn local_name(&self) -> String {
-        match self
-            .local_addr()
-            .ok()
-            .and_then(|a| a.as_pathname().map(|p| p.to_owned()))
-        {
-            Some(p) => format!("unix:{}", p.display()),
-            None => "unix:?".to_string(),
-        }
+        let addr = self.local_addr().ok();
+        let path = addr.as_ref().and_then(|a| a.as_pathname());
+        let path = path.map_or("?".to_string(), |p| p.display().to_string());
+        format!("unix:{path}")
     }
 }
 
@@ -186,7 +173,7 @@ fn accept_loop<L: Listener>(
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                wait_readable(listener.as_raw_fd(), ACCEPT_POLL)
+                crate::sys::wait_readable(&listener, ACCEPT_POLL)
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
@@ -317,21 +304,6 @@ fn stop_connections<S: Conn>(
         }
     }
     info!(listen = %local, "NBD server stopped");
-}
-
-/// Waits until `fd` is readable (a connection is pending) or `timeout`.
-fn wait_readable(fd: RawFd, timeout: Duration) {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `pfd` is a valid pollfd for the duration of the call and the
-    // count is 1. Errors (EINTR) just end the wait early; the caller retries.
-    unsafe {
-        libc::poll(&mut pfd, 1, ms);
-    }
 }
 
 fn wait_empty<S>(table: &ConnTable<S>, within: Duration) -> bool {

@@ -19,6 +19,13 @@ const MIB: usize = 1 << 20;
 const RW_FLAGS: u16 =
     FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES;
 
+/// A server exporting `dev` as "disk0" and a client that has selected it.
+fn disk0_client(dev: &Arc<MemDevice>) -> (TestServer, RawClient) {
+    let srv = TestServer::start(vec![("disk0", dev.clone())]);
+    let (c, _, _) = RawClient::go(srv.addr, "disk0");
+    (srv, c)
+}
+
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
     Rng(seed | 1).fill(&mut v);
@@ -108,8 +115,7 @@ fn read_write_flush_fua_trim_zeroes() {
 fn out_of_range_read_is_einval_and_connection_stays_in_sync() {
     let dev = MemDevice::new(MIB, false);
     dev.fill(0, b"hello");
-    let srv = TestServer::start(vec![("disk0", dev)]);
-    let (mut c, _, _) = RawClient::go(srv.addr, "disk0");
+    let (_srv, mut c) = disk0_client(&dev);
     assert_eq!(c.read(1, MIB as u64 - 512, 1024), Err(EINVAL));
     assert_eq!(c.read(2, u64::MAX - 10, 512), Err(EINVAL));
     assert_eq!(c.read(3, 0, 5).unwrap(), b"hello");
@@ -118,8 +124,7 @@ fn out_of_range_read_is_einval_and_connection_stays_in_sync() {
 #[test]
 fn out_of_range_write_is_enospc_and_payload_is_skipped() {
     let dev = MemDevice::new(MIB, false);
-    let srv = TestServer::start(vec![("disk0", dev.clone())]);
-    let (mut c, _, _) = RawClient::go(srv.addr, "disk0");
+    let (_srv, mut c) = disk0_client(&dev);
     let data = pattern(3, 8192);
     assert_eq!(c.write(1, MIB as u64 - 4096, &data, 0), ENOSPC);
     assert_eq!(c.simple(CMD_WRITE_ZEROES, 0, 2, MIB as u64, 512), ENOSPC);
@@ -132,8 +137,7 @@ fn out_of_range_write_is_enospc_and_payload_is_skipped() {
 #[test]
 fn unaligned_writes_are_einval() {
     let dev = MemDevice::new(MIB, false);
-    let srv = TestServer::start(vec![("disk0", dev.clone())]);
-    let (mut c, _, _) = RawClient::go(srv.addr, "disk0");
+    let (_srv, mut c) = disk0_client(&dev);
     assert_eq!(c.write(1, 100, &[1u8; 512], 0), EINVAL);
     assert_eq!(c.write(2, 512, &[1u8; 100], 0), EINVAL);
     assert_eq!(c.simple(CMD_WRITE_ZEROES, 0, 3, 512, 100), EINVAL);
@@ -156,8 +160,7 @@ fn odd_sized_device_tail_is_writable() {
 #[test]
 fn oversized_write_payload_is_discarded_then_einval() {
     let dev = MemDevice::new(MIB, false);
-    let srv = TestServer::start(vec![("disk0", dev.clone())]);
-    let (mut c, _, _) = RawClient::go(srv.addr, "disk0");
+    let (_srv, mut c) = disk0_client(&dev);
     let big = vec![0x5au8; MAX_BLOCK_SIZE as usize + 4096];
     assert_eq!(c.write(1, 0, &big, 0), EINVAL);
     assert_eq!(dev.contents(), vec![0u8; MIB]);
@@ -168,8 +171,7 @@ fn oversized_write_payload_is_discarded_then_einval() {
 #[test]
 fn oversized_read_is_einval() {
     let dev = MemDevice::new(MIB, false);
-    let srv = TestServer::start(vec![("disk0", dev)]);
-    let (mut c, _, _) = RawClient::go(srv.addr, "disk0");
+    let (_srv, mut c) = disk0_client(&dev);
     assert_eq!(c.read(1, 0, MAX_BLOCK_SIZE + 512), Err(EINVAL));
     assert_eq!(c.read(2, 0, 512).unwrap(), vec![0u8; 512]);
 }
@@ -177,8 +179,7 @@ fn oversized_read_is_einval() {
 #[test]
 fn absurd_write_length_gets_einval_then_close() {
     let dev = MemDevice::new(MIB, false);
-    let srv = TestServer::start(vec![("disk0", dev)]);
-    let (mut c, _, _) = RawClient::go(srv.addr, "disk0");
+    let (_srv, mut c) = disk0_client(&dev);
     c.request(CMD_WRITE, 0, 1, 0, 0xffff_0000, &[]);
     assert_eq!(c.reply(), (EINVAL, 1));
     assert!(c.closed_by_server());
@@ -187,8 +188,7 @@ fn absurd_write_length_gets_einval_then_close() {
 #[test]
 fn unknown_command_and_flags_are_einval() {
     let dev = MemDevice::new(MIB, false);
-    let srv = TestServer::start(vec![("disk0", dev)]);
-    let (mut c, _, _) = RawClient::go(srv.addr, "disk0");
+    let (_srv, mut c) = disk0_client(&dev);
     assert_eq!(c.simple(5, 0, 1, 0, 512), EINVAL); // CACHE, not advertised
     assert_eq!(c.simple(7, 0, 2, 0, 512), EINVAL); // BLOCK_STATUS
     assert_eq!(c.simple(0x1234, 0, 3, 0, 0), EINVAL);
@@ -203,8 +203,7 @@ fn unknown_command_and_flags_are_einval() {
 #[test]
 fn bad_request_magic_closes_the_connection() {
     let dev = MemDevice::new(MIB, false);
-    let srv = TestServer::start(vec![("disk0", dev)]);
-    let (mut c, _, _) = RawClient::go(srv.addr, "disk0");
+    let (_srv, mut c) = disk0_client(&dev);
     c.send(&[0xde; REQUEST_LEN]);
     assert!(c.closed_by_server());
 }
@@ -380,32 +379,17 @@ fn handshake_violations_close_the_connection() {
 #[test]
 fn pipelined_requests_are_answered_in_order() {
     let dev = MemDevice::new(4 * MIB, false);
-    let srv = TestServer::start(vec![("disk0", dev.clone())]);
-    let (mut c, _, _) = RawClient::go(srv.addr, "disk0");
+    let (_srv, mut c) = disk0_client(&dev);
     // 64 writes and 64 reads in one burst, then all the replies.
     let mut burst = Vec::new();
     for i in 0..64u64 {
         let data = vec![i as u8; 4096];
-        let req = Request {
-            magic: REQUEST_MAGIC,
-            flags: 0,
-            command: CMD_WRITE,
-            cookie: i,
-            offset: i * 4096,
-            length: 4096,
-        };
+        let req = Request::new(CMD_WRITE, 0, i, i * 4096, 4096);
         burst.extend_from_slice(&req.encode());
         burst.extend_from_slice(&data);
     }
     for i in 0..64u64 {
-        let req = Request {
-            magic: REQUEST_MAGIC,
-            flags: 0,
-            command: CMD_READ,
-            cookie: 1000 + i,
-            offset: i * 4096,
-            length: 4096,
-        };
+        let req = Request::new(CMD_READ, 0, 1000 + i, i * 4096, 4096);
         burst.extend_from_slice(&req.encode());
     }
     c.send(&burst);
@@ -509,14 +493,7 @@ fn unix_socket_serves_and_stops() {
     let mut export = [0u8; 10];
     s.read_exact(&mut export).unwrap();
     assert_eq!(&export[..8], &(MIB as u64).to_be_bytes());
-    let req = Request {
-        magic: REQUEST_MAGIC,
-        flags: 0,
-        command: CMD_WRITE,
-        cookie: 42,
-        offset: 0,
-        length: 512,
-    };
+    let req = Request::new(CMD_WRITE, 0, 42, 0, 512);
     s.write_all(&req.encode()).unwrap();
     s.write_all(&[0xcdu8; 512]).unwrap();
     let mut reply = [0u8; 16];

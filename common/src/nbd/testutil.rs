@@ -331,15 +331,9 @@ impl RawClient {
         length: u32,
         payload: &[u8],
     ) {
-        let req = Request {
-            magic: REQUEST_MAGIC,
-            flags,
-            command,
-            cookie,
-            offset,
-            length,
-        };
-        let mut b = req.encode().to_vec();
+        let mut b = Request::new(command, flags, cookie, offset, length)
+            .encode()
+            .to_vec();
         b.extend_from_slice(payload);
         self.send(&b);
     }

@@ -194,12 +194,8 @@ impl<R: Read, W: Write> Session<'_, R, W> {
         }
     }
 
-    fn unknown_flags(req: &Request) -> bool {
-        req.flags & !(CMD_FLAG_FUA | CMD_FLAG_NO_HOLE) != 0
-    }
-
     fn read(&mut self, req: &Request) -> io::Result<Next> {
-        if Self::unknown_flags(req) {
+        if unknown_flags(req) {
             return self.bad(req, EINVAL, "unknown command flags");
         }
         if req.length > MAX_BLOCK_SIZE {
@@ -250,29 +246,18 @@ impl<R: Read, W: Write> Session<'_, R, W> {
             self.buf.resize(n, 0);
         }
         read_payload(self.reader, &mut self.buf[..n])?;
-        if Self::unknown_flags(req) {
-            return self.bad(req, EINVAL, "unknown command flags");
+        if let Some((errno, why)) = self.refuse_change(req, "write", true) {
+            return self.bad(req, errno, &why);
         }
-        if self.device.read_only() {
-            return self.bad(req, EPERM, "write to a read-only export");
-        }
-        let len = u64::from(req.length);
-        if !in_range(req.offset, len, self.size) {
-            return self.bad(req, ENOSPC, "write beyond the end of the export");
-        }
-        if !aligned(req.offset, len, self.size) {
-            return self.bad(req, EINVAL, "write not aligned to 512 bytes");
-        }
-        if len == 0 {
+        if n == 0 {
             return self.done(req, Ok(()));
         }
-        let fua = req.flags & CMD_FLAG_FUA != 0;
-        let result = self.device.write(req.offset, &self.buf[..n], fua);
+        let result = self.device.write(req.offset, &self.buf[..n], fua(req));
         self.done(req, result)
     }
 
     fn flush(&mut self, req: &Request) -> io::Result<Next> {
-        if Self::unknown_flags(req) {
+        if unknown_flags(req) {
             return self.bad(req, EINVAL, "unknown command flags");
         }
         let result = self.device.flush();
@@ -280,50 +265,70 @@ impl<R: Read, W: Write> Session<'_, R, W> {
     }
 
     fn trim(&mut self, req: &Request) -> io::Result<Next> {
-        if Self::unknown_flags(req) {
-            return self.bad(req, EINVAL, "unknown command flags");
+        // A trim is a hint: any alignment is accepted, and the range is
+        // shrunk inwards to whole blocks.
+        if let Some((errno, why)) = self.refuse_change(req, "trim", false) {
+            return self.bad(req, errno, &why);
         }
-        if self.device.read_only() {
-            return self.bad(req, EPERM, "trim on a read-only export");
-        }
-        let len = u64::from(req.length);
-        if !in_range(req.offset, len, self.size) {
-            return self.bad(req, ENOSPC, "trim beyond the end of the export");
-        }
-        // A trim is a hint: shrink it inwards to whole blocks.
         let bs = u64::from(MIN_BLOCK_SIZE);
-        let end = req.offset + len;
+        let end = req.offset + u64::from(req.length);
         let start = req.offset.div_ceil(bs).saturating_mul(bs);
         let end = if end == self.size { end } else { end / bs * bs };
         if start >= end {
             return self.done(req, Ok(()));
         }
-        let fua = req.flags & CMD_FLAG_FUA != 0;
-        let result = self.device.trim(start, end - start, fua);
+        let result = self.device.trim(start, end - start, fua(req));
         self.done(req, result)
     }
 
     fn write_zeroes(&mut self, req: &Request) -> io::Result<Next> {
-        if Self::unknown_flags(req) {
-            return self.bad(req, EINVAL, "unknown command flags");
+        if let Some((errno, why)) = self.refuse_change(req, "write zeroes", true) {
+            return self.bad(req, errno, &why);
         }
-        if self.device.read_only() {
-            return self.bad(req, EPERM, "write zeroes on a read-only export");
-        }
-        let len = u64::from(req.length);
-        if !in_range(req.offset, len, self.size) {
-            return self.bad(req, ENOSPC, "write zeroes beyond the end of the export");
-        }
-        if !aligned(req.offset, len, self.size) {
-            return self.bad(req, EINVAL, "write zeroes not aligned to 512 bytes");
-        }
-        if len == 0 {
+        if req.length == 0 {
             return self.done(req, Ok(()));
         }
-        let fua = req.flags & CMD_FLAG_FUA != 0;
-        let result = self.device.write_zeroes(req.offset, len, fua);
+        let len = u64::from(req.length);
+        let result = self.device.write_zeroes(req.offset, len, fua(req));
         self.done(req, result)
     }
+
+    /// The checks every command that changes the export (`what`) passes
+    /// before the device sees it: known flags, a writable export, a range
+    /// inside it and, for `whole_blocks` commands, block alignment. The
+    /// refusal is the errno for the client and the reason for the log.
+    fn refuse_change(
+        &self,
+        req: &Request,
+        what: &str,
+        whole_blocks: bool,
+    ) -> Option<(u32, String)> {
+        let len = u64::from(req.length);
+        if unknown_flags(req) {
+            Some((EINVAL, "unknown command flags".to_string()))
+        } else if self.device.read_only() {
+            Some((EPERM, format!("{what} on a read-only export")))
+        } else if !in_range(req.offset, len, self.size) {
+            Some((ENOSPC, format!("{what} beyond the end of the export")))
+        } else if whole_blocks && !aligned(req.offset, len, self.size) {
+            Some((
+                EINVAL,
+                format!("{what} not aligned to {MIN_BLOCK_SIZE} bytes"),
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+/// Flags other than FUA and NO_HOLE, which no command here understands.
+fn unknown_flags(req: &Request) -> bool {
+    req.flags & !(CMD_FLAG_FUA | CMD_FLAG_NO_HOLE) != 0
+}
+
+/// The client asks for the change to be durable before the reply.
+fn fua(req: &Request) -> bool {
+    req.flags & CMD_FLAG_FUA != 0
 }
 
 #[cfg(test)]
