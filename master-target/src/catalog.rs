@@ -6,7 +6,7 @@
 //! rewrites the whole file atomically when it drops the oldest points.
 
 use crate::error::{io_err, MtError, Result};
-use crate::storage::{Storage, Target};
+use crate::storage::{sync_data, Storage, Target};
 use rebound_common::durable::{fsync_dir, write_atomic};
 use serde::{Deserialize, Serialize};
 use std::fs::OpenOptions;
@@ -148,13 +148,7 @@ pub(crate) fn append(storage: &dyn Storage, path: &Path, p: &PointEntry) -> Resu
         .map_err(io_err(|| {
             format!("cannot append point {} to catalog {}", p.id, path.display())
         }))?;
-    storage
-        .sync_data(Target::Catalog, &f)
-        .map_err(|source| MtError::Sync {
-            target: Target::Catalog,
-            path: path.to_path_buf(),
-            source,
-        })?;
+    sync_data(storage, Target::Catalog, &f, path)?;
     if !existed {
         if let Some(dir) = path.parent() {
             fsync_dir(dir).map_err(io_err(|| format!("cannot fsync {}", dir.display())))?;

@@ -14,7 +14,7 @@ use crate::layout::{valid_name, Layout};
 pub(crate) use crate::replica::Disk;
 pub(crate) use crate::replication_state::Inner;
 use crate::state::{load_json, save_json, PersistedState, StoredDisk, StoredInfo};
-use crate::storage::{Storage, Target};
+use crate::storage::{sync_data, Storage, Target};
 pub use crate::store::Store;
 use rebound_common::durable::fsync_dir;
 use rebound_common::time::now_ms;
@@ -411,15 +411,7 @@ impl Replication {
     /// fdatasyncs a file of this replication through the storage; a
     /// failure poisons the replication.
     pub(crate) fn sync_file(&self, target: Target, file: &File, path: &Path) -> Result<()> {
-        self.env.storage.sync_data(target, file).map_err(|source| {
-            let e = MtError::Sync {
-                target,
-                path: path.to_path_buf(),
-                source,
-            };
-            self.poison_on_failed_sync(&e);
-            e
-        })
+        sync_data(self.storage(), target, file, path).map_err(|e| self.noting_failed_sync(e))
     }
 
     /// Checks that a hello describes this replication.

@@ -24,7 +24,7 @@
 //! `checksum` is the first 8 bytes of blake3 over the first 32 bytes.
 
 use crate::error::{io_err, MtError, Result};
-use crate::storage::{Storage, Target};
+use crate::storage::{sync_data, Storage, Target};
 use rebound_common::durable::write_atomic;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -129,13 +129,7 @@ impl SeqFile {
         storage
             .write_all_at(Target::AppliedSeq, &self.file, &b, at)
             .map_err(io_err(|| format!("cannot write {}", self.path.display())))?;
-        storage
-            .sync_data(Target::AppliedSeq, &self.file)
-            .map_err(|source| MtError::Sync {
-                target: Target::AppliedSeq,
-                path: self.path.clone(),
-                source,
-            })?;
+        sync_data(storage, Target::AppliedSeq, &self.file, &self.path)?;
         self.counter += 1;
         Ok(())
     }

@@ -9,7 +9,7 @@
 //! MT acknowledges is never ahead of what a restart finds.
 
 use crate::error::{io_err, MtError, Result};
-use crate::storage::{Storage, Target};
+use crate::storage::{sync_data, Storage, Target};
 use rebound_common::durable::{fsync_dir, write_atomic};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::fs::OpenOptions;
@@ -161,13 +161,7 @@ pub(crate) fn save_state(storage: &dyn Storage, path: &Path, state: &PersistedSt
     storage
         .write_all_at(Target::State, &f, &bytes, 0)
         .map_err(io_err(|| format!("cannot write {}", tmp.display())))?;
-    storage
-        .sync_data(Target::State, &f)
-        .map_err(|source| MtError::Sync {
-            target: Target::State,
-            path: tmp.clone(),
-            source,
-        })?;
+    sync_data(storage, Target::State, &f, &tmp)?;
     std::fs::rename(&tmp, path).map_err(io_err(|| {
         format!("cannot rename {} to {}", tmp.display(), path.display())
     }))?;

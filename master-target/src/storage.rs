@@ -9,6 +9,7 @@
 //! of file, which is how a crash or a failing disk is simulated: the
 //! product code has no test hooks of its own.
 //!
+use crate::error::MtError;
 use crate::sys::zero_range;
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -74,6 +75,23 @@ impl Storage for Disk {
     fn sync_data(&self, _: Target, file: &File) -> io::Result<()> {
         file.sync_data()
     }
+}
+
+/// fdatasyncs `file` (at `path`) through `storage`. A failure is
+/// [`MtError::Sync`], which poisons the replication the file belongs to.
+pub(crate) fn sync_data(
+    storage: &dyn Storage,
+    target: Target,
+    file: &File,
+    path: &Path,
+) -> Result<(), MtError> {
+    storage
+        .sync_data(target, file)
+        .map_err(|source| MtError::Sync {
+            target,
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// Opens `path` for reading and writing, creating it if it does not exist
