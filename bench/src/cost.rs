@@ -12,9 +12,11 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::lab::{cpu_secs_of, free_port, machine_busy_secs, wait_for, Comp, Lab, DISK};
+use crate::measured::{MeasuredLab, DISK};
 use crate::placement::{Cpus, Placement};
+use crate::usage::{cpu_secs_of, machine_busy_secs};
 use crate::{mb, tools, Bench};
+use rebound_lab::{free_port, wait_for, Component};
 
 /// One fio line.
 struct Job {
@@ -114,7 +116,7 @@ struct QemuNbd {
 
 impl QemuNbd {
     fn start(file: &std::path::Path, export: &str, cpus: Option<&Cpus>) -> Result<QemuNbd> {
-        let port = free_port()?;
+        let port = free_port();
         let mut cmd = Command::new("qemu-nbd");
         if let Some(c) = cpus {
             c.pin_command(&mut cmd);
@@ -174,14 +176,14 @@ fn cpu_per_mb_note(b: &Bench, q_mb_s: f64, q_cores: f64, a_cores: f64, a_mb_s: f
 /// Binds the lab's processes as [`Placement`] says for the section, and
 /// lets them run anywhere again afterwards (also on an error).
 struct Pinned {
-    pids: Vec<(Comp, u32)>,
+    pids: Vec<(Component, u32)>,
     place: Option<Placement>,
 }
 
 impl Pinned {
-    fn new(lab: &Lab) -> Result<Pinned> {
+    fn new(lab: &MeasuredLab) -> Result<Pinned> {
         let place = Placement::split()?;
-        let pids = [Comp::Agent, Comp::Ps, Comp::Mt]
+        let pids = [Component::Agent, Component::Ps, Component::Mt]
             .into_iter()
             .filter_map(|c| lab.pid(c).map(|pid| (c, pid)))
             .collect();
@@ -194,7 +196,7 @@ impl Pinned {
 
     fn bind(&self, protected: &Cpus, recovery: &Cpus) -> Result<()> {
         for &(c, pid) in &self.pids {
-            let cpus = if c == Comp::Agent {
+            let cpus = if c == Component::Agent {
                 protected
             } else {
                 recovery
@@ -225,15 +227,15 @@ impl Drop for Pinned {
     }
 }
 
-pub fn run(b: &mut Bench, lab: &mut Lab) -> Result<()> {
+pub fn run(b: &mut Bench, lab: &mut MeasuredLab) -> Result<()> {
     let p = b.plan.clone();
-    let size = lab.spec.disk_size;
+    let size = lab.disk_size();
     let file = b.dir.join("qemu-nbd-disk.img");
     std::fs::File::create(&file)?.set_len(size)?;
     let pinned = Pinned::new(lab)?;
     let placement = pinned.describe();
     let qemu = QemuNbd::start(&file, DISK, pinned.protected())?;
-    let agent_uri = format!("nbd://127.0.0.1:{}/{DISK}", lab.agent_nbd_port);
+    let agent_uri = rebound_lab::nbd_uri(lab.agent_nbd(), DISK);
     let qemu_uri = format!("nbd://127.0.0.1:{}/{DISK}", qemu.port);
     for job in JOBS {
         b.progress(&format!(

@@ -2,22 +2,19 @@
 //! job of the configuration server, timed from the command to the
 //! MT's power_on hook and split by the job's own step records.
 //!
-//! The lab is `rebound demo`'s in-process one ([`rebound_cli::demo::lab`]): a CS
-//! (SQLite), a PS and an MT per site (`onprem`, `azure`) and the machine's
-//! agent, as tasks of this process on loopback with mutual TLS, every
-//! component enrolled with the CS's passphrase, and an MT `[hooks] power_on`
-//! that records when it ran and boots the machine at the target. It is the
-//! simplest robust choice: the CS lifecycle (enrollment, control streams,
-//! jobs, hooks) is already wired there and checked by `rebound demo`, and
-//! nothing here reads per-process memory (the main lab's child processes
-//! keep that job). Unlike the demo, the CS keeps its default heartbeat
-//! (2 s): the catch-up step waits for the MT's status report, so the drain
-//! is what a default setup sees. The machine is protected onprem→azure, the bench's churn
-//! writer writes text-like data to the agent's NBD export, and while it
-//! writes the failover is asked through the Admin API's `Failover` RPC —
-//! the one `rebound failover --point latest` sends, with the admin
-//! certificate. Its split, from the CS's step times (`JobStep::started_ms`,
-//! `ended_ms`, same clock as the hook's `date +%s%3N`):
+//! The lab is a [`rebound_lab::Sites`] of child processes: a CS, a PS and an
+//! MT per site (`onprem`, `azure`) and the machine's agent, on loopback with
+//! mutual TLS, every component enrolled with the CS's passphrase, and an MT
+//! `[hooks] power_on` that records when it ran and boots the machine at the
+//! target (a `rebound-agent` over the handed-over replica). The CS keeps its
+//! default heartbeat (2 s): the catch-up step waits for the MT's status
+//! report, so the drain is what a default setup sees. The machine is
+//! protected onprem→azure, the bench's churn writer writes text-like data to
+//! the agent's NBD export, and while it writes the failover is asked through
+//! the Admin API's `Failover` RPC — the one `rebound failover --point
+//! latest` sends, with the admin certificate. Its split, from the CS's step
+//! times (`JobStep::started_ms`, `ended_ms`, same clock as the hook's
+//! `date +%s%3N`):
 //!
 //! - drain: command → end of the step before "choose recovery points"
 //!   (begin failover, fence, drain to the PS, MT applied everything);
@@ -26,26 +23,31 @@
 //!
 //! After the hand-over the replica must equal the source disk as the fence
 //! left it (blake3): a failover at `latest` that loses writes is an error,
-//! not a figure. Every wait is bounded (the demo lab's own limits: jobs
-//! 120 s, states 90 s, the hook 60 s, component stops 20 s).
+//! not a figure. Every wait is bounded (jobs 120 s, states 90 s, the hook
+//! 90 s).
 
 use anyhow::{anyhow, bail, Context, Result};
+use rebound_common::time::now_ms;
+use rebound_common::tls::TlsFiles;
+use rebound_lab::{blake3_file, mt_id, ps_id, wait_until, Sites, SitesOptions};
 use rebound_proto::control as pb;
+use rebound_proto::control::admin_client::AdminClient;
 use serde_json::{json, Value};
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::runtime::Handle;
+use tonic::transport::Channel;
 
 use crate::profiles::Profile;
 use crate::rto::FailoverTimes;
 use crate::writer::{Writer, WriterSpec};
 use crate::{mb, Bench};
-use rebound_cli::demo::lab::{Lab, DISK, MACHINE};
-use rebound_common::time::now_ms;
 
 const FROM: &str = "onprem";
 const TO: &str = "azure";
+const MACHINE: &str = "m1";
+const DISK: &str = "disk0";
 
 /// The failover job's figures beside the split.
 pub struct JobFailover {
@@ -65,48 +67,43 @@ pub struct JobFailover {
     pub detail: Value,
 }
 
-/// What the section calls: builds the lab, runs the failover, always stops
-/// the lab (a failed stop is reported in the detail, the figures stand).
+/// What the section calls: builds the lab, runs the failover; the lab's
+/// processes end with it (the CS last).
 pub fn planned_failover_latest(b: &Bench) -> Result<JobFailover> {
     let dir = b.dir.join("failover");
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let rt = b.rt.clone();
     b.progress(&format!(
-        "rto: configuration server, PS + MT at {FROM} and at {TO}, agent of {MACHINE} (in this process)"
+        "rto: configuration server, PS + MT at {FROM} and at {TO}, agent of {MACHINE} (child processes)"
     ));
-    // The CS's default heartbeat, not the demo's 0.5 s: the catch-up part of
-    // the drain waits for the MT's next status report.
-    let mut lab = bounded(&rt, "starting the CS", 60, Lab::start_cs_with(&dir, None))?;
-    let r = run(b, &rt, &mut lab);
-    let stopped = bounded(&rt, "stopping the lab", 150, lab.shutdown(&[FROM, TO]));
-    drop(lab);
+    let opts = SitesOptions {
+        sites: vec![FROM.into(), TO.into()],
+        ps_per_site: 1,
+        machines: vec![MACHINE.into()],
+        disks: vec![(DISK.into(), b.plan.failover_disk)],
+        crash_interval_ms: 1000,
+        // The CS's default, not a test's short one: the catch-up part of
+        // the drain waits for the MT's next status report.
+        heartbeat_secs: rebound_cs::Config::default().heartbeat_secs,
+    };
+    let r = Sites::cs_in_dir(&dir, opts)
+        .context("starting the configuration server")
+        .and_then(|mut lab| run(b, &mut lab));
     b.clean_section(&dir);
-    let mut f = r?;
-    if let Err(e) = stopped {
-        b.progress(&format!("rto: stopping the failover lab failed: {e:#}"));
-        f.detail["lab_stop_error"] = json!(format!("{e:#}"));
-    }
-    Ok(f)
+    r
 }
 
-fn run(b: &Bench, rt: &Handle, lab: &mut Lab) -> Result<JobFailover> {
+fn run(b: &Bench, lab: &mut Sites) -> Result<JobFailover> {
     let p = b.plan.clone();
-    bounded(rt, "starting the sites", 150, async {
-        lab.start_site(FROM).await?;
-        lab.start_site(TO).await
-    })?;
-    let disk = bounded(
-        rt,
-        "adding the machine",
-        90,
-        lab.add_machine(&[FROM, TO], p.failover_disk),
-    )?;
+    let rt = b.rt.clone();
+    lab.start_site(FROM).context("starting the source site")?;
+    lab.start_site(TO).context("starting the target site")?;
+    lab.add_machine(MACHINE).context("adding the machine")?;
+    let mut admin = bounded(&rt, "connecting to the CS", 30, connect(lab))?;
     b.progress(&format!(
         "rto: protect {MACHINE} {FROM} → {TO} ({} MiB disk, initial sync)",
         p.failover_disk >> 20
     ));
-    bounded(rt, "protecting the machine", 240, protect(lab))?;
+    bounded(&rt, "protecting the machine", 240, protect(&mut admin))?;
 
     b.progress(&format!(
         "rto: {:.0} MB/s of text-like churn for {:.0} s, then `failover --point latest` through the CS",
@@ -114,7 +111,7 @@ fn run(b: &Bench, rt: &Handle, lab: &mut Lab) -> Result<JobFailover> {
         p.failover_churn_secs
     ));
     let w = Writer::start(WriterSpec {
-        port: lab.agent_port(FROM)?,
+        addr: lab.agent_addr(MACHINE, FROM)?,
         export: DISK.into(),
         write_size: p.write_size,
         conns: p.writer_conns,
@@ -128,15 +125,16 @@ fn run(b: &Bench, rt: &Handle, lab: &mut Lab) -> Result<JobFailover> {
         bail!("the churn writer stopped before the failover command: {e}");
     }
     let churned = w.bytes();
-    let rpo_ms = bounded(rt, "reading the machine", 30, lab.machine())?.rpo_ms;
+    let rpo_ms = bounded(&rt, "reading the machine", 30, machine(&mut admin))?.rpo_ms;
 
-    lab.clear_power_on(TO);
+    let powered_file = powered_on_file(lab);
+    let _ = std::fs::remove_file(&powered_file);
     let asked = now_ms();
-    let job = bounded(rt, "the failover job", 180, failover(lab));
+    let job = bounded(&rt, "the failover job", 180, failover(&mut admin));
     let powered = job
         .as_ref()
         .ok()
-        .map(|_| bounded(rt, "waiting for the power-on", 90, lab.wait_powered_on(TO)));
+        .map(|_| wait_powered_on(&powered_file, Duration::from_secs(90)));
     // The fence refuses the writer's next write; stop it either way.
     let until_fence = w.bytes() - churned;
     let churn_end = match w.stop() {
@@ -147,17 +145,15 @@ fn run(b: &Bench, rt: &Handle, lab: &mut Lab) -> Result<JobFailover> {
     let powered = powered.ok_or_else(|| anyhow!("no power-on after the job"))??;
 
     let m = bounded(
-        rt,
+        &rt,
         "waiting for FailedOver",
         120,
-        lab.wait_state("FailedOver"),
+        wait_state(&mut admin, "FailedOver"),
     )?;
     let point = m.failover_point.map(|p| p.id).unwrap_or_default();
-    let replica = lab.dir.join(format!(
-        "{TO}/mt/data/{}/replica/{DISK}.img",
-        m.replication_id
-    ));
-    let (want, got) = (hash(&disk)?, hash(&replica)?);
+    let replica = lab.replica_path(TO, &m.replication_id, DISK);
+    let source = lab.source_disk(MACHINE, DISK);
+    let (want, got) = (blake3_file(&source)?, blake3_file(&replica)?);
     if want != got {
         bail!(
             "after the failover at latest the replica at {TO} has blake3 {got}, the fenced source {want}: writes were lost"
@@ -190,7 +186,7 @@ fn run(b: &Bench, rt: &Handle, lab: &mut Lab) -> Result<JobFailover> {
         rpo_ms,
         churn_rate: churned as f64 / p.failover_churn_secs,
         detail: json!({
-            "lab": "in-process CS + PS/MT per site + agent (demo lab)",
+            "lab": "CS + PS/MT per site + agent, child processes (rebound-lab Sites)",
             "job": job.id, "steps": steps,
             "command_ms": asked, "power_on_ms": powered,
             "rpo_ms_at_command": rpo_ms,
@@ -203,8 +199,8 @@ fn run(b: &Bench, rt: &Handle, lab: &mut Lab) -> Result<JobFailover> {
     })
 }
 
-/// Runs `fut` on the runtime, at most `secs` seconds (the demo lab's calls
-/// to the CS have no deadline of their own).
+/// Runs `fut` on the runtime, at most `secs` seconds (Admin calls have no
+/// deadline of their own).
 fn bounded<T>(
     rt: &Handle,
     what: &str,
@@ -217,43 +213,110 @@ fn bounded<T>(
 }
 
 /// The heartbeat the lab's CS runs with (its config file), 0 if unreadable.
-fn lab_heartbeat(lab: &Lab) -> f64 {
-    rebound_common::config::load::<rebound_cs::Config>(Some(&lab.dir.join("cs/config.toml")))
+fn lab_heartbeat(lab: &Sites) -> f64 {
+    rebound_lab::config::read_toml::<rebound_cs::Config>(&lab.cs_dir.join("config.toml"))
         .map(|c| c.heartbeat_secs)
         .unwrap_or(0.0)
 }
 
-fn hash(p: &Path) -> Result<String> {
-    let mut h = blake3::Hasher::new();
-    h.update_mmap(p)
-        .with_context(|| format!("hashing {}", p.display()))?;
-    Ok(h.finalize().to_hex().to_string())
+/// Where the power_on hook at the target writes when it ran (ms since the
+/// epoch, `date +%s%3N`).
+fn powered_on_file(lab: &Sites) -> PathBuf {
+    lab.path(&format!("agents/{MACHINE}@{TO}/powered_on_ms"))
 }
 
-async fn protect(lab: &mut Lab) -> Result<()> {
-    let r = lab
-        .admin
+/// Waits until the power_on hook ran at the target; when it ran.
+fn wait_powered_on(file: &std::path::Path, timeout: Duration) -> Result<u64> {
+    wait_until("the power_on hook at the target", timeout, || file.exists())?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("{} holds {text:?}, not a time in ms", file.display()))
+}
+
+/// An Admin client of the lab's CS with the admin certificate `init` wrote.
+async fn connect(lab: &Sites) -> Result<AdminClient<Channel>> {
+    let tls = TlsFiles::in_dir(&lab.cs_dir, "admin");
+    let host = lab.cs_addr.rsplit_once(':').map_or("", |(h, _)| h);
+    let ch = tls
+        .connect(&lab.cs_addr, host)
+        .await
+        .with_context(|| format!("cannot connect to the CS at {}", lab.cs_addr))?;
+    Ok(AdminClient::new(ch))
+}
+
+async fn machine(admin: &mut AdminClient<Channel>) -> Result<pb::MachineInfo> {
+    let r = admin.machines(pb::MachinesRequest {}).await?;
+    r.into_inner()
+        .machines
+        .into_iter()
+        .find(|m| m.id == MACHINE)
+        .ok_or_else(|| anyhow!("machine {MACHINE} unknown to the CS"))
+}
+
+async fn wait_state(admin: &mut AdminClient<Channel>, state: &str) -> Result<pb::MachineInfo> {
+    let t0 = Instant::now();
+    loop {
+        let m = machine(admin).await?;
+        if m.state == state {
+            return Ok(m);
+        }
+        if t0.elapsed() > Duration::from_secs(90) {
+            bail!("{MACHINE} is {} after 90 s, not {state}", m.state);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Follows a started job to its end; the job when it succeeded.
+async fn finish(admin: &mut AdminClient<Channel>, job: Option<pb::Job>) -> Result<pb::Job> {
+    let id = job.ok_or_else(|| anyhow!("the CS started no job"))?.id;
+    let t0 = Instant::now();
+    loop {
+        let j = admin
+            .get_job(pb::GetJobRequest { id: id.clone() })
+            .await?
+            .into_inner();
+        match j.state.as_str() {
+            "succeeded" => return Ok(j),
+            "failed" => bail!("job {id} ({}) failed: {}", j.kind, j.error),
+            _ => {}
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            bail!(
+                "job {id} ({}) still {} after 120 s: {}",
+                j.kind,
+                j.state,
+                j.status
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn protect(admin: &mut AdminClient<Channel>) -> Result<()> {
+    let r = admin
         .protect(pb::ProtectRequest {
             machine: MACHINE.into(),
             to_site: TO.into(),
-            ps: format!("ps-{FROM}"),
-            mt: format!("mt-{TO}"),
+            ps: ps_id(FROM),
+            mt: mt_id(TO),
             group: String::new(),
             policy: None,
         })
         .await
         .context("Admin.Protect")?
         .into_inner();
-    lab.finish(r.job).await?;
-    lab.wait_state("Protected").await?;
+    finish(admin, r.job).await?;
+    wait_state(admin, "Protected").await?;
     Ok(())
 }
 
 /// The Admin `Failover` RPC as `rebound failover --point latest` sends it,
 /// followed to the job's end.
-async fn failover(lab: &mut Lab) -> Result<pb::Job> {
-    let r = lab
-        .admin
+async fn failover(admin: &mut AdminClient<Channel>) -> Result<pb::Job> {
+    let r = admin
         .failover(pb::FailoverRequest {
             targets: Some(pb::Targets {
                 machines: vec![MACHINE.into()],
@@ -261,13 +324,15 @@ async fn failover(lab: &mut Lab) -> Result<pb::Job> {
             }),
             from_site: FROM.into(),
             to_site: TO.into(),
-            point: Some(rebound_cli::operator::parse_point("latest")?),
+            point: Some(pb::PointChoice {
+                choice: Some(pb::point_choice::Choice::Latest(pb::Empty {})),
+            }),
             unplanned: false,
         })
         .await
         .context("Admin.Failover")?
         .into_inner();
-    lab.finish(r.job).await
+    finish(admin, r.job).await
 }
 
 #[derive(Debug, PartialEq)]

@@ -10,7 +10,7 @@
 //! [`limits`] (1), [`cost`] (2), [`sustained`] (3, with peak RSS), [`rpo`]
 //! (4), [`rto`] (6) on one lab, then [`resync`] (5) on its own lab. The
 //! RTO's planned failover is the configuration server's failover job, in
-//! `rebound demo`'s in-process lab (CS, PS + MT per site, agent:
+//! a multi-site lab of child processes (CS, PS + MT per site, agent:
 //! [`failover`]). A failing section marks its rows `error` and the run
 //! continues, so the table always has every row; the command then exits
 //! non-zero.
@@ -19,8 +19,8 @@
 pub mod cost;
 pub mod failover;
 pub mod floor;
-pub mod lab;
 pub mod limits;
+pub mod measured;
 pub mod placement;
 pub mod profiles;
 pub mod report;
@@ -31,6 +31,7 @@ pub mod sampler;
 pub mod sustained;
 mod sys;
 pub mod tools;
+pub mod usage;
 pub mod writer;
 
 use anyhow::{bail, Context, Result};
@@ -40,10 +41,21 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::runtime::Handle;
 
-use lab::{Bins, Comp, Lab, LabSpec};
+use measured::{LabSpec, MeasuredLab};
+use rebound_lab::{Bins, Component};
 use report::{Goal, Report};
 
 const MIB: u64 = 1 << 20;
+
+/// The binaries a run starts: the data path in every lab, the CS and the
+/// operator CLI in the failover's.
+const BINARIES: [&str; 5] = [
+    "rebound-agent",
+    "rebound-ps",
+    "rebound-mt",
+    "rebound-cs",
+    "rebound",
+];
 
 pub struct BenchOptions {
     /// Smaller sizes and durations (CI smoke test): same rows, rougher figures.
@@ -278,7 +290,7 @@ impl Bench {
     }
 
     /// Notes the MT's retention journal size (for its memory goal).
-    pub fn track_retained(&mut self, lab: &Lab) {
+    pub fn track_retained(&mut self, lab: &MeasuredLab) {
         if let Ok(n) = lab.retained_blocks() {
             self.max_retained_blocks = self.max_retained_blocks.max(n);
         }
@@ -295,11 +307,11 @@ impl Bench {
         }
     }
 
-    fn memory(&mut self, lab: &Lab) -> Result<()> {
+    fn memory(&mut self, lab: &MeasuredLab) -> Result<()> {
         let buffer_mib = (self.plan.agent_buffer / MIB) as f64;
-        let agent = lab.peak_rss(Comp::Agent)? as f64 / MIB as f64;
-        let ps = lab.peak_rss(Comp::Ps)? as f64 / MIB as f64;
-        let mt = lab.peak_rss(Comp::Mt)? as f64 / MIB as f64;
+        let agent = lab.peak_rss(Component::Agent)? as f64 / MIB as f64;
+        let ps = lab.peak_rss(Component::Ps)? as f64 / MIB as f64;
+        let mt = lab.peak_rss(Component::Mt)? as f64 / MIB as f64;
         let blocks = self.max_retained_blocks;
         let mt_goal = 256.0 + (blocks * 32) as f64 / MIB as f64;
         self.report
@@ -371,6 +383,7 @@ fn run_blocking(opts: BenchOptions, rt: Handle) -> Result<()> {
     rebound_common::tls::install_crypto_provider();
     tools::check_all()?;
     let bins = Bins::locate()?;
+    bins.check(&BINARIES)?;
     let (dir, _tmp) = match &opts.dir {
         Some(d) => {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
@@ -461,25 +474,24 @@ fn run_blocking(opts: BenchOptions, rt: Handle) -> Result<()> {
 fn main_lab(b: &mut Bench) -> Result<()> {
     let p = b.plan.clone();
     let dir = b.dir.join("main");
-    let mut lab = Lab::new(
+    let mut lab = MeasuredLab::new(
         &dir,
         LabSpec {
-            disk: dir.join("disk0.img"),
+            source_dir: dir.clone(),
             disk_size: p.main_disk,
             agent_buffer_bytes: p.agent_buffer,
             crash_interval_ms: p.crash_interval_ms,
             retention_max_bytes: p.retention_max,
         },
-        &b.bins,
         b.rt.clone(),
     )?;
     b.progress(&format!(
         "starting rebound-mt, rebound-ps, rebound-agent ({} MiB disk) and waiting for the initial sync",
         p.main_disk >> 20
     ));
-    lab.start(Comp::Mt)?;
-    lab.start(Comp::Ps)?;
-    lab.start(Comp::Agent)?;
+    lab.start(Component::Mt)?;
+    lab.start(Component::Ps)?;
+    lab.start(Component::Agent)?;
     lab.wait_settled(p.settle_timeout)?;
 
     let r = cost::run(b, &mut lab);

@@ -18,9 +18,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::lab::machine_busy_secs;
 use crate::profiles::Profile;
 use crate::sampler::quantile;
+use crate::usage::machine_busy_secs;
 use crate::{mb, Bench};
 
 pub fn run(b: &mut Bench) -> Result<()> {

@@ -24,30 +24,12 @@ struct Cli {
     /// the other rows say "not run". For working on one figure.
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<rebound_bench::Part>,
-    #[command(subcommand)]
-    hidden: Option<Hidden>,
-}
-
-#[derive(clap::Subcommand)]
-enum Hidden {
-    /// The failover lab's machine agent: the lab's power_on hook boots the
-    /// machine at the target by running its own executable (this one) with
-    /// `__demo-agent`, as `rebound demo` does with `rebound`.
-    #[command(name = "__demo-agent", hide = true)]
-    DemoAgent {
-        #[arg(long)]
-        config: PathBuf,
-    },
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
     rebound_common::tls::install_crypto_provider();
     let cli = Cli::parse();
-    if let Some(Hidden::DemoAgent { config }) = cli.hidden {
-        rebound_common::telemetry::init(Default::default());
-        return rebound_cli::demo::agent_main(&config).await;
-    }
     rebound_bench::run(rebound_bench::BenchOptions {
         quick: cli.quick,
         json: cli.json,

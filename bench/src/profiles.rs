@@ -6,6 +6,7 @@
 //! bytes. A profile is a pool of bytes the writers take slices from at
 //! random offsets, so consecutive writes differ.
 
+use rebound_lab::Rng;
 use std::fmt;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,38 +45,6 @@ impl fmt::Display for Profile {
             Profile::Text => "text-like",
             Profile::Random => "random",
         })
-    }
-}
-
-/// A small fast generator (splitmix64) for payloads and offsets.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    pub fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next_u64() % n
-        }
-    }
-
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        let mut it = buf.chunks_exact_mut(8);
-        for w in &mut it {
-            w.copy_from_slice(&self.next_u64().to_le_bytes());
-        }
-        let rest = it.into_remainder();
-        let last = self.next_u64().to_le_bytes();
-        let n = rest.len();
-        rest.copy_from_slice(&last[..n]);
     }
 }
 

@@ -16,9 +16,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::floor::{self, At};
-use crate::lab::{Comp, Lab, LabSpec};
-use crate::profiles::Rng;
-use crate::{limits, tools, Bench};
+use crate::measured::{AgentStatus, LabSpec, MeasuredLab, DISK};
+use crate::{limits, Bench};
+use rebound_lab::Component;
+use rebound_lab::Rng;
 
 const MIB: u64 = 1 << 20;
 
@@ -63,11 +64,11 @@ impl Synced {
 
 /// Starts the agent and waits until its initial replication is complete at
 /// the MT.
-fn sync_with_fresh_agent(lab: &mut Lab, timeout: Duration) -> Result<Synced> {
+fn sync_with_fresh_agent(lab: &mut MeasuredLab, timeout: Duration) -> Result<Synced> {
     let _ = std::fs::remove_dir_all(lab.agent_state_dir());
     let cpu0 = lab.cpu_all();
     let t = Instant::now();
-    lab.start(Comp::Agent)?;
+    lab.start(Component::Agent)?;
     let (secs, bytes) = wait_synced(lab, t, timeout)?;
     let cpu1 = lab.cpu_all();
     let cores = std::array::from_fn(|i| (cpu1[i] - cpu0[i]) / secs.max(1e-6));
@@ -76,10 +77,10 @@ fn sync_with_fresh_agent(lab: &mut Lab, timeout: Duration) -> Result<Synced> {
 
 /// Polls until the agent's initial replication is complete at the MT;
 /// (seconds since `t`, resync bytes sent).
-fn wait_synced(lab: &mut Lab, t: Instant, timeout: Duration) -> Result<(f64, u64)> {
+fn wait_synced(lab: &mut MeasuredLab, t: Instant, timeout: Duration) -> Result<(f64, u64)> {
     let mut admin = lab.admin()?;
     loop {
-        let s = admin.status()?;
+        let s = AgentStatus::read(&mut admin)?;
         if s.consistent && s.mode == "data" && !s.last_tag.is_empty() && s.durable_seq >= s.seq {
             let applied = lab.applied_seq()?;
             if applied >= s.seq {
@@ -119,7 +120,8 @@ pub fn run(b: &mut Bench) -> Result<()> {
     let size = p.resync_disk;
     let dir = b.dir.join("resync");
     std::fs::create_dir_all(&dir)?;
-    let src = dir.join("source.img");
+    // The lab's source disk: `<source_dir>/<disk>.img`.
+    let src = dir.join(format!("{DISK}.img"));
     let copy = dir.join("copy.img");
     b.progress(&format!(
         "resync: writing a {} MiB source disk of random data",
@@ -132,20 +134,19 @@ pub fn run(b: &mut Bench) -> Result<()> {
     let (cp_secs, _) = copy_durably("cp", &["--reflink=never"], &src, &copy)?;
 
     // Full initial sync into an empty replica.
-    let mut lab = Lab::new(
+    let mut lab = MeasuredLab::new(
         &dir.join("lab"),
         LabSpec {
-            disk: src.clone(),
+            source_dir: dir.clone(),
             disk_size: size,
             agent_buffer_bytes: 256 * MIB,
             crash_interval_ms: 5000,
             retention_max_bytes: 0,
         },
-        &b.bins,
         b.rt.clone(),
     )?;
-    lab.start(Comp::Mt)?;
-    lab.start(Comp::Ps)?;
+    lab.start(Component::Mt)?;
+    lab.start(Component::Ps)?;
     b.progress("resync: full initial sync into an empty replica");
     let full = sync_with_fresh_agent(&mut lab, p.resync_timeout)?;
     let (full_secs, full_bytes) = (full.secs, full.bytes);
@@ -153,7 +154,7 @@ pub fn run(b: &mut Bench) -> Result<()> {
         "  {full_secs:.1} s, {} MiB sent (cp: {cp_secs:.1} s)",
         full_bytes >> 20
     ));
-    lab.stop(Comp::Agent)?;
+    lab.stop(Component::Agent)?;
     b.progress(&format!(
         "resync: measuring the floor's limits again, {AGAIN_WHEN}"
     ));
@@ -182,7 +183,7 @@ pub fn run(b: &mut Bench) -> Result<()> {
         "  {diff_secs:.1} s, {:.1} MiB sent",
         diff_bytes as f64 / MIB as f64
     ));
-    lab.stop(Comp::Agent)?;
+    lab.stop(Component::Agent)?;
     drop(lab);
 
     // rsync on the same pair: the source and the replica's old content
@@ -329,7 +330,7 @@ fn copy_durably(
     let (src_arg, dst_arg) = (src.to_string_lossy(), dst.to_string_lossy());
     let mut args = options.to_vec();
     args.extend([&*src_arg, &*dst_arg]);
-    let out = tools::run(tool, &args)?;
+    let out = rebound_lab::run_tool(tool, &args)?;
     std::fs::File::open(dst)
         .and_then(|f| f.sync_all())
         .with_context(|| format!("fsync of {} after {tool}", dst.display()))?;

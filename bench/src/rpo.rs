@@ -11,7 +11,7 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::lab::Lab;
+use crate::measured::MeasuredLab;
 use crate::profiles::Profile;
 use crate::sampler::{quantile, Sampler};
 use crate::sustained::writer_spec;
@@ -20,7 +20,7 @@ use crate::{mb, Bench};
 
 pub const RATES_MB: [u32; 3] = [20, 54, 150];
 
-pub fn run(b: &mut Bench, lab: &mut Lab) -> Result<()> {
+pub fn run(b: &mut Bench, lab: &mut MeasuredLab) -> Result<()> {
     let p = b.plan.clone();
     let pool = Arc::new(Profile::Text.pool(p.pool_bytes));
     for r in RATES_MB {

@@ -5,8 +5,8 @@
 //! The planned failover is the configuration server's real failover job
 //! ([`crate::failover`]): asked through the Admin API as `rebound failover
 //! --point latest` asks it, timed from the command to the MT's power_on
-//! hook and split by the job's step records, in `rebound demo`'s in-process
-//! lab (CS, PS + MT per site, agent). "Planned failover excluding drain" is
+//! hook and split by the job's step records, in a multi-site lab of child
+//! processes (CS, PS + MT per site, agent). "Planned failover excluding drain" is
 //! rollback + hand-over, against its goal of 5 s.
 //!
 //! The old-point rollback runs on the main lab (child processes): a crash
@@ -24,11 +24,12 @@ use std::time::{Duration, Instant};
 
 use crate::failover::{self, JobFailover};
 use crate::floor::{self, At};
-use crate::lab::{Comp, Lab};
+use crate::measured::MeasuredLab;
 use crate::profiles::Profile;
 use crate::sustained::writer_spec;
 use crate::writer::Writer;
 use crate::{mb, Bench};
+use rebound_lab::Component;
 
 /// Step times of one planned failover.
 #[derive(Debug, Clone)]
@@ -48,14 +49,14 @@ pub struct FailoverTimes {
 /// The failover steps done directly against the agent and the MT of the
 /// main lab (no CS there): stop the churn, cut the shutdown point, wait
 /// until it is applied, stop the agent cleanly, roll back to it.
-pub fn direct_stop(lab: &mut Lab, churn: Writer) -> Result<FailoverTimes> {
+pub fn direct_stop(lab: &mut MeasuredLab, churn: Writer) -> Result<FailoverTimes> {
     let t0 = Instant::now();
     churn.stop()?;
     let (point, seq) = lab.tag("shutdown")?;
     lab.admin()?
         .call(json!({"cmd": "wait_durable", "timeout_ms": 120_000}))?;
     lab.wait_applied(seq, Duration::from_secs(180))?;
-    lab.stop(Comp::Agent)?;
+    lab.stop(Component::Agent)?;
     let drain = t0.elapsed();
     let t1 = Instant::now();
     let (blocks, _) = lab.rollback(&point)?;
@@ -75,7 +76,7 @@ const LATEST_ROWS: [&str; 4] = [
     "rto.failover_excl_drain",
 ];
 
-pub fn run(b: &mut Bench, lab: &mut Lab) -> Result<()> {
+pub fn run(b: &mut Bench, lab: &mut MeasuredLab) -> Result<()> {
     let r = old_point(b, lab);
     b.outcome(&["rto.rollback_old."], r);
     b.progress("rto: planned failover at latest under churn, through the failover job");
@@ -120,7 +121,7 @@ fn latest_rows(b: &mut Bench, f: JobFailover) {
         "rto.failover_excl_drain",
         (t.rollback + hand).as_secs_f64(),
         format!(
-            "rollback + hand-over; command → power_on {:.2} s; CS failover job, in-process lab",
+            "rollback + hand-over; command → power_on {:.2} s; CS failover job, child processes",
             f.total.as_secs_f64()
         ),
     );
@@ -128,7 +129,7 @@ fn latest_rows(b: &mut Bench, f: JobFailover) {
 }
 
 /// Crash point, churn, direct stop, then a rollback to the crash point.
-fn old_point(b: &mut Bench, lab: &mut Lab) -> Result<()> {
+fn old_point(b: &mut Bench, lab: &mut MeasuredLab) -> Result<()> {
     let p = b.plan.clone();
     lab.wait_settled(p.settle_timeout)?;
     let (old_point, old_seq) = lab.tag("crash")?;

@@ -16,7 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::lab::{Admin, Lab, MACHINE};
+use crate::measured::{AgentStatus, MeasuredLab, MACHINE};
+use rebound_lab::AgentAdmin;
 use rebound_proto::ListPointsRequest;
 
 /// The MT is polled this often; the agent every `AGENT_EVERY` polls.
@@ -50,8 +51,8 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    pub fn start(lab: &mut Lab) -> Result<Sampler> {
-        let mut admin: Admin = lab.admin()?;
+    pub fn start(lab: &mut MeasuredLab) -> Result<Sampler> {
+        let mut admin: AgentAdmin = lab.admin()?;
         let mut mt = lab.mt()?;
         let rt = lab.handle();
         let epoch = Instant::now();
@@ -65,7 +66,7 @@ impl Sampler {
                 let tick = Instant::now();
                 if i.is_multiple_of(AGENT_EVERY) {
                     let t = epoch.elapsed().as_secs_f64();
-                    let a = admin.status()?;
+                    let a = AgentStatus::read(&mut admin)?;
                     let mut s = sh.lock().unwrap_or_else(|p| p.into_inner());
                     s.status.push(StatusSample {
                         t,

@@ -22,18 +22,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::floor::{self, At};
-use crate::lab::{machine_busy_secs, Lab, DISK};
 use crate::limits;
+use crate::measured::{MeasuredLab, DISK};
 use crate::profiles::Profile;
 use crate::report::GOAL_TEXT_MB_S;
 use crate::sampler::{quantile, slope, Sampler};
+use crate::usage::machine_busy_secs;
 use crate::writer::{Writer, WriterSpec};
 use crate::{mb, Bench};
 
 /// Writer settings shared by the churn sections.
-pub fn writer_spec(b: &Bench, lab: &Lab, pool: Arc<Vec<u8>>, rate: f64, seed: u64) -> WriterSpec {
+pub fn writer_spec(
+    b: &Bench,
+    lab: &MeasuredLab,
+    pool: Arc<Vec<u8>>,
+    rate: f64,
+    seed: u64,
+) -> WriterSpec {
     WriterSpec {
-        port: lab.agent_nbd_port,
+        addr: lab.agent_nbd(),
         export: DISK.into(),
         write_size: b.plan.write_size,
         conns: b.plan.writer_conns,
@@ -60,7 +67,13 @@ struct Hold {
     machine: Option<f64>,
 }
 
-fn hold(b: &Bench, lab: &mut Lab, pool: &Arc<Vec<u8>>, rate: f64, secs: f64) -> Result<Hold> {
+fn hold(
+    b: &Bench,
+    lab: &mut MeasuredLab,
+    pool: &Arc<Vec<u8>>,
+    rate: f64,
+    secs: f64,
+) -> Result<Hold> {
     lab.wait_settled(b.plan.settle_timeout)?;
     let sampler = Sampler::start(lab)?;
     std::thread::sleep(Duration::from_millis(200));
@@ -98,7 +111,11 @@ fn hold(b: &Bench, lab: &mut Lab, pool: &Arc<Vec<u8>>, rate: f64, secs: f64) -> 
 
 /// Ramps the rate in steps until the backlog builds; returns the capacity
 /// estimate in bytes/s and the steps for the JSON details.
-fn ramp(b: &Bench, lab: &mut Lab, pool: &Arc<Vec<u8>>) -> Result<(f64, Vec<serde_json::Value>)> {
+fn ramp(
+    b: &Bench,
+    lab: &mut MeasuredLab,
+    pool: &Arc<Vec<u8>>,
+) -> Result<(f64, Vec<serde_json::Value>)> {
     let p = &b.plan;
     lab.wait_settled(p.settle_timeout)?;
     let sampler = Sampler::start(lab)?;
@@ -232,7 +249,7 @@ fn set_ceiling(b: &mut Bench) {
     }
 }
 
-pub fn run(b: &mut Bench, lab: &mut Lab) -> Result<()> {
+pub fn run(b: &mut Bench, lab: &mut MeasuredLab) -> Result<()> {
     let p = b.plan.clone();
     let started = std::time::Instant::now();
     for prof in Profile::ALL {

@@ -49,18 +49,15 @@ pub fn check_all() -> Result<()> {
     )
 }
 
-/// Runs a tool to completion; a failure shows its output.
-pub fn run(tool: &str, args: &[&str]) -> Result<Output> {
-    run_on(tool, args, None)
-}
-
-/// [`run`], bound to `cpus` when given.
+/// Runs a tool to completion bound to `cpus` when given (unbound, it is
+/// [`rebound_lab::run_tool`]); a failure shows its output.
 pub fn run_on(tool: &str, args: &[&str], cpus: Option<&Cpus>) -> Result<Output> {
+    let Some(cpus) = cpus else {
+        return rebound_lab::run_tool(tool, args);
+    };
     let mut cmd = Command::new(tool);
     cmd.args(args);
-    if let Some(c) = cpus {
-        c.pin_command(&mut cmd);
-    }
+    cpus.pin_command(&mut cmd);
     let out = match cmd.output() {
         Ok(o) => o,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(

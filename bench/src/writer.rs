@@ -9,13 +9,13 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::profiles::Rng;
+use rebound_lab::Rng;
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
@@ -36,19 +36,19 @@ pub struct NbdClient {
 }
 
 impl NbdClient {
-    pub fn connect(port: u16, export: &str) -> Result<NbdClient> {
-        let mut s = TcpStream::connect(("127.0.0.1", port))
-            .with_context(|| format!("connecting to NBD port {port}"))?;
+    pub fn connect(addr: SocketAddr, export: &str) -> Result<NbdClient> {
+        let mut s = TcpStream::connect(addr)
+            .with_context(|| format!("connecting to the NBD server at {addr}"))?;
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(Duration::from_secs(120)))?;
         let mut b8 = [0u8; 8];
         s.read_exact(&mut b8)?;
         if u64::from_be_bytes(b8) != NBDMAGIC {
-            bail!("NBD port {port}: not an NBD server (bad magic)");
+            bail!("NBD server {addr}: not an NBD server (bad magic)");
         }
         s.read_exact(&mut b8)?;
         if u64::from_be_bytes(b8) != IHAVEOPT {
-            bail!("NBD port {port}: the server does not speak fixed newstyle");
+            bail!("NBD server {addr}: the server does not speak fixed newstyle");
         }
         let mut b2 = [0u8; 2];
         s.read_exact(&mut b2)?;
@@ -63,7 +63,7 @@ impl NbdClient {
         msg.extend_from_slice(export.as_bytes());
         s.write_all(&msg)?;
         s.read_exact(&mut b8)
-            .with_context(|| format!("NBD port {port}: export {export:?} refused"))?;
+            .with_context(|| format!("NBD server {addr}: export {export:?} refused"))?;
         let size = u64::from_be_bytes(b8);
         s.read_exact(&mut b2)?;
         if !no_zeroes {
@@ -150,7 +150,7 @@ impl Pacer {
 /// What a writer does.
 #[derive(Clone)]
 pub struct WriterSpec {
-    pub port: u16,
+    pub addr: SocketAddr,
     pub export: String,
     /// Bytes per write (a multiple of 4096).
     pub write_size: usize,
@@ -181,7 +181,7 @@ impl Writer {
         });
         let mut threads = Vec::new();
         for i in 0..spec.conns.max(1) {
-            let mut c = NbdClient::connect(spec.port, &spec.export)?;
+            let mut c = NbdClient::connect(spec.addr, &spec.export)?;
             let (stop, bytes, pacer, spec) =
                 (stop.clone(), bytes.clone(), pacer.clone(), spec.clone());
             threads.push(std::thread::spawn(move || -> Result<()> {
