@@ -64,16 +64,19 @@ impl Config {
     }
 
     /// The heartbeat interval, checked (at least 10 ms, at most 1 h).
-    pub fn heartbeat(&self) -> Result<Duration, String> {
+    pub fn heartbeat(&self) -> Result<Duration, HeartbeatOutOfRange> {
         let s = self.heartbeat_secs;
         if !(0.01..=3600.0).contains(&s) {
-            return Err(format!(
-                "heartbeat_secs = {s} is out of range: use a value from 0.01 to 3600"
-            ));
+            return Err(HeartbeatOutOfRange(s));
         }
         Ok(Duration::from_secs_f64(s))
     }
 }
+
+/// `heartbeat_secs` outside what the components can keep up with.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("heartbeat_secs = {0} is out of range: use a value from 0.01 to 3600")]
+pub struct HeartbeatOutOfRange(pub f64);
 
 #[cfg(test)]
 mod tests {
@@ -92,6 +95,7 @@ mod tests {
         assert!(e.to_string().contains("hearbeat_secs"), "{e}");
         let c: Config =
             rebound_common::config::parse("heartbeat_secs = 0", Path::new("x.toml")).unwrap();
-        assert!(c.heartbeat().unwrap_err().contains("heartbeat_secs"));
+        let e = c.heartbeat().unwrap_err();
+        assert!(e.to_string().contains("heartbeat_secs = 0"), "{e}");
     }
 }

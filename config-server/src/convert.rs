@@ -81,15 +81,20 @@ pub fn policy_to_proto(p: &Policy) -> pb::Policy {
     }
 }
 
+/// A point choice that names no point.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("empty point id: name a point (`rebound points M` lists them) or use latest")]
+pub struct EmptyPointId;
+
 /// A missing choice means `latest`.
-pub fn point_spec_from_proto(c: Option<&pb::PointChoice>) -> Result<PointSpec, String> {
+pub fn point_spec_from_proto(c: Option<&pb::PointChoice>) -> Result<PointSpec, EmptyPointId> {
     Ok(match c.and_then(|c| c.choice.as_ref()) {
         None | Some(Choice::Latest(_)) => PointSpec::Latest,
         Some(Choice::LatestProcessed(_)) => PointSpec::LatestProcessed,
         Some(Choice::LatestApp(_)) => PointSpec::LatestApp,
         Some(Choice::LatestMulti(_)) => PointSpec::LatestMulti,
         Some(Choice::LatestMultiApp(_)) => PointSpec::LatestMultiApp,
-        Some(Choice::Id(id)) if id.is_empty() => return Err("empty point id".into()),
+        Some(Choice::Id(id)) if id.is_empty() => return Err(EmptyPointId),
         Some(Choice::Id(id)) => PointSpec::Id(id.clone()),
         Some(Choice::AtOrBeforeMs(ms)) => PointSpec::AtOrBefore(*ms),
         Some(Choice::GroupTag(t)) => PointSpec::GroupTag(t.clone()),

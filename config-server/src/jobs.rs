@@ -198,11 +198,7 @@ impl JobEngine {
     pub async fn resume_all(self: &Arc<Self>) -> Result<usize, CsError> {
         let jobs = self
             .store
-            .list_jobs(&crate::store::JobFilter {
-                active_only: true,
-                machine: None,
-                limit: 10_000,
-            })
+            .list_jobs(&crate::store::JobFilter::all_active())
             .await?;
         for j in &jobs {
             info!(job = %j.id, kind = %j.kind, "resuming job after a CS restart");

@@ -81,7 +81,9 @@ pub async fn run<F>(
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    let heartbeat = config.heartbeat().map_err(CsError::InvalidArgument)?;
+    let heartbeat = config
+        .heartbeat()
+        .map_err(|e| CsError::InvalidArgument(e.to_string()))?;
     // Enrollment needs TLS without a client certificate; every other RPC
     // checks the certificate's role itself (require_role).
     let tls = config

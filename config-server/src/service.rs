@@ -13,7 +13,7 @@ use crate::error::CsError;
 use crate::jobs::JobEngine;
 use crate::lifecycle::group::cut_group_point;
 use crate::lifecycle::{Lifecycle, Targets};
-use crate::store::{Group, Health, JobFilter, Plan, ReplState, Store};
+use crate::store::{Group, Health, JobFilter, Machine, Plan, ReplState, Store};
 use prost::Message;
 use rebound_common::pki::Role;
 use rebound_common::tls::require_role;
@@ -128,11 +128,7 @@ impl AdminService {
             .unwrap_or_default();
         let job = self
             .store
-            .list_jobs(&JobFilter {
-                active_only: true,
-                machine: Some(m.id.clone()),
-                limit: 1,
-            })
+            .list_jobs(&JobFilter::active_on(&m.id, 1))
             .await?;
         let health = match (&agent, connected) {
             (_, true) => "online",
@@ -193,6 +189,25 @@ impl AdminService {
             )))
         }
     }
+
+    /// Moves each existing machine of `machines` to the consistency group
+    /// that `to` names for it (`None` leaves it where it is), or stops at the
+    /// first machine `to` refuses.
+    async fn regroup(
+        &self,
+        machines: &[String],
+        to: impl Fn(&Machine) -> Result<Option<String>, Status>,
+    ) -> Result<(), Status> {
+        for m in machines {
+            if let Some(mut mach) = self.store.get_machine(m).await? {
+                if let Some(group) = to(&mach)? {
+                    mach.group = group;
+                    self.store.put_machine(&mach).await?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn check_name(what: &str, name: &str) -> Result<(), Status> {
@@ -221,15 +236,7 @@ impl Admin for AdminService {
                 }
             }
         }
-        let running = self
-            .store
-            .list_jobs(&JobFilter {
-                active_only: true,
-                machine: None,
-                limit: 10_000,
-            })
-            .await?
-            .len();
+        let running = self.store.list_jobs(&JobFilter::all_active()).await?.len();
         let events = self
             .store
             .recent_events(20)
@@ -457,22 +464,14 @@ impl Admin for AdminService {
 
     async fn show_plan(&self, req: Request<pb::PlanRequest>) -> Res<pb::Plan> {
         admin(&req)?;
-        let name = req.into_inner().name;
-        let p = self.plan(&name).await?;
+        let p = self.plan(&req.into_inner().name).await?;
         Ok(Response::new(convert::plan_to_proto(&p)))
     }
 
     async fn delete_plan(&self, req: Request<pb::PlanRequest>) -> Res<pb::Empty> {
         admin(&req)?;
         let name = req.into_inner().name;
-        let running = self
-            .store
-            .list_jobs(&JobFilter {
-                active_only: true,
-                machine: None,
-                limit: 10_000,
-            })
-            .await?;
+        let running = self.store.list_jobs(&JobFilter::all_active()).await?;
         if let Some(j) = running.iter().find(|j| j.plan == name) {
             return Err(Status::failed_precondition(format!(
                 "plan {name} is used by running job {}: wait for it",
@@ -498,18 +497,16 @@ impl Admin for AdminService {
         let g = convert::group_from_proto(&req.into_inner().group.unwrap_or_default());
         check_name("group", &g.name)?;
         self.check_machines_exist(&g.machines).await?;
-        for m in &g.machines {
-            if let Some(mut mach) = self.store.get_machine(m).await? {
-                if !mach.group.is_empty() && mach.group != g.name {
-                    return Err(Status::failed_precondition(format!(
-                        "machine {m} is already in consistency group {}: remove it there first",
-                        mach.group
-                    )));
-                }
-                mach.group = g.name.clone();
-                self.store.put_machine(&mach).await?;
+        self.regroup(&g.machines, |mach| {
+            if !mach.group.is_empty() && mach.group != g.name {
+                return Err(Status::failed_precondition(format!(
+                    "machine {} is already in consistency group {}: remove it there first",
+                    mach.id, mach.group
+                )));
             }
-        }
+            Ok(Some(g.name.clone()))
+        })
+        .await?;
         self.store.put_group(&g).await?;
         Ok(Response::new(convert::group_to_proto(&g)))
     }
@@ -518,14 +515,10 @@ impl Admin for AdminService {
         admin(&req)?;
         let name = req.into_inner().name;
         let g = self.group(&name).await?;
-        for m in &g.machines {
-            if let Some(mut mach) = self.store.get_machine(m).await? {
-                if mach.group == name {
-                    mach.group.clear();
-                    self.store.put_machine(&mach).await?;
-                }
-            }
-        }
+        self.regroup(&g.machines, |mach| {
+            Ok((mach.group == name).then(String::new))
+        })
+        .await?;
         self.store.delete_group(&name).await?;
         Ok(Response::new(pb::Empty {}))
     }

@@ -65,6 +65,12 @@ impl Cs {
         self._tmp
     }
 
+    /// Closes the test's own handle on the CS database, then stops the CS.
+    async fn stop_with(self, store: SqliteStore) -> tempfile::TempDir {
+        store.close().await;
+        self.stop().await
+    }
+
     /// A second handle on the CS database (WAL allows it).
     async fn store(&self) -> SqliteStore {
         SqliteStore::open(&self.db).await.unwrap()
@@ -145,6 +151,14 @@ where
     }
 }
 
+/// Connects as `files` with `h` and expects a refusal with `code` whose
+/// message says `want`.
+async fn refused(cs: &Cs, files: &TlsFiles, h: pb::Hello, code: Code, want: &str) {
+    let e = connect(cs.channel(files).await, h).await.unwrap_err();
+    assert_eq!(e.code(), code, "{e}");
+    assert!(e.message().contains(want), "{e}");
+}
+
 fn files_in(dir: &Path) -> usize {
     std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
 }
@@ -209,16 +223,17 @@ async fn enrollment_over_tls_with_right_and_wrong_passphrase() {
         .is_none());
     assert_eq!(files_in(&bad), 0);
     // Roles that must not enroll, and bad ids, are refused by the client.
-    let e = enroll(&cs.addr, &cs.passphrase, Role::Admin, "x", &bad)
-        .await
-        .unwrap_err();
-    assert!(e.to_string().contains("only agent, ps and mt"), "{e}");
-    let e = enroll(&cs.addr, &cs.passphrase, Role::Agent, "a:b", &bad)
-        .await
-        .unwrap_err();
-    assert!(e.to_string().contains("contains ':'"), "{e}");
-    store.close().await;
-    cs.stop().await;
+    let refused = [
+        (Role::Admin, "x", "only agent, ps and mt"),
+        (Role::Agent, "a:b", "contains ':'"),
+    ];
+    for (role, id, want) in refused {
+        let e = enroll(&cs.addr, &cs.passphrase, role, id, &bad)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains(want), "{role:?} {id}: {e}");
+    }
+    cs.stop_with(store).await;
 }
 
 #[tokio::test]
@@ -265,11 +280,15 @@ async fn split_brain_guard_and_identity_checks() {
     let cs = Cs::start().await;
     let m1 = cs.enrolled(Role::Agent, "m1").await;
     // An agent registers only its own machine.
-    let e = connect(cs.channel(&m1).await, hello("agent", "m2", "onprem", "a"))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
-    assert!(e.message().contains("may not register as agent:m2"), "{e}");
+    let m2 = hello("agent", "m2", "onprem", "a");
+    refused(
+        &cs,
+        &m1,
+        m2,
+        Code::PermissionDenied,
+        "may not register as agent:m2",
+    )
+    .await;
 
     let (tx_a, mut down_a) = connect(cs.channel(&m1).await, hello("agent", "m1", "onprem", "a"))
         .await
@@ -286,27 +305,17 @@ async fn split_brain_guard_and_identity_checks() {
         }
     });
     // A second agent for the same machine is refused while the first lives.
-    let e = connect(cs.channel(&m1).await, hello("agent", "m1", "onprem", "b"))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
-    assert!(
-        e.message().contains("already has an agent connected"),
-        "{e}"
-    );
+    let second = hello("agent", "m1", "onprem", "b");
+    let want = "already has an agent connected";
+    refused(&cs, &m1, second, Code::FailedPrecondition, want).await;
     // An agent at another site is refused while the machine is protected there.
     let store = cs.store().await;
     let now = now_ms();
     let mut r = Replication::test_protected("m1", now);
     store.put_replication(&r).await.unwrap();
-    let e = connect(cs.channel(&m1).await, hello("agent", "m1", "azure", "c"))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
-    assert!(
-        e.message().contains("only after a failover to azure"),
-        "{e}"
-    );
+    let elsewhere = hello("agent", "m1", "azure", "c");
+    let want = "only after a failover to azure";
+    refused(&cs, &m1, elsewhere, Code::FailedPrecondition, want).await;
     // After the failover moved it, the agent at azure is admitted and the
     // one at onprem is fenced and dropped.
     r.state = ReplState::FailedOver;
@@ -339,8 +348,7 @@ async fn split_brain_guard_and_identity_checks() {
         .await
         .unwrap_err();
     assert!(e.message().contains("has moved to site azure"), "{e}");
-    store.close().await;
-    cs.stop().await;
+    cs.stop_with(store).await;
 }
 
 #[tokio::test]
@@ -392,8 +400,7 @@ async fn missed_heartbeats_make_a_component_offline() {
     })
     .await;
     drop(tx);
-    store.close().await;
-    cs.stop().await;
+    cs.stop_with(store).await;
 }
 
 #[tokio::test]
@@ -492,8 +499,7 @@ async fn mt_status_and_a_command_round_trip() {
         .into_inner();
     assert_eq!(ms.machines[0].state, "Protected");
     assert_eq!(ms.machines[0].last_point.as_ref().unwrap().id, "t2");
-    store.close().await;
-    cs.stop().await;
+    cs.stop_with(store).await;
 }
 
 #[tokio::test]

@@ -104,6 +104,19 @@ async fn steps_run_in_order_and_failures_are_recorded() {
     assert!(failed.ended_ms > 0);
 }
 
+/// A job of `names` as a CS that died while running its second step left it.
+async fn died_in_second_step(e: &JobEngine, store: &dyn Store, names: &[&str]) -> Job {
+    let mut j = e
+        .create("test", vec![], "", "{}".into(), steps(names))
+        .await
+        .unwrap();
+    j.state = JobState::Running;
+    j.steps[0].state = StepState::Done;
+    j.steps[1].state = StepState::Running;
+    store.put_job(&j).await.unwrap();
+    j
+}
+
 #[tokio::test]
 async fn restart_resumes_or_fails_cleanly() {
     let dir = tempfile::tempdir().unwrap();
@@ -111,28 +124,8 @@ async fn restart_resumes_or_fails_cleanly() {
     let (resumable, unsafe_id) = {
         let (e, _, store) = engine(&path).await;
         // Jobs as a CS that died mid-step left them.
-        let mut a = e
-            .create("test", vec![], "", "{}".into(), steps(&["ok", "ok", "ok"]))
-            .await
-            .unwrap();
-        a.state = JobState::Running;
-        a.steps[0].state = StepState::Done;
-        a.steps[1].state = StepState::Running;
-        store.put_job(&a).await.unwrap();
-        let mut b = e
-            .create(
-                "test",
-                vec![],
-                "",
-                "{}".into(),
-                steps(&["ok", "unsafe", "ok"]),
-            )
-            .await
-            .unwrap();
-        b.state = JobState::Running;
-        b.steps[0].state = StepState::Done;
-        b.steps[1].state = StepState::Running;
-        store.put_job(&b).await.unwrap();
+        let a = died_in_second_step(&e, store.as_ref(), &["ok", "ok", "ok"]).await;
+        let b = died_in_second_step(&e, store.as_ref(), &["ok", "unsafe", "ok"]).await;
         (a.id, b.id)
     };
     let (e, script, _) = engine(&path).await;

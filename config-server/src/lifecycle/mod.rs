@@ -125,6 +125,24 @@ impl JobSpec {
             | JobSpec::Reprotect { machines, .. } => machines.clone(),
         }
     }
+    /// How long a reprotect waits for the agent, if the request said.
+    pub fn wait_agent(&self) -> Option<Duration> {
+        match self {
+            JobSpec::Reprotect {
+                wait_agent_secs, ..
+            } => Some(Duration::from_secs(*wait_agent_secs)),
+            _ => None,
+        }
+    }
+    /// Whether a commit keeps the source copy, if the request said.
+    pub fn keep_source_copy(&self) -> Option<bool> {
+        match self {
+            JobSpec::Commit {
+                keep_source_copy, ..
+            } => Some(*keep_source_copy),
+            _ => None,
+        }
+    }
     pub fn plan(&self) -> &str {
         match self {
             JobSpec::Failover { plan, .. }
@@ -469,11 +487,7 @@ impl Lifecycle {
     async fn not_busy(&self, machine: &str, own_job: Option<&str>) -> Result<(), CsError> {
         let active = self
             .store
-            .list_jobs(&JobFilter {
-                active_only: true,
-                machine: Some(machine.to_string()),
-                limit: 10,
-            })
+            .list_jobs(&JobFilter::active_on(machine, 10))
             .await?;
         if let Some(j) = active.iter().find(|j| Some(j.id.as_str()) != own_job) {
             return Err(CsError::FailedPrecondition(format!(

@@ -74,6 +74,19 @@ impl Lifecycle {
             .ok_or_else(|| CsError::FailedPrecondition(format!("{machine} has no replication")))
     }
 
+    /// Sends the MT of the machine's current replication the command that
+    /// `cmd` builds from the replication's id; returns the replication.
+    async fn to_mt(
+        &self,
+        machine: &str,
+        cmd: impl FnOnce(String) -> Cmd,
+    ) -> Result<Replication, CsError> {
+        let r = self.repl(machine).await?;
+        self.send(ComponentKey::mt(&r.mt), cmd(r.id.clone()))
+            .await?;
+        Ok(r)
+    }
+
     /// Moves the machine's current replication through `op`.
     async fn transition(&self, machine: &str, op: Op) -> Result<Replication, CsError> {
         let mut r = self.repl(machine).await?;
@@ -238,15 +251,14 @@ impl Lifecycle {
             Step::Hook { command, label } => self.hook(ctx, spec, &command, &label).await,
             Step::Rollback { machine } => self.rollback(ctx, spec, &machine).await,
             Step::HandOver { machine } => {
-                let r = self.repl(&machine).await?;
-                self.send(
-                    ComponentKey::mt(&r.mt),
-                    Cmd::HandOver(pb::HandOver {
-                        replication_id: r.id.clone(),
-                        run_power_on: true,
-                    }),
-                )
-                .await?;
+                let r = self
+                    .to_mt(&machine, |replication_id| {
+                        Cmd::HandOver(pb::HandOver {
+                            replication_id,
+                            run_power_on: true,
+                        })
+                    })
+                    .await?;
                 // The machine now lives at the target site: from here on
                 // only an agent there may register (split-brain guard).
                 let mut m = self.machine(&machine).await?;
@@ -258,27 +270,18 @@ impl Lifecycle {
                 Ok(())
             }
             Step::RestorePreImages { machine } => {
-                let r = self.repl(&machine).await?;
-                self.send(
-                    ComponentKey::mt(&r.mt),
-                    Cmd::RestorePreImages(pb::RestorePreImages {
-                        replication_id: r.id.clone(),
-                    }),
-                )
-                .await?;
-                Ok(())
+                let restore =
+                    |replication_id| Cmd::RestorePreImages(pb::RestorePreImages { replication_id });
+                self.to_mt(&machine, restore).await.map(drop)
             }
             Step::EndReplication { machine } => {
-                let r = self.repl(&machine).await?;
-                self.send(
-                    ComponentKey::mt(&r.mt),
+                let end = |replication_id| {
                     Cmd::EndReplication(pb::EndReplication {
-                        replication_id: r.id.clone(),
+                        replication_id,
                         keep_replica: true,
-                    }),
-                )
-                .await?;
-                Ok(())
+                    })
+                };
+                self.to_mt(&machine, end).await.map(drop)
             }
             Step::RemoveFromPs { machine } => {
                 let r = self.repl(&machine).await?;
@@ -396,12 +399,7 @@ impl Lifecycle {
         spec: &JobSpec,
         machine: &str,
     ) -> Result<(), CsError> {
-        let limit = match spec {
-            JobSpec::Reprotect {
-                wait_agent_secs, ..
-            } => Duration::from_secs(*wait_agent_secs),
-            _ => self.settings.wait_agent,
-        };
+        let limit = spec.wait_agent().unwrap_or(self.settings.wait_agent);
         let site = self.machine(machine).await?.site;
         let agent = Self::agent(machine);
         let store = self.store.clone();
@@ -659,12 +657,7 @@ impl Lifecycle {
         spec: &JobSpec,
         machine: &str,
     ) -> Result<(), CsError> {
-        let keep = match spec {
-            JobSpec::Commit {
-                keep_source_copy, ..
-            } => *keep_source_copy,
-            _ => true,
-        };
+        let keep = spec.keep_source_copy().unwrap_or(true);
         let r = self.repl(machine).await?;
         if r.state == ReplState::Committed {
             return Ok(());

@@ -44,6 +44,11 @@ impl FakeBus {
         self.log.lock().unwrap().clear();
     }
 
+    async fn summary(&self, replication_id: &str) -> PointSummary {
+        let sum = self.store.get_point_summary(replication_id).await;
+        sum.unwrap().expect("the replication has a point summary")
+    }
+
     async fn answer(&self, to: &ComponentKey, cmd: Cmd) -> Reply {
         let point = |id: &str, kind: &str, seq: u64, group: &str| Point {
             id: id.into(),
@@ -82,7 +87,7 @@ impl FakeBus {
                     .await
                     .unwrap()
                     .unwrap();
-                let mut sum = self.store.get_point_summary(&r.id).await.unwrap().unwrap();
+                let mut sum = self.summary(&r.id).await;
                 sum.applied_seq = 20;
                 sum.latest = Some(point("shutdown", "shutdown", 20, ""));
                 self.store.put_point_summary(&r.id, &sum).await.unwrap();
@@ -96,15 +101,7 @@ impl FakeBus {
                     Some(Choice::Id(id)) => point(&id, "crash", 3, ""),
                     Some(Choice::GroupTag(t)) => point(&t, "crash", 8, &t),
                     Some(Choice::LatestApp(_)) => point("g@8", "app", 8, "g@8"),
-                    _ => {
-                        let s = self
-                            .store
-                            .get_point_summary(&rb.replication_id)
-                            .await
-                            .unwrap()
-                            .unwrap();
-                        s.latest.unwrap()
-                    }
+                    _ => self.summary(&rb.replication_id).await.latest.unwrap(),
                 };
                 Some(Detail::RolledBack(pb::RolledBack {
                     point: Some(crate::convert::point_to_proto(&p)),
@@ -258,6 +255,44 @@ fn one(m: &str) -> Targets {
     }
 }
 
+/// Protects `m` onprem -> azure through ps1 and mt1, in consistency group
+/// `group` (empty for none), and waits for the job to succeed.
+async fn protected(w: &World, m: &str, group: &str) -> Job {
+    ok(
+        w,
+        w.lc.protect(m, "azure", "ps1", "mt1", group, Policy::default())
+            .await,
+    )
+    .await
+}
+
+/// Fails `targets` over onprem -> azure at `point` and waits for the job to
+/// succeed.
+async fn failed_over(w: &World, targets: &Targets, point: PointSpec, multi: bool) -> Job {
+    ok(
+        w,
+        w.lc.failover(targets, "onprem", "azure", point, multi)
+            .await,
+    )
+    .await
+}
+
+/// Stores plan "p" with `groups` and names it as the failover's targets.
+async fn plan(w: &World, groups: Vec<crate::store::PlanGroup>) -> Targets {
+    w.store
+        .put_plan(&Plan {
+            name: "p".into(),
+            groups,
+            consistency_group: String::new(),
+        })
+        .await
+        .unwrap();
+    Targets {
+        machines: vec![],
+        plan: "p".into(),
+    }
+}
+
 #[tokio::test]
 async fn the_whole_loop() {
     let w = world().await;
@@ -306,12 +341,7 @@ async fn the_whole_loop() {
 
     // Planned failover at latest: fence, drain, catch up, roll back, hand over.
     w.bus.clear();
-    ok(
-        &w,
-        lc.failover(&one("m1"), "onprem", "azure", PointSpec::Latest, false)
-            .await,
-    )
-    .await;
+    failed_over(&w, &one("m1"), PointSpec::Latest, false).await;
     assert_eq!(
         w.bus.sent(),
         vec![
@@ -436,21 +466,14 @@ async fn failover_needs_a_point_on_every_machine_and_names_those_without() {
             );
         }
     }
-    w.store
-        .put_plan(&Plan {
-            name: "p".into(),
-            groups: vec![crate::store::PlanGroup {
-                machines: vec!["m1".into(), "m2".into(), "m3".into()],
-                ..Default::default()
-            }],
-            consistency_group: String::new(),
-        })
-        .await
-        .unwrap();
-    let plan = Targets {
-        machines: vec![],
-        plan: "p".into(),
-    };
+    let plan = plan(
+        &w,
+        vec![crate::store::PlanGroup {
+            machines: vec!["m1".into(), "m2".into(), "m3".into()],
+            ..Default::default()
+        }],
+    )
+    .await;
     let e =
         w.lc.failover(&plan, "onprem", "azure", PointSpec::Latest, false)
             .await
@@ -473,24 +496,8 @@ async fn failover_needs_a_point_on_every_machine_and_names_those_without() {
 #[tokio::test]
 async fn reprotect_whose_agent_never_comes_times_out_with_what_to_check() {
     let w = world().await;
-    ok(
-        &w,
-        w.lc.protect("m1", "azure", "ps1", "mt1", "", Policy::default())
-            .await,
-    )
-    .await;
-    ok(
-        &w,
-        w.lc.failover(
-            &one("m1"),
-            "onprem",
-            "azure",
-            PointSpec::LatestProcessed,
-            false,
-        )
-        .await,
-    )
-    .await;
+    protected(&w, "m1", "").await;
+    failed_over(&w, &one("m1"), PointSpec::LatestProcessed, false).await;
     ok(&w, w.lc.commit(&one("m1"), Some(false)).await).await;
     w.bus.disconnect(&ComponentKey::agent("m1"));
     let j = finish(
@@ -522,12 +529,7 @@ async fn reprotect_whose_agent_never_comes_times_out_with_what_to_check() {
 #[tokio::test]
 async fn planned_failover_with_the_source_down_says_use_unplanned() {
     let w = world().await;
-    ok(
-        &w,
-        w.lc.protect("m1", "azure", "ps1", "mt1", "", Policy::default())
-            .await,
-    )
-    .await;
+    protected(&w, "m1", "").await;
     w.bus.disconnect(&ComponentKey::agent("m1"));
     let j = finish(
         &w,
@@ -546,12 +548,7 @@ async fn planned_failover_with_the_source_down_says_use_unplanned() {
     // Unplanned, with the PS gone too: no fence, no drain, a warning, done.
     w.bus.disconnect(&ComponentKey::ps("ps1"));
     w.bus.clear();
-    let j = ok(
-        &w,
-        w.lc.failover(&one("m1"), "onprem", "azure", PointSpec::Latest, true)
-            .await,
-    )
-    .await;
+    let j = failed_over(&w, &one("m1"), PointSpec::Latest, true).await;
     assert_eq!(w.bus.sent(), vec!["rollback>mt:mt1", "hand-over>mt:mt1"]);
     assert!(
         j.warnings.iter().any(|x| x.contains("PS ps1 is offline")),
@@ -576,41 +573,24 @@ async fn latest_multi_gives_every_plan_machine_the_same_group_point() {
         .await
         .unwrap();
     for m in ["m1", "m2"] {
-        ok(
-            &w,
-            w.lc.protect(m, "azure", "ps1", "mt1", "g", Policy::default())
-                .await,
-        )
-        .await;
+        protected(&w, m, "g").await;
     }
-    w.store
-        .put_plan(&Plan {
-            name: "p".into(),
-            groups: vec![
-                crate::store::PlanGroup {
-                    machines: vec!["m1".into()],
-                    pre_hook: "true".into(),
-                    post_hook: String::new(),
-                },
-                crate::store::PlanGroup {
-                    machines: vec!["m2".into()],
-                    ..Default::default()
-                },
-            ],
-            consistency_group: String::new(),
-        })
-        .await
-        .unwrap();
-    let plan = Targets {
-        machines: vec![],
-        plan: "p".into(),
-    };
-    let j = ok(
+    let plan = plan(
         &w,
-        w.lc.failover(&plan, "onprem", "azure", PointSpec::LatestMulti, true)
-            .await,
+        vec![
+            crate::store::PlanGroup {
+                machines: vec!["m1".into()],
+                pre_hook: "true".into(),
+                post_hook: String::new(),
+            },
+            crate::store::PlanGroup {
+                machines: vec!["m2".into()],
+                ..Default::default()
+            },
+        ],
     )
     .await;
+    let j = failed_over(&w, &plan, PointSpec::LatestMulti, true).await;
     assert!(j
         .steps
         .iter()
@@ -621,20 +601,8 @@ async fn latest_multi_gives_every_plan_machine_the_same_group_point() {
     }
     // latest-app warns that later writes are lost.
     let w2 = world().await;
-    ok(
-        &w2,
-        w2.lc
-            .protect("m1", "azure", "ps1", "mt1", "", Policy::default())
-            .await,
-    )
-    .await;
-    let j = ok(
-        &w2,
-        w2.lc
-            .failover(&one("m1"), "onprem", "azure", PointSpec::LatestApp, true)
-            .await,
-    )
-    .await;
+    protected(&w2, "m1", "").await;
+    let j = failed_over(&w2, &one("m1"), PointSpec::LatestApp, true).await;
     assert!(
         j.warnings
             .iter()
@@ -659,30 +627,24 @@ async fn busy_machines_and_bad_requests_are_refused() {
             .to_string();
     assert!(e.contains("busy with job") && e.contains(&slow.id), "{e}");
     finish(&w, slow).await;
-    let e =
-        w.lc.protect("m9", "azure", "ps1", "mt1", "", Policy::default())
-            .await
-            .unwrap_err()
-            .to_string();
-    assert!(e.contains("machine m9 is unknown"), "{e}");
-    let e =
-        w.lc.protect("m1", "onprem", "ps1", "mt1", "", Policy::default())
-            .await
-            .unwrap_err()
-            .to_string();
-    assert!(e.contains("runs at site onprem"), "{e}");
-    let e =
-        w.lc.protect("m1", "azure", "ps2", "mt1", "", Policy::default())
-            .await
-            .unwrap_err()
-            .to_string();
-    assert!(e.contains("PS ps2 is at site \"azure\""), "{e}");
-    let e =
-        w.lc.protect("m1", "azure", "ps1", "mt2", "", Policy::default())
-            .await
-            .unwrap_err()
-            .to_string();
-    assert!(e.contains("MT mt2 is at site \"onprem\""), "{e}");
+    // (machine, site, PS, MT) → what the refusal names.
+    let refused = [
+        (("m9", "azure", "ps1", "mt1"), "machine m9 is unknown"),
+        (("m1", "onprem", "ps1", "mt1"), "runs at site onprem"),
+        (("m1", "azure", "ps2", "mt1"), "PS ps2 is at site \"azure\""),
+        (
+            ("m1", "azure", "ps1", "mt2"),
+            "MT mt2 is at site \"onprem\"",
+        ),
+    ];
+    for ((machine, site, ps, mt), want) in refused {
+        let e =
+            w.lc.protect(machine, site, ps, mt, "", Policy::default())
+                .await
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains(want), "{machine} {site} {ps} {mt}: {e}");
+    }
     let e =
         w.lc.failover(
             &Targets::default(),

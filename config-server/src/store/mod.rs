@@ -422,6 +422,26 @@ pub struct JobFilter {
     pub limit: u32,
 }
 
+impl JobFilter {
+    /// Every pending or running job.
+    pub fn all_active() -> Self {
+        JobFilter {
+            active_only: true,
+            machine: None,
+            limit: 10_000,
+        }
+    }
+
+    /// Up to `limit` pending or running jobs of `machine`.
+    pub fn active_on(machine: &str, limit: u32) -> Self {
+        JobFilter {
+            active_only: true,
+            machine: Some(machine.to_string()),
+            limit,
+        }
+    }
+}
+
 /// Something a component reported (freeze failed, bitmap mode, ...).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {

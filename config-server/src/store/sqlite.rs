@@ -13,6 +13,7 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use sqlx::Row;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -124,6 +125,51 @@ impl SqliteStore {
         })
     }
 
+    /// Every row of a query, decoded by `row`, which may read child rows.
+    async fn all_nested<'a, T, Fut>(
+        &'a self,
+        what: &'static str,
+        sql: Sql<'a>,
+        row: impl Fn(SqliteRow) -> Fut,
+    ) -> Result<Vec<T>, StoreError>
+    where
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let rows = sql.fetch_all(&self.pool).await.map_err(q(what))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            out.push(row(r).await?);
+        }
+        Ok(out)
+    }
+
+    /// The first row of a query, decoded by `row`, which may read child rows.
+    async fn one_nested<'a, T, Fut>(
+        &'a self,
+        what: &'static str,
+        sql: Sql<'a>,
+        row: impl FnOnce(SqliteRow) -> Fut,
+    ) -> Result<Option<T>, StoreError>
+    where
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        match sql.fetch_optional(&self.pool).await.map_err(q(what))? {
+            Some(r) => row(r).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Runs `statements` in one transaction: all of them take effect or none.
+    fn run_all<'a>(&'a self, what: &'static str, statements: Vec<Sql<'a>>) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await.map_err(q(what))?;
+            for sql in statements {
+                sql.execute(&mut *tx).await.map_err(q(what))?;
+            }
+            tx.commit().await.map_err(q(what))
+        })
+    }
+
     /// Opens (creating when missing) the database at `path` and migrates it.
     pub async fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         let shown = path.display().to_string();
@@ -185,23 +231,23 @@ impl SqliteStore {
         })
     }
 
-    async fn machine_from_row(&self, row: &SqliteRow) -> Result<Machine, StoreError> {
+    fn disk_row(row: &SqliteRow) -> Result<Disk, StoreError> {
+        let w = "reading a machine's disks";
+        Ok(Disk {
+            index: get::<i64>(row, "idx", w)? as u32,
+            name: get(row, "name", w)?,
+            size: get_u64(row, "size", w)?,
+        })
+    }
+
+    async fn machine_from_row(&self, row: SqliteRow) -> Result<Machine, StoreError> {
         let w = "reading a machine";
+        let row = &row;
         let id: String = get(row, "id", w)?;
-        let disks = sqlx::query("SELECT idx, name, size FROM disks WHERE machine = ? ORDER BY idx")
-            .bind(&id)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(q("reading a machine's disks"))?
-            .iter()
-            .map(|r| {
-                Ok(Disk {
-                    index: get::<i64>(r, "idx", w)? as u32,
-                    name: get(r, "name", w)?,
-                    size: get_u64(r, "size", w)?,
-                })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
+        let sql = sqlx::query("SELECT idx, name, size FROM disks WHERE machine = ? ORDER BY idx");
+        let disks = self
+            .all("reading a machine's disks", sql.bind(&id), Self::disk_row)
+            .await?;
         Ok(Machine {
             policy: from_json(w, &get::<String>(row, "policy", w)?)?,
             site: get(row, "site", w)?,
@@ -247,30 +293,30 @@ impl SqliteStore {
         })
     }
 
-    async fn job_from_row(&self, row: &SqliteRow) -> Result<Job, StoreError> {
+    fn step_row(row: &SqliteRow) -> Result<JobStep, StoreError> {
+        let w = "reading a job's steps";
+        let state: String = get(row, "state", w)?;
+        Ok(JobStep {
+            index: get::<i64>(row, "idx", w)? as u32,
+            name: get(row, "name", w)?,
+            action: get(row, "action", w)?,
+            state: StepState::parse(&state)
+                .ok_or_else(|| corrupt(w, format!("unknown step state {state:?}")))?,
+            detail: get(row, "detail", w)?,
+            error: get(row, "error", w)?,
+            started_ms: get_u64(row, "started_ms", w)?,
+            ended_ms: get_u64(row, "ended_ms", w)?,
+        })
+    }
+
+    async fn job_from_row(&self, row: SqliteRow) -> Result<Job, StoreError> {
         let w = "reading a job";
+        let row = &row;
         let id: String = get(row, "id", w)?;
-        let steps = sqlx::query("SELECT * FROM job_steps WHERE job = ? ORDER BY idx")
-            .bind(&id)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(q("reading a job's steps"))?
-            .iter()
-            .map(|r| {
-                let state: String = get(r, "state", w)?;
-                Ok(JobStep {
-                    index: get::<i64>(r, "idx", w)? as u32,
-                    name: get(r, "name", w)?,
-                    action: get(r, "action", w)?,
-                    state: StepState::parse(&state)
-                        .ok_or_else(|| corrupt(w, format!("unknown step state {state:?}")))?,
-                    detail: get(r, "detail", w)?,
-                    error: get(r, "error", w)?,
-                    started_ms: get_u64(r, "started_ms", w)?,
-                    ended_ms: get_u64(r, "ended_ms", w)?,
-                })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
+        let sql = sqlx::query("SELECT * FROM job_steps WHERE job = ? ORDER BY idx");
+        let steps = self
+            .all("reading a job's steps", sql.bind(&id), Self::step_row)
+            .await?;
         let state: String = get(row, "state", w)?;
         Ok(Job {
             kind: get(row, "kind", w)?,
@@ -411,67 +457,36 @@ impl Store for SqliteStore {
     }
 
     fn put_machine<'a>(&'a self, m: &'a Machine) -> BoxFut<'a, ()> {
-        Box::pin(async move {
-            let w = "writing a machine";
-            let mut tx = self.pool.begin().await.map_err(q(w))?;
-            sqlx::query(
-                "INSERT INTO machines (id, site, policy, grp, created_ms) VALUES (?, ?, ?, ?, ?)
-                 ON CONFLICT(id) DO UPDATE SET site = excluded.site, policy = excluded.policy,
-                   grp = excluded.grp",
-            )
-            .bind(&m.id)
-            .bind(&m.site)
-            .bind(json(&m.policy))
-            .bind(&m.group)
-            .bind(m.created_ms as i64)
-            .execute(&mut *tx)
-            .await
-            .map_err(q(w))?;
-            sqlx::query("DELETE FROM disks WHERE machine = ?")
+        let machine = sqlx::query(
+            "INSERT INTO machines (id, site, policy, grp, created_ms) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT(id) DO UPDATE SET site = excluded.site, policy = excluded.policy,
+               grp = excluded.grp",
+        )
+        .bind(&m.id)
+        .bind(&m.site)
+        .bind(json(&m.policy))
+        .bind(&m.group)
+        .bind(m.created_ms as i64);
+        let old_disks = sqlx::query("DELETE FROM disks WHERE machine = ?").bind(&m.id);
+        let disks = m.disks.iter().map(|d| {
+            sqlx::query("INSERT INTO disks (machine, idx, name, size) VALUES (?, ?, ?, ?)")
                 .bind(&m.id)
-                .execute(&mut *tx)
-                .await
-                .map_err(q(w))?;
-            for d in &m.disks {
-                sqlx::query("INSERT INTO disks (machine, idx, name, size) VALUES (?, ?, ?, ?)")
-                    .bind(&m.id)
-                    .bind(d.index as i64)
-                    .bind(&d.name)
-                    .bind(d.size as i64)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(q(w))?;
-            }
-            tx.commit().await.map_err(q(w))
-        })
+                .bind(d.index as i64)
+                .bind(&d.name)
+                .bind(d.size as i64)
+        });
+        let statements = [machine, old_disks].into_iter().chain(disks).collect();
+        self.run_all("writing a machine", statements)
     }
 
     fn get_machine<'a>(&'a self, id: &'a str) -> BoxFut<'a, Option<Machine>> {
-        Box::pin(async move {
-            let row = sqlx::query("SELECT * FROM machines WHERE id = ?")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(q("reading a machine"))?;
-            match row {
-                Some(r) => Ok(Some(self.machine_from_row(&r).await?)),
-                None => Ok(None),
-            }
-        })
+        let sql = sqlx::query("SELECT * FROM machines WHERE id = ?").bind(id);
+        Box::pin(self.one_nested("reading a machine", sql, |r| self.machine_from_row(r)))
     }
 
     fn list_machines(&self) -> BoxFut<'_, Vec<Machine>> {
-        Box::pin(async move {
-            let rows = sqlx::query("SELECT * FROM machines ORDER BY id")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(q("listing machines"))?;
-            let mut out = Vec::with_capacity(rows.len());
-            for r in &rows {
-                out.push(self.machine_from_row(r).await?);
-            }
-            Ok(out)
-        })
+        let sql = sqlx::query("SELECT * FROM machines ORDER BY id");
+        Box::pin(self.all_nested("listing machines", sql, |r| self.machine_from_row(r)))
     }
 
     fn put_replication<'a>(&'a self, r: &'a Replication) -> BoxFut<'a, ()> {
@@ -607,99 +622,68 @@ impl Store for SqliteStore {
     }
 
     fn put_job<'a>(&'a self, j: &'a Job) -> BoxFut<'a, ()> {
-        Box::pin(async move {
-            let w = "writing a job";
-            let mut tx = self.pool.begin().await.map_err(q(w))?;
+        let job = sqlx::query(
+            "INSERT INTO jobs (id, kind, machines, plan, spec, data, state, progress, status,
+               error, warnings, created_ms, started_ms, ended_ms, ord)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
+               (SELECT COALESCE(MAX(ord), 0) + 1 FROM jobs))
+             ON CONFLICT(id) DO UPDATE SET data = excluded.data, state = excluded.state,
+               progress = excluded.progress, status = excluded.status,
+               error = excluded.error, warnings = excluded.warnings,
+               started_ms = excluded.started_ms, ended_ms = excluded.ended_ms",
+        )
+        .bind(&j.id)
+        .bind(&j.kind)
+        .bind(json(&j.machines))
+        .bind(&j.plan)
+        .bind(&j.spec)
+        .bind(&j.data)
+        .bind(j.state.as_str())
+        .bind(j.progress as i64)
+        .bind(&j.status)
+        .bind(&j.error)
+        .bind(json(&j.warnings))
+        .bind(j.created_ms as i64)
+        .bind(j.started_ms as i64)
+        .bind(j.ended_ms as i64);
+        let old_steps = sqlx::query("DELETE FROM job_steps WHERE job = ?").bind(&j.id);
+        let steps = j.steps.iter().map(|s| {
             sqlx::query(
-                "INSERT INTO jobs (id, kind, machines, plan, spec, data, state, progress, status,
-                   error, warnings, created_ms, started_ms, ended_ms, ord)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
-                   (SELECT COALESCE(MAX(ord), 0) + 1 FROM jobs))
-                 ON CONFLICT(id) DO UPDATE SET data = excluded.data, state = excluded.state,
-                   progress = excluded.progress, status = excluded.status,
-                   error = excluded.error, warnings = excluded.warnings,
-                   started_ms = excluded.started_ms, ended_ms = excluded.ended_ms",
+                "INSERT INTO job_steps (job, idx, name, action, state, detail, error,
+                   started_ms, ended_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(&j.id)
-            .bind(&j.kind)
-            .bind(json(&j.machines))
-            .bind(&j.plan)
-            .bind(&j.spec)
-            .bind(&j.data)
-            .bind(j.state.as_str())
-            .bind(j.progress as i64)
-            .bind(&j.status)
-            .bind(&j.error)
-            .bind(json(&j.warnings))
-            .bind(j.created_ms as i64)
-            .bind(j.started_ms as i64)
-            .bind(j.ended_ms as i64)
-            .execute(&mut *tx)
-            .await
-            .map_err(q(w))?;
-            sqlx::query("DELETE FROM job_steps WHERE job = ?")
-                .bind(&j.id)
-                .execute(&mut *tx)
-                .await
-                .map_err(q(w))?;
-            for s in &j.steps {
-                sqlx::query(
-                    "INSERT INTO job_steps (job, idx, name, action, state, detail, error,
-                       started_ms, ended_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                )
-                .bind(&j.id)
-                .bind(s.index as i64)
-                .bind(&s.name)
-                .bind(&s.action)
-                .bind(s.state.as_str())
-                .bind(&s.detail)
-                .bind(&s.error)
-                .bind(s.started_ms as i64)
-                .bind(s.ended_ms as i64)
-                .execute(&mut *tx)
-                .await
-                .map_err(q(w))?;
-            }
-            tx.commit().await.map_err(q(w))
-        })
+            .bind(s.index as i64)
+            .bind(&s.name)
+            .bind(&s.action)
+            .bind(s.state.as_str())
+            .bind(&s.detail)
+            .bind(&s.error)
+            .bind(s.started_ms as i64)
+            .bind(s.ended_ms as i64)
+        });
+        let statements = [job, old_steps].into_iter().chain(steps).collect();
+        self.run_all("writing a job", statements)
     }
 
     fn get_job<'a>(&'a self, id: &'a str) -> BoxFut<'a, Option<Job>> {
-        Box::pin(async move {
-            let row = sqlx::query("SELECT * FROM jobs WHERE id = ?")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(q("reading a job"))?;
-            match row {
-                Some(r) => Ok(Some(self.job_from_row(&r).await?)),
-                None => Ok(None),
-            }
-        })
+        let sql = sqlx::query("SELECT * FROM jobs WHERE id = ?").bind(id);
+        Box::pin(self.one_nested("reading a job", sql, |r| self.job_from_row(r)))
     }
 
     fn list_jobs<'a>(&'a self, filter: &'a JobFilter) -> BoxFut<'a, Vec<Job>> {
-        Box::pin(async move {
-            let limit = if filter.limit == 0 { 100 } else { filter.limit };
-            let rows = sqlx::query(
-                "SELECT * FROM jobs
-                 WHERE (? = 0 OR state IN ('pending', 'running'))
-                   AND (? IS NULL OR EXISTS (SELECT 1 FROM json_each(jobs.machines) WHERE value = ?))
-                 ORDER BY ord DESC LIMIT ?",
-            )
-            .bind(filter.active_only as i64)
-            .bind(filter.machine.as_deref())
-            .bind(filter.machine.as_deref())
-            .bind(limit as i64)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(q("listing jobs"))?;
-            let mut out = Vec::with_capacity(rows.len());
-            for r in &rows {
-                out.push(self.job_from_row(r).await?);
-            }
-            Ok(out)
-        })
+        let limit = if filter.limit == 0 { 100 } else { filter.limit };
+        let sql = sqlx::query(
+            "SELECT * FROM jobs
+             WHERE (? = 0 OR state IN ('pending', 'running'))
+               AND (? IS NULL OR EXISTS (SELECT 1 FROM json_each(jobs.machines) WHERE value = ?))
+             ORDER BY ord DESC LIMIT ?",
+        )
+        .bind(filter.active_only as i64)
+        .bind(filter.machine.as_deref())
+        .bind(filter.machine.as_deref())
+        .bind(limit as i64);
+        Box::pin(self.all_nested("listing jobs", sql, |r| self.job_from_row(r)))
     }
 
     fn put_point_summary<'a>(
@@ -722,29 +706,20 @@ impl Store for SqliteStore {
     }
 
     fn add_event<'a>(&'a self, e: &'a Event) -> BoxFut<'a, ()> {
-        Box::pin(async move {
-            let w = "recording an event";
-            let mut tx = self.pool.begin().await.map_err(q(w))?;
-            sqlx::query(
-                "INSERT INTO events (time_ms, component, severity, kind, message, replication)
-                 VALUES (?, ?, ?, ?, ?, ?)",
-            )
-            .bind(e.time_ms as i64)
-            .bind(&e.component)
-            .bind(&e.severity)
-            .bind(&e.kind)
-            .bind(&e.message)
-            .bind(&e.replication)
-            .execute(&mut *tx)
-            .await
-            .map_err(q(w))?;
-            // Keep the newest 10 000 events.
-            sqlx::query("DELETE FROM events WHERE seq <= (SELECT MAX(seq) FROM events) - 10000")
-                .execute(&mut *tx)
-                .await
-                .map_err(q(w))?;
-            tx.commit().await.map_err(q(w))
-        })
+        let event = sqlx::query(
+            "INSERT INTO events (time_ms, component, severity, kind, message, replication)
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(e.time_ms as i64)
+        .bind(&e.component)
+        .bind(&e.severity)
+        .bind(&e.kind)
+        .bind(&e.message)
+        .bind(&e.replication);
+        // Keep the newest 10 000 events.
+        let trim =
+            sqlx::query("DELETE FROM events WHERE seq <= (SELECT MAX(seq) FROM events) - 10000");
+        self.run_all("recording an event", vec![event, trim])
     }
 
     fn recent_events(&self, limit: u32) -> BoxFut<'_, Vec<Event>> {
