@@ -10,6 +10,15 @@ pub fn print(v: &Value) {
     );
 }
 
+/// A listing as one document: `{"<key>": [one(item), ...]}`.
+pub fn list<T>(key: &str, items: &[T], one: fn(&T) -> Value) -> Value {
+    let items = items.iter().map(one).collect();
+    Value::Object(serde_json::Map::from_iter([(
+        key.to_string(),
+        Value::Array(items),
+    )]))
+}
+
 pub fn point(p: &pb::Point) -> Value {
     json!({"id": p.id, "kind": p.kind, "time_ms": p.time_ms, "seq": p.seq, "group": p.group})
 }

@@ -49,9 +49,11 @@ impl TargetArgs {
     }
 }
 
-/// How a lifecycle command reports its job.
+/// Where the CS is, and how a lifecycle command reports its job.
 #[derive(clap::Args, Debug, Clone)]
 pub struct WaitArgs {
+    #[command(flatten)]
+    pub cs: CsArgs,
     /// Follow the job until it ends (progress bar on a terminal, plain
     /// lines otherwise); exit non-zero when it fails.
     #[arg(long)]
@@ -61,23 +63,74 @@ pub struct WaitArgs {
     pub output: Output,
 }
 
+/// Where the CS is, and how its answer is printed.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ShowArgs {
+    #[command(flatten)]
+    pub cs: CsArgs,
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+impl ShowArgs {
+    /// Prints an answer as JSON (`to_json`) or as a table (`table`).
+    fn show<T>(
+        &self,
+        r: &T,
+        to_json: impl FnOnce(&T) -> serde_json::Value,
+        table: impl FnOnce(&T),
+    ) -> Result<()> {
+        match self.output {
+            Output::Json => json::print(&to_json(r)),
+            Output::Table => table(r),
+        }
+        Ok(())
+    }
+}
+
+/// A plan or group by name, where the CS is, and how its answer is printed.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NamedShowArgs {
+    pub name: String,
+    #[command(flatten)]
+    pub args: ShowArgs,
+}
+
+/// The plan or group to delete, and where the CS is.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DeleteArgs {
+    pub name: String,
+    #[command(flatten)]
+    pub cs: CsArgs,
+}
+
+impl DeleteArgs {
+    /// Reports the answer `r` to deleting the `what` (plan, group).
+    fn deleted(
+        &self,
+        what: &str,
+        r: Result<tonic::Response<pb::Empty>, tonic::Status>,
+    ) -> Result<()> {
+        let name = &self.name;
+        r.map_err(|e| self.cs.error(e, &format!("deleting {what} {name}")))?;
+        println!("{what} {name} deleted");
+        Ok(())
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum OperatorCmd {
     /// Health of the deployment: sites, components (online/offline, agent
     /// mode, buffer, RPO), machine counts, running jobs and recent warnings.
     Status {
         #[command(flatten)]
-        cs: CsArgs,
-        #[arg(long, value_enum, default_value_t = Output::Table)]
-        output: Output,
+        args: ShowArgs,
     },
     /// Every machine at a glance: where it runs, replication state and
     /// direction, RPO, last recovery point, agent health, running job.
     Machines {
         #[command(flatten)]
-        cs: CsArgs,
-        #[arg(long, value_enum, default_value_t = Output::Table)]
-        output: Output,
+        args: ShowArgs,
     },
     /// Start protecting a machine: replicate it from the site it runs at to
     /// SITE through process server PS (at its site) and master target MT (at
@@ -105,8 +158,6 @@ pub enum OperatorCmd {
         #[arg(long, value_parser = parse_duration)]
         app_interval: Option<std::time::Duration>,
         #[command(flatten)]
-        cs: CsArgs,
-        #[command(flatten)]
         wait: WaitArgs,
     },
     /// Fail machines (or a plan) over to the other site at a recovery point.
@@ -131,8 +182,6 @@ pub enum OperatorCmd {
         #[arg(long)]
         unplanned: bool,
         #[command(flatten)]
-        cs: CsArgs,
-        #[command(flatten)]
         wait: WaitArgs,
     },
     /// Before commit: move a failed-over machine to another recovery point.
@@ -142,8 +191,6 @@ pub enum OperatorCmd {
         /// The new recovery point (same choices as failover).
         #[arg(long)]
         point: String,
-        #[command(flatten)]
-        cs: CsArgs,
         #[command(flatten)]
         wait: WaitArgs,
     },
@@ -158,8 +205,6 @@ pub enum OperatorCmd {
         /// Remove the copy at the old source site.
         #[arg(long)]
         remove_source_copy: bool,
-        #[command(flatten)]
-        cs: CsArgs,
         #[command(flatten)]
         wait: WaitArgs,
     },
@@ -179,8 +224,6 @@ pub enum OperatorCmd {
         /// the CS setting, 30 min).
         #[arg(long, value_parser = parse_duration)]
         wait_agent: Option<std::time::Duration>,
-        #[command(flatten)]
-        cs: CsArgs,
         #[command(flatten)]
         wait: WaitArgs,
     },
@@ -202,9 +245,7 @@ pub enum OperatorCmd {
         #[arg(long, default_value_t = 20)]
         limit: u32,
         #[command(flatten)]
-        cs: CsArgs,
-        #[arg(long, value_enum, default_value_t = Output::Table)]
-        output: Output,
+        args: ShowArgs,
     },
     /// Recovery plans: named, ordered groups of machines failed over,
     /// committed and reprotected together.
@@ -255,31 +296,14 @@ pub enum PlanCmd {
         #[arg(long)]
         consistency_group: Option<String>,
         #[command(flatten)]
-        cs: CsArgs,
-        #[arg(long, value_enum, default_value_t = Output::Table)]
-        output: Output,
+        args: ShowArgs,
     },
     /// Show one plan.
-    Show {
-        name: String,
-        #[command(flatten)]
-        cs: CsArgs,
-        #[arg(long, value_enum, default_value_t = Output::Table)]
-        output: Output,
-    },
+    Show(NamedShowArgs),
     /// List the plans.
-    List {
-        #[command(flatten)]
-        cs: CsArgs,
-        #[arg(long, value_enum, default_value_t = Output::Table)]
-        output: Output,
-    },
+    List(ShowArgs),
     /// Delete a plan (the machines stay as they are).
-    Delete {
-        name: String,
-        #[command(flatten)]
-        cs: CsArgs,
-    },
+    Delete(DeleteArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -301,31 +325,14 @@ pub enum GroupCmd {
         #[arg(long)]
         app: bool,
         #[command(flatten)]
-        cs: CsArgs,
-        #[arg(long, value_enum, default_value_t = Output::Table)]
-        output: Output,
+        args: ShowArgs,
     },
     /// Delete a consistency group.
-    Delete {
-        name: String,
-        #[command(flatten)]
-        cs: CsArgs,
-    },
+    Delete(DeleteArgs),
     /// List the consistency groups.
-    List {
-        #[command(flatten)]
-        cs: CsArgs,
-        #[arg(long, value_enum, default_value_t = Output::Table)]
-        output: Output,
-    },
+    List(ShowArgs),
     /// Cut one group point now (a two-phase barrier across the members).
-    Cut {
-        name: String,
-        #[command(flatten)]
-        cs: CsArgs,
-        #[arg(long, value_enum, default_value_t = Output::Table)]
-        output: Output,
-    },
+    Cut(NamedShowArgs),
 }
 
 /// Runs one operator subcommand; on error prints it (with its causes, no
@@ -340,18 +347,20 @@ pub async fn run(cmd: OperatorCmd) -> Result<()> {
 
 async fn run_inner(cmd: OperatorCmd) -> Result<()> {
     match cmd {
-        OperatorCmd::Status { cs, output } => {
-            let mut c = connect(&cs).await?;
-            let r = cs.answer(c.status(pb::StatusRequest {}).await, "reading the status")?;
-            show(output, &r, json::status, print::status)
+        OperatorCmd::Status { args } => {
+            let mut c = connect(&args.cs).await?;
+            let r = args
+                .cs
+                .answer(c.status(pb::StatusRequest {}).await, "reading the status")?;
+            args.show(&r, json::status, print::status)
         }
-        OperatorCmd::Machines { cs, output } => {
-            let mut c = connect(&cs).await?;
-            let r = cs.answer(
+        OperatorCmd::Machines { args } => {
+            let mut c = connect(&args.cs).await?;
+            let r = args.cs.answer(
                 c.machines(pb::MachinesRequest {}).await,
                 "listing the machines",
             )?;
-            show(output, &r, json::machines, print::machines)
+            args.show(&r, json::machines, print::machines)
         }
         OperatorCmd::Protect {
             machine,
@@ -361,17 +370,16 @@ async fn run_inner(cmd: OperatorCmd) -> Result<()> {
             group,
             crash_interval,
             app_interval,
-            cs,
             wait,
         } => {
-            let mut c = connect(&cs).await?;
+            let mut c = connect(&wait.cs).await?;
             let policy = (crash_interval.is_some() || app_interval.is_some()).then(|| pb::Policy {
                 crash_interval_ms: crash_interval.map(|d| d.as_millis() as u32).unwrap_or(0),
                 app_interval_secs: app_interval.map(|d| d.as_secs() as u32).unwrap_or(0),
                 freeze_timeout_ms: 0,
             });
-            let r = cs.answer(
-                c.protect(pb::ProtectRequest {
+            let r = c
+                .protect(pb::ProtectRequest {
                     machine: machine.clone(),
                     to_site,
                     ps,
@@ -379,10 +387,8 @@ async fn run_inner(cmd: OperatorCmd) -> Result<()> {
                     group: group.unwrap_or_default(),
                     policy,
                 })
-                .await,
-                &format!("protecting {machine}"),
-            )?;
-            watch::started(&mut c, &cs, r.job, &wait).await
+                .await;
+            watch::started(&mut c, &wait, r, &format!("protecting {machine}")).await
         }
         OperatorCmd::Failover {
             targets,
@@ -390,49 +396,52 @@ async fn run_inner(cmd: OperatorCmd) -> Result<()> {
             to_site,
             point,
             unplanned,
-            cs,
             wait,
         } => {
-            let choice = parse_point(&point)?;
-            warn_point(&point);
-            let mut c = connect(&cs).await?;
-            let r = cs.answer(
-                c.failover(pb::FailoverRequest {
+            let choice = chosen_point(&point)?;
+            let mut c = connect(&wait.cs).await?;
+            let r = c
+                .failover(pb::FailoverRequest {
                     targets: Some(targets.to_proto()),
                     from_site: from_site.clone(),
                     to_site: to_site.clone(),
                     point: Some(choice),
                     unplanned,
                 })
-                .await,
+                .await;
+            watch::started(
+                &mut c,
+                &wait,
+                r,
                 &format!("failing over {from_site} → {to_site}"),
-            )?;
-            watch::started(&mut c, &cs, r.job, &wait).await
+            )
+            .await
         }
         OperatorCmd::ChangePoint {
             machine,
             point,
-            cs,
             wait,
         } => {
-            let choice = parse_point(&point)?;
-            warn_point(&point);
-            let mut c = connect(&cs).await?;
-            let r = cs.answer(
-                c.change_point(pb::ChangePointRequest {
+            let choice = chosen_point(&point)?;
+            let mut c = connect(&wait.cs).await?;
+            let r = c
+                .change_point(pb::ChangePointRequest {
                     machine: machine.clone(),
                     point: Some(choice),
                 })
-                .await,
+                .await;
+            watch::started(
+                &mut c,
+                &wait,
+                r,
                 &format!("changing the point of {machine}"),
-            )?;
-            watch::started(&mut c, &cs, r.job, &wait).await
+            )
+            .await
         }
         OperatorCmd::Commit {
             targets,
             keep_source_copy,
             remove_source_copy,
-            cs,
             wait,
         } => {
             let keep = if keep_source_copy {
@@ -442,37 +451,32 @@ async fn run_inner(cmd: OperatorCmd) -> Result<()> {
             } else {
                 None
             };
-            let mut c = connect(&cs).await?;
-            let r = cs.answer(
-                c.commit(pb::CommitRequest {
+            let mut c = connect(&wait.cs).await?;
+            let r = c
+                .commit(pb::CommitRequest {
                     targets: Some(targets.to_proto()),
                     keep_source_copy: keep,
                 })
-                .await,
-                "committing",
-            )?;
-            watch::started(&mut c, &cs, r.job, &wait).await
+                .await;
+            watch::started(&mut c, &wait, r, "committing").await
         }
         OperatorCmd::Reprotect {
             targets,
             ps,
             mt,
             wait_agent,
-            cs,
             wait,
         } => {
-            let mut c = connect(&cs).await?;
-            let r = cs.answer(
-                c.reprotect(pb::ReprotectRequest {
+            let mut c = connect(&wait.cs).await?;
+            let r = c
+                .reprotect(pb::ReprotectRequest {
                     targets: Some(targets.to_proto()),
                     ps,
                     mt: mt.unwrap_or_default(),
                     wait_agent_secs: wait_agent.map(|d| d.as_secs().max(1)).unwrap_or(0),
                 })
-                .await,
-                "reprotecting",
-            )?;
-            watch::started(&mut c, &cs, r.job, &wait).await
+                .await;
+            watch::started(&mut c, &wait, r, "reprotecting").await
         }
         OperatorCmd::Jobs {
             id,
@@ -480,22 +484,21 @@ async fn run_inner(cmd: OperatorCmd) -> Result<()> {
             active,
             machine,
             limit,
-            cs,
-            output,
+            args,
         } => {
-            let mut c = connect(&cs).await?;
+            let mut c = connect(&args.cs).await?;
             match (id, follow) {
-                (Some(id), true) => watch::follow(&mut c, &cs, &id, output).await,
+                (Some(id), true) => watch::follow(&mut c, &args.cs, &id, args.output).await,
                 (Some(id), false) => {
-                    let j = cs.answer(
+                    let j = args.cs.answer(
                         c.get_job(pb::GetJobRequest { id: id.clone() }).await,
                         &format!("reading job {id}"),
                     )?;
-                    show(output, &j, json::job, print::job_detail)
+                    args.show(&j, json::job, print::job_detail)
                 }
-                (None, true) => watch::follow_all(&mut c, &cs, machine).await,
+                (None, true) => watch::follow_all(&mut c, &args.cs, machine).await,
                 (None, false) => {
-                    let r = cs.answer(
+                    let r = args.cs.answer(
                         c.list_jobs(pb::ListJobsRequest {
                             active_only: active,
                             limit,
@@ -504,13 +507,8 @@ async fn run_inner(cmd: OperatorCmd) -> Result<()> {
                         .await,
                         "listing the jobs",
                     )?;
-                    match output {
-                        Output::Json => json::print(&serde_json::json!({
-                            "jobs": r.jobs.iter().map(json::job).collect::<Vec<_>>()
-                        })),
-                        Output::Table => print::jobs(&r.jobs),
-                    }
-                    Ok(())
+                    let to_json = |r: &pb::ListJobsResponse| json::list("jobs", &r.jobs, json::job);
+                    args.show(&r, to_json, |r| print::jobs(&r.jobs))
                 }
             }
         }
@@ -519,22 +517,9 @@ async fn run_inner(cmd: OperatorCmd) -> Result<()> {
     }
 }
 
-/// Warns before a choice that loses writes.
-/// Prints an answer as JSON (`to_json`) or as a table (`table`).
-fn show<T>(
-    output: Output,
-    r: &T,
-    to_json: fn(&T) -> serde_json::Value,
-    table: fn(&T),
-) -> Result<()> {
-    match output {
-        Output::Json => json::print(&to_json(r)),
-        Output::Table => table(r),
-    }
-    Ok(())
-}
-
-fn warn_point(point: &str) {
+/// The recovery point `--point` names; warns first when it loses writes.
+fn chosen_point(point: &str) -> Result<pb::PointChoice> {
+    let choice = parse_point(point)?;
     let p = point.trim().to_ascii_lowercase();
     if p == "latest-app" || p == "latest-multi-app" {
         eprintln!(
@@ -542,6 +527,7 @@ fn warn_point(point: &str) {
              after it is lost on the recovered machine (use --point latest to keep them)"
         );
     }
+    Ok(choice)
 }
 
 async fn plan(cmd: PlanCmd) -> Result<()> {
@@ -552,8 +538,7 @@ async fn plan(cmd: PlanCmd) -> Result<()> {
             pre_hooks,
             post_hooks,
             consistency_group,
-            cs,
-            output,
+            args,
         } => {
             let steps = plan_steps(&groups);
             if pre_hooks.len() > steps.len() || post_hooks.len() > steps.len() {
@@ -576,57 +561,47 @@ async fn plan(cmd: PlanCmd) -> Result<()> {
                     .collect(),
                 consistency_group: consistency_group.unwrap_or_default(),
             };
-            let mut c = connect(&cs).await?;
-            let p = cs.answer(
+            let mut c = connect(&args.cs).await?;
+            let p = args.cs.answer(
                 c.create_plan(pb::CreatePlanRequest { plan: Some(plan) })
                     .await,
                 &format!("creating plan {name}"),
             )?;
-            match output {
-                Output::Json => json::print(&json::plan(&p)),
-                Output::Table => {
-                    println!("plan {} created", p.name);
-                    print::plan(&p);
-                }
-            }
-            Ok(())
+            args.show(&p, json::plan, |p| {
+                println!("plan {} created", p.name);
+                print::plan(p);
+            })
         }
-        PlanCmd::Show { name, cs, output } => {
-            let mut c = connect(&cs).await?;
-            let p = cs.answer(
+        PlanCmd::Show(NamedShowArgs { name, args }) => {
+            let mut c = connect(&args.cs).await?;
+            let p = args.cs.answer(
                 c.show_plan(pb::PlanRequest { name: name.clone() }).await,
                 &format!("reading plan {name}"),
             )?;
-            show(output, &p, json::plan, print::plan)
+            args.show(&p, json::plan, print::plan)
         }
-        PlanCmd::List { cs, output } => {
-            let mut c = connect(&cs).await?;
-            let r = cs.answer(
+        PlanCmd::List(args) => {
+            let mut c = connect(&args.cs).await?;
+            let r = args.cs.answer(
                 c.list_plans(pb::ListPlansRequest {}).await,
                 "listing the plans",
             )?;
-            match output {
-                Output::Json => json::print(&serde_json::json!({
-                    "plans": r.plans.iter().map(json::plan).collect::<Vec<_>>()
-                })),
-                Output::Table => {
-                    if r.plans.is_empty() {
-                        println!("no plans (create one with `rebound plan create`)");
-                    }
-                    for p in &r.plans {
-                        print::plan(p);
-                    }
+            let to_json = |r: &pb::ListPlansResponse| json::list("plans", &r.plans, json::plan);
+            args.show(&r, to_json, |r| {
+                if r.plans.is_empty() {
+                    println!("no plans (create one with `rebound plan create`)");
                 }
-            }
-            Ok(())
+                for p in &r.plans {
+                    print::plan(p);
+                }
+            })
         }
-        PlanCmd::Delete { name, cs } => {
-            let mut c = connect(&cs).await?;
-            c.delete_plan(pb::PlanRequest { name: name.clone() })
-                .await
-                .map_err(|e| cs.error(e, &format!("deleting plan {name}")))?;
-            println!("plan {name} deleted");
-            Ok(())
+        PlanCmd::Delete(d) => {
+            let mut c = connect(&d.cs).await?;
+            let r = c.delete_plan(pb::PlanRequest {
+                name: d.name.clone(),
+            });
+            d.deleted("plan", r.await)
         }
     }
 }
@@ -654,11 +629,10 @@ async fn group(cmd: GroupCmd) -> Result<()> {
             hold_ms,
             interval,
             app,
-            cs,
-            output,
+            args,
         } => {
-            let mut c = connect(&cs).await?;
-            let g = cs.answer(
+            let mut c = connect(&args.cs).await?;
+            let g = args.cs.answer(
                 c.create_group(pb::CreateGroupRequest {
                     group: Some(pb::Group {
                         name: name.clone(),
@@ -671,54 +645,41 @@ async fn group(cmd: GroupCmd) -> Result<()> {
                 .await,
                 &format!("creating group {name}"),
             )?;
-            match output {
-                Output::Json => json::print(&json::group(&g)),
-                Output::Table => {
-                    println!("group {} created", g.name);
-                    print::groups(std::slice::from_ref(&g));
-                }
-            }
-            Ok(())
+            args.show(&g, json::group, |g| {
+                println!("group {} created", g.name);
+                print::groups(std::slice::from_ref(g));
+            })
         }
-        GroupCmd::Delete { name, cs } => {
-            let mut c = connect(&cs).await?;
-            c.delete_group(pb::GroupRequest { name: name.clone() })
-                .await
-                .map_err(|e| cs.error(e, &format!("deleting group {name}")))?;
-            println!("group {name} deleted");
-            Ok(())
+        GroupCmd::Delete(d) => {
+            let mut c = connect(&d.cs).await?;
+            let r = c.delete_group(pb::GroupRequest {
+                name: d.name.clone(),
+            });
+            d.deleted("group", r.await)
         }
-        GroupCmd::List { cs, output } => {
-            let mut c = connect(&cs).await?;
-            let r = cs.answer(
+        GroupCmd::List(args) => {
+            let mut c = connect(&args.cs).await?;
+            let r = args.cs.answer(
                 c.list_groups(pb::ListGroupsRequest {}).await,
                 "listing the groups",
             )?;
-            match output {
-                Output::Json => json::print(&serde_json::json!({
-                    "groups": r.groups.iter().map(json::group).collect::<Vec<_>>()
-                })),
-                Output::Table => print::groups(&r.groups),
-            }
-            Ok(())
+            let to_json = |r: &pb::ListGroupsResponse| json::list("groups", &r.groups, json::group);
+            args.show(&r, to_json, |r| print::groups(&r.groups))
         }
-        GroupCmd::Cut { name, cs, output } => {
-            let mut c = connect(&cs).await?;
-            let r = cs.answer(
+        GroupCmd::Cut(NamedShowArgs { name, args }) => {
+            let mut c = connect(&args.cs).await?;
+            let r = args.cs.answer(
                 c.cut_group_point(pb::GroupRequest { name: name.clone() })
                     .await,
                 &format!("cutting a point of group {name}"),
             )?;
-            match output {
-                Output::Json => json::print(&serde_json::json!({
-                    "tag_id": r.tag_id, "members": r.members
-                })),
-                Output::Table => println!(
+            let to_json = |r: &pb::CutGroupPointResponse| serde_json::json!({"tag_id": r.tag_id, "members": r.members});
+            args.show(&r, to_json, |r| {
+                println!(
                     "group {name}: point {} cut on {} members",
                     r.tag_id, r.members
-                ),
-            }
-            Ok(())
+                )
+            })
         }
     }
 }
@@ -726,23 +687,27 @@ async fn group(cmd: GroupCmd) -> Result<()> {
 /// `rebound points M`: from the CS when `--cs` (or `REBOUND_CS`) is given
 /// and `--mt` is not; otherwise straight from the master target.
 pub async fn points_via_cs(machine: &str, cs: &CsArgs, output: Output) -> Result<()> {
-    if let Err(e) = points_inner(machine, cs, output).await {
+    let args = ShowArgs {
+        cs: cs.clone(),
+        output,
+    };
+    if let Err(e) = points_inner(machine, &args).await {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
     Ok(())
 }
 
-async fn points_inner(machine: &str, cs: &CsArgs, output: Output) -> Result<()> {
-    let mut c = connect(cs).await?;
-    let r = cs.answer(
+async fn points_inner(machine: &str, args: &ShowArgs) -> Result<()> {
+    let mut c = connect(&args.cs).await?;
+    let r = args.cs.answer(
         c.points(pb::PointsRequest {
             machine: machine.into(),
         })
         .await,
         &format!("listing the recovery points of {machine}"),
     )?;
-    show(output, &r, json::points, print::points)
+    args.show(&r, json::points, print::points)
 }
 
 #[cfg(test)]

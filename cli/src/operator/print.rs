@@ -54,6 +54,22 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
 }
 
 /// Columns two spaces apart, flush left, as `ps` and `kubectl` print them.
+/// A listing: one table row per item, or the `none` line when there are no
+/// items.
+fn listing<T>(items: &[T], none: &str, header: &[&str], row: impl Fn(&T) -> Vec<String>) {
+    if items.is_empty() {
+        println!("{none}");
+        return;
+    }
+    table_of(header, items, row);
+}
+
+/// A table of one row per item.
+fn table_of<T>(header: &[&str], items: &[T], row: impl Fn(&T) -> Vec<String>) {
+    let rows: Vec<Vec<String>> = items.iter().map(row).collect();
+    table(header, &rows);
+}
+
 fn table_text(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut t = comfy_table::Table::new();
     t.load_preset(comfy_table::presets::NOTHING)
@@ -122,31 +138,19 @@ pub fn status(r: &pb::StatusResponse) {
         r.running_jobs
     );
     println!();
-    if r.components.is_empty() {
-        println!(
-            "no components yet: enroll them with `rebound-agent|rebound-ps|rebound-mt enroll \
-             --cs ADDR --passphrase-file F`"
-        );
-    } else {
-        let rows: Vec<Vec<String>> = r
-            .components
-            .iter()
-            .map(|c| {
-                vec![
-                    c.role.clone(),
-                    c.id.clone(),
-                    or_dash(&c.site).into(),
-                    c.health.clone(),
-                    ago(c.last_heartbeat_ms),
-                    component_detail(c),
-                ]
-            })
-            .collect();
-        table(
-            &["ROLE", "ID", "SITE", "HEALTH", "HEARTBEAT", "DETAIL"],
-            &rows,
-        );
-    }
+    let none = "no components yet: enroll them with `rebound-agent|rebound-ps|rebound-mt enroll \
+                --cs ADDR --passphrase-file F`";
+    let header = ["ROLE", "ID", "SITE", "HEALTH", "HEARTBEAT", "DETAIL"];
+    listing(&r.components, none, &header, |c| {
+        vec![
+            c.role.clone(),
+            c.id.clone(),
+            or_dash(&c.site).into(),
+            c.health.clone(),
+            ago(c.last_heartbeat_ms),
+            component_detail(c),
+        ]
+    });
     if !r.events.is_empty() {
         println!();
         println!("recent events:");
@@ -164,61 +168,49 @@ pub fn status(r: &pb::StatusResponse) {
 }
 
 pub fn machines(r: &pb::MachinesResponse) {
-    if r.machines.is_empty() {
-        println!(
-            "no machines yet: a machine appears once its agent is enrolled and connected \
-             (`rebound-agent enroll --cs ADDR --passphrase-file F`, then `rebound-agent run`)"
-        );
-        return;
-    }
-    let rows: Vec<Vec<String>> = r
-        .machines
-        .iter()
-        .map(|m| {
-            let dir = if m.from_site.is_empty() {
-                "-".to_string()
-            } else {
-                format!("{}→{}", m.from_site, m.to_site)
-            };
-            let agent = if m.agent_mode.is_empty() {
-                m.agent_health.clone()
-            } else {
-                format!("{} {}", m.agent_health, m.agent_mode)
-            };
-            let rpo = if m.state == "Protected" || m.state == "InitialSync" {
-                dur(m.rpo_ms)
-            } else {
-                "-".into()
-            };
-            vec![
-                m.id.clone(),
-                or_dash(&m.site).into(),
-                m.state.clone(),
-                dir,
-                rpo,
-                point_short(&m.last_point),
-                m.point_count.to_string(),
-                agent,
-                or_dash(&m.group).into(),
-                or_dash(&m.job_id).into(),
-            ]
-        })
-        .collect();
-    table(
-        &[
-            "MACHINE",
-            "SITE",
-            "STATE",
-            "DIRECTION",
-            "RPO",
-            "LAST POINT",
-            "POINTS",
-            "AGENT",
-            "GROUP",
-            "JOB",
-        ],
-        &rows,
-    );
+    let none = "no machines yet: a machine appears once its agent is enrolled and connected \
+                (`rebound-agent enroll --cs ADDR --passphrase-file F`, then `rebound-agent run`)";
+    let header = [
+        "MACHINE",
+        "SITE",
+        "STATE",
+        "DIRECTION",
+        "RPO",
+        "LAST POINT",
+        "POINTS",
+        "AGENT",
+        "GROUP",
+        "JOB",
+    ];
+    listing(&r.machines, none, &header, |m| {
+        let dir = if m.from_site.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{}→{}", m.from_site, m.to_site)
+        };
+        let agent = if m.agent_mode.is_empty() {
+            m.agent_health.clone()
+        } else {
+            format!("{} {}", m.agent_health, m.agent_mode)
+        };
+        let rpo = if m.state == "Protected" || m.state == "InitialSync" {
+            dur(m.rpo_ms)
+        } else {
+            "-".into()
+        };
+        vec![
+            m.id.clone(),
+            or_dash(&m.site).into(),
+            m.state.clone(),
+            dir,
+            rpo,
+            point_short(&m.last_point),
+            m.point_count.to_string(),
+            agent,
+            or_dash(&m.group).into(),
+            or_dash(&m.job_id).into(),
+        ]
+    });
     for m in &r.machines {
         if let Some(p) = m.failover_point.as_ref().filter(|p| !p.id.is_empty()) {
             println!("{} runs from point {} ({})", m.id, p.id, p.kind);
@@ -239,20 +231,16 @@ pub fn points(r: &pb::PointsResponse) {
             format!(", rolled back to {}", r.rolled_back_to)
         }
     );
-    let rows: Vec<Vec<String>> = r
-        .points
-        .iter()
-        .map(|p| {
-            vec![
-                p.id.clone(),
-                p.kind.clone(),
-                p.seq.to_string(),
-                ago(p.time_ms),
-                or_dash(&p.group).into(),
-            ]
-        })
-        .collect();
-    table(&["POINT", "KIND", "SEQ", "TIME", "GROUP"], &rows);
+    let header = ["POINT", "KIND", "SEQ", "TIME", "GROUP"];
+    table_of(&header, &r.points, |p| {
+        vec![
+            p.id.clone(),
+            p.kind.clone(),
+            p.seq.to_string(),
+            ago(p.time_ms),
+            or_dash(&p.group).into(),
+        ]
+    });
 }
 
 fn job_took(j: &pb::Job) -> String {
@@ -264,40 +252,30 @@ fn job_took(j: &pb::Job) -> String {
 }
 
 pub fn jobs(jobs: &[pb::Job]) {
-    if jobs.is_empty() {
-        println!("no jobs");
-        return;
-    }
-    let rows: Vec<Vec<String>> = jobs
-        .iter()
-        .map(|j| {
-            let what = if j.plan.is_empty() {
-                j.machines.join(",")
-            } else {
-                format!("plan {}", j.plan)
-            };
-            let line = if j.error.is_empty() {
-                j.status.clone()
-            } else {
-                j.error.clone()
-            };
-            vec![
-                j.id.clone(),
-                j.kind.clone(),
-                what,
-                j.state.clone(),
-                format!("{}%", j.progress),
-                job_took(j),
-                line,
-            ]
-        })
-        .collect();
-    table(
-        &[
-            "JOB", "KIND", "TARGET", "STATE", "PROGRESS", "TOOK", "STATUS",
-        ],
-        &rows,
-    );
+    let header = [
+        "JOB", "KIND", "TARGET", "STATE", "PROGRESS", "TOOK", "STATUS",
+    ];
+    listing(jobs, "no jobs", &header, |j| {
+        let what = if j.plan.is_empty() {
+            j.machines.join(",")
+        } else {
+            format!("plan {}", j.plan)
+        };
+        let line = if j.error.is_empty() {
+            j.status.clone()
+        } else {
+            j.error.clone()
+        };
+        vec![
+            j.id.clone(),
+            j.kind.clone(),
+            what,
+            j.state.clone(),
+            format!("{}%", j.progress),
+            job_took(j),
+            line,
+        ]
+    });
 }
 
 pub fn job_detail(j: &pb::Job) {
@@ -362,27 +340,21 @@ pub fn plan(p: &pb::Plan) {
 }
 
 pub fn groups(gs: &[pb::Group]) {
-    if gs.is_empty() {
-        println!("no consistency groups (create one with `rebound group create`)");
-        return;
-    }
-    let rows: Vec<Vec<String>> = gs
-        .iter()
-        .map(|g| {
-            vec![
-                g.name.clone(),
-                g.machines.join(","),
-                format!("{}ms", g.hold_ms),
-                if g.interval_secs == 0 {
-                    "on demand".into()
-                } else {
-                    format!("{}s", g.interval_secs)
-                },
-                if g.app { "app" } else { "crash" }.into(),
-            ]
-        })
-        .collect();
-    table(&["GROUP", "MACHINES", "HOLD", "INTERVAL", "KIND"], &rows);
+    let none = "no consistency groups (create one with `rebound group create`)";
+    let header = ["GROUP", "MACHINES", "HOLD", "INTERVAL", "KIND"];
+    listing(gs, none, &header, |g| {
+        vec![
+            g.name.clone(),
+            g.machines.join(","),
+            format!("{}ms", g.hold_ms),
+            if g.interval_secs == 0 {
+                "on demand".into()
+            } else {
+                format!("{}s", g.interval_secs)
+            },
+            if g.app { "app" } else { "crash" }.into(),
+        ]
+    });
 }
 
 #[cfg(test)]

@@ -19,16 +19,18 @@ fn finished(j: &pb::Job) -> bool {
     j.state == "succeeded" || j.state == "failed"
 }
 
-/// After a lifecycle RPC: print the job, and follow it with `--wait`.
+/// After a lifecycle RPC (its answer `r`, an error naming what it was
+/// `doing`): print the job, and follow it with `--wait`.
 pub async fn started(
     c: &mut Client,
-    cs: &CsArgs,
-    job: Option<pb::Job>,
     wait: &WaitArgs,
+    r: Result<tonic::Response<pb::JobStarted>, tonic::Status>,
+    doing: &str,
 ) -> Result<()> {
+    let job = wait.cs.answer(r, doing)?.job;
     let job = job.ok_or_else(|| anyhow!("the CS answered without a job"))?;
     if wait.wait {
-        return follow(c, cs, &job.id, wait.output).await;
+        return follow(c, &wait.cs, &job.id, wait.output).await;
     }
     match wait.output {
         Output::Json => json::print(&json::job(&job)),
