@@ -17,9 +17,6 @@
 
 mod cs;
 mod io;
-/// The in-process lab the bench's failover still runs on.
-pub mod lab;
-pub use lab::agent_main;
 mod story;
 mod summary;
 
