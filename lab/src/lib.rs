@@ -22,6 +22,7 @@ pub mod bin;
 pub mod cli;
 pub mod clients;
 pub mod config;
+pub mod cs_admin;
 pub mod net;
 pub mod operator;
 pub mod pki;
@@ -35,6 +36,7 @@ pub mod wait;
 pub use admin::AgentAdmin;
 pub use bin::{binary, Bins};
 pub use cli::CliRun;
+pub use cs_admin::CsAdmin;
 pub use clients::{
     blake3_export, blake3_file, nbd_uri, nbdcopy_to_file, qemu_io, run_tool, write_at,
 };
