@@ -143,22 +143,6 @@ impl SqliteStore {
         Ok(out)
     }
 
-    /// The first row of a query, decoded by `row`, which may read child rows.
-    async fn one_nested<'a, T, Fut>(
-        &'a self,
-        what: &'static str,
-        sql: Sql<'a>,
-        row: impl FnOnce(SqliteRow) -> Fut,
-    ) -> Result<Option<T>, StoreError>
-    where
-        Fut: Future<Output = Result<T, StoreError>>,
-    {
-        match sql.fetch_optional(&self.pool).await.map_err(q(what))? {
-            Some(r) => row(r).await.map(Some),
-            None => Ok(None),
-        }
-    }
-
     /// Runs `statements` in one transaction: all of them take effect or none.
     fn run_all<'a>(&'a self, what: &'static str, statements: Vec<Sql<'a>>) -> BoxFut<'a, ()> {
         Box::pin(async move {
@@ -481,7 +465,11 @@ impl Store for SqliteStore {
 
     fn get_machine<'a>(&'a self, id: &'a str) -> BoxFut<'a, Option<Machine>> {
         let sql = sqlx::query("SELECT * FROM machines WHERE id = ?").bind(id);
-        Box::pin(self.one_nested("reading a machine", sql, |r| self.machine_from_row(r)))
+        Box::pin(async move {
+            // `id` is the primary key: at most one row.
+            let found = self.all_nested("reading a machine", sql, |r| self.machine_from_row(r));
+            Ok(found.await?.pop())
+        })
     }
 
     fn list_machines(&self) -> BoxFut<'_, Vec<Machine>> {
@@ -668,7 +656,11 @@ impl Store for SqliteStore {
 
     fn get_job<'a>(&'a self, id: &'a str) -> BoxFut<'a, Option<Job>> {
         let sql = sqlx::query("SELECT * FROM jobs WHERE id = ?").bind(id);
-        Box::pin(self.one_nested("reading a job", sql, |r| self.job_from_row(r)))
+        Box::pin(async move {
+            // `id` is the primary key: at most one row.
+            let found = self.all_nested("reading a job", sql, |r| self.job_from_row(r));
+            Ok(found.await?.pop())
+        })
     }
 
     fn list_jobs<'a>(&'a self, filter: &'a JobFilter) -> BoxFut<'a, Vec<Job>> {
