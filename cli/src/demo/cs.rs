@@ -112,6 +112,13 @@ impl Cs {
         }
     }
 
+    /// Follows a lifecycle command's job to its end, then waits until the
+    /// demo machine is `state`; the machine then.
+    pub async fn settle(&mut self, job: Option<pb::Job>, state: &str) -> Result<pb::MachineInfo> {
+        self.finish(job).await?;
+        self.wait_state(state).await
+    }
+
     /// Waits until the CS lists point `id` of the demo machine.
     pub async fn wait_point(&mut self, id: &str) -> Result<()> {
         let t0 = Instant::now();

@@ -103,8 +103,7 @@ impl Story {
             })
             .await?
             .into_inner();
-        self.cs.finish(r.job).await?;
-        self.cs.wait_state("Protected").await?;
+        self.cs.settle(r.job, "Protected").await?;
         self.took(&format!("protect {from}→{to}"), t);
         Ok(())
     }
@@ -125,8 +124,7 @@ impl Story {
             })
             .await?
             .into_inner();
-        self.cs.finish(r.job).await?;
-        let m = self.cs.wait_state("Protected").await?;
+        let m = self.cs.settle(r.job, "Protected").await?;
         if m.from_site != from || m.to_site != to {
             bail!(
                 "after reprotect {MACHINE} replicates {} → {}, not {from} → {to}",
@@ -162,8 +160,7 @@ impl Story {
             })
             .await?
             .into_inner();
-        self.cs.finish(r.job).await?;
-        let m = self.cs.wait_state("FailedOver").await?;
+        let m = self.cs.settle(r.job, "FailedOver").await?;
         let powered = blocking(|| self.sites.wait_booted(MACHINE, to, BOOT_TIMEOUT))?;
         let rto = powered.saturating_sub(asked);
         self.m.rto.push((format!("{from}→{to}"), rto));
@@ -195,8 +192,7 @@ impl Story {
             })
             .await?
             .into_inner();
-        self.cs.finish(r.job).await?;
-        self.cs.wait_state("Committed").await?;
+        self.cs.settle(r.job, "Committed").await?;
         self.cs.wait_online("agent", MACHINE).await?;
         let m = self.cs.machine().await?;
         if m.site != at {
