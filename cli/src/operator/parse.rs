@@ -5,17 +5,31 @@ use rebound_common::time::now_ms;
 use rebound_proto::control::{point_choice::Choice, Empty, PointChoice};
 use std::time::{Duration, UNIX_EPOCH};
 
+/// A duration flag that is not one.
+#[derive(Debug, thiserror::Error)]
+pub enum BadDuration {
+    #[error("empty duration: use e.g. 90s, 30m or 1h")]
+    Empty,
+    #[error("{text:?} is not a duration ({source}): use e.g. 90s, 30m or 1h")]
+    Unparsed {
+        text: String,
+        source: humantime::DurationError,
+    },
+}
+
 /// A duration like `90s`, `30m`, `1h30m`, `250ms`, `2d`, or plain seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, BadDuration> {
     let s = s.trim();
     if s.is_empty() {
-        return Err("empty duration: use e.g. 90s, 30m or 1h".into());
+        return Err(BadDuration::Empty);
     }
     if let Ok(n) = s.parse::<u64>() {
         return Ok(Duration::from_secs(n));
     }
-    humantime::parse_duration(s)
-        .map_err(|e| format!("{s:?} is not a duration ({e}): use e.g. 90s, 30m or 1h"))
+    humantime::parse_duration(s).map_err(|source| BadDuration::Unparsed {
+        text: s.to_string(),
+        source,
+    })
 }
 
 /// `YYYY-MM-DDTHH:MM[:SS][Z]` (UTC; a space may replace the T) → ms.
@@ -62,7 +76,7 @@ pub fn parse_point(s: &str) -> Result<PointChoice> {
                     && a.chars().last().is_some_and(|c| c.is_ascii_alphabetic())
                     && parse_duration(a).is_ok()
             }) {
-                let d = parse_duration(age).map_err(anyhow::Error::msg)?;
+                let d = parse_duration(age)?;
                 Choice::AtOrBeforeMs(now_ms().saturating_sub(d.as_millis() as u64))
             } else {
                 Choice::Id(t.to_string())
