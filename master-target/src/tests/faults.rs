@@ -98,10 +98,7 @@ fn interrupted_rollback_reruns_to_the_exact_point() {
                 check_all(&r, &g);
                 assert!(r.status().rollback_pending.is_none());
             } else {
-                r.rollback("p2").unwrap();
-                check_latest(&r, g.snap("p2"));
-                r.restore_pre_images().unwrap();
-                check_all(&r, &g);
+                rollback_p2_and_back(&r, &g);
             }
         }
     }
@@ -129,10 +126,16 @@ fn failed_state_fdatasync_poisons_until_restart() {
     }
     let (_s, r) = open_store(dir.path());
     assert!(r.status().poisoned.is_none());
+    rollback_p2_and_back(&r, &g);
+}
+
+/// Rolls back to p2, checks the replica there, restores the pre-images and
+/// checks everything again.
+fn rollback_p2_and_back(r: &crate::Replication, g: &super::Gen) {
     r.rollback("p2").unwrap();
-    check_latest(&r, g.snap("p2"));
+    check_latest(r, g.snap("p2"));
     r.restore_pre_images().unwrap();
-    check_all(&r, &g);
+    check_all(r, g);
 }
 
 /// A failed fdatasync of any file apply syncs poisons the replication: it
