@@ -28,16 +28,13 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use rebound_common::time::now_ms;
-use rebound_common::tls::TlsFiles;
-use rebound_lab::{blake3_file, mt_id, ps_id, wait_until, Sites, SitesOptions};
+use rebound_lab::{blake3_file, mt_id, ps_id, wait_until, CsAdmin, Sites, SitesOptions};
 use rebound_proto::control as pb;
-use rebound_proto::control::admin_client::AdminClient;
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::runtime::Handle;
-use tonic::transport::Channel;
 
 use crate::profiles::Profile;
 use crate::rto::FailoverTimes;
@@ -48,6 +45,9 @@ const FROM: &str = "onprem";
 const TO: &str = "azure";
 const MACHINE: &str = "m1";
 const DISK: &str = "disk0";
+/// How long a job and a machine state change may take.
+const JOB_TIMEOUT: Duration = Duration::from_secs(120);
+const STATE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// The failover job's figures beside the split.
 pub struct JobFailover {
@@ -98,7 +98,7 @@ fn run(b: &Bench, lab: &mut Sites) -> Result<JobFailover> {
     lab.start_site(FROM).context("starting the source site")?;
     lab.start_site(TO).context("starting the target site")?;
     lab.add_machine(MACHINE).context("adding the machine")?;
-    let mut admin = bounded(&rt, "connecting to the CS", 30, connect(lab))?;
+    let mut admin = bounded(&rt, "connecting to the CS", 30, CsAdmin::connect(lab))?;
     b.progress(&format!(
         "rto: protect {MACHINE} {FROM} → {TO} ({} MiB disk, initial sync)",
         p.failover_disk >> 20
@@ -125,7 +125,7 @@ fn run(b: &Bench, lab: &mut Sites) -> Result<JobFailover> {
         bail!("the churn writer stopped before the failover command: {e}");
     }
     let churned = w.bytes();
-    let rpo_ms = bounded(&rt, "reading the machine", 30, machine(&mut admin))?.rpo_ms;
+    let rpo_ms = bounded(&rt, "reading the machine", 30, admin.machine(MACHINE))?.rpo_ms;
 
     let powered_file = powered_on_file(lab);
     let _ = std::fs::remove_file(&powered_file);
@@ -148,7 +148,7 @@ fn run(b: &Bench, lab: &mut Sites) -> Result<JobFailover> {
         &rt,
         "waiting for FailedOver",
         120,
-        wait_state(&mut admin, "FailedOver"),
+        admin.wait_state(MACHINE, "FailedOver", STATE_TIMEOUT),
     )?;
     let point = m.failover_point.map(|p| p.id).unwrap_or_default();
     let replica = lab.replica_path(TO, &m.replication_id, DISK);
@@ -235,68 +235,9 @@ fn wait_powered_on(file: &std::path::Path, timeout: Duration) -> Result<u64> {
         .with_context(|| format!("{} holds {text:?}, not a time in ms", file.display()))
 }
 
-/// An Admin client of the lab's CS with the admin certificate `init` wrote.
-async fn connect(lab: &Sites) -> Result<AdminClient<Channel>> {
-    let tls = TlsFiles::in_dir(&lab.cs_dir, "admin");
-    let host = lab.cs_addr.rsplit_once(':').map_or("", |(h, _)| h);
-    let ch = tls
-        .connect(&lab.cs_addr, host)
-        .await
-        .with_context(|| format!("cannot connect to the CS at {}", lab.cs_addr))?;
-    Ok(AdminClient::new(ch))
-}
-
-async fn machine(admin: &mut AdminClient<Channel>) -> Result<pb::MachineInfo> {
-    let r = admin.machines(pb::MachinesRequest {}).await?;
-    r.into_inner()
-        .machines
-        .into_iter()
-        .find(|m| m.id == MACHINE)
-        .ok_or_else(|| anyhow!("machine {MACHINE} unknown to the CS"))
-}
-
-async fn wait_state(admin: &mut AdminClient<Channel>, state: &str) -> Result<pb::MachineInfo> {
-    let t0 = Instant::now();
-    loop {
-        let m = machine(admin).await?;
-        if m.state == state {
-            return Ok(m);
-        }
-        if t0.elapsed() > Duration::from_secs(90) {
-            bail!("{MACHINE} is {} after 90 s, not {state}", m.state);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Follows a started job to its end; the job when it succeeded.
-async fn finish(admin: &mut AdminClient<Channel>, job: Option<pb::Job>) -> Result<pb::Job> {
-    let id = job.ok_or_else(|| anyhow!("the CS started no job"))?.id;
-    let t0 = Instant::now();
-    loop {
-        let j = admin
-            .get_job(pb::GetJobRequest { id: id.clone() })
-            .await?
-            .into_inner();
-        match j.state.as_str() {
-            "succeeded" => return Ok(j),
-            "failed" => bail!("job {id} ({}) failed: {}", j.kind, j.error),
-            _ => {}
-        }
-        if t0.elapsed() > Duration::from_secs(120) {
-            bail!(
-                "job {id} ({}) still {} after 120 s: {}",
-                j.kind,
-                j.state,
-                j.status
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn protect(admin: &mut AdminClient<Channel>) -> Result<()> {
-    let r = admin
+async fn protect(cs: &mut CsAdmin) -> Result<()> {
+    let r = cs
+        .admin
         .protect(pb::ProtectRequest {
             machine: MACHINE.into(),
             to_site: TO.into(),
@@ -308,15 +249,16 @@ async fn protect(admin: &mut AdminClient<Channel>) -> Result<()> {
         .await
         .context("Admin.Protect")?
         .into_inner();
-    finish(admin, r.job).await?;
-    wait_state(admin, "Protected").await?;
+    cs.finish(r.job, JOB_TIMEOUT).await?;
+    cs.wait_state(MACHINE, "Protected", STATE_TIMEOUT).await?;
     Ok(())
 }
 
 /// The Admin `Failover` RPC as `rebound failover --point latest` sends it,
 /// followed to the job's end.
-async fn failover(admin: &mut AdminClient<Channel>) -> Result<pb::Job> {
-    let r = admin
+async fn failover(cs: &mut CsAdmin) -> Result<pb::Job> {
+    let r = cs
+        .admin
         .failover(pb::FailoverRequest {
             targets: Some(pb::Targets {
                 machines: vec![MACHINE.into()],
@@ -332,7 +274,7 @@ async fn failover(admin: &mut AdminClient<Channel>) -> Result<pb::Job> {
         .await
         .context("Admin.Failover")?
         .into_inner();
-    finish(admin, r.job).await
+    cs.finish(r.job, JOB_TIMEOUT).await
 }
 
 #[derive(Debug, PartialEq)]
