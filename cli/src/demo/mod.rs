@@ -79,7 +79,7 @@ async fn start(dir: &Path, disk_size: u64) -> Result<(Sites, Cs)> {
         s.start_site(B)?;
         Ok(s)
     })?;
-    let cs = Cs::connect(&sites.cs_addr, &sites.cs_dir).await?;
+    let cs = Cs::connect(&sites).await?;
     step(&format!(
         "demo machine {MACHINE}: a {} MiB disk at {A}, its agent enrolled and registered",
         disk_size >> 20

@@ -92,7 +92,7 @@ impl Story {
         let t = Instant::now();
         let r = self
             .cs
-            .admin
+            .admin()
             .protect(pb::ProtectRequest {
                 machine: MACHINE.into(),
                 to_site: to.into(),
@@ -115,7 +115,7 @@ impl Story {
         let t = Instant::now();
         let r = self
             .cs
-            .admin
+            .admin()
             .reprotect(pb::ReprotectRequest {
                 targets: Cs::targets(),
                 ps: rebound_lab::ps_id(from),
@@ -150,7 +150,7 @@ impl Story {
         let asked = now_ms();
         let r = self
             .cs
-            .admin
+            .admin()
             .failover(pb::FailoverRequest {
                 targets: Cs::targets(),
                 from_site: from.into(),
@@ -185,7 +185,7 @@ impl Story {
         let t = Instant::now();
         let r = self
             .cs
-            .admin
+            .admin()
             .commit(pb::CommitRequest {
                 targets: Cs::targets(),
                 keep_source_copy: None,
@@ -205,7 +205,7 @@ impl Story {
     async fn change_point(&mut self, id: &str) -> Result<()> {
         let r = self
             .cs
-            .admin
+            .admin()
             .change_point(pb::ChangePointRequest {
                 machine: MACHINE.into(),
                 point: Some(crate::operator::parse_point(id)?),
