@@ -2,7 +2,7 @@
 //! rsync, cp), checked before anything runs: a missing tool is an error that
 //! names the package to install, never a skipped row.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use std::process::{Command, Output};
 
 use crate::placement::Cpus;
@@ -14,14 +14,6 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("rsync", "rsync"),
     ("cp", "coreutils"),
 ];
-
-fn package_of(tool: &str) -> &'static str {
-    TOOLS
-        .iter()
-        .find(|(t, _)| *t == tool)
-        .map(|(_, p)| *p)
-        .unwrap_or("?")
-}
 
 /// Fails when a tool is missing, naming every missing one and the command
 /// that installs them.
@@ -58,22 +50,5 @@ pub fn run_on(tool: &str, args: &[&str], cpus: Option<&Cpus>) -> Result<Output> 
     let mut cmd = Command::new(tool);
     cmd.args(args);
     cpus.pin_command(&mut cmd);
-    let out = match cmd.output() {
-        Ok(o) => o,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
-            "{tool} is not installed; install it with `apt-get install -y {}`",
-            package_of(tool)
-        ),
-        Err(e) => return Err(e).with_context(|| format!("cannot start {tool}")),
-    };
-    if !out.status.success() {
-        bail!(
-            "{tool} {} failed ({}):\n{}{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(out)
+    rebound_lab::run_command(cmd, tool, args)
 }

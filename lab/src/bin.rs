@@ -18,8 +18,8 @@ pub struct Bins {
 }
 
 impl Bins {
-    /// `REBOUND_BIN_DIR`, else the running executable's dir when it holds
-    /// `rebound-agent`, else that dir's parent.
+    /// `REBOUND_BIN_DIR`, else the running executable's dir, or its parent
+    /// when that dir is cargo's `deps` (a test binary).
     pub fn locate() -> Result<Bins> {
         if let Some(dir) = std::env::var_os(BIN_DIR_ENV) {
             return Ok(Bins {
@@ -31,7 +31,7 @@ impl Bins {
             .parent()
             .ok_or_else(|| anyhow!("{} has no parent directory", exe.display()))?;
         let dir = match here.parent() {
-            Some(up) if !here.join("rebound-agent").is_file() => up,
+            Some(up) if here.file_name().is_some_and(|n| n == "deps") => up,
             _ => here,
         };
         Ok(Bins {

@@ -15,13 +15,23 @@ fn package_of(tool: &str) -> &'static str {
         "nbdcopy" | "nbdinfo" => "libnbd-bin",
         "fio" => "fio",
         "rsync" => "rsync",
+        "cp" => "coreutils",
         _ => "?",
     }
 }
 
 /// Runs a client to completion; fails with the install command when absent.
 pub fn run_tool(tool: &str, args: &[&str]) -> Result<Output> {
-    let out = match Command::new(tool).args(args).output() {
+    let mut cmd = Command::new(tool);
+    cmd.args(args);
+    run_command(cmd, tool, args)
+}
+
+/// Runs `cmd` (the client `tool` with `args`, set up by the caller, e.g.
+/// pinned to CPUs) to completion; fails with the install command when the
+/// tool is absent and with its output when it fails.
+pub fn run_command(mut cmd: Command, tool: &str, args: &[&str]) -> Result<Output> {
+    let out = match cmd.output() {
         Ok(o) => o,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
             "{tool} is not installed; install it with `apt-get install -y {}`",

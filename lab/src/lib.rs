@@ -36,10 +36,10 @@ pub mod wait;
 pub use admin::AgentAdmin;
 pub use bin::{binary, Bins};
 pub use cli::CliRun;
-pub use cs_admin::CsAdmin;
 pub use clients::{
-    blake3_export, blake3_file, nbd_uri, nbdcopy_to_file, qemu_io, run_tool, write_at,
+    blake3_export, blake3_file, nbd_uri, nbdcopy_to_file, qemu_io, run_command, run_tool, write_at,
 };
+pub use cs_admin::CsAdmin;
 pub use net::{free_port, Host};
 pub use process::Proc;
 pub use rebound_agent::config::Config as AgentConfig;
