@@ -4,6 +4,7 @@
 //! error so a typo never silently falls back to a default.
 
 use serde::de::DeserializeOwned;
+use std::fmt::Debug;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
@@ -37,6 +38,36 @@ pub fn parse<T: DeserializeOwned>(text: &str, origin: &Path) -> Result<T, Config
         path: origin.to_path_buf(),
         message: e.to_string(),
     })
+}
+
+/// For components' tests: parses a shipped example config and asserts that
+/// it spells out exactly the defaults once `sample` has reset the fields the
+/// example fills with sample values (such as TLS paths). Returns the config
+/// as compared.
+pub fn check_example<T>(text: &str, sample: impl FnOnce(&mut T)) -> T
+where
+    T: DeserializeOwned + Default + PartialEq + Debug,
+{
+    let mut c: T = match parse(text, Path::new("example-config.toml")) {
+        Ok(c) => c,
+        Err(e) => panic!("the example config does not parse: {e}"),
+    };
+    sample(&mut c);
+    assert_eq!(
+        c,
+        T::default(),
+        "the example config differs from the defaults"
+    );
+    c
+}
+
+/// For components' tests: asserts that `text` is refused as a config and
+/// that the error names `key`, so a typo is reported where it is.
+pub fn check_refused<T: DeserializeOwned + Debug>(text: &str, key: &str) {
+    match parse::<T>(text, Path::new("bad.toml")) {
+        Ok(c) => panic!("{text:?} was accepted as {c:?}"),
+        Err(e) => assert!(e.to_string().contains(key), "{e}"),
+    }
 }
 
 #[cfg(test)]

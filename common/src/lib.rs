@@ -21,6 +21,7 @@ pub mod enrollment;
 pub mod frame;
 pub mod nbd;
 pub mod pki;
+pub mod serve;
 pub mod signal;
 #[allow(unsafe_code)]
 mod sys;

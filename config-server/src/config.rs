@@ -81,18 +81,14 @@ pub struct HeartbeatOutOfRange(pub f64);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rebound_common::config::{check_example, check_refused};
 
     #[test]
     fn example_config_parses_and_matches_defaults() {
-        let text = include_str!("../example-config.toml");
-        let c: Config = rebound_common::config::parse(text, Path::new("example-config.toml"))
-            .expect("example config parses");
-        assert_eq!(c, Config::default());
+        let c: Config = check_example(include_str!("../example-config.toml"), |_| {});
         assert_eq!(c.listen, "127.0.0.1:7443");
         assert_eq!(c.heartbeat().unwrap(), Duration::from_secs(2));
-        let e = rebound_common::config::parse::<Config>("hearbeat_secs = 3", Path::new("bad.toml"))
-            .unwrap_err();
-        assert!(e.to_string().contains("hearbeat_secs"), "{e}");
+        check_refused::<Config>("hearbeat_secs = 3", "hearbeat_secs");
         let c: Config =
             rebound_common::config::parse("heartbeat_secs = 0", Path::new("x.toml")).unwrap();
         let e = c.heartbeat().unwrap_err();

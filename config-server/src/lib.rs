@@ -32,6 +32,7 @@ pub use jobs::JobEngine;
 pub use lifecycle::{Lifecycle, PointSpec, Settings, Targets};
 pub use store::{SqliteStore, Store};
 
+use rebound_common::serve;
 use rebound_proto::control::admin_server::AdminServer;
 use rebound_proto::control::control_server::ControlServer;
 use rebound_proto::control::enrollment_server::EnrollmentServer;
@@ -40,7 +41,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
-use tracing::{info, warn};
+use tracing::info;
 
 /// How long shutdown waits for gRPC streams (control channels) to close.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -136,7 +137,6 @@ where
     let control = control::ControlService::new(store.clone(), bus.clone(), heartbeat);
     let admin =
         service::AdminService::new(store.clone(), bus.clone(), jobs.clone(), lifecycle.clone());
-    let mut stop_server = stop_rx.clone();
     let server = tonic::transport::Server::builder()
         .tls_config(tls)
         .map_err(|e| CsError::InvalidArgument(format!("[tls]: {e}")))?
@@ -145,20 +145,13 @@ where
         .add_service(EnrollmentServer::new(enrollment))
         .add_service(ControlServer::new(control))
         .add_service(AdminServer::new(admin))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            let _ = stop_server.wait_for(|s| *s).await;
-        });
-    let mut stop_grace = stop_rx.clone();
-    let served = tokio::select! {
-        r = server => r.map_err(|e| CsError::Internal(format!("gRPC server on {addr} failed: {e}"))),
-        _ = async {
-            let _ = stop_grace.wait_for(|s| *s).await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        } => {
-            warn!("control streams did not close within {} s of shutdown; exiting anyway", SHUTDOWN_GRACE.as_secs());
-            Ok(())
-        }
-    };
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            serve::stopped(stop_rx.clone()),
+        );
+    let served = serve::until_stopped(server, stop_rx, SHUTDOWN_GRACE, "control streams")
+        .await
+        .map_err(|e| CsError::Internal(format!("gRPC server on {addr} failed: {e}")));
     monitor.abort();
     groups.abort();
     sqlite.close().await;

@@ -91,26 +91,11 @@ impl Default for RetentionConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
+    use rebound_common::config::{check_example, check_refused};
 
     #[test]
     fn example_config_parses_and_matches_defaults() {
-        let text = include_str!("../example-config.toml");
-        let c: Config = rebound_common::config::parse(text, Path::new("example-config.toml"))
-            .expect("example config parses");
-        let d = Config::default();
-        assert_eq!(c.listen, d.listen);
-        assert_eq!(c.nbd_listen, d.nbd_listen);
-        assert_eq!(c.data_dir, d.data_dir);
-        assert_eq!(c.retention, d.retention);
-        assert_eq!(c.site, d.site);
-        assert_eq!(c.cs, d.cs);
-        assert_eq!(c.hooks, d.hooks);
-        let e = rebound_common::config::parse::<Config>(
-            "[retention]\nwindow = 3",
-            Path::new("bad.toml"),
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("window"), "{e}");
+        check_example::<Config>(include_str!("../example-config.toml"), |_| {});
+        check_refused::<Config>("[retention]\nwindow = 3", "window");
     }
 }

@@ -55,6 +55,7 @@ pub use view::Views;
 
 use rebound_common::nbd;
 use rebound_common::pki::Role;
+use rebound_common::serve;
 use rebound_common::tls::TlsFiles;
 use rebound_proto::master_target_server::MasterTargetServer;
 use std::future::Future;
@@ -64,7 +65,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
-use tracing::{info, warn};
+use tracing::info;
 
 /// Largest gRPC message accepted: a frame body of up to 64 MiB plus header.
 const MAX_MESSAGE: usize = (64 << 20) + (1 << 20);
@@ -173,7 +174,6 @@ where
     let svc = MasterTargetServer::new(service::MtService::new(store.clone(), stop_rx.clone()))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
-    let mut stop_server = stop_rx.clone();
     let incoming = TcpListenerStream::new(listener).map(|s| {
         if let Ok(s) = &s {
             let _ = s.set_nodelay(true);
@@ -184,20 +184,13 @@ where
         .tls_config(tls)
         .map_err(|e| MtError::InvalidArgument(format!("[tls]: {e}")))?
         .add_service(svc)
-        .serve_with_incoming_shutdown(incoming, async move {
-            let _ = stop_server.wait_for(|s| *s).await;
+        .serve_with_incoming_shutdown(incoming, serve::stopped(stop_rx.clone()));
+    let served = serve::until_stopped(server, stop_rx, SHUTDOWN_GRACE, "gRPC connections")
+        .await
+        .map_err(|source| MtError::Server {
+            addr: grpc_addr.to_string(),
+            source,
         });
-    let mut stop_grace = stop_rx.clone();
-    let served = tokio::select! {
-        r = server => r.map_err(|source| MtError::Server { addr: grpc_addr.to_string(), source }),
-        _ = async {
-            let _ = stop_grace.wait_for(|s| *s).await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        } => {
-            warn!("gRPC connections did not close within {} s of shutdown; exiting anyway", SHUTDOWN_GRACE.as_secs());
-            Ok(())
-        }
-    };
     drop(control);
     info!("master target stopping");
     nbd_stop.store(true, Ordering::SeqCst);

@@ -24,6 +24,7 @@ pub use config::{Config, ConfigError, MtConfig};
 use cache::{Cache, CacheError};
 use forward::{Forwarders, MtLink, MAX_MESSAGE};
 use ingest::IngestContext;
+use rebound_common::serve;
 use rebound_common::tls::{error_chain, TlsError};
 use rebound_proto::process_server_server::ProcessServerServer;
 use service::PsService;
@@ -38,7 +39,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
-use tracing::{info, warn};
+use tracing::info;
 
 /// Period of the per-replication throughput/lag summary.
 pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
@@ -167,17 +168,9 @@ where
         .map_err(PsError::Serve)?
         .add_service(svc)
         .serve_with_incoming_shutdown(incoming, signal);
-    let mut stopping = stop_rx.clone();
-    let result = tokio::select! {
-        r = server => r.map_err(PsError::Serve),
-        _ = async {
-            let _ = stopping.wait_for(|s| *s).await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        } => {
-            warn!("connections still open {} s after shutdown began; closing them", SHUTDOWN_GRACE.as_secs());
-            Ok(())
-        }
-    };
+    let result = serve::until_stopped(server, stop_rx.clone(), SHUTDOWN_GRACE, "connections")
+        .await
+        .map_err(PsError::Serve);
 
     drop(control);
     forwarders.shutdown();
