@@ -212,6 +212,14 @@ pub(crate) fn open_store(dir: &Path) -> (Arc<Store>, Arc<Replication>) {
     (store, r)
 }
 
+/// Opens the store in `dir` again, as after a restart: every change of `g`
+/// is applied and every point and latest equal the model.
+pub(crate) fn check_after_restart(dir: &Path, g: &Gen) {
+    let (_s, r) = open_store(dir);
+    assert_eq!(r.applied_seq(), g.seq());
+    check_all(&r, g);
+}
+
 /// A fresh directory holding replication [`RID`] with all of `g` applied,
 /// in frames of `per` records.
 pub(crate) fn applied(g: &Gen, per: u64) -> (tempfile::TempDir, Arc<Store>, Arc<Replication>) {
@@ -266,18 +274,14 @@ fn points_match_model_and_survive_restart() {
         // No journal for the interval before the first point.
         assert!(!r.root().join("retention/interval-0.undo").exists());
     }
-    let (_s, r) = open_store(dir.path());
-    assert_eq!(r.applied_seq(), g.seq());
-    check_all(&r, &g);
+    check_after_restart(dir.path(), &g);
 }
 
 #[test]
 fn views_stay_exact_while_apply_goes_on() {
-    let dir = tempfile::tempdir().unwrap();
     let mut g = history(2);
-    let (_s, r) = open_store(dir.path());
+    let (_dir, _s, r) = applied(&g, 9);
     let mid = g.seq();
-    apply_range(&r, &g, 1, mid, 9);
     check_all(&r, &g); // caches point maps
     g.random_ops(40);
     g.tag("p5");
@@ -288,11 +292,9 @@ fn views_stay_exact_while_apply_goes_on() {
 
 #[test]
 fn concurrent_view_reads_during_apply() {
-    let dir = tempfile::tempdir().unwrap();
     let mut g = history(12);
-    let (_s, r) = open_store(dir.path());
+    let (_dir, _s, r) = applied(&g, 10);
     let mid = g.seq();
-    apply_range(&r, &g, 1, mid, 10);
     for i in 5..12 {
         g.random_ops(30);
         g.tag(&format!("p{i}"));
@@ -340,11 +342,9 @@ fn reapplying_frames_is_harmless() {
 
 #[test]
 fn bad_frames_are_refused_and_nothing_is_applied() {
-    let dir = tempfile::tempdir().unwrap();
     let mut g = history(5);
-    let (_s, r) = open_store(dir.path());
+    let (_dir, _s, r) = applied(&g, 10);
     let n = g.seq();
-    apply_range(&r, &g, 1, n, 10);
     let before = g.disks.clone();
     g.random_ops(10);
     g.tag("p9");

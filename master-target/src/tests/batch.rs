@@ -3,7 +3,7 @@
 //! batch with the frames before it applied, and a replication from before
 //! `applied.seq` existed opens at its state.json seq.
 
-use super::{check_all, check_latest, history, open_store, Gen};
+use super::{applied, check_after_restart, check_all, check_latest, history, open_store, Gen};
 use crate::error::MtError;
 use prost::bytes::Bytes;
 
@@ -44,18 +44,14 @@ fn batched_frames_cut_every_point_at_its_seq() {
         assert_eq!(r.points().len(), 5);
         check_all(&r, &g);
     }
-    let (_s, r) = open_store(dir.path());
-    assert_eq!(r.applied_seq(), g.seq());
-    check_all(&r, &g);
+    check_after_restart(dir.path(), &g);
 }
 
 #[test]
 fn refused_frame_stops_the_batch_after_the_good_ones() {
-    let dir = tempfile::tempdir().unwrap();
     let mut g = history(12);
-    let (_s, r) = open_store(dir.path());
+    let (_dir, _s, r) = applied(&g, 10);
     let n = g.seq();
-    super::apply_range(&r, &g, 1, n, 10);
     g.random_ops(8);
     g.tag("q1");
     g.random_ops(4);
@@ -118,7 +114,5 @@ fn opens_a_replication_that_has_only_state_json() {
         g.random_ops(5);
         super::apply_range(&r, &g, n + 1, g.seq(), 4);
     }
-    let (_s, r) = open_store(dir.path());
-    assert_eq!(r.applied_seq(), g.seq());
-    check_all(&r, &g);
+    check_after_restart(dir.path(), &g);
 }

@@ -57,6 +57,16 @@ async fn start(dir: &Path) -> Server {
     }
 }
 
+/// Asks the MT to stop and waits for `run` to end cleanly, within 8 s.
+async fn shutdown(stop_tx: oneshot::Sender<()>, server: JoinHandle<Result<(), MtError>>) {
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(8), server)
+        .await
+        .expect("shutdown within 8 s")
+        .unwrap()
+        .unwrap();
+}
+
 /// Reads an export of the MT's NBD server with `nbdcopy` and compares it
 /// with `want`.
 fn nbd_check(nbd_addr: std::net::SocketAddr, export: &str, want: &[u8]) {
@@ -86,6 +96,20 @@ async fn rollback(
     .map(tonic::Response::into_inner)
 }
 
+/// The first message of an apply stream: the replication's hello.
+fn hello() -> ApplyRequest {
+    ApplyRequest {
+        msg: Some(apply_request::Msg::Hello(info())),
+    }
+}
+
+/// An apply stream message carrying one encoded frame.
+fn frame(bytes: Vec<u8>) -> ApplyRequest {
+    ApplyRequest {
+        msg: Some(apply_request::Msg::Frame(bytes.into())),
+    }
+}
+
 async fn client(pki: &std::path::Path, name: &str, addr: &str) -> MasterTargetClient<Channel> {
     let ch = TlsFiles::in_dir(pki, name)
         .connect(addr, "localhost")
@@ -98,11 +122,7 @@ async fn client(pki: &std::path::Path, name: &str, addr: &str) -> MasterTargetCl
 
 async fn stream_frames(c: &mut MasterTargetClient<Channel>, g: &Gen, from: u64, to: u64) -> u64 {
     let (tx, rx) = mpsc::channel(4);
-    tx.send(ApplyRequest {
-        msg: Some(apply_request::Msg::Hello(info())),
-    })
-    .await
-    .unwrap();
+    tx.send(hello()).await.unwrap();
     let mut resp = c
         .apply(ReceiverStream::new(rx))
         .await
@@ -116,11 +136,7 @@ async fn stream_frames(c: &mut MasterTargetClient<Channel>, g: &Gen, from: u64, 
     let mut s = from;
     while s <= to {
         let e = (s + 9).min(to);
-        tx.send(ApplyRequest {
-            msg: Some(apply_request::Msg::Frame(g.frame_bytes(s, e).into())),
-        })
-        .await
-        .unwrap();
+        tx.send(frame(g.frame_bytes(s, e))).await.unwrap();
         let m = resp.message().await.unwrap().unwrap();
         assert_eq!(m.msg, Some(apply_response::Msg::AppliedSeq(e)));
         s = e + 1;
@@ -233,18 +249,10 @@ async fn grpc_apply_points_rollback_and_roles() {
     let mut g2 = history(21);
     g2.random_ops(3);
     let (tx, rx) = mpsc::channel(4);
-    tx.send(ApplyRequest {
-        msg: Some(apply_request::Msg::Hello(info())),
-    })
-    .await
-    .unwrap();
-    tx.send(ApplyRequest {
-        msg: Some(apply_request::Msg::Frame(
-            g2.frame_bytes(n + 1, g2.seq()).into(),
-        )),
-    })
-    .await
-    .unwrap();
+    tx.send(hello()).await.unwrap();
+    tx.send(frame(g2.frame_bytes(n + 1, g2.seq())))
+        .await
+        .unwrap();
     let mut resp = ps
         .apply(ReceiverStream::new(rx))
         .await
@@ -272,24 +280,14 @@ async fn grpc_apply_points_rollback_and_roles() {
 
     // An open apply stream does not hold up shutdown.
     let (_keep, rx) = mpsc::channel(4);
-    _keep
-        .send(ApplyRequest {
-            msg: Some(apply_request::Msg::Hello(info())),
-        })
-        .await
-        .unwrap();
+    _keep.send(hello()).await.unwrap();
     let mut resp = ps
         .apply(ReceiverStream::new(rx))
         .await
         .unwrap()
         .into_inner();
     assert!(resp.message().await.unwrap().is_some());
-    stop_tx.send(()).unwrap();
-    let res = tokio::time::timeout(Duration::from_secs(8), server)
-        .await
-        .expect("shutdown within 8 s")
-        .unwrap();
-    res.unwrap();
+    shutdown(stop_tx, server).await;
 }
 
 /// The disks of `g` after its records up to `seq`.
@@ -319,17 +317,9 @@ async fn pipelined(
     frames: Vec<Vec<u8>>,
 ) -> (u64, u64, Option<tonic::Status>) {
     let (tx, rx) = mpsc::channel(frames.len() + 1);
-    tx.send(ApplyRequest {
-        msg: Some(apply_request::Msg::Hello(info())),
-    })
-    .await
-    .unwrap();
+    tx.send(hello()).await.unwrap();
     for f in frames {
-        tx.send(ApplyRequest {
-            msg: Some(apply_request::Msg::Frame(f.into())),
-        })
-        .await
-        .unwrap();
+        tx.send(frame(f)).await.unwrap();
     }
     drop(tx);
     let mut resp = c
@@ -416,12 +406,7 @@ async fn pipelined_frames_stop_at_a_damaged_one() {
     assert_eq!(acked, n);
     assert!(err.is_none(), "{err:?}");
 
-    srv.stop_tx.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(8), srv.server)
-        .await
-        .expect("shutdown within 8 s")
-        .unwrap()
-        .unwrap();
+    shutdown(srv.stop_tx, srv.server).await;
     let store = Store::open(&dir.path().join("data")).unwrap();
     let r = store.get(RID).expect("replication");
     check_latest(&r, &disks_at(&g, n));

@@ -29,6 +29,12 @@ fn control(store: Arc<Store>, hooks: HooksConfig) -> MtControl {
     }
 }
 
+/// The control protocol's form of one of the test replication's disks.
+fn pb_disk(d: rebound_proto::DiskInfo) -> pb::Disk {
+    let rebound_proto::DiskInfo { index, name, size } = d;
+    pb::Disk { index, name, size }
+}
+
 /// A history with every kind of point: crash, app, group, and writes after
 /// the newest point.
 fn mixed() -> Gen {
@@ -300,15 +306,7 @@ fn end_replication_keeps_or_deletes_and_prepare_adopts_the_kept_replica() {
         ctl.run(Cmd::PrepareReplication(pb::PrepareReplication {
             replication_id: id.into(),
             machine_id: "m1".into(),
-            disks: info()
-                .disks
-                .iter()
-                .map(|d| pb::Disk {
-                    index: d.index,
-                    name: d.name.clone(),
-                    size: d.size,
-                })
-                .collect(),
+            disks: info().disks.into_iter().map(pb_disk).collect(),
             adopt_from: adopt.into(),
         }))
         .unwrap_or_else(|e| rebound_common::control::err_result(e.to_string()))
