@@ -6,6 +6,8 @@
 //! can also talk to a master target directly (`points --mt`, `rollback`,
 //! `restore-pre-images`), write a lab PKI and run the demo; `rebound bench`
 //! runs the separate `rebound-bench` binary ([`bench`]).
+#![forbid(unsafe_code)]
+
 pub mod bench;
 pub mod certs;
 pub mod demo;

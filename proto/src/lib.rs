@@ -4,6 +4,7 @@
 //!
 //! Kept in its own crate so every component shares one definition of the wire
 //! contract and the generated code is built once.
+#![forbid(unsafe_code)]
 #![allow(clippy::all)]
 
 pub mod v1 {
