@@ -8,7 +8,7 @@
 use rebound_lab::cli;
 use serde_json::Value;
 
-/// Every row of the table, in order (cli/src/bench/report.rs `ROWS`).
+/// Every row of the table, in order (bench/src/report.rs `ROWS`).
 const ROWS: &[&str] = &[
     "limits.blake3",
     "limits.zstd.zeros.compress",
