@@ -4,6 +4,17 @@
 use rebound_lab::*;
 use std::time::Duration;
 
+/// Waits up to 30 s for retention to drop point `id` (`what` names the wait
+/// in the failure).
+fn wait_point_dropped(lab: &Lab, id: &str, what: &str) {
+    wait_until(what, Duration::from_secs(30), || {
+        lab.points()
+            .map(|(p, _)| !p.iter().any(|p| p.id == id))
+            .unwrap_or(false)
+    })
+    .unwrap();
+}
+
 #[test]
 fn window_drops_old_points() {
     let mut lab = Lab::new(LabOptions {
@@ -25,16 +36,7 @@ fn window_drops_old_points() {
     qemu_io(&uri, &random_writes(&mut rng, 64 << 20, 20)).unwrap();
     let (new, s, h) = lab.tag_hash("crash").unwrap();
     lab.wait_applied(s, Duration::from_secs(60)).unwrap();
-    wait_until(
-        "the old point to leave the window",
-        Duration::from_secs(30),
-        || {
-            lab.points()
-                .map(|(p, _)| !p.iter().any(|p| p.id == old))
-                .unwrap_or(false)
-        },
-    )
-    .unwrap();
+    wait_point_dropped(&lab, &old, "the old point to leave the window");
     assert_eq!(lab.point_hash("disk0", &new).unwrap(), h);
 }
 
@@ -64,16 +66,7 @@ fn size_cap_shrinks_the_window_and_logs_it() {
     }
     let (_, s) = lab.tag("crash").unwrap();
     lab.wait_applied(s, Duration::from_secs(60)).unwrap();
-    wait_until(
-        "the size cap to drop old points",
-        Duration::from_secs(30),
-        || {
-            lab.points()
-                .map(|(p, _)| !p.iter().any(|p| p.id == ids[0]))
-                .unwrap_or(false)
-        },
-    )
-    .unwrap();
+    wait_point_dropped(&lab, &ids[0], "the size cap to drop old points");
     let log = lab.log(Component::Mt);
     assert!(
         log.contains("window shrank"),

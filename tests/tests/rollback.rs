@@ -23,6 +23,11 @@ fn restore(lab: &Lab) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The replica's disk0 holds exactly the content hashed as `want`.
+fn assert_replica(lab: &Lab, want: &str, what: &str) {
+    assert_eq!(lab.replica_hash("disk0").unwrap(), want, "{what}");
+}
+
 #[test]
 fn rollback_restore_and_rerun_after_kill() {
     let mut lab = Lab::started(LabOptions::disk_size(96 << 20)).unwrap();
@@ -44,17 +49,9 @@ fn rollback_restore_and_rerun_after_kill() {
     lab.stop(Component::Agent).unwrap();
 
     rollback(&lab, &p2).unwrap();
-    assert_eq!(
-        lab.replica_hash("disk0").unwrap(),
-        h2,
-        "replica after rollback to {p2}"
-    );
+    assert_replica(&lab, &h2, &format!("replica after rollback to {p2}"));
     restore(&lab).unwrap();
-    assert_eq!(
-        lab.replica_hash("disk0").unwrap(),
-        h3,
-        "replica after restoring pre-images"
-    );
+    assert_replica(&lab, &h3, "replica after restoring pre-images");
 
     // Kill the MT at varied moments of a rollback to p1, then re-run it.
     for delay_ms in [5u64, 40, 150] {
@@ -69,19 +66,23 @@ fn rollback_restore_and_rerun_after_kill() {
         lab.kill9(Component::Mt).unwrap();
         lab.start(Component::Mt).unwrap();
         rollback(&lab, &p1).unwrap();
-        assert_eq!(
-            lab.replica_hash("disk0").unwrap(),
-            h1,
-            "replica after re-run rollback to {p1} (killed after {delay_ms} ms)"
+        assert_replica(
+            &lab,
+            &h1,
+            &format!("replica after re-run rollback to {p1} (killed after {delay_ms} ms)"),
         );
         // The view of p1 is still exact too.
         assert_eq!(lab.point_hash("disk0", &p1).unwrap(), h1);
         restore(&lab).unwrap();
-        assert_eq!(lab.replica_hash("disk0").unwrap(), h3);
+        assert_replica(&lab, &h3, "replica after restoring pre-images again");
     }
     // Changing the point: roll to p2, then to p1 (restoring in between).
     rollback(&lab, &p2).unwrap();
     restore(&lab).unwrap();
     rollback(&lab, &p1).unwrap();
-    assert_eq!(lab.replica_hash("disk0").unwrap(), h1);
+    assert_replica(
+        &lab,
+        &h1,
+        &format!("replica after changing the point to {p1}"),
+    );
 }
