@@ -2,6 +2,7 @@
 //! write load: nothing acknowledged is lost, every point stays exact, and
 //! replication resumes by itself.
 
+use crate::support::assert_tag_converges;
 use rebound_lab::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -110,12 +111,10 @@ fn kill9_agent_resyncs_only_dirty_extents() {
     loader.join().unwrap();
     lab.start(Component::Agent).unwrap();
 
-    let (id, seq, h) = lab.tag_hash("crash").unwrap();
-    assert_eq!(
-        lab.applied_point_hash(&id, seq, Duration::from_secs(120))
-            .unwrap(),
-        h,
-        "replica did not converge after the agent crash"
+    assert_tag_converges(
+        &lab,
+        Duration::from_secs(120),
+        "replica did not converge after the agent crash",
     );
     let resent = lab.agent_counter("resync_bytes_sent").unwrap();
     // The counter starts at zero with the new process, so it holds only the

@@ -15,3 +15,4 @@ mod replication;
 mod resync;
 mod retention;
 mod rollback;
+mod support;

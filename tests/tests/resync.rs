@@ -2,6 +2,7 @@
 //! full copy (zero chunks as `Zero`), a replica that differs in 1% of its
 //! chunks gets only about 1% of the disk.
 
+use crate::support::assert_tag_converges;
 use rebound_lab::*;
 use std::time::Duration;
 
@@ -28,12 +29,10 @@ fn initial_sync_of_1gib_full_then_one_percent_differential() {
         write_at(&lab.source_disk(0), c * MIB, &chunk).unwrap();
     }
     lab.start_all().unwrap();
-    let (id, seq, h) = lab.tag_hash("crash").unwrap();
-    assert_eq!(
-        lab.applied_point_hash(&id, seq, Duration::from_secs(300))
-            .unwrap(),
-        h,
-        "full initial sync is not exact"
+    assert_tag_converges(
+        &lab,
+        Duration::from_secs(300),
+        "full initial sync is not exact",
     );
     let full = lab.agent_counter("resync_bytes_sent").unwrap();
     assert!(
@@ -53,12 +52,10 @@ fn initial_sync_of_1gib_full_then_one_percent_differential() {
         write_at(&lab.source_disk(0), (i * 97 + 5) * MIB, &chunk).unwrap();
     }
     lab.start(Component::Agent).unwrap();
-    let (id, seq, h) = lab.tag_hash("crash").unwrap();
-    assert_eq!(
-        lab.applied_point_hash(&id, seq, Duration::from_secs(300))
-            .unwrap(),
-        h,
-        "differential sync is not exact"
+    assert_tag_converges(
+        &lab,
+        Duration::from_secs(300),
+        "differential sync is not exact",
     );
     let diff = lab.agent_counter("resync_bytes_sent").unwrap();
     eprintln!("full sync sent {full} bytes; 1% differential sync sent {diff} bytes");
