@@ -49,6 +49,22 @@ fn protect(s: &Sites, m: &str, from: &str, to: &str) {
     s.wait_state(m, "Protected", JOB).expect("protected");
 }
 
+/// Runs `rebound failover <m> --from <from> --to <to> <extra…>` as a job and
+/// asserts that it succeeded.
+fn failover(s: &Sites, m: &str, from: &str, to: &str, extra: &[&str]) {
+    let mut args = vec!["failover", m, "--from", from, "--to", to];
+    args.extend_from_slice(extra);
+    let j = s
+        .job(&args)
+        .unwrap_or_else(|e| panic!("failover of {m} {from}→{to}: {e:#}"));
+    succeeded(&j);
+}
+
+/// The blake3 of the machine's disk0 at its source now.
+fn source_hash(s: &Sites, m: &str) -> String {
+    blake3_file(&s.source_disk(m, "disk0")).expect("hash source disk")
+}
+
 /// The file the machine's disk lives in while it runs at `site` from the
 /// replica of `replication` (after a hand-over).
 fn replica_hash(s: &Sites, site: &str, replication: &str) -> String {
@@ -87,22 +103,10 @@ fn full_loop_protect_failover_commit_reprotect_failback() {
     protect(&s, m, a(), b());
     s.write(m, a(), "disk0", 0, 4 * MIB, 0xa1)
         .expect("write at A");
-    let h1 = blake3_file(&s.source_disk(m, "disk0")).unwrap();
+    let h1 = source_hash(&s, m);
 
     // Planned failover at latest: nothing lost.
-    let j = s
-        .job(&[
-            "failover",
-            m,
-            "--from",
-            a(),
-            "--to",
-            b(),
-            "--point",
-            "latest",
-        ])
-        .expect("failover");
-    succeeded(&j);
+    failover(&s, m, a(), b(), &["--point", "latest"]);
     let (_, r1) = handed_over(&mut s, m, b());
     assert_eq!(
         replica_hash(&s, b(), &r1),
@@ -150,19 +154,7 @@ fn full_loop_protect_failover_commit_reprotect_failback() {
         .expect("write at B");
     let h2 = replica_hash(&s, b(), &r1);
     assert_ne!(h2, h1);
-    succeeded(
-        &s.job(&[
-            "failover",
-            m,
-            "--from",
-            b(),
-            "--to",
-            a(),
-            "--point",
-            "latest",
-        ])
-        .expect("failback"),
-    );
+    failover(&s, m, b(), a(), &["--point", "latest"]);
     let (_, r2) = handed_over(&mut s, m, a());
     assert_eq!(
         replica_hash(&s, a(), &r2),
@@ -205,9 +197,9 @@ fn failover_at_latest_app_drops_later_writes_and_warns() {
     protect(&s, m, a(), b());
     s.write(m, a(), "disk0", 0, 2 * MIB, 0x11).unwrap();
     let (app, seq) = s.tag(m, a(), "app").expect("app tag");
-    let h_app = blake3_file(&s.source_disk(m, "disk0")).unwrap();
+    let h_app = source_hash(&s, m);
     s.write(m, a(), "disk0", 4 * MIB, 2 * MIB, 0x22).unwrap();
-    let h_after = blake3_file(&s.source_disk(m, "disk0")).unwrap();
+    let h_after = source_hash(&s, m);
     assert_ne!(h_app, h_after);
     wait_point_seq(&s, m, seq);
     let r = s
@@ -241,15 +233,12 @@ fn change_point_before_commit_moves_and_back() {
     protect(&s, m, a(), b());
     s.write(m, a(), "disk0", 0, MIB, 0x31).unwrap();
     let (p1, _) = s.tag(m, a(), "crash").unwrap();
-    let h1 = blake3_file(&s.source_disk(m, "disk0")).unwrap();
+    let h1 = source_hash(&s, m);
     s.write(m, a(), "disk0", MIB, MIB, 0x32).unwrap();
     let (p2, seq2) = s.tag(m, a(), "crash").unwrap();
-    let h2 = blake3_file(&s.source_disk(m, "disk0")).unwrap();
+    let h2 = source_hash(&s, m);
     wait_point_seq(&s, m, seq2);
-    succeeded(
-        &s.job(&["failover", m, "--from", a(), "--to", b(), "--point", &p2])
-            .unwrap(),
-    );
+    failover(&s, m, a(), b(), &["--point", &p2]);
     let (_, r1) = handed_over(&mut s, m, b());
     s.stop_agent(m, b()).unwrap();
     assert_eq!(replica_hash(&s, b(), &r1), h2);
@@ -269,23 +258,16 @@ fn unplanned_failover_with_the_source_agent_killed() {
     protect(&s, m, a(), b());
     s.write(m, a(), "disk0", 0, 2 * MIB, 0x41).unwrap();
     let (p, seq) = s.tag(m, a(), "crash").unwrap();
-    let h = blake3_file(&s.source_disk(m, "disk0")).unwrap();
+    let h = source_hash(&s, m);
     wait_point_seq(&s, m, seq);
     s.kill_agent(m, a()).unwrap();
     // A planned failover cannot drain a dead source; unplanned proceeds.
-    succeeded(
-        &s.job(&[
-            "failover",
-            m,
-            "--from",
-            a(),
-            "--to",
-            b(),
-            "--point",
-            "latest-processed",
-            "--unplanned",
-        ])
-        .unwrap(),
+    failover(
+        &s,
+        m,
+        a(),
+        b(),
+        &["--point", "latest-processed", "--unplanned"],
     );
     let (mm, r1) = handed_over(&mut s, m, b());
     assert_eq!(mm["failover_point"]["id"], p.as_str(), "{mm}");
@@ -480,10 +462,7 @@ fn lifecycle_errors_with_a_protected_machine() {
     let _ = second.kill();
     let _ = second.wait();
     // Reprotect whose agent never comes: times out with the actionable message.
-    succeeded(
-        &s.job(&["failover", "m1", "--from", a(), "--to", b()])
-            .unwrap(),
-    );
+    failover(&s, "m1", a(), b(), &[]);
     s.wait_powered_on("m1", b(), JOB).unwrap();
     succeeded(&s.job(&["commit", "m1"]).unwrap());
     s.stop_agent("m1", b()).unwrap();
