@@ -156,6 +156,13 @@ fn frame_with_wrong_hash_is_refused_and_nothing_applied() {
     );
 }
 
+/// The first answer of a streaming call, or the error that ended it.
+async fn first_answer<T>(
+    call: impl std::future::Future<Output = Result<tonic::Response<tonic::Streaming<T>>, tonic::Status>>,
+) -> Result<Option<T>, tonic::Status> {
+    call.await?.into_inner().message().await
+}
+
 #[test]
 fn wrong_certificates_are_refused() {
     let mut lab = Lab::new(LabOptions::default()).unwrap();
@@ -186,14 +193,7 @@ fn wrong_certificates_are_refused() {
         msg: Some(apply_request::Msg::Hello(info(&lab))),
     }];
     let err = lab
-        .block_on(async {
-            as_agent
-                .apply(tokio_stream::iter(reqs))
-                .await?
-                .into_inner()
-                .message()
-                .await
-        })
+        .block_on(first_answer(as_agent.apply(tokio_stream::iter(reqs))))
         .expect_err("agent certificate must not apply");
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
 
@@ -210,13 +210,7 @@ fn wrong_certificates_are_refused() {
         msg: Some(ingest_request::Msg::Hello(other_machine)),
     }];
     let err = lab
-        .block_on(async {
-            ps.ingest(tokio_stream::iter(reqs))
-                .await?
-                .into_inner()
-                .message()
-                .await
-        })
+        .block_on(first_answer(ps.ingest(tokio_stream::iter(reqs))))
         .expect_err("agent of m1 must not stream for m2");
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
 }
