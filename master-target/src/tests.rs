@@ -229,6 +229,16 @@ pub(crate) fn applied(g: &Gen, per: u64) -> (tempfile::TempDir, Arc<Store>, Arc<
     (dir, s, r)
 }
 
+/// [`applied`] of the standard [`history`] of `seed`, with that history.
+pub(crate) fn applied_history(
+    seed: u64,
+    per: u64,
+) -> (Gen, tempfile::TempDir, Arc<Store>, Arc<Replication>) {
+    let g = history(seed);
+    let (dir, s, r) = applied(&g, per);
+    (g, dir, s, r)
+}
+
 /// Like [`open_store`], with every durable write going through `storage`.
 pub(crate) fn open_store_on(
     dir: &Path,
@@ -279,8 +289,7 @@ fn points_match_model_and_survive_restart() {
 
 #[test]
 fn views_stay_exact_while_apply_goes_on() {
-    let mut g = history(2);
-    let (_dir, _s, r) = applied(&g, 9);
+    let (mut g, _dir, _s, r) = applied_history(2, 9);
     let mid = g.seq();
     check_all(&r, &g); // caches point maps
     g.random_ops(40);
@@ -292,8 +301,7 @@ fn views_stay_exact_while_apply_goes_on() {
 
 #[test]
 fn concurrent_view_reads_during_apply() {
-    let mut g = history(12);
-    let (_dir, _s, r) = applied(&g, 10);
+    let (mut g, _dir, _s, r) = applied_history(12, 10);
     let mid = g.seq();
     for i in 5..12 {
         g.random_ops(30);
@@ -342,8 +350,7 @@ fn reapplying_frames_is_harmless() {
 
 #[test]
 fn bad_frames_are_refused_and_nothing_is_applied() {
-    let mut g = history(5);
-    let (_dir, _s, r) = applied(&g, 10);
+    let (mut g, _dir, _s, r) = applied_history(5, 10);
     let n = g.seq();
     let before = g.disks.clone();
     g.random_ops(10);
@@ -383,8 +390,7 @@ fn bad_frames_are_refused_and_nothing_is_applied() {
 
 #[test]
 fn rollback_and_restore() {
-    let mut g = history(6);
-    let (dir, _s, r) = applied(&g, 11);
+    let (mut g, dir, _s, r) = applied_history(6, 11);
     let rep = r.rollback("p1").unwrap();
     assert_eq!(rep.point.id, "p1");
     assert!(rep.blocks_restored > 0);
@@ -451,8 +457,7 @@ impl Gen {
 
 #[test]
 fn retention_by_window() {
-    let g = history(8);
-    let (dir, _s, r) = applied(&g, 10);
+    let (g, dir, _s, r) = applied_history(8, 10);
     let journals = |r: &Replication| {
         std::fs::read_dir(r.root().join("retention"))
             .unwrap()
@@ -486,8 +491,7 @@ fn retention_by_window() {
 
 #[test]
 fn retention_by_size_cap() {
-    let g = history(9);
-    let (_dir, _s, r) = applied(&g, 10);
+    let (g, _dir, _s, r) = applied_history(9, 10);
     let total = r.status().journal_bytes;
     let cfg = RetentionConfig {
         window_secs: 365 * 86400,
@@ -505,8 +509,7 @@ fn retention_by_size_cap() {
 
 #[test]
 fn chunk_hashes_and_wait() {
-    let g = history(10);
-    let (_dir, _s, r) = applied(&g, 50);
+    let (g, _dir, _s, r) = applied_history(10, 50);
     let hs = r.chunk_hashes(0, 0, 64 << 10, 17).unwrap();
     assert_eq!(hs.len(), 17 * 32);
     let d = &g.disks[0];
@@ -606,8 +609,7 @@ fn cached_chunk_hashes_follow_every_change_to_the_replica() {
 #[test]
 fn nbd_views_resolve_and_read() {
     use rebound_common::nbd::ExportRegistry;
-    let g = history(11);
-    let (_dir, s, r) = applied(&g, 10);
+    let (g, _dir, s, r) = applied_history(11, 10);
     let views = crate::view::Views::new(s.clone());
     let names = views.list();
     assert_eq!(names[0], "m1/disk0@latest");

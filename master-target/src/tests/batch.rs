@@ -3,7 +3,9 @@
 //! batch with the frames before it applied, and a replication from before
 //! `applied.seq` existed opens at its state.json seq.
 
-use super::{applied, check_after_restart, check_all, check_latest, history, open_store, Gen};
+use super::{
+    applied_history, check_after_restart, check_all, check_latest, history, open_store, Gen,
+};
 use crate::error::MtError;
 use prost::bytes::Bytes;
 
@@ -49,8 +51,7 @@ fn batched_frames_cut_every_point_at_its_seq() {
 
 #[test]
 fn refused_frame_stops_the_batch_after_the_good_ones() {
-    let mut g = history(12);
-    let (_dir, _s, r) = applied(&g, 10);
+    let (mut g, _dir, _s, r) = applied_history(12, 10);
     let n = g.seq();
     g.random_ops(8);
     g.tag("q1");

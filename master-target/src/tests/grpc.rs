@@ -83,6 +83,16 @@ fn nbd_check(nbd_addr: std::net::SocketAddr, export: &str, want: &[u8]) {
     assert!(out.stdout == want, "{uri}: content differs from the model");
 }
 
+/// The recovery points of replication [`RID`] and its applied seq.
+async fn list_points(c: &mut MasterTargetClient<Channel>) -> rebound_proto::ListPointsResponse {
+    c.list_points(ListPointsRequest {
+        replication_id: RID.into(),
+    })
+    .await
+    .expect("list points")
+    .into_inner()
+}
+
 /// Rolls replication [`RID`] back to `point` over gRPC.
 async fn rollback(
     c: &mut MasterTargetClient<Channel>,
@@ -162,13 +172,7 @@ async fn grpc_apply_points_rollback_and_roles() {
     // A reconnecting PS resumes where the MT is.
     stream_frames(&mut ps, &g, n / 2 + 1, n).await;
 
-    let pts = ps
-        .list_points(ListPointsRequest {
-            replication_id: RID.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let pts = list_points(&mut ps).await;
     assert_eq!(pts.points.len(), 5);
     assert_eq!(pts.applied_seq, n);
     assert_eq!(pts.points[2].id, "p2");
@@ -235,13 +239,7 @@ async fn grpc_apply_points_rollback_and_roles() {
     let rb = rollback(&mut admin, "p2").await.unwrap();
     assert_eq!(rb.point.unwrap().id, "p2");
     assert!(rb.blocks_restored > 0);
-    let pts = ps
-        .list_points(ListPointsRequest {
-            replication_id: RID.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let pts = list_points(&mut ps).await;
     assert_eq!(pts.rolled_back_to, "p2");
     let e = rollback(&mut admin, "nope").await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
