@@ -81,6 +81,20 @@ fn handed_over(s: &mut Sites, m: &str, site: &str) -> (Value, String) {
     (mm, repl)
 }
 
+/// A planned failover at latest from `from` to `to`: the machine runs at
+/// `to` from a replica equal to `want` (nothing lost). Returns the new
+/// replication id.
+fn fail_over_at_latest(s: &mut Sites, m: &str, from: &str, to: &str, want: &str) -> String {
+    failover(s, m, from, to, &["--point", "latest"]);
+    let (_, repl) = handed_over(s, m, to);
+    assert_eq!(
+        replica_hash(s, to, &repl),
+        want,
+        "failover {from}→{to} at latest lost writes"
+    );
+    repl
+}
+
 /// Waits until the machine's last point at the CS has at least `seq`.
 fn wait_point_seq(s: &Sites, m: &str, seq: u64) {
     let start = std::time::Instant::now();
@@ -106,13 +120,7 @@ fn full_loop_protect_failover_commit_reprotect_failback() {
     let h1 = source_hash(&s, m);
 
     // Planned failover at latest: nothing lost.
-    failover(&s, m, a(), b(), &["--point", "latest"]);
-    let (_, r1) = handed_over(&mut s, m, b());
-    assert_eq!(
-        replica_hash(&s, b(), &r1),
-        h1,
-        "failover at latest lost writes"
-    );
+    let r1 = fail_over_at_latest(&mut s, m, a(), b(), &h1);
     // The source is down now (its shutdown hook).
     s.stop_agent(m, a()).expect("stop agent at A");
 
@@ -154,13 +162,7 @@ fn full_loop_protect_failover_commit_reprotect_failback() {
         .expect("write at B");
     let h2 = replica_hash(&s, b(), &r1);
     assert_ne!(h2, h1);
-    failover(&s, m, b(), a(), &["--point", "latest"]);
-    let (_, r2) = handed_over(&mut s, m, a());
-    assert_eq!(
-        replica_hash(&s, a(), &r2),
-        h2,
-        "failback at latest lost writes"
-    );
+    let r2 = fail_over_at_latest(&mut s, m, b(), a(), &h2);
     s.stop_agent(m, b()).expect("stop agent at B");
     succeeded(&s.job(&["commit", m]).expect("commit failback"));
     s.wait_online("agent", m, JOB).expect("agent at A online");
