@@ -2,7 +2,7 @@
 //! full copy (zero chunks as `Zero`), a replica that differs in 1% of its
 //! chunks gets only about 1% of the disk.
 
-use crate::support::assert_tag_converges;
+use crate::support::resync_bytes_to_converge;
 use rebound_lab::*;
 use std::time::Duration;
 
@@ -29,12 +29,11 @@ fn initial_sync_of_1gib_full_then_one_percent_differential() {
         write_at(&lab.source_disk(0), c * MIB, &chunk).unwrap();
     }
     lab.start_all().unwrap();
-    assert_tag_converges(
+    let full = resync_bytes_to_converge(
         &lab,
         Duration::from_secs(300),
         "full initial sync is not exact",
     );
-    let full = lab.agent_counter("resync_bytes_sent").unwrap();
     assert!(
         (GIB * 3 / 4..=GIB).contains(&full),
         "initial sync sent {full} bytes for 768 MiB of data"
@@ -52,12 +51,11 @@ fn initial_sync_of_1gib_full_then_one_percent_differential() {
         write_at(&lab.source_disk(0), (i * 97 + 5) * MIB, &chunk).unwrap();
     }
     lab.start(Component::Agent).unwrap();
-    assert_tag_converges(
+    let diff = resync_bytes_to_converge(
         &lab,
         Duration::from_secs(300),
         "differential sync is not exact",
     );
-    let diff = lab.agent_counter("resync_bytes_sent").unwrap();
     eprintln!("full sync sent {full} bytes; 1% differential sync sent {diff} bytes");
     assert!(
         (changed * MIB..=changed * MIB + MIB).contains(&diff),

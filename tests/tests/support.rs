@@ -15,3 +15,10 @@ pub fn assert_tag_converges(lab: &Lab, within: Duration, what: &str) {
         "{what}: point {id} (seq {seq}) differs from the source"
     );
 }
+
+/// [`assert_tag_converges`], then the bytes the agent's resync has sent
+/// since it started (its `resync_bytes_sent` counter).
+pub fn resync_bytes_to_converge(lab: &Lab, within: Duration, what: &str) -> u64 {
+    assert_tag_converges(lab, within, what);
+    lab.agent_counter("resync_bytes_sent").unwrap()
+}
