@@ -60,6 +60,29 @@ fn failover(s: &Sites, m: &str, from: &str, to: &str, extra: &[&str]) {
     succeeded(&j);
 }
 
+/// Runs `rebound reprotect <m>` with the PS at `from` and the MT at `to`,
+/// the job waiting up to `wait_agent` for the agent; `to_end` waits for the
+/// job to end, else the started job is returned at once.
+fn reprotect(s: &Sites, m: &str, from: &str, to: &str, wait_agent: &str, to_end: bool) -> Value {
+    let (ps, mt) = (ps_id(from), mt_id(to));
+    let args = [
+        "reprotect",
+        m,
+        "--ps",
+        &ps,
+        "--mt",
+        &mt,
+        "--wait-agent",
+        wait_agent,
+    ];
+    let j = if to_end {
+        s.job(&args)
+    } else {
+        s.cli_json(&args)
+    };
+    j.unwrap_or_else(|e| panic!("reprotect of {m} {from}→{to}: {e:#}"))
+}
+
 /// The blake3 of the machine's disk0 at its source now.
 fn source_hash(s: &Sites, m: &str) -> String {
     blake3_file(&s.source_disk(m, "disk0")).expect("hash source disk")
@@ -133,18 +156,7 @@ fn full_loop_protect_failover_commit_reprotect_failback() {
     // Reprotect B→A, the agent started only after the command: the job
     // waits for it, then succeeds.
     s.stop_agent(m, b()).expect("stop agent at B");
-    let started = s
-        .cli_json(&[
-            "reprotect",
-            m,
-            "--ps",
-            &ps_id(b()),
-            "--mt",
-            &mt_id(a()),
-            "--wait-agent",
-            "5m",
-        ])
-        .expect("reprotect");
+    let started = reprotect(&s, m, b(), a(), "5m", false);
     let id = started["id"].as_str().unwrap().to_string();
     s.wait_job_status(&id, &format!("waiting for agent on {m} to register"), JOB)
         .expect("reprotect waits for the agent");
@@ -168,19 +180,7 @@ fn full_loop_protect_failover_commit_reprotect_failback() {
     s.wait_online("agent", m, JOB).expect("agent at A online");
 
     // Reprotect A→B (the agent is already there), write, protected again.
-    succeeded(
-        &s.job(&[
-            "reprotect",
-            m,
-            "--ps",
-            &ps_id(a()),
-            "--mt",
-            &mt_id(b()),
-            "--wait-agent",
-            "2m",
-        ])
-        .expect("reprotect A→B"),
-    );
+    succeeded(&reprotect(&s, m, a(), b(), "2m", true));
     let mm = s.wait_state(m, "Protected", JOB).expect("protected A→B");
     assert_eq!(mm["from_site"], a());
     s.write(m, a(), "disk0", 8 * MIB, MIB, 0xc3)
