@@ -88,6 +88,13 @@ fn source_hash(s: &Sites, m: &str) -> String {
     blake3_file(&s.source_disk(m, "disk0")).expect("hash source disk")
 }
 
+/// The default sites with machine m1 protected from A to B.
+fn m1_protected() -> Sites {
+    let s = Sites::start(SitesOptions::default()).expect("sites");
+    protect(&s, "m1", a(), b());
+    s
+}
+
 /// The file the machine's disk lives in while it runs at `site` from the
 /// replica of `replication` (after a hand-over).
 fn replica_hash(s: &Sites, site: &str, replication: &str) -> String {
@@ -133,11 +140,10 @@ fn wait_point_seq(s: &Sites, m: &str, seq: u64) {
 
 #[test]
 fn full_loop_protect_failover_commit_reprotect_failback() {
-    let mut s = Sites::start(SitesOptions::default()).expect("sites");
+    let mut s = m1_protected();
     let m = "m1";
 
-    // Protect A→B and write.
-    protect(&s, m, a(), b());
+    // Protected A→B; write.
     s.write(m, a(), "disk0", 0, 4 * MIB, 0xa1)
         .expect("write at A");
     let h1 = source_hash(&s, m);
@@ -194,9 +200,8 @@ fn full_loop_protect_failover_commit_reprotect_failback() {
 
 #[test]
 fn failover_at_latest_app_drops_later_writes_and_warns() {
-    let mut s = Sites::start(SitesOptions::default()).expect("sites");
+    let mut s = m1_protected();
     let m = "m1";
-    protect(&s, m, a(), b());
     s.write(m, a(), "disk0", 0, 2 * MIB, 0x11).unwrap();
     let (app, seq) = s.tag(m, a(), "app").expect("app tag");
     let h_app = source_hash(&s, m);
@@ -230,9 +235,8 @@ fn failover_at_latest_app_drops_later_writes_and_warns() {
 
 #[test]
 fn change_point_before_commit_moves_and_back() {
-    let mut s = Sites::start(SitesOptions::default()).expect("sites");
+    let mut s = m1_protected();
     let m = "m1";
-    protect(&s, m, a(), b());
     s.write(m, a(), "disk0", 0, MIB, 0x31).unwrap();
     let (p1, _) = s.tag(m, a(), "crash").unwrap();
     let h1 = source_hash(&s, m);
@@ -255,9 +259,8 @@ fn change_point_before_commit_moves_and_back() {
 
 #[test]
 fn unplanned_failover_with_the_source_agent_killed() {
-    let mut s = Sites::start(SitesOptions::default()).expect("sites");
+    let mut s = m1_protected();
     let m = "m1";
-    protect(&s, m, a(), b());
     s.write(m, a(), "disk0", 0, 2 * MIB, 0x41).unwrap();
     let (p, seq) = s.tag(m, a(), "crash").unwrap();
     let h = source_hash(&s, m);
