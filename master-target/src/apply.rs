@@ -211,8 +211,10 @@ impl Replication {
             return Ok(());
         }
         let frames = std::mem::take(pending);
-        self.check_not_poisoned()?;
         let mut inner = self.write_inner()?;
+        // Checked under the lock: a cycle that failed its fdatasync while
+        // this one waited has poisoned the replication by now.
+        self.check_not_poisoned()?;
         let mut next = inner.applied_seq() + 1;
         let mut first_seq = None;
         let mut recs: Vec<Record> = Vec::new();

@@ -370,11 +370,12 @@ impl Replication {
     }
 
     /// The write side for a change of the replica other than apply
-    /// (rollback, restore, hand-over, end): refused while poisoned, and the
-    /// cached chunk hashes are forgotten first.
+    /// (rollback, restore, hand-over, end): refused while poisoned (checked
+    /// under the lock, after any cycle that could poison it), and the cached
+    /// chunk hashes are forgotten first.
     pub(crate) fn write_for_change(&self) -> Result<RwLockWriteGuard<'_, Inner>> {
-        self.check_not_poisoned()?;
         let mut inner = self.write_inner()?;
+        self.check_not_poisoned()?;
         inner.forget_chunk_hashes();
         Ok(inner)
     }
