@@ -116,6 +116,7 @@ pub fn cmd_name(cmd: &Cmd) -> &'static str {
         Cmd::EndReplication(_) => "end-replication",
         Cmd::ListPoints(_) => "list-points",
         Cmd::PrepareReplication(_) => "prepare-replication",
+        Cmd::SetRetention(_) => "set-retention",
         Cmd::AddReplication(_) => "add-replication",
         Cmd::RemoveReplication(_) => "remove-replication",
     }

@@ -78,6 +78,7 @@ pub fn policy_to_proto(p: &Policy) -> pb::Policy {
         crash_interval_ms: p.crash_interval_ms,
         app_interval_secs: p.app_interval_secs,
         freeze_timeout_ms: p.freeze_timeout_ms,
+        ..pb::Policy::default()
     }
 }
 

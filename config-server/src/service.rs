@@ -107,6 +107,8 @@ impl AdminService {
             last_heartbeat_ms: c.last_heartbeat_ms,
             cert_fingerprint: c.cert_fingerprint.clone(),
             status: pb::Status::decode(c.status.as_slice()).ok(),
+            cert_expiry_ms: 0,
+            version_mismatch: String::new(),
         }
     }
 
@@ -366,6 +368,34 @@ impl Admin for AdminService {
                 .reprotect(&targets(r.targets), &r.ps, &r.mt, wait)
                 .await?,
         )
+    }
+
+    async fn unprotect(&self, req: Request<pb::UnprotectRequest>) -> Res<pb::JobStarted> {
+        admin(&req)?;
+        Err(Status::unimplemented(
+            "unprotect is not available in this CS version",
+        ))
+    }
+
+    async fn set_policy(&self, req: Request<pb::SetPolicyRequest>) -> Res<pb::SetPolicyResponse> {
+        admin(&req)?;
+        Err(Status::unimplemented(
+            "policy set is not available in this CS version",
+        ))
+    }
+
+    async fn components(&self, req: Request<pb::ComponentsRequest>) -> Res<pb::ComponentsResponse> {
+        admin(&req)?;
+        Err(Status::unimplemented(
+            "components is not available in this CS version",
+        ))
+    }
+
+    async fn remove_component(&self, req: Request<pb::RemoveComponentRequest>) -> Res<pb::Empty> {
+        admin(&req)?;
+        Err(Status::unimplemented(
+            "remove is not available in this CS version",
+        ))
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Res<pb::Job> {

@@ -322,6 +322,7 @@ fn cmd_name(c: &Cmd) -> &'static str {
         Cmd::EndReplication(_) => "EndReplication",
         Cmd::ListPoints(_) => "ListPoints",
         Cmd::PrepareReplication(_) => "PrepareReplication",
+        Cmd::SetRetention(_) => "SetRetention",
         Cmd::AddReplication(_) => "AddReplication",
         Cmd::RemoveReplication(_) => "RemoveReplication",
     }

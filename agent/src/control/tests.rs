@@ -318,6 +318,7 @@ async fn set_policy_and_status_and_hello() {
                 crash_interval_ms: 250,
                 app_interval_secs: 0,
                 freeze_timeout_ms: 1500,
+                ..pb::Policy::default()
             }),
         })))
         .await;

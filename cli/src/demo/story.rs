@@ -121,6 +121,7 @@ impl Story {
                 ps: rebound_lab::ps_id(from),
                 mt: rebound_lab::mt_id(to),
                 wait_agent_secs: 60,
+                policy: None,
             })
             .await?
             .into_inner();

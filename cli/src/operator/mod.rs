@@ -376,7 +376,7 @@ async fn run_inner(cmd: OperatorCmd) -> Result<()> {
             let policy = (crash_interval.is_some() || app_interval.is_some()).then(|| pb::Policy {
                 crash_interval_ms: crash_interval.map(|d| d.as_millis() as u32).unwrap_or(0),
                 app_interval_secs: app_interval.map(|d| d.as_secs() as u32).unwrap_or(0),
-                freeze_timeout_ms: 0,
+                ..pb::Policy::default()
             });
             let r = c
                 .protect(pb::ProtectRequest {
@@ -474,6 +474,7 @@ async fn run_inner(cmd: OperatorCmd) -> Result<()> {
                     ps,
                     mt: mt.unwrap_or_default(),
                     wait_agent_secs: wait_agent.map(|d| d.as_secs().max(1)).unwrap_or(0),
+                    policy: None,
                 })
                 .await;
             watch::started(&mut c, &wait, r, "reprotecting").await
