@@ -152,6 +152,7 @@ pub fn mt_status(store: &Store) -> pb::MtStatus {
                 machine_id: r.machine_id().to_string(),
                 points: Some(r.point_summary()),
                 state: r.state_name().to_string(),
+                ..pb::MtReplicationStatus::default()
             }
         })
         .collect();
