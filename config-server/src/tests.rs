@@ -446,6 +446,7 @@ async fn mt_status_and_a_command_round_trip() {
                     ..Default::default()
                 }),
                 state: "applying".into(),
+                ..Default::default()
             }],
             retention_bytes: 0,
         })),
