@@ -34,12 +34,19 @@ pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     toml::from_str(&text).with_context(|| format!("cannot parse {}", path.display()))
 }
 
-/// `[cs]` pointing at the lab's configuration server.
+/// `[cs]` pointing at the lab's configuration server, checked against its
+/// certificate by the address's host (what `rebound-cs init --name` put in).
 pub fn cs_link(cs_addr: &str) -> CsConfig {
     CsConfig {
         addr: cs_addr.to_string(),
-        server_name: SERVER_NAME.into(),
+        server_name: host_of(cs_addr).into(),
     }
+}
+
+/// The host part of `host:port` (`[::1]:7` gives `::1`).
+pub fn host_of(addr: &str) -> &str {
+    let h = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    h.trim_start_matches('[').trim_end_matches(']')
 }
 
 /// An agent of `machine` with its state in `state_dir`, exporting `disks`
@@ -82,7 +89,7 @@ pub fn ps(listen: SocketAddr, cache_dir: &Path, mt: SocketAddr, tls: TlsFiles) -
         tls,
         mt: PsMtLink {
             addr: mt.to_string(),
-            server_name: SERVER_NAME.into(),
+            server_name: mt.ip().to_string(),
         },
         ..PsServerConfig::default()
     }

@@ -66,3 +66,82 @@ pub fn free_port_on(ip: Ipv4Addr) -> u16 {
     }
     panic!("no free port on {ip} in {LOW}-{}", LOW + SPAN - 1)
 }
+
+/// The TCP addresses the processes `pids` listen on, from `/proc`: each
+/// socket inode a process holds open, matched against the kernel's table
+/// of listening sockets (`/proc/net/tcp`, `/proc/net/tcp6`, state 0A).
+/// A test uses it to show which addresses a lab's processes bound.
+pub fn listening(pids: &[u32]) -> std::io::Result<Vec<SocketAddr>> {
+    let mut inodes = std::collections::HashSet::new();
+    for pid in pids {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue; // exited since
+        };
+        for fd in fds.flatten() {
+            let Ok(link) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            let link = link.to_string_lossy();
+            if let Some(inode) = link
+                .strip_prefix("socket:[")
+                .and_then(|s| s.strip_suffix(']'))
+            {
+                inodes.insert(inode.to_string());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table)?;
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 9 && f[3] == "0A" && inodes.contains(f[9]) {
+                if let Some(a) = parse_proc_addr(f[1]) {
+                    out.push(a);
+                }
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// `0100007F:1F90` (IPv4, or 32 hex digits for IPv6, each 32-bit word in
+/// host byte order) as a socket address.
+fn parse_proc_addr(s: &str) -> Option<SocketAddr> {
+    let (ip, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let words: Vec<u32> = (0..ip.len() / 8)
+        .map(|i| u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let ip: std::net::IpAddr = match words.as_slice() {
+        [w] => Ipv4Addr::from(w.swap_bytes()).into(),
+        [a, b, c, d] => {
+            let mut bytes = [0u8; 16];
+            for (i, w) in [a, b, c, d].iter().enumerate() {
+                bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
+            }
+            std::net::Ipv6Addr::from(bytes).into()
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listener_of_this_process_is_found_at_its_address() {
+        let host = Host::next();
+        let l = TcpListener::bind(host.addr()).unwrap();
+        let found = listening(&[std::process::id()]).unwrap();
+        assert!(found.contains(&l.local_addr().unwrap()), "{found:?}");
+        assert_eq!(
+            parse_proc_addr("0100007F:1F90"),
+            Some("127.0.0.1:8080".parse().unwrap())
+        );
+    }
+}

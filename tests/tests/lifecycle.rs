@@ -11,17 +11,17 @@ use rebound_lab::*;
 use serde_json::Value;
 use std::time::Duration;
 
-const JOB: Duration = Duration::from_secs(180);
-const MIB: u64 = 1 << 20;
+pub(crate) const JOB: Duration = Duration::from_secs(180);
+pub(crate) const MIB: u64 = 1 << 20;
 
-fn a() -> &'static str {
+pub(crate) fn a() -> &'static str {
     "onprem"
 }
-fn b() -> &'static str {
+pub(crate) fn b() -> &'static str {
     "azure"
 }
 
-fn succeeded(j: &Value) {
+pub(crate) fn succeeded(j: &Value) {
     assert_eq!(j["state"], "succeeded", "job failed: {j:#}");
     let took = j["ended_ms"].as_u64().unwrap_or(0) - j["started_ms"].as_u64().unwrap_or(0);
     eprintln!(
@@ -32,7 +32,7 @@ fn succeeded(j: &Value) {
     );
 }
 
-fn protect(s: &Sites, m: &str, from: &str, to: &str) {
+pub(crate) fn protect(s: &Sites, m: &str, from: &str, to: &str) {
     let j = s
         .job(&[
             "protect",
@@ -51,7 +51,7 @@ fn protect(s: &Sites, m: &str, from: &str, to: &str) {
 
 /// Runs `rebound failover <m> --from <from> --to <to> <extra…>` as a job and
 /// asserts that it succeeded.
-fn failover(s: &Sites, m: &str, from: &str, to: &str, extra: &[&str]) {
+pub(crate) fn failover(s: &Sites, m: &str, from: &str, to: &str, extra: &[&str]) {
     let mut args = vec!["failover", m, "--from", from, "--to", to];
     args.extend_from_slice(extra);
     let j = s
@@ -63,7 +63,14 @@ fn failover(s: &Sites, m: &str, from: &str, to: &str, extra: &[&str]) {
 /// Runs `rebound reprotect <m>` with the PS at `from` and the MT at `to`,
 /// the job waiting up to `wait_agent` for the agent; `to_end` waits for the
 /// job to end, else the started job is returned at once.
-fn reprotect(s: &Sites, m: &str, from: &str, to: &str, wait_agent: &str, to_end: bool) -> Value {
+pub(crate) fn reprotect(
+    s: &Sites,
+    m: &str,
+    from: &str,
+    to: &str,
+    wait_agent: &str,
+    to_end: bool,
+) -> Value {
     let (ps, mt) = (ps_id(from), mt_id(to));
     let args = [
         "reprotect",
@@ -84,7 +91,7 @@ fn reprotect(s: &Sites, m: &str, from: &str, to: &str, wait_agent: &str, to_end:
 }
 
 /// The blake3 of the machine's disk0 at its source now.
-fn source_hash(s: &Sites, m: &str) -> String {
+pub(crate) fn source_hash(s: &Sites, m: &str) -> String {
     blake3_file(&s.source_disk(m, "disk0")).expect("hash source disk")
 }
 
@@ -97,13 +104,13 @@ fn m1_protected() -> Sites {
 
 /// The file the machine's disk lives in while it runs at `site` from the
 /// replica of `replication` (after a hand-over).
-fn replica_hash(s: &Sites, site: &str, replication: &str) -> String {
+pub(crate) fn replica_hash(s: &Sites, site: &str, replication: &str) -> String {
     blake3_file(&s.replica_path(site, replication, "disk0")).expect("hash replica")
 }
 
 /// Waits until the machine is failed over and powered on at `site`; the
 /// machine as the CLI lists it and its new replication id.
-fn handed_over(s: &mut Sites, m: &str, site: &str) -> (Value, String) {
+pub(crate) fn handed_over(s: &mut Sites, m: &str, site: &str) -> (Value, String) {
     let mm = s.wait_state(m, "FailedOver", JOB).expect("failed over");
     let repl = mm["replication_id"].as_str().unwrap().to_string();
     s.wait_powered_on(m, site, JOB)
@@ -114,7 +121,13 @@ fn handed_over(s: &mut Sites, m: &str, site: &str) -> (Value, String) {
 /// A planned failover at latest from `from` to `to`: the machine runs at
 /// `to` from a replica equal to `want` (nothing lost). Returns the new
 /// replication id.
-fn fail_over_at_latest(s: &mut Sites, m: &str, from: &str, to: &str, want: &str) -> String {
+pub(crate) fn fail_over_at_latest(
+    s: &mut Sites,
+    m: &str,
+    from: &str,
+    to: &str,
+    want: &str,
+) -> String {
     failover(s, m, from, to, &["--point", "latest"]);
     let (_, repl) = handed_over(s, m, to);
     assert_eq!(
@@ -126,7 +139,7 @@ fn fail_over_at_latest(s: &mut Sites, m: &str, from: &str, to: &str, want: &str)
 }
 
 /// Waits until the machine's last point at the CS has at least `seq`.
-fn wait_point_seq(s: &Sites, m: &str, seq: u64) {
+pub(crate) fn wait_point_seq(s: &Sites, m: &str, seq: u64) {
     let start = std::time::Instant::now();
     loop {
         let mm = s.machine(m).expect("machine");
