@@ -22,6 +22,7 @@ pub mod frame;
 pub mod nbd;
 pub mod pki;
 pub mod serve;
+pub mod service_manager;
 pub mod signal;
 #[allow(unsafe_code)]
 mod sys;

@@ -1,6 +1,6 @@
 //! The shutdown signal every binary waits on (DESIGN.md §2: exit cleanly on
 //! SIGTERM, flushing what was acknowledged). One place, so the four mains
-//! behave the same.
+//! behave the same, and each tells the service manager it is stopping.
 
 /// Resolves on SIGTERM or ctrl-c (SIGINT).
 pub async fn shutdown_signal() {
@@ -17,4 +17,5 @@ pub async fn shutdown_signal() {
         _ = term => {}
     }
     tracing::info!("shutdown signal received");
+    crate::service_manager::stopping();
 }
