@@ -1,14 +1,15 @@
 //! The master target on the control channel (DESIGN.md §8): its hello, its
 //! status (a recovery-point summary per replication every heartbeat), and
 //! the lifecycle commands the configuration server sends it: Rollback (by a
-//! `PointChoice`), RestorePreImages, HandOver, EndReplication, ListPoints
-//! and PrepareReplication. Every command is idempotent, since a command id
-//! may arrive twice after a reconnect.
+//! `PointChoice`), RestorePreImages, HandOver, EndReplication, ListPoints,
+//! PrepareReplication and SetRetention. Every command is idempotent, since
+//! a command id may arrive twice after a reconnect.
 
 use crate::catalog::PointEntry;
-use crate::config::HooksConfig;
+use crate::config::{HooksConfig, RetentionConfig};
 use crate::error::MtError;
 use crate::replication::{Replication, Store};
+use crate::state::RetentionPolicy;
 use rebound_common::control::{err_result, ok_result, ControlHandler};
 use rebound_proto::control as pb;
 use rebound_proto::control::command::Cmd;
@@ -139,20 +140,23 @@ impl Replication {
     }
 }
 
-/// The MT's status message.
-pub fn mt_status(store: &Store) -> pb::MtStatus {
+/// The MT's status message; each replication's retention is its policy
+/// over the MT's `defaults`.
+pub fn mt_status(store: &Store, defaults: &RetentionConfig) -> pb::MtStatus {
     let mut retention_bytes = 0;
     let replications = store
         .list()
         .iter()
         .map(|r| {
             retention_bytes += r.status().journal_bytes;
+            let retention = r.retention_policy().resolve(defaults);
             pb::MtReplicationStatus {
                 replication_id: r.id().to_string(),
                 machine_id: r.machine_id().to_string(),
                 points: Some(r.point_summary()),
                 state: r.state_name().to_string(),
-                ..pb::MtReplicationStatus::default()
+                retention_window_secs: retention.window_secs,
+                retention_max_bytes: retention.max_bytes,
             }
         })
         .collect();
@@ -168,6 +172,8 @@ pub use rebound_common::control::Identity;
 pub struct MtControl {
     pub store: Arc<Store>,
     pub hooks: HooksConfig,
+    /// The `[retention]` defaults a replication's policy falls back on.
+    pub retention: RetentionConfig,
     pub identity: Identity,
     /// The last status, refreshed by [`status_task`] off the runtime (a long
     /// rollback holds its replication's lock; heartbeats must not wait).
@@ -182,7 +188,8 @@ pub async fn status_task(
 ) {
     loop {
         let c = control.clone();
-        if let Ok(st) = tokio::task::spawn_blocking(move || mt_status(&c.store)).await {
+        let status = move || mt_status(&c.store, &c.retention);
+        if let Ok(st) = tokio::task::spawn_blocking(status).await {
             *control
                 .status
                 .lock()
@@ -295,6 +302,14 @@ impl MtControl {
                     },
                     ..ok
                 })
+            }
+            Cmd::SetRetention(c) => {
+                let policy = RetentionPolicy {
+                    window_secs: c.window_secs,
+                    max_bytes: c.max_bytes,
+                };
+                self.store.set_retention(&c.replication_id, policy)?;
+                Ok(ok)
             }
             other => Err(MtError::InvalidArgument(format!(
                 "a master target does not take the command {}",

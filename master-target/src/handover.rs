@@ -313,6 +313,7 @@ impl Store {
     /// unknown id is already gone.
     pub fn end_replication(&self, id: &str, keep_replica: bool) -> Result<()> {
         let Some(r) = self.get(id) else {
+            self.forget_pending_retention(id);
             info!(replication = %id, "end replication: this MT does not have it (already removed)");
             return Ok(());
         };

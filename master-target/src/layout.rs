@@ -1,9 +1,10 @@
 //! Where a replication's files live (DESIGN.md §7), in one place:
 //!
 //! ```text
+//! <data_dir>/.pending-retention.json  retention policies of replications not created yet
 //! <data_dir>/<replication id>/
 //!   info.json                    the replication: machine, disks (index, name, size)
-//!   state.json                   applied seq, current interval, rollback state
+//!   state.json                   applied seq, current interval, rollback state, retention policy
 //!   applied.seq                  applied seq and current interval, two fixed slots (hot path)
 //!   points.log                   recovery-point catalog, one checksummed line per point
 //!   replica/<disk name>.img      the replica disks, sparse, at the disk size

@@ -31,6 +31,7 @@ pub mod replication;
 mod replication_state;
 pub mod retention;
 pub mod retention_journal;
+pub mod retention_policy;
 pub mod rollback;
 pub mod seqfile;
 pub mod service;
@@ -144,6 +145,7 @@ where
         let ctl = Arc::new(control::MtControl {
             store: store.clone(),
             hooks: config.hooks.clone(),
+            retention: config.retention.clone(),
             identity: control::Identity {
                 id: id.clone(),
                 site: config.site.clone(),

@@ -13,7 +13,7 @@ use crate::events::Events;
 use crate::layout::{valid_name, Layout};
 pub(crate) use crate::replica::Disk;
 pub(crate) use crate::replication_state::Inner;
-use crate::state::{load_json, save_json, PersistedState, StoredDisk, StoredInfo};
+use crate::state::{load_json, save_json, PersistedState, RetentionPolicy, StoredDisk, StoredInfo};
 use crate::storage::{sync_data, Storage, Target};
 pub use crate::store::Store;
 use rebound_common::durable::fsync_dir;
@@ -160,9 +160,14 @@ pub(crate) fn mkdir(dir: &Path) -> Result<()> {
 
 impl Replication {
     /// Creates the replication's directory and sparse replica files, then
-    /// opens it. `info.json` is written last: a directory without it is an
-    /// interrupted creation and is redone.
-    pub(crate) fn create(data_dir: &Path, p: &ReplicationInfo, env: &Env) -> Result<Replication> {
+    /// opens it, with `retention` as its policy. `info.json` is written
+    /// last: a directory without it is an interrupted creation and is redone.
+    pub(crate) fn create(
+        data_dir: &Path,
+        p: &ReplicationInfo,
+        retention: RetentionPolicy,
+        env: &Env,
+    ) -> Result<Replication> {
         let info = info_from_proto(p);
         validate_info(&info)?;
         let layout = Layout::new(data_dir.join(&info.replication_id));
@@ -178,7 +183,11 @@ impl Replication {
             Disk::create(&layout.replica(&d.name), d)?;
         }
         sync_dir(&layout.replica_dir())?;
-        save_json(&layout.state(), &PersistedState::default())?;
+        let state = PersistedState {
+            retention,
+            ..PersistedState::default()
+        };
+        save_json(&layout.state(), &state)?;
         save_json(&layout.info(), &info)?;
         sync_dir(data_dir)?;
         Replication::open_in(layout.root(), env)

@@ -28,7 +28,7 @@ use crate::rollback::PreImages;
 use crate::seqfile::{SeqFile, SeqRecord};
 use crate::state::{
     load_json, save_json, save_state, EndedState, HandOverState, HookOutcome, PersistedState,
-    PointRef, ResyncWindow, RollbackProgress, StoredInfo,
+    PointRef, ResyncWindow, RetentionPolicy, RollbackProgress, StoredInfo,
 };
 use crate::storage::Storage;
 use std::path::PathBuf;
@@ -328,6 +328,12 @@ impl Inner {
         if let Some(h) = self.st.handed_over.as_mut() {
             h.power_on = Some(outcome);
         }
+        self.save_state()
+    }
+
+    /// SetRetention: the replication's own retention. Saved to `state.json`.
+    pub fn set_retention(&mut self, policy: RetentionPolicy) -> Result<()> {
+        self.st.retention = policy;
         self.save_state()
     }
 

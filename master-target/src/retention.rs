@@ -6,7 +6,9 @@
 //! need those. Points older than the window are dropped; when the journals
 //! of a replication exceed the size cap, the oldest points go too and the
 //! window shrinks. The newest point is always kept, so a replication that
-//! had a point keeps one. Rolled-back replications are left alone: their
+//! had a point keeps one. The window and the cap are the replication's own
+//! (its policy) where set, else the MT's `[retention]` defaults, read at
+//! every pass. Rolled-back replications are left alone: their
 //! journals may still be needed to choose another point.
 //!
 //! Order on disk: the catalog is rewritten first (atomically), then the
@@ -54,13 +56,15 @@ pub fn human_duration(ms: u64) -> String {
 }
 
 impl Replication {
-    /// One retention pass at time `now_ms`.
+    /// One retention pass at time `now_ms`, with the replication's own
+    /// policy over the MT's `defaults` (see `retention_policy`).
     pub fn enforce_retention(
         &self,
-        cfg: &RetentionConfig,
+        defaults: &RetentionConfig,
         now_ms: u64,
     ) -> Result<RetentionOutcome> {
         let mut inner = self.write_inner()?;
+        let cfg = &inner.state().retention.resolve(defaults);
         let mut out = RetentionOutcome {
             journal_bytes: inner.journal_bytes(),
             oldest: inner.points().first().map(|p| p.id.clone()),

@@ -95,6 +95,17 @@ pub struct PersistedState {
     pub handed_over: Option<HandOverState>,
     /// The replication ended (commit): its retention and catalog are gone.
     pub ended: Option<EndedState>,
+    /// The replication's own retention (its machine's policy, SetRetention).
+    pub retention: RetentionPolicy,
+}
+
+/// The retention of one replication as the CS set it: 0 in a field means
+/// the MT's `[retention]` default for it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RetentionPolicy {
+    pub window_secs: u64,
+    pub max_bytes: u64,
 }
 
 /// A hand-over: the point the replica was handed over at, and the power-on

@@ -1,20 +1,24 @@
 //! Every replication at this MT: opening them all at start, creating one
-//! on its first hello, and looking them up by id.
+//! on its first hello (with the retention policy the CS sent before it, see
+//! `retention_policy`), and looking them up by id.
 
 use crate::error::{io_err, Result};
 use crate::events::Events;
 use crate::replication::{Env, Replication};
+use crate::retention_policy::PendingRetention;
 use rebound_proto::ReplicationInfo;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use tracing::{error, info, warn};
 
 /// Every replication at this MT.
 pub struct Store {
     data_dir: PathBuf,
     repls: RwLock<BTreeMap<String, Arc<Replication>>>,
-    create: Mutex<()>,
+    /// Held to create a replication; holds the retention policies of
+    /// replications not created yet.
+    create: Mutex<PendingRetention>,
     env: Env,
 }
 
@@ -63,10 +67,14 @@ impl Store {
                     "cannot open replication; it is left out until the problem is fixed and the MT restarted"),
             }
         }
+        let mut pending = PendingRetention::load(data_dir)?;
+        // A policy whose replication exists was written into its state when
+        // it was created (a crash came before the entry was forgotten).
+        pending.forget(|id| repls.contains_key(id))?;
         Ok(Store {
             data_dir: data_dir.to_path_buf(),
             repls: RwLock::new(repls),
-            create: Mutex::new(()),
+            create: Mutex::new(pending),
             env,
         })
     }
@@ -98,6 +106,13 @@ impl Store {
             .collect()
     }
 
+    /// The creation lock and the policies of replications not created yet.
+    pub(crate) fn lock_pending(&self) -> MutexGuard<'_, PendingRetention> {
+        self.create
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     pub(crate) fn remove_entry(&self, id: &str) {
         self.repls
             .write()
@@ -112,15 +127,18 @@ impl Store {
             r.check_hello(info)?;
             return Ok(r);
         }
-        let _g = self
-            .create
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut pending = self.lock_pending();
         if let Some(r) = self.get(&info.replication_id) {
             r.check_hello(info)?;
             return Ok(r);
         }
-        let r = Arc::new(Replication::create(&self.data_dir, info, &self.env)?);
+        let retention = pending.get(&info.replication_id).unwrap_or_default();
+        let r = Arc::new(Replication::create(
+            &self.data_dir,
+            info,
+            retention,
+            &self.env,
+        )?);
         info!(
             replication = %r.id(),
             machine = %r.machine_id(),
@@ -132,6 +150,10 @@ impl Store {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(r.id().to_string(), r.clone());
+        if let Err(e) = pending.forget(|id| id == r.id()) {
+            // Its state.json holds the policy; the entry goes at the next start.
+            warn!(replication = %r.id(), error = %e, "cannot forget the applied retention policy");
+        }
         Ok(r)
     }
 }

@@ -690,3 +690,4 @@ mod batch;
 mod faults;
 mod grpc;
 mod lifecycle;
+mod retention_policy;

@@ -4,7 +4,7 @@
 //! replica files of an ended replication.
 
 use super::{applied, apply_range, check_latest, info, open_store, Gen, RID, SIZES};
-use crate::config::HooksConfig;
+use crate::config::{HooksConfig, RetentionConfig};
 use crate::control::{resolve_point, Identity, MtControl};
 use crate::error::MtError;
 use crate::replication::Store;
@@ -15,10 +15,11 @@ use rebound_proto::control::command_result::Detail;
 use rebound_proto::control::point_choice::Choice;
 use std::sync::Arc;
 
-fn control(store: Arc<Store>, hooks: HooksConfig) -> MtControl {
+pub(super) fn control(store: Arc<Store>, hooks: HooksConfig) -> MtControl {
     MtControl {
         store,
         hooks,
+        retention: RetentionConfig::default(),
         identity: Identity {
             id: "mt1".into(),
             site: "b".into(),
@@ -148,7 +149,7 @@ fn hand_over_refuses_apply_runs_the_hook_once_and_restore_undoes_it() {
         "run\nrun\n"
     );
     // Status reports it.
-    let st = crate::control::mt_status(&s);
+    let st = crate::control::mt_status(&s, &RetentionConfig::default());
     assert_eq!(st.replications[0].state, "handed-over");
     assert_eq!(
         st.replications[0].points.as_ref().unwrap().rolled_back_to,
@@ -406,7 +407,7 @@ fn hello_id_comes_from_the_certificate_and_status_lists_replications() {
     let hello = h.hello();
     assert_eq!((hello.role.as_str(), hello.id.as_str()), ("mt", "mt1"));
     assert!(h.status().is_none(), "no status before the first sample");
-    *h.0.status.lock().unwrap() = Some(crate::control::mt_status(&s));
+    *h.0.status.lock().unwrap() = Some(crate::control::mt_status(&s, &RetentionConfig::default()));
     let Some(pb::status::Status::Mt(st)) = h.status().unwrap().status else {
         panic!()
     };
