@@ -286,7 +286,14 @@ async fn session(
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), SenderError> {
     let addr = &settings.ps.addr;
-    let channel = settings.tls.connect(addr, &settings.ps.server_name).await?;
+    let channel = settings
+        .tls
+        .connect(
+            addr,
+            &settings.ps.server_name,
+            rebound_common::pki::Role::Ps,
+        )
+        .await?;
     let mut client =
         tonic::client::Grpc::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE);
     let (tx, rx) = mpsc::channel::<Outgoing>(SEND_QUEUE);

@@ -483,7 +483,11 @@ async fn grpc_rate(certs: std::path::PathBuf, total: u64, big_windows: bool) -> 
             ),
     );
     let ch = TlsFiles::in_dir(&certs, "agent-bench")
-        .connect(&addr.to_string(), "localhost")
+        .connect(
+            &addr.to_string(),
+            "localhost",
+            rebound_common::pki::Role::Ps,
+        )
         .await?;
     let mut client = ProcessServerClient::new(ch).max_decoding_message_size(64 << 20);
     // Shared, not copied per message: the row measures the transport.

@@ -218,7 +218,7 @@ impl MeasuredLab {
         let addr = self.lab.mt_addr.to_string();
         let ch = self
             .rt
-            .block_on(tls.connect(&addr, SERVER_NAME))
+            .block_on(tls.connect(&addr, SERVER_NAME, rebound_common::pki::Role::Mt))
             .with_context(|| format!("connecting to the master target at {addr}"))?;
         let c = MasterTargetClient::new(ch).max_decoding_message_size(64 << 20);
         self.mt = Some(c.clone());

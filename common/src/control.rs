@@ -308,7 +308,7 @@ impl Task {
         backoff: &mut ExponentialBackoff,
     ) -> End {
         let channel = tokio::select! {
-            c = self.tls.connect(&self.cs.addr, self.cs.server_name()) => match c {
+            c = self.tls.connect(&self.cs.addr, self.cs.server_name(), Role::Cs) => match c {
                 Ok(c) => c,
                 Err(e) => return End::Error(e.to_string()),
             },

@@ -3,15 +3,27 @@
 //! Servers require a client certificate from the deployment's CA, so a peer
 //! without one is refused at the handshake. Handlers then authorise by the
 //! identity in the peer certificate (`require_role`).
+//!
+//! Clients check the server the same way: its certificate must chain to the
+//! CA, be valid for the name dialled, and carry the role the connection is
+//! for (a PS certificate cannot serve as an MT or as the CS; agent and admin
+//! certificates cannot serve at all), so a wrong address in a config fails at
+//! the handshake with a message that says so. tonic's own client TLS checks
+//! only the chain and the name, hence the connector here ([`server_role`]).
+
+mod server_role;
+
+pub use server_role::WrongServerRole;
 
 use crate::pki::{peer_identity, PeerIdentity, Role};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
-use tonic::transport::{
-    Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig,
-};
+use tonic::transport::{Certificate, Channel, Endpoint, Identity, ServerTlsConfig};
 use tonic::{Request, Status};
 
 /// The largest HTTP/2 DATA frame a peer may send us (SETTINGS_MAX_FRAME_SIZE).
@@ -30,10 +42,12 @@ pub const HTTP2_CONNECTION_WINDOW: u32 = 32 << 20;
 /// HTTP/2 keepalive: a dead peer is noticed within 30 s.
 pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the TCP connect and TLS handshake to a server may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A gRPC server builder for a component that receives replication frames
 /// (PS, MT): the same windows, frame size and keepalive as every client
-/// endpoint ([`TlsFiles::endpoint`]), so both directions of a stream are
+/// endpoint ([`TlsFiles::connect`]), so both directions of a stream are
 /// tuned alike. The caller adds TLS and its services.
 pub fn frame_server() -> tonic::transport::Server {
     tonic::transport::Server::builder()
@@ -46,16 +60,30 @@ pub fn frame_server() -> tonic::transport::Server {
 
 #[derive(Debug, Error)]
 pub enum TlsError {
-    #[error("cannot read {what} {path}: {source} (set [tls] in the config, or run `rebound certs --out DIR` for a lab PKI)")]
+    #[error("cannot read {what} {path}: {source} (set [tls] in the config, or enroll the component with the CS)")]
     Read {
         what: &'static str,
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{what} {path} holds no usable PEM: {reason} (enroll the component again, or point [tls] at the right file)")]
+    Pem {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("certificate {cert} and key {key} do not make a TLS identity: {source} (enroll the component again)")]
+    Identity {
+        cert: PathBuf,
+        key: PathBuf,
+        source: rustls::Error,
+    },
     #[error("invalid address {addr:?}: {message}")]
     Address { addr: String, message: String },
     #[error("cannot connect to {addr}: {message}")]
     Connect { addr: String, message: String },
+    #[error(transparent)]
+    WrongServerRole(WrongServerRole),
 }
 
 /// The `[tls]` section of every component's config.
@@ -76,6 +104,26 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// The host part of `host:port` (`[v6]:port` gives the bare v6 address);
+/// the whole text when it has no port.
+pub fn host_of(addr: &str) -> &str {
+    let host = match addr.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => host,
+        _ => addr,
+    };
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// The TLS name to check a server by: `server_name` when set, else the host
+/// dialled (a certificate enrolled with `--name` for that host matches).
+pub fn server_name_for<'a>(server_name: &'a str, addr: &'a str) -> &'a str {
+    if server_name.trim().is_empty() {
+        host_of(addr)
+    } else {
+        server_name.trim()
+    }
 }
 
 impl TlsFiles {
@@ -102,44 +150,118 @@ impl TlsFiles {
             .client_ca_root(Certificate::from_pem(read("CA certificate", &self.ca)?)))
     }
 
-    /// Client side: trust only the CA, present our identity.
-    pub fn client_config(&self, server_name: &str) -> Result<ClientTlsConfig, TlsError> {
-        Ok(ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read("CA certificate", &self.ca)?))
-            .identity(self.identity()?)
-            .domain_name(server_name))
+    /// Client side: trust only the CA, check the server's name and role,
+    /// present our identity; ALPN h2.
+    pub fn client_config(
+        &self,
+        addr: &str,
+        expected: Role,
+    ) -> Result<rustls::ClientConfig, TlsError> {
+        let pem = |what, path: &Path, reason: String| TlsError::Pem {
+            what,
+            path: path.to_path_buf(),
+            reason,
+        };
+        let ca = read("CA certificate", &self.ca)?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&ca) {
+            let cert = cert.map_err(|e| pem("CA certificate", &self.ca, e.to_string()))?;
+            roots
+                .add(cert)
+                .map_err(|e| pem("CA certificate", &self.ca, e.to_string()))?;
+        }
+        if roots.is_empty() {
+            return Err(pem("CA certificate", &self.ca, "no certificate".into()));
+        }
+        let chain = CertificateDer::pem_slice_iter(&read("certificate", &self.cert)?)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pem("certificate", &self.cert, e.to_string()))?;
+        if chain.is_empty() {
+            return Err(pem("certificate", &self.cert, "no certificate".into()));
+        }
+        let key = PrivateKeyDer::from_pem_slice(&read("private key", &self.key)?)
+            .map_err(|e| pem("private key", &self.key, e.to_string()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = server_role::RoleVerifier::new(roots, provider.clone(), addr, expected)
+            .map_err(|e| pem("CA certificate", &self.ca, e.to_string()))?;
+        let identity = |source| TlsError::Identity {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            source,
+        };
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(identity)?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_auth_cert(chain, key)
+            .map_err(identity)?;
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(tls)
     }
 
-    /// An endpoint for `addr` (`host:port`) with mutual TLS; not yet connected.
-    pub fn endpoint(&self, addr: &str, server_name: &str) -> Result<Endpoint, TlsError> {
+    /// A channel to the `expected` server at `addr` (`host:port`) with
+    /// mutual TLS, checked by `server_name` (empty: the host of `addr`);
+    /// not yet connected, it connects (and reconnects) on use.
+    pub fn connect_lazy(
+        &self,
+        addr: &str,
+        server_name: &str,
+        expected: Role,
+    ) -> Result<Channel, TlsError> {
+        let (endpoint, connector) = self.endpoint(addr, server_name, expected)?;
+        Ok(endpoint.connect_with_connector_lazy(connector))
+    }
+
+    /// Connects to the `expected` server at `addr` (`host:port`) with mutual
+    /// TLS, checked by `server_name` (empty: the host of `addr`).
+    pub async fn connect(
+        &self,
+        addr: &str,
+        server_name: &str,
+        expected: Role,
+    ) -> Result<Channel, TlsError> {
+        let (endpoint, connector) = self.endpoint(addr, server_name, expected)?;
+        endpoint
+            .connect_with_connector(connector)
+            .await
+            .map_err(|e| match server_role::RoleVerifier::find(&e) {
+                Some(w) => TlsError::WrongServerRole(w.clone()),
+                None => TlsError::Connect {
+                    addr: addr.to_string(),
+                    message: error_chain(&e),
+                },
+            })
+    }
+
+    /// The tuned endpoint for `addr` and the connector that does TCP and
+    /// the checked TLS handshake for it.
+    fn endpoint(
+        &self,
+        addr: &str,
+        server_name: &str,
+        expected: Role,
+    ) -> Result<(Endpoint, server_role::Connector), TlsError> {
         let bad = |message: String| TlsError::Address {
             addr: addr.to_string(),
             message,
         };
-        Endpoint::from_shared(format!("https://{addr}"))
+        let name = server_name_for(server_name, addr);
+        let sni = ServerName::try_from(name.to_string())
+            .map_err(|e| bad(format!("server name {name:?}: {e}")))?;
+        let connector =
+            server_role::Connector::new(addr.to_string(), sni, self.client_config(addr, expected)?);
+        // http: TLS is done by the connector, not by tonic.
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| bad(e.to_string()))?
-            .tls_config(self.client_config(server_name)?)
-            .map_err(|e| bad(e.to_string()))
-            .map(|e| {
-                e.connect_timeout(Duration::from_secs(5))
-                    .tcp_nodelay(true)
-                    .http2_keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
-                    .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT)
-                    .initial_stream_window_size(Some(HTTP2_STREAM_WINDOW))
-                    .initial_connection_window_size(Some(HTTP2_CONNECTION_WINDOW))
-                    .max_frame_size(Some(HTTP2_MAX_FRAME))
-            })
-    }
-
-    /// Connects to `addr` with mutual TLS.
-    pub async fn connect(&self, addr: &str, server_name: &str) -> Result<Channel, TlsError> {
-        self.endpoint(addr, server_name)?
-            .connect()
-            .await
-            .map_err(|e| TlsError::Connect {
-                addr: addr.to_string(),
-                message: error_chain(&e),
-            })
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT)
+            .initial_stream_window_size(Some(HTTP2_STREAM_WINDOW))
+            .initial_connection_window_size(Some(HTTP2_CONNECTION_WINDOW))
+            .max_frame_size(Some(HTTP2_MAX_FRAME));
+        Ok((endpoint, connector))
     }
 }
 
@@ -148,8 +270,13 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let text = c.to_string();
+        // An io::Error made from a TLS error shows that error's text, and
+        // then has it as its source too: say it once.
+        if !s.ends_with(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cur = c.source();
     }
     s
@@ -184,3 +311,6 @@ pub fn require_role<T>(req: &Request<T>, roles: &[Role]) -> Result<PeerIdentity,
         )))
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -77,7 +77,10 @@ impl Cs {
     }
 
     async fn channel(&self, files: &TlsFiles) -> Channel {
-        files.connect(&self.addr, "localhost").await.unwrap()
+        files
+            .connect(&self.addr, "localhost", Role::Cs)
+            .await
+            .unwrap()
     }
 
     async fn admin(&self) -> AdminClient<Channel> {

@@ -28,7 +28,7 @@ impl CsAdmin {
         let addr = &sites.cs_addr;
         let host = addr.rsplit_once(':').map_or("", |(h, _)| h);
         let ch = tls
-            .connect(addr, host)
+            .connect(addr, host, rebound_common::pki::Role::Cs)
             .await
             .with_context(|| format!("cannot connect to the CS at {addr}"))?;
         Ok(CsAdmin {

@@ -346,7 +346,7 @@ impl Lab {
         let addr = self.mt_addr.to_string();
         let ch = self
             .rt
-            .block_on(tls.connect(&addr, config::SERVER_NAME))
+            .block_on(tls.connect(&addr, config::SERVER_NAME, rebound_common::pki::Role::Mt))
             .with_context(|| format!("cannot connect to the master target at {addr}"))?;
         Ok(MasterTargetClient::new(ch).max_decoding_message_size(64 << 20))
     }

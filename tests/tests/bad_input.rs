@@ -200,7 +200,11 @@ fn wrong_certificates_are_refused() {
     // An agent may stream only for its own machine.
     let tls = TlsFiles::in_dir(&lab.certs, &format!("agent-{}", lab.opts.machine));
     let ch = lab
-        .block_on(tls.connect(&lab.ps_addr.to_string(), "localhost"))
+        .block_on(tls.connect(
+            &lab.ps_addr.to_string(),
+            "localhost",
+            rebound_common::pki::Role::Ps,
+        ))
         .unwrap();
     let mut ps = rebound_proto::process_server_client::ProcessServerClient::new(ch);
     let mut other_machine = info(&lab);

@@ -111,14 +111,17 @@ pub async fn connect(args: &CsArgs) -> Result<AdminClient<Channel>> {
         }
     }
     let addr = args.addr();
-    let ch = tls.connect(&addr, &server_name(&addr)).await.map_err(|e| {
-        anyhow!(
-            "cannot reach the configuration server at {addr}: {e}\nCheck that `rebound-cs \
+    let ch = tls
+        .connect(&addr, &server_name(&addr), rebound_common::pki::Role::Cs)
+        .await
+        .map_err(|e| {
+            anyhow!(
+                "cannot reach the configuration server at {addr}: {e}\nCheck that `rebound-cs \
                  run` is up there and that --cs / REBOUND_CS names it; the certificates come \
                  from {}",
-            dir.display()
-        )
-    })?;
+                dir.display()
+            )
+        })?;
     Ok(AdminClient::new(ch))
 }
 

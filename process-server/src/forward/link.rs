@@ -41,7 +41,7 @@ impl MtLink {
     /// A new mTLS connection.
     pub async fn connect(&self) -> Result<Channel, ForwardError> {
         self.tls
-            .connect(&self.addr, &self.server_name)
+            .connect(&self.addr, &self.server_name, rebound_common::pki::Role::Mt)
             .await
             .map_err(ForwardError::Connect)
     }

@@ -302,7 +302,10 @@ pub(crate) fn frame(rid: &str, first: u64, n: u64) -> Vec<u8> {
 }
 
 pub(crate) async fn client(tls: &TlsFiles, addr: SocketAddr) -> ProcessServerClient<Channel> {
-    let ch = tls.connect(&addr.to_string(), "localhost").await.unwrap();
+    let ch = tls
+        .connect(&addr.to_string(), "localhost", Role::Ps)
+        .await
+        .unwrap();
     ProcessServerClient::new(ch)
         .max_decoding_message_size(MSG)
         .max_encoding_message_size(MSG)

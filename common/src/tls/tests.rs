@@ -1,0 +1,128 @@
+use super::*;
+use crate::pki::{write_cert, Ca};
+use tokio_stream::wrappers::TcpListenerStream;
+
+/// A CA and certificates in a temp dir: `ps`, `mt` (servers for
+/// 127.0.0.1), `agent` and `admin` (clients only).
+fn pki() -> tempfile::TempDir {
+    install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::generate("t").unwrap();
+    ca.write(dir.path()).unwrap();
+    let names = ["127.0.0.1".to_string()];
+    let issue = |name, role, id, names: &[String]| {
+        write_cert(dir.path(), name, &ca.issue(role, id, names).unwrap()).unwrap()
+    };
+    issue("ps", Role::Ps, "ps1", &names);
+    issue("mt", Role::Mt, "mt1", &names);
+    issue("agent", Role::Agent, "m1", &[]);
+    issue("admin", Role::Admin, "admin", &[]);
+    dir
+}
+
+/// A server with no services: the handshake is what is tested.
+async fn serve(tls: &TlsFiles) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server = tonic::transport::Server::builder()
+        .tls_config(tls.server_config().unwrap())
+        .unwrap()
+        .add_routes(tonic::service::Routes::default())
+        .serve_with_incoming(TcpListenerStream::new(listener));
+    tokio::spawn(server);
+    addr
+}
+
+#[tokio::test]
+async fn server_of_the_expected_role_is_accepted() {
+    let dir = pki();
+    let addr = serve(&TlsFiles::in_dir(dir.path(), "ps")).await;
+    let admin = TlsFiles::in_dir(dir.path(), "admin");
+    admin.connect(&addr, "127.0.0.1", Role::Ps).await.unwrap();
+    // No server name: the host of the address is checked.
+    admin.connect(&addr, "", Role::Ps).await.unwrap();
+    admin
+        .connect_lazy(&addr, "", Role::Ps)
+        .unwrap()
+        .ready_check()
+        .await;
+}
+
+#[tokio::test]
+async fn ps_certificate_cannot_serve_as_mt_or_cs() {
+    let dir = pki();
+    let addr = serve(&TlsFiles::in_dir(dir.path(), "ps")).await;
+    let admin = TlsFiles::in_dir(dir.path(), "admin");
+    for role in [Role::Mt, Role::Cs] {
+        let e = admin
+            .connect(&addr, "", role)
+            .await
+            .unwrap_err()
+            .to_string();
+        let want = format!(
+            "the server at {addr} presented certificate ps:ps1, but a {role} certificate is \
+             required here: check the address in the config"
+        );
+        assert!(e.contains(&want), "{e}");
+    }
+}
+
+#[tokio::test]
+async fn agent_and_admin_certificates_cannot_serve() {
+    let dir = pki();
+    let client = TlsFiles::in_dir(dir.path(), "mt");
+    for (name, who) in [("agent", "agent:m1"), ("admin", "admin:admin")] {
+        let addr = serve(&TlsFiles::in_dir(dir.path(), name)).await;
+        let e = client
+            .connect(&addr, "127.0.0.1", Role::Ps)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!(
+                "presented certificate {who}, but a ps certificate"
+            )),
+            "{e}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn name_not_in_the_certificate_is_refused_with_the_name() {
+    let dir = pki();
+    let addr = serve(&TlsFiles::in_dir(dir.path(), "mt")).await;
+    let admin = TlsFiles::in_dir(dir.path(), "admin");
+    let e = admin
+        .connect(&addr, "mt.example.net", Role::Mt)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("certificate not valid for name \"mt.example.net\""),
+        "{e}"
+    );
+    assert!(e.contains("127.0.0.1"), "{e}");
+}
+
+#[test]
+fn server_name_defaults_to_the_host_dialled() {
+    assert_eq!(server_name_for("", "10.0.0.3:7000"), "10.0.0.3");
+    assert_eq!(server_name_for("  ", "ps.example:7000"), "ps.example");
+    assert_eq!(server_name_for("", "[::1]:7000"), "::1");
+    assert_eq!(server_name_for("name", "10.0.0.3:7000"), "name");
+    assert_eq!(host_of("host"), "host");
+}
+
+/// Drives a lazy channel's first connection.
+trait ReadyCheck {
+    async fn ready_check(self);
+}
+
+impl ReadyCheck for Channel {
+    async fn ready_check(mut self) {
+        use tower::Service;
+        std::future::poll_fn(|cx| self.poll_ready(cx))
+            .await
+            .unwrap();
+    }
+}
