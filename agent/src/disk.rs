@@ -7,7 +7,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -30,23 +30,34 @@ pub struct Disk {
 
 impl Disk {
     /// Opens the backing file or block device read-write; its size is the
-    /// disk's size.
+    /// disk's size. A block device is opened exclusively (`O_EXCL`): while
+    /// the agent runs, nothing can mount it or open it exclusively, so no
+    /// write reaches the disk around the agent's change stream.
     pub fn open(index: u32, name: &str, path: &Path) -> Result<Disk, AgentError> {
         let err = |message: String| AgentError::Disk {
             name: name.to_string(),
             path: path.to_path_buf(),
             message,
         };
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| {
-                err(format!(
-                    "cannot open read-write: {e} (create the file, e.g. `truncate -s 10G {}`)",
-                    path.display()
-                ))
-            })?;
+        let is_device = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+        let mut options = OpenOptions::new();
+        options.read(true).write(true);
+        if is_device {
+            options.custom_flags(libc::O_EXCL);
+        }
+        let mut file = options.open(path).map_err(|e| match e.raw_os_error() {
+            Some(libc::EBUSY) if is_device => err(format!(
+                "is in use by another program (mounted? part of an md/LVM/dm device?): {e}; \
+                 unmount it or stop its user, then start the agent, and put the workload \
+                 on the agent's NBD export instead of {}",
+                path.display()
+            )),
+            _ if is_device => err(format!("cannot open the block device read-write: {e}")),
+            _ => err(format!(
+                "cannot open read-write: {e} (create the file, e.g. `truncate -s 10G {}`)",
+                path.display()
+            )),
+        })?;
         let meta = file
             .metadata()
             .map_err(|e| err(format!("cannot stat: {e}")))?;
@@ -218,5 +229,48 @@ mod tests {
         assert!(buf[..4096].iter().all(|&b| b == 0xab));
         assert!(buf[4096..4096 + (1 << 20) + 512].iter().all(|&b| b == 0));
         assert!(buf[4096 + (1 << 20) + 512..].iter().all(|&b| b == 0xab));
+    }
+
+    /// A loop device over a temp file, detached on drop; `None` where loop
+    /// devices cannot be set up (not root, no loop driver).
+    struct Loop(PathBuf);
+
+    impl Loop {
+        fn over(file: &Path) -> Option<Loop> {
+            let out = std::process::Command::new("losetup")
+                .args(["--find", "--show"])
+                .arg(file)
+                .output()
+                .ok()?;
+            let dev = String::from_utf8(out.stdout).ok()?.trim().to_string();
+            (out.status.success() && !dev.is_empty()).then(|| Loop(PathBuf::from(dev)))
+        }
+    }
+
+    impl Drop for Loop {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .arg("-d")
+                .arg(&self.0)
+                .status();
+        }
+    }
+
+    #[test]
+    fn a_block_device_is_opened_exclusively() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("dev.img");
+        std::fs::File::create(&p).unwrap().set_len(4 << 20).unwrap();
+        let Some(dev) = Loop::over(&p) else {
+            eprintln!("no loop device (needs root and losetup): O_EXCL not exercised");
+            return;
+        };
+        let d = Disk::open(0, "d", &dev.0).unwrap();
+        assert!(d.is_block_device());
+        let e = Disk::open(1, "again", &dev.0).unwrap_err().to_string();
+        assert!(e.contains("in use by another program (mounted?"), "{e}");
+        assert!(e.contains(&dev.0.display().to_string()), "{e}");
+        drop(d);
+        Disk::open(0, "d", &dev.0).expect("free again once closed");
     }
 }

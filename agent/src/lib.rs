@@ -27,6 +27,7 @@ pub mod frame_pool;
 pub mod hook;
 pub mod ingest_codec;
 pub mod page_cache;
+pub mod pressure;
 pub mod resync;
 pub mod sender;
 mod sys;
@@ -284,6 +285,12 @@ pub async fn run(
         admin = %admin_path.display(),
         "rebound-agent started"
     );
+    // Disks open, dirty-extent log recovered, NBD and admin sockets bound.
+    rebound_common::service_manager::ready(&format!(
+        "serving {} disks over NBD on {nbd_tcp_addr} and {}",
+        disks.len(),
+        s.nbd_socket.display()
+    ));
 
     shutdown.await;
 

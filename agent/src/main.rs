@@ -51,6 +51,7 @@ fn real_main(cmd: Cmd) -> anyhow::Result<()> {
         }
         Cmd::Run { config, log } => {
             log.start();
+            rebound_agent::pressure::serve_under_memory_pressure();
             let cfg: rebound_agent::Config =
                 rebound_common::config::load(Some(&config)).context("loading the agent config")?;
             let listener = cli_args::listen_std(&cfg.nbd_listen, "nbd_listen")?;

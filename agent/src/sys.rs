@@ -1,6 +1,6 @@
 //! The agent's only unsafe code: thin wrappers around the libc calls std
 //! does not offer (hole punching, the host name, page-cache residency and
-//! advice). Each wrapper takes safe arguments, so the rest of the crate
+//! advice, memory locking and the I/O-flusher mark). Each wrapper takes safe arguments, so the rest of the crate
 //! denies unsafe code.
 #![allow(unsafe_code)]
 
@@ -87,5 +87,43 @@ pub fn fadvise(file: &File, offset: u64, len: u64, advice: libc::c_int) {
             len as libc::off_t,
             advice,
         );
+    }
+}
+
+/// `mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)`: every page the agent
+/// has touched or will touch stays in RAM. `MCL_ONFAULT` locks pages as they
+/// are first used instead of populating every mapping up front (thread
+/// stacks, allocator reservations), so the locked set is the working set.
+pub fn lock_memory() -> io::Result<()> {
+    // SAFETY: mlockall takes only flags and touches no memory of ours.
+    let rc = unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `PR_SET_IO_FLUSHER` (Linux 5.6): not in the libc crate for glibc targets.
+const PR_SET_IO_FLUSHER: libc::c_int = 57;
+
+/// `prctl(PR_SET_IO_FLUSHER, 1)`: memory reclaim done on behalf of this
+/// process does not wait on the I/O it is itself serving.
+pub fn set_io_flusher() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only; PR_SET_IO_FLUSHER reads no
+    // pointer.
+    let rc = unsafe {
+        libc::prctl(
+            PR_SET_IO_FLUSHER,
+            1 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
