@@ -149,6 +149,8 @@ where
             TcpListenerStream::new(listener),
             serve::stopped(stop_rx.clone()),
         );
+    // Database open, interrupted jobs resumed, listener bound.
+    rebound_common::service_manager::ready(&format!("serving on {addr}"));
     let served = serve::until_stopped(server, stop_rx, SHUTDOWN_GRACE, "control streams")
         .await
         .map_err(|e| CsError::Internal(format!("gRPC server on {addr} failed: {e}")));

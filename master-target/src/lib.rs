@@ -187,6 +187,8 @@ where
         .map_err(|e| MtError::InvalidArgument(format!("[tls]: {e}")))?
         .add_service(svc)
         .serve_with_incoming_shutdown(incoming, serve::stopped(stop_rx.clone()));
+    // Replications recovered, both listeners bound.
+    rebound_common::service_manager::ready(&format!("serving on {grpc_addr}, NBD {nbd_addr}"));
     let served = serve::until_stopped(server, stop_rx, SHUTDOWN_GRACE, "gRPC connections")
         .await
         .map_err(|source| MtError::Server {

@@ -168,6 +168,9 @@ where
         .map_err(PsError::Serve)?
         .add_service(svc)
         .serve_with_incoming_shutdown(incoming, signal);
+    // The cache is recovered and the listener bound: connections wait in
+    // its backlog until the server below accepts them.
+    rebound_common::service_manager::ready(&format!("serving on {local}"));
     let result = serve::until_stopped(server, stop_rx.clone(), SHUTDOWN_GRACE, "connections")
         .await
         .map_err(PsError::Serve);
