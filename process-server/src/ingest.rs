@@ -107,6 +107,7 @@ fn cache_status(e: CacheError) -> Status {
     match e {
         CacheError::BadReplicationId { .. } => Status::invalid_argument(e.to_string()),
         CacheError::WrongMachine { .. } => Status::permission_denied(e.to_string()),
+        CacheError::Removed { .. } => Status::failed_precondition(e.to_string()),
         CacheError::Io { .. }
         | CacheError::InfoEncoding { .. }
         | CacheError::WriterThread { .. } => Status::internal(e.to_string()),

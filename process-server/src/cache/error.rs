@@ -31,6 +31,17 @@ pub enum CacheError {
         replication: String,
         source: io::Error,
     },
+    #[error("{}", removed_message(.replication))]
+    Removed { replication: String },
+}
+
+/// Why a removed replication's frames and hellos are refused, and what to do.
+fn removed_message(replication: &str) -> String {
+    format!(
+        "replication {replication} was removed from this process server (the machine was \
+         unprotected or moved to another process server), so its frames are refused: stop \
+         streaming it; to protect the machine again, run `rebound protect`"
+    )
 }
 
 /// The adapter for `map_err` on I/O at `path`.
@@ -56,6 +67,8 @@ pub enum AppendError {
     Broken(SegmentFailure),
     #[error("replication {replication}: the cache writer has stopped (the process server is shutting down)")]
     Closed { replication: String },
+    #[error("{}", removed_message(.replication))]
+    Removed { replication: String },
 }
 
 /// A write or sync of a replication's newest segment that failed.
@@ -73,6 +86,7 @@ impl From<AppendError> for tonic::Status {
             AppendError::Gap { .. } => tonic::Status::failed_precondition(e.to_string()),
             AppendError::Io(_) | AppendError::Broken(_) => tonic::Status::internal(e.to_string()),
             AppendError::Closed { .. } => tonic::Status::unavailable(e.to_string()),
+            AppendError::Removed { .. } => tonic::Status::failed_precondition(e.to_string()),
         }
     }
 }

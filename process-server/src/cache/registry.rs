@@ -2,6 +2,9 @@
 //! directory, sharing one cap. Creates a replication on the agent's hello
 //! or the CS's AddReplication, refuses a replication id that another
 //! machine claims, and removes a replication's files on RemoveReplication.
+//! A removed replication is remembered (in memory) so that an agent still
+//! streaming it is refused with the reason instead of recreating its cache;
+//! the CS's AddReplication (a new protect) lifts that.
 //!
 //! ```text
 //! <cache_dir>/<replication_id>/info.json              the agent's hello
@@ -14,7 +17,7 @@ use super::replication::Replication;
 use super::SEGMENT_MAX_BYTES;
 use rebound_common::durable::fsync_dir;
 use rebound_proto::ReplicationInfo;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -55,6 +58,8 @@ pub struct Cache {
     account: Arc<Account>,
     seg_max: u64,
     reps: Mutex<BTreeMap<String, Arc<Replication>>>,
+    /// Replications removed since the PS started (taken after `reps`).
+    removed: Mutex<BTreeSet<String>>,
 }
 
 impl Cache {
@@ -78,6 +83,7 @@ impl Cache {
             account,
             seg_max,
             reps: Mutex::new(reps),
+            removed: Mutex::new(BTreeSet::new()),
         })
     }
 
@@ -86,6 +92,9 @@ impl Cache {
     }
     fn reps(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Replication>>> {
         self.reps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn removed(&self) -> MutexGuard<'_, BTreeSet<String>> {
+        self.removed.lock().unwrap_or_else(|p| p.into_inner())
     }
     pub fn replications(&self) -> Vec<Arc<Replication>> {
         self.reps().values().cloned().collect()
@@ -96,10 +105,11 @@ impl Cache {
 
     /// The replication an agent's hello names, created on first use, with
     /// its stored info refreshed (blocking). Refused when the replication
-    /// belongs to another machine. Returns whether it was created.
+    /// belongs to another machine or was removed. Returns whether it was
+    /// created.
     pub fn hello(&self, info: &ReplicationInfo) -> Result<(Arc<Replication>, bool), CacheError> {
         let id = &info.replication_id;
-        let (rep, created) = self.get_or_create(id)?;
+        let (rep, created) = self.get_or_create(id, false)?;
         if let Some(stored) = rep.info() {
             if stored.machine_id != info.machine_id {
                 return Err(CacheError::WrongMachine {
@@ -114,18 +124,29 @@ impl Cache {
     }
 
     /// The replication `id`, created empty (no info until the agent's
-    /// hello) on first use (blocking). For the CS's AddReplication.
+    /// hello) on first use (blocking). For the CS's AddReplication, which
+    /// also takes it back after a removal.
     pub fn ensure(&self, id: &str) -> Result<Arc<Replication>, CacheError> {
-        self.get_or_create(id).map(|(rep, _)| rep)
+        self.get_or_create(id, true).map(|(rep, _)| rep)
     }
 
-    /// The replication `id` and whether it was created now.
-    fn get_or_create(&self, id: &str) -> Result<(Arc<Replication>, bool), CacheError> {
+    /// The replication `id` and whether it was created now; a removed one
+    /// is refused unless `readd`, which forgets the removal.
+    fn get_or_create(&self, id: &str, readd: bool) -> Result<(Arc<Replication>, bool), CacheError> {
         check_replication_id(id)?;
         let mut reps = self.reps();
         if let Some(r) = reps.get(id) {
             return Ok((r.clone(), false));
         }
+        let mut removed = self.removed();
+        if readd {
+            removed.remove(id);
+        } else if removed.contains(id) {
+            return Err(CacheError::Removed {
+                replication: id.to_string(),
+            });
+        }
+        drop(removed);
         let rep = Arc::new(Replication::open(
             self.root.join(id),
             id.to_string(),
@@ -139,11 +160,18 @@ impl Cache {
 
     /// Forgets replication `id`: stops its writer, deletes its cached
     /// frames and files (blocking). Returns whether it existed. Agents still
-    /// streaming it get refusals until they stop or say hello again.
+    /// streaming it are refused ([`CacheError::Removed`]) until the CS adds
+    /// it again.
     pub fn remove(&self, id: &str) -> Result<bool, CacheError> {
-        let Some(rep) = self.reps().remove(id) else {
+        let rep = {
+            let mut reps = self.reps();
+            self.removed().insert(id.to_string());
+            reps.remove(id)
+        };
+        let Some(rep) = rep else {
             return Ok(false);
         };
+        rep.mark_removed();
         rep.stop_blocking();
         let bytes = rep.cache_bytes();
         let dir = rep.dir().to_path_buf();

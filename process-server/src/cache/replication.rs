@@ -12,7 +12,7 @@ use prost::bytes::Bytes;
 use rebound_proto::ReplicationInfo;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -60,6 +60,8 @@ pub(super) struct Shared {
     pub(super) applied: watch::Sender<Option<u64>>,
     pub(super) account: Arc<Account>,
     pub(super) stats: Stats,
+    /// RemoveReplication dropped this replication: frames are refused.
+    removed: AtomicBool,
 }
 
 impl Shared {
@@ -146,6 +148,10 @@ impl Replication {
         last_seq: u64,
         reserved: u64,
     ) -> Result<oneshot::Receiver<Result<u64, AppendError>>, AppendError> {
+        if self.is_removed() {
+            self.sh.account.release(reserved);
+            return Err(self.closed_error());
+        }
         let (reply, rx) = oneshot::channel();
         let sent = self
             .tx
@@ -159,11 +165,29 @@ impl Replication {
             .await;
         if sent.is_err() {
             self.sh.account.release(reserved);
-            return Err(AppendError::Closed {
-                replication: self.sh.id.clone(),
-            });
+            return Err(self.closed_error());
         }
         Ok(rx)
+    }
+
+    /// Why the writer takes no more frames: the replication was removed,
+    /// or the process server shuts down.
+    fn closed_error(&self) -> AppendError {
+        let replication = self.sh.id.clone();
+        if self.is_removed() {
+            AppendError::Removed { replication }
+        } else {
+            AppendError::Closed { replication }
+        }
+    }
+
+    /// RemoveReplication dropped it: every later frame is refused.
+    pub(super) fn mark_removed(&self) {
+        self.sh.removed.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.sh.removed.load(Ordering::SeqCst)
     }
 
     /// The account of the cache this replication belongs to.
@@ -219,6 +243,7 @@ impl Replication {
             applied: watch::Sender::new(None),
             account,
             stats: Stats::default(),
+            removed: AtomicBool::new(false),
         });
         let (tx, handle) = group_commit::spawn(sh.clone(), seg_dir, seg_max, recovered.active)?;
         Ok(Replication {

@@ -339,3 +339,66 @@ fn seqs(items: Result<Vec<Item>, ReadError>) -> Vec<(u64, u64)> {
         .map(|i| (i.first_seq, i.last_seq))
         .collect()
 }
+
+/// RemoveReplication leaves nothing of the replication on disk and in the
+/// account; a frame on a stream still open and a later hello are refused,
+/// naming the removal (not a shutdown); AddReplication takes it back.
+#[tokio::test]
+async fn remove_drops_the_cache_and_refuses_later_frames() {
+    let mut lab = Lab::new(1 << 30, 1 << 20).await;
+    let rep = lab.hello("r1", "m1").await.unwrap();
+    assert_eq!(put(&rep, 1, 3).await.unwrap(), 3);
+    let dir = rep.dir().to_path_buf();
+    assert!(dir.join("segments").read_dir().unwrap().count() > 0);
+    let c = lab.cache.clone();
+    let existed = tokio::task::spawn_blocking(move || c.remove("r1"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(existed);
+    assert!(!dir.exists(), "the replication's directory is gone");
+    let left: Vec<_> = fs::read_dir(lab.dir.path()).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "nothing is left in the cache dir: {left:?}"
+    );
+    assert_eq!(lab.cache.account().total(), 0);
+    assert!(lab.cache.get("r1").is_none());
+
+    // A frame on the stream still open.
+    let e = put(&rep, 4, 4).await.unwrap_err();
+    assert!(matches!(e, AppendError::Removed { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .contains("was removed from this process server"),
+        "{e}"
+    );
+    assert_eq!(
+        tonic::Status::from(e).code(),
+        tonic::Code::FailedPrecondition
+    );
+    // A new stream's hello does not bring it back.
+    let e = lab.hello("r1", "m1").await.unwrap_err();
+    assert!(matches!(e, CacheError::Removed { .. }), "{e}");
+    assert!(e.to_string().contains("rebound protect"), "{e}");
+    assert!(!dir.exists());
+    // Other replications are not affected.
+    assert_eq!(
+        put(&lab.hello("r2", "m2").await.unwrap(), 1, 1)
+            .await
+            .unwrap(),
+        1
+    );
+
+    // The CS adds it again (a new protect): it starts empty.
+    let c = lab.cache.clone();
+    let rep = tokio::task::spawn_blocking(move || c.ensure("r1"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rep.durable(), 0);
+    assert!(lab.hello("r1", "m1").await.is_ok());
+    lab.restart().await;
+    assert_eq!(lab.get("r1").durable(), 0);
+    lab.shutdown().await;
+}

@@ -76,10 +76,20 @@ async fn per_replication_mt_route_survives_restart_and_remove_drops_it() {
         let _rt = handle.enter();
         let cache = Cache::open(&cache_dir, 1 << 30).unwrap();
         assert!(cache.get("r1").is_some());
+        let add = AddReplication {
+            replication_id: "r1".into(),
+            machine_id: "m1".into(),
+            mt_address: a2s.clone(),
+            mt_server_name: "localhost".into(),
+        };
+        add_replication(&cache, &fw, &add).unwrap();
+        assert_eq!(fw.link_for("r1").addr(), a2s);
         remove_replication(&cache, &fw, "r1").unwrap();
         remove_replication(&cache, &fw, "r1").unwrap();
         assert!(cache.get("r1").is_none());
         assert!(!cache_dir.join("r1").exists());
+        // Its route is forgotten too.
+        assert_eq!(fw.link_for("r1").addr(), a1.to_string());
         assert!(cache.get("r2").is_some());
         // Another machine's replication id is refused.
         let e = add_replication(
