@@ -128,6 +128,7 @@ impl Runtime {
 
     /// Where to send events (the control channel), once it runs.
     pub fn set_events(&self, h: ControlHandle) {
+        self.link.set_events(h.clone());
         let _ = self.events.set(h);
     }
 

@@ -6,7 +6,10 @@
 //! then seals frames from the change buffer and sends them while reading
 //! `durable_seq` answers. Frames stay in memory until the PS says they are
 //! durable, so a reconnect loses nothing. While the PS is unreachable for
-//! longer than `bitmap_after`, the agent switches to bitmap mode.
+//! longer than `bitmap_after`, the agent switches to bitmap mode. Why it is
+//! unreachable (a certificate without the PS's address, refused, no route)
+//! goes to the configuration server as an event with the fix
+//! ([`rebound_common::link_error`]), and `link-restored` once it connects.
 //!
 //! Memory: a sealed frame keeps the body its builder wrote the records into
 //! (moved, no copy; a body from the [`crate::frame_pool`] keeps its
@@ -22,7 +25,11 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use futures::StreamExt;
+use rebound_common::control::ControlHandle;
 use rebound_common::frame::{Frame, FrameBuilder, FrameError};
+use rebound_common::link_error::report::LinkReporter;
+use rebound_common::link_error::{LinkFailure, Peer};
+use rebound_common::pki::Role;
 use rebound_common::tls::TlsError;
 use rebound_proto::ingest_response::Msg as RespMsg;
 use rebound_proto::ReplicationInfo;
@@ -84,6 +91,8 @@ pub struct Link {
     channel: Mutex<Option<Channel>>,
     /// Since when the PS has been unreachable (the agent's start at first).
     down_since: Mutex<Option<Instant>>,
+    /// Tells the configuration server why the PS is unreachable.
+    reporter: LinkReporter,
 }
 
 impl Default for Link {
@@ -92,11 +101,16 @@ impl Default for Link {
             connected: AtomicBool::new(false),
             channel: Mutex::new(None),
             down_since: Mutex::new(Some(Instant::now())),
+            reporter: LinkReporter::default(),
         }
     }
 }
 
 impl Link {
+    /// Sends link failures to the configuration server from now on.
+    pub fn set_events(&self, h: ControlHandle) {
+        self.reporter.set_events(h);
+    }
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::SeqCst)
     }
@@ -246,6 +260,12 @@ pub async fn run(
         match r {
             Ok(()) => return,
             Err(e) => {
+                if !was_connected {
+                    let failure = LinkFailure::from_error(&e);
+                    let peer = ps_peer(&settings);
+                    link.reporter
+                        .report_failure(&peer, &info.replication_id, &failure);
+                }
                 if was_connected {
                     warn!(addr = %settings.ps.addr, "lost the process server: {e}; reconnecting");
                     failures = 0;
@@ -262,6 +282,15 @@ pub async fn run(
         if !sleep_unless_stopped(delay, &mut stop).await {
             return;
         }
+    }
+}
+
+/// The PS as link events name it (the agent knows its address, not its id).
+fn ps_peer(settings: &Settings) -> Peer {
+    Peer {
+        role: Role::Ps,
+        id: String::new(),
+        addr: settings.ps.addr.clone(),
     }
 }
 
@@ -288,11 +317,7 @@ async fn session(
     let addr = &settings.ps.addr;
     let channel = settings
         .tls
-        .connect(
-            addr,
-            &settings.ps.server_name,
-            rebound_common::pki::Role::Ps,
-        )
+        .connect(addr, &settings.ps.server_name, Role::Ps)
         .await?;
     let mut client =
         tonic::client::Grpc::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE);
@@ -353,6 +378,8 @@ async fn session(
     }
     outbox.next = 0;
     link.set(Some(channel));
+    link.reporter
+        .report_restored(&ps_peer(settings), &info.replication_id);
     let snap = cap.snapshot();
     info!(
         addr = %addr,
