@@ -152,6 +152,9 @@ where
     } else {
         None
     };
+    if let Some(h) = &control {
+        link.set_events(h.clone());
+    }
     let incoming = TcpListenerStream::new(listener).map(|s| {
         if let Ok(s) = &s {
             let _ = s.set_nodelay(true);

@@ -111,7 +111,7 @@ async fn session(
     info: ReplicationInfo,
     retry: &mut Retry,
 ) -> Result<(), ForwardError> {
-    let channel = link.connect().await?;
+    let channel = link.connect_for(rep.id()).await?;
     let (tx, rx) = mpsc::channel::<ApplyRequest>(4);
     tx.send(ApplyRequest {
         msg: Some(apply_request::Msg::Hello(info)),

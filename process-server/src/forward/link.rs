@@ -1,9 +1,17 @@
 //! The link to a master target: its address and mTLS identity, new
 //! connections for apply streams, and the proxy for the agents' resync
 //! chunk-hash requests over one shared connection (DESIGN.md §6).
+//!
+//! A connection that fails is reported to the configuration server as an
+//! event with its cause and fix ([`rebound_common::link_error`]),
+//! rate-limited per link, and `link-restored` once one works again.
 
 use super::error::ForwardError;
 use super::MAX_MESSAGE;
+use rebound_common::control::ControlHandle;
+use rebound_common::link_error::report::LinkReporter;
+use rebound_common::link_error::{LinkFailure, Peer};
+use rebound_common::pki::Role;
 use rebound_common::tls::TlsFiles;
 use rebound_proto::master_target_client::MasterTargetClient;
 use rebound_proto::{ChunkHashesRequest, ChunkHashesResponse};
@@ -22,6 +30,8 @@ pub struct MtLink {
     pub(super) server_name: String,
     /// Channel reused by chunk-hash requests.
     shared: tokio::sync::Mutex<Option<Channel>>,
+    /// Tells the configuration server why the MT is unreachable.
+    reporter: LinkReporter,
 }
 
 impl MtLink {
@@ -31,6 +41,27 @@ impl MtLink {
             addr,
             server_name,
             shared: tokio::sync::Mutex::new(None),
+            reporter: LinkReporter::default(),
+        }
+    }
+
+    /// This link, reporting its failures where `other`'s go (the PS's
+    /// control channel).
+    pub fn reporting_like(mut self, other: &MtLink) -> MtLink {
+        self.reporter = other.reporter.sibling();
+        self
+    }
+
+    /// Sends connection failures to the configuration server from now on.
+    pub fn set_events(&self, h: ControlHandle) {
+        self.reporter.set_events(h);
+    }
+
+    fn peer(&self) -> Peer {
+        Peer {
+            role: Role::Mt,
+            id: String::new(),
+            addr: self.addr.clone(),
         }
     }
 
@@ -40,10 +71,28 @@ impl MtLink {
 
     /// A new mTLS connection.
     pub async fn connect(&self) -> Result<Channel, ForwardError> {
-        self.tls
-            .connect(&self.addr, &self.server_name, rebound_common::pki::Role::Mt)
+        self.connect_for("").await
+    }
+
+    /// A new mTLS connection for `replication`'s apply stream; a failure
+    /// (or the first success after one) is reported naming it.
+    pub async fn connect_for(&self, replication: &str) -> Result<Channel, ForwardError> {
+        match self
+            .tls
+            .connect(&self.addr, &self.server_name, Role::Mt)
             .await
-            .map_err(ForwardError::Connect)
+        {
+            Ok(channel) => {
+                self.reporter.report_restored(&self.peer(), replication);
+                Ok(channel)
+            }
+            Err(e) => {
+                let failure = LinkFailure::from_error(&e);
+                self.reporter
+                    .report_failure(&self.peer(), replication, &failure);
+                Err(ForwardError::Connect(e))
+            }
+        }
     }
 
     pub(super) fn client(channel: Channel) -> MasterTargetClient<Channel> {

@@ -78,11 +78,14 @@ impl Forwarders {
         }
         links.insert(
             id.to_string(),
-            Arc::new(MtLink::new(
-                self.tls.clone(),
-                route.mt_address.clone(),
-                route.mt_server_name.clone(),
-            )),
+            Arc::new(
+                MtLink::new(
+                    self.tls.clone(),
+                    route.mt_address.clone(),
+                    route.mt_server_name.clone(),
+                )
+                .reporting_like(&self.link),
+            ),
         );
         true
     }
