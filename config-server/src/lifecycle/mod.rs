@@ -8,6 +8,7 @@
 //! - this file: the requests ([`JobSpec`]), their validation and the step
 //!   lists they become;
 //! - `steps.rs`: what each step does (the job engine's `StepRunner`);
+//! - `stall.rs`: why a waiting step makes no progress (its components' errors);
 //! - `group.rs`: the consistency-group barrier.
 //!
 //! Requests are validated before a job is created, so an operator error
@@ -18,6 +19,7 @@ pub mod checks;
 pub mod group;
 pub mod state;
 pub mod steps;
+mod stall;
 
 use crate::bus::{Bus, ComponentKey};
 use crate::error::CsError;

@@ -8,6 +8,7 @@
 //! once (the job data remembers what was created). The one exception is a
 //! plan hook, an arbitrary command, which is not re-run.
 
+use super::stall::StallWatch;
 use super::state::{self, Op};
 use super::{JobSpec, Lifecycle, PointSpec, Step};
 use crate::bus::{BusError, ComponentKey, Reply};
@@ -124,7 +125,8 @@ impl Lifecycle {
     }
 
     /// Waits until `check` yields a value, polling the store; `what` is the
-    /// status line, `on_timeout` the error.
+    /// status line (followed by the newest error the job's components
+    /// reported, see [`StallWatch`]), `on_timeout` the error.
     async fn wait_for<T, F, Fut>(
         &self,
         ctx: &mut JobCtx,
@@ -138,14 +140,17 @@ impl Lifecycle {
         Fut: Future<Output = Result<Option<T>, CsError>>,
     {
         let deadline = Instant::now() + limit;
-        ctx.status(what).await?;
+        let mut stall = StallWatch::default();
+        ctx.status(what.clone()).await?;
         loop {
             if let Some(v) = check().await? {
                 return Ok(v);
             }
             if Instant::now() >= deadline {
-                return Err(CsError::Unavailable(on_timeout()));
+                return Err(CsError::Unavailable(stall.explain(on_timeout())));
             }
+            let line = stall.line(self.store.as_ref(), ctx.job(), &what).await?;
+            ctx.status(line).await?;
             tokio::time::sleep(self.settings.poll).await;
         }
     }
@@ -448,28 +453,29 @@ impl Lifecycle {
             return Ok(());
         }
         let deadline = Instant::now() + self.settings.initial_sync_timeout;
-        ctx.status(format!(
-            "initial sync of {machine}: waiting for the first recovery point"
-        ))
-        .await?;
+        let waiting = format!("initial sync of {machine}: waiting for the first recovery point");
+        ctx.status(waiting.clone()).await?;
+        let mut stall = StallWatch::default();
         loop {
             if let Some(s) = self.store.get_point_summary(&r.id).await? {
                 if s.count > 0 {
                     break;
                 }
             }
-            if let Some(progress) = self.resync_progress(machine).await? {
-                ctx.status(format!("initial sync of {machine}: {progress}"))
-                    .await?;
-            }
+            let what = match self.resync_progress(machine).await? {
+                Some(progress) => format!("initial sync of {machine}: {progress}"),
+                None => waiting.clone(),
+            };
+            let line = stall.line(self.store.as_ref(), ctx.job(), &what).await?;
+            ctx.status(line).await?;
             if Instant::now() >= deadline {
-                return Err(CsError::Unavailable(format!(
+                return Err(CsError::Unavailable(stall.explain(format!(
                     "{machine} has no recovery point after {} of initial sync: check `rebound status` \
                      for its agent, PS {} and MT {} and their logs; re-run the command to keep waiting",
                     human(self.settings.initial_sync_timeout),
                     r.ps,
                     r.mt
-                )));
+                ))));
             }
             tokio::time::sleep(self.settings.poll).await;
         }
