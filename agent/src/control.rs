@@ -46,7 +46,6 @@ use crate::capture::{Capture, TagError};
 use crate::config::{PsConfig, Settings};
 use crate::hook::{run_hook, HookError};
 use crate::sender::Link;
-use crate::sleep_unless_stopped;
 
 /// Default write hold of a consistency-group barrier.
 pub const DEFAULT_HOLD_MS: u32 = 100;
@@ -85,6 +84,8 @@ pub struct Runtime {
     pub crash_interval_ms: AtomicU64,
     pub app_interval_secs: AtomicU64,
     pub hook_timeout_ms: AtomicU64,
+    /// Wakes the recovery-point timers when `SetPolicy` changes an interval.
+    policy_changed: tokio::sync::Notify,
     fence: Mutex<FenceState>,
     app_lock: tokio::sync::Mutex<()>,
     instance: String,
@@ -113,6 +114,7 @@ impl Runtime {
             crash_interval_ms: AtomicU64::new(settings.crash_interval.as_millis() as u64),
             app_interval_secs: AtomicU64::new(settings.app_interval.as_secs()),
             hook_timeout_ms: AtomicU64::new(settings.hook_timeout.as_millis() as u64),
+            policy_changed: tokio::sync::Notify::new(),
             capture,
             link,
             settings,
@@ -475,6 +477,7 @@ impl Runtime {
             self.hook_timeout_ms
                 .store(u64::from(p.freeze_timeout_ms), Ordering::Relaxed);
         }
+        self.policy_changed.notify_waiters();
     }
 
     fn resync(&self, r: &pb::Resync) -> CommandResult {
@@ -550,8 +553,10 @@ impl Runtime {
             return ok_result();
         }
         self.stop_pipeline().await;
-        // The machine runs elsewhere now: this copy must not take writes.
-        self.capture.fence();
+        if !s.keep_running {
+            // The machine runs elsewhere now: this copy must not take writes.
+            self.capture.fence();
+        }
         if let Err(e) = self.save_assignment(None) {
             warn!(
                 "cannot remove {}: {e}",
@@ -576,7 +581,7 @@ impl Runtime {
                 r.warning = format!("source copy not removed: {}", kept.join("; "));
             }
         }
-        info!(replication_id = %cur, "replication stopped by the configuration server");
+        info!(replication_id = %cur, keep_running = s.keep_running, "replication stopped by the configuration server");
         r
     }
 
@@ -688,49 +693,8 @@ impl ControlHandler for AgentControl {
     }
 }
 
-/// Cuts crash tags every `crash_interval_ms` (re-read each time, so
-/// `SetPolicy` applies) until `stop`.
-pub async fn crash_tag_loop(rt: Arc<Runtime>, mut stop: watch::Receiver<bool>) {
-    loop {
-        let ms = rt.crash_interval_ms.load(Ordering::Relaxed).max(10);
-        if !sleep_unless_stopped(Duration::from_millis(ms), &mut stop).await {
-            return;
-        }
-        match rt.capture.cut_tag(TagKind::Crash, false) {
-            Ok(Some((id, seq))) => debug!(tag = %id, seq, "crash tag"),
-            Ok(None) => {}
-            Err(e) => debug!("crash tag skipped: {e}"),
-        }
-    }
-}
-
-/// Cuts app-consistent points every `app_interval_secs` (0 = off, checked
-/// again every few seconds) until `stop`.
-pub async fn app_tag_loop(rt: Arc<Runtime>, mut stop: watch::Receiver<bool>) {
-    loop {
-        let secs = rt.app_interval_secs.load(Ordering::Relaxed);
-        let wait = if secs == 0 {
-            Duration::from_secs(5)
-        } else {
-            Duration::from_secs(secs)
-        };
-        if !sleep_unless_stopped(wait, &mut stop).await {
-            return;
-        }
-        if secs == 0 || rt.app_interval_secs.load(Ordering::Relaxed) == 0 {
-            continue;
-        }
-        if !rt.capture.is_consistent() || rt.capture.is_fenced() {
-            continue;
-        }
-        match rt.app_tag("", "").await {
-            Ok(t) => {
-                info!(tag = %t.id, seq = t.seq, kind = %t.kind, "scheduled app-consistent point")
-            }
-            Err(e) => debug!("app-consistent point skipped: {e}"),
-        }
-    }
-}
+mod schedule;
+pub use schedule::{app_tag_loop, crash_tag_loop};
 
 #[cfg(test)]
 mod tests;

@@ -375,10 +375,90 @@ async fn start_replication_switches_the_stream_and_resyncs() {
         f.rt.handle_cmd(cmd(Cmd::StopReplication(pb::StopReplication {
             replication_id: "r2".into(),
             remove_source_copy: false,
+            keep_running: false,
         })))
         .await;
     assert!(r.ok);
     assert_eq!(f.rt.replication_id(), "");
     assert!(cap.is_fenced());
     assert!(Runtime::load_assignment(&f.rt.settings).is_none());
+}
+
+/// Sends SetPolicy with only the crash interval set.
+async fn set_crash_interval(f: &Fixture, ms: u32) {
+    let r =
+        f.rt.handle_cmd(cmd(Cmd::SetPolicy(pb::SetPolicy {
+            policy: Some(pb::Policy {
+                crash_interval_ms: ms,
+                ..pb::Policy::default()
+            }),
+        })))
+        .await;
+    assert!(r.ok, "{r:?}");
+}
+
+/// A running crash-point timer follows a changed interval at its next
+/// tick: it does not sleep out the old (long) one first.
+#[tokio::test]
+async fn set_policy_wakes_a_running_crash_timer() {
+    let f = fixture(HooksConfig::default());
+    let cap = f.rt.capture.clone();
+    drain(&cap);
+    set_crash_interval(&f, 3_600_000).await;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let timer = tokio::spawn(crash_tag_loop(f.rt.clone(), stop_rx));
+    cap.write(0, 0, &[1u8; 4096], false).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        tags(&cap).is_empty(),
+        "no tag within the hour-long interval"
+    );
+    let changed = Instant::now();
+    set_crash_interval(&f, 100).await;
+    let mut cut = Vec::new();
+    while cut.is_empty() && changed.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        cut = tags(&cap);
+    }
+    assert_eq!(cut.len(), 1, "a crash tag at the new interval");
+    assert_eq!(cut[0].1.kind, TagKind::Crash);
+    assert!(changed.elapsed() < Duration::from_secs(2));
+    stop_tx.send_replace(true);
+    tokio::time::timeout(Duration::from_secs(2), timer)
+        .await
+        .expect("the timer stops")
+        .unwrap();
+}
+
+/// Unprotect's StopReplication (keep_running) stops streaming but leaves
+/// the machine's disks writable and served; commit's fences them.
+#[tokio::test]
+async fn stop_replication_keep_running_leaves_the_disks_writable() {
+    let f = fixture(HooksConfig::default());
+    let cap = f.rt.capture.clone();
+    let r =
+        f.rt.handle_cmd(cmd(Cmd::StartReplication(pb::StartReplication {
+            replication_id: "r1".into(),
+            ps_address: "127.0.0.1:1".into(),
+            ps_server_name: "localhost".into(),
+            resync: false,
+            policy: None,
+        })))
+        .await;
+    assert!(r.ok, "{r:?}");
+    let r =
+        f.rt.handle_cmd(cmd(Cmd::StopReplication(pb::StopReplication {
+            replication_id: "r1".into(),
+            remove_source_copy: false,
+            keep_running: true,
+        })))
+        .await;
+    assert!(r.ok && r.warning.is_empty(), "{r:?}");
+    assert_eq!(f.rt.replication_id(), "");
+    assert!(Runtime::load_assignment(&f.rt.settings).is_none());
+    assert!(!cap.is_fenced());
+    assert!(f.rt.hello().writable);
+    // The export's writes still go through (a fenced copy gives EPERM).
+    cap.write(0, 8192, &[7u8; 4096], false).unwrap();
+    cap.write(0, 0, &[8u8; 512], true).unwrap();
 }

@@ -677,6 +677,7 @@ impl Lifecycle {
             let cmd = Cmd::StopReplication(pb::StopReplication {
                 replication_id: r.id.clone(),
                 remove_source_copy: !keep,
+                keep_running: false,
             });
             if let Err(e) = self.send(agent, cmd).await {
                 ctx.warn(format!(
