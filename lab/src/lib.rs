@@ -24,6 +24,7 @@ pub mod clients;
 pub mod config;
 pub mod cs_admin;
 pub mod net;
+pub mod notify;
 pub mod operator;
 pub mod pki;
 pub mod power;
