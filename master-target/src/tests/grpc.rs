@@ -122,7 +122,7 @@ fn frame(bytes: Vec<u8>) -> ApplyRequest {
 
 async fn client(pki: &std::path::Path, name: &str, addr: &str) -> MasterTargetClient<Channel> {
     let ch = TlsFiles::in_dir(pki, name)
-        .connect(addr, "localhost")
+        .connect(addr, "localhost", rebound_common::pki::Role::Mt)
         .await
         .expect("connect");
     MasterTargetClient::new(ch)
