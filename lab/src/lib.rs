@@ -23,6 +23,7 @@ pub mod cli;
 pub mod clients;
 pub mod config;
 pub mod cs_admin;
+pub mod faults;
 pub mod net;
 pub mod notify;
 pub mod operator;

@@ -309,7 +309,7 @@ impl Sites {
 
     /// Starts a PS or MT of the lab by id (`ps-<site>…`, `mt-<site>`) with
     /// its config already written.
-    fn start_component(&mut self, id: &str) -> Result<()> {
+    pub(crate) fn start_component(&mut self, id: &str) -> Result<()> {
         let (site, a) = self
             .sites
             .iter()
