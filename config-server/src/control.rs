@@ -20,6 +20,8 @@
 use crate::bus::{CommandBus, ComponentKey};
 use crate::convert;
 use crate::error::CsError;
+use crate::fleet::components::{cert_expiry_ms, version_mismatch};
+use crate::fleet::{policy, rpo::RpoAlert};
 use crate::store::{now_ms, Component, Event, Health, Machine, Policy, ReplState, Store};
 use prost::Message;
 use rebound_common::pki::{PeerIdentity, Role};
@@ -39,6 +41,8 @@ use tracing::{debug, info, warn};
 
 /// How long a new stream has to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a policy re-sent on connect may take to be acknowledged.
+const POLICY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Missed heartbeats before a component is offline.
 pub const MISSED_HEARTBEATS: u32 = 3;
 
@@ -148,8 +152,14 @@ impl ControlService {
         Ok(())
     }
 
-    /// Checks the hello against the certificate and records the component.
-    async fn register(&self, peer: &PeerIdentity, hello: &Hello) -> Result<ComponentKey, CsError> {
+    /// Checks the hello against the certificate and records the component,
+    /// with the expiry of the certificate it connected with (when known).
+    async fn register(
+        &self,
+        peer: &PeerIdentity,
+        hello: &Hello,
+        cert_expiry: Option<u64>,
+    ) -> Result<ComponentKey, CsError> {
         let role = Role::parse(&hello.role).ok_or_else(|| {
             CsError::InvalidArgument(format!("hello with unknown role {:?}", hello.role))
         })?;
@@ -185,7 +195,23 @@ impl ControlService {
         c.addresses = hello.addresses.clone();
         c.health = Health::Online;
         c.last_heartbeat_ms = now_ms();
+        if let Some(ms) = cert_expiry {
+            c.cert_expiry_ms = ms;
+        }
         self.store.put_component(&c).await?;
+        if let Some(message) = version_mismatch(&key, &hello.version) {
+            warn!(component = %key, "{message}");
+            self.store
+                .add_event(&Event {
+                    time_ms: now_ms(),
+                    component: key.to_string(),
+                    severity: "warning".into(),
+                    kind: "version-mismatch".into(),
+                    message,
+                    replication: String::new(),
+                })
+                .await?;
+        }
         Ok(key)
     }
 }
@@ -197,6 +223,7 @@ struct Reader {
     bus: Arc<CommandBus>,
     key: ComponentKey,
     conn_id: u64,
+    rpo: RpoAlert,
 }
 
 impl Reader {
@@ -253,6 +280,7 @@ impl Reader {
                     }
                     Some(status::Status::Agent(a)) => {
                         self.bus.set_writable(&self.key, self.conn_id, !a.fenced);
+                        self.rpo.check(self.store.as_ref(), id, a.rpo_ms).await?;
                     }
                     _ => {}
                 }
@@ -303,6 +331,9 @@ impl Control for ControlService {
         req: Request<Streaming<ComponentMessage>>,
     ) -> Result<Response<Self::ChannelStream>, Status> {
         let peer = require_role(&req, &[Role::Agent, Role::Ps, Role::Mt])?;
+        let cert_expiry = req
+            .peer_certs()
+            .and_then(|certs| certs.first().and_then(|der| cert_expiry_ms(der.as_ref())));
         let mut up = req.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, up.message())
             .await
@@ -319,7 +350,7 @@ impl Control for ControlService {
                 ))
             }
         };
-        let key = match self.register(&peer, &hello).await {
+        let key = match self.register(&peer, &hello, cert_expiry).await {
             Ok(k) => k,
             Err(e) => {
                 warn!(component = %peer, site = %hello.site, error = %e, "registration refused");
@@ -339,11 +370,16 @@ impl Control for ControlService {
                 .attach(&key, &hello.instance, &hello.site, hello.writable, tx);
         info!(component = %key, site = %hello.site, version = %hello.version,
             replaced = old.is_some(), "registered");
+        let (store, bus, resend_to) = (self.store.clone(), self.bus.clone(), key.clone());
+        tokio::spawn(async move {
+            policy::resend_on_hello(store.as_ref(), bus.as_ref(), &resend_to, POLICY_TIMEOUT).await
+        });
         let reader = Reader {
             store: self.store.clone(),
             bus: self.bus.clone(),
             key,
             conn_id,
+            rpo: RpoAlert::default(),
         };
         tokio::spawn(reader.run(up, kill));
         Ok(Response::new(UnboundedReceiverStream::new(rx)))

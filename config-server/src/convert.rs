@@ -61,15 +61,27 @@ pub fn summary_from_proto(s: Option<&pb::PointSummary>) -> PointSummary {
 
 /// Zero fields take the default.
 pub fn policy_from_proto(p: Option<&pb::Policy>) -> Policy {
-    let d = Policy::default();
-    let Some(p) = p else {
-        return d;
-    };
-    let or = |v: u32, def: u32| if v == 0 { def } else { v };
+    match p {
+        Some(p) => policy_merge(Policy::default(), p),
+        None => Policy::default(),
+    }
+}
+
+/// `base` with every field `p` sets (non-zero) replaced: what
+/// `rebound policy set` does to a machine's policy.
+pub fn policy_merge(base: Policy, p: &pb::Policy) -> Policy {
+    base.overlay(&policy_verbatim(p))
+}
+
+/// The fields as sent, 0 kept as "not given" (for a later overlay).
+pub fn policy_verbatim(p: &pb::Policy) -> Policy {
     Policy {
-        crash_interval_ms: or(p.crash_interval_ms, d.crash_interval_ms),
-        app_interval_secs: or(p.app_interval_secs, d.app_interval_secs),
-        freeze_timeout_ms: or(p.freeze_timeout_ms, d.freeze_timeout_ms),
+        crash_interval_ms: p.crash_interval_ms,
+        app_interval_secs: p.app_interval_secs,
+        freeze_timeout_ms: p.freeze_timeout_ms,
+        retention_window_secs: p.retention_window_secs,
+        retention_max_bytes: p.retention_max_bytes,
+        rpo_alert_ms: p.rpo_alert_ms,
     }
 }
 
@@ -78,7 +90,9 @@ pub fn policy_to_proto(p: &Policy) -> pb::Policy {
         crash_interval_ms: p.crash_interval_ms,
         app_interval_secs: p.app_interval_secs,
         freeze_timeout_ms: p.freeze_timeout_ms,
-        ..pb::Policy::default()
+        retention_window_secs: p.retention_window_secs,
+        retention_max_bytes: p.retention_max_bytes,
+        rpo_alert_ms: p.rpo_alert_ms,
     }
 }
 

@@ -15,6 +15,7 @@ pub mod control;
 pub mod convert;
 pub mod enrollment;
 pub mod error;
+pub mod fleet;
 pub mod init;
 pub mod jobs;
 pub mod lifecycle;

@@ -10,10 +10,11 @@
 use crate::bus::{Bus, CommandBus, ComponentKey};
 use crate::convert;
 use crate::error::CsError;
+use crate::fleet::{components, policy};
 use crate::jobs::JobEngine;
 use crate::lifecycle::group::cut_group_point;
 use crate::lifecycle::{Lifecycle, Targets};
-use crate::store::{Group, Health, JobFilter, Machine, Plan, ReplState, Store};
+use crate::store::{Group, JobFilter, Machine, Plan, ReplState, Store};
 use prost::Message;
 use rebound_common::pki::Role;
 use rebound_common::tls::require_role;
@@ -85,35 +86,14 @@ impl AdminService {
         }
     }
 
-    async fn component_info(&self, c: &crate::store::Component) -> pb::ComponentInfo {
-        let key = ComponentKey {
-            role: c.role,
-            id: c.id.clone(),
-        };
-        let health = if self.bus.connection(&key).is_some() {
-            Health::Online
-        } else if c.health == Health::Enrolled {
-            Health::Enrolled
-        } else {
-            Health::Offline
-        };
-        pb::ComponentInfo {
-            role: c.role.as_str().into(),
-            id: c.id.clone(),
-            site: c.site.clone(),
-            version: c.version.clone(),
-            addresses: c.addresses.clone(),
-            health: health.as_str().into(),
-            last_heartbeat_ms: c.last_heartbeat_ms,
-            cert_fingerprint: c.cert_fingerprint.clone(),
-            status: pb::Status::decode(c.status.as_slice()).ok(),
-            cert_expiry_ms: 0,
-            version_mismatch: String::new(),
-        }
-    }
-
     async fn machine_info(&self, m: &crate::store::Machine) -> Result<pb::MachineInfo, CsError> {
-        let r = self.store.current_replication(&m.id).await?;
+        // An unprotected machine shows no replication (its ended one stays
+        // in the store for the record).
+        let r = self
+            .store
+            .current_replication(&m.id)
+            .await?
+            .filter(|r| r.state != ReplState::Unprotected);
         let summary = match &r {
             Some(r) => self.store.get_point_summary(&r.id).await?,
             None => None,
@@ -221,14 +201,7 @@ fn check_name(what: &str, name: &str) -> Result<(), Status> {
 impl Admin for AdminService {
     async fn status(&self, req: Request<pb::StatusRequest>) -> Res<pb::StatusResponse> {
         admin(&req)?;
-        let comps = self.store.list_components().await?;
-        let mut components = Vec::new();
-        for c in comps
-            .iter()
-            .filter(|c| matches!(c.role, Role::Agent | Role::Ps | Role::Mt))
-        {
-            components.push(self.component_info(c).await);
-        }
+        let components = components::list(self.store.as_ref(), self.bus.as_ref()).await?;
         let machines = self.store.list_machines().await?;
         let mut protected = 0;
         for m in &machines {
@@ -259,7 +232,7 @@ impl Admin for AdminService {
             machines: machines.len() as u32,
             protected_machines: protected,
             running_jobs: running as u32,
-            cs_version: env!("CARGO_PKG_VERSION").into(),
+            cs_version: components::CS_VERSION.into(),
             events,
         }))
     }
@@ -363,39 +336,58 @@ impl Admin for AdminService {
         admin(&req)?;
         let r = req.into_inner();
         let wait = (r.wait_agent_secs > 0).then(|| Duration::from_secs(r.wait_agent_secs));
+        // Fields not given keep the value of the replication it reverses.
+        let policy = r.policy.as_ref().map(convert::policy_verbatim);
         started(
             self.lifecycle
-                .reprotect(&targets(r.targets), &r.ps, &r.mt, wait)
+                .reprotect(&targets(r.targets), &r.ps, &r.mt, wait, policy)
                 .await?,
         )
     }
 
     async fn unprotect(&self, req: Request<pb::UnprotectRequest>) -> Res<pb::JobStarted> {
         admin(&req)?;
-        Err(Status::unimplemented(
-            "unprotect is not available in this CS version",
-        ))
+        let r = req.into_inner();
+        started(
+            self.lifecycle
+                .unprotect(&r.machine, r.delete_replica)
+                .await?,
+        )
     }
 
     async fn set_policy(&self, req: Request<pb::SetPolicyRequest>) -> Res<pb::SetPolicyResponse> {
         admin(&req)?;
-        Err(Status::unimplemented(
-            "policy set is not available in this CS version",
-        ))
+        let r = req.into_inner();
+        let changes = r.policy.unwrap_or_default();
+        let timeout = self.lifecycle.settings().command_timeout;
+        let applied = policy::set_policy(
+            self.store.as_ref(),
+            self.bus.as_ref(),
+            timeout,
+            &r.machine,
+            &changes,
+        )
+        .await?;
+        Ok(Response::new(pb::SetPolicyResponse {
+            policy: Some(convert::policy_to_proto(&applied.policy)),
+            pending: applied.pending,
+        }))
     }
 
     async fn components(&self, req: Request<pb::ComponentsRequest>) -> Res<pb::ComponentsResponse> {
         admin(&req)?;
-        Err(Status::unimplemented(
-            "components is not available in this CS version",
-        ))
+        Ok(Response::new(pb::ComponentsResponse {
+            components: components::list(self.store.as_ref(), self.bus.as_ref()).await?,
+            cs_version: components::CS_VERSION.into(),
+        }))
     }
 
     async fn remove_component(&self, req: Request<pb::RemoveComponentRequest>) -> Res<pb::Empty> {
         admin(&req)?;
-        Err(Status::unimplemented(
-            "remove is not available in this CS version",
-        ))
+        let r = req.into_inner();
+        components::remove(self.store.as_ref(), self.bus.as_ref(), &r.role, &r.id).await?;
+        tracing::info!(role = %r.role, id = %r.id, "component forgotten");
+        Ok(Response::new(pb::Empty {}))
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Res<pb::Job> {

@@ -5,8 +5,10 @@
 //!
 //! - `state.rs`: the replication state machine and its error messages;
 //! - `checks.rs`: direction, at-least-one-point and group-point checks;
-//! - this file: the requests ([`JobSpec`]), their validation and the step
-//!   lists they become;
+//! - `spec.rs`: the requests ([`JobSpec`]) and the point choice;
+//! - this file: the validation of requests and the step lists they become;
+//! - `unprotect.rs`: ending a protection (its checks and steps);
+//! - `retention.rs`: telling the MT a new replication's retention;
 //! - `steps.rs`: what each step does (the job engine's `StepRunner`);
 //! - `stall.rs`: why a waiting step makes no progress (its components' errors);
 //! - `group.rs`: the consistency-group barrier.
@@ -17,9 +19,14 @@
 
 pub mod checks;
 pub mod group;
+mod retention;
+pub mod spec;
+mod stall;
 pub mod state;
 pub mod steps;
-mod stall;
+mod unprotect;
+
+pub use spec::{JobSpec, PointSpec};
 
 use crate::bus::{Bus, ComponentKey};
 use crate::error::CsError;
@@ -30,130 +37,8 @@ use crate::store::{
 use rebound_common::pki::Role;
 use serde::{Deserialize, Serialize};
 use state::Op;
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Which recovery point (DESIGN.md §8 `--point`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum PointSpec {
-    Latest,
-    LatestProcessed,
-    LatestApp,
-    LatestMulti,
-    LatestMultiApp,
-    Id(String),
-    AtOrBefore(u64),
-    GroupTag(String),
-}
-
-impl PointSpec {
-    fn multi(&self) -> bool {
-        matches!(self, PointSpec::LatestMulti | PointSpec::LatestMultiApp)
-    }
-}
-
-impl fmt::Display for PointSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PointSpec::Latest => f.write_str("latest"),
-            PointSpec::LatestProcessed => f.write_str("latest-processed"),
-            PointSpec::LatestApp => f.write_str("latest-app"),
-            PointSpec::LatestMulti => f.write_str("latest-multi"),
-            PointSpec::LatestMultiApp => f.write_str("latest-multi-app"),
-            PointSpec::Id(id) => write!(f, "point {id}"),
-            PointSpec::AtOrBefore(ms) => write!(f, "the newest point at or before {ms} ms"),
-            PointSpec::GroupTag(t) => write!(f, "group point {t}"),
-        }
-    }
-}
-
-/// A lifecycle request, as stored in its job (so a resumed job knows it).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-pub enum JobSpec {
-    Protect {
-        machine: String,
-        to_site: String,
-        ps: String,
-        mt: String,
-        group: String,
-        policy: Policy,
-    },
-    Failover {
-        machines: Vec<String>,
-        plan: String,
-        from_site: String,
-        to_site: String,
-        point: PointSpec,
-        unplanned: bool,
-    },
-    ChangePoint {
-        machine: String,
-        point: PointSpec,
-    },
-    Commit {
-        machines: Vec<String>,
-        plan: String,
-        keep_source_copy: bool,
-    },
-    Reprotect {
-        machines: Vec<String>,
-        plan: String,
-        ps: String,
-        mt: String,
-        wait_agent_secs: u64,
-    },
-}
-
-impl JobSpec {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            JobSpec::Protect { .. } => "protect",
-            JobSpec::Failover { .. } => "failover",
-            JobSpec::ChangePoint { .. } => "change-point",
-            JobSpec::Commit { .. } => "commit",
-            JobSpec::Reprotect { .. } => "reprotect",
-        }
-    }
-    pub fn machines(&self) -> Vec<String> {
-        match self {
-            JobSpec::Protect { machine, .. } | JobSpec::ChangePoint { machine, .. } => {
-                vec![machine.clone()]
-            }
-            JobSpec::Failover { machines, .. }
-            | JobSpec::Commit { machines, .. }
-            | JobSpec::Reprotect { machines, .. } => machines.clone(),
-        }
-    }
-    /// How long a reprotect waits for the agent, if the request said.
-    pub fn wait_agent(&self) -> Option<Duration> {
-        match self {
-            JobSpec::Reprotect {
-                wait_agent_secs, ..
-            } => Some(Duration::from_secs(*wait_agent_secs)),
-            _ => None,
-        }
-    }
-    /// Whether a commit keeps the source copy, if the request said.
-    pub fn keep_source_copy(&self) -> Option<bool> {
-        match self {
-            JobSpec::Commit {
-                keep_source_copy, ..
-            } => Some(*keep_source_copy),
-            _ => None,
-        }
-    }
-    pub fn plan(&self) -> &str {
-        match self {
-            JobSpec::Failover { plan, .. }
-            | JobSpec::Commit { plan, .. }
-            | JobSpec::Reprotect { plan, .. } => plan,
-            _ => "",
-        }
-    }
-}
 
 /// One step of a lifecycle job (the job engine stores it as JSON).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,7 +49,10 @@ pub enum Step {
     WaitAgent { machine: String },
     AddToPs { machine: String },
     PrepareMt { machine: String },
+    SetRetention { machine: String },
     StartAgent { machine: String },
+    StopAgent { machine: String },
+    MarkUnprotected { machine: String },
     WaitFirstPoint { machine: String },
     BeginFailover,
     Fence { machine: String },
@@ -191,7 +79,12 @@ impl Step {
             Step::PrepareMt { machine } => {
                 format!("prepare {machine}'s replica at the master target")
             }
+            Step::SetRetention { machine } => {
+                format!("set {machine}'s retention at the master target")
+            }
             Step::StartAgent { machine } => format!("start replication on {machine}'s agent"),
+            Step::StopAgent { machine } => format!("stop replication on {machine}'s agent"),
+            Step::MarkUnprotected { machine } => format!("mark {machine} unprotected"),
             Step::WaitFirstPoint { machine } => format!("initial sync of {machine}"),
             Step::BeginFailover => "begin failover".into(),
             Step::Fence { machine } => format!("fence {machine} at the source"),
@@ -354,6 +247,7 @@ impl Lifecycle {
         ps: &str,
         mt: &str,
         wait_agent: Option<Duration>,
+        policy: Option<Policy>,
     ) -> Result<Job, CsError> {
         let (machines, plan) = self.resolve(targets).await?;
         self.submit(JobSpec::Reprotect {
@@ -365,6 +259,17 @@ impl Lifecycle {
                 .unwrap_or(self.settings.wait_agent)
                 .as_secs()
                 .max(1),
+            policy,
+        })
+        .await
+    }
+
+    /// Ends the protection of `machine`; the MT deletes its replica when
+    /// `delete_replica`.
+    pub async fn unprotect(&self, machine: &str, delete_replica: bool) -> Result<Job, CsError> {
+        self.submit(JobSpec::Unprotect {
+            machine: machine.into(),
+            delete_replica,
         })
         .await
     }
@@ -656,6 +561,7 @@ impl Lifecycle {
                     self.mt_at(&back_to, mt).await?;
                 }
             }
+            JobSpec::Unprotect { machine, .. } => self.check_unprotect(machine).await?,
         }
         Ok(())
     }
@@ -692,6 +598,7 @@ impl Lifecycle {
                 s.push(Step::CreateReplication { machine: m.clone() });
                 s.push(Step::AddToPs { machine: m.clone() });
                 s.push(Step::PrepareMt { machine: m.clone() });
+                s.push(Step::SetRetention { machine: m.clone() });
                 s.push(Step::StartAgent { machine: m.clone() });
                 s.push(Step::WaitFirstPoint { machine: m });
             }
@@ -756,10 +663,12 @@ impl Lifecycle {
                 for m in machines {
                     s.push(Step::AddToPs { machine: m.clone() });
                     s.push(Step::PrepareMt { machine: m.clone() });
+                    s.push(Step::SetRetention { machine: m.clone() });
                     s.push(Step::StartAgent { machine: m.clone() });
                 }
                 each(|machine| Step::WaitFirstPoint { machine }, machines, &mut s);
             }
+            JobSpec::Unprotect { machine, .. } => s.extend(unprotect::steps(machine)),
         }
         Ok(s)
     }

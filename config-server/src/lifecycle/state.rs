@@ -6,6 +6,7 @@
 //! FailedOver -change point-> FailedOver
 //! FailedOver -commit-> Committed
 //! Committed -reprotect-> WaitingForAgent -agent registered-> InitialSync -> Protected
+//! InitialSync | Protected -unprotect-> Unprotected
 //! ```
 //!
 //! Every transition is checked here, in one table, so an illegal request
@@ -31,6 +32,8 @@ pub enum Op {
     Reprotect,
     /// The agent registered at the machine's new site.
     AgentRegistered,
+    /// End the protection (`rebound unprotect`).
+    Unprotect,
 }
 
 impl fmt::Display for Op {
@@ -44,6 +47,7 @@ impl fmt::Display for Op {
             Op::Commit => "commit",
             Op::Reprotect => "reprotect",
             Op::AgentRegistered => "start the reverse replication of",
+            Op::Unprotect => "unprotect",
         })
     }
 }
@@ -61,6 +65,7 @@ pub fn next(machine: &str, from: ReplState, op: Op) -> Result<ReplState, CsError
         (FailedOver, Commit) => Committed,
         (Committed, Reprotect) | (WaitingForAgent, Reprotect) => WaitingForAgent,
         (WaitingForAgent, AgentRegistered) => InitialSync,
+        (InitialSync, Unprotect) | (Protected, Unprotect) => Unprotected,
         _ => {
             return Err(CsError::FailedPrecondition(format!(
                 "cannot {op} {machine}: it is {from}; {}",
@@ -75,6 +80,21 @@ pub fn next(machine: &str, from: ReplState, op: Op) -> Result<ReplState, CsError
 fn hint(m: &str, from: ReplState, op: Op) -> String {
     use ReplState::*;
     match (from, op) {
+        (Unprotected, Op::Unprotect) => format!(
+            "it is not protected, so there is nothing to end (`rebound machines` shows {m}'s state)"
+        ),
+        (FailingOver | FailedOver, Op::Unprotect) => format!(
+            "a failover is in progress or not committed; finish it first (`rebound commit {m}`): \
+             after a committed failover no replication runs"
+        ),
+        (Committed, Op::Unprotect) => format!(
+            "its failover is committed, so no replication runs and it runs from its replica at \
+             the other site; reprotect it (`rebound reprotect {m} --ps PS`) to protect it again"
+        ),
+        (WaitingForAgent, Op::Unprotect) => format!(
+            "a reprotect waits for the agent on {m}; let it finish, then unprotect the new \
+             replication"
+        ),
         (Unprotected, _) => format!(
             "protect it first (`rebound protect {m} --to SITE --ps PS --mt MT`)"
         ),
@@ -141,6 +161,9 @@ mod tests {
             s = next(m, s, op).unwrap_or_else(|e| panic!("{op} from {s}: {e}"));
         }
         assert_eq!(s, Protected);
+        assert_eq!(next(m, s, Op::Unprotect).unwrap(), Unprotected);
+        assert_eq!(next(m, InitialSync, Op::Unprotect).unwrap(), Unprotected);
+        assert_eq!(next(m, Unprotected, Op::Protect).unwrap(), InitialSync);
         // Retries of half-done operations are allowed.
         assert_eq!(next(m, FailingOver, Op::Failover).unwrap(), FailingOver);
         assert_eq!(next(m, InitialSync, Op::Protect).unwrap(), InitialSync);
@@ -163,6 +186,10 @@ mod tests {
             (Committed, Op::Commit, "rebound reprotect m7"),
             (WaitingForAgent, Op::Failover, "agent on m7"),
             (Protected, Op::ChangePoint, "fail it over first"),
+            (Unprotected, Op::Unprotect, "not protected"),
+            (FailingOver, Op::Unprotect, "rebound commit m7"),
+            (FailedOver, Op::Unprotect, "rebound commit m7"),
+            (Committed, Op::Unprotect, "rebound reprotect m7"),
         ];
         for (state, op, want) in cases {
             let e = next("m7", state, op).unwrap_err();

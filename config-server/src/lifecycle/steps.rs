@@ -211,6 +211,9 @@ impl Lifecycle {
                 .await?;
                 Ok(())
             }
+            Step::SetRetention { machine } => self.set_retention(&machine).await,
+            Step::StopAgent { machine } => self.stop_agent(ctx, &machine).await,
+            Step::MarkUnprotected { machine } => self.mark_unprotected(&machine).await,
             Step::WaitFirstPoint { machine } => self.wait_first_point(ctx, &machine).await,
             Step::BeginFailover => {
                 for m in spec.machines() {
@@ -283,7 +286,7 @@ impl Lifecycle {
                 let end = |replication_id| {
                     Cmd::EndReplication(pb::EndReplication {
                         replication_id,
-                        keep_replica: true,
+                        keep_replica: spec.keep_replica(),
                     })
                 };
                 self.to_mt(&machine, end).await.map(drop)
@@ -358,7 +361,7 @@ impl Lifecycle {
                     }
                 }
             }
-            JobSpec::Reprotect { ps, mt, .. } => {
+            JobSpec::Reprotect { ps, mt, policy, .. } => {
                 if let (ReplState::WaitingForAgent, Some(r)) = (st, &current) {
                     let mut r = r.clone();
                     r.ps = ps.clone();
@@ -371,6 +374,12 @@ impl Lifecycle {
                         ))
                     })?;
                     let to = prev.from_site.clone();
+                    let policy = policy.map_or(prev.policy, |c| prev.policy.overlay(&c));
+                    if policy != m.policy {
+                        let mut m = m.clone();
+                        m.policy = policy;
+                        self.store.put_machine(&m).await?;
+                    }
                     Replication {
                         id: self.new_replication_id(machine).await?,
                         machine: machine.to_string(),
@@ -378,7 +387,7 @@ impl Lifecycle {
                         mt: self.mt_at(&to, mt).await?,
                         to_site: to,
                         ps: ps.clone(),
-                        policy: m.policy,
+                        policy,
                         state: state::next(machine, st, Op::Reprotect)?,
                         previous: prev.id.clone(),
                         failover_point: None,

@@ -21,6 +21,8 @@ struct FakeBus {
     store: Arc<dyn Store>,
     conns: Mutex<HashMap<ComponentKey, String>>,
     log: Mutex<Vec<(String, &'static str)>>,
+    /// Every command answered, with its fields.
+    cmds: Mutex<Vec<Cmd>>,
     /// Machines whose initial sync never cuts a point.
     no_points: Mutex<HashSet<String>>,
 }
@@ -131,6 +133,7 @@ impl Bus for FakeBus {
                 });
             }
             self.log.lock().unwrap().push((to.to_string(), what));
+            self.cmds.lock().unwrap().push(cmd.clone());
             Ok(self.answer(&to, cmd).await)
         })
     }
@@ -190,6 +193,7 @@ async fn world() -> World {
         store: store.clone(),
         conns: Mutex::new(HashMap::new()),
         log: Mutex::new(Vec::new()),
+        cmds: Mutex::new(Vec::new()),
         no_points: Mutex::new(HashSet::new()),
     });
     let jobs = JobEngine::new(store.clone());
@@ -384,7 +388,7 @@ async fn the_whole_loop() {
 
     // Reprotect azure -> onprem: waits for the agent at azure.
     let job = lc
-        .reprotect(&one("m1"), "ps2", "", Some(Duration::from_secs(10)))
+        .reprotect(&one("m1"), "ps2", "", Some(Duration::from_secs(10)), None)
         .await
         .unwrap();
     let t0 = Instant::now();
@@ -432,7 +436,7 @@ async fn the_whole_loop() {
     );
     ok(&w, lc.commit(&one("m1"), None).await).await;
     w.bus.connect(ComponentKey::agent("m1"), "onprem");
-    ok(&w, lc.reprotect(&one("m1"), "ps1", "mt1", None).await).await;
+    ok(&w, lc.reprotect(&one("m1"), "ps1", "mt1", None, None).await).await;
     let (st, r) = state(&w, "m1").await;
     assert_eq!(
         (st, r.id.as_str(), r.to_site.as_str()),
@@ -502,7 +506,7 @@ async fn reprotect_whose_agent_never_comes_times_out_with_what_to_check() {
     w.bus.disconnect(&ComponentKey::agent("m1"));
     let j = finish(
         &w,
-        w.lc.reprotect(&one("m1"), "ps2", "mt2", Some(Duration::from_secs(1)))
+        w.lc.reprotect(&one("m1"), "ps2", "mt2", Some(Duration::from_secs(1)), None)
             .await
             .unwrap(),
     )
@@ -522,7 +526,11 @@ async fn reprotect_whose_agent_never_comes_times_out_with_what_to_check() {
     assert_eq!(state(&w, "m1").await.0, ReplState::WaitingForAgent);
     // Re-running waits again and succeeds once the agent is there.
     w.bus.connect(ComponentKey::agent("m1"), "azure");
-    ok(&w, w.lc.reprotect(&one("m1"), "ps2", "mt2", None).await).await;
+    ok(
+        &w,
+        w.lc.reprotect(&one("m1"), "ps2", "mt2", None, None).await,
+    )
+    .await;
     assert_eq!(state(&w, "m1").await.0, ReplState::Protected);
 }
 
@@ -658,3 +666,5 @@ async fn busy_machines_and_bad_requests_are_refused() {
         .to_string();
     assert!(e.contains("name the machines or a plan"), "{e}");
 }
+
+mod fleet;

@@ -43,13 +43,7 @@ pub enum StoreError {
     Corrupt { what: String, message: String },
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use rebound_common::time::now_ms;
 
 /// Health of a component as the CS sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,6 +86,9 @@ pub struct Component {
     pub cert_serial: String,
     /// blake3 of the certificate's DER (hex).
     pub cert_fingerprint: String,
+    /// When its certificate expires (ms since the epoch; 0 = unknown): the
+    /// notAfter of the certificate it last connected with.
+    pub cert_expiry_ms: u64,
     pub enrolled_ms: u64,
     pub last_heartbeat_ms: u64,
     pub health: Health,
@@ -112,6 +109,7 @@ impl Component {
             addresses: Vec::new(),
             cert_serial: String::new(),
             cert_fingerprint: String::new(),
+            cert_expiry_ms: 0,
             enrolled_ms: 0,
             last_heartbeat_ms: 0,
             health: Health::Enrolled,
@@ -129,13 +127,47 @@ pub struct Disk {
     pub size: u64,
 }
 
-/// Tag policy of a machine (DESIGN.md §5 "Tags").
+/// Policy of a machine: its tags (DESIGN.md §5 "Tags"), the retention of
+/// its replica at the MT and when its RPO raises an alert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Policy {
     pub crash_interval_ms: u32,
     pub app_interval_secs: u32,
     pub freeze_timeout_ms: u32,
+    /// Keep recovery points this long at the MT; 0 = the MT's default.
+    pub retention_window_secs: u64,
+    /// Cap on the replication's retention journal; 0 = the MT's default.
+    pub retention_max_bytes: u64,
+    /// Raise `rpo-exceeded` when the agent's RPO passes this; 0 = never.
+    pub rpo_alert_ms: u64,
+}
+
+impl Policy {
+    /// Whether it sets a retention of its own (else the MT's default
+    /// applies and the MT need not be told).
+    pub fn has_retention(&self) -> bool {
+        self.retention_window_secs > 0 || self.retention_max_bytes > 0
+    }
+
+    /// This policy with every field `changes` sets (non-zero) replaced.
+    pub fn overlay(self, changes: &Policy) -> Policy {
+        fn or<T: Default + PartialEq>(v: T, base: T) -> T {
+            if v == T::default() {
+                base
+            } else {
+                v
+            }
+        }
+        Policy {
+            crash_interval_ms: or(changes.crash_interval_ms, self.crash_interval_ms),
+            app_interval_secs: or(changes.app_interval_secs, self.app_interval_secs),
+            freeze_timeout_ms: or(changes.freeze_timeout_ms, self.freeze_timeout_ms),
+            retention_window_secs: or(changes.retention_window_secs, self.retention_window_secs),
+            retention_max_bytes: or(changes.retention_max_bytes, self.retention_max_bytes),
+            rpo_alert_ms: or(changes.rpo_alert_ms, self.rpo_alert_ms),
+        }
+    }
 }
 
 impl Default for Policy {
@@ -144,6 +176,9 @@ impl Default for Policy {
             crash_interval_ms: 5_000,
             app_interval_secs: 3_600,
             freeze_timeout_ms: 10_000,
+            retention_window_secs: 0,
+            retention_max_bytes: 0,
+            rpo_alert_ms: 0,
         }
     }
 }
@@ -162,8 +197,8 @@ pub struct Machine {
 }
 
 /// Replication states of DESIGN.md §8. A machine without a replication (or
-/// whose last one was never started) is `Unprotected`; that state is never
-/// stored on a replication.
+/// whose last one was never started) is `Unprotected`; a replication that
+/// `unprotect` ended is stored as `Unprotected` too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ReplState {
     Unprotected,
@@ -477,6 +512,8 @@ pub trait Store: Send + Sync {
         status: &'a [u8],
         time_ms: u64,
     ) -> BoxFut<'a, ()>;
+    /// Forgets a component; true when it existed.
+    fn delete_component<'a>(&'a self, role: Role, id: &'a str) -> BoxFut<'a, bool>;
 
     // ---- machines and disks
     fn put_machine<'a>(&'a self, m: &'a Machine) -> BoxFut<'a, ()>;

@@ -205,6 +205,7 @@ impl SqliteStore {
             addresses: from_json(w, &addresses)?,
             cert_serial: get(row, "cert_serial", w)?,
             cert_fingerprint: get(row, "cert_fingerprint", w)?,
+            cert_expiry_ms: get_u64(row, "cert_expiry_ms", w)?,
             enrolled_ms: get_u64(row, "enrolled_ms", w)?,
             last_heartbeat_ms: get_u64(row, "last_heartbeat_ms", w)?,
             health: Health::parse(&get::<String>(row, "health", w)?)
@@ -362,8 +363,8 @@ impl Store for SqliteStore {
             sqlx::query(
                 "INSERT OR REPLACE INTO components (role, id, site, version, addresses,
                    cert_serial, cert_fingerprint, enrolled_ms, last_heartbeat_ms, health,
-                   status, status_ms, revoked)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   status, status_ms, revoked, cert_expiry_ms)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(c.role.as_str())
             .bind(&c.id)
@@ -377,7 +378,8 @@ impl Store for SqliteStore {
             .bind(c.health.as_str())
             .bind(&c.status)
             .bind(c.status_ms as i64)
-            .bind(c.revoked as i64),
+            .bind(c.revoked as i64)
+            .bind(c.cert_expiry_ms as i64),
         )
     }
 
@@ -437,6 +439,15 @@ impl Store for SqliteStore {
             .bind(time_ms as i64)
             .bind(role.as_str())
             .bind(id),
+        )
+    }
+
+    fn delete_component<'a>(&'a self, role: Role, id: &'a str) -> BoxFut<'a, bool> {
+        self.run_counted(
+            "forgetting a component",
+            sqlx::query("DELETE FROM components WHERE role = ? AND id = ?")
+                .bind(role.as_str())
+                .bind(id),
         )
     }
 

@@ -241,3 +241,35 @@ async fn open_in_a_missing_dir_says_what_to_check() {
         "{msg}"
     );
 }
+
+#[tokio::test]
+async fn certificate_expiry_and_policy_round_trip_and_components_can_be_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteStore::open(&dir.path().join("cs.db")).await.unwrap();
+    let mut c = component(Role::Mt, "mt1");
+    c.cert_expiry_ms = 1_900_000_000_000;
+    s.put_component(&c).await.unwrap();
+    let got = s.get_component(Role::Mt, "mt1").await.unwrap().unwrap();
+    assert_eq!(got.cert_expiry_ms, 1_900_000_000_000);
+
+    let mut m = machine("m1");
+    m.policy.retention_window_secs = 20;
+    m.policy.retention_max_bytes = 10 << 30;
+    m.policy.rpo_alert_ms = 30_000;
+    s.put_machine(&m).await.unwrap();
+    assert_eq!(s.get_machine("m1").await.unwrap().unwrap().policy, m.policy);
+
+    assert!(s.delete_component(Role::Mt, "mt1").await.unwrap());
+    assert!(!s.delete_component(Role::Mt, "mt1").await.unwrap());
+    assert!(s.get_component(Role::Mt, "mt1").await.unwrap().is_none());
+}
+
+#[test]
+fn a_policy_stored_before_retention_existed_reads_with_defaults() {
+    let old = r#"{"crash_interval_ms":250,"app_interval_secs":60,"freeze_timeout_ms":1000}"#;
+    let p: Policy = serde_json::from_str(old).unwrap();
+    assert_eq!(p.crash_interval_ms, 250);
+    assert_eq!(p.retention_window_secs, 0);
+    assert_eq!(p.rpo_alert_ms, 0);
+    assert!(!p.has_retention());
+}

@@ -1,0 +1,171 @@
+//! The fleet pieces on their own: certificate expiry read from a real
+//! certificate, the version check, the RPO alert's crossings, the policy
+//! merge, and `rebound remove`'s refusals against a real store and bus.
+
+use super::components::{self, cert_expiry_ms, version_mismatch, CS_VERSION};
+use super::rpo::RpoAlert;
+use crate::bus::{CommandBus, ComponentKey};
+use crate::convert::policy_merge;
+use crate::store::{Component, Machine, Policy, ReplState, Replication, SqliteStore, Store};
+use rebound_common::pki::Role;
+use rebound_proto::control as pb;
+use std::sync::Arc;
+
+#[test]
+fn certificate_expiry_is_the_not_after_in_ms() {
+    let mut params = rcgen::CertificateParams::new(vec!["ps.example".to_string()]).unwrap();
+    params.not_after = rcgen::date_time_ymd(2031, 6, 1);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    // 2031-06-01T00:00:00Z
+    assert_eq!(cert_expiry_ms(cert.der()), Some(1_938_038_400_000));
+    assert_eq!(cert_expiry_ms(b"not a certificate"), None);
+}
+
+#[test]
+fn a_version_other_than_the_cs_names_both_and_the_upgrade_order() {
+    let key = ComponentKey::ps("ps-onprem");
+    assert_eq!(version_mismatch(&key, CS_VERSION), None);
+    assert_eq!(version_mismatch(&key, ""), None);
+    let m = version_mismatch(&key, "0.0.1-old").unwrap();
+    assert!(
+        m.starts_with("ps:ps-onprem runs 0.0.1-old, the CS runs "),
+        "{m}"
+    );
+    assert!(
+        m.contains(CS_VERSION) && m.contains("docs/DEPLOY.md"),
+        "{m}"
+    );
+}
+
+#[test]
+fn the_rpo_alert_fires_once_per_crossing_and_once_when_back_under() {
+    let a = RpoAlert::default();
+    assert!(a.crossing("m1", 500, 1000).is_none());
+    let e = a.crossing("m1", 1500, 1000).expect("crossing up");
+    assert_eq!(
+        (e.severity.as_str(), e.kind.as_str()),
+        ("warning", "rpo-exceeded")
+    );
+    assert!(
+        e.message.contains("m1") && e.message.contains("1000"),
+        "{}",
+        e.message
+    );
+    assert!(
+        a.crossing("m1", 2500, 1000).is_none(),
+        "a lasting breach is one event"
+    );
+    let e = a.crossing("m1", 200, 1000).expect("back under");
+    assert_eq!(
+        (e.severity.as_str(), e.kind.as_str()),
+        ("info", "rpo-recovered")
+    );
+    assert!(a.crossing("m1", 100, 1000).is_none());
+    // No threshold: no alert, whatever the RPO.
+    assert!(a.crossing("m1", u64::MAX, 0).is_none());
+}
+
+#[test]
+fn policy_set_changes_only_the_fields_it_names() {
+    let base = Policy {
+        retention_window_secs: 3600,
+        ..Policy::default()
+    };
+    let p = policy_merge(
+        base,
+        &pb::Policy {
+            crash_interval_ms: 300,
+            retention_max_bytes: 10 << 30,
+            ..Default::default()
+        },
+    );
+    assert_eq!(p.crash_interval_ms, 300);
+    assert_eq!(p.retention_max_bytes, 10 << 30);
+    assert_eq!(
+        p.retention_window_secs, 3600,
+        "unnamed fields keep their value"
+    );
+    assert_eq!(p.app_interval_secs, base.app_interval_secs);
+    assert_eq!(p.rpo_alert_ms, 0);
+}
+
+async fn store() -> (tempfile::TempDir, Arc<dyn Store>) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteStore::open(&dir.path().join("cs.db")).await.unwrap();
+    (dir, Arc::new(s))
+}
+
+#[tokio::test]
+async fn remove_refuses_online_and_used_components_and_forgets_the_rest() {
+    let (_dir, store) = store().await;
+    let bus = CommandBus::new();
+    for (role, id) in [(Role::Ps, "ps1"), (Role::Ps, "ps-old"), (Role::Mt, "mt1")] {
+        store
+            .put_component(&Component::new(role, id))
+            .await
+            .unwrap();
+    }
+    store
+        .put_machine(&Machine {
+            id: "m1".into(),
+            site: "onprem".into(),
+            disks: vec![],
+            policy: Policy::default(),
+            group: String::new(),
+            created_ms: 1,
+        })
+        .await
+        .unwrap();
+    let mut r = Replication::test_protected("m1", 1);
+    store.put_replication(&r).await.unwrap();
+
+    let e = components::remove(store.as_ref(), &bus, "ps", "ps1")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("replication m1") && e.contains("rebound unprotect m1"),
+        "{e}"
+    );
+
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let _conn = bus.attach(&ComponentKey::ps("ps-old"), "i", "onprem", true, tx);
+    let e = components::remove(store.as_ref(), &bus, "ps", "ps-old")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("online") && e.contains("systemctl stop rebound-ps"),
+        "{e}"
+    );
+
+    let e = components::remove(store.as_ref(), &bus, "ps", "nope")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no component ps:nope"), "{e}");
+    let e = components::remove(store.as_ref(), &bus, "admin", "x")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("agent, ps or mt"), "{e}");
+
+    // Once the machine is unprotected its PS and MT can go.
+    r.state = ReplState::Unprotected;
+    store.put_replication(&r).await.unwrap();
+    components::remove(store.as_ref(), &bus, "mt", "mt1")
+        .await
+        .unwrap();
+    assert!(store
+        .get_component(Role::Mt, "mt1")
+        .await
+        .unwrap()
+        .is_none());
+    let listed = components::list(store.as_ref(), &bus).await.unwrap();
+    let ids: Vec<_> = listed
+        .iter()
+        .map(|c| (c.id.as_str(), c.health.as_str()))
+        .collect();
+    assert_eq!(ids, vec![("ps-old", "online"), ("ps1", "enrolled")]);
+}
