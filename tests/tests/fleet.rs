@@ -1,3 +1,304 @@
 //! The configuration server manages its fleet: `rebound components`,
 //! `rebound policy set` reaching a running agent and MT, the retention set
 //! at reprotect, `rebound unprotect` and `rebound remove`.
+
+use crate::lifecycle::{a, b, fail_over_at_latest, protect, source_hash, succeeded};
+use rebound_lab::*;
+use serde_json::Value;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const JOB: Duration = Duration::from_secs(180);
+const MIB: u64 = 1 << 20;
+
+fn now_ms() -> u64 {
+    rebound_common::time::now_ms()
+}
+
+/// One component of `rebound components --output json`.
+fn component(list: &Value, role: &str, id: &str) -> Value {
+    list["components"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["role"] == role && c["id"] == id))
+        .cloned()
+        .unwrap_or_else(|| panic!("{role}:{id} not in `rebound components`: {list:#}"))
+}
+
+/// Polls until `path` no longer exists.
+fn wait_gone(path: &Path, within: Duration) {
+    let start = Instant::now();
+    while path.exists() {
+        assert!(start.elapsed() < within, "{} still exists", path.display());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn components_lists_version_certificate_expiry_and_health_and_remove_forgets_a_stopped_one() {
+    let mut s = Sites::start(SitesOptions::default()).expect("sites");
+    let list = s.cli_json(&["components"]).expect("components");
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(list["cs_version"], version, "{list:#}");
+    let now = now_ms();
+    for (role, id) in [
+        ("agent", "m1".to_string()),
+        ("ps", ps_id(a())),
+        ("mt", mt_id(b())),
+    ] {
+        let c = component(&list, role, &id);
+        assert_eq!(c["version"], version, "{c:#}");
+        assert_eq!(c["version_mismatch"], "", "{c:#}");
+        assert_eq!(c["health"], "online", "{c:#}");
+        let expiry = c["cert_expiry_ms"].as_u64().unwrap_or(0);
+        assert!(
+            expiry > now + 86_400_000,
+            "{role}:{id} expiry not in the future: {c:#}"
+        );
+        assert!(c["last_heartbeat_ms"].as_u64().unwrap_or(0) > 0, "{c:#}");
+        assert!(
+            !c["addresses"].as_array().unwrap().is_empty() || role == "agent",
+            "{c:#}"
+        );
+    }
+    let table = s.cli_ok(&["components"]).expect("components table");
+    for w in [
+        "CERTIFICATE EXPIRES",
+        "days left",
+        "ps-onprem",
+        "mt-azure",
+        version,
+        "online",
+    ] {
+        assert!(
+            table.contains(w),
+            "`rebound components` lacks {w:?}:\n{table}"
+        );
+    }
+
+    // An online component is not forgotten; a stopped one is.
+    let ps = ps_id(b());
+    let r = s.cli(&["remove", &format!("ps:{ps}")]).expect("remove");
+    assert!(!r.ok, "removing an online PS was accepted: {}", r.text());
+    assert!(r.text().contains("online"), "{}", r.text());
+    s.stop(&ps).expect("stop ps");
+    let start = Instant::now();
+    while component(&s.cli_json(&["components"]).unwrap(), "ps", &ps)["health"] != "offline" {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{ps} never went offline"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = s.cli_ok(&["remove", "ps", &ps]).expect("remove stopped ps");
+    assert!(out.contains("forgotten"), "{out}");
+    let list = s.cli_json(&["components"]).expect("components");
+    let ids: Vec<&str> = list["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["id"].as_str())
+        .collect();
+    assert!(!ids.contains(&ps.as_str()), "{ps} still listed: {ids:?}");
+}
+
+/// Crash points of m1 whose time falls in `[from, to)` ms.
+fn crash_points_between(s: &Sites, from: u64, to: u64) -> usize {
+    let pts = s.points("m1").expect("points");
+    pts["points"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .filter(|p| p["kind"] == "crash")
+                .filter(|p| p["time_ms"].as_u64().is_some_and(|t| t >= from && t < to))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Writes to m1 at the first site for `d`, a few times a second, so every
+/// interval has something to cut a crash point on.
+fn keep_writing(s: &Sites, d: Duration) {
+    let start = Instant::now();
+    let mut i = 0u64;
+    while start.elapsed() < d {
+        s.write(
+            "m1",
+            a(),
+            "disk0",
+            (i % 8) * MIB,
+            64 << 10,
+            (i % 200) as u8 + 1,
+        )
+        .expect("write");
+        i += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn policy_set_changes_the_crash_interval_of_the_running_agent() {
+    let s = Sites::start(SitesOptions::default()).expect("sites");
+    let j = s
+        .job(&[
+            "protect",
+            "m1",
+            "--to",
+            b(),
+            "--ps",
+            &ps_id(a()),
+            "--mt",
+            &mt_id(b()),
+            "--crash-interval",
+            "5s",
+        ])
+        .expect("protect");
+    succeeded(&j);
+    s.wait_state("m1", "Protected", JOB).expect("protected");
+
+    let window = Duration::from_secs(4);
+    let t0 = now_ms();
+    keep_writing(&s, window);
+    let t1 = now_ms();
+
+    let out = s
+        .cli_ok(&["policy", "set", "m1", "--crash-interval", "300ms"])
+        .expect("policy set");
+    assert!(out.contains("300ms"), "{out}");
+    let set = s
+        .cli_json(&["policy", "set", "m1", "--rpo-alert", "10m"])
+        .expect("policy set json");
+    assert_eq!(set["policy"]["crash_interval_ms"], 300, "{set:#}");
+    assert_eq!(set["policy"]["rpo_alert_ms"], 600_000, "{set:#}");
+    assert_eq!(set["pending"], serde_json::json!([]), "{set:#}");
+
+    let t2 = now_ms() + 300;
+    keep_writing(&s, window);
+    let t3 = now_ms();
+    // Every point of both windows reaches the MT (the agent keeps cutting,
+    // so a later point means the earlier ones are applied).
+    let start = Instant::now();
+    let after = loop {
+        let n = crash_points_between(&s, t2, t3);
+        if n >= 5 || start.elapsed() > Duration::from_secs(60) {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let before = crash_points_between(&s, t0, t1);
+    eprintln!(
+        "crash points: {before} in {} ms at 5s, {after} in {} ms at 300ms",
+        t1 - t0,
+        t3 - t2
+    );
+    assert!(
+        before <= 2,
+        "{before} crash points in 4 s at a 5 s interval"
+    );
+    assert!(
+        after >= 5,
+        "only {after} crash points in ~4 s at a 300 ms interval"
+    );
+}
+
+#[test]
+fn reprotect_with_a_retention_window_is_what_the_mt_applies() {
+    let mut s = Sites::start(SitesOptions::default()).expect("sites");
+    protect(&s, "m1", a(), b());
+    s.write("m1", a(), "disk0", 0, MIB, 0x31).expect("write");
+    let h = source_hash(&s, "m1");
+    fail_over_at_latest(&mut s, "m1", a(), b(), &h);
+    s.stop_agent("m1", a()).expect("stop agent at A");
+    succeeded(&s.job(&["commit", "m1"]).expect("commit"));
+    s.wait_online("agent", "m1", JOB)
+        .expect("agent at B online");
+
+    let j = s
+        .job(&[
+            "reprotect",
+            "m1",
+            "--ps",
+            &ps_id(b()),
+            "--mt",
+            &mt_id(a()),
+            "--retention-window",
+            "20s",
+        ])
+        .expect("reprotect");
+    succeeded(&j);
+    let m = s.wait_state("m1", "Protected", JOB).expect("protected B→A");
+    let repl = m["replication_id"].as_str().unwrap().to_string();
+
+    // The MT at A reports the new replication with the 20 s window.
+    let start = Instant::now();
+    loop {
+        let list = s.cli_json(&["components"]).expect("components");
+        let mt = component(&list, "mt", &mt_id(a()));
+        let r = mt["status"]["mt"]["replications"]
+            .as_array()
+            .and_then(|rs| {
+                rs.iter()
+                    .find(|r| r["replication_id"] == repl.as_str())
+                    .cloned()
+            });
+        if r.as_ref().is_some_and(|r| r["retention_window_secs"] == 20) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "MT {} does not report retention_window_secs = 20 for {repl}: {mt:#}",
+            mt_id(a())
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn unprotect_drops_the_ps_cache_and_keeps_or_deletes_the_replica() {
+    let s = Sites::start(SitesOptions::default()).expect("sites");
+    protect(&s, "m1", a(), b());
+    s.write("m1", a(), "disk0", 0, MIB, 0x41).expect("write");
+    let cache = s.path(&format!("{}/{}/cache/m1", a(), ps_id(a())));
+    assert!(cache.exists(), "no PS cache at {}", cache.display());
+
+    // The MT is in use: it cannot be forgotten.
+    let r = s
+        .cli(&["remove", &format!("mt:{}", mt_id(b()))])
+        .expect("remove");
+    assert!(!r.ok, "removing a used MT was accepted");
+
+    let j = s.job(&["unprotect", "m1"]).expect("unprotect");
+    succeeded(&j);
+    assert_eq!(j["kind"], "unprotect");
+    let m = s.wait_state("m1", "Unprotected", JOB).expect("unprotected");
+    assert_eq!(m["replication_id"], "", "{m:#}");
+    wait_gone(&cache, Duration::from_secs(30));
+    let replica = s.replica_path(b(), "m1", "disk0");
+    assert!(
+        replica.exists(),
+        "the replica was deleted without --delete-replica"
+    );
+    // The machine keeps running on its disks.
+    s.write("m1", a(), "disk0", MIB, MIB, 0x42)
+        .expect("write after unprotect");
+
+    // Protect again (a new replication), then unprotect deleting the replica.
+    protect(&s, "m1", a(), b());
+    let repl = s.machine("m1").unwrap()["replication_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(repl, "m1");
+    succeeded(
+        &s.job(&["unprotect", "m1", "--delete-replica"])
+            .expect("unprotect"),
+    );
+    s.wait_state("m1", "Unprotected", JOB).expect("unprotected");
+    wait_gone(
+        &s.replica_path(b(), &repl, "disk0"),
+        Duration::from_secs(30),
+    );
+    assert!(
+        replica.exists(),
+        "the first replication's kept replica is gone"
+    );
+}

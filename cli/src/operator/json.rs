@@ -53,6 +53,8 @@ pub fn status_detail(s: &Option<pb::Status>) -> Value {
             "replications": m.replications.iter().map(|r| json!({
                 "replication_id": r.replication_id, "machine_id": r.machine_id,
                 "state": r.state, "points": r.points.as_ref().map(summary),
+                "retention_window_secs": r.retention_window_secs,
+                "retention_max_bytes": r.retention_max_bytes,
             })).collect::<Vec<_>>(),
         }}),
         None => Value::Null,
@@ -73,6 +75,39 @@ pub fn event(e: &pb::Event) -> Value {
            "replication_id": e.replication_id, "time_ms": e.time_ms, "component": e.component})
 }
 
+pub fn component(c: &pb::ComponentInfo) -> Value {
+    json!({
+        "role": c.role, "id": c.id, "site": c.site, "version": c.version,
+        "addresses": c.addresses, "health": c.health,
+        "last_heartbeat_ms": c.last_heartbeat_ms, "cert_fingerprint": c.cert_fingerprint,
+        "cert_expiry_ms": c.cert_expiry_ms, "version_mismatch": c.version_mismatch,
+        "status": status_detail(&c.status),
+    })
+}
+
+pub fn components(r: &pb::ComponentsResponse) -> Value {
+    json!({
+        "cs_version": r.cs_version,
+        "components": r.components.iter().map(component).collect::<Vec<_>>(),
+    })
+}
+
+pub fn policy(p: &pb::Policy) -> Value {
+    json!({
+        "crash_interval_ms": p.crash_interval_ms, "app_interval_secs": p.app_interval_secs,
+        "freeze_timeout_ms": p.freeze_timeout_ms,
+        "retention_window_secs": p.retention_window_secs,
+        "retention_max_bytes": p.retention_max_bytes, "rpo_alert_ms": p.rpo_alert_ms,
+    })
+}
+
+pub fn policy_set(r: &pb::SetPolicyResponse) -> Value {
+    json!({
+        "policy": r.policy.as_ref().map(policy).unwrap_or(Value::Null),
+        "pending": r.pending,
+    })
+}
+
 pub fn status(r: &pb::StatusResponse) -> Value {
     json!({
         "cs_version": r.cs_version,
@@ -80,12 +115,7 @@ pub fn status(r: &pb::StatusResponse) -> Value {
         "machines": r.machines,
         "protected_machines": r.protected_machines,
         "running_jobs": r.running_jobs,
-        "components": r.components.iter().map(|c| json!({
-            "role": c.role, "id": c.id, "site": c.site, "version": c.version,
-            "addresses": c.addresses, "health": c.health,
-            "last_heartbeat_ms": c.last_heartbeat_ms, "cert_fingerprint": c.cert_fingerprint,
-            "status": status_detail(&c.status),
-        })).collect::<Vec<_>>(),
+        "components": r.components.iter().map(component).collect::<Vec<_>>(),
         "events": r.events.iter().map(event).collect::<Vec<_>>(),
     })
 }

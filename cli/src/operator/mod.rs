@@ -7,12 +7,14 @@
 //! `admin.pem` and `admin.key` as `rebound-cs init` wrote them.
 
 mod client;
+mod fleet;
 mod json;
 mod parse;
 mod print;
 mod watch;
 
 pub use client::{connect, CsArgs};
+pub use fleet::{FleetCmd, PolicyArgs, PolicyCmd};
 pub use parse::{parse_duration, parse_point};
 
 use anyhow::{bail, Result};
@@ -158,6 +160,8 @@ pub enum OperatorCmd {
         #[arg(long, value_parser = parse_duration)]
         app_interval: Option<std::time::Duration>,
         #[command(flatten)]
+        policy: PolicyArgs,
+        #[command(flatten)]
         wait: WaitArgs,
     },
     /// Fail machines (or a plan) over to the other site at a recovery point.
@@ -224,6 +228,10 @@ pub enum OperatorCmd {
         /// the CS setting, 30 min).
         #[arg(long, value_parser = parse_duration)]
         wait_agent: Option<std::time::Duration>,
+        /// The new replication's retention and RPO alert (default: those of
+        /// the replication it reverses).
+        #[command(flatten)]
+        policy: PolicyArgs,
         #[command(flatten)]
         wait: WaitArgs,
     },
@@ -259,6 +267,8 @@ pub enum OperatorCmd {
         #[command(subcommand)]
         cmd: GroupCmd,
     },
+    #[command(flatten)]
+    Fleet(FleetCmd),
 }
 
 const POINT_HELP: &str = "Recovery points (--point):
@@ -370,14 +380,11 @@ async fn run_inner(cmd: OperatorCmd) -> Result<()> {
             group,
             crash_interval,
             app_interval,
+            policy,
             wait,
         } => {
             let mut c = connect(&wait.cs).await?;
-            let policy = (crash_interval.is_some() || app_interval.is_some()).then(|| pb::Policy {
-                crash_interval_ms: crash_interval.map(|d| d.as_millis() as u32).unwrap_or(0),
-                app_interval_secs: app_interval.map(|d| d.as_secs() as u32).unwrap_or(0),
-                ..pb::Policy::default()
-            });
+            let policy = fleet::policy(crash_interval, app_interval, &policy);
             let r = c
                 .protect(pb::ProtectRequest {
                     machine: machine.clone(),
@@ -465,6 +472,7 @@ async fn run_inner(cmd: OperatorCmd) -> Result<()> {
             ps,
             mt,
             wait_agent,
+            policy,
             wait,
         } => {
             let mut c = connect(&wait.cs).await?;
@@ -474,7 +482,7 @@ async fn run_inner(cmd: OperatorCmd) -> Result<()> {
                     ps,
                     mt: mt.unwrap_or_default(),
                     wait_agent_secs: wait_agent.map(|d| d.as_secs().max(1)).unwrap_or(0),
-                    policy: None,
+                    policy: fleet::policy(None, None, &policy),
                 })
                 .await;
             watch::started(&mut c, &wait, r, "reprotecting").await
@@ -515,6 +523,7 @@ async fn run_inner(cmd: OperatorCmd) -> Result<()> {
         }
         OperatorCmd::Plan { cmd } => plan(cmd).await,
         OperatorCmd::Group { cmd } => group(cmd).await,
+        OperatorCmd::Fleet(cmd) => fleet::run(cmd).await,
     }
 }
 

@@ -1,4 +1,4 @@
-//! Parsing `--point` choices and durations.
+//! Parsing `--point` choices, durations and sizes.
 
 use anyhow::{bail, Result};
 use rebound_common::time::now_ms;
@@ -30,6 +30,47 @@ pub fn parse_duration(s: &str) -> Result<Duration, BadDuration> {
         text: s.to_string(),
         source,
     })
+}
+
+/// A size flag that is not one.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0:?} is not a size: use bytes or a number with K, M, G or T (powers of 1024), e.g. 10G or 512M")]
+pub struct BadSize(String);
+
+/// A size like `10G`, `512M`, `1.5T`, `10GiB` or plain bytes; units are
+/// powers of 1024.
+pub fn parse_size(s: &str) -> Result<u64, BadSize> {
+    let bad = || BadSize(s.to_string());
+    let t = s.trim();
+    let digits = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let unit = unit.trim().to_ascii_lowercase();
+    let unit = unit
+        .strip_suffix("ib")
+        .or_else(|| unit.strip_suffix('b'))
+        .unwrap_or(&unit);
+    let shift = match unit {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        _ => return Err(bad()),
+    };
+    if num.is_empty() {
+        return Err(bad());
+    }
+    if let Ok(n) = num.parse::<u64>() {
+        return n.checked_mul(1u64 << shift).ok_or_else(bad);
+    }
+    let f: f64 = num.parse().map_err(|_| bad())?;
+    let bytes = f * (1u64 << shift) as f64;
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok(bytes as u64)
 }
 
 /// `YYYY-MM-DDTHH:MM[:SS][Z]` (UTC; a space may replace the T) → ms.
@@ -102,6 +143,21 @@ mod tests {
         assert!(parse_duration("abc").is_err());
         assert!(parse_duration("5x").is_err());
         assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(172_800));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert_eq!(parse_size("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_size("10gb"), Ok(10 << 30));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("1.5T"), Ok(3 << 39));
+        assert_eq!(parse_size(" 64k "), Ok(64 << 10));
+        for bad in ["", "G", "10X", "ten", "1.2.3G", "99999999999T"] {
+            let e = parse_size(bad).unwrap_err().to_string();
+            assert!(e.contains("10G"), "{bad}: {e}");
+        }
     }
 
     #[test]

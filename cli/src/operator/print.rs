@@ -167,6 +167,101 @@ pub fn status(r: &pb::StatusResponse) {
     }
 }
 
+/// "2027-12-04 (364 days left)", "expired 2026-01-01", "-" when unknown.
+pub fn expiry(ms: u64, now: u64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    let date: String = humantime::format_rfc3339_seconds(t)
+        .to_string()
+        .chars()
+        .take(10)
+        .collect();
+    if ms <= now {
+        return format!("expired {date}");
+    }
+    let days = (ms - now) / 86_400_000;
+    format!("{date} ({days} days left)")
+}
+
+pub fn components(r: &pb::ComponentsResponse) {
+    let none = "no components yet: enroll them with `rebound-agent|rebound-ps|rebound-mt enroll \
+                --cs ADDR --passphrase-file F`";
+    let header = [
+        "ROLE",
+        "ID",
+        "SITE",
+        "ADDRESS",
+        "VERSION",
+        "CERTIFICATE EXPIRES",
+        "HEARTBEAT",
+        "HEALTH",
+    ];
+    let now = now_ms();
+    listing(&r.components, none, &header, |c| {
+        let version = match (c.version.as_str(), c.version_mismatch.is_empty()) {
+            ("", _) => "-".to_string(),
+            (v, true) => v.to_string(),
+            (v, false) => format!("{v} (CS {})", r.cs_version),
+        };
+        vec![
+            c.role.clone(),
+            c.id.clone(),
+            or_dash(&c.site).into(),
+            or_dash(&c.addresses.join(",")).into(),
+            version,
+            expiry(c.cert_expiry_ms, now),
+            ago(c.last_heartbeat_ms),
+            c.health.clone(),
+        ]
+    });
+    for c in r
+        .components
+        .iter()
+        .filter(|c| !c.version_mismatch.is_empty())
+    {
+        println!("warning: {}", c.version_mismatch);
+    }
+}
+
+/// "300ms", "MT default" for 0.
+fn or_default(v: u64, show: impl Fn(u64) -> String, default: &str) -> String {
+    if v == 0 {
+        default.into()
+    } else {
+        show(v)
+    }
+}
+
+pub fn policy_set(machine: &str, r: &pb::SetPolicyResponse) {
+    let p = r.policy.unwrap_or_default();
+    println!("policy of {machine}:");
+    println!("  crash points every  {}", dur(p.crash_interval_ms.into()));
+    println!(
+        "  app points every    {}",
+        dur(u64::from(p.app_interval_secs) * 1000)
+    );
+    let window = or_default(
+        p.retention_window_secs,
+        |s| dur(s * 1000),
+        "the MT's default",
+    );
+    println!("  retention window    {window}");
+    let size = or_default(p.retention_max_bytes, bytes, "the MT's default");
+    println!("  retention size cap  {size}");
+    println!(
+        "  RPO alert above     {}",
+        or_default(p.rpo_alert_ms, dur, "off")
+    );
+    if !r.pending.is_empty() {
+        println!(
+            "not told yet (offline; they get it when they reconnect): {}",
+            r.pending.join(", ")
+        );
+    }
+}
+
 pub fn machines(r: &pb::MachinesResponse) {
     let none = "no machines yet: a machine appears once its agent is enrolled and connected \
                 (`rebound-agent enroll --cs ADDR --passphrase-file F`, then `rebound-agent run`)";
@@ -359,6 +454,18 @@ pub fn groups(gs: &[pb::Group]) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn certificate_expiry_shows_the_date_and_days_left() {
+        let day = 86_400_000;
+        let now = 1_764_806_400_000; // 2025-12-04T00:00:00Z
+        assert_eq!(super::expiry(0, now), "-");
+        assert_eq!(
+            super::expiry(now + 365 * day, now),
+            "2026-12-04 (365 days left)"
+        );
+        assert_eq!(super::expiry(now - day, now), "expired 2025-12-03");
+    }
+
     #[test]
     fn table_columns_are_two_spaces_apart() {
         let rows = vec![
