@@ -2,11 +2,11 @@
 //! test listens on, and components started with it (and a watchdog asked
 //! for), the way systemd starts a `Type=notify` unit.
 
-use crate::process::{log_tail, signal};
+use crate::process::Proc;
 use anyhow::{bail, Context, Result};
+use std::ffi::OsStr;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// The socket a component sends `READY=1`, `STOPPING=1`, `WATCHDOG=1` to.
@@ -69,82 +69,29 @@ impl NotifySocket {
     }
 }
 
-/// A component started as a notify unit: `bin run --config CONFIG` with
+/// Starts `bin run --config CONFIG` as a notify unit: with
 /// `NOTIFY_SOCKET`, and `WATCHDOG_USEC`/`WATCHDOG_PID` naming its own pid.
-pub struct NotifiedProc {
-    pub name: String,
-    pub log: PathBuf,
-    child: Child,
-}
-
-impl NotifiedProc {
-    pub fn run(
-        name: &str,
-        bin: &Path,
-        config: &Path,
-        log: &Path,
-        notify: &NotifySocket,
-        watchdog: Duration,
-    ) -> Result<NotifiedProc> {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .with_context(|| format!("cannot open the log {}", log.display()))?;
-        // The shell's pid is the component's pid after `exec`, which is how
-        // the watchdog variables can name it before it exists.
-        let child = Command::new("sh")
-            .arg("-c")
-            .arg(r#"WATCHDOG_PID=$$ exec "$0" "$@""#)
-            .arg(bin)
-            .args(["run".as_ref(), "--config".as_ref(), config.as_os_str()])
-            .env("NOTIFY_SOCKET", notify.path())
-            .env("WATCHDOG_USEC", watchdog.as_micros().to_string())
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("cannot start {} as {name}", bin.display()))?;
-        Ok(NotifiedProc {
-            name: name.to_string(),
-            log: log.to_path_buf(),
-            child,
-        })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// SIGTERM, then the exit status (SIGKILL after `timeout`).
-    pub fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus> {
-        signal(self.pid(), "TERM")?;
-        let t = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait()? {
-                return Ok(st);
-            }
-            if t.elapsed() > timeout {
-                let _ = self.child.kill();
-                bail!(
-                    "{} did not exit within {timeout:?} of SIGTERM; log tail:\n{}",
-                    self.name,
-                    self.log_tail(30)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    pub fn log_tail(&self, lines: usize) -> String {
-        log_tail(&self.log, lines)
-    }
-}
-
-impl Drop for NotifiedProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The shell's pid is the component's after `exec`, which is how the
+/// watchdog variables can name it before it exists.
+pub fn run_notified(
+    name: &str,
+    bin: &Path,
+    config: &Path,
+    log: &Path,
+    notify: &NotifySocket,
+    watchdog: Duration,
+) -> Result<Proc> {
+    let usec = watchdog.as_micros().to_string();
+    let args: [&OsStr; 8] = [
+        "-c".as_ref(),
+        r#"export NOTIFY_SOCKET="$1" WATCHDOG_USEC="$2" WATCHDOG_PID=$$; shift 2; exec "$0" "$@""#
+            .as_ref(),
+        bin.as_os_str(),
+        notify.path().as_os_str(),
+        usec.as_ref(),
+        "run".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+    ];
+    Proc::spawn(name, Path::new("sh"), &args, log)
 }

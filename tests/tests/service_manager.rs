@@ -2,7 +2,7 @@
 //! daemon answers on its port, `STOPPING=1` and a clean stop on SIGTERM,
 //! over a `NOTIFY_SOCKET` the test listens on.
 
-use rebound_lab::notify::{NotifiedProc, NotifySocket};
+use rebound_lab::notify::{run_notified, NotifySocket};
 use rebound_lab::{Bins, Component, Lab, LabOptions};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
@@ -10,7 +10,6 @@ use std::process::Command;
 use std::time::Duration;
 
 const READY_WITHIN: Duration = Duration::from_secs(60);
-const STOP_WITHIN: Duration = Duration::from_secs(60);
 /// Asked-for watchdog interval: the daemon pings every half of it.
 const WATCHDOG: Duration = Duration::from_millis(400);
 
@@ -19,7 +18,7 @@ const WATCHDOG: Duration = Duration::from_millis(400);
 /// fed, then SIGTERM: `STOPPING=1` and exit code 0.
 fn notify_cycle(name: &str, bin: &Path, config: &Path, log: &Path, answers: impl FnOnce()) {
     let sock = NotifySocket::bind().unwrap();
-    let mut p = NotifiedProc::run(name, bin, config, log, &sock, WATCHDOG).unwrap();
+    let p = run_notified(name, bin, config, log, &sock, WATCHDOG).unwrap();
     let before = sock
         .wait_for("READY=1", READY_WITHIN)
         .unwrap_or_else(|e| panic!("{name}: {e}\nlog:\n{}", p.log_tail(30)));
@@ -39,14 +38,16 @@ fn notify_cycle(name: &str, bin: &Path, config: &Path, log: &Path, answers: impl
         .unwrap_or_else(|e| panic!("{name}: the watchdog is not fed: {e}"));
     // SIGTERM: STOPPING=1, then a clean exit.
     let pid = p.pid();
-    let status = p.terminate(STOP_WITHIN).unwrap();
+    let log = p.log.clone();
+    let (status, _) = p.stop().unwrap();
+    let tail = || rebound_lab::process::log_tail(&log, 30);
     sock.wait_for("STOPPING=1", Duration::from_secs(1))
-        .unwrap_or_else(|e| panic!("{name} (pid {pid}): {e}\nlog:\n{}", p.log_tail(30)));
+        .unwrap_or_else(|e| panic!("{name} (pid {pid}): {e}\nlog:\n{}", tail()));
     assert_eq!(
         status.code(),
         Some(0),
         "{name} did not stop cleanly on SIGTERM ({status}); log:\n{}",
-        p.log_tail(30)
+        tail()
     );
 }
 
@@ -55,12 +56,17 @@ fn connects(name: &str, addr: SocketAddr) {
         .unwrap_or_else(|e| panic!("{name} sent READY=1 but does not answer on {addr}: {e}"));
 }
 
+/// [`notify_cycle`] for a component of a lab (nothing else started).
+fn lab_cycle(lab: &Lab, c: Component, answers: impl FnOnce()) {
+    let bin = lab.bins.path(c.binary()).unwrap();
+    let log = lab.path(&format!("{}-notify.log", c.name()));
+    notify_cycle(c.name(), &bin, &lab.config_path(c), &log, answers);
+}
+
 #[test]
 fn master_target_is_ready_once_it_answers() {
     let lab = Lab::new(LabOptions::default()).unwrap();
-    let bin = lab.bins.path("rebound-mt").unwrap();
-    let log = lab.path("mt-notify.log");
-    notify_cycle("mt", &bin, &lab.config_path(Component::Mt), &log, || {
+    lab_cycle(&lab, Component::Mt, || {
         connects("mt", lab.mt_addr);
         // A full TLS handshake with the MT's gRPC server.
         lab.mt_client()
@@ -71,11 +77,7 @@ fn master_target_is_ready_once_it_answers() {
 #[test]
 fn process_server_is_ready_once_it_answers() {
     let lab = Lab::new(LabOptions::default()).unwrap();
-    let bin = lab.bins.path("rebound-ps").unwrap();
-    let log = lab.path("ps-notify.log");
-    notify_cycle("ps", &bin, &lab.config_path(Component::Ps), &log, || {
-        connects("ps", lab.ps_addr)
-    });
+    lab_cycle(&lab, Component::Ps, || connects("ps", lab.ps_addr));
 }
 
 #[test]
