@@ -5,6 +5,7 @@
 //! silently falls back to a default. `validate` turns it into the checked
 //! values the rest of the agent uses, so nothing else re-derives defaults.
 
+use rebound_common::cli_args::ComponentConfig;
 use rebound_common::control::CsConfig;
 use rebound_common::tls::TlsFiles;
 use serde::{Deserialize, Serialize};
@@ -99,7 +100,8 @@ pub struct DiskConfig {
 pub struct PsConfig {
     /// `host:port` of the process server.
     pub addr: String,
-    /// Name in the PS certificate (TLS server name).
+    /// Name in the PS certificate (TLS server name); empty means the host
+    /// of `addr`.
     pub server_name: String,
 }
 
@@ -107,7 +109,7 @@ impl Default for PsConfig {
     fn default() -> Self {
         PsConfig {
             addr: "127.0.0.1:9443".into(),
-            server_name: "localhost".into(),
+            server_name: String::new(),
         }
     }
 }
@@ -128,7 +130,7 @@ impl Default for Config {
             dirty_keep_extents: 4096,
             disks: Vec::new(),
             ps: PsConfig::default(),
-            tls: TlsFiles::default(),
+            tls: TlsFiles::installed("agent"),
             site: String::new(),
             cs: CsConfig::default(),
             hooks: HooksConfig::default(),
@@ -136,6 +138,10 @@ impl Default for Config {
             app_interval_secs: 3600,
         }
     }
+}
+
+impl ComponentConfig for Config {
+    const COMPONENT: &'static str = "agent";
 }
 
 /// The config after defaults and checks; what the agent runs with.

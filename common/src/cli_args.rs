@@ -6,10 +6,13 @@
 //! the same way, and each `main` stays a thin dispatch over its library.
 
 use crate::config::ConfigError;
-use crate::enrollment::{enroll, EnrollError, Enrolled};
+use crate::enrollment::{
+    checked_names, default_server_names, enroll_with, EnrollError, EnrollOptions, Enrolled,
+    NameError,
+};
 use crate::pki::Role;
 use crate::telemetry::{self, LogFormat};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use thiserror::Error;
 
@@ -30,11 +33,50 @@ impl LogArgs {
     }
 }
 
+/// Where the install layout keeps a component's config:
+/// `/etc/rebound/<component>.toml`.
+pub fn default_config(component: &str) -> PathBuf {
+    PathBuf::from(format!("/etc/rebound/{component}.toml"))
+}
+
+/// A daemon's config file, named after its component (`agent`, `ps`, `mt`,
+/// `cs`) for the install layout's default paths.
+pub trait ComponentConfig: serde::de::DeserializeOwned + Default {
+    const COMPONENT: &'static str;
+}
+
+/// Why `run` could not load its config.
+#[derive(Debug, Error)]
+pub enum RunError {
+    #[error("config file {path} does not exist: copy the example ({example} when installed from the package, {component}'s example-config.toml in the source) there and edit it, or pass --config FILE")]
+    NoConfig {
+        path: PathBuf,
+        example: PathBuf,
+        component: &'static str,
+    },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// Loads the config of `T`'s component from `path`, default
+/// [`default_config`]; a missing file says where the example is.
+pub fn load_config<T: ComponentConfig>(path: Option<&Path>) -> Result<T, RunError> {
+    let path = path.map_or_else(|| default_config(T::COMPONENT), Path::to_path_buf);
+    if !path.exists() {
+        return Err(RunError::NoConfig {
+            example: PathBuf::from(format!("/etc/rebound/{}.toml.example", T::COMPONENT)),
+            component: T::COMPONENT,
+            path,
+        });
+    }
+    Ok(crate::config::load(Some(&path))?)
+}
+
 /// The flags of the `run` subcommand of the PS, MT and CS.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
-    /// Config file (TOML; see the binary's example-config.toml). Without it,
-    /// every key has its default.
+    /// Config file (TOML; see the binary's example-config.toml); default
+    /// /etc/rebound/<component>.toml.
     #[arg(long)]
     pub config: Option<PathBuf>,
     #[command(flatten)]
@@ -43,9 +85,9 @@ pub struct RunArgs {
 
 impl RunArgs {
     /// Starts TLS and logging ([`LogArgs::start`]) and loads the config.
-    pub fn start<T: serde::de::DeserializeOwned + Default>(&self) -> Result<T, ConfigError> {
+    pub fn start<T: ComponentConfig>(&self) -> Result<T, RunError> {
         self.log.start();
-        crate::config::load(self.config.as_deref())
+        load_config(self.config.as_deref())
     }
 }
 
@@ -64,10 +106,20 @@ pub struct EnrollArgs {
     /// agent, the config's machine_id).
     #[arg(long)]
     pub id: String,
-    /// Where ca.pem, <role>.pem and <role>.key go (point [tls] at them);
-    /// default /etc/rebound/<role>.
+    /// Where ca.pem, <component>.pem and <component>.key go; default
+    /// /etc/rebound/tls, where every config looks by default.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// A DNS name or IP address other components reach this server by, put
+    /// in its certificate (repeatable; PS and MT only). Default: the host
+    /// name and the host of `advertise` (else `listen`) in --config.
+    /// localhost and 127.0.0.1 are in the certificate only when named.
+    #[arg(long = "name")]
+    pub names: Vec<String>,
+    /// This component's config, read for the default --name; default
+    /// /etc/rebound/<component>.toml (ignored when missing).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 /// Why `enroll` failed before or while talking to the CS.
@@ -85,12 +137,25 @@ pub enum EnrollCommandError {
 impl EnrollArgs {
     /// The output directory, absolute so the printed config snippet works
     /// from any working directory.
-    pub fn out_dir(&self, role: Role) -> PathBuf {
-        let out = self
-            .out
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(format!("/etc/rebound/{role}")));
+    pub fn out_dir(&self) -> PathBuf {
+        let out = self.out.clone().unwrap_or_else(|| PathBuf::from(TLS_DIR));
         std::path::absolute(&out).unwrap_or(out)
+    }
+
+    /// The names the certificate serves TLS for: `--name`s, else the
+    /// defaults; none for an agent (its certificate cannot serve).
+    pub fn server_names(&self, role: Role) -> Result<Vec<String>, EnrollError> {
+        if role == Role::Agent && !self.names.is_empty() {
+            return Err(NameError::AgentNames(self.names.clone()).into());
+        }
+        if role == Role::Agent || !self.names.is_empty() {
+            return Ok(checked_names(&self.names)?);
+        }
+        let config = self
+            .config
+            .clone()
+            .unwrap_or_else(|| default_config(role.as_str()));
+        Ok(default_server_names(Some(&config)))
     }
 
     /// Enrolls as `role`, writes the files and prints the config sections
@@ -103,13 +168,21 @@ impl EnrollArgs {
                 source,
             }
         })?;
-        let e = enroll(&self.cs, pass.trim(), role, &self.id, &self.out_dir(role)).await?;
+        let e = enroll_with(&EnrollOptions {
+            cs_addr: self.cs.clone(),
+            passphrase: pass.trim().to_string(),
+            role,
+            id: self.id.clone(),
+            server_names: self.server_names(role)?,
+            out_dir: self.out_dir(),
+        })
+        .await?;
         println!("{}", self.summary(role, &e));
         Ok(e)
     }
 
-    /// What `enroll` prints: who enrolled where, the CA fingerprint to
-    /// compare, and the config sections to paste.
+    /// What `enroll` prints: who enrolled where, the names it serves TLS
+    /// for, the CA fingerprint to compare, and the config sections to paste.
     pub fn summary(&self, role: Role, e: &Enrolled) -> String {
         let (id, cs) = (&self.id, &self.cs);
         let machine = if role == Role::Agent {
@@ -117,14 +190,26 @@ impl EnrollArgs {
         } else {
             String::new()
         };
+        let names = if role == Role::Agent {
+            "none (an agent's certificate is a client's only)".to_string()
+        } else if e.server_names.is_empty() {
+            "none: no one can connect to this server; enroll again with --name HOST".to_string()
+        } else {
+            e.server_names.join(", ")
+        };
         format!(
             "enrolled as {role}:{id} with the configuration server at {cs}\n\
+             TLS server names: {names}\n\
              CA fingerprint (blake3): {}\n\
              {machine}[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[cs]\naddr = {cs:?}",
             e.ca_fingerprint, e.ca, e.cert, e.key
         )
     }
 }
+
+/// Where the install layout keeps the TLS files (`ca.pem`,
+/// `<component>.pem`, `<component>.key`).
+pub const TLS_DIR: &str = "/etc/rebound/tls";
 
 /// A listen address from the config could not be bound.
 #[derive(Debug, Error)]
@@ -211,19 +296,63 @@ mod tests {
             passphrase_file: "p".into(),
             id: "m1".into(),
             out: None,
+            names: Vec::new(),
+            config: None,
         };
-        assert_eq!(a.out_dir(Role::Mt), PathBuf::from("/etc/rebound/mt"));
+        assert_eq!(a.out_dir(), PathBuf::from("/etc/rebound/tls"));
+        assert!(a.server_names(Role::Agent).unwrap().is_empty());
+        let named = EnrollArgs {
+            names: vec!["ps1.example.net".into(), "10.0.0.3".into()],
+            ..a.clone()
+        };
+        assert_eq!(
+            named.server_names(Role::Ps).unwrap(),
+            vec!["ps1.example.net".to_string(), "10.0.0.3".to_string()]
+        );
+        let e = named.server_names(Role::Agent).unwrap_err().to_string();
+        assert!(e.contains("cannot serve"), "{e}");
+        let wild = EnrollArgs {
+            names: vec!["*.example.net".into()],
+            ..a.clone()
+        };
+        let e = wild.server_names(Role::Mt).unwrap_err().to_string();
+        assert!(e.contains("wildcard"), "{e}");
         let e = Enrolled {
             ca: "/x/ca.pem".into(),
             cert: "/x/agent.pem".into(),
             key: "/x/agent.key".into(),
             ca_fingerprint: "ff".into(),
+            server_names: vec!["ps1".into(), "10.0.0.3".into()],
         };
         let s = a.summary(Role::Agent, &e);
         assert!(
             s.contains("machine_id = \"m1\"\n[tls]\nca = \"/x/ca.pem\""),
             "{s}"
         );
-        assert!(!a.summary(Role::Ps, &e).contains("machine_id"));
+        let ps = a.summary(Role::Ps, &e);
+        assert!(!ps.contains("machine_id"));
+        assert!(ps.contains("TLS server names: ps1, 10.0.0.3"), "{ps}");
+    }
+
+    #[derive(Debug, Default, serde::Deserialize)]
+    struct Cfg {
+        #[allow(dead_code)]
+        listen: String,
+    }
+
+    impl ComponentConfig for Cfg {
+        const COMPONENT: &'static str = "ps";
+    }
+
+    #[test]
+    fn a_missing_config_names_the_path_and_the_example() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ps.toml");
+        let e = load_config::<Cfg>(Some(&path)).unwrap_err().to_string();
+        assert!(e.contains(&path.display().to_string()), "{e}");
+        assert!(e.contains("/etc/rebound/ps.toml.example"), "{e}");
+        std::fs::write(&path, "listen = 'x'").unwrap();
+        load_config::<Cfg>(Some(&path)).unwrap();
+        assert_eq!(default_config("mt"), PathBuf::from("/etc/rebound/mt.toml"));
     }
 }

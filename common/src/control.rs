@@ -45,7 +45,7 @@ use tracing::{debug, error, info, warn};
 pub struct CsConfig {
     /// The CS, `host:port`.
     pub addr: String,
-    /// TLS server name of the CS; "" means "localhost".
+    /// TLS server name of the CS; "" means the host of `addr`.
     pub server_name: String,
 }
 
@@ -54,12 +54,9 @@ impl CsConfig {
         !self.addr.is_empty()
     }
 
-    fn server_name(&self) -> &str {
-        if self.server_name.is_empty() {
-            "localhost"
-        } else {
-            &self.server_name
-        }
+    /// The name the CS's certificate is checked against.
+    pub fn server_name(&self) -> &str {
+        crate::tls::server_name_for(&self.server_name, &self.addr)
     }
 }
 

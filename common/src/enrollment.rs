@@ -31,6 +31,12 @@ use thiserror::Error;
 
 use rand::RngCore;
 
+mod names;
+
+pub use names::{
+    advertised_host, check_server_name, checked_names, default_server_names, host_name, NameError,
+};
+
 /// The key derivation named in `EnrollParamsResponse.kdf`.
 pub const KDF: &str = "blake3-derive-key-v1";
 
@@ -158,6 +164,8 @@ pub enum EnrollError {
     Refused { addr: String, message: String },
     #[error("the configuration server at {addr} is not trusted: {message}. Nothing was written; check --cs points at your CS and that no proxy sits in between")]
     Untrusted { addr: String, message: String },
+    #[error(transparent)]
+    Name(#[from] NameError),
     #[error("cannot make the key or certificate request: {0}")]
     Pki(String),
     #[error("cannot write {path}: {source} (check --out / the state directory is writable)")]
@@ -177,7 +185,7 @@ pub struct EnrollOptions {
     pub role: Role,
     pub id: String,
     /// DNS names/IPs the certificate should be valid for as a TLS server
-    /// (PS and MT); empty for agents.
+    /// (PS and MT: the names others dial it by); empty for agents.
     pub server_names: Vec<String>,
     /// Where `ca.pem`, `<role>.pem` and `<role>.key` go.
     pub out_dir: PathBuf,
@@ -191,11 +199,14 @@ pub struct Enrolled {
     pub key: PathBuf,
     /// blake3 of the CA certificate's DER (hex), for the operator to compare.
     pub ca_fingerprint: String,
+    /// The names the certificate serves TLS for (none for an agent).
+    pub server_names: Vec<String>,
 }
 
 /// Enrolls `role:id` with the CS at `cs_addr` and writes the files into
-/// `out_dir`. PS and MT certificates are valid as servers for `localhost`
-/// and `127.0.0.1`; use [`enroll_with`] for other names.
+/// `out_dir`, for a deployment on one host: PS and MT certificates are valid
+/// as servers for `localhost` and `127.0.0.1` only. Real hosts use
+/// [`enroll_with`] with the names the component is reached at.
 pub async fn enroll(
     cs_addr: &str,
     passphrase: &str,
@@ -296,14 +307,18 @@ pub async fn enroll_with(opts: &EnrollOptions) -> Result<Enrolled, EnrollError> 
         )));
     }
     check_id(&opts.id).map_err(EnrollError::Invalid)?;
+    let server_names = checked_names(&opts.server_names)?;
+    if opts.role == Role::Agent && !server_names.is_empty() {
+        return Err(NameError::AgentNames(server_names).into());
+    }
     let host = host_of(&addr)?;
     let server_name = ServerName::try_from(host.clone())
         .map_err(|e| EnrollError::Invalid(format!("--cs host {host:?}: {e}")))?;
 
     // The key stays here; only the CSR travels.
     let key = KeyPair::generate().map_err(|e| EnrollError::Pki(e.to_string()))?;
-    let mut params = CertificateParams::new(opts.server_names.clone())
-        .map_err(|e| EnrollError::Pki(format!("server names {:?}: {e}", opts.server_names)))?;
+    let mut params = CertificateParams::new(server_names.clone())
+        .map_err(|e| EnrollError::Pki(format!("server names {server_names:?}: {e}")))?;
     params
         .distinguished_name
         .push(DnType::CommonName, format!("{}:{}", opts.role, opts.id));
@@ -469,6 +484,7 @@ pub async fn enroll_with(opts: &EnrollOptions) -> Result<Enrolled, EnrollError> 
         cert: opts.out_dir.join(format!("{role}.pem")),
         key: opts.out_dir.join(format!("{role}.key")),
         ca_fingerprint: hex(blake3::hash(&ca_der).as_bytes()),
+        server_names,
     })
 }
 

@@ -127,6 +127,13 @@ pub fn server_name_for<'a>(server_name: &'a str, addr: &'a str) -> &'a str {
 }
 
 impl TlsFiles {
+    /// Where the install layout keeps `component`'s files:
+    /// `/etc/rebound/tls/{ca.pem,<component>.pem,<component>.key}`, as
+    /// `enroll` writes them by default.
+    pub fn installed(component: &str) -> TlsFiles {
+        TlsFiles::in_dir(Path::new(crate::cli_args::TLS_DIR), component)
+    }
+
     /// Files named `<name>.pem`/`<name>.key` and `ca.pem` in one directory.
     pub fn in_dir(dir: &Path, name: &str) -> TlsFiles {
         TlsFiles {

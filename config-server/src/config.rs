@@ -1,7 +1,11 @@
 //! The `rebound-cs` config file (DESIGN.md §2): one TOML file, documented
 //! defaults, unknown keys are an error. `example-config.toml` documents every
-//! key; `rebound-cs init --dir D` writes a ready one as `D/config.toml`.
+//! key. Its defaults are the install layout (`/etc/rebound/tls/`, state in
+//! `/var/lib/rebound/cs/`), which `rebound-cs init` writes as
+//! `/etc/rebound/cs.toml`; `rebound-cs init --dir D` writes one with every
+//! file in D as `D/config.toml`.
 
+use rebound_common::cli_args::{ComponentConfig, TLS_DIR};
 use rebound_common::tls::TlsFiles;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -41,12 +45,28 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        let dir = Path::new(DEFAULT_DIR);
-        Config::in_dir(dir)
+        Config::installed(Path::new("/"))
     }
 }
 
+impl ComponentConfig for Config {
+    const COMPONENT: &'static str = "cs";
+}
+
 impl Config {
+    /// The install layout under `root` (`/` on a real host): the database
+    /// in `/var/lib/rebound/cs/`, the CA key and TLS files in
+    /// `/etc/rebound/tls/`.
+    pub fn installed(root: &Path) -> Config {
+        let under = |p: &str| root.join(p.trim_start_matches('/'));
+        let tls_dir = under(TLS_DIR);
+        Config {
+            ca_key: tls_dir.join("ca.key"),
+            tls: TlsFiles::in_dir(&tls_dir, "cs"),
+            ..Config::in_dir(&under(DEFAULT_DIR))
+        }
+    }
+
     /// The defaults with every file inside `dir` (what `init --dir` writes).
     pub fn in_dir(dir: &Path) -> Config {
         Config {

@@ -1,23 +1,82 @@
-//! `rebound-cs init --dir D`: a new deployment (DESIGN.md §3).
+//! `rebound-cs init`: a new deployment (DESIGN.md §3).
 //!
-//! Makes the CA, the CS server certificate (for `localhost`, `127.0.0.1` and
-//! any extra names), the admin client certificate the CLI uses, and a random
-//! enrollment passphrase. The passphrase is returned so `main` prints it
-//! once, and written to `D/passphrase` (mode 0600); the database keeps only
-//! its salted hash (see `enrollment::passphrase_key`). A ready
-//! `D/config.toml` points at everything in D.
+//! Makes the CA, the CS server certificate (for the names the CS is reached
+//! at), the admin client certificate the CLI uses, and a random enrollment
+//! passphrase. The passphrase is returned so `main` prints it once, and
+//! written to a file (mode 0600); the database keeps only its salted hash
+//! (see `enrollment::passphrase_key`). A ready config points at everything.
+//!
+//! Two layouts ([`Layout`]): the install layout of a real host (config
+//! `/etc/rebound/cs.toml`, TLS files in `/etc/rebound/tls/`, passphrase
+//! `/etc/rebound/passphrase`, database in `/var/lib/rebound/cs/`), or every
+//! file in one directory (`--dir D`, for labs and tests).
 
 use crate::config::Config;
 use crate::enrollment::{new_passphrase, set_passphrase};
 use crate::error::CsError;
 use crate::store::SqliteStore;
+use rebound_common::enrollment::{checked_names, host_name};
 use rebound_common::pki::{write_cert, Ca, Role};
+use rebound_common::tls::host_of;
+use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+/// Where `init` puts a deployment's files.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Layout {
+    /// ca.pem, ca.key, cs.pem, cs.key, admin.pem, admin.key.
+    pub tls_dir: PathBuf,
+    pub config_file: PathBuf,
+    pub passphrase_file: PathBuf,
+    /// The config written, before its listen address is set.
+    pub config: Config,
+}
+
+impl Layout {
+    /// Everything in `dir` (`init --dir`): `dir/config.toml`,
+    /// `dir/passphrase`, the TLS files and the database.
+    pub fn in_dir(dir: &Path) -> Layout {
+        Layout {
+            tls_dir: dir.to_path_buf(),
+            config_file: dir.join("config.toml"),
+            passphrase_file: dir.join("passphrase"),
+            config: Config::in_dir(dir),
+        }
+    }
+
+    /// The install layout under `root` (`/` on a real host).
+    pub fn installed(root: &Path) -> Layout {
+        let etc = root.join("etc/rebound");
+        let config = Config::installed(root);
+        Layout {
+            tls_dir: config
+                .tls
+                .ca
+                .parent()
+                .map_or_else(|| etc.join("tls"), Path::to_path_buf),
+            config_file: etc.join("cs.toml"),
+            passphrase_file: etc.join("passphrase"),
+            config,
+        }
+    }
+
+    /// Files whose presence means a deployment is already there.
+    fn existing(&self) -> [PathBuf; 5] {
+        [
+            self.tls_dir.join("ca.pem"),
+            self.tls_dir.join("ca.key"),
+            self.config.db.clone(),
+            self.config_file.clone(),
+            self.passphrase_file.clone(),
+        ]
+    }
+}
 
 /// What `init` made.
 #[derive(Debug, Clone)]
 pub struct Initialized {
+    /// The directory of the TLS files.
     pub dir: PathBuf,
     pub passphrase: String,
     pub passphrase_file: PathBuf,
@@ -27,41 +86,92 @@ pub struct Initialized {
     pub ca_cert: PathBuf,
     /// The listen address in the written config (what components dial).
     pub listen: String,
+    /// The names the CS certificate is valid for.
+    pub server_names: Vec<String>,
 }
 
-/// Creates a deployment in `dir`. Refuses a directory that already holds
-/// one. `server_names` are extra DNS names/IPs for the CS certificate;
-/// `listen` overrides the default listen address in the written config.
+/// The CS certificate's names: `names` (default: the host name), the
+/// listen host unless unspecified, and `localhost`/127.0.0.1 when listening
+/// on 127.0.0.1, so local tools reach a loopback CS by either.
+pub fn cs_server_names(names: &[String], listen: &str) -> Result<Vec<String>, CsError> {
+    let mut all: Vec<String> = if names.is_empty() {
+        let h = host_name();
+        rebound_common::enrollment::check_server_name(&h)
+            .is_ok()
+            .then_some(h)
+            .into_iter()
+            .collect()
+    } else {
+        names.to_vec()
+    };
+    let host = host_of(listen);
+    match host.parse::<IpAddr>() {
+        Ok(ip) if ip.is_unspecified() => {}
+        Ok(ip) if ip == IpAddr::from([127, 0, 0, 1]) => {
+            all.extend(["localhost".to_string(), "127.0.0.1".to_string()])
+        }
+        _ if host.is_empty() => {}
+        _ => all.push(host.to_string()),
+    }
+    checked_names(&all).map_err(|e| CsError::InvalidArgument(e.to_string()))
+}
+
+/// Creates a deployment in `dir` (every file there). See [`init_layout`].
 pub async fn init(
     dir: &Path,
     server_names: &[String],
     listen: Option<&str>,
 ) -> Result<Initialized, CsError> {
-    for existing in ["ca.pem", "ca.key", "cs.db"] {
-        if dir.join(existing).exists() {
+    init_layout(&Layout::in_dir(dir), server_names, listen).await
+}
+
+/// Creates a deployment in `layout`. Refuses a place that already holds
+/// one. `server_names` are the DNS names/IPs for the CS certificate (see
+/// [`cs_server_names`]); `listen` overrides the default listen address in
+/// the written config.
+pub async fn init_layout(
+    layout: &Layout,
+    server_names: &[String],
+    listen: Option<&str>,
+) -> Result<Initialized, CsError> {
+    let mut config = layout.config.clone();
+    if let Some(l) = listen {
+        config.listen = l.to_string();
+    }
+    let names = cs_server_names(server_names, &config.listen)?;
+    for existing in layout.existing() {
+        if existing.exists() {
             return Err(CsError::AlreadyExists(format!(
-                "{} already holds a deployment ({existing} exists): use another --dir, or remove \
-                 the directory if that deployment is no longer wanted",
-                dir.display()
+                "{} exists, so a deployment is already there: use another --dir, or remove its \
+                 files if that deployment is no longer wanted",
+                existing.display()
             )));
         }
     }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| CsError::io(format!("cannot create {}", dir.display()), e))?;
+    let dir = &layout.tls_dir;
+    let state_dir = config.db.parent().unwrap_or(dir);
+    for (d, mode) in [
+        (dir.as_path(), 0o755),
+        (state_dir, 0o700),
+        (layout.config_file.parent().unwrap_or(dir), 0o755),
+    ] {
+        // One directory for everything (`--dir`) stays private.
+        let mode = if d == state_dir || *dir == *state_dir {
+            0o700
+        } else {
+            mode
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(mode)
+            .create(d)
+            .map_err(|e| CsError::io(format!("cannot create {}", d.display()), e))?;
+    }
     let pki =
         |e: rebound_common::pki::PkiError| CsError::Pki(format!("init in {}: {e}", dir.display()));
 
     let ca = Ca::generate("deployment").map_err(pki)?;
     ca.write(dir).map_err(pki)?;
-    let mut names = rebound_common::pki::local_server_names();
-    for n in server_names {
-        if !names.contains(n) {
-            names.push(n.clone());
-        }
-    }
     write_cert(dir, "cs", &ca.issue(Role::Cs, "cs", &names).map_err(pki)?).map_err(pki)?;
     write_cert(
         dir,
@@ -70,18 +180,14 @@ pub async fn init(
     )
     .map_err(pki)?;
 
-    let mut config = Config::in_dir(dir);
-    if let Some(l) = listen {
-        config.listen = l.to_string();
-    }
     let store = SqliteStore::open(&config.db).await?;
     let passphrase = new_passphrase();
     set_passphrase(&store, &passphrase).await?;
     store.close().await;
 
-    let passphrase_file = dir.join("passphrase");
+    let passphrase_file = layout.passphrase_file.clone();
     write_private(&passphrase_file, format!("{passphrase}\n").as_bytes())?;
-    let config_file = dir.join("config.toml");
+    let config_file = layout.config_file.clone();
     let text = toml::to_string(&config)
         .map_err(|e| CsError::Internal(format!("cannot write the config: {e}")))?;
     write_private(
@@ -98,6 +204,7 @@ pub async fn init(
         admin_key: dir.join("admin.key"),
         ca_cert: dir.join("ca.pem"),
         listen: config.listen.clone(),
+        server_names: names,
     })
 }
 
@@ -168,8 +275,84 @@ mod tests {
         // A second init in the same place is refused.
         let again = init(&dir, &[], None).await.unwrap_err();
         assert!(
-            again.to_string().contains("already holds a deployment"),
+            again.to_string().contains("a deployment is already there"),
             "{again}"
+        );
+        // Listening on 127.0.0.1, local tools may use either loopback name.
+        let (_, cert) = x509(&dir.join("cs.pem"));
+        for n in ["cs.example", "localhost", "127.0.0.1"] {
+            assert!(cert.contains(&n.to_string()), "{n} not in {cert:?}");
+        }
+    }
+
+    /// The subjectAltNames of a PEM certificate file.
+    fn x509(path: &Path) -> (String, Vec<String>) {
+        let pem = std::fs::read_to_string(path).unwrap();
+        let der = rebound_common::enrollment::first_cert_der(&pem).unwrap();
+        let (_, c) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let names = c
+            .subject_alternative_name()
+            .unwrap()
+            .map(|s| {
+                s.value
+                    .general_names
+                    .iter()
+                    .map(|n| match n {
+                        x509_parser::extensions::GeneralName::DNSName(d) => d.to_string(),
+                        x509_parser::extensions::GeneralName::IPAddress(b) => {
+                            match <[u8; 4]>::try_from(*b) {
+                                Ok(v4) => IpAddr::from(v4).to_string(),
+                                Err(_) => format!("{b:?}"),
+                            }
+                        }
+                        other => format!("{other:?}"),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        (c.subject().to_string(), names)
+    }
+
+    #[tokio::test]
+    async fn init_without_dir_writes_the_install_layout() {
+        let root = tempfile::tempdir().unwrap();
+        let layout = Layout::installed(root.path());
+        let out = init_layout(&layout, &[], Some("10.0.0.5:7443"))
+            .await
+            .unwrap();
+        let etc = root.path().join("etc/rebound");
+        assert_eq!(out.config_file, etc.join("cs.toml"));
+        assert_eq!(out.passphrase_file, etc.join("passphrase"));
+        for f in [
+            "ca.pem",
+            "ca.key",
+            "cs.pem",
+            "cs.key",
+            "admin.pem",
+            "admin.key",
+        ] {
+            assert!(etc.join("tls").join(f).exists(), "{f} missing");
+        }
+        let cfg: Config = rebound_common::config::load(Some(&out.config_file)).unwrap();
+        assert_eq!(cfg.db, root.path().join("var/lib/rebound/cs/cs.db"));
+        assert!(cfg.db.exists());
+        assert_eq!(cfg.tls.cert, etc.join("tls/cs.pem"));
+        assert_eq!(cfg.ca_key, etc.join("tls/ca.key"));
+        // Not on loopback: the host name and the listen host, no localhost.
+        let (_, names) = x509(&etc.join("tls/cs.pem"));
+        assert!(names.contains(&"10.0.0.5".to_string()), "{names:?}");
+        assert!(!names.iter().any(|n| n == "localhost" || n == "127.0.0.1"));
+        assert_eq!(out.server_names, names);
+        assert_eq!(Layout::installed(Path::new("/")).config, Config::default());
+    }
+
+    #[test]
+    fn cs_names_refuse_wildcards() {
+        let e = cs_server_names(&["*.example".into()], "10.0.0.5:7443").unwrap_err();
+        assert!(e.to_string().contains("wildcard"), "{e}");
+        assert_eq!(
+            cs_server_names(&["cs.example".into()], "0.0.0.0:7443").unwrap(),
+            vec!["cs.example".to_string()]
         );
     }
 }

@@ -14,14 +14,19 @@ use std::path::PathBuf;
 )]
 enum Cmd {
     /// Create a deployment: CA, CS server certificate, admin certificate for
-    /// the CLI, enrollment passphrase, database and config.toml, all in DIR.
-    /// The passphrase is printed once and kept in DIR/passphrase (mode 0600).
+    /// the CLI, enrollment passphrase, database and config. Installed layout
+    /// by default: /etc/rebound/cs.toml, /etc/rebound/tls/ (ca, cs, admin),
+    /// /etc/rebound/passphrase (mode 0600), database in /var/lib/rebound/cs.
+    /// The passphrase is printed once.
     Init {
-        /// Directory for the deployment's files (created; must not hold one).
+        /// Put every file in DIR instead (DIR/config.toml, DIR/passphrase,
+        /// the certificates and the database), as labs and tests do.
         #[arg(long)]
-        dir: PathBuf,
-        /// Extra DNS name or IP for the CS certificate (repeatable); the
-        /// certificate always covers localhost and 127.0.0.1.
+        dir: Option<PathBuf>,
+        /// DNS name or IP address components reach the CS by, put in its
+        /// certificate (repeatable). Default: the host name. The listen host
+        /// is always added, and localhost/127.0.0.1 when listening on
+        /// 127.0.0.1.
         #[arg(long = "name")]
         names: Vec<String>,
         /// Listen address written to the config (default 127.0.0.1:7443).
@@ -33,7 +38,8 @@ enum Cmd {
     /// Replace the enrollment passphrase (enrolled components stay valid).
     /// Prints the new one and writes it to FILE (mode 0600).
     RotatePassphrase {
-        /// Config file of the CS (for the database path).
+        /// Config file of the CS (for the database path); default
+        /// /etc/rebound/cs.toml.
         #[arg(long)]
         config: Option<PathBuf>,
         /// Where to write the new passphrase.
@@ -50,8 +56,20 @@ async fn main() -> std::process::ExitCode {
 async fn real_main(cmd: Cmd) -> Result<()> {
     match cmd {
         Cmd::Init { dir, names, listen } => {
-            let out = rebound_cs::init::init(&dir, &names, listen.as_deref()).await?;
-            println!("Deployment created in {}.", out.dir.display());
+            let layout = match &dir {
+                Some(dir) => rebound_cs::init::Layout::in_dir(dir),
+                None => rebound_cs::init::Layout::installed(std::path::Path::new("/")),
+            };
+            let out = rebound_cs::init::init_layout(&layout, &names, listen.as_deref()).await?;
+            println!(
+                "Deployment created: config {}, certificates in {}.",
+                out.config_file.display(),
+                out.dir.display()
+            );
+            println!(
+                "CS certificate names: {} (components must dial one of them)",
+                out.server_names.join(", ")
+            );
             println!();
             println!(
                 "Enrollment passphrase (shown once; also in {}):",
@@ -60,17 +78,24 @@ async fn real_main(cmd: Cmd) -> Result<()> {
             println!();
             println!("    {}", out.passphrase);
             println!();
-            println!(
-                "Start the server:   rebound-cs run --config {}",
-                out.config_file.display()
-            );
+            if dir.is_some() {
+                println!(
+                    "Start the server:   rebound-cs run --config {}",
+                    out.config_file.display()
+                );
+            } else {
+                println!(
+                    "Start the server:   systemctl enable --now rebound-cs (or rebound-cs run)"
+                );
+            }
             println!(
                 "Enroll components:  rebound-agent enroll --cs {} --passphrase-file {}",
                 out.listen,
                 out.passphrase_file.display()
             );
             println!(
-                "CLI certificate:    {} / {} (CA {})",
+                "CLI certificate:    {} / {} (CA {}); the CLI finds them in ~/.config/rebound \
+                 or /etc/rebound/tls",
                 out.admin_cert.display(),
                 out.admin_key.display(),
                 out.ca_cert.display()
@@ -84,7 +109,7 @@ async fn real_main(cmd: Cmd) -> Result<()> {
             Ok(())
         }
         Cmd::RotatePassphrase { config, out } => {
-            let cfg: rebound_cs::Config = rebound_common::config::load(config.as_deref())?;
+            let cfg: rebound_cs::Config = cli_args::load_config(config.as_deref())?;
             let store = rebound_cs::SqliteStore::open(&cfg.db).await?;
             let pass = rebound_cs::enrollment::new_passphrase();
             rebound_cs::enrollment::set_passphrase(&store, &pass).await?;

@@ -22,23 +22,56 @@ pub struct Enroller<'a> {
 }
 
 impl Enroller<'_> {
+    /// The names a lab server gets when none are given: `localhost` and
+    /// 127.0.0.1, where a one-host lab reaches it (agents get none).
+    fn lab_names(bin: &str) -> Vec<String> {
+        if bin == "rebound-agent" {
+            Vec::new()
+        } else {
+            rebound_common::pki::local_server_names()
+        }
+    }
+
     /// `<bin> enroll --cs CS --passphrase-file PASS --id ID --out OUT`, the
-    /// raw output (tests check refusals too).
+    /// raw output (tests check refusals too); servers are named as
+    /// [`Enroller::lab_names`] says.
     pub fn output(&self, bin: &str, id: &str, out: &Path) -> Result<Output> {
+        self.output_named(bin, id, out, &Self::lab_names(bin))
+    }
+
+    /// The same with `--name N` for each of `names`.
+    pub fn output_named(
+        &self,
+        bin: &str,
+        id: &str,
+        out: &Path,
+        names: &[String],
+    ) -> Result<Output> {
         std::fs::create_dir_all(out)?;
-        Command::new(self.bins.path(bin)?)
-            .args(["enroll", "--cs", self.cs_addr, "--passphrase-file"])
+        let mut cmd = Command::new(self.bins.path(bin)?);
+        cmd.args(["enroll", "--cs", self.cs_addr, "--passphrase-file"])
             .arg(self.passphrase_file)
             .args(["--id", id, "--out"])
-            .arg(out)
-            .output()
+            .arg(out);
+        for n in names {
+            cmd.args(["--name", n]);
+        }
+        // No --config: the host's /etc/rebound is not the lab's.
+        cmd.arg("--config").arg(out.join("no-config.toml"));
+        cmd.output()
             .with_context(|| format!("cannot run {bin} enroll"))
     }
 
-    /// Enrolls `id` with `bin`; an error with the binary's output when
-    /// refused.
+    /// Enrolls `id` with `bin` (servers for `localhost` and 127.0.0.1); an
+    /// error with the binary's output when refused.
     pub fn enroll(&self, bin: &str, id: &str, out: &Path) -> Result<()> {
-        let r = self.output(bin, id, out)?;
+        self.enroll_named(bin, id, out, &Self::lab_names(bin))
+    }
+
+    /// Enrolls `id` with `bin`, its certificate valid as a server for
+    /// exactly `names` (none for an agent).
+    pub fn enroll_named(&self, bin: &str, id: &str, out: &Path, names: &[String]) -> Result<()> {
+        let r = self.output_named(bin, id, out, names)?;
         if !r.status.success() {
             bail!(
                 "{bin} enroll --id {id} at {} failed: {}{}",

@@ -2,6 +2,7 @@
 //! defaults, unknown keys are an error. `example-config.toml` documents every
 //! key.
 
+use rebound_common::cli_args::ComponentConfig;
 use rebound_common::control::CsConfig;
 use rebound_common::tls::TlsFiles;
 use serde::{Deserialize, Serialize};
@@ -55,13 +56,17 @@ impl Default for Config {
             advertise: String::new(),
             nbd_listen: "127.0.0.1:10810".into(),
             data_dir: PathBuf::from("/var/lib/rebound/mt"),
-            tls: TlsFiles::default(),
+            tls: TlsFiles::installed("mt"),
             retention: RetentionConfig::default(),
             site: String::new(),
             cs: CsConfig::default(),
             hooks: HooksConfig::default(),
         }
     }
+}
+
+impl ComponentConfig for Config {
+    const COMPONENT: &'static str = "mt";
 }
 
 /// The `[retention]` section (DESIGN.md §7 "Retention").

@@ -4,6 +4,7 @@
 //! `example-config.toml`), unknown keys refused so a typo never silently
 //! falls back to a default.
 
+use rebound_common::cli_args::ComponentConfig;
 use rebound_common::control::CsConfig;
 use rebound_common::tls::TlsFiles;
 use serde::{Deserialize, Serialize};
@@ -44,13 +45,17 @@ impl Default for Config {
             cache_dir: PathBuf::from("/var/lib/rebound/ps"),
             cache_max_bytes: DEFAULT_CACHE_MAX_BYTES,
             compression_level: 1,
-            tls: TlsFiles::default(),
+            tls: TlsFiles::installed("ps"),
             mt: MtConfig::default(),
             advertise: String::new(),
             site: String::new(),
             cs: CsConfig::default(),
         }
     }
+}
+
+impl ComponentConfig for Config {
+    const COMPONENT: &'static str = "ps";
 }
 
 impl Config {
@@ -82,7 +87,8 @@ pub enum ConfigError {
 pub struct MtConfig {
     /// `host:port` of the master target's gRPC server.
     pub addr: String,
-    /// Name the master target's certificate is checked against.
+    /// Name the master target's certificate is checked against; empty
+    /// means the host of `addr`.
     pub server_name: String,
 }
 
@@ -90,7 +96,7 @@ impl Default for MtConfig {
     fn default() -> Self {
         MtConfig {
             addr: "127.0.0.1:9444".into(),
-            server_name: "localhost".into(),
+            server_name: String::new(),
         }
     }
 }
@@ -102,10 +108,7 @@ mod tests {
 
     #[test]
     fn example_config_parses_and_matches_defaults_where_documented() {
-        // The example shows where TLS files usually live; the default has none.
-        let c: Config = check_example(include_str!("../example-config.toml"), |c: &mut Config| {
-            c.tls = TlsFiles::default()
-        });
+        let c: Config = check_example(include_str!("../example-config.toml"), |_| {});
         assert!(c.validate().is_ok());
         let bad = Config {
             cache_max_bytes: 0,

@@ -19,7 +19,7 @@ pub struct CsArgs {
     #[arg(long = "cs", value_name = "ADDR")]
     pub cs: Option<String>,
     /// Directory with ca.pem, admin.pem and admin.key from `rebound-cs init`
-    /// [env REBOUND_CERTS; default ~/.config/rebound].
+    /// [env REBOUND_CERTS; default ~/.config/rebound, then /etc/rebound/tls].
     #[arg(long = "certs", value_name = "DIR")]
     pub certs: Option<PathBuf>,
 }
@@ -37,17 +37,31 @@ impl CsArgs {
             .unwrap_or_else(|| DEFAULT_CS.to_string())
     }
 
-    pub fn certs_dir(&self) -> PathBuf {
+    /// Where the admin certificate is looked for, in order: the one
+    /// directory named by --certs or REBOUND_CERTS, else the user's
+    /// `~/.config/rebound` and then the host's `/etc/rebound/tls`.
+    pub fn certs_candidates(&self) -> Vec<PathBuf> {
         if let Some(d) = &self.certs {
-            return d.clone();
+            return vec![d.clone()];
         }
         if let Some(d) = std::env::var_os("REBOUND_CERTS").filter(|v| !v.is_empty()) {
-            return PathBuf::from(d);
+            return vec![PathBuf::from(d)];
         }
-        match std::env::var_os("HOME") {
+        let user = match std::env::var_os("HOME") {
             Some(h) => PathBuf::from(h).join(".config/rebound"),
             None => PathBuf::from(".config/rebound"),
-        }
+        };
+        vec![user, PathBuf::from(rebound_common::cli_args::TLS_DIR)]
+    }
+
+    /// The first candidate directory holding `admin.pem` (else the first).
+    pub fn certs_dir(&self) -> PathBuf {
+        let candidates = self.certs_candidates();
+        candidates
+            .iter()
+            .find(|d| d.join("admin.pem").exists())
+            .unwrap_or(&candidates[0])
+            .clone()
     }
 
     /// An error of an RPC, with what to do about it.
@@ -82,17 +96,10 @@ impl CsArgs {
     }
 }
 
-/// The TLS server name for an address: the host, or `localhost` for a
-/// loopback address (the CS certificate always covers it).
+/// The TLS server name for an address: its host (the CS certificate names
+/// the hosts it is reached at; `rebound-cs init --name`).
 fn server_name(addr: &str) -> String {
-    let host = match addr.rsplit_once(':') {
-        Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
-        None => addr,
-    };
-    match host {
-        "" | "127.0.0.1" | "::1" | "localhost" => "localhost".into(),
-        h => h.into(),
-    }
+    rebound_common::tls::server_name_for("", addr).to_string()
 }
 
 /// Connects to the CS's `Admin` service.
@@ -101,12 +108,17 @@ pub async fn connect(args: &CsArgs) -> Result<AdminClient<Channel>> {
     let tls = TlsFiles::in_dir(&dir, "admin");
     for f in [&tls.ca, &tls.cert, &tls.key] {
         if !f.exists() {
+            let tried: Vec<String> = args
+                .certs_candidates()
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect();
             return Err(anyhow!(
-                "{} is missing: copy ca.pem, admin.pem and admin.key from the CS deployment \
-                 directory (`rebound-cs init --dir D` wrote them into D) to {}, or pass --certs D \
-                 (or set REBOUND_CERTS)",
+                "{} is missing (looked for ca.pem, admin.pem and admin.key in {}): on the CS \
+                 host `rebound-cs init` wrote them into /etc/rebound/tls (`--dir D`: into D); \
+                 copy them to ~/.config/rebound, or pass --certs DIR (or set REBOUND_CERTS)",
                 f.display(),
-                dir.display()
+                tried.join(", then ")
             ));
         }
     }
@@ -131,8 +143,23 @@ mod tests {
 
     #[test]
     fn server_names() {
-        assert_eq!(server_name("127.0.0.1:7443"), "localhost");
+        assert_eq!(server_name("127.0.0.1:7443"), "127.0.0.1");
         assert_eq!(server_name("cs.example:7443"), "cs.example");
-        assert_eq!(server_name("[::1]:7443"), "localhost");
+        assert_eq!(server_name("[::1]:7443"), "::1");
+    }
+
+    #[test]
+    fn certs_are_looked_for_in_the_user_then_the_host_directory() {
+        let named = CsArgs {
+            certs: Some(PathBuf::from("/d")),
+            ..CsArgs::default()
+        };
+        assert_eq!(named.certs_candidates(), vec![PathBuf::from("/d")]);
+        if std::env::var_os("REBOUND_CERTS").is_none() {
+            let c = CsArgs::default().certs_candidates();
+            assert_eq!(c.len(), 2);
+            assert!(c[0].ends_with(".config/rebound"), "{c:?}");
+            assert_eq!(c[1], PathBuf::from("/etc/rebound/tls"));
+        }
     }
 }

@@ -47,6 +47,7 @@ use rcgen::{
     CertificateSigningRequestParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
 };
+use rebound_common::enrollment::check_server_name;
 use rebound_common::pki::Role;
 
 /// Settings keys in the store.
@@ -90,10 +91,41 @@ pub struct Issued {
     pub fingerprint_hex: String,
 }
 
+/// The subjectAltNames a CSR asks for, checked: DNS names and IP addresses
+/// only, no wildcard, and none for an agent (its certificate never serves).
+fn checked_san(
+    sans: &[rcgen::SanType],
+    role: Role,
+    id: &str,
+) -> Result<Vec<rcgen::SanType>, CsError> {
+    let refuse = |why: String| {
+        CsError::InvalidArgument(format!("the certificate request for {role}:{id}: {why}"))
+    };
+    if role == Role::Agent && !sans.is_empty() {
+        return Err(refuse(
+            "asks for server names, but an agent's certificate cannot serve TLS".into(),
+        ));
+    }
+    for san in sans {
+        let name = match san {
+            rcgen::SanType::DnsName(d) => d.as_str().to_string(),
+            rcgen::SanType::IpAddress(ip) => ip.to_string(),
+            other => {
+                return Err(refuse(format!(
+                    "asks for {other:?}; only DNS names and IP addresses are issued"
+                )))
+            }
+        };
+        check_server_name(&name).map_err(|e| refuse(e.to_string()))?;
+    }
+    Ok(sans.to_vec())
+}
+
 /// Signs a CSR with the CA. The subject is replaced by CN `"<role>:<id>"`
 /// (how every server authorises peers), the certificate is never a CA, and
 /// it may serve TLS for the DNS names/IPs the CSR asks for (PS and MT are
-/// servers) as well as act as a client.
+/// servers, reached by those names; see [`checked_san`]) as well as act as
+/// a client.
 pub fn sign_csr(
     ca_cert_pem: &str,
     ca_key_pem: &str,
@@ -107,6 +139,7 @@ pub fn sign_csr(
         ))
     })?;
     let p = &mut csr.params;
+    p.subject_alt_names = checked_san(&p.subject_alt_names, role, id)?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, format!("{role}:{id}"));
     p.distinguished_name = dn;
@@ -165,6 +198,38 @@ mod tests {
         );
         let bad = sign_csr(ca.cert_pem(), ca.key_pem(), "junk", Role::Ps, "ps1").unwrap_err();
         assert!(bad.to_string().contains("ps:ps1"), "{bad}");
+    }
+
+    fn csr(names: &[&str]) -> String {
+        let key = KeyPair::generate().unwrap();
+        let names = names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let params = CertificateParams::new(names).unwrap();
+        params.serialize_request(&key).unwrap().pem().unwrap()
+    }
+
+    #[test]
+    fn the_requested_names_are_issued_and_checked() {
+        let ca = Ca::generate("t").unwrap();
+        let sign =
+            |names: &[&str], role| sign_csr(ca.cert_pem(), ca.key_pem(), &csr(names), role, "x");
+        let issued = sign(&["ps1.example.net", "10.0.0.3"], Role::Ps).unwrap();
+        let der = first_cert_der(&issued.cert_pem).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        let names: Vec<String> = san
+            .value
+            .general_names
+            .iter()
+            .map(|n| format!("{n}"))
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names[0].contains("ps1.example.net"), "{names:?}");
+        assert!(names[1].contains("0a:00:00:03"), "{names:?}");
+        let e = sign(&["*.example.net"], Role::Mt).unwrap_err().to_string();
+        assert!(e.contains("wildcard") && e.contains("mt:x"), "{e}");
+        let e = sign(&["host1"], Role::Agent).unwrap_err().to_string();
+        assert!(e.contains("cannot serve"), "{e}");
+        sign(&[], Role::Agent).unwrap();
     }
 
     #[test]
