@@ -2,13 +2,13 @@
 //! reaches the configuration server as an event naming the cause and the
 //! fix, and the job waiting on that link shows it.
 
+use crate::lifecycle::JOB;
 use rebound_lab::*;
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
 /// How soon the operator must see the cause.
 const SEEN_WITHIN: Duration = Duration::from_secs(30);
-const JOB: Duration = Duration::from_secs(180);
 
 /// The newest event of `kind` from `component` in `rebound status`.
 fn event(s: &Sites, component: &str, kind: &str) -> Option<Value> {
@@ -110,6 +110,46 @@ fn wait_job_end(s: &Sites, id: &str) -> Value {
             return j;
         }
         assert!(start.elapsed() < JOB, "job {id} did not end: {j:#}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn a_stopped_mt_shows_as_a_refused_link_of_the_ps_until_it_is_back() {
+    let mut s = Sites::start(SitesOptions::default()).expect("sites");
+    let (m, from, to) = ("m1", "onprem", "azure");
+    crate::lifecycle::protect(&s, m, from, to);
+    let ps = format!("ps:{}", ps_id(from));
+
+    s.stop(&mt_id(to)).expect("stop the MT");
+    s.write(m, from, "disk0", 0, 1 << 20, 0x11).expect("write");
+    let started = Instant::now();
+    let mut seen = None;
+    while started.elapsed() < SEEN_WITHIN && seen.is_none() {
+        seen = event(&s, &ps, "link-refused");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let ev = seen.unwrap_or_else(|| {
+        panic!(
+            "no link-refused event from {ps} within {SEEN_WITHIN:?}: {}",
+            s.cli_ok(&["status"]).unwrap_or_default()
+        )
+    });
+    let msg = ev["message"].as_str().unwrap_or_default();
+    assert_eq!(ev["replication_id"], m, "{ev}");
+    assert!(
+        msg.contains("cannot reach mt at") && msg.contains("check that rebound-mt runs on"),
+        "{msg}"
+    );
+
+    // The MT is back: the PS says so.
+    s.set_power_on(true).expect("start the MT again");
+    let back = Instant::now();
+    while event(&s, &ps, "link-restored").is_none() {
+        assert!(
+            back.elapsed() < SEEN_WITHIN,
+            "no link-restored event from {ps}"
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
 }
