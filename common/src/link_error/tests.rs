@@ -140,31 +140,18 @@ async fn a_closed_port_is_refused_with_the_service_to_check() {
 
 #[test]
 fn certificate_errors_and_alerts_tell_whose_certificate_is_wrong() {
+    use AlertDescription as A;
+    use CertificateError as C;
+    use LinkCause::{Expired, Revoked, Untrusted};
+    let theirs = rustls::Error::InvalidCertificate;
+    let alert = rustls::Error::AlertReceived;
     let cases = [
-        (
-            rustls::Error::InvalidCertificate(CertificateError::Expired),
-            LinkCause::Expired { ours: false },
-        ),
-        (
-            rustls::Error::InvalidCertificate(CertificateError::Revoked),
-            LinkCause::Revoked { ours: false },
-        ),
-        (
-            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer),
-            LinkCause::Untrusted { ours: false },
-        ),
-        (
-            rustls::Error::AlertReceived(AlertDescription::CertificateExpired),
-            LinkCause::Expired { ours: true },
-        ),
-        (
-            rustls::Error::AlertReceived(AlertDescription::CertificateRevoked),
-            LinkCause::Revoked { ours: true },
-        ),
-        (
-            rustls::Error::AlertReceived(AlertDescription::UnknownCA),
-            LinkCause::Untrusted { ours: true },
-        ),
+        (theirs(C::Expired), Expired { ours: false }),
+        (theirs(C::Revoked), Revoked { ours: false }),
+        (theirs(C::UnknownIssuer), Untrusted { ours: false }),
+        (alert(A::CertificateExpired), Expired { ours: true }),
+        (alert(A::CertificateRevoked), Revoked { ours: true }),
+        (alert(A::UnknownCA), Untrusted { ours: true }),
     ];
     for (err, want) in cases {
         // Typed, typed inside an io error (as tokio-rustls hands it), and
