@@ -534,3 +534,92 @@ async fn restart_keeps_everything() {
     assert_eq!(store.get_group("g").await.unwrap().unwrap().hold_ms, 100);
     assert!(dir.join("passphrase").exists());
 }
+
+#[tokio::test]
+async fn components_show_certificate_expiry_version_mismatch_and_the_rpo_alert() {
+    let cs = Cs::start().await;
+    let ps = cs.enrolled(Role::Ps, "ps1").await;
+    let mt = cs.enrolled(Role::Mt, "mt1").await;
+    let agent = cs.enrolled(Role::Agent, "m1").await;
+    // ps1 runs another version; mt1 the CS's own.
+    let (_ps_tx, _ps_down) = connect(cs.channel(&ps).await, hello("ps", "ps1", "onprem", "a"))
+        .await
+        .unwrap();
+    let mut h = hello("mt", "mt1", "azure", "a");
+    h.version = env!("CARGO_PKG_VERSION").into();
+    let (_mt_tx, _mt_down) = connect(cs.channel(&mt).await, h).await.unwrap();
+
+    let mut a = cs.admin().await;
+    let r = a
+        .components(pb::ComponentsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.cs_version, env!("CARGO_PKG_VERSION"));
+    let find = |id: &str| r.components.iter().find(|c| c.id == id).cloned().unwrap();
+    let (p, m) = (find("ps1"), find("mt1"));
+    let year = 365 * 86_400_000;
+    for c in [&p, &m] {
+        assert_eq!(c.health, "online");
+        assert!(c.cert_expiry_ms > now_ms() + year / 2, "{c:?}");
+    }
+    assert!(
+        p.version_mismatch
+            .starts_with("ps:ps1 runs test, the CS runs"),
+        "{}",
+        p.version_mismatch
+    );
+    assert_eq!(m.version_mismatch, "");
+    let s = a.status(pb::StatusRequest {}).await.unwrap().into_inner();
+    let mismatches: Vec<_> = s
+        .events
+        .iter()
+        .filter(|e| e.kind == "version-mismatch")
+        .map(|e| e.component.as_str())
+        .collect();
+    assert_eq!(mismatches, vec!["ps:ps1"], "once per connect, only ps1");
+
+    // An agent whose RPO passes its machine's threshold raises one alert.
+    let (tx, _down) = connect(
+        cs.channel(&agent).await,
+        hello("agent", "m1", "onprem", "a"),
+    )
+    .await
+    .unwrap();
+    let store = cs.store().await;
+    let mut machine = store.get_machine("m1").await.unwrap().unwrap();
+    machine.policy.rpo_alert_ms = 1000;
+    store.put_machine(&machine).await.unwrap();
+    for rpo_ms in [500, 4000, 5000, 200] {
+        tx.send(up(component_message::Msg::Status(pb::Status {
+            status: Some(pb::status::Status::Agent(pb::AgentStatus {
+                rpo_ms,
+                ..Default::default()
+            })),
+        })))
+        .await
+        .unwrap();
+    }
+    eventually("rpo events", || {
+        let mut a = a.clone();
+        async move {
+            let s = a.status(pb::StatusRequest {}).await.unwrap().into_inner();
+            s.events.iter().any(|e| e.kind == "rpo-recovered")
+        }
+    })
+    .await;
+    let s = a.status(pb::StatusRequest {}).await.unwrap().into_inner();
+    let rpo: Vec<_> = s
+        .events
+        .iter()
+        .filter(|e| e.kind.starts_with("rpo-"))
+        .map(|e| (e.kind.as_str(), e.severity.as_str()))
+        .collect();
+    // Newest first.
+    assert_eq!(
+        rpo,
+        vec![("rpo-recovered", "info"), ("rpo-exceeded", "warning")]
+    );
+    drop(tx);
+    cs.stop_with(store).await;
+}
