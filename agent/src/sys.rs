@@ -127,3 +127,21 @@ pub fn set_io_flusher() -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+/// Whether every page may be locked: root (CAP_IPC_LOCK ignores the limit)
+/// or an unlimited `RLIMIT_MEMLOCK`.
+pub fn may_lock_all_memory() -> bool {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: geteuid has no preconditions; getrlimit writes only into
+    // `lim`, a valid rlimit we own.
+    let (euid, rc) = unsafe {
+        (
+            libc::geteuid(),
+            libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim),
+        )
+    };
+    euid == 0 || (rc == 0 && lim.rlim_cur == libc::RLIM_INFINITY)
+}
