@@ -71,7 +71,7 @@ enum Cmd {
         #[arg(long, value_name = "ADDR")]
         mt: Option<String>,
         /// Directory with ca.pem, admin.pem and admin.key [CS: env
-        /// REBOUND_CERTS or ~/.config/rebound; MT: /etc/rebound/certs].
+        /// REBOUND_CERTS or ~/.config/rebound; MT: /etc/rebound/tls].
         #[arg(long, value_name = "DIR")]
         certs: Option<PathBuf>,
         /// Output format: table or json.
@@ -100,8 +100,9 @@ struct MtArgs {
     /// Master target address (host:port).
     #[arg(long, default_value = "127.0.0.1:9444")]
     mt: String,
-    /// Directory with ca.pem, admin.pem and admin.key.
-    #[arg(long, default_value = "/etc/rebound/certs")]
+    /// Directory with ca.pem, admin.pem and admin.key (the MT checks by the
+    /// host of --mt).
+    #[arg(long, default_value = "/etc/rebound/tls")]
     certs: PathBuf,
 }
 
@@ -146,7 +147,7 @@ async fn main() -> Result<()> {
             }
             let mt = MtArgs {
                 mt: mt.unwrap_or_else(|| "127.0.0.1:9444".into()),
-                certs: cs.certs.unwrap_or_else(|| "/etc/rebound/certs".into()),
+                certs: cs.certs.unwrap_or_else(|| "/etc/rebound/tls".into()),
             };
             let mut c = rebound_cli::mt_admin::connect(&mt.mt, &mt.certs).await?;
             let r = rebound_cli::mt_admin::points(&mut c, &replication).await?;

@@ -14,7 +14,7 @@ use tonic::transport::Channel;
 pub async fn connect(addr: &str, certs: &Path) -> Result<MasterTargetClient<Channel>> {
     let tls = TlsFiles::in_dir(certs, "admin");
     let ch = tls
-        .connect(addr, "localhost", rebound_common::pki::Role::Mt)
+        .connect(addr, "", rebound_common::pki::Role::Mt)
         .await
         .with_context(|| format!("connecting to the master target at {addr}"))?;
     Ok(MasterTargetClient::new(ch))

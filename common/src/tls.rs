@@ -207,19 +207,6 @@ impl TlsFiles {
         Ok(tls)
     }
 
-    /// A channel to the `expected` server at `addr` (`host:port`) with
-    /// mutual TLS, checked by `server_name` (empty: the host of `addr`);
-    /// not yet connected, it connects (and reconnects) on use.
-    pub fn connect_lazy(
-        &self,
-        addr: &str,
-        server_name: &str,
-        expected: Role,
-    ) -> Result<Channel, TlsError> {
-        let (endpoint, connector) = self.endpoint(addr, server_name, expected)?;
-        Ok(endpoint.connect_with_connector_lazy(connector))
-    }
-
     /// Connects to the `expected` server at `addr` (`host:port`) with mutual
     /// TLS, checked by `server_name` (empty: the host of `addr`).
     pub async fn connect(
@@ -319,5 +306,6 @@ pub fn require_role<T>(req: &Request<T>, roles: &[Role]) -> Result<PeerIdentity,
     }
 }
 
+/// Test servers other modules' tests reuse.
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -227,20 +227,22 @@ mod tests {
     use crate::store::Store;
     use std::os::unix::fs::PermissionsExt;
 
+    /// What init writes into the TLS directory.
+    const TLS_FILES: [&str; 6] = [
+        "ca.pem",
+        "ca.key",
+        "cs.pem",
+        "cs.key",
+        "admin.pem",
+        "admin.key",
+    ];
+
     #[tokio::test]
     async fn init_makes_a_deployment_and_keeps_only_a_hash() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("cs");
         let out = init(&dir, &["cs.example".into()], None).await.unwrap();
-        for f in [
-            "ca.pem",
-            "ca.key",
-            "cs.pem",
-            "cs.key",
-            "admin.pem",
-            "admin.key",
-            "cs.db",
-        ] {
+        for f in TLS_FILES.iter().chain(&["cs.db"]) {
             assert!(dir.join(f).exists(), "{f} missing");
         }
         let mode = std::fs::metadata(&out.passphrase_file)
@@ -323,14 +325,7 @@ mod tests {
         let etc = root.path().join("etc/rebound");
         assert_eq!(out.config_file, etc.join("cs.toml"));
         assert_eq!(out.passphrase_file, etc.join("passphrase"));
-        for f in [
-            "ca.pem",
-            "ca.key",
-            "cs.pem",
-            "cs.key",
-            "admin.pem",
-            "admin.key",
-        ] {
+        for f in TLS_FILES {
             assert!(etc.join("tls").join(f).exists(), "{f} missing");
         }
         let cfg: Config = rebound_common::config::load(Some(&out.config_file)).unwrap();

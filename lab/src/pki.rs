@@ -56,7 +56,8 @@ impl Enroller<'_> {
         for n in names {
             cmd.args(["--name", n]);
         }
-        // No --config: the host's /etc/rebound is not the lab's.
+        // A config that does not exist: default names never come from the
+        // host's /etc/rebound, which is not the lab's.
         cmd.arg("--config").arg(out.join("no-config.toml"));
         cmd.output()
             .with_context(|| format!("cannot run {bin} enroll"))
