@@ -132,6 +132,8 @@ impl Enrollment for EnrollmentService {
         }
         c.cert_serial = issued.serial_hex.clone();
         c.cert_fingerprint = issued.fingerprint_hex.clone();
+        c.cert_expiry_ms =
+            crate::fleet::components::cert_expiry_ms_pem(&issued.cert_pem).unwrap_or(0);
         c.enrolled_ms = now_ms();
         c.revoked = false;
         self.store.put_component(&c).await?;

@@ -20,6 +20,13 @@ pub fn cert_expiry_ms(der: &[u8]) -> Option<u64> {
     u64::try_from(secs).ok().map(|s| s.saturating_mul(1000))
 }
 
+/// The notAfter of the first certificate in a PEM text (as enrollment
+/// issues it), in ms since the epoch.
+pub fn cert_expiry_ms_pem(pem: &str) -> Option<u64> {
+    let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
+    cert_expiry_ms(&p.contents)
+}
+
 /// A sentence naming both versions when `version` differs from the CS's
 /// (`None` when equal or unknown).
 pub fn version_mismatch(key: &ComponentKey, version: &str) -> Option<String> {

@@ -2,7 +2,7 @@
 //! certificate, the version check, the RPO alert's crossings, the policy
 //! merge, and `rebound remove`'s refusals against a real store and bus.
 
-use super::components::{self, cert_expiry_ms, version_mismatch, CS_VERSION};
+use super::components::{self, cert_expiry_ms, cert_expiry_ms_pem, version_mismatch, CS_VERSION};
 use super::rpo::RpoAlert;
 use crate::bus::{CommandBus, ComponentKey};
 use crate::convert::policy_merge;
@@ -20,6 +20,8 @@ fn certificate_expiry_is_the_not_after_in_ms() {
     // 2031-06-01T00:00:00Z
     assert_eq!(cert_expiry_ms(cert.der()), Some(1_938_038_400_000));
     assert_eq!(cert_expiry_ms(b"not a certificate"), None);
+    assert_eq!(cert_expiry_ms_pem(&cert.pem()), Some(1_938_038_400_000));
+    assert_eq!(cert_expiry_ms_pem("-----BEGIN NOTHING-----"), None);
 }
 
 #[test]
