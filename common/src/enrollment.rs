@@ -179,7 +179,7 @@ pub enum EnrollError {
 #[derive(Debug, Clone)]
 pub struct EnrollOptions {
     /// The CS, `host:port`. `host` must be a name in the CS certificate
-    /// (`localhost`/`127.0.0.1` for a default `rebound-cs init`).
+    /// (what `rebound-cs init` printed as its names).
     pub cs_addr: String,
     pub passphrase: String,
     pub role: Role,
@@ -476,6 +476,22 @@ pub async fn enroll_with(opts: &EnrollOptions) -> Result<Enrolled, EnrollError> 
         return Err(untrusted(
             "the issued certificate does not carry the key made for this request".into(),
         ));
+    }
+    // The names others will dial this server by: a CS that left one out
+    // would make every connection to it fail later, far from the cause.
+    for name in &server_names {
+        let sn = ServerName::try_from(name.clone())
+            .map_err(|e| EnrollError::Invalid(format!("--name {name:?}: {e}")))?;
+        let issued = CertificateDer::from(cert_der.clone());
+        server_check
+            .verify_server_cert(&issued, &[], &sn, &[], UnixTime::now())
+            .map_err(|e| EnrollError::Refused {
+                addr: addr.clone(),
+                message: format!(
+                    "it issued a certificate that does not serve TLS for {name:?} ({e}); \
+                     nothing was written: check that the CS runs the same version"
+                ),
+            })?;
     }
 
     write_files(opts, &answer.ca_pem, &answer.cert_pem, &key.serialize_pem())?;
