@@ -343,21 +343,25 @@ async fn set_policy_and_status_and_hello() {
     assert!(!bad.ok);
 }
 
+/// StartReplication of `replication_id` to a PS address nothing listens
+/// at (the sender keeps retrying).
+fn start_cmd(replication_id: &str, resync: bool) -> Command {
+    cmd(Cmd::StartReplication(pb::StartReplication {
+        replication_id: replication_id.into(),
+        ps_address: "127.0.0.1:1".into(),
+        ps_server_name: "localhost".into(),
+        resync,
+        policy: None,
+    }))
+}
+
 #[tokio::test]
 async fn start_replication_switches_the_stream_and_resyncs() {
     let f = fixture(HooksConfig::default());
     let cap = f.rt.capture.clone();
     cap.write(0, 0, &[1u8; 512], false).unwrap();
     // Nothing listens at the PS address: the sender keeps retrying.
-    let start = || {
-        cmd(Cmd::StartReplication(pb::StartReplication {
-            replication_id: "r2".into(),
-            ps_address: "127.0.0.1:1".into(),
-            ps_server_name: "localhost".into(),
-            resync: true,
-            policy: None,
-        }))
-    };
+    let start = || start_cmd("r2", true);
     let r = f.rt.handle_cmd(start()).await;
     assert!(r.ok, "{r:?}");
     assert_eq!(cap.replication_id(), "r2");
@@ -436,15 +440,7 @@ async fn set_policy_wakes_a_running_crash_timer() {
 async fn stop_replication_keep_running_leaves_the_disks_writable() {
     let f = fixture(HooksConfig::default());
     let cap = f.rt.capture.clone();
-    let r =
-        f.rt.handle_cmd(cmd(Cmd::StartReplication(pb::StartReplication {
-            replication_id: "r1".into(),
-            ps_address: "127.0.0.1:1".into(),
-            ps_server_name: "localhost".into(),
-            resync: false,
-            policy: None,
-        })))
-        .await;
+    let r = f.rt.handle_cmd(start_cmd("r1", false)).await;
     assert!(r.ok, "{r:?}");
     let r =
         f.rt.handle_cmd(cmd(Cmd::StopReplication(pb::StopReplication {

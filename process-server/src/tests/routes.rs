@@ -4,6 +4,16 @@
 use super::support::*;
 use std::sync::Arc;
 
+/// The CS's AddReplication of r1 (machine m1) to the MT at `mt`.
+fn add_r1(mt: &str) -> rebound_proto::control::AddReplication {
+    rebound_proto::control::AddReplication {
+        replication_id: "r1".into(),
+        machine_id: "m1".into(),
+        mt_address: mt.into(),
+        mt_server_name: "localhost".into(),
+    }
+}
+
 /// AddReplication names each replication's MT; the route is persisted in the
 /// cache dir, so a restarted PS forwards there (not to the default `[mt]`);
 /// RemoveReplication stops forwarding and drops the cache.
@@ -29,12 +39,7 @@ async fn per_replication_mt_route_survives_restart_and_remove_drops_it() {
             a1.to_string(),
             "localhost".into(),
         )));
-        let add = AddReplication {
-            replication_id: "r1".into(),
-            machine_id: "m1".into(),
-            mt_address: a2.to_string(),
-            mt_server_name: "localhost".into(),
-        };
+        let add = add_r1(&a2.to_string());
         add_replication(&cache, &fw, &add).unwrap();
         add_replication(&cache, &fw, &add).unwrap(); // idempotent
         assert_eq!(fw.link_for("r1").addr(), a2.to_string());
@@ -76,13 +81,7 @@ async fn per_replication_mt_route_survives_restart_and_remove_drops_it() {
         let _rt = handle.enter();
         let cache = Cache::open(&cache_dir, 1 << 30).unwrap();
         assert!(cache.get("r1").is_some());
-        let add = AddReplication {
-            replication_id: "r1".into(),
-            machine_id: "m1".into(),
-            mt_address: a2s.clone(),
-            mt_server_name: "localhost".into(),
-        };
-        add_replication(&cache, &fw, &add).unwrap();
+        add_replication(&cache, &fw, &add_r1(&a2s)).unwrap();
         assert_eq!(fw.link_for("r1").addr(), a2s);
         remove_replication(&cache, &fw, "r1").unwrap();
         remove_replication(&cache, &fw, "r1").unwrap();
