@@ -3,10 +3,11 @@
 //!
 //! A lab starts the built binaries (`rebound-cs`, `rebound-ps`, `rebound-mt`,
 //! `rebound-agent`) as child processes, each simulated host on its own
-//! loopback address (127.0.0.x; enrolled PSs and MTs share 127.0.0.1),
-//! with configs serialized from the crates' own `Config` types, a PKI (a
-//! dev bundle or enrollment at the configuration server), a log per process
-//! in the lab dir, and teardown on drop. Content is checked with real NBD clients ([`clients`]).
+//! loopback address (127.0.0.x), with configs serialized from the crates'
+//! own `Config` types, a PKI (a dev bundle for [`Lab`], enrollment at the
+//! configuration server with each host's address as its name for
+//! [`Sites`]), a log per process in the lab dir, and teardown on drop.
+//! Content is checked with real NBD clients ([`clients`]).
 //!
 //! - [`Lab`]: one machine's agent, a PS and an MT, no configuration server.
 //! - [`Sites`]: a configuration server, per site PSs and an MT, and agents

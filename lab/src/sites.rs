@@ -1,8 +1,10 @@
 //! A multi-site lab for the control plane and the DR lifecycle: a
 //! configuration server (`rebound-cs init` + `run`), per site one or more
 //! process servers and a master target, and an agent per machine, all real
-//! child processes; the CS and each machine on a loopback address of its
-//! own, the enrolled PSs and MTs on 127.0.0.1 (see [`Sites::start_site`]).
+//! child processes, each simulated host on a loopback address of its own:
+//! the CS, every site (its PSs and MT, enrolled with that address as their
+//! certificate's name, see [`Sites::start_site`]) and every machine's agent
+//! at each site. Nothing listens on 127.0.0.1 or 0.0.0.0.
 //! Components enroll with `<binary> enroll --cs ADDR --passphrase-file F`;
 //! the CLI (`rebound`) runs as a child process with the admin certificate
 //! `init` wrote.
@@ -86,6 +88,8 @@ impl Default for SitesOptions {
 /// Addresses of one site's servers.
 #[derive(Debug, Clone)]
 pub struct SiteAddrs {
+    /// The site's host: its PSs and MT listen on this address.
+    pub host: Host,
     /// The site's process servers, `ps_id(site)` first.
     pub ps: Vec<(String, SocketAddr)>,
     pub mt: SocketAddr,
@@ -233,6 +237,12 @@ impl Sites {
         self.enroller(&pass).enroll(bin, id, out)
     }
 
+    /// The same with `--name` for each of `names` (a server's certificate).
+    pub fn enroll_named(&self, bin: &str, id: &str, out: &Path, names: &[String]) -> Result<()> {
+        let pass = self.passphrase_file();
+        self.enroller(&pass).enroll_named(bin, id, out, names)
+    }
+
     /// The same with any passphrase file; the raw output.
     pub fn enroll_with(&self, bin: &str, id: &str, out: &Path, pass: &Path) -> Result<Output> {
         self.enroller(pass).output(bin, id, out)
@@ -251,26 +261,29 @@ impl Sites {
     /// Enrolls and starts a site's PSs and MT and waits until all are
     /// online at the CS.
     ///
-    /// They listen on 127.0.0.1: the CS hands out a server's registered
-    /// address with its host as the TLS name, and an enrolled certificate
-    /// covers only `localhost` and 127.0.0.1 (`enroll` takes no extra names).
+    /// A site is one host: its PSs and its MT listen on a loopback address
+    /// of their own, and each enrolls with that address as its certificate's
+    /// name (`enroll --name`), as on a real recovery site, so the agent's and
+    /// the PS's TLS checks see the address they dial.
     pub fn start_site(&mut self, site: &str) -> Result<()> {
-        let mt_host = Host::localhost();
+        let host = Host::next();
+        let names = [host.to_string()];
         let addrs = SiteAddrs {
+            host,
             ps: (0..self.opts.ps_per_site.max(1))
-                .map(|n| (nth_ps_id(site, n), Host::localhost().addr()))
+                .map(|n| (nth_ps_id(site, n), host.addr()))
                 .collect(),
-            mt: mt_host.addr(),
-            mt_nbd: mt_host.addr(),
+            mt: host.addr(),
+            mt_nbd: host.addr(),
         };
         self.sites.insert(site.to_string(), addrs.clone());
         let mt_certs = self.path(&format!("{site}/mt/certs"));
-        self.enroll("rebound-mt", &mt_id(site), &mt_certs)?;
+        self.enroll_named("rebound-mt", &mt_id(site), &mt_certs, &names)?;
         self.write_mt_config(site, true)?;
         self.start_component(&mt_id(site))?;
         for (id, addr) in &addrs.ps {
             let dir = self.path(&format!("{site}/{id}"));
-            self.enroll("rebound-ps", id, &dir.join("certs"))?;
+            self.enroll_named("rebound-ps", id, &dir.join("certs"), &names)?;
             let mut cfg = config::ps(
                 *addr,
                 &dir.join("cache"),
@@ -556,6 +569,20 @@ mv "$d/powered_on_ms.tmp" "$d/powered_on_ms"
     /// "agent-m1@onprem") and wait for it.
     pub fn stop(&mut self, name: &str) -> Result<()> {
         self.procs.stop(name).map(|_| ())
+    }
+
+    /// Every TCP address the lab's processes listen on (its children and
+    /// the agents the power_on hook started).
+    pub fn listening(&self) -> Result<Vec<SocketAddr>> {
+        let mut pids: Vec<u32> = (self.procs.names().iter())
+            .filter_map(|n| self.procs.pid(n))
+            .collect();
+        for key in self.agent_nbd.keys() {
+            if let Some((m, site)) = key.split_once('@') {
+                pids.extend(self.hook_pid(m, site));
+            }
+        }
+        crate::net::listening(&pids).context("cannot read /proc/net/tcp")
     }
 
     pub fn log_tail(&self, name: &str, lines: usize) -> String {
