@@ -152,6 +152,7 @@ impl AdminService {
                 .and_then(|r| r.failover_point.as_ref())
                 .map(convert::point_to_proto),
             job_id: job.first().map(|j| j.id.clone()).unwrap_or_default(),
+            policy: Some(convert::policy_to_proto(&m.policy)),
         })
     }
 

@@ -170,6 +170,10 @@ fn policy_set_changes_the_crash_interval_of_the_running_agent() {
     assert_eq!(set["policy"]["crash_interval_ms"], 300, "{set:#}");
     assert_eq!(set["policy"]["rpo_alert_ms"], 600_000, "{set:#}");
     assert_eq!(set["pending"], serde_json::json!([]), "{set:#}");
+    let m = s.machine("m1").expect("machine");
+    assert_eq!(m["policy"]["crash_interval_ms"], 300, "{m:#}");
+    let table = s.cli_ok(&["machines"]).expect("machines");
+    assert!(table.contains("m1 policy: crash 300ms"), "{table}");
 
     let t2 = now_ms() + 300;
     keep_writing(&s, window);

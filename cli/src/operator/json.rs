@@ -130,6 +130,7 @@ pub fn machine(m: &pb::MachineInfo) -> Value {
         "last_point": opt_point(&m.last_point), "last_app_point": opt_point(&m.last_app_point),
         "point_count": m.point_count, "group": m.group,
         "failover_point": opt_point(&m.failover_point), "job_id": m.job_id,
+        "policy": m.policy.as_ref().map(policy).unwrap_or(Value::Null),
     })
 }
 

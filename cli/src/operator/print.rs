@@ -234,6 +234,23 @@ fn or_default(v: u64, show: impl Fn(u64) -> String, default: &str) -> String {
     }
 }
 
+/// A policy on one line: "crash 300ms, app 1h00m, retention 20.0s / the
+/// MT's default, RPO alert off".
+pub fn policy_line(p: &pb::Policy) -> String {
+    let window = or_default(
+        p.retention_window_secs,
+        |s| dur(s * 1000),
+        "the MT's default",
+    );
+    let size = or_default(p.retention_max_bytes, bytes, "the MT's default");
+    format!(
+        "crash {}, app {}, retention {window} / {size}, RPO alert {}",
+        dur(p.crash_interval_ms.into()),
+        dur(u64::from(p.app_interval_secs) * 1000),
+        or_default(p.rpo_alert_ms, dur, "off")
+    )
+}
+
 pub fn policy_set(machine: &str, r: &pb::SetPolicyResponse) {
     let p = r.policy.unwrap_or_default();
     println!("policy of {machine}:");
@@ -309,6 +326,9 @@ pub fn machines(r: &pb::MachinesResponse) {
     for m in &r.machines {
         if let Some(p) = m.failover_point.as_ref().filter(|p| !p.id.is_empty()) {
             println!("{} runs from point {} ({})", m.id, p.id, p.kind);
+        }
+        if let Some(p) = &m.policy {
+            println!("{} policy: {}", m.id, policy_line(p));
         }
     }
 }
