@@ -2,7 +2,7 @@
 //! on port 0, then enrollment, the control channel and operator RPCs as the
 //! components and the CLI use them.
 
-use crate::store::{now_ms, Health, Machine, Policy, ReplState, Replication, SqliteStore, Store};
+use crate::store::{now_ms, Health, Machine, ReplState, Replication, SqliteStore, Store};
 use crate::{enroll, init, run, Config};
 use rebound_common::pki::{peer_identity, Role};
 use rebound_common::tls::TlsFiles;
@@ -413,14 +413,7 @@ async fn mt_status_and_a_command_round_trip() {
     let store = cs.store().await;
     let now = now_ms();
     store
-        .put_machine(&Machine {
-            id: "m1".into(),
-            site: "onprem".into(),
-            disks: vec![],
-            policy: Policy::default(),
-            group: String::new(),
-            created_ms: now,
-        })
+        .put_machine(&Machine::test_at("m1", "onprem"))
         .await
         .unwrap();
     store

@@ -24,13 +24,30 @@ fn component(list: &Value, role: &str, id: &str) -> Value {
         .unwrap_or_else(|| panic!("{role}:{id} not in `rebound components`: {list:#}"))
 }
 
-/// Polls until `path` no longer exists.
-fn wait_gone(path: &Path, within: Duration) {
+/// Polls `done` until it holds; fails naming `what` after `within`.
+fn eventually(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
-    while path.exists() {
-        assert!(start.elapsed() < within, "{} still exists", path.display());
+    while !done() {
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Polls until `path` no longer exists.
+fn wait_gone(path: &Path, within: Duration) {
+    eventually(&format!("{} to be gone", path.display()), within, || {
+        !path.exists()
+    });
+}
+
+/// `rebound <verb> m1 --ps <PS at from> --mt <MT at to> <extra…>` as a job
+/// that must succeed.
+fn run_job(s: &Sites, verb: &str, from: &str, to: &str, extra: &[&str]) {
+    let (ps, mt) = (ps_id(from), mt_id(to));
+    let mut args = vec![verb, "m1", "--ps", &ps, "--mt", &mt];
+    args.extend_from_slice(extra);
+    let j = s.job(&args).unwrap_or_else(|e| panic!("{args:?}: {e:#}"));
+    succeeded(&j);
 }
 
 #[test]
@@ -81,14 +98,9 @@ fn components_lists_version_certificate_expiry_and_health_and_remove_forgets_a_s
     assert!(!r.ok, "removing an online PS was accepted: {}", r.text());
     assert!(r.text().contains("online"), "{}", r.text());
     s.stop(&ps).expect("stop ps");
-    let start = Instant::now();
-    while component(&s.cli_json(&["components"]).unwrap(), "ps", &ps)["health"] != "offline" {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{ps} never went offline"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    eventually(&format!("{ps} offline"), Duration::from_secs(30), || {
+        component(&s.cli_json(&["components"]).unwrap(), "ps", &ps)["health"] == "offline"
+    });
     let out = s.cli_ok(&["remove", "ps", &ps]).expect("remove stopped ps");
     assert!(out.contains("forgotten"), "{out}");
     let list = s.cli_json(&["components"]).expect("components");
@@ -138,21 +150,13 @@ fn keep_writing(s: &Sites, d: Duration) {
 #[test]
 fn policy_set_changes_the_crash_interval_of_the_running_agent() {
     let s = Sites::start(SitesOptions::default()).expect("sites");
-    let j = s
-        .job(&[
-            "protect",
-            "m1",
-            "--to",
-            b(),
-            "--ps",
-            &ps_id(a()),
-            "--mt",
-            &mt_id(b()),
-            "--crash-interval",
-            "5s",
-        ])
-        .expect("protect");
-    succeeded(&j);
+    run_job(
+        &s,
+        "protect",
+        a(),
+        b(),
+        &["--to", b(), "--crash-interval", "5s"],
+    );
     s.wait_state("m1", "Protected", JOB).expect("protected");
 
     let window = Duration::from_secs(4);
@@ -216,44 +220,23 @@ fn reprotect_with_a_retention_window_is_what_the_mt_applies() {
     s.wait_online("agent", "m1", JOB)
         .expect("agent at B online");
 
-    let j = s
-        .job(&[
-            "reprotect",
-            "m1",
-            "--ps",
-            &ps_id(b()),
-            "--mt",
-            &mt_id(a()),
-            "--retention-window",
-            "20s",
-        ])
-        .expect("reprotect");
-    succeeded(&j);
+    run_job(&s, "reprotect", b(), a(), &["--retention-window", "20s"]);
     let m = s.wait_state("m1", "Protected", JOB).expect("protected B→A");
     let repl = m["replication_id"].as_str().unwrap().to_string();
 
     // The MT at A reports the new replication with the 20 s window.
-    let start = Instant::now();
-    loop {
+    let what = format!(
+        "MT {} to report retention_window_secs = 20 for {repl}",
+        mt_id(a())
+    );
+    eventually(&what, Duration::from_secs(30), || {
         let list = s.cli_json(&["components"]).expect("components");
         let mt = component(&list, "mt", &mt_id(a()));
-        let r = mt["status"]["mt"]["replications"]
+        mt["status"]["mt"]["replications"]
             .as_array()
-            .and_then(|rs| {
-                rs.iter()
-                    .find(|r| r["replication_id"] == repl.as_str())
-                    .cloned()
-            });
-        if r.as_ref().is_some_and(|r| r["retention_window_secs"] == 20) {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "MT {} does not report retention_window_secs = 20 for {repl}: {mt:#}",
-            mt_id(a())
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+            .and_then(|rs| rs.iter().find(|r| r["replication_id"] == repl.as_str()))
+            .is_some_and(|r| r["retention_window_secs"] == 20)
+    });
 }
 
 #[test]

@@ -205,14 +205,9 @@ pub async fn run(cmd: FleetCmd) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::operator::tests::T;
     use crate::operator::OperatorCmd;
     use clap::Parser;
-
-    #[derive(Parser)]
-    struct T {
-        #[command(subcommand)]
-        cmd: OperatorCmd,
-    }
 
     fn fleet(args: &[&str]) -> FleetCmd {
         let mut a = vec!["t"];

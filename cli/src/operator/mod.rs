@@ -725,10 +725,11 @@ mod tests {
     use super::*;
     use clap::Parser;
 
+    /// The operator subcommands as a whole command line (for parse tests).
     #[derive(Parser)]
-    struct T {
+    pub(crate) struct T {
         #[command(subcommand)]
-        cmd: OperatorCmd,
+        pub(crate) cmd: OperatorCmd,
     }
 
     #[test]

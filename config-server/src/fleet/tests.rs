@@ -109,62 +109,45 @@ async fn remove_refuses_online_and_used_components_and_forgets_the_rest() {
             .unwrap();
     }
     store
-        .put_machine(&Machine {
-            id: "m1".into(),
-            site: "onprem".into(),
-            disks: vec![],
-            policy: Policy::default(),
-            group: String::new(),
-            created_ms: 1,
-        })
+        .put_machine(&Machine::test_at("m1", "onprem"))
         .await
         .unwrap();
     let mut r = Replication::test_protected("m1", 1);
     store.put_replication(&r).await.unwrap();
 
-    let e = components::remove(store.as_ref(), &bus, "ps", "ps1")
-        .await
-        .unwrap_err()
-        .to_string();
+    let bus = &bus;
+    let store = store.as_ref();
+    let refused = |role: &'static str, id: &'static str| async move {
+        let e = components::remove(store, bus, role, id).await.unwrap_err();
+        e.to_string()
+    };
+    let e = refused("ps", "ps1").await;
     assert!(
         e.contains("replication m1") && e.contains("rebound unprotect m1"),
         "{e}"
     );
-
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
     let _conn = bus.attach(&ComponentKey::ps("ps-old"), "i", "onprem", true, tx);
-    let e = components::remove(store.as_ref(), &bus, "ps", "ps-old")
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = refused("ps", "ps-old").await;
     assert!(
         e.contains("online") && e.contains("systemctl stop rebound-ps"),
         "{e}"
     );
-
-    let e = components::remove(store.as_ref(), &bus, "ps", "nope")
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = refused("ps", "nope").await;
     assert!(e.contains("no component ps:nope"), "{e}");
-    let e = components::remove(store.as_ref(), &bus, "admin", "x")
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = refused("admin", "x").await;
     assert!(e.contains("agent, ps or mt"), "{e}");
 
     // Once the machine is unprotected its PS and MT can go.
     r.state = ReplState::Unprotected;
     store.put_replication(&r).await.unwrap();
-    components::remove(store.as_ref(), &bus, "mt", "mt1")
-        .await
-        .unwrap();
+    components::remove(store, bus, "mt", "mt1").await.unwrap();
     assert!(store
         .get_component(Role::Mt, "mt1")
         .await
         .unwrap()
         .is_none());
-    let listed = components::list(store.as_ref(), &bus).await.unwrap();
+    let listed = components::list(store, bus).await.unwrap();
     let ids: Vec<_> = listed
         .iter()
         .map(|c| (c.id.as_str(), c.health.as_str()))

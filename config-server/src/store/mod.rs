@@ -274,6 +274,22 @@ pub struct Replication {
 }
 
 #[cfg(test)]
+impl Machine {
+    /// Machine `id` at `site` with no disks and the default policy: the
+    /// fixture tests start from.
+    pub(crate) fn test_at(id: &str, site: &str) -> Machine {
+        Machine {
+            id: id.into(),
+            site: site.into(),
+            disks: Vec::new(),
+            policy: Policy::default(),
+            group: String::new(),
+            created_ms: 1,
+        }
+    }
+}
+
+#[cfg(test)]
 impl Replication {
     /// A protected onprem→azure replication of machine m1 through ps1 and
     /// mt1, created and updated at `time_ms`: the fixture tests start from.
