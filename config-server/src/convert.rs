@@ -73,27 +73,28 @@ pub fn policy_merge(base: Policy, p: &pb::Policy) -> Policy {
     base.overlay(&policy_verbatim(p))
 }
 
+/// A policy of type `$to` with every field of `$p` (the store's and the
+/// wire's policies have the same fields).
+macro_rules! policy_fields {
+    ($($to:ident)::+, $p:expr) => {
+        $($to)::+ {
+            crash_interval_ms: $p.crash_interval_ms,
+            app_interval_secs: $p.app_interval_secs,
+            freeze_timeout_ms: $p.freeze_timeout_ms,
+            retention_window_secs: $p.retention_window_secs,
+            retention_max_bytes: $p.retention_max_bytes,
+            rpo_alert_ms: $p.rpo_alert_ms,
+        }
+    };
+}
+
 /// The fields as sent, 0 kept as "not given" (for a later overlay).
 pub fn policy_verbatim(p: &pb::Policy) -> Policy {
-    Policy {
-        crash_interval_ms: p.crash_interval_ms,
-        app_interval_secs: p.app_interval_secs,
-        freeze_timeout_ms: p.freeze_timeout_ms,
-        retention_window_secs: p.retention_window_secs,
-        retention_max_bytes: p.retention_max_bytes,
-        rpo_alert_ms: p.rpo_alert_ms,
-    }
+    policy_fields!(Policy, p)
 }
 
 pub fn policy_to_proto(p: &Policy) -> pb::Policy {
-    pb::Policy {
-        crash_interval_ms: p.crash_interval_ms,
-        app_interval_secs: p.app_interval_secs,
-        freeze_timeout_ms: p.freeze_timeout_ms,
-        retention_window_secs: p.retention_window_secs,
-        retention_max_bytes: p.retention_max_bytes,
-        rpo_alert_ms: p.rpo_alert_ms,
-    }
+    policy_fields!(pb::Policy, p)
 }
 
 /// A point choice that names no point.

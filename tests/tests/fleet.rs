@@ -286,3 +286,36 @@ fn unprotect_drops_the_ps_cache_and_keeps_or_deletes_the_replica() {
         Duration::from_secs(30),
     );
 }
+
+#[test]
+fn fleet_subcommands_have_help() {
+    let cases: &[(&[&str], &[&str])] = &[
+        (&["components"], &["--output", "certificate"]),
+        (
+            &["policy", "set"],
+            &[
+                "--crash-interval",
+                "--retention-window",
+                "--retention-size",
+                "--rpo-alert",
+            ],
+        ),
+        (&["unprotect"], &["--delete-replica", "--wait"]),
+        (&["remove"], &["ps:ps-onprem"]),
+        (&["protect"], &["--retention-window", "--rpo-alert"]),
+        (&["reprotect"], &["--retention-size"]),
+    ];
+    for (sub, words) in cases {
+        let mut args = sub.to_vec();
+        args.push("--help");
+        let r = cli::rebound(&args).expect("rebound");
+        assert!(r.ok, "rebound {args:?}: {}", r.text());
+        for w in *words {
+            assert!(
+                r.text().contains(w),
+                "rebound {args:?} lacks {w}: {}",
+                r.text()
+            );
+        }
+    }
+}

@@ -101,19 +101,30 @@ pub enum FleetCmd {
 #[derive(Subcommand, Debug)]
 pub enum PolicyCmd {
     /// Change a machine's policy; fields not given keep their value.
-    Set {
-        machine: String,
-        /// Crash-consistent point interval, e.g. 5s, 300ms.
-        #[arg(long, value_parser = parse_duration)]
-        crash_interval: Option<Duration>,
-        /// App-consistent point interval, e.g. 1h.
-        #[arg(long, value_parser = parse_duration)]
-        app_interval: Option<Duration>,
-        #[command(flatten)]
-        more: PolicyArgs,
-        #[command(flatten)]
-        args: ShowArgs,
-    },
+    Set(PolicySet),
+}
+
+/// `rebound policy set`'s arguments.
+#[derive(clap::Args, Debug)]
+pub struct PolicySet {
+    pub machine: String,
+    /// Crash-consistent point interval, e.g. 5s, 300ms.
+    #[arg(long, value_parser = parse_duration)]
+    pub crash_interval: Option<Duration>,
+    /// App-consistent point interval, e.g. 1h.
+    #[arg(long, value_parser = parse_duration)]
+    pub app_interval: Option<Duration>,
+    #[command(flatten)]
+    pub more: PolicyArgs,
+    #[command(flatten)]
+    pub args: ShowArgs,
+}
+
+impl PolicySet {
+    /// The changes the flags ask for (`None`: none).
+    pub fn policy(&self) -> Option<pb::Policy> {
+        policy(self.crash_interval, self.app_interval, &self.more)
+    }
 }
 
 /// `ROLE:ID`, or `ROLE` and `ID` apart.
@@ -145,16 +156,10 @@ pub async fn run(cmd: FleetCmd) -> Result<()> {
             args.show(&r, json::components, print::components)
         }
         FleetCmd::Policy {
-            cmd:
-                PolicyCmd::Set {
-                    machine,
-                    crash_interval,
-                    app_interval,
-                    more,
-                    args,
-                },
+            cmd: PolicyCmd::Set(set),
         } => {
-            let Some(p) = policy(crash_interval, app_interval, &more) else {
+            let (machine, args) = (&set.machine, &set.args);
+            let Some(p) = set.policy() else {
                 bail!(
                     "nothing to set: give --crash-interval, --app-interval, --retention-window, \
                      --retention-size or --rpo-alert"
@@ -169,7 +174,7 @@ pub async fn run(cmd: FleetCmd) -> Result<()> {
                 .await,
                 &format!("setting the policy of {machine}"),
             )?;
-            args.show(&r, json::policy_set, |r| print::policy_set(&machine, r))
+            args.show(&r, json::policy_set, |r| print::policy_set(machine, r))
         }
         FleetCmd::Unprotect {
             machine,
@@ -221,14 +226,7 @@ mod tests {
     #[test]
     fn policy_set_takes_durations_and_sizes() {
         let FleetCmd::Policy {
-            cmd:
-                PolicyCmd::Set {
-                    machine,
-                    crash_interval,
-                    app_interval,
-                    more,
-                    ..
-                },
+            cmd: PolicyCmd::Set(set),
         } = fleet(&[
             "policy",
             "set",
@@ -245,8 +243,8 @@ mod tests {
         else {
             panic!("not policy set");
         };
-        assert_eq!(machine, "m1");
-        let p = policy(crash_interval, app_interval, &more).unwrap();
+        assert_eq!(set.machine, "m1");
+        let p = set.policy().unwrap();
         assert_eq!(p.crash_interval_ms, 300);
         assert_eq!(p.app_interval_secs, 0, "not given: keeps its value");
         assert_eq!(p.retention_window_secs, 20);

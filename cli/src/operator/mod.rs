@@ -14,7 +14,7 @@ mod print;
 mod watch;
 
 pub use client::{connect, CsArgs};
-pub use fleet::{FleetCmd, PolicyArgs, PolicyCmd};
+pub use fleet::{FleetCmd, PolicyArgs, PolicyCmd, PolicySet};
 pub use parse::{parse_duration, parse_point};
 
 use anyhow::{bail, Result};
