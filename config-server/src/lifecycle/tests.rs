@@ -252,6 +252,15 @@ async fn state(w: &World, m: &str) -> (ReplState, Replication) {
     (r.state, r)
 }
 
+/// Asserts that job `j` carries a warning containing `text`.
+fn warned(j: &Job, text: &str) {
+    assert!(
+        j.warnings.iter().any(|x| x.contains(text)),
+        "no warning with {text:?}: {:?}",
+        j.warnings
+    );
+}
+
 fn one(m: &str) -> Targets {
     Targets {
         machines: vec![m.into()],
@@ -558,11 +567,7 @@ async fn planned_failover_with_the_source_down_says_use_unplanned() {
     w.bus.clear();
     let j = failed_over(&w, &one("m1"), PointSpec::Latest, true).await;
     assert_eq!(w.bus.sent(), vec!["rollback>mt:mt1", "hand-over>mt:mt1"]);
-    assert!(
-        j.warnings.iter().any(|x| x.contains("PS ps1 is offline")),
-        "{:?}",
-        j.warnings
-    );
+    warned(&j, "PS ps1 is offline");
     assert_eq!(state(&w, "m1").await.0, ReplState::FailedOver);
 }
 
