@@ -233,15 +233,23 @@ pub fn local_server_names() -> Vec<String> {
 /// `ps.pem`/`.key`, `mt.pem`/`.key` (servers for `localhost` and 127.0.0.1),
 /// `admin.pem`/`.key`, and `agent-<machine>.pem`/`.key` per machine.
 pub fn write_dev_bundle(dir: &Path, machines: &[String]) -> Result<(), PkiError> {
+    write_dev_bundle_for(dir, machines, &local_server_names())
+}
+
+/// [`write_dev_bundle`] with the PS and MT certificates valid for `servers`.
+pub fn write_dev_bundle_for(
+    dir: &Path,
+    machines: &[String],
+    servers: &[String],
+) -> Result<(), PkiError> {
     std::fs::create_dir_all(dir).map_err(|source| PkiError::Write {
         path: dir.display().to_string(),
         source,
     })?;
     let ca = Ca::generate("lab")?;
     ca.write(dir)?;
-    let servers = local_server_names();
-    write_cert(dir, "ps", &ca.issue(Role::Ps, "ps1", &servers)?)?;
-    write_cert(dir, "mt", &ca.issue(Role::Mt, "mt1", &servers)?)?;
+    write_cert(dir, "ps", &ca.issue(Role::Ps, "ps1", servers)?)?;
+    write_cert(dir, "mt", &ca.issue(Role::Mt, "mt1", servers)?)?;
     write_cert(dir, "admin", &ca.issue(Role::Admin, "admin", &[])?)?;
     for m in machines {
         write_cert(dir, &format!("agent-{m}"), &ca.issue(Role::Agent, m, &[])?)?;

@@ -8,10 +8,20 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 /// `ca.pem`, `ps`, `mt`, `admin` and `agent-<machine>` certificates from one
-/// new CA in `dir` (servers valid for `localhost` and 127.0.0.1).
+/// new CA in `dir`, the servers valid for every loopback host a lab hands
+/// out ([`lab_hosts`]), so a PS or MT may run on any of them and be dialled
+/// by its address.
 pub fn dev_bundle(dir: &Path, machines: &[String]) -> Result<()> {
-    rebound_common::pki::write_dev_bundle(dir, machines)
+    rebound_common::pki::write_dev_bundle_for(dir, machines, &lab_hosts())
         .with_context(|| format!("cannot write the lab PKI in {}", dir.display()))
+}
+
+/// `localhost` and 127.0.0.1 to 127.0.0.254: the names of every simulated
+/// host (`net::Host`).
+pub fn lab_hosts() -> Vec<String> {
+    std::iter::once("localhost".to_string())
+        .chain((1..=254).map(|n| format!("127.0.0.{n}")))
+        .collect()
 }
 
 /// Enrollment at one configuration server with one passphrase file.

@@ -34,6 +34,14 @@ pub(crate) async fn serve(tls: &TlsFiles) -> String {
     addr
 }
 
+/// Why `client` cannot connect to the `role` server at `addr`.
+async fn refusal(client: &TlsFiles, addr: &str, name: &str, role: Role) -> String {
+    match client.connect(addr, name, role).await {
+        Ok(_) => panic!("{addr} was accepted as {role} by name {name:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
 #[tokio::test]
 async fn server_of_the_expected_role_is_accepted() {
     let dir = pki();
@@ -50,11 +58,7 @@ async fn ps_certificate_cannot_serve_as_mt_or_cs() {
     let addr = serve(&TlsFiles::in_dir(dir.path(), "ps")).await;
     let admin = TlsFiles::in_dir(dir.path(), "admin");
     for role in [Role::Mt, Role::Cs] {
-        let e = admin
-            .connect(&addr, "", role)
-            .await
-            .unwrap_err()
-            .to_string();
+        let e = refusal(&admin, &addr, "", role).await;
         let want = format!(
             "the server at {addr} presented certificate ps:ps1, but a {role} certificate is \
              required here: check the address in the config"
@@ -69,11 +73,7 @@ async fn agent_and_admin_certificates_cannot_serve() {
     let client = TlsFiles::in_dir(dir.path(), "mt");
     for (name, who) in [("agent", "agent:m1"), ("admin", "admin:admin")] {
         let addr = serve(&TlsFiles::in_dir(dir.path(), name)).await;
-        let e = client
-            .connect(&addr, "127.0.0.1", Role::Ps)
-            .await
-            .unwrap_err()
-            .to_string();
+        let e = refusal(&client, &addr, "127.0.0.1", Role::Ps).await;
         assert!(
             e.contains(&format!(
                 "presented certificate {who}, but a ps certificate"
@@ -88,11 +88,7 @@ async fn name_not_in_the_certificate_is_refused_with_the_name() {
     let dir = pki();
     let addr = serve(&TlsFiles::in_dir(dir.path(), "mt")).await;
     let admin = TlsFiles::in_dir(dir.path(), "admin");
-    let e = admin
-        .connect(&addr, "mt.example.net", Role::Mt)
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = refusal(&admin, &addr, "mt.example.net", Role::Mt).await;
     assert!(
         e.contains("certificate not valid for name \"mt.example.net\""),
         "{e}"
