@@ -22,9 +22,10 @@ static ALLOCATOR: rebound_common::block_cache::BlockCache =
 enum Cmd {
     /// Serve the disks over NBD and stream their changes to the process server.
     Run {
-        /// The agent's TOML config (see agent/example-config.toml).
+        /// The agent's TOML config (see agent/example-config.toml); default
+        /// /etc/rebound/agent.toml.
         #[arg(long)]
-        config: PathBuf,
+        config: Option<PathBuf>,
         #[command(flatten)]
         log: LogArgs,
     },
@@ -52,8 +53,7 @@ fn real_main(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Run { config, log } => {
             log.start();
             rebound_agent::pressure::serve_under_memory_pressure();
-            let cfg: rebound_agent::Config =
-                rebound_common::config::load(Some(&config)).context("loading the agent config")?;
+            let cfg: rebound_agent::Config = cli_args::load_config(config.as_deref())?;
             let listener = cli_args::listen_std(&cfg.nbd_listen, "nbd_listen")?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -534,14 +534,11 @@ fn write_files(
         path: dir.join(format!("{}.pem", opts.role)),
         source: std::io::Error::other(e.to_string()),
     })?;
-    // write_cert creates the key 0600; a key left by an earlier enrollment
-    // keeps its mode, so set it again.
-    use std::os::unix::fs::PermissionsExt;
+    // write_cert protects the key it creates; a key left by an earlier
+    // enrollment keeps its mode, so set it again.
     let key_path = dir.join(format!("{}.key", opts.role));
-    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
-        EnrollError::Write {
-            path: key_path,
-            source,
-        }
+    crate::pki::protect_key(&key_path).map_err(|source| EnrollError::Write {
+        path: key_path,
+        source,
     })
 }

@@ -213,8 +213,30 @@ fn write_file(path: &Path, text: &str, private: bool) -> Result<(), PkiError> {
         opts.mode(0o600);
     }
     let mut f = opts.open(path).map_err(err)?;
+    if private {
+        protect_key(path).map_err(err)?;
+    }
     f.write_all(text.as_bytes()).map_err(err)?;
     f.sync_all().map_err(err)
+}
+
+/// Sets a private key's owner group and mode: readable by the owner only
+/// (0600), unless its directory belongs to a service group other than the
+/// caller's own, root's (the install layout's `/etc/rebound/tls`, 0750
+/// `root:rebound`): then that group may read it too (0640), so a daemon
+/// running as the `rebound` user reads the key root enrolled.
+pub fn protect_key(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir_gid = std::fs::metadata(dir)?.gid();
+    let own_gid = std::fs::metadata(path)?.gid();
+    let mode = if dir_gid != 0 && dir_gid != own_gid {
+        std::os::unix::fs::chown(path, None, Some(dir_gid))?;
+        0o640
+    } else {
+        0o600
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
 /// Writes `<name>.pem` and `<name>.key` into `dir`.
@@ -259,6 +281,28 @@ pub fn write_dev_bundle_for(
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    fn key_mode_and_gid(dir: &Path) -> (u32, u32) {
+        let ca = Ca::generate("t").unwrap();
+        write_cert(dir, "ps", &ca.issue(Role::Ps, "p", &[]).unwrap()).unwrap();
+        let m = std::fs::metadata(dir.join("ps.key")).unwrap();
+        (m.permissions().mode() & 0o777, m.gid())
+    }
+
+    #[test]
+    fn a_key_is_private_unless_its_directory_belongs_to_a_service_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let own = std::fs::metadata(dir.path()).unwrap().gid();
+        assert_eq!(key_mode_and_gid(dir.path()), (0o600, own));
+        // /etc/rebound/tls is root:rebound 0750: the services' group reads
+        // the key. 65534 (nogroup) stands in for `rebound`; changing a
+        // directory's group to it needs root, which the suite runs as.
+        std::os::unix::fs::chown(dir.path(), None, Some(65534))
+            .expect("chown to gid 65534: this test needs root");
+        assert_eq!(key_mode_and_gid(dir.path()), (0o640, 65534));
+    }
+
     use super::*;
 
     #[test]
