@@ -184,16 +184,20 @@ pub async fn init_layout(
     let passphrase = new_passphrase();
     set_passphrase(&store, &passphrase).await?;
     store.close().await;
+    give_to_state_dir_owner(&config.db)?;
 
     let passphrase_file = layout.passphrase_file.clone();
     write_private(&passphrase_file, format!("{passphrase}\n").as_bytes())?;
     let config_file = layout.config_file.clone();
     let text = toml::to_string(&config)
         .map_err(|e| CsError::Internal(format!("cannot write the config: {e}")))?;
-    write_private(
+    // Not secret (paths, addresses, timeouts) and read by the service's
+    // own user, so world-readable like the other components' configs.
+    write_new(
         &config_file,
         format!("# Written by `rebound-cs init`; see example-config.toml for every key.\n{text}")
             .as_bytes(),
+        0o644,
     )?;
     Ok(Initialized {
         dir: dir.to_path_buf(),
@@ -209,16 +213,51 @@ pub async fn init_layout(
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CsError> {
+    write_new(path, bytes, 0o600)
+}
+
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CsError> {
     use std::io::Write;
     let err = |e| CsError::io(format!("cannot write {}", path.display()), e);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(mode)
         .open(path)
         .map_err(err)?;
     f.write_all(bytes).map_err(err)?;
     f.sync_all().map_err(err)
+}
+
+/// The database `init` (run as root) made belongs to the owner of its
+/// directory: in the install layout the package made
+/// `/var/lib/rebound/cs` for the `rebound` user the service runs as, and
+/// the CS must write its database.
+fn give_to_state_dir_owner(db: &Path) -> Result<(), CsError> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(dir) = db.parent() else {
+        return Ok(());
+    };
+    let meta = std::fs::metadata(dir)
+        .map_err(|e| CsError::io(format!("cannot stat {}", dir.display()), e))?;
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| CsError::io(format!("cannot list {}", dir.display()), e))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let is_db = (path.file_name().and_then(|n| n.to_str()))
+            .zip(db.file_name().and_then(|n| n.to_str()))
+            .is_some_and(|(n, d)| n.starts_with(d));
+        let owner = entry.metadata().map(|m| (m.uid(), m.gid())).ok();
+        if is_db && owner != Some((meta.uid(), meta.gid())) {
+            std::os::unix::fs::chown(&path, Some(meta.uid()), Some(meta.gid())).map_err(|e| {
+                CsError::io(
+                    format!("cannot hand {} to its directory's owner", path.display()),
+                    e,
+                )
+            })?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -339,6 +378,41 @@ mod tests {
         assert!(!names.iter().any(|n| n == "localhost" || n == "127.0.0.1"));
         assert_eq!(out.server_names, names);
         assert_eq!(Layout::installed(Path::new("/")).config, Config::default());
+    }
+
+    /// As the packages set it up: the state dir belongs to the service's
+    /// user and /etc/rebound/tls to its group (65534 stands in for
+    /// `rebound`; changing owners needs root, which the suite runs as).
+    #[tokio::test]
+    async fn init_as_root_leaves_the_service_user_able_to_run_the_cs() {
+        use std::os::unix::fs::MetadataExt;
+        let root = tempfile::tempdir().unwrap();
+        let (state, tls) = (
+            root.path().join("var/lib/rebound/cs"),
+            root.path().join("etc/rebound/tls"),
+        );
+        for d in [&state, &tls] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::os::unix::fs::chown(&state, Some(65534), Some(65534)).expect("chown: needs root");
+        std::os::unix::fs::chown(&tls, None, Some(65534)).unwrap();
+        let out = init_layout(&Layout::installed(root.path()), &[], Some("10.0.0.5:7443"))
+            .await
+            .unwrap();
+        let db = std::fs::metadata(state.join("cs.db")).unwrap();
+        assert_eq!((db.uid(), db.gid()), (65534, 65534), "the database");
+        let cfg = std::fs::metadata(&out.config_file).unwrap();
+        assert_eq!(cfg.permissions().mode() & 0o777, 0o644, "the config");
+        for key in ["cs.key", "ca.key"] {
+            let k = std::fs::metadata(tls.join(key)).unwrap();
+            assert_eq!(
+                (k.permissions().mode() & 0o777, k.gid()),
+                (0o640, 65534),
+                "{key}"
+            );
+        }
+        let pass = std::fs::metadata(&out.passphrase_file).unwrap();
+        assert_eq!(pass.permissions().mode() & 0o777, 0o600, "the passphrase");
     }
 
     #[test]
