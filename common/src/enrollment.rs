@@ -534,11 +534,16 @@ fn write_files(
         path: dir.join(format!("{}.pem", opts.role)),
         source: std::io::Error::other(e.to_string()),
     })?;
-    // write_cert protects the key it creates; a key left by an earlier
-    // enrollment keeps its mode, so set it again.
-    let key_path = dir.join(format!("{}.key", opts.role));
-    crate::pki::protect_key(&key_path).map_err(|source| EnrollError::Write {
-        path: key_path,
-        source,
-    })
+    // The daemons that run as the service user read their key through its
+    // group; the agent's stays root's alone.
+    if matches!(opts.role, Role::Ps | Role::Mt | Role::Cs) {
+        let key_path = dir.join(format!("{}.key", opts.role));
+        crate::pki::share_key_with_service_group(&key_path).map_err(|source| {
+            EnrollError::Write {
+                path: key_path,
+                source,
+            }
+        })?;
+    }
+    Ok(())
 }

@@ -202,7 +202,7 @@ pub fn peer_identity(der: &[u8]) -> Result<PeerIdentity, PkiError> {
 
 fn write_file(path: &Path, text: &str, private: bool) -> Result<(), PkiError> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let err = |source| PkiError::Write {
         path: path.display().to_string(),
         source,
@@ -214,18 +214,22 @@ fn write_file(path: &Path, text: &str, private: bool) -> Result<(), PkiError> {
     }
     let mut f = opts.open(path).map_err(err)?;
     if private {
-        protect_key(path).map_err(err)?;
+        // A key left by an earlier run keeps its mode and group otherwise.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
     }
     f.write_all(text.as_bytes()).map_err(err)?;
     f.sync_all().map_err(err)
 }
 
-/// Sets a private key's owner group and mode: readable by the owner only
-/// (0600), unless its directory belongs to a service group other than the
-/// caller's own, root's (the install layout's `/etc/rebound/tls`, 0750
-/// `root:rebound`): then that group may read it too (0640), so a daemon
-/// running as the `rebound` user reads the key root enrolled.
-pub fn protect_key(path: &Path) -> std::io::Result<()> {
+/// Lets the service group read the key of a daemon that runs as it (PS, MT,
+/// CS: the `rebound` user): when the key's directory belongs to a group
+/// other than root's and the key's own (the install layout's
+/// `/etc/rebound/tls`, 0750 `root:rebound`), the key gets that group and
+/// mode 0640, so the daemon reads what root enrolled. Elsewhere it stays
+/// 0600. Never called for the agent's key (the agent runs as root and its
+/// key must not be readable by the services on the same host) nor the
+/// admin's.
+pub fn share_key_with_service_group(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let dir = path.parent().unwrap_or(Path::new("."));
     let dir_gid = std::fs::metadata(dir)?.gid();
@@ -239,7 +243,7 @@ pub fn protect_key(path: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
-/// Writes `<name>.pem` and `<name>.key` into `dir`.
+/// Writes `<name>.pem` and `<name>.key` (0600) into `dir`.
 pub fn write_cert(dir: &Path, name: &str, ck: &CertKeyPem) -> Result<(), PkiError> {
     write_file(&dir.join(format!("{name}.pem")), &ck.cert_pem, false)?;
     write_file(&dir.join(format!("{name}.key")), &ck.key_pem, true)
@@ -283,24 +287,33 @@ pub fn write_dev_bundle_for(
 mod tests {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
-    fn key_mode_and_gid(dir: &Path) -> (u32, u32) {
+    fn key_mode_and_gid(dir: &Path, name: &str, shared: bool) -> (u32, u32) {
         let ca = Ca::generate("t").unwrap();
-        write_cert(dir, "ps", &ca.issue(Role::Ps, "p", &[]).unwrap()).unwrap();
-        let m = std::fs::metadata(dir.join("ps.key")).unwrap();
+        write_cert(dir, name, &ca.issue(Role::Ps, "p", &[]).unwrap()).unwrap();
+        let key = dir.join(format!("{name}.key"));
+        if shared {
+            share_key_with_service_group(&key).unwrap();
+        }
+        let m = std::fs::metadata(key).unwrap();
         (m.permissions().mode() & 0o777, m.gid())
     }
 
     #[test]
-    fn a_key_is_private_unless_its_directory_belongs_to_a_service_group() {
+    fn only_a_service_key_in_a_service_group_directory_is_group_readable() {
         let dir = tempfile::tempdir().unwrap();
         let own = std::fs::metadata(dir.path()).unwrap().gid();
-        assert_eq!(key_mode_and_gid(dir.path()), (0o600, own));
+        assert_eq!(key_mode_and_gid(dir.path(), "ps", true), (0o600, own));
         // /etc/rebound/tls is root:rebound 0750: the services' group reads
-        // the key. 65534 (nogroup) stands in for `rebound`; changing a
-        // directory's group to it needs root, which the suite runs as.
+        // their keys, never the agent's. 65534 (nogroup) stands in for
+        // `rebound`; changing a directory's group needs root, which the
+        // suite runs as.
         std::os::unix::fs::chown(dir.path(), None, Some(65534))
             .expect("chown to gid 65534: this test needs root");
-        assert_eq!(key_mode_and_gid(dir.path()), (0o640, 65534));
+        assert_eq!(key_mode_and_gid(dir.path(), "ps", true), (0o640, 65534));
+        let agent = key_mode_and_gid(dir.path(), "agent", false);
+        assert_eq!(agent.0, 0o600, "the agent's key");
+        // Enrolling again over a shared key makes a private one private.
+        assert_eq!(key_mode_and_gid(dir.path(), "ps", false).0, 0o600);
     }
 
     use super::*;

@@ -180,6 +180,12 @@ pub async fn init_layout(
     )
     .map_err(pki)?;
 
+    // The CS runs as the service user: it reads its key and the CA key.
+    for key in ["cs.key", "ca.key"] {
+        let path = dir.join(key);
+        rebound_common::pki::share_key_with_service_group(&path)
+            .map_err(|e| CsError::io(format!("cannot set the group of {}", path.display()), e))?;
+    }
     let store = SqliteStore::open(&config.db).await?;
     let passphrase = new_passphrase();
     set_passphrase(&store, &passphrase).await?;
