@@ -52,11 +52,22 @@ impl Disk {
                  on the agent's NBD export instead of {}",
                 path.display()
             )),
-            _ if is_device => err(format!("cannot open the block device read-write: {e}")),
-            _ => err(format!(
+            Some(libc::EACCES | libc::EPERM | libc::EROFS) => err(format!(
+                "cannot open read-write: {e}; the agent must run as root, and under systemd \
+                 the unit must allow it (rebound-agent.service: DeviceAllow= for a block \
+                 device, ReadWritePaths= for a file outside /var/lib/rebound/agent; add them \
+                 with `systemctl edit rebound-agent`)"
+            )),
+            _ if is_device => err(format!(
+                "cannot open the block device read-write: {e}; check that {} is the disk \
+                 named in agent.toml and that it exists",
+                path.display()
+            )),
+            Some(libc::ENOENT) => err(format!(
                 "cannot open read-write: {e} (create the file, e.g. `truncate -s 10G {}`)",
                 path.display()
             )),
+            _ => err(format!("cannot open read-write: {e}")),
         })?;
         let meta = file
             .metadata()

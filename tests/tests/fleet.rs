@@ -276,15 +276,14 @@ fn unprotect_drops_the_ps_cache_and_keeps_or_deletes_the_replica() {
         .unwrap()
         .to_string();
     assert_ne!(repl, "m1");
+    let replica = s.replica_path(b(), &repl, "disk0");
+    assert!(replica.exists(), "no replica at {}", replica.display());
     succeeded(
         &s.job(&["unprotect", "m1", "--delete-replica"])
             .expect("unprotect"),
     );
     s.wait_state("m1", "Unprotected", JOB).expect("unprotected");
-    wait_gone(
-        &s.replica_path(b(), &repl, "disk0"),
-        Duration::from_secs(30),
-    );
+    wait_gone(&replica, Duration::from_secs(30));
 }
 
 #[test]
