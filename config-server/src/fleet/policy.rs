@@ -61,6 +61,21 @@ async fn push(
     Ok(true)
 }
 
+/// [`push`] once the policy is stored: a component that is offline or did
+/// not take the command is pending, not a failure of `policy set` (it gets
+/// the stored policy again when it reconnects). `None` when delivered, else
+/// the component and why.
+async fn deliver(bus: &dyn Bus, to: &ComponentKey, cmd: Cmd, timeout: Duration) -> Option<String> {
+    match push(bus, to.clone(), cmd, timeout).await {
+        Ok(true) => None,
+        Ok(false) => Some(format!("{to} (offline)")),
+        Err(e) => {
+            warn!(component = %to, error = %e, "policy stored but not delivered");
+            Some(format!("{to} ({e})"))
+        }
+    }
+}
+
 /// `rebound policy set`: merges the fields `changes` sets into the machine's
 /// policy, stores it with the machine and its current replication, and
 /// pushes it to the agent and (when the policy sets a retention, or changed
@@ -88,16 +103,16 @@ pub async fn set_policy(
     }
     let mut pending = Vec::new();
     let agent = ComponentKey::agent(machine);
-    if !push(bus, agent.clone(), agent_cmd(&m.policy), timeout).await? {
-        pending.push(agent.to_string());
+    if let Some(why) = deliver(bus, &agent, agent_cmd(&m.policy), timeout).await {
+        pending.push(why);
     }
     let retention_changed = before.retention_window_secs != m.policy.retention_window_secs
         || before.retention_max_bytes != m.policy.retention_max_bytes;
     if let Some(r) = current.as_ref().filter(|r| running(r)) {
         if m.policy.has_retention() || retention_changed {
             let mt = ComponentKey::mt(&r.mt);
-            if !push(bus, mt.clone(), retention_cmd(&r.id, &m.policy), timeout).await? {
-                pending.push(mt.to_string());
+            if let Some(why) = deliver(bus, &mt, retention_cmd(&r.id, &m.policy), timeout).await {
+                pending.push(why);
             }
         }
     }

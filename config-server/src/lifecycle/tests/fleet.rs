@@ -184,7 +184,7 @@ async fn policy_set_merges_pushes_to_agent_and_mt_and_lists_the_offline_as_pendi
     let a = set_policy(w.store.as_ref(), w.bus.as_ref(), t, "m1", &changes)
         .await
         .unwrap();
-    assert_eq!(a.pending, vec!["agent:m1"]);
+    assert_eq!(a.pending, vec!["agent:m1 (offline)"]);
     assert_eq!(w.bus.sent(), vec!["set-retention>mt:mt1"]);
     assert_eq!(
         (
