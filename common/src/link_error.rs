@@ -39,6 +39,9 @@ pub enum LinkCause {
     Untrusted { ours: bool },
     /// A certificate past its validity: theirs or ours.
     Expired { ours: bool },
+    /// The peer's certificate is not valid yet: one of the two clocks is
+    /// wrong (enrollment issues certificates valid from the CS's now).
+    NotYetValid,
     /// A revoked certificate: theirs or ours.
     Revoked { ours: bool },
     /// Nothing listens on the port (TCP RST).
@@ -94,7 +97,10 @@ impl LinkCause {
         }
         // Our verdict on the peer's certificate.
         if has(&["invalid peer certificate"]) {
-            if has(&["expired", "notvalidyet", "not valid yet"]) {
+            if has(&["notvalidyet", "not valid yet"]) {
+                return LinkCause::NotYetValid;
+            }
+            if has(&["expired"]) {
                 return LinkCause::Expired { ours: false };
             }
             if has(&["revoked"]) {
@@ -126,6 +132,7 @@ impl LinkCause {
             LinkCause::WrongRole => "link-wrong-role",
             LinkCause::Untrusted { .. } => "link-untrusted",
             LinkCause::Expired { .. } => "link-cert-expired",
+            LinkCause::NotYetValid => "link-cert-not-yet-valid",
             LinkCause::Revoked { .. } => "link-cert-revoked",
             LinkCause::Refused => "link-refused",
             LinkCause::Unreachable => "link-unreachable",
@@ -162,10 +169,12 @@ fn from_rustls(e: &rustls::Error) -> Option<LinkCause> {
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
                 return Some(LinkCause::from_text(&e.to_string()))
             }
-            CertificateError::Expired
-            | CertificateError::ExpiredContext { .. }
-            | CertificateError::NotValidYet
-            | CertificateError::NotValidYetContext { .. } => LinkCause::Expired { ours: false },
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                LinkCause::Expired { ours: false }
+            }
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                LinkCause::NotYetValid
+            }
             CertificateError::Revoked => LinkCause::Revoked { ours: false },
             CertificateError::UnknownIssuer | CertificateError::BadSignature => {
                 LinkCause::Untrusted { ours: false }
@@ -297,9 +306,8 @@ impl LinkFailure {
             LinkCause::Untrusted { ours: true } => {
                 "it does not accept our TLS certificate (not signed by its CA)".into()
             }
-            LinkCause::Expired { ours: false } => {
-                "its TLS certificate has expired (or is not valid yet)".into()
-            }
+            LinkCause::Expired { ours: false } => "its TLS certificate has expired".into(),
+            LinkCause::NotYetValid => "its TLS certificate is not valid yet".into(),
             LinkCause::Expired { ours: true } => "it refuses our TLS certificate as expired".into(),
             LinkCause::Revoked { ours: false } => "its TLS certificate is revoked".into(),
             LinkCause::Revoked { ours: true } => "it refuses our TLS certificate as revoked".into(),
@@ -336,6 +344,10 @@ impl LinkFailure {
             LinkCause::Expired { ours: true } | LinkCause::Revoked { ours: true } => {
                 "renew this component's certificate (enroll it again), then restart it".into()
             }
+            LinkCause::NotYetValid => format!(
+                "check the clocks of this host and the {title}'s host (NTP, `timedatectl`): a \
+                 certificate the CS issued is valid from the CS's time"
+            ),
             LinkCause::Refused => format!(
                 "check that {service} runs on {} and listens on {} (`systemctl status {service}`), \
                  and the firewall",

@@ -142,11 +142,12 @@ async fn a_closed_port_is_refused_with_the_service_to_check() {
 fn certificate_errors_and_alerts_tell_whose_certificate_is_wrong() {
     use AlertDescription as A;
     use CertificateError as C;
-    use LinkCause::{Expired, Revoked, Untrusted};
+    use LinkCause::{Expired, NotYetValid, Revoked, Untrusted};
     let theirs = rustls::Error::InvalidCertificate;
     let alert = rustls::Error::AlertReceived;
     let cases = [
         (theirs(C::Expired), Expired { ours: false }),
+        (theirs(C::NotValidYet), NotYetValid),
         (theirs(C::Revoked), Revoked { ours: false }),
         (theirs(C::UnknownIssuer), Untrusted { ours: false }),
         (alert(A::CertificateExpired), Expired { ours: true }),
