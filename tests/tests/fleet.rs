@@ -220,13 +220,13 @@ fn reprotect_with_a_retention_window_is_what_the_mt_applies() {
     s.wait_online("agent", "m1", JOB)
         .expect("agent at B online");
 
-    run_job(&s, "reprotect", b(), a(), &["--retention-window", "20s"]);
+    run_job(&s, "reprotect", b(), a(), &["--retention-window", "3s"]);
     let m = s.wait_state("m1", "Protected", JOB).expect("protected B→A");
     let repl = m["replication_id"].as_str().unwrap().to_string();
 
-    // The MT at A reports the new replication with the 20 s window.
+    // The MT at A reports the new replication with the 3 s window.
     let what = format!(
-        "MT {} to report retention_window_secs = 20 for {repl}",
+        "MT {} to report retention_window_secs = 3 for {repl}",
         mt_id(a())
     );
     eventually(&what, Duration::from_secs(30), || {
@@ -235,8 +235,32 @@ fn reprotect_with_a_retention_window_is_what_the_mt_applies() {
         mt["status"]["mt"]["replications"]
             .as_array()
             .and_then(|rs| rs.iter().find(|r| r["replication_id"] == repl.as_str()))
-            .is_some_and(|r| r["retention_window_secs"] == 20)
+            .is_some_and(|r| r["retention_window_secs"] == 3)
     });
+
+    // And it prunes by it: with a point cut every 500 ms, the replication's
+    // first points fall out of the 3 s window (the MT's default keeps 24 h).
+    let oldest = |s: &Sites| -> u64 {
+        let pts = s.points("m1").expect("points");
+        (pts["points"].as_array().into_iter().flatten())
+            .filter_map(|p| p["time_ms"].as_u64())
+            .min()
+            .unwrap_or(0)
+    };
+    let first = oldest(&s);
+    assert!(first > 0, "no point of {repl} yet");
+    let mut n = 0u8;
+    eventually(
+        "the first points to fall out of the 3 s window",
+        Duration::from_secs(60),
+        || {
+            n = n.wrapping_add(1);
+            s.write("m1", b(), "disk0", 0, 4096, n).expect("write at B");
+            s.tag("m1", b(), "crash").expect("tag at B");
+            std::thread::sleep(Duration::from_millis(500));
+            oldest(&s) > first
+        },
+    );
 }
 
 #[test]
