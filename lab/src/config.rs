@@ -39,14 +39,8 @@ pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
 pub fn cs_link(cs_addr: &str) -> CsConfig {
     CsConfig {
         addr: cs_addr.to_string(),
-        server_name: host_of(cs_addr).into(),
+        server_name: rebound_common::tls::host_of(cs_addr).into(),
     }
-}
-
-/// The host part of `host:port` (`[::1]:7` gives `::1`).
-pub fn host_of(addr: &str) -> &str {
-    let h = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-    h.trim_start_matches('[').trim_end_matches(']')
 }
 
 /// An agent of `machine` with its state in `state_dir`, exporting `disks`

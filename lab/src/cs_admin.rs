@@ -26,9 +26,8 @@ impl CsAdmin {
     pub async fn connect(sites: &crate::Sites) -> Result<CsAdmin> {
         let tls = TlsFiles::in_dir(&sites.cs_dir, "admin");
         let addr = &sites.cs_addr;
-        let host = addr.rsplit_once(':').map_or("", |(h, _)| h);
         let ch = tls
-            .connect(addr, host, rebound_common::pki::Role::Cs)
+            .connect(addr, "", rebound_common::pki::Role::Cs)
             .await
             .with_context(|| format!("cannot connect to the CS at {addr}"))?;
         Ok(CsAdmin {

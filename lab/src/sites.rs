@@ -196,7 +196,7 @@ impl Sites {
 
     /// `rebound-cs init` with short heartbeats and waits for tests.
     fn init_cs(&self) -> Result<()> {
-        let host = self.cs_addr.rsplit_once(':').map_or("", |(h, _)| h);
+        let host = rebound_common::tls::host_of(&self.cs_addr);
         let out = Command::new(self.bins.path("rebound-cs")?)
             .args(["init", "--dir"])
             .arg(&self.cs_dir)

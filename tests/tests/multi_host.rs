@@ -54,13 +54,22 @@ fn assert_bound_only_on(s: &Sites, hosts: &BTreeSet<IpAddr>, when: &str) {
     }
 }
 
+/// Cuts a crash point on the machine running at `at`, and asserts that the
+/// MT at `to` lists it and its view of disk0 hashes to `want`.
+fn assert_new_point_is(s: &Sites, m: &str, at: &str, to: &str, want: &str) {
+    let (tag, seq) = s.tag(m, at, "crash").expect("tag");
+    wait_point_seq(s, m, seq);
+    s.wait_view_hash(to, m, "disk0", &tag, want, JOB)
+        .unwrap_or_else(|e| panic!("point {tag} at {to} differs from {m} at {at}: {e:#}"));
+}
+
 #[test]
 fn every_component_on_its_own_host_through_failover_and_failback() {
     let mut s = Sites::start(SitesOptions::default()).expect("sites");
     let m = "m1";
 
     // Four hosts: the CS, each site (its PS and MT), the protected machine.
-    let cs_host: IpAddr = config::host_of(&s.cs_addr).parse().unwrap();
+    let cs_host: IpAddr = rebound_common::tls::host_of(&s.cs_addr).parse().unwrap();
     let onprem = IpAddr::V4(s.sites[a()].host.0);
     let azure = IpAddr::V4(s.sites[b()].host.0);
     let machine_a = s.agent_addr(m, a()).unwrap().ip();
@@ -94,10 +103,7 @@ fn every_component_on_its_own_host_through_failover_and_failback() {
     s.write(m, a(), "disk0", 0, 4 * MIB, 0xa1)
         .expect("write at A");
     let h1 = source_hash(&s, m);
-    let (tag, seq) = s.tag(m, a(), "crash").expect("tag at A");
-    wait_point_seq(&s, m, seq);
-    s.wait_view_hash(b(), m, "disk0", &tag, &h1, JOB)
-        .expect("the point at B equals the source");
+    assert_new_point_is(&s, m, a(), b(), &h1);
 
     // Planned failover at latest, commit: the machine runs at B from a
     // replica equal to the source.
@@ -129,10 +135,7 @@ fn every_component_on_its_own_host_through_failover_and_failback() {
         .expect("write at B");
     let h2 = replica_hash(&s, b(), &r1);
     assert_ne!(h2, h1);
-    let (tag, seq) = s.tag(m, b(), "crash").expect("tag at B");
-    wait_point_seq(&s, m, seq);
-    s.wait_view_hash(a(), m, "disk0", &tag, &h2, JOB)
-        .expect("the point at A equals the machine at B");
+    assert_new_point_is(&s, m, b(), a(), &h2);
     let r2 = fail_over_at_latest(&mut s, m, b(), a(), &h2);
     s.stop_agent(m, b()).expect("stop the agent at B");
     succeeded(&s.job(&["commit", m]).expect("commit the failback"));
@@ -145,9 +148,6 @@ fn every_component_on_its_own_host_through_failover_and_failback() {
     s.write(m, a(), "disk0", 8 * MIB, MIB, 0xc3)
         .expect("write at A again");
     let h3 = replica_hash(&s, a(), &r2);
-    let (tag, seq) = s.tag(m, a(), "crash").expect("tag");
-    wait_point_seq(&s, m, seq);
-    s.wait_view_hash(b(), m, "disk0", &tag, &h3, JOB)
-        .expect("the point at B has the new write");
+    assert_new_point_is(&s, m, a(), b(), &h3);
     assert_bound_only_on(&s, &hosts, "at the end");
 }

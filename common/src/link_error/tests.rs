@@ -3,7 +3,6 @@ use super::*;
 use crate::pki::{write_cert, Ca};
 use crate::tls::TlsFiles;
 use std::time::Instant;
-use tokio_stream::wrappers::TcpListenerStream;
 
 fn ps(addr: &str) -> Peer {
     Peer {
@@ -32,15 +31,7 @@ async fn tls_server_as(role: Role, names: &[&str]) -> (tempfile::TempDir, TlsFil
         &ca.issue(Role::Agent, "m1", &[]).unwrap(),
     )
     .unwrap();
-    let server = TlsFiles::in_dir(dir.path(), "ps");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let serve = tonic::transport::Server::builder()
-        .tls_config(server.server_config().unwrap())
-        .unwrap()
-        .add_routes(tonic::service::Routes::default())
-        .serve_with_incoming(TcpListenerStream::new(listener));
-    tokio::spawn(serve);
+    let addr = crate::tls::tests::serve(&TlsFiles::in_dir(dir.path(), "ps")).await;
     let client = TlsFiles::in_dir(dir.path(), "agent");
     (dir, client, addr)
 }
