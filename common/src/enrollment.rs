@@ -409,6 +409,7 @@ pub async fn enroll_with(opts: &EnrollOptions) -> Result<Enrolled, EnrollError> 
             csr_pem: csr_pem.clone(),
             client_nonce: nonce.to_vec(),
             proof: proof.to_vec(),
+            token: String::new(),
         })
         .await
         .map_err(refused)?

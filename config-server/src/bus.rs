@@ -119,6 +119,7 @@ pub fn cmd_name(cmd: &Cmd) -> &'static str {
         Cmd::SetRetention(_) => "set-retention",
         Cmd::AddReplication(_) => "add-replication",
         Cmd::RemoveReplication(_) => "remove-replication",
+        Cmd::SetRevoked(_) => "set-revoked",
     }
 }
 

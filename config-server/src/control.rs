@@ -326,6 +326,13 @@ impl Reader {
 impl Control for ControlService {
     type ChannelStream = UnboundedReceiverStream<Result<ServerMessage, Status>>;
 
+    async fn renew(
+        &self,
+        _req: Request<rebound_proto::control::RenewRequest>,
+    ) -> Result<Response<rebound_proto::control::RenewResponse>, Status> {
+        Err(Status::unimplemented("TODO(trust): renewal"))
+    }
+
     async fn channel(
         &self,
         req: Request<Streaming<ComponentMessage>>,

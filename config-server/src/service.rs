@@ -200,6 +200,19 @@ fn check_name(what: &str, name: &str) -> Result<(), Status> {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
+    async fn create_token(
+        &self,
+        req: Request<pb::CreateTokenRequest>,
+    ) -> Res<pb::CreateTokenResponse> {
+        admin(&req)?;
+        Err(Status::unimplemented("TODO(trust): tokens"))
+    }
+
+    async fn revoke(&self, req: Request<pb::RevokeRequest>) -> Res<pb::RevokeResponse> {
+        admin(&req)?;
+        Err(Status::unimplemented("TODO(trust): revocation"))
+    }
+
     async fn status(&self, req: Request<pb::StatusRequest>) -> Res<pb::StatusResponse> {
         admin(&req)?;
         let components = components::list(self.store.as_ref(), self.bus.as_ref()).await?;

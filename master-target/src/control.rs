@@ -328,6 +328,7 @@ fn cmd_name(c: &Cmd) -> &'static str {
         Cmd::GroupPrepare(_) => "GroupPrepare",
         Cmd::GroupCommit(_) => "GroupCommit",
         Cmd::GroupAbort(_) => "GroupAbort",
+        Cmd::SetRevoked(_) => "SetRevoked",
         Cmd::SetPolicy(_) => "SetPolicy",
         Cmd::Resync(_) => "Resync",
         Cmd::StartReplication(_) => "StartReplication",

@@ -35,6 +35,13 @@ struct FakeCs {
 impl Control for FakeCs {
     type ChannelStream = UnboundedReceiverStream<Result<ServerMessage, tonic::Status>>;
 
+    async fn renew(
+        &self,
+        _req: Request<rebound_proto::control::RenewRequest>,
+    ) -> Result<Response<rebound_proto::control::RenewResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("this test CS does not renew"))
+    }
+
     async fn channel(
         &self,
         req: Request<Streaming<ComponentMessage>>,

@@ -76,6 +76,7 @@ impl Enrollment for EnrollmentService {
         Ok(Response::new(EnrollParamsResponse {
             salt,
             kdf: KDF.into(),
+            ca_pem: self.ca_cert_pem.clone(),
         }))
     }
 

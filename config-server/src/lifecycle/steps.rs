@@ -190,6 +190,7 @@ impl Lifecycle {
                         machine_id: machine.clone(),
                         disks: m.disks.iter().map(convert::disk_to_proto).collect(),
                         adopt_from: r.previous.clone(),
+                        ps_id: r.ps.clone(),
                     }),
                 )
                 .await?;

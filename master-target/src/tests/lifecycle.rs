@@ -309,6 +309,7 @@ fn end_replication_keeps_or_deletes_and_prepare_adopts_the_kept_replica() {
             machine_id: "m1".into(),
             disks: info().disks.into_iter().map(pb_disk).collect(),
             adopt_from: adopt.into(),
+            ps_id: String::new(),
         }))
         .unwrap_or_else(|e| rebound_common::control::err_result(e.to_string()))
     };
