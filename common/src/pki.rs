@@ -200,6 +200,18 @@ pub fn peer_identity(der: &[u8]) -> Result<PeerIdentity, PkiError> {
     })
 }
 
+/// A certificate's serial number in the one form every component compares
+/// (revocation lists, the CS's records): lower-case hex of the DER
+/// integer's value without leading zero bytes.
+pub fn serial_hex(der: &[u8]) -> Result<String, PkiError> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::Parse(e.to_string()))?;
+    let raw = cert.raw_serial();
+    let start = raw.iter().position(|b| *b != 0).unwrap_or(raw.len());
+    let hex: String = raw[start..].iter().map(|b| format!("{b:02x}")).collect();
+    Ok(if hex.is_empty() { "00".into() } else { hex })
+}
+
 fn write_file(path: &Path, text: &str, private: bool) -> Result<(), PkiError> {
     use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};

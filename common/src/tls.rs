@@ -11,8 +11,11 @@
 //! the handshake with a message that says so. tonic's own client TLS checks
 //! only the chain and the name, hence the connector here ([`server_role`]).
 
+pub mod renewed;
+pub mod revocation;
 mod server_role;
 
+pub use revocation::Revocations;
 pub use server_role::WrongServerRole;
 
 use crate::pki::{peer_identity, PeerIdentity, Role};

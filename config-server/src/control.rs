@@ -47,8 +47,8 @@ const POLICY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MISSED_HEARTBEATS: u32 = 3;
 
 pub struct ControlService {
-    store: Arc<dyn Store>,
-    bus: Arc<CommandBus>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) bus: Arc<CommandBus>,
     heartbeat: Duration,
 }
 
@@ -328,9 +328,9 @@ impl Control for ControlService {
 
     async fn renew(
         &self,
-        _req: Request<rebound_proto::control::RenewRequest>,
+        req: Request<rebound_proto::control::RenewRequest>,
     ) -> Result<Response<rebound_proto::control::RenewResponse>, Status> {
-        Err(Status::unimplemented("TODO(trust): renewal"))
+        crate::renew::renew(self, req).await
     }
 
     async fn channel(

@@ -19,8 +19,11 @@ pub mod fleet;
 pub mod init;
 pub mod jobs;
 pub mod lifecycle;
+pub mod hooks;
+pub mod renew;
 pub mod service;
 pub mod store;
+pub mod tokens;
 
 #[cfg(test)]
 mod tests;

@@ -29,10 +29,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 pub struct AdminService {
-    store: Arc<dyn Store>,
-    bus: Arc<CommandBus>,
-    jobs: Arc<JobEngine>,
-    lifecycle: Arc<Lifecycle>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) bus: Arc<CommandBus>,
+    pub(crate) jobs: Arc<JobEngine>,
+    pub(crate) lifecycle: Arc<Lifecycle>,
 }
 
 type Res<T> = Result<Response<T>, Status>;
@@ -205,12 +205,12 @@ impl Admin for AdminService {
         req: Request<pb::CreateTokenRequest>,
     ) -> Res<pb::CreateTokenResponse> {
         admin(&req)?;
-        Err(Status::unimplemented("TODO(trust): tokens"))
+        crate::tokens::create_token(self, req.into_inner()).await
     }
 
     async fn revoke(&self, req: Request<pb::RevokeRequest>) -> Res<pb::RevokeResponse> {
         admin(&req)?;
-        Err(Status::unimplemented("TODO(trust): revocation"))
+        crate::fleet::revoke::revoke(self, req.into_inner()).await
     }
 
     async fn status(&self, req: Request<pb::StatusRequest>) -> Res<pb::StatusResponse> {

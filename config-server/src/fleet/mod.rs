@@ -6,6 +6,7 @@
 
 pub mod components;
 pub mod policy;
+pub mod revoke;
 pub mod rpo;
 
 #[cfg(test)]
