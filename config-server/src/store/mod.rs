@@ -1,7 +1,8 @@
 //! The configuration server's state behind one storage trait (DESIGN.md §8
 //! "State"): sites, components, machines and disks, replications, consistency
 //! groups, recovery plans, jobs with their steps, recovery-point summaries,
-//! events and a few settings (the passphrase verifier).
+//! events, a few settings (the passphrase verifier), and the trust records:
+//! issued certificates and enrollment tokens (`trust.rs`).
 //!
 //! SQLite (`sqlite.rs`) is the default engine; PostgreSQL will implement the
 //! same trait for an HA deployment. The trait is **object safe** — every
@@ -16,6 +17,7 @@
 //! nothing that was acknowledged.
 
 pub mod sqlite;
+pub mod trust;
 
 use rebound_common::pki::Role;
 use serde::{Deserialize, Serialize};
@@ -25,6 +27,7 @@ use std::pin::Pin;
 use thiserror::Error;
 
 pub use sqlite::SqliteStore;
+pub use trust::{IssuedCert, Token};
 
 /// The future every store method returns.
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -573,4 +576,37 @@ pub trait Store: Send + Sync {
     fn add_event<'a>(&'a self, e: &'a Event) -> BoxFut<'a, ()>;
     /// Newest first.
     fn recent_events(&self, limit: u32) -> BoxFut<'_, Vec<Event>>;
+
+    // ---- issued certificates
+    /// Records a certificate the CS issued. Writing a serial again never
+    /// clears its revocation.
+    fn put_issued_cert<'a>(&'a self, c: &'a IssuedCert) -> BoxFut<'a, ()>;
+    /// Revokes every unrevoked, unexpired certificate of `role`:`id` at
+    /// `now_ms`: the serials it newly revoked.
+    fn revoke_certs<'a>(&'a self, role: Role, id: &'a str, now_ms: u64) -> BoxFut<'a, Vec<String>>;
+    /// Serials of every revoked certificate that has not expired at
+    /// `now_ms` (the revocation list the CS pushes).
+    fn revoked_serials(&self, now_ms: u64) -> BoxFut<'_, Vec<String>>;
+    /// The newest certificate issued to `role`:`id`.
+    fn latest_cert<'a>(&'a self, role: Role, id: &'a str) -> BoxFut<'a, Option<IssuedCert>>;
+    /// Every certificate of `role`:`id` that is neither revoked nor expired
+    /// at `now_ms`, newest first.
+    fn live_certs<'a>(
+        &'a self,
+        role: Role,
+        id: &'a str,
+        now_ms: u64,
+    ) -> BoxFut<'a, Vec<IssuedCert>>;
+    /// The certificate with this serial.
+    fn get_issued_cert<'a>(&'a self, serial: &'a str) -> BoxFut<'a, Option<IssuedCert>>;
+
+    // ---- enrollment tokens
+    fn put_token<'a>(&'a self, t: &'a Token) -> BoxFut<'a, ()>;
+    /// The token as stored, without using it.
+    fn get_token<'a>(&'a self, token_id: &'a str) -> BoxFut<'a, Option<Token>>;
+    /// Marks the token used at `now_ms` if it was not, atomically, and
+    /// returns it as it was before: `used_ms` is `Some` when it had been
+    /// used already (so this call did not get it). The caller checks the
+    /// expiry, role and id.
+    fn redeem_token<'a>(&'a self, token_id: &'a str, now_ms: u64) -> BoxFut<'a, Option<Token>>;
 }

@@ -7,6 +7,8 @@
 //! Queries are plain runtime SQL (no compile-time checking), so building the
 //! crate needs no database.
 
+mod trust;
+
 use super::*;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
@@ -738,6 +740,47 @@ impl Store for SqliteStore {
                 replication: get(r, "replication", w)?,
             })
         })
+    }
+
+    fn put_issued_cert<'a>(&'a self, c: &'a IssuedCert) -> BoxFut<'a, ()> {
+        trust::put_issued_cert(self, c)
+    }
+
+    fn revoke_certs<'a>(&'a self, role: Role, id: &'a str, now_ms: u64) -> BoxFut<'a, Vec<String>> {
+        trust::revoke_certs(self, role, id, now_ms)
+    }
+
+    fn revoked_serials(&self, now_ms: u64) -> BoxFut<'_, Vec<String>> {
+        trust::revoked_serials(self, now_ms)
+    }
+
+    fn latest_cert<'a>(&'a self, role: Role, id: &'a str) -> BoxFut<'a, Option<IssuedCert>> {
+        trust::latest_cert(self, role, id)
+    }
+
+    fn live_certs<'a>(
+        &'a self,
+        role: Role,
+        id: &'a str,
+        now_ms: u64,
+    ) -> BoxFut<'a, Vec<IssuedCert>> {
+        trust::live_certs(self, role, id, now_ms)
+    }
+
+    fn get_issued_cert<'a>(&'a self, serial: &'a str) -> BoxFut<'a, Option<IssuedCert>> {
+        trust::get_issued_cert(self, serial)
+    }
+
+    fn put_token<'a>(&'a self, t: &'a Token) -> BoxFut<'a, ()> {
+        trust::put_token(self, t)
+    }
+
+    fn get_token<'a>(&'a self, token_id: &'a str) -> BoxFut<'a, Option<Token>> {
+        trust::get_token(self, token_id)
+    }
+
+    fn redeem_token<'a>(&'a self, token_id: &'a str, now_ms: u64) -> BoxFut<'a, Option<Token>> {
+        trust::redeem_token(self, token_id, now_ms)
     }
 }
 

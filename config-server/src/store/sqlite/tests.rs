@@ -273,3 +273,150 @@ fn a_policy_stored_before_retention_existed_reads_with_defaults() {
     assert_eq!(p.rpo_alert_ms, 0);
     assert!(!p.has_retention());
 }
+
+fn issued(serial: &str, role: Role, id: &str, issued_ms: u64, expiry_ms: u64) -> IssuedCert {
+    IssuedCert {
+        serial: serial.into(),
+        role,
+        id: id.into(),
+        issued_ms,
+        expiry_ms,
+        revoked_ms: None,
+    }
+}
+
+#[tokio::test]
+async fn issued_certificates_are_revoked_by_identity_and_stay_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteStore::open(&dir.path().join("cs.db")).await.unwrap();
+    s.put_issued_cert(&issued("0a", Role::Ps, "ps1", 10, 1_000))
+        .await
+        .unwrap();
+    s.put_issued_cert(&issued("0b", Role::Ps, "ps1", 20, 2_000))
+        .await
+        .unwrap();
+    // Expired at 1 500: neither live nor on the revocation list.
+    s.put_issued_cert(&issued("0c", Role::Ps, "ps1", 5, 1_200))
+        .await
+        .unwrap();
+    s.put_issued_cert(&issued("0d", Role::Mt, "ps1", 20, 2_000))
+        .await
+        .unwrap();
+
+    assert_eq!(
+        s.latest_cert(Role::Ps, "ps1")
+            .await
+            .unwrap()
+            .unwrap()
+            .serial,
+        "0b"
+    );
+    let live = s.live_certs(Role::Ps, "ps1", 500).await.unwrap();
+    assert_eq!(live.len(), 3);
+    assert!(live.iter().all(|c| c.is_live(500)));
+
+    let mut revoked = s.revoke_certs(Role::Ps, "ps1", 1_500).await.unwrap();
+    revoked.sort();
+    assert_eq!(revoked, vec!["0b".to_string()]);
+    assert!(s
+        .revoke_certs(Role::Ps, "ps1", 1_500)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        s.revoked_serials(1_500).await.unwrap(),
+        vec!["0b".to_string()]
+    );
+    assert!(s
+        .live_certs(Role::Ps, "ps1", 1_500)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(s.live_certs(Role::Mt, "ps1", 1_500).await.unwrap().len(), 1);
+
+    // Writing the serial again (a re-enrollment's record) keeps the revocation.
+    s.put_issued_cert(&issued("0b", Role::Ps, "ps1", 20, 2_000))
+        .await
+        .unwrap();
+    let got = s.get_issued_cert("0b").await.unwrap().unwrap();
+    assert_eq!(got.revoked_ms, Some(1_500));
+    // Past its expiry it drops off the list.
+    assert!(s.revoked_serials(2_000).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_token_is_redeemed_once_and_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cs.db");
+    let s = SqliteStore::open(&path).await.unwrap();
+    let t = Token {
+        token_id: "abc".into(),
+        role: Role::Mt,
+        id: "mt1".into(),
+        verifier: vec![1, 2, 3],
+        created_ms: 10,
+        expires_ms: 1_900_000_000_000,
+        used_ms: None,
+    };
+    s.put_token(&t).await.unwrap();
+    assert_eq!(s.get_token("abc").await.unwrap().unwrap(), t);
+    assert!(s.redeem_token("nope", 20).await.unwrap().is_none());
+    let first = s.redeem_token("abc", 20).await.unwrap().unwrap();
+    assert_eq!(first, t, "the first redeemer sees it unused");
+    s.close().await;
+
+    let s = SqliteStore::open(&path).await.unwrap();
+    let second = s.redeem_token("abc", 30).await.unwrap().unwrap();
+    assert_eq!(second.used_ms, Some(20), "the second redeemer sees it used");
+}
+
+#[tokio::test]
+async fn certificates_enrolled_before_the_trust_records_count_as_issued() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cs.db");
+    // A database as 0002 left it, with one enrolled agent.
+    let opts = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&path)
+        .create_if_missing(true);
+    let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+    let migrator = sqlx::migrate!("./migrations");
+    for m in migrator.iter().filter(|m| m.version < 3) {
+        sqlx::raw_sql(&m.sql).execute(&pool).await.unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO components (role, id, cert_serial, enrolled_ms) VALUES ('agent', 'm1', '7f', 5)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    // Pretend the migrator applied them, so open runs only 0003.
+    sqlx::query(
+        "CREATE TABLE _sqlx_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL,
+           installed_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, success BOOLEAN NOT NULL,
+           checksum BLOB NOT NULL, execution_time BIGINT NOT NULL)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    for m in migrator.iter().filter(|m| m.version < 3) {
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+             VALUES (?, ?, 1, ?, 0)",
+        )
+        .bind(m.version)
+        .bind(&*m.description)
+        .bind(&*m.checksum)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    pool.close().await;
+
+    let s = SqliteStore::open(&path).await.unwrap();
+    let c = s.latest_cert(Role::Agent, "m1").await.unwrap().unwrap();
+    assert_eq!(c.serial, "7f");
+    assert!(
+        c.is_live(now_ms()),
+        "an old certificate of unknown expiry is live"
+    );
+}
