@@ -13,9 +13,13 @@
 
 pub mod renewed;
 pub mod revocation;
+mod server;
+mod server_identity;
+mod server_revocation;
 mod server_role;
 
 pub use revocation::Revocations;
+pub use server::{Acceptor, ClientAuth, Conn, Incoming, HANDSHAKE_TIMEOUT};
 pub use server_role::WrongServerRole;
 
 use crate::pki::{peer_identity, PeerIdentity, Role};
@@ -26,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
-use tonic::transport::{Certificate, Channel, Endpoint, Identity, ServerTlsConfig};
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
 /// The largest HTTP/2 DATA frame a peer may send us (SETTINGS_MAX_FRAME_SIZE).
@@ -51,7 +55,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A gRPC server builder for a component that receives replication frames
 /// (PS, MT): the same windows, frame size and keepalive as every client
 /// endpoint ([`TlsFiles::connect`]), so both directions of a stream are
-/// tuned alike. The caller adds TLS and its services.
+/// tuned alike. The caller adds its services and serves the connections of
+/// an [`Acceptor`] (no `tls_config`: they are TLS already).
 pub fn frame_server() -> tonic::transport::Server {
     tonic::transport::Server::builder()
         .initial_stream_window_size(Some(HTTP2_STREAM_WINDOW))
@@ -99,6 +104,19 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// This component's private key (PEM).
     pub key: PathBuf,
+    /// The renewed identity (`tls::renewed`), used instead of `cert` and
+    /// `key` once it exists, by the server and by every new connection.
+    /// Not configured: the daemon sets it from its state directory.
+    #[serde(skip)]
+    pub renewed: Option<PathBuf>,
+}
+
+fn pem(what: &'static str, path: &Path, reason: String) -> TlsError {
+    TlsError::Pem {
+        what,
+        path: path.to_path_buf(),
+        reason,
+    }
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -143,35 +161,31 @@ impl TlsFiles {
             ca: dir.join("ca.pem"),
             cert: dir.join(format!("{name}.pem")),
             key: dir.join(format!("{name}.key")),
+            renewed: None,
         }
     }
 
-    fn identity(&self) -> Result<Identity, TlsError> {
-        Ok(Identity::from_pem(
-            read("certificate", &self.cert)?,
-            read("private key", &self.key)?,
-        ))
+    /// The same files, with the renewed identity of the component whose
+    /// state directory is `state_dir` preferred once it exists.
+    pub fn with_renewed(mut self, state_dir: &Path) -> TlsFiles {
+        self.renewed = Some(renewed::path_in(state_dir));
+        self
     }
 
-    /// Server side: our identity, and client certificates required from the CA.
-    pub fn server_config(&self) -> Result<ServerTlsConfig, TlsError> {
-        Ok(ServerTlsConfig::new()
-            .identity(self.identity()?)
+    /// A tonic server TLS config: no revocation check and a fixed identity,
+    /// kept only until every server serves through [`TlsFiles::acceptor`].
+    pub fn server_config(&self) -> Result<tonic::transport::ServerTlsConfig, TlsError> {
+        use tonic::transport::{Certificate, Identity};
+        Ok(tonic::transport::ServerTlsConfig::new()
+            .identity(Identity::from_pem(
+                read("certificate", &self.cert)?,
+                read("private key", &self.key)?,
+            ))
             .client_ca_root(Certificate::from_pem(read("CA certificate", &self.ca)?)))
     }
 
-    /// Client side: trust only the CA, check the server's name and role,
-    /// present our identity; ALPN h2.
-    pub fn client_config(
-        &self,
-        addr: &str,
-        expected: Role,
-    ) -> Result<rustls::ClientConfig, TlsError> {
-        let pem = |what, path: &Path, reason: String| TlsError::Pem {
-            what,
-            path: path.to_path_buf(),
-            reason,
-        };
+    /// The CA certificates from `ca`.
+    fn roots(&self) -> Result<rustls::RootCertStore, TlsError> {
         let ca = read("CA certificate", &self.ca)?;
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(&ca) {
@@ -183,20 +197,94 @@ impl TlsFiles {
         if roots.is_empty() {
             return Err(pem("CA certificate", &self.ca, "no certificate".into()));
         }
-        let chain = CertificateDer::pem_slice_iter(&read("certificate", &self.cert)?)
+        Ok(roots)
+    }
+
+    /// Our certificate chain and key: the renewed identity when there is
+    /// one, else the enrolled files.
+    fn chain_and_key(
+        &self,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+        let renewed = match &self.renewed {
+            Some(path) => renewed::load(path)
+                .map_err(|source| TlsError::Read {
+                    what: "renewed identity",
+                    path: path.clone(),
+                    source,
+                })?
+                .map(|ck| (path, ck)),
+            None => None,
+        };
+        let (cert_path, cert, key_path, key) = match &renewed {
+            Some((path, ck)) => (
+                *path,
+                ck.cert_pem.as_bytes().to_vec(),
+                *path,
+                ck.key_pem.as_bytes().to_vec(),
+            ),
+            None => (
+                &self.cert,
+                read("certificate", &self.cert)?,
+                &self.key,
+                read("private key", &self.key)?,
+            ),
+        };
+        let chain = CertificateDer::pem_slice_iter(&cert)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| pem("certificate", &self.cert, e.to_string()))?;
+            .map_err(|e| pem("certificate", cert_path, e.to_string()))?;
         if chain.is_empty() {
-            return Err(pem("certificate", &self.cert, "no certificate".into()));
+            return Err(pem("certificate", cert_path, "no certificate".into()));
         }
-        let key = PrivateKeyDer::from_pem_slice(&read("private key", &self.key)?)
-            .map_err(|e| pem("private key", &self.key, e.to_string()))?;
+        let key = PrivateKeyDer::from_pem_slice(&key)
+            .map_err(|e| pem("private key", key_path, e.to_string()))?;
+        Ok((chain, key))
+    }
+
+    /// Our identity for a TLS server, its key checked against the
+    /// certificate.
+    fn certified_key(
+        &self,
+        provider: &rustls::crypto::CryptoProvider,
+    ) -> Result<rustls::sign::CertifiedKey, TlsError> {
+        let (chain, key) = self.chain_and_key()?;
+        rustls::sign::CertifiedKey::from_der(chain, key, provider).map_err(|source| {
+            TlsError::Identity {
+                cert: self.renewed_or_cert().to_path_buf(),
+                key: self.renewed_or_key().to_path_buf(),
+                source,
+            }
+        })
+    }
+
+    fn renewed_or_cert(&self) -> &Path {
+        match &self.renewed {
+            Some(p) if p.exists() => p,
+            _ => &self.cert,
+        }
+    }
+
+    fn renewed_or_key(&self) -> &Path {
+        match &self.renewed {
+            Some(p) if p.exists() => p,
+            _ => &self.key,
+        }
+    }
+
+    /// Client side: trust only the CA, check the server's name and role,
+    /// present our identity (the renewed one once there is one); ALPN h2.
+    pub fn client_config(
+        &self,
+        addr: &str,
+        expected: Role,
+    ) -> Result<rustls::ClientConfig, TlsError> {
+        let roots = self.roots()?;
+        let (chain, key) = self.chain_and_key()?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier = server_role::RoleVerifier::new(roots, provider.clone(), addr, expected)
             .map_err(|e| pem("CA certificate", &self.ca, e.to_string()))?;
         let identity = |source| TlsError::Identity {
-            cert: self.cert.clone(),
-            key: self.key.clone(),
+            cert: self.renewed_or_cert().to_path_buf(),
+            key: self.renewed_or_key().to_path_buf(),
             source,
         };
         let mut tls = rustls::ClientConfig::builder_with_provider(provider)

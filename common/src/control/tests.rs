@@ -7,7 +7,6 @@ use rebound_proto::control::command::Cmd;
 use rebound_proto::control::control_server::{Control, ControlServer};
 use rebound_proto::control::{AgentStatus, Tag, TagCut, Welcome};
 use std::sync::atomic::AtomicU32;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Streaming};
 
 /// What the fake CS saw.
@@ -124,15 +123,8 @@ fn pki() -> Pki {
 }
 
 async fn serve(tls: &TlsFiles, cs: FakeCs) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let server = tonic::transport::Server::builder()
-        .tls_config(tls.server_config().unwrap())
-        .unwrap()
-        .add_service(ControlServer::new(cs))
-        .serve_with_incoming(TcpListenerStream::new(listener));
-    tokio::spawn(server);
-    addr
+    let routes = tonic::service::Routes::new(ControlServer::new(cs));
+    crate::tls::tests::serve_routes(tls, &crate::tls::Revocations::new(), routes).await
 }
 
 struct Handler {

@@ -1,10 +1,16 @@
 use super::*;
 use crate::pki::{write_cert, Ca};
-use tokio_stream::wrappers::TcpListenerStream;
+
+mod server_tests;
 
 /// A CA and certificates in a temp dir: `ps`, `mt` (servers for
 /// 127.0.0.1), `agent` and `admin` (clients only).
 fn pki() -> tempfile::TempDir {
+    pki_and_ca().0
+}
+
+/// [`pki`], and its CA to issue more.
+fn pki_and_ca() -> (tempfile::TempDir, Ca) {
     install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::generate("t").unwrap();
@@ -17,19 +23,31 @@ fn pki() -> tempfile::TempDir {
     issue("mt", Role::Mt, "mt1", &names);
     issue("agent", Role::Agent, "m1", &[]);
     issue("admin", Role::Admin, "admin", &[]);
-    dir
+    (dir, ca)
 }
 
 /// A server with no services on 127.0.0.1 with `tls`, its address: for
 /// tests of the handshake.
 pub(crate) async fn serve(tls: &TlsFiles) -> String {
+    serve_routes(tls, &Revocations::new(), tonic::service::Routes::default()).await
+}
+
+/// A server of `routes` on 127.0.0.1 through the acceptor the daemons use,
+/// enforcing `revocations`; its address.
+pub(crate) async fn serve_routes(
+    tls: &TlsFiles,
+    revocations: &Revocations,
+    routes: tonic::service::Routes,
+) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let server = tonic::transport::Server::builder()
-        .tls_config(tls.server_config().unwrap())
+    let incoming = tls
+        .acceptor(ClientAuth::Required, revocations)
         .unwrap()
-        .add_routes(tonic::service::Routes::default())
-        .serve_with_incoming(TcpListenerStream::new(listener));
+        .incoming(listener);
+    let server = tonic::transport::Server::builder()
+        .add_routes(routes)
+        .serve_with_incoming(incoming);
     tokio::spawn(server);
     addr
 }
