@@ -14,14 +14,13 @@
 //! can no longer be trusted to be in step. An error the server reports for
 //! one request ([`ClientError::Server`]) leaves the connection usable.
 
-use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use super::proto::*;
+pub use super::uri::Endpoint;
 
 /// How long one reply may take before the request fails.
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
@@ -39,62 +38,6 @@ const CLISERV_MAGIC: u64 = 0x0000_4202_8186_1253;
 /// Simple replies are the only ones a client that never asked for
 /// structured replies may receive; this one means the server sent another.
 const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
-
-/// Where an NBD server listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Endpoint {
-    /// `host:port`.
-    Tcp(String),
-    /// A unix-domain socket.
-    Unix(PathBuf),
-}
-
-impl fmt::Display for Endpoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Endpoint::Tcp(a) => write!(f, "tcp {a}"),
-            Endpoint::Unix(p) => write!(f, "unix socket {}", p.display()),
-        }
-    }
-}
-
-impl Endpoint {
-    /// Splits an NBD URI into the endpoint and the export name:
-    /// `nbd://host:port/export` or `nbd+unix:///export?socket=/path`. The
-    /// export name is everything after the first `/` of the path, taken
-    /// literally (no percent-decoding), so it may hold `/` and `@`.
-    pub fn parse_uri(uri: &str) -> Result<(Endpoint, String), ClientError> {
-        let bad = |reason| ClientError::InvalidUri {
-            uri: uri.to_string(),
-            reason,
-        };
-        if let Some(rest) = uri.strip_prefix("nbd+unix://") {
-            let rest = rest.strip_prefix('/').unwrap_or(rest);
-            let (export, query) = rest
-                .split_once('?')
-                .ok_or_else(|| bad("a unix URI needs ?socket=PATH"))?;
-            let socket = query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("socket="))
-                .filter(|s| !s.is_empty())
-                .ok_or_else(|| bad("a unix URI needs ?socket=PATH"))?;
-            return Ok((Endpoint::Unix(PathBuf::from(socket)), export.to_string()));
-        }
-        let rest = uri
-            .strip_prefix("nbd://")
-            .ok_or_else(|| bad("the URI must start with nbd:// or nbd+unix://"))?;
-        let (authority, export) = rest.split_once('/').unwrap_or((rest, ""));
-        if authority.is_empty() {
-            return Err(bad("the URI names no host"));
-        }
-        let addr = if authority.contains(':') && !authority.ends_with(']') {
-            authority.to_string()
-        } else {
-            format!("{authority}:10809")
-        };
-        Ok((Endpoint::Tcp(addr), export.to_string()))
-    }
-}
 
 /// What went wrong, with the export and the request it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +58,9 @@ pub enum ClientError {
         endpoint: Endpoint,
         detail: &'static str,
     },
+    /// STARTTLS was refused or the TLS handshake failed.
+    #[error("cannot start TLS with the NBD server at {endpoint}: {reason}")]
+    Tls { endpoint: Endpoint, reason: String },
     /// The server refused the export (unknown name, policy, shutting down).
     #[error("the NBD server refused export {export:?} ({kind}): {message}")]
     Refused {
@@ -206,7 +152,7 @@ impl<T: Read + Write + Send> Conn for T {}
 
 fn open(endpoint: &Endpoint) -> io::Result<Box<dyn Conn>> {
     Ok(match endpoint {
-        Endpoint::Tcp(addr) => {
+        Endpoint::Tcp(addr) | Endpoint::Tls { addr, .. } => {
             let s = TcpStream::connect(addr.as_str())?;
             s.set_nodelay(true)?;
             s.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -590,11 +536,40 @@ impl NbdClient {
             client_flags |= FLAG_C_NO_ZEROES;
         }
         self.send_all(&client_flags.to_be_bytes(), "the greeting")?;
+        if let Endpoint::Tls { addr, certificates } = endpoint {
+            self.start_tls(endpoint, addr, certificates)?;
+        }
 
         match self.go()? {
             Some(a) => Ok(a),
             None => self.export_name(no_zeroes),
         }
+    }
+
+    /// NBD_OPT_STARTTLS, then the TLS handshake; every later byte goes
+    /// over TLS.
+    fn start_tls(
+        &mut self,
+        endpoint: &Endpoint,
+        addr: &str,
+        certificates: &std::path::Path,
+    ) -> Result<(), ClientError> {
+        let refused = |reason: String| ClientError::Tls {
+            endpoint: endpoint.clone(),
+            reason,
+        };
+        self.send_option(OPT_STARTTLS, &[])?;
+        let (kind, reply) = self.option_reply(OPT_STARTTLS)?;
+        if kind != REP_ACK {
+            self.broken = true;
+            let message = String::from_utf8_lossy(&reply);
+            return Err(refused(format!("{}: {message}", option_error_name(kind))));
+        }
+        let plain = std::mem::replace(&mut self.stream, Box::new(io::empty()));
+        let tls = super::tls::client_upgrade(plain, addr, certificates)
+            .map_err(|e| refused(crate::tls::error_chain(&e)))?;
+        self.stream = Box::new(tls);
+        Ok(())
     }
 
     /// NBD_OPT_GO asking for the block size; `None` if the server does not
@@ -743,6 +718,7 @@ fn option_during(opt: u32) -> &'static str {
     match opt {
         OPT_GO => "NBD_OPT_GO",
         OPT_EXPORT_NAME => "NBD_OPT_EXPORT_NAME",
+        OPT_STARTTLS => "NBD_OPT_STARTTLS",
         _ => "option haggling",
     }
 }
@@ -753,6 +729,8 @@ fn option_error_name(kind: u32) -> &'static str {
         REP_ERR_INVALID => "NBD_REP_ERR_INVALID",
         REP_ERR_UNKNOWN => "NBD_REP_ERR_UNKNOWN: no such export",
         REP_ERR_SHUTDOWN => "NBD_REP_ERR_SHUTDOWN",
+        REP_ERR_TLS_REQD => "NBD_REP_ERR_TLS_REQD",
+        REP_ERR_UNSUP => "NBD_REP_ERR_UNSUP",
         _ => "an option error",
     }
 }

@@ -1,9 +1,16 @@
 //! Fixed newstyle option haggling: from the greeting to the chosen export.
 //!
 //! Separate from the transmission loop because its job is different: it
-//! answers option requests (GO, INFO, EXPORT_NAME, LIST, ABORT), refuses
-//! every other option with NBD_REP_ERR_UNSUP so the client can go on, and
-//! hands the transmission loop an opened [`BlockDevice`].
+//! answers option requests (GO, INFO, EXPORT_NAME, LIST, ABORT, STARTTLS),
+//! refuses every other option with NBD_REP_ERR_UNSUP so the client can go
+//! on, and hands the transmission loop an opened [`BlockDevice`].
+//!
+//! On a server that requires TLS, everything but STARTTLS and ABORT before
+//! the upgrade is refused with NBD_REP_ERR_TLS_REQD (EXPORT_NAME, which
+//! cannot carry an error, closes the connection), as proto.md's "forced
+//! TLS" mode says; after STARTTLS the caller upgrades the stream and
+//! haggling goes on with the client's certificate identity, which the
+//! registry uses to decide what it lists and opens.
 
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,11 +22,55 @@ use super::proto::*;
 use super::{
     BlockDevice, ExportRegistry, NbdError, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE,
 };
+use crate::pki::PeerIdentity;
 
 /// Option data larger than this is treated as a denial of service and the
 /// connection is closed (the largest legitimate option is a GO with a
 /// 4 KiB name and a handful of info requests).
 const MAX_OPTION_LEN: u32 = 1 << 20;
+
+/// The refusal a client sees for an option it sends before STARTTLS to a
+/// server that requires TLS.
+pub(crate) const TLS_REQUIRED: &str = "this NBD server requires TLS: start it with NBD_OPT_STARTTLS and present a client certificate from the deployment's CA (nbdcopy/nbdinfo: nbds://HOST:PORT/EXPORT?tls-certificates=DIR; qemu: --object tls-creds-x509,dir=DIR,endpoint=client; DIR holds ca-cert.pem, client-cert.pem, client-key.pem)";
+
+/// Where a connection stands with TLS.
+#[derive(Clone, Copy)]
+pub(crate) enum Tls<'a> {
+    /// This server does not offer TLS (STARTTLS is unsupported); the
+    /// transport is the boundary (e.g. a unix socket only its owner opens).
+    NotOffered,
+    /// TLS is required and not started yet.
+    Required,
+    /// TLS is up, with this client certificate's identity.
+    Established(&'a PeerIdentity),
+}
+
+impl Tls<'_> {
+    fn client(&self) -> Option<&PeerIdentity> {
+        match self {
+            Tls::Established(who) => Some(who),
+            _ => None,
+        }
+    }
+}
+
+/// The client's handshake flags, from the greeting.
+#[derive(Clone, Copy)]
+pub(crate) struct ClientFlags {
+    fixed: bool,
+    no_zeroes: bool,
+}
+
+/// How option haggling ended.
+pub(crate) enum Haggled {
+    /// An export is chosen: the transmission phase starts.
+    Attached(Negotiated),
+    /// The client asked for TLS and got the ACK: the caller runs the TLS
+    /// handshake on the stream and haggles again over it.
+    StartTls,
+    /// The client aborted or left.
+    Left,
+}
 
 /// The outcome of a successful handshake.
 pub(crate) struct Negotiated {
@@ -67,8 +118,10 @@ fn reply_err<W: Write>(w: &mut W, opt: u32, kind: u32, msg: &str) -> io::Result<
     w.flush()
 }
 
-/// Runs option haggling. `Ok(None)` means the client aborted or left;
-/// `Err` covers IO errors and protocol violations (the caller closes).
+/// Runs option haggling on a server without TLS. `Ok(None)` means the
+/// client aborted or left; `Err` covers IO errors and protocol violations
+/// (the caller closes).
+#[cfg(test)]
 pub(crate) fn negotiate<R: Read, W: Write>(
     r: &mut R,
     w: &mut W,
@@ -76,6 +129,19 @@ pub(crate) fn negotiate<R: Read, W: Write>(
     shutdown: &AtomicBool,
     peer: &str,
 ) -> io::Result<Option<Negotiated>> {
+    let flags = greet(r, w, peer)?;
+    match haggle(r, w, flags, Tls::NotOffered, registry, shutdown, peer)? {
+        Haggled::Attached(n) => Ok(Some(n)),
+        Haggled::StartTls | Haggled::Left => Ok(None),
+    }
+}
+
+/// Sends the server greeting and reads the client's flags.
+pub(crate) fn greet<R: Read, W: Write>(
+    r: &mut R,
+    w: &mut W,
+    peer: &str,
+) -> io::Result<ClientFlags> {
     w.write_all(&NBDMAGIC.to_be_bytes())?;
     w.write_all(&IHAVEOPT.to_be_bytes())?;
     w.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
@@ -91,9 +157,26 @@ pub(crate) fn negotiate<R: Read, W: Write>(
             "unknown client flags {client_flags:#x}"
         )));
     }
-    let fixed = client_flags & FLAG_C_FIXED_NEWSTYLE != 0;
-    let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
+    Ok(ClientFlags {
+        fixed: client_flags & FLAG_C_FIXED_NEWSTYLE != 0,
+        no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
+    })
+}
 
+/// Answers options until the client picks an export, asks for TLS, or
+/// leaves. `Err` covers IO errors and protocol violations (the caller
+/// closes).
+pub(crate) fn haggle<R: Read, W: Write>(
+    r: &mut R,
+    w: &mut W,
+    flags: ClientFlags,
+    tls: Tls<'_>,
+    registry: &dyn ExportRegistry,
+    shutdown: &AtomicBool,
+    peer: &str,
+) -> io::Result<Haggled> {
+    let ClientFlags { fixed, no_zeroes } = flags;
+    let client = tls.client();
     loop {
         let magic = read_u64(r)?;
         if magic != IHAVEOPT {
@@ -138,13 +221,51 @@ pub(crate) fn negotiate<R: Read, W: Write>(
             continue;
         }
 
+        if matches!(tls, Tls::Required) {
+            match opt {
+                OPT_STARTTLS => {
+                    if !data.is_empty() {
+                        reply_err(w, opt, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")?;
+                        continue;
+                    }
+                    reply(w, opt, REP_ACK, &[])?;
+                    w.flush()?;
+                    return Ok(Haggled::StartTls);
+                }
+                OPT_ABORT => {}
+                OPT_EXPORT_NAME => {
+                    warn!(peer, "NBD client asked for an export without TLS on a server that requires it; closing (EXPORT_NAME cannot report errors)");
+                    return Err(protocol_error(format!(
+                        "EXPORT_NAME before STARTTLS: {TLS_REQUIRED}"
+                    )));
+                }
+                _ => {
+                    info!(
+                        peer,
+                        option = option_name(opt),
+                        "NBD option before STARTTLS refused: TLS is required"
+                    );
+                    reply_err(w, opt, REP_ERR_TLS_REQD, TLS_REQUIRED)?;
+                    continue;
+                }
+            }
+        }
+
         match opt {
+            OPT_STARTTLS if matches!(tls, Tls::Established(_)) => {
+                reply_err(
+                    w,
+                    opt,
+                    REP_ERR_INVALID,
+                    "TLS is already started on this connection",
+                )?;
+            }
             OPT_EXPORT_NAME => {
                 let Ok(requested) = String::from_utf8(data) else {
                     warn!(peer, "NBD EXPORT_NAME is not UTF-8; closing");
                     return Err(protocol_error("export name is not UTF-8".to_string()));
                 };
-                let (name, device) = match open_export(registry, &requested) {
+                let (name, device) = match open_export(registry, &requested, client) {
                     Ok(x) => x,
                     Err((_, e)) => {
                         warn!(peer, export = %requested, error = %e, "NBD client asked for an export that cannot be opened; closing (EXPORT_NAME cannot report errors)");
@@ -159,19 +280,19 @@ pub(crate) fn negotiate<R: Read, W: Write>(
                 }
                 w.flush()?;
                 info!(peer, export = %name, size = device.size(), read_only = device.read_only(), "NBD client attached (EXPORT_NAME)");
-                return Ok(Some(Negotiated { name, device }));
+                return Ok(Haggled::Attached(Negotiated { name, device }));
             }
             OPT_ABORT => {
                 // The client may already have closed; a failed ACK is fine.
                 let _ = reply(w, opt, REP_ACK, &[]).and_then(|()| w.flush());
-                return Ok(None);
+                return Ok(Haggled::Left);
             }
             OPT_LIST => {
                 if !data.is_empty() {
                     reply_err(w, opt, REP_ERR_INVALID, "NBD_OPT_LIST takes no data")?;
                     continue;
                 }
-                for name in registry.list() {
+                for name in registry.list_for(client) {
                     let mut d = Vec::with_capacity(4 + name.len());
                     d.extend_from_slice(&(name.len() as u32).to_be_bytes());
                     d.extend_from_slice(name.as_bytes());
@@ -189,7 +310,7 @@ pub(crate) fn negotiate<R: Read, W: Write>(
                         continue;
                     }
                 };
-                let (name, device) = match open_export(registry, &requested) {
+                let (name, device) = match open_export(registry, &requested, client) {
                     Ok(x) => x,
                     Err((kind, e)) => {
                         warn!(peer, export = %requested, error = %e, "NBD client asked for an export that cannot be opened");
@@ -202,7 +323,7 @@ pub(crate) fn negotiate<R: Read, W: Write>(
                 w.flush()?;
                 if opt == OPT_GO {
                     info!(peer, export = %name, size = device.size(), read_only = device.read_only(), "NBD client attached");
-                    return Ok(Some(Negotiated { name, device }));
+                    return Ok(Haggled::Attached(Negotiated { name, device }));
                 }
             }
             _ => {
@@ -231,9 +352,10 @@ pub(crate) fn transmission_flags(device: &dyn BlockDevice) -> u16 {
 fn open_export(
     registry: &dyn ExportRegistry,
     requested: &str,
+    client: Option<&PeerIdentity>,
 ) -> Result<(String, Arc<dyn BlockDevice>), (u32, NbdError)> {
     let name = if requested.is_empty() {
-        match registry.list().into_iter().next() {
+        match registry.list_for(client).into_iter().next() {
             Some(n) => n,
             None => {
                 return Err((
@@ -245,7 +367,7 @@ fn open_export(
     } else {
         requested.to_string()
     };
-    match registry.open(&name) {
+    match registry.open_for(&name, client) {
         Ok(dev) => Ok((name, dev)),
         Err(e) => {
             let kind = match e.errno {

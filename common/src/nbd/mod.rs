@@ -4,7 +4,9 @@
 //! master target exposes recovery-point views through it (read-only), so the
 //! protocol lives here once. Callers implement [`BlockDevice`] for one disk and
 //! [`ExportRegistry`] for the set of exports, then hand a bound listener to
-//! [`serve_tcp`] or [`serve_unix`].
+//! [`serve_tcp`] or [`serve_unix`], or to [`serve_tcp_tls`] for a server
+//! that serves nothing before NBD_OPT_STARTTLS and a client certificate
+//! from the deployment's CA ([`tls`]).
 //!
 //! What the server guarantees a [`BlockDevice`]:
 //! - every request is inside `0..size()`; out-of-range requests are answered
@@ -28,7 +30,9 @@ mod error;
 mod handshake;
 mod proto;
 mod server;
+pub mod tls;
 mod transmission;
+mod uri;
 
 #[cfg(test)]
 mod client_tests;
@@ -38,6 +42,8 @@ mod interop_tests;
 mod tests;
 #[cfg(test)]
 mod testutil;
+#[cfg(test)]
+mod tls_tests;
 
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
@@ -46,6 +52,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 pub use error::NbdError;
+pub use tls::NbdTls;
+
+use crate::pki::PeerIdentity;
 
 /// Smallest block size advertised to clients (NBD_INFO_BLOCK_SIZE minimum).
 pub const MIN_BLOCK_SIZE: u32 = 512;
@@ -89,6 +98,24 @@ pub trait ExportRegistry: Send + Sync {
     /// NBD_REP_ERR_SHUTDOWN, anything else → NBD_REP_ERR_UNKNOWN, with the
     /// error's message as the text the client shows.
     fn open(&self, name: &str) -> Result<Arc<dyn BlockDevice>, NbdError>;
+    /// The exports `client` may see (NBD_OPT_LIST, the default export).
+    /// `client` is the identity of the TLS client certificate, or `None` on
+    /// a server without TLS, whose transport decides who connects. All of
+    /// them unless a registry says otherwise.
+    fn list_for(&self, client: Option<&PeerIdentity>) -> Vec<String> {
+        let _ = client;
+        self.list()
+    }
+    /// Opens an export for `client` (see [`list_for`](Self::list_for)); a
+    /// registry refuses what the client may not see with `EPERM`.
+    fn open_for(
+        &self,
+        name: &str,
+        client: Option<&PeerIdentity>,
+    ) -> Result<Arc<dyn BlockDevice>, NbdError> {
+        let _ = client;
+        self.open(name)
+    }
 }
 
 /// Serves NBD on a bound TCP listener until `shutdown` becomes true.
@@ -108,7 +135,21 @@ pub fn serve_tcp(
     registry: Arc<dyn ExportRegistry>,
     shutdown: Arc<AtomicBool>,
 ) -> JoinHandle<()> {
-    server::spawn(listener, registry, shutdown)
+    server::spawn(listener, registry, None, shutdown)
+}
+
+/// Serves NBD on a bound TCP listener with TLS required: a client must
+/// start TLS (NBD_OPT_STARTTLS) and present a certificate the deployment's
+/// CA signed before anything is listed or opened, and the registry lists
+/// and opens exports by that certificate's identity. Otherwise as
+/// [`serve_tcp`].
+pub fn serve_tcp_tls(
+    listener: TcpListener,
+    registry: Arc<dyn ExportRegistry>,
+    tls: Arc<NbdTls>,
+    shutdown: Arc<AtomicBool>,
+) -> JoinHandle<()> {
+    server::spawn(listener, registry, Some(tls), shutdown)
 }
 
 /// Serves NBD on a bound unix-domain listener until `shutdown` becomes true.
@@ -118,5 +159,5 @@ pub fn serve_unix(
     registry: Arc<dyn ExportRegistry>,
     shutdown: Arc<AtomicBool>,
 ) -> JoinHandle<()> {
-    server::spawn(listener, registry, shutdown)
+    server::spawn(listener, registry, None, shutdown)
 }

@@ -48,6 +48,7 @@ pub(crate) const REP_INFO: u32 = 3;
 pub(crate) const REP_ERR_UNSUP: u32 = 0x8000_0001;
 pub(crate) const REP_ERR_POLICY: u32 = 0x8000_0002;
 pub(crate) const REP_ERR_INVALID: u32 = 0x8000_0003;
+pub(crate) const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
 pub(crate) const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
 pub(crate) const REP_ERR_SHUTDOWN: u32 = 0x8000_0007;
 

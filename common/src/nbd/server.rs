@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
 
-use super::{handshake, transmission, ExportRegistry};
+use super::handshake::{self, ClientFlags, Haggled, Tls};
+use super::{transmission, ExportRegistry, NbdTls};
 
 /// How often the accept loop looks at the shutdown flag when idle.
 const ACCEPT_POLL: Duration = Duration::from_millis(50);
@@ -133,17 +134,19 @@ impl<S> Drop for TableEntry<S> {
 pub(crate) fn spawn<L: Listener>(
     listener: L,
     registry: Arc<dyn ExportRegistry>,
+    tls: Option<Arc<NbdTls>>,
     shutdown: Arc<AtomicBool>,
 ) -> JoinHandle<()> {
     thread::Builder::new()
         .name("nbd-accept".to_string())
-        .spawn(move || accept_loop(listener, registry, shutdown))
+        .spawn(move || accept_loop(listener, registry, tls, shutdown))
         .expect("the OS refused to start the NBD accept thread")
 }
 
 fn accept_loop<L: Listener>(
     listener: L,
     registry: Arc<dyn ExportRegistry>,
+    tls: Option<Arc<NbdTls>>,
     shutdown: Arc<AtomicBool>,
 ) {
     let local = listener.local_name();
@@ -151,7 +154,7 @@ fn accept_loop<L: Listener>(
         error!(listen = %local, error = %e, "NBD server cannot poll its listener; not serving");
         return;
     }
-    info!(listen = %local, "NBD server listening");
+    info!(listen = %local, tls = tls.is_some(), "NBD server listening");
     let table = Arc::new(ConnTable {
         conns: Mutex::new(HashMap::new()),
     });
@@ -167,6 +170,7 @@ fn accept_loop<L: Listener>(
                     peer,
                     &table,
                     registry.clone(),
+                    tls.clone(),
                     shutdown.clone(),
                 ) {
                     threads.push((next_id, h));
@@ -194,6 +198,7 @@ fn start_connection<S: Conn>(
     peer: String,
     table: &Arc<ConnTable<S>>,
     registry: Arc<dyn ExportRegistry>,
+    tls: Option<Arc<NbdTls>>,
     shutdown: Arc<AtomicBool>,
 ) -> Option<JoinHandle<()>> {
     let clones = stream
@@ -215,7 +220,7 @@ fn start_connection<S: Conn>(
         .name(format!("nbd-conn-{id}"))
         .spawn(move || {
             let _entry = entry;
-            serve_connection(stream, writer, &peer, &*registry, &shutdown);
+            serve_connection(stream, writer, &peer, &*registry, tls.as_deref(), &shutdown);
         });
     match spawned {
         Ok(h) => Some(h),
@@ -232,6 +237,7 @@ fn serve_connection<S: Conn>(
     writer: S,
     peer: &str,
     registry: &dyn ExportRegistry,
+    tls: Option<&NbdTls>,
     shutdown: &AtomicBool,
 ) {
     debug!(peer, "NBD client connected");
@@ -240,10 +246,99 @@ fn serve_connection<S: Conn>(
     }
     let mut reader = BufReader::with_capacity(READ_BUF, stream);
     let mut writer = BufWriter::with_capacity(WRITE_BUF, writer);
-    let negotiated = match handshake::negotiate(&mut reader, &mut writer, registry, shutdown, peer)
-    {
-        Ok(Some(n)) => n,
-        Ok(None) => {
+    let flags = match handshake::greet(&mut reader, &mut writer, peer) {
+        Ok(f) => f,
+        Err(e) => {
+            debug!(peer, error = %e, "NBD handshake ended");
+            return;
+        }
+    };
+    let Some(tls) = tls else {
+        return attach_and_serve(
+            reader,
+            writer,
+            flags,
+            Tls::NotOffered,
+            peer,
+            registry,
+            shutdown,
+        );
+    };
+    match handshake::haggle(
+        &mut reader,
+        &mut writer,
+        flags,
+        Tls::Required,
+        registry,
+        shutdown,
+        peer,
+    ) {
+        Ok(Haggled::StartTls) => {}
+        Ok(Haggled::Attached(_)) => {
+            error!(
+                peer,
+                "NBD client attached without TLS on a server that requires it; closing"
+            );
+            return;
+        }
+        Ok(Haggled::Left) => {
+            debug!(peer, "NBD client left before STARTTLS");
+            return;
+        }
+        Err(e) => {
+            debug!(peer, error = %e, "NBD handshake ended before STARTTLS");
+            return;
+        }
+    }
+    if !reader.buffer().is_empty() {
+        warn!(
+            peer,
+            "NBD client sent data after STARTTLS before the TLS handshake; closing"
+        );
+        return;
+    }
+    drop(writer);
+    let (conn, who, _watch) = match tls.accept(reader.into_inner(), peer) {
+        Ok(x) => x,
+        Err(e) => {
+            warn!(peer, error = %e, "NBD TLS handshake refused");
+            return;
+        }
+    };
+    let reader = BufReader::with_capacity(READ_BUF, conn.clone());
+    let writer = BufWriter::with_capacity(WRITE_BUF, conn);
+    attach_and_serve(
+        reader,
+        writer,
+        flags,
+        Tls::Established(&who),
+        peer,
+        registry,
+        shutdown,
+    );
+}
+
+/// Option haggling up to the chosen export, then the transmission phase.
+fn attach_and_serve<C: Conn>(
+    mut reader: BufReader<C>,
+    mut writer: BufWriter<C>,
+    flags: ClientFlags,
+    tls: Tls<'_>,
+    peer: &str,
+    registry: &dyn ExportRegistry,
+    shutdown: &AtomicBool,
+) {
+    let negotiated = match handshake::haggle(
+        &mut reader,
+        &mut writer,
+        flags,
+        tls,
+        registry,
+        shutdown,
+        peer,
+    ) {
+        Ok(Haggled::Attached(n)) => n,
+        Ok(Haggled::Left | Haggled::StartTls) => {
             debug!(peer, "NBD client left during option haggling");
             return;
         }
