@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -205,20 +205,20 @@ pub(crate) async fn spawn_mt(tls: &TlsFiles) -> (FakeMt, SocketAddr, MtRun) {
 }
 
 pub(crate) async fn start_mt(mut mt: FakeMt, tls: &TlsFiles, listener: TcpListener) -> MtRun {
-    let cfg = tls.server_config().unwrap();
+    let acceptor = tls
+        .acceptor(tls::ClientAuth::Required, &tls::Revocations::new())
+        .unwrap();
     let (down, rx) = watch::channel(false);
     mt.down = rx.clone();
     let mut rx2 = rx;
     let task = tokio::spawn(async move {
         tonic::transport::Server::builder()
-            .tls_config(cfg)
-            .unwrap()
             .add_service(
                 MasterTargetServer::new(mt)
                     .max_decoding_message_size(MSG)
                     .max_encoding_message_size(MSG),
             )
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            .serve_with_incoming_shutdown(acceptor.incoming(listener), async move {
                 let _ = rx2.wait_for(|d| *d).await;
             })
             .await
