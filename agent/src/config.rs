@@ -18,8 +18,10 @@ use crate::AgentError;
 
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/rebound/agent";
-/// Default NBD TCP listen address (loopback only).
-pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
+/// Default NBD TCP listen address: none. The exports are on the unix
+/// socket only (mode 0600), because NBD has no authentication and anyone
+/// who reaches a TCP export can write the machine's disks.
+pub const DEFAULT_NBD_LISTEN: &str = "";
 
 /// The whole config file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -32,7 +34,8 @@ pub struct Config {
     pub replication_id: String,
     /// Where the dirty-extent log, markers, sockets and status live.
     pub state_dir: PathBuf,
-    /// NBD TCP listen address (`host:port`); the binary binds it.
+    /// NBD TCP listen address (`host:port`); the binary binds it. Empty
+    /// (the default): no TCP export, the unix socket only.
     pub nbd_listen: String,
     /// NBD unix socket; default `<state_dir>/nbd.sock`.
     pub nbd_socket: Option<PathBuf>,

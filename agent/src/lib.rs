@@ -104,15 +104,49 @@ fn lock_state_dir(dir: &Path) -> Result<std::fs::File, AgentError> {
     Ok(f)
 }
 
-/// Binds a unix socket at `path`, replacing a stale one.
+/// Creates `dir` (and its parents) with mode 0700 when missing: it holds
+/// the sockets that write the disks and the dirty-extent log. An existing
+/// directory others may enter is left as it is, with a warning.
+fn create_private_dir(dir: &Path) -> Result<(), AgentError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err("cannot create the directory", dir))?;
+    let mode = std::fs::metadata(dir)
+        .map_err(io_err("cannot read the mode of", dir))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        warn!(dir = %dir.display(), mode = format_args!("{:o}", mode & 0o777), "this directory of the agent's state or sockets is open to other users; `chmod 700` it (the sockets are 0600 either way)");
+    }
+    Ok(())
+}
+
+/// Binds a unix socket at `path` with mode 0600 (only the agent's user may
+/// connect), replacing a stale one.
 fn bind_unix_std(path: &Path) -> Result<std::os::unix::net::UnixListener, AgentError> {
+    use std::os::unix::fs::PermissionsExt;
     if path.exists() {
         std::fs::remove_file(path).map_err(io_err("cannot remove the stale socket", path))?;
     }
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io_err("cannot create the directory of", path))?;
+        create_private_dir(dir)?;
     }
-    std::os::unix::net::UnixListener::bind(path).map_err(io_err("cannot listen on", path))
+    let listener =
+        std::os::unix::net::UnixListener::bind(path).map_err(io_err("cannot listen on", path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_err("cannot make private the socket", path))?;
+    Ok(listener)
+}
+
+/// Warns when the TCP export is reachable from other hosts: NBD has no
+/// authentication, so whoever reaches it can write this machine's disks.
+fn warn_if_not_loopback(addr: Option<std::net::SocketAddr>) {
+    if let Some(a) = addr.filter(|a| !a.ip().is_loopback()) {
+        warn!(nbd_listen = %a, "the agent's NBD export listens beyond loopback and has no authentication: anyone who reaches {a} can read and write this machine's disks; use the unix socket (leave nbd_listen empty) or a loopback address");
+    }
 }
 
 /// Runs the agent until `shutdown` completes, then stops cleanly: closes the
@@ -120,7 +154,7 @@ fn bind_unix_std(path: &Path) -> Result<std::os::unix::net::UnixListener, AgentE
 /// persists the dirty-extent log and writes the clean-shutdown marker.
 pub async fn run(
     config: Config,
-    nbd_listener: TcpListener,
+    nbd_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let settings = Arc::new(config.validate()?);
@@ -129,8 +163,7 @@ pub async fn run(
     // once the PS acknowledges them; `rebound_common::alloc` says why that
     // needs a fixed mmap threshold.
     rebound_common::alloc::tune_allocator();
-    std::fs::create_dir_all(&s.state_dir)
-        .map_err(io_err("cannot create the state directory", &s.state_dir))?;
+    create_private_dir(&s.state_dir)?;
     let _lock = lock_state_dir(&s.state_dir)?;
 
     // Disks and the dirty-extent log.
@@ -205,10 +238,13 @@ pub async fn run(
     let admin_listener = tokio::net::UnixListener::from_std(admin_std)
         .map_err(io_err("cannot listen on", &admin_path))?;
     let nbd_unix = bind_unix_std(&s.nbd_socket)?;
-    let nbd_tcp_addr = nbd_listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| "?".into());
+    let nbd_tcp = nbd_listener.as_ref().and_then(|l| l.local_addr().ok());
+    warn_if_not_loopback(nbd_tcp);
+    let nbd_tcp_addr = match (&nbd_listener, nbd_tcp) {
+        (None, _) => "no TCP".to_string(),
+        (Some(_), Some(a)) => a.to_string(),
+        (Some(_), None) => "?".to_string(),
+    };
 
     // Background tasks.
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -266,10 +302,14 @@ pub async fn run(
     // NBD.
     let nbd_stop = Arc::new(AtomicBool::new(false));
     let exports: Arc<dyn rebound_common::nbd::ExportRegistry> = Arc::new(Exports::new(&capture));
-    let nbd_handles = vec![
-        rebound_common::nbd::serve_tcp(nbd_listener, exports.clone(), nbd_stop.clone()),
-        rebound_common::nbd::serve_unix(nbd_unix, exports, nbd_stop.clone()),
-    ];
+    let mut nbd_handles = vec![rebound_common::nbd::serve_unix(
+        nbd_unix,
+        exports.clone(),
+        nbd_stop.clone(),
+    )];
+    if let Some(l) = nbd_listener {
+        nbd_handles.push(rebound_common::nbd::serve_tcp(l, exports, nbd_stop.clone()));
+    }
 
     let disk_desc: Vec<String> = disks
         .iter()
@@ -462,7 +502,7 @@ mod tests {
     fn run_future_is_send() {
         fn assert_send<T: Send>(_: &T) {}
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let f = super::run(super::Config::default(), l, async {});
+        let f = super::run(super::Config::default(), Some(l), async {});
         assert_send(&f);
     }
 }

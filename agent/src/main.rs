@@ -54,7 +54,10 @@ fn real_main(cmd: Cmd) -> anyhow::Result<()> {
             log.start();
             rebound_agent::pressure::serve_under_memory_pressure();
             let cfg: rebound_agent::Config = cli_args::load_config(config.as_deref())?;
-            let listener = cli_args::listen_std(&cfg.nbd_listen, "nbd_listen")?;
+            let listener = match cfg.nbd_listen.trim() {
+                "" => None,
+                addr => Some(cli_args::listen_std(addr, "nbd_listen")?),
+            };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
