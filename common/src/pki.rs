@@ -13,7 +13,10 @@ use rcgen::{
 };
 use std::fmt;
 use std::path::Path;
+use std::time::Duration;
 use thiserror::Error;
+
+pub mod lifetime;
 
 #[derive(Debug, Error)]
 pub enum PkiError {
@@ -111,6 +114,7 @@ impl Ca {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
+        lifetime::set_validity(&mut params, lifetime::CA);
         let cert = params.self_signed(&key)?;
         let cert_pem = cert.pem();
         let key_pem = key.serialize_pem();
@@ -145,12 +149,23 @@ impl Ca {
     }
 
     /// Issues a certificate for `role:id`, usable as a TLS client and (with
-    /// `server_names`) as a TLS server.
+    /// `server_names`) as a TLS server, valid for [`lifetime::DEFAULT`].
     pub fn issue(
         &self,
         role: Role,
         id: &str,
         server_names: &[String],
+    ) -> Result<CertKeyPem, PkiError> {
+        self.issue_for(role, id, server_names, lifetime::DEFAULT)
+    }
+
+    /// [`Ca::issue`] valid for `lifetime` from now.
+    pub fn issue_for(
+        &self,
+        role: Role,
+        id: &str,
+        server_names: &[String],
+        lifetime: Duration,
     ) -> Result<CertKeyPem, PkiError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(server_names.to_vec())?;
@@ -168,6 +183,7 @@ impl Ca {
                 .push(ExtendedKeyUsagePurpose::ServerAuth);
         }
         params.use_authority_key_identifier_extension = true;
+        lifetime::set_validity(&mut params, lifetime);
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(CertKeyPem {
             cert_pem: cert.pem(),
@@ -280,17 +296,29 @@ pub fn write_dev_bundle_for(
     machines: &[String],
     servers: &[String],
 ) -> Result<(), PkiError> {
+    write_dev_bundle_with(dir, machines, servers, lifetime::DEFAULT)
+}
+
+/// [`write_dev_bundle_for`] with every certificate but the CA's valid for
+/// `lifetime`.
+pub fn write_dev_bundle_with(
+    dir: &Path,
+    machines: &[String],
+    servers: &[String],
+    lifetime: Duration,
+) -> Result<(), PkiError> {
     std::fs::create_dir_all(dir).map_err(|source| PkiError::Write {
         path: dir.display().to_string(),
         source,
     })?;
     let ca = Ca::generate("lab")?;
     ca.write(dir)?;
-    write_cert(dir, "ps", &ca.issue(Role::Ps, "ps1", servers)?)?;
-    write_cert(dir, "mt", &ca.issue(Role::Mt, "mt1", servers)?)?;
-    write_cert(dir, "admin", &ca.issue(Role::Admin, "admin", &[])?)?;
+    let issue = |role, id: &str, names: &[String]| ca.issue_for(role, id, names, lifetime);
+    write_cert(dir, "ps", &issue(Role::Ps, "ps1", servers)?)?;
+    write_cert(dir, "mt", &issue(Role::Mt, "mt1", servers)?)?;
+    write_cert(dir, "admin", &issue(Role::Admin, "admin", &[])?)?;
     for m in machines {
-        write_cert(dir, &format!("agent-{m}"), &ca.issue(Role::Agent, m, &[])?)?;
+        write_cert(dir, &format!("agent-{m}"), &issue(Role::Agent, m, &[])?)?;
     }
     Ok(())
 }

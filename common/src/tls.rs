@@ -11,6 +11,7 @@
 //! the handshake with a message that says so. tonic's own client TLS checks
 //! only the chain and the name, hence the connector here ([`server_role`]).
 
+pub mod renewal;
 pub mod renewed;
 pub mod revocation;
 mod server;
