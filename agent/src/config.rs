@@ -282,7 +282,8 @@ impl Config {
             dirty_keep_extents: self.dirty_keep_extents,
             disks,
             ps: self.ps.clone(),
-            tls: self.tls.clone(),
+            // Renewal keeps the renewed identity in the state directory.
+            tls: self.tls.clone().with_renewed(&self.state_dir),
             site: self.site.clone(),
             cs: self.cs.clone(),
             hooks: self.hooks.clone(),

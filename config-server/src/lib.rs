@@ -37,6 +37,7 @@ pub use lifecycle::{Lifecycle, PointSpec, Settings, Targets};
 pub use store::{SqliteStore, Store};
 
 use rebound_common::serve;
+use rebound_common::tls::ClientAuth;
 use rebound_proto::control::admin_server::AdminServer;
 use rebound_proto::control::control_server::ControlServer;
 use rebound_proto::control::enrollment_server::EnrollmentServer;
@@ -44,7 +45,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
 /// How long shutdown waits for gRPC streams (control channels) to close.
@@ -89,13 +89,15 @@ where
     let heartbeat = config
         .heartbeat()
         .map_err(|e| CsError::InvalidArgument(e.to_string()))?;
+    // The CS's own copy of the revocation list (filled from the store
+    // below): the acceptor refuses and cuts the revoked certificates.
+    let revocations = rebound_common::tls::Revocations::new();
     // Enrollment needs TLS without a client certificate; every other RPC
     // checks the certificate's role itself (require_role).
-    let tls = config
+    let acceptor = config
         .tls
-        .server_config()
-        .map_err(|e| CsError::InvalidArgument(format!("[tls]: {e}")))?
-        .client_auth_optional(true);
+        .acceptor(ClientAuth::Optional, &revocations)
+        .map_err(|e| CsError::InvalidArgument(format!("[tls]: {e}")))?;
     let ca_pem = read("CA certificate ([tls] ca)", &config.tls.ca)?;
     let ca_key = read("CA key (ca_key)", &config.ca_key)?;
     let server_cert = read("CS certificate ([tls] cert)", &config.tls.cert)?;
@@ -142,17 +144,12 @@ where
     let admin =
         service::AdminService::new(store.clone(), bus.clone(), jobs.clone(), lifecycle.clone());
     let server = tonic::transport::Server::builder()
-        .tls_config(tls)
-        .map_err(|e| CsError::InvalidArgument(format!("[tls]: {e}")))?
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(EnrollmentServer::new(enrollment))
         .add_service(ControlServer::new(control))
         .add_service(AdminServer::new(admin))
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
-            serve::stopped(stop_rx.clone()),
-        );
+        .serve_with_incoming_shutdown(acceptor.incoming(listener), serve::stopped(stop_rx.clone()));
     // Database open, interrupted jobs resumed, listener bound.
     rebound_common::service_manager::ready(&format!("serving on {addr}"));
     let served = serve::until_stopped(server, stop_rx, SHUTDOWN_GRACE, "control streams")

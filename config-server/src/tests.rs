@@ -201,6 +201,7 @@ async fn enrollment_over_tls_with_right_and_wrong_passphrase() {
         ca: e.ca.clone(),
         cert: e.cert.clone(),
         key: e.key.clone(),
+        renewed: None,
     };
     connect(
         cs.channel(&files).await,

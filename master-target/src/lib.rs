@@ -57,15 +57,13 @@ pub use view::Views;
 use rebound_common::nbd;
 use rebound_common::pki::Role;
 use rebound_common::serve;
-use rebound_common::tls::TlsFiles;
+use rebound_common::tls::{ClientAuth, Revocations, TlsFiles};
 use rebound_proto::master_target_server::MasterTargetServer;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
-use tokio_stream::StreamExt;
 use tracing::info;
 
 /// Largest gRPC message accepted: a frame body of up to 64 MiB plus header.
@@ -80,7 +78,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// retention task. Everything acknowledged is durable when it was
 /// acknowledged, so shutdown only stops between frames.
 pub async fn run<F>(
-    config: Config,
+    mut config: Config,
     listener: tokio::net::TcpListener,
     nbd_listener: std::net::TcpListener,
     shutdown: F,
@@ -91,10 +89,9 @@ where
     // Frames arrive on tokio threads and are applied and freed on blocking
     // threads; see the module for why this matters.
     rebound_common::alloc::tune_allocator();
-    let tls = config
-        .tls
-        .server_config()
-        .map_err(|e| MtError::InvalidArgument(format!("[tls]: {e}")))?;
+    // Renewal keeps the MT's renewed identity in its data dir; the servers
+    // and every client connection (CS) use it once it exists.
+    config.tls = config.tls.with_renewed(&config.data_dir);
     let data_dir = config.data_dir.clone();
     let store = Arc::new(
         tokio::task::spawn_blocking(move || Store::open(&data_dir))
@@ -116,6 +113,22 @@ where
     let nbd_addr = nbd_listener
         .local_addr()
         .map_err(|e| MtError::io("cannot read the NBD listener address", e))?;
+    // The revocation list the CS pushes (SetRevoked), as last saved: the
+    // gRPC acceptor refuses and cuts these certificates.
+    let revoked_path = revoked_path(&config);
+    let revocations = Revocations::load(&revoked_path).map_err(|e| {
+        MtError::io(
+            format!(
+                "cannot read the revocation list {}; fix its permissions, or remove it and let the configuration server send it again",
+                revoked_path.display()
+            ),
+            e,
+        )
+    })?;
+    let acceptor = config
+        .tls
+        .acceptor(ClientAuth::Required, &revocations)
+        .map_err(|e| MtError::InvalidArgument(format!("[tls]: {e}")))?;
     let nbd_stop = Arc::new(AtomicBool::new(false));
     let nbd_thread = nbd::serve_tcp(
         nbd_listener,
@@ -176,15 +189,8 @@ where
     let svc = MasterTargetServer::new(service::MtService::new(store.clone(), stop_rx.clone()))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
-    let incoming = TcpListenerStream::new(listener).map(|s| {
-        if let Ok(s) = &s {
-            let _ = s.set_nodelay(true);
-        }
-        s
-    });
+    let incoming = acceptor.incoming(listener);
     let server = rebound_common::tls::frame_server()
-        .tls_config(tls)
-        .map_err(|e| MtError::InvalidArgument(format!("[tls]: {e}")))?
         .add_service(svc)
         .serve_with_incoming_shutdown(incoming, serve::stopped(stop_rx.clone()));
     // Replications recovered, both listeners bound.
@@ -202,6 +208,11 @@ where
     let _ = tokio::task::spawn_blocking(move || nbd_thread.join()).await;
     info!("master target stopped");
     served
+}
+
+/// Where the MT keeps the revocation list the CS pushed: in its data dir.
+pub fn revoked_path(config: &Config) -> std::path::PathBuf {
+    config.data_dir.join("revoked")
 }
 
 /// This component's id, from its certificate (CN `"<role>:<id>"`): the

@@ -25,7 +25,7 @@ use cache::{Cache, CacheError};
 use forward::{Forwarders, MtLink, MAX_MESSAGE};
 use ingest::IngestContext;
 use rebound_common::serve;
-use rebound_common::tls::{error_chain, TlsError};
+use rebound_common::tls::{error_chain, ClientAuth, Revocations, TlsError};
 use rebound_proto::process_server_server::ProcessServerServer;
 use service::PsService;
 use std::collections::HashMap;
@@ -37,8 +37,6 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
-use tokio_stream::StreamExt;
 use tracing::info;
 
 /// Period of the per-replication throughput/lag summary.
@@ -64,6 +62,11 @@ pub enum PsError {
     CertInvalid { path: PathBuf, why: String },
     #[error("invalid config: [tls] cert {}: it is the certificate of {holder}; a process server needs a ps certificate: enroll with rebound-ps enroll", path.display())]
     NotPsCert { path: PathBuf, holder: String },
+    #[error("cannot read the revocation list {}: {source}; fix its permissions, or remove it and let the configuration server send it again", path.display())]
+    RevokedUnreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("gRPC server failed: {}", error_chain(.0))]
     Serve(tonic::transport::Error),
     #[error("internal task failed: {0}")]
@@ -72,12 +75,14 @@ pub enum PsError {
 
 /// Runs the process server on `listener` until `shutdown` resolves. Every
 /// frame it acknowledged is durable in the cache by then.
-pub async fn run<F>(config: Config, listener: TcpListener, shutdown: F) -> Result<(), PsError>
+pub async fn run<F>(mut config: Config, listener: TcpListener, shutdown: F) -> Result<(), PsError>
 where
     F: Future<Output = ()> + Send + 'static,
 {
     config.validate().map_err(PsError::Config)?;
-    let tls = config.tls.server_config().map_err(PsError::Tls)?;
+    // Renewal keeps the PS's renewed identity next to its cache; the server
+    // and every client connection (MT, CS) use it once it exists.
+    config.tls = config.tls.with_renewed(&config.cache_dir);
     let root = config.cache_dir.clone();
     let cap = config.cache_max_bytes;
     let cache = Arc::new(
@@ -100,6 +105,18 @@ where
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let summary = tokio::spawn(summary_loop(cache.clone()));
+    // The revocation list the CS pushes (SetRevoked), as last saved: the
+    // gRPC acceptor refuses and cuts these certificates.
+    let revoked_path = revoked_path(&config);
+    let revocations =
+        Revocations::load(&revoked_path).map_err(|source| PsError::RevokedUnreadable {
+            path: revoked_path.clone(),
+            source,
+        })?;
+    let acceptor = config
+        .tls
+        .acceptor(ClientAuth::Required, &revocations)
+        .map_err(PsError::Tls)?;
 
     let ctx = IngestContext {
         cache: cache.clone(),
@@ -155,20 +172,13 @@ where
     if let Some(h) = &control {
         link.set_events(h.clone());
     }
-    let incoming = TcpListenerStream::new(listener).map(|s| {
-        if let Ok(s) = &s {
-            let _ = s.set_nodelay(true);
-        }
-        s
-    });
+    let incoming = acceptor.incoming(listener);
     let signal = async move {
         shutdown.await;
         info!("process server shutting down");
         stop_tx.send_replace(true);
     };
     let server = rebound_common::tls::frame_server()
-        .tls_config(tls)
-        .map_err(PsError::Serve)?
         .add_service(svc)
         .serve_with_incoming_shutdown(incoming, signal);
     // The cache is recovered and the listener bound: connections wait in
@@ -243,6 +253,11 @@ async fn summary_loop(cache: Arc<Cache>) {
             );
         }
     }
+}
+
+/// Where the PS keeps the revocation list the CS pushed: next to its cache.
+pub fn revoked_path(config: &Config) -> PathBuf {
+    config.cache_dir.join("revoked")
 }
 
 /// This PS's id, from its certificate (CN `"ps:<id>"`): the hello to the CS

@@ -396,6 +396,7 @@ fn hello_id_comes_from_the_certificate_and_status_lists_replications() {
         ca: dir.path().join("ca.pem"),
         cert: dir.path().join(format!("{n}.pem")),
         key: dir.path().join(format!("{n}.key")),
+        renewed: None,
     };
     assert_eq!(crate::own_id(&tls("mt"), Role::Mt).unwrap(), "mt-b");
     let e = crate::own_id(&tls("ps"), Role::Mt).unwrap_err();
