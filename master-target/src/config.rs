@@ -16,7 +16,9 @@ pub struct Config {
     /// The gRPC address others dial, told to the CS; empty = the address
     /// `listen` bound.
     pub advertise: String,
-    /// NBD address for read-only recovery-point views (loopback).
+    /// NBD address for read-only recovery-point views: TLS only
+    /// (NBD_OPT_STARTTLS) with a client certificate from the deployment's
+    /// CA; an admin certificate sees every machine, an agent's its own.
     pub nbd_listen: String,
     /// Replicas, retention journals and recovery-point catalogs.
     pub data_dir: PathBuf,

@@ -129,10 +129,15 @@ where
         .tls
         .acceptor(ClientAuth::Required, &revocations)
         .map_err(|e| MtError::InvalidArgument(format!("[tls]: {e}")))?;
+    // Views show every machine's disks: TLS with a client certificate
+    // from the CA only, each client seeing what its certificate may.
+    let nbd_tls = nbd::NbdTls::new(&config.tls, revocations.clone())
+        .map_err(|e| MtError::InvalidArgument(format!("[tls] for the NBD views: {e}")))?;
     let nbd_stop = Arc::new(AtomicBool::new(false));
-    let nbd_thread = nbd::serve_tcp(
+    let nbd_thread = nbd::serve_tcp_tls(
         nbd_listener,
         Arc::new(Views::new(store.clone())),
+        Arc::new(nbd_tls),
         nbd_stop.clone(),
     );
     let retention = tokio::spawn(retention::run_task(
@@ -162,7 +167,7 @@ where
             identity: control::Identity {
                 id: id.clone(),
                 site: config.site.clone(),
-                addresses: vec![grpc, format!("nbd://{nbd_addr}")],
+                addresses: vec![grpc, format!("nbds://{nbd_addr}")],
                 instance: instance_id(),
             },
             status: std::sync::Mutex::new(None),

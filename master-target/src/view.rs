@@ -8,6 +8,10 @@
 //! pre-image file, so for points after Q "the replica" is replaced by the
 //! pre-image where there is one. Every read holds the replication's read
 //! lock, so a view always sees a frame boundary while apply goes on.
+//!
+//! Views are served over TLS only, and each client sees by its certificate:
+//! an admin every machine's views, an agent only its own machine's, any
+//! other role none (a PS or MT has no business reading disks).
 
 use crate::error::{MtError, Result};
 use crate::journal::{self, BLOCK};
@@ -15,6 +19,7 @@ use crate::replication::{Disk, Inner, Replication, Store};
 use crate::retention_journal::Undo;
 use rebound_common::chunk::read_full_at;
 use rebound_common::nbd::{BlockDevice, ExportRegistry, NbdError};
+use rebound_common::pki::{PeerIdentity, Role};
 use std::cmp::Reverse;
 use std::sync::Arc;
 use thiserror::Error;
@@ -318,9 +323,63 @@ impl Views {
     }
 }
 
+/// Whether `client` may see the views of `machine`.
+fn may_see(client: Option<&PeerIdentity>, machine: &str) -> bool {
+    match client {
+        Some(who) => match who.role {
+            Role::Admin => true,
+            Role::Agent => who.id == machine,
+            Role::Ps | Role::Mt | Role::Cs => false,
+        },
+        // Only a server without TLS has no client identity; the MT never
+        // serves views that way.
+        None => false,
+    }
+}
+
+fn refusal(client: Option<&PeerIdentity>, name: &str) -> NbdError {
+    let who = client.map_or("a client without a certificate".to_string(), |w| {
+        format!("certificate {w}")
+    });
+    NbdError::eperm(format!(
+        "{who} may not read view {name:?}: an agent certificate sees only its own machine's views, an admin certificate sees all (use the admin certificate, e.g. from `rebound certs`)"
+    ))
+}
+
 impl ExportRegistry for Views {
     fn list(&self) -> Vec<String> {
         self.export_names()
+    }
+
+    fn list_for(&self, client: Option<&PeerIdentity>) -> Vec<String> {
+        self.export_names()
+            .into_iter()
+            .filter(|n| {
+                n.split_once('/')
+                    .is_some_and(|(machine, _)| may_see(client, machine))
+            })
+            .collect()
+    }
+
+    fn open_for(
+        &self,
+        name: &str,
+        client: Option<&PeerIdentity>,
+    ) -> Result<Arc<dyn BlockDevice>, NbdError> {
+        // Resolve first: the name's machine part may be a replication id.
+        let dev = self.resolve(name).map_err(|e| {
+            // Say "no such export" only to who may see that machine.
+            match name.split_once('/') {
+                Some((machine, _)) if !may_see(client, machine) => refusal(client, name),
+                _ => NbdError::einval(e.to_string()),
+            }
+        })?;
+        if !may_see(client, dev.repl.machine_id()) {
+            tracing::info!(export = %name, client = ?client.map(|w| w.to_string()), "view refused: the certificate may not see this machine");
+            return Err(refusal(client, name));
+        }
+        tracing::debug!(export = %name, "view opened");
+        Ok(Arc::new(dev))
     }
 
     fn open(&self, name: &str) -> Result<Arc<dyn BlockDevice>, NbdError> {

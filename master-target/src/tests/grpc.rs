@@ -26,7 +26,7 @@ use tonic::Code;
 struct Server {
     pki: PathBuf,
     addr: String,
-    nbd_addr: std::net::SocketAddr,
+    nbd_addr: ViewsAt,
     stop_tx: oneshot::Sender<()>,
     server: JoinHandle<Result<(), MtError>>,
 }
@@ -43,7 +43,10 @@ async fn start(dir: &Path) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let nbd = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let nbd_addr = nbd.local_addr().unwrap();
+    let nbd_addr = ViewsAt {
+        addr: nbd.local_addr().unwrap(),
+        certs: admin_nbd_dir(&pki),
+    };
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let server = tokio::spawn(crate::run(cfg, listener, nbd, async move {
         let _ = stop_rx.await;
@@ -67,10 +70,37 @@ async fn shutdown(stop_tx: oneshot::Sender<()>, server: JoinHandle<Result<(), Mt
         .unwrap();
 }
 
-/// Reads an export of the MT's NBD server with `nbdcopy` and compares it
-/// with `want`.
-fn nbd_check(nbd_addr: std::net::SocketAddr, export: &str, want: &[u8]) {
-    let uri = format!("nbd://{nbd_addr}/{export}");
+/// The MT's views: their address, and the admin certificate as NBD
+/// clients read it (views are served over TLS only).
+#[derive(Clone)]
+struct ViewsAt {
+    addr: std::net::SocketAddr,
+    certs: std::path::PathBuf,
+}
+
+/// `ca-cert.pem`, `client-cert.pem`, `client-key.pem` of the admin, as
+/// libnbd's `tls-certificates=DIR` wants them.
+fn admin_nbd_dir(pki: &Path) -> std::path::PathBuf {
+    let dir = pki.join("nbd-admin");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (from, to) in [
+        ("ca.pem", "ca-cert.pem"),
+        ("admin.pem", "client-cert.pem"),
+        ("admin.key", "client-key.pem"),
+    ] {
+        std::fs::copy(pki.join(from), dir.join(to)).unwrap();
+    }
+    dir
+}
+
+/// Reads an export of the MT's NBD server with `nbdcopy` over TLS and
+/// compares it with `want`.
+fn nbd_check(views: &ViewsAt, export: &str, want: &[u8]) {
+    let uri = format!(
+        "nbds://{}/{export}?tls-certificates={}",
+        views.addr,
+        views.certs.display()
+    );
     let out = std::process::Command::new("nbdcopy")
         .args([uri.as_str(), "-"])
         .output()
@@ -181,8 +211,8 @@ async fn grpc_apply_points_rollback_and_roles() {
     // Views through a real NBD client.
     let (p1, latest) = (g.snap("p1")[0].clone(), g.disks[1].clone());
     tokio::task::spawn_blocking(move || {
-        nbd_check(nbd_addr, "m1/disk0@p1", &p1);
-        nbd_check(nbd_addr, "m1/disk1@latest", &latest);
+        nbd_check(&nbd_addr, "m1/disk0@p1", &p1);
+        nbd_check(&nbd_addr, "m1/disk1@latest", &latest);
     })
     .await
     .unwrap();
@@ -386,10 +416,10 @@ async fn pipelined_frames_stop_at_a_damaged_one() {
 
     // The replica holds exactly the frames before the damaged one.
     let want = disks_at(&g, good_to);
-    let nbd_addr = srv.nbd_addr;
+    let nbd_addr = srv.nbd_addr.clone();
     tokio::task::spawn_blocking(move || {
-        nbd_check(nbd_addr, "m1/disk0@latest", &want[0]);
-        nbd_check(nbd_addr, "m1/disk1@latest", &want[1]);
+        nbd_check(&nbd_addr, "m1/disk0@latest", &want[0]);
+        nbd_check(&nbd_addr, "m1/disk1@latest", &want[1]);
     })
     .await
     .unwrap();
