@@ -14,6 +14,9 @@ use std::time::Duration;
 /// Where `rebound-cs` keeps its state by default.
 pub const DEFAULT_DIR: &str = "/var/lib/rebound/cs";
 
+/// Where the plan hooks are installed by default.
+pub const DEFAULT_HOOK_DIR: &str = "/etc/rebound/hooks";
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -38,6 +41,9 @@ pub struct Config {
     /// Keep the source copy at commit (faster reprotect), unless the operator
     /// says otherwise on `rebound commit`.
     pub keep_source_copy: bool,
+    /// The directory of plan hooks: a plan names an executable file in it,
+    /// which the CS runs without a shell. Only root should be able to write it.
+    pub hook_dir: PathBuf,
     /// The CS server certificate and the CA certificate; `cert` must carry
     /// the names components use to reach the CS.
     pub tls: TlsFiles,
@@ -62,6 +68,7 @@ impl Config {
         let tls_dir = under(TLS_DIR);
         Config {
             ca_key: tls_dir.join("ca.key"),
+            hook_dir: under(DEFAULT_HOOK_DIR),
             tls: TlsFiles::in_dir(&tls_dir, "cs"),
             ..Config::in_dir(&under(DEFAULT_DIR))
         }
@@ -79,6 +86,7 @@ impl Config {
             drain_timeout_secs: 10 * 60,
             initial_sync_timeout_secs: 24 * 3600,
             keep_source_copy: true,
+            hook_dir: dir.join("hooks"),
             tls: TlsFiles::in_dir(dir, "cs"),
         }
     }

@@ -10,6 +10,12 @@
 //! makes a component offline after three missed heartbeats and drops its
 //! stream.
 //!
+//! Revocation: a peer whose certificate is revoked (by serial, in the
+//! store) or whose component is marked revoked is refused at channel open,
+//! with what to do. Each PS and MT gets the revocation list (`SetRevoked`)
+//! right after its welcome, so one that was offline during a revocation
+//! enforces it before the CS asks anything else of it.
+//!
 //! Split-brain guard: a machine has at most one agent connected. A second
 //! agent for the same machine is refused while the first one is alive, and
 //! an agent at a site other than where the machine runs is refused unless
@@ -21,11 +27,12 @@ use crate::bus::{CommandBus, ComponentKey};
 use crate::convert;
 use crate::error::CsError;
 use crate::fleet::components::{cert_expiry_ms, version_mismatch};
+use crate::fleet::revoke::{self, PUSH_TIMEOUT};
 use crate::fleet::{policy, rpo::RpoAlert};
 use crate::store::{now_ms, Component, Event, Health, Machine, Policy, ReplState, Store};
 use prost::Message;
-use rebound_common::pki::{PeerIdentity, Role};
-use rebound_common::tls::require_role;
+use rebound_common::pki::{serial_hex, PeerIdentity, Role};
+use rebound_common::tls::{require_role, Revocations};
 use rebound_proto::control::command::Cmd;
 use rebound_proto::control::control_server::Control;
 use rebound_proto::control::{
@@ -50,6 +57,9 @@ pub struct ControlService {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) bus: Arc<CommandBus>,
     heartbeat: Duration,
+    /// The revocation list the CS's server enforces; refreshed from the
+    /// store whenever a PS or MT is sent the list.
+    pub(crate) revocations: Revocations,
 }
 
 impl ControlService {
@@ -58,7 +68,32 @@ impl ControlService {
             store,
             bus,
             heartbeat,
+            revocations: Revocations::new(),
         }
+    }
+
+    /// Shares the revocation list the CS's server enforces.
+    pub fn with_revocations(mut self, r: Revocations) -> Self {
+        self.revocations = r;
+        self
+    }
+
+    /// Refuses a peer whose certificate (`serial`, from the TLS session)
+    /// the CS revoked.
+    async fn check_not_revoked(&self, peer: &PeerIdentity, serial: &str) -> Result<(), CsError> {
+        let revoked_ms = match self.store.get_issued_cert(serial).await? {
+            Some(c) => c.revoked_ms,
+            None => None,
+        };
+        if revoked_ms.is_some() || self.revocations.is_revoked(serial) {
+            return Err(CsError::PermissionDenied(format!(
+                "certificate {serial} of {peer} is revoked: it may not connect to the CS, any PS \
+                 or MT. To let {peer} back, create a token (`rebound token create --role {} --id \
+                 {}`) and enroll it again",
+                peer.role, peer.id
+            )));
+        }
+        Ok(())
     }
 
     fn offline_after(&self) -> Duration {
@@ -181,7 +216,9 @@ impl ControlService {
             .unwrap_or_else(|| Component::new(role, &hello.id));
         if c.revoked {
             return Err(CsError::PermissionDenied(format!(
-                "{key} is revoked: enroll it again to let it back"
+                "{key} is revoked: to let it back, create a token (`rebound token create --role {role} \
+                 --id {}`) and enroll it again",
+                hello.id
             )));
         }
         if role == Role::Agent {
@@ -338,9 +375,16 @@ impl Control for ControlService {
         req: Request<Streaming<ComponentMessage>>,
     ) -> Result<Response<Self::ChannelStream>, Status> {
         let peer = require_role(&req, &[Role::Agent, Role::Ps, Role::Mt])?;
-        let cert_expiry = req
+        let leaf = req
             .peer_certs()
-            .and_then(|certs| certs.first().and_then(|der| cert_expiry_ms(der.as_ref())));
+            .and_then(|certs| certs.first().map(|der| der.as_ref().to_vec()));
+        let cert_expiry = leaf.as_deref().and_then(cert_expiry_ms);
+        if let Some(serial) = leaf.as_deref().and_then(|der| serial_hex(der).ok()) {
+            if let Err(e) = self.check_not_revoked(&peer, &serial).await {
+                warn!(component = %peer, error = %e, "control channel refused");
+                return Err(e.into());
+            }
+        }
         let mut up = req.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, up.message())
             .await
@@ -378,7 +422,10 @@ impl Control for ControlService {
         info!(component = %key, site = %hello.site, version = %hello.version,
             replaced = old.is_some(), "registered");
         let (store, bus, resend_to) = (self.store.clone(), self.bus.clone(), key.clone());
+        let own = self.revocations.clone();
         tokio::spawn(async move {
+            revoke::push_on_hello(store.as_ref(), bus.as_ref(), &own, &resend_to, PUSH_TIMEOUT)
+                .await;
             policy::resend_on_hello(store.as_ref(), bus.as_ref(), &resend_to, POLICY_TIMEOUT).await
         });
         let reader = Reader {

@@ -33,6 +33,8 @@ pub struct AdminService {
     pub(crate) bus: Arc<CommandBus>,
     pub(crate) jobs: Arc<JobEngine>,
     pub(crate) lifecycle: Arc<Lifecycle>,
+    /// The revocation list the CS's server enforces; `Revoke` updates it.
+    pub(crate) revocations: rebound_common::tls::Revocations,
 }
 
 type Res<T> = Result<Response<T>, Status>;
@@ -83,7 +85,14 @@ impl AdminService {
             bus,
             jobs,
             lifecycle,
+            revocations: Default::default(),
         }
+    }
+
+    /// Shares the revocation list the CS's server enforces.
+    pub fn with_revocations(mut self, r: rebound_common::tls::Revocations) -> AdminService {
+        self.revocations = r;
+        self
     }
 
     async fn machine_info(&self, m: &crate::store::Machine) -> Result<pb::MachineInfo, CsError> {
@@ -478,6 +487,7 @@ impl Admin for AdminService {
                 p.name
             )));
         }
+        crate::hooks::check_plan(&self.lifecycle.settings().hook_dir, &p).map_err(CsError::from)?;
         let mut seen = std::collections::HashSet::new();
         if let Some(dup) = machines.iter().find(|m| !seen.insert(m.as_str())) {
             return Err(Status::invalid_argument(format!(

@@ -11,6 +11,7 @@ mod fleet;
 mod json;
 mod parse;
 mod print;
+mod revoke;
 mod watch;
 
 pub use client::{connect, CsArgs};
@@ -269,6 +270,10 @@ pub enum OperatorCmd {
     },
     #[command(flatten)]
     Fleet(FleetCmd),
+    /// Revoke a component's certificates: `rebound revoke ps:ps-onprem`.
+    /// The CS, every PS and MT refuse it within seconds, also on open
+    /// streams; to let it back, create a token and enroll it again.
+    Revoke(revoke::RevokeArgs),
 }
 
 const POINT_HELP: &str = "Recovery points (--point):
@@ -285,21 +290,24 @@ const POINT_HELP: &str = "Recovery points (--point):
 #[derive(Subcommand, Debug)]
 pub enum PlanCmd {
     /// Create (or replace) a plan. Each --group is one ordered step of
-    /// machines; hooks run on the CS host before/after that step.
+    /// machines; hooks run on the CS host before/after that step. A hook is
+    /// the name of an executable installed in the CS's hook directory
+    /// (`hook_dir`, default /etc/rebound/hooks), never a command line.
     #[command(
         after_help = "Example:\n  rebound plan create erp --group db1,db2 --group app1 \
                             --consistency-group erp-cg\n  \
-                            rebound plan create web --group w1 --pre-hook 'echo start' --post-hook ''"
+                            rebound plan create web --group w1 --pre-hook start-app --post-hook ''"
     )]
     Create {
         name: String,
         /// Comma-separated machines of one step (repeat, in order).
         #[arg(long = "group", required = true)]
         groups: Vec<String>,
-        /// Shell command before each step, in step order ('' for none).
+        /// Hook before each step, in step order ('' for none): the name of
+        /// an executable in the CS's hook directory.
         #[arg(long = "pre-hook")]
         pre_hooks: Vec<String>,
-        /// Shell command after each step, in step order ('' for none).
+        /// Hook after each step, in step order ('' for none).
         #[arg(long = "post-hook")]
         post_hooks: Vec<String>,
         /// Consistency group the plan's machines share (for latest-multi).
@@ -524,6 +532,7 @@ async fn run_inner(cmd: OperatorCmd) -> Result<()> {
         OperatorCmd::Plan { cmd } => plan(cmd).await,
         OperatorCmd::Group { cmd } => group(cmd).await,
         OperatorCmd::Fleet(cmd) => fleet::run(cmd).await,
+        OperatorCmd::Revoke(args) => revoke::run(args).await,
     }
 }
 

@@ -66,7 +66,11 @@ pub fn info(bus: &dyn Bus, c: &Component) -> pb::ComponentInfo {
         site: c.site.clone(),
         version: c.version.clone(),
         addresses: c.addresses.clone(),
-        health: health(bus, c).as_str().into(),
+        health: match health(bus, c) {
+            // Refused at every connection until it enrolls again.
+            Health::Offline | Health::Enrolled if c.revoked => "revoked".into(),
+            h => h.as_str().into(),
+        },
         last_heartbeat_ms: c.last_heartbeat_ms,
         cert_fingerprint: c.cert_fingerprint.clone(),
         status: pb::Status::decode(c.status.as_slice()).ok(),

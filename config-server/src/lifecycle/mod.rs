@@ -37,6 +37,7 @@ use crate::store::{
 use rebound_common::pki::Role;
 use serde::{Deserialize, Serialize};
 use state::Op;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,7 +60,7 @@ pub enum Step {
     Drain { machine: String },
     CatchUp { machine: String },
     ChoosePoints,
-    Hook { command: String, label: String },
+    Hook { name: String, label: String },
     Rollback { machine: String },
     HandOver { machine: String },
     RestorePreImages { machine: String },
@@ -124,6 +125,8 @@ pub struct Settings {
     pub keep_source_copy: bool,
     /// How long a hook may run.
     pub hook_timeout: Duration,
+    /// Where the plan hooks are installed; a plan names one of its files.
+    pub hook_dir: PathBuf,
 }
 
 impl Default for Settings {
@@ -136,6 +139,7 @@ impl Default for Settings {
             poll: Duration::from_millis(200),
             keep_source_copy: true,
             hook_timeout: Duration::from_secs(600),
+            hook_dir: PathBuf::from(crate::config::DEFAULT_HOOK_DIR),
         }
     }
 }
@@ -628,7 +632,7 @@ impl Lifecycle {
                 for (i, g) in groups.iter().enumerate() {
                     if !g.pre_hook.is_empty() {
                         s.push(Step::Hook {
-                            command: g.pre_hook.clone(),
+                            name: g.pre_hook.clone(),
                             label: format!("pre-hook of plan group {}", i + 1),
                         });
                     }
@@ -636,7 +640,7 @@ impl Lifecycle {
                     each(|machine| Step::HandOver { machine }, &g.machines, &mut s);
                     if !g.post_hook.is_empty() {
                         s.push(Step::Hook {
-                            command: g.post_hook.clone(),
+                            name: g.post_hook.clone(),
                             label: format!("post-hook of plan group {}", i + 1),
                         });
                     }

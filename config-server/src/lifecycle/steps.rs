@@ -6,7 +6,8 @@
 //! written to be repeatable: components apply a repeated command
 //! idempotently, waits re-check the store, and records are only created
 //! once (the job data remembers what was created). The one exception is a
-//! plan hook, an arbitrary command, which is not re-run.
+//! plan hook, an installed program the CS cannot know to be repeatable,
+//! which is not re-run.
 
 use super::stall::StallWatch;
 use super::state::{self, Op};
@@ -257,7 +258,7 @@ impl Lifecycle {
             }
             Step::CatchUp { machine } => self.catch_up(ctx, &machine).await,
             Step::ChoosePoints => self.choose_points(ctx, spec).await,
-            Step::Hook { command, label } => self.hook(ctx, spec, &command, &label).await,
+            Step::Hook { name, label } => self.hook(ctx, spec, &name, &label).await,
             Step::Rollback { machine } => self.rollback(ctx, spec, &machine).await,
             Step::HandOver { machine } => {
                 let r = self
@@ -712,43 +713,25 @@ impl Lifecycle {
         &self,
         ctx: &mut JobCtx,
         spec: &JobSpec,
-        command: &str,
+        name: &str,
         label: &str,
     ) -> Result<(), CsError> {
-        ctx.status(format!("running {label}: {command}")).await?;
-        let mut cmd = tokio::process::Command::new("sh");
-        cmd.arg("-c")
-            .arg(command)
-            .env("REBOUND_JOB", ctx.job_id())
-            .env("REBOUND_JOB_KIND", spec.kind())
-            .env("REBOUND_PLAN", spec.plan())
-            .env("REBOUND_MACHINES", spec.machines().join(" "))
-            .kill_on_drop(true);
-        let out = tokio::time::timeout(self.settings.hook_timeout, cmd.output())
-            .await
-            .map_err(|_| {
-                CsError::Unavailable(format!(
-                    "{label} `{command}` did not finish within {}",
-                    human(self.settings.hook_timeout)
-                ))
-            })?
-            .map_err(|e| CsError::io(format!("cannot run {label} `{command}`"), e))?;
-        if !out.status.success() {
-            let err = String::from_utf8_lossy(&out.stderr);
-            let tail: String = err
-                .trim()
-                .chars()
-                .rev()
-                .take(500)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
-            return Err(CsError::FailedPrecondition(format!(
-                "{label} `{command}` failed ({}): {tail}",
-                out.status
-            )));
-        }
+        let dir = &self.settings.hook_dir;
+        ctx.status(format!("running {label}: {}", dir.join(name).display()))
+            .await?;
+        crate::hooks::run(crate::hooks::Run {
+            dir,
+            name,
+            label,
+            env: vec![
+                ("REBOUND_JOB", ctx.job_id().to_string()),
+                ("REBOUND_JOB_KIND", spec.kind().to_string()),
+                ("REBOUND_PLAN", spec.plan().to_string()),
+                ("REBOUND_MACHINES", spec.machines().join(" ")),
+            ],
+            timeout: self.settings.hook_timeout,
+        })
+        .await?;
         Ok(())
     }
 }

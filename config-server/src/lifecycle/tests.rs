@@ -205,7 +205,10 @@ async fn world() -> World {
         poll: Duration::from_millis(10),
         keep_source_copy: true,
         hook_timeout: Duration::from_secs(5),
+        hook_dir: dir.path().join("hooks"),
     };
+    std::fs::create_dir(dir.path().join("hooks")).unwrap();
+    crate::hooks::tests::install(&dir.path().join("hooks"), "pre-failover", "true");
     let lc = Lifecycle::new(store.clone(), bus.clone(), jobs.clone(), settings);
     let s = store.as_ref();
     component(s, Role::Ps, "ps1", "onprem", "127.0.0.1:9443").await;
@@ -593,7 +596,7 @@ async fn latest_multi_gives_every_plan_machine_the_same_group_point() {
         vec![
             crate::store::PlanGroup {
                 machines: vec!["m1".into()],
-                pre_hook: "true".into(),
+                pre_hook: "pre-failover".into(),
                 post_hook: String::new(),
             },
             crate::store::PlanGroup {
