@@ -463,5 +463,28 @@ pub fn err_result(error: impl Into<String>) -> CommandResult {
     }
 }
 
+/// `SetRevoked` at a PS or MT: replaces the revocation list `list`, which
+/// cuts the open connections of every newly revoked certificate at once,
+/// and saves it to `path` before answering ok, so a restart before the CS
+/// reaches the daemon again still refuses them (blocking).
+pub fn set_revoked(
+    list: &crate::tls::Revocations,
+    path: &std::path::Path,
+    c: &rebound_proto::control::SetRevoked,
+) -> CommandResult {
+    let cut = list.set(c.serials.iter().cloned());
+    let n = c.serials.len();
+    match list.save(path) {
+        Ok(()) => {
+            info!(revoked = n, connections_cut = cut, path = %path.display(), "revocation list set");
+            ok_result()
+        }
+        Err(e) => err_result(format!(
+            "the revocation list ({n} serials) is enforced, but it cannot be saved to {}: {e}; a restart would forget it until the CS sends it again: check that directory's owner and free space",
+            path.display()
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -19,6 +19,7 @@ pub mod control;
 pub mod durable;
 pub mod enrollment;
 pub mod frame;
+pub mod limits;
 pub mod link_error;
 pub mod nbd;
 pub mod pki;

@@ -2,17 +2,20 @@
 //! its status (cache use, throughput, per-replication lag) every heartbeat,
 //! and the CS's commands: `AddReplication` (accept a replication and forward
 //! it to the MT the CS names, persisted as the replication's route) and
-//! `RemoveReplication` (stop forwarding and drop its cache). Both are
+//! `RemoveReplication` (stop forwarding and drop its cache), and
+//! `SetRevoked` (the revocation list, enforced and saved). All are
 //! idempotent, since a command id may arrive twice after a reconnect.
 
 use crate::cache::{Cache, CacheError};
 use crate::forward::{route_path, Forwarders, Route};
-use rebound_common::control::{err_result, ok_result, ControlHandler};
+use rebound_common::control::{err_result, ok_result, set_revoked, ControlHandler};
 use rebound_common::durable::write_atomic;
+use rebound_common::tls::Revocations;
 use rebound_proto::control as pb;
 use rebound_proto::control::command::Cmd;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -32,6 +35,10 @@ pub struct PsControl {
     pub forwarders: Arc<Forwarders>,
     pub identity: Identity,
     pub status: Mutex<Option<pb::PsStatus>>,
+    /// The revocation list the gRPC acceptor enforces; SetRevoked replaces
+    /// it and saves it to `revoked_path`.
+    pub revocations: Revocations,
+    pub revoked_path: PathBuf,
 }
 
 /// Adds (or re-points) a replication: its cache, its persisted route, and a
@@ -98,7 +105,11 @@ impl PsControl {
                 remove_replication(&self.cache, &self.forwarders, &c.replication_id)?;
                 Ok(ok_result())
             }
-            _ => Err("a process server takes only AddReplication and RemoveReplication".into()),
+            Cmd::SetRevoked(c) => Ok(set_revoked(&self.revocations, &self.revoked_path, &c)),
+            _ => Err(
+                "a process server takes only AddReplication, RemoveReplication and SetRevoked"
+                    .into(),
+            ),
         }
     }
 }

@@ -55,6 +55,9 @@ pub struct IngestContext {
     pub compression_level: i32,
     /// Turns true when the process server shuts down.
     pub stopping: watch::Receiver<bool>,
+    /// A configuration server assigns the replications (`[cs] addr` set);
+    /// see [`crate::authz`].
+    pub managed: bool,
 }
 
 /// Adaptive compression: skip zstd while recent frames did not shrink,
@@ -153,12 +156,7 @@ pub async fn ingest(
             ))
         }
     };
-    if hello.machine_id != peer.id {
-        return Err(Status::permission_denied(format!(
-            "certificate {peer} may stream only for machine {}, not for machine {:?} (replication {:?})",
-            peer.id, hello.machine_id, hello.replication_id
-        )));
-    }
+    crate::authz::check_hello(&ctx, &peer, &hello)?;
     let cache = ctx.cache.clone();
     let h = hello.clone();
     let (rep, created) = tokio::task::spawn_blocking(move || cache.hello(&h))

@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod authz;
 pub mod cache;
 pub mod config;
 pub mod control;
@@ -37,7 +38,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 /// Period of the per-replication throughput/lag summary.
 pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
@@ -117,12 +118,17 @@ where
         .tls
         .acceptor(ClientAuth::Required, &revocations)
         .map_err(PsError::Tls)?;
+    let managed = config.cs.enabled();
+    if !managed {
+        warn!("no configuration server ([cs] addr is empty): this process server is unmanaged (lab mode): an agent's first hello creates its replication and binds it to the agent's machine, and no revocation list arrives");
+    }
 
     let ctx = IngestContext {
         cache: cache.clone(),
         forwarders: forwarders.clone(),
         compression_level: config.compression_level,
         stopping: stop_rx.clone(),
+        managed,
     };
     let svc = ProcessServerServer::new(PsService::new(ctx))
         .max_decoding_message_size(MAX_MESSAGE)
@@ -157,9 +163,17 @@ where
                 instance: instance_id(),
             },
             status: std::sync::Mutex::new(None),
+            revocations: revocations.clone(),
+            revoked_path,
         });
         tokio::spawn(control::status_task(ctl.clone(), stop_rx.clone()));
         info!(cs = %config.cs.addr, id = %id, site = %config.site, "control channel to the configuration server starting");
+        rebound_common::tls::renewal::spawn_with_cs(
+            &config.cs,
+            &config.tls,
+            &config.cache_dir,
+            stop_rx.clone(),
+        );
         Some(rebound_common::control::spawn(
             config.cs.clone(),
             config.tls.clone(),

@@ -1,6 +1,7 @@
 //! The `ProcessServer` gRPC service: wires Ingest, the ChunkHashes proxy and
 //! Status to the cache and the forwarders, and enforces who may call what.
 
+use crate::authz;
 use crate::cache::Cache;
 use crate::ingest::{self, IngestContext, IngestStream};
 use rebound_common::pki::Role;
@@ -12,6 +13,9 @@ use rebound_proto::{
 };
 use std::sync::Arc;
 use tonic::{Request, Response, Status, Streaming};
+
+/// Roles that may read the PS's Status.
+const STATUS_READERS: &[Role] = &[Role::Admin, Role::Cs];
 
 #[derive(Debug, Clone)]
 pub struct PsService {
@@ -38,49 +42,26 @@ impl ProcessServer for PsService {
         ingest::ingest(self.ctx.clone(), request).await
     }
 
-    /// Agents only, and only for their own machine: the replication's stored
-    /// info, or the info sent along, must name the caller's machine.
+    /// Agents only, for their own machine's replication, at the protocol's
+    /// chunk sizes (see [`authz::check_chunk_hashes`]).
     async fn chunk_hashes(
         &self,
         request: Request<ChunkHashesRequest>,
     ) -> Result<Response<ChunkHashesResponse>, Status> {
         let peer = tls::require_role(&request, &[Role::Agent])?;
         let req = request.into_inner();
-        let rid = &req.replication_id;
-        let stored = self.cache().get(rid).and_then(|r| r.info());
-        let deny = |machine: &str| {
-            Err(Status::permission_denied(format!(
-                "certificate {peer} may not ask chunk hashes of replication {rid:?}: it belongs to machine {machine:?}"
-            )))
-        };
-        if let Some(s) = &stored {
-            if s.machine_id != peer.id {
-                return deny(&s.machine_id);
-            }
-        }
-        match &req.info {
-            Some(i) if i.machine_id != peer.id => return deny(&i.machine_id),
-            Some(i) if i.replication_id != *rid => {
-                return Err(Status::invalid_argument(format!(
-                    "chunk hashes for replication {rid:?} carry the info of replication {:?}",
-                    i.replication_id
-                )))
-            }
-            None if stored.is_none() => {
-                return Err(Status::failed_precondition(format!(
-                    "replication {rid:?} is unknown to this process server: send its info with the request, or say hello on the ingest stream first"
-                )))
-            }
-            _ => {}
-        }
-        let link = self.ctx.forwarders.link_for(rid);
+        authz::check_chunk_hashes(&self.ctx, &peer, &req)?;
+        let link = self.ctx.forwarders.link_for(&req.replication_id);
         link.chunk_hashes(req).await.map(Response::new)
     }
 
+    /// The operator's (and the CS's) view of the cache: an agent may not
+    /// learn which replications this PS carries.
     async fn status(
         &self,
-        _request: Request<PsStatusRequest>,
+        request: Request<PsStatusRequest>,
     ) -> Result<Response<PsStatusResponse>, Status> {
+        tls::require_role(&request, STATUS_READERS)?;
         let replications = self
             .cache()
             .replications()

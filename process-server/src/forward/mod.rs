@@ -36,6 +36,9 @@ pub struct Forwarders {
     link: Arc<MtLink>,
     tls: TlsFiles,
     links: Mutex<HashMap<String, Arc<MtLink>>>,
+    /// The machine of each routed replication: the CS assigned the
+    /// replication to it (AddReplication), and only its agent may use it.
+    machines: Mutex<HashMap<String, String>>,
     tasks: Mutex<HashMap<String, JoinHandle<()>>>,
     closed: AtomicBool,
 }
@@ -46,6 +49,7 @@ impl Forwarders {
             tls: link.tls.clone(),
             link,
             links: Mutex::new(HashMap::new()),
+            machines: Mutex::new(HashMap::new()),
             tasks: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
         }
@@ -69,6 +73,10 @@ impl Forwarders {
     /// Sets replication `id`'s route. Returns true when it changed (the
     /// caller restarts its forwarder).
     pub fn set_route(&self, id: &str, route: &Route) -> bool {
+        self.machines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string(), route.machine_id.clone());
         let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
         if links
             .get(id)
@@ -88,6 +96,16 @@ impl Forwarders {
             ),
         );
         true
+    }
+
+    /// The machine replication `id` is routed for, when the CS routed it
+    /// here (AddReplication, kept across restarts in its route).
+    pub fn routed_machine(&self, id: &str) -> Option<String> {
+        self.machines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
     }
 
     /// Starts the replication's forwarder unless it runs already.
@@ -122,6 +140,10 @@ impl Forwarders {
     pub fn remove(&self, id: &str) {
         self.stop(id);
         self.links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        self.machines
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);

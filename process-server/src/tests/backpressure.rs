@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 async fn backpressure_stops_acks_until_trimmed() {
     let lab = Lab::new();
     let agent1 = lab.tls("agent-m1");
+    let admin = lab.tls("admin");
     let mt_tls = lab.tls("mt");
     // Reserve an MT address but start the MT later.
     let mt_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -34,7 +35,7 @@ async fn backpressure_stops_acks_until_trimmed() {
         }
     }
     assert_eq!(max, 16, "acked past the cap");
-    let st = ps.status(&agent1).await;
+    let st = ps.status(&admin).await;
     assert!(st.cache_bytes >= st.cache_limit, "{st:?}");
     assert_eq!(st.replications[0].durable_seq, 16);
 

@@ -1,11 +1,13 @@
-//! The PS on the control channel: its hello and its sampled status.
+//! The PS on the control channel: its hello, its sampled status and the
+//! revocation list.
 
 use super::support::*;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 /// The hello carries the certificate's id; the status is sampled from the
-/// cache (durable/applied seqs, lag, cache use and cap).
+/// cache (durable/applied seqs, lag, cache use and cap); SetRevoked is
+/// enforced and saved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_hello_and_status() {
     use crate::cache::Cache;
@@ -37,6 +39,8 @@ async fn control_hello_and_status() {
             instance: crate::instance_id(),
         },
         status: Mutex::new(None),
+        revocations: Default::default(),
+        revoked_path: lab.dir.path().join("cache/revoked"),
     });
     let h = Handler(ctl.clone());
     let hello = h.hello();
@@ -56,6 +60,23 @@ async fn control_hello_and_status() {
     assert_eq!(st.replications.len(), 1);
     assert_eq!(st.replications[0].replication_id, "r1");
     assert_eq!(st.replications[0].lag_ms, 0);
+
+    // SetRevoked: enforced and saved before the answer.
+    let set = rebound_proto::control::Command {
+        id: "c1".into(),
+        cmd: Some(rebound_proto::control::command::Cmd::SetRevoked(
+            rebound_proto::control::SetRevoked {
+                serials: vec!["0a".into(), "ff01".into()],
+            },
+        )),
+        ..Default::default()
+    };
+    let r = h.handle(set).await;
+    assert!(r.ok, "{}", r.error);
+    assert!(ctl.revocations.is_revoked("ff01"));
+    let saved = rebound_common::tls::Revocations::load(&ctl.revoked_path).unwrap();
+    assert_eq!(saved.serials(), ["0a", "ff01"]);
+
     stop_tx.send_replace(true);
     task.await.unwrap();
     fw.shutdown();

@@ -13,6 +13,7 @@ use tonic::Code;
 async fn ingest_forward_restart_over_mtls() {
     let lab = Lab::new();
     let agent1 = lab.tls("agent-m1");
+    let admin = lab.tls("admin");
     let agent2 = lab.tls("agent-m2");
     let mt_tls = lab.tls("mt");
     let (mt, mt_addr, mt_task) = spawn_mt(&mt_tls).await;
@@ -83,8 +84,14 @@ async fn ingest_forward_restart_over_mtls() {
     let mut s = s;
     assert_eq!(s.error().await.code(), Code::InvalidArgument);
 
-    // Status.
-    let st = ps.status(&agent1).await;
+    // Status: for an operator, not for an agent.
+    let e = client(&agent1, ps.addr)
+        .await
+        .status(rebound_proto::PsStatusRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let st = ps.status(&admin).await;
     assert_eq!(st.cache_limit, 1 << 30);
     assert_eq!(st.replications.len(), 1);
     assert_eq!(st.replications[0].durable_seq, 42);
@@ -113,6 +120,19 @@ async fn ingest_forward_restart_over_mtls() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("belongs to machine \"m1\""), "{e:?}");
+    // Only the protocol's chunk sizes: a 1-byte chunk would give away a
+    // byte of the replica per hash.
+    let e = client(&agent1, ps.addr)
+        .await
+        .chunk_hashes(ChunkHashesRequest {
+            chunk_size: 1,
+            ..req.clone()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("chunk size of 1 bytes"), "{e:?}");
 
     // The MT goes away: frames are still cached and acked, then forwarded
     // once it is back.
@@ -122,7 +142,7 @@ async fn ingest_forward_restart_over_mtls() {
         s.send(frame("r1", 43 + i * 2, 2)).await;
     }
     s.wait_durable(52).await.unwrap();
-    let st = ps.status(&agent1).await;
+    let st = ps.status(&admin).await;
     assert_eq!(st.replications[0].durable_seq, 52);
     let raw: usize = (0..5).map(|i| frame("r1", 43 + i * 2, 2).len()).sum();
     assert!(
@@ -145,7 +165,7 @@ async fn ingest_forward_restart_over_mtls() {
     // Applied segments are trimmed.
     let t0 = Instant::now();
     loop {
-        let st = ps.status(&agent1).await;
+        let st = ps.status(&admin).await;
         if st.cache_bytes == 0 {
             assert_eq!(st.replications[0].applied_seq, 52);
             break;
@@ -178,7 +198,7 @@ async fn ingest_forward_restart_over_mtls() {
     let e = s.error().await;
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("seq 61..=64"), "{e:?}");
-    assert_eq!(ps.status(&agent1).await.replications[0].durable_seq, 60);
+    assert_eq!(ps.status(&admin).await.replications[0].durable_seq, 60);
     wait_for("MT applied 60", || mt.applied("r1") == 60).await;
     {
         let st = mt.state.lock().unwrap();

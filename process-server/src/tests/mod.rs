@@ -1,6 +1,7 @@
 //! In-process tests of the process server over real mutual TLS, by topic;
 //! [`support`] holds the fake master target, agents and PKI they share.
 
+mod authz;
 mod backpressure;
 mod control;
 mod ingest_forward;
