@@ -70,6 +70,7 @@ pub fn settings(config: &Config) -> Settings {
         initial_sync_timeout: Duration::from_secs(config.initial_sync_timeout_secs.max(1)),
         wait_agent: Duration::from_secs(config.wait_agent_secs.max(1)),
         keep_source_copy: config.keep_source_copy,
+        hook_dir: config.hook_dir.clone(),
         ..Settings::default()
     }
 }
@@ -140,9 +141,12 @@ where
 
     let enrollment =
         enrollment::EnrollmentService::new(store.clone(), ca_pem, ca_key, &server_cert)?;
-    let control = control::ControlService::new(store.clone(), bus.clone(), heartbeat);
+    fleet::revoke::refresh(store.as_ref(), &revocations).await?;
+    let control = control::ControlService::new(store.clone(), bus.clone(), heartbeat)
+        .with_revocations(revocations.clone());
     let admin =
-        service::AdminService::new(store.clone(), bus.clone(), jobs.clone(), lifecycle.clone());
+        service::AdminService::new(store.clone(), bus.clone(), jobs.clone(), lifecycle.clone())
+            .with_revocations(revocations.clone());
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
