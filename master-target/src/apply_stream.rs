@@ -18,6 +18,7 @@ use crate::apply::Prepared;
 use crate::error::MtError;
 use crate::replication::{Replication, Store};
 use crate::service::blocking;
+use rebound_common::pki::PeerIdentity;
 use rebound_proto::{apply_request, apply_response, ApplyRequest, ApplyResponse};
 use std::sync::Arc;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -165,7 +166,8 @@ pub(crate) async fn apply_session(
     mut stream: Streaming<ApplyRequest>,
     tx: mpsc::Sender<Result<ApplyResponse, Status>>,
     mut stop: watch::Receiver<bool>,
-    peer: String,
+    peer: PeerIdentity,
+    managed: bool,
 ) -> Result<(), Status> {
     let first = tokio::select! {
         m = stream.message() => m?,
@@ -180,9 +182,8 @@ pub(crate) async fn apply_session(
         ));
     };
     let repl = {
-        let store = store.clone();
-        let hello = hello.clone();
-        blocking(move || store.get_or_create(&hello)).await?
+        let (store, hello, peer) = (store.clone(), hello.clone(), peer.clone());
+        blocking(move || crate::authz::for_apply(&store, &hello, &peer, managed)).await?
     };
     let resume = repl.applied_seq();
     info!(replication = %repl.id(), peer = %peer, resume_seq = resume, "apply stream opened");

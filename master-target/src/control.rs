@@ -2,15 +2,17 @@
 //! status (a recovery-point summary per replication every heartbeat), and
 //! the lifecycle commands the configuration server sends it: Rollback (by a
 //! `PointChoice`), RestorePreImages, HandOver, EndReplication, ListPoints,
-//! PrepareReplication and SetRetention. Every command is idempotent, since
-//! a command id may arrive twice after a reconnect.
+//! PrepareReplication (which also assigns the replication's PS), SetRetention
+//! and SetRevoked. Every command is idempotent, since a command id may
+//! arrive twice after a reconnect.
 
 use crate::catalog::PointEntry;
 use crate::config::{HooksConfig, RetentionConfig};
 use crate::error::MtError;
 use crate::replication::{Replication, Store};
 use crate::state::RetentionPolicy;
-use rebound_common::control::{err_result, ok_result, ControlHandler};
+use rebound_common::control::{err_result, ok_result, set_revoked, ControlHandler};
+use rebound_common::tls::Revocations;
 use rebound_proto::control as pb;
 use rebound_proto::control::command::Cmd;
 use rebound_proto::control::command_result::Detail;
@@ -178,6 +180,10 @@ pub struct MtControl {
     /// The last status, refreshed by [`status_task`] off the runtime (a long
     /// rollback holds its replication's lock; heartbeats must not wait).
     pub status: std::sync::Mutex<Option<pb::MtStatus>>,
+    /// The revocation list the gRPC acceptor enforces; SetRevoked replaces
+    /// it and saves it to `revoked_path`.
+    pub revocations: Revocations,
+    pub revoked_path: std::path::PathBuf,
 }
 
 /// Refreshes `control.status` every `period` until `stop` turns true.
@@ -291,7 +297,10 @@ impl MtControl {
                     machine_id: c.machine_id.clone(),
                     disks: c.disks.iter().map(disk_info).collect(),
                 };
-                let (_, adopted) = self.store.prepare(&info, &c.adopt_from)?;
+                let (r, adopted) = self.store.prepare(&info, &c.adopt_from)?;
+                if !c.ps_id.is_empty() {
+                    r.assign_ps(&c.ps_id)?;
+                }
                 Ok(pb::CommandResult {
                     warning: match (adopted, c.adopt_from.is_empty()) {
                         (None, false) => format!(
@@ -303,6 +312,7 @@ impl MtControl {
                     ..ok
                 })
             }
+            Cmd::SetRevoked(c) => Ok(set_revoked(&self.revocations, &self.revoked_path, &c)),
             Cmd::SetRetention(c) => {
                 let policy = RetentionPolicy {
                     window_secs: c.window_secs,

@@ -18,6 +18,9 @@ pub enum MtError {
     /// A request or frame that can never succeed as sent.
     #[error("{0}")]
     InvalidArgument(String),
+    /// The caller's certificate may not do this to this replication.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The replication is not in a state that allows this (rolled back,
     /// a seq gap, a mismatching hello).
     #[error("{0}")]
@@ -104,6 +107,7 @@ impl From<MtError> for Status {
         match e {
             MtError::NotFound(_) => Status::not_found(msg),
             MtError::InvalidArgument(_) => Status::invalid_argument(msg),
+            MtError::PermissionDenied(_) => Status::permission_denied(msg),
             MtError::FailedPrecondition(_) => Status::failed_precondition(msg),
             MtError::DataLoss(_) | MtError::Journal(JournalError::Record { .. }) => {
                 Status::data_loss(msg)

@@ -12,6 +12,7 @@
 
 pub mod apply;
 mod apply_stream;
+pub mod authz;
 pub mod catalog;
 pub mod config;
 pub mod control;
@@ -64,7 +65,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 /// Largest gRPC message accepted: a frame body of up to 64 MiB plus header.
 const MAX_MESSAGE: usize = (64 << 20) + (1 << 20);
@@ -129,6 +130,10 @@ where
         .tls
         .acceptor(ClientAuth::Required, &revocations)
         .map_err(|e| MtError::InvalidArgument(format!("[tls]: {e}")))?;
+    let managed = config.cs.enabled();
+    if !managed {
+        warn!("no configuration server ([cs] addr is empty): this master target is unmanaged (lab mode): a process server's first Apply or ChunkHashes creates a replication and binds it to that PS, and no revocation list arrives");
+    }
     // Views show every machine's disks: TLS with a client certificate
     // from the CA only, each client seeing what its certificate may.
     let nbd_tls = nbd::NbdTls::new(&config.tls, revocations.clone())
@@ -171,6 +176,8 @@ where
                 instance: instance_id(),
             },
             status: std::sync::Mutex::new(None),
+            revocations: revocations.clone(),
+            revoked_path,
         });
         tokio::spawn(control::status_task(
             ctl.clone(),
@@ -178,6 +185,12 @@ where
             stop_rx.clone(),
         ));
         info!(cs = %config.cs.addr, id = %id, site = %config.site, "control channel to the configuration server starting");
+        rebound_common::tls::renewal::spawn_with_cs(
+            &config.cs,
+            &config.tls,
+            &config.data_dir,
+            stop_rx.clone(),
+        );
         let handle = rebound_common::control::spawn(
             config.cs.clone(),
             config.tls.clone(),
@@ -191,7 +204,11 @@ where
         None
     };
 
-    let svc = MasterTargetServer::new(service::MtService::new(store.clone(), stop_rx.clone()))
+    let svc = MasterTargetServer::new(service::MtService::new(
+        store.clone(),
+        stop_rx.clone(),
+        managed,
+    ))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     let incoming = acceptor.incoming(listener);

@@ -337,6 +337,12 @@ impl Inner {
         self.save_state()
     }
 
+    /// The PS the replication is assigned to. Saved to `state.json`.
+    pub fn set_ps(&mut self, ps_id: &str) -> Result<()> {
+        self.st.ps_id = ps_id.to_string();
+        self.save_state()
+    }
+
     /// End: the replication ended. Saved to `state.json`.
     pub fn end(&mut self, ended: EndedState) -> Result<()> {
         self.st.ended = Some(ended);

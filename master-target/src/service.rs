@@ -5,9 +5,11 @@
 //! is in `apply_stream`.
 
 use crate::apply_stream::apply_session;
+use crate::authz;
 use crate::error::MtError;
 use crate::hashes::WAIT_APPLIED;
 use crate::replication::{Replication, Store};
+use rebound_common::limits;
 use rebound_common::pki::Role;
 use rebound_common::tls::require_role;
 use rebound_proto::master_target_server::MasterTarget;
@@ -30,11 +32,18 @@ const ADMINS: &[Role] = &[Role::Admin, Role::Cs];
 pub struct MtService {
     store: Arc<Store>,
     stop: watch::Receiver<bool>,
+    /// A configuration server prepares the replications and assigns their
+    /// PS (`[cs] addr` set); see [`crate::authz`].
+    managed: bool,
 }
 
 impl MtService {
-    pub fn new(store: Arc<Store>, stop: watch::Receiver<bool>) -> MtService {
-        MtService { store, stop }
+    pub fn new(store: Arc<Store>, stop: watch::Receiver<bool>, managed: bool) -> MtService {
+        MtService {
+            store,
+            stop,
+            managed,
+        }
     }
 
     fn replication(&self, id: &str) -> Result<Arc<Replication>, Status> {
@@ -67,10 +76,9 @@ impl MasterTarget for MtService {
         let stream = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let store = self.store.clone();
-        let stop = self.stop.clone();
+        let (stop, managed) = (self.stop.clone(), self.managed);
         tokio::spawn(async move {
-            if let Err(status) =
-                apply_session(store, stream, tx.clone(), stop, who.to_string()).await
+            if let Err(status) = apply_session(store, stream, tx.clone(), stop, who, managed).await
             {
                 let _ = tx.send(Err(status)).await;
             }
@@ -82,30 +90,15 @@ impl MasterTarget for MtService {
         &self,
         request: Request<ChunkHashesRequest>,
     ) -> Result<Response<ChunkHashesResponse>, Status> {
-        require_role(&request, READERS)?;
+        let who = require_role(&request, READERS)?;
         let req = request.into_inner();
-        let repl = match (self.store.get(&req.replication_id), &req.info) {
-            (Some(r), _) => r,
-            (None, Some(info)) => {
-                let mut info = info.clone();
-                if info.replication_id.is_empty() {
-                    info.replication_id = req.replication_id.clone();
-                }
-                if info.replication_id != req.replication_id {
-                    return Err(Status::invalid_argument(format!(
-                        "ChunkHashes for replication {} carries the info of replication {}",
-                        req.replication_id, info.replication_id
-                    )));
-                }
-                let store = self.store.clone();
-                blocking(move || store.get_or_create(&info)).await?
-            }
-            (None, None) => {
-                return Err(self
-                    .replication(&req.replication_id)
-                    .err()
-                    .expect("missing"))
-            }
+        limits::check_chunk_size(&req.replication_id, req.chunk_size)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let repl = {
+            let (store, managed) = (self.store.clone(), self.managed);
+            let (id, info) = (req.replication_id.clone(), req.info.clone());
+            blocking(move || authz::for_chunk_hashes(&store, &id, info.as_ref(), &who, managed))
+                .await?
         };
         let applied = repl.wait_applied(req.min_applied_seq, WAIT_APPLIED).await?;
         let hashes =

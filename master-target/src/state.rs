@@ -97,6 +97,10 @@ pub struct PersistedState {
     pub ended: Option<EndedState>,
     /// The replication's own retention (its machine's policy, SetRetention).
     pub retention: RetentionPolicy,
+    /// The id of the only PS whose Apply and ChunkHashes are accepted: the
+    /// CS's PrepareReplication names it; without a CS the first PS binds.
+    /// Empty: none recorded yet.
+    pub ps_id: String,
 }
 
 /// The retention of one replication as the CS set it: 0 in a field means

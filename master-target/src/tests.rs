@@ -686,6 +686,7 @@ fn index_memory_is_compact() {
     assert_eq!(std::mem::size_of::<(u64, u64)>(), 16);
 }
 
+mod authz;
 mod batch;
 mod faults;
 mod grpc;

@@ -12,7 +12,7 @@ use rebound_common::tls::{install_crypto_provider, TlsFiles};
 use rebound_proto::master_target_client::MasterTargetClient;
 use rebound_proto::{
     apply_request, apply_response, ApplyRequest, ChunkHashesRequest, ListPointsRequest,
-    ReplicationsRequest, RestorePreImagesRequest, RollbackRequest,
+    ReplicationInfo, ReplicationsRequest, RestorePreImagesRequest, RollbackRequest,
 };
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -249,7 +249,7 @@ async fn grpc_apply_points_rollback_and_roles() {
             replication_id: "m1-ba".into(),
             disk: 0,
             offset: 0,
-            chunk_size: 4096,
+            chunk_size: 64 << 10,
             count: 2,
             min_applied_seq: 0,
             info: Some(other),
@@ -257,7 +257,28 @@ async fn grpc_apply_points_rollback_and_roles() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(&hs.hashes[..32], blake3::hash(&[0u8; 4096]).as_bytes());
+    assert_eq!(&hs.hashes[..32], blake3::hash(&[0u8; 64 << 10]).as_bytes());
+    // Only the protocol's chunk sizes, and only the replication's machine.
+    let mut req = ChunkHashesRequest {
+        replication_id: RID.into(),
+        disk: 0,
+        offset: 0,
+        chunk_size: 1,
+        count: 1,
+        min_applied_seq: 0,
+        info: None,
+    };
+    let e = ps.chunk_hashes(req.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("chunk size of 1 bytes"), "{e:?}");
+    req.chunk_size = 1 << 20;
+    req.info = Some(ReplicationInfo {
+        machine_id: "m2".into(),
+        ..info()
+    });
+    let e = ps.chunk_hashes(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("belongs to machine m1"), "{e:?}");
     let reps = admin
         .replications(ReplicationsRequest {})
         .await

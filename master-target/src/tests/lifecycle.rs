@@ -27,6 +27,8 @@ pub(super) fn control(store: Arc<Store>, hooks: HooksConfig) -> MtControl {
             instance: "x".into(),
         },
         status: std::sync::Mutex::new(None),
+        revocations: Default::default(),
+        revoked_path: std::env::temp_dir().join("rebound-mt-test-revoked-unused"),
     }
 }
 
@@ -309,7 +311,7 @@ fn end_replication_keeps_or_deletes_and_prepare_adopts_the_kept_replica() {
             machine_id: "m1".into(),
             disks: info().disks.into_iter().map(pb_disk).collect(),
             adopt_from: adopt.into(),
-            ps_id: String::new(),
+            ps_id: "ps1".into(),
         }))
         .unwrap_or_else(|e| rebound_common::control::err_result(e.to_string()))
     };
@@ -318,6 +320,11 @@ fn end_replication_keeps_or_deletes_and_prepare_adopts_the_kept_replica() {
     let n = s.get("m1-ba").unwrap();
     check_latest(&n, &latest);
     assert_eq!(n.applied_seq(), 0);
+    assert_eq!(
+        n.assigned_ps().as_deref(),
+        Some("ps1"),
+        "PrepareReplication assigns the PS"
+    );
     assert!(s.get(RID).is_none(), "the ended source is gone");
     assert!(!dir.path().join(RID).exists());
     // Idempotent.
