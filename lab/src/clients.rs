@@ -4,8 +4,9 @@
 //! never a silent skip (DESIGN.md §10).
 
 use anyhow::{bail, Context, Result};
+use rebound_common::tls::TlsFiles;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// Which Debian package provides each client.
@@ -54,6 +55,55 @@ pub fn run_command(mut cmd: Command, tool: &str, args: &[&str]) -> Result<Output
 /// `nbd://HOST:PORT/EXPORT`.
 pub fn nbd_uri(addr: SocketAddr, export: &str) -> String {
     format!("nbd://{addr}/{export}")
+}
+
+/// `nbds://HOST:PORT/EXPORT?tls-certificates=DIR`: NBD with STARTTLS and
+/// the client certificate in `certs` (see [`nbd_tls_dir`]), as libnbd's
+/// tools and Rebound's own NBD client read it.
+pub fn nbds_uri(addr: SocketAddr, export: &str, certs: &Path) -> String {
+    format!(
+        "nbds://{addr}/{export}?tls-certificates={}",
+        certs.display()
+    )
+}
+
+/// Makes `dir` a certificate directory as libnbd (`tls-certificates=DIR`)
+/// and qemu (`tls-creds-x509,dir=DIR`) want it: `ca-cert.pem`,
+/// `client-cert.pem`, `client-key.pem` (0600) copied from `tls`.
+pub fn nbd_tls_dir(tls: &TlsFiles, dir: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let want = rebound_common::nbd::tls::client_dir_files(dir);
+    for (from, to) in [
+        (&tls.ca, &want.ca),
+        (&tls.cert, &want.cert),
+        (&tls.key, &want.key),
+    ] {
+        std::fs::copy(from, to)
+            .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
+    }
+    std::fs::set_permissions(&want.key, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot make {} private", want.key.display()))?;
+    Ok(dir.to_path_buf())
+}
+
+/// qemu's arguments for reading `export` at `addr` over TLS with the
+/// certificate directory `certs`: `--object tls-creds-x509,...` and an
+/// `--image-opts` image, for `qemu-img` subcommands that take both.
+pub fn qemu_tls_args(addr: SocketAddr, export: &str, certs: &Path) -> [String; 4] {
+    [
+        "--object".into(),
+        format!(
+            "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+            certs.display()
+        ),
+        "--image-opts".into(),
+        format!(
+            "driver=nbd,host={},port={},export={export},tls-creds=tls0",
+            addr.ip(),
+            addr.port()
+        ),
+    ]
 }
 
 /// Runs qemu-io commands (`-c`) against an NBD export; qemu-io reports

@@ -36,7 +36,7 @@
 
 use crate::admin;
 use crate::bin::Bins;
-use crate::clients::{blake3_export, blake3_file, nbd_uri, qemu_io};
+use crate::clients::{blake3_export, blake3_file, nbd_tls_dir, nbd_uri, nbds_uri, qemu_io};
 use crate::config;
 use crate::net::Host;
 use crate::pki::Enroller;
@@ -632,12 +632,27 @@ mv "$d/powered_on_ms.tmp" "$d/powered_on_ms"
     /// blake3 of the MT's read-only view of a machine's disk at a point
     /// (`latest` or a point id) at a site.
     pub fn view_hash(&self, site: &str, machine: &str, disk: &str, point: &str) -> Result<String> {
+        let uri = self.view_uri(site, machine, disk, point)?;
+        blake3_export(&uri, &self.path("scratch-view.img"))
+    }
+
+    /// `nbds://…/<machine>/<disk>@<point>?tls-certificates=…` on the MT of
+    /// `site`, with the lab's admin certificate (views are served over TLS
+    /// only).
+    pub fn view_uri(&self, site: &str, machine: &str, disk: &str, point: &str) -> Result<String> {
         let a = self
             .sites
             .get(site)
             .ok_or_else(|| anyhow!("no site {site} in the lab"))?;
-        let uri = nbd_uri(a.mt_nbd, &format!("{machine}/{disk}@{point}"));
-        blake3_export(&uri, &self.path("scratch-view.img"))
+        let certs = nbd_tls_dir(
+            &TlsFiles::in_dir(&self.cs_dir, "admin"),
+            &self.path("nbd-admin"),
+        )?;
+        Ok(nbds_uri(
+            a.mt_nbd,
+            &format!("{machine}/{disk}@{point}"),
+            &certs,
+        ))
     }
 
     /// Waits until the MT view at `point` hashes to `want`.

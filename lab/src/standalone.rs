@@ -14,7 +14,7 @@
 
 use crate::admin::AgentAdmin;
 use crate::bin::Bins;
-use crate::clients::{blake3_export, blake3_file, nbd_uri};
+use crate::clients::{blake3_export, blake3_file, nbd_tls_dir, nbd_uri, nbds_uri};
 use crate::config;
 use crate::net::Host;
 use crate::process::{Procs, START_TIMEOUT};
@@ -399,17 +399,30 @@ impl Lab {
         self.point_hash(&self.opts.disks[0].0, point)
     }
 
-    /// `nbd://…/<machine>/<disk>@<point>` on the MT.
-    pub fn point_uri(&self, disk: &str, point: &str) -> String {
-        nbd_uri(
+    /// `nbds://…/<machine>/<disk>@<point>?tls-certificates=…` on the MT,
+    /// with the lab's admin certificate (views are served over TLS only).
+    pub fn point_uri(&self, disk: &str, point: &str) -> Result<String> {
+        Ok(nbds_uri(
             self.mt_nbd,
             &format!("{}/{disk}@{point}", self.opts.machine),
+            &self.nbd_admin_dir()?,
+        ))
+    }
+
+    /// The admin certificate as NBD clients read it (see [`nbd_tls_dir`]).
+    pub fn nbd_admin_dir(&self) -> Result<PathBuf> {
+        nbd_tls_dir(
+            &TlsFiles::in_dir(&self.certs, "admin"),
+            &self.path("nbd-admin"),
         )
     }
 
     /// blake3 of the MT's view of `disk` at `point`.
     pub fn point_hash(&self, disk: &str, point: &str) -> Result<String> {
-        blake3_export(&self.point_uri(disk, point), &self.path("scratch-view.img"))
+        blake3_export(
+            &self.point_uri(disk, point)?,
+            &self.path("scratch-view.img"),
+        )
     }
 
     /// blake3 of the replica file itself (after a rollback, for instance).

@@ -53,13 +53,7 @@ impl Story {
         self.cs.wait_point(&id).await?;
         let lag = t.elapsed();
         self.m.lags.push(lag);
-        let mt_nbd = self
-            .sites
-            .sites
-            .get(to)
-            .ok_or_else(|| anyhow!("no site {to} in the demo"))?
-            .mt_nbd;
-        let uri = nbd_uri(mt_nbd, &format!("{MACHINE}/{DISK}@{id}"));
+        let uri = self.sites.view_uri(to, MACHINE, DISK, &id)?;
         let t0 = Instant::now();
         loop {
             match hash_export(&uri) {
