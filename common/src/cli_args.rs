@@ -7,8 +7,8 @@
 
 use crate::config::ConfigError;
 use crate::enrollment::{
-    checked_names, default_server_names, enroll_with, EnrollError, EnrollOptions, Enrolled,
-    NameError,
+    checked_names, default_server_names, enroll_with, Credential, EnrollError, EnrollOptions,
+    Enrolled, NameError, TokenText,
 };
 use crate::pki::Role;
 use crate::telemetry::{self, LogFormat};
@@ -92,16 +92,26 @@ impl RunArgs {
 }
 
 /// `enroll`: get this component's certificate from the configuration
-/// server with the deployment passphrase (DESIGN.md §3).
+/// server with the deployment passphrase (an agent enrolling a new machine
+/// id) or a one-time token (everything else; DESIGN.md §3).
 #[derive(Debug, Clone, clap::Args)]
+#[group(id = "credential", required = true, multiple = false, args = ["passphrase_file", "token", "token_file"])]
 pub struct EnrollArgs {
     /// The configuration server, host:port (the host must be in its
     /// certificate).
     #[arg(long)]
     pub cs: String,
-    /// File holding the deployment passphrase (`rebound-cs init` printed it).
+    /// File holding the deployment passphrase (`rebound-cs init` printed
+    /// it). Agents only, for a machine id with no live certificate.
     #[arg(long)]
-    pub passphrase_file: PathBuf,
+    pub passphrase_file: Option<PathBuf>,
+    /// A one-time token for this role and id (`rebound token create --role
+    /// ROLE --id ID`). It pins the deployment's CA.
+    #[arg(long)]
+    pub token: Option<String>,
+    /// File holding the token (keeps it out of the process list).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
     /// This component's id (the CS and operators name it by this; for an
     /// agent, the config's machine_id).
     #[arg(long)]
@@ -125,8 +135,9 @@ pub struct EnrollArgs {
 /// Why `enroll` failed before or while talking to the CS.
 #[derive(Debug, Error)]
 pub enum EnrollCommandError {
-    #[error("cannot read the passphrase file {path}: {source}")]
-    PassphraseFile {
+    #[error("cannot read the {what} file {path}: {source}")]
+    CredentialFile {
+        what: &'static str,
         path: PathBuf,
         source: std::io::Error,
     },
@@ -162,15 +173,9 @@ impl EnrollArgs {
     /// that use them.
     pub async fn run(&self, role: Role) -> Result<Enrolled, EnrollCommandError> {
         crate::tls::install_crypto_provider();
-        let pass = std::fs::read_to_string(&self.passphrase_file).map_err(|source| {
-            EnrollCommandError::PassphraseFile {
-                path: self.passphrase_file.clone(),
-                source,
-            }
-        })?;
         let e = enroll_with(&EnrollOptions {
             cs_addr: self.cs.clone(),
-            passphrase: pass.trim().to_string(),
+            credential: self.credential()?,
             role,
             id: self.id.clone(),
             server_names: self.server_names(role)?,
@@ -179,6 +184,35 @@ impl EnrollArgs {
         .await?;
         println!("{}", self.summary(role, &e));
         Ok(e)
+    }
+
+    /// The passphrase or token the flags name.
+    pub fn credential(&self) -> Result<Credential, EnrollCommandError> {
+        let read = |what: &'static str, path: &PathBuf| {
+            std::fs::read_to_string(path).map_err(|source| EnrollCommandError::CredentialFile {
+                what,
+                path: path.clone(),
+                source,
+            })
+        };
+        let token = match (&self.token, &self.token_file) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(f)) => Some(read("token", f)?),
+            (None, None) => None,
+        };
+        if let Some(t) = token {
+            let t = TokenText::parse(&t).map_err(EnrollError::from)?;
+            return Ok(Credential::Token(t));
+        }
+        match &self.passphrase_file {
+            Some(f) => Ok(Credential::Passphrase(
+                read("passphrase", f)?.trim().to_string(),
+            )),
+            None => Err(EnrollError::Invalid(
+                "give --passphrase-file (agents), --token or --token-file".into(),
+            )
+            .into()),
+        }
     }
 
     /// What `enroll` prints: who enrolled where, the names it serves TLS
@@ -293,7 +327,9 @@ mod tests {
     fn enroll_out_defaults_per_role() {
         let a = EnrollArgs {
             cs: "localhost:7443".into(),
-            passphrase_file: "p".into(),
+            passphrase_file: Some("p".into()),
+            token: None,
+            token_file: None,
             id: "m1".into(),
             out: None,
             names: Vec::new(),
@@ -332,6 +368,48 @@ mod tests {
         let ps = a.summary(Role::Ps, &e);
         assert!(!ps.contains("machine_id"));
         assert!(ps.contains("TLS server names: ps1, 10.0.0.3"), "{ps}");
+    }
+
+    #[test]
+    fn enroll_takes_a_token_or_a_token_file() {
+        let text = crate::enrollment::TokenText::generate(b"ca").to_string();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, format!("{text}\n")).unwrap();
+        let base = EnrollArgs {
+            cs: "localhost:7443".into(),
+            passphrase_file: None,
+            token: Some(text.clone()),
+            token_file: None,
+            id: "ps1".into(),
+            out: None,
+            names: Vec::new(),
+            config: None,
+        };
+        let from_file = EnrollArgs {
+            token: None,
+            token_file: Some(file),
+            ..base.clone()
+        };
+        for a in [&base, &from_file] {
+            match a.credential().unwrap() {
+                Credential::Token(t) => assert_eq!(t.to_string(), text),
+                other => panic!("{other:?}"),
+            }
+        }
+        let bad = EnrollArgs {
+            token: Some("nonsense".into()),
+            ..base.clone()
+        };
+        let e = bad.credential().unwrap_err().to_string();
+        assert!(e.contains("malformed"), "{e}");
+        let missing = EnrollArgs {
+            passphrase_file: Some(dir.path().join("nope")),
+            token: None,
+            ..base
+        };
+        let e = missing.credential().unwrap_err().to_string();
+        assert!(e.contains("passphrase file") && e.contains("nope"), "{e}");
     }
 
     #[derive(Debug, Default, serde::Deserialize)]

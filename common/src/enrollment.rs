@@ -1,127 +1,62 @@
 //! Enrollment (DESIGN.md §3), the component side: what `rebound-agent|
-//! rebound-ps|rebound-mt enroll --cs ADDR --passphrase-file F` calls
-//! ([`enroll`]), plus the passphrase-proof primitives both sides share.
+//! rebound-ps|rebound-mt enroll --cs ADDR --passphrase-file F | --token T`
+//! calls ([`enroll_with`]), plus the primitives both sides share (the
+//! passphrase proofs in `proof.rs`, the token text in `token.rs`).
 //!
-//! A fresh component has a key pair it makes itself and the deployment
-//! passphrase, nothing else. It connects with TLS accepting whatever
-//! certificate the CS presents (remembering it; the handshake signature is
-//! still checked), sends its CSR with a proof of the passphrase bound to the
-//! server certificate it saw, and accepts the CA it gets back only when the
-//! CS's own proof checks out, that CA signed the server certificate seen,
-//! and the issued certificate carries this role, id and key. The CS side
-//! lives in `rebound-cs` (`enrollment::server`).
+//! A fresh component has a key pair it makes itself and either the
+//! deployment passphrase (agents enrolling a new machine id) or a one-time
+//! token an operator created for exactly its role and id (everything else).
+//! It connects with TLS accepting whatever certificate the CS presents
+//! (remembering it; the handshake signature is still checked).
 //!
-//! The CS stores only the derived key (a salted hash of the passphrase).
+//! - With the passphrase it sends its CSR with a proof bound to the server
+//!   certificate it saw, and accepts the CA it gets back only when the CS's
+//!   own proof checks out.
+//! - With a token it first pins the CA: the CA in `Params` must hash to the
+//!   token's CA hash and must have signed the server certificate it saw;
+//!   only then does it send the token's id and secret.
+//!
+//! Either way the CA must have signed the server certificate seen, and the
+//! issued certificate must carry this role, id and key, before anything is
+//! written. The CS side lives in `rebound-cs` (`enrollment::server`).
 
 use crate::pki::{peer_identity, write_cert, CertKeyPem, Role};
-use crate::tls::error_chain;
 use rcgen::{CertificateParams, DnType, KeyPair};
-use rebound_proto::control::enrollment_client::EnrollmentClient;
 use rebound_proto::control::{EnrollParamsRequest, EnrollRequest};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::WebPkiServerVerifier;
-use rustls::crypto::WebPkiSupportedAlgorithms;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::server::WebPkiClientVerifier;
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::pki_types::{CertificateDer, ServerName};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use thiserror::Error;
 
 use rand::RngCore;
 
+mod connect;
 mod names;
+mod proof;
+mod token;
 
 pub use names::{
     advertised_host, check_server_name, checked_names, default_server_names, host_name, NameError,
 };
+pub use proof::{
+    client_proof, passphrase_key, proofs_equal, server_key, server_proof, PassphraseVerifier,
+    ProofRequest, KDF,
+};
+pub use token::{verifier as token_verifier, MalformedToken, Presented, TokenText};
 
-/// The key derivation named in `EnrollParamsResponse.kdf`.
-pub const KDF: &str = "blake3-derive-key-v1";
-
-/// The passphrase key: `blake3::derive_key(context, salt || passphrase)`.
-///
-/// Why a fast hash is enough here: the passphrase is machine-generated at
-/// `init` with 128 bits of entropy, so guessing it from a stolen database is
-/// infeasible however cheap one guess is; a slow, memory-hard KDF (argon2)
-/// only helps for human-chosen passwords. The salt makes the stored key
-/// differ between deployments even for an equal passphrase. Surrounding
-/// whitespace (a trailing newline in the passphrase file) is ignored.
-pub fn passphrase_key(salt: &[u8], passphrase: &str) -> [u8; 32] {
-    let mut m = Vec::with_capacity(salt.len() + passphrase.len() + 8);
-    m.extend_from_slice(&(salt.len() as u64).to_le_bytes());
-    m.extend_from_slice(salt);
-    m.extend_from_slice(passphrase.trim().as_bytes());
-    blake3::derive_key("rebound enrollment passphrase v1", &m)
-}
-
-/// Hashes length-prefixed fields, so no two field lists hash alike.
-fn transcript(label: &str, fields: &[&[u8]]) -> [u8; 32] {
-    let mut h = blake3::Hasher::new();
-    h.update(label.as_bytes());
-    for f in fields {
-        h.update(&(f.len() as u64).to_le_bytes());
-        h.update(f);
-    }
-    *h.finalize().as_bytes()
-}
-
-/// The client's proof of the passphrase, bound to the request and to the
-/// server certificate it saw (`server_cert_fp` = blake3 of its DER).
-pub fn client_proof(
-    key: &[u8; 32],
-    role: &str,
-    id: &str,
-    csr_pem: &str,
-    client_nonce: &[u8],
-    server_cert_fp: &[u8; 32],
-) -> [u8; 32] {
-    let t = transcript(
-        "rebound enroll client v1",
-        &[
-            role.as_bytes(),
-            id.as_bytes(),
-            csr_pem.as_bytes(),
-            client_nonce,
-            server_cert_fp,
-        ],
-    );
-    *blake3::keyed_hash(key, &t).as_bytes()
-}
-
-/// The CS's proof of the passphrase, bound to the client's proof (so it is
-/// fresh: the client nonce is inside) and to what the CS hands out.
-pub fn server_proof(
-    key: &[u8; 32],
-    client_proof: &[u8],
-    cert_pem: &str,
-    ca_pem: &str,
-    server_cert_fp: &[u8; 32],
-) -> [u8; 32] {
-    let t = transcript(
-        "rebound enroll server v1",
-        &[
-            client_proof,
-            cert_pem.as_bytes(),
-            ca_pem.as_bytes(),
-            server_cert_fp,
-        ],
-    );
-    *blake3::keyed_hash(key, &t).as_bytes()
-}
-
-/// Constant-time comparison of two proofs.
-pub fn proofs_equal(a: &[u8], b: &[u8; 32]) -> bool {
-    match <[u8; 32]>::try_from(a) {
-        Ok(a) => blake3::Hash::from(a) == blake3::Hash::from(*b),
-        Err(_) => false,
-    }
-}
-
-/// Roles that may enroll.
+/// Roles that may enroll: agents with the passphrase or a token; PS, MT
+/// and operators (admin) with a token.
 pub fn enrollable(role: Role) -> bool {
-    matches!(role, Role::Agent | Role::Ps | Role::Mt)
+    matches!(role, Role::Agent | Role::Ps | Role::Mt | Role::Admin)
+}
+
+/// What proves the right to enroll.
+#[derive(Debug, Clone)]
+pub enum Credential {
+    /// The deployment passphrase: only an agent, only for a machine id with
+    /// no live identity.
+    Passphrase(String),
+    /// A one-time token for exactly this role and id.
+    Token(TokenText),
 }
 
 /// Checks a component id: 1–128 characters of `[A-Za-z0-9._-]`.
@@ -166,6 +101,8 @@ pub enum EnrollError {
     Untrusted { addr: String, message: String },
     #[error(transparent)]
     Name(#[from] NameError),
+    #[error(transparent)]
+    Token(#[from] MalformedToken),
     #[error("cannot make the key or certificate request: {0}")]
     Pki(String),
     #[error("cannot write {path}: {source} (check --out / the state directory is writable)")]
@@ -181,7 +118,7 @@ pub struct EnrollOptions {
     /// The CS, `host:port`. `host` must be a name in the CS certificate
     /// (what `rebound-cs init` printed as its names).
     pub cs_addr: String,
-    pub passphrase: String,
+    pub credential: Credential,
     pub role: Role,
     pub id: String,
     /// DNS names/IPs the certificate should be valid for as a TLS server
@@ -214,14 +151,43 @@ pub async fn enroll(
     id: &str,
     out_dir: &Path,
 ) -> Result<Enrolled, EnrollError> {
-    let server_names = if role == Role::Agent {
-        Vec::new()
-    } else {
+    enroll_local(
+        cs_addr,
+        Credential::Passphrase(passphrase.into()),
+        role,
+        id,
+        out_dir,
+    )
+    .await
+}
+
+/// [`enroll`] with a token's text (`rebound token create` printed it).
+pub async fn enroll_token(
+    cs_addr: &str,
+    token: &str,
+    role: Role,
+    id: &str,
+    out_dir: &Path,
+) -> Result<Enrolled, EnrollError> {
+    let token = TokenText::parse(token)?;
+    enroll_local(cs_addr, Credential::Token(token), role, id, out_dir).await
+}
+
+async fn enroll_local(
+    cs_addr: &str,
+    credential: Credential,
+    role: Role,
+    id: &str,
+    out_dir: &Path,
+) -> Result<Enrolled, EnrollError> {
+    let server_names = if matches!(role, Role::Ps | Role::Mt) {
         crate::pki::local_server_names()
+    } else {
+        Vec::new()
     };
     enroll_with(&EnrollOptions {
         cs_addr: cs_addr.to_string(),
-        passphrase: passphrase.to_string(),
+        credential,
         role,
         id: id.to_string(),
         server_names,
@@ -230,88 +196,30 @@ pub async fn enroll(
     .await
 }
 
-/// Accepts any server certificate, remembering it; checks the handshake
-/// signature. Only for enrollment (see the module doc).
-#[derive(Debug)]
-struct RememberingVerifier {
-    /// The crypto provider's algorithms, for the handshake signatures.
-    algorithms: WebPkiSupportedAlgorithms,
-    seen: Mutex<Option<(CertificateDer<'static>, Vec<CertificateDer<'static>>)>>,
-}
-
-impl ServerCertVerifier for RememberingVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let mut seen = self
-            .seen
-            .lock()
-            .map_err(|_| rustls::Error::General("verifier lock poisoned".into()))?;
-        *seen = Some((
-            end_entity.clone().into_owned(),
-            intermediates
-                .iter()
-                .map(|c| c.clone().into_owned())
-                .collect(),
-        ));
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-/// The host part of `host:port` (IPv6 in brackets allowed).
-fn host_of(addr: &str) -> Result<String, EnrollError> {
-    let bad = || EnrollError::Invalid(format!("--cs {addr:?} is not host:port"));
-    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
-    port.parse::<u16>().map_err(|_| bad())?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() {
-        return Err(bad());
-    }
-    Ok(host.to_string())
-}
-
 /// Enrolls as described by `opts`. See the module doc for what is checked.
 pub async fn enroll_with(opts: &EnrollOptions) -> Result<Enrolled, EnrollError> {
     let addr = opts.cs_addr.clone();
     if !enrollable(opts.role) {
         return Err(EnrollError::Invalid(format!(
-            "role {} cannot enroll: only agent, ps and mt do",
+            "role {} cannot enroll: only agent, ps, mt and admin do",
             opts.role
         )));
     }
     check_id(&opts.id).map_err(EnrollError::Invalid)?;
+    if opts.role != Role::Agent && matches!(opts.credential, Credential::Passphrase(_)) {
+        return Err(EnrollError::Invalid(format!(
+            "{role}:{id} enrolls with a token, not the passphrase (the passphrase enrolls \
+             agents only): create one on an admin host with `rebound token create --role {role} \
+             --id {id}` and pass it with --token",
+            role = opts.role,
+            id = opts.id
+        )));
+    }
     let server_names = checked_names(&opts.server_names)?;
     if opts.role == Role::Agent && !server_names.is_empty() {
         return Err(NameError::AgentNames(server_names).into());
     }
-    let host = host_of(&addr)?;
+    let host = connect::host_of(&addr)?;
     let server_name = ServerName::try_from(host.clone())
         .map_err(|e| EnrollError::Invalid(format!("--cs host {host:?}: {e}")))?;
 
@@ -327,45 +235,11 @@ pub async fn enroll_with(opts: &EnrollOptions) -> Result<Enrolled, EnrollError> 
         .and_then(|c| c.pem())
         .map_err(|e| EnrollError::Pki(e.to_string()))?;
 
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = Arc::new(RememberingVerifier {
-        algorithms: provider.signature_verification_algorithms,
-        seen: Mutex::new(None),
-    });
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| EnrollError::Pki(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier.clone())
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-    let tcp_addr = addr.clone();
-    let sni = server_name.clone();
-    let connect = tower::service_fn(move |_uri: tonic::transport::Uri| {
-        let connector = connector.clone();
-        let tcp_addr = tcp_addr.clone();
-        let sni = sni.clone();
-        async move {
-            let tcp = tokio::net::TcpStream::connect(&tcp_addr).await?;
-            tcp.set_nodelay(true)?;
-            let stream = connector.connect(sni, tcp).await?;
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-        }
-    });
+    let (mut client, seen) = connect::connect(&addr, server_name.clone()).await?;
     let connect_err = |message: String| EnrollError::Connect {
         addr: addr.clone(),
         message,
     };
-    // The scheme is http because TLS is already done by our connector.
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| EnrollError::Invalid(format!("--cs {addr:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(10))
-        .timeout(Duration::from_secs(60))
-        .connect_with_connector(connect)
-        .await
-        .map_err(|e| connect_err(error_chain(&e)))?;
-    let mut client = EnrollmentClient::new(channel);
     let refused = |s: tonic::Status| {
         if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown {
             connect_err(s.message().to_string())
@@ -376,72 +250,111 @@ pub async fn enroll_with(opts: &EnrollOptions) -> Result<Enrolled, EnrollError> 
             }
         }
     };
+    let untrusted = |message: String| EnrollError::Untrusted {
+        addr: addr.clone(),
+        message,
+    };
     let params = client
         .params(EnrollParamsRequest {})
         .await
         .map_err(refused)?
         .into_inner();
-    if params.kdf != KDF {
-        return Err(EnrollError::Refused {
-            addr: addr.clone(),
-            message: format!(
-                "it uses key derivation {:?}, this program knows only {KDF:?}: use matching versions",
-                params.kdf
-            ),
-        });
-    }
-    let (server_cert, intermediates) = verifier
-        .seen
+    let (server_cert, intermediates) = seen
         .lock()
         .ok()
         .and_then(|s| s.clone())
         .ok_or_else(|| connect_err("no TLS certificate was seen".into()))?;
     let server_fp = *blake3::hash(server_cert.as_ref()).as_bytes();
-    let pk = passphrase_key(&params.salt, &opts.passphrase);
     let mut nonce = [0u8; 32];
     rand::rng().fill_bytes(&mut nonce);
     let role = opts.role.as_str();
-    let proof = client_proof(&pk, role, &opts.id, &csr_pem, &nonce, &server_fp);
+    let request = ProofRequest {
+        role,
+        id: &opts.id,
+        csr_pem: &csr_pem,
+        client_nonce: &nonce,
+        server_cert_fp: &server_fp,
+    };
+    // What the answer's CA is checked against: the CS's proof of the
+    // passphrase, or the CA the token pinned.
+    let (proof, token, pinned) = match &opts.credential {
+        Credential::Passphrase(pass) => {
+            if params.kdf != KDF {
+                return Err(EnrollError::Refused {
+                    addr: addr.clone(),
+                    message: format!(
+                        "it uses key derivation {:?}, this program knows only {KDF:?}: use \
+                         matching versions",
+                        params.kdf
+                    ),
+                });
+            }
+            let pk = passphrase_key(&params.salt, pass);
+            (client_proof(&pk, &request), String::new(), Err(pk))
+        }
+        Credential::Token(t) => {
+            let ca_der = first_cert_der(&params.ca_pem)
+                .map_err(|e| untrusted(format!("the CA it sent: {e}")))?;
+            if !t.pins(&ca_der) {
+                return Err(untrusted(format!(
+                    "its CA (blake3 {}) is not the one the token pins ({}); the token was not \
+                     sent. Check --cs names the deployment that created the token",
+                    hex(blake3::hash(&ca_der).as_bytes()),
+                    t.ca_hash
+                )));
+            }
+            let check = connect::CaCheck::new(&ca_der).map_err(untrusted)?;
+            check
+                .server(&server_cert, &intermediates, &server_name)
+                .map_err(|e| {
+                    untrusted(format!(
+                        "its TLS certificate is not signed by the CA the token pins, or not for \
+                         {host:?} ({e}); the token was not sent"
+                    ))
+                })?;
+            (Vec::new(), t.presented(), Ok(ca_der))
+        }
+    };
     let answer = client
         .enroll(EnrollRequest {
             role: role.to_string(),
             id: opts.id.clone(),
             csr_pem: csr_pem.clone(),
             client_nonce: nonce.to_vec(),
-            proof: proof.to_vec(),
-            token: String::new(),
+            proof: proof.clone(),
+            token,
         })
         .await
         .map_err(refused)?
         .into_inner();
 
-    let untrusted = |message: String| EnrollError::Untrusted {
-        addr: addr.clone(),
-        message,
-    };
-    let expected = server_proof(&pk, &proof, &answer.cert_pem, &answer.ca_pem, &server_fp);
-    if !proofs_equal(&answer.server_proof, &expected) {
-        return Err(untrusted(
-            "its proof of the passphrase is wrong, so the CA it sent cannot be trusted".into(),
-        ));
-    }
     let ca_der = first_cert_der(&answer.ca_pem).map_err(|e| untrusted(format!("its CA: {e}")))?;
-    let mut roots = RootCertStore::empty();
-    roots
-        .add(CertificateDer::from(ca_der.clone()))
-        .map_err(|e| untrusted(format!("its CA certificate is unusable: {e}")))?;
-    let roots = Arc::new(roots);
-    let server_check = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
-        .build()
-        .map_err(|e| untrusted(format!("its CA certificate is unusable: {e}")))?;
-    server_check
-        .verify_server_cert(
-            &server_cert,
-            &intermediates,
-            &server_name,
-            &[],
-            UnixTime::now(),
-        )
+    match pinned {
+        Err(pk) => {
+            let expected = server_proof(
+                &server_key(&pk),
+                &proof,
+                &answer.cert_pem,
+                &answer.ca_pem,
+                &server_fp,
+            );
+            if !proofs_equal(&answer.server_proof, &expected) {
+                return Err(untrusted(
+                    "its proof of the passphrase is wrong, so the CA it sent cannot be trusted"
+                        .into(),
+                ));
+            }
+        }
+        Ok(pinned) if pinned != ca_der => {
+            return Err(untrusted(
+                "it answered with another CA than the one the token pins".into(),
+            ))
+        }
+        Ok(_) => {}
+    }
+    let check = connect::CaCheck::new(&ca_der).map_err(untrusted)?;
+    check
+        .server(&server_cert, &intermediates, &server_name)
         .map_err(|e| {
             untrusted(format!(
                 "its TLS certificate is not signed by the CA it sent, or not for {host:?}: {e}"
@@ -449,20 +362,11 @@ pub async fn enroll_with(opts: &EnrollOptions) -> Result<Enrolled, EnrollError> 
         })?;
     let cert_der = first_cert_der(&answer.cert_pem)
         .map_err(|e| untrusted(format!("the issued certificate: {e}")))?;
-    let client_check = WebPkiClientVerifier::builder_with_provider(roots, provider)
-        .build()
-        .map_err(|e| untrusted(format!("its CA certificate is unusable: {e}")))?;
-    client_check
-        .verify_client_cert(
-            &CertificateDer::from(cert_der.clone()),
-            &[],
-            UnixTime::now(),
-        )
-        .map_err(|e| {
-            untrusted(format!(
-                "the issued certificate does not chain to its CA: {e}"
-            ))
-        })?;
+    check.client(&cert_der).map_err(|e| {
+        untrusted(format!(
+            "the issued certificate does not chain to its CA: {e}"
+        ))
+    })?;
     let who =
         peer_identity(&cert_der).map_err(|e| untrusted(format!("the issued certificate: {e}")))?;
     if who.role != opts.role || who.id != opts.id {
@@ -484,8 +388,8 @@ pub async fn enroll_with(opts: &EnrollOptions) -> Result<Enrolled, EnrollError> 
         let sn = ServerName::try_from(name.clone())
             .map_err(|e| EnrollError::Invalid(format!("--name {name:?}: {e}")))?;
         let issued = CertificateDer::from(cert_der.clone());
-        server_check
-            .verify_server_cert(&issued, &[], &sn, &[], UnixTime::now())
+        check
+            .server(&issued, &[], &sn)
             .map_err(|e| EnrollError::Refused {
                 addr: addr.clone(),
                 message: format!(

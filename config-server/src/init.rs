@@ -299,10 +299,9 @@ mod tests {
         assert_eq!(text.trim(), out.passphrase);
         let cfg: Config = rebound_common::config::load(Some(&out.config_file)).unwrap();
         assert_eq!(cfg.db, dir.join("cs.db"));
-        // The database holds the salted key, not the passphrase.
+        // The database holds a verifier, neither the passphrase nor its key.
         let store = SqliteStore::open(&cfg.db).await.unwrap();
-        let key = store
-            .get_setting(crate::enrollment::VERIFIER_KEY)
+        let verifier = crate::enrollment::load_verifier(&store)
             .await
             .unwrap()
             .unwrap();
@@ -311,14 +310,20 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+        let key = crate::enrollment::passphrase_key(&salt, &out.passphrase);
         assert_eq!(
-            key,
-            crate::enrollment::passphrase_key(&salt, &out.passphrase)
+            verifier,
+            crate::enrollment::PassphraseVerifier::from_key(&key)
         );
+        store.close().await;
         let db = std::fs::read(&cfg.db).unwrap();
-        assert!(!db
-            .windows(out.passphrase.len())
-            .any(|w| w == out.passphrase.as_bytes()));
+        let wal = std::fs::read(cfg.db.with_extension("db-wal")).unwrap_or_default();
+        for bytes in [&db, &wal] {
+            assert!(!bytes
+                .windows(out.passphrase.len())
+                .any(|w| w == out.passphrase.as_bytes()));
+            assert!(!bytes.windows(32).any(|w| w == key));
+        }
         // A second init in the same place is refused.
         let again = init(&dir, &[], None).await.unwrap_err();
         assert!(

@@ -140,13 +140,14 @@ where
     info!(listen = %addr, db = %config.db.display(), resumed_jobs = resumed, "configuration server started");
 
     let enrollment =
-        enrollment::EnrollmentService::new(store.clone(), ca_pem, ca_key, &server_cert)?;
+        enrollment::EnrollmentService::new(store.clone(), ca_pem.clone(), ca_key, &server_cert)?;
     fleet::revoke::refresh(store.as_ref(), &revocations).await?;
     let control = control::ControlService::new(store.clone(), bus.clone(), heartbeat)
         .with_revocations(revocations.clone());
     let admin =
         service::AdminService::new(store.clone(), bus.clone(), jobs.clone(), lifecycle.clone())
-            .with_revocations(revocations.clone());
+            .with_revocations(revocations.clone())
+            .with_ca_pem(ca_pem);
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))

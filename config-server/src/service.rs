@@ -35,6 +35,8 @@ pub struct AdminService {
     pub(crate) lifecycle: Arc<Lifecycle>,
     /// The revocation list the CS's server enforces; `Revoke` updates it.
     pub(crate) revocations: rebound_common::tls::Revocations,
+    /// The deployment's CA certificate: tokens carry its hash.
+    pub(crate) ca_pem: String,
 }
 
 type Res<T> = Result<Response<T>, Status>;
@@ -86,12 +88,19 @@ impl AdminService {
             jobs,
             lifecycle,
             revocations: Default::default(),
+            ca_pem: String::new(),
         }
     }
 
     /// Shares the revocation list the CS's server enforces.
     pub fn with_revocations(mut self, r: rebound_common::tls::Revocations) -> AdminService {
         self.revocations = r;
+        self
+    }
+
+    /// The deployment's CA, whose hash `CreateToken` puts in each token.
+    pub fn with_ca_pem(mut self, ca_pem: String) -> AdminService {
+        self.ca_pem = ca_pem;
         self
     }
 

@@ -17,10 +17,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
-struct Cs {
+pub(crate) struct Cs {
     _tmp: tempfile::TempDir,
-    dir: PathBuf,
-    addr: String,
+    pub(crate) dir: PathBuf,
+    pub(crate) addr: String,
     passphrase: String,
     db: PathBuf,
     stop: Option<oneshot::Sender<()>>,
@@ -28,7 +28,7 @@ struct Cs {
 }
 
 impl Cs {
-    async fn start() -> Cs {
+    pub(crate) async fn start() -> Cs {
         rebound_common::tls::install_crypto_provider();
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("cs");
@@ -66,13 +66,13 @@ impl Cs {
     }
 
     /// Closes the test's own handle on the CS database, then stops the CS.
-    async fn stop_with(self, store: SqliteStore) -> tempfile::TempDir {
+    pub(crate) async fn stop_with(self, store: SqliteStore) -> tempfile::TempDir {
         store.close().await;
         self.stop().await
     }
 
     /// A second handle on the CS database (WAL allows it).
-    async fn store(&self) -> SqliteStore {
+    pub(crate) async fn store(&self) -> SqliteStore {
         SqliteStore::open(&self.db).await.unwrap()
     }
 
@@ -87,13 +87,39 @@ impl Cs {
         AdminClient::new(self.channel(&TlsFiles::in_dir(&self.dir, "admin")).await)
     }
 
-    /// Enrolls `role:id` into `<tmp>/<role>-<id>` and returns its TLS files.
-    async fn enrolled(&self, role: Role, id: &str) -> TlsFiles {
+    /// Enrolls `role:id` into `<tmp>/<role>-<id>` and returns its TLS files:
+    /// an agent with the passphrase, anything else with a token the admin
+    /// creates.
+    pub(crate) async fn enrolled(&self, role: Role, id: &str) -> TlsFiles {
         let out = self.dir.parent().unwrap().join(format!("{role}-{id}"));
-        enroll(&self.addr, &self.passphrase, role, id, &out)
-            .await
-            .unwrap();
+        if role == Role::Agent {
+            enroll(&self.addr, &self.passphrase, role, id, &out)
+                .await
+                .unwrap();
+        } else {
+            let token = self.token(role, id, 0).await;
+            rebound_common::enrollment::enroll_token(&self.addr, &token, role, id, &out)
+                .await
+                .unwrap();
+        }
         TlsFiles::in_dir(&out, role.as_str())
+    }
+
+    /// A token for `role:id` lasting `ttl_secs` (0: the default), as the
+    /// admin creates it.
+    pub(crate) async fn token(&self, role: Role, id: &str, ttl_secs: u64) -> String {
+        let req = pb::CreateTokenRequest {
+            role: role.as_str().into(),
+            id: id.into(),
+            ttl_secs,
+        };
+        self.admin()
+            .await
+            .create_token(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .token
     }
 }
 
@@ -227,9 +253,11 @@ async fn enrollment_over_tls_with_right_and_wrong_passphrase() {
         .unwrap()
         .is_none());
     assert_eq!(files_in(&bad), 0);
-    // Roles that must not enroll, and bad ids, are refused by the client.
+    // Roles that must not enroll with the passphrase, and bad ids, are
+    // refused by the client.
     let refused = [
-        (Role::Admin, "x", "only agent, ps and mt"),
+        (Role::Admin, "x", "rebound token create --role admin --id x"),
+        (Role::Cs, "x", "only agent, ps, mt and admin"),
         (Role::Agent, "a:b", "contains ':'"),
     ];
     for (role, id, want) in refused {

@@ -1,42 +1,46 @@
 //! Enrollment (DESIGN.md §3): how a component gets its certificate.
 //!
-//! A fresh agent, PS or MT has a key pair it makes itself and the deployment
-//! passphrase, and nothing else: no certificate and no CA to check the CS
-//! against. Enrollment therefore rests on the passphrase, used in both
-//! directions:
+//! A fresh agent, PS, MT or operator has a key pair it makes itself and one
+//! credential: the deployment passphrase (an agent enrolling a machine id
+//! no one holds) or a one-time token an operator created for exactly its
+//! role and id (everything else; `grant.rs` holds the rules).
 //!
 //! 1. The client connects with TLS but accepts whatever certificate the CS
-//!    presents, remembering it (`client.rs`, a custom rustls verifier). The
-//!    handshake signature is still checked, so the peer owns that
-//!    certificate's key.
-//! 2. `Params` gives the salt; the client derives the passphrase key
-//!    ([`passphrase_key`]) and sends its CSR with a proof: a keyed hash over
-//!    the request *and the fingerprint of the server certificate it saw*
-//!    ([`client_proof`]). A man in the middle presenting its own certificate
-//!    cannot forward that proof (the CS finds another fingerprint), nor make
-//!    one (it lacks the key).
-//! 3. The CS checks the proof against the key it stored at `init`, signs the
-//!    CSR with CN `"<role>:<id>"` ([`sign_csr`]) and answers with the
-//!    certificate, the CA and its own proof ([`server_proof`]).
-//! 4. The client checks the server proof (so the CA came from someone who
-//!    knows the passphrase), that this CA signed the server certificate it
-//!    saw (so later mutual-TLS connections reach the same CS), and that the
-//!    issued certificate carries its identity and its key. Only then does it
-//!    write `ca.pem`, `<role>.pem` and `<role>.key`.
+//!    presents, remembering it (the handshake signature is still checked,
+//!    so the peer owns that certificate's key).
+//! 2. `Params` gives the salt and the CA. With a token the client checks
+//!    the CA against the hash the token carries and that it signed the
+//!    server certificate seen, and only then sends the token's secret.
+//!    With the passphrase it signs the request and the fingerprint of the
+//!    server certificate it saw: a man in the middle presenting its own
+//!    certificate can neither forward that proof nor make one.
+//! 3. The CS checks the grant (`grant.rs`), signs the CSR with CN
+//!    `"<role>:<id>"` ([`sign_csr`]), records the certificate, and answers
+//!    with it, the CA and (passphrase) its own proof.
+//! 4. The client checks the CA (pinned, or proven by the passphrase), that
+//!    it signed the server certificate seen, and that the issued
+//!    certificate carries its identity and key; only then does it write
+//!    `ca.pem`, `<role>.pem` and `<role>.key`.
 //!
-//! The CS stores only the derived key (a salted hash of the passphrase),
-//! never the passphrase. A wrong proof is refused before anything is signed
-//! or stored.
+//! The CS stores verifiers, not keys: the passphrase's Ed25519 public key
+//! (plus the MAC key of its own proof) and each token's hash. A copy of the
+//! database enrolls nothing; the MAC key lets it pose as the CS to a new
+//! agent enrolling with the passphrase, which a token's CA pin prevents.
 
 pub mod client;
+mod grant;
+mod limit;
 pub mod server;
+#[cfg(test)]
+mod tests;
 
 pub use client::{enroll, enroll_with, EnrollError, EnrollOptions, Enrolled};
 // The proof primitives live in `rebound_common::enrollment`, shared with the
 // client every component links.
+pub use grant::create_hint;
 pub use rebound_common::enrollment::{
     check_id, client_proof, enrollable, first_cert_der, hex, passphrase_key, proofs_equal,
-    server_proof, KDF,
+    server_proof, PassphraseVerifier, KDF,
 };
 pub use server::EnrollmentService;
 
@@ -52,7 +56,11 @@ use rebound_common::pki::Role;
 
 /// Settings keys in the store.
 pub const SALT_KEY: &str = "enrollment.salt";
-pub const VERIFIER_KEY: &str = "enrollment.key";
+/// The passphrase's [`PassphraseVerifier`].
+pub const VERIFIER_KEY: &str = "enrollment.verifier";
+/// Where older versions kept the passphrase key itself; emptied when the
+/// verifier is made from it.
+pub const LEGACY_KEY: &str = "enrollment.key";
 /// A new random passphrase: 32 hex digits in four groups (128 bits).
 pub fn new_passphrase() -> String {
     let mut b = [0u8; 16];
@@ -79,8 +87,38 @@ pub async fn set_passphrase(store: &dyn Store, passphrase: &str) -> Result<(), C
     rand::rng().fill_bytes(&mut salt);
     let key = passphrase_key(&salt, passphrase);
     store.put_setting(SALT_KEY, &salt).await?;
-    store.put_setting(VERIFIER_KEY, &key).await?;
+    let v = PassphraseVerifier::from_key(&key);
+    store.put_setting(VERIFIER_KEY, &v.to_bytes()).await?;
+    store.put_setting(LEGACY_KEY, &[]).await?;
     Ok(())
+}
+
+/// The stored passphrase verifier; a database that still holds the key
+/// itself (an older CS) gets the verifier made from it and the key erased.
+pub async fn load_verifier(store: &dyn Store) -> Result<Option<PassphraseVerifier>, CsError> {
+    let corrupt = |what: &str| {
+        CsError::Internal(format!(
+            "the stored enrollment {what} is corrupt: set a new passphrase with `rebound-cs \
+             rotate-passphrase`"
+        ))
+    };
+    if let Some(b) = store.get_setting(VERIFIER_KEY).await? {
+        return PassphraseVerifier::from_bytes(&b)
+            .map(Some)
+            .ok_or_else(|| corrupt("verifier"));
+    }
+    let Some(key) = store
+        .get_setting(LEGACY_KEY)
+        .await?
+        .filter(|k| !k.is_empty())
+    else {
+        return Ok(None);
+    };
+    let key = <[u8; 32]>::try_from(key.as_slice()).map_err(|_| corrupt("key"))?;
+    let v = PassphraseVerifier::from_key(&key);
+    store.put_setting(VERIFIER_KEY, &v.to_bytes()).await?;
+    store.put_setting(LEGACY_KEY, &[]).await?;
+    Ok(Some(v))
 }
 
 /// An issued certificate and what the CS records about it.
@@ -165,13 +203,16 @@ pub fn sign_csr(
     let cert = csr.signed_by(&issuer).map_err(pki)?;
     Ok(Issued {
         fingerprint_hex: hex(blake3::hash(cert.der()).as_bytes()),
+        // The one serial form revocation lists compare (not `hex(&serial)`,
+        // which keeps a leading zero byte the DER integer drops).
+        serial_hex: rebound_common::pki::serial_hex(cert.der())
+            .map_err(|e| CsError::Pki(format!("the certificate issued to {role}:{id}: {e}")))?,
         cert_pem: cert.pem(),
-        serial_hex: hex(&serial),
     })
 }
 
 #[cfg(test)]
-mod tests {
+mod signing_tests {
     use super::*;
     use rcgen::CertificateParams;
     use rebound_common::pki::{peer_identity, Ca};
@@ -192,6 +233,10 @@ mod tests {
         assert_eq!((who.role, who.id.as_str()), (Role::Ps, "ps1"));
         let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
         assert!(!cert.is_ca(), "a CSR must not get a CA certificate");
+        assert_eq!(
+            issued.serial_hex,
+            rebound_common::pki::serial_hex(&der).unwrap()
+        );
         assert_eq!(
             cert.public_key().subject_public_key.data.as_ref(),
             key.public_key_raw()
@@ -232,17 +277,23 @@ mod tests {
         sign(&[], Role::Agent).unwrap();
     }
 
+    #[tokio::test]
+    async fn a_stored_passphrase_key_becomes_a_verifier_and_is_erased() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::SqliteStore::open(&dir.path().join("cs.db"))
+            .await
+            .unwrap();
+        assert!(load_verifier(&store).await.unwrap().is_none());
+        let key = passphrase_key(b"salt", "an old deployment passphrase");
+        store.put_setting(LEGACY_KEY, &key).await.unwrap();
+        let v = load_verifier(&store).await.unwrap().unwrap();
+        assert_eq!(v, PassphraseVerifier::from_key(&key));
+        assert_eq!(store.get_setting(LEGACY_KEY).await.unwrap().unwrap(), b"");
+        assert_eq!(load_verifier(&store).await.unwrap(), Some(v));
+    }
+
     #[test]
-    fn proofs_depend_on_every_input() {
-        let k = passphrase_key(b"salt", "pass\n");
-        assert_eq!(k, passphrase_key(b"salt", "pass"));
-        assert_ne!(k, passphrase_key(b"salt2", "pass"));
-        let fp = [1u8; 32];
-        let p = client_proof(&k, "agent", "m1", "csr", b"n", &fp);
-        assert!(proofs_equal(&p, &p));
-        assert_ne!(p, client_proof(&k, "agent", "m2", "csr", b"n", &fp));
-        assert_ne!(p, client_proof(&k, "agent", "m1", "csr", b"n", &[2u8; 32]));
-        assert!(!proofs_equal(&p[..31], &p));
+    fn ids_and_passphrases() {
         assert!(check_id("m1.a-b_c").is_ok());
         assert!(check_id("a:b").is_err());
         assert!(check_id("").is_err());

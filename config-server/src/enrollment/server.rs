@@ -1,16 +1,22 @@
 //! The CS side of enrollment: the `Enrollment` gRPC service.
 //!
 //! It is the one service callable without a client certificate (the server
-//! TLS config makes client certificates optional for exactly this). It
-//! checks the passphrase proof before doing anything else: a wrong proof is
-//! refused with PERMISSION_DENIED and nothing is signed or stored.
+//! TLS config makes client certificates optional for exactly this). What a
+//! request may be granted is decided in `grant.rs`; here the request is
+//! parsed, rate-limited per remote address, and answered: a refusal raises
+//! an `enrollment-refused` event and nothing is signed or stored, a grant
+//! issues the certificate and records it (`IssuedCert`).
 
+use super::grant::{self, Grant};
+use super::limit::FailureLimit;
 use super::*;
-use crate::store::{now_ms, Component, Health};
+use crate::store::{now_ms, Component, Event, Health, IssuedCert};
+use rebound_common::enrollment::{PassphraseVerifier, ProofRequest};
 use rebound_proto::control::enrollment_server::Enrollment;
 use rebound_proto::control::{
     EnrollParamsRequest, EnrollParamsResponse, EnrollRequest, EnrollResponse,
 };
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
@@ -21,6 +27,7 @@ pub struct EnrollmentService {
     ca_key_pem: String,
     /// blake3 of the DER of the certificate this server presents.
     server_cert_fp: [u8; 32],
+    failures: FailureLimit,
 }
 
 impl EnrollmentService {
@@ -39,10 +46,17 @@ impl EnrollmentService {
             ca_cert_pem,
             ca_key_pem,
             server_cert_fp: *blake3::hash(&der).as_bytes(),
+            failures: FailureLimit::default(),
         })
     }
 
-    async fn key(&self) -> Result<([u8; 32], Vec<u8>), Status> {
+    /// blake3 of the certificate the server presents.
+    fn server_cert_fp(&self) -> [u8; 32] {
+        self.server_cert_fp
+    }
+
+    /// The passphrase verifier and salt.
+    async fn verifier(&self) -> Result<(PassphraseVerifier, Vec<u8>), Status> {
         let missing = || {
             Status::failed_precondition(
                 "this configuration server has no enrollment passphrase: run `rebound-cs init` \
@@ -54,15 +68,119 @@ impl EnrollmentService {
             .get_setting(SALT_KEY)
             .await?
             .ok_or_else(missing)?;
-        let key = self
-            .store
-            .get_setting(VERIFIER_KEY)
+        let v = load_verifier(self.store.as_ref())
             .await?
             .ok_or_else(missing)?;
-        let key = <[u8; 32]>::try_from(key.as_slice()).map_err(|_| {
-            Status::internal("the stored enrollment key is corrupt: re-set the passphrase")
-        })?;
-        Ok((key, salt))
+        Ok((v, salt))
+    }
+
+    /// Issues the certificate and records it.
+    async fn issue(&self, r: &EnrollRequest, role: Role, remote: &str) -> Result<Issued, Status> {
+        let issued = sign_csr(&self.ca_cert_pem, &self.ca_key_pem, &r.csr_pem, role, &r.id)
+            .map_err(Status::from)?;
+        let now = now_ms();
+        let expiry_ms = crate::fleet::components::cert_expiry_ms_pem(&issued.cert_pem).unwrap_or(0);
+        self.store
+            .put_issued_cert(&IssuedCert {
+                serial: issued.serial_hex.clone(),
+                role,
+                id: r.id.clone(),
+                issued_ms: now,
+                expiry_ms,
+                revoked_ms: None,
+            })
+            .await?;
+        let mut c = self
+            .store
+            .get_component(role, &r.id)
+            .await?
+            .unwrap_or_else(|| Component::new(role, &r.id));
+        if c.health == Health::Online {
+            info!(role = %role, id = %r.id, "re-enrolling a component that is online");
+        }
+        c.cert_serial = issued.serial_hex.clone();
+        c.cert_fingerprint = issued.fingerprint_hex.clone();
+        c.cert_expiry_ms = expiry_ms;
+        c.enrolled_ms = now;
+        // The new certificate is good; the older ones stay revoked in the
+        // issued-certificate records (revocation is per serial).
+        c.revoked = false;
+        self.store.put_component(&c).await?;
+        info!(%remote, role = %role, id = %r.id, serial = %issued.serial_hex, "enrolled");
+        Ok(issued)
+    }
+
+    /// Counts a refusal against `ip` and records it as an event.
+    async fn refused(&self, ip: IpAddr, remote: &str, who: &str, status: Status) -> Status {
+        self.failures.failed(ip);
+        warn!(%remote, component = %who, "{}", status.message());
+        let event = Event {
+            time_ms: now_ms(),
+            component: who.to_string(),
+            severity: "warning".into(),
+            kind: "enrollment-refused".into(),
+            message: format!("from {remote}: {}", status.message()),
+            replication: String::new(),
+        };
+        if let Err(e) = self.store.add_event(&event).await {
+            warn!("cannot record the refused enrollment: {e}");
+        }
+        status
+    }
+
+    /// Decides and answers one request; a refusal is returned as is.
+    async fn grant_and_issue(
+        &self,
+        r: &EnrollRequest,
+        remote: &str,
+    ) -> Result<EnrollResponse, Status> {
+        let role = Role::parse(&r.role)
+            .filter(|r| enrollable(*r))
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "cannot enroll role {:?}: only agent, ps, mt and admin enroll",
+                    r.role
+                ))
+            })?;
+        check_id(&r.id).map_err(Status::invalid_argument)?;
+        if r.client_nonce.len() < 16 {
+            return Err(Status::invalid_argument(
+                "client_nonce must have at least 16 random bytes",
+            ));
+        }
+        let fp = self.server_cert_fp();
+        let now = now_ms();
+        let (grant, server_key) = if r.token.is_empty() {
+            let (v, _) = self.verifier().await?;
+            let request = ProofRequest {
+                role: &r.role,
+                id: &r.id,
+                csr_pem: &r.csr_pem,
+                client_nonce: &r.client_nonce,
+                server_cert_fp: &fp,
+            };
+            let store = self.store.as_ref();
+            let g = grant::by_passphrase(store, &v, &r.proof, &request, role, now).await?;
+            (g, Some(v.server_key))
+        } else {
+            (
+                grant::by_token(self.store.as_ref(), &r.token, role, &r.id, now).await?,
+                None,
+            )
+        };
+        let issued = self.issue(r, role, remote).await?;
+        let proof = match (grant, server_key) {
+            (Grant::Passphrase, Some(k)) => {
+                server_proof(&k, &r.proof, &issued.cert_pem, &self.ca_cert_pem, &fp).to_vec()
+            }
+            // The token pinned the CA: the client trusts the answer by that.
+            _ => Vec::new(),
+        };
+        Ok(EnrollResponse {
+            cert_pem: issued.cert_pem,
+            ca_pem: self.ca_cert_pem.clone(),
+            server_proof: proof,
+        })
     }
 }
 
@@ -72,7 +190,7 @@ impl Enrollment for EnrollmentService {
         &self,
         _req: Request<EnrollParamsRequest>,
     ) -> Result<Response<EnrollParamsResponse>, Status> {
-        let (_, salt) = self.key().await?;
+        let (_, salt) = self.verifier().await?;
         Ok(Response::new(EnrollParamsResponse {
             salt,
             kdf: KDF.into(),
@@ -84,72 +202,26 @@ impl Enrollment for EnrollmentService {
         &self,
         req: Request<EnrollRequest>,
     ) -> Result<Response<EnrollResponse>, Status> {
-        let remote = req
-            .remote_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|| "?".into());
+        let addr = req.remote_addr();
+        let ip = addr
+            .map(|a| a.ip())
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let remote = addr.map(|a| a.to_string()).unwrap_or_else(|| "?".into());
         let r = req.into_inner();
-        let role = Role::parse(&r.role)
-            .filter(|r| enrollable(*r))
-            .ok_or_else(|| {
-                Status::invalid_argument(format!(
-                    "cannot enroll role {:?}: only agent, ps and mt enroll",
-                    r.role
-                ))
-            })?;
-        check_id(&r.id).map_err(Status::invalid_argument)?;
-        if r.client_nonce.len() < 16 {
-            return Err(Status::invalid_argument(
-                "client_nonce must have at least 16 random bytes",
-            ));
-        }
-        let (key, _) = self.key().await?;
-        let expected = client_proof(
-            &key,
-            &r.r#role,
-            &r.id,
-            &r.csr_pem,
-            &r.client_nonce,
-            &self.server_cert_fp,
-        );
-        if !proofs_equal(&r.proof, &expected) {
-            warn!(%remote, role = %role, id = %r.id, "enrollment refused: wrong passphrase proof");
-            return Err(Status::permission_denied(format!(
-                "enrollment of {role}:{} refused: the passphrase is wrong (or a proxy between you \
-                 and the CS changed the TLS certificate). Use the passphrase `rebound-cs init` \
-                 printed; it is in the file `passphrase` in the CS's init directory",
-                r.id
+        let who = format!("{}:{}", r.role, r.id);
+        if let Some(wait) = self.failures.blocked(ip) {
+            return Err(Status::resource_exhausted(format!(
+                "enrollment of {who} refused: too many failed enrollments from {ip}; try again \
+                 in {} s, with a valid passphrase or token",
+                wait.as_secs().max(1)
             )));
         }
-        let issued = sign_csr(&self.ca_cert_pem, &self.ca_key_pem, &r.csr_pem, role, &r.id)
-            .map_err(Status::from)?;
-        let mut c = self
-            .store
-            .get_component(role, &r.id)
-            .await?
-            .unwrap_or_else(|| Component::new(role, &r.id));
-        if c.health == Health::Online {
-            info!(role = %role, id = %r.id, "re-enrolling a component that is online");
+        match self.grant_and_issue(&r, &remote).await {
+            Ok(answer) => Ok(Response::new(answer)),
+            Err(s) if s.code() == tonic::Code::Internal || s.code() == tonic::Code::Unavailable => {
+                Err(s)
+            }
+            Err(s) => Err(self.refused(ip, &remote, &who, s).await),
         }
-        c.cert_serial = issued.serial_hex.clone();
-        c.cert_fingerprint = issued.fingerprint_hex.clone();
-        c.cert_expiry_ms =
-            crate::fleet::components::cert_expiry_ms_pem(&issued.cert_pem).unwrap_or(0);
-        c.enrolled_ms = now_ms();
-        c.revoked = false;
-        self.store.put_component(&c).await?;
-        info!(%remote, role = %role, id = %r.id, serial = %issued.serial_hex, "enrolled");
-        let proof = server_proof(
-            &key,
-            &r.proof,
-            &issued.cert_pem,
-            &self.ca_cert_pem,
-            &self.server_cert_fp,
-        );
-        Ok(Response::new(EnrollResponse {
-            cert_pem: issued.cert_pem,
-            ca_pem: self.ca_cert_pem.clone(),
-            server_proof: proof.to_vec(),
-        }))
     }
 }

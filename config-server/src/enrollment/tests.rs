@@ -1,0 +1,148 @@
+//! The enrollment rules against a running CS (in process): who the
+//! passphrase enrolls, and what a token grants, each refusal with its
+//! message and its event.
+
+use crate::store::Store;
+use crate::tests::Cs;
+use rebound_common::enrollment::{enroll, enroll_token, EnrollError};
+use rebound_common::pki::Role;
+
+/// Asserts the enrollment was refused by the CS with a message containing
+/// every `want`, and that nothing was written.
+fn refused(
+    r: Result<rebound_common::enrollment::Enrolled, EnrollError>,
+    out: &std::path::Path,
+    want: &[&str],
+) {
+    let e = r.expect_err("enrollment must be refused");
+    let msg = e.to_string();
+    for w in want {
+        assert!(msg.contains(w), "{w:?} not in: {msg}");
+    }
+    assert!(
+        !out.join("ca.pem").exists(),
+        "nothing is written on a refusal"
+    );
+}
+
+#[tokio::test]
+async fn the_passphrase_enrolls_only_new_agents_and_tokens_only_their_identity() {
+    let cs = Cs::start().await;
+    let dir = cs.dir.parent().unwrap().to_path_buf();
+    let pass = std::fs::read_to_string(cs.dir.join("passphrase")).unwrap();
+    let out = |n: &str| dir.join(n);
+
+    // The passphrase as a PS or an MT: refused by the CS, which names the
+    // token to create (the client refuses first; the raw request is below).
+    for (role, id) in [(Role::Ps, "ps1"), (Role::Mt, "mt1")] {
+        let r = enroll(&cs.addr, &pass, role, id, &out("x")).await;
+        refused(
+            r,
+            &out("x"),
+            &[
+                &format!("{role}:{id}"),
+                &format!("rebound token create --role {role} --id {id}"),
+            ],
+        );
+    }
+    // An agent enrolls once with the passphrase; again, its id is held.
+    cs.enrolled(Role::Agent, "m1").await;
+    let r = enroll(&cs.addr, &pass, Role::Agent, "m1", &out("again")).await;
+    refused(
+        r,
+        &out("again"),
+        &[
+            "agent:m1",
+            "already has a live certificate",
+            "rebound token create --role agent --id m1",
+        ],
+    );
+    // With a token it re-enrolls.
+    let t = cs.token(Role::Agent, "m1", 0).await;
+    enroll_token(&cs.addr, &t, Role::Agent, "m1", &out("re"))
+        .await
+        .unwrap();
+    // The token is used up.
+    let r = enroll_token(&cs.addr, &t, Role::Agent, "m1", &out("reuse")).await;
+    refused(
+        r,
+        &out("reuse"),
+        &[
+            "agent:m1",
+            "already used",
+            "rebound token create --role agent --id m1",
+        ],
+    );
+    // A token for another identity.
+    let t = cs.token(Role::Mt, "mt1", 0).await;
+    let r = enroll_token(&cs.addr, &t, Role::Ps, "mt1", &out("other")).await;
+    refused(
+        r,
+        &out("other"),
+        &[
+            "ps:mt1",
+            "created for mt:mt1",
+            "rebound token create --role ps --id mt1",
+        ],
+    );
+    // ... which stays good for its own identity.
+    enroll_token(&cs.addr, &t, Role::Mt, "mt1", &out("mt1"))
+        .await
+        .unwrap();
+    // An expired token.
+    let t = cs.token(Role::Ps, "ps1", 1).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let r = enroll_token(&cs.addr, &t, Role::Ps, "ps1", &out("late")).await;
+    refused(
+        r,
+        &out("late"),
+        &[
+            "ps:ps1",
+            "expired",
+            "rebound token create --role ps --id ps1",
+        ],
+    );
+    // A token of another deployment: the CA pin fails before the secret goes.
+    let mut other =
+        rebound_common::enrollment::TokenText::parse(&cs.token(Role::Ps, "ps1", 0).await).unwrap();
+    other.ca_hash = "00".repeat(32);
+    let r = enroll_token(&cs.addr, &other.to_string(), Role::Ps, "ps1", &out("pin")).await;
+    refused(
+        r,
+        &out("pin"),
+        &["not the one the token pins", "the token was not sent"],
+    );
+    // An admin enrolls with a token.
+    let t = cs.token(Role::Admin, "ops1", 0).await;
+    enroll_token(&cs.addr, &t, Role::Admin, "ops1", &out("ops1"))
+        .await
+        .unwrap();
+
+    // Every issue is recorded; every refusal raised an event.
+    let store = cs.store().await;
+    for (role, id) in [
+        (Role::Agent, "m1"),
+        (Role::Mt, "mt1"),
+        (Role::Admin, "ops1"),
+    ] {
+        assert!(
+            store.latest_cert(role, id).await.unwrap().is_some(),
+            "{role}:{id}"
+        );
+    }
+    assert_eq!(
+        store
+            .live_certs(Role::Agent, "m1", rebound_common::time::now_ms())
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    let events = store.recent_events(100).await.unwrap();
+    let refusals = events
+        .iter()
+        .filter(|e| e.kind == "enrollment-refused")
+        .count();
+    assert!(refusals >= 4, "{events:?}");
+    cs.stop_with(store).await;
+}
