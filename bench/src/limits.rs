@@ -464,23 +464,22 @@ async fn grpc_rate(certs: std::path::PathBuf, total: u64, big_windows: bool) -> 
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let server_tls = TlsFiles::in_dir(&certs, "ps").server_config()?;
+    let acceptor = TlsFiles::in_dir(&certs, "ps").acceptor(
+        rebound_common::tls::ClientAuth::Required,
+        &rebound_common::tls::Revocations::new(),
+    )?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let builder = if big_windows {
+    let mut builder = if big_windows {
         rebound_common::tls::frame_server()
     } else {
         tonic::transport::Server::builder()
     };
     let server = tokio::spawn(
         builder
-            .tls_config(server_tls)?
             .add_service(ProcessServerServer::new(CountingPs).max_decoding_message_size(64 << 20))
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async {
-                    let _ = stop_rx.await;
-                },
-            ),
+            .serve_with_incoming_shutdown(acceptor.incoming(listener), async {
+                let _ = stop_rx.await;
+            }),
     );
     let ch = TlsFiles::in_dir(&certs, "agent-bench")
         .connect(

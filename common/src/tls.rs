@@ -173,18 +173,6 @@ impl TlsFiles {
         self
     }
 
-    /// A tonic server TLS config: no revocation check and a fixed identity,
-    /// kept only until every server serves through [`TlsFiles::acceptor`].
-    pub fn server_config(&self) -> Result<tonic::transport::ServerTlsConfig, TlsError> {
-        use tonic::transport::{Certificate, Identity};
-        Ok(tonic::transport::ServerTlsConfig::new()
-            .identity(Identity::from_pem(
-                read("certificate", &self.cert)?,
-                read("private key", &self.key)?,
-            ))
-            .client_ca_root(Certificate::from_pem(read("CA certificate", &self.ca)?)))
-    }
-
     /// The CA certificates from `ca`.
     fn roots(&self) -> Result<rustls::RootCertStore, TlsError> {
         let ca = read("CA certificate", &self.ca)?;
