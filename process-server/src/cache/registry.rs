@@ -25,6 +25,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// Prefix of a replication directory whose removal a crash interrupted.
 const REMOVED_PREFIX: &str = ".removed-";
 
+/// Names in the cache directory that are the PS's own, not replications:
+/// the renewed identity's directory (`tls::renewed::path_in`) and the
+/// revocation list.
+const RESERVED: &[&str] = &["tls", "revoked"];
+
 /// Checks that a replication id is usable as a directory name.
 fn check_replication_id(id: &str) -> Result<(), CacheError> {
     let bad = |why: &'static str| {
@@ -47,6 +52,9 @@ fn check_replication_id(id: &str) -> Result<(), CacheError> {
         .all(|b| b.is_ascii_alphanumeric() || b"-_.:@+".contains(&b))
     {
         return bad("only letters, digits and - _ . : @ + are allowed");
+    }
+    if RESERVED.contains(&id) {
+        return bad("it names the process server's own files in its cache directory");
     }
     Ok(())
 }

@@ -402,3 +402,21 @@ async fn remove_drops_the_cache_and_refuses_later_frames() {
     assert_eq!(lab.get("r1").durable(), 0);
     lab.shutdown().await;
 }
+
+/// The PS keeps its renewed identity (`tls/`) and its revocation list in
+/// the cache directory: neither is ever a replication.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ps_own_files_are_not_replications() {
+    let mut lab = Lab::new(1 << 30, 1 << 20).await;
+    std::fs::create_dir_all(lab.dir.path().join("tls")).unwrap();
+    std::fs::write(lab.dir.path().join("tls/renewed-identity.pem"), "x").unwrap();
+    std::fs::write(lab.dir.path().join("revoked"), "").unwrap();
+    lab.restart().await;
+    assert!(lab.cache.replications().is_empty());
+    for id in ["tls", "revoked"] {
+        let e = lab.hello(id, "m1").await.unwrap_err();
+        assert!(matches!(e, CacheError::BadReplicationId { .. }), "{e}");
+        assert!(e.to_string().contains("own files"), "{e}");
+    }
+    lab.shutdown().await;
+}
