@@ -98,8 +98,8 @@ pub(crate) fn for_apply(
 }
 
 /// The replication of a ChunkHashes request. A PS must be the one the
-/// replication is assigned to; the info it sends along (the agent's) must
-/// name the replication's machine, and creates the replication only in lab
+/// replication is assigned to; the info sent along (the agent's) must name
+/// the replication's machine, and creates the replication only in lab
 /// mode. The CS and an operator read any replication (blocking).
 pub(crate) fn for_chunk_hashes(
     store: &Store,
@@ -121,7 +121,7 @@ pub(crate) fn for_chunk_hashes(
     let is_ps = peer.role == rebound_common::pki::Role::Ps;
     let repl = match (store.get(id), info) {
         (Some(r), _) => r,
-        (None, Some(_)) if managed && is_ps => return Err(not_prepared(peer, WHAT, id)),
+        (None, Some(_)) if managed => return Err(not_prepared(peer, WHAT, id)),
         (None, Some(i)) => {
             let mut i = i.clone();
             i.replication_id = id.to_string();
