@@ -11,6 +11,35 @@
 //! the handshake with a message that says so. tonic's own client TLS checks
 //! only the chain and the name, hence the connector here ([`server_role`]).
 
+/// The handshake-signature checks of a certificate verifier that adds
+/// its own checks on top of WebPKI's: they are WebPKI's (`self.inner`).
+macro_rules! webpki_signature_checks {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            self.inner.verify_tls12_signature(message, cert, dss)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            self.inner.verify_tls13_signature(message, cert, dss)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.inner.supported_verify_schemes()
+        }
+    };
+}
+pub(crate) use webpki_signature_checks;
+
 pub mod renewal;
 pub mod renewed;
 pub mod revocation;
