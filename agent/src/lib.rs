@@ -297,6 +297,12 @@ pub async fn run(
         );
         runtime.set_events(handle);
         info!(cs = %s.cs.addr, site = %s.site, "control channel to the configuration server started");
+        tasks.extend(rebound_common::tls::renewal::spawn_with_cs(
+            &s.cs,
+            &s.tls,
+            &s.state_dir,
+            stop_rx.clone(),
+        ));
     }
 
     // NBD.

@@ -56,6 +56,10 @@ enum Cmd {
         /// Machine ids to issue agent certificates for.
         #[arg(long = "machine", default_value = "m1")]
         machines: Vec<String>,
+        /// How long the certificates stay valid ("90d", "12h"; the CA's
+        /// is 10 years).
+        #[arg(long, default_value = "90d", value_parser = rebound_common::pki::lifetime::parse)]
+        lifetime: std::time::Duration,
     },
     /// List the recovery points of a machine: from the configuration server
     /// when --cs (or REBOUND_CS) is given, else straight from a master target
@@ -128,7 +132,11 @@ async fn main() -> Result<()> {
             .await
         }
         Cmd::Bench { args } => std::process::exit(rebound_cli::bench::run(&args)?),
-        Cmd::Certs { out, machines } => rebound_cli::certs::write(&out, &machines),
+        Cmd::Certs {
+            out,
+            machines,
+            lifetime,
+        } => rebound_cli::certs::write(&out, &machines, lifetime),
         Cmd::Points {
             replication,
             cs,

@@ -26,6 +26,10 @@ pub struct Config {
     pub db: PathBuf,
     /// The CA's private key (PEM), used to sign enrolled components.
     pub ca_key: PathBuf,
+    /// How long the certificates the CA signs stay valid ("90d", "12h");
+    /// components renew theirs at two thirds of it.
+    #[serde(with = "rebound_common::pki::lifetime::humantime_serde")]
+    pub cert_lifetime: Duration,
     /// Components send a heartbeat this often (seconds, fractions allowed);
     /// three missed heartbeats make a component offline.
     pub heartbeat_secs: f64,
@@ -80,6 +84,7 @@ impl Config {
             listen: "127.0.0.1:7443".into(),
             db: dir.join("cs.db"),
             ca_key: dir.join("ca.key"),
+            cert_lifetime: rebound_common::pki::lifetime::DEFAULT,
             heartbeat_secs: 2.0,
             wait_agent_secs: 30 * 60,
             command_timeout_secs: 60,

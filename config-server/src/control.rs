@@ -60,6 +60,8 @@ pub struct ControlService {
     /// The revocation list the CS's server enforces; refreshed from the
     /// store whenever a PS or MT is sent the list.
     pub(crate) revocations: Revocations,
+    /// Signs renewed certificates (`renew.rs`); `None`: Renew is refused.
+    pub(crate) signer: Option<Arc<crate::renew::Signer>>,
 }
 
 impl ControlService {
@@ -69,6 +71,7 @@ impl ControlService {
             bus,
             heartbeat,
             revocations: Revocations::new(),
+            signer: None,
         }
     }
 

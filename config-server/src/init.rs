@@ -116,6 +116,33 @@ pub fn cs_server_names(names: &[String], listen: &str) -> Result<Vec<String>, Cs
     checked_names(&all).map_err(|e| CsError::InvalidArgument(e.to_string()))
 }
 
+/// Records a certificate init issued, so revocation and `rebound
+/// components` know it like an enrolled one.
+async fn record_issued(
+    store: &SqliteStore,
+    role: Role,
+    id: &str,
+    cert_pem: &str,
+) -> Result<(), CsError> {
+    use crate::store::Store as _;
+    let bad = |e: String| CsError::Pki(format!("the {role}:{id} certificate init made: {e}"));
+    let der = rebound_common::enrollment::first_cert_der(cert_pem).map_err(bad)?;
+    let serial = rebound_common::pki::serial_hex(&der).map_err(|e| bad(e.to_string()))?;
+    let validity =
+        rebound_common::pki::lifetime::Validity::of_der(&der).map_err(|e| bad(e.to_string()))?;
+    store
+        .put_issued_cert(&crate::store::IssuedCert {
+            serial,
+            role,
+            id: id.to_string(),
+            issued_ms: rebound_common::time::now_ms(),
+            expiry_ms: validity.not_after_ms,
+            revoked_ms: None,
+        })
+        .await?;
+    Ok(())
+}
+
 /// Creates a deployment in `dir` (every file there). See [`init_layout`].
 pub async fn init(
     dir: &Path,
@@ -172,13 +199,15 @@ pub async fn init_layout(
 
     let ca = Ca::generate("deployment").map_err(pki)?;
     ca.write(dir).map_err(pki)?;
-    write_cert(dir, "cs", &ca.issue(Role::Cs, "cs", &names).map_err(pki)?).map_err(pki)?;
-    write_cert(
-        dir,
-        "admin",
-        &ca.issue(Role::Admin, "admin", &[]).map_err(pki)?,
-    )
-    .map_err(pki)?;
+    let lifetime = config.cert_lifetime;
+    let cs = ca
+        .issue_for(Role::Cs, "cs", &names, lifetime)
+        .map_err(pki)?;
+    let admin = ca
+        .issue_for(Role::Admin, "admin", &[], lifetime)
+        .map_err(pki)?;
+    write_cert(dir, "cs", &cs).map_err(pki)?;
+    write_cert(dir, "admin", &admin).map_err(pki)?;
 
     // The CS runs as the service user: it reads its key and the CA key.
     for key in ["cs.key", "ca.key"] {
@@ -189,6 +218,9 @@ pub async fn init_layout(
     let store = SqliteStore::open(&config.db).await?;
     let passphrase = new_passphrase();
     set_passphrase(&store, &passphrase).await?;
+    for (role, id, ck) in [(Role::Cs, "cs", &cs), (Role::Admin, "admin", &admin)] {
+        record_issued(&store, role, id, &ck.cert_pem).await?;
+    }
     store.close().await;
     give_to_state_dir_owner(&config.db)?;
 

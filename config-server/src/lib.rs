@@ -80,7 +80,7 @@ pub fn settings(config: &Config) -> Settings {
 /// stopping at any moment loses nothing; jobs that were running resume at
 /// the next start.
 pub async fn run<F>(
-    config: Config,
+    mut config: Config,
     listener: tokio::net::TcpListener,
     shutdown: F,
 ) -> Result<(), CsError>
@@ -90,6 +90,9 @@ where
     let heartbeat = config
         .heartbeat()
         .map_err(|e| CsError::InvalidArgument(e.to_string()))?;
+    // The CS renews its own certificate into its state directory; the
+    // server presents the renewed one once it exists.
+    config.tls.renewed = Some(renew::renewed_path(&config));
     // The CS's own copy of the revocation list (filled from the store
     // below): the acceptor refuses and cuts the revoked certificates.
     let revocations = rebound_common::tls::Revocations::new();
@@ -139,11 +142,20 @@ where
     ));
     info!(listen = %addr, db = %config.db.display(), resumed_jobs = resumed, "configuration server started");
 
+    let signer = Arc::new(renew::Signer {
+        ca_cert_pem: ca_pem.clone(),
+        ca_key_pem: ca_key.clone(),
+        lifetime: config.cert_lifetime,
+    });
+    let own_renewal = renew::spawn_own(&config, signer.clone(), store.clone(), stop_rx.clone());
     let enrollment =
-        enrollment::EnrollmentService::new(store.clone(), ca_pem.clone(), ca_key, &server_cert)?;
+        enrollment::EnrollmentService::new(store.clone(), ca_pem.clone(), ca_key, &server_cert)?
+            .with_cert_lifetime(config.cert_lifetime)
+            .with_renewed(renew::renewed_path(&config));
     fleet::revoke::refresh(store.as_ref(), &revocations).await?;
     let control = control::ControlService::new(store.clone(), bus.clone(), heartbeat)
-        .with_revocations(revocations.clone());
+        .with_revocations(revocations.clone())
+        .with_signer(signer);
     let admin =
         service::AdminService::new(store.clone(), bus.clone(), jobs.clone(), lifecycle.clone())
             .with_revocations(revocations.clone())
@@ -162,6 +174,7 @@ where
         .map_err(|e| CsError::Internal(format!("gRPC server on {addr} failed: {e}")));
     monitor.abort();
     groups.abort();
+    own_renewal.abort();
     sqlite.close().await;
     info!("configuration server stopped");
     served

@@ -32,6 +32,11 @@ enum Cmd {
         /// Listen address written to the config (default 127.0.0.1:7443).
         #[arg(long)]
         listen: Option<String>,
+        /// How long the certificates the CA signs stay valid ("90d",
+        /// "12h"), written to the config as cert_lifetime; the CS's and
+        /// admin's certificates get it too. Default 90 days.
+        #[arg(long, value_parser = rebound_common::pki::lifetime::parse)]
+        cert_lifetime: Option<std::time::Duration>,
     },
     /// Run the configuration server.
     Run(RunArgs),
@@ -55,11 +60,19 @@ async fn main() -> std::process::ExitCode {
 
 async fn real_main(cmd: Cmd) -> Result<()> {
     match cmd {
-        Cmd::Init { dir, names, listen } => {
-            let layout = match &dir {
+        Cmd::Init {
+            dir,
+            names,
+            listen,
+            cert_lifetime,
+        } => {
+            let mut layout = match &dir {
                 Some(dir) => rebound_cs::init::Layout::in_dir(dir),
                 None => rebound_cs::init::Layout::installed(std::path::Path::new("/")),
             };
+            if let Some(lifetime) = cert_lifetime {
+                layout.config.cert_lifetime = lifetime;
+            }
             let out = rebound_cs::init::init_layout(&layout, &names, listen.as_deref()).await?;
             println!(
                 "Deployment created: config {}, certificates in {}.",

@@ -163,13 +163,15 @@ fn checked_san(
 /// (how every server authorises peers), the certificate is never a CA, and
 /// it may serve TLS for the DNS names/IPs the CSR asks for (PS and MT are
 /// servers, reached by those names; see [`checked_san`]) as well as act as
-/// a client.
+/// a client. It is valid for `lifetime` from now (the config's
+/// `cert_lifetime`).
 pub fn sign_csr(
     ca_cert_pem: &str,
     ca_key_pem: &str,
     csr_pem: &str,
     role: Role,
     id: &str,
+    lifetime: std::time::Duration,
 ) -> Result<Issued, CsError> {
     let mut csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
         CsError::InvalidArgument(format!(
@@ -193,6 +195,7 @@ pub fn sign_csr(
     }
     p.custom_extensions.clear();
     p.use_authority_key_identifier_extension = true;
+    rebound_common::pki::lifetime::set_validity(p, lifetime);
     let mut serial = [0u8; 16];
     rand::rng().fill_bytes(&mut serial);
     serial[0] &= 0x7f;
@@ -217,6 +220,8 @@ mod signing_tests {
     use rcgen::CertificateParams;
     use rebound_common::pki::{peer_identity, Ca};
 
+    const DAY: std::time::Duration = std::time::Duration::from_secs(86400);
+
     #[test]
     fn signed_csr_carries_role_and_id_whatever_the_csr_asked() {
         let ca = Ca::generate("t").unwrap();
@@ -227,12 +232,15 @@ mod signing_tests {
             .push(DnType::CommonName, "admin:admin");
         params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         let csr = params.serialize_request(&key).unwrap().pem().unwrap();
-        let issued = sign_csr(ca.cert_pem(), ca.key_pem(), &csr, Role::Ps, "ps1").unwrap();
+        let issued = sign_csr(ca.cert_pem(), ca.key_pem(), &csr, Role::Ps, "ps1", DAY).unwrap();
         let der = first_cert_der(&issued.cert_pem).unwrap();
         let who = peer_identity(&der).unwrap();
         assert_eq!((who.role, who.id.as_str()), (Role::Ps, "ps1"));
         let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
         assert!(!cert.is_ca(), "a CSR must not get a CA certificate");
+        let until = cert.validity().not_after.timestamp() as u64 * 1000;
+        let left = until.saturating_sub(rebound_common::time::now_ms());
+        assert!((86_390_000..=86_400_000).contains(&left), "{left} ms");
         assert_eq!(
             issued.serial_hex,
             rebound_common::pki::serial_hex(&der).unwrap()
@@ -241,7 +249,7 @@ mod signing_tests {
             cert.public_key().subject_public_key.data.as_ref(),
             key.public_key_raw()
         );
-        let bad = sign_csr(ca.cert_pem(), ca.key_pem(), "junk", Role::Ps, "ps1").unwrap_err();
+        let bad = sign_csr(ca.cert_pem(), ca.key_pem(), "junk", Role::Ps, "ps1", DAY).unwrap_err();
         assert!(bad.to_string().contains("ps:ps1"), "{bad}");
     }
 
@@ -255,8 +263,9 @@ mod signing_tests {
     #[test]
     fn the_requested_names_are_issued_and_checked() {
         let ca = Ca::generate("t").unwrap();
-        let sign =
-            |names: &[&str], role| sign_csr(ca.cert_pem(), ca.key_pem(), &csr(names), role, "x");
+        let sign = |names: &[&str], role| {
+            sign_csr(ca.cert_pem(), ca.key_pem(), &csr(names), role, "x", DAY)
+        };
         let issued = sign(&["ps1.example.net", "10.0.0.3"], Role::Ps).unwrap();
         let der = first_cert_der(&issued.cert_pem).unwrap();
         let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();

@@ -27,6 +27,11 @@ pub struct EnrollmentService {
     ca_key_pem: String,
     /// blake3 of the DER of the certificate this server presents.
     server_cert_fp: [u8; 32],
+    /// How long an issued certificate is valid (config `cert_lifetime`).
+    cert_lifetime: std::time::Duration,
+    /// The CS's renewed identity: once it exists the server presents it,
+    /// so proofs are bound to it instead.
+    renewed: Option<std::path::PathBuf>,
     failures: FailureLimit,
 }
 
@@ -46,13 +51,36 @@ impl EnrollmentService {
             ca_cert_pem,
             ca_key_pem,
             server_cert_fp: *blake3::hash(&der).as_bytes(),
+            cert_lifetime: rebound_common::pki::lifetime::DEFAULT,
+            renewed: None,
             failures: FailureLimit::default(),
         })
     }
 
-    /// blake3 of the certificate the server presents.
+    /// Binds proofs to the renewed server certificate at `path` once the
+    /// CS has renewed its own (`tls::renewed`).
+    pub fn with_renewed(mut self, path: std::path::PathBuf) -> Self {
+        self.renewed = Some(path);
+        self
+    }
+
+    /// blake3 of the certificate the server presents now.
     fn server_cert_fp(&self) -> [u8; 32] {
-        self.server_cert_fp
+        let renewed = self
+            .renewed
+            .as_deref()
+            .and_then(|p| rebound_common::tls::renewed::load(p).ok().flatten())
+            .and_then(|ck| first_cert_der(&ck.cert_pem).ok());
+        match renewed {
+            Some(der) => *blake3::hash(&der).as_bytes(),
+            None => self.server_cert_fp,
+        }
+    }
+
+    /// Issues certificates valid for `lifetime` instead of the default.
+    pub fn with_cert_lifetime(mut self, lifetime: std::time::Duration) -> Self {
+        self.cert_lifetime = lifetime;
+        self
     }
 
     /// The passphrase verifier and salt.
@@ -76,8 +104,15 @@ impl EnrollmentService {
 
     /// Issues the certificate and records it.
     async fn issue(&self, r: &EnrollRequest, role: Role, remote: &str) -> Result<Issued, Status> {
-        let issued = sign_csr(&self.ca_cert_pem, &self.ca_key_pem, &r.csr_pem, role, &r.id)
-            .map_err(Status::from)?;
+        let issued = sign_csr(
+            &self.ca_cert_pem,
+            &self.ca_key_pem,
+            &r.csr_pem,
+            role,
+            &r.id,
+            self.cert_lifetime,
+        )
+        .map_err(Status::from)?;
         let now = now_ms();
         let expiry_ms = crate::fleet::components::cert_expiry_ms_pem(&issued.cert_pem).unwrap_or(0);
         self.store
