@@ -2,6 +2,8 @@
 //! on port 0, then enrollment, the control channel and operator RPCs as the
 //! components and the CLI use them.
 
+mod revocation;
+
 use crate::store::{now_ms, Health, Machine, ReplState, Replication, SqliteStore, Store};
 use crate::{enroll, init, run, Config};
 use rebound_common::pki::{peer_identity, Role};
