@@ -52,7 +52,7 @@ pub use revocation::Revocations;
 pub use server::{Acceptor, ClientAuth, Conn, Incoming, HANDSHAKE_TIMEOUT};
 pub use server_role::WrongServerRole;
 
-use crate::pki::{peer_identity, PeerIdentity, Role};
+use crate::pki::{peer_identity, CertKeyPem, PeerIdentity, Role};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde::{Deserialize, Serialize};
@@ -218,43 +218,52 @@ impl TlsFiles {
         Ok(roots)
     }
 
-    /// Our certificate chain and key: the renewed identity when there is
-    /// one, else the enrolled files.
+    /// The renewed identity when it is the one to use: it exists and the
+    /// enrolled certificate is not newer (a component enrolled again after
+    /// its last renewal uses its new enrollment).
+    pub fn renewed_in_use(&self) -> Result<Option<CertKeyPem>, TlsError> {
+        let Some(path) = &self.renewed else {
+            return Ok(None);
+        };
+        let renewed = renewed::load(path).map_err(|source| TlsError::Read {
+            what: "renewed identity",
+            path: path.clone(),
+            source,
+        })?;
+        let Some(ck) = renewed else {
+            return Ok(None);
+        };
+        let enrolled = std::fs::read(&self.cert).ok();
+        let newer_enrollment = match (
+            enrolled.as_deref().and_then(not_before),
+            not_before(ck.cert_pem.as_bytes()),
+        ) {
+            (Some(enrolled), Some(renewed)) => enrolled > renewed,
+            _ => false,
+        };
+        Ok(if newer_enrollment { None } else { Some(ck) })
+    }
+
+    /// Our certificate chain and key (see [`TlsFiles::renewed_in_use`]).
     fn chain_and_key(
         &self,
     ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
-        let renewed = match &self.renewed {
-            Some(path) => renewed::load(path)
-                .map_err(|source| TlsError::Read {
-                    what: "renewed identity",
-                    path: path.clone(),
-                    source,
-                })?
-                .map(|ck| (path, ck)),
-            None => None,
-        };
-        let (cert_path, cert, key_path, key) = match &renewed {
-            Some((path, ck)) => (
-                *path,
-                ck.cert_pem.as_bytes().to_vec(),
-                *path,
-                ck.key_pem.as_bytes().to_vec(),
-            ),
+        let (cert_path, key_path) = self.identity_paths();
+        let (cert, key) = match self.renewed_in_use()? {
+            Some(ck) => (ck.cert_pem.into_bytes(), ck.key_pem.into_bytes()),
             None => (
-                &self.cert,
                 read("certificate", &self.cert)?,
-                &self.key,
                 read("private key", &self.key)?,
             ),
         };
         let chain = CertificateDer::pem_slice_iter(&cert)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| pem("certificate", cert_path, e.to_string()))?;
+            .map_err(|e| pem("certificate", &cert_path, e.to_string()))?;
         if chain.is_empty() {
-            return Err(pem("certificate", cert_path, "no certificate".into()));
+            return Err(pem("certificate", &cert_path, "no certificate".into()));
         }
         let key = PrivateKeyDer::from_pem_slice(&key)
-            .map_err(|e| pem("private key", key_path, e.to_string()))?;
+            .map_err(|e| pem("private key", &key_path, e.to_string()))?;
         Ok((chain, key))
     }
 
@@ -266,25 +275,16 @@ impl TlsFiles {
     ) -> Result<rustls::sign::CertifiedKey, TlsError> {
         let (chain, key) = self.chain_and_key()?;
         rustls::sign::CertifiedKey::from_der(chain, key, provider).map_err(|source| {
-            TlsError::Identity {
-                cert: self.renewed_or_cert().to_path_buf(),
-                key: self.renewed_or_key().to_path_buf(),
-                source,
-            }
+            let (cert, key) = self.identity_paths();
+            TlsError::Identity { cert, key, source }
         })
     }
 
-    fn renewed_or_cert(&self) -> &Path {
-        match &self.renewed {
-            Some(p) if p.exists() => p,
-            _ => &self.cert,
-        }
-    }
-
-    fn renewed_or_key(&self) -> &Path {
-        match &self.renewed {
-            Some(p) if p.exists() => p,
-            _ => &self.key,
+    /// The files our identity is read from, for messages.
+    fn identity_paths(&self) -> (PathBuf, PathBuf) {
+        match (&self.renewed, self.renewed_in_use()) {
+            (Some(p), Ok(Some(_))) => (p.clone(), p.clone()),
+            _ => (self.cert.clone(), self.key.clone()),
         }
     }
 
@@ -300,10 +300,9 @@ impl TlsFiles {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier = server_role::RoleVerifier::new(roots, provider.clone(), addr, expected)
             .map_err(|e| pem("CA certificate", &self.ca, e.to_string()))?;
-        let identity = |source| TlsError::Identity {
-            cert: self.renewed_or_cert().to_path_buf(),
-            key: self.renewed_or_key().to_path_buf(),
-            source,
+        let identity = |source| {
+            let (cert, key) = self.identity_paths();
+            TlsError::Identity { cert, key, source }
         };
         let mut tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -366,6 +365,13 @@ impl TlsFiles {
             .max_frame_size(Some(HTTP2_MAX_FRAME));
         Ok((endpoint, connector))
     }
+}
+
+/// The notBefore of the first certificate in a PEM text, in seconds.
+fn not_before(pem: &[u8]) -> Option<i64> {
+    let der = CertificateDer::pem_slice_iter(pem).next()?.ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    Some(cert.validity().not_before.timestamp())
 }
 
 /// Joins an error and its sources, so "transport error" shows its cause.

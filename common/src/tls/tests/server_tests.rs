@@ -200,3 +200,25 @@ async fn a_silent_client_does_not_hold_up_the_others() {
     let seen = tokio::time::timeout(Duration::from_secs(3), serial_seen(&mt, &addr)).await;
     assert_eq!(seen.unwrap().unwrap(), serial_in(&mt.cert));
 }
+
+#[tokio::test]
+async fn an_enrollment_newer_than_the_renewal_is_used() {
+    let (dir, ca) = pki_and_ca();
+    let state = dir.path().join("state");
+    let admin = TlsFiles::in_dir(dir.path(), "admin").with_renewed(&state);
+    let addr = serve_hold(&TlsFiles::in_dir(dir.path(), "ps"), &Revocations::new()).await;
+    let renewed_ck = ca.issue(Role::Admin, "admin", &[]).unwrap();
+    renewed::save(&renewed::path_in(&state), &renewed_ck).unwrap();
+    assert_eq!(
+        serial_seen(&admin, &addr).await.unwrap(),
+        serial_of(&renewed_ck.cert_pem)
+    );
+    // Enrolled again (certificate times have whole seconds).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let enrolled = ca.issue(Role::Admin, "admin", &[]).unwrap();
+    write_cert(dir.path(), "admin", &enrolled).unwrap();
+    assert_eq!(
+        serial_seen(&admin, &addr).await.unwrap(),
+        serial_of(&enrolled.cert_pem)
+    );
+}
