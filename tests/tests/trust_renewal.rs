@@ -137,11 +137,19 @@ fn certificates(s: &Sites) -> Vec<(&'static str, PathBuf, PathBuf)> {
     ]
 }
 
-/// Writes `pattern` at its own MiB of m1's disk0, cuts a crash point, and
-/// waits until the MT's view of it equals the source: (point, blake3).
+/// Writes `pattern` over one MiB of m1's 16 MiB disk0 (which one by the
+/// pattern), cuts a crash point, and waits until the MT's view of it equals
+/// the source: (point, blake3).
 fn exact_point(s: &Sites, pattern: u8) -> (String, String) {
-    s.write("m1", a(), "disk0", u64::from(pattern) * MIB, MIB, pattern)
-        .expect("write through the agent");
+    s.write(
+        "m1",
+        a(),
+        "disk0",
+        u64::from(pattern % 16) * MIB,
+        MIB,
+        pattern,
+    )
+    .expect("write through the agent");
     let want = source_hash(s, "m1");
     let (id, _) = s.tag("m1", a(), "crash").expect("crash point");
     s.wait_view_hash(b(), "m1", "disk0", &id, &want, JOB)
