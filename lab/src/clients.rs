@@ -71,19 +71,12 @@ pub fn nbds_uri(addr: SocketAddr, export: &str, certs: &Path) -> String {
 /// and qemu (`tls-creds-x509,dir=DIR`) want it: `ca-cert.pem`,
 /// `client-cert.pem`, `client-key.pem` (0600) copied from `tls`.
 pub fn nbd_tls_dir(tls: &TlsFiles, dir: &Path) -> Result<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let want = rebound_common::nbd::tls::client_dir_files(dir);
-    for (from, to) in [
-        (&tls.ca, &want.ca),
-        (&tls.cert, &want.cert),
-        (&tls.key, &want.key),
-    ] {
-        std::fs::copy(from, to)
-            .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
-    }
-    std::fs::set_permissions(&want.key, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("cannot make {} private", want.key.display()))?;
+    rebound_common::nbd::tls::write_client_dir(tls, dir).with_context(|| {
+        format!(
+            "cannot make the NBD certificate directory {}",
+            dir.display()
+        )
+    })?;
     Ok(dir.to_path_buf())
 }
 

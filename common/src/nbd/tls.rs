@@ -44,6 +44,29 @@ pub fn client_dir_files(dir: &Path) -> TlsFiles {
     }
 }
 
+/// Copies the CA, certificate and key of `files` into `dir` (created when
+/// missing) under the names of [`client_dir_files`], the key with mode
+/// 0600: the directory an operator hands to nbdcopy, qemu-img or
+/// Rebound's own client.
+pub fn write_client_dir(files: &TlsFiles, dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    let want = client_dir_files(dir);
+    for (from, to) in [
+        (&files.ca, &want.ca),
+        (&files.cert, &want.cert),
+        (&files.key, &want.key),
+    ] {
+        std::fs::copy(from, to).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot copy {} to {}: {e}", from.display(), to.display()),
+            )
+        })?;
+    }
+    std::fs::set_permissions(&want.key, std::fs::Permissions::from_mode(0o600))
+}
+
 /// Why a TLS client was not let in.
 #[derive(Debug, Error)]
 pub enum TlsRefused {

@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 use super::client::{ClientError, NbdClient};
 use super::proto::*;
 use super::testutil::*;
+use super::tls::write_client_dir;
 use super::{serve_tcp_tls, BlockDevice, ExportRegistry, NbdError, NbdTls};
 use crate::pki::{write_dev_bundle, PeerIdentity, Role};
 use crate::tls::{Revocations, TlsFiles};
@@ -73,10 +74,7 @@ impl Drop for Lab {
 /// A directory as libnbd and qemu want it, holding `name`'s certificate.
 fn client_dir(pki: &Path, name: &str) -> PathBuf {
     let dir = pki.join(format!("client-{name}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(pki.join("ca.pem"), dir.join("ca-cert.pem")).unwrap();
-    std::fs::copy(pki.join(format!("{name}.pem")), dir.join("client-cert.pem")).unwrap();
-    std::fs::copy(pki.join(format!("{name}.key")), dir.join("client-key.pem")).unwrap();
+    write_client_dir(&TlsFiles::in_dir(pki, name), &dir).unwrap();
     dir
 }
 

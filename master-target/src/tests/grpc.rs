@@ -82,14 +82,7 @@ struct ViewsAt {
 /// libnbd's `tls-certificates=DIR` wants them.
 fn admin_nbd_dir(pki: &Path) -> std::path::PathBuf {
     let dir = pki.join("nbd-admin");
-    std::fs::create_dir_all(&dir).unwrap();
-    for (from, to) in [
-        ("ca.pem", "ca-cert.pem"),
-        ("admin.pem", "client-cert.pem"),
-        ("admin.key", "client-key.pem"),
-    ] {
-        std::fs::copy(pki.join(from), dir.join(to)).unwrap();
-    }
+    rebound_common::nbd::tls::write_client_dir(&TlsFiles::in_dir(pki, "admin"), &dir).unwrap();
     dir
 }
 
