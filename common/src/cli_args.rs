@@ -95,7 +95,6 @@ impl RunArgs {
 /// server with the deployment passphrase (an agent enrolling a new machine
 /// id) or a one-time token (everything else; DESIGN.md §3).
 #[derive(Debug, Clone, clap::Args)]
-#[group(id = "credential", required = true, multiple = false, args = ["passphrase_file", "token", "token_file"])]
 pub struct EnrollArgs {
     /// The configuration server, host:port (the host must be in its
     /// certificate).
@@ -103,11 +102,11 @@ pub struct EnrollArgs {
     pub cs: String,
     /// File holding the deployment passphrase (`rebound-cs init` printed
     /// it). Agents only, for a machine id with no live certificate.
-    #[arg(long)]
+    #[arg(long, required_unless_present_any = ["token", "token_file"], conflicts_with_all = ["token", "token_file"])]
     pub passphrase_file: Option<PathBuf>,
     /// A one-time token for this role and id (`rebound token create --role
     /// ROLE --id ID`). It pins the deployment's CA.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "token_file")]
     pub token: Option<String>,
     /// File holding the token (keeps it out of the process list).
     #[arg(long)]
@@ -368,6 +367,27 @@ mod tests {
         let ps = a.summary(Role::Ps, &e);
         assert!(!ps.contains("machine_id"));
         assert!(ps.contains("TLS server names: ps1, 10.0.0.3"), "{ps}");
+    }
+
+    #[test]
+    fn enroll_flags_take_exactly_one_credential() {
+        #[derive(clap::Parser, Debug)]
+        struct Cmd {
+            #[command(flatten)]
+            enroll: EnrollArgs,
+        }
+        use clap::Parser;
+        let base = ["x", "--cs", "cs:7443", "--id", "m1", "--out", "/tmp/o"];
+        let with = |extra: &[&str]| {
+            Cmd::try_parse_from(base.iter().chain(extra).copied()).map(|c| c.enroll)
+        };
+        let a = with(&["--passphrase-file", "p"]).unwrap();
+        assert_eq!(a.passphrase_file, Some(PathBuf::from("p")));
+        assert_eq!(with(&["--token", "t"]).unwrap().token.as_deref(), Some("t"));
+        assert!(with(&["--token-file", "f"]).unwrap().token_file.is_some());
+        assert!(with(&[]).is_err(), "a credential is required");
+        assert!(with(&["--passphrase-file", "p", "--token", "t"]).is_err());
+        assert!(with(&["--token", "t", "--token-file", "f"]).is_err());
     }
 
     #[test]

@@ -231,7 +231,8 @@ impl Sites {
         self.start_cs()
     }
 
-    /// `<binary> enroll --cs --passphrase-file --id --out`.
+    /// `<binary> enroll --cs --id --out`: an agent with the passphrase, a
+    /// PS or MT with a token the lab's admin creates first.
     pub fn enroll(&self, bin: &str, id: &str, out: &Path) -> Result<()> {
         let pass = self.passphrase_file();
         self.enroller(&pass).enroll(bin, id, out)
@@ -243,9 +244,25 @@ impl Sites {
         self.enroller(&pass).enroll_named(bin, id, out, names)
     }
 
-    /// The same with any passphrase file; the raw output.
+    /// `<binary> enroll` with the passphrase file `pass`, whatever the
+    /// role (no token); the raw output.
     pub fn enroll_with(&self, bin: &str, id: &str, out: &Path, pass: &Path) -> Result<Output> {
-        self.enroller(pass).output(bin, id, out)
+        let mut e = self.enroller(pass);
+        e.admin_certs = None;
+        e.output(bin, id, out)
+    }
+
+    /// `<binary> enroll --token-file` with `token` (any text); the raw
+    /// output.
+    pub fn enroll_token(&self, bin: &str, id: &str, out: &Path, token: &str) -> Result<Output> {
+        self.enroller(&self.passphrase_file())
+            .output_token(bin, id, out, token)
+    }
+
+    /// A one-time enrollment token for `role:id`, as the lab's operator
+    /// creates it (`rebound token create`).
+    pub fn token(&self, role: &str, id: &str) -> Result<String> {
+        self.enroller(&self.passphrase_file()).token(role, id)
     }
 
     fn enroller<'a>(&'a self, passphrase_file: &'a Path) -> Enroller<'a> {
@@ -253,6 +270,7 @@ impl Sites {
             bins: &self.bins,
             cs_addr: &self.cs_addr,
             passphrase_file,
+            admin_certs: Some(&self.cs_dir),
         }
     }
 

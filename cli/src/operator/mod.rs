@@ -12,6 +12,7 @@ mod json;
 mod parse;
 mod print;
 mod revoke;
+mod token;
 mod watch;
 
 pub use client::{connect, CsArgs};
@@ -274,6 +275,12 @@ pub enum OperatorCmd {
     /// The CS, every PS and MT refuse it within seconds, also on open
     /// streams; to let it back, create a token and enroll it again.
     Revoke(revoke::RevokeArgs),
+    /// One-time enrollment tokens: `rebound token create --role ps --id
+    /// ps1 --ttl 1h` (a PS, MT, operator or re-enrolling agent needs one).
+    Token {
+        #[command(subcommand)]
+        cmd: token::TokenCmd,
+    },
 }
 
 const POINT_HELP: &str = "Recovery points (--point):
@@ -533,6 +540,7 @@ async fn run_inner(cmd: OperatorCmd) -> Result<()> {
         OperatorCmd::Group { cmd } => group(cmd).await,
         OperatorCmd::Fleet(cmd) => fleet::run(cmd).await,
         OperatorCmd::Revoke(args) => revoke::run(args).await,
+        OperatorCmd::Token { cmd } => token::run(cmd).await,
     }
 }
 

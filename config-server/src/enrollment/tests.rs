@@ -146,3 +146,41 @@ async fn the_passphrase_enrolls_only_new_agents_and_tokens_only_their_identity()
     assert!(refusals >= 4, "{events:?}");
     cs.stop_with(store).await;
 }
+
+/// The CS's own rule, whatever the client does: a valid passphrase proof
+/// for a PS, an MT or an operator is still refused, naming the token.
+#[tokio::test]
+async fn a_valid_passphrase_proof_grants_no_server_or_operator() {
+    use super::grant::by_passphrase;
+    use rebound_common::enrollment::{
+        client_proof, passphrase_key, PassphraseVerifier, ProofRequest,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::store::SqliteStore::open(&dir.path().join("cs.db"))
+        .await
+        .unwrap();
+    let key = passphrase_key(b"salt", "the deployment passphrase");
+    let v = PassphraseVerifier::from_key(&key);
+    let fp = [7u8; 32];
+    for (role, id) in [(Role::Ps, "ps1"), (Role::Mt, "mt1"), (Role::Admin, "ops")] {
+        let req = ProofRequest {
+            role: role.as_str(),
+            id,
+            csr_pem: "csr",
+            client_nonce: &[1u8; 32],
+            server_cert_fp: &fp,
+        };
+        let proof = client_proof(&key, &req);
+        assert!(v.check_client_proof(&proof, &req));
+        let Err(e) = by_passphrase(&store, &v, &proof, &req, role, 1).await else {
+            panic!("{role}:{id} enrolled with the passphrase");
+        };
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        let m = e.message();
+        assert!(
+            m.contains(&format!("{role}:{id}"))
+                && m.contains(&format!("rebound token create --role {role} --id {id}")),
+            "{m}"
+        );
+    }
+}
