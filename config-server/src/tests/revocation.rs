@@ -31,6 +31,21 @@ async fn answer_next(
     cmd
 }
 
+/// A `Revoke` the CS must refuse.
+async fn refused(
+    admin: &mut rebound_proto::control::admin_client::AdminClient<tonic::transport::Channel>,
+    role: &str,
+    id: &str,
+) -> tonic::Status {
+    admin
+        .revoke(pb::RevokeRequest {
+            role: role.into(),
+            id: id.into(),
+        })
+        .await
+        .unwrap_err()
+}
+
 fn serials_of(cmd: &pb::Command) -> Vec<String> {
     match &cmd.cmd {
         Some(pb::command::Cmd::SetRevoked(s)) => s.serials.clone(),
@@ -119,24 +134,12 @@ async fn a_revoked_agent_is_cut_refused_and_every_ps_and_mt_told() {
         .into_inner();
     let m1 = list.components.iter().find(|c| c.id == "m1").unwrap();
     assert_eq!(m1.health, "revoked");
-    let e = admin
-        .revoke(pb::RevokeRequest {
-            role: "ps".into(),
-            id: "nope".into(),
-        })
-        .await
-        .unwrap_err();
+    let e = refused(&mut admin, "ps", "nope").await;
     assert_eq!(e.code(), tonic::Code::NotFound);
     assert!(
         e.message().contains("no certificate was issued to ps:nope"),
         "{e}"
     );
-    let e = admin
-        .revoke(pb::RevokeRequest {
-            role: "cs".into(),
-            id: "cs".into(),
-        })
-        .await
-        .unwrap_err();
+    let e = refused(&mut admin, "cs", "cs").await;
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
 }
