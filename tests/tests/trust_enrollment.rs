@@ -34,6 +34,18 @@ fn refused(r: Output, out: &Path, want: &[&str]) {
     );
 }
 
+/// Runs `enroll` into the lab directory `name` and checks it was refused
+/// (see [`refused`]).
+fn refused_into<E: std::fmt::Debug>(
+    s: &Sites,
+    name: &str,
+    want: &[&str],
+    enroll: impl FnOnce(&Path) -> Result<Output, E>,
+) {
+    let out = s.path(name);
+    refused(enroll(&out).expect("run enroll"), &out, want);
+}
+
 fn ok(r: Output) {
     assert!(r.status.success(), "enrollment failed: {}", text(&r));
 }
@@ -52,18 +64,15 @@ fn the_passphrase_enrolls_neither_a_ps_nor_an_mt_nor_a_held_machine_id() {
     // one (someone with the passphrase taking over m1) is refused.
     s.enroll("rebound-agent", "m1", &s.path("m1-first"))
         .expect("first enrollment of m1");
-    let out = s.path("m1-again");
-    let r = s
-        .enroll_with("rebound-agent", "m1", &out, &pass)
-        .expect("run enroll");
-    refused(
-        r,
-        &out,
+    refused_into(
+        &s,
+        "m1-again",
         &[
             "agent:m1",
             "already has a live certificate",
             "rebound token create --role agent --id m1",
         ],
+        |out| s.enroll_with("rebound-agent", "m1", out, &pass),
     );
     // With a token the operator created, m1 re-enrolls.
     let token = s.token("agent", "m1").expect("token");
@@ -89,18 +98,15 @@ fn a_token_enrolls_once_before_it_expires_and_only_its_own_identity() {
     ok(s.enroll_token("rebound-ps", "ps1", &s.path("ps1"), &token)
         .expect("run enroll"));
     assert!(s.path("ps1/ps.pem").exists());
-    let out = s.path("ps1-again");
-    let r = s
-        .enroll_token("rebound-ps", "ps1", &out, &token)
-        .expect("run enroll");
-    refused(
-        r,
-        &out,
+    refused_into(
+        &s,
+        "ps1-again",
         &[
             "ps:ps1",
             "already used",
             "rebound token create --role ps --id ps1",
         ],
+        |out| s.enroll_token("rebound-ps", "ps1", out, &token),
     );
 
     // Expired.
@@ -112,18 +118,15 @@ fn a_token_enrolls_once_before_it_expires_and_only_its_own_identity() {
         .trim()
         .to_string();
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    let out = s.path("mt1-late");
-    let r = s
-        .enroll_token("rebound-mt", "mt1", &out, &token)
-        .expect("run enroll");
-    refused(
-        r,
-        &out,
+    refused_into(
+        &s,
+        "mt1-late",
         &[
             "mt:mt1",
             "expired",
             "rebound token create --role mt --id mt1",
         ],
+        |out| s.enroll_token("rebound-mt", "mt1", out, &token),
     );
 
     // A token for another role or id; it stays good for its own.
