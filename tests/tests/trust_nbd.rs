@@ -92,25 +92,21 @@ fn another_local_user_cannot_write_through_the_agents_default_export() {
     let uri = format!("nbd+unix:///disk0?socket={}", sock.display());
     let write = ["-f", "raw", "-c", "write -P 0x66 0 64k", uri.as_str()];
 
-    // The state directory stops `nobody`; with it opened up, the socket's
-    // own mode still does.
+    // With the state directory opened up, the socket's own mode stops
+    // `nobody`; with the directory as the agent made it, the directory does.
     traversable_up_to(&state);
-    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o711)).unwrap();
-    let out = as_nobody("qemu-io", &write);
-    let t = text(&out);
-    assert!(
-        t.contains("Permission denied"),
-        "nobody may not connect to {} (mode 0600): {t}",
-        sock.display()
-    );
-    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let out = as_nobody("qemu-io", &write);
-    let t = text(&out);
-    assert!(
-        t.contains("Permission denied"),
-        "nobody may not enter {} (mode 0700): {t}",
-        state.display()
-    );
+    for (dir_mode, stopped_by) in [
+        (0o711, "the socket's mode 0600"),
+        (0o700, "the state dir's mode 0700"),
+    ] {
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(dir_mode)).unwrap();
+        let t = text(&as_nobody("qemu-io", &write));
+        assert!(
+            t.contains("Permission denied"),
+            "nobody must be stopped by {stopped_by} at {}: {t}",
+            sock.display()
+        );
+    }
     assert_eq!(lab.source_hash(0).unwrap(), before, "the disk changed");
 
     // The agent's own user still writes through the socket.

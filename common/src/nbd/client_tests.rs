@@ -189,7 +189,24 @@ fn uris_split_into_endpoint_and_export() {
         p("nbd+unix:///e?socket=/run/a.sock"),
         (Endpoint::Unix("/run/a.sock".into()), "e".into())
     );
-    for bad in ["http://x/y", "nbd:///e", "nbd+unix:///e"] {
+    assert_eq!(
+        p("nbds://127.0.0.1:4000/m/d@p1?tls-certificates=/etc/c"),
+        (
+            Endpoint::Tls {
+                addr: "127.0.0.1:4000".into(),
+                certificates: "/etc/c".into()
+            },
+            "m/d@p1".into()
+        )
+    );
+    for bad in [
+        "http://x/y",
+        "nbd:///e",
+        "nbd+unix:///e",
+        "nbds://h/e",
+        "nbds://h/e?tls-certificates=",
+        "nbds:///e?tls-certificates=/c",
+    ] {
         assert!(
             matches!(
                 Endpoint::parse_uri(bad),

@@ -42,24 +42,12 @@ impl Endpoint {
         };
         if let Some(rest) = uri.strip_prefix("nbd+unix://") {
             let rest = rest.strip_prefix('/').unwrap_or(rest);
-            let (export, query) = rest
-                .split_once('?')
-                .ok_or_else(|| bad("a unix URI needs ?socket=PATH"))?;
-            let socket = query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("socket="))
-                .filter(|s| !s.is_empty())
-                .ok_or_else(|| bad("a unix URI needs ?socket=PATH"))?;
+            let (export, socket) =
+                with_param(rest, "socket").ok_or_else(|| bad("a unix URI needs ?socket=PATH"))?;
             return Ok((Endpoint::Unix(PathBuf::from(socket)), export.to_string()));
         }
         if let Some(rest) = uri.strip_prefix("nbds://") {
-            let (rest, query) = rest
-                .split_once('?')
-                .ok_or_else(|| bad("a TLS URI needs ?tls-certificates=DIR"))?;
-            let certificates = query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("tls-certificates="))
-                .filter(|s| !s.is_empty())
+            let (rest, certificates) = with_param(rest, "tls-certificates")
                 .ok_or_else(|| bad("a TLS URI needs ?tls-certificates=DIR"))?;
             let (addr, export) =
                 Self::tcp_parts(rest).ok_or_else(|| bad("the URI names no host"))?;
@@ -87,4 +75,15 @@ impl Endpoint {
         };
         Some((addr, export.to_string()))
     }
+}
+
+/// Splits `path?query` into the path and the non-empty value of `key` in
+/// the query; `None` when there is no query or no such value.
+fn with_param<'a>(rest: &'a str, key: &str) -> Option<(&'a str, &'a str)> {
+    let (path, query) = rest.split_once('?')?;
+    let value = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        .filter(|v| !v.is_empty())?;
+    Some((path, value))
 }
