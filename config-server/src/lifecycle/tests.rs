@@ -629,6 +629,36 @@ async fn latest_multi_gives_every_plan_machine_the_same_group_point() {
 }
 
 #[tokio::test]
+async fn a_stored_plan_whose_hook_is_a_command_line_fails_at_the_hook_without_running_it() {
+    let w = world().await;
+    protected(&w, "m1", "").await;
+    let marker = w._dir.path().join("ran");
+    let plan = plan(
+        &w,
+        vec![crate::store::PlanGroup {
+            machines: vec!["m1".into()],
+            pre_hook: format!("touch {}", marker.display()),
+            post_hook: String::new(),
+        }],
+    )
+    .await;
+    let j = finish(
+        &w,
+        w.lc.failover(&plan, "onprem", "azure", PointSpec::Latest, true)
+            .await
+            .expect("request accepted"),
+    )
+    .await;
+    assert_eq!(j.state, JobState::Failed);
+    assert!(
+        j.error.contains("is not a hook name") && j.error.contains("never a command line"),
+        "{}",
+        j.error
+    );
+    assert!(!marker.exists(), "the command line ran");
+}
+
+#[tokio::test]
 async fn busy_machines_and_bad_requests_are_refused() {
     let w = world().await;
     w.bus.no_points.lock().unwrap().insert("m1".into());
