@@ -17,13 +17,11 @@ use rcgen::CertificateSigningRequestParams;
 use rebound_common::pki::lifetime::Validity;
 use rebound_common::pki::{serial_hex, PeerIdentity, Role};
 use rebound_common::time::now_ms;
-use rebound_common::tls::renewal::{server_names, Issuer, Renewal, RenewalError};
+use rebound_common::tls::renewal::{server_names, IssueFuture, Issuer, Renewal, RenewalError};
 use rebound_common::tls::renewed;
 use rebound_common::tls::require_role;
 use rebound_proto::control as pb;
-use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -203,11 +201,7 @@ pub struct LocalIssuer {
 }
 
 impl Issuer for LocalIssuer {
-    fn issue<'a>(
-        &'a self,
-        who: &'a PeerIdentity,
-        csr_pem: String,
-    ) -> Pin<Box<dyn Future<Output = Result<String, RenewalError>> + Send + 'a>> {
+    fn issue<'a>(&'a self, who: &'a PeerIdentity, csr_pem: String) -> IssueFuture<'a> {
         Box::pin(async move {
             let issued = self
                 .signer

@@ -255,6 +255,15 @@ fn replication_runs_across_renewals_of_the_agent_ps_and_mt_certificates_without_
     }
 }
 
+/// Runs the lab's binary `bin` with `args` and then `paths`.
+fn run(s: &Sites, bin: &str, args: &[&str], paths: &[&std::ffi::OsStr]) -> std::process::Output {
+    Command::new(s.bins.path(bin).expect(bin))
+        .args(args)
+        .args(paths)
+        .output()
+        .unwrap_or_else(|e| panic!("{bin} {args:?}: {e}"))
+}
+
 #[test]
 fn openssl_shows_the_configured_lifetime_of_every_certificate_written() {
     // Enrollment: the agent, PS and MT certificates from a CS with a 7-day
@@ -269,18 +278,19 @@ fn openssl_shows_the_configured_lifetime_of_every_certificate_written() {
     // `rebound-cs init --cert-lifetime`: the CS's and the admin's.
     let dir = tempfile::tempdir().expect("tempdir");
     let init = dir.path().join("cs");
-    let out = Command::new(s.bins.path("rebound-cs").expect("rebound-cs"))
-        .args([
-            "init",
-            "--listen",
-            "127.0.0.1:7443",
-            "--cert-lifetime",
-            "12h",
-            "--dir",
-        ])
-        .arg(&init)
-        .output()
-        .expect("rebound-cs init");
+    let init_args = [
+        "init",
+        "--listen",
+        "127.0.0.1:7443",
+        "--cert-lifetime",
+        "12h",
+    ];
+    let out = run(
+        &s,
+        "rebound-cs",
+        &init_args,
+        &["--dir".as_ref(), init.as_os_str()],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -294,11 +304,13 @@ fn openssl_shows_the_configured_lifetime_of_every_certificate_written() {
 
     // `rebound certs --lifetime`, and the CA's ten years.
     let certs = dir.path().join("certs");
-    let out = Command::new(s.bins.path("rebound").expect("rebound"))
-        .args(["certs", "--machine", "m1", "--lifetime", "3d", "--out"])
-        .arg(&certs)
-        .output()
-        .expect("rebound certs");
+    let certs_args = ["certs", "--machine", "m1", "--lifetime", "3d"];
+    let out = run(
+        &s,
+        "rebound",
+        &certs_args,
+        &["--out".as_ref(), certs.as_os_str()],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -310,11 +322,13 @@ fn openssl_shows_the_configured_lifetime_of_every_certificate_written() {
     assert_lifetime(&certs.join("ca.pem"), started, 10 * 365 * 86_400);
 
     // A lifetime renewal cannot keep up with is refused, with its range.
-    let out = Command::new(s.bins.path("rebound").expect("rebound"))
-        .args(["certs", "--lifetime", "1s", "--out"])
-        .arg(dir.path().join("short"))
-        .output()
-        .expect("rebound certs");
+    let short = dir.path().join("short");
+    let out = run(
+        &s,
+        "rebound",
+        &["certs", "--lifetime", "1s"],
+        &["--out".as_ref(), short.as_os_str()],
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("out of range") && err.contains("10s"),

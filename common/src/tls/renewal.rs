@@ -66,14 +66,13 @@ pub enum RenewalError {
     },
 }
 
+/// An issuer's answer: the certificate (PEM).
+pub type IssueFuture<'a> = Pin<Box<dyn Future<Output = Result<String, RenewalError>> + Send + 'a>>;
+
 /// What signs the next certificate.
 pub trait Issuer: Send + Sync + 'static {
     /// Answers the certificate (PEM) for `csr_pem`, made by `who`.
-    fn issue<'a>(
-        &'a self,
-        who: &'a PeerIdentity,
-        csr_pem: String,
-    ) -> Pin<Box<dyn Future<Output = Result<String, RenewalError>> + Send + 'a>>;
+    fn issue<'a>(&'a self, who: &'a PeerIdentity, csr_pem: String) -> IssueFuture<'a>;
 }
 
 /// Asks the CS over `Control.Renew`, presenting the current certificate.
@@ -83,11 +82,7 @@ pub struct ControlIssuer {
 }
 
 impl Issuer for ControlIssuer {
-    fn issue<'a>(
-        &'a self,
-        who: &'a PeerIdentity,
-        csr_pem: String,
-    ) -> Pin<Box<dyn Future<Output = Result<String, RenewalError>> + Send + 'a>> {
+    fn issue<'a>(&'a self, who: &'a PeerIdentity, csr_pem: String) -> IssueFuture<'a> {
         Box::pin(async move {
             let channel = self
                 .tls

@@ -10,12 +10,19 @@ struct TestIssuer {
     lifetime: Duration,
 }
 
+impl TestIssuer {
+    /// Signs for the requester by `ca`, valid for `secs`.
+    fn by(ca: &Ca, secs: u64) -> TestIssuer {
+        TestIssuer {
+            ca: Ca::from_pem(ca.cert_pem(), ca.key_pem()).unwrap(),
+            as_id: None,
+            lifetime: Duration::from_secs(secs),
+        }
+    }
+}
+
 impl Issuer for TestIssuer {
-    fn issue<'a>(
-        &'a self,
-        who: &'a PeerIdentity,
-        csr_pem: String,
-    ) -> Pin<Box<dyn Future<Output = Result<String, RenewalError>> + Send + 'a>> {
+    fn issue<'a>(&'a self, who: &'a PeerIdentity, csr_pem: String) -> IssueFuture<'a> {
         Box::pin(async move {
             let mut csr = CertificateSigningRequestParams::from_pem(&csr_pem).unwrap();
             let id = self.as_id.clone().unwrap_or_else(|| who.id.clone());
@@ -52,12 +59,7 @@ fn der_of(pem: &str) -> Vec<u8> {
 async fn a_renewed_certificate_keeps_identity_and_names_with_a_new_key_and_life() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::generate("t").unwrap();
-    let issuer = TestIssuer {
-        ca: Ca::from_pem(ca.cert_pem(), ca.key_pem()).unwrap(),
-        as_id: None,
-        lifetime: Duration::from_secs(3600),
-    };
-    let r = renewal(dir.path(), &ca, issuer);
+    let r = renewal(dir.path(), &ca, TestIssuer::by(&ca, 3600));
     let before = r.current().unwrap();
     let v = r.renew_once().await.unwrap();
     let after = r.current().unwrap();
@@ -78,9 +80,8 @@ async fn an_answer_for_another_identity_or_from_another_ca_is_not_saved() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::generate("t").unwrap();
     let other = TestIssuer {
-        ca: Ca::from_pem(ca.cert_pem(), ca.key_pem()).unwrap(),
         as_id: Some("ps2".into()),
-        lifetime: Duration::from_secs(3600),
+        ..TestIssuer::by(&ca, 3600)
     };
     let r = renewal(dir.path(), &ca, other);
     let e = r.renew_once().await.unwrap_err().to_string();
@@ -93,11 +94,7 @@ async fn an_answer_for_another_identity_or_from_another_ca_is_not_saved() {
     assert!(!r.renewed.exists());
 
     let dir = tempfile::tempdir().unwrap();
-    let stranger = TestIssuer {
-        ca: Ca::generate("stranger").unwrap(),
-        as_id: None,
-        lifetime: Duration::from_secs(3600),
-    };
+    let stranger = TestIssuer::by(&Ca::generate("stranger").unwrap(), 3600);
     let r = renewal(dir.path(), &ca, stranger);
     let e = r.renew_once().await.unwrap_err().to_string();
     assert!(e.contains("does not chain to the CA"), "{e}");
@@ -108,12 +105,7 @@ async fn an_answer_for_another_identity_or_from_another_ca_is_not_saved() {
 async fn the_task_renews_when_due_and_again_with_the_renewed_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::generate("t").unwrap();
-    let issuer = TestIssuer {
-        ca: Ca::from_pem(ca.cert_pem(), ca.key_pem()).unwrap(),
-        as_id: None,
-        lifetime: Duration::from_secs(12),
-    };
-    let r = renewal(dir.path(), &ca, issuer);
+    let r = renewal(dir.path(), &ca, TestIssuer::by(&ca, 12));
     // The enrolled certificate is valid for 12 s: due at 8 s.
     let short = ca
         .issue_for(Role::Ps, "ps1", &[], Duration::from_secs(12))
