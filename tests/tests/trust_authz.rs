@@ -39,16 +39,20 @@ fn refused(r: Result<impl std::fmt::Debug, Status>, code: Code, words: &[&str]) 
     }
 }
 
-/// The hello an agent (or a PS on the apply stream) sends for `rid`.
+/// The hello an agent (or a PS on the apply stream) sends for `rid`: the
+/// lab's disks, as every machine of it has.
 fn info(rid: &str, machine: &str) -> ReplicationInfo {
+    let disks = SitesOptions::default().disks.into_iter().enumerate();
     ReplicationInfo {
         replication_id: rid.into(),
         machine_id: machine.into(),
-        disks: vec![DiskInfo {
-            index: 0,
-            name: "disk0".into(),
-            size: 16 << 20,
-        }],
+        disks: disks
+            .map(|(i, (name, size))| DiskInfo {
+                index: i as u32,
+                name,
+                size,
+            })
+            .collect(),
     }
 }
 
