@@ -151,3 +151,46 @@ fn a_token_enrolls_once_before_it_expires_and_only_its_own_identity() {
         .expect("run enroll");
     refused(r, &out, &["malformed", "rebound token create"]);
 }
+
+#[test]
+fn an_operator_enrolls_its_own_admin_certificate_with_a_token() {
+    let s = Sites::cs_only(SitesOptions::default()).expect("cs");
+    let token = s
+        .cli_ok(&[
+            "token", "create", "--role", "admin", "--id", "alice", "--quiet",
+        ])
+        .expect("token create")
+        .trim()
+        .to_string();
+    let out = s.path("alice");
+    let r = s
+        .cli(
+            &[
+                "enroll", "--cs", &s.cs_addr, "--id", "alice", "--token", &token, "--out",
+            ]
+            .into_iter()
+            .chain([out.to_str().unwrap()])
+            .collect::<Vec<_>>(),
+        )
+        .expect("run rebound enroll");
+    assert!(r.ok, "rebound enroll failed: {}", r.text());
+    assert!(r.stdout.contains("admin:alice"), "{}", r.stdout);
+    // The new certificate is an operator's: the CLI works with it.
+    let st = s.cli_with_certs(&["status"], &out).expect("status");
+    assert!(st.ok, "status with alice's certificate: {}", st.text());
+    // The token is used up.
+    let again = s.path("alice-again");
+    let r = s
+        .cli(&[
+            "enroll",
+            "--id",
+            "alice",
+            "--token",
+            &token,
+            "--out",
+            again.to_str().unwrap(),
+        ])
+        .expect("run rebound enroll");
+    assert!(!r.ok && r.text().contains("already used"), "{}", r.text());
+    assert!(!again.join("admin.pem").exists());
+}

@@ -7,6 +7,7 @@
 //! `admin.pem` and `admin.key` as `rebound-cs init` wrote them.
 
 mod client;
+mod enroll;
 mod fleet;
 mod json;
 mod parse;
@@ -281,6 +282,9 @@ pub enum OperatorCmd {
         #[command(subcommand)]
         cmd: token::TokenCmd,
     },
+    /// This operator's own admin certificate from a token (`rebound token
+    /// create --role admin --id NAME`), into ~/.config/rebound.
+    Enroll(enroll::EnrollArgs),
 }
 
 const POINT_HELP: &str = "Recovery points (--point):
@@ -541,6 +545,7 @@ async fn run_inner(cmd: OperatorCmd) -> Result<()> {
         OperatorCmd::Fleet(cmd) => fleet::run(cmd).await,
         OperatorCmd::Revoke(args) => revoke::run(args).await,
         OperatorCmd::Token { cmd } => token::run(cmd).await,
+        OperatorCmd::Enroll(args) => enroll::run(args).await,
     }
 }
 
