@@ -255,6 +255,13 @@ fn replication_runs_across_renewals_of_the_agent_ps_and_mt_certificates_without_
     }
 }
 
+/// [`run`] that must succeed, with `flag path` last.
+fn run_ok(s: &Sites, bin: &str, args: &[&str], flag: &str, path: &Path) {
+    let out = run(s, bin, args, &[flag.as_ref(), path.as_os_str()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{bin} {args:?}: {err}");
+}
+
 /// Runs the lab's binary `bin` with `args` and then `paths`.
 fn run(s: &Sites, bin: &str, args: &[&str], paths: &[&std::ffi::OsStr]) -> std::process::Output {
     Command::new(s.bins.path(bin).expect(bin))
@@ -285,17 +292,7 @@ fn openssl_shows_the_configured_lifetime_of_every_certificate_written() {
         "--cert-lifetime",
         "12h",
     ];
-    let out = run(
-        &s,
-        "rebound-cs",
-        &init_args,
-        &["--dir".as_ref(), init.as_os_str()],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(&s, "rebound-cs", &init_args, "--dir", &init);
     for name in ["cs.pem", "admin.pem"] {
         assert_lifetime(&init.join(name), started, 12 * 3600);
     }
@@ -305,17 +302,7 @@ fn openssl_shows_the_configured_lifetime_of_every_certificate_written() {
     // `rebound certs --lifetime`, and the CA's ten years.
     let certs = dir.path().join("certs");
     let certs_args = ["certs", "--machine", "m1", "--lifetime", "3d"];
-    let out = run(
-        &s,
-        "rebound",
-        &certs_args,
-        &["--out".as_ref(), certs.as_os_str()],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(&s, "rebound", &certs_args, "--out", &certs);
     for name in ["ps.pem", "mt.pem", "admin.pem", "agent-m1.pem"] {
         assert_lifetime(&certs.join(name), started, 3 * 86_400);
     }
