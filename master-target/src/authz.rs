@@ -28,16 +28,10 @@ impl Replication {
     /// Assigns the replication to PS `ps_id`, saved before it returns
     /// (blocking). Idempotent.
     pub fn assign_ps(&self, ps_id: &str) -> Result<()> {
-        let mut inner = self.write_inner()?;
-        self.check_not_poisoned()?;
-        if inner.state().ps_id == ps_id {
-            return Ok(());
+        if self.change_state(|st| st.ps_id == ps_id, |inner| inner.set_ps(ps_id))? {
+            info!(replication = %self.id(), machine = %self.machine_id(), ps = %ps_id,
+                "replication assigned to this process server");
         }
-        inner
-            .set_ps(ps_id)
-            .map_err(|e| self.noting_failed_sync(e))?;
-        info!(replication = %self.id(), machine = %self.machine_id(), ps = %ps_id,
-            "replication assigned to this process server");
         Ok(())
     }
 

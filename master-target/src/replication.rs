@@ -378,6 +378,24 @@ impl Replication {
         e
     }
 
+    /// Changes a rarely changing field of `state.json` with `set`, unless
+    /// `holds` says it already has the value: saved before it returns,
+    /// refused while the replication is poisoned (its files cannot be
+    /// trusted). Returns whether it changed.
+    pub(crate) fn change_state(
+        &self,
+        holds: impl FnOnce(&PersistedState) -> bool,
+        set: impl FnOnce(&mut Inner) -> Result<()>,
+    ) -> Result<bool> {
+        let mut inner = self.write_inner()?;
+        self.check_not_poisoned()?;
+        if holds(inner.state()) {
+            return Ok(false);
+        }
+        set(&mut inner).map_err(|e| self.noting_failed_sync(e))?;
+        Ok(true)
+    }
+
     /// The write side for a change of the replica other than apply
     /// (rollback, restore, hand-over, end): refused while poisoned (checked
     /// under the lock, after any cycle that could poison it), and the cached

@@ -104,16 +104,11 @@ impl Replication {
     /// returns; the retention task applies it from its next pass. Refused
     /// while the replication is poisoned (its files cannot be trusted).
     pub(crate) fn set_retention(&self, policy: RetentionPolicy) -> Result<()> {
-        let mut inner = self.write_inner()?;
-        self.check_not_poisoned()?;
-        if inner.state().retention == policy {
-            return Ok(());
+        let same = |st: &crate::state::PersistedState| st.retention == policy;
+        if self.change_state(same, |inner| inner.set_retention(policy))? {
+            info!(replication = %self.id(), machine = %self.machine_id(), window_secs = policy.window_secs,
+                max_bytes = policy.max_bytes, "retention policy set (0 = the MT's default)");
         }
-        inner
-            .set_retention(policy)
-            .map_err(|e| self.noting_failed_sync(e))?;
-        info!(replication = %self.id(), machine = %self.machine_id(), window_secs = policy.window_secs,
-            max_bytes = policy.max_bytes, "retention policy set (0 = the MT's default)");
         Ok(())
     }
 }
