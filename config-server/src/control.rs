@@ -183,6 +183,14 @@ impl ControlService {
                 }
             }
         }
+        if hello.disks.len() > rebound_common::limits::MAX_DISKS {
+            return Err(CsError::InvalidArgument(format!(
+                "the agent of machine {m_id} announces {} disks; at most {} are allowed: \
+                 protect the machine with fewer disks",
+                hello.disks.len(),
+                rebound_common::limits::MAX_DISKS
+            )));
+        }
         if !hello.disks.is_empty() {
             machine.disks = hello.disks.iter().map(convert::disk_from_proto).collect();
         }

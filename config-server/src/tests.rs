@@ -343,6 +343,17 @@ async fn split_brain_guard_and_identity_checks() {
     let second = hello("agent", "m1", "onprem", "b");
     let want = "already has an agent connected";
     refused(&cs, &m1, second, Code::FailedPrecondition, want).await;
+    // A hello may not announce more disks than a machine can have.
+    let mut many = hello("agent", "m1", "onprem", "a");
+    many.disks = (0..=rebound_common::limits::MAX_DISKS as u32)
+        .map(|index| pb::Disk {
+            index,
+            name: format!("disk{index}"),
+            size: 1 << 20,
+        })
+        .collect();
+    let want = "announces 65 disks; at most 64 are allowed";
+    refused(&cs, &m1, many, Code::InvalidArgument, want).await;
     // An agent at another site is refused while the machine is protected there.
     let store = cs.store().await;
     let now = now_ms();
