@@ -102,9 +102,15 @@ async fn real_main(cmd: Cmd) -> Result<()> {
                 );
             }
             println!(
-                "Enroll components:  rebound-agent enroll --cs {} --passphrase-file {}",
+                "Enroll agents:      rebound-agent enroll --cs {} --passphrase-file {} --id MACHINE",
                 out.listen,
                 out.passphrase_file.display()
+            );
+            println!(
+                "Enroll a PS or MT:  rebound token create --role ps --id ID (with the CLI \
+                 certificate below), then on its host: rebound-ps enroll --cs {} --token TOKEN \
+                 --id ID --name ADDRESS",
+                out.listen
             );
             println!(
                 "CLI certificate:    {} / {} (CA {}); the CLI finds them in ~/.config/rebound \
