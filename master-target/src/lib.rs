@@ -209,8 +209,8 @@ where
         stop_rx.clone(),
         managed,
     ))
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
+    .max_decoding_message_size(MAX_MESSAGE)
+    .max_encoding_message_size(MAX_MESSAGE);
     let incoming = acceptor.incoming(listener);
     let server = rebound_common::tls::frame_server()
         .add_service(svc)

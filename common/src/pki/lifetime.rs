@@ -134,7 +134,10 @@ mod tests {
         }
         assert_eq!(parse(" 30s ").unwrap(), Duration::from_secs(30));
         let e = parse("1s").unwrap_err().to_string();
-        assert!(e.contains("1s is out of range: use from 10s to 3650d"), "{e}");
+        assert!(
+            e.contains("1s is out of range: use from 10s to 3650d"),
+            "{e}"
+        );
         let e = parse("11years").unwrap_err().to_string();
         assert!(e.contains("out of range"), "{e}");
         let e = parse("soon").unwrap_err().to_string();
