@@ -214,6 +214,10 @@ impl Issuer for LocalIssuer {
             Ok(issued.cert_pem)
         })
     }
+
+    fn signs_with(&self) -> Option<&str> {
+        Some(&self.signer.ca_cert_pem)
+    }
 }
 
 /// Where the CS keeps its renewed server certificate: in its state

@@ -73,6 +73,32 @@ pub type IssueFuture<'a> = Pin<Box<dyn Future<Output = Result<String, RenewalErr
 pub trait Issuer: Send + Sync + 'static {
     /// Answers the certificate (PEM) for `csr_pem`, made by `who`.
     fn issue<'a>(&'a self, who: &'a PeerIdentity, csr_pem: String) -> IssueFuture<'a>;
+
+    /// The CA certificate (PEM) this issuer signs with, when it knows it
+    /// (the CS signing its own). A current certificate from another CA is
+    /// then renewed at once: that is how the CS moves its own certificate
+    /// to a new CA when the CA is rotated (docs/SECURITY.md).
+    fn signs_with(&self) -> Option<&str> {
+        None
+    }
+}
+
+/// Whether `der` is signed by the first certificate of `ca_pem`.
+fn signed_by(der: &[u8], ca_pem: &str) -> bool {
+    let Some(Ok(ca)) = CertificateDer::pem_slice_iter(ca_pem.as_bytes()).next() else {
+        return false;
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    if roots.add(ca).is_err() {
+        return false;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .is_ok_and(|v| {
+            v.verify_client_cert(&CertificateDer::from(der), &[], UnixTime::now())
+                .is_ok()
+        })
 }
 
 /// Asks the CS over `Control.Renew`, presenting the current certificate.
@@ -148,9 +174,14 @@ const BACKOFF: ExponentialBuilder = ExponentialBuilder::new()
 const WAKE_UP: Duration = Duration::from_secs(30);
 
 impl Renewal {
-    /// The identity in use: the renewed one once it exists, else the
-    /// enrolled files.
+    /// The identity in use, as the TLS server and clients pick it
+    /// ([`TlsFiles::renewed_in_use`]): the renewed one once it exists,
+    /// unless the component was enrolled again since (then renewing the
+    /// renewed one would bring back the identity the enrollment replaced).
     pub fn current(&self) -> Result<CertKeyPem, RenewalError> {
+        if let Some(ck) = self.renewed_in_use()? {
+            return Ok(ck);
+        }
         let read = |what, path: &Path| {
             std::fs::read_to_string(path).map_err(|source| RenewalError::Read {
                 what,
@@ -158,24 +189,28 @@ impl Renewal {
                 source,
             })
         };
-        if let Some(ck) = renewed::load(&self.renewed).map_err(|source| RenewalError::Read {
-            what: "renewed identity",
-            path: self.renewed.clone(),
-            source,
-        })? {
-            return Ok(ck);
-        }
         Ok(CertKeyPem {
             cert_pem: read("certificate", &self.tls.cert)?,
             key_pem: read("private key", &self.tls.key)?,
         })
     }
 
+    fn renewed_in_use(&self) -> Result<Option<CertKeyPem>, RenewalError> {
+        let tls = TlsFiles {
+            renewed: Some(self.renewed.clone()),
+            ..self.tls.clone()
+        };
+        tls.renewed_in_use().map_err(|e| RenewalError::Read {
+            what: "renewed identity",
+            path: self.renewed.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+        })
+    }
+
     fn current_path(&self) -> &Path {
-        if self.renewed.exists() {
-            &self.renewed
-        } else {
-            &self.tls.cert
+        match self.renewed_in_use() {
+            Ok(Some(_)) => &self.renewed,
+            _ => &self.tls.cert,
         }
     }
 
@@ -200,6 +235,15 @@ impl Renewal {
         let mut last_error = String::new();
         loop {
             let wait = match self.current_cert() {
+                Ok((der, who, _))
+                    if self
+                        .issuer
+                        .signs_with()
+                        .is_some_and(|ca| !signed_by(&der, ca)) =>
+                {
+                    info!(certificate = %who, "the certificate is not from the CA this issuer signs with (the CA was rotated): renewing it now");
+                    Duration::ZERO
+                }
                 Ok((_, _, v)) => {
                     Duration::from_millis(v.renew_at_ms().saturating_sub(crate::time::now_ms()))
                 }

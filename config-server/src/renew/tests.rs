@@ -154,3 +154,55 @@ async fn the_cs_renews_its_own_certificate_locally_with_the_same_names() {
     assert_eq!((rec.role, rec.id.as_str()), (Role::Cs, "cs"));
     cs.stop_with(store).await;
 }
+
+/// CA rotation: once the CS signs with a new CA (first in its ca.pem), its
+/// own certificate, still from the old CA, is renewed at once, not at two
+/// thirds of its life, and the new one is from the new CA.
+#[tokio::test]
+async fn after_a_ca_rotation_the_cs_renews_its_own_certificate_at_once() {
+    let cs = Cs::start().await;
+    let old_ca = std::fs::read_to_string(cs.dir.join("ca.pem")).unwrap();
+    let new_ca = Ca::generate("rotated").unwrap();
+    let bundle = format!("{}{}", new_ca.cert_pem(), old_ca);
+    let rotated = cs.dir.join("rotated");
+    std::fs::create_dir_all(&rotated).unwrap();
+    std::fs::write(rotated.join("ca.pem"), &bundle).unwrap();
+    let tls = TlsFiles {
+        ca: rotated.join("ca.pem"),
+        ..TlsFiles::in_dir(&cs.dir, "cs")
+    };
+    let signer = Arc::new(Signer {
+        ca_key_pem: new_ca.key_pem().to_string(),
+        ca_cert_pem: bundle,
+        lifetime: Duration::from_secs(3600),
+    });
+    let renewed_at = renewed::path_in(&rotated.join("state"));
+    let r = Renewal {
+        renewed: renewed_at.clone(),
+        issuer: Arc::new(LocalIssuer {
+            signer,
+            store: Arc::new(cs.store().await),
+        }),
+        tls,
+    };
+    let (stop_tx, stop) = watch::channel(false);
+    let task = tokio::spawn(r.run(stop));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let renewed = loop {
+        if let Some(ck) = renewed::load(&renewed_at).unwrap() {
+            break ck;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the CS did not renew its certificate from the old CA"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    stop_tx.send_replace(true);
+    task.await.unwrap();
+    let der = rebound_common::enrollment::first_cert_der(&renewed.cert_pem).unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    assert_eq!(cert.issuer().to_string(), "CN=Rebound CA rotated");
+    let store = cs.store().await;
+    cs.stop_with(store).await;
+}
