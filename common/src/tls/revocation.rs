@@ -25,6 +25,17 @@ struct Inner {
     open: HashMap<String, Vec<CancellationToken>>,
 }
 
+impl Inner {
+    /// Forgets the connections already closed (a connection cancels its
+    /// token when it is dropped), so the registry holds only open ones.
+    fn prune(&mut self) {
+        self.open.retain(|_, tokens| {
+            tokens.retain(|t| !t.is_cancelled());
+            !tokens.is_empty()
+        });
+    }
+}
+
 /// The shared revocation list and the open connections it can cut. Cheap to
 /// clone; all clones share one list.
 #[derive(Clone, Default)]
@@ -58,10 +69,10 @@ impl Revocations {
     pub fn set<I: IntoIterator<Item = String>>(&self, serials: I) -> usize {
         let mut g = self.lock();
         g.revoked = serials.into_iter().collect();
+        g.prune();
         let Inner { revoked, open } = &mut *g;
         let mut cut = 0;
         open.retain(|serial, tokens| {
-            tokens.retain(|t| !t.is_cancelled());
             if revoked.contains(serial) {
                 cut += tokens.len();
                 tokens.drain(..).for_each(|t| t.cancel());
@@ -69,6 +80,14 @@ impl Revocations {
             !tokens.is_empty()
         });
         cut
+    }
+
+    /// How many open connections are registered (closed ones are pruned
+    /// first), for tests and status.
+    pub fn open_connections(&self) -> usize {
+        let mut g = self.lock();
+        g.prune();
+        g.open.values().map(Vec::len).sum()
     }
 
     /// The current list, sorted (for persisting and for status).
@@ -87,9 +106,8 @@ impl Revocations {
             token.cancel();
             return;
         }
-        let list = g.open.entry(serial.to_string()).or_default();
-        list.retain(|t| !t.is_cancelled());
-        list.push(token);
+        g.prune();
+        g.open.entry(serial.to_string()).or_default().push(token);
     }
 
     /// Loads a list persisted by [`save`](Self::save) (a PS or MT restarted
@@ -140,6 +158,20 @@ mod tests {
         let late = CancellationToken::new();
         r.watch("0a", late.clone());
         assert!(late.is_cancelled(), "a revoked serial is cut on arrival");
+    }
+
+    #[test]
+    fn closed_connections_leave_the_registry() {
+        let r = Revocations::new();
+        let tokens: Vec<_> = (0..5).map(|_| CancellationToken::new()).collect();
+        for (i, t) in tokens.iter().enumerate() {
+            r.watch(&format!("{i:02x}"), t.clone());
+        }
+        assert_eq!(r.open_connections(), 5);
+        tokens.iter().for_each(CancellationToken::cancel);
+        r.watch("ff", CancellationToken::new());
+        assert_eq!(r.open_connections(), 1, "watch prunes the closed ones");
+        assert_eq!(r.set(Vec::new()), 0);
     }
 
     #[test]

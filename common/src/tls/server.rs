@@ -227,6 +227,14 @@ impl Conn {
     }
 }
 
+impl Drop for Conn {
+    /// Cancels the token so the revocation registry forgets this connection
+    /// (nothing polls a dropped connection, so no revocation is logged).
+    fn drop(&mut self) {
+        self.cut.cancel();
+    }
+}
+
 impl Connected for Conn {
     type ConnectInfo = TlsConnectInfo<TcpConnectInfo>;
 

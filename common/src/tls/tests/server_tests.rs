@@ -222,3 +222,35 @@ async fn an_enrollment_newer_than_the_renewal_is_used() {
         serial_of(&enrolled.cert_pem)
     );
 }
+
+#[tokio::test]
+async fn closed_connections_leave_the_revocation_registry() {
+    use futures::StreamExt;
+    let dir = pki();
+    let revocations = Revocations::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let mut incoming = TlsFiles::in_dir(dir.path(), "ps")
+        .acceptor(ClientAuth::Required, &revocations)
+        .unwrap()
+        .incoming(listener);
+    let admin = TlsFiles::in_dir(dir.path(), "admin");
+    let connector =
+        tokio_rustls::TlsConnector::from(Arc::new(admin.client_config(&addr, Role::Ps).unwrap()));
+    for _ in 0..8 {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let client = connector
+            .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+            .await
+            .unwrap();
+        let conn = incoming.next().await.unwrap().unwrap();
+        assert_eq!(revocations.open_connections(), 1);
+        drop(conn);
+        drop(client);
+    }
+    assert_eq!(
+        revocations.open_connections(),
+        0,
+        "no dropped connection stays registered"
+    );
+}
