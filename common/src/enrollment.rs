@@ -89,6 +89,28 @@ pub fn first_cert_der(pem: &str) -> Result<Vec<u8>, String> {
     Ok(p.contents)
 }
 
+/// The server that answered enrollment is not the CS: its certificate is
+/// from the deployment's CA (any enrolled PS or MT holds one, for names it
+/// chose) but of another role.
+#[derive(Debug, Error)]
+#[error("it presented certificate {presented}, but only the configuration server (a cs certificate) enrolls: check --cs points at the CS")]
+struct NotTheCs {
+    presented: String,
+}
+
+/// The server enrolling us must present the CS's certificate (role `cs`).
+fn require_cs(server_cert: &[u8]) -> Result<(), NotTheCs> {
+    match peer_identity(server_cert) {
+        Ok(who) if who.role == Role::Cs => Ok(()),
+        Ok(who) => Err(NotTheCs {
+            presented: who.to_string(),
+        }),
+        Err(e) => Err(NotTheCs {
+            presented: format!("that is no Rebound identity ({e})"),
+        }),
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum EnrollError {
     #[error("invalid enrollment request: {0}")]
@@ -312,6 +334,10 @@ pub async fn enroll_with(opts: &EnrollOptions) -> Result<Enrolled, EnrollError> 
                          {host:?} ({e}); the token was not sent"
                     ))
                 })?;
+            // Any enrolled PS or MT holds a certificate from this CA for
+            // names it chose: only the CS's may receive the token.
+            require_cs(&server_cert)
+                .map_err(|e| untrusted(format!("{e}; the token was not sent")))?;
             (Vec::new(), t.presented(), Ok(ca_der))
         }
     };
@@ -360,6 +386,7 @@ pub async fn enroll_with(opts: &EnrollOptions) -> Result<Enrolled, EnrollError> 
                 "its TLS certificate is not signed by the CA it sent, or not for {host:?}: {e}"
             ))
         })?;
+    require_cs(&server_cert).map_err(|e| untrusted(e.to_string()))?;
     let cert_der = first_cert_der(&answer.cert_pem)
         .map_err(|e| untrusted(format!("the issued certificate: {e}")))?;
     check.client(&cert_der).map_err(|e| {

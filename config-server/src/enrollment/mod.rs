@@ -130,7 +130,8 @@ pub struct Issued {
 }
 
 /// The subjectAltNames a CSR asks for, checked: DNS names and IP addresses
-/// only, no wildcard, and none for an agent (its certificate never serves).
+/// only, no wildcard, and none for an agent or admin (their certificates
+/// never serve).
 fn checked_san(
     sans: &[rcgen::SanType],
     role: Role,
@@ -139,10 +140,10 @@ fn checked_san(
     let refuse = |why: String| {
         CsError::InvalidArgument(format!("the certificate request for {role}:{id}: {why}"))
     };
-    if role == Role::Agent && !sans.is_empty() {
-        return Err(refuse(
-            "asks for server names, but an agent's certificate cannot serve TLS".into(),
-        ));
+    if matches!(role, Role::Agent | Role::Admin) && !sans.is_empty() {
+        return Err(refuse(format!(
+            "asks for server names, but an {role} certificate cannot serve TLS"
+        )));
     }
     for san in sans {
         let name = match san {
@@ -282,7 +283,9 @@ mod signing_tests {
         let e = sign(&["*.example.net"], Role::Mt).unwrap_err().to_string();
         assert!(e.contains("wildcard") && e.contains("mt:x"), "{e}");
         let e = sign(&["host1"], Role::Agent).unwrap_err().to_string();
-        assert!(e.contains("cannot serve"), "{e}");
+        assert!(e.contains("an agent certificate cannot serve"), "{e}");
+        let e = sign(&["host1"], Role::Admin).unwrap_err().to_string();
+        assert!(e.contains("an admin certificate cannot serve"), "{e}");
         sign(&[], Role::Agent).unwrap();
     }
 

@@ -184,3 +184,56 @@ async fn a_valid_passphrase_proof_grants_no_server_or_operator() {
         );
     }
 }
+
+/// A PS certificate is from the deployment's CA and may name any host, so
+/// a rogue PS can stand where the client dials the CS. The client sends the
+/// token's secret only to a `cs` certificate: here the refusal names what
+/// it met, and the token still works at the real CS afterwards (a server
+/// that got the secret could have redeemed it: it holds the same store and
+/// CA key).
+#[tokio::test]
+async fn a_token_goes_only_to_the_cs_not_to_a_ps_certificate_from_the_same_ca() {
+    use rebound_common::pki::{write_cert, Ca};
+    use rebound_common::tls::{ClientAuth, Revocations, TlsFiles};
+    use rebound_proto::control::enrollment_server::EnrollmentServer;
+    let cs = Cs::start().await;
+    let ca_pem = std::fs::read_to_string(cs.dir.join("ca.pem")).unwrap();
+    let ca_key = std::fs::read_to_string(cs.dir.join("ca.key")).unwrap();
+    let rogue_dir = cs.dir.parent().unwrap().join("rogue");
+    std::fs::create_dir_all(&rogue_dir).unwrap();
+    std::fs::write(rogue_dir.join("ca.pem"), &ca_pem).unwrap();
+    let ca = Ca::from_pem(&ca_pem, &ca_key).unwrap();
+    let names = ["127.0.0.1".to_string(), "localhost".to_string()];
+    let ps = ca.issue(Role::Ps, "rogue", &names).unwrap();
+    write_cert(&rogue_dir, "ps", &ps).unwrap();
+    let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(cs.store().await);
+    let svc = super::EnrollmentService::new(store, ca_pem, ca_key, &ps.cert_pem).unwrap();
+    let acceptor = TlsFiles::in_dir(&rogue_dir, "ps")
+        .acceptor(ClientAuth::Optional, &Revocations::new())
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let rogue_addr = listener.local_addr().unwrap().to_string();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(EnrollmentServer::new(svc))
+            .serve_with_incoming(acceptor.incoming(listener)),
+    );
+    let token = cs.token(Role::Admin, "ops2", 0).await;
+    let out = cs.dir.parent().unwrap().join("ops2");
+    let r = enroll_token(&rogue_addr, &token, Role::Admin, "ops2", &out).await;
+    refused(
+        r,
+        &out,
+        &[
+            "presented certificate ps:rogue",
+            "only the configuration server (a cs certificate) enrolls",
+            "the token was not sent",
+        ],
+    );
+    server.abort();
+    enroll_token(&cs.addr, &token, Role::Admin, "ops2", &out)
+        .await
+        .expect("the token was never sent, so it still works at the CS");
+    let store = cs.store().await;
+    cs.stop_with(store).await;
+}
