@@ -228,25 +228,13 @@ pub fn serial_hex(der: &[u8]) -> Result<String, PkiError> {
     Ok(if hex.is_empty() { "00".into() } else { hex })
 }
 
-fn write_file(path: &Path, text: &str, private: bool) -> Result<(), PkiError> {
-    use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let err = |source| PkiError::Write {
-        path: path.display().to_string(),
-        source,
-    };
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    if private {
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(path).map_err(err)?;
-    if private {
-        // A key left by an earlier run keeps its mode and group otherwise.
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-    }
-    f.write_all(text.as_bytes()).map_err(err)?;
-    f.sync_all().map_err(err)
+fn write_file(path: &Path, text: &str, mode: u32) -> Result<(), PkiError> {
+    crate::durable::write_atomic_mode(path, text.as_bytes(), mode).map_err(|source| {
+        PkiError::Write {
+            path: path.display().to_string(),
+            source,
+        }
+    })
 }
 
 /// Lets the service group read the key of a daemon that runs as it (PS, MT,
@@ -271,10 +259,13 @@ pub fn share_key_with_service_group(path: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
-/// Writes `<name>.pem` and `<name>.key` (0600) into `dir`.
+/// Writes `<name>.key` (0600) and then `<name>.pem` (0644) into `dir`, each
+/// replaced whole (temporary file, fsync, rename): a crash leaves either
+/// pair or a new key with the old certificate, which a server that reloads
+/// its identity refuses to load and retries, never a half-written file.
 pub fn write_cert(dir: &Path, name: &str, ck: &CertKeyPem) -> Result<(), PkiError> {
-    write_file(&dir.join(format!("{name}.pem")), &ck.cert_pem, false)?;
-    write_file(&dir.join(format!("{name}.key")), &ck.key_pem, true)
+    write_file(&dir.join(format!("{name}.key")), &ck.key_pem, 0o600)?;
+    write_file(&dir.join(format!("{name}.pem")), &ck.cert_pem, 0o644)
 }
 
 /// The names every server certificate covers, so a one-machine deployment
@@ -357,6 +348,26 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn enrolling_again_replaces_both_files_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::generate("t").unwrap();
+        let (key, cert) = (dir.path().join("ps.key"), dir.path().join("ps.pem"));
+        std::fs::write(&key, "an old key, left readable").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let ck = ca.issue(Role::Ps, "p", &[]).unwrap();
+        write_cert(dir.path(), "ps", &ck).unwrap();
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), ck.key_pem);
+        assert_eq!(std::fs::read_to_string(&cert).unwrap(), ck.cert_pem);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode(&key), mode(&cert)), (0o600, 0o644));
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 2, "no temporary file left: {names:?}");
+    }
 
     #[test]
     fn identity_roundtrip() {

@@ -5,8 +5,10 @@
 //! this resolver, which serves the renewed identity (`tls::renewed`) once it
 //! exists and picks up each later renewal, or a re-enrolled certificate,
 //! without a restart. The files are looked at (one `stat` each) per
-//! handshake and parsed only when they changed; a file that does not parse
-//! is logged and the identity served so far stays.
+//! handshake and parsed only when they changed. Files that do not load (one
+//! that does not parse, or a certificate whose new key is not written yet)
+//! leave the identity served so far in place and are loaded again at the
+//! next handshake, logged once per version of the files.
 
 use super::{TlsError, TlsFiles};
 use crate::pki::peer_identity;
@@ -27,8 +29,14 @@ fn stamp(path: &Path) -> Stamp {
     Some((m.ino(), m.mtime(), m.mtime_nsec(), m.len()))
 }
 
+/// The renewed identity, the enrolled certificate and its key.
+type Stamps = [Stamp; 3];
+
 struct Current {
-    stamps: [Stamp; 2],
+    /// The files `key` was loaded from.
+    stamps: Stamps,
+    /// The files that last failed to load (logged once, retried).
+    failed: Option<Stamps>,
     key: Arc<CertifiedKey>,
 }
 
@@ -58,12 +66,20 @@ impl ReloadingIdentity {
         Ok(ReloadingIdentity {
             files: files.clone(),
             provider,
-            current: Mutex::new(Current { stamps, key }),
+            current: Mutex::new(Current {
+                stamps,
+                failed: None,
+                key,
+            }),
         })
     }
 
-    fn stamps(files: &TlsFiles) -> [Stamp; 2] {
-        [files.renewed.as_deref().and_then(stamp), stamp(&files.cert)]
+    fn stamps(files: &TlsFiles) -> Stamps {
+        [
+            files.renewed.as_deref().and_then(stamp),
+            stamp(&files.cert),
+            stamp(&files.key),
+        ]
     }
 
     /// The identity to present now: reloaded first when its files changed.
@@ -71,7 +87,6 @@ impl ReloadingIdentity {
         let stamps = Self::stamps(&self.files);
         let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
         if cur.stamps != stamps {
-            cur.stamps = stamps;
             match self.files.certified_key(&self.provider) {
                 Ok(key) => {
                     let who = key
@@ -82,10 +97,15 @@ impl ReloadingIdentity {
                         .unwrap_or_default();
                     info!(certificate = %who, "TLS server now presents its new certificate");
                     cur.key = Arc::new(key);
+                    cur.stamps = stamps;
+                    cur.failed = None;
                 }
-                Err(e) => warn!(
-                    "TLS server keeps its current certificate: the changed one does not load: {e}"
-                ),
+                Err(e) => {
+                    if cur.failed != Some(stamps) {
+                        warn!("TLS server keeps its current certificate: the changed one does not load (retried at each handshake): {e}");
+                        cur.failed = Some(stamps);
+                    }
+                }
             }
         }
         cur.key.clone()

@@ -254,3 +254,21 @@ async fn closed_connections_leave_the_revocation_registry() {
         "no dropped connection stays registered"
     );
 }
+
+#[tokio::test]
+async fn a_certificate_written_before_its_key_is_served_once_the_key_is() {
+    let (dir, ca) = pki_and_ca();
+    let ps = TlsFiles::in_dir(dir.path(), "ps");
+    let addr = serve_hold(&ps, &Revocations::new()).await;
+    let admin = TlsFiles::in_dir(dir.path(), "admin");
+    let old = serial_in(&ps.cert);
+    let new = ca
+        .issue(Role::Ps, "ps1", &["127.0.0.1".to_string()])
+        .unwrap();
+    // The new certificate with the old key does not load: the old pair stays.
+    std::fs::write(&ps.cert, &new.cert_pem).unwrap();
+    assert_eq!(server_serial(&admin, &addr).await, old);
+    // The key arrives: the next handshake loads the pair.
+    std::fs::write(&ps.key, &new.key_pem).unwrap();
+    assert_eq!(server_serial(&admin, &addr).await, serial_of(&new.cert_pem));
+}
