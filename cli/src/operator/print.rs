@@ -138,8 +138,7 @@ pub fn status(r: &pb::StatusResponse) {
         r.running_jobs
     );
     println!();
-    let none = "no components yet: enroll them with `rebound-agent|rebound-ps|rebound-mt enroll \
-                --cs ADDR --passphrase-file F`";
+    let none = NO_COMPONENTS;
     let header = ["ROLE", "ID", "SITE", "HEALTH", "HEARTBEAT", "DETAIL"];
     listing(&r.components, none, &header, |c| {
         vec![
@@ -185,9 +184,13 @@ pub fn expiry(ms: u64, now: u64) -> String {
     format!("{date} ({days} days left)")
 }
 
+/// What `status` and `components` say before anything enrolled.
+const NO_COMPONENTS: &str = "no components yet: enroll agents with `rebound-agent enroll --cs \
+    ADDR --passphrase-file F`, a PS or MT with a token (`rebound token create --role ps --id \
+    ID`, then `rebound-ps enroll --cs ADDR --token-file F`)";
+
 pub fn components(r: &pb::ComponentsResponse) {
-    let none = "no components yet: enroll them with `rebound-agent|rebound-ps|rebound-mt enroll \
-                --cs ADDR --passphrase-file F`";
+    let none = NO_COMPONENTS;
     let header = [
         "ROLE",
         "ID",
