@@ -2,8 +2,8 @@
 //! setup. In a throw-away directory it starts, as real child processes of a
 //! [`rebound_lab::Sites`] lab, a configuration server (SQLite) and per site
 //! (`onprem` and `azure`) a process server and a master target, each on a
-//! loopback address, enrolled with the CS's passphrase, and the demo
-//! machine's agent; the binaries sit next to this executable (`cargo build
+//! loopback address, enrolled with one-time tokens, and the demo machine's
+//! agent, enrolled with the CS's passphrase; the binaries sit next to this executable (`cargo build
 //! --workspace --bins`). It drives the CS through its Admin service with
 //! the admin certificate, as the operator CLI does: protect onprem→azure,
 //! planned failover at `latest`, change-point to an older point and back
@@ -72,7 +72,7 @@ fn lab_options(disk_size: u64) -> SitesOptions {
 /// Starts the lab in `dir`: the CS, both sites' servers and the machine's
 /// agent at onprem; and the operator's connection to the CS.
 async fn start(dir: &Path, disk_size: u64) -> Result<(Sites, Cs)> {
-    step("configuration server (SQLite) and, per site, a process server and a master target, enrolled with the passphrase");
+    step("configuration server (SQLite) and, per site, a process server and a master target, enrolled with one-time tokens");
     let mut sites = blocking(|| -> Result<Sites> {
         let mut s = Sites::cs_in_dir(dir, lab_options(disk_size))?;
         s.start_site(A)?;
