@@ -9,10 +9,15 @@
 //! `REBOUND_PLAN`, `REBOUND_MACHINES`). `CreatePlan` refuses a name that is
 //! not installed, and the hook step checks it again before it runs (a plan
 //! stored earlier may hold a name that is gone, or an old command line).
+//!
+//! A hook runs as the CS, so whoever can change it can act as the CS: the
+//! hook and `hook_dir` must be owned by root or the CS's own user and not
+//! writable by group or others, and a hook that is a symlink must stay in
+//! `hook_dir`. Anything else is refused with the fix.
 
 use crate::error::CsError;
 use crate::store::Plan;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use thiserror::Error;
@@ -39,6 +44,35 @@ pub enum HookError {
         path.display()
     )]
     NotExecutable { name: String, path: PathBuf },
+    #[error(
+        "{what} {} is owned by uid {uid} with mode {mode:o}, but a hook runs as the CS: it must be \
+         owned by root or the CS's user (uid {cs_uid}) and not writable by group or others; \
+         fix it with `chown root:root {}; chmod go-w {}`",
+        path.display(),
+        path.display(),
+        path.display()
+    )]
+    Unsafe {
+        /// "hook file" or "hook directory".
+        what: &'static str,
+        path: PathBuf,
+        uid: u32,
+        mode: u32,
+        cs_uid: u32,
+    },
+    #[error(
+        "hook {name:?} ({}) is a symlink to {}, outside the CS's hook directory {}: install the \
+         executable itself in the hook directory",
+        path.display(),
+        target.display(),
+        dir.display()
+    )]
+    OutsideDir {
+        name: String,
+        path: PathBuf,
+        target: PathBuf,
+        dir: PathBuf,
+    },
     #[error("cannot check hook {name:?} ({}): {source}", path.display())]
     Unreadable {
         name: String,
@@ -81,9 +115,10 @@ impl From<HookError> for CsError {
             HookError::Unreadable { .. } | HookError::Spawn { .. } => {
                 CsError::Internal(e.to_string())
             }
-            HookError::NotExecutable { .. } | HookError::Failed { .. } => {
-                CsError::FailedPrecondition(e.to_string())
-            }
+            HookError::NotExecutable { .. }
+            | HookError::Unsafe { .. }
+            | HookError::OutsideDir { .. }
+            | HookError::Failed { .. } => CsError::FailedPrecondition(e.to_string()),
         }
     }
 }
@@ -109,29 +144,67 @@ pub fn resolve(dir: &Path, name: &str) -> Result<PathBuf, HookError> {
         });
     }
     let path = dir.join(name);
-    let meta = match std::fs::metadata(&path) {
-        Ok(m) => m,
+    let unreadable = |path: &Path, source| HookError::Unreadable {
+        name: name.to_string(),
+        path: path.to_path_buf(),
+        source,
+    };
+    let target = match std::fs::canonicalize(&path) {
+        Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(HookError::NotInstalled {
                 name: name.to_string(),
                 path,
             })
         }
-        Err(source) => {
-            return Err(HookError::Unreadable {
-                name: name.to_string(),
-                path,
-                source,
-            })
-        }
+        Err(source) => return Err(unreadable(&path, source)),
     };
+    let real_dir = std::fs::canonicalize(dir).map_err(|e| unreadable(dir, e))?;
+    if target.parent() != Some(real_dir.as_path()) {
+        return Err(HookError::OutsideDir {
+            name: name.to_string(),
+            path,
+            target,
+            dir: dir.to_path_buf(),
+        });
+    }
+    let dir_meta = std::fs::metadata(&real_dir).map_err(|e| unreadable(dir, e))?;
+    check_owner("hook directory", dir, &dir_meta)?;
+    let meta = std::fs::metadata(&target).map_err(|e| unreadable(&path, e))?;
     if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
         return Err(HookError::NotExecutable {
             name: name.to_string(),
             path,
         });
     }
+    check_owner("hook file", &path, &meta)?;
     Ok(path)
+}
+
+/// The CS's effective uid: the owner of its `/proc/self` (the crate holds
+/// no unsafe code to call `geteuid`). Root when it cannot be read, which
+/// only narrows who may own a hook.
+fn cs_uid() -> u32 {
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(0)
+}
+
+/// Refuses a hook file or directory that someone other than root or the
+/// CS's user could change.
+fn check_owner(what: &'static str, path: &Path, meta: &std::fs::Metadata) -> Result<(), HookError> {
+    let cs_uid = cs_uid();
+    let mode = meta.permissions().mode() & 0o7777;
+    if (meta.uid() == 0 || meta.uid() == cs_uid) && mode & 0o022 == 0 {
+        return Ok(());
+    }
+    Err(HookError::Unsafe {
+        what,
+        path: path.to_path_buf(),
+        uid: meta.uid(),
+        mode,
+        cs_uid,
+    })
 }
 
 /// Every hook a plan names is installed in `dir`.
@@ -268,6 +341,56 @@ pub(crate) mod tests {
             CsError::from(check_plan(&hooks, &plan("x y")).unwrap_err()),
             CsError::InvalidArgument(_)
         ));
+    }
+
+    #[test]
+    fn a_hook_others_can_change_is_refused_with_the_fix() {
+        let d = tempfile::tempdir().unwrap();
+        let hook = install(d.path(), "start-app", "true");
+        resolve(d.path(), "start-app").unwrap();
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o775)).unwrap();
+        let e = resolve(d.path(), "start-app").unwrap_err();
+        assert!(matches!(e, HookError::Unsafe { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains(&hook.display().to_string()), "{msg}");
+        assert!(msg.contains("mode 775") && msg.contains("uid 0"), "{msg}");
+        assert!(
+            msg.contains("chown root:root") && msg.contains("chmod go-w"),
+            "{msg}"
+        );
+        assert!(matches!(CsError::from(e), CsError::FailedPrecondition(_)));
+        // A hook directory others can write to is refused too.
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = resolve(d.path(), "start-app").unwrap_err();
+        assert!(e.to_string().starts_with("hook directory"), "{e}");
+        // A file owned by another user (65534, nobody) is refused (needs root).
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::chown(&hook, Some(65534), None).expect("chown: this test needs root");
+        let e = resolve(d.path(), "start-app").unwrap_err();
+        assert!(e.to_string().contains("uid 65534"), "{e}");
+    }
+
+    #[test]
+    fn a_hook_symlink_may_not_leave_the_hook_dir() {
+        let d = tempfile::tempdir().unwrap();
+        let hooks = d.path().join("hooks");
+        std::fs::create_dir(&hooks).unwrap();
+        let outside = install(d.path(), "outside", "true");
+        install(&hooks, "inside", "true");
+        std::os::unix::fs::symlink(&outside, hooks.join("escape")).unwrap();
+        std::os::unix::fs::symlink("inside", hooks.join("alias")).unwrap();
+        let e = resolve(&hooks, "escape").unwrap_err();
+        assert!(matches!(e, HookError::OutsideDir { .. }), "{e}");
+        assert!(
+            e.to_string().contains("outside the CS's hook directory"),
+            "{e}"
+        );
+        resolve(&hooks, "alias").unwrap();
+        // A dangling symlink is not installed.
+        std::os::unix::fs::symlink("gone", hooks.join("dangling")).unwrap();
+        let e = resolve(&hooks, "dangling").unwrap_err();
+        assert!(matches!(e, HookError::NotInstalled { .. }), "{e}");
     }
 
     #[tokio::test]
