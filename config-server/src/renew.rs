@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
-use tracing::info;
+use tracing::{info, warn};
 
 /// What the CS signs renewed certificates with.
 pub struct Signer {
@@ -116,37 +116,15 @@ pub async fn renew(
             enroll_again(&who)
         )));
     }
-    let recorded = svc.store.get_issued_cert(&serial).await?;
-    match recorded {
-        None => {
-            return Err(Status::permission_denied(format!(
-                "certificate {who} (serial {serial}) was not issued by this configuration \
-                 server, so it cannot renew here: {}",
-                enroll_again(&who)
-            )))
-        }
-        Some(c) if c.role != who.role || c.id != who.id => {
-            return Err(Status::permission_denied(format!(
-                "certificate {who} (serial {serial}) was issued to {}:{}, not {who}: {}",
-                c.role,
-                c.id,
-                enroll_again(&who)
-            )))
-        }
-        Some(c) if c.revoked_ms.is_some() => {
-            return Err(Status::permission_denied(format!(
-                "certificate {who} (serial {serial}) is revoked, so it cannot renew: {}",
-                enroll_again(&who)
-            )))
-        }
-        Some(_) => {}
-    }
+    check_recorded(svc, &who, &serial).await?;
     let r = req.into_inner();
     check_same_names(&who, &der, &r.csr_pem)?;
+    check_half_life(&who, &serial, &validity, now)?;
     let issued = signer
         .issue(svc.store.as_ref(), &who, &r.csr_pem)
         .await
         .map_err(Status::from)?;
+    // Read again: a revocation since the checks above must not be undone.
     if let Some(mut c) = svc.store.get_component(who.role, &who.id).await? {
         c.cert_serial = issued.serial_hex.clone();
         c.cert_fingerprint = issued.fingerprint_hex.clone();
@@ -154,11 +132,143 @@ pub async fn renew(
             crate::fleet::components::cert_expiry_ms_pem(&issued.cert_pem).unwrap_or(0);
         svc.store.put_component(&c).await?;
     }
+    revoke_if_revoked_meanwhile(svc, &who, &serial, &issued.serial_hex).await?;
     info!(component = %who, old_serial = %serial, serial = %issued.serial_hex, "certificate renewed");
     Ok(Response::new(pb::RenewResponse {
         cert_pem: issued.cert_pem,
         ca_pem: signer.ca_cert_pem.clone(),
     }))
+}
+
+/// When `ms` (since the Unix epoch) is, as an operator reads it.
+fn at(ms: u64) -> humantime::Rfc3339Timestamp {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms))
+}
+
+/// The caller's certificate is the newest one this CS issued to that very
+/// role and id, and neither it nor the component is revoked: an older
+/// certificate (a copy left behind, or one replaced by enrollment) cannot
+/// mint new ones.
+async fn check_recorded(
+    svc: &ControlService,
+    who: &PeerIdentity,
+    serial: &str,
+) -> Result<(), Status> {
+    let c = match svc.store.get_issued_cert(serial).await? {
+        None => {
+            return Err(Status::permission_denied(format!(
+                "certificate {who} (serial {serial}) was not issued by this configuration \
+                 server, so it cannot renew here: {}",
+                enroll_again(who)
+            )))
+        }
+        Some(c) => c,
+    };
+    if c.role != who.role || c.id != who.id {
+        return Err(Status::permission_denied(format!(
+            "certificate {who} (serial {serial}) was issued to {}:{}, not {who}: {}",
+            c.role,
+            c.id,
+            enroll_again(who)
+        )));
+    }
+    if c.revoked_ms.is_some() {
+        return Err(Status::permission_denied(format!(
+            "certificate {who} (serial {serial}) is revoked, so it cannot renew: {}",
+            enroll_again(who)
+        )));
+    }
+    if let Some(latest) = svc.store.latest_cert(who.role, &who.id).await? {
+        if latest.serial != serial {
+            return Err(Status::permission_denied(format!(
+                "certificate {who} (serial {serial}) is not the newest one issued to {who} \
+                 (serial {}, issued {}), so it cannot renew: only the newest certificate \
+                 renews. Use the newest certificate on that host (its TLS files or renewed \
+                 state), or {}",
+                latest.serial,
+                at(latest.issued_ms),
+                enroll_again(who)
+            )));
+        }
+    }
+    if svc
+        .store
+        .get_component(who.role, &who.id)
+        .await?
+        .is_some_and(|c| c.revoked)
+    {
+        return Err(Status::permission_denied(format!(
+            "{who} is revoked, so certificate {serial} cannot renew: {}",
+            enroll_again(who)
+        )));
+    }
+    Ok(())
+}
+
+/// A certificate renews only once half its life has passed (its holder
+/// renews at two thirds): a caller cannot flood the CS with renewals.
+fn check_half_life(
+    who: &PeerIdentity,
+    serial: &str,
+    validity: &Validity,
+    now: u64,
+) -> Result<(), Status> {
+    let half =
+        validity.not_before_ms + validity.not_after_ms.saturating_sub(validity.not_before_ms) / 2;
+    if now < half {
+        return Err(Status::failed_precondition(format!(
+            "certificate {who} (serial {serial}) is too new to renew: it may renew from {} \
+             (half its life; it renews by itself at {}), it is valid until {}",
+            at(half),
+            at(validity.renew_at_ms()),
+            at(validity.not_after_ms)
+        )));
+    }
+    Ok(())
+}
+
+/// A `rebound revoke` that ran while this renewal was signing must win:
+/// when the caller's certificate is revoked now, every certificate of the
+/// component (the new one too) is revoked again and the renewal refused.
+async fn revoke_if_revoked_meanwhile(
+    svc: &ControlService,
+    who: &PeerIdentity,
+    serial: &str,
+    new_serial: &str,
+) -> Result<(), Status> {
+    let revoked = svc
+        .store
+        .get_issued_cert(serial)
+        .await?
+        .is_some_and(|c| c.revoked_ms.is_some());
+    if !revoked {
+        return Ok(());
+    }
+    let store = svc.store.as_ref();
+    store.revoke_certs(who.role, &who.id, now_ms()).await?;
+    if let Some(mut c) = store.get_component(who.role, &who.id).await? {
+        c.revoked = true;
+        store.put_component(&c).await?;
+    }
+    let list = crate::fleet::revoke::refresh(store, &svc.revocations).await?;
+    let key = crate::bus::ComponentKey {
+        role: who.role,
+        id: who.id.clone(),
+    };
+    let pending = crate::fleet::revoke::push_all(
+        store,
+        svc.bus.as_ref(),
+        &list,
+        &key,
+        crate::fleet::revoke::PUSH_TIMEOUT,
+    )
+    .await?;
+    warn!(component = %who, serial = %new_serial, ?pending, "revoked while renewing: the renewed certificate is revoked too");
+    Err(Status::permission_denied(format!(
+        "certificate {who} (serial {serial}) was revoked while it renewed: the certificate just \
+         issued (serial {new_serial}) is revoked too. {}",
+        enroll_again(who)
+    )))
 }
 
 /// The request asks for exactly the names the current certificate has:
