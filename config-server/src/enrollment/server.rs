@@ -183,6 +183,8 @@ impl EnrollmentService {
                 "client_nonce must have at least 16 random bytes",
             ));
         }
+        // Before a token is redeemed: a bad request must not use it up.
+        check_csr(&r.csr_pem, role, &r.id).map_err(Status::from)?;
         let fp = self.server_cert_fp();
         let now = now_ms();
         let (grant, server_key) = if r.token.is_empty() {
@@ -217,6 +219,19 @@ impl EnrollmentService {
             server_proof: proof,
         })
     }
+}
+
+/// The certificate request is one [`sign_csr`] will sign: a signed
+/// PKCS#10 request asking only for names `role` may have.
+fn check_csr(csr_pem: &str, role: Role, id: &str) -> Result<(), CsError> {
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
+        CsError::InvalidArgument(format!(
+            "the certificate request for {role}:{id} is not a valid signed PKCS#10 request: {e}; \
+             the token was not used"
+        ))
+    })?;
+    checked_san(&csr.params.subject_alt_names, role, id)?;
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -258,5 +273,83 @@ impl Enrollment for EnrollmentService {
             }
             Err(s) => Err(self.refused(ip, &remote, &who, s).await),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tests::Cs;
+    use rebound_common::enrollment::TokenText;
+    use rebound_common::pki::PeerIdentity;
+
+    fn request(token: &str, csr_pem: String) -> Request<EnrollRequest> {
+        Request::new(EnrollRequest {
+            role: "ps".into(),
+            id: "ps1".into(),
+            csr_pem,
+            client_nonce: vec![7; 16],
+            token: token.into(),
+            ..Default::default()
+        })
+    }
+
+    /// A malformed request is refused before its token is redeemed: the
+    /// token still enrolls once the request is right.
+    #[tokio::test]
+    async fn a_bad_certificate_request_leaves_the_token_usable() {
+        let cs = Cs::start().await;
+        let store = cs.store().await;
+        let text = cs.token(Role::Ps, "ps1", 0).await;
+        let token = TokenText::parse(&text).unwrap().presented();
+        let read = |f: &str| std::fs::read_to_string(cs.dir.join(f)).unwrap();
+        let svc = EnrollmentService::new(
+            Arc::new(store.clone()),
+            read("ca.pem"),
+            read("ca.key"),
+            &read("cs.pem"),
+        )
+        .unwrap();
+        let e = svc
+            .enroll(request(&token, "not a request".into()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(
+            e.message()
+                .contains("ps:ps1 is not a valid signed PKCS#10 request")
+                && e.message().contains("the token was not used"),
+            "{}",
+            e.message()
+        );
+        let who = PeerIdentity {
+            role: Role::Ps,
+            id: "ps1".into(),
+        };
+        let key = rcgen::KeyPair::generate().unwrap();
+        let csr = |names: &[String]| rebound_common::tls::renewal::csr(&key, &who, names).unwrap();
+        let e = svc
+            .enroll(request(&token, csr(&["*.example.net".into()])))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(
+            e.message().contains("certificate request for ps:ps1"),
+            "{}",
+            e.message()
+        );
+        let ok = svc
+            .enroll(request(&token, csr(&["ps1.example.net".into()])))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!ok.cert_pem.is_empty());
+        // Used once, it is used up.
+        let e = svc
+            .enroll(request(&token, csr(&["ps1.example.net".into()])))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());
+        cs.stop_with(store).await;
     }
 }
