@@ -116,16 +116,17 @@ pub fn cs_server_names(names: &[String], listen: &str) -> Result<Vec<String>, Cs
     checked_names(&all).map_err(|e| CsError::InvalidArgument(e.to_string()))
 }
 
-/// Records a certificate init issued, so revocation and `rebound
+/// Records a certificate signed outside enrollment (`init`, `admin-cert`),
+/// so revocation and `rebound
 /// components` know it like an enrolled one.
-async fn record_issued(
+pub(crate) async fn record_issued(
     store: &SqliteStore,
     role: Role,
     id: &str,
     cert_pem: &str,
 ) -> Result<(), CsError> {
     use crate::store::Store as _;
-    let bad = |e: String| CsError::Pki(format!("the {role}:{id} certificate init made: {e}"));
+    let bad = |e: String| CsError::Pki(format!("the {role}:{id} certificate just issued: {e}"));
     let der = rebound_common::enrollment::first_cert_der(cert_pem).map_err(bad)?;
     let serial = rebound_common::pki::serial_hex(&der).map_err(|e| bad(e.to_string()))?;
     let validity =

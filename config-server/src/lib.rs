@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin_cert;
 pub mod bus;
 pub mod config;
 pub mod control;

@@ -40,6 +40,21 @@ enum Cmd {
     },
     /// Run the configuration server.
     Run(RunArgs),
+    /// Sign a new admin certificate for the CLI with the CA (on the CS host,
+    /// as root, like init): admin certificates expire after cert_lifetime
+    /// and are not renewed. Writes admin.key (mode 0600) and admin.pem.
+    AdminCert {
+        /// Config file of the CS; default /etc/rebound/cs.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The operator's name: the certificate is admin:NAME.
+        #[arg(long, default_value = rebound_cs::admin_cert::DEFAULT_ID)]
+        id: String,
+        /// Directory to write admin.pem and admin.key into; default the
+        /// directory of the CS certificate ([tls] cert, /etc/rebound/tls).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Replace the enrollment passphrase (enrolled components stay valid).
     /// Prints the new one and writes it to FILE (mode 0600).
     RotatePassphrase {
@@ -125,6 +140,22 @@ async fn real_main(cmd: Cmd) -> Result<()> {
             let cfg: rebound_cs::Config = run.start()?;
             let listener = cli_args::listen(&cfg.listen, "listen").await?;
             rebound_cs::run(cfg, listener, rebound_common::signal::shutdown_signal()).await?;
+            Ok(())
+        }
+        Cmd::AdminCert { config, id, out } => {
+            let cfg: rebound_cs::Config = cli_args::load_config(config.as_deref())?;
+            let a = rebound_cs::admin_cert::issue(&cfg, &id, out.as_deref()).await?;
+            let expiry = humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(a.expiry_ms),
+            );
+            println!(
+                "Admin certificate {} (serial {}) written: {} and key {} (mode 0600); it \
+                 expires {expiry}. Run this again before then.",
+                a.who,
+                a.serial,
+                a.cert.display(),
+                a.key.display()
+            );
             Ok(())
         }
         Cmd::RotatePassphrase { config, out } => {
