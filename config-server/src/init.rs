@@ -117,8 +117,7 @@ pub fn cs_server_names(names: &[String], listen: &str) -> Result<Vec<String>, Cs
 }
 
 /// Records a certificate signed outside enrollment (`init`, `admin-cert`),
-/// so revocation and `rebound
-/// components` know it like an enrolled one.
+/// so revocation and `rebound components` know it like an enrolled one.
 pub(crate) async fn record_issued(
     store: &SqliteStore,
     role: Role,
