@@ -589,6 +589,12 @@ mv "$d/powered_on_ms.tmp" "$d/powered_on_ms"
         self.procs.stop(name).map(|_| ())
     }
 
+    /// The pid of the lab process `name` (as its log is named), while it
+    /// runs.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.procs.pid(name)
+    }
+
     /// Every TCP address the lab's processes listen on (its children and
     /// the agents the power_on hook started).
     pub fn listening(&self) -> Result<Vec<SocketAddr>> {

@@ -170,6 +170,8 @@ fn replication_runs_across_renewals_of_the_agent_ps_and_mt_certificates_without_
         first_expiry = first_expiry.max(openssl_enddate(enrolled));
         eprintln!("{name}: enrolled certificate expires at {first_expiry}");
     }
+    let pids: Vec<Option<u32>> = certs.iter().map(|(name, _, _)| s.pid(name)).collect();
+    assert!(pids.iter().all(Option::is_some), "{pids:?}");
     protect(&s, "m1", a(), b());
     let mut points = vec![exact_point(&s, 1)];
     let (_, _, agent_renewed) = &certs[0];
@@ -219,6 +221,9 @@ fn replication_runs_across_renewals_of_the_agent_ps_and_mt_certificates_without_
         );
     }
     // The components stayed the same processes and online at the CS.
+    for ((name, _, _), pid) in certs.iter().zip(&pids) {
+        assert_eq!(s.pid(name), *pid, "{name} was restarted");
+    }
     let list = s.cli_json(&["components"]).expect("components");
     for (role, id) in [
         ("agent", "m1".to_string()),
