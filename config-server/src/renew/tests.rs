@@ -1,3 +1,7 @@
+//! Control.Renew against a running CS (in process): what it renews and
+//! records, what it refuses and why, and the CS renewing its own
+//! certificate (at two thirds of its life, or at once after a CA rotation).
+
 use super::*;
 use crate::store::SqliteStore;
 use crate::tests::Cs;

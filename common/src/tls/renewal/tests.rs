@@ -1,3 +1,7 @@
+//! Renewal against a test issuer: when a component renews, that it keeps
+//! its identity and names with a new key, and that an answer for another
+//! identity or from another CA is never saved.
+
 use super::*;
 use crate::pki::{write_cert, Ca};
 use rcgen::{CertificateSigningRequestParams, Issuer as RcgenIssuer};
