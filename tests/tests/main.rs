@@ -3,11 +3,18 @@
 //! `rebound` CLI. One test binary with a module per area, so the suite
 //! links once.
 
+mod bad_frames;
 mod bad_input;
 mod bench_smoke;
+mod cache_fairness;
 mod demo;
+mod disk_full_mt;
+mod disk_full_ps;
 mod faults;
+mod faults_network;
+mod faults_resume;
 mod fleet;
+mod journal_damage;
 mod lifecycle;
 mod lifecycle_cli;
 mod lifecycle_errors;
@@ -18,8 +25,10 @@ mod packaging;
 mod replication;
 mod resync;
 mod retention;
+mod retention_clock;
 mod rollback;
 mod service_manager;
+mod soak;
 mod support;
 mod trust_authz;
 mod trust_enrollment;
