@@ -7,7 +7,8 @@
 //! own `Config` types, a PKI (a dev bundle for [`Lab`], enrollment at the
 //! configuration server with each host's address as its name for
 //! [`Sites`]), a log per process in the lab dir, and teardown on drop.
-//! Content is checked with real NBD clients ([`clients`]).
+//! Content is checked with real NBD clients ([`clients`]); a lab's links can
+//! run through fault proxies ([`proxy`]).
 //!
 //! - [`Lab`]: one machine's agent, a PS and an MT, no configuration server.
 //! - [`Sites`]: a configuration server, per site PSs and an MT, and agents
@@ -31,6 +32,7 @@ pub mod operator;
 pub mod pki;
 pub mod power;
 pub mod process;
+pub mod proxy;
 pub mod rng;
 pub mod sites;
 pub mod standalone;
@@ -45,6 +47,7 @@ pub use clients::{
 pub use cs_admin::CsAdmin;
 pub use net::{free_port, Host};
 pub use process::Proc;
+pub use proxy::{Fault, FaultProxy, FaultSchedule, ProxyStats};
 pub use rebound_agent::config::Config as AgentConfig;
 pub use rebound_mt::config::RetentionConfig;
 pub use rng::{random_writes, Rng};

@@ -18,6 +18,7 @@ use crate::clients::{blake3_export, blake3_file, nbd_tls_dir, nbd_uri, nbds_uri}
 use crate::config;
 use crate::net::Host;
 use crate::process::{Procs, START_TIMEOUT};
+use crate::proxy::FaultProxy;
 use crate::wait::{wait_for, wait_until};
 use anyhow::{anyhow, Context, Result};
 use rebound_common::tls::TlsFiles;
@@ -74,6 +75,9 @@ pub struct LabOptions {
     pub ps_cache_max_bytes: u64,
     /// The MT's `[retention]`.
     pub retention: RetentionConfig,
+    /// Routes agent → PS and PS → MT through a [`FaultProxy`] each (see
+    /// [`Lab::proxies`]); TLS still runs end to end.
+    pub fault_proxies: bool,
 }
 
 impl LabOptions {
@@ -98,6 +102,7 @@ impl Default for LabOptions {
             shutdown_drain_secs: 10,
             ps_cache_max_bytes: 8 << 30,
             retention: RetentionConfig::default(),
+            fault_proxies: false,
         }
     }
 }
@@ -115,6 +120,8 @@ pub struct Lab {
     pub mt_addr: SocketAddr,
     /// The MT's NBD listener (point views).
     pub mt_nbd: SocketAddr,
+    /// Agent → PS and PS → MT, with [`LabOptions::fault_proxies`].
+    proxies: Option<(FaultProxy, FaultProxy)>,
     procs: Procs,
     rt: tokio::runtime::Runtime,
 }
@@ -144,15 +151,25 @@ impl Lab {
         // A second, unrelated CA for the wrong-certificate tests.
         crate::pki::dev_bundle(&dir.join("other-ca"), std::slice::from_ref(&opts.machine))?;
         let (agent, ps, mt) = (Host::next(), Host::next(), Host::next());
+        let (ps_addr, mt_addr) = (ps.addr(), mt.addr());
+        let proxies = if opts.fault_proxies {
+            Some((
+                FaultProxy::start("agent-ps", ps_addr)?,
+                FaultProxy::start("ps-mt", mt_addr)?,
+            ))
+        } else {
+            None
+        };
         let lab = Lab {
             dir: dir.to_path_buf(),
             temp: None,
             certs,
             bins: Bins::locate()?,
             agent_nbd: agent.addr(),
-            ps_addr: ps.addr(),
-            mt_addr: mt.addr(),
+            ps_addr,
+            mt_addr,
             mt_nbd: mt.addr(),
+            proxies,
             procs: Procs::new(dir),
             rt: tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
@@ -206,7 +223,7 @@ impl Lab {
             &self.agent_state_dir(),
             self.agent_nbd,
             &disks,
-            self.ps_addr,
+            self.ps_link(),
             tls(&format!("agent-{}", o.machine)),
         );
         agent.crash_interval_ms = o.crash_interval_ms;
@@ -218,7 +235,7 @@ impl Lab {
         let mut ps = config::ps(
             self.ps_addr,
             &self.path("ps-cache"),
-            self.mt_addr,
+            self.mt_link(),
             tls("ps"),
         );
         ps.cache_max_bytes = o.ps_cache_max_bytes;
@@ -227,6 +244,22 @@ impl Lab {
         let mut mt = config::mt(self.mt_addr, self.mt_nbd, &self.path("mt-data"), tls("mt"));
         mt.retention = o.retention.clone();
         config::write_toml(&self.config_path(Component::Mt), &mt)
+    }
+
+    /// The fault proxies, agent → PS and PS → MT, when the lab runs with
+    /// [`LabOptions::fault_proxies`].
+    pub fn proxies(&self) -> Option<(&FaultProxy, &FaultProxy)> {
+        self.proxies.as_ref().map(|(a, b)| (a, b))
+    }
+
+    /// Where the agent reaches the PS: its proxy, or the PS itself.
+    fn ps_link(&self) -> SocketAddr {
+        self.proxies.as_ref().map_or(self.ps_addr, |p| p.0.addr())
+    }
+
+    /// Where the PS reaches the MT: its proxy, or the MT itself.
+    fn mt_link(&self) -> SocketAddr {
+        self.proxies.as_ref().map_or(self.mt_addr, |p| p.1.addr())
     }
 
     fn ready_addr(&self, c: Component) -> SocketAddr {
