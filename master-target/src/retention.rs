@@ -6,7 +6,10 @@
 //! need those. Points older than the window are dropped; when the journals
 //! of a replication exceed the size cap, the oldest points go too and the
 //! window shrinks. The newest point is always kept, so a replication that
-//! had a point keeps one. The window and the cap are the replication's own
+//! had a point keeps one. A point's age is measured from when the MT cut it,
+//! by the MT's own clock (see `catalog`): the agent's clock, in the tag, may
+//! be a day off without dropping points early or keeping them forever.
+//! The window and the cap are the replication's own
 //! (its policy) where set, else the MT's `[retention]` defaults, read at
 //! every pass. Rolled-back replications are left alone: their
 //! journals may still be needed to choose another point.
@@ -76,8 +79,9 @@ impl Replication {
         let points = inner.points().as_slice();
         let n = points.len();
         let window_ms = cfg.window_secs.saturating_mul(1000);
+        let age = |i: usize| now_ms.saturating_sub(inner.points().retention_ms(i));
         let mut d = 0;
-        while d < n - 1 && now_ms.saturating_sub(points[d].time_ms) > window_ms {
+        while d < n - 1 && age(d) > window_ms {
             d += 1;
         }
         let by_window = d;
@@ -120,7 +124,7 @@ impl Replication {
                 max_bytes = cfg.max_bytes,
                 journal_bytes = out.journal_bytes,
                 "retention size cap reached: window shrank to {}, oldest point now {}",
-                human_duration(now_ms.saturating_sub(oldest.time_ms)),
+                human_duration(now_ms.saturating_sub(inner.points().retention_ms(0))),
                 oldest.id
             );
         }

@@ -1,19 +1,162 @@
 //! A replication's own retention (SetRetention): kept before the
 //! replication exists and applied when it is created, saved with its state
 //! across restarts, reported in the status, and used by the retention pass
-//! instead of the MT's defaults. And what EndReplication leaves on disk.
+//! instead of the MT's defaults. Retention ages points by the MT's clock
+//! when it cut them, not by the agent's clock in the tag. And what
+//! EndReplication leaves on disk.
 
 use super::lifecycle::control;
-use super::{applied_history, check_all, info, open_store, RID};
+use super::{applied, applied_history, check_all, history, info, open_store, Gen, RID};
+use crate::catalog::{self, Cataloged, PointEntry};
 use crate::config::{HooksConfig, RetentionConfig};
 use crate::control::mt_status;
 use crate::replication::Store;
 use crate::retention_policy::PENDING_FILE;
 use crate::state::RetentionPolicy;
+use rebound_common::time::now_ms;
 use rebound_proto::control as pb;
 use rebound_proto::control::command::Cmd;
 use std::path::Path;
 use std::sync::Arc;
+
+const DAY_MS: u64 = 86_400_000;
+
+/// Rewrites the catalog of [`RID`] in `dir` as if the MT had cut each point
+/// at `cut(point)` (`None`: a line from before the MT stamped its cuts),
+/// with the store closed, and opens it again.
+pub(crate) fn restamp(
+    dir: &Path,
+    held: (Arc<Store>, Arc<crate::replication::Replication>),
+    cut: impl Fn(&PointEntry) -> Option<u64>,
+) -> (Arc<Store>, Arc<crate::replication::Replication>) {
+    let path = held.1.root().join("points.log");
+    drop(held);
+    let lines: Vec<Cataloged> = catalog::load(&path, false)
+        .unwrap()
+        .into_iter()
+        .map(|point| Cataloged {
+            cut_ms: cut(&point),
+            point,
+        })
+        .collect();
+    catalog::rewrite(&path, &lines).unwrap();
+    open_store(dir)
+}
+
+/// The standard history with the agent's clock `skew_ms` ahead of (or,
+/// negative, behind) the MT's, applied now.
+fn history_with_agent_clock(seed: u64, skew_ms: i64) -> Gen {
+    let mut g = history(seed);
+    let base = now_ms().saturating_add_signed(skew_ms);
+    // Re-time the tags as that agent would have stamped them.
+    for r in g.records.iter_mut() {
+        if let rebound_common::frame::Record::Tag(t) = r {
+            t.time_ms = t.time_ms - 1_000_000 + base;
+        }
+    }
+    g
+}
+
+#[test]
+fn an_agent_clock_a_day_behind_drops_nothing_inside_the_window() {
+    let g = history_with_agent_clock(31, -(DAY_MS as i64));
+    let (_dir, _s, r) = applied(&g, 10);
+    assert!(
+        r.points()[0].time_ms < now_ms() - DAY_MS / 2,
+        "the tags carry the agent's time"
+    );
+    let hour = RetentionConfig {
+        window_secs: 3600,
+        max_bytes: 0,
+        check_secs: 1,
+    };
+    let out = r.enforce_retention(&hour, now_ms()).unwrap();
+    assert_eq!(
+        out.dropped, 0,
+        "points cut just now are inside a 1 h window: {out:?}"
+    );
+    assert_eq!(r.points().len(), 5);
+    check_all(&r, &g);
+}
+
+#[test]
+fn an_agent_clock_a_day_ahead_does_not_keep_points_forever() {
+    let g = history_with_agent_clock(32, DAY_MS as i64);
+    let (_dir, _s, r) = applied(&g, 10);
+    assert!(
+        r.points()[0].time_ms > now_ms() + DAY_MS / 2,
+        "the tags carry the agent's time"
+    );
+    let hour = RetentionConfig {
+        window_secs: 3600,
+        max_bytes: 0,
+        check_secs: 1,
+    };
+    assert_eq!(r.enforce_retention(&hour, now_ms()).unwrap().dropped, 0);
+    // Two hours later by the MT's clock every point but the newest is out
+    // of the window, whatever the agent's clock said.
+    let out = r
+        .enforce_retention(&hour, now_ms() + 2 * 3600 * 1000)
+        .unwrap();
+    assert_eq!(out.dropped, 4, "{out:?}");
+    assert_eq!(out.oldest.as_deref(), Some("p4"));
+    check_all(&r, &g);
+}
+
+#[test]
+fn the_window_is_measured_from_when_the_mt_cut_each_point() {
+    // The agent's clock is a day ahead; the MT cut the points an hour
+    // apart, p4 just now.
+    let g = history_with_agent_clock(33, DAY_MS as i64);
+    let (dir, s, r) = applied(&g, 10);
+    let now = now_ms();
+    let (_s, r) = restamp(dir.path(), (s, r), |p| {
+        let i: u64 = p.id[1..].parse().unwrap();
+        Some(now - (4 - i) * 3600 * 1000)
+    });
+    let window = |hours: u64| RetentionConfig {
+        window_secs: hours * 3600,
+        max_bytes: 0,
+        check_secs: 1,
+    };
+    // Half an hour later p0 and p1 are 4.5 h and 3.5 h old by the MT's
+    // clock: out of a 3 h window; p2 (2.5 h) stays.
+    let out = r.enforce_retention(&window(3), now + 1800 * 1000).unwrap();
+    assert_eq!(out.dropped, 2, "{out:?}");
+    assert_eq!(out.oldest.as_deref(), Some("p2"));
+    check_all(&r, &g);
+    // The stamps survive a restart (and the rewrite retention did).
+    drop(r);
+    drop(_s);
+    let (_s, r) = open_store(dir.path());
+    assert_eq!(
+        r.enforce_retention(&window(3), now + 1800 * 1000)
+            .unwrap()
+            .dropped,
+        0
+    );
+    // Three hours on, p2 and p3 are out too; p4 (exactly 3 h) stays.
+    let out = r
+        .enforce_retention(&window(3), now + 3 * 3600 * 1000)
+        .unwrap();
+    assert_eq!(out.dropped, 2, "{out:?}");
+    check_all(&r, &g);
+}
+
+#[test]
+fn a_catalog_from_before_the_mt_stamped_its_cuts_ages_points_by_the_agents_time() {
+    let (g, dir, s, r) = applied_history(34, 10);
+    let (_s, r) = restamp(dir.path(), (s, r), |_| None);
+    let times: Vec<u64> = r.points().iter().map(|p| p.time_ms).collect();
+    let second = RetentionConfig {
+        window_secs: 1,
+        max_bytes: 0,
+        check_secs: 1,
+    };
+    let out = r.enforce_retention(&second, times[3] + 500).unwrap();
+    assert_eq!(out.dropped, 3, "{out:?}");
+    check_all(&r, &g);
+}
 
 /// Sends SetRetention for `id` through the control handler.
 fn set(s: &Arc<Store>, id: &str, window_secs: u64, max_bytes: u64) -> pb::CommandResult {
@@ -101,7 +244,9 @@ fn set_retention_on_a_live_replication_survives_a_restart_and_zero_means_the_def
 
 #[test]
 fn the_retention_pass_prunes_by_the_replications_window_not_the_default() {
-    let (g, _dir, s, r) = applied_history(22, 10);
+    let (g, dir, s, r) = applied_history(22, 10);
+    // The MT cut each point at the agent's time (the clocks agree).
+    let (s, r) = restamp(dir.path(), (s, r), |p| Some(p.time_ms));
     let times: Vec<u64> = r.points().iter().map(|p| p.time_ms).collect();
     let now = times[3] + 500;
     // The default keeps a year: nothing to drop.
