@@ -30,6 +30,7 @@ mod error;
 mod handshake;
 mod proto;
 mod server;
+mod stream;
 pub mod tls;
 mod transmission;
 mod uri;
@@ -52,6 +53,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 pub use error::NbdError;
+pub use stream::serve_stream;
 pub use tls::NbdTls;
 
 use crate::pki::PeerIdentity;
