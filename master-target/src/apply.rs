@@ -27,7 +27,9 @@
 //! crash), and re-applying the frames is harmless because blocks already
 //! saved in the interval are not saved again and writes are idempotent.
 //! After a failed fdatasync nothing is rebuilt: the replication is poisoned
-//! and refuses apply until the MT restarts (see `replication`).
+//! and refuses apply until the MT restarts (see `replication`). A write
+//! that failed for want of space is retried by `disk_full` once space
+//! returns.
 
 use crate::catalog::PointEntry;
 use crate::error::{io_err, MtError, Result};
@@ -64,6 +66,21 @@ enum Op<'a> {
     },
 }
 
+/// Why `first..=last` cannot be a frame's seq range, if it cannot: seqs
+/// start at 1, a range is not reversed, and `u64::MAX` is never a seq (so
+/// `last + 1`, the next seq apply expects, cannot overflow).
+fn seq_range_flaw(first: u64, last: u64) -> Option<&'static str> {
+    if first == 0 {
+        Some("seqs start at 1")
+    } else if last < first {
+        Some("the range is reversed")
+    } else if last == u64::MAX {
+        Some("u64::MAX is not a seq")
+    } else {
+        None
+    }
+}
+
 /// Writes gathered for one fdatasync of the journal.
 #[derive(Default)]
 struct Batch<'a> {
@@ -84,19 +101,32 @@ impl Batch<'_> {
     }
 }
 
-/// A verified, decoded frame waiting for its durability cycle.
+/// A verified, decoded frame waiting for its durability cycle (a clone
+/// shares the records' data).
+#[derive(Clone)]
 pub(crate) struct Prepared {
     first_seq: u64,
     last_seq: u64,
     records: Vec<Record>,
     /// Bytes of record data it holds in memory.
     data_bytes: usize,
+    /// Bytes its zero records clear.
+    zero_bytes: u64,
 }
 
 impl Prepared {
     /// Bytes of record data it holds in memory.
     pub(crate) fn data_bytes(&self) -> usize {
         self.data_bytes
+    }
+
+    /// Disk space applying it can take, at most: an undo record and a
+    /// replica block for every byte written, an undo record for every
+    /// byte zeroed.
+    pub(crate) fn space_needed(&self) -> u64 {
+        (self.data_bytes as u64)
+            .saturating_mul(2)
+            .saturating_add(self.zero_bytes)
     }
 }
 
@@ -150,6 +180,9 @@ impl Replication {
                 h.replication_id, self.id()
             )));
         }
+        if let Some(why) = seq_range_flaw(h.first_seq, h.last_seq) {
+            return Err(self.malformed(&range, why));
+        }
         let records = frame.shared_records(bytes).map_err(|e| {
             let msg = format!(
                 "replication {} frame seq {range} refused: {e}; nothing of it was applied; the process server must resend it",
@@ -161,19 +194,34 @@ impl Replication {
                 _ => MtError::InvalidArgument(msg),
             }
         })?;
-        let data_bytes = records
-            .iter()
-            .map(|r| match r {
-                Record::Write { data, .. } => data.len(),
-                _ => 0,
-            })
-            .sum();
+        // The range is valid, so the count cannot overflow.
+        if records.len() as u64 != h.last_seq - h.first_seq + 1 {
+            return Err(self.malformed(&range, "its body holds a different number of records"));
+        }
+        let (mut data_bytes, mut zero_bytes) = (0usize, 0u64);
+        for r in &records {
+            match r {
+                Record::Write { data, .. } => data_bytes += data.len(),
+                Record::Zero { len, .. } => zero_bytes = zero_bytes.saturating_add(*len),
+                _ => {}
+            }
+        }
         Ok(Prepared {
             first_seq: h.first_seq,
             last_seq: h.last_seq,
             records,
             data_bytes,
+            zero_bytes,
         })
+    }
+
+    /// The refusal of a frame whose seq range cannot be right.
+    fn malformed(&self, range: &str, why: &str) -> MtError {
+        warn!(replication = %self.id(), seq = %range, why, "malformed frame refused");
+        MtError::InvalidArgument(format!(
+            "replication {} refused the frame seq {range}: {why}; nothing of it was applied; the process server sent a malformed frame and must not resend it as it is",
+            self.id()
+        ))
     }
 
     /// Applies prepared frames, at most [`CYCLE_BYTES`] of data per
@@ -267,7 +315,13 @@ impl Replication {
             )));
         }
         let skip = (next - f.first_seq) as usize;
-        self.validate(next, &f.records[skip..])?;
+        let Some(rest) = f.records.get(skip..) else {
+            return Err(self.malformed(
+                &format!("{}..={}", f.first_seq, f.last_seq),
+                "it holds fewer records than its range",
+            ));
+        };
+        self.validate(next, rest)?;
         Ok(Some(skip))
     }
 

@@ -8,7 +8,9 @@
 //!    [`CYCLE_BYTES`] of record data;
 //! 3. **apply** (the session): the prepared batches ready so far go through
 //!    one durability cycle (`Replication::apply_prepared`), and only then is
-//!    the highest applied seq acknowledged.
+//!    the highest applied seq acknowledged. A cycle that runs out of disk
+//!    space waits for space and is retried (`disk_full`) with the stream
+//!    open and nothing more acknowledged.
 //!
 //! Frames keep their stream order through every stage, and a refused frame
 //! stops the stream where it is: the frames before it are applied and
@@ -157,6 +159,19 @@ async fn prepare_ahead(
     }
 }
 
+/// The frames before the first refused one, and that refusal (nothing
+/// after it is applied).
+fn split_at_refusal(frames: Vec<Result<Prepared, MtError>>) -> (Vec<Prepared>, Option<MtError>) {
+    let mut ok = Vec::with_capacity(frames.len());
+    for f in frames {
+        match f {
+            Ok(p) => ok.push(p),
+            Err(e) => return (ok, Some(e)),
+        }
+    }
+    (ok, None)
+}
+
 /// One apply stream: hello → resume_seq, then frames → applied_seq, until
 /// the PS closes it, an error, or shutdown (between cycles). Every cycle
 /// applies the batches prepared so far (each up to [`CYCLE_BYTES`]) and
@@ -227,10 +242,22 @@ pub(crate) async fn apply_session(
         }
         if !batch.frames.is_empty() {
             let r = repl.clone();
-            let frames = std::mem::take(&mut batch.frames);
-            let (applied, result) = tokio::task::spawn_blocking(move || r.apply_prepared(frames))
-                .await
-                .map_err(|e| Status::internal(format!("storage task failed: {e}")))?;
+            let (frames, refused) = split_at_refusal(std::mem::take(&mut batch.frames));
+            let ended = {
+                let (stop, tx) = (stop.clone(), tx.clone());
+                move || *stop.borrow() || tx.is_closed()
+            };
+            let (applied, result) = tokio::task::spawn_blocking(move || {
+                let (applied, r) = r.apply_waiting_for_space(frames, &ended);
+                (applied, r.and(refused.map_or(Ok(()), Err)))
+            })
+            .await
+            .map_err(|e| {
+                Status::internal(format!(
+                    "replication {}: the storage task applying frames failed ({e}); nothing more was acknowledged, and the process server resends from the applied seq on its next stream",
+                    repl.id()
+                ))
+            })?;
             if result.is_ok() || applied > acked {
                 acked = acked.max(applied);
                 if tx
@@ -243,7 +270,7 @@ pub(crate) async fn apply_session(
             }
             if let Err(e) = result {
                 let s = Status::from(e);
-                warn!(replication = %repl.id(), code = ?s.code(), error = %s.message(), "frame refused");
+                warn!(replication = %repl.id(), peer = %peer, code = ?s.code(), error = %s.message(), "frame refused");
                 return Err(s);
             }
         }

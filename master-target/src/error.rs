@@ -84,6 +84,26 @@ impl MtError {
         )
     }
 
+    /// Whether a write failed for want of space (ENOSPC, or EDQUOT for a
+    /// quota): apply waits for space and retries instead of failing. A
+    /// failed fdatasync is not one of these even with ENOSPC: what the disk
+    /// holds is then unknown (see [`MtError::is_failed_sync`]).
+    pub fn is_no_space(&self) -> bool {
+        if self.is_failed_sync() {
+            return false;
+        }
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cause {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                if matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
+                    return true;
+                }
+            }
+            cause = e.source();
+        }
+        false
+    }
+
     /// Wraps an IO error with a description of what was being done.
     pub fn io(what: impl Into<String>, source: std::io::Error) -> MtError {
         MtError::Io {

@@ -22,9 +22,19 @@ impl Events {
 
     /// Raises an error event about `replication`.
     pub fn error(&self, kind: &str, replication: &str, message: String) {
+        self.raise("error", kind, replication, message);
+    }
+
+    /// Raises an informational event about `replication` (a problem that
+    /// solved itself).
+    pub fn info(&self, kind: &str, replication: &str, message: String) {
+        self.raise("info", kind, replication, message);
+    }
+
+    fn raise(&self, severity: &str, kind: &str, replication: &str, message: String) {
         if let Some(h) = self.0.get() {
             h.event(pb::Event {
-                severity: "error".into(),
+                severity: severity.into(),
                 kind: kind.into(),
                 message,
                 replication_id: replication.into(),

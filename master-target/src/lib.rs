@@ -17,6 +17,7 @@ pub mod catalog;
 pub mod config;
 pub mod control;
 mod copyback;
+mod disk_full;
 pub mod error;
 pub mod events;
 pub mod handover;

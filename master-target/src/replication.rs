@@ -8,6 +8,7 @@
 //! until the process restarts and recovers it from what the disk holds.
 
 use crate::catalog::PointEntry;
+use crate::disk_full::DiskFull;
 use crate::error::{io_err, MtError, Result};
 use crate::events::Events;
 use crate::layout::{valid_name, Layout};
@@ -21,7 +22,8 @@ use rebound_common::time::now_ms;
 use rebound_proto::ReplicationInfo;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio::sync::watch;
 use tracing::{error, warn};
 
@@ -56,6 +58,11 @@ pub struct Replication {
     /// Why the replication refuses changes until the process restarts: a
     /// failed fdatasync (see the module doc).
     poisoned: Mutex<Option<String>>,
+    /// Memory may not match the files: a failed write path could not
+    /// rebuild the state from disk, so the next writer does first.
+    stale: AtomicBool,
+    /// Apply waits for space (see `disk_full`).
+    disk_full: Mutex<Option<DiskFull>>,
 }
 
 /// A summary for listings.
@@ -71,6 +78,8 @@ pub struct ReplicationStatus {
     /// Why the replication refuses changes until the MT restarts (a failed
     /// fdatasync), if it does.
     pub poisoned: Option<String>,
+    /// Why apply waits for space, if it does.
+    pub disk_full: Option<String>,
 }
 
 fn validate_info(info: &StoredInfo) -> Result<()> {
@@ -218,6 +227,8 @@ impl Replication {
             applied_tx,
             env: env.clone(),
             poisoned: Mutex::new(None),
+            stale: AtomicBool::new(false),
+            disk_full: Mutex::new(None),
         })
     }
 
@@ -282,6 +293,22 @@ impl Replication {
         &self.layout
     }
 
+    /// Where the replication raises events.
+    pub(crate) fn events(&self) -> &Events {
+        &self.env.events
+    }
+
+    /// Apply's disk-full episode, if one is going on.
+    pub(crate) fn disk_full(&self) -> Option<DiskFull> {
+        self.disk_full_slot().clone()
+    }
+
+    pub(crate) fn disk_full_slot(&self) -> MutexGuard<'_, Option<DiskFull>> {
+        self.disk_full
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// The storage the replication's durable writes go through.
     pub(crate) fn storage(&self) -> &dyn Storage {
         self.env.storage.as_ref()
@@ -320,6 +347,7 @@ impl Replication {
             rollback_pending: inner.state().rollback.as_ref().map(|r| r.point.id.clone()),
             journal_bytes: inner.journal_bytes(),
             poisoned: self.poisoned(),
+            disk_full: self.disk_full_cause(),
         }
     }
 
@@ -481,18 +509,24 @@ impl Replication {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The write side. A lock poisoned by a panic mid-update is healed by
-    /// recovering the state from disk, exactly as after a crash.
+    /// The write side. A lock poisoned by a panic mid-update, or a state
+    /// a failed write could not rebuild, is healed by recovering the state
+    /// from disk, exactly as after a crash; until that succeeds every
+    /// writer gets its error.
     pub(crate) fn write_inner(&self) -> Result<RwLockWriteGuard<'_, Inner>> {
-        match self.inner.write() {
-            Ok(g) => Ok(g),
+        let mut g = match self.inner.write() {
+            Ok(g) => g,
             Err(poisoned) => {
-                let mut g = poisoned.into_inner();
-                self.reload(&mut g)?;
+                self.stale.store(true, Ordering::SeqCst);
                 self.inner.clear_poison();
-                Ok(g)
+                poisoned.into_inner()
             }
+        };
+        if self.stale.load(Ordering::SeqCst) {
+            self.reload(&mut g)?;
+            self.stale.store(false, Ordering::SeqCst);
         }
+        Ok(g)
     }
 
     /// After a failed write path: rebuilds the in-memory state from disk,
@@ -504,7 +538,8 @@ impl Replication {
             return;
         }
         if let Err(e2) = self.reload(inner) {
-            error!(replication = %self.id, error = %e2, "cannot recover the replication state from disk");
+            self.stale.store(true, Ordering::SeqCst);
+            error!(replication = %self.id, error = %e2, "cannot recover the replication state from disk; the next change tries again first");
         }
     }
 

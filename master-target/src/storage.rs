@@ -126,7 +126,8 @@ mod faulty {
     /// A storage that behaves like [`Disk`] until an armed fault fires:
     /// the `nth` (1-based) call of `op` on `target` counted from arming
     /// fails with EIO. With `crash` every call after it fails too, as if
-    /// the process had died there.
+    /// the process had died there. [`Faulty::arm_full`] fills the disk
+    /// instead.
     #[derive(Default)]
     pub(crate) struct Faulty {
         plan: Mutex<Option<Plan>>,
@@ -134,20 +135,42 @@ mod faulty {
 
     struct Plan {
         op: Op,
-        target: Target,
+        /// None: any file.
+        target: Option<Target>,
         left: usize,
         crash: bool,
         fired: bool,
+        /// The error of a failing call.
+        errno: i32,
+        /// Once fired, only calls of `op` fail (a full disk fails writes,
+        /// not the syncs of what was written).
+        only_op: bool,
     }
 
     impl Faulty {
         pub fn arm(&self, op: Op, target: Target, nth: usize, crash: bool) {
             *self.plan.lock().unwrap() = Some(Plan {
                 op,
-                target,
+                target: Some(target),
                 left: nth,
                 crash,
                 fired: false,
+                errno: libc::EIO,
+                only_op: false,
+            });
+        }
+
+        /// The disk fills: from the `nth` write on (of any file) every
+        /// write fails with ENOSPC until [`Faulty::disarm`].
+        pub fn arm_full(&self, nth: usize) {
+            *self.plan.lock().unwrap() = Some(Plan {
+                op: Op::Write,
+                target: None,
+                left: nth,
+                crash: true,
+                fired: false,
+                errno: libc::ENOSPC,
+                only_op: true,
             });
         }
 
@@ -165,22 +188,20 @@ mod faulty {
             let Some(p) = plan.as_mut() else {
                 return Ok(());
             };
+            let err = io::Error::from_raw_os_error(p.errno);
             if p.fired {
-                return if p.crash { Err(eio()) } else { Ok(()) };
+                let fails = p.crash && (!p.only_op || p.op == op);
+                return if fails { Err(err) } else { Ok(()) };
             }
-            if p.op == op && p.target == target {
+            if p.op == op && p.target.is_none_or(|t| t == target) {
                 p.left -= 1;
                 if p.left == 0 {
                     p.fired = true;
-                    return Err(eio());
+                    return Err(err);
                 }
             }
             Ok(())
         }
-    }
-
-    fn eio() -> io::Error {
-        io::Error::from_raw_os_error(libc::EIO)
     }
 
     impl Storage for Faulty {

@@ -218,3 +218,186 @@ fn failed_fdatasync_poisons_until_restart_and_loses_nothing_acknowledged() {
         check_all(&r, &g);
     }
 }
+
+/// A frame with any header over `body` (its hash valid, so only the seq
+/// range can be wrong), as a broken or hostile PS could send.
+fn hand_made(first_seq: u64, last_seq: u64, body: Vec<u8>) -> Vec<u8> {
+    use rebound_common::frame::{Frame, FrameHeader};
+    Frame {
+        header: FrameHeader {
+            replication_id: RID.into(),
+            first_seq,
+            last_seq,
+            flags: 0,
+            uncompressed_len: body.len() as u32,
+            hash: *blake3::hash(&body).as_bytes(),
+        },
+        body,
+    }
+    .to_bytes()
+}
+
+/// The body of `n` 4 KiB writes of `byte` at the start of disk 0.
+fn writes_body(n: u64, byte: u8) -> Vec<u8> {
+    let mut b = FrameBuilder::new(RID, 1);
+    for i in 0..n {
+        b.push_write(0, i * 4096, &[byte; 4096]);
+    }
+    b.finish().body
+}
+
+/// Frames whose seq range does not fit their records (first seq 0, an
+/// empty body, a count that does not match, a range reaching u64::MAX) are
+/// refused with an error naming the replication and the range: never a
+/// panic, nothing of them applied, and the replication goes on applying
+/// good frames afterwards (exact by blake3).
+#[test]
+fn malformed_seq_ranges_are_refused_and_apply_goes_on() {
+    let (g, _dir, _s, r) = super::applied_history(3, 10);
+    let n = g.seq();
+    let cases: Vec<(&str, u64, u64, Vec<u8>)> = vec![
+        (
+            "first seq 0, empty body, to u64::MAX",
+            0,
+            u64::MAX,
+            Vec::new(),
+        ),
+        ("first seq 0, one record", 0, 0, writes_body(1, 0xa1)),
+        (
+            "first seq 0, records up to the next seq",
+            0,
+            n + 1,
+            writes_body(n + 2, 0xa2),
+        ),
+        ("empty body", n + 1, n + 1, Vec::new()),
+        (
+            "more records than the range",
+            n + 1,
+            n + 1,
+            writes_body(2, 0xa3),
+        ),
+        (
+            "fewer records than the range",
+            n + 1,
+            n + 3,
+            writes_body(2, 0xa4),
+        ),
+        (
+            "range up to u64::MAX",
+            n + 1,
+            u64::MAX,
+            writes_body(1, 0xa5),
+        ),
+        (
+            "range at u64::MAX",
+            u64::MAX,
+            u64::MAX,
+            writes_body(1, 0xa6),
+        ),
+    ];
+    for (what, first, last, body) in cases {
+        let bytes = hand_made(first, last, body);
+        let r2 = r.clone();
+        let res =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || r2.apply_frame(&bytes)));
+        let res = res.unwrap_or_else(|_| panic!("{what}: apply panicked"));
+        let e = res.expect_err(what);
+        let msg = e.to_string();
+        assert!(
+            matches!(
+                e,
+                MtError::InvalidArgument(_) | MtError::FailedPrecondition(_)
+            ),
+            "{what}: {e:?}"
+        );
+        assert!(
+            msg.contains(RID) && msg.contains(&format!("{first}..={last}")),
+            "{what}: the error names neither the replication nor the range: {msg}"
+        );
+        assert_eq!(r.applied_seq(), n, "{what}: applied seq moved");
+    }
+    check_all(&r, &g);
+    // Good frames still apply after every refusal.
+    let mut g = g;
+    g.random_ops(10);
+    g.tag("after");
+    apply_range(&r, &g, n + 1, g.seq(), 4);
+    check_all(&r, &g);
+}
+
+/// Records `from..=to` of `g` prepared for apply, in frames of `per`.
+fn prepared(
+    r: &crate::Replication,
+    g: &super::Gen,
+    from: u64,
+    to: u64,
+    per: u64,
+) -> Vec<crate::apply::Prepared> {
+    (from..=to)
+        .step_by(per as usize)
+        .map(|s| {
+            let bytes = prost::bytes::Bytes::from(g.frame_bytes(s, (s + per - 1).min(to)));
+            r.prepare_frame(&bytes).expect("a good frame")
+        })
+        .collect()
+}
+
+/// The disk fills in the middle of a cycle (journal appends, replica
+/// writes, catalog and seq writes fail with ENOSPC from the third write
+/// on): apply neither fails back to the PS nor acknowledges anything more;
+/// it says why (the replication's status names it and the bytes needed)
+/// and waits; once space returns it applies everything by itself, every
+/// point and latest exact, also after a restart.
+#[test]
+fn out_of_space_waits_then_applies_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = history(13);
+    let n = g.seq();
+    let half = n / 2;
+    let faulty = Arc::new(Faulty::default());
+    let (_s, r) = open_store_on(dir.path(), faulty.clone());
+    apply_range(&r, &g, 1, half, 9);
+    faulty.arm_full(3);
+    let frames = prepared(&r, &g, half + 1, n, 9);
+    std::thread::scope(|s| {
+        let waiting = s.spawn(|| r.apply_waiting_for_space(frames, &|| false));
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        assert!(faulty.fired());
+        assert!(!waiting.is_finished(), "apply gave up on a full disk");
+        let cause = r
+            .status()
+            .disk_full
+            .expect("the status says the disk is full");
+        assert!(cause.contains(RID) && cause.contains("bytes"), "{cause}");
+        assert!(r.applied_seq() < n, "applied everything on a full disk");
+        faulty.disarm();
+        let (applied, res) = waiting.join().unwrap();
+        res.expect("applied once space returned");
+        assert_eq!(applied, n);
+    });
+    assert!(r.status().disk_full.is_none());
+    check_all(&r, &g);
+    drop((_s, r));
+    super::check_after_restart(dir.path(), &g);
+}
+
+/// A stream that ends while its apply waits for space gets the ENOSPC
+/// error back, with nothing of the failed cycle acknowledged.
+#[test]
+fn out_of_space_wait_ends_with_the_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = history(14);
+    let n = g.seq();
+    let faulty = Arc::new(Faulty::default());
+    let (_s, r) = open_store_on(dir.path(), faulty.clone());
+    apply_range(&r, &g, 1, n / 2, 9);
+    faulty.arm_full(1);
+    let frames = prepared(&r, &g, n / 2 + 1, n, 9);
+    let (applied, res) = r.apply_waiting_for_space(frames, &|| true);
+    let e = res.expect_err("the disk is full");
+    assert!(e.is_no_space(), "{e}");
+    assert_eq!(applied, n / 2);
+    faulty.disarm();
+    apply_range(&r, &g, n / 2 + 1, n, 9);
+    check_all(&r, &g);
+}
