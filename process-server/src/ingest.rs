@@ -215,7 +215,7 @@ async fn stream_loop(
     let mut preparing: FuturesOrdered<Preparing> = FuturesOrdered::new();
     let mut compressor = Compressor::new(ctx.compression_level);
     let mut stopping = ctx.stopping.clone();
-    let account = ctx.cache.account().clone();
+    let account = rep.account().clone();
     let mut position = 0u64;
     let mut acked = 0u64;
     loop {
