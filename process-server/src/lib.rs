@@ -185,6 +185,7 @@ where
     };
     if let Some(h) = &control {
         link.set_events(h.clone());
+        cache.account().set_events(h.clone());
     }
     let incoming = acceptor.incoming(listener);
     let signal = async move {

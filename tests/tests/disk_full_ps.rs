@@ -1,2 +1,163 @@
 //! ENOSPC at the process server's cache: an event, backpressure, nothing
 //! acknowledged lost, and replication resumes by itself when space returns.
+//!
+//! The PS's cache directory is a 16 MiB tmpfs (the test needs root to mount
+//! it), filled with a ballast file until almost nothing is free; the agent
+//! keeps writing. The PS must then stop reading the agent's stream (no
+//! refusals, no acknowledgement of what it could not store) so the agent
+//! falls back to bitmap mode, say why (`disk-full`, naming the replication
+//! and the path), and resume once the ballast is deleted.
+
+use rebound_lab::*;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// A tmpfs mounted on a directory, unmounted on drop (lazily, in case a
+/// process still has a file open in it).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "this test needs root to mount a tmpfs on {} (for a small, fillable PS cache disk): {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fills the filesystem of `path` with it until ENOSPC, then gives back
+/// `keep` bytes.
+fn fill(path: &Path, keep: u64) {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let chunk = vec![0xa5u8; 64 << 10];
+    let mut written = 0u64;
+    while f.write_all(&chunk).is_ok() {
+        written += chunk.len() as u64;
+    }
+    let _ = f.sync_all();
+    // A partial write may have landed past `written`.
+    f.set_len(written.saturating_sub(keep)).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn count(log: &str, what: &str) -> usize {
+    log.lines().filter(|l| l.contains(what)).count()
+}
+
+#[test]
+fn ps_cache_enospc_backpressure_then_resume() {
+    let mut lab = Lab::new(LabOptions {
+        disks: vec![("disk0".into(), 64 << 20)],
+        agent_buffer_bytes: 8 << 20,
+        ..Default::default()
+    })
+    .unwrap();
+    // Frames stored raw, so the writes below take their size in the cache.
+    let ps_toml = lab.config_path(Component::Ps);
+    let config = std::fs::read_to_string(&ps_toml).unwrap();
+    assert!(config.contains("compression_level = 1"), "{config}");
+    std::fs::write(
+        &ps_toml,
+        config.replace("compression_level = 1", "compression_level = 0"),
+    )
+    .unwrap();
+    let cache = lab.path("ps-cache");
+    let _tmpfs = Tmpfs::mount(&cache, "16m");
+    lab.start_all().unwrap();
+    let (before_id, before_seq, before_hash) = lab.tag_hash("crash").unwrap();
+    lab.wait_applied(before_seq, Duration::from_secs(60))
+        .unwrap();
+
+    // The cache's disk fills while the MT applies nothing new (stopped),
+    // so no trimming frees space either.
+    lab.stop(Component::Mt).unwrap();
+    let ballast = cache.join("ballast");
+    fill(&ballast, 256 << 10);
+    let refused_before = count(&lab.log(Component::Ps), "agent stream refused");
+    let uri = lab.agent_uri("disk0");
+    let mut rng = Rng::new(7);
+    // ~20 MiB of writes: far more than the free space and the agent's buffer.
+    for _ in 0..5 {
+        qemu_io(&uri, &random_writes(&mut rng, 64 << 20, 32)).unwrap();
+    }
+    wait_until(
+        "the PS reports its full disk",
+        Duration::from_secs(30),
+        || lab.log(Component::Ps).contains("disk-full"),
+    )
+    .unwrap_or_else(|e| panic!("{e}; PS log tail:\n{}", lab.log_tail(Component::Ps, 30)));
+    wait_until("the agent in bitmap mode", Duration::from_secs(60), || {
+        lab.agent_status()
+            .map(|s| s["mode"] == "bitmap")
+            .unwrap_or(false)
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let log = lab.log(Component::Ps);
+    assert_eq!(
+        count(&log, "agent stream refused"),
+        refused_before,
+        "the PS refused the agent's stream on a full disk instead of pausing it; PS log tail:\n{}",
+        lab.log_tail(Component::Ps, 30)
+    );
+    let line = log
+        .lines()
+        .find(|l| l.contains("disk-full"))
+        .unwrap()
+        .to_string();
+    assert!(
+        line.contains(&cache.display().to_string()) && line.contains("replication"),
+        "the disk-full report names neither the cache path nor the replication: {line}"
+    );
+
+    // Space returns: replication resumes by itself, nothing was lost.
+    std::fs::remove_file(&ballast).unwrap();
+    lab.start(Component::Mt).unwrap();
+    wait_until("agent back in data mode", Duration::from_secs(120), || {
+        lab.agent_status()
+            .map(|s| s["mode"] == "data")
+            .unwrap_or(false)
+    })
+    .unwrap();
+    let (id, seq, h) = lab.tag_hash("crash").unwrap();
+    assert_eq!(
+        lab.applied_point_hash(&id, seq, Duration::from_secs(120))
+            .unwrap(),
+        h,
+        "the point after the full disk differs from the source"
+    );
+    assert_eq!(
+        lab.point_hash("disk0", &before_id).unwrap(),
+        before_hash,
+        "the point before the full disk changed"
+    );
+    let log = lab.log(Component::Ps);
+    assert!(
+        log.contains("disk space returned"),
+        "the PS did not report that it resumed: {}",
+        lab.log_tail(Component::Ps, 30)
+    );
+}

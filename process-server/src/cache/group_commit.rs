@@ -12,6 +12,14 @@
 //! The newest segment is never deleted: its name (durable seq + 1 when it
 //! was created) keeps the durable seq across restarts even when everything
 //! was applied and trimmed.
+//!
+//! A batch the cache's disk has no room for (ENOSPC, or a quota) is not
+//! refused: the partial append is cut off, every stream pauses (see
+//! `cap.rs`), an event names the replication and the segment, and the
+//! writer retries the same batch every [`DISK_FULL_RETRY`], trimming
+//! applied segments in between, until it is stored. Only then are its
+//! frames acknowledged, so nothing is acknowledged that is not on disk, and
+//! replication resumes by itself once space returns.
 
 use super::error::{AppendError, CacheError, SegmentFailure};
 use super::recovery::ActiveSegment;
@@ -26,6 +34,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
@@ -35,6 +44,28 @@ const BATCH_MAX_FRAMES: usize = 256;
 const BATCH_MAX_BYTES: u64 = 32 << 20;
 /// Queue between the ingest streams and a replication's writer.
 const WRITER_QUEUE: usize = 64;
+/// How long the writer waits before it retries a batch the full disk had
+/// no room for.
+const DISK_FULL_RETRY: Duration = Duration::from_secs(1);
+/// How often a disk that stays full is reported again.
+const DISK_FULL_REPEAT: Duration = Duration::from_secs(60);
+
+/// Whether a write failed for want of space (ENOSPC, or a quota): the
+/// writer waits and retries instead of refusing the frames.
+fn is_disk_full(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
+}
+
+/// Since when, and when last reported, a replication's writer has been
+/// waiting for space.
+struct DiskFull {
+    since: Instant,
+    reported: Instant,
+    attempts: u64,
+}
 
 /// What the replication handle asks of its writer.
 pub(super) enum WriterMsg {
@@ -131,7 +162,15 @@ enum Outcome {
     Refuse(AppendError),
 }
 
-type Reply = oneshot::Sender<Result<u64, AppendError>>;
+/// What writing a batch did, counted once it is synced.
+struct Written {
+    /// One per frame, in order.
+    outcomes: Vec<Outcome>,
+    /// Frames the cache already held.
+    duplicates: u64,
+    /// Frame bytes written.
+    bytes: u64,
+}
 
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<WriterMsg>) {
@@ -175,69 +214,150 @@ impl Writer {
         }
     }
 
-    /// Appends a batch, syncs once, then answers every frame of it.
+    /// Appends a batch, syncs once, then answers every frame of it. A full
+    /// disk is waited out (see the module doc); any other failure refuses
+    /// the batch.
     fn commit(&mut self, batch: Vec<Append>) {
         let reserved: u64 = batch.iter().map(|a| a.reserved).sum();
-        let mut replies = Vec::with_capacity(batch.len());
-        let result = self.write_batch(batch, &mut replies);
-        let result = result.and_then(|()| {
-            if self.len != self.synced_len {
-                self.sync()?;
+        let mut full: Option<DiskFull> = None;
+        let result = loop {
+            let attempt = self.write_batch(&batch).and_then(|outcomes| {
+                if self.len != self.synced_len {
+                    self.sync()?;
+                }
+                Ok(outcomes)
+            });
+            match attempt {
+                Ok(outcomes) => break Ok(outcomes),
+                Err(e) => {
+                    let failure = self.failure(e);
+                    // The partial append is cut off before any retry.
+                    self.undo();
+                    if is_disk_full(&failure.source) && self.broken.is_none() && !self.sh.closing()
+                    {
+                        self.wait_for_space(&failure, &mut full);
+                        continue;
+                    }
+                    break Err(AppendError::Io(failure));
+                }
             }
-            Ok(())
-        });
+        };
+        if let Some(f) = full {
+            self.space_returned(f, result.is_ok());
+        }
         match result {
-            Ok(()) => {
+            Ok(written) => {
                 self.publish();
                 self.sh.account.release(reserved);
+                let stats = &self.sh.stats;
+                stats
+                    .frames_duplicate
+                    .fetch_add(written.duplicates, Ordering::Relaxed);
+                stats
+                    .bytes_stored
+                    .fetch_add(written.bytes, Ordering::Relaxed);
                 let durable = self.durable;
-                for (reply, outcome) in replies {
-                    let _ = reply.send(match outcome {
+                for (a, outcome) in batch.into_iter().zip(written.outcomes) {
+                    let _ = a.reply.send(match outcome {
                         Outcome::Ack => Ok(durable),
                         Outcome::Refuse(e) => Err(e),
                     });
                 }
             }
             Err(e) => {
-                let e = AppendError::Io(self.failure(e));
                 error!(replication = %self.sh.id, "{e}; the frames were not acknowledged");
-                self.undo();
                 self.sh.account.release(reserved);
-                for (reply, _) in replies {
-                    let _ = reply.send(Err(e.clone()));
+                for a in batch {
+                    let _ = a.reply.send(Err(e.clone()));
                 }
             }
         }
     }
 
-    fn write_batch(
-        &mut self,
-        batch: Vec<Append>,
-        replies: &mut Vec<(Reply, Outcome)>,
-    ) -> io::Result<()> {
-        let sh = self.sh.clone();
-        let stats = &sh.stats;
+    /// Reports the full disk (at once, then every [`DISK_FULL_REPEAT`]),
+    /// pauses every stream, waits [`DISK_FULL_RETRY`] and trims what the
+    /// master target applied meanwhile, which may free the space.
+    fn wait_for_space(&mut self, failure: &SegmentFailure, full: &mut Option<DiskFull>) {
+        let now = Instant::now();
+        let what = format!(
+            "replication {}: the process server's cache disk is full: cannot append to segment {} ({}); its agent streams are paused (the agents keep their changes and fall back to bitmap mode) and the frames are not acknowledged; free space on that filesystem (or lower cache_max_bytes below its size); the process server retries every {} s and resumes by itself",
+            self.sh.id,
+            failure.segment.display(),
+            failure.source,
+            DISK_FULL_RETRY.as_secs()
+        );
+        match full {
+            None => {
+                error!(replication = %self.sh.id, event = "disk-full", path = %failure.segment.display(), "disk-full: {what}");
+                self.sh.account.event("error", "disk-full", what);
+                self.sh.account.set_disk_full(true);
+                *full = Some(DiskFull {
+                    since: now,
+                    reported: now,
+                    attempts: 1,
+                });
+            }
+            Some(f) => {
+                f.attempts += 1;
+                if now.duration_since(f.reported) >= DISK_FULL_REPEAT {
+                    f.reported = now;
+                    let secs = now.duration_since(f.since).as_secs();
+                    warn!(replication = %self.sh.id, event = "disk-full", path = %failure.segment.display(), "disk-full for {secs} s ({} attempts): {what}", f.attempts);
+                    self.sh.account.event(
+                        "error",
+                        "disk-full",
+                        format!("{what} (full for {secs} s)"),
+                    );
+                }
+            }
+        }
+        std::thread::sleep(DISK_FULL_RETRY);
+        self.trim();
+    }
+
+    /// Ends a full-disk wait: the batch was stored (`stored`), or the
+    /// writer gave up (the replication is closing or removed).
+    fn space_returned(&self, f: DiskFull, stored: bool) {
+        self.sh.account.set_disk_full(false);
+        let secs = f.since.elapsed().as_secs();
+        if stored {
+            let what = format!(
+                "replication {}: disk space returned: the process server's cache stored the frames it waited {secs} s for ({} attempts); its agent streams resumed",
+                self.sh.id, f.attempts
+            );
+            info!(replication = %self.sh.id, event = "disk-space-returned", "{what}");
+            self.sh.account.event("info", "disk-space-returned", what);
+        }
+    }
+
+    /// Writes a batch after the newest segment's synced data (not synced
+    /// yet) and says how each frame is to be answered once it is.
+    fn write_batch(&mut self, batch: &[Append]) -> io::Result<Written> {
+        let mut w = Written {
+            outcomes: Vec::with_capacity(batch.len()),
+            duplicates: 0,
+            bytes: 0,
+        };
+        let outcomes = &mut w.outcomes;
         for a in batch {
             if let Some(e) = &self.broken {
-                replies.push((a.reply, Outcome::Refuse(e.clone())));
+                outcomes.push(Outcome::Refuse(e.clone()));
                 continue;
             }
             if a.last_seq <= self.held {
-                stats.frames_duplicate.fetch_add(1, Ordering::Relaxed);
-                replies.push((a.reply, Outcome::Ack));
+                w.duplicates += 1;
+                outcomes.push(Outcome::Ack);
                 continue;
             }
             if a.first_seq > self.held + 1 {
-                let e = AppendError::Gap {
+                outcomes.push(Outcome::Refuse(AppendError::Gap {
                     replication: self.sh.id.clone(),
                     first_seq: a.first_seq,
                     held: self.held,
-                };
-                replies.push((a.reply, Outcome::Refuse(e)));
+                }));
                 continue;
             }
-            // Registered before the write, so a failed write answers it too.
-            replies.push((a.reply, Outcome::Ack));
+            outcomes.push(Outcome::Ack);
             let n = segment::entry_len(a.bytes.len());
             if self.len > 0 && self.len + n > self.seg_max {
                 self.sync()?;
@@ -250,11 +370,9 @@ impl Writer {
                 .write_all_at(&a.bytes, self.len + segment::ENTRY_HEADER as u64)?;
             self.len += n;
             self.held = a.last_seq;
-            stats
-                .bytes_stored
-                .fetch_add(a.bytes.len() as u64, Ordering::Relaxed);
+            w.bytes += a.bytes.len() as u64;
         }
-        Ok(())
+        Ok(w)
     }
 
     fn sync(&mut self) -> io::Result<()> {

@@ -29,7 +29,7 @@ mod replication;
 #[cfg(test)]
 mod tests;
 
-pub use cap::{Account, Reservation};
+pub use cap::{Account, Reservation, Share};
 pub use error::{AppendError, CacheError, SegmentFailure};
 pub use reader::{Cursor, Item, ReadError};
 pub use registry::Cache;

@@ -181,7 +181,6 @@ impl Cache {
         };
         rep.mark_removed();
         rep.stop_blocking();
-        let bytes = rep.cache_bytes();
         let dir = rep.dir().to_path_buf();
         // Renamed first, so a crash mid-delete leaves no half replication
         // (`open` skips names that are not replication ids).
@@ -189,7 +188,7 @@ impl Cache {
         fs::rename(&dir, &gone).map_err(io_err(&dir))?;
         fsync_dir(&self.root).map_err(io_err(&self.root))?;
         fs::remove_dir_all(&gone).map_err(io_err(&gone))?;
-        self.account.sub(bytes);
+        self.account.forget(id);
         Ok(true)
     }
 

@@ -4,7 +4,7 @@
 //! writer, [`Replication::append`], whose answer comes only after the
 //! frame's group commit is synced (DESIGN.md §6).
 
-use super::cap::Account;
+use super::cap::{Account, Share};
 use super::error::{AppendError, CacheError};
 use super::group_commit::{self, Append, WriterMsg};
 use super::{info, recovery};
@@ -58,13 +58,20 @@ pub(super) struct Shared {
     pub(super) durable: watch::Sender<u64>,
     /// The master target's applied seq; `None` until it said so.
     pub(super) applied: watch::Sender<Option<u64>>,
-    pub(super) account: Arc<Account>,
+    pub(super) account: Arc<Share>,
     pub(super) stats: Stats,
     /// RemoveReplication dropped this replication: frames are refused.
     removed: AtomicBool,
+    /// The writer is asked to stop: it no longer waits for disk space.
+    stopping: AtomicBool,
 }
 
 impl Shared {
+    /// Whether the writer should give up waiting (the process server
+    /// stops, or the replication was removed).
+    pub(super) fn closing(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst) || self.removed.load(Ordering::SeqCst)
+    }
     pub(super) fn segments(&self) -> MutexGuard<'_, Segments> {
         self.segments.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -190,8 +197,9 @@ impl Replication {
         self.sh.removed.load(Ordering::SeqCst)
     }
 
-    /// The account of the cache this replication belongs to.
-    pub fn account(&self) -> &Arc<Account> {
+    /// This replication's share of the cache's account: what its frames
+    /// count against, and whether its stream is paused.
+    pub fn account(&self) -> &Arc<Share> {
         &self.sh.account
     }
 
@@ -204,6 +212,7 @@ impl Replication {
     pub fn stop_blocking(&self) {
         let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(h) = handle {
+            self.sh.stopping.store(true, Ordering::SeqCst);
             let _ = self.tx.blocking_send(WriterMsg::Stop);
             let _ = h.join();
         }
@@ -230,6 +239,7 @@ impl Replication {
         let seg_dir = dir.join("segments");
         let recovered = recovery::recover(&seg_dir, &id)?;
         let stored_info = info::load(&dir, &id);
+        let account = account.share(&id);
         account.add(recovered.bytes);
         let sh = Arc::new(Shared {
             id,
@@ -244,6 +254,7 @@ impl Replication {
             account,
             stats: Stats::default(),
             removed: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
         });
         let (tx, handle) = group_commit::spawn(sh.clone(), seg_dir, seg_max, recovered.active)?;
         Ok(Replication {

@@ -3,6 +3,7 @@
 
 mod authz;
 mod backpressure;
+mod cache_fairness;
 mod control;
 mod ingest_forward;
 mod routes;
