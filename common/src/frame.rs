@@ -61,7 +61,9 @@ pub enum FrameError {
     Decompress(String),
     #[error("unknown record type {kind} at body offset {at}")]
     UnknownRecord { kind: u8, at: usize },
-    #[error("frame says seq {first}..={last} ({expected} records) but its body holds {actual}")]
+    #[error(
+        "frame says seq {first}..={last} ({expected} records) but its body holds {actual} records"
+    )]
     CountMismatch {
         first: u64,
         last: u64,
@@ -70,6 +72,15 @@ pub enum FrameError {
     },
     #[error("invalid record at body offset {at}: {what}")]
     Invalid { at: usize, what: String },
+    #[error(
+        "frame of replication {replication} has the impossible seq range {first}..={last}: {why}"
+    )]
+    BadSeqRange {
+        replication: String,
+        first: u64,
+        last: u64,
+        why: &'static str,
+    },
 }
 
 /// Kind of a recovery point.
@@ -282,6 +293,32 @@ pub struct FrameHeader {
     pub hash: [u8; 32],
 }
 
+impl FrameHeader {
+    /// The number of records the seq range says the body holds (exact for
+    /// a parsed header, whose range is valid: see [`seq_range_flaw`]).
+    pub fn record_count(&self) -> u64 {
+        self.last_seq
+            .saturating_sub(self.first_seq)
+            .saturating_add(1)
+    }
+}
+
+/// Why `first..=last` cannot be a frame's seq range, if it cannot: seqs
+/// start at 1 (0 means "nothing yet" in resume and durable seqs), a range
+/// is not reversed, and `u64::MAX` is never a seq, so `last + 1` (the next
+/// seq every reader computes) cannot overflow.
+pub fn seq_range_flaw(first: u64, last: u64) -> Option<&'static str> {
+    if first == 0 {
+        Some("seqs start at 1")
+    } else if last < first {
+        Some("the range is reversed")
+    } else if last == u64::MAX {
+        Some("u64::MAX is not a seq")
+    } else {
+        None
+    }
+}
+
 /// A frame as it travels and is stored: header plus (maybe compressed) body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
@@ -414,10 +451,12 @@ impl<'a> FrameRef<'a> {
                 body_len.max(uncompressed_len as usize),
             ));
         }
-        if last_seq < first_seq {
-            return Err(FrameError::Invalid {
-                at: 0,
-                what: format!("seq range {first_seq}..={last_seq} is reversed"),
+        if let Some(why) = seq_range_flaw(first_seq, last_seq) {
+            return Err(FrameError::BadSeqRange {
+                replication: replication_id,
+                first: first_seq,
+                last: last_seq,
+                why,
             });
         }
         let body = r.take(body_len)?;
@@ -574,12 +613,21 @@ fn records(
     body: &[u8],
     share: impl FnOnce(&[u8]) -> Bytes,
 ) -> Result<Vec<Record>, FrameError> {
+    // An owned frame's header may have been built by hand.
+    if let Some(why) = seq_range_flaw(header.first_seq, header.last_seq) {
+        return Err(FrameError::BadSeqRange {
+            replication: header.replication_id.clone(),
+            first: header.first_seq,
+            last: header.last_seq,
+            why,
+        });
+    }
     let shared = match verified_body(header, body)? {
         std::borrow::Cow::Borrowed(raw) => share(raw),
         std::borrow::Cow::Owned(decompressed) => Bytes::from(decompressed),
     };
     let recs = decode_shared(&shared)?;
-    let expected = header.last_seq - header.first_seq + 1;
+    let expected = header.record_count();
     if recs.len() as u64 != expected {
         return Err(FrameError::CountMismatch {
             first: header.first_seq,
@@ -755,6 +803,80 @@ mod tests {
         assert!(matches!(g.records(), Err(FrameError::HashMismatch { .. })));
         let v = FrameRef::parse(&bytes).unwrap();
         assert!(matches!(v.records(), Err(FrameError::HashMismatch { .. })));
+    }
+
+    /// `sample()` re-encoded with the seq range `first..=last` (the body
+    /// and its hash unchanged).
+    fn with_range(first: u64, last: u64) -> Vec<u8> {
+        let mut f = sample();
+        f.header.first_seq = first;
+        f.header.last_seq = last;
+        f.to_bytes()
+    }
+
+    #[test]
+    fn impossible_seq_ranges_are_refused_at_parse() {
+        for (first, last, why) in [
+            (0, 4, "seqs start at 1"),
+            (0, u64::MAX, "seqs start at 1"),
+            (9, 8, "reversed"),
+            (u64::MAX - 4, u64::MAX, "u64::MAX"),
+        ] {
+            let e = FrameRef::parse(&with_range(first, last)).unwrap_err();
+            assert!(
+                matches!(&e, FrameError::BadSeqRange { first: f, last: l, .. } if *f == first && *l == last),
+                "{first}..={last}: {e:?}"
+            );
+            let msg = e.to_string();
+            assert!(msg.contains("m1-ab") && msg.contains(why), "{msg}");
+            // A hand-built owned frame is refused the same way, no overflow.
+            let mut f = sample();
+            f.header.first_seq = first;
+            f.header.last_seq = last;
+            assert!(matches!(f.records(), Err(FrameError::BadSeqRange { .. })));
+        }
+        assert!(FrameRef::parse(&with_range(1, u64::MAX - 1)).is_ok());
+    }
+
+    #[test]
+    fn records_must_fill_the_seq_range_exactly() {
+        // sample() holds 5 records.
+        for (first, last) in [(7, 9), (7, 12), (1, 1), (100, 1_000_000)] {
+            let bytes = with_range(first, last);
+            let e = FrameRef::parse(&bytes).unwrap().records().unwrap_err();
+            assert!(
+                matches!(e, FrameError::CountMismatch { expected, actual: 5, .. } if expected == last - first + 1),
+                "{first}..={last}: {e:?}"
+            );
+        }
+        assert_eq!(
+            FrameRef::parse(&with_range(3, 7))
+                .unwrap()
+                .records()
+                .unwrap()
+                .len(),
+            5
+        );
+        // An empty body holds no record: never a frame.
+        let empty = Frame {
+            header: FrameHeader {
+                replication_id: "m1".into(),
+                first_seq: 1,
+                last_seq: 1,
+                flags: 0,
+                uncompressed_len: 0,
+                hash: *blake3::hash(&[]).as_bytes(),
+            },
+            body: Vec::new(),
+        };
+        let e = Frame::parse(&empty.to_bytes())
+            .unwrap()
+            .records()
+            .unwrap_err();
+        assert!(
+            matches!(e, FrameError::CountMismatch { actual: 0, .. }),
+            "{e:?}"
+        );
     }
 
     #[test]
