@@ -1,9 +1,12 @@
 //! The agent side of the process server: the `Ingest` stream (DESIGN.md §6).
 //!
-//! An agent says hello with its replication, learns the last durable seq and
-//! streams frames from there. Each frame's header is checked, its body hash
-//! verified (so a frame damaged on the way is refused here, where the agent
-//! can still resend it, instead of poisoning the cache), it is compressed
+//! An agent says hello with its replication, learns the seq to resume after
+//! (never below the master target's applied seq: see [`resume_seq`]) and
+//! streams frames from there. Each frame's header is checked (a possible seq
+//! range that continues the stream without a gap), its body hash verified
+//! and its records counted against its range (so a frame damaged on the way
+//! or built wrong is refused here, where the agent can still resend it,
+//! instead of poisoning the cache), it is compressed
 //! when that pays, and handed to the replication's writer. The check and
 //! compression of up to [`PREPARE_DEPTH`] frames of a stream run at once on
 //! blocking threads; frames still reach the writer in stream order, and a
@@ -32,6 +35,9 @@ use tracing::{debug, info, warn};
 
 /// How long a hello for an empty cache waits to learn the MT's applied seq.
 const EMPTY_CACHE_MT_WAIT: Duration = Duration::from_secs(5);
+/// How long a hello for a cache that holds records waits to learn it: the
+/// cache can answer without it, so the wait is short.
+const HELD_CACHE_MT_WAIT: Duration = Duration::from_secs(2);
 /// How long a new stream may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Frames read from one stream and not yet answered.
@@ -117,6 +123,49 @@ fn cache_status(e: CacheError) -> Status {
     }
 }
 
+/// The seq the agent resumes after: the cache's durable seq, never below
+/// the MT's applied seq when that is known (the MT skips records up to it
+/// as already applied, so a stream resumed below it would lose them).
+///
+/// A cache that holds nothing (a new replication, or a lost or wiped
+/// cache) must learn the MT's applied seq first: answering 0 would restart
+/// the agent's stream at seq 1 under records the MT already applied. While
+/// the MT cannot be asked the hello is refused as unavailable and the agent
+/// retries (it keeps its changes, in its buffer or dirty bitmap). A cache
+/// that holds records answers its durable seq when the MT stays silent.
+async fn resume_seq(rep: &Replication) -> Result<u64, Status> {
+    let empty = rep.durable() == 0;
+    let wait = if empty {
+        EMPTY_CACHE_MT_WAIT
+    } else {
+        HELD_CACHE_MT_WAIT
+    };
+    let caught_up = tokio::time::timeout(wait, caught_up_with_mt(rep))
+        .await
+        .is_ok();
+    let durable = rep.durable();
+    if caught_up {
+        return Ok(durable);
+    }
+    let applied = *rep.applied_watch().borrow();
+    match applied {
+        None if empty => Err(Status::unavailable(format!(
+            "replication {}: this process server holds no record of it and the master target's applied seq for it is not known yet (the master target has not answered within {} s), so the stream cannot resume safely; the agent retries",
+            rep.id(),
+            wait.as_secs()
+        ))),
+        None => {
+            info!(replication = %rep.id(), durable_seq = durable, "the master target's applied seq is not known yet; the agent resumes after the cache's durable seq");
+            Ok(durable)
+        }
+        Some(a) if durable >= a => Ok(durable),
+        Some(a) => Err(Status::unavailable(format!(
+            "replication {}: the cache (durable seq {durable}) has not yet caught up with the master target's applied seq {a}, so the stream cannot resume safely; the agent retries",
+            rep.id()
+        ))),
+    }
+}
+
 /// Resolves once the MT's applied seq is known and the cache's durable seq
 /// has caught up with it.
 async fn caught_up_with_mt(rep: &Replication) {
@@ -167,14 +216,13 @@ pub async fn ingest(
         info!(replication = %rep.id(), machine = %hello.machine_id, disks = hello.disks.len(), "new replication");
     }
     ctx.forwarders.ensure(&rep);
-    if rep.durable() == 0 {
-        // An empty cache: the master target may already hold this
-        // replication (a new or wiped PS), so learn its applied seq first
-        // and resume the agent after it rather than at 1.
-        let _ = tokio::time::timeout(EMPTY_CACHE_MT_WAIT, caught_up_with_mt(&rep)).await;
-    }
-
-    let resume = rep.durable();
+    let resume = match resume_seq(&rep).await {
+        Ok(r) => r,
+        Err(status) => {
+            warn!(replication = %rep.id(), agent = %peer.id, "agent stream refused: {}", status.message());
+            return Err(status);
+        }
+    };
     let (tx, rx) = mpsc::channel(MAX_PENDING * 2);
     tx.send(Ok(IngestResponse {
         msg: Some(ingest_response::Msg::ResumeSeq(resume)),
@@ -218,6 +266,9 @@ async fn stream_loop(
     let account = rep.account().clone();
     let mut position = 0u64;
     let mut acked = 0u64;
+    // The last seq this stream has handed on (durable, or on its way to
+    // the writer): the next frame must start at most one after it.
+    let mut held = rep.durable();
     loop {
         let room = pending.len() + preparing.len() < MAX_PENDING && preparing.len() < PREPARE_DEPTH;
         let full = account.is_full();
@@ -255,7 +306,7 @@ async fn stream_loop(
             msg = inbound.message(), if room && !full => match msg {
                 Ok(Some(req)) => {
                     position += 1;
-                    match admit(rep, req, position, &mut compressor) {
+                    match admit(rep, req, position, &mut held, &mut compressor) {
                         Ok(p) => preparing.push_back(p),
                         Err(status) => {
                             // The frames before this one are still stored
@@ -351,6 +402,7 @@ fn admit(
     rep: &Arc<Replication>,
     req: IngestRequest,
     position: u64,
+    held: &mut u64,
     compressor: &mut Compressor,
 ) -> Result<Preparing, Status> {
     let bytes = match req.msg {
@@ -377,8 +429,9 @@ fn admit(
     // The header only: the body stays in the received buffer.
     let frame = FrameRef::parse(&bytes).map_err(|e| {
         Status::invalid_argument(format!(
-            "replication {}: frame at stream position {position} (after durable seq {durable}) has a corrupt header: {e}; the frame was refused",
-            rep.id()
+            "replication {}: frame at stream position {position} (after durable seq {durable}) has a corrupt header: {e}; the frame was refused and nothing of it stored (the agent that built it has a bug: report it; it reconnects and resends from seq {})",
+            rep.id(),
+            durable + 1
         ))
     })?;
     let (first, last) = (frame.header.first_seq, frame.header.last_seq);
@@ -393,6 +446,17 @@ fn admit(
         stats.frames_duplicate.fetch_add(1, Ordering::Relaxed);
         return Ok(Box::pin(async move { Ok(Ready::Duplicate(durable)) }));
     }
+    // The cache may have skipped ahead to the MT's applied seq.
+    *held = (*held).max(durable);
+    if first > *held + 1 {
+        return Err(Status::failed_precondition(format!(
+            "replication {}: frame at stream position {position} (seq {first}..={last}) leaves a gap: this stream holds seqs only up to {held}; the frame was refused; resend from seq {next}",
+            rep.id(),
+            held = *held,
+            next = *held + 1
+        )));
+    }
+    *held = (*held).max(last);
 
     // Counted against the cap from now on, so frames being prepared or
     // queued for the writer cannot overshoot it.
@@ -468,7 +532,8 @@ async fn store_all(
     Ok(())
 }
 
-/// Verifies a frame's body hash and, when `try_compress`, compresses it.
+/// Verifies a frame's body hash and that its records match its seq range,
+/// and, when `try_compress`, compresses it.
 /// Returns the bytes to store (the received ones when the frame stays
 /// raw: no copy) and, when compression was tried, whether it shrank.
 fn check_and_pack(
@@ -484,9 +549,13 @@ fn check_and_pack(
         ))
     })?;
     let (first, last) = (frame.header.first_seq, frame.header.last_seq);
-    if let Err(e) = frame.verified_body() {
+    // The hash, and that the records fill the seq range exactly: a frame
+    // claiming more seqs than it holds would move the durable seq past
+    // records nobody sent (up to u64::MAX, after which every frame looks
+    // like a duplicate).
+    if let Err(e) = frame.shared_records(&bytes) {
         return Err(Status::invalid_argument(format!(
-            "replication {rid}: frame at stream position {position} (seq {first}..={last}) is corrupt: {e}"
+            "replication {rid}: frame at stream position {position} (seq {first}..={last}) is corrupt: {e}; the frame was refused and nothing of it stored (the agent resends it when it reconnects; if it is refused again, the agent that built it has a bug: report it)"
         )));
     }
     if !try_compress {

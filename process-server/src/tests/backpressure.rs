@@ -12,13 +12,23 @@ async fn backpressure_stops_acks_until_trimmed() {
     let agent1 = lab.tls("agent-m1");
     let admin = lab.tls("admin");
     let mt_tls = lab.tls("mt");
-    // Reserve an MT address but start the MT later.
+    // Reserve an MT address; the MT runs only for the hello, then later.
     let mt_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mt_addr = mt_listener.local_addr().unwrap();
     drop(mt_listener);
     let config = lab.ps_config(mt_addr, 1 << 20, 0);
     let ps = start_ps(config).await;
+    // An empty cache resumes an agent only after the MT's applied seq:
+    // the MT answers the hello, then goes away before any frame.
+    let mt = FakeMt::default();
+    let mt_task = start_mt(
+        mt.clone(),
+        &mt_tls,
+        TcpListener::bind(mt_addr).await.unwrap(),
+    )
+    .await;
     let mut s = ps.stream(&agent1, "r1", "m1").await;
+    mt_task.stop().await;
     // Each frame is ~256 KiB raw: the cap is hit after four.
     for i in 0..12 {
         s.send(frame("r1", 1 + i * 4, 4)).await;
@@ -39,8 +49,7 @@ async fn backpressure_stops_acks_until_trimmed() {
     assert!(st.cache_bytes >= st.cache_limit, "{st:?}");
     assert_eq!(st.replications[0].durable_seq, 16);
 
-    // The MT appears: applied segments are trimmed and the stream resumes.
-    let mt = FakeMt::default();
+    // The MT is back: applied segments are trimmed and the stream resumes.
     let mt_task = start_mt(
         mt.clone(),
         &mt_tls,

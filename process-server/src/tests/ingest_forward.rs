@@ -222,3 +222,133 @@ async fn ingest_forward_restart_over_mtls() {
     ps.stop().await;
     mt_task.stop().await;
 }
+
+/// An empty cache (a new PS, or one whose cache was lost) never resumes an
+/// agent below the MT's applied seq: while the MT cannot be asked, the
+/// hello is refused and the agent retries; once it answers, the stream
+/// resumes after its applied seq.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_cache_resumes_after_the_mt_applied_seq_only() {
+    let lab = Lab::new();
+    let agent1 = lab.tls("agent-m1");
+    let mt_tls = lab.tls("mt");
+    let mt = FakeMt::default();
+    {
+        let mut st = mt.state.lock().unwrap();
+        st.applied.insert("r1".into(), 100);
+        st.records.insert(
+            "r1".into(),
+            vec![rebound_common::frame::Record::ResyncEnd; 100],
+        );
+    }
+    // The MT's address, with nothing listening yet.
+    let mt_addr = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let ps = start_ps(lab.ps_config(mt_addr, 1 << 30, 1)).await;
+
+    let e = open_stream(&agent1, ps.addr, info("r1", "m1"))
+        .await
+        .err()
+        .expect("an empty cache must not answer without the MT");
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        e.message().contains("r1")
+            && e.message().contains("applied seq")
+            && e.message().contains("retries"),
+        "{e:?}"
+    );
+
+    let mt_task = start_mt(
+        mt.clone(),
+        &mt_tls,
+        TcpListener::bind(mt_addr).await.unwrap(),
+    )
+    .await;
+    let mut s = ps.stream(&agent1, "r1", "m1").await;
+    assert_eq!(s.resume, 100, "resumed below the MT's applied seq");
+    s.send(frame("r1", 101, 2)).await;
+    s.wait_durable(102).await.unwrap();
+    wait_for("MT applied 102", || mt.applied("r1") == 102).await;
+    drop(s);
+    ps.stop().await;
+    mt_task.stop().await;
+}
+
+/// Frames whose seq range cannot hold are refused at the PS before they
+/// enter the cache, each with a message naming the replication, the stream
+/// position and the seqs; the durable seq does not move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_with_impossible_seq_ranges_never_enter_the_cache() {
+    let lab = Lab::new();
+    let agent1 = lab.tls("agent-m1");
+    let mt_tls = lab.tls("mt");
+    let (_mt, mt_addr, mt_task) = spawn_mt(&mt_tls).await;
+    let ps = start_ps(lab.ps_config(mt_addr, 1 << 30, 1)).await;
+    let mut s = ps.stream(&agent1, "r1", "m1").await;
+    s.send(frame("r1", 1, 4)).await;
+    s.wait_durable(4).await.unwrap();
+    drop(s);
+
+    let ranged = |first: u64, n: u64, from: u64, to: u64| {
+        let mut f = Frame::parse(&frame("r1", first, n)).unwrap();
+        f.header.first_seq = from;
+        f.header.last_seq = to;
+        f.to_bytes()
+    };
+    let cases: Vec<(&str, Vec<u8>, Code, &str)> = vec![
+        (
+            "up to u64::MAX",
+            ranged(5, 1, 5, u64::MAX),
+            Code::InvalidArgument,
+            "u64::MAX",
+        ),
+        (
+            "three seqs, one record",
+            ranged(5, 1, 5, 7),
+            Code::InvalidArgument,
+            "holds 1 records",
+        ),
+        (
+            "one seq, two records",
+            ranged(5, 2, 5, 5),
+            Code::InvalidArgument,
+            "holds 2 records",
+        ),
+        (
+            "seq 0",
+            ranged(1, 1, 0, 0),
+            Code::InvalidArgument,
+            "seqs start at 1",
+        ),
+        (
+            "a gap",
+            frame("r1", 9, 1),
+            Code::FailedPrecondition,
+            "resend from seq 5",
+        ),
+    ];
+    for (what, bytes, code, says) in cases {
+        let mut s = ps.stream(&agent1, "r1", "m1").await;
+        assert_eq!(s.resume, 4, "{what}");
+        s.send(bytes).await;
+        let e = s.error().await;
+        assert_eq!(e.code(), code, "{what}: {e:?}");
+        assert!(
+            e.message().contains("r1")
+                && e.message().contains("stream position 1")
+                && e.message().contains(says),
+            "{what}: {e:?}"
+        );
+    }
+    // Nothing moved, and the stream goes on from where it was.
+    let mut s = ps.stream(&agent1, "r1", "m1").await;
+    assert_eq!(s.resume, 4);
+    s.send(frame("r1", 5, 2)).await;
+    s.wait_durable(6).await.unwrap();
+    drop(s);
+    ps.stop().await;
+    mt_task.stop().await;
+}
