@@ -16,9 +16,18 @@
 //! generations), so a concurrent clear or re-set of a neighbour can never make
 //! an unsynced bit look durable. Clearing drops the durable mark first.
 //!
+//! Clearing a bit says "the process server holds every record of this
+//! extent", which is only as true as the PS's durable seq. So the log also
+//! keeps the highest durable seq the PS acknowledged (the *durable mark*),
+//! synced before any bit it allowed to clear reaches the file. A PS that
+//! later resumes the stream below the mark has lost records whose bits are
+//! gone, and the agent resyncs every disk (see [`crate::sender`]).
+//!
 //! File layout (little endian): a header page
 //! `"RBDL" | version u32 | disks u32 | 0 u32 | extents u64 per disk`, padded
-//! to 4 KiB, then each disk's bitmap as u64 words, disk after disk.
+//! to 4 KiB, whose last 8 bytes hold the durable mark (0 in logs written
+//! before it existed), then each disk's bitmap as u64 words, disk after
+//! disk.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -150,10 +159,20 @@ pub struct DirtyLog {
     /// Highest `IoState::gen` covered by a completed fdatasync.
     synced: AtomicU64,
     sync_lock: Mutex<()>,
+    /// The durable mark as synced in the file; its lock serialises writes
+    /// of the mark.
+    mark_synced: Mutex<u64>,
+    /// The highest durable seq noted, to be synced before the next clear.
+    mark_noted: AtomicU64,
 }
 
 fn header_len(ndisks: usize) -> u64 {
-    (16 + 8 * ndisks as u64).div_ceil(4096) * 4096
+    (16 + 8 * ndisks as u64 + 8).div_ceil(4096) * 4096
+}
+
+/// File offset of the durable mark: the last 8 bytes of the header page.
+fn mark_offset(ndisks: usize) -> u64 {
+    header_len(ndisks) - 8
 }
 
 fn encode_header(extents: &[u64]) -> Vec<u8> {
@@ -196,6 +215,8 @@ impl DirtyLog {
             .truncate(false)
             .open(path)?;
         let mut opened = Opened::Created;
+        let mark_at = mark_offset(extents.len()) as usize;
+        let mut mark = 0;
         if existed {
             let mut old = vec![0u8; header.len()];
             let n = file.metadata()?.len();
@@ -203,7 +224,8 @@ impl DirtyLog {
                 rebound_common::chunk::read_full_at(&file, &mut old, 0)?;
                 true
             };
-            if readable && old == header {
+            if readable && old[..mark_at] == header[..mark_at] {
+                mark = u64::from_le_bytes(old[mark_at..].try_into().expect("8 bytes"));
                 let mut buf = vec![0u8; (total_len - header.len() as u64) as usize];
                 rebound_common::chunk::read_full_at(&file, &mut buf, header.len() as u64)?;
                 let mut pos = 0;
@@ -232,6 +254,8 @@ impl DirtyLog {
             io: Mutex::new(IoState { gen: 0, word_gen }),
             synced: AtomicU64::new(0),
             sync_lock: Mutex::new(()),
+            mark_synced: Mutex::new(0),
+            mark_noted: AtomicU64::new(0),
         };
         // Mask bits past the last extent (a corrupt file must not count them).
         let mut count = 0;
@@ -252,7 +276,10 @@ impl DirtyLog {
             }
         }
         log.count.store(count, Ordering::Relaxed);
-        if opened != Opened::Loaded {
+        if opened == Opened::Loaded {
+            *lock(&log.mark_synced) = mark;
+            log.mark_noted.store(mark, Ordering::Relaxed);
+        } else {
             for d in &log.disks {
                 d.words.iter().for_each(|w| w.store(0, Ordering::Relaxed));
                 d.durable.iter().for_each(|w| w.store(0, Ordering::Relaxed));
@@ -271,6 +298,34 @@ impl DirtyLog {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The highest durable seq of the PS that is synced in the file: the
+    /// PS acknowledged every record up to it, and bits may have been
+    /// cleared on that word. 0 for a new log.
+    pub fn durable_mark(&self) -> u64 {
+        *lock(&self.mark_synced)
+    }
+
+    /// Notes that the PS holds every record up to `seq`; synced into the
+    /// file before the next [`DirtyLog::clear`] writes cleared bits.
+    pub fn note_durable(&self, seq: u64) {
+        self.mark_noted.fetch_max(seq, Ordering::SeqCst);
+    }
+
+    /// Writes and syncs the noted durable mark when it is ahead of the
+    /// synced one.
+    fn sync_mark(&self) -> io::Result<()> {
+        let mut synced = lock(&self.mark_synced);
+        let noted = self.mark_noted.load(Ordering::SeqCst);
+        if noted <= *synced {
+            return Ok(());
+        }
+        self.file
+            .write_all_at(&noted.to_le_bytes(), mark_offset(self.disks.len()))?;
+        self.file.sync_data()?;
+        *synced = noted;
+        Ok(())
     }
 
     /// Number of set bits (dirty extents) over all disks.
@@ -409,7 +464,9 @@ impl DirtyLog {
     }
 
     /// Clears the bits in memory and writes them to the file without a sync
-    /// (a lost clear only costs a hash comparison after a crash).
+    /// (a lost clear only costs a hash comparison after a crash). The noted
+    /// durable mark is synced first, so a cleared bit on disk is always
+    /// covered by the mark that allowed it.
     pub fn clear(&self, disk: u32, exts: &[u64]) -> io::Result<()> {
         let Some(d) = self.disks.get(disk as usize) else {
             return Ok(());
@@ -417,6 +474,7 @@ impl DirtyLog {
         if exts.is_empty() {
             return Ok(());
         }
+        self.sync_mark()?;
         let mut st = lock(&self.io);
         for &e in exts.iter().filter(|&&e| e < d.extents) {
             let w = (e / 64) as usize;
@@ -431,8 +489,10 @@ impl DirtyLog {
         self.write_words(&mut st, disk, exts).map(|_| ())
     }
 
-    /// Writes every bit and fdatasyncs (clean shutdown).
+    /// Writes every bit and the durable mark and fdatasyncs (clean
+    /// shutdown).
     pub fn persist(&self) -> io::Result<()> {
+        self.sync_mark()?;
         let _s = lock(&self.sync_lock);
         let target = {
             let mut st = lock(&self.io);
@@ -534,6 +594,40 @@ mod tests {
         let (log, _) = DirtyLog::open(&p, &[128]).unwrap();
         assert!(log.is_durably_set(0, 4) && log.is_durably_set(0, 5));
         assert!(!log.is_durably_set(0, 3));
+    }
+
+    #[test]
+    fn the_durable_mark_is_synced_before_a_clear_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("dirty.log");
+        let geo = [100u64, 3];
+        {
+            let (log, _) = DirtyLog::open(&p, &geo).unwrap();
+            assert_eq!(log.durable_mark(), 0);
+            log.set_and_sync(0, &[1, 2]).unwrap();
+            log.note_durable(40);
+            log.note_durable(30); // never goes back
+            assert_eq!(log.durable_mark(), 0, "noted, not synced yet");
+            log.clear(0, &[1]).unwrap();
+            assert_eq!(log.durable_mark(), 40);
+            log.note_durable(55);
+            // "Crash" without a clear or persist: 55 was never relied on.
+        }
+        {
+            let (log, opened) = DirtyLog::open(&p, &geo).unwrap();
+            assert_eq!(opened, Opened::Loaded);
+            assert_eq!(log.durable_mark(), 40);
+            assert_eq!(log.set_extents(0), vec![2]);
+            log.note_durable(70);
+            log.persist().unwrap();
+        }
+        let (log, _) = DirtyLog::open(&p, &geo).unwrap();
+        assert_eq!(log.durable_mark(), 70);
+        drop(log);
+        // A log of other disks starts over: no mark.
+        let (log, opened) = DirtyLog::open(&p, &[100]).unwrap();
+        assert!(matches!(opened, Opened::GeometryChanged(_)));
+        assert_eq!(log.durable_mark(), 0);
     }
 
     #[test]

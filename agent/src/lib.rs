@@ -211,6 +211,16 @@ pub async fn run(
     } else if let Opened::GeometryChanged(why) = &opened {
         warn!("{why}: resyncing every disk");
         capture.resync().mark_need_all("disk-layout-changed");
+    } else if opened == Opened::Created {
+        // Without the log nothing says which extents changed since the
+        // process server last held them (a write while the agent was
+        // stopped, or records the PS had not acknowledged).
+        warn!(
+            dirty_log = %dlog_path.display(),
+            "the dirty-extent log is missing although this agent finished its initial replication: it cannot tell which \
+             extents changed, so it resyncs every disk (a hash comparison with the replica)"
+        );
+        capture.resync().mark_need_all("dirty-log-missing");
     } else if dlog.count() > 0 {
         let reason = if clean { "undrained" } else { "crash-recovery" };
         info!(

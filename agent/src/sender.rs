@@ -11,6 +11,11 @@
 //! goes to the configuration server as an event with the fix
 //! ([`rebound_common::link_error`]), and `link-restored` once it connects.
 //!
+//! A PS that resumes a fresh stream below the durable seq it acknowledged
+//! before (the dirty-extent log's durable mark) has lost records whose dirty
+//! bits may already be cleared: the agent resyncs every disk and says so in
+//! an error log and a `ps-lost-records` event.
+//!
 //! Memory: a sealed frame keeps the body its builder wrote the records into
 //! (moved, no copy; a body from the [`crate::frame_pool`] keeps its
 //! capacity and goes back to the pool once the PS holds the frame, any
@@ -20,7 +25,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
@@ -31,6 +36,7 @@ use rebound_common::link_error::report::LinkReporter;
 use rebound_common::link_error::{LinkFailure, Peer};
 use rebound_common::pki::Role;
 use rebound_common::tls::TlsError;
+use rebound_proto::control::Event;
 use rebound_proto::ingest_response::Msg as RespMsg;
 use rebound_proto::ReplicationInfo;
 use thiserror::Error;
@@ -38,7 +44,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::capture::{Capture, PendingFrame, ResumeOutcome, IDLE_FLUSH};
 use crate::config::Settings;
@@ -93,6 +99,8 @@ pub struct Link {
     down_since: Mutex<Option<Instant>>,
     /// Tells the configuration server why the PS is unreachable.
     reporter: LinkReporter,
+    /// Where other stream events go (the control channel), once it runs.
+    events: OnceLock<ControlHandle>,
 }
 
 impl Default for Link {
@@ -102,6 +110,7 @@ impl Default for Link {
             channel: Mutex::new(None),
             down_since: Mutex::new(Some(Instant::now())),
             reporter: LinkReporter::default(),
+            events: OnceLock::new(),
         }
     }
 }
@@ -109,7 +118,14 @@ impl Default for Link {
 impl Link {
     /// Sends link failures to the configuration server from now on.
     pub fn set_events(&self, h: ControlHandle) {
-        self.reporter.set_events(h);
+        self.reporter.set_events(h.clone());
+        let _ = self.events.set(h);
+    }
+    /// Sends an event to the configuration server, when there is one.
+    fn event(&self, ev: Event) {
+        if let Some(h) = self.events.get() {
+            h.event(ev);
+        }
     }
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::SeqCst)
@@ -358,6 +374,29 @@ async fn session(
                 );
                 cap.resync().mark_need_all("initial");
             }
+        }
+        ResumeOutcome::Lost { acknowledged } => {
+            outbox.frames.clear();
+            let message = format!(
+                "the process server at {addr} resumed replication {rid} after seq {resume}, but it had acknowledged every \
+                 record up to seq {acknowledged}: it lost acknowledged records (its cache was damaged, replaced or \
+                 wiped), and the dirty bits of their extents may be cleared already; running a full resync \
+                 (a hash comparison of every disk with the replica)",
+                addr = settings.ps.addr,
+                rid = info.replication_id,
+            );
+            error!(
+                resume_seq = resume,
+                acknowledged_seq = acknowledged,
+                "{message}"
+            );
+            link.event(Event {
+                severity: "error".into(),
+                kind: "ps-lost-records".into(),
+                message,
+                replication_id: info.replication_id.clone(),
+                ..Default::default()
+            });
         }
         ResumeOutcome::Reset => outbox.frames.clear(),
         ResumeOutcome::Continue => {

@@ -1,6 +1,8 @@
 //! The sender's end of the change stream (DESIGN.md §4; INTERFACES.md
 //! "Seq, resume, durability"): frames out of the change buffer, the PS's
-//! resume point and durable seq in.
+//! resume point and durable seq in. Every durable seq the PS acknowledges
+//! is noted in the dirty-extent log (its durable mark) before dirty bits
+//! are cleared for it, so a PS that later resumes below it is caught.
 
 use std::sync::Arc;
 
@@ -16,6 +18,12 @@ use crate::frame_pool::FramePool;
 pub enum ResumeOutcome {
     /// First connection since start: the stream continues at resume + 1.
     Fresh,
+    /// First connection since start, but the PS resumes below the durable
+    /// seq it acknowledged before (`acknowledged`, the dirty-extent log's
+    /// durable mark): it lost records whose dirty bits may be cleared
+    /// already. The stream continues at resume + 1 and a full resync is
+    /// queued.
+    Lost { acknowledged: u64 },
     /// The buffer continues the PS's stream: re-send after resume.
     Continue,
     /// The PS's stream does not fit the buffer (it lost acknowledged data or
@@ -83,7 +91,13 @@ impl<'a> StreamEnd<'a> {
         let outcome = if !st.order.is_known() {
             st.order.resume_at(resume);
             st.buffer.durable_seq = resume;
-            ResumeOutcome::Fresh
+            let acknowledged = cap.dlog.durable_mark();
+            if resume < acknowledged {
+                st.modes.mark_need_all("ps-lost-records");
+                ResumeOutcome::Lost { acknowledged }
+            } else {
+                ResumeOutcome::Fresh
+            }
         } else if resume > st.order.last() || resume < st.buffer.durable_seq {
             error!(
                 resume_seq = resume,
@@ -106,6 +120,7 @@ impl<'a> StreamEnd<'a> {
             ResumeOutcome::Continue
         };
         let durable = st.buffer.durable_seq;
+        cap.dlog.note_durable(durable);
         drop(guard);
         cap.durable.send_replace(durable);
         outcome
@@ -119,7 +134,55 @@ impl<'a> StreamEnd<'a> {
         let next = st.order.next_seq;
         st.buffer.set_durable(durable, next);
         let d = st.buffer.durable_seq;
+        // Under the lock: a clear that sees this durable seq finds it noted.
+        self.0.dlog.note_durable(d);
         drop(st);
         self.0.durable.send_replace(d);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{make_capture, start};
+    use super::*;
+    use crate::dirty_log::DirtyLog;
+
+    /// A dirty log for one 4 MiB disk in `dir` whose durable mark is `mark`.
+    fn log_with_mark(dir: &std::path::Path, mark: u64) {
+        let (log, _) = DirtyLog::open(&dir.join("dirty.log"), &[4]).unwrap();
+        log.note_durable(mark);
+        log.persist().unwrap();
+    }
+
+    #[test]
+    fn a_fresh_resume_below_the_durable_mark_resyncs_every_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        log_with_mark(dir.path(), 80);
+        let cap = make_capture(dir.path(), &[4 << 20], 64 << 20);
+        assert_eq!(
+            cap.stream().on_resume(50),
+            ResumeOutcome::Lost { acknowledged: 80 }
+        );
+        let b = cap.resync().next_batch().unwrap();
+        assert!(b.full);
+        assert_eq!(b.reason, "ps-lost-records");
+        assert_eq!(b.disks, vec![(0, vec![0, 1, 2, 3])]);
+    }
+
+    #[test]
+    fn durable_seqs_reach_the_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        log_with_mark(dir.path(), 80);
+        let cap = make_capture(dir.path(), &[4 << 20], 64 << 20);
+        // At the mark: nothing was lost.
+        start(&cap, 80);
+        cap.write(0, 0, &[1u8; 512], false).unwrap();
+        let last = cap.stream().handed_over_seq();
+        assert_eq!(last, 81);
+        cap.stream().on_durable(last, 0);
+        let log = cap.dirty_extents().log().clone();
+        assert_eq!(log.durable_mark(), 80, "noted, synced at the next clear");
+        log.persist().unwrap();
+        assert_eq!(log.durable_mark(), 81);
     }
 }
