@@ -27,6 +27,7 @@
 use rebound_common::link_error::report::EventSink;
 use rebound_proto::control::Event;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -39,6 +40,9 @@ pub struct Account {
     usage: watch::Sender<Usage>,
     /// Where the cache's events go: the control channel, once it runs.
     events: EventSink,
+    /// Numbers each [`Share`], so a replication removed and added again
+    /// does not count what its old handles still release.
+    generations: AtomicU64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -58,6 +62,8 @@ struct Usage {
 /// One replication's bytes, and whether it holds its fair share.
 #[derive(Debug, Clone, Copy, Default)]
 struct Part {
+    /// The generation of the [`Share`] that counts here.
+    generation: u64,
     stored: u64,
     reserved: u64,
     over_share: bool,
@@ -100,6 +106,7 @@ impl Account {
             cap,
             usage: watch::Sender::new(Usage::default()),
             events: EventSink::default(),
+            generations: AtomicU64::new(0),
         }
     }
     pub fn cap(&self) -> u64 {
@@ -131,12 +138,18 @@ impl Account {
 
     /// Adds replication `id` to the account (its share is created empty).
     pub(super) fn share(self: &Arc<Self>, id: &str) -> Arc<Share> {
+        let generation = self.generations.fetch_add(1, Ordering::Relaxed);
         self.update(|u| {
-            u.reps.entry(id.to_string()).or_default();
+            let part = Part {
+                generation,
+                ..Part::default()
+            };
+            u.reps.insert(id.to_string(), part);
         });
         Arc::new(Share {
             account: self.clone(),
             id: id.to_string(),
+            generation,
         })
     }
 
@@ -148,16 +161,6 @@ impl Account {
                 u.reserved = u.reserved.saturating_sub(p.reserved);
             }
             u.disk_full.remove(id);
-        });
-    }
-
-    /// Changes replication `id`'s part (and the totals with it); a
-    /// replication no longer in the account is ignored.
-    fn update_part(&self, id: &str, f: impl FnOnce(&mut Part, &mut u64, &mut u64)) {
-        self.update(|u| {
-            if let Some(p) = u.reps.get_mut(id) {
-                f(p, &mut u.stored, &mut u.reserved);
-            }
         });
     }
 
@@ -220,6 +223,16 @@ impl Account {
 pub struct Share {
     account: Arc<Account>,
     id: String,
+    generation: u64,
+}
+
+/// Which bytes of a replication's part a change counts.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    /// Frames read and not yet stored.
+    Reserved,
+    /// Segment files.
+    Stored,
 }
 
 impl Share {
@@ -240,30 +253,48 @@ impl Share {
     }
     /// Counts `n` bytes of a frame that is on its way to the writer.
     fn reserve(&self, n: u64) {
-        self.account.update_part(&self.id, |p, _, reserved| {
-            p.reserved = p.reserved.saturating_add(n);
-            *reserved = reserved.saturating_add(n);
-        });
+        self.count(Kind::Reserved, n, true);
     }
     /// Drops a reservation (the frame was stored, dropped or refused).
     pub(super) fn release(&self, n: u64) {
-        self.account.update_part(&self.id, |p, _, reserved| {
-            p.reserved = p.reserved.saturating_sub(n);
-            *reserved = reserved.saturating_sub(n);
-        });
+        self.count(Kind::Reserved, n, false);
     }
     /// Counts `n` bytes that reached a segment file.
     pub(super) fn add(&self, n: u64) {
-        self.account.update_part(&self.id, |p, stored, _| {
-            p.stored = p.stored.saturating_add(n);
-            *stored = stored.saturating_add(n);
-        });
+        self.count(Kind::Stored, n, true);
     }
     /// Forgets `n` bytes of deleted segment files.
     pub(super) fn sub(&self, n: u64) {
-        self.account.update_part(&self.id, |p, stored, _| {
-            p.stored = p.stored.saturating_sub(n);
-            *stored = stored.saturating_sub(n);
+        self.count(Kind::Stored, n, false);
+    }
+    /// Adds (`more`) or takes away `n` bytes of `kind` in this
+    /// replication's part and in the totals; nothing once the replication
+    /// left the account (or was added again: a newer share counts there).
+    fn count(&self, kind: Kind, n: u64, more: bool) {
+        let step = |v: &mut u64| {
+            *v = if more {
+                v.saturating_add(n)
+            } else {
+                v.saturating_sub(n)
+            }
+        };
+        self.account.update(|u| {
+            let Some(p) = u.reps.get_mut(&self.id) else {
+                return;
+            };
+            if p.generation != self.generation {
+                return;
+            }
+            match kind {
+                Kind::Reserved => {
+                    step(&mut p.reserved);
+                    step(&mut u.reserved);
+                }
+                Kind::Stored => {
+                    step(&mut p.stored);
+                    step(&mut u.stored);
+                }
+            }
         });
     }
     /// Marks the cache's disk full (every stream pauses) or, once this
@@ -387,6 +418,12 @@ mod tests {
         assert_eq!(account.total(), 1190);
         stuck.add(200);
         assert!(stuck.is_full());
+        // c added again: what its old share still releases is not counted.
+        let again = account.share("c");
+        idle.add(300);
+        assert_eq!(account.total(), 1390);
+        again.add(10);
+        assert_eq!(account.total(), 1400);
     }
 
     #[test]
