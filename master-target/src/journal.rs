@@ -320,6 +320,101 @@ pub fn scan(file: &File, start: u64, disk_ok: impl Fn(u32) -> bool) -> io::Resul
     Ok(scan)
 }
 
+/// What a salvage of a damaged journal found (see [`salvage`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Salvage {
+    /// (key, record offset) of every valid record after the damage, in file
+    /// order.
+    pub entries: Vec<(u64, u64)>,
+    /// Byte ranges `[start, end)` that hold no valid record.
+    pub damaged: Vec<(u64, u64)>,
+}
+
+/// The key and length of a valid record at `pos`, if there is one.
+fn record_at(
+    file: &File,
+    pos: u64,
+    file_len: u64,
+    disk_ok: &impl Fn(u32) -> bool,
+) -> io::Result<Option<(u64, u64)>> {
+    let Some(hdr_end) = pos
+        .checked_add(HEADER_LEN as u64)
+        .filter(|&e| e <= file_len)
+    else {
+        return Ok(None);
+    };
+    let mut h = [0u8; HEADER_LEN];
+    file.read_exact_at(&mut h, pos)?;
+    let Ok(hdr) = decode_header(&h) else {
+        return Ok(None);
+    };
+    let n = hdr.data_len();
+    if !disk_ok(hdr.disk) || hdr.block >= 1 << 48 || file_len - hdr_end < n as u64 {
+        return Ok(None);
+    }
+    let mut data = vec![0u8; n];
+    file.read_exact_at(&mut data, hdr_end)?;
+    if !verify(&h, &hdr, &data) {
+        return Ok(None);
+    }
+    Ok(Some((key(hdr.disk, hdr.block), (HEADER_LEN + n) as u64)))
+}
+
+/// Reads past a damaged record at `start` (where [`scan`] stopped): finds
+/// every valid record after it, and the ranges that hold none. Records are
+/// whole multiples of 32 bytes from the start of the file, so after damage
+/// the next record is looked for at each 32-byte step. A damaged record
+/// whose header still decodes is skipped whole when a valid record (or the
+/// end of the file) follows it.
+pub fn salvage(file: &File, start: u64, disk_ok: impl Fn(u32) -> bool) -> io::Result<Salvage> {
+    let file_len = file.metadata()?.len();
+    let mut out = Salvage::default();
+    let mut bad_from: Option<u64> = None;
+    let mut pos = start;
+    while pos < file_len {
+        if let Some((k, len)) = record_at(file, pos, file_len, &disk_ok)? {
+            if let Some(from) = bad_from.take() {
+                out.damaged.push((from, pos));
+            }
+            out.entries.push((k, pos));
+            pos += len;
+            continue;
+        }
+        bad_from.get_or_insert(pos);
+        pos += damaged_record_len(file, pos, file_len, &disk_ok)?;
+    }
+    if let Some(from) = bad_from {
+        out.damaged.push((from, file_len));
+    }
+    Ok(out)
+}
+
+/// How far to step past the invalid record at `pos`: its whole length when
+/// its header decodes and a valid record or the end of the file follows,
+/// else one 32-byte step.
+fn damaged_record_len(
+    file: &File,
+    pos: u64,
+    file_len: u64,
+    disk_ok: &impl Fn(u32) -> bool,
+) -> io::Result<u64> {
+    const STEP: u64 = HEADER_LEN as u64;
+    if file_len - pos < STEP {
+        return Ok(file_len - pos);
+    }
+    let mut h = [0u8; HEADER_LEN];
+    file.read_exact_at(&mut h, pos)?;
+    let Ok(hdr) = decode_header(&h) else {
+        return Ok(STEP);
+    };
+    let next = pos + (HEADER_LEN + hdr.data_len()) as u64;
+    if next == file_len || (next < file_len && record_at(file, next, file_len, disk_ok)?.is_some())
+    {
+        return Ok(next - pos);
+    }
+    Ok(STEP)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,6 +503,46 @@ mod tests {
         assert!(s.entries.is_empty());
         assert!(s.problem.unwrap().contains("checksum"));
         assert!(check_record(&bad, 0, key(0, 1)).is_err());
+    }
+
+    #[test]
+    fn salvage_keeps_the_records_after_a_damaged_one() {
+        let mut buf = Vec::new();
+        for b in 0..6u64 {
+            let fill = if b == 3 { 0 } else { b as u8 + 1 };
+            encode(&mut buf, 0, b, &[fill; BLOCK]);
+        }
+        let rec = (HEADER_LEN + BLOCK) as u64;
+        // A flipped data byte in record 1, a destroyed header in record 4
+        // (behind the zero record 3, 32 bytes long).
+        let mut bad = buf.clone();
+        bad[rec as usize + HEADER_LEN + 100] ^= 0x40;
+        let r4 = (3 * rec + HEADER_LEN as u64) as usize;
+        bad[r4..r4 + 4].copy_from_slice(b"XXXX");
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&bad).unwrap();
+        let s = scan(&f, 0, |_| true).unwrap();
+        assert_eq!((s.entries.len(), s.valid_len), (1, rec));
+        let v = salvage(&f, s.valid_len, |_| true).unwrap();
+        let z = 3 * rec + HEADER_LEN as u64; // end of the zero record
+        assert_eq!(
+            v.entries,
+            vec![
+                (key(0, 2), 2 * rec),
+                (key(0, 3), 3 * rec),
+                (key(0, 5), z + rec)
+            ]
+        );
+        assert_eq!(v.damaged, vec![(rec, 2 * rec), (z, z + rec)]);
+        // Damage up to the end of the file is one range.
+        let mut torn = buf.clone();
+        torn.truncate(buf.len() - 10);
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&torn).unwrap();
+        let s = scan(&f, 0, |_| true).unwrap();
+        let v = salvage(&f, s.valid_len, |_| true).unwrap();
+        assert!(v.entries.is_empty());
+        assert_eq!(v.damaged, vec![(s.valid_len, torn.len() as u64)]);
     }
 
     #[test]

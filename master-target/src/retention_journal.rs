@@ -17,6 +17,20 @@
 //! where its earliest undo record is. Maps are built on first use, cached (a
 //! few per replication), and kept current by [`RetentionJournal::sync`],
 //! which adds each newly saved block to every cached map that lacks it.
+//!
+//! A journal whose records fail their checks is *damaged*. The torn tail of
+//! the current interval (a crash mid-append, before the replica was
+//! written) is cut. Anything else — a bad record in a closed interval's
+//! journal, or in the middle of the current one — is not: the file stays as
+//! it is, the bytes from the first damaged record on are copied aside to
+//! `interval-<n>.undo.damaged-<offset>`, every valid record (also after the
+//! damage) stays indexed, and an error is logged. A damaged record's block
+//! cannot be known (its header may be the damaged part), so every point
+//! that needs interval n — those closing an interval before n — can no
+//! longer be rebuilt exactly: reading it ([`RetentionJournal::locate`],
+//! [`RetentionJournal::point_map`]) is refused with
+//! [`JournalError::Damaged`]. Points cut after n do not need it and stay
+//! exact. The damage is found again by the scan at every open.
 
 use crate::interval::IntervalIndex;
 use crate::journal::{self, RecordError};
@@ -93,6 +107,40 @@ pub enum JournalError {
         #[source]
         source: RecordError,
     },
+    #[error(
+        "cannot set the damaged records of retention journal {path} aside in {aside}: {source}"
+    )]
+    SetAside {
+        path: PathBuf,
+        aside: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "the recovery point closing interval {point_interval} cannot be rebuilt exactly: \
+         retention journal {path} (interval {interval}) is damaged from offset {offset} \
+         (the damaged bytes are kept in {aside}); choose a point cut after interval {interval}"
+    )]
+    Damaged {
+        point_interval: u64,
+        interval: u64,
+        offset: u64,
+        path: PathBuf,
+        aside: PathBuf,
+    },
+}
+
+/// Where an interval's journal is damaged (see the module doc).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Damage {
+    /// Offset of the first damaged record.
+    pub offset: u64,
+    /// Bytes in damaged ranges.
+    pub bytes: u64,
+    /// Valid records found after the first damaged one.
+    pub kept_after: usize,
+    /// The copy of the journal from `offset` on.
+    pub aside: PathBuf,
 }
 
 /// Where an undo record is: its interval and its offset in that interval's
@@ -210,6 +258,8 @@ pub(crate) struct RetentionJournal {
     end: u64,
     maps: Mutex<MapCache>,
     fds: Mutex<HashMap<u64, Arc<File>>>,
+    /// Damaged journals by interval (see the module doc).
+    damage: BTreeMap<u64, Damage>,
 }
 
 impl RetentionJournal {
@@ -232,6 +282,7 @@ impl RetentionJournal {
             source,
         };
         let mut intervals = BTreeMap::new();
+        let mut damage = BTreeMap::new();
         let mut removed = false;
         for entry in std::fs::read_dir(&dir).map_err(list)? {
             let entry = entry.map_err(list)?;
@@ -251,8 +302,11 @@ impl RetentionJournal {
                 warn!(replication = %replication, journal = %path.display(), current, "journal of a future interval; ignoring it");
                 continue;
             }
-            let idx = scan_one(replication, path, n == current, &disk_ok)?;
+            let (idx, damaged) = scan_one(replication, n, path, n == current, &disk_ok)?;
             intervals.insert(n, idx);
+            if let Some(d) = damaged {
+                damage.insert(n, d);
+            }
         }
         if removed {
             fsync_dir(&dir).map_err(|source| JournalError::SyncDir { path: dir, source })?;
@@ -271,7 +325,23 @@ impl RetentionJournal {
             end,
             maps: Mutex::new(MapCache::default()),
             fds: Mutex::new(HashMap::new()),
+            damage,
         })
+    }
+
+    /// Refuses the point closing interval `k` when a journal it needs (one
+    /// of an interval after `k`) is damaged.
+    pub fn check_point(&self, k: u64) -> Result<(), JournalError> {
+        match self.damage.range(k + 1..).next() {
+            None => Ok(()),
+            Some((&n, d)) => Err(JournalError::Damaged {
+                point_interval: k,
+                interval: n,
+                offset: d.offset,
+                path: self.layout.journal(n),
+                aside: d.aside.clone(),
+            }),
+        }
     }
 
     /// Whether the current interval has saved (and synced) block `key`.
@@ -366,6 +436,7 @@ impl RetentionJournal {
         self.unsynced.clear();
         self.end = 0;
         self.intervals = BTreeMap::from([(self.current, IntervalIndex::new_open())]);
+        self.damage.clear();
         *self.maps.get_mut().unwrap_or_else(PoisonError::into_inner) = MapCache::default();
         self.fds
             .get_mut()
@@ -375,19 +446,27 @@ impl RetentionJournal {
 
     /// Where the content at the point closing interval `k` of each block
     /// of `keys` is: `Some` an undo record, `None` the block has not
-    /// changed since (it is the replica's, or the pre-images').
-    pub fn locate(&self, k: u64, keys: impl Iterator<Item = u64>) -> Vec<Option<Undo>> {
+    /// changed since (it is the replica's, or the pre-images'). Refused
+    /// when the point cannot be rebuilt exactly ([`Self::check_point`]).
+    pub fn locate(
+        &self,
+        k: u64,
+        keys: impl Iterator<Item = u64>,
+    ) -> Result<Vec<Option<Undo>>, JournalError> {
+        self.check_point(k)?;
         let mut cache = self.maps.lock().unwrap_or_else(PoisonError::into_inner);
         let map = cache.get_or_build(&self.intervals, k);
-        keys.map(|key| map.get(&key).copied()).collect()
+        Ok(keys.map(|key| map.get(&key).copied()).collect())
     }
 
     /// Every block changed since the point closing interval `k`, with its
-    /// content at that point, in key order.
-    pub fn point_map(&self, k: u64) -> Vec<(u64, Undo)> {
+    /// content at that point, in key order. Refused when the point cannot
+    /// be rebuilt exactly ([`Self::check_point`]).
+    pub fn point_map(&self, k: u64) -> Result<Vec<(u64, Undo)>, JournalError> {
+        self.check_point(k)?;
         let mut v: Vec<(u64, Undo)> = build_map(&self.intervals, k).into_iter().collect();
         v.sort_unstable_by_key(|&(key, _)| key);
-        v
+        Ok(v)
     }
 
     /// Reads the block `key` saved by the record `undo` into `out` (one
@@ -447,6 +526,7 @@ impl RetentionJournal {
             fds.remove(n);
         }
         drop(fds);
+        self.damage.retain(|&n, _| n > k);
         self.maps
             .get_mut()
             .unwrap_or_else(PoisonError::into_inner)
@@ -471,37 +551,118 @@ impl RetentionJournal {
     }
 }
 
-/// Scans one journal, cutting a torn or corrupt tail, into its index.
+/// Scans interval `n`'s journal into its index: cuts the torn tail of the
+/// current interval, and sets any other damage aside (see the module doc).
 fn scan_one(
     replication: &str,
+    n: u64,
     path: PathBuf,
     current: bool,
     disk_ok: impl Fn(u32) -> bool,
-) -> Result<IntervalIndex, JournalError> {
+) -> Result<(IntervalIndex, Option<Damage>), JournalError> {
     let f = match OpenOptions::new().read(true).write(true).open(&path) {
         Ok(f) => f,
         Err(source) => return Err(JournalError::Open { path, source }),
     };
-    let scan = match journal::scan(&f, 0, disk_ok) {
+    let scanned = journal::scan(&f, 0, &disk_ok).and_then(|scan| {
+        let after = if scan.valid_len < scan.file_len {
+            journal::salvage(&f, scan.valid_len, &disk_ok)?
+        } else {
+            journal::Salvage::default()
+        };
+        Ok((scan, after))
+    });
+    let (scan, mut after) = match scanned {
         Ok(s) => s,
         Err(source) => return Err(JournalError::Scan { path, source }),
     };
-    if scan.valid_len < scan.file_len {
-        let why = scan.problem.clone().unwrap_or_default();
-        if current {
-            warn!(replication = %replication, journal = %path.display(), valid = scan.valid_len, len = scan.file_len, problem = %why,
-                "cutting the torn tail of the current interval's journal (crash mid-append)");
-        } else {
-            error!(replication = %replication, journal = %path.display(), valid = scan.valid_len, len = scan.file_len, problem = %why,
-                "a closed interval's journal is damaged; cutting it at the damage: points before this interval may be inexact");
-        }
-        if let Err(source) = f.set_len(scan.valid_len).and_then(|_| f.sync_all()) {
-            return Err(JournalError::Truncate { path, source });
+    let mut len = scan.file_len;
+    // The current interval's last damaged range, reaching the end of the
+    // file, is the torn tail of a crash mid-append: the replica was not
+    // written after it, so it is cut.
+    if current {
+        if let Some(&(from, to)) = after.damaged.last() {
+            if to == scan.file_len {
+                warn!(replication = %replication, journal = %path.display(), valid = from, len = scan.file_len,
+                    problem = %scan.problem.clone().unwrap_or_default(),
+                    "cutting the torn tail of the current interval's journal (crash mid-append)");
+                if let Err(source) = f.set_len(from).and_then(|_| f.sync_all()) {
+                    return Err(JournalError::Truncate { path, source });
+                }
+                after.damaged.pop();
+                len = from;
+            }
         }
     }
-    Ok(IntervalIndex::from_scan(
-        scan.entries,
-        scan.valid_len,
-        current,
-    ))
+    let damage = match after.damaged.first() {
+        None => None,
+        Some(&(offset, _)) => Some(set_aside(replication, n, &path, &f, offset, &after, len)?),
+    };
+    let mut entries = scan.entries;
+    entries.extend(after.entries);
+    Ok((IntervalIndex::from_scan(entries, len, current), damage))
+}
+
+/// Copies interval `n`'s journal from `offset` (its first damaged record)
+/// to its end into `<journal>.damaged-<offset>` (once: a copy made at an
+/// earlier open is kept) and logs what is lost and what to do.
+fn set_aside(
+    replication: &str,
+    n: u64,
+    path: &std::path::Path,
+    f: &File,
+    offset: u64,
+    found: &journal::Salvage,
+    len: u64,
+) -> Result<Damage, JournalError> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".damaged-{offset}"));
+    let aside = PathBuf::from(name);
+    if !aside.exists() {
+        copy_tail(f, offset, len, &aside).map_err(|source| JournalError::SetAside {
+            path: path.to_path_buf(),
+            aside: aside.clone(),
+            source,
+        })?;
+    }
+    let d = Damage {
+        offset,
+        bytes: found.damaged.iter().map(|&(a, b)| b - a).sum(),
+        kept_after: found.entries.len(),
+        aside,
+    };
+    error!(
+        replication = %replication,
+        interval = n,
+        journal = %path.display(),
+        offset = d.offset,
+        damaged_bytes = d.bytes,
+        records_kept_after_damage = d.kept_after,
+        aside = %d.aside.display(),
+        "retention journal is damaged: the recovery points cut before interval {n} cannot be rebuilt exactly and are refused \
+         (views and rollback to them fail); points cut after it stay exact. The journal is left as it was and the bytes \
+         from offset {offset} on are copied to {}: keep that file for analysis, check the disk under the MT's data \
+         directory, and choose a point cut after interval {n}",
+        d.aside.display()
+    );
+    Ok(d)
+}
+
+/// Writes bytes `from..to` of `f` to a new file `dst`, durably (a temporary
+/// file, fsynced, renamed, and the directory fsynced).
+fn copy_tail(f: &File, from: u64, to: u64, dst: &std::path::Path) -> io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut tmp_name = dst.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = PathBuf::from(tmp_name);
+    let mut src = f.try_clone()?;
+    src.seek(SeekFrom::Start(from))?;
+    let mut out = File::create(&tmp)?;
+    io::copy(&mut src.take(to.saturating_sub(from)), &mut out)?;
+    out.sync_all()?;
+    std::fs::rename(&tmp, dst)?;
+    match dst.parent() {
+        Some(dir) => fsync_dir(dir),
+        None => Ok(()),
+    }
 }

@@ -238,7 +238,7 @@ impl Replication {
             }
         }
         // Affected blocks and where their content at P is, in disk order.
-        let blocks = inner.journal().point_map(p.interval);
+        let blocks = inner.journal().point_map(p.interval)?;
         info!(replication = %self.id(), machine = %machine, point = %p.id, seq = p.seq, blocks = blocks.len(), "rollback started");
         let started = Instant::now();
 

@@ -692,5 +692,6 @@ mod authz;
 mod batch;
 mod faults;
 mod grpc;
+mod journal_damage;
 mod lifecycle;
 mod retention_policy;

@@ -156,7 +156,7 @@ impl Replication {
         };
         let undo = inner
             .journal()
-            .locate(k, (first..=last).map(|b| journal::key(d.index(), b)));
+            .locate(k, (first..=last).map(|b| journal::key(d.index(), b)))?;
         let srcs: Vec<Src> = (first..=last)
             .zip(undo)
             .map(|(b, undo)| {

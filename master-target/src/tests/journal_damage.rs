@@ -1,0 +1,140 @@
+//! A damaged record in a closed interval's retention journal: the journal
+//! is not cut, the damaged bytes are copied aside, the points that need the
+//! journal are refused (views and rollback) instead of served inexact, the
+//! points after it stay exact, and apply goes on.
+
+use super::{applied_history, apply_range, check_latest, open_store, Gen};
+use crate::config::RetentionConfig;
+use crate::replication::Replication;
+use std::path::{Path, PathBuf};
+
+fn journal(r: &Replication, n: u64) -> PathBuf {
+    r.root().join(format!("retention/interval-{n}.undo"))
+}
+
+/// Names of the set-aside files in `r`'s retention directory.
+fn asides(r: &Replication) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(r.root().join("retention"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".damaged-"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn flip_byte(path: &Path, at: u64) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[at as usize] ^= 0x20;
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Reads every disk of `r` at point `id` whole.
+fn read_point(r: &Replication, g: &Gen, id: &str) -> crate::error::Result<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    for d in 0..g.disks.len() {
+        let mut buf = vec![0u8; g.disks[d].len()];
+        r.read_at_point(d as u32, 0, &mut buf, Some(id))?;
+        out.push(buf);
+    }
+    Ok(out)
+}
+
+/// Points closing an interval at or after `n` equal the model; those
+/// before it are refused with a message naming the damaged interval.
+fn check_around_damage(r: &Replication, g: &Gen, n: u64) {
+    for p in r.points() {
+        match read_point(r, g, &p.id) {
+            Ok(disks) if p.interval >= n => {
+                for (d, want) in g.snap(&p.id).iter().enumerate() {
+                    assert!(
+                        blake3::hash(&disks[d]) == blake3::hash(want),
+                        "disk {d} at point {}",
+                        p.id
+                    );
+                }
+            }
+            Ok(_) => panic!(
+                "point {} (interval {}) needs damaged interval {n} but was served",
+                p.id, p.interval
+            ),
+            Err(e) if p.interval < n => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains("cannot be rebuilt exactly")
+                        && msg.contains(&format!("interval {n}"))
+                        && msg.contains(".damaged-"),
+                    "point {}: {msg}",
+                    p.id
+                );
+            }
+            Err(e) => panic!("point {} after the damage: {e}", p.id),
+        }
+    }
+}
+
+#[test]
+fn a_corrupt_record_in_a_closed_journal_is_set_aside_and_the_points_needing_it_are_refused() {
+    let (mut g, dir, s, r) = applied_history(51, 10);
+    let points = r.points();
+    // p2 closes interval n: its journal is needed by p0 and p1 only.
+    let n = points[2].interval;
+    let path = journal(&r, n);
+    let len = std::fs::metadata(&path).unwrap().len();
+    assert!(
+        len > 8192,
+        "interval {n} saved several blocks ({len} bytes)"
+    );
+    drop((r, s));
+    flip_byte(&path, len / 2);
+
+    let (s, r) = open_store(dir.path());
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len(),
+        len,
+        "a closed interval's journal must not be cut at the damage"
+    );
+    let aside = asides(&r);
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert!(
+        aside[0].starts_with(&format!("interval-{n}.undo.damaged-")),
+        "{aside:?}"
+    );
+    let offset: u64 = aside[0].rsplit('-').next().unwrap().parse().unwrap();
+    assert!(offset <= len / 2, "damage at {offset}");
+    let copied = std::fs::read(r.root().join("retention").join(&aside[0])).unwrap();
+    assert_eq!(copied, std::fs::read(&path).unwrap()[offset as usize..]);
+    assert_eq!(r.points().len(), 5, "no point is forgotten");
+    check_around_damage(&r, &g, n);
+    check_latest(&r, &g.disks);
+    // Rollback to a damaged point is refused before it touches anything.
+    let err = r.rollback(&points[1].id).unwrap_err().to_string();
+    assert!(err.contains("cannot be rebuilt exactly"), "{err}");
+    check_latest(&r, &g.disks);
+
+    // Apply goes on; a new point is exact.
+    let mid = g.seq();
+    g.random_ops(30);
+    g.tag("p5");
+    g.random_ops(10);
+    apply_range(&r, &g, mid + 1, g.seq(), 7);
+    check_around_damage(&r, &g, n);
+    check_latest(&r, &g.disks);
+
+    // A restart finds the same damage, and copies nothing again.
+    drop((r, s));
+    let (s, r) = open_store(dir.path());
+    assert_eq!(asides(&r), aside);
+    check_around_damage(&r, &g, n);
+
+    // Once retention drops the points that needed it, nothing is refused.
+    let cfg = RetentionConfig {
+        window_secs: 0,
+        max_bytes: 0,
+        check_secs: 1,
+    };
+    r.enforce_retention(&cfg, u64::MAX / 2).unwrap();
+    assert_eq!(r.points().len(), 1);
+    check_around_damage(&r, &g, 0);
+    drop((r, s));
+}
