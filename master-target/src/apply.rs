@@ -39,7 +39,7 @@ use crate::state::ResyncWindow;
 use crate::storage::Target;
 use prost::bytes::Bytes;
 use rebound_common::chunk::read_full_at;
-use rebound_common::frame::{Frame, FrameError, FrameRef, Record, Tag};
+use rebound_common::frame::{seq_range_flaw, Frame, FrameError, FrameRef, Record, Tag};
 use std::collections::HashSet;
 use tracing::{error, info, warn};
 
@@ -64,21 +64,6 @@ enum Op<'a> {
         offset: u64,
         len: u64,
     },
-}
-
-/// Why `first..=last` cannot be a frame's seq range, if it cannot: seqs
-/// start at 1, a range is not reversed, and `u64::MAX` is never a seq (so
-/// `last + 1`, the next seq apply expects, cannot overflow).
-fn seq_range_flaw(first: u64, last: u64) -> Option<&'static str> {
-    if first == 0 {
-        Some("seqs start at 1")
-    } else if last < first {
-        Some("the range is reversed")
-    } else if last == u64::MAX {
-        Some("u64::MAX is not a seq")
-    } else {
-        None
-    }
 }
 
 /// Writes gathered for one fdatasync of the journal.
