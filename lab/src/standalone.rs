@@ -239,6 +239,8 @@ impl Lab {
             tls("ps"),
         );
         ps.cache_max_bytes = o.ps_cache_max_bytes;
+        // Through a proxy the PS still checks the MT's own name.
+        ps.mt.server_name = self.mt_addr.ip().to_string();
         config::write_toml(&self.config_path(Component::Ps), &ps)?;
 
         let mut mt = config::mt(self.mt_addr, self.mt_nbd, &self.path("mt-data"), tls("mt"));
