@@ -14,6 +14,9 @@
 //! [`failover`]). A failing section marks its rows `error` and the run
 //! continues, so the table always has every row; the command then exits
 //! non-zero.
+//!
+//! `rebound-bench soak` (also `rebound soak`) is the endurance run instead:
+//! see [`soak`].
 #![deny(unsafe_code)]
 
 pub mod cost;
@@ -28,6 +31,7 @@ pub mod resync;
 pub mod rpo;
 pub mod rto;
 pub mod sampler;
+pub mod soak;
 pub mod sustained;
 mod sys;
 pub mod tools;

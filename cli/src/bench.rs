@@ -1,4 +1,6 @@
-//! `rebound bench`: an alias for the `rebound-bench` binary beside this one.
+//! `rebound bench` and `rebound soak`: aliases for the `rebound-bench`
+//! binary beside this one (`rebound soak ARGS` runs `rebound-bench soak
+//! ARGS`).
 //!
 //! The bench starts every server as a child process and measures them, so it
 //! lives in its own crate and binary; the operator CLI keeps the familiar
@@ -58,6 +60,17 @@ pub fn run(args: &[OsString]) -> Result<i32, BenchAliasError> {
     Ok(exit_code(status))
 }
 
+/// `rebound soak ARGS`: runs `rebound-bench soak ARGS` as [`run`] does.
+pub fn soak(args: &[OsString]) -> Result<i32, BenchAliasError> {
+    run(&soak_args(args))
+}
+
+fn soak_args(args: &[OsString]) -> Vec<OsString> {
+    std::iter::once(OsString::from("soak"))
+        .chain(args.iter().cloned())
+        .collect()
+}
+
 fn exit_code(status: std::process::ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
@@ -79,6 +92,17 @@ mod tests {
         assert_eq!(exit_code(ExitStatus::from_raw(3 << 8)), 3);
         // Killed by SIGTERM (15).
         assert_eq!(exit_code(ExitStatus::from_raw(15)), 143);
+    }
+
+    #[test]
+    fn soak_runs_the_bench_soak_mode_with_the_same_arguments() {
+        let args: Vec<OsString> = ["--minutes", "1", "--seed", "7"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        let got = soak_args(&args);
+        assert_eq!(got[0], "soak");
+        assert_eq!(&got[1..], &args[..]);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! configuration server with the admin certificate ([`operator`]). The CLI
 //! can also talk to a master target directly (`points --mt`, `rollback`,
 //! `restore-pre-images`), write a lab PKI and run the demo; `rebound bench`
-//! runs the separate `rebound-bench` binary ([`bench`]).
+//! and `rebound soak` run the separate `rebound-bench` binary ([`bench`]).
 #![forbid(unsafe_code)]
 
 pub mod bench;

@@ -48,6 +48,18 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Endurance run: fio with crc32c verify through the agent on two
+    /// disks, a recovery point every second, random kill -9 of the agent,
+    /// PS and MT and network faults, then every retained point compared by
+    /// blake3; exits non-zero on any difference. Runs `rebound-bench soak`
+    /// with the same arguments (--minutes N, --seed S, --disk-mib M,
+    /// --dir DIR).
+    #[command(disable_help_flag = true)]
+    Soak {
+        /// The arguments of `rebound-bench soak`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
     /// Write a lab PKI (CA, PS, MT, admin and agent certificates) into a directory.
     Certs {
         /// Directory to write into (created if missing).
@@ -132,6 +144,7 @@ async fn main() -> Result<()> {
             .await
         }
         Cmd::Bench { args } => std::process::exit(rebound_cli::bench::run(&args)?),
+        Cmd::Soak { args } => std::process::exit(rebound_cli::bench::soak(&args)?),
         Cmd::Certs {
             out,
             machines,
