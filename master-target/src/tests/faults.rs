@@ -401,3 +401,24 @@ fn out_of_space_wait_ends_with_the_stream() {
     apply_range(&r, &g, n / 2 + 1, n, 9);
     check_all(&r, &g);
 }
+
+/// A panic while apply holds the write lock does not stop the replication
+/// for good: the next writer rebuilds the state from disk (as after a
+/// crash) and apply goes on, exact.
+#[test]
+fn a_panic_under_the_write_lock_heals() {
+    let (g, _dir, _s, r) = super::applied_history(21, 10);
+    let n = g.seq();
+    let r2 = r.clone();
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let _inner = r2.write_inner().expect("the write lock");
+        panic!("a bug while applying");
+    }));
+    assert!(panicked.is_err());
+    assert_eq!(r.applied_seq(), n);
+    let mut g = g;
+    g.random_ops(12);
+    g.tag("after-panic");
+    apply_range(&r, &g, n + 1, g.seq(), 5);
+    check_all(&r, &g);
+}
