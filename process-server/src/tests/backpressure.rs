@@ -21,12 +21,7 @@ async fn backpressure_stops_acks_until_trimmed() {
     // An empty cache resumes an agent only after the MT's applied seq:
     // the MT answers the hello, then goes away before any frame.
     let mt = FakeMt::default();
-    let mt_task = start_mt(
-        mt.clone(),
-        &mt_tls,
-        TcpListener::bind(mt_addr).await.unwrap(),
-    )
-    .await;
+    let mt_task = start_mt_at(&mt, &mt_tls, mt_addr).await;
     let mut s = ps.stream(&agent1, "r1", "m1").await;
     mt_task.stop().await;
     // Each frame is ~256 KiB raw: the cap is hit after four.
@@ -50,12 +45,7 @@ async fn backpressure_stops_acks_until_trimmed() {
     assert_eq!(st.replications[0].durable_seq, 16);
 
     // The MT is back: applied segments are trimmed and the stream resumes.
-    let mt_task = start_mt(
-        mt.clone(),
-        &mt_tls,
-        TcpListener::bind(mt_addr).await.unwrap(),
-    )
-    .await;
+    let mt_task = start_mt_at(&mt, &mt_tls, mt_addr).await;
     s.wait_durable(48).await.unwrap();
     wait_for("MT applied 48", || mt.applied("r1") == 48).await;
     drop(s);

@@ -158,8 +158,7 @@ async fn ingest_forward_restart_over_mtls() {
     let s = ps.stream(&agent1, "r1", "m1").await;
     assert_eq!(s.resume, 52);
     drop(s);
-    let mt_listener = TcpListener::bind(mt_addr).await.unwrap();
-    let mt_task = start_mt(mt.clone(), &mt_tls, mt_listener).await;
+    let mt_task = start_mt_at(&mt, &mt_tls, mt_addr).await;
     wait_for("MT applied 52 after coming back", || mt.applied("r1") == 52).await;
     assert_eq!(mt.state.lock().unwrap().records["r1"].len(), 52);
     // Applied segments are trimmed.
@@ -261,12 +260,7 @@ async fn empty_cache_resumes_after_the_mt_applied_seq_only() {
         "{e:?}"
     );
 
-    let mt_task = start_mt(
-        mt.clone(),
-        &mt_tls,
-        TcpListener::bind(mt_addr).await.unwrap(),
-    )
-    .await;
+    let mt_task = start_mt_at(&mt, &mt_tls, mt_addr).await;
     let mut s = ps.stream(&agent1, "r1", "m1").await;
     assert_eq!(s.resume, 100, "resumed below the MT's applied seq");
     s.send(frame("r1", 101, 2)).await;

@@ -204,6 +204,12 @@ pub(crate) async fn spawn_mt(tls: &TlsFiles) -> (FakeMt, SocketAddr, MtRun) {
     (mt, addr, run)
 }
 
+/// Starts `mt` (again) at `addr`, an address reserved for it or where it
+/// ran before.
+pub(crate) async fn start_mt_at(mt: &FakeMt, tls: &TlsFiles, addr: SocketAddr) -> MtRun {
+    start_mt(mt.clone(), tls, TcpListener::bind(addr).await.unwrap()).await
+}
+
 pub(crate) async fn start_mt(mut mt: FakeMt, tls: &TlsFiles, listener: TcpListener) -> MtRun {
     let acceptor = tls
         .acceptor(tls::ClientAuth::Required, &tls::Revocations::new())
