@@ -6,28 +6,13 @@ use rebound_common::frame::{Frame, FrameBuilder, Record};
 use rebound_common::tls::TlsFiles;
 use rebound_lab::*;
 use rebound_proto::process_server_client::ProcessServerClient;
-use rebound_proto::{
-    ingest_request, ingest_response, DiskInfo, IngestRequest, IngestResponse, ReplicationInfo,
-};
+use rebound_proto::{ingest_request, ingest_response, IngestRequest, IngestResponse};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 // ------------------------------------------------------------------ PS
-
-/// The lab agent's hello, as the agent sends it.
-fn agent_hello(lab: &Lab) -> ReplicationInfo {
-    ReplicationInfo {
-        replication_id: lab.opts.machine.clone(),
-        machine_id: lab.opts.machine.clone(),
-        disks: vec![DiskInfo {
-            index: 0,
-            name: "disk0".into(),
-            size: lab.opts.disks[0].1,
-        }],
-    }
-}
 
 /// A client of the lab's PS with the lab agent's certificate.
 fn ps_as_agent(lab: &Lab) -> ProcessServerClient<Channel> {
@@ -56,7 +41,7 @@ struct Answered {
 /// the answers until the stream ends or stays quiet for a few seconds.
 fn ingest(lab: &Lab, frames: Vec<Vec<u8>>) -> Answered {
     let mut ps = ps_as_agent(lab);
-    let hello = agent_hello(lab);
+    let hello = crate::bad_input::info(lab);
     lab.block_on(async move {
         let (tx, rx) = mpsc::channel(16);
         tx.send(IngestRequest {

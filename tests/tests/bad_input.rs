@@ -95,7 +95,8 @@ fn malformed_nbd_requests_get_errors_and_the_connection_keeps_working() {
     assert!(tail.iter().all(|&b| b == 0));
 }
 
-fn info(lab: &Lab) -> ReplicationInfo {
+/// The hello of the lab's agent (its replication, machine and disk).
+pub(crate) fn info(lab: &Lab) -> ReplicationInfo {
     ReplicationInfo {
         replication_id: lab.opts.machine.clone(),
         machine_id: lab.opts.machine.clone(),

@@ -23,6 +23,16 @@ fn write_rounds(lab: &Lab, rng: &mut Rng, rounds: usize) -> u64 {
     seq
 }
 
+/// A started lab whose MT has applied `rounds` rounds of writes (each
+/// ended by a tag); the rng for more, and the last tag's seq.
+fn replicated_lab(seed: u64, rounds: usize) -> (Lab, Rng, u64) {
+    let lab = Lab::started(LabOptions::default()).unwrap();
+    let mut rng = Rng::new(seed);
+    let applied = write_rounds(&lab, &mut rng, rounds);
+    lab.wait_applied(applied, APPLY_WAIT).unwrap();
+    (lab, rng, applied)
+}
+
 /// Waits until the PS holds (has acknowledged) every record the agent cut.
 fn wait_ps_holds_everything(lab: &Lab) {
     let r = lab
@@ -81,12 +91,9 @@ fn segment_first_seq(p: &Path) -> u64 {
 /// seq is far beyond, would skip the new records as already applied).
 #[test]
 fn wiped_ps_cache_while_mt_down_resumes_after_the_mt() {
-    let mut lab = Lab::started(LabOptions::default()).unwrap();
-    let mut rng = Rng::new(101);
     // History, so the MT's applied seq is far beyond what a restarted
     // stream (and its resync) would reach.
-    let applied = write_rounds(&lab, &mut rng, 12);
-    lab.wait_applied(applied, APPLY_WAIT).unwrap();
+    let (mut lab, mut rng, _) = replicated_lab(101, 12);
 
     lab.kill9(Component::Mt).unwrap();
     // Acknowledged by the PS only.
@@ -129,10 +136,7 @@ fn wiped_ps_cache_while_mt_down_resumes_after_the_mt() {
 /// were already cleared.
 #[test]
 fn ps_losing_acknowledged_records_makes_a_restarted_agent_resync() {
-    let mut lab = Lab::started(LabOptions::default()).unwrap();
-    let mut rng = Rng::new(202);
-    let applied = write_rounds(&lab, &mut rng, 4);
-    lab.wait_applied(applied, APPLY_WAIT).unwrap();
+    let (mut lab, mut rng, applied) = replicated_lab(202, 4);
     // The PS trims what the MT applied: wait until only segments after it
     // are left, so what the test tears below was never applied.
     wait_until(
@@ -175,8 +179,7 @@ fn ps_losing_acknowledged_records_makes_a_restarted_agent_resync() {
     let log = lab.log(Component::Ps);
     let resumed = log
         .lines()
-        .filter(|l| l.contains("agent stream connected"))
-        .next_back()
+        .rfind(|l| l.contains("agent stream connected"))
         .unwrap_or_default()
         .to_string();
     eprintln!("acknowledged up to {acked}; the torn PS: {resumed}");
@@ -196,10 +199,7 @@ fn ps_losing_acknowledged_records_makes_a_restarted_agent_resync() {
 /// full resync (it cannot know what changed).
 #[test]
 fn missing_dirty_log_of_an_initialised_agent_means_a_full_resync() {
-    let mut lab = Lab::started(LabOptions::default()).unwrap();
-    let mut rng = Rng::new(303);
-    let applied = write_rounds(&lab, &mut rng, 2);
-    lab.wait_applied(applied, APPLY_WAIT).unwrap();
+    let (mut lab, _, _) = replicated_lab(303, 2);
     lab.stop(Component::Agent).unwrap();
     let dlog = lab.agent_state_dir().join("dirty.log");
     assert!(dlog.exists(), "{} should exist", dlog.display());
