@@ -3,8 +3,8 @@
 //! journal are refused (views and rollback) instead of served inexact, the
 //! points after it stay exact, and apply goes on.
 
+use super::retention_policy::window_secs;
 use super::{applied_history, apply_range, check_latest, open_store, Gen};
-use crate::config::RetentionConfig;
 use crate::replication::Replication;
 use std::path::{Path, PathBuf};
 
@@ -128,11 +128,7 @@ fn a_corrupt_record_in_a_closed_journal_is_set_aside_and_the_points_needing_it_a
     check_around_damage(&r, &g, n);
 
     // Once retention drops the points that needed it, nothing is refused.
-    let cfg = RetentionConfig {
-        window_secs: 0,
-        max_bytes: 0,
-        check_secs: 1,
-    };
+    let cfg = window_secs(0);
     r.enforce_retention(&cfg, u64::MAX / 2).unwrap();
     assert_eq!(r.points().len(), 1);
     check_around_damage(&r, &g, 0);

@@ -21,6 +21,15 @@ use std::sync::Arc;
 
 const DAY_MS: u64 = 86_400_000;
 
+/// A retention of `window_secs` without a size cap, checked every second.
+pub(crate) fn window_secs(window_secs: u64) -> RetentionConfig {
+    RetentionConfig {
+        window_secs,
+        max_bytes: 0,
+        check_secs: 1,
+    }
+}
+
 /// Rewrites the catalog of [`RID`] in `dir` as if the MT had cut each point
 /// at `cut(point)` (`None`: a line from before the MT stamped its cuts),
 /// with the store closed, and opens it again.
@@ -65,11 +74,7 @@ fn an_agent_clock_a_day_behind_drops_nothing_inside_the_window() {
         r.points()[0].time_ms < now_ms() - DAY_MS / 2,
         "the tags carry the agent's time"
     );
-    let hour = RetentionConfig {
-        window_secs: 3600,
-        max_bytes: 0,
-        check_secs: 1,
-    };
+    let hour = window_secs(3600);
     let out = r.enforce_retention(&hour, now_ms()).unwrap();
     assert_eq!(
         out.dropped, 0,
@@ -87,11 +92,7 @@ fn an_agent_clock_a_day_ahead_does_not_keep_points_forever() {
         r.points()[0].time_ms > now_ms() + DAY_MS / 2,
         "the tags carry the agent's time"
     );
-    let hour = RetentionConfig {
-        window_secs: 3600,
-        max_bytes: 0,
-        check_secs: 1,
-    };
+    let hour = window_secs(3600);
     assert_eq!(r.enforce_retention(&hour, now_ms()).unwrap().dropped, 0);
     // Two hours later by the MT's clock every point but the newest is out
     // of the window, whatever the agent's clock said.
@@ -114,11 +115,7 @@ fn the_window_is_measured_from_when_the_mt_cut_each_point() {
         let i: u64 = p.id[1..].parse().unwrap();
         Some(now - (4 - i) * 3600 * 1000)
     });
-    let window = |hours: u64| RetentionConfig {
-        window_secs: hours * 3600,
-        max_bytes: 0,
-        check_secs: 1,
-    };
+    let window = |hours: u64| window_secs(hours * 3600);
     // Half an hour later p0 and p1 are 4.5 h and 3.5 h old by the MT's
     // clock: out of a 3 h window; p2 (2.5 h) stays.
     let out = r.enforce_retention(&window(3), now + 1800 * 1000).unwrap();
@@ -148,11 +145,7 @@ fn a_catalog_from_before_the_mt_stamped_its_cuts_ages_points_by_the_agents_time(
     let (g, dir, s, r) = applied_history(34, 10);
     let (_s, r) = restamp(dir.path(), (s, r), |_| None);
     let times: Vec<u64> = r.points().iter().map(|p| p.time_ms).collect();
-    let second = RetentionConfig {
-        window_secs: 1,
-        max_bytes: 0,
-        check_secs: 1,
-    };
+    let second = window_secs(1);
     let out = r.enforce_retention(&second, times[3] + 500).unwrap();
     assert_eq!(out.dropped, 3, "{out:?}");
     check_all(&r, &g);
@@ -250,11 +243,7 @@ fn the_retention_pass_prunes_by_the_replications_window_not_the_default() {
     let times: Vec<u64> = r.points().iter().map(|p| p.time_ms).collect();
     let now = times[3] + 500;
     // The default keeps a year: nothing to drop.
-    let defaults = RetentionConfig {
-        window_secs: 365 * 86400,
-        max_bytes: 0,
-        check_secs: 1,
-    };
+    let defaults = window_secs(365 * 86400);
     assert_eq!(r.enforce_retention(&defaults, now).unwrap().dropped, 0);
     assert_eq!(r.points().len(), 5);
     // The replication's own window of 1 s drops p0..p2.
