@@ -199,15 +199,7 @@ fn wrong_certificates_are_refused() {
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
 
     // An agent may stream only for its own machine.
-    let tls = TlsFiles::in_dir(&lab.certs, &format!("agent-{}", lab.opts.machine));
-    let ch = lab
-        .block_on(tls.connect(
-            &lab.ps_addr.to_string(),
-            "localhost",
-            rebound_common::pki::Role::Ps,
-        ))
-        .unwrap();
-    let mut ps = rebound_proto::process_server_client::ProcessServerClient::new(ch);
+    let mut ps = crate::bad_frames::ps_as_agent(&lab);
     let mut other_machine = info(&lab);
     other_machine.machine_id = "m2".into();
     other_machine.replication_id = "m2".into();

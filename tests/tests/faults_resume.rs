@@ -59,6 +59,17 @@ fn assert_next_point_exact(lab: &Lab, what: &str) {
     );
 }
 
+/// Asserts that `c`'s log has a line saying `text`; `why` says what the
+/// line is for.
+fn assert_logged(lab: &Lab, c: Component, text: &str, why: &str) {
+    assert!(
+        lab.log(c).lines().any(|l| l.contains(text)),
+        "{why}: no line of the {} log says {text:?}; its tail:\n{}",
+        c.name(),
+        lab.log_tail(c, 30)
+    );
+}
+
 /// The PS's segment files (`*.seg`) under its cache dir, oldest first.
 fn segments(lab: &Lab) -> Vec<PathBuf> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -117,11 +128,11 @@ fn wiped_ps_cache_while_mt_down_resumes_after_the_mt() {
     lab.start(Component::Mt).unwrap();
 
     assert_next_point_exact(&lab, "PS cache wiped while the MT was down");
-    assert!(
-        lab.log(Component::Ps)
-            .contains("applied seq for it is not known yet"),
-        "the PS should have refused the agent until the MT answered:\n{}",
-        lab.log_tail(Component::Ps, 30)
+    assert_logged(
+        &lab,
+        Component::Ps,
+        "applied seq for it is not known yet",
+        "the PS should have refused the agent until the MT answered",
     );
     assert_eq!(
         lab.point_hash("disk0", "latest").unwrap(),
@@ -186,11 +197,11 @@ fn ps_losing_acknowledged_records_makes_a_restarted_agent_resync() {
     lab.start(Component::Mt).unwrap();
 
     assert_next_point_exact(&lab, "PS lost acknowledged records");
-    assert!(
-        lab.log(Component::Agent)
-            .contains("it lost acknowledged records"),
-        "the agent should say why it resyncs every disk:\n{}",
-        lab.log_tail(Component::Agent, 30)
+    assert_logged(
+        &lab,
+        Component::Agent,
+        "it lost acknowledged records",
+        "the agent should say why it resyncs every disk",
     );
 }
 
@@ -218,10 +229,10 @@ fn missing_dirty_log_of_an_initialised_agent_means_a_full_resync() {
         &lab,
         "dirty log removed, source written behind the agent's back",
     );
-    assert!(
-        lab.log(Component::Agent).contains("dirty-extent log")
-            && lab.log(Component::Agent).contains("missing"),
-        "the agent should say why it resyncs every disk:\n{}",
-        lab.log_tail(Component::Agent, 30)
+    assert_logged(
+        &lab,
+        Component::Agent,
+        "the dirty-extent log is missing",
+        "the agent should say why it resyncs every disk",
     );
 }
