@@ -207,3 +207,138 @@ fn ps_refuses_frames_whose_seq_range_does_not_hold() {
         );
     }
 }
+
+// ------------------------------------------------------------------ MT
+
+/// `frame` re-encoded with the seq range `first..=last` (its body and
+/// hash unchanged, so only the range is wrong).
+fn mt_with_range(mut frame: Frame, first: u64, last: u64) -> Vec<u8> {
+    frame.header.first_seq = first;
+    frame.header.last_seq = last;
+    frame.to_bytes()
+}
+
+/// A frame of the lab's replication with an empty body (valid hash).
+fn mt_empty_body(lab: &Lab) -> Frame {
+    let mut f = writes(&lab.opts.machine, 1, 1);
+    f.body.clear();
+    f.header.uncompressed_len = 0;
+    f.header.hash = *blake3::hash(&[]).as_bytes();
+    f
+}
+
+/// Opens an Apply stream to the lab's MT with the PS's certificate, says
+/// hello for the lab's replication and sends `frame`: the resume seq, and
+/// the MT's answer (the seq acknowledged, or the refusal).
+fn mt_apply_as_ps(lab: &Lab, frame: Vec<u8>) -> (u64, Result<u64, tonic::Status>) {
+    use rebound_proto::{apply_request, apply_response, ApplyRequest, ApplyResponse};
+    let mut mt = lab
+        .mt_client_as(&TlsFiles::in_dir(&lab.certs, "ps"))
+        .expect("a connection to the MT with the PS's certificate");
+    let hello = rebound_proto::ReplicationInfo {
+        replication_id: lab.opts.machine.clone(),
+        machine_id: lab.opts.machine.clone(),
+        disks: Vec::new(),
+    };
+    lab.block_on(async move {
+        let (tx, rx) = mpsc::channel(4);
+        let msg = |m| ApplyRequest { msg: Some(m) };
+        tx.send(msg(apply_request::Msg::Hello(hello)))
+            .await
+            .unwrap();
+        let mut answers = mt
+            .apply(ReceiverStream::new(rx))
+            .await
+            .expect("the MT accepts an Apply stream from the PS")
+            .into_inner();
+        let resume = match answers.message().await {
+            Ok(Some(ApplyResponse {
+                msg: Some(apply_response::Msg::ResumeSeq(n)),
+            })) => n,
+            other => panic!("the MT answered the hello with {other:?}"),
+        };
+        tx.send(msg(apply_request::Msg::Frame(frame.into())))
+            .await
+            .unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(20), answers.message())
+            .await
+            .expect("the MT answers a frame within 20 s");
+        let out = match answer {
+            Ok(Some(ApplyResponse {
+                msg: Some(apply_response::Msg::AppliedSeq(n)),
+            })) => Ok(n),
+            Ok(other) => panic!("the MT answered a frame with {other:?}"),
+            Err(s) => Err(s),
+        };
+        drop(tx);
+        (resume, out)
+    })
+}
+
+/// At the MT, through a real Apply stream with the PS's certificate:
+/// frames whose seq range does not fit their records (first seq 0, empty
+/// bodies, counts that do not match, ranges reaching u64::MAX) are refused
+/// with INVALID_ARGUMENT naming the replication and the range, never a
+/// panic and never acknowledged; the MT stays up and replication goes on
+/// with every point exact.
+#[test]
+fn mt_refuses_frames_whose_seq_range_does_not_hold() {
+    let mut lab = Lab::started(LabOptions::default()).unwrap();
+    let mut rng = Rng::new(17);
+    let size = lab.opts.disks[0].1;
+    qemu_io(&lab.agent_uri("disk0"), &random_writes(&mut rng, size, 16)).unwrap();
+    let (p1, s1, h1) = lab.tag_hash("crash").unwrap();
+    lab.wait_applied(s1, Duration::from_secs(60)).unwrap();
+    // The test is the MT's only PS meanwhile.
+    lab.stop(Component::Ps).unwrap();
+    let (_, n) = lab.points().unwrap();
+    let rid = lab.opts.machine.clone();
+    let cases: Vec<(&str, u64, u64, Frame)> = vec![
+        (
+            "first seq 0, empty body, to u64::MAX",
+            0,
+            u64::MAX,
+            mt_empty_body(&lab),
+        ),
+        (
+            "first seq 0 up to the next seq",
+            0,
+            n + 1,
+            writes(&rid, 1, n + 2),
+        ),
+        ("empty body", n + 1, n + 1, mt_empty_body(&lab)),
+        (
+            "more records than the range",
+            n + 1,
+            n + 1,
+            writes(&rid, 1, 2),
+        ),
+        ("range up to u64::MAX", n + 1, u64::MAX, writes(&rid, 1, 1)),
+    ];
+    for (what, first, last, frame) in cases {
+        let (resume, answer) = mt_apply_as_ps(&lab, mt_with_range(frame, first, last));
+        assert_eq!(resume, n, "{what}");
+        let s = answer.expect_err(what);
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{what}: {s:?}");
+        let range = format!("{first}..={last}");
+        assert!(
+            s.message().contains(&lab.opts.machine) && s.message().contains(&range),
+            "{what}: the refusal names neither the replication nor {range}: {}",
+            s.message()
+        );
+        lab.check_alive(Component::Mt)
+            .expect("the MT is still running");
+        assert_eq!(lab.points().unwrap().1, n, "{what}: applied seq moved");
+    }
+    assert!(
+        !lab.log(Component::Mt).contains("panicked"),
+        "the MT panicked; log tail:\n{}",
+        lab.log_tail(Component::Mt, 30)
+    );
+    lab.start(Component::Ps).unwrap();
+    qemu_io(&lab.agent_uri("disk0"), &random_writes(&mut rng, size, 16)).unwrap();
+    let (p2, s2, h2) = lab.tag_hash("crash").unwrap();
+    lab.wait_applied(s2, Duration::from_secs(120)).unwrap();
+    assert_eq!(lab.point_hash("disk0", &p1).unwrap(), h1, "point {p1}");
+    assert_eq!(lab.point_hash("disk0", &p2).unwrap(), h2, "point {p2}");
+}
