@@ -94,9 +94,9 @@ fn enough(s: &ProxyStats) -> bool {
 }
 
 /// Injects faults from the seeded schedule on a link chosen at random
-/// among those that have not taken their share yet, every 0.1–0.5 s (a
-/// stall may still hold a link when the next fault hits it), until both
-/// have; the time it took.
+/// among those that have not taken their share yet, every 0.1–0.5 s once
+/// the link has a connection open (a stall may still hold a link when the
+/// next fault hits it), until both have; the time it took.
 fn fault_both_links(lab: &Lab) -> Duration {
     let (agent_ps, ps_mt) = lab.proxies().expect("a lab with fault proxies");
     let mut schedule = FaultSchedule::new(SEED);
@@ -118,6 +118,11 @@ fn fault_both_links(lab: &Lab) -> Duration {
             ps_mt.stats()
         );
         let link = todo[pace.below(todo.len() as u64) as usize];
+        // A fault on a link with no connection open would hit nothing: let
+        // the client reconnect first (its backoff is at most 5 s).
+        let _ = wait_until("a connection open", Duration::from_secs(6), || {
+            link.open_connections() > 0
+        });
         link.inject(schedule.next_fault());
         std::thread::sleep(Duration::from_millis(100 + pace.below(400)));
     }
