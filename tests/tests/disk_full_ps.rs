@@ -8,64 +8,9 @@
 //! falls back to bitmap mode, say why (`disk-full`, naming the replication
 //! and the path), and resume once the ballast is deleted.
 
+use crate::support::{fill_leaving, lines_with, Tmpfs};
 use rebound_lab::*;
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
-
-/// A tmpfs mounted on a directory, unmounted on drop (lazily, in case a
-/// process still has a file open in it).
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(dir).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .output()
-            .expect("run mount");
-        assert!(
-            out.status.success(),
-            "this test needs root to mount a tmpfs on {} (for a small, fillable PS cache disk): {}",
-            dir.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        Tmpfs(dir.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
-/// Fills the filesystem of `path` with it until ENOSPC, then gives back
-/// `keep` bytes.
-fn fill(path: &Path, keep: u64) {
-    let mut f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let chunk = vec![0xa5u8; 64 << 10];
-    let mut written = 0u64;
-    while f.write_all(&chunk).is_ok() {
-        written += chunk.len() as u64;
-    }
-    let _ = f.sync_all();
-    // A partial write may have landed past `written`.
-    f.set_len(written.saturating_sub(keep)).unwrap();
-    f.sync_all().unwrap();
-}
-
-fn count(log: &str, what: &str) -> usize {
-    log.lines().filter(|l| l.contains(what)).count()
-}
 
 /// Waits until the agent's mode is `mode` ("bitmap", "data").
 fn wait_mode(lab: &Lab, mode: &str, within: Duration) {
@@ -94,7 +39,7 @@ fn ps_cache_enospc_backpressure_then_resume() {
     )
     .unwrap();
     let cache = lab.path("ps-cache");
-    let _tmpfs = Tmpfs::mount(&cache, "16m");
+    let _tmpfs = Tmpfs::mount(&cache, "16m", "a small, fillable PS cache disk");
     lab.start_all().unwrap();
     let (before_id, before_seq, before_hash) = lab.tag_hash("crash").unwrap();
     lab.wait_applied(before_seq, Duration::from_secs(60))
@@ -104,8 +49,8 @@ fn ps_cache_enospc_backpressure_then_resume() {
     // so no trimming frees space either.
     lab.stop(Component::Mt).unwrap();
     let ballast = cache.join("ballast");
-    fill(&ballast, 256 << 10);
-    let refused_before = count(&lab.log(Component::Ps), "agent stream refused");
+    fill_leaving(&ballast, 256 << 10);
+    let refused_before = lines_with(&lab.log(Component::Ps), "agent stream refused");
     let uri = lab.agent_uri("disk0");
     let mut rng = Rng::new(7);
     // ~20 MiB of writes: far more than the free space and the agent's buffer.
@@ -122,7 +67,7 @@ fn ps_cache_enospc_backpressure_then_resume() {
     std::thread::sleep(Duration::from_secs(3));
     let log = lab.log(Component::Ps);
     assert_eq!(
-        count(&log, "agent stream refused"),
+        lines_with(&log, "agent stream refused"),
         refused_before,
         "the PS refused the agent's stream on a full disk instead of pausing it; PS log tail:\n{}",
         lab.log_tail(Component::Ps, 30)
