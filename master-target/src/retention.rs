@@ -14,6 +14,9 @@
 //! every pass. Rolled-back replications are left alone: their
 //! journals may still be needed to choose another point.
 //!
+//! Each pass also raises a `journal-damaged` event, once per start, for a
+//! damaged retention journal (see `retention_journal`).
+//!
 //! Order on disk: the catalog is rewritten first (atomically), then the
 //! freed journals are deleted; journals a crash left behind are deleted on
 //! the next open. Only the catalog rewrite holds the replication's lock:
@@ -67,6 +70,12 @@ impl Replication {
         now_ms: u64,
     ) -> Result<RetentionOutcome> {
         let mut inner = self.write_inner()?;
+        // Raised here, not when the journal is opened: the event sink is
+        // connected only after the store has opened its replications.
+        for (n, damage, path) in inner.journal_mut().unreported_damage() {
+            let message = damage.message(self.id(), n, &path);
+            self.events().error("journal-damaged", self.id(), message);
+        }
         let cfg = &inner.state().retention.resolve(defaults);
         let mut out = RetentionOutcome {
             journal_bytes: inner.journal_bytes(),

@@ -141,6 +141,26 @@ pub(crate) struct Damage {
     pub kept_after: usize,
     /// The copy of the journal from `offset` on.
     pub aside: PathBuf,
+    /// Raised as an event since the journal was opened.
+    pub reported: bool,
+}
+
+impl Damage {
+    /// What is damaged, what it costs and what to do, for the log and the
+    /// event of interval `n`'s journal at `path`.
+    pub fn message(&self, replication: &str, n: u64, path: &std::path::Path) -> String {
+        format!(
+            "retention journal {} of replication {replication} (interval {n}) is damaged from offset {}: \
+             the recovery points cut before interval {n} cannot be rebuilt exactly and are refused \
+             (views and rollback to them fail); points cut after it stay exact. The journal is left as it was \
+             and the bytes from offset {} on are copied to {}: keep that file for analysis, check the disk \
+             under the MT's data directory, and choose a point cut after interval {n}",
+            path.display(),
+            self.offset,
+            self.offset,
+            self.aside.display()
+        )
+    }
 }
 
 /// Where an undo record is: its interval and its offset in that interval's
@@ -327,6 +347,17 @@ impl RetentionJournal {
             fds: Mutex::new(HashMap::new()),
             damage,
         })
+    }
+
+    /// The damaged journals not raised as an event yet (interval, damage,
+    /// journal path), marked raised.
+    pub fn unreported_damage(&mut self) -> Vec<(u64, Damage, PathBuf)> {
+        let mut out = Vec::new();
+        for (&n, d) in self.damage.iter_mut().filter(|(_, d)| !d.reported) {
+            d.reported = true;
+            out.push((n, d.clone(), self.layout.journal(n)));
+        }
+        out
     }
 
     /// Refuses the point closing interval `k` when a journal it needs (one
@@ -630,20 +661,17 @@ fn set_aside(
         bytes: found.damaged.iter().map(|&(a, b)| b - a).sum(),
         kept_after: found.entries.len(),
         aside,
+        reported: false,
     };
     error!(
         replication = %replication,
         interval = n,
-        journal = %path.display(),
         offset = d.offset,
         damaged_bytes = d.bytes,
         records_kept_after_damage = d.kept_after,
         aside = %d.aside.display(),
-        "retention journal is damaged: the recovery points cut before interval {n} cannot be rebuilt exactly and are refused \
-         (views and rollback to them fail); points cut after it stay exact. The journal is left as it was and the bytes \
-         from offset {offset} on are copied to {}: keep that file for analysis, check the disk under the MT's data \
-         directory, and choose a point cut after interval {n}",
-        d.aside.display()
+        "{}",
+        d.message(replication, n, path)
     );
     Ok(d)
 }

@@ -78,7 +78,7 @@ fn a_flipped_byte_in_a_closed_journal_refuses_the_points_that_need_it_and_keeps_
     let log = lab.log(Component::Mt);
     let line = log
         .lines()
-        .find(|l| l.contains("retention journal is damaged"))
+        .find(|l| l.contains("is damaged from offset"))
         .unwrap_or_else(|| {
             panic!(
                 "no error about the damage:\n{}",

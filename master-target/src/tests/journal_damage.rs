@@ -105,6 +105,22 @@ fn a_corrupt_record_in_a_closed_journal_is_set_aside_and_the_points_needing_it_a
     let copied = std::fs::read(r.root().join("retention").join(&aside[0])).unwrap();
     assert_eq!(copied, std::fs::read(&path).unwrap()[offset as usize..]);
     assert_eq!(r.points().len(), 5, "no point is forgotten");
+    // The damage is raised as an event once (by the next retention pass).
+    let unreported = || r.write_inner().unwrap().journal_mut().unreported_damage();
+    let raised = unreported();
+    assert_eq!(raised.len(), 1);
+    let msg = raised[0]
+        .1
+        .message(crate::tests::RID, raised[0].0, &raised[0].2);
+    for want in [
+        format!("interval {n}"),
+        format!("offset {offset}"),
+        aside[0].clone(),
+        "choose a point cut after".into(),
+    ] {
+        assert!(msg.contains(&want), "{want}: {msg}");
+    }
+    assert!(unreported().is_empty());
     check_around_damage(&r, &g, n);
     check_latest(&r, &g.disks);
     // Rollback to a damaged point is refused before it touches anything.
