@@ -129,9 +129,9 @@ impl From<MtError> for Status {
             MtError::InvalidArgument(_) => Status::invalid_argument(msg),
             MtError::PermissionDenied(_) => Status::permission_denied(msg),
             MtError::FailedPrecondition(_) => Status::failed_precondition(msg),
-            MtError::DataLoss(_) | MtError::Journal(JournalError::Record { .. }) => {
-                Status::data_loss(msg)
-            }
+            MtError::DataLoss(_)
+            | MtError::Journal(JournalError::Record { .. })
+            | MtError::Journal(JournalError::Damaged { .. }) => Status::data_loss(msg),
             MtError::Unavailable(_) | MtError::Poisoned { .. } => Status::unavailable(msg),
             MtError::Io { .. }
             | MtError::Journal(_)
