@@ -132,7 +132,9 @@ fn cache_status(e: CacheError) -> Status {
 /// the agent's stream at seq 1 under records the MT already applied. While
 /// the MT cannot be asked the hello is refused as unavailable and the agent
 /// retries (it keeps its changes, in its buffer or dirty bitmap). A cache
-/// that holds records answers its durable seq when the MT stays silent.
+/// that holds records answers its durable seq when the MT stays silent,
+/// but only when it is not below the MT's applied seq last stored on disk
+/// (a cache that lost a tail the MT applied is refused the same way).
 async fn resume_seq(rep: &Replication) -> Result<u64, Status> {
     let empty = rep.durable() == 0;
     let wait = if empty {
@@ -154,10 +156,16 @@ async fn resume_seq(rep: &Replication) -> Result<u64, Status> {
             rep.id(),
             wait.as_secs()
         ))),
-        None => {
+        None if durable >= rep.applied_stored() => {
             info!(replication = %rep.id(), durable_seq = durable, "the master target's applied seq is not known yet; the agent resumes after the cache's durable seq");
             Ok(durable)
         }
+        None => Err(Status::unavailable(format!(
+            "replication {}: the cache's durable seq {durable} is below the master target's last known applied seq {} (the cache lost records the master target already applied), and the master target has not answered within {} s, so the stream cannot resume safely; the agent retries",
+            rep.id(),
+            rep.applied_stored(),
+            wait.as_secs()
+        ))),
         Some(a) if durable >= a => Ok(durable),
         Some(a) => Err(Status::unavailable(format!(
             "replication {}: the cache (durable seq {durable}) has not yet caught up with the master target's applied seq {a}, so the stream cannot resume safely; the agent retries",
@@ -237,7 +245,7 @@ pub async fn ingest(
     );
     let agent = peer.id.clone();
     tokio::spawn(async move {
-        let frames = stream_loop(&ctx, &rep, inbound, tx).await;
+        let frames = stream_loop(&ctx, &rep, resume, inbound, tx).await;
         info!(
             replication = %rep.id(),
             agent = %agent,
@@ -251,11 +259,13 @@ pub async fn ingest(
 
 type Pending = std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, Status>> + Send>>;
 
-/// Reads frames until the agent stops, the stream fails or the server shuts
-/// down. Returns the number of frames read.
+/// Reads frames until the agent stops, the stream fails, the cache skips
+/// ahead past `resume` (see [`skipped_past`]) or the server shuts down.
+/// Returns the number of frames read.
 async fn stream_loop(
     ctx: &IngestContext,
     rep: &Arc<Replication>,
+    resume: u64,
     mut inbound: Streaming<IngestRequest>,
     tx: mpsc::Sender<Result<IngestResponse, Status>>,
 ) -> u64 {
@@ -269,6 +279,9 @@ async fn stream_loop(
     // The last seq this stream has handed on (durable, or on its way to
     // the writer): the next frame must start at most one after it.
     let mut held = rep.durable();
+    let mut skipped = rep.skipped_watch();
+    // A skip between the hello's answer and now counts too.
+    skipped.mark_changed();
     loop {
         let room = pending.len() + preparing.len() < MAX_PENDING && preparing.len() < PREPARE_DEPTH;
         let full = account.is_full();
@@ -280,6 +293,13 @@ async fn stream_loop(
                     .send(Err(Status::unavailable("the process server is shutting down; reconnect and resume")))
                     .await;
                 return position;
+            }
+            Ok(()) = skipped.changed() => {
+                let to = *skipped.borrow_and_update();
+                if to > resume {
+                    refuse(rep, &tx, skipped_past(rep, resume)).await;
+                    return position;
+                }
             }
             Some(r) = preparing.next(), if !preparing.is_empty() => {
                 match store(rep, r, &mut compressor).await {
@@ -334,6 +354,19 @@ async fn stream_loop(
             },
         }
     }
+}
+
+/// Why a stream ends when the cache skipped ahead past the seq it resumed
+/// after: the master target applied seqs this stream's agent has not sent
+/// (they came from a cache that was lost since), so the agent's frames at
+/// those seqs must not be acknowledged as duplicates. The agent reconnects
+/// and resumes after the new seq (its reset path).
+fn skipped_past(rep: &Replication, resume: u64) -> Status {
+    Status::unavailable(format!(
+        "replication {}: the master target has applied up to seq {}, beyond seq {resume} this stream resumed after (the cache skipped ahead to it); the stream ends so the agent reconnects and resumes after the master target's seq",
+        rep.id(),
+        *rep.skipped_watch().borrow()
+    ))
 }
 
 /// Resolves once the server shuts down (or its stop signal is gone).

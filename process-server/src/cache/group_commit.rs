@@ -21,6 +21,7 @@
 //! frames acknowledged, so nothing is acknowledged that is not on disk, and
 //! replication resumes by itself once space returns.
 
+use super::applied_mark;
 use super::error::{AppendError, CacheError, SegmentFailure};
 use super::recovery::ActiveSegment;
 use super::replication::{SegMeta, Shared};
@@ -47,6 +48,10 @@ const WRITER_QUEUE: usize = 64;
 /// How long the writer waits before it retries a batch the full disk had
 /// no room for.
 const DISK_FULL_RETRY: Duration = Duration::from_secs(1);
+/// How often the master target's applied seq is stored at most, unless
+/// segments are about to be trimmed on its account (then it is stored
+/// first, always).
+const APPLIED_STORE_EVERY: Duration = Duration::from_millis(100);
 /// How often a disk that stays full is reported again.
 const DISK_FULL_REPEAT: Duration = Duration::from_secs(60);
 
@@ -117,6 +122,7 @@ pub(super) fn spawn(
         held: active.last_seq,
         durable: active.last_seq,
         broken: None,
+        applied_stored_at: None,
     };
     let handle = std::thread::Builder::new()
         .name(name)
@@ -154,6 +160,8 @@ struct Writer {
     durable: u64,
     /// Set when a failed write could not be undone; every append is refused.
     broken: Option<AppendError>,
+    /// When the applied seq was last stored (see [`APPLIED_STORE_EVERY`]).
+    applied_stored_at: Option<Instant>,
 }
 
 enum Outcome {
@@ -442,13 +450,56 @@ impl Writer {
         Ok(())
     }
 
+    /// Stores the master target's applied seq in the replication's
+    /// directory when it changed: at most every [`APPLIED_STORE_EVERY`],
+    /// or now when `force` (before anything is trimmed on its account).
+    /// Whether the stored seq is `applied` (or the disk is full, where
+    /// trimming must go on to free space).
+    fn store_applied(&mut self, applied: u64, force: bool) -> bool {
+        if self.sh.applied_stored.load(Ordering::SeqCst) == applied {
+            return true;
+        }
+        if !force
+            && self
+                .applied_stored_at
+                .is_some_and(|t| t.elapsed() < APPLIED_STORE_EVERY)
+        {
+            return false;
+        }
+        self.applied_stored_at = Some(Instant::now());
+        match applied_mark::store(&self.sh.dir, applied) {
+            Ok(()) => {
+                self.sh.applied_stored.store(applied, Ordering::SeqCst);
+                true
+            }
+            Err(e) => {
+                let full = is_disk_full(&e);
+                warn!(
+                    replication = %self.sh.id,
+                    dir = %self.sh.dir.display(),
+                    "cannot store the master target's applied seq {applied}: {e}; {}",
+                    if full {
+                        "applied segments are trimmed anyway to free space"
+                    } else {
+                        "applied segments are kept until it can be stored"
+                    }
+                );
+                full
+            }
+        }
+    }
+
     /// Deletes segments the master target has applied. The newest segment
     /// is replaced by a fresh one first when it is fully applied.
     fn trim(&mut self) {
         let Some(applied) = *self.sh.applied.borrow() else {
             return;
         };
+        self.store_applied(applied, false);
         if self.broken.is_none() && applied > self.held && self.len == self.synced_len {
+            if !self.store_applied(applied, true) {
+                return;
+            }
             // The MT holds more than this cache (the cache was lost or set
             // aside, or the replication moved to this PS): nothing cached is
             // needed any more, and the agent must resume after the MT's seq,
@@ -464,6 +515,10 @@ impl Writer {
             if let Err(e) = self.rotate() {
                 warn!(replication = %self.sh.id, "cannot start a new segment: {e}");
             }
+            // Streams resumed below it end, so their agents reconnect and
+            // resume after it instead of having seqs acknowledged as
+            // duplicates that the master target never got from them.
+            self.sh.skipped_to.send_replace(applied);
         }
         if self.broken.is_none()
             && self.len > 0
@@ -473,6 +528,15 @@ impl Writer {
             if let Err(e) = self.rotate() {
                 warn!(replication = %self.sh.id, "cannot start a new segment: {e}; the applied one is kept");
             }
+        }
+        let any = self
+            .sh
+            .segments()
+            .map
+            .iter()
+            .any(|(n, m)| *n != self.name && m.last_seq <= applied);
+        if !any || !self.store_applied(applied, true) {
+            return;
         }
         let victims: Vec<(u64, SegMeta)> = {
             let mut segs = self.sh.segments();

@@ -18,6 +18,7 @@
 //! `info.rs` brings back the agent's hello, so forwarding resumes before the
 //! agent reconnects.
 
+mod applied_mark;
 mod cap;
 mod error;
 mod group_commit;

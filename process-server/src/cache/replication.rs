@@ -7,7 +7,7 @@
 use super::cap::{Account, Share};
 use super::error::{AppendError, CacheError};
 use super::group_commit::{self, Append, WriterMsg};
-use super::{info, recovery};
+use super::{applied_mark, info, recovery};
 use prost::bytes::Bytes;
 use rebound_proto::ReplicationInfo;
 use std::collections::BTreeMap;
@@ -58,6 +58,11 @@ pub(super) struct Shared {
     pub(super) durable: watch::Sender<u64>,
     /// The master target's applied seq; `None` until it said so.
     pub(super) applied: watch::Sender<Option<u64>>,
+    /// The applied seq last stored in `applied.seq` (see `applied_mark`).
+    pub(super) applied_stored: AtomicU64,
+    /// The seq the writer last skipped ahead to (0 if never): the MT had
+    /// applied more than the cache held. A stream resumed below it ends.
+    pub(super) skipped_to: watch::Sender<u64>,
     pub(super) account: Arc<Share>,
     pub(super) stats: Stats,
     /// RemoveReplication dropped this replication: frames are refused.
@@ -116,6 +121,17 @@ impl Replication {
     /// The master target's applied seq, `None` until it said so.
     pub fn applied_watch(&self) -> watch::Receiver<Option<u64>> {
         self.sh.applied.subscribe()
+    }
+    /// The master target's applied seq as last stored on disk (0 when none
+    /// was): what the cache must hold before it may answer a hello while
+    /// the master target is silent.
+    pub fn applied_stored(&self) -> u64 {
+        self.sh.applied_stored.load(Ordering::SeqCst)
+    }
+    /// The seq the cache last skipped ahead to because the master target
+    /// had applied more than it held (0 if never).
+    pub fn skipped_watch(&self) -> watch::Receiver<u64> {
+        self.sh.skipped_to.subscribe()
     }
     /// Records the master target's applied seq and lets the writer trim.
     pub fn set_applied(&self, seq: u64) {
@@ -239,6 +255,7 @@ impl Replication {
         let seg_dir = dir.join("segments");
         let recovered = recovery::recover(&seg_dir, &id)?;
         let stored_info = info::load(&dir, &id);
+        let applied_stored = applied_mark::load(&dir, &id);
         let account = account.share(&id);
         account.add(recovered.bytes);
         let sh = Arc::new(Shared {
@@ -251,6 +268,8 @@ impl Replication {
             }),
             durable: watch::Sender::new(recovered.durable),
             applied: watch::Sender::new(None),
+            applied_stored: AtomicU64::new(applied_stored),
+            skipped_to: watch::Sender::new(0),
             account,
             stats: Stats::default(),
             removed: AtomicBool::new(false),

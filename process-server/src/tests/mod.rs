@@ -6,5 +6,6 @@ mod backpressure;
 mod cache_fairness;
 mod control;
 mod ingest_forward;
+mod lost_tail;
 mod routes;
 pub(crate) mod support;

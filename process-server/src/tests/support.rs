@@ -354,6 +354,15 @@ impl AgentStream {
             .await
             .unwrap();
     }
+    /// Sends a frame the PS may already have ended the stream before.
+    pub(crate) async fn offer(&self, bytes: Vec<u8>) {
+        let _ = self
+            .tx
+            .send(IngestRequest {
+                msg: Some(ingest_request::Msg::Frame(bytes.into())),
+            })
+            .await;
+    }
     /// Reads acks until `seq` is durable; acks never go back.
     pub(crate) async fn wait_durable(&mut self, seq: u64) -> Result<(), Status> {
         let mut last = 0;
