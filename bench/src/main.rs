@@ -36,14 +36,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Mode {
     /// Endurance run: fio with crc32c verify on two disks, a recovery
-    /// point every second, random kill -9 of the agent, PS and MT, then
-    /// every retained point compared by blake3; exits non-zero on any
-    /// difference.
+    /// point every second, random kill -9 of the agent, PS and MT and
+    /// network faults on both links, then every retained point compared by
+    /// blake3; exits non-zero on any difference (docs/RELIABILITY.md).
     Soak {
         /// How long the faults go on (the final check comes after).
         #[arg(long, default_value_t = 10.0)]
         minutes: f64,
-        /// Seed of the schedule: the same seed gives the same kills.
+        /// Seed of the schedule: the same seed gives the same kills and faults.
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// Size of each of the two protected disks, MiB.
