@@ -313,6 +313,19 @@ impl DirtyLog {
         self.mark_noted.fetch_max(seq, Ordering::SeqCst);
     }
 
+    /// Sets the durable mark back to 0, synced: the stream it counted is
+    /// gone (the agent switched to another replication), and the new one
+    /// starts its seqs afresh.
+    pub fn reset_durable_mark(&self) -> io::Result<()> {
+        let mut synced = lock(&self.mark_synced);
+        self.mark_noted.store(0, Ordering::SeqCst);
+        self.file
+            .write_all_at(&0u64.to_le_bytes(), mark_offset(self.disks.len()))?;
+        self.file.sync_data()?;
+        *synced = 0;
+        Ok(())
+    }
+
     /// Writes and syncs the noted durable mark when it is ahead of the
     /// synced one.
     fn sync_mark(&self) -> io::Result<()> {

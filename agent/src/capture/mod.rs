@@ -31,6 +31,7 @@ use rebound_common::chunk::EXTENT_SIZE;
 use rebound_common::nbd::NbdError;
 use thiserror::Error;
 use tokio::sync::{watch, Notify};
+use tracing::warn;
 
 pub use change_buffer::{PendingFrame, FRAME_TARGET, IDLE_FLUSH, MAX_FRAME_AGE, MAX_RECORD_DATA};
 pub use dirty_extents::DirtyExtents;
@@ -206,8 +207,9 @@ impl Capture {
 
     /// Starts a new stream for replication `rid` (the configuration server
     /// moved this agent to another replication/PS): drops the change buffer
-    /// and the stream position (the new PS says where to resume) and marks
-    /// every disk for a differential resync against the new target replica.
+    /// and the stream position (the new PS says where to resume), resets
+    /// the dirty log's durable mark and marks every disk for a differential
+    /// resync against the new target replica.
     pub fn switch_replication(&self, rid: &str) {
         *self.rid.lock().unwrap_or_else(|p| p.into_inner()) = rid.to_string();
         let mut st = self.lock();
@@ -216,6 +218,16 @@ impl Capture {
         st.modes.restart();
         st.extents.forget_seqs();
         st.modes.mark_need_all("initial");
+        // Under the state lock, so no durable seq of the old stream is
+        // noted after it. Kept, the old mark would make the new stream's
+        // low resume look like a loss of acknowledged records.
+        if let Err(e) = self.dlog.reset_durable_mark() {
+            warn!(
+                replication = rid,
+                path = %self.dlog.path().display(),
+                "cannot reset the dirty log's durable mark after the switch: {e}; the next fresh stream may resync every disk once more (harmless, only slower)"
+            );
+        }
         drop(st);
         self.durable.send_replace(0);
     }

@@ -169,6 +169,24 @@ mod tests {
         assert_eq!(b.disks, vec![(0, vec![0, 1, 2, 3])]);
     }
 
+    /// A switch to another replication starts a new stream whose seqs have
+    /// nothing to do with the old mark: the new PS resuming low is not a
+    /// loss, neither now nor after a restart.
+    #[test]
+    fn a_switch_forgets_the_old_replications_durable_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        log_with_mark(dir.path(), 80);
+        let cap = make_capture(dir.path(), &[4 << 20], 64 << 20);
+        cap.switch_replication("r2");
+        assert_eq!(cap.dirty_extents().log().durable_mark(), 0);
+        let (reopened, _) = DirtyLog::open(&dir.path().join("dirty.log"), &[4]).unwrap();
+        assert_eq!(reopened.durable_mark(), 0, "the reset is synced");
+        drop(reopened);
+        assert_eq!(cap.stream().on_resume(0), ResumeOutcome::Fresh);
+        let b = cap.resync().next_batch().unwrap();
+        assert_eq!(b.reason, "initial", "the switch's resync, not a loss");
+    }
+
     #[test]
     fn durable_seqs_reach_the_mark() {
         let dir = tempfile::tempdir().unwrap();
