@@ -161,7 +161,7 @@ fn ps_refuses_frames_whose_seq_range_does_not_hold() {
         "a range up to u64::MAX",
         range(writes(&rid, durable + 1, 1), durable + 1, u64::MAX),
         durable,
-        &["seq"],
+        &["corrupt header", "u64::MAX is not a seq"],
     );
     assert_refused(
         &lab,
@@ -189,7 +189,7 @@ fn ps_refuses_frames_whose_seq_range_does_not_hold() {
         "a first seq of 0",
         range(writes(&rid, 1, 1), 0, 0),
         durable,
-        &["seq"],
+        &["corrupt header", "seqs start at 1"],
     );
 
     // The real agent goes on from where the PS is.
