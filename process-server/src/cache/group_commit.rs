@@ -16,8 +16,9 @@
 //! A batch the cache's disk has no room for (ENOSPC, or a quota) is not
 //! refused: the partial append is cut off, every stream pauses (see
 //! `cap.rs`), an event names the replication and the segment, and the
-//! writer retries the same batch every [`DISK_FULL_RETRY`], trimming
-//! applied segments in between, until it is stored. Only then are its
+//! writer retries the same batch once the filesystem has room for it (or
+//! every [`DISK_FULL_FORCE_RETRY`] anyway), trimming applied segments every
+//! [`DISK_FULL_RETRY`] in between, until it is stored. Only then are its
 //! frames acknowledged, so nothing is acknowledged that is not on disk, and
 //! replication resumes by itself once space returns.
 
@@ -45,9 +46,13 @@ const BATCH_MAX_FRAMES: usize = 256;
 const BATCH_MAX_BYTES: u64 = 32 << 20;
 /// Queue between the ingest streams and a replication's writer.
 const WRITER_QUEUE: usize = 64;
-/// How long the writer waits before it retries a batch the full disk had
-/// no room for.
+/// How often the writer looks for free space (and trims what the master
+/// target applied) while a batch waits for the full disk.
 const DISK_FULL_RETRY: Duration = Duration::from_secs(1);
+/// How long a waiting batch goes without a write attempt at most, even
+/// when the filesystem reports too little free space for it (its count
+/// may miss space a write would find, e.g. freed by a delete in progress).
+const DISK_FULL_FORCE_RETRY: Duration = Duration::from_secs(5);
 /// How often the master target's applied seq is stored at most, unless
 /// segments are about to be trimmed on its account (then it is stored
 /// first, always).
@@ -70,6 +75,18 @@ struct DiskFull {
     since: Instant,
     reported: Instant,
     attempts: u64,
+}
+
+/// Whether a batch needing `need` bytes is worth writing again after
+/// `waited` since its last attempt, given the filesystem's free space
+/// (`available`): only when it fits, or every [`DISK_FULL_FORCE_RETRY`]
+/// (or when the free space cannot be read), so a full disk is not
+/// rewritten and truncated every second.
+fn worth_retrying(available: io::Result<u64>, need: u64, waited: Duration) -> bool {
+    match available {
+        Ok(free) => free >= need || waited >= DISK_FULL_FORCE_RETRY,
+        Err(_) => true,
+    }
 }
 
 /// What the replication handle asks of its writer.
@@ -243,7 +260,11 @@ impl Writer {
                     self.undo();
                     if is_disk_full(&failure.source) && self.broken.is_none() && !self.sh.closing()
                     {
-                        self.wait_for_space(&failure, &mut full);
+                        let need = batch
+                            .iter()
+                            .map(|a| segment::entry_len(a.bytes.len()))
+                            .sum();
+                        self.wait_for_space(&failure, &mut full, need);
                         continue;
                     }
                     break Err(AppendError::Io(failure));
@@ -283,16 +304,18 @@ impl Writer {
     }
 
     /// Reports the full disk (at once, then every [`DISK_FULL_REPEAT`]),
-    /// pauses every stream, waits [`DISK_FULL_RETRY`] and trims what the
-    /// master target applied meanwhile, which may free the space.
-    fn wait_for_space(&mut self, failure: &SegmentFailure, full: &mut Option<DiskFull>) {
+    /// pauses every stream, and waits until the batch of `need` bytes is
+    /// worth writing again (see [`worth_retrying`]), trimming what the
+    /// master target applied meanwhile (which may free the space) every
+    /// [`DISK_FULL_RETRY`].
+    fn wait_for_space(&mut self, failure: &SegmentFailure, full: &mut Option<DiskFull>, need: u64) {
         let now = Instant::now();
         let what = format!(
-            "replication {}: the process server's cache disk is full: cannot append to segment {} ({}); its agent streams are paused (the agents keep their changes and fall back to bitmap mode) and the frames are not acknowledged; free space on that filesystem (or lower cache_max_bytes below its size); the process server retries every {} s and resumes by itself",
+            "replication {}: the process server's cache disk is full: cannot append to segment {} ({}); its agent streams are paused (the agents keep their changes and fall back to bitmap mode) and the frames are not acknowledged; free space on that filesystem (or lower cache_max_bytes below its size); the process server retries once there is room (at least every {} s) and resumes by itself",
             self.sh.id,
             failure.segment.display(),
             failure.source,
-            DISK_FULL_RETRY.as_secs()
+            DISK_FULL_FORCE_RETRY.as_secs()
         );
         match full {
             None => {
@@ -319,8 +342,15 @@ impl Writer {
                 }
             }
         }
-        std::thread::sleep(DISK_FULL_RETRY);
-        self.trim();
+        let attempt = Instant::now();
+        loop {
+            std::thread::sleep(DISK_FULL_RETRY);
+            self.trim();
+            let free = crate::sys::available_bytes(&self.seg_dir);
+            if self.sh.closing() || worth_retrying(free, need, attempt.elapsed()) {
+                return;
+            }
+        }
     }
 
     /// Ends a full-disk wait: the batch was stored (`stored`), or the
@@ -574,5 +604,26 @@ impl Writer {
             segs.bytes = segs.bytes.saturating_sub(freed);
         }
         self.sh.account.sub(freed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_retried_when_the_batch_fits_or_every_few_seconds() {
+        let short = Duration::from_secs(1);
+        assert!(!worth_retrying(Ok(4095), 4096, short), "too little room");
+        assert!(worth_retrying(Ok(4096), 4096, short), "room for the batch");
+        assert!(
+            worth_retrying(Ok(0), 4096, DISK_FULL_FORCE_RETRY),
+            "a retry every few seconds anyway"
+        );
+        let unknown = io::Error::from(io::ErrorKind::PermissionDenied);
+        assert!(
+            worth_retrying(Err(unknown), 4096, short),
+            "free space unknown"
+        );
     }
 }
