@@ -94,9 +94,7 @@ async fn a_managed_ps_takes_only_replications_the_cs_assigned_to_their_machine()
 
     // The machine's own agent streams as before.
     let mut s = ps.stream(&agent1, "r1", "m1").await;
-    s.send(frame("r1", 1, 4)).await;
-    s.wait_durable(4).await.unwrap();
-    wait_for("MT applied r1", || mt.applied("r1") == 4).await;
+    send_until_applied(&mut s, &mt, "r1", 4).await;
     drop(s);
     ps.stop().await;
     mt_task.stop().await;

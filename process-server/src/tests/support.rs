@@ -399,6 +399,23 @@ impl AgentStream {
     }
 }
 
+/// Checks a refusal's code and that its message says each of `parts`.
+pub(crate) fn assert_status(e: &Status, code: tonic::Code, parts: &[&str]) {
+    assert_eq!(e.code(), code, "{e:?}");
+    for part in parts {
+        assert!(e.message().contains(part), "{part:?} missing: {e:?}");
+    }
+}
+
+/// Sends `n` records (one frame) after the stream's resume seq and waits
+/// until they are durable and `mt` applied them.
+pub(crate) async fn send_until_applied(s: &mut AgentStream, mt: &FakeMt, rid: &str, n: u64) {
+    let last = s.resume + n;
+    s.send(frame(rid, s.resume + 1, n)).await;
+    s.wait_durable(last).await.unwrap();
+    wait_for(&format!("MT applied {last}"), || mt.applied(rid) == last).await;
+}
+
 pub(crate) async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !f() {
