@@ -230,7 +230,6 @@ async fn ingest_forward_restart_over_mtls() {
 async fn empty_cache_resumes_after_the_mt_applied_seq_only() {
     let lab = Lab::new();
     let agent1 = lab.tls("agent-m1");
-    let mt_tls = lab.tls("mt");
     let mt = FakeMt::default();
     {
         let mut st = mt.state.lock().unwrap();
@@ -253,14 +252,7 @@ async fn empty_cache_resumes_after_the_mt_applied_seq_only() {
         .err()
         .expect("an empty cache must not answer without the MT");
     assert_status(&e, Code::Unavailable, &["r1", "applied seq", "retries"]);
-
-    let mt_task = start_mt_at(&mt, &mt_tls, mt_addr).await;
-    let mut s = ps.stream(&agent1, "r1", "m1").await;
-    assert_eq!(s.resume, 100, "resumed below the MT's applied seq");
-    send_until_applied(&mut s, &mt, "r1", 2).await;
-    drop(s);
-    ps.stop().await;
-    mt_task.stop().await;
+    mt_returns_and_r1_resumes_after(&lab, ps, &mt, mt_addr, 100).await;
 }
 
 /// Frames whose seq range cannot hold are refused at the PS before they

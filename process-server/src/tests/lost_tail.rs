@@ -82,13 +82,7 @@ async fn a_cache_behind_the_mt_is_refused_while_the_mt_is_silent() {
     );
     // The MT returns: the agent resumes after its seq, and new records
     // reach it.
-    let mt_run = start_mt_at(&mt, &lab.tls("mt"), mt_addr).await;
-    let mut s = ps.stream(&agent1, "r1", "m1").await;
-    assert_eq!(s.resume, 10, "resumed below the MT's applied seq");
-    send_until_applied(&mut s, &mt, "r1", 1).await;
-    drop(s);
-    ps.stop().await;
-    mt_run.stop().await;
+    mt_returns_and_r1_resumes_after(&lab, ps, &mt, mt_addr, 10).await;
 }
 
 /// Without the stored applied seq (a crash before it was written), the

@@ -416,6 +416,28 @@ pub(crate) async fn send_until_applied(s: &mut AgentStream, mt: &FakeMt, rid: &s
     wait_for(&format!("MT applied {last}"), || mt.applied(rid) == last).await;
 }
 
+/// The MT (`mt`, down) starts again at `mt_addr`; an agent stream of r1
+/// (machine m1) must resume after `resume` and its next record reach the
+/// MT; then the PS and the MT stop.
+pub(crate) async fn mt_returns_and_r1_resumes_after(
+    lab: &Lab,
+    ps: Ps,
+    mt: &FakeMt,
+    mt_addr: SocketAddr,
+    resume: u64,
+) {
+    let mt_run = start_mt_at(mt, &lab.tls("mt"), mt_addr).await;
+    let mut s = ps.stream(&lab.tls("agent-m1"), "r1", "m1").await;
+    assert_eq!(
+        s.resume, resume,
+        "resumed elsewhere than after the MT's applied seq"
+    );
+    send_until_applied(&mut s, mt, "r1", 1).await;
+    drop(s);
+    ps.stop().await;
+    mt_run.stop().await;
+}
+
 pub(crate) async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !f() {
