@@ -288,7 +288,7 @@ async fn stream_loop(
         tokio::select! {
             biased;
             _ = stopped(&mut stopping) => {
-                drain(&mut pending, &tx, &mut acked).await;
+                drain(&mut pending, &tx, &mut acked, &skipped, resume).await;
                 let _ = tx
                     .send(Err(Status::unavailable("the process server is shutting down; reconnect and resume")))
                     .await;
@@ -305,7 +305,7 @@ async fn stream_loop(
                 match store(rep, r, &mut compressor).await {
                     Ok(p) => pending.push_back(p),
                     Err(status) => {
-                        drain(&mut pending, &tx, &mut acked).await;
+                        drain(&mut pending, &tx, &mut acked, &skipped, resume).await;
                         refuse(rep, &tx, status).await;
                         return position;
                     }
@@ -333,7 +333,7 @@ async fn stream_loop(
                             // and answered; a refusal among them wins.
                             let stored = store_all(rep, &mut preparing, &mut pending, &mut compressor).await;
                             let status = stored.err().unwrap_or(status);
-                            drain(&mut pending, &tx, &mut acked).await;
+                            drain(&mut pending, &tx, &mut acked, &skipped, resume).await;
                             refuse(rep, &tx, status).await;
                             return position;
                         }
@@ -341,7 +341,7 @@ async fn stream_loop(
                 }
                 Ok(None) => {
                     let stored = store_all(rep, &mut preparing, &mut pending, &mut compressor).await;
-                    drain(&mut pending, &tx, &mut acked).await;
+                    drain(&mut pending, &tx, &mut acked, &skipped, resume).await;
                     if let Err(status) = stored {
                         refuse(rep, &tx, status).await;
                     }
@@ -393,14 +393,19 @@ async fn refuse(
     let _ = tx.send(Err(status)).await;
 }
 
-/// Answers every pending frame (the stream is about to end).
+/// Answers every pending frame (the stream is about to end), unless the
+/// cache skipped ahead past `resume` meanwhile.
 async fn drain(
     pending: &mut FuturesOrdered<Pending>,
     tx: &mpsc::Sender<Result<IngestResponse, Status>>,
     acked: &mut u64,
+    skipped: &watch::Receiver<u64>,
+    resume: u64,
 ) {
     while let Some(r) = pending.next().await {
         match r {
+            // Not after a skip past `resume` (see `skipped_past`).
+            Ok(_) if *skipped.borrow() > resume => return,
             Ok(seq) => {
                 if tx.send(Ok(ack(acked, seq))).await.is_err() {
                     return;
