@@ -77,7 +77,7 @@ pub fn print_points(r: &ListPointsResponse, json: bool) {
             .points
             .iter()
             .map(|p| {
-                serde_json::json!({"id": p.id, "kind": p.kind, "time_ms": p.time_ms, "seq": p.seq, "group": p.group})
+                serde_json::json!({"id": p.id, "kind": p.kind, "time_ms": p.time_ms, "seq": p.seq, "group": p.group, "damaged": p.damaged})
             })
             .collect();
         let v = serde_json::json!({"points": pts, "applied_seq": r.applied_seq, "rolled_back_to": r.rolled_back_to});
@@ -97,6 +97,9 @@ pub fn print_points(r: &ListPointsResponse, json: bool) {
             p.seq,
             p.group
         );
+        if !p.damaged.is_empty() {
+            println!("  DAMAGED: {}", p.damaged);
+        }
     }
     println!("applied seq {}", r.applied_seq);
     if !r.rolled_back_to.is_empty() {

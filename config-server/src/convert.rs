@@ -39,6 +39,7 @@ pub fn point_to_proto(p: &Point) -> pb::Point {
         time_ms: p.time_ms,
         seq: p.seq,
         group: p.group.clone(),
+        damaged: String::new(),
     }
 }
 

@@ -472,6 +472,7 @@ async fn mt_status_and_a_command_round_trip() {
         time_ms: seq,
         seq,
         group: String::new(),
+        damaged: String::new(),
     };
     tx.send(up(component_message::Msg::Status(pb::Status {
         status: Some(pb::status::Status::Mt(pb::MtStatus {

@@ -21,7 +21,7 @@ use tracing::{info, warn};
 impl Replication {
     /// The PS this replication is assigned to, when one is recorded.
     pub fn assigned_ps(&self) -> Option<String> {
-        let ps = self.read_inner().state().ps_id.clone();
+        let ps = self.read_summary().state().ps_id.clone();
         (!ps.is_empty()).then_some(ps)
     }
 

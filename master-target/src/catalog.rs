@@ -46,6 +46,7 @@ impl PointEntry {
             time_ms: self.time_ms,
             seq: self.seq,
             group: self.group.clone(),
+            damaged: String::new(),
         }
     }
 }

@@ -32,6 +32,7 @@ pub fn point_to_proto(p: &PointEntry) -> pb::Point {
         time_ms: p.time_ms,
         seq: p.seq,
         group: p.group.clone(),
+        damaged: String::new(),
     }
 }
 
@@ -97,7 +98,7 @@ impl Replication {
         if self.poisoned().is_some() {
             return "poisoned";
         }
-        let inner = self.read_inner();
+        let inner = self.read_summary();
         if inner.state().ended.is_some() {
             "ended"
         } else if inner.state().handed_over.is_some() {
@@ -111,7 +112,7 @@ impl Replication {
 
     /// The recovery-point summary the MT reports to the CS.
     pub fn point_summary(&self) -> pb::PointSummary {
-        let inner = self.read_inner();
+        let inner = self.read_summary();
         let points = inner.points().as_slice();
         let mut group: Vec<pb::Point> = points
             .iter()
@@ -284,7 +285,14 @@ impl MtControl {
                 let s = r.status();
                 Ok(pb::CommandResult {
                     detail: Some(Detail::PointList(pb::PointList {
-                        points: r.points().iter().map(point_to_proto).collect(),
+                        points: r
+                            .points_with_damage()
+                            .iter()
+                            .map(|(p, damaged)| pb::Point {
+                                damaged: damaged.clone(),
+                                ..point_to_proto(p)
+                            })
+                            .collect(),
                         applied_seq: s.applied_seq,
                         rolled_back_to: s.rolled_back_to.unwrap_or_default(),
                     })),

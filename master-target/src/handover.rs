@@ -154,12 +154,12 @@ impl Replication {
 
     /// The hand-over, if any.
     pub fn handed_over(&self) -> Option<HandOverState> {
-        self.read_inner().state().handed_over.clone()
+        self.read_summary().state().handed_over.clone()
     }
 
     /// The replication ended (EndReplication).
     pub fn ended(&self) -> bool {
-        self.read_inner().state().ended.is_some()
+        self.read_summary().state().ended.is_some()
     }
 
     /// Ends the replication: marks it ended durably, then drops the point

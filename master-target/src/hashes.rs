@@ -34,7 +34,7 @@ impl Replication {
         chunk_size: u32,
         count: u32,
     ) -> Result<Vec<u8>> {
-        let inner = self.read_inner();
+        let inner = self.read_inner()?;
         let d = self.disk(disk)?;
         if chunk_size == 0 || chunk_size > MAX_CHUNK {
             return Err(MtError::InvalidArgument(format!(
@@ -109,7 +109,7 @@ impl Replication {
     /// How many first-level chunk hashes the cache knows.
     #[cfg(test)]
     pub(crate) fn cached_chunk_hashes(&self) -> u64 {
-        self.read_inner().cached_hashes().known()
+        self.read_summary().cached_hashes().known()
     }
 
     /// Waits until the applied seq reaches `min`; UNAVAILABLE after `timeout`.

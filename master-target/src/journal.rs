@@ -389,6 +389,35 @@ pub fn salvage(file: &File, start: u64, disk_ok: impl Fn(u32) -> bool) -> io::Re
     Ok(out)
 }
 
+/// Whether the invalid bytes `from..to` (the end of the file) are the torn
+/// tail of an append that never completed: a record shorter than its header
+/// says (or a header cut short), or zeroes only (the file grew but its data
+/// never reached the disk). A full-length record whose checksum fails is
+/// not torn: it was written whole and changed since.
+pub fn torn_tail(file: &File, from: u64, to: u64) -> io::Result<bool> {
+    if to - from < HEADER_LEN as u64 {
+        return Ok(true);
+    }
+    let mut h = [0u8; HEADER_LEN];
+    file.read_exact_at(&mut h, from)?;
+    if let Ok(hdr) = decode_header(&h) {
+        if to - from < (HEADER_LEN + hdr.data_len()) as u64 {
+            return Ok(true);
+        }
+    }
+    let mut buf = vec![0u8; 1 << 16];
+    let mut pos = from;
+    while pos < to {
+        let n = buf.len().min((to - pos) as usize);
+        file.read_exact_at(&mut buf[..n], pos)?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        pos += n as u64;
+    }
+    Ok(true)
+}
+
 /// How far to step past the invalid record at `pos`: its whole length when
 /// its header decodes and a valid record or the end of the file follows,
 /// else one 32-byte step.

@@ -23,7 +23,9 @@ use rebound_proto::ReplicationInfo;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{
+    Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError,
+};
 use tokio::sync::watch;
 use tracing::{error, warn};
 
@@ -335,11 +337,30 @@ impl Replication {
 
     /// The retained recovery points, oldest first.
     pub fn points(&self) -> Vec<PointEntry> {
-        self.read_inner().points().as_slice().to_vec()
+        self.read_summary().points().as_slice().to_vec()
+    }
+
+    /// The retained recovery points, oldest first, each with why it cannot
+    /// be rebuilt exactly (a retention journal it needs is damaged; empty
+    /// when it can).
+    pub fn points_with_damage(&self) -> Vec<(PointEntry, String)> {
+        let inner = self.read_summary();
+        inner
+            .points()
+            .as_slice()
+            .iter()
+            .map(|p| {
+                let damaged = inner.journal().check_point(p.interval).err();
+                (
+                    p.clone(),
+                    damaged.map(|e| e.to_string()).unwrap_or_default(),
+                )
+            })
+            .collect()
     }
 
     pub fn status(&self) -> ReplicationStatus {
-        let inner = self.read_inner();
+        let inner = self.read_summary();
         ReplicationStatus {
             applied_seq: inner.applied_seq(),
             points: inner.points().len(),
@@ -503,10 +524,44 @@ impl Replication {
         Ok(())
     }
 
-    pub(crate) fn read_inner(&self) -> RwLockReadGuard<'_, Inner> {
-        self.inner
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// The read side for data (views, chunk hashes): memory that may not
+    /// match the files — a panic mid-update, or a failed write whose state
+    /// could not be rebuilt — is healed first when the lock is free, and
+    /// refused with [`MtError::Unavailable`] while it cannot be.
+    pub(crate) fn read_inner(&self) -> Result<RwLockReadGuard<'_, Inner>> {
+        self.heal_if_free();
+        match self.inner.read() {
+            Ok(g) if !self.stale.load(Ordering::SeqCst) => Ok(g),
+            _ => Err(MtError::Unavailable(format!(
+                "replication {} of {}: its state is being recovered from disk after a failed \
+                 write (see the MT log for why it cannot be yet); retry in a moment",
+                self.id, self.info.machine_id
+            ))),
+        }
+    }
+
+    /// The read side for summaries (status, the point list, the state
+    /// name): healed first when it can be, never refused (a summary of a
+    /// state being recovered is still the best answer there is).
+    pub(crate) fn read_summary(&self) -> RwLockReadGuard<'_, Inner> {
+        self.heal_if_free();
+        self.inner.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Heals a poisoned or stale state if no one holds the lock. A reader
+    /// only tries: waiting could deadlock with a read guard of its own
+    /// thread, and a writer heals anyway.
+    fn heal_if_free(&self) {
+        if !self.inner.is_poisoned() && !self.stale.load(Ordering::SeqCst) {
+            return;
+        }
+        let g = match self.inner.try_write() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(poisoned)) => self.unpoison(poisoned),
+            Err(TryLockError::WouldBlock) => return,
+        };
+        // On failure the state stays stale and the reader is refused.
+        drop(self.healed(g));
     }
 
     /// The write side. A lock poisoned by a panic mid-update, or a state
@@ -514,16 +569,33 @@ impl Replication {
     /// from disk, exactly as after a crash; until that succeeds every
     /// writer gets its error.
     pub(crate) fn write_inner(&self) -> Result<RwLockWriteGuard<'_, Inner>> {
-        let mut g = match self.inner.write() {
+        let g = match self.inner.write() {
             Ok(g) => g,
-            Err(poisoned) => {
-                self.stale.store(true, Ordering::SeqCst);
-                self.inner.clear_poison();
-                poisoned.into_inner()
-            }
+            Err(poisoned) => self.unpoison(poisoned),
         };
+        self.healed(g)
+    }
+
+    /// Takes a lock a panic poisoned, marking the state stale.
+    fn unpoison<'a>(
+        &self,
+        poisoned: PoisonError<RwLockWriteGuard<'a, Inner>>,
+    ) -> RwLockWriteGuard<'a, Inner> {
+        self.stale.store(true, Ordering::SeqCst);
+        self.inner.clear_poison();
+        poisoned.into_inner()
+    }
+
+    /// Reloads a stale state under the write lock `g`.
+    fn healed<'a>(
+        &self,
+        mut g: RwLockWriteGuard<'a, Inner>,
+    ) -> Result<RwLockWriteGuard<'a, Inner>> {
         if self.stale.load(Ordering::SeqCst) {
-            self.reload(&mut g)?;
+            if let Err(e) = self.reload(&mut g) {
+                error!(replication = %self.id, error = %e, "cannot recover the replication state from disk; the next reader or writer tries again");
+                return Err(e);
+            }
             self.stale.store(false, Ordering::SeqCst);
         }
         Ok(g)

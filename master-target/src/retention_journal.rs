@@ -20,11 +20,17 @@
 //!
 //! A journal whose records fail their checks is *damaged*. The torn tail of
 //! the current interval (a crash mid-append, before the replica was
-//! written) is cut. Anything else — a bad record in a closed interval's
-//! journal, or in the middle of the current one — is not: the file stays as
-//! it is, the bytes from the first damaged record on are copied aside to
-//! `interval-<n>.undo.damaged-<offset>`, every valid record (also after the
-//! damage) stays indexed, and an error is logged. A damaged record's block
+//! written) is cut: a last record shorter than its header says, or a tail
+//! of zeroes (the file grew but its data never reached the disk). Anything
+//! else — a bad record in a closed interval's journal, in the middle of the
+//! current one, or a full-length record whose checksum fails at the end of
+//! the current one (bit rot of a record the replica already relies on) —
+//! is not: the file stays as it is, the bytes from the first damaged record
+//! on are copied aside to `interval-<n>.undo.damaged-<offset>` (for
+//! analysis; a failed copy, e.g. on a full disk, is logged and reported but
+//! does not stop the replication), every valid record (also after the
+//! damage) stays indexed, and an error is logged. The aside file is deleted
+//! with its interval's journal when retention drops the interval. A damaged record's block
 //! cannot be known (its header may be the damaged part), so every point
 //! that needs interval n — those closing an interval before n — can no
 //! longer be rebuilt exactly: reading it ([`RetentionJournal::locate`],
@@ -141,6 +147,8 @@ pub(crate) struct Damage {
     pub kept_after: usize,
     /// The copy of the journal from `offset` on.
     pub aside: PathBuf,
+    /// Why that copy could not be made, if it could not.
+    pub aside_failed: Option<String>,
     /// Raised as an event since the journal was opened.
     pub reported: bool,
 }
@@ -149,16 +157,27 @@ impl Damage {
     /// What is damaged, what it costs and what to do, for the log and the
     /// event of interval `n`'s journal at `path`.
     pub fn message(&self, replication: &str, n: u64, path: &std::path::Path) -> String {
+        let aside = match &self.aside_failed {
+            None => format!(
+                "the bytes from offset {} on are copied to {} (kept for analysis until retention drops \
+                 interval {n}, then deleted with its journal)",
+                self.offset,
+                self.aside.display()
+            ),
+            Some(e) => format!(
+                "the bytes from offset {} on could not be copied to {} ({e}; the journal itself still \
+                 holds them)",
+                self.offset,
+                self.aside.display()
+            ),
+        };
         format!(
             "retention journal {} of replication {replication} (interval {n}) is damaged from offset {}: \
              the recovery points cut before interval {n} cannot be rebuilt exactly and are refused \
              (views and rollback to them fail); points cut after it stay exact. The journal is left as it was \
-             and the bytes from offset {} on are copied to {}: keep that file for analysis, check the disk \
-             under the MT's data directory, and choose a point cut after interval {n}",
+             and {aside}: check the disk under the MT's data directory, and choose a point cut after interval {n}",
             path.display(),
             self.offset,
-            self.offset,
-            self.aside.display()
         )
     }
 }
@@ -306,7 +325,18 @@ impl RetentionJournal {
         let mut removed = false;
         for entry in std::fs::read_dir(&dir).map_err(list)? {
             let entry = entry.map_err(list)?;
-            let Some(n) = entry.file_name().to_str().and_then(parse_journal_name) else {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else {
+                continue;
+            };
+            let Some(n) = parse_journal_name(name) else {
+                // The aside copy of a dropped interval's damage goes with it.
+                if parse_aside_name(name).is_some_and(|n| n < oldest_needed) {
+                    let path = entry.path();
+                    std::fs::remove_file(&path)
+                        .map_err(|source| JournalError::Remove { path, source })?;
+                    removed = true;
+                }
                 continue;
             };
             let path = layout.journal(n);
@@ -557,6 +587,9 @@ impl RetentionJournal {
             fds.remove(n);
         }
         drop(fds);
+        let mut paths: Vec<PathBuf> = freed.iter().map(|&n| self.layout.journal(n)).collect();
+        let dropped_damage = self.damage.range(..=k).map(|(_, d)| d.aside.clone());
+        paths.extend(dropped_damage.collect::<Vec<_>>());
         self.damage.retain(|&n, _| n > k);
         self.maps
             .get_mut()
@@ -564,7 +597,7 @@ impl RetentionJournal {
             .maps
             .retain(|&pk, _| pk >= k);
         DroppedJournals {
-            paths: freed.iter().map(|&n| self.layout.journal(n)).collect(),
+            paths,
             dir: self.layout.retention_dir(),
             _indexes: indexes,
         }
@@ -609,11 +642,17 @@ fn scan_one(
     };
     let mut len = scan.file_len;
     // The current interval's last damaged range, reaching the end of the
-    // file, is the torn tail of a crash mid-append: the replica was not
-    // written after it, so it is cut.
+    // file, is the torn tail of a crash mid-append when it is short or
+    // zeroes: the replica was not written after it, so it is cut. A
+    // full-length record there that fails its checksum is damage.
     if current {
         if let Some(&(from, to)) = after.damaged.last() {
-            if to == scan.file_len {
+            let torn = to == scan.file_len
+                && journal::torn_tail(&f, from, to).map_err(|source| JournalError::Scan {
+                    path: path.clone(),
+                    source,
+                })?;
+            if torn {
                 warn!(replication = %replication, journal = %path.display(), valid = from, len = scan.file_len,
                     problem = %scan.problem.clone().unwrap_or_default(),
                     "cutting the torn tail of the current interval's journal (crash mid-append)");
@@ -625,10 +664,10 @@ fn scan_one(
             }
         }
     }
-    let damage = match after.damaged.first() {
-        None => None,
-        Some(&(offset, _)) => Some(set_aside(replication, n, &path, &f, offset, &after, len)?),
-    };
+    let damage = after
+        .damaged
+        .first()
+        .map(|&(offset, _)| set_aside(replication, n, &path, &f, offset, &after, len));
     let mut entries = scan.entries;
     entries.extend(after.entries);
     Ok((IntervalIndex::from_scan(entries, len, current), damage))
@@ -645,22 +684,31 @@ fn set_aside(
     offset: u64,
     found: &journal::Salvage,
     len: u64,
-) -> Result<Damage, JournalError> {
+) -> Damage {
     let mut name = path.as_os_str().to_owned();
     name.push(format!(".damaged-{offset}"));
     let aside = PathBuf::from(name);
+    // The journal is not cut, so the copy is for analysis only: failing to
+    // make it (a full disk, most likely) is said, not fatal.
+    let mut aside_failed = None;
     if !aside.exists() {
-        copy_tail(f, offset, len, &aside).map_err(|source| JournalError::SetAside {
-            path: path.to_path_buf(),
-            aside: aside.clone(),
-            source,
-        })?;
+        if let Err(source) = copy_tail(f, offset, len, &aside) {
+            let e = JournalError::SetAside {
+                path: path.to_path_buf(),
+                aside: aside.clone(),
+                source,
+            };
+            error!(replication = %replication, interval = n, error = %e,
+                "cannot copy the damaged records aside; the journal keeps them, replication goes on");
+            aside_failed = Some(e.to_string());
+        }
     }
     let d = Damage {
         offset,
         bytes: found.damaged.iter().map(|&(a, b)| b - a).sum(),
         kept_after: found.entries.len(),
         aside,
+        aside_failed,
         reported: false,
     };
     error!(
@@ -673,7 +721,14 @@ fn set_aside(
         "{}",
         d.message(replication, n, path)
     );
-    Ok(d)
+    d
+}
+
+/// The interval of an aside file `interval-<n>.undo.damaged-<offset>`.
+fn parse_aside_name(name: &str) -> Option<u64> {
+    let (journal, offset) = name.split_once(".damaged-")?;
+    offset.parse::<u64>().ok()?;
+    parse_journal_name(journal)
 }
 
 /// Writes bytes `from..to` of `f` to a new file `dst`, durably (a temporary
@@ -683,12 +738,19 @@ fn copy_tail(f: &File, from: u64, to: u64, dst: &std::path::Path) -> io::Result<
     let mut tmp_name = dst.as_os_str().to_owned();
     tmp_name.push(".tmp");
     let tmp = PathBuf::from(tmp_name);
-    let mut src = f.try_clone()?;
-    src.seek(SeekFrom::Start(from))?;
-    let mut out = File::create(&tmp)?;
-    io::copy(&mut src.take(to.saturating_sub(from)), &mut out)?;
-    out.sync_all()?;
-    std::fs::rename(&tmp, dst)?;
+    let copied = (|| {
+        let mut src = f.try_clone()?;
+        src.seek(SeekFrom::Start(from))?;
+        let mut out = File::create(&tmp)?;
+        io::copy(&mut src.take(to.saturating_sub(from)), &mut out)?;
+        out.sync_all()?;
+        std::fs::rename(&tmp, dst)
+    })();
+    if copied.is_err() {
+        // A partial copy only takes space (the disk may well be full).
+        let _ = std::fs::remove_file(&tmp);
+    }
+    copied?;
     match dst.parent() {
         Some(dir) => fsync_dir(dir),
         None => Ok(()),

@@ -97,7 +97,7 @@ impl PendingRetention {
 impl Replication {
     /// The replication's own retention (0 fields: the MT's defaults).
     pub fn retention_policy(&self) -> RetentionPolicy {
-        self.read_inner().state().retention
+        self.read_summary().state().retention
     }
 
     /// Sets the replication's retention, saved in `state.json` before it

@@ -15,8 +15,9 @@ use rebound_common::tls::require_role;
 use rebound_proto::master_target_server::MasterTarget;
 use rebound_proto::{
     ApplyRequest, ApplyResponse, ChunkHashesRequest, ChunkHashesResponse, ListPointsRequest,
-    ListPointsResponse, ReplicationSummary, ReplicationsRequest, ReplicationsResponse,
-    RestorePreImagesRequest, RestorePreImagesResponse, RollbackRequest, RollbackResponse,
+    ListPointsResponse, RecoveryPoint, ReplicationSummary, ReplicationsRequest,
+    ReplicationsResponse, RestorePreImagesRequest, RestorePreImagesResponse, RollbackRequest,
+    RollbackResponse,
 };
 use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
@@ -117,9 +118,16 @@ impl MasterTarget for MtService {
         require_role(&request, READERS)?;
         let repl = self.replication(&request.get_ref().replication_id)?;
         // The replication lock may be held by a long rollback: off the runtime.
-        let (points, status) = blocking(move || Ok((repl.points(), repl.status()))).await?;
+        let (points, status) =
+            blocking(move || Ok((repl.points_with_damage(), repl.status()))).await?;
         Ok(Response::new(ListPointsResponse {
-            points: points.iter().map(|p| p.to_proto()).collect(),
+            points: points
+                .iter()
+                .map(|(p, damaged)| RecoveryPoint {
+                    damaged: damaged.clone(),
+                    ..p.to_proto()
+                })
+                .collect(),
             applied_seq: status.applied_seq,
             rolled_back_to: status.rolled_back_to.unwrap_or_default(),
         }))

@@ -83,7 +83,7 @@ impl Replication {
         buf: &mut [u8],
         point: impl FnOnce(&Inner) -> Result<Option<(u64, String)>>,
     ) -> Result<()> {
-        let inner = self.read_inner();
+        let inner = self.read_inner()?;
         let d = self.disk(disk)?;
         self.check_range(d, offset, buf.len())?;
         match point(&inner)? {
@@ -235,6 +235,13 @@ enum NoExport {
         disk: String,
         point: String,
     },
+    #[error("export {name:?} refused: {source}")]
+    Damaged {
+        name: String,
+        source: crate::retention_journal::JournalError,
+    },
+    #[error("export {name:?} not available now: {source}")]
+    Unavailable { name: String, source: MtError },
 }
 
 /// The NBD export registry of recovery-point views:
@@ -277,9 +284,21 @@ impl Views {
             let point = if point == "latest" {
                 None
             } else {
-                let inner = r.read_inner();
+                let inner = r.read_inner().map_err(|source| NoExport::Unavailable {
+                    name: name.to_string(),
+                    source,
+                })?;
                 match inner.points().by_id(point) {
-                    Some(p) => Some((p.id.clone(), p.interval)),
+                    Some(p) => {
+                        // Refused when opened, so the client sees why.
+                        if let Err(source) = inner.journal().check_point(p.interval) {
+                            return Err(NoExport::Damaged {
+                                name: name.to_string(),
+                                source,
+                            });
+                        }
+                        Some((p.id.clone(), p.interval))
+                    }
                     None => continue,
                 }
             };
@@ -371,6 +390,11 @@ impl ExportRegistry for Views {
             // Say "no such export" only to who may see that machine.
             match name.split_once('/') {
                 Some((machine, _)) if !may_see(client, machine) => refusal(client, name),
+                // The export exists, but its point cannot be served exactly.
+                _ if matches!(e, NoExport::Damaged { .. }) => {
+                    tracing::warn!(export = %name, error = %e, "view refused");
+                    NbdError::eperm(e.to_string())
+                }
                 _ => NbdError::einval(e.to_string()),
             }
         })?;

@@ -5,8 +5,9 @@
 //! of a closed interval's journal is flipped, and the MT restarted. The
 //! journal keeps its length, the damaged bytes are copied aside, the MT log
 //! names replication, interval, offset and what to do; the points cut
-//! before that interval are refused, every other point is exact by blake3,
-//! and replication goes on.
+//! before that interval are listed marked damaged (with the reason) and
+//! their views refused when opened, with the MT's reason; every other point
+//! is listed unmarked and exact by blake3, and replication goes on.
 
 use rebound_lab::*;
 use std::path::PathBuf;
@@ -100,27 +101,51 @@ fn a_flipped_byte_in_a_closed_journal_refuses_the_points_that_need_it_and_keeps_
     let intervals = catalog(&lab);
     let interval_of = |id: &str| intervals.iter().find(|(p, _)| p == id).unwrap().1;
     let (points, _) = lab.points().unwrap();
+    let why = format!("choose a point cut after interval {n}");
     for (id, _) in &cut {
-        assert!(
-            points.iter().any(|p| &p.id == id),
-            "point {id} is still listed"
-        );
+        let p = points
+            .iter()
+            .find(|p| &p.id == id)
+            .unwrap_or_else(|| panic!("point {id} is still listed"));
+        if interval_of(id) < n {
+            assert!(
+                p.damaged.contains("cannot be rebuilt exactly") && p.damaged.contains(&why),
+                "point {id} is listed as damaged: {p:?}"
+            );
+        } else {
+            assert_eq!(p.damaged, "", "point {id} is exact: {p:?}");
+        }
     }
     for (id, hash) in &cut {
         let view = lab.point_hash("disk0", id);
         if interval_of(id) < n {
+            let err = match view {
+                Ok(_) => panic!("point {id} needs damaged interval {n} but was served"),
+                Err(e) => format!("{e:#}"),
+            };
+            // The MT refuses that very export, and says why.
+            let export = format!("@{id}");
+            let refusal = lab
+                .log(Component::Mt)
+                .lines()
+                .find(|l| l.contains("view refused") && l.contains(&export))
+                .map(str::to_string)
+                .unwrap_or_else(|| {
+                    panic!(
+                        "no refusal of the view of {id} (client: {err}):\n{}",
+                        lab.log_tail(Component::Mt, 20)
+                    )
+                });
             assert!(
-                view.is_err(),
-                "point {id} needs damaged interval {n} but was served"
+                refusal.contains("cannot be rebuilt exactly") && refusal.contains(&why),
+                "the refusal of {id} says why: {refusal}"
+            );
+            assert!(
+                err.contains("handshake") && !err.contains("no export named"),
+                "the client is refused when it opens the export (not mid-read, not as unknown): {err}"
             );
         } else {
             assert_eq!(&view.unwrap(), hash, "point {id}");
         }
     }
-    let refused = lab.log(Component::Mt);
-    assert!(
-        refused.contains("cannot be rebuilt exactly"),
-        "a refused view says why:\n{}",
-        lab.log_tail(Component::Mt, 20)
-    );
 }

@@ -20,7 +20,8 @@ pub fn list<T>(key: &str, items: &[T], one: fn(&T) -> Value) -> Value {
 }
 
 pub fn point(p: &pb::Point) -> Value {
-    json!({"id": p.id, "kind": p.kind, "time_ms": p.time_ms, "seq": p.seq, "group": p.group})
+    json!({"id": p.id, "kind": p.kind, "time_ms": p.time_ms, "seq": p.seq, "group": p.group,
+           "damaged": p.damaged})
 }
 
 fn opt_point(p: &Option<pb::Point>) -> Value {

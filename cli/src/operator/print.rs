@@ -349,7 +349,7 @@ pub fn points(r: &pb::PointsResponse) {
             format!(", rolled back to {}", r.rolled_back_to)
         }
     );
-    let header = ["POINT", "KIND", "SEQ", "TIME", "GROUP"];
+    let header = ["POINT", "KIND", "SEQ", "TIME", "GROUP", "EXACT"];
     table_of(&header, &r.points, |p| {
         vec![
             p.id.clone(),
@@ -357,8 +357,17 @@ pub fn points(r: &pb::PointsResponse) {
             p.seq.to_string(),
             ago(p.time_ms),
             or_dash(&p.group).into(),
+            if p.damaged.is_empty() {
+                "yes"
+            } else {
+                "DAMAGED"
+            }
+            .into(),
         ]
     });
+    for p in r.points.iter().filter(|p| !p.damaged.is_empty()) {
+        println!("point {} is damaged: {}", p.id, p.damaged);
+    }
 }
 
 fn job_took(j: &pb::Job) -> String {

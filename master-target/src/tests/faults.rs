@@ -381,16 +381,30 @@ fn out_of_space_waits_then_applies_exactly() {
     super::check_after_restart(dir.path(), &g);
 }
 
+/// A history of `seed` whose first half is applied on a faulty storage.
+fn half_applied_on_faulty(
+    seed: u64,
+) -> (
+    tempfile::TempDir,
+    super::Gen,
+    Arc<Faulty>,
+    Arc<crate::Store>,
+    Arc<crate::Replication>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let g = history(seed);
+    let faulty = Arc::new(Faulty::default());
+    let (s, r) = open_store_on(dir.path(), faulty.clone());
+    apply_range(&r, &g, 1, g.seq() / 2, 9);
+    (dir, g, faulty, s, r)
+}
+
 /// A stream that ends while its apply waits for space gets the ENOSPC
 /// error back, with nothing of the failed cycle acknowledged.
 #[test]
 fn out_of_space_wait_ends_with_the_stream() {
-    let dir = tempfile::tempdir().unwrap();
-    let g = history(14);
+    let (_dir, g, faulty, _s, r) = half_applied_on_faulty(14);
     let n = g.seq();
-    let faulty = Arc::new(Faulty::default());
-    let (_s, r) = open_store_on(dir.path(), faulty.clone());
-    apply_range(&r, &g, 1, n / 2, 9);
     faulty.arm_full(1);
     let frames = prepared(&r, &g, n / 2 + 1, n, 9);
     let (applied, res) = r.apply_waiting_for_space(frames, &|| true);
@@ -416,9 +430,46 @@ fn a_panic_under_the_write_lock_heals() {
     }));
     assert!(panicked.is_err());
     assert_eq!(r.applied_seq(), n);
+    // A reader heals it as well, and reads what the files hold.
+    check_latest(&r, &g.disks);
     let mut g = g;
     g.random_ops(12);
     g.tag("after-panic");
     apply_range(&r, &g, n + 1, g.seq(), 5);
+    check_all(&r, &g);
+}
+
+/// A failed write whose state cannot be rebuilt from disk either (here
+/// `state.json` cannot be read back) leaves memory stale: views are refused
+/// as unavailable rather than read from a state that may not match the
+/// files, every writer tries the rebuild again first (and gets its error
+/// while it fails), and once the disk reads again the next writer rebuilds
+/// the state and apply goes on, exact.
+#[test]
+fn a_failed_rebuild_is_retried_by_the_next_writer_and_refuses_views_meanwhile() {
+    let (dir, g, faulty, _s, r) = half_applied_on_faulty(22);
+    let n = g.seq();
+    let state = dir.path().join(RID).join("state.json");
+    let good = std::fs::read(&state).unwrap();
+    std::fs::write(&state, b"{ not json").unwrap();
+    faulty.arm(Op::Write, Target::Replica, 1, false);
+    r.apply_frame(&g.frame_bytes(n / 2 + 1, n / 2 + 9))
+        .expect_err("the replica write fails");
+    assert!(faulty.fired());
+
+    let mut buf = vec![0u8; 4096];
+    let err = r
+        .read_at_point(0, 0, &mut buf, None)
+        .expect_err("a view of a state that could not be rebuilt");
+    assert!(matches!(err, MtError::Unavailable(_)), "{err}");
+    assert!(err.to_string().contains("retry"), "{err}");
+    let err = r
+        .apply_frame(&g.frame_bytes(n / 2 + 1, n))
+        .expect_err("the next writer rebuilds first, and that still fails");
+    assert!(err.to_string().contains("state.json"), "{err}");
+    assert_eq!(r.applied_seq(), n / 2);
+
+    std::fs::write(&state, &good).unwrap();
+    apply_range(&r, &g, n / 2 + 1, n, 9);
     check_all(&r, &g);
 }
