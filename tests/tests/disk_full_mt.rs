@@ -1,8 +1,5 @@
 //! ENOSPC at the master target's journal or replica: an event, backpressure,
 //! nothing acknowledged lost, and apply resumes by itself when space returns.
-//! Malformed frames (seq ranges that do not match their records, u64::MAX,
-//! empty bodies) are refused with a clear error at the PS and the MT, and
-//! replication goes on.
 //!
 //! The MT's data directory is a 24 MiB tmpfs (the test needs root to mount
 //! it). Once two points are cut (so apply saves undo records), a ballast
