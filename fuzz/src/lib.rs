@@ -21,6 +21,7 @@ mod nbd;
 mod point_catalog;
 mod ps_segment;
 mod scratch;
+mod tail;
 mod undo_journal;
 
 pub use control::control;

@@ -12,6 +12,7 @@ use rebound_ps::segment::{self, Cut};
 
 use crate::input::Input;
 use crate::scratch::Scratch;
+use crate::tail::check_valid_prefix;
 
 pub fn ps_segment(data: &[u8]) {
     let mut input = Input::new(data);
@@ -38,14 +39,7 @@ pub fn ps_segment(data: &[u8]) {
 fn check_scan(file: &[u8], prev_seq: u64) {
     let scratch = Scratch::with("segment", file);
     let scan = segment::scan(scratch.path(), prev_seq).expect("scan of a readable file");
-    assert_eq!(scan.file_len, file.len() as u64);
-    assert!(scan.valid_len <= scan.file_len);
-    assert_eq!(
-        scan.cut.is_none(),
-        scan.valid_len == scan.file_len,
-        "a cut is reported exactly when the valid entries end early: {:?}",
-        scan.cut
-    );
+    check_valid_prefix(file, scan.file_len, scan.valid_len, scan.cut.as_ref());
     assert!(scan.last_seq >= prev_seq, "the run went backwards");
     if scan.entries == 0 {
         assert_eq!(scan.last_seq, prev_seq);

@@ -12,6 +12,7 @@ use rebound_mt::journal::{self, BLOCK, HEADER_LEN};
 
 use crate::input::Input;
 use crate::scratch::Scratch;
+use crate::tail::check_valid_prefix;
 
 /// Disks the scanned replication has; records for others are garbage.
 const DISKS: u32 = 2;
@@ -27,14 +28,7 @@ pub fn undo_journal(data: &[u8]) {
     let f = File::open(scratch.path()).expect("scratch journal opens");
     let scan = journal::scan(&f, 0, |d| d < DISKS).expect("scan of a readable file");
 
-    assert_eq!(scan.file_len, file.len() as u64);
-    assert!(scan.valid_len <= scan.file_len);
-    assert_eq!(
-        scan.problem.is_none(),
-        scan.valid_len == scan.file_len,
-        "a problem is reported exactly when the valid records end early: {:?}",
-        scan.problem
-    );
+    check_valid_prefix(&file, scan.file_len, scan.valid_len, scan.problem.as_ref());
     // Records are contiguous from the start, each checks out on its own and
     // through read_block, and they end where the valid data ends.
     let mut end = 0u64;
