@@ -6,7 +6,6 @@
 mod bad_frames;
 mod bad_input;
 mod bench_smoke;
-mod cache_fairness;
 mod demo;
 mod disk_full_mt;
 mod disk_full_ps;
