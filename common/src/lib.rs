@@ -27,7 +27,7 @@ pub mod serve;
 pub mod service_manager;
 pub mod signal;
 #[allow(unsafe_code)]
-mod sys;
+pub mod sys;
 pub mod telemetry;
 pub mod time;
 pub mod tls;

@@ -16,7 +16,7 @@
 use crate::apply::Prepared;
 use crate::error::{MtError, Result};
 use crate::replication::Replication;
-use crate::sys::available_bytes;
+use rebound_common::sys::available_bytes;
 use std::time::{Duration, Instant};
 use tracing::{debug, error, info};
 

@@ -65,21 +65,3 @@ pub(crate) fn kill_process_group(pgid: u32) {
         libc::kill(-(pgid as i32), libc::SIGKILL);
     }
 }
-
-/// Bytes an unprivileged writer can still allocate on the filesystem
-/// holding `path` (`statvfs`: available blocks × fragment size).
-pub(crate) fn available_bytes(path: &std::path::Path) -> io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `c` is a NUL-terminated path that outlives the call and `st`
-    // points to writable memory of the size statvfs fills.
-    let r = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: statvfs returned 0, so it filled `st`.
-    let st = unsafe { st.assume_init() };
-    Ok(st.f_bavail.saturating_mul(st.f_frsize))
-}

@@ -7,8 +7,7 @@
 //! The binary is a thin `main` over [`run`], which takes a bound listener and
 //! a shutdown future so tests can run many instances on port 0.
 
-// Only `sys` may use unsafe (libc calls std does not wrap).
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub mod authz;
 pub mod cache;
@@ -18,8 +17,6 @@ pub mod forward;
 pub mod ingest;
 pub mod segment;
 pub mod service;
-#[allow(unsafe_code)]
-mod sys;
 #[cfg(test)]
 mod tests;
 

@@ -346,7 +346,7 @@ impl Writer {
         loop {
             std::thread::sleep(DISK_FULL_RETRY);
             self.trim();
-            let free = crate::sys::available_bytes(&self.seg_dir);
+            let free = rebound_common::sys::available_bytes(&self.seg_dir);
             if self.sh.closing() || worth_retrying(free, need, attempt.elapsed()) {
                 return;
             }
