@@ -3,7 +3,7 @@
 //! segments, catalogs, dirty logs and messages built with the real
 //! encoders, so the fuzzer starts past the magic numbers and checksums.
 //! Run once when a format changes, then fuzz and minimise:
-//! `cargo test -p rebound-fuzz --test seeds -- --ignored`.
+//! `cargo run -p rebound-fuzz --example write_seeds`.
 
 use std::path::Path;
 
@@ -83,9 +83,7 @@ fn frame_bytes(first: u64, recs: &[Record]) -> Vec<u8> {
     b.finish().to_bytes()
 }
 
-#[test]
-#[ignore = "writes fuzz/corpus; run by hand when a format changes"]
-fn write_seed_corpus() {
+fn main() {
     // NBD: a whole session, and one option of each kind.
     let go = cat(&[
         &4u32.to_be_bytes(),
