@@ -453,6 +453,11 @@ mod tests {
         let p = FaultProxy::start("t-fwd", echo_server()).unwrap();
         let mut s = connect(&p);
         echo_ok(&mut s, b"hello through the proxy");
+        // The echo reaches the client before the proxy counts it.
+        crate::wait::wait_until("both directions counted", Duration::from_secs(5), || {
+            p.stats().bytes == 2 * 23
+        })
+        .unwrap();
         let st = p.stats();
         assert_eq!(st.connections, 1);
         assert_eq!(st.bytes, 2 * 23);
