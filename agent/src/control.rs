@@ -601,6 +601,7 @@ impl Runtime {
             Some(Cmd::Resync(r)) => self.resync(&r),
             Some(Cmd::StartReplication(s)) => self.start_replication(&s).await,
             Some(Cmd::StopReplication(s)) => self.stop_replication(&s).await,
+            Some(Cmd::Verify(v)) => self.verify(&v).await,
             Some(other) => err_result(format!("an agent does not run this command: {other:?}")),
             None => err_result("empty command"),
         }
@@ -647,6 +648,9 @@ impl Runtime {
                     index: d.index,
                     name: d.name.clone(),
                     size: d.size,
+                    path: (self.capture.disks().get(d.index as usize))
+                        .map(|x| x.path.display().to_string())
+                        .unwrap_or_default(),
                 })
                 .collect(),
             writable: !self.capture.is_fenced(),
@@ -694,6 +698,7 @@ impl ControlHandler for AgentControl {
 }
 
 mod schedule;
+mod verify;
 pub use schedule::{app_tag_loop, crash_tag_loop};
 
 #[cfg(test)]

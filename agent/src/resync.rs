@@ -141,6 +141,7 @@ impl HashSource for PsHashSource {
             count,
             min_applied_seq,
             info: Some(self.info.clone()),
+            point_id: String::new(),
         });
         req.set_timeout(Duration::from_secs(120));
         async move {

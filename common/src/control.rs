@@ -208,7 +208,7 @@ pub fn spawn(
 
 enum Entry {
     Running,
-    Done(CommandResult),
+    Done(Box<CommandResult>),
 }
 
 #[derive(Default)]
@@ -220,7 +220,7 @@ struct Results {
 impl Results {
     fn finish(&mut self, r: &CommandResult) {
         if let Some(e) = self.map.get_mut(&r.id) {
-            *e = Entry::Done(r.clone());
+            *e = Entry::Done(Box::new(r.clone()));
         }
         while self.order.len() > RESULT_CACHE {
             if let Some(old) = self.order.pop_front() {
@@ -394,7 +394,7 @@ impl Task {
         {
             let mut c = self.results.lock().ok()?;
             match c.map.get(&id) {
-                Some(Entry::Done(r)) => return Some(r.clone()),
+                Some(Entry::Done(r)) => return Some((**r).clone()),
                 Some(Entry::Running) => {
                     debug!(%id, "repeated command still running; its result follows");
                     return None;

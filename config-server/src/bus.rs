@@ -120,6 +120,11 @@ pub fn cmd_name(cmd: &Cmd) -> &'static str {
         Cmd::AddReplication(_) => "add-replication",
         Cmd::RemoveReplication(_) => "remove-replication",
         Cmd::SetRevoked(_) => "set-revoked",
+        Cmd::Verify(_) => "verify",
+        Cmd::PowerOff(_) => "power-off",
+        Cmd::StartTestFailover(_) => "start-test-failover",
+        Cmd::EndTestFailover(_) => "end-test-failover",
+        Cmd::SetReplicationPs(_) => "set-replication-ps",
     }
 }
 

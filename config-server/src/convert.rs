@@ -11,6 +11,7 @@ pub fn disk_from_proto(d: &pb::Disk) -> Disk {
         index: d.index,
         name: d.name.clone(),
         size: d.size,
+        path: d.path.clone(),
     }
 }
 
@@ -19,6 +20,7 @@ pub fn disk_to_proto(d: &Disk) -> pb::Disk {
         index: d.index,
         name: d.name.clone(),
         size: d.size,
+        path: d.path.clone(),
     }
 }
 
@@ -85,6 +87,7 @@ macro_rules! policy_fields {
             retention_window_secs: $p.retention_window_secs,
             retention_max_bytes: $p.retention_max_bytes,
             rpo_alert_ms: $p.rpo_alert_ms,
+            verify_interval_secs: $p.verify_interval_secs,
         }
     };
 }

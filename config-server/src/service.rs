@@ -171,6 +171,7 @@ impl AdminService {
                 .map(convert::point_to_proto),
             job_id: job.first().map(|j| j.id.clone()).unwrap_or_default(),
             policy: Some(convert::policy_to_proto(&m.policy)),
+            ..Default::default()
         })
     }
 
@@ -375,6 +376,46 @@ impl Admin for AdminService {
                 .reprotect(&targets(r.targets), &r.ps, &r.mt, wait, policy)
                 .await?,
         )
+    }
+
+    async fn test_failover(&self, req: Request<pb::TestFailoverRequest>) -> Res<pb::JobStarted> {
+        admin(&req)?;
+        let r = req.into_inner();
+        let point = point(r.point.as_ref())?;
+        started(
+            self.lifecycle
+                .test_failover(&targets(r.targets), point)
+                .await?,
+        )
+    }
+
+    async fn test_failover_cleanup(
+        &self,
+        req: Request<pb::TestFailoverCleanupRequest>,
+    ) -> Res<pb::JobStarted> {
+        admin(&req)?;
+        let r = req.into_inner();
+        started(
+            self.lifecycle
+                .test_failover_cleanup(&targets(r.targets))
+                .await?,
+        )
+    }
+
+    async fn verify(&self, req: Request<pb::VerifyRequest>) -> Res<pb::JobStarted> {
+        admin(&req)?;
+        let r = req.into_inner();
+        started(
+            self.lifecycle
+                .verify(&r.machine, &r.point, r.repair)
+                .await?,
+        )
+    }
+
+    async fn r#move(&self, req: Request<pb::MoveRequest>) -> Res<pb::JobStarted> {
+        admin(&req)?;
+        let r = req.into_inner();
+        started(self.lifecycle.move_machine(&r.machine, &r.ps).await?)
     }
 
     async fn unprotect(&self, req: Request<pb::UnprotectRequest>) -> Res<pb::JobStarted> {

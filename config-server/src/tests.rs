@@ -136,6 +136,7 @@ fn hello(role: &str, id: &str, site: &str, instance: &str) -> pb::Hello {
             index: 0,
             name: "disk0".into(),
             size: 1 << 20,
+            path: String::new(),
         }],
         writable: true,
         replication_id: String::new(),
@@ -350,6 +351,7 @@ async fn split_brain_guard_and_identity_checks() {
             index,
             name: format!("disk{index}"),
             size: 1 << 20,
+            path: String::new(),
         })
         .collect();
     let want = "announces 65 disks; at most 64 are allowed";

@@ -160,6 +160,7 @@ pub fn mt_status(store: &Store, defaults: &RetentionConfig) -> pb::MtStatus {
                 state: r.state_name().to_string(),
                 retention_window_secs: retention.window_secs,
                 retention_max_bytes: retention.max_bytes,
+                ..Default::default()
             }
         })
         .collect();
@@ -218,7 +219,7 @@ fn disk_info(d: &pb::Disk) -> rebound_proto::DiskInfo {
 }
 
 impl MtControl {
-    fn replication(&self, id: &str) -> Result<Arc<Replication>, MtError> {
+    pub(crate) fn replication(&self, id: &str) -> Result<Arc<Replication>, MtError> {
         self.store.get(id).ok_or_else(|| {
             MtError::NotFound(format!(
                 "MT {} has no replication {id:?} (it has {})",
@@ -309,17 +310,20 @@ impl MtControl {
                 if !c.ps_id.is_empty() {
                     r.assign_ps(&c.ps_id)?;
                 }
-                Ok(pb::CommandResult {
-                    warning: match (adopted, c.adopt_from.is_empty()) {
-                        (None, false) => format!(
-                            "MT {} holds no replica of {} to adopt (from {}): the resync sends the whole disks",
-                            self.identity.id, c.machine_id, c.adopt_from
-                        ),
-                        _ => String::new(),
-                    },
-                    ..ok
-                })
+                let warning = match (&adopted, c.adopt_from.is_empty()) {
+                    (None, false) => format!(
+                        "MT {} holds no replica of {} to adopt (from {}): the resync sends the whole disks",
+                        self.identity.id, c.machine_id, c.adopt_from
+                    ),
+                    (None, true) => self.seed_replica(&r, &c.seed_paths)?,
+                    _ => String::new(),
+                };
+                Ok(pb::CommandResult { warning, ..ok })
             }
+            Cmd::PowerOff(c) => self.power_off(&c),
+            Cmd::StartTestFailover(c) => self.start_test_failover(&c),
+            Cmd::EndTestFailover(c) => self.end_test_failover(&c),
+            Cmd::SetReplicationPs(c) => self.set_replication_ps(&c),
             Cmd::SetRevoked(c) => Ok(set_revoked(&self.revocations, &self.revoked_path, &c)),
             Cmd::SetRetention(c) => {
                 let policy = RetentionPolicy {
@@ -360,6 +364,11 @@ fn cmd_name(c: &Cmd) -> &'static str {
         Cmd::SetRetention(_) => "SetRetention",
         Cmd::AddReplication(_) => "AddReplication",
         Cmd::RemoveReplication(_) => "RemoveReplication",
+        Cmd::Verify(_) => "Verify",
+        Cmd::PowerOff(_) => "PowerOff",
+        Cmd::StartTestFailover(_) => "StartTestFailover",
+        Cmd::EndTestFailover(_) => "EndTestFailover",
+        Cmd::SetReplicationPs(_) => "SetReplicationPs",
     }
 }
 

@@ -21,6 +21,7 @@ mod disk_full;
 pub mod error;
 pub mod events;
 pub mod handover;
+mod handover_journal;
 mod hash_cache;
 pub mod hashes;
 mod interval;
@@ -30,11 +31,13 @@ mod ordered;
 mod points;
 mod replica;
 pub mod replication;
+mod replication_ps;
 mod replication_state;
 pub mod retention;
 pub mod retention_journal;
 pub mod retention_policy;
 pub mod rollback;
+mod seed;
 pub mod seqfile;
 pub mod service;
 pub mod state;
@@ -42,6 +45,7 @@ pub mod storage;
 mod store;
 #[allow(unsafe_code)]
 mod sys;
+mod test_copy;
 pub mod view;
 
 #[cfg(test)]

@@ -116,6 +116,7 @@ fn every_ps_and_mt_rpc_checks_who_may_use_which_replication() {
             count: 1,
             min_applied_seq: 0,
             info: Some(info(rid, machine)),
+            point_id: String::new(),
         };
 
         // ChunkHashes for another machine's replication, with the caller's

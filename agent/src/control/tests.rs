@@ -140,6 +140,7 @@ async fn group_hold_blocks_writes_until_commit_and_tags_with_the_group() {
             group: "g".into(),
             tag_id: "grp-1".into(),
             hold_ms: 5000,
+            kind: String::new(),
         })))
         .await;
     assert!(r.ok, "{r:?}");
@@ -187,6 +188,7 @@ async fn group_hold_expires_on_its_own_and_late_commit_fails() {
             group: "g".into(),
             tag_id: "grp-2".into(),
             hold_ms: 0, // default 100 ms
+            kind: String::new(),
         })))
         .await
         .ok
@@ -221,6 +223,7 @@ async fn group_abort_releases_at_once() {
             group: "g".into(),
             tag_id: "grp-3".into(),
             hold_ms: 10_000,
+            kind: String::new(),
         })))
         .await
         .ok
@@ -352,6 +355,7 @@ fn start_cmd(replication_id: &str, resync: bool) -> Command {
         ps_server_name: "localhost".into(),
         resync,
         policy: None,
+        moving: false,
     }))
 }
 

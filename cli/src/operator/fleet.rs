@@ -53,6 +53,7 @@ pub fn policy(
             .rpo_alert
             .map(|d| (d.as_millis() as u64).max(1))
             .unwrap_or(0),
+        verify_interval_secs: 0,
     };
     (p != pb::Policy::default()).then_some(p)
 }

@@ -59,6 +59,7 @@ pub async fn cut_group_point(
             group: group.name.clone(),
             tag_id: tag.clone(),
             hold_ms,
+            kind: String::new(),
         })
     })
     .await;

@@ -268,6 +268,39 @@ impl Lifecycle {
         .await
     }
 
+    /// A test failover of the targets at `point` (DESIGN.md §7 views):
+    /// writable copies at the MT while replication goes on.
+    pub async fn test_failover(&self, targets: &Targets, point: PointSpec) -> Result<Job, CsError> {
+        let _ = (targets, point);
+        Err(CsError::FailedPrecondition(
+            "test failover is not available on this configuration server yet".into(),
+        ))
+    }
+
+    /// Ends the targets' test failover: discards the test copies.
+    pub async fn test_failover_cleanup(&self, targets: &Targets) -> Result<Job, CsError> {
+        let _ = targets;
+        Err(CsError::FailedPrecondition(
+            "test failover cleanup is not available on this configuration server yet".into(),
+        ))
+    }
+
+    /// Verifies `machine`'s replica against its source at a new tag
+    /// (`point`, empty = a generated id), repairing when asked.
+    pub async fn verify(&self, machine: &str, point: &str, repair: bool) -> Result<Job, CsError> {
+        let _ = (point, repair);
+        Err(CsError::FailedPrecondition(format!(
+            "verify of {machine} is not available on this configuration server yet"
+        )))
+    }
+
+    /// Moves `machine`'s replication to another PS of the same site.
+    pub async fn move_machine(&self, machine: &str, ps: &str) -> Result<Job, CsError> {
+        Err(CsError::FailedPrecondition(format!(
+            "moving {machine} to {ps} is not available on this configuration server yet"
+        )))
+    }
+
     /// Ends the protection of `machine`; the MT deletes its replica when
     /// `delete_replica`.
     pub async fn unprotect(&self, machine: &str, delete_replica: bool) -> Result<Job, CsError> {

@@ -192,6 +192,7 @@ impl Lifecycle {
                         disks: m.disks.iter().map(convert::disk_to_proto).collect(),
                         adopt_from: r.previous.clone(),
                         ps_id: r.ps.clone(),
+                        seed_paths: Vec::new(),
                     }),
                 )
                 .await?;
@@ -208,6 +209,7 @@ impl Lifecycle {
                         ps_server_name: ps_name,
                         resync: true,
                         policy: Some(convert::policy_to_proto(&r.policy)),
+                        moving: false,
                     }),
                 )
                 .await?;

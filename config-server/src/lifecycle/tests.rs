@@ -175,6 +175,7 @@ async fn machine(w: &World, id: &str) {
                 index: 0,
                 name: "disk0".into(),
                 size: 1 << 20,
+                path: String::new(),
             }],
             policy: Policy::default(),
             group: String::new(),

@@ -128,6 +128,10 @@ pub struct Disk {
     pub index: u32,
     pub name: String,
     pub size: u64,
+    /// The disk's file or device at the machine's current site, as its
+    /// agent reported it; empty when unknown.
+    #[serde(default)]
+    pub path: String,
 }
 
 /// Policy of a machine: its tags (DESIGN.md §5 "Tags"), the retention of
@@ -144,6 +148,8 @@ pub struct Policy {
     pub retention_max_bytes: u64,
     /// Raise `rpo-exceeded` when the agent's RPO passes this; 0 = never.
     pub rpo_alert_ms: u64,
+    /// Run a verify (no repair) this often; 0 = never.
+    pub verify_interval_secs: u64,
 }
 
 impl Policy {
@@ -169,6 +175,7 @@ impl Policy {
             retention_window_secs: or(changes.retention_window_secs, self.retention_window_secs),
             retention_max_bytes: or(changes.retention_max_bytes, self.retention_max_bytes),
             rpo_alert_ms: or(changes.rpo_alert_ms, self.rpo_alert_ms),
+            verify_interval_secs: or(changes.verify_interval_secs, self.verify_interval_secs),
         }
     }
 }
@@ -182,6 +189,7 @@ impl Default for Policy {
             retention_window_secs: 0,
             retention_max_bytes: 0,
             rpo_alert_ms: 0,
+            verify_interval_secs: 0,
         }
     }
 }

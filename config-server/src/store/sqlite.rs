@@ -224,6 +224,7 @@ impl SqliteStore {
             index: get::<i64>(row, "idx", w)? as u32,
             name: get(row, "name", w)?,
             size: get_u64(row, "size", w)?,
+            path: String::new(),
         })
     }
 

@@ -228,6 +228,7 @@ async fn grpc_apply_points_rollback_and_roles() {
             count: 1,
             min_applied_seq: n,
             info: None,
+            point_id: String::new(),
         })
         .await
         .unwrap()
@@ -246,6 +247,7 @@ async fn grpc_apply_points_rollback_and_roles() {
             count: 2,
             min_applied_seq: 0,
             info: Some(other),
+            point_id: String::new(),
         })
         .await
         .unwrap()
@@ -260,6 +262,7 @@ async fn grpc_apply_points_rollback_and_roles() {
         count: 1,
         min_applied_seq: 0,
         info: None,
+        point_id: String::new(),
     };
     let e = ps.chunk_hashes(req.clone()).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);

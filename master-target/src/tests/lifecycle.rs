@@ -35,7 +35,12 @@ pub(super) fn control(store: Arc<Store>, hooks: HooksConfig) -> MtControl {
 /// The control protocol's form of one of the test replication's disks.
 fn pb_disk(d: rebound_proto::DiskInfo) -> pb::Disk {
     let rebound_proto::DiskInfo { index, name, size } = d;
-    pb::Disk { index, name, size }
+    pb::Disk {
+        index,
+        name,
+        size,
+        path: String::new(),
+    }
 }
 
 /// A history with every kind of point: crash, app, group, and writes after
@@ -312,6 +317,7 @@ fn end_replication_keeps_or_deletes_and_prepare_adopts_the_kept_replica() {
             disks: info().disks.into_iter().map(pb_disk).collect(),
             adopt_from: adopt.into(),
             ps_id: "ps1".into(),
+            seed_paths: Vec::new(),
         }))
         .unwrap_or_else(|e| rebound_common::control::err_result(e.to_string()))
     };

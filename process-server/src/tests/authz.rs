@@ -83,6 +83,7 @@ async fn a_managed_ps_takes_only_replications_the_cs_assigned_to_their_machine()
         count: 1,
         min_applied_seq: 0,
         info: Some(info("r9", "m2")),
+        point_id: String::new(),
     };
     let e = client(&agent2, ps.addr)
         .await

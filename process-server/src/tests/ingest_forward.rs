@@ -106,6 +106,7 @@ async fn ingest_forward_restart_over_mtls() {
         count: 3,
         min_applied_seq: 42,
         info: None,
+        point_id: String::new(),
     };
     let r = client(&agent1, ps.addr)
         .await

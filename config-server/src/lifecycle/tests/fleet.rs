@@ -128,6 +128,7 @@ async fn retention_reaches_the_mt_before_the_agent_streams_and_reprotect_keeps_i
         retention_window_secs: 90,
         retention_max_bytes: 0,
         rpo_alert_ms: 0,
+        verify_interval_secs: 0,
     };
     let m1 = one("m1");
     let reprotect = w.lc.reprotect(&m1, "ps1", "mt1", None, Some(changes));

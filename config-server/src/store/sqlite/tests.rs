@@ -22,11 +22,13 @@ fn machine(id: &str) -> Machine {
                 index: 0,
                 name: "disk0".into(),
                 size: 1 << 30,
+                path: String::new(),
             },
             Disk {
                 index: 1,
                 name: "log".into(),
                 size: u64::MAX - 1,
+                path: String::new(),
             },
         ],
         policy: Policy::default(),
