@@ -38,6 +38,16 @@ pub struct HooksConfig {
     /// Shell command (`sh -c`) run at hand-over to boot the machine at this
     /// site; empty = none.
     pub power_on: String,
+    /// Shell command run to stop the machine the hand-over booted (before
+    /// change-point undoes its writes); same environment as `power_on`.
+    /// Empty: the MT only waits for the machine's agent to let go of the
+    /// hand-over journal.
+    pub power_off: String,
+    /// Shell command run when a test failover's copy is ready: the test
+    /// exports in its environment; empty = none.
+    pub test_power_on: String,
+    /// Shell command run at test-failover cleanup, before the copy goes.
+    pub test_power_off: String,
     /// How long a hook may run before it is killed, in seconds.
     pub hook_timeout_secs: u64,
 }
@@ -46,6 +56,9 @@ impl Default for HooksConfig {
     fn default() -> Self {
         HooksConfig {
             power_on: String::new(),
+            power_off: String::new(),
+            test_power_on: String::new(),
+            test_power_off: String::new(),
             hook_timeout_secs: 300,
         }
     }

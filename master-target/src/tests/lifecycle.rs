@@ -68,6 +68,7 @@ fn hooks(cmd: &str, timeout: u64) -> HooksConfig {
     HooksConfig {
         power_on: cmd.into(),
         hook_timeout_secs: timeout,
+        ..HooksConfig::default()
     }
 }
 
