@@ -95,6 +95,13 @@ pub struct DiskConfig {
     pub name: String,
     /// Backing file or block device.
     pub path: PathBuf,
+    /// The hand-over journal (DESIGN.md §7 "Hand-over"): set when this agent
+    /// runs a failed-over machine on its replica files. Before the first
+    /// write to each 4 KiB block the block's pre-image is appended here, so
+    /// a change-point can discard what the machine wrote. A path that does
+    /// not exist means the replication was committed: no journaling.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handover_journal: Option<PathBuf>,
 }
 
 /// `[ps]`: where the change stream goes.

@@ -63,6 +63,7 @@ pub fn agent(
             .map(|(name, path)| DiskConfig {
                 name: name.clone(),
                 path: path.clone(),
+                ..Default::default()
             })
             .collect(),
         ps: PsConfig {

@@ -16,7 +16,9 @@
 //! `agents/<m>@<site>/powered_on_ms`), so the agent re-registers with the
 //! CS from the new site. A test that starts that agent itself stops it with
 //! [`Sites::stop_agent`] and starts it again with [`Sites::start_agent`];
-//! [`Sites::set_power_on`] turns the hook off altogether.
+//! [`Sites::set_power_on`] turns the hooks off altogether. The MT's
+//! `power_off` hook stops that agent; `test_power_on` / `test_power_off`
+//! record their environment (see [`crate::power`]).
 //!
 //! Ids: sites `onprem` and `azure` by default, PS `ps-<site>` (more PSs:
 //! `ps-<site>-2`, …), MT `mt-<site>` ([`ps_id`], [`mt_id`]); the agent of
@@ -30,7 +32,7 @@
 //! agents/<m>/certs           the machine's enrolled agent certificate (moves with it)
 //! agents/<m>@<site>/         agent.in.toml (the hook's template), agent.toml, state dir(s)
 //! disks/<m>/<disk>.img       the machine's disks at its first site
-//! power_on.sh                the MT hook
+//! power_on.sh, power_off.sh, test_power_on.sh, test_power_off.sh   the MT hooks
 //! <name>.log                 logs: cs, ps-<site>, mt-<site>, agent-<m>@<site>
 //! ```
 
@@ -54,7 +56,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 /// The placeholder the power_on hook replaces with the agent's state dir.
-const STATE_DIR_MARK: &str = "@STATE_DIR@";
+pub(crate) const STATE_DIR_MARK: &str = "@STATE_DIR@";
 
 /// Options for a multi-site lab.
 #[derive(Debug, Clone)]
@@ -175,7 +177,7 @@ impl Sites {
         };
         s.init_cs()?;
         s.start_cs()?;
-        s.write_power_on_script()?;
+        s.write_hook_scripts()?;
         Ok(s)
     }
 
@@ -329,12 +331,7 @@ impl Sites {
         );
         cfg.site = site.into();
         cfg.cs = config::cs_link(&self.cs_addr);
-        cfg.hooks.power_on = if power_on {
-            format!("{} {site}", self.path("power_on.sh").display())
-        } else {
-            String::new()
-        };
-        cfg.hooks.hook_timeout_secs = 30;
+        cfg.hooks = self.mt_hooks(site, power_on);
         config::write_toml(&self.path(&format!("{site}/mt.toml")), &cfg)
     }
 
@@ -357,8 +354,9 @@ impl Sites {
         self.procs.start(id, &bin, &cfg, ready)
     }
 
-    /// Turns the MTs' power_on hook on or off (restarting the MTs). Off: a
-    /// hand-over starts no agent; the test starts it with
+    /// Turns the MTs' hooks (power_on, power_off, test_power_on,
+    /// test_power_off) on or off (restarting the MTs). Off: a hand-over
+    /// starts no agent; the test starts it with
     /// [`Sites::start_agent_on_replica`].
     pub fn set_power_on(&mut self, on: bool) -> Result<()> {
         for site in self.opts.sites.clone() {
@@ -396,7 +394,7 @@ impl Sites {
         self.wait_online("agent", m, Duration::from_secs(30))
     }
 
-    fn agent_dir(&self, machine: &str, site: &str) -> PathBuf {
+    pub(crate) fn agent_dir(&self, machine: &str, site: &str) -> PathBuf {
         self.path(&format!("agents/{}", at(machine, site)))
     }
 
@@ -433,6 +431,7 @@ impl Sites {
             .map(|((name, _), path)| DiskConfig {
                 name: name.clone(),
                 path: path.clone(),
+                ..Default::default()
             })
             .collect();
         std::fs::write(
@@ -440,45 +439,6 @@ impl Sites {
             cfg.state_dir.as_os_str().as_encoded_bytes(),
         )?;
         config::write_toml(&d.join("agent.toml"), &cfg)
-    }
-
-    /// The power_on hook: completes the agent template of the machine at
-    /// the MT's site with a fresh state dir and the handed-over replica
-    /// files and starts the agent detached. `$1` is the site; the MT gives
-    /// REBOUND_MACHINE, REBOUND_REPLICATION, REBOUND_POINT, REBOUND_DISKS.
-    fn write_power_on_script(&self) -> Result<()> {
-        let agent = self.bins.path("rebound-agent")?;
-        let script = format!(
-            r#"#!/bin/sh
-# power_on hook of the lab: boot $REBOUND_MACHINE at site $1 from the replica.
-set -e
-site="$1"
-m="$REBOUND_MACHINE"
-base={base:?}
-d="$base/agents/$m@$site"
-date +%s%3N > "$d/powered_on_ms.tmp"
-# A fresh state dir per hand-over (the machine booted from this replica).
-state="$d/state-$REBOUND_REPLICATION"
-mkdir -p "$state"
-echo "$REBOUND_POINT" > "$d/powered_on"
-sed "s|{mark}|$state|" "$d/agent.in.toml" > "$d/agent.toml"
-printf '%s' "$state" > "$d/state_dir"
-for f in $REBOUND_DISKS; do
-  n=$(basename "$f" .img)
-  printf '\n[[disks]]\nname = "%s"\npath = "%s"\n' "$n" "$f" >> "$d/agent.toml"
-done
-RUST_LOG=info setsid {agent:?} run --config "$d/agent.toml" >> "$d/agent.log" 2>&1 < /dev/null &
-echo $! > "$base/agents/$m@$site.pid"
-mv "$d/powered_on_ms.tmp" "$d/powered_on_ms"
-"#,
-            base = self.dir,
-            mark = STATE_DIR_MARK,
-        );
-        let path = self.path("power_on.sh");
-        std::fs::write(&path, script)?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
-        Ok(())
     }
 
     /// The state dir of the machine's agent at a site (the lab's, or the
@@ -532,7 +492,7 @@ mv "$d/powered_on_ms.tmp" "$d/powered_on_ms"
         self.path(&format!("{site}/mt/data/{replication}/replica/{disk}.img"))
     }
 
-    fn hook_pid_file(&self, machine: &str, site: &str) -> PathBuf {
+    pub(crate) fn hook_pid_file(&self, machine: &str, site: &str) -> PathBuf {
         self.path(&format!("agents/{}.pid", at(machine, site)))
     }
 

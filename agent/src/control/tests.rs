@@ -22,6 +22,7 @@ fn fixture(hooks: HooksConfig) -> Fixture {
         disks: vec![DiskConfig {
             name: "disk0".into(),
             path: dir.path().join("d0.img"),
+            ..Default::default()
         }],
         hooks,
         hook_timeout_secs: 5,
