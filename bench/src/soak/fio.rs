@@ -43,6 +43,9 @@ impl RoundSpec {
             // Verify as it goes: with a time-based mixed workload fio's
             // final verify pass trips over its own overwrites.
             "--verify_backlog=1024".into(),
+            // No `<name>-<job>-verify.state` files left in the working
+            // directory: a round's verify state is of no use afterwards.
+            "--verify_state_save=0".into(),
             format!("--randseed={}", self.seed),
             "--output-format=json".into(),
         ]
