@@ -117,6 +117,10 @@ pub struct PolicySet {
     pub app_interval: Option<Duration>,
     #[command(flatten)]
     pub more: PolicyArgs,
+    /// Run `rebound verify` (no repair) on the machine this often, e.g.
+    /// 24h (`rebound machines` shows the last result).
+    #[arg(long, value_parser = parse_duration)]
+    pub verify_interval: Option<Duration>,
     #[command(flatten)]
     pub args: ShowArgs,
 }
@@ -124,7 +128,17 @@ pub struct PolicySet {
 impl PolicySet {
     /// The changes the flags ask for (`None`: none).
     pub fn policy(&self) -> Option<pb::Policy> {
-        policy(self.crash_interval, self.app_interval, &self.more)
+        let verify = self.verify_interval.map(|d| d.as_secs().max(1));
+        match policy(self.crash_interval, self.app_interval, &self.more) {
+            Some(p) => Some(pb::Policy {
+                verify_interval_secs: verify.unwrap_or(0),
+                ..p
+            }),
+            None => verify.map(|v| pb::Policy {
+                verify_interval_secs: v,
+                ..Default::default()
+            }),
+        }
     }
 }
 
@@ -163,7 +177,7 @@ pub async fn run(cmd: FleetCmd) -> Result<()> {
             let Some(p) = set.policy() else {
                 bail!(
                     "nothing to set: give --crash-interval, --app-interval, --retention-window, \
-                     --retention-size or --rpo-alert"
+                     --retention-size, --rpo-alert or --verify-interval"
                 );
             };
             let mut c = connect(&args.cs).await?;
@@ -252,6 +266,15 @@ mod tests {
         assert_eq!(p.retention_max_bytes, 10 << 30);
         assert_eq!(p.rpo_alert_ms, 60_000);
         assert!(policy(None, None, &PolicyArgs::default()).is_none());
+        let FleetCmd::Policy {
+            cmd: PolicyCmd::Set(set),
+        } = fleet(&["policy", "set", "m1", "--verify-interval", "1h"])
+        else {
+            panic!("not policy set");
+        };
+        let p = set.policy().unwrap();
+        assert_eq!(p.verify_interval_secs, 3600);
+        assert_eq!(p.crash_interval_ms, 0, "not given: keeps its value");
         let bad = T::try_parse_from(["t", "policy", "set", "m1", "--retention-size", "lots"]);
         assert!(bad.is_err());
     }

@@ -29,7 +29,7 @@ fn opt_point(p: &Option<pb::Point>) -> Value {
 }
 
 fn disk(d: &pb::Disk) -> Value {
-    json!({"index": d.index, "name": d.name, "size": d.size})
+    json!({"index": d.index, "name": d.name, "size": d.size, "path": d.path})
 }
 
 pub fn status_detail(s: &Option<pb::Status>) -> Value {
@@ -99,6 +99,17 @@ pub fn policy(p: &pb::Policy) -> Value {
         "freeze_timeout_ms": p.freeze_timeout_ms,
         "retention_window_secs": p.retention_window_secs,
         "retention_max_bytes": p.retention_max_bytes, "rpo_alert_ms": p.rpo_alert_ms,
+        "verify_interval_secs": p.verify_interval_secs,
+    })
+}
+
+pub fn verify_result(v: &pb::VerifyResult) -> Value {
+    json!({
+        "time_ms": v.time_ms, "point_id": v.point_id, "chunks_compared": v.chunks_compared,
+        "differing": v.differing, "repaired": v.repaired, "error": v.error, "job_id": v.job_id,
+        "chunk_size": v.chunk_size,
+        "differing_chunks": v.differing_chunks.iter()
+            .map(|c| json!({"disk": c.disk, "offset": c.offset})).collect::<Vec<_>>(),
     })
 }
 
@@ -132,6 +143,8 @@ pub fn machine(m: &pb::MachineInfo) -> Value {
         "point_count": m.point_count, "group": m.group,
         "failover_point": opt_point(&m.failover_point), "job_id": m.job_id,
         "policy": m.policy.as_ref().map(policy).unwrap_or(Value::Null),
+        "test_point": m.test_point, "test_exports": m.test_exports,
+        "last_verify": m.last_verify.as_ref().map(verify_result).unwrap_or(Value::Null),
     })
 }
 

@@ -7,6 +7,7 @@
 //! `admin.pem` and `admin.key` as `rebound-cs init` wrote them.
 
 mod client;
+mod dr;
 mod enroll;
 mod fleet;
 mod json;
@@ -270,6 +271,8 @@ pub enum OperatorCmd {
         #[command(subcommand)]
         cmd: GroupCmd,
     },
+    #[command(flatten)]
+    Dr(dr::DrCmd),
     #[command(flatten)]
     Fleet(FleetCmd),
     /// Revoke a component's certificates: `rebound revoke ps:ps-onprem`.
@@ -542,6 +545,7 @@ async fn run_inner(cmd: OperatorCmd) -> Result<()> {
         }
         OperatorCmd::Plan { cmd } => plan(cmd).await,
         OperatorCmd::Group { cmd } => group(cmd).await,
+        OperatorCmd::Dr(cmd) => dr::run(cmd).await,
         OperatorCmd::Fleet(cmd) => fleet::run(cmd).await,
         OperatorCmd::Revoke(args) => revoke::run(args).await,
         OperatorCmd::Token { cmd } => token::run(cmd).await,

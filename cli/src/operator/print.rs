@@ -247,10 +247,15 @@ pub fn policy_line(p: &pb::Policy) -> String {
     );
     let size = or_default(p.retention_max_bytes, bytes, "the MT's default");
     format!(
-        "crash {}, app {}, retention {window} / {size}, RPO alert {}",
+        "crash {}, app {}, retention {window} / {size}, RPO alert {}, verify {}",
         dur(p.crash_interval_ms.into()),
         dur(u64::from(p.app_interval_secs) * 1000),
-        or_default(p.rpo_alert_ms, dur, "off")
+        or_default(p.rpo_alert_ms, dur, "off"),
+        or_default(
+            p.verify_interval_secs,
+            |s| format!("every {}", dur(s * 1000)),
+            "off"
+        )
     )
 }
 
@@ -274,6 +279,10 @@ pub fn policy_set(machine: &str, r: &pb::SetPolicyResponse) {
         "  RPO alert above     {}",
         or_default(p.rpo_alert_ms, dur, "off")
     );
+    println!(
+        "  verify every        {}",
+        or_default(p.verify_interval_secs, |s| dur(s * 1000), "off")
+    );
     if !r.pending.is_empty() {
         println!(
             "not told yet (offline; they get it when they reconnect): {}",
@@ -295,6 +304,8 @@ pub fn machines(r: &pb::MachinesResponse) {
         "POINTS",
         "AGENT",
         "GROUP",
+        "TEST COPY",
+        "VERIFIED",
         "JOB",
     ];
     listing(&r.machines, none, &header, |m| {
@@ -323,6 +334,8 @@ pub fn machines(r: &pb::MachinesResponse) {
             m.point_count.to_string(),
             agent,
             or_dash(&m.group).into(),
+            or_dash(&m.test_point).into(),
+            verify_short(&m.last_verify),
             or_dash(&m.job_id).into(),
         ]
     });
@@ -330,9 +343,81 @@ pub fn machines(r: &pb::MachinesResponse) {
         if let Some(p) = m.failover_point.as_ref().filter(|p| !p.id.is_empty()) {
             println!("{} runs from point {} ({})", m.id, p.id, p.kind);
         }
+        if !m.test_point.is_empty() {
+            println!(
+                "{} test copy of point {}: {}",
+                m.id,
+                m.test_point,
+                m.test_exports.join(", ")
+            );
+        }
+        if let Some(v) = m.last_verify.as_ref().filter(|v| v.time_ms != 0) {
+            if !v.error.is_empty() || v.differing > 0 {
+                println!("{} last verify: {}", m.id, verify_line(v));
+            }
+        }
         if let Some(p) = &m.policy {
             println!("{} policy: {}", m.id, policy_line(p));
         }
+    }
+}
+
+/// The last verify in a table cell: "ok", "3 differ", "failed", "-".
+fn verify_short(v: &Option<pb::VerifyResult>) -> String {
+    match v {
+        Some(v) if v.time_ms != 0 => {
+            let what = if !v.error.is_empty() {
+                "failed".to_string()
+            } else if v.differing == 0 {
+                "ok".to_string()
+            } else if v.repaired {
+                format!("{} repaired", v.differing)
+            } else {
+                format!("{} differ", v.differing)
+            };
+            format!("{what} {}", ago(v.time_ms))
+        }
+        _ => "-".into(),
+    }
+}
+
+/// One verify in a sentence.
+fn verify_line(v: &pb::VerifyResult) -> String {
+    if !v.error.is_empty() {
+        return format!("failed at {}: {}", or_dash(&v.point_id), v.error);
+    }
+    format!(
+        "point {}, {} chunks compared, {} differ{}",
+        v.point_id,
+        v.chunks_compared,
+        v.differing,
+        if v.repaired && v.differing > 0 {
+            " (repaired: the next point is exact)"
+        } else {
+            ""
+        }
+    )
+}
+
+/// A verify's report: the point, the chunks compared, and each differing
+/// chunk as disk/offset.
+pub fn verify_result(machine: &str, v: &pb::VerifyResult) {
+    println!("{machine} verify: {}", verify_line(v));
+    if v.differing_chunks.is_empty() {
+        return;
+    }
+    let size = bytes(v.chunk_size.into());
+    println!("differing chunks ({size} each):");
+    let header = ["DISK", "OFFSET"];
+    table_of(&header, &v.differing_chunks, |c| {
+        vec![c.disk.to_string(), c.offset.to_string()]
+    });
+    if v.differing > v.differing_chunks.len() as u64 {
+        println!(
+            "... and {} more (the result lists at most {})",
+            v.differing - v.differing_chunks.len() as u64,
+            v.differing_chunks.len()
+        );
     }
 }
 

@@ -27,13 +27,28 @@ pub async fn started(
     r: Result<tonic::Response<pb::JobStarted>, tonic::Status>,
     doing: &str,
 ) -> Result<()> {
-    let job = wait.cs.answer(r, doing)?.job;
-    let job = job.ok_or_else(|| anyhow!("the CS answered without a job"))?;
+    let job = job_of(wait, r, doing)?;
     if wait.wait {
         return follow(c, &wait.cs, &job.id, wait.output).await;
     }
-    match wait.output {
-        Output::Json => json::print(&json::job(&job)),
+    print_started(&job, wait.output);
+    Ok(())
+}
+
+/// The job a lifecycle RPC started (an error naming what it was `doing`).
+pub fn job_of(
+    wait: &WaitArgs,
+    r: Result<tonic::Response<pb::JobStarted>, tonic::Status>,
+    doing: &str,
+) -> Result<pb::Job> {
+    let job = wait.cs.answer(r, doing)?.job;
+    job.ok_or_else(|| anyhow!("the CS answered without a job ({doing})"))
+}
+
+/// Says a job started and how to follow it (or prints it as JSON).
+pub fn print_started(job: &pb::Job, output: Output) {
+    match output {
+        Output::Json => json::print(&json::job(job)),
         Output::Table => {
             println!(
                 "job {} started: {} {}",
@@ -48,7 +63,6 @@ pub async fn started(
             println!("follow it with `rebound jobs {} --watch`", job.id);
         }
     }
-    Ok(())
 }
 
 /// What a plain-lines follower has printed already.
@@ -135,6 +149,42 @@ async fn next_job(
 
 /// Follows one job until it ends; an error when it failed.
 pub async fn follow(c: &mut Client, cs: &CsArgs, id: &str, output: Output) -> Result<()> {
+    let last = track(c, cs, id, output).await?;
+    match output {
+        Output::Json => json::print(&json::job(&last)),
+        Output::Table => succeeded_line(&last),
+    }
+    failed(&last)
+}
+
+/// The line that says a job succeeded, and how long it took.
+pub fn succeeded_line(last: &pb::Job) {
+    let took = print::dur(last.ended_ms.saturating_sub(last.started_ms));
+    if last.state == "succeeded" {
+        println!("job {} {} succeeded in {took}", last.id, last.kind);
+    }
+}
+
+/// An error naming the job's failure, when it failed.
+pub fn failed(last: &pb::Job) -> Result<()> {
+    if last.state == "failed" {
+        bail!(
+            "job {} ({}) failed: {}",
+            last.id,
+            last.kind,
+            if last.error.is_empty() {
+                "no error recorded (see `rebound jobs ID`)"
+            } else {
+                &last.error
+            }
+        );
+    }
+    Ok(())
+}
+
+/// Follows one job until it ends, showing its progress when `output` is a
+/// table; the job as it ended.
+pub async fn track(c: &mut Client, cs: &CsArgs, id: &str, output: Output) -> Result<pb::Job> {
     let mut stream = match c.watch_job(pb::WatchJobRequest { id: id.into() }).await {
         Ok(s) => Some(s.into_inner()),
         Err(e) if e.code() == tonic::Code::NotFound => {
@@ -178,28 +228,7 @@ pub async fn follow(c: &mut Client, cs: &CsArgs, id: &str, output: Output) -> Re
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    match output {
-        Output::Json => json::print(&json::job(&last)),
-        Output::Table => {
-            let took = print::dur(last.ended_ms.saturating_sub(last.started_ms));
-            if last.state == "succeeded" {
-                println!("job {} {} succeeded in {took}", last.id, last.kind);
-            }
-        }
-    }
-    if last.state == "failed" {
-        bail!(
-            "job {} ({}) failed: {}",
-            last.id,
-            last.kind,
-            if last.error.is_empty() {
-                "no error recorded (see `rebound jobs ID`)"
-            } else {
-                &last.error
-            }
-        );
-    }
-    Ok(())
+    Ok(last)
 }
 
 /// `rebound jobs --watch`: every running job, live, until interrupted.
