@@ -141,6 +141,11 @@ where
         lifecycle.settings().command_timeout,
         stop_rx.clone(),
     ));
+    let verifies = tokio::spawn(lifecycle::verify::scheduler(
+        lifecycle.clone(),
+        Duration::from_secs(1),
+        stop_rx.clone(),
+    ));
     info!(listen = %addr, db = %config.db.display(), resumed_jobs = resumed, "configuration server started");
 
     let signer = Arc::new(renew::Signer {
@@ -175,6 +180,7 @@ where
         .map_err(|e| CsError::Internal(format!("gRPC server on {addr} failed: {e}")));
     monitor.abort();
     groups.abort();
+    verifies.abort();
     own_renewal.abort();
     sqlite.close().await;
     info!("configuration server stopped");

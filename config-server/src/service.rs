@@ -13,7 +13,8 @@ use crate::error::CsError;
 use crate::fleet::{components, policy};
 use crate::jobs::JobEngine;
 use crate::lifecycle::group::cut_group_point;
-use crate::lifecycle::{Lifecycle, Targets};
+use crate::lifecycle::{self, Lifecycle, Targets};
+use crate::store::records::{self, Record, VerifyRecord};
 use crate::store::{Group, JobFilter, Machine, Plan, ReplState, Store};
 use prost::Message;
 use rebound_common::pki::Role;
@@ -130,6 +131,16 @@ impl AdminService {
             .store
             .list_jobs(&JobFilter::active_on(&m.id, 1))
             .await?;
+        let test = match &r {
+            Some(r) => {
+                lifecycle::test_failover::mt_replication_status(self.store.as_ref(), &r.mt, &r.id)
+                    .await?
+            }
+            None => None,
+        }
+        .unwrap_or_default();
+        let last_verify: Option<VerifyRecord> =
+            records::get(self.store.as_ref(), Record::LastVerify, &m.id).await?;
         let health = match (&agent, connected) {
             (_, true) => "online",
             (Some(_), false) => "offline",
@@ -171,7 +182,9 @@ impl AdminService {
                 .map(convert::point_to_proto),
             job_id: job.first().map(|j| j.id.clone()).unwrap_or_default(),
             policy: Some(convert::policy_to_proto(&m.policy)),
-            ..Default::default()
+            test_point: test.test_point,
+            test_exports: test.test_exports,
+            last_verify: last_verify.as_ref().map(lifecycle::verify::verify_to_proto),
         })
     }
 

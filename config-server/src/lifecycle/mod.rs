@@ -1,5 +1,6 @@
 //! The disaster-recovery lifecycle (DESIGN.md §1, §8): protect, failover,
-//! change-point, commit and reprotect, each a job of steps driven over the
+//! change-point, commit and reprotect, and beside them test failover,
+//! verify and moving a machine to another PS, each a job of steps driven over the
 //! [`Bus`] (commands to agents, PSs and MTs, and waiting for their results
 //! and status).
 //!
@@ -9,7 +10,12 @@
 //! - this file: the validation of requests and the step lists they become;
 //! - `unprotect.rs`: ending a protection (its checks and steps);
 //! - `retention.rs`: telling the MT a new replication's retention;
+//! - `step.rs`: the steps a job stores, and their names;
 //! - `steps.rs`: what each step does (the job engine's `StepRunner`);
+//! - `points.rs`: each machine's point, rollback, and power-off before a
+//!   change of point;
+//! - `test_failover.rs`, `verify.rs` (and its schedule), `movement.rs`:
+//!   those jobs' checks and steps;
 //! - `stall.rs`: why a waiting step makes no progress (its components' errors);
 //! - `group.rs`: the consistency-group barrier.
 //!
@@ -19,99 +25,32 @@
 
 pub mod checks;
 pub mod group;
+mod movement;
+mod points;
 mod retention;
 pub mod spec;
 mod stall;
 pub mod state;
+mod step;
 pub mod steps;
+pub mod test_failover;
 mod unprotect;
+pub mod verify;
 
 pub use spec::{JobSpec, PointSpec};
+pub use step::Step;
 
 use crate::bus::{Bus, ComponentKey};
 use crate::error::CsError;
-use crate::jobs::{JobEngine, NewStep};
+use crate::jobs::JobEngine;
 use crate::store::{
     Component, Job, JobFilter, Machine, Plan, PointSummary, Policy, ReplState, Replication, Store,
 };
 use rebound_common::pki::Role;
-use serde::{Deserialize, Serialize};
 use state::Op;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// One step of a lifecycle job (the job engine stores it as JSON).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "step", rename_all = "kebab-case")]
-pub enum Step {
-    Check,
-    CreateReplication { machine: String },
-    WaitAgent { machine: String },
-    AddToPs { machine: String },
-    PrepareMt { machine: String },
-    SetRetention { machine: String },
-    StartAgent { machine: String },
-    StopAgent { machine: String },
-    MarkUnprotected { machine: String },
-    WaitFirstPoint { machine: String },
-    BeginFailover,
-    Fence { machine: String },
-    Drain { machine: String },
-    CatchUp { machine: String },
-    ChoosePoints,
-    Hook { name: String, label: String },
-    Rollback { machine: String },
-    HandOver { machine: String },
-    RestorePreImages { machine: String },
-    EndReplication { machine: String },
-    RemoveFromPs { machine: String },
-    RetireSource { machine: String },
-}
-
-impl Step {
-    /// The step's name as `rebound jobs` shows it.
-    pub fn name(&self) -> String {
-        match self {
-            Step::Check => "check".into(),
-            Step::CreateReplication { machine } => format!("create replication for {machine}"),
-            Step::WaitAgent { machine } => format!("wait for agent on {machine} to register"),
-            Step::AddToPs { machine } => format!("add {machine} to its process server"),
-            Step::PrepareMt { machine } => {
-                format!("prepare {machine}'s replica at the master target")
-            }
-            Step::SetRetention { machine } => {
-                format!("set {machine}'s retention at the master target")
-            }
-            Step::StartAgent { machine } => format!("start replication on {machine}'s agent"),
-            Step::StopAgent { machine } => format!("stop replication on {machine}'s agent"),
-            Step::MarkUnprotected { machine } => format!("mark {machine} unprotected"),
-            Step::WaitFirstPoint { machine } => format!("initial sync of {machine}"),
-            Step::BeginFailover => "begin failover".into(),
-            Step::Fence { machine } => format!("fence {machine} at the source"),
-            Step::Drain { machine } => format!("drain {machine}"),
-            Step::CatchUp { machine } => format!("apply everything pending for {machine}"),
-            Step::ChoosePoints => "choose recovery points".into(),
-            Step::Hook { label, .. } => format!("run {label}"),
-            Step::Rollback { machine } => format!("roll {machine} back to its recovery point"),
-            Step::HandOver { machine } => format!("hand {machine} over (power on)"),
-            Step::RestorePreImages { machine } => format!("undo {machine}'s rollback"),
-            Step::EndReplication { machine } => {
-                format!("end {machine}'s replication at the master target")
-            }
-            Step::RemoveFromPs { machine } => format!("remove {machine} from its process server"),
-            Step::RetireSource { machine } => format!("retire {machine}'s source copy"),
-        }
-    }
-
-    fn new_step(&self) -> NewStep {
-        NewStep {
-            name: self.name(),
-            // Serializing our own enum cannot fail.
-            action: serde_json::to_string(self).unwrap_or_default(),
-        }
-    }
-}
 
 /// Timeouts and defaults of the lifecycle.
 #[derive(Debug, Clone)]
@@ -271,34 +210,48 @@ impl Lifecycle {
     /// A test failover of the targets at `point` (DESIGN.md §7 views):
     /// writable copies at the MT while replication goes on.
     pub async fn test_failover(&self, targets: &Targets, point: PointSpec) -> Result<Job, CsError> {
-        let _ = (targets, point);
-        Err(CsError::FailedPrecondition(
-            "test failover is not available on this configuration server yet".into(),
-        ))
+        let (machines, plan) = self.resolve(targets).await?;
+        self.submit(JobSpec::TestFailover {
+            machines,
+            plan: plan.map(|p| p.name).unwrap_or_default(),
+            point,
+        })
+        .await
     }
 
     /// Ends the targets' test failover: discards the test copies.
     pub async fn test_failover_cleanup(&self, targets: &Targets) -> Result<Job, CsError> {
-        let _ = targets;
-        Err(CsError::FailedPrecondition(
-            "test failover cleanup is not available on this configuration server yet".into(),
-        ))
+        let (machines, plan) = self.resolve(targets).await?;
+        self.submit(JobSpec::TestFailoverCleanup {
+            machines,
+            plan: plan.map(|p| p.name).unwrap_or_default(),
+        })
+        .await
     }
 
     /// Verifies `machine`'s replica against its source at a new tag
     /// (`point`, empty = a generated id), repairing when asked.
     pub async fn verify(&self, machine: &str, point: &str, repair: bool) -> Result<Job, CsError> {
-        let _ = (point, repair);
-        Err(CsError::FailedPrecondition(format!(
-            "verify of {machine} is not available on this configuration server yet"
-        )))
+        let tag = if point.is_empty() {
+            format!("verify-{}", rebound_common::time::now_ms())
+        } else {
+            point.to_string()
+        };
+        self.submit(JobSpec::Verify {
+            machine: machine.into(),
+            tag,
+            repair,
+        })
+        .await
     }
 
     /// Moves `machine`'s replication to another PS of the same site.
     pub async fn move_machine(&self, machine: &str, ps: &str) -> Result<Job, CsError> {
-        Err(CsError::FailedPrecondition(format!(
-            "moving {machine} to {ps} is not available on this configuration server yet"
-        )))
+        self.submit(JobSpec::Move {
+            machine: machine.into(),
+            ps: ps.into(),
+        })
+        .await
     }
 
     /// Ends the protection of `machine`; the MT deletes its replica when
@@ -599,6 +552,16 @@ impl Lifecycle {
                 }
             }
             JobSpec::Unprotect { machine, .. } => self.check_unprotect(machine).await?,
+            JobSpec::TestFailover {
+                machines,
+                plan,
+                point,
+            } => self.check_test_failover(machines, plan, point).await?,
+            JobSpec::TestFailoverCleanup { machines, .. } => {
+                self.check_test_failover_cleanup(machines).await?
+            }
+            JobSpec::Verify { machine, tag, .. } => self.check_verify(machine, tag).await?,
+            JobSpec::Move { machine, ps } => self.check_move(machine, ps).await?,
         }
         Ok(())
     }
@@ -681,6 +644,7 @@ impl Lifecycle {
             }
             JobSpec::ChangePoint { machine, .. } => {
                 let m = machine.clone();
+                s.push(Step::PowerOff { machine: m.clone() });
                 s.push(Step::RestorePreImages { machine: m.clone() });
                 s.push(Step::Rollback { machine: m.clone() });
                 s.push(Step::HandOver { machine: m });
@@ -706,6 +670,16 @@ impl Lifecycle {
                 each(|machine| Step::WaitFirstPoint { machine }, machines, &mut s);
             }
             JobSpec::Unprotect { machine, .. } => s.extend(unprotect::steps(machine)),
+            JobSpec::TestFailover { machines, .. } => s.extend(test_failover::steps(machines)),
+            JobSpec::TestFailoverCleanup { machines, .. } => each(
+                |machine| Step::EndTestFailover { machine },
+                machines,
+                &mut s,
+            ),
+            JobSpec::Verify { machine, .. } => s.push(Step::Verify {
+                machine: machine.clone(),
+            }),
+            JobSpec::Move { machine, ps } => s.extend(movement::steps(machine, ps)),
         }
         Ok(s)
     }

@@ -86,6 +86,26 @@ pub enum JobSpec {
         machine: String,
         delete_replica: bool,
     },
+    TestFailover {
+        machines: Vec<String>,
+        plan: String,
+        point: PointSpec,
+    },
+    TestFailoverCleanup {
+        machines: Vec<String>,
+        plan: String,
+    },
+    Verify {
+        machine: String,
+        /// The id of the tag the agent cuts (generated when not asked).
+        tag: String,
+        repair: bool,
+    },
+    Move {
+        machine: String,
+        /// The PS that carries the replication from now on.
+        ps: String,
+    },
 }
 
 impl JobSpec {
@@ -97,18 +117,26 @@ impl JobSpec {
             JobSpec::Commit { .. } => "commit",
             JobSpec::Reprotect { .. } => "reprotect",
             JobSpec::Unprotect { .. } => "unprotect",
+            JobSpec::TestFailover { .. } => "test-failover",
+            JobSpec::TestFailoverCleanup { .. } => "test-failover-cleanup",
+            JobSpec::Verify { .. } => "verify",
+            JobSpec::Move { .. } => "move",
         }
     }
     pub fn machines(&self) -> Vec<String> {
         match self {
             JobSpec::Protect { machine, .. }
             | JobSpec::ChangePoint { machine, .. }
-            | JobSpec::Unprotect { machine, .. } => {
+            | JobSpec::Unprotect { machine, .. }
+            | JobSpec::Verify { machine, .. }
+            | JobSpec::Move { machine, .. } => {
                 vec![machine.clone()]
             }
             JobSpec::Failover { machines, .. }
             | JobSpec::Commit { machines, .. }
-            | JobSpec::Reprotect { machines, .. } => machines.clone(),
+            | JobSpec::Reprotect { machines, .. }
+            | JobSpec::TestFailover { machines, .. }
+            | JobSpec::TestFailoverCleanup { machines, .. } => machines.clone(),
         }
     }
     /// How long a reprotect waits for the agent, if the request said.
@@ -144,7 +172,9 @@ impl JobSpec {
         match self {
             JobSpec::Failover { plan, .. }
             | JobSpec::Commit { plan, .. }
-            | JobSpec::Reprotect { plan, .. } => plan,
+            | JobSpec::Reprotect { plan, .. }
+            | JobSpec::TestFailover { plan, .. }
+            | JobSpec::TestFailoverCleanup { plan, .. } => plan,
             _ => "",
         }
     }

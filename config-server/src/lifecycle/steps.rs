@@ -11,12 +11,12 @@
 
 use super::stall::StallWatch;
 use super::state::{self, Op};
-use super::{JobSpec, Lifecycle, PointSpec, Step};
+use super::{JobSpec, Lifecycle, Step};
 use crate::bus::{BusError, ComponentKey, Reply};
 use crate::convert;
 use crate::error::CsError;
 use crate::jobs::{JobCtx, StepFut, StepRunner};
-use crate::store::{now_ms, Point, ReplState, Replication};
+use crate::store::{now_ms, ReplState, Replication};
 use prost::Message;
 use rebound_common::pki::Role;
 use rebound_proto::control as pb;
@@ -41,7 +41,7 @@ fn host(addr: &str) -> String {
         .unwrap_or_else(|| addr.to_string())
 }
 
-fn key(machine: &str) -> String {
+pub(super) fn key(machine: &str) -> String {
     machine.to_string()
 }
 
@@ -62,14 +62,14 @@ impl StepRunner for Lifecycle {
 }
 
 impl Lifecycle {
-    async fn send(&self, to: ComponentKey, cmd: Cmd) -> Result<Reply, CsError> {
+    pub(super) async fn send(&self, to: ComponentKey, cmd: Cmd) -> Result<Reply, CsError> {
         Ok(self
             .bus
             .send(to, cmd, self.settings.command_timeout)
             .await?)
     }
 
-    async fn repl(&self, machine: &str) -> Result<Replication, CsError> {
+    pub(super) async fn repl(&self, machine: &str) -> Result<Replication, CsError> {
         self.store
             .current_replication(machine)
             .await?
@@ -78,7 +78,7 @@ impl Lifecycle {
 
     /// Sends the MT of the machine's current replication the command that
     /// `cmd` builds from the replication's id; returns the replication.
-    async fn to_mt(
+    pub(super) async fn to_mt(
         &self,
         machine: &str,
         cmd: impl FnOnce(String) -> Cmd,
@@ -90,7 +90,7 @@ impl Lifecycle {
     }
 
     /// Moves the machine's current replication through `op`.
-    async fn transition(&self, machine: &str, op: Op) -> Result<Replication, CsError> {
+    pub(super) async fn transition(&self, machine: &str, op: Op) -> Result<Replication, CsError> {
         let mut r = self.repl(machine).await?;
         r.state = state::next(machine, r.state, op)?;
         r.updated_ms = now_ms();
@@ -99,7 +99,7 @@ impl Lifecycle {
     }
 
     /// The first address a component registered, and its TLS server name.
-    async fn address(&self, role: Role, id: &str) -> Result<(String, String), CsError> {
+    pub(super) async fn address(&self, role: Role, id: &str) -> Result<(String, String), CsError> {
         let c = self.component(role, id).await?;
         let a = c.addresses.first().cloned().ok_or_else(|| {
             CsError::FailedPrecondition(format!(
@@ -128,7 +128,7 @@ impl Lifecycle {
     /// Waits until `check` yields a value, polling the store; `what` is the
     /// status line (followed by the newest error the job's components
     /// reported, see [`StallWatch`]), `on_timeout` the error.
-    async fn wait_for<T, F, Fut>(
+    pub(super) async fn wait_for<T, F, Fut>(
         &self,
         ctx: &mut JobCtx,
         what: String,
@@ -168,18 +168,7 @@ impl Lifecycle {
             Step::WaitAgent { machine } => self.wait_agent(ctx, spec, &machine).await,
             Step::AddToPs { machine } => {
                 let r = self.repl(&machine).await?;
-                let (mt_addr, mt_name) = self.address(Role::Mt, &r.mt).await?;
-                self.send(
-                    ComponentKey::ps(&r.ps),
-                    Cmd::AddReplication(pb::AddReplication {
-                        replication_id: r.id.clone(),
-                        machine_id: machine.clone(),
-                        mt_address: mt_addr,
-                        mt_server_name: mt_name,
-                    }),
-                )
-                .await?;
-                Ok(())
+                self.add_to_ps(&machine, &r.ps).await
             }
             Step::PrepareMt { machine } => {
                 let r = self.repl(&machine).await?;
@@ -200,20 +189,7 @@ impl Lifecycle {
             }
             Step::StartAgent { machine } => {
                 let r = self.repl(&machine).await?;
-                let (ps_addr, ps_name) = self.address(Role::Ps, &r.ps).await?;
-                self.send(
-                    Self::agent(&machine),
-                    Cmd::StartReplication(pb::StartReplication {
-                        replication_id: r.id.clone(),
-                        ps_address: ps_addr,
-                        ps_server_name: ps_name,
-                        resync: true,
-                        policy: Some(convert::policy_to_proto(&r.policy)),
-                        moving: false,
-                    }),
-                )
-                .await?;
-                Ok(())
+                self.start_agent(&machine, &r.ps, false).await
             }
             Step::SetRetention { machine } => self.set_retention(&machine).await,
             Step::StopAgent { machine } => self.stop_agent(ctx, &machine).await,
@@ -317,7 +293,49 @@ impl Lifecycle {
                 Ok(())
             }
             Step::RetireSource { machine } => self.retire_source(ctx, spec, &machine).await,
+            Step::PowerOff { machine } => self.power_off(ctx, &machine).await,
+            Step::StartTestFailover { machine } => self.start_test_failover(ctx, &machine).await,
+            Step::EndTestFailover { machine } => self.end_test_failover(ctx, &machine).await,
+            Step::Verify { machine } => self.run_verify(ctx, spec, &machine).await,
+            Step::SetReplicationPs { machine, ps, done } => {
+                self.set_replication_ps(&machine, &ps, done).await
+            }
+            Step::AddToNewPs { machine, ps } => self.add_to_ps(&machine, &ps).await,
+            Step::SwitchAgent { machine, ps } => self.start_agent(&machine, &ps, true).await,
+            Step::WaitMoved { machine, ps } => self.wait_moved(ctx, &machine, &ps).await,
+            Step::RecordPs { machine, ps } => self.record_ps(&machine, &ps).await,
         }
+    }
+
+    /// Tells PS `ps` to accept the machine's stream and forward it to the
+    /// replication's MT.
+    pub(super) async fn add_to_ps(&self, machine: &str, ps: &str) -> Result<(), CsError> {
+        let r = self.repl(machine).await?;
+        let (mt_addr, mt_name) = self.address(Role::Mt, &r.mt).await?;
+        let cmd = Cmd::AddReplication(pb::AddReplication {
+            replication_id: r.id.clone(),
+            machine_id: machine.to_string(),
+            mt_address: mt_addr,
+            mt_server_name: mt_name,
+        });
+        self.send(ComponentKey::ps(ps), cmd).await.map(drop)
+    }
+
+    /// Tells the machine's agent to stream its replication through `ps`:
+    /// with a resync at protect and reprotect, as the same stream when
+    /// `moving` (`rebound move`).
+    async fn start_agent(&self, machine: &str, ps: &str, moving: bool) -> Result<(), CsError> {
+        let r = self.repl(machine).await?;
+        let (ps_address, ps_server_name) = self.address(Role::Ps, ps).await?;
+        let cmd = Cmd::StartReplication(pb::StartReplication {
+            replication_id: r.id.clone(),
+            ps_address,
+            ps_server_name,
+            resync: !moving,
+            policy: Some(convert::policy_to_proto(&r.policy)),
+            moving,
+        });
+        self.send(Self::agent(machine), cmd).await.map(drop)
     }
 
     async fn create_replication(
@@ -565,109 +583,12 @@ impl Lifecycle {
 
     /// What the PS holds durably for a replication, from its last status,
     /// when the PS is connected.
-    async fn ps_durable_seq(&self, r: &Replication) -> Result<Option<u64>, CsError> {
+    pub(super) async fn ps_durable_seq(&self, r: &Replication) -> Result<Option<u64>, CsError> {
         if self.bus.connection(&ComponentKey::ps(&r.ps)).is_none() {
             return Ok(None);
         }
-        let Some(c) = self.store.get_component(Role::Ps, &r.ps).await? else {
-            return Ok(None);
-        };
-        let Ok(s) = pb::Status::decode(c.status.as_slice()) else {
-            return Ok(None);
-        };
-        Ok(match s.status {
-            Some(pb::status::Status::Ps(ps)) => ps
-                .replications
-                .iter()
-                .find(|x| x.replication_id == r.id)
-                .map(|x| x.durable_seq),
-            _ => None,
-        })
-    }
-
-    async fn choose_points(&self, ctx: &mut JobCtx, spec: &JobSpec) -> Result<(), CsError> {
-        let JobSpec::Failover {
-            machines,
-            plan,
-            point,
-            ..
-        } = spec
-        else {
-            return Ok(());
-        };
-        let chosen = match point {
-            PointSpec::LatestMulti | PointSpec::LatestMultiApp => {
-                let sums = self.summaries(machines).await?;
-                let p = super::checks::newest_common_group_point(
-                    &sums,
-                    *point == PointSpec::LatestMultiApp,
-                )?;
-                let group = self.multi_group(machines, plan).await?;
-                ctx.status(format!("group point {} of group {group} chosen", p.group))
-                    .await?;
-                PointSpec::GroupTag(p.group)
-            }
-            other => other.clone(),
-        };
-        for m in machines {
-            ctx.set(&format!("point.{}", key(m)), &chosen).await?;
-        }
-        Ok(())
-    }
-
-    async fn rollback(
-        &self,
-        ctx: &mut JobCtx,
-        spec: &JobSpec,
-        machine: &str,
-    ) -> Result<(), CsError> {
-        let r = self.repl(machine).await?;
-        let point = match spec {
-            JobSpec::ChangePoint { point, .. } => point.clone(),
-            JobSpec::Failover { point, .. } => ctx
-                .get::<PointSpec>(&format!("point.{}", key(machine)))
-                .unwrap_or_else(|| point.clone()),
-            _ => {
-                return Err(CsError::Internal(format!(
-                    "rollback in a {} job",
-                    spec.kind()
-                )))
-            }
-        };
-        let reply = self
-            .send(
-                ComponentKey::mt(&r.mt),
-                Cmd::Rollback(pb::Rollback {
-                    replication_id: r.id.clone(),
-                    point: Some(convert::point_spec_to_proto(&point)),
-                }),
-            )
-            .await?;
-        ctx.warn(reply.warning).await?;
-        let got: Option<Point> = match reply.detail {
-            Some(Detail::RolledBack(rb)) => rb.point.as_ref().map(convert::point_from_proto),
-            _ => None,
-        };
-        if let Some(p) = &got {
-            if point == PointSpec::LatestApp {
-                ctx.warn(format!(
-                    "{machine} failed over to app-consistent point {} (time {} ms): writes after it \
-                     are not in the failed-over machine",
-                    p.id, p.time_ms
-                ))
-                .await?;
-            }
-            ctx.status(format!(
-                "{machine} rolled back to point {} ({})",
-                p.id, p.kind
-            ))
-            .await?;
-        }
-        let mut r = self.repl(machine).await?;
-        r.failover_point = got;
-        r.updated_ms = now_ms();
-        self.store.put_replication(&r).await?;
-        Ok(())
+        let status = super::movement::ps_status(self.store.as_ref(), &r.ps).await?;
+        Ok(status.and_then(|(_, s)| super::movement::lag_of(&s, &r.id).map(|l| l.durable_seq)))
     }
 
     async fn retire_source(

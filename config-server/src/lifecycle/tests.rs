@@ -380,8 +380,19 @@ async fn the_whole_loop() {
         "azure"
     );
 
-    // Change the point before commit, then change it back.
+    // Change the point before commit, then change it back: the machine is
+    // powered off (its writes undone) before the rollback is undone.
+    w.bus.clear();
     ok(&w, lc.change_point("m1", PointSpec::Id("p3".into())).await).await;
+    assert_eq!(
+        w.bus.sent(),
+        vec![
+            "power-off>mt:mt1",
+            "restore-pre-images>mt:mt1",
+            "rollback>mt:mt1",
+            "hand-over>mt:mt1"
+        ]
+    );
     assert_eq!(state(&w, "m1").await.1.failover_point.unwrap().id, "p3");
     ok(&w, lc.change_point("m1", PointSpec::Latest).await).await;
     assert_eq!(

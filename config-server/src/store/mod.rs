@@ -16,6 +16,7 @@
 //! Every write is durable when the method returns, so a CS restart loses
 //! nothing that was acknowledged.
 
+pub mod records;
 pub mod sqlite;
 pub mod trust;
 
