@@ -19,6 +19,7 @@ pub mod control;
 pub mod durable;
 pub mod enrollment;
 pub mod frame;
+pub mod handover_journal;
 pub mod limits;
 pub mod link_error;
 pub mod nbd;
