@@ -69,6 +69,13 @@ pub fn resolve_point<'a>(points: &'a [PointEntry], choice: &Choice) -> Option<&'
 impl Replication {
     /// Resolves `choice` against the catalog and rolls back to that point.
     pub fn rollback_to(&self, choice: &Choice) -> Result<crate::RollbackReport, MtError> {
+        let p = self.resolve_choice(choice)?;
+        self.rollback(&p.id)
+    }
+
+    /// The retained point `choice` names (Rollback, StartTestFailover), or
+    /// an error saying which points there are.
+    pub fn resolve_choice(&self, choice: &Choice) -> Result<PointEntry, MtError> {
         let points = self.points();
         let p = resolve_point(&points, choice).ok_or_else(|| {
             let have = match (points.first(), points.last()) {
@@ -89,7 +96,7 @@ impl Replication {
                 describe(choice)
             ))
         })?;
-        self.rollback(&p.id)
+        Ok(p.clone())
     }
 
     /// The state the MT reports: "poisoned" (refusing changes until the MT
@@ -153,6 +160,11 @@ pub fn mt_status(store: &Store, defaults: &RetentionConfig) -> pb::MtStatus {
         .map(|r| {
             retention_bytes += r.status().journal_bytes;
             let retention = r.retention_policy().resolve(defaults);
+            // A running test failover: its point and exports.
+            let (test_point, test_exports) = match r.test_failover() {
+                Some(t) => (t.point.id, r.test_exports()),
+                None => Default::default(),
+            };
             pb::MtReplicationStatus {
                 replication_id: r.id().to_string(),
                 machine_id: r.machine_id().to_string(),
@@ -160,7 +172,8 @@ pub fn mt_status(store: &Store, defaults: &RetentionConfig) -> pb::MtStatus {
                 state: r.state_name().to_string(),
                 retention_window_secs: retention.window_secs,
                 retention_max_bytes: retention.max_bytes,
-                ..Default::default()
+                test_point,
+                test_exports,
             }
         })
         .collect();

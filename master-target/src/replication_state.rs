@@ -28,7 +28,7 @@ use crate::rollback::PreImages;
 use crate::seqfile::{SeqFile, SeqRecord};
 use crate::state::{
     load_json, save_json, save_state, EndedState, HandOverState, HookOutcome, PersistedState,
-    PointRef, ResyncWindow, RetentionPolicy, RollbackProgress, StoredInfo,
+    PointRef, ResyncWindow, RetentionPolicy, RollbackProgress, StoredInfo, TestFailoverState,
 };
 use crate::storage::Storage;
 use std::path::PathBuf;
@@ -60,6 +60,10 @@ pub(crate) struct Inner {
     /// apply updates it under the write lock, ChunkHashes under the read
     /// lock.
     chunk_hashes: Mutex<HashCache>,
+    /// What retention last logged about a test failover's pin (the pinned
+    /// point and how many older points it held), so a pass that finds the
+    /// same says nothing new.
+    pin_logged: Option<(String, usize)>,
 }
 
 impl Inner {
@@ -140,6 +144,7 @@ impl Inner {
             seq,
             scratch: Vec::new(),
             chunk_hashes: Mutex::new(HashCache::new(info.disks.iter().map(|d| d.size))),
+            pin_logged: None,
         })
     }
 
@@ -329,6 +334,34 @@ impl Inner {
             h.power_on = Some(outcome);
         }
         self.save_state()
+    }
+
+    /// Test failover: pins a point (`Some`) or unpins it (`None`). Saved
+    /// to `state.json`.
+    pub fn set_test_failover(&mut self, t: Option<TestFailoverState>) -> Result<()> {
+        self.st.test_failover = t;
+        self.save_state()
+    }
+
+    /// The index among the retained points of the point a test failover
+    /// pins, if any: retention drops no point from it on.
+    pub fn pinned_index(&self) -> Option<usize> {
+        let pin = &self.st.test_failover.as_ref()?.point;
+        self.points
+            .as_slice()
+            .iter()
+            .position(|p| p.interval == pin.interval && p.id == pin.id)
+    }
+
+    /// Retention: whether the pin holding `held` points at `point` is news
+    /// for the log (it differs from what was last logged).
+    pub fn pin_news(&mut self, point: &str, held: usize) -> bool {
+        let now = Some((point.to_string(), held));
+        if self.pin_logged == now {
+            return false;
+        }
+        self.pin_logged = now;
+        true
     }
 
     /// SetRetention: the replication's own retention. Saved to `state.json`.

@@ -12,7 +12,10 @@
 //! The window and the cap are the replication's own
 //! (its policy) where set, else the MT's `[retention]` defaults, read at
 //! every pass. Rolled-back replications are left alone: their
-//! journals may still be needed to choose another point.
+//! journals may still be needed to choose another point. A point a test
+//! failover pins (see `test_copy`) is never dropped, nor are the journals
+//! it needs, whatever the window or the cap say; the log says when the pin
+//! held points retention would otherwise have dropped.
 //!
 //! Each pass also raises a `journal-damaged` event, once per start, for a
 //! damaged retention journal (see `retention_journal`).
@@ -114,6 +117,15 @@ impl Replication {
                     "retention size cap is smaller than the journal the newest point needs; keeping the newest point");
             }
         }
+        let wanted = d;
+        if let Some(pin) = inner.pinned_index().filter(|&i| i < d) {
+            d = pin;
+            let point = points[pin].id.clone();
+            if inner.pin_news(&point, wanted - pin) {
+                info!(replication = %self.id(), pinned_point = %point, held = wanted - pin,
+                    "retention kept recovery points it would have dropped: a test failover pins point {point} (and the journals it needs) until test-failover-cleanup");
+            }
+        }
         if d == 0 {
             return Ok(out);
         }
@@ -141,6 +153,7 @@ impl Replication {
             replication = %self.id(),
             dropped = d,
             by_window,
+            held_by_test_failover_pin = wanted - d,
             oldest_point = %oldest.id,
             points = inner.points().len(),
             journal_bytes = out.journal_bytes,

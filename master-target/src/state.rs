@@ -101,6 +101,23 @@ pub struct PersistedState {
     /// CS's PrepareReplication names it; without a CS the first PS binds.
     /// Empty: none recorded yet.
     pub ps_id: String,
+    /// A running test failover: its point is pinned (retention keeps every
+    /// interval it needs) until EndTestFailover.
+    pub test_failover: Option<TestFailoverState>,
+}
+
+/// A test failover (DESIGN.md §7 views): a writable copy of `point` served
+/// as `<machine>/<disk>@test`, its writes kept in overlay files of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestFailoverState {
+    /// The pinned point the copy shows where the overlay holds nothing.
+    pub point: PointRef,
+    /// When it started (ms since the epoch).
+    pub started_ms: u64,
+    /// The last run of the test_power_on hook; a successful run is not
+    /// repeated by a re-sent StartTestFailover.
+    #[serde(default)]
+    pub test_power_on: Option<HookOutcome>,
 }
 
 /// The retention of one replication as the CS set it: 0 in a field means

@@ -1,5 +1,6 @@
 //! Reading a disk as it was at a recovery point, and serving that as
-//! read-only NBD exports (DESIGN.md §7 "Recovery points", "Views").
+//! read-only NBD exports (DESIGN.md §7 "Recovery points", "Views"); the
+//! writable test copy of a test failover is served here too (`test_copy`).
 //!
 //! The content of a block at a point is the retention journal's to say
 //! (`retention_journal`); where it says "unchanged since", it is the
@@ -17,6 +18,7 @@ use crate::error::{MtError, Result};
 use crate::journal::{self, BLOCK};
 use crate::replication::{Disk, Inner, Replication, Store};
 use crate::retention_journal::Undo;
+use crate::test_copy::TEST_POINT;
 use rebound_common::chunk::read_full_at;
 use rebound_common::nbd::{BlockDevice, ExportRegistry, NbdError};
 use rebound_common::pki::{PeerIdentity, Role};
@@ -55,7 +57,7 @@ impl Replication {
     /// Like `read_at_point`, for a view that holds the point it was opened
     /// at (id and interval), so a point cut later under the same id does not
     /// change what an open view shows.
-    fn read_view(
+    pub(crate) fn read_view(
         &self,
         disk: u32,
         offset: u64,
@@ -242,10 +244,14 @@ enum NoExport {
     },
     #[error("export {name:?} not available now: {source}")]
     Unavailable { name: String, source: MtError },
+    #[error("{source}")]
+    TestCopy { source: MtError },
 }
 
 /// The NBD export registry of recovery-point views:
-/// `<machine>/<disk name>@<point id>` and `<machine>/<disk name>@latest`.
+/// `<machine>/<disk name>@<point id>` and `<machine>/<disk name>@latest`,
+/// and while a test failover runs the writable test copy
+/// `<machine>/<disk name>@test` (see `test_copy`).
 pub struct Views {
     store: Arc<Store>,
 }
@@ -259,7 +265,7 @@ impl Views {
     /// machine part may also be a replication id. When several replications
     /// of a machine are here (after a failback), the newest one that has the
     /// point wins.
-    fn resolve(&self, name: &str) -> Result<ViewDevice, NoExport> {
+    fn resolve(&self, name: &str) -> Result<(Arc<Replication>, Arc<dyn BlockDevice>), NoExport> {
         let malformed = || NoExport::Malformed(name.to_string());
         let (path, point) = name.split_once('@').ok_or_else(malformed)?;
         let (machine, disk) = path.split_once('/').ok_or_else(malformed)?;
@@ -276,6 +282,17 @@ impl Views {
             });
         }
         cands.sort_by_key(|r| Reverse(r.created_ms()));
+        if point == TEST_POINT {
+            // The replication of the machine whose test failover runs.
+            let r = cands
+                .iter()
+                .find(|r| r.test_failover().is_some())
+                .unwrap_or(&cands[0]);
+            let dev = r
+                .open_test_copy(disk, name)
+                .map_err(|source| NoExport::TestCopy { source })?;
+            return Ok((r.clone(), Arc::new(dev)));
+        }
         for r in cands {
             let Some(d) = r.disk_by_name(disk) else {
                 continue;
@@ -302,13 +319,14 @@ impl Views {
                     None => continue,
                 }
             };
-            return Ok(ViewDevice {
+            let dev = ViewDevice {
                 repl: r.clone(),
                 disk: index,
                 size,
                 point,
                 name: name.to_string(),
-            });
+            };
+            return Ok((r, Arc::new(dev)));
         }
         Err(NoExport::DiskOrPoint {
             name: name.to_string(),
@@ -333,6 +351,9 @@ impl Views {
                     }
                 };
                 push(format!("{}/{}@latest", r.machine_id(), d.name()));
+                if r.test_failover().is_some() {
+                    push(format!("{}/{}@{TEST_POINT}", r.machine_id(), d.name()));
+                }
                 for p in points.iter().rev() {
                     push(format!("{}/{}@{}", r.machine_id(), d.name(), p.id));
                 }
@@ -386,7 +407,7 @@ impl ExportRegistry for Views {
         client: Option<&PeerIdentity>,
     ) -> Result<Arc<dyn BlockDevice>, NbdError> {
         // Resolve first: the name's machine part may be a replication id.
-        let dev = self.resolve(name).map_err(|e| {
+        let (repl, dev) = self.resolve(name).map_err(|e| {
             // Say "no such export" only to who may see that machine.
             match name.split_once('/') {
                 Some((machine, _)) if !may_see(client, machine) => refusal(client, name),
@@ -398,20 +419,20 @@ impl ExportRegistry for Views {
                 _ => NbdError::einval(e.to_string()),
             }
         })?;
-        if !may_see(client, dev.repl.machine_id()) {
+        if !may_see(client, repl.machine_id()) {
             tracing::info!(export = %name, client = ?client.map(|w| w.to_string()), "view refused: the certificate may not see this machine");
             return Err(refusal(client, name));
         }
         tracing::debug!(export = %name, "view opened");
-        Ok(Arc::new(dev))
+        Ok(dev)
     }
 
     fn open(&self, name: &str) -> Result<Arc<dyn BlockDevice>, NbdError> {
-        let dev = self
+        let (_, dev) = self
             .resolve(name)
             .map_err(|e| NbdError::einval(e.to_string()))?;
         tracing::debug!(export = %name, "view opened");
-        Ok(Arc::new(dev))
+        Ok(dev)
     }
 }
 
