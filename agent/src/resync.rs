@@ -112,6 +112,8 @@ pub trait HashSource {
 pub struct PsHashSource {
     client: ProcessServerClient<Channel>,
     info: ReplicationInfo,
+    /// Hash the MT's view of this recovery point, not its replica now.
+    point_id: String,
 }
 
 impl PsHashSource {
@@ -119,7 +121,15 @@ impl PsHashSource {
         PsHashSource {
             client: ProcessServerClient::new(channel),
             info,
+            point_id: String::new(),
         }
+    }
+
+    /// Asks the hashes of the MT's view of recovery point `id` instead
+    /// (`rebound verify`).
+    pub fn at_point(mut self, id: &str) -> Self {
+        self.point_id = id.to_string();
+        self
     }
 }
 
@@ -141,7 +151,7 @@ impl HashSource for PsHashSource {
             count,
             min_applied_seq,
             info: Some(self.info.clone()),
-            point_id: String::new(),
+            point_id: self.point_id.clone(),
         });
         req.set_timeout(Duration::from_secs(120));
         async move {

@@ -10,7 +10,8 @@
 //! - [`dirty_extents`]: which extents the dirty-extent log keeps set;
 //! - [`mode`]: data or bitmap mode and the extents missing from the stream;
 //! - [`resync_window`]: resync windows and copies under the ordering point;
-//! - [`stats`]: counters and the status snapshot.
+//! - [`stats`]: counters and the status snapshot;
+//! - [`snapshot_hash`]: a verify's chunk hashes as they were at its tag.
 //!
 //! The callers reach the parts through small views: [`Capture::stream`]
 //! (the sender's end), [`Capture::resync`], [`Capture::dirty_extents`] and
@@ -22,6 +23,7 @@ mod hold;
 mod mode;
 mod ordering_point;
 mod resync_window;
+mod snapshot_hash;
 mod stats;
 mod stream;
 
@@ -38,6 +40,7 @@ pub use dirty_extents::DirtyExtents;
 pub use hold::WriteHold;
 pub use mode::Mode;
 pub use resync_window::{Batch, ResyncWindow, WindowEnd};
+pub use snapshot_hash::{SnapshotError, SnapshotHash};
 pub use stats::Snapshot;
 pub use stream::{ResumeOutcome, StreamEnd};
 
@@ -50,7 +53,7 @@ use mode::Modes;
 use ordering_point::{Change, Order};
 use stats::Stats;
 
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum TagError {
     #[error("the stream position is not known yet: the agent has not reached the process server since it started")]
     NotConnected,
@@ -81,6 +84,8 @@ struct State {
     stats: Stats,
     /// The resync copy's read buffer, kept between copies.
     read_buf: Vec<u8>,
+    /// A verify's hashes at its tag: writes hash what they change first.
+    snapshot: Option<Arc<snapshot_hash::SnapshotHash>>,
 }
 
 impl State {
@@ -126,6 +131,7 @@ impl Capture {
             modes: Modes::new(&extents),
             stats: Stats::default(),
             read_buf: Vec::new(),
+            snapshot: None,
         };
         Capture {
             rid: Mutex::new(rid.to_string()),

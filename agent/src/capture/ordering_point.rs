@@ -100,6 +100,10 @@ impl Capture {
         }
         // Step 1: the dirty-extent log, synced before the acknowledgement.
         let mut st = self.mark_dirty(st, disk, &d.name, offset, exts.clone())?;
+        // A running verify hashes what this write changes, as it was at its tag.
+        if let Some(s) = &st.snapshot {
+            s.before_write(disk, offset, len);
+        }
         // Step 2: the IO, inside the critical section (stream order = disk order).
         let io = match change {
             Change::Write(data) => d.write_at(data, offset),
@@ -206,7 +210,7 @@ impl Capture {
     }
 
     /// Why no tag of `kind` can be cut now, if none can.
-    fn check_taggable(st: &State, kind: TagKind) -> Result<(), TagError> {
+    pub(super) fn check_taggable(st: &State, kind: TagKind) -> Result<(), TagError> {
         if !st.order.is_known() {
             return Err(TagError::NotConnected);
         }
