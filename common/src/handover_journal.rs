@@ -347,7 +347,7 @@ impl JournalWriter {
             .write(true)
             .open(path)
             .map_err(io_err("open", path))?;
-        if !crate::sys::try_lock_exclusive(&file).map_err(io_err("lock", path))? {
+        if !try_lock(&file).map_err(io_err("lock", path))? {
             return Err(JournalError::Locked {
                 path: path.to_path_buf(),
             });
@@ -510,6 +510,16 @@ impl JournalWriter {
     }
 }
 
+/// Takes an exclusive `flock` without waiting: false when another open
+/// file description holds it. It lasts until the file is closed.
+fn try_lock(file: &File) -> io::Result<bool> {
+    match file.try_lock() {
+        Ok(()) => Ok(true),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
 /// The runs of blocks (start, end) of `data` to save: all of it, or with
 /// `skip_zero` only the blocks that are not all zeroes.
 fn non_zero_runs(data: &[u8], skip_zero: bool) -> Vec<(u64, u64)> {
@@ -655,7 +665,7 @@ pub fn fence(path: &Path, timeout: Duration) -> Result<JournalFence, JournalErro
     let file = File::open(path).map_err(io_err("open", path))?;
     let start = Instant::now();
     loop {
-        if crate::sys::try_lock_exclusive(&file).map_err(io_err("lock", path))? {
+        if try_lock(&file).map_err(io_err("lock", path))? {
             return Ok(JournalFence {
                 path: path.to_path_buf(),
                 _file: file,

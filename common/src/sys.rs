@@ -129,26 +129,6 @@ pub fn available_bytes(path: &std::path::Path) -> io::Result<u64> {
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
-/// Takes an exclusive `flock(2)` on `file` without waiting: `Ok(false)`
-/// when another open file description holds it. The lock lasts until the
-/// file is closed (the hand-over journal's owner marker).
-pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
-    loop {
-        // SAFETY: flock on a descriptor borrowed for the call; no memory is
-        // passed and the result is checked.
-        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if r == 0 {
-            return Ok(true);
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EWOULDBLOCK) => return Ok(false),
-            _ => return Err(e),
-        }
-    }
-}
-
 #[cfg(test)]
 mod available_bytes_tests {
     #[test]
