@@ -1,5 +1,6 @@
 //! The `MasterTarget` gRPC service (proto/rebound.proto): the PS's apply
-//! stream, chunk hashes for resync, point listings and the admin rollback
+//! stream, chunk hashes for resync (of the replica) and verify (of a
+//! point's view), point listings and the admin rollback
 //! calls. Authorisation goes by the peer certificate's role (DESIGN.md §3).
 //! Blocking storage work runs on the blocking pool. The apply stream itself
 //! is in `apply_stream`.
@@ -102,9 +103,23 @@ impl MasterTarget for MtService {
                 .await?
         };
         let applied = repl.wait_applied(req.min_applied_seq, WAIT_APPLIED).await?;
-        let hashes =
+        let hashes = if req.point_id.is_empty() {
             blocking(move || repl.chunk_hashes(req.disk, req.offset, req.chunk_size, req.count))
+                .await?
+        } else {
+            repl.wait_point(&req.point_id, req.min_applied_seq, WAIT_APPLIED)
                 .await?;
+            blocking(move || {
+                repl.chunk_hashes_at_point(
+                    &req.point_id,
+                    req.disk,
+                    req.offset,
+                    req.chunk_size,
+                    req.count,
+                )
+            })
+            .await?
+        };
         Ok(Response::new(ChunkHashesResponse {
             hashes,
             applied_seq: applied,
