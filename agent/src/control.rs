@@ -17,10 +17,18 @@
 //!   before they are ordered) and releases them on its own after `hold_ms`
 //!   (default 100 ms), which aborts the barrier; `GroupCommit` cuts the tag
 //!   whose id and group are both the barrier's `tag_id`, then releases.
+//!   For kind "app" the freeze hook runs before the hold and the thaw hook
+//!   after the commit, the abort or the expiry; the tag is then an app
+//!   point (a failed freeze makes this member's point crash-consistent,
+//!   with a warning, as for `Tag`).
 //! - `StartReplication` switches the sender to another replication/PS: the
 //!   change buffer is dropped and every disk is resynced differentially
 //!   against the new target replica. The assignment is kept in
-//!   `<state_dir>/replication.json` across restarts.
+//!   `<state_dir>/replication.json` across restarts. With `moving`, the
+//!   same replication moves to another PS of the site: the change buffer
+//!   and the frames the old PS has not acknowledged are kept, and the
+//!   stream continues at the new PS without a resync (see
+//!   [`crate::sender`] for the wait while the old PS still forwards).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -88,6 +96,8 @@ pub struct Runtime {
     policy_changed: tokio::sync::Notify,
     fence: Mutex<FenceState>,
     app_lock: tokio::sync::Mutex<()>,
+    /// The group point whose freeze hook ran, until its thaw.
+    group_frozen: Mutex<Option<String>>,
     instance: String,
     events: OnceLock<ControlHandle>,
 }
@@ -123,6 +133,7 @@ impl Runtime {
             current: Mutex::new(None),
             fence: Mutex::new(FenceState::default()),
             app_lock: tokio::sync::Mutex::new(()),
+            group_frozen: Mutex::new(None),
             instance,
             events: OnceLock::new(),
         })
@@ -191,6 +202,13 @@ impl Runtime {
 
     /// Starts the sender and resync driver for `a` (stopping any running).
     pub async fn start_pipeline(&self, a: Assignment) {
+        self.launch(a, None).await
+    }
+
+    /// [`Runtime::start_pipeline`]; `moving` is the deadline until which
+    /// the stream waits for a new PS that resumes below the acknowledged
+    /// seq, instead of resyncing (the old PS still forwards those records).
+    async fn launch(&self, a: Assignment, moving: Option<std::time::Instant>) {
         let mut p = self.pipeline.lock().await;
         if let Some(old) = p.take() {
             stop(old).await;
@@ -218,6 +236,7 @@ impl Runtime {
                 s.clone(),
                 self.link.clone(),
                 info.clone(),
+                moving,
                 rx.clone(),
             )),
             tokio::spawn(crate::resync::driver(
@@ -399,8 +418,18 @@ impl Runtime {
         tag_result(cut)
     }
 
-    /// Phase 1 of a group barrier: hold new writes, release after `hold_ms`.
-    pub fn group_prepare(self: &Arc<Self>, g: &pb::GroupPrepare) -> CommandResult {
+    /// Phase 1 of a group barrier: (freeze for "app") hold new writes,
+    /// release (and thaw) after `hold_ms`.
+    pub async fn group_prepare(self: &Arc<Self>, g: &pb::GroupPrepare) -> CommandResult {
+        let app = match g.kind.as_str() {
+            "app" => true,
+            "" | "crash" => false,
+            k => {
+                return err_result(format!(
+                    "no group point prepared: unknown kind {k:?}: use crash or app"
+                ))
+            }
+        };
         if self.capture.is_fenced() {
             return err_result("this agent is fenced: no group point");
         }
@@ -410,7 +439,24 @@ impl Runtime {
                 self.capture.mode().as_str()
             ));
         }
+        let mut r = ok_result();
+        if app {
+            match self.hook("freeze", &self.settings.hooks.freeze).await {
+                Ok(()) => *lock(&self.group_frozen) = Some(g.tag_id.clone()),
+                Err(e) => {
+                    // Best effort: whatever part of the freeze ran is undone.
+                    let _ = self.hook("thaw", &self.settings.hooks.thaw).await;
+                    r.warning = format!(
+                        "freeze failed ({e}); this machine's point of group point {} will be crash-consistent",
+                        g.tag_id
+                    );
+                    warn!("{}", r.warning);
+                    self.event("warning", "freeze-failed", r.warning.clone());
+                }
+            }
+        }
         if !self.capture.hold().hold(&g.tag_id) {
+            let _ = self.thaw_group(&g.tag_id).await;
             return err_result(format!(
                 "another write hold is in force ({})",
                 self.capture.hold().held_by().unwrap_or_default()
@@ -432,13 +478,32 @@ impl Runtime {
                 );
                 debug!("{msg}");
                 me.event("info", "group-hold-expired", msg);
+                let _ = me.thaw_group(&token).await;
             }
         });
-        ok_result()
+        r
     }
 
-    /// Phase 2: cut the group tag (id = group = `tag_id`) and release.
-    pub fn group_commit(&self, g: &pb::GroupCommit) -> CommandResult {
+    /// Runs the thaw hook when the freeze ran for group point `tag_id`;
+    /// the warning when the thaw failed.
+    async fn thaw_group(&self, tag_id: &str) -> Option<String> {
+        {
+            let mut frozen = lock(&self.group_frozen);
+            if frozen.as_deref() != Some(tag_id) {
+                return None;
+            }
+            *frozen = None;
+        }
+        let e = self.hook("thaw", &self.settings.hooks.thaw).await.err()?;
+        let warning = format!("thaw failed: {e}");
+        warn!("{warning}");
+        self.event("warning", "thaw-failed", warning.clone());
+        Some(warning)
+    }
+
+    /// Phase 2: cut the group tag (id = group = `tag_id`), release, thaw.
+    /// The tag is an app point when the freeze ran at prepare.
+    pub async fn group_commit(&self, g: &pb::GroupCommit) -> CommandResult {
         if self.capture.hold().held_by().as_deref() != Some(g.tag_id.as_str()) {
             return err_result(format!(
                 "the write hold for group point {} is not in force (it expired or was never taken): \
@@ -446,23 +511,33 @@ impl Runtime {
                 g.tag_id
             ));
         }
+        let frozen = lock(&self.group_frozen).as_deref() == Some(g.tag_id.as_str());
         let kind = match g.kind.as_str() {
-            "app" => TagKind::App,
+            "app" if frozen => TagKind::App,
             _ => TagKind::Crash,
         };
         let cut = self.capture.cut_named_tag(kind, &g.tag_id, &g.tag_id);
         self.capture.hold().release(&g.tag_id);
+        let mut warning = self.thaw_group(&g.tag_id).await.unwrap_or_default();
+        if g.kind == "app" && !frozen {
+            warning = format!(
+                "no freeze ran for group point {} (it failed at prepare): this machine's point is crash-consistent",
+                g.tag_id
+            );
+        }
         tag_result(cut.map(|(id, seq)| TagCut {
             id,
             seq,
             kind: kind.as_str().into(),
-            warning: String::new(),
+            warning,
         }))
     }
 
-    pub fn group_abort(&self, g: &pb::GroupAbort) -> CommandResult {
+    pub async fn group_abort(&self, g: &pb::GroupAbort) -> CommandResult {
         self.capture.hold().release(&g.tag_id);
-        ok_result()
+        let mut r = ok_result();
+        r.warning = self.thaw_group(&g.tag_id).await.unwrap_or_default();
+        r
     }
 
     fn set_policy(&self, p: Option<&pb::Policy>) {
@@ -534,6 +609,8 @@ impl Runtime {
             .as_ref()
             .is_some_and(|r| r.replication_id == a.replication_id)
             && !s.resync;
+        let moving =
+            (same_stream && s.moving).then(|| std::time::Instant::now() + crate::sender::MOVE_WAIT);
         if !same_stream {
             let m = self.settings.initialized_marker();
             if m.exists() {
@@ -542,8 +619,8 @@ impl Runtime {
             self.capture.switch_replication(&a.replication_id);
         }
         info!(replication_id = %a.replication_id, ps = %a.ps_addr, resync = !same_stream,
-            "streaming to the process server the configuration server chose");
-        self.start_pipeline(a).await;
+            moving = moving.is_some(), "streaming to the process server the configuration server chose");
+        self.launch(a, moving).await;
         ok_result()
     }
 
@@ -591,9 +668,9 @@ impl Runtime {
             Some(Cmd::Unfence(_)) => self.unfence(),
             Some(Cmd::Drain(d)) => self.drain(&d).await,
             Some(Cmd::Tag(t)) => self.tag(&t).await,
-            Some(Cmd::GroupPrepare(g)) => self.group_prepare(&g),
-            Some(Cmd::GroupCommit(g)) => self.group_commit(&g),
-            Some(Cmd::GroupAbort(g)) => self.group_abort(&g),
+            Some(Cmd::GroupPrepare(g)) => self.group_prepare(&g).await,
+            Some(Cmd::GroupCommit(g)) => self.group_commit(&g).await,
+            Some(Cmd::GroupAbort(g)) => self.group_abort(&g).await,
             Some(Cmd::SetPolicy(p)) => {
                 self.set_policy(p.policy.as_ref());
                 ok_result()

@@ -16,6 +16,17 @@
 //! bits may already be cleared: the agent resyncs every disk and says so in
 //! an error log and a `ps-lost-records` event.
 //!
+//! A stream moving to another PS of the site (`rebound move`) is different:
+//! the old PS acknowledged records the MT has not applied yet and still
+//! forwards them, so the new PS (whose empty cache resumes after the MT's
+//! applied seq) answers below the acknowledged seq for a while. Until
+//! [`MOVE_WAIT`] has passed, such an answer ends the session and the hello
+//! is retried, with a status line in the log, until the new PS resumes at or
+//! above it; only then does it count as lost (a full resync, with a
+//! `move-resync` warning event). Frames the old PS had not acknowledged stay
+//! in the outbox, which outlives the pipeline for the same replication, so
+//! the new PS gets them.
+//!
 //! Memory: a sealed frame keeps the body its builder wrote the records into
 //! (moved, no copy; a body from the [`crate::frame_pool`] keeps its
 //! capacity and goes back to the pool once the PS holds the frame, any
@@ -63,6 +74,11 @@ const INGEST_PATH: &str = "/rebound.v1.ProcessServer/Ingest";
 const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(400);
 /// Longest wait between attempts while the PS stays unreachable.
 const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(2);
+/// How long a stream moving to another PS waits for the MT to apply what
+/// the old PS still forwards before it resyncs every disk instead.
+pub const MOVE_WAIT: Duration = Duration::from_secs(300);
+/// How often the wait of a moving stream is logged.
+const MOVE_WAIT_LOG_EVERY: Duration = Duration::from_secs(15);
 
 /// Why a session with the PS ended; the sender reconnects after each.
 #[derive(Debug, Error)]
@@ -83,6 +99,11 @@ pub enum SenderError {
     ResumeMidStream(u64),
     #[error("re-reading our own frame: {0}")]
     OwnFrame(#[from] FrameError),
+    #[error(
+        "moving to this process server: it resumes after seq {resume}, but the old one acknowledged up to seq \
+         {acknowledged} and still forwards them to the master target; retrying"
+    )]
+    MoveWait { resume: u64, acknowledged: u64 },
 }
 
 impl From<tonic::Status> for SenderError {
@@ -101,6 +122,9 @@ pub struct Link {
     reporter: LinkReporter,
     /// Where other stream events go (the control channel), once it runs.
     events: OnceLock<ControlHandle>,
+    /// The outbox of the last stopped sender and its replication: the next
+    /// sender of the same replication (a move to another PS) resends it.
+    parked: Mutex<Option<(String, Outbox)>>,
 }
 
 impl Default for Link {
@@ -111,6 +135,7 @@ impl Default for Link {
             down_since: Mutex::new(Some(Instant::now())),
             reporter: LinkReporter::default(),
             events: OnceLock::new(),
+            parked: Mutex::new(None),
         }
     }
 }
@@ -146,6 +171,16 @@ impl Link {
         }
         self.connected.store(ch.is_some(), Ordering::SeqCst);
         *self.channel.lock().unwrap_or_else(|p| p.into_inner()) = ch;
+    }
+    /// Takes the outbox a stopped sender of replication `rid` left.
+    fn unpark(&self, rid: &str) -> Outbox {
+        match self.parked.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some((r, o)) if r == rid => o,
+            _ => Outbox::default(),
+        }
+    }
+    fn park(&self, rid: &str, outbox: Outbox) {
+        *self.parked.lock().unwrap_or_else(|p| p.into_inner()) = Some((rid.to_string(), outbox));
     }
     /// How long the PS has been unreachable (None while connected).
     pub fn down_for(&self) -> Option<Duration> {
@@ -225,6 +260,7 @@ fn tail(rid: &str, s: &Sealed, from: u64) -> Result<Sealed, SenderError> {
 }
 
 /// Frames not yet durable at the PS, oldest first.
+#[derive(Default)]
 struct Outbox {
     frames: VecDeque<Sealed>,
     /// Index of the first frame not sent on the current stream.
@@ -253,32 +289,64 @@ impl Outbox {
 }
 
 /// Runs the stream until `stop`: connect, resume, send, reconnect.
+/// `moving`: until when a resume below the acknowledged seq is waited out
+/// (a move to another PS), see the module doc.
 pub async fn run(
     cap: Arc<Capture>,
     settings: Arc<Settings>,
     link: Arc<Link>,
     info: ReplicationInfo,
+    moving: Option<Instant>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut outbox = Outbox {
-        frames: VecDeque::new(),
-        next: 0,
-    };
+    let mut outbox = link.unpark(&info.replication_id);
+    run_sessions(
+        &cap,
+        &settings,
+        &link,
+        &info,
+        moving,
+        &mut outbox,
+        &mut stop,
+    )
+    .await;
+    link.park(&info.replication_id, outbox);
+}
+
+async fn run_sessions(
+    cap: &Arc<Capture>,
+    settings: &Settings,
+    link: &Link,
+    info: &ReplicationInfo,
+    mut moving: Option<Instant>,
+    outbox: &mut Outbox,
+    stop: &mut watch::Receiver<bool>,
+) {
     let mut failures: u32 = 0;
     let mut backoff = reconnect_backoff();
+    let mut move_logged: Option<Instant> = None;
     loop {
         if *stop.borrow() {
             return;
         }
-        let r = session(&cap, &settings, &link, &info, &mut outbox, &mut stop).await;
+        let r = session(cap, settings, link, info, &mut moving, outbox, stop).await;
         let was_connected = link.is_connected();
         link.set(None);
         match r {
             Ok(()) => return,
+            Err(e @ SenderError::MoveWait { .. }) => {
+                if move_logged.is_none_or(|t| t.elapsed() >= MOVE_WAIT_LOG_EVERY) {
+                    let left =
+                        moving.map_or(0, |m| m.saturating_duration_since(Instant::now()).as_secs());
+                    info!(addr = %settings.ps.addr, "{e} (the master target has not applied them yet; \
+                        a full resync in {left} s if it does not)");
+                    move_logged = Some(Instant::now());
+                }
+            }
             Err(e) => {
                 if !was_connected {
                     let failure = LinkFailure::from_error(&e);
-                    let peer = ps_peer(&settings);
+                    let peer = ps_peer(settings);
                     link.reporter
                         .report_failure(&peer, &info.replication_id, &failure);
                 }
@@ -295,7 +363,7 @@ pub async fn run(
             }
         }
         let delay = backoff.next().unwrap_or(RECONNECT_MAX_DELAY);
-        if !sleep_unless_stopped(delay, &mut stop).await {
+        if !sleep_unless_stopped(delay, stop).await {
             return;
         }
     }
@@ -327,6 +395,7 @@ async fn session(
     settings: &Settings,
     link: &Link,
     info: &ReplicationInfo,
+    moving: &mut Option<Instant>,
     outbox: &mut Outbox,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), SenderError> {
@@ -361,6 +430,38 @@ async fn session(
         Some(Err(s)) => return Err(s.into()),
         None => return Err(SenderError::Closed),
     };
+
+    if let Some(until) = *moving {
+        let acknowledged = cap
+            .snapshot()
+            .durable_seq
+            .max(cap.dirty_extents().log().durable_mark());
+        if resume < acknowledged {
+            if Instant::now() < until {
+                return Err(SenderError::MoveWait {
+                    resume,
+                    acknowledged,
+                });
+            }
+            let message = format!(
+                "moving replication {rid} to the process server at {addr}: it still resumes after seq {resume} \
+                 after {} s, below seq {acknowledged} the old process server acknowledged (the master target has \
+                 not applied those records); resyncing every disk instead",
+                MOVE_WAIT.as_secs(),
+                rid = info.replication_id,
+            );
+            warn!("{message}");
+            link.event(Event {
+                severity: "warning".into(),
+                kind: "move-resync".into(),
+                message,
+                replication_id: info.replication_id.clone(),
+                ..Default::default()
+            });
+        }
+        // The move is over: from now on a low resume is a loss again.
+        *moving = None;
+    }
 
     // Fit the PS's resume point to what we hold.
     match cap.stream().on_resume(resume) {

@@ -463,3 +463,164 @@ async fn stop_replication_keep_running_leaves_the_disks_writable() {
     cap.write(0, 8192, &[7u8; 4096], false).unwrap();
     cap.write(0, 0, &[8u8; 512], true).unwrap();
 }
+
+/// GroupPrepare of kind `kind` for `tag_id`, holding up to 5 s.
+async fn group_prepare(f: &Fixture, tag_id: &str, kind: &str) -> CommandResult {
+    f.rt.handle_cmd(cmd(Cmd::GroupPrepare(pb::GroupPrepare {
+        group: "g".into(),
+        tag_id: tag_id.into(),
+        hold_ms: 5000,
+        kind: kind.into(),
+    })))
+    .await
+}
+
+/// A fixture whose freeze and thaw hooks append their name to `log`
+/// (freeze runs `freeze` instead when given).
+fn logging_hooks(log: &std::path::Path, freeze: Option<&str>) -> Fixture {
+    fixture(HooksConfig {
+        freeze: freeze
+            .map(String::from)
+            .unwrap_or_else(|| format!("echo freeze >> {}", log.display())),
+        thaw: format!("echo thaw >> {}", log.display()),
+        ..Default::default()
+    })
+}
+
+#[tokio::test]
+async fn an_app_group_point_freezes_before_the_hold_and_thaws_after_the_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let f = logging_hooks(&log, None);
+    let r = group_prepare(&f, "grp-app", "app").await;
+    assert!(r.ok && r.warning.is_empty(), "{r:?}");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "freeze\n");
+    assert_eq!(f.rt.capture.hold().held_by().as_deref(), Some("grp-app"));
+    let t = tag_cut(
+        &f.rt
+            .handle_cmd(cmd(Cmd::GroupCommit(pb::GroupCommit {
+                group: "g".into(),
+                tag_id: "grp-app".into(),
+                kind: "app".into(),
+            })))
+            .await,
+    );
+    assert_eq!((t.id.as_str(), t.kind.as_str()), ("grp-app", "app"));
+    assert!(t.warning.is_empty(), "{t:?}");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "freeze\nthaw\n");
+    assert!(f.rt.capture.hold().held_by().is_none());
+    let tg = tags(&f.rt.capture);
+    assert_eq!(tg.len(), 1);
+    assert_eq!(tg[0].1.kind, TagKind::App);
+    assert_eq!(tg[0].1.group, "grp-app");
+}
+
+#[tokio::test]
+async fn an_app_group_point_thaws_on_abort_and_on_expiry_and_crash_groups_never_freeze() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let f = logging_hooks(&log, None);
+    assert!(group_prepare(&f, "grp-crash", "crash").await.ok);
+    assert!(!log.exists(), "a crash group point runs no freeze");
+    assert!(
+        f.rt.handle_cmd(cmd(Cmd::GroupAbort(pb::GroupAbort {
+            group: "g".into(),
+            tag_id: "grp-crash".into(),
+        })))
+        .await
+        .ok
+    );
+    assert!(group_prepare(&f, "grp-a", "app").await.ok);
+    let r =
+        f.rt.handle_cmd(cmd(Cmd::GroupAbort(pb::GroupAbort {
+            group: "g".into(),
+            tag_id: "grp-a".into(),
+        })))
+        .await;
+    assert!(r.ok && r.warning.is_empty(), "{r:?}");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "freeze\nthaw\n");
+    // Expiry: the hold is released and the machine thawed on its own.
+    let r =
+        f.rt.handle_cmd(cmd(Cmd::GroupPrepare(pb::GroupPrepare {
+            group: "g".into(),
+            tag_id: "grp-b".into(),
+            hold_ms: 50,
+            kind: "app".into(),
+        })))
+        .await;
+    assert!(r.ok, "{r:?}");
+    let t0 = Instant::now();
+    while std::fs::read_to_string(&log).unwrap() != "freeze\nthaw\nfreeze\nthaw\n" {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no thaw after the hold expired"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(f.rt.capture.hold().held_by().is_none());
+    assert!(tags(&f.rt.capture).is_empty());
+    let r = group_prepare(&f, "grp-c", "snapshot").await;
+    assert!(!r.ok && r.error.contains("unknown kind"), "{r:?}");
+}
+
+#[tokio::test]
+async fn an_app_group_point_whose_freeze_fails_is_crash_consistent_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let f = logging_hooks(&log, Some("echo db busy >&2; exit 3"));
+    let r = group_prepare(&f, "grp-f", "app").await;
+    assert!(r.ok, "{r:?}");
+    assert!(
+        r.warning.contains("freeze failed") && r.warning.contains("db busy"),
+        "{r:?}"
+    );
+    // The half-done freeze was undone at once.
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "thaw\n");
+    let t = tag_cut(
+        &f.rt
+            .handle_cmd(cmd(Cmd::GroupCommit(pb::GroupCommit {
+                group: "g".into(),
+                tag_id: "grp-f".into(),
+                kind: "app".into(),
+            })))
+            .await,
+    );
+    assert_eq!(t.kind, "crash");
+    assert!(t.warning.contains("crash-consistent"), "{t:?}");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "thaw\n");
+    assert_eq!(tags(&f.rt.capture)[0].1.kind, TagKind::Crash);
+}
+
+#[tokio::test]
+async fn a_move_to_another_ps_keeps_the_buffer_and_resyncs_nothing() {
+    let f = fixture(HooksConfig::default());
+    let cap = f.rt.capture.clone();
+    let rid = cap.replication_id();
+    f.rt.start_pipeline(Assignment {
+        replication_id: rid.clone(),
+        ps_addr: "127.0.0.1:1".into(),
+        ps_server_name: "localhost".into(),
+    })
+    .await;
+    let before = cap.snapshot().resync_pending_extents;
+    cap.write(0, 0, &[1u8; 4096], false).unwrap();
+    let buffered = cap.snapshot().buffer_bytes;
+    assert!(buffered > 0);
+    let r =
+        f.rt.handle_cmd(cmd(Cmd::StartReplication(pb::StartReplication {
+            replication_id: rid.clone(),
+            ps_address: "127.0.0.1:2".into(),
+            ps_server_name: "localhost".into(),
+            resync: false,
+            policy: None,
+            moving: true,
+        })))
+        .await;
+    assert!(r.ok, "{r:?}");
+    let s = cap.snapshot();
+    assert_eq!(s.buffer_bytes, buffered, "the change buffer is kept");
+    assert_eq!(s.resync_pending_extents, before, "no resync queued");
+    assert_eq!(cap.replication_id(), rid);
+    let saved = Runtime::load_assignment(&f.rt.settings).unwrap();
+    assert_eq!(saved.ps_addr, "127.0.0.1:2");
+}
