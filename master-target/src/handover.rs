@@ -2,13 +2,15 @@
 //! commit and reprotect):
 //!
 //! - **Hand-over**: after the rollback (or at latest) apply stops for good,
-//!   the replica disks are synced and given to the `power_on` hook, which
-//!   boots the machine at this site. The mark is durable in `state.json`, so
-//!   a restarted MT still refuses changes. `RestorePreImages` undoes it (the
-//!   CS stops the machine first) so a different point can be chosen.
-//! - **End** (commit): the retention journal and the point catalog are
-//!   forgotten; the replica files are kept (a fast reprotect adopts them) or
-//!   deleted.
+//!   the replica disks are synced, an empty hand-over journal is made per
+//!   disk (see `handover_journal`), and both are given to the `power_on`
+//!   hook, which boots the machine at this site. The mark is durable in
+//!   `state.json`, so a restarted MT still refuses changes. PowerOff and
+//!   `RestorePreImages` undo it (PowerOff stops the machine and undoes its
+//!   writes) so a different point can be chosen.
+//! - **End** (commit): the retention journal, the point catalog and the
+//!   hand-over journals are forgotten (what the machine wrote is the base);
+//!   the replica files are kept (a fast reprotect adopts them) or deleted.
 //! - **Prepare** (reprotect target): a new replication whose replica files
 //!   are adopted from an ended replication of the same machine, so the
 //!   reverse resync only sends the chunks that differ.
@@ -45,6 +47,11 @@ pub struct HandOverReport {
 
 /// `REBOUND_DISK_<NAME>`: the disk name upper-cased, other characters `_`.
 pub fn disk_env_name(name: &str) -> String {
+    env_name("REBOUND_DISK_", name)
+}
+
+/// `<prefix><NAME>`: the disk name upper-cased, other characters `_`.
+pub fn env_name(prefix: &str, name: &str) -> String {
     let n: String = name
         .chars()
         .map(|c| {
@@ -55,11 +62,14 @@ pub fn disk_env_name(name: &str) -> String {
             }
         })
         .collect();
-    format!("REBOUND_DISK_{n}")
+    format!("{prefix}{n}")
 }
 
 impl Replication {
-    /// The environment of the power_on hook for hand-over at `point`.
+    /// The environment of the power_on and power_off hooks for hand-over
+    /// at `point`: the machine, replication, point, the replica disks and
+    /// their hand-over journals (`REBOUND_JOURNALS` in disk order, and
+    /// `REBOUND_JOURNAL_<DISK>`).
     pub fn hook_env(&self, point: &str) -> Vec<(String, String)> {
         let mut disks = self.disks();
         disks.sort_by_key(|d| d.0);
@@ -79,7 +89,39 @@ impl Replication {
         for d in &disks {
             env.push((disk_env_name(&d.1), d.3.display().to_string()));
         }
+        let journals: Vec<String> = (disks.iter())
+            .map(|d| self.handover_journal_path(&d.1).display().to_string())
+            .collect();
+        env.push(("REBOUND_JOURNALS".to_string(), journals.join(" ")));
+        for (d, j) in disks.iter().zip(journals) {
+            env.push((env_name("REBOUND_JOURNAL_", &d.1), j));
+        }
         env
+    }
+
+    /// Runs the machine hook `name` (`power_on`, `power_off`) with the
+    /// hand-over environment at `point`, its output in
+    /// `rollback/<name>.log`, and logs how it went.
+    pub(crate) fn run_machine_hook(
+        &self,
+        name: &str,
+        command: &str,
+        point: &str,
+        hooks: &HooksConfig,
+    ) -> HookOutcome {
+        let env = self.hook_env(point);
+        let log = self.layout().rollback_dir().join(format!("{name}.log"));
+        let timeout = Duration::from_secs(hooks.hook_timeout_secs.max(1));
+        let o = run_hook(command, &env, timeout, &log);
+        let machine = self.machine_id();
+        if o.success {
+            info!(replication = %self.id(), machine = %machine, hook = name, command = %o.command,
+                status = %o.status, "machine hook succeeded");
+        } else {
+            warn!(replication = %self.id(), machine = %machine, hook = name, command = %o.command,
+                status = %o.status, output = %o.output_tail, log = %log.display(), "machine hook failed");
+        }
+        o
     }
 
     /// Hands the replica over (DESIGN.md §7): refuses apply from now on,
@@ -104,6 +146,9 @@ impl Replication {
                 (None, None) => ("latest".to_string(), inner.applied_seq()),
             };
             self.sync_all_replicas()?;
+            // Fresh journals only here: a re-run must not empty a journal
+            // the running machine's agent already saves pre-images into.
+            self.create_handover_journals()?;
             inner
                 .hand_over(HandOverState {
                     point,
@@ -128,20 +173,7 @@ impl Replication {
                 hook_ran: false,
             });
         }
-        let env = self.hook_env(&h.point);
-        let log = self.layout().rollback_dir().join("power_on.log");
-        let outcome = run_hook(
-            &hooks.power_on,
-            &env,
-            Duration::from_secs(hooks.hook_timeout_secs.max(1)),
-            &log,
-        );
-        if outcome.success {
-            info!(replication = %self.id(), machine = %machine, command = %outcome.command, status = %outcome.status, "power_on hook succeeded");
-        } else {
-            warn!(replication = %self.id(), machine = %machine, command = %outcome.command, status = %outcome.status,
-                output = %outcome.output_tail, "power_on hook failed");
-        }
+        let outcome = self.run_machine_hook("power_on", &hooks.power_on, &h.point, hooks);
         inner
             .power_on_ran(outcome.clone())
             .map_err(|e| self.noting_failed_sync(e))?;
@@ -180,7 +212,13 @@ impl Replication {
         self.sync_all_replicas()?;
         inner.forget_retention();
         remove_file(&self.layout().catalog())?;
-        for dir in [self.layout().retention_dir(), self.layout().rollback_dir()] {
+        // The hand-over journals go too: what the machine wrote is the base
+        // now (its agent sees its journal gone and stops saving).
+        for dir in [
+            self.layout().retention_dir(),
+            self.layout().rollback_dir(),
+            self.handover_dir(),
+        ] {
             clear_dir(&dir)?;
         }
         sync(self.layout().root())?;

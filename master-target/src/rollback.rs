@@ -430,8 +430,12 @@ impl Replication {
         let mut inner = self.write_for_change()?;
         let machine = self.machine_id().to_string();
         self.check_not_ended(&inner, "its pre-images are gone")?;
-        // Undoing a hand-over (the CS stopped the machine first): the
-        // replica is the MT's again once the pre-images are back.
+        // Undoing a hand-over: PowerOff stopped the machine and undid its
+        // writes first; the replica is the MT's again once the pre-images
+        // are back.
+        if inner.state().handed_over.is_some() {
+            self.check_machine_powered_off()?;
+        }
         let handed_over = inner.take_handed_over();
         let result = (|| -> Result<u64> {
             let point = match (&inner.state().rolled_back_to, &inner.state().rollback) {

@@ -86,6 +86,7 @@ impl Replication {
         point: impl FnOnce(&Inner) -> Result<Option<(u64, String)>>,
     ) -> Result<()> {
         let inner = self.read_inner()?;
+        self.check_no_machine_writes(&inner)?;
         let d = self.disk(disk)?;
         self.check_range(d, offset, buf.len())?;
         match point(&inner)? {

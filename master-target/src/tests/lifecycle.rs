@@ -95,14 +95,21 @@ fn hand_over_refuses_apply_runs_the_hook_once_and_restore_undoes_it() {
     assert_eq!(o.output_tail, "powered on");
     let d0 = r.root().join("replica/disk0.img");
     let d1 = r.root().join("replica/disk1.img");
+    let (j0, j1) = (
+        r.root().join("handover/disk0.journal"),
+        r.root().join("handover/disk1.journal"),
+    );
     let env = std::fs::read_to_string(out.join("env")).unwrap();
     assert_eq!(
         env,
         format!(
             "REBOUND_DISKS={d0} {d1}\nREBOUND_DISK_DISK0={d0}\nREBOUND_DISK_DISK1={d1}\n\
+             REBOUND_JOURNALS={j0} {j1}\nREBOUND_JOURNAL_DISK0={j0}\nREBOUND_JOURNAL_DISK1={j1}\n\
              REBOUND_MACHINE=m1\nREBOUND_POINT=c3\nREBOUND_REPLICATION={RID}\n",
             d0 = d0.display(),
-            d1 = d1.display()
+            d1 = d1.display(),
+            j0 = j0.display(),
+            j1 = j1.display()
         )
     );
     // Apply is refused, durably.
