@@ -224,6 +224,10 @@ mod tests {
             DrCmd::Verify { point: Some(ref p), repair: true, ref wait, .. }
                 if p == "v1" && wait.wait && wait.output == Output::Json
         ));
+        assert!(matches!(
+            dr(&["verify", "m1", "--wait", "-o", "json"]),
+            DrCmd::Verify { ref wait, .. } if wait.output == Output::Json
+        ));
         assert!(T::try_parse_from(["t", "verify"]).is_err());
         assert!(matches!(
             dr(&["move", "m1", "--ps", "ps2", "--wait"]),

@@ -65,7 +65,7 @@ pub struct WaitArgs {
     #[arg(long)]
     pub wait: bool,
     /// Output format of the job (json prints the job document).
-    #[arg(long, value_enum, default_value_t = Output::Table)]
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
 
@@ -74,7 +74,7 @@ pub struct WaitArgs {
 pub struct ShowArgs {
     #[command(flatten)]
     pub cs: CsArgs,
-    #[arg(long, value_enum, default_value_t = Output::Table)]
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
 
