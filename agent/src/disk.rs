@@ -3,7 +3,10 @@
 //!
 //! Reads go straight to the backing file. Writes, trims and zeroes go through
 //! the machine's ordering point in [`crate::capture`], which does the IO and
-//! records the change in the same critical section.
+//! records the change in the same critical section. On a failed-over
+//! machine the disk IO first saves the pre-images of the blocks it changes
+//! in the disk's hand-over journal ([`crate::handover`]), synced before the
+//! blocks change.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -14,6 +17,7 @@ use std::sync::Arc;
 use rebound_common::nbd::{BlockDevice, ExportRegistry, NbdError};
 
 use crate::capture::Capture;
+use crate::handover::Handover;
 use crate::sys;
 use crate::AgentError;
 
@@ -26,6 +30,8 @@ pub struct Disk {
     file: File,
     size: u64,
     block_device: bool,
+    /// Set on a failed-over machine: pre-images are saved before writes.
+    journal: Option<Handover>,
 }
 
 impl Disk {
@@ -89,7 +95,24 @@ impl Disk {
             file,
             size,
             block_device,
+            journal: None,
         })
+    }
+
+    /// Journals the pre-image of every block before its first write from
+    /// now on, into the hand-over journal at `journal` (see
+    /// [`crate::handover`]); `None`, or a path that does not exist, journals
+    /// nothing.
+    pub fn with_handover_journal(mut self, journal: Option<&Path>) -> Result<Disk, AgentError> {
+        if let Some(path) = journal {
+            self.journal = Handover::open(&self.name, path, self.size)?;
+        }
+        Ok(self)
+    }
+
+    /// True while writes to this disk are journaled.
+    pub fn is_journaling(&self) -> bool {
+        self.journal.as_ref().is_some_and(Handover::is_journaling)
     }
 
     pub fn size(&self) -> u64 {
@@ -109,7 +132,12 @@ impl Disk {
         rebound_common::chunk::read_full_at(&self.file, buf, offset)
     }
 
+    /// Writes `data` at `offset`, after saving the pre-images of the blocks
+    /// it changes when the disk is journaled.
     pub fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        if let Some(j) = &self.journal {
+            j.before_change(&self.file, offset, data.len() as u64, false)?;
+        }
         self.file.write_all_at(data, offset)
     }
 
@@ -118,8 +146,12 @@ impl Disk {
     }
 
     /// Makes `len` bytes at `offset` read as zeroes: punches a hole where
-    /// the file system or device supports it, writes zeroes otherwise.
+    /// the file system or device supports it, writes zeroes otherwise; after
+    /// saving the pre-images of the blocks it changes when journaled.
     pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        if let Some(j) = &self.journal {
+            j.before_change(&self.file, offset, len, true)?;
+        }
         for mode in [
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,

@@ -24,6 +24,7 @@ pub mod control;
 pub mod dirty_log;
 pub mod disk;
 pub mod frame_pool;
+pub mod handover;
 pub mod hook;
 pub mod ingest_codec;
 pub mod page_cache;
@@ -169,7 +170,8 @@ pub async fn run(
     // Disks and the dirty-extent log.
     let mut disks = Vec::new();
     for (i, d) in s.disks.iter().enumerate() {
-        disks.push(Arc::new(Disk::open(i as u32, &d.name, &d.path)?));
+        let disk = Disk::open(i as u32, &d.name, &d.path)?;
+        disks.push(Arc::new(disk.with_handover_journal(d.handover_journal.as_deref())?));
     }
     let extents: Vec<u64> = disks
         .iter()
