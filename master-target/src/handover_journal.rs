@@ -12,8 +12,8 @@
 //!   as before the machine ran.
 //! - **RestorePreImages** refuses while a journal holds records or is held
 //!   (the machine runs, or its writes were not undone).
-//! - **Views and chunk hashes** are refused while a journal holds records:
-//!   the replica no longer shows history.
+//! - **Views and chunk hashes at a point** are refused while a journal holds
+//!   records: the replica no longer shows history.
 //! - **EndReplication** (commit) deletes the journals: what the machine
 //!   wrote is the base (see `handover`).
 

@@ -135,6 +135,7 @@ impl Replication {
         k: u64,
         point_id: &str,
     ) -> Result<()> {
+        self.check_no_machine_writes(inner)?;
         if buf.is_empty() {
             return Ok(());
         }

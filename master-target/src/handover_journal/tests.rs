@@ -84,6 +84,10 @@ fn change_point_after_the_machine_wrote_is_exact() {
         "power the machine off",
     );
     is_precondition(
+        &r.chunk_hashes_at_point("p1", 1, 0, 4096, 1).unwrap_err(),
+        "power the machine off",
+    );
+    is_precondition(
         &r.restore_pre_images().unwrap_err(),
         "still runs on its replica",
     );
