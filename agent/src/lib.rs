@@ -170,8 +170,9 @@ pub async fn run(
     // Disks and the dirty-extent log.
     let mut disks = Vec::new();
     for (i, d) in s.disks.iter().enumerate() {
-        let disk = Disk::open(i as u32, &d.name, &d.path)?;
-        disks.push(Arc::new(disk.with_handover_journal(d.handover_journal.as_deref())?));
+        let disk = Disk::open(i as u32, &d.name, &d.path)?
+            .with_handover_journal(d.handover_journal.as_deref())?;
+        disks.push(Arc::new(disk));
     }
     let extents: Vec<u64> = disks
         .iter()
