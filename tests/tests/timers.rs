@@ -140,6 +140,14 @@ fn the_agent_timers_cut_crash_and_app_points_and_app_points_freeze() {
     }
 }
 
+/// Creates (or replaces) consistency group g1 of m1 and m2 with `extra`
+/// flags (`--interval`, `--app`).
+fn group_g1(s: &Sites, extra: &[&str]) {
+    let mut args = vec!["group", "create", "g1", "--machines", "m1,m2"];
+    args.extend_from_slice(extra);
+    s.cli_ok(&args).unwrap();
+}
+
 #[test]
 fn the_group_scheduler_cuts_group_points_and_app_group_points_freeze_every_member() {
     let ms = ["m1", "m2"];
@@ -149,8 +157,7 @@ fn the_group_scheduler_cuts_group_points_and_app_group_points_freeze_every_membe
     })
     .expect("sites");
     let marker = s.path("freeze.log");
-    s.cli_ok(&["group", "create", "g1", "--machines", "m1,m2"])
-        .unwrap();
+    group_g1(&s, &[]);
     for m in ms {
         with_freeze_hooks(&mut s, m, &marker);
         protect_quiet(&s, m, Some("g1"));
@@ -159,16 +166,7 @@ fn the_group_scheduler_cuts_group_points_and_app_group_points_freeze_every_membe
     let before: Vec<u64> = ms.iter().map(|m| newest_seq(&points(&s, m))).collect();
 
     // Crash-kind group points every second, by the CS alone.
-    s.cli_ok(&[
-        "group",
-        "create",
-        "g1",
-        "--machines",
-        "m1,m2",
-        "--interval",
-        "1s",
-    ])
-    .unwrap();
+    group_g1(&s, &["--interval", "1s"]);
     let mut tags = Vec::new();
     for (m, after) in ms.iter().zip(&before) {
         let ps = wait_points(&s, m, "2 crash group points", |ps| {
@@ -193,17 +191,7 @@ fn the_group_scheduler_cuts_group_points_and_app_group_points_freeze_every_membe
     );
 
     // App-kind group points: every member runs its freeze hook.
-    s.cli_ok(&[
-        "group",
-        "create",
-        "g1",
-        "--machines",
-        "m1,m2",
-        "--interval",
-        "1s",
-        "--app",
-    ])
-    .unwrap();
+    group_g1(&s, &["--interval", "1s", "--app"]);
     let groups = s.cli_json(&["group", "list"]).unwrap();
     assert_eq!(groups["groups"][0]["app"], true, "{groups}");
     let after: Vec<u64> = ms.iter().map(|m| newest_seq(&points(&s, m))).collect();
@@ -218,6 +206,5 @@ fn the_group_scheduler_cuts_group_points_and_app_group_points_freeze_every_membe
         );
     }
     // Stop the scheduler so the lab shuts down quietly.
-    s.cli_ok(&["group", "create", "g1", "--machines", "m1,m2"])
-        .unwrap();
+    group_g1(&s, &[]);
 }
