@@ -3,6 +3,7 @@
 //! retention go on; cleanup discards it and unpins.
 
 use crate::lifecycle::{a, b, protect, source_hash, succeeded, JOB, MIB};
+use rebound_common::nbd::client::NbdClient;
 use rebound_common::tls::TlsFiles;
 use rebound_lab::clients::{nbd_tls_dir, qemu_tls_args, run_tool};
 use rebound_lab::*;
@@ -141,7 +142,12 @@ fn a_test_copy_of_a_pinned_point_while_replication_and_retention_go_on() {
         "the pinned point stays exact"
     );
 
-    // Cleanup leaves nothing behind.
+    // Cleanup leaves nothing behind; a connection open across it gets errors.
+    let mut open = NbdClient::connect_uri(&s.view_uri(b(), "m1", "disk0", "test").unwrap())
+        .expect("connect to the test copy");
+    assert!(!open.read_only(), "the test copy is writable");
+    open.read_at(0, &mut [0u8; 4096])
+        .expect("read the test copy");
     let j = s
         .job(&["test-failover-cleanup", "m1"])
         .expect("test-failover-cleanup");
@@ -152,6 +158,10 @@ fn a_test_copy_of_a_pinned_point_while_replication_and_retention_go_on() {
     let data = s.replica_path(b(), &repl, "disk0");
     let test_dir = data.parent().and_then(Path::parent).unwrap().join("test");
     assert!(!test_dir.exists(), "{} is left", test_dir.display());
+    assert!(
+        open.read_at(0, &mut [0u8; 4096]).is_err(),
+        "a connection to the test copy still reads after cleanup"
+    );
     assert!(
         s.view_hash(b(), "m1", "disk0", "test").is_err(),
         "the test export is still served"
