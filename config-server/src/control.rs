@@ -29,6 +29,7 @@ use crate::error::CsError;
 use crate::fleet::components::{cert_expiry_ms, version_mismatch};
 use crate::fleet::revoke::{self, PUSH_TIMEOUT};
 use crate::fleet::{policy, rpo::RpoAlert};
+use crate::lifecycle::source_copy;
 use crate::store::{now_ms, Component, Event, Health, Machine, Policy, ReplState, Store};
 use prost::Message;
 use rebound_common::pki::{serial_hex, PeerIdentity, Role};
@@ -129,6 +130,15 @@ impl ControlService {
             },
             Some(m) => m,
         };
+        if hello.site != machine.site
+            && source_copy::removal_pending(self.store.as_ref(), m_id, &hello.site).await?
+        {
+            // Let it in only to remove its disks (`remove_on_hello`); the
+            // machine's site, disks and the agent running it stay.
+            info!(machine = %m_id, site = %hello.site,
+                "agent at the old site registered: its source copy removal is pending");
+            return Ok(());
+        }
         if hello.site != machine.site {
             match &state {
                 None | Some((ReplState::Unprotected, _, _)) => {
@@ -432,6 +442,20 @@ impl Control for ControlService {
                 .attach(&key, &hello.instance, &hello.site, hello.writable, tx);
         info!(component = %key, site = %hello.site, version = %hello.version,
             replaced = old.is_some(), "registered");
+        if key.role == Role::Agent {
+            let (store, bus, site) = (self.store.clone(), self.bus.clone(), hello.site.clone());
+            let id = key.id.clone();
+            tokio::spawn(async move {
+                let _ = source_copy::remove_on_hello(
+                    store.as_ref(),
+                    bus.as_ref(),
+                    &id,
+                    &site,
+                    POLICY_TIMEOUT,
+                )
+                .await;
+            });
+        }
         let (store, bus, resend_to) = (self.store.clone(), self.bus.clone(), key.clone());
         let own = self.revocations.clone();
         tokio::spawn(async move {

@@ -26,6 +26,10 @@ use tracing::{info, warn};
 /// The default longest write hold of a barrier.
 pub const DEFAULT_HOLD_MS: u32 = 100;
 
+/// How much longer than the write hold an app-consistent prepare may take:
+/// the members' freeze hooks run first.
+pub const APP_FREEZE_ALLOWANCE: Duration = Duration::from_secs(60);
+
 /// A group point that was cut.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupPoint {
@@ -52,14 +56,24 @@ pub async fn cut_group_point(
         group.hold_ms
     };
     let tag = format!("{}@{}", group.name, now_ms());
-    let hold = Duration::from_millis(hold_ms as u64);
+    // For "app" the agents run their freeze hook before holding (and thaw
+    // at commit or abort), so the prepare may take the freeze as well; each
+    // agent bounds its own hold to `hold_ms`.
+    let (kind, hold) = if group.app {
+        (
+            "app",
+            Duration::from_millis(hold_ms as u64) + APP_FREEZE_ALLOWANCE,
+        )
+    } else {
+        ("crash", Duration::from_millis(hold_ms as u64))
+    };
     let started = Instant::now();
     let answers = to_members(bus, group, hold, || {
         Cmd::GroupPrepare(pb::GroupPrepare {
             group: group.name.clone(),
             tag_id: tag.clone(),
             hold_ms,
-            kind: String::new(),
+            kind: kind.into(),
         })
     })
     .await;
@@ -78,7 +92,10 @@ pub async fn cut_group_point(
         })
         .await;
         let why = if failed.is_empty() {
-            format!("the members took longer than the {hold_ms} ms write hold")
+            format!(
+                "the members took longer than the {} ms write hold",
+                hold.as_millis()
+            )
         } else {
             failed.join("; ")
         };
@@ -87,7 +104,6 @@ pub async fn cut_group_point(
             group.name
         )));
     }
-    let kind = if group.app { "app" } else { "crash" };
     let results = to_members(bus, group, commit_timeout, || {
         Cmd::GroupCommit(pb::GroupCommit {
             group: group.name.clone(),

@@ -14,6 +14,8 @@
 //! - `steps.rs`: what each step does (the job engine's `StepRunner`);
 //! - `points.rs`: each machine's point, rollback, and power-off before a
 //!   change of point;
+//! - `source_copy.rs`: the disks a failover left (kept or removed at
+//!   commit, the seed of the first reprotect back);
 //! - `test_failover.rs`, `verify.rs` (and its schedule), `movement.rs`:
 //!   those jobs' checks and steps;
 //! - `stall.rs`: why a waiting step makes no progress (its components' errors);
@@ -28,6 +30,7 @@ pub mod group;
 mod movement;
 mod points;
 mod retention;
+pub mod source_copy;
 pub mod spec;
 mod stall;
 pub mod state;

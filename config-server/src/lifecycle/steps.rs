@@ -170,23 +170,7 @@ impl Lifecycle {
                 let r = self.repl(&machine).await?;
                 self.add_to_ps(&machine, &r.ps).await
             }
-            Step::PrepareMt { machine } => {
-                let r = self.repl(&machine).await?;
-                let m = self.machine(&machine).await?;
-                self.send(
-                    ComponentKey::mt(&r.mt),
-                    Cmd::PrepareReplication(pb::PrepareReplication {
-                        replication_id: r.id.clone(),
-                        machine_id: machine.clone(),
-                        disks: m.disks.iter().map(convert::disk_to_proto).collect(),
-                        adopt_from: r.previous.clone(),
-                        ps_id: r.ps.clone(),
-                        seed_paths: Vec::new(),
-                    }),
-                )
-                .await?;
-                Ok(())
-            }
+            Step::PrepareMt { machine } => self.prepare_mt(ctx, &machine).await,
             Step::StartAgent { machine } => {
                 let r = self.repl(&machine).await?;
                 self.start_agent(&machine, &r.ps, false).await
@@ -250,6 +234,9 @@ impl Lifecycle {
                 // The machine now lives at the target site: from here on
                 // only an agent there may register (split-brain guard).
                 let mut m = self.machine(&machine).await?;
+                if r.state == ReplState::FailingOver {
+                    self.remember_source_disks(&m, &r).await?;
+                }
                 m.site = r.to_site.clone();
                 self.store.put_machine(&m).await?;
                 if r.state == ReplState::FailingOver {
@@ -589,47 +576,6 @@ impl Lifecycle {
         }
         let status = super::movement::ps_status(self.store.as_ref(), &r.ps).await?;
         Ok(status.and_then(|(_, s)| super::movement::lag_of(&s, &r.id).map(|l| l.durable_seq)))
-    }
-
-    async fn retire_source(
-        &self,
-        ctx: &mut JobCtx,
-        spec: &JobSpec,
-        machine: &str,
-    ) -> Result<(), CsError> {
-        let keep = spec.keep_source_copy().unwrap_or(true);
-        let r = self.repl(machine).await?;
-        if r.state == ReplState::Committed {
-            return Ok(());
-        }
-        let agent = Self::agent(machine);
-        let old_side = self
-            .bus
-            .connection(&agent)
-            .filter(|c| c.site == r.from_site);
-        if old_side.is_some() {
-            let cmd = Cmd::StopReplication(pb::StopReplication {
-                replication_id: r.id.clone(),
-                remove_source_copy: !keep,
-                keep_running: false,
-            });
-            if let Err(e) = self.send(agent, cmd).await {
-                ctx.warn(format!(
-                    "the source agent of {machine} at {}: {e}",
-                    r.from_site
-                ))
-                .await?;
-            }
-        } else if !keep {
-            ctx.warn(format!(
-                "the source copy of {machine} at site {} was not removed: its agent there is not \
-                 connected; remove the old disks by hand",
-                r.from_site
-            ))
-            .await?;
-        }
-        self.transition(machine, Op::Commit).await?;
-        Ok(())
     }
 
     async fn hook(

@@ -110,6 +110,28 @@ impl FakeBus {
                     blocks_restored: 1,
                 }))
             }
+            Cmd::StartTestFailover(t) => Some(Detail::TestCopy(pb::TestCopy {
+                point: Some(crate::convert::point_to_proto(&point(
+                    "p10", "crash", 10, "",
+                ))),
+                exports: vec![format!("{}/disk0@test", t.replication_id)],
+                nbd_address: "mt1:10809".into(),
+            })),
+            Cmd::PowerOff(_) => Some(Detail::PoweredOff(pb::PoweredOff { blocks_restored: 7 })),
+            Cmd::Verify(v) => Some(Detail::Verified(pb::Verified {
+                point_id: v.tag_id,
+                point_seq: 11,
+                chunk_size: 1 << 20,
+                chunks_compared: 4,
+                differing: vec![
+                    pb::ChunkRef { disk: 0, offset: 0 },
+                    pb::ChunkRef {
+                        disk: 0,
+                        offset: 3 << 20,
+                    },
+                ],
+                repaired: v.repair,
+            })),
             _ => None,
         };
         Reply {
@@ -718,3 +740,4 @@ async fn busy_machines_and_bad_requests_are_refused() {
 }
 
 mod fleet;
+mod jobs;

@@ -224,7 +224,7 @@ impl SqliteStore {
             index: get::<i64>(row, "idx", w)? as u32,
             name: get(row, "name", w)?,
             size: get_u64(row, "size", w)?,
-            path: String::new(),
+            path: get(row, "path", w)?,
         })
     }
 
@@ -232,7 +232,8 @@ impl SqliteStore {
         let w = "reading a machine";
         let row = &row;
         let id: String = get(row, "id", w)?;
-        let sql = sqlx::query("SELECT idx, name, size FROM disks WHERE machine = ? ORDER BY idx");
+        let sql =
+            sqlx::query("SELECT idx, name, size, path FROM disks WHERE machine = ? ORDER BY idx");
         let disks = self
             .all("reading a machine's disks", sql.bind(&id), Self::disk_row)
             .await?;
@@ -467,11 +468,12 @@ impl Store for SqliteStore {
         .bind(m.created_ms as i64);
         let old_disks = sqlx::query("DELETE FROM disks WHERE machine = ?").bind(&m.id);
         let disks = m.disks.iter().map(|d| {
-            sqlx::query("INSERT INTO disks (machine, idx, name, size) VALUES (?, ?, ?, ?)")
+            sqlx::query("INSERT INTO disks (machine, idx, name, size, path) VALUES (?, ?, ?, ?, ?)")
                 .bind(&m.id)
                 .bind(d.index as i64)
                 .bind(&d.name)
                 .bind(d.size as i64)
+                .bind(&d.path)
         });
         let statements = [machine, old_disks].into_iter().chain(disks).collect();
         self.run_all("writing a machine", statements)

@@ -22,7 +22,7 @@ fn machine(id: &str) -> Machine {
                 index: 0,
                 name: "disk0".into(),
                 size: 1 << 30,
-                path: String::new(),
+                path: "/var/lib/rebound/m1-disk0.img".into(),
             },
             Disk {
                 index: 1,
