@@ -297,6 +297,29 @@ mod tests {
     }
 
     #[test]
+    fn a_point_needing_a_damaged_journal_is_refused() {
+        let (g, dir, s, r) = applied_history(23, 10);
+        let points = r.points();
+        // p2 closes interval n: its journal is needed by p0 and p1 only.
+        let n = points[2].interval;
+        let path = r.root().join(format!("retention/interval-{n}.undo"));
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x20;
+        drop((r, s));
+        std::fs::write(&path, bytes).unwrap();
+        let (_s, r) = crate::tests::open_store(dir.path());
+        let e = r
+            .chunk_hashes_at_point(&points[1].id, 0, 0, SUB, 1)
+            .unwrap_err();
+        assert!(matches!(e, MtError::Journal(_)), "{e}");
+        assert!(e.to_string().contains("cannot be rebuilt exactly"), "{e}");
+        let p = &points[3].id;
+        let got = r.chunk_hashes_at_point(p, 0, 0, SUB, 2).unwrap();
+        assert_eq!(got, hashes_of(&g.snap(p)[0][..2 * SUB as usize], SUB));
+    }
+
+    #[test]
     fn waiting_for_a_point_is_bounded() {
         let (g, _dir, _s, r) = applied_history(22, 40);
         let rt = tokio::runtime::Builder::new_current_thread()

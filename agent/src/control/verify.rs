@@ -134,7 +134,15 @@ impl Runtime {
             let s = snap.clone();
             tokio::task::spawn_blocking(move || s.hash_rest())
         };
-        let (remote, local) = tokio::join!(self.remote_hashes(&src, snap.seq()), pass);
+        let remote = async {
+            let r = self.remote_hashes(&src, snap.seq()).await;
+            if r.is_err() {
+                // No use hashing the rest of the source.
+                snap.stop();
+            }
+            r
+        };
+        let (remote, local) = tokio::join!(remote, pass);
         let remote = remote.map_err(|source| VerifyError::Remote {
             machine: machine.clone(),
             point: point.clone(),
