@@ -220,12 +220,30 @@ pub(crate) async fn apply_session(
         prepared_tx,
     )));
     let mut acked = resume;
+    // Another PS's stream may apply this replication too (`rebound move`):
+    // its progress is acknowledged here as well, so this PS's cache skips
+    // ahead and its agent can resume after it.
+    let mut elsewhere = repl.subscribe_applied();
     loop {
         let next = tokio::select! {
-            m = prepared.recv() => m,
+            m = prepared.recv() => Ok(m),
             _ = stop.wait_for(|s| *s) => {
                 info!(replication = %repl.id(), "apply stream closed for shutdown");
                 return Ok(());
+            }
+            Ok(()) = elsewhere.changed() => Err(*elsewhere.borrow_and_update()),
+        };
+        let next = match next {
+            Ok(n) => n,
+            Err(applied) => {
+                if applied > acked {
+                    acked = applied;
+                    let m = send(apply_response::Msg::AppliedSeq(applied));
+                    if tx.send(Ok(m)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                continue;
             }
         };
         let Some(mut batch) = next else {

@@ -4,7 +4,9 @@
 //! (managed mode, `[cs] addr` set) the CS names it in PrepareReplication,
 //! which also creates the replication: a PS's Apply or ChunkHashes for a
 //! replication the CS did not prepare is refused, and for a prepared one
-//! only the assigned PS is accepted. Without a CS (lab mode) the first PS
+//! only the assigned PS is accepted (and, while the replication moves to
+//! another PS, the ones it moves away from: see `replication_ps`). Without
+//! a CS (lab mode) the first PS
 //! that uses a replication creates it and is bound to it. Either way the
 //! assignment is kept in the replication's `state.json`, and a chunk-hash
 //! request must name the replication's own machine: hashes of one machine's
@@ -41,6 +43,8 @@ impl Replication {
     fn authorize_ps(&self, peer: &PeerIdentity, what: &str, managed: bool) -> Result<()> {
         match self.assigned_ps() {
             Some(ps) if ps == peer.id => Ok(()),
+            // Moving away from it: it still forwards what it holds.
+            Some(_) if self.previous_ps().contains(&peer.id) => Ok(()),
             Some(ps) => Err(MtError::PermissionDenied(format!(
                 "certificate {peer} may not {what} replication {} of machine {}: it is assigned to process server {ps}; only that PS may carry it (the configuration server assigns it at protect and reprotect)",
                 self.id(),

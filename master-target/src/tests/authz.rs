@@ -101,3 +101,32 @@ fn lab_mode_binds_the_first_ps_and_caps_the_disks() {
         Ok(_) => panic!("65 disks accepted"),
     }
 }
+
+#[test]
+fn a_move_accepts_the_old_ps_until_it_is_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, r) = open_store(dir.path());
+    r.assign_ps("ps-a").unwrap();
+    r.move_to_ps("ps-b", false).unwrap();
+    // Repeated (a CS step that runs twice): the same.
+    r.move_to_ps("ps-b", false).unwrap();
+    assert_eq!(r.assigned_ps().as_deref(), Some("ps-b"));
+    for who in ["ps-a", "ps-b"] {
+        assert!(for_apply(&store, &info(), &ps(who), true).is_ok(), "{who}");
+        assert!(for_chunk_hashes(&store, RID, None, &ps(who), true).is_ok());
+    }
+    let m = denied(for_apply(&store, &info(), &ps("ps-c"), true));
+    assert!(m.contains("assigned to process server ps-b"), "{m}");
+    // The old PS stays accepted across a restart while the move is under way.
+    drop((store, r));
+    let store = Store::open(dir.path()).unwrap();
+    assert!(for_apply(&store, &info(), &ps("ps-a"), true).is_ok());
+    let r = store.get(RID).unwrap();
+    assert_eq!(r.previous_ps(), vec!["ps-a".to_string()]);
+    r.move_to_ps("ps-b", true).unwrap();
+    r.move_to_ps("ps-b", true).unwrap();
+    let m = denied(for_apply(&store, &info(), &ps("ps-a"), true));
+    assert!(m.contains("assigned to process server ps-b"), "{m}");
+    assert!(for_apply(&store, &info(), &ps("ps-b"), true).is_ok());
+    assert!(r.previous_ps().is_empty());
+}
