@@ -329,6 +329,25 @@ path = "/tmp/d1.img"
     }
 
     #[test]
+    fn a_disk_may_name_its_hand_over_journal() {
+        let text = r#"
+machine_id = "m1"
+[[disks]]
+path = "/tmp/d0.img"
+handover_journal = "/tmp/j/disk0.journal"
+[[disks]]
+path = "/tmp/d1.img"
+"#;
+        let c: Config = rebound_common::config::parse(text, Path::new("t.toml")).unwrap();
+        let s = c.validate().unwrap();
+        assert_eq!(
+            s.disks[0].handover_journal.as_deref(),
+            Some(Path::new("/tmp/j/disk0.journal"))
+        );
+        assert_eq!(s.disks[1].handover_journal, None);
+    }
+
+    #[test]
     fn unknown_keys_and_duplicates_are_refused() {
         let e = rebound_common::config::parse::<Config>("machine = 'x'", Path::new("t.toml"));
         assert!(e.is_err());
