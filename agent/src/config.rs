@@ -314,37 +314,24 @@ path = "/tmp/d0.img"
 [[disks]]
 name = "data"
 path = "/tmp/d1.img"
+handover_journal = "/tmp/j/data.journal"
 "#;
         let c: Config = rebound_common::config::parse(text, Path::new("t.toml")).unwrap();
         let s = c.validate().unwrap();
         assert_eq!(s.replication_id, "m1");
         assert_eq!(s.disks[0].name, "disk0");
         assert_eq!(s.disks[1].name, "data");
+        assert_eq!(s.disks[0].handover_journal, None);
+        assert_eq!(
+            s.disks[1].handover_journal.as_deref(),
+            Some(Path::new("/tmp/j/data.journal"))
+        );
         assert_eq!(s.nbd_socket, Path::new(DEFAULT_STATE_DIR).join("nbd.sock"));
         assert_eq!(s.buffer_limit, 256 << 20);
         assert_eq!(s.crash_interval, Duration::from_secs(5));
         assert_eq!(s.dirty_keep, Duration::from_secs(30));
         assert_eq!(s.dirty_keep_extents, 4096);
         assert_eq!(c.nbd_listen, DEFAULT_NBD_LISTEN);
-    }
-
-    #[test]
-    fn a_disk_may_name_its_hand_over_journal() {
-        let text = r#"
-machine_id = "m1"
-[[disks]]
-path = "/tmp/d0.img"
-handover_journal = "/tmp/j/disk0.journal"
-[[disks]]
-path = "/tmp/d1.img"
-"#;
-        let c: Config = rebound_common::config::parse(text, Path::new("t.toml")).unwrap();
-        let s = c.validate().unwrap();
-        assert_eq!(
-            s.disks[0].handover_journal.as_deref(),
-            Some(Path::new("/tmp/j/disk0.journal"))
-        );
-        assert_eq!(s.disks[1].handover_journal, None);
     }
 
     #[test]
