@@ -595,3 +595,36 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod verify_tests {
+    use super::*;
+
+    #[test]
+    fn a_verify_reads_ok_differ_repaired_or_failed() {
+        let now = now_ms();
+        let v = |differing, repaired, error: &str| pb::VerifyResult {
+            time_ms: now,
+            point_id: "verify-1".into(),
+            chunks_compared: 25,
+            differing,
+            repaired,
+            error: error.into(),
+            ..Default::default()
+        };
+        assert_eq!(verify_short(&None), "-");
+        assert!(verify_short(&Some(v(0, false, ""))).starts_with("ok "));
+        assert!(verify_short(&Some(v(2, false, ""))).starts_with("2 differ "));
+        assert!(verify_short(&Some(v(2, true, ""))).starts_with("2 repaired "));
+        assert!(verify_short(&Some(v(0, false, "agent offline"))).starts_with("failed "));
+        assert_eq!(
+            verify_line(&v(2, false, "")),
+            "point verify-1, 25 chunks compared, 2 differ"
+        );
+        assert!(verify_line(&v(2, true, "")).ends_with("(repaired: the next point is exact)"));
+        assert_eq!(
+            verify_line(&v(0, false, "agent offline")),
+            "failed at verify-1: agent offline"
+        );
+    }
+}
