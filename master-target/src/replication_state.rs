@@ -60,10 +60,9 @@ pub(crate) struct Inner {
     /// apply updates it under the write lock, ChunkHashes under the read
     /// lock.
     chunk_hashes: Mutex<HashCache>,
-    /// What retention last logged about a test failover's pin (the pinned
-    /// point and how many older points it held), so a pass that finds the
-    /// same says nothing new.
-    pin_logged: Option<(String, usize)>,
+    /// The pinned point retention last logged as holding points it would
+    /// have dropped: each pin is logged once, not at every pass.
+    pin_logged: Option<PointRef>,
 }
 
 impl Inner {
@@ -339,6 +338,9 @@ impl Inner {
     /// Test failover: pins a point (`Some`) or unpins it (`None`). Saved
     /// to `state.json`.
     pub fn set_test_failover(&mut self, t: Option<TestFailoverState>) -> Result<()> {
+        if t.is_none() {
+            self.pin_logged = None;
+        }
         self.st.test_failover = t;
         self.save_state()
     }
@@ -353,14 +355,14 @@ impl Inner {
             .position(|p| p.interval == pin.interval && p.id == pin.id)
     }
 
-    /// Retention: whether the pin holding `held` points at `point` is news
-    /// for the log (it differs from what was last logged).
-    pub fn pin_news(&mut self, point: &str, held: usize) -> bool {
-        let now = Some((point.to_string(), held));
-        if self.pin_logged == now {
+    /// Retention: whether the pin holding points retention would have
+    /// dropped is news for the log (a pin not logged yet).
+    pub fn pin_news(&mut self) -> bool {
+        let pin = self.st.test_failover.as_ref().map(|t| t.point.clone());
+        if pin.is_none() || self.pin_logged == pin {
             return false;
         }
-        self.pin_logged = now;
+        self.pin_logged = pin;
         true
     }
 

@@ -121,7 +121,7 @@ impl Replication {
         if let Some(pin) = inner.pinned_index().filter(|&i| i < d) {
             d = pin;
             let point = points[pin].id.clone();
-            if inner.pin_news(&point, wanted - pin) {
+            if inner.pin_news() {
                 info!(replication = %self.id(), pinned_point = %point, held = wanted - pin,
                     "retention kept recovery points it would have dropped: a test failover pins point {point} (and the journals it needs) until test-failover-cleanup");
             }
