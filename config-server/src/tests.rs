@@ -396,6 +396,51 @@ async fn split_brain_guard_and_identity_checks() {
         .await
         .unwrap_err();
     assert!(e.message().contains("has moved to site azure"), "{e}");
+    // ... unless a `commit --remove-source-copy` waits for it: then it is let
+    // in, told to remove its disks, and the machine stays at azure.
+    let pending = crate::store::records::PendingRemoval {
+        replication_id: "m1".into(),
+        site: "onprem".into(),
+        job_id: "j1".into(),
+    };
+    let rec = crate::store::records::Record::PendingRemoval;
+    crate::store::records::put(&store, rec, "m1", &pending)
+        .await
+        .unwrap();
+    let (tx_e, mut down_e) = connect(cs.channel(&m1).await, hello("agent", "m1", "onprem", "e"))
+        .await
+        .unwrap();
+    let cmd = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), down_e.message())
+            .await
+            .expect("the returning agent is told")
+            .unwrap()
+            .unwrap();
+        if let Some(server_message::Msg::Command(c)) = msg.msg {
+            if let Some(pb::command::Cmd::StopReplication(stop)) = &c.cmd {
+                assert!(stop.remove_source_copy && stop.replication_id == "m1");
+                break c;
+            }
+        }
+    };
+    tx_e.send(up(component_message::Msg::Result(pb::CommandResult {
+        id: cmd.id.clone(),
+        ok: true,
+        ..Default::default()
+    })))
+    .await
+    .unwrap();
+    eventually("the pending removal cleared", || {
+        let store = store.clone();
+        async move {
+            let p: Option<crate::store::records::PendingRemoval> =
+                crate::store::records::get(&store, rec, "m1").await.unwrap();
+            p.is_none()
+        }
+    })
+    .await;
+    let m = store.get_machine("m1").await.unwrap().unwrap();
+    assert_eq!((m.site.as_str(), m.disks.len()), ("azure", 1));
     cs.stop_with(store).await;
 }
 

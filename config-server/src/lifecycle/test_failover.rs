@@ -109,6 +109,20 @@ impl Lifecycle {
         Ok(())
     }
 
+    /// Sends MT `mt` a command that runs one of its hooks (so it may take
+    /// the hook's time too); keeps its warning, returns its detail.
+    async fn hook_command(
+        &self,
+        ctx: &mut JobCtx,
+        mt: &str,
+        cmd: Cmd,
+    ) -> Result<Option<Detail>, CsError> {
+        let limit = self.settings.command_timeout + self.settings.hook_timeout;
+        let reply = self.bus.send(ComponentKey::mt(mt), cmd, limit).await?;
+        ctx.warn(reply.warning).await?;
+        Ok(reply.detail)
+    }
+
     /// `StartTestFailover` at the replication's MT with the machine's point;
     /// the step's detail names the point and the exports.
     pub(super) async fn start_test_failover(
@@ -125,10 +139,7 @@ impl Lifecycle {
             point: Some(convert::point_spec_to_proto(&point)),
             run_test_power_on: true,
         });
-        let limit = self.settings.command_timeout + self.settings.hook_timeout;
-        let reply = self.bus.send(ComponentKey::mt(&r.mt), cmd, limit).await?;
-        ctx.warn(reply.warning).await?;
-        if let Some(Detail::TestCopy(t)) = reply.detail {
+        if let Some(Detail::TestCopy(t)) = self.hook_command(ctx, &r.mt, cmd).await? {
             let p = t.point.map(|p| p.id).unwrap_or_default();
             ctx.status(format!(
                 "{machine}'s test copy of point {p} is served by MT {} at {}: exports {}",
@@ -151,9 +162,7 @@ impl Lifecycle {
         let cmd = Cmd::EndTestFailover(pb::EndTestFailover {
             replication_id: r.id.clone(),
         });
-        let limit = self.settings.command_timeout + self.settings.hook_timeout;
-        let reply = self.bus.send(ComponentKey::mt(&r.mt), cmd, limit).await?;
-        ctx.warn(reply.warning).await?;
+        self.hook_command(ctx, &r.mt, cmd).await?;
         ctx.status(format!(
             "{machine}'s test copy at MT {} discarded and its point unpinned",
             r.mt

@@ -316,6 +316,37 @@ async fn failed_over(w: &World, targets: &Targets, point: PointSpec, multi: bool
     .await
 }
 
+/// Adds machine m2, puts m1 and m2 in consistency group "g" and protects
+/// both.
+async fn two_in_group(w: &World) {
+    machine(w, "m2").await;
+    w.store
+        .put_group(&Group {
+            name: "g".into(),
+            machines: vec!["m1".into(), "m2".into()],
+            hold_ms: 100,
+            interval_secs: 0,
+            app: false,
+        })
+        .await
+        .unwrap();
+    for m in ["m1", "m2"] {
+        protected(w, m, "g").await;
+    }
+}
+
+/// Stores a component's status report, as its control stream would.
+async fn put_status(w: &World, role: Role, id: &str, status: pb::status::Status) {
+    let st = pb::Status {
+        status: Some(status),
+    };
+    let bytes = prost::Message::encode_to_vec(&st);
+    w.store
+        .set_status(role, id, &bytes, now_ms())
+        .await
+        .unwrap();
+}
+
 /// Stores plan "p" with `groups` and names it as the failover's targets.
 async fn plan(w: &World, groups: Vec<crate::store::PlanGroup>) -> Targets {
     w.store
@@ -611,20 +642,7 @@ async fn planned_failover_with_the_source_down_says_use_unplanned() {
 #[tokio::test]
 async fn latest_multi_gives_every_plan_machine_the_same_group_point() {
     let w = world().await;
-    machine(&w, "m2").await;
-    w.store
-        .put_group(&Group {
-            name: "g".into(),
-            machines: vec!["m1".into(), "m2".into()],
-            hold_ms: 100,
-            interval_secs: 0,
-            app: false,
-        })
-        .await
-        .unwrap();
-    for m in ["m1", "m2"] {
-        protected(&w, m, "g").await;
-    }
+    two_in_group(&w).await;
     let plan = plan(
         &w,
         vec![

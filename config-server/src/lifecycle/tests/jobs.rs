@@ -18,8 +18,11 @@ fn refused(r: Result<Job, CsError>) -> String {
 
 /// Stores MT `mt`'s status with one replication's test failover.
 async fn mt_test_status(w: &World, mt: &str, rid: &str, point: &str) {
-    let st = pb::Status {
-        status: Some(pb::status::Status::Mt(pb::MtStatus {
+    put_status(
+        w,
+        Role::Mt,
+        mt,
+        pb::status::Status::Mt(pb::MtStatus {
             replications: vec![pb::MtReplicationStatus {
                 replication_id: rid.into(),
                 test_point: point.into(),
@@ -27,36 +30,19 @@ async fn mt_test_status(w: &World, mt: &str, rid: &str, point: &str) {
                 ..Default::default()
             }],
             retention_bytes: 0,
-        })),
-    };
-    let bytes = prost::Message::encode_to_vec(&st);
-    w.store
-        .set_status(Role::Mt, mt, &bytes, now_ms())
-        .await
-        .unwrap();
+        }),
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn test_failover_starts_test_copies_at_each_point_and_cleanup_ends_them() {
     let w = world().await;
-    machine(&w, "m2").await;
     let e = refused(w.lc.test_failover(&one("m1"), PointSpec::Latest).await);
     assert!(e.contains("m1") && e.contains("Unprotected"), "{e}");
     let e = refused(w.lc.test_failover(&one("nope"), PointSpec::Latest).await);
     assert!(e.contains("nope is unknown"), "{e}");
-    w.store
-        .put_group(&Group {
-            name: "g".into(),
-            machines: vec!["m1".into(), "m2".into()],
-            hold_ms: 100,
-            interval_secs: 0,
-            app: false,
-        })
-        .await
-        .unwrap();
-    for m in ["m1", "m2"] {
-        protected(&w, m, "g").await;
-    }
+    two_in_group(&w).await;
     let p = plan(
         &w,
         vec![crate::store::PlanGroup {
@@ -218,21 +204,20 @@ async fn the_verify_schedule_runs_verify_at_the_policy_interval() {
 /// up to seq 10 (which the fake MT has applied).
 async fn ps_statuses(w: &World, old: &str, new: &str, rid: &str) {
     for (ps, durable) in [(old, 10), (new, 12)] {
-        let st = pb::Status {
-            status: Some(pb::status::Status::Ps(pb::PsStatus {
+        put_status(
+            w,
+            Role::Ps,
+            ps,
+            pb::status::Status::Ps(pb::PsStatus {
                 replications: vec![pb::PsReplicationLag {
                     replication_id: rid.into(),
                     durable_seq: durable,
                     ..Default::default()
                 }],
                 ..Default::default()
-            })),
-        };
-        let bytes = prost::Message::encode_to_vec(&st);
-        w.store
-            .set_status(Role::Ps, ps, &bytes, now_ms())
-            .await
-            .unwrap();
+            }),
+        )
+        .await;
     }
 }
 
