@@ -323,7 +323,10 @@ impl MtControl {
                 if !c.ps_id.is_empty() {
                     r.assign_ps(&c.ps_id)?;
                 }
-                let warning = match (&adopted, c.adopt_from.is_empty()) {
+                // Nothing adopted (the earlier replication lived at another
+                // MT): the kept source copy seeds the replica, if any.
+                let no_seed = c.seed_paths.iter().all(String::is_empty);
+                let warning = match (&adopted, c.adopt_from.is_empty() || !no_seed) {
                     (None, false) => format!(
                         "MT {} holds no replica of {} to adopt (from {}): the resync sends the whole disks",
                         self.identity.id, c.machine_id, c.adopt_from

@@ -1,7 +1,7 @@
 //! The lifecycle commands: hand-over (apply refused, hook environment and
 //! exit status, idempotent re-run, undo by RestorePreImages), Rollback by
 //! every PointChoice, EndReplication, and PrepareReplication adopting the
-//! replica files of an ended replication.
+//! replica files of an ended replication or seeding them from a kept copy.
 
 use super::{applied, apply_range, check_latest, info, open_store, Gen, RID, SIZES};
 use crate::config::{HooksConfig, RetentionConfig};
@@ -352,6 +352,28 @@ fn end_replication_keeps_or_deletes_and_prepare_adopts_the_kept_replica() {
         &s.get("m1-ba-3").unwrap(),
         &[vec![0; SIZES[0] as usize], vec![0; SIZES[1] as usize]],
     );
+    // Nothing to adopt at this MT but a kept source copy: it seeds the
+    // replica.
+    let kept_dir = tempfile::tempdir().unwrap();
+    let seed_paths = (latest.iter().enumerate())
+        .map(|(i, d)| {
+            let p = kept_dir.path().join(format!("kept{i}.img"));
+            std::fs::write(&p, d).unwrap();
+            p.display().to_string()
+        })
+        .collect();
+    let res = ctl
+        .run(Cmd::PrepareReplication(pb::PrepareReplication {
+            replication_id: "m1-ba-5".into(),
+            machine_id: "m1".into(),
+            disks: info().disks.into_iter().map(pb_disk).collect(),
+            adopt_from: "m1-old".into(),
+            ps_id: "ps1".into(),
+            seed_paths,
+        }))
+        .unwrap();
+    assert!(res.ok && res.warning.is_empty(), "{res:?}");
+    check_latest(&s.get("m1-ba-5").unwrap(), &latest);
     // A live replication is not adopted.
     let res = prep("m1-ba-4", "m1-ba");
     assert!(!res.ok);
