@@ -19,6 +19,9 @@
 //! - a rollback, a restore of pre-images, a hand-over (the replica then
 //!   belongs to the machine booted from it) and the end of the replication
 //!   forget everything, and the cache is not used in those states;
+//! - a verify (hashes at a recovery point) forgets the chunks it asked: it
+//!   looks for a replica changed by other than apply, which the cache
+//!   cannot know of, and a repair's resync must compare with the replica;
 //! - it is memory only: a restarted MT, and a reload after an IO error,
 //!   start with it empty, so nothing stale survives a crash.
 //!

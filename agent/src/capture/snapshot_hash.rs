@@ -34,7 +34,7 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum SnapshotError {
-    #[error("no verify point can be cut: {0}")]
+    #[error("no verify point can be cut ({0}); verify again once the agent streams in data mode (`rebound machines` shows its mode)")]
     Tag(#[from] TagError),
     #[error("a verify is running already (point {0}); wait for it to end and retry")]
     Busy(String),
