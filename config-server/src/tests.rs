@@ -533,6 +533,8 @@ async fn mt_status_and_a_command_round_trip() {
                     ..Default::default()
                 }),
                 state: "applying".into(),
+                test_point: "t1".into(),
+                test_exports: vec!["m1/disk0@test".into()],
                 ..Default::default()
             }],
             retention_bytes: 0,
@@ -540,6 +542,22 @@ async fn mt_status_and_a_command_round_trip() {
     })))
     .await
     .unwrap();
+    let verified = crate::store::records::VerifyRecord {
+        time_ms: now,
+        point_id: "v1".into(),
+        chunk_size: 1 << 20,
+        chunks_compared: 8,
+        differing: 1,
+        differing_chunks: vec![crate::store::records::ChunkAt {
+            disk: 0,
+            offset: 1 << 20,
+        }],
+        ..Default::default()
+    };
+    let rec = crate::store::records::Record::LastVerify;
+    crate::store::records::put(&store, rec, "m1", &verified)
+        .await
+        .unwrap();
     eventually("summary stored", || async {
         store
             .get_point_summary("m1")
@@ -587,6 +605,15 @@ async fn mt_status_and_a_command_round_trip() {
         .into_inner();
     assert_eq!(ms.machines[0].state, "Protected");
     assert_eq!(ms.machines[0].last_point.as_ref().unwrap().id, "t2");
+    // ... the running test copy the MT reports, and the last verify.
+    assert_eq!(ms.machines[0].test_point, "t1");
+    assert_eq!(ms.machines[0].test_exports, ["m1/disk0@test"]);
+    let v = ms.machines[0].last_verify.as_ref().unwrap();
+    assert_eq!(
+        (v.point_id.as_str(), v.differing, v.chunk_size),
+        ("v1", 1, 1 << 20)
+    );
+    assert_eq!(v.differing_chunks[0].offset, 1 << 20);
     cs.stop_with(store).await;
 }
 

@@ -234,7 +234,7 @@ impl Lifecycle {
                 // The machine now lives at the target site: from here on
                 // only an agent there may register (split-brain guard).
                 let mut m = self.machine(&machine).await?;
-                if r.state == ReplState::FailingOver {
+                if r.state == ReplState::FailingOver && m.site == r.from_site {
                     self.remember_source_disks(&m, &r).await?;
                 }
                 m.site = r.to_site.clone();
