@@ -4,8 +4,8 @@
 //! another point; commit makes what it wrote the base.
 
 use crate::lifecycle::{
-    a, b, fail_over_at_latest, failover, handed_over, protect, replica_hash, reprotect,
-    source_hash, succeeded, wait_point_seq, JOB, MIB,
+    a, b, fail_over_at_latest, failed_over_at_the_second_of_two_points, protect, replica_hash,
+    reprotect, succeeded, TwoPoints, JOB, MIB,
 };
 use rebound_lab::*;
 
@@ -29,17 +29,7 @@ fn change_point_undoes_what_the_failed_over_machine_wrote() {
     let mut s = Sites::start(SitesOptions::default()).expect("sites");
     let m = "m1";
     protect(&s, m, a(), b());
-    s.write(m, a(), "disk0", 0, MIB, 0x31).unwrap();
-    let (p1, _) = s.tag(m, a(), "crash").unwrap();
-    let h1 = source_hash(&s, m);
-    s.write(m, a(), "disk0", MIB, MIB, 0x32).unwrap();
-    let (p2, seq2) = s.tag(m, a(), "crash").unwrap();
-    let h2 = source_hash(&s, m);
-    wait_point_seq(&s, m, seq2);
-
-    failover(&s, m, a(), b(), &["--point", &p2]);
-    let (_, r1) = handed_over(&mut s, m, b());
-    assert_eq!(replica_hash(&s, b(), &r1), h2);
+    let TwoPoints { p1, h1, h2, r1, .. } = failed_over_at_the_second_of_two_points(&mut s, m);
     // The machine runs at B and writes over what the point holds and
     // beyond it.
     machine_writes_at_b(&mut s, &r1, MIB / 2, 2 * MIB, 0x51);

@@ -186,21 +186,41 @@ fn failover_at_latest_app_drops_later_writes_and_warns() {
     assert_eq!(replica_hash(&s, b(), &r1), h_app, "not the app point");
 }
 
+/// Two crash points of a protected machine and where it runs after a
+/// failover at the second.
+pub(crate) struct TwoPoints {
+    /// The first point (1 MiB written at 0) and the source's hash at it.
+    pub p1: String,
+    pub h1: String,
+    /// The second (the next MiB written too) and its hash.
+    pub p2: String,
+    pub h2: String,
+    /// The replication the machine runs from at B.
+    pub r1: String,
+}
+
+/// Cuts two points on `m` at A and fails it over to B at the second; the
+/// replica it runs from at B equals the source at that point.
+pub(crate) fn failed_over_at_the_second_of_two_points(s: &mut Sites, m: &str) -> TwoPoints {
+    s.write(m, a(), "disk0", 0, MIB, 0x31).unwrap();
+    let (p1, _) = s.tag(m, a(), "crash").unwrap();
+    let h1 = source_hash(s, m);
+    s.write(m, a(), "disk0", MIB, MIB, 0x32).unwrap();
+    let (p2, seq2) = s.tag(m, a(), "crash").unwrap();
+    let h2 = source_hash(s, m);
+    wait_point_seq(s, m, seq2);
+    failover(s, m, a(), b(), &["--point", &p2]);
+    let (_, r1) = handed_over(s, m, b());
+    assert_eq!(replica_hash(s, b(), &r1), h2);
+    TwoPoints { p1, h1, p2, h2, r1 }
+}
+
 #[test]
 fn change_point_before_commit_moves_and_back() {
     let mut s = m1_protected();
     let m = "m1";
-    s.write(m, a(), "disk0", 0, MIB, 0x31).unwrap();
-    let (p1, _) = s.tag(m, a(), "crash").unwrap();
-    let h1 = source_hash(&s, m);
-    s.write(m, a(), "disk0", MIB, MIB, 0x32).unwrap();
-    let (p2, seq2) = s.tag(m, a(), "crash").unwrap();
-    let h2 = source_hash(&s, m);
-    wait_point_seq(&s, m, seq2);
-    failover(&s, m, a(), b(), &["--point", &p2]);
-    let (_, r1) = handed_over(&mut s, m, b());
+    let TwoPoints { p1, h1, p2, h2, r1 } = failed_over_at_the_second_of_two_points(&mut s, m);
     s.stop_agent(m, b()).unwrap();
-    assert_eq!(replica_hash(&s, b(), &r1), h2);
     succeeded(&s.job(&["change-point", m, "--point", &p1]).unwrap());
     assert_eq!(replica_hash(&s, b(), &r1), h1, "change-point to {p1}");
     assert_eq!(s.machine(m).unwrap()["failover_point"]["id"], p1.as_str());
