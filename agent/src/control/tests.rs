@@ -136,14 +136,7 @@ async fn drain_when_everything_is_durable_runs_the_shutdown_hook() {
 async fn group_hold_blocks_writes_until_commit_and_tags_with_the_group() {
     let f = fixture(HooksConfig::default());
     let cap = f.rt.capture.clone();
-    let r =
-        f.rt.handle_cmd(cmd(Cmd::GroupPrepare(pb::GroupPrepare {
-            group: "g".into(),
-            tag_id: "grp-1".into(),
-            hold_ms: 5000,
-            kind: String::new(),
-        })))
-        .await;
+    let r = group_prepare(&f, "grp-1", "", 5000).await;
     assert!(r.ok, "{r:?}");
     // A write during the hold waits at the ordering point.
     let c2 = cap.clone();
@@ -154,15 +147,7 @@ async fn group_hold_blocks_writes_until_commit_and_tags_with_the_group() {
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert!(!writer.is_finished(), "a held write must wait");
     let released_at = Instant::now();
-    let t = tag_cut(
-        &f.rt
-            .handle_cmd(cmd(Cmd::GroupCommit(pb::GroupCommit {
-                group: "g".into(),
-                tag_id: "grp-1".into(),
-                kind: "crash".into(),
-            })))
-            .await,
-    );
+    let t = tag_cut(&group_commit(&f, "grp-1", "crash").await);
     assert_eq!(t.id, "grp-1");
     let done = tokio::task::spawn_blocking(move || writer.join().unwrap())
         .await
@@ -184,16 +169,8 @@ async fn group_hold_expires_on_its_own_and_late_commit_fails() {
     let f = fixture(HooksConfig::default());
     let cap = f.rt.capture.clone();
     let t0 = Instant::now();
-    assert!(
-        f.rt.handle_cmd(cmd(Cmd::GroupPrepare(pb::GroupPrepare {
-            group: "g".into(),
-            tag_id: "grp-2".into(),
-            hold_ms: 0, // default 100 ms
-            kind: String::new(),
-        })))
-        .await
-        .ok
-    );
+    // hold_ms 0: the default 100 ms.
+    assert!(group_prepare(&f, "grp-2", "", 0).await.ok);
     let c2 = cap.clone();
     tokio::task::spawn_blocking(move || c2.write(0, 0, &[1u8; 512], false).unwrap())
         .await
@@ -204,13 +181,7 @@ async fn group_hold_expires_on_its_own_and_late_commit_fails() {
         "{waited:?}"
     );
     assert!(cap.hold().held_by().is_none());
-    let r =
-        f.rt.handle_cmd(cmd(Cmd::GroupCommit(pb::GroupCommit {
-            group: "g".into(),
-            tag_id: "grp-2".into(),
-            kind: "crash".into(),
-        })))
-        .await;
+    let r = group_commit(&f, "grp-2", "crash").await;
     assert!(!r.ok && r.error.contains("not in force"), "{r:?}");
     assert!(tags(&cap).is_empty());
 }
@@ -219,25 +190,9 @@ async fn group_hold_expires_on_its_own_and_late_commit_fails() {
 async fn group_abort_releases_at_once() {
     let f = fixture(HooksConfig::default());
     let cap = f.rt.capture.clone();
-    assert!(
-        f.rt.handle_cmd(cmd(Cmd::GroupPrepare(pb::GroupPrepare {
-            group: "g".into(),
-            tag_id: "grp-3".into(),
-            hold_ms: 10_000,
-            kind: String::new(),
-        })))
-        .await
-        .ok
-    );
+    assert!(group_prepare(&f, "grp-3", "", 10_000).await.ok);
     assert_eq!(cap.hold().held_by().as_deref(), Some("grp-3"));
-    assert!(
-        f.rt.handle_cmd(cmd(Cmd::GroupAbort(pb::GroupAbort {
-            group: "g".into(),
-            tag_id: "grp-3".into(),
-        })))
-        .await
-        .ok
-    );
+    assert!(group_abort(&f, "grp-3").await.ok);
     let t0 = Instant::now();
     let c2 = cap.clone();
     tokio::task::spawn_blocking(move || c2.write(0, 0, &[1u8; 512], false).unwrap())
@@ -464,13 +419,33 @@ async fn stop_replication_keep_running_leaves_the_disks_writable() {
     cap.write(0, 0, &[8u8; 512], true).unwrap();
 }
 
-/// GroupPrepare of kind `kind` for `tag_id`, holding up to 5 s.
-async fn group_prepare(f: &Fixture, tag_id: &str, kind: &str) -> CommandResult {
+/// GroupPrepare of kind `kind` for `tag_id`, holding up to `hold_ms` (0 =
+/// the default).
+async fn group_prepare(f: &Fixture, tag_id: &str, kind: &str, hold_ms: u32) -> CommandResult {
     f.rt.handle_cmd(cmd(Cmd::GroupPrepare(pb::GroupPrepare {
         group: "g".into(),
         tag_id: tag_id.into(),
-        hold_ms: 5000,
+        hold_ms,
         kind: kind.into(),
+    })))
+    .await
+}
+
+/// GroupCommit of kind `kind` for `tag_id`.
+async fn group_commit(f: &Fixture, tag_id: &str, kind: &str) -> CommandResult {
+    f.rt.handle_cmd(cmd(Cmd::GroupCommit(pb::GroupCommit {
+        group: "g".into(),
+        tag_id: tag_id.into(),
+        kind: kind.into(),
+    })))
+    .await
+}
+
+/// GroupAbort for `tag_id`.
+async fn group_abort(f: &Fixture, tag_id: &str) -> CommandResult {
+    f.rt.handle_cmd(cmd(Cmd::GroupAbort(pb::GroupAbort {
+        group: "g".into(),
+        tag_id: tag_id.into(),
     })))
     .await
 }
@@ -492,19 +467,11 @@ async fn an_app_group_point_freezes_before_the_hold_and_thaws_after_the_commit()
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
     let f = logging_hooks(&log, None);
-    let r = group_prepare(&f, "grp-app", "app").await;
+    let r = group_prepare(&f, "grp-app", "app", 5000).await;
     assert!(r.ok && r.warning.is_empty(), "{r:?}");
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "freeze\n");
     assert_eq!(f.rt.capture.hold().held_by().as_deref(), Some("grp-app"));
-    let t = tag_cut(
-        &f.rt
-            .handle_cmd(cmd(Cmd::GroupCommit(pb::GroupCommit {
-                group: "g".into(),
-                tag_id: "grp-app".into(),
-                kind: "app".into(),
-            })))
-            .await,
-    );
+    let t = tag_cut(&group_commit(&f, "grp-app", "app").await);
     assert_eq!((t.id.as_str(), t.kind.as_str()), ("grp-app", "app"));
     assert!(t.warning.is_empty(), "{t:?}");
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "freeze\nthaw\n");
@@ -520,34 +487,15 @@ async fn an_app_group_point_thaws_on_abort_and_on_expiry_and_crash_groups_never_
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
     let f = logging_hooks(&log, None);
-    assert!(group_prepare(&f, "grp-crash", "crash").await.ok);
+    assert!(group_prepare(&f, "grp-crash", "crash", 5000).await.ok);
     assert!(!log.exists(), "a crash group point runs no freeze");
-    assert!(
-        f.rt.handle_cmd(cmd(Cmd::GroupAbort(pb::GroupAbort {
-            group: "g".into(),
-            tag_id: "grp-crash".into(),
-        })))
-        .await
-        .ok
-    );
-    assert!(group_prepare(&f, "grp-a", "app").await.ok);
-    let r =
-        f.rt.handle_cmd(cmd(Cmd::GroupAbort(pb::GroupAbort {
-            group: "g".into(),
-            tag_id: "grp-a".into(),
-        })))
-        .await;
+    assert!(group_abort(&f, "grp-crash").await.ok);
+    assert!(group_prepare(&f, "grp-a", "app", 5000).await.ok);
+    let r = group_abort(&f, "grp-a").await;
     assert!(r.ok && r.warning.is_empty(), "{r:?}");
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "freeze\nthaw\n");
     // Expiry: the hold is released and the machine thawed on its own.
-    let r =
-        f.rt.handle_cmd(cmd(Cmd::GroupPrepare(pb::GroupPrepare {
-            group: "g".into(),
-            tag_id: "grp-b".into(),
-            hold_ms: 50,
-            kind: "app".into(),
-        })))
-        .await;
+    let r = group_prepare(&f, "grp-b", "app", 50).await;
     assert!(r.ok, "{r:?}");
     let t0 = Instant::now();
     while std::fs::read_to_string(&log).unwrap() != "freeze\nthaw\nfreeze\nthaw\n" {
@@ -559,7 +507,7 @@ async fn an_app_group_point_thaws_on_abort_and_on_expiry_and_crash_groups_never_
     }
     assert!(f.rt.capture.hold().held_by().is_none());
     assert!(tags(&f.rt.capture).is_empty());
-    let r = group_prepare(&f, "grp-c", "snapshot").await;
+    let r = group_prepare(&f, "grp-c", "snapshot", 5000).await;
     assert!(!r.ok && r.error.contains("unknown kind"), "{r:?}");
 }
 
@@ -568,7 +516,7 @@ async fn an_app_group_point_whose_freeze_fails_is_crash_consistent_with_a_warnin
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
     let f = logging_hooks(&log, Some("echo db busy >&2; exit 3"));
-    let r = group_prepare(&f, "grp-f", "app").await;
+    let r = group_prepare(&f, "grp-f", "app", 5000).await;
     assert!(r.ok, "{r:?}");
     assert!(
         r.warning.contains("freeze failed") && r.warning.contains("db busy"),
@@ -576,15 +524,7 @@ async fn an_app_group_point_whose_freeze_fails_is_crash_consistent_with_a_warnin
     );
     // The half-done freeze was undone at once.
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "thaw\n");
-    let t = tag_cut(
-        &f.rt
-            .handle_cmd(cmd(Cmd::GroupCommit(pb::GroupCommit {
-                group: "g".into(),
-                tag_id: "grp-f".into(),
-                kind: "app".into(),
-            })))
-            .await,
-    );
+    let t = tag_cut(&group_commit(&f, "grp-f", "app").await);
     assert_eq!(t.kind, "crash");
     assert!(t.warning.contains("crash-consistent"), "{t:?}");
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "thaw\n");
