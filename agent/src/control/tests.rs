@@ -315,6 +315,16 @@ fn start_cmd(replication_id: &str, resync: bool) -> Command {
     }))
 }
 
+/// StopReplication of `replication_id`, keeping the source copy.
+async fn stop_replication(f: &Fixture, replication_id: &str, keep_running: bool) -> CommandResult {
+    f.rt.handle_cmd(cmd(Cmd::StopReplication(pb::StopReplication {
+        replication_id: replication_id.into(),
+        remove_source_copy: false,
+        keep_running,
+    })))
+    .await
+}
+
 #[tokio::test]
 async fn start_replication_switches_the_stream_and_resyncs() {
     let f = fixture(HooksConfig::default());
@@ -335,13 +345,7 @@ async fn start_replication_switches_the_stream_and_resyncs() {
     assert_eq!(saved.replication_id, "r2");
     // A repeat is a no-op.
     assert!(f.rt.handle_cmd(start()).await.ok);
-    let r =
-        f.rt.handle_cmd(cmd(Cmd::StopReplication(pb::StopReplication {
-            replication_id: "r2".into(),
-            remove_source_copy: false,
-            keep_running: false,
-        })))
-        .await;
+    let r = stop_replication(&f, "r2", false).await;
     assert!(r.ok);
     assert_eq!(f.rt.replication_id(), "");
     assert!(cap.is_fenced());
@@ -402,13 +406,7 @@ async fn stop_replication_keep_running_leaves_the_disks_writable() {
     let cap = f.rt.capture.clone();
     let r = f.rt.handle_cmd(start_cmd("r1", false)).await;
     assert!(r.ok, "{r:?}");
-    let r =
-        f.rt.handle_cmd(cmd(Cmd::StopReplication(pb::StopReplication {
-            replication_id: "r1".into(),
-            remove_source_copy: false,
-            keep_running: true,
-        })))
-        .await;
+    let r = stop_replication(&f, "r1", true).await;
     assert!(r.ok && r.warning.is_empty(), "{r:?}");
     assert_eq!(f.rt.replication_id(), "");
     assert!(Runtime::load_assignment(&f.rt.settings).is_none());
