@@ -134,7 +134,9 @@ impl Lifecycle {
 
     /// Waits until `ps` reports the replication and the MT has applied
     /// everything the old PS held after the switch (its status after the
-    /// switch, so its report's lag does not hide records).
+    /// switch, so its report's lag does not hide records). An old PS that
+    /// is not connected is waited for; only when it stays away for the
+    /// whole wait does the move go on without it (with a warning).
     pub(super) async fn wait_moved(
         &self,
         ctx: &mut JobCtx,
@@ -150,52 +152,47 @@ impl Lifecycle {
                 ms
             }
         };
-        if self.bus.connection(&ComponentKey::ps(&r.ps)).is_none() {
-            ctx.warn(format!(
-                "the old PS {} is not connected, so what it still holds for {machine} is \
-                 unknown; the agent resends what the MT is missing",
-                r.ps
-            ))
-            .await?;
-        }
         let (store, bus) = (self.store.clone(), self.bus.clone());
         let (old, new, rid) = (r.ps.clone(), ps.to_string(), r.id.clone());
-        self.wait_for(
-            ctx,
-            format!(
-                "waiting for PS {ps} to carry {machine} and MT {} to apply what PS {} held",
-                r.mt, r.ps
-            ),
-            self.settings.drain_timeout,
-            || {
-                let (store, bus) = (store.clone(), bus.clone());
-                let (old, new, rid) = (old.clone(), new.clone(), rid.clone());
-                async move {
-                    let carried = ps_status(store.as_ref(), &new)
-                        .await?
-                        .is_some_and(|(_, s)| lag_of(&s, &rid).is_some());
-                    if !carried {
-                        return Ok(None);
-                    }
-                    let applied = store
-                        .get_point_summary(&rid)
-                        .await?
-                        .map(|s| s.applied_seq)
-                        .unwrap_or(0);
-                    if bus.connection(&ComponentKey::ps(&old)).is_none() {
-                        return Ok(Some(()));
-                    }
-                    Ok(match ps_status(store.as_ref(), &old).await? {
-                        Some((at, s)) if at > switched => {
-                            let held = lag_of(&s, &rid).map(|l| l.durable_seq).unwrap_or(0);
-                            (applied >= held).then_some(())
-                        }
-                        _ => None,
-                    })
-                }
-            },
-            || {
+        let waited = self
+            .wait_for(
+                ctx,
                 format!(
+                    "waiting for PS {ps} to carry {machine} and MT {} to apply what PS {} held",
+                    r.mt, r.ps
+                ),
+                self.settings.drain_timeout,
+                || {
+                    let (store, bus) = (store.clone(), bus.clone());
+                    let (old, new, rid) = (old.clone(), new.clone(), rid.clone());
+                    async move {
+                        let carried = ps_status(store.as_ref(), &new)
+                            .await?
+                            .is_some_and(|(_, s)| lag_of(&s, &rid).is_some());
+                        if !carried {
+                            return Ok(None);
+                        }
+                        let applied = store
+                            .get_point_summary(&rid)
+                            .await?
+                            .map(|s| s.applied_seq)
+                            .unwrap_or(0);
+                        // An old PS that is away (paused, restarting) may still
+                        // hold records: wait for it to come back and report.
+                        if bus.connection(&ComponentKey::ps(&old)).is_none() {
+                            return Ok(None);
+                        }
+                        Ok(match ps_status(store.as_ref(), &old).await? {
+                            Some((at, s)) if at > switched => {
+                                let held = lag_of(&s, &rid).map(|l| l.durable_seq).unwrap_or(0);
+                                (applied >= held).then_some(())
+                            }
+                            _ => None,
+                        })
+                    }
+                },
+                || {
+                    format!(
                     "PS {ps} did not take over {machine} within {}, or MT {} did not apply what \
                      PS {} held: check `rebound status` and the PSs' logs; re-run the move to \
                      keep waiting (the old PS still forwards what it holds)",
@@ -203,9 +200,23 @@ impl Lifecycle {
                     r.mt,
                     r.ps
                 )
-            },
-        )
-        .await
+                },
+            )
+            .await;
+        match waited {
+            Err(_) if self.bus.connection(&ComponentKey::ps(&r.ps)).is_none() => {
+                // The old PS is gone: what it held cannot be forwarded; the
+                // agent resends what the MT is missing (its resync).
+                ctx.warn(format!(
+                    "the old PS {} did not come back within {}, so what it still held for \
+                     {machine} is lost with it; the agent resyncs what the MT is missing",
+                    r.ps,
+                    super::steps::human(self.settings.drain_timeout)
+                ))
+                .await
+            }
+            other => other,
+        }
     }
 
     /// The replication's PS is `ps` from now on.

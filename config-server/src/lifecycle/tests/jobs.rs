@@ -249,6 +249,13 @@ async fn move_switches_the_stream_to_the_new_ps_and_drops_the_old_one() {
     w.bus.clear();
     let job = w.lc.move_machine("m1", "ps3").await.unwrap();
     assert_eq!(job.kind, "move");
+    // An old PS that is away (paused) is waited for: it may hold records.
+    w.bus.disconnect(&ComponentKey::ps("ps1"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let j = w.store.get_job(&job.id).await.unwrap().unwrap();
+    assert!(!j.state.finished(), "{}", j.status);
+    assert!(j.status.contains("what PS ps1 held"), "{}", j.status);
+    w.bus.connect(ComponentKey::ps("ps1"), "onprem");
     // The PSs report after the switch while the job waits.
     let t0 = Instant::now();
     let j = loop {
