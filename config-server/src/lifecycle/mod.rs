@@ -71,6 +71,15 @@ pub struct Settings {
     pub hook_dir: PathBuf,
 }
 
+impl Settings {
+    /// How long to wait for an MT command that runs up to `hook_waits`
+    /// hook-bounded waits (a hook, a fence on the machine's journals) on
+    /// top of its own work.
+    pub fn hook_command_timeout(&self, hook_waits: u32) -> Duration {
+        self.command_timeout + self.hook_timeout * hook_waits
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Settings {

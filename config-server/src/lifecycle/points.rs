@@ -14,6 +14,11 @@ use rebound_proto::control as pb;
 use rebound_proto::control::command::Cmd;
 use rebound_proto::control::command_result::Detail;
 
+/// The MT runs the power_off hook (up to its hook timeout), then waits up
+/// to the hook timeout again for the machine's agent to let go of its
+/// hand-over journals (the fence).
+const POWER_OFF_HOOK_WAITS: u32 = 2;
+
 impl Lifecycle {
     /// Resolves a plan-wide point (`latest-multi`: the newest group point
     /// every machine has) once, and remembers each machine's point for its
@@ -121,9 +126,10 @@ impl Lifecycle {
         let cmd = Cmd::PowerOff(pb::PowerOff {
             replication_id: r.id.clone(),
         });
-        let reply = self.send(ComponentKey::mt(&r.mt), cmd).await?;
-        ctx.warn(reply.warning).await?;
-        if let Some(Detail::PoweredOff(p)) = reply.detail {
+        let detail = self
+            .hook_command(ctx, &r.mt, cmd, POWER_OFF_HOOK_WAITS)
+            .await?;
+        if let Some(Detail::PoweredOff(p)) = detail {
             ctx.status(format!(
                 "{machine} powered off at MT {}; {} blocks it wrote since its hand-over restored",
                 r.mt, p.blocks_restored
@@ -131,5 +137,26 @@ impl Lifecycle {
             .await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::POWER_OFF_HOOK_WAITS;
+    use crate::lifecycle::Settings;
+    use std::time::Duration;
+
+    #[test]
+    fn power_off_waits_for_the_hook_and_the_fence() {
+        let s = Settings {
+            command_timeout: Duration::from_secs(60),
+            hook_timeout: Duration::from_secs(300),
+            ..Settings::default()
+        };
+        assert_eq!(
+            s.hook_command_timeout(POWER_OFF_HOOK_WAITS),
+            Duration::from_secs(60 + 2 * 300)
+        );
+        assert_eq!(s.hook_command_timeout(1), Duration::from_secs(360));
     }
 }

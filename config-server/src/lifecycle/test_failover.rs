@@ -109,15 +109,17 @@ impl Lifecycle {
         Ok(())
     }
 
-    /// Sends MT `mt` a command that runs one of its hooks (so it may take
-    /// the hook's time too); keeps its warning, returns its detail.
-    async fn hook_command(
+    /// Sends MT `mt` a command that waits up to `hook_waits` times the
+    /// hook timeout (its hooks, its fence) on top of its own work; keeps
+    /// its warning, returns its detail.
+    pub(super) async fn hook_command(
         &self,
         ctx: &mut JobCtx,
         mt: &str,
         cmd: Cmd,
+        hook_waits: u32,
     ) -> Result<Option<Detail>, CsError> {
-        let limit = self.settings.command_timeout + self.settings.hook_timeout;
+        let limit = self.settings.hook_command_timeout(hook_waits);
         let reply = self.bus.send(ComponentKey::mt(mt), cmd, limit).await?;
         ctx.warn(reply.warning).await?;
         Ok(reply.detail)
@@ -139,7 +141,7 @@ impl Lifecycle {
             point: Some(convert::point_spec_to_proto(&point)),
             run_test_power_on: true,
         });
-        if let Some(Detail::TestCopy(t)) = self.hook_command(ctx, &r.mt, cmd).await? {
+        if let Some(Detail::TestCopy(t)) = self.hook_command(ctx, &r.mt, cmd, 1).await? {
             let p = t.point.map(|p| p.id).unwrap_or_default();
             ctx.status(format!(
                 "{machine}'s test copy of point {p} is served by MT {} at {}: exports {}",
@@ -162,7 +164,7 @@ impl Lifecycle {
         let cmd = Cmd::EndTestFailover(pb::EndTestFailover {
             replication_id: r.id.clone(),
         });
-        self.hook_command(ctx, &r.mt, cmd).await?;
+        self.hook_command(ctx, &r.mt, cmd, 1).await?;
         ctx.status(format!(
             "{machine}'s test copy at MT {} discarded and its point unpinned",
             r.mt
