@@ -16,6 +16,7 @@ use prost::Message;
 use rebound_common::pki::Role;
 use rebound_proto::control as pb;
 use rebound_proto::control::command::Cmd;
+use std::time::Duration;
 
 /// The steps after the check. `RemoveFromPs` runs while the replication
 /// still names the old PS, so it is the old one that forgets it.
@@ -72,6 +73,28 @@ pub(crate) async fn ps_status(
 /// The PS's lag line for a replication.
 pub(crate) fn lag_of<'a>(s: &'a pb::PsStatus, rid: &str) -> Option<&'a pb::PsReplicationLag> {
     s.replications.iter().find(|x| x.replication_id == rid)
+}
+
+/// How long an agent waits, in a move, for the MT to apply what the old
+/// PS still forwards before it resyncs instead: the agent's
+/// `rebound_agent::sender::MOVE_WAIT`.
+pub(crate) const AGENT_MOVE_WAIT: Duration = Duration::from_secs(300);
+
+/// How long a move waits for the old PS to be drained: never shorter than
+/// the agent's own wait (plus a margin for its retries), so the job does
+/// not give up while the agent still waits for the old PS.
+pub(crate) fn move_wait(drain_timeout: Duration) -> Duration {
+    drain_timeout.max(AGENT_MOVE_WAIT + Duration::from_secs(30))
+}
+
+/// What the old PS held for the replication at its last report after the
+/// switch.
+#[derive(Debug, Clone, Copy)]
+enum Held {
+    /// No report since the switch.
+    NoReport,
+    /// Its durable seq for the replication (None: not listed, unknown).
+    Reported(Option<u64>),
 }
 
 impl Lifecycle {
@@ -135,8 +158,11 @@ impl Lifecycle {
     /// Waits until `ps` reports the replication and the MT has applied
     /// everything the old PS held after the switch (its status after the
     /// switch, so its report's lag does not hide records). An old PS that
-    /// is not connected is waited for; only when it stays away for the
-    /// whole wait does the move go on without it (with a warning).
+    /// is not connected, or whose report does not list the replication,
+    /// may still hold records: that is waited out, never taken as drained.
+    /// The wait lasts at least as long as the agent's ([`move_wait`]); at
+    /// its end the job fails and the old PS keeps its cache, so what it
+    /// holds is never dropped while the agent may still wait for it.
     pub(super) async fn wait_moved(
         &self,
         ctx: &mut JobCtx,
@@ -152,71 +178,69 @@ impl Lifecycle {
                 ms
             }
         };
+        let limit = move_wait(self.settings.drain_timeout);
         let (store, bus) = (self.store.clone(), self.bus.clone());
         let (old, new, rid) = (r.ps.clone(), ps.to_string(), r.id.clone());
-        let waited = self
-            .wait_for(
-                ctx,
+        // What the old PS held at its last report after the switch, if any.
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(None::<Held>));
+        let last = seen.clone();
+        self.wait_for(
+            ctx,
+            format!(
+                "waiting for PS {ps} to carry {machine} and MT {} to apply what PS {} held",
+                r.mt, r.ps
+            ),
+            limit,
+            || {
+                let (store, bus, seen) = (store.clone(), bus.clone(), seen.clone());
+                let (old, new, rid) = (old.clone(), new.clone(), rid.clone());
+                async move {
+                    let carried = ps_status(store.as_ref(), &new)
+                        .await?
+                        .is_some_and(|(_, s)| lag_of(&s, &rid).is_some());
+                    let applied = store
+                        .get_point_summary(&rid)
+                        .await?
+                        .map(|s| s.applied_seq)
+                        .unwrap_or(0);
+                    let held = match ps_status(store.as_ref(), &old).await? {
+                        Some((at, s)) if at > switched => {
+                            Held::Reported(lag_of(&s, &rid).map(|l| l.durable_seq))
+                        }
+                        _ => Held::NoReport,
+                    };
+                    let connected = bus.connection(&ComponentKey::ps(&old)).is_some();
+                    let drained = matches!(held, Held::Reported(Some(d)) if applied >= d);
+                    *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(held);
+                    Ok((carried && connected && drained).then_some(()))
+                }
+            },
+            || {
+                let held = *last.lock().unwrap_or_else(|p| p.into_inner());
+                let holds = match held {
+                    Some(Held::Reported(Some(d))) => format!(
+                        "it last reported holding {machine}'s records up to seq {d}, more than                          MT {} has applied",
+                        r.mt
+                    ),
+                    Some(Held::Reported(None)) => format!(
+                        "its status does not list replication {} at all, so what it still holds                          is unknown",
+                        r.id
+                    ),
+                    _ => "it has not reported since the switch (paused, restarting or                           disconnected), so what it still holds is unknown"
+                        .to_string(),
+                };
                 format!(
-                    "waiting for PS {ps} to carry {machine} and MT {} to apply what PS {} held",
-                    r.mt, r.ps
-                ),
-                self.settings.drain_timeout,
-                || {
-                    let (store, bus) = (store.clone(), bus.clone());
-                    let (old, new, rid) = (old.clone(), new.clone(), rid.clone());
-                    async move {
-                        let carried = ps_status(store.as_ref(), &new)
-                            .await?
-                            .is_some_and(|(_, s)| lag_of(&s, &rid).is_some());
-                        if !carried {
-                            return Ok(None);
-                        }
-                        let applied = store
-                            .get_point_summary(&rid)
-                            .await?
-                            .map(|s| s.applied_seq)
-                            .unwrap_or(0);
-                        // An old PS that is away (paused, restarting) may still
-                        // hold records: wait for it to come back and report.
-                        if bus.connection(&ComponentKey::ps(&old)).is_none() {
-                            return Ok(None);
-                        }
-                        Ok(match ps_status(store.as_ref(), &old).await? {
-                            Some((at, s)) if at > switched => {
-                                let held = lag_of(&s, &rid).map(|l| l.durable_seq).unwrap_or(0);
-                                (applied >= held).then_some(())
-                            }
-                            _ => None,
-                        })
-                    }
-                },
-                || {
-                    format!(
-                    "PS {ps} did not take over {machine} within {}, or MT {} did not apply what \
-                     PS {} held: check `rebound status` and the PSs' logs; re-run the move to \
-                     keep waiting (the old PS still forwards what it holds)",
-                    super::steps::human(self.settings.drain_timeout),
+                    "the move of {machine} (replication {}) to PS {ps} is not done after {}: the                      old PS {} may still hold records the master target needs ({holds}); its                      cache is kept and still forwarded. Check that PS {} runs and reaches MT {}                      (`rebound status`, its log) and that PS {ps} carries the stream, then re-run                      `rebound move {machine} --ps {ps}`; if PS {} is gone for good, resync                      {machine} instead",
+                    r.id,
+                    super::steps::human(limit),
+                    r.ps,
+                    r.ps,
                     r.mt,
                     r.ps
                 )
-                },
-            )
-            .await;
-        match waited {
-            Err(_) if self.bus.connection(&ComponentKey::ps(&r.ps)).is_none() => {
-                // The old PS is gone: what it held cannot be forwarded; the
-                // agent resends what the MT is missing (its resync).
-                ctx.warn(format!(
-                    "the old PS {} did not come back within {}, so what it still held for \
-                     {machine} is lost with it; the agent resyncs what the MT is missing",
-                    r.ps,
-                    super::steps::human(self.settings.drain_timeout)
-                ))
-                .await
-            }
-            other => other,
-        }
+            },
+        )
+        .await
     }
 
     /// The replication's PS is `ps` from now on.

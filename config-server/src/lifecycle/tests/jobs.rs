@@ -295,6 +295,67 @@ async fn move_switches_the_stream_to_the_new_ps_and_drops_the_old_one() {
     assert_eq!((st, r.ps.as_str()), (ReplState::Protected, "ps3"));
 }
 
+#[tokio::test]
+async fn move_waits_while_the_old_ps_does_not_list_the_replication() {
+    let w = world().await;
+    component(
+        w.store.as_ref(),
+        Role::Ps,
+        "ps3",
+        "onprem",
+        "127.0.0.1:29443",
+    )
+    .await;
+    w.bus.connect(ComponentKey::ps("ps3"), "onprem");
+    protected(&w, "m1", "").await;
+    let job = w.lc.move_machine("m1", "ps3").await.unwrap();
+    // PS3 carries the stream, PS1 reports but without m1: unknown, not drained.
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(500) {
+        ps_statuses(&w, "ps3", "ps3", "m1").await;
+        put_status(
+            &w,
+            Role::Ps,
+            "ps1",
+            pb::status::Status::Ps(pb::PsStatus::default()),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let j = w.store.get_job(&job.id).await.unwrap().unwrap();
+    assert!(!j.state.finished(), "{}", j.status);
+    assert!(
+        !w.bus
+            .sent()
+            .iter()
+            .any(|s| s == "remove-replication>ps:ps1"),
+        "{:?}",
+        w.bus.sent()
+    );
+    // Once PS1 lists what it holds and the MT applied it, the move ends.
+    let t0 = Instant::now();
+    let j = loop {
+        ps_statuses(&w, "ps1", "ps3", "m1").await;
+        let j = w.store.get_job(&job.id).await.unwrap().unwrap();
+        if j.state.finished() {
+            break j;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "{}", j.status);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(j.state, JobState::Succeeded, "{}", j.error);
+}
+
+#[test]
+fn a_move_waits_at_least_as_long_as_the_agent() {
+    use crate::lifecycle::movement::{move_wait, AGENT_MOVE_WAIT};
+    assert!(move_wait(Duration::from_secs(2)) > AGENT_MOVE_WAIT);
+    assert_eq!(
+        move_wait(Duration::from_secs(3600)),
+        Duration::from_secs(3600)
+    );
+}
+
 /// Gives m1's disk a path at its current site.
 async fn disk_path(w: &World, path: &str) {
     let mut m = w.store.get_machine("m1").await.unwrap().unwrap();
