@@ -43,6 +43,7 @@ impl Admin {
         let mut v = serde_json::to_value(&snap).unwrap_or_else(|_| json!({}));
         if let Value::Object(m) = &mut v {
             m.insert("connected".into(), json!(self.link.is_connected()));
+            m.insert("bytes_sent".into(), json!(self.link.bytes_sent()));
             m.insert("machine_id".into(), json!(self.settings.machine_id));
             m.insert(
                 "replication_id".into(),

@@ -28,7 +28,10 @@
 //!   same replication moves to another PS of the site: the change buffer
 //!   and the frames the old PS has not acknowledged are kept, and the
 //!   stream continues at the new PS without a resync (see
-//!   [`crate::sender`] for the wait while the old PS still forwards).
+//!   [`crate::sender`] for the wait while the old PS still forwards). The
+//!   end of that wait is kept in `replication.json` with the assignment, so
+//!   an agent restarted mid-move still waits for the old PS instead of
+//!   taking its records as lost; it is removed once the new PS resumes.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -39,13 +42,13 @@ use std::time::Duration;
 use rebound_common::chunk::EXTENT_SIZE;
 use rebound_common::control::{err_result, ok_result, ControlHandle, ControlHandler};
 use rebound_common::frame::TagKind;
+use rebound_common::time::now_ms;
 use rebound_proto::control::command::Cmd;
 use rebound_proto::control::command_result::Detail;
 use rebound_proto::control::{
     self as pb, AgentStatus, Command, CommandResult, Drained, Event, Hello, TagCut,
 };
 use rebound_proto::{DiskInfo, ReplicationInfo};
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -58,14 +61,6 @@ use crate::sender::Link;
 /// Default write hold of a consistency-group barrier.
 pub const DEFAULT_HOLD_MS: u32 = 100;
 
-/// Where the agent streams: the replication and its PS.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Assignment {
-    pub replication_id: String,
-    pub ps_addr: String,
-    pub ps_server_name: String,
-}
-
 #[derive(Default)]
 struct FenceState {
     tag_id: String,
@@ -76,6 +71,8 @@ struct FenceState {
 
 struct Pipeline {
     assignment: Assignment,
+    /// Until when the stream waits for the old PS of a move.
+    moving_until_ms: Option<u64>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -89,6 +86,8 @@ pub struct Runtime {
     pipeline: tokio::sync::Mutex<Option<Pipeline>>,
     /// The assignment of the running pipeline ("" = not streaming).
     current: Mutex<Option<Assignment>>,
+    /// `replication.json`: the assignment, kept across restarts.
+    assigned_file: Arc<AssignmentFile>,
     pub crash_interval_ms: AtomicU64,
     pub app_interval_secs: AtomicU64,
     pub hook_timeout_ms: AtomicU64,
@@ -125,6 +124,7 @@ impl Runtime {
             app_interval_secs: AtomicU64::new(settings.app_interval.as_secs()),
             hook_timeout_ms: AtomicU64::new(settings.hook_timeout.as_millis() as u64),
             policy_changed: tokio::sync::Notify::new(),
+            assigned_file: Arc::new(AssignmentFile::new(settings.assigned_path())),
             capture,
             link,
             settings,
@@ -176,39 +176,39 @@ impl Runtime {
 
     /// The assignment the CS made earlier, if any.
     pub fn load_assignment(settings: &Settings) -> Option<Assignment> {
-        let text = std::fs::read(settings.assigned_path()).ok()?;
-        match serde_json::from_slice(&text) {
-            Ok(a) => Some(a),
-            Err(e) => {
-                warn!("ignoring {}: {e}", settings.assigned_path().display());
-                None
-            }
-        }
+        AssignmentFile::new(settings.assigned_path()).load()
     }
 
-    fn save_assignment(&self, a: Option<&Assignment>) -> std::io::Result<()> {
-        let p = self.settings.assigned_path();
-        match a {
-            Some(a) => {
-                let text = serde_json::to_vec_pretty(a).map_err(std::io::Error::other)?;
-                rebound_common::durable::write_atomic(&p, &text)
-            }
-            None => match std::fs::remove_file(&p) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                _ => Ok(()),
-            },
-        }
+    /// Until when (ms since the epoch) the stream of the recorded
+    /// assignment waits for the old PS of a move, if it is moving.
+    pub fn recorded_move(settings: &Settings) -> Option<u64> {
+        AssignmentFile::new(settings.assigned_path()).recorded_move()
+    }
+
+    /// Until when the running pipeline waits for the old PS of a move.
+    pub async fn moving_until_ms(&self) -> Option<u64> {
+        self.pipeline.lock().await.as_ref()?.moving_until_ms
     }
 
     /// Starts the sender and resync driver for `a` (stopping any running).
+    /// A move recorded with `a` that has not timed out goes on: the stream
+    /// still waits for the old PS until the recorded end.
     pub async fn start_pipeline(&self, a: Assignment) {
-        self.launch(a, None).await
+        let moving = self.assigned_file.pending_move(&a);
+        if let Some(until) = moving {
+            info!(replication_id = %a.replication_id, ps = %a.ps_addr,
+                "a move to this process server was under way: still waiting {} s for the old one to \
+                 forward what it acknowledged", until.saturating_sub(now_ms()) / 1000);
+        }
+        self.launch(a, moving).await
     }
 
-    /// [`Runtime::start_pipeline`]; `moving` is the deadline until which
-    /// the stream waits for a new PS that resumes below the acknowledged
-    /// seq, instead of resyncing (the old PS still forwards those records).
-    async fn launch(&self, a: Assignment, moving: Option<std::time::Instant>) {
+    /// [`Runtime::start_pipeline`]; `moving_until_ms` is the deadline until
+    /// which the stream waits for a new PS that resumes below the
+    /// acknowledged seq, instead of resyncing (the old PS still forwards
+    /// those records).
+    async fn launch(&self, a: Assignment, moving_until_ms: Option<u64>) {
+        let moving = moving_until_ms.map(|until| self.assigned_file.moving(&a, until));
         let mut p = self.pipeline.lock().await;
         if let Some(old) = p.take() {
             stop(old).await;
@@ -250,6 +250,7 @@ impl Runtime {
         *lock(&self.current) = Some(a.clone());
         *p = Some(Pipeline {
             assignment: a,
+            moving_until_ms,
             stop: tx,
             tasks,
         });
@@ -598,19 +599,19 @@ impl Runtime {
         if running.as_ref() == Some(&a) {
             return ok_result();
         }
-        if let Err(e) = self.save_assignment(Some(&a)) {
+        let same_stream = running
+            .as_ref()
+            .is_some_and(|r| r.replication_id == a.replication_id)
+            && !s.resync;
+        let moving = (same_stream && s.moving)
+            .then(|| now_ms() + crate::sender::MOVE_WAIT.as_millis() as u64);
+        if let Err(e) = self.assigned_file.save(Some(&a), moving) {
             return err_result(format!(
                 "cannot record the replication in {}: {e}",
                 self.settings.assigned_path().display()
             ));
         }
         self.stop_pipeline().await;
-        let same_stream = running
-            .as_ref()
-            .is_some_and(|r| r.replication_id == a.replication_id)
-            && !s.resync;
-        let moving =
-            (same_stream && s.moving).then(|| std::time::Instant::now() + crate::sender::MOVE_WAIT);
         if !same_stream {
             let m = self.settings.initialized_marker();
             if m.exists() {
@@ -634,7 +635,7 @@ impl Runtime {
             // The machine runs elsewhere now: this copy must not take writes.
             self.capture.fence();
         }
-        if let Err(e) = self.save_assignment(None) {
+        if let Err(e) = self.assigned_file.save(None, None) {
             warn!(
                 "cannot remove {}: {e}",
                 self.settings.assigned_path().display()
@@ -774,8 +775,11 @@ impl ControlHandler for AgentControl {
     }
 }
 
+mod assignment;
 mod schedule;
 mod verify;
+pub use assignment::Assignment;
+use assignment::AssignmentFile;
 pub use schedule::{app_tag_loop, crash_tag_loop};
 
 #[cfg(test)]

@@ -25,7 +25,9 @@
 //! above it; only then does it count as lost (a full resync, with a
 //! `move-resync` warning event). Frames the old PS had not acknowledged stay
 //! in the outbox, which outlives the pipeline for the same replication, so
-//! the new PS gets them.
+//! the new PS gets them. The end of the wait is kept with the
+//! assignment ([`crate::control`]), so an agent restarted mid-move waits
+//! for the old PS too; [`Moving::over`] records that the move is over.
 //!
 //! Memory: a sealed frame keeps the body its builder wrote the records into
 //! (moved, no copy; a body from the [`crate::frame_pool`] keeps its
@@ -35,7 +37,7 @@
 //! and at most [`SEND_QUEUE`] frames wait in the request channel.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -76,9 +78,20 @@ const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(400);
 const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(2);
 /// How long a stream moving to another PS waits for the MT to apply what
 /// the old PS still forwards before it resyncs every disk instead.
+/// The configuration server's move job waits at least this long
+/// (`AGENT_MOVE_WAIT` in its `lifecycle::movement`) before it gives up,
+/// and never drops the old PS's cache when it does.
 pub const MOVE_WAIT: Duration = Duration::from_secs(300);
 /// How often the wait of a moving stream is logged.
 const MOVE_WAIT_LOG_EVERY: Duration = Duration::from_secs(15);
+
+/// A stream moving to another PS: until when a resume below the
+/// acknowledged seq is waited out, and what to do once the move is over
+/// (the new PS resumed at or above it, or the wait ran out).
+pub struct Moving {
+    pub until: Instant,
+    pub over: Box<dyn FnOnce() + Send>,
+}
 
 /// Why a session with the PS ended; the sender reconnects after each.
 #[derive(Debug, Error)]
@@ -125,6 +138,9 @@ pub struct Link {
     /// The outbox of the last stopped sender and its replication: the next
     /// sender of the same replication (a move to another PS) resends it.
     parked: Mutex<Option<(String, Outbox)>>,
+    /// Frame bytes handed to the Ingest stream since the agent started
+    /// (resent frames count again): what the change stream cost the link.
+    bytes_sent: AtomicU64,
 }
 
 impl Default for Link {
@@ -136,6 +152,7 @@ impl Default for Link {
             reporter: LinkReporter::default(),
             events: OnceLock::new(),
             parked: Mutex::new(None),
+            bytes_sent: AtomicU64::new(0),
         }
     }
 }
@@ -151,6 +168,10 @@ impl Link {
         if let Some(h) = self.events.get() {
             h.event(ev);
         }
+    }
+    /// Frame bytes sent to the PS since the agent started.
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent.load(Ordering::Relaxed)
     }
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::SeqCst)
@@ -296,7 +317,7 @@ pub async fn run(
     settings: Arc<Settings>,
     link: Arc<Link>,
     info: ReplicationInfo,
-    moving: Option<Instant>,
+    moving: Option<Moving>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut outbox = link.unpark(&info.replication_id);
@@ -318,7 +339,7 @@ async fn run_sessions(
     settings: &Settings,
     link: &Link,
     info: &ReplicationInfo,
-    mut moving: Option<Instant>,
+    mut moving: Option<Moving>,
     outbox: &mut Outbox,
     stop: &mut watch::Receiver<bool>,
 ) {
@@ -336,8 +357,9 @@ async fn run_sessions(
             Ok(()) => return,
             Err(e @ SenderError::MoveWait { .. }) => {
                 if move_logged.is_none_or(|t| t.elapsed() >= MOVE_WAIT_LOG_EVERY) {
-                    let left =
-                        moving.map_or(0, |m| m.saturating_duration_since(Instant::now()).as_secs());
+                    let left = moving.as_ref().map_or(0, |m| {
+                        m.until.saturating_duration_since(Instant::now()).as_secs()
+                    });
                     info!(addr = %settings.ps.addr, "{e} (the master target has not applied them yet; \
                         a full resync in {left} s if it does not)");
                     move_logged = Some(Instant::now());
@@ -395,7 +417,7 @@ async fn session(
     settings: &Settings,
     link: &Link,
     info: &ReplicationInfo,
-    moving: &mut Option<Instant>,
+    moving: &mut Option<Moving>,
     outbox: &mut Outbox,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), SenderError> {
@@ -431,7 +453,7 @@ async fn session(
         None => return Err(SenderError::Closed),
     };
 
-    if let Some(until) = *moving {
+    if let Some(until) = moving.as_ref().map(|m| m.until) {
         let acknowledged = cap
             .snapshot()
             .durable_seq
@@ -460,7 +482,9 @@ async fn session(
             });
         }
         // The move is over: from now on a low resume is a loss again.
-        *moving = None;
+        if let Some(m) = moving.take() {
+            (m.over)();
+        }
     }
 
     // Fit the PS's resume point to what we hold.
@@ -564,6 +588,7 @@ async fn session(
             permit = tx.reserve(), if has_unsent => {
                 let permit = permit.map_err(|_| SenderError::Closed)?;
                 let f = &outbox.frames[outbox.next];
+                link.bytes_sent.fetch_add(f.frame.encoded_len() as u64, Ordering::Relaxed);
                 permit.send(Outgoing::Frame(Arc::clone(&f.frame)));
                 outbox.next += 1;
             }

@@ -562,3 +562,56 @@ async fn a_move_to_another_ps_keeps_the_buffer_and_resyncs_nothing() {
     let saved = Runtime::load_assignment(&f.rt.settings).unwrap();
     assert_eq!(saved.ps_addr, "127.0.0.1:2");
 }
+
+#[tokio::test]
+async fn a_move_survives_a_restart_of_the_agent() {
+    let f = fixture(HooksConfig::default());
+    let cap = f.rt.capture.clone();
+    let rid = cap.replication_id();
+    let at = |ps: &str| Assignment {
+        replication_id: rid.clone(),
+        ps_addr: ps.into(),
+        ps_server_name: "localhost".into(),
+    };
+    f.rt.start_pipeline(at("127.0.0.1:1")).await;
+    assert_eq!(f.rt.moving_until_ms().await, None);
+    let r =
+        f.rt.handle_cmd(cmd(Cmd::StartReplication(pb::StartReplication {
+            replication_id: rid.clone(),
+            ps_address: "127.0.0.1:2".into(),
+            ps_server_name: "localhost".into(),
+            resync: false,
+            policy: None,
+            moving: true,
+        })))
+        .await;
+    assert!(r.ok, "{r:?}");
+    // The new PS is unreachable, so the move is still under way.
+    let until = Runtime::recorded_move(&f.rt.settings).expect("the move is recorded");
+    assert!(until > rebound_common::time::now_ms());
+    assert_eq!(f.rt.moving_until_ms().await, Some(until));
+    f.rt.stop_pipeline().await;
+
+    // A restarted agent (a new runtime over the same state) still waits.
+    let settings = f.rt.settings.clone();
+    let again = Runtime::new(cap.clone(), Arc::new(Link::default()), settings.clone());
+    let a = Runtime::load_assignment(&settings).unwrap();
+    assert_eq!(a, at("127.0.0.1:2"));
+    again.start_pipeline(a).await;
+    assert_eq!(again.moving_until_ms().await, Some(until));
+    again.stop_pipeline().await;
+
+    // A move whose wait has run out is over: a plain stream.
+    let expired = serde_json::json!({
+        "replication_id": rid, "ps_addr": "127.0.0.1:2",
+        "ps_server_name": "localhost", "moving_until_ms": 1,
+    });
+    std::fs::write(settings.assigned_path(), expired.to_string()).unwrap();
+    let later = Runtime::new(cap, Arc::new(Link::default()), settings.clone());
+    later.start_pipeline(at("127.0.0.1:2")).await;
+    assert_eq!(later.moving_until_ms().await, None);
+    // Another assignment than the recorded one is not moving either.
+    later.start_pipeline(at("127.0.0.1:3")).await;
+    assert_eq!(later.moving_until_ms().await, None);
+    later.stop_pipeline().await;
+}
