@@ -332,6 +332,8 @@ impl Sites {
         cfg.site = site.into();
         cfg.cs = config::cs_link(&self.cs_addr);
         cfg.hooks = self.mt_hooks(site, power_on);
+        // The machines' disks, which a reprotect seeds from when kept.
+        cfg.reprotect.seed_dirs = vec![self.path("disks")];
         config::write_toml(&self.path(&format!("{site}/mt.toml")), &cfg)
     }
 

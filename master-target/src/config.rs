@@ -29,7 +29,31 @@ pub struct Config {
     /// The configuration server; empty `addr` = standalone.
     pub cs: CsConfig,
     pub hooks: HooksConfig,
+    pub reprotect: ReprotectConfig,
 }
+
+/// The `[reprotect]` section (DESIGN.md §8 reprotect).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReprotectConfig {
+    /// The only directories (or files) a reprotect's replica may be seeded
+    /// from: the disk paths in a seed come from an agent, so a path whose
+    /// real location (symlinks and `..` resolved) is not under one of
+    /// these is not read. Empty = never seed.
+    pub seed_dirs: Vec<PathBuf>,
+}
+
+impl Default for ReprotectConfig {
+    fn default() -> Self {
+        ReprotectConfig {
+            seed_dirs: vec![PathBuf::from(DEFAULT_SEED_DIR)],
+        }
+    }
+}
+
+/// Where the agent's file disks live under its systemd unit (the only path
+/// the unit lets it write).
+pub const DEFAULT_SEED_DIR: &str = "/var/lib/rebound/agent/disks";
 
 /// The `[hooks]` section (DESIGN.md §7 "Hand-over").
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -76,6 +100,7 @@ impl Default for Config {
             site: String::new(),
             cs: CsConfig::default(),
             hooks: HooksConfig::default(),
+            reprotect: ReprotectConfig::default(),
         }
     }
 }

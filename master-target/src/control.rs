@@ -7,7 +7,7 @@
 //! arrive twice after a reconnect.
 
 use crate::catalog::PointEntry;
-use crate::config::{HooksConfig, RetentionConfig};
+use crate::config::{HooksConfig, ReprotectConfig, RetentionConfig};
 use crate::error::MtError;
 use crate::replication::{Replication, Store};
 use crate::state::RetentionPolicy;
@@ -191,6 +191,8 @@ pub struct MtControl {
     pub hooks: HooksConfig,
     /// The `[retention]` defaults a replication's policy falls back on.
     pub retention: RetentionConfig,
+    /// Where a reprotect's replica may be seeded from.
+    pub reprotect: ReprotectConfig,
     pub identity: Identity,
     /// The last status, refreshed by [`status_task`] off the runtime (a long
     /// rollback holds its replication's lock; heartbeats must not wait).

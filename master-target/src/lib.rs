@@ -174,6 +174,7 @@ where
             store: store.clone(),
             hooks: config.hooks.clone(),
             retention: config.retention.clone(),
+            reprotect: config.reprotect.clone(),
             identity: control::Identity {
                 id: id.clone(),
                 site: config.site.clone(),

@@ -3,7 +3,10 @@
 //! (DESIGN.md §8 reprotect): the files are copied in locally, all-zero runs
 //! left as holes, and the resync's hash comparison then sends only the
 //! chunks that changed since. A copy that is partial or stale is safe: the
-//! comparison finds every chunk that differs.
+//! comparison finds every chunk that differs. The paths come from the
+//! machine's agent, so only those whose real location lies under the MT's
+//! `[reprotect] seed_dirs` are read: an agent cannot make the MT copy any
+//! other file of its host into a replica it can read back.
 
 use crate::control::MtControl;
 use crate::error::{io_err, Result};
@@ -12,8 +15,10 @@ use crate::storage::Target;
 use rebound_common::chunk::read_full_at;
 use rebound_common::durable::write_atomic;
 use rebound_common::time::now_ms;
-use std::fs::File;
-use std::path::Path;
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
@@ -29,7 +34,7 @@ impl MtControl {
     /// Copies the kept disks in as `r`'s replica when they are usable; the
     /// warning to show the operator ("" when seeded or nothing to do).
     pub(crate) fn seed_replica(&self, r: &Replication, seed_paths: &[String]) -> Result<String> {
-        let unusable = r.seed(seed_paths)?;
+        let unusable = r.seed(seed_paths, &self.reprotect.seed_dirs)?;
         Ok(not_seeded_warning(
             r.machine_id(),
             &self.identity.site,
@@ -52,11 +57,12 @@ fn not_seeded_warning(machine: &str, site: &str, unusable: &[String]) -> String 
 
 impl Replication {
     /// Copies `seed_paths[disk index]` into each replica disk whose file is
-    /// readable and has the disk's size, then fdatasyncs. Only a replica
+    /// under one of `seed_dirs`, readable and of the disk's size, then
+    /// fdatasyncs. Only a replica
     /// nothing was applied to yet is seeded (a re-sent PrepareReplication
     /// after the resync began leaves it alone). Returns why each disk that
     /// was not seeded was not ("disk0: …").
-    pub(crate) fn seed(&self, seed_paths: &[String]) -> Result<Vec<String>> {
+    pub(crate) fn seed(&self, seed_paths: &[String], seed_dirs: &[PathBuf]) -> Result<Vec<String>> {
         if seed_paths.iter().all(|p| p.is_empty()) {
             return Ok(Vec::new());
         }
@@ -79,7 +85,7 @@ impl Replication {
                 unusable.push(format!("disk {}: no copy was kept", d.name()));
                 continue;
             }
-            let src = match open_seed(Path::new(path), d.size()) {
+            let src = match open_seed(Path::new(path), d.size(), seed_dirs) {
                 Ok(f) => f,
                 Err(why) => {
                     warn!(replication = %self.id(), machine = %self.machine_id(), disk = %d.name(), path,
@@ -146,18 +152,49 @@ impl Replication {
     }
 }
 
-/// Opens a kept copy for reading when it has the disk's size; why not
-/// otherwise.
-fn open_seed(path: &Path, size: u64) -> std::result::Result<File, String> {
-    let f = File::open(path).map_err(|e| format!("cannot be read ({e})"))?;
-    let len = f
-        .metadata()
-        .map_err(|e| format!("cannot be read ({e})"))?
-        .len();
+/// Opens a kept copy for reading when its real location (symlinks and
+/// `..` resolved) is under one of `seed_dirs`, it is a file or a block
+/// device, and it has the disk's size; why not otherwise.
+fn open_seed(path: &Path, size: u64, seed_dirs: &[PathBuf]) -> std::result::Result<File, String> {
+    let unreadable = |e: std::io::Error| format!("cannot be read ({e})");
+    let real = path.canonicalize().map_err(unreadable)?;
+    let allowed = (seed_dirs.iter())
+        .filter_map(|d| d.canonicalize().ok())
+        .any(|d| real.starts_with(d));
+    if !allowed {
+        let dirs: Vec<String> = seed_dirs.iter().map(|d| d.display().to_string()).collect();
+        let shown = if real == path {
+            String::new()
+        } else {
+            format!(" (really {})", real.display())
+        };
+        return Err(format!(
+            "is not read{shown}: it is outside the directories this MT seeds from ([{}]); \
+             add its directory to [reprotect] seed_dirs in the MT's config to seed from it",
+            dirs.join(", ")
+        ));
+    }
+    let kind = std::fs::metadata(&real).map_err(unreadable)?.file_type();
+    if !(kind.is_file() || kind.is_block_device()) {
+        return Err("is neither a file nor a block device".into());
+    }
+    // The path was just resolved: a symlink put in its place since is not
+    // followed, and a FIFO swapped in does not block the open.
+    let f = (OpenOptions::new().read(true))
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&real)
+        .map_err(unreadable)?;
+    let len = seek_size(&f).map_err(unreadable)?;
     if len != size {
         return Err(format!("has {len} bytes but the disk has {size}"));
     }
     Ok(f)
+}
+
+/// The size of a kept copy from its end offset: a block device's metadata
+/// says 0 bytes, seeking to its end gives its size (as for a file).
+fn seek_size(mut f: &File) -> std::io::Result<u64> {
+    f.seek(SeekFrom::End(0))
 }
 
 #[cfg(test)]

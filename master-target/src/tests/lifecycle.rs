@@ -20,6 +20,7 @@ pub(super) fn control(store: Arc<Store>, hooks: HooksConfig) -> MtControl {
         store,
         hooks,
         retention: RetentionConfig::default(),
+        reprotect: Default::default(),
         identity: Identity {
             id: "mt1".into(),
             site: "b".into(),
@@ -317,7 +318,10 @@ fn end_replication_keeps_or_deletes_and_prepare_adopts_the_kept_replica() {
     drop(r);
 
     // Reprotect the other way: a new replication adopts the kept files.
-    let ctl = control(s.clone(), HooksConfig::default());
+    // The machine's kept source copy is in the MT's seed directory.
+    let kept_dir = tempfile::tempdir().unwrap();
+    let mut ctl = control(s.clone(), HooksConfig::default());
+    ctl.reprotect.seed_dirs = vec![kept_dir.path().to_path_buf()];
     let prep = |id: &str, adopt: &str| {
         ctl.run(Cmd::PrepareReplication(pb::PrepareReplication {
             replication_id: id.into(),
@@ -354,7 +358,6 @@ fn end_replication_keeps_or_deletes_and_prepare_adopts_the_kept_replica() {
     );
     // Nothing to adopt at this MT but a kept source copy: it seeds the
     // replica.
-    let kept_dir = tempfile::tempdir().unwrap();
     let seed_paths = (latest.iter().enumerate())
         .map(|(i, d)| {
             let p = kept_dir.path().join(format!("kept{i}.img"));
