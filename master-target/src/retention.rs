@@ -124,6 +124,11 @@ impl Replication {
             if inner.pin_news() {
                 info!(replication = %self.id(), pinned_point = %point, held = wanted - pin,
                     "retention kept recovery points it would have dropped: a test failover pins point {point} (and the journals it needs) until test-failover-cleanup");
+            } else {
+                // Short, one per pass: the journal a long test failover
+                // keeps keeps growing, and the operator sees why.
+                info!(replication = %self.id(), pinned_point = %point, held = wanted - pin,
+                    "retention pass: the test failover's pin still holds point {point}");
             }
         }
         if d == 0 {
