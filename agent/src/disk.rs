@@ -101,8 +101,8 @@ impl Disk {
 
     /// Journals the pre-image of every block before its first write from
     /// now on, into the hand-over journal at `journal` (see
-    /// [`crate::handover`]); `None`, or a path that does not exist, journals
-    /// nothing.
+    /// [`crate::handover`]); `None`, or a committed journal, journals
+    /// nothing; a fenced, missing or foreign journal is an error.
     pub fn with_handover_journal(mut self, journal: Option<&Path>) -> Result<Disk, AgentError> {
         if let Some(path) = journal {
             self.journal = Handover::open(&self.name, path, self.size)?;

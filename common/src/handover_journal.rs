@@ -7,14 +7,23 @@
 //! pre-images into the replica (discarding what the machine wrote) before it
 //! rolls back, and deletes the journal at commit (what the machine wrote
 //! becomes the base). Both sides use this module: the agent the
-//! [`JournalWriter`], the master target [`create`], [`fence`],
-//! [`restore_into`], [`has_records`] and [`remove`].
+//! [`JournalWriter`], the master target [`create`], [`replace`], [`fence`],
+//! [`restore_into`], [`has_records`] and [`read_state`].
+//!
+//! The journal never simply disappears while the replication is handed
+//! over: its header carries a [`JournalState`]. `Open` while the machine
+//! runs; `Fenced` once the master target wrote the pre-images back (the
+//! machine must not run until the next hand-over makes a fresh `Open`
+//! journal); `Committed` once what the machine wrote is the base. An agent
+//! only writes through an `Open` journal, so an agent (re)started at the
+//! wrong moment refuses instead of writing into a replica being restored.
 //!
 //! Format (little endian), one file per disk:
 //!
 //! ```text
 //! header  magic "RBHOJRNL" | version u32 | block size u32 (4096) | disk size u64
-//!         | first 8 bytes of blake3(the 24 bytes before)                 32 bytes
+//!         | state u32 (1 open, 2 fenced, 3 committed) | reserved u32 (0)
+//!         | first 8 bytes of blake3(the 32 bytes before)                 40 bytes
 //! record  offset u64 | len u32 | blake3(offset ‖ len ‖ data) 32 B | data (len bytes)
 //! ```
 //!
@@ -45,13 +54,54 @@ pub const BLOCK_SIZE: u64 = 4096;
 /// The longest record (the writer splits longer runs).
 pub const MAX_RECORD_LEN: u32 = 1 << 20;
 const MAGIC: [u8; 8] = *b"RBHOJRNL";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 /// Bytes of the header.
-pub const HEADER_LEN: u64 = 32;
+pub const HEADER_LEN: u64 = 40;
 /// Bytes of a record before its data.
 pub const RECORD_HEADER_LEN: u64 = 8 + 4 + 32;
 /// How often [`fence`] retries the lock.
 const FENCE_POLL: Duration = Duration::from_millis(50);
+
+/// Where a hand-over stands, from the journal's header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JournalState {
+    /// The machine runs: its agent saves pre-images here before writing.
+    Open,
+    /// The master target wrote the pre-images back: the machine must not
+    /// run until the next hand-over makes a fresh open journal.
+    Fenced,
+    /// Committed: what the machine wrote is the base, nothing to journal.
+    Committed,
+}
+
+impl JournalState {
+    fn code(self) -> u32 {
+        match self {
+            JournalState::Open => 1,
+            JournalState::Fenced => 2,
+            JournalState::Committed => 3,
+        }
+    }
+
+    fn from_code(code: u32) -> Option<JournalState> {
+        match code {
+            1 => Some(JournalState::Open),
+            2 => Some(JournalState::Fenced),
+            3 => Some(JournalState::Committed),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for JournalState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            JournalState::Open => "open",
+            JournalState::Fenced => "fenced",
+            JournalState::Committed => "committed",
+        })
+    }
+}
 
 /// What went wrong with a hand-over journal; each names the journal.
 #[derive(Debug, Error)]
@@ -68,6 +118,11 @@ pub enum JournalError {
          machine's agent still runs; stop it (the power_off hook) and retry"
     )]
     StillHeld { path: PathBuf, waited: Duration },
+    #[error(
+        "hand-over journal {path} is {state}, not open: only the agent of a running, \
+         handed-over machine journals, and only into an open journal"
+    )]
+    NotOpen { path: PathBuf, state: JournalState },
     #[error("{path} is not a hand-over journal ({reason}); remove it or point to the right file")]
     NotAJournal { path: PathBuf, reason: &'static str },
     #[error(
@@ -127,19 +182,20 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Jou
     }
 }
 
-fn header_bytes(disk_size: u64) -> [u8; HEADER_LEN as usize] {
+fn header_bytes(disk_size: u64, state: JournalState) -> [u8; HEADER_LEN as usize] {
     let mut h = [0u8; HEADER_LEN as usize];
     h[..8].copy_from_slice(&MAGIC);
     h[8..12].copy_from_slice(&VERSION.to_le_bytes());
     h[12..16].copy_from_slice(&(BLOCK_SIZE as u32).to_le_bytes());
     h[16..24].copy_from_slice(&disk_size.to_le_bytes());
-    let sum = blake3::hash(&h[..24]);
-    h[24..].copy_from_slice(&sum.as_bytes()[..8]);
+    h[24..28].copy_from_slice(&state.code().to_le_bytes());
+    let sum = blake3::hash(&h[..32]);
+    h[32..].copy_from_slice(&sum.as_bytes()[..8]);
     h
 }
 
-/// Reads and checks the header; returns the disk size.
-fn read_header(file: &File, path: &Path) -> Result<u64, JournalError> {
+/// Reads and checks the header; returns the disk size and the state.
+fn read_header(file: &File, path: &Path) -> Result<(u64, JournalState), JournalError> {
     let bad = |reason| JournalError::NotAJournal {
         path: path.to_path_buf(),
         reason,
@@ -160,10 +216,13 @@ fn read_header(file: &File, path: &Path) -> Result<u64, JournalError> {
     let mut size = [0u8; 8];
     size.copy_from_slice(&h[16..24]);
     let disk_size = u64::from_le_bytes(size);
-    if h != header_bytes(disk_size) {
+    let mut code = [0u8; 4];
+    code.copy_from_slice(&h[24..28]);
+    let state = JournalState::from_code(u32::from_le_bytes(code)).ok_or(bad("unknown state"))?;
+    if h != header_bytes(disk_size, state) {
         return Err(bad("damaged header"));
     }
-    Ok(disk_size)
+    Ok((disk_size, state))
 }
 
 fn record_hash(offset: u64, len: u32, data: &[u8]) -> blake3::Hash {
@@ -283,11 +342,18 @@ impl BlockSet {
     }
 }
 
-/// Creates an empty journal for a disk of `disk_size` bytes at `path`,
-/// replacing any file there (a new inode, so an agent still journaling into
-/// the old one sees it was replaced). The file is created mode 0600 and
-/// synced, and so is its directory (created if missing).
+/// Creates an empty open journal for a disk of `disk_size` bytes at
+/// `path`, replacing any file there; see [`replace`].
 pub fn create(path: &Path, disk_size: u64) -> Result<(), JournalError> {
+    replace(path, disk_size, JournalState::Open)
+}
+
+/// Atomically replaces the file at `path` with an empty journal in `state`
+/// for a disk of `disk_size` bytes (written to a temporary file, synced,
+/// renamed over `path`, directory synced): a new inode, so an agent still
+/// journaling into the old one sees it was replaced, and at no moment is
+/// the path missing. Mode 0600; the directory is created if missing.
+pub fn replace(path: &Path, disk_size: u64, state: JournalState) -> Result<(), JournalError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.exists() {
             std::fs::create_dir_all(dir).map_err(io_err("create the directory of", path))?;
@@ -296,8 +362,15 @@ pub fn create(path: &Path, disk_size: u64) -> Result<(), JournalError> {
             }
         }
     }
-    crate::durable::write_atomic_mode(path, &header_bytes(disk_size), 0o600)
+    crate::durable::write_atomic_mode(path, &header_bytes(disk_size, state), 0o600)
         .map_err(io_err("create", path))
+}
+
+/// The state and disk size of the journal at `path` (its header only).
+pub fn read_state(path: &Path) -> Result<(JournalState, u64), JournalError> {
+    let file = File::open(path).map_err(io_err("open", path))?;
+    let (disk_size, state) = read_header(&file, path)?;
+    Ok((state, disk_size))
 }
 
 /// Removes the journal and syncs its directory; a missing journal is fine.
@@ -313,7 +386,8 @@ pub fn remove(path: &Path) -> Result<(), JournalError> {
 }
 
 /// True when the journal holds at least one valid record (the machine
-/// changed a block since hand-over); a missing journal holds none.
+/// changed a block since hand-over); a missing, fenced or committed journal
+/// holds none (only an open journal is ever written).
 pub fn has_records(path: &Path) -> Result<bool, JournalError> {
     match JournalReader::open(path) {
         Ok(mut r) => Ok(r.next().transpose()?.is_some()),
@@ -337,9 +411,10 @@ pub struct JournalWriter {
 }
 
 impl JournalWriter {
-    /// Opens the existing journal at `path` for a disk of `disk_size`
+    /// Opens the existing open journal at `path` for a disk of `disk_size`
     /// bytes: locks it (error [`JournalError::Locked`] when another process
-    /// holds it), cuts a torn or bad tail (synced) and rebuilds the set of
+    /// holds it; [`JournalError::NotOpen`] when it is fenced or committed),
+    /// cuts a torn or bad tail (synced) and rebuilds the set of
     /// saved blocks, so each block is saved at most once across restarts.
     pub fn open(path: &Path, disk_size: u64) -> Result<JournalWriter, JournalError> {
         let file = OpenOptions::new()
@@ -352,7 +427,13 @@ impl JournalWriter {
                 path: path.to_path_buf(),
             });
         }
-        let journal = read_header(&file, path)?;
+        let (journal, state) = read_header(&file, path)?;
+        if state != JournalState::Open {
+            return Err(JournalError::NotOpen {
+                path: path.to_path_buf(),
+                state,
+            });
+        }
         if journal != disk_size {
             return Err(JournalError::SizeMismatch {
                 path: path.to_path_buf(),
@@ -499,8 +580,8 @@ impl JournalWriter {
     }
 
     /// False when the path no longer names the file this writer holds
-    /// (deleted, or replaced by a new journal): the master target committed
-    /// or handed over again, and this journal no longer counts.
+    /// (deleted, or replaced: committed, fenced or handed over again), and
+    /// this journal no longer counts; [`read_state`] of the path says why.
     pub fn is_at_path(&self) -> Result<bool, JournalError> {
         match std::fs::metadata(&self.path) {
             Ok(m) => Ok((m.dev(), m.ino()) == self.identity),
@@ -556,7 +637,7 @@ pub struct JournalReader {
 impl JournalReader {
     pub fn open(path: &Path) -> Result<JournalReader, JournalError> {
         let file = File::open(path).map_err(io_err("open", path))?;
-        let disk_size = read_header(&file, path)?;
+        let (disk_size, _) = read_header(&file, path)?;
         let file_len = file.metadata().map_err(io_err("stat", path))?.len();
         Ok(JournalReader {
             path: path.to_path_buf(),

@@ -2,14 +2,15 @@
 //! commit and reprotect):
 //!
 //! - **Hand-over**: after the rollback (or at latest) apply stops for good,
-//!   the replica disks are synced, an empty hand-over journal is made per
-//!   disk (see `handover_journal`), and both are given to the `power_on`
-//!   hook, which boots the machine at this site. The mark is durable in
+//!   the replica disks are synced, an empty open hand-over journal is made
+//!   per disk (replacing a fenced one; see `handover_journal`), and both
+//!   are given to the `power_on` hook, which boots the machine at this site. The mark is durable in
 //!   `state.json`, so a restarted MT still refuses changes. PowerOff and
 //!   `RestorePreImages` undo it (PowerOff stops the machine and undoes its
 //!   writes) so a different point can be chosen.
-//! - **End** (commit): the retention journal, the point catalog and the
-//!   hand-over journals are forgotten (what the machine wrote is the base);
+//! - **End** (commit): the retention journal and the point catalog are
+//!   forgotten, the hand-over journals marked committed (what the machine
+//!   wrote is the base);
 //!   the replica files are kept (a fast reprotect adopts them) or deleted.
 //! - **Prepare** (reprotect target): a new replication whose replica files
 //!   are adopted from an ended replication of the same machine, so the
@@ -20,6 +21,7 @@ use crate::error::{io_err, MtError, Result};
 use crate::replication::{Replication, Store};
 use crate::state::{EndedState, HandOverState, HookOutcome};
 use rebound_common::durable::fsync_dir;
+use rebound_common::handover_journal::JournalState;
 use rebound_common::time::now_ms;
 use rebound_proto::ReplicationInfo;
 use std::io::Read;
@@ -212,14 +214,13 @@ impl Replication {
         self.sync_all_replicas()?;
         inner.forget_retention();
         remove_file(&self.layout().catalog())?;
-        // The hand-over journals go too: what the machine wrote is the base
-        // now (its agent sees its journal gone and stops saving).
-        for dir in [
-            self.layout().retention_dir(),
-            self.layout().rollback_dir(),
-            self.handover_dir(),
-        ] {
+        for dir in [self.layout().retention_dir(), self.layout().rollback_dir()] {
             clear_dir(&dir)?;
+        }
+        // What the machine wrote is the base now: its agent sees a
+        // committed journal and stops saving (a missing one fails its writes).
+        if self.handover_dir().exists() {
+            self.mark_handover_journals(JournalState::Committed)?;
         }
         sync(self.layout().root())?;
         info!(replication = %self.id(), machine = %self.machine_id(), keep_replica,

@@ -253,3 +253,37 @@ fn the_writer_notices_its_journal_was_removed_or_replaced() {
     assert!(!w.is_at_path().unwrap(), "removed");
     remove(&f.journal).unwrap();
 }
+
+#[test]
+fn the_state_is_in_the_header_and_only_an_open_journal_is_written() {
+    let f = Fixture::new(MIB);
+    assert_eq!(read_state(&f.journal).unwrap(), (JournalState::Open, MIB));
+    let mut w = f.writer();
+    w.save_before_write(&f.disk, 0, 4096).unwrap();
+    drop(w);
+    for state in [JournalState::Fenced, JournalState::Committed] {
+        replace(&f.journal, MIB, state).unwrap();
+        assert_eq!(read_state(&f.journal).unwrap(), (state, MIB));
+        assert!(!has_records(&f.journal).unwrap(), "{state}");
+        let e = JournalWriter::open(&f.journal, MIB).unwrap_err();
+        assert!(
+            matches!(e, JournalError::NotOpen { state: s, .. } if s == state),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains(&f.journal.display().to_string()),
+            "{e}"
+        );
+        let before = f.disk_hash();
+        assert_eq!(restore_into(&f.journal, &f.disk).unwrap(), 0);
+        assert_eq!(f.disk_hash(), before);
+    }
+    let e = read_state(&f.dir.path().join("none")).unwrap_err();
+    assert!(matches!(e, JournalError::Missing { .. }), "{e}");
+    // A header with an unknown state is not a journal.
+    let mut h = std::fs::read(&f.journal).unwrap();
+    h[24] = 9;
+    std::fs::write(&f.journal, &h).unwrap();
+    let e = read_state(&f.journal).unwrap_err();
+    assert!(matches!(e, JournalError::NotAJournal { .. }), "{e}");
+}

@@ -6,7 +6,9 @@ use crate::config::HooksConfig;
 use crate::error::MtError;
 use crate::replication::Replication;
 use crate::tests::{applied_history, check_latest, open_store, Gen, SIZES};
-use rebound_common::handover_journal::{has_records, JournalWriter};
+use rebound_common::handover_journal::{
+    has_records, read_state, JournalError, JournalState, JournalWriter,
+};
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
@@ -43,6 +45,19 @@ fn machine_writes(
         .unwrap();
     w.save_before_write(&f, offset, len as u64).unwrap();
     f.write_all_at(&vec![byte; len], offset).unwrap();
+}
+
+fn state(r: &Replication, disk: u32) -> JournalState {
+    read_state(&r.handover_journal_path(&format!("disk{disk}")))
+        .unwrap()
+        .0
+}
+
+/// An agent started now on disk `disk` is refused: its journal is not open.
+fn agent_refused(r: &Replication, disk: u32) {
+    let path = r.handover_journal_path(&format!("disk{disk}"));
+    let e = JournalWriter::open(&path, SIZES[disk as usize]).unwrap_err();
+    assert!(matches!(e, JournalError::NotOpen { .. }), "{e}");
 }
 
 fn is_precondition(e: &MtError, has: &str) {
@@ -98,7 +113,12 @@ fn change_point_after_the_machine_wrote_is_exact() {
     let rep = r.power_off(&h).unwrap();
     assert_eq!(rep.blocks_restored, 4);
     assert!(rep.power_off.unwrap().success);
-    assert!(!j0.exists() && !j1.exists());
+    // Fenced, not deleted: an agent started now refuses.
+    assert_eq!(
+        (state(&r, 0), state(&r, 1)),
+        (JournalState::Fenced, JournalState::Fenced)
+    );
+    agent_refused(&r, 0);
     let env = std::fs::read_to_string(&env_file).unwrap();
     assert!(
         env.contains(&format!(
@@ -119,19 +139,18 @@ fn change_point_after_the_machine_wrote_is_exact() {
     // Then change-point as before: restore, another point, hand over.
     r.restore_pre_images().unwrap();
     check_latest(&r, &g.disks);
+    assert_eq!(state(&r, 1), JournalState::Fenced);
+    agent_refused(&r, 1);
     r.rollback("p1").unwrap();
     r.hand_over(true, &h).unwrap();
-    assert!(j0.exists() && !has_records(&j0).unwrap());
+    assert_eq!(state(&r, 0), JournalState::Open);
+    assert!(!has_records(&j0).unwrap());
     check_latest(&r, g.snap("p1"));
 }
 
 #[test]
-fn power_off_is_refused_unless_handed_over_and_fences_a_running_agent() {
+fn power_off_fences_a_running_agent() {
     let (_g, _dir, _s, r) = applied_history(12, 40);
-    is_precondition(
-        &r.power_off(&hooks("", "", 1)).unwrap_err(),
-        "is not handed over",
-    );
     r.hand_over(false, &hooks("", "", 1)).unwrap();
     let mut w = agent(&r, 0);
     machine_writes(&r, &mut w, 0, 0, 4096, 1);
@@ -172,11 +191,49 @@ fn commit_keeps_what_the_machine_wrote() {
     let mut w = agent(&r, 0);
     machine_writes(&r, &mut w, 0, 0, 4096, 0x5A);
     s.end_replication(r.id(), true).unwrap();
-    assert!(!r.handover_journal_path("disk0").exists());
-    // The running agent notices its journal is gone.
+    assert_eq!(state(&r, 0), JournalState::Committed);
+    assert!(!has_records(&r.handover_journal_path("disk0")).unwrap());
+    // The running agent notices its journal was replaced by a committed one.
     assert!(!w.is_at_path().unwrap());
+    agent_refused(&r, 0);
     let mut want = g.disks.clone();
     want[0][..4096].fill(0x5A);
     let got = std::fs::read(r.root().join("replica/disk0.img")).unwrap();
     assert_eq!(got, want[0]);
+}
+
+#[test]
+fn power_off_is_a_no_op_when_not_handed_over_so_a_change_point_can_be_retried() {
+    let (g, _dir, _s, r) = applied_history(13, 40);
+    let h = hooks("", "echo ran >&2; exit 1", 1);
+    // Never handed over: nothing to power off, no hook.
+    let rep = r.power_off(&h).unwrap();
+    assert_eq!((rep.blocks_restored, rep.power_off), (0, None));
+    r.rollback("p2").unwrap();
+    r.hand_over(false, &h).unwrap();
+    let mut w = agent(&r, 0);
+    machine_writes(&r, &mut w, 0, 0, 4096, 0x11);
+    drop(w);
+    assert_eq!(r.power_off(&h).unwrap().blocks_restored, 1);
+    // Twice, and again after RestorePreImages (a change-point retried after
+    // it failed later on): ok, nothing more to restore.
+    assert_eq!(r.power_off(&h).unwrap().blocks_restored, 0);
+    r.restore_pre_images().unwrap();
+    let rep = r.power_off(&h).unwrap();
+    assert_eq!((rep.blocks_restored, rep.power_off), (0, None));
+    check_latest(&r, &g.disks);
+    assert_eq!(state(&r, 0), JournalState::Fenced);
+}
+
+#[test]
+fn views_are_refused_when_a_journal_cannot_be_read() {
+    let (_g, _dir, _s, r) = applied_history(14, 40);
+    r.hand_over(false, &hooks("", "", 1)).unwrap();
+    let mut buf = vec![0u8; 4096];
+    r.read_at_point(0, 0, &mut buf, Some("p1")).unwrap();
+    std::fs::write(r.handover_journal_path("disk1"), b"garbage").unwrap();
+    is_precondition(
+        &r.read_at_point(0, 0, &mut buf, Some("p1")).unwrap_err(),
+        "cannot be read",
+    );
 }
