@@ -365,4 +365,23 @@ mod tests {
         handover_journal::create(&j, 4 * MIB).unwrap();
         assert!(open(&j).unwrap().is_journaling());
     }
+
+    #[test]
+    fn a_journal_damaged_before_its_tail_refuses_to_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let (h, f, j, _kept) = running(dir.path());
+        h.before_change(&f, MIB, 4096, false).unwrap();
+        drop(h);
+        let jf = std::fs::OpenOptions::new().write(true).open(&j).unwrap();
+        use std::os::unix::fs::FileExt;
+        let at = handover_journal::HEADER_LEN + handover_journal::RECORD_HEADER_LEN + 9;
+        jf.write_all_at(&[0xEE], at).unwrap();
+        let e = Handover::open("disk0", &j, 4 * MIB)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("disk0") && e.contains("damaged at offset"),
+            "{e}"
+        );
+    }
 }

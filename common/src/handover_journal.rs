@@ -24,7 +24,8 @@
 //! header  magic "RBHOJRNL" | version u32 | block size u32 (4096) | disk size u64
 //!         | state u32 (1 open, 2 fenced, 3 committed) | reserved u32 (0)
 //!         | first 8 bytes of blake3(the 32 bytes before)                 40 bytes
-//! record  offset u64 | len u32 | blake3(offset ‖ len ‖ data) 32 B | data (len bytes)
+//! record  offset u64 | len u32 | batch u64 | blake3(offset ‖ len ‖ batch ‖ data) 32 B
+//!         | data (len bytes)
 //! ```
 //!
 //! A record holds whole blocks: `offset` and `len` are multiples of 4096,
@@ -33,6 +34,11 @@
 //! a record is written and fdatasynced before the block it saves changes, so
 //! a torn or bad record at the tail saves blocks that were never
 //! overwritten; the writer cuts such a tail at open and readers stop there.
+//! Records synced together form a batch; `batch` is the journal offset
+//! where the record's batch begins. Only the last batch can be torn (its
+//! records may reach the disk in any order), so a bad record followed
+//! anywhere by a valid record of a *later* batch is damage, not a torn tail:
+//! the writer refuses to open and readers fail ([`JournalError::Damaged`]).
 //! Each block is saved at most once: the first record of a block holds its
 //! pre-image (readers of a journal written otherwise still take the first).
 //!
@@ -58,7 +64,7 @@ const VERSION: u32 = 2;
 /// Bytes of the header.
 pub const HEADER_LEN: u64 = 40;
 /// Bytes of a record before its data.
-pub const RECORD_HEADER_LEN: u64 = 8 + 4 + 32;
+pub const RECORD_HEADER_LEN: u64 = 8 + 4 + 8 + 32;
 /// How often [`fence`] retries the lock.
 const FENCE_POLL: Duration = Duration::from_millis(50);
 
@@ -158,6 +164,12 @@ pub enum JournalError {
         offset: u64,
         source: io::Error,
     },
+    #[error(
+        "hand-over journal {path} is damaged at offset {offset}: pre-images synced after it \
+         follow, so the damage is not a torn tail and the blocks saved there are lost; the \
+         replica cannot be put back exactly as it was handed over"
+    )]
+    Damaged { path: PathBuf, offset: u64 },
     #[error("cannot {op} hand-over journal {path}: {source}")]
     Io {
         op: &'static str,
@@ -225,10 +237,11 @@ fn read_header(file: &File, path: &Path) -> Result<(u64, JournalState), JournalE
     Ok((disk_size, state))
 }
 
-fn record_hash(offset: u64, len: u32, data: &[u8]) -> blake3::Hash {
+fn record_hash(offset: u64, len: u32, batch: u64, data: &[u8]) -> blake3::Hash {
     let mut h = blake3::Hasher::new();
     h.update(&offset.to_le_bytes());
     h.update(&len.to_le_bytes());
+    h.update(&batch.to_le_bytes());
     h.update(data);
     h.finalize()
 }
@@ -253,20 +266,19 @@ impl Record {
     }
 }
 
-/// Reads the record at `pos`; `None` when it is torn or bad (the valid
-/// journal ends at `pos`).
-fn read_record(file: &File, pos: u64, file_len: u64, disk_size: u64) -> io::Result<Option<Record>> {
-    if pos + RECORD_HEADER_LEN > file_len {
-        return Ok(None);
-    }
-    let mut h = [0u8; RECORD_HEADER_LEN as usize];
-    file.read_exact_at(&mut h, pos)?;
-    let mut b8 = [0u8; 8];
-    b8.copy_from_slice(&h[..8]);
-    let offset = u64::from_le_bytes(b8);
+/// A record header's fields when they are plausible at `pos`: (offset,
+/// len, batch).
+fn sane_header(h: &[u8], pos: u64, file_len: u64, disk_size: u64) -> Option<(u64, u32, u64)> {
+    let u64_at = |at: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&h[at..at + 8]);
+        u64::from_le_bytes(b)
+    };
+    let offset = u64_at(0);
     let mut b4 = [0u8; 4];
     b4.copy_from_slice(&h[8..12]);
     let len = u32::from_le_bytes(b4);
+    let batch = u64_at(12);
     let sane = len > 0
         && len <= MAX_RECORD_LEN
         && u64::from(len) % BLOCK_SIZE == 0
@@ -274,16 +286,101 @@ fn read_record(file: &File, pos: u64, file_len: u64, disk_size: u64) -> io::Resu
         && offset
             .checked_add(u64::from(len))
             .is_some_and(|end| end <= block_end(disk_size))
+        && (HEADER_LEN..=pos).contains(&batch)
         && pos + RECORD_HEADER_LEN + u64::from(len) <= file_len;
-    if !sane {
+    sane.then_some((offset, len, batch))
+}
+
+/// Reads the record at `pos`; `None` when it is torn or bad. Also returns
+/// the record's batch.
+fn read_record(
+    file: &File,
+    pos: u64,
+    file_len: u64,
+    disk_size: u64,
+) -> io::Result<Option<(Record, u64)>> {
+    if pos + RECORD_HEADER_LEN > file_len {
         return Ok(None);
     }
+    let mut h = [0u8; RECORD_HEADER_LEN as usize];
+    file.read_exact_at(&mut h, pos)?;
+    let Some((offset, len, batch)) = sane_header(&h, pos, file_len, disk_size) else {
+        return Ok(None);
+    };
     let mut data = vec![0u8; len as usize];
     file.read_exact_at(&mut data, pos + RECORD_HEADER_LEN)?;
-    if record_hash(offset, len, &data).as_bytes()[..] != h[12..] {
+    if record_hash(offset, len, batch, &data).as_bytes()[..] != h[20..] {
         return Ok(None);
     }
-    Ok(Some(Record { offset, data }))
+    Ok(Some((Record { offset, data }, batch)))
+}
+
+/// How far the scan for damage reads at once.
+const SCAN_WINDOW: u64 = 4 << 20;
+
+/// Checks that the bad record at `bad` (the valid journal ends there) is a
+/// torn tail: no valid record of a batch that began after `bad` follows
+/// anywhere. Looks at every byte offset after `bad`, hashing only where a
+/// plausible record header is found, so a torn tail (one batch) costs
+/// little; error [`JournalError::Damaged`] naming the journal and `bad`.
+fn check_tail(
+    file: &File,
+    path: &Path,
+    bad: u64,
+    file_len: u64,
+    disk_size: u64,
+) -> Result<(), JournalError> {
+    let mut window = Vec::new();
+    let mut start = bad + 1;
+    while start + RECORD_HEADER_LEN <= file_len {
+        let n = (file_len - start).min(SCAN_WINDOW + RECORD_HEADER_LEN);
+        window.resize(n as usize, 0);
+        file.read_exact_at(&mut window, start)
+            .map_err(io_err("read", path))?;
+        let last = (n - RECORD_HEADER_LEN).min(SCAN_WINDOW);
+        for i in 0..=last {
+            let pos = start + i;
+            let h = &window[i as usize..(i + RECORD_HEADER_LEN) as usize];
+            let Some((_, _, batch)) = sane_header(h, pos, file_len, disk_size) else {
+                continue;
+            };
+            if batch > bad
+                && read_record(file, pos, file_len, disk_size)
+                    .map_err(io_err("read", path))?
+                    .is_some()
+            {
+                return Err(JournalError::Damaged {
+                    path: path.to_path_buf(),
+                    offset: bad,
+                });
+            }
+        }
+        start += last + 1;
+    }
+    Ok(())
+}
+
+/// Walks the valid records from the header on, giving each to `each`;
+/// returns where the valid journal ends (a torn tail begins), after
+/// checking that what follows is only a torn tail.
+fn scan(
+    file: &File,
+    path: &Path,
+    file_len: u64,
+    disk_size: u64,
+    mut each: impl FnMut(&Record),
+) -> Result<u64, JournalError> {
+    let mut end = HEADER_LEN;
+    while let Some((r, _)) =
+        read_record(file, end, file_len, disk_size).map_err(io_err("read", path))?
+    {
+        each(&r);
+        end += RECORD_HEADER_LEN + r.data.len() as u64;
+    }
+    if end < file_len {
+        check_tail(file, path, end, file_len, disk_size)?;
+    }
+    Ok(end)
 }
 
 /// Blocks as a set of disjoint runs `start -> end` (exclusive), so memory
@@ -444,14 +541,10 @@ impl JournalWriter {
         let meta = file.metadata().map_err(io_err("stat", path))?;
         let file_len = meta.len();
         let mut saved = BlockSet::default();
-        let mut end = HEADER_LEN;
-        while let Some(r) =
-            read_record(&file, end, file_len, disk_size).map_err(io_err("read", path))?
-        {
+        let end = scan(&file, path, file_len, disk_size, |r| {
             let first = r.offset / BLOCK_SIZE;
             saved.insert(first, first + r.blocks());
-            end += RECORD_HEADER_LEN + r.data.len() as u64;
-        }
+        })?;
         if end < file_len {
             file.set_len(end)
                 .map_err(io_err("cut the torn tail of", path))?;
@@ -544,7 +637,7 @@ impl JournalWriter {
                 for (rs, re) in non_zero_runs(&data, skip_zero_blocks) {
                     let at = b + rs;
                     let bytes = &data[(rs * BLOCK_SIZE) as usize..(re * BLOCK_SIZE) as usize];
-                    end = self.append(end, at * BLOCK_SIZE, bytes)?;
+                    end = self.append(end, self.end, at * BLOCK_SIZE, bytes)?;
                     done.push((at, b + re));
                 }
                 b += n;
@@ -565,13 +658,15 @@ impl JournalWriter {
         Ok(count)
     }
 
-    /// Writes one record at `at`; returns where the next goes.
-    fn append(&self, at: u64, offset: u64, data: &[u8]) -> Result<u64, JournalError> {
+    /// Writes one record of the batch that began at `batch` at `at`;
+    /// returns where the next goes.
+    fn append(&self, at: u64, batch: u64, offset: u64, data: &[u8]) -> Result<u64, JournalError> {
         let len = data.len() as u32;
         let mut rec = Vec::with_capacity(RECORD_HEADER_LEN as usize + data.len());
         rec.extend_from_slice(&offset.to_le_bytes());
         rec.extend_from_slice(&len.to_le_bytes());
-        rec.extend_from_slice(record_hash(offset, len, data).as_bytes());
+        rec.extend_from_slice(&batch.to_le_bytes());
+        rec.extend_from_slice(record_hash(offset, len, batch, data).as_bytes());
         rec.extend_from_slice(data);
         self.file
             .write_all_at(&rec, at)
@@ -622,8 +717,10 @@ fn non_zero_runs(data: &[u8], skip_zero: bool) -> Vec<(u64, u64)> {
     runs
 }
 
-/// Reads the valid records of a journal, in order; stops at a torn or bad
-/// tail (it does not cut it: reading never changes the journal).
+/// Reads the valid records of a journal, in order; stops at a torn tail
+/// (it does not cut it: reading never changes the journal). Opening fails
+/// with [`JournalError::Damaged`] when the journal is damaged before its
+/// tail.
 #[derive(Debug)]
 pub struct JournalReader {
     path: PathBuf,
@@ -638,7 +735,8 @@ impl JournalReader {
     pub fn open(path: &Path) -> Result<JournalReader, JournalError> {
         let file = File::open(path).map_err(io_err("open", path))?;
         let (disk_size, _) = read_header(&file, path)?;
-        let file_len = file.metadata().map_err(io_err("stat", path))?.len();
+        let len = file.metadata().map_err(io_err("stat", path))?.len();
+        let file_len = scan(&file, path, len, disk_size, |_| {})?;
         Ok(JournalReader {
             path: path.to_path_buf(),
             file,
@@ -668,7 +766,7 @@ impl Iterator for JournalReader {
             return None;
         }
         match read_record(&self.file, self.pos, self.file_len, self.disk_size) {
-            Ok(Some(r)) => {
+            Ok(Some((r, _))) => {
                 self.pos += RECORD_HEADER_LEN + r.data.len() as u64;
                 Some(Ok(r))
             }

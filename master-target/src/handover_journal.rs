@@ -290,6 +290,10 @@ impl Replication {
                 ),
                 source,
             ),
+            JournalError::Damaged { .. } => MtError::DataLoss(format!(
+                "{what}: {e}; the point it was handed over at cannot be restored exactly: commit, \
+                 or fail over again from a point of another replication"
+            )),
             JournalError::StillHeld { .. } | JournalError::Locked { .. } => {
                 MtError::FailedPrecondition(format!("{what}: {e}"))
             }

@@ -287,3 +287,62 @@ fn the_state_is_in_the_header_and_only_an_open_journal_is_written() {
     let e = read_state(&f.journal).unwrap_err();
     assert!(matches!(e, JournalError::NotAJournal { .. }), "{e}");
 }
+
+/// Flips one byte of the journal at `at`.
+fn flip(path: &Path, at: u64) {
+    let jf = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    jf.read_exact_at(&mut b, at).unwrap();
+    jf.write_all_at(&[b[0] ^ 0x40], at).unwrap();
+}
+
+#[test]
+fn damage_before_a_later_batch_is_refused_not_cut() {
+    let f = Fixture::new(4 * MIB);
+    let mut w = f.writer();
+    w.save_before_write(&f.disk, 0, 4096).unwrap();
+    w.save_before_write(&f.disk, MIB, 4096).unwrap();
+    w.save_before_write(&f.disk, 2 * MIB, 4096).unwrap();
+    drop(w);
+    let len = std::fs::metadata(&f.journal).unwrap().len();
+    // A bit flip in the data of the first record (first batch).
+    flip(&f.journal, HEADER_LEN + RECORD_HEADER_LEN + 100);
+    let e = JournalWriter::open(&f.journal, 4 * MIB).unwrap_err();
+    assert!(
+        matches!(e, JournalError::Damaged { offset, .. } if offset == HEADER_LEN),
+        "{e}"
+    );
+    let msg = e.to_string();
+    assert!(msg.contains(&f.journal.display().to_string()), "{msg}");
+    assert!(msg.contains(&format!("offset {HEADER_LEN}")), "{msg}");
+    assert_eq!(std::fs::metadata(&f.journal).unwrap().len(), len, "not cut");
+    assert!(matches!(
+        restore_into(&f.journal, &f.disk).unwrap_err(),
+        JournalError::Damaged { .. }
+    ));
+    assert!(JournalReader::open(&f.journal).is_err());
+    assert!(has_records(&f.journal).is_err());
+}
+
+#[test]
+fn a_bad_record_inside_the_last_batch_is_a_torn_tail() {
+    let f = Fixture::new(4 * MIB);
+    let mut w = f.writer();
+    w.save_before_write(&f.disk, 3 * MIB, 4096).unwrap();
+    // One batch of three records (1 MiB each at most).
+    w.save_before_write(&f.disk, 0, 3 * MIB).unwrap();
+    drop(w);
+    assert_eq!(f.records().len(), 4);
+    // Its first record did not reach the disk, the later ones did (a
+    // crash may persist a batch's pages in any order).
+    let first_of_batch = HEADER_LEN + RECORD_HEADER_LEN + 4096;
+    flip(&f.journal, first_of_batch + RECORD_HEADER_LEN + 7);
+    assert_eq!(f.records().len(), 1, "readers stop at the torn batch");
+    let w = f.writer();
+    assert_eq!(w.saved_blocks(), 1, "the torn batch is cut");
+    assert_eq!(std::fs::metadata(&f.journal).unwrap().len(), first_of_batch);
+}

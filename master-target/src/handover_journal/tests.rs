@@ -237,3 +237,29 @@ fn views_are_refused_when_a_journal_cannot_be_read() {
         "cannot be read",
     );
 }
+
+#[test]
+fn power_off_of_a_journal_damaged_before_its_tail_is_data_loss() {
+    let (_g, _dir, _s, r) = applied_history(15, 40);
+    r.hand_over(false, &hooks("", "", 1)).unwrap();
+    let mut w = agent(&r, 0);
+    machine_writes(&r, &mut w, 0, 0, 4096, 0x21);
+    machine_writes(&r, &mut w, 0, 65536, 4096, 0x22);
+    drop(w);
+    let j = r.handover_journal_path("disk0");
+    let f = std::fs::OpenOptions::new().write(true).open(&j).unwrap();
+    let at = rebound_common::handover_journal::HEADER_LEN + 60;
+    f.write_all_at(&[0xEE], at).unwrap();
+    let e = r.power_off(&hooks("", "", 1)).unwrap_err();
+    assert!(matches!(e, MtError::DataLoss(_)), "{e:?}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&j.display().to_string()) && msg.contains("cannot be restored exactly"),
+        "{msg}"
+    );
+    assert_eq!(
+        state(&r, 0),
+        JournalState::Open,
+        "nothing fenced over a damaged journal"
+    );
+}
