@@ -19,6 +19,22 @@ fn resync_bytes(s: &Sites, site: &str) -> u64 {
     st["resync_bytes_sent"].as_u64().expect("resync_bytes_sent")
 }
 
+/// Which process the agent of m1 at `site` is (the MT's power_on hook
+/// started it): its pid and its start time, so a restart between two reads
+/// of its counters shows even if the pid were reused.
+fn agent_process(s: &Sites, site: &str) -> (u32, String) {
+    let pid_file = s.path(&format!("agents/m1@{site}.pid"));
+    let pid: u32 = (std::fs::read_to_string(&pid_file).ok())
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no agent pid in {}", pid_file.display()));
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("the agent of m1 at {site} (pid {pid}) is not running: {e}"));
+    // Field 22, after the command name in parentheses.
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let start = after_name.split_whitespace().nth(19).unwrap_or_default();
+    (pid, start.to_string())
+}
+
 #[test]
 fn the_first_reprotect_sends_only_the_chunks_the_machine_changed() {
     let mut s = Sites::start(SitesOptions {
@@ -49,12 +65,21 @@ fn the_first_reprotect_sends_only_the_chunks_the_machine_changed() {
         "commit removed the source copy"
     );
     s.wait_online("agent", m, JOB).expect("agent at B online");
+    let agent = agent_process(&s, b());
     let before = resync_bytes(&s, b());
 
     let job = reprotect(&s, m, b(), a(), "2m", true);
     succeeded(&job);
     s.wait_state(m, "Protected", JOB).expect("protected B→A");
-    let sent = resync_bytes(&s, b()) - before;
+    let after = resync_bytes(&s, b());
+    // The counter is the process's own: it only measures the reprotect if
+    // the same agent ran throughout.
+    assert_eq!(
+        agent_process(&s, b()),
+        agent,
+        "the agent of m1 at B restarted during the reprotect: its resync counter started over"
+    );
+    let sent = after - before;
     let bound = changed.len() as u64 * MIB + MIB;
     eprintln!("reprotect resync sent {sent} bytes (bound {bound})");
     assert!(
