@@ -13,6 +13,14 @@ fn only(dir: &Path) -> Vec<PathBuf> {
     vec![dir.to_path_buf()]
 }
 
+/// A temporary directory with an empty seed directory `disks` in it.
+fn seed_dir() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let allowed = dir.path().join("disks");
+    std::fs::create_dir(&allowed).unwrap();
+    (dir, allowed)
+}
+
 #[test]
 fn a_kept_copy_seeds_the_replica_sparsely_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -96,9 +104,7 @@ fn the_warning_names_the_machine_site_and_each_disk() {
 
 #[test]
 fn a_copy_outside_the_seed_dirs_is_not_read_even_through_dots_or_a_symlink() {
-    let dir = tempfile::tempdir().unwrap();
-    let allowed = dir.path().join("disks");
-    std::fs::create_dir(&allowed).unwrap();
+    let (dir, allowed) = seed_dir();
     let (_s, r) = open_store(&dir.path().join("mt"));
     // Copies of the right size, with data, outside the seed directory.
     let outside0 = dir.path().join("secret0.img");
@@ -138,9 +144,7 @@ fn a_copy_outside_the_seed_dirs_is_not_read_even_through_dots_or_a_symlink() {
 
 #[test]
 fn a_copy_whose_real_location_is_in_a_seed_dir_is_read() {
-    let dir = tempfile::tempdir().unwrap();
-    let allowed = dir.path().join("disks");
-    std::fs::create_dir(&allowed).unwrap();
+    let (dir, allowed) = seed_dir();
     let kept = allowed.join("m1-disk0.img");
     std::fs::File::create(&kept)
         .unwrap()
