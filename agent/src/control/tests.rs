@@ -529,6 +529,18 @@ async fn an_app_group_point_whose_freeze_fails_is_crash_consistent_with_a_warnin
     assert_eq!(tags(&f.rt.capture)[0].1.kind, TagKind::Crash);
 }
 
+/// StartReplication moving replication `rid` to the PS at `ps`.
+fn move_cmd(rid: &str, ps: &str) -> Command {
+    cmd(Cmd::StartReplication(pb::StartReplication {
+        replication_id: rid.into(),
+        ps_address: ps.into(),
+        ps_server_name: "localhost".into(),
+        resync: false,
+        policy: None,
+        moving: true,
+    }))
+}
+
 #[tokio::test]
 async fn a_move_to_another_ps_keeps_the_buffer_and_resyncs_nothing() {
     let f = fixture(HooksConfig::default());
@@ -544,16 +556,7 @@ async fn a_move_to_another_ps_keeps_the_buffer_and_resyncs_nothing() {
     cap.write(0, 0, &[1u8; 4096], false).unwrap();
     let buffered = cap.snapshot().buffer_bytes;
     assert!(buffered > 0);
-    let r =
-        f.rt.handle_cmd(cmd(Cmd::StartReplication(pb::StartReplication {
-            replication_id: rid.clone(),
-            ps_address: "127.0.0.1:2".into(),
-            ps_server_name: "localhost".into(),
-            resync: false,
-            policy: None,
-            moving: true,
-        })))
-        .await;
+    let r = f.rt.handle_cmd(move_cmd(&rid, "127.0.0.1:2")).await;
     assert!(r.ok, "{r:?}");
     let s = cap.snapshot();
     assert_eq!(s.buffer_bytes, buffered, "the change buffer is kept");
@@ -575,16 +578,7 @@ async fn a_move_survives_a_restart_of_the_agent() {
     };
     f.rt.start_pipeline(at("127.0.0.1:1")).await;
     assert_eq!(f.rt.moving_until_ms().await, None);
-    let r =
-        f.rt.handle_cmd(cmd(Cmd::StartReplication(pb::StartReplication {
-            replication_id: rid.clone(),
-            ps_address: "127.0.0.1:2".into(),
-            ps_server_name: "localhost".into(),
-            resync: false,
-            policy: None,
-            moving: true,
-        })))
-        .await;
+    let r = f.rt.handle_cmd(move_cmd(&rid, "127.0.0.1:2")).await;
     assert!(r.ok, "{r:?}");
     // The new PS is unreachable, so the move is still under way.
     let until = Runtime::recorded_move(&f.rt.settings).expect("the move is recorded");

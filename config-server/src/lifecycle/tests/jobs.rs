@@ -221,8 +221,8 @@ async fn ps_statuses(w: &World, old: &str, new: &str, rid: &str) {
     }
 }
 
-#[tokio::test]
-async fn move_switches_the_stream_to_the_new_ps_and_drops_the_old_one() {
+/// The test world with a third PS, ps3, connected at m1's site.
+async fn world_with_ps3() -> World {
     let w = world().await;
     component(
         w.store.as_ref(),
@@ -233,6 +233,27 @@ async fn move_switches_the_stream_to_the_new_ps_and_drops_the_old_one() {
     )
     .await;
     w.bus.connect(ComponentKey::ps("ps3"), "onprem");
+    w
+}
+
+/// Reports PS1 drained and PS3 carrying m1 until the move job `id` ends;
+/// the ended job.
+async fn drained_move(w: &World, id: &str) -> crate::store::Job {
+    let t0 = Instant::now();
+    loop {
+        ps_statuses(w, "ps1", "ps3", "m1").await;
+        let j = w.store.get_job(id).await.unwrap().unwrap();
+        if j.state.finished() {
+            return j;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "{}", j.status);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn move_switches_the_stream_to_the_new_ps_and_drops_the_old_one() {
+    let w = world_with_ps3().await;
     let e = refused(w.lc.move_machine("m1", "ps3").await);
     assert!(
         e.contains("cannot move m1") && e.contains("Unprotected"),
@@ -257,16 +278,7 @@ async fn move_switches_the_stream_to_the_new_ps_and_drops_the_old_one() {
     assert!(j.status.contains("what PS ps1 held"), "{}", j.status);
     w.bus.connect(ComponentKey::ps("ps1"), "onprem");
     // The PSs report after the switch while the job waits.
-    let t0 = Instant::now();
-    let j = loop {
-        ps_statuses(&w, "ps1", "ps3", "m1").await;
-        let j = w.store.get_job(&job.id).await.unwrap().unwrap();
-        if j.state.finished() {
-            break j;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(10), "{}", j.status);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let j = drained_move(&w, &job.id).await;
     assert_eq!(j.state, JobState::Succeeded, "{}", j.error);
     assert_eq!(
         w.bus.sent(),
@@ -297,16 +309,7 @@ async fn move_switches_the_stream_to_the_new_ps_and_drops_the_old_one() {
 
 #[tokio::test]
 async fn move_waits_while_the_old_ps_does_not_list_the_replication() {
-    let w = world().await;
-    component(
-        w.store.as_ref(),
-        Role::Ps,
-        "ps3",
-        "onprem",
-        "127.0.0.1:29443",
-    )
-    .await;
-    w.bus.connect(ComponentKey::ps("ps3"), "onprem");
+    let w = world_with_ps3().await;
     protected(&w, "m1", "").await;
     let job = w.lc.move_machine("m1", "ps3").await.unwrap();
     // PS3 carries the stream, PS1 reports but without m1: unknown, not drained.
@@ -333,16 +336,7 @@ async fn move_waits_while_the_old_ps_does_not_list_the_replication() {
         w.bus.sent()
     );
     // Once PS1 lists what it holds and the MT applied it, the move ends.
-    let t0 = Instant::now();
-    let j = loop {
-        ps_statuses(&w, "ps1", "ps3", "m1").await;
-        let j = w.store.get_job(&job.id).await.unwrap().unwrap();
-        if j.state.finished() {
-            break j;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(10), "{}", j.status);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let j = drained_move(&w, &job.id).await;
     assert_eq!(j.state, JobState::Succeeded, "{}", j.error);
 }
 
