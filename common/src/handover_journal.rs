@@ -46,7 +46,6 @@
 //! as it journals, so the master target's [`fence`] knows when the machine
 //! can no longer write.
 
-use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -54,6 +53,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
+
+use block_set::BlockSet;
+pub use record::Record;
+use record::{read_record, record_hash, scan};
 
 /// The unit the journal saves: a block's pre-image is kept whole.
 pub const BLOCK_SIZE: u64 = 4096;
@@ -237,208 +240,6 @@ fn read_header(file: &File, path: &Path) -> Result<(u64, JournalState), JournalE
     Ok((disk_size, state))
 }
 
-fn record_hash(offset: u64, len: u32, batch: u64, data: &[u8]) -> blake3::Hash {
-    let mut h = blake3::Hasher::new();
-    h.update(&offset.to_le_bytes());
-    h.update(&len.to_le_bytes());
-    h.update(&batch.to_le_bytes());
-    h.update(data);
-    h.finalize()
-}
-
-/// The disk size rounded up to whole blocks: where records may end.
-fn block_end(disk_size: u64) -> u64 {
-    disk_size.div_ceil(BLOCK_SIZE) * BLOCK_SIZE
-}
-
-/// One saved run of blocks: `data` is the pre-image of `data.len()` bytes
-/// (whole blocks) at `offset`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
-    pub offset: u64,
-    pub data: Vec<u8>,
-}
-
-impl Record {
-    /// Blocks this record saves.
-    pub fn blocks(&self) -> u64 {
-        self.data.len() as u64 / BLOCK_SIZE
-    }
-}
-
-/// A record header's fields when they are plausible at `pos`: (offset,
-/// len, batch).
-fn sane_header(h: &[u8], pos: u64, file_len: u64, disk_size: u64) -> Option<(u64, u32, u64)> {
-    let u64_at = |at: usize| {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&h[at..at + 8]);
-        u64::from_le_bytes(b)
-    };
-    let offset = u64_at(0);
-    let mut b4 = [0u8; 4];
-    b4.copy_from_slice(&h[8..12]);
-    let len = u32::from_le_bytes(b4);
-    let batch = u64_at(12);
-    let sane = len > 0
-        && len <= MAX_RECORD_LEN
-        && u64::from(len) % BLOCK_SIZE == 0
-        && offset % BLOCK_SIZE == 0
-        && offset
-            .checked_add(u64::from(len))
-            .is_some_and(|end| end <= block_end(disk_size))
-        && (HEADER_LEN..=pos).contains(&batch)
-        && pos + RECORD_HEADER_LEN + u64::from(len) <= file_len;
-    sane.then_some((offset, len, batch))
-}
-
-/// Reads the record at `pos`; `None` when it is torn or bad. Also returns
-/// the record's batch.
-fn read_record(
-    file: &File,
-    pos: u64,
-    file_len: u64,
-    disk_size: u64,
-) -> io::Result<Option<(Record, u64)>> {
-    if pos + RECORD_HEADER_LEN > file_len {
-        return Ok(None);
-    }
-    let mut h = [0u8; RECORD_HEADER_LEN as usize];
-    file.read_exact_at(&mut h, pos)?;
-    let Some((offset, len, batch)) = sane_header(&h, pos, file_len, disk_size) else {
-        return Ok(None);
-    };
-    let mut data = vec![0u8; len as usize];
-    file.read_exact_at(&mut data, pos + RECORD_HEADER_LEN)?;
-    if record_hash(offset, len, batch, &data).as_bytes()[..] != h[20..] {
-        return Ok(None);
-    }
-    Ok(Some((Record { offset, data }, batch)))
-}
-
-/// How far the scan for damage reads at once.
-const SCAN_WINDOW: u64 = 4 << 20;
-
-/// Checks that the bad record at `bad` (the valid journal ends there) is a
-/// torn tail: no valid record of a batch that began after `bad` follows
-/// anywhere. Looks at every byte offset after `bad`, hashing only where a
-/// plausible record header is found, so a torn tail (one batch) costs
-/// little; error [`JournalError::Damaged`] naming the journal and `bad`.
-fn check_tail(
-    file: &File,
-    path: &Path,
-    bad: u64,
-    file_len: u64,
-    disk_size: u64,
-) -> Result<(), JournalError> {
-    let mut window = Vec::new();
-    let mut start = bad + 1;
-    while start + RECORD_HEADER_LEN <= file_len {
-        let n = (file_len - start).min(SCAN_WINDOW + RECORD_HEADER_LEN);
-        window.resize(n as usize, 0);
-        file.read_exact_at(&mut window, start)
-            .map_err(io_err("read", path))?;
-        let last = (n - RECORD_HEADER_LEN).min(SCAN_WINDOW);
-        for i in 0..=last {
-            let pos = start + i;
-            let h = &window[i as usize..(i + RECORD_HEADER_LEN) as usize];
-            let Some((_, _, batch)) = sane_header(h, pos, file_len, disk_size) else {
-                continue;
-            };
-            if batch > bad
-                && read_record(file, pos, file_len, disk_size)
-                    .map_err(io_err("read", path))?
-                    .is_some()
-            {
-                return Err(JournalError::Damaged {
-                    path: path.to_path_buf(),
-                    offset: bad,
-                });
-            }
-        }
-        start += last + 1;
-    }
-    Ok(())
-}
-
-/// Walks the valid records from the header on, giving each to `each`;
-/// returns where the valid journal ends (a torn tail begins), after
-/// checking that what follows is only a torn tail.
-fn scan(
-    file: &File,
-    path: &Path,
-    file_len: u64,
-    disk_size: u64,
-    mut each: impl FnMut(&Record),
-) -> Result<u64, JournalError> {
-    let mut end = HEADER_LEN;
-    while let Some((r, _)) =
-        read_record(file, end, file_len, disk_size).map_err(io_err("read", path))?
-    {
-        each(&r);
-        end += RECORD_HEADER_LEN + r.data.len() as u64;
-    }
-    if end < file_len {
-        check_tail(file, path, end, file_len, disk_size)?;
-    }
-    Ok(end)
-}
-
-/// Blocks as a set of disjoint runs `start -> end` (exclusive), so memory
-/// follows how fragmented the writes are, not the disk's size.
-#[derive(Debug, Default, Clone)]
-struct BlockSet {
-    runs: BTreeMap<u64, u64>,
-}
-
-impl BlockSet {
-    fn insert(&mut self, mut start: u64, mut end: u64) {
-        if start >= end {
-            return;
-        }
-        if let Some((&s, &e)) = self.runs.range(..=start).next_back() {
-            if e >= start {
-                start = s;
-                end = end.max(e);
-                self.runs.remove(&s);
-            }
-        }
-        while let Some((&s, &e)) = self.runs.range(start..).next() {
-            if s > end {
-                break;
-            }
-            end = end.max(e);
-            self.runs.remove(&s);
-        }
-        self.runs.insert(start, end);
-    }
-
-    /// The runs of `start..end` not in the set.
-    fn missing(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
-        let mut out = Vec::new();
-        if start >= end {
-            return out;
-        }
-        let mut cur = start;
-        if let Some((_, &e)) = self.runs.range(..=start).next_back() {
-            cur = cur.max(e);
-        }
-        for (&s, &e) in self.runs.range(start..end) {
-            if s > cur {
-                out.push((cur, s));
-            }
-            cur = cur.max(e);
-        }
-        if cur < end {
-            out.push((cur, end));
-        }
-        out
-    }
-
-    fn len(&self) -> u64 {
-        self.runs.iter().map(|(s, e)| e - s).sum()
-    }
-}
-
 /// Creates an empty open journal for a disk of `disk_size` bytes at
 /// `path`, replacing any file there; see [`replace`].
 pub fn create(path: &Path, disk_size: u64) -> Result<(), JournalError> {
@@ -589,7 +390,13 @@ impl JournalWriter {
 
     /// [`Self::save_before_write`] for a zeroing (write-zeroes or trim):
     /// blocks that already read as zeroes do not change, so they are not
-    /// saved (nor marked saved; a later write saves them).
+    /// saved (nor marked saved; a later write saves them). Holes of the
+    /// disk file read as zeroes, so they are skipped without reading
+    /// (`lseek(SEEK_DATA)`, where the file system tells). What remains:
+    /// the data extents of the range not saved yet are read (up to 1 MiB at
+    /// a time, holes inside such a read included) while the caller holds
+    /// its write path; a trim of a full disk reads all its data once (a
+    /// block saved or found zero is not read again by later trims).
     pub fn save_before_zero(
         &mut self,
         disk: &File,
@@ -625,6 +432,15 @@ impl JournalWriter {
         for (s, e) in self.saved.missing(first, last) {
             let mut b = s;
             while b < e {
+                if skip_zero_blocks {
+                    match next_data(disk, b * BLOCK_SIZE) {
+                        None => break,
+                        Some(at) => b = b.max(at / BLOCK_SIZE),
+                    }
+                    if b >= e {
+                        break;
+                    }
+                }
                 let n = (e - b).min(max_blocks);
                 let mut data = vec![0u8; (n * BLOCK_SIZE) as usize];
                 crate::chunk::read_full_at(disk, &mut data, b * BLOCK_SIZE).map_err(|source| {
@@ -683,6 +499,17 @@ impl JournalWriter {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(io_err("stat", &self.path)(e)),
         }
+    }
+}
+
+/// Where data begins at or after `from` in `disk` (`None`: only a hole
+/// follows). Where the file system cannot tell (a block device, an error),
+/// `from` itself: read it.
+fn next_data(disk: &File, from: u64) -> Option<u64> {
+    match crate::sys::seek_data(disk, from) {
+        Ok(at) => Some(at.max(from)),
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => None,
+        Err(_) => Some(from),
     }
 }
 
@@ -861,5 +688,7 @@ pub fn fence(path: &Path, timeout: Duration) -> Result<JournalFence, JournalErro
     }
 }
 
+mod block_set;
+mod record;
 #[cfg(test)]
 mod tests;

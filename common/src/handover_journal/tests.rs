@@ -346,3 +346,30 @@ fn a_bad_record_inside_the_last_batch_is_a_torn_tail() {
     assert_eq!(w.saved_blocks(), 1, "the torn batch is cut");
     assert_eq!(std::fs::metadata(&f.journal).unwrap().len(), first_of_batch);
 }
+
+#[test]
+fn zeroing_skips_the_holes_of_the_disk_file_and_restores_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sparse.img");
+    let size = 64 * MIB;
+    let disk = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    disk.set_len(size).unwrap();
+    disk.write_all_at(&[9u8; 8192], 40 * MIB).unwrap();
+    disk.write_all_at(&[8u8; 4096], size - 4096).unwrap();
+    let before = blake3::hash(&std::fs::read(&path).unwrap());
+    let journal = dir.path().join("j");
+    create(&journal, size).unwrap();
+    let mut w = JournalWriter::open(&journal, size).unwrap();
+    assert_eq!(w.save_before_zero(&disk, 0, size).unwrap(), 3);
+    drop(w);
+    disk.write_all_at(&vec![0u8; 8192], 40 * MIB).unwrap();
+    disk.write_all_at(&[0u8; 4096], size - 4096).unwrap();
+    assert_eq!(restore_into(&journal, &disk).unwrap(), 3);
+    assert_eq!(blake3::hash(&std::fs::read(&path).unwrap()), before);
+}
