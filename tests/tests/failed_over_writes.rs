@@ -42,6 +42,15 @@ fn change_point_undoes_what_the_failed_over_machine_wrote() {
 
     // It runs again at p1, writes, and goes back to latest.
     machine_writes_at_b(&mut s, &r1, 3 * MIB, MIB, 0x52);
+    // Its agent dies (kill -9) and is started again over the same config:
+    // it reopens the open journal (each block still saved once) and the
+    // machine writes more, over the same blocks and beyond.
+    s.kill_agent(m, b()).expect("kill -9 the agent at B");
+    s.start_agent(m, b()).expect("the agent at B starts again");
+    s.write(m, b(), "disk0", 3 * MIB + MIB / 2, MIB, 0x55)
+        .expect("write at B after the restart");
+    // The lab, not the power_on hook, started it: stop it as power_off would.
+    s.stop_agent(m, b()).expect("stop the restarted agent at B");
     succeeded(&s.job(&["change-point", m, "--point", "latest"]).unwrap());
     assert_eq!(
         replica_hash(&s, b(), &r1),
