@@ -5,8 +5,8 @@
 //! of the failed-over machine saves each 4 KiB block's pre-image here before
 //! the first write to it since hand-over; the master target restores those
 //! pre-images into the replica (discarding what the machine wrote) before it
-//! rolls back, and deletes the journal at commit (what the machine wrote
-//! becomes the base). Both sides use this module: the agent the
+//! rolls back, and marks the journal committed at commit (what the machine
+//! wrote becomes the base). Both sides use this module: the agent the
 //! [`JournalWriter`], the master target [`create`], [`replace`], [`fence`],
 //! [`restore_into`], [`has_records`] and [`read_state`].
 //!
