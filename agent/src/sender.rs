@@ -76,12 +76,7 @@ const INGEST_PATH: &str = "/rebound.v1.ProcessServer/Ingest";
 const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(400);
 /// Longest wait between attempts while the PS stays unreachable.
 const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(2);
-/// How long a stream moving to another PS waits for the MT to apply what
-/// the old PS still forwards before it resyncs every disk instead.
-/// The configuration server's move job waits at least this long
-/// (`AGENT_MOVE_WAIT` in its `lifecycle::movement`) before it gives up,
-/// and never drops the old PS's cache when it does.
-pub const MOVE_WAIT: Duration = Duration::from_secs(300);
+pub use rebound_common::control::MOVE_WAIT;
 /// How often the wait of a moving stream is logged.
 const MOVE_WAIT_LOG_EVERY: Duration = Duration::from_secs(15);
 

@@ -33,6 +33,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// How long an agent moving to another PS (`StartReplication.moving`) waits
+/// for the MT to apply what the old PS still forwards before it resyncs
+/// every disk instead. One constant for both sides: the configuration
+/// server's move job waits at least this long before it gives up, and never
+/// drops the old PS's cache while the agent may still be waiting.
+pub const MOVE_WAIT: Duration = Duration::from_secs(300);
+
 use crate::time::now_ms;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;

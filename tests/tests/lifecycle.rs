@@ -230,26 +230,40 @@ fn change_point_before_commit_moves_and_back() {
     s.wait_state(m, "Committed", JOB).unwrap();
 }
 
-#[test]
-fn unplanned_failover_with_the_source_agent_killed() {
-    let mut s = m1_protected();
-    let m = "m1";
-    s.write(m, a(), "disk0", 0, 2 * MIB, 0x41).unwrap();
+/// Writes 2 MiB of `byte` at the source of `m`, cuts a crash point, kills
+/// the source agent and fails over unplanned at `latest-processed`: the
+/// machine runs at b() from a replica equal to the source at that point.
+/// The point's id, the machine as the CLI lists it, the replication and the
+/// source's hash at the point.
+pub(crate) fn unplanned_failover_after_killing_the_source(
+    s: &mut Sites,
+    m: &str,
+    byte: u8,
+) -> (String, Value, String, String) {
+    s.write(m, a(), "disk0", 0, 2 * MIB, byte).unwrap();
     let (p, seq) = s.tag(m, a(), "crash").unwrap();
-    let h = source_hash(&s, m);
-    wait_point_seq(&s, m, seq);
+    let h = source_hash(s, m);
+    wait_point_seq(s, m, seq);
     s.kill_agent(m, a()).unwrap();
     // A planned failover cannot drain a dead source; unplanned proceeds.
     failover(
-        &s,
+        s,
         m,
         a(),
         b(),
         &["--point", "latest-processed", "--unplanned"],
     );
-    let (mm, r1) = handed_over(&mut s, m, b());
+    let (mm, repl) = handed_over(s, m, b());
+    assert_eq!(replica_hash(s, b(), &repl), h);
+    (p, mm, repl, h)
+}
+
+#[test]
+fn unplanned_failover_with_the_source_agent_killed() {
+    let mut s = m1_protected();
+    let m = "m1";
+    let (p, mm, _, _) = unplanned_failover_after_killing_the_source(&mut s, m, 0x41);
     assert_eq!(mm["failover_point"]["id"], p.as_str(), "{mm}");
-    assert_eq!(replica_hash(&s, b(), &r1), h);
 }
 
 #[test]

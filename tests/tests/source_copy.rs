@@ -2,8 +2,7 @@
 //! remembers it and removes the copy when that agent comes back.
 
 use crate::lifecycle::{
-    a, b, failover, handed_over, protect, replica_hash, source_hash, succeeded, wait_point_seq,
-    JOB, MIB,
+    a, b, protect, replica_hash, succeeded, unplanned_failover_after_killing_the_source, JOB,
 };
 use rebound_lab::*;
 use std::time::Duration;
@@ -13,20 +12,7 @@ fn remove_source_copy_while_the_source_is_offline_happens_when_it_returns() {
     let mut s = Sites::start(SitesOptions::default()).expect("sites");
     let m = "m1";
     protect(&s, m, a(), b());
-    s.write(m, a(), "disk0", 0, 2 * MIB, 0x81).unwrap();
-    let (_, seq) = s.tag(m, a(), "crash").unwrap();
-    let h = source_hash(&s, m);
-    wait_point_seq(&s, m, seq);
-    s.kill_agent(m, a()).unwrap();
-    failover(
-        &s,
-        m,
-        a(),
-        b(),
-        &["--point", "latest-processed", "--unplanned"],
-    );
-    let (_, repl) = handed_over(&mut s, m, b());
-    assert_eq!(replica_hash(&s, b(), &repl), h);
+    let (_, _, repl, h) = unplanned_failover_after_killing_the_source(&mut s, m, 0x81);
 
     let j = s
         .job(&["commit", m, "--remove-source-copy"])

@@ -76,9 +76,8 @@ pub(crate) fn lag_of<'a>(s: &'a pb::PsStatus, rid: &str) -> Option<&'a pb::PsRep
 }
 
 /// How long an agent waits, in a move, for the MT to apply what the old
-/// PS still forwards before it resyncs instead: the agent's
-/// `rebound_agent::sender::MOVE_WAIT`.
-pub(crate) const AGENT_MOVE_WAIT: Duration = Duration::from_secs(300);
+/// PS still forwards before it resyncs instead.
+pub(crate) use rebound_common::control::MOVE_WAIT as AGENT_MOVE_WAIT;
 
 /// How long a move waits for the old PS to be drained: never shorter than
 /// the agent's own wait (plus a margin for its retries), so the job does
