@@ -22,6 +22,7 @@ pub mod enrollment;
 pub mod frame;
 pub mod handover_journal;
 pub mod limits;
+pub mod metrics;
 pub mod link_error;
 pub mod nbd;
 pub mod pki;

@@ -661,4 +661,11 @@ impl Admin for AdminService {
             members: p.members,
         }))
     }
+
+    async fn alerts(&self, req: Request<pb::AlertsRequest>) -> Res<pb::AlertsResponse> {
+        admin(&req)?;
+        Err(Status::unimplemented(
+            "alerts are not served by this configuration server yet",
+        ))
+    }
 }

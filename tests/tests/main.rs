@@ -3,9 +3,11 @@
 //! `rebound` CLI. One test binary with a module per area, so the suite
 //! links once.
 
+mod alerts;
 mod bad_frames;
 mod bad_input;
 mod bench_smoke;
+mod dashboards;
 mod demo;
 mod disk_full_mt;
 mod disk_full_ps;
@@ -20,6 +22,7 @@ mod lifecycle_cli;
 mod lifecycle_errors;
 mod lifecycle_sites;
 mod link_errors;
+mod metrics;
 mod move_ps;
 mod multi_host;
 mod packaging;
