@@ -709,6 +709,7 @@ impl Runtime {
                 0
             },
             resync_bytes_total: resync_total,
+            ..Default::default()
         }
     }
 

@@ -189,6 +189,7 @@ pub async fn status_task(control: Arc<PsControl>, mut stop: tokio::sync::watch::
             cache_limit: account.cap(),
             throughput_bytes_per_sec: throughput,
             replications: reps,
+            ..Default::default()
         };
         *control.status.lock().unwrap_or_else(|p| p.into_inner()) = Some(st);
         tokio::select! {
