@@ -174,6 +174,7 @@ pub fn mt_status(store: &Store, defaults: &RetentionConfig) -> pb::MtStatus {
                 retention_max_bytes: retention.max_bytes,
                 test_point,
                 test_exports,
+                ..Default::default()
             }
         })
         .collect();
