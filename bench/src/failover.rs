@@ -84,6 +84,7 @@ pub fn planned_failover_latest(b: &Bench) -> Result<JobFailover> {
         // The CS's default, not a test's short one: the catch-up part of
         // the drain waits for the MT's next status report.
         heartbeat_secs: rebound_cs::Config::default().heartbeat_secs,
+        metrics: true,
     };
     let r = Sites::cs_in_dir(&dir, opts)
         .context("starting the configuration server")

@@ -26,6 +26,7 @@ pub mod clients;
 pub mod config;
 pub mod cs_admin;
 pub mod faults;
+pub mod metrics;
 pub mod net;
 pub mod notify;
 pub mod operator;
@@ -37,6 +38,7 @@ pub mod rng;
 pub mod sites;
 pub mod standalone;
 pub mod wait;
+pub mod webhook;
 
 pub use admin::AgentAdmin;
 pub use bin::{binary, Bins};

@@ -72,6 +72,9 @@ pub struct SitesOptions {
     pub crash_interval_ms: u64,
     /// The CS heartbeat period (three missed = offline).
     pub heartbeat_secs: f64,
+    /// Every daemon serves `/metrics` on a port of its host (its
+    /// `metrics_listen`); false writes `metrics_listen = ""` (off).
+    pub metrics: bool,
 }
 
 impl Default for SitesOptions {
@@ -83,6 +86,7 @@ impl Default for SitesOptions {
             disks: vec![("disk0".into(), 16 << 20)],
             crash_interval_ms: 1000,
             heartbeat_secs: 0.5,
+            metrics: true,
         }
     }
 }

@@ -78,6 +78,9 @@ pub struct LabOptions {
     /// Routes agent → PS and PS → MT through a [`FaultProxy`] each (see
     /// [`Lab::proxies`]); TLS still runs end to end.
     pub fault_proxies: bool,
+    /// Every daemon serves `/metrics` on a port of its host (its
+    /// `metrics_listen`); false writes `metrics_listen = ""` (off).
+    pub metrics: bool,
 }
 
 impl LabOptions {
@@ -103,6 +106,7 @@ impl Default for LabOptions {
             ps_cache_max_bytes: 8 << 30,
             retention: RetentionConfig::default(),
             fault_proxies: false,
+            metrics: true,
         }
     }
 }

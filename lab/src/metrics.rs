@@ -1,0 +1,1 @@
+//! Scraping a daemon's `/metrics` (being written).

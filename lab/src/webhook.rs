@@ -1,0 +1,1 @@
+//! A loopback webhook receiver for the CS's alerts (being written).
