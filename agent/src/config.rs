@@ -37,6 +37,9 @@ pub struct Config {
     /// NBD TCP listen address (`host:port`); the binary binds it. Empty
     /// (the default): no TCP export, the unix socket only.
     pub nbd_listen: String,
+    /// Address of `/metrics` and `/healthz` (docs/METRICS.md); empty turns
+    /// the endpoint off.
+    pub metrics_listen: String,
     /// NBD unix socket; default `<state_dir>/nbd.sock`.
     pub nbd_socket: Option<PathBuf>,
     /// Crash-consistent recovery point interval, in milliseconds.
@@ -131,6 +134,7 @@ impl Default for Config {
             replication_id: String::new(),
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             nbd_listen: DEFAULT_NBD_LISTEN.into(),
+            metrics_listen: "127.0.0.1:9471".into(),
             nbd_socket: None,
             crash_interval_ms: 5000,
             buffer_bytes: 256 << 20,

@@ -22,6 +22,9 @@ pub const DEFAULT_HOOK_DIR: &str = "/etc/rebound/hooks";
 pub struct Config {
     /// gRPC address (TLS; client certificates required except for enrollment).
     pub listen: String,
+    /// Address of `/metrics` and `/healthz` (docs/METRICS.md); empty turns
+    /// the endpoint off.
+    pub metrics_listen: String,
     /// The SQLite database file.
     pub db: PathBuf,
     /// The CA's private key (PEM), used to sign enrolled components.
@@ -82,6 +85,7 @@ impl Config {
     pub fn in_dir(dir: &Path) -> Config {
         Config {
             listen: "127.0.0.1:7443".into(),
+            metrics_listen: "127.0.0.1:9474".into(),
             db: dir.join("cs.db"),
             ca_key: dir.join("ca.key"),
             cert_lifetime: rebound_common::pki::lifetime::DEFAULT,

@@ -34,6 +34,17 @@ pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     toml::from_str(&text).with_context(|| format!("cannot parse {}", path.display()))
 }
 
+/// A `metrics_listen` for a daemon on the host `ip`: a free port there, or
+/// `""` (the endpoint off) when `on` is false.
+pub fn metrics_listen(ip: std::net::IpAddr, on: bool) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) if on => {
+            SocketAddr::from((v4, crate::net::free_port_on(v4))).to_string()
+        }
+        _ => String::new(),
+    }
+}
+
 /// `[cs]` pointing at the lab's configuration server, checked against its
 /// certificate by the address's host (what `rebound-cs init --name` put in).
 pub fn cs_link(cs_addr: &str) -> CsConfig {
@@ -57,6 +68,7 @@ pub fn agent(
         machine_id: machine.into(),
         state_dir: state_dir.to_path_buf(),
         nbd_listen: nbd_listen.to_string(),
+        metrics_listen: metrics_listen(nbd_listen.ip(), true),
         shutdown_drain_secs: 10,
         disks: disks
             .iter()
@@ -80,6 +92,7 @@ pub fn agent(
 pub fn ps(listen: SocketAddr, cache_dir: &Path, mt: SocketAddr, tls: TlsFiles) -> PsServerConfig {
     PsServerConfig {
         listen: listen.to_string(),
+        metrics_listen: metrics_listen(listen.ip(), true),
         cache_dir: cache_dir.to_path_buf(),
         tls,
         mt: PsMtLink {
@@ -96,6 +109,7 @@ pub fn mt(listen: SocketAddr, nbd_listen: SocketAddr, data_dir: &Path, tls: TlsF
     MtConfig {
         listen: listen.to_string(),
         nbd_listen: nbd_listen.to_string(),
+        metrics_listen: metrics_listen(listen.ip(), true),
         data_dir: data_dir.to_path_buf(),
         tls,
         ..MtConfig::default()

@@ -218,6 +218,10 @@ impl Sites {
         let path = self.cs_dir.join("config.toml");
         let mut cfg: rebound_cs::Config = config::read_toml(&path)?;
         cfg.heartbeat_secs = self.opts.heartbeat_secs;
+        cfg.metrics_listen = config::metrics_listen(
+            host.parse().context("the CS host is not an IP address")?,
+            self.opts.metrics,
+        );
         cfg.command_timeout_secs = 30;
         cfg.drain_timeout_secs = 60;
         cfg.initial_sync_timeout_secs = 120;
@@ -316,6 +320,9 @@ impl Sites {
             );
             cfg.site = site.into();
             cfg.cs = config::cs_link(&self.cs_addr);
+            if !self.opts.metrics {
+                cfg.metrics_listen.clear();
+            }
             config::write_toml(&self.path(&format!("{site}/{id}.toml")), &cfg)?;
             self.start_component(id)?;
         }
@@ -335,6 +342,9 @@ impl Sites {
         );
         cfg.site = site.into();
         cfg.cs = config::cs_link(&self.cs_addr);
+        if !self.opts.metrics {
+            cfg.metrics_listen.clear();
+        }
         cfg.hooks = self.mt_hooks(site, power_on);
         // The machines' disks, which a reprotect seeds from when kept.
         cfg.reprotect.seed_dirs = vec![self.path("disks")];
@@ -418,6 +428,7 @@ impl Sites {
             site: site.into(),
             state_dir: PathBuf::from(STATE_DIR_MARK),
             nbd_listen: nbd.to_string(),
+            metrics_listen: config::metrics_listen(nbd.ip(), self.opts.metrics),
             crash_interval_ms: self.opts.crash_interval_ms,
             shutdown_drain_secs: 10,
             tls: TlsFiles::in_dir(&self.agent_certs(machine), "agent"),

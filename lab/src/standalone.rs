@@ -234,6 +234,9 @@ impl Lab {
         agent.buffer_bytes = o.agent_buffer_bytes;
         agent.bitmap_after_secs = o.bitmap_after_secs;
         agent.shutdown_drain_secs = o.shutdown_drain_secs;
+        if !o.metrics {
+            agent.metrics_listen.clear();
+        }
         config::write_toml(&self.config_path(Component::Agent), &agent)?;
 
         let mut ps = config::ps(
@@ -243,12 +246,18 @@ impl Lab {
             tls("ps"),
         );
         ps.cache_max_bytes = o.ps_cache_max_bytes;
+        if !o.metrics {
+            ps.metrics_listen.clear();
+        }
         // Through a proxy the PS still checks the MT's own name.
         ps.mt.server_name = self.mt_addr.ip().to_string();
         config::write_toml(&self.config_path(Component::Ps), &ps)?;
 
         let mut mt = config::mt(self.mt_addr, self.mt_nbd, &self.path("mt-data"), tls("mt"));
         mt.retention = o.retention.clone();
+        if !o.metrics {
+            mt.metrics_listen.clear();
+        }
         config::write_toml(&self.config_path(Component::Mt), &mt)
     }
 

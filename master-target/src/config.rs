@@ -13,6 +13,9 @@ use std::path::PathBuf;
 pub struct Config {
     /// gRPC address (mutual TLS).
     pub listen: String,
+    /// Address of `/metrics` and `/healthz` (docs/METRICS.md); empty turns
+    /// the endpoint off.
+    pub metrics_listen: String,
     /// The gRPC address others dial, told to the CS; empty = the address
     /// `listen` bound.
     pub advertise: String,
@@ -92,6 +95,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:9444".into(),
+            metrics_listen: "127.0.0.1:9473".into(),
             advertise: String::new(),
             nbd_listen: "127.0.0.1:10810".into(),
             data_dir: PathBuf::from("/var/lib/rebound/mt"),

@@ -18,6 +18,9 @@ pub const DEFAULT_CACHE_MAX_BYTES: u64 = 8 << 30;
 pub struct Config {
     /// Address the gRPC server listens on (`host:port`).
     pub listen: String,
+    /// Address of `/metrics` and `/healthz` (docs/METRICS.md); empty turns
+    /// the endpoint off.
+    pub metrics_listen: String,
     /// Directory of the durable frame cache (one subdirectory per replication).
     pub cache_dir: PathBuf,
     /// Total segment bytes at which the cache stops reading agent streams.
@@ -42,6 +45,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:9443".into(),
+            metrics_listen: "127.0.0.1:9472".into(),
             cache_dir: PathBuf::from("/var/lib/rebound/ps"),
             cache_max_bytes: DEFAULT_CACHE_MAX_BYTES,
             compression_level: 1,
