@@ -458,6 +458,43 @@ impl Sites {
         config::write_toml(&d.join("agent.toml"), &cfg)
     }
 
+    /// Where a daemon of the lab serves `/metrics` and `/healthz` (its
+    /// config's `metrics_listen`): `who` is "cs", a PS id, an MT id
+    /// (`mt-<site>`) or "agent:<machine>@<site>".
+    pub fn metrics_addr(&self, who: &str) -> Result<SocketAddr> {
+        crate::metrics::metrics_addr(&self.config_file(who)?)
+    }
+
+    /// The config file of a daemon of the lab (see [`Sites::metrics_addr`]).
+    pub fn config_file(&self, who: &str) -> Result<PathBuf> {
+        if who == "cs" {
+            return Ok(self.cs_dir.join("config.toml"));
+        }
+        if let Some(key) = who.strip_prefix("agent:") {
+            let (m, site) = key
+                .split_once('@')
+                .ok_or_else(|| anyhow!("{who}: write agent:<machine>@<site>"))?;
+            let d = self.agent_dir(m, site);
+            // The power_on hook writes agent.toml from the template, which
+            // holds the same metrics_listen.
+            let cfg = d.join("agent.toml");
+            return Ok(if cfg.exists() {
+                cfg
+            } else {
+                d.join("agent.in.toml")
+            });
+        }
+        for (site, a) in &self.sites {
+            if who == mt_id(site) {
+                return Ok(self.path(&format!("{site}/mt.toml")));
+            }
+            if a.ps.iter().any(|(p, _)| p == who) {
+                return Ok(self.path(&format!("{site}/{who}.toml")));
+            }
+        }
+        bail!("no daemon {who} in the lab: write cs, a PS id, mt-<site> or agent:<machine>@<site>")
+    }
+
     /// The state dir of the machine's agent at a site (the lab's, or the
     /// one the power_on hook chose).
     pub fn agent_state_dir(&self, machine: &str, site: &str) -> Result<PathBuf> {

@@ -216,6 +216,12 @@ impl Lab {
         self.path(&format!("{}.toml", c.name()))
     }
 
+    /// Where a component serves `/metrics` and `/healthz` (its config's
+    /// `metrics_listen`).
+    pub fn metrics_addr(&self, c: Component) -> Result<SocketAddr> {
+        crate::metrics::metrics_addr(&self.config_path(c))
+    }
+
     fn write_configs(&self) -> Result<()> {
         let o = &self.opts;
         let disks: Vec<(String, PathBuf)> = (0..o.disks.len())
