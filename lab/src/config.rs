@@ -45,6 +45,15 @@ pub fn metrics_listen(ip: std::net::IpAddr, on: bool) -> String {
     }
 }
 
+/// Sets `metrics_listen` in a daemon's TOML config that the lab did not
+/// write (`rebound-cs init`'s, a copy of another daemon's), so that no two
+/// daemons of parallel tests share a default metrics port.
+pub fn set_metrics_listen(path: &Path, listen: &str) -> Result<()> {
+    let mut doc: toml::Table = read_toml(path)?;
+    doc.insert("metrics_listen".into(), toml::Value::String(listen.into()));
+    write_toml(path, &doc)
+}
+
 /// `[cs]` pointing at the lab's configuration server, checked against its
 /// certificate by the address's host (what `rebound-cs init --name` put in).
 pub fn cs_link(cs_addr: &str) -> CsConfig {

@@ -435,7 +435,10 @@ fn lifecycle_errors_with_a_protected_machine() {
     let mut second_cfg: AgentConfig =
         config::read_toml(&s.path("agents/m1@onprem/agent.toml")).unwrap();
     second_cfg.state_dir = s.path("second-agent-state");
-    second_cfg.nbd_listen = Host::next().addr().to_string();
+    let second_host = Host::next().addr();
+    second_cfg.nbd_listen = second_host.to_string();
+    // Its own metrics port too: the first agent holds the copied one.
+    second_cfg.metrics_listen = config::metrics_listen(second_host.ip(), true);
     config::write_toml(&s.path("second-agent.toml"), &second_cfg).unwrap();
     let log = std::fs::File::create(s.path("second-agent.log")).unwrap();
     let mut second = std::process::Command::new(binary("rebound-agent").unwrap())

@@ -3,7 +3,7 @@
 //! over a `NOTIFY_SOCKET` the test listens on.
 
 use rebound_lab::notify::{run_notified, NotifySocket};
-use rebound_lab::{Bins, Component, Lab, LabOptions};
+use rebound_lab::{config, Bins, Component, Lab, LabOptions};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::Command;
@@ -133,8 +133,9 @@ fn configuration_server_is_ready_once_it_answers() {
         "rebound-cs init: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Its own metrics port: the default would collide with parallel tests.
+    let cfg = cs_dir.join("config.toml");
+    config::set_metrics_listen(&cfg, &config::metrics_listen(addr.ip(), true)).unwrap();
     let log = dir.path().join("cs.log");
-    notify_cycle("cs", &bin, &cs_dir.join("config.toml"), &log, || {
-        connects("cs", addr)
-    });
+    notify_cycle("cs", &bin, &cfg, &log, || connects("cs", addr));
 }
