@@ -709,7 +709,7 @@ impl Runtime {
                 0
             },
             resync_bytes_total: resync_total,
-            ..Default::default()
+            link_error: self.link.error(),
         }
     }
 
@@ -784,4 +784,4 @@ use assignment::AssignmentFile;
 pub use schedule::{app_tag_loop, crash_tag_loop};
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

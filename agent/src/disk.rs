@@ -18,6 +18,7 @@ use rebound_common::nbd::{BlockDevice, ExportRegistry, NbdError};
 
 use crate::capture::Capture;
 use crate::handover::Handover;
+use crate::metrics::{AgentMetrics, DiskCounters};
 use crate::sys;
 use crate::AgentError;
 
@@ -179,6 +180,25 @@ impl Disk {
 pub struct DiskDevice {
     disk: Arc<Disk>,
     capture: Arc<Capture>,
+    counters: DiskCounters,
+}
+
+impl DiskDevice {
+    /// Counts `r` as an answered error when it is one.
+    fn counted(&self, r: Result<(), NbdError>) -> Result<(), NbdError> {
+        if r.is_err() {
+            self.counters.failed();
+        }
+        r
+    }
+
+    /// Counts `r` as a captured write of `bytes` when it succeeded.
+    fn captured(&self, bytes: u64, r: Result<(), NbdError>) -> Result<(), NbdError> {
+        if r.is_ok() {
+            self.counters.captured(bytes);
+        }
+        self.counted(r)
+    }
 }
 
 impl BlockDevice for DiskDevice {
@@ -189,26 +209,30 @@ impl BlockDevice for DiskDevice {
         false
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), NbdError> {
-        self.disk.read_at(buf, offset).map_err(|e| {
+        self.counted(self.disk.read_at(buf, offset).map_err(|e| {
             NbdError::from_io(
                 &e,
                 format!("read of disk {} at offset {offset}", self.disk.name),
             )
-        })
+        }))
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), NbdError> {
-        self.capture.write(self.disk.index, offset, data, fua)
+        let r = self.capture.write(self.disk.index, offset, data, fua);
+        self.captured(data.len() as u64, r)
     }
     fn flush(&self) -> Result<(), NbdError> {
-        self.disk
-            .sync()
-            .map_err(|e| NbdError::from_io(&e, format!("flush of disk {}", self.disk.name)))
+        self.counted(
+            self.disk
+                .sync()
+                .map_err(|e| NbdError::from_io(&e, format!("flush of disk {}", self.disk.name))),
+        )
     }
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), NbdError> {
-        self.capture.zero(self.disk.index, offset, len, fua)
+        self.counted(self.capture.zero(self.disk.index, offset, len, fua))
     }
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), NbdError> {
-        self.capture.zero(self.disk.index, offset, len, fua)
+        let r = self.capture.zero(self.disk.index, offset, len, fua);
+        self.captured(len, r)
     }
 }
 
@@ -218,7 +242,8 @@ pub struct Exports {
 }
 
 impl Exports {
-    pub fn new(capture: &Arc<Capture>) -> Exports {
+    /// The exports of `capture`'s disks, counting into `metrics`.
+    pub fn new(capture: &Arc<Capture>, metrics: &AgentMetrics) -> Exports {
         Exports {
             devices: capture
                 .disks()
@@ -229,6 +254,7 @@ impl Exports {
                         Arc::new(DiskDevice {
                             disk: d.clone(),
                             capture: capture.clone(),
+                            counters: metrics.disk(&d.name),
                         }),
                     )
                 })

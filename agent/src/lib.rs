@@ -13,6 +13,7 @@
 //! - [`resync`]: hash-compare resync windows (initial, crash, bitmap);
 //! - [`tags`]: recovery points;
 //! - [`admin`]: the local admin socket and status.json;
+//! - [`metrics`]: `/metrics` and `/healthz` for Prometheus;
 //! - [`config`]: the TOML config.
 // Unsafe code lives only in `sys`, which allows it.
 #![deny(unsafe_code)]
@@ -27,6 +28,7 @@ pub mod frame_pool;
 pub mod handover;
 pub mod hook;
 pub mod ingest_codec;
+pub mod metrics;
 pub mod page_cache;
 pub mod pressure;
 pub mod resync;
@@ -70,6 +72,8 @@ pub enum AgentError {
     },
     #[error("another rebound-agent is running with this state_dir (it holds {0}); stop it first")]
     AlreadyRunning(PathBuf),
+    #[error(transparent)]
+    Metrics(#[from] rebound_common::metrics::MetricsError),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -166,6 +170,7 @@ pub async fn run(
     rebound_common::alloc::tune_allocator();
     create_private_dir(&s.state_dir)?;
     let _lock = lock_state_dir(&s.state_dir)?;
+    let metrics_listener = rebound_common::metrics::bind(&config.metrics_listen).await?;
 
     // Disks and the dirty-extent log.
     let mut disks = Vec::new();
@@ -268,6 +273,8 @@ pub async fn run(
         settings: settings.clone(),
     });
     let runtime = control::Runtime::new(capture.clone(), link.clone(), settings.clone());
+    let metrics = metrics::AgentMetrics::new(&s.machine_id, &runtime);
+    let readiness = rebound_common::metrics::Readiness::new();
     if let Some(a) = assignment {
         runtime.start_pipeline(a).await;
     } else {
@@ -320,7 +327,12 @@ pub async fn run(
 
     // NBD.
     let nbd_stop = Arc::new(AtomicBool::new(false));
-    let exports: Arc<dyn rebound_common::nbd::ExportRegistry> = Arc::new(Exports::new(&capture));
+    let exports: Arc<dyn rebound_common::nbd::ExportRegistry> =
+        Arc::new(Exports::new(&capture, &metrics));
+    if let Some(l) = metrics_listener {
+        let endpoint = metrics.endpoint(runtime.clone(), readiness.clone());
+        tasks.push(tokio::spawn(endpoint.serve(l, stop_rx.clone())));
+    }
     let mut nbd_handles = vec![rebound_common::nbd::serve_unix(
         nbd_unix,
         exports.clone(),
@@ -350,11 +362,13 @@ pub async fn run(
         disks.len(),
         s.nbd_socket.display()
     ));
+    readiness.ready().await;
 
     shutdown.await;
 
     // Clean stop.
     info!("stopping: closing the NBD exports, then draining the change buffer");
+    readiness.not_ready().await;
     nbd_stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let joined = tokio::task::spawn_blocking(move || {
         for h in nbd_handles {
@@ -521,7 +535,11 @@ mod tests {
     fn run_future_is_send() {
         fn assert_send<T: Send>(_: &T) {}
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let f = super::run(super::Config::default(), Some(l), async {});
+        let config = super::Config {
+            metrics_listen: String::new(),
+            ..super::Config::default()
+        };
+        let f = super::run(config, Some(l), async {});
         assert_send(&f);
     }
 }

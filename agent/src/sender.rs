@@ -37,12 +37,13 @@
 //! and at most [`SEND_QUEUE`] frames wait in the request channel.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use futures::StreamExt;
+use prometheus_client::metrics::counter::Counter;
 use rebound_common::control::ControlHandle;
 use rebound_common::frame::{Frame, FrameBuilder, FrameError};
 use rebound_common::link_error::report::LinkReporter;
@@ -135,7 +136,11 @@ pub struct Link {
     parked: Mutex<Option<(String, Outbox)>>,
     /// Frame bytes handed to the Ingest stream since the agent started
     /// (resent frames count again): what the change stream cost the link.
-    bytes_sent: AtomicU64,
+    /// Also `rebound_agent_sent_bytes_total` ([`crate::metrics`]).
+    bytes_sent: Counter,
+    /// Why the PS cannot be reached now, as the sentence the configuration
+    /// server's event carries ("" while the link works).
+    error: Mutex<String>,
 }
 
 impl Default for Link {
@@ -147,7 +152,8 @@ impl Default for Link {
             reporter: LinkReporter::default(),
             events: OnceLock::new(),
             parked: Mutex::new(None),
-            bytes_sent: AtomicU64::new(0),
+            bytes_sent: Counter::default(),
+            error: Mutex::new(String::new()),
         }
     }
 }
@@ -166,7 +172,19 @@ impl Link {
     }
     /// Frame bytes sent to the PS since the agent started.
     pub fn bytes_sent(&self) -> u64 {
-        self.bytes_sent.load(Ordering::Relaxed)
+        self.bytes_sent.get()
+    }
+    /// The counter of frame bytes sent, for the metrics registry.
+    pub fn sent_counter(&self) -> &Counter {
+        &self.bytes_sent
+    }
+    /// Why the agent cannot reach its PS now: "" while the link works (or
+    /// no stream runs).
+    pub fn error(&self) -> String {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    fn set_error(&self, why: String) {
+        *self.error.lock().unwrap_or_else(|p| p.into_inner()) = why;
     }
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::SeqCst)
@@ -178,10 +196,12 @@ impl Link {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
-    fn set(&self, ch: Option<Channel>) {
+    /// Records a working link (`Some`: the stream resumed) or a lost one.
+    pub(crate) fn set(&self, ch: Option<Channel>) {
         let mut down = self.down_since.lock().unwrap_or_else(|p| p.into_inner());
         if ch.is_some() {
             *down = None;
+            self.set_error(String::new());
         } else if down.is_none() {
             *down = Some(Instant::now());
         }
@@ -349,8 +369,13 @@ async fn run_sessions(
         let was_connected = link.is_connected();
         link.set(None);
         match r {
-            Ok(()) => return,
+            Ok(()) => {
+                link.set_error(String::new());
+                return;
+            }
             Err(e @ SenderError::MoveWait { .. }) => {
+                // The new PS answers: waiting for the old one is no link failure.
+                link.set_error(String::new());
                 if move_logged.is_none_or(|t| t.elapsed() >= MOVE_WAIT_LOG_EVERY) {
                     let left = moving.as_ref().map_or(0, |m| {
                         m.until.saturating_duration_since(Instant::now()).as_secs()
@@ -361,9 +386,10 @@ async fn run_sessions(
                 }
             }
             Err(e) => {
+                let failure = LinkFailure::from_error(&e);
+                let peer = ps_peer(settings);
+                link.set_error(failure.message(&peer));
                 if !was_connected {
-                    let failure = LinkFailure::from_error(&e);
-                    let peer = ps_peer(settings);
                     link.reporter
                         .report_failure(&peer, &info.replication_id, &failure);
                 }
@@ -583,7 +609,7 @@ async fn session(
             permit = tx.reserve(), if has_unsent => {
                 let permit = permit.map_err(|_| SenderError::Closed)?;
                 let f = &outbox.frames[outbox.next];
-                link.bytes_sent.fetch_add(f.frame.encoded_len() as u64, Ordering::Relaxed);
+                link.bytes_sent.inc_by(f.frame.encoded_len() as u64);
                 permit.send(Outgoing::Frame(Arc::clone(&f.frame)));
                 outbox.next += 1;
             }

@@ -47,6 +47,7 @@ pub use stream::{ResumeOutcome, StreamEnd};
 use crate::dirty_log::DirtyLog;
 use crate::disk::Disk;
 use crate::frame_pool::FramePool;
+use crate::metrics::PointsByKind;
 use change_buffer::ChangeBuffer;
 use dirty_extents::ExtentMap;
 use mode::Modes;
@@ -107,6 +108,8 @@ pub struct Capture {
     durable: watch::Sender<u64>,
     /// Bodies of acknowledged frames, reused for new ones.
     pool: Arc<FramePool>,
+    /// Tags cut since the agent started, by kind (`rebound_agent_points_total`).
+    points: PointsByKind,
 }
 
 fn fenced_error() -> NbdError {
@@ -142,7 +145,13 @@ impl Capture {
             wake: Notify::new(),
             durable: watch::channel(0).0,
             pool: Arc::new(FramePool::default()),
+            points: PointsByKind::default(),
         }
+    }
+
+    /// The tags cut since the agent started, by kind, for the metrics registry.
+    pub fn points_cut(&self) -> &PointsByKind {
+        &self.points
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

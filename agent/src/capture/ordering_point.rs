@@ -204,6 +204,7 @@ impl Capture {
             group: group.to_string(),
         });
         self.append(st, |b| b.push(&rec));
+        self.points.count(kind);
         st.order.last_tag = id.clone();
         st.order.last_tag_seq = seq;
         (id, seq)

@@ -6,12 +6,13 @@ use crate::config::{Config, DiskConfig, HooksConfig};
 use rebound_common::frame::Record;
 use std::time::Instant;
 
-struct Fixture {
+/// A runtime over one 4 MiB disk, streaming from seq 10 (no PS, no CS).
+pub(crate) struct Fixture {
     _dir: tempfile::TempDir,
-    rt: Arc<Runtime>,
+    pub(crate) rt: Arc<Runtime>,
 }
 
-fn fixture(hooks: HooksConfig) -> Fixture {
+pub(crate) fn fixture(hooks: HooksConfig) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let cap = make_capture(dir.path(), &[4 << 20], 64 << 20);
     start(&cap, 10);
