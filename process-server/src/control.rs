@@ -8,24 +8,17 @@
 
 use crate::cache::{Cache, CacheError};
 use crate::forward::{route_path, Forwarders, Route};
+use crate::status::StatusCell;
 use rebound_common::control::{err_result, ok_result, set_revoked, ControlHandler};
 use rebound_common::durable::write_atomic;
 use rebound_common::tls::Revocations;
 use rebound_proto::control as pb;
 use rebound_proto::control::command::Cmd;
-use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 use tracing::info;
-
-/// How often the status is sampled.
-pub const SAMPLE_PERIOD: Duration = Duration::from_millis(500);
-/// Throughput is averaged over this many samples.
-const THROUGHPUT_SAMPLES: usize = 10;
 
 pub use rebound_common::control::Identity;
 
@@ -34,7 +27,8 @@ pub struct PsControl {
     pub cache: Arc<Cache>,
     pub forwarders: Arc<Forwarders>,
     pub identity: Identity,
-    pub status: Mutex<Option<pb::PsStatus>>,
+    /// The status the sampler ([`crate::status::status_task`]) keeps.
+    pub status: Arc<StatusCell>,
     /// The revocation list the gRPC acceptor enforces; SetRevoked replaces
     /// it and saves it to `revoked_path`.
     pub revocations: Revocations,
@@ -127,76 +121,6 @@ pub async fn handle_command(this: Arc<PsControl>, cmd: pb::Command) -> pb::Comma
     };
     res.id = id;
     res
-}
-
-/// Per-replication lag tracking: durable seqs with when they were first
-/// seen, dropped once applied.
-#[derive(Default)]
-struct Lag {
-    pending: VecDeque<(u64, Instant)>,
-    last_durable: u64,
-}
-
-/// Samples the cache every [`SAMPLE_PERIOD`] into `control.status` until
-/// `stop` turns true: cache use, input throughput, and per replication the
-/// durable and applied seqs and the age of the oldest record not applied.
-pub async fn status_task(control: Arc<PsControl>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let mut lags: HashMap<String, Lag> = HashMap::new();
-    let mut bytes: VecDeque<(u64, Instant)> = VecDeque::new();
-    loop {
-        let now = Instant::now();
-        let mut total_in = 0u64;
-        let mut reps = Vec::new();
-        let current = control.cache.replications();
-        lags.retain(|id, _| current.iter().any(|r| r.id() == id));
-        for r in current {
-            total_in += r.stats().bytes_in.load(Ordering::Relaxed);
-            let (durable, applied) = (r.durable(), r.applied());
-            let lag = lags.entry(r.id().to_string()).or_default();
-            if durable > lag.last_durable {
-                lag.pending.push_back((durable, now));
-                lag.last_durable = durable;
-            }
-            while lag.pending.front().is_some_and(|&(s, _)| s <= applied) {
-                lag.pending.pop_front();
-            }
-            let lag_ms = lag
-                .pending
-                .front()
-                .map(|&(_, t)| now.duration_since(t).as_millis() as u64)
-                .unwrap_or(0);
-            reps.push(pb::PsReplicationLag {
-                replication_id: r.id().to_string(),
-                durable_seq: durable,
-                applied_seq: applied,
-                cache_bytes: r.cache_bytes(),
-                lag_ms,
-            });
-        }
-        bytes.push_back((total_in, now));
-        while bytes.len() > THROUGHPUT_SAMPLES {
-            bytes.pop_front();
-        }
-        let throughput = match (bytes.front(), bytes.back()) {
-            (Some(&(b0, t0)), Some(&(b1, t1))) if t1 > t0 => {
-                (b1.saturating_sub(b0) as f64 / t1.duration_since(t0).as_secs_f64()) as u64
-            }
-            _ => 0,
-        };
-        let account = control.cache.account();
-        let st = pb::PsStatus {
-            cache_bytes: account.total(),
-            cache_limit: account.cap(),
-            throughput_bytes_per_sec: throughput,
-            replications: reps,
-            ..Default::default()
-        };
-        *control.status.lock().unwrap_or_else(|p| p.into_inner()) = Some(st);
-        tokio::select! {
-            _ = tokio::time::sleep(SAMPLE_PERIOD) => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
-    }
 }
 
 /// Adapter so the control task can hold the handler as a trait object.

@@ -20,6 +20,7 @@ use crate::cache::{Cache, CacheError, Replication, Reservation};
 use crate::forward::Forwarders;
 use futures::stream::FuturesOrdered;
 use futures::StreamExt;
+use prometheus_client::metrics::counter::Counter;
 use prost::bytes::Bytes;
 use rebound_common::frame::FrameRef;
 use rebound_common::pki::Role;
@@ -272,6 +273,7 @@ async fn stream_loop(
     let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
     let mut preparing: FuturesOrdered<Preparing> = FuturesOrdered::new();
     let mut compressor = Compressor::new(ctx.compression_level);
+    let received = ctx.forwarders.metrics().received(rep.id());
     let mut stopping = ctx.stopping.clone();
     let account = rep.account().clone();
     let mut position = 0u64;
@@ -326,7 +328,7 @@ async fn stream_loop(
             msg = inbound.message(), if room && !full => match msg {
                 Ok(Some(req)) => {
                     position += 1;
-                    match admit(rep, req, position, &mut held, &mut compressor) {
+                    match admit(rep, req, position, &mut held, &mut compressor, &received) {
                         Ok(p) => preparing.push_back(p),
                         Err(status) => {
                             // The frames before this one are still stored
@@ -442,6 +444,7 @@ fn admit(
     position: u64,
     held: &mut u64,
     compressor: &mut Compressor,
+    received: &Counter,
 ) -> Result<Preparing, Status> {
     let bytes = match req.msg {
         Some(ingest_request::Msg::Frame(b)) => b,
@@ -463,6 +466,7 @@ fn admit(
     stats
         .bytes_in
         .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    received.inc_by(bytes.len() as u64);
     let durable = rep.durable();
     // The header only: the body stays in the received buffer.
     let frame = FrameRef::parse(&bytes).map_err(|e| {
@@ -495,6 +499,10 @@ fn admit(
         )));
     }
     *held = (*held).max(last);
+    let plain = bytes.len() - frame.body.len() + frame.header.uncompressed_len as usize;
+    stats
+        .bytes_uncompressed
+        .fetch_add(plain as u64, Ordering::Relaxed);
 
     // Counted against the cap from now on, so frames being prepared or
     // queued for the writer cannot overshoot it.

@@ -15,8 +15,10 @@ pub mod config;
 pub mod control;
 pub mod forward;
 pub mod ingest;
+pub mod metrics;
 pub mod segment;
 pub mod service;
+pub mod status;
 #[cfg(test)]
 mod tests;
 
@@ -25,6 +27,7 @@ pub use config::{Config, ConfigError, MtConfig};
 use cache::{Cache, CacheError};
 use forward::{Forwarders, MtLink, MAX_MESSAGE};
 use ingest::IngestContext;
+use rebound_common::metrics::{Endpoint, MetricsError, Readiness, Registry};
 use rebound_common::serve;
 use rebound_common::tls::{error_chain, ClientAuth, Revocations, TlsError};
 use rebound_proto::process_server_server::ProcessServerServer;
@@ -33,7 +36,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::net::TcpListener;
@@ -70,6 +73,8 @@ pub enum PsError {
     },
     #[error("gRPC server failed: {}", error_chain(.0))]
     Serve(tonic::transport::Error),
+    #[error("{0}")]
+    Metrics(MetricsError),
     #[error("internal task failed: {0}")]
     Task(tokio::task::JoinError),
 }
@@ -81,6 +86,22 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     config.validate().map_err(PsError::Config)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // The metrics endpoint answers from the start: /healthz says 503 while
+    // the cache is recovered below.
+    let metrics_listener = rebound_common::metrics::bind(&config.metrics_listen)
+        .await
+        .map_err(PsError::Metrics)?;
+    let (readiness, health) = Readiness::with_grpc_health().await;
+    let metrics = Arc::new(metrics::PsMetrics::default());
+    let scrape = Arc::new(OnceLock::new());
+    if let Some(l) = metrics_listener {
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let mut endpoint = Endpoint::new(registry, readiness.clone());
+        endpoint.on_scrape(metrics::on_scrape(scrape.clone()));
+        tokio::spawn(endpoint.serve(l, stop_rx.clone()));
+    }
     // Renewal keeps the PS's renewed identity next to its cache; the server
     // and every client connection (MT, CS) use it once it exists.
     config.tls = config.tls.with_renewed(&config.cache_dir);
@@ -97,15 +118,26 @@ where
         config.mt.addr.clone(),
         config.mt.server_name.clone(),
     ));
-    let forwarders = Arc::new(Forwarders::new(link.clone()));
+    let forwarders = Arc::new(Forwarders::new(link.clone()).counting(metrics));
     for rep in cache.replications() {
         if let Some(route) = forward::load_route(rep.dir()) {
             forwarders.set_route(rep.id(), &route);
         }
         forwarders.ensure(&rep);
     }
-    let (stop_tx, stop_rx) = watch::channel(false);
     let summary = tokio::spawn(summary_loop(cache.clone()));
+    let status = Arc::new(status::StatusCell::default());
+    tokio::spawn(status::status_task(
+        cache.clone(),
+        forwarders.clone(),
+        status.clone(),
+        stop_rx.clone(),
+    ));
+    let _ = scrape.set(metrics::Sources {
+        cache: cache.clone(),
+        forwarders: forwarders.clone(),
+        status: status.clone(),
+    });
     // The revocation list the CS pushes (SetRevoked), as last saved: the
     // gRPC acceptor refuses and cuts these certificates.
     let revoked_path = revoked_path(&config);
@@ -162,11 +194,10 @@ where
                 }],
                 instance: instance_id(),
             },
-            status: std::sync::Mutex::new(None),
+            status,
             revocations: revocations.clone(),
             revoked_path,
         });
-        tokio::spawn(control::status_task(ctl.clone(), stop_rx.clone()));
         info!(cs = %config.cs.addr, id = %id, site = %config.site, "control channel to the configuration server starting");
         rebound_common::tls::renewal::spawn_with_cs(
             &config.cs,
@@ -188,17 +219,21 @@ where
         cache.account().set_events(h.clone());
     }
     let incoming = acceptor.incoming(listener);
+    let stopping = readiness.clone();
     let signal = async move {
         shutdown.await;
         info!("process server shutting down");
+        stopping.not_ready().await;
         stop_tx.send_replace(true);
     };
     let server = rebound_common::tls::frame_server()
         .add_service(svc)
+        .add_service(health)
         .serve_with_incoming_shutdown(incoming, signal);
     // The cache is recovered and the listener bound: connections wait in
     // its backlog until the server below accepts them.
     rebound_common::service_manager::ready(&format!("serving on {local}"));
+    readiness.ready().await;
     let result = serve::until_stopped(server, stop_rx.clone(), SHUTDOWN_GRACE, "connections")
         .await
         .map_err(PsError::Serve);

@@ -42,6 +42,9 @@ pub struct Stats {
     pub bytes_in: AtomicU64,
     /// Frame bytes as stored (after compression).
     pub bytes_stored: AtomicU64,
+    /// Frame bytes with their bodies uncompressed, of the frames new to
+    /// the cache: against `bytes_stored`, what compression saved.
+    pub bytes_uncompressed: AtomicU64,
     /// Frames (or their seqs) the cache already held.
     pub frames_duplicate: AtomicU64,
     pub frames_forwarded: AtomicU64,
@@ -146,6 +149,18 @@ impl Replication {
     /// Segment bytes of this replication.
     pub fn cache_bytes(&self) -> u64 {
         self.sh.segments().bytes
+    }
+    /// Segment bytes holding records the master target has not applied
+    /// yet (whole segments: a partly applied one counts in full).
+    pub fn backlog_bytes(&self) -> u64 {
+        let applied = self.applied();
+        self.with_segments(|s| {
+            s.map
+                .values()
+                .filter(|m| m.last_seq > applied)
+                .map(|m| m.len)
+                .sum()
+        })
     }
     pub fn stats(&self) -> &Stats {
         &self.sh.stats

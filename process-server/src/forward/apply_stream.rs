@@ -15,7 +15,9 @@
 use super::error::ForwardError;
 use super::link::MtLink;
 use crate::cache::{Cursor, Replication};
+use crate::metrics::PsMetrics;
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use prometheus_client::metrics::counter::Counter;
 use rebound_proto::{apply_request, apply_response, ApplyRequest, ApplyResponse, ReplicationInfo};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -54,9 +56,24 @@ struct Retry {
     warned: bool,
 }
 
+/// One replication's forwarding counters, taken from the families once.
+pub(super) struct Counters {
+    forwarded: Counter,
+    errors: Counter,
+}
+
+impl Counters {
+    pub(super) fn new(metrics: &PsMetrics, id: &str) -> Counters {
+        Counters {
+            forwarded: metrics.forwarded(id),
+            errors: metrics.forward_errors(id),
+        }
+    }
+}
+
 /// Forwards one replication until its task is aborted: a session per
 /// connection, with backoff between them.
-pub(super) async fn forward_loop(rep: Arc<Replication>, link: Arc<MtLink>) {
+pub(super) async fn forward_loop(rep: Arc<Replication>, link: Arc<MtLink>, counters: Counters) {
     let mut info_rx = rep.info_watch();
     let mut retry = Retry {
         backoff: reconnect_backoff(),
@@ -69,10 +86,11 @@ pub(super) async fn forward_loop(rep: Arc<Replication>, link: Arc<MtLink>) {
         };
         let Some(info) = info else { continue };
         let started = Instant::now();
-        let err = match session(&rep, &link, info, &mut retry).await {
+        let err = match session(&rep, &link, info, &mut retry, &counters.forwarded).await {
             Ok(()) => ForwardError::Ended,
             Err(e) => e,
         };
+        counters.errors.inc();
         if started.elapsed() >= HEALTHY_SESSION {
             retry.backoff = reconnect_backoff();
         }
@@ -110,6 +128,7 @@ async fn session(
     link: &MtLink,
     info: ReplicationInfo,
     retry: &mut Retry,
+    forwarded: &Counter,
 ) -> Result<(), ForwardError> {
     let channel = link.connect_for(rep.id()).await?;
     let (tx, rx) = mpsc::channel::<ApplyRequest>(4);
@@ -142,7 +161,7 @@ async fn session(
     rep.set_applied(resume);
 
     let (applied_tx, applied_rx) = watch::channel(resume);
-    let sender = send_loop(rep.clone(), tx, resume, applied_rx);
+    let sender = send_loop(rep.clone(), tx, resume, applied_rx, forwarded.clone());
     let receiver = recv_loop(rep, responses, applied_tx);
     tokio::pin!(sender, receiver);
     tokio::select! {
@@ -164,6 +183,7 @@ async fn send_loop(
     tx: mpsc::Sender<ApplyRequest>,
     resume: u64,
     mut applied: watch::Receiver<u64>,
+    forwarded: Counter,
 ) -> Result<(), ForwardError> {
     let mut cursor = Cursor::new(rep.clone(), resume.saturating_add(1));
     let mut inflight: VecDeque<(u64, u64)> = VecDeque::new();
@@ -208,6 +228,7 @@ async fn send_loop(
             .map_err(|_| ForwardError::Broken)?;
             stats.frames_forwarded.fetch_add(1, Ordering::Relaxed);
             stats.bytes_forwarded.fetch_add(n, Ordering::Relaxed);
+            forwarded.inc_by(n);
         }
     }
 }

@@ -15,6 +15,7 @@ use rebound_common::pki::Role;
 use rebound_common::tls::TlsFiles;
 use rebound_proto::master_target_client::MasterTargetClient;
 use rebound_proto::{ChunkHashesRequest, ChunkHashesResponse};
+use std::sync::Mutex;
 use std::time::Duration;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -32,6 +33,9 @@ pub struct MtLink {
     shared: tokio::sync::Mutex<Option<Channel>>,
     /// Tells the configuration server why the MT is unreachable.
     reporter: LinkReporter,
+    /// Why the last connection failed, while no later one worked: the
+    /// status's `link_error` and the `link_up` gauge.
+    failure: Mutex<Option<String>>,
 }
 
 impl MtLink {
@@ -42,6 +46,7 @@ impl MtLink {
             server_name,
             shared: tokio::sync::Mutex::new(None),
             reporter: LinkReporter::default(),
+            failure: Mutex::new(None),
         }
     }
 
@@ -69,6 +74,16 @@ impl MtLink {
         &self.addr
     }
 
+    /// Why this PS cannot reach the MT now (its cause and what to do),
+    /// `None` while connections work.
+    pub fn failure(&self) -> Option<String> {
+        self.failure_slot().clone()
+    }
+
+    fn failure_slot(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.failure.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// A new mTLS connection.
     pub async fn connect(&self) -> Result<Channel, ForwardError> {
         self.connect_for("").await
@@ -83,11 +98,13 @@ impl MtLink {
             .await
         {
             Ok(channel) => {
+                *self.failure_slot() = None;
                 self.reporter.report_restored(&self.peer(), replication);
                 Ok(channel)
             }
             Err(e) => {
                 let failure = LinkFailure::from_error(&e);
+                *self.failure_slot() = Some(failure.message(&self.peer()));
                 self.reporter
                     .report_failure(&self.peer(), replication, &failure);
                 Err(ForwardError::Connect(e))

@@ -19,6 +19,7 @@ pub use link::MtLink;
 pub use route::{load_route, route_path, Route};
 
 use crate::cache::Replication;
+use crate::metrics::PsMetrics;
 use crate::segment;
 use rebound_common::tls::TlsFiles;
 use std::collections::HashMap;
@@ -41,6 +42,9 @@ pub struct Forwarders {
     machines: Mutex<HashMap<String, String>>,
     tasks: Mutex<HashMap<String, JoinHandle<()>>>,
     closed: AtomicBool,
+    /// Where the apply streams count forwarded bytes and failures, and the
+    /// ingest streams received bytes.
+    metrics: Arc<PsMetrics>,
 }
 
 impl Forwarders {
@@ -52,7 +56,39 @@ impl Forwarders {
             machines: Mutex::new(HashMap::new()),
             tasks: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
+            metrics: Arc::default(),
         }
+    }
+
+    /// These forwarders, counting into `metrics` (the registry's).
+    pub fn counting(mut self, metrics: Arc<PsMetrics>) -> Forwarders {
+        self.metrics = metrics;
+        self
+    }
+
+    /// The PS's metrics families.
+    pub fn metrics(&self) -> &Arc<PsMetrics> {
+        &self.metrics
+    }
+
+    /// Why this PS cannot reach its MTs now: one sentence per failing link
+    /// a forwarder uses (its route's, or the default `[mt]`), empty while
+    /// all work.
+    pub fn link_errors(&self) -> Vec<String> {
+        let ids: Vec<String> = self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        let mut out: Vec<String> = ids
+            .iter()
+            .filter_map(|id| self.link_for(id).failure())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// The default link (`[mt]`).
@@ -120,6 +156,7 @@ impl Forwarders {
         let task = tokio::spawn(apply_stream::forward_loop(
             rep.clone(),
             self.link_for(rep.id()),
+            apply_stream::Counters::new(&self.metrics, rep.id()),
         ));
         tasks.insert(rep.id().to_string(), task);
     }
@@ -139,6 +176,7 @@ impl Forwarders {
     /// Forgets replication `id` entirely.
     pub fn remove(&self, id: &str) {
         self.stop(id);
+        self.metrics.forget(id);
         self.links
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -2,7 +2,7 @@
 //! revocation list.
 
 use super::support::*;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio::sync::watch;
 
 /// The hello carries the certificate's id; the status is sampled from the
@@ -11,8 +11,9 @@ use tokio::sync::watch;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_hello_and_status() {
     use crate::cache::Cache;
-    use crate::control::{status_task, Handler, Identity, PsControl};
+    use crate::control::{Handler, Identity, PsControl};
     use crate::forward::{Forwarders, MtLink};
+    use crate::status::status_task;
     use rebound_common::control::ControlHandler;
     use rebound_proto::control::status::Status as St;
 
@@ -38,7 +39,7 @@ async fn control_hello_and_status() {
             addresses: vec!["127.0.0.1:9443".into()],
             instance: crate::instance_id(),
         },
-        status: Mutex::new(None),
+        status: Default::default(),
         revocations: Default::default(),
         revoked_path: lab.dir.path().join("cache/revoked"),
     });
@@ -51,7 +52,12 @@ async fn control_hello_and_status() {
     assert_eq!(hello.addresses, vec!["127.0.0.1:9443".to_string()]);
     assert_eq!(hello.instance.len(), 16);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(status_task(ctl.clone(), stop_rx));
+    let task = tokio::spawn(status_task(
+        cache.clone(),
+        fw.clone(),
+        ctl.status.clone(),
+        stop_rx,
+    ));
     wait_for("first status", || h.status().is_some()).await;
     let Some(St::Ps(st)) = h.status().unwrap().status else {
         panic!("not a PS status")

@@ -7,5 +7,6 @@ mod cache_fairness;
 mod control;
 mod ingest_forward;
 mod lost_tail;
+mod metrics;
 mod routes;
 pub(crate) mod support;

@@ -268,6 +268,8 @@ impl Lab {
     ) -> Config {
         Config {
             listen: "unused".into(),
+            // Parallel tests would collide on the default port.
+            metrics_listen: String::new(),
             cache_dir: self.dir.path().join("cache"),
             cache_max_bytes,
             compression_level,
