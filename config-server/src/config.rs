@@ -54,6 +54,53 @@ pub struct Config {
     /// The CS server certificate and the CA certificate; `cert` must carry
     /// the names components use to reach the CS.
     pub tls: TlsFiles,
+    /// When the CS raises alerts and where it sends them (docs/METRICS.md).
+    pub alerts: AlertsConfig,
+}
+
+/// The `[alerts]` section.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// The RPO above which a machine raises `rpo-exceeded`, unless its
+    /// policy sets its own (`rebound policy set M --rpo-alert D`).
+    #[serde(with = "duration_text")]
+    pub rpo_threshold: Duration,
+    /// URLs the CS POSTs every raise and clear to, as JSON.
+    pub webhooks: Vec<String>,
+    /// How long the CS keeps retrying one webhook delivery before it gives
+    /// up on it (and goes on with the next one).
+    #[serde(with = "duration_text")]
+    pub webhook_retry_for: Duration,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            rpo_threshold: Duration::from_secs(60),
+            webhooks: Vec::new(),
+            webhook_retry_for: Duration::from_secs(5 * 60),
+        }
+    }
+}
+
+/// Durations written as text ("60s", "5m", "1h 30m").
+mod duration_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(text.trim()).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not a duration: {e}; write it like \"60s\", \"5m\" or \"1h 30m\""
+            ))
+        })
+    }
 }
 
 impl Default for Config {
@@ -97,6 +144,7 @@ impl Config {
             keep_source_copy: true,
             hook_dir: dir.join("hooks"),
             tls: TlsFiles::in_dir(dir, "cs"),
+            alerts: AlertsConfig::default(),
         }
     }
 
@@ -130,5 +178,27 @@ mod tests {
             rebound_common::config::parse("heartbeat_secs = 0", Path::new("x.toml")).unwrap();
         let e = c.heartbeat().unwrap_err();
         assert!(e.to_string().contains("heartbeat_secs = 0"), "{e}");
+    }
+
+    #[test]
+    fn alerts_section_takes_durations_as_text() {
+        let c: Config = rebound_common::config::parse(
+            "[alerts]\nrpo_threshold = \"2s\"\nwebhooks = [\"http://127.0.0.1:9/hook\"]\n\
+             webhook_retry_for = \"1m 30s\"",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.alerts.rpo_threshold, Duration::from_secs(2));
+        assert_eq!(c.alerts.webhook_retry_for, Duration::from_secs(90));
+        assert_eq!(c.alerts.webhooks, vec!["http://127.0.0.1:9/hook"]);
+        assert_eq!(Config::default().alerts, AlertsConfig::default());
+        check_refused::<Config>("[alerts]\nrpo_treshold = \"2s\"", "rpo_treshold");
+        let e = rebound_common::config::parse::<Config>(
+            "[alerts]\nrpo_threshold = \"soon\"",
+            Path::new("x.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("soon") && e.contains("60s"), "{e}");
     }
 }

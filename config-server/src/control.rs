@@ -27,8 +27,8 @@ use crate::bus::{CommandBus, ComponentKey};
 use crate::convert;
 use crate::error::CsError;
 use crate::fleet::components::{cert_expiry_ms, version_mismatch};
+use crate::fleet::policy;
 use crate::fleet::revoke::{self, PUSH_TIMEOUT};
-use crate::fleet::{policy, rpo::RpoAlert};
 use crate::lifecycle::source_copy;
 use crate::store::{now_ms, Component, Event, Health, Machine, Policy, ReplState, Store};
 use prost::Message;
@@ -281,7 +281,6 @@ struct Reader {
     bus: Arc<CommandBus>,
     key: ComponentKey,
     conn_id: u64,
-    rpo: RpoAlert,
 }
 
 impl Reader {
@@ -338,7 +337,6 @@ impl Reader {
                     }
                     Some(status::Status::Agent(a)) => {
                         self.bus.set_writable(&self.key, self.conn_id, !a.fenced);
-                        self.rpo.check(self.store.as_ref(), id, a.rpo_ms).await?;
                     }
                     _ => {}
                 }
@@ -468,7 +466,6 @@ impl Control for ControlService {
             bus: self.bus.clone(),
             key,
             conn_id,
-            rpo: RpoAlert::default(),
         };
         tokio::spawn(reader.run(up, kill));
         Ok(Response::new(UnboundedReceiverStream::new(rx)))

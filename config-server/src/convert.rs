@@ -222,3 +222,18 @@ pub fn group_to_proto(g: &Group) -> pb::Group {
         app: g.app,
     }
 }
+
+pub fn alert_to_proto(a: &crate::alerts::evaluate::Alert) -> pb::Alert {
+    pb::Alert {
+        id: a.id.clone(),
+        kind: a.kind.clone(),
+        subject: a.subject.clone(),
+        severity: a.severity.clone(),
+        message: a.message.clone(),
+        raised_ms: a.raised_ms,
+        cleared_ms: a.cleared_ms,
+        value: a.value,
+        threshold: a.threshold,
+        site: a.site.clone(),
+    }
+}

@@ -41,6 +41,9 @@ pub enum CsError {
     /// Certificates could not be made or parsed.
     #[error("{0}")]
     Pki(String),
+    /// The metrics endpoint could not start (`metrics_listen`).
+    #[error(transparent)]
+    Metrics(#[from] rebound_common::metrics::MetricsError),
     /// Anything else (a bug, a failed task).
     #[error("{0}")]
     Internal(String),
@@ -66,9 +69,11 @@ impl CsError {
             CsError::PermissionDenied(_) => Code::PermissionDenied,
             CsError::Unavailable(_) => Code::Unavailable,
             CsError::AlreadyExists(_) => Code::AlreadyExists,
-            CsError::Store(_) | CsError::Io { .. } | CsError::Pki(_) | CsError::Internal(_) => {
-                Code::Internal
-            }
+            CsError::Store(_)
+            | CsError::Io { .. }
+            | CsError::Pki(_)
+            | CsError::Metrics(_)
+            | CsError::Internal(_) => Code::Internal,
         }
     }
 }

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin_cert;
+pub mod alerts;
 pub mod bus;
 pub mod config;
 pub mod control;
@@ -21,6 +22,7 @@ pub mod hooks;
 pub mod init;
 pub mod jobs;
 pub mod lifecycle;
+pub mod metrics;
 pub mod renew;
 pub mod service;
 pub mod store;
@@ -113,6 +115,14 @@ where
     let jobs = JobEngine::new(store.clone());
     let lifecycle = Lifecycle::new(store.clone(), bus.clone(), jobs.clone(), settings(&config));
 
+    // A taken or bad metrics address is fatal at start, not found later.
+    let metrics_listener = rebound_common::metrics::bind(&config.metrics_listen).await?;
+    let (readiness, grpc_health) = rebound_common::metrics::Readiness::with_grpc_health().await;
+    let (cs_metrics, registry) = metrics::CsMetrics::new();
+    let endpoint = cs_metrics.endpoint(registry, readiness.clone());
+    let alerting =
+        alerts::Alerts::new(store.clone(), &config.alerts, heartbeat, cs_metrics).await?;
+
     let (stop_tx, stop_rx) = watch::channel(false);
     let bus_at_stop = bus.clone();
     tokio::spawn(async move {
@@ -146,6 +156,8 @@ where
         Duration::from_secs(1),
         stop_rx.clone(),
     ));
+    let metrics_task = metrics_listener.map(|l| tokio::spawn(endpoint.serve(l, stop_rx.clone())));
+    let alerting = tokio::spawn(alerts::run(alerting, stop_rx.clone()));
     info!(listen = %addr, db = %config.db.display(), resumed_jobs = resumed, "configuration server started");
 
     let signer = Arc::new(renew::Signer {
@@ -169,12 +181,14 @@ where
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(grpc_health)
         .add_service(EnrollmentServer::new(enrollment))
         .add_service(ControlServer::new(control))
         .add_service(AdminServer::new(admin))
         .serve_with_incoming_shutdown(acceptor.incoming(listener), serve::stopped(stop_rx.clone()));
     // Database open, interrupted jobs resumed, listener bound.
     rebound_common::service_manager::ready(&format!("serving on {addr}"));
+    readiness.ready().await;
     let served = serve::until_stopped(server, stop_rx, SHUTDOWN_GRACE, "control streams")
         .await
         .map_err(|e| CsError::Internal(format!("gRPC server on {addr} failed: {e}")));
@@ -182,6 +196,12 @@ where
     groups.abort();
     verifies.abort();
     own_renewal.abort();
+    // Stopped before the database closes: a round may be writing.
+    alerting.abort();
+    let _ = alerting.await;
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
     sqlite.close().await;
     info!("configuration server stopped");
     served

@@ -664,8 +664,14 @@ impl Admin for AdminService {
 
     async fn alerts(&self, req: Request<pb::AlertsRequest>) -> Res<pb::AlertsResponse> {
         admin(&req)?;
-        Err(Status::unimplemented(
-            "alerts are not served by this configuration server yet",
-        ))
+        let all = req.into_inner().all;
+        let log = crate::alerts::log::AlertLog::load(self.store.as_ref()).await?;
+        Ok(Response::new(pb::AlertsResponse {
+            alerts: log
+                .listed(all)
+                .iter()
+                .map(convert::alert_to_proto)
+                .collect(),
+        }))
     }
 }

@@ -37,6 +37,7 @@ impl Cs {
         let out = init::init(&dir, &[], None).await.unwrap();
         let mut cfg: Config = rebound_common::config::load(Some(&out.config_file)).unwrap();
         cfg.heartbeat_secs = 0.1;
+        cfg.metrics_listen = "127.0.0.1:0".into();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -692,7 +693,8 @@ async fn components_show_certificate_expiry_version_mismatch_and_the_rpo_alert()
         .collect();
     assert_eq!(mismatches, vec!["ps:ps1"], "once per connect, only ps1");
 
-    // An agent whose RPO passes its machine's threshold raises one alert.
+    // An agent whose RPO passes its machine's threshold raises one alert,
+    // listed by `rebound alerts` and filed as an event, and clears it.
     let (tx, _down) = connect(
         cs.channel(&agent).await,
         hello("agent", "m1", "onprem", "a"),
@@ -703,36 +705,96 @@ async fn components_show_certificate_expiry_version_mismatch_and_the_rpo_alert()
     let mut machine = store.get_machine("m1").await.unwrap().unwrap();
     machine.policy.rpo_alert_ms = 1000;
     store.put_machine(&machine).await.unwrap();
-    for rpo_ms in [500, 4000, 5000, 200] {
-        tx.send(up(component_message::Msg::Status(pb::Status {
-            status: Some(pb::status::Status::Agent(pb::AgentStatus {
-                rpo_ms,
-                ..Default::default()
-            })),
-        })))
+    store
+        .put_replication(&Replication::test_protected("r1", now_ms()))
         .await
         .unwrap();
-    }
-    eventually("rpo events", || {
+    let rpo_status = |rpo_ms| {
+        up(component_message::Msg::Status(pb::Status {
+            status: Some(pb::status::Status::Agent(pb::AgentStatus {
+                rpo_ms,
+                replication_id: "r1".into(),
+                ..Default::default()
+            })),
+        }))
+    };
+    let events_of = |a: &AdminClient<Channel>| {
         let mut a = a.clone();
         async move {
             let s = a.status(pb::StatusRequest {}).await.unwrap().into_inner();
-            s.events.iter().any(|e| e.kind == "rpo-recovered")
+            s.events
+                .into_iter()
+                .filter(|e| e.kind == "rpo-exceeded" || e.kind == "alert-cleared")
+                .map(|e| (e.kind, e.severity))
+                .collect::<Vec<_>>()
         }
+    };
+    let beat = tx.clone();
+    let hb = tokio::spawn(async move {
+        loop {
+            let m = up(component_message::Msg::Heartbeat(pb::Heartbeat {
+                time_ms: now_ms(),
+            }));
+            if beat.send(m).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    });
+    tx.send(rpo_status(500)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(events_of(&a).await.is_empty(), "under the threshold");
+    tx.send(rpo_status(4000)).await.unwrap();
+    eventually("rpo-exceeded raised", || {
+        let a = a.clone();
+        async move { !events_of(&a).await.is_empty() }
     })
     .await;
-    let s = a.status(pb::StatusRequest {}).await.unwrap().into_inner();
-    let rpo: Vec<_> = s
-        .events
-        .iter()
-        .filter(|e| e.kind.starts_with("rpo-"))
-        .map(|e| (e.kind.as_str(), e.severity.as_str()))
-        .collect();
+    let open = a
+        .alerts(pb::AlertsRequest { all: false })
+        .await
+        .unwrap()
+        .into_inner()
+        .alerts;
+    assert_eq!(open.len(), 1, "{open:?}");
+    assert_eq!(
+        (open[0].kind.as_str(), open[0].subject.as_str()),
+        ("rpo-exceeded", "m1")
+    );
+    assert_eq!((open[0].value, open[0].threshold), (4.0, 1.0));
+    assert!(open[0].message.contains("m1"), "{}", open[0].message);
+    // Still over: no second raise.
+    tx.send(rpo_status(5000)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tx.send(rpo_status(200)).await.unwrap();
+    eventually("rpo alert cleared", || {
+        let a = a.clone();
+        async move { events_of(&a).await.len() == 2 }
+    })
+    .await;
     // Newest first.
     assert_eq!(
-        rpo,
-        vec![("rpo-recovered", "info"), ("rpo-exceeded", "warning")]
+        events_of(&a).await,
+        vec![
+            ("alert-cleared".to_string(), "info".to_string()),
+            ("rpo-exceeded".to_string(), "warning".to_string())
+        ]
     );
+    let listed = |all| {
+        let mut a = a.clone();
+        async move {
+            a.alerts(pb::AlertsRequest { all })
+                .await
+                .unwrap()
+                .into_inner()
+                .alerts
+        }
+    };
+    assert!(listed(false).await.is_empty());
+    let all = listed(true).await;
+    assert_eq!(all.len(), 1);
+    assert!(all[0].cleared_ms >= all[0].raised_ms && all[0].cleared_ms > 0);
+    hb.abort();
     drop(tx);
     cs.stop_with(store).await;
 }

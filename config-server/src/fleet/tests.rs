@@ -1,9 +1,8 @@
 //! The fleet pieces on their own: certificate expiry read from a real
-//! certificate, the version check, the RPO alert's crossings, the policy
+//! certificate, the version check, the policy
 //! merge, and `rebound remove`'s refusals against a real store and bus.
 
 use super::components::{self, cert_expiry_ms, cert_expiry_ms_pem, version_mismatch, CS_VERSION};
-use super::rpo::RpoAlert;
 use crate::bus::{CommandBus, ComponentKey};
 use crate::convert::policy_merge;
 use crate::store::{Component, Machine, Policy, ReplState, Replication, SqliteStore, Store};
@@ -38,34 +37,6 @@ fn a_version_other_than_the_cs_names_both_and_the_upgrade_order() {
         m.contains(CS_VERSION) && m.contains("docs/DEPLOY.md"),
         "{m}"
     );
-}
-
-#[test]
-fn the_rpo_alert_fires_once_per_crossing_and_once_when_back_under() {
-    let a = RpoAlert::default();
-    assert!(a.crossing("m1", 500, 1000).is_none());
-    let e = a.crossing("m1", 1500, 1000).expect("crossing up");
-    assert_eq!(
-        (e.severity.as_str(), e.kind.as_str()),
-        ("warning", "rpo-exceeded")
-    );
-    assert!(
-        e.message.contains("m1") && e.message.contains("1000"),
-        "{}",
-        e.message
-    );
-    assert!(
-        a.crossing("m1", 2500, 1000).is_none(),
-        "a lasting breach is one event"
-    );
-    let e = a.crossing("m1", 200, 1000).expect("back under");
-    assert_eq!(
-        (e.severity.as_str(), e.kind.as_str()),
-        ("info", "rpo-recovered")
-    );
-    assert!(a.crossing("m1", 100, 1000).is_none());
-    // No threshold: no alert, whatever the RPO.
-    assert!(a.crossing("m1", u64::MAX, 0).is_none());
 }
 
 #[test]

@@ -147,7 +147,8 @@ pub struct Policy {
     pub retention_window_secs: u64,
     /// Cap on the replication's retention journal; 0 = the MT's default.
     pub retention_max_bytes: u64,
-    /// Raise `rpo-exceeded` when the agent's RPO passes this; 0 = never.
+    /// Raise `rpo-exceeded` when the machine's RPO passes this; 0 = the
+    /// CS's `[alerts] rpo_threshold` (60 s by default).
     pub rpo_alert_ms: u64,
     /// Run a verify (no repair) this often; 0 = never.
     pub verify_interval_secs: u64,
