@@ -15,6 +15,10 @@
 //! continues, so the table always has every row; the command then exits
 //! non-zero.
 //!
+//! With metrics on (the default, as deployed) every daemon serves
+//! `/metrics` and [`scraper`] scrapes each once a second; `--metrics both`
+//! measures sections 2 and 3 again with metrics off ([`overhead`]).
+//!
 //! `rebound-bench soak` (also `rebound soak`) is the endurance run instead:
 //! see [`soak`].
 #![deny(unsafe_code)]
@@ -24,6 +28,7 @@ pub mod failover;
 pub mod floor;
 pub mod limits;
 pub mod measured;
+pub mod overhead;
 pub mod placement;
 pub mod profiles;
 pub mod report;
@@ -31,6 +36,7 @@ pub mod resync;
 pub mod rpo;
 pub mod rto;
 pub mod sampler;
+pub mod scraper;
 pub mod soak;
 pub mod sustained;
 mod sys;
@@ -70,6 +76,29 @@ pub struct BenchOptions {
     pub dir: Option<PathBuf>,
     /// Run only these parts (empty: all of them).
     pub only: Vec<Part>,
+    /// Whether the daemons serve metrics (and are scraped).
+    pub metrics: MetricsMode,
+}
+
+/// Whether the labs' daemons serve `/metrics` (scraped once a second by
+/// [`scraper`] on the main lab), or both ways for sections 2 and 3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricsMode {
+    /// Served and scraped, as deployed.
+    #[default]
+    On,
+    /// `metrics_listen = ""` on every daemon.
+    Off,
+    /// Sections 2 and 3 both ways, side by side ([`overhead`]).
+    Both,
+}
+
+impl MetricsMode {
+    /// The main lab's daemons serve metrics.
+    pub fn serves(self) -> bool {
+        self != MetricsMode::Off
+    }
 }
 
 /// The parts of a run that `--only` can pick: each is independent of the
@@ -211,6 +240,9 @@ pub struct Bench {
     load_at_start: String,
     /// `--dir` was given: sections keep their logs when they clean up.
     keep_logs: bool,
+    pub metrics: MetricsMode,
+    /// Sections 2 and 3 as measured with metrics off (`--metrics both`).
+    metrics_off: Option<overhead::Off>,
 }
 
 /// Bytes per second → MB/s (10^6 bytes).
@@ -402,6 +434,8 @@ fn run_blocking(opts: BenchOptions, rt: Handle) -> Result<()> {
     };
     let mut b = Bench {
         keep_logs: opts.dir.is_some(),
+        metrics: opts.metrics,
+        metrics_off: None,
         plan: Plan::new(opts.quick),
         dir,
         bins,
@@ -417,11 +451,12 @@ fn run_blocking(opts: BenchOptions, rt: Handle) -> Result<()> {
             .to_string(),
     };
     b.progress(&format!(
-        "rebound-bench{} in {} with the binaries in {} (load average {})",
+        "rebound-bench{} in {} with the binaries in {} (load average {}; metrics {:?})",
         if opts.quick { " --quick" } else { "" },
         b.dir.display(),
         b.bins.dir.display(),
-        b.load_at_start
+        b.load_at_start,
+        opts.metrics
     ));
 
     const PARTS: [(Part, &[&str]); 3] = [
@@ -441,7 +476,15 @@ fn run_blocking(opts: BenchOptions, rt: Handle) -> Result<()> {
                 b.progress("limits: blake3, zstd, disk, loopback TLS");
                 limits::run(&mut b)
             }
-            Part::Main => main_lab(&mut b),
+            Part::Main => {
+                if opts.metrics == MetricsMode::Both {
+                    match overhead::run_off(&mut b) {
+                        Ok(off) => b.metrics_off = Some(off),
+                        Err(e) => b.progress(&format!("metrics off: FAILED: {e:#}")),
+                    }
+                }
+                main_lab(&mut b)
+            }
             Part::Resync => resync::run(&mut b),
         };
         b.outcome(prefixes, r);
@@ -461,6 +504,12 @@ fn run_blocking(opts: BenchOptions, rt: Handle) -> Result<()> {
         b.dir.display()
     );
     print!("{table}");
+    if let Some(off) = &b.metrics_off {
+        println!();
+        print!("{}", overhead::table(b.report.rows(), off));
+        let v = overhead::json(off);
+        b.detail("metrics_off", v);
+    }
     if let Some(path) = &opts.json {
         let doc = b.report.json(b.meta());
         let text = serde_json::to_string_pretty(&doc)?;
@@ -473,11 +522,11 @@ fn run_blocking(opts: BenchOptions, rt: Handle) -> Result<()> {
     Ok(())
 }
 
-/// Sections 2, 3, 4 and 6 on one lab (one initial sync instead of four);
-/// memory is read at the end so the peaks cover all of them.
-fn main_lab(b: &mut Bench) -> Result<()> {
-    let p = b.plan.clone();
-    let dir = b.dir.join("main");
+/// The lab of sections 2, 3, 4 and 6 in `b.dir/name`, started and past
+/// its initial sync.
+fn open_main_lab(b: &Bench, name: &str, metrics: bool) -> Result<MeasuredLab> {
+    let p = &b.plan;
+    let dir = b.dir.join(name);
     let mut lab = MeasuredLab::new(
         &dir,
         LabSpec {
@@ -486,17 +535,36 @@ fn main_lab(b: &mut Bench) -> Result<()> {
             agent_buffer_bytes: p.agent_buffer,
             crash_interval_ms: p.crash_interval_ms,
             retention_max_bytes: p.retention_max,
+            metrics,
         },
         b.rt.clone(),
     )?;
     b.progress(&format!(
-        "starting rebound-mt, rebound-ps, rebound-agent ({} MiB disk) and waiting for the initial sync",
-        p.main_disk >> 20
+        "starting rebound-mt, rebound-ps, rebound-agent ({} MiB disk, metrics {}) and waiting for the initial sync",
+        p.main_disk >> 20,
+        if metrics { "on" } else { "off" }
     ));
     lab.start(Component::Mt)?;
     lab.start(Component::Ps)?;
     lab.start(Component::Agent)?;
     lab.wait_settled(p.settle_timeout)?;
+    Ok(lab)
+}
+
+/// Sections 2, 3, 4 and 6 on one lab (one initial sync instead of four);
+/// memory is read at the end so the peaks cover all of them.
+fn main_lab(b: &mut Bench) -> Result<()> {
+    let dir = b.dir.join("main");
+    let mut lab = open_main_lab(b, "main", b.metrics.serves())?;
+    let scraper = if b.metrics.serves() {
+        let targets = [Component::Agent, Component::Ps, Component::Mt]
+            .into_iter()
+            .map(|c| lab.lab.metrics_addr(c))
+            .collect::<Result<Vec<_>>>()?;
+        Some(scraper::Scraper::start(targets).context("starting the metrics scraper")?)
+    } else {
+        None
+    };
 
     let r = cost::run(b, &mut lab);
     b.outcome(&["cost."], r);
@@ -509,6 +577,13 @@ fn main_lab(b: &mut Bench) -> Result<()> {
     b.track_retained(&lab);
     let r = b.memory(&lab);
     b.outcome(&["mem."], r);
+    if let Some(s) = scraper {
+        let scrapes = s.stop();
+        b.detail(
+            "metrics_scrapes",
+            json!({"interval_s": scraper::INTERVAL.as_secs_f64(), "scrapes": scrapes}),
+        );
+    }
     drop(lab);
     b.clean_section(&dir);
     Ok(())

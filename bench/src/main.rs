@@ -31,6 +31,11 @@ struct Cli {
     /// the other rows say "not run". For working on one figure.
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<rebound_bench::Part>,
+    /// The daemons serve /metrics, scraped once a second (`on`, as
+    /// deployed), serve none (`off`), or `both`: sections 2 and 3 also on a
+    /// lab without metrics, printed side by side.
+    #[arg(long, value_enum, default_value = "on")]
+    metrics: rebound_bench::MetricsMode,
 }
 
 #[derive(Subcommand)]
@@ -80,5 +85,6 @@ fn main() -> Result<()> {
         json: cli.json,
         dir: cli.dir,
         only: cli.only,
+        metrics: cli.metrics,
     }))
 }

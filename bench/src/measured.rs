@@ -44,6 +44,8 @@ pub struct LabSpec {
     pub crash_interval_ms: u64,
     /// The MT's retention size cap (0 = none).
     pub retention_max_bytes: u64,
+    /// The daemons serve `/metrics` (`metrics_listen`) or not.
+    pub metrics: bool,
 }
 
 /// The agent's status (INTERFACES.md "Agent local admin socket").
@@ -111,6 +113,7 @@ impl MeasuredLab {
                 check_secs: 2,
                 ..RetentionConfig::default()
             },
+            metrics: spec.metrics,
             ..LabOptions::default()
         };
         Ok(MeasuredLab {

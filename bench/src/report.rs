@@ -583,6 +583,17 @@ impl Report {
         }
     }
 
+    /// Puts every row of `prefix` back as it was before the run (to be
+    /// measured again).
+    pub fn reset(&mut self, prefix: &str) {
+        let fresh = Report::default();
+        for (r, f) in self.rows.iter_mut().zip(fresh.rows) {
+            if r.id.starts_with(prefix) {
+                *r = f;
+            }
+        }
+    }
+
     /// Marks one row as not measured in this run, saying why.
     pub fn not_run(&mut self, id: &str, why: &str) {
         let r = self.row_mut(id);

@@ -142,6 +142,7 @@ pub fn run(b: &mut Bench) -> Result<()> {
             agent_buffer_bytes: 256 * MIB,
             crash_interval_ms: 5000,
             retention_max_bytes: 0,
+            metrics: b.metrics.serves(),
         },
         b.rt.clone(),
     )?;
