@@ -130,3 +130,93 @@ async fn link_error_says_why_the_ps_is_unreachable_until_the_link_works() {
     assert_eq!(rt.status().link_error, "");
     assert_eq!(sample(&endpoint.render(), up), Some(1.0));
 }
+
+/// An agent config over one 4 MiB disk file in `dir`, its PS unreachable.
+fn agent_config(dir: &std::path::Path, metrics_listen: String) -> crate::Config {
+    let disk = dir.join("d0.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    crate::Config {
+        machine_id: "m7".into(),
+        state_dir: dir.join("state"),
+        nbd_listen: String::new(),
+        metrics_listen,
+        shutdown_drain_secs: 1,
+        disks: vec![crate::config::DiskConfig {
+            name: "disk0".into(),
+            path: disk,
+            ..Default::default()
+        }],
+        ps: crate::config::PsConfig {
+            addr: free_addr(),
+            server_name: String::new(),
+        },
+        ..crate::Config::default()
+    }
+}
+
+/// An address nothing listens on (a port just freed).
+fn free_addr() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string()
+}
+
+/// `GET path` on `addr`: the whole HTTP answer, or "" while nothing listens.
+async fn get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return String::new();
+    };
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_serves_metrics_and_turns_healthy_once_the_disks_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let cfg = agent_config(dir.path(), addr.clone());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(crate::run(cfg, None, async {
+        let _ = stop_rx.await;
+    }));
+    let mut last = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !last.starts_with("HTTP/1.1 200") {
+        assert!(Instant::now() < deadline, "not healthy: {last:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        last = get(&addr, "/healthz").await;
+    }
+    let m = get(&addr, "/metrics").await;
+    assert!(
+        m.contains(r#"rebound_agent_writes_total{machine="m7",disk="disk0"} 0"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"rebound_agent_link_up{machine="m7"} 0"#),
+        "{m}"
+    );
+    stop_tx.send(()).unwrap();
+    agent.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_metrics_address_in_use_stops_the_agent_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap().to_string();
+    let cfg = agent_config(dir.path(), addr.clone());
+    let e = crate::run(cfg, None, async {})
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&addr) && e.contains("metrics_listen"), "{e}");
+}
