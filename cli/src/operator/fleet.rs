@@ -1,7 +1,8 @@
 //! The fleet subcommands: `rebound components` (every agent, PS and MT
-//! with version, certificate expiry and health), `rebound policy set`,
-//! `rebound unprotect` and `rebound remove`; and the policy flags that
-//! `protect`, `reprotect` and `policy set` share.
+//! with version, certificate expiry and health), `rebound alerts` (what the
+//! CS has raised and not yet cleared), `rebound policy set`, `rebound
+//! unprotect` and `rebound remove`; and the policy flags that `protect`,
+//! `reprotect` and `policy set` share.
 
 use super::parse::{parse_duration, parse_size};
 use super::{connect, json, print, watch, CsArgs, ShowArgs, WaitArgs};
@@ -21,8 +22,9 @@ pub struct PolicyArgs {
     /// e.g. 10G, 512M (default: the MT's [retention] cap).
     #[arg(long, value_parser = parse_size)]
     pub retention_size: Option<u64>,
-    /// Raise an `rpo-exceeded` event when the machine's RPO passes this,
-    /// e.g. 30s (default: no alert).
+    /// Raise an `rpo-exceeded` alert when the machine's RPO passes this,
+    /// e.g. 30s; it clears at 80 % of it. 0 = the CS default ([alerts]
+    /// rpo_threshold in its config, 60 s).
     #[arg(long, value_parser = parse_duration)]
     pub rpo_alert: Option<Duration>,
 }
@@ -51,7 +53,7 @@ pub fn policy(
         retention_max_bytes: more.retention_size.unwrap_or(0),
         rpo_alert_ms: more
             .rpo_alert
-            .map(|d| (d.as_millis() as u64).max(1))
+            .map(|d| d.as_millis().min(u64::MAX as u128) as u64)
             .unwrap_or(0),
         verify_interval_secs: 0,
     };
@@ -64,6 +66,16 @@ pub enum FleetCmd {
     /// version (flagged when it differs from the CS's), certificate expiry,
     /// last heartbeat, online/offline.
     Components {
+        #[command(flatten)]
+        args: ShowArgs,
+    },
+    /// The alerts the CS has raised and not yet cleared (rpo-exceeded,
+    /// component-offline, retention-shrunk, ps-cache-full, link-error), as
+    /// its webhooks receive them; `--all` adds the last 100 cleared.
+    Alerts {
+        /// Also list the alerts cleared recently.
+        #[arg(long)]
+        all: bool,
         #[command(flatten)]
         args: ShowArgs,
     },
@@ -170,6 +182,15 @@ pub async fn run(cmd: FleetCmd) -> Result<()> {
             )?;
             args.show(&r, json::components, print::components)
         }
+        FleetCmd::Alerts { all, args } => {
+            let mut c = connect(&args.cs).await?;
+            let r = args.cs.answer(
+                c.alerts(pb::AlertsRequest { all }).await,
+                "listing the alerts",
+            )?;
+            let to_json = |r: &pb::AlertsResponse| json::list("alerts", &r.alerts, json::alert);
+            args.show(&r, to_json, |r| print::alerts(&r.alerts, all))
+        }
         FleetCmd::Policy {
             cmd: PolicyCmd::Set(set),
         } => {
@@ -266,6 +287,14 @@ mod tests {
         assert_eq!(p.retention_max_bytes, 10 << 30);
         assert_eq!(p.rpo_alert_ms, 60_000);
         assert!(policy(None, None, &PolicyArgs::default()).is_none());
+        let default_rpo = PolicyArgs {
+            rpo_alert: Some(Duration::ZERO),
+            ..PolicyArgs::default()
+        };
+        assert!(
+            policy(None, None, &default_rpo).is_none(),
+            "--rpo-alert 0 is the CS default, not 1 ms"
+        );
         let FleetCmd::Policy {
             cmd: PolicyCmd::Set(set),
         } = fleet(&["policy", "set", "m1", "--verify-interval", "1h"])

@@ -76,6 +76,16 @@ pub fn event(e: &pb::Event) -> Value {
            "replication_id": e.replication_id, "time_ms": e.time_ms, "component": e.component})
 }
 
+/// An alert as `rebound alerts -o json` lists it and the CS's webhooks
+/// post it under `"alert"`.
+pub fn alert(a: &pb::Alert) -> Value {
+    json!({
+        "id": a.id, "kind": a.kind, "subject": a.subject, "severity": a.severity,
+        "message": a.message, "raised_ms": a.raised_ms, "cleared_ms": a.cleared_ms,
+        "value": a.value, "threshold": a.threshold, "site": a.site,
+    })
+}
+
 pub fn component(c: &pb::ComponentInfo) -> Value {
     json!({
         "role": c.role, "id": c.id, "site": c.site, "version": c.version,

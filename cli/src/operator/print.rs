@@ -237,8 +237,11 @@ fn or_default(v: u64, show: impl Fn(u64) -> String, default: &str) -> String {
     }
 }
 
+/// What an `rpo_alert_ms` of 0 means.
+const RPO_ALERT_DEFAULT: &str = "the CS default ([alerts] rpo_threshold, 60s)";
+
 /// A policy on one line: "crash 300ms, app 1h00m, retention 20.0s / the
-/// MT's default, RPO alert off".
+/// MT's default, RPO alert the CS default".
 pub fn policy_line(p: &pb::Policy) -> String {
     let window = or_default(
         p.retention_window_secs,
@@ -250,7 +253,7 @@ pub fn policy_line(p: &pb::Policy) -> String {
         "crash {}, app {}, retention {window} / {size}, RPO alert {}, verify {}",
         dur(p.crash_interval_ms.into()),
         dur(u64::from(p.app_interval_secs) * 1000),
-        or_default(p.rpo_alert_ms, dur, "off"),
+        or_default(p.rpo_alert_ms, dur, RPO_ALERT_DEFAULT),
         or_default(
             p.verify_interval_secs,
             |s| format!("every {}", dur(s * 1000)),
@@ -277,7 +280,7 @@ pub fn policy_set(machine: &str, r: &pb::SetPolicyResponse) {
     println!("  retention size cap  {size}");
     println!(
         "  RPO alert above     {}",
-        or_default(p.rpo_alert_ms, dur, "off")
+        or_default(p.rpo_alert_ms, dur, RPO_ALERT_DEFAULT)
     );
     println!(
         "  verify every        {}",
@@ -289,6 +292,64 @@ pub fn policy_set(machine: &str, r: &pb::SetPolicyResponse) {
             r.pending.join(", ")
         );
     }
+}
+
+/// `rebound alerts`: the open alerts (and with `all` the cleared ones, with
+/// when they cleared).
+pub fn alerts(alerts: &[pb::Alert], all: bool) {
+    match alerts_text(alerts, all, now_ms()) {
+        Some(t) => println!("{t}"),
+        None if all => println!("no alerts raised recently"),
+        None => println!("no open alerts (`rebound alerts --all` adds the cleared ones)"),
+    }
+}
+
+/// The table of [`alerts`] at time `now` (`None` for no alerts).
+fn alerts_text(alerts: &[pb::Alert], all: bool, now: u64) -> Option<String> {
+    if alerts.is_empty() {
+        return None;
+    }
+    let age = |ms: u64| format!("{} ago", dur(now.saturating_sub(ms)));
+    let mut header = vec!["KIND", "SUBJECT", "SITE", "SINCE"];
+    if all {
+        header.push("CLEARED");
+    }
+    header.extend(["VALUE/THRESHOLD", "MESSAGE"]);
+    let rows: Vec<Vec<String>> = alerts
+        .iter()
+        .map(|a| {
+            let mut row = vec![
+                a.kind.clone(),
+                a.subject.clone(),
+                or_dash(&a.site).into(),
+                age(a.raised_ms),
+            ];
+            if all {
+                row.push(match a.cleared_ms {
+                    0 => "open".into(),
+                    ms => age(ms),
+                });
+            }
+            row.extend([alert_value(a), a.message.clone()]);
+            row
+        })
+        .collect();
+    Some(table_text(&header, &rows))
+}
+
+/// "12.3s / 2.0s" for the RPO and retention kinds (seconds), "85% / 80%"
+/// for a cache (a fraction), "-" for kinds without a value.
+fn alert_value(a: &pb::Alert) -> String {
+    if a.value == 0.0 && a.threshold == 0.0 {
+        return "-".into();
+    }
+    let secs = |s: f64| dur((s.max(0.0) * 1000.0).round() as u64);
+    let pct = |f: f64| format!("{:.0}%", f * 100.0);
+    let show: &dyn Fn(f64) -> String = match a.kind.as_str() {
+        "ps-cache-full" => &pct,
+        _ => &secs,
+    };
+    format!("{} / {}", show(a.value), show(a.threshold))
 }
 
 pub fn machines(r: &pb::MachinesResponse) {
@@ -593,6 +654,78 @@ mod tests {
             super::table_text(&["MACHINE", "STATE", "JOB"], &rows),
             "MACHINE    STATE      JOB\nm1         Protected  x\nmachine-2  -"
         );
+    }
+}
+
+#[cfg(test)]
+mod alert_tests {
+    use super::*;
+
+    fn alert(kind: &str, value: f64, threshold: f64, cleared_ms: u64) -> pb::Alert {
+        pb::Alert {
+            id: format!("{kind}/m1/1000"),
+            kind: kind.into(),
+            subject: "m1".into(),
+            severity: "warning".into(),
+            message: "RPO 12.3s is above 2s: the MT is behind".into(),
+            raised_ms: 1000,
+            cleared_ms,
+            value,
+            threshold,
+            site: "onprem".into(),
+        }
+    }
+
+    #[test]
+    fn the_alerts_table_shows_age_value_and_threshold() {
+        let now = 1000 + 65_000;
+        let open = [
+            alert("rpo-exceeded", 12.34, 2.0, 0),
+            pb::Alert {
+                subject: "ps:ps-a".into(),
+                site: String::new(),
+                message: "cache full".into(),
+                ..alert("ps-cache-full", 0.853, 0.8, 0)
+            },
+            pb::Alert {
+                subject: "mt:mt-b".into(),
+                message: "offline".into(),
+                ..alert("component-offline", 0.0, 0.0, 0)
+            },
+        ];
+        assert_eq!(
+            alerts_text(&open, false, now).unwrap(),
+            [
+                "KIND               SUBJECT  SITE    SINCE      VALUE/THRESHOLD  MESSAGE",
+                "rpo-exceeded       m1       onprem  1m05s ago  12.3s / 2.0s     \
+                 RPO 12.3s is above 2s: the MT is behind",
+                "ps-cache-full      ps:ps-a  -       1m05s ago  85% / 80%        cache full",
+                "component-offline  mt:mt-b  onprem  1m05s ago  -                offline",
+            ]
+            .join("\n")
+        );
+        let cleared = [alert("rpo-exceeded", 1.0, 2.0, now - 1500)];
+        let t = alerts_text(&cleared, true, now).unwrap();
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].contains("SINCE      CLEARED"), "{t}");
+        assert!(lines[1].contains("1m05s ago  1.5s ago  1.0s / 2.0s"), "{t}");
+        assert_eq!(alerts_text(&[], true, now), None);
+    }
+
+    #[test]
+    fn an_alert_in_json_has_every_field_in_snake_case() {
+        let v = super::super::json::alert(&alert("rpo-exceeded", 12.5, 2.0, 0));
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "id": "rpo-exceeded/m1/1000", "kind": "rpo-exceeded", "subject": "m1",
+                "severity": "warning", "message": "RPO 12.3s is above 2s: the MT is behind",
+                "raised_ms": 1000, "cleared_ms": 0, "value": 12.5, "threshold": 2.0,
+                "site": "onprem",
+            })
+        );
+        let l = super::super::json::list("alerts", &[], super::super::json::alert);
+        assert_eq!(l, serde_json::json!({"alerts": []}));
     }
 }
 
