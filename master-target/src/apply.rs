@@ -40,6 +40,7 @@ use crate::storage::Target;
 use prost::bytes::Bytes;
 use rebound_common::chunk::read_full_at;
 use rebound_common::frame::{seq_range_flaw, Frame, FrameError, FrameRef, Record, Tag};
+use rebound_common::time::now_ms;
 use std::collections::HashSet;
 use tracing::{error, info, warn};
 
@@ -375,6 +376,8 @@ impl Replication {
             ..Batch::default()
         };
         let mut touched = vec![false; self.replica_disks().len()];
+        // Bytes written or zeroed, counted once the cycle is durable.
+        let mut applied_bytes = 0u64;
         for (i, rec) in recs.iter().enumerate() {
             let seq = first_seq + i as u64;
             match rec {
@@ -385,6 +388,7 @@ impl Replication {
                     let pos = self.disk_pos(*disk).expect("validated");
                     self.stage(inner, &mut batch, pos, *offset, data.len() as u64)?;
                     batch.data_bytes += data.len();
+                    applied_bytes += data.len() as u64;
                     batch.ops.push(Op::Data {
                         disk: pos,
                         offset: *offset,
@@ -397,6 +401,7 @@ impl Replication {
                 Record::Zero { disk, offset, len } => {
                     let pos = self.disk_pos(*disk).expect("validated");
                     let end = offset + len;
+                    applied_bytes += len;
                     let mut o = *offset;
                     while o < end {
                         let n = ZERO_PIECE.min(end - o);
@@ -439,6 +444,7 @@ impl Replication {
         inner.set_applied(last);
         inner.persist_applied()?;
         self.publish_applied(last);
+        self.observed().applied(applied_bytes);
         if batch.undo.capacity() <= 2 * BATCH_BYTES {
             batch.undo.clear();
             inner.keep_scratch(batch.undo);
@@ -595,6 +601,7 @@ impl Replication {
         let (id, kind, group) = (entry.id.clone(), entry.kind.clone(), entry.group.clone());
         inner.cut_point(entry)?;
         self.publish_applied(seq);
+        self.observed().point_applied(tag.time_ms, now_ms());
         info!(
             replication = %self.id(),
             point = %id,

@@ -12,6 +12,7 @@ use crate::error::MtError;
 use crate::replication::{Replication, Store};
 use crate::state::RetentionPolicy;
 use rebound_common::control::{err_result, ok_result, set_revoked, ControlHandler};
+use rebound_common::time::now_ms;
 use rebound_common::tls::Revocations;
 use rebound_proto::control as pb;
 use rebound_proto::control::command::Cmd;
@@ -154,6 +155,7 @@ impl Replication {
 /// over the MT's `defaults`.
 pub fn mt_status(store: &Store, defaults: &RetentionConfig) -> pb::MtStatus {
     let mut retention_bytes = 0;
+    let now = now_ms();
     let replications = store
         .list()
         .iter()
@@ -174,7 +176,8 @@ pub fn mt_status(store: &Store, defaults: &RetentionConfig) -> pb::MtStatus {
                 retention_max_bytes: retention.max_bytes,
                 test_point,
                 test_exports,
-                ..Default::default()
+                retention_capped: r.retention_capped(),
+                oldest_point_age_secs: r.oldest_point_age_secs(now),
             }
         })
         .collect();

@@ -68,6 +68,9 @@ pub enum MtError {
         #[source]
         source: tonic::transport::Error,
     },
+    /// `metrics_listen` cannot be served (a bad address, a port in use).
+    #[error(transparent)]
+    Metrics(#[from] rebound_common::metrics::MetricsError),
     /// The replication is being closed (the MT shuts down) while a request
     /// waited for it.
     #[error("replication {replication} is shutting down")]
@@ -138,6 +141,7 @@ impl From<MtError> for Status {
             | MtError::Sync { .. }
             | MtError::TaskFailed { .. }
             | MtError::Server { .. }
+            | MtError::Metrics(_)
             | MtError::ShuttingDown { .. } => Status::internal(msg),
         }
     }

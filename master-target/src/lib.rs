@@ -27,6 +27,7 @@ pub mod hashes;
 mod interval;
 pub mod journal;
 pub mod layout;
+pub mod metrics;
 mod ordered;
 mod points;
 mod replica;
@@ -60,6 +61,7 @@ pub use rollback::RollbackReport;
 pub use store::Store;
 pub use view::Views;
 
+use rebound_common::metrics::Readiness;
 use rebound_common::nbd;
 use rebound_common::pki::Role;
 use rebound_common::serve;
@@ -80,8 +82,9 @@ const STATUS_PERIOD: Duration = Duration::from_secs(1);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs the master target until `shutdown` completes: gRPC on `listener`
-/// (mutual TLS from `config.tls`), NBD views on `nbd_listener`, and the
-/// retention task. Everything acknowledged is durable when it was
+/// (mutual TLS from `config.tls`, with the standard health service), NBD
+/// views on `nbd_listener`, `/metrics` and `/healthz` on
+/// `config.metrics_listen`, and the retention task. Everything acknowledged is durable when it was
 /// acknowledged, so shutdown only stops between frames.
 pub async fn run<F>(
     mut config: Config,
@@ -98,15 +101,20 @@ where
     // Renewal keeps the MT's renewed identity in its data dir; the servers
     // and every client connection (CS) use it once it exists.
     config.tls = config.tls.with_renewed(&config.data_dir);
+    // The endpoint answers (health 503) while the journals are replayed.
+    let measured = metrics::MtMetrics::default();
+    let (readiness, health) = Readiness::with_grpc_health().await;
+    let endpoint = metrics::serve(&config.metrics_listen, &measured, &readiness).await?;
     let data_dir = config.data_dir.clone();
     let store = Arc::new(
-        tokio::task::spawn_blocking(move || Store::open(&data_dir))
+        tokio::task::spawn_blocking(move || Store::open_measured(&data_dir, measured))
             .await
             .map_err(|source| MtError::TaskFailed {
                 what: "opening the data dir",
                 source,
             })??,
     );
+    endpoint.show(store.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -220,9 +228,11 @@ where
     let incoming = acceptor.incoming(listener);
     let server = rebound_common::tls::frame_server()
         .add_service(svc)
+        .add_service(health)
         .serve_with_incoming_shutdown(incoming, serve::stopped(stop_rx.clone()));
     // Replications recovered, both listeners bound.
     rebound_common::service_manager::ready(&format!("serving on {grpc_addr}, NBD {nbd_addr}"));
+    readiness.ready().await;
     let served = serve::until_stopped(server, stop_rx, SHUTDOWN_GRACE, "gRPC connections")
         .await
         .map_err(|source| MtError::Server {
@@ -231,9 +241,11 @@ where
         });
     drop(control);
     info!("master target stopping");
+    readiness.not_ready().await;
     nbd_stop.store(true, Ordering::SeqCst);
     retention.abort();
     let _ = tokio::task::spawn_blocking(move || nbd_thread.join()).await;
+    drop(endpoint);
     info!("master target stopped");
     served
 }

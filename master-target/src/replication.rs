@@ -12,6 +12,7 @@ use crate::disk_full::DiskFull;
 use crate::error::{io_err, MtError, Result};
 use crate::events::Events;
 use crate::layout::{valid_name, Layout};
+use crate::metrics::{MtMetrics, Observer, Timed};
 pub(crate) use crate::replica::Disk;
 pub(crate) use crate::replication_state::Inner;
 use crate::state::{load_json, save_json, PersistedState, RetentionPolicy, StoredDisk, StoredInfo};
@@ -30,19 +31,34 @@ use tokio::sync::watch;
 use tracing::{error, warn};
 
 /// What every replication of a store shares: the storage its durable
-/// writes go through and where it raises events.
+/// writes go through (timed into the fsync histogram), where it raises
+/// events, and the metric families it counts in.
 #[derive(Clone)]
 pub(crate) struct Env {
     pub storage: Arc<dyn Storage>,
     pub events: Events,
+    pub metrics: MtMetrics,
+}
+
+impl Env {
+    /// An environment whose durable writes go through `storage`.
+    pub(crate) fn new(storage: Arc<dyn Storage>) -> Env {
+        Env::measured(storage, MtMetrics::default())
+    }
+
+    /// Like [`Env::new`], counting in `metrics`.
+    pub(crate) fn measured(storage: Arc<dyn Storage>, metrics: MtMetrics) -> Env {
+        Env {
+            storage: Arc::new(Timed::new(storage, metrics.fsync())),
+            events: Events::default(),
+            metrics,
+        }
+    }
 }
 
 impl Default for Env {
     fn default() -> Env {
-        Env {
-            storage: Arc::new(crate::storage::Disk),
-            events: Events::default(),
-        }
+        Env::new(Arc::new(crate::storage::Disk))
     }
 }
 
@@ -65,6 +81,8 @@ pub struct Replication {
     stale: AtomicBool,
     /// Apply waits for space (see `disk_full`).
     disk_full: Mutex<Option<DiskFull>>,
+    /// What apply, retention and rollback count for the metrics.
+    observed: Observer,
 }
 
 /// A summary for listings.
@@ -220,6 +238,7 @@ impl Replication {
             .collect::<Result<Vec<Disk>>>()?;
         let inner = Inner::recover(&layout, &info, env.storage.clone())?;
         let (applied_tx, _) = watch::channel(inner.applied_seq());
+        let observed = env.metrics.observer(&info.replication_id, &info.machine_id);
         Ok(Replication {
             id: info.replication_id.clone(),
             info,
@@ -231,6 +250,7 @@ impl Replication {
             poisoned: Mutex::new(None),
             stale: AtomicBool::new(false),
             disk_full: Mutex::new(None),
+            observed,
         })
     }
 
@@ -309,6 +329,11 @@ impl Replication {
         self.disk_full
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// What apply, retention and rollback count for the metrics.
+    pub(crate) fn observed(&self) -> &Observer {
+        &self.observed
     }
 
     /// The storage the replication's durable writes go through.
@@ -546,6 +571,16 @@ impl Replication {
     pub(crate) fn read_summary(&self) -> RwLockReadGuard<'_, Inner> {
         self.heal_if_free();
         self.inner.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The read side if it is free now (a scrape of the metrics must not
+    /// wait behind a rollback); `None` while a writer holds it or the
+    /// state needs healing.
+    pub(crate) fn try_read_inner(&self) -> Option<RwLockReadGuard<'_, Inner>> {
+        if self.stale.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.inner.try_read().ok()
     }
 
     /// Heals a poisoned or stale state if no one holds the lock. A reader

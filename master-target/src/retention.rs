@@ -17,6 +17,12 @@
 //! it needs, whatever the window or the cap say; the log says when the pin
 //! held points retention would otherwise have dropped.
 //!
+//! A replication is *capped* (`retention_capped` in the status the CS
+//! alerts on, and in the metrics) from the pass where the cap drops points
+//! the window would have kept until its oldest point is as old as the
+//! window again (the window is whole) or the cap is off. It is kept in
+//! memory: after a restart the next pass the cap bites says so again.
+//!
 //! Each pass also raises a `journal-damaged` event, once per start, for a
 //! damaged retention journal (see `retention_journal`).
 //!
@@ -27,7 +33,8 @@
 
 use crate::config::RetentionConfig;
 use crate::error::Result;
-use crate::replication::{Replication, Store};
+use crate::metrics::oldest_point_age_ms;
+use crate::replication::{Inner, Replication, Store};
 use rebound_common::time::now_ms;
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,12 +92,23 @@ impl Replication {
             oldest: inner.points().first().map(|p| p.id.clone()),
             ..Default::default()
         };
-        if inner.rollback_point().is_some() || inner.points().len() <= 1 {
+        let window_ms = cfg.window_secs.saturating_mul(1000);
+        // Whether the cap's shortening lasts after a pass that dropped
+        // nothing for it.
+        let still_capped = |inner: &Inner| {
+            self.retention_capped()
+                && cfg.max_bytes > 0
+                && oldest_point_age_ms(inner, now_ms) < window_ms
+        };
+        if inner.rollback_point().is_some() {
+            return Ok(out);
+        }
+        if inner.points().len() <= 1 {
+            self.observed().set_retention_capped(still_capped(&inner));
             return Ok(out);
         }
         let points = inner.points().as_slice();
         let n = points.len();
-        let window_ms = cfg.window_secs.saturating_mul(1000);
         let age = |i: usize| now_ms.saturating_sub(inner.points().retention_ms(i));
         let mut d = 0;
         while d < n - 1 && age(d) > window_ms {
@@ -132,6 +150,7 @@ impl Replication {
             }
         }
         if d == 0 {
+            self.observed().set_retention_capped(still_capped(&inner));
             return Ok(out);
         }
         // The freed journals are only forgotten here; they are deleted once
@@ -142,6 +161,9 @@ impl Replication {
         out.size_capped = d > by_window;
         out.oldest = Some(oldest.id.clone());
         out.journal_bytes = inner.journal_bytes();
+        // Points the window itself dropped: the window is whole again.
+        let capped = out.size_capped || (by_window == 0 && still_capped(&inner));
+        self.observed().set_retention_capped(capped);
         // Logged under the lock: a reader that sees the points gone finds
         // the log line too.
         if out.size_capped {

@@ -241,6 +241,7 @@ impl Replication {
         let blocks = inner.journal().point_map(p.interval)?;
         info!(replication = %self.id(), machine = %machine, point = %p.id, seq = p.seq, blocks = blocks.len(), "rollback started");
         let started = Instant::now();
+        let progress = self.observed().rollback_started(blocks.len() as u64 * BS);
 
         let result = (|| -> Result<RollbackReport> {
             // 1. Pre-images.
@@ -298,6 +299,7 @@ impl Replication {
                         inner.journal().path(files[src].0).display()
                     ))
                 })?;
+                progress.restored(part.len() as u64 * BS);
                 if last_log.elapsed() >= PROGRESS_EVERY {
                     info!(replication = %self.id(), point = %p.id, done = (i + 1) * PROGRESS_BLOCKS, of = blocks.len(), "rollback progress");
                     last_log = Instant::now();

@@ -4,8 +4,10 @@
 
 use crate::error::{io_err, Result};
 use crate::events::Events;
+use crate::metrics::MtMetrics;
 use crate::replication::{Env, Replication};
 use crate::retention_policy::PendingRetention;
+use crate::storage::Disk;
 use rebound_proto::ReplicationInfo;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +30,12 @@ impl Store {
     /// damaged replication does not stop the others.
     pub fn open(data_dir: &Path) -> Result<Store> {
         Store::open_in(data_dir, Env::default())
+    }
+
+    /// Like [`Store::open`], its replications counting in `metrics` (the
+    /// families the MT's endpoint serves).
+    pub fn open_measured(data_dir: &Path, metrics: MtMetrics) -> Result<Store> {
+        Store::open_in(data_dir, Env::measured(Arc::new(Disk), metrics))
     }
 
     /// Like [`Store::open`], with the durable writes going through
@@ -77,6 +85,12 @@ impl Store {
             create: Mutex::new(pending),
             env,
         })
+    }
+
+    /// The metric families its replications count in (register them, and
+    /// refresh the gauges from [`MtMetrics::refresh`]).
+    pub fn metrics(&self) -> &MtMetrics {
+        &self.env.metrics
     }
 
     /// Where replications raise events for the CS.

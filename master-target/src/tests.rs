@@ -244,10 +244,7 @@ pub(crate) fn open_store_on(
     dir: &Path,
     storage: Arc<dyn crate::storage::Storage>,
 ) -> (Arc<Store>, Arc<Replication>) {
-    let env = crate::replication::Env {
-        storage,
-        events: Default::default(),
-    };
+    let env = crate::replication::Env::new(storage);
     let store = Arc::new(Store::open_in(dir, env).expect("open store"));
     let r = store.get_or_create(&info()).expect("replication");
     (store, r)
@@ -694,4 +691,5 @@ mod faults;
 mod grpc;
 mod journal_damage;
 mod lifecycle;
+mod metrics;
 mod retention_policy;

@@ -38,6 +38,8 @@ async fn start(dir: &Path) -> Server {
     let cfg = Config {
         data_dir: dir.join("data"),
         tls: TlsFiles::in_dir(&pki, "mt"),
+        // Parallel tests would collide on the default port.
+        metrics_listen: "127.0.0.1:0".into(),
         ..Config::default()
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -455,4 +457,67 @@ async fn pipelined_frames_stop_at_a_damaged_one() {
     let store = Store::open(&dir.path().join("data")).unwrap();
     let r = store.get(RID).expect("replication");
     check_latest(&r, &disks_at(&g, n));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_serves_once_started() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let Server {
+        pki,
+        addr,
+        stop_tx,
+        server,
+        ..
+    } = start(dir.path()).await;
+    let ch = TlsFiles::in_dir(&pki, "ps")
+        .connect(&addr, "localhost", rebound_common::pki::Role::Mt)
+        .await
+        .expect("connect");
+    let mut health = HealthClient::new(ch);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("health check")
+            .into_inner()
+            .status();
+        if status == ServingStatus::Serving {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the MT reports {status:?} 10 s after start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    shutdown(stop_tx, server).await;
+}
+
+#[tokio::test]
+async fn a_metrics_address_in_use_stops_the_start_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = held.local_addr().unwrap().to_string();
+    let cfg = Config {
+        data_dir: dir.path().join("data"),
+        metrics_listen: taken.clone(),
+        ..Config::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let nbd = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let e = crate::run(cfg, listener, nbd, std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, MtError::Metrics(_)), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&taken) && msg.contains("metrics_listen"),
+        "{msg}"
+    );
 }
