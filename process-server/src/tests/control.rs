@@ -3,7 +3,6 @@
 
 use super::support::*;
 use std::sync::Arc;
-use tokio::sync::watch;
 
 /// The hello carries the certificate's id; the status is sampled from the
 /// cache (durable/applied seqs, lag, cache use and cap); SetRevoked is
@@ -13,7 +12,6 @@ async fn control_hello_and_status() {
     use crate::cache::Cache;
     use crate::control::{Handler, Identity, PsControl};
     use crate::forward::{Forwarders, MtLink};
-    use crate::status::status_task;
     use rebound_common::control::ControlHandler;
     use rebound_proto::control::status::Status as St;
 
@@ -51,13 +49,7 @@ async fn control_hello_and_status() {
     );
     assert_eq!(hello.addresses, vec!["127.0.0.1:9443".to_string()]);
     assert_eq!(hello.instance.len(), 16);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(status_task(
-        cache.clone(),
-        fw.clone(),
-        ctl.status.clone(),
-        stop_rx,
-    ));
+    let sampler = Sampler::start(cache, fw, ctl.status.clone());
     wait_for("first status", || h.status().is_some()).await;
     let Some(St::Ps(st)) = h.status().unwrap().status else {
         panic!("not a PS status")
@@ -83,10 +75,5 @@ async fn control_hello_and_status() {
     let saved = rebound_common::tls::Revocations::load(&ctl.revoked_path).unwrap();
     assert_eq!(saved.serials(), ["0a", "ff01"]);
 
-    stop_tx.send_replace(true);
-    task.await.unwrap();
-    fw.shutdown();
-    tokio::task::spawn_blocking(move || cache.shutdown())
-        .await
-        .unwrap();
+    sampler.stop().await;
 }

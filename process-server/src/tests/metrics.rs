@@ -61,14 +61,20 @@ async fn wait_for_sample(addr: SocketAddr, series: &str, ok: impl Fn(f64) -> boo
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn counters_move_with_frames_received_and_forwarded() {
-    let lab = Lab::new();
+/// A fake MT and a PS forwarding to it, its metrics endpoint on a free
+/// port (returned last).
+async fn start_with_metrics(lab: &Lab) -> (FakeMt, MtRun, Ps, SocketAddr) {
     let (mt, mt_addr, mt_run) = spawn_mt(&lab.tls("mt")).await;
     let metrics = free_addr();
     let mut config = lab.ps_config(mt_addr, 1 << 30, 1);
     config.metrics_listen = metrics.to_string();
-    let ps = start_ps(config).await;
+    (mt, mt_run, start_ps(config).await, metrics)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_move_with_frames_received_and_forwarded() {
+    let lab = Lab::new();
+    let (mt, mt_run, ps, metrics) = start_with_metrics(&lab).await;
 
     let mut s = ps.stream(&lab.tls("agent-m1"), "r1", "m1").await;
     let mut sent = 0u64;
@@ -132,11 +138,7 @@ async fn counters_move_with_frames_received_and_forwarded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_is_serving_after_start() {
     let lab = Lab::new();
-    let (_mt, mt_addr, mt_run) = spawn_mt(&lab.tls("mt")).await;
-    let metrics = free_addr();
-    let mut config = lab.ps_config(mt_addr, 1 << 30, 1);
-    config.metrics_listen = metrics.to_string();
-    let ps = start_ps(config).await;
+    let (_mt, mt_run, ps, metrics) = start_with_metrics(&lab).await;
 
     let ch = lab
         .tls("admin")
@@ -186,7 +188,7 @@ fn a_bad_metrics_listen_is_fatal_at_start() {
 async fn status_link_error_names_the_unreachable_mt() {
     use crate::cache::Cache;
     use crate::forward::{Forwarders, MtLink};
-    use crate::status::{last, status_task, StatusCell};
+    use crate::status::{last, StatusCell};
     use std::sync::Arc;
 
     let lab = Lab::new();
@@ -203,15 +205,12 @@ async fn status_link_error_names_the_unreachable_mt() {
         .unwrap()
         .unwrap();
     fw.ensure(&rep);
-    let cell = Arc::new(StatusCell::default());
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(status_task(
-        cache.clone(),
-        fw.clone(),
-        cell.clone(),
-        stop_rx,
-    ));
-    let link_error = || last(&cell).map(|s| s.link_error).unwrap_or_default();
+    let sampler = Sampler::start(cache, fw, Arc::new(StatusCell::default()));
+    let link_error = || {
+        last(&sampler.cell)
+            .map(|s| s.link_error)
+            .unwrap_or_default()
+    };
     wait_for("a link error", || !link_error().is_empty()).await;
     let e = link_error();
     assert!(
@@ -222,11 +221,6 @@ async fn status_link_error_names_the_unreachable_mt() {
     let mt_run = start_mt_at(&FakeMt::default(), &lab.tls("mt"), mt_addr).await;
     wait_for("the link error to clear", || link_error().is_empty()).await;
 
-    stop_tx.send_replace(true);
-    task.await.unwrap();
-    fw.shutdown();
-    tokio::task::spawn_blocking(move || cache.shutdown())
-        .await
-        .unwrap();
+    sampler.stop().await;
     mt_run.stop().await;
 }

@@ -495,3 +495,46 @@ impl Ps {
             .into_inner()
     }
 }
+
+/// The status sampler run by hand over a cache and its forwarders (no PS
+/// around them); [`Sampler::stop`] stops all three.
+pub(crate) struct Sampler {
+    pub(crate) cache: Arc<crate::cache::Cache>,
+    pub(crate) forwarders: Arc<crate::forward::Forwarders>,
+    pub(crate) cell: Arc<crate::status::StatusCell>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Sampler {
+    pub(crate) fn start(
+        cache: Arc<crate::cache::Cache>,
+        forwarders: Arc<crate::forward::Forwarders>,
+        cell: Arc<crate::status::StatusCell>,
+    ) -> Sampler {
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(crate::status::status_task(
+            cache.clone(),
+            forwarders.clone(),
+            cell.clone(),
+            rx,
+        ));
+        Sampler {
+            cache,
+            forwarders,
+            cell,
+            stop,
+            task,
+        }
+    }
+
+    pub(crate) async fn stop(self) {
+        self.stop.send_replace(true);
+        self.task.await.unwrap();
+        self.forwarders.shutdown();
+        let cache = self.cache;
+        tokio::task::spawn_blocking(move || cache.shutdown())
+            .await
+            .unwrap();
+    }
+}
