@@ -12,6 +12,9 @@ pub mod readings;
 pub mod view;
 pub mod webhook;
 
+#[cfg(test)]
+mod tests;
+
 use crate::config::AlertsConfig;
 use crate::metrics::{CsMetrics, JobTally, Snapshot};
 use crate::store::{Event, Store, StoreError};
