@@ -465,15 +465,9 @@ async fn grpc_health_serves_once_started() {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
     let dir = tempfile::tempdir().unwrap();
-    let Server {
-        pki,
-        addr,
-        stop_tx,
-        server,
-        ..
-    } = start(dir.path()).await;
-    let ch = TlsFiles::in_dir(&pki, "ps")
-        .connect(&addr, "localhost", rebound_common::pki::Role::Mt)
+    let mt = start(dir.path()).await;
+    let ch = TlsFiles::in_dir(&mt.pki, "ps")
+        .connect(&mt.addr, "localhost", rebound_common::pki::Role::Mt)
         .await
         .expect("connect");
     let mut health = HealthClient::new(ch);
@@ -496,7 +490,7 @@ async fn grpc_health_serves_once_started() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    shutdown(stop_tx, server).await;
+    shutdown(mt.stop_tx, mt.server).await;
 }
 
 #[tokio::test]

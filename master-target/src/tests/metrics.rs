@@ -95,26 +95,24 @@ fn applied_bytes_points_and_fsyncs_follow_the_frames() {
     let fsyncs = value(&after, "rebound_mt_fsync_seconds_count", &[]).unwrap();
     assert!(fsyncs >= 5.0, "{after}");
     assert!(value(&after, "rebound_mt_fsync_seconds_sum", &[]).unwrap() > 0.0);
-    // Nothing rolls back: no progress.
-    assert_eq!(
-        value(&after, "rebound_mt_rollback_total_bytes", &M1),
-        Some(0.0)
-    );
+    no_rollback_running(&after);
+}
+
+/// The rollback progress of a scrape where none runs.
+fn no_rollback_running(text: &str) {
+    for name in [
+        "rebound_mt_rollback_done_bytes",
+        "rebound_mt_rollback_total_bytes",
+    ] {
+        assert_eq!(value(text, name, &M1), Some(0.0), "{name}: {text}");
+    }
 }
 
 #[test]
 fn rollback_progress_is_zero_once_it_ends() {
     let (_g, _dir, s, r) = applied_history(32, 11);
     r.rollback("p1").unwrap();
-    let text = scrape(&s);
-    assert_eq!(
-        value(&text, "rebound_mt_rollback_done_bytes", &M1),
-        Some(0.0)
-    );
-    assert_eq!(
-        value(&text, "rebound_mt_rollback_total_bytes", &M1),
-        Some(0.0)
-    );
+    no_rollback_running(&scrape(&s));
 }
 
 #[test]
