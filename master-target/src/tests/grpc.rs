@@ -32,14 +32,19 @@ struct Server {
 }
 
 async fn start(dir: &Path) -> Server {
+    // Port 0: parallel tests would collide on the default port.
+    start_with(dir, "127.0.0.1:0").await
+}
+
+/// [`start`] with `/metrics` and `/healthz` on `metrics_listen`.
+async fn start_with(dir: &Path, metrics_listen: &str) -> Server {
     install_crypto_provider();
     let pki = dir.join("pki");
     write_dev_bundle(&pki, &["m1".to_string()]).unwrap();
     let cfg = Config {
         data_dir: dir.join("data"),
         tls: TlsFiles::in_dir(&pki, "mt"),
-        // Parallel tests would collide on the default port.
-        metrics_listen: "127.0.0.1:0".into(),
+        metrics_listen: metrics_listen.into(),
         ..Config::default()
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -460,12 +465,16 @@ async fn pipelined_frames_stop_at_a_damaged_one() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpc_health_serves_once_started() {
+async fn health_serves_once_started_and_metrics_show_the_apply() {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
     let dir = tempfile::tempdir().unwrap();
-    let mt = start(dir.path()).await;
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mt = start_with(dir.path(), &metrics.to_string()).await;
     let ch = TlsFiles::in_dir(&mt.pki, "ps")
         .connect(&mt.addr, "localhost", rebound_common::pki::Role::Mt)
         .await
@@ -490,7 +499,34 @@ async fn grpc_health_serves_once_started() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The HTTP side agrees, and a scrape shows the replication applied.
+    let healthz = http_get(metrics, "/healthz").await;
+    assert!(healthz.starts_with("HTTP/1.1 200"), "{healthz}");
+    let g = history(23);
+    let mut ps = client(&mt.pki, "ps", &mt.addr).await;
+    stream_frames(&mut ps, &g, 1, g.seq()).await;
+    let scrape = http_get(metrics, "/metrics").await;
+    let applied = format!(
+        "rebound_mt_applied_seq{{replication=\"{RID}\",machine=\"m1\"}} {}",
+        g.seq()
+    );
+    assert!(scrape.contains(&applied), "{scrape}");
+    assert!(
+        scrape.contains("rebound_mt_fsync_seconds_count"),
+        "{scrape}"
+    );
     shutdown(mt.stop_tx, mt.server).await;
+}
+
+/// The answer (status line, headers, body) to a plain HTTP GET of `path`.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: mt\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
 }
 
 #[tokio::test]
