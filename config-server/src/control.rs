@@ -478,16 +478,12 @@ pub async fn health_monitor(
     store: Arc<dyn Store>,
     bus: Arc<CommandBus>,
     heartbeat: Duration,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let limit = heartbeat * MISSED_HEARTBEATS;
-    let mut tick = tokio::time::interval((heartbeat / 2).max(Duration::from_millis(5)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
+    let every = (heartbeat / 2).max(Duration::from_millis(5));
+    let mut ticker = crate::tick::Ticker::new(every, stop);
+    while ticker.tick().await {
         for (key, conn_id) in bus.stale(limit) {
             if !bus.kick(&key, conn_id) {
                 continue;

@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod renew;
 pub mod service;
 pub mod store;
+pub mod tick;
 pub mod tokens;
 
 #[cfg(test)]

@@ -150,6 +150,22 @@ fn up(msg: component_message::Msg) -> ComponentMessage {
 }
 
 /// Opens a control stream and reads the welcome.
+/// Sends a heartbeat every 30 ms on `tx` until the stream closes, so the
+/// CS (heartbeat 0.1 s in these tests) keeps the component online.
+fn heartbeats(tx: mpsc::Sender<ComponentMessage>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let m = up(component_message::Msg::Heartbeat(pb::Heartbeat {
+                time_ms: now_ms(),
+            }));
+            if tx.send(m).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    })
+}
+
 async fn connect(
     ch: Channel,
     h: pb::Hello,
@@ -330,17 +346,7 @@ async fn split_brain_guard_and_identity_checks() {
     let (tx_a, mut down_a) = connect(cs.channel(&m1).await, hello("agent", "m1", "onprem", "a"))
         .await
         .unwrap();
-    let hb = tokio::spawn(async move {
-        loop {
-            let m = up(component_message::Msg::Heartbeat(pb::Heartbeat {
-                time_ms: now_ms(),
-            }));
-            if tx_a.send(m).await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(30)).await;
-        }
-    });
+    let hb = heartbeats(tx_a);
     // A second agent for the same machine is refused while the first lives.
     let second = hello("agent", "m1", "onprem", "b");
     let want = "already has an agent connected";
@@ -729,18 +735,7 @@ async fn components_show_certificate_expiry_version_mismatch_and_the_rpo_alert()
                 .collect::<Vec<_>>()
         }
     };
-    let beat = tx.clone();
-    let hb = tokio::spawn(async move {
-        loop {
-            let m = up(component_message::Msg::Heartbeat(pb::Heartbeat {
-                time_ms: now_ms(),
-            }));
-            if beat.send(m).await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(30)).await;
-        }
-    });
+    let hb = heartbeats(tx.clone());
     tx.send(rpo_status(500)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(events_of(&a).await.is_empty(), "under the threshold");

@@ -127,14 +127,9 @@ impl Alerts {
 }
 
 /// Evaluates every [`EVERY`] until `stop` turns true.
-pub async fn run(mut alerts: Alerts, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
+pub async fn run(mut alerts: Alerts, stop: watch::Receiver<bool>) {
+    let mut ticker = crate::tick::Ticker::new(EVERY, stop);
+    while ticker.tick().await {
         if let Err(e) = alerts.round().await {
             warn!("alert evaluation failed: {e}; retrying in {EVERY:?}");
         }

@@ -158,16 +158,11 @@ pub async fn scheduler(
     store: Arc<dyn Store>,
     bus: Arc<dyn Bus>,
     commit_timeout: Duration,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let mut last: HashMap<String, Instant> = HashMap::new();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
+    let mut ticker = crate::tick::Ticker::new(Duration::from_secs(1), stop);
+    while ticker.tick().await {
         let groups = match store.list_groups().await {
             Ok(g) => g,
             Err(e) => {

@@ -192,16 +192,11 @@ pub fn verify_to_proto(r: &VerifyRecord) -> pb::VerifyResult {
 /// Starts a verify (no repair) of every Protected machine whose policy's
 /// `verify_interval_secs` has passed since its last verify (or since the
 /// scheduler first saw it), looking every `tick`. Runs until `stop`.
-pub async fn scheduler(lc: Arc<Lifecycle>, tick: Duration, mut stop: watch::Receiver<bool>) {
+pub async fn scheduler(lc: Arc<Lifecycle>, tick: Duration, stop: watch::Receiver<bool>) {
     // When each machine's interval started: its last verify or start.
     let mut since: HashMap<String, u64> = HashMap::new();
-    let mut ticker = tokio::time::interval(tick);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
+    let mut ticker = crate::tick::Ticker::new(tick, stop);
+    while ticker.tick().await {
         if let Err(e) = verify_due(&lc, &mut since).await {
             debug!(error = %e, "verify schedule not checked");
         }
