@@ -14,7 +14,7 @@
 //! agent and the CS report, not on sleeps.
 
 use crate::lifecycle::{a, b, protect, source_hash, succeeded, wait_point_seq, JOB};
-use crate::support::lines_with;
+use crate::support::{lines_with, Paused};
 use rebound_lab::wait::wait_for;
 use rebound_lab::*;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -112,31 +112,6 @@ fn wait_burst(w: &Writer) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// A lab process stopped with SIGSTOP, continued when dropped (also when
-/// the test fails, so the lab can stop it).
-struct Paused(u32);
-
-impl Paused {
-    fn new(pid: u32) -> Paused {
-        signal("-STOP", pid);
-        Paused(pid)
-    }
-}
-
-impl Drop for Paused {
-    fn drop(&mut self) {
-        signal("-CONT", self.0);
-    }
-}
-
-fn signal(sig: &str, pid: u32) {
-    let st = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(st.success(), "kill {sig} {pid}");
 }
 
 /// A counter of the agent's status (`resync_bytes_sent`, `bytes_sent`,

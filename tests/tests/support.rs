@@ -81,3 +81,20 @@ pub fn fill_leaving(path: &Path, keep: u64) {
 pub fn lines_with(log: &str, what: &str) -> usize {
     log.lines().filter(|l| l.contains(what)).count()
 }
+
+/// A lab process stopped with SIGSTOP, continued when dropped (also when
+/// the test fails, so the lab can stop it).
+pub struct Paused(u32);
+
+impl Paused {
+    pub fn new(pid: u32) -> Paused {
+        rebound_lab::process::signal(pid, "STOP").expect("SIGSTOP a lab process");
+        Paused(pid)
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let _ = rebound_lab::process::signal(self.0, "CONT");
+    }
+}
