@@ -75,48 +75,39 @@ fn alerts(s: &Sites, all: bool) -> Vec<Value> {
         .clone()
 }
 
-fn is(a: &Value, kind: &str, subject: &str) -> bool {
-    a["kind"] == kind && a["subject"] == subject
+/// Waits until `rebound alerts [--all]` lists an alert `pred` accepts;
+/// that alert. `what` names it in the failure.
+fn wait_alert(s: &Sites, what: &str, all: bool, pred: impl Fn(&Value) -> bool) -> Value {
+    let mut found = None;
+    wait_for(what, WAIT, Duration::from_millis(300), || {
+        found = alerts(s, all).into_iter().find(|a| pred(a));
+        Ok(found.is_some())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}; alerts: {:#?}", alerts(s, true)));
+    found.expect("found")
 }
 
 /// Waits until `rebound alerts` lists an open `kind` alert for `subject`;
 /// that alert.
 fn wait_open(s: &Sites, kind: &str, subject: &str) -> Value {
-    let mut found = None;
-    wait_for(
-        &format!("an open {kind} alert for {subject}"),
-        WAIT,
-        Duration::from_millis(300),
-        || {
-            found = alerts(s, false).into_iter().find(|a| is(a, kind, subject));
-            Ok(found.is_some())
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e:#}; alerts: {:#?}", alerts(s, true)));
-    found.expect("found")
+    let what = format!("an open {kind} alert for {subject}");
+    wait_alert(s, &what, false, |a| {
+        a["kind"] == kind && a["subject"] == subject
+    })
 }
 
-/// Waits until `rebound alerts --all` lists the alert `id` as cleared.
+/// Waits until `rebound alerts --all` lists the alert `id` as cleared
+/// (and `rebound alerts` no longer lists it).
 fn wait_cleared(s: &Sites, id: &Value) -> Value {
-    let mut found = None;
-    wait_for(
-        &format!("alert {id} to clear"),
-        WAIT,
-        Duration::from_millis(300),
-        || {
-            found = alerts(s, true)
-                .into_iter()
-                .find(|a| &a["id"] == id && a["cleared_ms"].as_u64().unwrap_or(0) > 0);
-            Ok(found.is_some())
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e:#}; alerts: {:#?}", alerts(s, true)));
+    let cleared = wait_alert(s, &format!("alert {id} to clear"), true, |a| {
+        &a["id"] == id && a["cleared_ms"].as_u64().unwrap_or(0) > 0
+    });
     let open = alerts(s, false);
     assert!(
         !open.iter().any(|a| &a["id"] == id),
         "{id} cleared but still open: {open:#?}"
     );
-    found.expect("found")
+    cleared
 }
 
 /// The receiver's post of `state` for the alert `id`.
