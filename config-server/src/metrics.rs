@@ -210,6 +210,11 @@ impl CsMetrics {
             m.component_up.clone(),
         );
         r.register("rebound_cs_alerts", "open alerts", m.alerts.clone());
+        // Every kind from the start: a dashboard finds the histogram before
+        // the first job ends.
+        for kind in crate::lifecycle::spec::JobSpec::KINDS {
+            let _ = m.job_duration.get_or_create(&labels(&[("kind", kind)]));
+        }
         (m, r)
     }
 

@@ -31,6 +31,11 @@ pub(crate) struct Cs {
 
 impl Cs {
     pub(crate) async fn start() -> Cs {
+        Cs::start_with(|_| {}).await
+    }
+
+    /// A CS whose config `change` adjusts first.
+    pub(crate) async fn start_with(change: impl FnOnce(&mut Config)) -> Cs {
         rebound_common::tls::install_crypto_provider();
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("cs");
@@ -38,6 +43,7 @@ impl Cs {
         let mut cfg: Config = rebound_common::config::load(Some(&out.config_file)).unwrap();
         cfg.heartbeat_secs = 0.1;
         cfg.metrics_listen = "127.0.0.1:0".into();
+        change(&mut cfg);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -792,4 +798,65 @@ async fn components_show_certificate_expiry_version_mismatch_and_the_rpo_alert()
     hb.abort();
     drop(tx);
     cs.stop_with(store).await;
+}
+
+async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test]
+async fn metrics_healthz_and_grpc_health_are_served() {
+    // A free port for the metrics endpoint.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics = free.local_addr().unwrap().to_string();
+    drop(free);
+    let cs = Cs::start_with(|c| c.metrics_listen = metrics.clone()).await;
+    let ps = cs.enrolled(Role::Ps, "ps1").await;
+    let (tx, _down) = connect(cs.channel(&ps).await, hello("ps", "ps1", "onprem", "a"))
+        .await
+        .unwrap();
+    let hb = heartbeats(tx);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        cs.channel(&TlsFiles::in_dir(&cs.dir, "admin")).await,
+    );
+    let r = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+    assert!(http_get(&metrics, "/healthz")
+        .await
+        .starts_with("HTTP/1.1 200"));
+    eventually("ps1 up in the scrape", || {
+        let metrics = metrics.clone();
+        async move {
+            http_get(&metrics, "/metrics").await.contains(
+                "rebound_cs_component_up{role=\"ps\",component=\"ps1\",site=\"onprem\"} 1",
+            )
+        }
+    })
+    .await;
+    let text = http_get(&metrics, "/metrics").await;
+    for name in [
+        "rebound_cs_machines{state=\"Protected\"} 0",
+        "rebound_cs_alerts{kind=\"rpo-exceeded\"} 0",
+        "# TYPE rebound_cs_job_duration_seconds histogram",
+        "rebound_cs_job_duration_seconds_count{kind=\"protect\"} 0",
+    ] {
+        assert!(text.contains(name), "{name} missing from\n{text}");
+    }
+    hb.abort();
+    cs.stop().await;
 }

@@ -109,6 +109,20 @@ pub enum JobSpec {
 }
 
 impl JobSpec {
+    /// Every job kind [`JobSpec::kind`] gives (the metrics list each).
+    pub const KINDS: [&'static str; 10] = [
+        "protect",
+        "failover",
+        "change-point",
+        "commit",
+        "reprotect",
+        "unprotect",
+        "test-failover",
+        "test-failover-cleanup",
+        "verify",
+        "move",
+    ];
+
     pub fn kind(&self) -> &'static str {
         match self {
             JobSpec::Protect { .. } => "protect",
