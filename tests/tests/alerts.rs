@@ -148,6 +148,12 @@ fn a_paused_mt_or_ps_raises_alerts_at_the_cs_and_the_webhook_that_clear_when_it_
     assert_eq!(raised["alert"]["kind"], "rpo-exceeded", "{raised:#}");
     assert_eq!(raised["alert"]["subject"], "m1", "{raised:#}");
     assert_eq!(raised["alert"]["raised_ms"], rpo["raised_ms"], "{raised:#}");
+    let keys = |v: &Value| v.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>());
+    assert_eq!(
+        keys(&raised["alert"]),
+        keys(&rpo),
+        "the webhook posts the fields of `rebound alerts -o json`"
+    );
     assert!(
         receiver.posts() > receiver.received().len() as u64,
         "the refused post was not retried: {} posts, {} accepted",
