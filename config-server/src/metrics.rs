@@ -94,12 +94,16 @@ pub struct JobTally {
     active: BTreeMap<(String, &'static str), i64>,
     finished: BTreeMap<(String, &'static str), i64>,
     seen: HashSet<String>,
+    /// Whether the first read (the jobs finished before this CS) is done.
+    started: bool,
 }
 
-/// How many finished jobs the count starts from.
-const JOBS_AT_START: u32 = 10_000;
-/// How many recent jobs each round looks at for newly finished ones.
-const JOBS_PER_ROUND: u32 = 200;
+/// How many finished jobs the count starts from (the most recent; each
+/// job read costs a query for its steps, so not the whole history).
+const JOBS_AT_START: u32 = 1_000;
+/// How many recent jobs each round (every second) looks at for newly
+/// finished ones: more than finish in a second.
+const JOBS_PER_ROUND: u32 = 20;
 
 impl JobTally {
     /// Reads the jobs; `observe` gets (kind, seconds) of each job seen
@@ -109,7 +113,7 @@ impl JobTally {
         store: &dyn Store,
         mut observe: impl FnMut(&str, f64),
     ) -> Result<(), StoreError> {
-        let first = self.seen.is_empty() && self.finished.is_empty();
+        let first = !self.started;
         let recent = JobFilter {
             limit: if first { JOBS_AT_START } else { JOBS_PER_ROUND },
             ..JobFilter::default()
@@ -132,6 +136,7 @@ impl JobTally {
                 }
             }
         }
+        self.started = true;
         Ok(())
     }
 
@@ -287,7 +292,7 @@ impl CsMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::JobState;
+    use crate::store::{Job, JobState};
 
     #[test]
     fn a_scrape_shows_the_snapshot() {
@@ -323,5 +328,66 @@ mod tests {
         // A machine that is gone drops out.
         m.set_snapshot(Snapshot::default());
         assert!(!ep.render().contains("m1"));
+    }
+
+    #[tokio::test]
+    async fn jobs_are_counted_by_kind_and_state_and_timed_once_finished() {
+        use crate::store::SqliteStore;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("cs.db")).await.unwrap();
+        let job = |id: &str, state: JobState, ended_ms: u64| Job {
+            id: id.into(),
+            kind: "protect".into(),
+            machines: vec!["m1".into()],
+            plan: String::new(),
+            spec: "{}".into(),
+            data: "{}".into(),
+            state,
+            progress: 0,
+            status: String::new(),
+            error: String::new(),
+            warnings: Vec::new(),
+            created_ms: 1_000,
+            started_ms: 2_000,
+            ended_ms,
+            steps: Vec::new(),
+        };
+        store
+            .put_job(&job("old", JobState::Failed, 3_000))
+            .await
+            .unwrap();
+        store
+            .put_job(&job("run", JobState::Running, 0))
+            .await
+            .unwrap();
+        let mut tally = JobTally::default();
+        let mut timed = Vec::new();
+        tally
+            .refresh(&store, |k, s| timed.push((k.to_string(), s)))
+            .await
+            .unwrap();
+        assert!(
+            timed.is_empty(),
+            "jobs finished before the start are not timed"
+        );
+        let count = |t: &JobTally, state: &'static str| {
+            t.counts().get(&("protect".to_string(), state)).copied()
+        };
+        assert_eq!(count(&tally, "failed"), Some(1));
+        assert_eq!(count(&tally, "running"), Some(1));
+        store
+            .put_job(&job("run", JobState::Succeeded, 12_000))
+            .await
+            .unwrap();
+        for _ in 0..2 {
+            tally
+                .refresh(&store, |k, s| timed.push((k.to_string(), s)))
+                .await
+                .unwrap();
+        }
+        assert_eq!(timed, vec![("protect".to_string(), 10.0)], "timed once");
+        assert_eq!(count(&tally, "running"), None);
+        assert_eq!(count(&tally, "succeeded"), Some(1));
+        store.close().await;
     }
 }
