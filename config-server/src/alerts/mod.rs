@@ -52,7 +52,15 @@ impl Alerts {
         heartbeat: Duration,
         metrics: CsMetrics,
     ) -> Result<Alerts, StoreError> {
-        let log = AlertLog::load(store.as_ref()).await?;
+        let log = match AlertLog::load(store.as_ref()).await {
+            // An unreadable log is not worth a CS that does not start: the
+            // open alerts are raised again from what components report.
+            Err(e @ StoreError::Corrupt { .. }) => {
+                warn!("{e}; starting with no open alerts (they are raised again if still true)");
+                AlertLog::default()
+            }
+            other => other?,
+        };
         Ok(Alerts {
             open: log.open_map(),
             log,
