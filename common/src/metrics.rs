@@ -14,6 +14,7 @@
 //! scanned, listeners bound), then 200; the gRPC health service reports
 //! NOT_SERVING and SERVING at the same moments.
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -27,6 +28,9 @@ pub use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
+
+/// How long open scrapes may run once the daemon stops.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The content type of the Prometheus text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -144,6 +148,10 @@ struct Shared {
     registry: Registry,
     refresh: Vec<Refresh>,
     readiness: Readiness,
+    /// One scrape at a time: a refresh that removes and re-adds series must
+    /// not interleave with another scrape's encode (an HA Prometheus pair
+    /// scrapes concurrently), or that scrape misses series.
+    scrape: std::sync::Mutex<()>,
 }
 
 impl Endpoint {
@@ -169,25 +177,29 @@ impl Endpoint {
     }
 
     /// Serves `/metrics` and `/healthz` on `listener` until `stop` turns
-    /// true. Errors of single connections are the client's; a failed
-    /// accept loop is logged, never fatal: the data path does not depend
-    /// on the metrics endpoint.
+    /// true, then lets open scrapes finish for at most [`SHUTDOWN_GRACE`]
+    /// (a hung scraper must not hold the daemon's stop up). Errors of
+    /// single connections are the client's; a failed accept loop is
+    /// logged, never fatal: the data path does not depend on the metrics
+    /// endpoint.
     pub async fn serve(self, listener: TcpListener, stop: watch::Receiver<bool>) {
         let local = listener.local_addr().ok();
         let shared = Arc::new(Shared {
             registry: self.registry,
             refresh: self.refresh,
             readiness: self.readiness,
+            scrape: std::sync::Mutex::new(()),
         });
         let metrics = {
             let shared = shared.clone();
             move || {
                 let shared = shared.clone();
                 async move {
-                    (
-                        [(header::CONTENT_TYPE, CONTENT_TYPE)],
-                        render(&shared.registry, &shared.refresh),
-                    )
+                    let text = {
+                        let _one = shared.scrape.lock().unwrap_or_else(|p| p.into_inner());
+                        render(&shared.registry, &shared.refresh)
+                    };
+                    ([(header::CONTENT_TYPE, CONTENT_TYPE)], text)
                 }
             }
         };
@@ -211,9 +223,11 @@ impl Endpoint {
         if let Some(a) = local {
             info!("metrics on http://{a}/metrics, health on http://{a}/healthz");
         }
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(crate::serve::stopped(stop))
-            .await
+        let server = axum::serve(listener, app)
+            .with_graceful_shutdown(crate::serve::stopped(stop.clone()))
+            .into_future();
+        if let Err(e) =
+            crate::serve::until_stopped(server, stop, SHUTDOWN_GRACE, "a metrics scrape").await
         {
             warn!("the metrics endpoint stopped: {e}; replication goes on without it");
         }
@@ -298,5 +312,27 @@ mod tests {
         let addr = held.local_addr().unwrap().to_string();
         let e = bind(&addr).await.unwrap_err().to_string();
         assert!(e.contains(&addr) && e.contains("free address"), "{e}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_scrape_does_not_hold_the_stop_up() {
+        let l = bind("127.0.0.1:0").await.unwrap().unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = watch::channel(false);
+        let ep = Endpoint::new(Registry::default(), Readiness::new());
+        let task = tokio::spawn(ep.serve(l, rx));
+        // A scraper that sends half a request and never the rest.
+        let mut hung = tokio::net::TcpStream::connect(addr).await.unwrap();
+        hung.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+        tokio::task::yield_now().await;
+        tx.send_replace(true);
+        // With time paused the clock jumps to the next timer whenever
+        // nothing can run: the grace ends the endpoint, long before an
+        // hour (an unbounded wait would reach the hour and fail here).
+        tokio::time::timeout(std::time::Duration::from_secs(3600), task)
+            .await
+            .expect("the endpoint waited for the hung scrape")
+            .unwrap();
+        drop(hung);
     }
 }
