@@ -3,15 +3,20 @@
 //! every heartbeat (cache use, throughput, per-replication lag, why the MT
 //! cannot be reached) and what the metrics' gauges show at a scrape. The
 //! lag needs history (when each durable seq was first seen), so it is kept
-//! here rather than computed at each reader.
+//! here rather than computed at each reader. That history starts from the
+//! segments' modification times when a replication is first sampled (after
+//! a restart the cache may hold a backlog much older than the process), and
+//! is kept in wall-clock milliseconds so a host reboot does not reset it.
 
-use crate::cache::Cache;
+use crate::cache::{Cache, Replication};
 use crate::forward::Forwarders;
+use rebound_common::time::now_ms;
 use rebound_proto::control as pb;
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 use tokio::sync::watch;
 
 /// How often the status is sampled.
@@ -28,11 +33,30 @@ pub fn last(cell: &StatusCell) -> Option<pb::PsStatus> {
 }
 
 /// Per-replication lag tracking: durable seqs with when they were first
-/// seen, dropped once applied.
+/// seen (wall clock, ms), dropped once applied.
 #[derive(Default)]
 struct Lag {
-    pending: VecDeque<(u64, Instant)>,
+    pending: VecDeque<(u64, u64)>,
     last_durable: u64,
+}
+
+impl Lag {
+    /// The history of a replication seen for the first time: each segment
+    /// holding records not applied yet, by its last seq and the time it was
+    /// last written (when that seq became durable, at the latest), so the
+    /// lag of a backlog recovered from disk counts from when it was received
+    /// rather than from this start.
+    fn recovered(rep: &Replication) -> Lag {
+        let mut lag = Lag::default();
+        for (last_seq, written) in rep.unapplied_segment_times() {
+            let ms = written
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            lag.pending.push_back((last_seq, ms));
+            lag.last_durable = lag.last_durable.max(last_seq);
+        }
+        lag
+    }
 }
 
 /// Samples the cache every [`SAMPLE_PERIOD`] into `cell` until `stop`
@@ -49,6 +73,7 @@ pub async fn status_task(
     let mut bytes: VecDeque<(u64, Instant)> = VecDeque::new();
     loop {
         let now = Instant::now();
+        let now_ms = now_ms();
         let mut total_in = 0u64;
         let mut reps = Vec::new();
         let current = cache.replications();
@@ -56,9 +81,18 @@ pub async fn status_task(
         for r in current {
             total_in += r.stats().bytes_in.load(Ordering::Relaxed);
             let (durable, applied) = (r.durable(), r.applied());
-            let lag = lags.entry(r.id().to_string()).or_default();
+            let lag = match lags.entry(r.id().to_string()) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => {
+                    let rep = r.clone();
+                    let seeded = tokio::task::spawn_blocking(move || Lag::recovered(&rep))
+                        .await
+                        .unwrap_or_default();
+                    e.insert(seeded)
+                }
+            };
             if durable > lag.last_durable {
-                lag.pending.push_back((durable, now));
+                lag.pending.push_back((durable, now_ms));
                 lag.last_durable = durable;
             }
             while lag.pending.front().is_some_and(|&(s, _)| s <= applied) {
@@ -67,7 +101,7 @@ pub async fn status_task(
             let lag_ms = lag
                 .pending
                 .front()
-                .map(|&(_, t)| now.duration_since(t).as_millis() as u64)
+                .map(|&(_, t)| now_ms.saturating_sub(t))
                 .unwrap_or(0);
             reps.push(pb::PsReplicationLag {
                 replication_id: r.id().to_string(),

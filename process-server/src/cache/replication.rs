@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// One segment as the forwarder and the accounting see it: only synced data.
@@ -161,6 +162,23 @@ impl Replication {
                 .map(|m| m.len)
                 .sum()
         })
+    }
+    /// Each segment holding records the master target has not applied
+    /// (as far as it said, or as last stored), by its last seq and when it
+    /// was last written: when that seq became durable, at the latest. A
+    /// segment whose time cannot be read is left out.
+    pub fn unapplied_segment_times(&self) -> Vec<(u64, SystemTime)> {
+        let applied = self.applied().max(self.applied_stored());
+        let dir = self.segments_dir();
+        self.segments()
+            .into_iter()
+            .filter(|(_, m)| m.last_seq > applied)
+            .filter_map(|(first, m)| {
+                let path = dir.join(crate::segment::file_name(first));
+                let written = std::fs::metadata(path).and_then(|md| md.modified()).ok()?;
+                Some((m.last_seq, written))
+            })
+            .collect()
     }
     pub fn stats(&self) -> &Stats {
         &self.sh.stats

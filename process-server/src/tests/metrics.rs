@@ -135,6 +135,42 @@ async fn counters_move_with_frames_received_and_forwarded() {
     assert!(tokio::net::TcpStream::connect(metrics).await.is_err());
 }
 
+/// A restarted PS holding a backlog its MT never applied reports the
+/// backlog's age from when it was received, not from the restart: the
+/// CS's RPO (and its rpo-exceeded alert) rests on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_age_survives_a_restart() {
+    let lab = Lab::new();
+    let (mt, mt_addr, mt_run) = spawn_mt(&lab.tls("mt")).await;
+    let mut config = lab.ps_config(mt_addr, 1 << 30, 1);
+    config.metrics_listen = free_addr().to_string();
+    let metrics: SocketAddr = config.metrics_listen.parse().unwrap();
+    let ps = start_ps(config.clone()).await;
+    let mut s = ps.stream(&lab.tls("agent-m1"), "r1", "m1").await;
+    // The MT answered the stream's hello, then goes away: nothing sent
+    // from now on is applied.
+    mt_run.stop().await;
+    s.send(frame("r1", 1, 4)).await;
+    s.wait_durable(4).await.unwrap();
+    let durable_at = std::time::Instant::now();
+    drop(s);
+    ps.stop().await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+
+    // Every sample of the restarted PS is taken after this.
+    let floor = durable_at.elapsed();
+    let ps = start_ps(config).await;
+    let series = "rebound_ps_backlog_seconds{replication=\"r1\"}";
+    let text = wait_for_sample(metrics, series, |v| v > 0.0).await;
+    let age = sample(&text, series).unwrap();
+    assert!(
+        age * 1000.0 + 1.0 >= floor.as_millis() as f64,
+        "backlog age {age} s after a restart, held for at least {floor:?}:\n{text}"
+    );
+    assert_eq!(mt.applied("r1"), 0);
+    ps.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_is_serving_after_start() {
     let lab = Lab::new();
