@@ -66,7 +66,9 @@ pub struct AlertsConfig {
     /// policy sets its own (`rebound policy set M --rpo-alert D`).
     #[serde(with = "duration_text")]
     pub rpo_threshold: Duration,
-    /// URLs the CS POSTs every raise and clear to, as JSON.
+    /// URLs the CS POSTs every raise and clear to, as JSON (http or https,
+    /// checked when the config is read).
+    #[serde(deserialize_with = "webhook_urls")]
     pub webhooks: Vec<String>,
     /// How long the CS keeps retrying one webhook delivery before it gives
     /// up on it (and goes on with the next one).
@@ -81,6 +83,32 @@ impl Default for AlertsConfig {
             webhooks: Vec::new(),
             webhook_retry_for: Duration::from_secs(5 * 60),
         }
+    }
+}
+
+/// `[alerts] webhooks`, each one an http or https URL: a typo fails the
+/// start naming it, instead of showing up as minutes of retry warnings
+/// per alert.
+fn webhook_urls<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let urls = Vec::<String>::deserialize(d)?;
+    for url in &urls {
+        check_webhook_url(url).map_err(serde::de::Error::custom)?;
+    }
+    Ok(urls)
+}
+
+/// Why `url` cannot be a webhook, naming the key and the URL.
+fn check_webhook_url(url: &str) -> Result<(), String> {
+    let fix = "write it like \"https://alerts.example.com/rebound\"";
+    let uri: ureq::http::Uri = url
+        .parse()
+        .map_err(|e| format!("[alerts] webhooks: {url:?} is not a URL ({e}); {fix}"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") if uri.host().is_some_and(|h| !h.is_empty()) => Ok(()),
+        Some("http" | "https") => Err(format!("[alerts] webhooks: {url:?} has no host; {fix}")),
+        _ => Err(format!(
+            "[alerts] webhooks: {url:?} is not an http or https URL; {fix}"
+        )),
     }
 }
 
@@ -200,5 +228,28 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("soon") && e.contains("60s"), "{e}");
+    }
+
+    #[test]
+    fn webhook_urls_are_checked_when_the_config_is_read() {
+        let parse = |url: &str| {
+            rebound_common::config::parse::<Config>(
+                &format!("[alerts]\nwebhooks = [\"https://ok.example/h\", {url:?}]"),
+                Path::new("x.toml"),
+            )
+        };
+        assert!(parse("http://127.0.0.1:9/hook").is_ok());
+        for bad in [
+            "htp://x/hook",
+            "127.0.0.1:9/hook",
+            "not a url",
+            "http:///hook",
+        ] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("[alerts] webhooks") && e.contains(bad),
+                "{bad}: {e}"
+            );
+        }
     }
 }
