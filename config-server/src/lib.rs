@@ -49,10 +49,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 /// How long shutdown waits for gRPC streams (control channels) to close.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How long shutdown waits for the metrics endpoint's open connections.
+const METRICS_STOP_GRACE: Duration = Duration::from_secs(5);
 
 fn read(what: &str, path: &std::path::Path) -> Result<String, CsError> {
     std::fs::read_to_string(path).map_err(|e| {
@@ -201,9 +204,40 @@ where
     alerting.abort();
     let _ = alerting.await;
     if let Some(t) = metrics_task {
-        let _ = t.await;
+        // A scraper holding its connection open must not keep the database
+        // from closing.
+        wait_or_drop(t, METRICS_STOP_GRACE, "the metrics endpoint").await;
     }
     sqlite.close().await;
     info!("configuration server stopped");
     served
+}
+
+/// Waits at most `grace` for `task` to end, then drops it (logged).
+async fn wait_or_drop(mut task: tokio::task::JoinHandle<()>, grace: Duration, what: &str) {
+    if tokio::time::timeout(grace, &mut task).await.is_err() {
+        warn!("{what} did not stop within {grace:?}; dropping it");
+        task.abort();
+    }
+}
+
+#[cfg(test)]
+mod stop_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_task_that_does_not_stop_is_dropped_after_the_grace() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        // Holds `tx` until it is dropped: aborting it closes `rx`.
+        let hung = tokio::spawn(async move {
+            let _tx = tx;
+            std::future::pending::<()>().await
+        });
+        let started = std::time::Instant::now();
+        wait_or_drop(hung, Duration::from_millis(50), "a hung task").await;
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(rx.await.is_err(), "the task still runs");
+        // One that ends in time is simply awaited.
+        wait_or_drop(tokio::spawn(async {}), Duration::from_secs(5), "a task").await;
+    }
 }
