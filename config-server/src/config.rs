@@ -70,8 +70,8 @@ pub struct AlertsConfig {
     /// checked when the config is read).
     #[serde(deserialize_with = "webhook_urls")]
     pub webhooks: Vec<String>,
-    /// How long the CS keeps retrying one webhook delivery before it gives
-    /// up on it (and goes on with the next one).
+    /// How long after it was queued the CS keeps retrying one webhook
+    /// delivery before it gives up on it (and goes on with the next one).
     #[serde(with = "duration_text")]
     pub webhook_retry_for: Duration,
 }

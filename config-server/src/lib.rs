@@ -124,8 +124,14 @@ where
     let (readiness, grpc_health) = rebound_common::metrics::Readiness::with_grpc_health().await;
     let (cs_metrics, registry) = metrics::CsMetrics::new();
     let endpoint = cs_metrics.endpoint(registry, readiness.clone());
-    let alerting =
-        alerts::Alerts::new(store.clone(), &config.alerts, heartbeat, cs_metrics).await?;
+    let alerting = alerts::Alerts::new(
+        store.clone(),
+        bus.clone(),
+        &config.alerts,
+        heartbeat,
+        cs_metrics,
+    )
+    .await?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let bus_at_stop = bus.clone();

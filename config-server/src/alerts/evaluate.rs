@@ -77,6 +77,9 @@ pub struct Reading {
     pub raise_above: f64,
     /// ... clear when it is at or below this (hysteresis).
     pub clear_at_or_below: f64,
+    /// Raise only once the value has stayed above `raise_above` this long
+    /// (ms; 0 raises at once): a peer restarting does not page anyone.
+    pub raise_after_ms: u64,
     /// What is wrong, where, and what to do (the raise's message).
     pub problem: String,
     /// That it is fine again (the clear's message).
@@ -99,16 +102,40 @@ pub struct Change {
 /// The open alerts by kind and subject.
 pub type Open = BTreeMap<(String, String), Alert>;
 
+/// Since when (ms) each subject not yet raised has been above its raise
+/// level, by kind and subject.
+pub type Pending = BTreeMap<(String, String), u64>;
+
 /// Applies this round's `readings` to `open`: raises the subjects over
-/// their threshold, clears those back under their clear level and those
-/// no longer watched (removed, revoked, unprotected).
-pub fn evaluate(open: &mut Open, readings: &[Reading], now_ms: u64) -> Vec<Change> {
+/// their threshold (once they have stayed over it for their
+/// `raise_after_ms`, counted in `pending`), clears those back under their
+/// clear level and those no longer watched (removed, revoked,
+/// unprotected).
+pub fn evaluate(
+    open: &mut Open,
+    pending: &mut Pending,
+    readings: &[Reading],
+    now_ms: u64,
+) -> Vec<Change> {
     let mut changes = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
     for r in readings {
         let key = (r.kind.as_str().to_string(), r.subject.clone());
         seen.insert(key.clone());
-        let Some(value) = r.value else { continue };
+        let Some(value) = r.value else {
+            // Unknown: the condition is not seen to hold.
+            pending.remove(&key);
+            continue;
+        };
+        if open.contains_key(&key) || value <= r.raise_above {
+            pending.remove(&key);
+        } else {
+            let since = *pending.entry(key.clone()).or_insert(now_ms);
+            if now_ms.saturating_sub(since) < r.raise_after_ms {
+                continue;
+            }
+            pending.remove(&key);
+        }
         match open.get(&key) {
             Some(_) if value <= r.clear_at_or_below => {
                 if let Some(mut a) = open.remove(&key) {
@@ -137,6 +164,7 @@ pub fn evaluate(open: &mut Open, readings: &[Reading], now_ms: u64) -> Vec<Chang
             _ => {}
         }
     }
+    pending.retain(|k, _| seen.contains(k));
     let gone: Vec<_> = open
         .keys()
         .filter(|k| !seen.contains(*k))
@@ -182,6 +210,7 @@ mod tests {
             threshold: 10.0,
             raise_above: 10.0,
             clear_at_or_below: 8.0,
+            raise_after_ms: 0,
             problem: "m1 is behind".into(),
             fine: "m1 caught up".into(),
             component: "agent:m1".into(),
@@ -196,8 +225,8 @@ mod tests {
     #[test]
     fn raises_above_the_threshold_and_clears_only_at_the_clear_level() {
         let mut open = Open::new();
-        assert!(evaluate(&mut open, &[rpo(Some(10.0))], 1).is_empty());
-        let c = evaluate(&mut open, &[rpo(Some(12.0))], 2);
+        assert!(evaluate(&mut open, &mut Pending::new(), &[rpo(Some(10.0))], 1).is_empty());
+        let c = evaluate(&mut open, &mut Pending::new(), &[rpo(Some(12.0))], 2);
         assert_eq!(states(&c), vec![(true, 12.0)]);
         let a = &c[0].alert;
         assert_eq!(a.id, "rpo-exceeded/m1/2");
@@ -211,21 +240,62 @@ mod tests {
             ("agent:m1", "r1")
         );
         // A lasting breach is one raise; between the levels nothing moves.
-        assert!(evaluate(&mut open, &[rpo(Some(30.0))], 3).is_empty());
-        assert!(evaluate(&mut open, &[rpo(Some(9.0))], 4).is_empty());
+        assert!(evaluate(&mut open, &mut Pending::new(), &[rpo(Some(30.0))], 3).is_empty());
+        assert!(evaluate(&mut open, &mut Pending::new(), &[rpo(Some(9.0))], 4).is_empty());
         // Unknown keeps it open.
-        assert!(evaluate(&mut open, &[rpo(None)], 5).is_empty());
+        assert!(evaluate(&mut open, &mut Pending::new(), &[rpo(None)], 5).is_empty());
         assert_eq!(open.len(), 1);
-        let c = evaluate(&mut open, &[rpo(Some(8.0))], 6);
+        let c = evaluate(&mut open, &mut Pending::new(), &[rpo(Some(8.0))], 6);
         assert_eq!(states(&c), vec![(false, 8.0)]);
         assert_eq!(c[0].alert.cleared_ms, 6);
         assert_eq!(c[0].alert.raised_ms, 2);
         assert_eq!(c[0].alert.message, "m1 caught up");
         assert!(open.is_empty());
         // Under the raise level again: nothing.
-        assert!(evaluate(&mut open, &[rpo(Some(9.5))], 7).is_empty());
+        assert!(evaluate(&mut open, &mut Pending::new(), &[rpo(Some(9.5))], 7).is_empty());
         // Unknown never raises.
-        assert!(evaluate(&mut open, &[rpo(None)], 8).is_empty());
+        assert!(evaluate(&mut open, &mut Pending::new(), &[rpo(None)], 8).is_empty());
+    }
+
+    #[test]
+    fn a_held_condition_raises_only_after_its_hold_time() {
+        let mut open = Open::new();
+        let mut pending = Pending::new();
+        let mut link = rpo(Some(1.0));
+        link.kind = Kind::LinkError;
+        link.raise_above = 0.5;
+        link.clear_at_or_below = 0.5;
+        link.raise_after_ms = 10_000;
+        let at = |v: f64| Reading {
+            value: Some(v),
+            ..link.clone()
+        };
+        // A flap shorter than the hold time raises nothing.
+        assert!(evaluate(&mut open, &mut pending, &[at(1.0)], 1_000).is_empty());
+        assert!(evaluate(&mut open, &mut pending, &[at(1.0)], 10_999).is_empty());
+        assert!(evaluate(&mut open, &mut pending, &[at(0.0)], 11_000).is_empty());
+        assert!(pending.is_empty());
+        // Unknown restarts the count too.
+        assert!(evaluate(&mut open, &mut pending, &[at(1.0)], 12_000).is_empty());
+        let unknown = Reading {
+            value: None,
+            ..link.clone()
+        };
+        assert!(evaluate(&mut open, &mut pending, &[unknown], 13_000).is_empty());
+        assert!(evaluate(&mut open, &mut pending, &[at(1.0)], 14_000).is_empty());
+        assert!(evaluate(&mut open, &mut pending, &[at(1.0)], 23_999).is_empty());
+        // Held for the whole time: raised, at the moment it is raised.
+        let c = evaluate(&mut open, &mut pending, &[at(1.0)], 24_000);
+        assert_eq!(states(&c), vec![(true, 1.0)]);
+        assert_eq!(c[0].alert.raised_ms, 24_000);
+        assert!(pending.is_empty());
+        // It clears at once, like any other.
+        let c = evaluate(&mut open, &mut pending, &[at(0.0)], 25_000);
+        assert_eq!(states(&c), vec![(false, 0.0)]);
+        // A subject no longer watched forgets its count.
+        assert!(evaluate(&mut open, &mut pending, &[at(1.0)], 26_000).is_empty());
+        assert!(evaluate(&mut open, &mut pending, &[], 27_000).is_empty());
+        assert!(pending.is_empty());
     }
 
     #[test]
@@ -237,14 +307,20 @@ mod tests {
         r.raise_above = 0.5;
         r.clear_at_or_below = 0.5;
         assert_eq!(
-            states(&evaluate(&mut open, &[r, rpo(Some(20.0))], 1)).len(),
+            states(&evaluate(
+                &mut open,
+                &mut Pending::new(),
+                &[r, rpo(Some(20.0))],
+                1
+            ))
+            .len(),
             2
         );
         assert_eq!(
             open.values().next().map(|a| a.severity.as_str()),
             Some("error")
         );
-        let c = evaluate(&mut open, &[], 2);
+        let c = evaluate(&mut open, &mut Pending::new(), &[], 2);
         assert_eq!(c.len(), 2);
         assert!(c.iter().all(|c| !c.raised && c.alert.cleared_ms == 2));
         let comps: Vec<_> = c.iter().map(|c| c.component.as_str()).collect();

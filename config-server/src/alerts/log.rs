@@ -1,9 +1,11 @@
 //! The open alerts and the last cleared ones, kept in the store as one
 //! settings value (JSON under the key "alerts") so any engine behind the
 //! `Store` trait keeps them without a table of its own, and a CS restart
-//! neither forgets an open alert nor raises it twice.
+//! neither forgets an open alert nor raises it twice, nor loses a webhook
+//! body it had not delivered.
 
 use super::evaluate::{Alert, Change, Open};
+use super::webhook::Delivery;
 use crate::store::{Store, StoreError};
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +22,10 @@ pub struct AlertLog {
     pub open: Vec<Alert>,
     /// Newest first, at most [`CLEARED_KEPT`].
     pub cleared: Vec<Alert>,
+    /// Webhook bodies not delivered yet, in order: saved with the change
+    /// they tell of, so a CS that stops before a receiver took them sends
+    /// them at its next start.
+    pub outbox: Vec<Delivery>,
 }
 
 impl AlertLog {
@@ -71,7 +77,7 @@ impl AlertLog {
 
 #[cfg(test)]
 mod tests {
-    use super::super::evaluate::{evaluate, Kind, Reading};
+    use super::super::evaluate::{evaluate, Kind, Pending, Reading};
     use super::*;
     use crate::store::SqliteStore;
 
@@ -84,6 +90,7 @@ mod tests {
             threshold: 0.0,
             raise_above: 0.5,
             clear_at_or_below: 0.5,
+            raise_after_ms: 0,
             problem: "down".into(),
             fine: "up".into(),
             component: subject.into(),
@@ -99,12 +106,27 @@ mod tests {
         assert_eq!(log, AlertLog::default());
         let mut open = log.open_map();
         for t in 0..(CLEARED_KEPT as u64 + 5) {
-            let c = evaluate(&mut open, &[reading("agent:m1", 1.0)], 2 * t + 1);
+            let c = evaluate(
+                &mut open,
+                &mut Pending::new(),
+                &[reading("agent:m1", 1.0)],
+                2 * t + 1,
+            );
             log.apply(&open, &c);
-            let c = evaluate(&mut open, &[reading("agent:m1", 0.0)], 2 * t + 2);
+            let c = evaluate(
+                &mut open,
+                &mut Pending::new(),
+                &[reading("agent:m1", 0.0)],
+                2 * t + 2,
+            );
             log.apply(&open, &c);
         }
-        let c = evaluate(&mut open, &[reading("ps:ps1", 1.0)], 1000);
+        let c = evaluate(
+            &mut open,
+            &mut Pending::new(),
+            &[reading("ps:ps1", 1.0)],
+            1000,
+        );
         log.apply(&open, &c);
         log.save(&store).await.unwrap();
         let back = AlertLog::load(&store).await.unwrap();

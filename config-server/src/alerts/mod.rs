@@ -1,10 +1,11 @@
 //! Alerts at the CS (docs/METRICS.md "Alerts"): every second the CS reads
 //! its fleet from the store ([`view`]), turns it into readings per subject
 //! ([`readings`]), and the state machine ([`evaluate`]) raises and clears
-//! alerts with hysteresis. Each change is saved ([`log`], so `rebound
-//! alerts` and a restarted CS see it), filed as an event (`rebound
-//! status`), logged, and queued for the webhooks ([`webhook`]). The same
-//! round leaves the metric snapshot the scrape shows.
+//! alerts with hysteresis. Each change is saved with its webhook bodies
+//! ([`log`], so `rebound alerts` and a restarted CS see it and a restarted
+//! CS still posts them), queued for the webhooks ([`webhook`]), filed as an
+//! event (`rebound status`) and logged. The same round leaves the metric
+//! snapshot the scrape shows.
 
 pub mod evaluate;
 pub mod log;
@@ -15,10 +16,11 @@ pub mod webhook;
 #[cfg(test)]
 mod tests;
 
+use crate::bus::Bus;
 use crate::config::AlertsConfig;
 use crate::metrics::{CsMetrics, JobTally, Snapshot};
 use crate::store::{Event, Store, StoreError};
-use evaluate::{Change, Open};
+use evaluate::{Change, Open, Pending};
 use log::AlertLog;
 use readings::Rules;
 use std::sync::Arc;
@@ -36,18 +38,25 @@ pub const CLEARED_EVENT: &str = "alert-cleared";
 /// The evaluator with what it keeps between rounds.
 pub struct Alerts {
     store: Arc<dyn Store>,
+    /// The live control streams: what is online.
+    bus: Arc<dyn Bus>,
     rules: Rules,
     metrics: CsMetrics,
     hooks: webhook::Webhooks,
     log: AlertLog,
+    /// Finished deliveries are out of `log`'s outbox, not yet saved.
+    unsaved: bool,
     open: Open,
+    pending: Pending,
     jobs: JobTally,
 }
 
 impl Alerts {
-    /// Loads the open alerts the store keeps and starts the webhook queues.
+    /// Loads the open alerts the store keeps and starts the webhook queues
+    /// with the bodies not delivered before.
     pub async fn new(
         store: Arc<dyn Store>,
+        bus: Arc<dyn Bus>,
         cfg: &AlertsConfig,
         heartbeat: Duration,
         metrics: CsMetrics,
@@ -61,39 +70,66 @@ impl Alerts {
             }
             other => other?,
         };
+        let mut hooks =
+            webhook::Webhooks::start(&cfg.webhooks, webhook::Retry::new(cfg.webhook_retry_for));
+        hooks.resume(&log.outbox);
         Ok(Alerts {
             open: log.open_map(),
+            pending: Pending::new(),
             log,
+            unsaved: false,
             rules: Rules {
                 rpo_default: cfg.rpo_threshold,
                 offline_grace: (heartbeat * 5).max(Duration::from_secs(10)),
                 started_ms: rebound_common::time::now_ms(),
             },
-            hooks: webhook::Webhooks::start(
-                &cfg.webhooks,
-                webhook::Retry::new(cfg.webhook_retry_for),
-            ),
+            hooks,
             store,
+            bus,
             metrics,
             jobs: JobTally::default(),
         })
     }
 
-    /// One round: read, evaluate, record the changes, refresh the snapshot.
+    /// One round: read, evaluate, save the changes with their webhook
+    /// bodies, queue those, record the events, refresh the snapshot. The
+    /// evaluation is kept only once the changes are saved: a failed save
+    /// finds them again next round.
     pub async fn round(&mut self) -> Result<Vec<Change>, StoreError> {
         let now = rebound_common::time::now_ms();
-        let view = View::load(self.store.as_ref()).await?;
+        let finished = self.hooks.finished();
+        if !finished.is_empty() {
+            self.log.outbox.retain(|d| !finished.contains(&d.id));
+            self.unsaved = true;
+        }
+        let view = View::load(self.store.as_ref(), self.bus.as_ref()).await?;
+        let (mut open, mut pending) = (self.open.clone(), self.pending.clone());
         let changes = evaluate::evaluate(
-            &mut self.open,
+            &mut open,
+            &mut pending,
             &readings::readings(&view, &self.rules, now),
             now,
         );
+        let mut log = self.log.clone();
+        let mut bodies = Vec::new();
+        for c in &changes {
+            bodies.extend(self.hooks.deliveries(c, now));
+        }
         if !changes.is_empty() {
-            self.log.apply(&self.open, &changes);
-            self.log.save(self.store.as_ref()).await?;
-            for c in &changes {
-                self.record(c).await?;
-                self.hooks.send(c);
+            log.apply(&open, &changes);
+            log.outbox.extend(bodies.iter().cloned());
+        }
+        if !changes.is_empty() || self.unsaved {
+            log.save(self.store.as_ref()).await?;
+            self.unsaved = false;
+        }
+        (self.open, self.pending, self.log) = (open, pending, log);
+        for d in bodies {
+            self.hooks.queue(d);
+        }
+        for c in &changes {
+            if let Err(e) = self.record(c).await {
+                warn!(alert = %c.alert.id, "cannot file the event of this alert change: {e}");
             }
         }
         let metrics = self.metrics.clone();
@@ -105,6 +141,11 @@ impl Alerts {
         self.metrics
             .set_snapshot(Snapshot::of(&view, &self.rules, &self.jobs, &self.open));
         Ok(changes)
+    }
+
+    /// The alert log as this evaluator keeps it.
+    pub fn log(&self) -> &AlertLog {
+        &self.log
     }
 
     async fn record(&self, c: &Change) -> Result<(), StoreError> {

@@ -23,7 +23,8 @@ pub struct Rules {
     pub rpo_default: Duration,
     /// How long a component stays offline (counted from its last heartbeat,
     /// or from the CS's start) before it raises an alert: components
-    /// reconnecting after a CS restart do not page anyone.
+    /// reconnecting after a CS restart do not page anyone. A link error or
+    /// a shrunk retention must also last this long before it is raised.
     pub offline_grace: Duration,
     /// When this CS process started (ms).
     pub started_ms: u64,
@@ -45,9 +46,9 @@ pub fn readings(view: &View, rules: &Rules, now_ms: u64) -> Vec<Reading> {
     let mut out = Vec::new();
     rpo(view, rules, &mut out);
     components(view, rules, now_ms, &mut out);
-    retention(view, &mut out);
+    retention(view, rules, &mut out);
     caches(view, &mut out);
-    links(view, &mut out);
+    links(view, rules, &mut out);
     out
 }
 
@@ -61,6 +62,7 @@ fn flag(kind: Kind, subject: String, site: String, on: Option<bool>) -> Reading 
         threshold: 0.0,
         raise_above: 0.5,
         clear_at_or_below: 0.5,
+        raise_after_ms: 0,
         problem: String::new(),
         fine: String::new(),
         replication: String::new(),
@@ -90,6 +92,7 @@ fn rpo(view: &View, rules: &Rules, out: &mut Vec<Reading>) {
             threshold,
             raise_above: threshold,
             clear_at_or_below: threshold * RPO_CLEAR,
+            raise_after_ms: 0,
             problem: format!(
                 "the RPO of {} at {} is {now:.1} s, over its threshold of {threshold:.1} s: writes \
                  are not reaching its replica at {} in time. Check the agent's link to {} and the \
@@ -127,6 +130,8 @@ fn components(view: &View, rules: &Rules, now_ms: u64, out: &mut Vec<Reading>) {
             threshold: grace,
             raise_above: grace,
             clear_at_or_below: 0.0,
+            // The grace is in the value: seconds offline.
+            raise_after_ms: 0,
             problem: format!(
                 "{subject} at {} is offline: no heartbeat for {:.0} s. Check that its host is up, \
                  `systemctl status rebound-{}` there, and that it reaches the CS; `rebound remove \
@@ -142,7 +147,7 @@ fn components(view: &View, rules: &Rules, now_ms: u64, out: &mut Vec<Reading>) {
     }
 }
 
-fn retention(view: &View, out: &mut Vec<Reading>) {
+fn retention(view: &View, rules: &Rules, out: &mut Vec<Reading>) {
     for m in &view.machines {
         let Some(r) = view.current.get(&m.id) else {
             continue;
@@ -171,6 +176,8 @@ fn retention(view: &View, out: &mut Vec<Reading>) {
             "the retention of {} at {} covers its window again",
             m.id, r.mt
         );
+        // An MT restarting or trimming for a moment does not page anyone.
+        reading.raise_after_ms = rules.offline_grace.as_millis() as u64;
         reading.component = format!("mt:{}", r.mt);
         reading.replication = r.id.clone();
         out.push(reading);
@@ -195,6 +202,7 @@ fn caches(view: &View, out: &mut Vec<Reading>) {
             threshold: CACHE_RAISE,
             raise_above: CACHE_RAISE,
             clear_at_or_below: CACHE_CLEAR,
+            raise_after_ms: 0,
             problem: format!(
                 "the cache of {subject} at {} is {pct:.0} % full ({bytes} of {limit} bytes): \
                  its MT does not keep up or is unreachable; when it is full agents fall back to \
@@ -212,7 +220,7 @@ fn caches(view: &View, out: &mut Vec<Reading>) {
     }
 }
 
-fn links(view: &View, out: &mut Vec<Reading>) {
+fn links(view: &View, rules: &Rules, out: &mut Vec<Reading>) {
     for c in &view.components {
         let (error, peer) = match c.role {
             Role::Agent => (view.agent(&c.id).map(|a| a.link_error.clone()), "its PS"),
@@ -233,6 +241,8 @@ fn links(view: &View, out: &mut Vec<Reading>) {
             error.unwrap_or_default()
         );
         reading.fine = format!("{subject} reaches {peer} again");
+        // A peer restarting or upgrading does not page anyone.
+        reading.raise_after_ms = rules.offline_grace.as_millis() as u64;
         out.push(reading);
     }
 }

@@ -2,7 +2,13 @@
 //! few queries: machines with their current replication, and the status
 //! each online component last reported, decoded once. The alert readings
 //! and the metric snapshot are both computed from it.
+//!
+//! A component is online when it holds a control stream to this CS process
+//! (the bus), as `rebound components` says: the health column in the store
+//! is not reset when a CS crashes, so a component that never reconnects
+//! would otherwise stay online, and its last status be read as live.
 
+use crate::bus::{Bus, ComponentKey};
 use crate::store::{Component, Health, Machine, ReplState, Replication, Store, StoreError};
 use prost::Message;
 use rebound_common::pki::Role;
@@ -15,7 +21,8 @@ pub struct View {
     pub machines: Vec<Machine>,
     /// Each machine's current (latest) replication.
     pub current: HashMap<String, Replication>,
-    /// Agents, PSs and MTs that are not revoked.
+    /// Agents, PSs and MTs that are not revoked, with their health as the
+    /// bus has it now.
     pub components: Vec<Component>,
     agents: HashMap<String, pb::AgentStatus>,
     pss: HashMap<String, pb::PsStatus>,
@@ -23,7 +30,7 @@ pub struct View {
 }
 
 impl View {
-    pub async fn load(store: &dyn Store) -> Result<View, StoreError> {
+    pub async fn load(store: &dyn Store, bus: &dyn Bus) -> Result<View, StoreError> {
         let machines = store.list_machines().await?;
         let mut current = HashMap::new();
         // Listed in creation order: the last one of a machine is current.
@@ -35,6 +42,10 @@ impl View {
             .await?
             .into_iter()
             .filter(|c| !c.revoked && matches!(c.role, Role::Agent | Role::Ps | Role::Mt))
+            .map(|mut c| {
+                c.health = live_health(bus, &c);
+                c
+            })
             .collect();
         let mut view = View {
             machines,
@@ -115,5 +126,21 @@ impl View {
             .find(|c| c.role == role && c.id == id)
             .map(|c| c.site.clone())
             .unwrap_or_default()
+    }
+}
+
+/// Online while the component holds a control stream to this CS; one that
+/// never connected stays enrolled; any other is offline.
+pub fn live_health(bus: &dyn Bus, c: &Component) -> Health {
+    let key = ComponentKey {
+        role: c.role,
+        id: c.id.clone(),
+    };
+    if bus.connection(&key).is_some() {
+        Health::Online
+    } else if c.health == Health::Enrolled {
+        Health::Enrolled
+    } else {
+        Health::Offline
     }
 }
