@@ -46,6 +46,18 @@ async fn scrape(addr: SocketAddr) -> String {
     body
 }
 
+/// Waits until a PS just started listens on its metrics address.
+async fn wait_for_endpoint(addr: SocketAddr) {
+    let t0 = std::time::Instant::now();
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "nothing listens on {addr}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 async fn wait_for_sample(addr: SocketAddr, series: &str, ok: impl Fn(f64) -> bool) -> String {
     let t0 = std::time::Instant::now();
     loop {
@@ -160,6 +172,7 @@ async fn backlog_age_survives_a_restart() {
     // Every sample of the restarted PS is taken after this.
     let floor = durable_at.elapsed();
     let ps = start_ps(config).await;
+    wait_for_endpoint(metrics).await;
     let series = "rebound_ps_backlog_seconds{replication=\"r1\"}";
     let text = wait_for_sample(metrics, series, |v| v > 0.0).await;
     let age = sample(&text, series).unwrap();
