@@ -427,6 +427,8 @@ enum Ready {
         stored: Bytes,
         first: u64,
         last: u64,
+        /// Its length with the body uncompressed.
+        plain_len: u64,
         reservation: Reservation,
         /// Whether compression shrank it, when it was tried.
         shrank: Option<bool>,
@@ -499,10 +501,8 @@ fn admit(
         )));
     }
     *held = (*held).max(last);
-    let plain = bytes.len() - frame.body.len() + frame.header.uncompressed_len as usize;
-    stats
-        .bytes_uncompressed
-        .fetch_add(plain as u64, Ordering::Relaxed);
+    let plain_len =
+        (bytes.len() - frame.body.len()) as u64 + u64::from(frame.header.uncompressed_len);
 
     // Counted against the cap from now on, so frames being prepared or
     // queued for the writer cannot overshoot it.
@@ -521,6 +521,7 @@ fn admit(
             stored,
             first,
             last,
+            plain_len,
             reservation,
             shrank,
         })
@@ -534,23 +535,24 @@ async fn store(
     ready: Result<Ready, Status>,
     compressor: &mut Compressor,
 ) -> Result<Pending, Status> {
-    let (stored, first, last, reservation) = match ready? {
+    let (stored, first, last, plain_len, reservation) = match ready? {
         Ready::Duplicate(durable) => return Ok(Box::pin(async move { Ok(durable) })),
         Ready::Frame {
             stored,
             first,
             last,
+            plain_len,
             reservation,
             shrank,
         } => {
             if let Some(s) = shrank {
                 compressor.record(s);
             }
-            (stored, first, last, reservation)
+            (stored, first, last, plain_len, reservation)
         }
     };
     let rx = rep
-        .append(stored, first, last, reservation.into_writer())
+        .append(stored, first, last, plain_len, reservation.into_writer())
         .await
         .map_err(Status::from)?;
     let rid = rep.id().to_string();

@@ -113,6 +113,9 @@ pub(super) struct Append {
     pub(super) bytes: Bytes,
     pub(super) first_seq: u64,
     pub(super) last_seq: u64,
+    /// The frame's bytes with its body uncompressed (for the compression
+    /// ratio), counted once the frame is stored.
+    pub(super) plain_len: u64,
     /// Bytes reserved in the account for this frame, released once done.
     pub(super) reserved: u64,
     pub(super) reply: oneshot::Sender<Result<u64, AppendError>>,
@@ -195,6 +198,8 @@ struct Written {
     duplicates: u64,
     /// Frame bytes written.
     bytes: u64,
+    /// The written frames' bytes with their bodies uncompressed.
+    plain: u64,
 }
 
 impl Writer {
@@ -285,6 +290,9 @@ impl Writer {
                 stats
                     .bytes_stored
                     .fetch_add(written.bytes, Ordering::Relaxed);
+                stats
+                    .bytes_uncompressed
+                    .fetch_add(written.plain, Ordering::Relaxed);
                 let durable = self.durable;
                 for (a, outcome) in batch.into_iter().zip(written.outcomes) {
                     let _ = a.reply.send(match outcome {
@@ -375,6 +383,7 @@ impl Writer {
             outcomes: Vec::with_capacity(batch.len()),
             duplicates: 0,
             bytes: 0,
+            plain: 0,
         };
         let outcomes = &mut w.outcomes;
         for a in batch {
@@ -409,6 +418,7 @@ impl Writer {
             self.len += n;
             self.held = a.last_seq;
             w.bytes += a.bytes.len() as u64;
+            w.plain += a.plain_len;
         }
         Ok(w)
     }

@@ -43,8 +43,8 @@ pub struct Stats {
     pub bytes_in: AtomicU64,
     /// Frame bytes as stored (after compression).
     pub bytes_stored: AtomicU64,
-    /// Frame bytes with their bodies uncompressed, of the frames new to
-    /// the cache: against `bytes_stored`, what compression saved.
+    /// Frame bytes with their bodies uncompressed, of the frames stored
+    /// (counted with `bytes_stored`): against it, what compression saved.
     pub bytes_uncompressed: AtomicU64,
     /// Frames (or their seqs) the cache already held.
     pub frames_duplicate: AtomicU64,
@@ -196,12 +196,14 @@ impl Replication {
     /// returned receiver answers with the durable seq once the batch holding
     /// the frame is fsynced, or with why it was refused. `reserved` bytes,
     /// reserved in the account by the caller, are released once the frame
-    /// is done with.
+    /// is done with. `plain_len` is the frame's length with its body
+    /// uncompressed, counted in [`Stats::bytes_uncompressed`] once stored.
     pub async fn append(
         &self,
         bytes: Bytes,
         first_seq: u64,
         last_seq: u64,
+        plain_len: u64,
         reserved: u64,
     ) -> Result<oneshot::Receiver<Result<u64, AppendError>>, AppendError> {
         if self.is_removed() {
@@ -215,6 +217,7 @@ impl Replication {
                 bytes,
                 first_seq,
                 last_seq,
+                plain_len,
                 reserved,
                 reply,
             }))

@@ -68,9 +68,12 @@ async fn open(root: &std::path::Path, cap: u64, seg_max: u64) -> Arc<Cache> {
     Arc::new(cache)
 }
 
+/// The uncompressed length [`put`] claims for every frame.
+const PLAIN_LEN: u64 = 1000;
+
 async fn put(rep: &Replication, first: u64, last: u64) -> Result<u64, AppendError> {
     let bytes = frame_bytes(rep.id(), first, last);
-    rep.append(bytes.into(), first, last, 0)
+    rep.append(bytes.into(), first, last, PLAIN_LEN, 0)
         .await?
         .await
         .expect("writer answers")
@@ -121,6 +124,12 @@ async fn dedup_overlap_and_gap_rules() {
     assert_eq!(put(&rep, 9, 9).await.unwrap(), 9);
     assert_eq!(stored_seqs(&rep), vec![(1, 3), (4, 6), (5, 8), (9, 9)]);
     assert_eq!(rep.stats().frames_duplicate.load(Ordering::Relaxed), 2);
+    // Only the frames stored count towards the compression ratio: not the
+    // duplicates, not the refused gap.
+    assert_eq!(
+        rep.stats().bytes_uncompressed.load(Ordering::Relaxed),
+        4 * PLAIN_LEN
+    );
 
     // Another machine may not use this replication.
     let e = lab.hello("r1", "m2").await.unwrap_err();
@@ -229,7 +238,7 @@ async fn frames_sent_back_to_back_are_durable_in_order_across_rotations() {
     let mut answers = Vec::new();
     for s in 1..=200u64 {
         let bytes = frame_bytes(rep.id(), s, s);
-        answers.push((s, rep.append(bytes.into(), s, s, 0).await.unwrap()));
+        answers.push((s, rep.append(bytes.into(), s, s, 0, 0).await.unwrap()));
     }
     let mut last = 0;
     for (s, rx) in answers {
