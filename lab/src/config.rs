@@ -34,15 +34,21 @@ pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     toml::from_str(&text).with_context(|| format!("cannot parse {}", path.display()))
 }
 
-/// A `metrics_listen` for a daemon on the host `ip`: a free port there, or
-/// `""` (the endpoint off) when `on` is false.
+/// A `metrics_listen` for a daemon on the host `ip`: a free port there
+/// (`[ip]:port` for an IPv6 host), or `""` (the endpoint off) when `on` is
+/// false.
 pub fn metrics_listen(ip: std::net::IpAddr, on: bool) -> String {
-    match ip {
-        std::net::IpAddr::V4(v4) if on => {
-            SocketAddr::from((v4, crate::net::free_port_on(v4))).to_string()
-        }
-        _ => String::new(),
-    }
+    let port = match ip {
+        _ if !on => return String::new(),
+        std::net::IpAddr::V4(v4) => crate::net::free_port_on(v4),
+        // The lab's hosts are 127.0.0.x; an IPv6 host takes a port the
+        // kernel picks.
+        std::net::IpAddr::V6(v6) => std::net::TcpListener::bind((v6, 0))
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("no free port on [{v6}] for metrics_listen: {e}")),
+    };
+    SocketAddr::from((ip, port)).to_string()
 }
 
 /// Sets `metrics_listen` in a daemon's TOML config that the lab did not
@@ -131,4 +137,23 @@ pub fn agent_without_disks(cfg: &AgentConfig) -> Result<String> {
     let mut table = toml::Table::try_from(cfg).context("cannot serialize the agent config")?;
     table.remove("disks");
     Ok(toml::to_string(&table)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::metrics_listen;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+    #[test]
+    fn metrics_listen_binds_the_hosts_address_or_nothing() {
+        let v4: SocketAddr = metrics_listen(IpAddr::V4(Ipv4Addr::LOCALHOST), true)
+            .parse()
+            .unwrap();
+        assert_eq!(v4.ip(), Ipv4Addr::LOCALHOST);
+        assert_eq!(metrics_listen(IpAddr::V4(Ipv4Addr::LOCALHOST), false), "");
+        let v6 = metrics_listen(IpAddr::V6(Ipv6Addr::LOCALHOST), true);
+        assert!(v6.starts_with("[::1]:"), "{v6}");
+        assert!(v6.parse::<SocketAddr>().unwrap().port() > 0);
+        assert_eq!(metrics_listen(IpAddr::V6(Ipv6Addr::LOCALHOST), false), "");
+    }
 }
