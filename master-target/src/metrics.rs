@@ -111,7 +111,7 @@ impl MtMetrics {
         );
         r.register(
             "rebound_mt_apply_lag_seconds",
-            "age of the newest applied write when applied (from the time of the recovery point that closed it)",
+            "write-to-apply latency of the last applied recovery point: the MT's clock when it applied the point minus the point's time (the agent's clock; 0 if that is ahead); set only when a point is applied, so it does not grow while apply stalls",
             self.apply_lag.clone(),
         );
         r.register(
@@ -269,7 +269,8 @@ impl Observer {
     }
 
     /// A recovery point stamped `point_ms` (the agent's clock) was applied
-    /// at `now_ms`.
+    /// at `now_ms` (the MT's clock): its write-to-apply latency, 0 when the
+    /// agent's clock is ahead.
     pub(crate) fn point_applied(&self, point_ms: u64, now_ms: u64) {
         self.apply_lag_ms
             .store(now_ms.saturating_sub(point_ms), Ordering::Relaxed);

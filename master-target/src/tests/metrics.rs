@@ -2,7 +2,7 @@
 //! points as frames are applied, the size cap's shortening of the window,
 //! fdatasync latencies, and the status fields the CS alerts on.
 
-use super::{applied_history, apply_range, history, open_store, Gen};
+use super::{applied, applied_history, apply_range, history, open_store, Gen};
 use crate::config::RetentionConfig;
 use crate::replication::Store;
 use prometheus_client::encoding::text::encode;
@@ -174,6 +174,20 @@ fn oldest_point_age_is_measured_from_when_the_mt_cut_it() {
     assert!((0.0..60.0).contains(&gauge), "{text}");
     // The newest point was applied: the lag is set (agent clock to now).
     assert!(value(&text, "rebound_mt_apply_lag_seconds", &M1).is_some());
+}
+
+/// The apply lag is the MT's clock when the last point was applied minus
+/// that point's time.
+#[test]
+fn apply_lag_is_the_last_points_write_to_apply_latency() {
+    let mut g = history(37);
+    // The last point was taken 7 s before it is applied (`tag` adds 1 s).
+    g.time_ms = now_ms() - 8_000;
+    g.tag("late");
+    let (_dir, s, _r) = applied(&g, 10);
+    let text = scrape(&s);
+    let lag = value(&text, "rebound_mt_apply_lag_seconds", &M1).unwrap();
+    assert!((7.0..17.0).contains(&lag), "{lag}: {text}");
 }
 
 #[test]
