@@ -148,11 +148,19 @@ pub struct Policy {
     /// Cap on the replication's retention journal; 0 = the MT's default.
     pub retention_max_bytes: u64,
     /// Raise `rpo-exceeded` when the machine's RPO passes this; 0 = the
-    /// CS's `[alerts] rpo_threshold` (60 s by default).
+    /// CS's `[alerts] rpo_threshold` (60 s by default), [`RPO_ALERT_OFF`] =
+    /// never.
     pub rpo_alert_ms: u64,
     /// Run a verify (no repair) this often; 0 = never.
     pub verify_interval_secs: u64,
 }
+
+/// `Policy::rpo_alert_ms` of a machine whose RPO never raises an alert.
+/// The largest value, so a rule that ignores it still never fires.
+pub const RPO_ALERT_OFF: u64 = u64::MAX;
+
+/// The name of `Policy::rpo_alert_ms` in `SetPolicyRequest.reset`.
+pub const RESET_RPO_ALERT: &str = "rpo_alert";
 
 impl Policy {
     /// Whether it sets a retention of its own (else the MT's default
@@ -556,6 +564,8 @@ pub trait Store: Send + Sync {
     fn current_replication<'a>(&'a self, machine: &'a str) -> BoxFut<'a, Option<Replication>>;
     /// All replications, or a machine's, oldest first.
     fn list_replications<'a>(&'a self, machine: Option<&'a str>) -> BoxFut<'a, Vec<Replication>>;
+    /// The current (most recent) replication of every machine that has one.
+    fn current_replications(&self) -> BoxFut<'_, Vec<Replication>>;
 
     // ---- consistency groups
     fn put_group<'a>(&'a self, g: &'a Group) -> BoxFut<'a, ()>;
@@ -576,6 +586,9 @@ pub trait Store: Send + Sync {
     fn get_job<'a>(&'a self, id: &'a str) -> BoxFut<'a, Option<Job>>;
     /// Newest first.
     fn list_jobs<'a>(&'a self, filter: &'a JobFilter) -> BoxFut<'a, Vec<Job>>;
+    /// Like `list_jobs`, without reading the steps (`steps` is empty): for
+    /// readers that run every second.
+    fn list_job_heads<'a>(&'a self, filter: &'a JobFilter) -> BoxFut<'a, Vec<Job>>;
 
     // ---- recovery-point summaries (the latest one per replication)
     fn put_point_summary<'a>(&'a self, replication: &'a str, s: &'a PointSummary)

@@ -7,6 +7,7 @@
 //! Queries are plain runtime SQL (no compile-time checking), so building the
 //! crate needs no database.
 
+mod rows;
 mod trust;
 
 use super::*;
@@ -196,38 +197,6 @@ impl SqliteStore {
         self.pool.close().await;
     }
 
-    fn component_row(row: &SqliteRow) -> Result<Component, StoreError> {
-        let w = "reading a component";
-        let addresses: String = get(row, "addresses", w)?;
-        Ok(Component {
-            role: role_of(&get::<String>(row, "role", w)?, w)?,
-            id: get(row, "id", w)?,
-            site: get(row, "site", w)?,
-            version: get(row, "version", w)?,
-            addresses: from_json(w, &addresses)?,
-            cert_serial: get(row, "cert_serial", w)?,
-            cert_fingerprint: get(row, "cert_fingerprint", w)?,
-            cert_expiry_ms: get_u64(row, "cert_expiry_ms", w)?,
-            enrolled_ms: get_u64(row, "enrolled_ms", w)?,
-            last_heartbeat_ms: get_u64(row, "last_heartbeat_ms", w)?,
-            health: Health::parse(&get::<String>(row, "health", w)?)
-                .ok_or_else(|| corrupt(w, "unknown health"))?,
-            status: get(row, "status", w)?,
-            status_ms: get_u64(row, "status_ms", w)?,
-            revoked: get::<i64>(row, "revoked", w)? != 0,
-        })
-    }
-
-    fn disk_row(row: &SqliteRow) -> Result<Disk, StoreError> {
-        let w = "reading a machine's disks";
-        Ok(Disk {
-            index: get::<i64>(row, "idx", w)? as u32,
-            name: get(row, "name", w)?,
-            size: get_u64(row, "size", w)?,
-            path: get(row, "path", w)?,
-        })
-    }
-
     async fn machine_from_row(&self, row: SqliteRow) -> Result<Machine, StoreError> {
         let w = "reading a machine";
         let row = &row;
@@ -247,84 +216,28 @@ impl SqliteStore {
         })
     }
 
-    fn replication_row(row: &SqliteRow) -> Result<Replication, StoreError> {
-        let w = "reading a replication";
-        let state: String = get(row, "state", w)?;
-        let fp: Option<String> = get(row, "failover_point", w)?;
-        Ok(Replication {
-            id: get(row, "id", w)?,
-            machine: get(row, "machine", w)?,
-            from_site: get(row, "from_site", w)?,
-            to_site: get(row, "to_site", w)?,
-            ps: get(row, "ps", w)?,
-            mt: get(row, "mt", w)?,
-            policy: from_json(w, &get::<String>(row, "policy", w)?)?,
-            state: ReplState::parse(&state)
-                .ok_or_else(|| corrupt(w, format!("unknown state {state:?}")))?,
-            previous: get(row, "previous", w)?,
-            failover_point: match fp {
-                Some(s) => Some(from_json(w, &s)?),
-                None => None,
-            },
-            created_ms: get_u64(row, "created_ms", w)?,
-            updated_ms: get_u64(row, "updated_ms", w)?,
-        })
-    }
-
-    fn group_row(row: &SqliteRow) -> Result<Group, StoreError> {
-        let w = "reading a consistency group";
-        Ok(Group {
-            name: get(row, "name", w)?,
-            machines: from_json(w, &get::<String>(row, "machines", w)?)?,
-            hold_ms: get::<i64>(row, "hold_ms", w)? as u32,
-            interval_secs: get::<i64>(row, "interval_secs", w)? as u32,
-            app: get::<i64>(row, "app", w)? != 0,
-        })
-    }
-
-    fn step_row(row: &SqliteRow) -> Result<JobStep, StoreError> {
-        let w = "reading a job's steps";
-        let state: String = get(row, "state", w)?;
-        Ok(JobStep {
-            index: get::<i64>(row, "idx", w)? as u32,
-            name: get(row, "name", w)?,
-            action: get(row, "action", w)?,
-            state: StepState::parse(&state)
-                .ok_or_else(|| corrupt(w, format!("unknown step state {state:?}")))?,
-            detail: get(row, "detail", w)?,
-            error: get(row, "error", w)?,
-            started_ms: get_u64(row, "started_ms", w)?,
-            ended_ms: get_u64(row, "ended_ms", w)?,
-        })
-    }
-
     async fn job_from_row(&self, row: SqliteRow) -> Result<Job, StoreError> {
-        let w = "reading a job";
-        let row = &row;
-        let id: String = get(row, "id", w)?;
+        let mut job = Self::job_head_row(&row)?;
         let sql = sqlx::query("SELECT * FROM job_steps WHERE job = ? ORDER BY idx");
-        let steps = self
-            .all("reading a job's steps", sql.bind(&id), Self::step_row)
+        job.steps = self
+            .all("reading a job's steps", sql.bind(&job.id), Self::step_row)
             .await?;
-        let state: String = get(row, "state", w)?;
-        Ok(Job {
-            kind: get(row, "kind", w)?,
-            machines: from_json(w, &get::<String>(row, "machines", w)?)?,
-            plan: get(row, "plan", w)?,
-            spec: get(row, "spec", w)?,
-            data: get(row, "data", w)?,
-            state: JobState::parse(&state)
-                .ok_or_else(|| corrupt(w, format!("unknown job state {state:?}")))?,
-            progress: get::<i64>(row, "progress", w)? as u32,
-            status: get(row, "status", w)?,
-            error: get(row, "error", w)?,
-            warnings: from_json(w, &get::<String>(row, "warnings", w)?)?,
-            created_ms: get_u64(row, "created_ms", w)?,
-            started_ms: get_u64(row, "started_ms", w)?,
-            ended_ms: get_u64(row, "ended_ms", w)?,
-            steps,
-            id,
-        })
+        Ok(job)
+    }
+
+    /// The query of `list_jobs` and `list_job_heads`.
+    fn jobs_query(filter: &JobFilter) -> Sql<'_> {
+        let limit = if filter.limit == 0 { 100 } else { filter.limit };
+        sqlx::query(
+            "SELECT * FROM jobs
+             WHERE (? = 0 OR state IN ('pending', 'running'))
+               AND (? IS NULL OR EXISTS (SELECT 1 FROM json_each(jobs.machines) WHERE value = ?))
+             ORDER BY ord DESC LIMIT ?",
+        )
+        .bind(filter.active_only as i64)
+        .bind(filter.machine.as_deref())
+        .bind(filter.machine.as_deref())
+        .bind(limit as i64)
     }
 }
 
@@ -559,6 +472,18 @@ impl Store for SqliteStore {
         })
     }
 
+    fn current_replications(&self) -> BoxFut<'_, Vec<Replication>> {
+        self.all(
+            "listing current replications",
+            sqlx::query(
+                "SELECT * FROM replications WHERE ord IN
+                   (SELECT MAX(ord) FROM replications GROUP BY machine)
+                 ORDER BY ord",
+            ),
+            Self::replication_row,
+        )
+    }
+
     fn put_group<'a>(&'a self, g: &'a Group) -> BoxFut<'a, ()> {
         self.run("writing a consistency group", sqlx::query(
                 "INSERT OR REPLACE INTO consistency_groups (name, machines, hold_ms, interval_secs, app)
@@ -680,18 +605,12 @@ impl Store for SqliteStore {
     }
 
     fn list_jobs<'a>(&'a self, filter: &'a JobFilter) -> BoxFut<'a, Vec<Job>> {
-        let limit = if filter.limit == 0 { 100 } else { filter.limit };
-        let sql = sqlx::query(
-            "SELECT * FROM jobs
-             WHERE (? = 0 OR state IN ('pending', 'running'))
-               AND (? IS NULL OR EXISTS (SELECT 1 FROM json_each(jobs.machines) WHERE value = ?))
-             ORDER BY ord DESC LIMIT ?",
-        )
-        .bind(filter.active_only as i64)
-        .bind(filter.machine.as_deref())
-        .bind(filter.machine.as_deref())
-        .bind(limit as i64);
+        let sql = Self::jobs_query(filter);
         Box::pin(self.all_nested("listing jobs", sql, |r| self.job_from_row(r)))
+    }
+
+    fn list_job_heads<'a>(&'a self, filter: &'a JobFilter) -> BoxFut<'a, Vec<Job>> {
+        self.all("listing jobs", Self::jobs_query(filter), Self::job_head_row)
     }
 
     fn put_point_summary<'a>(

@@ -422,3 +422,50 @@ async fn certificates_enrolled_before_the_trust_records_count_as_issued() {
         "an old certificate of unknown expiry is live"
     );
 }
+
+#[tokio::test]
+async fn the_per_second_reads_list_current_replications_and_jobs_without_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteStore::open(&dir.path().join("cs.db")).await.unwrap();
+    for m in ["m1", "m2", "m3"] {
+        s.put_machine(&machine(m)).await.unwrap();
+    }
+    for (id, m) in [("r1", "m1"), ("r2", "m2"), ("r3", "m1"), ("r4", "m1")] {
+        s.put_replication(&replication(id, m)).await.unwrap();
+    }
+    let current: Vec<_> = s
+        .current_replications()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.machine, r.id))
+        .collect();
+    assert_eq!(
+        current,
+        vec![("m2".into(), "r2".into()), ("m1".into(), "r4".into())],
+        "the last of each machine; none for a machine never protected"
+    );
+
+    s.put_job(&job("j1")).await.unwrap();
+    let mut done = job("j2");
+    done.state = JobState::Succeeded;
+    s.put_job(&done).await.unwrap();
+    let heads = s.list_job_heads(&JobFilter::default()).await.unwrap();
+    let full = s.list_jobs(&JobFilter::default()).await.unwrap();
+    assert_eq!(heads.len(), 2);
+    for (h, f) in heads.iter().zip(&full) {
+        assert!(h.steps.is_empty() && !f.steps.is_empty());
+        assert_eq!(
+            Job {
+                steps: f.steps.clone(),
+                ..h.clone()
+            },
+            *f,
+            "the same job but its steps"
+        );
+    }
+    let active = s.list_job_heads(&JobFilter::all_active()).await.unwrap();
+    assert_eq!(active.len(), 1);
+    assert_eq!(active[0].id, "j1");
+    s.close().await;
+}
