@@ -8,7 +8,7 @@
 use crate::alerts::evaluate::{Kind, Open};
 use crate::alerts::readings::Rules;
 use crate::alerts::view::View;
-use crate::store::{Job, JobFilter, ReplState, Store, StoreError};
+use crate::store::{Job, JobFilter, Policy, ReplState, Store, StoreError, RPO_ALERT_OFF};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -41,8 +41,9 @@ const REPL_STATES: [ReplState; 7] = [
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub machines: BTreeMap<&'static str, i64>,
-    /// (machine, site, RPO seconds when known, threshold seconds).
-    pub rpo: Vec<(String, String, Option<f64>, f64)>,
+    /// (machine, site, RPO seconds when known, threshold seconds unless
+    /// the machine's RPO alert is off).
+    pub rpo: Vec<(String, String, Option<f64>, Option<f64>)>,
     pub jobs: BTreeMap<(String, &'static str), i64>,
     /// (role, component, site, up).
     pub components: Vec<(String, String, String, bool)>,
@@ -62,7 +63,7 @@ impl Snapshot {
                 m.id.clone(),
                 m.site.clone(),
                 view.rpo_ms(&m.id).map(|ms| ms as f64 / 1000.0),
-                rules.rpo_threshold_ms(m.policy.rpo_alert_ms) as f64 / 1000.0,
+                rpo_threshold_secs(rules, &m.policy),
             ));
         }
         s.jobs = jobs.counts();
@@ -86,23 +87,37 @@ impl Snapshot {
     }
 }
 
+/// The RPO alert threshold of a machine under `policy`, in seconds; `None`
+/// while its RPO alert is off (`rebound_cs_rpo_threshold_seconds` is then
+/// absent).
+pub fn rpo_threshold_secs(rules: &Rules, policy: &Policy) -> Option<f64> {
+    (policy.rpo_alert_ms != RPO_ALERT_OFF)
+        .then(|| rules.rpo_threshold_ms(policy.rpo_alert_ms) as f64 / 1000.0)
+}
+
 /// Jobs by kind and state: pending and running ones read every round,
 /// finished ones counted once each (from the most recent at start, then
 /// as they finish) and their run time observed into the histogram.
 #[derive(Debug, Default)]
 pub struct JobTally {
     active: BTreeMap<(String, &'static str), i64>,
+    /// The ids of the jobs pending or running at the last round: one that
+    /// is no longer active has finished, however many jobs came after it.
+    active_ids: HashSet<String>,
     finished: BTreeMap<(String, &'static str), i64>,
+    /// The finished jobs of the last recent window already counted (only
+    /// that window: a job older than it never comes back into it).
     seen: HashSet<String>,
     /// Whether the first read (the jobs finished before this CS) is done.
     started: bool,
 }
 
-/// How many finished jobs the count starts from (the most recent; each
-/// job read costs a query for its steps, so not the whole history).
+/// How many finished jobs the count starts from (the most recent, not the
+/// whole history).
 const JOBS_AT_START: u32 = 1_000;
-/// How many recent jobs each round (every second) looks at for newly
-/// finished ones: more than finish in a second.
+/// How many recent jobs each round (every second) looks at for jobs that
+/// were created and finished between two rounds: more than finish in a
+/// second.
 const JOBS_PER_ROUND: u32 = 20;
 
 impl JobTally {
@@ -114,30 +129,58 @@ impl JobTally {
         mut observe: impl FnMut(&str, f64),
     ) -> Result<(), StoreError> {
         let first = !self.started;
-        let recent = JobFilter {
-            limit: if first { JOBS_AT_START } else { JOBS_PER_ROUND },
-            ..JobFilter::default()
-        };
+        let active = store.list_job_heads(&JobFilter::all_active()).await?;
         self.active.clear();
-        for j in store.list_jobs(&JobFilter::all_active()).await? {
+        let mut active_ids = HashSet::with_capacity(active.len());
+        for j in active {
             *self
                 .active
                 .entry((j.kind.clone(), j.state.as_str()))
                 .or_default() += 1;
+            active_ids.insert(j.id);
         }
-        for j in store.list_jobs(&recent).await? {
-            if j.state.finished() && self.seen.insert(j.id.clone()) {
-                *self
-                    .finished
-                    .entry((j.kind.clone(), j.state.as_str()))
-                    .or_default() += 1;
-                if !first {
-                    observe(&j.kind, run_secs(&j));
+        let gone: Vec<String> = self.active_ids.difference(&active_ids).cloned().collect();
+        self.active_ids = active_ids;
+        let mut counted = std::mem::take(&mut self.seen);
+        for id in gone {
+            if counted.contains(&id) {
+                continue;
+            }
+            // Deleted jobs, or ones put back to pending, are not counted.
+            if let Some(j) = store.get_job(&id).await? {
+                if j.state.finished() {
+                    self.count_finished(&j, &mut observe);
+                    counted.insert(id);
                 }
             }
         }
+        let recent = JobFilter {
+            limit: if first { JOBS_AT_START } else { JOBS_PER_ROUND },
+            ..JobFilter::default()
+        };
+        for j in store.list_job_heads(&recent).await? {
+            if !j.state.finished() {
+                continue;
+            }
+            if !counted.contains(&j.id) {
+                if first {
+                    self.count_finished(&j, &mut |_, _| {});
+                } else {
+                    self.count_finished(&j, &mut observe);
+                }
+            }
+            self.seen.insert(j.id);
+        }
         self.started = true;
         Ok(())
+    }
+
+    fn count_finished(&mut self, j: &Job, observe: &mut impl FnMut(&str, f64)) {
+        *self
+            .finished
+            .entry((j.kind.clone(), j.state.as_str()))
+            .or_default() += 1;
+        observe(&j.kind, run_secs(j));
     }
 
     fn counts(&self) -> BTreeMap<(String, &'static str), i64> {
@@ -168,7 +211,44 @@ pub struct CsMetrics {
     job_duration: Family<Labels, Histogram>,
     component_up: Family<Labels, Gauge>,
     alerts: Family<Labels, Gauge>,
+    evaluated: FloatGauge,
     snapshot: Arc<Mutex<Snapshot>>,
+    /// The label sets each family shows, held across a whole copy so two
+    /// scrapes at once do not interleave their copies.
+    shown: Arc<Mutex<Shown>>,
+}
+
+/// The label sets in the families the snapshot fills, so a copy removes
+/// only the ones that are gone: a series is never missing from a scrape
+/// while it still exists.
+#[derive(Default)]
+struct Shown {
+    machines: HashSet<Labels>,
+    rpo: HashSet<Labels>,
+    rpo_threshold: HashSet<Labels>,
+    jobs: HashSet<Labels>,
+    component_up: HashSet<Labels>,
+    alerts: HashSet<Labels>,
+}
+
+/// Sets `values` in `family` and removes the label sets of `shown` that
+/// are not among them; `shown` becomes the label sets of `values`.
+fn show<M, C, V>(
+    family: &Family<Labels, M, C>,
+    shown: &mut HashSet<Labels>,
+    values: Vec<(Labels, V)>,
+    set: impl Fn(&M, V),
+) where
+    C: prometheus_client::metrics::family::MetricConstructor<M>,
+{
+    let now: HashSet<Labels> = values.iter().map(|(l, _)| l.clone()).collect();
+    for gone in shown.difference(&now) {
+        family.remove(gone);
+    }
+    for (l, v) in values {
+        set(&family.get_or_create(&l), v);
+    }
+    *shown = now;
 }
 
 impl CsMetrics {
@@ -186,7 +266,9 @@ impl CsMetrics {
             }),
             component_up: Family::default(),
             alerts: Family::default(),
+            evaluated: FloatGauge::default(),
             snapshot: Arc::default(),
+            shown: Arc::default(),
         };
         r.register(
             "rebound_cs_machines",
@@ -200,7 +282,7 @@ impl CsMetrics {
         );
         r.register(
             "rebound_cs_rpo_threshold_seconds",
-            "the machine's RPO alert threshold",
+            "the machine's RPO alert threshold (absent while its RPO alert is off)",
             m.rpo_threshold.clone(),
         );
         r.register("rebound_cs_jobs", "jobs by kind and state", m.jobs.clone());
@@ -215,6 +297,11 @@ impl CsMetrics {
             m.component_up.clone(),
         );
         r.register("rebound_cs_alerts", "open alerts", m.alerts.clone());
+        r.register(
+            "rebound_cs_alerts_evaluated_timestamp_seconds",
+            "when the alert evaluator last finished a round (Unix time; 0 before the first)",
+            m.evaluated.clone(),
+        );
         // Every kind from the start: a dashboard finds the histogram before
         // the first job ends.
         for kind in crate::lifecycle::spec::JobSpec::KINDS {
@@ -232,10 +319,20 @@ impl CsMetrics {
         ep
     }
 
+    /// The gauges of a round that succeeded; also marks the round as
+    /// evaluated now.
     pub fn set_snapshot(&self, s: Snapshot) {
         if let Ok(mut g) = self.snapshot.lock() {
             *g = s;
         }
+        self.set_evaluated(rebound_common::time::now_ms());
+    }
+
+    /// Marks an alert round that succeeded at `time_ms`
+    /// (`rebound_cs_alerts_evaluated_timestamp_seconds`): a rule fires when
+    /// it stops moving.
+    pub fn set_evaluated(&self, time_ms: u64) {
+        self.evaluated.set(time_ms as f64 / 1000.0);
     }
 
     pub fn observe_job(&self, kind: &str, secs: f64) {
@@ -245,47 +342,77 @@ impl CsMetrics {
     }
 
     fn copy_snapshot(&self) {
+        let Ok(mut shown) = self.shown.lock() else {
+            return;
+        };
         let Ok(s) = self.snapshot.lock().map(|g| g.clone()) else {
             return;
         };
-        // Cleared first: machines, jobs and components that are gone drop
-        // out of the scrape.
-        for f in [&self.machines, &self.jobs, &self.component_up, &self.alerts] {
-            f.clear();
-        }
-        self.rpo.clear();
-        self.rpo_threshold.clear();
-        for (state, n) in &s.machines {
-            self.machines
-                .get_or_create(&labels(&[("state", state)]))
-                .set(*n);
-        }
-        for (machine, site, rpo, threshold) in &s.rpo {
-            let l = labels(&[("machine", machine), ("site", site)]);
-            if let Some(v) = rpo {
-                self.rpo.get_or_create(&l).set(*v);
-            }
-            self.rpo_threshold.get_or_create(&l).set(*threshold);
-        }
-        for ((kind, state), n) in &s.jobs {
-            self.jobs
-                .get_or_create(&labels(&[("kind", kind), ("state", state)]))
-                .set(*n);
-        }
-        for (role, id, site, up) in &s.components {
-            self.component_up
-                .get_or_create(&labels(&[
-                    ("role", role),
-                    ("component", id),
-                    ("site", site),
-                ]))
-                .set(i64::from(*up));
-        }
-        for (kind, n) in &s.alerts {
-            self.alerts
-                .get_or_create(&labels(&[("kind", kind)]))
-                .set(*n);
-        }
+        let shown = &mut *shown;
+        let set_i = |g: &Gauge, v: i64| {
+            g.set(v);
+        };
+        let set_f = |g: &FloatGauge, v: f64| {
+            g.set(v);
+        };
+        let machine = |m: &str, site: &str| labels(&[("machine", m), ("site", site)]);
+        show(
+            &self.machines,
+            &mut shown.machines,
+            s.machines
+                .iter()
+                .map(|(state, n)| (labels(&[("state", state)]), *n))
+                .collect(),
+            set_i,
+        );
+        show(
+            &self.rpo,
+            &mut shown.rpo,
+            s.rpo
+                .iter()
+                .filter_map(|(m, site, rpo, _)| rpo.map(|v| (machine(m, site), v)))
+                .collect(),
+            set_f,
+        );
+        show(
+            &self.rpo_threshold,
+            &mut shown.rpo_threshold,
+            s.rpo
+                .iter()
+                .filter_map(|(m, site, _, t)| t.map(|v| (machine(m, site), v)))
+                .collect(),
+            set_f,
+        );
+        show(
+            &self.jobs,
+            &mut shown.jobs,
+            s.jobs
+                .iter()
+                .map(|((kind, state), n)| (labels(&[("kind", kind), ("state", state)]), *n))
+                .collect(),
+            set_i,
+        );
+        show(
+            &self.component_up,
+            &mut shown.component_up,
+            s.components
+                .iter()
+                .map(|(role, id, site, up)| {
+                    let l = labels(&[("role", role), ("component", id), ("site", site)]);
+                    (l, i64::from(*up))
+                })
+                .collect(),
+            set_i,
+        );
+        show(
+            &self.alerts,
+            &mut shown.alerts,
+            s.alerts
+                .iter()
+                .map(|(kind, n)| (labels(&[("kind", kind)]), *n))
+                .collect(),
+            set_i,
+        );
     }
 }
 
@@ -300,8 +427,10 @@ mod tests {
         let ep = m.endpoint(r, Readiness::new());
         let mut s = Snapshot::default();
         s.machines.insert("Protected", 2);
-        s.rpo.push(("m1".into(), "onprem".into(), Some(3.5), 60.0));
-        s.rpo.push(("m2".into(), "onprem".into(), None, 2.0));
+        s.rpo
+            .push(("m1".into(), "onprem".into(), Some(3.5), Some(60.0)));
+        s.rpo.push(("m2".into(), "onprem".into(), None, Some(2.0)));
+        s.rpo.push(("m3".into(), "onprem".into(), Some(1.0), None));
         s.jobs
             .insert(("protect".into(), JobState::Succeeded.as_str()), 4);
         s.components
@@ -325,6 +454,15 @@ mod tests {
             !text.contains("rebound_cs_rpo_seconds{machine=\"m2\""),
             "{text}"
         );
+        assert!(
+            !text.contains("rebound_cs_rpo_threshold_seconds{machine=\"m3\""),
+            "an RPO alert that is off has no threshold: {text}"
+        );
+        let evaluated = text
+            .lines()
+            .find_map(|l| l.strip_prefix("rebound_cs_alerts_evaluated_timestamp_seconds "))
+            .and_then(|v| v.parse::<f64>().ok());
+        assert!(evaluated.is_some_and(|t| t > 1.0e9), "{text}");
         // A machine that is gone drops out.
         m.set_snapshot(Snapshot::default());
         assert!(!ep.render().contains("m1"));
@@ -388,6 +526,69 @@ mod tests {
         assert_eq!(timed, vec![("protect".to_string(), 10.0)], "timed once");
         assert_eq!(count(&tally, "running"), None);
         assert_eq!(count(&tally, "succeeded"), Some(1));
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_long_job_finishing_after_many_newer_ones_is_timed() {
+        use crate::store::SqliteStore;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("cs.db")).await.unwrap();
+        let job = |id: &str, kind: &str, state: JobState, ended_ms: u64| Job {
+            id: id.into(),
+            kind: kind.into(),
+            machines: vec!["m1".into()],
+            plan: String::new(),
+            spec: "{}".into(),
+            data: "{}".into(),
+            state,
+            progress: 0,
+            status: String::new(),
+            error: String::new(),
+            warnings: Vec::new(),
+            created_ms: 1_000,
+            started_ms: 2_000,
+            ended_ms,
+            steps: Vec::new(),
+        };
+        let mut tally = JobTally::default();
+        let mut timed = Vec::new();
+        store
+            .put_job(&job("long", "failover", JobState::Running, 0))
+            .await
+            .unwrap();
+        tally
+            .refresh(&store, |k, s| timed.push((k.to_string(), s)))
+            .await
+            .unwrap();
+        for i in 0..(JOBS_PER_ROUND + 5) {
+            let id = format!("verify-{i}");
+            store
+                .put_job(&job(&id, "verify", JobState::Succeeded, 3_000))
+                .await
+                .unwrap();
+        }
+        tally
+            .refresh(&store, |k, s| timed.push((k.to_string(), s)))
+            .await
+            .unwrap();
+        assert_eq!(timed.len(), (JOBS_PER_ROUND) as usize, "the window's");
+        timed.clear();
+        store
+            .put_job(&job("long", "failover", JobState::Succeeded, 7_202_000))
+            .await
+            .unwrap();
+        for _ in 0..2 {
+            tally
+                .refresh(&store, |k, s| timed.push((k.to_string(), s)))
+                .await
+                .unwrap();
+        }
+        assert_eq!(timed, vec![("failover".to_string(), 7_200.0)], "timed once");
+        let counts = tally.counts();
+        assert_eq!(counts.get(&("failover".to_string(), "succeeded")), Some(&1));
+        assert_eq!(counts.get(&("failover".to_string(), "running")), None);
+        assert!(tally.seen.len() <= JOBS_PER_ROUND as usize, "bounded");
         store.close().await;
     }
 }
