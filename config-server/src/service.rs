@@ -446,12 +446,13 @@ impl Admin for AdminService {
         let r = req.into_inner();
         let changes = r.policy.unwrap_or_default();
         let timeout = self.lifecycle.settings().command_timeout;
-        let applied = policy::set_policy(
+        let applied = policy::set_policy_resetting(
             self.store.as_ref(),
             self.bus.as_ref(),
             timeout,
             &r.machine,
             &changes,
+            &r.reset,
         )
         .await?;
         Ok(Response::new(pb::SetPolicyResponse {

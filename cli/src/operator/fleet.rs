@@ -4,7 +4,7 @@
 //! unprotect` and `rebound remove`; and the policy flags that `protect`,
 //! `reprotect` and `policy set` share.
 
-use super::parse::{parse_duration, parse_size};
+use super::parse::{parse_duration, parse_size, BadDuration};
 use super::{connect, json, print, watch, CsArgs, ShowArgs, WaitArgs};
 use anyhow::{bail, Result};
 use clap::Subcommand;
@@ -23,10 +23,41 @@ pub struct PolicyArgs {
     #[arg(long, value_parser = parse_size)]
     pub retention_size: Option<u64>,
     /// Raise an `rpo-exceeded` alert when the machine's RPO passes this,
-    /// e.g. 30s; it clears at 80 % of it. 0 = the CS default ([alerts]
-    /// rpo_threshold in its config, 60 s).
-    #[arg(long, value_parser = parse_duration)]
-    pub rpo_alert: Option<Duration>,
+    /// e.g. 30s; it clears at 80 % of it. `default` (or 0): the CS's
+    /// ([alerts] rpo_threshold in its config, 60 s); `off`: never alert on
+    /// this machine's RPO.
+    #[arg(long, value_name = "DURATION|default|off", value_parser = parse_rpo_alert)]
+    pub rpo_alert: Option<RpoAlert>,
+}
+
+/// `--rpo-alert`: when a machine's RPO raises an alert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RpoAlert {
+    After(Duration),
+    /// The CS's `[alerts] rpo_threshold`.
+    Default,
+    Off,
+}
+
+/// The `rpo_alert_ms` that turns a machine's RPO alert off (the largest
+/// value, as the CS reads it).
+pub const RPO_ALERT_OFF_MS: u64 = u64::MAX;
+
+/// The name of the RPO alert in `SetPolicyRequest.reset`.
+const RESET_RPO_ALERT: &str = "rpo_alert";
+
+fn parse_rpo_alert(s: &str) -> Result<RpoAlert, BadDuration> {
+    match s.trim() {
+        "default" => Ok(RpoAlert::Default),
+        "off" => Ok(RpoAlert::Off),
+        _ => parse_duration(s).map(|d| {
+            if d.is_zero() {
+                RpoAlert::Default
+            } else {
+                RpoAlert::After(d)
+            }
+        }),
+    }
 }
 
 fn ms_u32(d: Duration) -> u32 {
@@ -34,7 +65,9 @@ fn ms_u32(d: Duration) -> u32 {
 }
 
 /// The policy the flags give (`None` when none is set); unset fields are 0,
-/// which the CS reads as "keep" (policy set) or "default" (protect).
+/// which the CS reads as "keep" (policy set) or "default" (protect); so is
+/// `--rpo-alert default` (`policy set` also names it in
+/// [`PolicySet::reset`]).
 pub fn policy(
     crash: Option<Duration>,
     app: Option<Duration>,
@@ -51,10 +84,14 @@ pub fn policy(
             .map(|d| d.as_secs().max(1))
             .unwrap_or(0),
         retention_max_bytes: more.retention_size.unwrap_or(0),
-        rpo_alert_ms: more
-            .rpo_alert
-            .map(|d| d.as_millis().min(u64::MAX as u128) as u64)
-            .unwrap_or(0),
+        rpo_alert_ms: match more.rpo_alert {
+            // Below the sentinel: a duration never turns the alert off.
+            Some(RpoAlert::After(d)) => {
+                d.as_millis().clamp(1, u128::from(RPO_ALERT_OFF_MS - 1)) as u64
+            }
+            Some(RpoAlert::Off) => RPO_ALERT_OFF_MS,
+            Some(RpoAlert::Default) | None => 0,
+        },
         verify_interval_secs: 0,
     };
     (p != pb::Policy::default()).then_some(p)
@@ -138,6 +175,15 @@ pub struct PolicySet {
 }
 
 impl PolicySet {
+    /// The fields the flags put back to their default
+    /// (`SetPolicyRequest.reset`).
+    pub fn reset(&self) -> Vec<String> {
+        match self.more.rpo_alert {
+            Some(RpoAlert::Default) => vec![RESET_RPO_ALERT.to_string()],
+            _ => Vec::new(),
+        }
+    }
+
     /// The changes the flags ask for (`None`: none).
     pub fn policy(&self) -> Option<pb::Policy> {
         let verify = self.verify_interval.map(|d| d.as_secs().max(1));
@@ -195,7 +241,11 @@ pub async fn run(cmd: FleetCmd) -> Result<()> {
             cmd: PolicyCmd::Set(set),
         } => {
             let (machine, args) = (&set.machine, &set.args);
-            let Some(p) = set.policy() else {
+            let reset = set.reset();
+            let Some(p) = set
+                .policy()
+                .or_else(|| (!reset.is_empty()).then(pb::Policy::default))
+            else {
                 bail!(
                     "nothing to set: give --crash-interval, --app-interval, --retention-window, \
                      --retention-size, --rpo-alert or --verify-interval"
@@ -206,6 +256,7 @@ pub async fn run(cmd: FleetCmd) -> Result<()> {
                 c.set_policy(pb::SetPolicyRequest {
                     machine: machine.clone(),
                     policy: Some(p),
+                    reset,
                 })
                 .await,
                 &format!("setting the policy of {machine}"),
@@ -288,12 +339,12 @@ mod tests {
         assert_eq!(p.rpo_alert_ms, 60_000);
         assert!(policy(None, None, &PolicyArgs::default()).is_none());
         let default_rpo = PolicyArgs {
-            rpo_alert: Some(Duration::ZERO),
+            rpo_alert: Some(RpoAlert::Default),
             ..PolicyArgs::default()
         };
         assert!(
             policy(None, None, &default_rpo).is_none(),
-            "--rpo-alert 0 is the CS default, not 1 ms"
+            "--rpo-alert default (or 0) is the CS default, not 1 ms"
         );
         let FleetCmd::Policy {
             cmd: PolicyCmd::Set(set),
@@ -305,6 +356,32 @@ mod tests {
         assert_eq!(p.verify_interval_secs, 3600);
         assert_eq!(p.crash_interval_ms, 0, "not given: keeps its value");
         let bad = T::try_parse_from(["t", "policy", "set", "m1", "--retention-size", "lots"]);
+        assert!(bad.is_err());
+    }
+
+    #[test]
+    fn rpo_alert_takes_a_duration_default_or_off() {
+        let set = |value: &str| {
+            let FleetCmd::Policy {
+                cmd: PolicyCmd::Set(set),
+            } = fleet(&["policy", "set", "m1", "--rpo-alert", value])
+            else {
+                panic!("not policy set");
+            };
+            set
+        };
+        let s = set("30s");
+        assert_eq!(s.policy().unwrap().rpo_alert_ms, 30_000);
+        assert!(s.reset().is_empty());
+        for default in ["default", "0"] {
+            let s = set(default);
+            assert_eq!(s.policy(), None, "{default}: nothing set ...");
+            assert_eq!(s.reset(), vec!["rpo_alert"], "... and the alert reset");
+        }
+        let s = set("off");
+        assert_eq!(s.policy().unwrap().rpo_alert_ms, RPO_ALERT_OFF_MS);
+        assert!(s.reset().is_empty());
+        let bad = T::try_parse_from(["t", "policy", "set", "m1", "--rpo-alert", "never"]);
         assert!(bad.is_err());
     }
 
@@ -343,7 +420,7 @@ mod tests {
         assert!(matches!(
             t.cmd,
             OperatorCmd::Reprotect { ref policy, .. }
-                if policy.retention_size == Some(512 << 20) && policy.rpo_alert == Some(Duration::from_secs(30))
+                if policy.retention_size == Some(512 << 20) && policy.rpo_alert == Some(RpoAlert::After(Duration::from_secs(30)))
         ));
     }
 

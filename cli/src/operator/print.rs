@@ -240,6 +240,15 @@ fn or_default(v: u64, show: impl Fn(u64) -> String, default: &str) -> String {
 /// What an `rpo_alert_ms` of 0 means.
 const RPO_ALERT_DEFAULT: &str = "the CS default ([alerts] rpo_threshold, 60s)";
 
+/// A machine's RPO alert threshold: a duration, the CS default or off.
+fn rpo_alert(ms: u64) -> String {
+    if ms == super::fleet::RPO_ALERT_OFF_MS {
+        "off".into()
+    } else {
+        or_default(ms, dur, RPO_ALERT_DEFAULT)
+    }
+}
+
 /// A policy on one line: "crash 300ms, app 1h00m, retention 20.0s / the
 /// MT's default, RPO alert the CS default".
 pub fn policy_line(p: &pb::Policy) -> String {
@@ -253,7 +262,7 @@ pub fn policy_line(p: &pb::Policy) -> String {
         "crash {}, app {}, retention {window} / {size}, RPO alert {}, verify {}",
         dur(p.crash_interval_ms.into()),
         dur(u64::from(p.app_interval_secs) * 1000),
-        or_default(p.rpo_alert_ms, dur, RPO_ALERT_DEFAULT),
+        rpo_alert(p.rpo_alert_ms),
         or_default(
             p.verify_interval_secs,
             |s| format!("every {}", dur(s * 1000)),
@@ -278,10 +287,7 @@ pub fn policy_set(machine: &str, r: &pb::SetPolicyResponse) {
     println!("  retention window    {window}");
     let size = or_default(p.retention_max_bytes, bytes, "the MT's default");
     println!("  retention size cap  {size}");
-    println!(
-        "  RPO alert above     {}",
-        or_default(p.rpo_alert_ms, dur, RPO_ALERT_DEFAULT)
-    );
+    println!("  RPO alert above     {}", rpo_alert(p.rpo_alert_ms));
     println!(
         "  verify every        {}",
         or_default(p.verify_interval_secs, |s| dur(s * 1000), "off")
@@ -340,7 +346,10 @@ fn alerts_text(alerts: &[pb::Alert], all: bool, now: u64) -> Option<String> {
 /// "12.3s / 2.0s" for the RPO and retention kinds (seconds), "85% / 80%"
 /// for a cache (a fraction), "-" for kinds without a value.
 fn alert_value(a: &pb::Alert) -> String {
-    if a.value == 0.0 && a.threshold == 0.0 {
+    // A link error or a shrunk retention is there or not: no level to show.
+    if matches!(a.kind.as_str(), "link-error" | "retention-shrunk")
+        || (a.value == 0.0 && a.threshold == 0.0)
+    {
         return "-".into();
     }
     let secs = |s: f64| dur((s.max(0.0) * 1000.0).round() as u64);
@@ -710,6 +719,17 @@ mod alert_tests {
         assert!(lines[0].contains("SINCE      CLEARED"), "{t}");
         assert!(lines[1].contains("1m05s ago  1.5s ago  1.0s / 2.0s"), "{t}");
         assert_eq!(alerts_text(&[], true, now), None);
+    }
+
+    #[test]
+    fn link_errors_and_shrunk_retention_have_no_value_to_show() {
+        for kind in ["link-error", "retention-shrunk"] {
+            assert_eq!(alert_value(&alert(kind, 1.0, 0.0, 0)), "-", "{kind}");
+        }
+        assert_eq!(
+            alert_value(&alert("rpo-exceeded", 1.0, 0.5, 0)),
+            "1.0s / 500ms"
+        );
     }
 
     #[test]

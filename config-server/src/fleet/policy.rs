@@ -7,7 +7,7 @@
 use crate::bus::{Bus, ComponentKey};
 use crate::convert;
 use crate::error::CsError;
-use crate::store::{Policy, ReplState, Replication, Store};
+use crate::store::{Policy, ReplState, Replication, Store, RESET_RPO_ALERT};
 use rebound_common::pki::Role;
 use rebound_proto::control as pb;
 use rebound_proto::control::command::Cmd;
@@ -87,13 +87,28 @@ pub async fn set_policy(
     machine: &str,
     changes: &pb::Policy,
 ) -> Result<Applied, CsError> {
+    set_policy_resetting(store, bus, timeout, machine, changes, &[]).await
+}
+
+/// [`set_policy`], then the fields named in `reset` (`SetPolicyRequest.reset`)
+/// put back to their default.
+pub async fn set_policy_resetting(
+    store: &dyn Store,
+    bus: &dyn Bus,
+    timeout: Duration,
+    machine: &str,
+    changes: &pb::Policy,
+    reset: &[String],
+) -> Result<Applied, CsError> {
+    // Checked before anything is stored.
+    reset_fields(Policy::default(), reset)?;
     let mut m = store.get_machine(machine).await?.ok_or_else(|| {
         CsError::NotFound(format!(
             "machine {machine} is unknown: `rebound machines` lists the machines"
         ))
     })?;
     let before = m.policy;
-    m.policy = convert::policy_merge(m.policy, changes);
+    m.policy = reset_fields(convert::policy_merge(m.policy, changes), reset)?;
     store.put_machine(&m).await?;
     let current = store.current_replication(machine).await?;
     if let Some(r) = current.as_ref().filter(|r| running(r)) {
@@ -121,6 +136,23 @@ pub async fn set_policy(
         policy: m.policy,
         pending,
     })
+}
+
+/// `policy` with the fields named in `reset` at their default (0); an
+/// unknown name is refused.
+pub fn reset_fields(mut policy: Policy, reset: &[String]) -> Result<Policy, CsError> {
+    for name in reset {
+        match name.as_str() {
+            RESET_RPO_ALERT => policy.rpo_alert_ms = 0,
+            other => {
+                return Err(CsError::InvalidArgument(format!(
+                    "cannot reset policy field {other:?}: the fields that reset are \
+                     {RESET_RPO_ALERT:?}"
+                )))
+            }
+        }
+    }
+    Ok(policy)
 }
 
 /// Re-sends a component its current policy when it connects: an agent its

@@ -125,3 +125,56 @@ async fn remove_refuses_online_and_used_components_and_forgets_the_rest() {
         .collect();
     assert_eq!(ids, vec![("ps-old", "online"), ("ps1", "enrolled")]);
 }
+
+#[tokio::test]
+async fn rpo_alert_set_then_reset_reads_the_cs_default_and_off_has_no_threshold() {
+    use super::policy::set_policy_resetting;
+    use crate::alerts::readings::Rules;
+    use crate::metrics::rpo_threshold_secs;
+    use crate::store::{RESET_RPO_ALERT, RPO_ALERT_OFF};
+    use std::time::Duration;
+
+    let (_dir, store) = store().await;
+    let bus = CommandBus::new();
+    store
+        .put_machine(&Machine::test_at("m1", "onprem"))
+        .await
+        .unwrap();
+    let rules = Rules {
+        rpo_default: Duration::from_secs(60),
+        offline_grace: Duration::from_secs(10),
+        started_ms: 0,
+    };
+    let t = Duration::from_millis(100);
+    let set = |rpo_alert_ms: u64, reset: Vec<String>| {
+        let (store, bus) = (store.clone(), &bus);
+        async move {
+            let changes = pb::Policy {
+                rpo_alert_ms,
+                ..Default::default()
+            };
+            set_policy_resetting(store.as_ref(), bus, t, "m1", &changes, &reset).await
+        }
+    };
+    let threshold = |p: Policy| rpo_threshold_secs(&rules, &p);
+    let a = set(30_000, Vec::new()).await.unwrap();
+    assert_eq!(a.policy.rpo_alert_ms, 30_000);
+    assert_eq!(threshold(a.policy), Some(30.0));
+    let a = set(0, vec![RESET_RPO_ALERT.to_string()]).await.unwrap();
+    assert_eq!(a.policy.rpo_alert_ms, 0, "back to the CS default");
+    let stored = store.get_machine("m1").await.unwrap().unwrap();
+    assert_eq!(stored.policy.rpo_alert_ms, 0);
+    assert_eq!(threshold(stored.policy), Some(60.0));
+    assert_eq!(rules.rpo_threshold_ms(stored.policy.rpo_alert_ms), 60_000);
+
+    let a = set(RPO_ALERT_OFF, Vec::new()).await.unwrap();
+    assert_eq!(threshold(a.policy), None, "off: no threshold gauge");
+
+    let e = set(0, vec!["crash".to_string()]).await.unwrap_err();
+    assert!(e.to_string().contains("\"rpo_alert\""), "{e}");
+    let stored = store.get_machine("m1").await.unwrap().unwrap();
+    assert_eq!(
+        stored.policy.rpo_alert_ms, RPO_ALERT_OFF,
+        "refused: unchanged"
+    );
+}
