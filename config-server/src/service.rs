@@ -666,13 +666,32 @@ impl Admin for AdminService {
     async fn alerts(&self, req: Request<pb::AlertsRequest>) -> Res<pb::AlertsResponse> {
         admin(&req)?;
         let all = req.into_inner().all;
-        let log = crate::alerts::log::AlertLog::load(self.store.as_ref()).await?;
-        Ok(Response::new(pb::AlertsResponse {
+        Ok(Response::new(
+            alerts_listed(self.store.as_ref(), all).await?,
+        ))
+    }
+}
+
+/// `Admin.alerts`: the open alerts (and with `all` the cleared ones) as the
+/// store keeps them. An unreadable log answers an error that says what the
+/// CS does about it, not a bare database error.
+pub async fn alerts_listed(store: &dyn Store, all: bool) -> Result<pb::AlertsResponse, Status> {
+    match crate::alerts::log::AlertLog::load(store).await {
+        Ok(log) => Ok(pb::AlertsResponse {
             alerts: log
                 .listed(all)
                 .iter()
                 .map(convert::alert_to_proto)
                 .collect(),
-        }))
+        }),
+        Err(e @ crate::store::StoreError::Corrupt { .. }) => {
+            tracing::warn!("listing the alerts: {e}");
+            Err(Status::data_loss(format!(
+                "the CS cannot read its alert log: {e}. It keeps evaluating (open alerts are \
+                 raised again if still true) and writes a new log at the next alert raised or \
+                 cleared; until then the recent events of `rebound status` show past alerts"
+            )))
+        }
+        Err(e) => Err(e.into()),
     }
 }
