@@ -468,14 +468,11 @@ mod tests {
         assert!(!ep.render().contains("m1"));
     }
 
-    #[tokio::test]
-    async fn jobs_are_counted_by_kind_and_state_and_timed_once_finished() {
-        use crate::store::SqliteStore;
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("cs.db")).await.unwrap();
-        let job = |id: &str, state: JobState, ended_ms: u64| Job {
+    /// A job of `kind` on m1, created at 1 s, started at 2 s.
+    fn job(id: &str, kind: &str, state: JobState, ended_ms: u64) -> Job {
+        Job {
             id: id.into(),
-            kind: "protect".into(),
+            kind: kind.into(),
             machines: vec!["m1".into()],
             plan: String::new(),
             spec: "{}".into(),
@@ -489,7 +486,15 @@ mod tests {
             started_ms: 2_000,
             ended_ms,
             steps: Vec::new(),
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn jobs_are_counted_by_kind_and_state_and_timed_once_finished() {
+        use crate::store::SqliteStore;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("cs.db")).await.unwrap();
+        let job = |id: &str, state: JobState, ended_ms: u64| job(id, "protect", state, ended_ms);
         store
             .put_job(&job("old", JobState::Failed, 3_000))
             .await
@@ -534,23 +539,6 @@ mod tests {
         use crate::store::SqliteStore;
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("cs.db")).await.unwrap();
-        let job = |id: &str, kind: &str, state: JobState, ended_ms: u64| Job {
-            id: id.into(),
-            kind: kind.into(),
-            machines: vec!["m1".into()],
-            plan: String::new(),
-            spec: "{}".into(),
-            data: "{}".into(),
-            state,
-            progress: 0,
-            status: String::new(),
-            error: String::new(),
-            warnings: Vec::new(),
-            created_ms: 1_000,
-            started_ms: 2_000,
-            ended_ms,
-            steps: Vec::new(),
-        };
         let mut tally = JobTally::default();
         let mut timed = Vec::new();
         store
