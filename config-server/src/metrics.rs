@@ -489,6 +489,14 @@ mod tests {
         }
     }
 
+    /// One round of `tally`, the jobs it times added to `timed`.
+    async fn refresh(tally: &mut JobTally, store: &dyn Store, timed: &mut Vec<(String, f64)>) {
+        tally
+            .refresh(store, |k, s| timed.push((k.to_string(), s)))
+            .await
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn jobs_are_counted_by_kind_and_state_and_timed_once_finished() {
         use crate::store::SqliteStore;
@@ -505,10 +513,7 @@ mod tests {
             .unwrap();
         let mut tally = JobTally::default();
         let mut timed = Vec::new();
-        tally
-            .refresh(&store, |k, s| timed.push((k.to_string(), s)))
-            .await
-            .unwrap();
+        refresh(&mut tally, &store, &mut timed).await;
         assert!(
             timed.is_empty(),
             "jobs finished before the start are not timed"
@@ -523,10 +528,7 @@ mod tests {
             .await
             .unwrap();
         for _ in 0..2 {
-            tally
-                .refresh(&store, |k, s| timed.push((k.to_string(), s)))
-                .await
-                .unwrap();
+            refresh(&mut tally, &store, &mut timed).await;
         }
         assert_eq!(timed, vec![("protect".to_string(), 10.0)], "timed once");
         assert_eq!(count(&tally, "running"), None);
@@ -545,10 +547,7 @@ mod tests {
             .put_job(&job("long", "failover", JobState::Running, 0))
             .await
             .unwrap();
-        tally
-            .refresh(&store, |k, s| timed.push((k.to_string(), s)))
-            .await
-            .unwrap();
+        refresh(&mut tally, &store, &mut timed).await;
         for i in 0..(JOBS_PER_ROUND + 5) {
             let id = format!("verify-{i}");
             store
@@ -556,10 +555,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        tally
-            .refresh(&store, |k, s| timed.push((k.to_string(), s)))
-            .await
-            .unwrap();
+        refresh(&mut tally, &store, &mut timed).await;
         assert_eq!(timed.len(), (JOBS_PER_ROUND) as usize, "the window's");
         timed.clear();
         store
@@ -567,10 +563,7 @@ mod tests {
             .await
             .unwrap();
         for _ in 0..2 {
-            tally
-                .refresh(&store, |k, s| timed.push((k.to_string(), s)))
-                .await
-                .unwrap();
+            refresh(&mut tally, &store, &mut timed).await;
         }
         assert_eq!(timed, vec![("failover".to_string(), 7_200.0)], "timed once");
         let counts = tally.counts();
