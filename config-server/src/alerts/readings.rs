@@ -4,7 +4,7 @@
 
 use super::evaluate::{Kind, Reading};
 use super::view::View;
-use crate::store::{Health, ReplState};
+use crate::store::{Health, ReplState, RPO_ALERT_OFF};
 use rebound_common::pki::Role;
 use std::time::Duration;
 
@@ -78,7 +78,7 @@ fn rpo(view: &View, rules: &Rules, out: &mut Vec<Reading>) {
         let Some(r) = view.current.get(&m.id) else {
             continue;
         };
-        if r.state != ReplState::Protected {
+        if r.state != ReplState::Protected || m.policy.rpo_alert_ms == RPO_ALERT_OFF {
             continue;
         }
         let threshold = secs(rules.rpo_threshold_ms(m.policy.rpo_alert_ms));
