@@ -145,6 +145,9 @@ where
         }
     });
 
+    // Served before the jobs resume, so /healthz answers 503 while the CS
+    // recovers and 200 once it serves.
+    let metrics_task = metrics_listener.map(|l| tokio::spawn(endpoint.serve(l, stop_rx.clone())));
     let addr = listener
         .local_addr()
         .map_err(|e| CsError::io("cannot read the listener address", e))?;
@@ -166,7 +169,6 @@ where
         Duration::from_secs(1),
         stop_rx.clone(),
     ));
-    let metrics_task = metrics_listener.map(|l| tokio::spawn(endpoint.serve(l, stop_rx.clone())));
     let alerting = tokio::spawn(alerts::run(alerting, stop_rx.clone()));
     info!(listen = %addr, db = %config.db.display(), resumed_jobs = resumed, "configuration server started");
 
@@ -202,6 +204,7 @@ where
     let served = serve::until_stopped(server, stop_rx, SHUTDOWN_GRACE, "control streams")
         .await
         .map_err(|e| CsError::Internal(format!("gRPC server on {addr} failed: {e}")));
+    readiness.not_ready().await;
     monitor.abort();
     groups.abort();
     verifies.abort();

@@ -8,7 +8,7 @@
 //! is not reset when a CS crashes, so a component that never reconnects
 //! would otherwise stay online, and its last status be read as live.
 
-use crate::bus::{Bus, ComponentKey};
+use crate::bus::Bus;
 use crate::store::{Component, Health, Machine, ReplState, Replication, Store, StoreError};
 use prost::Message;
 use rebound_common::pki::Role;
@@ -33,8 +33,7 @@ impl View {
     pub async fn load(store: &dyn Store, bus: &dyn Bus) -> Result<View, StoreError> {
         let machines = store.list_machines().await?;
         let mut current = HashMap::new();
-        // Listed in creation order: the last one of a machine is current.
-        for r in store.list_replications(None).await? {
+        for r in store.current_replications().await? {
             current.insert(r.machine.clone(), r);
         }
         let components: Vec<Component> = store
@@ -43,7 +42,7 @@ impl View {
             .into_iter()
             .filter(|c| !c.revoked && matches!(c.role, Role::Agent | Role::Ps | Role::Mt))
             .map(|mut c| {
-                c.health = live_health(bus, &c);
+                c.health = crate::fleet::components::health(bus, &c);
                 c
             })
             .collect();
@@ -126,21 +125,5 @@ impl View {
             .find(|c| c.role == role && c.id == id)
             .map(|c| c.site.clone())
             .unwrap_or_default()
-    }
-}
-
-/// Online while the component holds a control stream to this CS; one that
-/// never connected stays enrolled; any other is offline.
-pub fn live_health(bus: &dyn Bus, c: &Component) -> Health {
-    let key = ComponentKey {
-        role: c.role,
-        id: c.id.clone(),
-    };
-    if bus.connection(&key).is_some() {
-        Health::Online
-    } else if c.health == Health::Enrolled {
-        Health::Enrolled
-    } else {
-        Health::Offline
     }
 }

@@ -39,8 +39,10 @@ pub fn version_mismatch(key: &ComponentKey, version: &str) -> Option<String> {
     ))
 }
 
-/// The health the CS sees now: online while its control stream is up.
-fn health(bus: &dyn Bus, c: &Component) -> Health {
+/// The health the CS sees now: online while its control stream is up; one
+/// that never connected stays enrolled; any other is offline (whatever
+/// the store says: a CS that crashed never wrote their offline).
+pub fn health(bus: &dyn Bus, c: &Component) -> Health {
     let key = ComponentKey {
         role: c.role,
         id: c.id.clone(),
