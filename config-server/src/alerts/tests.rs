@@ -102,6 +102,19 @@ async fn round(
         .collect()
 }
 
+/// A store in a temporary directory (kept alive by the returned guard)
+/// holding `machine` and its protected replication r1.
+async fn store_with(machine: Machine) -> (tempfile::TempDir, SqliteStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("cs.db")).await.unwrap();
+    store.put_machine(&machine).await.unwrap();
+    store
+        .put_replication(&Replication::test_protected("r1", 1))
+        .await
+        .unwrap();
+    (dir, store)
+}
+
 fn raised(kind: &str, subject: &str) -> (bool, String, String) {
     (true, kind.into(), subject.into())
 }
@@ -112,17 +125,8 @@ fn cleared(kind: &str, subject: &str) -> (bool, String, String) {
 
 #[tokio::test]
 async fn each_kind_is_raised_from_what_components_report_and_cleared() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("cs.db")).await.unwrap();
+    let (_dir, store) = store_with(Machine::test_at("m1", "onprem")).await;
     let bus = CommandBus::new();
-    store
-        .put_machine(&Machine::test_at("m1", "onprem"))
-        .await
-        .unwrap();
-    store
-        .put_replication(&Replication::test_protected("r1", 1))
-        .await
-        .unwrap();
     component(&store, &bus, Role::Agent, "m1", Health::Online).await;
     component(&store, &bus, Role::Ps, "ps1", Health::Online).await;
     component(&store, &bus, Role::Mt, "mt1", Health::Online).await;
@@ -244,17 +248,8 @@ async fn each_kind_is_raised_from_what_components_report_and_cleared() {
 /// raised after the grace, counted from the CS's start.
 #[tokio::test]
 async fn a_component_stored_online_without_a_stream_is_offline() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("cs.db")).await.unwrap();
+    let (_dir, store) = store_with(Machine::test_at("m1", "onprem")).await;
     let bus = CommandBus::new();
-    store
-        .put_machine(&Machine::test_at("m1", "onprem"))
-        .await
-        .unwrap();
-    store
-        .put_replication(&Replication::test_protected("r1", 1))
-        .await
-        .unwrap();
     // Stored online, with a status, but no control stream to this CS.
     component(&store, &bus, Role::Ps, "ps1", Health::Online).await;
     let conn = bus.connection(&key(Role::Ps, "ps1")).unwrap().conn_id;
@@ -331,18 +326,12 @@ async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 /// the receiver accepts, and only once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_raise_not_delivered_is_posted_once_after_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let sqlite = SqliteStore::open(&dir.path().join("cs.db")).await.unwrap();
+    let mut m = Machine::test_at("m1", "onprem");
+    m.policy.rpo_alert_ms = 1_000;
+    let (_dir, sqlite) = store_with(m).await;
     let store: Arc<dyn Store> = Arc::new(sqlite.clone());
     let bus = Arc::new(CommandBus::new());
     let now = rebound_common::time::now_ms();
-    let mut m = Machine::test_at("m1", "onprem");
-    m.policy.rpo_alert_ms = 1_000;
-    sqlite.put_machine(&m).await.unwrap();
-    sqlite
-        .put_replication(&Replication::test_protected("r1", 1))
-        .await
-        .unwrap();
     component(&sqlite, &bus, Role::Agent, "m1", Health::Online).await;
     let bytes = pb::Status {
         status: Some(agent(5_000, "")),
