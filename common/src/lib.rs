@@ -1,7 +1,7 @@
 //! Common pieces shared by every Rebound component (DESIGN.md §2): the
 //! allocator setting and large-block cache, the change-frame codec, block
-//! hashing, PKI and TLS loading, config loading, telemetry init,
-//! durable-file helpers, the hand-over journal ([`handover_journal`], the
+//! hashing, PKI and TLS loading, config loading, telemetry init, the
+//! `/metrics` and `/healthz` endpoint ([`metrics`]), durable-file helpers, the hand-over journal ([`handover_journal`], the
 //! agent's and the master target's shared file), the NBD server, and the
 //! component side of the control plane: the control-channel client
 //! ([`control`]) and the enrollment client ([`enrollment`]).
