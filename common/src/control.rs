@@ -52,7 +52,12 @@ use tracing::{debug, error, info, warn};
 pub struct CsConfig {
     /// The CS, `host:port`.
     pub addr: String,
-    /// TLS server name of the CS; "" means the host of `addr`.
+    /// The other CS processes of the deployment (an active and standby pair
+    /// on PostgreSQL), `host:port` each: tried in turn when the one in use
+    /// does not answer.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub standby: Vec<String>,
+    /// TLS server name of the CS; "" means the host of the address dialed.
     pub server_name: String,
 }
 

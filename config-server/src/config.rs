@@ -25,7 +25,7 @@ pub struct Config {
     /// Address of `/metrics` and `/healthz` (docs/METRICS.md); empty turns
     /// the endpoint off.
     pub metrics_listen: String,
-    /// The SQLite database file.
+    /// The SQLite database file (used when `[store] url` is empty).
     pub db: PathBuf,
     /// The CA's private key (PEM), used to sign enrolled components.
     pub ca_key: PathBuf,
@@ -56,6 +56,32 @@ pub struct Config {
     pub tls: TlsFiles,
     /// When the CS raises alerts and where it sends them (docs/METRICS.md).
     pub alerts: AlertsConfig,
+    /// Where the state lives: the SQLite file `db` by default, or a
+    /// PostgreSQL server that two CS processes (active and standby) share.
+    pub store: StoreConfig,
+}
+
+/// The `[store]` section (docs/DEPLOY.md, "PostgreSQL and a standby CS").
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `postgres://USER@HOST:PORT/DB` (sqlx's URL form, `?sslmode=…`
+    /// allowed): keep the state in PostgreSQL. Every CS process on the same
+    /// database is one deployment: the one holding the lease serves, the
+    /// others wait as standbys. Empty: the SQLite file `db`.
+    pub url: String,
+    /// With `url`: the file holding the key (64 hex digits) that seals the
+    /// enrollment CA's private key in the database, so a standby CS signs
+    /// with the same CA. Every CS of the deployment needs a copy (mode
+    /// 0600); `rebound-cs init --store-url` writes it.
+    pub secret_key_file: PathBuf,
+}
+
+impl StoreConfig {
+    /// Whether the state is in PostgreSQL (else SQLite).
+    pub fn is_postgres(&self) -> bool {
+        !self.url.is_empty()
+    }
 }
 
 /// The `[alerts]` section.
@@ -173,6 +199,7 @@ impl Config {
             hook_dir: dir.join("hooks"),
             tls: TlsFiles::in_dir(dir, "cs"),
             alerts: AlertsConfig::default(),
+            store: StoreConfig::default(),
         }
     }
 

@@ -11,6 +11,7 @@
 
 pub mod admin_cert;
 pub mod alerts;
+pub mod backup;
 pub mod bus;
 pub mod config;
 pub mod control;

@@ -55,6 +55,27 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Copy the SQLite database to FILE, consistent, while the CS runs
+    /// (a PostgreSQL deployment is backed up with pg_dump or the server's
+    /// own backups).
+    Backup {
+        /// Config file of the CS; default /etc/rebound/cs.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Where to write the copy (must not exist).
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Put a copy `backup` made in place of the SQLite database. The CS
+    /// must be stopped; the database it replaces is kept beside it.
+    Restore {
+        /// Config file of the CS; default /etc/rebound/cs.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The copy to restore.
+        #[arg(long)]
+        from: PathBuf,
+    },
     /// Replace the enrollment passphrase (enrolled components stay valid).
     /// Prints the new one and writes it to FILE (mode 0600).
     RotatePassphrase {
@@ -156,6 +177,16 @@ async fn real_main(cmd: Cmd) -> Result<()> {
                 a.cert.display(),
                 a.key.display()
             );
+            Ok(())
+        }
+        Cmd::Backup { config, to } => {
+            let cfg: rebound_cs::Config = cli_args::load_config(config.as_deref())?;
+            println!("{}", rebound_cs::backup::backup(&cfg, &to).await?);
+            Ok(())
+        }
+        Cmd::Restore { config, from } => {
+            let cfg: rebound_cs::Config = cli_args::load_config(config.as_deref())?;
+            println!("{}", rebound_cs::backup::restore(&cfg, &from).await?);
             Ok(())
         }
         Cmd::RotatePassphrase { config, out } => {

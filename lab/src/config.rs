@@ -66,6 +66,7 @@ pub fn cs_link(cs_addr: &str) -> CsConfig {
     CsConfig {
         addr: cs_addr.to_string(),
         server_name: rebound_common::tls::host_of(cs_addr).into(),
+        standby: Vec::new(),
     }
 }
 

@@ -222,6 +222,7 @@ async fn hello_heartbeat_status_commands_dedup_events_and_reconnect() {
     let handle = spawn(
         CsConfig {
             addr,
+            standby: Vec::new(),
             server_name: String::new(),
         },
         pki.agent.clone(),
@@ -304,6 +305,7 @@ async fn refused_hello_is_retried_slowly_and_not_connected() {
     let handle = spawn(
         CsConfig {
             addr,
+            standby: Vec::new(),
             server_name: "127.0.0.1".into(),
         },
         pki.agent.clone(),

@@ -19,6 +19,7 @@ fn renewal(cs: &Cs, tls: &TlsFiles) -> Renewal {
         issuer: Arc::new(ControlIssuer {
             cs: CsConfig {
                 addr: cs.addr.clone(),
+                standby: Vec::new(),
                 server_name: "localhost".into(),
             },
             tls: tls.clone(),

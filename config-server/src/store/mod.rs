@@ -4,8 +4,9 @@
 //! events, a few settings (the passphrase verifier), and the trust records:
 //! issued certificates and enrollment tokens (`trust.rs`).
 //!
-//! SQLite (`sqlite.rs`) is the default engine; PostgreSQL will implement the
-//! same trait for an HA deployment. The trait is **object safe** — every
+//! SQLite (`sqlite.rs`) is the default engine; PostgreSQL (`postgres.rs`)
+//! implements the same trait for an HA deployment, where an active and a
+//! standby CS share one database ([`open`] picks by `[store] url`). The trait is **object safe** — every
 //! method returns a boxed future (`BoxFut`) — so the engine is picked at run
 //! time from the config and the whole server shares one `Arc<dyn Store>`
 //! without making every service generic over it. The cost of one allocation
@@ -17,6 +18,7 @@
 //! nothing that was acknowledged.
 
 pub mod records;
+pub mod scratch;
 pub mod sqlite;
 pub mod trust;
 
@@ -48,6 +50,30 @@ pub enum StoreError {
 }
 
 pub use rebound_common::time::now_ms;
+
+/// Opens the store the config names: PostgreSQL at `store.url`, else the
+/// SQLite file `db`. Migrations are applied on open.
+pub async fn open(
+    store: &crate::config::StoreConfig,
+    db: &std::path::Path,
+) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    if !store.is_postgres() {
+        return Ok(std::sync::Arc::new(SqliteStore::open(db).await?));
+    }
+    let url = &store.url;
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(StoreError::Open {
+            path: url.clone(),
+            message: "[store] url must start with postgres:// (or be empty for the SQLite \
+                      file db)"
+                .into(),
+        });
+    }
+    Err(StoreError::Open {
+        path: url.clone(),
+        message: "the PostgreSQL store is not built into this rebound-cs".into(),
+    })
+}
 
 /// Health of a component as the CS sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -527,6 +553,9 @@ pub struct Event {
 
 /// The storage trait. See the module doc for why it is object safe.
 pub trait Store: Send + Sync {
+    /// Closes the connections (at stop); every write was durable already.
+    fn close(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+
     // ---- settings (small named blobs: the passphrase verifier and salt)
     fn get_setting<'a>(&'a self, key: &'a str) -> BoxFut<'a, Option<Vec<u8>>>;
     fn put_setting<'a>(&'a self, key: &'a str, value: &'a [u8]) -> BoxFut<'a, ()>;

@@ -242,6 +242,10 @@ impl SqliteStore {
 }
 
 impl Store for SqliteStore {
+    fn close(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(SqliteStore::close(self))
+    }
+
     fn get_setting<'a>(&'a self, key: &'a str) -> BoxFut<'a, Option<Vec<u8>>> {
         let w = "reading a setting";
         let sql = sqlx::query("SELECT value FROM settings WHERE key = ?").bind(key);
