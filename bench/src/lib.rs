@@ -35,6 +35,7 @@ pub mod report;
 pub mod resync;
 pub mod rpo;
 pub mod rto;
+pub mod scale;
 pub mod sampler;
 pub mod scraper;
 pub mod soak;
