@@ -1,0 +1,2 @@
+//! `rebound-cs backup` and `restore` of the SQLite deployment, with the real
+//! binaries.
