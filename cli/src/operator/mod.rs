@@ -139,18 +139,19 @@ pub enum OperatorCmd {
         args: ShowArgs,
     },
     /// Start protecting a machine: replicate it from the site it runs at to
-    /// SITE through process server PS (at its site) and master target MT (at
-    /// SITE). The job runs the initial sync and ends when the first recovery
-    /// point exists.
+    /// SITE through process server PS (at its site; without --ps the
+    /// least-loaded online one) and master target MT (at SITE). The job runs
+    /// the initial sync and ends when the first recovery point exists.
     Protect {
         /// Machine id (its agent must have registered: see `rebound machines`).
         machine: String,
         /// Target site.
         #[arg(long = "to")]
         to_site: String,
-        /// Process server id at the machine's site.
+        /// Process server id at the machine's site (default: the online PS
+        /// there carrying the fewest replications; the job names it).
         #[arg(long)]
-        ps: String,
+        ps: Option<String>,
         /// Master target id at the target site.
         #[arg(long)]
         mt: String,
@@ -222,9 +223,10 @@ pub enum OperatorCmd {
     Reprotect {
         #[command(flatten)]
         targets: TargetArgs,
-        /// Process server at the site the machines run at now.
+        /// Process server at the site the machines run at now (default: the
+        /// online PS there carrying the fewest replications).
         #[arg(long)]
-        ps: String,
+        ps: Option<String>,
         /// Master target at the site they left (default: that site's MT).
         #[arg(long)]
         mt: Option<String>,
@@ -411,7 +413,7 @@ async fn run_inner(cmd: OperatorCmd) -> Result<()> {
                 .protect(pb::ProtectRequest {
                     machine: machine.clone(),
                     to_site,
-                    ps,
+                    ps: ps.unwrap_or_default(),
                     mt,
                     group: group.unwrap_or_default(),
                     policy,
@@ -501,7 +503,7 @@ async fn run_inner(cmd: OperatorCmd) -> Result<()> {
             let r = c
                 .reprotect(pb::ReprotectRequest {
                     targets: Some(targets.to_proto()),
-                    ps,
+                    ps: ps.unwrap_or_default(),
                     mt: mt.unwrap_or_default(),
                     wait_agent_secs: wait_agent.map(|d| d.as_secs().max(1)).unwrap_or(0),
                     policy: fleet::policy(None, None, &policy),
@@ -788,5 +790,9 @@ mod tests {
             t.cmd,
             OperatorCmd::Reprotect { wait_agent: Some(d), .. } if d.as_secs() == 120
         ));
+        let t = T::try_parse_from(["t", "protect", "m1", "--to", "b", "--mt", "mt-b"]).unwrap();
+        assert!(matches!(t.cmd, OperatorCmd::Protect { ps: None, .. }));
+        let t = T::try_parse_from(["t", "reprotect", "m1"]).unwrap();
+        assert!(matches!(t.cmd, OperatorCmd::Reprotect { ps: None, .. }));
     }
 }

@@ -19,7 +19,8 @@
 //! - `test_failover.rs`, `verify.rs` (and its schedule), `movement.rs`:
 //!   those jobs' checks and steps;
 //! - `stall.rs`: why a waiting step makes no progress (its components' errors);
-//! - `group.rs`: the consistency-group barrier.
+//! - `group.rs`: the consistency-group barrier;
+//! - `placement.rs`: the least-loaded PS of a site, when a request names none.
 //!
 //! Requests are validated before a job is created, so an operator error
 //! (wrong direction, no point yet, wrong state) comes back from the RPC at
@@ -28,6 +29,7 @@
 pub mod checks;
 pub mod group;
 mod movement;
+mod placement;
 mod points;
 mod retention;
 pub mod source_copy;
@@ -134,6 +136,8 @@ impl Lifecycle {
         &self.settings
     }
 
+    /// Protects `machine` to `to_site` through `ps` (empty: the
+    /// least-loaded online PS of its site) and `mt` (empty: the site's MT).
     pub async fn protect(
         &self,
         machine: &str,
@@ -143,10 +147,11 @@ impl Lifecycle {
         group: &str,
         policy: Policy,
     ) -> Result<Job, CsError> {
+        let ps = self.ps_for(machine, ps).await?;
         self.submit(JobSpec::Protect {
             machine: machine.into(),
             to_site: to_site.into(),
-            ps: ps.into(),
+            ps,
             mt: mt.into(),
             group: group.into(),
             policy,
@@ -196,6 +201,8 @@ impl Lifecycle {
         .await
     }
 
+    /// Protects committed machines in the reverse direction through `ps`
+    /// (empty: the least-loaded online PS of the site the first runs at).
     pub async fn reprotect(
         &self,
         targets: &Targets,
@@ -205,10 +212,14 @@ impl Lifecycle {
         policy: Option<Policy>,
     ) -> Result<Job, CsError> {
         let (machines, plan) = self.resolve(targets).await?;
+        let ps = match machines.first() {
+            Some(first) => self.ps_for(first, ps).await?,
+            None => ps.to_string(),
+        };
         self.submit(JobSpec::Reprotect {
             machines,
             plan: plan.map(|p| p.name).unwrap_or_default(),
-            ps: ps.into(),
+            ps,
             mt: mt.into(),
             wait_agent_secs: wait_agent
                 .unwrap_or(self.settings.wait_agent)

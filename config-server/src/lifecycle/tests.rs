@@ -759,3 +759,4 @@ async fn busy_machines_and_bad_requests_are_refused() {
 
 mod fleet;
 mod jobs;
+mod placement;
