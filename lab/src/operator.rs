@@ -19,7 +19,7 @@ impl Sites {
     /// The same with another certificate dir (holding ca.pem, admin.pem,
     /// admin.key).
     pub fn cli_with_certs(&self, args: &[&str], certs: &Path) -> Result<CliRun> {
-        cli::run(&self.bins, &self.cs_addr, certs, args)
+        cli::run(&self.bins, &self.cs_dial, certs, args)
     }
 
     /// A CLI command that must succeed; its stdout.

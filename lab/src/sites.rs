@@ -27,6 +27,7 @@
 //! Layout of the lab dir:
 //! ```text
 //! cs/                        the deployment (`rebound-cs init`); cs.log beside
+//! cs2/                       the standby CS's (`init --join`), when asked for; cs2.log
 //! <site>/<ps id>.toml, <site>/<ps id>/   PS config, enrolled certs, cache
 //! <site>/mt.toml, mt/        MT config, certs, data (mt/data/<repl>/replica/<disk>.img)
 //! agents/<m>/certs           the machine's enrolled agent certificate (moves with it)
@@ -45,15 +46,19 @@ use crate::pki::Enroller;
 use crate::process::{self, Procs, START_TIMEOUT};
 use crate::wait::{wait_for, wait_until};
 use anyhow::{anyhow, bail, Context, Result};
+pub use cs::{KilledCs, StandbyCs, CS, CS_STANDBY};
 use rebound_agent::config::{Config as AgentConfig, DiskConfig};
 use rebound_common::tls::TlsFiles;
+use rebound_cs::store::scratch::ScratchDb;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
+
+mod cs;
 
 /// The placeholder the power_on hook replaces with the agent's state dir.
 pub(crate) const STATE_DIR_MARK: &str = "@STATE_DIR@";
@@ -75,6 +80,13 @@ pub struct SitesOptions {
     /// Every daemon serves `/metrics` on a port of its host (its
     /// `metrics_listen`); false writes `metrics_listen = ""` (off).
     pub metrics: bool,
+    /// The CS keeps its state in a PostgreSQL database of the lab's own
+    /// (on the server `REBOUND_TEST_PG_URL` names; the lab fails without
+    /// it); false: the SQLite file, as `rebound-cs init` makes it.
+    pub postgres: bool,
+    /// A standby CS on a host of its own (needs `postgres`), started
+    /// after the first and waiting for the store lease (`cs2`).
+    pub standby_cs: bool,
 }
 
 impl Default for SitesOptions {
@@ -87,6 +99,8 @@ impl Default for SitesOptions {
             crash_interval_ms: 1000,
             heartbeat_secs: 0.5,
             metrics: true,
+            postgres: false,
+            standby_cs: false,
         }
     }
 }
@@ -108,12 +122,19 @@ pub struct Sites {
     pub opts: SitesOptions,
     pub bins: Bins,
     pub cs_addr: String,
+    /// What the CLI and enrollment dial (`--cs`, `REBOUND_CS`): `cs_addr`,
+    /// then the standby CS's address when there is one.
+    pub cs_dial: String,
     /// The deployment dir: ca.pem, admin.pem, admin.key, passphrase, config.toml.
     pub cs_dir: PathBuf,
     pub sites: BTreeMap<String, SiteAddrs>,
     /// The NBD listener of each machine's agent per site ("m1@azure").
     pub agent_nbd: BTreeMap<String, SocketAddr>,
     procs: Procs,
+    /// The standby CS, when the options ask for one.
+    pub standby_cs: Option<StandbyCs>,
+    /// The CS store's PostgreSQL database (dropped after the processes).
+    store_db: Option<ScratchDb>,
 }
 
 /// `<machine>@<site>`.
@@ -165,22 +186,46 @@ impl Sites {
         Ok(s)
     }
 
-    /// Only the CS, in `dir`.
+    /// Only the CS (and its standby, when asked for), in `dir`.
     pub fn cs_in_dir(dir: &Path, opts: SitesOptions) -> Result<Sites> {
+        if opts.standby_cs && !opts.postgres {
+            bail!("a standby CS needs the store on PostgreSQL (SitesOptions::postgres)");
+        }
         std::fs::create_dir_all(dir)?;
+        let store_db = if opts.postgres {
+            Some(cs::scratch_db()?)
+        } else {
+            None
+        };
+        let cs_addr = Host::next().addr().to_string();
+        let standby_cs = opts.standby_cs.then(|| StandbyCs {
+            addr: Host::next().addr().to_string(),
+            dir: dir.join("cs2"),
+        });
+        let cs_dial = match &standby_cs {
+            Some(sb) => format!("{cs_addr},{}", sb.addr),
+            None => cs_addr.clone(),
+        };
         let mut s = Sites {
             dir: dir.to_path_buf(),
             temp: None,
             bins: Bins::locate()?,
-            cs_addr: Host::next().addr().to_string(),
+            cs_addr,
+            cs_dial,
             cs_dir: dir.join("cs"),
             sites: BTreeMap::new(),
             agent_nbd: BTreeMap::new(),
             procs: Procs::new(dir),
             opts,
+            standby_cs,
+            store_db,
         };
         s.init_cs()?;
         s.start_cs()?;
+        if let Some(sb) = s.standby_cs.clone() {
+            s.init_standby_cs(&sb)?;
+            s.start_standby_cs()?;
+        }
         s.write_hook_scripts()?;
         Ok(s)
     }
@@ -199,47 +244,6 @@ impl Sites {
     }
 
     // ------------------------------------------------------------ CS
-
-    /// `rebound-cs init` with short heartbeats and waits for tests.
-    fn init_cs(&self) -> Result<()> {
-        let host = rebound_common::tls::host_of(&self.cs_addr);
-        let out = Command::new(self.bins.path("rebound-cs")?)
-            .args(["init", "--dir"])
-            .arg(&self.cs_dir)
-            .args(["--listen", &self.cs_addr, "--name", host])
-            .output()
-            .context("cannot run rebound-cs init")?;
-        if !out.status.success() {
-            bail!(
-                "rebound-cs init failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let path = self.cs_dir.join("config.toml");
-        let mut cfg: rebound_cs::Config = config::read_toml(&path)?;
-        cfg.heartbeat_secs = self.opts.heartbeat_secs;
-        cfg.metrics_listen = config::metrics_listen(
-            host.parse().context("the CS host is not an IP address")?,
-            self.opts.metrics,
-        );
-        cfg.command_timeout_secs = 30;
-        cfg.drain_timeout_secs = 60;
-        cfg.initial_sync_timeout_secs = 120;
-        config::write_toml(&path, &cfg)
-    }
-
-    fn start_cs(&mut self) -> Result<()> {
-        let addr: SocketAddr = self.cs_addr.parse()?;
-        let bin = self.bins.path("rebound-cs")?;
-        self.procs
-            .start("cs", &bin, &self.cs_dir.join("config.toml"), addr)
-    }
-
-    /// Stops (SIGTERM) and starts the CS again over the same database.
-    pub fn restart_cs(&mut self) -> Result<()> {
-        self.stop("cs")?;
-        self.start_cs()
-    }
 
     /// `<binary> enroll --cs --id --out`: an agent with the passphrase, a
     /// PS or MT with a token the lab's admin creates first.
@@ -278,7 +282,7 @@ impl Sites {
     fn enroller<'a>(&'a self, passphrase_file: &'a Path) -> Enroller<'a> {
         Enroller {
             bins: &self.bins,
-            cs_addr: &self.cs_addr,
+            cs_addr: &self.cs_dial,
             passphrase_file,
             admin_certs: Some(&self.cs_dir),
         }
@@ -319,7 +323,7 @@ impl Sites {
                 TlsFiles::in_dir(&dir.join("certs"), "ps"),
             );
             cfg.site = site.into();
-            cfg.cs = config::cs_link(&self.cs_addr);
+            cfg.cs = self.cs_link();
             if !self.opts.metrics {
                 cfg.metrics_listen.clear();
             }
@@ -341,7 +345,7 @@ impl Sites {
             TlsFiles::in_dir(&self.path(&format!("{site}/mt/certs")), "mt"),
         );
         cfg.site = site.into();
-        cfg.cs = config::cs_link(&self.cs_addr);
+        cfg.cs = self.cs_link();
         if !self.opts.metrics {
             cfg.metrics_listen.clear();
         }
@@ -432,7 +436,7 @@ impl Sites {
             crash_interval_ms: self.opts.crash_interval_ms,
             shutdown_drain_secs: 10,
             tls: TlsFiles::in_dir(&self.agent_certs(machine), "agent"),
-            cs: config::cs_link(&self.cs_addr),
+            cs: self.cs_link(),
             ..AgentConfig::default()
         };
         std::fs::write(d.join("agent.in.toml"), config::agent_without_disks(&cfg)?)?;
@@ -459,7 +463,7 @@ impl Sites {
     }
 
     /// Where a daemon of the lab serves `/metrics` and `/healthz` (its
-    /// config's `metrics_listen`): `who` is "cs", a PS id, an MT id
+    /// config's `metrics_listen`): `who` is "cs" (the standby "cs2"), a PS id, an MT id
     /// (`mt-<site>`) or "agent:<machine>@<site>".
     pub fn metrics_addr(&self, who: &str) -> Result<SocketAddr> {
         crate::metrics::metrics_addr(&self.config_file(who)?)
@@ -467,8 +471,8 @@ impl Sites {
 
     /// The config file of a daemon of the lab (see [`Sites::metrics_addr`]).
     pub fn config_file(&self, who: &str) -> Result<PathBuf> {
-        if who == "cs" {
-            return Ok(self.cs_dir.join("config.toml"));
+        if who == cs::CS || who == cs::CS_STANDBY {
+            return Ok(self.cs_dir_of(who)?.join("config.toml"));
         }
         if let Some(key) = who.strip_prefix("agent:") {
             let (m, site) = key
@@ -731,7 +735,7 @@ impl Drop for Sites {
         }
         process::kill_everything_under(&self.dir);
         let names = self.procs.names();
-        // Agents first, the CS last.
+        // Agents first, the CSs last.
         let mut order: Vec<&str> = names
             .iter()
             .filter(|n| n.starts_with("agent"))
@@ -740,7 +744,7 @@ impl Drop for Sites {
         order.extend(
             names
                 .iter()
-                .filter(|n| !n.starts_with("agent") && *n != "cs")
+                .filter(|n| !n.starts_with("agent") && !n.starts_with("cs"))
                 .map(String::as_str),
         );
         self.procs.kill_all(&order);
