@@ -17,9 +17,13 @@
 //! Every write is durable when the method returns, so a CS restart loses
 //! nothing that was acknowledged.
 
+pub mod postgres;
 pub mod records;
+pub(crate) mod rows;
 pub mod scratch;
 pub mod sqlite;
+#[cfg(test)]
+mod suite;
 pub mod trust;
 
 use rebound_common::pki::Role;
@@ -29,6 +33,7 @@ use std::future::Future;
 use std::pin::Pin;
 use thiserror::Error;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use trust::{IssuedCert, Token};
 
@@ -39,6 +44,11 @@ pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Se
 pub enum StoreError {
     #[error("cannot open the database {path}: {message} (check the config key db and that the directory exists and is writable)")]
     Open { path: String, message: String },
+    #[error(
+        "cannot open the PostgreSQL database {url}: {message} (check [store] url, that the \
+             server runs and accepts this user, and that the database exists)"
+    )]
+    Connect { url: String, message: String },
     #[error(
         "database migration failed on {path}: {message} (is the database from a newer rebound-cs?)"
     )]
@@ -62,17 +72,14 @@ pub async fn open(
     }
     let url = &store.url;
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-        return Err(StoreError::Open {
-            path: url.clone(),
+        return Err(StoreError::Connect {
+            url: postgres::redact_url(url),
             message: "[store] url must start with postgres:// (or be empty for the SQLite \
                       file db)"
                 .into(),
         });
     }
-    Err(StoreError::Open {
-        path: url.clone(),
-        message: "the PostgreSQL store is not built into this rebound-cs".into(),
-    })
+    Ok(std::sync::Arc::new(PgStore::open(url).await?))
 }
 
 /// Health of a component as the CS sees it.

@@ -7,15 +7,14 @@
 //! Queries are plain runtime SQL (no compile-time checking), so building the
 //! crate needs no database.
 
-mod rows;
 mod trust;
 
+use super::rows::{self, json, q, Cols};
 use super::*;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::Row;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -27,58 +26,12 @@ pub struct SqliteStore {
     path: PathBuf,
 }
 
-fn q(what: &str) -> impl FnOnce(sqlx::Error) -> StoreError + '_ {
-    move |e| StoreError::Query {
-        what: what.to_string(),
-        message: e.to_string(),
-    }
-}
-
-fn corrupt(what: &str, message: impl Into<String>) -> StoreError {
-    StoreError::Corrupt {
-        what: what.to_string(),
-        message: message.into(),
-    }
-}
-
-fn json<T: Serialize>(v: &T) -> String {
-    // Serializing our own plain structs cannot fail.
-    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
-}
-
-fn from_json<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T, StoreError> {
-    serde_json::from_str(s).map_err(|e| corrupt(what, format!("{e} in {s:?}")))
-}
-
-fn get<'r, T>(row: &'r SqliteRow, col: &str, what: &str) -> Result<T, StoreError>
-where
-    T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
-{
-    row.try_get(col)
-        .map_err(|e| corrupt(what, format!("column {col}: {e}")))
-}
-
-fn get_u64(row: &SqliteRow, col: &str, what: &str) -> Result<u64, StoreError> {
-    Ok(get::<i64>(row, col, what)? as u64)
-}
-
-fn role_of(s: &str, what: &str) -> Result<Role, StoreError> {
-    Role::parse(s).ok_or_else(|| corrupt(what, format!("unknown role {s:?}")))
-}
-
 /// A statement with its bound values, as the helpers below take it.
 type Sql<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
 
 /// Turns one row into a value.
 trait Decode<T>: Fn(&SqliteRow) -> Result<T, StoreError> + Send {}
 impl<T, F: Fn(&SqliteRow) -> Result<T, StoreError> + Send> Decode<T> for F {}
-
-/// A row decoder: the JSON `body` column of the tables that keep one.
-fn body<T: serde::de::DeserializeOwned>(
-    what: &'static str,
-) -> impl Fn(&SqliteRow) -> Result<T, StoreError> + Send {
-    move |r| from_json(what, &get::<String>(r, "body", what)?)
-}
 
 impl SqliteStore {
     /// Runs a statement that returns no rows; `what` names it in errors.
@@ -126,24 +79,6 @@ impl SqliteStore {
             let rows = sql.fetch_all(&self.pool).await.map_err(q(what))?;
             rows.iter().map(row).collect()
         })
-    }
-
-    /// Every row of a query, decoded by `row`, which may read child rows.
-    async fn all_nested<'a, T, Fut>(
-        &'a self,
-        what: &'static str,
-        sql: Sql<'a>,
-        row: impl Fn(SqliteRow) -> Fut,
-    ) -> Result<Vec<T>, StoreError>
-    where
-        Fut: Future<Output = Result<T, StoreError>>,
-    {
-        let rows = sql.fetch_all(&self.pool).await.map_err(q(what))?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            out.push(row(r).await?);
-        }
-        Ok(out)
     }
 
     /// Runs `statements` in one transaction: all of them take effect or none.
@@ -197,32 +132,31 @@ impl SqliteStore {
         self.pool.close().await;
     }
 
-    async fn machine_from_row(&self, row: SqliteRow) -> Result<Machine, StoreError> {
-        let w = "reading a machine";
-        let row = &row;
-        let id: String = get(row, "id", w)?;
-        let sql =
-            sqlx::query("SELECT idx, name, size, path FROM disks WHERE machine = ? ORDER BY idx");
-        let disks = self
-            .all("reading a machine's disks", sql.bind(&id), Self::disk_row)
-            .await?;
-        Ok(Machine {
-            policy: from_json(w, &get::<String>(row, "policy", w)?)?,
-            site: get(row, "site", w)?,
-            group: get(row, "grp", w)?,
-            created_ms: get_u64(row, "created_ms", w)?,
-            disks,
-            id,
-        })
+    /// The machines `sql` selects, with their disks: two queries whatever
+    /// the number of machines. `disks` selects the disks of those machines.
+    async fn machines<'a>(
+        &'a self,
+        sql: Sql<'a>,
+        disks: Sql<'a>,
+    ) -> Result<Vec<Machine>, StoreError> {
+        let w = "reading machines";
+        let mut machines = self.all(w, sql, rows::machine_head).await?;
+        let disks = self.all(w, disks, rows::disk).await?;
+        rows::attach_disks(&mut machines, disks);
+        Ok(machines)
     }
 
-    async fn job_from_row(&self, row: SqliteRow) -> Result<Job, StoreError> {
-        let mut job = Self::job_head_row(&row)?;
-        let sql = sqlx::query("SELECT * FROM job_steps WHERE job = ? ORDER BY idx");
-        job.steps = self
-            .all("reading a job's steps", sql.bind(&job.id), Self::step_row)
-            .await?;
-        Ok(job)
+    /// `jobs` with their steps, read with one query.
+    async fn with_steps(&self, mut jobs: Vec<Job>) -> Result<Vec<Job>, StoreError> {
+        let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+        let sql = sqlx::query(
+            "SELECT * FROM job_steps WHERE job IN (SELECT value FROM json_each(?))
+             ORDER BY job, idx",
+        )
+        .bind(json(&ids));
+        let steps = self.all("reading jobs' steps", sql, rows::step).await?;
+        rows::attach_steps(&mut jobs, steps);
+        Ok(jobs)
     }
 
     /// The query of `list_jobs` and `list_job_heads`.
@@ -249,7 +183,7 @@ impl Store for SqliteStore {
     fn get_setting<'a>(&'a self, key: &'a str) -> BoxFut<'a, Option<Vec<u8>>> {
         let w = "reading a setting";
         let sql = sqlx::query("SELECT value FROM settings WHERE key = ?").bind(key);
-        self.one(w, sql, move |r| get::<Vec<u8>>(r, "value", w))
+        self.one(w, sql, move |r| r.bytes("value", w))
     }
 
     fn put_setting<'a>(&'a self, key: &'a str, value: &'a [u8]) -> BoxFut<'a, ()> {
@@ -275,7 +209,7 @@ impl Store for SqliteStore {
 
     fn list_sites(&self) -> BoxFut<'_, Vec<String>> {
         let sql = sqlx::query("SELECT name FROM sites ORDER BY name");
-        self.all("listing sites", sql, |r| get(r, "name", "listing sites"))
+        self.all("listing sites", sql, rows::text("name", "listing sites"))
     }
 
     fn put_component<'a>(&'a self, c: &'a Component) -> BoxFut<'a, ()> {
@@ -310,7 +244,7 @@ impl Store for SqliteStore {
             sqlx::query("SELECT * FROM components WHERE role = ? AND id = ?")
                 .bind(role.as_str())
                 .bind(id),
-            Self::component_row,
+            rows::component,
         )
     }
 
@@ -318,7 +252,7 @@ impl Store for SqliteStore {
         self.all(
             "listing components",
             sqlx::query("SELECT * FROM components ORDER BY role, id"),
-            Self::component_row,
+            rows::component,
         )
     }
 
@@ -397,17 +331,20 @@ impl Store for SqliteStore {
     }
 
     fn get_machine<'a>(&'a self, id: &'a str) -> BoxFut<'a, Option<Machine>> {
-        let sql = sqlx::query("SELECT * FROM machines WHERE id = ?").bind(id);
         Box::pin(async move {
+            let sql = sqlx::query("SELECT * FROM machines WHERE id = ?").bind(id);
+            let disks = sqlx::query("SELECT * FROM disks WHERE machine = ? ORDER BY idx").bind(id);
             // `id` is the primary key: at most one row.
-            let found = self.all_nested("reading a machine", sql, |r| self.machine_from_row(r));
-            Ok(found.await?.pop())
+            Ok(self.machines(sql, disks).await?.pop())
         })
     }
 
     fn list_machines(&self) -> BoxFut<'_, Vec<Machine>> {
-        let sql = sqlx::query("SELECT * FROM machines ORDER BY id");
-        Box::pin(self.all_nested("listing machines", sql, |r| self.machine_from_row(r)))
+        Box::pin(async move {
+            let sql = sqlx::query("SELECT * FROM machines ORDER BY id");
+            let disks = sqlx::query("SELECT * FROM disks ORDER BY machine, idx");
+            self.machines(sql, disks).await
+        })
     }
 
     fn put_replication<'a>(&'a self, r: &'a Replication) -> BoxFut<'a, ()> {
@@ -443,7 +380,7 @@ impl Store for SqliteStore {
         self.one(
             "reading a replication",
             sqlx::query("SELECT * FROM replications WHERE id = ?").bind(id),
-            Self::replication_row,
+            rows::replication,
         )
     }
 
@@ -452,7 +389,7 @@ impl Store for SqliteStore {
             "reading a machine's replication",
             sqlx::query("SELECT * FROM replications WHERE machine = ? ORDER BY ord DESC LIMIT 1")
                 .bind(machine),
-            Self::replication_row,
+            rows::replication,
         )
     }
 
@@ -472,7 +409,7 @@ impl Store for SqliteStore {
                 }
             }
             .map_err(q("listing replications"))?;
-            rows.iter().map(Self::replication_row).collect()
+            rows.iter().map(rows::replication).collect()
         })
     }
 
@@ -484,7 +421,7 @@ impl Store for SqliteStore {
                    (SELECT MAX(ord) FROM replications GROUP BY machine)
                  ORDER BY ord",
             ),
-            Self::replication_row,
+            rows::replication,
         )
     }
 
@@ -504,7 +441,7 @@ impl Store for SqliteStore {
         self.one(
             "reading a consistency group",
             sqlx::query("SELECT * FROM consistency_groups WHERE name = ?").bind(name),
-            Self::group_row,
+            rows::group,
         )
     }
 
@@ -512,7 +449,7 @@ impl Store for SqliteStore {
         self.all(
             "listing consistency groups",
             sqlx::query("SELECT * FROM consistency_groups ORDER BY name"),
-            Self::group_row,
+            rows::group,
         )
     }
 
@@ -535,7 +472,7 @@ impl Store for SqliteStore {
     fn get_plan<'a>(&'a self, name: &'a str) -> BoxFut<'a, Option<Plan>> {
         let w = "reading a recovery plan";
         let sql = sqlx::query("SELECT body FROM plans WHERE name = ?").bind(name);
-        self.one(w, sql, body(w))
+        self.one(w, sql, rows::body(w))
     }
 
     fn list_plans(&self) -> BoxFut<'_, Vec<Plan>> {
@@ -543,7 +480,7 @@ impl Store for SqliteStore {
         self.all(
             w,
             sqlx::query("SELECT body FROM plans ORDER BY name"),
-            body(w),
+            rows::body(w),
         )
     }
 
@@ -600,21 +537,27 @@ impl Store for SqliteStore {
     }
 
     fn get_job<'a>(&'a self, id: &'a str) -> BoxFut<'a, Option<Job>> {
-        let sql = sqlx::query("SELECT * FROM jobs WHERE id = ?").bind(id);
         Box::pin(async move {
-            // `id` is the primary key: at most one row.
-            let found = self.all_nested("reading a job", sql, |r| self.job_from_row(r));
-            Ok(found.await?.pop())
+            let sql = sqlx::query("SELECT * FROM jobs WHERE id = ?").bind(id);
+            let head = self.one("reading a job", sql, rows::job_head).await?;
+            match head {
+                Some(j) => Ok(self.with_steps(vec![j]).await?.pop()),
+                None => Ok(None),
+            }
         })
     }
 
     fn list_jobs<'a>(&'a self, filter: &'a JobFilter) -> BoxFut<'a, Vec<Job>> {
-        let sql = Self::jobs_query(filter);
-        Box::pin(self.all_nested("listing jobs", sql, |r| self.job_from_row(r)))
+        Box::pin(async move {
+            let jobs = self.list_job_heads(filter).await?;
+            self.with_steps(jobs).await
+        })
     }
 
     fn list_job_heads<'a>(&'a self, filter: &'a JobFilter) -> BoxFut<'a, Vec<Job>> {
-        self.all("listing jobs", Self::jobs_query(filter), Self::job_head_row)
+        self.all("listing jobs", Self::jobs_query(filter), |r| {
+            rows::job_head(r)
+        })
     }
 
     fn put_point_summary<'a>(
@@ -633,7 +576,7 @@ impl Store for SqliteStore {
     fn get_point_summary<'a>(&'a self, replication: &'a str) -> BoxFut<'a, Option<PointSummary>> {
         let w = "reading a recovery-point summary";
         let sql = sqlx::query("SELECT body FROM point_summaries WHERE replication = ?");
-        self.one(w, sql.bind(replication), body(w))
+        self.one(w, sql.bind(replication), rows::body(w))
     }
 
     fn add_event<'a>(&'a self, e: &'a Event) -> BoxFut<'a, ()> {
@@ -654,18 +597,8 @@ impl Store for SqliteStore {
     }
 
     fn recent_events(&self, limit: u32) -> BoxFut<'_, Vec<Event>> {
-        let w = "listing events";
         let sql = sqlx::query("SELECT * FROM events ORDER BY seq DESC LIMIT ?");
-        self.all(w, sql.bind(limit as i64), move |r| {
-            Ok(Event {
-                time_ms: get_u64(r, "time_ms", w)?,
-                component: get(r, "component", w)?,
-                severity: get(r, "severity", w)?,
-                kind: get(r, "kind", w)?,
-                message: get(r, "message", w)?,
-                replication: get(r, "replication", w)?,
-            })
-        })
+        self.all("listing events", sql.bind(limit as i64), rows::event)
     }
 
     fn put_issued_cert<'a>(&'a self, c: &'a IssuedCert) -> BoxFut<'a, ()> {

@@ -2,43 +2,8 @@
 //! certificates and enrollment tokens. The `Store` impl in `sqlite.rs`
 //! calls these.
 
+use super::rows::{self, ms, CERT, TOKEN};
 use super::*;
-
-const CERT: &str = "reading an issued certificate";
-const TOKEN: &str = "reading an enrollment token";
-
-fn opt_u64(row: &SqliteRow, col: &str, what: &str) -> Result<Option<u64>, StoreError> {
-    Ok(get::<Option<i64>>(row, col, what)?.map(|v| v as u64))
-}
-
-fn cert_row(row: &SqliteRow) -> Result<IssuedCert, StoreError> {
-    Ok(IssuedCert {
-        serial: get(row, "serial", CERT)?,
-        role: role_of(&get::<String>(row, "role", CERT)?, CERT)?,
-        id: get(row, "id", CERT)?,
-        issued_ms: get_u64(row, "issued_ms", CERT)?,
-        expiry_ms: get_u64(row, "expiry_ms", CERT)?,
-        revoked_ms: opt_u64(row, "revoked_ms", CERT)?,
-    })
-}
-
-fn token_row(row: &SqliteRow) -> Result<Token, StoreError> {
-    Ok(Token {
-        token_id: get(row, "token_id", TOKEN)?,
-        role: role_of(&get::<String>(row, "role", TOKEN)?, TOKEN)?,
-        id: get(row, "id", TOKEN)?,
-        verifier: get(row, "verifier", TOKEN)?,
-        created_ms: get_u64(row, "created_ms", TOKEN)?,
-        expires_ms: get_u64(row, "expires_ms", TOKEN)?,
-        used_ms: opt_u64(row, "used_ms", TOKEN)?,
-    })
-}
-
-/// u64 milliseconds as SQLite's INTEGER, saturating (a far-future expiry
-/// must still compare as later than now).
-fn ms(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
 
 pub(super) fn put_issued_cert<'a>(s: &'a SqliteStore, c: &'a IssuedCert) -> BoxFut<'a, ()> {
     s.run(
@@ -75,7 +40,7 @@ pub(super) fn revoke_certs<'a>(
     .bind(role.as_str())
     .bind(id)
     .bind(ms(now_ms));
-    s.all(w, sql, move |r| get(r, "serial", w))
+    s.all(w, sql, rows::text("serial", w))
 }
 
 pub(super) fn revoked_serials(s: &SqliteStore, now_ms: u64) -> BoxFut<'_, Vec<String>> {
@@ -85,7 +50,7 @@ pub(super) fn revoked_serials(s: &SqliteStore, now_ms: u64) -> BoxFut<'_, Vec<St
          WHERE revoked_ms IS NOT NULL AND expiry_ms > ? ORDER BY serial",
     )
     .bind(ms(now_ms));
-    s.all(w, sql, move |r| get(r, "serial", w))
+    s.all(w, sql, rows::text("serial", w))
 }
 
 pub(super) fn latest_cert<'a>(
@@ -99,7 +64,7 @@ pub(super) fn latest_cert<'a>(
     )
     .bind(role.as_str())
     .bind(id);
-    s.one(CERT, sql, cert_row)
+    s.one(CERT, sql, rows::issued_cert)
 }
 
 pub(super) fn live_certs<'a>(
@@ -116,7 +81,7 @@ pub(super) fn live_certs<'a>(
     .bind(role.as_str())
     .bind(id)
     .bind(ms(now_ms));
-    s.all(CERT, sql, cert_row)
+    s.all(CERT, sql, rows::issued_cert)
 }
 
 pub(super) fn get_issued_cert<'a>(
@@ -124,7 +89,7 @@ pub(super) fn get_issued_cert<'a>(
     serial: &'a str,
 ) -> BoxFut<'a, Option<IssuedCert>> {
     let sql = sqlx::query("SELECT * FROM issued_certs WHERE serial = ?").bind(serial);
-    s.one(CERT, sql, cert_row)
+    s.one(CERT, sql, rows::issued_cert)
 }
 
 pub(super) fn put_token<'a>(s: &'a SqliteStore, t: &'a Token) -> BoxFut<'a, ()> {
@@ -146,7 +111,7 @@ pub(super) fn put_token<'a>(s: &'a SqliteStore, t: &'a Token) -> BoxFut<'a, ()> 
 
 pub(super) fn get_token<'a>(s: &'a SqliteStore, token_id: &'a str) -> BoxFut<'a, Option<Token>> {
     let sql = sqlx::query("SELECT * FROM tokens WHERE token_id = ?").bind(token_id);
-    s.one(TOKEN, sql, token_row)
+    s.one(TOKEN, sql, rows::token)
 }
 
 pub(super) fn redeem_token<'a>(
@@ -162,7 +127,7 @@ pub(super) fn redeem_token<'a>(
         .bind(ms(now_ms))
         .bind(token_id);
         if let Some(mut t) = s
-            .one("redeeming an enrollment token", claim, token_row)
+            .one("redeeming an enrollment token", claim, rows::token)
             .await?
         {
             t.used_ms = None;
