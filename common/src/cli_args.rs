@@ -6,6 +6,7 @@
 //! the same way, and each `main` stays a thin dispatch over its library.
 
 use crate::config::ConfigError;
+use crate::control::CsConfig;
 use crate::enrollment::{
     checked_names, default_server_names, enroll_with, Credential, EnrollError, EnrollOptions,
     Enrolled, NameError, TokenText,
@@ -97,8 +98,9 @@ impl RunArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct EnrollArgs {
     /// The configuration server, host:port (the host must be in its
-    /// certificate).
-    #[arg(long)]
+    /// certificate); with a standby CS, every CS comma-separated, the
+    /// active first (`--cs cs1:7443,cs2:7443`): tried in turn.
+    #[arg(long, value_name = "ADDR[,ADDR…]")]
     pub cs: String,
     /// File holding the deployment passphrase (`rebound-cs init` printed
     /// it). Agents only, for a machine id with no live certificate.
@@ -215,9 +217,17 @@ impl EnrollArgs {
     }
 
     /// What `enroll` prints: who enrolled where, the names it serves TLS
-    /// for, the CA fingerprint to compare, and the config sections to paste.
+    /// for, the CA fingerprint to compare, and the config sections to paste
+    /// (`[cs]` with every address of `--cs`: the first as `addr`, the
+    /// others as `standby`).
     pub fn summary(&self, role: Role, e: &Enrolled) -> String {
-        let (id, cs) = (&self.id, &self.cs);
+        let id = &self.id;
+        let cs = CsConfig::from_list(&self.cs);
+        let standby = if cs.standby.is_empty() {
+            String::new()
+        } else {
+            format!("\nstandby = {:?}", cs.standby)
+        };
         let machine = if role == Role::Agent {
             format!("machine_id = {id:?}\n")
         } else {
@@ -231,11 +241,11 @@ impl EnrollArgs {
             e.server_names.join(", ")
         };
         format!(
-            "enrolled as {role}:{id} with the configuration server at {cs}\n\
+            "enrolled as {role}:{id} with the configuration server at {}\n\
              TLS server names: {names}\n\
              CA fingerprint (blake3): {}\n\
-             {machine}[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[cs]\naddr = {cs:?}",
-            e.ca_fingerprint, e.ca, e.cert, e.key
+             {machine}[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[cs]\naddr = {:?}{standby}",
+            e.cs_addr, e.ca_fingerprint, e.ca, e.cert, e.key, cs.addr
         )
     }
 }
@@ -358,15 +368,39 @@ mod tests {
             key: "/x/agent.key".into(),
             ca_fingerprint: "ff".into(),
             server_names: vec!["ps1".into(), "10.0.0.3".into()],
+            cs_addr: "localhost:7443".into(),
         };
         let s = a.summary(Role::Agent, &e);
         assert!(
             s.contains("machine_id = \"m1\"\n[tls]\nca = \"/x/ca.pem\""),
             "{s}"
         );
+        assert!(s.ends_with("[cs]\naddr = \"localhost:7443\""), "{s}");
         let ps = a.summary(Role::Ps, &e);
         assert!(!ps.contains("machine_id"));
         assert!(ps.contains("TLS server names: ps1, 10.0.0.3"), "{ps}");
+        // Every CS of --cs goes into [cs]: the first as addr, the rest as
+        // standby; the summary names the one that answered.
+        let pair = EnrollArgs {
+            cs: "cs1:7443, cs2:7443,cs3:7443".into(),
+            ..a.clone()
+        };
+        let e = Enrolled {
+            cs_addr: "cs2:7443".into(),
+            ..e
+        };
+        let s = pair.summary(Role::Agent, &e);
+        assert!(
+            s.contains("with the configuration server at cs2:7443\n"),
+            "{s}"
+        );
+        assert!(
+            s.ends_with("[cs]\naddr = \"cs1:7443\"\nstandby = [\"cs2:7443\", \"cs3:7443\"]"),
+            "{s}"
+        );
+        let tail = s.split("[cs]\n").nth(1).unwrap();
+        let cs: CsConfig = toml::from_str(tail).unwrap();
+        assert_eq!(cs.addrs(), ["cs1:7443", "cs2:7443", "cs3:7443"]);
     }
 
     #[test]

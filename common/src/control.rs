@@ -12,14 +12,16 @@
 //! run is still going, by that run's result when it ends).
 //!
 //! Any error ends the stream; the task logs it at warn (once per kind of
-//! failure, not on every retry) and reconnects with backoff from 200 ms to
-//! 5 s. A refusal at hello time (the CS answered the stream with e.g.
+//! failure and address, not on every retry) and reconnects: to the next
+//! address of the CS at once (`[cs] addr`, then `standby`: a standby CS
+//! does not listen until it takes over), with backoff from 200 ms to 5 s
+//! only after every address failed in a row (`cs_addrs.rs`). A refusal at hello time (the CS answered the stream with e.g.
 //! `PERMISSION_DENIED` from the split-brain guard) is logged at error with
-//! the CS's message and retried every 5 s.
+//! the CS's message and retried at the same address every 5 s.
 
 use crate::pki::Role;
 use crate::tls::{error_chain, TlsFiles};
-use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use backon::ExponentialBuilder;
 use rebound_proto::control::control_client::ControlClient;
 use rebound_proto::control::{
     component_message, server_message, Command, CommandResult, ComponentMessage, Event, Heartbeat,
@@ -45,6 +47,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tracing::{debug, error, info, warn};
 
+mod cs_addrs;
+use cs_addrs::Rounds;
+pub use cs_addrs::{in_turn, split_addrs, Tried};
+
 /// `[cs]` section of agent/PS/MT configs. Empty `addr` = no configuration
 /// server (standalone).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -58,6 +64,7 @@ pub struct CsConfig {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub standby: Vec<String>,
     /// TLS server name of the CS; "" means the host of the address dialed.
+    /// A name set here is checked at every address.
     pub server_name: String,
 }
 
@@ -66,9 +73,10 @@ impl CsConfig {
         !self.addr.is_empty()
     }
 
-    /// The name the CS's certificate is checked against.
+    /// The name the certificate of the CS at `addr` (the first address) is
+    /// checked against; [`CsConfig::server_name_at`] for any address.
     pub fn server_name(&self) -> &str {
-        crate::tls::server_name_for(&self.server_name, &self.addr)
+        self.server_name_at(&self.addr)
     }
 }
 
@@ -267,39 +275,55 @@ enum End {
 impl Task {
     async fn run(self, mut events: mpsc::Receiver<Event>, mut shutdown: watch::Receiver<bool>) {
         let (res_tx, mut res_rx) = mpsc::unbounded_channel::<CommandResult>();
-        let mut backoff = BACKOFF.build();
-        let mut last_logged = String::new();
+        let addrs: Vec<String> = self.cs.addrs().into_iter().map(String::from).collect();
+        let mut rounds = Rounds::new(addrs.len());
+        // The last failure logged at warn, per address.
+        let mut last_logged = vec![String::new(); addrs.len()];
         loop {
             if *shutdown.borrow() {
                 return;
             }
+            let at = rounds.current();
+            let addr = &addrs[at];
             let end = self
                 .session(
+                    addr,
                     &mut events,
                     &mut shutdown,
                     &res_tx,
                     &mut res_rx,
-                    &mut backoff,
+                    &mut rounds,
                 )
                 .await;
             self.connected.store(false, Ordering::Relaxed);
             let wait = match end {
                 End::Shutdown => return,
                 End::Refused(msg) => {
-                    error!(cs = %self.cs.addr, "the configuration server refused this component: {msg}; retrying every {} s", REFUSED_RETRY.as_secs());
-                    last_logged.clear();
+                    error!(cs = %addr, "the configuration server refused this component: {msg}; retrying every {} s", REFUSED_RETRY.as_secs());
+                    last_logged[at].clear();
+                    rounds.refused();
                     REFUSED_RETRY
                 }
                 End::Error(msg) => {
-                    if msg != last_logged {
-                        warn!(cs = %self.cs.addr, "control channel: {msg}; reconnecting");
-                        last_logged = msg;
+                    let wait = rounds.failed();
+                    let next = &addrs[rounds.current()];
+                    let then = if wait.is_zero() {
+                        format!("trying {next}")
                     } else {
-                        debug!(cs = %self.cs.addr, "control channel: {msg}; reconnecting");
+                        format!("trying {next} in {} ms", wait.as_millis())
+                    };
+                    if msg != last_logged[at] {
+                        warn!(cs = %addr, "control channel: {msg}; {then}");
+                        last_logged[at] = msg;
+                    } else {
+                        debug!(cs = %addr, "control channel: {msg}; {then}");
                     }
-                    backoff.next().unwrap_or(BACKOFF_MAX)
+                    wait
                 }
             };
+            if wait.is_zero() {
+                continue;
+            }
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.wait_for(|s| *s) => return,
@@ -307,17 +331,19 @@ impl Task {
         }
     }
 
-    /// One connection, from connect to the end of the stream.
+    /// One connection to the CS at `addr`, from connect to the end of the
+    /// stream.
     async fn session(
         &self,
+        addr: &str,
         events: &mut mpsc::Receiver<Event>,
         shutdown: &mut watch::Receiver<bool>,
         res_tx: &mpsc::UnboundedSender<CommandResult>,
         res_rx: &mut mpsc::UnboundedReceiver<CommandResult>,
-        backoff: &mut ExponentialBackoff,
+        rounds: &mut Rounds,
     ) -> End {
         let channel = tokio::select! {
-            c = self.tls.connect(&self.cs.addr, self.cs.server_name(), Role::Cs) => match c {
+            c = self.tls.connect(addr, self.cs.server_name_at(addr), Role::Cs) => match c {
                 Ok(c) => c,
                 Err(e) => return End::Error(e.to_string()),
             },
@@ -352,8 +378,8 @@ impl Task {
             Ok(Ok(Some(_))) => return End::Error("the first message was not a welcome".into()),
         };
         self.connected.store(true, Ordering::Relaxed);
-        *backoff = BACKOFF.build();
-        info!(cs = %self.cs.addr, heartbeat_ms = heartbeat.as_millis() as u64, "connected to the configuration server");
+        rounds.connected();
+        info!(cs = %addr, heartbeat_ms = heartbeat.as_millis() as u64, "connected to the configuration server");
         let mut tick = tokio::time::interval(heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

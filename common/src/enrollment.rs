@@ -1,6 +1,7 @@
 //! Enrollment (DESIGN.md §3), the component side: what `rebound-agent|
-//! rebound-ps|rebound-mt enroll --cs ADDR --passphrase-file F | --token T`
-//! calls ([`enroll_with`]), plus the primitives both sides share (the
+//! rebound-ps|rebound-mt enroll --cs ADDR[,ADDR…] --passphrase-file F |
+//! --token T` calls ([`enroll_with`]: each CS address in turn until one
+//! answers), plus the primitives both sides share (the
 //! passphrase proofs in `proof.rs`, the token text in `token.rs`).
 //!
 //! A fresh component has a key pair it makes itself and either the
@@ -117,6 +118,8 @@ pub enum EnrollError {
     Invalid(String),
     #[error("cannot reach the configuration server at {addr}: {message} (check --cs and that rebound-cs runs there)")]
     Connect { addr: String, message: String },
+    #[error("cannot reach any configuration server: {tried} (check that --cs lists the deployment's CS addresses and that rebound-cs runs at one of them; a standby CS answers only once it has taken over)")]
+    Unreachable { tried: String },
     #[error("the configuration server at {addr} refused the enrollment: {message}")]
     Refused { addr: String, message: String },
     #[error("the configuration server at {addr} is not trusted: {message}. Nothing was written; check --cs points at your CS and that no proxy sits in between")]
@@ -137,8 +140,9 @@ pub enum EnrollError {
 /// What to enroll as, and where.
 #[derive(Debug, Clone)]
 pub struct EnrollOptions {
-    /// The CS, `host:port`. `host` must be a name in the CS certificate
-    /// (what `rebound-cs init` printed as its names).
+    /// The CS, `host:port`, or every CS of the deployment comma-separated
+    /// (the active first; tried in turn). Each `host` must be a name in
+    /// that CS's certificate (what `rebound-cs init` printed as its names).
     pub cs_addr: String,
     pub credential: Credential,
     pub role: Role,
@@ -160,6 +164,9 @@ pub struct Enrolled {
     pub ca_fingerprint: String,
     /// The names the certificate serves TLS for (none for an agent).
     pub server_names: Vec<String>,
+    /// The address of the CS that enrolled (the first of `--cs` that
+    /// answered).
+    pub cs_addr: String,
 }
 
 /// Enrolls `role:id` with the CS at `cs_addr` and writes the files into
@@ -218,9 +225,43 @@ async fn enroll_local(
     .await
 }
 
-/// Enrolls as described by `opts`. See the module doc for what is checked.
+/// Enrolls as described by `opts`, with the first CS address that answers
+/// (one that cannot be reached moves on to the next; an answer, even a
+/// refusal, ends the turn). See the module doc for what is checked.
 pub async fn enroll_with(opts: &EnrollOptions) -> Result<Enrolled, EnrollError> {
-    let addr = opts.cs_addr.clone();
+    let addrs = crate::control::split_addrs(&opts.cs_addr);
+    if addrs.is_empty() {
+        return Err(EnrollError::Invalid(
+            "--cs names no address: give host:port of the configuration server (several \
+             comma-separated when it has a standby)"
+                .into(),
+        ));
+    }
+    for a in &addrs {
+        connect::host_of(a)?;
+    }
+    crate::control::in_turn(
+        &addrs,
+        |addr| enroll_at(opts, addr),
+        |e| matches!(e, EnrollError::Connect { .. }),
+    )
+    .await
+    .map_err(|t| {
+        t.into_error(|all| EnrollError::Unreachable {
+            tried: all
+                .iter()
+                .map(|e| match e {
+                    EnrollError::Connect { addr, message } => format!("{addr}: {message}"),
+                    other => other.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+        })
+    })
+}
+
+/// Enrolls with the CS at `addr`.
+async fn enroll_at(opts: &EnrollOptions, addr: String) -> Result<Enrolled, EnrollError> {
     if !enrollable(opts.role) {
         return Err(EnrollError::Invalid(format!(
             "role {} cannot enroll: only agent, ps, mt and admin do",
@@ -433,6 +474,7 @@ pub async fn enroll_with(opts: &EnrollOptions) -> Result<Enrolled, EnrollError> 
         key: opts.out_dir.join(format!("{role}.key")),
         ca_fingerprint: hex(blake3::hash(&ca_der).as_bytes()),
         server_names,
+        cs_addr: addr,
     })
 }
 
@@ -478,4 +520,45 @@ fn write_files(
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(cs_addr: String) -> EnrollOptions {
+        EnrollOptions {
+            cs_addr,
+            credential: Credential::Passphrase("p".into()),
+            role: Role::Agent,
+            id: "m1".into(),
+            server_names: Vec::new(),
+            out_dir: PathBuf::from("/nonexistent/never-written"),
+        }
+    }
+
+    /// A loopback address nothing listens on.
+    fn refusing() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    }
+
+    #[tokio::test]
+    async fn every_cs_address_is_tried_and_named() {
+        crate::tls::install_crypto_provider();
+        let (a, b) = (refusing(), refusing());
+        let e = enroll_with(&options(format!("{a},{b}"))).await.unwrap_err();
+        assert!(matches!(e, EnrollError::Unreachable { .. }), "{e:?}");
+        let text = e.to_string();
+        assert!(text.contains(&a) && text.contains(&b), "{text}");
+        assert!(text.contains("standby"), "{text}");
+        // One address keeps the error of that address.
+        let e = enroll_with(&options(a.clone())).await.unwrap_err();
+        assert!(matches!(e, EnrollError::Connect { .. }), "{e:?}");
+        // An entry that is no host:port is refused before anything is dialed.
+        let e = enroll_with(&options(format!("{a},cs2"))).await.unwrap_err();
+        assert!(e.to_string().contains("\"cs2\" is not host:port"), "{e}");
+        let e = enroll_with(&options(" , ".into())).await.unwrap_err();
+        assert!(e.to_string().contains("names no address"), "{e}");
+    }
 }

@@ -28,6 +28,30 @@ struct FakeCs {
     /// Close the first stream after this many results (0 = never).
     close_after: usize,
     streams: Arc<AtomicU32>,
+    /// Ends every stream when it turns true (a CS that stops).
+    stop: watch::Receiver<bool>,
+}
+
+impl FakeCs {
+    /// A CS that welcomes every hello, reports to `seen` and ends its
+    /// streams when `stop` turns true.
+    fn plain(seen: mpsc::UnboundedSender<Seen>, stop: watch::Receiver<bool>) -> FakeCs {
+        FakeCs {
+            seen,
+            refuse: Arc::new(AtomicBool::new(false)),
+            commands: Vec::new(),
+            close_after: 0,
+            streams: Arc::new(AtomicU32::new(0)),
+            stop,
+        }
+    }
+}
+
+/// Resolves when `stop` turns true; never when its sender is gone.
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 #[tonic::async_trait]
@@ -73,9 +97,17 @@ impl Control for FakeCs {
         }
         let seen = self.seen.clone();
         let close_after = if n == 0 { self.close_after } else { 0 };
+        let stop = self.stop.clone();
         tokio::spawn(async move {
             let mut results = 0;
-            while let Ok(Some(m)) = up.message().await {
+            let stop = stopped(stop);
+            tokio::pin!(stop);
+            loop {
+                let m = tokio::select! {
+                    m = up.message() => m,
+                    _ = &mut stop => break,
+                };
+                let Ok(Some(m)) = m else { break };
                 let s = match m.msg {
                     Some(component_message::Msg::Heartbeat(_)) => Seen::Heartbeat,
                     Some(component_message::Msg::Status(_)) => Seen::Status,
@@ -125,6 +157,31 @@ fn pki() -> Pki {
 async fn serve(tls: &TlsFiles, cs: FakeCs) -> String {
     let routes = tonic::service::Routes::new(ControlServer::new(cs));
     crate::tls::tests::serve_routes(tls, &crate::tls::Revocations::new(), routes).await
+}
+
+/// Serves `cs` at `addr`; aborting the task closes the listener, so new
+/// connections are refused as at a CS that stopped.
+async fn serve_at(tls: &TlsFiles, addr: &str, cs: FakeCs) -> tokio::task::JoinHandle<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let incoming = tls
+        .acceptor(
+            crate::tls::ClientAuth::Required,
+            &crate::tls::Revocations::new(),
+        )
+        .unwrap()
+        .incoming(listener);
+    let server = tonic::transport::Server::builder()
+        .add_service(ControlServer::new(cs))
+        .serve_with_incoming(incoming);
+    tokio::spawn(async move {
+        let _ = server.await;
+    })
+}
+
+/// A loopback address nothing listens on (bound, then closed).
+async fn refusing_addr() -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap().to_string()
 }
 
 struct Handler {
@@ -212,6 +269,7 @@ async fn hello_heartbeat_status_commands_dedup_events_and_reconnect() {
         commands: vec![tag_cmd("c1"), tag_cmd("c1"), tag_cmd("c2"), timed_out],
         close_after: 3,
         streams: Arc::new(AtomicU32::new(0)),
+        stop: watch::channel(false).1,
     };
     let streams = cs.streams.clone();
     let addr = serve(&pki.server, cs).await;
@@ -299,6 +357,7 @@ async fn refused_hello_is_retried_slowly_and_not_connected() {
         commands: Vec::new(),
         close_after: 0,
         streams: Arc::new(AtomicU32::new(0)),
+        stop: watch::channel(false).1,
     };
     let addr = serve(&pki.server, cs).await;
     let (stop_tx, stop) = watch::channel(false);
@@ -358,4 +417,186 @@ fn cs_config_parses_and_rejects_unknown_keys() {
     assert_eq!(c.server_name(), "cs");
     assert!(c.enabled());
     assert!(toml::from_str::<CsConfig>("adr = \"x\"").is_err());
+}
+
+fn handler() -> Arc<Handler> {
+    Arc::new(Handler {
+        calls: AtomicU32::new(0),
+    })
+}
+
+/// Waits until the control task says it is connected.
+async fn until_connected(handle: &ControlHandle, within: Duration) {
+    let t0 = std::time::Instant::now();
+    while !handle.connected() {
+        assert!(t0.elapsed() < within, "not connected within {within:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_refusing_first_address_moves_on_to_the_next_at_once() {
+    let pki = pki();
+    let refusing = refusing_addr().await;
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let serving = serve(&pki.server, FakeCs::plain(seen_tx, watch::channel(false).1)).await;
+    let (stop_tx, stop) = watch::channel(false);
+    let t0 = std::time::Instant::now();
+    let handle = spawn(
+        CsConfig::from_list(&format!("{refusing},{serving}")),
+        pki.agent.clone(),
+        handler(),
+        stop,
+    );
+    assert!(matches!(next(&mut seen).await, Seen::Hello(_)));
+    until_connected(&handle, Duration::from_secs(10)).await;
+    // No backoff between the two addresses of one round.
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    let _ = stop_tx.send(true);
+}
+
+#[tokio::test]
+async fn a_component_follows_the_cs_to_the_standby_and_back() {
+    let pki = pki();
+    // CS 2 is a standby: it does not listen until CS 1 stops.
+    let (addr1, addr2) = (refusing_addr().await, refusing_addr().await);
+    let (seen1_tx, mut seen1) = mpsc::unbounded_channel();
+    let (stop1_tx, stop1) = watch::channel(false);
+    let cs1 = serve_at(&pki.server, &addr1, FakeCs::plain(seen1_tx, stop1)).await;
+    let (stop_tx, stop) = watch::channel(false);
+    let cs = CsConfig {
+        addr: addr1.clone(),
+        standby: vec![addr2.clone()],
+        server_name: String::new(),
+    };
+    assert_eq!(cs.addrs(), [addr1.as_str(), addr2.as_str()]);
+    let handle = spawn(cs, pki.agent.clone(), handler(), stop);
+    assert!(matches!(next(&mut seen1).await, Seen::Hello(_)));
+    until_connected(&handle, Duration::from_secs(10)).await;
+    // Some rounds of refusals at CS 2 while CS 1 serves change nothing.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(handle.connected());
+
+    // CS 1 stops; CS 2 takes over a moment later.
+    cs1.abort();
+    let _ = stop1_tx.send(true);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (seen2_tx, mut seen2) = mpsc::unbounded_channel();
+    let (stop2_tx, stop2) = watch::channel(false);
+    let cs2 = serve_at(&pki.server, &addr2, FakeCs::plain(seen2_tx, stop2)).await;
+    assert!(matches!(next(&mut seen2).await, Seen::Hello(_)));
+    until_connected(&handle, Duration::from_secs(10)).await;
+    // It stays on CS 2: heartbeats keep coming there.
+    let mut beats = 0;
+    while beats < 3 {
+        if let Seen::Heartbeat = next(&mut seen2).await {
+            beats += 1;
+        }
+    }
+
+    // And back to CS 1 (restarted) when CS 2 stops in turn.
+    cs2.abort();
+    let _ = stop2_tx.send(true);
+    let (seen1_tx, mut seen1) = mpsc::unbounded_channel();
+    let _cs1 = serve_at(
+        &pki.server,
+        &addr1,
+        FakeCs::plain(seen1_tx, watch::channel(false).1),
+    )
+    .await;
+    assert!(matches!(next(&mut seen1).await, Seen::Hello(_)));
+    until_connected(&handle, Duration::from_secs(10)).await;
+    let _ = stop_tx.send(true);
+}
+
+#[test]
+fn cs_addresses_come_in_order_each_once() {
+    let c: CsConfig =
+        toml::from_str("addr = \"cs1:7443\"\nstandby = [\"cs2:7443\", \"cs1:7443\", \"cs3:7443\"]")
+            .unwrap();
+    assert_eq!(c.addrs(), ["cs1:7443", "cs2:7443", "cs3:7443"]);
+    // Without server_name each address is checked by its own host.
+    assert_eq!(c.server_name_at("cs2:7443"), "cs2");
+    let named = CsConfig {
+        server_name: "cs.example".into(),
+        ..c.clone()
+    };
+    assert_eq!(named.server_name_at("cs2:7443"), "cs.example");
+    assert_eq!(split_addrs(" a:1, ,b:2 ,"), ["a:1", "b:2"]);
+    let l = CsConfig::from_list("a:1,b:2");
+    assert_eq!(
+        (l.addr.as_str(), l.standby.as_slice()),
+        ("a:1", &["b:2".to_string()][..])
+    );
+    assert!(CsConfig::from_list("").addrs().is_empty());
+    assert!(!CsConfig::from_list("").enabled());
+}
+
+#[test]
+fn rounds_back_off_only_after_every_address_failed() {
+    let mut r = Rounds::new(2);
+    assert_eq!(r.current(), 0);
+    assert_eq!(r.failed(), Duration::ZERO);
+    assert_eq!(r.current(), 1);
+    assert_eq!(r.failed().as_millis(), BACKOFF_MIN.as_millis());
+    assert_eq!(r.current(), 0);
+    assert_eq!(r.failed(), Duration::ZERO);
+    assert_eq!(r.failed().as_millis(), 2 * BACKOFF_MIN.as_millis());
+    // A welcome at address 1 keeps it, and starts the backoff over.
+    r.failed();
+    assert_eq!(r.current(), 1);
+    r.connected();
+    assert_eq!(r.current(), 1);
+    assert_eq!(r.failed(), Duration::ZERO);
+    assert_eq!(r.current(), 0);
+    assert_eq!(r.failed().as_millis(), BACKOFF_MIN.as_millis());
+    // One address: every failure is a whole round.
+    let mut one = Rounds::new(1);
+    assert_eq!(one.failed().as_millis(), BACKOFF_MIN.as_millis());
+    assert_eq!(one.current(), 0);
+}
+
+#[tokio::test]
+async fn in_turn_stops_at_the_first_answer() {
+    let addrs: Vec<String> = ["a:1", "b:2", "c:3"].map(String::from).into();
+    let tried = Arc::new(Mutex::new(Vec::new()));
+    let attempt = |answer_at: &'static str| {
+        let tried = tried.clone();
+        move |a: String| {
+            let tried = tried.clone();
+            async move {
+                tried.lock().unwrap().push(a.clone());
+                if a == answer_at {
+                    Ok(a)
+                } else if a == "b:2" {
+                    Err(format!("{a} refused"))
+                } else {
+                    Err(format!("{a} unreachable"))
+                }
+            }
+        }
+    };
+    let unreachable = |e: &String| e.ends_with("unreachable");
+    let r = in_turn(&addrs, attempt("c:3"), unreachable).await;
+    // b:2 answered (with an error): c:3 is not tried.
+    match r {
+        Err(Tried::Answered(e)) => assert_eq!(e, "b:2 refused"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(*tried.lock().unwrap(), ["a:1", "b:2"]);
+    tried.lock().unwrap().clear();
+    assert_eq!(
+        in_turn(&addrs, attempt("a:1"), unreachable).await.unwrap(),
+        "a:1"
+    );
+    let none: Vec<String> = ["a:1", "c:3"].map(String::from).into();
+    match in_turn(&none, attempt("z:9"), unreachable).await {
+        Err(t @ Tried::Unreachable(_)) => {
+            assert_eq!(
+                t.into_error(|v| v.join("; ")),
+                "a:1 unreachable; c:3 unreachable"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
 }

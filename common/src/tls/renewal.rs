@@ -13,7 +13,7 @@
 //! logged, until the certificate expires and beyond.
 
 use super::renewed;
-use crate::control::CsConfig;
+use crate::control::{in_turn, CsConfig};
 use crate::pki::lifetime::Validity;
 use crate::pki::{peer_identity, CertKeyPem, PeerIdentity, PkiError, Role};
 use crate::tls::{TlsError, TlsFiles};
@@ -49,6 +49,8 @@ pub enum RenewalError {
     Request(rcgen::Error, PeerIdentity),
     #[error("cannot reach the configuration server to renew: {0}")]
     Connect(#[from] TlsError),
+    #[error("cannot reach any configuration server to renew: {tried}; check that one of them runs (a standby CS answers only once it has taken over)")]
+    Unreachable { tried: String },
     #[error("the configuration server at {addr} refused to renew {who}: {message}")]
     Refused {
         addr: String,
@@ -101,28 +103,62 @@ fn signed_by(der: &[u8], ca_pem: &str) -> bool {
         })
 }
 
-/// Asks the CS over `Control.Renew`, presenting the current certificate.
+/// Asks the CS over `Control.Renew`, presenting the current certificate:
+/// each address of the CS in turn until one answers.
 pub struct ControlIssuer {
     pub cs: CsConfig,
     pub tls: TlsFiles,
 }
 
+impl ControlIssuer {
+    /// Asks the CS at `addr`.
+    async fn issue_at(
+        &self,
+        addr: &str,
+        who: &PeerIdentity,
+        csr_pem: String,
+    ) -> Result<String, RenewalError> {
+        let channel = self
+            .tls
+            .connect(addr, self.cs.server_name_at(addr), Role::Cs)
+            .await?;
+        let answer = ControlClient::new(channel)
+            .renew(RenewRequest { csr_pem })
+            .await
+            .map_err(|s| RenewalError::Refused {
+                addr: addr.to_string(),
+                who: who.clone(),
+                message: s.message().to_string(),
+            })?;
+        Ok(answer.into_inner().cert_pem)
+    }
+}
+
 impl Issuer for ControlIssuer {
     fn issue<'a>(&'a self, who: &'a PeerIdentity, csr_pem: String) -> IssueFuture<'a> {
         Box::pin(async move {
-            let channel = self
-                .tls
-                .connect(&self.cs.addr, self.cs.server_name(), Role::Cs)
-                .await?;
-            let answer = ControlClient::new(channel)
-                .renew(RenewRequest { csr_pem })
-                .await
-                .map_err(|s| RenewalError::Refused {
-                    addr: self.cs.addr.clone(),
-                    who: who.clone(),
-                    message: s.message().to_string(),
-                })?;
-            Ok(answer.into_inner().cert_pem)
+            let addrs: Vec<String> = self.cs.addrs().into_iter().map(String::from).collect();
+            in_turn(
+                &addrs,
+                |addr| {
+                    let csr_pem = csr_pem.clone();
+                    async move { self.issue_at(&addr, who, csr_pem).await }
+                },
+                |e| matches!(e, RenewalError::Connect(_)),
+            )
+            .await
+            .map_err(|t| {
+                t.into_error(|all| RenewalError::Unreachable {
+                    tried: all
+                        .iter()
+                        .map(|e| match e {
+                            RenewalError::Connect(c) => c.to_string(),
+                            other => other.to_string(),
+                        })
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                })
+            })
         })
     }
 }
