@@ -85,6 +85,7 @@ pub fn planned_failover_latest(b: &Bench) -> Result<JobFailover> {
         // the drain waits for the MT's next status report.
         heartbeat_secs: rebound_cs::Config::default().heartbeat_secs,
         metrics: true,
+        ..SitesOptions::default()
     };
     let r = Sites::cs_in_dir(&dir, opts)
         .context("starting the configuration server")

@@ -8,7 +8,9 @@
 //! The real binaries run as child processes on loopback in a temp dir (or
 //! `--dir`), everything bounded in time. Sections, in run order:
 //! [`limits`] (1), [`cost`] (2), [`sustained`] (3, with peak RSS), [`rpo`]
-//! (4), [`rto`] (6) on one lab, then [`resync`] (5) on its own lab. The
+//! (4), [`rto`] (6) on one lab, then [`resync`] (5) on its own lab, then
+//! [`scale`] (7: hundreds of disks on one PS and MT, a thousand agents on
+//! the configuration server). The
 //! RTO's planned failover is the configuration server's failover job, in
 //! a multi-site lab of child processes (CS, PS + MT per site, agent:
 //! [`failover`]). A failing section marks its rows `error` and the run
@@ -35,8 +37,8 @@ pub mod report;
 pub mod resync;
 pub mod rpo;
 pub mod rto;
-pub mod scale;
 pub mod sampler;
+pub mod scale;
 pub mod scraper;
 pub mod soak;
 pub mod sustained;
@@ -112,6 +114,8 @@ pub enum Part {
     Main,
     /// Section 5, on its own lab.
     Resync,
+    /// Section 7: ingest and control channel at scale, on their own labs.
+    Scale,
 }
 
 impl BenchOptions {
@@ -460,10 +464,11 @@ fn run_blocking(opts: BenchOptions, rt: Handle) -> Result<()> {
         opts.metrics
     ));
 
-    const PARTS: [(Part, &[&str]); 3] = [
+    const PARTS: [(Part, &[&str]); 4] = [
         (Part::Limits, &["limits."]),
         (Part::Main, &["cost.", "sustained.", "mem.", "rpo.", "rto."]),
         (Part::Resync, &["resync."]),
+        (Part::Scale, &["scale."]),
     ];
     for (part, prefixes) in PARTS {
         if !opts.runs(part) {
@@ -487,6 +492,10 @@ fn run_blocking(opts: BenchOptions, rt: Handle) -> Result<()> {
                 main_lab(&mut b)
             }
             Part::Resync => resync::run(&mut b),
+            Part::Scale => {
+                scale::run(&mut b);
+                Ok(())
+            }
         };
         b.outcome(prefixes, r);
     }

@@ -27,8 +27,9 @@ struct Cli {
     #[arg(long)]
     dir: Option<PathBuf>,
     /// Run only these parts (comma-separated): `limits` (section 1),
-    /// `main` (sections 2, 3, 4, 6 and memory), `resync` (section 5);
-    /// the other rows say "not run". For working on one figure.
+    /// `main` (sections 2, 3, 4, 6 and memory), `resync` (section 5),
+    /// `scale` (section 7); the other rows say "not run". For working on
+    /// one figure.
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<rebound_bench::Part>,
     /// The daemons serve /metrics, scraped once a second (`on`, as

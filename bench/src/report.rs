@@ -80,9 +80,12 @@ const MEM: &str = "3. Memory (peak RSS)";
 const RPO: &str = "4. RPO";
 const RES: &str = "5. Resync";
 const RTO: &str = "6. RTO";
+const SCA: &str = "7. Scale";
 
 /// Every row of the table, in print order. Goals that depend on the run
-/// (memory) are filled in by the section.
+/// (memory) are filled in by the section. Not formatted by rustfmt: one
+/// line per row keeps the table readable.
+#[rustfmt::skip]
 pub const ROWS: &[RowSpec] = &[
     row("limits.blake3", LIM, "blake3, 1 core", "MB/s", Goal::None),
     row(
@@ -478,6 +481,27 @@ pub const ROWS: &[RowSpec] = &[
         "MB/s",
         Goal::AtLeast(500.0),
     ),
+    row("scale.ingest.disks", SCA, "ingest: disks on one PS + MT", "disks", Goal::None),
+    row("scale.ingest.churn_mb_s", SCA, "  aggregate churn achieved", "MB/s", Goal::None),
+    row("scale.ingest.rpo_p50_ms", SCA, "  RPO p50, median machine", "ms", Goal::None),
+    row("scale.ingest.rpo_p99_ms", SCA, "  RPO p99, worst machine", "ms", Goal::AtMost(5000.0)),
+    row("scale.ingest.agent_rpo_p50_ms", SCA, "  RPO p50, agent process", "ms", Goal::None),
+    row("scale.ingest.agent_rpo_p99_ms", SCA, "  RPO p99, agent process", "ms", Goal::None),
+    row("scale.ingest.ps_rss_mib", SCA, "  PS peak RSS", "MiB", Goal::AtMost(1024.0)),
+    row("scale.ingest.mt_rss_mib", SCA, "  MT peak RSS", "MiB", Goal::AtMost(1024.0)),
+    row("scale.ingest.ps_fds", SCA, "  PS open files, peak", "fds", Goal::None),
+    row("scale.ingest.mt_fds", SCA, "  MT open files, peak", "fds", Goal::None),
+    row("scale.ingest.ps_threads", SCA, "  PS threads, peak", "threads", Goal::None),
+    row("scale.ingest.mt_threads", SCA, "  MT threads, peak", "threads", Goal::None),
+    row("scale.ingest.ps_cpu", SCA, "  PS CPU", "cores", Goal::None),
+    row("scale.ingest.mt_cpu", SCA, "  MT CPU", "cores", Goal::None),
+    row("scale.ingest.verified", SCA, "  replica disks = source", "disks", Goal::None),
+    row("scale.control.machines", SCA, "control: agents on the CS", "machines", Goal::None),
+    row("scale.control.machines_cli_ms", SCA, "  rebound machines p50", "ms", Goal::AtMost(1000.0)),
+    row("scale.control.machines_cli_max_ms", SCA, "  rebound machines max", "ms", Goal::None),
+    row("scale.control.status_cli_ms", SCA, "  rebound status p50", "ms", Goal::None),
+    row("scale.control.status_cli_max_ms", SCA, "  rebound status max", "ms", Goal::None),
+    row("scale.control.cs_rss_mib", SCA, "  CS peak RSS", "MiB", Goal::None),
 ];
 
 /// A filled row.
@@ -512,7 +536,7 @@ impl Row {
 
 fn fmt_num(v: f64, unit: &str) -> String {
     match unit {
-        "IOPS" => format!("{v:.0}"),
+        "IOPS" | "fds" | "threads" | "disks" | "machines" => format!("{v:.0}"),
         "ms" if v < 10.0 => format!("{v:.2}"),
         "ms" => format!("{v:.0}"),
         "x" => format!("{v:.2}"),

@@ -1,6 +1,21 @@
 //! Section 7, scale (`--only scale`): one PS and one MT carrying hundreds of
 //! disks fed by a load generator that speaks the agent's ingest protocol for
-//! many machines from one process ([`ingest`]), and the configuration server
-//! with a thousand agents on its control channel ([`control`]).
+//! many machines from one process ([`ingest`], [`loadgen`]), and the
+//! configuration server with a thousand agents on its control channel
+//! ([`control`]). A failing part marks only its own rows.
 
 pub mod control;
+pub mod ingest;
+pub mod ingest_watch;
+pub mod loadgen;
+
+use crate::Bench;
+
+/// Runs both parts of the section; each records its own outcome.
+pub fn run(b: &mut Bench) {
+    let r = ingest::run(b);
+    b.outcome(&["scale.ingest."], r);
+    b.progress("scale: control channel");
+    let r = control::run(b);
+    b.outcome(&["scale.control."], r);
+}
