@@ -9,7 +9,6 @@
 
 use crate::config::Config;
 use crate::error::CsError;
-use crate::store::SqliteStore;
 use rebound_common::durable::write_atomic_mode;
 use rebound_common::pki::lifetime::Validity;
 use rebound_common::pki::{Ca, Role};
@@ -45,28 +44,43 @@ pub async fn issue(config: &Config, id: &str, out: Option<&Path>) -> Result<Admi
             .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
     };
     let ca_pem = crate::read("CA certificate ([tls] ca)", &config.tls.ca)?;
-    let ca_key = crate::read("CA key (ca_key)", &config.ca_key)?;
+    // On PostgreSQL the CA key is only in the store, sealed.
+    let store = crate::store::open(&config.store, &config.db).await?;
+    let ca_key = match crate::ca_seal::ca_key_pem(config, store.as_ref()).await {
+        Ok(k) => k,
+        Err(e) => {
+            store.close().await;
+            return Err(e);
+        }
+    };
     let pki = |e: rebound_common::pki::PkiError| {
         CsError::Pki(format!(
             "cannot sign an admin certificate for admin:{id} with the CA {} and key {}: {e}",
             config.tls.ca.display(),
-            config.ca_key.display()
+            if config.store.is_postgres() {
+                "sealed in the store".to_string()
+            } else {
+                config.ca_key.display().to_string()
+            }
         ))
     };
-    let ca = Ca::from_pem(&ca_pem, &ca_key).map_err(pki)?;
-    let ck = ca
-        .issue_for(Role::Admin, id, &[], config.cert_lifetime)
-        .map_err(pki)?;
-    let der = rebound_common::enrollment::first_cert_der(&ck.cert_pem)
-        .map_err(|e| CsError::Pki(format!("the admin:{id} certificate just issued: {e}")))?;
-    let serial = rebound_common::pki::serial_hex(&der).map_err(pki)?;
-    let validity = Validity::of_der(&der).map_err(pki)?;
-    // Recorded before it is written: every certificate in use is one the
-    // CS knows, and can revoke.
-    let store = SqliteStore::open(&config.db).await?;
-    let recorded = crate::init::record_issued(&store, Role::Admin, id, &ck.cert_pem).await;
+    let signed = async {
+        let ca = Ca::from_pem(&ca_pem, &ca_key).map_err(pki)?;
+        let ck = ca
+            .issue_for(Role::Admin, id, &[], config.cert_lifetime)
+            .map_err(pki)?;
+        let der = rebound_common::enrollment::first_cert_der(&ck.cert_pem)
+            .map_err(|e| CsError::Pki(format!("the admin:{id} certificate just issued: {e}")))?;
+        let serial = rebound_common::pki::serial_hex(&der).map_err(pki)?;
+        let validity = Validity::of_der(&der).map_err(pki)?;
+        // Recorded before it is written: every certificate in use is one
+        // the CS knows, and can revoke.
+        crate::init::record_issued(store.as_ref(), Role::Admin, id, &ck.cert_pem).await?;
+        Ok::<_, CsError>((ck, serial, validity))
+    }
+    .await;
     store.close().await;
-    recorded?;
+    let (ck, serial, validity) = signed?;
     let cert = dir.join("admin.pem");
     let key = dir.join("admin.key");
     // The key first: a certificate never sits next to a key it does not match
@@ -88,7 +102,7 @@ pub async fn issue(config: &Config, id: &str, out: Option<&Path>) -> Result<Admi
 mod tests {
     use super::*;
     use crate::init::{init_layout, Layout};
-    use crate::store::Store;
+    use crate::store::{SqliteStore, Store};
 
     #[tokio::test]
     async fn an_admin_certificate_is_issued_recorded_and_written_key_first_private() {

@@ -44,6 +44,13 @@ pub enum CsError {
     /// The metrics endpoint could not start (`metrics_listen`).
     #[error(transparent)]
     Metrics(#[from] rebound_common::metrics::MetricsError),
+    /// The CA key sealed in the store does not open (`[store]
+    /// secret_key_file`).
+    #[error(transparent)]
+    Seal(#[from] crate::ca_seal::SealError),
+    /// The store lease of a CS on PostgreSQL could not be taken, or was lost.
+    #[error(transparent)]
+    Lease(#[from] crate::lease::LeaseError),
     /// Anything else (a bug, a failed task).
     #[error("{0}")]
     Internal(String),
@@ -73,6 +80,8 @@ impl CsError {
             | CsError::Io { .. }
             | CsError::Pki(_)
             | CsError::Metrics(_)
+            | CsError::Seal(_)
+            | CsError::Lease(_)
             | CsError::Internal(_) => Code::Internal,
         }
     }

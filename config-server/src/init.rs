@@ -22,6 +22,9 @@ use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+mod postgres;
+pub use postgres::{init_first, join, Joined};
+
 /// Where `init` puts a deployment's files.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Layout {
@@ -119,12 +122,11 @@ pub fn cs_server_names(names: &[String], listen: &str) -> Result<Vec<String>, Cs
 /// Records a certificate signed outside enrollment (`init`, `admin-cert`),
 /// so revocation and `rebound components` know it like an enrolled one.
 pub(crate) async fn record_issued(
-    store: &SqliteStore,
+    store: &dyn crate::store::Store,
     role: Role,
     id: &str,
     cert_pem: &str,
 ) -> Result<(), CsError> {
-    use crate::store::Store as _;
     let bad = |e: String| CsError::Pki(format!("the {role}:{id} certificate just issued: {e}"));
     let der = rebound_common::enrollment::first_cert_der(cert_pem).map_err(bad)?;
     let serial = rebound_common::pki::serial_hex(&der).map_err(|e| bad(e.to_string()))?;
@@ -143,24 +145,14 @@ pub(crate) async fn record_issued(
     Ok(())
 }
 
-/// Creates a deployment in `dir` (every file there). See [`init_layout`].
-pub async fn init(
-    dir: &Path,
-    server_names: &[String],
-    listen: Option<&str>,
-) -> Result<Initialized, CsError> {
-    init_layout(&Layout::in_dir(dir), server_names, listen).await
-}
-
-/// Creates a deployment in `layout`. Refuses a place that already holds
-/// one. `server_names` are the DNS names/IPs for the CS certificate (see
-/// [`cs_server_names`]); `listen` overrides the default listen address in
-/// the written config.
-pub async fn init_layout(
+/// The config `layout` gets with `listen`, and the CS certificate's names;
+/// refuses a place that already holds a deployment and creates the
+/// directories.
+fn prepare(
     layout: &Layout,
     server_names: &[String],
     listen: Option<&str>,
-) -> Result<Initialized, CsError> {
+) -> Result<(Config, Vec<String>), CsError> {
     let mut config = layout.config.clone();
     if let Some(l) = listen {
         config.listen = l.to_string();
@@ -194,6 +186,29 @@ pub async fn init_layout(
             .create(d)
             .map_err(|e| CsError::io(format!("cannot create {}", d.display()), e))?;
     }
+    Ok((config, names))
+}
+
+/// Creates a deployment in `dir` (every file there). See [`init_layout`].
+pub async fn init(
+    dir: &Path,
+    server_names: &[String],
+    listen: Option<&str>,
+) -> Result<Initialized, CsError> {
+    init_layout(&Layout::in_dir(dir), server_names, listen).await
+}
+
+/// Creates a deployment in `layout`. Refuses a place that already holds
+/// one. `server_names` are the DNS names/IPs for the CS certificate (see
+/// [`cs_server_names`]); `listen` overrides the default listen address in
+/// the written config.
+pub async fn init_layout(
+    layout: &Layout,
+    server_names: &[String],
+    listen: Option<&str>,
+) -> Result<Initialized, CsError> {
+    let (config, names) = prepare(layout, server_names, listen)?;
+    let dir = &layout.tls_dir;
     let pki =
         |e: rebound_common::pki::PkiError| CsError::Pki(format!("init in {}: {e}", dir.display()));
 
@@ -227,16 +242,9 @@ pub async fn init_layout(
     let passphrase_file = layout.passphrase_file.clone();
     write_private(&passphrase_file, format!("{passphrase}\n").as_bytes())?;
     let config_file = layout.config_file.clone();
-    let text = toml::to_string(&config)
-        .map_err(|e| CsError::Internal(format!("cannot write the config: {e}")))?;
     // Not secret (paths, addresses, timeouts) and read by the service's
     // own user, so world-readable like the other components' configs.
-    write_new(
-        &config_file,
-        format!("# Written by `rebound-cs init`; see example-config.toml for every key.\n{text}")
-            .as_bytes(),
-        0o644,
-    )?;
+    write_config(&config_file, &config)?;
     Ok(Initialized {
         dir: dir.to_path_buf(),
         passphrase,
@@ -248,6 +256,19 @@ pub async fn init_layout(
         listen: config.listen.clone(),
         server_names: names,
     })
+}
+
+/// Writes the config file of `config` (world-readable: paths, addresses,
+/// timeouts, no secrets).
+fn write_config(path: &Path, config: &Config) -> Result<(), CsError> {
+    let text = toml::to_string(config)
+        .map_err(|e| CsError::Internal(format!("cannot write the config: {e}")))?;
+    write_new(
+        path,
+        format!("# Written by `rebound-cs init`; see example-config.toml for every key.\n{text}")
+            .as_bytes(),
+        0o644,
+    )
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CsError> {

@@ -1,11 +1,12 @@
 //! The configuration server (DESIGN.md §3, §8): enrollment of components,
 //! the control channel every component holds, the state of the deployment
-//! (SQLite behind one storage trait), the job engine, and the DR lifecycle
+//! (SQLite or PostgreSQL behind one storage trait), the job engine, and the DR lifecycle
 //! (protect, failover, change-point, commit, reprotect) driven over the
 //! control channel.
 //!
-//! `main.rs` is a thin wrapper over [`init::init`] and [`run`]; tests call
-//! [`run`] with a listener bound to port 0.
+//! `main.rs` is a thin wrapper over [`init::init`] and [`run_with_lease`]
+//! (which waits as a standby on PostgreSQL until this CS holds the store
+//! lease); tests call [`run`] with a listener bound to port 0.
 
 #![forbid(unsafe_code)]
 
@@ -13,6 +14,7 @@ pub mod admin_cert;
 pub mod alerts;
 pub mod backup;
 pub mod bus;
+pub mod ca_seal;
 pub mod config;
 pub mod control;
 pub mod convert;
@@ -22,6 +24,7 @@ pub mod fleet;
 pub mod hooks;
 pub mod init;
 pub mod jobs;
+pub mod lease;
 pub mod lifecycle;
 pub mod metrics;
 pub mod renew;
@@ -49,6 +52,7 @@ use rebound_proto::control::enrollment_server::EnrollmentServer;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -86,12 +90,91 @@ pub fn settings(config: &Config) -> Settings {
 /// Runs the configuration server on `listener` until `shutdown` completes.
 /// Every state change is in the database when it is acknowledged, so
 /// stopping at any moment loses nothing; jobs that were running resume at
-/// the next start.
-pub async fn run<F>(
-    mut config: Config,
-    listener: tokio::net::TcpListener,
-    shutdown: F,
-) -> Result<(), CsError>
+/// the next start. It serves without taking the store lease: a CS on
+/// PostgreSQL that may have standbys runs with [`run_with_lease`].
+pub async fn run<F>(config: Config, listener: TcpListener, shutdown: F) -> Result<(), CsError>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    serve(config, Start::Bound(listener), shutdown).await
+}
+
+/// Runs the configuration server as `rebound-cs run` does: on SQLite it
+/// binds `listen` and serves ([`run`]); on PostgreSQL it first waits as a
+/// standby until it holds the store lease ([`lease`]) — metrics up,
+/// `/healthz` 503, `rebound_cs_active` 0, `listen` not bound, so
+/// components try the next CS at once — then binds `listen` and serves.
+/// A lost lease stops the serving at once and returns
+/// [`lease::LeaseError::Lost`], so the service manager restarts the CS as a
+/// standby.
+pub async fn run_with_lease<F>(config: Config, shutdown: F) -> Result<(), CsError>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    if !config.store.is_postgres() {
+        let listener = bind_listen(&config.listen).await?;
+        return run(config, listener, shutdown).await;
+    }
+    serve(config, Start::Standby, shutdown).await
+}
+
+/// How [`serve`] gets its gRPC listener.
+enum Start {
+    /// Already bound: serve at once.
+    Bound(TcpListener),
+    /// Wait for the store lease, then bind `listen`.
+    Standby,
+}
+
+/// Binds the gRPC `listen` address.
+async fn bind_listen(addr: &str) -> Result<TcpListener, CsError> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        CsError::io(
+            format!(
+                "cannot listen on {addr} (config key listen): is another process using that \
+                 address?"
+            ),
+            e,
+        )
+    })
+}
+
+/// The store a log line names: the SQLite file or the PostgreSQL URL
+/// without its password.
+fn store_name(config: &Config) -> String {
+    if config.store.is_postgres() {
+        // postgres://USER:PASSWORD@HOST/DB: everything after the '@'.
+        let url = &config.store.url;
+        match (url.split_once("://"), url.rsplit_once('@')) {
+            (Some((scheme, _)), Some((_, rest))) => format!("{scheme}://{rest}"),
+            _ => url.clone(),
+        }
+    } else {
+        config.db.display().to_string()
+    }
+}
+
+/// Waits as a standby until this CS holds the store lease (or `stop`), then
+/// binds `listen`. `None` when stopped first.
+async fn standby(
+    config: &Config,
+    cs_metrics: &metrics::CsMetrics,
+    mut stop: watch::Receiver<bool>,
+) -> Result<Option<(TcpListener, lease::Held)>, CsError> {
+    // A key file that cannot open the CA fails now, not at the takeover.
+    ca_seal::SealKey::read(&config.store.secret_key_file)?;
+    cs_metrics.set_active(false);
+    rebound_common::service_manager::ready("standby: waiting for the lease");
+    let held = tokio::select! {
+        held = lease::wait_for(&config.store.url, &config.listen) => held,
+        _ = stop.wait_for(|s| *s) => return Ok(None),
+    };
+    // Unbound while waiting: a failed bind lets the lease go (dropped).
+    let listener = bind_listen(&config.listen).await?;
+    Ok(Some((listener, held)))
+}
+
+async fn serve<F>(mut config: Config, start: Start, shutdown: F) -> Result<(), CsError>
 where
     F: Future<Output = ()> + Send + 'static,
 {
@@ -111,20 +194,58 @@ where
         .acceptor(ClientAuth::Optional, &revocations)
         .map_err(|e| CsError::InvalidArgument(format!("[tls]: {e}")))?;
     let ca_pem = read("CA certificate ([tls] ca)", &config.tls.ca)?;
-    let ca_key = read("CA key (ca_key)", &config.ca_key)?;
     let server_cert = read("CS certificate ([tls] cert)", &config.tls.cert)?;
-
-    let sqlite = SqliteStore::open(&config.db).await?;
-    let store: Arc<dyn Store> = Arc::new(sqlite.clone());
-    let bus = Arc::new(CommandBus::new());
-    let jobs = JobEngine::new(store.clone());
-    let lifecycle = Lifecycle::new(store.clone(), bus.clone(), jobs.clone(), settings(&config));
 
     // A taken or bad metrics address is fatal at start, not found later.
     let metrics_listener = rebound_common::metrics::bind(&config.metrics_listen).await?;
     let (readiness, grpc_health) = rebound_common::metrics::Readiness::with_grpc_health().await;
     let (cs_metrics, registry) = metrics::CsMetrics::new();
     let endpoint = cs_metrics.endpoint(registry, readiness.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
+    let on_signal = stop_tx.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = on_signal.send(true);
+    });
+    // Served from the start (a standby's too), so /healthz answers 503
+    // while the CS waits or recovers and 200 once it serves.
+    let metrics_task = metrics_listener.map(|l| tokio::spawn(endpoint.serve(l, stop_rx.clone())));
+    let (listener, held) = match start {
+        Start::Bound(l) => (l, None),
+        Start::Standby => match standby(&config, &cs_metrics, stop_rx.clone()).await {
+            Ok(Some((l, held))) => (l, Some(held)),
+            stopped_or_failed => {
+                if let Some(t) = metrics_task {
+                    wait_or_drop(t, METRICS_STOP_GRACE, "the metrics endpoint").await;
+                }
+                return stopped_or_failed.map(|_| ());
+            }
+        },
+    };
+    cs_metrics.set_active(true);
+    // Set when the lease is lost: the serving stops at once and the CS
+    // exits with it.
+    let lost = Arc::new(std::sync::Mutex::new(None::<lease::LeaseError>));
+    if let Some(held) = &held {
+        let (loss, lost, stop_tx) = (held.loss(), lost.clone(), stop_tx.clone());
+        tokio::spawn(async move {
+            let Some(e) = loss.wait().await else {
+                return;
+            };
+            tracing::error!("{e}");
+            if let Ok(mut l) = lost.lock() {
+                *l = Some(e);
+            }
+            let _ = stop_tx.send(true);
+        });
+    }
+
+    let store = store::open(&config.store, &config.db).await?;
+    let ca_key = ca_seal::ca_key_pem(&config, store.as_ref()).await?;
+    let bus = Arc::new(CommandBus::new());
+    let jobs = JobEngine::new(store.clone());
+    let lifecycle = Lifecycle::new(store.clone(), bus.clone(), jobs.clone(), settings(&config));
     let alerting = alerts::Alerts::new(
         store.clone(),
         bus.clone(),
@@ -134,11 +255,10 @@ where
     )
     .await?;
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     let bus_at_stop = bus.clone();
+    let mut stopping = stop_rx.clone();
     tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
+        let _ = stopping.wait_for(|s| *s).await;
         // Control streams never end by themselves: end them so the server
         // can stop. Components reconnect to the next CS process.
         for (key, conn) in bus_at_stop.connections() {
@@ -146,9 +266,6 @@ where
         }
     });
 
-    // Served before the jobs resume, so /healthz answers 503 while the CS
-    // recovers and 200 once it serves.
-    let metrics_task = metrics_listener.map(|l| tokio::spawn(endpoint.serve(l, stop_rx.clone())));
     let addr = listener
         .local_addr()
         .map_err(|e| CsError::io("cannot read the listener address", e))?;
@@ -171,7 +288,7 @@ where
         stop_rx.clone(),
     ));
     let alerting = tokio::spawn(alerts::run(alerting, stop_rx.clone()));
-    info!(listen = %addr, db = %config.db.display(), resumed_jobs = resumed, "configuration server started");
+    info!(listen = %addr, store = %store_name(&config), resumed_jobs = resumed, "configuration server started");
 
     let signer = Arc::new(renew::Signer {
         ca_cert_pem: ca_pem.clone(),
@@ -218,7 +335,14 @@ where
         // from closing.
         wait_or_drop(t, METRICS_STOP_GRACE, "the metrics endpoint").await;
     }
-    sqlite.close().await;
+    store.close().await;
+    // Let go only once this CS no longer writes: the standby takes over.
+    if let Some(held) = held {
+        held.release().await;
+    }
+    if let Some(e) = lost.lock().ok().and_then(|mut l| l.take()) {
+        return Err(e.into());
+    }
     info!("configuration server stopped");
     served
 }

@@ -37,6 +37,21 @@ enum Cmd {
         /// admin's certificates get it too. Default 90 days.
         #[arg(long, value_parser = rebound_common::pki::lifetime::parse)]
         cert_lifetime: Option<std::time::Duration>,
+        /// Keep the state in this PostgreSQL database
+        /// (postgres://USER@HOST:PORT/DB) instead of SQLite: the first CS
+        /// of the deployment keeps the CA in it (its key sealed with a new
+        /// key written to store.key beside the certificates).
+        #[arg(long, value_name = "URL")]
+        store_url: Option<String>,
+        /// With --store-url: add this CS (a standby) to the deployment
+        /// already in that database, instead of making one: its own server
+        /// certificate from the stored CA, no new CA or passphrase.
+        #[arg(long, requires = "store_url", requires = "secret_key_file")]
+        join: bool,
+        /// With --join: a copy of the store.key of the deployment's first
+        /// CS (copied into this CS's directory).
+        #[arg(long, value_name = "FILE", requires = "join")]
+        secret_key_file: Option<PathBuf>,
     },
     /// Run the configuration server.
     Run(RunArgs),
@@ -101,6 +116,9 @@ async fn real_main(cmd: Cmd) -> Result<()> {
             names,
             listen,
             cert_lifetime,
+            store_url,
+            join,
+            secret_key_file,
         } => {
             let mut layout = match &dir {
                 Some(dir) => rebound_cs::init::Layout::in_dir(dir),
@@ -109,7 +127,20 @@ async fn real_main(cmd: Cmd) -> Result<()> {
             if let Some(lifetime) = cert_lifetime {
                 layout.config.cert_lifetime = lifetime;
             }
-            let out = rebound_cs::init::init_layout(&layout, &names, listen.as_deref()).await?;
+            let out = match (&store_url, secret_key_file.filter(|_| join)) {
+                (Some(url), Some(key)) => {
+                    let j = rebound_cs::init::join(&layout, &names, listen.as_deref(), url, &key)
+                        .await?;
+                    print_joined(&j, dir.is_some());
+                    return Ok(());
+                }
+                (Some(url), None) => {
+                    rebound_cs::init::init_first(&layout, &names, listen.as_deref(), url).await?
+                }
+                (None, _) => {
+                    rebound_cs::init::init_layout(&layout, &names, listen.as_deref()).await?
+                }
+            };
             println!(
                 "Deployment created: config {}, certificates in {}.",
                 out.config_file.display(),
@@ -155,12 +186,25 @@ async fn real_main(cmd: Cmd) -> Result<()> {
                 out.admin_key.display(),
                 out.ca_cert.display()
             );
+            if store_url.is_some() {
+                println!(
+                    "Add a standby CS:   copy {} to its host (mode 0600), then there: \
+                     rebound-cs init --listen ADDRESS --store-url URL --join --secret-key-file \
+                     store.key",
+                    out.dir.join("store.key").display()
+                );
+            }
             Ok(())
         }
         Cmd::Run(run) => {
             let cfg: rebound_cs::Config = run.start()?;
-            let listener = cli_args::listen(&cfg.listen, "listen").await?;
-            rebound_cs::run(cfg, listener, rebound_common::signal::shutdown_signal()).await?;
+            if cfg.store.is_postgres() {
+                // Waits as a standby until it holds the store lease.
+                rebound_cs::run_with_lease(cfg, rebound_common::signal::shutdown_signal()).await?;
+            } else {
+                let listener = cli_args::listen(&cfg.listen, "listen").await?;
+                rebound_cs::run(cfg, listener, rebound_common::signal::shutdown_signal()).await?;
+            }
             Ok(())
         }
         Cmd::AdminCert { config, id, out } => {
@@ -191,10 +235,11 @@ async fn real_main(cmd: Cmd) -> Result<()> {
         }
         Cmd::RotatePassphrase { config, out } => {
             let cfg: rebound_cs::Config = cli_args::load_config(config.as_deref())?;
-            let store = rebound_cs::SqliteStore::open(&cfg.db).await?;
+            let store = rebound_cs::store::open(&cfg.store, &cfg.db).await?;
             let pass = rebound_cs::enrollment::new_passphrase();
-            rebound_cs::enrollment::set_passphrase(&store, &pass).await?;
+            let set = rebound_cs::enrollment::set_passphrase(store.as_ref(), &pass).await;
             store.close().await;
+            set?;
             write_private(&out, &format!("{pass}\n"))
                 .with_context(|| format!("cannot write {}", out.display()))?;
             println!(
@@ -204,6 +249,33 @@ async fn real_main(cmd: Cmd) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// What `init --join` prints.
+fn print_joined(j: &rebound_cs::init::Joined, in_dir: bool) {
+    println!(
+        "CS added to the deployment: config {}, certificates in {}, store key {}.",
+        j.config_file.display(),
+        j.dir.display(),
+        j.key_file.display()
+    );
+    println!(
+        "CS certificate names: {} (components must dial one of them)",
+        j.server_names.join(", ")
+    );
+    if in_dir {
+        println!(
+            "Start it:           rebound-cs run --config {} (it waits as a standby while \
+             another CS serves)",
+            j.config_file.display()
+        );
+    } else {
+        println!("Start it:           systemctl enable --now rebound-cs");
+    }
+    println!(
+        "Components and the CLI: give every CS, e.g. --cs FIRST,{}",
+        j.listen
+    );
 }
 
 fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {

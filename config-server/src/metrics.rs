@@ -212,6 +212,7 @@ pub struct CsMetrics {
     component_up: Family<Labels, Gauge>,
     alerts: Family<Labels, Gauge>,
     evaluated: FloatGauge,
+    active: Gauge,
     snapshot: Arc<Mutex<Snapshot>>,
     /// The label sets each family shows, held across a whole copy so two
     /// scrapes at once do not interleave their copies.
@@ -267,6 +268,7 @@ impl CsMetrics {
             component_up: Family::default(),
             alerts: Family::default(),
             evaluated: FloatGauge::default(),
+            active: Gauge::default(),
             snapshot: Arc::default(),
             shown: Arc::default(),
         };
@@ -302,6 +304,12 @@ impl CsMetrics {
             "when the alert evaluator last finished a round (Unix time; 0 before the first)",
             m.evaluated.clone(),
         );
+        r.register(
+            "rebound_cs_active",
+            "1 while this CS serves (on PostgreSQL: holds the store lease), 0 while it waits \
+             as a standby",
+            m.active.clone(),
+        );
         // Every kind from the start: a dashboard finds the histogram before
         // the first job ends.
         for kind in crate::lifecycle::spec::JobSpec::KINDS {
@@ -333,6 +341,12 @@ impl CsMetrics {
     /// it stops moving.
     pub fn set_evaluated(&self, time_ms: u64) {
         self.evaluated.set(time_ms as f64 / 1000.0);
+    }
+
+    /// Whether this CS serves (`rebound_cs_active`): 0 while it waits for
+    /// the store lease as a standby.
+    pub fn set_active(&self, active: bool) {
+        self.active.set(i64::from(active));
     }
 
     pub fn observe_job(&self, kind: &str, secs: f64) {
