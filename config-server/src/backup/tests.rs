@@ -19,17 +19,39 @@ async fn deployment() -> Deployment {
     let mut config = Config::in_dir(dir.path());
     config.listen = closed_port();
     config.metrics_listen = closed_port();
+    put_machine(&config.db, "m1").await;
     let store = SqliteStore::open(&config.db).await.unwrap();
-    store
-        .put_machine(&Machine::test_at("m1", "onprem"))
-        .await
-        .unwrap();
     store
         .put_replication(&Replication::test_protected("r1", 1))
         .await
         .unwrap();
     store.close().await;
     Deployment { dir, config }
+}
+
+/// Adds machine `id` to the database at `db` (the store opened and closed).
+async fn put_machine(db: &Path, id: &str) {
+    let store = SqliteStore::open(db).await.unwrap();
+    store
+        .put_machine(&Machine::test_at(id, "onprem"))
+        .await
+        .unwrap();
+    store.close().await;
+}
+
+/// A backup of the deployment, in its dir.
+async fn backed_up(d: &Deployment) -> PathBuf {
+    let to = d.dir.path().join("cs.backup");
+    backup(&d.config, &to).await.unwrap();
+    to
+}
+
+/// The names of the files in `dir`.
+fn names_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
 }
 
 /// A loopback address nothing listens on.
@@ -81,10 +103,7 @@ async fn backup_while_a_writer_writes_has_the_rows_and_opens_with_the_store() {
     assert!(found.machines >= 2, "m1 and the writer's first: {found:?}");
     assert_eq!(found.schema_version, copy::binary_schema_version());
     // A self-contained file: no log beside it, and no temporary left.
-    let names: Vec<String> = std::fs::read_dir(d.dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let names = names_in(d.dir.path());
     assert!(
         !names
             .iter()
@@ -109,25 +128,17 @@ async fn backup_while_a_writer_writes_has_the_rows_and_opens_with_the_store() {
 #[tokio::test]
 async fn restore_puts_the_rows_back_and_keeps_the_replaced_database() {
     let d = deployment().await;
-    let to = d.dir.path().join("cs.backup");
-    backup(&d.config, &to).await.unwrap();
-    let store = SqliteStore::open(&d.config.db).await.unwrap();
-    store
-        .put_machine(&Machine::test_at("later", "onprem"))
-        .await
-        .unwrap();
-    store.close().await;
+    let to = backed_up(&d).await;
+    put_machine(&d.config.db, "later").await;
 
     let report = restore(&d.config, &to).await.unwrap().to_string();
     assert!(report.contains("before-restore-"), "{report}");
     assert_eq!(machines(&d.config.db).await, ["m1"]);
-    let kept: Vec<PathBuf> = std::fs::read_dir(d.dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.to_string_lossy().contains("cs.db.before-restore-"))
+    let kept: Vec<String> = (names_in(d.dir.path()).into_iter())
+        .filter(|n| n.starts_with("cs.db.before-restore-"))
         .collect();
     assert_eq!(kept.len(), 1, "{kept:?}");
-    let mut old = machines(&kept[0]).await;
+    let mut old = machines(&d.dir.path().join(&kept[0])).await;
     old.sort();
     assert_eq!(old, ["later", "m1"], "the kept database is complete");
 }
@@ -171,9 +182,7 @@ async fn restore_refuses_a_missing_corrupt_or_foreign_file_and_leaves_the_databa
     assert!(e.contains("not the database of a rebound-cs"), "{e}");
 
     assert_eq!(machines(&d.config.db).await, ["m1"]);
-    let left: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+    let left: Vec<String> = (names_in(dir).into_iter())
         .filter(|n| n.ends_with(".tmp") || n.contains("before-restore"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
@@ -182,8 +191,7 @@ async fn restore_refuses_a_missing_corrupt_or_foreign_file_and_leaves_the_databa
 #[tokio::test]
 async fn restore_refuses_while_the_cs_has_the_database_open_or_listens() {
     let d = deployment().await;
-    let to = d.dir.path().join("cs.backup");
-    backup(&d.config, &to).await.unwrap();
+    let to = backed_up(&d).await;
 
     let running = SqliteStore::open(&d.config.db).await.unwrap();
     running.list_machines().await.unwrap();

@@ -384,12 +384,7 @@ impl Lifecycle {
             }
             return Ok(wanted.to_string());
         }
-        let mts: Vec<String> = self
-            .store
-            .list_components()
-            .await?
-            .into_iter()
-            .filter(|c| c.role == Role::Mt && c.site == site && !c.revoked)
+        let mts: Vec<String> = (self.at_site(Role::Mt, site).await?.into_iter())
             .map(|c| c.id)
             .collect();
         match mts.as_slice() {

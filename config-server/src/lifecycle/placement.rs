@@ -33,6 +33,13 @@ pub(crate) fn least_loaded(online: &[String], current: &[Replication]) -> Option
 }
 
 impl Lifecycle {
+    /// The components of `role` at `site` that are not revoked.
+    pub(crate) async fn at_site(&self, role: Role, site: &str) -> Result<Vec<Component>, CsError> {
+        Ok((self.store.list_components().await?.into_iter())
+            .filter(|c| c.role == role && c.site == site && !c.revoked)
+            .collect())
+    }
+
     /// The PS for `machine` when `wanted` is empty: the least-loaded online
     /// PS of the site it runs at. `wanted` itself when given (the request's
     /// checks judge it).
@@ -41,14 +48,8 @@ impl Lifecycle {
             return Ok(wanted.to_string());
         }
         let site = self.machine(machine).await?.site;
-        let at_site: Vec<Component> = self
-            .store
-            .list_components()
+        let (online, down): (Vec<Component>, Vec<Component>) = (self.at_site(Role::Ps, &site))
             .await?
-            .into_iter()
-            .filter(|c| c.role == Role::Ps && c.site == site && !c.revoked)
-            .collect();
-        let (online, down): (Vec<Component>, Vec<Component>) = at_site
             .into_iter()
             .partition(|c| self.bus.connection(&ComponentKey::ps(&c.id)).is_some());
         let online: Vec<String> = online.into_iter().map(|c| c.id).collect();
