@@ -15,9 +15,10 @@
 //! failure and address, not on every retry) and reconnects: to the next
 //! address of the CS at once (`[cs] addr`, then `standby`: a standby CS
 //! does not listen until it takes over), with backoff from 200 ms to 5 s
-//! only after every address failed in a row (`cs_addrs.rs`). A refusal at hello time (the CS answered the stream with e.g.
-//! `PERMISSION_DENIED` from the split-brain guard) is logged at error with
-//! the CS's message and retried at the same address every 5 s.
+//! only after every address failed in a row (`cs_addrs.rs`). A refusal at
+//! hello time (the CS answered the stream with e.g. `PERMISSION_DENIED`
+//! from the split-brain guard) is logged at error with the CS's message and
+//! retried at the same address every 5 s.
 
 use crate::pki::Role;
 use crate::tls::{error_chain, TlsFiles};
