@@ -1,4 +1,4 @@
-//! `rebound enroll --cs ADDR --id NAME --token-file F [--out DIR]`: an
+//! `rebound enroll --cs ADDR[,ADDR…] --id NAME --token-file F [--out DIR]`: an
 //! operator's own admin certificate, from a one-time token another operator
 //! created (`rebound token create --role admin --id NAME`), so each
 //! operator holds a certificate of their own that can be revoked alone.
@@ -13,8 +13,9 @@ use std::path::PathBuf;
 #[derive(clap::Args, Debug)]
 pub struct EnrollArgs {
     /// The configuration server, host:port (the host must be in its
-    /// certificate) [env REBOUND_CS].
-    #[arg(long = "cs", value_name = "ADDR")]
+    /// certificate); with a standby CS every address comma-separated,
+    /// tried in turn [env REBOUND_CS].
+    #[arg(long = "cs", value_name = "ADDR[,ADDR…]")]
     pub cs: Option<String>,
     /// This operator's name (the certificate is admin:NAME).
     #[arg(long)]
@@ -63,7 +64,7 @@ pub async fn run(args: EnrollArgs) -> Result<()> {
         "enrolled as admin:{} with the configuration server at {}\nCA fingerprint (blake3): {}\n\
          certificate {}, key {}, CA {}",
         args.id,
-        cs.addr(),
+        e.cs_addr,
         e.ca_fingerprint,
         e.cert.display(),
         e.key.display(),
