@@ -13,10 +13,8 @@ use crate::error::CsError;
 use crate::fleet::{components, policy};
 use crate::jobs::JobEngine;
 use crate::lifecycle::group::cut_group_point;
-use crate::lifecycle::{self, Lifecycle, Targets};
-use crate::store::records::{self, Record, VerifyRecord};
-use crate::store::{Group, JobFilter, Machine, Plan, ReplState, Store};
-use prost::Message;
+use crate::lifecycle::{Lifecycle, Targets};
+use crate::store::{Group, JobFilter, Machine, Plan, Store};
 use rebound_common::pki::Role;
 use rebound_common::tls::require_role;
 use rebound_proto::control as pb;
@@ -105,89 +103,6 @@ impl AdminService {
         self
     }
 
-    async fn machine_info(&self, m: &crate::store::Machine) -> Result<pb::MachineInfo, CsError> {
-        // An unprotected machine shows no replication (its ended one stays
-        // in the store for the record).
-        let r = self
-            .store
-            .current_replication(&m.id)
-            .await?
-            .filter(|r| r.state != ReplState::Unprotected);
-        let summary = match &r {
-            Some(r) => self.store.get_point_summary(&r.id).await?,
-            None => None,
-        };
-        let agent = self.store.get_component(Role::Agent, &m.id).await?;
-        let connected = self.bus.connection(&ComponentKey::agent(&m.id)).is_some();
-        let status = agent
-            .as_ref()
-            .and_then(|a| pb::Status::decode(a.status.as_slice()).ok())
-            .and_then(|s| match s.status {
-                Some(pb::status::Status::Agent(a)) => Some(a),
-                _ => None,
-            })
-            .unwrap_or_default();
-        let job = self
-            .store
-            .list_jobs(&JobFilter::active_on(&m.id, 1))
-            .await?;
-        let test = match &r {
-            Some(r) => {
-                lifecycle::test_failover::mt_replication_status(self.store.as_ref(), &r.mt, &r.id)
-                    .await?
-            }
-            None => None,
-        }
-        .unwrap_or_default();
-        let last_verify: Option<VerifyRecord> =
-            records::get(self.store.as_ref(), Record::LastVerify, &m.id).await?;
-        let health = match (&agent, connected) {
-            (_, true) => "online",
-            (Some(_), false) => "offline",
-            (None, false) => "unknown",
-        };
-        Ok(pb::MachineInfo {
-            id: m.id.clone(),
-            site: m.site.clone(),
-            state: r
-                .as_ref()
-                .map(|r| r.state)
-                .unwrap_or(ReplState::Unprotected)
-                .as_str()
-                .into(),
-            replication_id: r.as_ref().map(|r| r.id.clone()).unwrap_or_default(),
-            from_site: r.as_ref().map(|r| r.from_site.clone()).unwrap_or_default(),
-            to_site: r.as_ref().map(|r| r.to_site.clone()).unwrap_or_default(),
-            ps: r.as_ref().map(|r| r.ps.clone()).unwrap_or_default(),
-            mt: r.as_ref().map(|r| r.mt.clone()).unwrap_or_default(),
-            disks: m.disks.iter().map(convert::disk_to_proto).collect(),
-            agent_health: health.into(),
-            agent_mode: status.mode.clone(),
-            rpo_ms: status.rpo_ms,
-            buffer_bytes: status.buffer_bytes,
-            buffer_limit: status.buffer_limit,
-            last_point: summary
-                .as_ref()
-                .and_then(|s| s.latest.as_ref())
-                .map(convert::point_to_proto),
-            last_app_point: summary
-                .as_ref()
-                .and_then(|s| s.latest_app.as_ref())
-                .map(convert::point_to_proto),
-            point_count: summary.as_ref().map(|s| s.count).unwrap_or(0),
-            group: m.group.clone(),
-            failover_point: r
-                .as_ref()
-                .and_then(|r| r.failover_point.as_ref())
-                .map(convert::point_to_proto),
-            job_id: job.first().map(|j| j.id.clone()).unwrap_or_default(),
-            policy: Some(convert::policy_to_proto(&m.policy)),
-            test_point: test.test_point,
-            test_exports: test.test_exports,
-            last_verify: last_verify.as_ref().map(lifecycle::verify::verify_to_proto),
-        })
-    }
-
     async fn check_machines_exist(&self, machines: &[String]) -> Result<(), Status> {
         let mut unknown = Vec::new();
         for m in machines {
@@ -249,14 +164,8 @@ impl Admin for AdminService {
         admin(&req)?;
         let components = components::list(self.store.as_ref(), self.bus.as_ref()).await?;
         let machines = self.store.list_machines().await?;
-        let mut protected = 0;
-        for m in &machines {
-            if let Some(r) = self.store.current_replication(&m.id).await? {
-                if r.state == ReplState::Protected {
-                    protected += 1;
-                }
-            }
-        }
+        let current = self.store.current_replications().await?;
+        let protected = crate::fleet::machines::protected_count(&machines, &current);
         let running = self.store.list_jobs(&JobFilter::all_active()).await?.len();
         let events = self
             .store
@@ -285,11 +194,8 @@ impl Admin for AdminService {
 
     async fn machines(&self, req: Request<pb::MachinesRequest>) -> Res<pb::MachinesResponse> {
         admin(&req)?;
-        let mut out = Vec::new();
-        for m in self.store.list_machines().await? {
-            out.push(self.machine_info(&m).await?);
-        }
-        Ok(Response::new(pb::MachinesResponse { machines: out }))
+        let machines = crate::fleet::machines::list(self.store.as_ref(), self.bus.as_ref()).await?;
+        Ok(Response::new(pb::MachinesResponse { machines }))
     }
 
     async fn points(&self, req: Request<pb::PointsRequest>) -> Res<pb::PointsResponse> {

@@ -178,3 +178,160 @@ async fn rpo_alert_set_then_reset_reads_the_cs_default_and_off_has_no_threshold(
         "refused: unchanged"
     );
 }
+
+/// A job of `kind` on `machines` in `state`, created at `time_ms`.
+fn job_on(
+    id: &str,
+    machines: &[&str],
+    state: crate::store::JobState,
+    time_ms: u64,
+) -> crate::store::Job {
+    crate::store::Job {
+        id: id.into(),
+        kind: "protect".into(),
+        machines: machines.iter().map(|m| m.to_string()).collect(),
+        plan: String::new(),
+        spec: "{}".into(),
+        data: "{}".into(),
+        state,
+        progress: 0,
+        status: String::new(),
+        error: String::new(),
+        warnings: Vec::new(),
+        created_ms: time_ms,
+        started_ms: time_ms,
+        ended_ms: 0,
+        steps: Vec::new(),
+    }
+}
+
+/// A component of `role` whose last status is `status`.
+fn reporting(role: Role, id: &str, status: pb::status::Status) -> Component {
+    let mut c = Component::new(role, id);
+    c.status = prost::Message::encode_to_vec(&pb::Status {
+        status: Some(status),
+    });
+    c
+}
+
+#[tokio::test]
+async fn machines_list_each_machine_from_fleet_wide_reads() {
+    use crate::store::{JobState, PointSummary};
+    let (_dir, store) = store().await;
+    let bus = CommandBus::new();
+    for id in ["m1", "m2", "m3"] {
+        store
+            .put_machine(&Machine::test_at(id, "onprem"))
+            .await
+            .unwrap();
+    }
+    // m1: protected, its agent reporting, its MT reporting a test failover.
+    store
+        .put_replication(&Replication::test_protected("r1", 10))
+        .await
+        .unwrap();
+    let summary = PointSummary {
+        count: 7,
+        ..PointSummary::default()
+    };
+    store.put_point_summary("r1", &summary).await.unwrap();
+    let agent = pb::AgentStatus {
+        mode: "data".into(),
+        rpo_ms: 1234,
+        buffer_limit: 256 << 20,
+        ..Default::default()
+    };
+    store
+        .put_component(&reporting(
+            Role::Agent,
+            "m1",
+            pb::status::Status::Agent(agent),
+        ))
+        .await
+        .unwrap();
+    let mt_status = |test_point: &str| {
+        pb::status::Status::Mt(pb::MtStatus {
+            replications: vec![pb::MtReplicationStatus {
+                replication_id: "r1".into(),
+                test_point: test_point.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+    };
+    store
+        .put_component(&reporting(Role::Mt, "mt1", mt_status("p9")))
+        .await
+        .unwrap();
+    // Another MT reporting the same replication id is not m1's MT.
+    store
+        .put_component(&reporting(Role::Mt, "mt-other", mt_status("wrong")))
+        .await
+        .unwrap();
+    // m2: its replication ended (unprotected), an agent that never reported.
+    let mut ended = Replication::test_protected("r2", 20);
+    ended.machine = "m2".into();
+    ended.state = ReplState::Unprotected;
+    store.put_replication(&ended).await.unwrap();
+    store
+        .put_component(&Component::new(Role::Agent, "m2"))
+        .await
+        .unwrap();
+    // Jobs: on m1 an older and a newer active one and a newest finished
+    // one; m3 none.
+    for j in [
+        job_on("j-old", &["m1"], JobState::Running, 1),
+        job_on("j-new", &["m1", "m2"], JobState::Pending, 2),
+        job_on("j-done", &["m1"], JobState::Succeeded, 3),
+    ] {
+        store.put_job(&j).await.unwrap();
+    }
+
+    let list = super::machines::list(store.as_ref(), &bus).await.unwrap();
+    let ids: Vec<&str> = list.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, ["m1", "m2", "m3"]);
+    let (m1, m2, m3) = (&list[0], &list[1], &list[2]);
+    assert_eq!(
+        (
+            m1.state.as_str(),
+            m1.replication_id.as_str(),
+            m1.mt.as_str()
+        ),
+        ("Protected", "r1", "mt1")
+    );
+    assert_eq!((m1.agent_mode.as_str(), m1.rpo_ms), ("data", 1234));
+    assert_eq!(m1.agent_health, "offline", "known but not connected");
+    assert_eq!(m1.point_count, 7);
+    assert_eq!(m1.test_point, "p9", "from the replication's own MT");
+    assert_eq!(m1.job_id, "j-new", "the newest active job");
+    assert_eq!(
+        (
+            m2.state.as_str(),
+            m2.replication_id.as_str(),
+            m2.point_count
+        ),
+        ("Unprotected", "", 0)
+    );
+    assert_eq!(m2.job_id, "j-new");
+    assert_eq!(m2.agent_health, "offline");
+    assert_eq!(m3.agent_health, "unknown");
+    assert_eq!((m3.job_id.as_str(), m3.agent_mode.as_str()), ("", ""));
+}
+
+#[test]
+fn protected_count_counts_machines_whose_current_replication_is_protected() {
+    let machines = [
+        Machine::test_at("m1", "onprem"),
+        Machine::test_at("m2", "onprem"),
+        Machine::test_at("m3", "onprem"),
+    ];
+    let mut failed_over = Replication::test_protected("r2", 1);
+    failed_over.machine = "m2".into();
+    failed_over.state = ReplState::FailedOver;
+    // A replication of a machine the CS no longer lists does not count.
+    let mut gone = Replication::test_protected("r9", 1);
+    gone.machine = "m9".into();
+    let current = [Replication::test_protected("r1", 1), failed_over, gone];
+    assert_eq!(super::machines::protected_count(&machines, &current), 1);
+    assert_eq!(super::machines::protected_count(&machines, &[]), 0);
+}
