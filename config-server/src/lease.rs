@@ -318,3 +318,6 @@ async fn keep(
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod serve_tests;

@@ -216,6 +216,7 @@ where
         Start::Standby => match standby(&config, &cs_metrics, stop_rx.clone()).await {
             Ok(Some((l, held))) => (l, Some(held)),
             stopped_or_failed => {
+                let _ = stop_tx.send(true);
                 if let Some(t) = metrics_task {
                     wait_or_drop(t, METRICS_STOP_GRACE, "the metrics endpoint").await;
                 }
