@@ -247,16 +247,13 @@ pub async fn enroll_with(opts: &EnrollOptions) -> Result<Enrolled, EnrollError> 
     )
     .await
     .map_err(|t| {
-        t.into_error(|all| EnrollError::Unreachable {
-            tried: all
-                .iter()
-                .map(|e| match e {
-                    EnrollError::Connect { addr, message } => format!("{addr}: {message}"),
-                    other => other.to_string(),
-                })
-                .collect::<Vec<_>>()
-                .join("; "),
-        })
+        t.into_error_listing(
+            |e| match e {
+                EnrollError::Connect { addr, message } => format!("{addr}: {message}"),
+                other => other.to_string(),
+            },
+            |tried| EnrollError::Unreachable { tried },
+        )
     })
 }
 

@@ -72,6 +72,16 @@ impl<E> Tried<E> {
             Tried::Unreachable(v) => many(v),
         }
     }
+
+    /// [`Tried::into_error`] with several failures made into one error by
+    /// `many` of their `describe`d texts joined by "; ".
+    pub fn into_error_listing(
+        self,
+        describe: impl Fn(&E) -> String,
+        many: impl FnOnce(String) -> E,
+    ) -> E {
+        self.into_error(|all| many(all.iter().map(describe).collect::<Vec<_>>().join("; ")))
+    }
 }
 
 /// Runs `attempt` at each address in turn until one answers: an error for

@@ -148,16 +148,13 @@ impl Issuer for ControlIssuer {
             )
             .await
             .map_err(|t| {
-                t.into_error(|all| RenewalError::Unreachable {
-                    tried: all
-                        .iter()
-                        .map(|e| match e {
-                            RenewalError::Connect(c) => c.to_string(),
-                            other => other.to_string(),
-                        })
-                        .collect::<Vec<_>>()
-                        .join("; "),
-                })
+                t.into_error_listing(
+                    |e| match e {
+                        RenewalError::Connect(c) => c.to_string(),
+                        other => other.to_string(),
+                    },
+                    |tried| RenewalError::Unreachable { tried },
+                )
             })
         })
     }
