@@ -69,7 +69,7 @@ on_both_engines!(
     issued_certificates_are_revoked_by_identity_and_stay_revoked,
     a_token_is_redeemed_once_and_survives_a_reopen,
     the_per_second_reads_list_current_replications_and_jobs_without_steps,
-    a_thousand_machines_list_with_their_disks_in_under_a_second,
+    a_thousand_machines_list_with_their_own_disks,
     jobs_list_with_their_own_steps,
     u64_extremes_round_trip,
     of_concurrent_redeemers_exactly_one_gets_the_token,
@@ -456,7 +456,7 @@ async fn the_per_second_reads_list_current_replications_and_jobs_without_steps(d
     s.close().await;
 }
 
-async fn a_thousand_machines_list_with_their_disks_in_under_a_second(db: Db) {
+async fn a_thousand_machines_list_with_their_own_disks(db: Db) {
     let s = db.open().await;
     let machines: Vec<Machine> = (0..1000)
         .map(|i| {
@@ -471,14 +471,10 @@ async fn a_thousand_machines_list_with_their_disks_in_under_a_second(db: Db) {
             async move { s.put_machine(m).await.unwrap() }
         })
         .await;
-    let t = std::time::Instant::now();
+    // How fast it lists is the bench's figure (scale.control.machines_cli_ms),
+    // never a timed assertion here.
     let listed = s.list_machines().await.unwrap();
-    let took = t.elapsed();
     assert_eq!(listed, machines, "every machine with its own disks, by id");
-    assert!(
-        took < std::time::Duration::from_secs(1),
-        "listing 1000 machines took {took:?}"
-    );
     s.close().await;
 }
 
