@@ -11,7 +11,7 @@
 //! disks. The lab's dev PKI is written again with an agent certificate for
 //! every simulated machine before anything starts.
 //!
-//! RPO of a machine, as defined here: for every frame a simulated machine
+//! The RPO rows are a capture-to-applied lag, an RPO proxy: for every frame a simulated machine
 //! seals (every [`loadgen::TICK`]), the time from when its writes were made
 //! (captured) until the MT's applied seq of that replication covered the
 //! frame's last seq, polled every 100 ms; per machine p50 and p99 over the
@@ -19,7 +19,19 @@
 //! a status sample (every 100 ms) whose seq moved (new writes acknowledged)
 //! until the MT applied that seq. The issue's hand measurement ("tag-to-visible
 //! lag") is the same span for a tag record. The row is the worst machine's
-//! p99 (goal ≤ 5 s); the median machine's p50 beside it.
+//! p99 (goal ≤ 5 s); the median machine's p50 beside it. Resolution: the
+//! capture time is the end of a tick and the MT is polled every 100 ms, so
+//! a lag is quantised to 100 ms and understated by up to about 100 ms
+//! (±100 ms).
+//!
+//! Writes a machine could not make because its change buffer was full
+//! produce no frame, so they would not count towards the lag and a PS that
+//! cannot keep up would look better. A real agent would fall back to its
+//! dirty bitmap and resync, with no recovery point until that ends. So a
+//! machine that overflowed gets, as one more lag, the time from its first
+//! overflow until the MT applied its last frame (the end of the drain), and
+//! when any machine overflowed the p99 row is marked as not meeting its
+//! goal, its note naming how many machines overflowed.
 //!
 //! Content: for the first [`VERIFIED`] simulated machines every write also
 //! goes to a source image, and after the load each replica disk must equal
@@ -62,13 +74,15 @@ pub struct ScalePlan {
 impl ScalePlan {
     pub fn new(quick: bool) -> ScalePlan {
         if quick {
+            // Small enough to pass on two busy cores while the rest of the
+            // test suite runs beside it (the smoke test runs `--quick`).
             ScalePlan {
-                machines: 20,
+                machines: 8,
                 disks_per_machine: 2,
-                disk_size: 64 * MIB,
-                rate: 20e6,
-                secs: 10.0,
-                tag_every_ms: 5000,
+                disk_size: 32 * MIB,
+                rate: 4e6,
+                secs: 5.0,
+                tag_every_ms: 2000,
             }
         } else {
             ScalePlan {
@@ -80,6 +94,28 @@ impl ScalePlan {
                 tag_every_ms: 5000,
             }
         }
+    }
+
+    /// Refuses a plan the load generator cannot run: a disk smaller than
+    /// one write, or nothing to write to.
+    pub fn check(&self) -> Result<()> {
+        if self.disk_size < loadgen::WRITE_SIZE as u64 {
+            bail!(
+                "scale plan: disks of {} bytes are smaller than one write ({} bytes); \
+                 use disks of at least {} bytes",
+                self.disk_size,
+                loadgen::WRITE_SIZE,
+                loadgen::WRITE_SIZE
+            );
+        }
+        if self.machines == 0 || self.disks_per_machine == 0 {
+            bail!(
+                "scale plan: {} machines x {} disks; both must be at least 1",
+                self.machines,
+                self.disks_per_machine
+            );
+        }
+        Ok(())
     }
 
     fn per_machine(&self) -> f64 {
@@ -106,6 +142,7 @@ fn machines(p: &ScalePlan, dir: &std::path::Path) -> Vec<MachineSpec> {
 
 pub fn run(b: &mut Bench) -> Result<()> {
     let p = ScalePlan::new(b.plan.quick);
+    p.check()?;
     let dir = b.dir.join("scale-ingest");
     let r = run_in(b, &p, &dir);
     b.clean_section(&dir);
@@ -199,14 +236,16 @@ fn run_in(b: &mut Bench, p: &ScalePlan, dir: &std::path::Path) -> Result<()> {
 
     let verified = verify(b, &lab, &sims)?;
 
-    // RPO.
+    // Capture-to-applied lag (the RPO proxy).
     let per_machine: Vec<(String, f64, f64)> = runs
         .iter()
         .map(|r| {
             let lags = machine_lags(&watched, r, t0 + WARMUP_SECS, t1);
-            (r.id.clone(), quantile(&lags, 0.5), quantile(&lags, 0.99))
+            let p99 = quantile(&lags, 0.99).max(overflow_lag(&watched, r).unwrap_or(0.0));
+            (r.id.clone(), quantile(&lags, 0.5), p99)
         })
         .collect();
+    let overflowed = runs.iter().filter(|r| r.first_overflow.is_some()).count();
     let p50s: Vec<f64> = per_machine.iter().map(|m| m.1).collect();
     let p99s: Vec<f64> = per_machine.iter().map(|m| m.2).collect();
     let worst = per_machine
@@ -266,11 +305,21 @@ fn run_in(b: &mut Bench, p: &ScalePlan, dir: &std::path::Path) -> Result<()> {
         "scale.ingest.rpo_p99_ms",
         worst.2,
         format!(
-            "{}; median machine's p99 {:.0} ms; drain after the load {drain_s:.1} s",
+            "{}; median machine's p99 {:.0} ms; drain after the load {drain_s:.1} s; ±100 ms",
             worst.0,
             quantile(&p99s, 0.5)
         ),
     );
+    if overflowed > 0 {
+        b.report.mark_below(
+            "scale.ingest.rpo_p99_ms",
+            &format!(
+                "{overflowed} of {} machines overflowed their change buffer (writes not made; \
+                 counted from the first overflow to the end of the drain)",
+                runs.len()
+            ),
+        );
+    }
     b.set(
         "scale.ingest.agent_rpo_p50_ms",
         a50,
@@ -319,6 +368,7 @@ fn run_in(b: &mut Bench, p: &ScalePlan, dir: &std::path::Path) -> Result<()> {
             "plan": p,
             "loadavg_start": load.trim(), "loadavg_end": load_end.trim(),
             "written_bytes": written, "overflow_bytes": overflow, "frames": frames,
+            "machines_overflowed": overflowed,
             "mt_polls": watched.polls, "drain_s": drain_s,
             "cpu_cores": {"agent": cpu[0], "ps": cpu[1], "mt": cpu[2], "bench": cpu[3]},
             "rpo_ms": per_machine.iter().map(|m| json!({"machine": m.0, "p50": m.1, "p99": m.2})).collect::<Vec<_>>(),
@@ -337,6 +387,16 @@ fn machine_lags(w: &Watched, r: &MachineRun, from: f64, to: f64) -> Vec<f64> {
         .filter(|&&(_, t)| t >= from && t < to)
         .map(|&(seq, t)| (w.applied_at(&r.id, seq, t).unwrap_or(end) - t).max(0.0) * 1000.0)
         .collect()
+}
+
+/// For a machine that overflowed its change buffer, the time (ms) from its
+/// first overflow until the MT applied its last frame (the end of the
+/// drain; the last poll if never): the writes it could not make have no
+/// recovery point in that span.
+fn overflow_lag(w: &Watched, r: &MachineRun) -> Option<f64> {
+    let from = r.first_overflow?;
+    let done = w.applied_at(&r.id, r.last_seq, from).unwrap_or(w.end());
+    Some((done - from).max(0.0) * 1000.0)
 }
 
 /// Capture-to-applied lags (ms) of the agent process, defined as for a
@@ -388,4 +448,24 @@ fn verify(b: &Bench, lab: &MeasuredLab, sims: &[MachineSpec]) -> Result<usize> {
         n += 1;
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_refuse_disks_smaller_than_a_write() {
+        for quick in [true, false] {
+            ScalePlan::new(quick).check().unwrap();
+        }
+        let mut p = ScalePlan::new(true);
+        p.disk_size = loadgen::WRITE_SIZE as u64 - 4096;
+        let e = p.check().unwrap_err().to_string();
+        assert!(e.contains("smaller than one write"), "{e}");
+        p.disk_size = loadgen::WRITE_SIZE as u64;
+        p.check().unwrap();
+        p.machines = 0;
+        assert!(p.check().is_err());
+    }
 }

@@ -91,6 +91,9 @@ pub struct MachineRun {
     pub frames: u64,
     /// Bytes of writes not made because the buffer was full.
     pub overflow_bytes: u64,
+    /// Seconds since the run's epoch of the first tick whose writes were
+    /// not made (buffer full); `None`: the machine never overflowed.
+    pub first_overflow: Option<f64>,
     /// The last seq sent (and durable at the PS once the run returns).
     pub last_seq: u64,
     /// Last seqs of the frames sent and not yet durable, oldest first.
@@ -105,6 +108,15 @@ pub async fn run(
     machines: Vec<MachineSpec>,
     epoch: Instant,
 ) -> Result<Vec<MachineRun>> {
+    for m in &machines {
+        if let Some((disk, size)) = m.disks.iter().find(|(_, s)| *s < WRITE_SIZE as u64) {
+            bail!(
+                "simulated machine {}: disk {disk} has {size} bytes, smaller than one write \
+                 ({WRITE_SIZE} bytes); give every disk at least {WRITE_SIZE} bytes",
+                m.id
+            );
+        }
+    }
     let spec = Arc::new(spec);
     let tasks: Vec<_> = machines
         .into_iter()
@@ -264,6 +276,9 @@ async fn run_machine(spec: &LoadSpec, m: MachineSpec, epoch: Instant) -> Result<
                 }
                 if queued_bytes >= BUFFER_BYTES {
                     run.overflow_bytes += (n * WRITE_SIZE) as u64;
+                    if n > 0 && run.first_overflow.is_none() {
+                        run.first_overflow = Some(now.duration_since(epoch).as_secs_f64());
+                    }
                 } else {
                     let mut b = FrameBuilder::new(&m.id, next_seq);
                     for _ in 0..n {
@@ -361,10 +376,11 @@ fn frames_durable(acks: &Acks, run: &mut MachineRun) -> u64 {
 }
 
 /// One write: a disk, a 4 KiB aligned offset and data cut from the pool.
+/// Every disk holds at least one write ([`run`] refuses smaller ones).
 fn one_write<'a>(rng: &mut Rng, m: &MachineSpec, pool: &'a [u8]) -> (u32, u64, &'a [u8]) {
     let disk = rng.below(m.disks.len() as u64) as usize;
     let size = m.disks[disk].1;
-    let blocks = (size - WRITE_SIZE as u64) / 4096;
+    let blocks = size.saturating_sub(WRITE_SIZE as u64) / 4096;
     let off = rng.below(blocks + 1) * 4096;
     let at = rng.below((pool.len() - WRITE_SIZE) as u64 / 4096 + 1) as usize * 4096;
     (disk as u32, off, &pool[at..at + WRITE_SIZE])
