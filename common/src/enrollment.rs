@@ -534,16 +534,18 @@ mod tests {
         }
     }
 
-    /// A loopback address nothing listens on.
-    fn refusing() -> String {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
+    /// A loopback address that refuses connections: a privileged port
+    /// (`port` below 1024, e.g. 1 tcpmux or 2 compressnet) that no
+    /// unprivileged test can bind and no service of a test host listens on,
+    /// unlike a port bound and closed again, which a parallel test may take.
+    fn refusing(port: u16) -> String {
+        format!("127.0.0.1:{port}")
     }
 
     #[tokio::test]
     async fn every_cs_address_is_tried_and_named() {
         crate::tls::install_crypto_provider();
-        let (a, b) = (refusing(), refusing());
+        let (a, b) = (refusing(1), refusing(2));
         let e = enroll_with(&options(format!("{a},{b}"))).await.unwrap_err();
         assert!(matches!(e, EnrollError::Unreachable { .. }), "{e:?}");
         let text = e.to_string();

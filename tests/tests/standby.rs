@@ -6,10 +6,21 @@
 //! standby `cs2` on a host of its own; components know both addresses
 //! (`[cs] addr` and `standby`), the CLI dials `A,A2`. The takeover bound is
 //! the issue's: the standby serves within 10 s of the kill.
+//!
+//! The kill lands in the middle of the job by construction, not by timing:
+//! the source agent is stopped (SIGSTOP) before the failover starts, so the
+//! job waits in "fence m1 at the source" for the agent's answer (the bus
+//! queues the command and waits up to the CS's `command_timeout_secs`, 30 s
+//! in the lab). The test kills the active CS once `rebound jobs` shows that
+//! step running, waits for the standby to serve, then continues the agent
+//! (SIGCONT): it reconnects to the standby, which runs the fence again
+//! (same shutdown tag, so the agent answers it idempotently) and the rest of
+//! the job.
 
 use crate::lifecycle::{
     a, b, handed_over, protect, replica_hash, source_hash, succeeded, wait_point_seq, JOB, MIB,
 };
+use crate::support::Paused;
 use rebound_lab::sites::{CS, CS_STANDBY};
 use rebound_lab::*;
 use serde_json::Value;
@@ -59,22 +70,30 @@ fn done_steps(j: &Value) -> usize {
     steps(j).iter().filter(|st| st["state"] == "done").count()
 }
 
-/// Polls the job until its first two steps (check, begin failover) are
-/// done and it still runs: the moment to kill its CS. The job as seen then.
-fn mid_job(s: &Sites, id: &str) -> Value {
+/// The step the job waits in while the source agent is stopped.
+fn held_step(machine: &str) -> String {
+    format!("fence {machine} at the source")
+}
+
+/// Polls the job until step `name` runs: the moment to kill its CS. The
+/// job as seen then.
+fn job_in_step(s: &Sites, id: &str, name: &str) -> Value {
     let t0 = std::time::Instant::now();
     loop {
         if let Some(j) = job_now(s, id) {
             assert!(
                 j["state"] != "succeeded" && j["state"] != "failed",
-                "the job ended before its CS could be killed: {j:#}"
+                "the job ended while its source agent was stopped: {j:#}"
             );
-            if done_steps(&j) >= 2 {
+            if steps(&j)
+                .iter()
+                .any(|st| st["name"] == name && st["state"] == "running")
+            {
                 return j;
             }
         }
-        assert!(t0.elapsed() < JOB, "job {id} did not get going");
-        std::thread::sleep(Duration::from_millis(10));
+        assert!(t0.elapsed() < JOB, "job {id} did not reach step '{name}'");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -109,16 +128,19 @@ fn kill_9_of_the_active_cs_mid_failover_the_standby_finishes_the_job_exact() {
     let (p, seq) = s.tag(m, a(), "crash").expect("crash point");
     let h = source_hash(&s, m);
     wait_point_seq(&s, m, seq);
-    // Writes after the point: the drain and the rollback have work to do,
-    // so the job is still running when its CS is killed.
+    // Writes after the point: the drain and the rollback have work to do
+    // on the standby.
     s.write(m, a(), "disk0", 8 * MIB, 32 * MIB, 0xa5).unwrap();
     assert_ne!(source_hash(&s, m), h);
 
+    // Stopped until the standby serves: the job cannot pass the fence.
+    let agent = format!("agent-{m}@{}", a());
+    let paused = Paused::new(s.pid(&agent).expect("the source agent runs"));
     let started = s
         .cli_json(&["failover", m, "--from", a(), "--to", b(), "--point", &p])
         .expect("start the failover");
     let id = started["id"].as_str().expect("job id").to_string();
-    let before = mid_job(&s, &id);
+    let before = job_in_step(&s, &id, &held_step(m));
     let killed = s.kill_cs_active().expect("kill -9 the active CS");
     let kill_ms = rebound_common::time::now_ms();
     assert_eq!(killed.name, CS, "the first CS held the lease");
@@ -128,11 +150,11 @@ fn kill_9_of_the_active_cs_mid_failover_the_standby_finishes_the_job_exact() {
         .expect("the standby takes over");
     eprintln!(
         "standby takeover: {} ms from kill -9 of {} to {} serving `rebound machines` \
-         (job {id} was at step {:?}, {} of {} steps done)",
+         (job {id} was in step '{}' with its source agent stopped, {} of {} steps done)",
         took.as_millis(),
         killed.addr,
         s.cs_listen(CS_STANDBY).unwrap(),
-        before["status"],
+        held_step(m),
         done_steps(&before),
         steps(&before).len()
     );
@@ -146,6 +168,7 @@ fn kill_9_of_the_active_cs_mid_failover_the_standby_finishes_the_job_exact() {
     );
     assert_eq!(s.active_cs().expect("active CS"), CS_STANDBY);
     assert!(!s.cs_serves(CS).unwrap(), "the killed CS answered");
+    drop(paused);
 
     let end = job_end(&s, &id);
     succeeded(&end);
@@ -169,6 +192,11 @@ fn kill_9_of_the_active_cs_mid_failover_the_standby_finishes_the_job_exact() {
     assert!(
         after_kill > 0,
         "no step of the job ended after the kill: it was not mid-job: {end:#}"
+    );
+    let held = new.iter().find(|st| st["name"] == held_step(m).as_str());
+    assert!(
+        held.is_some_and(|st| st["ended_ms"].as_u64().unwrap_or(0) >= kill_ms),
+        "the step held by the stopped agent did not end on the standby: {end:#}"
     );
     let log = std::fs::read_to_string(s.path("cs2.log")).unwrap_or_default();
     assert!(

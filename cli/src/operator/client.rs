@@ -214,10 +214,12 @@ mod tests {
         assert_eq!(blank.addrs(), [DEFAULT_CS]);
     }
 
-    /// A loopback address nothing listens on (bound, then closed).
-    async fn refusing() -> String {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        l.local_addr().unwrap().to_string()
+    /// A loopback address that refuses connections: a privileged port
+    /// (`port` below 1024, e.g. 1 tcpmux or 2 compressnet) that no
+    /// unprivileged test can bind and no service of a test host listens on,
+    /// unlike a port bound and closed again, which a parallel test may take.
+    fn refusing(port: u16) -> String {
+        format!("127.0.0.1:{port}")
     }
 
     #[tokio::test]
@@ -245,7 +247,7 @@ mod tests {
                 .add_routes(tonic::service::Routes::default())
                 .serve_with_incoming(incoming),
         );
-        let (down, also_down) = (refusing().await, refusing().await);
+        let (down, also_down) = (refusing(1), refusing(2));
         let args = |cs: String| CsArgs {
             cs: Some(cs),
             certs: Some(dir.path().to_path_buf()),
