@@ -87,6 +87,9 @@ impl SealKey {
             path: path.to_path_buf(),
             found,
         };
+        if !hex.is_ascii() {
+            return Err(bad("characters other than hex digits".into()));
+        }
         if hex.len() != 64 {
             return Err(bad(format!("{} characters", hex.len())));
         }
@@ -209,7 +212,7 @@ pub async fn ca_key_pem(config: &Config, store: &dyn Store) -> Result<String, Cs
         None => Err(CsError::FailedPrecondition(format!(
             "the store {} holds no CA: make the deployment's first CS with `rebound-cs init \
              --store-url URL` (or add this one with --join)",
-            config.store.url
+            crate::store::postgres::redact_url(&config.store.url)
         ))),
     }
 }
@@ -288,17 +291,41 @@ mod tests {
         std::fs::write(&not_hex, "zz".repeat(32)).unwrap();
         let e = SealKey::read(&not_hex).err().unwrap().to_string();
         assert!(e.contains("hex digits"), "{e}");
+        // 64 bytes that are not 64 characters: refused, no panic on a
+        // slice inside a character.
+        let wide = tmp.path().join("wide");
+        std::fs::write(&wide, "é".repeat(32)).unwrap();
+        let e = SealKey::read(&wide).err().unwrap().to_string();
+        assert!(e.contains("hex digits"), "{e}");
         let k = key_in(tmp.path(), "ok.key");
         assert_eq!(k.to_file_text().trim().len(), 64);
+    }
+
+    /// A SQLite store and a seal key in `dir`.
+    async fn store_and_key(dir: &Path) -> (crate::store::SqliteStore, SealKey) {
+        let store = crate::store::SqliteStore::open(&dir.join("cs.db"))
+            .await
+            .unwrap();
+        (store, key_in(dir, "a.key"))
+    }
+
+    #[tokio::test]
+    async fn a_store_without_a_ca_is_named_without_its_password() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, k) = store_and_key(tmp.path()).await;
+        let mut config = Config::in_dir(tmp.path());
+        config.store.url = "postgres://rebound:s3cret-pw@db.example:5432/rebound".into();
+        config.store.secret_key_file = k.path().to_path_buf();
+        let e = ca_key_pem(&config, &store).await.unwrap_err().to_string();
+        assert!(e.contains("holds no CA") && e.contains("db.example"), "{e}");
+        assert!(!e.contains("s3cret-pw"), "{e}");
+        store.close().await;
     }
 
     #[tokio::test]
     async fn the_ca_goes_through_the_store() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = crate::store::SqliteStore::open(&tmp.path().join("cs.db"))
-            .await
-            .unwrap();
-        let k = key_in(tmp.path(), "a.key");
+        let (store, k) = store_and_key(tmp.path()).await;
         assert!(!has_ca(&store).await.unwrap());
         assert!(get_ca(&store, &k).await.unwrap().is_none());
         put_ca(&store, &k, "CERT", PEM).await.unwrap();
