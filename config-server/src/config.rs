@@ -68,7 +68,9 @@ pub struct StoreConfig {
     /// `postgres://USER@HOST:PORT/DB` (sqlx's URL form, `?sslmode=…`
     /// allowed): keep the state in PostgreSQL. Every CS process on the same
     /// database is one deployment: the one holding the lease serves, the
-    /// others wait as standbys. Empty: the SQLite file `db`.
+    /// others wait as standbys. Empty: the SQLite file `db`. The password
+    /// belongs in a pgpass file (`PGPASSFILE` or `~/.pgpass`), not here; a
+    /// URL with one makes the config a secret (init writes it 0640).
     pub url: String,
     /// With `url`: the file holding the key (64 hex digits) that seals the
     /// enrollment CA's private key in the database, so a standby CS signs

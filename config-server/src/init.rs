@@ -242,9 +242,7 @@ pub async fn init_layout(
     let passphrase_file = layout.passphrase_file.clone();
     write_private(&passphrase_file, format!("{passphrase}\n").as_bytes())?;
     let config_file = layout.config_file.clone();
-    // Not secret (paths, addresses, timeouts) and read by the service's
-    // own user, so world-readable like the other components' configs.
-    write_config(&config_file, &config)?;
+    write_config(&config_file, &config, dir)?;
     Ok(Initialized {
         dir: dir.to_path_buf(),
         passphrase,
@@ -258,17 +256,54 @@ pub async fn init_layout(
     })
 }
 
-/// Writes the config file of `config` (world-readable: paths, addresses,
-/// timeouts, no secrets).
-fn write_config(path: &Path, config: &Config) -> Result<(), CsError> {
+/// Whether the config of `config` holds a secret: a PostgreSQL URL with a
+/// password (DEPLOY.md recommends a pgpass file instead).
+pub fn config_holds_password(config: &Config) -> bool {
+    url_holds_password(&config.store.url)
+}
+
+/// Whether the store URL `url` carries a password.
+pub fn url_holds_password(url: &str) -> bool {
+    crate::store::postgres::redact_url(url) != url
+}
+
+/// What init says about a config whose store URL carries a password.
+pub fn password_note(config_file: &Path) -> String {
+    format!(
+        "{} holds the database password, so it is mode 0640 (root and the service's group): \
+         better leave the password out of [store] url and put it in a pgpass file \
+         (docs/DEPLOY.md, \"PostgreSQL and a standby CS\")",
+        config_file.display()
+    )
+}
+
+/// Writes the config file of `config`. Paths, addresses and timeouts are
+/// not secret, so it is world-readable like the other components' configs,
+/// unless its store URL carries a password: then mode 0640, with the group
+/// of `tls_dir` when that is a service group (the install layout's
+/// `root:rebound`), so only root and the service read it.
+fn write_config(path: &Path, config: &Config, tls_dir: &Path) -> Result<(), CsError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let text = toml::to_string(config)
         .map_err(|e| CsError::Internal(format!("cannot write the config: {e}")))?;
-    write_new(
-        path,
-        format!("# Written by `rebound-cs init`; see example-config.toml for every key.\n{text}")
-            .as_bytes(),
-        0o644,
-    )
+    let secret = config_holds_password(config);
+    let text =
+        format!("# Written by `rebound-cs init`; see example-config.toml for every key.\n{text}");
+    write_new(path, text.as_bytes(), if secret { 0o640 } else { 0o644 })?;
+    if !secret {
+        return Ok(());
+    }
+    let err = |e| {
+        CsError::io(
+            format!("cannot restrict {} to the service", path.display()),
+            e,
+        )
+    };
+    let gid = std::fs::metadata(tls_dir).map_err(err)?.gid();
+    if gid != 0 {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(err)?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o640)).map_err(err)
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CsError> {
@@ -477,6 +512,32 @@ mod tests {
         }
         let pass = std::fs::metadata(&out.passphrase_file).unwrap();
         assert_eq!(pass.permissions().mode() & 0o777, 0o600, "the passphrase");
+    }
+
+    /// The config is world-readable without a store password, and 0640
+    /// with the group of the TLS directory (the service's) with one.
+    #[test]
+    fn a_config_with_a_store_password_is_readable_by_the_service_only() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let tls = tmp.path().join("tls");
+        std::fs::create_dir(&tls).unwrap();
+        std::os::unix::fs::chown(&tls, None, Some(65534)).expect("chown: needs root");
+        let mut config = Config::in_dir(tmp.path());
+        config.store.url = "postgres://rebound@db.example:5432/rebound".into();
+        assert!(!config_holds_password(&config));
+        let plain = tmp.path().join("plain.toml");
+        write_config(&plain, &config, &tls).unwrap();
+        let m = std::fs::metadata(&plain).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o644);
+        config.store.url = "postgres://rebound:pw@db.example:5432/rebound".into();
+        assert!(config_holds_password(&config));
+        let secret = tmp.path().join("secret.toml");
+        write_config(&secret, &config, &tls).unwrap();
+        let m = std::fs::metadata(&secret).unwrap();
+        assert_eq!((m.permissions().mode() & 0o777, m.gid()), (0o640, 65534));
+        let back: Config = rebound_common::config::load(Some(&secret)).unwrap();
+        assert_eq!(back.store.url, config.store.url);
     }
 
     #[test]

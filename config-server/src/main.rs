@@ -132,6 +132,9 @@ async fn real_main(cmd: Cmd) -> Result<()> {
                     let j = rebound_cs::init::join(&layout, &names, listen.as_deref(), url, &key)
                         .await?;
                     print_joined(&j, dir.is_some());
+                    if rebound_cs::init::url_holds_password(url) {
+                        println!("{}", rebound_cs::init::password_note(&j.config_file));
+                    }
                     return Ok(());
                 }
                 (Some(url), None) => {
@@ -193,6 +196,12 @@ async fn real_main(cmd: Cmd) -> Result<()> {
                      store.key",
                     out.dir.join("store.key").display()
                 );
+            }
+            if store_url
+                .as_deref()
+                .is_some_and(rebound_cs::init::url_holds_password)
+            {
+                println!("{}", rebound_cs::init::password_note(&out.config_file));
             }
             Ok(())
         }

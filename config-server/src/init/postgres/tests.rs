@@ -33,9 +33,45 @@ fn signed_by(cert: &Path, ca: &Path) -> bool {
     c.issuer() == a.subject() && aki.is_some() && aki == ski
 }
 
+/// The password the tests put into a URL without one (a test server that
+/// trusts its clients ignores it).
+const PASSWORD: &str = "s3cret-pw";
+
+/// `url` with [`PASSWORD`] when it names a user without a password.
+fn with_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.split_once('@') {
+        Some((user, host)) if !user.contains(':') => format!("{scheme}://{user}:{PASSWORD}@{host}"),
+        _ => url.to_string(),
+    }
+}
+
+/// `message` names the database of `url` without its password.
+fn assert_no_password(message: &str, url: &str) {
+    let auth = url.split("://").nth(1).and_then(|r| r.split_once('@'));
+    let (_, pw) = auth
+        .and_then(|(user, _)| user.split_once(':'))
+        .expect("a URL with a password");
+    assert!(!message.contains(pw), "{message}");
+    assert!(
+        message.contains(&crate::store::postgres::redact_url(url)),
+        "{message}"
+    );
+}
+
+/// The message of a `join` in `dir` that must be refused.
+async fn refused_join(dir: &Path, listen: &str, url: &str, key: &Path) -> String {
+    join(&Layout::in_dir(dir), &[], Some(listen), url, key)
+        .await
+        .map_or_else(|e| e.to_string(), |_| panic!("not refused"))
+}
+
 #[tokio::test]
 async fn a_first_cs_and_a_joining_one_share_the_ca_through_the_store() {
     let db = ScratchDb::create().await.unwrap();
+    let url = with_password(&db.url);
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
 
@@ -43,18 +79,11 @@ async fn a_first_cs_and_a_joining_one_share_the_ca_through_the_store() {
     let stray = tmp.path().join("stray.key");
     let k = SealKey::generate(&stray).unwrap();
     std::fs::write(&stray, k.to_file_text()).unwrap();
-    let e = join(
-        &Layout::in_dir(&tmp.path().join("x")),
-        &[],
-        Some("127.0.0.3:7443"),
-        &db.url,
-        &stray,
-    )
-    .await
-    .map_or_else(|e| e.to_string(), |_| panic!("not refused"));
+    let e = refused_join(&tmp.path().join("x"), "127.0.0.3:7443", &url, &stray).await;
     assert!(e.contains("holds no Rebound deployment"), "{e}");
+    assert_no_password(&e, &url);
 
-    let first = init_first(&Layout::in_dir(&a), &[], Some("127.0.0.1:7443"), &db.url)
+    let first = init_first(&Layout::in_dir(&a), &[], Some("127.0.0.1:7443"), &url)
         .await
         .unwrap();
     assert!(
@@ -62,31 +91,31 @@ async fn a_first_cs_and_a_joining_one_share_the_ca_through_the_store() {
         "the CA key is only in the store"
     );
     let cfg: Config = rebound_common::config::load(Some(&first.config_file)).unwrap();
-    assert_eq!(cfg.store.url, db.url);
+    assert_eq!(cfg.store.url, url);
+    // The test URL carries a password, so the config is not world-readable.
+    assert!(crate::init::config_holds_password(&cfg));
+    let mode = std::fs::metadata(&first.config_file).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o640
+    );
     assert_eq!(cfg.store.secret_key_file, a.join(KEY_FILE));
     assert_eq!(cfg.metrics_listen, "127.0.0.1:9474");
     assert!(signed_by(&a.join("cs.pem"), &a.join("ca.pem")));
     assert!(signed_by(&a.join("admin.pem"), &a.join("ca.pem")));
 
     // A second first CS on the same database is refused.
-    let e = init_first(&Layout::in_dir(&tmp.path().join("c")), &[], None, &db.url)
+    let e = init_first(&Layout::in_dir(&tmp.path().join("c")), &[], None, &url)
         .await
         .map_or_else(|e| e.to_string(), |_| panic!("not refused"));
     assert!(
         e.contains("already holds a Rebound deployment") && e.contains("--join"),
         "{e}"
     );
+    assert_no_password(&e, &url);
 
     // A wrong key does not open the CA.
-    let e = join(
-        &Layout::in_dir(&tmp.path().join("y")),
-        &[],
-        Some("127.0.0.4:7443"),
-        &db.url,
-        &stray,
-    )
-    .await
-    .map_or_else(|e| e.to_string(), |_| panic!("not refused"));
+    let e = refused_join(&tmp.path().join("y"), "127.0.0.4:7443", &url, &stray).await;
     assert!(
         e.contains("does not open with") && e.contains("stray.key"),
         "{e}"
@@ -96,7 +125,7 @@ async fn a_first_cs_and_a_joining_one_share_the_ca_through_the_store() {
         &Layout::in_dir(&b),
         &[],
         Some("127.0.0.2:7443"),
-        &db.url,
+        &url,
         &a.join(KEY_FILE),
     )
     .await
@@ -133,4 +162,60 @@ async fn a_first_cs_and_a_joining_one_share_the_ca_through_the_store() {
         .unwrap()
         .is_some());
     store.close().await;
+}
+
+/// A failing init leaves neither files nor a CA behind, so it can be run
+/// again; of two inits racing on one database exactly one wins.
+#[tokio::test]
+async fn a_failed_init_cleans_up_and_racing_inits_have_one_winner() {
+    let db = ScratchDb::create().await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    // A directory where the CS key goes makes writing it fail after the
+    // seal key and ca.pem are written.
+    std::fs::create_dir_all(a.join("cs.key")).unwrap();
+    let layout = Layout::in_dir(&a);
+    init_first(&layout, &[], Some("127.0.0.1:7443"), &db.url)
+        .await
+        .map(|_| panic!("not refused"))
+        .unwrap_err();
+    for f in [
+        KEY_FILE,
+        "ca.pem",
+        "cs.pem",
+        "admin.pem",
+        "passphrase",
+        "config.toml",
+    ] {
+        assert!(!a.join(f).exists(), "{f} left behind");
+    }
+    let store = PgStore::open(&db.url).await.unwrap();
+    assert!(!ca_seal::has_ca(&store).await.unwrap());
+    store.close().await;
+    std::fs::remove_dir(a.join("cs.key")).unwrap();
+    init_first(&layout, &[], Some("127.0.0.1:7443"), &db.url)
+        .await
+        .unwrap();
+
+    let db2 = ScratchDb::create().await.unwrap();
+    let (b, c) = (
+        Layout::in_dir(&tmp.path().join("b")),
+        Layout::in_dir(&tmp.path().join("c")),
+    );
+    let (rb, rc) = tokio::join!(
+        init_first(&b, &[], Some("127.0.0.2:7443"), &db2.url),
+        init_first(&c, &[], Some("127.0.0.3:7443"), &db2.url),
+    );
+    assert!(
+        rb.is_ok() != rc.is_ok(),
+        "exactly one of two racing inits wins"
+    );
+    let (lost, e) = match (rb, rc) {
+        (Err(e), _) => (&b, e),
+        (_, Err(e)) => (&c, e),
+        _ => unreachable!(),
+    };
+    assert!(e.to_string().contains("already holds"), "{e}");
+    assert!(!lost.tls_dir.join(KEY_FILE).exists());
+    assert!(!lost.config_file.exists());
 }
