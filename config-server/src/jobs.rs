@@ -14,7 +14,7 @@ use crate::error::CsError;
 use crate::store::{now_ms, Job, JobState, JobStep, StepState, Store};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::broadcast;
 use tracing::{error, info, warn};
@@ -98,7 +98,9 @@ pub struct JobEngine {
     store: Arc<dyn Store>,
     runner: OnceLock<Arc<dyn StepRunner>>,
     updates: broadcast::Sender<Job>,
-    running: Mutex<HashSet<String>>,
+    /// The jobs running here, with their tasks (to abort them all when
+    /// the CS must stop writing at once).
+    running: Mutex<HashMap<String, tokio::task::AbortHandle>>,
 }
 
 impl JobEngine {
@@ -107,7 +109,7 @@ impl JobEngine {
             store,
             runner: OnceLock::new(),
             updates: broadcast::channel(256).0,
-            running: Mutex::new(HashSet::new()),
+            running: Mutex::new(HashMap::new()),
         })
     }
 
@@ -173,24 +175,35 @@ impl JobEngine {
 
     /// Runs a job in the background (no-op when it already runs here).
     pub fn start(self: &Arc<Self>, id: &str) {
-        {
-            let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-            if !running.insert(id.to_string()) {
-                return;
-            }
+        // Held while spawning: the task removes itself under this lock, so
+        // it always finds its entry.
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if running.contains_key(id) {
+            return;
         }
         let engine = self.clone();
-        let id = id.to_string();
-        tokio::spawn(async move {
-            if let Err(e) = engine.clone().run(&id).await {
-                error!(job = %id, error = %e, "job could not be recorded");
+        let job = id.to_string();
+        let task = tokio::spawn(async move {
+            if let Err(e) = engine.clone().run(&job).await {
+                error!(job = %job, error = %e, "job could not be recorded");
             }
             engine
                 .running
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
+                .remove(&job);
         });
+        running.insert(id.to_string(), task.abort_handle());
+    }
+
+    /// Aborts every job task running here, mid-step: for a CS that lost the
+    /// store lease, whose jobs the new active CS resumes. Returns how many.
+    pub fn abort_all(&self) -> usize {
+        let running = std::mem::take(&mut *self.running.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in running.values() {
+            task.abort();
+        }
+        running.len()
     }
 
     /// Resumes (or fails cleanly) every job left pending or running by a

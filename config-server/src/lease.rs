@@ -15,6 +15,21 @@
 //! The holder checks its connection every [`CHECK_EVERY`] with a
 //! [`CHECK_TIMEOUT`]: a partitioned holder therefore gives up serving
 //! within about 4 s, before the database lets a standby take the lease.
+//! The held epoch is also a fencing token: the serving CS's store checks it
+//! in every write transaction (`PgStore::fence`), so a holder that lost the
+//! lease cannot commit a write after the new holder took it, whatever its
+//! own tasks still try. On the loss the CS closes its store pool and aborts
+//! its jobs before it stops serving.
+//!
+//! The lease is a session-level lock: between the CS and PostgreSQL there
+//! must be no pooler in transaction mode (PgBouncer `pool_mode =
+//! transaction`), which hands the session to other clients and breaks it.
+//! The lease watches the lock connection only: a holder whose pool cannot
+//! work (connections exhausted, rights revoked) keeps the lease and answers
+//! with store errors (logged) until an operator stops it.
+//!
+//! URLs appear in errors and logs only through
+//! [`crate::store::postgres::redact_url`].
 
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, PgConnection, Row};
@@ -23,6 +38,8 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::{oneshot, watch};
 use tracing::{info, warn};
+
+use crate::store::postgres::redact_url;
 
 /// The advisory lock every CS of a deployment contends for (advisory
 /// locks are per database, so deployments on other databases do not
@@ -85,6 +102,7 @@ pub struct Holder {
 
 /// A CS's lock connection, not yet holding the lease.
 pub struct Lease {
+    /// The URL without its password, for messages.
     url: String,
     holder: String,
     conn: PgConnection,
@@ -93,8 +111,9 @@ pub struct Lease {
 impl Lease {
     /// Opens the lock connection to `url` for the CS listening at `holder`.
     pub async fn connect(url: &str, holder: &str) -> Result<Lease, LeaseError> {
+        let shown = redact_url(url);
         let connect = |message: String| LeaseError::Connect {
-            url: url.to_string(),
+            url: shown.clone(),
             message,
         };
         let options = PgConnectOptions::from_str(url)
@@ -106,7 +125,7 @@ impl Lease {
             .await
             .map_err(|e| connect(e.to_string()))?;
         Ok(Lease {
-            url: url.to_string(),
+            url: shown.clone(),
             holder: holder.to_string(),
             conn,
         })

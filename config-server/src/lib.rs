@@ -62,6 +62,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How long shutdown waits for the metrics endpoint's open connections.
 const METRICS_STOP_GRACE: Duration = Duration::from_secs(5);
 
+/// How long closing the store waits for connections in use: a statement
+/// stuck in a network partition must not keep the CS from exiting.
+const STORE_CLOSE_GRACE: Duration = Duration::from_secs(5);
+
 fn read(what: &str, path: &std::path::Path) -> Result<String, CsError> {
     std::fs::read_to_string(path).map_err(|e| {
         CsError::io(
@@ -143,27 +147,27 @@ async fn bind_listen(addr: &str) -> Result<TcpListener, CsError> {
 /// without its password.
 fn store_name(config: &Config) -> String {
     if config.store.is_postgres() {
-        // postgres://USER:PASSWORD@HOST/DB: everything after the '@'.
-        let url = &config.store.url;
-        match (url.split_once("://"), url.rsplit_once('@')) {
-            (Some((scheme, _)), Some((_, rest))) => format!("{scheme}://{rest}"),
-            _ => url.clone(),
-        }
+        store::postgres::redact_url(&config.store.url)
     } else {
         config.db.display().to_string()
     }
 }
 
 /// Waits as a standby until this CS holds the store lease (or `stop`), then
-/// binds `listen`. `None` when stopped first.
+/// binds `listen`. `None` when stopped first. Before it waits, it checks
+/// that its `[store] secret_key_file` opens the CA sealed in the store: a
+/// standby that could not serve refuses to start instead of failing at the
+/// takeover, when no other CS serves.
 async fn standby(
     config: &Config,
     cs_metrics: &metrics::CsMetrics,
     mut stop: watch::Receiver<bool>,
 ) -> Result<Option<(TcpListener, lease::Held)>, CsError> {
-    // A key file that cannot open the CA fails now, not at the takeover.
-    ca_seal::SealKey::read(&config.store.secret_key_file)?;
     cs_metrics.set_active(false);
+    tokio::select! {
+        checked = can_open_the_ca(config) => checked?,
+        _ = stop.wait_for(|s| *s) => return Ok(None),
+    }
     rebound_common::service_manager::ready("standby: waiting for the lease");
     let held = tokio::select! {
         held = lease::wait_for(&config.store.url, &config.listen) => held,
@@ -172,6 +176,54 @@ async fn standby(
     // Unbound while waiting: a failed bind lets the lease go (dropped).
     let listener = bind_listen(&config.listen).await?;
     Ok(Some((listener, held)))
+}
+
+/// Fails unless `[store] secret_key_file` opens the CA sealed in the
+/// store. A database that cannot be reached is retried (a standby outlives
+/// a restart of PostgreSQL); a wrong key or a store without a CA is final.
+async fn can_open_the_ca(config: &Config) -> Result<(), CsError> {
+    ca_seal::SealKey::read(&config.store.secret_key_file)?;
+    let store = loop {
+        match store::open(&config.store, &config.db).await {
+            Ok(s) => break s,
+            Err(e @ store::StoreError::Connect { .. }) => {
+                warn!("standby: {e}; trying again in {STORE_RETRY:?}");
+                tokio::time::sleep(STORE_RETRY).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let checked = ca_seal::ca_key_pem(config, store.as_ref()).await;
+    close_store(store.as_ref()).await;
+    checked.map(|_| ())
+}
+
+/// How long a standby waits before it opens the store again.
+const STORE_RETRY: Duration = Duration::from_secs(2);
+
+/// Closes `store`, waiting at most [`STORE_CLOSE_GRACE`] for connections in
+/// use.
+async fn close_store(store: &dyn Store) {
+    if tokio::time::timeout(STORE_CLOSE_GRACE, store.close())
+        .await
+        .is_err()
+    {
+        warn!("the store did not close within {STORE_CLOSE_GRACE:?}; leaving its connections");
+    }
+}
+
+/// Opens the store; under the lease, fenced to its epoch (every write
+/// checks that this CS still holds it).
+async fn open_store(
+    config: &Config,
+    held: Option<&lease::Held>,
+) -> Result<Arc<dyn Store>, CsError> {
+    let Some(held) = held else {
+        return Ok(store::open(&config.store, &config.db).await?);
+    };
+    let pg = store::PgStore::open(&config.store.url).await?;
+    pg.fence(held.epoch);
+    Ok(Arc::new(pg))
 }
 
 async fn serve<F>(mut config: Config, start: Start, shutdown: F) -> Result<(), CsError>
@@ -225,28 +277,32 @@ where
         },
     };
     cs_metrics.set_active(true);
-    // Set when the lease is lost: the serving stops at once and the CS
-    // exits with it.
+    let store = open_store(&config, held.as_ref()).await?;
+    let ca_key = ca_seal::ca_key_pem(&config, store.as_ref()).await?;
+    let bus = Arc::new(CommandBus::new());
+    let jobs = JobEngine::new(store.clone());
+    let lifecycle = Lifecycle::new(store.clone(), bus.clone(), jobs.clone(), settings(&config));
+    // Set when the lease is lost: this CS stops writing at once (its pool
+    // closed, its jobs aborted; the fenced store refuses the rest), then
+    // stops serving and exits with the error.
     let lost = Arc::new(std::sync::Mutex::new(None::<lease::LeaseError>));
     if let Some(held) = &held {
         let (loss, lost, stop_tx) = (held.loss(), lost.clone(), stop_tx.clone());
+        let (store, jobs) = (store.clone(), jobs.clone());
         tokio::spawn(async move {
             let Some(e) = loss.wait().await else {
                 return;
             };
             tracing::error!("{e}");
+            let aborted = jobs.abort_all();
+            close_store(store.as_ref()).await;
+            warn!(aborted_jobs = aborted, "store closed after the lease loss");
             if let Ok(mut l) = lost.lock() {
                 *l = Some(e);
             }
             let _ = stop_tx.send(true);
         });
     }
-
-    let store = store::open(&config.store, &config.db).await?;
-    let ca_key = ca_seal::ca_key_pem(&config, store.as_ref()).await?;
-    let bus = Arc::new(CommandBus::new());
-    let jobs = JobEngine::new(store.clone());
-    let lifecycle = Lifecycle::new(store.clone(), bus.clone(), jobs.clone(), settings(&config));
     let alerting = alerts::Alerts::new(
         store.clone(),
         bus.clone(),
@@ -336,7 +392,7 @@ where
         // from closing.
         wait_or_drop(t, METRICS_STOP_GRACE, "the metrics endpoint").await;
     }
-    store.close().await;
+    close_store(store.as_ref()).await;
     // Let go only once this CS no longer writes: the standby takes over.
     if let Some(held) = held {
         held.release().await;

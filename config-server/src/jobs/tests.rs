@@ -7,7 +7,8 @@ use super::*;
 use crate::store::SqliteStore;
 use std::time::Duration;
 
-/// Actions: "ok", "fail", "unsafe", "data" (stores and reads job data).
+/// Actions: "ok", "fail", "unsafe", "data" (stores and reads job data),
+/// "hang" (never ends).
 struct Script {
     ran: Mutex<Vec<String>>,
 }
@@ -25,6 +26,7 @@ impl StepRunner for Script {
                     assert_eq!(ctx.get::<u32>("x"), Some(41));
                     Ok(())
                 }
+                "hang" => std::future::pending().await,
                 _ => Ok(()),
             }
         })
@@ -142,4 +144,31 @@ async fn restart_resumes_or_fails_cleanly() {
     // The done step was not repeated; the unsafe step never ran again.
     let ran = script.ran.lock().unwrap().clone();
     assert_eq!(ran, vec!["ok", "ok"], "resumed job ran steps 1 and 2 only");
+}
+
+#[tokio::test]
+async fn abort_all_stops_the_running_jobs_mid_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let (e, s, store) = engine(&dir.path().join("cs.db")).await;
+    let job = create(&e, &["hang", "ok"]).await;
+    e.start(&job.id);
+    // Running its first step.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while s.ran.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the job did not start");
+    assert_eq!(e.abort_all(), 1);
+    assert_eq!(e.abort_all(), 0);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // It stays running in the store (the next CS resumes it), and the
+    // second step never ran.
+    let stored = store.get_job(&job.id).await.unwrap().unwrap();
+    assert_eq!(stored.state, JobState::Running);
+    assert_eq!(*s.ran.lock().unwrap(), vec!["hang"]);
+    // It can be started again here.
+    e.start(&job.id);
+    assert_eq!(e.abort_all(), 1);
 }

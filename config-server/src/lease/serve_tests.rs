@@ -1,6 +1,7 @@
 //! Two CS processes (in-process) on one PostgreSQL database: the standby
-//! does not listen until the active one stops, and a holder whose lock
-//! session ends stops serving with an error.
+//! does not listen until the active one stops, a holder whose lock
+//! session ends stops serving with an error, and a standby whose key
+//! cannot open the store's CA refuses to start.
 
 use crate::init::{init_first, join, Layout};
 use crate::store::scratch::ScratchDb;
@@ -61,6 +62,7 @@ async fn the_standby_listens_only_once_the_active_cs_is_gone() {
     let standby = tokio::spawn(crate::run_with_lease(load(&second.config_file), async {
         let _ = stopped_b.await;
     }));
+    // Checks only 1.5 s of waiting; it cannot fail spuriously.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(!listens(&addr_b).await, "the standby listens");
     assert!(!standby.is_finished());
@@ -87,4 +89,36 @@ async fn the_standby_listens_only_once_the_active_cs_is_gone() {
         .to_string();
     assert!(e.starts_with("lost the store lease"), "{e}");
     assert!(!listens(&addr_b).await, "still listening after the loss");
+}
+
+#[tokio::test]
+async fn a_standby_whose_key_does_not_open_the_ca_refuses_to_start() {
+    let db = ScratchDb::create().await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    init_first(&Layout::in_dir(&a), &[], Some(&free_addr()), &db.url)
+        .await
+        .unwrap();
+    let second = join(
+        &Layout::in_dir(&b),
+        &[],
+        Some(&free_addr()),
+        &db.url,
+        &a.join("store.key"),
+    )
+    .await
+    .unwrap();
+    // Its key file now comes from another deployment.
+    let config = load(&second.config_file);
+    let other = crate::ca_seal::SealKey::generate(&config.store.secret_key_file).unwrap();
+    std::fs::write(&config.store.secret_key_file, other.to_file_text()).unwrap();
+    let e = tokio::time::timeout(
+        Duration::from_secs(20),
+        crate::run_with_lease(config, std::future::pending()),
+    )
+    .await
+    .expect("the standby waited with a key that cannot serve")
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("does not open"), "{e}");
 }

@@ -2,7 +2,6 @@
 
 use super::*;
 use crate::store::scratch::ScratchDb;
-use std::time::Instant;
 
 async fn taken(db: &ScratchDb, holder: &str) -> Held {
     match Lease::connect(&db.url, holder)
@@ -45,16 +44,15 @@ async fn only_one_holds_and_the_other_takes_over_when_it_lets_go() {
         let _ = tx.send(h.map(|h| h.holder.clone()));
     }));
     assert_eq!(rx.recv().await.unwrap().as_deref(), Some("127.0.0.1:7443"));
+    // Checks only 0.8 s of waiting; it cannot fail spuriously.
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(!waiting.is_finished(), "taken while held");
-    let released = Instant::now();
     first.release().await;
     let second = tokio::time::timeout(Duration::from_secs(3), waiting)
         .await
         .expect("not taken within 3 s of the release")
         .unwrap()
         .unwrap();
-    assert!(released.elapsed() < Duration::from_secs(3));
     assert_eq!(second.epoch, 2);
     let mut look = Lease::connect(&db.url, "x").await.unwrap();
     let h = look.holder().await.unwrap().unwrap();
@@ -73,7 +71,6 @@ async fn a_terminated_backend_is_a_lost_lease_and_frees_it() {
     let held = taken(&db, "127.0.0.1:7443").await;
     let loss = held.loss();
     let mut admin = PgConnection::connect(&db.url).await.unwrap();
-    let started = Instant::now();
     let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
         .bind(held.backend_pid)
         .fetch_one(&mut admin)
@@ -84,7 +81,6 @@ async fn a_terminated_backend_is_a_lost_lease_and_frees_it() {
         .await
         .expect("the loss was not signalled within 5 s")
         .expect("a loss, not a release");
-    assert!(started.elapsed() < Duration::from_secs(5));
     let text = e.to_string();
     assert!(
         text.starts_with("lost the store lease: ") && text.ends_with("the standby serves now"),
@@ -127,7 +123,7 @@ async fn the_lock_connection_has_server_side_keepalives() {
 
 #[tokio::test]
 async fn a_bad_url_is_a_clear_error() {
-    let e = Lease::connect("postgres://nobody@127.0.0.1:1/none", "a")
+    let e = Lease::connect("postgres://u:secret@127.0.0.1:1/none?password=other", "a")
         .await
         .err()
         .unwrap()
@@ -136,4 +132,7 @@ async fn a_bad_url_is_a_clear_error() {
         e.contains("cannot connect to the store") && e.contains("[store] url"),
         "{e}"
     );
+    // Named without its password.
+    assert!(e.contains("postgres://u:***@127.0.0.1:1/none"), "{e}");
+    assert!(!e.contains("secret") && !e.contains("other"), "{e}");
 }

@@ -57,6 +57,15 @@ pub enum StoreError {
     Query { what: String, message: String },
     #[error("corrupt row in the database while {what}: {message}")]
     Corrupt { what: String, message: String },
+    #[error(
+        "refused {what}: this CS no longer holds the store lease (it held epoch {epoch}; now \
+         {holder} holds it), so it stops serving and the active CS takes over"
+    )]
+    Fenced {
+        what: String,
+        epoch: i64,
+        holder: String,
+    },
 }
 
 pub use rebound_common::time::now_ms;

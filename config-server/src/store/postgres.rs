@@ -12,6 +12,16 @@
 //! opening one database at once apply it once. Rows decode with the same
 //! code as SQLite's (`store::rows`); queries are plain runtime SQL, so
 //! building the crate needs no database.
+//!
+//! Fencing: a CS serving under the store lease ([`crate::lease`]) tells its
+//! store the lease's epoch ([`PgStore::fence`]). Every write then runs in a
+//! transaction that first reads the `cs_lease` row `FOR SHARE` and fails
+//! with [`StoreError::Fenced`] unless the epoch is still this CS's: the new
+//! holder's `UPDATE … epoch + 1` waits for a write in flight, and no write
+//! of the old holder commits after it. Reads are not fenced. Pool
+//! connections carry the lease's server-side keepalives and a
+//! [`STATEMENT_TIMEOUT`], so a write stuck in a partition dies on the
+//! server instead of landing after a takeover.
 
 mod trust;
 
@@ -20,7 +30,12 @@ use super::*;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use std::future::Future;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+/// The longest one statement of the store may run on the server.
+pub const STATEMENT_TIMEOUT: (&str, &str) = ("statement_timeout", "30000");
 
 /// The PostgreSQL store. Cheap to clone (a connection pool).
 #[derive(Clone)]
@@ -28,16 +43,21 @@ pub struct PgStore {
     pool: PgPool,
     /// The URL without its password, for messages.
     shown: String,
+    /// The lease epoch writes must still hold; 0 = not fenced (tools such
+    /// as `init` and `admin-cert`, and a CS without standbys).
+    epoch: Arc<AtomicI64>,
 }
 
 /// A statement with its bound values, as the helpers below take it.
 type Sql<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
-/// `url` with the password (if any) replaced, fit for logs and errors.
+/// `url` with the password (if any, in the user part or as a `password=`
+/// query parameter) replaced, fit for logs and errors.
 pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
         return url.to_string();
     };
+    let url = &redact_query(url);
     let rest = &url[scheme_end..];
     let auth_end = rest.find(['/', '?']).unwrap_or(rest.len());
     match rest[..auth_end].rfind('@') {
@@ -54,6 +74,21 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// `url` with the value of a `password=` query parameter replaced.
+fn redact_query(url: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else {
+        return url.to_string();
+    };
+    let params: Vec<String> = query
+        .split('&')
+        .map(|p| match p.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => p.to_string(),
+        })
+        .collect();
+    format!("{base}?{}", params.join("&"))
+}
+
 impl PgStore {
     /// Connects to the database at `url` (`postgres://user[:password]@host
     /// [:port]/database[?sslmode=…]`) and migrates it.
@@ -63,7 +98,10 @@ impl PgStore {
             url: shown.clone(),
             message: e.to_string(),
         };
-        let opts = PgConnectOptions::from_str(url).map_err(|e| connect(&e))?;
+        let opts = PgConnectOptions::from_str(url)
+            .map_err(|e| connect(&e))?
+            .options(crate::lease::KEEPALIVES)
+            .options([STATEMENT_TIMEOUT]);
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
@@ -77,7 +115,48 @@ impl PgStore {
                 path: shown.clone(),
                 message: e.to_string(),
             })?;
-        Ok(PgStore { pool, shown })
+        Ok(PgStore {
+            pool,
+            shown,
+            epoch: Arc::new(AtomicI64::new(0)),
+        })
+    }
+
+    /// Fences every later write (of this store and its clones) to the store
+    /// lease `epoch`: once another CS took the lease, writes fail with
+    /// [`StoreError::Fenced`].
+    pub fn fence(&self, epoch: i64) {
+        self.epoch.store(epoch, Ordering::SeqCst);
+    }
+
+    /// Begins a write transaction; when fenced, it first checks (and holds,
+    /// `FOR SHARE`) that the lease still has this store's epoch.
+    async fn begin_write(
+        &self,
+        what: &'static str,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(q(what))?;
+        let mine = self.epoch.load(Ordering::SeqCst);
+        if mine != 0 {
+            let now: Option<(i64, String)> =
+                sqlx::query_as("SELECT epoch, holder FROM cs_lease WHERE id = 1 FOR SHARE")
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(q(what))?;
+            match now {
+                Some((epoch, _)) if epoch == mine => {}
+                other => {
+                    let holder = other
+                        .map_or_else(|| "no CS".to_string(), |(e, h)| format!("{h} (epoch {e})"));
+                    return Err(StoreError::Fenced {
+                        what: what.to_string(),
+                        epoch: mine,
+                        holder,
+                    });
+                }
+            }
+        }
+        Ok(tx)
     }
 
     /// The database URL without its password.
@@ -91,24 +170,55 @@ impl PgStore {
         &self.pool
     }
 
-    /// Closes the pool (waits for connections to return).
+    /// Closes the pool: new acquires fail at once; waits for connections
+    /// in use to return.
     pub async fn close(&self) {
         self.pool.close().await;
     }
 
     /// Runs a statement that returns no rows; `what` names it in errors.
     fn run<'a>(&'a self, what: &'static str, sql: Sql<'a>) -> BoxFut<'a, ()> {
-        Box::pin(async move {
-            sql.execute(&self.pool).await.map_err(q(what))?;
-            Ok(())
-        })
+        self.run_all(what, vec![sql])
     }
 
     /// Runs a statement that returns no rows: whether it touched any.
     fn run_counted<'a>(&'a self, what: &'static str, sql: Sql<'a>) -> BoxFut<'a, bool> {
+        Box::pin(async move { Ok(self.write(what, vec![sql]).await? > 0) })
+    }
+
+    /// Runs `statements` in one fenced transaction: how many rows they
+    /// touched.
+    async fn write<'a>(
+        &'a self,
+        what: &'static str,
+        statements: Vec<Sql<'a>>,
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.begin_write(what).await?;
+        let mut touched = 0;
+        for sql in statements {
+            touched += sql
+                .execute(&mut *tx)
+                .await
+                .map_err(q(what))?
+                .rows_affected();
+        }
+        tx.commit().await.map_err(q(what))?;
+        Ok(touched)
+    }
+
+    /// The rows a writing statement (`… RETURNING`) returns, decoded by
+    /// `row`, in one fenced transaction.
+    fn write_returning<'a, T: Send + 'a>(
+        &'a self,
+        what: &'static str,
+        sql: Sql<'a>,
+        row: impl Fn(&PgRow) -> Result<T, StoreError> + Send + 'a,
+    ) -> BoxFut<'a, Vec<T>> {
         Box::pin(async move {
-            let r = sql.execute(&self.pool).await.map_err(q(what))?;
-            Ok(r.rows_affected() > 0)
+            let mut tx = self.begin_write(what).await?;
+            let rows = sql.fetch_all(&mut *tx).await.map_err(q(what))?;
+            tx.commit().await.map_err(q(what))?;
+            rows.iter().map(row).collect()
         })
     }
 
@@ -142,13 +252,7 @@ impl PgStore {
 
     /// Runs `statements` in one transaction: all of them take effect or none.
     fn run_all<'a>(&'a self, what: &'static str, statements: Vec<Sql<'a>>) -> BoxFut<'a, ()> {
-        Box::pin(async move {
-            let mut tx = self.pool.begin().await.map_err(q(what))?;
-            for sql in statements {
-                sql.execute(&mut *tx).await.map_err(q(what))?;
-            }
-            tx.commit().await.map_err(q(what))
-        })
+        Box::pin(async move { self.write(what, statements).await.map(|_| ()) })
     }
 
     /// The machines `sql` selects, with their disks: two queries whatever

@@ -67,3 +67,113 @@ fn a_password_is_redacted() {
     assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
     assert_eq!(redact_url("postgres://h/db"), "postgres://h/db");
 }
+
+#[test]
+fn a_password_query_parameter_is_redacted() {
+    assert_eq!(
+        redact_url("postgres://u@h/db?sslmode=require&password=secret&x=1"),
+        "postgres://u@h/db?sslmode=require&password=***&x=1"
+    );
+    assert_eq!(
+        redact_url("postgres://u:a@h/db?PASSWORD=b"),
+        "postgres://u:***@h/db?PASSWORD=***"
+    );
+    assert_eq!(
+        redact_url("postgres://h/db?password"),
+        "postgres://h/db?password"
+    );
+}
+
+/// Takes the lease for `holder`, which must be free.
+async fn lease(url: &str, holder: &str) -> crate::lease::Held {
+    let lease = crate::lease::Lease::connect(url, holder).await.unwrap();
+    match lease.try_take().await.unwrap() {
+        Ok(held) => held,
+        Err(_) => panic!("the lease is not free"),
+    }
+}
+
+#[tokio::test]
+async fn a_store_fenced_to_a_lost_lease_refuses_writes_but_reads() {
+    let db = ScratchDb::create().await.unwrap();
+    let first = lease(&db.url, "127.0.0.1:7443").await;
+    let s = PgStore::open(&db.url).await.unwrap();
+    s.fence(first.epoch);
+    assert_eq!(first.epoch, 1);
+    s.put_setting("k", b"v").await.unwrap();
+    let token = Token {
+        token_id: "t1".into(),
+        role: Role::Agent,
+        id: "m1".into(),
+        verifier: vec![9],
+        created_ms: 1,
+        expires_ms: u64::MAX,
+        used_ms: None,
+    };
+    s.put_token(&token).await.unwrap();
+    // Another CS takes the lease: epoch 2.
+    drop(first);
+    let second = loop {
+        match crate::lease::Lease::connect(&db.url, "127.0.0.2:7443")
+            .await
+            .unwrap()
+            .try_take()
+            .await
+            .unwrap()
+        {
+            Ok(held) => break held,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    assert_eq!(second.epoch, 2);
+    let fenced = |e: StoreError| match e {
+        StoreError::Fenced { epoch, holder, .. } => {
+            assert_eq!(epoch, 1);
+            assert!(holder.contains("127.0.0.2:7443"), "{holder}");
+        }
+        other => panic!("not fenced: {other}"),
+    };
+    fenced(s.put_setting("k", b"w").await.unwrap_err());
+    fenced(s.add_site("onprem").await.unwrap_err());
+    fenced(s.delete_plan("p").await.unwrap_err());
+    fenced(s.redeem_token("t1", 5).await.unwrap_err());
+    fenced(s.revoke_certs(Role::Agent, "a", 5).await.unwrap_err());
+    let e = s.put_setting("k", b"w").await.unwrap_err().to_string();
+    assert!(e.contains("no longer holds the store lease"), "{e}");
+    // Reads still work, and nothing was written.
+    assert_eq!(s.get_setting("k").await.unwrap().unwrap(), b"v");
+    assert!(s.get_token("t1").await.unwrap().unwrap().used_ms.is_none());
+    // The new holder's store (and an unfenced tool's) writes.
+    let t = PgStore::open(&db.url).await.unwrap();
+    t.fence(second.epoch);
+    t.put_setting("k", b"x").await.unwrap();
+    let tool = PgStore::open(&db.url).await.unwrap();
+    tool.add_site("onprem").await.unwrap();
+    second.release().await;
+    for s in [s, t, tool] {
+        s.close().await;
+    }
+}
+
+#[tokio::test]
+async fn pool_connections_have_keepalives_and_a_statement_timeout() {
+    let db = ScratchDb::create().await.unwrap();
+    let s = PgStore::open(&db.url).await.unwrap();
+    let show = |name: &'static str| {
+        let pool = s.pool().clone();
+        async move {
+            sqlx::query_scalar::<_, String>(&format!("SHOW {name}"))
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(show("statement_timeout").await, "30s");
+    assert_eq!(show("tcp_keepalives_idle").await, "4");
+    let user_timeout = show("tcp_user_timeout").await;
+    assert!(
+        ["10s", "10000"].contains(&user_timeout.as_str()),
+        "{user_timeout}"
+    );
+    s.close().await;
+}

@@ -41,7 +41,7 @@ pub(super) fn revoke_certs<'a>(
     .bind(ms(now_ms))
     .bind(role.as_str())
     .bind(id);
-    s.all(w, sql, rows::text("serial", w))
+    s.write_returning(w, sql, rows::text("serial", w))
 }
 
 pub(super) fn revoked_serials(s: &PgStore, now_ms: u64) -> BoxFut<'_, Vec<String>> {
@@ -132,10 +132,10 @@ pub(super) fn redeem_token<'a>(
         )
         .bind(ms(now_ms))
         .bind(token_id);
-        if let Some(mut t) = s
-            .one("redeeming an enrollment token", claim, rows::token)
-            .await?
-        {
+        let claimed = s
+            .write_returning("redeeming an enrollment token", claim, rows::token)
+            .await?;
+        if let Some(mut t) = claimed.into_iter().next() {
             t.used_ms = None;
             return Ok(Some(t));
         }
