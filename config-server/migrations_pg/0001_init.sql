@@ -5,21 +5,26 @@
 -- by its bit pattern, flags 0 or 1); lists, policies and points are JSON
 -- text; `ord` and `seq` columns are identities, so rows written by two CS
 -- processes still get distinct, increasing numbers.
+--
+-- Names and ids are `COLLATE "C"`: they compare and sort by bytes, as in
+-- SQLite, so every list comes out in the same order on both engines
+-- whatever the database's collation (en_US.UTF-8 would ignore case and
+-- punctuation).
 
 CREATE TABLE settings (
-    key   TEXT PRIMARY KEY NOT NULL,
+    key   TEXT COLLATE "C" PRIMARY KEY NOT NULL,
     value BYTEA NOT NULL
 );
 
 CREATE TABLE sites (
-    name       TEXT PRIMARY KEY NOT NULL,
+    name       TEXT COLLATE "C" PRIMARY KEY NOT NULL,
     created_ms BIGINT NOT NULL
 );
 
 CREATE TABLE components (
-    role              TEXT NOT NULL,
-    id                TEXT NOT NULL,
-    site              TEXT NOT NULL DEFAULT '',
+    role              TEXT COLLATE "C" NOT NULL,
+    id                TEXT COLLATE "C" NOT NULL,
+    site              TEXT COLLATE "C" NOT NULL DEFAULT '',
     version           TEXT NOT NULL DEFAULT '',
     addresses         TEXT NOT NULL DEFAULT '[]',
     cert_serial       TEXT NOT NULL DEFAULT '',
@@ -35,29 +40,29 @@ CREATE TABLE components (
 );
 
 CREATE TABLE machines (
-    id         TEXT PRIMARY KEY NOT NULL,
-    site       TEXT NOT NULL,
+    id         TEXT COLLATE "C" PRIMARY KEY NOT NULL,
+    site       TEXT COLLATE "C" NOT NULL,
     policy     TEXT NOT NULL,
-    grp        TEXT NOT NULL DEFAULT '',
+    grp        TEXT COLLATE "C" NOT NULL DEFAULT '',
     created_ms BIGINT NOT NULL
 );
 
 CREATE TABLE disks (
-    machine TEXT NOT NULL REFERENCES machines(id) ON DELETE CASCADE,
+    machine TEXT COLLATE "C" NOT NULL REFERENCES machines(id) ON DELETE CASCADE,
     idx     BIGINT NOT NULL,
-    name    TEXT NOT NULL,
+    name    TEXT COLLATE "C" NOT NULL,
     size    BIGINT NOT NULL,
     path    TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (machine, idx)
 );
 
 CREATE TABLE replications (
-    id             TEXT PRIMARY KEY NOT NULL,
-    machine        TEXT NOT NULL REFERENCES machines(id),
-    from_site      TEXT NOT NULL,
-    to_site        TEXT NOT NULL,
-    ps             TEXT NOT NULL,
-    mt             TEXT NOT NULL,
+    id             TEXT COLLATE "C" PRIMARY KEY NOT NULL,
+    machine        TEXT COLLATE "C" NOT NULL REFERENCES machines(id),
+    from_site      TEXT COLLATE "C" NOT NULL,
+    to_site        TEXT COLLATE "C" NOT NULL,
+    ps             TEXT COLLATE "C" NOT NULL,
+    mt             TEXT COLLATE "C" NOT NULL,
     policy         TEXT NOT NULL,
     state          TEXT NOT NULL,
     previous       TEXT NOT NULL DEFAULT '',
@@ -70,7 +75,7 @@ CREATE TABLE replications (
 CREATE INDEX replications_machine ON replications(machine, ord);
 
 CREATE TABLE consistency_groups (
-    name          TEXT PRIMARY KEY NOT NULL,
+    name          TEXT COLLATE "C" PRIMARY KEY NOT NULL,
     machines      TEXT NOT NULL,
     hold_ms       BIGINT NOT NULL,
     interval_secs BIGINT NOT NULL,
@@ -78,13 +83,13 @@ CREATE TABLE consistency_groups (
 );
 
 CREATE TABLE plans (
-    name TEXT PRIMARY KEY NOT NULL,
+    name TEXT COLLATE "C" PRIMARY KEY NOT NULL,
     body TEXT NOT NULL
 );
 
 CREATE TABLE jobs (
-    id         TEXT PRIMARY KEY NOT NULL,
-    kind       TEXT NOT NULL,
+    id         TEXT COLLATE "C" PRIMARY KEY NOT NULL,
+    kind       TEXT COLLATE "C" NOT NULL,
     machines   TEXT NOT NULL,
     plan       TEXT NOT NULL,
     spec       TEXT NOT NULL,
@@ -103,7 +108,7 @@ CREATE INDEX jobs_state ON jobs(state);
 CREATE INDEX jobs_ord ON jobs(ord);
 
 CREATE TABLE job_steps (
-    job        TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    job        TEXT COLLATE "C" NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
     idx        BIGINT NOT NULL,
     name       TEXT NOT NULL,
     action     TEXT NOT NULL,
@@ -116,27 +121,27 @@ CREATE TABLE job_steps (
 );
 
 CREATE TABLE point_summaries (
-    replication TEXT PRIMARY KEY NOT NULL,
+    replication TEXT COLLATE "C" PRIMARY KEY NOT NULL,
     body        TEXT NOT NULL
 );
 
 CREATE TABLE events (
     seq         BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     time_ms     BIGINT NOT NULL,
-    component   TEXT NOT NULL,
+    component   TEXT COLLATE "C" NOT NULL,
     severity    TEXT NOT NULL,
     kind        TEXT NOT NULL,
     message     TEXT NOT NULL,
-    replication TEXT NOT NULL
+    replication TEXT COLLATE "C" NOT NULL
 );
 
 -- The trust model's records (DESIGN.md §3): every certificate the CS
 -- issued, and the one-time enrollment tokens as verifiers (blake3 of the
 -- secret), never the secret itself.
 CREATE TABLE issued_certs (
-    serial     TEXT PRIMARY KEY NOT NULL,
-    role       TEXT NOT NULL,
-    id         TEXT NOT NULL,
+    serial     TEXT COLLATE "C" PRIMARY KEY NOT NULL,
+    role       TEXT COLLATE "C" NOT NULL,
+    id         TEXT COLLATE "C" NOT NULL,
     issued_ms  BIGINT NOT NULL,
     expiry_ms  BIGINT NOT NULL,
     revoked_ms BIGINT,
@@ -146,9 +151,9 @@ CREATE TABLE issued_certs (
 CREATE INDEX issued_certs_identity ON issued_certs (role, id, issued_ms);
 
 CREATE TABLE tokens (
-    token_id   TEXT PRIMARY KEY NOT NULL,
-    role       TEXT NOT NULL,
-    id         TEXT NOT NULL,
+    token_id   TEXT COLLATE "C" PRIMARY KEY NOT NULL,
+    role       TEXT COLLATE "C" NOT NULL,
+    id         TEXT COLLATE "C" NOT NULL,
     verifier   BYTEA NOT NULL,
     created_ms BIGINT NOT NULL,
     expires_ms BIGINT NOT NULL,

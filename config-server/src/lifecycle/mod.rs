@@ -147,8 +147,10 @@ impl Lifecycle {
         group: &str,
         policy: Policy,
     ) -> Result<Job, CsError> {
+        // Held from the choice of PS until the job naming it is stored.
+        let _placing = self.submit.lock().await;
         let ps = self.ps_for(machine, ps).await?;
-        self.submit(JobSpec::Protect {
+        self.submit_locked(JobSpec::Protect {
             machine: machine.into(),
             to_site: to_site.into(),
             ps,
@@ -212,11 +214,13 @@ impl Lifecycle {
         policy: Option<Policy>,
     ) -> Result<Job, CsError> {
         let (machines, plan) = self.resolve(targets).await?;
+        // Held from the choice of PS until the job naming it is stored.
+        let _placing = self.submit.lock().await;
         let ps = match machines.first() {
             Some(first) => self.ps_for(first, ps).await?,
             None => ps.to_string(),
         };
-        self.submit(JobSpec::Reprotect {
+        self.submit_locked(JobSpec::Reprotect {
             machines,
             plan: plan.map(|p| p.name).unwrap_or_default(),
             ps,
@@ -290,6 +294,11 @@ impl Lifecycle {
     /// Validates, creates and starts the job for `spec`.
     pub async fn submit(&self, spec: JobSpec) -> Result<Job, CsError> {
         let _one_at_a_time = self.submit.lock().await;
+        self.submit_locked(spec).await
+    }
+
+    /// [`Lifecycle::submit`] for a caller that holds the submit lock.
+    async fn submit_locked(&self, spec: JobSpec) -> Result<Job, CsError> {
         self.validate(&spec, None).await?;
         let steps = self.steps(&spec).await?;
         let spec_json = serde_json::to_string(&spec)

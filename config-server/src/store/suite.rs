@@ -73,6 +73,7 @@ on_both_engines!(
     jobs_list_with_their_own_steps,
     u64_extremes_round_trip,
     of_concurrent_redeemers_exactly_one_gets_the_token,
+    names_list_in_byte_order_whatever_their_case_and_punctuation,
 );
 
 fn component(role: Role, id: &str) -> Component {
@@ -574,4 +575,87 @@ async fn of_concurrent_redeemers_exactly_one_gets_the_token(db: Db) {
         .iter()
         .all(|t| t.used_ms.is_none() || t.used_ms == Some(used)));
     s.close().await;
+}
+
+/// Names whose order differs between byte order and a linguistic collation
+/// (which ignores case and punctuation): every list gives them by bytes, as
+/// SQLite does, so `rebound machines` reads the same on both engines.
+async fn names_list_in_byte_order_whatever_their_case_and_punctuation(db: Db) {
+    let s = db.open().await;
+    let names = ["m2", "m10", "M2", "m-10", "m_2", "m\u{e9}", "M-1", "m"];
+    let mut by_bytes: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    by_bytes.sort();
+    assert_eq!(
+        by_bytes,
+        ["M-1", "M2", "m", "m-10", "m10", "m2", "m_2", "m\u{e9}"]
+    );
+    for n in names {
+        s.put_machine(&machine(n)).await.unwrap();
+        s.put_component(&component(Role::Agent, n)).await.unwrap();
+        s.add_site(n).await.unwrap();
+        s.put_group(&Group {
+            name: n.into(),
+            machines: vec![n.into()],
+            hold_ms: 1,
+            interval_secs: 1,
+            app: false,
+        })
+        .await
+        .unwrap();
+        s.put_plan(&Plan {
+            name: n.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let machines = s.list_machines().await.unwrap();
+    let machines: Vec<String> = machines.into_iter().map(|m| m.id).collect();
+    assert_eq!(machines, by_bytes);
+    let components = s.list_components().await.unwrap();
+    let components: Vec<String> = components.into_iter().map(|c| c.id).collect();
+    assert_eq!(components, by_bytes);
+    assert_eq!(s.list_sites().await.unwrap(), by_bytes);
+    let groups = s.list_groups().await.unwrap();
+    let groups: Vec<String> = groups.into_iter().map(|g| g.name).collect();
+    assert_eq!(groups, by_bytes);
+    let plans = s.list_plans().await.unwrap();
+    let plans: Vec<String> = plans.into_iter().map(|p| p.name).collect();
+    assert_eq!(plans, by_bytes);
+    s.close().await;
+    if let Db::Postgres(pg) = &db {
+        every_sorted_name_column_compares_by_bytes(&pg.url).await;
+    }
+}
+
+/// The test cluster's own collation may already be byte order (C.UTF-8),
+/// which would hide a column that sorts by the database's collation: check
+/// the columns the lists sort by are declared `COLLATE "C"`.
+async fn every_sorted_name_column_compares_by_bytes(url: &str) {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+    let sorted = [
+        ("sites", "name"),
+        ("components", "role"),
+        ("components", "id"),
+        ("machines", "id"),
+        ("disks", "machine"),
+        ("consistency_groups", "name"),
+        ("plans", "name"),
+        ("job_steps", "job"),
+        ("issued_certs", "serial"),
+    ];
+    for (table, column) in sorted {
+        let collation: Option<String> = sqlx::query_scalar(
+            "SELECT collation_name::text FROM information_schema.columns \
+             WHERE table_schema = current_schema() AND table_name = $1 AND column_name = $2",
+        )
+        .bind(table)
+        .bind(column)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(collation.as_deref(), Some("C"), "{table}.{column}");
+    }
+    conn.close().await.unwrap();
 }
