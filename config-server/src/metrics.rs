@@ -485,21 +485,9 @@ mod tests {
     /// A job of `kind` on m1, created at 1 s, started at 2 s.
     fn job(id: &str, kind: &str, state: JobState, ended_ms: u64) -> Job {
         Job {
-            id: id.into(),
-            kind: kind.into(),
-            machines: vec!["m1".into()],
-            plan: String::new(),
-            spec: "{}".into(),
-            data: "{}".into(),
-            state,
-            progress: 0,
-            status: String::new(),
-            error: String::new(),
-            warnings: Vec::new(),
             created_ms: 1_000,
-            started_ms: 2_000,
             ended_ms,
-            steps: Vec::new(),
+            ..Job::test_of(id, kind, &["m1"], state, 2_000)
         }
     }
 

@@ -179,30 +179,14 @@ async fn rpo_alert_set_then_reset_reads_the_cs_default_and_off_has_no_threshold(
     );
 }
 
-/// A job of `kind` on `machines` in `state`, created at `time_ms`.
+/// A protect job on `machines` in `state`, created at `time_ms`.
 fn job_on(
     id: &str,
     machines: &[&str],
     state: crate::store::JobState,
     time_ms: u64,
 ) -> crate::store::Job {
-    crate::store::Job {
-        id: id.into(),
-        kind: "protect".into(),
-        machines: machines.iter().map(|m| m.to_string()).collect(),
-        plan: String::new(),
-        spec: "{}".into(),
-        data: "{}".into(),
-        state,
-        progress: 0,
-        status: String::new(),
-        error: String::new(),
-        warnings: Vec::new(),
-        created_ms: time_ms,
-        started_ms: time_ms,
-        ended_ms: 0,
-        steps: Vec::new(),
-    }
+    crate::store::Job::test_of(id, "protect", machines, state, time_ms)
 }
 
 /// A component of `role` whose last status is `status`.

@@ -374,6 +374,37 @@ impl Replication {
     }
 }
 
+#[cfg(test)]
+impl Job {
+    /// A job of `kind` on `machines` in `state` without steps, created and
+    /// started at `time_ms`: the fixture tests start from.
+    pub(crate) fn test_of(
+        id: &str,
+        kind: &str,
+        machines: &[&str],
+        state: JobState,
+        time_ms: u64,
+    ) -> Job {
+        Job {
+            id: id.into(),
+            kind: kind.into(),
+            machines: machines.iter().map(|m| m.to_string()).collect(),
+            plan: String::new(),
+            spec: "{}".into(),
+            data: "{}".into(),
+            state,
+            progress: 0,
+            status: String::new(),
+            error: String::new(),
+            warnings: Vec::new(),
+            created_ms: time_ms,
+            started_ms: time_ms,
+            ended_ms: 0,
+            steps: Vec::new(),
+        }
+    }
+}
+
 /// The latest recovery-point summary an MT reported for a replication.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]

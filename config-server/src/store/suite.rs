@@ -553,15 +553,7 @@ async fn u64_extremes_round_trip(db: Db) {
 
 async fn of_concurrent_redeemers_exactly_one_gets_the_token(db: Db) {
     let s = db.open().await;
-    let t = Token {
-        token_id: "t".into(),
-        role: Role::Agent,
-        id: "m1".into(),
-        verifier: vec![9],
-        created_ms: 1,
-        expires_ms: u64::MAX,
-        used_ms: None,
-    };
+    let t = Token::test_for("t");
     s.put_token(&t).await.unwrap();
     let got: Vec<Token> =
         futures::future::join_all((0..8u64).map(|i| s.redeem_token("t", 100 + i)))

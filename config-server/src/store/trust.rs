@@ -41,3 +41,20 @@ pub struct Token {
     /// When it was redeemed; a token is good once.
     pub used_ms: Option<u64>,
 }
+
+#[cfg(test)]
+impl Token {
+    /// An unused, never-expiring agent token for m1: the fixture tests start
+    /// from.
+    pub(crate) fn test_for(token_id: &str) -> Token {
+        Token {
+            token_id: token_id.into(),
+            role: Role::Agent,
+            id: "m1".into(),
+            verifier: vec![9],
+            created_ms: 1,
+            expires_ms: u64::MAX,
+            used_ms: None,
+        }
+    }
+}

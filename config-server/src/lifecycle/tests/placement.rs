@@ -118,22 +118,19 @@ fn a_pending_job_reserves_its_ps_once_per_machine() {
     );
 
     // Protect and reprotect requests reserve; other jobs do not.
-    let job_of = |spec: JobSpec| Job {
-        id: format!("j-{}", spec.kind()),
-        kind: spec.kind().into(),
-        machines: spec.machines(),
-        plan: String::new(),
-        spec: serde_json::to_string(&spec).unwrap(),
-        data: "{}".into(),
-        state: JobState::Running,
-        progress: 0,
-        status: String::new(),
-        error: String::new(),
-        warnings: Vec::new(),
-        created_ms: 0,
-        started_ms: 0,
-        ended_ms: 0,
-        steps: Vec::new(),
+    let job_of = |spec: JobSpec| {
+        let machines = spec.machines();
+        let machines: Vec<&str> = machines.iter().map(String::as_str).collect();
+        Job {
+            spec: serde_json::to_string(&spec).unwrap(),
+            ..Job::test_of(
+                &format!("j-{}", spec.kind()),
+                spec.kind(),
+                &machines,
+                JobState::Running,
+                0,
+            )
+        }
     };
     let mut unreadable = job_of(JobSpec::Move {
         machine: "m9".into(),

@@ -101,15 +101,7 @@ async fn a_store_fenced_to_a_lost_lease_refuses_writes_but_reads() {
     s.fence(first.epoch);
     assert_eq!(first.epoch, 1);
     s.put_setting("k", b"v").await.unwrap();
-    let token = Token {
-        token_id: "t1".into(),
-        role: Role::Agent,
-        id: "m1".into(),
-        verifier: vec![9],
-        created_ms: 1,
-        expires_ms: u64::MAX,
-        used_ms: None,
-    };
+    let token = Token::test_for("t1");
     s.put_token(&token).await.unwrap();
     // Another CS takes the lease: epoch 2.
     drop(first);
