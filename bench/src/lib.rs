@@ -81,6 +81,21 @@ pub struct BenchOptions {
     pub only: Vec<Part>,
     /// Whether the daemons serve metrics (and are scraped).
     pub metrics: MetricsMode,
+    /// The store of the configuration server the scale section's control
+    /// part lists 1,000 machines from.
+    pub cs_store: CsStore,
+}
+
+/// Where the CS of the scale section's control part keeps its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CsStore {
+    /// The SQLite file, as `rebound-cs init` makes it (the default).
+    #[default]
+    Sqlite,
+    /// A database of its own on the PostgreSQL server `REBOUND_TEST_PG_URL`
+    /// names (`scripts/pg-scratch start DIR` starts a throw-away one).
+    Postgres,
 }
 
 /// Whether the labs' daemons serve `/metrics` (scraped once a second by
@@ -246,6 +261,7 @@ pub struct Bench {
     /// `--dir` was given: sections keep their logs when they clean up.
     keep_logs: bool,
     pub metrics: MetricsMode,
+    pub cs_store: CsStore,
     /// Sections 2 and 3 as measured with metrics off (`--metrics both`).
     metrics_off: Option<overhead::Off>,
 }
@@ -440,6 +456,7 @@ fn run_blocking(opts: BenchOptions, rt: Handle) -> Result<()> {
     let mut b = Bench {
         keep_logs: opts.dir.is_some(),
         metrics: opts.metrics,
+        cs_store: opts.cs_store,
         metrics_off: None,
         plan: Plan::new(opts.quick),
         dir,

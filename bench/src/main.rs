@@ -37,6 +37,11 @@ struct Cli {
     /// lab without metrics, printed side by side.
     #[arg(long, value_enum, default_value = "on")]
     metrics: rebound_bench::MetricsMode,
+    /// The store of the CS whose 1,000 machines the scale section lists:
+    /// `sqlite` (as `rebound-cs init` makes it) or `postgres` (a database
+    /// of its own on the server REBOUND_TEST_PG_URL names).
+    #[arg(long, value_enum, default_value = "sqlite")]
+    cs_store: rebound_bench::CsStore,
 }
 
 #[derive(Subcommand)]
@@ -87,5 +92,6 @@ fn main() -> Result<()> {
         dir: cli.dir,
         only: cli.only,
         metrics: cli.metrics,
+        cs_store: cli.cs_store,
     }))
 }

@@ -1,8 +1,9 @@
 //! A thousand simulated agents on the configuration server's control
 //! channel, and how long `rebound machines` and `rebound status` take then.
 //!
-//! The CS is the real `rebound-cs` child process of a [`Sites`] lab (SQLite
-//! store, the default heartbeat of 2 s, metrics on, as deployed). The
+//! The CS is the real `rebound-cs` child process of a [`Sites`] lab (the
+//! SQLite store, or PostgreSQL with `--cs-store postgres`; the default
+//! heartbeat of 2 s, metrics on, as deployed). The
 //! agents are simulated in this process ([`agents`]): each enrolls for
 //! real with the passphrase and holds a real control stream, heartbeats
 //! and status included, so the CS registers a machine with two disks per
@@ -19,7 +20,7 @@
 #[path = "control_agents.rs"]
 mod agents;
 
-use crate::Bench;
+use crate::{Bench, CsStore};
 use anyhow::{anyhow, bail, Context, Result};
 use rebound_lab::{Sites, SitesOptions};
 use serde_json::json;
@@ -95,14 +96,15 @@ fn figures(b: &Bench) -> Result<Figures> {
     let dir = b.dir.join("scale-control");
     let _ = std::fs::remove_dir_all(&dir);
     b.progress(&format!(
-        "scale: configuration server with {} simulated agents on its control channel",
-        size.agents
+        "scale: configuration server ({:?} store) with {} simulated agents on its control channel",
+        b.cs_store, size.agents
     ));
     let opts = SitesOptions {
         sites: vec![SITE.into()],
         machines: Vec::new(),
         heartbeat_secs: rebound_cs::Config::default().heartbeat_secs,
         metrics: true,
+        postgres: b.cs_store == CsStore::Postgres,
         ..SitesOptions::default()
     };
     let r = Sites::cs_in_dir(&dir, opts)
@@ -200,8 +202,8 @@ fn record(b: &mut Bench, f: &Figures) {
         "scale.control.machines",
         f.listed as f64,
         format!(
-            "`rebound machines --output json` with {n} simulated agents connected (enrolled in {:.0} s, streams up in {:.0} s)",
-            f.enroll_s, f.connect_s
+            "`rebound machines --output json` with {n} simulated agents connected, CS on {:?} (enrolled in {:.0} s, streams up in {:.0} s)",
+            b.cs_store, f.enroll_s, f.connect_s
         ),
     );
     b.set(
