@@ -93,7 +93,7 @@ pub enum CsStore {
     /// The SQLite file, as `rebound-cs init` makes it (the default).
     #[default]
     Sqlite,
-    /// A database of its own on the PostgreSQL server `REBOUND_TEST_PG_URL`
+    /// A database of its own on the PostgreSQL server `PG_SCRATCH_URL`
     /// names (`scripts/pg-scratch start DIR` starts a throw-away one).
     Postgres,
 }

@@ -39,7 +39,7 @@ struct Cli {
     metrics: rebound_bench::MetricsMode,
     /// The store of the CS whose 1,000 machines the scale section lists:
     /// `sqlite` (as `rebound-cs init` makes it) or `postgres` (a database
-    /// of its own on the server REBOUND_TEST_PG_URL names).
+    /// of its own on the server PG_SCRATCH_URL names).
     #[arg(long, value_enum, default_value = "sqlite")]
     cs_store: rebound_bench::CsStore,
 }

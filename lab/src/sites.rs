@@ -81,7 +81,7 @@ pub struct SitesOptions {
     /// `metrics_listen`); false writes `metrics_listen = ""` (off).
     pub metrics: bool,
     /// The CS keeps its state in a PostgreSQL database of the lab's own
-    /// (on the server `REBOUND_TEST_PG_URL` names; the lab fails without
+    /// (on the server `PG_SCRATCH_URL` names; the lab fails without
     /// it); false: the SQLite file, as `rebound-cs init` makes it.
     pub postgres: bool,
     /// A standby CS on a host of its own (needs `postgres`), started

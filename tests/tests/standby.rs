@@ -42,7 +42,7 @@ fn pair(machines: &[&str]) -> Sites {
         disks: vec![("disk0".into(), 64 * MIB)],
         ..Default::default()
     })
-    .expect("sites with a standby CS on PostgreSQL (REBOUND_TEST_PG_URL)")
+    .expect("sites with a standby CS on PostgreSQL (PG_SCRATCH_URL)")
 }
 
 /// `rebound_cs_active` of the lab's CS `name`.
@@ -227,7 +227,7 @@ fn the_cli_dials_both_cs_addresses_before_and_after_the_switch() {
         standby_cs: true,
         ..Default::default()
     })
-    .expect("a CS pair on PostgreSQL (REBOUND_TEST_PG_URL)");
+    .expect("a CS pair on PostgreSQL (PG_SCRATCH_URL)");
     assert!(s.cs_dial.contains(','), "{}", s.cs_dial);
     s.cli_ok(&["machines"]).expect("machines before the switch");
     assert_eq!(active_gauge(&s, CS), Some(1.0));

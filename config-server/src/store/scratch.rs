@@ -1,5 +1,5 @@
 //! A fresh, empty PostgreSQL database for one test, on the server named by
-//! `REBOUND_TEST_PG_URL` (`scripts/test` starts a throw-away cluster and
+//! `PG_SCRATCH_URL` (`scripts/test` starts a throw-away cluster and
 //! sets it; `scripts/pg-scratch` starts one by hand). The store suite and
 //! the lab's standby CS each get their own database, so tests run in
 //! parallel without seeing each other's rows, and the database is dropped
@@ -12,7 +12,9 @@ use super::StoreError;
 use sqlx::{Connection, Executor, PgConnection};
 
 /// The variable naming the PostgreSQL server tests may create databases on.
-pub const ENV: &str = "REBOUND_TEST_PG_URL";
+/// Not `REBOUND_*`: hooks inherit the environment, and tests compare the
+/// `REBOUND_*` variables a hook is given.
+pub const ENV: &str = "PG_SCRATCH_URL";
 
 /// A database created for one test; dropped (with its connections) on drop.
 pub struct ScratchDb {
@@ -49,7 +51,7 @@ fn with_database(url: &str, db: &str) -> String {
 }
 
 impl ScratchDb {
-    /// Creates `rebound_<random>` on the server of `REBOUND_TEST_PG_URL`.
+    /// Creates `rebound_<random>` on the server of `PG_SCRATCH_URL`.
     pub async fn create() -> Result<ScratchDb, StoreError> {
         let admin_url = std::env::var(ENV).map_err(|_| StoreError::Open {
             path: ENV.into(),

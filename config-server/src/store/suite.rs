@@ -2,7 +2,7 @@
 //! taking a [`Db`] (an empty database it may open as often as it likes, as
 //! CS restarts do), and [`on_both_engines!`] makes a `sqlite::case` and a
 //! `postgres::case` test of each. The PostgreSQL one needs
-//! `REBOUND_TEST_PG_URL` and fails without it (`store::scratch`).
+//! `PG_SCRATCH_URL` and fails without it (`store::scratch`).
 
 use super::*;
 use futures::StreamExt;

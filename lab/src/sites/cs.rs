@@ -1,6 +1,6 @@
 //! The configuration servers of a [`Sites`] lab: one CS on its SQLite file
 //! (the default every test uses), or on a PostgreSQL database of its own
-//! (a [`ScratchDb`] on the server `REBOUND_TEST_PG_URL` names), optionally
+//! (a [`ScratchDb`] on the server `PG_SCRATCH_URL` names), optionally
 //! with a standby CS on a host of its own that takes the store lease when
 //! the active one dies.
 //!
@@ -51,7 +51,7 @@ pub struct KilledCs {
 }
 
 /// A new PostgreSQL database for the lab's CS store; fails when
-/// `REBOUND_TEST_PG_URL` is unset (a test that asks for PostgreSQL never
+/// `PG_SCRATCH_URL` is unset (a test that asks for PostgreSQL never
 /// runs on SQLite instead). Made on a thread with a runtime of its own, so
 /// it works inside and outside a test's runtime.
 pub(crate) fn scratch_db() -> Result<ScratchDb> {
