@@ -269,6 +269,21 @@ pub fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// SIGKILLs a process the lab did not spawn (a hook-started agent) and
+/// waits until it is gone, so its listening ports are free again: the
+/// kernel delivers the signal at once but tears the process down later.
+pub fn kill9_pid(pid: u32, timeout: Duration) -> Result<()> {
+    let _ = signal(pid, "KILL");
+    let t = Instant::now();
+    while alive(pid) {
+        if t.elapsed() > timeout {
+            bail!("process {pid} is still alive {timeout:?} after SIGKILL");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 /// SIGTERMs a process the lab did not spawn (a hook-started agent) and
 /// waits for it to go; SIGKILL after `timeout`.
 pub fn terminate_pid(pid: u32, timeout: Duration) {

@@ -582,7 +582,7 @@ impl Sites {
             self.procs.kill9(&name)?;
         }
         if let Some(pid) = self.hook_pid(machine, site) {
-            let _ = process::signal(pid, "KILL");
+            process::kill9_pid(pid, START_TIMEOUT)?;
         }
         let _ = std::fs::remove_file(self.hook_pid_file(machine, site));
         Ok(())
